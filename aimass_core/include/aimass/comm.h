@@ -1,0 +1,45 @@
+// A communicator over MPI: one per aimass.dist.init(). It duplicates the
+// communicator it is given, so aimass traffic never matches the user's own
+// messages, and splits off the ranks that share this node's memory.
+#pragma once
+#include <mpi.h>
+
+#include <cstdint>
+
+namespace aimass {
+
+class Communicator {
+ public:
+  // `comm` is borrowed (e.g. from mpi4py); MPI must already be initialised.
+  explicit Communicator(MPI_Comm comm);
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  int cross_rank() const { return cross_rank_; }
+  int cross_size() const { return cross_size_; }
+  MPI_Comm comm() const { return comm_; }
+  MPI_Comm local_comm() const { return local_comm_; }
+  MPI_Comm cross_comm() const { return cross_comm_; }
+  // Frees the MPI communicators; safe to call twice. Called by the destructor
+  // only while MPI is still initialised.
+  void free();
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  MPI_Comm local_comm_ = MPI_COMM_NULL;   // ranks on this node
+  MPI_Comm cross_comm_ = MPI_COMM_NULL;   // ranks with the same local_rank, one per node
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1, cross_rank_ = 0, cross_size_ = 1;
+};
+
+// Converts the integer handle mpi4py exposes (Comm.handle) into an MPI_Comm,
+// whatever the MPI's handle type (a pointer for Open MPI, an int for MPICH).
+MPI_Comm comm_from_handle(uintptr_t handle);
+// Throws DistributedError with the MPI error string when rc != MPI_SUCCESS.
+void check_mpi(int rc, const char* what);
+
+}  // namespace aimass

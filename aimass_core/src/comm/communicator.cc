@@ -1,0 +1,68 @@
+#include <cstring>
+#include <type_traits>
+
+#include "aimass/comm.h"
+#include "aimass/error.h"
+
+namespace aimass {
+
+void check_mpi(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char msg[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  throw DistributedError(std::string(what) + " failed: " + std::string(msg, len));
+}
+
+namespace {
+// Discarded `if constexpr` branches are only skipped inside templates.
+template <typename C>
+C handle_to(uintptr_t handle) {
+  if constexpr (std::is_pointer_v<C>) {
+    return reinterpret_cast<C>(handle);
+  } else {
+    return static_cast<C>(handle);
+  }
+}
+}  // namespace
+
+MPI_Comm comm_from_handle(uintptr_t handle) { return handle_to<MPI_Comm>(handle); }
+
+Communicator::Communicator(MPI_Comm comm) {
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  AIMASS_CHECK(inited && !finalized, DistributedError,
+               "MPI is not initialised (or already finalised): import mpi4py.MPI first, or call aimass.dist.init()");
+  AIMASS_CHECK(comm != MPI_COMM_NULL, ValueError, "communicator is MPI_COMM_NULL");
+  // Errors come back as codes so we can raise typed exceptions instead of aborting.
+  check_mpi(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
+  MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local_comm_),
+            "MPI_Comm_split_type");
+  MPI_Comm_set_errhandler(local_comm_, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(local_comm_, &local_rank_), "MPI_Comm_rank(local)");
+  check_mpi(MPI_Comm_size(local_comm_, &local_size_), "MPI_Comm_size(local)");
+  check_mpi(MPI_Comm_split(comm_, local_rank_, rank_, &cross_comm_), "MPI_Comm_split(cross)");
+  MPI_Comm_set_errhandler(cross_comm_, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(cross_comm_, &cross_rank_), "MPI_Comm_rank(cross)");
+  check_mpi(MPI_Comm_size(cross_comm_, &cross_size_), "MPI_Comm_size(cross)");
+}
+
+void Communicator::free() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) {  // MPI tore everything down already
+    comm_ = local_comm_ = cross_comm_ = MPI_COMM_NULL;
+    return;
+  }
+  for (MPI_Comm* c : {&cross_comm_, &local_comm_, &comm_}) {
+    if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+  }
+}
+
+Communicator::~Communicator() { free(); }
+
+}  // namespace aimass

@@ -1,0 +1,67 @@
+// Core bindings: exception types, CPU features, thread settings.
+#include "aimass/blas.h"
+#include "aimass/cpu_features.h"
+#include "aimass/parallel.h"
+#include "common.h"
+
+namespace aimass_bind {
+
+void bind_core(py::module_& m) {
+  m.doc() = "aimass engine (C++), bindings only; import aimass instead";
+
+  static py::exception<aimass::DistributedError> distributed(m, "DistributedError", PyExc_RuntimeError);
+  static py::exception<aimass::CorruptDataError> corrupt(m, "CorruptDataError", PyExc_ValueError);
+  static py::exception<aimass::QueueFullError> queue_full(m, "QueueFullError", PyExc_RuntimeError);
+  static py::exception<aimass::ClosedError> closed(m, "ClosedError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const aimass::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const aimass::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const aimass::TimeoutError& e) {
+      PyErr_SetString(PyExc_TimeoutError, e.what());
+    } catch (const aimass::IOError& e) {
+      PyErr_SetString(PyExc_OSError, e.what());
+    } catch (const aimass::DistributedError& e) {
+      py::set_error(distributed, e.what());
+    } catch (const aimass::CorruptDataError& e) {
+      py::set_error(corrupt, e.what());
+    } catch (const aimass::QueueFullError& e) {
+      py::set_error(queue_full, e.what());
+    } catch (const aimass::ClosedError& e) {
+      py::set_error(closed, e.what());
+    } catch (const aimass::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("cpu_features", [] {
+    const auto& f = aimass::cpu_features();
+    py::dict d;
+    d["sse4.2"] = f.sse42;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512vnni"] = f.avx512vnni;
+    d["avx512bf16"] = f.avx512bf16;
+    d["simd"] = aimass::simd_level_name(aimass::simd_level());
+    return d;
+  });
+  m.def("simd_level", [] { return std::string(aimass::simd_level_name(aimass::simd_level())); });
+  m.def("set_simd_level", [](const std::string& name) {
+    return std::string(aimass::simd_level_name(aimass::set_simd_level(aimass::parse_simd_level(name))));
+  }, py::arg("level"));
+  m.def("num_threads", &aimass::num_threads);
+  m.def("set_num_threads", [](int n) {
+    aimass::set_num_threads(n);
+    aimass::blas_set_num_threads(n);
+  }, py::arg("n"));
+}
+
+}  // namespace aimass_bind

@@ -1,0 +1,37 @@
+"""The ``aimass`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    import aimass
+    from . import cuda
+
+    info = {
+        "version": aimass.__version__,
+        "cpu_features": aimass.cpu_features(),
+        "num_threads": aimass.num_threads(),
+        "cuda_built": cuda.built(),
+        "cuda_available": cuda.is_available(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="aimass", description="aimass: train, compress and serve models")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("info", help="what this machine and build support")
+    p.set_defaults(func=_cmd_info)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

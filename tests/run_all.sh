@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs from the project's own files,
+# builds aimass the way the README installs it (plus the C++ tests), then runs
+# C++ (ctest), Python (pytest) and MPI tests (pytest under mpirun -np 2, 3, 4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export PYTHONDONTWRITEBYTECODE=1
+
+step() { printf '\n==== %s\n' "$*"; }
+
+step "dependencies"
+"$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+if [ ! -f /usr/include/gtest/gtest.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+  else
+    echo "C++ tests need GoogleTest: sudo apt-get install libgtest-dev" >&2
+    exit 1
+  fi
+fi
+
+step "build and install aimass (with C++ tests)"
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
+  -Ccmake.define.AIMASS_BUILD_TESTS=ON -Cbuild-dir=build/test .
+
+# pytest exits 5 when it collects nothing; a suite part that has no tests yet is
+# reported, not treated as a pass of something that never ran.
+run_pytest() {
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" = 5 ]; then echo "no tests collected by: $*" >&2; fi
+  return "$rc"
+}
+
+step "C++ tests (ctest)"
+ctest --test-dir build/test --output-on-failure -j2 --timeout 300
+
+step "Python tests"
+run_pytest "$PY" -m pytest tests/python -q -p no:cacheprovider
+
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
+for np in 2 3 4; do
+  step "MPI tests, mpirun -np $np"
+  logs="build/mpi-logs/np$np"
+  rm -rf "$logs" && mkdir -p "$logs"
+  rc=0
+  # every rank runs the same tests into its own log; rank 0's is shown, all on failure
+  timeout 1200 "${MPIRUN[@]}" -np "$np" bash -c \
+    'exec "$0" -m pytest tests/mpi -q -p no:cacheprovider -x > "$1/rank.${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-0}}.log" 2>&1' \
+    "$PY" "$logs" || rc=$?
+  cat "$logs/rank.0.log" 2>/dev/null || true
+  if [ "$rc" != 0 ]; then
+    echo "mpirun -np $np failed (exit $rc); logs of every rank:" >&2
+    for f in "$logs"/rank.*.log; do echo "--- $f"; cat "$f"; done >&2
+    exit "$rc"
+  fi
+done
+step "all tests passed"
