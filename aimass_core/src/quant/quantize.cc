@@ -1,0 +1,244 @@
+// Quantization driver: layout walking, scale computation, parallel split and
+// run-time ISA dispatch. The element kernels live in quantize_{scalar,avx2,avx512}.cc.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "aimass/error.h"
+#include "aimass/parallel.h"
+#include "aimass/quant.h"
+#include "quant/quantize_kernels.h"
+
+namespace aimass {
+namespace quant {
+
+// ------------------------------------------------------------------ dispatch
+MinMax minmax(const float* x, int64_t n, SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::minmax_avx512(x, n);
+  if (level >= SimdLevel::AVX2) return detail::minmax_avx2(x, n);
+  return detail::minmax_scalar(x, n);
+}
+void quantize_run(const float* x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax, int8_t* q,
+                  SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::quantize_run_avx512(x, n, scale, zp, qmin, qmax, q);
+  if (level >= SimdLevel::AVX2) return detail::quantize_run_avx2(x, n, scale, zp, qmin, qmax, q);
+  detail::quantize_run_scalar(x, n, scale, zp, qmin, qmax, q);
+}
+void dequantize_run(const int8_t* q, int64_t n, bool is_unsigned, float scale, int32_t zp, float* out,
+                    SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::dequantize_run_avx512(q, n, is_unsigned, scale, zp, out);
+  if (level >= SimdLevel::AVX2) return detail::dequantize_run_avx2(q, n, is_unsigned, scale, zp, out);
+  detail::dequantize_run_scalar(q, n, is_unsigned, scale, zp, out);
+}
+void pack_nibbles(const int8_t* q, int64_t n, uint8_t* out, SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::pack_nibbles_avx512(q, n, out);
+  if (level >= SimdLevel::AVX2) return detail::pack_nibbles_avx2(q, n, out);
+  detail::pack_nibbles_scalar(q, n, out);
+}
+void unpack_nibbles(const uint8_t* in, int64_t n, bool is_signed, int8_t* q, SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::unpack_nibbles_avx512(in, n, is_signed, q);
+  if (level >= SimdLevel::AVX2) return detail::unpack_nibbles_avx2(in, n, is_signed, q);
+  detail::unpack_nibbles_scalar(in, n, is_signed, q);
+}
+
+// ------------------------------------------------------------------ layout
+void validate(const QuantSpec& s) {
+  AIMASS_CHECK(s.bits == 8 || s.bits == 4, ValueError, "bits must be 8 or 4, got ", s.bits);
+  AIMASS_CHECK(s.scheme == Scheme::Symmetric || s.scheme == Scheme::Asymmetric, ValueError,
+               "scheme must be symmetric or asymmetric");
+  AIMASS_CHECK(s.outer >= 1 && s.channels >= 1 && s.inner >= 1, ValueError,
+               "w must have at least one element (got view [", s.outer, ", ", s.channels, ", ", s.inner, "])");
+  if (s.granularity == Granularity::Group) {
+    const int64_t k = s.outer * s.inner;
+    AIMASS_CHECK(s.group_size >= 1 && k % s.group_size == 0, ValueError, "group_size=", s.group_size,
+                 " must divide the ", k, " elements of each channel; pick a divisor of ", k);
+  } else {
+    AIMASS_CHECK(s.granularity == Granularity::Tensor || s.granularity == Granularity::Channel, ValueError,
+                 "granularity must be tensor, channel or group");
+  }
+}
+
+int64_t numel(const QuantSpec& s) { return s.outer * s.channels * s.inner; }
+
+int64_t num_blocks(const QuantSpec& s) {
+  switch (s.granularity) {
+    case Granularity::Tensor: return 1;
+    case Granularity::Channel: return s.channels;
+    case Granularity::Group: return s.channels * (s.outer * s.inner / s.group_size);
+  }
+  return 1;
+}
+
+int64_t data_bytes(const QuantSpec& s) { return s.bits == 8 ? numel(s) : (numel(s) + 1) / 2; }
+
+namespace {
+
+constexpr int64_t kTile = 1 << 15;  // elements per parallel task (even: nibble pairs never straddle tasks)
+
+struct Range {
+  int32_t qmin, qmax;
+};
+Range qrange(const QuantSpec& s) {
+  if (s.scheme == Scheme::Symmetric) return s.bits == 8 ? Range{-127, 127} : Range{-7, 7};
+  return s.bits == 8 ? Range{0, 255} : Range{0, 15};
+}
+
+// Calls fn(start, len, block) for the runs of flat elements [e0, e1) that share one scale.
+template <typename Fn>
+void for_each_run(const QuantSpec& s, int64_t e0, int64_t e1, Fn&& fn) {
+  if (s.granularity == Granularity::Tensor) {
+    fn(e0, e1 - e0, int64_t{0});
+    return;
+  }
+  const int64_t inner = s.inner, C = s.channels;
+  const int64_t G = s.group_size, ngroups = s.granularity == Granularity::Group ? s.outer * inner / G : 1;
+  int64_t e = e0;
+  while (e < e1) {
+    const int64_t r = e / inner, i = e - r * inner;
+    const int64_t o = r / C, c = r - o * C;
+    int64_t end = std::min((r + 1) * inner, e1);
+    int64_t block = c;
+    if (s.granularity == Granularity::Group) {
+      const int64_t k = o * inner + i;
+      block = c * ngroups + k / G;
+      end = std::min(end, e + (G - k % G));
+    }
+    fn(e, end - e, block);
+    e = end;
+  }
+}
+
+void params_from_range(const QuantSpec& s, const MinMax& mm, float* scale, int32_t* zp) {
+  AIMASS_CHECK(mm.finite, ValueError, "w contains NaN or Inf; quantization needs finite weights "
+               "(check the model for diverged values)");
+  const Range q = qrange(s);
+  if (s.scheme == Scheme::Symmetric) {
+    const float amax = std::max(std::fabs(mm.min), std::fabs(mm.max));
+    float sc = amax / static_cast<float>(q.qmax);
+    if (sc == 0.0f) sc = 1.0f;  // all-zero block (or a subnormal max that underflows): never NaN
+    *scale = sc;
+    if (zp) *zp = 0;
+    return;
+  }
+  const float lo = std::min(mm.min, 0.0f), hi = std::max(mm.max, 0.0f);  // zero stays representable
+  float sc = (hi - lo) / static_cast<float>(q.qmax);
+  AIMASS_CHECK(std::isfinite(sc), ValueError, "w's range [", lo, ", ", hi,
+               "] overflows float32 in max - min; use scheme='symmetric'");
+  if (sc == 0.0f) sc = 1.0f;  // hi == lo (all zeros)
+  float z = std::nearbyint(-lo / sc);
+  z = std::min(std::max(z, 0.0f), static_cast<float>(q.qmax));
+  *scale = sc;
+  *zp = static_cast<int32_t>(z);
+}
+
+}  // namespace
+
+void compute_params(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point) {
+  validate(s);
+  AIMASS_CHECK(s.scheme == Scheme::Symmetric || zero_point != nullptr, ValueError,
+               "asymmetric quantization needs a zero_point output");
+  const SimdLevel lvl = simd_level();
+  const int64_t n = numel(s);
+  if (s.granularity == Granularity::Tensor) {
+    const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>((n + kTile - 1) / kTile, 256));
+    std::vector<MinMax> part(nchunks);
+    parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b = n * c / nchunks, e = n * (c + 1) / nchunks;
+        part[c] = minmax(x + b, e - b, lvl);
+      }
+    });
+    MinMax all{INFINITY, -INFINITY, true};
+    for (const auto& p : part) {
+      all.min = std::min(all.min, p.min);
+      all.max = std::max(all.max, p.max);
+      all.finite = all.finite && p.finite;
+    }
+    params_from_range(s, all, scale, zero_point);
+    return;
+  }
+  // channel / group: channel c owns its blocks, so channels run in parallel with no reduction
+  const int64_t C = s.channels, inner = s.inner, outer = s.outer;
+  const int64_t G = s.granularity == Granularity::Group ? s.group_size : outer * inner;
+  const int64_t ngroups = outer * inner / G;
+  const int64_t grain = std::max<int64_t>(1, kTile / std::max<int64_t>(1, outer * inner));
+  parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<MinMax> acc(ngroups);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(acc.begin(), acc.end(), MinMax{INFINITY, -INFINITY, true});
+      for (int64_t o = 0; o < outer; ++o) {
+        const float* row = x + (o * C + c) * inner;
+        int64_t i = 0;
+        while (i < inner) {
+          const int64_t k = o * inner + i, g = k / G;
+          const int64_t len = std::min(inner - i, G - k % G);
+          const MinMax m = minmax(row + i, len, lvl);
+          MinMax& a = acc[g];
+          a.min = std::min(a.min, m.min);
+          a.max = std::max(a.max, m.max);
+          a.finite = a.finite && m.finite;
+          i += len;
+        }
+      }
+      for (int64_t g = 0; g < ngroups; ++g)
+        params_from_range(s, acc[g], scale + c * ngroups + g, zero_point ? zero_point + c * ngroups + g : nullptr);
+    }
+  });
+}
+
+void quantize(const QuantSpec& s, const float* x, const float* scale, const int32_t* zero_point, void* out) {
+  validate(s);
+  const SimdLevel lvl = simd_level();
+  const Range q = qrange(s);
+  const int64_t n = numel(s);
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const bool asym = s.scheme == Scheme::Asymmetric;
+  AIMASS_CHECK(!asym || zero_point != nullptr, ValueError, "asymmetric quantization needs zero_point");
+  int8_t* out8 = static_cast<int8_t*>(out);
+  parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> buf(s.bits == 4 ? kTile : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+      int8_t* dst = s.bits == 8 ? out8 + e0 : buf.data();
+      for_each_run(s, e0, e1, [&](int64_t st, int64_t len, int64_t b) {
+        quantize_run(x + st, len, scale[b], asym ? zero_point[b] : 0, q.qmin, q.qmax, dst + (st - e0), lvl);
+      });
+      if (s.bits == 4) pack_nibbles(buf.data(), e1 - e0, reinterpret_cast<uint8_t*>(out8) + e0 / 2, lvl);
+    }
+  });
+}
+
+void quantize_auto(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
+  compute_params(s, x, scale, zero_point);
+  quantize(s, x, scale, zero_point, out);
+}
+
+void dequantize(const QuantSpec& s, const void* data, const float* scale, const int32_t* zero_point,
+                float* out) {
+  validate(s);
+  const SimdLevel lvl = simd_level();
+  const int64_t n = numel(s);
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const bool asym = s.scheme == Scheme::Asymmetric;
+  AIMASS_CHECK(!asym || zero_point != nullptr, ValueError, "asymmetric dequantization needs zero_point");
+  const int8_t* in8 = static_cast<const int8_t*>(data);
+  parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> buf(s.bits == 4 ? kTile : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+      const int8_t* src = in8 + e0;
+      if (s.bits == 4) {
+        unpack_nibbles(reinterpret_cast<const uint8_t*>(in8) + e0 / 2, e1 - e0, !asym, buf.data(), lvl);
+        src = buf.data();
+      }
+      // 4-bit values are unpacked to int8 (both schemes fit), 8-bit asymmetric is uint8
+      const bool is_unsigned = asym && s.bits == 8;
+      for_each_run(s, e0, e1, [&](int64_t st, int64_t len, int64_t b) {
+        dequantize_run(src + (st - e0), len, is_unsigned, scale[b], asym ? zero_point[b] : 0, out + st, lvl);
+      });
+    }
+  });
+}
+
+}  // namespace quant
+}  // namespace aimass
