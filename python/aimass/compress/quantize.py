@@ -144,9 +144,10 @@ class QuantizedTensor:
         """Write to a safetensors file atomically (temporary name, fsync, rename)."""
         from safetensors.numpy import save_file
         path = os.fspath(path)
-        tensors = {"data": np.ascontiguousarray(self.data), "scale": np.ascontiguousarray(self.scale)}
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+        tensors = {"data": np.require(self.data, requirements="C"), "scale": np.require(self.scale, requirements="C")}
         if self.zero_point is not None:
-            tensors["zero_point"] = np.ascontiguousarray(self.zero_point)
+            tensors["zero_point"] = np.require(self.zero_point, requirements="C")
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
         os.close(fd)
