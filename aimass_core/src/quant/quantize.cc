@@ -209,6 +209,34 @@ void quantize(const QuantSpec& s, const float* x, const float* scale, const int3
 }
 
 void quantize_auto(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
+  validate(s);
+  const int64_t K = s.inner;
+  // Leading axis (blocks are contiguous, channel c = x[c*K, (c+1)*K)): scan and quantize each
+  // block while it is still in cache, one pass over memory instead of two. 4-bit needs even K
+  // so that every channel starts on a byte.
+  if (s.granularity != Granularity::Tensor && s.outer == 1 && (s.bits == 8 || K % 2 == 0)) {
+    AIMASS_CHECK(s.scheme == Scheme::Symmetric || zero_point != nullptr, ValueError,
+                 "asymmetric quantization needs a zero_point output");
+    const SimdLevel lvl = simd_level();
+    const Range q = qrange(s);
+    const int64_t G = s.granularity == Granularity::Group ? s.group_size : K, ngroups = K / G;
+    const bool asym = s.scheme == Scheme::Asymmetric;
+    int8_t* out8 = static_cast<int8_t*>(out);
+    parallel_for(0, s.channels, std::max<int64_t>(1, kTile / K), [&](int64_t c0, int64_t c1) {
+      std::vector<int8_t> buf(s.bits == 4 ? K : 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* row = x + c * K;
+        int8_t* dst = s.bits == 8 ? out8 + c * K : buf.data();
+        for (int64_t g = 0; g < ngroups; ++g) {
+          const int64_t b = c * ngroups + g;
+          params_from_range(s, minmax(row + g * G, G, lvl), scale + b, zero_point ? zero_point + b : nullptr);
+          quantize_run(row + g * G, G, scale[b], asym ? zero_point[b] : 0, q.qmin, q.qmax, dst + g * G, lvl);
+        }
+        if (s.bits == 4) pack_nibbles(buf.data(), K, reinterpret_cast<uint8_t*>(out8) + c * K / 2, lvl);
+      }
+    });
+    return;
+  }
   compute_params(s, x, scale, zero_point);
   quantize(s, x, scale, zero_point, out);
 }
