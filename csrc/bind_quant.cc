@@ -30,10 +30,21 @@ aimass::quant::QuantSpec make_spec(int bits, const std::string& scheme, const st
 void bind_quant(py::module_& m) {
   m.def(
       "quant_quantize",
-      [](const py::array& x, int bits, const std::string& scheme, const std::string& granularity, int64_t outer,
-         int64_t channels, int64_t inner, int64_t group_size) {
+      [](const py::array& x, const std::string& dtype_name, int bits, const std::string& scheme,
+         const std::string& granularity, int64_t outer, int64_t channels, int64_t inner, int64_t group_size) {
         const auto s = make_spec(bits, scheme, granularity, outer, channels, inner, group_size);
-        const float* xp = cdata<float>(x, "w", "float32");
+        // dtype_name says how to read the bits: float32 (numpy f4), float16 (f2), bfloat16 (uint16 view)
+        const aimass::DType dt = aimass::parse_dtype(dtype_name);
+        const void* xp = nullptr;
+        if (dt == aimass::DType::F32) xp = cdata<float>(x, "w", "float32");
+        else if (dt == aimass::DType::BF16) xp = cdata<uint16_t>(x, "w", "bfloat16 (as a uint16 view)");
+        else if (dt == aimass::DType::F16) {
+          require_contiguous(x, "w");
+          AIMASS_CHECK(x.dtype().kind() == 'f' && x.itemsize() == 2, TypeError, "w must have dtype float16");
+          xp = x.data();
+        } else {
+          throw aimass::TypeError("w must be float32, float16 or bfloat16, got " + dtype_name);
+        }
         AIMASS_CHECK(static_cast<int64_t>(x.size()) == aimass::quant::numel(s), ValueError,
                      "w has ", x.size(), " elements but the layout describes ", aimass::quant::numel(s));
         const bool asym = s.scheme == aimass::quant::Scheme::Asymmetric;
@@ -47,13 +58,13 @@ void bind_quant(py::module_& m) {
         void* dp = data.mutable_data();
         {
           py::gil_scoped_release release;
-          aimass::quant::quantize_auto(s, xp, sp, zpp, dp);
+          aimass::quant::quantize_auto(s, xp, dt, sp, zpp, dp);
         }
         return py::make_tuple(data, scale, asym ? py::object(zp) : py::object(py::none()));
       },
-      py::arg("w"), py::arg("bits"), py::arg("scheme"), py::arg("granularity"), py::arg("outer"),
+      py::arg("w"), py::arg("dtype"), py::arg("bits"), py::arg("scheme"), py::arg("granularity"), py::arg("outer"),
       py::arg("channels"), py::arg("inner"), py::arg("group_size"),
-      "Quantize contiguous fp32 w viewed as [outer, channels, inner]; returns (flat data, scale, zero_point|None).");
+      "Quantize contiguous fp32/fp16/bf16 w viewed as [outer, channels, inner]; returns (flat data, scale, zero_point|None).");
 
   m.def(
       "quant_dequantize",

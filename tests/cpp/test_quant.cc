@@ -7,6 +7,7 @@
 
 #include "aimass/cpu_features.h"
 #include "aimass/error.h"
+#include "aimass/half.h"
 #include "aimass/quant.h"
 
 namespace q = aimass::quant;
@@ -125,6 +126,27 @@ TEST(QuantKernels, DequantizeAndNibblesSimdEqualScalar) {
   }
 }
 
+TEST(QuantKernels, WidenHalfSimdEqualsScalarForAllBitPatterns) {
+  std::vector<uint16_t> all(65536 + 13);
+  for (size_t j = 0; j < all.size(); ++j) all[j] = static_cast<uint16_t>(j * 40503u);  // every pattern, shuffled
+  for (size_t j = 0; j < 65536; ++j) all[j] = static_cast<uint16_t>(j);
+  const int64_t n = static_cast<int64_t>(all.size());
+  for (SimdLevel lvl : fast_levels()) {
+    for (bool bf16 : {false, true}) {
+      std::vector<float> a(n), b(n);
+      q::widen_to_f32(all.data(), n, bf16, a.data(), SimdLevel::Scalar);
+      q::widen_to_f32(all.data(), n, bf16, b.data(), lvl);
+      for (int64_t j = 0; j < n; ++j) {
+        if (std::isnan(a[j])) {
+          ASSERT_TRUE(std::isnan(b[j])) << j;
+          continue;
+        }
+        ASSERT_EQ(std::memcmp(&a[j], &b[j], 4), 0) << "bits " << all[j] << " bf16=" << bf16;
+      }
+    }
+  }
+}
+
 TEST(QuantKernels, PackNibblesLayout) {
   const int8_t v[] = {-7, 7, -3, 0, 1};
   uint8_t out[3];
@@ -175,6 +197,30 @@ TEST(Quant, EndToEndSameBytesAtEveryLevel) {
         for (size_t j = 0; j < x.size(); ++j) ASSERT_TRUE(std::isfinite(d0[j]));
       }
   aimass::set_simd_level(best);
+}
+
+TEST(Quant, HalfInputEqualsWidenedFloatInput) {
+  auto x = random_floats(6 * 40, 21);
+  std::vector<uint16_t> h(x.size());
+  for (size_t j = 0; j < x.size(); ++j) h[j] = aimass::f32_to_bf16(x[j]);
+  std::vector<float> wide(x.size());
+  q::widen_to_f32(h.data(), static_cast<int64_t>(h.size()), true, wide.data(), SimdLevel::Scalar);
+  for (int64_t outer : {1, 2}) {
+    const auto sp = spec(4, q::Scheme::Asymmetric, q::Granularity::Group, outer, 6 / outer * 1, 40, 8);
+    std::vector<float> s0(q::num_blocks(sp)), s1(s0.size());
+    std::vector<int32_t> z0(s0.size()), z1(s0.size());
+    std::vector<uint8_t> o0(q::data_bytes(sp)), o1(o0.size());
+    q::quantize_auto(sp, wide.data(), s0.data(), z0.data(), o0.data());
+    q::quantize_auto(sp, h.data(), aimass::DType::BF16, s1.data(), z1.data(), o1.data());
+    EXPECT_EQ(std::memcmp(s0.data(), s1.data(), s0.size() * 4), 0);
+    EXPECT_EQ(z0, z1);
+    EXPECT_EQ(o0, o1);
+  }
+  float s[8];
+  uint8_t o[300];
+  EXPECT_THROW(q::quantize_auto(spec(8, q::Scheme::Symmetric, q::Granularity::Tensor, 1, 1, 4, 0), h.data(),
+                                aimass::DType::I16, s, nullptr, o),
+               aimass::TypeError);
 }
 
 TEST(Quant, RejectsBadSpecsAndNonFiniteInput) {

@@ -164,19 +164,38 @@ def test_zero_tensor_gets_unit_scale():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_inputs_are_converted_exactly(dtype):
-    w = make_weights((32, 64), 3)
-    t = torch.from_numpy(w).to(getattr(torch, dtype))
-    w32 = t.float().numpy()
-    for bits in (8, 4):
-        q = quantize(t, bits=bits, scheme="asymmetric", granularity="group", group_size=16)
-        assert q.dtype == dtype
-        data, scale, zp, _ = ref_quantize(w32, bits, "asymmetric", "group", 0, 16)
-        np.testing.assert_array_equal(q.data.reshape(-1), data.reshape(-1))
-        np.testing.assert_array_equal(q.scale, scale)
-    if dtype == "float16":  # numpy fp16 too
-        q = quantize(w.astype(np.float16), bits=8, scheme="symmetric", granularity="channel")
-        np.testing.assert_array_equal(q.data, ref_quantize(w.astype(np.float16), 8, "symmetric", "channel", 0, 0)[0])
+def test_half_inputs_are_widened_exactly(simd, dtype):
+    # leading axis (fused widen+scan+quantize per channel) and other layouts (whole-tensor widen)
+    for shape, axis, g in [((32, 64), 0, 16), ((32, 64), 1, 8), ((9, 35), 0, 7), ((5, 26), 1, 5)]:
+        w = make_weights(shape, 3)
+        w.reshape(-1)[:3] = [6e-8, -1e-7, 3e-5]  # fp16 subnormals
+        t = torch.from_numpy(w).to(getattr(torch, dtype))
+        w32 = t.float().numpy()
+        for bits in (8, 4):
+            for gran in ("channel", "group", "tensor"):
+                q = quantize(t, bits=bits, scheme="asymmetric", granularity=gran, axis=axis, group_size=g)
+                assert q.dtype == dtype
+                data, scale, zp, _ = ref_quantize(w32, bits, "asymmetric", gran, axis, g)
+                np.testing.assert_array_equal(q.data.reshape(-1), data.reshape(-1), err_msg=f"{shape} {gran}")
+                np.testing.assert_array_equal(q.scale, scale)
+                np.testing.assert_array_equal(q.zero_point, zp)
+        if dtype == "float16":  # numpy fp16 too
+            q = quantize(w.astype(np.float16), bits=8, scheme="symmetric", granularity="channel", axis=axis)
+            ref = ref_quantize(w.astype(np.float16).astype(np.float32), 8, "symmetric", "channel", axis, 0)[0]
+            np.testing.assert_array_equal(q.data, ref)
+
+
+def test_half_inputs_with_nan_are_rejected():
+    w = make_weights((8, 16), 1)
+    w[2, 3] = np.nan
+    for dtype in (torch.float16, torch.bfloat16):
+        for axis in (0, 1):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                quantize(torch.from_numpy(w).to(dtype), axis=axis)
+    h = w.astype(np.float16)
+    h[2, 3] = np.float16(np.inf)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize(h)
 
 
 def test_torch_dlpack_and_buffer_inputs_match_numpy():

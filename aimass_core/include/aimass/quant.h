@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "aimass/cpu_features.h"
+#include "aimass/dtype.h"
 
 namespace aimass {
 namespace quant {
@@ -42,8 +43,12 @@ void compute_params(const QuantSpec& spec, const float* x, float* scale, int32_t
 // symmetric 8-bit, uint8 for asymmetric 8-bit, packed nibbles for 4-bit).
 void quantize(const QuantSpec& spec, const float* x, const float* scale, const int32_t* zero_point,
               void* out);
-// compute_params + quantize.
+// compute_params + quantize, in one pass over memory where the layout allows it.
 void quantize_auto(const QuantSpec& spec, const float* x, float* scale, int32_t* zero_point, void* out);
+// Same for an fp32, fp16 or bf16 input (half inputs are widened to fp32 exactly, in
+// cache-sized pieces, never as a whole-tensor copy on the leading-axis path).
+void quantize_auto(const QuantSpec& spec, const void* x, DType dtype, float* scale, int32_t* zero_point,
+                   void* out);
 // out[numel] = (q - zero_point) * scale in fp32.
 void dequantize(const QuantSpec& spec, const void* data, const float* scale, const int32_t* zero_point,
                 float* out);
@@ -64,6 +69,8 @@ void quantize_run(const float* x, int64_t n, float scale, int32_t zp, int32_t qm
 // out[j] = float(q[j] - zp) * scale, q read as int8 (is_unsigned=false) or uint8.
 void dequantize_run(const int8_t* q, int64_t n, bool is_unsigned, float scale, int32_t zp, float* out,
                     SimdLevel level);
+// out[j] = fp32 value of the fp16 (is_bf16=false) or bf16 bits in[j]; exact.
+void widen_to_f32(const uint16_t* in, int64_t n, bool is_bf16, float* out, SimdLevel level);
 // Packs n 4-bit values (low nibble of q[j]) two per byte, element 2j low.
 void pack_nibbles(const int8_t* q, int64_t n, uint8_t* out, SimdLevel level);
 // Unpacks n nibbles to int8: sign-extended (is_signed) or 0..15.

@@ -41,6 +41,12 @@ void unpack_nibbles(const uint8_t* in, int64_t n, bool is_signed, int8_t* q, Sim
   detail::unpack_nibbles_scalar(in, n, is_signed, q);
 }
 
+void widen_to_f32(const uint16_t* in, int64_t n, bool is_bf16, float* out, SimdLevel level) {
+  if (level >= SimdLevel::AVX512) return detail::widen_to_f32_avx512(in, n, is_bf16, out);
+  if (level >= SimdLevel::AVX2) return detail::widen_to_f32_avx2(in, n, is_bf16, out);
+  detail::widen_to_f32_scalar(in, n, is_bf16, out);
+}
+
 // ------------------------------------------------------------------ layout
 void validate(const QuantSpec& s) {
   AIMASS_CHECK(s.bits == 8 || s.bits == 4, ValueError, "bits must be 8 or 4, got ", s.bits);
@@ -208,37 +214,74 @@ void quantize(const QuantSpec& s, const float* x, const float* scale, const int3
   });
 }
 
-void quantize_auto(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
-  validate(s);
+namespace {
+
+// Leading axis (blocks are contiguous, channel c = x[c*K, (c+1)*K)): scan and quantize each
+// channel while it is still in cache, one pass over memory instead of two. Half inputs are
+// widened one channel at a time into a thread-local buffer. 4-bit needs even K so that every
+// channel starts on a byte.
+bool fused_ok(const QuantSpec& s) {
+  return s.granularity != Granularity::Tensor && s.outer == 1 && (s.bits == 8 || s.inner % 2 == 0);
+}
+
+void quantize_fused(const QuantSpec& s, const void* x, DType dtype, float* scale, int32_t* zero_point,
+                    void* out) {
+  const SimdLevel lvl = simd_level();
+  const Range q = qrange(s);
   const int64_t K = s.inner;
-  // Leading axis (blocks are contiguous, channel c = x[c*K, (c+1)*K)): scan and quantize each
-  // block while it is still in cache, one pass over memory instead of two. 4-bit needs even K
-  // so that every channel starts on a byte.
-  if (s.granularity != Granularity::Tensor && s.outer == 1 && (s.bits == 8 || K % 2 == 0)) {
-    AIMASS_CHECK(s.scheme == Scheme::Symmetric || zero_point != nullptr, ValueError,
-                 "asymmetric quantization needs a zero_point output");
-    const SimdLevel lvl = simd_level();
-    const Range q = qrange(s);
-    const int64_t G = s.granularity == Granularity::Group ? s.group_size : K, ngroups = K / G;
-    const bool asym = s.scheme == Scheme::Asymmetric;
-    int8_t* out8 = static_cast<int8_t*>(out);
-    parallel_for(0, s.channels, std::max<int64_t>(1, kTile / K), [&](int64_t c0, int64_t c1) {
-      std::vector<int8_t> buf(s.bits == 4 ? K : 0);
-      for (int64_t c = c0; c < c1; ++c) {
-        const float* row = x + c * K;
-        int8_t* dst = s.bits == 8 ? out8 + c * K : buf.data();
-        for (int64_t g = 0; g < ngroups; ++g) {
-          const int64_t b = c * ngroups + g;
-          params_from_range(s, minmax(row + g * G, G, lvl), scale + b, zero_point ? zero_point + b : nullptr);
-          quantize_run(row + g * G, G, scale[b], asym ? zero_point[b] : 0, q.qmin, q.qmax, dst + g * G, lvl);
-        }
-        if (s.bits == 4) pack_nibbles(buf.data(), K, reinterpret_cast<uint8_t*>(out8) + c * K / 2, lvl);
+  const int64_t G = s.granularity == Granularity::Group ? s.group_size : K, ngroups = K / G;
+  const bool asym = s.scheme == Scheme::Asymmetric;
+  int8_t* out8 = static_cast<int8_t*>(out);
+  parallel_for(0, s.channels, std::max<int64_t>(1, kTile / K), [&](int64_t c0, int64_t c1) {
+    std::vector<int8_t> buf(s.bits == 4 ? K : 0);
+    std::vector<float> wide(dtype == DType::F32 ? 0 : K);
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* row;
+      if (dtype == DType::F32) {
+        row = static_cast<const float*>(x) + c * K;
+      } else {
+        widen_to_f32(static_cast<const uint16_t*>(x) + c * K, K, dtype == DType::BF16, wide.data(), lvl);
+        row = wide.data();
       }
-    });
+      int8_t* dst = s.bits == 8 ? out8 + c * K : buf.data();
+      for (int64_t g = 0; g < ngroups; ++g) {
+        const int64_t b = c * ngroups + g;
+        params_from_range(s, minmax(row + g * G, G, lvl), scale + b, zero_point ? zero_point + b : nullptr);
+        quantize_run(row + g * G, G, scale[b], asym ? zero_point[b] : 0, q.qmin, q.qmax, dst + g * G, lvl);
+      }
+      if (s.bits == 4) pack_nibbles(buf.data(), K, reinterpret_cast<uint8_t*>(out8) + c * K / 2, lvl);
+    }
+  });
+}
+
+}  // namespace
+
+void quantize_auto(const QuantSpec& s, const void* x, DType dtype, float* scale, int32_t* zero_point,
+                   void* out) {
+  validate(s);
+  AIMASS_CHECK(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16, TypeError,
+               "w must be float32, float16 or bfloat16, got ", dtype_name(dtype));
+  AIMASS_CHECK(s.scheme == Scheme::Symmetric || zero_point != nullptr, ValueError,
+               "asymmetric quantization needs a zero_point output");
+  if (fused_ok(s)) return quantize_fused(s, x, dtype, scale, zero_point, out);
+  if (dtype == DType::F32) {
+    compute_params(s, static_cast<const float*>(x), scale, zero_point);
+    quantize(s, static_cast<const float*>(x), scale, zero_point, out);
     return;
   }
-  compute_params(s, x, scale, zero_point);
-  quantize(s, x, scale, zero_point, out);
+  // other layouts read each element twice: widen once into an fp32 copy
+  const int64_t n = numel(s);
+  std::vector<float> wide(n);
+  const SimdLevel lvl = simd_level();
+  parallel_for(0, n, kTile, [&](int64_t b, int64_t e) {
+    widen_to_f32(static_cast<const uint16_t*>(x) + b, e - b, dtype == DType::BF16, wide.data() + b, lvl);
+  });
+  compute_params(s, wide.data(), scale, zero_point);
+  quantize(s, wide.data(), scale, zero_point, out);
+}
+
+void quantize_auto(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
+  quantize_auto(s, static_cast<const void*>(x), DType::F32, scale, zero_point, out);
 }
 
 void dequantize(const QuantSpec& s, const void* data, const float* scale, const int32_t* zero_point,

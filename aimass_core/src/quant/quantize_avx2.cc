@@ -111,6 +111,20 @@ void unpack_nibbles_avx2(const uint8_t* in, int64_t n, bool is_signed, int8_t* q
   unpack_nibbles_scalar(in + j / 2, n - j, is_signed, q + j);
 }
 
+void widen_to_f32_avx2(const uint16_t* in, int64_t n, bool is_bf16, float* out) {
+  int64_t j = 0;
+  if (is_bf16) {
+    for (; j + 8 <= n; j += 8) {  // bf16 is the high half of an fp32
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
+      _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+  } else {
+    for (; j + 8 <= n; j += 8)  // F16C: exact, subnormals included
+      _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j))));
+  }
+  widen_to_f32_scalar(in + j, n - j, is_bf16, out + j);
+}
+
 }  // namespace detail
 }  // namespace quant
 }  // namespace aimass

@@ -91,6 +91,20 @@ void unpack_nibbles_avx512(const uint8_t* in, int64_t n, bool is_signed, int8_t*
   unpack_nibbles_avx2(in, n, is_signed, q);
 }
 
+void widen_to_f32_avx512(const uint16_t* in, int64_t n, bool is_bf16, float* out) {
+  int64_t j = 0;
+  if (is_bf16) {
+    for (; j + 16 <= n; j += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j));
+      _mm512_storeu_ps(out + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+  } else {
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_ps(out + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))));
+  }
+  widen_to_f32_scalar(in + j, n - j, is_bf16, out + j);
+}
+
 }  // namespace detail
 }  // namespace quant
 }  // namespace aimass

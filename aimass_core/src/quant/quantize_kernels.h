@@ -16,7 +16,8 @@ namespace detail {
   void dequantize_run_##SUFFIX(const int8_t* q, int64_t n, bool is_unsigned, float scale,          \
                                int32_t zp, float* out);                                            \
   void pack_nibbles_##SUFFIX(const int8_t* q, int64_t n, uint8_t* out);                            \
-  void unpack_nibbles_##SUFFIX(const uint8_t* in, int64_t n, bool is_signed, int8_t* q);
+  void unpack_nibbles_##SUFFIX(const uint8_t* in, int64_t n, bool is_signed, int8_t* q);             \
+  void widen_to_f32_##SUFFIX(const uint16_t* in, int64_t n, bool is_bf16, float* out);
 
 AIMASS_QUANT_KERNELS(scalar)
 AIMASS_QUANT_KERNELS(avx2)

@@ -2,6 +2,7 @@
 // path is tested against bit for bit.
 #include <cmath>
 
+#include "aimass/half.h"
 #include "quant/quantize_kernels.h"
 
 namespace aimass {
@@ -56,6 +57,14 @@ void unpack_nibbles_scalar(const uint8_t* in, int64_t n, bool is_signed, int8_t*
     int v = (in[j >> 1] >> ((j & 1) * 4)) & 0x0F;
     if (is_signed) v = (v ^ 8) - 8;  // sign-extend the 4-bit two's complement value
     q[j] = static_cast<int8_t>(v);
+  }
+}
+
+void widen_to_f32_scalar(const uint16_t* in, int64_t n, bool is_bf16, float* out) {
+  if (is_bf16) {
+    for (int64_t j = 0; j < n; ++j) out[j] = bf16_to_f32(in[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = f16_to_f32(in[j]);
   }
 }
 

@@ -231,9 +231,9 @@ def quantize(w: Any, bits: int = 8, scheme: str = "symmetric", granularity: str 
             if gs < 1 or k % gs:
                 raise ValueError(f"group_size={gs} must divide the {k} elements of each channel "
                                  f"(shape {shape}, axis={axis_n}); pick a divisor of {k}")
-    x = _array.float32_array(w, "w").reshape(-1)
+    # half inputs go to C++ as they are (bf16 as its uint16 view); it widens them exactly
     outer, channels, inner = _layout(shape, granularity, axis_n)
-    data, scale, zp = _C.quant_quantize(x, bits, scheme, granularity, outer, channels, inner, gs)
+    data, scale, zp = _C.quant_quantize(a.reshape(-1), dt, bits, scheme, granularity, outer, channels, inner, gs)
     sshape = _scale_shape(shape, granularity, axis_n, gs)
     return QuantizedTensor(data.reshape(_data_shape(shape, bits)), scale.reshape(sshape),
                            None if zp is None else zp.reshape(sshape), bits, scheme, granularity, axis_n, gs,
