@@ -106,7 +106,7 @@ TEST(QuantKernels, DequantizeAndNibblesSimdEqualScalar) {
         std::vector<float> a(n), b(n);
         q::dequantize_run(v.data(), n, is_unsigned, 0.031f, is_unsigned ? 131 : 0, a.data(), SimdLevel::Scalar);
         q::dequantize_run(v.data(), n, is_unsigned, 0.031f, is_unsigned ? 131 : 0, b.data(), lvl);
-        ASSERT_EQ(std::memcmp(a.data(), b.data(), n * 4), 0) << n;
+        ASSERT_TRUE(n == 0 || std::memcmp(a.data(), b.data(), n * 4) == 0) << n;  // memcmp(nullptr, .., 0) is UB
       }
       std::vector<uint8_t> pa((n + 1) / 2 + 1, 0xAA), pb((n + 1) / 2 + 1, 0xAA);
       q::pack_nibbles(v.data(), n, pa.data(), SimdLevel::Scalar);

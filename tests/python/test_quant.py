@@ -88,6 +88,8 @@ CASES = [
     ((3, 4, 5, 6), -2, 9),
     ((129,), 0, 1),
     ((40, 259), 0, 37),
+    ((3, 5, 70), 1, 30),  # long inner runs: the strided (non-transposed) walk
+    ((3, 4, 65), 1, 13),
 ]
 
 

@@ -216,24 +216,67 @@ void quantize(const QuantSpec& s, const float* x, const float* scale, const int3
 
 namespace {
 
+// Channel runs shorter than this (a non-leading axis near the end, e.g. axis=-1 of a
+// Linear weight) make the strided walk call the kernels per handful of elements; such
+// layouts are transposed to the canonical [C, K] layout instead.
+constexpr int64_t kTransposeBelow = 64;
+
+bool transpose_ok(const QuantSpec& s) {
+  return s.granularity != Granularity::Tensor && s.outer > 1 && s.inner < kTransposeBelow;
+}
+
+// dst[c, r, i] = src[r, c, i] for src viewed as [rows, cols, inner]. Tiles go through a small
+// local buffer: reading and writing whole rows of a tile keeps power-of-two strides (4096
+// columns = 16 KiB apart) from evicting each other in L1 before their lines are used.
+template <typename T>
+void transpose_blocks(const T* src, T* dst, int64_t rows, int64_t cols, int64_t inner) {
+  int64_t B = 4;
+  while ((2 * B) * (2 * B) * inner <= 4096) B *= 2;
+  const int64_t ctiles = (cols + B - 1) / B;
+  parallel_for(0, ctiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> buf(B * B * inner);
+    for (int64_t ct = t0; ct < t1; ++ct) {
+      const int64_t c0 = ct * B, nc = std::min(cols, c0 + B) - c0;
+      for (int64_t r0 = 0; r0 < rows; r0 += B) {
+        const int64_t nr = std::min(rows, r0 + B) - r0;
+        for (int64_t r = 0; r < nr; ++r) {  // contiguous reads: row r0+r, columns c0..c0+nc
+          const T* sp = src + ((r0 + r) * cols + c0) * inner;
+          T* bp = buf.data() + r * B * inner;
+          for (int64_t j = 0; j < nc * inner; ++j) bp[j] = sp[j];
+        }
+        for (int64_t c = 0; c < nc; ++c) {  // contiguous writes: row c0+c of dst, rows r0..r0+nr
+          T* dp = dst + ((c0 + c) * rows + r0) * inner;
+          if (inner == 1) {
+            for (int64_t r = 0; r < nr; ++r) dp[r] = buf[r * B + c];
+          } else {
+            for (int64_t r = 0; r < nr; ++r)
+              for (int64_t i = 0; i < inner; ++i) dp[r * inner + i] = buf[(r * B + c) * inner + i];
+          }
+        }
+      }
+    }
+  });
+}
+
 // Leading axis (blocks are contiguous, channel c = x[c*K, (c+1)*K)): scan and quantize each
 // channel while it is still in cache, one pass over memory instead of two. Half inputs are
-// widened one channel at a time into a thread-local buffer. 4-bit needs even K so that every
-// channel starts on a byte.
+// widened one channel at a time into a thread-local buffer. Packed 4-bit output needs even K so
+// that every channel starts on a byte; pack=false writes one int8 per value instead.
 bool fused_ok(const QuantSpec& s) {
   return s.granularity != Granularity::Tensor && s.outer == 1 && (s.bits == 8 || s.inner % 2 == 0);
 }
 
 void quantize_fused(const QuantSpec& s, const void* x, DType dtype, float* scale, int32_t* zero_point,
-                    void* out) {
+                    void* out, bool pack) {
   const SimdLevel lvl = simd_level();
   const Range q = qrange(s);
   const int64_t K = s.inner;
   const int64_t G = s.granularity == Granularity::Group ? s.group_size : K, ngroups = K / G;
   const bool asym = s.scheme == Scheme::Asymmetric;
+  const bool packed = s.bits == 4 && pack;
   int8_t* out8 = static_cast<int8_t*>(out);
   parallel_for(0, s.channels, std::max<int64_t>(1, kTile / K), [&](int64_t c0, int64_t c1) {
-    std::vector<int8_t> buf(s.bits == 4 ? K : 0);
+    std::vector<int8_t> buf(packed ? K : 0);
     std::vector<float> wide(dtype == DType::F32 ? 0 : K);
     for (int64_t c = c0; c < c1; ++c) {
       const float* row;
@@ -243,15 +286,58 @@ void quantize_fused(const QuantSpec& s, const void* x, DType dtype, float* scale
         widen_to_f32(static_cast<const uint16_t*>(x) + c * K, K, dtype == DType::BF16, wide.data(), lvl);
         row = wide.data();
       }
-      int8_t* dst = s.bits == 8 ? out8 + c * K : buf.data();
+      int8_t* dst = packed ? buf.data() : out8 + c * K;
       for (int64_t g = 0; g < ngroups; ++g) {
         const int64_t b = c * ngroups + g;
         params_from_range(s, minmax(row + g * G, G, lvl), scale + b, zero_point ? zero_point + b : nullptr);
         quantize_run(row + g * G, G, scale[b], asym ? zero_point[b] : 0, q.qmin, q.qmax, dst + g * G, lvl);
       }
-      if (s.bits == 4) pack_nibbles(buf.data(), K, reinterpret_cast<uint8_t*>(out8) + c * K / 2, lvl);
+      if (packed) pack_nibbles(buf.data(), K, reinterpret_cast<uint8_t*>(out8) + c * K / 2, lvl);
     }
   });
+}
+
+std::vector<float> widen_all(const void* x, DType dtype, int64_t n) {
+  std::vector<float> wide(n);
+  const SimdLevel lvl = simd_level();
+  parallel_for(0, n, kTile, [&](int64_t b, int64_t e) {
+    widen_to_f32(static_cast<const uint16_t*>(x) + b, e - b, dtype == DType::BF16, wide.data() + b, lvl);
+  });
+  return wide;
+}
+
+void pack_all(const int8_t* q, int64_t n, void* out) {
+  const SimdLevel lvl = simd_level();
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+      pack_nibbles(q + e0, e1 - e0, static_cast<uint8_t*>(out) + e0 / 2, lvl);
+    }
+  });
+}
+
+QuantSpec canonical(const QuantSpec& s) {
+  QuantSpec c = s;
+  c.outer = 1;
+  c.inner = s.outer * s.inner;
+  return c;
+}
+
+// [outer, C, inner] -> canonical [C, K]: quantize there (fused), then put the values back.
+void quantize_transposed(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
+  const int64_t n = numel(s);
+  std::vector<float> xt(n);
+  transpose_blocks(x, xt.data(), s.outer, s.channels, s.inner);
+  std::vector<int8_t> qt(n);
+  quantize_fused(canonical(s), xt.data(), DType::F32, scale, zero_point, qt.data(), /*pack=*/false);
+  if (s.bits == 8) {
+    transpose_blocks(qt.data(), static_cast<int8_t*>(out), s.channels, s.outer, s.inner);
+    return;
+  }
+  std::vector<int8_t> q(n);
+  transpose_blocks(qt.data(), q.data(), s.channels, s.outer, s.inner);
+  pack_all(q.data(), n, out);
 }
 
 }  // namespace
@@ -263,26 +349,43 @@ void quantize_auto(const QuantSpec& s, const void* x, DType dtype, float* scale,
                "w must be float32, float16 or bfloat16, got ", dtype_name(dtype));
   AIMASS_CHECK(s.scheme == Scheme::Symmetric || zero_point != nullptr, ValueError,
                "asymmetric quantization needs a zero_point output");
-  if (fused_ok(s)) return quantize_fused(s, x, dtype, scale, zero_point, out);
-  if (dtype == DType::F32) {
-    compute_params(s, static_cast<const float*>(x), scale, zero_point);
-    quantize(s, static_cast<const float*>(x), scale, zero_point, out);
-    return;
+  if (fused_ok(s)) return quantize_fused(s, x, dtype, scale, zero_point, out, /*pack=*/true);
+  // other layouts read each element twice: half inputs are widened once into an fp32 copy
+  std::vector<float> wide;
+  const float* xf = static_cast<const float*>(x);
+  if (dtype != DType::F32) {
+    wide = widen_all(x, dtype, numel(s));
+    xf = wide.data();
   }
-  // other layouts read each element twice: widen once into an fp32 copy
-  const int64_t n = numel(s);
-  std::vector<float> wide(n);
-  const SimdLevel lvl = simd_level();
-  parallel_for(0, n, kTile, [&](int64_t b, int64_t e) {
-    widen_to_f32(static_cast<const uint16_t*>(x) + b, e - b, dtype == DType::BF16, wide.data() + b, lvl);
-  });
-  compute_params(s, wide.data(), scale, zero_point);
-  quantize(s, wide.data(), scale, zero_point, out);
+  if (transpose_ok(s)) return quantize_transposed(s, xf, scale, zero_point, out);
+  compute_params(s, xf, scale, zero_point);
+  quantize(s, xf, scale, zero_point, out);
 }
 
 void quantize_auto(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
   quantize_auto(s, static_cast<const void*>(x), DType::F32, scale, zero_point, out);
 }
+
+namespace {
+
+// Dequantizes the flat elements [0, n) whose values are already unpacked to int8 (or uint8).
+void dequantize_unpacked(const QuantSpec& s, const int8_t* q, bool is_unsigned, const float* scale,
+                         const int32_t* zero_point, float* out) {
+  const SimdLevel lvl = simd_level();
+  const int64_t n = numel(s);
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const bool asym = s.scheme == Scheme::Asymmetric;
+  parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+      for_each_run(s, e0, e1, [&](int64_t st, int64_t len, int64_t b) {
+        dequantize_run(q + st, len, is_unsigned, scale[b], asym ? zero_point[b] : 0, out + st, lvl);
+      });
+    }
+  });
+}
+
+}  // namespace
 
 void dequantize(const QuantSpec& s, const void* data, const float* scale, const int32_t* zero_point,
                 float* out) {
@@ -292,7 +395,28 @@ void dequantize(const QuantSpec& s, const void* data, const float* scale, const 
   const int64_t ntiles = (n + kTile - 1) / kTile;
   const bool asym = s.scheme == Scheme::Asymmetric;
   AIMASS_CHECK(!asym || zero_point != nullptr, ValueError, "asymmetric dequantization needs zero_point");
+  // 4-bit values are unpacked to int8 (both schemes fit), 8-bit asymmetric is uint8
+  const bool is_unsigned = asym && s.bits == 8;
   const int8_t* in8 = static_cast<const int8_t*>(data);
+  if (transpose_ok(s)) {
+    std::vector<int8_t> q;
+    if (s.bits == 4) {
+      q.resize(n);
+      parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+          unpack_nibbles(reinterpret_cast<const uint8_t*>(in8) + e0 / 2, e1 - e0, !asym, q.data() + e0, lvl);
+        }
+      });
+      in8 = q.data();
+    }
+    std::vector<int8_t> qt(n);
+    transpose_blocks(in8, qt.data(), s.outer, s.channels, s.inner);
+    std::vector<float> ot(n);
+    dequantize_unpacked(canonical(s), qt.data(), is_unsigned, scale, zero_point, ot.data());
+    transpose_blocks(ot.data(), out, s.channels, s.outer, s.inner);
+    return;
+  }
   parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> buf(s.bits == 4 ? kTile : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -302,8 +426,6 @@ void dequantize(const QuantSpec& s, const void* data, const float* scale, const 
         unpack_nibbles(reinterpret_cast<const uint8_t*>(in8) + e0 / 2, e1 - e0, !asym, buf.data(), lvl);
         src = buf.data();
       }
-      // 4-bit values are unpacked to int8 (both schemes fit), 8-bit asymmetric is uint8
-      const bool is_unsigned = asym && s.bits == 8;
       for_each_run(s, e0, e1, [&](int64_t st, int64_t len, int64_t b) {
         dequantize_run(src + (st - e0), len, is_unsigned, scale[b], asym ? zero_point[b] : 0, out + st, lvl);
       });
