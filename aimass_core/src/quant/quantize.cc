@@ -2,6 +2,7 @@
 // run-time ISA dispatch. The element kernels live in quantize_{scalar,avx2,avx512}.cc.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "aimass/error.h"
@@ -297,11 +298,11 @@ void quantize_fused(const QuantSpec& s, const void* x, DType dtype, float* scale
   });
 }
 
-std::vector<float> widen_all(const void* x, DType dtype, int64_t n) {
-  std::vector<float> wide(n);
+std::unique_ptr<float[]> widen_all(const void* x, DType dtype, int64_t n) {
+  auto wide = std::unique_ptr<float[]>(new float[static_cast<size_t>(n)]);
   const SimdLevel lvl = simd_level();
   parallel_for(0, n, kTile, [&](int64_t b, int64_t e) {
-    widen_to_f32(static_cast<const uint16_t*>(x) + b, e - b, dtype == DType::BF16, wide.data() + b, lvl);
+    widen_to_f32(static_cast<const uint16_t*>(x) + b, e - b, dtype == DType::BF16, wide.get() + b, lvl);
   });
   return wide;
 }
@@ -317,6 +318,12 @@ void pack_all(const int8_t* q, int64_t n, void* out) {
   });
 }
 
+// Scratch arrays that every element is written to before it is read: no zero fill.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
 QuantSpec canonical(const QuantSpec& s) {
   QuantSpec c = s;
   c.outer = 1;
@@ -327,17 +334,17 @@ QuantSpec canonical(const QuantSpec& s) {
 // [outer, C, inner] -> canonical [C, K]: quantize there (fused), then put the values back.
 void quantize_transposed(const QuantSpec& s, const float* x, float* scale, int32_t* zero_point, void* out) {
   const int64_t n = numel(s);
-  std::vector<float> xt(n);
-  transpose_blocks(x, xt.data(), s.outer, s.channels, s.inner);
-  std::vector<int8_t> qt(n);
-  quantize_fused(canonical(s), xt.data(), DType::F32, scale, zero_point, qt.data(), /*pack=*/false);
+  auto xt = scratch<float>(n);
+  transpose_blocks(x, xt.get(), s.outer, s.channels, s.inner);
+  auto qt = scratch<int8_t>(n);
+  quantize_fused(canonical(s), xt.get(), DType::F32, scale, zero_point, qt.get(), /*pack=*/false);
   if (s.bits == 8) {
-    transpose_blocks(qt.data(), static_cast<int8_t*>(out), s.channels, s.outer, s.inner);
+    transpose_blocks(qt.get(), static_cast<int8_t*>(out), s.channels, s.outer, s.inner);
     return;
   }
-  std::vector<int8_t> q(n);
-  transpose_blocks(qt.data(), q.data(), s.channels, s.outer, s.inner);
-  pack_all(q.data(), n, out);
+  auto q = scratch<int8_t>(n);
+  transpose_blocks(qt.get(), q.get(), s.channels, s.outer, s.inner);
+  pack_all(q.get(), n, out);
 }
 
 }  // namespace
@@ -351,11 +358,11 @@ void quantize_auto(const QuantSpec& s, const void* x, DType dtype, float* scale,
                "asymmetric quantization needs a zero_point output");
   if (fused_ok(s)) return quantize_fused(s, x, dtype, scale, zero_point, out, /*pack=*/true);
   // other layouts read each element twice: half inputs are widened once into an fp32 copy
-  std::vector<float> wide;
+  std::unique_ptr<float[]> wide;
   const float* xf = static_cast<const float*>(x);
   if (dtype != DType::F32) {
     wide = widen_all(x, dtype, numel(s));
-    xf = wide.data();
+    xf = wide.get();
   }
   if (transpose_ok(s)) return quantize_transposed(s, xf, scale, zero_point, out);
   compute_params(s, xf, scale, zero_point);
@@ -399,22 +406,22 @@ void dequantize(const QuantSpec& s, const void* data, const float* scale, const 
   const bool is_unsigned = asym && s.bits == 8;
   const int8_t* in8 = static_cast<const int8_t*>(data);
   if (transpose_ok(s)) {
-    std::vector<int8_t> q;
+    std::unique_ptr<int8_t[]> q;
     if (s.bits == 4) {
-      q.resize(n);
+      q = scratch<int8_t>(n);
       parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
-          unpack_nibbles(reinterpret_cast<const uint8_t*>(in8) + e0 / 2, e1 - e0, !asym, q.data() + e0, lvl);
+          unpack_nibbles(reinterpret_cast<const uint8_t*>(in8) + e0 / 2, e1 - e0, !asym, q.get() + e0, lvl);
         }
       });
-      in8 = q.data();
+      in8 = q.get();
     }
-    std::vector<int8_t> qt(n);
-    transpose_blocks(in8, qt.data(), s.outer, s.channels, s.inner);
-    std::vector<float> ot(n);
-    dequantize_unpacked(canonical(s), qt.data(), is_unsigned, scale, zero_point, ot.data());
-    transpose_blocks(ot.data(), out, s.channels, s.outer, s.inner);
+    auto qt = scratch<int8_t>(n);
+    transpose_blocks(in8, qt.get(), s.outer, s.channels, s.inner);
+    auto ot = scratch<float>(n);
+    dequantize_unpacked(canonical(s), qt.get(), is_unsigned, scale, zero_point, ot.get());
+    transpose_blocks(ot.get(), out, s.channels, s.outer, s.inner);
     return;
   }
   parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
