@@ -170,32 +170,42 @@ q::QuantSpec spec(int bits, q::Scheme s, q::Granularity g, int64_t outer, int64_
 
 TEST(Quant, EndToEndSameBytesAtEveryLevel) {
   const SimdLevel best = aimass::simd_level();
-  const int64_t outer = 3, C = 37, inner = 65, G = 15;
-  auto x = random_floats(outer * C * inner, 5);
-  for (int64_t j = 0; j < inner * outer; ++j) x[(j / inner * C + 4) * inner + j % inner] = 0.0f;  // zero channel
-  for (SimdLevel lvl : fast_levels())
-  for (int bits : {8, 4})
-    for (auto sch : {q::Scheme::Symmetric, q::Scheme::Asymmetric})
-      for (auto gr : {q::Granularity::Tensor, q::Granularity::Channel, q::Granularity::Group}) {
-        const auto sp = spec(bits, sch, gr, outer, C, inner, G);
-        std::vector<float> s0(q::num_blocks(sp)), s1(s0.size()), d0(x.size()), d1(x.size());
-        std::vector<int32_t> z0(s0.size()), z1(s0.size());
-        std::vector<uint8_t> o0(q::data_bytes(sp)), o1(o0.size());
-        aimass::set_simd_level(SimdLevel::Scalar);
-        q::quantize_auto(sp, x.data(), s0.data(), z0.data(), o0.data());
-        q::dequantize(sp, o0.data(), s0.data(), z0.data(), d0.data());
-        aimass::set_simd_level(lvl);
-        q::quantize_auto(sp, x.data(), s1.data(), z1.data(), o1.data());
-        q::dequantize(sp, o1.data(), s1.data(), z1.data(), d1.data());
-        EXPECT_EQ(std::memcmp(s0.data(), s1.data(), s0.size() * 4), 0);
-        EXPECT_EQ(z0, z1);
-        EXPECT_EQ(o0, o1);
-        EXPECT_EQ(std::memcmp(d0.data(), d1.data(), d0.size() * 4), 0);
-        if (gr == q::Granularity::Channel) {
-          EXPECT_EQ(s0[4], 1.0f);  // zero channel: unit scale, never NaN
-        }
-        for (size_t j = 0; j < x.size(); ++j) ASSERT_TRUE(std::isfinite(d0[j]));
-      }
+  // inner = 65: strided walk; 5 and 1: transposed to [C, K]; outer = 1: fused leading axis
+  struct Shape { int64_t outer, C, inner, G; };
+  for (const Shape& sh : {Shape{3, 37, 65, 15}, Shape{3, 37, 5, 5}, Shape{45, 37, 1, 9}, Shape{1, 37, 66, 11}}) {
+    const int64_t outer = sh.outer, C = sh.C, inner = sh.inner, G = sh.G;
+    auto x = random_floats(outer * C * inner, 5);
+    for (int64_t j = 0; j < inner * outer; ++j) x[(j / inner * C + 4) * inner + j % inner] = 0.0f;  // zero channel
+    for (SimdLevel lvl : fast_levels())
+      for (int bits : {8, 4})
+        for (auto sch : {q::Scheme::Symmetric, q::Scheme::Asymmetric})
+          for (auto gr : {q::Granularity::Tensor, q::Granularity::Channel, q::Granularity::Group}) {
+            const auto sp = spec(bits, sch, gr, outer, C, inner, G);
+            std::vector<float> s0(q::num_blocks(sp)), s1(s0.size()), d0(x.size()), d1(x.size());
+            std::vector<int32_t> z0(s0.size()), z1(s0.size());
+            std::vector<uint8_t> o0(q::data_bytes(sp)), o1(o0.size());
+            aimass::set_simd_level(SimdLevel::Scalar);
+            q::quantize_auto(sp, x.data(), s0.data(), z0.data(), o0.data());
+            q::dequantize(sp, o0.data(), s0.data(), z0.data(), d0.data());
+            aimass::set_simd_level(lvl);
+            q::quantize_auto(sp, x.data(), s1.data(), z1.data(), o1.data());
+            q::dequantize(sp, o1.data(), s1.data(), z1.data(), d1.data());
+            EXPECT_EQ(std::memcmp(s0.data(), s1.data(), s0.size() * 4), 0);
+            EXPECT_EQ(z0, z1);
+            EXPECT_EQ(o0, o1);
+            EXPECT_EQ(std::memcmp(d0.data(), d1.data(), d0.size() * 4), 0);
+            if (gr == q::Granularity::Channel) EXPECT_EQ(s0[4], 1.0f);  // zero channel: unit scale, never NaN
+            // the separate compute_params + quantize path gives the same bytes as the fused/transposed one
+            std::vector<float> s2(s0.size());
+            std::vector<int32_t> z2(s0.size());
+            std::vector<uint8_t> o2(o0.size());
+            q::compute_params(sp, x.data(), s2.data(), z2.data());
+            q::quantize(sp, x.data(), s2.data(), z2.data(), o2.data());
+            EXPECT_EQ(std::memcmp(s0.data(), s2.data(), s0.size() * 4), 0);
+            EXPECT_EQ(o0, o2);
+            for (size_t j = 0; j < x.size(); ++j) ASSERT_TRUE(std::isfinite(d0[j]));
+          }
+  }
   aimass::set_simd_level(best);
 }
 

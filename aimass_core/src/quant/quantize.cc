@@ -2,6 +2,7 @@
 // run-time ISA dispatch. The element kernels live in quantize_{scalar,avx2,avx512}.cc.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -231,27 +232,26 @@ bool transpose_ok(const QuantSpec& s) {
 // columns = 16 KiB apart) from evicting each other in L1 before their lines are used.
 template <typename T>
 void transpose_blocks(const T* src, T* dst, int64_t rows, int64_t cols, int64_t inner) {
-  int64_t B = 4;
-  while ((2 * B) * (2 * B) * inner <= 4096) B *= 2;
+  int64_t B = 4;  // tile of B x B runs, at most 16 KiB
+  while ((2 * B) * (2 * B) * inner * static_cast<int64_t>(sizeof(T)) <= 16384) B *= 2;
   const int64_t ctiles = (cols + B - 1) / B;
   parallel_for(0, ctiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> buf(B * B * inner);
+    T* bp = buf.data();
     for (int64_t ct = t0; ct < t1; ++ct) {
       const int64_t c0 = ct * B, nc = std::min(cols, c0 + B) - c0;
       for (int64_t r0 = 0; r0 < rows; r0 += B) {
         const int64_t nr = std::min(rows, r0 + B) - r0;
-        for (int64_t r = 0; r < nr; ++r) {  // contiguous reads: row r0+r, columns c0..c0+nc
-          const T* sp = src + ((r0 + r) * cols + c0) * inner;
-          T* bp = buf.data() + r * B * inner;
-          for (int64_t j = 0; j < nc * inner; ++j) bp[j] = sp[j];
-        }
+        for (int64_t r = 0; r < nr; ++r)  // contiguous reads: row r0+r, columns c0..c0+nc
+          std::memcpy(bp + r * B * inner, src + ((r0 + r) * cols + c0) * inner,
+                      static_cast<size_t>(nc * inner) * sizeof(T));
         for (int64_t c = 0; c < nc; ++c) {  // contiguous writes: row c0+c of dst, rows r0..r0+nr
           T* dp = dst + ((c0 + c) * rows + r0) * inner;
           if (inner == 1) {
-            for (int64_t r = 0; r < nr; ++r) dp[r] = buf[r * B + c];
+            for (int64_t r = 0; r < nr; ++r) dp[r] = bp[r * B + c];
           } else {
             for (int64_t r = 0; r < nr; ++r)
-              for (int64_t i = 0; i < inner; ++i) dp[r * inner + i] = buf[(r * B + c) * inner + i];
+              std::memcpy(dp + r * inner, bp + (r * B + c) * inner, static_cast<size_t>(inner) * sizeof(T));
           }
         }
       }
