@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 from aimass.compress import quantize  # noqa: E402
 
 N = K = 4096
+# torch 2.x warns that its quantized tensor types are deprecated; the baseline still stands
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 
 
 def _best_of(fn, repeats=5):
