@@ -21,16 +21,22 @@ namespace aimass::quant {
 using detail::KernelTable;
 using detail::WeightView;
 
-// Shape thresholds for LinearKernel::Auto, measured with bench/bench_qlinear.py and
-// tools in tests (N = K = 4096, 1-2 threads, AVX-512 VNNI machine, loaded):
-//  * weight-only (fp32 activations) is memory bound and wins for small M; the dynamic
-//    int8 GEMM overtakes it at M ~ 6-8 (int8) / 4-8 (int4) with VNNI and AVX2.
-//  * the dynamic int8 GEMM beats dequantize + sgemm at every M >= 8 measured (8..1024).
-//  * at the scalar level the weight-only kernel loses to dequantize + sgemm from M ~ 4.
-constexpr int64_t kDynamicMinM = 8;
+// Shape thresholds for LinearKernel::Auto, measured with /tmp sweeps of M at N = K = 4096,
+// 2 threads, AVX-512 VNNI machine shared with other jobs (see docs/qlinear.md):
+//  * weight-only keeps fp32 activations (no extra error) and is 4-6x faster than fp32 sgemm
+//    at M <= 4, but it is compute bound on the int->fp32 widening: int4 weight-only falls
+//    behind fp32 sgemm around M = 16-32, int8 around M = 64-256.
+//  * the dynamic int8 GEMM is 1.5-2x faster than weight-only from M = 4 (int4) / M = 8
+//    (int8) and 2.5-3x faster than fp32 sgemm at M = 256; dequantize + sgemm never wins
+//    while a SIMD kernel exists.
+//  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
+// So: weight-only below these M, dynamic int8 from them on.
+constexpr int64_t kDynamicMinMInt8 = 8;
+constexpr int64_t kDynamicMinMInt4 = 4;
 constexpr int64_t kScalarSgemmMinM = 4;
-// Rows of W dequantized at once by the sgemm fallback (bounds its scratch to 128*K floats).
-constexpr int64_t kSgemmPanel = 128;
+// fp32 elements of W dequantized at once by the sgemm fallback (16 MiB of scratch);
+// large panels keep the BLAS efficient.
+constexpr int64_t kSgemmScratch = int64_t{1} << 22;
 // The dynamic kernels accumulate int32 over a whole row when per-channel; this bound
 // keeps 4 * 255 * 127 * Kp / 64 below 2^31.
 constexpr int64_t kDynamicMaxKp = int64_t{1} << 20;
@@ -208,7 +214,7 @@ LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
   const WeightView& v = w.impl().view;
   const SimdLevel level = simd_level();
   if (level == SimdLevel::Scalar) return M >= kScalarSgemmMinM ? LinearKernel::DequantSgemm : LinearKernel::WeightOnly;
-  if (M < kDynamicMinM) return LinearKernel::WeightOnly;
+  if (M < (v.bits == 8 ? kDynamicMinMInt8 : kDynamicMinMInt4)) return LinearKernel::WeightOnly;
   return dynamic_supported(v) ? LinearKernel::DynamicInt8 : LinearKernel::DequantSgemm;
 }
 
@@ -255,7 +261,7 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
 
 void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
   const WeightView& v = p.view;
-  const int64_t panel = std::min(kSgemmPanel, v.N);
+  const int64_t panel = std::min(v.N, std::max<int64_t>(64, kSgemmScratch / v.K));
   std::vector<float> wbuf(static_cast<size_t>(panel * v.K));
   for (int64_t n0 = 0; n0 < v.N; n0 += panel) {
     const int64_t nb = std::min(panel, v.N - n0);
@@ -264,15 +270,18 @@ void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, flo
         const int64_t n = n0 + r;
         float* out = wbuf.data() + r * v.K;
         const float* sr = v.scale + n * v.ng;
-        if (v.bits == 8) {
-          const int8_t* wr = v.w8 + n * v.Kp;
-          for (int64_t k = 0; k < v.K; ++k) out[k] = static_cast<float>(wr[k]) * sr[k / v.G];
-        } else {
-          const uint8_t* wr = v.w4 + n * (v.Kp / 2);
-          for (int64_t k = 0; k < v.K; ++k) {
-            const uint8_t byte = wr[(k >> 5) * 16 + (k & 15)];
-            const int q = static_cast<int>((k & 16) ? (byte >> 4) : (byte & 15)) - 8;
-            out[k] = static_cast<float>(q) * sr[k / v.G];
+        for (int64_t g = 0; g < v.ng; ++g) {
+          const float sg = sr[g];
+          const int64_t k0 = g * v.G, k1 = k0 + v.G;
+          if (v.bits == 8) {
+            const int8_t* wr = v.w8 + n * v.Kp;
+            for (int64_t k = k0; k < k1; ++k) out[k] = static_cast<float>(wr[k]) * sg;
+          } else {
+            const uint8_t* wr = v.w4 + n * (v.Kp / 2);
+            for (int64_t k = k0; k < k1; ++k) {
+              const uint8_t byte = wr[(k >> 5) * 16 + (k & 15)];
+              out[k] = static_cast<float>(static_cast<int>((k & 16) ? (byte >> 4) : (byte & 15)) - 8) * sg;
+            }
           }
         }
       }
