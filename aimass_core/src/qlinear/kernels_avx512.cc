@@ -158,6 +158,47 @@ inline void dyn_tile_channel(const WeightView& w, const int8_t* qx, const float*
     }
 }
 
+// The 4x4 per-channel tile written out with named accumulators: with arrays GCC
+// copies every accumulator through another register after each vpdpbusd.
+inline void dyn_tile_channel_4x4(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy,
+                                 int64_t n) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+          c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+  const int64_t Kp = w.Kp;
+  const int8_t *x0 = qx, *x1 = qx + Kp, *x2 = qx + 2 * Kp, *x3 = qx + 3 * Kp;
+  const int8_t *w0 = w.wq + n * Kp, *w1 = w0 + Kp, *w2 = w1 + Kp, *w3 = w2 + Kp;
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i a0 = _mm512_loadu_si512(x0 + k), a1 = _mm512_loadu_si512(x1 + k);
+    const __m512i a2 = _mm512_loadu_si512(x2 + k), a3 = _mm512_loadu_si512(x3 + k);
+    __m512i b = _mm512_loadu_si512(w0 + k);
+    c00 = _mm512_dpbusd_epi32(c00, a0, b);
+    c10 = _mm512_dpbusd_epi32(c10, a1, b);
+    c20 = _mm512_dpbusd_epi32(c20, a2, b);
+    c30 = _mm512_dpbusd_epi32(c30, a3, b);
+    b = _mm512_loadu_si512(w1 + k);
+    c01 = _mm512_dpbusd_epi32(c01, a0, b);
+    c11 = _mm512_dpbusd_epi32(c11, a1, b);
+    c21 = _mm512_dpbusd_epi32(c21, a2, b);
+    c31 = _mm512_dpbusd_epi32(c31, a3, b);
+    b = _mm512_loadu_si512(w2 + k);
+    c02 = _mm512_dpbusd_epi32(c02, a0, b);
+    c12 = _mm512_dpbusd_epi32(c12, a1, b);
+    c22 = _mm512_dpbusd_epi32(c22, a2, b);
+    c32 = _mm512_dpbusd_epi32(c32, a3, b);
+    b = _mm512_loadu_si512(w3 + k);
+    c03 = _mm512_dpbusd_epi32(c03, a0, b);
+    c13 = _mm512_dpbusd_epi32(c13, a1, b);
+    c23 = _mm512_dpbusd_epi32(c23, a2, b);
+    c33 = _mm512_dpbusd_epi32(c33, a3, b);
+  }
+  const __m512i acc[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[i][j]) - 128 * w.colsum[n + j];
+      y[i * ldy + n + j] = (static_cast<float>(dot) * w.scale[n + j]) * sx[i];
+    }
+}
+
 template <int MR, int NR>
 inline void dyn_tile_group(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy,
                            int64_t n) {
@@ -188,6 +229,7 @@ inline void dyn_tile_group(const WeightView& w, const int8_t* qx, const float* s
 template <int MR, int NR, bool Grouped>
 inline void dyn_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n) {
   if (Grouped) dyn_tile_group<MR, NR>(w, qx, sx, y, ldy, n);
+  else if (MR == 4 && NR == 4) dyn_tile_channel_4x4(w, qx, sx, y, ldy, n);
   else dyn_tile_channel<MR, NR>(w, qx, sx, y, ldy, n);
 }
 
