@@ -169,6 +169,37 @@ inline __m256i dot_s8(__m256i acc, __m256i ax, __m256i xv, __m256i wv, __m256i o
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones));
 }
 
+// 2x4 per-channel tile with named accumulators (arrays made GCC spill them every step).
+inline void dyn_tile_channel_2x4(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy,
+                                 int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+  const int64_t Kp = w.Kp;
+  const int8_t *x0 = qx, *x1 = qx + Kp;
+  const int8_t *w0 = w.wq + n * Kp, *w1 = w0 + Kp, *w2 = w1 + Kp, *w3 = w2 + Kp;
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + k));
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + k));
+    const __m256i u0 = _mm256_abs_epi8(a0), u1 = _mm256_abs_epi8(a1);
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k));
+    c00 = dot_s8(c00, u0, a0, b, ones);
+    c10 = dot_s8(c10, u1, a1, b, ones);
+    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k));
+    c01 = dot_s8(c01, u0, a0, b, ones);
+    c11 = dot_s8(c11, u1, a1, b, ones);
+    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w2 + k));
+    c02 = dot_s8(c02, u0, a0, b, ones);
+    c12 = dot_s8(c12, u1, a1, b, ones);
+    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w3 + k));
+    c03 = dot_s8(c03, u0, a0, b, ones);
+    c13 = dot_s8(c13, u1, a1, b, ones);
+  }
+  const __m256i acc[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
+      y[i * ldy + n + j] = (static_cast<float>(hsum_i32(acc[i][j])) * w.scale[n + j]) * sx[i];
+}
+
 template <int MR, int NR, bool Grouped>
 inline void dyn_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -213,7 +244,10 @@ inline void dyn_rows(const WeightView& w, const int8_t* qx, const float* sx, int
                      int64_t n) {
   constexpr int MRmax = Grouped ? 1 : 2;
   int64_t m = 0;
-  for (; m + MRmax <= M; m += MRmax) dyn_tile<MRmax, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
+  for (; m + MRmax <= M; m += MRmax) {
+    if (!Grouped && NR == 4) dyn_tile_channel_2x4(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
+    else dyn_tile<MRmax, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
+  }
   if (M - m == 1) dyn_tile<1, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
 }
 

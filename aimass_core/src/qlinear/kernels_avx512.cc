@@ -13,6 +13,10 @@
 namespace aimass::quant::detail {
 namespace {
 
+// acc += dot4(u8 a, s8 b) in place. GCC does not coalesce the intrinsic's destructive
+// accumulator when accumulators live in arrays and copies each one every step.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i b) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
+
 // ---------------------------------------------------------------- weight-only
 template <int MR, int NR, bool Grouped, int Bits>
 inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
@@ -148,7 +152,7 @@ inline void dyn_tile_channel(const WeightView& w, const int8_t* qx, const float*
     for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_si512(qx + i * w.Kp + k);
     for (int j = 0; j < NR; ++j) {
       const __m512i wv = _mm512_loadu_si512(w.wq + (n + j) * w.Kp + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+      for (int i = 0; i < MR; ++i) dpbusd(acc[i][j], xv[i], wv);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -214,7 +218,7 @@ inline void dyn_tile_group(const WeightView& w, const int8_t* qx, const float* s
       for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_si512(qx + i * w.Kp + k);
       for (int j = 0; j < NR; ++j) {
         const __m512i wv = _mm512_loadu_si512(w.wq + (n + j) * w.Kp + k);
-        for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+        for (int i = 0; i < MR; ++i) dpbusd(acc[i][j], xv[i], wv);
       }
     }
     for (int j = 0; j < NR; ++j) {
