@@ -243,12 +243,9 @@ inline void dyn_rows(const WeightView& w, const int8_t* qx, const float* sx, int
   constexpr int MRmax = Grouped ? 2 : 4;
   int64_t m = 0;
   for (; m + MRmax <= M; m += MRmax) dyn_tile<MRmax, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
-  switch (M - m) {
-    case 3: dyn_tile<3, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n); break;
-    case 2: dyn_tile<2, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n); break;
-    case 1: dyn_tile<1, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n); break;
-    default: break;
-  }
+  // Leftover rows one at a time: single-row tiles keep every accumulator in a register
+  // (2- and 3-row array tiles made GCC keep them on the stack); the weight rows are in L1.
+  for (; m < M; ++m) dyn_tile<1, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
 }
 
 template <bool Grouped>
@@ -261,6 +258,9 @@ void dyn_range(const WeightView& w, const int8_t* qx, const float* sx, int64_t M
     const int8_t* q = qx + mb * w.Kp;
     float* yb = y + mb * ldy;
     int64_t n = n0;
+    // Few rows: 8 weight rows per tile give more independent streams and accumulators.
+    if (!Grouped && mlen < 4)
+      for (; n + 8 <= n1; n += 8) dyn_rows<8, Grouped>(w, q, sx + mb, mlen, yb, ldy, n);
     for (; n + 4 <= n1; n += 4) dyn_rows<4, Grouped>(w, q, sx + mb, mlen, yb, ldy, n);
     for (; n < n1; ++n) dyn_rows<1, Grouped>(w, q, sx + mb, mlen, yb, ldy, n);
   }
