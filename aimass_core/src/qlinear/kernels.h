@@ -6,17 +6,23 @@
 namespace aimass::quant::detail {
 
 // Prepacked weight, as the kernels read it.
-//   Kp  = K rounded up to 64; rows are zero-padded to Kp.
+//   Kp  = K rounded up to 128; rows are zero-padded to Kp.
 //   w8  (bits 8): int8 [N, Kp].
-//   w4  (bits 4): [N, Kp/2] bytes; each block of 32 elements is 16 bytes, byte i holds
-//       element i + 8 in its low nibble and element i + 16 + 8 in its high nibble
-//       (offset-8 unsigned, so decoding is a mask, a shift and a subtract).
+//   w4  (bits 4): [N, Kp/2] bytes in blocks of 128 elements (64 bytes = 16 dwords of 8
+//       nibbles): element 16*j + d of a block is nibble j of dword d, stored as q + 8.
+//       One 512-bit load then yields 8 vectors of 16 consecutive elements with a shift
+//       and a 16-entry table lookup each (see int4_byte below).
 //   scale: [N, ng] fp32.  G = group length (K when per-channel), ng = K / G.
 //   Gk/ngk: the blocking the SIMD kernels use: per-channel -> one block of Kp
 //       (x is zero-padded to Kp); grouped -> Gk = G, ngk = ng.
 //   wq: int8 [N, Kp] for the dynamic path (== w8 for bits 8, unpacked for bits 4).
 //   colsum: [N, ng] sum of the int8 weights of each group (VNNI +128 correction);
 //   corr: [N] 128 * sum_g scale[n, g] * colsum[n, g].
+// Where element k of a packed int4 row lives (static: each ISA's TU gets its own copy).
+static inline int64_t int4_byte(int64_t k) { return (k >> 7) * 64 + (k & 15) * 4 + ((k >> 4) & 7) / 2; }
+static inline int int4_shift(int64_t k) { return ((k >> 4) & 1) * 4; }
+static inline int int4_get(const uint8_t* row, int64_t k) { return ((row[int4_byte(k)] >> int4_shift(k)) & 15) - 8; }
+
 struct WeightView {
   int bits;
   int64_t N, K, Kp, G, ng, Gk, ngk;

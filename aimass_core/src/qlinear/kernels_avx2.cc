@@ -40,8 +40,6 @@ inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, 
   __m256 acc[MR][NR], ga[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t g = 0; g < w.ngk; ++g) {
     if (Grouped)
       for (int i = 0; i < MR; ++i)
@@ -60,20 +58,24 @@ inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, 
         }
       }
     } else {
-      for (int64_t k = k0; k < k1; k += 32) {
+      // 128 elements per row per step: two 256-bit halves (dwords 0-7, 8-15) of the block;
+      // nibble v of each dword, masked and converted, is 8 consecutive elements.
+      const __m256i low4 = _mm256_set1_epi32(0x0F);
+      const __m256 eight = _mm256_set1_ps(8.f);
+      for (int64_t k = k0; k < k1; k += 128) {
         for (int j = 0; j < NR; ++j) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.w4 + (n + j) * (w.Kp / 2) + k / 2));
-          const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-          const __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), eight));
-          const __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight));
-          const __m256 w2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), eight));
-          const __m256 w3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight));
-          for (int i = 0; i < MR; ++i) {
-            const float* xr = x + i * ldx + k;
-            __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), A[i][j]);
-            a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a);
-            a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a);
-            A[i][j] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a);
+          const uint8_t* blk = w.w4 + (n + j) * (w.Kp / 2) + k / 2;
+          const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
+          const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32));
+          for (int v = 0; v < 8; ++v) {
+            const __m256 w0 = _mm256_sub_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h0, 4 * v), low4)), eight);
+            const __m256 w1 = _mm256_sub_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h1, 4 * v), low4)), eight);
+            for (int i = 0; i < MR; ++i) {
+              const float* xr = x + i * ldx + k + 16 * v;
+              A[i][j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), A[i][j]));
+            }
           }
         }
       }
@@ -274,7 +276,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }  // namespace
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 32};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128};
   return t;
 }
 

@@ -23,8 +23,6 @@ inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, 
   __m512 acc[MR][NR], ga[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m512i eight = _mm512_set1_epi32(8);
   for (int64_t g = 0; g < w.ngk; ++g) {
     if (Grouped)
       for (int i = 0; i < MR; ++i)
@@ -43,17 +41,20 @@ inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, 
         }
       }
     } else {
-      for (int64_t k = k0; k < k1; k += 32) {
-        __m512 wl[NR], wh[NR];
-        for (int j = 0; j < NR; ++j) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.w4 + (n + j) * (w.Kp / 2) + k / 2));
-          const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-          wl[j] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight));
-          wh[j] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight));
-        }
-        for (int i = 0; i < MR; ++i) {
-          const __m512 xl = _mm512_loadu_ps(x + i * ldx + k), xh = _mm512_loadu_ps(x + i * ldx + k + 16);
-          for (int j = 0; j < NR; ++j) A[i][j] = _mm512_fmadd_ps(wh[j], xh, _mm512_fmadd_ps(wl[j], xl, A[i][j]));
+      // 128 elements per row per step: 8 vectors, each a shift plus a table lookup
+      // (vpermps reads only the low 4 bits of each index) giving (q + 8) - 8 exactly.
+      const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+      for (int64_t k = k0; k < k1; k += 128) {
+        __m512i packed[NR];
+        for (int j = 0; j < NR; ++j) packed[j] = _mm512_loadu_si512(w.w4 + (n + j) * (w.Kp / 2) + k / 2);
+        for (int v = 0; v < 8; ++v) {
+          __m512 wv[NR];
+          for (int j = 0; j < NR; ++j)
+            wv[j] = _mm512_permutexvar_ps(v == 0 ? packed[j] : _mm512_srli_epi32(packed[j], 4 * v), table);
+          for (int i = 0; i < MR; ++i) {
+            const __m512 xv = _mm512_loadu_ps(x + i * ldx + k + 16 * v);
+            for (int j = 0; j < NR; ++j) A[i][j] = _mm512_fmadd_ps(wv[j], xv, A[i][j]);
+          }
         }
       }
     }
@@ -275,7 +276,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }  // namespace
 
 const KernelTable& avx512_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 32};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 128};
   return t;
 }
 

@@ -6,10 +6,7 @@
 namespace aimass::quant::detail {
 namespace {
 
-inline int int4_at(const uint8_t* row, int64_t k) {
-  const uint8_t b = row[(k >> 5) * 16 + (k & 15)];
-  return static_cast<int>((k & 16) ? (b >> 4) : (b & 15)) - 8;
-}
+inline int int4_at(const uint8_t* row, int64_t k) { return int4_get(row, k); }
 
 void weight_only_int8(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
                       int64_t n0, int64_t n1) {

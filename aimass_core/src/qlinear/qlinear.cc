@@ -62,8 +62,7 @@ struct PackedLinearImpl {
         for (int64_t n = 0; n < N; ++n) {
           const uint8_t* row = w4.data() + n * (Kp / 2);
           for (int64_t k = 0; k < view.K; ++k) {
-            const uint8_t b = row[(k >> 5) * 16 + (k & 15)];
-            wq4[n * Kp + k] = static_cast<int8_t>(static_cast<int>((k & 16) ? (b >> 4) : (b & 15)) - 8);
+            wq4[n * Kp + k] = static_cast<int8_t>(detail::int4_get(row, k));
           }
         }
         wq = wq4.data();
@@ -156,7 +155,7 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.bits = bits;
   v.N = N;
   v.K = K;
-  v.Kp = (K + 63) / 64 * 64;
+  v.Kp = (K + 127) / 128 * 128;
   v.per_channel = group_size == 0 || group_size == K;
   v.G = v.per_channel ? K : group_size;
   v.ng = K / v.G;
@@ -186,9 +185,9 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
         const int q = int4_canonical(d, n * K + k);
         AIMASS_CHECK(q != -8, ValueError, "data element [", n, ", ", k,
                      "] is the nibble -8, outside the symmetric int4 range [-7, 7]");
-        uint8_t& b = row[(k >> 5) * 16 + (k & 15)];
-        const uint8_t nib = static_cast<uint8_t>(q + 8);
-        b = (k & 16) ? static_cast<uint8_t>((b & 0x0F) | (nib << 4)) : static_cast<uint8_t>((b & 0xF0) | nib);
+        uint8_t& b = row[detail::int4_byte(k)];
+        const int sh = detail::int4_shift(k);
+        b = static_cast<uint8_t>((b & ~(0xF << sh)) | ((q + 8) << sh));
       }
     }
   }
@@ -279,8 +278,7 @@ void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, flo
           } else {
             const uint8_t* wr = v.w4 + n * (v.Kp / 2);
             for (int64_t k = k0; k < k1; ++k) {
-              const uint8_t byte = wr[(k >> 5) * 16 + (k & 15)];
-              out[k] = static_cast<float>(static_cast<int>((k & 16) ? (byte >> 4) : (byte & 15)) - 8) * sg;
+              out[k] = static_cast<float>(detail::int4_get(wr, k)) * sg;
             }
           }
         }
