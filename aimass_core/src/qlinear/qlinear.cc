@@ -21,16 +21,19 @@ namespace aimass::quant {
 using detail::KernelTable;
 using detail::WeightView;
 
-// Shape thresholds for LinearKernel::Auto, measured with /tmp sweeps of M at N = K = 4096,
-// 2 threads, AVX-512 VNNI machine shared with other jobs (see docs/qlinear.md):
-//  * weight-only keeps fp32 activations (no extra error) and is 4-6x faster than fp32 sgemm
-//    at M <= 4, but it is compute bound on the int->fp32 widening: int4 weight-only falls
-//    behind fp32 sgemm around M = 16-32, int8 around M = 64-256.
-//  * the dynamic int8 GEMM is 1.5-2x faster than weight-only from M = 4 (int4) / M = 8
-//    (int8) and 2.5-3x faster than fp32 sgemm at M = 256; dequantize + sgemm never wins
-//    while a SIMD kernel exists.
+// Shape thresholds for LinearKernel::Auto. Measured (bench/bench_qlinear.py crossover
+// sweep and a 1-thread sweep) at N = K = 4096 on an AMD EPYC with AVX-512 VNNI shared with
+// other jobs (load 5-8 on 2 cores, so +-30% noise); times in ms, 1 thread:
+//   M        1     2     4     8     16    32
+//   fp32   3.33  6.58  7.54  8.47  11.1  16.5   (torch / OpenBLAS sgemm)
+//   i8 wo  1.35  1.46  1.92  2.99  5.97  10.4   i8 dyn 0.62 0.78 1.23 1.35 2.33 3.58
+//   i4 wo  0.67  0.87  2.02  3.51  6.59  13.0   i4 dyn 0.77 0.81 1.38 1.85 3.03 5.28
+//  * weight-only keeps fp32 activations (no extra error); it is 2.5-5x faster than fp32
+//    below these thresholds, and the dynamic int8 GEMM overtakes it from M ~ 4 (int4) and
+//    M ~ 2-4 (int8). int8 keeps weight-only up to M = 7 for accuracy: still >= 2.8x fp32.
+//  * int4 weight-only approaches fp32 speed by M ~ 32, so it is never used there.
+//  * dequantize + sgemm never wins while a SIMD kernel exists (it pays a full dequant).
 //  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
-// So: weight-only below these M, dynamic int8 from them on.
 constexpr int64_t kDynamicMinMInt8 = 8;
 constexpr int64_t kDynamicMinMInt4 = 4;
 constexpr int64_t kScalarSgemmMinM = 4;
