@@ -71,6 +71,43 @@ inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, 
     }
 }
 
+// int4 with groups smaller than a 128-element block (group_size % 16 == 0): every 16-wide
+// vector lies in one group, so its scale is folded into the decoded weights. x is
+// zero-padded to Kp by the caller; vectors past K are skipped.
+template <int MR, int NR>
+inline void wo4_small_groups_tile(const WeightView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                                  int64_t n) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t k = 0; k < w.K; k += 128) {
+    __m512i packed[NR];
+    for (int j = 0; j < NR; ++j) packed[j] = _mm512_loadu_si512(w.w4 + (n + j) * (w.Kp / 2) + k / 2);
+    for (int v = 0; v < 8 && k + 16 * v < w.K; ++v) {
+      const int64_t g = (k + 16 * v) / w.G;
+      __m512 wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(packed[j], 4 * v), table),
+                              _mm512_set1_ps(w.scale[(n + j) * w.ng + g]));
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * ldx + k + 16 * v);
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int NR>
+inline void wo4_small_groups_rows(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                                  int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) wo4_small_groups_tile<2, NR>(w, x + m * ldx, ldx, y + m * ldy, ldy, n);
+  if (m < M) wo4_small_groups_tile<1, NR>(w, x + m * ldx, ldx, y + m * ldy, ldy, n);
+}
+
 template <int NR, bool Grouped, int Bits>
 inline void wo_rows(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n) {
   constexpr int MRmax = Grouped ? 2 : 4;
@@ -100,6 +137,12 @@ void weight_only_int8(const WeightView& w, const float* x, int64_t ldx, int64_t 
 
 void weight_only_int4(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
                       int64_t n0, int64_t n1) {
+  if (!w.per_channel && w.G % 128 != 0) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) wo4_small_groups_rows<4>(w, x, ldx, M, y, ldy, n);
+    for (; n < n1; ++n) wo4_small_groups_rows<1>(w, x, ldx, M, y, ldy, n);
+    return;
+  }
   if (w.per_channel) wo_range<false, 4>(w, x, ldx, M, y, ldy, n0, n1);
   else wo_range<true, 4>(w, x, ldx, M, y, ldy, n0, n1);
 }
@@ -276,7 +319,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }  // namespace
 
 const KernelTable& avx512_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 128};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16};
   return t;
 }
 

@@ -237,7 +237,10 @@ void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float
   const float* xs = x;
   int64_t ldx = v.K;
   std::vector<float> xpad;
-  if (simd && v.per_channel && v.Kp != v.K) {  // per-channel SIMD kernels read whole 64-blocks
+  // Per-channel SIMD kernels, and int4 ones with groups smaller than a block, read whole
+  // 128-element blocks of x: give them a zero-padded copy.
+  const bool whole_blocks = v.per_channel || (v.bits == 4 && v.G % 128 != 0);
+  if (simd && whole_blocks && v.Kp != v.K) {
     xpad.assign(static_cast<size_t>(M * v.Kp), 0.f);
     for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * v.Kp, x + m * v.K, v.K * sizeof(float));
     xs = xpad.data();
