@@ -270,7 +270,10 @@ void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, flo
   std::vector<float> wbuf(static_cast<size_t>(panel * v.K));
   for (int64_t n0 = 0; n0 < v.N; n0 += panel) {
     const int64_t nb = std::min(panel, v.N - n0);
-    parallel_for(0, nb, 8, [&](int64_t b, int64_t e) {
+    // Dequantize on the calling thread so the engine's pool and OpenBLAS's threads do not
+    // alternate on the same cores every panel (the sgemm is the parallel part).
+    {
+      const int64_t b = 0, e = nb;
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = n0 + r;
         float* out = wbuf.data() + r * v.K;
@@ -289,7 +292,7 @@ void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, flo
           }
         }
       }
-    });
+    }
     sgemm(false, true, M, nb, v.K, 1.f, x, v.K, wbuf.data(), v.K, 0.f, y + n0, v.N);
   }
 }
