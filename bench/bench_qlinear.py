@@ -61,7 +61,7 @@ def report(benchmark, name, ours, baselines):
     print("\n  " + " | ".join(msg))
 
 
-@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_batch1(benchmark, layers, threads, bits):
     fp32, tdyn, q8, q4 = layers
@@ -72,8 +72,14 @@ def test_batch1(benchmark, layers, threads, bits):
         t_tdyn = best_of(lambda: tdyn(x))
         ours = best_of(lambda: q(x))
         benchmark.pedantic(q, args=(x,), rounds=20, iterations=1, warmup_rounds=2)
-    report(benchmark, f"int{bits} batch 1, {threads} threads", ours,
+    report(benchmark, f"int{bits} batch 1 (auto = weight_only), {threads} threads", ours,
            {"torch_fp32": t_fp32, "torch_dynamic_int8": t_tdyn})
+    # like for like with torch's dynamic path: activations quantized too
+    xn = x.numpy()
+    ours_dyn = best_of(lambda: compress.linear(xn, q.packed(), kernel="dynamic_int8"))
+    print(f"  int{bits} batch 1 kernel=dynamic_int8: {ours_dyn * 1e3:.3f} ms "
+          f"(x{t_tdyn / ours_dyn:.2f} vs torch dynamic int8, x{t_fp32 / ours_dyn:.2f} vs fp32)")
+    benchmark.extra_info["dynamic_int8_speedup_vs_torch_dynamic_int8"] = round(t_tdyn / ours_dyn, 2)
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
