@@ -49,6 +49,13 @@ using QuantRowsFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, 
 using DynamicFn = void (*)(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y,
                            int64_t ldy, int64_t n0, int64_t n1);
 
+// Dynamic int8 GEMM straight from packed int4 weights (no int8 copy): qxp [M, Kp] holds
+// the quantized rows permuted to the nibble order of a 128-block (bytes [0, 64): element
+// 32t + d at 4d + t; bytes [64, 128): element 32t + 16 + d at 4d + t), qsum [M, ngk] the
+// sum of each row's quantized values per group (removes the +8 nibble offset).
+using DynamicInt4Fn = void (*)(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx,
+                               int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 struct KernelTable {
   WeightOnlyFn weight_only_int8;
   WeightOnlyFn weight_only_int4;
@@ -57,6 +64,7 @@ struct KernelTable {
   // Whether the SIMD weight-only kernels can handle this grouping (else scalar is used).
   int wo_chunk_int8;  // group length must be a multiple of this (per-channel always ok)
   int wo_chunk_int4;
+  DynamicInt4Fn dynamic_int4;  // null where the level has none
 };
 
 const KernelTable& scalar_kernels();

@@ -316,10 +316,76 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
   else dyn_range<true>(w, qx, sx, M, y, ldy, n0, n1);
 }
 
+// ---------------------------------------------------------------- dynamic int8 x packed int4 (VNNI)
+// vpdpbusd(u8 nibble = q + 8, s8 qx): sum((q + 8) * qx) - 8 * sum(qx) per group.
+template <int MR, int NR>
+inline void dyn4_tile(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx, float* y,
+                      int64_t ldy, int64_t n) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 facc[MR][NR];
+  float corr[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      facc[i][j] = _mm512_setzero_ps();
+      corr[i][j] = 0.f;
+    }
+  for (int64_t g = 0; g < w.ngk; ++g) {
+    __m512i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int64_t k = g * w.Gk; k < (g + 1) * w.Gk; k += 128) {
+      __m512i xa[MR], xb[MR];
+      for (int i = 0; i < MR; ++i) {
+        xa[i] = _mm512_loadu_si512(qxp + i * w.Kp + k);
+        xb[i] = _mm512_loadu_si512(qxp + i * w.Kp + k + 64);
+      }
+      for (int j = 0; j < NR; ++j) {
+        const __m512i v = _mm512_loadu_si512(w.w4 + (n + j) * (w.Kp / 2) + k / 2);
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int i = 0; i < MR; ++i) {
+          dpbusd(acc[i][j], lo, xa[i]);
+          dpbusd(acc[i][j], hi, xb[i]);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float sg = w.scale[(n + j) * w.ng + g];
+      const __m512 s = _mm512_set1_ps(sg);
+      for (int i = 0; i < MR; ++i) {
+        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), s, facc[i][j]);
+        corr[i][j] += sg * static_cast<float>(8 * qsum[i * w.ngk + g]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + n + j] = (_mm512_reduce_add_ps(facc[i][j]) - corr[i][j]) * sx[i];
+}
+
+template <int NR>
+inline void dyn4_rows(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx, int64_t M,
+                      float* y, int64_t ldy, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2)
+    dyn4_tile<2, NR>(w, qxp + m * w.Kp, qsum + m * w.ngk, sx + m, y + m * ldy, ldy, n);
+  if (m < M) dyn4_tile<1, NR>(w, qxp + m * w.Kp, qsum + m * w.ngk, sx + m, y + m * ldy, ldy, n);
+}
+
+void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx, int64_t M, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int64_t kMBlock = 128;
+  for (int64_t mb = 0; mb < M; mb += kMBlock) {
+    const int64_t mlen = M - mb < kMBlock ? M - mb : kMBlock;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4)
+      dyn4_rows<4>(w, qxp + mb * w.Kp, qsum + mb * w.ngk, sx + mb, mlen, y + mb * ldy, ldy, n);
+    for (; n < n1; ++n) dyn4_rows<1>(w, qxp + mb * w.Kp, qsum + mb * w.ngk, sx + mb, mlen, y + mb * ldy, ldy, n);
+  }
+}
+
 }  // namespace
 
 const KernelTable& avx512_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4};
   return t;
 }
 

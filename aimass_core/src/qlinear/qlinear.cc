@@ -250,7 +250,46 @@ void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float
   parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
 }
 
+// int4 weights on a level with a packed-int4 dynamic kernel: quantize x with the level's
+// kernel, then reorder each 128-block to the nibble order and sum each group.
+void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  std::vector<int8_t> qx(static_cast<size_t>(M * v.Kp)), qxp(static_cast<size_t>(M * v.Kp));
+  std::vector<float> sx(static_cast<size_t>(M));
+  std::vector<int32_t> qsum(static_cast<size_t>(M * v.ngk));
+  // quant_rows of a VNNI level stores q + 128 as uint8; xor 0x80 gives q back.
+  const int8_t flip = static_cast<int8_t>(t.quant_rows == detail::scalar_kernels().quant_rows ? 0 : 0x80);
+  parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
+    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
+    for (int64_t m = b; m < e; ++m) {
+      const int8_t* q = qx.data() + m * v.Kp;
+      int8_t* o = qxp.data() + m * v.Kp;
+      for (int64_t k0 = 0; k0 < v.Kp; k0 += 128)
+        for (int t4 = 0; t4 < 4; ++t4)
+          for (int d = 0; d < 16; ++d) {
+            o[k0 + 4 * d + t4] = static_cast<int8_t>(q[k0 + 32 * t4 + d] ^ flip);
+            o[k0 + 64 + 4 * d + t4] = static_cast<int8_t>(q[k0 + 32 * t4 + 16 + d] ^ flip);
+          }
+      for (int64_t g = 0; g < v.ngk; ++g) {
+        int32_t s = 0;
+        for (int64_t k = g * v.Gk; k < (g + 1) * v.Gk; ++k) s += static_cast<int8_t>(q[k] ^ flip);
+        qsum[m * v.ngk + g] = s;
+      }
+    }
+  });
+  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
+  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) {
+    t.dynamic_int4(v, qxp.data(), qsum.data(), sx.data(), M, y, v.N, b, e);
+  });
+}
+
 void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  {
+    const KernelTable& t = table_for(simd_level());
+    const WeightView& pv = p.view;
+    if (pv.bits == 4 && t.dynamic_int4 && (pv.per_channel || pv.G % 128 == 0) && pv.Kp <= kDynamicMaxKp)
+      return run_dynamic_int4(p, t, x, M, y);
+  }
   const WeightView v = p.dynamic_view();
   AIMASS_CHECK(dynamic_supported(v), ValueError, "kernel='dynamic_int8' needs per-channel weights or a group_size "
                "that is a multiple of 64 (got ", v.G, ") and K <= ", kDynamicMaxKp, "; use kernel='auto'");
