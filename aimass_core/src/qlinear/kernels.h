@@ -1,0 +1,74 @@
+// Internal to qlinear: the prepacked weight and the per-ISA kernel table.
+// SIMD translation units see only this POD view (no std:: templates there).
+#pragma once
+#include <cstdint>
+
+namespace aimass::quant::detail {
+
+// Prepacked weight, as the kernels read it.
+//   Kp  = K rounded up to 128; rows are zero-padded to Kp.
+//   w8  (bits 8): int8 [N, Kp].
+//   w4  (bits 4): [N, Kp/2] bytes in blocks of 128 elements (64 bytes = 16 dwords of 8
+//       nibbles): element 16*j + d of a block is nibble j of dword d, stored as q + 8.
+//       One 512-bit load then yields 8 vectors of 16 consecutive elements with a shift
+//       and a 16-entry table lookup each (see int4_byte below).
+//   scale: [N, ng] fp32.  G = group length (K when per-channel), ng = K / G.
+//   Gk/ngk: the blocking the SIMD kernels use: per-channel -> one block of Kp
+//       (x is zero-padded to Kp); grouped -> Gk = G, ngk = ng.
+//   wq: int8 [N, Kp] for the dynamic path (== w8 for bits 8, unpacked for bits 4).
+//   colsum: [N, ng] sum of the int8 weights of each group (VNNI +128 correction);
+//   corr: [N] 128 * sum_g scale[n, g] * colsum[n, g].
+// Where element k of a packed int4 row lives (static: each ISA's TU gets its own copy).
+static inline int64_t int4_byte(int64_t k) { return (k >> 7) * 64 + (k & 15) * 4 + ((k >> 4) & 7) / 2; }
+static inline int int4_shift(int64_t k) { return ((k >> 4) & 1) * 4; }
+static inline int int4_get(const uint8_t* row, int64_t k) { return ((row[int4_byte(k)] >> int4_shift(k)) & 15) - 8; }
+
+struct WeightView {
+  int bits;
+  int64_t N, K, Kp, G, ng, Gk, ngk;
+  bool per_channel;
+  const int8_t* w8;
+  const uint8_t* w4;
+  const float* scale;
+  const int8_t* wq;
+  const int32_t* colsum;
+  const float* corr;
+};
+
+// Weight-only: y[m, n] for n in [n0, n1), all m < M. x rows have stride ldx and, for
+// per-channel SIMD kernels, are zero-padded to Kp. y rows have stride ldy.
+using WeightOnlyFn = void (*)(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y,
+                              int64_t ldy, int64_t n0, int64_t n1);
+// Quantize rows of x (stride ldx, K valid columns) to int8 with per-row scale
+// sx = amax / 127, q = clamp(rint(x * (127 / amax)), -127, 127); rows of qx have
+// stride Kp with zero padding (stored +128 as uint8 by the VNNI level). A row
+// with NaN/Inf gets sx = NaN so its outputs are NaN, as in fp32.
+using QuantRowsFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx,
+                             float* sx);
+// Dynamic int8 GEMM over quantized rows qx [M, Kp].
+using DynamicFn = void (*)(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y,
+                           int64_t ldy, int64_t n0, int64_t n1);
+
+// Dynamic int8 GEMM straight from packed int4 weights (no int8 copy): qxp [M, Kp] holds
+// the quantized rows permuted to the nibble order of a 128-block (bytes [0, 64): element
+// 32t + d at 4d + t; bytes [64, 128): element 32t + 16 + d at 4d + t), qsum [M, ngk] the
+// sum of each row's quantized values per group (removes the +8 nibble offset).
+using DynamicInt4Fn = void (*)(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx,
+                               int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+struct KernelTable {
+  WeightOnlyFn weight_only_int8;
+  WeightOnlyFn weight_only_int4;
+  QuantRowsFn quant_rows;
+  DynamicFn dynamic;
+  // Whether the SIMD weight-only kernels can handle this grouping (else scalar is used).
+  int wo_chunk_int8;  // group length must be a multiple of this (per-channel always ok)
+  int wo_chunk_int4;
+  DynamicInt4Fn dynamic_int4;  // null where the level has none
+};
+
+const KernelTable& scalar_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+
+}  // namespace aimass::quant::detail

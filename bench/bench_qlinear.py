@@ -1,0 +1,117 @@
+"""Fused quantized linear vs torch, 4096 x 4096 (run: pytest bench/bench_qlinear.py -s).
+
+Each test times aimass with pytest-benchmark and its baseline (torch fp32 nn.Linear or
+torch.ao dynamic int8 / FBGEMM) in the same run, and prints/records the ratio
+baseline_time / aimass_time (> 1 means aimass is faster). Goals from the tracker:
+int8 b1 vs fp32 >= 4x, vs torch dynamic int8 >= 1.2x; int4 g128 b1 vs fp32 >= 6x;
+dynamic int8 b256 vs torch dynamic int8 >= 1x at 1 and 2 threads."""
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import aimass  # noqa: E402
+from aimass import compress  # noqa: E402
+from aimass.compress import quantize_model  # noqa: E402
+
+N = K = 4096
+
+
+def best_of(fn, reps=15, warmup=3):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    torch.manual_seed(0)
+    fp32 = torch.nn.Linear(K, N).eval()
+    with torch.no_grad():
+        tdyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(K, N)),
+                                                      {torch.nn.Linear}, dtype=torch.qint8).eval()
+    q8 = quantize_model(torch.nn.Linear(K, N), bits=8)
+    q4 = quantize_model(torch.nn.Linear(K, N), bits=4, group_size=128)
+    return fp32, tdyn, q8, q4
+
+
+@pytest.fixture
+def threads(request):
+    n = getattr(request, "param", 2)
+    old_t, old_a = torch.get_num_threads(), aimass.num_threads()
+    torch.set_num_threads(n)
+    aimass.set_num_threads(n)
+    yield n
+    torch.set_num_threads(old_t)
+    aimass.set_num_threads(old_a)
+
+
+def report(benchmark, name, ours, baselines):
+    msg = [f"{name}: aimass {ours * 1e3:.3f} ms"]
+    for bname, bt in baselines.items():
+        benchmark.extra_info[f"speedup_vs_{bname}"] = round(bt / ours, 2)
+        msg.append(f"{bname} {bt * 1e3:.3f} ms (x{bt / ours:.2f})")
+    print("\n  " + " | ".join(msg))
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_batch1(benchmark, layers, threads, bits):
+    fp32, tdyn, q8, q4 = layers
+    q = q8 if bits == 8 else q4
+    x = torch.randn(1, K)
+    with torch.no_grad():
+        t_fp32 = best_of(lambda: fp32(x))
+        t_tdyn = best_of(lambda: tdyn(x))
+        ours = best_of(lambda: q(x))
+        benchmark.pedantic(q, args=(x,), rounds=20, iterations=1, warmup_rounds=2)
+    report(benchmark, f"int{bits} batch 1 (auto = weight_only), {threads} threads", ours,
+           {"torch_fp32": t_fp32, "torch_dynamic_int8": t_tdyn})
+    # like for like with torch's dynamic path: activations quantized too
+    xn = x.numpy()
+    ours_dyn = best_of(lambda: compress.linear(xn, q.packed(), kernel="dynamic_int8"))
+    print(f"  int{bits} batch 1 kernel=dynamic_int8: {ours_dyn * 1e3:.3f} ms "
+          f"(x{t_tdyn / ours_dyn:.2f} vs torch dynamic int8, x{t_fp32 / ours_dyn:.2f} vs fp32)")
+    benchmark.extra_info["dynamic_int8_speedup_vs_torch_dynamic_int8"] = round(t_tdyn / ours_dyn, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_dynamic_batch256(benchmark, layers, threads):
+    fp32, tdyn, q8, q4 = layers
+    x = torch.randn(256, K)
+    with torch.no_grad():
+        t_fp32 = best_of(lambda: fp32(x), reps=5)
+        t_tdyn = best_of(lambda: tdyn(x), reps=5)
+        ours = best_of(lambda: q8(x), reps=5)
+        benchmark.pedantic(q8, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
+    assert q8.packed().kernel_for(256) in ("dynamic_int8", "dequant_sgemm")
+    report(benchmark, f"int8 dynamic batch 256, {threads} threads", ours,
+           {"torch_fp32": t_fp32, "torch_dynamic_int8": t_tdyn})
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 64])
+def test_crossover_sweep(benchmark, layers, threads, m):
+    """Every kernel at M rows: the data behind the thresholds in qlinear.cc."""
+    fp32, tdyn, q8, q4 = layers
+    x = torch.randn(m, K)
+    xn = x.numpy()
+    times = {}
+    with torch.no_grad():
+        times["torch_fp32"] = best_of(lambda: fp32(x), reps=5)
+    for name, q in (("int8", q8), ("int4", q4)):
+        p = q.packed()
+        for kern in ("weight_only", "dynamic_int8", "dequant_sgemm"):
+            times[f"{name}_{kern}"] = best_of(lambda: compress.linear(xn, p, kernel=kern),
+                                              reps=2 if kern == "dequant_sgemm" else 5, warmup=1)
+    benchmark.pedantic(lambda: compress.linear(xn, q8.packed()), rounds=5, iterations=1)
+    for k, v in times.items():
+        benchmark.extra_info[k + "_ms"] = round(v * 1e3, 3)
+    print(f"\n  M={m}: " + " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))

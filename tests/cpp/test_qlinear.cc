@@ -1,0 +1,116 @@
+// qlinear: every kernel at every available SIMD level against a double-precision
+// reference of x @ dequant(W)^T + b, and argument checks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "aimass/cpu_features.h"
+#include "aimass/error.h"
+#include "aimass/qlinear.h"
+
+namespace {
+
+using aimass::quant::LinearKernel;
+
+struct Weight {
+  int bits;
+  int64_t N, K, G;
+  std::vector<uint8_t> data;
+  std::vector<float> scale;
+};
+
+Weight make_weight(int bits, int64_t N, int64_t K, int64_t G, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int qmax = bits == 8 ? 127 : 7;
+  std::uniform_int_distribution<int> qd(-qmax, qmax);
+  std::uniform_real_distribution<float> sd(0.01f, 0.1f);
+  Weight w{bits, N, K, G, {}, {}};
+  const int64_t ng = G == 0 ? 1 : K / G;
+  for (int64_t i = 0; i < N * ng; ++i) w.scale.push_back(sd(rng));
+  if (bits == 8) {
+    for (int64_t i = 0; i < N * K; ++i) w.data.push_back(static_cast<uint8_t>(static_cast<int8_t>(qd(rng))));
+  } else {
+    w.data.assign(static_cast<size_t>((N * K + 1) / 2), 0);
+    for (int64_t i = 0; i < N * K; ++i) {
+      const uint8_t nib = static_cast<uint8_t>(qd(rng)) & 0xF;
+      w.data[i / 2] |= (i & 1) ? static_cast<uint8_t>(nib << 4) : nib;
+    }
+  }
+  return w;
+}
+
+class QLinear : public ::testing::TestWithParam<std::tuple<int, int64_t, int64_t, int64_t>> {};
+
+TEST_P(QLinear, AllKernelsAllLevelsMatchReference) {
+  const auto [bits, N, K, G] = GetParam();
+  const Weight w = make_weight(bits, N, K, G, 7);
+  auto packed = aimass::quant::pack_linear(bits, N, K, G, w.data.data(), w.scale.data());
+  std::vector<float> deq(static_cast<size_t>(N * K));
+  aimass::quant::dequantize_linear_weight(bits, N, K, G, w.data.data(), w.scale.data(), deq.data());
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> bias(static_cast<size_t>(N));
+  for (auto& b : bias) b = nd(rng);
+  const aimass::SimdLevel best = aimass::simd_level();
+  for (int64_t M : {1, 3, 8, 64, 257}) {
+    std::vector<float> x(static_cast<size_t>(M * K));
+    for (auto& v : x) v = nd(rng);
+    std::vector<double> ref(static_cast<size_t>(M * N));
+    double rmax = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = bias[n];
+        for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[m * K + k]) * deq[n * K + k];
+        ref[m * N + n] = s;
+        rmax = std::max(rmax, std::fabs(s));
+      }
+    for (int lvl = 0; lvl <= static_cast<int>(best); ++lvl) {
+      aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
+      for (LinearKernel k : {LinearKernel::WeightOnly, LinearKernel::DequantSgemm, LinearKernel::DynamicInt8}) {
+        if (k == LinearKernel::DynamicInt8 && G != 0 && G % 64 != 0) continue;
+        std::vector<float> y(static_cast<size_t>(M * N), -1.f);
+        aimass::quant::linear(*packed, x.data(), M, bias.data(), y.data(), k);
+        const double tol = (k == LinearKernel::DynamicInt8 ? 2e-2 : 1e-5) * rmax;
+        for (int64_t i = 0; i < M * N; ++i)
+          ASSERT_NEAR(y[i], ref[i], tol) << "level " << lvl << " kernel " << aimass::quant::linear_kernel_name(k)
+                                         << " M " << M << " i " << i;
+      }
+    }
+    aimass::set_simd_level(best);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, QLinear,
+                         ::testing::Values(std::make_tuple(8, int64_t{37}, int64_t{200}, int64_t{0}),
+                                           std::make_tuple(8, int64_t{32}, int64_t{256}, int64_t{64}),
+                                           std::make_tuple(8, int64_t{9}, int64_t{48}, int64_t{16}),
+                                           std::make_tuple(4, int64_t{33}, int64_t{384}, int64_t{128}),
+                                           std::make_tuple(4, int64_t{21}, int64_t{99}, int64_t{0}),
+                                           std::make_tuple(4, int64_t{16}, int64_t{96}, int64_t{32})));
+
+TEST(QLinearArgs, BadArgumentsThrowTypedErrors) {
+  std::vector<int8_t> d(16 * 64, 1);
+  std::vector<float> s(16, 0.5f);
+  EXPECT_THROW(aimass::quant::pack_linear(3, 16, 64, 0, d.data(), s.data()), aimass::ValueError);
+  EXPECT_THROW(aimass::quant::pack_linear(8, 16, 64, 24, d.data(), s.data()), aimass::ValueError);
+  EXPECT_THROW(aimass::quant::pack_linear(8, 0, 64, 0, d.data(), s.data()), aimass::ValueError);
+  s[3] = -1.f;
+  EXPECT_THROW(aimass::quant::pack_linear(8, 16, 64, 0, d.data(), s.data()), aimass::ValueError);
+  s[3] = 0.5f;
+  d[5] = -128;
+  EXPECT_THROW(aimass::quant::pack_linear(8, 16, 64, 0, d.data(), s.data()), aimass::ValueError);
+  d[5] = 1;
+  auto p = aimass::quant::pack_linear(8, 16, 64, 0, d.data(), s.data());
+  EXPECT_EQ(p->out_features(), 16);
+  EXPECT_EQ(p->in_features(), 64);
+  std::vector<float> x(64, 1.f), y(16);
+  EXPECT_THROW(aimass::quant::linear(*p, x.data(), -1, nullptr, y.data()), aimass::ValueError);
+  EXPECT_THROW(aimass::quant::parse_linear_kernel("fastest"), aimass::ValueError);
+  aimass::quant::linear(*p, x.data(), 1, nullptr, y.data());
+  for (float v : y) EXPECT_FLOAT_EQ(v, 32.f);  // 64 * (1 * 0.5)
+}
+
+}  // namespace
