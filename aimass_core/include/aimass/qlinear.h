@@ -1,0 +1,64 @@
+// Fused quantized linear: y[M, N] = x[M, K] @ dequant(W)[N, K]^T + bias[N]
+// (fp32 x, fp32 accumulate, fp32 y, all row-major and contiguous).
+// Weights come in the canonical layout of QUANT_FORMAT.md (symmetric only):
+//   bits == 8: int8 [N, K];                      bits == 4: packed nibbles, flat row-major
+//   (element 2j low nibble of byte j, two's complement, values -7..7; [N, K/2] when K is even).
+//   group_size == 0: per-channel, scale [N];     group_size > 0: scale [N, K / group_size].
+// pack_linear() prepacks once (like FBGEMM's packed weights); linear() picks the
+// kernel by shape: weight-only GEMV/small-M GEMM, dynamic int8 GEMM (activations
+// quantized per row), or dequantize + BLAS sgemm.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+namespace aimass::quant {
+
+enum class LinearKernel : int {
+  Auto = 0,        // choose by shape (see linear())
+  WeightOnly = 1,  // fp32 activations times dequantized weights, on the fly
+  DynamicInt8 = 2, // per-row symmetric int8 activations, s8*s8 int32 dot products
+  DequantSgemm = 3 // dequantize panels of W to fp32, then aimass::sgemm
+};
+const char* linear_kernel_name(LinearKernel k);
+// "auto", "weight_only", "dynamic_int8", "dequant_sgemm"; throws ValueError otherwise.
+LinearKernel parse_linear_kernel(const char* name);
+
+struct PackedLinearImpl;
+
+// Opaque prepacked weight. Immutable after pack_linear(): safe to share between threads.
+class PackedLinear {
+ public:
+  explicit PackedLinear(std::unique_ptr<PackedLinearImpl> impl);
+  ~PackedLinear();
+  PackedLinear(const PackedLinear&) = delete;
+  PackedLinear& operator=(const PackedLinear&) = delete;
+
+  int bits() const;
+  int64_t out_features() const;  // N
+  int64_t in_features() const;   // K
+  int64_t group_size() const;    // 0 = per-channel
+  int64_t nbytes() const;        // memory held by the packed weights
+  const PackedLinearImpl& impl() const { return *impl_; }
+
+ private:
+  std::unique_ptr<PackedLinearImpl> impl_;
+};
+
+// Validates the arguments (ValueError naming the bad one) and prepacks. `data` and
+// `scale` are only read during the call. Scales must be finite and > 0.
+std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_t group_size,
+                                          const void* data, const float* scale);
+
+// y = x @ dequant(W)^T + bias. Chooses the kernel by shape (LinearKernel::Auto).
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y);
+// Same with an explicit kernel choice (Auto behaves as above).
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
+            LinearKernel kernel);
+// The kernel linear() would use for M rows at the current SIMD level.
+LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M);
+
+// Reference: dequantize the canonical layout into out[N, K] (fp32).
+void dequantize_linear_weight(int bits, int64_t N, int64_t K, int64_t group_size, const void* data,
+                              const float* scale, float* out);
+
+}  // namespace aimass::quant

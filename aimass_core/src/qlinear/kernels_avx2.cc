@@ -1,0 +1,247 @@
+// AVX2/FMA kernels. Weight-only: int8/int4 widened to fp32 and FMA'd with fp32
+// activations. Dynamic: s8*s8 via _mm256_sign_epi8 + _mm256_maddubs_epi16 +
+// _mm256_madd_epi16 (|x| as u8 times sign-adjusted w; both in [-127, 127] so a
+// pair sum is at most 2*127*127 = 32258 and int16 never saturates).
+#include <immintrin.h>
+
+// GCC 12 flags its own _mm512_undefined_* helpers inside the reduce intrinsics.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "qlinear/kernels.h"
+
+namespace aimass::quant::detail {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------- weight-only
+template <int MR, int NR, bool Grouped, int Bits>
+inline void wo_tile(const WeightView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  __m256 acc[MR][NR], ga[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i eight = _mm256_set1_epi32(8);
+  for (int64_t g = 0; g < w.ngk; ++g) {
+    if (Grouped)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) ga[i][j] = _mm256_setzero_ps();
+    auto& A = Grouped ? ga : acc;
+    const int64_t k0 = g * w.Gk, k1 = k0 + w.Gk;
+    if (Bits == 8) {
+      for (int64_t k = k0; k < k1; k += 8) {
+        __m256 wv[NR];
+        for (int j = 0; j < NR; ++j)
+          wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.w8 + (n + j) * w.Kp + k))));
+        for (int i = 0; i < MR; ++i) {
+          const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+          for (int j = 0; j < NR; ++j) A[i][j] = _mm256_fmadd_ps(wv[j], xv, A[i][j]);
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k1; k += 32) {
+        for (int j = 0; j < NR; ++j) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.w4 + (n + j) * (w.Kp / 2) + k / 2));
+          const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+          const __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), eight));
+          const __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight));
+          const __m256 w2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), eight));
+          const __m256 w3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight));
+          for (int i = 0; i < MR; ++i) {
+            const float* xr = x + i * ldx + k;
+            __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), A[i][j]);
+            a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a);
+            a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a);
+            A[i][j] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a);
+          }
+        }
+      }
+    }
+    if (Grouped)
+      for (int j = 0; j < NR; ++j) {
+        const __m256 s = _mm256_set1_ps(w.scale[(n + j) * w.ng + g]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(ga[i][j], s, acc[i][j]);
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const float r = hsum(acc[i][j]);
+      y[i * ldy + n + j] = Grouped ? r : r * w.scale[n + j];
+    }
+}
+
+template <int NR, bool Grouped, int Bits>
+inline void wo_rows(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n) {
+  constexpr int MRmax = Grouped ? 1 : 2;
+  int64_t m = 0;
+  for (; m + MRmax <= M; m += MRmax) wo_tile<MRmax, NR, Grouped, Bits>(w, x + m * ldx, ldx, y + m * ldy, ldy, n);
+  if (M - m == 1) wo_tile<1, NR, Grouped, Bits>(w, x + m * ldx, ldx, y + m * ldy, ldy, n);
+}
+
+template <bool Grouped, int Bits>
+void wo_range(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
+              int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) wo_rows<4, Grouped, Bits>(w, x, ldx, M, y, ldy, n);
+  for (; n < n1; ++n) wo_rows<1, Grouped, Bits>(w, x, ldx, M, y, ldy, n);
+}
+
+void weight_only_int8(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1) {
+  if (w.per_channel) wo_range<false, 8>(w, x, ldx, M, y, ldy, n0, n1);
+  else wo_range<true, 8>(w, x, ldx, M, y, ldy, n0, n1);
+}
+
+void weight_only_int4(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1) {
+  if (w.per_channel) wo_range<false, 4>(w, x, ldx, M, y, ldy, n0, n1);
+  else wo_range<true, 4>(w, x, ldx, M, y, ldy, n0, n1);
+}
+
+// ---------------------------------------------------------------- activation quantization
+void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* q = qx + m * Kp;
+    __m256 amax = zero, poison = zero;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + k);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v, absmask));
+      poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+    }
+    float a = hmax(amax), p = hsum(poison);
+    for (; k < K; ++k) {
+      const float av = xr[k] < 0 ? -xr[k] : xr[k];
+      a = a > av ? a : av;
+      p += xr[k] * 0.f;
+    }
+    if (p != 0.f || p != p) {
+      sx[m] = __builtin_nanf("");
+      a = 0.f;
+    } else {
+      sx[m] = a / 127.f;
+    }
+    const float invs = a > 0.f ? 127.f / a : 0.f;
+    const __m256 inv = _mm256_set1_ps(invs);
+    k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));  // nearest even
+      r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+      const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(p16, p16));
+    }
+    for (; k < K; ++k) {
+      int r = _mm_cvtss_si32(_mm_set_ss(xr[k] * invs));
+      r = r < -127 ? -127 : (r > 127 ? 127 : r);
+      q[k] = static_cast<int8_t>(r);
+    }
+    for (; k < Kp; ++k) q[k] = 0;
+  }
+}
+
+// ---------------------------------------------------------------- dynamic int8 (sign trick)
+inline __m256i dot_s8(__m256i acc, __m256i ax, __m256i xv, __m256i wv, __m256i ones) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones));
+}
+
+template <int MR, int NR, bool Grouped>
+inline void dyn_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 facc[MR][NR];
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      facc[i][j] = _mm256_setzero_ps();
+      acc[i][j] = _mm256_setzero_si256();
+    }
+  const int64_t gl = Grouped ? w.G : w.Kp, ng = Grouped ? w.ng : 1;
+  for (int64_t g = 0; g < ng; ++g) {
+    if (Grouped)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t k = g * gl; k < (g + 1) * gl; k += 32) {
+      __m256i xv[MR], ax[MR];
+      for (int i = 0; i < MR; ++i) {
+        xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + i * w.Kp + k));
+        ax[i] = _mm256_abs_epi8(xv[i]);
+      }
+      for (int j = 0; j < NR; ++j) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wq + (n + j) * w.Kp + k));
+        for (int i = 0; i < MR; ++i) acc[i][j] = dot_s8(acc[i][j], ax[i], xv[i], wv, ones);
+      }
+    }
+    if (Grouped)
+      for (int j = 0; j < NR; ++j) {
+        const __m256 s = _mm256_set1_ps(w.scale[(n + j) * w.ng + g]);
+        for (int i = 0; i < MR; ++i) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), s, facc[i][j]);
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      if (Grouped) y[i * ldy + n + j] = hsum(facc[i][j]) * sx[i];
+      else y[i * ldy + n + j] = (static_cast<float>(hsum_i32(acc[i][j])) * w.scale[n + j]) * sx[i];
+    }
+}
+
+template <int NR, bool Grouped>
+inline void dyn_rows(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
+                     int64_t n) {
+  constexpr int MRmax = Grouped ? 1 : 2;
+  int64_t m = 0;
+  for (; m + MRmax <= M; m += MRmax) dyn_tile<MRmax, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
+  if (M - m == 1) dyn_tile<1, NR, Grouped>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n);
+}
+
+template <bool Grouped>
+void dyn_range(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  constexpr int64_t kMBlock = 128;
+  for (int64_t mb = 0; mb < M; mb += kMBlock) {
+    const int64_t mlen = M - mb < kMBlock ? M - mb : kMBlock;
+    const int8_t* q = qx + mb * w.Kp;
+    float* yb = y + mb * ldy;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) dyn_rows<4, Grouped>(w, q, sx + mb, mlen, yb, ldy, n);
+    for (; n < n1; ++n) dyn_rows<1, Grouped>(w, q, sx + mb, mlen, yb, ldy, n);
+  }
+}
+
+void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy, int64_t n0,
+             int64_t n1) {
+  if (w.per_channel) dyn_range<false>(w, qx, sx, M, y, ldy, n0, n1);
+  else dyn_range<true>(w, qx, sx, M, y, ldy, n0, n1);
+}
+
+}  // namespace
+
+const KernelTable& avx2_kernels() {
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 32};
+  return t;
+}
+
+}  // namespace aimass::quant::detail

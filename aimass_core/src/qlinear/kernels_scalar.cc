@@ -1,0 +1,100 @@
+// Scalar reference kernels: the definition every SIMD level is tested against.
+#include <cmath>
+
+#include "qlinear/kernels.h"
+
+namespace aimass::quant::detail {
+namespace {
+
+inline int int4_at(const uint8_t* row, int64_t k) {
+  const uint8_t b = row[(k >> 5) * 16 + (k & 15)];
+  return static_cast<int>((k & 16) ? (b >> 4) : (b & 15)) - 8;
+}
+
+void weight_only_int8(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w.w8 + n * w.Kp;
+    const float* sr = w.scale + n * w.ng;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      float acc = 0.f;
+      for (int64_t g = 0; g < w.ng; ++g) {
+        float ga = 0.f;
+        for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) ga += static_cast<float>(wr[k]) * xr[k];
+        acc += ga * sr[g];
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+void weight_only_int4(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w.w4 + n * (w.Kp / 2);
+    const float* sr = w.scale + n * w.ng;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      float acc = 0.f;
+      for (int64_t g = 0; g < w.ng; ++g) {
+        float ga = 0.f;
+        for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) ga += static_cast<float>(int4_at(wr, k)) * xr[k];
+        acc += ga * sr[g];
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* q = qx + m * Kp;
+    float amax = 0.f, poison = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      amax = std::fmax(amax, std::fabs(xr[k]));
+      poison += xr[k] * 0.f;  // NaN iff some element is NaN or Inf
+    }
+    if (poison != 0.f || std::isnan(poison)) {
+      sx[m] = NAN;
+      amax = 0.f;
+    } else {
+      sx[m] = amax / 127.f;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      float r = std::nearbyint(xr[k] * inv);
+      r = std::fmin(127.f, std::fmax(-127.f, r));
+      q[k] = static_cast<int8_t>(r);
+    }
+    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
+  }
+}
+
+void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
+             int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w.wq + n * w.Kp;
+    const float* sr = w.scale + n * w.ng;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = qx + m * w.Kp;
+      float acc = 0.f;
+      for (int64_t g = 0; g < w.ng; ++g) {
+        int32_t dot = 0;
+        for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) dot += static_cast<int32_t>(q[k]) * wr[k];
+        acc += static_cast<float>(dot) * sr[g];
+      }
+      y[m * ldy + n] = acc * sx[m];
+    }
+  }
+}
+
+}  // namespace
+
+const KernelTable& scalar_kernels() {
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1};
+  return t;
+}
+
+}  // namespace aimass::quant::detail

@@ -1,0 +1,320 @@
+// Fused quantized linear: packing, validation, kernel choice and the drivers
+// that split work over the engine's thread pool. The kernels are in
+// kernels_scalar.cc / kernels_avx2.cc / kernels_avx512.cc.
+#include "aimass/qlinear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "aimass/blas.h"
+#include "aimass/cpu_features.h"
+#include "aimass/error.h"
+#include "aimass/parallel.h"
+#include "qlinear/kernels.h"
+
+namespace aimass::quant {
+
+using detail::KernelTable;
+using detail::WeightView;
+
+// Shape thresholds for LinearKernel::Auto, measured with /tmp sweeps of M at N = K = 4096,
+// 2 threads, AVX-512 VNNI machine shared with other jobs (see docs/qlinear.md):
+//  * weight-only keeps fp32 activations (no extra error) and is 4-6x faster than fp32 sgemm
+//    at M <= 4, but it is compute bound on the int->fp32 widening: int4 weight-only falls
+//    behind fp32 sgemm around M = 16-32, int8 around M = 64-256.
+//  * the dynamic int8 GEMM is 1.5-2x faster than weight-only from M = 4 (int4) / M = 8
+//    (int8) and 2.5-3x faster than fp32 sgemm at M = 256; dequantize + sgemm never wins
+//    while a SIMD kernel exists.
+//  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
+// So: weight-only below these M, dynamic int8 from them on.
+constexpr int64_t kDynamicMinMInt8 = 8;
+constexpr int64_t kDynamicMinMInt4 = 4;
+constexpr int64_t kScalarSgemmMinM = 4;
+// fp32 elements of W dequantized at once by the sgemm fallback (16 MiB of scratch);
+// large panels keep the BLAS efficient.
+constexpr int64_t kSgemmScratch = int64_t{1} << 22;
+// The dynamic kernels accumulate int32 over a whole row when per-channel; this bound
+// keeps 4 * 255 * 127 * Kp / 64 below 2^31.
+constexpr int64_t kDynamicMaxKp = int64_t{1} << 20;
+
+struct PackedLinearImpl {
+  WeightView view{};
+  std::vector<int8_t> w8;
+  std::vector<uint8_t> w4;
+  std::vector<float> scale;
+  // Built on first use of the dynamic path (int4 weights unpacked to int8, column sums).
+  mutable std::once_flag dyn_once;
+  mutable std::vector<int8_t> wq4;
+  mutable std::vector<int32_t> colsum;
+  mutable std::vector<float> corr;
+  mutable WeightView dyn_view{};
+
+  WeightView dynamic_view() const {
+    std::call_once(dyn_once, [this] {
+      const int64_t N = view.N, Kp = view.Kp, G = view.G, ng = view.ng;
+      const int8_t* wq = w8.data();
+      if (view.bits == 4) {
+        wq4.assign(static_cast<size_t>(N * Kp), 0);
+        for (int64_t n = 0; n < N; ++n) {
+          const uint8_t* row = w4.data() + n * (Kp / 2);
+          for (int64_t k = 0; k < view.K; ++k) {
+            const uint8_t b = row[(k >> 5) * 16 + (k & 15)];
+            wq4[n * Kp + k] = static_cast<int8_t>(static_cast<int>((k & 16) ? (b >> 4) : (b & 15)) - 8);
+          }
+        }
+        wq = wq4.data();
+      }
+      colsum.assign(static_cast<size_t>(N * ng), 0);
+      corr.assign(static_cast<size_t>(N), 0.f);
+      for (int64_t n = 0; n < N; ++n) {
+        float c = 0.f;
+        for (int64_t g = 0; g < ng; ++g) {
+          int32_t s = 0;
+          for (int64_t k = g * G; k < (g + 1) * G; ++k) s += wq[n * Kp + k];
+          colsum[n * ng + g] = s;
+          c += 128.f * static_cast<float>(s) * scale[n * ng + g];
+        }
+        corr[n] = c;
+      }
+      dyn_view = view;
+      dyn_view.wq = wq;
+      dyn_view.colsum = colsum.data();
+      dyn_view.corr = corr.data();
+    });
+    return dyn_view;
+  }
+};
+
+PackedLinear::PackedLinear(std::unique_ptr<PackedLinearImpl> impl) : impl_(std::move(impl)) {}
+PackedLinear::~PackedLinear() = default;
+int PackedLinear::bits() const { return impl_->view.bits; }
+int64_t PackedLinear::out_features() const { return impl_->view.N; }
+int64_t PackedLinear::in_features() const { return impl_->view.K; }
+int64_t PackedLinear::group_size() const { return impl_->view.per_channel ? 0 : impl_->view.G; }
+int64_t PackedLinear::nbytes() const {
+  return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 +
+                              impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4);
+}
+
+const char* linear_kernel_name(LinearKernel k) {
+  switch (k) {
+    case LinearKernel::WeightOnly: return "weight_only";
+    case LinearKernel::DynamicInt8: return "dynamic_int8";
+    case LinearKernel::DequantSgemm: return "dequant_sgemm";
+    default: return "auto";
+  }
+}
+
+LinearKernel parse_linear_kernel(const char* name) {
+  const std::string s = name ? name : "";
+  if (s == "auto") return LinearKernel::Auto;
+  if (s == "weight_only") return LinearKernel::WeightOnly;
+  if (s == "dynamic_int8") return LinearKernel::DynamicInt8;
+  if (s == "dequant_sgemm") return LinearKernel::DequantSgemm;
+  throw ValueError("kernel must be one of 'auto', 'weight_only', 'dynamic_int8', 'dequant_sgemm'; got '" + s + "'");
+}
+
+namespace {
+
+const KernelTable& table_for(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::AVX512: return detail::avx512_kernels();
+    case SimdLevel::AVX2: return detail::avx2_kernels();
+    default: return detail::scalar_kernels();
+  }
+}
+
+void check_shapes(int bits, int64_t N, int64_t K, int64_t group_size) {
+  AIMASS_CHECK(bits == 8 || bits == 4, ValueError, "bits must be 8 or 4, got ", bits);
+  AIMASS_CHECK(N > 0 && K > 0, ValueError, "weight shape must be positive, got [", N, ", ", K, "]");
+  AIMASS_CHECK(group_size >= 0, ValueError, "group_size must be >= 0 (0 = per-channel), got ", group_size);
+  AIMASS_CHECK(group_size == 0 || K % group_size == 0, ValueError, "group_size=", group_size,
+               " must divide in_features K=", K);
+}
+
+inline int int4_canonical(const uint8_t* data, int64_t e) {
+  const int v = (e & 1) ? (data[e >> 1] >> 4) : (data[e >> 1] & 15);
+  return v >= 8 ? v - 16 : v;
+}
+
+bool dynamic_supported(const WeightView& v) {
+  return (v.per_channel || v.G % 64 == 0) && v.Kp <= kDynamicMaxKp;
+}
+
+}  // namespace
+
+std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_t group_size, const void* data,
+                                          const float* scale) {
+  check_shapes(bits, N, K, group_size);
+  AIMASS_CHECK(data != nullptr && scale != nullptr, ValueError, "pack_linear: data and scale must not be null");
+  auto impl = std::make_unique<PackedLinearImpl>();
+  WeightView& v = impl->view;
+  v.bits = bits;
+  v.N = N;
+  v.K = K;
+  v.Kp = (K + 63) / 64 * 64;
+  v.per_channel = group_size == 0 || group_size == K;
+  v.G = v.per_channel ? K : group_size;
+  v.ng = K / v.G;
+  v.Gk = v.per_channel ? v.Kp : v.G;
+  v.ngk = v.per_channel ? 1 : v.ng;
+  const int64_t ns = N * v.ng;
+  for (int64_t i = 0; i < ns; ++i)
+    AIMASS_CHECK(std::isfinite(scale[i]) && scale[i] > 0.f, ValueError, "scale[", i, "]=", scale[i],
+                 " must be finite and > 0 (symmetric quantization)");
+  impl->scale.assign(scale, scale + ns);
+  if (bits == 8) {
+    const int8_t* d = static_cast<const int8_t*>(data);
+    impl->w8.assign(static_cast<size_t>(N * v.Kp), 0);
+    for (int64_t n = 0; n < N; ++n) {
+      const int8_t* src = d + n * K;
+      for (int64_t k = 0; k < K; ++k)
+        AIMASS_CHECK(src[k] != -128, ValueError, "data[", n, ", ", k,
+                     "] = -128 is outside the symmetric int8 range [-127, 127]");
+      std::memcpy(impl->w8.data() + n * v.Kp, src, static_cast<size_t>(K));
+    }
+  } else {
+    const uint8_t* d = static_cast<const uint8_t*>(data);
+    impl->w4.assign(static_cast<size_t>(N * v.Kp / 2), 0x88);  // padding decodes to 0
+    for (int64_t n = 0; n < N; ++n) {
+      uint8_t* row = impl->w4.data() + n * (v.Kp / 2);
+      for (int64_t k = 0; k < K; ++k) {
+        const int q = int4_canonical(d, n * K + k);
+        AIMASS_CHECK(q != -8, ValueError, "data element [", n, ", ", k,
+                     "] is the nibble -8, outside the symmetric int4 range [-7, 7]");
+        uint8_t& b = row[(k >> 5) * 16 + (k & 15)];
+        const uint8_t nib = static_cast<uint8_t>(q + 8);
+        b = (k & 16) ? static_cast<uint8_t>((b & 0x0F) | (nib << 4)) : static_cast<uint8_t>((b & 0xF0) | nib);
+      }
+    }
+  }
+  v.w8 = impl->w8.empty() ? nullptr : impl->w8.data();
+  v.w4 = impl->w4.empty() ? nullptr : impl->w4.data();
+  v.scale = impl->scale.data();
+  return std::make_shared<PackedLinear>(std::move(impl));
+}
+
+void dequantize_linear_weight(int bits, int64_t N, int64_t K, int64_t group_size, const void* data,
+                              const float* scale, float* out) {
+  check_shapes(bits, N, K, group_size);
+  const int64_t G = group_size == 0 ? K : group_size, ng = K / G;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = bits == 8 ? static_cast<const int8_t*>(data)[n * K + k]
+                              : int4_canonical(static_cast<const uint8_t*>(data), n * K + k);
+      out[n * K + k] = static_cast<float>(q) * scale[n * ng + k / G];
+    }
+}
+
+LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
+  const WeightView& v = w.impl().view;
+  const SimdLevel level = simd_level();
+  if (level == SimdLevel::Scalar) return M >= kScalarSgemmMinM ? LinearKernel::DequantSgemm : LinearKernel::WeightOnly;
+  if (M < (v.bits == 8 ? kDynamicMinMInt8 : kDynamicMinMInt4)) return LinearKernel::WeightOnly;
+  return dynamic_supported(v) ? LinearKernel::DynamicInt8 : LinearKernel::DequantSgemm;
+}
+
+namespace {
+
+int64_t grain_rows(int64_t N, int64_t M) {
+  // Enough rows per task to amortise the dispatch; multiples of 4 keep the 4-row tiles whole.
+  int64_t g = std::max<int64_t>(16, 4096 / std::max<int64_t>(M, 1) / 4 * 4);
+  return std::min<int64_t>(g, 256);
+}
+
+void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const KernelTable* t = &table_for(simd_level());
+  const int chunk = v.bits == 8 ? t->wo_chunk_int8 : t->wo_chunk_int4;
+  if (!v.per_channel && v.G % chunk != 0) t = &detail::scalar_kernels();
+  const bool simd = t != &detail::scalar_kernels();
+  const float* xs = x;
+  int64_t ldx = v.K;
+  std::vector<float> xpad;
+  if (simd && v.per_channel && v.Kp != v.K) {  // per-channel SIMD kernels read whole 64-blocks
+    xpad.assign(static_cast<size_t>(M * v.Kp), 0.f);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * v.Kp, x + m * v.K, v.K * sizeof(float));
+    xs = xpad.data();
+    ldx = v.Kp;
+  }
+  const auto fn = v.bits == 8 ? t->weight_only_int8 : t->weight_only_int4;
+  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
+}
+
+void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView v = p.dynamic_view();
+  AIMASS_CHECK(dynamic_supported(v), ValueError, "kernel='dynamic_int8' needs per-channel weights or a group_size "
+               "that is a multiple of 64 (got ", v.G, ") and K <= ", kDynamicMaxKp, "; use kernel='auto'");
+  const KernelTable& t = table_for(simd_level());
+  std::vector<int8_t> qx(static_cast<size_t>(M * v.Kp));
+  std::vector<float> sx(static_cast<size_t>(M));
+  parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
+  });
+  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
+  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(v, qx.data(), sx.data(), M, y, v.N, b, e); });
+}
+
+void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const int64_t panel = std::min(v.N, std::max<int64_t>(64, kSgemmScratch / v.K));
+  std::vector<float> wbuf(static_cast<size_t>(panel * v.K));
+  for (int64_t n0 = 0; n0 < v.N; n0 += panel) {
+    const int64_t nb = std::min(panel, v.N - n0);
+    parallel_for(0, nb, 8, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = n0 + r;
+        float* out = wbuf.data() + r * v.K;
+        const float* sr = v.scale + n * v.ng;
+        for (int64_t g = 0; g < v.ng; ++g) {
+          const float sg = sr[g];
+          const int64_t k0 = g * v.G, k1 = k0 + v.G;
+          if (v.bits == 8) {
+            const int8_t* wr = v.w8 + n * v.Kp;
+            for (int64_t k = k0; k < k1; ++k) out[k] = static_cast<float>(wr[k]) * sg;
+          } else {
+            const uint8_t* wr = v.w4 + n * (v.Kp / 2);
+            for (int64_t k = k0; k < k1; ++k) {
+              const uint8_t byte = wr[(k >> 5) * 16 + (k & 15)];
+              out[k] = static_cast<float>(static_cast<int>((k & 16) ? (byte >> 4) : (byte & 15)) - 8) * sg;
+            }
+          }
+        }
+      }
+    });
+    sgemm(false, true, M, nb, v.K, 1.f, x, v.K, wbuf.data(), v.K, 0.f, y + n0, v.N);
+  }
+}
+
+}  // namespace
+
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y) {
+  linear(w, x, M, bias_or_null, y, LinearKernel::Auto);
+}
+
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
+            LinearKernel kernel) {
+  AIMASS_CHECK(M >= 0, ValueError, "linear: M (rows of x) must be >= 0, got ", M);
+  if (M == 0) return;
+  AIMASS_CHECK(x != nullptr && y != nullptr, ValueError, "linear: x and y must not be null");
+  const PackedLinearImpl& p = w.impl();
+  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
+  switch (kernel) {
+    case LinearKernel::WeightOnly: run_weight_only(p, x, M, y); break;
+    case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
+    default: run_dequant_sgemm(p, x, M, y); break;
+  }
+  if (bias_or_null) {
+    const int64_t N = p.view.N;
+    for (int64_t m = 0; m < M; ++m) {
+      float* yr = y + m * N;
+      for (int64_t n = 0; n < N; ++n) yr[n] += bias_or_null[n];
+    }
+  }
+}
+
+}  // namespace aimass::quant

@@ -1,0 +1,2 @@
+from .linear import linear, PackedLinear
+from .modules import quantize_model, QuantizedLinear

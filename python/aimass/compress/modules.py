@@ -1,0 +1,108 @@
+"""torch integration: swap nn.Linear layers for QuantizedLinear, which runs the
+engine's fused quantized kernels (inference only)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .linear import PackedLinear, linear, pack_linear, quantize_weight
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in inference replacement for nn.Linear with symmetric int8 (per-channel)
+    or int4 (grouped) weights. The quantized weight lives in buffers (``qweight``,
+    ``qscale``) so state_dict round-trips; it is prepacked on first use. forward runs
+    under no_grad semantics and returns x's dtype (computed in fp32)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
+                 group_size: Optional[int] = None, kernel: str = "auto"):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        g = int(group_size or 0)
+        if g and in_features % g:
+            raise ValueError(f"group_size={g} must divide in_features={in_features}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, g
+        self.kernel = kernel
+        nbytes = out_features * in_features if bits == 8 else (out_features * in_features + 1) // 2
+        wshape = (out_features, in_features) if bits == 8 else (nbytes,)
+        self.register_buffer("qweight", torch.zeros(wshape, dtype=torch.int8 if bits == 8 else torch.uint8))
+        self.register_buffer("qscale", torch.ones((out_features, in_features // g) if g else (out_features,)))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features))
+        else:
+            self.bias = None
+        self._packed: Optional[PackedLinear] = None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, bits: int = 8, group_size: Optional[int] = None,
+                    kernel: str = "auto") -> "QuantizedLinear":
+        q = cls(layer.in_features, layer.out_features, layer.bias is not None, bits=bits, group_size=group_size,
+                kernel=kernel)
+        w = layer.weight.detach().to("cpu", torch.float32).contiguous()
+        qw = quantize_weight(w, bits=bits, group_size=q.group_size or None)
+        q.qweight.copy_(torch.from_numpy(np.ascontiguousarray(qw.data).reshape(q.qweight.shape)))
+        q.qscale.copy_(torch.from_numpy(qw.scale.reshape(q.qscale.shape)))
+        if layer.bias is not None:
+            q.bias.copy_(layer.bias.detach().to("cpu", torch.float32))
+        return q
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None  # new weights: prepack again on next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def packed(self) -> PackedLinear:
+        if self._packed is None:
+            self._packed = pack_linear(self.qweight.numpy(), self.qscale.numpy(), bits=self.bits,
+                                       shape=(self.out_features, self.in_features), group_size=self.group_size)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if x.device.type != "cpu":
+                raise TypeError(f"QuantizedLinear runs on the CPU; x is on {x.device}")
+            xc = x.detach().contiguous()
+            y = linear(xc, self.packed(), self.bias, kernel=self.kernel)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if not self.group_size else f"group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int{self.bits}, {g}")
+
+
+def quantize_model(module: nn.Module, bits: int = 8, group_size: Optional[int] = 128, min_features: int = 0,
+                   kernel: str = "auto") -> nn.Module:
+    """Replace every nn.Linear with in_features >= min_features by a QuantizedLinear, in place.
+
+    bits=8: per-channel int8 (group_size is ignored); bits=4: int4 in groups of group_size
+    along in_features (a layer whose in_features it does not divide keeps fp32).
+    Returns the module (the QuantizedLinear itself when `module` is an nn.Linear)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if bits == 4 and (group_size is None or int(group_size) <= 0):
+        raise ValueError("bits=4 needs a positive group_size (128 is the usual choice)")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    g = None if bits == 8 else int(group_size)
+
+    def convert(layer: nn.Linear):
+        if type(layer) is not nn.Linear or layer.in_features < min_features:
+            return None
+        if g and layer.in_features % g:
+            return None
+        return QuantizedLinear.from_linear(layer, bits=bits, group_size=g, kernel=kernel)
+
+    if isinstance(module, nn.Linear):
+        q = convert(module)
+        return q if q is not None else module
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q = convert(child)
+                if q is not None:
+                    setattr(parent, name, q)
+    return module

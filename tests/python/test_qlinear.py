@@ -1,0 +1,251 @@
+"""Fused quantized linear: every kernel at every SIMD level against a numpy
+reference of dequant(W) @ x, plus bad inputs. The quantizer here is test-local
+(numpy, per QUANT_FORMAT.md) so the kernels are checked independently."""
+import numpy as np
+import pytest
+
+import aimass
+from aimass import compress
+import importlib
+
+qlin = importlib.import_module("aimass.compress.linear")  # the module; compress.linear is the function
+
+BEST = aimass.cpu_features()["simd"]
+LEVELS = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(BEST) + 1]
+MS = [1, 3, 8, 64, 257]
+
+
+class QT:
+    """Duck-typed QuantizedTensor (fields of QUANT_FORMAT.md)."""
+
+    def __init__(self, data, scale, bits, group_size, shape, granularity, scheme="symmetric", axis=0,
+                 zero_point=None):
+        self.data, self.scale, self.zero_point, self.bits = data, scale, zero_point, bits
+        self.group_size, self.shape, self.scheme, self.granularity, self.axis = group_size, shape, scheme, granularity, axis
+
+
+def ref_quantize(w, bits, group_size):
+    n, k = w.shape
+    qmax = np.float32(127 if bits == 8 else 7)
+    g = group_size or k
+    blocks = w.reshape(n, k // g, g)
+    scale = (np.abs(blocks).max(axis=2) / qmax).astype(np.float32)
+    scale[scale == 0] = 1
+    q = np.clip(np.rint(blocks / scale[..., None]), -qmax, qmax).astype(np.int8).reshape(n, k)
+    deq = (q.reshape(n, k // g, g).astype(np.float32) * scale[..., None]).reshape(n, k)
+    if bits == 4:
+        flat = q.reshape(-1)
+        if flat.size % 2:
+            flat = np.append(flat, np.int8(0))
+        nib = (flat & 0xF).astype(np.uint8)
+        data = nib[0::2] | (nib[1::2] << 4)
+    else:
+        data = q
+    gran = "group" if group_size else "channel"
+    return QT(data, scale if group_size else scale.reshape(n), bits, group_size or None, (n, k), gran), q, scale, deq
+
+
+# (bits, N, K, group_size): per-channel, grouped, K not a multiple of 64, odd sizes
+CONFIGS = [(8, 67, 320, 0), (8, 45, 200, 0), (8, 32, 256, 64), (8, 19, 96, 16),
+           (4, 45, 384, 128), (4, 33, 160, 32), (4, 21, 99, 0), (4, 40, 256, 64)]
+
+
+@pytest.fixture
+def level():
+    yield
+    aimass.set_simd_level(BEST)
+
+
+def make(cfg, seed=0):
+    bits, n, k, g = cfg
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    qt, q, scale, deq = ref_quantize(w, bits, g)
+    return rng, w, qt, q, scale, deq
+
+
+def dynamic_reference(x, q, scale, group_size):
+    """Exactly what the dynamic int8 path computes, in numpy."""
+    amax = np.abs(x).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    qx = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int64)
+    sx = (amax / np.float32(127)).astype(np.float32)
+    n, k = q.shape
+    g = group_size or k
+    dots = np.einsum("mgk,ngk->mng", qx.reshape(-1, k // g, g), q.astype(np.int64).reshape(n, k // g, g))
+    return (dots.astype(np.float64) * scale.reshape(n, -1)[None]).sum(-1) * sx[:, None]
+
+
+@pytest.mark.parametrize("lvl", LEVELS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"int{c[0]}_N{c[1]}_K{c[2]}_G{c[3]}")
+def test_kernels_match_reference(lvl, cfg, level):
+    aimass.set_simd_level(lvl)
+    rng, w, qt, q, scale, deq = make(cfg)
+    bits, n, k, g = cfg
+    bias = rng.standard_normal(n).astype(np.float32)
+    dyn_ok = g == 0 or g % 64 == 0
+    for m in MS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+        tol = 1e-5 * np.abs(ref).max()
+        for kernel in ("weight_only", "dequant_sgemm", "auto"):
+            for b in (None, bias):
+                y = compress.linear(x, qt, b, kernel=kernel)
+                assert y.dtype == np.float32 and y.shape == (m, n)
+                r = ref + (b if b is not None else 0)
+                if kernel == "auto" and qt_kernel(qt, m) == "dynamic_int8":
+                    assert np.abs(y - r).max() <= 2e-2 * np.abs(ref).max()
+                else:
+                    np.testing.assert_allclose(y, r, rtol=0, atol=tol)
+        if dyn_ok:
+            y = compress.linear(x, qt, bias, kernel="dynamic_int8")
+            dref = dynamic_reference(x, q, scale, g) + bias
+            np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
+            # documented bound of the dynamic path's extra error vs the dequantized fp32 reference
+            assert np.abs(y - bias - ref).max() <= 2e-2 * np.abs(ref).max()
+        else:
+            with pytest.raises(ValueError, match="group_size"):
+                compress.linear(x, qt, kernel="dynamic_int8")
+
+
+def qt_kernel(qt, m):
+    return qlin.packed(qt).kernel_for(m)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4], CONFIGS[3]], ids=str)
+def test_simd_levels_agree_with_scalar(cfg, level):
+    rng, w, qt, q, scale, deq = make(cfg, seed=3)
+    x = rng.standard_normal((9, cfg[2])).astype(np.float32)
+    out = {}
+    for lvl in LEVELS:
+        aimass.set_simd_level(lvl)
+        out[lvl] = {kn: compress.linear(x, qt, kernel=kn) for kn in ("weight_only", "dequant_sgemm")}
+        if cfg[3] == 0 or cfg[3] % 64 == 0:
+            out[lvl]["dynamic_int8"] = compress.linear(x, qt, kernel="dynamic_int8")
+    for lvl in LEVELS[1:]:
+        for kn, y in out[lvl].items():
+            s = out["scalar"][kn]
+            np.testing.assert_allclose(y, s, rtol=0, atol=1e-5 * np.abs(s).max(), err_msg=f"{lvl} {kn}")
+
+
+def test_auto_thresholds_and_threads_deterministic(level):
+    rng, w, qt, q, scale, deq = make((8, 64, 256, 0))
+    p = qlin.packed(qt)
+    assert p is qlin.packed(qt)  # prepacked once, cached on the weight object
+    if BEST != "scalar":
+        assert p.kernel_for(1) == "weight_only" and p.kernel_for(256) == "dynamic_int8"
+    aimass.set_simd_level("scalar")
+    assert p.kernel_for(1) == "weight_only" and p.kernel_for(256) == "dequant_sgemm"
+    aimass.set_simd_level(BEST)
+    x = rng.standard_normal((33, 256)).astype(np.float32)
+    n0 = aimass.num_threads()
+    try:
+        aimass.set_num_threads(1)
+        a = [compress.linear(x, qt, kernel=k) for k in ("weight_only", "dynamic_int8")]
+        aimass.set_num_threads(2)
+        b = [compress.linear(x, qt, kernel=k) for k in ("weight_only", "dynamic_int8")]
+    finally:
+        aimass.set_num_threads(n0)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_torch_inputs_and_leading_dims():
+    torch = pytest.importorskip("torch")
+    rng, w, qt, q, scale, deq = make((4, 24, 128, 64))
+    x = torch.randn(2, 3, 128)
+    y = compress.linear(x, qt, torch.ones(24), kernel="weight_only")
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (2, 3, 24)
+    ref = x.reshape(-1, 128).double().numpy() @ deq.T.astype(np.float64) + 1
+    np.testing.assert_allclose(y.reshape(-1, 24).numpy(), ref, atol=1e-4)
+    for dt in (torch.float16, torch.bfloat16):
+        xh = x.to(dt)
+        yh = compress.linear(xh, qt, kernel="weight_only")
+        assert yh.dtype == torch.float32
+        ref = xh.float().reshape(-1, 128).double().numpy() @ deq.T.astype(np.float64)
+        np.testing.assert_allclose(yh.reshape(-1, 24).numpy(), ref, atol=1e-4)
+    xg = torch.randn(4, 128, requires_grad=True)
+    assert compress.linear(xg, qt).shape == (4, 24)
+
+
+def test_pack_linear_raw_arrays_and_1d_x():
+    rng, w, qt, q, scale, deq = make((8, 16, 64, 0))
+    p = qlin.pack_linear(qt.data, qt.scale, bits=8, shape=(16, 64))
+    assert repr(p).startswith("PackedLinear(int8") and p.nbytes >= 16 * 64
+    x = rng.standard_normal(64).astype(np.float32)
+    np.testing.assert_allclose(p(x), deq @ x, atol=1e-4)
+    np.testing.assert_array_equal(qlin.dequantize_weight(p), deq)
+
+
+def test_zero_rows_nan_and_empty_batch():
+    rng, w, qt, q, scale, deq = make((8, 16, 64, 0))
+    x = np.zeros((3, 64), np.float32)
+    x[1] = rng.standard_normal(64)
+    x[2, 5] = np.nan
+    for kernel in ("weight_only", "dynamic_int8", "dequant_sgemm"):
+        y = compress.linear(x, qt, kernel=kernel)
+        assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all(), kernel
+    assert compress.linear(np.zeros((0, 64), np.float32), qt).shape == (0, 16)
+
+
+def test_bad_inputs():
+    rng, w, qt, q, scale, deq = make((8, 16, 64, 0))
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="in_features=64"):
+        compress.linear(x[:, :63].copy(), qt)
+    with pytest.raises(TypeError, match="float32"):
+        compress.linear(x.astype(np.float64), qt)
+    with pytest.raises(TypeError, match="float32"):
+        compress.linear(x.astype(np.int32), qt)
+    with pytest.raises(ValueError, match="contiguous"):
+        compress.linear(np.asfortranarray(x), qt)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        compress.linear(x, qt, np.ones(15, np.float32))
+    with pytest.raises(ValueError, match="kernel"):
+        compress.linear(x, qt, kernel="fast")
+    with pytest.raises(ValueError, match="symmetric"):
+        compress.linear(x, QT(qt.data, qt.scale, 8, None, (16, 64), "channel", scheme="asymmetric",
+                              zero_point=np.zeros(16, np.int32)))
+    with pytest.raises(ValueError, match="axis"):
+        compress.linear(x, QT(qt.data, qt.scale, 8, None, (16, 64), "channel", axis=1))
+    with pytest.raises(ValueError, match="bits"):
+        compress.linear(x, QT(qt.data, qt.scale, 3, None, (16, 64), "channel"))
+    with pytest.raises(ValueError, match="2-D"):
+        compress.linear(x, QT(qt.data, qt.scale, 8, None, (2, 8, 64), "channel"))
+    with pytest.raises(ValueError, match="granularity"):
+        compress.linear(x, QT(qt.data, qt.scale, 8, None, (16, 64), "block"))
+    with pytest.raises(TypeError, match="lacks"):
+        compress.linear(x, object())
+    bad = q.copy()
+    bad[3, 7] = -128
+    with pytest.raises(ValueError, match="-128"):
+        qlin.pack_linear(bad, scale.reshape(16), bits=8, shape=(16, 64))
+    with pytest.raises(ValueError, match="scale has"):
+        qlin.pack_linear(q, np.ones(15, np.float32), bits=8, shape=(16, 64))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        qlin.pack_linear(q, np.zeros(16, np.float32), bits=8, shape=(16, 64))
+    with pytest.raises(TypeError, match="int8"):
+        qlin.pack_linear(q.astype(np.int16), scale.reshape(16), bits=8, shape=(16, 64))
+    with pytest.raises(TypeError, match="float32"):
+        qlin.pack_linear(q, scale.reshape(16).astype(np.float64), bits=8, shape=(16, 64))
+    with pytest.raises(ValueError, match="divide"):
+        qlin.pack_linear(q, np.ones(16 * 3, np.float32), bits=8, shape=(16, 64), group_size=24)
+    with pytest.raises(ValueError, match="bytes"):
+        qlin.pack_linear(np.zeros(100, np.uint8), np.ones(16, np.float32), bits=4, shape=(16, 64))
+    nib = np.full(16 * 32, 0x88, np.uint8)  # nibble -8 is outside symmetric int4
+    with pytest.raises(ValueError, match="-8"):
+        qlin.pack_linear(nib, np.ones(16, np.float32), bits=4, shape=(16, 64))
+
+
+def test_quantize_weight_matches_contract():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 64)).astype(np.float32)
+    w[3] = 0
+    for bits, g in ((8, None), (4, 32), (8, 16)):
+        mine = qlin.quantize_weight(w, bits=bits, group_size=g)
+        ref, q, scale, deq = ref_quantize(w, bits, g or 0)
+        np.testing.assert_array_equal(np.asarray(mine.data).reshape(-1), np.asarray(ref.data).reshape(-1))
+        np.testing.assert_array_equal(mine.scale.reshape(-1), scale.reshape(-1))
+        np.testing.assert_array_equal(mine.dequantize(), deq)
+    with pytest.raises(ValueError, match="NaN"):
+        qlin.quantize_weight(np.full((2, 4), np.nan, np.float32))
