@@ -42,30 +42,14 @@ def _np(t) -> np.ndarray:
 
 
 def _quantize_linear(w: np.ndarray, bits: int):
-    """Symmetric quantization per QUANT_FORMAT.md: int8 per output channel, int4 in
-    groups of 32 along K (per-channel when 32 does not divide K). fp32 arithmetic."""
-    w = w.astype(np.float32)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("aimass.runtime.export: a Linear weight holds NaN/Inf; cannot quantize it")
-    n, k = w.shape
-    qmax = np.float32(127 if bits == 8 else 7)
-    group = 0
-    if bits == 4 and k % 32 == 0:
-        group = 32
-    blocks = w.reshape(n, k // group, group) if group else w.reshape(n, 1, k)
-    amax = np.abs(blocks).max(axis=2)
-    scale = (amax / qmax).astype(np.float32)
-    scale[amax == 0] = np.float32(1.0)
-    q = np.clip(np.rint(blocks / scale[:, :, None]), -qmax, qmax).astype(np.int8).reshape(n, k)
-    scale = scale.reshape(n) if not group else scale
-    if bits == 8:
-        return q, scale, group
-    nib = (q.reshape(-1).astype(np.uint8) & 0xF)
-    if nib.size % 2:
-        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
-    packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
-    packed = packed.reshape(n, k // 2) if k % 2 == 0 else packed
-    return packed, scale.astype(np.float32), group
+    """Symmetric weight quantization through aimass.compress (QUANT_FORMAT.md): int8 per output
+    channel, int4 in groups of 32 along K (per-channel when 32 does not divide K)."""
+    from ..compress.linear import quantize_weight
+
+    k = w.shape[1]
+    group = 32 if bits == 4 and k % 32 == 0 else 0
+    qw = quantize_weight(w, bits=bits, group_size=group or None)
+    return np.ascontiguousarray(qw.data), np.ascontiguousarray(qw.scale, dtype=np.float32), group
 
 
 class _Exporter:
@@ -379,7 +363,7 @@ class _Exporter:
             raise ValueError(f"aimass.runtime.export: input_names has {len(input_names)} names but the module "
                              f"takes {len(placeholders)} inputs")
         for i, n in enumerate(placeholders):
-            name = input_names[i] if input_names else n.name
+            name = input_names[i] if input_names else str(n.target)
             tm = n.meta["tensor_meta"]
             if tm.dtype in (torch.int64, torch.int32):
                 dt = "int64"
