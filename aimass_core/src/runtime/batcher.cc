@@ -131,12 +131,7 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
 }
 
 void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
-  {
-    std::lock_guard<std::mutex> lk(r.mu_);
-    r.outcome_ = o;
-    r.error_ = std::move(err);
-  }
-  r.cv_.notify_all();
+  // Count first so stats() already reflects a request its caller saw finish.
   {
     std::lock_guard<std::mutex> lk(mu_);
     switch (o) {
@@ -145,9 +140,20 @@ void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
       case Outcome::Closed: stats_.rejected_closed++; break;
       default: stats_.error++; break;
     }
-    if (r.notify_) completed_.push_back(r.id_);
   }
-  if (r.notify_) done_cv_.notify_all();
+  {
+    std::lock_guard<std::mutex> lk(r.mu_);
+    r.outcome_ = o;
+    r.error_ = std::move(err);
+  }
+  r.cv_.notify_all();
+  if (r.notify_) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      completed_.push_back(r.id_);
+    }
+    done_cv_.notify_all();
+  }
 }
 
 void Batcher::loop() {
