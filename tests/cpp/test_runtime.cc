@@ -146,3 +146,36 @@ TEST(RuntimeBatcher, RejectsBadArguments) {
   EXPECT_THROW(b.submit({}, {y}, 1), aimass::ValueError);
   EXPECT_THROW(b.submit({x}, {y}, 0), aimass::ValueError);
 }
+
+#include <random>
+
+#include "aimass/cpu_features.h"
+#include "runtime/gemv.h"
+
+TEST(RuntimeGemv, ScalarAndAvx2MatchReference) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  for (int64_t K : {1, 7, 16, 33, 784}) {
+    for (int64_t M : {1, 3, 4}) {
+      const int64_t N = 37;
+      std::vector<float> x(M * K), w(N * K), ys(M * N), yv(M * N), yd(M * N);
+      for (auto& v : x) v = d(rng);
+      for (auto& v : w) v = d(rng);
+      aimass::runtime::gemv::rows_scalar(x.data(), M, K, w.data(), 0, N, N, ys.data());
+      aimass::runtime::gemv::linear_small_m(x.data(), M, K, w.data(), N, yd.data());  // dispatched + threaded
+      if (aimass::cpu_features().avx2 && aimass::cpu_features().fma)
+        aimass::runtime::gemv::rows_avx2(x.data(), M, K, w.data(), 0, N, N, yv.data());
+      else
+        yv = ys;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < K; ++k) ref += double(x[m * K + k]) * w[n * K + k];
+          const double tol = 1e-5 * std::sqrt(double(K)) + 1e-6;
+          EXPECT_NEAR(ys[m * N + n], ref, tol);
+          EXPECT_NEAR(yv[m * N + n], ref, tol);
+          EXPECT_NEAR(yd[m * N + n], ref, tol);
+        }
+    }
+  }
+}

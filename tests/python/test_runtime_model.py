@@ -117,6 +117,25 @@ def test_mlp_roundtrip(tmp_path):
     assert ex.num_steps < m._m.num_nodes
 
 
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_batch1_small_m_path_all_simd_levels(tmp_path, level):
+    """Batches of <= 4 rows take the runtime's own GEMV; check it at every SIMD level."""
+    torch.manual_seed(0)
+    net = MLP().eval()
+    path = tmp_path / "m.aimass"
+    rt.export(net, (torch.randn(2, 20),), path)
+    prev = aimass.cpu_features()["simd"]
+    try:
+        aimass.set_simd_level(level)
+        ex = rt._rt.Executor(rt.load(path)._m, 4)
+        for n in (1, 3, 4):
+            x = torch.randn(n, 20)
+            with torch.no_grad():
+                close_to_torch(ex.run([x.numpy()])[0], net(x))
+    finally:
+        aimass.set_simd_level(prev)
+
+
 def test_catdog_cnn_roundtrip(tmp_path):
     torch.manual_seed(0)
     net = CatDogCNN()

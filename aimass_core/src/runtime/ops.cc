@@ -8,6 +8,7 @@
 #include "aimass/blas.h"
 #include "aimass/error.h"
 #include "aimass/parallel.h"
+#include "runtime/gemv.h"
 
 namespace aimass::runtime::ops {
 
@@ -91,7 +92,8 @@ void activation(const float* x, int64_t n, Act act, float* y) {
 }
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y) {
-  sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
+  if (R <= gemv::kGemvMaxRows) gemv::linear_small_m(x, R, K, w, N, y);
+  else sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
   if (!bias && act == Act::None) return;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(N, 1));
   parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
