@@ -178,7 +178,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (the machine is shared)")
     ap.add_argument("--sweep-model", default="mlp784", choices=list(MODELS))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="engine + BLAS + torch threads (default: leave as is); on a loaded machine "
+                         "multi-threaded OpenBLAS can stall, 1 gives stable numbers")
     args = ap.parse_args()
+    if args.threads:
+        aimass.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     sec = 0.5 if args.quick else 3.0
     print(f"# aimass {aimass.__version__}, threads={aimass.num_threads()}, torch threads={torch.get_num_threads()}, "
           f"simd={aimass.cpu_features()['simd']}, onnxruntime={'yes' if ort else 'no'}")

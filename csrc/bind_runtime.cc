@@ -159,16 +159,22 @@ void bind_runtime(py::module_& parent) {
            }),
            py::arg("model"), py::arg("max_batch_size") = 32, py::arg("max_queue_delay_us") = 500,
            py::arg("queue_capacity") = 1024)
-      .def("submit", [](rt::Batcher& b, const py::list& inputs, int priority, int64_t timeout_us, bool notify) {
+      .def("submit", [](rt::Batcher& b, const py::list& inputs, int priority, int64_t timeout_us, bool notify,
+                        bool run_inline) {
              auto t = std::make_shared<Ticket>();
              std::vector<const void*> in;
              std::vector<void*> out;
              int64_t rows = check_inputs(b.model(), inputs, in);
              t->inputs = inputs;
              t->outputs = alloc_outputs(b.model(), rows, out);
-             t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify);
+             {
+               // may run the request right here (run_inline): never hold the GIL for that
+               py::gil_scoped_release nogil;
+               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
+             }
              return t;
-           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("notify") = false)
+           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("notify") = false,
+           py::arg("run_inline") = false)
       .def("wait_completed", &rt::Batcher::wait_completed, py::arg("timeout_us"), nogil())
       .def("close", &rt::Batcher::close, nogil())
       .def_property_readonly("closed", &rt::Batcher::closed)
@@ -183,6 +189,7 @@ void bind_runtime(py::module_& parent) {
         req["rejected_closed"] = s.rejected_closed;
         d["requests"] = req;
         d["batches"] = s.batches;
+        d["inline_runs"] = s.inline_runs;
         d["queue_depth"] = s.queue_depth;
         d["queue_us"] = hist(s.queue_us);
         d["compute_us"] = hist(s.compute_us);

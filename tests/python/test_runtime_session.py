@@ -196,3 +196,4 @@ def test_stats_histograms(mlp_path):
         assert len(st[h]["counts"]) == len(st[h]["bounds"]) + 1
     assert st["queue_us"]["count"] == 5
     assert st["batch_rows"]["sum"] == 10
+    assert st["inline_runs"] == 5  # an idle session runs a blocking request on the caller thread

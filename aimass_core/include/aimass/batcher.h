@@ -72,7 +72,7 @@ struct Histogram {
 
 struct BatcherStats {
   uint64_t submitted = 0, ok = 0, timeout = 0, error = 0, rejected_full = 0, rejected_closed = 0;
-  uint64_t batches = 0;
+  uint64_t batches = 0, inline_runs = 0;
   int64_t queue_depth = 0;
   Histogram queue_us, compute_us, batch_rows, batch_requests;
 };
@@ -88,8 +88,12 @@ class Batcher {
   // rows of output i; both must stay valid until the request is done.
   // timeout_us < 0: no deadline. notify: also report the id to wait_completed().
   // Throws QueueFullError, ClosedError, ValueError (bad rows / buffer counts).
+  // run_inline: when the queue is empty and the executor idle, run the request on
+  // the calling thread (a blocking caller then pays no thread hand-off); the
+  // call returns after the request finished. Otherwise it is queued as usual.
   std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                  int priority = 0, int64_t timeout_us = -1, bool notify = false);
+                                  int priority = 0, int64_t timeout_us = -1, bool notify = false,
+                                  bool run_inline = false);
   // Ids of finished notify-requests, waiting at most timeout_us for the first one.
   std::vector<uint64_t> wait_completed(int64_t timeout_us);
   // Rejects new requests, runs every queued one, stops the scheduler. Idempotent.
@@ -112,6 +116,7 @@ class Batcher {
   uint64_t next_id_ = 1;
   bool closing_ = false;
   bool stopped_ = false;
+  bool busy_ = false;  // someone (scheduler or an inline caller) is running the executor
   int64_t last_batch_requests_ = 0;
   std::condition_variable done_cv_;
   std::deque<uint64_t> completed_;

@@ -92,7 +92,7 @@ Batcher::~Batcher() {
 }
 
 std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                         int priority, int64_t timeout_us, bool notify) {
+                                         int priority, int64_t timeout_us, bool notify, bool run_inline) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
@@ -123,10 +123,34 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
     }
     r->id_ = next_id_++;
     stats_.submitted++;
-    heap_.push_back(r);
-    std::push_heap(heap_.begin(), heap_.end(), Later());
+    if (run_inline && heap_.empty() && !busy_) {
+      busy_ = true;
+      stats_.inline_runs++;
+    } else {
+      run_inline = false;
+      heap_.push_back(r);
+      std::push_heap(heap_.begin(), heap_.end(), Later());
+    }
   }
-  cv_.notify_one();
+  if (!run_inline) {
+    cv_.notify_one();
+    return r;
+  }
+  // The executor is ours: run on this thread (an idle executor never makes a lone request wait).
+  if (r->has_deadline_ && Clock::now() >= r->deadline_) {
+    finish(*r, Outcome::Timeout,
+           std::make_exception_ptr(TimeoutError(detail::concat("request ", r->id_,
+                                                               " missed its deadline before it ran; it was not run"))));
+  } else {
+    std::vector<std::shared_ptr<Request>> one{r};
+    run_batch(one);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    busy_ = false;
+    last_batch_requests_ = 1;
+  }
+  cv_.notify_all();
   return r;
 }
 
@@ -161,7 +185,7 @@ void Batcher::loop() {
   batch.reserve(opts_.max_batch_size);
   std::unique_lock<std::mutex> lk(mu_);
   while (true) {
-    cv_.wait(lk, [&] { return !heap_.empty() || closing_; });
+    cv_.wait(lk, [&] { return (!heap_.empty() || closing_) && !busy_; });
     if (heap_.empty() && closing_) break;
     batch.clear();
     expired.clear();
@@ -186,6 +210,7 @@ void Batcher::loop() {
       }
     };
     take();
+    if (!batch.empty()) busy_ = true;  // from here the executor is the scheduler's (no inline runs)
     // Wait for more only under evident load, and at most the delay after the
     // oldest request arrived; stop once as many requests as last time are in.
     if (!batch.empty() && rows < opts_.max_batch_size && opts_.max_queue_delay_us > 0 && !closing_ &&
@@ -203,6 +228,7 @@ void Batcher::loop() {
       }
     }
     stats_.queue_depth = static_cast<int64_t>(heap_.size());
+    busy_ = true;
     lk.unlock();
     for (auto& r : expired)
       finish(*r, Outcome::Timeout,
@@ -211,6 +237,7 @@ void Batcher::loop() {
                  static_cast<int64_t>(us_between(r->enqueued_, Clock::now())), " us in the queue; it was not run"))));
     if (!batch.empty()) run_batch(batch);
     lk.lock();
+    busy_ = false;
     if (!batch.empty()) last_batch_requests_ = static_cast<int64_t>(batch.size());
   }
   stopped_ = true;

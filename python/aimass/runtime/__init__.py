@@ -120,7 +120,7 @@ class Session:
         return self._batcher.stats()
 
     # -- requests
-    def _submit_ticket(self, inputs, deadline_ms, priority, notify):
+    def _submit_ticket(self, inputs, deadline_ms, priority, notify, run_inline=False):
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"priority must be an int, got {priority!r}")
         timeout_us = -1
@@ -129,7 +129,7 @@ class Session:
                 raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
             timeout_us = int(deadline_ms * 1000)
         arrays = _convert_inputs(self._specs_in, inputs, "Session")
-        return self._batcher.submit(arrays, priority, timeout_us, notify), inputs
+        return self._batcher.submit(arrays, priority, timeout_us, notify, run_inline), inputs
 
     def _result(self, outputs, inputs) -> Dict[str, Any]:
         template = next(iter(inputs.values()))
@@ -138,7 +138,8 @@ class Session:
     def run(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None, priority: int = 0) -> Dict[str, Any]:
         """Run one request (any number of rows) and block until its outputs are ready.
         The GIL is released while it waits. Outputs come back as the inputs' kind (numpy/torch)."""
-        ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, False)
+        # An idle session runs the request on this thread (no hand-off to the scheduler).
+        ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, False, run_inline=True)
         return self._result(ticket.wait(), inputs)
 
     def submit(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
