@@ -113,6 +113,41 @@ def latency_table(seconds):
             print(f"{name:8s} {k:26s} {v:10.1f} us   x{base / v:5.2f} vs torch eager")
 
 
+class CatDogCNN(nn.Module):
+    """The platform's cat/dog example: (conv-relu-pool) x2, linear, on 64x64x3 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(32 * 16 * 16, 2)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def cnn_table(seconds):
+    print("## cat/dog CNN (conv via im2col + sgemm), median us, ratio vs torch eager")
+    torch.manual_seed(0)
+    net = CatDogCNN().eval()
+    path = os.path.join(_TMP, "cnn.aimass")
+    rt.export(net, (torch.randn(2, 3, 64, 64),), path, input_names=["x"])
+    ex = rt._rt.Executor(rt.load(path)._m, 32)
+    for b in (1, 32):
+        x = torch.randn(b, 3, 64, 64)
+        xn = x.numpy()
+
+        def torch_run():
+            with torch.no_grad():
+                return net(x)
+        tt = float(np.median(time_call(torch_run, seconds))) * 1e6
+        ta = float(np.median(time_call(lambda: ex.run([xn]), seconds))) * 1e6
+        print(f"cnn batch {b:2d}: torch eager {tt:9.1f} us, aimass fp32 {ta:9.1f} us, x{tt / ta:5.2f}")
+
+
 def sweep(name, concurrency, per_client_s, batched, onnx=None):
     x = np.random.default_rng(1).standard_normal((1, MODELS[name][0])).astype(np.float32)
     sess = None
@@ -189,6 +224,7 @@ def main():
     print(f"# aimass {aimass.__version__}, threads={aimass.num_threads()}, torch threads={torch.get_num_threads()}, "
           f"simd={aimass.cpu_features()['simd']}, onnxruntime={'yes' if ort else 'no'}")
     latency_table(sec)
+    cnn_table(sec)
     sweep_table(args.sweep_model, sec * 2)
 
 
