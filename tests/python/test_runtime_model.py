@@ -333,3 +333,16 @@ def test_not_an_aimass_file(tmp_path):
         rt.load(tmp_path / "plain.safetensors")
     with pytest.raises(OSError, match="cannot open"):
         rt.load(tmp_path / "nope.aimass")
+
+
+def test_arena_reuses_memory_of_dead_values(tmp_path):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(8):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    net = nn.Sequential(*layers).eval()
+    m, ex, outs, ref = roundtrip(tmp_path, net, torch.randn(3, 64))
+    close_to_torch(outs[0], ref)
+    row = 64 * 4
+    # 17 values (input, 8 fused linear+tanh outputs, the output identity) fit in 3 live rows
+    assert ex.arena_bytes <= 3 * row * ex.capacity

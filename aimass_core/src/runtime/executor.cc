@@ -3,7 +3,9 @@
 // any batch size follow by multiplication), activations are fused into the
 // GEMM/conv before them, and every value gets a slot in one arena sized for
 // `capacity` rows. execute() only indexes into that arena.
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -137,6 +139,8 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
   p.index[name] = id;
   return id;
 }
+
+void assign_memory(PlanImpl& p);
 
 void build(PlanImpl& p, const Model& m) {
   for (const auto& in : m.inputs()) {
@@ -428,12 +432,55 @@ void build(PlanImpl& p, const Model& m) {
                  "' declares row shape ", shape_str(row), " but the graph computes ", shape_str(vi.row));
     p.output_values.push_back(v);
   }
-  p.slot_prefix.resize(p.slot_row_bytes.size());
-  int64_t acc = 0;
-  for (size_t i = 0; i < p.slot_row_bytes.size(); ++i) {
-    p.slot_prefix[i] = acc;
-    acc += p.slot_row_bytes[i];
+  assign_memory(p);
+}
+
+// Liveness-based arena layout: a slot whose last reader ran may be reused by a
+// slot defined later (best fit among free blocks). Graph outputs live to the
+// end; a step's output never shares memory with its own inputs, because a
+// block frees only after the last step that reads it.
+void assign_memory(PlanImpl& p) {
+  const int S = static_cast<int>(p.slot_row_bytes.size());
+  constexpr int kEnd = std::numeric_limits<int>::max();
+  std::vector<int> def(S, kEnd), last(S, -1);
+  for (int v : p.input_values) def[p.values[v].slot] = -1;
+  for (int i = 0; i < static_cast<int>(p.steps.size()); ++i) {
+    const Step& st = p.steps[i];
+    for (int in : {st.in0, st.in1})
+      if (in >= 0) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
+    int& d = def[p.values[st.out].slot];
+    d = std::min(d, i);
   }
+  for (int v : p.output_values) last[p.values[v].slot] = kEnd;
+  std::vector<int> order;
+  for (int s = 0; s < S; ++s)
+    if (def[s] != kEnd) order.push_back(s);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return def[a] < def[b]; });
+  struct Block { int64_t bytes; int busy_until; };
+  std::vector<Block> blocks;
+  std::vector<int> block_of(S, -1);
+  for (int s : order) {
+    const int64_t need = p.slot_row_bytes[s];
+    int best = -1;
+    for (int b = 0; b < static_cast<int>(blocks.size()); ++b)
+      if (blocks[b].busy_until < def[s] && blocks[b].bytes >= need && (best < 0 || blocks[b].bytes < blocks[best].bytes))
+        best = b;
+    if (best < 0) {
+      blocks.push_back({need, -2});
+      best = static_cast<int>(blocks.size()) - 1;
+    }
+    blocks[best].busy_until = std::max(last[s], def[s]);
+    block_of[s] = best;
+  }
+  std::vector<int64_t> block_prefix(blocks.size());
+  int64_t acc = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    block_prefix[b] = acc;
+    acc += blocks[b].bytes;
+  }
+  p.slot_prefix.assign(S, 0);
+  for (int s = 0; s < S; ++s)
+    if (block_of[s] >= 0) p.slot_prefix[s] = block_prefix[block_of[s]];
   p.total_row_bytes = acc;
 }
 
