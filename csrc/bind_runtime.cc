@@ -85,7 +85,8 @@ struct Ticket {
   ~Ticket() {
     if (req && !req->done()) {
       py::gil_scoped_release nogil;
-      req->wait_for(INT64_MAX / 4);
+      while (!req->wait_for(1000000)) {
+      }
     }
   }
 };

@@ -8,6 +8,8 @@
 namespace aimass::runtime {
 
 using Clock = std::chrono::steady_clock;
+// Longer waits would overflow steady_clock arithmetic; callers loop instead.
+constexpr int64_t kMaxWaitUs = int64_t{1} << 40;
 
 namespace {
 // Higher priority first, then arrival order: the heap's top is the next to run.
@@ -45,7 +47,7 @@ void Request::wait() {
 }
 bool Request::wait_for(int64_t timeout_us) {
   std::unique_lock<std::mutex> lk(mu_);
-  return cv_.wait_for(lk, std::chrono::microseconds(std::max<int64_t>(timeout_us, 0)),
+  return cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
                       [&] { return outcome_ != Outcome::Pending; });
 }
 bool Request::done() const {
@@ -298,7 +300,7 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
 
 std::vector<uint64_t> Batcher::wait_completed(int64_t timeout_us) {
   std::unique_lock<std::mutex> lk(mu_);
-  done_cv_.wait_for(lk, std::chrono::microseconds(std::max<int64_t>(timeout_us, 0)),
+  done_cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
                     [&] { return !completed_.empty() || stopped_; });
   std::vector<uint64_t> out(completed_.begin(), completed_.end());
   completed_.clear();
