@@ -34,6 +34,13 @@ def slow_path(tmp_path_factory):
     return path
 
 
+def wait_taken(sess):
+    """Until the scheduler has taken everything queued (the blocker is running)."""
+    deadline = time.monotonic() + 10
+    while sess.stats()["queue_depth"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
 def rows(n, d=32, seed=0):
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 
@@ -105,7 +112,7 @@ def test_priority_order(slow_path):
     order = []
     with rt.Session(slow_path, max_batch_size=1) as sess:
         blocker = sess.submit({"x": x})           # occupies the executor
-        time.sleep(0.005)
+        wait_taken(sess)
         futs = {}
         for name, prio in (("low", 0), ("mid", 5), ("high", 10), ("low2", 0)):
             f = sess.submit({"x": x[:1]}, priority=prio)
@@ -121,7 +128,7 @@ def test_queue_full(slow_path):
     x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
     with rt.Session(slow_path, max_batch_size=1, queue_capacity=2) as sess:
         blocker = sess.submit({"x": x})
-        time.sleep(0.005)
+        wait_taken(sess)
         queued = [sess.submit({"x": x[:1]}) for _ in range(2)]
         with pytest.raises(aimass.QueueFullError, match="queue_capacity=2"):
             sess.submit({"x": x[:1]})
