@@ -346,3 +346,14 @@ def test_arena_reuses_memory_of_dead_values(tmp_path):
     row = 64 * 4
     # 17 values (input, 8 fused linear+tanh outputs, the output identity) fit in 3 live rows
     assert ex.arena_bytes <= 3 * row * ex.capacity
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(),
+                                 nn.Tanh()], ids=["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"])
+def test_activations_fused_and_standalone(tmp_path, act):
+    torch.manual_seed(0)
+    # after a Linear: fused into its epilogue; after a LayerNorm: a standalone step
+    net = nn.Sequential(nn.Linear(16, 24), act, nn.LayerNorm(24), act, nn.Identity(),
+                        nn.Linear(24, 5)).eval()
+    _, _, outs, ref = roundtrip(tmp_path, net, torch.randn(6, 16) * 3)
+    close_to_torch(outs[0], ref)
