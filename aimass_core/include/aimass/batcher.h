@@ -1,0 +1,127 @@
+// Dynamic batcher: one scheduler thread in front of one Executor.
+//
+// Requests (each some rows of every model input, plus caller-owned output
+// buffers) enter a bounded priority queue (higher priority first, FIFO within a
+// priority). The scheduler takes as many rows as fit in max_batch_size; it only
+// waits (at most max_queue_delay_us after the oldest request arrived) when load
+// is evident, i.e. the batch it holds or the previous one had several requests,
+// so a lone request on an idle executor runs at once. Expired requests fail with
+// TimeoutError without running. Batch rows are copied back to each request's own
+// output buffers. Every request ends in exactly one outcome, counted in stats().
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aimass/runtime.h"
+
+namespace aimass::runtime {
+
+struct BatcherOptions {
+  int64_t max_batch_size = 32;       // rows per executed batch (1 = batching off)
+  int64_t max_queue_delay_us = 500;  // longest wait for more requests under load
+  int64_t queue_capacity = 1024;     // queued requests before submit() throws QueueFullError
+};
+
+enum class Outcome : int { Pending = 0, Ok, Timeout, Error, Closed };
+
+class Request {
+ public:
+  // Blocks until the request finished; rethrows its error (TimeoutError, ...).
+  void wait();
+  // Waits at most timeout_us; true when finished.
+  bool wait_for(int64_t timeout_us);
+  bool done() const;
+  Outcome outcome() const;
+  // Rethrows the error of a finished, failed request; no-op when it succeeded.
+  void rethrow() const;
+  uint64_t id() const { return id_; }
+  int priority() const { return priority_; }
+
+ private:
+  friend class Batcher;
+  std::vector<const void*> inputs_;
+  std::vector<void*> outputs_;
+  int64_t rows_ = 0;
+  int priority_ = 0;
+  uint64_t id_ = 0;
+  bool notify_ = false;
+  std::chrono::steady_clock::time_point enqueued_, deadline_;
+  bool has_deadline_ = false;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  Outcome outcome_ = Outcome::Pending;
+  std::exception_ptr error_;
+};
+
+struct Histogram {
+  std::vector<double> bounds;    // upper bounds of the buckets; the last bucket is +inf
+  std::vector<uint64_t> counts;  // bounds.size() + 1 entries
+  uint64_t count = 0;
+  double sum = 0;
+  void add(double v);
+};
+
+struct BatcherStats {
+  uint64_t submitted = 0, ok = 0, timeout = 0, error = 0, rejected_full = 0, rejected_closed = 0;
+  uint64_t batches = 0, inline_runs = 0;
+  int64_t queue_depth = 0;
+  Histogram queue_us, compute_us, batch_rows, batch_requests;
+};
+
+class Batcher {
+ public:
+  Batcher(std::shared_ptr<Executor> executor, BatcherOptions opts);
+  ~Batcher();  // close()
+  Batcher(const Batcher&) = delete;
+  Batcher& operator=(const Batcher&) = delete;
+
+  // inputs[i] points at rows * row_bytes of model input i, outputs[i] at room for
+  // rows of output i; both must stay valid until the request is done.
+  // timeout_us < 0: no deadline. notify: also report the id to wait_completed().
+  // Throws QueueFullError, ClosedError, ValueError (bad rows / buffer counts).
+  // run_inline: when the queue is empty and the executor idle, run the request on
+  // the calling thread (a blocking caller then pays no thread hand-off); the
+  // call returns after the request finished. Otherwise it is queued as usual.
+  std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
+                                  int priority = 0, int64_t timeout_us = -1, bool notify = false,
+                                  bool run_inline = false);
+  // Ids of finished notify-requests, waiting at most timeout_us for the first one.
+  std::vector<uint64_t> wait_completed(int64_t timeout_us);
+  // Rejects new requests, runs every queued one, stops the scheduler. Idempotent.
+  void close();
+  bool closed() const;
+  BatcherStats stats() const;
+  const BatcherOptions& options() const { return opts_; }
+  const Model& model() const { return executor_->model(); }
+
+ private:
+  void loop();
+  void run_batch(std::vector<std::shared_ptr<Request>>& batch);
+  void finish(Request& r, Outcome o, std::exception_ptr err);
+
+  std::shared_ptr<Executor> executor_;
+  BatcherOptions opts_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<Request>> heap_;
+  uint64_t next_id_ = 1;
+  bool closing_ = false;
+  bool stopped_ = false;
+  bool busy_ = false;  // someone (scheduler or an inline caller) is running the executor
+  int64_t last_batch_requests_ = 0;
+  std::condition_variable done_cv_;
+  std::deque<uint64_t> completed_;
+  BatcherStats stats_;
+  std::thread thread_;
+};
+
+}  // namespace aimass::runtime

@@ -1,0 +1,125 @@
+// Inference runtime: the .aimass model file (safetensors + graph JSON in its
+// metadata, see docs/model-format.md) and the executor that runs it.
+//
+// Model::load memory-maps the file and validates the header, the graph and every
+// tensor reference up front, so a bad file fails at load with a clear error and
+// never later during a request. Executor builds its plan once (topological
+// order, per-sample shapes, one arena sized for a batch capacity) and reuses the
+// arena for every run: no allocation per request in steady state.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace aimass::runtime {
+
+constexpr int kFormatVersion = 1;
+
+enum class ValueType : int { Float32 = 0, Int64 = 1 };
+const char* value_type_name(ValueType t);
+
+// One graph input or output. shape[0] is -1: the batch dimension.
+struct TensorSpec {
+  std::string name;
+  ValueType dtype = ValueType::Float32;
+  std::vector<int64_t> shape;
+  // Elements per batch row (product of shape[1:]).
+  int64_t row_numel() const;
+  int64_t row_bytes() const { return row_numel() * (dtype == ValueType::Int64 ? 8 : 4); }
+};
+
+// A tensor stored in the file. `data` points into the memory-mapped file
+// (zero copy) unless the file stored it unaligned or as fp16, then into an
+// owned aligned copy.
+struct StoredTensor {
+  std::string dtype;  // safetensors name: F32, F16, I8, U8, I64, ...
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t nbytes = 0;
+  int64_t numel() const;
+};
+
+struct Node {
+  std::string op;
+  std::string name;
+  std::vector<std::string> inputs;          // values: graph inputs or earlier node outputs
+  std::vector<std::string> outputs;         // exactly one per node in format 1
+  std::map<std::string, std::string> params;  // role -> tensor name in the file ("weight", "bias")
+  std::map<std::string, std::vector<double>> attrs;  // numeric attributes (lists)
+  std::map<std::string, std::string> str_attrs;      // string attributes ("activation")
+};
+
+class Model {
+ public:
+  // Maps `path` and validates it. Throws IOError (cannot open), CorruptDataError
+  // (truncated / malformed header / offsets out of the file), ValueError (newer
+  // format version, graph referencing a missing tensor or unknown value, bad attrs).
+  static std::shared_ptr<Model> load(const std::string& path);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const std::vector<TensorSpec>& inputs() const { return inputs_; }
+  const std::vector<TensorSpec>& outputs() const { return outputs_; }
+  const std::vector<Node>& nodes() const { return nodes_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const StoredTensor& tensor(const std::string& name) const;  // ValueError when missing
+  bool has_tensor(const std::string& name) const { return tensors_.count(name) != 0; }
+  int format_version() const { return format_version_; }
+  const std::string& path() const { return path_; }
+  int64_t file_bytes() const { return static_cast<int64_t>(map_len_); }
+
+ private:
+  Model() = default;
+  std::string path_;
+  void* map_ = nullptr;
+  size_t map_len_ = 0;
+  int format_version_ = 0;
+  std::map<std::string, std::string> metadata_;
+  std::map<std::string, StoredTensor> tensors_;
+  std::vector<std::vector<float>> owned_;  // converted / realigned copies
+  std::vector<TensorSpec> inputs_, outputs_;
+  std::vector<Node> nodes_;
+  friend struct ModelLoader;
+};
+
+struct ExecutorOptions {
+  int64_t max_batch_size = 32;  // arena capacity in rows; grows if a larger batch comes
+};
+
+struct PlanImpl;
+
+// Runs a model. Not thread-safe: one caller at a time (the batcher's scheduler
+// thread, or guard it with a mutex). Kernels use aimass::parallel_for / sgemm.
+class Executor {
+ public:
+  explicit Executor(std::shared_ptr<const Model> model, ExecutorOptions opts = {});
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  const Model& model() const { return *model_; }
+  int64_t capacity() const;
+  // Makes the arena hold `rows` rows (allocates only when it grows).
+  void reserve(int64_t rows);
+  // Arena buffers of graph input / output i, valid for `capacity()` rows until the
+  // next reserve() that grows. Row r of input i starts at input_buffer(i) + r*row_bytes.
+  void* input_buffer(int i);
+  const void* output_buffer(int i) const;
+  // Runs the graph on the first `rows` rows of the input buffers.
+  void execute(int64_t rows);
+  // Convenience: copies inputs in, executes, copies outputs out (rows each).
+  void run(int64_t rows, const void* const* inputs, void* const* outputs);
+  // Bytes held by the arena.
+  int64_t arena_bytes() const;
+  // Number of planned steps after fusion (for tests / introspection).
+  int64_t num_steps() const;
+
+ private:
+  std::shared_ptr<const Model> model_;
+  std::unique_ptr<PlanImpl> plan_;
+};
+
+}  // namespace aimass::runtime

@@ -1,0 +1,331 @@
+#include "aimass/batcher.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "aimass/error.h"
+
+namespace aimass::runtime {
+
+using Clock = std::chrono::steady_clock;
+// Longer waits would overflow steady_clock arithmetic; callers loop instead.
+constexpr int64_t kMaxWaitUs = int64_t{1} << 40;
+
+namespace {
+// Higher priority first, then arrival order: the heap's top is the next to run.
+struct Later {
+  bool operator()(const std::shared_ptr<Request>& a, const std::shared_ptr<Request>& b) const;
+};
+double us_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+Histogram make_hist(std::vector<double> bounds) {
+  Histogram h;
+  h.bounds = std::move(bounds);
+  h.counts.assign(h.bounds.size() + 1, 0);
+  return h;
+}
+std::vector<double> pow2_bounds(double first, int n) {
+  std::vector<double> b;
+  for (int i = 0; i < n; ++i) b.push_back(first * static_cast<double>(int64_t{1} << i));
+  return b;
+}
+}  // namespace
+
+void Histogram::add(double v) {
+  size_t i = std::lower_bound(bounds.begin(), bounds.end(), v) - bounds.begin();
+  counts[i]++;
+  count++;
+  sum += v;
+}
+
+// ---------------------------------------------------------------- Request
+void Request::wait() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return outcome_ != Outcome::Pending; });
+  if (error_) std::rethrow_exception(error_);
+}
+bool Request::wait_for(int64_t timeout_us) {
+  std::unique_lock<std::mutex> lk(mu_);
+  return cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
+                      [&] { return outcome_ != Outcome::Pending; });
+}
+bool Request::done() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return outcome_ != Outcome::Pending;
+}
+Outcome Request::outcome() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return outcome_;
+}
+void Request::rethrow() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  AIMASS_CHECK(outcome_ != Outcome::Pending, ValueError, "request ", id_, " has not finished yet");
+  if (error_) std::rethrow_exception(error_);
+}
+
+bool Later::operator()(const std::shared_ptr<Request>& a, const std::shared_ptr<Request>& b) const {
+  if (a->priority() != b->priority()) return a->priority() < b->priority();
+  return a->id() > b->id();
+}
+
+// ---------------------------------------------------------------- Batcher
+Batcher::Batcher(std::shared_ptr<Executor> executor, BatcherOptions opts)
+    : executor_(std::move(executor)), opts_(opts) {
+  AIMASS_CHECK(executor_, ValueError, "Batcher: executor is null");
+  AIMASS_CHECK(opts_.max_batch_size >= 1, ValueError, "max_batch_size=", opts_.max_batch_size, " must be >= 1");
+  AIMASS_CHECK(opts_.max_queue_delay_us >= 0, ValueError, "max_queue_delay_us=", opts_.max_queue_delay_us,
+               " must be >= 0");
+  AIMASS_CHECK(opts_.queue_capacity >= 1, ValueError, "queue_capacity=", opts_.queue_capacity, " must be >= 1");
+  executor_->reserve(opts_.max_batch_size);
+  stats_.queue_us = make_hist(pow2_bounds(1, 24));
+  stats_.compute_us = make_hist(pow2_bounds(1, 24));
+  stats_.batch_rows = make_hist(pow2_bounds(1, 12));
+  stats_.batch_requests = make_hist(pow2_bounds(1, 12));
+  heap_.reserve(opts_.queue_capacity);
+  thread_ = std::thread([this] { loop(); });
+}
+
+Batcher::~Batcher() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
+                                         int priority, int64_t timeout_us, bool notify, bool run_inline) {
+  const Model& m = executor_->model();
+  AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
+               " inputs, the model takes ", m.inputs().size());
+  AIMASS_CHECK(outputs.size() == m.outputs().size(), ValueError, "submit: got ", outputs.size(),
+               " output buffers, the model has ", m.outputs().size(), " outputs");
+  AIMASS_CHECK(rows >= 1, ValueError, "submit: rows=", rows, " must be >= 1");
+  auto r = std::make_shared<Request>();
+  r->inputs_ = std::move(inputs);
+  r->outputs_ = std::move(outputs);
+  r->rows_ = rows;
+  r->priority_ = priority;
+  r->notify_ = notify;
+  r->enqueued_ = Clock::now();
+  if (timeout_us >= 0) {
+    r->has_deadline_ = true;
+    r->deadline_ = r->enqueued_ + std::chrono::microseconds(timeout_us);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closing_) {
+      stats_.rejected_closed++;
+      throw ClosedError("submit: the session is closed; create a new Session to run more requests");
+    }
+    if (static_cast<int64_t>(heap_.size()) >= opts_.queue_capacity) {
+      stats_.rejected_full++;
+      throw QueueFullError(detail::concat("submit: the request queue is full (queue_capacity=", opts_.queue_capacity,
+                                          "); retry later or raise queue_capacity"));
+    }
+    r->id_ = next_id_++;
+    stats_.submitted++;
+    if (run_inline && heap_.empty() && !busy_) {
+      busy_ = true;
+      stats_.inline_runs++;
+    } else {
+      run_inline = false;
+      heap_.push_back(r);
+      std::push_heap(heap_.begin(), heap_.end(), Later());
+    }
+  }
+  if (!run_inline) {
+    cv_.notify_one();
+    return r;
+  }
+  // The executor is ours: run on this thread (an idle executor never makes a lone request wait).
+  if (r->has_deadline_ && Clock::now() >= r->deadline_) {
+    finish(*r, Outcome::Timeout,
+           std::make_exception_ptr(TimeoutError(detail::concat("request ", r->id_,
+                                                               " missed its deadline before it ran; it was not run"))));
+  } else {
+    std::vector<std::shared_ptr<Request>> one{r};
+    run_batch(one);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    busy_ = false;
+    last_batch_requests_ = 1;
+  }
+  cv_.notify_all();
+  return r;
+}
+
+void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
+  // Count first so stats() already reflects a request its caller saw finish.
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    switch (o) {
+      case Outcome::Ok: stats_.ok++; break;
+      case Outcome::Timeout: stats_.timeout++; break;
+      case Outcome::Closed: stats_.rejected_closed++; break;
+      default: stats_.error++; break;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lk(r.mu_);
+    r.outcome_ = o;
+    r.error_ = std::move(err);
+  }
+  r.cv_.notify_all();
+  if (r.notify_) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      completed_.push_back(r.id_);
+    }
+    done_cv_.notify_all();
+  }
+}
+
+void Batcher::loop() {
+  std::vector<std::shared_ptr<Request>> batch, expired;
+  batch.reserve(opts_.max_batch_size);
+  std::unique_lock<std::mutex> lk(mu_);
+  while (true) {
+    cv_.wait(lk, [&] { return (!heap_.empty() || closing_) && !busy_; });
+    if (heap_.empty() && closing_) break;
+    batch.clear();
+    expired.clear();
+    int64_t rows = 0;
+    const auto take = [&] {
+      const auto now = Clock::now();
+      while (!heap_.empty()) {
+        const auto& top = heap_.front();
+        if (top->has_deadline_ && now >= top->deadline_) {
+          std::pop_heap(heap_.begin(), heap_.end(), Later());
+          expired.push_back(std::move(heap_.back()));
+          heap_.pop_back();
+          continue;
+        }
+        // An oversized request runs alone (the executor grows once for it).
+        if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
+        std::pop_heap(heap_.begin(), heap_.end(), Later());
+        rows += heap_.back()->rows_;
+        batch.push_back(std::move(heap_.back()));
+        heap_.pop_back();
+        if (rows >= opts_.max_batch_size) break;
+      }
+    };
+    take();
+    if (!batch.empty()) busy_ = true;  // from here the executor is the scheduler's (no inline runs)
+    // Wait for more only under evident load, and at most the delay after the
+    // oldest request arrived; stop once as many requests as last time are in.
+    if (!batch.empty() && rows < opts_.max_batch_size && opts_.max_queue_delay_us > 0 && !closing_ &&
+        (batch.size() >= 2 || last_batch_requests_ >= 2)) {
+      Clock::time_point oldest = batch.front()->enqueued_;
+      for (const auto& r : batch) oldest = std::min(oldest, r->enqueued_);
+      const auto until = oldest + std::chrono::microseconds(opts_.max_queue_delay_us);
+      const int64_t target = std::max<int64_t>(last_batch_requests_, 2);
+      while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_) {
+        if (cv_.wait_until(lk, until) == std::cv_status::timeout) {
+          take();
+          break;
+        }
+        take();
+      }
+    }
+    stats_.queue_depth = static_cast<int64_t>(heap_.size());
+    busy_ = true;
+    lk.unlock();
+    for (auto& r : expired)
+      finish(*r, Outcome::Timeout,
+             std::make_exception_ptr(TimeoutError(detail::concat(
+                 "request ", r->id_, " missed its deadline after ",
+                 static_cast<int64_t>(us_between(r->enqueued_, Clock::now())), " us in the queue; it was not run"))));
+    if (!batch.empty()) run_batch(batch);
+    lk.lock();
+    busy_ = false;
+    if (!batch.empty()) last_batch_requests_ = static_cast<int64_t>(batch.size());
+  }
+  stopped_ = true;
+  lk.unlock();
+  done_cv_.notify_all();
+}
+
+void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
+  const Model& m = executor_->model();
+  const auto start = Clock::now();
+  int64_t rows = 0;
+  for (const auto& r : batch) rows += r->rows_;
+  std::exception_ptr err;
+  try {
+    executor_->reserve(rows);
+    for (size_t i = 0; i < m.inputs().size(); ++i) {
+      const int64_t rb = m.inputs()[i].row_bytes();
+      auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
+      int64_t off = 0;
+      for (const auto& r : batch) {
+        std::memcpy(dst + off * rb, r->inputs_[i], r->rows_ * rb);
+        off += r->rows_;
+      }
+    }
+    executor_->execute(rows);
+    for (size_t i = 0; i < m.outputs().size(); ++i) {
+      const int64_t rb = m.outputs()[i].row_bytes();
+      const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
+      int64_t off = 0;
+      for (const auto& r : batch) {
+        std::memcpy(r->outputs_[i], src + off * rb, r->rows_ * rb);
+        off += r->rows_;
+      }
+    }
+  } catch (...) {
+    err = std::current_exception();
+  }
+  const auto end = Clock::now();
+  if (err && batch.size() > 1) {
+    // One bad request (e.g. an out-of-range embedding index) must not fail the
+    // others: run each alone to give every request its own outcome.
+    for (auto& r : batch) {
+      std::vector<std::shared_ptr<Request>> one{r};
+      run_batch(one);
+    }
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stats_.batches++;
+    stats_.compute_us.add(us_between(start, end));
+    stats_.batch_rows.add(static_cast<double>(rows));
+    stats_.batch_requests.add(static_cast<double>(batch.size()));
+    for (const auto& r : batch) stats_.queue_us.add(us_between(r->enqueued_, start));
+  }
+  for (auto& r : batch) finish(*r, err ? Outcome::Error : Outcome::Ok, err);
+}
+
+std::vector<uint64_t> Batcher::wait_completed(int64_t timeout_us) {
+  std::unique_lock<std::mutex> lk(mu_);
+  done_cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
+                    [&] { return !completed_.empty() || stopped_; });
+  std::vector<uint64_t> out(completed_.begin(), completed_.end());
+  completed_.clear();
+  return out;
+}
+
+void Batcher::close() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closing_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool Batcher::closed() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return closing_;
+}
+
+BatcherStats Batcher::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  BatcherStats s = stats_;
+  s.queue_depth = static_cast<int64_t>(heap_.size());
+  return s;
+}
+
+}  // namespace aimass::runtime

@@ -1,0 +1,596 @@
+// Plan building and execution. The plan is built once per model: values get
+// per-row shapes (the batch dimension is the only dynamic one, so shapes for
+// any batch size follow by multiplication), activations are fused into the
+// GEMM/conv before them, and every value gets a slot in one arena sized for
+// `capacity` rows. execute() only indexes into that arena.
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <set>
+
+#include "aimass/error.h"
+#include "aimass/runtime.h"
+#include "runtime/ops.h"
+#include "runtime/qlinear_bridge.h"
+
+namespace aimass::runtime {
+
+namespace {
+
+enum class Kind { Linear, QLinear, Conv2d, MaxPool, AvgPool, AdaptiveAvgPool, Alias, Activation, Softmax,
+                  LogSoftmax, LayerNorm, Embedding, Binary, ChannelAffine };
+
+struct ValueInfo {
+  ValueType dtype = ValueType::Float32;
+  std::vector<int64_t> row;  // shape without the batch dimension
+  int slot = -1;
+  int64_t row_numel() const { return std::accumulate(row.begin(), row.end(), int64_t{1}, std::multiplies<>()); }
+  int64_t row_bytes() const { return row_numel() * (dtype == ValueType::Int64 ? 8 : 4); }
+};
+
+struct Step {
+  Kind kind;
+  std::string where;
+  int in0 = -1, in1 = -1, out = -1;
+  const float* w = nullptr;
+  const float* b = nullptr;
+  const float* b2 = nullptr;
+  ops::Act act = ops::Act::None;
+  int64_t K = 0, N = 0, D = 0, V = 0, inner = 0, axis = 0;  // meaning depends on kind
+  double eps = 0;
+  ops::Conv2dShape conv{};
+  ops::Pool2dShape pool{};
+  ops::BinOp binop = ops::BinOp::Add;
+  float a_scalar = 0, b_scalar = 0;
+  bool a_is_scalar = false, b_is_scalar = false;
+  const float* a_const = nullptr;
+  const float* b_const = nullptr;
+  std::vector<int64_t> out_shape, a_strides, b_strides;  // full shapes; [0] patched to rows
+  bool a_batched = false, b_batched = false;
+  std::shared_ptr<QLinearWeights> q;
+};
+
+const char* kSupportedOps =
+    "linear, conv2d, max_pool2d, avg_pool2d, adaptive_avg_pool2d, reshape, identity, activation, softmax, "
+    "log_softmax, layer_norm, embedding, add, sub, mul, div, channel_affine";
+
+int64_t attr_int(const Node& n, const char* key, int64_t def, bool required = false) {
+  auto it = n.attrs.find(key);
+  if (it == n.attrs.end()) {
+    AIMASS_CHECK(!required, ValueError, "node '", n.name, "' (", n.op, ") lacks attribute '", key, "'");
+    return def;
+  }
+  AIMASS_CHECK(it->second.size() == 1, ValueError, "node '", n.name, "': attribute '", key, "' must be one number");
+  return static_cast<int64_t>(it->second[0]);
+}
+
+std::vector<int64_t> attr_ints(const Node& n, const char* key, size_t len) {
+  auto it = n.attrs.find(key);
+  AIMASS_CHECK(it != n.attrs.end(), ValueError, "node '", n.name, "' (", n.op, ") lacks attribute '", key, "'");
+  std::vector<int64_t> out;
+  for (double d : it->second) out.push_back(static_cast<int64_t>(d));
+  if (len && out.size() == 1) out.assign(len, out[0]);
+  AIMASS_CHECK(!len || out.size() == len, ValueError, "node '", n.name, "': attribute '", key, "' must have ", len,
+               " values");
+  return out;
+}
+
+const float* f32_param(const Model& m, const Node& n, const char* role, const std::vector<int64_t>& shape,
+                       bool required) {
+  auto it = n.params.find(role);
+  if (it == n.params.end()) {
+    AIMASS_CHECK(!required, ValueError, "node '", n.name, "' (", n.op, ") lacks its '", role, "' tensor");
+    return nullptr;
+  }
+  const StoredTensor& t = m.tensor(it->second);
+  AIMASS_CHECK(t.dtype == "F32", TypeError, "node '", n.name, "': tensor '", it->second, "' (", role,
+               ") has dtype ", t.dtype, "; expected F32 (or F16/BF16)");
+  if (!shape.empty()) {
+    AIMASS_CHECK(t.shape == shape, ValueError, "node '", n.name, "': tensor '", it->second, "' (", role,
+                 ") has the wrong shape for its input");
+  }
+  return static_cast<const float*>(t.data);
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+}  // namespace
+
+struct PlanImpl {
+  std::vector<ValueInfo> values;
+  std::map<std::string, int> index;
+  std::vector<Step> steps;
+  std::vector<int> input_values, output_values;
+  std::vector<int64_t> slot_row_bytes;  // padded to 64 bytes
+  std::vector<int64_t> slot_prefix;     // bytes per row before the slot
+  int64_t total_row_bytes = 0;
+  int64_t capacity = 0;
+  void* arena = nullptr;
+  std::vector<float> col;  // im2col scratch, one sample
+  ~PlanImpl() { std::free(arena); }
+
+  uint8_t* ptr(int v) const {
+    return static_cast<uint8_t*>(arena) + slot_prefix[values[v].slot] * capacity;
+  }
+  float* fptr(int v) const { return reinterpret_cast<float*>(ptr(v)); }
+};
+
+namespace {
+
+int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<int64_t> row, int alias_of = -1) {
+  ValueInfo vi;
+  vi.dtype = dt;
+  vi.row = std::move(row);
+  if (alias_of >= 0) {
+    vi.slot = p.values[alias_of].slot;
+  } else {
+    vi.slot = static_cast<int>(p.slot_row_bytes.size());
+    p.slot_row_bytes.push_back((vi.row_bytes() + 63) / 64 * 64);
+  }
+  p.values.push_back(std::move(vi));
+  int id = static_cast<int>(p.values.size()) - 1;
+  p.index[name] = id;
+  return id;
+}
+
+void assign_memory(PlanImpl& p);
+
+void build(PlanImpl& p, const Model& m) {
+  for (const auto& in : m.inputs()) {
+    std::vector<int64_t> row(in.shape.begin() + 1, in.shape.end());
+    p.input_values.push_back(new_value(p, in.name, in.dtype, row));
+  }
+  // Uses of each value, to know when an activation may be fused into its producer.
+  std::map<std::string, int> uses;
+  for (const auto& n : m.nodes())
+    for (const auto& i : n.inputs) uses[i]++;
+  for (const auto& o : m.outputs()) uses[o.name] += 1000;
+
+  const auto& nodes = m.nodes();
+  for (size_t ni = 0; ni < nodes.size(); ++ni) {
+    const Node& n = nodes[ni];
+    Step s;
+    s.where = "node '" + n.name + "' (" + n.op + ")";
+    auto input = [&](size_t i) {
+      AIMASS_CHECK(i < n.inputs.size(), ValueError, s.where, " needs input ", i);
+      return p.index.at(n.inputs[i]);
+    };
+    auto need_inputs = [&](size_t k) {
+      AIMASS_CHECK(n.inputs.size() == k, ValueError, s.where, " takes ", k, " input(s), got ", n.inputs.size());
+    };
+    auto f32_in = [&](int v) {
+      AIMASS_CHECK(p.values[v].dtype == ValueType::Float32, TypeError, s.where, " needs a float32 input");
+      return v;
+    };
+    const std::string& out_name = n.outputs[0];
+    std::vector<int64_t> out_row;
+    int alias = -1;
+    ValueType out_dt = ValueType::Float32;
+
+    if (n.op == "linear") {
+      need_inputs(1);
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      AIMASS_CHECK(!row.empty(), ValueError, s.where, ": input needs a feature dimension");
+      s.K = row.back();
+      auto wit = n.params.find("weight");
+      AIMASS_CHECK(wit != n.params.end(), ValueError, s.where, " lacks its 'weight' tensor");
+      const StoredTensor& wt = m.tensor(wit->second);
+      AIMASS_CHECK(!wt.shape.empty(), ValueError, s.where, ": weight must be 2-D");
+      s.N = wt.shape[0];
+      if (n.attrs.count("bits")) {
+        s.kind = Kind::QLinear;
+        s.q = pack_qlinear(m, n, s.K);
+        s.N = s.q->N;
+      } else {
+        s.kind = Kind::Linear;
+        s.w = f32_param(m, n, "weight", {s.N, s.K}, true);
+        AIMASS_CHECK(wt.shape.size() == 2 && wt.shape[1] == s.K, ValueError, s.where, ": weight ",
+                     shape_str(wt.shape), " does not match input features ", s.K);
+      }
+      s.b = f32_param(m, n, "bias", {s.N}, false);
+      out_row = row;
+      out_row.back() = s.N;
+      s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
+    } else if (n.op == "conv2d") {
+      need_inputs(1);
+      s.kind = Kind::Conv2d;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      AIMASS_CHECK(row.size() == 3, ValueError, s.where, ": input must be [N, C, H, W], got row shape ",
+                   shape_str(row));
+      auto wit = n.params.find("weight");
+      AIMASS_CHECK(wit != n.params.end(), ValueError, s.where, " lacks its 'weight' tensor");
+      const auto& ws = m.tensor(wit->second).shape;
+      AIMASS_CHECK(ws.size() == 4, ValueError, s.where, ": weight must be 4-D");
+      auto& c = s.conv;
+      c.C = row[0]; c.H = row[1]; c.W = row[2];
+      c.O = ws[0]; c.KH = ws[2]; c.KW = ws[3];
+      auto st = attr_ints(n, "stride", 2), pd = attr_ints(n, "padding", 2), dl = attr_ints(n, "dilation", 2);
+      c.SH = st[0]; c.SW = st[1]; c.PH = pd[0]; c.PW = pd[1]; c.DH = dl[0]; c.DW = dl[1];
+      c.G = attr_int(n, "groups", 1);
+      AIMASS_CHECK(c.G >= 1 && c.C % c.G == 0 && c.O % c.G == 0 && ws[1] == c.C / c.G, ValueError, s.where,
+                   ": weight ", shape_str(ws), " and groups=", c.G, " do not fit ", c.C, " input channels");
+      AIMASS_CHECK(c.SH > 0 && c.SW > 0 && c.DH > 0 && c.DW > 0 && c.PH >= 0 && c.PW >= 0, ValueError, s.where,
+                   ": bad stride/padding/dilation");
+      c.OH = (c.H + 2 * c.PH - c.DH * (c.KH - 1) - 1) / c.SH + 1;
+      c.OW = (c.W + 2 * c.PW - c.DW * (c.KW - 1) - 1) / c.SW + 1;
+      AIMASS_CHECK(c.OH > 0 && c.OW > 0, ValueError, s.where, ": kernel larger than the padded input");
+      s.w = f32_param(m, n, "weight", ws, true);
+      s.b = f32_param(m, n, "bias", {c.O}, false);
+      s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
+      p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(c.C / c.G * c.KH * c.KW * c.OH * c.OW)));
+      out_row = {c.O, c.OH, c.OW};
+    } else if (n.op == "max_pool2d" || n.op == "avg_pool2d") {
+      need_inputs(1);
+      s.kind = n.op == "max_pool2d" ? Kind::MaxPool : Kind::AvgPool;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      AIMASS_CHECK(row.size() == 3, ValueError, s.where, ": input must be [N, C, H, W]");
+      auto& q = s.pool;
+      q.C = row[0]; q.H = row[1]; q.W = row[2];
+      auto k = attr_ints(n, "kernel_size", 2), st = attr_ints(n, "stride", 2), pd = attr_ints(n, "padding", 2);
+      std::vector<int64_t> dl = n.attrs.count("dilation") ? attr_ints(n, "dilation", 2) : std::vector<int64_t>{1, 1};
+      q.KH = k[0]; q.KW = k[1]; q.SH = st[0]; q.SW = st[1]; q.PH = pd[0]; q.PW = pd[1]; q.DH = dl[0]; q.DW = dl[1];
+      q.count_include_pad = attr_int(n, "count_include_pad", 1) != 0;
+      AIMASS_CHECK(q.KH > 0 && q.KW > 0 && q.SH > 0 && q.SW > 0 && q.PH >= 0 && q.PW >= 0 && q.DH > 0 && q.DW > 0,
+                   ValueError, s.where, ": bad kernel/stride/padding");
+      q.OH = (q.H + 2 * q.PH - q.DH * (q.KH - 1) - 1) / q.SH + 1;
+      q.OW = (q.W + 2 * q.PW - q.DW * (q.KW - 1) - 1) / q.SW + 1;
+      AIMASS_CHECK(q.OH > 0 && q.OW > 0, ValueError, s.where, ": window larger than the padded input");
+      out_row = {q.C, q.OH, q.OW};
+    } else if (n.op == "adaptive_avg_pool2d") {
+      need_inputs(1);
+      s.kind = Kind::AdaptiveAvgPool;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      AIMASS_CHECK(row.size() == 3, ValueError, s.where, ": input must be [N, C, H, W]");
+      auto os = attr_ints(n, "output_size", 2);
+      AIMASS_CHECK(os[0] > 0 && os[1] > 0, ValueError, s.where, ": output_size must be positive");
+      s.pool.C = row[0]; s.pool.H = row[1]; s.pool.W = row[2]; s.pool.OH = os[0]; s.pool.OW = os[1];
+      out_row = {row[0], os[0], os[1]};
+    } else if (n.op == "reshape" || n.op == "identity") {
+      need_inputs(1);
+      s.kind = Kind::Alias;
+      s.in0 = input(0);
+      out_dt = p.values[s.in0].dtype;
+      out_row = n.op == "identity" ? p.values[s.in0].row : attr_ints(n, "shape", 0);
+      int64_t numel = 1;
+      for (auto d : out_row) {
+        AIMASS_CHECK(d > 0, ValueError, s.where, ": shape ", shape_str(out_row), " must be positive per-row dims");
+        numel *= d;
+      }
+      AIMASS_CHECK(numel == p.values[s.in0].row_numel(), ValueError, s.where, ": cannot reshape row ",
+                   shape_str(p.values[s.in0].row), " to ", shape_str(out_row));
+      alias = s.in0;
+    } else if (n.op == "activation") {
+      need_inputs(1);
+      s.kind = Kind::Activation;
+      s.in0 = f32_in(input(0));
+      AIMASS_CHECK(n.str_attrs.count("kind"), ValueError, s.where, " lacks attribute 'kind'");
+      s.act = ops::parse_act(n.str_attrs.at("kind"));
+      out_row = p.values[s.in0].row;
+      // Fuse into the producing GEMM/conv when nothing else reads its output.
+      if (!p.steps.empty()) {
+        Step& prev = p.steps.back();
+        if ((prev.kind == Kind::Linear || prev.kind == Kind::QLinear || prev.kind == Kind::Conv2d) &&
+            prev.out == s.in0 && prev.act == ops::Act::None && uses[n.inputs[0]] == 1) {
+          prev.act = s.act;
+          prev.out = new_value(p, out_name, ValueType::Float32, out_row, s.in0);
+          continue;
+        }
+      }
+    } else if (n.op == "softmax" || n.op == "log_softmax") {
+      need_inputs(1);
+      s.kind = n.op == "softmax" ? Kind::Softmax : Kind::LogSoftmax;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      int64_t dim = attr_int(n, "dim", 0, true);
+      AIMASS_CHECK(dim >= 1 && dim <= static_cast<int64_t>(row.size()), ValueError, s.where, ": dim ", dim,
+                   " must index a non-batch dimension");
+      s.axis = row[dim - 1];
+      s.inner = 1;
+      for (size_t i = dim; i < row.size(); ++i) s.inner *= row[i];
+      out_row = row;
+    } else if (n.op == "layer_norm") {
+      need_inputs(1);
+      s.kind = Kind::LayerNorm;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      auto ns = attr_ints(n, "normalized_shape", 0);
+      AIMASS_CHECK(!ns.empty() && ns.size() <= row.size() &&
+                       std::equal(ns.begin(), ns.end(), row.end() - ns.size()),
+                   ValueError, s.where, ": normalized_shape ", shape_str(ns), " does not end the input row ",
+                   shape_str(row));
+      s.D = std::accumulate(ns.begin(), ns.end(), int64_t{1}, std::multiplies<>());
+      auto e = n.attrs.find("eps");
+      s.eps = e == n.attrs.end() ? 1e-5 : e->second.at(0);
+      s.w = f32_param(m, n, "weight", ns, false);
+      s.b = f32_param(m, n, "bias", ns, false);
+      out_row = row;
+    } else if (n.op == "embedding") {
+      need_inputs(1);
+      s.kind = Kind::Embedding;
+      s.in0 = input(0);
+      AIMASS_CHECK(p.values[s.in0].dtype == ValueType::Int64, TypeError, s.where, ": indices must be int64");
+      auto wit = n.params.find("weight");
+      AIMASS_CHECK(wit != n.params.end(), ValueError, s.where, " lacks its 'weight' tensor");
+      const auto& ws = m.tensor(wit->second).shape;
+      AIMASS_CHECK(ws.size() == 2, ValueError, s.where, ": weight must be [num_embeddings, dim]");
+      s.V = ws[0];
+      s.D = ws[1];
+      s.w = f32_param(m, n, "weight", ws, true);
+      out_row = p.values[s.in0].row;
+      out_row.push_back(s.D);
+    } else if (n.op == "add" || n.op == "sub" || n.op == "mul" || n.op == "div") {
+      s.kind = Kind::Binary;
+      s.binop = n.op == "add" ? ops::BinOp::Add : n.op == "sub" ? ops::BinOp::Sub
+              : n.op == "mul" ? ops::BinOp::Mul : ops::BinOp::Div;
+      // operand a / b: a graph value, a stored tensor (params a/b) or a scalar (attrs a_scalar/b_scalar)
+      size_t next_in = 0;
+      std::vector<int64_t> a_full, b_full;
+      auto operand = [&](const char* which, int& vin, bool& is_scalar, float& scalar, const float*& cst,
+                         std::vector<int64_t>& full) {
+        std::string sk = std::string(which) + "_scalar";
+        if (n.attrs.count(sk)) {
+          is_scalar = true;
+          scalar = static_cast<float>(n.attrs.at(sk).at(0));
+          return;
+        }
+        if (n.params.count(which)) {
+          const StoredTensor& t = m.tensor(n.params.at(which));
+          AIMASS_CHECK(t.dtype == "F32", TypeError, s.where, ": constant operand must be float");
+          cst = static_cast<const float*>(t.data);
+          full = t.shape;
+          return;
+        }
+        vin = f32_in(input(next_in++));
+        full = p.values[vin].row;
+        full.insert(full.begin(), -1);  // batch
+      };
+      operand("a", s.in0, s.a_is_scalar, s.a_scalar, s.a_const, a_full);
+      operand("b", s.in1, s.b_is_scalar, s.b_scalar, s.b_const, b_full);
+      AIMASS_CHECK(next_in == n.inputs.size() && next_in >= 1, ValueError, s.where,
+                   " needs one or two graph inputs that match its constant operands");
+      const size_t r = std::max(a_full.size(), b_full.size());
+      const size_t vr = s.in0 >= 0 ? a_full.size() : b_full.size();
+      AIMASS_CHECK(r == vr && (s.in0 < 0 || s.in1 < 0 || a_full.size() == b_full.size()), ValueError, s.where,
+                   ": broadcasting would move the batch dimension; operands ", shape_str(a_full), " and ",
+                   shape_str(b_full));
+      std::vector<int64_t> out(r, 1);
+      auto strides_for = [&](const std::vector<int64_t>& full, bool scalar_op) {
+        std::vector<int64_t> st(r, 0);
+        if (scalar_op) return st;
+        int64_t acc = 1;
+        for (size_t k = 0; k < full.size(); ++k) {
+          const size_t i = full.size() - 1 - k, o = r - 1 - k;
+          const int64_t d = full[i];
+          st[o] = (d == 1) ? 0 : acc;
+          acc *= (d == -1 ? 0 : d);  // batch stride is patched at run time
+        }
+        return st;
+      };
+      for (size_t k = 0; k < r; ++k) {
+        const size_t o = r - 1 - k;
+        int64_t da = k < a_full.size() ? a_full[a_full.size() - 1 - k] : 1;
+        int64_t db = k < b_full.size() ? b_full[b_full.size() - 1 - k] : 1;
+        if (o == 0) {
+          AIMASS_CHECK((da == -1 || da == 1) && (db == -1 || db == 1), ValueError, s.where,
+                       ": a constant operand must have size 1 in the batch dimension");
+          out[0] = -1;
+          continue;
+        }
+        AIMASS_CHECK(da == db || da == 1 || db == 1, ValueError, s.where, ": shapes ", shape_str(a_full), " and ",
+                     shape_str(b_full), " do not broadcast");
+        out[o] = std::max(da, db);
+      }
+      s.a_strides = strides_for(a_full, s.a_is_scalar);
+      s.b_strides = strides_for(b_full, s.b_is_scalar);
+      s.a_batched = s.in0 >= 0;
+      s.b_batched = s.in1 >= 0;
+      s.out_shape = out;
+      out_row.assign(out.begin() + 1, out.end());
+      // batch strides: a value's batch stride is its row numel
+      if (s.a_batched) s.a_strides[0] = p.values[s.in0].row_numel();
+      if (s.b_batched) s.b_strides[0] = p.values[s.in1].row_numel();
+      if (out_row.empty()) {  // [B] only: give the kernel a last dim
+        s.out_shape.push_back(1);
+        s.a_strides.push_back(0);
+        s.b_strides.push_back(0);
+      }
+    } else if (n.op == "channel_affine") {
+      need_inputs(1);
+      s.kind = Kind::ChannelAffine;
+      s.in0 = f32_in(input(0));
+      const auto& row = p.values[s.in0].row;
+      AIMASS_CHECK(!row.empty(), ValueError, s.where, ": input needs a channel dimension");
+      s.N = row[0];
+      s.inner = p.values[s.in0].row_numel() / row[0];
+      s.w = f32_param(m, n, "scale", {row[0]}, true);
+      s.b = f32_param(m, n, "shift", {row[0]}, true);
+      out_row = row;
+    } else {
+      throw ValueError(detail::concat(m.path(), ": ", s.where, ": op '", n.op,
+                                      "' is not supported by this runtime; supported ops: ", kSupportedOps));
+    }
+    s.out = new_value(p, out_name, out_dt, out_row, alias);
+    p.steps.push_back(std::move(s));
+  }
+  for (size_t i = 0; i < m.outputs().size(); ++i) {
+    const auto& o = m.outputs()[i];
+    int v = p.index.at(o.name);
+    const ValueInfo& vi = p.values[v];
+    std::vector<int64_t> row(o.shape.begin() + 1, o.shape.end());
+    AIMASS_CHECK(vi.row == row && vi.dtype == o.dtype, ValueError, m.path(), ": signature output '", o.name,
+                 "' declares row shape ", shape_str(row), " but the graph computes ", shape_str(vi.row));
+    p.output_values.push_back(v);
+  }
+  assign_memory(p);
+}
+
+// Liveness-based arena layout: a slot whose last reader ran may be reused by a
+// slot defined later (best fit among free blocks). Graph outputs live to the
+// end; a step's output never shares memory with its own inputs, because a
+// block frees only after the last step that reads it.
+void assign_memory(PlanImpl& p) {
+  const int S = static_cast<int>(p.slot_row_bytes.size());
+  constexpr int kEnd = std::numeric_limits<int>::max();
+  std::vector<int> def(S, kEnd), last(S, -1);
+  for (int v : p.input_values) def[p.values[v].slot] = -1;
+  for (int i = 0; i < static_cast<int>(p.steps.size()); ++i) {
+    const Step& st = p.steps[i];
+    for (int in : {st.in0, st.in1})
+      if (in >= 0) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
+    int& d = def[p.values[st.out].slot];
+    d = std::min(d, i);
+  }
+  for (int v : p.output_values) last[p.values[v].slot] = kEnd;
+  std::vector<int> order;
+  for (int s = 0; s < S; ++s)
+    if (def[s] != kEnd) order.push_back(s);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return def[a] < def[b]; });
+  struct Block { int64_t bytes; int busy_until; };
+  std::vector<Block> blocks;
+  std::vector<int> block_of(S, -1);
+  for (int s : order) {
+    const int64_t need = p.slot_row_bytes[s];
+    int best = -1;
+    for (int b = 0; b < static_cast<int>(blocks.size()); ++b)
+      if (blocks[b].busy_until < def[s] && blocks[b].bytes >= need && (best < 0 || blocks[b].bytes < blocks[best].bytes))
+        best = b;
+    if (best < 0) {
+      blocks.push_back({need, -2});
+      best = static_cast<int>(blocks.size()) - 1;
+    }
+    blocks[best].busy_until = std::max(last[s], def[s]);
+    block_of[s] = best;
+  }
+  std::vector<int64_t> block_prefix(blocks.size());
+  int64_t acc = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    block_prefix[b] = acc;
+    acc += blocks[b].bytes;
+  }
+  p.slot_prefix.assign(S, 0);
+  for (int s = 0; s < S; ++s)
+    if (block_of[s] >= 0) p.slot_prefix[s] = block_prefix[block_of[s]];
+  p.total_row_bytes = acc;
+}
+
+}  // namespace
+
+Executor::Executor(std::shared_ptr<const Model> model, ExecutorOptions opts)
+    : model_(std::move(model)), plan_(std::make_unique<PlanImpl>()) {
+  AIMASS_CHECK(model_, ValueError, "Executor: model is null");
+  AIMASS_CHECK(opts.max_batch_size >= 1, ValueError, "Executor: max_batch_size=", opts.max_batch_size,
+               " must be >= 1");
+  build(*plan_, *model_);
+  reserve(opts.max_batch_size);
+}
+
+Executor::~Executor() = default;
+
+int64_t Executor::capacity() const { return plan_->capacity; }
+int64_t Executor::arena_bytes() const { return plan_->total_row_bytes * plan_->capacity; }
+int64_t Executor::num_steps() const { return static_cast<int64_t>(plan_->steps.size()); }
+
+void Executor::reserve(int64_t rows) {
+  AIMASS_CHECK(rows >= 1, ValueError, "Executor::reserve: rows=", rows, " must be >= 1");
+  if (rows <= plan_->capacity) return;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(plan_->total_row_bytes * rows, 64));
+  void* mem = nullptr;
+  AIMASS_CHECK(posix_memalign(&mem, 64, bytes) == 0, Error, "Executor: cannot allocate an arena of ", bytes,
+               " bytes for ", rows, " rows");
+  std::free(plan_->arena);
+  plan_->arena = mem;
+  plan_->capacity = rows;
+}
+
+void* Executor::input_buffer(int i) {
+  AIMASS_CHECK(i >= 0 && i < static_cast<int>(plan_->input_values.size()), ValueError, "input index ", i,
+               " out of range");
+  return plan_->ptr(plan_->input_values[i]);
+}
+
+const void* Executor::output_buffer(int i) const {
+  AIMASS_CHECK(i >= 0 && i < static_cast<int>(plan_->output_values.size()), ValueError, "output index ", i,
+               " out of range");
+  return plan_->ptr(plan_->output_values[i]);
+}
+
+void Executor::execute(int64_t rows) {
+  PlanImpl& p = *plan_;
+  AIMASS_CHECK(rows >= 1 && rows <= p.capacity, ValueError, "Executor::execute: rows=", rows, " must be in [1, ",
+               p.capacity, "]; call reserve() first");
+  for (Step& s : p.steps) {
+    switch (s.kind) {
+      case Kind::Linear: {
+        const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
+        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out));
+        break;
+      }
+      case Kind::QLinear: {
+        const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
+        run_qlinear(*s.q, p.fptr(s.in0), R, s.b, p.fptr(s.out));
+        if (s.act != ops::Act::None) ops::activation(p.fptr(s.out), R * s.N, s.act, p.fptr(s.out));
+        break;
+      }
+      case Kind::Conv2d:
+        ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+        break;
+      case Kind::MaxPool: ops::max_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
+      case Kind::AvgPool: ops::avg_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
+      case Kind::AdaptiveAvgPool:
+        ops::adaptive_avg_pool2d(p.fptr(s.in0), rows, s.pool.C, s.pool.H, s.pool.W, s.pool.OH, s.pool.OW,
+                                 p.fptr(s.out));
+        break;
+      case Kind::Alias: break;  // shares its input's slot
+      case Kind::Activation:
+        ops::activation(p.fptr(s.in0), rows * p.values[s.in0].row_numel(), s.act, p.fptr(s.out));
+        break;
+      case Kind::Softmax:
+      case Kind::LogSoftmax: {
+        const int64_t outer = rows * p.values[s.in0].row_numel() / (s.axis * s.inner);
+        ops::softmax(p.fptr(s.in0), outer, s.axis, s.inner, s.kind == Kind::LogSoftmax, p.fptr(s.out));
+        break;
+      }
+      case Kind::LayerNorm:
+        ops::layer_norm(p.fptr(s.in0), rows * p.values[s.in0].row_numel() / s.D, s.D, s.w, s.b, s.eps,
+                        p.fptr(s.out));
+        break;
+      case Kind::Embedding:
+        ops::embedding(reinterpret_cast<const int64_t*>(p.ptr(s.in0)), rows * p.values[s.in0].row_numel(), s.w,
+                       s.V, s.D, p.fptr(s.out));
+        break;
+      case Kind::Binary: {
+        s.out_shape[0] = rows;
+        const float* a = s.a_is_scalar ? &s.a_scalar : s.a_const ? s.a_const : p.fptr(s.in0);
+        const float* b = s.b_is_scalar ? &s.b_scalar : s.b_const ? s.b_const : p.fptr(s.in1);
+        ops::binary(s.binop, a, s.a_strides, b, s.b_strides, s.out_shape, p.fptr(s.out));
+        break;
+      }
+      case Kind::ChannelAffine:
+        ops::channel_affine(p.fptr(s.in0), rows, s.N, s.inner, s.w, s.b, p.fptr(s.out));
+        break;
+    }
+  }
+}
+
+void Executor::run(int64_t rows, const void* const* inputs, void* const* outputs) {
+  reserve(rows);
+  const Model& m = *model_;
+  for (size_t i = 0; i < m.inputs().size(); ++i)
+    std::memcpy(input_buffer(static_cast<int>(i)), inputs[i], rows * m.inputs()[i].row_bytes());
+  execute(rows);
+  for (size_t i = 0; i < m.outputs().size(); ++i)
+    std::memcpy(outputs[i], output_buffer(static_cast<int>(i)), rows * m.outputs()[i].row_bytes());
+}
+
+}  // namespace aimass::runtime

@@ -1,0 +1,354 @@
+#include "runtime/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "aimass/blas.h"
+#include "aimass/error.h"
+#include "aimass/parallel.h"
+#include "runtime/gemv.h"
+
+namespace aimass::runtime::ops {
+
+Act parse_act(const std::string& name) {
+  if (name.empty() || name == "none") return Act::None;
+  if (name == "relu") return Act::Relu;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "silu") return Act::Silu;
+  if (name == "sigmoid") return Act::Sigmoid;
+  if (name == "tanh") return Act::Tanh;
+  throw ValueError(detail::concat("unknown activation '", name,
+                                  "'; supported: none, relu, gelu, gelu_tanh, silu, sigmoid, tanh"));
+}
+
+namespace {
+
+// Grain sizes: enough work per chunk that the pool's wake-up cost is amortized.
+constexpr int64_t kElemGrain = 16384;
+
+template <Act A>
+inline float apply(float v) {
+  if constexpr (A == Act::Relu) return v > 0.f ? v : 0.f;
+  if constexpr (A == Act::Gelu) return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+  if constexpr (A == Act::GeluTanh) {
+    const float k = 0.7978845608028654f;
+    return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+  }
+  if constexpr (A == Act::Silu) return v / (1.f + std::exp(-v));
+  if constexpr (A == Act::Sigmoid) return 1.f / (1.f + std::exp(-v));
+  if constexpr (A == Act::Tanh) return std::tanh(v);
+  return v;
+}
+
+template <Act A>
+void bias_act_rows(float* y, int64_t c0, int64_t c1, int64_t channels, int64_t plane, const float* bias) {
+  // rows are (outer, channel) pairs flattened: row r has channel r % channels
+  for (int64_t r = c0; r < c1; ++r) {
+    float* p = y + r * plane;
+    const float b = bias ? bias[r % channels] : 0.f;
+    for (int64_t i = 0; i < plane; ++i) p[i] = apply<A>(p[i] + b);
+  }
+}
+
+template <Act A>
+void act_range(const float* x, float* y, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; ++i) y[i] = apply<A>(x[i]);
+}
+
+}  // namespace
+
+void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const float* bias, Act act) {
+  if (!bias && act == Act::None) return;
+  const int64_t rows = outer * channels;
+  const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(plane, 1));
+  parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    switch (act) {
+      case Act::None: bias_act_rows<Act::None>(y, b, e, channels, plane, bias); break;
+      case Act::Relu: bias_act_rows<Act::Relu>(y, b, e, channels, plane, bias); break;
+      case Act::Gelu: bias_act_rows<Act::Gelu>(y, b, e, channels, plane, bias); break;
+      case Act::GeluTanh: bias_act_rows<Act::GeluTanh>(y, b, e, channels, plane, bias); break;
+      case Act::Silu: bias_act_rows<Act::Silu>(y, b, e, channels, plane, bias); break;
+      case Act::Sigmoid: bias_act_rows<Act::Sigmoid>(y, b, e, channels, plane, bias); break;
+      case Act::Tanh: bias_act_rows<Act::Tanh>(y, b, e, channels, plane, bias); break;
+    }
+  });
+}
+
+void activation(const float* x, int64_t n, Act act, float* y) {
+  parallel_for(0, n, kElemGrain, [&](int64_t b, int64_t e) {
+    switch (act) {
+      case Act::None: if (x != y) std::memcpy(y + b, x + b, (e - b) * sizeof(float)); break;
+      case Act::Relu: act_range<Act::Relu>(x, y, b, e); break;
+      case Act::Gelu: act_range<Act::Gelu>(x, y, b, e); break;
+      case Act::GeluTanh: act_range<Act::GeluTanh>(x, y, b, e); break;
+      case Act::Silu: act_range<Act::Silu>(x, y, b, e); break;
+      case Act::Sigmoid: act_range<Act::Sigmoid>(x, y, b, e); break;
+      case Act::Tanh: act_range<Act::Tanh>(x, y, b, e); break;
+    }
+  });
+}
+
+void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y) {
+  if (R <= gemv::kGemvMaxRows) gemv::linear_small_m(x, R, K, w, N, y);
+  else sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
+  if (!bias && act == Act::None) return;
+  const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(N, 1));
+  parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* p = y + r * N;
+      switch (act) {
+        case Act::None: for (int64_t j = 0; j < N; ++j) p[j] += bias[j]; break;
+#define AIMASS_LIN_CASE(A)                                                         \
+  case A:                                                                          \
+    if (bias) for (int64_t j = 0; j < N; ++j) p[j] = apply<A>(p[j] + bias[j]);     \
+    else for (int64_t j = 0; j < N; ++j) p[j] = apply<A>(p[j]);                    \
+    break;
+        AIMASS_LIN_CASE(Act::Relu)
+        AIMASS_LIN_CASE(Act::Gelu)
+        AIMASS_LIN_CASE(Act::GeluTanh)
+        AIMASS_LIN_CASE(Act::Silu)
+        AIMASS_LIN_CASE(Act::Sigmoid)
+        AIMASS_LIN_CASE(Act::Tanh)
+#undef AIMASS_LIN_CASE
+      }
+    }
+  });
+}
+
+void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, const float* bias, Act act, float* col,
+            float* y) {
+  const int64_t Cg = s.C / s.G, Og = s.O / s.G;
+  const int64_t P = s.OH * s.OW, Kc = Cg * s.KH * s.KW;
+  const bool direct = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x + n * s.C * s.H * s.W;
+    float* yn = y + n * s.O * P;
+    for (int64_t g = 0; g < s.G; ++g) {
+      const float* xg = xn + g * Cg * s.H * s.W;
+      const float* B = xg;
+      if (!direct) {
+        // im2col: row (c, kh, kw), column (oh, ow); out-of-image taps are 0.
+        parallel_for(0, Kc, std::max<int64_t>(1, 4096 / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) {
+            const int64_t c = r / (s.KH * s.KW), kh = (r / s.KW) % s.KH, kw = r % s.KW;
+            float* dst = col + r * P;
+            const float* src = xg + c * s.H * s.W;
+            for (int64_t oh = 0; oh < s.OH; ++oh) {
+              const int64_t ih = oh * s.SH - s.PH + kh * s.DH;
+              float* d = dst + oh * s.OW;
+              if (ih < 0 || ih >= s.H) {
+                std::memset(d, 0, s.OW * sizeof(float));
+                continue;
+              }
+              const float* srow = src + ih * s.W;
+              for (int64_t ow = 0; ow < s.OW; ++ow) {
+                const int64_t iw = ow * s.SW - s.PW + kw * s.DW;
+                d[ow] = (iw >= 0 && iw < s.W) ? srow[iw] : 0.f;
+              }
+            }
+          }
+        });
+        B = col;
+      }
+      sgemm(false, false, Og, P, Kc, 1.f, w + g * Og * Kc, Kc, B, P, 0.f, yn + g * Og * P, P);
+    }
+  }
+  epilogue(y, N, s.O, P, bias, act);
+}
+
+void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
+               [&](int64_t b, int64_t e) {
+                 for (int64_t pc = b; pc < e; ++pc) {
+                   const float* src = x + pc * s.H * s.W;
+                   float* dst = y + pc * s.OH * s.OW;
+                   for (int64_t oh = 0; oh < s.OH; ++oh)
+                     for (int64_t ow = 0; ow < s.OW; ++ow) {
+                       float m = -std::numeric_limits<float>::infinity();
+                       bool nan = false;
+                       for (int64_t kh = 0; kh < s.KH; ++kh) {
+                         const int64_t ih = oh * s.SH - s.PH + kh * s.DH;
+                         if (ih < 0 || ih >= s.H) continue;
+                         for (int64_t kw = 0; kw < s.KW; ++kw) {
+                           const int64_t iw = ow * s.SW - s.PW + kw * s.DW;
+                           if (iw < 0 || iw >= s.W) continue;
+                           const float v = src[ih * s.W + iw];
+                           if (std::isnan(v)) nan = true;
+                           m = v > m ? v : m;
+                         }
+                       }
+                       dst[oh * s.OW + ow] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
+                     }
+                 }
+               });
+}
+
+void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
+               [&](int64_t b, int64_t e) {
+                 for (int64_t pc = b; pc < e; ++pc) {
+                   const float* src = x + pc * s.H * s.W;
+                   float* dst = y + pc * s.OH * s.OW;
+                   for (int64_t oh = 0; oh < s.OH; ++oh)
+                     for (int64_t ow = 0; ow < s.OW; ++ow) {
+                       // torch semantics: the window clipped to the padded image counts
+                       // padding when count_include_pad, else only in-image taps.
+                       const int64_t h0 = oh * s.SH - s.PH, w0 = ow * s.SW - s.PW;
+                       const int64_t h1 = std::min(h0 + s.KH, s.H + s.PH), w1 = std::min(w0 + s.KW, s.W + s.PW);
+                       const int64_t padded = (h1 - h0) * (w1 - w0);
+                       const int64_t hs = std::max<int64_t>(h0, 0), ws = std::max<int64_t>(w0, 0);
+                       const int64_t he = std::min(h1, s.H), we = std::min(w1, s.W);
+                       float acc = 0.f;
+                       for (int64_t ih = hs; ih < he; ++ih)
+                         for (int64_t iw = ws; iw < we; ++iw) acc += src[ih * s.W + iw];
+                       const int64_t cnt = s.count_include_pad ? padded : (he - hs) * (we - ws);
+                       dst[oh * s.OW + ow] = acc / static_cast<float>(cnt > 0 ? cnt : 1);
+                     }
+                 }
+               });
+}
+
+void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                         float* y) {
+  parallel_for(0, N * C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(H * W, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t pc = b; pc < e; ++pc) {
+      const float* src = x + pc * H * W;
+      float* dst = y + pc * OH * OW;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const int64_t hs = (oh * H) / OH, he = ((oh + 1) * H + OH - 1) / OH;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t ws = (ow * W) / OW, we = ((ow + 1) * W + OW - 1) / OW;
+          float acc = 0.f;
+          for (int64_t ih = hs; ih < he; ++ih)
+            for (int64_t iw = ws; iw < we; ++iw) acc += src[ih * W + iw];
+          dst[oh * OW + ow] = acc / static_cast<float>((he - hs) * (we - ws));
+        }
+      }
+    }
+  });
+}
+
+void softmax(const float* x, int64_t outer, int64_t axis, int64_t inner, bool log, float* y) {
+  parallel_for(0, outer * inner, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(axis, 1)),
+               [&](int64_t b, int64_t e) {
+                 for (int64_t t = b; t < e; ++t) {
+                   const int64_t o = t / inner, i = t % inner;
+                   const float* src = x + o * axis * inner + i;
+                   float* dst = y + o * axis * inner + i;
+                   float m = -std::numeric_limits<float>::infinity();
+                   for (int64_t a = 0; a < axis; ++a) m = std::max(m, src[a * inner]);
+                   double sum = 0;
+                   for (int64_t a = 0; a < axis; ++a) sum += std::exp(static_cast<double>(src[a * inner] - m));
+                   if (log) {
+                     const float lse = static_cast<float>(std::log(sum));
+                     for (int64_t a = 0; a < axis; ++a) dst[a * inner] = src[a * inner] - m - lse;
+                   } else {
+                     const double inv = 1.0 / sum;
+                     for (int64_t a = 0; a < axis; ++a)
+                       dst[a * inner] = static_cast<float>(std::exp(static_cast<double>(src[a * inner] - m)) * inv);
+                   }
+                 }
+               });
+}
+
+void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const float* b, double eps, float* y) {
+  parallel_for(0, R, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const float* src = x + r * D;
+      float* dst = y + r * D;
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < D; ++i) mean += src[i];
+      mean /= D;
+      for (int64_t i = 0; i < D; ++i) {
+        const double d = src[i] - mean;
+        var += d * d;
+      }
+      var /= D;
+      const double inv = 1.0 / std::sqrt(var + eps);
+      for (int64_t i = 0; i < D; ++i) {
+        float v = static_cast<float>((src[i] - mean) * inv);
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        dst[i] = v;
+      }
+    }
+  });
+}
+
+void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y) {
+  for (int64_t i = 0; i < n; ++i)
+    AIMASS_CHECK(idx[i] >= 0 && idx[i] < V, ValueError, "embedding index ", idx[i], " at position ", i,
+                 " is outside [0, ", V, ")");
+  parallel_for(0, n, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(y + i * D, table + idx[i] * D, D * sizeof(float));
+  });
+}
+
+void channel_affine(const float* x, int64_t outer, int64_t C, int64_t plane, const float* scale,
+                    const float* shift, float* y) {
+  parallel_for(0, outer * C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(plane, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float sc = scale[r % C], sh = shift[r % C];
+      const float* s = x + r * plane;
+      float* d = y + r * plane;
+      for (int64_t i = 0; i < plane; ++i) d[i] = s[i] * sc + sh;
+    }
+  });
+}
+
+namespace {
+template <BinOp OP>
+inline float binop(float a, float b) {
+  if constexpr (OP == BinOp::Add) return a + b;
+  if constexpr (OP == BinOp::Sub) return a - b;
+  if constexpr (OP == BinOp::Mul) return a * b;
+  return a / b;
+}
+
+template <BinOp OP>
+void binary_impl(const float* a, const std::vector<int64_t>& as, const float* b, const std::vector<int64_t>& bs,
+                 const std::vector<int64_t>& shape, float* y) {
+  const int r = static_cast<int>(shape.size());
+  const int64_t last = shape[r - 1];
+  int64_t outer = 1;
+  for (int i = 0; i < r - 1; ++i) outer *= shape[i];
+  const int64_t sa = as[r - 1], sb = bs[r - 1];
+  parallel_for(0, outer, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(last, 1)), [&](int64_t ob, int64_t oe) {
+    for (int64_t o = ob; o < oe; ++o) {
+      int64_t rem = o, oa = 0, obb = 0;
+      for (int i = r - 2; i >= 0; --i) {
+        const int64_t idx = rem % shape[i];
+        rem /= shape[i];
+        oa += idx * as[i];
+        obb += idx * bs[i];
+      }
+      const float* pa = a + oa;
+      const float* pb = b + obb;
+      float* py = y + o * last;
+      if (sa == 1 && sb == 1) {
+        for (int64_t j = 0; j < last; ++j) py[j] = binop<OP>(pa[j], pb[j]);
+      } else if (sa == 1 && sb == 0) {
+        const float bv = *pb;
+        for (int64_t j = 0; j < last; ++j) py[j] = binop<OP>(pa[j], bv);
+      } else {
+        for (int64_t j = 0; j < last; ++j) py[j] = binop<OP>(pa[j * sa], pb[j * sb]);
+      }
+    }
+  });
+}
+}  // namespace
+
+void binary(BinOp op, const float* a, const std::vector<int64_t>& as, const float* b, const std::vector<int64_t>& bs,
+            const std::vector<int64_t>& shape, float* y) {
+  switch (op) {
+    case BinOp::Add: binary_impl<BinOp::Add>(a, as, b, bs, shape, y); break;
+    case BinOp::Sub: binary_impl<BinOp::Sub>(a, as, b, bs, shape, y); break;
+    case BinOp::Mul: binary_impl<BinOp::Mul>(a, as, b, bs, shape, y); break;
+    case BinOp::Div: binary_impl<BinOp::Div>(a, as, b, bs, shape, y); break;
+  }
+}
+
+}  // namespace aimass::runtime::ops

@@ -1,0 +1,48 @@
+// CPU operator kernels of the runtime (fp32, NCHW, row-major). Each splits its
+// work with aimass::parallel_for; GEMM-shaped work goes to aimass::sgemm.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace aimass::runtime::ops {
+
+enum class Act : int { None = 0, Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
+Act parse_act(const std::string& name);  // ValueError on unknown
+
+// y[R, N] = act(x[R, K] @ w[N, K]^T + bias)
+void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y);
+// Bias (per row of `channels`, each `plane` long) + activation over y in place.
+void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const float* bias, Act act);
+
+struct Conv2dShape {
+  int64_t C, H, W, O, KH, KW, SH, SW, PH, PW, DH, DW, G, OH, OW;
+};
+// One sample at a time through im2col + sgemm (1x1/stride-1 convs skip im2col).
+// `col` holds (C/G)*KH*KW*OH*OW floats.
+void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, const float* bias, Act act, float* col,
+            float* y);
+
+struct Pool2dShape {
+  int64_t C, H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW;
+  bool count_include_pad;
+};
+void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y);
+void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y);
+void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                         float* y);
+
+void activation(const float* x, int64_t n, Act act, float* y);
+void softmax(const float* x, int64_t outer, int64_t axis, int64_t inner, bool log, float* y);
+void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const float* b, double eps, float* y);
+void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y);
+void channel_affine(const float* x, int64_t outer, int64_t C, int64_t plane, const float* scale,
+                    const float* shift, float* y);
+
+enum class BinOp : int { Add = 0, Sub, Mul, Div };
+// out = a (op) b with numpy broadcasting; shapes are full (rank <= 8), strides in
+// elements with 0 on broadcast dims. b may be a scalar (b_shape empty).
+void binary(BinOp op, const float* a, const std::vector<int64_t>& a_strides, const float* b,
+            const std::vector<int64_t>& b_strides, const std::vector<int64_t>& out_shape, float* y);
+
+}  // namespace aimass::runtime::ops

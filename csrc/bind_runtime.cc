@@ -1,0 +1,203 @@
+// Runtime bindings: model file, executor, batcher. Arrays are checked here
+// (dtype, contiguity, row shape) and passed to C++ as raw pointers; the Python
+// objects that own them are kept alive by the Ticket until the request is done.
+#include <mutex>
+
+#include "aimass/batcher.h"
+#include "aimass/runtime.h"
+#include "common.h"
+
+namespace aimass_bind {
+namespace rt = aimass::runtime;
+
+namespace {
+
+py::list specs(const std::vector<rt::TensorSpec>& v) {
+  py::list out;
+  for (const auto& s : v) {
+    py::dict d;
+    d["name"] = s.name;
+    d["dtype"] = rt::value_type_name(s.dtype);
+    d["shape"] = py::tuple(py::cast(s.shape));
+    out.append(d);
+  }
+  return out;
+}
+
+// Checks `arrays` against the model inputs and returns the common row count.
+int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<const void*>& ptrs) {
+  AIMASS_CHECK(py::len(arrays) == m.inputs().size(), ValueError, "the model takes ", m.inputs().size(),
+               " inputs, got ", py::len(arrays));
+  int64_t rows = -1;
+  for (size_t i = 0; i < m.inputs().size(); ++i) {
+    const auto& spec = m.inputs()[i];
+    py::array a = arrays[i].cast<py::array>();
+    const std::string nm = "input '" + spec.name + "'";
+    if (spec.dtype == rt::ValueType::Float32) cdata<float>(a, nm.c_str(), "float32");
+    else cdata<int64_t>(a, nm.c_str(), "int64");
+    auto sh = shape_of(a);
+    std::vector<int64_t> want(spec.shape.begin() + 1, spec.shape.end());
+    bool ok = sh.size() == spec.shape.size() && std::equal(want.begin(), want.end(), sh.begin() + 1);
+    if (!ok) {
+      std::string got, exp = "[batch";
+      for (size_t k = 0; k < sh.size(); ++k) got += (k ? ", " : "") + std::to_string(sh[k]);
+      for (auto d : want) exp += ", " + std::to_string(d);
+      throw aimass::ValueError(nm + " has shape [" + got + "], the model expects " + exp + "]");
+    }
+    AIMASS_CHECK(sh[0] >= 1, ValueError, nm, " has no rows");
+    AIMASS_CHECK(rows < 0 || rows == sh[0], ValueError, "all inputs need the same batch size; ", nm, " has ", sh[0],
+                 " rows, an earlier input ", rows);
+    rows = sh[0];
+    ptrs.push_back(a.data());
+  }
+  return rows;
+}
+
+py::list alloc_outputs(const rt::Model& m, int64_t rows, std::vector<void*>& ptrs) {
+  py::list outs;
+  for (const auto& o : m.outputs()) {
+    std::vector<int64_t> sh = o.shape;
+    sh[0] = rows;
+    py::array a = o.dtype == rt::ValueType::Float32 ? py::array(empty<float>(sh)) : py::array(empty<int64_t>(sh));
+    ptrs.push_back(a.mutable_data());
+    outs.append(a);
+  }
+  return outs;
+}
+
+struct PyExecutor {
+  std::shared_ptr<rt::Executor> exec;
+  std::mutex mu;  // the executor's arena serves one run at a time
+};
+
+py::dict hist(const rt::Histogram& h) {
+  py::dict d;
+  d["bounds"] = h.bounds;
+  d["counts"] = h.counts;
+  d["count"] = h.count;
+  d["sum"] = h.sum;
+  return d;
+}
+
+struct Ticket {
+  std::shared_ptr<rt::Request> req;
+  py::list inputs, outputs;  // keep the buffers alive while C++ uses them
+  ~Ticket() {
+    if (req && !req->done()) {
+      py::gil_scoped_release nogil;
+      while (!req->wait_for(1000000)) {
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void bind_runtime(py::module_& parent) {
+  auto m = parent.def_submodule("runtime", "inference runtime engine (use aimass.runtime)");
+  m.attr("FORMAT_VERSION") = rt::kFormatVersion;
+
+  py::class_<rt::Model, std::shared_ptr<rt::Model>>(m, "Model")
+      .def_static("load", &rt::Model::load, py::arg("path"), nogil())
+      .def_property_readonly("inputs", [](const rt::Model& mm) { return specs(mm.inputs()); })
+      .def_property_readonly("outputs", [](const rt::Model& mm) { return specs(mm.outputs()); })
+      .def_property_readonly("metadata", [](const rt::Model& mm) { return mm.metadata(); })
+      .def_property_readonly("format_version", &rt::Model::format_version)
+      .def_property_readonly("path", &rt::Model::path)
+      .def_property_readonly("file_bytes", &rt::Model::file_bytes)
+      .def_property_readonly("num_nodes", [](const rt::Model& mm) { return mm.nodes().size(); });
+
+  py::class_<PyExecutor, std::shared_ptr<PyExecutor>>(m, "Executor")
+      .def(py::init([](std::shared_ptr<rt::Model> model, int64_t max_batch_size) {
+             auto e = std::make_shared<PyExecutor>();
+             py::gil_scoped_release nogil;
+             e->exec = std::make_shared<rt::Executor>(model, rt::ExecutorOptions{max_batch_size});
+             return e;
+           }),
+           py::arg("model"), py::arg("max_batch_size") = 32)
+      .def("run", [](PyExecutor& e, const py::list& inputs) {
+             const rt::Model& mm = e.exec->model();
+             std::vector<const void*> in;
+             std::vector<void*> out;
+             int64_t rows = check_inputs(mm, inputs, in);
+             py::list outs = alloc_outputs(mm, rows, out);
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lk(e.mu);
+               e.exec->run(rows, in.data(), out.data());
+             }
+             return outs;
+           }, py::arg("inputs"))
+      .def_property_readonly("num_steps", [](PyExecutor& e) { return e.exec->num_steps(); })
+      .def_property_readonly("arena_bytes", [](PyExecutor& e) { return e.exec->arena_bytes(); })
+      .def_property_readonly("capacity", [](PyExecutor& e) { return e.exec->capacity(); });
+
+  py::class_<Ticket, std::shared_ptr<Ticket>>(m, "Ticket")
+      .def_property_readonly("id", [](const Ticket& t) { return t.req->id(); })
+      .def("done", [](const Ticket& t) { return t.req->done(); })
+      .def("wait", [](Ticket& t) {
+             {
+               py::gil_scoped_release nogil;
+               t.req->wait();
+             }
+             return t.outputs;
+           })
+      .def("result", [](Ticket& t) {
+             t.req->rethrow();
+             return t.outputs;
+           })
+      .def("wait_for", [](Ticket& t, int64_t timeout_us) { return t.req->wait_for(timeout_us); },
+           py::arg("timeout_us"), nogil());
+
+  py::class_<rt::Batcher, std::shared_ptr<rt::Batcher>>(m, "Batcher")
+      .def(py::init([](std::shared_ptr<rt::Model> model, int64_t max_batch_size, int64_t max_queue_delay_us,
+                       int64_t queue_capacity) {
+             rt::BatcherOptions o{max_batch_size, max_queue_delay_us, queue_capacity};
+             AIMASS_CHECK(max_batch_size >= 1, ValueError, "max_batch_size=", max_batch_size, " must be >= 1");
+             py::gil_scoped_release nogil;
+             auto exec = std::make_shared<rt::Executor>(model, rt::ExecutorOptions{max_batch_size});
+             return std::make_shared<rt::Batcher>(exec, o);
+           }),
+           py::arg("model"), py::arg("max_batch_size") = 32, py::arg("max_queue_delay_us") = 500,
+           py::arg("queue_capacity") = 1024)
+      .def("submit", [](rt::Batcher& b, const py::list& inputs, int priority, int64_t timeout_us, bool notify,
+                        bool run_inline) {
+             auto t = std::make_shared<Ticket>();
+             std::vector<const void*> in;
+             std::vector<void*> out;
+             int64_t rows = check_inputs(b.model(), inputs, in);
+             t->inputs = inputs;
+             t->outputs = alloc_outputs(b.model(), rows, out);
+             {
+               // may run the request right here (run_inline): never hold the GIL for that
+               py::gil_scoped_release nogil;
+               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
+             }
+             return t;
+           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("notify") = false,
+           py::arg("run_inline") = false)
+      .def("wait_completed", &rt::Batcher::wait_completed, py::arg("timeout_us"), nogil())
+      .def("close", &rt::Batcher::close, nogil())
+      .def_property_readonly("closed", &rt::Batcher::closed)
+      .def("stats", [](const rt::Batcher& b) {
+        rt::BatcherStats s = b.stats();
+        py::dict d, req;
+        req["submitted"] = s.submitted;
+        req["ok"] = s.ok;
+        req["timeout"] = s.timeout;
+        req["error"] = s.error;
+        req["rejected_full"] = s.rejected_full;
+        req["rejected_closed"] = s.rejected_closed;
+        d["requests"] = req;
+        d["batches"] = s.batches;
+        d["inline_runs"] = s.inline_runs;
+        d["queue_depth"] = s.queue_depth;
+        d["queue_us"] = hist(s.queue_us);
+        d["compute_us"] = hist(s.compute_us);
+        d["batch_rows"] = hist(s.batch_rows);
+        d["batch_requests"] = hist(s.batch_requests);
+        return d;
+      });
+}
+
+}  // namespace aimass_bind

@@ -1,0 +1,199 @@
+"""aimass.runtime: run exported models in-process with dynamic batching.
+
+    aimass.runtime.export(model, (example,), "model.aimass")          # torch.fx -> .aimass
+    with aimass.runtime.Session("model.aimass") as sess:
+        out = sess.run({"x": batch})                                  # blocking, GIL released
+        fut = sess.submit({"x": row}, deadline_ms=5, priority=1)      # concurrent.futures.Future
+        out = await sess.run_async({"x": row})
+
+The model file, executor and batcher are C++ (aimass_core/src/runtime); this
+module converts arrays and wires futures. See docs/model-format.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from .. import _C
+from .._array import as_numpy, float32_array, like
+from ._export import FORMAT_VERSION, SUPPORTED, UnsupportedOpError, export
+
+_rt = _C.runtime
+
+__all__ = ["export", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
+
+
+class Model:
+    """A loaded (memory-mapped, validated) .aimass file."""
+
+    def __init__(self, path):
+        self._m = _rt.Model.load(os.fspath(path))
+
+    @property
+    def signature(self) -> dict:
+        return {"inputs": list(self._m.inputs), "outputs": list(self._m.outputs)}
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self._m.metadata)
+
+    @property
+    def format_version(self) -> int:
+        return self._m.format_version
+
+    def __repr__(self):
+        return f"aimass.runtime.Model({self._m.path!r}, {self._m.num_nodes} nodes)"
+
+
+def load(path) -> Model:
+    """Memory-map and validate an .aimass file (OSError, aimass.CorruptDataError or ValueError on bad files)."""
+    return Model(path)
+
+
+def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.ndarray]:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"{where}: inputs must be a dict of input name -> array, got {type(inputs).__name__}")
+    names = [s["name"] for s in specs]
+    extra = set(inputs) - set(names)
+    missing = [n for n in names if n not in inputs]
+    if missing or extra:
+        raise ValueError(f"{where}: the model takes inputs {names}; missing {missing}, unknown {sorted(extra)}")
+    arrays = []
+    for s in specs:
+        x = inputs[s["name"]]
+        if s["dtype"] == "float32":
+            a = float32_array(x, f"input '{s['name']}'")
+        else:
+            a, dt = as_numpy(x, f"input '{s['name']}'")
+            if dt not in ("int64", "int32", "int16", "int8", "uint8"):
+                raise TypeError(f"{where}: input '{s['name']}' must hold integer indices, got {dt}")
+            a = np.ascontiguousarray(a, dtype=np.int64)
+        if a.ndim == len(s["shape"]) - 1:  # a single example without the batch dimension
+            a = a[None]
+        arrays.append(np.ascontiguousarray(a))
+    return arrays
+
+
+class Session:
+    """An in-process inference session: one C++ batcher (scheduler thread) over one executor.
+
+    max_batch_size: rows per executed batch (1 turns batching off); max_queue_delay_us: longest
+    wait for more requests when load is evident (a lone request on an idle executor never waits);
+    queue_capacity: queued requests before submit/run raise aimass.QueueFullError; num_threads:
+    the engine's CPU threads (aimass.set_num_threads; None keeps the current setting)."""
+
+    def __init__(self, path, max_batch_size: int = 32, max_queue_delay_us: int = 500,
+                 queue_capacity: int = 1024, num_threads: Optional[int] = None):
+        for name, v, lo in (("max_batch_size", max_batch_size, 1), ("max_queue_delay_us", max_queue_delay_us, 0),
+                            ("queue_capacity", queue_capacity, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"Session: {name} must be an int >= {lo}, got {v!r}")
+        if num_threads is not None:
+            import aimass
+            aimass.set_num_threads(num_threads)
+        self._model = Model(path)
+        self._batcher = _rt.Batcher(self._model._m, max_batch_size, max_queue_delay_us, queue_capacity)
+        self._specs_in = list(self._model._m.inputs)
+        self._specs_out = list(self._model._m.outputs)
+        self._pending: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        self._dispatcher: Optional[threading.Thread] = None
+        self._closed = False
+
+    # -- introspection
+    @property
+    def signature(self) -> dict:
+        return self._model.signature
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    def stats(self) -> dict:
+        """Counters (requests by outcome, batches, queue depth) and histograms (queue_us, compute_us,
+        batch_rows, batch_requests: bucket upper bounds, counts, count, sum)."""
+        return self._batcher.stats()
+
+    # -- requests
+    def _submit_ticket(self, inputs, deadline_ms, priority, notify, run_inline=False):
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        timeout_us = -1
+        if deadline_ms is not None:
+            if deadline_ms < 0:
+                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
+            timeout_us = int(deadline_ms * 1000)
+        arrays = _convert_inputs(self._specs_in, inputs, "Session")
+        return self._batcher.submit(arrays, priority, timeout_us, notify, run_inline), inputs
+
+    def _result(self, outputs, inputs) -> Dict[str, Any]:
+        template = next(iter(inputs.values()))
+        return {s["name"]: like(o, template) for s, o in zip(self._specs_out, outputs)}
+
+    def run(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None, priority: int = 0) -> Dict[str, Any]:
+        """Run one request (any number of rows) and block until its outputs are ready.
+        The GIL is released while it waits. Outputs come back as the inputs' kind (numpy/torch)."""
+        # An idle session runs the request on this thread (no hand-off to the scheduler).
+        ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, False, run_inline=True)
+        return self._result(ticket.wait(), inputs)
+
+    def submit(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
+               priority: int = 0) -> concurrent.futures.Future:
+        """Queue a request; the Future resolves to the output dict, or to TimeoutError when
+        its deadline passes before it runs. Raises aimass.QueueFullError / aimass.ClosedError at once."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, True)
+            self._pending[ticket.id] = (ticket, fut, inputs)
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(target=self._dispatch, name="aimass-runtime-futures",
+                                                    daemon=True)
+                self._dispatcher.start()
+        fut.set_running_or_notify_cancel()
+        return fut
+
+    async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
+                        priority: int = 0) -> Dict[str, Any]:
+        """Awaitable run(): the event loop is never blocked."""
+        return await asyncio.wrap_future(self.submit(inputs, deadline_ms, priority))
+
+    def _dispatch(self):
+        # Resolves futures as the scheduler reports finished requests (waits without the GIL).
+        while True:
+            ids = self._batcher.wait_completed(100_000)
+            for rid in ids:
+                with self._lock:
+                    ticket, fut, inputs = self._pending.pop(rid)
+                try:
+                    fut.set_result(self._result(ticket.result(), inputs))
+                except BaseException as exc:  # the request's own error (TimeoutError, ...)
+                    fut.set_exception(exc)
+            with self._lock:
+                if self._closed and not self._pending:
+                    return
+
+    def close(self) -> None:
+        """Stop accepting requests (aimass.ClosedError), finish every queued one, stop the scheduler."""
+        self._batcher.close()
+        with self._lock:
+            self._closed = True
+            d = self._dispatcher
+        if d is not None:
+            d.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

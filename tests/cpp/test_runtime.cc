@@ -1,0 +1,181 @@
+// C++ tests of the runtime: JSON reader, model-file validation, executor math
+// and batcher behaviour on a hand-written .aimass file (no Python involved).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aimass/batcher.h"
+#include "aimass/error.h"
+#include "aimass/runtime.h"
+#include "runtime/json.h"
+
+namespace rt = aimass::runtime;
+
+namespace {
+
+// y = relu(x @ W^T + b), x [B, 3], W [2, 3]
+const float kW[6] = {1, -2, 0.5f, 0, 1, -1};
+const float kB[2] = {0.25f, -0.5f};
+
+std::string write_model(const std::string& name, const std::string& version = "1",
+                        const std::string& weight_ref = "fc.weight", size_t truncate_to = 0) {
+  std::string graph =
+      R"({\"nodes\":[{\"op\":\"linear\",\"name\":\"fc\",\"inputs\":[\"x\"],\"outputs\":[\"h\"],)"
+      R"(\"params\":{\"weight\":\")" + weight_ref + R"(\",\"bias\":\"fc.bias\"},\"attrs\":{}},)"
+      R"({\"op\":\"activation\",\"name\":\"act\",\"inputs\":[\"h\"],\"outputs\":[\"y\"],\"attrs\":{\"kind\":\"relu\"}}]})";
+  std::string sig =
+      R"({\"inputs\":[{\"name\":\"x\",\"dtype\":\"float32\",\"shape\":[-1,3]}],)"
+      R"(\"outputs\":[{\"name\":\"y\",\"dtype\":\"float32\",\"shape\":[-1,2]}]})";
+  std::string header = R"({"fc.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
+                       R"("fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[24,32]},)"
+                       R"("__metadata__":{"aimass.format_version":")" + version +
+                       R"(","aimass.producer":"test","aimass.graph":")" + graph + R"(","aimass.signature":")" +
+                       sig + R"("}})";
+  while (header.size() % 8) header += ' ';
+  std::string bytes(8, '\0');
+  uint64_t n = header.size();
+  std::memcpy(&bytes[0], &n, 8);
+  bytes += header;
+  bytes.append(reinterpret_cast<const char*>(kW), sizeof(kW));
+  bytes.append(reinterpret_cast<const char*>(kB), sizeof(kB));
+  if (truncate_to) bytes.resize(truncate_to);
+  std::string path = ::testing::TempDir() + name;
+  std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
+  return path;
+}
+
+void reference(const float* x, int64_t rows, float* y) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < 2; ++j) {
+      float acc = kB[j];
+      for (int k = 0; k < 3; ++k) acc += x[r * 3 + k] * kW[j * 3 + k];
+      y[r * 2 + j] = acc > 0 ? acc : 0;
+    }
+}
+
+}  // namespace
+
+TEST(RuntimeJson, ParsesAndRejects) {
+  std::string s = R"({"a":[1,2.5,-3e2],"b":"x\"\u00e9","c":{"d":true,"e":null}})";
+  auto v = rt::json::parse(s.data(), s.size(), "doc");
+  ASSERT_TRUE(v.is_object());
+  EXPECT_EQ(v.find("a")->arr.size(), 3u);
+  EXPECT_DOUBLE_EQ(v.find("a")->arr[2].num, -300);
+  EXPECT_EQ(v.find("b")->str, "x\"\xc3\xa9");
+  EXPECT_TRUE(v.find("c")->find("d")->b);
+  for (const char* bad : {"{", "[1,]", "{\"a\" 1}", "\"abc", "tru", "{} x", "[1e]"})
+    EXPECT_THROW(rt::json::parse(bad, std::strlen(bad), "doc"), aimass::CorruptDataError) << bad;
+}
+
+TEST(RuntimeModel, LoadsAndRuns) {
+  auto m = rt::Model::load(write_model("ok.aimass"));
+  EXPECT_EQ(m->format_version(), 1);
+  ASSERT_EQ(m->inputs().size(), 1u);
+  EXPECT_EQ(m->inputs()[0].row_numel(), 3);
+  rt::Executor ex(m, {4});
+  EXPECT_EQ(ex.num_steps(), 1);  // relu fused into the linear
+  std::vector<float> x = {1, 2, 3, -1, 0.5f, 2, 0, 0, 0, 4, -4, 1, 2, 2, 2};
+  std::vector<float> y(10), ref(10);
+  const void* in[] = {x.data()};
+  void* out[] = {y.data()};
+  ex.run(5, in, out);  // grows past the capacity of 4
+  EXPECT_GE(ex.capacity(), 5);
+  reference(x.data(), 5, ref.data());
+  for (int i = 0; i < 10; ++i) EXPECT_NEAR(y[i], ref[i], 1e-6f) << i;
+}
+
+TEST(RuntimeModel, BadFiles) {
+  EXPECT_THROW(rt::Model::load(::testing::TempDir() + "does_not_exist.aimass"), aimass::IOError);
+  EXPECT_THROW(rt::Model::load(write_model("trunc.aimass", "1", "fc.weight", 100)), aimass::CorruptDataError);
+  EXPECT_THROW(rt::Model::load(write_model("trunc4.aimass", "1", "fc.weight", 4)), aimass::CorruptDataError);
+  try {
+    rt::Model::load(write_model("v9.aimass", "9"));
+    FAIL() << "newer version accepted";
+  } catch (const aimass::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("upgrade aimass"), std::string::npos);
+  }
+  try {
+    rt::Model::load(write_model("missing.aimass", "1", "fc.nothing"));
+    FAIL() << "missing tensor accepted";
+  } catch (const aimass::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("fc.nothing"), std::string::npos);
+  }
+}
+
+TEST(RuntimeBatcher, ScattersRowsAndCountsOutcomes) {
+  auto m = rt::Model::load(write_model("batch.aimass"));
+  auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
+  rt::Batcher b(ex, {8, 1000, 64});
+  const int n = 40;
+  std::vector<std::vector<float>> xs(n), ys(n, std::vector<float>(2));
+  std::vector<std::shared_ptr<rt::Request>> reqs;
+  for (int i = 0; i < n; ++i) {
+    xs[i] = {float(i) * 0.1f, -float(i) * 0.05f, 1.f};
+    reqs.push_back(b.submit({xs[i].data()}, {ys[i].data()}, 1));
+  }
+  auto expired = b.submit({xs[0].data()}, {ys[0].data()}, 1, 0, /*timeout_us=*/0);
+  for (auto& r : reqs) r->wait();
+  EXPECT_THROW(expired->wait(), aimass::TimeoutError);
+  for (int i = 0; i < n; ++i) {
+    float ref[2];
+    reference(xs[i].data(), 1, ref);
+    EXPECT_NEAR(ys[i][0], ref[0], 1e-6f);
+    EXPECT_NEAR(ys[i][1], ref[1], 1e-6f);
+  }
+  b.close();
+  EXPECT_THROW(b.submit({xs[0].data()}, {ys[0].data()}, 1), aimass::ClosedError);
+  auto s = b.stats();
+  EXPECT_EQ(s.ok, uint64_t(n));
+  EXPECT_EQ(s.timeout, 1u);
+  EXPECT_EQ(s.rejected_closed, 1u);
+  EXPECT_EQ(s.batch_rows.sum, double(n));
+}
+
+TEST(RuntimeBatcher, RejectsBadArguments) {
+  auto m = rt::Model::load(write_model("args.aimass"));
+  auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{2});
+  EXPECT_THROW(rt::Batcher(ex, {0, 0, 1}), aimass::ValueError);
+  rt::Batcher b(ex, {2, 0, 1});
+  float x[3] = {0, 0, 0}, y[2];
+  EXPECT_THROW(b.submit({}, {y}, 1), aimass::ValueError);
+  EXPECT_THROW(b.submit({x}, {y}, 0), aimass::ValueError);
+}
+
+#include <random>
+
+#include "aimass/cpu_features.h"
+#include "runtime/gemv.h"
+
+TEST(RuntimeGemv, ScalarAndAvx2MatchReference) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  for (int64_t K : {1, 7, 16, 33, 784}) {
+    for (int64_t M : {1, 3, 4}) {
+      const int64_t N = 37;
+      std::vector<float> x(M * K), w(N * K), ys(M * N), yv(M * N), yd(M * N);
+      for (auto& v : x) v = d(rng);
+      for (auto& v : w) v = d(rng);
+      aimass::runtime::gemv::rows_scalar(x.data(), M, K, w.data(), 0, N, N, ys.data());
+      aimass::runtime::gemv::linear_small_m(x.data(), M, K, w.data(), N, yd.data());  // dispatched + threaded
+      if (aimass::cpu_features().avx2 && aimass::cpu_features().fma)
+        aimass::runtime::gemv::rows_avx2(x.data(), M, K, w.data(), 0, N, N, yv.data());
+      else
+        yv = ys;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < K; ++k) ref += double(x[m * K + k]) * w[n * K + k];
+          const double tol = 1e-5 * std::sqrt(double(K)) + 1e-6;
+          EXPECT_NEAR(ys[m * N + n], ref, tol);
+          EXPECT_NEAR(yv[m * N + n], ref, tol);
+          EXPECT_NEAR(yd[m * N + n], ref, tol);
+        }
+    }
+  }
+}
