@@ -146,10 +146,13 @@ void Loader::build_plan() {
                        "': RandomCrop/RandomHorizontalFlip must come before Cast/Normalize/OneHot, once each");
           AIMASS_CHECK(shape.size() == 2 || shape.size() == 3, ValueError, "field '", fd.name,
                        "': crop/flip need an HWC or HW image field, got ", shape.size(), " dimensions");
-          pl->H = shape[0];
-          pl->W = shape[1];
-          pl->C = shape.size() == 3 ? shape[2] : 1;
-          if (pl->out_h == 0) { pl->out_h = pl->H; pl->out_w = pl->W; }
+          if (pl->out_h == 0) {  // the first geometric op sees the stored image
+            pl->H = shape[0];
+            pl->W = shape[1];
+            pl->C = shape.size() == 3 ? shape[2] : 1;
+            pl->out_h = pl->H;
+            pl->out_w = pl->W;
+          }
           if (t.kind == TransformKind::RandomCrop) {
             AIMASS_CHECK(!pl->crop, ValueError, "field '", fd.name, "': RandomCrop given twice");
             AIMASS_CHECK(t.crop_h > 0 && t.crop_w > 0 && t.padding >= 0 && t.crop_h <= pl->H + 2 * t.padding &&
