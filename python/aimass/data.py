@@ -33,6 +33,8 @@ INDEX_FILE = "index.json"
 __all__ = [
     "write", "open", "Dataset", "Loader", "CorruptDataError", "crc32c",
     "Cast", "Normalize", "RandomCrop", "RandomHorizontalFlip", "OneHot",
+    "clean", "CleanReport", "from_csv", "from_npy", "from_image_folder", "split", "Splits", "open_split",
+    "inspect",
 ]
 
 
@@ -494,3 +496,343 @@ class Loader:
     def close(self) -> None:
         """Stop the worker threads now (also happens when the loader is garbage collected)."""
         self._core.stop()
+
+
+# ---------------------------------------------------------------- clean
+class CleanReport(dict):
+    """What clean() dropped and why: {"input": N, "kept": K, "dropped": {reason: count},
+    "dropped_indices": {reason: [indices]}}. Printed by clean()."""
+
+    def __str__(self) -> str:
+        lines = [f"clean: {self['input']} records in, {self['kept']} kept, "
+                 f"{self['input'] - self['kept']} dropped"]
+        for reason, count in self["dropped"].items():
+            idx = self["dropped_indices"][reason]
+            more = " ..." if len(idx) > 10 else ""
+            lines.append(f"  {reason}: {count} (records {idx[:10]}{more})")
+        return "\n".join(lines)
+
+
+def _as_arrays(data) -> Dict[str, np.ndarray]:
+    if isinstance(data, Dataset):
+        return {name: data.column(name) for name in data.fields}
+    if isinstance(data, Mapping):
+        out = {}
+        for k, v in data.items():
+            a, _ = as_numpy(v, f"data[{k!r}]")
+            out[k] = a
+        return out
+    raise TypeError(f"expected a Dataset or a dict of arrays, got {type(data).__name__}")
+
+
+def clean(data, label: Optional[str] = None, classes=None, out_dir: Optional[str] = None,
+          verbose: bool = True, **write_kwargs):
+    """Drop rows with NaN values, exact-duplicate records and labels outside `classes`.
+
+    `data` is a dict of arrays or a Dataset; `classes` is an int (labels 0..classes-1)
+    or a list of allowed label values. Returns (cleaned dict of arrays, CleanReport),
+    or (Dataset, CleanReport) when `out_dir` is given (the cleaned data is written
+    there). Nothing is dropped silently: the report lists every dropped index."""
+    arrays = _as_arrays(data)
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1:
+        raise ValueError(f"clean: fields have different record counts {sorted(n)}")
+    n = n.pop()
+    drop = np.zeros(n, dtype=bool)
+    reasons: Dict[str, np.ndarray] = {}
+    nan = np.zeros(n, dtype=bool)
+    for a in arrays.values():
+        if a.dtype.kind == "f":
+            nan |= np.isnan(a.reshape(n, -1)).any(axis=1)
+    reasons["missing or NaN value"] = nan
+    drop |= nan
+    if classes is not None:
+        if label is None or label not in arrays:
+            raise ValueError(f"clean: classes given, so label= must name a field; fields are {list(arrays)}")
+        allowed = np.arange(classes) if isinstance(classes, (int, np.integer)) else np.asarray(list(classes))
+        bad = ~np.isin(arrays[label].reshape(n, -1)[:, 0], allowed) & ~drop
+        reasons[f"label outside classes {allowed.tolist() if allowed.size <= 20 else f'({allowed.size})'}"] = bad
+        drop |= bad
+    # exact duplicates: identical bytes across every field; the first copy stays
+    rows = np.concatenate([np.ascontiguousarray(a).reshape(n, -1).view(np.uint8).reshape(n, -1)
+                           for a in arrays.values()], axis=1) if n else np.zeros((0, 1), np.uint8)
+    keyed = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
+    cand = np.flatnonzero(~drop)
+    _, first = np.unique(keyed[cand], return_index=True)
+    dup = np.zeros(n, dtype=bool)
+    dup[cand] = True
+    dup[cand[first]] = False
+    reasons["exact duplicate of an earlier record"] = dup
+    drop |= dup
+    keep = ~drop
+    report = CleanReport(input=int(n), kept=int(keep.sum()),
+                         dropped={r: int(m.sum()) for r, m in reasons.items()},
+                         dropped_indices={r: np.flatnonzero(m).tolist() for r, m in reasons.items()})
+    if verbose:
+        print(report)
+    cleaned = {k: a[keep] for k, a in arrays.items()}
+    if out_dir is not None:
+        return write(out_dir, cleaned, **write_kwargs), report
+    return cleaned, report
+
+
+# ---------------------------------------------------------------- converters
+def from_npy(path: str, out_dir: str, name: str = "x", **write_kwargs) -> Dataset:
+    """Convert a .npy file (one field called `name`) or a .npz archive (one field per key)."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    elif path.endswith(".npy"):
+        arrays = {name: np.load(path, mmap_mode="r", allow_pickle=False)}
+    else:
+        raise ValueError(f"from_npy: {path} is neither .npy nor .npz")
+    return write(out_dir, arrays, **write_kwargs)
+
+
+def from_csv(path: str, out_dir: str, label: str, delimiter: str = ",", clean_rows: bool = True,
+             **write_kwargs) -> Dataset:
+    """Convert a CSV with a header row: the `label` column becomes field "label"
+    (int64; string labels are mapped to class ids, kept in metadata["classes"]),
+    every other column becomes one float32 feature of field "x" [N, F].
+    With clean_rows, rows with missing values and exact duplicates are dropped
+    and reported (see clean())."""
+    # everything as text first: an empty cell must become "missing", never a fill value
+    import csv
+    with builtins_open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+    if not rows:
+        raise ValueError(f"from_csv: {path} is empty")
+    names = [c.strip() for c in rows[0]]
+    bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(names)]
+    if bad:
+        raise ValueError(f"from_csv: rows {bad[:10]} do not have {len(names)} columns like the header")
+    if label not in names:
+        raise ValueError(f"from_csv: label column {label!r} not in the header {names}")
+    cells = np.char.strip(np.array(rows[1:], dtype=str).reshape(len(rows) - 1, len(names)))
+    table = {c: cells[:, j] for j, c in enumerate(names)}
+    feats = [c for c in names if c != label]
+    if not feats:
+        raise ValueError("from_csv: the CSV has no feature columns besides the label")
+    x = np.empty((len(cells), len(feats)), dtype=np.float32)
+    for j, c in enumerate(feats):
+        col = table[c]
+        ok = col != ""
+        x[:, j] = np.nan
+        try:
+            x[ok, j] = col[ok].astype(np.float32)
+        except ValueError:
+            raise ValueError(f"from_csv: column {c!r} is not numeric") from None
+    lab = table[label]
+    missing = lab == ""
+    x[missing, 0] = np.nan  # a missing label makes the row incomplete: clean() drops it
+    metadata = {"label_field": "label", "features": feats}
+    try:
+        y = np.where(missing, "-1", lab).astype(np.int64)
+    except ValueError:  # class names: ids in sorted order, names kept in metadata
+        classes = np.unique(lab[~missing])
+        y = np.searchsorted(classes, lab).astype(np.int64)
+        metadata["classes"] = classes.tolist()
+    arrays = {"x": x, "label": y}
+    if clean_rows:
+        arrays, _ = clean(arrays, label="label")
+    return write(out_dir, arrays, metadata=metadata, **write_kwargs)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def from_image_folder(root: str, out_dir: str, size=(64, 64), **write_kwargs) -> Dataset:
+    """Convert root/<class>/*.jpg (class = subfolder name, sorted) into fields
+    "image" uint8[H, W, 3] (decoded by Pillow, RGB, resized to `size` = (H, W)) and
+    "label" int64; metadata["classes"] lists the class names."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("from_image_folder needs Pillow: python -m pip install Pillow") from exc
+    root = os.fspath(root)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"from_image_folder: {root} has no class subfolders (expected root/<class>/*.jpg)")
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(root, c, f))
+                labels.append(ci)
+    if not files:
+        raise ValueError(f"from_image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    images = np.empty((len(files), h, w, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                images[i] = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
+        except OSError as exc:
+            raise ValueError(f"from_image_folder: cannot decode {f}: {exc}") from None
+    return write(out_dir, {"image": images, "label": np.asarray(labels, dtype=np.int64)},
+                 metadata={"classes": classes, "label_field": "label"}, **write_kwargs)
+
+
+# ---------------------------------------------------------------- split
+class Splits:
+    """The result of split(): .train, .valid, .test datasets (views; records not copied)."""
+
+    def __init__(self, parts: Dict[str, Dataset]):
+        self._parts = parts
+        self.train, self.valid, self.test = parts.get("train"), parts.get("valid"), parts.get("test")
+
+    def __getitem__(self, name: str) -> Dataset:
+        return self._parts[name]
+
+    def __repr__(self) -> str:
+        return "Splits(" + ", ".join(f"{k}={len(v)}" for k, v in self._parts.items()) + ")"
+
+
+def _read_config(config) -> dict:
+    if isinstance(config, Mapping):
+        return dict(config)
+    import yaml
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split: config file {path} does not exist")
+    with builtins_open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"split: {path} must hold a mapping (data_path, download, splitting)")
+    return cfg
+
+
+def _label_of(ds: Dataset, stratify) -> Optional[str]:
+    if stratify is None or stratify is False:
+        return None
+    if stratify is True:
+        name = ds.metadata.get("label_field") or ("label" if "label" in ds.fields else None)
+        if name is None:
+            raise ValueError("split: stratify=True but the dataset names no label field; pass stratify='<field>'")
+        return name
+    if stratify not in ds.fields:
+        raise ValueError(f"split: stratify field {stratify!r} not in {ds.fields}")
+    return stratify
+
+
+def split(dataset=None, config="config.yml", seed: int = 0, stratify=None, save: bool = True) -> Splits:
+    """Split a dataset by the platform config's ``splitting: {train: 70, valid: 15, test: 15}``
+    (percentages that must sum to 100). Seeded; with `stratify` (True or a label field)
+    each class is split in the same proportions. Splits are int64 index files
+    (split-<name>.npy) named in index.json; records are never copied.
+    `dataset` may be a Dataset, a directory, or None (the config's data_path)."""
+    cfg = _read_config(config)
+    if dataset is None:
+        if "data_path" not in cfg:
+            raise ValueError("split: no dataset given and the config has no data_path")
+        dataset = cfg["data_path"]
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    if ds.indices is not None:
+        raise ValueError("split: split the whole dataset, not a subset")
+    parts = cfg.get("splitting")
+    if not isinstance(parts, Mapping) or not parts:
+        raise ValueError("split: the config needs 'splitting: {train: 70, valid: 15, test: 15}'")
+    for k, v in parts.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"split: splitting.{k} must be a percentage >= 0, got {v!r}")
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError(f"split: split name {k!r} must be an identifier")
+    total = sum(parts.values())
+    if abs(total - 100) > 1e-9:
+        raise ValueError(f"split: splitting percentages must sum to 100, got {total} "
+                         f"({', '.join(f'{k}={v}' for k, v in parts.items())})")
+    names = list(parts)
+    fracs = np.array([parts[k] / 100 for k in names])
+    rng = np.random.default_rng(seed)
+    label = _label_of(ds, stratify)
+    n = len(ds)
+    order = rng.permutation(n)
+    if label is not None:
+        # spread every class evenly over the order: sort by (rank within class + 0.5) / class size,
+        # so any prefix holds each class in proportion
+        y = ds.column(label).reshape(n, -1)[:, 0][order]
+        by_class = np.argsort(y, kind="stable")
+        _, starts, counts = np.unique(y[by_class], return_index=True, return_counts=True)
+        cls = np.searchsorted(np.unique(y), y[by_class])
+        key = (np.arange(n) - starts[cls] + 0.5) / counts[cls]
+        order = order[by_class][np.argsort(key, kind="stable")]
+    # largest-remainder rounding so the counts add up to n
+    raw = fracs * n
+    cnt = np.floor(raw).astype(np.int64)
+    cnt[np.argsort(-(raw - cnt), kind="stable")[:n - cnt.sum()]] += 1
+    edges = np.concatenate([[0], np.cumsum(cnt)])
+    chosen = {k: [order[edges[i]:edges[i + 1]]] for i, k in enumerate(names)}
+    result = {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in chosen.items()}
+    if save:
+        index = _read_index(ds.path)
+        index["splits"] = {}
+        for k, idx in result.items():
+            fname = f"split-{k}.npy"
+            tmp = os.path.join(ds.path, f".{fname}.tmp-{os.getpid()}")
+            with builtins_open(tmp, "wb") as f:
+                np.save(f, idx)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(ds.path, fname))
+            index["splits"][k] = fname
+        index["split_config"] = {"splitting": dict(parts), "seed": seed, "stratify": label}
+        _atomic_write_text(os.path.join(ds.path, INDEX_FILE), json.dumps(index, indent=1))
+        ds._index = index
+    return Splits({k: ds.subset(v) for k, v in result.items()})
+
+
+def open_split(path: str, name: str) -> Dataset:
+    """The split `name` ('train', 'valid', ...) saved by split() for the dataset at `path`."""
+    ds = Dataset(path)
+    splits = ds._index.get("splits", {})
+    if name not in splits:
+        raise KeyError(f"{path} has no split {name!r}; it has {sorted(splits)} (run aimass.data.split)")
+    return ds.subset(np.load(os.path.join(ds.path, splits[name]), allow_pickle=False))
+
+
+# ---------------------------------------------------------------- inspect / CLI
+def inspect(path: str, verify: bool = True) -> dict:
+    """Schema, counts, class balance and (verify) a check of every checksum."""
+    ds = Dataset(path)
+    info = {"path": ds.path, "records": len(ds), "shards": len(ds.shards),
+            "bytes": sum(s["bytes"] for s in ds.shards), "schema": ds.schema,
+            "splits": {}, "metadata": ds.metadata}
+    for k, f in ds._index.get("splits", {}).items():
+        info["splits"][k] = int(np.load(os.path.join(ds.path, f), mmap_mode="r").shape[0])
+    label = ds.metadata.get("label_field") or ("label" if "label" in ds.fields else None)
+    if label is not None:
+        field = next(f for f in ds.schema if f["name"] == label)
+        if field["shape"] in ([], [1]) and field["dtype"].startswith(("int", "uint")):
+            vals, counts = np.unique(ds.column(label), return_counts=True)
+            classes = ds.metadata.get("classes")
+            info["class_balance"] = {
+                (classes[int(v)] if classes and 0 <= int(v) < len(classes) else str(int(v))): int(c)
+                for v, c in zip(vals, counts)}
+    if verify:
+        info["verified_records"] = ds.verify(sha256=True)
+    return info
+
+
+def _cmd_inspect(args) -> int:
+    try:
+        info = inspect(args.dir, verify=not args.no_verify)
+    except CorruptDataError as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Registers ``aimass data ...`` on the CLI's subparsers."""
+    p = sub.add_parser("data", help="inspect and check datasets")
+    dsub = p.add_subparsers(dest="data_command")
+    q = dsub.add_parser("inspect", help="schema, counts, class balance; verifies every checksum")
+    q.add_argument("dir")
+    q.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
+    q.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
