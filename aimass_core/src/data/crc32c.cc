@@ -1,6 +1,7 @@
 // CRC32C: the table-driven scalar reference and the run-time dispatcher.
 #include "aimass/cpu_features.h"
 #include "aimass/data.h"
+#include "data/crc32c_internal.h"
 
 namespace aimass {
 namespace data {
@@ -23,7 +24,25 @@ const Crc32cTable& table() {
   return tab;
 }
 
+struct ShiftTable {
+  uint32_t t[4][256];
+  ShiftTable() {
+    const auto& T = table().t;
+    for (int k = 0; k < 4; ++k)
+      for (uint32_t v = 0; v < 256; ++v) {
+        uint32_t c = v << (8 * k);
+        for (int i = 0; i < kCrcLaneBytes; ++i) c = (c >> 8) ^ T[0][c & 0xff];
+        t[k][v] = c;
+      }
+  }
+};
+
 }  // namespace
+
+const uint32_t* crc32c_shift_table() {
+  static const ShiftTable s;
+  return &s.t[0][0];
+}
 
 uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc) {
   const auto& T = table().t;
@@ -42,7 +61,8 @@ uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc) {
 }
 
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
-  if (cpu_features().sse42 && simd_level() != SimdLevel::Scalar) return crc32c_sse42(data, n, crc);
+  static const bool sse42 = (crc32c_shift_table(), cpu_features().sse42);  // builds the table once
+  if (sse42 && simd_level() != SimdLevel::Scalar) return crc32c_sse42(data, n, crc);
   return crc32c_scalar(data, n, crc);
 }
 
