@@ -117,6 +117,17 @@ def measure(d: Data) -> dict:
     return r
 
 
+def _print_ratios():
+    if {"aimass", "roof", "torch_w0", "torch_w2"} <= _results.keys():
+        torch_best = max(_results["torch_w0"], _results["torch_w2"])
+        line = (f"aimass {_results['aimass']:.0f} samples/s: x{_results['aimass'] / torch_best:.1f} torch "
+                f"DataLoader (best of workers 0/2: {torch_best:.0f}), "
+                f"{100 * _results['aimass'] / _results['roof']:.0f}% of the memmap roof ({_results['roof']:.0f})")
+        if "aimass_tf" in _results:
+            line += f"; with flip+normalize {_results['aimass_tf']:.0f} samples/s"
+        print("\n" + line)
+
+
 # ---------------------------------------------------------------- pytest-benchmark
 try:
     import pytest
@@ -126,6 +137,7 @@ try:
         d = Data()
         yield d
         d.close()
+        _print_ratios()
 
     def _bench(benchmark, key, fn):
         rate = benchmark.pedantic(fn, rounds=1, iterations=1)
@@ -148,13 +160,6 @@ try:
         tf = [D.RandomHorizontalFlip("image"), D.Cast("image"), D.Normalize("image", [0.5] * 3, [0.25] * 3)]
         _bench(benchmark, "aimass_tf", lambda: run_aimass(data, tf, data.img))
 
-    def test_report_ratios(data):
-        if {"aimass", "roof", "torch_w0", "torch_w2"} <= _results.keys():
-            torch_best = max(_results["torch_w0"], _results["torch_w2"])
-            print(f"\naimass {_results['aimass']:.0f} samples/s; x{_results['aimass'] / torch_best:.1f} torch "
-                  f"DataLoader (best of workers 0/2: {torch_best:.0f}); "
-                  f"{100 * _results['aimass'] / _results['roof']:.0f}% of the memmap roof "
-                  f"({_results['roof']:.0f})")
 except ImportError:  # pragma: no cover
     pass
 

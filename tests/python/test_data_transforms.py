@@ -95,3 +95,13 @@ def test_transform_order_errors(ds):
         D.Loader(d, 4, transforms=[D.RandomHorizontalFlip("label")])
     with pytest.raises(TypeError, match="dtype"):
         D.Cast("img", "int8")
+
+
+def test_generic_path_matches_fast_path(ds):
+    d, X, _ = ds
+    geo = [D.RandomCrop("img", 4, padding=1), D.RandomHorizontalFlip("img")]
+    f32 = one_batch(d, geo + [D.Cast("img", "float32", 0.5)], seed=4)["img"]
+    f16 = one_batch(d, geo + [D.Cast("img", "float16", 0.5)], seed=4)["img"]
+    raw = one_batch(d, geo, seed=4)["img"]
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
+    np.testing.assert_array_equal(raw.astype(np.float32) * 0.5, f32)

@@ -446,6 +446,25 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       if (pl.flip_p > 0) flip = (splitmix64(s) >> 11) * (1.0 / 9007199254740992.0) < pl.flip_p;
       const int64_t OC = C;  // geometry keeps channels
       const size_t px_out = static_cast<size_t>(OC) * (pl.elementwise ? oes : ies);
+      if (pl.elementwise && pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32) {
+        // the common image path (uint8 HWC -> float32), without per-element dtype dispatch
+        const float* A = pl.a.data();
+        const float* Bv = pl.b.data();
+        float* o = reinterpret_cast<float*>(out);
+        for (int64_t y = 0; y < pl.out_h; ++y) {
+          int64_t sy = y + top - pl.pad;
+          for (int64_t x = 0; x < pl.out_w; ++x, o += C) {
+            int64_t sx = (flip ? pl.out_w - 1 - x : x) + left - pl.pad;
+            if (sy >= 0 && sy < pl.H && sx >= 0 && sx < pl.W) {
+              const uint8_t* sp = src + (sy * pl.W + sx) * C;
+              for (int64_t c = 0; c < C; ++c) o[c] = sp[c] * A[c] + Bv[c];
+            } else {
+              for (int64_t c = 0; c < C; ++c) o[c] = Bv[c];
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t y = 0; y < pl.out_h; ++y) {
         int64_t sy = y + top - pl.pad;
         for (int64_t x = 0; x < pl.out_w; ++x) {
