@@ -112,7 +112,7 @@ struct Loader::FieldPlan {
   int64_t classes = 0;
   DType out_dtype = DType::U8;
   int64_t out_bytes = 0;       // per sample
-  int transform_id = 0;
+  uint64_t transform_id = 0;
 };
 
 void Loader::build_plan() {
@@ -134,11 +134,12 @@ void Loader::build_plan() {
     std::vector<int64_t> shape = fd.shape;
     DType cur = fd.dtype;
     bool geometric_done = false;
-    int tid = 0;
+    // random draws are keyed by the field name, so adding a Cast/Normalize keeps the crops
+    uint64_t h = 1469598103934665603ull;
+    for (char ch : fd.name) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+    pl->transform_id = h;
     for (const auto& t : transforms_) {
-      ++tid;
       if (t.field != fd.name) continue;
-      pl->transform_id = pl->transform_id * 31 + tid;
       switch (t.kind) {
         case TransformKind::RandomCrop:
         case TransformKind::RandomFlip: {
@@ -435,7 +436,7 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         continue;
       }
       // per-sample randomness: a pure function of (seed, epoch, record, transform)
-      uint64_t s = mix(mix(opt_.seed ^ (0x9e37ull * static_cast<uint64_t>(pl.transform_id)), epoch),
+      uint64_t s = mix(mix(opt_.seed ^ pl.transform_id, epoch),
                        static_cast<uint64_t>(rec));
       int64_t top = pl.pad, left = pl.pad;  // no crop: identity window
       if (pl.crop) {
