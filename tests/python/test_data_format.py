@@ -126,3 +126,27 @@ def test_truncated_shard_names_shard_and_record(tmp_path, xy):
     os.remove(shard)
     with pytest.raises(aimass.CorruptDataError, match="part-00000.rec .*missing"):
         D.open(tmp_path / "ds")
+
+
+def test_wrong_schema_is_a_clear_error(tmp_path, xy):
+    X, y = xy
+    ds = D.write(tmp_path / "ds", {"image": X, "label": y})
+    ip = tmp_path / "ds" / "index.json"
+    index = json.loads(ip.read_text())
+    index["schema"][0]["shape"] = [4, 4, 4]  # 64 bytes instead of the stored 48
+    ip.write_text(json.dumps(index))
+    with pytest.raises(aimass.CorruptDataError, match="schema does not match"):
+        D.open(ds.path)[0]
+    index["schema"][0]["shape"] = [4, -4, 3]
+    ip.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="only the first dimension may be variable"):
+        D.open(ds.path)
+    index["schema"][0]["shape"] = [4, 4, 3]
+    index["schema"][0]["dtype"] = "complex64"
+    ip.write_text(json.dumps(index))
+    with pytest.raises(TypeError):
+        D.open(ds.path)
+    index["version"] = 99
+    ip.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="version 99"):
+        D.open(ds.path)
