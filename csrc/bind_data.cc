@@ -161,6 +161,9 @@ void bind_data(py::module_& m) {
                if (d.contains("padding")) t.padding = d["padding"].cast<int64_t>();
                if (d.contains("p")) t.p = d["p"].cast<double>();
                if (d.contains("num_classes")) t.num_classes = d["num_classes"].cast<int64_t>();
+               if (d.contains("address"))
+                 t.fn = reinterpret_cast<ad::UserTransformFn>(static_cast<uintptr_t>(d["address"].cast<uint64_t>()));
+               if (d.contains("shape")) t.out_shape = d["shape"].cast<std::vector<int64_t>>();
                ts.push_back(std::move(t));
              }
              std::vector<int64_t> idx(indices.data(), indices.data() + indices.size());

@@ -32,7 +32,7 @@ INDEX_FILE = "index.json"
 
 __all__ = [
     "write", "open", "Dataset", "Loader", "CorruptDataError", "crc32c",
-    "Cast", "Normalize", "RandomCrop", "RandomHorizontalFlip", "OneHot",
+    "Cast", "Normalize", "RandomCrop", "RandomHorizontalFlip", "OneHot", "CFunc",
     "clean", "CleanReport", "from_csv", "from_npy", "from_image_folder", "split", "Splits", "open_split",
     "inspect",
 ]
@@ -361,6 +361,47 @@ class OneHot(_Transform):
         self.num_classes, self.dtype = int(num_classes), dtype
 
 
+class CFunc(_Transform):
+    """A user transform compiled to a C function that the C++ workers call without
+    the GIL, e.g. a numba ``@cfunc(types.int32(types.voidptr, types.int64, types.voidptr,
+    types.int64, types.int64, types.uint64))``. C signature::
+
+        int32_t fn(const void* in, int64_t in_bytes, void* out, int64_t out_bytes,
+                   int64_t record, uint64_t seed);   // return 0 on success
+
+    `in` is the field as stored for one record, `out` the sample's slot of dtype
+    `dtype` and per-sample `shape`; `seed` is a per-sample value derived from
+    (seed, epoch, record) for reproducible randomness. `fn` is a numba cfunc (its
+    ``.address``), a ctypes function pointer (ctypes callbacks take the GIL, so they
+    are for testing), or an int address; the loader keeps `fn` alive."""
+    kind = 5
+
+    def __init__(self, field: str, fn, dtype: str, shape):
+        super().__init__(field)
+        if hasattr(fn, "address"):
+            address = int(fn.address)
+        elif isinstance(fn, int):
+            address = fn
+        else:
+            import ctypes
+            if not isinstance(fn, ctypes._CFuncPtr):
+                raise TypeError("CFunc: fn must be a numba cfunc, a ctypes function pointer or an address, "
+                                f"got {type(fn).__name__}")
+            address = ctypes.cast(fn, ctypes.c_void_p).value
+        if not address:
+            raise ValueError("CFunc: fn has a null address")
+        if dtype not in _DTYPES:
+            raise TypeError(f"CFunc: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.fn = fn
+        self.address, self.dtype = int(address), dtype
+        self.shape = [int(d) for d in ((shape,) if isinstance(shape, int) else shape)]
+
+    def spec(self) -> dict:
+        d = super().spec()
+        del d["fn"]
+        return d
+
+
 # ---------------------------------------------------------------- loader
 def _default_rank_world():
     dist = sys.modules.get("aimass.dist")
@@ -432,6 +473,7 @@ class Loader:
         self._bf16 = [o[1] == "bfloat16" for o in self._outputs]
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already handed out
+        self._transforms = transforms  # keeps user C functions alive while workers call them
         self._torch = None
         if output == "torch":
             import torch

@@ -105,3 +105,28 @@ def test_generic_path_matches_fast_path(ds):
     raw = one_batch(d, geo, seed=4)["img"]
     np.testing.assert_array_equal(f16, f32.astype(np.float16))
     np.testing.assert_array_equal(raw.astype(np.float32) * 0.5, f32)
+
+
+def test_user_cfunc_transform(ds):
+    import ctypes
+    d, X, _ = ds
+    proto = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_uint64)
+
+    @proto
+    def channel_sums(inp, in_bytes, out, out_bytes, record, seed):
+        # stands in for a numba cfunc: sum each channel of the HWC uint8 image
+        src = np.ctypeslib.as_array((ctypes.c_uint8 * in_bytes).from_address(inp))
+        dst = np.ctypeslib.as_array((ctypes.c_float * (out_bytes // 4)).from_address(out))
+        dst[:] = src.reshape(-1, 3).sum(axis=0)
+        return 0 if record != 150 else 7
+
+    b = next(iter(D.Loader(d, 100, shuffle=False, transforms=[D.CFunc("img", channel_sums, "float32", [3])])))
+    np.testing.assert_array_equal(b["img"], X[:100].reshape(100, -1, 3).sum(axis=1).astype(np.float32))
+    with pytest.raises(ValueError, match="returned 7 for record 150"):
+        for _ in D.Loader(d, 100, shuffle=False, transforms=[D.CFunc("img", channel_sums, "float32", [3])]):
+            pass
+    with pytest.raises(ValueError, match="only transform"):
+        D.Loader(d, 4, transforms=[D.Cast("img"), D.CFunc("img", channel_sums, "float32", [3])])
+    with pytest.raises(TypeError, match="cfunc"):
+        D.CFunc("img", "not a function", "float32", [3])

@@ -122,7 +122,13 @@ class Reader {
 
 // ---------------------------------------------------------------- transforms
 // A fused per-field pipeline the loader workers run on each sample.
-enum class TransformKind : int { Cast = 0, Normalize, RandomCrop, RandomFlip, OneHot };
+enum class TransformKind : int { Cast = 0, Normalize, RandomCrop, RandomFlip, OneHot, UserFn };
+// A user transform (e.g. a numba @cfunc): called on worker threads without the GIL.
+// in/in_bytes: the stored field of one record; out/out_bytes: its output slot;
+// record: the dataset index; seed: a per-sample value from (seed, epoch, record).
+// Returns 0 on success; anything else stops the epoch with a ValueError.
+using UserTransformFn = int32_t (*)(const void* in, int64_t in_bytes, void* out, int64_t out_bytes,
+                                    int64_t record, uint64_t seed);
 struct Transform {
   TransformKind kind;
   std::string field;
@@ -132,6 +138,8 @@ struct Transform {
   int64_t crop_h = 0, crop_w = 0, padding = 0;  // RandomCrop (HWC images)
   double p = 0.5;                // RandomFlip probability
   int64_t num_classes = 0;       // OneHot
+  UserTransformFn fn = nullptr;  // UserFn: output dtype out_dtype, per-sample shape out_shape
+  std::vector<int64_t> out_shape;
 };
 
 // The global sample order of an epoch: a pure function of (seed, epoch, n).

@@ -110,6 +110,7 @@ struct Loader::FieldPlan {
   std::vector<float> a, b;
   bool onehot = false;
   int64_t classes = 0;
+  UserTransformFn user = nullptr;
   DType out_dtype = DType::U8;
   int64_t out_bytes = 0;       // per sample
   uint64_t transform_id = 0;
@@ -206,6 +207,17 @@ void Loader::build_plan() {
             pl->a[c] = pl->a[c] / s;
             pl->b[c] = (pl->b[c] - m) / s;
           }
+          break;
+        }
+        case TransformKind::UserFn: {
+          AIMASS_CHECK(t.fn != nullptr, ValueError, "CFunc on field '", fd.name, "': null function pointer");
+          AIMASS_CHECK(!pl->user && !pl->onehot && !pl->elementwise && !pl->crop && pl->flip_p == 0, ValueError,
+                       "CFunc on field '", fd.name, "' must be its only transform");
+          for (int64_t d : t.out_shape)
+            AIMASS_CHECK(d >= 0, ValueError, "CFunc on field '", fd.name, "': output shape has ", d);
+          pl->user = t.fn;
+          shape = t.out_shape;
+          cur = t.out_dtype;
           break;
         }
         case TransformKind::OneHot: {
@@ -401,6 +413,13 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       const FieldPlan& pl = *plans_[f];
       uint8_t* out = buf.fields[f].data() + r * pl.out_bytes;
       const uint8_t* src = fp[static_cast<size_t>(pl.src)];
+      if (pl.user) {
+        uint64_t us = mix(mix(opt_.seed ^ pl.transform_id, epoch), static_cast<uint64_t>(rec));
+        int32_t rc = pl.user(src, pl.src_bytes, out, pl.out_bytes, rec, us);
+        AIMASS_CHECK(rc == 0, ValueError, "CFunc on field '", sc.fields[pl.src].name, "' returned ", rc,
+                     " for record ", rec);
+        continue;
+      }
       if (pl.onehot) {
         int64_t v = static_cast<int64_t>(load_as_float(src, pl.src_dtype));
         if (pl.src_dtype == DType::I64) std::memcpy(&v, src, 8);
