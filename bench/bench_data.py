@@ -62,6 +62,18 @@ def run_aimass(d: Data, transforms=None, dataset=None) -> float:
     return n / (time.perf_counter() - t)
 
 
+def run_aimass_verify_once(d: Data) -> float:
+    """Steady-state epochs with verify="once": the first epoch checks every CRC, later ones skip it."""
+    loader = D.Loader(d.ds, BATCH, shuffle=True, seed=0, num_threads=2, prefetch=4, verify="once")
+    for _ in loader:
+        pass
+    t = time.perf_counter()
+    n = 0
+    for b in loader:
+        n += len(b["label"])
+    return n / (time.perf_counter() - t)
+
+
 def run_roof(d: Data) -> float:
     perm = np.random.default_rng(1).permutation(d.n)
     t = time.perf_counter()
@@ -103,6 +115,7 @@ def run_torch(d: Data, workers: int) -> float:
 def measure(d: Data) -> dict:
     r = {
         "aimass": max(run_aimass(d) for _ in range(2)),
+        "aimass_verify_once_epoch2": max(run_aimass_verify_once(d) for _ in range(2)),
         "roof_memmap_fancy_index": max(run_roof(d) for _ in range(2)),
         "torch_w0": run_torch(d, 0),
         "torch_w2": run_torch(d, 2),
@@ -113,6 +126,8 @@ def measure(d: Data) -> dict:
     r["torch_best"] = max(r["torch_w0"], r["torch_w2"])
     r["aimass_vs_torch"] = r["aimass"] / r["torch_best"]
     r["aimass_vs_roof"] = r["aimass"] / r["roof_memmap_fancy_index"]
+    r["aimass_verify_once_vs_torch"] = r["aimass_verify_once_epoch2"] / r["torch_best"]
+    r["aimass_verify_once_vs_roof"] = r["aimass_verify_once_epoch2"] / r["roof_memmap_fancy_index"]
     r["aimass_transforms_vs_torch"] = r["aimass_flip_normalize"] / r["torch_best"]
     return r
 
@@ -123,6 +138,10 @@ def _print_ratios():
         line = (f"aimass {_results['aimass']:.0f} samples/s: x{_results['aimass'] / torch_best:.1f} torch "
                 f"DataLoader (best of workers 0/2: {torch_best:.0f}), "
                 f"{100 * _results['aimass'] / _results['roof']:.0f}% of the memmap roof ({_results['roof']:.0f})")
+        if "aimass_once" in _results:
+            line += (f"; verify='once' steady state {_results['aimass_once']:.0f} samples/s "
+                     f"(x{_results['aimass_once'] / torch_best:.1f} torch, "
+                     f"{100 * _results['aimass_once'] / _results['roof']:.0f}% of roof)")
         if "aimass_tf" in _results:
             line += f"; with flip+normalize {_results['aimass_tf']:.0f} samples/s"
         print("\n" + line)
@@ -146,6 +165,9 @@ try:
 
     def test_aimass_loader(benchmark, data):
         _bench(benchmark, "aimass", lambda: run_aimass(data))
+
+    def test_aimass_loader_verify_once(benchmark, data):
+        _bench(benchmark, "aimass_once", lambda: run_aimass_verify_once(data))
 
     def test_roof_memmap(benchmark, data):
         _bench(benchmark, "roof", lambda: run_roof(data))

@@ -135,7 +135,7 @@ void bind_data(py::module_& m) {
   py::class_<ad::Loader, std::shared_ptr<ad::Loader>>(m, "DataLoader")
       .def(py::init([](std::shared_ptr<ad::Reader> reader, py::array_t<int64_t, py::array::c_style> indices,
                        int64_t batch_size, bool shuffle, uint64_t seed, int rank, int world_size, bool drop_last,
-                       int num_threads, int prefetch, bool verify, py::list transforms) {
+                       int num_threads, int prefetch, int verify, py::list transforms) {
              ad::LoaderOptions o;
              o.batch_size = batch_size;
              o.shuffle = shuffle;

@@ -423,6 +423,10 @@ class Loader:
     then advances the epoch; ``set_epoch(e)`` restarts at epoch e's first batch;
     ``state_dict()``/``load_state_dict()`` resume exactly mid-epoch.
 
+    ``verify``: True checks each record's CRC32C on every read; "once" checks each
+    record the first time this loader reads it (shards are immutable once written,
+    so later epochs skip the CRC pass); False never checks.
+
     Batches are dicts of numpy arrays (``output="torch"``: torch tensors) that are
     zero-copy views of pool buffers; a buffer goes back to the pool when its
     arrays are released, so keep a copy if you hold batches for long.
@@ -432,7 +436,7 @@ class Loader:
                  rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = False,
                  num_threads: Optional[int] = None, prefetch: int = 2,
                  transforms: Optional[Sequence[_Transform]] = None, output: str = "numpy",
-                 pin_memory: bool = False, verify: bool = True):
+                 pin_memory: bool = False, verify=True):
         if not isinstance(dataset, Dataset):
             raise TypeError(f"Loader: dataset must be an aimass.data.Dataset (aimass.data.open(dir)), "
                             f"got {type(dataset).__name__}")
@@ -462,12 +466,15 @@ class Loader:
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.output = output
+        if verify not in (True, False, "once"):
+            raise ValueError(f"Loader: verify must be True, False or 'once', got {verify!r}")
+        verify_mode = 2 if verify == "once" else int(bool(verify))
         indices = dataset.indices if dataset.indices is not None else np.empty(0, dtype=np.int64)
         if dataset.indices is not None and dataset.indices.size == 0:
             raise ValueError("Loader: the dataset is empty")
         self._core = _C.DataLoader(dataset._reader, indices, self.batch_size, self.shuffle, self.seed,
                                    self.rank, self.world_size, self.drop_last, int(num_threads), int(prefetch),
-                                   bool(verify), [t.spec() for t in transforms])
+                                   verify_mode, [t.spec() for t in transforms])
         self._outputs = self._core.outputs()
         self._names = [o[0] for o in self._outputs]
         self._bf16 = [o[1] == "bfloat16" for o in self._outputs]

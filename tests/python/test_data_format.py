@@ -109,6 +109,12 @@ def test_flipped_byte_names_shard_and_record(tmp_path, xy):
     with pytest.raises(aimass.CorruptDataError, match="part-00001.rec"):
         for _ in D.Loader(ds, 32, shuffle=False, num_threads=2):
             pass
+    with pytest.raises(aimass.CorruptDataError, match="part-00001.rec record 4"):
+        for _ in D.Loader(ds, 32, shuffle=False, verify="once"):
+            pass
+    assert sum(len(b["label"]) for b in D.Loader(ds, 32, verify=False)) == 300  # the caller opted out
+    with pytest.raises(ValueError, match="verify"):
+        D.Loader(ds, 32, verify="sometimes")
     with pytest.raises(aimass.CorruptDataError, match="sha256"):
         ds.verify()
     with pytest.raises(aimass.CorruptDataError, match="record 4"):

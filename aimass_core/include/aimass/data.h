@@ -155,7 +155,9 @@ struct LoaderOptions {
   bool drop_last = false;
   int num_threads = 2;
   int prefetch = 2;
-  bool verify = true;
+  // Checksum checks: 0 never, 1 on every read, 2 the first time this loader reads each record
+  // (datasets are immutable once written, so later epochs can skip the CRC pass).
+  int verify = 1;
 };
 
 // An output batch: one contiguous buffer per field, recycled into the loader's
@@ -205,6 +207,7 @@ class Loader {
   struct FieldPlan;
   std::vector<std::shared_ptr<FieldPlan>> plans_;
   std::shared_ptr<BufferPool> pool_;
+  std::unique_ptr<std::atomic<uint8_t>[]> verified_;  // per dataset record, for verify == 2
 
   // epoch state
   std::shared_ptr<const std::vector<int64_t>> perm_;  // global order (positions in indices_)

@@ -271,6 +271,11 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
   AIMASS_CHECK(opt_.prefetch >= 1, ValueError, "Loader: prefetch must be >= 1, got ", opt_.prefetch);
   AIMASS_CHECK(!opt_.drop_last || samples_per_rank() >= opt_.batch_size, ValueError, "Loader: drop_last with ",
                num_samples(), " samples over ", opt_.world_size, " ranks leaves no full batch of ", opt_.batch_size);
+  AIMASS_CHECK(opt_.verify >= 0 && opt_.verify <= 2, ValueError, "Loader: verify must be 0, 1 or 2");
+  if (opt_.verify == 2) {
+    verified_.reset(new std::atomic<uint8_t>[static_cast<size_t>(reader_->size())]);
+    for (int64_t i = 0; i < reader_->size(); ++i) verified_[i].store(0, std::memory_order_relaxed);
+  }
   build_plan();
   std::vector<size_t> sizes;
   for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
@@ -403,7 +408,9 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
     int64_t rec = indices_[static_cast<size_t>(perm[static_cast<size_t>(pos)])];
     uint64_t len;
     int64_t shard = 0;
-    const uint8_t* payload = reader_->record(rec, &len, opt_.verify, &shard);
+    bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
+    const uint8_t* payload = reader_->record(rec, &len, check, &shard);
+    if (check && opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
     try {
       reader_->decode(payload, len, rec, fp.data(), d0.data());
     } catch (const CorruptDataError& e) {
