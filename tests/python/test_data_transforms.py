@@ -130,3 +130,15 @@ def test_user_cfunc_transform(ds):
         D.Loader(d, 4, transforms=[D.Cast("img"), D.CFunc("img", channel_sums, "float32", [3])])
     with pytest.raises(TypeError, match="cfunc"):
         D.CFunc("img", "not a function", "float32", [3])
+
+
+def test_cast_normalize_vector_and_four_channels(tmp_path):
+    rng = np.random.default_rng(2)
+    v = rng.integers(0, 256, (50, 7), dtype=np.uint8)
+    img4 = rng.integers(0, 256, (50, 2, 3, 4), dtype=np.uint8)
+    d = D.write(tmp_path / "d", {"v": v, "img4": img4})
+    b = one_batch(d, [D.Cast("v", scale=0.5), D.Normalize("v", [3.0], [2.0]),
+                      D.Cast("img4", scale=1.0), D.Normalize("img4", [1, 2, 3, 4], [1, 2, 4, 8])])
+    np.testing.assert_allclose(b["v"], (v * np.float32(0.5) - 3) / 2, rtol=1e-6)
+    np.testing.assert_allclose(b["img4"], (img4.astype(np.float32) - [1, 2, 3, 4]) / np.float32([1, 2, 4, 8]),
+                               rtol=1e-6)

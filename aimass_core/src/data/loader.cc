@@ -451,8 +451,20 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         const int64_t elems = pl.out_bytes / static_cast<int64_t>(oes);
         if (pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32) {
           float* o = reinterpret_cast<float*>(out);
-          for (int64_t k = 0; k < elems; k += C)
-            for (int64_t c = 0; c < C; ++c) o[k + c] = src[k + c] * pl.a[c] + pl.b[c];
+          if (C == 3) {
+            const float a0 = pl.a[0], a1 = pl.a[1], a2 = pl.a[2], b0 = pl.b[0], b1 = pl.b[1], b2 = pl.b[2];
+            for (int64_t k = 0; k < elems; k += 3) {
+              o[k] = src[k] * a0 + b0;
+              o[k + 1] = src[k + 1] * a1 + b1;
+              o[k + 2] = src[k + 2] * a2 + b2;
+            }
+          } else if (C == 1) {
+            const float a0 = pl.a[0], b0 = pl.b[0];
+            for (int64_t k = 0; k < elems; ++k) o[k] = src[k] * a0 + b0;
+          } else {
+            for (int64_t k = 0; k < elems; k += C)
+              for (int64_t c = 0; c < C; ++c) o[k + c] = src[k + c] * pl.a[c] + pl.b[c];
+          }
         } else {
           for (int64_t k = 0; k < elems; ++k) {
             int64_t c = k % C;
@@ -471,41 +483,72 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       }
       bool flip = false;
       if (pl.flip_p > 0) flip = (splitmix64(s) >> 11) * (1.0 / 9007199254740992.0) < pl.flip_p;
-      const int64_t OC = C;  // geometry keeps channels
-      const size_t px_out = static_cast<size_t>(OC) * (pl.elementwise ? oes : ies);
-      if (pl.elementwise && pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32) {
-        // the common image path (uint8 HWC -> float32), without per-element dtype dispatch
-        const float* A = pl.a.data();
-        const float* Bv = pl.b.data();
-        float* o = reinterpret_cast<float*>(out);
-        for (int64_t y = 0; y < pl.out_h; ++y) {
-          int64_t sy = y + top - pl.pad;
-          for (int64_t x = 0; x < pl.out_w; ++x, o += C) {
-            int64_t sx = (flip ? pl.out_w - 1 - x : x) + left - pl.pad;
-            if (sy >= 0 && sy < pl.H && sx >= 0 && sx < pl.W) {
-              const uint8_t* sp = src + (sy * pl.W + sx) * C;
-              for (int64_t c = 0; c < C; ++c) o[c] = sp[c] * A[c] + Bv[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) o[c] = Bv[c];
-            }
-          }
-        }
-        continue;
+      // Row by row: the in-image span [x0, x1) of each output row is found once, the
+      // zero-padding outside it is filled without per-pixel bounds checks.
+      const bool fast = pl.elementwise && pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32;
+      const size_t px_out = static_cast<size_t>(C) * (pl.elementwise ? oes : ies);
+      const int64_t shift = left - pl.pad;  // sx = x + shift (no flip) or out_w-1-x + shift (flip)
+      int64_t x0, x1;
+      if (!flip) {
+        x0 = std::max<int64_t>(0, -shift);
+        x1 = std::min<int64_t>(pl.out_w, pl.W - shift);
+      } else {
+        x0 = std::max<int64_t>(0, pl.out_w - pl.W + shift);
+        x1 = std::min<int64_t>(pl.out_w, pl.out_w + shift);
       }
+      if (x1 < x0) x1 = x0;
+      auto fill_pad = [&](uint8_t* o, int64_t npx) {
+        if (!pl.elementwise) {
+          std::memset(o, 0, static_cast<size_t>(npx) * px_out);
+        } else {
+          for (int64_t k = 0; k < npx; ++k)
+            for (int64_t c = 0; c < C; ++c) store_float(o + (k * C + c) * oes, pl.out_dtype, pl.b[c]);
+        }
+      };
       for (int64_t y = 0; y < pl.out_h; ++y) {
-        int64_t sy = y + top - pl.pad;
-        for (int64_t x = 0; x < pl.out_w; ++x) {
-          int64_t sx = (flip ? pl.out_w - 1 - x : x) + left - pl.pad;
-          uint8_t* o = out + (y * pl.out_w + x) * px_out;
-          bool inside = sy >= 0 && sy < pl.H && sx >= 0 && sx < pl.W;
-          const uint8_t* sp = src + ((sy * pl.W + sx) * OC) * static_cast<int64_t>(ies);
-          if (!pl.elementwise) {
-            if (inside) std::memcpy(o, sp, px_out); else std::memset(o, 0, px_out);
-          } else {
-            for (int64_t c = 0; c < OC; ++c) {
-              float v = inside ? load_as_float(sp + c * ies, pl.src_dtype) : 0.f;
-              store_float(o + c * oes, pl.out_dtype, v * pl.a[c] + pl.b[c]);
+        const int64_t sy = y + top - pl.pad;
+        uint8_t* orow = out + y * pl.out_w * static_cast<int64_t>(px_out);
+        if (sy < 0 || sy >= pl.H || x1 == x0) {
+          fill_pad(orow, pl.out_w);
+          continue;
+        }
+        fill_pad(orow, x0);
+        fill_pad(orow + x1 * static_cast<int64_t>(px_out), pl.out_w - x1);
+        const uint8_t* srow = src + sy * pl.W * C * static_cast<int64_t>(ies);
+        const int64_t sx0 = flip ? pl.out_w - 1 - x0 + shift : x0 + shift;
+        if (fast) {
+          const int64_t step = flip ? -C : C;  // source elements per output pixel
+          const float* A = pl.a.data();
+          const float* Bv = pl.b.data();
+          float* o = reinterpret_cast<float*>(orow) + x0 * C;
+          const uint8_t* sp = srow + sx0 * C;
+          if (C == 3) {
+            const float a0 = A[0], a1 = A[1], a2 = A[2], b0 = Bv[0], b1 = Bv[1], b2 = Bv[2];
+            for (int64_t x = x0; x < x1; ++x, o += 3, sp += step) {
+              o[0] = sp[0] * a0 + b0;
+              o[1] = sp[1] * a1 + b1;
+              o[2] = sp[2] * a2 + b2;
             }
+          } else {
+            for (int64_t x = x0; x < x1; ++x, o += C, sp += step)
+              for (int64_t c = 0; c < C; ++c) o[c] = sp[c] * A[c] + Bv[c];
+          }
+        } else if (!pl.elementwise) {
+          if (!flip) {
+            std::memcpy(orow + x0 * px_out, srow + sx0 * px_out, static_cast<size_t>(x1 - x0) * px_out);
+          } else {
+            uint8_t* o = orow + x0 * px_out;
+            const uint8_t* sp = srow + sx0 * px_out;
+            for (int64_t x = x0; x < x1; ++x, o += px_out, sp -= px_out)
+              for (size_t k = 0; k < px_out; ++k) o[k] = sp[k];
+          }
+        } else {
+          for (int64_t x = x0; x < x1; ++x) {
+            const int64_t sx = flip ? sx0 - (x - x0) : sx0 + (x - x0);
+            const uint8_t* sp = srow + sx * C * static_cast<int64_t>(ies);
+            uint8_t* o = orow + x * static_cast<int64_t>(px_out);
+            for (int64_t c = 0; c < C; ++c)
+              store_float(o + c * oes, pl.out_dtype, load_as_float(sp + c * ies, pl.src_dtype) * pl.a[c] + pl.b[c]);
           }
         }
       }
