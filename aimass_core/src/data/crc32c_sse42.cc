@@ -4,7 +4,6 @@
 
 #include <cstring>
 
-#include "aimass/data.h"
 #include "data/crc32c_internal.h"
 
 namespace aimass {
