@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("info", help="what this machine and build support")
     p.set_defaults(func=_cmd_info)
+    from . import data as _data
+    _data.add_cli(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
