@@ -226,10 +226,17 @@ def _timeout(timeout: Optional[float]) -> float:
 
 
 def _input(t: Any, what: str):
+    if isinstance(t, np.generic):  # numpy scalars keep their 0-d shape
+        t = np.asarray(t)
     a, dt = as_numpy(t, what)
     if dt not in _DTYPES:
         raise TypeError(f"{what}: dtype {dt} is not supported; use one of {', '.join(_DTYPES)}")
     return a, dt
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn 0-d arrays into 1-d ones
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def _check_op(op: str) -> str:
@@ -269,7 +276,7 @@ def _allreduce_async(t, op, name, compression, timeout, inplace):
                              "call .contiguous() or use allreduce()")
         out, keep, result = a, (t, a), t
     else:
-        a = np.ascontiguousarray(a)
+        a = _contiguous(a)
         out = np.empty_like(a)
         keep, result = (t, a, out), out
     h = eng.submit("allreduce", a, out, nm, dt, op, wire, 0, _timeout(timeout))
@@ -301,7 +308,7 @@ def broadcast_async(t: Any, root: int = 0, name: Optional[str] = None, timeout: 
             raise ValueError("broadcast_: the tensor must be C-contiguous; call .contiguous() or use broadcast()")
         out, keep, result = a, (t, a), t
     else:
-        a = np.ascontiguousarray(a)
+        a = _contiguous(a)
         out = np.empty_like(a)
         keep, result = (t, a, out), out
     h = eng.submit("broadcast", a, out, nm, dt, "sum", "", root, _timeout(timeout))
@@ -323,7 +330,7 @@ def allgather_async(t: Any, name: Optional[str] = None, timeout: Optional[float]
     a, dt = _input(t, "allgather tensor")
     if a.ndim == 0:
         a = a.reshape(1)
-    a = np.ascontiguousarray(a)
+    a = _contiguous(a)
     nm = _name("allgather", name)
     h = eng.submit("allgather", a, None, nm, dt, "sum", "", 0, _timeout(timeout))
     return Handle(h, (t, a), None, dt, t, True, nm)
@@ -342,7 +349,7 @@ def reduce_scatter_async(t: Any, op: str = "average", name: Optional[str] = None
     a, dt = _input(t, "reduce_scatter tensor")
     if a.ndim == 0:
         raise ValueError("reduce_scatter: the tensor needs at least one dimension (it is split along dimension 0)")
-    a = np.ascontiguousarray(a)
+    a = _contiguous(a)
     nm = _name("reduce_scatter", name)
     h = eng.submit("reduce_scatter", a, None, nm, dt, op, "", 0, _timeout(timeout))
     return Handle(h, (t, a), None, dt, t, True, nm)

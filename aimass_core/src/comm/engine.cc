@@ -401,6 +401,14 @@ struct CollectiveEngine::Impl {
       cycle_s = opts.cycle_time_s;
       for (auto& p : incoming) {
         std::string name = p.req.name;
+        auto pz = poisoned.find(name);
+        if (pz != poisoned.end()) {  // failed on the other ranks while this one was queued
+          inflight.erase(name);
+          ++st.errors;
+          p.handle->finish(CollectiveHandle::ErrorKind::Distributed, pz->second.first);
+          poisoned.erase(pz);
+          continue;
+        }
         pending.emplace(name, std::move(p));
       }
       incoming.clear();
@@ -531,7 +539,9 @@ struct CollectiveEngine::Impl {
           if (first.empty()) first = s;
           else if (s != first) mismatch = true;
         }
-        if (mismatch) {
+        // A mismatch is reported once every rank has submitted (or at the
+        // timeout), so the message shows what each rank asked for.
+        if (e.count == size && mismatch) {
           resp.push_back({false, o.second, describe(o.second, e, "ranks submitted collective '" + o.second +
                                                                      "' with different arguments")});
         } else if (e.count == size) {
@@ -539,7 +549,8 @@ struct CollectiveEngine::Impl {
         } else if (seconds_between(e.first_seen, now) > e.timeout_s) {
           resp.push_back({false, o.second,
                           describe(o.second, e, detail::concat("collective '", o.second, "' timed out after ",
-                                                               e.timeout_s, " s waiting for every rank to submit it"))});
+                                                               e.timeout_s, " s waiting for every rank to submit it",
+                                                               mismatch ? " (and the ranks that did disagree)" : ""))});
         } else {
           continue;
         }
