@@ -367,3 +367,155 @@ def barrier(timeout: Optional[float] = None, name: Optional[str] = None) -> None
     nm = _name("barrier", name)
     h = eng.submit("barrier", None, None, nm, "float32", "sum", "", 0, _timeout(timeout))
     synchronize(Handle(h, None, None, "float32", None, False, nm))
+
+
+# ------------------------------------------------------------------ torch training
+
+def _torch_module():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("this part of aimass.dist needs torch") from exc
+    return torch
+
+
+class DistributedOptimizer:
+    """Wraps a torch optimizer: each gradient is allreduced as soon as backward produces it
+    (a post-accumulate-grad hook submits it to the engine, so communication overlaps the rest
+    of backward, fused with its neighbours); step() waits for all of them, then steps.
+
+    named_parameters: the model's named_parameters() (names must match across ranks); default
+    names follow the optimizer's parameter order. backward_passes_per_step: gradients are
+    accumulated locally over that many backward passes before one allreduce. A parameter that
+    gets no gradient on this rank in a step is reduced as zeros, so no rank waits for it."""
+
+    def __init__(self, optimizer, named_parameters=None, compression=None, backward_passes_per_step=1,
+                 op="average"):
+        torch = _torch_module()
+        _require_engine()
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if compression not in _COMPRESSION:
+            raise ValueError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
+        if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+                or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
+        if op not in ("sum", "average"):
+            raise ValueError(f"op must be 'sum' or 'average' for gradients, got {op!r}")
+        opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+        if named_parameters is None:
+            names = {p: f"param.{i}" for i, p in enumerate(opt_params)}
+        else:
+            named = list(named_parameters)
+            if any(not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)) for x in named):
+                raise TypeError("named_parameters must be (name, parameter) pairs, e.g. model.named_parameters()")
+            all_names = [n for n, _ in named]
+            if len(set(all_names)) != len(all_names):
+                raise ValueError("named_parameters has duplicate names")
+            names = {p: n for n, p in named}
+            missing = [i for i, p in enumerate(opt_params) if p not in names]
+            if missing:
+                raise ValueError(f"named_parameters does not name the optimizer's parameters at positions {missing}")
+        self._opt = optimizer
+        self._names = names
+        self._compression = compression
+        self._bpps = backward_passes_per_step
+        self._op = op
+        self._params = [p for p in opt_params if p.requires_grad]
+        self._passes = {p: 0 for p in self._params}
+        self._handles = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+
+    def _submit(self, p):
+        g = p.grad
+        if g.is_sparse:
+            raise TypeError(f"parameter {self._names[p]!r}: sparse gradients are not supported")
+        if not g.is_contiguous():
+            p.grad = g = g.contiguous()
+        self._handles[p] = allreduce_async_(g, op=self._op, name=f"grad.{self._names[p]}",
+                                            compression=self._compression)
+
+    def _on_grad(self, p):
+        self._passes[p] += 1
+        if self._passes[p] == self._bpps and p not in self._handles:
+            self._submit(p)
+
+    def synchronize(self) -> None:
+        """Wait for every gradient's allreduce (submitting zeros for parameters without a gradient)."""
+        torch = _torch_module()
+        for p in self._params:
+            if p not in self._handles:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._submit(p)
+        try:
+            for h in self._handles.values():
+                synchronize(h)
+        finally:
+            self._handles.clear()
+            for p in self._params:
+                self._passes[p] = 0
+
+    def step(self, closure=None):
+        self.synchronize()
+        return self._opt.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        if self._handles:
+            raise RuntimeError("zero_grad() called while gradient allreduces are in flight; call step() or "
+                               "synchronize() first")
+        return self._opt.zero_grad(set_to_none=set_to_none)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __getattr__(self, name):  # param_groups, state, state_dict, load_state_dict, ...
+        return getattr(self.__dict__["_opt"], name)
+
+
+def broadcast_parameters(params, root_rank: int = 0) -> None:
+    """Overwrite every tensor in `params` (a state_dict, or (name, tensor) pairs such as
+    model.named_parameters()) with root_rank's values, in place."""
+    torch = _torch_module()
+    items = list(params.items()) if hasattr(params, "items") else list(params)
+    handles = []
+    with torch.no_grad():
+        for name, t in items:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"broadcast_parameters: {name!r} is a {type(t).__name__}, not a torch tensor")
+            target = t.data if t.requires_grad else t
+            if target.is_contiguous():
+                handles.append((None, None, broadcast_async(target, root_rank, name=f"bcast.param.{name}",
+                                                            inplace=True)))
+            else:
+                handles.append((target, None, broadcast_async(target.contiguous(), root_rank,
+                                                              name=f"bcast.param.{name}")))
+        for target, _, h in handles:
+            out = synchronize(h)
+            if target is not None:
+                target.copy_(out)
+
+
+def broadcast_optimizer_state(optimizer, root_rank: int = 0) -> None:
+    """Give every rank root_rank's optimizer state (state_dict: moments, steps, hyper-parameters)."""
+    torch = _torch_module()
+    import io
+    opt = optimizer._opt if isinstance(optimizer, DistributedOptimizer) else optimizer
+    if rank() == root_rank:
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+        length = np.array([data.size], dtype=np.int64)
+    else:
+        data, length = None, np.zeros(1, dtype=np.int64)
+    length = broadcast(length, root_rank, name="bcast.optstate.len")
+    n = int(length[0])
+    words = np.zeros((n + 7) // 8, dtype=np.int64)  # bytes travel as int64 words
+    if data is not None:
+        words.view(np.uint8)[:n] = data
+    words = broadcast(words, root_rank, name="bcast.optstate.bytes")
+    if rank() != root_rank:
+        state = torch.load(io.BytesIO(words.view(np.uint8)[:n].tobytes()), weights_only=False)
+        opt.load_state_dict(state)
