@@ -116,6 +116,10 @@ void bind_dist(py::module_& m) {
       .def_property(
           "cycle_time_ms", [](const aimass::CollectiveEngine& e) { return e.options().cycle_time_s * 1000.0; },
           [](aimass::CollectiveEngine& e, double ms) { e.set_cycle_time(ms / 1000.0); })
+      .def_property(
+          "shm_min_bytes", [](const aimass::CollectiveEngine& e) { return e.options().shm_min_bytes; },
+          [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
+      .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
       .def_property_readonly("timeout", [](const aimass::CollectiveEngine& e) { return e.options().timeout_s; })
       .def("stats", [](const aimass::CollectiveEngine& e) {
         auto s = e.stats();
@@ -126,6 +130,7 @@ void bind_dist(py::module_& m) {
         d["fused_buffers"] = s.fused_buffers;
         d["fused_tensors"] = s.fused_tensors;
         d["errors"] = s.errors;
+        d["shm_allreduces"] = s.shm_allreduces;
         return d;
       });
 

@@ -143,8 +143,23 @@ def set_cycle_time(ms: float) -> None:
     _require_engine().cycle_time_ms = float(ms)
 
 
+def set_shm_min_bytes(nbytes: Optional[int]) -> None:
+    """Allreduce buffers of at least `nbytes` take the node's shared-memory path (None: never).
+    Default 64 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
+    if nbytes is None:
+        nbytes = 2 ** 64 - 1
+    elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_shm_min_bytes: nbytes must be an int >= 0 or None, got {nbytes!r}")
+    _require_engine().shm_min_bytes = nbytes
+
+
+def shm_available() -> bool:
+    """True when this job reduces through a shared-memory segment on each node."""
+    return bool(_require_engine().shm_available)
+
+
 def stats() -> dict:
-    """Engine counters: cycles, full_rounds, cache_hits, fused_buffers, fused_tensors, errors."""
+    """Engine counters: cycles, full_rounds, cache_hits, fused_buffers, fused_tensors, errors, shm_allreduces."""
     return dict(_require_engine().stats())
 
 

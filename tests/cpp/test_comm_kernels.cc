@@ -153,3 +153,33 @@ TEST(CommKernels, ScaleHalf) {
 }
 
 }  // namespace
+
+namespace {
+TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
+  LevelGuard g;
+  for (size_t n : {0u, 1u, 15u, 16u, 17u, 1001u}) {
+    for (int k : {1, 2, 3, 4}) {
+      std::vector<std::vector<float>> src;
+      std::vector<const float*> ptrs;
+      for (int j = 0; j < k; ++j) src.push_back(interesting_floats(n, 100 + j));
+      for (auto& s : src) ptrs.push_back(s.data());
+      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+        std::vector<float> ref(n);
+        aimass::comm::ref::reduce_f32(op, ptrs.data(), k, ref.data(), n);
+        for (SimdLevel l : levels()) {
+          aimass::set_simd_level(l);
+          std::vector<float> got(n);
+          aimass::comm::reduce_f32(op, ptrs.data(), k, got.data(), n);
+          for (size_t i = 0; i < n; ++i) {
+            if (std::isnan(ref[i])) {
+              ASSERT_TRUE(std::isnan(got[i]));
+            } else {
+              ASSERT_EQ(std::memcmp(&ref[i], &got[i], 4), 0) << aimass::simd_level_name(l) << " k=" << k << " i=" << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace

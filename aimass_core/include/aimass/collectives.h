@@ -75,7 +75,14 @@ struct EngineOptions {
   double cycle_time_s = 0.001;         // negotiation period
   double timeout_s = 60;               // default per-request stall timeout, and dead-peer timeout
   size_t cache_capacity = 4096;        // response-cache entries (one bit each in the steady-state vector)
-  // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms).
+  // Hierarchical path: allreduces of at least shm_min_bytes go through a shared-memory
+  // segment on each node (each local rank reduces its slice with SIMD; slices are
+  // allreduced across nodes with MPI); smaller ones use MPI_Allreduce.
+  bool shm = true;
+  size_t shm_min_bytes = 64u << 10;
+  size_t shm_slot_bytes = 16u << 20;   // per-rank staging slot; larger buffers go in chunks
+  // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
+  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_SLOT_BYTES.
   static EngineOptions from_env();
 };
 
@@ -86,6 +93,7 @@ struct EngineStats {
   uint64_t fused_buffers = 0;   // MPI allreduce calls issued for allreduce requests
   uint64_t fused_tensors = 0;   // allreduce requests those calls carried
   uint64_t errors = 0;          // requests failed by negotiation
+  uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
 };
 
 class CollectiveEngine {
@@ -106,6 +114,10 @@ class CollectiveEngine {
 
   void set_fusion_threshold(size_t bytes);
   void set_cycle_time(double seconds);
+  // Size from which allreduces take the shared-memory path (SIZE_MAX: never).
+  void set_shm_min_bytes(size_t bytes);
+  // Whether the shared-memory segment exists (every rank agreed at start-up).
+  bool shm_available() const;
   EngineOptions options() const;
   EngineStats stats() const;
   const Communicator& communicator() const { return *comm_; }

@@ -22,7 +22,12 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
 // inout[i] = round_to_half(float(inout[i]) * scale)
 void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
 
+// dst[i] = op over k sources srcs[j][i] (fp32; used by the shared-memory path).
+// dst may alias srcs[0].
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
+
 namespace ref {
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);
 void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale);
 void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n);

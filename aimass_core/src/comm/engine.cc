@@ -221,6 +221,20 @@ EngineOptions EngineOptions::from_env() {
                  v, "'");
     o.cycle_time_s = ms / 1000.0;
   }
+  if (const char* v = std::getenv("AIMASS_SHM")) o.shm = std::string(v) != "0";
+  if (const char* v = std::getenv("AIMASS_SHM_MIN_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_SHM_MIN_BYTES must be a byte count >= 0, got '", v, "'");
+    o.shm_min_bytes = static_cast<size_t>(b);
+  }
+  if (const char* v = std::getenv("AIMASS_SHM_SLOT_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 4096, ValueError, "AIMASS_SHM_SLOT_BYTES must be a byte count >= 4096, got '", v,
+                 "'");
+    o.shm_slot_bytes = static_cast<size_t>(b);
+  }
   return o;
 }
 
@@ -308,6 +322,13 @@ struct CollectiveEngine::Impl {
   MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
   Clock::time_point stop_since;
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
+  size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
+
+  // ---- shared-memory path (one segment per node)
+  MPI_Win shm_win = MPI_WIN_NULL;
+  std::vector<char*> shm_slot, shm_result;  // per local rank
+  size_t shm_slot_bytes = 0;
+  bool shm_ok = false;
 
   Impl(std::shared_ptr<Communicator> c, EngineOptions o) : comm(std::move(c)), opts(o) {
     mpi = comm->comm();
@@ -319,6 +340,139 @@ struct CollectiveEngine::Impl {
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Sum>, 1, &half_ops[1][0]), "MPI_Op_create");
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Min>, 1, &half_ops[1][1]), "MPI_Op_create");
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Max>, 1, &half_ops[1][2]), "MPI_Op_create");
+    shm_init();
+  }
+
+  // Collective over the communicator (runs before the thread starts): every
+  // rank must agree, since the path changes which MPI calls are made.
+  void shm_init() {
+    const int lsize = comm->local_size();
+    int ok = opts.shm && lsize > 1 ? 1 : 0;
+    // slices are allreduced across nodes rank-by-rank: every node needs the same local size
+    int lmin = lsize, lmax = lsize;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmin, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmax, 1, MPI_INT, MPI_MAX, mpi), "MPI_Allreduce(shm)");
+    if (lmin != lmax) ok = 0;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    if (!ok) return;
+    shm_slot_bytes = (opts.shm_slot_bytes + 63) / 64 * 64;
+    const size_t result_bytes = (shm_slot_bytes / lsize + 128) / 64 * 64 + 64;
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "alloc_shared_noncontig", "true");
+    char* base = nullptr;
+    int rc = MPI_Win_allocate_shared(static_cast<MPI_Aint>(shm_slot_bytes + result_bytes), 1, info,
+                                     comm->local_comm(), &base, &shm_win);
+    MPI_Info_free(&info);
+    int mine = rc == MPI_SUCCESS ? 1 : 0;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    if (!mine) {  // e.g. /dev/shm too small somewhere: everyone uses MPI only
+      if (rc == MPI_SUCCESS) MPI_Win_free(&shm_win);
+      shm_win = MPI_WIN_NULL;
+      return;
+    }
+    for (int j = 0; j < lsize; ++j) {
+      MPI_Aint sz;
+      int disp;
+      char* p = nullptr;
+      check_mpi(MPI_Win_shared_query(shm_win, j, &sz, &disp, &p), "MPI_Win_shared_query");
+      shm_slot.push_back(p);
+      shm_result.push_back(p + shm_slot_bytes);
+    }
+    check_mpi(MPI_Win_lock_all(MPI_MODE_NOCHECK, shm_win), "MPI_Win_lock_all");
+    shm_ok = true;
+  }
+
+  void shm_free() {
+    if (shm_win == MPI_WIN_NULL) return;
+    MPI_Win_unlock_all(shm_win);
+    MPI_Win_free(&shm_win);
+    shm_win = MPI_WIN_NULL;
+    shm_ok = false;
+  }
+
+  void local_barrier() {
+    MPI_Win_sync(shm_win);  // publish our stores to the segment
+    MPI_Request req;
+    check_mpi(MPI_Ibarrier(comm->local_comm(), &req), "MPI_Ibarrier(shm)");
+    wait_mpi(&req, 1.0, opts.timeout_s, "shared-memory allreduce");
+    MPI_Win_sync(shm_win);  // see the others'
+  }
+
+  bool use_shm(int64_t count, DType wire) const {
+    if (!shm_ok || wire == DType::F16 || wire == DType::BF16) return false;
+    return static_cast<uint64_t>(count) * dtype_size(wire) >= shm_min_agreed;
+  }
+
+  template <typename T>
+  static void reduce_slices(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
+    T* dst = reinterpret_cast<T*>(dst_bytes);
+    const T* s0 = reinterpret_cast<const T*>(srcs[0]);
+    for (size_t i = 0; i < n; ++i) dst[i] = s0[i];
+    for (int j = 1; j < k; ++j) {
+      const T* s = reinterpret_cast<const T*>(srcs[j]);
+      if (op == ReduceOp::Min) {
+        for (size_t i = 0; i < n; ++i) dst[i] = s[i] < dst[i] ? s[i] : dst[i];
+      } else if (op == ReduceOp::Max) {
+        for (size_t i = 0; i < n; ++i) dst[i] = s[i] > dst[i] ? s[i] : dst[i];
+      } else {
+        for (size_t i = 0; i < n; ++i) dst[i] += s[i];
+      }
+    }
+  }
+
+  // Reduce-scatter in memory (each local rank its slice), allreduce of the slice
+  // across nodes, then every rank reads all slices back.
+  void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
+    const int L = comm->local_size(), me = comm->local_rank();
+    const size_t es = dtype_size(wire);
+    const int64_t chunk = static_cast<int64_t>(shm_slot_bytes / es);
+    const int64_t unit = 64 / static_cast<int64_t>(es);
+    auto slice = [&](int j, int64_t m, int64_t* b, int64_t* e) {
+      const int64_t units = (m + unit - 1) / unit;
+      *b = std::min(m, units * j / L * unit);
+      *e = std::min(m, units * (j + 1) / L * unit);
+    };
+    std::vector<const char*> srcs(L);
+    char* bytes = static_cast<char*>(data);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_allreduces;
+    }
+    for (int64_t off = 0; off < count; off += chunk) {
+      const int64_t m = std::min(chunk, count - off);
+      std::memcpy(shm_slot[me], bytes + off * es, static_cast<size_t>(m) * es);
+      local_barrier();
+      int64_t b, e;
+      slice(me, m, &b, &e);
+      for (int j = 0; j < L; ++j) srcs[j] = shm_slot[j] + b * es;
+      const size_t n = static_cast<size_t>(e - b);
+      switch (wire) {
+        case DType::F32:
+          comm::reduce_f32(op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max
+                                                                                         : comm::ElemOp::Sum,
+                           reinterpret_cast<const float* const*>(srcs.data()), L,
+                           reinterpret_cast<float*>(shm_result[me]), n);
+          break;
+        case DType::F64: reduce_slices<double>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::I32: reduce_slices<int32_t>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::I64: reduce_slices<int64_t>(op, srcs.data(), L, shm_result[me], n); break;
+        default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
+      }
+      if (comm->cross_size() > 1 && n > 0) {
+        MPI_Request req;
+        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, shm_result[me], static_cast<int>(n), mpi_type(wire),
+                                 mpi_op(wire, op), comm->cross_comm(), &req),
+                  "MPI_Iallreduce(cross-node)");
+        wait_mpi(&req, 1.0, opts.timeout_s, "cross-node allreduce");
+      }
+      local_barrier();
+      for (int j = 0; j < L; ++j) {
+        int64_t bj, ej;
+        slice(j, m, &bj, &ej);
+        if (ej > bj) std::memcpy(bytes + (off + bj) * es, shm_result[j], static_cast<size_t>(ej - bj) * es);
+      }
+    }
   }
 
   ~Impl() {
@@ -365,6 +519,7 @@ struct CollectiveEngine::Impl {
         if (cycle_once()) break;
       }
       fail_all(CollectiveHandle::ErrorKind::Closed, "aimass.dist was shut down before this collective ran");
+      shm_free();  // collective on the node: every rank stopped in the same cycle
       std::lock_guard<std::mutex> lk(mu);
       clean_exit = true;
     } catch (const std::exception& e) {
@@ -394,9 +549,10 @@ struct CollectiveEngine::Impl {
   // One negotiation round plus the collectives it makes ready. Returns true to stop.
   bool cycle_once() {
     bool want_stop;
-    uint64_t threshold_local;
+    uint64_t threshold_local, shm_min_local;
     {
       std::lock_guard<std::mutex> lk(mu);
+      shm_min_local = opts.shm_min_bytes;
       threshold_local = opts.fusion_threshold;
       cycle_s = opts.cycle_time_s;
       for (auto& p : incoming) {
@@ -424,7 +580,8 @@ struct CollectiveEngine::Impl {
     // ---- bit vector: word 0 = control, then one bit per cache entry
     // word 1 carries the fusion threshold: BAND gives every rank the same value,
     // so all ranks cut fused buffers identically even while a new one propagates.
-    const size_t words = 2 + (cache.size() + 63) / 64;
+    // word 2 does the same for the shared-memory size threshold.
+    const size_t words = 3 + (cache.size() + 63) / 64;
     std::vector<uint64_t> bits(words, 0);
     bool need_full = table_nonempty;
     for (auto& kv : pending) {
@@ -433,13 +590,14 @@ struct CollectiveEngine::Impl {
       if (seconds_between(p.submitted, now) > timeout_of(p.req)) need_full = true;
       auto it = cache_index.find(p.req.name);
       if (it != cache_index.end() && cache[it->second].sig == p.sig) {
-        bits[2 + it->second / 64] |= uint64_t(1) << (it->second % 64);
+        bits[3 + it->second / 64] |= uint64_t(1) << (it->second % 64);
       } else {
         need_full = true;
       }
     }
     bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0);  // BAND: bit0 -> nobody needs a full round
     bits[1] = threshold_local;
+    bits[2] = shm_min_local;
     MPI_Request req;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
               "MPI_Iallreduce(negotiation)");
@@ -447,13 +605,14 @@ struct CollectiveEngine::Impl {
 
     std::vector<std::string> ready;
     for (size_t i = 0; i < cache.size(); ++i) {
-      if (bits[2 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
+      if (bits[3 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
     }
     {
       std::lock_guard<std::mutex> lk(mu);
       st.cache_hits += ready.size();
     }
     if (!(bits[0] & 1)) full_round(ready);
+    shm_min_agreed = static_cast<size_t>(bits[2]);
     execute(ready, static_cast<size_t>(bits[1]));
     return (bits[0] & 2) != 0;  // every rank asked to stop
   }
@@ -666,6 +825,7 @@ struct CollectiveEngine::Impl {
   }
 
   void allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op) {
+    if (use_shm(count, wire)) return shm_allreduce(data, count, wire, op);
     const MPI_Datatype t = mpi_type(wire);
     const MPI_Op o = mpi_op(wire, op);
     const size_t es = dtype_size(wire);
@@ -947,6 +1107,13 @@ void CollectiveEngine::set_cycle_time(double seconds) {
   std::lock_guard<std::mutex> lk(impl_->mu);
   impl_->opts.cycle_time_s = seconds;
 }
+
+void CollectiveEngine::set_shm_min_bytes(size_t bytes) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->opts.shm_min_bytes = bytes;
+}
+
+bool CollectiveEngine::shm_available() const { return impl_->shm_ok; }
 
 EngineOptions CollectiveEngine::options() const {
   std::lock_guard<std::mutex> lk(impl_->mu);

@@ -32,6 +32,16 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
     inout[i] = to_half(kind, r);
   }
 }
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    float acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const float v = srcs[j][i];
+      acc = op == ElemOp::Sum ? v + acc : op == ElemOp::Min ? op_min(v, acc) : op_max(v, acc);
+    }
+    dst[i] = acc;
+  }
+}
 }  // namespace ref
 
 namespace {
@@ -66,6 +76,14 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
     case SimdLevel::AVX2:
       return isa::reduce_half_avx2(static_cast<int>(kind), static_cast<int>(op), in, inout, n);
     default: return ref::reduce_half(kind, op, in, inout, n);
+  }
+}
+
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+  switch (level()) {
+    case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n);
+    case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n);
+    default: return ref::reduce_f32(op, srcs, k, dst, n);
   }
 }
 

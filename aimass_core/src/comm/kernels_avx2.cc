@@ -87,6 +87,23 @@ void reduce_half_avx2(int kind, int op, const uint16_t* in, uint16_t* inout, siz
   }
 }
 
+void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, _mm256_loadu_ps(srcs[j] + i), acc);
+    _mm256_storeu_ps(dst + i, acc);
+  }
+  for (; i < n; ++i) {  // plain scalar tail: no shared inline helpers in this TU
+    float acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const float v = srcs[j][i];
+      acc = op == 0 ? v + acc : op == 1 ? (v < acc ? v : acc) : (v > acc ? v : acc);
+    }
+    dst[i] = acc;
+  }
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -67,6 +67,15 @@ void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, s
   }
 }
 
+void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n) {
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 acc = _mm512_maskz_loadu_ps(m, srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, _mm512_maskz_loadu_ps(m, srcs[j] + i), acc);
+    _mm512_mask_storeu_ps(dst + i, m, acc);
+  }
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass
