@@ -423,7 +423,39 @@ struct CollectiveEngine::Impl {
 
   // Reduce-scatter in memory (each local rank its slice), allreduce of the slice
   // across nodes, then every rank reads all slices back.
+  // A run of elements of the virtual concatenation a fused buffer would hold:
+  // read from `in`, the result written to `out` (no fusion buffer needed).
+  struct Segment {
+    const char* in;
+    char* out;
+    int64_t count;
+  };
+
+  // Copies elements [off, off + m) of the concatenation of segs into (to_shm) or out of the staging memory.
+  static void scatter_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, char* dst) {
+    int64_t base = 0;
+    for (const Segment& s : segs) {
+      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
+      if (lo < hi) std::memcpy(dst + (lo - off) * es, s.in + (lo - base) * es, static_cast<size_t>(hi - lo) * es);
+      base += s.count;
+      if (base >= off + m) break;
+    }
+  }
+  static void gather_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, const char* src) {
+    int64_t base = 0;
+    for (const Segment& s : segs) {
+      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
+      if (lo < hi) std::memcpy(s.out + (lo - base) * es, src + (lo - off) * es, static_cast<size_t>(hi - lo) * es);
+      base += s.count;
+      if (base >= off + m) break;
+    }
+  }
+
   void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
+    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count}}, count, wire, op);
+  }
+
+  void shm_allreduce_segments(const std::vector<Segment>& segs, int64_t count, DType wire, ReduceOp op) {
     const int L = comm->local_size(), me = comm->local_rank();
     const size_t es = dtype_size(wire);
     const int64_t chunk = static_cast<int64_t>(shm_slot_bytes / es);
@@ -434,14 +466,13 @@ struct CollectiveEngine::Impl {
       *e = std::min(m, units * (j + 1) / L * unit);
     };
     std::vector<const char*> srcs(L);
-    char* bytes = static_cast<char*>(data);
     {
       std::lock_guard<std::mutex> lk(mu);
       ++st.shm_allreduces;
     }
     for (int64_t off = 0; off < count; off += chunk) {
       const int64_t m = std::min(chunk, count - off);
-      std::memcpy(shm_slot[me], bytes + off * es, static_cast<size_t>(m) * es);
+      scatter_copy(segs, off, m, es, shm_slot[me]);
       local_barrier();
       int64_t b, e;
       slice(me, m, &b, &e);
@@ -470,7 +501,7 @@ struct CollectiveEngine::Impl {
       for (int j = 0; j < L; ++j) {
         int64_t bj, ej;
         slice(j, m, &bj, &ej);
-        if (ej > bj) std::memcpy(bytes + (off + bj) * es, shm_result[j], static_cast<size_t>(ej - bj) * es);
+        if (ej > bj) gather_copy(segs, off + bj, ej - bj, es, shm_result[j]);
       }
     }
   }
@@ -895,7 +926,8 @@ struct CollectiveEngine::Impl {
       ++st.fused_buffers;
       st.fused_tensors += batch.size();
     }
-    if (batch.size() == 1 && wire == dtype) {  // no packing: reduce in the output itself
+    if (batch.size() == 1 && wire == dtype && !use_shm(numel_of(batch[0]->req.shape), wire)) {
+      // no packing: reduce in the output itself
       Pending& p = *batch[0];
       const int64_t n = numel_of(p.req.shape);
       if (p.req.output != p.req.input && n > 0)
@@ -907,6 +939,19 @@ struct CollectiveEngine::Impl {
     }
     int64_t total = 0;
     for (Pending* p : batch) total += numel_of(p->req.shape);
+    if (wire == dtype && use_shm(total, wire)) {  // stage straight from the tensors: no fusion buffer
+      std::vector<Segment> segs;
+      for (Pending* p : batch) {
+        segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
+                        numel_of(p->req.shape)});
+      }
+      shm_allreduce_segments(segs, total, wire, op);
+      for (Pending* p : batch) {
+        unpack(*p, p->req.output);
+        finish(*p, CollectiveHandle::ErrorKind::None, "");
+      }
+      return;
+    }
     if (fusion.size() < static_cast<size_t>(total) * es) fusion.resize(static_cast<size_t>(total) * es);
     int64_t off = 0;
     for (Pending* p : batch) {
