@@ -195,3 +195,33 @@ def test_barrier_and_unnamed_collectives(dist):
     np.testing.assert_array_equal(a, [n, n])
     np.testing.assert_array_equal(b, [1, 1, 1])
     dist.barrier(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_waiting_releases_the_gil(dist):
+    import threading
+    import time
+    r = dist.rank()
+    ticks = []
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    if r != 0:
+        time.sleep(0.5)  # rank 0 waits in synchronize() meanwhile
+    h = dist.allreduce_async(np.ones(4, np.float32), op="sum", name="gil.release")
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        before = len(ticks)
+        out = dist.synchronize(h)
+        during = len(ticks) - before
+    finally:
+        stop.set()
+        t.join()
+    np.testing.assert_array_equal(out, np.full(4, dist.size(), np.float32))
+    if r == 0:
+        assert during > 20  # the Python thread kept running while rank 0 waited ~0.5 s
