@@ -113,3 +113,27 @@ def test_pending_collective_fails_with_closed_error_on_shutdown(dist):
     dist.init()
     np.testing.assert_array_equal(dist.allreduce(np.ones(1, np.float32), op="sum", name="after.reinit"),
                                   [dist.size()])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.nprocs(2)
+def test_survivor_raises_when_a_peer_stops_answering(dist, mpi):
+    """Rank 1's engine goes away (as if the process died); rank 0's pending collective fails
+    within the engine timeout instead of hanging."""
+    from aimass import _C
+    sub = mpi.Dup()
+    comm = _C.Communicator(sub.handle)
+    eng = _C.CollectiveEngine(comm, None, None, 1.0)
+    if dist.rank() == 1:
+        assert eng.shutdown() is False  # rank 0 never agrees to stop: gives up after the timeout
+    else:
+        h = eng.submit("allreduce", np.ones(2, np.float32), np.empty(2, np.float32), "orphan", "float32",
+                       "sum", "", 0, 30.0)
+        t0 = time.monotonic()
+        with pytest.raises(aimass.DistributedError, match="peer rank has died or stopped"):
+            h.wait()
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(aimass.DistributedError, match="cannot run collectives any more"):
+            eng.submit("allreduce", np.ones(2, np.float32), np.empty(2, np.float32), "x", "float32", "sum", "", 0, 0)
+        assert eng.shutdown() is False
+    dist.barrier(timeout=20)  # the main engine is unaffected
