@@ -787,7 +787,12 @@ struct CollectiveEngine::Impl {
       } else {
         // This rank never submitted it (yet): a later submission fails at once.
         std::lock_guard<std::mutex> lk(mu);
-        poisoned[name] = {error, Clock::now()};
+        const auto t = Clock::now();
+        for (auto pz = poisoned.begin(); pz != poisoned.end();) {  // forget errors nobody asked about
+          if (seconds_between(pz->second.second, t) > opts.timeout_s) pz = poisoned.erase(pz);
+          else ++pz;
+        }
+        poisoned[name] = {error, t};
       }
     }
   }
