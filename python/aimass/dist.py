@@ -36,6 +36,7 @@ _comm: Optional[Any] = None  # aimass._C.Communicator
 _engine: Optional[Any] = None  # aimass._C.CollectiveEngine
 _counters: dict = {}
 _atexit_registered = False
+_live: set = set()  # in-flight Handles (see Handle.__init__)
 
 _OPS = ("sum", "average", "min", "max")
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
@@ -128,6 +129,7 @@ def shutdown() -> None:
         if _comm is None:
             return
         clean = _engine.shutdown()
+        _live.clear()  # every collective has finished or failed: no engine access to their arrays remains
         if clean:  # every rank stopped together: freeing the communicator is safe
             _comm.free()
         _comm = None
@@ -185,6 +187,9 @@ class Handle:
         self._done = False
         self._value = None
         self.name = name
+        # The engine reads/writes the arrays in _keep until the collective finishes: a handle the
+        # caller drops stays referenced here until then (synchronize() or shutdown() releases it).
+        _live.add(self)
 
     def __repr__(self):
         return f"<aimass.dist.Handle {self.name!r} {'done' if self._h.poll() else 'pending'}>"
@@ -209,6 +214,7 @@ def synchronize(handle: Handle):
         handle._h.wait()
     finally:
         handle._keep = None
+        _live.discard(handle)
     if handle._from_handle:
         value = _wrap(handle._h.result(), handle._dtype, handle._template)
     elif handle._out is not None:

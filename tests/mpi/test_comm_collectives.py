@@ -2,6 +2,8 @@
 
 Every rank generates every rank's input from a seeded generator, so references
 need no communication."""
+import time
+
 import numpy as np
 import pytest
 
@@ -225,3 +227,17 @@ def test_waiting_releases_the_gil(dist):
     np.testing.assert_array_equal(out, np.full(4, dist.size(), np.float32))
     if r == 0:
         assert during > 20  # the Python thread kept running while rank 0 waited ~0.5 s
+
+
+@pytest.mark.timeout(30)
+def test_dropped_handle_keeps_buffers_alive_until_done(dist):
+    import gc
+    n, r = dist.size(), dist.rank()
+    if r == 0:
+        time.sleep(0.2)  # the others' handles are dropped while their collective is still pending
+    dist.allreduce_async(np.ones(100_000, np.float32), name="dropped")  # handle discarded at once
+    gc.collect()
+    live = [h for h in dist._live if h.name == "dropped"]
+    assert len(live) == 1
+    dist.synchronize(live[0])
+    assert not any(h.name == "dropped" for h in dist._live)
