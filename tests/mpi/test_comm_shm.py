@@ -13,7 +13,7 @@ def shm_always(dist):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64", "float16"])
 @pytest.mark.parametrize("op", ["sum", "average", "min", "max"])
 def test_shm_path_matches_mpi_path(shm_always, dtype, op):
     d = shm_always
@@ -41,3 +41,16 @@ def test_shm_path_with_fused_buffers_larger_than_a_slot(shm_always):
           for i in range(4)]  # 24 MB fused: more than one 16 MiB slot, so it goes in chunks
     for i, h in enumerate(hs):
         np.testing.assert_array_equal(d.synchronize(h), np.full(1_500_000, n * i + n * (n - 1) / 2, np.float32))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compression,rtol", [("fp16", 2e-3), ("bf16", 1.6e-2)])
+def test_shm_path_with_compression(shm_always, compression, rtol):
+    d = shm_always
+    n, r = d.size(), d.rank()
+    inputs = [np.random.default_rng(700 + i).uniform(0.5, 2.0, size=50_000).astype(np.float32) for i in range(n)]
+    before = d.stats()["shm_allreduces"]
+    out = d.allreduce(inputs[r], op="sum", name=f"shm.comp.{compression}", compression=compression)
+    assert d.stats()["shm_allreduces"] == before + 1
+    # every rank's value is rounded once to 16 bits, the fp32 sum once more
+    np.testing.assert_allclose(out, np.stack(inputs).astype(np.float64).sum(0), rtol=2 * rtol)

@@ -400,7 +400,7 @@ struct CollectiveEngine::Impl {
   }
 
   bool use_shm(int64_t count, DType wire) const {
-    if (!shm_ok || wire == DType::F16 || wire == DType::BF16) return false;
+    if (!shm_ok) return false;
     return static_cast<uint64_t>(count) * dtype_size(wire) >= shm_min_agreed;
   }
 
@@ -418,6 +418,26 @@ struct CollectiveEngine::Impl {
       } else {
         for (size_t i = 0; i < n; ++i) dst[i] += s[i];
       }
+    }
+  }
+
+  // 16-bit floats: all L sources accumulate in fp32 and round once (more exact than
+  // the pairwise rounding of the MPI path).
+  static void reduce_half_slices(DType wire, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
+    constexpr size_t kBlock = 2048;
+    float acc[kBlock], tmp[kBlock];
+    const comm::Half h = wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16;
+    const comm::ElemOp eop =
+        op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max : comm::ElemOp::Sum;
+    for (size_t i = 0; i < n; i += kBlock) {
+      const size_t m = std::min(kBlock, n - i);
+      comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[0]) + i, acc, m);
+      for (int j = 1; j < k; ++j) {
+        comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[j]) + i, tmp, m);
+        const float* two[2] = {tmp, acc};
+        comm::reduce_f32(eop, two, 2, acc, m);
+      }
+      comm::f32_to_half(h, acc, reinterpret_cast<uint16_t*>(dst) + i, m);
     }
   }
 
@@ -488,6 +508,8 @@ struct CollectiveEngine::Impl {
         case DType::F64: reduce_slices<double>(op, srcs.data(), L, shm_result[me], n); break;
         case DType::I32: reduce_slices<int32_t>(op, srcs.data(), L, shm_result[me], n); break;
         case DType::I64: reduce_slices<int64_t>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::F16:
+        case DType::BF16: reduce_half_slices(wire, op, srcs.data(), L, shm_result[me], n); break;
         default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
       }
       if (comm->cross_size() > 1 && n > 0) {
