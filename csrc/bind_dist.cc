@@ -1,8 +1,38 @@
-// Bindings for the communicator (aimass.dist).
+// Bindings for the communicator and the collective engine (aimass.dist).
+// Arrays arrive as numpy views (python/aimass/_array.py did the torch/DLPack
+// conversion, zero-copy); the Python layer keeps them alive until the handle
+// completes. Waiting releases the GIL.
+#include "aimass/collectives.h"
 #include "aimass/comm.h"
+#include "aimass/comm_kernels.h"
+#include "aimass/dtype.h"
 #include "common.h"
 
 namespace aimass_bind {
+
+namespace {
+
+aimass::CollectiveKind parse_kind(const std::string& k) {
+  if (k == "allreduce") return aimass::CollectiveKind::Allreduce;
+  if (k == "broadcast") return aimass::CollectiveKind::Broadcast;
+  if (k == "allgather") return aimass::CollectiveKind::Allgather;
+  if (k == "reduce_scatter") return aimass::CollectiveKind::ReduceScatter;
+  if (k == "barrier") return aimass::CollectiveKind::Barrier;
+  throw aimass::ValueError("unknown collective '" + k + "'");
+}
+
+void check_array(const py::array& a, aimass::DType dt, const char* what) {
+  require_contiguous(a, what);
+  AIMASS_CHECK(static_cast<size_t>(a.itemsize()) == aimass::dtype_size(dt), TypeError, what, " has item size ",
+               a.itemsize(), " but dtype ", aimass::dtype_name(dt), " needs ", aimass::dtype_size(dt));
+}
+
+py::dtype numpy_dtype(aimass::DType dt) {
+  // bfloat16 travels as uint16 bits; the Python layer re-labels it
+  return py::dtype(dt == aimass::DType::BF16 ? std::string("uint16") : std::string(aimass::dtype_name(dt)));
+}
+
+}  // namespace
 
 void bind_dist(py::module_& m) {
   py::class_<aimass::Communicator, std::shared_ptr<aimass::Communicator>>(m, "Communicator")
@@ -17,6 +47,124 @@ void bind_dist(py::module_& m) {
       .def_property_readonly("cross_rank", &aimass::Communicator::cross_rank)
       .def_property_readonly("cross_size", &aimass::Communicator::cross_size)
       .def("free", &aimass::Communicator::free, nogil());
+
+  py::class_<aimass::CollectiveHandle, std::shared_ptr<aimass::CollectiveHandle>>(m, "CollectiveHandle")
+      .def("poll", &aimass::CollectiveHandle::poll)
+      .def("wait", &aimass::CollectiveHandle::wait, nogil())
+      .def("result", [](std::shared_ptr<aimass::CollectiveHandle> h) {
+        // a view of the engine-owned result; the array keeps the handle alive
+        std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
+        auto* keep = new std::shared_ptr<aimass::CollectiveHandle>(h);
+        py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
+        return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
+      });
+
+  py::class_<aimass::CollectiveEngine, std::shared_ptr<aimass::CollectiveEngine>>(m, "CollectiveEngine")
+      .def(py::init([](std::shared_ptr<aimass::Communicator> comm, py::object fusion_threshold, py::object cycle_time_ms,
+                       py::object timeout) {
+             auto o = aimass::EngineOptions::from_env();
+             if (!fusion_threshold.is_none()) {
+               auto v = fusion_threshold.cast<long long>();
+               AIMASS_CHECK(v >= 0, ValueError, "fusion_threshold must be >= 0 bytes, got ", v);
+               o.fusion_threshold = static_cast<size_t>(v);
+             }
+             if (!cycle_time_ms.is_none()) o.cycle_time_s = cycle_time_ms.cast<double>() / 1000.0;
+             if (!timeout.is_none()) o.timeout_s = timeout.cast<double>();
+             py::gil_scoped_release rel;
+             return std::make_shared<aimass::CollectiveEngine>(std::move(comm), o);
+           }),
+           py::arg("comm"), py::arg("fusion_threshold") = py::none(), py::arg("cycle_time_ms") = py::none(),
+           py::arg("timeout") = py::none())
+      .def(
+          "submit",
+          [](aimass::CollectiveEngine& e, const std::string& kind, py::object input, py::object output,
+             const std::string& name, const std::string& dtype, const std::string& op, const std::string& wire,
+             int root, double timeout) {
+            aimass::CollectiveRequest r;
+            r.kind = parse_kind(kind);
+            r.name = name;
+            r.dtype = aimass::parse_dtype(dtype);
+            r.wire = wire.empty() ? r.dtype : aimass::parse_dtype(wire);
+            r.op = aimass::parse_reduce_op(op);
+            r.root = root;
+            r.timeout_s = timeout;
+            if (!input.is_none()) {
+              py::array a = input.cast<py::array>();
+              check_array(a, r.dtype, "input");
+              r.shape = shape_of(a);
+              r.input = a.data();
+            }
+            if (!output.is_none()) {
+              py::array b = output.cast<py::array>();
+              check_array(b, r.dtype, "output");
+              AIMASS_CHECK(b.writeable(), ValueError, "output must be writeable");
+              AIMASS_CHECK(shape_of(b) == r.shape, ValueError, "output shape must equal the input shape");
+              r.output = b.mutable_data();
+            }
+            py::gil_scoped_release rel;
+            return e.submit(std::move(r));
+          },
+          py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("dtype"),
+          py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0)
+      .def("shutdown", &aimass::CollectiveEngine::shutdown, nogil())
+      .def_property(
+          "fusion_threshold", [](const aimass::CollectiveEngine& e) { return e.options().fusion_threshold; },
+          [](aimass::CollectiveEngine& e, long long v) {
+            AIMASS_CHECK(v >= 0, ValueError, "fusion_threshold must be >= 0 bytes, got ", v);
+            e.set_fusion_threshold(static_cast<size_t>(v));
+          })
+      .def_property(
+          "cycle_time_ms", [](const aimass::CollectiveEngine& e) { return e.options().cycle_time_s * 1000.0; },
+          [](aimass::CollectiveEngine& e, double ms) { e.set_cycle_time(ms / 1000.0); })
+      .def_property(
+          "shm_min_bytes", [](const aimass::CollectiveEngine& e) { return e.options().shm_min_bytes; },
+          [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
+      .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
+      .def_property_readonly("timeout", [](const aimass::CollectiveEngine& e) { return e.options().timeout_s; })
+      .def("stats", [](const aimass::CollectiveEngine& e) {
+        auto s = e.stats();
+        py::dict d;
+        d["cycles"] = s.cycles;
+        d["full_rounds"] = s.full_rounds;
+        d["cache_hits"] = s.cache_hits;
+        d["fused_buffers"] = s.fused_buffers;
+        d["fused_tensors"] = s.fused_tensors;
+        d["errors"] = s.errors;
+        d["shm_allreduces"] = s.shm_allreduces;
+        return d;
+      });
+
+  // Kernels exposed for tests and benchmarks.
+  m.def(
+      "_comm_half_to_f32",
+      [](py::array_t<uint16_t, py::array::c_style> a, const std::string& kind) {
+        auto out = empty<float>(shape_of(a));
+        const auto k = kind == "bfloat16" ? aimass::comm::Half::BF16 : aimass::comm::Half::F16;
+        const uint16_t* src = a.data();
+        float* dst = out.mutable_data();
+        size_t n = static_cast<size_t>(a.size());
+        {
+          py::gil_scoped_release rel;
+          aimass::comm::half_to_f32(k, src, dst, n);
+        }
+        return out;
+      },
+      py::arg("bits"), py::arg("kind"));
+  m.def(
+      "_comm_f32_to_half",
+      [](py::array_t<float, py::array::c_style> a, const std::string& kind) {
+        auto out = empty<uint16_t>(shape_of(a));
+        const auto k = kind == "bfloat16" ? aimass::comm::Half::BF16 : aimass::comm::Half::F16;
+        const float* src = a.data();
+        uint16_t* dst = out.mutable_data();
+        size_t n = static_cast<size_t>(a.size());
+        {
+          py::gil_scoped_release rel;
+          aimass::comm::f32_to_half(k, src, dst, n);
+        }
+        return out;
+      },
+      py::arg("values"), py::arg("kind"));
 }
 
 }  // namespace aimass_bind

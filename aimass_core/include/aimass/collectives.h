@@ -1,0 +1,131 @@
+// The collective engine: one background thread per communicator owns all of
+// aimass's MPI traffic. Callers submit named tensors and get a handle; the
+// thread negotiates across ranks which names are ready everywhere (rank 0
+// coordinates; a response cache reduces steady-state steps to one small
+// bit-vector allreduce), fuses ready allreduces into one buffer up to a
+// threshold, runs one MPI collective per buffer and unpacks the results.
+//
+// Mismatches never hang: the same name with different arguments on different
+// ranks, or a name that some ranks do not submit within its timeout, fails
+// that name on every rank with a DistributedError listing what each rank
+// submitted. A peer that stops answering fails everything after the engine
+// timeout.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "aimass/comm.h"
+#include "aimass/dtype.h"
+
+namespace aimass {
+
+enum class ReduceOp : int { Sum = 0, Average = 1, Min = 2, Max = 3 };
+enum class CollectiveKind : int { Allreduce = 0, Broadcast = 1, Allgather = 2, ReduceScatter = 3, Barrier = 4 };
+
+const char* reduce_op_name(ReduceOp op);
+ReduceOp parse_reduce_op(const std::string& name);  // "sum", "average", "min", "max"
+const char* collective_kind_name(CollectiveKind kind);
+
+struct CollectiveRequest {
+  std::string name;  // must be the same on every rank, unique among in-flight requests of a rank
+  CollectiveKind kind = CollectiveKind::Allreduce;
+  ReduceOp op = ReduceOp::Sum;
+  DType dtype = DType::F32;
+  DType wire = DType::F32;  // what travels: dtype, or F16/BF16 for a compressed F32 allreduce
+  std::vector<int64_t> shape;
+  int root = 0;  // broadcast
+  // Caller-owned memory that must stay valid until the handle completes.
+  // allreduce/broadcast write `output` (same size as input; may alias input);
+  // allgather/reduce_scatter results live in the handle.
+  const void* input = nullptr;
+  void* output = nullptr;
+  double timeout_s = 0;  // <= 0: the engine's default
+};
+
+class CollectiveHandle {
+ public:
+  enum class ErrorKind : int { None = 0, Distributed, Closed, Value };
+  bool poll() const;
+  // Blocks until done; throws the request's error (DistributedError, ClosedError, ValueError).
+  void wait();
+  // allgather / reduce_scatter result (valid after wait()).
+  const std::vector<int64_t>& result_shape() const { return result_shape_; }
+  uint8_t* result_data() { return result_.data(); }
+  DType dtype() const { return dtype_; }
+
+ private:
+  friend class CollectiveEngine;
+  void finish(ErrorKind kind, const std::string& message);
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  ErrorKind error_kind_ = ErrorKind::None;
+  std::string error_;
+  DType dtype_ = DType::F32;
+  std::vector<int64_t> result_shape_;
+  std::vector<uint8_t> result_;
+};
+
+struct EngineOptions {
+  size_t fusion_threshold = 64u << 20;  // bytes per fused buffer (0: no fusion)
+  double cycle_time_s = 0.001;         // negotiation period
+  double timeout_s = 60;               // default per-request stall timeout, and dead-peer timeout
+  size_t cache_capacity = 4096;        // response-cache entries (one bit each in the steady-state vector)
+  // Hierarchical path: allreduces of at least shm_min_bytes go through a shared-memory
+  // segment on each node (each local rank reduces its slice with SIMD; slices are
+  // allreduced across nodes with MPI); smaller ones use MPI_Allreduce.
+  bool shm = true;
+  size_t shm_min_bytes = 64u << 10;
+  size_t shm_slot_bytes = 16u << 20;   // per-rank staging slot; larger buffers go in chunks
+  // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
+  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_SLOT_BYTES.
+  static EngineOptions from_env();
+};
+
+struct EngineStats {
+  uint64_t cycles = 0;          // negotiation rounds (one bit-vector allreduce each)
+  uint64_t full_rounds = 0;     // rounds that also gathered requests at the coordinator
+  uint64_t cache_hits = 0;      // requests that completed through the bit vector alone
+  uint64_t fused_buffers = 0;   // MPI allreduce calls issued for allreduce requests
+  uint64_t fused_tensors = 0;   // allreduce requests those calls carried
+  uint64_t errors = 0;          // requests failed by negotiation
+  uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
+};
+
+class CollectiveEngine {
+ public:
+  // Starts the background thread. Collective: every rank of `comm` constructs one.
+  CollectiveEngine(std::shared_ptr<Communicator> comm, EngineOptions options);
+  ~CollectiveEngine();
+  CollectiveEngine(const CollectiveEngine&) = delete;
+  CollectiveEngine& operator=(const CollectiveEngine&) = delete;
+
+  // Validates and queues; throws ValueError/TypeError for bad arguments and
+  // DistributedError/ClosedError when the engine cannot run it.
+  std::shared_ptr<CollectiveHandle> submit(CollectiveRequest request);
+  // Collective: waits (up to the timeout) until every rank asked to stop,
+  // fails what is still pending with ClosedError and joins the thread.
+  // Returns true when all ranks stopped together (the communicator may then be freed).
+  bool shutdown();
+
+  void set_fusion_threshold(size_t bytes);
+  void set_cycle_time(double seconds);
+  // Size from which allreduces take the shared-memory path (SIZE_MAX: never).
+  void set_shm_min_bytes(size_t bytes);
+  // Whether the shared-memory segment exists (every rank agreed at start-up).
+  bool shm_available() const;
+  EngineOptions options() const;
+  EngineStats stats() const;
+  const Communicator& communicator() const { return *comm_; }
+
+ private:
+  struct Impl;
+  std::shared_ptr<Communicator> comm_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace aimass

@@ -1,0 +1,37 @@
+// Element kernels of the collectives: fp16/bf16 <-> fp32 conversion and
+// reductions of 16-bit floats computed in fp32 (one rounding per element).
+// Each dispatches on simd_level() to an AVX-512 / AVX2+F16C path; the scalar
+// reference (namespace ref, built on aimass/half.h) gives identical bits for
+// every non-NaN input (NaNs stay NaN).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace aimass {
+namespace comm {
+
+enum class Half : int { F16 = 0, BF16 = 1 };
+// What a reduction kernel computes per element (average is a sum divided afterwards).
+enum class ElemOp : int { Sum = 0, Min = 1, Max = 2 };
+
+void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);
+// out = round_to_half(in * scale)
+void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale = 1.0f);
+// inout[i] = round_to_half(op(float(in[i]), float(inout[i])))
+void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n);
+// inout[i] = round_to_half(float(inout[i]) * scale)
+void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
+
+// dst[i] = op over k sources srcs[j][i] (fp32; used by the shared-memory path).
+// dst may alias srcs[0].
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
+
+namespace ref {
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
+void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);
+void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale);
+void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n);
+}  // namespace ref
+
+}  // namespace comm
+}  // namespace aimass

@@ -1,0 +1,1200 @@
+// The collective engine (see aimass/collectives.h for the protocol summary).
+//
+// Every cycle each rank's background thread takes part in one MPI_Iallreduce
+// (BAND) of a bit vector: word 0 carries control flags (negated flags make BAND
+// act as OR), the other words one bit per response-cache entry whose name is
+// pending locally with the cached arguments. Bits set on every rank are ready.
+// When some rank has a request the cache cannot describe (new name, changed
+// arguments, stalled), or the coordinator still tracks unfinished names, the
+// round also gathers every rank's unreported requests at rank 0, which answers
+// with ready names and errors (mismatch / timeout) by broadcast. Every rank
+// executes the same ready list in the same order, so the data collectives
+// always match.
+#include <mpi.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "aimass/collectives.h"
+#include "aimass/comm_kernels.h"
+#include "aimass/error.h"
+
+namespace aimass {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape, bool free_dim0) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) os << ", ";
+    if (i == 0 && free_dim0) os << "*";
+    else os << shape[i];
+  }
+  os << "]";
+  return os.str();
+}
+
+// What must agree across ranks, as readable text (compared as a whole).
+std::string signature(const CollectiveRequest& r) {
+  std::ostringstream os;
+  os << collective_kind_name(r.kind) << "(";
+  if (r.kind == CollectiveKind::Barrier) {
+    os << ")";
+    return os.str();
+  }
+  os << "dtype=" << dtype_name(r.dtype) << ", shape=" << shape_str(r.shape, r.kind == CollectiveKind::Allgather);
+  if (r.kind == CollectiveKind::Allreduce || r.kind == CollectiveKind::ReduceScatter)
+    os << ", op=" << reduce_op_name(r.op);
+  if (r.wire != r.dtype) os << ", compression=" << dtype_name(r.wire);
+  if (r.kind == CollectiveKind::Broadcast) os << ", root=" << r.root;
+  os << ")";
+  return os.str();
+}
+
+// ---- byte (de)serialisation for the coordinator messages
+struct Writer {
+  std::vector<char> buf;
+  void u32(uint32_t v) { raw(&v, 4); }
+  void f64(double v) { raw(&v, 8); }
+  void str(const std::string& s) {
+    u32(static_cast<uint32_t>(s.size()));
+    raw(s.data(), s.size());
+  }
+  void raw(const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    buf.insert(buf.end(), c, c + n);
+  }
+};
+struct Reader {
+  const char* p;
+  const char* end;
+  void need(size_t n) {
+    AIMASS_CHECK(static_cast<size_t>(end - p) >= n, DistributedError, "aimass.dist: truncated coordinator message");
+  }
+  uint32_t u32() {
+    uint32_t v;
+    need(4);
+    std::memcpy(&v, p, 4);
+    p += 4;
+    return v;
+  }
+  double f64() {
+    double v;
+    need(8);
+    std::memcpy(&v, p, 8);
+    p += 8;
+    return v;
+  }
+  std::string str() {
+    uint32_t n = u32();
+    need(n);
+    std::string s(p, n);
+    p += n;
+    return s;
+  }
+};
+
+MPI_Datatype mpi_type(DType t) {
+  switch (t) {
+    case DType::F32: return MPI_FLOAT;
+    case DType::F64: return MPI_DOUBLE;
+    case DType::I32: return MPI_INT32_T;
+    case DType::I64: return MPI_INT64_T;
+    case DType::F16:
+    case DType::BF16: return MPI_UINT16_T;
+    default: throw TypeError(std::string("aimass.dist: unsupported dtype ") + dtype_name(t));
+  }
+}
+
+bool supported_dtype(DType t) {
+  return t == DType::F32 || t == DType::F64 || t == DType::I32 || t == DType::I64 || t == DType::F16 ||
+         t == DType::BF16;
+}
+
+// ---- user-defined MPI ops for 16-bit floats (reduced in fp32, rounded once)
+template <comm::Half K, comm::ElemOp O>
+void half_op(void* in, void* inout, int* len, MPI_Datatype*) {
+  comm::reduce_half(K, O, static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout), static_cast<size_t>(*len));
+}
+
+// Waits for a non-blocking MPI request: yields the CPU while spinning (the
+// machine may be oversubscribed), sleeps after `spin_s`, and gives up after
+// `timeout_s` (a peer that stopped answering).
+void wait_mpi(MPI_Request* req, double spin_s, double timeout_s, const char* what) {
+  const auto start = Clock::now();
+  int flag = 0;
+  for (uint64_t iter = 0;; ++iter) {
+    check_mpi(MPI_Test(req, &flag, MPI_STATUS_IGNORE), what);
+    if (flag) return;
+    if ((iter & 63) == 0) {
+      const double waited = seconds_between(start, Clock::now());
+      if (waited > timeout_s) {
+        throw DistributedError(detail::concat(
+            "aimass.dist: ", what, " did not complete within ", timeout_s,
+            " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
+      }
+      if (waited > spin_s) {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+        continue;
+      }
+    }
+    sched_yield();
+  }
+}
+
+constexpr int64_t kMaxChunk = int64_t(1) << 30;  // MPI counts are int
+
+}  // namespace
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum: return "sum";
+    case ReduceOp::Average: return "average";
+    case ReduceOp::Min: return "min";
+    case ReduceOp::Max: return "max";
+  }
+  return "?";
+}
+
+ReduceOp parse_reduce_op(const std::string& name) {
+  if (name == "sum") return ReduceOp::Sum;
+  if (name == "average" || name == "avg" || name == "mean") return ReduceOp::Average;
+  if (name == "min") return ReduceOp::Min;
+  if (name == "max") return ReduceOp::Max;
+  throw ValueError("op must be one of 'sum', 'average', 'min', 'max'; got '" + name + "'");
+}
+
+const char* collective_kind_name(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::Allreduce: return "allreduce";
+    case CollectiveKind::Broadcast: return "broadcast";
+    case CollectiveKind::Allgather: return "allgather";
+    case CollectiveKind::ReduceScatter: return "reduce_scatter";
+    case CollectiveKind::Barrier: return "barrier";
+  }
+  return "?";
+}
+
+EngineOptions EngineOptions::from_env() {
+  EngineOptions o;
+  if (const char* v = std::getenv("AIMASS_COMM_TIMEOUT")) {
+    char* end = nullptr;
+    double t = std::strtod(v, &end);
+    AIMASS_CHECK(end != v && t > 0, ValueError, "AIMASS_COMM_TIMEOUT must be a positive number of seconds, got '", v,
+                 "'");
+    o.timeout_s = t;
+  }
+  if (const char* v = std::getenv("AIMASS_FUSION_THRESHOLD")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_FUSION_THRESHOLD must be a byte count >= 0, got '", v, "'");
+    o.fusion_threshold = static_cast<size_t>(b);
+  }
+  if (const char* v = std::getenv("AIMASS_CYCLE_TIME")) {
+    char* end = nullptr;
+    double ms = std::strtod(v, &end);
+    AIMASS_CHECK(end != v && ms > 0, ValueError, "AIMASS_CYCLE_TIME must be a positive number of milliseconds, got '",
+                 v, "'");
+    o.cycle_time_s = ms / 1000.0;
+  }
+  if (const char* v = std::getenv("AIMASS_SHM")) o.shm = std::string(v) != "0";
+  if (const char* v = std::getenv("AIMASS_SHM_MIN_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_SHM_MIN_BYTES must be a byte count >= 0, got '", v, "'");
+    o.shm_min_bytes = static_cast<size_t>(b);
+  }
+  if (const char* v = std::getenv("AIMASS_SHM_SLOT_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 4096, ValueError, "AIMASS_SHM_SLOT_BYTES must be a byte count >= 4096, got '", v,
+                 "'");
+    o.shm_slot_bytes = static_cast<size_t>(b);
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------- handle
+
+bool CollectiveHandle::poll() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_;
+}
+
+void CollectiveHandle::wait() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return done_; });
+  switch (error_kind_) {
+    case ErrorKind::None: return;
+    case ErrorKind::Closed: throw ClosedError(error_);
+    case ErrorKind::Value: throw ValueError(error_);
+    case ErrorKind::Distributed: throw DistributedError(error_);
+  }
+}
+
+void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (done_) return;
+    error_kind_ = kind;
+    error_ = message;
+    done_ = true;
+  }
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------- engine
+
+struct CollectiveEngine::Impl {
+  struct Pending {
+    CollectiveRequest req;
+    std::string sig;
+    std::shared_ptr<CollectiveHandle> handle;
+    Clock::time_point submitted;
+    bool reported = false;
+  };
+  struct CacheEntry {
+    std::string name;
+    std::string sig;
+  };
+  struct TableEntry {  // coordinator only
+    std::vector<std::string> sigs;  // per rank; empty = not submitted yet
+    int count = 0;
+    double timeout_s = 0;
+    Clock::time_point first_seen;
+    uint64_t seq = 0;
+  };
+  struct Response {
+    bool ok;
+    std::string name;
+    std::string error;
+  };
+
+  std::shared_ptr<Communicator> comm;
+  MPI_Comm mpi;
+  int rank, size;
+
+  // shared with callers
+  mutable std::mutex mu;
+  EngineOptions opts;
+  std::vector<Pending> incoming;
+  std::unordered_set<std::string> inflight;  // names submitted and not finished
+  std::unordered_map<std::string, std::pair<std::string, Clock::time_point>> poisoned;  // name -> error, when
+  std::string broken;  // set once the engine cannot run anything
+  bool stop_requested = false;
+  bool running = false;
+  bool clean_exit = false;
+  EngineStats st;
+
+  // background thread only
+  std::thread thread;
+  std::map<std::string, Pending> pending;  // by name
+  std::vector<CacheEntry> cache;
+  std::unordered_map<std::string, size_t> cache_index;
+  bool table_nonempty = false;
+  std::unordered_map<std::string, TableEntry> table;
+  uint64_t table_seq = 0;
+  std::vector<uint8_t> fusion;
+  MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
+  Clock::time_point stop_since;
+  double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
+  size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
+
+  // ---- shared-memory path (one segment per node)
+  MPI_Win shm_win = MPI_WIN_NULL;
+  std::vector<char*> shm_slot, shm_result;  // per local rank
+  size_t shm_slot_bytes = 0;
+  bool shm_ok = false;
+
+  Impl(std::shared_ptr<Communicator> c, EngineOptions o) : comm(std::move(c)), opts(o) {
+    mpi = comm->comm();
+    rank = comm->rank();
+    size = comm->size();
+    check_mpi(MPI_Op_create(&half_op<comm::Half::F16, comm::ElemOp::Sum>, 1, &half_ops[0][0]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::F16, comm::ElemOp::Min>, 1, &half_ops[0][1]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::F16, comm::ElemOp::Max>, 1, &half_ops[0][2]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Sum>, 1, &half_ops[1][0]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Min>, 1, &half_ops[1][1]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Max>, 1, &half_ops[1][2]), "MPI_Op_create");
+    shm_init();
+  }
+
+  // Collective over the communicator (runs before the thread starts): every
+  // rank must agree, since the path changes which MPI calls are made.
+  void shm_init() {
+    const int lsize = comm->local_size();
+    int ok = opts.shm && lsize > 1 ? 1 : 0;
+    // slices are allreduced across nodes rank-by-rank: every node needs the same local size
+    int lmin = lsize, lmax = lsize;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmin, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmax, 1, MPI_INT, MPI_MAX, mpi), "MPI_Allreduce(shm)");
+    if (lmin != lmax) ok = 0;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    if (!ok) return;
+    shm_slot_bytes = (opts.shm_slot_bytes + 63) / 64 * 64;
+    const size_t result_bytes = (shm_slot_bytes / lsize + 128) / 64 * 64 + 64;
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "alloc_shared_noncontig", "true");
+    char* base = nullptr;
+    int rc = MPI_Win_allocate_shared(static_cast<MPI_Aint>(shm_slot_bytes + result_bytes), 1, info,
+                                     comm->local_comm(), &base, &shm_win);
+    MPI_Info_free(&info);
+    int mine = rc == MPI_SUCCESS ? 1 : 0;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    if (!mine) {  // e.g. /dev/shm too small somewhere: everyone uses MPI only
+      if (rc == MPI_SUCCESS) MPI_Win_free(&shm_win);
+      shm_win = MPI_WIN_NULL;
+      return;
+    }
+    for (int j = 0; j < lsize; ++j) {
+      MPI_Aint sz;
+      int disp;
+      char* p = nullptr;
+      check_mpi(MPI_Win_shared_query(shm_win, j, &sz, &disp, &p), "MPI_Win_shared_query");
+      shm_slot.push_back(p);
+      shm_result.push_back(p + shm_slot_bytes);
+    }
+    check_mpi(MPI_Win_lock_all(MPI_MODE_NOCHECK, shm_win), "MPI_Win_lock_all");
+    shm_ok = true;
+  }
+
+  void shm_free() {
+    if (shm_win == MPI_WIN_NULL) return;
+    MPI_Win_unlock_all(shm_win);
+    MPI_Win_free(&shm_win);
+    shm_win = MPI_WIN_NULL;
+    shm_ok = false;
+  }
+
+  void local_barrier() {
+    MPI_Win_sync(shm_win);  // publish our stores to the segment
+    MPI_Request req;
+    check_mpi(MPI_Ibarrier(comm->local_comm(), &req), "MPI_Ibarrier(shm)");
+    wait_mpi(&req, 1.0, opts.timeout_s, "shared-memory allreduce");
+    MPI_Win_sync(shm_win);  // see the others'
+  }
+
+  bool use_shm(int64_t count, DType wire) const {
+    if (!shm_ok) return false;
+    return static_cast<uint64_t>(count) * dtype_size(wire) >= shm_min_agreed;
+  }
+
+  template <typename T>
+  static void reduce_slices(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
+    T* dst = reinterpret_cast<T*>(dst_bytes);
+    const T* s0 = reinterpret_cast<const T*>(srcs[0]);
+    for (size_t i = 0; i < n; ++i) dst[i] = s0[i];
+    for (int j = 1; j < k; ++j) {
+      const T* s = reinterpret_cast<const T*>(srcs[j]);
+      if (op == ReduceOp::Min) {
+        for (size_t i = 0; i < n; ++i) dst[i] = s[i] < dst[i] ? s[i] : dst[i];
+      } else if (op == ReduceOp::Max) {
+        for (size_t i = 0; i < n; ++i) dst[i] = s[i] > dst[i] ? s[i] : dst[i];
+      } else {
+        for (size_t i = 0; i < n; ++i) dst[i] += s[i];
+      }
+    }
+  }
+
+  // 16-bit floats: all L sources accumulate in fp32 and round once (more exact than
+  // the pairwise rounding of the MPI path).
+  static void reduce_half_slices(DType wire, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
+    constexpr size_t kBlock = 2048;
+    float acc[kBlock], tmp[kBlock];
+    const comm::Half h = wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16;
+    const comm::ElemOp eop =
+        op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max : comm::ElemOp::Sum;
+    for (size_t i = 0; i < n; i += kBlock) {
+      const size_t m = std::min(kBlock, n - i);
+      comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[0]) + i, acc, m);
+      for (int j = 1; j < k; ++j) {
+        comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[j]) + i, tmp, m);
+        const float* two[2] = {tmp, acc};
+        comm::reduce_f32(eop, two, 2, acc, m);
+      }
+      comm::f32_to_half(h, acc, reinterpret_cast<uint16_t*>(dst) + i, m);
+    }
+  }
+
+  // Reduce-scatter in memory (each local rank its slice), allreduce of the slice
+  // across nodes, then every rank reads all slices back.
+  // A run of elements of the virtual concatenation a fused buffer would hold:
+  // read from `in`, the result written to `out` (no fusion buffer needed).
+  struct Segment {
+    const char* in;
+    char* out;
+    int64_t count;
+  };
+
+  // Copies elements [off, off + m) of the concatenation of segs into (to_shm) or out of the staging memory.
+  static void scatter_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, char* dst) {
+    int64_t base = 0;
+    for (const Segment& s : segs) {
+      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
+      if (lo < hi) std::memcpy(dst + (lo - off) * es, s.in + (lo - base) * es, static_cast<size_t>(hi - lo) * es);
+      base += s.count;
+      if (base >= off + m) break;
+    }
+  }
+  static void gather_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, const char* src) {
+    int64_t base = 0;
+    for (const Segment& s : segs) {
+      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
+      if (lo < hi) std::memcpy(s.out + (lo - base) * es, src + (lo - off) * es, static_cast<size_t>(hi - lo) * es);
+      base += s.count;
+      if (base >= off + m) break;
+    }
+  }
+
+  void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
+    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count}}, count, wire, op);
+  }
+
+  void shm_allreduce_segments(const std::vector<Segment>& segs, int64_t count, DType wire, ReduceOp op) {
+    const int L = comm->local_size(), me = comm->local_rank();
+    const size_t es = dtype_size(wire);
+    const int64_t chunk = static_cast<int64_t>(shm_slot_bytes / es);
+    const int64_t unit = 64 / static_cast<int64_t>(es);
+    auto slice = [&](int j, int64_t m, int64_t* b, int64_t* e) {
+      const int64_t units = (m + unit - 1) / unit;
+      *b = std::min(m, units * j / L * unit);
+      *e = std::min(m, units * (j + 1) / L * unit);
+    };
+    std::vector<const char*> srcs(L);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_allreduces;
+    }
+    for (int64_t off = 0; off < count; off += chunk) {
+      const int64_t m = std::min(chunk, count - off);
+      scatter_copy(segs, off, m, es, shm_slot[me]);
+      local_barrier();
+      int64_t b, e;
+      slice(me, m, &b, &e);
+      for (int j = 0; j < L; ++j) srcs[j] = shm_slot[j] + b * es;
+      const size_t n = static_cast<size_t>(e - b);
+      switch (wire) {
+        case DType::F32:
+          comm::reduce_f32(op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max
+                                                                                         : comm::ElemOp::Sum,
+                           reinterpret_cast<const float* const*>(srcs.data()), L,
+                           reinterpret_cast<float*>(shm_result[me]), n);
+          break;
+        case DType::F64: reduce_slices<double>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::I32: reduce_slices<int32_t>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::I64: reduce_slices<int64_t>(op, srcs.data(), L, shm_result[me], n); break;
+        case DType::F16:
+        case DType::BF16: reduce_half_slices(wire, op, srcs.data(), L, shm_result[me], n); break;
+        default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
+      }
+      if (comm->cross_size() > 1 && n > 0) {
+        MPI_Request req;
+        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, shm_result[me], static_cast<int>(n), mpi_type(wire),
+                                 mpi_op(wire, op), comm->cross_comm(), &req),
+                  "MPI_Iallreduce(cross-node)");
+        wait_mpi(&req, 1.0, opts.timeout_s, "cross-node allreduce");
+      }
+      local_barrier();
+      for (int j = 0; j < L; ++j) {
+        int64_t bj, ej;
+        slice(j, m, &bj, &ej);
+        if (ej > bj) gather_copy(segs, off + bj, ej - bj, es, shm_result[j]);
+      }
+    }
+  }
+
+  ~Impl() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    for (auto& row : half_ops)
+      for (auto& op : row)
+        if (op != MPI_OP_NULL) MPI_Op_free(&op);
+  }
+
+  double timeout_of(const CollectiveRequest& r) const { return r.timeout_s > 0 ? r.timeout_s : opts.timeout_s; }
+
+  void finish(Pending& p, CollectiveHandle::ErrorKind kind, const std::string& msg) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      inflight.erase(p.req.name);
+      if (kind == CollectiveHandle::ErrorKind::Distributed) ++st.errors;
+    }
+    p.handle->finish(kind, msg);
+  }
+
+  MPI_Op mpi_op(DType wire, ReduceOp op) {
+    const int o = op == ReduceOp::Min ? 1 : op == ReduceOp::Max ? 2 : 0;
+    if (wire == DType::F16) return half_ops[0][o];
+    if (wire == DType::BF16) return half_ops[1][o];
+    return o == 0 ? MPI_SUM : o == 1 ? MPI_MIN : MPI_MAX;
+  }
+
+  // -------------------------------------------------------------- the loop
+  void run() {
+    try {
+      auto next = Clock::now();
+      while (true) {
+        double cycle;
+        {
+          std::unique_lock<std::mutex> lk(mu);
+          cycle = opts.cycle_time_s;
+        }
+        next += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cycle));
+        const auto now = Clock::now();
+        if (next < now) next = now;
+        std::this_thread::sleep_until(next);
+        if (cycle_once()) break;
+      }
+      fail_all(CollectiveHandle::ErrorKind::Closed, "aimass.dist was shut down before this collective ran");
+      shm_free();  // collective on the node: every rank stopped in the same cycle
+      std::lock_guard<std::mutex> lk(mu);
+      clean_exit = true;
+    } catch (const std::exception& e) {
+      std::string msg = e.what();
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        broken = msg;
+      }
+      fail_all(CollectiveHandle::ErrorKind::Distributed, msg);
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    running = false;
+  }
+
+  void fail_all(CollectiveHandle::ErrorKind kind, const std::string& msg) {
+    std::vector<Pending> rest;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      for (auto& p : incoming) rest.push_back(std::move(p));
+      incoming.clear();
+    }
+    for (auto& kv : pending) rest.push_back(std::move(kv.second));
+    pending.clear();
+    for (auto& p : rest) finish(p, kind, msg);
+  }
+
+  // One negotiation round plus the collectives it makes ready. Returns true to stop.
+  bool cycle_once() {
+    bool want_stop;
+    uint64_t threshold_local, shm_min_local;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      shm_min_local = opts.shm_min_bytes;
+      threshold_local = opts.fusion_threshold;
+      cycle_s = opts.cycle_time_s;
+      for (auto& p : incoming) {
+        std::string name = p.req.name;
+        auto pz = poisoned.find(name);
+        if (pz != poisoned.end()) {  // failed on the other ranks while this one was queued
+          inflight.erase(name);
+          ++st.errors;
+          p.handle->finish(CollectiveHandle::ErrorKind::Distributed, pz->second.first);
+          poisoned.erase(pz);
+          continue;
+        }
+        pending.emplace(name, std::move(p));
+      }
+      incoming.clear();
+      want_stop = stop_requested;
+      ++st.cycles;
+    }
+    const auto now = Clock::now();
+    if (want_stop && seconds_between(stop_since, now) > opts.timeout_s) {
+      throw DistributedError(detail::concat("aimass.dist.shutdown(): not every rank called shutdown within ",
+                                            opts.timeout_s, " s"));
+    }
+
+    // ---- bit vector: word 0 = control, then one bit per cache entry
+    // word 1 carries the fusion threshold: BAND gives every rank the same value,
+    // so all ranks cut fused buffers identically even while a new one propagates.
+    // word 2 does the same for the shared-memory size threshold.
+    const size_t words = 3 + (cache.size() + 63) / 64;
+    std::vector<uint64_t> bits(words, 0);
+    bool need_full = table_nonempty;
+    for (auto& kv : pending) {
+      Pending& p = kv.second;
+      if (p.reported) continue;
+      if (seconds_between(p.submitted, now) > timeout_of(p.req)) need_full = true;
+      auto it = cache_index.find(p.req.name);
+      if (it != cache_index.end() && cache[it->second].sig == p.sig) {
+        bits[3 + it->second / 64] |= uint64_t(1) << (it->second % 64);
+      } else {
+        need_full = true;
+      }
+    }
+    bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0);  // BAND: bit0 -> nobody needs a full round
+    bits[1] = threshold_local;
+    bits[2] = shm_min_local;
+    MPI_Request req;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
+              "MPI_Iallreduce(negotiation)");
+    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+
+    std::vector<std::string> ready;
+    for (size_t i = 0; i < cache.size(); ++i) {
+      if (bits[3 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      st.cache_hits += ready.size();
+    }
+    if (!(bits[0] & 1)) full_round(ready);
+    shm_min_agreed = static_cast<size_t>(bits[2]);
+    execute(ready, static_cast<size_t>(bits[1]));
+    return (bits[0] & 2) != 0;  // every rank asked to stop
+  }
+
+  // -------------------------------------------------------------- coordinator round
+  void full_round(std::vector<std::string>& ready) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.full_rounds;
+    }
+    const auto now = Clock::now();
+    std::unordered_set<std::string> in_ready(ready.begin(), ready.end());
+    Writer w;
+    uint32_t count = 0;
+    for (auto& kv : pending) {
+      if (kv.second.reported || in_ready.count(kv.first)) continue;
+      ++count;
+    }
+    w.u32(count);
+    for (auto& kv : pending) {
+      Pending& p = kv.second;
+      if (p.reported || in_ready.count(kv.first)) continue;
+      p.reported = true;
+      w.str(p.req.name);
+      w.str(p.sig);
+      w.f64(timeout_of(p.req));
+      w.f64(seconds_between(p.submitted, now));
+    }
+    int len = static_cast<int>(w.buf.size());
+    std::vector<int> lens(rank == 0 ? size : 0);
+    MPI_Request req;
+    check_mpi(MPI_Igather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, 0, mpi, &req), "MPI_Igather(negotiation)");
+    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    std::vector<int> displs(rank == 0 ? size : 0);
+    std::vector<char> all;
+    if (rank == 0) {
+      int64_t total = 0;
+      for (int r = 0; r < size; ++r) {
+        displs[r] = static_cast<int>(total);
+        total += lens[r];
+      }
+      AIMASS_CHECK(total < INT_MAX, DistributedError, "aimass.dist: too many pending requests to negotiate");
+      all.resize(static_cast<size_t>(total) + 1);
+    }
+    check_mpi(MPI_Igatherv(w.buf.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, 0, mpi,
+                           &req),
+              "MPI_Igatherv(negotiation)");
+    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+
+    Writer out;
+    if (rank == 0) {
+      for (int r = 0; r < size; ++r) {
+        Reader rd{all.data() + displs[r], all.data() + displs[r] + lens[r]};
+        uint32_t n = rd.u32();
+        for (uint32_t i = 0; i < n; ++i) {
+          std::string name = rd.str(), sig = rd.str();
+          double timeout = rd.f64(), age = rd.f64();
+          auto ins = table.try_emplace(name);
+          TableEntry& e = ins.first->second;
+          const auto seen = now - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(age));
+          if (ins.second) {
+            e.sigs.assign(size, std::string());
+            e.timeout_s = timeout;
+            e.first_seen = seen;
+            e.seq = table_seq++;
+          }
+          if (e.sigs[r].empty()) ++e.count;
+          e.sigs[r] = sig;
+          e.timeout_s = std::min(e.timeout_s, timeout);
+          e.first_seen = std::min(e.first_seen, seen);
+        }
+      }
+      std::vector<std::pair<uint64_t, std::string>> order;
+      for (auto& kv : table) order.emplace_back(kv.second.seq, kv.first);
+      std::sort(order.begin(), order.end());
+      std::vector<Response> resp;
+      for (auto& o : order) {
+        TableEntry& e = table[o.second];
+        std::string first;
+        bool mismatch = false;
+        for (auto& s : e.sigs) {
+          if (s.empty()) continue;
+          if (first.empty()) first = s;
+          else if (s != first) mismatch = true;
+        }
+        // A mismatch is reported once every rank has submitted (or at the
+        // timeout), so the message shows what each rank asked for.
+        if (e.count == size && mismatch) {
+          resp.push_back({false, o.second, describe(o.second, e, "ranks submitted collective '" + o.second +
+                                                                     "' with different arguments")});
+        } else if (e.count == size) {
+          resp.push_back({true, o.second, ""});
+        } else if (seconds_between(e.first_seen, now) > e.timeout_s) {
+          resp.push_back({false, o.second,
+                          describe(o.second, e, detail::concat("collective '", o.second, "' timed out after ",
+                                                               e.timeout_s, " s waiting for every rank to submit it",
+                                                               mismatch ? " (and the ranks that did disagree)" : ""))});
+        } else {
+          continue;
+        }
+        table.erase(o.second);
+      }
+      out.u32(table.empty() ? 0 : 1);
+      out.u32(static_cast<uint32_t>(resp.size()));
+      for (auto& r : resp) {
+        out.u32(r.ok ? 1 : 0);
+        out.str(r.name);
+        out.str(r.error);
+      }
+    }
+    int out_len = static_cast<int>(out.buf.size());
+    check_mpi(MPI_Ibcast(&out_len, 1, MPI_INT, 0, mpi, &req), "MPI_Ibcast(negotiation)");
+    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    out.buf.resize(static_cast<size_t>(out_len));
+    check_mpi(MPI_Ibcast(out.buf.data(), out_len, MPI_CHAR, 0, mpi, &req), "MPI_Ibcast(negotiation)");
+    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+
+    Reader rd{out.buf.data(), out.buf.data() + out.buf.size()};
+    table_nonempty = rd.u32() != 0;
+    const uint32_t n = rd.u32();
+    for (uint32_t i = 0; i < n; ++i) {
+      const bool ok = rd.u32() != 0;
+      std::string name = rd.str(), error = rd.str();
+      auto it = pending.find(name);
+      if (ok) {
+        AIMASS_CHECK(it != pending.end(), DistributedError, "aimass.dist: coordinator scheduled '", name,
+                     "' which this rank did not submit (internal error)");
+        ready.push_back(name);
+        auto ci = cache_index.find(name);
+        if (ci != cache_index.end()) {
+          cache[ci->second].sig = it->second.sig;
+        } else if (cache.size() < opts.cache_capacity) {
+          cache_index[name] = cache.size();
+          cache.push_back({name, it->second.sig});
+        }
+        it->second.reported = false;  // runs now
+      } else if (it != pending.end()) {
+        Pending p = std::move(it->second);
+        pending.erase(it);
+        finish(p, CollectiveHandle::ErrorKind::Distributed, error);
+      } else {
+        // This rank never submitted it (yet): a later submission fails at once.
+        std::lock_guard<std::mutex> lk(mu);
+        const auto t = Clock::now();
+        for (auto pz = poisoned.begin(); pz != poisoned.end();) {  // forget errors nobody asked about
+          if (seconds_between(pz->second.second, t) > opts.timeout_s) pz = poisoned.erase(pz);
+          else ++pz;
+        }
+        poisoned[name] = {error, t};
+      }
+    }
+  }
+
+  std::string describe(const std::string& name, const TableEntry& e, const std::string& headline) {
+    std::ostringstream os;
+    os << "aimass.dist: " << headline << ":";
+    for (int r = 0; r < size; ++r) {
+      os << (r ? ";" : "") << " rank " << r << ": ";
+      if (e.sigs[r].empty()) os << "did not submit it";
+      else os << e.sigs[r];
+    }
+    os << ". Every rank must call the same collectives with the same names, shapes, dtypes and ops"
+          " (timeout: the timeout= argument or AIMASS_COMM_TIMEOUT).";
+    return os.str();
+  }
+
+  // -------------------------------------------------------------- execution
+  void execute(const std::vector<std::string>& ready, size_t threshold) {
+    if (ready.empty()) return;
+    std::vector<Pending> work;
+    work.reserve(ready.size());
+    for (auto& name : ready) {
+      auto it = pending.find(name);
+      AIMASS_CHECK(it != pending.end(), DistributedError, "aimass.dist: '", name,
+                   "' is ready but not pending here (internal error)");
+      work.push_back(std::move(it->second));
+      pending.erase(it);
+    }
+    // Allreduces are grouped by (dtype, wire, op class) in first-seen order and
+    // fused up to the threshold; everything else runs on its own, in order.
+    std::vector<std::vector<size_t>> groups;
+    std::vector<std::tuple<DType, DType, int>> keys;
+    for (size_t i = 0; i < work.size(); ++i) {
+      const CollectiveRequest& r = work[i].req;
+      if (r.kind != CollectiveKind::Allreduce) {
+        run_single(work[i]);
+        continue;
+      }
+      const int opc = r.op == ReduceOp::Min ? 1 : r.op == ReduceOp::Max ? 2 : 0;
+      auto key = std::make_tuple(r.dtype, r.wire, opc);
+      auto k = std::find(keys.begin(), keys.end(), key);
+      if (k == keys.end()) {
+        keys.push_back(key);
+        groups.emplace_back();
+        k = keys.end() - 1;
+      }
+      groups[k - keys.begin()].push_back(i);
+    }
+    for (auto& g : groups) {
+      std::vector<Pending*> batch;
+      size_t bytes = 0;
+      for (size_t i : g) {
+        Pending& p = work[i];
+        const size_t b = static_cast<size_t>(numel_of(p.req.shape)) * dtype_size(p.req.wire);
+        if (!batch.empty() && bytes + b > threshold) {
+          allreduce_batch(batch);
+          batch.clear();
+          bytes = 0;
+        }
+        batch.push_back(&p);
+        bytes += b;
+      }
+      if (!batch.empty()) allreduce_batch(batch);
+    }
+  }
+
+  void allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op) {
+    if (use_shm(count, wire)) return shm_allreduce(data, count, wire, op);
+    const MPI_Datatype t = mpi_type(wire);
+    const MPI_Op o = mpi_op(wire, op);
+    const size_t es = dtype_size(wire);
+    for (int64_t off = 0; off < count; off += kMaxChunk) {
+      const int n = static_cast<int>(std::min(kMaxChunk, count - off));
+      MPI_Request req;
+      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(data) + off * es, n, t, o, mpi, &req),
+                "MPI_Iallreduce");
+      wait_mpi(&req, 1.0, opts.timeout_s, "allreduce");
+    }
+  }
+
+  // Writes op-finished values of `wire`-typed `src` into p's output (conversion / average).
+  void unpack(Pending& p, const void* src) {
+    const CollectiveRequest& r = p.req;
+    const int64_t n = numel_of(r.shape);
+    const bool avg = r.op == ReduceOp::Average;
+    if (r.wire != r.dtype) {  // compressed float32
+      comm::half_to_f32(r.wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16, static_cast<const uint16_t*>(src),
+                        static_cast<float*>(r.output), static_cast<size_t>(n));
+      if (avg) {
+        float* o = static_cast<float*>(r.output);
+        const float s = 1.0f / static_cast<float>(size);
+        for (int64_t i = 0; i < n; ++i) o[i] *= s;
+      }
+      return;
+    }
+    if (src != r.output) std::memcpy(r.output, src, static_cast<size_t>(n) * dtype_size(r.dtype));
+    if (!avg) return;
+    switch (r.dtype) {
+      case DType::F32: {
+        float* o = static_cast<float*>(r.output);
+        const float s = 1.0f / static_cast<float>(size);
+        for (int64_t i = 0; i < n; ++i) o[i] *= s;
+        break;
+      }
+      case DType::F64: {
+        double* o = static_cast<double*>(r.output);
+        for (int64_t i = 0; i < n; ++i) o[i] /= size;
+        break;
+      }
+      case DType::I32: {
+        int32_t* o = static_cast<int32_t*>(r.output);
+        for (int64_t i = 0; i < n; ++i) o[i] /= size;
+        break;
+      }
+      case DType::I64: {
+        int64_t* o = static_cast<int64_t*>(r.output);
+        for (int64_t i = 0; i < n; ++i) o[i] /= size;
+        break;
+      }
+      case DType::F16:
+      case DType::BF16:
+        comm::scale_half(r.dtype == DType::F16 ? comm::Half::F16 : comm::Half::BF16, static_cast<uint16_t*>(r.output),
+                         static_cast<size_t>(n), 1.0f / static_cast<float>(size));
+        break;
+      default: break;
+    }
+  }
+
+  void allreduce_batch(const std::vector<Pending*>& batch) {
+    const DType wire = batch[0]->req.wire, dtype = batch[0]->req.dtype;
+    const ReduceOp op = batch[0]->req.op;
+    const size_t es = dtype_size(wire);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.fused_buffers;
+      st.fused_tensors += batch.size();
+    }
+    if (batch.size() == 1 && wire == dtype && !use_shm(numel_of(batch[0]->req.shape), wire)) {
+      // no packing: reduce in the output itself
+      Pending& p = *batch[0];
+      const int64_t n = numel_of(p.req.shape);
+      if (p.req.output != p.req.input && n > 0)
+        std::memcpy(p.req.output, p.req.input, static_cast<size_t>(n) * es);
+      if (n > 0) allreduce_inplace(p.req.output, n, wire, op);
+      unpack(p, p.req.output);
+      finish(p, CollectiveHandle::ErrorKind::None, "");
+      return;
+    }
+    int64_t total = 0;
+    for (Pending* p : batch) total += numel_of(p->req.shape);
+    if (wire == dtype && use_shm(total, wire)) {  // stage straight from the tensors: no fusion buffer
+      std::vector<Segment> segs;
+      for (Pending* p : batch) {
+        segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
+                        numel_of(p->req.shape)});
+      }
+      shm_allreduce_segments(segs, total, wire, op);
+      for (Pending* p : batch) {
+        unpack(*p, p->req.output);
+        finish(*p, CollectiveHandle::ErrorKind::None, "");
+      }
+      return;
+    }
+    if (fusion.size() < static_cast<size_t>(total) * es) fusion.resize(static_cast<size_t>(total) * es);
+    int64_t off = 0;
+    for (Pending* p : batch) {
+      const int64_t n = numel_of(p->req.shape);
+      if (wire != dtype) {
+        comm::f32_to_half(wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16,
+                          static_cast<const float*>(p->req.input),
+                          reinterpret_cast<uint16_t*>(fusion.data() + off * es), static_cast<size_t>(n));
+      } else if (n > 0) {
+        std::memcpy(fusion.data() + off * es, p->req.input, static_cast<size_t>(n) * es);
+      }
+      off += n;
+    }
+    if (total > 0) allreduce_inplace(fusion.data(), total, wire, op);
+    off = 0;
+    for (Pending* p : batch) {
+      unpack(*p, fusion.data() + off * es);
+      off += numel_of(p->req.shape);
+      finish(*p, CollectiveHandle::ErrorKind::None, "");
+    }
+  }
+
+  void run_single(Pending& p) {
+    CollectiveRequest& r = p.req;
+    const size_t es = dtype_size(r.dtype);
+    MPI_Request req;
+    switch (r.kind) {
+      case CollectiveKind::Barrier: break;  // negotiation itself synchronised every rank
+      case CollectiveKind::Broadcast: {
+        const int64_t bytes = numel_of(r.shape) * static_cast<int64_t>(es);
+        if (rank == r.root && r.output != r.input && bytes > 0) std::memcpy(r.output, r.input, static_cast<size_t>(bytes));
+        for (int64_t off = 0; off < bytes; off += kMaxChunk) {
+          const int n = static_cast<int>(std::min(kMaxChunk, bytes - off));
+          check_mpi(MPI_Ibcast(static_cast<char*>(r.output) + off, n, MPI_BYTE, r.root, mpi, &req), "MPI_Ibcast");
+          wait_mpi(&req, 1.0, opts.timeout_s, "broadcast");
+        }
+        break;
+      }
+      case CollectiveKind::Allgather: {
+        int64_t row = static_cast<int64_t>(es);
+        for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
+        int64_t mine = r.shape.empty() ? 1 : r.shape[0];
+        std::vector<int64_t> rows(size);
+        check_mpi(MPI_Iallgather(&mine, 1, MPI_INT64_T, rows.data(), 1, MPI_INT64_T, mpi, &req), "MPI_Iallgather");
+        wait_mpi(&req, 1.0, opts.timeout_s, "allgather");
+        int64_t total_rows = 0;
+        for (int64_t v : rows) total_rows += v;
+        if (total_rows * row >= INT_MAX) {  // every rank sees the same totals: all fail alike
+          finish(p, CollectiveHandle::ErrorKind::Value,
+                 detail::concat("allgather '", r.name, "': the gathered result (", total_rows * row,
+                                " bytes) exceeds 2 GiB; gather in pieces"));
+          return;
+        }
+        std::vector<int> counts(size), displs(size);
+        int64_t acc = 0;
+        for (int i = 0; i < size; ++i) {
+          counts[i] = static_cast<int>(rows[i] * row);
+          displs[i] = static_cast<int>(acc);
+          acc += rows[i] * row;
+        }
+        p.handle->result_.resize(static_cast<size_t>(acc));
+        p.handle->result_shape_ = r.shape.empty() ? std::vector<int64_t>{total_rows} : r.shape;
+        p.handle->result_shape_[0] = total_rows;
+        check_mpi(MPI_Iallgatherv(r.input, counts[rank], MPI_BYTE, p.handle->result_.data(), counts.data(),
+                                  displs.data(), MPI_BYTE, mpi, &req),
+                  "MPI_Iallgatherv");
+        wait_mpi(&req, 1.0, opts.timeout_s, "allgather");
+        break;
+      }
+      case CollectiveKind::ReduceScatter: {
+        const int64_t n0 = r.shape[0];
+        int64_t row = 1;
+        for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
+        std::vector<int> counts(size);
+        for (int i = 0; i < size; ++i) counts[i] = static_cast<int>((n0 / size + (i < n0 % size ? 1 : 0)) * row);
+        p.handle->result_shape_ = r.shape;
+        p.handle->result_shape_[0] = counts[rank] / std::max<int64_t>(row, 1);
+        if (row == 0) p.handle->result_shape_[0] = n0 / size + (rank < n0 % size ? 1 : 0);
+        p.handle->result_.resize(static_cast<size_t>(counts[rank]) * es + 1);
+        check_mpi(MPI_Ireduce_scatter(r.input, p.handle->result_.data(), counts.data(), mpi_type(r.dtype),
+                                      mpi_op(r.dtype, r.op), mpi, &req),
+                  "MPI_Ireduce_scatter");
+        wait_mpi(&req, 1.0, opts.timeout_s, "reduce_scatter");
+        CollectiveRequest view = r;
+        view.shape = {counts[rank]};
+        view.output = p.handle->result_.data();
+        Pending tmp{view, "", nullptr, p.submitted, false};
+        unpack(tmp, p.handle->result_.data());
+        break;
+      }
+      case CollectiveKind::Allreduce: break;  // handled by allreduce_batch
+    }
+    finish(p, CollectiveHandle::ErrorKind::None, "");
+  }
+};
+
+CollectiveEngine::CollectiveEngine(std::shared_ptr<Communicator> comm, EngineOptions options)
+    : comm_(std::move(comm)) {
+  AIMASS_CHECK(comm_ != nullptr, ValueError, "CollectiveEngine needs a communicator");
+  AIMASS_CHECK(options.timeout_s > 0, ValueError, "timeout must be > 0 seconds, got ", options.timeout_s);
+  AIMASS_CHECK(options.cycle_time_s > 0, ValueError, "cycle time must be > 0, got ", options.cycle_time_s);
+  impl_ = std::make_unique<Impl>(comm_, options);
+  impl_->running = true;
+  impl_->thread = std::thread([this] { impl_->run(); });
+}
+
+CollectiveEngine::~CollectiveEngine() {
+  if (impl_->thread.joinable()) {
+    shutdown();
+  }
+}
+
+bool CollectiveEngine::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    if (!impl_->stop_requested) {
+      impl_->stop_requested = true;
+      impl_->stop_since = Clock::now();
+    }
+  }
+  if (impl_->thread.joinable()) impl_->thread.join();
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->clean_exit;
+}
+
+std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) {
+  AIMASS_CHECK(!r.name.empty(), ValueError, "collective name must not be empty");
+  AIMASS_CHECK(supported_dtype(r.dtype), TypeError, collective_kind_name(r.kind), " '", r.name, "': dtype ",
+               dtype_name(r.dtype), " is not supported (float16, bfloat16, float32, float64, int32, int64)");
+  for (int64_t d : r.shape) AIMASS_CHECK(d >= 0, ValueError, "'", r.name, "': negative dimension in shape");
+  const int64_t n = numel_of(r.shape);
+  if (r.kind != CollectiveKind::Barrier) {
+    AIMASS_CHECK(n == 0 || r.input != nullptr, ValueError, "'", r.name, "': input is null");
+  }
+  if (r.wire != r.dtype) {
+    AIMASS_CHECK(r.kind == CollectiveKind::Allreduce, ValueError, "'", r.name,
+                 "': compression applies to allreduce only");
+    AIMASS_CHECK(r.dtype == DType::F32 && (r.wire == DType::F16 || r.wire == DType::BF16), TypeError, "'", r.name,
+                 "': compression to ", dtype_name(r.wire), " applies to float32 tensors, got ", dtype_name(r.dtype));
+  }
+  switch (r.kind) {
+    case CollectiveKind::Allreduce:
+      AIMASS_CHECK(n == 0 || r.output != nullptr, ValueError, "'", r.name, "': output is null");
+      break;
+    case CollectiveKind::Broadcast:
+      AIMASS_CHECK(r.root >= 0 && r.root < comm_->size(), ValueError, "broadcast '", r.name, "': root=", r.root,
+                   " is not a rank of this communicator (size ", comm_->size(), ")");
+      AIMASS_CHECK(n == 0 || r.output != nullptr, ValueError, "'", r.name, "': output is null");
+      break;
+    case CollectiveKind::ReduceScatter:
+      AIMASS_CHECK(!r.shape.empty(), ValueError, "reduce_scatter '", r.name,
+                   "': the tensor needs at least one dimension (split along dimension 0)");
+      AIMASS_CHECK(n * static_cast<int64_t>(dtype_size(r.dtype)) < INT_MAX, ValueError, "reduce_scatter '", r.name,
+                   "': tensors over 2 GiB are not supported; split it");
+      break;
+    case CollectiveKind::Allgather:
+      AIMASS_CHECK(n * static_cast<int64_t>(dtype_size(r.dtype)) < INT_MAX, ValueError, "allgather '", r.name,
+                   "': tensors over 2 GiB are not supported; split it");
+      break;
+    case CollectiveKind::Barrier: break;
+  }
+  if (r.kind == CollectiveKind::Barrier || r.kind == CollectiveKind::Broadcast ||
+      r.kind == CollectiveKind::Allgather) {
+    r.op = ReduceOp::Sum;  // not part of these collectives' agreement
+  }
+  auto handle = std::make_shared<CollectiveHandle>();
+  handle->dtype_ = r.dtype;
+  Impl::Pending p;
+  p.sig = signature(r);
+  p.handle = handle;
+  p.submitted = Clock::now();
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    if (!impl_->broken.empty()) throw DistributedError("aimass.dist cannot run collectives any more: " + impl_->broken);
+    if (impl_->stop_requested || !impl_->running) throw ClosedError("aimass.dist was shut down; call init() again");
+    auto pz = impl_->poisoned.find(r.name);
+    if (pz != impl_->poisoned.end()) {
+      const bool fresh = seconds_between(pz->second.second, Clock::now()) < impl_->opts.timeout_s;
+      std::string msg = pz->second.first;
+      impl_->poisoned.erase(pz);
+      if (fresh) throw DistributedError(msg);
+    }
+    AIMASS_CHECK(impl_->inflight.insert(r.name).second, ValueError, "a collective named '", r.name,
+                 "' is already in flight on this rank; synchronize it first or use another name");
+    p.req = std::move(r);
+    impl_->incoming.push_back(std::move(p));
+  }
+  return handle;
+}
+
+void CollectiveEngine::set_fusion_threshold(size_t bytes) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->opts.fusion_threshold = bytes;
+}
+
+void CollectiveEngine::set_cycle_time(double seconds) {
+  AIMASS_CHECK(seconds > 0, ValueError, "cycle time must be > 0 seconds, got ", seconds);
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->opts.cycle_time_s = seconds;
+}
+
+void CollectiveEngine::set_shm_min_bytes(size_t bytes) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->opts.shm_min_bytes = bytes;
+}
+
+bool CollectiveEngine::shm_available() const { return impl_->shm_ok; }
+
+EngineOptions CollectiveEngine::options() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->opts;
+}
+
+EngineStats CollectiveEngine::stats() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->st;
+}
+
+}  // namespace aimass

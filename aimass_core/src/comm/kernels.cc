@@ -1,0 +1,101 @@
+// Scalar references and the run-time dispatch of the comm kernels.
+#include <algorithm>
+#include <vector>
+
+#include "aimass/comm_kernels.h"
+#include "aimass/cpu_features.h"
+#include "aimass/half.h"
+#include "comm/kernels_impl.h"
+
+namespace aimass {
+namespace comm {
+
+namespace ref {
+namespace {
+inline float to_f32(Half k, uint16_t h) { return k == Half::F16 ? f16_to_f32(h) : bf16_to_f32(h); }
+inline uint16_t to_half(Half k, float f) { return k == Half::F16 ? f32_to_f16(f) : f32_to_bf16(f); }
+// Same NaN-propagation as vminps/vmaxps (returns the second operand when either is NaN).
+inline float op_min(float a, float b) { return a < b ? a : b; }
+inline float op_max(float a, float b) { return a > b ? a : b; }
+}  // namespace
+
+void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) out[i] = to_f32(kind, in[i]);
+}
+void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale) {
+  for (size_t i = 0; i < n; ++i) out[i] = to_half(kind, scale == 1.0f ? in[i] : in[i] * scale);
+}
+void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const float a = to_f32(kind, in[i]), b = to_f32(kind, inout[i]);
+    const float r = op == ElemOp::Sum ? a + b : op == ElemOp::Min ? op_min(a, b) : op_max(a, b);
+    inout[i] = to_half(kind, r);
+  }
+}
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    float acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const float v = srcs[j][i];
+      acc = op == ElemOp::Sum ? v + acc : op == ElemOp::Min ? op_min(v, acc) : op_max(v, acc);
+    }
+    dst[i] = acc;
+  }
+}
+}  // namespace ref
+
+namespace {
+// AVX2 paths need F16C for fp16 (every AVX2 CPU we dispatch to has it; checked anyway).
+inline SimdLevel level() {
+  SimdLevel l = simd_level();
+  if (l == SimdLevel::AVX2 && !cpu_features().f16c) return SimdLevel::Scalar;
+  return l;
+}
+}  // namespace
+
+void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n) {
+  switch (level()) {
+    case SimdLevel::AVX512: return isa::half_to_f32_avx512(static_cast<int>(kind), in, out, n);
+    case SimdLevel::AVX2: return isa::half_to_f32_avx2(static_cast<int>(kind), in, out, n);
+    default: return ref::half_to_f32(kind, in, out, n);
+  }
+}
+
+void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale) {
+  switch (level()) {
+    case SimdLevel::AVX512: return isa::f32_to_half_avx512(static_cast<int>(kind), in, out, n, scale);
+    case SimdLevel::AVX2: return isa::f32_to_half_avx2(static_cast<int>(kind), in, out, n, scale);
+    default: return ref::f32_to_half(kind, in, out, n, scale);
+  }
+}
+
+void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n) {
+  switch (level()) {
+    case SimdLevel::AVX512:
+      return isa::reduce_half_avx512(static_cast<int>(kind), static_cast<int>(op), in, inout, n);
+    case SimdLevel::AVX2:
+      return isa::reduce_half_avx2(static_cast<int>(kind), static_cast<int>(op), in, inout, n);
+    default: return ref::reduce_half(kind, op, in, inout, n);
+  }
+}
+
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+  switch (level()) {
+    case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n);
+    case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n);
+    default: return ref::reduce_f32(op, srcs, k, dst, n);
+  }
+}
+
+void scale_half(Half kind, uint16_t* inout, size_t n, float scale) {
+  constexpr size_t kBlock = 4096;
+  float tmp[kBlock];
+  for (size_t i = 0; i < n; i += kBlock) {
+    const size_t m = std::min(kBlock, n - i);
+    half_to_f32(kind, inout + i, tmp, m);
+    f32_to_half(kind, tmp, inout + i, m, scale);
+  }
+}
+
+}  // namespace comm
+}  // namespace aimass

@@ -1,0 +1,81 @@
+// AVX-512 comm kernels: 16 lanes, masked loads/stores for the tail.
+#include <immintrin.h>
+
+#include "comm/kernels_impl.h"
+
+namespace aimass {
+namespace comm {
+namespace isa {
+namespace {
+
+inline __m512 load16(int kind, const uint16_t* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  if (kind == 0) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void store16(int kind, uint16_t* p, __m512 v, __mmask16 m) {
+  __m256i h;
+  if (kind == 0) {
+    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    h = _mm512_cvtepi32_epi16(r);
+  }
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+
+inline __m512 apply(int op, __m512 a, __m512 b) {
+  if (op == 0) return _mm512_add_ps(a, b);
+  if (op == 1) return _mm512_min_ps(a, b);
+  return _mm512_max_ps(a, b);
+}
+
+inline __mmask16 tail_mask(size_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+}  // namespace
+
+void half_to_f32_avx512(int kind, const uint16_t* in, float* out, size_t n) {
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(out + i, m, load16(kind, in + i, m));
+  }
+}
+
+void f32_to_half_avx512(int kind, const float* in, uint16_t* out, size_t n, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  const bool do_scale = scale != 1.0f;
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 v = _mm512_maskz_loadu_ps(m, in + i);
+    if (do_scale) v = _mm512_mul_ps(v, s);
+    store16(kind, out + i, v, m);
+  }
+}
+
+void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, size_t n) {
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    store16(kind, inout + i, apply(op, load16(kind, in + i, m), load16(kind, inout + i, m)), m);
+  }
+}
+
+void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n) {
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 acc = _mm512_maskz_loadu_ps(m, srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, _mm512_maskz_loadu_ps(m, srcs[j] + i), acc);
+    _mm512_mask_storeu_ps(dst + i, m, acc);
+  }
+}
+
+}  // namespace isa
+}  // namespace comm
+}  // namespace aimass

@@ -1,0 +1,22 @@
+// Per-ISA entry points of the comm kernels (defined in kernels_avx2.cc and
+// kernels_avx512.cc, which are compiled with their ISA flags). Plain functions
+// on raw pointers only: no std:: templates cross the ISA boundary.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace aimass {
+namespace comm {
+namespace isa {
+// kind: 0 = fp16, 1 = bf16; op: 0 sum, 1 min, 2 max
+void half_to_f32_avx2(int kind, const uint16_t* in, float* out, size_t n);
+void f32_to_half_avx2(int kind, const float* in, uint16_t* out, size_t n, float scale);
+void reduce_half_avx2(int kind, int op, const uint16_t* in, uint16_t* inout, size_t n);
+void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t n);
+void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n);
+void half_to_f32_avx512(int kind, const uint16_t* in, float* out, size_t n);
+void f32_to_half_avx512(int kind, const float* in, uint16_t* out, size_t n, float scale);
+void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, size_t n);
+}  // namespace isa
+}  // namespace comm
+}  // namespace aimass

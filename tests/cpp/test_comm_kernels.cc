@@ -1,0 +1,185 @@
+// comm kernels: every SIMD level available on this CPU against the scalar reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "aimass/comm_kernels.h"
+#include "aimass/cpu_features.h"
+#include "aimass/half.h"
+
+namespace {
+
+using aimass::SimdLevel;
+using aimass::comm::ElemOp;
+using aimass::comm::Half;
+
+std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out{SimdLevel::Scalar};
+  const auto& f = aimass::cpu_features();
+  if (f.avx2 && f.f16c && f.fma) out.push_back(SimdLevel::AVX2);
+  if (f.avx512f && f.avx512bw && f.avx512vl) out.push_back(SimdLevel::AVX512);
+  return out;
+}
+
+struct LevelGuard {
+  SimdLevel saved = aimass::simd_level();
+  ~LevelGuard() { aimass::set_simd_level(SimdLevel::AVX512); aimass::set_simd_level(saved); }
+};
+
+bool is_nan_half(Half k, uint16_t h) {
+  return k == Half::F16 ? ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) : ((h & 0x7f80) == 0x7f80 && (h & 0x7f));
+}
+
+// Equal bits, or both NaN (the vector units keep NaN payloads the reference does not).
+void expect_same_half(Half k, const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (is_nan_half(k, a[i]) && is_nan_half(k, b[i])) continue;
+    ASSERT_EQ(a[i], b[i]) << what << " at " << i;
+  }
+}
+
+std::vector<float> interesting_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits = rng();
+    if (i % 3 == 0) {  // ordinary magnitudes, where rounding matters
+      v[i] = std::ldexp(static_cast<float>(rng() % 2000000) / 1000000.0f - 1.0f, static_cast<int>(rng() % 40) - 20);
+    } else {
+      std::memcpy(&v[i], &bits, 4);
+    }
+  }
+  const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 65504.0f, 65520.0f, 1e-8f, 5.96e-8f, 3e38f};
+  for (size_t i = 0; i < sizeof(specials) / sizeof(float) && i < n; ++i) v[i] = specials[i];
+  return v;
+}
+
+TEST(CommKernels, HalfToF32MatchesReferenceOnAllBitPatterns) {
+  std::vector<uint16_t> all(65536 + 7);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint16_t>(i);
+  LevelGuard g;
+  for (Half k : {Half::F16, Half::BF16}) {
+    std::vector<float> ref(all.size());
+    aimass::comm::ref::half_to_f32(k, all.data(), ref.data(), all.size());
+    for (SimdLevel l : levels()) {
+      aimass::set_simd_level(l);
+      std::vector<float> got(all.size());
+      aimass::comm::half_to_f32(k, all.data(), got.data(), all.size());
+      for (size_t i = 0; i < all.size(); ++i) {
+        if (std::isnan(ref[i])) {
+          ASSERT_TRUE(std::isnan(got[i])) << i;
+        } else {
+          ASSERT_EQ(std::memcmp(&ref[i], &got[i], 4), 0) << "level " << aimass::simd_level_name(l) << " bits " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(CommKernels, F32ToHalfMatchesReference) {
+  LevelGuard g;
+  for (size_t n : {0u, 1u, 7u, 8u, 15u, 16u, 17u, 1000u, 100003u}) {
+    auto v = interesting_floats(n, static_cast<uint32_t>(n) + 1);
+    for (Half k : {Half::F16, Half::BF16}) {
+      for (float scale : {1.0f, 0.25f}) {
+        std::vector<uint16_t> ref(n);
+        aimass::comm::ref::f32_to_half(k, v.data(), ref.data(), n, scale);
+        for (SimdLevel l : levels()) {
+          aimass::set_simd_level(l);
+          std::vector<uint16_t> got(n, 0xdead);
+          aimass::comm::f32_to_half(k, v.data(), got.data(), n, scale);
+          expect_same_half(k, ref, got, aimass::simd_level_name(l));
+        }
+      }
+    }
+  }
+}
+
+TEST(CommKernels, ScalarF16ConversionIsIeeeRoundToNearestEven) {
+  auto v = interesting_floats(20000, 7);
+  for (float f : v) {
+    _Float16 h = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &h, 2);
+    uint16_t got = aimass::f32_to_f16(f);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(got, want) << f;
+  }
+}
+
+TEST(CommKernels, ReduceHalfMatchesReferenceForEveryOp) {
+  LevelGuard g;
+  for (size_t n : {1u, 9u, 16u, 33u, 4099u}) {
+    auto a = interesting_floats(n, 11), b = interesting_floats(n, 12);
+    for (Half k : {Half::F16, Half::BF16}) {
+      std::vector<uint16_t> ha(n), hb(n);
+      aimass::comm::ref::f32_to_half(k, a.data(), ha.data(), n, 1.0f);
+      aimass::comm::ref::f32_to_half(k, b.data(), hb.data(), n, 1.0f);
+      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+        std::vector<uint16_t> ref = hb;
+        aimass::comm::ref::reduce_half(k, op, ha.data(), ref.data(), n);
+        for (SimdLevel l : levels()) {
+          aimass::set_simd_level(l);
+          std::vector<uint16_t> got = hb;
+          aimass::comm::reduce_half(k, op, ha.data(), got.data(), n);
+          expect_same_half(k, ref, got, aimass::simd_level_name(l));
+        }
+      }
+    }
+  }
+}
+
+TEST(CommKernels, ReduceHalfSumsInFp32WithOneRounding) {
+  // 2048 + 1 is not representable in fp16 (spacing 2 there): the sum rounds to even once.
+  uint16_t a = aimass::f32_to_f16(2048.0f), b = aimass::f32_to_f16(1.0f);
+  uint16_t io = b;
+  aimass::comm::reduce_half(Half::F16, ElemOp::Sum, &a, &io, 1);
+  EXPECT_EQ(aimass::f16_to_f32(io), 2048.0f);
+  uint16_t c = aimass::f32_to_f16(3.0f), io2 = aimass::f32_to_f16(2048.0f);
+  aimass::comm::reduce_half(Half::F16, ElemOp::Sum, &c, &io2, 1);
+  EXPECT_EQ(aimass::f16_to_f32(io2), 2052.0f);  // 2051 -> nearest even 2052
+}
+
+TEST(CommKernels, ScaleHalf) {
+  std::vector<uint16_t> v(5000);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = aimass::f32_to_bf16(static_cast<float>(i));
+  aimass::comm::scale_half(Half::BF16, v.data(), v.size(), 0.5f);
+  for (size_t i = 0; i < v.size(); ++i)
+    ASSERT_EQ(v[i], aimass::f32_to_bf16(aimass::bf16_to_f32(aimass::f32_to_bf16(static_cast<float>(i))) * 0.5f));
+}
+
+}  // namespace
+
+namespace {
+TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
+  LevelGuard g;
+  for (size_t n : {0u, 1u, 15u, 16u, 17u, 1001u}) {
+    for (int k : {1, 2, 3, 4}) {
+      std::vector<std::vector<float>> src;
+      std::vector<const float*> ptrs;
+      for (int j = 0; j < k; ++j) src.push_back(interesting_floats(n, 100 + j));
+      for (auto& s : src) ptrs.push_back(s.data());
+      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+        std::vector<float> ref(n);
+        aimass::comm::ref::reduce_f32(op, ptrs.data(), k, ref.data(), n);
+        for (SimdLevel l : levels()) {
+          aimass::set_simd_level(l);
+          std::vector<float> got(n);
+          aimass::comm::reduce_f32(op, ptrs.data(), k, got.data(), n);
+          for (size_t i = 0; i < n; ++i) {
+            if (std::isnan(ref[i])) {
+              ASSERT_TRUE(std::isnan(got[i]));
+            } else {
+              ASSERT_EQ(std::memcmp(&ref[i], &got[i], 4), 0) << aimass::simd_level_name(l) << " k=" << k << " i=" << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace
