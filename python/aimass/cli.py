@@ -21,11 +21,18 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from . import demo
+    return demo.main()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aimass", description="aimass: train, compress and serve models")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("info", help="what this machine and build support")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("demo", help="quantize, prune and run a quantized linear; prints what it measured")
+    p.set_defaults(func=_cmd_demo)
     from . import data as _data
     _data.add_cli(sub)
     args = parser.parse_args(argv)

@@ -249,3 +249,10 @@ def test_quantize_weight_matches_contract():
         np.testing.assert_array_equal(mine.dequantize(), deq)
     with pytest.raises(ValueError, match="NaN"):
         qlin.quantize_weight(np.full((2, 4), np.nan, np.float32))
+
+
+def test_quantized_tensor_caches_its_packed_weight():
+    from aimass import compress
+    w = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    for q in (compress.quantize(w, bits=8), compress.quantize(w, bits=4, granularity="group", group_size=128)):
+        assert qlin.packed(q) is qlin.packed(q)  # prepacked once, not per call

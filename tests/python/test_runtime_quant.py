@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import aimass.runtime as rt  # noqa: E402
 import importlib  # noqa: E402
-ql = importlib.import_module("aimass.compress.linear")
+ql = importlib.import_module("aimass.compress.qlinear")
 from safetensors.numpy import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 

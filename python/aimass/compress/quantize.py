@@ -69,8 +69,9 @@ class QuantizedTensor:
     (symmetric); shape/dtype: the original array's; group_size: G for 'group', else 0;
     axis: the channel axis (non-negative; 0 for 'tensor')."""
 
+    # _aimass_packed: the kernels' prepacked copy, cached by compress.linear (qlinear.packed)
     __slots__ = ("data", "scale", "zero_point", "bits", "scheme", "granularity", "axis", "group_size",
-                 "shape", "dtype")
+                 "shape", "dtype", "_aimass_packed")
 
     def __init__(self, data: np.ndarray, scale: np.ndarray, zero_point: Optional[np.ndarray], bits: int,
                  scheme: str, granularity: str, axis: int, group_size: int, shape: Tuple[int, ...],

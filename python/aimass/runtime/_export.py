@@ -44,7 +44,7 @@ def _np(t) -> np.ndarray:
 def _quantize_linear(w: np.ndarray, bits: int):
     """Symmetric weight quantization through aimass.compress (QUANT_FORMAT.md): int8 per output
     channel, int4 in groups of 32 along K (per-channel when 32 does not divide K)."""
-    from ..compress.linear import quantize_weight
+    from ..compress.qlinear import quantize_weight
 
     k = w.shape[1]
     group = 32 if bits == 4 and k % 32 == 0 else 0
