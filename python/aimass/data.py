@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ._io import atomic_path, atomic_write_text, fsync_dir
 from . import _C
 from ._array import as_numpy
 
@@ -44,22 +45,8 @@ def crc32c(data, impl: str = "auto", crc: int = 0) -> int:
 
 
 # ---------------------------------------------------------------- atomic files
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with builtins_open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+_fsync_dir = fsync_dir
+_atomic_write_text = atomic_write_text
 
 
 import builtins as _builtins  # noqa: E402  (``open`` below shadows the builtin)
@@ -818,12 +805,8 @@ def split(dataset=None, config="config.yml", seed: int = 0, stratify=None, save:
         index["splits"] = {}
         for k, idx in result.items():
             fname = f"split-{k}.npy"
-            tmp = os.path.join(ds.path, f".{fname}.tmp-{os.getpid()}")
-            with builtins_open(tmp, "wb") as f:
+            with atomic_path(os.path.join(ds.path, fname)) as tmp, builtins_open(tmp, "wb") as f:
                 np.save(f, idx)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(ds.path, fname))
             index["splits"][k] = fname
         index["split_config"] = {"splitting": dict(parts), "seed": seed, "stratify": label}
         _atomic_write_text(os.path.join(ds.path, INDEX_FILE), json.dumps(index, indent=1))

@@ -5,10 +5,11 @@ the kernels are C++ (aimass._C.quant_*), this module validates and shapes.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional, Tuple
 
 import numpy as np
+
+from .._io import atomic_path
 
 from .. import _C
 from .. import _array
@@ -149,18 +150,8 @@ class QuantizedTensor:
         tensors = {"data": np.require(self.data, requirements="C"), "scale": np.require(self.scale, requirements="C")}
         if self.zero_point is not None:
             tensors["zero_point"] = np.require(self.zero_point, requirements="C")
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=self.metadata())
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "QuantizedTensor":

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .._io import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -458,16 +459,6 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     if quantize:
         metadata["aimass.quantize"] = quantize
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".aimass-", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(ex.tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
