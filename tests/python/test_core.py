@@ -66,3 +66,12 @@ def test_cli_info(capsys):
     from aimass import cli
     assert cli.main(["info"]) == 0
     assert "cpu_features" in capsys.readouterr().out
+
+
+def test_demo_runs_small_and_reports_sane_numbers():
+    from aimass import demo
+    r = demo.run(n=256, k=512, repeats=2)
+    assert r["int8_linear_rel_err"] < 0.02  # int8 per-channel weight-only
+    assert r["int4_g128_linear_rel_err"] < 0.2  # int4 symmetric, groups of 128
+    assert r["pruned_2of4_kept"] == 0.5
+    assert r["int8_linear_ms"] > 0 and r["fp32_blas_gemv_ms"] > 0
