@@ -1,25 +1,23 @@
 #include "aimass/blas.h"
 
-#include <algorithm>
 #include <climits>
 #include <mutex>
 
 #include <cblas.h>
 
 #include "aimass/error.h"
-#include "aimass/parallel.h"
 
 namespace aimass {
 namespace {
 
-// Threading policy: the engine's pool owns the cores. OpenBLAS runs single-threaded and large
-// GEMMs are split into row/column panels with parallel_for. Why: OpenBLAS's own workers
-// busy-wait (sched_yield) for each other; whenever the cores are also busy (the batcher's
-// scheduler, client threads, the engine pool, torch/onnxruntime in the same process) a
-// preempted BLAS worker makes the caller spin for a whole time slice. On 2 cores a 32-row
-// MLP batch went from ~3 ms to 40-70 ms and the bench's batched sweep stalled.
-// parallel_for runs serially inside pool tasks and when another thread holds the pool,
-// so concurrent or nested callers never oversubscribe.
+// Threading policy: OpenBLAS runs single-threaded on the calling thread. Why: OpenBLAS's own
+// workers busy-wait (sched_yield) for each other; whenever the cores are also busy (the
+// batcher's scheduler, client threads, the engine pool, torch/onnxruntime, other processes)
+// a preempted BLAS worker makes the caller spin for whole time slices. On 2 cores a 32-row
+// MLP batch took 40-70 ms instead of ~3 ms and the bench's batched sweep stalled. Splitting
+// the product into panels on the engine pool (single-threaded BLAS per panel) was tried and
+// stalled the same way under load (two concurrent OpenBLAS callers: 8-32 rows took 15-80 ms
+// vs 2-3 ms serially), so large GEMMs use one core; element-wise work still uses the pool.
 std::once_flag g_blas_policy;
 void apply_blas_policy() { std::call_once(g_blas_policy, [] { scipy_openblas_set_num_threads(1); }); }
 
@@ -31,8 +29,6 @@ void raw_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
                     static_cast<blasint>(ldc));
 }
 
-constexpr int64_t kMinPanelFlops = int64_t{1} << 20;  // below this a panel is not worth a hand-off
-constexpr int64_t kMinPanel = 16;                     // rows/columns per panel: keeps BLAS kernels efficient
 
 }  // namespace
 
@@ -46,24 +42,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
                " exceed the 32-bit BLAS; split the matrix");
   if (M == 0 || N == 0) return;
   apply_blas_policy();
-  const int64_t work = M * N * std::max<int64_t>(K, 1);
-  if (num_threads() == 1 || work < 2 * kMinPanelFlops || std::max(M, N) < 2 * kMinPanel) {
-    raw_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
-  }
-  if (M >= N) {  // row panels of op(A) and C
-    const int64_t grain = std::max(kMinPanel, kMinPanelFlops / std::max<int64_t>(N * K, 1));
-    parallel_for(0, M, grain, [&](int64_t b, int64_t e) {
-      const float* Ab = trans_a ? A + b : A + b * lda;
-      raw_sgemm(trans_a, trans_b, e - b, N, K, alpha, Ab, lda, B, ldb, beta, C + b * ldc, ldc);
-    });
-  } else {  // column panels of op(B) and C
-    const int64_t grain = std::max(kMinPanel, kMinPanelFlops / std::max<int64_t>(M * K, 1));
-    parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-      const float* Bb = trans_b ? B + b * ldb : B + b;
-      raw_sgemm(trans_a, trans_b, M, e - b, K, alpha, A, lda, Bb, ldb, beta, C + b, ldc);
-    });
-  }
+  raw_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void blas_set_num_threads(int n) {
