@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
     torch.manual_seed(0)
-    # Wide enough that 32-row batches go through sgemm with panel splitting.
+    # Wide enough that 32-row batches go through sgemm.
     net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
     path = tmp_path_factory.mktemp("rt") / "mlp.aimass"
     rt.export(net, (torch.randn(2, 256),), path, input_names=["x"])
@@ -60,8 +60,8 @@ def test_concurrent_clients_two_threads_finish_and_match(mlp, two_threads):
 
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 200])
-def test_large_sgemm_panels_match_single_thread(mlp, two_threads, rows):
-    """Panel-split sgemm (2 threads) gives the same result as 1 thread, both directions of split."""
+def test_sgemm_and_gemv_paths_match_across_thread_counts(mlp, two_threads, rows):
+    """GEMV (<=4 rows, split on the pool) and sgemm paths give the same result at 2 and 1 threads."""
     _, path = mlp
     x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)
     ex = rt._rt.Executor(rt.load(path)._m, 256)
