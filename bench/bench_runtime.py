@@ -214,8 +214,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short runs (the machine is shared)")
     ap.add_argument("--sweep-model", default="mlp784", choices=list(MODELS))
     ap.add_argument("--threads", type=int, default=None,
-                    help="engine + BLAS + torch threads (default: leave as is); on a loaded machine "
-                         "multi-threaded OpenBLAS can stall, 1 gives stable numbers")
+                    help="engine (+ BLAS panels) + torch threads (default: leave as is)"
+                    )
     args = ap.parse_args()
     if args.threads:
         aimass.set_num_threads(args.threads)

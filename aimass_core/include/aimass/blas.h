@@ -9,7 +9,7 @@ namespace aimass {
 void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
            const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
            int64_t ldc);
-// Threads the BLAS may use inside one sgemm call.
+// OpenBLAS's own threads inside one BLAS call. Default 1 (see blas.cc for why).
 void blas_set_num_threads(int n);
 
 }  // namespace aimass
