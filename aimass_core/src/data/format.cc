@@ -285,6 +285,28 @@ const uint8_t* Shard::record(uint64_t i, uint64_t* len, bool verify) const {
   return p + 12;
 }
 
+void Shard::prefetch(uint64_t i) const {
+  if (i >= n_) return;
+  // Shuffled reads jump between pages, so the hardware prefetcher cannot see the
+  // next record coming; ask for its lines while the current one is checksummed.
+  const uint64_t limit = file_size_ - kTailBytes - 8 * n_;
+  uint64_t off = ld64(offsets_ + 8 * i);
+  uint64_t end = i + 1 < n_ ? ld64(offsets_ + 8 * (i + 1)) : limit;
+  if (off >= limit || end > limit || end <= off) return;
+  end = std::min<uint64_t>(end, off + (64u << 10));
+  for (uint64_t a = off & ~uint64_t(63); a < end; a += 64) __builtin_prefetch(base_ + a);
+}
+
+void Reader::prefetch(int64_t index) const {
+  if (index < 0 || index >= total_) return;
+  size_t lo = 0, hi = shards_.size();
+  while (hi - lo > 1) {
+    size_t mid = (lo + hi) / 2;
+    if (starts_[mid] <= index) lo = mid; else hi = mid;
+  }
+  shards_[lo]->prefetch(static_cast<uint64_t>(index - starts_[lo]));
+}
+
 Reader::Reader(Schema schema, const std::vector<std::string>& paths, const std::vector<std::string>& names)
     : schema_(std::move(schema)) {
   schema_.validate();
