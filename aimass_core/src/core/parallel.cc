@@ -60,21 +60,21 @@ class Pool {
       ++generation_;
     }
     cv_.notify_all();
-    drain();
+    drain(&fn, nchunks);
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return done_ == nchunks_; });
+    // Wait for every worker that joined this job to leave it too: a worker still
+    // holding this job's function must not claim a chunk of the next job.
+    done_cv_.wait(lk, [&] { return done_ == nchunks_ && active_ == 0; });
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  void drain() {
+  void drain(const std::function<void(int, int)>* fn, int n) {
     bool prev = t_in_pool_task;
     t_in_pool_task = true;
     int finished = 0;
     std::exception_ptr err;
-    const auto* fn = fn_;
-    const int n = nchunks_;
     for (;;) {
       int c = next_.fetch_add(1);
       if (c >= n) break;
@@ -96,13 +96,23 @@ class Pool {
   void loop() {
     uint64_t seen = 0;
     for (;;) {
+      const std::function<void(int, int)>* fn;
+      int n;
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return stop_ || (generation_ != seen && fn_ != nullptr); });
         if (stop_) return;
         seen = generation_;
+        // the job is captured under the lock, and run() waits for active_ == 0
+        fn = fn_;
+        n = nchunks_;
+        ++active_;
       }
-      drain();
+      drain(fn, n);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (--active_ == 0) done_cv_.notify_all();
+      }
     }
   }
 
@@ -113,6 +123,7 @@ class Pool {
   int nchunks_ = 0;
   std::atomic<int> next_{0};
   int done_ = 0;
+  int active_ = 0;  // workers inside the current job
   uint64_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
