@@ -104,3 +104,16 @@ TEST(DType, ParseAndSizes) {
 }
 
 }  // namespace
+
+namespace {
+// Back-to-back tiny jobs, each with its own short-lived function object: a worker
+// that kept a previous job's function would call a destroyed object here.
+TEST(Parallel, BackToBackJobsNeverReuseAFinishedJob) {
+  aimass::set_num_threads(2);
+  for (int iter = 0; iter < 20000; ++iter) {
+    std::vector<int> hits(3, 0);
+    aimass::parallel_chunks(3, [&hits](int c, int) { hits[c] += 1; });
+    ASSERT_EQ(hits[0] + hits[1] + hits[2], 3) << "iteration " << iter;
+  }
+}
+}  // namespace
