@@ -167,7 +167,17 @@ void bind_data(py::module_& m) {
                ts.push_back(std::move(t));
              }
              std::vector<int64_t> idx(indices.data(), indices.data() + indices.size());
-             return std::make_shared<ad::Loader>(reader, std::move(idx), o, std::move(ts));
+             // The destructor joins the worker threads, which may be waiting for the GIL
+             // (a Python-backed CFunc transform): never join while holding it.
+             return std::shared_ptr<ad::Loader>(new ad::Loader(reader, std::move(idx), o, std::move(ts)),
+                                                [](ad::Loader* l) {
+                                                  if (PyGILState_Check()) {
+                                                    py::gil_scoped_release nogil_;
+                                                    delete l;
+                                                  } else {
+                                                    delete l;
+                                                  }
+                                                });
            }),
            py::arg("reader"), py::arg("indices"), py::arg("batch_size"), py::arg("shuffle"), py::arg("seed"),
            py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
