@@ -44,11 +44,6 @@ def crc32c(data, impl: str = "auto", crc: int = 0) -> int:
     return _C.data_crc32c(data, impl, crc)
 
 
-# ---------------------------------------------------------------- atomic files
-_fsync_dir = fsync_dir
-_atomic_write_text = atomic_write_text
-
-
 import builtins as _builtins  # noqa: E402  (``open`` below shadows the builtin)
 
 builtins_open = _builtins.open
@@ -137,14 +132,14 @@ def write(out_dir: str, arrays: Mapping[str, Any], shard_bytes: int = 64 << 20, 
             "splits": {},
             "metadata": metadata or {},
         }
-        _atomic_write_text(os.path.join(tmp, INDEX_FILE), json.dumps(index, indent=1))
-        _fsync_dir(tmp)
+        atomic_write_text(os.path.join(tmp, INDEX_FILE), json.dumps(index, indent=1))
+        fsync_dir(tmp)
         old = None
         if os.path.exists(out_dir):
             old = f"{tmp}.old"
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -809,7 +804,7 @@ def split(dataset=None, config="config.yml", seed: int = 0, stratify=None, save:
                 np.save(f, idx)
             index["splits"][k] = fname
         index["split_config"] = {"splitting": dict(parts), "seed": seed, "stratify": label}
-        _atomic_write_text(os.path.join(ds.path, INDEX_FILE), json.dumps(index, indent=1))
+        atomic_write_text(os.path.join(ds.path, INDEX_FILE), json.dumps(index, indent=1))
         ds._index = index
     return Splits({k: ds.subset(v) for k, v in result.items()})
 
