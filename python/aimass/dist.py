@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 from typing import Any, Optional
 
@@ -37,6 +38,8 @@ _engine: Optional[Any] = None  # aimass._C.CollectiveEngine
 _counters: dict = {}
 _atexit_registered = False
 _live: set = set()  # in-flight Handles (see Handle.__init__)
+_mpi_comm: Optional[Any] = None  # the mpi4py communicator given to init() (the NCCL path bootstraps over it)
+_default_timeout = 60.0
 
 _OPS = ("sum", "average", "min", "max")
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
@@ -51,7 +54,7 @@ def init(comm: Any = None, *, fusion_threshold: Optional[int] = None, cycle_time
     fusion_threshold: bytes per fused allreduce buffer (default 64 MiB or AIMASS_FUSION_THRESHOLD).
     cycle_time_ms: negotiation period (default 1 ms or AIMASS_CYCLE_TIME).
     timeout: default stall timeout in seconds (default 60 or AIMASS_COMM_TIMEOUT)."""
-    global _comm, _engine, _atexit_registered
+    global _comm, _engine, _atexit_registered, _mpi_comm, _default_timeout
     with _lock:
         if _comm is not None:
             return
@@ -82,6 +85,8 @@ def init(comm: Any = None, *, fusion_threshold: Optional[int] = None, cycle_time
             c.free()
             raise
         _comm = c
+        _mpi_comm = comm
+        _default_timeout = float(timeout if timeout is not None else os.environ.get("AIMASS_COMM_TIMEOUT", 60))
         _counters.clear()
         if not _atexit_registered:
             # registered after mpi4py's own handler, so it runs before MPI_Finalize
@@ -128,6 +133,8 @@ def shutdown() -> None:
     with _lock:
         if _comm is None:
             return
+        if "aimass._dist_nccl" in sys.modules:
+            sys.modules["aimass._dist_nccl"].shutdown()
         clean = _engine.shutdown()
         _live.clear()  # every collective has finished or failed: no engine access to their arrays remains
         if clean:  # every rank stopped together: freeing the communicator is safe
@@ -283,11 +290,30 @@ def allreduce_async_(t: Any, op: str = "average", name: Optional[str] = None, co
     return _allreduce_async(t, op, name, compression, timeout, inplace=True)
 
 
+def _on_device(t: Any) -> bool:
+    """CUDA tensors (torch, cupy) take the NCCL path (aimass._dist_nccl)."""
+    return (is_torch(t) and t.is_cuda) or hasattr(t, "__cuda_array_interface__")
+
+
+def _device_timeout(timeout: Optional[float]) -> float:
+    return _timeout(timeout) or _default_timeout
+
+
+def _device_handle(kind: str, name: Optional[str], call) -> Handle:
+    from . import _dist_nccl
+    nm = _name(kind, name)
+    work, out = call(_dist_nccl, nm)
+    return Handle(work, None, out, "", None, False, nm)
+
+
 def _allreduce_async(t, op, name, compression, timeout, inplace):
     eng = _require_engine()
     _check_op(op)
     if compression not in _COMPRESSION:
         raise ValueError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
+    if _on_device(t):
+        return _device_handle("allreduce", name, lambda m, nm: m.allreduce(
+            t, op, nm, compression, _device_timeout(timeout), inplace, _mpi_comm, size()))
     a, dt = _input(t, "allreduce tensor")
     wire = _COMPRESSION[compression]
     if wire and dt != "float32":
@@ -327,6 +353,9 @@ def broadcast_async(t: Any, root: int = 0, name: Optional[str] = None, timeout: 
     eng = _require_engine()
     if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < size():
         raise ValueError(f"broadcast: root must be a rank in [0, {size()}), got {root!r}")
+    if _on_device(t):
+        return _device_handle("broadcast", name, lambda m, nm: m.broadcast(
+            t, root, nm, _device_timeout(timeout), inplace, _mpi_comm))
     a, dt = _input(t, "broadcast tensor")
     nm = _name("broadcast", name)
     if inplace:
@@ -353,6 +382,9 @@ def broadcast_(t: Any, root: int = 0, name: Optional[str] = None, timeout: Optio
 
 def allgather_async(t: Any, name: Optional[str] = None, timeout: Optional[float] = None) -> Handle:
     eng = _require_engine()
+    if _on_device(t):
+        return _device_handle("allgather", name, lambda m, nm: m.allgather(
+            t, nm, _device_timeout(timeout), _mpi_comm))
     a, dt = _input(t, "allgather tensor")
     if a.ndim == 0:
         a = a.reshape(1)
@@ -372,6 +404,9 @@ def reduce_scatter_async(t: Any, op: str = "average", name: Optional[str] = None
                          timeout: Optional[float] = None) -> Handle:
     eng = _require_engine()
     _check_op(op)
+    if _on_device(t):
+        return _device_handle("reduce_scatter", name, lambda m, nm: m.reduce_scatter(
+            t, op, nm, _device_timeout(timeout), _mpi_comm, size(), rank()))
     a, dt = _input(t, "reduce_scatter tensor")
     if a.ndim == 0:
         raise ValueError("reduce_scatter: the tensor needs at least one dimension (it is split along dimension 0)")
