@@ -361,8 +361,7 @@ struct CollectiveEngine::Impl {
 
   // Allreduce of the concatenation of segs through the node's shared memory; with
   // several nodes each reduced slice is allreduced across nodes over MPI.
-  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op,
-                              bool average) {
+  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op) {
     {
       std::lock_guard<std::mutex> lk(mu);
       ++st.shm_allreduces;
@@ -378,12 +377,12 @@ struct CollectiveEngine::Impl {
       };
     }
     shm->set_timeout(opts.timeout_s);
-    shm->run(segs, count, wire, op, average, size, cross);
+    shm->run(segs, count, wire, op, size, cross);
   }
 
   void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
-    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count}}, count, wire, op,
-                           false);
+    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count, false}}, count, wire,
+                           op);
   }
 
   ~Impl() {
@@ -830,9 +829,9 @@ struct CollectiveEngine::Impl {
       segs.reserve(batch.size());
       for (Pending* p : batch) {
         segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
-                        numel_of(p->req.shape)});
+                        numel_of(p->req.shape), p->req.op == ReduceOp::Average});
       }
-      shm_allreduce_segments(segs, total, wire, op, op == ReduceOp::Average);
+      shm_allreduce_segments(segs, total, wire, op);
       for (Pending* p : batch) finish(*p, CollectiveHandle::ErrorKind::None, "");
       return;
     }

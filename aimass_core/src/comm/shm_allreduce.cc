@@ -246,7 +246,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
   }
 }
 
-void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, bool average,
+void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   if (count <= 0) return;
@@ -258,6 +258,8 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
 
   std::vector<int64_t> starts(segs.size() + 1, 0);
   for (size_t i = 0; i < segs.size(); ++i) starts[i + 1] = starts[i] + segs[i].count;
+  bool any_average = false;
+  for (const ShmSegment& g : segs) any_average |= g.average;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
   // Calls fn(segment, element offset inside it, element offset in the concatenation, n)
   // for the pieces of [lo, hi) of the concatenation.
@@ -314,7 +316,11 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     });
     if (e > b) {
       if (cross_reduce) cross_reduce(res + b * es, e - b);
-      if (average) divide(dtype, res + b * es, static_cast<size_t>(e - b), world_size);
+      if (any_average) {
+        pieces(off + b, off + e, [&](const ShmSegment& g, int64_t, int64_t x, int64_t n) {
+          if (g.average) divide(dtype, res + (x - off) * es, static_cast<size_t>(n), world_size);
+        });
+      }
     }
     ctrl(me)->reduced.store(s, std::memory_order_release);
   };

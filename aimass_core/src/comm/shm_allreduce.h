@@ -35,11 +35,13 @@ namespace aimass {
 namespace comm {
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
-// read from `in`, the result written to `out` (in may equal out).
+// read from `in`, the result written to `out` (in may equal out); average: the
+// result is divided by the world size (as the MPI path does after the sum).
 struct ShmSegment {
   const char* in;
   char* out;
   int64_t count;
+  bool average = false;
 };
 
 class ShmAllreduce {
@@ -59,10 +61,10 @@ class ShmAllreduce {
   void set_timeout(double seconds) { timeout_s_ = seconds; }
 
   // Allreduces `count` elements of `dtype` (F32/F64/I32/I64/F16/BF16) spread over
-  // `segs`. average: divides the result by `world_size` (as the MPI path does).
+  // `segs` (segments marked average are divided by `world_size`; op is then Sum).
   // cross_reduce (only with several nodes) allreduces one reduced slice in place
   // across nodes. Every local rank must call it with the same count/dtype/op.
-  void run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, bool average,
+  void run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
            int world_size, const std::function<void(void*, int64_t)>& cross_reduce);
 
  private:
