@@ -258,8 +258,6 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
 
   std::vector<int64_t> starts(segs.size() + 1, 0);
   for (size_t i = 0; i < segs.size(); ++i) starts[i + 1] = starts[i] + segs[i].count;
-  bool any_average = false;
-  for (const ShmSegment& g : segs) any_average |= g.average;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
   // Calls fn(segment, element offset inside it, element offset in the concatenation, n)
   // for the pieces of [lo, hi) of the concatenation.
@@ -310,17 +308,31 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
         if (j != me) wait_counter(j, 2, s - kDepth);
     }
     char* res = result(s);
+    // On one node the reduce pass also writes the output (and folds in the average), so the
+    // gather below copies only the peers' slices. Across nodes the slice first goes over MPI.
+    const bool direct = !cross_reduce;
     pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
       for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off) * es;
-      reduce_sources(dtype, op, srcs.data(), L, res + (x - off) * es, static_cast<size_t>(n));
-    });
-    if (e > b) {
-      if (cross_reduce) cross_reduce(res + b * es, e - b);
-      if (any_average) {
-        pieces(off + b, off + e, [&](const ShmSegment& g, int64_t, int64_t x, int64_t n) {
-          if (g.average) divide(dtype, res + (x - off) * es, static_cast<size_t>(n), world_size);
-        });
+      char* r = res + (x - off) * es;
+      if (direct && dtype == DType::F32) {
+        reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
+                   static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
+                   g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
+        return;
       }
+      reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));
+      if (direct) {
+        if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
+        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
+      }
+    });
+    if (!direct && e > b) {
+      cross_reduce(res + b * es, e - b);
+      pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
+        char* r = res + (x - off) * es;
+        if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
+        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
+      });
     }
     ctrl(me)->reduced.store(s, std::memory_order_release);
   };
@@ -330,12 +342,12 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     int64_t off, m;
     bounds(c, &off, &m);
     const char* res = result(s);
-    for (int jj = 0; jj < L; ++jj) {
-      const int j = (me + jj) % L;  // own slice first: it is ready
+    for (int jj = 1; jj < L; ++jj) {  // the own slice was written by the reduce pass
+      const int j = (me + jj) % L;
       int64_t b, e;
       slice(j, m, es, &b, &e);
       if (e <= b) continue;
-      if (j != me) wait_counter(j, 1, s);
+      wait_counter(j, 1, s);
       pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
         std::memcpy(g.out + at * es, res + (x - off) * es, static_cast<size_t>(n) * es);
       });
