@@ -55,10 +55,6 @@ def init(comm: Any = None, *, fusion_threshold: Optional[int] = None, cycle_time
     with _lock:
         if _comm is not None:
             return
-        # Open MPI's UCX one-sided component prints errors when it declines a shared-memory
-        # window; the default "sm" component is the one the segment needs. Only applies if
-        # MPI is not initialised yet.
-        os.environ.setdefault("OMPI_MCA_osc", "^ucx")
         try:
             from mpi4py import MPI
         except ImportError as exc:  # pragma: no cover

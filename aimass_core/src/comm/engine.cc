@@ -308,6 +308,7 @@ struct CollectiveEngine::Impl {
   std::unordered_map<std::string, std::pair<std::string, Clock::time_point>> poisoned;  // name -> error, when
   std::string broken;  // set once the engine cannot run anything
   bool stop_requested = false;
+  std::condition_variable work_cv;  // submissions and stop wake the background thread
   bool running = false;
   bool clean_exit = false;
   EngineStats st;
@@ -413,19 +414,33 @@ struct CollectiveEngine::Impl {
   }
 
   // -------------------------------------------------------------- the loop
+  // Sleeps until the next tick (cycle time after the last cycle began: idle ranks still
+  // join every negotiation round in time) or until something is submitted. A submission
+  // starts a cycle once the caller has been quiet for kBurstGap (a burst such as a backward
+  // pass's gradients is negotiated and fused together), at the latest one cycle time after
+  // the first: a lone blocking allreduce no longer waits for the tick.
+  void wait_for_work(Clock::time_point last) {
+    constexpr auto kBurstGap = std::chrono::microseconds(60);
+    std::unique_lock<std::mutex> lk(mu);
+    const auto cycle = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.cycle_time_s));
+    const auto tick = last + cycle;
+    if (!work_cv.wait_until(lk, tick, [&] { return !incoming.empty() || stop_requested; })) return;
+    if (stop_requested) return;
+    const auto deadline = Clock::now() + cycle;
+    size_t seen = incoming.size();
+    while (Clock::now() < deadline) {
+      work_cv.wait_for(lk, kBurstGap, [&] { return incoming.size() != seen || stop_requested; });
+      if (incoming.size() == seen || stop_requested) break;
+      seen = incoming.size();
+    }
+  }
+
   void run() {
     try {
-      auto next = Clock::now();
+      auto last = Clock::now();
       while (true) {
-        double cycle;
-        {
-          std::unique_lock<std::mutex> lk(mu);
-          cycle = opts.cycle_time_s;
-        }
-        next += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cycle));
-        const auto now = Clock::now();
-        if (next < now) next = now;
-        std::this_thread::sleep_until(next);
+        wait_for_work(last);
+        last = Clock::now();
         if (cycle_once()) break;
       }
       fail_all(CollectiveHandle::ErrorKind::Closed, "aimass.dist was shut down before this collective ran");
@@ -955,6 +970,7 @@ bool CollectiveEngine::shutdown() {
       impl_->stop_since = Clock::now();
     }
   }
+  impl_->work_cv.notify_one();
   if (impl_->thread.joinable()) impl_->thread.join();
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->clean_exit;
@@ -1022,6 +1038,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
     p.req = std::move(r);
     impl_->incoming.push_back(std::move(p));
   }
+  impl_->work_cv.notify_one();
   return handle;
 }
 
