@@ -155,3 +155,52 @@ def test_compression_across_chunks(small_chunks, compression):
     inputs = [rank_data(3000, k, count, "float32") for k in range(n)]
     out = d.allreduce(inputs[r], op="sum", name=f"chunks.comp.{compression}", compression=compression)
     np.testing.assert_array_equal(out, np.sum(np.stack(inputs), 0))  # small integers: exact in 16 bits
+
+
+@pytest.fixture
+def two_rank_nodes(dist):
+    """Groups of 2 ranks act as separate nodes (AIMASS_RANKS_PER_NODE): with 4 ranks, slices reduced in
+    shared memory are allreduced across the 2 'nodes' over MPI; with 3 the node sizes differ, so every
+    rank falls back to MPI_Allreduce."""
+    os.environ["AIMASS_RANKS_PER_NODE"] = "2"
+    os.environ["AIMASS_SHM_CHUNK_BYTES"] = str(CHUNK)
+    try:
+        dist.shutdown()
+        dist.init()
+    finally:
+        del os.environ["AIMASS_RANKS_PER_NODE"]
+        del os.environ["AIMASS_SHM_CHUNK_BYTES"]
+    dist.set_shm_min_bytes(0)
+    yield dist
+    dist.shutdown()
+    dist.init()
+
+
+@pytest.mark.timeout(90)
+def test_hierarchical_path_across_simulated_nodes(two_rank_nodes):
+    d = two_rank_nodes
+    n, r = d.size(), d.rank()
+    assert d.local_size() == (2 if n % 2 == 0 or r < n - 1 else 1)
+    assert d.shm_available() == (n % 2 == 0)
+    before = d.stats()["shm_allreduces"]
+    calls = 0
+    for k, (dtype, op) in enumerate((dt, op) for dt in DTYPES for op in OPS):
+        for count in (1, 17, 3 * CHUNK // np.dtype(dtype).itemsize + 5):
+            inputs = [rank_data(4000 + k * 10 + count, i, count, dtype) for i in range(n)]
+            out = d.allreduce(inputs[r], op=op, name=f"hier.{dtype}.{op}.{count}")
+            check(out, inputs, op, dtype)
+            calls += 1
+    # a fused batch mixing sum and average
+    d.set_cycle_time(20)
+    try:
+        sizes = [0, 3, 1000, 5 * CHUNK // 4 + 1, 64]
+        ops = ["sum", "average", "sum", "average", "average"]
+        inputs = [[rank_data(5000 + i, k, s, "float32") for k in range(n)] for i, s in enumerate(sizes)]
+        hs = [d.allreduce_async(inputs[i][r], op=ops[i], name=f"hier.fused.{i}") for i in range(len(sizes))]
+        outs = [d.synchronize(h) for h in hs]
+    finally:
+        d.set_cycle_time(1)
+    for x, op, out in zip(inputs, ops, outs):
+        check(out, x, op, "float32")
+    if d.shm_available():
+        assert d.stats()["shm_allreduces"] - before >= calls
