@@ -148,7 +148,7 @@ def set_cycle_time(ms: float) -> None:
 
 def set_shm_min_bytes(nbytes: Optional[int]) -> None:
     """Allreduce buffers of at least `nbytes` take the node's shared-memory path (None: never).
-    Default 64 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
+    Default 4 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
     if nbytes is None:
         nbytes = 2 ** 64 - 1
     elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
