@@ -122,7 +122,31 @@ void divide(DType dtype, char* data, size_t n, int world) {
 
 uint64_t segment_counter = 0;
 
+size_t round_chunk(size_t chunk_bytes) { return std::max<size_t>(4096, (chunk_bytes + 4095) / 4096 * 4096); }
+
 }  // namespace
+
+size_t ShmAllreduce::ctrl_bytes(int local_size) {
+  return (static_cast<size_t>(local_size) * sizeof(Control) + 4095) / 4096 * 4096;
+}
+
+// Control lines, then local_size staging rings and one result ring of kDepth chunks each.
+size_t ShmAllreduce::segment_bytes(int local_size, size_t chunk_bytes) {
+  return ctrl_bytes(local_size) + static_cast<size_t>(local_size + 1) * kDepth * round_chunk(chunk_bytes);
+}
+
+ShmAllreduce::ShmAllreduce(int local_rank, int local_size, void* memory, size_t chunk_bytes, double timeout_s)
+    : lsize_(local_size), lrank_(local_rank), timeout_s_(timeout_s) {
+  AIMASS_CHECK(local_size >= 1 && local_rank >= 0 && local_rank < local_size, ValueError,
+               "ShmAllreduce: local_rank ", local_rank, " is not in [0, ", local_size, ")");
+  AIMASS_CHECK(memory != nullptr, ValueError, "ShmAllreduce: memory is null");
+  AIMASS_CHECK(reinterpret_cast<uintptr_t>(memory) % 128 == 0, ValueError,
+               "ShmAllreduce: memory must be 128-byte aligned");
+  chunk_bytes_ = round_chunk(chunk_bytes);
+  ctrl_bytes_ = ctrl_bytes(lsize_);
+  bytes_ = segment_bytes(lsize_, chunk_bytes);
+  base_ = static_cast<char*>(memory);
+}
 
 ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s)
     : lsize_(comm.local_size()), lrank_(comm.local_rank()), timeout_s_(timeout_s) {
@@ -137,10 +161,9 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
   if (!ok) return;
 
-  chunk_bytes_ = std::max<size_t>(4096, (chunk_bytes + 4095) / 4096 * 4096);
-  ctrl_bytes_ = (static_cast<size_t>(lsize_) * sizeof(Control) + 4095) / 4096 * 4096;
-  // lsize_ staging rings + one result ring
-  bytes_ = ctrl_bytes_ + static_cast<size_t>(lsize_ + 1) * kDepth * chunk_bytes_;
+  chunk_bytes_ = round_chunk(chunk_bytes);
+  ctrl_bytes_ = ctrl_bytes(lsize_);
+  bytes_ = segment_bytes(lsize_, chunk_bytes);
 
   struct {
     int ok;
@@ -195,10 +218,11 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
     return;
   }
   base_ = static_cast<char*>(p);
+  owned_ = true;
 }
 
 ShmAllreduce::~ShmAllreduce() {
-  if (base_) munmap(base_, bytes_);
+  if (base_ && owned_) munmap(base_, bytes_);
 }
 
 char* ShmAllreduce::staging(int j, uint64_t seq) const {

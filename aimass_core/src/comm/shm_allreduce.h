@@ -52,6 +52,10 @@ class ShmAllreduce {
   // (on every rank alike) when a node has one rank, node sizes differ, or the
   // segment cannot be created somewhere.
   ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s);
+  // Attaches to caller-owned, zero-filled memory of segment_bytes(local_size, chunk_bytes)
+  // bytes shared by the local ranks (threads or processes); used by the unit tests.
+  ShmAllreduce(int local_rank, int local_size, void* memory, size_t chunk_bytes, double timeout_s);
+  static size_t segment_bytes(int local_size, size_t chunk_bytes);
   ~ShmAllreduce();
   ShmAllreduce(const ShmAllreduce&) = delete;
   ShmAllreduce& operator=(const ShmAllreduce&) = delete;
@@ -74,6 +78,7 @@ class ShmAllreduce {
     std::atomic<uint64_t> gathered;  // last chunk sequence whose results this rank copied out
     std::atomic<uint64_t> aborted;   // nonzero: this rank gave up (peers fail at once)
   };
+  static size_t ctrl_bytes(int local_size);
   Control* ctrl(int j) const { return reinterpret_cast<Control*>(base_) + j; }
   char* staging(int j, uint64_t seq) const;
   char* result(uint64_t seq) const;
@@ -86,6 +91,7 @@ class ShmAllreduce {
   char* base_ = nullptr;
   size_t bytes_ = 0;
   size_t ctrl_bytes_ = 0;
+  bool owned_ = false;  // mapped by this object (munmap on destruction)
   uint64_t seq_ = 0;  // chunks done by this rank (the same on every local rank)
 };
 
