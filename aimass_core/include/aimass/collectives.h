@@ -13,6 +13,7 @@
 #pragma once
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -60,6 +61,9 @@ class CollectiveHandle {
  private:
   friend class CollectiveEngine;
   void finish(ErrorKind kind, const std::string& message);
+  // Set by the engine: tells it a caller blocks on this handle, so the burst of
+  // submissions is over and the next cycle may start at once.
+  std::function<void()> on_wait_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;

@@ -249,6 +249,7 @@ bool CollectiveHandle::poll() const {
 }
 
 void CollectiveHandle::wait() {
+  if (on_wait_ && !poll()) on_wait_();
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait(lk, [&] { return done_; });
   switch (error_kind_) {
@@ -271,6 +272,23 @@ void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
 }
 
 // ---------------------------------------------------------------- engine
+
+// Wakes the background thread: submissions, a caller blocking on a handle (flush), stop.
+// Shared with the handles, which may outlive the engine.
+struct EngineWaker {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t submitted = 0;
+  bool flush = false;
+  bool stop = false;
+  void notify(bool* flag) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      *flag = true;
+    }
+    cv.notify_one();
+  }
+};
 
 struct CollectiveEngine::Impl {
   struct Pending {
@@ -309,7 +327,6 @@ struct CollectiveEngine::Impl {
   std::unordered_map<std::string, std::pair<std::string, Clock::time_point>> poisoned;  // name -> error, when
   std::string broken;  // set once the engine cannot run anything
   bool stop_requested = false;
-  std::condition_variable work_cv;  // submissions and stop wake the background thread
   bool running = false;
   bool clean_exit = false;
   EngineStats st;
@@ -327,6 +344,9 @@ struct CollectiveEngine::Impl {
   Clock::time_point stop_since;
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
   size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
+
+  std::shared_ptr<EngineWaker> waker = std::make_shared<EngineWaker>();
+  uint64_t submissions_seen = 0;  // background thread only
 
   // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
   std::unique_ptr<comm::ShmAllreduce> shm;
@@ -422,18 +442,25 @@ struct CollectiveEngine::Impl {
   // the first: a lone blocking allreduce no longer waits for the tick.
   void wait_for_work(Clock::time_point last) {
     constexpr auto kBurstGap = std::chrono::microseconds(40);
-    std::unique_lock<std::mutex> lk(mu);
-    const auto cycle = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.cycle_time_s));
-    const auto tick = last + cycle;
-    if (!work_cv.wait_until(lk, tick, [&] { return !incoming.empty() || stop_requested; })) return;
-    if (stop_requested) return;
-    const auto deadline = Clock::now() + cycle;
-    size_t seen = incoming.size();
-    while (Clock::now() < deadline) {
-      work_cv.wait_for(lk, kBurstGap, [&] { return incoming.size() != seen || stop_requested; });
-      if (incoming.size() == seen || stop_requested) break;
-      seen = incoming.size();
+    Clock::duration cycle;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      cycle = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.cycle_time_s));
     }
+    EngineWaker& w = *waker;
+    std::unique_lock<std::mutex> lk(w.mu);
+    auto woken = [&] { return w.submitted != submissions_seen || w.flush || w.stop; };
+    if (w.cv.wait_until(lk, last + cycle, woken)) {
+      const auto deadline = Clock::now() + cycle;
+      uint64_t seen = w.submitted;
+      while (!w.flush && !w.stop && Clock::now() < deadline) {
+        w.cv.wait_for(lk, kBurstGap, [&] { return w.submitted != seen || w.flush || w.stop; });
+        if (w.submitted == seen) break;  // quiet for a gap: the burst is over
+        seen = w.submitted;
+      }
+    }
+    submissions_seen = w.submitted;
+    w.flush = w.stop = false;  // one early cycle each (Impl::stop_requested keeps the stop state)
   }
 
   void run() {
@@ -974,7 +1001,7 @@ bool CollectiveEngine::shutdown() {
       impl_->stop_since = Clock::now();
     }
   }
-  impl_->work_cv.notify_one();
+  impl_->waker->notify(&impl_->waker->stop);
   if (impl_->thread.joinable()) impl_->thread.join();
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->clean_exit;
@@ -1022,6 +1049,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   }
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
+  handle->on_wait_ = [w = impl_->waker] { w->notify(&w->flush); };
   Impl::Pending p;
   p.sig = signature(r);
   p.handle = handle;
@@ -1042,7 +1070,14 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
     p.req = std::move(r);
     impl_->incoming.push_back(std::move(p));
   }
-  impl_->work_cv.notify_one();
+  {
+    EngineWaker& w = *impl_->waker;
+    {
+      std::lock_guard<std::mutex> lk(w.mu);
+      ++w.submitted;
+    }
+    w.cv.notify_one();
+  }
   return handle;
 }
 
