@@ -160,6 +160,10 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   if (lmin != lmax) ok = 0;
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
   if (!ok) return;
+  // every rank must cut chunks alike, whatever its environment says
+  unsigned long long agreed = chunk_bytes;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &agreed, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, world), "MPI_Allreduce(shm)");
+  chunk_bytes = static_cast<size_t>(agreed);
 
   chunk_bytes_ = round_chunk(chunk_bytes);
   ctrl_bytes_ = ctrl_bytes(lsize_);
