@@ -121,6 +121,8 @@ void divide(DType dtype, char* data, size_t n, int world) {
 }
 
 uint64_t segment_counter = 0;
+constexpr size_t kMaxSegmentBytes = 32u << 20;
+constexpr size_t kMinChunkBytes = 64u << 10;
 
 size_t round_chunk(size_t chunk_bytes) { return std::max<size_t>(4096, (chunk_bytes + 4095) / 4096 * 4096); }
 
@@ -164,6 +166,10 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   unsigned long long agreed = chunk_bytes;
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, &agreed, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, world), "MPI_Allreduce(shm)");
   chunk_bytes = static_cast<size_t>(agreed);
+  // Many ranks per node: smaller chunks keep the segment within kMaxSegmentBytes (container
+  // /dev/shm is often 64 MiB; a segment that does not fit would silently disable the path).
+  const size_t rings = static_cast<size_t>(lsize_ + 1) * kDepth;
+  chunk_bytes = std::min(chunk_bytes, std::max<size_t>(kMinChunkBytes, kMaxSegmentBytes / rings / 4096 * 4096));
 
   chunk_bytes_ = round_chunk(chunk_bytes);
   ctrl_bytes_ = ctrl_bytes(lsize_);

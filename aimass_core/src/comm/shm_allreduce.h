@@ -1,7 +1,7 @@
 // Intra-node allreduce through a small shared-memory segment (internal to the comm area).
 //
-// The buffer goes through in chunks (default 512 KiB) so the shared memory stays
-// cache-resident. Per chunk, each local rank
+// The buffer goes through in chunks (default 512 KiB; smaller with many local ranks,
+// so the segment stays within 32 MiB) so the shared memory stays cache-resident. Per chunk, each local rank
 //   1. stages the parts of its input that the peers reduce into its slot of a
 //      ring of staging buffers (kDepth deep),
 //   2. reduces its own slice straight from its own input plus the peers' staged
