@@ -8,8 +8,18 @@ Collectives take numpy arrays or torch CPU tensors (float16, bfloat16, float32,
 float64, int32, int64) without copying them. Every collective is matched across
 ranks by name (generated from a per-rank call counter when not given, so ranks
 must then call collectives in the same order); submissions of different names may
-come in any order on different ranks. Ready allreduces are fused into one buffer
-(``AIMASS_FUSION_THRESHOLD`` bytes, default 64 MiB) and reduced with one MPI call.
+come in any order on different ranks. Ready allreduces are fused (up to
+``AIMASS_FUSION_THRESHOLD`` bytes, default 64 MiB, per pass) and reduced together.
+
+Inside a node, allreduces of at least ``AIMASS_SHM_MIN_BYTES`` (default 4 KiB) go
+through a small POSIX shared-memory segment in chunks of ``AIMASS_SHM_CHUNK_BYTES``
+(default 512 KiB, so it stays in cache): each rank reduces its slice of a chunk
+straight from its own tensor, and fused tensors are read and written in place (no
+fusion buffer). With several nodes each reduced slice is allreduced across nodes
+over MPI. ``AIMASS_SHM=0`` uses MPI_Allreduce only; ``AIMASS_RANKS_PER_NODE=k``
+makes groups of k ranks act as separate nodes (to try the multi-node path on one
+machine). The engine creates no MPI one-sided window, so no MPI ``osc`` component
+is involved.
 
 A name submitted with different shape/dtype/op on different ranks, or one that
 some ranks do not submit within ``timeout`` seconds (default 60, env
@@ -58,10 +68,6 @@ def init(comm: Any = None, *, fusion_threshold: Optional[int] = None, cycle_time
     with _lock:
         if _comm is not None:
             return
-        # Open MPI's UCX one-sided component prints errors when it declines a shared-memory
-        # window; the default "sm" component is the one the segment needs. Only applies if
-        # MPI is not initialised yet.
-        os.environ.setdefault("OMPI_MCA_osc", "^ucx")
         try:
             from mpi4py import MPI
         except ImportError as exc:  # pragma: no cover
@@ -159,7 +165,7 @@ def set_cycle_time(ms: float) -> None:
 
 def set_shm_min_bytes(nbytes: Optional[int]) -> None:
     """Allreduce buffers of at least `nbytes` take the node's shared-memory path (None: never).
-    Default 64 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
+    Default 4 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
     if nbytes is None:
         nbytes = 2 ** 64 - 1
     elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:

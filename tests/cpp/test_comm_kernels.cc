@@ -168,8 +168,20 @@ TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
         aimass::comm::ref::reduce_f32(op, ptrs.data(), k, ref.data(), n);
         for (SimdLevel l : levels()) {
           aimass::set_simd_level(l);
-          std::vector<float> got(n);
-          aimass::comm::reduce_f32(op, ptrs.data(), k, got.data(), n);
+          std::vector<float> got(n), copy(n), scaled_ref(n), scaled(n), scaled_copy(n);
+          aimass::comm::reduce_f32(op, ptrs.data(), k, got.data(), n, copy.data());
+          ASSERT_EQ(std::memcmp(got.data(), copy.data(), n * 4), 0) << "second destination differs";
+          if (op == ElemOp::Sum) {  // the average's scale, folded into the pass
+            aimass::comm::ref::reduce_f32(op, ptrs.data(), k, scaled_ref.data(), n, nullptr, 1.0f / 3);
+            aimass::comm::reduce_f32(op, ptrs.data(), k, scaled.data(), n, scaled_copy.data(), 1.0f / 3);
+            for (size_t i = 0; i < n; ++i) {
+              if (std::isnan(scaled_ref[i])) continue;
+              ASSERT_EQ(std::memcmp(&scaled_ref[i], &scaled[i], 4), 0) << aimass::simd_level_name(l) << " i=" << i;
+              ASSERT_EQ(std::memcmp(&scaled[i], &scaled_copy[i], 4), 0);
+              float want = ref[i] * (1.0f / 3);
+              ASSERT_EQ(std::memcmp(&want, &scaled_ref[i], 4), 0) << "ref: scale applies after the reduction";
+            }
+          }
           for (size_t i = 0; i < n; ++i) {
             if (std::isnan(ref[i])) {
               ASSERT_TRUE(std::isnan(got[i]));

@@ -9,7 +9,7 @@ def shm_always(dist):
         pytest.skip("no shared-memory segment (single rank per node or AIMASS_SHM=0)")
     dist.set_shm_min_bytes(0)
     yield dist
-    dist.set_shm_min_bytes(64 << 10)
+    dist.set_shm_min_bytes(4 << 10)
 
 
 @pytest.mark.timeout(60)

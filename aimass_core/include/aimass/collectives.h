@@ -13,6 +13,7 @@
 #pragma once
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -60,6 +61,9 @@ class CollectiveHandle {
  private:
   friend class CollectiveEngine;
   void finish(ErrorKind kind, const std::string& message);
+  // Set by the engine: tells it a caller blocks on this handle, so the burst of
+  // submissions is over and the next cycle may start at once.
+  std::function<void()> on_wait_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -75,14 +79,15 @@ struct EngineOptions {
   double cycle_time_s = 0.001;         // negotiation period
   double timeout_s = 60;               // default per-request stall timeout, and dead-peer timeout
   size_t cache_capacity = 4096;        // response-cache entries (one bit each in the steady-state vector)
-  // Hierarchical path: allreduces of at least shm_min_bytes go through a shared-memory
-  // segment on each node (each local rank reduces its slice with SIMD; slices are
-  // allreduced across nodes with MPI); smaller ones use MPI_Allreduce.
+  // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
+  // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
+  // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);
+  // smaller ones use MPI_Allreduce.
   bool shm = true;
-  size_t shm_min_bytes = 64u << 10;
-  size_t shm_slot_bytes = 16u << 20;   // per-rank staging slot; larger buffers go in chunks
+  size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
+  size_t shm_chunk_bytes = 512u << 10;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
-  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_SLOT_BYTES.
+  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.
   static EngineOptions from_env();
 };
 

@@ -22,12 +22,15 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
 // inout[i] = round_to_half(float(inout[i]) * scale)
 void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
 
-// dst[i] = op over k sources srcs[j][i] (fp32; used by the shared-memory path).
-// dst may alias srcs[0].
-void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
+// dst[i] = scale * (op over k sources srcs[j][i]) (fp32; used by the shared-memory path),
+// also stored to dst2 when it is not null (one pass writes a result and its copy).
+// dst/dst2 may alias srcs[0]. scale != 1 applies to Sum only (an average).
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
+                float scale = 1.0f);
 
 namespace ref {
-void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n);
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
+                float scale = 1.0f);
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);
 void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scale);
 void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n);

@@ -1,4 +1,6 @@
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "aimass/comm.h"
@@ -43,6 +45,23 @@ Communicator::Communicator(MPI_Comm comm) {
   check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local_comm_),
             "MPI_Comm_split_type");
   MPI_Comm_set_errhandler(local_comm_, MPI_ERRORS_RETURN);
+  // AIMASS_RANKS_PER_NODE=k splits each node into groups of k ranks that act as separate
+  // nodes: it exercises the multi-node (hierarchical) path on one machine.
+  if (const char* v = std::getenv("AIMASS_RANKS_PER_NODE")) {
+    char* end = nullptr;
+    const long k = std::strtol(v, &end, 10);
+    if (end == v || k < 1) {
+      free();
+      throw ValueError(std::string("AIMASS_RANKS_PER_NODE must be an integer >= 1, got '") + v + "'");
+    }
+    int lr = 0;
+    check_mpi(MPI_Comm_rank(local_comm_, &lr), "MPI_Comm_rank(local)");
+    MPI_Comm group = MPI_COMM_NULL;
+    check_mpi(MPI_Comm_split(local_comm_, static_cast<int>(lr / k), lr, &group), "MPI_Comm_split(node groups)");
+    MPI_Comm_free(&local_comm_);
+    local_comm_ = group;
+    MPI_Comm_set_errhandler(local_comm_, MPI_ERRORS_RETURN);
+  }
   check_mpi(MPI_Comm_rank(local_comm_, &local_rank_), "MPI_Comm_rank(local)");
   check_mpi(MPI_Comm_size(local_comm_, &local_size_), "MPI_Comm_size(local)");
   check_mpi(MPI_Comm_split(comm_, local_rank_, rank_, &cross_comm_), "MPI_Comm_split(cross)");

@@ -12,6 +12,7 @@
 // always match.
 #include <mpi.h>
 #include <sched.h>
+#include <sys/prctl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +20,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -29,6 +31,7 @@
 #include "aimass/collectives.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/shm_allreduce.h"
 
 namespace aimass {
 
@@ -228,12 +231,12 @@ EngineOptions EngineOptions::from_env() {
     AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_SHM_MIN_BYTES must be a byte count >= 0, got '", v, "'");
     o.shm_min_bytes = static_cast<size_t>(b);
   }
-  if (const char* v = std::getenv("AIMASS_SHM_SLOT_BYTES")) {
+  if (const char* v = std::getenv("AIMASS_SHM_CHUNK_BYTES")) {
     char* end = nullptr;
     long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && b >= 4096, ValueError, "AIMASS_SHM_SLOT_BYTES must be a byte count >= 4096, got '", v,
-                 "'");
-    o.shm_slot_bytes = static_cast<size_t>(b);
+    AIMASS_CHECK(end != v && b >= 4096 && b <= (1ll << 30), ValueError,
+                 "AIMASS_SHM_CHUNK_BYTES must be a byte count in [4096, 2^30], got '", v, "'");
+    o.shm_chunk_bytes = static_cast<size_t>(b);
   }
   return o;
 }
@@ -246,6 +249,7 @@ bool CollectiveHandle::poll() const {
 }
 
 void CollectiveHandle::wait() {
+  if (on_wait_ && !poll()) on_wait_();
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait(lk, [&] { return done_; });
   switch (error_kind_) {
@@ -268,6 +272,23 @@ void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
 }
 
 // ---------------------------------------------------------------- engine
+
+// Wakes the background thread: submissions, a caller blocking on a handle (flush), stop.
+// Shared with the handles, which may outlive the engine.
+struct EngineWaker {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t submitted = 0;
+  bool flush = false;
+  bool stop = false;
+  void notify(bool* flag) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      *flag = true;
+    }
+    cv.notify_one();
+  }
+};
 
 struct CollectiveEngine::Impl {
   struct Pending {
@@ -324,10 +345,11 @@ struct CollectiveEngine::Impl {
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
   size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
 
-  // ---- shared-memory path (one segment per node)
-  MPI_Win shm_win = MPI_WIN_NULL;
-  std::vector<char*> shm_slot, shm_result;  // per local rank
-  size_t shm_slot_bytes = 0;
+  std::shared_ptr<EngineWaker> waker = std::make_shared<EngineWaker>();
+  uint64_t submissions_seen = 0;  // background thread only
+
+  // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
+  std::unique_ptr<comm::ShmAllreduce> shm;
   bool shm_ok = false;
 
   Impl(std::shared_ptr<Communicator> c, EngineOptions o) : comm(std::move(c)), opts(o) {
@@ -346,57 +368,12 @@ struct CollectiveEngine::Impl {
   // Collective over the communicator (runs before the thread starts): every
   // rank must agree, since the path changes which MPI calls are made.
   void shm_init() {
-    const int lsize = comm->local_size();
-    int ok = opts.shm && lsize > 1 ? 1 : 0;
-    // slices are allreduced across nodes rank-by-rank: every node needs the same local size
-    int lmin = lsize, lmax = lsize;
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmin, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmax, 1, MPI_INT, MPI_MAX, mpi), "MPI_Allreduce(shm)");
-    if (lmin != lmax) ok = 0;
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
-    if (!ok) return;
-    shm_slot_bytes = (opts.shm_slot_bytes + 63) / 64 * 64;
-    const size_t result_bytes = (shm_slot_bytes / lsize + 128) / 64 * 64 + 64;
-    MPI_Info info;
-    MPI_Info_create(&info);
-    MPI_Info_set(info, "alloc_shared_noncontig", "true");
-    char* base = nullptr;
-    int rc = MPI_Win_allocate_shared(static_cast<MPI_Aint>(shm_slot_bytes + result_bytes), 1, info,
-                                     comm->local_comm(), &base, &shm_win);
-    MPI_Info_free(&info);
-    int mine = rc == MPI_SUCCESS ? 1 : 0;
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
-    if (!mine) {  // e.g. /dev/shm too small somewhere: everyone uses MPI only
-      if (rc == MPI_SUCCESS) MPI_Win_free(&shm_win);
-      shm_win = MPI_WIN_NULL;
-      return;
-    }
-    for (int j = 0; j < lsize; ++j) {
-      MPI_Aint sz;
-      int disp;
-      char* p = nullptr;
-      check_mpi(MPI_Win_shared_query(shm_win, j, &sz, &disp, &p), "MPI_Win_shared_query");
-      shm_slot.push_back(p);
-      shm_result.push_back(p + shm_slot_bytes);
-    }
-    check_mpi(MPI_Win_lock_all(MPI_MODE_NOCHECK, shm_win), "MPI_Win_lock_all");
-    shm_ok = true;
-  }
-
-  void shm_free() {
-    if (shm_win == MPI_WIN_NULL) return;
-    MPI_Win_unlock_all(shm_win);
-    MPI_Win_free(&shm_win);
-    shm_win = MPI_WIN_NULL;
-    shm_ok = false;
-  }
-
-  void local_barrier() {
-    MPI_Win_sync(shm_win);  // publish our stores to the segment
-    MPI_Request req;
-    check_mpi(MPI_Ibarrier(comm->local_comm(), &req), "MPI_Ibarrier(shm)");
-    wait_mpi(&req, 1.0, opts.timeout_s, "shared-memory allreduce");
-    MPI_Win_sync(shm_win);  // see the others'
+    int want = opts.shm ? 1 : 0;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &want, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    if (!want) return;
+    shm = std::make_unique<comm::ShmAllreduce>(*comm, opts.shm_chunk_bytes, opts.timeout_s);
+    shm_ok = shm->available();
+    if (!shm_ok) shm.reset();
   }
 
   bool use_shm(int64_t count, DType wire) const {
@@ -404,128 +381,30 @@ struct CollectiveEngine::Impl {
     return static_cast<uint64_t>(count) * dtype_size(wire) >= shm_min_agreed;
   }
 
-  template <typename T>
-  static void reduce_slices(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
-    T* dst = reinterpret_cast<T*>(dst_bytes);
-    const T* s0 = reinterpret_cast<const T*>(srcs[0]);
-    for (size_t i = 0; i < n; ++i) dst[i] = s0[i];
-    for (int j = 1; j < k; ++j) {
-      const T* s = reinterpret_cast<const T*>(srcs[j]);
-      if (op == ReduceOp::Min) {
-        for (size_t i = 0; i < n; ++i) dst[i] = s[i] < dst[i] ? s[i] : dst[i];
-      } else if (op == ReduceOp::Max) {
-        for (size_t i = 0; i < n; ++i) dst[i] = s[i] > dst[i] ? s[i] : dst[i];
-      } else {
-        for (size_t i = 0; i < n; ++i) dst[i] += s[i];
-      }
-    }
-  }
-
-  // 16-bit floats: all L sources accumulate in fp32 and round once (more exact than
-  // the pairwise rounding of the MPI path).
-  static void reduce_half_slices(DType wire, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
-    constexpr size_t kBlock = 2048;
-    float acc[kBlock], tmp[kBlock];
-    const comm::Half h = wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16;
-    const comm::ElemOp eop =
-        op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max : comm::ElemOp::Sum;
-    for (size_t i = 0; i < n; i += kBlock) {
-      const size_t m = std::min(kBlock, n - i);
-      comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[0]) + i, acc, m);
-      for (int j = 1; j < k; ++j) {
-        comm::half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[j]) + i, tmp, m);
-        const float* two[2] = {tmp, acc};
-        comm::reduce_f32(eop, two, 2, acc, m);
-      }
-      comm::f32_to_half(h, acc, reinterpret_cast<uint16_t*>(dst) + i, m);
-    }
-  }
-
-  // Reduce-scatter in memory (each local rank its slice), allreduce of the slice
-  // across nodes, then every rank reads all slices back.
-  // A run of elements of the virtual concatenation a fused buffer would hold:
-  // read from `in`, the result written to `out` (no fusion buffer needed).
-  struct Segment {
-    const char* in;
-    char* out;
-    int64_t count;
-  };
-
-  // Copies elements [off, off + m) of the concatenation of segs into (to_shm) or out of the staging memory.
-  static void scatter_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, char* dst) {
-    int64_t base = 0;
-    for (const Segment& s : segs) {
-      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
-      if (lo < hi) std::memcpy(dst + (lo - off) * es, s.in + (lo - base) * es, static_cast<size_t>(hi - lo) * es);
-      base += s.count;
-      if (base >= off + m) break;
-    }
-  }
-  static void gather_copy(const std::vector<Segment>& segs, int64_t off, int64_t m, size_t es, const char* src) {
-    int64_t base = 0;
-    for (const Segment& s : segs) {
-      const int64_t lo = std::max(off, base), hi = std::min(off + m, base + s.count);
-      if (lo < hi) std::memcpy(s.out + (lo - base) * es, src + (lo - off) * es, static_cast<size_t>(hi - lo) * es);
-      base += s.count;
-      if (base >= off + m) break;
-    }
-  }
-
-  void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
-    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count}}, count, wire, op);
-  }
-
-  void shm_allreduce_segments(const std::vector<Segment>& segs, int64_t count, DType wire, ReduceOp op) {
-    const int L = comm->local_size(), me = comm->local_rank();
-    const size_t es = dtype_size(wire);
-    const int64_t chunk = static_cast<int64_t>(shm_slot_bytes / es);
-    const int64_t unit = 64 / static_cast<int64_t>(es);
-    auto slice = [&](int j, int64_t m, int64_t* b, int64_t* e) {
-      const int64_t units = (m + unit - 1) / unit;
-      *b = std::min(m, units * j / L * unit);
-      *e = std::min(m, units * (j + 1) / L * unit);
-    };
-    std::vector<const char*> srcs(L);
+  // Allreduce of the concatenation of segs through the node's shared memory; with
+  // several nodes each reduced slice is allreduced across nodes over MPI.
+  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op) {
     {
       std::lock_guard<std::mutex> lk(mu);
       ++st.shm_allreduces;
     }
-    for (int64_t off = 0; off < count; off += chunk) {
-      const int64_t m = std::min(chunk, count - off);
-      scatter_copy(segs, off, m, es, shm_slot[me]);
-      local_barrier();
-      int64_t b, e;
-      slice(me, m, &b, &e);
-      for (int j = 0; j < L; ++j) srcs[j] = shm_slot[j] + b * es;
-      const size_t n = static_cast<size_t>(e - b);
-      switch (wire) {
-        case DType::F32:
-          comm::reduce_f32(op == ReduceOp::Min ? comm::ElemOp::Min : op == ReduceOp::Max ? comm::ElemOp::Max
-                                                                                         : comm::ElemOp::Sum,
-                           reinterpret_cast<const float* const*>(srcs.data()), L,
-                           reinterpret_cast<float*>(shm_result[me]), n);
-          break;
-        case DType::F64: reduce_slices<double>(op, srcs.data(), L, shm_result[me], n); break;
-        case DType::I32: reduce_slices<int32_t>(op, srcs.data(), L, shm_result[me], n); break;
-        case DType::I64: reduce_slices<int64_t>(op, srcs.data(), L, shm_result[me], n); break;
-        case DType::F16:
-        case DType::BF16: reduce_half_slices(wire, op, srcs.data(), L, shm_result[me], n); break;
-        default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
-      }
-      if (comm->cross_size() > 1 && n > 0) {
+    std::function<void(void*, int64_t)> cross;
+    if (comm->cross_size() > 1) {
+      cross = [&](void* data, int64_t n) {
         MPI_Request req;
-        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, shm_result[me], static_cast<int>(n), mpi_type(wire),
-                                 mpi_op(wire, op), comm->cross_comm(), &req),
+        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), mpi_type(wire), mpi_op(wire, op),
+                                 comm->cross_comm(), &req),
                   "MPI_Iallreduce(cross-node)");
         wait_mpi(&req, 1.0, opts.timeout_s, "cross-node allreduce");
-      }
-      local_barrier();
-      for (int j = 0; j < L; ++j) {
-        int64_t bj, ej;
-        slice(j, m, &bj, &ej);
-        if (ej > bj) gather_copy(segs, off + bj, ej - bj, es, shm_result[j]);
-      }
+      };
     }
+    shm->set_timeout(opts.timeout_s);
+    shm->run(segs, count, wire, op, size, cross);
+  }
+
+  void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {
+    shm_allreduce_segments({{static_cast<const char*>(data), static_cast<char*>(data), count, false}}, count, wire,
+                           op);
   }
 
   ~Impl() {
@@ -556,23 +435,46 @@ struct CollectiveEngine::Impl {
   }
 
   // -------------------------------------------------------------- the loop
+  // Sleeps until the next tick (cycle time after the last cycle began: idle ranks still
+  // join every negotiation round in time) or until something is submitted. A submission
+  // starts a cycle once the caller has been quiet for kBurstGap (a burst such as a backward
+  // pass's gradients is negotiated and fused together), at the latest one cycle time after
+  // the first: a lone blocking allreduce no longer waits for the tick.
+  void wait_for_work(Clock::time_point last) {
+    constexpr auto kBurstGap = std::chrono::microseconds(40);
+    Clock::duration cycle;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      cycle = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.cycle_time_s));
+    }
+    EngineWaker& w = *waker;
+    std::unique_lock<std::mutex> lk(w.mu);
+    auto woken = [&] { return w.submitted != submissions_seen || w.flush || w.stop; };
+    if (w.cv.wait_until(lk, last + cycle, woken)) {
+      const auto deadline = Clock::now() + cycle;
+      uint64_t seen = w.submitted;
+      while (!w.flush && !w.stop && Clock::now() < deadline) {
+        w.cv.wait_for(lk, kBurstGap, [&] { return w.submitted != seen || w.flush || w.stop; });
+        if (w.submitted == seen) break;  // quiet for a gap: the burst is over
+        seen = w.submitted;
+      }
+    }
+    submissions_seen = w.submitted;
+    w.flush = w.stop = false;  // one early cycle each (Impl::stop_requested keeps the stop state)
+  }
+
   void run() {
+#ifdef PR_SET_TIMERSLACK
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);  // 1 us: the burst gap is tens of us (default slack: 50 us)
+#endif
     try {
-      auto next = Clock::now();
+      auto last = Clock::now();
       while (true) {
-        double cycle;
-        {
-          std::unique_lock<std::mutex> lk(mu);
-          cycle = opts.cycle_time_s;
-        }
-        next += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cycle));
-        const auto now = Clock::now();
-        if (next < now) next = now;
-        std::this_thread::sleep_until(next);
+        wait_for_work(last);
+        last = Clock::now();
         if (cycle_once()) break;
       }
       fail_all(CollectiveHandle::ErrorKind::Closed, "aimass.dist was shut down before this collective ran");
-      shm_free();  // collective on the node: every rank stopped in the same cycle
       std::lock_guard<std::mutex> lk(mu);
       clean_exit = true;
     } catch (const std::exception& e) {
@@ -966,17 +868,17 @@ struct CollectiveEngine::Impl {
     }
     int64_t total = 0;
     for (Pending* p : batch) total += numel_of(p->req.shape);
-    if (wire == dtype && use_shm(total, wire)) {  // stage straight from the tensors: no fusion buffer
-      std::vector<Segment> segs;
+    if (wire == dtype && use_shm(total, wire)) {
+      // stage straight from the tensors and write straight into them: no fusion buffer,
+      // and the average is taken on the cache-resident reduced slices
+      std::vector<comm::ShmSegment> segs;
+      segs.reserve(batch.size());
       for (Pending* p : batch) {
         segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
-                        numel_of(p->req.shape)});
+                        numel_of(p->req.shape), p->req.op == ReduceOp::Average});
       }
       shm_allreduce_segments(segs, total, wire, op);
-      for (Pending* p : batch) {
-        unpack(*p, p->req.output);
-        finish(*p, CollectiveHandle::ErrorKind::None, "");
-      }
+      for (Pending* p : batch) finish(*p, CollectiveHandle::ErrorKind::None, "");
       return;
     }
     if (fusion.size() < static_cast<size_t>(total) * es) fusion.resize(static_cast<size_t>(total) * es);
@@ -1099,6 +1001,7 @@ bool CollectiveEngine::shutdown() {
       impl_->stop_since = Clock::now();
     }
   }
+  impl_->waker->notify(&impl_->waker->stop);
   if (impl_->thread.joinable()) impl_->thread.join();
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->clean_exit;
@@ -1146,6 +1049,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   }
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
+  handle->on_wait_ = [w = impl_->waker] { w->notify(&w->flush); };
   Impl::Pending p;
   p.sig = signature(r);
   p.handle = handle;
@@ -1165,6 +1069,14 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
                  "' is already in flight on this rank; synchronize it first or use another name");
     p.req = std::move(r);
     impl_->incoming.push_back(std::move(p));
+  }
+  {
+    EngineWaker& w = *impl_->waker;
+    {
+      std::lock_guard<std::mutex> lk(w.mu);
+      ++w.submitted;
+    }
+    w.cv.notify_one();
   }
   return handle;
 }

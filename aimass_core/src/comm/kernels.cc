@@ -32,14 +32,16 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
     inout[i] = to_half(kind, r);
   }
 }
-void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
   for (size_t i = 0; i < n; ++i) {
     float acc = srcs[0][i];
     for (int j = 1; j < k; ++j) {
       const float v = srcs[j][i];
       acc = op == ElemOp::Sum ? v + acc : op == ElemOp::Min ? op_min(v, acc) : op_max(v, acc);
     }
+    if (scale != 1.0f) acc *= scale;
     dst[i] = acc;
+    if (dst2) dst2[i] = acc;
   }
 }
 }  // namespace ref
@@ -79,11 +81,11 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
   }
 }
 
-void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n) {
+void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
   switch (level()) {
-    case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n);
-    case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n);
-    default: return ref::reduce_f32(op, srcs, k, dst, n);
+    case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
+    case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
+    default: return ref::reduce_f32(op, srcs, k, dst, n, dst2, scale);
   }
 }
 

@@ -87,12 +87,16 @@ void reduce_half_avx2(int kind, int op, const uint16_t* in, uint16_t* inout, siz
   }
 }
 
-void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t n) {
+void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m256 s = _mm256_set1_ps(scale);
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 acc = _mm256_loadu_ps(srcs[0] + i);
     for (int j = 1; j < k; ++j) acc = apply(op, _mm256_loadu_ps(srcs[j] + i), acc);
+    if (scaled) acc = _mm256_mul_ps(acc, s);
     _mm256_storeu_ps(dst + i, acc);
+    if (dst2) _mm256_storeu_ps(dst2 + i, acc);
   }
   for (; i < n; ++i) {  // plain scalar tail: no shared inline helpers in this TU
     float acc = srcs[0][i];
@@ -100,7 +104,9 @@ void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t
       const float v = srcs[j][i];
       acc = op == 0 ? v + acc : op == 1 ? (v < acc ? v : acc) : (v > acc ? v : acc);
     }
+    if (scaled) acc *= scale;
     dst[i] = acc;
+    if (dst2) dst2[i] = acc;
   }
 }
 

@@ -67,12 +67,37 @@ void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, s
   }
 }
 
-void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n) {
-  for (size_t i = 0; i < n; i += 16) {
+void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m512 s = _mm512_set1_ps(scale);
+  size_t i = 0;
+  if (k == 2 && !scaled) {  // the common case (two ranks per node), unrolled: memory-bound, keep loads in flight
+    const float* a = srcs[0];
+    const float* b = srcs[1];
+    for (; i + 64 <= n; i += 64) {
+      __m512 r0 = apply(op, _mm512_loadu_ps(b + i), _mm512_loadu_ps(a + i));
+      __m512 r1 = apply(op, _mm512_loadu_ps(b + i + 16), _mm512_loadu_ps(a + i + 16));
+      __m512 r2 = apply(op, _mm512_loadu_ps(b + i + 32), _mm512_loadu_ps(a + i + 32));
+      __m512 r3 = apply(op, _mm512_loadu_ps(b + i + 48), _mm512_loadu_ps(a + i + 48));
+      _mm512_storeu_ps(dst + i, r0);
+      _mm512_storeu_ps(dst + i + 16, r1);
+      _mm512_storeu_ps(dst + i + 32, r2);
+      _mm512_storeu_ps(dst + i + 48, r3);
+      if (dst2) {
+        _mm512_storeu_ps(dst2 + i, r0);
+        _mm512_storeu_ps(dst2 + i + 16, r1);
+        _mm512_storeu_ps(dst2 + i + 32, r2);
+        _mm512_storeu_ps(dst2 + i + 48, r3);
+      }
+    }
+  }
+  for (; i < n; i += 16) {
     __mmask16 m = tail_mask(n - i);
     __m512 acc = _mm512_maskz_loadu_ps(m, srcs[0] + i);
     for (int j = 1; j < k; ++j) acc = apply(op, _mm512_maskz_loadu_ps(m, srcs[j] + i), acc);
+    if (scaled) acc = _mm512_mul_ps(acc, s);
     _mm512_mask_storeu_ps(dst + i, m, acc);
+    if (dst2) _mm512_mask_storeu_ps(dst2 + i, m, acc);
   }
 }
 

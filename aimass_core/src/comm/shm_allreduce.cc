@@ -1,0 +1,407 @@
+// Chunked, pipelined intra-node allreduce through shared memory (see shm_allreduce.h).
+#include "comm/shm_allreduce.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "aimass/comm_kernels.h"
+#include "aimass/error.h"
+
+namespace aimass {
+namespace comm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+ElemOp elem_op(ReduceOp op) {
+  return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max : ElemOp::Sum;
+}
+
+template <typename T>
+void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
+  T* dst = reinterpret_cast<T*>(dst_bytes);
+  const T* s0 = reinterpret_cast<const T*>(srcs[0]);
+  if (static_cast<const void*>(s0) != static_cast<void*>(dst)) std::memcpy(dst, s0, n * sizeof(T));
+  for (int j = 1; j < k; ++j) {
+    const T* s = reinterpret_cast<const T*>(srcs[j]);
+    if (op == ReduceOp::Min) {
+      for (size_t i = 0; i < n; ++i) dst[i] = s[i] < dst[i] ? s[i] : dst[i];
+    } else if (op == ReduceOp::Max) {
+      for (size_t i = 0; i < n; ++i) dst[i] = s[i] > dst[i] ? s[i] : dst[i];
+    } else {
+      for (size_t i = 0; i < n; ++i) dst[i] += s[i];
+    }
+  }
+}
+
+// 16-bit floats: all sources accumulate in fp32 and round once (more exact than
+// the pairwise rounding of the MPI path).
+void reduce_half_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
+  constexpr size_t kBlock = 2048;
+  float acc[kBlock], tmp[kBlock];
+  const Half h = dtype == DType::F16 ? Half::F16 : Half::BF16;
+  const ElemOp eop = elem_op(op);
+  for (size_t i = 0; i < n; i += kBlock) {
+    const size_t m = std::min(kBlock, n - i);
+    half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[0]) + i, acc, m);
+    for (int j = 1; j < k; ++j) {
+      half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[j]) + i, tmp, m);
+      const float* two[2] = {tmp, acc};
+      reduce_f32(eop, two, 2, acc, m);
+    }
+    f32_to_half(h, acc, reinterpret_cast<uint16_t*>(dst) + i, m);
+  }
+}
+
+void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
+  switch (dtype) {
+    case DType::F32:
+      reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n);
+      break;
+    case DType::F64: reduce_typed<double>(op, srcs, k, dst, n); break;
+    case DType::I32: reduce_typed<int32_t>(op, srcs, k, dst, n); break;
+    case DType::I64: reduce_typed<int64_t>(op, srcs, k, dst, n); break;
+    case DType::F16:
+    case DType::BF16: reduce_half_sources(dtype, op, srcs, k, dst, n); break;
+    default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
+  }
+}
+
+// The same arithmetic as the MPI path's average (sum, then divide by the world size).
+void divide(DType dtype, char* data, size_t n, int world) {
+  switch (dtype) {
+    case DType::F32: {
+      float* o = reinterpret_cast<float*>(data);
+      const float s = 1.0f / static_cast<float>(world);
+      for (size_t i = 0; i < n; ++i) o[i] *= s;
+      break;
+    }
+    case DType::F64: {
+      double* o = reinterpret_cast<double*>(data);
+      for (size_t i = 0; i < n; ++i) o[i] /= world;
+      break;
+    }
+    case DType::I32: {
+      int32_t* o = reinterpret_cast<int32_t*>(data);
+      for (size_t i = 0; i < n; ++i) o[i] /= world;
+      break;
+    }
+    case DType::I64: {
+      int64_t* o = reinterpret_cast<int64_t*>(data);
+      for (size_t i = 0; i < n; ++i) o[i] /= world;
+      break;
+    }
+    case DType::F16:
+    case DType::BF16:
+      scale_half(dtype == DType::F16 ? Half::F16 : Half::BF16, reinterpret_cast<uint16_t*>(data), n,
+                 1.0f / static_cast<float>(world));
+      break;
+    default: break;
+  }
+}
+
+uint64_t segment_counter = 0;
+constexpr size_t kMaxSegmentBytes = 32u << 20;
+constexpr size_t kMinChunkBytes = 64u << 10;
+
+size_t round_chunk(size_t chunk_bytes) { return std::max<size_t>(4096, (chunk_bytes + 4095) / 4096 * 4096); }
+
+}  // namespace
+
+size_t ShmAllreduce::ctrl_bytes(int local_size) {
+  return (static_cast<size_t>(local_size) * sizeof(Control) + 4095) / 4096 * 4096;
+}
+
+// Control lines, then local_size staging rings and one result ring of kDepth chunks each.
+size_t ShmAllreduce::segment_bytes(int local_size, size_t chunk_bytes) {
+  return ctrl_bytes(local_size) + static_cast<size_t>(local_size + 1) * kDepth * round_chunk(chunk_bytes);
+}
+
+ShmAllreduce::ShmAllreduce(int local_rank, int local_size, void* memory, size_t chunk_bytes, double timeout_s)
+    : lsize_(local_size), lrank_(local_rank), timeout_s_(timeout_s) {
+  AIMASS_CHECK(local_size >= 1 && local_rank >= 0 && local_rank < local_size, ValueError,
+               "ShmAllreduce: local_rank ", local_rank, " is not in [0, ", local_size, ")");
+  AIMASS_CHECK(memory != nullptr, ValueError, "ShmAllreduce: memory is null");
+  AIMASS_CHECK(reinterpret_cast<uintptr_t>(memory) % 128 == 0, ValueError,
+               "ShmAllreduce: memory must be 128-byte aligned");
+  chunk_bytes_ = round_chunk(chunk_bytes);
+  ctrl_bytes_ = ctrl_bytes(lsize_);
+  bytes_ = segment_bytes(lsize_, chunk_bytes);
+  base_ = static_cast<char*>(memory);
+}
+
+ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s)
+    : lsize_(comm.local_size()), lrank_(comm.local_rank()), timeout_s_(timeout_s) {
+  static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory counters need lock-free atomics");
+  MPI_Comm world = comm.comm();
+  int ok = lsize_ > 1 ? 1 : 0;
+  // slices are allreduced across nodes rank-by-rank: every node needs the same local size
+  int lmin = lsize_, lmax = lsize_;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmin, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmax, 1, MPI_INT, MPI_MAX, world), "MPI_Allreduce(shm)");
+  if (lmin != lmax) ok = 0;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
+  if (!ok) return;
+  // every rank must cut chunks alike, whatever its environment says
+  unsigned long long agreed = chunk_bytes;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &agreed, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, world), "MPI_Allreduce(shm)");
+  chunk_bytes = static_cast<size_t>(agreed);
+  // Many ranks per node: smaller chunks keep the segment within kMaxSegmentBytes (container
+  // /dev/shm is often 64 MiB; a segment that does not fit would silently disable the path).
+  const size_t rings = static_cast<size_t>(lsize_ + 1) * kDepth;
+  chunk_bytes = std::min(chunk_bytes, std::max<size_t>(kMinChunkBytes, kMaxSegmentBytes / rings / 4096 * 4096));
+
+  chunk_bytes_ = round_chunk(chunk_bytes);
+  ctrl_bytes_ = ctrl_bytes(lsize_);
+  bytes_ = segment_bytes(lsize_, chunk_bytes);
+
+  struct {
+    int ok;
+    char name[60];
+  } msg{};
+  const bool creator = lrank_ == 0;
+  void* p = MAP_FAILED;
+  if (creator) {
+    std::snprintf(msg.name, sizeof(msg.name), "/aimass-%d-%llu-%llx", static_cast<int>(getpid()),
+                  static_cast<unsigned long long>(segment_counter++),
+                  static_cast<unsigned long long>(Clock::now().time_since_epoch().count()));
+    const int fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0) {
+      // fallocate reserves the pages now: a full /dev/shm fails here, not with SIGBUS later
+      if (ftruncate(fd, static_cast<off_t>(bytes_)) == 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes_)) == 0) {
+        p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+      }
+      close(fd);
+      if (p == MAP_FAILED) shm_unlink(msg.name);
+    }
+    if (p != MAP_FAILED) {
+      for (int j = 0; j < lsize_; ++j) new (static_cast<char*>(p) + j * sizeof(Control)) Control{};
+      msg.ok = 1;
+    }
+  }
+  int rc = MPI_Bcast(&msg, static_cast<int>(sizeof(msg)), MPI_BYTE, 0, comm.local_comm());
+  if (rc != MPI_SUCCESS) {
+    if (p != MAP_FAILED) {
+      munmap(p, bytes_);
+      shm_unlink(msg.name);
+    }
+    check_mpi(rc, "MPI_Bcast(shm)");
+  }
+  if (!creator && msg.ok) {
+    const int fd = shm_open(msg.name, O_RDWR, 0600);
+    if (fd >= 0) {
+      struct stat sb;
+      if (fstat(fd, &sb) == 0 && static_cast<size_t>(sb.st_size) == bytes_)
+        p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+      close(fd);
+    }
+  }
+  int mine = p != MAP_FAILED ? 1 : 0;
+  rc = MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, world);
+  // every local rank has mapped it (or given up): the name is no longer needed
+  const int rc2 = MPI_Barrier(comm.local_comm());
+  if (creator && msg.ok) shm_unlink(msg.name);
+  if (rc != MPI_SUCCESS || rc2 != MPI_SUCCESS || !mine) {  // e.g. /dev/shm too small somewhere: MPI only
+    if (p != MAP_FAILED) munmap(p, bytes_);
+    check_mpi(rc, "MPI_Allreduce(shm)");
+    check_mpi(rc2, "MPI_Barrier(shm)");
+    return;
+  }
+  base_ = static_cast<char*>(p);
+  owned_ = true;
+}
+
+ShmAllreduce::~ShmAllreduce() {
+  if (base_ && owned_) munmap(base_, bytes_);
+}
+
+char* ShmAllreduce::staging(int j, uint64_t seq) const {
+  return base_ + ctrl_bytes_ + (static_cast<size_t>(j) * kDepth + seq % kDepth) * chunk_bytes_;
+}
+
+char* ShmAllreduce::result(uint64_t seq) const {
+  return base_ + ctrl_bytes_ + (static_cast<size_t>(lsize_) * kDepth + seq % kDepth) * chunk_bytes_;
+}
+
+// Slices are whole 64-byte units (cache lines), so no two ranks write one line.
+void ShmAllreduce::slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) const {
+  const int64_t unit = 64 / static_cast<int64_t>(es);
+  const int64_t units = (m + unit - 1) / unit;
+  *b = std::min(m, units * j / lsize_ * unit);
+  *e = std::min(m, units * (j + 1) / lsize_ * unit);
+}
+
+void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
+  Control* c = ctrl(j);
+  std::atomic<uint64_t>& v = which == 0 ? c->staged : which == 1 ? c->reduced : c->gathered;
+  if (v.load(std::memory_order_acquire) >= target) return;
+  for (int i = 0; i < 256; ++i) {  // the peer is usually a few hundred ns behind
+    cpu_relax();
+    if (v.load(std::memory_order_acquire) >= target) return;
+  }
+  const auto start = Clock::now();
+  for (uint64_t iter = 1;; ++iter) {
+    // ranks may outnumber cores (tests run -np 4 on 2): let the peer run
+    sched_yield();
+    if (v.load(std::memory_order_acquire) >= target) return;
+    if ((iter & 63) == 0) {
+      if (c->aborted.load(std::memory_order_acquire)) {
+        throw DistributedError(detail::concat("aimass.dist: shared-memory allreduce: local rank ", j,
+                                              " gave up (see the error on that rank)"));
+      }
+      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      if (waited > timeout_s_) {
+        throw DistributedError(detail::concat(
+            "aimass.dist: shared-memory allreduce: local rank ", j, " did not advance within ", timeout_s_,
+            " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
+      }
+      if (waited > 0.05) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+}
+
+void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
+                       int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
+  AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
+  if (count <= 0) return;
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  const int64_t chunk = static_cast<int64_t>(chunk_bytes_ / es);
+  const int64_t nchunks = (count + chunk - 1) / chunk;
+  const uint64_t base_seq = seq_;
+
+  std::vector<int64_t> starts(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) starts[i + 1] = starts[i] + segs[i].count;
+  AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
+  // Calls fn(segment, element offset inside it, element offset in the concatenation, n)
+  // for the pieces of [lo, hi) of the concatenation.
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
+    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
+    while (lo < hi && idx < segs.size()) {
+      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
+      if (n > 0) {
+        fn(segs[idx], lo - starts[idx], lo, n);
+        lo += n;
+      }
+      ++idx;
+    }
+  };
+  std::vector<const char*> srcs(L);
+  auto bounds = [&](int64_t c, int64_t* off, int64_t* m) {
+    *off = c * chunk;
+    *m = std::min(chunk, count - *off);
+  };
+
+  auto stage = [&](int64_t c) {
+    const uint64_t s = base_seq + c + 1;
+    int64_t off, m, b, e;
+    bounds(c, &off, &m);
+    slice(me, m, es, &b, &e);
+    if (s > static_cast<uint64_t>(kDepth)) {  // peers finished reading this ring slot
+      for (int j = 0; j < L; ++j)
+        if (j != me) wait_counter(j, 1, s - kDepth);
+    }
+    char* dst = staging(me, s);
+    auto copy_in = [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
+      std::memcpy(dst + (x - off) * es, g.in + at * es, static_cast<size_t>(n) * es);
+    };
+    pieces(off, off + b, copy_in);
+    pieces(off + e, off + m, copy_in);
+    ctrl(me)->staged.store(s, std::memory_order_release);
+  };
+
+  auto reduce = [&](int64_t c) {
+    const uint64_t s = base_seq + c + 1;
+    int64_t off, m, b, e;
+    bounds(c, &off, &m);
+    slice(me, m, es, &b, &e);
+    for (int j = 0; j < L; ++j)
+      if (j != me) wait_counter(j, 0, s);
+    if (s > static_cast<uint64_t>(kDepth)) {  // every rank copied out what this result slot held before
+      for (int j = 0; j < L; ++j)
+        if (j != me) wait_counter(j, 2, s - kDepth);
+    }
+    char* res = result(s);
+    // On one node the reduce pass also writes the output (and folds in the average), so the
+    // gather below copies only the peers' slices. Across nodes the slice first goes over MPI.
+    const bool direct = !cross_reduce;
+    pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
+      for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off) * es;
+      char* r = res + (x - off) * es;
+      if (direct && dtype == DType::F32) {
+        reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
+                   static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
+                   g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
+        return;
+      }
+      reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));
+      if (direct) {
+        if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
+        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
+      }
+    });
+    if (!direct && e > b) {
+      cross_reduce(res + b * es, e - b);
+      pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
+        char* r = res + (x - off) * es;
+        if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
+        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
+      });
+    }
+    ctrl(me)->reduced.store(s, std::memory_order_release);
+  };
+
+  auto gather = [&](int64_t c) {
+    const uint64_t s = base_seq + c + 1;
+    int64_t off, m;
+    bounds(c, &off, &m);
+    const char* res = result(s);
+    for (int jj = 1; jj < L; ++jj) {  // the own slice was written by the reduce pass
+      const int j = (me + jj) % L;
+      int64_t b, e;
+      slice(j, m, es, &b, &e);
+      if (e <= b) continue;
+      wait_counter(j, 1, s);
+      pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
+        std::memcpy(g.out + at * es, res + (x - off) * es, static_cast<size_t>(n) * es);
+      });
+    }
+    ctrl(me)->gathered.store(s, std::memory_order_release);
+  };
+
+  try {
+    // software pipeline: stage c+1 while the peers reduce c; gather c-1 once its slices are surely done
+    for (int64_t t = 0; t < nchunks + 2; ++t) {
+      if (t < nchunks) stage(t);
+      if (t >= 1 && t - 1 < nchunks) reduce(t - 1);
+      if (t >= 2) gather(t - 2);
+    }
+  } catch (...) {
+    ctrl(me)->aborted.store(1, std::memory_order_release);
+    throw;
+  }
+  seq_ = base_seq + static_cast<uint64_t>(nchunks);
+}
+
+}  // namespace comm
+}  // namespace aimass
