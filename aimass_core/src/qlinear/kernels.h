@@ -33,6 +33,10 @@ struct WeightView {
   const int8_t* wq;
   const int32_t* colsum;
   const float* corr;
+  // wvnni (dynamic path, per-channel, built where the level has dynamic_panels): int8
+  // [ceil(N/16)][Kp/4][16][4]: panel p holds columns 16p..16p+15, 4 consecutive k per
+  // int32 lane, so one 64-byte load is a vpdpbusd operand for 16 columns (zero padded).
+  const int8_t* wvnni;
 };
 
 // Weight-only: y[m, n] for n in [n0, n1), all m < M. x rows have stride ldx and, for
@@ -65,6 +69,9 @@ struct KernelTable {
   int wo_chunk_int8;  // group length must be a multiple of this (per-channel always ok)
   int wo_chunk_int4;
   DynamicInt4Fn dynamic_int4;  // null where the level has none
+  // Per-channel dynamic GEMM over w.wvnni (outer-product tiles, no horizontal sums);
+  // n0 must be a multiple of 16. Null where the level has none.
+  DynamicFn dynamic_panels;
 };
 
 const KernelTable& scalar_kernels();

@@ -276,7 +276,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }  // namespace
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128, nullptr};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128, nullptr, nullptr};
   return t;
 }
 

@@ -316,6 +316,133 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
   else dyn_range<true>(w, qx, sx, M, y, ldy, n0, n1);
 }
 
+
+// ---------------------------------------------------------------- dynamic int8, VNNI panels
+// Outer-product tile: MR rows of qx (4 bytes broadcast per k step) x NP panels of 16
+// columns, all MR * NP int32 accumulators in registers; no horizontal sums, and the
+// epilogue (+128 column-sum correction, weight scale, row scale) is 16 columns at a time.
+template <int MR, int NP>
+inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][NP], const float* sx, float* y,
+                           int64_t ldy, int64_t n, int64_t n1) {
+  for (int j = 0; j < NP; ++j) {
+    const int64_t c = n + 16 * j, left = n1 - c;
+    if (left <= 0) break;
+    const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, w.colsum + c), 7);
+    const __m512 sc = _mm512_maskz_loadu_ps(mk, w.scale + c);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cs)), sc);
+      _mm512_mask_storeu_ps(y + i * ldy + c, mk, _mm512_mul_ps(v, _mm512_set1_ps(sx[i])));
+    }
+  }
+}
+
+template <int MR, int NP>
+inline void panel_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
+                       int64_t n1) {
+  const int64_t Kp = w.Kp, pstride = 16 * Kp;
+  const int8_t* wp = w.wvnni + (n / 16) * pstride;
+  __m512i acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < Kp; k += 4) {
+    __m512i b[NP];
+    for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(wp + j * pstride + k * 16);
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      __builtin_memcpy(&a4, qx + i * Kp + k, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+      for (int j = 0; j < NP; ++j) dpbusd(acc[i][j], a, b[j]);
+    }
+  }
+  panel_epilogue<MR, NP>(w, acc, sx, y, ldy, n, n1);
+}
+
+// The 6 x 4 tile with named accumulators: with arrays GCC keeps them on the stack and
+// reloads/stores every one each k step (measured 30 vs 24 ms at M = 256, N = K = 4096).
+inline void panel_tile_6x4(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
+                           int64_t n1) {
+  const int64_t Kp = w.Kp, pstride = 16 * Kp;
+  const int8_t* wp = w.wvnni + (n / 16) * pstride;
+  __m512i c00 = _mm512_setzero_si512(), c01 = _mm512_setzero_si512(), c02 = _mm512_setzero_si512(), c03 = _mm512_setzero_si512(), c10 = _mm512_setzero_si512(), c11 = _mm512_setzero_si512(), c12 = _mm512_setzero_si512(), c13 = _mm512_setzero_si512(), c20 = _mm512_setzero_si512(), c21 = _mm512_setzero_si512(), c22 = _mm512_setzero_si512(), c23 = _mm512_setzero_si512(), c30 = _mm512_setzero_si512(), c31 = _mm512_setzero_si512(), c32 = _mm512_setzero_si512(), c33 = _mm512_setzero_si512(), c40 = _mm512_setzero_si512(), c41 = _mm512_setzero_si512(), c42 = _mm512_setzero_si512(), c43 = _mm512_setzero_si512(), c50 = _mm512_setzero_si512(), c51 = _mm512_setzero_si512(), c52 = _mm512_setzero_si512(), c53 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 4) {
+    const __m512i b0 = _mm512_loadu_si512(wp + k * 16), b1 = _mm512_loadu_si512(wp + pstride + k * 16);
+    const __m512i b2 = _mm512_loadu_si512(wp + 2 * pstride + k * 16), b3 = _mm512_loadu_si512(wp + 3 * pstride + k * 16);
+    int32_t a0v; __builtin_memcpy(&a0v, qx + 0 * Kp + k, 4);
+    const __m512i a0 = _mm512_set1_epi32(a0v);
+    dpbusd(c00, a0, b0);
+    dpbusd(c01, a0, b1);
+    dpbusd(c02, a0, b2);
+    dpbusd(c03, a0, b3);
+    int32_t a1v; __builtin_memcpy(&a1v, qx + 1 * Kp + k, 4);
+    const __m512i a1 = _mm512_set1_epi32(a1v);
+    dpbusd(c10, a1, b0);
+    dpbusd(c11, a1, b1);
+    dpbusd(c12, a1, b2);
+    dpbusd(c13, a1, b3);
+    int32_t a2v; __builtin_memcpy(&a2v, qx + 2 * Kp + k, 4);
+    const __m512i a2 = _mm512_set1_epi32(a2v);
+    dpbusd(c20, a2, b0);
+    dpbusd(c21, a2, b1);
+    dpbusd(c22, a2, b2);
+    dpbusd(c23, a2, b3);
+    int32_t a3v; __builtin_memcpy(&a3v, qx + 3 * Kp + k, 4);
+    const __m512i a3 = _mm512_set1_epi32(a3v);
+    dpbusd(c30, a3, b0);
+    dpbusd(c31, a3, b1);
+    dpbusd(c32, a3, b2);
+    dpbusd(c33, a3, b3);
+    int32_t a4v; __builtin_memcpy(&a4v, qx + 4 * Kp + k, 4);
+    const __m512i a4 = _mm512_set1_epi32(a4v);
+    dpbusd(c40, a4, b0);
+    dpbusd(c41, a4, b1);
+    dpbusd(c42, a4, b2);
+    dpbusd(c43, a4, b3);
+    int32_t a5v; __builtin_memcpy(&a5v, qx + 5 * Kp + k, 4);
+    const __m512i a5 = _mm512_set1_epi32(a5v);
+    dpbusd(c50, a5, b0);
+    dpbusd(c51, a5, b1);
+    dpbusd(c52, a5, b2);
+    dpbusd(c53, a5, b3);
+  }
+  const __m512i acc[6][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}, {c40, c41, c42, c43}, {c50, c51, c52, c53}};
+  panel_epilogue<6, 4>(w, acc, sx, y, ldy, n, n1);
+}
+
+template <int NP>
+inline void panel_rows(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
+                       int64_t n, int64_t n1) {
+  constexpr int MR = 6;  // 6 x 4 accumulators + 4 weight vectors + 1 broadcast = 29 zmm
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) {
+    if (NP == 4) panel_tile_6x4(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n, n1);
+    else panel_tile<MR, NP>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n, n1);
+  }
+  const int8_t* q = qx + m * w.Kp;
+  float* yr = y + m * ldy;
+  switch (M - m) {
+    case 5: panel_tile<5, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 4: panel_tile<4, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 3: panel_tile<3, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 2: panel_tile<2, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 1: panel_tile<1, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    default: break;
+  }
+}
+
+void dynamic_panels(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
+                    int64_t n0, int64_t n1) {
+  // 64 columns (4 panels, 256 KiB of weights at K = 4096) stay in L2 while every row sweeps them.
+  for (int64_t n = n0; n < n1; n += 64) {
+    const int64_t np = (n1 - n + 15) / 16;
+    if (np >= 4) panel_rows<4>(w, qx, sx, M, y, ldy, n, n1);
+    else if (np == 3) panel_rows<3>(w, qx, sx, M, y, ldy, n, n1);
+    else if (np == 2) panel_rows<2>(w, qx, sx, M, y, ldy, n, n1);
+    else panel_rows<1>(w, qx, sx, M, y, ldy, n, n1);
+  }
+}
+
 // ---------------------------------------------------------------- dynamic int8 x packed int4 (VNNI)
 // vpdpbusd(u8 nibble = q + 8, s8 qx): sum((q + 8) * qx) - 8 * sum(qx) per group.
 template <int MR, int NR>
@@ -385,7 +512,8 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
 }  // namespace
 
 const KernelTable& avx512_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4,
+                               dynamic_panels};
   return t;
 }
 

@@ -90,7 +90,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }  // namespace
 
 const KernelTable& scalar_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1, nullptr};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1, nullptr, nullptr};
   return t;
 }
 

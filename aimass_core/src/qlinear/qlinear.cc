@@ -21,6 +21,10 @@ namespace aimass::quant {
 using detail::KernelTable;
 using detail::WeightView;
 
+namespace {
+const KernelTable& table_for(SimdLevel level);
+}
+
 // Shape thresholds for LinearKernel::Auto. Measured (bench/bench_qlinear.py crossover
 // sweep and a 1-thread sweep) at N = K = 4096 on an AMD EPYC with AVX-512 VNNI shared with
 // other jobs (load 5-8 on 2 cores, so +-30% noise); times in ms, 1 thread:
@@ -56,6 +60,7 @@ struct PackedLinearImpl {
   mutable std::vector<int8_t> wq4;
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
+  mutable std::vector<int8_t> wvnni;
   mutable WeightView dyn_view{};
 
   WeightView dynamic_view() const {
@@ -88,6 +93,17 @@ struct PackedLinearImpl {
       dyn_view.wq = wq;
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
+      if (view.per_channel && table_for(simd_level()).dynamic_panels) {
+        // VNNI panels for the outer-product kernel (see kernels.h).
+        const int64_t np = (N + 15) / 16;
+        wvnni.assign(static_cast<size_t>(np * 16 * Kp), 0);
+        for (int64_t n = 0; n < N; ++n) {
+          int8_t* panel = wvnni.data() + (n / 16) * 16 * Kp + (n % 16) * 4;
+          const int8_t* src = wq + n * Kp;
+          for (int64_t k = 0; k < Kp; k += 4) std::memcpy(panel + k * 16, src + k, 4);
+        }
+        dyn_view.wvnni = wvnni.data();
+      }
     });
     return dyn_view;
   }
@@ -305,6 +321,14 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
   parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
   });
+  if (t.dynamic_panels && v.wvnni) {
+    // Split N in 16-column panels: each thread reuses its weight panels over all rows.
+    const int64_t np = (v.N + 15) / 16;
+    parallel_for(0, np, 4, [&](int64_t b, int64_t e) {
+      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, b * 16, std::min(e * 16, v.N));
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
   parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(v, qx.data(), sx.data(), M, y, v.N, b, e); });
 }
