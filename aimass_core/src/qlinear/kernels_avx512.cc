@@ -443,6 +443,167 @@ void dynamic_panels(const WeightView& w, const int8_t* qx, const float* sx, int6
   }
 }
 
+// ---------------------------------------------------------------- weight-only int8, int16 activations (VNNI)
+// q (int16) = 256 * (q >> 8) + (q & 0xFF): two u8 planes, lo = q & 0xFF and hi = (q >> 8) + 128,
+// each a vpdpbusd operand against the s8 weight rows (exact int32, no saturation);
+// dot = 256 * (acc_hi - 128 * wsum[n]) + acc_lo. One 64-byte weight load feeds 2 * MR vpdpbusd.
+void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    uint8_t* plo = static_cast<uint8_t*>(qa) + m * 2 * Kp;
+    uint8_t* phi = plo + Kp;
+    __m512 amax = zero, poison = zero;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+    }
+    float a = _mm512_reduce_max_ps(amax);
+    const float p = _mm512_reduce_add_ps(poison);
+    if (p != 0.f || p != p) {
+      sx[m] = __builtin_nanf("");
+      a = 0.f;
+    } else {
+      sx[m] = a / 32767.f;
+    }
+    const __m512 inv = _mm512_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+    for (int64_t k = 0; k < Kp; k += 16) {
+      const int64_t left = K - k;
+      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
+      __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), inv));  // nearest even
+      r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(plo + k), _mm512_cvtepi32_epi8(r));  // low byte
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(phi + k),
+                       _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)), flip));  // (q >> 8) + 128
+    }
+  }
+}
+
+// Lane sums fit int32: |sum| <= 255 * 127 * Kp < 2^31 for Kp <= 65536 (checked by the driver).
+inline void wo16_store(const WeightView& w, __m512i lo, __m512i hi, float sxm, float* y, int64_t n) {
+  const int64_t dot = 256 * (static_cast<int64_t>(_mm512_reduce_add_epi32(hi)) - 128 * int64_t{w.wsum[n]}) +
+                      _mm512_reduce_add_epi32(lo);
+  *y = static_cast<float>(static_cast<double>(dot) * static_cast<double>(sxm * w.scale[n]));
+}
+
+// The tiles are written out with named accumulators: with arrays GCC moves every
+// accumulator through another register (and the stack) on each step.
+#define AIMASS_Z(v) __m512i v = _mm512_setzero_si512()
+#define AIMASS_W16(j) const __m512i w##j = _mm512_loadu_si512(wr + (j) * Kp + k); \
+  _mm_prefetch(reinterpret_cast<const char*>(wr + (j + NRT) * Kp + k), _MM_HINT_T0)
+
+// 1 row x 8 weight rows (16 accumulators).
+inline void wo16_tile_1x8(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
+  constexpr int64_t NRT = 8;
+  const int64_t Kp = w.Kp;
+  const int8_t* wr = w.w8 + n * Kp;
+  AIMASS_Z(l0); AIMASS_Z(l1); AIMASS_Z(l2); AIMASS_Z(l3); AIMASS_Z(l4); AIMASS_Z(l5); AIMASS_Z(l6); AIMASS_Z(l7);
+  AIMASS_Z(h0); AIMASS_Z(h1); AIMASS_Z(h2); AIMASS_Z(h3); AIMASS_Z(h4); AIMASS_Z(h5); AIMASS_Z(h6); AIMASS_Z(h7);
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i a = _mm512_loadu_si512(qa + k), b = _mm512_loadu_si512(qa + Kp + k);
+    AIMASS_W16(0); dpbusd(l0, a, w0); dpbusd(h0, b, w0);
+    AIMASS_W16(1); dpbusd(l1, a, w1); dpbusd(h1, b, w1);
+    AIMASS_W16(2); dpbusd(l2, a, w2); dpbusd(h2, b, w2);
+    AIMASS_W16(3); dpbusd(l3, a, w3); dpbusd(h3, b, w3);
+    AIMASS_W16(4); dpbusd(l4, a, w4); dpbusd(h4, b, w4);
+    AIMASS_W16(5); dpbusd(l5, a, w5); dpbusd(h5, b, w5);
+    AIMASS_W16(6); dpbusd(l6, a, w6); dpbusd(h6, b, w6);
+    AIMASS_W16(7); dpbusd(l7, a, w7); dpbusd(h7, b, w7);
+  }
+  const __m512i L[8] = {l0, l1, l2, l3, l4, l5, l6, l7}, H[8] = {h0, h1, h2, h3, h4, h5, h6, h7};
+  for (int j = 0; j < 8; ++j) wo16_store(w, L[j], H[j], sx[0], y + n + j, n + j);
+}
+
+// 2 rows x 4 weight rows.
+inline void wo16_tile_2x4(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
+  constexpr int64_t NRT = 4;
+  const int64_t Kp = w.Kp;
+  const int8_t* wr = w.w8 + n * Kp;
+  AIMASS_Z(l00); AIMASS_Z(l01); AIMASS_Z(l02); AIMASS_Z(l03); AIMASS_Z(l10); AIMASS_Z(l11); AIMASS_Z(l12); AIMASS_Z(l13);
+  AIMASS_Z(h00); AIMASS_Z(h01); AIMASS_Z(h02); AIMASS_Z(h03); AIMASS_Z(h10); AIMASS_Z(h11); AIMASS_Z(h12); AIMASS_Z(h13);
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i a0 = _mm512_loadu_si512(qa + k), b0 = _mm512_loadu_si512(qa + Kp + k);
+    const __m512i a1 = _mm512_loadu_si512(qa + 2 * Kp + k), b1 = _mm512_loadu_si512(qa + 3 * Kp + k);
+    AIMASS_W16(0); dpbusd(l00, a0, w0); dpbusd(h00, b0, w0); dpbusd(l10, a1, w0); dpbusd(h10, b1, w0);
+    AIMASS_W16(1); dpbusd(l01, a0, w1); dpbusd(h01, b0, w1); dpbusd(l11, a1, w1); dpbusd(h11, b1, w1);
+    AIMASS_W16(2); dpbusd(l02, a0, w2); dpbusd(h02, b0, w2); dpbusd(l12, a1, w2); dpbusd(h12, b1, w2);
+    AIMASS_W16(3); dpbusd(l03, a0, w3); dpbusd(h03, b0, w3); dpbusd(l13, a1, w3); dpbusd(h13, b1, w3);
+  }
+  const __m512i L[2][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}};
+  const __m512i H[2][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}};
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) wo16_store(w, L[i][j], H[i][j], sx[i], y + i * ldy + n + j, n + j);
+}
+
+// 4 rows x 2 weight rows.
+inline void wo16_tile_4x2(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
+  constexpr int64_t NRT = 2;
+  const int64_t Kp = w.Kp;
+  const int8_t* wr = w.w8 + n * Kp;
+  AIMASS_Z(l00); AIMASS_Z(l01); AIMASS_Z(l10); AIMASS_Z(l11); AIMASS_Z(l20); AIMASS_Z(l21); AIMASS_Z(l30); AIMASS_Z(l31);
+  AIMASS_Z(h00); AIMASS_Z(h01); AIMASS_Z(h10); AIMASS_Z(h11); AIMASS_Z(h20); AIMASS_Z(h21); AIMASS_Z(h30); AIMASS_Z(h31);
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i a0 = _mm512_loadu_si512(qa + k), b0 = _mm512_loadu_si512(qa + Kp + k);
+    const __m512i a1 = _mm512_loadu_si512(qa + 2 * Kp + k), b1 = _mm512_loadu_si512(qa + 3 * Kp + k);
+    const __m512i a2 = _mm512_loadu_si512(qa + 4 * Kp + k), b2 = _mm512_loadu_si512(qa + 5 * Kp + k);
+    const __m512i a3 = _mm512_loadu_si512(qa + 6 * Kp + k), b3 = _mm512_loadu_si512(qa + 7 * Kp + k);
+    AIMASS_W16(0);
+    dpbusd(l00, a0, w0); dpbusd(h00, b0, w0); dpbusd(l10, a1, w0); dpbusd(h10, b1, w0);
+    dpbusd(l20, a2, w0); dpbusd(h20, b2, w0); dpbusd(l30, a3, w0); dpbusd(h30, b3, w0);
+    AIMASS_W16(1);
+    dpbusd(l01, a0, w1); dpbusd(h01, b0, w1); dpbusd(l11, a1, w1); dpbusd(h11, b1, w1);
+    dpbusd(l21, a2, w1); dpbusd(h21, b2, w1); dpbusd(l31, a3, w1); dpbusd(h31, b3, w1);
+  }
+  const __m512i L[4][2] = {{l00, l01}, {l10, l11}, {l20, l21}, {l30, l31}};
+  const __m512i H[4][2] = {{h00, h01}, {h10, h11}, {h20, h21}, {h30, h31}};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 2; ++j) wo16_store(w, L[i][j], H[i][j], sx[i], y + i * ldy + n + j, n + j);
+}
+#undef AIMASS_Z
+#undef AIMASS_W16
+
+// Any rows x 1 weight row (column tails).
+inline void wo16_tile_mx1(const WeightView& w, const uint8_t* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n) {
+  const int64_t Kp = w.Kp;
+  const int8_t* wr = w.w8 + n * Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* q = qa + m * 2 * Kp;
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 64) {
+      const __m512i wv = _mm512_loadu_si512(wr + k);
+      dpbusd(lo, _mm512_loadu_si512(q + k), wv);
+      dpbusd(hi, _mm512_loadu_si512(q + Kp + k), wv);
+    }
+    wo16_store(w, lo, hi, sx[m], y + m * ldy + n, n);
+  }
+}
+
+void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  const uint8_t* q = static_cast<const uint8_t*>(qa);
+  const int64_t rs = 2 * w.Kp;  // bytes per quantized row (two planes)
+  // Rows in tiles of 4, then 2, then 1; each tile sweeps the weight rows [n0, n1).
+  int64_t m = 0;
+  for (; m < M;) {
+    const int64_t mr = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+    const int64_t nr = mr == 4 ? 2 : mr == 2 ? 4 : 8;
+    int64_t n = n0;
+    for (; n + nr <= n1; n += nr) {
+      if (mr == 4) wo16_tile_4x2(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+      else if (mr == 2) wo16_tile_2x4(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+      else wo16_tile_1x8(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+    }
+    for (; n < n1; ++n) wo16_tile_mx1(w, q + m * rs, sx + m, mr, y + m * ldy, ldy, n);
+    m += mr;
+  }
+}
+
 // ---------------------------------------------------------------- dynamic int8 x packed int4 (VNNI)
 // vpdpbusd(u8 nibble = q + 8, s8 qx): sum((q + 8) * qx) - 8 * sum(qx) per group.
 template <int MR, int NR>
@@ -513,7 +674,7 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
 
 const KernelTable& avx512_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4,
-                               dynamic_panels};
+                             dynamic_panels, quant_rows16, weight_only_int8_a16};
   return t;
 }
 

@@ -55,6 +55,7 @@ struct PackedLinearImpl {
   std::vector<int8_t> w8;
   std::vector<uint8_t> w4;
   std::vector<float> scale;
+  std::vector<int32_t> wsum;  // bits 8: row sums of the int8 weights (int16-activation path)
   // Built on first use of the dynamic path (int4 weights unpacked to int8, column sums).
   mutable std::once_flag dyn_once;
   mutable std::vector<int8_t> wq4;
@@ -116,7 +117,7 @@ int64_t PackedLinear::out_features() const { return impl_->view.N; }
 int64_t PackedLinear::in_features() const { return impl_->view.K; }
 int64_t PackedLinear::group_size() const { return impl_->view.per_channel ? 0 : impl_->view.G; }
 int64_t PackedLinear::nbytes() const {
-  return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 +
+  return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 + impl_->wsum.size() * 4 +
                               impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4);
 }
 
@@ -127,6 +128,17 @@ const char* linear_kernel_name(LinearKernel k) {
     case LinearKernel::DequantSgemm: return "dequant_sgemm";
     default: return "auto";
   }
+}
+
+const char* activation_precision_name(ActivationPrecision a) {
+  return a == ActivationPrecision::FP32 ? "fp32" : "int16";
+}
+
+ActivationPrecision parse_activation_precision(const char* name) {
+  const std::string s = name ? name : "";
+  if (s == "int16") return ActivationPrecision::Int16;
+  if (s == "fp32") return ActivationPrecision::FP32;
+  throw ValueError("activation_precision must be 'int16' or 'fp32'; got '" + s + "'");
 }
 
 LinearKernel parse_linear_kernel(const char* name) {
@@ -160,6 +172,11 @@ inline int int4_canonical(const uint8_t* data, int64_t e) {
   const int v = (e & 1) ? (data[e >> 1] >> 4) : (data[e >> 1] & 15);
   return v >= 8 ? v - 16 : v;
 }
+
+// The int16-activation weight-only kernels: int8 per-channel weights; lane sums of the
+// VNNI kernel stay below 2^31 while 255 * 127 * Kp does (Kp <= 65536).
+constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
+bool int16_supported(const WeightView& v) { return v.bits == 8 && v.per_channel && v.Kp <= kInt16MaxKp; }
 
 bool dynamic_supported(const WeightView& v) {
   return (v.per_channel || v.G % 64 == 0) && v.Kp <= kDynamicMaxKp;
@@ -197,6 +214,12 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
                      "] = -128 is outside the symmetric int8 range [-127, 127]");
       std::memcpy(impl->w8.data() + n * v.Kp, src, static_cast<size_t>(K));
     }
+    impl->wsum.assign(static_cast<size_t>(N), 0);
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t acc = 0;  // |sum| <= 127 * K
+      for (int64_t k = 0; k < K; ++k) acc += d[n * K + k];
+      impl->wsum[n] = acc;
+    }
   } else {
     const uint8_t* d = static_cast<const uint8_t*>(data);
     impl->w4.assign(static_cast<size_t>(N * v.Kp / 2), 0x88);  // padding decodes to 0
@@ -215,6 +238,7 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.w8 = impl->w8.empty() ? nullptr : impl->w8.data();
   v.w4 = impl->w4.empty() ? nullptr : impl->w4.data();
   v.scale = impl->scale.data();
+  v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -244,6 +268,25 @@ int64_t grain_rows(int64_t N, int64_t M) {
   // Enough rows per task to amortise the dispatch; multiples of 4 keep the 4-row tiles whole.
   int64_t g = std::max<int64_t>(16, 4096 / std::max<int64_t>(M, 1) / 4 * 4);
   return std::min<int64_t>(g, 256);
+}
+
+// Weight-only int8 with int16 activations: quantize the rows (2 * Kp bytes each, in
+// the level's layout), then split N over the pool.
+void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const KernelTable& t = table_for(simd_level());
+  std::vector<uint8_t> qa(static_cast<size_t>(M * 2 * v.Kp));
+  std::vector<float> sx(static_cast<size_t>(M));
+  if (M <= 16) {
+    t.quant_rows16(x, v.K, M, v.K, v.Kp, qa.data(), sx.data());  // a few microseconds: no dispatch
+  } else {
+    parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
+    });
+  }
+  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) {
+    t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+  });
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -372,15 +415,28 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
   linear(w, x, M, bias_or_null, y, LinearKernel::Auto);
 }
 
+LinearPlan plan_linear(const PackedLinear& w, int64_t M, LinearKernel kernel, ActivationPrecision activations) {
+  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
+  switch (kernel) {
+    case LinearKernel::WeightOnly:
+      return {kernel, activations == ActivationPrecision::Int16 && int16_supported(w.impl().view) ? "int16" : "fp32"};
+    case LinearKernel::DynamicInt8: return {kernel, "int8"};
+    default: return {LinearKernel::DequantSgemm, "fp32"};
+  }
+}
+
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
-            LinearKernel kernel) {
+            LinearKernel kernel, ActivationPrecision activations) {
   AIMASS_CHECK(M >= 0, ValueError, "linear: M (rows of x) must be >= 0, got ", M);
   if (M == 0) return;
   AIMASS_CHECK(x != nullptr && y != nullptr, ValueError, "linear: x and y must not be null");
   const PackedLinearImpl& p = w.impl();
-  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
-  switch (kernel) {
-    case LinearKernel::WeightOnly: run_weight_only(p, x, M, y); break;
+  const LinearPlan plan = plan_linear(w, M, kernel, activations);
+  switch (plan.kernel) {
+    case LinearKernel::WeightOnly:
+      if (plan.activations[0] == 'i') run_weight_only_int16(p, x, M, y);
+      else run_weight_only(p, x, M, y);
+      break;
     case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
     default: run_dequant_sgemm(p, x, M, y); break;
   }
