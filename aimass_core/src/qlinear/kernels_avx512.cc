@@ -485,10 +485,25 @@ void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
 }
 
 // Lane sums fit int32: |sum| <= 255 * 127 * Kp < 2^31 for Kp <= 65536 (checked by the driver).
-inline void wo16_store(const WeightView& w, __m512i lo, __m512i hi, float sxm, float* y, int64_t n) {
-  const int64_t dot = 256 * (static_cast<int64_t>(_mm512_reduce_add_epi32(hi)) - 128 * int64_t{w.wsum[n]}) +
-                      _mm512_reduce_add_epi32(lo);
+inline void wo16_out(const WeightView& w, int32_t lo, int32_t hi, float sxm, float* y, int64_t n) {
+  const int64_t dot = 256 * (static_cast<int64_t>(hi) - 128 * int64_t{w.wsum[n]}) + lo;
   *y = static_cast<float>(static_cast<double>(dot) * static_cast<double>(sxm * w.scale[n]));
+}
+
+inline void wo16_store(const WeightView& w, __m512i lo, __m512i hi, float sxm, float* y, int64_t n) {
+  wo16_out(w, _mm512_reduce_add_epi32(lo), _mm512_reduce_add_epi32(hi), sxm, y, n);
+}
+
+// Lane sums of 8 accumulators at once (a transposing add tree: ~25 instructions instead
+// of 8 separate reductions of ~10); out[j] = sum of the 16 lanes of v[j].
+inline void reduce8(const __m512i (&v)[8], int32_t* out) {
+  __m256i a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_add_epi32(_mm512_castsi512_si256(v[j]), _mm512_extracti64x4_epi64(v[j], 1));
+  const __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);  // [0..3 | 0..3], [4..7 | 4..7]
+  const __m256i r = _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), r);
 }
 
 // The tiles are written out with named accumulators: with arrays GCC moves every
@@ -519,7 +534,10 @@ inline void wo16_tile_1x8(const WeightView& w, const uint8_t* qa, const float* s
     AIMASS_W16(7); dpbusd(l7, a, w7); dpbusd(h7, b, w7);
   }
   const __m512i L[8] = {l0, l1, l2, l3, l4, l5, l6, l7}, H[8] = {h0, h1, h2, h3, h4, h5, h6, h7};
-  for (int j = 0; j < 8; ++j) wo16_store(w, L[j], H[j], sx[0], y + n + j, n + j);
+  int32_t lo[8], hi[8];
+  reduce8(L, lo);
+  reduce8(H, hi);
+  for (int j = 0; j < 8; ++j) wo16_out(w, lo[j], hi[j], sx[0], y + n + j, n + j);
 }
 
 // 2 rows x 4 weight rows.
@@ -537,10 +555,12 @@ inline void wo16_tile_2x4(const WeightView& w, const uint8_t* qa, const float* s
     AIMASS_W16(2); dpbusd(l02, a0, w2); dpbusd(h02, b0, w2); dpbusd(l12, a1, w2); dpbusd(h12, b1, w2);
     AIMASS_W16(3); dpbusd(l03, a0, w3); dpbusd(h03, b0, w3); dpbusd(l13, a1, w3); dpbusd(h13, b1, w3);
   }
-  const __m512i L[2][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}};
-  const __m512i H[2][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}};
+  const __m512i L[8] = {l00, l01, l02, l03, l10, l11, l12, l13}, H[8] = {h00, h01, h02, h03, h10, h11, h12, h13};
+  int32_t lo[8], hi[8];
+  reduce8(L, lo);
+  reduce8(H, hi);
   for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) wo16_store(w, L[i][j], H[i][j], sx[i], y + i * ldy + n + j, n + j);
+    for (int j = 0; j < 4; ++j) wo16_out(w, lo[4 * i + j], hi[4 * i + j], sx[i], y + i * ldy + n + j, n + j);
 }
 
 // 4 rows x 2 weight rows.
@@ -562,10 +582,12 @@ inline void wo16_tile_4x2(const WeightView& w, const uint8_t* qa, const float* s
     dpbusd(l01, a0, w1); dpbusd(h01, b0, w1); dpbusd(l11, a1, w1); dpbusd(h11, b1, w1);
     dpbusd(l21, a2, w1); dpbusd(h21, b2, w1); dpbusd(l31, a3, w1); dpbusd(h31, b3, w1);
   }
-  const __m512i L[4][2] = {{l00, l01}, {l10, l11}, {l20, l21}, {l30, l31}};
-  const __m512i H[4][2] = {{h00, h01}, {h10, h11}, {h20, h21}, {h30, h31}};
+  const __m512i L[8] = {l00, l01, l10, l11, l20, l21, l30, l31}, H[8] = {h00, h01, h10, h11, h20, h21, h30, h31};
+  int32_t lo[8], hi[8];
+  reduce8(L, lo);
+  reduce8(H, hi);
   for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 2; ++j) wo16_store(w, L[i][j], H[i][j], sx[i], y + i * ldy + n + j, n + j);
+    for (int j = 0; j < 2; ++j) wo16_out(w, lo[2 * i + j], hi[2 * i + j], sx[i], y + i * ldy + n + j, n + j);
 }
 #undef AIMASS_Z
 #undef AIMASS_W16
