@@ -358,3 +358,19 @@ def test_int16_activations_outlier_rows():
     np.testing.assert_array_equal(y16, int16_reference(x, q, scale))
     assert (np.abs(y16 - ref) <= int16_bound(x, deq) + 1e-5 * np.abs(ref).max(axis=1, keepdims=True)).all()
     np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(axis=1, keepdims=True).max())
+
+
+@pytest.mark.skipif(BEST != "avx512", reason="needs AVX-512 VNNI")
+def test_dynamic_panels_built_when_first_call_ran_at_a_capped_level(level):
+    rng, w, qt, q, scale, deq = make((8, 40, 192, 0), seed=11)
+    p = qlin.packed(qt)
+    x = rng.standard_normal((9, 192)).astype(np.float32)
+    before = p.nbytes
+    aimass.set_simd_level("avx2")
+    a = compress.linear(x, p, kernel="dynamic_int8")
+    aimass.set_simd_level("avx512")
+    b = compress.linear(x, p, kernel="dynamic_int8")
+    dref = dynamic_reference(x, q, scale, 0)
+    for y in (a, b):
+        np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
+    assert p.nbytes >= before + 48 * 256  # the VNNI panel copy (N rounded to 16 x Kp) is counted

@@ -21,10 +21,6 @@ namespace aimass::quant {
 using detail::KernelTable;
 using detail::WeightView;
 
-namespace {
-const KernelTable& table_for(SimdLevel level);
-}
-
 // Shape thresholds for LinearKernel::Auto. Measured (bench/bench_qlinear.py crossover
 // sweep and a 1-thread sweep) at N = K = 4096 on an AMD EPYC with AVX-512 VNNI shared with
 // other jobs (load 5-8 on 2 cores, so +-30% noise); times in ms, 1 thread:
@@ -94,8 +90,11 @@ struct PackedLinearImpl {
       dyn_view.wq = wq;
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
-      if (view.per_channel && table_for(simd_level()).dynamic_panels) {
-        // VNNI panels for the outer-product kernel (see kernels.h).
+      // VNNI panels for the outer-product kernel (see kernels.h), built whenever the CPU
+      // has the level (a level capped now may be raised later: set_simd_level).
+      const CpuFeatures& f = cpu_features();
+      const bool cpu_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+      if (view.per_channel && cpu_avx512 && detail::avx512_kernels().dynamic_panels) {
         const int64_t np = (N + 15) / 16;
         wvnni.assign(static_cast<size_t>(np * 16 * Kp), 0);
         for (int64_t n = 0; n < N; ++n) {
@@ -118,7 +117,8 @@ int64_t PackedLinear::in_features() const { return impl_->view.K; }
 int64_t PackedLinear::group_size() const { return impl_->view.per_channel ? 0 : impl_->view.G; }
 int64_t PackedLinear::nbytes() const {
   return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 + impl_->wsum.size() * 4 +
-                              impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4);
+                              impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4 +
+                              impl_->wvnni.size());
 }
 
 const char* linear_kernel_name(LinearKernel k) {
