@@ -22,15 +22,16 @@ using detail::KernelTable;
 using detail::WeightView;
 
 // Shape thresholds for LinearKernel::Auto. Measured (bench/bench_qlinear.py crossover
-// sweep and a 1-thread sweep) at N = K = 4096 on an AMD EPYC with AVX-512 VNNI shared with
-// other jobs (load 5-8 on 2 cores, so +-30% noise); times in ms, 1 thread:
-//   M        1     2     4     8     16    32
-//   fp32   3.33  6.58  7.54  8.47  11.1  16.5   (torch / OpenBLAS sgemm)
-//   i8 wo  1.35  1.46  1.92  2.99  5.97  10.4   i8 dyn 0.62 0.78 1.23 1.35 2.33 3.58
-//   i4 wo  0.67  0.87  2.02  3.51  6.59  13.0   i4 dyn 0.77 0.81 1.38 1.85 3.03 5.28
-//  * weight-only keeps fp32 activations (no extra error); it is 2.5-5x faster than fp32
-//    below these thresholds, and the dynamic int8 GEMM overtakes it from M ~ 4 (int4) and
-//    M ~ 2-4 (int8). int8 keeps weight-only up to M = 7 for accuracy: still >= 2.8x fp32.
+// sweep) at N = K = 4096, 1 thread, on an AMD EPYC with AVX-512 VNNI under heavy load from
+// other jobs (load 7-9 on 2 cores, so +-50% noise; docs/qlinear.md has the table); ms:
+//   M              1     2     4     8     16
+//   fp32         8.25  11.9  23.8  28.5  32.4   (torch / OpenBLAS sgemm)
+//   i8 wo int16  0.87  1.05  1.70  6.71  9.42   i8 wo fp32 1.77 1.76 2.67 7.50 9.87
+//   i8 dyn       0.73  0.54  0.90  1.34  1.80
+//   i4 wo        1.14  1.44  3.84  8.19  11.0   i4 dyn 1.06 0.99 5.67 4.77 7.42
+//  * weight-only has no (fp32) or a tiny (int16, max|x_row|/65534) activation error; it is
+//    ~10x faster than fp32 below these thresholds, and the dynamic int8 GEMM overtakes it
+//    from M ~ 2-4. int8 keeps weight-only up to M = 7 for accuracy.
 //  * int4 weight-only approaches fp32 speed by M ~ 32, so it is never used there.
 //  * dequantize + sgemm never wins while a SIMD kernel exists (it pays a full dequant).
 //  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
