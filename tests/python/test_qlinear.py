@@ -374,3 +374,18 @@ def test_dynamic_panels_built_when_first_call_ran_at_a_capped_level(level):
     for y in (a, b):
         np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
     assert p.nbytes >= before + 48 * 256  # the VNNI panel copy (N rounded to 16 x Kp) is counted
+
+
+def test_int16_path_limits_to_k_65536():
+    """Lane sums of the VNNI planes stay below 2^31 only while Kp <= 65536: longer rows
+    run the fp32-activation kernel (exact)."""
+    for k, want in ((65536, "int16"), (65537, "fp32")):
+        rng, w, qt, q, scale, deq = make((8, 3, k, 0), seed=k)
+        p = qlin.packed(qt)
+        assert p.plan(1, "weight_only") == ("weight_only", want)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        y = compress.linear(x, p, kernel="weight_only")
+        ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+        if want == "int16":
+            np.testing.assert_array_equal(y, int16_reference(x, q, scale))
+        np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())
