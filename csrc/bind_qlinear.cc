@@ -59,7 +59,8 @@ void bind_qlinear(py::module_& m) {
         py::arg("bits"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("data"), py::arg("scale"));
 
   m.def("qlinear_linear",
-        [](const q::PackedLinear& w, py::array x, py::object bias, const std::string& kernel) {
+        [](const q::PackedLinear& w, py::array x, py::object bias, const std::string& kernel,
+           const std::string& activation_precision) {
           const int64_t N = w.out_features(), K = w.in_features();
           const float* xp = cdata<float>(x, "x", "float32");
           AIMASS_CHECK(x.ndim() == 2, ValueError, "x must be 2-D [M, K], got ", x.ndim(), " dimensions");
@@ -74,16 +75,26 @@ void bind_qlinear(py::module_& m) {
                          numel(b), " elements in ", b.ndim(), " dimensions");
           }
           const q::LinearKernel kind = q::parse_linear_kernel(kernel.c_str());
+          const q::ActivationPrecision act = q::parse_activation_precision(activation_precision.c_str());
           const int64_t M = x.shape(0);
           auto y = empty<float>({M, N});
           float* yp = y.mutable_data();
           {
             py::gil_scoped_release nogil_;
-            q::linear(w, xp, M, bp, yp, kind);
+            q::linear(w, xp, M, bp, yp, kind, act);
           }
           return y;
         },
-        py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("kernel") = "auto");
+        py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("kernel") = "auto",
+        py::arg("activation_precision") = "int16");
+
+  m.def("qlinear_plan",
+        [](const q::PackedLinear& w, int64_t M, const std::string& kernel, const std::string& activation_precision) {
+          const q::LinearPlan plan = q::plan_linear(w, M, q::parse_linear_kernel(kernel.c_str()),
+                                                    q::parse_activation_precision(activation_precision.c_str()));
+          return py::make_tuple(std::string(q::linear_kernel_name(plan.kernel)), std::string(plan.activations));
+        },
+        py::arg("w"), py::arg("M"), py::arg("kernel") = "auto", py::arg("activation_precision") = "int16");
 
   m.def("qlinear_choose_kernel", [](const q::PackedLinear& w, int64_t M) {
     return std::string(q::linear_kernel_name(q::choose_linear_kernel(w, M)));

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "aimass/cpu_features.h"
@@ -71,12 +72,28 @@ TEST_P(QLinear, AllKernelsAllLevelsMatchReference) {
       aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
       for (LinearKernel k : {LinearKernel::WeightOnly, LinearKernel::DequantSgemm, LinearKernel::DynamicInt8}) {
         if (k == LinearKernel::DynamicInt8 && G != 0 && G % 64 != 0) continue;
-        std::vector<float> y(static_cast<size_t>(M * N), -1.f);
-        aimass::quant::linear(*packed, x.data(), M, bias.data(), y.data(), k);
-        const double tol = (k == LinearKernel::DynamicInt8 ? 2e-2 : 1e-5) * rmax;
-        for (int64_t i = 0; i < M * N; ++i)
-          ASSERT_NEAR(y[i], ref[i], tol) << "level " << lvl << " kernel " << aimass::quant::linear_kernel_name(k)
-                                         << " M " << M << " i " << i;
+        for (auto act : {aimass::quant::ActivationPrecision::FP32, aimass::quant::ActivationPrecision::Int16}) {
+          std::vector<float> y(static_cast<size_t>(M * N), -1.f);
+          aimass::quant::linear(*packed, x.data(), M, bias.data(), y.data(), k, act);
+          const bool int16 = std::string(aimass::quant::plan_linear(*packed, M, k, act).activations) == "int16";
+          EXPECT_EQ(int16, k == LinearKernel::WeightOnly && bits == 8 && G == 0 &&
+                               act == aimass::quant::ActivationPrecision::Int16);
+          const double tol = (k == LinearKernel::DynamicInt8 ? 2e-2 : 1e-5) * rmax;
+          for (int64_t i = 0; i < M * N; ++i) {
+            double bound = tol;
+            if (int16) {  // documented: |dx| <= max|x_row| / 65534 per element
+              const int64_t m = i / N, n = i % N;
+              double amax = 0, wabs = 0;
+              for (int64_t kk = 0; kk < K; ++kk) {
+                amax = std::max(amax, std::fabs(static_cast<double>(x[m * K + kk])));
+                wabs += std::fabs(static_cast<double>(deq[n * K + kk]));
+              }
+              bound += amax / 65534 * wabs;
+            }
+            ASSERT_NEAR(y[i], ref[i], bound) << "level " << lvl << " kernel " << aimass::quant::linear_kernel_name(k)
+                                             << " M " << M << " i " << i;
+          }
+        }
       }
     }
     aimass::set_simd_level(best);

@@ -76,6 +76,32 @@ def dynamic_reference(x, q, scale, group_size):
     return (dots.astype(np.float64) * scale.reshape(n, -1)[None]).sum(-1) * sx[:, None]
 
 
+def int16_reference(x, q, scale):
+    """What the int16-activation weight-only path computes (int8 per-channel weights), in
+    numpy, through the same two byte planes the VNNI kernel uses."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=1)
+    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    qx = np.clip(np.rint(x * inv[:, None]), -32767, 32767).astype(np.int64)
+    sx = (amax / np.float32(32767)).astype(np.float32)
+    w = q.astype(np.int64)
+    lo, hi = qx & 0xFF, (qx >> 8) + 128  # u8 planes: q = 256 * (hi - 128) + lo
+    assert lo.min() >= 0 and lo.max() <= 255 and hi.min() >= 0 and hi.max() <= 255
+    acc_lo, acc_hi = lo @ w.T, hi @ w.T  # the kernel's int32 accumulators (summed over lanes)
+    assert np.abs(acc_lo).max(initial=0) < 2**31 and np.abs(acc_hi).max(initial=0) < 2**31
+    dot = 256 * (acc_hi - 128 * w.sum(axis=1)[None]) + acc_lo
+    np.testing.assert_array_equal(dot, qx @ w.T)
+    ys = (sx[:, None] * scale.reshape(-1)[None, :]).astype(np.float32)
+    return (dot.astype(np.float64) * ys.astype(np.float64)).astype(np.float32)
+
+
+def int16_bound(x, deq):
+    """Documented bound of the int16 activation rounding: |dx| <= max|x_row| / 65534 per
+    element, so |dy[m, n]| <= max|x_m| / 65534 * sum_k |deq[n, k]| (plus fp32 rounding)."""
+    amax = np.abs(x).max(axis=1).astype(np.float64)
+    return (amax[:, None] / 65534.0) * np.abs(deq.astype(np.float64)).sum(axis=1)[None, :] * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("lvl", LEVELS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"int{c[0]}_N{c[1]}_K{c[2]}_G{c[3]}")
 def test_kernels_match_reference(lvl, cfg, level):
@@ -90,13 +116,22 @@ def test_kernels_match_reference(lvl, cfg, level):
         tol = 1e-5 * np.abs(ref).max()
         for kernel in ("weight_only", "dequant_sgemm", "auto"):
             for b in (None, bias):
-                y = compress.linear(x, qt, b, kernel=kernel)
+                y = compress.linear(x, qt, b, kernel=kernel, activation_precision="fp32")
                 assert y.dtype == np.float32 and y.shape == (m, n)
                 r = ref + (b if b is not None else 0)
                 if kernel == "auto" and qt_kernel(qt, m) == "dynamic_int8":
                     assert np.abs(y - r).max() <= 2e-2 * np.abs(ref).max()
                 else:
                     np.testing.assert_allclose(y, r, rtol=0, atol=tol)
+        # default activation_precision="int16": int8 per-channel weights round x to 16 bits
+        y16 = compress.linear(x, qt, bias, kernel="weight_only")
+        if bits == 8 and g == 0:
+            assert qlin.packed(qt).plan(m, "weight_only") == ("weight_only", "int16")
+            np.testing.assert_array_equal(y16, int16_reference(x, q, scale) + bias)
+            assert (np.abs(y16.astype(np.float64) - bias - ref) <= int16_bound(x, deq) + tol).all()
+        else:
+            assert qlin.packed(qt).plan(m, "weight_only") == ("weight_only", "fp32")
+            np.testing.assert_allclose(y16, ref + bias, rtol=0, atol=tol)
         if dyn_ok:
             y = compress.linear(x, qt, bias, kernel="dynamic_int8")
             dref = dynamic_reference(x, q, scale, g) + bias
@@ -119,13 +154,18 @@ def test_simd_levels_agree_with_scalar(cfg, level):
     out = {}
     for lvl in LEVELS:
         aimass.set_simd_level(lvl)
-        out[lvl] = {kn: compress.linear(x, qt, kernel=kn) for kn in ("weight_only", "dequant_sgemm")}
+        out[lvl] = {kn: compress.linear(x, qt, kernel=kn, activation_precision="fp32")
+                    for kn in ("weight_only", "dequant_sgemm")}
+        out[lvl]["weight_only_int16"] = compress.linear(x, qt, kernel="weight_only")
         if cfg[3] == 0 or cfg[3] % 64 == 0:
             out[lvl]["dynamic_int8"] = compress.linear(x, qt, kernel="dynamic_int8")
     for lvl in LEVELS[1:]:
         for kn, y in out[lvl].items():
             s = out["scalar"][kn]
             np.testing.assert_allclose(y, s, rtol=0, atol=1e-5 * np.abs(s).max(), err_msg=f"{lvl} {kn}")
+        if qlin.packed(qt).plan(9, "weight_only")[1] == "int16":
+            # exact integer dot products: every level gives the same bits
+            np.testing.assert_array_equal(out[lvl]["weight_only_int16"], out["scalar"]["weight_only_int16"])
 
 
 def test_auto_thresholds_and_threads_deterministic(level):
@@ -173,7 +213,8 @@ def test_pack_linear_raw_arrays_and_1d_x():
     p = qlin.pack_linear(qt.data, qt.scale, bits=8, shape=(16, 64))
     assert repr(p).startswith("PackedLinear(int8") and p.nbytes >= 16 * 64
     x = rng.standard_normal(64).astype(np.float32)
-    np.testing.assert_allclose(p(x), deq @ x, atol=1e-4)
+    np.testing.assert_allclose(p(x, activation_precision="fp32"), deq @ x, atol=1e-4)
+    assert (np.abs(p(x) - deq @ x) <= int16_bound(x[None], deq)[0] + 1e-5).all()
     np.testing.assert_array_equal(qlin.dequantize_weight(p), deq)
 
 
@@ -183,8 +224,11 @@ def test_zero_rows_nan_and_empty_batch():
     x[1] = rng.standard_normal(64)
     x[2, 5] = np.nan
     for kernel in ("weight_only", "dynamic_int8", "dequant_sgemm"):
-        y = compress.linear(x, qt, kernel=kernel)
-        assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all(), kernel
+        for act in ("int16", "fp32"):
+            y = compress.linear(x, qt, kernel=kernel, activation_precision=act)
+            assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all(), (kernel, act)
+    x[2, 5] = np.inf
+    assert np.isnan(compress.linear(x, qt, kernel="weight_only")[2]).all()
     assert compress.linear(np.zeros((0, 64), np.float32), qt).shape == (0, 16)
 
 
@@ -203,6 +247,12 @@ def test_bad_inputs():
         compress.linear(x, qt, np.ones(15, np.float32))
     with pytest.raises(ValueError, match="kernel"):
         compress.linear(x, qt, kernel="fast")
+    with pytest.raises(ValueError, match="activation_precision"):
+        compress.linear(x, qt, activation_precision="int8")
+    with pytest.raises(ValueError, match="activation_precision"):
+        qlin.packed(qt).plan(1, activation_precision="bf16")
+    with pytest.raises(ValueError, match="activation_precision"):
+        aimass._C.qlinear_linear(qlin.packed(qt)._handle, x, None, "auto", "int4")
     with pytest.raises(ValueError, match="symmetric"):
         compress.linear(x, QT(qt.data, qt.scale, 8, None, (16, 64), "channel", scheme="asymmetric",
                               zero_point=np.zeros(16, np.int32)))
@@ -256,3 +306,86 @@ def test_quantized_tensor_caches_its_packed_weight():
     w = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
     for q in (compress.quantize(w, bits=8), compress.quantize(w, bits=4, granularity="group", group_size=128)):
         assert qlin.packed(q) is qlin.packed(q)  # prepacked once, not per call
+
+
+@pytest.mark.parametrize("lvl", LEVELS)
+def test_odd_shapes_every_tile_and_tail(lvl, level):
+    """Tails in M, N and K for the tiled kernels (VNNI panels: 6-row x 64-column tiles over
+    16-column panels; int16 weight-only: 1x8 / 2x4 / 4x2 tiles), at 1 and 2 threads."""
+    aimass.set_simd_level(lvl)
+    n0 = aimass.num_threads()
+    try:
+        for threads in (1, 2):
+            aimass.set_num_threads(threads)
+            for i, (n, k) in enumerate([(1, 1), (15, 63), (17, 129), (63, 64), (65, 300), (130, 200)]):
+                rng, w, qt, q, scale, deq = make((8, n, k, 0), seed=10 + i)
+                for m in (1, 2, 3, 4, 5, 6, 7, 13):
+                    x = rng.standard_normal((m, k)).astype(np.float32)
+                    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+                    y = compress.linear(x, qt, kernel="dynamic_int8")
+                    dref = dynamic_reference(x, q, scale, 0)
+                    np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max() + 1e-30,
+                                               err_msg=f"dynamic N={n} K={k} M={m}")
+                    y16 = compress.linear(x, qt, kernel="weight_only")
+                    np.testing.assert_array_equal(y16, int16_reference(x, q, scale), err_msg=f"N={n} K={k} M={m}")
+                    assert (np.abs(y16 - ref) <= int16_bound(x, deq) + 1e-5 * np.abs(ref).max()).all()
+    finally:
+        aimass.set_num_threads(n0)
+
+
+def test_plan_reports_the_activation_format():
+    rng, w, qt, q, scale, deq = make((8, 64, 256, 0))
+    p = qlin.packed(qt)
+    assert p.plan(1, "weight_only", "fp32") == ("weight_only", "fp32")
+    assert p.plan(1, "dynamic_int8") == ("dynamic_int8", "int8")
+    assert p.plan(1, "dequant_sgemm") == ("dequant_sgemm", "fp32")
+    if BEST != "scalar":
+        assert p.plan(1) == ("weight_only", "int16") and p.plan(256)[1] == "int8"
+    p4 = qlin.packed(make((4, 64, 256, 128))[2])
+    assert p4.plan(1, "weight_only") == ("weight_only", "fp32")  # int4: no int16 path
+
+
+def test_int16_activations_outlier_rows():
+    """A row with one large outlier: the int16 rounding error scales with max|x_row| and
+    stays within the documented bound; the fp32 path is exact."""
+    rng, w, qt, q, scale, deq = make((8, 48, 512, 0), seed=7)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x[1, 17] = 200.0
+    x[2] *= 1e-30  # tiny but nonzero: the per-row scale adapts
+    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+    y16 = compress.linear(x, qt, kernel="weight_only")
+    y32 = compress.linear(x, qt, kernel="weight_only", activation_precision="fp32")
+    np.testing.assert_array_equal(y16, int16_reference(x, q, scale))
+    assert (np.abs(y16 - ref) <= int16_bound(x, deq) + 1e-5 * np.abs(ref).max(axis=1, keepdims=True)).all()
+    np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(axis=1, keepdims=True).max())
+
+
+@pytest.mark.skipif(BEST != "avx512", reason="needs AVX-512 VNNI")
+def test_dynamic_panels_built_when_first_call_ran_at_a_capped_level(level):
+    rng, w, qt, q, scale, deq = make((8, 40, 192, 0), seed=11)
+    p = qlin.packed(qt)
+    x = rng.standard_normal((9, 192)).astype(np.float32)
+    before = p.nbytes
+    aimass.set_simd_level("avx2")
+    a = compress.linear(x, p, kernel="dynamic_int8")
+    aimass.set_simd_level("avx512")
+    b = compress.linear(x, p, kernel="dynamic_int8")
+    dref = dynamic_reference(x, q, scale, 0)
+    for y in (a, b):
+        np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
+    assert p.nbytes >= before + 48 * 256  # the VNNI panel copy (N rounded to 16 x Kp) is counted
+
+
+def test_int16_path_limits_to_k_65536():
+    """Lane sums of the VNNI planes stay below 2^31 only while Kp <= 65536: longer rows
+    run the fp32-activation kernel (exact)."""
+    for k, want in ((65536, "int16"), (65537, "fp32")):
+        rng, w, qt, q, scale, deq = make((8, 3, k, 0), seed=k)
+        p = qlin.packed(qt)
+        assert p.plan(1, "weight_only") == ("weight_only", want)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        y = compress.linear(x, p, kernel="weight_only")
+        ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+        if want == "int16":
+            np.testing.assert_array_equal(y, int16_reference(x, q, scale))
+        np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())

@@ -68,3 +68,26 @@ def test_bad_arguments():
     layer = quantize_model(nn.Linear(64, 4), bits=8)
     with pytest.raises(ValueError, match="in_features=64"):
         layer(torch.randn(2, 63))
+
+
+def test_activation_precision_option():
+    from aimass import compress
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 48)
+    q16 = quantize_model(nn.Linear(256, 48), bits=8)
+    q16.load_state_dict(quantize_model(lin, bits=8).state_dict())
+    q32 = QuantizedLinear.from_linear(lin, bits=8, activation_precision="fp32")
+    assert "activation_precision='int16'" in repr(q16) and q32.activation_precision == "fp32"
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    y16, y32 = q16(x), q32(x)
+    assert y16.shape == (2, 3, 48) and not y16.requires_grad
+    # the module's fast path is the same computation as compress.linear
+    torch.testing.assert_close(y16, compress.linear(x.detach(), q16.packed(), q16.bias), rtol=0, atol=0)
+    torch.testing.assert_close(y32, compress.linear(x.detach(), q32.packed(), q32.bias, activation_precision="fp32"),
+                               rtol=0, atol=0)
+    # int16 rounding: |dy| <= max|x_row| / 65534 * sum|w_row|
+    w = torch.from_numpy(compress.dequantize_weight(q32.packed())).double()
+    bound = x.detach().abs().amax(-1, keepdim=True).double() / 65534 * w.abs().sum(1) + 1e-5
+    assert ((y16.double() - y32.double()).abs() <= bound).all()
+    with pytest.raises(ValueError, match="activation_precision"):
+        quantize_model(nn.Linear(64, 4), bits=8, activation_precision="int8")

@@ -20,6 +20,22 @@ enum class LinearKernel : int {
   DequantSgemm = 3 // dequantize panels of W to fp32, then aimass::sgemm
 };
 const char* linear_kernel_name(LinearKernel k);
+
+// How the weight_only kernel feeds activations (dynamic_int8 always quantizes them to
+// int8 per row; dequant_sgemm always uses fp32).
+enum class ActivationPrecision : int {
+  // Default. Each x row is rounded to 16-bit integers, q = rint(x * 32767 / max|x_row|),
+  // and multiplied with the int8 weights in exact integer arithmetic (AVX-512 VNNI
+  // vpdpbusd on two byte planes; AVX2 vpmaddwd). Extra error: at most max|x_row| / 65534
+  // per x element (docs/numerics.md), ~250x below the int8 weight rounding.
+  // Used for int8 per-channel (and per-tensor) weights with K <= 65536; other weights
+  // run the fp32 path.
+  Int16 = 0,
+  FP32 = 1  // fp32 activations: no activation rounding at all
+};
+const char* activation_precision_name(ActivationPrecision a);
+// "int16", "fp32"; throws ValueError otherwise.
+ActivationPrecision parse_activation_precision(const char* name);
 // "auto", "weight_only", "dynamic_int8", "dequant_sgemm"; throws ValueError otherwise.
 LinearKernel parse_linear_kernel(const char* name);
 
@@ -53,9 +69,17 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y);
 // Same with an explicit kernel choice (Auto behaves as above).
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
-            LinearKernel kernel);
+            LinearKernel kernel, ActivationPrecision activations = ActivationPrecision::Int16);
 // The kernel linear() would use for M rows at the current SIMD level.
 LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M);
+// What linear() runs for M rows with these arguments: the kernel and the activation
+// format it uses ("fp32", "int16" or "int8").
+struct LinearPlan {
+  LinearKernel kernel;
+  const char* activations;
+};
+LinearPlan plan_linear(const PackedLinear& w, int64_t M, LinearKernel kernel = LinearKernel::Auto,
+                       ActivationPrecision activations = ActivationPrecision::Int16);
 
 // Reference: dequantize the canonical layout into out[N, K] (fp32).
 void dequantize_linear_weight(int bits, int64_t N, int64_t K, int64_t group_size, const void* data,

@@ -33,6 +33,13 @@ struct WeightView {
   const int8_t* wq;
   const int32_t* colsum;
   const float* corr;
+  // wvnni (dynamic path, per-channel, built where the level has dynamic_panels): int8
+  // [ceil(N/16)][Kp/4][16][4]: panel p holds columns 16p..16p+15, 4 consecutive k per
+  // int32 lane, so one 64-byte load is a vpdpbusd operand for 16 columns (zero padded).
+  const int8_t* wvnni;
+  // wsum (bits 8, per-channel): [N] sum of each int8 weight row (the int16-activation
+  // kernels remove the +128 offset of their high byte plane with it).
+  const int32_t* wsum;
 };
 
 // Weight-only: y[m, n] for n in [n0, n1), all m < M. x rows have stride ldx and, for
@@ -56,6 +63,18 @@ using DynamicFn = void (*)(const WeightView& w, const int8_t* qx, const float* s
 using DynamicInt4Fn = void (*)(const WeightView& w, const int8_t* qxp, const int32_t* qsum, const float* sx,
                                int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+// int16 activations for the weight-only int8 kernels (per-channel weights, Kp <= 65536).
+// quant_rows16 quantizes each row with sx = amax / 32767, q = clamp(rint(x * (32767 /
+// amax)), -32767, 32767) (same NaN/Inf rule as QuantRowsFn) into 2 * Kp bytes per row
+// (zero padded) in the layout its level's kernel reads: int16 q [M, Kp] (scalar, AVX2), or two u8 planes [M][2][Kp] (VNNI:
+// lo = q & 0xFF, then hi = (q >> 8) + 128). The kernel computes the exact integer dot
+// d = sum_k q[m, k] * w[n, k] and y[m, n] = float(double(d) * double(sx[m] * scale[n])),
+// so every level gives bit-identical results.
+using QuantRows16Fn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa,
+                               float* sx);
+using WeightOnly16Fn = void (*)(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y,
+                                int64_t ldy, int64_t n0, int64_t n1);
+
 struct KernelTable {
   WeightOnlyFn weight_only_int8;
   WeightOnlyFn weight_only_int4;
@@ -65,6 +84,11 @@ struct KernelTable {
   int wo_chunk_int8;  // group length must be a multiple of this (per-channel always ok)
   int wo_chunk_int4;
   DynamicInt4Fn dynamic_int4;  // null where the level has none
+  // Per-channel dynamic GEMM over w.wvnni (outer-product tiles, no horizontal sums);
+  // n0 must be a multiple of 16. Null where the level has none.
+  DynamicFn dynamic_panels;
+  QuantRows16Fn quant_rows16;
+  WeightOnly16Fn weight_only_int8_a16;
 };
 
 const KernelTable& scalar_kernels();

@@ -273,10 +273,111 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
   else dyn_range<true>(w, qx, sx, M, y, ldy, n0, n1);
 }
 
+// ---------------------------------------------------------------- weight-only int8, int16 activations
+// vpmaddwd on int16 q x int16-widened weights: pair sums <= 2 * 32767 * 127, exact in int32.
+// A lane gathers 2 products per 16 k, so K is walked in chunks of 2048 (<= 1.07e9 per
+// lane) and each chunk's lanes are summed into an int64 total.
+void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-32767), hi = _mm256_set1_epi32(32767);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    int16_t* q = static_cast<int16_t*>(qa) + m * Kp;
+    __m256 amax = zero, poison = zero;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + k);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v, absmask));
+      poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+    }
+    float a = hmax(amax), p = hsum(poison);
+    for (; k < K; ++k) {
+      const float av = xr[k] < 0 ? -xr[k] : xr[k];
+      a = a > av ? a : av;
+      p += xr[k] * 0.f;
+    }
+    if (p != 0.f || p != p) {
+      sx[m] = __builtin_nanf("");
+      a = 0.f;
+    } else {
+      sx[m] = a / 32767.f;
+    }
+    const float invs = a > 0.f ? 32767.f / a : 0.f;
+    const __m256 inv = _mm256_set1_ps(invs);
+    k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));  // nearest even
+      r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                       _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+    for (; k < K; ++k) {
+      int r = _mm_cvtss_si32(_mm_set_ss(xr[k] * invs));
+      r = r < -32767 ? -32767 : (r > 32767 ? 32767 : r);
+      q[k] = static_cast<int16_t>(r);
+    }
+    for (; k < Kp; ++k) q[k] = 0;
+  }
+}
+
+inline int64_t hsum_i64(__m256i v) {
+  const __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
+}
+
+template <int MR, int NR>
+inline void wo16_tile(const WeightView& w, const int16_t* q, const float* sx, float* y, int64_t ldy, int64_t n) {
+  constexpr int64_t kChunk = 2048;
+  const int64_t Kp = w.Kp;
+  const int8_t* wr = w.w8 + n * Kp;
+  int64_t tot[MR][NR] = {};
+  for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
+    const int64_t k1 = Kp - k0 < kChunk ? Kp : k0 + kChunk;
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      __m256i xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * Kp + k));
+      for (int j = 0; j < NR; ++j) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * Kp + k)));
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv[i], wv));
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) tot[i][j] += hsum_i64(acc[i][j]);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      y[i * ldy + n + j] =
+          static_cast<float>(static_cast<double>(tot[i][j]) * static_cast<double>(sx[i] * w.scale[n + j]));
+}
+
+template <int MR, int NR>
+inline void wo16_cols(const WeightView& w, const int16_t* q, const float* sx, float* y, int64_t ldy, int64_t n0,
+                      int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) wo16_tile<MR, NR>(w, q, sx, y, ldy, n);
+  for (; n < n1; ++n) wo16_tile<MR, 1>(w, q, sx, y, ldy, n);
+}
+
+void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  const int16_t* q = static_cast<const int16_t*>(qa);
+  // 16 ymm: MR * NR accumulators + MR activations + 1 weight.
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) wo16_cols<2, 4>(w, q + m * w.Kp, sx + m, y + m * ldy, ldy, n0, n1);
+  if (m < M) wo16_cols<1, 4>(w, q + m * w.Kp, sx + m, y + m * ldy, ldy, n0, n1);
+}
+
 }  // namespace
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128, nullptr};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128, nullptr, nullptr,
+                             quant_rows16, weight_only_int8_a16};
   return t;
 }
 

@@ -87,10 +87,49 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
   }
 }
 
+void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    int16_t* q = static_cast<int16_t*>(qa) + m * Kp;
+    float amax = 0.f, poison = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      amax = std::fmax(amax, std::fabs(xr[k]));
+      poison += xr[k] * 0.f;
+    }
+    if (poison != 0.f || std::isnan(poison)) {
+      sx[m] = NAN;
+      amax = 0.f;
+    } else {
+      sx[m] = amax / 32767.f;
+    }
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = std::fmin(32767.f, std::fmax(-32767.f, std::nearbyint(xr[k] * inv)));
+      q[k] = static_cast<int16_t>(r);
+    }
+    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
+  }
+}
+
+void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  const int16_t* q = static_cast<const int16_t*>(qa);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w.w8 + n * w.Kp;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* qr = q + m * w.Kp;
+      int64_t dot = 0;
+      for (int64_t k = 0; k < w.K; ++k) dot += static_cast<int32_t>(qr[k]) * wr[k];
+      y[m * ldy + n] = static_cast<float>(static_cast<double>(dot) * static_cast<double>(sx[m] * w.scale[n]));
+    }
+  }
+}
+
 }  // namespace
 
 const KernelTable& scalar_kernels() {
-  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1, nullptr};
+  static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1, nullptr, nullptr,
+                             quant_rows16, weight_only_int8_a16};
   return t;
 }
 

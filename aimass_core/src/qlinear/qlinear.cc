@@ -22,15 +22,16 @@ using detail::KernelTable;
 using detail::WeightView;
 
 // Shape thresholds for LinearKernel::Auto. Measured (bench/bench_qlinear.py crossover
-// sweep and a 1-thread sweep) at N = K = 4096 on an AMD EPYC with AVX-512 VNNI shared with
-// other jobs (load 5-8 on 2 cores, so +-30% noise); times in ms, 1 thread:
-//   M        1     2     4     8     16    32
-//   fp32   3.33  6.58  7.54  8.47  11.1  16.5   (torch / OpenBLAS sgemm)
-//   i8 wo  1.35  1.46  1.92  2.99  5.97  10.4   i8 dyn 0.62 0.78 1.23 1.35 2.33 3.58
-//   i4 wo  0.67  0.87  2.02  3.51  6.59  13.0   i4 dyn 0.77 0.81 1.38 1.85 3.03 5.28
-//  * weight-only keeps fp32 activations (no extra error); it is 2.5-5x faster than fp32
-//    below these thresholds, and the dynamic int8 GEMM overtakes it from M ~ 4 (int4) and
-//    M ~ 2-4 (int8). int8 keeps weight-only up to M = 7 for accuracy: still >= 2.8x fp32.
+// sweep) at N = K = 4096, 1 thread, on an AMD EPYC with AVX-512 VNNI under heavy load from
+// other jobs (load 7-9 on 2 cores, so +-50% noise; docs/qlinear.md has the table); ms:
+//   M              1     2     4     8     16
+//   fp32         8.25  11.9  23.8  28.5  32.4   (torch / OpenBLAS sgemm)
+//   i8 wo int16  0.87  1.05  1.70  6.71  9.42   i8 wo fp32 1.77 1.76 2.67 7.50 9.87
+//   i8 dyn       0.73  0.54  0.90  1.34  1.80
+//   i4 wo        1.14  1.44  3.84  8.19  11.0   i4 dyn 1.06 0.99 5.67 4.77 7.42
+//  * weight-only has no (fp32) or a tiny (int16, max|x_row|/65534) activation error; it is
+//    ~10x faster than fp32 below these thresholds, and the dynamic int8 GEMM overtakes it
+//    from M ~ 2-4. int8 keeps weight-only up to M = 7 for accuracy.
 //  * int4 weight-only approaches fp32 speed by M ~ 32, so it is never used there.
 //  * dequantize + sgemm never wins while a SIMD kernel exists (it pays a full dequant).
 //  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
@@ -51,11 +52,13 @@ struct PackedLinearImpl {
   std::vector<int8_t> w8;
   std::vector<uint8_t> w4;
   std::vector<float> scale;
+  std::vector<int32_t> wsum;  // bits 8: row sums of the int8 weights (int16-activation path)
   // Built on first use of the dynamic path (int4 weights unpacked to int8, column sums).
   mutable std::once_flag dyn_once;
   mutable std::vector<int8_t> wq4;
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
+  mutable std::vector<int8_t> wvnni;
   mutable WeightView dyn_view{};
 
   WeightView dynamic_view() const {
@@ -88,6 +91,20 @@ struct PackedLinearImpl {
       dyn_view.wq = wq;
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
+      // VNNI panels for the outer-product kernel (see kernels.h), built whenever the CPU
+      // has the level (a level capped now may be raised later: set_simd_level).
+      const CpuFeatures& f = cpu_features();
+      const bool cpu_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+      if (view.per_channel && cpu_avx512 && detail::avx512_kernels().dynamic_panels) {
+        const int64_t np = (N + 15) / 16;
+        wvnni.assign(static_cast<size_t>(np * 16 * Kp), 0);
+        for (int64_t n = 0; n < N; ++n) {
+          int8_t* panel = wvnni.data() + (n / 16) * 16 * Kp + (n % 16) * 4;
+          const int8_t* src = wq + n * Kp;
+          for (int64_t k = 0; k < Kp; k += 4) std::memcpy(panel + k * 16, src + k, 4);
+        }
+        dyn_view.wvnni = wvnni.data();
+      }
     });
     return dyn_view;
   }
@@ -100,8 +117,9 @@ int64_t PackedLinear::out_features() const { return impl_->view.N; }
 int64_t PackedLinear::in_features() const { return impl_->view.K; }
 int64_t PackedLinear::group_size() const { return impl_->view.per_channel ? 0 : impl_->view.G; }
 int64_t PackedLinear::nbytes() const {
-  return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 +
-                              impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4);
+  return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 + impl_->wsum.size() * 4 +
+                              impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4 +
+                              impl_->wvnni.size());
 }
 
 const char* linear_kernel_name(LinearKernel k) {
@@ -111,6 +129,17 @@ const char* linear_kernel_name(LinearKernel k) {
     case LinearKernel::DequantSgemm: return "dequant_sgemm";
     default: return "auto";
   }
+}
+
+const char* activation_precision_name(ActivationPrecision a) {
+  return a == ActivationPrecision::FP32 ? "fp32" : "int16";
+}
+
+ActivationPrecision parse_activation_precision(const char* name) {
+  const std::string s = name ? name : "";
+  if (s == "int16") return ActivationPrecision::Int16;
+  if (s == "fp32") return ActivationPrecision::FP32;
+  throw ValueError("activation_precision must be 'int16' or 'fp32'; got '" + s + "'");
 }
 
 LinearKernel parse_linear_kernel(const char* name) {
@@ -144,6 +173,11 @@ inline int int4_canonical(const uint8_t* data, int64_t e) {
   const int v = (e & 1) ? (data[e >> 1] >> 4) : (data[e >> 1] & 15);
   return v >= 8 ? v - 16 : v;
 }
+
+// The int16-activation weight-only kernels: int8 per-channel weights; lane sums of the
+// VNNI kernel stay below 2^31 while 255 * 127 * Kp does (Kp <= 65536).
+constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
+bool int16_supported(const WeightView& v) { return v.bits == 8 && v.per_channel && v.Kp <= kInt16MaxKp; }
 
 bool dynamic_supported(const WeightView& v) {
   return (v.per_channel || v.G % 64 == 0) && v.Kp <= kDynamicMaxKp;
@@ -181,6 +215,12 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
                      "] = -128 is outside the symmetric int8 range [-127, 127]");
       std::memcpy(impl->w8.data() + n * v.Kp, src, static_cast<size_t>(K));
     }
+    impl->wsum.assign(static_cast<size_t>(N), 0);
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t acc = 0;  // |sum| <= 127 * K
+      for (int64_t k = 0; k < K; ++k) acc += d[n * K + k];
+      impl->wsum[n] = acc;
+    }
   } else {
     const uint8_t* d = static_cast<const uint8_t*>(data);
     impl->w4.assign(static_cast<size_t>(N * v.Kp / 2), 0x88);  // padding decodes to 0
@@ -199,6 +239,7 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.w8 = impl->w8.empty() ? nullptr : impl->w8.data();
   v.w4 = impl->w4.empty() ? nullptr : impl->w4.data();
   v.scale = impl->scale.data();
+  v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -228,6 +269,25 @@ int64_t grain_rows(int64_t N, int64_t M) {
   // Enough rows per task to amortise the dispatch; multiples of 4 keep the 4-row tiles whole.
   int64_t g = std::max<int64_t>(16, 4096 / std::max<int64_t>(M, 1) / 4 * 4);
   return std::min<int64_t>(g, 256);
+}
+
+// Weight-only int8 with int16 activations: quantize the rows (2 * Kp bytes each, in
+// the level's layout), then split N over the pool.
+void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const KernelTable& t = table_for(simd_level());
+  std::vector<uint8_t> qa(static_cast<size_t>(M * 2 * v.Kp));
+  std::vector<float> sx(static_cast<size_t>(M));
+  if (M <= 16) {
+    t.quant_rows16(x, v.K, M, v.K, v.Kp, qa.data(), sx.data());  // a few microseconds: no dispatch
+  } else {
+    parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
+    });
+  }
+  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) {
+    t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+  });
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -305,6 +365,14 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
   parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
   });
+  if (t.dynamic_panels && v.wvnni) {
+    // Split N in 16-column panels: each thread reuses its weight panels over all rows.
+    const int64_t np = (v.N + 15) / 16;
+    parallel_for(0, np, 4, [&](int64_t b, int64_t e) {
+      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, b * 16, std::min(e * 16, v.N));
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
   parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(v, qx.data(), sx.data(), M, y, v.N, b, e); });
 }
@@ -348,15 +416,28 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
   linear(w, x, M, bias_or_null, y, LinearKernel::Auto);
 }
 
+LinearPlan plan_linear(const PackedLinear& w, int64_t M, LinearKernel kernel, ActivationPrecision activations) {
+  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
+  switch (kernel) {
+    case LinearKernel::WeightOnly:
+      return {kernel, activations == ActivationPrecision::Int16 && int16_supported(w.impl().view) ? "int16" : "fp32"};
+    case LinearKernel::DynamicInt8: return {kernel, "int8"};
+    default: return {LinearKernel::DequantSgemm, "fp32"};
+  }
+}
+
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
-            LinearKernel kernel) {
+            LinearKernel kernel, ActivationPrecision activations) {
   AIMASS_CHECK(M >= 0, ValueError, "linear: M (rows of x) must be >= 0, got ", M);
   if (M == 0) return;
   AIMASS_CHECK(x != nullptr && y != nullptr, ValueError, "linear: x and y must not be null");
   const PackedLinearImpl& p = w.impl();
-  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
-  switch (kernel) {
-    case LinearKernel::WeightOnly: run_weight_only(p, x, M, y); break;
+  const LinearPlan plan = plan_linear(w, M, kernel, activations);
+  switch (plan.kernel) {
+    case LinearKernel::WeightOnly:
+      if (plan.activations[0] == 'i') run_weight_only_int16(p, x, M, y);
+      else run_weight_only(p, x, M, y);
+      break;
     case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
     default: run_dequant_sgemm(p, x, M, y); break;
   }

@@ -5,7 +5,10 @@ Weights are symmetric int8 (per-channel, per-tensor or grouped) or symmetric int
 once into a C++ ``PackedLinear`` (cached on the quantized weight object, like
 FBGEMM's packed weights) and every call picks a kernel by shape:
 
-* ``weight_only``   fp32 activations times weights widened on the fly (small M);
+* ``weight_only``   weights widened on the fly (small M); int8 per-channel weights take
+                    activations rounded to 16-bit integers and exact integer dot products
+                    (``activation_precision="int16"``, the default: extra error at most
+                    max|x_row| / 65534 per element) or exact fp32 activations ("fp32");
 * ``dynamic_int8``  activations quantized per row to int8, int8 x int8 dot products
                     with int32 accumulation (larger M; extra error, see docs/qlinear.md);
 * ``dequant_sgemm`` weights dequantized panel by panel, then BLAS sgemm (fallback).
@@ -23,6 +26,7 @@ from .. import _C
 from .._array import as_numpy, float32_array, is_torch, like
 
 KERNELS = ("auto", "weight_only", "dynamic_int8", "dequant_sgemm")
+ACTIVATION_PRECISIONS = ("int16", "fp32")
 _QT_FIELDS = ("data", "scale", "zero_point", "bits", "group_size", "shape", "scheme", "granularity", "axis")
 
 
@@ -59,8 +63,14 @@ class PackedLinear:
         """The kernel ``linear`` picks for ``m`` rows at the current SIMD level."""
         return _C.qlinear_choose_kernel(self._handle, int(m))
 
-    def __call__(self, x, bias=None, *, kernel: str = "auto"):
-        return linear(x, self, bias, kernel=kernel)
+    def plan(self, m: int, kernel: str = "auto", activation_precision: str = "int16") -> tuple:
+        """``(kernel, activations)`` that ``linear`` runs for ``m`` rows: activations is
+        'fp32', 'int16' or 'int8' (how x enters the dot products)."""
+        _check_options(kernel, activation_precision)
+        return _C.qlinear_plan(self._handle, int(m), kernel, activation_precision)
+
+    def __call__(self, x, bias=None, *, kernel: str = "auto", activation_precision: str = "int16"):
+        return linear(x, self, bias, kernel=kernel, activation_precision=activation_precision)
 
     def __repr__(self) -> str:
         g = "per-channel" if self.group_size == 0 else f"group_size={self.group_size}"
@@ -148,15 +158,25 @@ def _is_cuda_array(x: Any) -> bool:
     return hasattr(x, "__cuda_array_interface__")
 
 
-def linear(x, qweight, bias=None, *, kernel: str = "auto"):
+def _check_options(kernel, activation_precision):
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if activation_precision not in ACTIVATION_PRECISIONS:
+        raise ValueError(f"activation_precision must be one of {ACTIVATION_PRECISIONS}, got {activation_precision!r}")
+
+
+def linear(x, qweight, bias=None, *, kernel: str = "auto", activation_precision: str = "int16"):
     """``y = x @ dequant(W).T + bias`` with fp32 accumulation and fp32 output.
 
     x: [..., K] float32/float16/bfloat16 (numpy, torch, DLPack), C-contiguous;
     qweight: PackedLinear or QuantizedTensor (symmetric int8/int4, axis 0);
     bias: [N] float or None; kernel: 'auto' (by shape), 'weight_only', 'dynamic_int8',
-    'dequant_sgemm'. Returns float32 [..., N], a torch tensor when x is one (zero-copy)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    'dequant_sgemm'. activation_precision: how the weight_only kernel takes x for int8
+    per-channel weights: 'int16' (default; each row rounded to 16-bit integers, exact
+    integer dot products, extra error <= max|x_row| / 65534 per element) or 'fp32'
+    (exact). dynamic_int8 always rounds x to int8, dequant_sgemm always uses fp32; see
+    ``PackedLinear.plan``. Returns float32 [..., N], a torch tensor when x is one (zero-copy)."""
+    _check_options(kernel, activation_precision)
     p = packed(qweight)
     if _is_cuda_array(x):
         from . import _linear_cuda
@@ -177,7 +197,7 @@ def linear(x, qweight, bias=None, *, kernel: str = "auto"):
         b = float32_array(bias, "bias")
         if b.shape != (p.out_features,):
             raise ValueError(f"bias must have shape ({p.out_features},), got {tuple(b.shape)}")
-    y = _C.qlinear_linear(p._handle, x2, b, kernel)
+    y = _C.qlinear_linear(p._handle, x2, b, kernel, activation_precision)
     return like(y.reshape(*lead, p.out_features), x)
 
 
