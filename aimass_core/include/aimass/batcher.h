@@ -88,9 +88,10 @@ class Batcher {
   // rows of output i; both must stay valid until the request is done.
   // timeout_us < 0: no deadline. notify: also report the id to wait_completed().
   // Throws QueueFullError, ClosedError, ValueError (bad rows / buffer counts).
-  // run_inline: when the queue is empty and the executor idle, run the request on
-  // the calling thread (a blocking caller then pays no thread hand-off); the
-  // call returns after the request finished. Otherwise it is queued as usual.
+  // run_inline: when the queue is empty, the executor idle and the last batch held
+  // one request (no evident load), run the request on the calling thread (a
+  // blocking caller then pays no thread hand-off); the call returns after the
+  // request finished. Otherwise it is queued as usual.
   std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                   int priority = 0, int64_t timeout_us = -1, bool notify = false,
                                   bool run_inline = false);
@@ -118,6 +119,9 @@ class Batcher {
   bool stopped_ = false;
   bool busy_ = false;  // someone (scheduler or an inline caller) is running the executor
   int64_t last_batch_requests_ = 0;
+  int64_t wake_at_ = 1;    // queued requests at which submit() wakes the scheduler
+  int64_t wake_rows_ = 1;  // ... or queued rows
+  int64_t heap_rows_ = 0;  // rows in the queue
   std::condition_variable done_cv_;
   std::deque<uint64_t> completed_;
   BatcherStats stats_;

@@ -112,6 +112,7 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
     r->has_deadline_ = true;
     r->deadline_ = r->enqueued_ + std::chrono::microseconds(timeout_us);
   }
+  bool wake = true;
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closing_) {
@@ -125,17 +126,23 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
     }
     r->id_ = next_id_++;
     stats_.submitted++;
-    if (run_inline && heap_.empty() && !busy_) {
+    // Inline only without evident load: when the last batch held several requests,
+    // others are about to come back, and queueing lets them share one batch.
+    if (run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1) {
       busy_ = true;
       stats_.inline_runs++;
     } else {
       run_inline = false;
       heap_.push_back(r);
       std::push_heap(heap_.begin(), heap_.end(), Later());
+      heap_rows_ += rows;
+      // While the scheduler gathers a batch it asks to be woken only once enough
+      // requests (or rows) are in: one futex wake per batch instead of one per request.
+      wake = static_cast<int64_t>(heap_.size()) >= wake_at_ || heap_rows_ >= wake_rows_;
     }
   }
   if (!run_inline) {
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
     return r;
   }
   // The executor is ours: run on this thread (an idle executor never makes a lone request wait).
@@ -198,6 +205,7 @@ void Batcher::loop() {
         const auto& top = heap_.front();
         if (top->has_deadline_ && now >= top->deadline_) {
           std::pop_heap(heap_.begin(), heap_.end(), Later());
+          heap_rows_ -= heap_.back()->rows_;
           expired.push_back(std::move(heap_.back()));
           heap_.pop_back();
           continue;
@@ -206,6 +214,7 @@ void Batcher::loop() {
         if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
+        heap_rows_ -= heap_.back()->rows_;
         batch.push_back(std::move(heap_.back()));
         heap_.pop_back();
         if (rows >= opts_.max_batch_size) break;
@@ -220,14 +229,15 @@ void Batcher::loop() {
       Clock::time_point oldest = batch.front()->enqueued_;
       for (const auto& r : batch) oldest = std::min(oldest, r->enqueued_);
       const auto until = oldest + std::chrono::microseconds(opts_.max_queue_delay_us);
-      const int64_t target = std::max<int64_t>(last_batch_requests_, 2);
+      const int64_t target = std::max<int64_t>((last_batch_requests_ + 1) / 2, 2);
       while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_) {
-        if (cv_.wait_until(lk, until) == std::cv_status::timeout) {
-          take();
-          break;
-        }
+        wake_at_ = std::max<int64_t>(1, target - static_cast<int64_t>(batch.size()));
+        wake_rows_ = std::max<int64_t>(1, opts_.max_batch_size - rows);
+        const bool timed_out = cv_.wait_until(lk, until) == std::cv_status::timeout;
         take();
+        if (timed_out) break;
       }
+      wake_at_ = wake_rows_ = 1;
     }
     stats_.queue_depth = static_cast<int64_t>(heap_.size());
     busy_ = true;
