@@ -124,6 +124,10 @@ struct Ticket {
 void bind_runtime(py::module_& parent) {
   auto m = parent.def_submodule("runtime", "inference runtime engine (use aimass.runtime)");
   m.attr("FORMAT_VERSION") = rt::kFormatVersion;
+  // Rows up to which fp32 Linear layers use the packed small-M kernel instead of sgemm
+  // (tests and bench/bench_runtime.py compare both; 0 = off). Returns the previous value.
+  m.def("set_packed_max_rows", &rt::set_packed_max_rows, py::arg("rows"));
+  m.def("packed_max_rows", &rt::packed_max_rows);
 
   py::class_<rt::Model, std::shared_ptr<rt::Model>>(m, "Model")
       .def_static("load", &rt::Model::load, py::arg("path"), nogil())

@@ -197,7 +197,7 @@ void build(PlanImpl& p, const Model& m) {
                      shape_str(wt.shape), " does not match input features ", s.K);
       }
       s.b = f32_param(m, n, "bias", {s.N}, false);
-      if (s.kind == Kind::Linear && ops::packed_max_rows() > 0)
+      if (s.kind == Kind::Linear && packed_max_rows() > 0)
         s.packed = std::make_shared<ops::PackedLinear>(s.w, s.b, s.N, s.K);
       out_row = row;
       out_row.back() = s.N;

@@ -1,6 +1,7 @@
 #include "runtime/ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include "aimass/blas.h"
 #include "aimass/error.h"
 #include "aimass/parallel.h"
+#include "aimass/runtime.h"
 #include "runtime/gemv.h"
 #include "runtime/packed_gemm.h"
 
@@ -30,7 +32,6 @@ namespace {
 
 // Grain sizes: enough work per chunk that the pool's wake-up cost is amortized.
 constexpr int64_t kElemGrain = 16384;
-constexpr int64_t kPackedMaxRowsDefault = 256;
 
 template <Act A>
 inline float apply(float v) {
@@ -122,17 +123,9 @@ int64_t PackedLinear::bytes() const {
   return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));
 }
 
-int64_t packed_max_rows() {
-  static const int64_t v = [] {
-    if (const char* e = std::getenv("AIMASS_PACKED_MAX_ROWS")) return static_cast<int64_t>(std::atoll(e));
-    return kPackedMaxRowsDefault;
-  }();
-  return v;
-}
-
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed) {
-  if (packed && R <= packed_max_rows()) {
+  if (packed && R <= runtime::packed_max_rows()) {
     packed::linear(x, R, K, packed->w, packed->b, N, act == Act::Relu, y);
     if (act == Act::None || act == Act::Relu) return;
     bias = nullptr;  // already added; the activation follows below
@@ -399,3 +392,29 @@ void binary(BinOp op, const float* a, const std::vector<int64_t>& as, const floa
 }
 
 }  // namespace aimass::runtime::ops
+
+namespace aimass::runtime {
+
+namespace {
+constexpr int64_t kPackedMaxRowsDefault = 256;
+std::atomic<int64_t> g_packed_max_rows{-1};  // -1: not read from the environment yet
+}
+
+int64_t packed_max_rows() {
+  int64_t v = g_packed_max_rows.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  v = kPackedMaxRowsDefault;
+  if (const char* e = std::getenv("AIMASS_PACKED_MAX_ROWS")) v = std::max<int64_t>(0, std::atoll(e));
+  int64_t expected = -1;
+  g_packed_max_rows.compare_exchange_strong(expected, v);
+  return g_packed_max_rows.load();
+}
+
+int64_t set_packed_max_rows(int64_t rows) {
+  AIMASS_CHECK(rows >= 0, ValueError, "packed_max_rows=", rows, " must be >= 0 (0 turns the packed kernel off)");
+  const int64_t prev = packed_max_rows();
+  g_packed_max_rows.store(rows);
+  return prev;
+}
+
+}  // namespace aimass::runtime

@@ -22,12 +22,9 @@ struct PackedLinear {
   PackedLinear& operator=(const PackedLinear&) = delete;
   int64_t bytes() const;
 };
-// Rows up to which a Linear with packed weights takes the packed kernel instead of sgemm
-// (measured crossover, bench/bench_runtime.py; AIMASS_PACKED_MAX_ROWS overrides, 0 = off).
-int64_t packed_max_rows();
 
 // y[R, N] = act(x[R, K] @ w[N, K]^T + bias). With `packed` and R <= packed_max_rows()
-// the packed kernel runs (bias and ReLU fused in its register epilogue).
+// (aimass/runtime.h) the packed kernel runs (bias and ReLU fused in its register epilogue).
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed = nullptr);
 // Bias (per row of `channels`, each `plane` long) + activation over y in place.
