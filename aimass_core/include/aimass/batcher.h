@@ -106,7 +106,13 @@ class Batcher {
 
  private:
   void loop();
+  // Runs the batch on the executor (which the caller holds: busy_), frees it, then
+  // finishes every request.
   void run_batch(std::vector<std::shared_ptr<Request>>& batch);
+  // Executes requests [first, last) of batch as one executor run; records stats unless it
+  // failed and !record_failure (a failed batch is retried one request at a time).
+  std::exception_ptr execute(std::vector<std::shared_ptr<Request>>& batch, size_t first, size_t last,
+                             bool record_failure);
   void finish(Request& r, Outcome o, std::exception_ptr err);
 
   std::shared_ptr<Executor> executor_;

@@ -146,20 +146,19 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
     return r;
   }
   // The executor is ours: run on this thread (an idle executor never makes a lone request wait).
-  if (r->has_deadline_ && Clock::now() >= r->deadline_) {
-    finish(*r, Outcome::Timeout,
-           std::make_exception_ptr(TimeoutError(detail::concat("request ", r->id_,
-                                                               " missed its deadline before it ran; it was not run"))));
-  } else {
+  if (!r->has_deadline_ || Clock::now() < r->deadline_) {
     std::vector<std::shared_ptr<Request>> one{r};
-    run_batch(one);
+    run_batch(one);  // frees the executor
+    return r;
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
     busy_ = false;
-    last_batch_requests_ = 1;
   }
   cv_.notify_all();
+  finish(*r, Outcome::Timeout,
+         std::make_exception_ptr(TimeoutError(
+             detail::concat("request ", r->id_, " missed its deadline before it ran; it was not run"))));
   return r;
 }
 
@@ -240,28 +239,26 @@ void Batcher::loop() {
       wake_at_ = wake_rows_ = 1;
     }
     stats_.queue_depth = static_cast<int64_t>(heap_.size());
-    busy_ = true;
     lk.unlock();
     for (auto& r : expired)
       finish(*r, Outcome::Timeout,
              std::make_exception_ptr(TimeoutError(detail::concat(
                  "request ", r->id_, " missed its deadline after ",
                  static_cast<int64_t>(us_between(r->enqueued_, Clock::now())), " us in the queue; it was not run"))));
-    if (!batch.empty()) run_batch(batch);
+    if (!batch.empty()) run_batch(batch);  // frees the executor
     lk.lock();
-    busy_ = false;
-    if (!batch.empty()) last_batch_requests_ = static_cast<int64_t>(batch.size());
   }
   stopped_ = true;
   lk.unlock();
   done_cv_.notify_all();
 }
 
-void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
+std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch, size_t first, size_t last,
+                                    bool record_failure) {
   const Model& m = executor_->model();
   const auto start = Clock::now();
   int64_t rows = 0;
-  for (const auto& r : batch) rows += r->rows_;
+  for (size_t j = first; j < last; ++j) rows += batch[j]->rows_;
   std::exception_ptr err;
   try {
     executor_->reserve(rows);
@@ -269,9 +266,9 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
       const int64_t rb = m.inputs()[i].row_bytes();
       auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
       int64_t off = 0;
-      for (const auto& r : batch) {
-        std::memcpy(dst + off * rb, r->inputs_[i], r->rows_ * rb);
-        off += r->rows_;
+      for (size_t j = first; j < last; ++j) {
+        std::memcpy(dst + off * rb, batch[j]->inputs_[i], batch[j]->rows_ * rb);
+        off += batch[j]->rows_;
       }
     }
     executor_->execute(rows);
@@ -279,33 +276,46 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
       const int64_t rb = m.outputs()[i].row_bytes();
       const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
       int64_t off = 0;
-      for (const auto& r : batch) {
-        std::memcpy(r->outputs_[i], src + off * rb, r->rows_ * rb);
-        off += r->rows_;
+      for (size_t j = first; j < last; ++j) {
+        std::memcpy(batch[j]->outputs_[i], src + off * rb, batch[j]->rows_ * rb);
+        off += batch[j]->rows_;
       }
     }
   } catch (...) {
     err = std::current_exception();
   }
-  const auto end = Clock::now();
-  if (err && batch.size() > 1) {
-    // One bad request (e.g. an out-of-range embedding index) must not fail the
-    // others: run each alone to give every request its own outcome.
-    for (auto& r : batch) {
-      std::vector<std::shared_ptr<Request>> one{r};
-      run_batch(one);
-    }
-    return;
-  }
-  {
+  if (!err || record_failure) {
+    const auto end = Clock::now();
     std::lock_guard<std::mutex> lk(mu_);
     stats_.batches++;
     stats_.compute_us.add(us_between(start, end));
     stats_.batch_rows.add(static_cast<double>(rows));
-    stats_.batch_requests.add(static_cast<double>(batch.size()));
-    for (const auto& r : batch) stats_.queue_us.add(us_between(r->enqueued_, start));
+    stats_.batch_requests.add(static_cast<double>(last - first));
+    for (size_t j = first; j < last; ++j) stats_.queue_us.add(us_between(batch[j]->enqueued_, start));
   }
-  for (auto& r : batch) finish(*r, err ? Outcome::Error : Outcome::Ok, err);
+  return err;
+}
+
+void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
+  std::vector<std::exception_ptr> errs(batch.size());
+  std::exception_ptr err = execute(batch, 0, batch.size(), batch.size() == 1);
+  if (err && batch.size() > 1) {
+    // One bad request (e.g. an out-of-range embedding index) must not fail the
+    // others: run each alone to give every request its own outcome.
+    for (size_t j = 0; j < batch.size(); ++j) errs[j] = execute(batch, j, j + 1, true);
+  } else {
+    errs[0] = err;
+  }
+  // Free the executor before waking the callers: a caller that comes straight back
+  // must find it idle (and run inline when there is no load), not still "busy".
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    busy_ = false;
+    last_batch_requests_ = static_cast<int64_t>(batch.size());
+  }
+  cv_.notify_all();
+  for (size_t j = 0; j < batch.size(); ++j)
+    finish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
 }
 
 std::vector<uint64_t> Batcher::wait_completed(int64_t timeout_us) {
