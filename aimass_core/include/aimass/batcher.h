@@ -113,7 +113,9 @@ class Batcher {
   // failed and !record_failure (a failed batch is retried one request at a time).
   std::exception_ptr execute(std::vector<std::shared_ptr<Request>>& batch, size_t first, size_t last,
                              bool record_failure);
-  void finish(Request& r, Outcome o, std::exception_ptr err);
+  void finish(Request& r, Outcome o, std::exception_ptr err);  // count + publish + report
+  void count(Outcome o);                                        // stats_ counter; mu_ held
+  void publish(Request& r, Outcome o, std::exception_ptr err);  // set the outcome, wake its waiters
 
   std::shared_ptr<Executor> executor_;
   BatcherOptions opts_;

@@ -162,23 +162,31 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
   return r;
 }
 
-void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
-  // Count first so stats() already reflects a request its caller saw finish.
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    switch (o) {
-      case Outcome::Ok: stats_.ok++; break;
-      case Outcome::Timeout: stats_.timeout++; break;
-      case Outcome::Closed: stats_.rejected_closed++; break;
-      default: stats_.error++; break;
-    }
+void Batcher::count(Outcome o) {
+  switch (o) {
+    case Outcome::Ok: stats_.ok++; break;
+    case Outcome::Timeout: stats_.timeout++; break;
+    case Outcome::Closed: stats_.rejected_closed++; break;
+    default: stats_.error++; break;
   }
+}
+
+void Batcher::publish(Request& r, Outcome o, std::exception_ptr err) {
   {
     std::lock_guard<std::mutex> lk(r.mu_);
     r.outcome_ = o;
     r.error_ = std::move(err);
   }
   r.cv_.notify_all();
+}
+
+void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
+  // Count first so stats() already reflects a request its caller saw finish.
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    count(o);
+  }
+  publish(r, o, std::move(err));
   if (r.notify_) {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -307,15 +315,28 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
     errs[0] = err;
   }
   // Free the executor before waking the callers: a caller that comes straight back
-  // must find it idle (and run inline when there is no load), not still "busy".
+  // must find it idle (and run inline when there is no load), not still "busy". One
+  // lock for the whole batch's counters (the callers' submits contend for it).
+  bool any_notify = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
     busy_ = false;
     last_batch_requests_ = static_cast<int64_t>(batch.size());
+    for (size_t j = 0; j < batch.size(); ++j) {
+      count(errs[j] ? Outcome::Error : Outcome::Ok);
+      any_notify |= batch[j]->notify_;
+    }
   }
   cv_.notify_all();
-  for (size_t j = 0; j < batch.size(); ++j)
-    finish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
+  for (size_t j = 0; j < batch.size(); ++j) publish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
+  if (any_notify) {  // futures: report after every outcome is set
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (const auto& r : batch)
+        if (r->notify_) completed_.push_back(r->id_);
+    }
+    done_cv_.notify_all();
+  }
 }
 
 std::vector<uint64_t> Batcher::wait_completed(int64_t timeout_us) {
