@@ -172,3 +172,22 @@ def test_run_fast_path_and_conversion_fallback(odd):
             sess.run({"x": x}, priority=1.5)
         with pytest.raises(TimeoutError):
             sess.run({"x": x}, deadline_ms=0)
+
+
+def test_gathering_stops_when_the_next_request_does_not_fit(slow_path):
+    """Under evident load the scheduler waits for more requests, but not for the whole
+    max_queue_delay_us once a queued request cannot join the batch (rows would exceed it)."""
+    _, path = slow_path
+    with rt.Session(path, max_batch_size=8, max_queue_delay_us=5_000_000) as sess:
+        blocker = sess.submit({"x": np.zeros((2048, 512), np.float32)})
+        queued = [sess.submit({"x": np.zeros((1, 512), np.float32)}) for _ in range(4)]
+        blocker.result(timeout=60)
+        for f in queued:
+            f.result(timeout=60)  # a batch of 4: load is evident, the next batch waits for 2 requests
+        t0 = time.monotonic()
+        a = sess.submit({"x": np.zeros((3, 512), np.float32)})
+        b = sess.submit({"x": np.zeros((6, 512), np.float32)})  # 3 + 6 > 8: cannot share a's batch
+        assert a.result(timeout=60)["output"].shape == (3, 4) and b.result(timeout=60)["output"].shape == (6, 4)
+        assert time.monotonic() - t0 < 4.0  # not the 5 s gathering delay
+        st = sess.stats()
+    assert st["batches"] == 4 and st["batch_rows"]["sum"] == 2048 + 4 + 3 + 6

@@ -237,7 +237,10 @@ void Batcher::loop() {
       for (const auto& r : batch) oldest = std::min(oldest, r->enqueued_);
       const auto until = oldest + std::chrono::microseconds(opts_.max_queue_delay_us);
       const int64_t target = std::max<int64_t>((last_batch_requests_ + 1) / 2, 2);
-      while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_) {
+      // A request still queued after take() did not fit (take() stops at the first that does
+      // not): the batch cannot grow in order any more, so waiting would only add latency.
+      while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_ &&
+             heap_.empty()) {
         wake_at_ = std::max<int64_t>(1, target - static_cast<int64_t>(batch.size()));
         wake_rows_ = std::max<int64_t>(1, opts_.max_batch_size - rows);
         const bool timed_out = cv_.wait_until(lk, until) == std::cv_status::timeout;
