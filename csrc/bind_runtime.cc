@@ -217,8 +217,7 @@ void bind_runtime(py::module_& parent) {
              py::list outs = alloc_outputs(b.model(), rows, out);
              {
                py::gil_scoped_release nogil;
-               auto req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, false, true);
-               req->wait();
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
              }
              return outs;
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
@@ -242,8 +241,7 @@ void bind_runtime(py::module_& parent) {
              }
              {
                py::gil_scoped_release nogil;
-               auto req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, false, true);
-               req->wait();
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
              }
              return std::move(result);
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)

@@ -40,15 +40,31 @@ void Histogram::add(double v) {
 }
 
 // ---------------------------------------------------------------- Request
+void Request::pass_wake() {
+  std::shared_ptr<Request> next;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    next = std::move(wake_next_);
+  }
+  if (next) next->cv_.notify_all();  // its outcome was set (under its mutex) before ours
+}
 void Request::wait() {
-  std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait(lk, [&] { return outcome_ != Outcome::Pending; });
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return outcome_ != Outcome::Pending; });
+  }
+  pass_wake();
   if (error_) std::rethrow_exception(error_);
 }
 bool Request::wait_for(int64_t timeout_us) {
-  std::unique_lock<std::mutex> lk(mu_);
-  return cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
-                      [&] { return outcome_ != Outcome::Pending; });
+  bool done;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    done = cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
+                        [&] { return outcome_ != Outcome::Pending; });
+  }
+  if (done) pass_wake();
+  return done;
 }
 bool Request::done() const {
   std::lock_guard<std::mutex> lk(mu_);
@@ -95,6 +111,17 @@ Batcher::~Batcher() {
 
 std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                          int priority, int64_t timeout_us, bool notify, bool run_inline) {
+  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false);
+}
+
+void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
+                  int64_t timeout_us) {
+  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true)->wait();
+}
+
+std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
+                                          int priority, int64_t timeout_us, bool notify, bool run_inline,
+                                          bool blocking) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
@@ -107,6 +134,7 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
   r->rows_ = rows;
   r->priority_ = priority;
   r->notify_ = notify;
+  r->blocking_ = blocking;
   r->enqueued_ = Clock::now();
   if (timeout_us >= 0) {
     r->has_deadline_ = true;
@@ -331,7 +359,21 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
     }
   }
   cv_.notify_all();
-  for (size_t j = 0; j < batch.size(); ++j) publish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
+  // Blocking callers: set every outcome (last first, linking each to the next) and wake
+  // only the first; each waiter wakes the next (Request::pass_wake). Others: wake directly.
+  std::shared_ptr<Request> first_blocking;
+  for (size_t j = batch.size(); j-- > 0;) {
+    Request& r = *batch[j];
+    if (!r.blocking_) continue;
+    std::lock_guard<std::mutex> lk(r.mu_);
+    r.outcome_ = errs[j] ? Outcome::Error : Outcome::Ok;
+    r.error_ = errs[j];
+    r.wake_next_ = std::move(first_blocking);
+    first_blocking = batch[j];
+  }
+  if (first_blocking) first_blocking->cv_.notify_all();
+  for (size_t j = 0; j < batch.size(); ++j)
+    if (!batch[j]->blocking_) publish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
   if (any_notify) {  // futures: report after every outcome is set
     {
       std::lock_guard<std::mutex> lk(mu_);
