@@ -191,3 +191,33 @@ def test_gathering_stops_when_the_next_request_does_not_fit(slow_path):
         assert time.monotonic() - t0 < 4.0  # not the 5 s gathering delay
         st = sess.stats()
     assert st["batches"] == 4 and st["batch_rows"]["sum"] == 2048 + 4 + 3 + 6
+
+
+def test_blocking_callers_and_futures_share_batches_and_all_wake(odd):
+    """run() callers are woken in a chain, futures directly; mixed in one batch, all finish."""
+    net, path = odd
+    xs = np.random.default_rng(4).standard_normal((12, 40, 1, 37)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(xs.reshape(-1, 37))).numpy().reshape(12, 40, 1, 7)
+    got = np.zeros_like(want)
+    errors = []
+    with rt.Session(path, max_batch_size=16, max_queue_delay_us=300) as sess:
+        def client(i):
+            try:
+                for j in range(40):
+                    got[i, j] = sess.run({"x": xs[i, j]})["output"]
+            except Exception as exc:  # reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        futs = [(i, j, sess.submit({"x": xs[i, j]})) for j in range(40) for i in range(8, 12)]
+        for i, j, f in futs:
+            got[i, j] = f.result(timeout=60)["output"]
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a blocking caller was never woken"
+        st = sess.stats()
+    assert not errors, errors
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert st["requests"]["ok"] == 12 * 40
