@@ -7,6 +7,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -135,6 +136,45 @@ TEST(RuntimeBatcher, ScattersRowsAndCountsOutcomes) {
   EXPECT_EQ(s.timeout, 1u);
   EXPECT_EQ(s.rejected_closed, 1u);
   EXPECT_EQ(s.batch_rows.sum, double(n));
+}
+
+// Batcher::run from many threads: batches form, every blocking caller is woken (chain wake)
+// with its own rows, mixed with submit() requests.
+TEST(RuntimeBatcher, BlockingRunFromManyThreads) {
+  auto m = rt::Model::load(write_model("run.aimass"));
+  auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
+  rt::Batcher b(ex, {8, 300, 256});
+  const int threads = 8, per = 60;
+  std::vector<std::vector<float>> ys(threads * per, std::vector<float>(2));
+  std::vector<std::vector<float>> xs(threads * per);
+  for (int i = 0; i < threads * per; ++i) xs[i] = {float(i % 17) * 0.1f, -float(i % 5) * 0.2f, 0.5f};
+  std::vector<std::thread> pool;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int j = 0; j < per; ++j) {
+        const int i = t * per + j;
+        try {
+          b.run({xs[i].data()}, {ys[i].data()}, 1);
+        } catch (...) {
+          failures++;
+        }
+      }
+    });
+  std::vector<float> fx{1.f, 2.f, 3.f}, fy(2);
+  auto fut = b.submit({fx.data()}, {fy.data()}, 1);
+  for (auto& th : pool) th.join();
+  fut->wait();
+  EXPECT_EQ(failures.load(), 0);
+  for (int i = 0; i < threads * per; ++i) {
+    float ref[2];
+    reference(xs[i].data(), 1, ref);
+    ASSERT_NEAR(ys[i][0], ref[0], 1e-6f) << i;
+    ASSERT_NEAR(ys[i][1], ref[1], 1e-6f) << i;
+  }
+  auto s = b.stats();
+  EXPECT_EQ(s.ok, uint64_t(threads * per + 1));
+  EXPECT_EQ(s.batch_rows.sum, double(threads * per + 1));
 }
 
 TEST(RuntimeBatcher, RejectsBadArguments) {
