@@ -149,6 +149,7 @@ def cnn_table(seconds):
 
 
 def sweep(name, concurrency, per_client_s, batched, onnx=None):
+    """(throughput req/s, p50 us, p99 us, batch stats or None) of `concurrency` client threads."""
     x = np.random.default_rng(1).standard_normal((1, MODELS[name][0])).astype(np.float32)
     sess = None
     if onnx is None:
@@ -176,25 +177,62 @@ def sweep(name, concurrency, per_client_s, batched, onnx=None):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    info = None
     if sess is not None:
+        st = sess.stats()
         sess.close()
+        mean = lambda h: h["sum"] / max(h["count"], 1)  # noqa: E731
+        info = {"rows": mean(st["batch_rows"]), "compute_us": mean(st["compute_us"]),
+                "queue_us": mean(st["queue_us"]), "inline": st["inline_runs"] / max(st["batches"], 1)}
     all_lat = np.concatenate([np.array(lat) for lat in lats]) * 1e6
-    return len(all_lat) / wall, float(np.percentile(all_lat, 50)), float(np.percentile(all_lat, 99))
+    return len(all_lat) / wall, float(np.percentile(all_lat, 50)), float(np.percentile(all_lat, 99)), info
 
 
-def sweep_table(name, seconds, levels=(1, 4, 16, 64)):
-    print(f"## concurrency sweep, {name}, batch-1 requests from N Python threads "
-          "(throughput req/s, p50/p99 us; ratios vs the same Session with batching off)")
+def sweep_table(name, seconds, levels=(1, 4, 16, 64), rounds=3):
+    """Batched and unbatched runs alternate `rounds` times per level (the machine is shared: a
+    burst of load then hits both sides); medians over the rounds, ratio = median of per-round ratios."""
+    print(f"## concurrency sweep, {name}, batch-1 requests from N Python threads, {rounds} alternating rounds of "
+          f"{seconds:.1f} s (throughput req/s, p50/p99 us; ratios vs the same Session with batching off; "
+          "batched: mean rows per batch, mean compute us per batch)")
     o = onnx_session(name)
     for c in levels:
-        tb, p50b, p99b = sweep(name, c, seconds, True)
-        tu, p50u, p99u = sweep(name, c, seconds, False)
+        rb, ru = [], []
+        for _ in range(rounds):
+            rb.append(sweep(name, c, seconds, True))
+            ru.append(sweep(name, c, seconds, False))
+        med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
+        tb, p50b, p99b = med(rb, 0), med(rb, 1), med(rb, 2)
+        tu, p50u, p99u = med(ru, 0), med(ru, 1), med(ru, 2)
+        ratio = float(np.median([b[0] / u[0] for b, u in zip(rb, ru)]))
+        p99r = float(np.median([b[2] / u[2] for b, u in zip(rb, ru)]))
+        rows = float(np.median([b[3]["rows"] for b in rb]))
+        comp = float(np.median([b[3]["compute_us"] for b in rb]))
         line = (f"c={c:3d} batched {tb:8.0f} req/s p50 {p50b:8.0f} p99 {p99b:8.0f} | unbatched {tu:8.0f} req/s "
-                f"p50 {p50u:8.0f} p99 {p99u:8.0f} | throughput x{tb / tu:5.2f}, p99 x{p99b / p99u:5.2f}")
+                f"p50 {p50u:8.0f} p99 {p99u:8.0f} | throughput x{ratio:5.2f} (rounds: "
+                f"{' '.join(f'{b[0] / u[0]:.2f}' for b, u in zip(rb, ru))}), p99 x{p99r:5.2f} | "
+                f"batch rows {rows:4.1f}, compute {comp:6.0f} us")
         if o is not None:
-            to, p50o, p99o = sweep(name, c, seconds, False, onnx=o)
+            to, p50o, p99o, _ = sweep(name, c, seconds, False, onnx=o)
             line += f" | onnxruntime {to:8.0f} req/s p99 {p99o:8.0f}"
         print(line, flush=True)
+
+
+def packed_table(seconds):
+    """Executor latency per batch size: the packed small-M kernel vs sgemm (GEMV at <= 4 rows)."""
+    print("## fp32 Linear: packed small-M kernel vs BLAS sgemm (GEMV at <= 4 rows), executor median us per batch")
+    for name in MODELS:
+        d = MODELS[name][0]
+        model = rt.load(exported(name))
+        prev = rt._rt.set_packed_max_rows(0)
+        plain = rt._rt.Executor(model._m, 64)
+        rt._rt.set_packed_max_rows(prev)
+        packed = rt._rt.Executor(model._m, 64)
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            x = np.random.default_rng(b).standard_normal((b, d)).astype(np.float32)
+            tp = float(np.median(time_call(lambda: packed.run([x]), seconds / 4))) * 1e6
+            ts = float(np.median(time_call(lambda: plain.run([x]), seconds / 4))) * 1e6
+            print(f"{name:8s} batch {b:3d}: packed {tp:9.1f} us ({tp / b:7.1f}/row), sgemm {ts:9.1f} us "
+                  f"({ts / b:7.1f}/row), x{ts / tp:5.2f}", flush=True)
 
 
 # ------------------------------------------------------------------ pytest-benchmark cases
@@ -213,6 +251,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (the machine is shared)")
     ap.add_argument("--sweep-model", default="mlp784", choices=list(MODELS))
+    ap.add_argument("--sweep-only", action="store_true", help="only the concurrency sweep")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating batched/unbatched rounds per level")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="gc.freeze() after setup (as latency-critical services do): full collections then skip "
+                         "torch's heap; applied to both sides of every ratio")
     ap.add_argument("--threads", type=int, default=None,
                     help="engine (+ BLAS panels) + torch threads (default: leave as is)"
                     )
@@ -223,9 +266,16 @@ def main():
     sec = 0.5 if args.quick else 3.0
     print(f"# aimass {aimass.__version__}, threads={aimass.num_threads()}, torch threads={torch.get_num_threads()}, "
           f"simd={aimass.cpu_features()['simd']}, onnxruntime={'yes' if ort else 'no'}")
-    latency_table(sec)
-    cnn_table(sec)
-    sweep_table(args.sweep_model, sec * 2)
+    if not args.sweep_only:
+        latency_table(sec)
+        packed_table(sec)
+        cnn_table(sec)
+    exported(args.sweep_model)
+    if args.gc_freeze:
+        import gc
+        gc.collect()
+        gc.freeze()
+    sweep_table(args.sweep_model, sec * 2, rounds=args.rounds)
 
 
 if __name__ == "__main__":

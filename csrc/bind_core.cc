@@ -58,10 +58,9 @@ void bind_core(py::module_& m) {
     return std::string(aimass::simd_level_name(aimass::set_simd_level(aimass::parse_simd_level(name))));
   }, py::arg("level"));
   m.def("num_threads", &aimass::num_threads);
-  m.def("set_num_threads", [](int n) {
-    aimass::set_num_threads(n);
-    aimass::blas_set_num_threads(n);
-  }, py::arg("n"));
+  // The engine pool only: OpenBLAS stays single-threaded on its caller (blas.cc's policy; its
+  // spinning workers made small sgemm calls take 40-60 ms on a busy 2-core machine).
+  m.def("set_num_threads", [](int n) { aimass::set_num_threads(n); }, py::arg("n"));
 }
 
 }  // namespace aimass_bind

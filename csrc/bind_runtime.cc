@@ -25,13 +25,13 @@ py::list specs(const std::vector<rt::TensorSpec>& v) {
 }
 
 // Checks `arrays` against the model inputs and returns the common row count.
-int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<const void*>& ptrs) {
-  AIMASS_CHECK(py::len(arrays) == m.inputs().size(), ValueError, "the model takes ", m.inputs().size(),
-               " inputs, got ", py::len(arrays));
+int64_t check_arrays(const rt::Model& m, const std::vector<py::array>& arrays, std::vector<const void*>& ptrs) {
+  AIMASS_CHECK(arrays.size() == m.inputs().size(), ValueError, "the model takes ", m.inputs().size(),
+               " inputs, got ", arrays.size());
   int64_t rows = -1;
   for (size_t i = 0; i < m.inputs().size(); ++i) {
     const auto& spec = m.inputs()[i];
-    py::array a = arrays[i].cast<py::array>();
+    const py::array& a = arrays[i];
     const std::string nm = "input '" + spec.name + "'";
     if (spec.dtype == rt::ValueType::Float32) cdata<float>(a, nm.c_str(), "float32");
     else cdata<int64_t>(a, nm.c_str(), "int64");
@@ -51,6 +51,34 @@ int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<con
     ptrs.push_back(a.data());
   }
   return rows;
+}
+
+int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<const void*>& ptrs) {
+  std::vector<py::array> v;
+  v.reserve(py::len(arrays));
+  for (auto a : arrays) v.push_back(a.cast<py::array>());
+  return check_arrays(m, v, ptrs);
+}
+
+// The arrays of `inputs` (a dict name -> array) when each is already a C-contiguous
+// numpy array of the input's dtype with a batch dimension; empty when anything needs
+// the Python layer's conversion (torch tensors, other dtypes, a missing batch dim).
+std::vector<py::array> plain_inputs(const rt::Model& m, py::handle inputs) {
+  std::vector<py::array> out;
+  if (!PyDict_CheckExact(inputs.ptr()) || PyDict_Size(inputs.ptr()) != static_cast<Py_ssize_t>(m.inputs().size()))
+    return out;
+  out.reserve(m.inputs().size());
+  for (const auto& spec : m.inputs()) {
+    PyObject* item = PyDict_GetItemString(inputs.ptr(), spec.name.c_str());  // borrowed
+    if (!item || !py::isinstance<py::array>(item)) return {};
+    auto a = py::reinterpret_borrow<py::array>(item);
+    const bool dtype_ok = spec.dtype == rt::ValueType::Float32 ? py::dtype::of<float>().equal(a.dtype())
+                                                                : py::dtype::of<int64_t>().equal(a.dtype());
+    if (!dtype_ok || !(a.flags() & py::array::c_style) || a.ndim() != static_cast<py::ssize_t>(spec.shape.size()))
+      return {};
+    out.push_back(std::move(a));
+  }
+  return out;
 }
 
 py::list alloc_outputs(const rt::Model& m, int64_t rows, std::vector<void*>& ptrs) {
@@ -96,6 +124,10 @@ struct Ticket {
 void bind_runtime(py::module_& parent) {
   auto m = parent.def_submodule("runtime", "inference runtime engine (use aimass.runtime)");
   m.attr("FORMAT_VERSION") = rt::kFormatVersion;
+  // Rows up to which fp32 Linear layers use the packed small-M kernel instead of sgemm
+  // (tests and bench/bench_runtime.py compare both; 0 = off). Returns the previous value.
+  m.def("set_packed_max_rows", &rt::set_packed_max_rows, py::arg("rows"));
+  m.def("packed_max_rows", &rt::packed_max_rows);
 
   py::class_<rt::Model, std::shared_ptr<rt::Model>>(m, "Model")
       .def_static("load", &rt::Model::load, py::arg("path"), nogil())
@@ -176,6 +208,43 @@ void bind_runtime(py::module_& parent) {
              return t;
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("notify") = false,
            py::arg("run_inline") = false)
+      // The blocking path in one call: check, enqueue (or run inline), wait on the
+      // request's own condition variable without the GIL, return the outputs.
+      .def("run", [](rt::Batcher& b, const py::list& inputs, int priority, int64_t timeout_us) {
+             std::vector<const void*> in;
+             std::vector<void*> out;
+             const int64_t rows = check_inputs(b.model(), inputs, in);
+             py::list outs = alloc_outputs(b.model(), rows, out);
+             {
+               py::gil_scoped_release nogil;
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
+             }
+             return outs;
+           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
+      // Session.run's hot path: a dict of plain numpy arrays in, a dict out (one call, no
+      // Python-side conversion); None when the inputs need the Python layer's conversion.
+      .def("run_plain", [](rt::Batcher& b, py::handle inputs, int priority, int64_t timeout_us) -> py::object {
+             const rt::Model& mm = b.model();
+             std::vector<py::array> arrays = plain_inputs(mm, inputs);
+             if (arrays.empty()) return py::none();
+             std::vector<const void*> in;
+             std::vector<void*> out;
+             const int64_t rows = check_arrays(mm, arrays, in);
+             py::dict result;
+             for (const auto& o : mm.outputs()) {
+               std::vector<int64_t> sh = o.shape;
+               sh[0] = rows;
+               py::array a = o.dtype == rt::ValueType::Float32 ? py::array(empty<float>(sh))
+                                                               : py::array(empty<int64_t>(sh));
+               out.push_back(a.mutable_data());
+               result[py::str(o.name)] = std::move(a);
+             }
+             {
+               py::gil_scoped_release nogil;
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
+             }
+             return std::move(result);
+           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
       .def("wait_completed", &rt::Batcher::wait_completed, py::arg("timeout_us"), nogil())
       .def("close", &rt::Batcher::close, nogil())
       .def_property_readonly("closed", &rt::Batcher::closed)

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -137,6 +138,45 @@ TEST(RuntimeBatcher, ScattersRowsAndCountsOutcomes) {
   EXPECT_EQ(s.batch_rows.sum, double(n));
 }
 
+// Batcher::run from many threads: batches form, every blocking caller is woken (chain wake)
+// with its own rows, mixed with submit() requests.
+TEST(RuntimeBatcher, BlockingRunFromManyThreads) {
+  auto m = rt::Model::load(write_model("run.aimass"));
+  auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
+  rt::Batcher b(ex, {8, 300, 256});
+  const int threads = 8, per = 60;
+  std::vector<std::vector<float>> ys(threads * per, std::vector<float>(2));
+  std::vector<std::vector<float>> xs(threads * per);
+  for (int i = 0; i < threads * per; ++i) xs[i] = {float(i % 17) * 0.1f, -float(i % 5) * 0.2f, 0.5f};
+  std::vector<std::thread> pool;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int j = 0; j < per; ++j) {
+        const int i = t * per + j;
+        try {
+          b.run({xs[i].data()}, {ys[i].data()}, 1);
+        } catch (...) {
+          failures++;
+        }
+      }
+    });
+  std::vector<float> fx{1.f, 2.f, 3.f}, fy(2);
+  auto fut = b.submit({fx.data()}, {fy.data()}, 1);
+  for (auto& th : pool) th.join();
+  fut->wait();
+  EXPECT_EQ(failures.load(), 0);
+  for (int i = 0; i < threads * per; ++i) {
+    float ref[2];
+    reference(xs[i].data(), 1, ref);
+    ASSERT_NEAR(ys[i][0], ref[0], 1e-6f) << i;
+    ASSERT_NEAR(ys[i][1], ref[1], 1e-6f) << i;
+  }
+  auto s = b.stats();
+  EXPECT_EQ(s.ok, uint64_t(threads * per + 1));
+  EXPECT_EQ(s.batch_rows.sum, double(threads * per + 1));
+}
+
 TEST(RuntimeBatcher, RejectsBadArguments) {
   auto m = rt::Model::load(write_model("args.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{2});
@@ -178,4 +218,88 @@ TEST(RuntimeGemv, ScalarAndAvx2MatchReference) {
         }
     }
   }
+}
+
+#include "aimass/blas.h"
+#include "runtime/ops.h"
+#include "runtime/packed_gemm.h"
+
+// The packed small-M kernel at odd shapes (tails in M, N and K): scalar reference,
+// AVX2, AVX-512 and the dispatched + threaded entry against a double reference and sgemm.
+TEST(RuntimePackedGemm, AllPathsMatchReferenceAndSgemm) {
+  namespace pk = aimass::runtime::packed;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const auto& f = aimass::cpu_features();
+  for (int64_t K : {1, 3, 17, 64, 101}) {
+    for (int64_t N : {1, 5, 16, 31, 32, 33, 70}) {
+      for (int64_t M : {1, 2, 3, 5, 6, 7, 8, 9, 13, 16, 33}) {
+        for (int variant = 0; variant < 2; ++variant) {  // 0: bias + ReLU, 1: no bias, no ReLU
+          const bool relu = variant == 0;
+          std::vector<float> x(M * K), w(N * K), bias(N), ref(M * N), ys(M * N), yb(M * N);
+          for (auto& v : x) v = d(rng);
+          for (auto& v : w) v = d(rng);
+          for (auto& v : bias) v = d(rng);
+          aimass::runtime::ops::PackedLinear P(w.data(), relu ? bias.data() : nullptr, N, K);
+          aimass::sgemm(false, true, M, N, K, 1.f, x.data(), K, w.data(), K, 0.f, ys.data(), N);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              double r = relu ? bias[n] : 0.0;
+              for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
+              ref[m * N + n] = float(relu ? std::max(r, 0.0) : r);
+              float s = ys[m * N + n] + (relu ? bias[n] : 0.f);
+              ys[m * N + n] = relu ? std::max(s, 0.f) : s;
+            }
+          const double tol = 2e-6 * std::sqrt(double(K)) * 4 + 1e-6;
+          auto check = [&](const std::vector<float>& y, const char* what) {
+            for (int64_t i = 0; i < M * N; ++i) {
+              ASSERT_NEAR(y[i], ref[i], tol) << what << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+              ASSERT_NEAR(y[i], ys[i], tol) << what << " vs sgemm, M=" << M << " N=" << N << " K=" << K;
+            }
+          };
+          const int64_t Pn = pk::num_panels(N);
+          std::fill(yb.begin(), yb.end(), -7.f);
+          pk::panels_scalar(x.data(), M, K, P.w, P.b, 0, Pn, N, relu, yb.data());
+          check(yb, "scalar");
+          const std::vector<float> scalar = yb;
+          if (f.avx2 && f.fma) {
+            std::fill(yb.begin(), yb.end(), -7.f);
+            pk::panels_avx2(x.data(), M, K, P.w, P.b, 0, Pn, N, relu, yb.data());
+            check(yb, "avx2");
+          }
+          if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) {
+            std::fill(yb.begin(), yb.end(), -7.f);
+            pk::panels_avx512(x.data(), M, K, P.w, P.b, 0, Pn, N, relu, yb.data());
+            check(yb, "avx512");
+          }
+          std::fill(yb.begin(), yb.end(), -7.f);
+          pk::linear(x.data(), M, K, P.w, P.b, N, relu, yb.data());  // dispatched + split over the pool
+          check(yb, "dispatched");
+          // Through ops::linear (which also decides packed vs sgemm).
+          std::fill(yb.begin(), yb.end(), -7.f);
+          aimass::runtime::ops::linear(x.data(), M, K, w.data(), N, relu ? bias.data() : nullptr,
+                                       relu ? aimass::runtime::ops::Act::Relu : aimass::runtime::ops::Act::None,
+                                       yb.data(), &P);
+          check(yb, "ops::linear");
+        }
+      }
+    }
+  }
+}
+
+TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
+  namespace pk = aimass::runtime::packed;
+  const int64_t N = 35, K = 3;
+  std::vector<float> w(N * K);
+  for (int64_t i = 0; i < N * K; ++i) w[i] = float(i + 1);
+  aimass::runtime::ops::PackedLinear P(w.data(), nullptr, N, K);
+  ASSERT_EQ(pk::num_panels(N), 2);
+  for (int64_t p = 0; p < 2; ++p)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < pk::kPanel; ++j) {
+        const int64_t n = p * pk::kPanel + j;
+        EXPECT_EQ(P.w[(p * K + k) * pk::kPanel + j], n < N ? w[n * K + k] : 0.f);
+      }
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(P.w) % 64, 0u);
+  EXPECT_EQ(P.b, nullptr);
 }

@@ -60,8 +60,8 @@ def test_concurrent_clients_two_threads_finish_and_match(mlp, two_threads):
 
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 200])
-def test_sgemm_and_gemv_paths_match_across_thread_counts(mlp, two_threads, rows):
-    """GEMV (<=4 rows, split on the pool) and sgemm paths give the same result at 2 and 1 threads."""
+def test_linear_paths_match_across_thread_counts(mlp, two_threads, rows):
+    """The packed small-M kernel (panels split on the pool) gives the same result at 2 and 1 threads."""
     _, path = mlp
     x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)
     ex = rt._rt.Executor(rt.load(path)._m, 256)

@@ -85,6 +85,14 @@ class Model {
   friend struct ModelLoader;
 };
 
+// Rows up to which fp32 Linear layers run the runtime's packed small-M kernel (weights
+// packed once at plan build, runtime/packed_gemm.h) instead of BLAS sgemm. Default 256
+// (measured: faster than sgemm at every batch size up to 256 in bench/bench_runtime.py);
+// AIMASS_PACKED_MAX_ROWS sets the initial value. 0 turns it off: executors built then pack
+// nothing. set_packed_max_rows returns the previous value.
+int64_t packed_max_rows();
+int64_t set_packed_max_rows(int64_t rows);
+
 struct ExecutorOptions {
   int64_t max_batch_size = 32;  // arena capacity in rows; grows if a larger batch comes
 };

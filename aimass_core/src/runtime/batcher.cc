@@ -40,15 +40,31 @@ void Histogram::add(double v) {
 }
 
 // ---------------------------------------------------------------- Request
+void Request::pass_wake() {
+  std::shared_ptr<Request> next;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    next = std::move(wake_next_);
+  }
+  if (next) next->cv_.notify_all();  // its outcome was set (under its mutex) before ours
+}
 void Request::wait() {
-  std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait(lk, [&] { return outcome_ != Outcome::Pending; });
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return outcome_ != Outcome::Pending; });
+  }
+  pass_wake();
   if (error_) std::rethrow_exception(error_);
 }
 bool Request::wait_for(int64_t timeout_us) {
-  std::unique_lock<std::mutex> lk(mu_);
-  return cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
-                      [&] { return outcome_ != Outcome::Pending; });
+  bool done;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    done = cv_.wait_for(lk, std::chrono::microseconds(std::clamp<int64_t>(timeout_us, 0, kMaxWaitUs)),
+                        [&] { return outcome_ != Outcome::Pending; });
+  }
+  if (done) pass_wake();
+  return done;
 }
 bool Request::done() const {
   std::lock_guard<std::mutex> lk(mu_);
@@ -95,6 +111,17 @@ Batcher::~Batcher() {
 
 std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                          int priority, int64_t timeout_us, bool notify, bool run_inline) {
+  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false);
+}
+
+void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
+                  int64_t timeout_us) {
+  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true)->wait();
+}
+
+std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
+                                          int priority, int64_t timeout_us, bool notify, bool run_inline,
+                                          bool blocking) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
@@ -107,11 +134,13 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
   r->rows_ = rows;
   r->priority_ = priority;
   r->notify_ = notify;
+  r->blocking_ = blocking;
   r->enqueued_ = Clock::now();
   if (timeout_us >= 0) {
     r->has_deadline_ = true;
     r->deadline_ = r->enqueued_ + std::chrono::microseconds(timeout_us);
   }
+  bool wake = true;
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closing_) {
@@ -125,54 +154,67 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
     }
     r->id_ = next_id_++;
     stats_.submitted++;
-    if (run_inline && heap_.empty() && !busy_) {
+    // Inline only without evident load: when the last batch held several requests,
+    // others are about to come back, and queueing lets them share one batch.
+    if (run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1) {
       busy_ = true;
       stats_.inline_runs++;
     } else {
       run_inline = false;
       heap_.push_back(r);
       std::push_heap(heap_.begin(), heap_.end(), Later());
+      heap_rows_ += rows;
+      // While the scheduler gathers a batch it asks to be woken only once enough
+      // requests (or rows) are in: one futex wake per batch instead of one per request.
+      wake = static_cast<int64_t>(heap_.size()) >= wake_at_ || heap_rows_ >= wake_rows_;
     }
   }
   if (!run_inline) {
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
     return r;
   }
   // The executor is ours: run on this thread (an idle executor never makes a lone request wait).
-  if (r->has_deadline_ && Clock::now() >= r->deadline_) {
-    finish(*r, Outcome::Timeout,
-           std::make_exception_ptr(TimeoutError(detail::concat("request ", r->id_,
-                                                               " missed its deadline before it ran; it was not run"))));
-  } else {
+  if (!r->has_deadline_ || Clock::now() < r->deadline_) {
     std::vector<std::shared_ptr<Request>> one{r};
-    run_batch(one);
+    run_batch(one);  // frees the executor
+    return r;
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
     busy_ = false;
-    last_batch_requests_ = 1;
   }
   cv_.notify_all();
+  finish(*r, Outcome::Timeout,
+         std::make_exception_ptr(TimeoutError(
+             detail::concat("request ", r->id_, " missed its deadline before it ran; it was not run"))));
   return r;
 }
 
-void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
-  // Count first so stats() already reflects a request its caller saw finish.
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    switch (o) {
-      case Outcome::Ok: stats_.ok++; break;
-      case Outcome::Timeout: stats_.timeout++; break;
-      case Outcome::Closed: stats_.rejected_closed++; break;
-      default: stats_.error++; break;
-    }
+void Batcher::count(Outcome o) {
+  switch (o) {
+    case Outcome::Ok: stats_.ok++; break;
+    case Outcome::Timeout: stats_.timeout++; break;
+    case Outcome::Closed: stats_.rejected_closed++; break;
+    default: stats_.error++; break;
   }
+}
+
+void Batcher::publish(Request& r, Outcome o, std::exception_ptr err) {
   {
     std::lock_guard<std::mutex> lk(r.mu_);
     r.outcome_ = o;
     r.error_ = std::move(err);
   }
   r.cv_.notify_all();
+}
+
+void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
+  // Count first so stats() already reflects a request its caller saw finish.
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    count(o);
+  }
+  publish(r, o, std::move(err));
   if (r.notify_) {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -198,6 +240,7 @@ void Batcher::loop() {
         const auto& top = heap_.front();
         if (top->has_deadline_ && now >= top->deadline_) {
           std::pop_heap(heap_.begin(), heap_.end(), Later());
+          heap_rows_ -= heap_.back()->rows_;
           expired.push_back(std::move(heap_.back()));
           heap_.pop_back();
           continue;
@@ -206,6 +249,7 @@ void Batcher::loop() {
         if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
+        heap_rows_ -= heap_.back()->rows_;
         batch.push_back(std::move(heap_.back()));
         heap_.pop_back();
         if (rows >= opts_.max_batch_size) break;
@@ -220,38 +264,40 @@ void Batcher::loop() {
       Clock::time_point oldest = batch.front()->enqueued_;
       for (const auto& r : batch) oldest = std::min(oldest, r->enqueued_);
       const auto until = oldest + std::chrono::microseconds(opts_.max_queue_delay_us);
-      const int64_t target = std::max<int64_t>(last_batch_requests_, 2);
-      while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_) {
-        if (cv_.wait_until(lk, until) == std::cv_status::timeout) {
-          take();
-          break;
-        }
+      const int64_t target = std::max<int64_t>((last_batch_requests_ + 1) / 2, 2);
+      // A request still queued after take() did not fit (take() stops at the first that does
+      // not): the batch cannot grow in order any more, so waiting would only add latency.
+      while (rows < opts_.max_batch_size && static_cast<int64_t>(batch.size()) < target && !closing_ &&
+             heap_.empty()) {
+        wake_at_ = std::max<int64_t>(1, target - static_cast<int64_t>(batch.size()));
+        wake_rows_ = std::max<int64_t>(1, opts_.max_batch_size - rows);
+        const bool timed_out = cv_.wait_until(lk, until) == std::cv_status::timeout;
         take();
+        if (timed_out) break;
       }
+      wake_at_ = wake_rows_ = 1;
     }
     stats_.queue_depth = static_cast<int64_t>(heap_.size());
-    busy_ = true;
     lk.unlock();
     for (auto& r : expired)
       finish(*r, Outcome::Timeout,
              std::make_exception_ptr(TimeoutError(detail::concat(
                  "request ", r->id_, " missed its deadline after ",
                  static_cast<int64_t>(us_between(r->enqueued_, Clock::now())), " us in the queue; it was not run"))));
-    if (!batch.empty()) run_batch(batch);
+    if (!batch.empty()) run_batch(batch);  // frees the executor
     lk.lock();
-    busy_ = false;
-    if (!batch.empty()) last_batch_requests_ = static_cast<int64_t>(batch.size());
   }
   stopped_ = true;
   lk.unlock();
   done_cv_.notify_all();
 }
 
-void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
+std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch, size_t first, size_t last,
+                                    bool record_failure) {
   const Model& m = executor_->model();
   const auto start = Clock::now();
   int64_t rows = 0;
-  for (const auto& r : batch) rows += r->rows_;
+  for (size_t j = first; j < last; ++j) rows += batch[j]->rows_;
   std::exception_ptr err;
   try {
     executor_->reserve(rows);
@@ -259,9 +305,9 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
       const int64_t rb = m.inputs()[i].row_bytes();
       auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
       int64_t off = 0;
-      for (const auto& r : batch) {
-        std::memcpy(dst + off * rb, r->inputs_[i], r->rows_ * rb);
-        off += r->rows_;
+      for (size_t j = first; j < last; ++j) {
+        std::memcpy(dst + off * rb, batch[j]->inputs_[i], batch[j]->rows_ * rb);
+        off += batch[j]->rows_;
       }
     }
     executor_->execute(rows);
@@ -269,33 +315,73 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
       const int64_t rb = m.outputs()[i].row_bytes();
       const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
       int64_t off = 0;
-      for (const auto& r : batch) {
-        std::memcpy(r->outputs_[i], src + off * rb, r->rows_ * rb);
-        off += r->rows_;
+      for (size_t j = first; j < last; ++j) {
+        std::memcpy(batch[j]->outputs_[i], src + off * rb, batch[j]->rows_ * rb);
+        off += batch[j]->rows_;
       }
     }
   } catch (...) {
     err = std::current_exception();
   }
-  const auto end = Clock::now();
-  if (err && batch.size() > 1) {
-    // One bad request (e.g. an out-of-range embedding index) must not fail the
-    // others: run each alone to give every request its own outcome.
-    for (auto& r : batch) {
-      std::vector<std::shared_ptr<Request>> one{r};
-      run_batch(one);
-    }
-    return;
-  }
-  {
+  if (!err || record_failure) {
+    const auto end = Clock::now();
     std::lock_guard<std::mutex> lk(mu_);
     stats_.batches++;
     stats_.compute_us.add(us_between(start, end));
     stats_.batch_rows.add(static_cast<double>(rows));
-    stats_.batch_requests.add(static_cast<double>(batch.size()));
-    for (const auto& r : batch) stats_.queue_us.add(us_between(r->enqueued_, start));
+    stats_.batch_requests.add(static_cast<double>(last - first));
+    for (size_t j = first; j < last; ++j) stats_.queue_us.add(us_between(batch[j]->enqueued_, start));
   }
-  for (auto& r : batch) finish(*r, err ? Outcome::Error : Outcome::Ok, err);
+  return err;
+}
+
+void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
+  std::vector<std::exception_ptr> errs(batch.size());
+  std::exception_ptr err = execute(batch, 0, batch.size(), batch.size() == 1);
+  if (err && batch.size() > 1) {
+    // One bad request (e.g. an out-of-range embedding index) must not fail the
+    // others: run each alone to give every request its own outcome.
+    for (size_t j = 0; j < batch.size(); ++j) errs[j] = execute(batch, j, j + 1, true);
+  } else {
+    errs[0] = err;
+  }
+  // Free the executor before waking the callers: a caller that comes straight back
+  // must find it idle (and run inline when there is no load), not still "busy". One
+  // lock for the whole batch's counters (the callers' submits contend for it).
+  bool any_notify = false;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    busy_ = false;
+    last_batch_requests_ = static_cast<int64_t>(batch.size());
+    for (size_t j = 0; j < batch.size(); ++j) {
+      count(errs[j] ? Outcome::Error : Outcome::Ok);
+      any_notify |= batch[j]->notify_;
+    }
+  }
+  cv_.notify_all();
+  // Blocking callers: set every outcome (last first, linking each to the next) and wake
+  // only the first; each waiter wakes the next (Request::pass_wake). Others: wake directly.
+  std::shared_ptr<Request> first_blocking;
+  for (size_t j = batch.size(); j-- > 0;) {
+    Request& r = *batch[j];
+    if (!r.blocking_) continue;
+    std::lock_guard<std::mutex> lk(r.mu_);
+    r.outcome_ = errs[j] ? Outcome::Error : Outcome::Ok;
+    r.error_ = errs[j];
+    r.wake_next_ = std::move(first_blocking);
+    first_blocking = batch[j];
+  }
+  if (first_blocking) first_blocking->cv_.notify_all();
+  for (size_t j = 0; j < batch.size(); ++j)
+    if (!batch[j]->blocking_) publish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
+  if (any_notify) {  // futures: report after every outcome is set
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (const auto& r : batch)
+        if (r->notify_) completed_.push_back(r->id_);
+    }
+    done_cv_.notify_all();
+  }
 }
 
 std::vector<uint64_t> Batcher::wait_completed(int64_t timeout_us) {

@@ -51,6 +51,7 @@ struct Step {
   std::vector<int64_t> out_shape, a_strides, b_strides;  // full shapes; [0] patched to rows
   bool a_batched = false, b_batched = false;
   std::shared_ptr<QLinearWeights> q;
+  std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
 };
 
 const char* kSupportedOps =
@@ -196,6 +197,8 @@ void build(PlanImpl& p, const Model& m) {
                      shape_str(wt.shape), " does not match input features ", s.K);
       }
       s.b = f32_param(m, n, "bias", {s.N}, false);
+      if (s.kind == Kind::Linear && packed_max_rows() > 0)
+        s.packed = std::make_shared<ops::PackedLinear>(s.w, s.b, s.N, s.K);
       out_row = row;
       out_row.back() = s.N;
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
@@ -533,7 +536,7 @@ void Executor::execute(int64_t rows) {
     switch (s.kind) {
       case Kind::Linear: {
         const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
-        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out));
+        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out), s.packed.get());
         break;
       }
       case Kind::QLinear: {

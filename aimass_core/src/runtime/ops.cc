@@ -1,14 +1,18 @@
 #include "runtime/ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
 #include "aimass/blas.h"
 #include "aimass/error.h"
 #include "aimass/parallel.h"
+#include "aimass/runtime.h"
 #include "runtime/gemv.h"
+#include "runtime/packed_gemm.h"
 
 namespace aimass::runtime::ops {
 
@@ -91,9 +95,45 @@ void activation(const float* x, int64_t n, Act act, float* y) {
   });
 }
 
-void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y) {
-  if (R <= gemv::kGemvMaxRows) gemv::linear_small_m(x, R, K, w, N, y);
-  else sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
+PackedLinear::PackedLinear(const float* weight, const float* bias, int64_t n, int64_t k) : N(n), K(k) {
+  const int64_t P = packed::num_panels(N);
+  const size_t wbytes = static_cast<size_t>(std::max<int64_t>(P * K * packed::kPanel, 16)) * sizeof(float);
+  void* mem = nullptr;
+  AIMASS_CHECK(posix_memalign(&mem, 64, wbytes) == 0, Error, "cannot allocate ", wbytes,
+               " bytes for packed Linear weights");
+  w = static_cast<float*>(mem);
+  packed::pack(weight, N, K, w);
+  if (bias) {
+    mem = nullptr;
+    const size_t bbytes = static_cast<size_t>(P * packed::kPanel) * sizeof(float);
+    if (posix_memalign(&mem, 64, bbytes) != 0) {
+      std::free(w);
+      throw Error(detail::concat("cannot allocate ", bbytes, " bytes for a packed bias"));
+    }
+    b = static_cast<float*>(mem);
+    std::memset(b, 0, bbytes);
+    std::memcpy(b, bias, static_cast<size_t>(N) * sizeof(float));
+  }
+}
+PackedLinear::~PackedLinear() {
+  std::free(w);
+  std::free(b);
+}
+int64_t PackedLinear::bytes() const {
+  return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));
+}
+
+void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
+            const PackedLinear* packed) {
+  if (packed && R <= runtime::packed_max_rows()) {
+    packed::linear(x, R, K, packed->w, packed->b, N, act == Act::Relu, y);
+    if (act == Act::None || act == Act::Relu) return;
+    bias = nullptr;  // already added; the activation follows below
+  } else if (R <= gemv::kGemvMaxRows) {
+    gemv::linear_small_m(x, R, K, w, N, y);
+  } else {
+    sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
+  }
   if (!bias && act == Act::None) return;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(N, 1));
   parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
@@ -352,3 +392,29 @@ void binary(BinOp op, const float* a, const std::vector<int64_t>& as, const floa
 }
 
 }  // namespace aimass::runtime::ops
+
+namespace aimass::runtime {
+
+namespace {
+constexpr int64_t kPackedMaxRowsDefault = 256;
+std::atomic<int64_t> g_packed_max_rows{-1};  // -1: not read from the environment yet
+}
+
+int64_t packed_max_rows() {
+  int64_t v = g_packed_max_rows.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  v = kPackedMaxRowsDefault;
+  if (const char* e = std::getenv("AIMASS_PACKED_MAX_ROWS")) v = std::max<int64_t>(0, std::atoll(e));
+  int64_t expected = -1;
+  g_packed_max_rows.compare_exchange_strong(expected, v);
+  return g_packed_max_rows.load();
+}
+
+int64_t set_packed_max_rows(int64_t rows) {
+  AIMASS_CHECK(rows >= 0, ValueError, "packed_max_rows=", rows, " must be >= 0 (0 turns the packed kernel off)");
+  const int64_t prev = packed_max_rows();
+  g_packed_max_rows.store(rows);
+  return prev;
+}
+
+}  // namespace aimass::runtime

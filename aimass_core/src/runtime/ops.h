@@ -10,8 +10,23 @@ namespace aimass::runtime::ops {
 enum class Act : int { None = 0, Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
 Act parse_act(const std::string& name);  // ValueError on unknown
 
-// y[R, N] = act(x[R, K] @ w[N, K]^T + bias)
-void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y);
+// Weights of one fp32 Linear packed once at plan build for the small-M kernel
+// (runtime/packed_gemm.h); 64-byte aligned, owned.
+struct PackedLinear {
+  int64_t N = 0, K = 0;
+  float* w = nullptr;  // num_panels(N) * K * kPanel
+  float* b = nullptr;  // num_panels(N) * kPanel, zero-padded; null without bias
+  PackedLinear(const float* weight, const float* bias, int64_t N, int64_t K);
+  ~PackedLinear();
+  PackedLinear(const PackedLinear&) = delete;
+  PackedLinear& operator=(const PackedLinear&) = delete;
+  int64_t bytes() const;
+};
+
+// y[R, N] = act(x[R, K] @ w[N, K]^T + bias). With `packed` and R <= packed_max_rows()
+// (aimass/runtime.h) the packed kernel runs (bias and ReLU fused in its register epilogue).
+void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
+            const PackedLinear* packed = nullptr);
 // Bias (per row of `channels`, each `plane` long) + activation over y in place.
 void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const float* bias, Act act);
 

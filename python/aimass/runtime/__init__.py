@@ -138,9 +138,20 @@ class Session:
     def run(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None, priority: int = 0) -> Dict[str, Any]:
         """Run one request (any number of rows) and block until its outputs are ready.
         The GIL is released while it waits. Outputs come back as the inputs' kind (numpy/torch)."""
-        # An idle session runs the request on this thread (no hand-off to the scheduler).
-        ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, False, run_inline=True)
-        return self._result(ticket.wait(), inputs)
+        # Hot path: one C++ call enqueues (or runs inline on an idle session), releases
+        # the GIL and waits on the request's own condition variable; C++ checks shapes.
+        if type(priority) is not int:
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        timeout_us = -1
+        if deadline_ms is not None:
+            if deadline_ms < 0:
+                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
+            timeout_us = int(deadline_ms * 1000)
+        out = self._batcher.run_plain(inputs, priority, timeout_us)
+        if out is None:  # torch tensors, other dtypes, no batch dim, bad inputs: convert (or explain) here
+            arrays = _convert_inputs(self._specs_in, inputs, "Session")
+            out = self._result(self._batcher.run(arrays, priority, timeout_us), inputs)
+        return out
 
     def submit(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
                priority: int = 0) -> concurrent.futures.Future:

@@ -426,6 +426,12 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     quantize: None (fp32), "int8" (per-channel symmetric Linear weights) or "int4" (symmetric,
     groups of 32 along the input features). BatchNorm is folded into the conv/linear before it,
     Dropout becomes identity. Unsupported ops raise UnsupportedOpError naming the op and node.
+    prune: None or a dict applied to a copy of the module before tracing (and before quantize):
+    {"method": "magnitude", "sparsity": 0.5, "scope": "global"|"layer"} or {"method": "n:m", "n": 2,
+    "m": 4} zero weights of every Linear/Conv2d (aimass.compress.prune_model); {"method": "channel",
+    "sparsity": s} removes output rows of hidden Linear layers and the next Linear's matching inputs
+    (Linear -> elementwise ops -> Linear chains only; anything else raises ValueError). What was
+    pruned is stored as the "aimass.prune" metadata entry (docs/runtime.md).
     The file is written atomically (temporary name, fsync, rename). Returns `path`."""
     import torch
     from safetensors.numpy import save_file
@@ -434,8 +440,10 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
         raise TypeError(f"export: module must be a torch.nn.Module, got {type(module).__name__}")
     if quantize not in (None, "int8", "int4"):
         raise ValueError(f"export: quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    prune_spec = None
     if prune is not None:
-        raise ValueError("export: prune is not supported yet; prune the module with aimass.compress first")
+        from ._prune import check_spec
+        prune_spec = check_spec(prune)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -443,6 +451,10 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
         raise TypeError("export: example_inputs must be a tensor or a tuple of tensors")
     if len({int(x.shape[0]) if x.dim() else -1 for x in example_inputs}) != 1 or example_inputs[0].dim() == 0:
         raise ValueError("export: every example input needs the same batch size in dimension 0")
+    prune_report = None
+    if prune_spec is not None:  # a pruned copy: the caller's module stays as it is
+        from ._prune import pruned_copy
+        module, prune_report = pruned_copy(module, prune_spec)
     was_training = module.training
     try:
         ex = _Exporter(module, example_inputs, quantize).run(input_names, output_names)
@@ -458,6 +470,8 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     }
     if quantize:
         metadata["aimass.quantize"] = quantize
+    if prune_report is not None:
+        metadata["aimass.prune"] = json.dumps(prune_report, separators=(",", ":"))
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         save_file(ex.tensors, tmp, metadata=metadata)

@@ -1,0 +1,68 @@
+#include "runtime/packed_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "aimass/cpu_features.h"
+#include "aimass/parallel.h"
+
+namespace aimass::runtime::packed {
+
+void pack(const float* w, int64_t N, int64_t K, float* wp) {
+  const int64_t P = num_panels(N);
+  std::memset(wp, 0, static_cast<size_t>(P * K * kPanel) * sizeof(float));
+  // Blocked transpose: a block of kPanel weight rows is read row by row (sequential).
+  for (int64_t p = 0; p < P; ++p) {
+    float* dst = wp + p * K * kPanel;
+    const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+    for (int64_t j = 0; j < nc; ++j) {
+      const float* src = w + (n0 + j) * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * kPanel + j] = src[k];
+    }
+  }
+}
+
+void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                   int64_t p1, int64_t N, bool relu, float* y) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* w = wp + p * K * kPanel;
+    const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc[kPanel] = {};
+      const float* xr = x + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float xv = xr[k];
+        const float* wk = w + k * kPanel;
+        for (int64_t j = 0; j < kPanel; ++j) acc[j] += wk[j] * xv;
+      }
+      for (int64_t j = 0; j < nc; ++j) {
+        float v = acc[j] + (bias_p ? bias_p[p * kPanel + j] : 0.f);
+        if (relu) v = v > 0.f ? v : 0.f;  // like the SIMD max(v, 0) and ops' ReLU: NaN -> 0
+        y[m * N + n0 + j] = v;
+      }
+    }
+  }
+}
+
+void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
+            float* y) {
+  const SimdLevel lvl = simd_level();
+  auto kernel = lvl >= SimdLevel::AVX512 ? panels_avx512 : lvl >= SimdLevel::AVX2 ? panels_avx2 : panels_scalar;
+  const int64_t P = num_panels(N);
+  // Chunks of >= ~256K multiply-adds amortize a pool wake-up; more chunks than threads
+  // let the caller take over the work of a worker that the OS has not scheduled yet.
+  const int64_t per_panel = std::max<int64_t>(1, M * K * kPanel);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_panel);
+  const int64_t max_chunks = (P + grain - 1) / grain;
+  const int nchunks = static_cast<int>(std::min<int64_t>(max_chunks, 4 * static_cast<int64_t>(num_threads())));
+  if (nchunks <= 1) {
+    kernel(x, M, K, wp, bias_p, 0, P, N, relu, y);
+    return;
+  }
+  parallel_chunks(nchunks, [&](int c, int nc) {
+    const int64_t b = P * c / nc, e = P * (c + 1) / nc;
+    if (e > b) kernel(x, M, K, wp, bias_p, b, e, N, relu, y);
+  });
+}
+
+}  // namespace aimass::runtime::packed
