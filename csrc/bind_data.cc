@@ -44,9 +44,36 @@ void bind_data(py::module_& m) {
       AIMASS_CHECK(aimass::cpu_features().sse42, ValueError, "crc32c: this CPU has no SSE4.2");
       return ad::crc32c_sse42(p, n, crc);
     }
-    AIMASS_CHECK(impl == "auto", ValueError, "crc32c: impl must be 'auto', 'scalar' or 'sse42', got '", impl, "'");
+    if (impl == "avx512") {
+      AIMASS_CHECK(ad::crc32c_avx512_supported(), ValueError, "crc32c: this CPU has no AVX-512 with VPCLMULQDQ");
+      return ad::crc32c_avx512(p, n, crc);
+    }
+    AIMASS_CHECK(impl == "auto", ValueError, "crc32c: impl must be 'auto', 'scalar', 'sse42' or 'avx512', got '",
+                 impl, "'");
     return ad::crc32c(p, n, crc);
   }, py::arg("data"), py::arg("impl") = "auto", py::arg("crc") = 0);
+  // The fused check-and-copy the loader uses: (crc, copy of the bytes). For tests.
+  m.def("data_crc32c_copy", [](py::buffer b, const std::string& impl, uint32_t crc) {
+    py::buffer_info info = b.request();
+    AIMASS_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), ValueError, "crc32c_copy: data must be contiguous");
+    size_t n = static_cast<size_t>(info.size * info.itemsize);
+    py::array_t<uint8_t> out(static_cast<py::ssize_t>(n));
+    uint8_t* dst = out.mutable_data();
+    const void* src = info.ptr;
+    uint32_t r;
+    {
+      py::gil_scoped_release nogil_;
+      if (impl == "avx512") {
+        AIMASS_CHECK(ad::crc32c_avx512_supported(), ValueError, "crc32c_copy: this CPU has no AVX-512 with VPCLMULQDQ");
+        r = ad::crc32c_copy_avx512(dst, src, n, crc);
+      } else {
+        AIMASS_CHECK(impl == "auto", ValueError, "crc32c_copy: impl must be 'auto' or 'avx512', got '", impl, "'");
+        r = ad::crc32c_copy(dst, src, n, crc);
+      }
+    }
+    return py::make_tuple(r, out);
+  }, py::arg("data"), py::arg("impl") = "auto", py::arg("crc") = 0);
+  m.def("data_crc32c_impl", [] { return std::string(ad::crc32c_impl_name()); });
   m.def("data_mask_crc", &ad::mask_crc);
 
   m.def("data_write_shards",

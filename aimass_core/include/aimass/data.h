@@ -19,11 +19,19 @@ namespace aimass {
 namespace data {
 
 // ---------------------------------------------------------------- CRC32C
-// CRC32C (Castagnoli), as TFRecord uses it. crc32c() picks the SSE4.2 path when
-// the CPU has it and the SIMD level is not capped to scalar.
+// CRC32C (Castagnoli), as TFRecord uses it. crc32c() picks, by CPU and SIMD level:
+// VPCLMULQDQ folding at the AVX-512 level when the CPU has it, else the SSE4.2 crc32
+// instruction unless the level is capped to scalar, else the slicing-by-8 table.
+// `crc` chains: crc32c(b, nb, crc32c(a, na)) == crc32c(a + b).
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+// crc32c(src, n, crc), also copying the n bytes to dst (non-overlapping) in the same pass.
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0);
+const char* crc32c_impl_name();  // what crc32c() uses now: "avx512", "sse42" or "scalar"
 uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc = 0);
-uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);  // needs SSE4.2
+uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);   // needs SSE4.2
+bool crc32c_avx512_supported();                                        // AVX-512 + VPCLMULQDQ
+uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0);  // needs crc32c_avx512_supported()
+uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0);
 inline uint32_t mask_crc(uint32_t crc) { return ((crc >> 15) | (crc << 17)) + 0xa282ead8u; }
 inline uint32_t unmask_crc(uint32_t m) {
   uint32_t r = m - 0xa282ead8u;
@@ -85,12 +93,17 @@ class Shard {
   uint64_t size() const { return n_; }
   // The payload of record i; checks framing and (if verify) both CRCs.
   const uint8_t* record(uint64_t i, uint64_t* len, bool verify) const;
+  // The payload of record i with its framing checked (and, if verify_len, the length
+  // CRC), and in *masked_crc the stored payload CRC, left to the caller to check (the
+  // loader checks it while copying the payload).
+  const uint8_t* locate(uint64_t i, uint64_t* len, uint32_t* masked_crc, bool verify_len) const;
+  // Throws CorruptDataError naming this shard, record i and `why`.
+  [[noreturn]] void corrupt(uint64_t i, const std::string& why) const;
   // Hint the CPU to start loading record i (no checks, no faults on bad offsets).
   void prefetch(uint64_t i) const;
   const std::string& name() const { return name_; }
 
  private:
-  [[noreturn]] void corrupt(uint64_t i, const std::string& why) const;
   std::string name_;
   const uint8_t* base_ = nullptr;
   size_t file_size_ = 0;
@@ -109,6 +122,11 @@ class Reader {
   const Shard& shard(int64_t s) const { return *shards_[s]; }
   // Global index -> payload (verified when verify).
   const uint8_t* record(int64_t index, uint64_t* len, bool verify, int64_t* shard_out = nullptr) const;
+  // Shard::locate by global index (the payload CRC is the caller's to check).
+  const uint8_t* locate(int64_t index, uint64_t* len, uint32_t* masked_crc, bool verify_len,
+                        int64_t* shard_out) const;
+  // CorruptDataError "payload checksum mismatch" naming the shard and record of `index`.
+  [[noreturn]] void payload_mismatch(int64_t index) const;
   void prefetch(int64_t index) const;
   // Splits a payload into per-field pointers and first dims; checks sizes.
   void decode(const uint8_t* payload, uint64_t len, int64_t index, const uint8_t** field_ptr,
@@ -119,6 +137,7 @@ class Reader {
  private:
   Schema schema_;
   std::vector<std::unique_ptr<Shard>> shards_;
+  size_t shard_of(int64_t index) const;  // index must be in range
   std::vector<int64_t> starts_;  // global index of each shard's first record (+ total)
   int64_t total_ = 0;
 };

@@ -114,6 +114,7 @@ struct Loader::FieldPlan {
   DType out_dtype = DType::U8;
   int64_t out_bytes = 0;       // per sample
   uint64_t transform_id = 0;
+  bool plain = false;          // no transform: the stored bytes are the output
 };
 
 void Loader::build_plan() {
@@ -240,6 +241,7 @@ void Loader::build_plan() {
     }
     if (pl->elementwise && !is_float_out(cur)) cur = DType::F32;
     pl->out_dtype = cur;
+    pl->plain = !pl->user && !pl->onehot && !pl->elementwise && !pl->crop && pl->flip_p == 0;
     FieldOut fo{fd.name, cur, shape};
     int64_t elems = 1;
     for (int64_t d : shape) elems *= d;
@@ -413,13 +415,32 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       reader_->prefetch(indices_[static_cast<size_t>(perm[static_cast<size_t>((pos + W * kPrefetchAhead) % n)])]);
     uint64_t len;
     int64_t shard = 0;
+    uint32_t stored_crc = 0;
     bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
-    const uint8_t* payload = reader_->record(rec, &len, check, &shard);
-    if (check && opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
+    const uint8_t* payload = reader_->locate(rec, &len, &stored_crc, check, &shard);
     try {
       reader_->decode(payload, len, rec, fp.data(), d0.data());
     } catch (const CorruptDataError& e) {
+      // a damaged payload is reported as such, not as a schema mismatch
+      if (check && mask_crc(crc32c(payload, len)) != stored_crc) reader_->payload_mismatch(rec);
       throw CorruptDataError(detail::concat("shard ", reader_->shard(shard).name(), ": ", e.what()));
+    }
+    if (check) {
+      // One pass over the record: the fields lie back to back in schema order (a Loader's
+      // fields are all fixed-size), so the payload CRC is chained field by field, and a
+      // field without transforms is copied into the batch by the same loop that checks it.
+      // Transforms run only after the whole record checked out.
+      uint32_t crc = 0;
+      for (size_t f = 0; f < plans_.size(); ++f) {
+        const FieldPlan& pl = *plans_[f];
+        const size_t nb = static_cast<size_t>(pl.src_bytes);
+        if (pl.plain)
+          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, fp[static_cast<size_t>(pl.src)], nb, crc);
+        else
+          crc = crc32c(fp[static_cast<size_t>(pl.src)], nb, crc);
+      }
+      if (mask_crc(crc) != stored_crc) reader_->payload_mismatch(rec);
+      if (opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
     }
     for (size_t f = 0; f < plans_.size(); ++f) {
       const FieldPlan& pl = *plans_[f];
@@ -446,8 +467,8 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         continue;
       }
       const bool geo = pl.crop || pl.flip_p > 0;
-      if (!geo && !pl.elementwise) {
-        std::memcpy(out, src, static_cast<size_t>(pl.out_bytes));
+      if (pl.plain) {
+        if (!check) std::memcpy(out, src, static_cast<size_t>(pl.out_bytes));  // else copied while checked
         continue;
       }
       const size_t ies = dtype_size(pl.src_dtype), oes = dtype_size(pl.out_dtype);
