@@ -162,7 +162,8 @@ void bind_data(py::module_& m) {
   py::class_<ad::Loader, std::shared_ptr<ad::Loader>>(m, "DataLoader")
       .def(py::init([](std::shared_ptr<ad::Reader> reader, py::array_t<int64_t, py::array::c_style> indices,
                        int64_t batch_size, bool shuffle, uint64_t seed, int rank, int world_size, bool drop_last,
-                       int num_threads, int prefetch, int verify, py::list transforms) {
+                       int num_threads, int prefetch, int verify, py::list transforms, uint64_t host_alloc,
+                       uint64_t host_free) {
              ad::LoaderOptions o;
              o.batch_size = batch_size;
              o.shuffle = shuffle;
@@ -173,6 +174,9 @@ void bind_data(py::module_& m) {
              o.num_threads = num_threads;
              o.prefetch = prefetch;
              o.verify = verify;
+             // e.g. aimass._cuda's cudaHostAlloc/cudaFreeHost wrappers (pin_memory=True)
+             o.allocator.alloc = reinterpret_cast<void* (*)(size_t)>(static_cast<uintptr_t>(host_alloc));
+             o.allocator.free = reinterpret_cast<void (*)(void*)>(static_cast<uintptr_t>(host_free));
              std::vector<ad::Transform> ts;
              for (auto item : transforms) {
                py::dict d = item.cast<py::dict>();
@@ -208,11 +212,13 @@ void bind_data(py::module_& m) {
            }),
            py::arg("reader"), py::arg("indices"), py::arg("batch_size"), py::arg("shuffle"), py::arg("seed"),
            py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
-           py::arg("prefetch"), py::arg("verify"), py::arg("transforms"))
+           py::arg("prefetch"), py::arg("verify"), py::arg("transforms"), py::arg("host_alloc") = 0,
+           py::arg("host_free") = 0)
       .def_property_readonly("batches_per_epoch", &ad::Loader::batches_per_epoch)
       .def_property_readonly("samples_per_rank", &ad::Loader::samples_per_rank)
       .def_property_readonly("num_samples", &ad::Loader::num_samples)
       .def_property_readonly("next_batch_index", &ad::Loader::next_batch_index)
+      .def_property_readonly("buffers_allocated", &ad::Loader::buffers_allocated)
       .def("outputs", [](const ad::Loader& l) {
         py::list out;
         for (const auto& f : l.outputs()) out.append(py::make_tuple(f.name, std::string(aimass::dtype_name(f.dtype)), f.shape));

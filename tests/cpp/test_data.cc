@@ -49,6 +49,25 @@ TEST(DataCrc, Sse42MatchesScalar) {
   }
 }
 
+TEST(DataCrc, Avx512FoldAndFusedCopyMatchScalar) {
+  if (!ad::crc32c_avx512_supported()) GTEST_SKIP() << "no AVX-512 with VPCLMULQDQ";
+  std::mt19937 rng(2);
+  std::vector<uint8_t> buf(5000), out(5000);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  for (size_t off : {0, 1, 3, 7, 13}) {
+    for (size_t n = 0; n <= 4200; n += (n < 600 ? 1 : 37)) {
+      const uint32_t init = static_cast<uint32_t>(n * 2654435761u);
+      const uint32_t ref = ad::crc32c_scalar(buf.data() + off, n, init);
+      ASSERT_EQ(ref, ad::crc32c_avx512(buf.data() + off, n, init)) << off << " " << n;
+      std::fill(out.begin(), out.end(), 0);
+      ASSERT_EQ(ref, ad::crc32c_copy_avx512(out.data() + 5, buf.data() + off, n, init)) << off << " " << n;
+      ASSERT_EQ(0, std::memcmp(out.data() + 5, buf.data() + off, n));
+      ASSERT_EQ(0, out[4]);
+      ASSERT_EQ(0, out[5 + n]);  // nothing written past the end
+    }
+  }
+}
+
 TEST(DataFormat, RoundTripAndCorruption) {
   std::string dir = tmpdir();
   const int64_t n = 100;

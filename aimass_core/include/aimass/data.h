@@ -168,6 +168,14 @@ struct Transform {
 std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n, bool shuffle);
 
 // ---------------------------------------------------------------- loader
+// Where batch memory comes from. Null functions: page-aligned std::aligned_alloc.
+// Pinned memory plugs in here (aimass._cuda hands over cudaHostAlloc/cudaFreeHost
+// wrappers), so the CPU library never links CUDA. alloc returns nullptr on failure.
+struct HostAllocator {
+  void* (*alloc)(size_t bytes) = nullptr;
+  void (*free)(void* p) = nullptr;
+};
+
 struct LoaderOptions {
   int64_t batch_size = 1;
   bool shuffle = true;
@@ -180,12 +188,21 @@ struct LoaderOptions {
   // Checksum checks: 0 never, 1 on every read, 2 the first time this loader reads each record
   // (datasets are immutable once written, so later epochs can skip the CRC pass).
   int verify = 1;
+  HostAllocator allocator;
 };
 
-// An output batch: one contiguous buffer per field, recycled into the loader's
-// pool when the last reference goes away.
+// One field's memory in a batch: page-aligned, owned by the loader's pool.
+struct HostBuffer {
+  uint8_t* ptr = nullptr;
+  size_t bytes = 0;
+  uint8_t* data() const { return ptr; }
+  size_t size() const { return bytes; }
+};
+
+// An output batch: one buffer per field, recycled into the loader's pool when the
+// last reference goes away (so memory stays flat across epochs).
 struct BatchBuffer {
-  std::vector<std::vector<uint8_t>> fields;
+  std::vector<HostBuffer> fields;
   int64_t rows = 0;
 };
 class BufferPool;
@@ -215,6 +232,8 @@ class Loader {
   std::shared_ptr<BatchBuffer> next();
   void stop();
   int64_t next_batch_index() const { return consumed_; }
+  // Batch buffers the pool has allocated so far (reused ones are not counted again).
+  int64_t buffers_allocated() const;
 
  private:
   void worker();

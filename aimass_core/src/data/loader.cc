@@ -2,6 +2,7 @@
 // the consumer takes them strictly in order. Workers never touch Python.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "aimass/data.h"
@@ -66,7 +67,7 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n,
 // ---------------------------------------------------------------- pool
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
-  explicit BufferPool(std::vector<size_t> sizes) : sizes_(std::move(sizes)) {}
+  BufferPool(std::vector<size_t> sizes, HostAllocator alloc) : sizes_(std::move(sizes)), alloc_(alloc) {}
   std::shared_ptr<BatchBuffer> acquire() {
     BatchBuffer* b = nullptr;
     {
@@ -76,25 +77,57 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
         free_.pop_back();
       }
     }
-    if (!b) {
-      b = new BatchBuffer();
-      for (size_t s : sizes_) b->fields.emplace_back(s);
-    }
+    if (!b) b = create();
     auto self = shared_from_this();
     return std::shared_ptr<BatchBuffer>(b, [self](BatchBuffer* x) { self->release(x); });
   }
+  int64_t allocated() const { return allocated_.load(); }
   ~BufferPool() {
-    for (auto* b : free_) delete b;
+    for (auto* b : free_) destroy(b);
   }
 
  private:
+  static constexpr size_t kAlign = 4096;  // whole pages: no false sharing, aligned vector stores
+  BatchBuffer* create() {
+    auto* b = new BatchBuffer();
+    try {
+      for (size_t s : sizes_) {
+        size_t bytes = (std::max<size_t>(s, 1) + kAlign - 1) / kAlign * kAlign;
+        void* p = alloc_.alloc ? alloc_.alloc(bytes) : std::aligned_alloc(kAlign, bytes);
+        AIMASS_CHECK(p != nullptr, Error, "Loader: could not allocate a ", bytes, "-byte batch buffer",
+                     alloc_.alloc ? " of pinned (page-locked) host memory; lower prefetch/batch_size or pass "
+                                    "pin_memory=False"
+                                  : "");
+        b->fields.push_back({static_cast<uint8_t*>(p), s});
+      }
+    } catch (...) {
+      destroy(b);
+      throw;
+    }
+    allocated_.fetch_add(1);
+    return b;
+  }
+  void destroy(BatchBuffer* b) {
+    for (auto& f : b->fields) {
+      if (alloc_.free) alloc_.free(f.ptr); else std::free(f.ptr);
+    }
+    delete b;
+  }
   void release(BatchBuffer* b) {
-    std::lock_guard<std::mutex> g(mu_);
-    if (free_.size() < 64) free_.push_back(b); else delete b;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (free_.size() < 64) {
+        free_.push_back(b);
+        return;
+      }
+    }
+    destroy(b);
   }
   std::vector<size_t> sizes_;
+  HostAllocator alloc_;
   std::mutex mu_;
   std::vector<BatchBuffer*> free_;
+  std::atomic<int64_t> allocated_{0};
 };
 
 // ---------------------------------------------------------------- plan
@@ -281,13 +314,17 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
   build_plan();
   std::vector<size_t> sizes;
   for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
-  pool_ = std::make_shared<BufferPool>(sizes);
+  AIMASS_CHECK((opt_.allocator.alloc == nullptr) == (opt_.allocator.free == nullptr), ValueError,
+               "Loader: a host allocator needs both its alloc and free functions");
+  pool_ = std::make_shared<BufferPool>(sizes, opt_.allocator);
   window_ = static_cast<int64_t>(opt_.prefetch) * opt_.num_threads;
   slots_.resize(static_cast<size_t>(window_));
   for (int t = 0; t < opt_.num_threads; ++t) threads_.emplace_back([this] { worker(); });
 }
 
 Loader::~Loader() { stop(); }
+
+int64_t Loader::buffers_allocated() const { return pool_->allocated(); }
 
 void Loader::stop() {
   {
