@@ -348,16 +348,19 @@ class OneHot(_Transform):
 class CFunc(_Transform):
     """A user transform compiled to a C function that the C++ workers call without
     the GIL, e.g. a numba ``@cfunc(types.int32(types.voidptr, types.int64, types.voidptr,
-    types.int64, types.int64, types.uint64))``. C signature::
+    types.int64, types.int64, types.uint64))``. C signature (docs/format.md)::
 
         int32_t fn(const void* in, int64_t in_bytes, void* out, int64_t out_bytes,
                    int64_t record, uint64_t seed);   // return 0 on success
 
-    `in` is the field as stored for one record, `out` the sample's slot of dtype
-    `dtype` and per-sample `shape`; `seed` is a per-sample value derived from
-    (seed, epoch, record) for reproducible randomness. `fn` is a numba cfunc (its
-    ``.address``), a ctypes function pointer (ctypes callbacks take the GIL, so they
-    are for testing), or an int address; the loader keeps `fn` alive."""
+    `in` is the field as stored for one record (in_bytes = prod(stored shape) *
+    itemsize), `out` the sample's slot of dtype `dtype` and per-sample `shape`
+    (out_bytes bytes, all of which fn must write); `record` is the dataset index and
+    `seed` a per-sample value derived from (seed, epoch, record, field) for
+    reproducible randomness. A non-zero return stops the epoch with ValueError.
+    `fn` is a numba cfunc (its ``.address``), a ctypes function pointer (ctypes
+    callbacks take the GIL, so they are for testing), or an int address; the loader
+    keeps `fn` alive. It must be the only transform on its field."""
     kind = 5
 
     def __init__(self, field: str, fn, dtype: str, shape):
