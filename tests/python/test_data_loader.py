@@ -142,7 +142,7 @@ def test_bad_arguments(ds):
     with pytest.raises(ValueError, match="both"):
         D.Loader(ds, 4, rank=0)
     with pytest.raises(ValueError, match="output"):
-        D.Loader(ds, 4, output="cupy")
+        D.Loader(ds, 4, output="jax")
     with pytest.raises(ValueError, match="num_threads"):
         D.Loader(ds, 4, num_threads=0)
     with pytest.raises(ValueError, match="unknown field 'img'"):

@@ -96,7 +96,15 @@ class Shard {
   // The payload of record i with its framing checked (and, if verify_len, the length
   // CRC), and in *masked_crc the stored payload CRC, left to the caller to check (the
   // loader checks it while copying the payload).
-  const uint8_t* locate(uint64_t i, uint64_t* len, uint32_t* masked_crc, bool verify_len) const;
+  const uint8_t* locate(uint64_t i, uint64_t* len, uint32_t* masked_crc, bool verify_len) const {
+    return open_frame(i, frame(i), len, masked_crc, verify_len);
+  }
+  // locate() in two steps, so a batch's offsets can be looked up (and its records
+  // prefetched) before any record is read: the start of record i's frame (offset
+  // checked), then its payload.
+  const uint8_t* frame(uint64_t i) const;
+  const uint8_t* open_frame(uint64_t i, const uint8_t* frame, uint64_t* len, uint32_t* masked_crc,
+                            bool verify_len) const;
   // Throws CorruptDataError naming this shard, record i and `why`.
   [[noreturn]] void corrupt(uint64_t i, const std::string& why) const;
   // Hint the CPU to start loading record i (no checks, no faults on bad offsets).
@@ -127,6 +135,12 @@ class Reader {
                         int64_t* shard_out) const;
   // CorruptDataError "payload checksum mismatch" naming the shard and record of `index`.
   [[noreturn]] void payload_mismatch(int64_t index) const;
+  // Record `index` as (shard, record within it); index must be in [0, size()).
+  void split_index(int64_t index, int64_t* shard, uint64_t* local) const {
+    size_t s = shard_of(index);
+    *shard = static_cast<int64_t>(s);
+    *local = static_cast<uint64_t>(index - starts_[s]);
+  }
   void prefetch(int64_t index) const;
   // Splits a payload into per-field pointers and first dims; checks sizes.
   void decode(const uint8_t* payload, uint64_t len, int64_t index, const uint8_t** field_ptr,
@@ -242,6 +256,8 @@ class Loader {
 
   std::shared_ptr<const Reader> reader_;
   std::vector<int64_t> indices_;
+  bool all_records_ = false;  // indices_ is 0..N-1
+  size_t frame_bytes_ = 0;    // bytes of one record's frame (every Loader field is fixed-size)
   LoaderOptions opt_;
   std::vector<Transform> transforms_;
   std::vector<FieldOut> outputs_;

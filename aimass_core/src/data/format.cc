@@ -272,11 +272,17 @@ void Shard::corrupt(uint64_t i, const std::string& why) const {
                                         "; the file is damaged: rewrite the dataset or restore the shard"));
 }
 
-const uint8_t* Shard::locate(uint64_t i, uint64_t* len, uint32_t* masked_crc, bool verify_len) const {
+const uint8_t* Shard::frame(uint64_t i) const {
   uint64_t off = ld64(offsets_ + 8 * i);
   const uint64_t limit = file_size_ - kTailBytes - 8 * n_;
   if (off < kHeaderBytes || off + kFrameBytes > limit) corrupt(i, "offset out of range");
-  const uint8_t* p = base_ + off;
+  return base_ + off;
+}
+
+const uint8_t* Shard::open_frame(uint64_t i, const uint8_t* p, uint64_t* len, uint32_t* masked_crc,
+                                 bool verify_len) const {
+  const uint64_t off = static_cast<uint64_t>(p - base_);
+  const uint64_t limit = file_size_ - kTailBytes - 8 * n_;
   uint64_t n = ld64(p);
   if (verify_len && ld32(p + 8) != mask_crc(crc32c(p, 8))) corrupt(i, "length checksum mismatch");
   if (n > limit - off - kFrameBytes) corrupt(i, detail::concat("length ", n, " runs past the end of the data"));

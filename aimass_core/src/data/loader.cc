@@ -290,6 +290,7 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
     : reader_(std::move(reader)), indices_(std::move(indices)), opt_(opt), transforms_(std::move(transforms)) {
   AIMASS_CHECK(reader_ != nullptr, ValueError, "Loader: no dataset");
   if (indices_.empty()) {
+    all_records_ = true;  // fill() skips the identity lookup
     indices_.resize(static_cast<size_t>(reader_->size()));
     for (int64_t i = 0; i < reader_->size(); ++i) indices_[i] = i;
   }
@@ -312,6 +313,7 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
     for (int64_t i = 0; i < reader_->size(); ++i) verified_[i].store(0, std::memory_order_relaxed);
   }
   build_plan();
+  frame_bytes_ = static_cast<size_t>(reader_->schema().fixed_record_bytes()) + 16;  // + length, CRCs
   std::vector<size_t> sizes;
   for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
   AIMASS_CHECK((opt_.allocator.alloc == nullptr) == (opt_.allocator.free == nullptr), ValueError,
@@ -432,8 +434,17 @@ void Loader::worker() {
   }
 }
 
-// Records ahead of the one being decoded whose lines are requested early (4 beat 0/2/8).
+// Records ahead of the one being read whose lines are requested early.
 constexpr int64_t kPrefetchAhead = 4;
+
+namespace {
+inline void prefetch_bytes(const uint8_t* p, size_t n) {
+  n = std::min<size_t>(n, 64u << 10);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+}  // namespace
 
 void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, BatchBuffer& buf) {
   const int64_t n = num_samples(), W = opt_.world_size, B = opt_.batch_size;
@@ -444,17 +455,36 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
   const Schema& sc = reader_->schema();
   std::vector<const uint8_t*> fp(sc.fields.size());
   std::vector<int64_t> d0(sc.fields.size());
+  // Shuffled reads miss the cache at every step: the record id (indices_), its offset
+  // (the shard's table), then its bytes. Doing each step for the whole batch before
+  // the next makes the loads of one step independent, so their misses overlap instead
+  // of queueing behind each other; the records themselves are then prefetched ahead.
+  struct Row {
+    int64_t rec;
+    int64_t shard;
+    uint64_t local;
+    const uint8_t* frame;
+  };
+  std::vector<Row> rv(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     // rank-strided slice of the (wrapped) global permutation
-    int64_t pos = (opt_.rank + W * (first + r)) % n;
-    int64_t rec = indices_[static_cast<size_t>(perm[static_cast<size_t>(pos)])];
-    if (r + kPrefetchAhead < rows)
-      reader_->prefetch(indices_[static_cast<size_t>(perm[static_cast<size_t>((pos + W * kPrefetchAhead) % n)])]);
+    const int64_t q = perm[static_cast<size_t>((opt_.rank + W * (first + r)) % n)];
+    rv[r].rec = all_records_ ? q : indices_[static_cast<size_t>(q)];
+  }
+  for (auto& row : rv) {
+    reader_->split_index(row.rec, &row.shard, &row.local);
+    row.frame = reader_->shard(row.shard).frame(row.local);
+  }
+  for (int64_t r = 0; r < std::min(rows, kPrefetchAhead); ++r) prefetch_bytes(rv[r].frame, frame_bytes_);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kPrefetchAhead < rows) prefetch_bytes(rv[r + kPrefetchAhead].frame, frame_bytes_);
+    const int64_t rec = rv[r].rec;
+    const int64_t shard = rv[r].shard;
     uint64_t len;
-    int64_t shard = 0;
     uint32_t stored_crc = 0;
     bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
-    const uint8_t* payload = reader_->locate(rec, &len, &stored_crc, check, &shard);
+    const uint8_t* payload =
+        reader_->shard(shard).open_frame(rv[r].local, rv[r].frame, &len, &stored_crc, check);
     try {
       reader_->decode(payload, len, rec, fp.data(), d0.data());
     } catch (const CorruptDataError& e) {
