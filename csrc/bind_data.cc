@@ -66,8 +66,12 @@ void bind_data(py::module_& m) {
       if (impl == "avx512") {
         AIMASS_CHECK(ad::crc32c_avx512_supported(), ValueError, "crc32c_copy: this CPU has no AVX-512 with VPCLMULQDQ");
         r = ad::crc32c_copy_avx512(dst, src, n, crc);
+      } else if (impl == "sse42") {
+        AIMASS_CHECK(aimass::cpu_features().sse42, ValueError, "crc32c_copy: this CPU has no SSE4.2");
+        r = ad::crc32c_copy_sse42(dst, src, n, crc);
       } else {
-        AIMASS_CHECK(impl == "auto", ValueError, "crc32c_copy: impl must be 'auto' or 'avx512', got '", impl, "'");
+        AIMASS_CHECK(impl == "auto", ValueError, "crc32c_copy: impl must be 'auto', 'sse42' or 'avx512', got '",
+                     impl, "'");
         r = ad::crc32c_copy(dst, src, n, crc);
       }
     }

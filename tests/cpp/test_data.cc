@@ -42,9 +42,13 @@ TEST(DataCrc, Sse42MatchesScalar) {
   std::vector<uint8_t> buf(5000);
   for (auto& b : buf) b = static_cast<uint8_t>(rng());
   for (size_t off : {0, 1, 3, 7}) {
-    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 1000, 4093}) {
+    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 767, 768, 769, 1000, 2304, 3080, 4093}) {
       EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 0), ad::crc32c_sse42(buf.data() + off, n, 0)) << n;
       EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 77), ad::crc32c_sse42(buf.data() + off, n, 77)) << n;
+      std::vector<uint8_t> out(n + 2, 0);
+      EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 5), ad::crc32c_copy_sse42(out.data() + 1, buf.data() + off, n, 5));
+      EXPECT_EQ(0, std::memcmp(out.data() + 1, buf.data() + off, n));
+      EXPECT_EQ(0, out[n + 1]);
     }
   }
 }

@@ -29,6 +29,7 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0);
 const char* crc32c_impl_name();  // what crc32c() uses now: "avx512", "sse42" or "scalar"
 uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc = 0);
 uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);   // needs SSE4.2
+uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc = 0);
 bool crc32c_avx512_supported();                                        // AVX-512 + VPCLMULQDQ
 uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0);  // needs crc32c_avx512_supported()
 uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0);

@@ -119,9 +119,10 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
 uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
   switch (pick()) {
     case CrcImpl::Avx512: return crc32c_copy_avx512(dst, src, n, crc);
-    case CrcImpl::Sse42: crc = crc32c_sse42(src, n, crc); break;
-    default: crc = crc32c_scalar(src, n, crc); break;
+    case CrcImpl::Sse42: return crc32c_copy_sse42(dst, src, n, crc);
+    default: break;
   }
+  crc = crc32c_scalar(src, n, crc);
   if (n) std::memcpy(dst, src, n);  // the bytes are in L1 after the CRC pass
   return crc;
 }
