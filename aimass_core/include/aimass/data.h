@@ -283,6 +283,8 @@ class Loader {
   std::vector<Slot> slots_;
   std::mutex mu_;
   std::condition_variable cv_work_, cv_ready_;
+  int idle_workers_ = 0;           // workers asleep on cv_work_
+  int consumers_waiting_ = 0;      // next() calls asleep on cv_ready_
   bool stopping_ = false;
   bool running_ = false;
   uint64_t generation_ = 0;

@@ -380,14 +380,21 @@ std::shared_ptr<BatchBuffer> Loader::next() {
   }
   Slot& s = slots_[static_cast<size_t>(consumed_ % window_)];
   int64_t want = consumed_;
-  cv_ready_.wait(lk, [&] { return stopping_ || (s.ready && s.batch == want); });
+  if (!(s.ready && s.batch == want)) {
+    ++consumers_waiting_;
+    cv_ready_.wait(lk, [&] { return stopping_ || (s.ready && s.batch == want); });
+    --consumers_waiting_;
+  }
   AIMASS_CHECK(!stopping_, ClosedError, "Loader was closed while waiting for a batch");
   auto buf = std::move(s.buf);
   auto err = s.error;
   s = Slot();
   ++consumed_;
+  // One slot came free: one idle worker can claim it (waking them all, or waking one
+  // when none sleeps, costs a context switch per batch on a small machine).
+  const bool wake = idle_workers_ > 0;
   lk.unlock();
-  cv_work_.notify_all();
+  if (wake) cv_work_.notify_one();
   if (err) {
     std::lock_guard<std::mutex> g(mu_);
     running_ = false;  // the epoch cannot continue past a damaged record
@@ -404,9 +411,14 @@ void Loader::worker() {
     std::shared_ptr<const std::vector<int64_t>> perm;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_work_.wait(lk, [&] {
+      auto can_claim = [&] {
         return stopping_ || (running_ && claimed_ < nbatches_ && claimed_ < consumed_ + window_);
-      });
+      };
+      if (!can_claim()) {
+        ++idle_workers_;
+        cv_work_.wait(lk, can_claim);
+        --idle_workers_;
+      }
       if (stopping_) return;
       b = claimed_++;
       gen = generation_;
@@ -421,6 +433,7 @@ void Loader::worker() {
     } catch (...) {
       err = std::current_exception();
     }
+    bool wake;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (gen != generation_ || stopping_) continue;
@@ -429,8 +442,10 @@ void Loader::worker() {
       s.ready = true;
       s.buf = std::move(buf);
       s.error = err;
+      // the consumer waits for batch consumed_ only: a later one finishing first need not wake it
+      wake = consumers_waiting_ > 0 && b == consumed_;
     }
-    cv_ready_.notify_all();
+    if (wake) cv_ready_.notify_all();
   }
 }
 
