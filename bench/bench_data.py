@@ -7,8 +7,11 @@ the same process on the same data:
     numpy memmap, best of num_workers 0 and 2 (capped at AIMASS_BENCH_TORCH_BATCHES
     batches, default 300, to keep the run short);
   * roof: numpy memmap fancy-index copy of each shuffled batch (bandwidth bound).
-Also: aimass with RandomHorizontalFlip + Cast + Normalize on the records viewed as
-32x32x3 images.
+aimass runs its default, verify=True (both CRCs of every record checked on every
+read), and verify="once" in a second epoch. Also: aimass with RandomHorizontalFlip +
+Cast + Normalize on the records viewed as 32x32x3 images, and the CPU time per
+record of aimass and of the roof (all threads; unlike samples/s it barely moves
+when other processes load the machine).
 
     python -m pytest bench/bench_data.py --benchmark-only -s   # pytest-benchmark
     python bench/bench_data.py                                  # plain table of ratios
