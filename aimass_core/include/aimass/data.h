@@ -25,14 +25,17 @@ namespace data {
 // `crc` chains: crc32c(b, nb, crc32c(a, na)) == crc32c(a + b).
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 // crc32c(src, n, crc), also copying the n bytes to dst (non-overlapping) in the same pass.
-uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0);
+// `prefetch` (optional): n bytes the caller reads next (the same field of a later
+// record), requested from memory a few lines at a time while this copy runs.
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0, const void* prefetch = nullptr);
 const char* crc32c_impl_name();  // what crc32c() uses now: "avx512", "sse42" or "scalar"
 uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc = 0);
 uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);   // needs SSE4.2
 uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc = 0);
 bool crc32c_avx512_supported();                                        // AVX-512 + VPCLMULQDQ
 uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0);  // needs crc32c_avx512_supported()
-uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0);
+uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0,
+                            const void* prefetch = nullptr);
 inline uint32_t mask_crc(uint32_t crc) { return ((crc >> 15) | (crc << 17)) + 0xa282ead8u; }
 inline uint32_t unmask_crc(uint32_t m) {
   uint32_t r = m - 0xa282ead8u;
@@ -259,6 +262,7 @@ class Loader {
   std::vector<int64_t> indices_;
   bool all_records_ = false;  // indices_ is 0..N-1
   size_t frame_bytes_ = 0;    // bytes of one record's frame (every Loader field is fixed-size)
+  bool copy_covers_record_ = false;  // see the constructor
   LoaderOptions opt_;
   std::vector<Transform> transforms_;
   std::vector<FieldOut> outputs_;

@@ -116,9 +116,15 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   }
 }
 
-uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
-  switch (pick()) {
-    case CrcImpl::Avx512: return crc32c_copy_avx512(dst, src, n, crc);
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc, const void* prefetch) {
+  CrcImpl impl = pick();
+  if (impl == CrcImpl::Avx512) return crc32c_copy_avx512(dst, src, n, crc, prefetch);
+  if (prefetch) {  // all at once: these loops have no step to spread the requests over
+    const uintptr_t end = reinterpret_cast<uintptr_t>(prefetch) + n;
+    for (uintptr_t a = reinterpret_cast<uintptr_t>(prefetch) & ~uintptr_t(63); a < end; a += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(a));
+  }
+  switch (impl) {
     case CrcImpl::Sse42: return crc32c_copy_sse42(dst, src, n, crc);
     default: break;
   }

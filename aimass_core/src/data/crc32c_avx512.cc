@@ -42,10 +42,24 @@ AIMASS_CRC_TARGET inline __m512i fold(__m512i x, __m512i k, __m512i d) {
                                    0x96);
 }
 
+AIMASS_CRC_TARGET inline void prefetch_lines(const uint8_t* p, size_t n) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+}
+
+// pf (may be null): n bytes to prefetch, a few lines per 256-byte step, so that the
+// requests for the next record spread over this one's work instead of queueing up at once.
 template <bool kCopy>
-AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_t n, uint32_t crc) {
+AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_t n, uint32_t crc,
+                                           const uint8_t* pf) {
   uint64_t c = static_cast<uint32_t>(~crc);
+  if (pf && n < 256) prefetch_lines(pf, n);
   if (n >= 256) {
+    if (pf) {
+      prefetch_lines(pf, 256);
+      pf += 256;
+    }
     const uint64_t* k = crc32c_fold_constants();
     const __m512i k256 = pairs(k, k, k, k);
     const __m512i k64 = pairs(k + 2, k + 2, k + 2, k + 2);
@@ -67,6 +81,10 @@ AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_
     p += 256;
     n -= 256;
     while (n >= 256) {
+      if (pf) {
+        prefetch_lines(pf, 256);
+        pf += 256;
+      }
       const __m512i d0 = _mm512_loadu_si512(p), d1 = _mm512_loadu_si512(p + 64), d2 = _mm512_loadu_si512(p + 128),
                     d3 = _mm512_loadu_si512(p + 192);
       if (kCopy) {
@@ -83,6 +101,7 @@ AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_
       p += 256;
       n -= 256;
     }
+    if (pf) prefetch_lines(pf, n);  // the last partial step
     x0 = fold(x0, k64, x1);
     x0 = fold(x0, k64, x2);
     x0 = fold(x0, k64, x3);
@@ -134,11 +153,13 @@ AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_
 }  // namespace
 
 AIMASS_CRC_TARGET uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc) {
-  return crc_fold<false>(nullptr, static_cast<const uint8_t*>(data), n, crc);
+  return crc_fold<false>(nullptr, static_cast<const uint8_t*>(data), n, crc, nullptr);
 }
 
-AIMASS_CRC_TARGET uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc) {
-  return crc_fold<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n, crc);
+AIMASS_CRC_TARGET uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc,
+                                              const void* prefetch) {
+  return crc_fold<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n, crc,
+                        static_cast<const uint8_t*>(prefetch));
 }
 
 }  // namespace data

@@ -314,6 +314,13 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
   }
   build_plan();
   frame_bytes_ = static_cast<size_t>(reader_->schema().fixed_record_bytes()) + 16;  // + length, CRCs
+  // Whether the fused copies' prefetching of later records covers them: transformed
+  // fields are not copied by the CRC loop, so one larger than a line makes fill()
+  // prefetch whole frames. (A one-line transformed field is left to the frame's first
+  // and last lines; in the middle of a frame it misses the cache: a cost, never an error.)
+  copy_covers_record_ = true;
+  for (auto& pl : plans_)
+    if (!pl->plain && pl->src_bytes > 64) copy_covers_record_ = false;
   std::vector<size_t> sizes;
   for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
   AIMASS_CHECK((opt_.allocator.alloc == nullptr) == (opt_.allocator.free == nullptr), ValueError,
@@ -459,6 +466,19 @@ inline void prefetch_bytes(const uint8_t* p, size_t n) {
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(a));
 }
+// memcpy that requests the n bytes at pf (if any) a few lines per 256-byte step, like
+// crc32c_copy does on the checked path.
+inline void copy_prefetching(uint8_t* dst, const uint8_t* src, size_t n, const uint8_t* pf) {
+  size_t i = 0;
+  if (pf) {
+    for (; i + 256 <= n; i += 256) {
+      prefetch_bytes(pf + i, 256);
+      std::memcpy(dst + i, src + i, 256);
+    }
+    prefetch_bytes(pf + i, n - i);
+  }
+  std::memcpy(dst + i, src + i, n - i);
+}
 }  // namespace
 
 void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, BatchBuffer& buf) {
@@ -492,12 +512,25 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
   }
   for (int64_t r = 0; r < std::min(rows, kPrefetchAhead); ++r) prefetch_bytes(rv[r].frame, frame_bytes_);
   for (int64_t r = 0; r < rows; ++r) {
-    if (r + kPrefetchAhead < rows) prefetch_bytes(rv[r + kPrefetchAhead].frame, frame_bytes_);
     const int64_t rec = rv[r].rec;
     const int64_t shard = rv[r].shard;
     uint64_t len;
     uint32_t stored_crc = 0;
     bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
+    // The record kPrefetchAhead rows on: when this one's fields are all copied (by the CRC
+    // loop or copy_prefetching), the copies request the same fields of the later record a
+    // few lines per step (49 prefetches issued back to back stall on the miss queue);
+    // else all its lines are requested here.
+    const uint8_t* ahead = r + kPrefetchAhead < rows ? rv[r + kPrefetchAhead].frame : nullptr;
+    const bool spread = ahead && copy_covers_record_;
+    if (ahead) {
+      if (spread) {
+        __builtin_prefetch(ahead);                     // its length (and first fields)
+        __builtin_prefetch(ahead + frame_bytes_ - 1);  // its last field and payload CRC
+      } else {
+        prefetch_bytes(ahead, frame_bytes_);
+      }
+    }
     const uint8_t* payload =
         reader_->shard(shard).open_frame(rv[r].local, rv[r].frame, &len, &stored_crc, check);
     try {
@@ -516,8 +549,10 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       for (size_t f = 0; f < plans_.size(); ++f) {
         const FieldPlan& pl = *plans_[f];
         const size_t nb = static_cast<size_t>(pl.src_bytes);
+        const uint8_t* src = fp[static_cast<size_t>(pl.src)];
         if (pl.plain)
-          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, fp[static_cast<size_t>(pl.src)], nb, crc);
+          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, src, nb, crc,
+                            spread ? ahead + (src - rv[r].frame) : nullptr);  // same field, later record
         else
           crc = crc32c(fp[static_cast<size_t>(pl.src)], nb, crc);
       }
@@ -550,7 +585,8 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       }
       const bool geo = pl.crop || pl.flip_p > 0;
       if (pl.plain) {
-        if (!check) std::memcpy(out, src, static_cast<size_t>(pl.out_bytes));  // else copied while checked
+        if (!check)  // else copied while checked
+          copy_prefetching(out, src, static_cast<size_t>(pl.out_bytes), spread ? ahead + (src - rv[r].frame) : nullptr);
         continue;
       }
       const size_t ies = dtype_size(pl.src_dtype), oes = dtype_size(pl.out_dtype);
