@@ -24,6 +24,8 @@ namespace data {
 // instruction unless the level is capped to scalar, else the slicing-by-8 table.
 // `crc` chains: crc32c(b, nb, crc32c(a, na)) == crc32c(a + b).
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+// crc32c() that also requests the n bytes at `prefetch` while it runs (see crc32c_copy).
+uint32_t crc32c(const void* data, size_t n, uint32_t crc, const void* prefetch);
 // crc32c(src, n, crc), also copying the n bytes to dst (non-overlapping) in the same pass.
 // `prefetch` (optional): n bytes the caller reads next (the same field of a later
 // record), requested from memory a few lines at a time while this copy runs.
@@ -33,7 +35,8 @@ uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc = 0);
 uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);   // needs SSE4.2
 uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc = 0);
 bool crc32c_avx512_supported();                                        // AVX-512 + VPCLMULQDQ
-uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0);  // needs crc32c_avx512_supported()
+uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0,  // needs crc32c_avx512_supported()
+                       const void* prefetch = nullptr);
 uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0,
                             const void* prefetch = nullptr);
 inline uint32_t mask_crc(uint32_t crc) { return ((crc >> 15) | (crc << 17)) + 0xa282ead8u; }

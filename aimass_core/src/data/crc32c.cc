@@ -108,9 +108,24 @@ uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc) {
   return ~c;
 }
 
+namespace {
+void prefetch_all(const void* p, size_t n) {  // for the loops with no step to spread requests over
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc, const void* prefetch) {
+  CrcImpl impl = pick();
+  if (impl == CrcImpl::Avx512) return crc32c_avx512(data, n, crc, prefetch);
+  if (prefetch) prefetch_all(prefetch, n);
+  return impl == CrcImpl::Sse42 ? crc32c_sse42(data, n, crc) : crc32c_scalar(data, n, crc);
+}
+
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   switch (pick()) {
-    case CrcImpl::Avx512: return crc32c_avx512(data, n, crc);
+    case CrcImpl::Avx512: return crc32c_avx512(data, n, crc, nullptr);
     case CrcImpl::Sse42: return crc32c_sse42(data, n, crc);
     default: return crc32c_scalar(data, n, crc);
   }
@@ -119,11 +134,7 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
 uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc, const void* prefetch) {
   CrcImpl impl = pick();
   if (impl == CrcImpl::Avx512) return crc32c_copy_avx512(dst, src, n, crc, prefetch);
-  if (prefetch) {  // all at once: these loops have no step to spread the requests over
-    const uintptr_t end = reinterpret_cast<uintptr_t>(prefetch) + n;
-    for (uintptr_t a = reinterpret_cast<uintptr_t>(prefetch) & ~uintptr_t(63); a < end; a += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(a));
-  }
+  if (prefetch) prefetch_all(prefetch, n);
   switch (impl) {
     case CrcImpl::Sse42: return crc32c_copy_sse42(dst, src, n, crc);
     default: break;

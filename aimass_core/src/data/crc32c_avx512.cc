@@ -152,8 +152,8 @@ AIMASS_CRC_TARGET inline uint32_t crc_fold(uint8_t* dst, const uint8_t* p, size_
 
 }  // namespace
 
-AIMASS_CRC_TARGET uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc) {
-  return crc_fold<false>(nullptr, static_cast<const uint8_t*>(data), n, crc, nullptr);
+AIMASS_CRC_TARGET uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc, const void* prefetch) {
+  return crc_fold<false>(nullptr, static_cast<const uint8_t*>(data), n, crc, static_cast<const uint8_t*>(prefetch));
 }
 
 AIMASS_CRC_TARGET uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc,

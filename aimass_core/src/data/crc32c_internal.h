@@ -17,7 +17,7 @@ bool crc32c_avx512_supported();
 // Also declared in aimass/data.h; repeated here so the SIMD TUs include no std:: containers.
 uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc);
 uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc);
-uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc);
+uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc, const void* prefetch);
 uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc, const void* prefetch);
 }  // namespace data
 }  // namespace aimass

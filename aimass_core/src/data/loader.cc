@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "aimass/cpu_features.h"
 #include "aimass/data.h"
 #include "aimass/half.h"
 
@@ -53,6 +54,29 @@ inline void store_float(uint8_t* p, DType t, float v) {
   }
 }
 bool is_float_out(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+// Pixels per chunk of the u8 -> f32 affine kernel: its per-element scale/shift pattern
+// (FieldPlan::pat_a/pat_b) repeats every C elements, so it is kAffinePixels * C long.
+constexpr int64_t kAffinePixels = 64;
+
+// The scalar reference of affine_u8_f32_avx2 (affine_avx2.cc): the same operations.
+void affine_u8_f32_scalar(const uint8_t* src, const float* a, const float* b, float* o, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) o[k] = static_cast<float>(src[k]) * a[k] + b[k];
+}
+}  // namespace
+
+void affine_u8_f32_avx2(const uint8_t* src, const float* a, const float* b, float* o, int64_t n);
+
+namespace {
+// o[k] = src[k] * a[k % C] + b[k % C] for n elements starting at a pixel boundary, in
+// chunks of the expanded pattern.
+void affine_u8_f32(const uint8_t* src, const float* pa, const float* pb, int64_t chunk, float* o, int64_t n) {
+  const bool avx2 = simd_level() >= SimdLevel::AVX2;
+  for (int64_t k = 0; k < n; k += chunk) {
+    const int64_t m = std::min(chunk, n - k);
+    if (avx2) affine_u8_f32_avx2(src + k, pa, pb, o + k, m); else affine_u8_f32_scalar(src + k, pa, pb, o + k, m);
+  }
+}
 }  // namespace
 
 std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n, bool shuffle) {
@@ -148,6 +172,7 @@ struct Loader::FieldPlan {
   int64_t out_bytes = 0;       // per sample
   uint64_t transform_id = 0;
   bool plain = false;          // no transform: the stored bytes are the output
+  std::vector<float> pat_a, pat_b;  // a, b repeated over kAffinePixels pixels (u8 -> f32 kernel)
 };
 
 void Loader::build_plan() {
@@ -275,6 +300,12 @@ void Loader::build_plan() {
     if (pl->elementwise && !is_float_out(cur)) cur = DType::F32;
     pl->out_dtype = cur;
     pl->plain = !pl->user && !pl->onehot && !pl->elementwise && !pl->crop && pl->flip_p == 0;
+    if (pl->elementwise) {
+      for (int64_t k = 0; k < kAffinePixels * pl->C; ++k) {
+        pl->pat_a.push_back(pl->a[static_cast<size_t>(k % pl->C)]);
+        pl->pat_b.push_back(pl->b[static_cast<size_t>(k % pl->C)]);
+      }
+    }
     FieldOut fo{fd.name, cur, shape};
     int64_t elems = 1;
     for (int64_t d : shape) elems *= d;
@@ -517,12 +548,12 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
     uint64_t len;
     uint32_t stored_crc = 0;
     bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
-    // The record kPrefetchAhead rows on: when this one's fields are all copied (by the CRC
-    // loop or copy_prefetching), the copies request the same fields of the later record a
-    // few lines per step (49 prefetches issued back to back stall on the miss queue);
-    // else all its lines are requested here.
+    // The record kPrefetchAhead rows on: when this one is checked (every field goes through
+    // a CRC loop) or all its fields are copied (copy_prefetching), those loops request the
+    // same fields of the later record a few lines per step (49 prefetches issued back to
+    // back stall on the miss queue); else all its lines are requested here.
     const uint8_t* ahead = r + kPrefetchAhead < rows ? rv[r + kPrefetchAhead].frame : nullptr;
-    const bool spread = ahead && copy_covers_record_;
+    const bool spread = ahead && (check || copy_covers_record_);
     if (ahead) {
       if (spread) {
         __builtin_prefetch(ahead);                     // its length (and first fields)
@@ -550,11 +581,11 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         const FieldPlan& pl = *plans_[f];
         const size_t nb = static_cast<size_t>(pl.src_bytes);
         const uint8_t* src = fp[static_cast<size_t>(pl.src)];
+        const uint8_t* later = spread ? ahead + (src - rv[r].frame) : nullptr;  // same field, later record
         if (pl.plain)
-          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, src, nb, crc,
-                            spread ? ahead + (src - rv[r].frame) : nullptr);  // same field, later record
+          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, src, nb, crc, later);
         else
-          crc = crc32c(fp[static_cast<size_t>(pl.src)], nb, crc);
+          crc = crc32c(src, nb, crc, later);
       }
       if (mask_crc(crc) != stored_crc) reader_->payload_mismatch(rec);
       if (opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
@@ -594,21 +625,8 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       if (!geo) {
         const int64_t elems = pl.out_bytes / static_cast<int64_t>(oes);
         if (pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32) {
-          float* o = reinterpret_cast<float*>(out);
-          if (C == 3) {
-            const float a0 = pl.a[0], a1 = pl.a[1], a2 = pl.a[2], b0 = pl.b[0], b1 = pl.b[1], b2 = pl.b[2];
-            for (int64_t k = 0; k < elems; k += 3) {
-              o[k] = src[k] * a0 + b0;
-              o[k + 1] = src[k + 1] * a1 + b1;
-              o[k + 2] = src[k + 2] * a2 + b2;
-            }
-          } else if (C == 1) {
-            const float a0 = pl.a[0], b0 = pl.b[0];
-            for (int64_t k = 0; k < elems; ++k) o[k] = src[k] * a0 + b0;
-          } else {
-            for (int64_t k = 0; k < elems; k += C)
-              for (int64_t c = 0; c < C; ++c) o[k + c] = src[k + c] * pl.a[c] + pl.b[c];
-          }
+          affine_u8_f32(src, pl.pat_a.data(), pl.pat_b.data(), kAffinePixels * C, reinterpret_cast<float*>(out),
+                        elems);
         } else {
           for (int64_t k = 0; k < elems; ++k) {
             int64_t c = k % C;
@@ -661,21 +679,32 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         const uint8_t* srow = src + sy * pl.W * C * static_cast<int64_t>(ies);
         const int64_t sx0 = flip ? pl.out_w - 1 - x0 + shift : x0 + shift;
         if (fast) {
-          const int64_t step = flip ? -C : C;  // source elements per output pixel
-          const float* A = pl.a.data();
-          const float* Bv = pl.b.data();
           float* o = reinterpret_cast<float*>(orow) + x0 * C;
           const uint8_t* sp = srow + sx0 * C;
-          if (C == 3) {
-            const float a0 = A[0], a1 = A[1], a2 = A[2], b0 = Bv[0], b1 = Bv[1], b2 = Bv[2];
-            for (int64_t x = x0; x < x1; ++x, o += 3, sp += step) {
-              o[0] = sp[0] * a0 + b0;
-              o[1] = sp[1] * a1 + b1;
-              o[2] = sp[2] * a2 + b2;
-            }
+          const int64_t chunk = kAffinePixels * C;
+          if (!flip) {
+            affine_u8_f32(sp, pl.pat_a.data(), pl.pat_b.data(), chunk, o, (x1 - x0) * C);
+          } else if (C > 64) {  // wider pixels than the gather buffer takes: one at a time
+            for (int64_t x = x0; x < x1; ++x)
+              affine_u8_f32(sp - (x - x0) * C, pl.pat_a.data(), pl.pat_b.data(), chunk, o + (x - x0) * C, C);
           } else {
-            for (int64_t x = x0; x < x1; ++x, o += C, sp += step)
-              for (int64_t c = 0; c < C; ++c) o[c] = sp[c] * A[c] + Bv[c];
+            // mirrored pixels gathered into order first, then the same kernel
+            uint8_t tmp[kAffinePixels * 64];
+            const int64_t per = kAffinePixels;
+            for (int64_t x = x0; x < x1; x += per) {
+              const int64_t m = std::min(per, x1 - x);
+              const uint8_t* px = sp - (x - x0) * C;
+              if (C == 3) {
+                for (int64_t j = 0; j < m; ++j, px -= 3) {
+                  tmp[3 * j] = px[0];
+                  tmp[3 * j + 1] = px[1];
+                  tmp[3 * j + 2] = px[2];
+                }
+              } else {
+                for (int64_t j = 0; j < m; ++j, px -= C) std::memcpy(tmp + j * C, px, static_cast<size_t>(C));
+              }
+              affine_u8_f32(tmp, pl.pat_a.data(), pl.pat_b.data(), chunk, o + (x - x0) * C, m * C);
+            }
           }
         } else if (!pl.elementwise) {
           if (!flip) {
