@@ -44,9 +44,40 @@ void bind_data(py::module_& m) {
       AIMASS_CHECK(aimass::cpu_features().sse42, ValueError, "crc32c: this CPU has no SSE4.2");
       return ad::crc32c_sse42(p, n, crc);
     }
-    AIMASS_CHECK(impl == "auto", ValueError, "crc32c: impl must be 'auto', 'scalar' or 'sse42', got '", impl, "'");
+    if (impl == "avx512") {
+      AIMASS_CHECK(ad::crc32c_avx512_supported(), ValueError, "crc32c: this CPU has no AVX-512 with VPCLMULQDQ");
+      return ad::crc32c_avx512(p, n, crc, p);  // prefetching bytes it reads anyway: harmless
+    }
+    AIMASS_CHECK(impl == "auto", ValueError, "crc32c: impl must be 'auto', 'scalar', 'sse42' or 'avx512', got '",
+                 impl, "'");
     return ad::crc32c(p, n, crc);
   }, py::arg("data"), py::arg("impl") = "auto", py::arg("crc") = 0);
+  // The fused check-and-copy the loader uses: (crc, copy of the bytes). For tests.
+  m.def("data_crc32c_copy", [](py::buffer b, const std::string& impl, uint32_t crc) {
+    py::buffer_info info = b.request();
+    AIMASS_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), ValueError, "crc32c_copy: data must be contiguous");
+    size_t n = static_cast<size_t>(info.size * info.itemsize);
+    py::array_t<uint8_t> out(static_cast<py::ssize_t>(n));
+    uint8_t* dst = out.mutable_data();
+    const void* src = info.ptr;
+    uint32_t r;
+    {
+      py::gil_scoped_release nogil_;
+      if (impl == "avx512") {
+        AIMASS_CHECK(ad::crc32c_avx512_supported(), ValueError, "crc32c_copy: this CPU has no AVX-512 with VPCLMULQDQ");
+        r = ad::crc32c_copy_avx512(dst, src, n, crc, src);  // prefetching bytes it reads anyway: harmless
+      } else if (impl == "sse42") {
+        AIMASS_CHECK(aimass::cpu_features().sse42, ValueError, "crc32c_copy: this CPU has no SSE4.2");
+        r = ad::crc32c_copy_sse42(dst, src, n, crc);
+      } else {
+        AIMASS_CHECK(impl == "auto", ValueError, "crc32c_copy: impl must be 'auto', 'sse42' or 'avx512', got '",
+                     impl, "'");
+        r = ad::crc32c_copy(dst, src, n, crc);
+      }
+    }
+    return py::make_tuple(r, out);
+  }, py::arg("data"), py::arg("impl") = "auto", py::arg("crc") = 0);
+  m.def("data_crc32c_impl", [] { return std::string(ad::crc32c_impl_name()); });
   m.def("data_mask_crc", &ad::mask_crc);
 
   m.def("data_write_shards",
@@ -135,7 +166,8 @@ void bind_data(py::module_& m) {
   py::class_<ad::Loader, std::shared_ptr<ad::Loader>>(m, "DataLoader")
       .def(py::init([](std::shared_ptr<ad::Reader> reader, py::array_t<int64_t, py::array::c_style> indices,
                        int64_t batch_size, bool shuffle, uint64_t seed, int rank, int world_size, bool drop_last,
-                       int num_threads, int prefetch, int verify, py::list transforms) {
+                       int num_threads, int prefetch, int verify, py::list transforms, uint64_t host_alloc,
+                       uint64_t host_free) {
              ad::LoaderOptions o;
              o.batch_size = batch_size;
              o.shuffle = shuffle;
@@ -146,6 +178,9 @@ void bind_data(py::module_& m) {
              o.num_threads = num_threads;
              o.prefetch = prefetch;
              o.verify = verify;
+             // e.g. aimass._cuda's cudaHostAlloc/cudaFreeHost wrappers (pin_memory=True)
+             o.allocator.alloc = reinterpret_cast<void* (*)(size_t)>(static_cast<uintptr_t>(host_alloc));
+             o.allocator.free = reinterpret_cast<void (*)(void*)>(static_cast<uintptr_t>(host_free));
              std::vector<ad::Transform> ts;
              for (auto item : transforms) {
                py::dict d = item.cast<py::dict>();
@@ -181,11 +216,13 @@ void bind_data(py::module_& m) {
            }),
            py::arg("reader"), py::arg("indices"), py::arg("batch_size"), py::arg("shuffle"), py::arg("seed"),
            py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
-           py::arg("prefetch"), py::arg("verify"), py::arg("transforms"))
+           py::arg("prefetch"), py::arg("verify"), py::arg("transforms"), py::arg("host_alloc") = 0,
+           py::arg("host_free") = 0)
       .def_property_readonly("batches_per_epoch", &ad::Loader::batches_per_epoch)
       .def_property_readonly("samples_per_rank", &ad::Loader::samples_per_rank)
       .def_property_readonly("num_samples", &ad::Loader::num_samples)
       .def_property_readonly("next_batch_index", &ad::Loader::next_batch_index)
+      .def_property_readonly("buffers_allocated", &ad::Loader::buffers_allocated)
       .def("outputs", [](const ad::Loader& l) {
         py::list out;
         for (const auto& f : l.outputs()) out.append(py::make_tuple(f.name, std::string(aimass::dtype_name(f.dtype)), f.shape));

@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
+from collections import deque
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -346,16 +348,19 @@ class OneHot(_Transform):
 class CFunc(_Transform):
     """A user transform compiled to a C function that the C++ workers call without
     the GIL, e.g. a numba ``@cfunc(types.int32(types.voidptr, types.int64, types.voidptr,
-    types.int64, types.int64, types.uint64))``. C signature::
+    types.int64, types.int64, types.uint64))``. C signature (docs/format.md)::
 
         int32_t fn(const void* in, int64_t in_bytes, void* out, int64_t out_bytes,
                    int64_t record, uint64_t seed);   // return 0 on success
 
-    `in` is the field as stored for one record, `out` the sample's slot of dtype
-    `dtype` and per-sample `shape`; `seed` is a per-sample value derived from
-    (seed, epoch, record) for reproducible randomness. `fn` is a numba cfunc (its
-    ``.address``), a ctypes function pointer (ctypes callbacks take the GIL, so they
-    are for testing), or an int address; the loader keeps `fn` alive."""
+    `in` is the field as stored for one record (in_bytes = prod(stored shape) *
+    itemsize), `out` the sample's slot of dtype `dtype` and per-sample `shape`
+    (out_bytes bytes, all of which fn must write); `record` is the dataset index and
+    `seed` a per-sample value derived from (seed, epoch, record, field) for
+    reproducible randomness. A non-zero return stops the epoch with ValueError.
+    `fn` is a numba cfunc (its ``.address``), a ctypes function pointer (ctypes
+    callbacks take the GIL, so they are for testing), or an int address; the loader
+    keeps `fn` alive. It must be the only transform on its field."""
     kind = 5
 
     def __init__(self, field: str, fn, dtype: str, shape):
@@ -392,6 +397,58 @@ def _default_rank_world():
     return 0, 1
 
 
+def _pinned_allocator():
+    """((alloc, free) addresses of aimass._cuda's cudaHostAlloc-backed allocator, "") when
+    pinned memory can be had here, else (None, why not)."""
+    from . import cuda
+    m = cuda._module()
+    if m is None:
+        return None, "aimass was built without CUDA (nvcc was not found at build time)"
+    if m.device_count() == 0:
+        return None, f"no CUDA device is available ({m.last_error()})"
+    return tuple(m.data_pinned_allocator()), ""
+
+
+_pin_warned = False
+
+
+def _warn_unpinned(why: str) -> None:
+    # like torch.utils.data.DataLoader: say it once, then carry on with pageable memory
+    global _pin_warned
+    if not _pin_warned:
+        _pin_warned = True
+        warnings.warn(f"Loader: pin_memory=True but {why}; batches use ordinary (pageable) host memory",
+                      UserWarning, stacklevel=3)
+
+
+def _cupy_or_raise():
+    missing = []
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+        missing.append("cupy is not installed (pip install cupy-cuda12x, matching your CUDA major version)")
+    from . import cuda
+    gpus = 0
+    if cupy is not None:
+        try:
+            gpus = int(cupy.cuda.runtime.getDeviceCount())
+        except Exception as exc:  # cupy raises its CUDARuntimeError without a driver
+            reason = str(exc)
+        else:
+            reason = "the CUDA runtime reports 0 devices"
+    else:
+        gpus = cuda.device_count()
+        reason = (cuda._module().last_error() if cuda.built()
+                  else "aimass was built without CUDA and cupy is missing, so no device could be queried")
+    if gpus == 0:
+        missing.append(f"no CUDA GPU is available ({reason})")
+    if missing:
+        raise RuntimeError("Loader(output='cupy') needs cupy and a CUDA GPU: " + "; ".join(missing)
+                           + ". Use output='numpy' or 'torch' on this machine.")
+    return cupy
+
+
 class Loader:
     """Batches of a Dataset, read and transformed by C++ worker threads.
 
@@ -411,7 +468,21 @@ class Loader:
 
     Batches are dicts of numpy arrays (``output="torch"``: torch tensors) that are
     zero-copy views of pool buffers; a buffer goes back to the pool when its
-    arrays are released, so keep a copy if you hold batches for long.
+    arrays are released, so memory stays flat across epochs (keep a copy if you
+    hold batches for long: held buffers are not reused, new ones are allocated).
+
+    ``pin_memory=True`` allocates the batch buffers as page-locked (pinned) host
+    memory (cudaHostAlloc through aimass's CUDA module), so
+    ``batch["x"].to("cuda", non_blocking=True)`` copies asynchronously. Without a
+    CUDA device or without aimass's CUDA build it warns once and carries on with
+    ordinary memory, as torch's DataLoader does.
+
+    ``output="cupy"`` returns cupy arrays on the current device: each field is
+    copied from the (pinned) batch buffer on the loader's own CUDA stream, and the
+    current stream is made to wait for that copy, so kernels you launch on it see
+    the data without a host synchronisation. bfloat16 fields come as uint16 bit
+    patterns (cupy has no bfloat16). Needs cupy and a GPU; otherwise the
+    constructor raises RuntimeError naming what is missing.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -427,11 +498,11 @@ class Loader:
                 raise TypeError(f"Loader: {nm} must be an int, got {v!r}")
         if seed < 0:
             raise ValueError(f"Loader: seed must be >= 0, got {seed}")
-        if output not in ("numpy", "torch"):
-            raise ValueError(f"Loader: output must be 'numpy' or 'torch', got {output!r}"
-                             + (" (cupy output needs aimass's CUDA build)" if output == "cupy" else ""))
-        if pin_memory:
-            raise ValueError("Loader: pin_memory=True needs a CUDA device; this build/host has none")
+        if output not in ("numpy", "torch", "cupy"):
+            raise ValueError(f"Loader: output must be 'numpy', 'torch' or 'cupy', got {output!r}")
+        if not isinstance(pin_memory, bool):
+            raise TypeError(f"Loader: pin_memory must be True or False, got {pin_memory!r}")
+        cupy = _cupy_or_raise() if output == "cupy" else None
         if (rank is None) != (world_size is None):
             raise ValueError("Loader: give both rank and world_size, or neither (then aimass.dist decides)")
         if rank is None:
@@ -454,9 +525,18 @@ class Loader:
         indices = dataset.indices if dataset.indices is not None else np.empty(0, dtype=np.int64)
         if dataset.indices is not None and dataset.indices.size == 0:
             raise ValueError("Loader: the dataset is empty")
+        host_alloc = host_free = 0
+        self.pin_memory = False
+        if pin_memory or cupy is not None:  # cupy output stages through pinned buffers when it can
+            allocator, why = _pinned_allocator()
+            if allocator is not None:
+                host_alloc, host_free = allocator
+                self.pin_memory = True
+            elif pin_memory:
+                _warn_unpinned(why)
         self._core = _C.DataLoader(dataset._reader, indices, self.batch_size, self.shuffle, self.seed,
                                    self.rank, self.world_size, self.drop_last, int(num_threads), int(prefetch),
-                                   verify_mode, [t.spec() for t in transforms])
+                                   verify_mode, [t.spec() for t in transforms], host_alloc, host_free)
         self._outputs = self._core.outputs()
         self._names = [o[0] for o in self._outputs]
         self._bf16 = [o[1] == "bfloat16" for o in self._outputs]
@@ -467,6 +547,10 @@ class Loader:
         if output == "torch":
             import torch
             self._torch = torch
+        self._cupy = cupy
+        if cupy is not None:
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            self._inflight = deque()  # (copy-done event, host arrays kept out of the pool until then)
 
     def __len__(self) -> int:
         return self._core.batches_per_epoch
@@ -502,7 +586,33 @@ class Loader:
             raise ValueError(f"load_state_dict: epoch {epoch} / batch {batch} out of range")
         self._epoch, self._batch = epoch, batch
 
+    @property
+    def buffers_allocated(self) -> int:
+        """Batch buffers allocated so far; it stops growing once the pool covers the
+        prefetch window and the batches you hold (buffers are reused across epochs)."""
+        return self._core.buffers_allocated
+
+    def _to_cupy(self, arrays) -> Dict[str, Any]:
+        cp, stream = self._cupy, self._stream
+        out = {}
+        with stream:  # allocate and copy on the loader's stream
+            for nm, a in zip(self._names, arrays):
+                d = cp.empty(a.shape, dtype=a.dtype)
+                d.set(a, stream=stream)
+                out[nm] = d
+        done = stream.record()
+        cp.cuda.get_current_stream().wait_event(done)  # the user's stream sees the copied data
+        if self.pin_memory:
+            # an async copy from pinned memory reads the buffer later: keep it from the pool until done
+            inflight = self._inflight
+            inflight.append((done, arrays))
+            while inflight and inflight[0][0].done:
+                inflight.popleft()
+        return out
+
     def _wrap(self, arrays) -> Dict[str, Any]:
+        if self._cupy is not None:
+            return self._to_cupy(arrays)
         t = self._torch
         if t is None:
             return dict(zip(self._names, arrays))

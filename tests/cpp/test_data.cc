@@ -42,9 +42,32 @@ TEST(DataCrc, Sse42MatchesScalar) {
   std::vector<uint8_t> buf(5000);
   for (auto& b : buf) b = static_cast<uint8_t>(rng());
   for (size_t off : {0, 1, 3, 7}) {
-    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 1000, 4093}) {
+    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 767, 768, 769, 1000, 2304, 3080, 4093}) {
       EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 0), ad::crc32c_sse42(buf.data() + off, n, 0)) << n;
       EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 77), ad::crc32c_sse42(buf.data() + off, n, 77)) << n;
+      std::vector<uint8_t> out(n + 2, 0);
+      EXPECT_EQ(ad::crc32c_scalar(buf.data() + off, n, 5), ad::crc32c_copy_sse42(out.data() + 1, buf.data() + off, n, 5));
+      EXPECT_EQ(0, std::memcmp(out.data() + 1, buf.data() + off, n));
+      EXPECT_EQ(0, out[n + 1]);
+    }
+  }
+}
+
+TEST(DataCrc, Avx512FoldAndFusedCopyMatchScalar) {
+  if (!ad::crc32c_avx512_supported()) GTEST_SKIP() << "no AVX-512 with VPCLMULQDQ";
+  std::mt19937 rng(2);
+  std::vector<uint8_t> buf(5000), out(5000);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  for (size_t off : {0, 1, 3, 7, 13}) {
+    for (size_t n = 0; n <= 4200; n += (n < 600 ? 1 : 37)) {
+      const uint32_t init = static_cast<uint32_t>(n * 2654435761u);
+      const uint32_t ref = ad::crc32c_scalar(buf.data() + off, n, init);
+      ASSERT_EQ(ref, ad::crc32c_avx512(buf.data() + off, n, init)) << off << " " << n;
+      std::fill(out.begin(), out.end(), 0);
+      ASSERT_EQ(ref, ad::crc32c_copy_avx512(out.data() + 5, buf.data() + off, n, init)) << off << " " << n;
+      ASSERT_EQ(0, std::memcmp(out.data() + 5, buf.data() + off, n));
+      ASSERT_EQ(0, out[4]);
+      ASSERT_EQ(0, out[5 + n]);  // nothing written past the end
     }
   }
 }

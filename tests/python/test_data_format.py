@@ -32,6 +32,104 @@ def test_crc32c_known_vector_and_paths_agree():
         D.crc32c(b"x", "fast")
 
 
+def _impls():
+    out = ["scalar"]
+    if aimass.cpu_features()["sse4.2"]:
+        out.append("sse42")
+    if _has_avx512_crc():
+        out.append("avx512")
+    return out
+
+
+def _has_avx512_crc():
+    try:
+        D.crc32c(b"", "avx512")
+        return True
+    except ValueError:
+        return False
+
+
+def _bitwise_crc32c(data: bytes, crc: int = 0) -> int:
+    """The CRC one bit at a time: the definition every table and SIMD path must match."""
+    c = crc ^ 0xFFFFFFFF
+    for byte in data:
+        c ^= byte
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return c ^ 0xFFFFFFFF
+
+
+def test_crc32c_every_path_every_length_and_alignment():
+    buf = np.random.default_rng(2).integers(0, 256, 4200, dtype=np.uint8)
+    lengths = list(range(0, 301)) + [511, 512, 513, 767, 768, 769, 1023, 1024, 3080, 4096]
+    impls = _impls()
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 300):
+        assert D.crc32c(buf[:n], "scalar", 0x12345678) == _bitwise_crc32c(buf[:n].tobytes(), 0x12345678)
+    for off in range(0, 9):  # unaligned starts
+        for n in lengths:
+            a = buf[off:off + n]
+            init = (n * 2654435761 + off) & 0xFFFFFFFF
+            ref = D.crc32c(a, "scalar", init)
+            for impl in impls:
+                assert D.crc32c(a, impl, init) == ref, (impl, off, n)
+            got, copy = aimass._C.data_crc32c_copy(a, "auto", init)
+            assert got == ref and np.array_equal(copy, a), (off, n)
+            for impl in set(impls) & {"sse42", "avx512"}:
+                got, copy = aimass._C.data_crc32c_copy(a, impl, init)
+                assert got == ref and np.array_equal(copy, a), (impl, off, n)
+    # chaining: the CRC of a + b continues from the CRC of a (the loader chains field by field)
+    for impl in impls:
+        for cut in (0, 3, 8, 255, 256, 1000, 3072):
+            assert D.crc32c(buf[cut:3080], impl, D.crc32c(buf[:cut], impl)) == D.crc32c(buf[:3080], "scalar")
+
+
+def test_crc32c_dispatch_follows_the_simd_level():
+    before = aimass._C.simd_level()
+    try:
+        aimass.set_simd_level("scalar")
+        assert aimass._C.data_crc32c_impl() == "scalar"
+        aimass.set_simd_level("avx2")
+        assert aimass._C.data_crc32c_impl() in ("sse42", "scalar")
+        aimass.set_simd_level("avx512")
+        assert aimass._C.data_crc32c_impl() == ("avx512" if _has_avx512_crc() else
+                                                 "sse42" if aimass.cpu_features()["sse4.2"] else "scalar")
+    finally:
+        aimass.set_simd_level(before)
+    if not _has_avx512_crc():
+        with pytest.raises(ValueError, match="VPCLMULQDQ"):
+            D.crc32c(b"x", "avx512")
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("where", ["image", "label"])
+def test_loader_catches_a_flipped_payload_byte_at_every_simd_level(tmp_path, xy, level, where):
+    """The loader checks the payload CRC while copying plain fields into the batch and
+    before running transforms on the others: a flip anywhere in any field is caught."""
+    X, y = xy
+    ds = D.write(tmp_path / "ds", {"image": X, "label": y}, shard_bytes=1 << 20)
+    shard = tmp_path / "ds" / ds.shards[0]["file"]
+    off = _frame_offset(shard, 123) + 12 + (5 if where == "image" else X[0].nbytes + 3)
+    buf = bytearray(open(shard, "rb").read())
+    buf[off] ^= 0x40
+    open(shard, "wb").write(bytes(buf))
+    ds = D.open(tmp_path / "ds")
+    before = aimass._C.simd_level()
+    aimass.set_simd_level(level)
+    try:
+        for tf in ([], [D.Cast("image"), D.Normalize("image", [0.5] * 3, [0.2] * 3)]):
+            for verify in (True, "once"):
+                with pytest.raises(aimass.CorruptDataError, match="part-00000.rec record 123: payload checksum"):
+                    for _ in D.Loader(ds, 32, shuffle=True, seed=1, num_threads=2, transforms=tf, verify=verify):
+                        pass
+        # the records around it read back exactly
+        good = np.setdiff1d(np.arange(300), [123])
+        loader = D.Loader(ds.subset(good), 64, shuffle=False, num_threads=2)
+        got = np.concatenate([b["image"].copy() for b in loader])
+        np.testing.assert_array_equal(got, X[good])
+    finally:
+        aimass.set_simd_level(before)
+
+
 def test_write_open_roundtrip_and_shards(tmp_path, xy):
     X, y = xy
     ds = D.write(tmp_path / "ds", {"image": X, "label": y}, shard_bytes=10_000)

@@ -142,3 +142,33 @@ def test_cast_normalize_vector_and_four_channels(tmp_path):
     np.testing.assert_allclose(b["v"], (v * np.float32(0.5) - 3) / 2, rtol=1e-6)
     np.testing.assert_allclose(b["img4"], (img4.astype(np.float32) - [1, 2, 3, 4]) / np.float32([1, 2, 4, 8]),
                                rtol=1e-6)
+
+
+def test_affine_kernel_is_bit_identical_at_every_simd_level(tmp_path):
+    """The u8 -> f32 Cast/Normalize kernel (AVX2 beside its scalar reference), plain and
+    mirrored, for 3 and 5 channels and widths that leave kernel tails: same bits everywhere."""
+    import aimass
+    rng = np.random.default_rng(11)
+    for shape in [(5, 37, 3), (4, 9, 5), (3, 70, 3)]:
+        X = rng.integers(0, 256, (40, *shape), dtype=np.uint8)
+        d = D.write(tmp_path / f"ds{shape[1]}", {"img": X})
+        C = shape[-1]
+        mean, std = list(rng.uniform(0, 1, C)), list(rng.uniform(0.1, 1, C))
+        for geo in ([], [D.RandomHorizontalFlip("img", p=1.0)], [D.RandomCrop("img", (3, 7), padding=2)]):
+            tf = geo + [D.Cast("img", scale=1 / 255), D.Normalize("img", mean, std)]
+            before = aimass._C.simd_level()
+            outs = []
+            try:
+                for level in ("scalar", "avx2", "avx512"):
+                    aimass.set_simd_level(level)
+                    outs.append(next(iter(D.Loader(d, 40, shuffle=False, seed=2, transforms=tf)))["img"].copy())
+            finally:
+                aimass.set_simd_level(before)
+            for o in outs[1:]:
+                np.testing.assert_array_equal(o, outs[0])
+            if not geo:
+                ref = (X.astype(np.float32) * np.float32(1 / 255) - np.float32(mean)) / np.float32(std)
+                np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5)
+            elif geo[0].kind == 3:  # mirrored
+                ref = (X[:, :, ::-1].astype(np.float32) * np.float32(1 / 255) - np.float32(mean)) / np.float32(std)
+                np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5)

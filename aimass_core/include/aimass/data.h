@@ -19,11 +19,26 @@ namespace aimass {
 namespace data {
 
 // ---------------------------------------------------------------- CRC32C
-// CRC32C (Castagnoli), as TFRecord uses it. crc32c() picks the SSE4.2 path when
-// the CPU has it and the SIMD level is not capped to scalar.
+// CRC32C (Castagnoli), as TFRecord uses it. crc32c() picks, by CPU and SIMD level:
+// VPCLMULQDQ folding at the AVX-512 level when the CPU has it, else the SSE4.2 crc32
+// instruction unless the level is capped to scalar, else the slicing-by-8 table.
+// `crc` chains: crc32c(b, nb, crc32c(a, na)) == crc32c(a + b).
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+// crc32c() that also requests the n bytes at `prefetch` while it runs (see crc32c_copy).
+uint32_t crc32c(const void* data, size_t n, uint32_t crc, const void* prefetch);
+// crc32c(src, n, crc), also copying the n bytes to dst (non-overlapping) in the same pass.
+// `prefetch` (optional): n bytes the caller reads next (the same field of a later
+// record), requested from memory a few lines at a time while this copy runs.
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0, const void* prefetch = nullptr);
+const char* crc32c_impl_name();  // what crc32c() uses now: "avx512", "sse42" or "scalar"
 uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc = 0);
-uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);  // needs SSE4.2
+uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc = 0);   // needs SSE4.2
+uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc = 0);
+bool crc32c_avx512_supported();                                        // AVX-512 + VPCLMULQDQ
+uint32_t crc32c_avx512(const void* data, size_t n, uint32_t crc = 0,  // needs crc32c_avx512_supported()
+                       const void* prefetch = nullptr);
+uint32_t crc32c_copy_avx512(void* dst, const void* src, size_t n, uint32_t crc = 0,
+                            const void* prefetch = nullptr);
 inline uint32_t mask_crc(uint32_t crc) { return ((crc >> 15) | (crc << 17)) + 0xa282ead8u; }
 inline uint32_t unmask_crc(uint32_t m) {
   uint32_t r = m - 0xa282ead8u;
@@ -85,12 +100,25 @@ class Shard {
   uint64_t size() const { return n_; }
   // The payload of record i; checks framing and (if verify) both CRCs.
   const uint8_t* record(uint64_t i, uint64_t* len, bool verify) const;
+  // The payload of record i with its framing checked (and, if verify_len, the length
+  // CRC), and in *masked_crc the stored payload CRC, left to the caller to check (the
+  // loader checks it while copying the payload).
+  const uint8_t* locate(uint64_t i, uint64_t* len, uint32_t* masked_crc, bool verify_len) const {
+    return open_frame(i, frame(i), len, masked_crc, verify_len);
+  }
+  // locate() in two steps, so a batch's offsets can be looked up (and its records
+  // prefetched) before any record is read: the start of record i's frame (offset
+  // checked), then its payload.
+  const uint8_t* frame(uint64_t i) const;
+  const uint8_t* open_frame(uint64_t i, const uint8_t* frame, uint64_t* len, uint32_t* masked_crc,
+                            bool verify_len) const;
+  // Throws CorruptDataError naming this shard, record i and `why`.
+  [[noreturn]] void corrupt(uint64_t i, const std::string& why) const;
   // Hint the CPU to start loading record i (no checks, no faults on bad offsets).
   void prefetch(uint64_t i) const;
   const std::string& name() const { return name_; }
 
  private:
-  [[noreturn]] void corrupt(uint64_t i, const std::string& why) const;
   std::string name_;
   const uint8_t* base_ = nullptr;
   size_t file_size_ = 0;
@@ -109,6 +137,17 @@ class Reader {
   const Shard& shard(int64_t s) const { return *shards_[s]; }
   // Global index -> payload (verified when verify).
   const uint8_t* record(int64_t index, uint64_t* len, bool verify, int64_t* shard_out = nullptr) const;
+  // Shard::locate by global index (the payload CRC is the caller's to check).
+  const uint8_t* locate(int64_t index, uint64_t* len, uint32_t* masked_crc, bool verify_len,
+                        int64_t* shard_out) const;
+  // CorruptDataError "payload checksum mismatch" naming the shard and record of `index`.
+  [[noreturn]] void payload_mismatch(int64_t index) const;
+  // Record `index` as (shard, record within it); index must be in [0, size()).
+  void split_index(int64_t index, int64_t* shard, uint64_t* local) const {
+    size_t s = shard_of(index);
+    *shard = static_cast<int64_t>(s);
+    *local = static_cast<uint64_t>(index - starts_[s]);
+  }
   void prefetch(int64_t index) const;
   // Splits a payload into per-field pointers and first dims; checks sizes.
   void decode(const uint8_t* payload, uint64_t len, int64_t index, const uint8_t** field_ptr,
@@ -119,6 +158,7 @@ class Reader {
  private:
   Schema schema_;
   std::vector<std::unique_ptr<Shard>> shards_;
+  size_t shard_of(int64_t index) const;  // index must be in range
   std::vector<int64_t> starts_;  // global index of each shard's first record (+ total)
   int64_t total_ = 0;
 };
@@ -149,6 +189,14 @@ struct Transform {
 std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n, bool shuffle);
 
 // ---------------------------------------------------------------- loader
+// Where batch memory comes from. Null functions: page-aligned std::aligned_alloc.
+// Pinned memory plugs in here (aimass._cuda hands over cudaHostAlloc/cudaFreeHost
+// wrappers), so the CPU library never links CUDA. alloc returns nullptr on failure.
+struct HostAllocator {
+  void* (*alloc)(size_t bytes) = nullptr;
+  void (*free)(void* p) = nullptr;
+};
+
 struct LoaderOptions {
   int64_t batch_size = 1;
   bool shuffle = true;
@@ -161,12 +209,21 @@ struct LoaderOptions {
   // Checksum checks: 0 never, 1 on every read, 2 the first time this loader reads each record
   // (datasets are immutable once written, so later epochs can skip the CRC pass).
   int verify = 1;
+  HostAllocator allocator;
 };
 
-// An output batch: one contiguous buffer per field, recycled into the loader's
-// pool when the last reference goes away.
+// One field's memory in a batch: page-aligned, owned by the loader's pool.
+struct HostBuffer {
+  uint8_t* ptr = nullptr;
+  size_t bytes = 0;
+  uint8_t* data() const { return ptr; }
+  size_t size() const { return bytes; }
+};
+
+// An output batch: one buffer per field, recycled into the loader's pool when the
+// last reference goes away (so memory stays flat across epochs).
 struct BatchBuffer {
-  std::vector<std::vector<uint8_t>> fields;
+  std::vector<HostBuffer> fields;
   int64_t rows = 0;
 };
 class BufferPool;
@@ -196,6 +253,8 @@ class Loader {
   std::shared_ptr<BatchBuffer> next();
   void stop();
   int64_t next_batch_index() const { return consumed_; }
+  // Batch buffers the pool has allocated so far (reused ones are not counted again).
+  int64_t buffers_allocated() const;
 
  private:
   void worker();
@@ -204,6 +263,9 @@ class Loader {
 
   std::shared_ptr<const Reader> reader_;
   std::vector<int64_t> indices_;
+  bool all_records_ = false;  // indices_ is 0..N-1
+  size_t frame_bytes_ = 0;    // bytes of one record's frame (every Loader field is fixed-size)
+  bool copy_covers_record_ = false;  // see the constructor
   LoaderOptions opt_;
   std::vector<Transform> transforms_;
   std::vector<FieldOut> outputs_;
@@ -228,6 +290,8 @@ class Loader {
   std::vector<Slot> slots_;
   std::mutex mu_;
   std::condition_variable cv_work_, cv_ready_;
+  int idle_workers_ = 0;           // workers asleep on cv_work_
+  int consumers_waiting_ = 0;      // next() calls asleep on cv_ready_
   bool stopping_ = false;
   bool running_ = false;
   uint64_t generation_ = 0;

@@ -1,4 +1,6 @@
 // CRC32C: the table-driven scalar reference and the run-time dispatcher.
+#include <cstring>
+
 #include "aimass/cpu_features.h"
 #include "aimass/data.h"
 #include "data/crc32c_internal.h"
@@ -37,7 +39,53 @@ struct ShiftTable {
   }
 };
 
+// x^n mod P, bit-reflected (bit 31 is x^0): multiplying by x is a right shift.
+uint32_t xpow_mod(uint32_t n) {
+  uint32_t v = 0x80000000u;
+  while (n--) v = (v & 1) ? (v >> 1) ^ 0x82f63b78u : v >> 1;
+  return v;
+}
+
+struct FoldConstants {
+  uint64_t k[10];
+  FoldConstants() {
+    const uint32_t dist[5] = {256, 64, 48, 32, 16};
+    for (int i = 0; i < 5; ++i) {
+      k[2 * i] = static_cast<uint64_t>(xpow_mod(8 * dist[i] + 32)) << 1;      // times a block's first 8 bytes
+      k[2 * i + 1] = static_cast<uint64_t>(xpow_mod(8 * dist[i] - 32)) << 1;  // times its last 8 bytes
+    }
+  }
+};
+
+enum class CrcImpl { Scalar, Sse42, Avx512 };
+CrcImpl pick() {
+  static const bool sse42 = (crc32c_shift_table(), crc32c_fold_constants(), cpu_features().sse42);  // tables once
+  SimdLevel level = simd_level();
+  if (level == SimdLevel::AVX512 && crc32c_avx512_supported()) return CrcImpl::Avx512;
+  if (sse42 && level != SimdLevel::Scalar) return CrcImpl::Sse42;
+  return CrcImpl::Scalar;
+}
+
 }  // namespace
+
+const uint64_t* crc32c_fold_constants() {
+  static const FoldConstants c;
+  return c.k;
+}
+
+bool crc32c_avx512_supported() {
+#if defined(__x86_64__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    const CpuFeatures& f = cpu_features();
+    return f.sse42 && f.avx512f && f.avx512bw && f.avx512vl && __builtin_cpu_supports("vpclmulqdq") &&
+           __builtin_cpu_supports("pclmul");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
 
 const uint32_t* crc32c_shift_table() {
   static const ShiftTable s;
@@ -60,10 +108,48 @@ uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc) {
   return ~c;
 }
 
+namespace {
+void prefetch_all(const void* p, size_t n) {  // for the loops with no step to spread requests over
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc, const void* prefetch) {
+  CrcImpl impl = pick();
+  if (impl == CrcImpl::Avx512) return crc32c_avx512(data, n, crc, prefetch);
+  if (prefetch) prefetch_all(prefetch, n);
+  return impl == CrcImpl::Sse42 ? crc32c_sse42(data, n, crc) : crc32c_scalar(data, n, crc);
+}
+
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
-  static const bool sse42 = (crc32c_shift_table(), cpu_features().sse42);  // builds the table once
-  if (sse42 && simd_level() != SimdLevel::Scalar) return crc32c_sse42(data, n, crc);
-  return crc32c_scalar(data, n, crc);
+  switch (pick()) {
+    case CrcImpl::Avx512: return crc32c_avx512(data, n, crc, nullptr);
+    case CrcImpl::Sse42: return crc32c_sse42(data, n, crc);
+    default: return crc32c_scalar(data, n, crc);
+  }
+}
+
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc, const void* prefetch) {
+  CrcImpl impl = pick();
+  if (impl == CrcImpl::Avx512) return crc32c_copy_avx512(dst, src, n, crc, prefetch);
+  if (prefetch) prefetch_all(prefetch, n);
+  switch (impl) {
+    case CrcImpl::Sse42: return crc32c_copy_sse42(dst, src, n, crc);
+    default: break;
+  }
+  crc = crc32c_scalar(src, n, crc);
+  if (n) std::memcpy(dst, src, n);  // the bytes are in L1 after the CRC pass
+  return crc;
+}
+
+const char* crc32c_impl_name() {
+  switch (pick()) {
+    case CrcImpl::Avx512: return "avx512";
+    case CrcImpl::Sse42: return "sse42";
+    default: return "scalar";
+  }
 }
 
 }  // namespace data

@@ -16,8 +16,10 @@ inline uint64_t shift(const uint32_t* t, uint64_t c) {
 }
 }  // namespace
 
-uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
+namespace {
+// kCopy: also store every 8 bytes to dst as they are checksummed (one pass over the data).
+template <bool kCopy>
+inline uint32_t crc_lanes(uint8_t* dst, const uint8_t* p, size_t n, uint32_t crc) {
   uint64_t c = static_cast<uint32_t>(~crc);
   // Three independent lanes hide the crc32 instruction's 3-cycle latency; the lane
   // results are joined by shifting over the following lanes' length.
@@ -31,6 +33,11 @@ uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc) {
         std::memcpy(&v0, p + i, 8);
         std::memcpy(&v1, p + L + i, 8);
         std::memcpy(&v2, p + 2 * L + i, 8);
+        if (kCopy) {
+          std::memcpy(dst + i, &v0, 8);
+          std::memcpy(dst + L + i, &v1, 8);
+          std::memcpy(dst + 2 * L + i, &v2, 8);
+        }
         c = _mm_crc32_u64(c, v0);
         c1 = _mm_crc32_u64(c1, v1);
         c2 = _mm_crc32_u64(c2, v2);
@@ -38,19 +45,36 @@ uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc) {
       c = shift(t, c) ^ c1;
       c = shift(t, c) ^ c2;
       p += 3 * L;
+      if (kCopy) dst += 3 * L;
       n -= 3 * L;
     }
   }
   while (n >= 8) {
     uint64_t v;
     std::memcpy(&v, p, 8);
+    if (kCopy) {
+      std::memcpy(dst, &v, 8);
+      dst += 8;
+    }
     c = _mm_crc32_u64(c, v);
     p += 8;
     n -= 8;
   }
   uint32_t c32 = static_cast<uint32_t>(c);
-  while (n--) c32 = _mm_crc32_u8(c32, *p++);
+  while (n--) {
+    if (kCopy) *dst++ = *p;
+    c32 = _mm_crc32_u8(c32, *p++);
+  }
   return ~c32;
+}
+}  // namespace
+
+uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc) {
+  return crc_lanes<false>(nullptr, static_cast<const uint8_t*>(data), n, crc);
+}
+
+uint32_t crc32c_copy_sse42(void* dst, const void* src, size_t n, uint32_t crc) {
+  return crc_lanes<true>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n, crc);
 }
 
 }  // namespace data

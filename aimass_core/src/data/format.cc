@@ -272,17 +272,30 @@ void Shard::corrupt(uint64_t i, const std::string& why) const {
                                         "; the file is damaged: rewrite the dataset or restore the shard"));
 }
 
-const uint8_t* Shard::record(uint64_t i, uint64_t* len, bool verify) const {
+const uint8_t* Shard::frame(uint64_t i) const {
   uint64_t off = ld64(offsets_ + 8 * i);
   const uint64_t limit = file_size_ - kTailBytes - 8 * n_;
   if (off < kHeaderBytes || off + kFrameBytes > limit) corrupt(i, "offset out of range");
-  const uint8_t* p = base_ + off;
+  return base_ + off;
+}
+
+const uint8_t* Shard::open_frame(uint64_t i, const uint8_t* p, uint64_t* len, uint32_t* masked_crc,
+                                 bool verify_len) const {
+  const uint64_t off = static_cast<uint64_t>(p - base_);
+  const uint64_t limit = file_size_ - kTailBytes - 8 * n_;
   uint64_t n = ld64(p);
-  if (verify && ld32(p + 8) != mask_crc(crc32c(p, 8))) corrupt(i, "length checksum mismatch");
+  if (verify_len && ld32(p + 8) != mask_crc(crc32c(p, 8))) corrupt(i, "length checksum mismatch");
   if (n > limit - off - kFrameBytes) corrupt(i, detail::concat("length ", n, " runs past the end of the data"));
-  if (verify && ld32(p + 12 + n) != mask_crc(crc32c(p + 12, n))) corrupt(i, "payload checksum mismatch");
   *len = n;
+  *masked_crc = ld32(p + 12 + n);
   return p + 12;
+}
+
+const uint8_t* Shard::record(uint64_t i, uint64_t* len, bool verify) const {
+  uint32_t stored;
+  const uint8_t* p = locate(i, len, &stored, verify);
+  if (verify && stored != mask_crc(crc32c(p, *len))) corrupt(i, "payload checksum mismatch");
+  return p;
 }
 
 void Shard::prefetch(uint64_t i) const {
@@ -299,12 +312,8 @@ void Shard::prefetch(uint64_t i) const {
 
 void Reader::prefetch(int64_t index) const {
   if (index < 0 || index >= total_) return;
-  size_t lo = 0, hi = shards_.size();
-  while (hi - lo > 1) {
-    size_t mid = (lo + hi) / 2;
-    if (starts_[mid] <= index) lo = mid; else hi = mid;
-  }
-  shards_[lo]->prefetch(static_cast<uint64_t>(index - starts_[lo]));
+  size_t s = shard_of(index);
+  shards_[s]->prefetch(static_cast<uint64_t>(index - starts_[s]));
 }
 
 Reader::Reader(Schema schema, const std::vector<std::string>& paths, const std::vector<std::string>& names)
@@ -319,17 +328,36 @@ Reader::Reader(Schema schema, const std::vector<std::string>& paths, const std::
   }
 }
 
-const uint8_t* Reader::record(int64_t index, uint64_t* len, bool verify, int64_t* shard_out) const {
-  AIMASS_CHECK(index >= 0 && index < total_, ValueError, "record index ", index, " is out of range [0, ", total_,
-               ")");
+size_t Reader::shard_of(int64_t index) const {
   // upper_bound over shard starts
   size_t lo = 0, hi = shards_.size();
   while (hi - lo > 1) {
     size_t mid = (lo + hi) / 2;
     if (starts_[mid] <= index) lo = mid; else hi = mid;
   }
-  if (shard_out) *shard_out = static_cast<int64_t>(lo);
-  return shards_[lo]->record(static_cast<uint64_t>(index - starts_[lo]), len, verify);
+  return lo;
+}
+
+const uint8_t* Reader::record(int64_t index, uint64_t* len, bool verify, int64_t* shard_out) const {
+  AIMASS_CHECK(index >= 0 && index < total_, ValueError, "record index ", index, " is out of range [0, ", total_,
+               ")");
+  size_t s = shard_of(index);
+  if (shard_out) *shard_out = static_cast<int64_t>(s);
+  return shards_[s]->record(static_cast<uint64_t>(index - starts_[s]), len, verify);
+}
+
+const uint8_t* Reader::locate(int64_t index, uint64_t* len, uint32_t* masked_crc, bool verify_len,
+                              int64_t* shard_out) const {
+  AIMASS_CHECK(index >= 0 && index < total_, ValueError, "record index ", index, " is out of range [0, ", total_,
+               ")");
+  size_t s = shard_of(index);
+  if (shard_out) *shard_out = static_cast<int64_t>(s);
+  return shards_[s]->locate(static_cast<uint64_t>(index - starts_[s]), len, masked_crc, verify_len);
+}
+
+void Reader::payload_mismatch(int64_t index) const {
+  size_t s = shard_of(index);
+  shards_[s]->corrupt(static_cast<uint64_t>(index - starts_[s]), "payload checksum mismatch");
 }
 
 void Reader::decode(const uint8_t* payload, uint64_t len, int64_t index, const uint8_t** field_ptr,

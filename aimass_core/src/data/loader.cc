@@ -2,8 +2,10 @@
 // the consumer takes them strictly in order. Workers never touch Python.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
+#include "aimass/cpu_features.h"
 #include "aimass/data.h"
 #include "aimass/half.h"
 
@@ -52,6 +54,29 @@ inline void store_float(uint8_t* p, DType t, float v) {
   }
 }
 bool is_float_out(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+// Pixels per chunk of the u8 -> f32 affine kernel: its per-element scale/shift pattern
+// (FieldPlan::pat_a/pat_b) repeats every C elements, so it is kAffinePixels * C long.
+constexpr int64_t kAffinePixels = 64;
+
+// The scalar reference of affine_u8_f32_avx2 (affine_avx2.cc): the same operations.
+void affine_u8_f32_scalar(const uint8_t* src, const float* a, const float* b, float* o, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) o[k] = static_cast<float>(src[k]) * a[k] + b[k];
+}
+}  // namespace
+
+void affine_u8_f32_avx2(const uint8_t* src, const float* a, const float* b, float* o, int64_t n);
+
+namespace {
+// o[k] = src[k] * a[k % C] + b[k % C] for n elements starting at a pixel boundary, in
+// chunks of the expanded pattern.
+void affine_u8_f32(const uint8_t* src, const float* pa, const float* pb, int64_t chunk, float* o, int64_t n) {
+  const bool avx2 = simd_level() >= SimdLevel::AVX2;
+  for (int64_t k = 0; k < n; k += chunk) {
+    const int64_t m = std::min(chunk, n - k);
+    if (avx2) affine_u8_f32_avx2(src + k, pa, pb, o + k, m); else affine_u8_f32_scalar(src + k, pa, pb, o + k, m);
+  }
+}
 }  // namespace
 
 std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n, bool shuffle) {
@@ -66,7 +91,7 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, uint64_t epoch, int64_t n,
 // ---------------------------------------------------------------- pool
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
-  explicit BufferPool(std::vector<size_t> sizes) : sizes_(std::move(sizes)) {}
+  BufferPool(std::vector<size_t> sizes, HostAllocator alloc) : sizes_(std::move(sizes)), alloc_(alloc) {}
   std::shared_ptr<BatchBuffer> acquire() {
     BatchBuffer* b = nullptr;
     {
@@ -76,25 +101,57 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
         free_.pop_back();
       }
     }
-    if (!b) {
-      b = new BatchBuffer();
-      for (size_t s : sizes_) b->fields.emplace_back(s);
-    }
+    if (!b) b = create();
     auto self = shared_from_this();
     return std::shared_ptr<BatchBuffer>(b, [self](BatchBuffer* x) { self->release(x); });
   }
+  int64_t allocated() const { return allocated_.load(); }
   ~BufferPool() {
-    for (auto* b : free_) delete b;
+    for (auto* b : free_) destroy(b);
   }
 
  private:
+  static constexpr size_t kAlign = 4096;  // whole pages: no false sharing, aligned vector stores
+  BatchBuffer* create() {
+    auto* b = new BatchBuffer();
+    try {
+      for (size_t s : sizes_) {
+        size_t bytes = (std::max<size_t>(s, 1) + kAlign - 1) / kAlign * kAlign;
+        void* p = alloc_.alloc ? alloc_.alloc(bytes) : std::aligned_alloc(kAlign, bytes);
+        AIMASS_CHECK(p != nullptr, Error, "Loader: could not allocate a ", bytes, "-byte batch buffer",
+                     alloc_.alloc ? " of pinned (page-locked) host memory; lower prefetch/batch_size or pass "
+                                    "pin_memory=False"
+                                  : "");
+        b->fields.push_back({static_cast<uint8_t*>(p), s});
+      }
+    } catch (...) {
+      destroy(b);
+      throw;
+    }
+    allocated_.fetch_add(1);
+    return b;
+  }
+  void destroy(BatchBuffer* b) {
+    for (auto& f : b->fields) {
+      if (alloc_.free) alloc_.free(f.ptr); else std::free(f.ptr);
+    }
+    delete b;
+  }
   void release(BatchBuffer* b) {
-    std::lock_guard<std::mutex> g(mu_);
-    if (free_.size() < 64) free_.push_back(b); else delete b;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (free_.size() < 64) {
+        free_.push_back(b);
+        return;
+      }
+    }
+    destroy(b);
   }
   std::vector<size_t> sizes_;
+  HostAllocator alloc_;
   std::mutex mu_;
   std::vector<BatchBuffer*> free_;
+  std::atomic<int64_t> allocated_{0};
 };
 
 // ---------------------------------------------------------------- plan
@@ -114,6 +171,8 @@ struct Loader::FieldPlan {
   DType out_dtype = DType::U8;
   int64_t out_bytes = 0;       // per sample
   uint64_t transform_id = 0;
+  bool plain = false;          // no transform: the stored bytes are the output
+  std::vector<float> pat_a, pat_b;  // a, b repeated over kAffinePixels pixels (u8 -> f32 kernel)
 };
 
 void Loader::build_plan() {
@@ -240,6 +299,13 @@ void Loader::build_plan() {
     }
     if (pl->elementwise && !is_float_out(cur)) cur = DType::F32;
     pl->out_dtype = cur;
+    pl->plain = !pl->user && !pl->onehot && !pl->elementwise && !pl->crop && pl->flip_p == 0;
+    if (pl->elementwise) {
+      for (int64_t k = 0; k < kAffinePixels * pl->C; ++k) {
+        pl->pat_a.push_back(pl->a[static_cast<size_t>(k % pl->C)]);
+        pl->pat_b.push_back(pl->b[static_cast<size_t>(k % pl->C)]);
+      }
+    }
     FieldOut fo{fd.name, cur, shape};
     int64_t elems = 1;
     for (int64_t d : shape) elems *= d;
@@ -255,6 +321,7 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
     : reader_(std::move(reader)), indices_(std::move(indices)), opt_(opt), transforms_(std::move(transforms)) {
   AIMASS_CHECK(reader_ != nullptr, ValueError, "Loader: no dataset");
   if (indices_.empty()) {
+    all_records_ = true;  // fill() skips the identity lookup
     indices_.resize(static_cast<size_t>(reader_->size()));
     for (int64_t i = 0; i < reader_->size(); ++i) indices_[i] = i;
   }
@@ -277,15 +344,27 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
     for (int64_t i = 0; i < reader_->size(); ++i) verified_[i].store(0, std::memory_order_relaxed);
   }
   build_plan();
+  frame_bytes_ = static_cast<size_t>(reader_->schema().fixed_record_bytes()) + 16;  // + length, CRCs
+  // Whether the fused copies' prefetching of later records covers them: transformed
+  // fields are not copied by the CRC loop, so one larger than a line makes fill()
+  // prefetch whole frames. (A one-line transformed field is left to the frame's first
+  // and last lines; in the middle of a frame it misses the cache: a cost, never an error.)
+  copy_covers_record_ = true;
+  for (auto& pl : plans_)
+    if (!pl->plain && pl->src_bytes > 64) copy_covers_record_ = false;
   std::vector<size_t> sizes;
   for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
-  pool_ = std::make_shared<BufferPool>(sizes);
+  AIMASS_CHECK((opt_.allocator.alloc == nullptr) == (opt_.allocator.free == nullptr), ValueError,
+               "Loader: a host allocator needs both its alloc and free functions");
+  pool_ = std::make_shared<BufferPool>(sizes, opt_.allocator);
   window_ = static_cast<int64_t>(opt_.prefetch) * opt_.num_threads;
   slots_.resize(static_cast<size_t>(window_));
   for (int t = 0; t < opt_.num_threads; ++t) threads_.emplace_back([this] { worker(); });
 }
 
 Loader::~Loader() { stop(); }
+
+int64_t Loader::buffers_allocated() const { return pool_->allocated(); }
 
 void Loader::stop() {
   {
@@ -339,14 +418,21 @@ std::shared_ptr<BatchBuffer> Loader::next() {
   }
   Slot& s = slots_[static_cast<size_t>(consumed_ % window_)];
   int64_t want = consumed_;
-  cv_ready_.wait(lk, [&] { return stopping_ || (s.ready && s.batch == want); });
+  if (!(s.ready && s.batch == want)) {
+    ++consumers_waiting_;
+    cv_ready_.wait(lk, [&] { return stopping_ || (s.ready && s.batch == want); });
+    --consumers_waiting_;
+  }
   AIMASS_CHECK(!stopping_, ClosedError, "Loader was closed while waiting for a batch");
   auto buf = std::move(s.buf);
   auto err = s.error;
   s = Slot();
   ++consumed_;
+  // One slot came free: one idle worker can claim it (waking them all, or waking one
+  // when none sleeps, costs a context switch per batch on a small machine).
+  const bool wake = idle_workers_ > 0;
   lk.unlock();
-  cv_work_.notify_all();
+  if (wake) cv_work_.notify_one();
   if (err) {
     std::lock_guard<std::mutex> g(mu_);
     running_ = false;  // the epoch cannot continue past a damaged record
@@ -363,9 +449,14 @@ void Loader::worker() {
     std::shared_ptr<const std::vector<int64_t>> perm;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_work_.wait(lk, [&] {
+      auto can_claim = [&] {
         return stopping_ || (running_ && claimed_ < nbatches_ && claimed_ < consumed_ + window_);
-      });
+      };
+      if (!can_claim()) {
+        ++idle_workers_;
+        cv_work_.wait(lk, can_claim);
+        --idle_workers_;
+      }
       if (stopping_) return;
       b = claimed_++;
       gen = generation_;
@@ -380,6 +471,7 @@ void Loader::worker() {
     } catch (...) {
       err = std::current_exception();
     }
+    bool wake;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (gen != generation_ || stopping_) continue;
@@ -388,13 +480,37 @@ void Loader::worker() {
       s.ready = true;
       s.buf = std::move(buf);
       s.error = err;
+      // the consumer waits for batch consumed_ only: a later one finishing first need not wake it
+      wake = consumers_waiting_ > 0 && b == consumed_;
     }
-    cv_ready_.notify_all();
+    if (wake) cv_ready_.notify_all();
   }
 }
 
-// Records ahead of the one being decoded whose lines are requested early (4 beat 0/2/8).
+// Records ahead of the one being read whose lines are requested early.
 constexpr int64_t kPrefetchAhead = 4;
+
+namespace {
+inline void prefetch_bytes(const uint8_t* p, size_t n) {
+  n = std::min<size_t>(n, 64u << 10);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+// memcpy that requests the n bytes at pf (if any) a few lines per 256-byte step, like
+// crc32c_copy does on the checked path.
+inline void copy_prefetching(uint8_t* dst, const uint8_t* src, size_t n, const uint8_t* pf) {
+  size_t i = 0;
+  if (pf) {
+    for (; i + 256 <= n; i += 256) {
+      prefetch_bytes(pf + i, 256);
+      std::memcpy(dst + i, src + i, 256);
+    }
+    prefetch_bytes(pf + i, n - i);
+  }
+  std::memcpy(dst + i, src + i, n - i);
+}
+}  // namespace
 
 void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, BatchBuffer& buf) {
   const int64_t n = num_samples(), W = opt_.world_size, B = opt_.batch_size;
@@ -405,21 +521,74 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
   const Schema& sc = reader_->schema();
   std::vector<const uint8_t*> fp(sc.fields.size());
   std::vector<int64_t> d0(sc.fields.size());
+  // Shuffled reads miss the cache at every step: the record id (indices_), its offset
+  // (the shard's table), then its bytes. Doing each step for the whole batch before
+  // the next makes the loads of one step independent, so their misses overlap instead
+  // of queueing behind each other; the records themselves are then prefetched ahead.
+  struct Row {
+    int64_t rec;
+    int64_t shard;
+    uint64_t local;
+    const uint8_t* frame;
+  };
+  std::vector<Row> rv(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     // rank-strided slice of the (wrapped) global permutation
-    int64_t pos = (opt_.rank + W * (first + r)) % n;
-    int64_t rec = indices_[static_cast<size_t>(perm[static_cast<size_t>(pos)])];
-    if (r + kPrefetchAhead < rows)
-      reader_->prefetch(indices_[static_cast<size_t>(perm[static_cast<size_t>((pos + W * kPrefetchAhead) % n)])]);
+    const int64_t q = perm[static_cast<size_t>((opt_.rank + W * (first + r)) % n)];
+    rv[r].rec = all_records_ ? q : indices_[static_cast<size_t>(q)];
+  }
+  for (auto& row : rv) {
+    reader_->split_index(row.rec, &row.shard, &row.local);
+    row.frame = reader_->shard(row.shard).frame(row.local);
+  }
+  for (int64_t r = 0; r < std::min(rows, kPrefetchAhead); ++r) prefetch_bytes(rv[r].frame, frame_bytes_);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t rec = rv[r].rec;
+    const int64_t shard = rv[r].shard;
     uint64_t len;
-    int64_t shard = 0;
+    uint32_t stored_crc = 0;
     bool check = opt_.verify == 1 || (opt_.verify == 2 && !verified_[rec].load(std::memory_order_relaxed));
-    const uint8_t* payload = reader_->record(rec, &len, check, &shard);
-    if (check && opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
+    // The record kPrefetchAhead rows on: when this one is checked (every field goes through
+    // a CRC loop) or all its fields are copied (copy_prefetching), those loops request the
+    // same fields of the later record a few lines per step (49 prefetches issued back to
+    // back stall on the miss queue); else all its lines are requested here.
+    const uint8_t* ahead = r + kPrefetchAhead < rows ? rv[r + kPrefetchAhead].frame : nullptr;
+    const bool spread = ahead && (check || copy_covers_record_);
+    if (ahead) {
+      if (spread) {
+        __builtin_prefetch(ahead);                     // its length (and first fields)
+        __builtin_prefetch(ahead + frame_bytes_ - 1);  // its last field and payload CRC
+      } else {
+        prefetch_bytes(ahead, frame_bytes_);
+      }
+    }
+    const uint8_t* payload =
+        reader_->shard(shard).open_frame(rv[r].local, rv[r].frame, &len, &stored_crc, check);
     try {
       reader_->decode(payload, len, rec, fp.data(), d0.data());
     } catch (const CorruptDataError& e) {
+      // a damaged payload is reported as such, not as a schema mismatch
+      if (check && mask_crc(crc32c(payload, len)) != stored_crc) reader_->payload_mismatch(rec);
       throw CorruptDataError(detail::concat("shard ", reader_->shard(shard).name(), ": ", e.what()));
+    }
+    if (check) {
+      // One pass over the record: the fields lie back to back in schema order (a Loader's
+      // fields are all fixed-size), so the payload CRC is chained field by field, and a
+      // field without transforms is copied into the batch by the same loop that checks it.
+      // Transforms run only after the whole record checked out.
+      uint32_t crc = 0;
+      for (size_t f = 0; f < plans_.size(); ++f) {
+        const FieldPlan& pl = *plans_[f];
+        const size_t nb = static_cast<size_t>(pl.src_bytes);
+        const uint8_t* src = fp[static_cast<size_t>(pl.src)];
+        const uint8_t* later = spread ? ahead + (src - rv[r].frame) : nullptr;  // same field, later record
+        if (pl.plain)
+          crc = crc32c_copy(buf.fields[f].data() + r * pl.out_bytes, src, nb, crc, later);
+        else
+          crc = crc32c(src, nb, crc, later);
+      }
+      if (mask_crc(crc) != stored_crc) reader_->payload_mismatch(rec);
+      if (opt_.verify == 2) verified_[rec].store(1, std::memory_order_relaxed);
     }
     for (size_t f = 0; f < plans_.size(); ++f) {
       const FieldPlan& pl = *plans_[f];
@@ -446,8 +615,9 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         continue;
       }
       const bool geo = pl.crop || pl.flip_p > 0;
-      if (!geo && !pl.elementwise) {
-        std::memcpy(out, src, static_cast<size_t>(pl.out_bytes));
+      if (pl.plain) {
+        if (!check)  // else copied while checked
+          copy_prefetching(out, src, static_cast<size_t>(pl.out_bytes), spread ? ahead + (src - rv[r].frame) : nullptr);
         continue;
       }
       const size_t ies = dtype_size(pl.src_dtype), oes = dtype_size(pl.out_dtype);
@@ -455,21 +625,8 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
       if (!geo) {
         const int64_t elems = pl.out_bytes / static_cast<int64_t>(oes);
         if (pl.src_dtype == DType::U8 && pl.out_dtype == DType::F32) {
-          float* o = reinterpret_cast<float*>(out);
-          if (C == 3) {
-            const float a0 = pl.a[0], a1 = pl.a[1], a2 = pl.a[2], b0 = pl.b[0], b1 = pl.b[1], b2 = pl.b[2];
-            for (int64_t k = 0; k < elems; k += 3) {
-              o[k] = src[k] * a0 + b0;
-              o[k + 1] = src[k + 1] * a1 + b1;
-              o[k + 2] = src[k + 2] * a2 + b2;
-            }
-          } else if (C == 1) {
-            const float a0 = pl.a[0], b0 = pl.b[0];
-            for (int64_t k = 0; k < elems; ++k) o[k] = src[k] * a0 + b0;
-          } else {
-            for (int64_t k = 0; k < elems; k += C)
-              for (int64_t c = 0; c < C; ++c) o[k + c] = src[k + c] * pl.a[c] + pl.b[c];
-          }
+          affine_u8_f32(src, pl.pat_a.data(), pl.pat_b.data(), kAffinePixels * C, reinterpret_cast<float*>(out),
+                        elems);
         } else {
           for (int64_t k = 0; k < elems; ++k) {
             int64_t c = k % C;
@@ -522,21 +679,32 @@ void Loader::fill(const std::vector<int64_t>& perm, uint64_t epoch, int64_t b, B
         const uint8_t* srow = src + sy * pl.W * C * static_cast<int64_t>(ies);
         const int64_t sx0 = flip ? pl.out_w - 1 - x0 + shift : x0 + shift;
         if (fast) {
-          const int64_t step = flip ? -C : C;  // source elements per output pixel
-          const float* A = pl.a.data();
-          const float* Bv = pl.b.data();
           float* o = reinterpret_cast<float*>(orow) + x0 * C;
           const uint8_t* sp = srow + sx0 * C;
-          if (C == 3) {
-            const float a0 = A[0], a1 = A[1], a2 = A[2], b0 = Bv[0], b1 = Bv[1], b2 = Bv[2];
-            for (int64_t x = x0; x < x1; ++x, o += 3, sp += step) {
-              o[0] = sp[0] * a0 + b0;
-              o[1] = sp[1] * a1 + b1;
-              o[2] = sp[2] * a2 + b2;
-            }
+          const int64_t chunk = kAffinePixels * C;
+          if (!flip) {
+            affine_u8_f32(sp, pl.pat_a.data(), pl.pat_b.data(), chunk, o, (x1 - x0) * C);
+          } else if (C > 64) {  // wider pixels than the gather buffer takes: one at a time
+            for (int64_t x = x0; x < x1; ++x)
+              affine_u8_f32(sp - (x - x0) * C, pl.pat_a.data(), pl.pat_b.data(), chunk, o + (x - x0) * C, C);
           } else {
-            for (int64_t x = x0; x < x1; ++x, o += C, sp += step)
-              for (int64_t c = 0; c < C; ++c) o[c] = sp[c] * A[c] + Bv[c];
+            // mirrored pixels gathered into order first, then the same kernel
+            uint8_t tmp[kAffinePixels * 64];
+            const int64_t per = kAffinePixels;
+            for (int64_t x = x0; x < x1; x += per) {
+              const int64_t m = std::min(per, x1 - x);
+              const uint8_t* px = sp - (x - x0) * C;
+              if (C == 3) {
+                for (int64_t j = 0; j < m; ++j, px -= 3) {
+                  tmp[3 * j] = px[0];
+                  tmp[3 * j + 1] = px[1];
+                  tmp[3 * j + 2] = px[2];
+                }
+              } else {
+                for (int64_t j = 0; j < m; ++j, px -= C) std::memcpy(tmp + j * C, px, static_cast<size_t>(C));
+              }
+              affine_u8_f32(tmp, pl.pat_a.data(), pl.pat_b.data(), chunk, o + (x - x0) * C, m * C);
+            }
           }
         } else if (!pl.elementwise) {
           if (!flip) {
