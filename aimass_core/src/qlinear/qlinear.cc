@@ -265,10 +265,27 @@ LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
 
 namespace {
 
-int64_t grain_rows(int64_t N, int64_t M) {
-  // Enough rows per task to amortise the dispatch; multiples of 4 keep the 4-row tiles whole.
-  int64_t g = std::max<int64_t>(16, 4096 / std::max<int64_t>(M, 1) / 4 * 4);
-  return std::min<int64_t>(g, 256);
+// Splits N over the pool in more chunks than threads (multiples of 8 rows, at least
+// ~64K multiply-adds each) that the threads claim dynamically. With one static chunk per
+// thread a call waits for the slowest thread, and at batch 1 (0.1-0.3 ms per call) the
+// worker's wake-up from the pool's condition variable (tens of microseconds on a VM) or
+// a preemption is a large part of that: 2 threads gave only 1.3x. Chunks claimed
+// dynamically let the caller start at once and the worker take what is left.
+template <class Fn>
+void parallel_rows(int64_t N, int64_t Kp, int64_t M, const Fn& fn) {
+  const int threads = num_threads();
+  const int64_t min_rows = std::max<int64_t>(8, (int64_t{1} << 16) / (Kp * std::max<int64_t>(M, 1)) / 8 * 8);
+  const int64_t max_chunks = std::max<int64_t>(1, N / min_rows);
+  const int nchunks = static_cast<int>(threads <= 1 ? 1 : std::min<int64_t>(max_chunks, 8 * threads));
+  if (nchunks <= 1) {
+    fn(int64_t{0}, N);
+    return;
+  }
+  parallel_chunks(nchunks, [&](int c, int nc) {
+    // chunk bounds on multiples of 8 rows keep the 8-row tiles whole
+    const int64_t b = N * c / nc / 8 * 8, e = c + 1 == nc ? N : N * (c + 1) / nc / 8 * 8;
+    if (e > b) fn(b, e);
+  });
 }
 
 // Weight-only int8 with int16 activations: quantize the rows (2 * Kp bytes each, in
@@ -285,9 +302,7 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
       t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
     });
   }
-  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) {
-    t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
-  });
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e); });
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -309,7 +324,7 @@ void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float
     ldx = v.Kp;
   }
   const auto fn = v.bits == 8 ? t->weight_only_int8 : t->weight_only_int4;
-  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
 }
 
 // int4 weights on a level with a packed-int4 dynamic kernel: quantize x with the level's
@@ -339,8 +354,7 @@ void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const flo
       }
     }
   });
-  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
-  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) {
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.dynamic_int4(v, qxp.data(), qsum.data(), sx.data(), M, y, v.N, b, e);
   });
 }
