@@ -177,7 +177,13 @@ inline int int4_canonical(const uint8_t* data, int64_t e) {
 // The int16-activation weight-only kernels: int8 per-channel weights; lane sums of the
 // VNNI kernel stay below 2^31 while 255 * 127 * Kp does (Kp <= 65536).
 constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
-bool int16_supported(const WeightView& v) { return v.bits == 8 && v.per_channel && v.Kp <= kInt16MaxKp; }
+// int4: groups of whole 128-blocks (or per-channel), on levels with the kernel (scalar
+// reference and AVX-512 VNNI; AVX2 has none and keeps fp32 activations).
+bool int16_supported(const WeightView& v) {
+  if (v.Kp > kInt16MaxKp) return false;
+  if (v.bits == 8) return v.per_channel;
+  return (v.per_channel || v.G % 128 == 0) && table_for(simd_level()).weight_only_int4_a16 != nullptr;
+}
 
 bool dynamic_supported(const WeightView& v) {
   return (v.per_channel || v.G % 64 == 0) && v.Kp <= kDynamicMaxKp;
@@ -303,6 +309,23 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
     });
   }
   parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e); });
+}
+
+// Weight-only int4 with int16 activations (layout: kernels.h, quant_rows16_int4).
+void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const KernelTable& t = table_for(simd_level());
+  const int64_t rb = detail::int4_a16_row_bytes(v.Kp);
+  std::vector<uint8_t> qa(static_cast<size_t>(M * rb));
+  std::vector<float> sx(static_cast<size_t>(M));
+  if (M <= 16) {
+    t.quant_rows16_int4(x, v.K, M, v.K, v.Kp, qa.data(), sx.data());
+  } else {
+    parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      t.quant_rows16_int4(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * rb, sx.data() + b);
+    });
+  }
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { t.weight_only_int4_a16(v, qa.data(), sx.data(), M, y, v.N, b, e); });
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -449,7 +472,10 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
   const LinearPlan plan = plan_linear(w, M, kernel, activations);
   switch (plan.kernel) {
     case LinearKernel::WeightOnly:
-      if (plan.activations[0] == 'i') run_weight_only_int16(p, x, M, y);
+      if (plan.activations[0] == 'i') {
+        if (p.view.bits == 8) run_weight_only_int16(p, x, M, y);
+        else run_weight_only_int4_a16(p, x, M, y);
+      }
       else run_weight_only(p, x, M, y);
       break;
     case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
