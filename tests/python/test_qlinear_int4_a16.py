@@ -14,8 +14,8 @@ qlin = importlib.import_module("aimass.compress.qlinear")
 
 BEST = aimass.cpu_features()["simd"]
 LEVELS = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(BEST) + 1]
-# levels with an int4 int16-activation kernel (AVX2 has none: it keeps fp32 activations)
-A16_LEVELS = [lv for lv in LEVELS if lv != "avx2"]
+# levels with an int4 int16-activation kernel (all of them)
+A16_LEVELS = list(LEVELS)
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_levels_bit_identical_and_within_bound(n, k, g, level):
 
 def test_plan_covers_only_whole_blocks(level):
     """Groups of 128k elements (and per-channel) take the int16 path; smaller groups and
-    K > 65536 keep fp32 activations; AVX2 has no int4 int16 kernel."""
+    K > 65536 keep fp32 activations."""
     for lvl in LEVELS:
         aimass.set_simd_level(lvl)
         a16 = "int16" if lvl in A16_LEVELS else "fp32"

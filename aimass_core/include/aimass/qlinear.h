@@ -29,7 +29,7 @@ enum class ActivationPrecision : int {
   // vpdpbusd on two byte planes; AVX2 vpmaddwd). Extra error: at most max|x_row| / 65534
   // per x element (docs/numerics.md), ~250x below the int8 weight rounding.
   // Used for int8 per-channel (and per-tensor) weights, and int4 weights grouped in
-  // multiples of 128 (or per-channel) at the scalar and AVX-512 VNNI levels, with
+  // multiples of 128 (or per-channel; AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw), with
   // K <= 65536; other weights run the fp32 path.
   Int16 = 0,
   FP32 = 1  // fp32 activations: no activation rounding at all

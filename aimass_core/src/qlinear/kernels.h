@@ -78,7 +78,7 @@ using WeightOnly16Fn = void (*)(const WeightView& w, const void* qa, const float
 // int16 activations for the weight-only int4 kernels (groups a multiple of 128 or
 // per-channel, Kp <= 65536). quant_rows16_int4 quantizes x exactly as QuantRows16Fn (same
 // q and sx) into rows of kInt4A16RowBytes(Kp) bytes in its level's layout: int16 q [Kp]
-// (scalar), or per 128-block 320 bytes (AVX-512 VNNI): the low bytes (q & 0xFF) and then
+// (scalar), or per 128-block 320 bytes (AVX-512 VNNI and AVX2): the low bytes (q & 0xFF) and then
 // the high bytes (q >> 8, signed) in the nibble order of the block (64 bytes for the low
 // nibbles: element 32t + d at byte 4d + t; 64 for the high nibbles: element 32t + 16 + d),
 // then 16 int32 lane corrections -8 * sum of the high bytes of lane d (removing the +8 of
@@ -93,6 +93,23 @@ static inline float lane_sum16(const float* v) {
   for (int i = 0; i < 8; ++i) a[i] = v[i] + v[i + 8];
   for (int i = 0; i < 4; ++i) b[i] = a[i] + a[i + 4];
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// One 128-block of the VNNI layout from 128 int16 values q (see quant_rows16_int4).
+static inline void int4_a16_block(const int16_t* q, uint8_t* out) {
+  int32_t* corr = reinterpret_cast<int32_t*>(out + 256);
+  for (int d = 0; d < 16; ++d) {
+    int32_t hs = 0;
+    for (int t = 0; t < 4; ++t) {
+      const int a = q[32 * t + d], b = q[32 * t + 16 + d];
+      out[4 * d + t] = static_cast<uint8_t>(a & 0xFF);
+      out[64 + 4 * d + t] = static_cast<uint8_t>(b & 0xFF);
+      out[128 + 4 * d + t] = static_cast<uint8_t>((a >> 8) & 0xFF);
+      out[192 + 4 * d + t] = static_cast<uint8_t>((b >> 8) & 0xFF);
+      hs += (a >> 8) + (b >> 8);
+    }
+    corr[d] = -8 * hs;
+  }
 }
 
 struct KernelTable {

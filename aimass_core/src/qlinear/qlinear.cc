@@ -177,8 +177,7 @@ inline int int4_canonical(const uint8_t* data, int64_t e) {
 // The int16-activation weight-only kernels: int8 per-channel weights; lane sums of the
 // VNNI kernel stay below 2^31 while 255 * 127 * Kp does (Kp <= 65536).
 constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
-// int4: groups of whole 128-blocks (or per-channel), on levels with the kernel (scalar
-// reference and AVX-512 VNNI; AVX2 has none and keeps fp32 activations).
+// int4: groups of whole 128-blocks (or per-channel), on levels with the kernel (all three).
 bool int16_supported(const WeightView& v) {
   if (v.Kp > kInt16MaxKp) return false;
   if (v.bits == 8) return v.per_channel;
