@@ -307,7 +307,9 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
       t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
     });
   }
-  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e); });
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
+    t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+  });
 }
 
 // Weight-only int4 with int16 activations (layout: kernels.h, quant_rows16_int4).
@@ -324,7 +326,9 @@ void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t
       t.quant_rows16_int4(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * rb, sx.data() + b);
     });
   }
-  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { t.weight_only_int4_a16(v, qa.data(), sx.data(), M, y, v.N, b, e); });
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
+    t.weight_only_int4_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+  });
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -471,11 +475,9 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
   const LinearPlan plan = plan_linear(w, M, kernel, activations);
   switch (plan.kernel) {
     case LinearKernel::WeightOnly:
-      if (plan.activations[0] == 'i') {
-        if (p.view.bits == 8) run_weight_only_int16(p, x, M, y);
-        else run_weight_only_int4_a16(p, x, M, y);
-      }
-      else run_weight_only(p, x, M, y);
+      if (plan.activations[0] != 'i') run_weight_only(p, x, M, y);
+      else if (p.view.bits == 8) run_weight_only_int16(p, x, M, y);
+      else run_weight_only_int4_a16(p, x, M, y);
       break;
     case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
     default: run_dequant_sgemm(p, x, M, y); break;
