@@ -81,8 +81,8 @@ using WeightOnly16Fn = void (*)(const WeightView& w, const void* qa, const float
 // (scalar), or per 128-block 320 bytes (AVX-512 VNNI and AVX2): the low bytes (q & 0xFF) and then
 // the high bytes (q >> 8, signed) in the nibble order of the block (64 bytes for the low
 // nibbles: element 32t + d at byte 4d + t; 64 for the high nibbles: element 32t + 16 + d),
-// then 16 int32 lane corrections -8 * sum of the high bytes of lane d (removing the +8 of
-// the stored nibbles). The kernel computes, per group g and lane l (the elements k of the
+// then 16 int32 lane corrections -8 * sum of q over lane d (the kernels multiply both
+// planes with the stored nibbles u = w + 8: dot(q, u) - 8 * sum(q) = dot(q, w)). The kernel computes, per group g and lane l (the elements k of the
 // group with k % 16 == l), the exact int32 dot d[g][l] = sum q[k] * w[k], then
 // f[l] = fma(float(d[g][l]), scale[n, g], f[l]) over g in order, and
 // y = lane_sum16(f) * sx[m]: every level gives bit-identical results.
@@ -106,7 +106,7 @@ static inline void int4_a16_block(const int16_t* q, uint8_t* out) {
       out[64 + 4 * d + t] = static_cast<uint8_t>(b & 0xFF);
       out[128 + 4 * d + t] = static_cast<uint8_t>((a >> 8) & 0xFF);
       out[192 + 4 * d + t] = static_cast<uint8_t>((b >> 8) & 0xFF);
-      hs += (a >> 8) + (b >> 8);
+      hs += a + b;
     }
     corr[d] = -8 * hs;
   }

@@ -375,8 +375,8 @@ void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, 
 
 // ---------------------------------------------------------------- weight-only int4, int16 activations
 // The AVX-512 layout (kernels.h) with vpdpbusd emulated exactly: vpmaddubsw (u8 x s8 pair
-// sums <= 2 * 255 * 7 for the low plane, 2 * 15 * 128 for the high plane; two of them added
-// stay < 2^15) then vpmaddwd with ones gives each dword's 4-byte dot, lanes 0-7 and 8-15 in
+// sums <= 2 * 255 * 15 for the low plane, 2 * 15 * 128 for the high plane; two of them
+// added stay < 2^15) then vpmaddwd with ones gives each dword's 4-byte dot, lanes 0-7 and 8-15 in
 // two registers. Same lanes, same order: the same bits as the scalar reference.
 void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
   for (int64_t m = 0; m < M; ++m) {
@@ -396,7 +396,7 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
 template <int MR, int NR>
 inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
   const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 f[MR][NR][2];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) f[i][j][0] = f[i][j][1] = _mm256_setzero_ps();
@@ -417,14 +417,13 @@ inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx,
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w4 + (n + j) * wrs + k / 2 + 32 * h));
           const __m256i u0 = _mm256_and_si256(v, low4), u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          const __m256i s0 = _mm256_sub_epi8(u0, eight), s1 = _mm256_sub_epi8(u1, eight);
           for (int i = 0; i < MR; ++i) {
             const uint8_t* a = blk + i * rs + 32 * h;
             const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
             const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 64));
             const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 128));
             const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 192));
-            const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(l0, s0), _mm256_maddubs_epi16(l1, s1));
+            const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(l0, u0), _mm256_maddubs_epi16(l1, u1));
             const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(u0, h0), _mm256_maddubs_epi16(u1, h1));
             al[i][j][h] = _mm256_add_epi32(al[i][j][h], _mm256_madd_epi16(pl, ones));
             ah[i][j][h] = _mm256_add_epi32(ah[i][j][h], _mm256_madd_epi16(ph, ones));
@@ -436,7 +435,7 @@ inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx,
       for (int i = 0; i < MR; ++i)
         for (int h = 0; h < 2; ++h) {
           const __m256i d =
-              _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(ah[i][j][h], cs[i][h]), 8), al[i][j][h]);
+              _mm256_add_epi32(_mm256_slli_epi32(ah[i][j][h], 8), _mm256_add_epi32(al[i][j][h], cs[i][h]));
           f[i][j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, f[i][j][h]);
         }
     }

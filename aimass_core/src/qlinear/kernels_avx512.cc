@@ -697,10 +697,11 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
 
 // ---------------------------------------------------------------- weight-only int4, int16 activations (VNNI)
 // Layout and arithmetic: kernels.h (quant_rows16_int4). Per 128-block and weight row, one
-// 64-byte load gives the low and high nibbles u = q + 8 (AND / shift, once for all x rows);
-// the low byte plane (u8) meets the s8 weights u - 8, the high byte plane (s8) meets the
-// u8 nibbles (its +8 * sum is removed by the per-lane corrections). 4 vpdpbusd per row
-// and block, all exact; the group's int32 lanes are converted once and FMA'd with its scale.
+// 64-byte load gives the low and high nibbles u = w + 8 (AND / shift, once for all x rows);
+// both byte planes meet u directly (low plane u8 x u as s8, u x high plane s8), and the
+// +8 * sum(q) this adds is removed by the per-lane corrections -8 * sum(q). 4 vpdpbusd per
+// row and block (int32 arithmetic wraps, and the final dot fits); the group's int32 lanes
+// are converted once and FMA'd with its scale.
 void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
@@ -741,7 +742,7 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
           const __m512i q = r[2 * t + half], qh = _mm512_srai_epi32(q, 8);
           pl = _mm512_or_si512(pl, _mm512_slli_epi32(_mm512_and_si512(q, byte), 8 * t));
           ph = _mm512_or_si512(ph, _mm512_slli_epi32(_mm512_and_si512(qh, byte), 8 * t));
-          hsum = _mm512_add_epi32(hsum, qh);
+          hsum = _mm512_add_epi32(hsum, q);
         }
         _mm512_storeu_si512(out + 64 * half, pl);
         _mm512_storeu_si512(out + 128 + 64 * half, ph);
@@ -754,7 +755,7 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
 template <int MR, int NR>
 inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
   const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 f[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) f[i][j] = _mm512_setzero_ps();
@@ -780,10 +781,9 @@ inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx,
         // the same offset of the tile after next: rows of a tile are separate streams
         _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * NR * wrs), _MM_HINT_T1);
         const __m512i u0 = _mm512_and_si512(v, low4), u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        const __m512i s0 = _mm512_sub_epi8(u0, eight), s1 = _mm512_sub_epi8(u1, eight);
         for (int i = 0; i < MR; ++i) {
-          dpbusd(al[i][j], l0[i], s0);
-          dpbusd(al[i][j], l1[i], s1);
+          dpbusd(al[i][j], l0[i], u0);
+          dpbusd(al[i][j], l1[i], u1);
           dpbusd(ah[i][j], u0, h0[i]);
           dpbusd(ah[i][j], u1, h1[i]);
         }
@@ -792,7 +792,7 @@ inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx,
     for (int j = 0; j < NR; ++j) {
       const __m512 s = _mm512_set1_ps(w.scale[(n + j) * w.ng + g]);
       for (int i = 0; i < MR; ++i) {
-        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(ah[i][j], cs[i]), 8), al[i][j]);
+        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(ah[i][j], 8), _mm512_add_epi32(al[i][j], cs[i]));
         f[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i][j]);
       }
     }
