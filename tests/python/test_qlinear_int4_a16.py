@@ -135,3 +135,24 @@ def test_zero_nan_inf_rows(lvl, level):
     y = compress.linear(x[:2], p, kernel="weight_only")
     ref = x[:2].astype(np.float64) @ deq.T
     assert (np.abs(y - ref) <= int16_bound(x[:2], deq) + 1e-6 * np.abs(ref).max()).all()
+
+
+def test_largest_rows_exact(level):
+    """K = 65536 per-channel (the limit) with the extreme values: every lane sums 4096
+    products of +-32767 and +-7, near the int32 range of the high-plane accumulators; the
+    result must match the exact dot (to fp32 rounding) and be the same bits at every level."""
+    k = 65536
+    q = np.stack([np.full(k, 7), np.full(k, -7), np.random.default_rng(2).integers(-7, 8, k)]).astype(np.int8)
+    scale = np.array([0.01, 0.02, 0.03], np.float32)
+    p = pack_int4(q, scale, 0)
+    x = np.stack([np.ones(k), -np.ones(k), np.random.default_rng(3).standard_normal(k)]).astype(np.float32)
+    deq = q.astype(np.float64) * scale.astype(np.float64)[:, None]
+    ref = x.astype(np.float64) @ deq.T
+    outs = []
+    for lvl in A16_LEVELS:
+        aimass.set_simd_level(lvl)
+        assert p.plan(3, "weight_only") == ("weight_only", "int16")
+        outs.append(compress.linear(x, p, kernel="weight_only"))
+        assert (np.abs(outs[-1] - ref) <= int16_bound(x, deq) + 1e-6 * np.abs(ref).max()).all(), lvl
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
