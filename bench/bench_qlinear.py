@@ -151,3 +151,34 @@ def test_crossover_sweep(benchmark, layers, threads, m):
     for k, v in times.items():
         benchmark.extra_info[k + "_ms"] = round(v * 1e3, 3)
     print(f"\n  M={m}: " + " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in times.items()))
+
+
+def test_batch1_thread_scaling(benchmark, layers):
+    """Batch-1 time at 1 and 2 threads in the same interleaved race (the pool's wake-up
+    latency and the split of N show up here); prints time(1 thread) / time(2 threads)."""
+    fp32, tdyn, q8, q4 = layers
+    x = torch.randn(1, K)
+    old_t, old_a = torch.get_num_threads(), aimass.num_threads()
+
+    def at(n, fn):
+        def run():
+            if aimass.num_threads() != n:  # switched once per block of calls, not timed per call
+                torch.set_num_threads(n)
+                aimass.set_num_threads(n)
+            fn(x)
+        return run
+
+    fns = {f"{name}_{n}t": at(n, fn) for name, fn in (("int8", q8), ("int4", q4), ("tdyn", tdyn)) for n in (1, 2)}
+    try:
+        with torch.no_grad():
+            t = race(fns)
+            benchmark.pedantic(fns["int8_2t"], rounds=20, iterations=1, warmup_rounds=2)
+    finally:
+        torch.set_num_threads(old_t)
+        aimass.set_num_threads(old_a)
+    for name in ("int8", "int4", "tdyn"):
+        s = t[f"{name}_1t"] / t[f"{name}_2t"]
+        benchmark.extra_info[f"{name}_scaling_2_threads"] = round(s, 2)
+        print(f"\n  {name} batch 1: 1 thread {t[f'{name}_1t'] * 1e3:.3f} ms, 2 threads "
+              f"{t[f'{name}_2t'] * 1e3:.3f} ms: x{s:.2f}", end="")
+    print()

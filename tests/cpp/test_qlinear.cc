@@ -76,7 +76,9 @@ TEST_P(QLinear, AllKernelsAllLevelsMatchReference) {
           std::vector<float> y(static_cast<size_t>(M * N), -1.f);
           aimass::quant::linear(*packed, x.data(), M, bias.data(), y.data(), k, act);
           const bool int16 = std::string(aimass::quant::plan_linear(*packed, M, k, act).activations) == "int16";
-          EXPECT_EQ(int16, k == LinearKernel::WeightOnly && bits == 8 && G == 0 &&
+          // int4: whole 128-blocks per group (or per-channel)
+          const bool int16_weights = (bits == 8 && G == 0) || (bits == 4 && G % 128 == 0);
+          EXPECT_EQ(int16, k == LinearKernel::WeightOnly && int16_weights &&
                                act == aimass::quant::ActivationPrecision::Int16);
           const double tol = (k == LinearKernel::DynamicInt8 ? 2e-2 : 1e-5) * rmax;
           for (int64_t i = 0; i < M * N; ++i) {

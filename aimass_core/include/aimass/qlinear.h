@@ -28,8 +28,9 @@ enum class ActivationPrecision : int {
   // and multiplied with the int8 weights in exact integer arithmetic (AVX-512 VNNI
   // vpdpbusd on two byte planes; AVX2 vpmaddwd). Extra error: at most max|x_row| / 65534
   // per x element (docs/numerics.md), ~250x below the int8 weight rounding.
-  // Used for int8 per-channel (and per-tensor) weights with K <= 65536; other weights
-  // run the fp32 path.
+  // Used for int8 per-channel (and per-tensor) weights, and int4 weights grouped in
+  // multiples of 128 (or per-channel; AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw), with
+  // K <= 65536; other weights run the fp32 path.
   Int16 = 0,
   FP32 = 1  // fp32 activations: no activation rounding at all
 };

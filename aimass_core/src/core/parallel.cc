@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -31,6 +32,38 @@ int default_threads() {
 }
 
 thread_local bool t_in_pool_task = false;
+
+// Before sleeping on a condition variable, a worker waits this long for the next job
+// (and the caller this long for the workers) by polling. Waking a sleeping thread costs
+// two futex round trips, tens of microseconds on a VM whose idle vCPU has halted, which
+// at batch-1 inference (0.1-0.3 ms per layer) ate most of the second thread's gain
+// (OpenMP runtimes spin for the same reason). Bounded, so an idle pool stops using CPU.
+// AIMASS_SPIN_US (read once) changes it; 0 turns polling off.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t = [] {
+    const char* env = std::getenv("AIMASS_SPIN_US");
+    const int us = env ? std::atoi(env) : 50;
+    return std::chrono::microseconds(us < 0 ? 0 : us);
+  }();
+  return t;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Polls ready() until it is true or spin_time() has passed; returns ready().
+template <class Ready>
+bool spin_until(const Ready& ready) {
+  const auto until = std::chrono::steady_clock::now() + spin_time();
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) return ready();
+  }
+}
 
 // Workers sleep on a condition variable between jobs; a job is a chunk counter
 // that the caller and workers drain together.
@@ -61,6 +94,7 @@ class Pool {
     }
     cv_.notify_all();
     drain(&fn, nchunks);
+    spin_until([&] { return done_.load() == nchunks && active_.load() == 0; });
     std::unique_lock<std::mutex> lk(mu_);
     // Wait for every worker that joined this job to leave it too: a worker still
     // holding this job's function must not claim a chunk of the next job.
@@ -98,6 +132,7 @@ class Pool {
     for (;;) {
       const std::function<void(int, int)>* fn;
       int n;
+      spin_until([&] { return generation_.load() != seen; });
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return stop_ || (generation_ != seen && fn_ != nullptr); });
@@ -122,9 +157,10 @@ class Pool {
   const std::function<void(int, int)>* fn_ = nullptr;
   int nchunks_ = 0;
   std::atomic<int> next_{0};
-  int done_ = 0;
-  int active_ = 0;  // workers inside the current job
-  uint64_t generation_ = 0;
+  // Changed under mu_ only; atomic so that the spinning waits can poll them.
+  std::atomic<int> done_{0};
+  std::atomic<int> active_{0};  // workers inside the current job
+  std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
   std::exception_ptr error_;
 };

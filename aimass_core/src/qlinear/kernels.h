@@ -75,6 +75,43 @@ using QuantRows16Fn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K
 using WeightOnly16Fn = void (*)(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y,
                                 int64_t ldy, int64_t n0, int64_t n1);
 
+// int16 activations for the weight-only int4 kernels (groups a multiple of 128 or
+// per-channel, Kp <= 65536). quant_rows16_int4 quantizes x exactly as QuantRows16Fn (same
+// q and sx) into rows of kInt4A16RowBytes(Kp) bytes in its level's layout: int16 q [Kp]
+// (scalar), or per 128-block 320 bytes (AVX-512 VNNI and AVX2): the low bytes (q & 0xFF) and then
+// the high bytes (q >> 8, signed) in the nibble order of the block (64 bytes for the low
+// nibbles: element 32t + d at byte 4d + t; 64 for the high nibbles: element 32t + 16 + d),
+// then 16 int32 lane corrections -8 * sum of q over lane d (the kernels multiply both
+// planes with the stored nibbles u = w + 8: dot(q, u) - 8 * sum(q) = dot(q, w)). The kernel computes, per group g and lane l (the elements k of the
+// group with k % 16 == l), the exact int32 dot d[g][l] = sum q[k] * w[k], then
+// f[l] = fma(float(d[g][l]), scale[n, g], f[l]) over g in order, and
+// y = lane_sum16(f) * sx[m]: every level gives bit-identical results.
+inline int64_t int4_a16_row_bytes(int64_t Kp) { return 3 * Kp; }
+// Fixed-order sum of 16 lanes (a tree), shared by every level so results match bit for bit.
+static inline float lane_sum16(const float* v) {
+  float a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = v[i] + v[i + 8];
+  for (int i = 0; i < 4; ++i) b[i] = a[i] + a[i + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// One 128-block of the VNNI layout from 128 int16 values q (see quant_rows16_int4).
+static inline void int4_a16_block(const int16_t* q, uint8_t* out) {
+  int32_t* corr = reinterpret_cast<int32_t*>(out + 256);
+  for (int d = 0; d < 16; ++d) {
+    int32_t hs = 0;
+    for (int t = 0; t < 4; ++t) {
+      const int a = q[32 * t + d], b = q[32 * t + 16 + d];
+      out[4 * d + t] = static_cast<uint8_t>(a & 0xFF);
+      out[64 + 4 * d + t] = static_cast<uint8_t>(b & 0xFF);
+      out[128 + 4 * d + t] = static_cast<uint8_t>((a >> 8) & 0xFF);
+      out[192 + 4 * d + t] = static_cast<uint8_t>((b >> 8) & 0xFF);
+      hs += a + b;
+    }
+    corr[d] = -8 * hs;
+  }
+}
+
 struct KernelTable {
   WeightOnlyFn weight_only_int8;
   WeightOnlyFn weight_only_int4;
@@ -89,6 +126,9 @@ struct KernelTable {
   DynamicFn dynamic_panels;
   QuantRows16Fn quant_rows16;
   WeightOnly16Fn weight_only_int8_a16;
+  // int4 weights, int16 activations (see int4_a16_row_bytes); null where the level has none.
+  QuantRows16Fn quant_rows16_int4;
+  WeightOnly16Fn weight_only_int4_a16;
 };
 
 const KernelTable& scalar_kernels();

@@ -373,11 +373,98 @@ void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, 
   if (m < M) wo16_cols<1, 4>(w, q + m * w.Kp, sx + m, y + m * ldy, ldy, n0, n1);
 }
 
+// ---------------------------------------------------------------- weight-only int4, int16 activations
+// The AVX-512 layout (kernels.h) with vpdpbusd emulated exactly: vpmaddubsw (u8 x s8 pair
+// sums <= 2 * 255 * 15 for the low plane, 2 * 15 * 128 for the high plane; two of them
+// added stay < 2^15) then vpmaddwd with ones gives each dword's 4-byte dot, lanes 0-7 and 8-15 in
+// two registers. Same lanes, same order: the same bits as the scalar reference.
+void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  for (int64_t m = 0; m < M; ++m) {
+    uint8_t* row = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
+    // int16 q into the row's last 2 * Kp bytes, then blocks rewritten in place from the
+    // front: block b's output ends at 320 (b + 1) <= Kp + 256 (b + 1), where block b + 1's
+    // input starts (its own input is copied out first).
+    quant_rows16(x + m * ldx, ldx, 1, K, Kp, row + Kp, sx + m);
+    for (int64_t b = 0; b < Kp / 128; ++b) {
+      int16_t blk[128];
+      __builtin_memcpy(blk, row + Kp + 256 * b, sizeof(blk));
+      int4_a16_block(blk, row + 320 * b);
+    }
+  }
+}
+
+template <int MR, int NR>
+inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
+  const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 f[MR][NR][2];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) f[i][j][0] = f[i][j][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.ngk; ++g) {
+    __m256i al[MR][NR][2], ah[MR][NR][2], cs[MR][2];
+    for (int i = 0; i < MR; ++i)
+      for (int h = 0; h < 2; ++h) {
+        cs[i][h] = _mm256_setzero_si256();
+        for (int j = 0; j < NR; ++j) al[i][j][h] = ah[i][j][h] = _mm256_setzero_si256();
+      }
+    for (int64_t k = g * w.Gk; k < (g + 1) * w.Gk; k += 128) {
+      const uint8_t* blk = qa + (k / 128) * 320;
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h)
+          cs[i][h] = _mm256_add_epi32(cs[i][h],
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + i * rs + 256 + 32 * h)));
+      for (int j = 0; j < NR; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w4 + (n + j) * wrs + k / 2 + 32 * h));
+          const __m256i u0 = _mm256_and_si256(v, low4), u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int i = 0; i < MR; ++i) {
+            const uint8_t* a = blk + i * rs + 32 * h;
+            const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+            const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 64));
+            const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 128));
+            const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 192));
+            const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(l0, u0), _mm256_maddubs_epi16(l1, u1));
+            const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(u0, h0), _mm256_maddubs_epi16(u1, h1));
+            al[i][j][h] = _mm256_add_epi32(al[i][j][h], _mm256_madd_epi16(pl, ones));
+            ah[i][j][h] = _mm256_add_epi32(ah[i][j][h], _mm256_madd_epi16(ph, ones));
+          }
+        }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m256 s = _mm256_set1_ps(w.scale[(n + j) * w.ng + g]);
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i d =
+              _mm256_add_epi32(_mm256_slli_epi32(ah[i][j][h], 8), _mm256_add_epi32(al[i][j][h], cs[i][h]));
+          f[i][j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, f[i][j][h]);
+        }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      alignas(32) float lanes[16];
+      _mm256_store_ps(lanes, f[i][j][0]);
+      _mm256_store_ps(lanes + 8, f[i][j][1]);
+      y[i * ldy + n + j] = lane_sum16(lanes) * sx[i];
+    }
+}
+
+void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  const uint8_t* q = static_cast<const uint8_t*>(qa);
+  const int64_t rs = int4_a16_row_bytes(w.Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) wo4a16_tile<1, 2>(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+    for (; n < n1; ++n) wo4a16_tile<1, 1>(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+  }
+}
+
 }  // namespace
 
 const KernelTable& avx2_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 8, 128, nullptr, nullptr,
-                             quant_rows16, weight_only_int8_a16};
+                             quant_rows16, weight_only_int8_a16, quant_rows16_int4, weight_only_int4_a16};
   return t;
 }
 

@@ -695,11 +695,139 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
   }
 }
 
+// ---------------------------------------------------------------- weight-only int4, int16 activations (VNNI)
+// Layout and arithmetic: kernels.h (quant_rows16_int4). Per 128-block and weight row, one
+// 64-byte load gives the low and high nibbles u = w + 8 (AND / shift, once for all x rows);
+// both byte planes meet u directly (low plane u8 x u as s8, u x high plane s8), and the
+// +8 * sum(q) this adds is removed by the per-lane corrections -8 * sum(q). 4 vpdpbusd per
+// row and block (int32 arithmetic wraps, and the final dot fits); the group's int32 lanes
+// are converted once and FMA'd with its scale.
+void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    uint8_t* out = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
+    __m512 amax = zero, poison = zero;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+    }
+    float a = _mm512_reduce_max_ps(amax);
+    const float p = _mm512_reduce_add_ps(poison);
+    if (p != 0.f || p != p) {
+      sx[m] = __builtin_nanf("");
+      a = 0.f;
+    } else {
+      sx[m] = a / 32767.f;
+    }
+    const __m512 inv = _mm512_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += 128, out += 320) {
+      __m512i r[8];
+      for (int v = 0; v < 8; ++v) {
+        const int64_t k = k0 + 16 * v, left = K - k;
+        const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
+        r[v] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), inv));  // nearest even
+        r[v] = _mm512_min_epi32(_mm512_max_epi32(r[v], lo), hi);
+      }
+      // Vector v holds elements 16v + d in lane d; nibble vector 0 wants element 32t + d
+      // (= vector 2t) at byte t of lane d, nibble vector 1 element 32t + 16 + d (vector 2t + 1).
+      __m512i hsum = _mm512_setzero_si512();
+      for (int half = 0; half < 2; ++half) {
+        __m512i pl = _mm512_setzero_si512(), ph = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          const __m512i q = r[2 * t + half], qh = _mm512_srai_epi32(q, 8);
+          pl = _mm512_or_si512(pl, _mm512_slli_epi32(_mm512_and_si512(q, byte), 8 * t));
+          ph = _mm512_or_si512(ph, _mm512_slli_epi32(_mm512_and_si512(qh, byte), 8 * t));
+          hsum = _mm512_add_epi32(hsum, q);
+        }
+        _mm512_storeu_si512(out + 64 * half, pl);
+        _mm512_storeu_si512(out + 128 + 64 * half, ph);
+      }
+      _mm512_storeu_si512(out + 256, _mm512_mullo_epi32(hsum, _mm512_set1_epi32(-8)));
+    }
+  }
+}
+
+template <int MR, int NR>
+inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
+  const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 f[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) f[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.ngk; ++g) {
+    __m512i al[MR][NR], ah[MR][NR], cs[MR];
+    for (int i = 0; i < MR; ++i) {
+      cs[i] = _mm512_setzero_si512();
+      for (int j = 0; j < NR; ++j) al[i][j] = ah[i][j] = _mm512_setzero_si512();
+    }
+    for (int64_t k = g * w.Gk; k < (g + 1) * w.Gk; k += 128) {
+      const uint8_t* blk = qa + (k / 128) * 320;
+      __m512i l0[MR], l1[MR], h0[MR], h1[MR];
+      for (int i = 0; i < MR; ++i) {
+        l0[i] = _mm512_loadu_si512(blk + i * rs);
+        l1[i] = _mm512_loadu_si512(blk + i * rs + 64);
+        h0[i] = _mm512_loadu_si512(blk + i * rs + 128);
+        h1[i] = _mm512_loadu_si512(blk + i * rs + 192);
+        cs[i] = _mm512_add_epi32(cs[i], _mm512_loadu_si512(blk + i * rs + 256));
+      }
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* wp = w.w4 + (n + j) * wrs + k / 2;
+        const __m512i v = _mm512_loadu_si512(wp);
+        // the same offset of the tile after next: rows of a tile are separate streams
+        _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * NR * wrs), _MM_HINT_T1);
+        const __m512i u0 = _mm512_and_si512(v, low4), u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int i = 0; i < MR; ++i) {
+          dpbusd(al[i][j], l0[i], u0);
+          dpbusd(al[i][j], l1[i], u1);
+          dpbusd(ah[i][j], u0, h0[i]);
+          dpbusd(ah[i][j], u1, h1[i]);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m512 s = _mm512_set1_ps(w.scale[(n + j) * w.ng + g]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(ah[i][j], 8), _mm512_add_epi32(al[i][j], cs[i]));
+        f[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, f[i][j]);
+      y[i * ldy + n + j] = lane_sum16(lanes) * sx[i];
+    }
+}
+
+template <int NR>
+inline void wo4a16_rows(const WeightView& w, const uint8_t* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                        int64_t n) {
+  const int64_t rs = int4_a16_row_bytes(w.Kp);
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) wo4a16_tile<2, NR>(w, qa + m * rs, sx + m, y + m * ldy, ldy, n);
+  if (m < M) wo4a16_tile<1, NR>(w, qa + m * rs, sx + m, y + m * ldy, ldy, n);
+}
+
+void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  const uint8_t* q = static_cast<const uint8_t*>(qa);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) wo4a16_rows<4>(w, q, sx, M, y, ldy, n);
+  for (; n < n1; ++n) wo4a16_rows<1>(w, q, sx, M, y, ldy, n);
+}
+
 }  // namespace
 
 const KernelTable& avx512_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4,
-                             dynamic_panels, quant_rows16, weight_only_int8_a16};
+                             dynamic_panels, quant_rows16, weight_only_int8_a16, quant_rows16_int4,
+                             weight_only_int4_a16};
   return t;
 }
 

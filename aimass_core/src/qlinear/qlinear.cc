@@ -177,7 +177,12 @@ inline int int4_canonical(const uint8_t* data, int64_t e) {
 // The int16-activation weight-only kernels: int8 per-channel weights; lane sums of the
 // VNNI kernel stay below 2^31 while 255 * 127 * Kp does (Kp <= 65536).
 constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
-bool int16_supported(const WeightView& v) { return v.bits == 8 && v.per_channel && v.Kp <= kInt16MaxKp; }
+// int4: groups of whole 128-blocks (or per-channel), on levels with the kernel (all three).
+bool int16_supported(const WeightView& v) {
+  if (v.Kp > kInt16MaxKp) return false;
+  if (v.bits == 8) return v.per_channel;
+  return (v.per_channel || v.G % 128 == 0) && table_for(simd_level()).weight_only_int4_a16 != nullptr;
+}
 
 bool dynamic_supported(const WeightView& v) {
   return (v.per_channel || v.G % 64 == 0) && v.Kp <= kDynamicMaxKp;
@@ -265,10 +270,27 @@ LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
 
 namespace {
 
-int64_t grain_rows(int64_t N, int64_t M) {
-  // Enough rows per task to amortise the dispatch; multiples of 4 keep the 4-row tiles whole.
-  int64_t g = std::max<int64_t>(16, 4096 / std::max<int64_t>(M, 1) / 4 * 4);
-  return std::min<int64_t>(g, 256);
+// Splits N over the pool in more chunks than threads (multiples of 8 rows, at least
+// ~64K multiply-adds each) that the threads claim dynamically. With one static chunk per
+// thread a call waits for the slowest thread, and at batch 1 (0.1-0.3 ms per call) the
+// worker's wake-up from the pool's condition variable (tens of microseconds on a VM) or
+// a preemption is a large part of that: 2 threads gave only 1.3x. Chunks claimed
+// dynamically let the caller start at once and the worker take what is left.
+template <class Fn>
+void parallel_rows(int64_t N, int64_t Kp, int64_t M, const Fn& fn) {
+  const int threads = num_threads();
+  const int64_t min_rows = std::max<int64_t>(8, (int64_t{1} << 16) / (Kp * std::max<int64_t>(M, 1)) / 8 * 8);
+  const int64_t max_chunks = std::max<int64_t>(1, N / min_rows);
+  const int nchunks = static_cast<int>(threads <= 1 ? 1 : std::min<int64_t>(max_chunks, 8 * threads));
+  if (nchunks <= 1) {
+    fn(int64_t{0}, N);
+    return;
+  }
+  parallel_chunks(nchunks, [&](int c, int nc) {
+    // chunk bounds on multiples of 8 rows keep the 8-row tiles whole
+    const int64_t b = N * c / nc / 8 * 8, e = c + 1 == nc ? N : N * (c + 1) / nc / 8 * 8;
+    if (e > b) fn(b, e);
+  });
 }
 
 // Weight-only int8 with int16 activations: quantize the rows (2 * Kp bytes each, in
@@ -285,8 +307,27 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
       t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
     });
   }
-  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) {
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+  });
+}
+
+// Weight-only int4 with int16 activations (layout: kernels.h, quant_rows16_int4).
+void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+  const WeightView& v = p.view;
+  const KernelTable& t = table_for(simd_level());
+  const int64_t rb = detail::int4_a16_row_bytes(v.Kp);
+  std::vector<uint8_t> qa(static_cast<size_t>(M * rb));
+  std::vector<float> sx(static_cast<size_t>(M));
+  if (M <= 16) {
+    t.quant_rows16_int4(x, v.K, M, v.K, v.Kp, qa.data(), sx.data());
+  } else {
+    parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      t.quant_rows16_int4(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * rb, sx.data() + b);
+    });
+  }
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
+    t.weight_only_int4_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
   });
 }
 
@@ -309,7 +350,7 @@ void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float
     ldx = v.Kp;
   }
   const auto fn = v.bits == 8 ? t->weight_only_int8 : t->weight_only_int4;
-  parallel_for(0, v.N, grain_rows(v.N, M), [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) { fn(v, xs, ldx, M, y, v.N, b, e); });
 }
 
 // int4 weights on a level with a packed-int4 dynamic kernel: quantize x with the level's
@@ -339,8 +380,7 @@ void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const flo
       }
     }
   });
-  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
-  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) {
+  parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.dynamic_int4(v, qxp.data(), qsum.data(), sx.data(), M, y, v.N, b, e);
   });
 }
@@ -435,8 +475,9 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
   const LinearPlan plan = plan_linear(w, M, kernel, activations);
   switch (plan.kernel) {
     case LinearKernel::WeightOnly:
-      if (plan.activations[0] == 'i') run_weight_only_int16(p, x, M, y);
-      else run_weight_only(p, x, M, y);
+      if (plan.activations[0] != 'i') run_weight_only(p, x, M, y);
+      else if (p.view.bits == 8) run_weight_only_int16(p, x, M, y);
+      else run_weight_only_int4_a16(p, x, M, y);
       break;
     case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
     default: run_dequant_sgemm(p, x, M, y); break;

@@ -5,8 +5,8 @@ Weights are symmetric int8 (per-channel, per-tensor or grouped) or symmetric int
 once into a C++ ``PackedLinear`` (cached on the quantized weight object, like
 FBGEMM's packed weights) and every call picks a kernel by shape:
 
-* ``weight_only``   weights widened on the fly (small M); int8 per-channel weights take
-                    activations rounded to 16-bit integers and exact integer dot products
+* ``weight_only``   weights widened on the fly (small M); int8 per-channel weights and
+                    int4 weights in groups of 128k take activations rounded to 16-bit integers and exact integer dot products
                     (``activation_precision="int16"``, the default: extra error at most
                     max|x_row| / 65534 per element) or exact fp32 activations ("fp32");
 * ``dynamic_int8``  activations quantized per row to int8, int8 x int8 dot products
@@ -172,7 +172,7 @@ def linear(x, qweight, bias=None, *, kernel: str = "auto", activation_precision:
     qweight: PackedLinear or QuantizedTensor (symmetric int8/int4, axis 0);
     bias: [N] float or None; kernel: 'auto' (by shape), 'weight_only', 'dynamic_int8',
     'dequant_sgemm'. activation_precision: how the weight_only kernel takes x for int8
-    per-channel weights: 'int16' (default; each row rounded to 16-bit integers, exact
+    per-channel weights and int4 weights grouped in multiples of 128: 'int16' (default; each row rounded to 16-bit integers, exact
     integer dot products, extra error <= max|x_row| / 65534 per element) or 'fp32'
     (exact). dynamic_int8 always rounds x to int8, dequant_sgemm always uses fp32; see
     ``PackedLinear.plan``. Returns float32 [..., N], a torch tensor when x is one (zero-copy)."""
