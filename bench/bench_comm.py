@@ -44,7 +44,11 @@ def setup():
 
 
 def setup_gloo(comm):
+    import torch
     import torch.distributed as tdist
+    # One rank per core: torch's intra-op threads would only oversubscribe the cores, and their
+    # idle spinning after a parallel fill slows whichever collective runs next (aimass or gloo).
+    torch.set_num_threads(1)
     if not tdist.is_initialized():
         port = comm.bcast(29500 + (os.getpid() % 2000) if comm.Get_rank() == 0 else None, root=0)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
