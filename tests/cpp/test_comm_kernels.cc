@@ -170,7 +170,7 @@ TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
           aimass::set_simd_level(l);
           std::vector<float> got(n), copy(n), scaled_ref(n), scaled(n), scaled_copy(n);
           aimass::comm::reduce_f32(op, ptrs.data(), k, got.data(), n, copy.data());
-          ASSERT_EQ(std::memcmp(got.data(), copy.data(), n * 4), 0) << "second destination differs";
+          ASSERT_TRUE(n == 0 || std::memcmp(got.data(), copy.data(), n * 4) == 0) << "second destination differs";
           if (op == ElemOp::Sum) {  // the average's scale, folded into the pass
             aimass::comm::ref::reduce_f32(op, ptrs.data(), k, scaled_ref.data(), n, nullptr, 1.0f / 3);
             aimass::comm::reduce_f32(op, ptrs.data(), k, scaled.data(), n, scaled_copy.data(), 1.0f / 3);
