@@ -1,7 +1,11 @@
-"""`aimass demo`: a short compression showcase that prints what it measured.
+"""`aimass demo`: the whole life of a small model, then a kernel showcase.
 
-Quantizes a Linear-sized weight to int8 and int4, prunes it 2:4, and times the
-fused quantized linear at batch 1 against fp32 GEMV through the same BLAS.
+First (aimass.pipeline_demo) a synthetic cat/dog image set is cleaned, written as
+records, split from a config.yml, loaded by the native Loader to train a torch MLP
+with aimass.dist's DistributedOptimizer (`mpirun -np N python -m aimass demo` runs
+it data-parallel), exported fp32 and int8 and served through a batching Session.
+Then a Linear-sized weight is quantized to int8 and int4 and pruned 2:4, and the
+fused quantized linear is timed at batch 1 against fp32 GEMV through the same BLAS.
 """
 from __future__ import annotations
 
@@ -55,9 +59,13 @@ def run(n: int = 4096, k: int = 4096, repeats: int = 20, seed: int = 0) -> dict:
 
 
 def main() -> int:
+    from . import dist, pipeline_demo
+    pipeline_demo.run()
+    if dist.rank() != 0:
+        return 0
     r = run()
     n, k = r["shape"]
-    print(f"aimass demo: {n}x{k} fp32 weight, batch-1 linear, SIMD={r['simd']}, threads={r['threads']}")
+    print(f"kernels: {n}x{k} fp32 weight, batch-1 linear, SIMD={r['simd']}, threads={r['threads']}")
     print(f"  quantize per-channel int8        {r['quantize_int8_ms']:8.2f} ms")
     for name in ("int8", "int4_g128"):
         print(f"  {name:9s} max |w - dequant(w)|  {r[name + '_max_weight_err']:.2e}   "
