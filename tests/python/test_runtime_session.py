@@ -108,19 +108,26 @@ def test_deadline_expiry(mlp_path):
 
 
 def test_priority_order(slow_path):
-    x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
-    order = []
+    x = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     with rt.Session(slow_path, max_batch_size=1) as sess:
-        blocker = sess.submit({"x": x})           # occupies the executor
-        wait_taken(sess)
-        futs = {}
-        for name, prio in (("low", 0), ("mid", 5), ("high", 10), ("low2", 0)):
-            f = sess.submit({"x": x[:1]}, priority=prio)
-            f.add_done_callback(lambda _f, n=name: order.append(n))
-            futs[name] = f
-        blocker.result(timeout=60)
-        for f in futs.values():
-            f.result(timeout=60)
+        # The premise: all four requests are queued while the blocker holds the executor. On a
+        # loaded machine the submitting thread can stall past the blocker; then try again.
+        for attempt in range(5):
+            order = []
+            blocker = sess.submit({"x": x})           # occupies the executor (tens of ms)
+            wait_taken(sess)
+            futs = {}
+            for name, prio in (("low", 0), ("mid", 5), ("high", 10), ("low2", 0)):
+                f = sess.submit({"x": x[:1]}, priority=prio)
+                f.add_done_callback(lambda _f, n=name, o=order: o.append(n))
+                futs[name] = f
+            queued_behind_blocker = sess.stats()["queue_depth"] == 4  # none taken yet
+            blocker.result(timeout=60)
+            for f in futs.values():
+                f.result(timeout=60)
+            if queued_behind_blocker:
+                break
+        assert queued_behind_blocker, "the blocker never outlasted four submits"
     assert order == ["high", "mid", "low", "low2"]
 
 
