@@ -1,6 +1,6 @@
 """Describing CUDA arrays without copying: torch CUDA tensors (through torch's own
 accessors, which also cover bfloat16) and anything with ``__cuda_array_interface__``
-(cupy, numba). Used by the NCCL path of aimass.dist."""
+(cupy, numba). Used by the NCCL path of aimass.dist and the CUDA quantized linear."""
 from __future__ import annotations
 
 import sys
@@ -28,6 +28,32 @@ def is_cuda_array(x: Any) -> bool:
     return hasattr(type(x), "__cuda_array_interface__") or hasattr(x, "__cuda_array_interface__")
 
 
+def interface(x: Any, name: str) -> dict:
+    """x's ``__cuda_array_interface__``, checked to be C-contiguous."""
+    try:
+        d = x.__cuda_array_interface__
+    except AttributeError:
+        raise TypeError(f"{name} must be a CUDA array (torch CUDA tensor or __cuda_array_interface__), "
+                        f"got {type(x).__name__}") from None
+    if d.get("strides") is not None:
+        shape = tuple(int(s) for s in d["shape"])
+        expect, acc = [], np.dtype(d["typestr"]).itemsize
+        for s in reversed(shape):
+            expect.insert(0, acc)
+            acc *= s
+        if tuple(d["strides"]) != tuple(expect) and int(np.prod(shape)) > 1:
+            raise ValueError(f"{name} must be C-contiguous; call .contiguous() first")
+    return d
+
+
+def current_stream(x: Any) -> int:
+    """The current stream of x's framework on x's device (torch, cupy), else 0 (the legacy default)."""
+    if is_torch(x):
+        return int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
+    cupy = sys.modules.get("cupy")
+    return int(cupy.cuda.get_current_stream().ptr) if cupy is not None else 0
+
+
 def describe(x: Any, name: str) -> DeviceArray:
     """Pointer, shape, dtype, device and current stream of a C-contiguous CUDA array."""
     if is_torch(x):
@@ -36,39 +62,31 @@ def describe(x: Any, name: str) -> DeviceArray:
         dt = str(x.dtype).replace("torch.", "")
         if dt not in _TORCH_DTYPES:
             raise TypeError(f"{name}: dtype {dt} is not supported on CUDA; use one of {', '.join(_TORCH_DTYPES)}")
-        torch = sys.modules["torch"]
-        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        stream = int(torch.cuda.current_stream(x.device).cuda_stream)
-        return DeviceArray(int(x.data_ptr()), tuple(x.shape), dt, int(dev), stream)
-    d = x.__cuda_array_interface__
+        dev = x.device.index if x.device.index is not None else sys.modules["torch"].cuda.current_device()
+        return DeviceArray(int(x.data_ptr()), tuple(x.shape), dt, int(dev), current_stream(x))
+    d = interface(x, name)
     dtype = np.dtype(d["typestr"])
     shape = tuple(int(s) for s in d["shape"])
-    if d.get("strides") is not None:
-        expect, acc = [], dtype.itemsize
-        for s in reversed(shape):
-            expect.insert(0, acc)
-            acc *= s
-        if tuple(d["strides"]) != tuple(expect) and int(np.prod(shape)) > 1:
-            raise ValueError(f"{name} must be C-contiguous; make a contiguous copy first")
     if dtype.name not in _TORCH_DTYPES:
         raise TypeError(f"{name}: dtype {dtype.name} is not supported on CUDA; use one of {', '.join(_TORCH_DTYPES)}")
     cupy = sys.modules.get("cupy")
     device, stream = 0, 0
     if cupy is not None and isinstance(x, cupy.ndarray):
-        device = int(x.device.id)
-        stream = int(cupy.cuda.get_current_stream().ptr)
+        device, stream = int(x.device.id), current_stream(x)
     elif d.get("stream") not in (None, 1, 2):  # 1/2 mean the legacy / per-thread default stream
         stream = int(d["stream"])
     return DeviceArray(int(d["data"][0]), shape, dtype.name, device, stream)
 
 
 def empty_like(x: Any, shape, dtype: str = None):
-    """A new uninitialised array of x's kind and device (torch or cupy)."""
+    """A new uninitialised array of x's kind on x's device: torch for torch tensors, else cupy."""
     if is_torch(x):
         torch = sys.modules["torch"]
         return torch.empty(tuple(shape), dtype=getattr(torch, dtype) if dtype else x.dtype, device=x.device)
     cupy = sys.modules.get("cupy")
-    if cupy is None or not isinstance(x, cupy.ndarray):
-        raise TypeError(f"a new CUDA array can be made for torch tensors and cupy arrays, not {type(x).__name__}")
+    if cupy is None:
+        raise TypeError("CUDA arrays other than torch tensors need cupy to allocate the output")
+    if not isinstance(x, cupy.ndarray):  # another __cuda_array_interface__ producer: cupy's current device
+        return cupy.empty(tuple(shape), dtype=dtype or np.dtype(x.__cuda_array_interface__["typestr"]))
     with x.device:
         return cupy.empty(tuple(shape), dtype=dtype or x.dtype)

@@ -12,40 +12,14 @@ import numpy as np
 
 from .. import cuda as _cuda
 from .._array import is_torch
-
-
-def _iface(a: Any, name: str) -> dict:
-    try:
-        d = a.__cuda_array_interface__
-    except AttributeError:
-        raise TypeError(f"{name} must be a CUDA array (torch CUDA tensor or __cuda_array_interface__), "
-                        f"got {type(a).__name__}") from None
-    if d.get("strides") is not None:
-        itemsize = np.dtype(d["typestr"]).itemsize
-        expect, acc = [], itemsize
-        for s in reversed(d["shape"]):
-            expect.insert(0, acc)
-            acc *= s
-        if tuple(d["strides"]) != tuple(expect):
-            raise ValueError(f"{name} must be C-contiguous; call .contiguous() first")
-    return d
+from .._cuda_array import current_stream, empty_like, interface
 
 
 def _check(a: Any, name: str, typestr: str) -> dict:
-    d = _iface(a.detach() if is_torch(a) else a, name)
+    d = interface(a.detach() if is_torch(a) else a, name)
     if np.dtype(d["typestr"]) != np.dtype(typestr):
         raise TypeError(f"{name} must have dtype {np.dtype(typestr).name}, got {np.dtype(d['typestr']).name}")
     return d
-
-
-def _empty_like_kind(x: Any, shape, dtype: str):
-    if is_torch(x):
-        torch = sys.modules["torch"]
-        return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=x.device)
-    cupy = sys.modules.get("cupy")
-    if cupy is None:
-        raise TypeError("CUDA arrays other than torch tensors need cupy to allocate the output")
-    return cupy.empty(tuple(shape), dtype=dtype)
 
 
 def _to_device_like(x: Any, host: np.ndarray):
@@ -53,13 +27,6 @@ def _to_device_like(x: Any, host: np.ndarray):
         torch = sys.modules["torch"]
         return torch.from_numpy(np.ascontiguousarray(host)).to(x.device)
     return sys.modules["cupy"].asarray(host)
-
-
-def _stream(x: Any) -> int:
-    if is_torch(x):
-        return int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
-    cupy = sys.modules.get("cupy")
-    return int(cupy.cuda.get_current_stream().ptr) if cupy is not None else 0
 
 
 def _ptr(a: Any, name: str, typestr: str) -> int:
@@ -88,9 +55,9 @@ def linear(x, p, bias=None):
         if tuple(bd["shape"]) != (p.out_features,):
             raise ValueError(f"bias must have shape ({p.out_features},), got {tuple(bd['shape'])}")
         bptr = int(bd["data"][0])
-    y = _empty_like_kind(x, shape[:-1] + (p.out_features,), "float32")
+    y = empty_like(x, shape[:-1] + (p.out_features,), "float32")
     m.qlinear_linear_int8(_ptr(qd, "qweight", "|i1"), _ptr(sd, "scale", "<f4"), p.out_features, p.in_features,
-                          int(d["data"][0]), rows, bptr, _ptr(y, "y", "<f4"), _stream(x))
+                          int(d["data"][0]), rows, bptr, _ptr(y, "y", "<f4"), current_stream(x))
     return y
 
 
@@ -105,9 +72,9 @@ def quantize_int8(w):
     if len(d["shape"]) != 2:
         raise ValueError(f"w must be 2-D [N, K], got shape {tuple(d['shape'])}")
     n, k = d["shape"]
-    q = _empty_like_kind(w, (n, k), "int8")
-    s = _empty_like_kind(w, (n,), "float32")
-    m.qlinear_quantize_int8(int(d["data"][0]), n, k, _ptr(q, "q", "|i1"), _ptr(s, "scale", "<f4"), _stream(w))
+    q = empty_like(w, (n, k), "int8")
+    s = empty_like(w, (n,), "float32")
+    m.qlinear_quantize_int8(int(d["data"][0]), n, k, _ptr(q, "q", "|i1"), _ptr(s, "scale", "<f4"), current_stream(w))
     return q, s
 
 
@@ -119,6 +86,6 @@ def dequantize_int8(q, scale):
     sd = _check(scale, "scale", "<f4")
     if tuple(sd["shape"]) != (n,):
         raise ValueError(f"scale must have shape ({n},), got {tuple(sd['shape'])}")
-    out = _empty_like_kind(q, (n, k), "float32")
-    m.qlinear_dequantize_int8(int(d["data"][0]), int(sd["data"][0]), n, k, _ptr(out, "out", "<f4"), _stream(q))
+    out = empty_like(q, (n, k), "float32")
+    m.qlinear_dequantize_int8(int(d["data"][0]), int(sd["data"][0]), n, k, _ptr(out, "out", "<f4"), current_stream(q))
     return out
