@@ -8,6 +8,7 @@
 #include <mutex>
 #include <thread>
 
+#include "aimass/dtype.h"
 #include "aimass/error.h"
 #include "aimass/nccl.h"
 
@@ -72,16 +73,20 @@ void check_cuda(cudaError_t rc, const char* what) {
   }
 }
 
-ncclDataType_t to_nccl(const std::string& dt) {
-  if (dt == "float32") return ncclFloat32;
-  if (dt == "float16") return ncclFloat16;
-  if (dt == "bfloat16") return ncclBfloat16;
-  if (dt == "float64") return ncclFloat64;
-  if (dt == "int32") return ncclInt32;
-  if (dt == "int64") return ncclInt64;
-  if (dt == "int8") return ncclInt8;
-  if (dt == "uint8") return ncclUint8;
-  throw TypeError("NCCL collectives take float16, bfloat16, float32, float64, int8, uint8, int32 or int64, got " + dt);
+ncclDataType_t to_nccl(const std::string& name) {
+  switch (parse_dtype(name)) {
+    case DType::F32: return ncclFloat32;
+    case DType::F16: return ncclFloat16;
+    case DType::BF16: return ncclBfloat16;
+    case DType::F64: return ncclFloat64;
+    case DType::I32: return ncclInt32;
+    case DType::I64: return ncclInt64;
+    case DType::I8: return ncclInt8;
+    case DType::U8: return ncclUint8;
+    default: break;
+  }
+  throw TypeError("NCCL collectives take float16, bfloat16, float32, float64, int8, uint8, int32 or int64, got " +
+                  name);
 }
 
 ncclRedOp_t to_nccl_op(const std::string& op) {
@@ -90,13 +95,6 @@ ncclRedOp_t to_nccl_op(const std::string& op) {
   if (op == "min") return ncclMin;
   if (op == "max") return ncclMax;
   throw ValueError("op must be one of sum, average, min, max, got " + op);
-}
-
-size_t elem_size(const std::string& dt) {
-  if (dt == "float64" || dt == "int64") return 8;
-  if (dt == "float32" || dt == "int32") return 4;
-  if (dt == "int8" || dt == "uint8") return 1;
-  return 2;
 }
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -236,7 +234,7 @@ void Comm::allgather(const void* send, void* recv, const std::vector<size_t>& co
     return;
   }
   // Uneven first dimensions: every rank broadcasts its block into its place in recv.
-  size_t elem = elem_size(dtype);
+  const size_t elem = dtype_size(parse_dtype(dtype));
   Group g;
   size_t off = 0;
   for (int r = 0; r < nranks_; ++r) {
@@ -262,7 +260,7 @@ void Comm::reduce_scatter(const void* send, void* recv, const std::vector<size_t
     check(api().ReduceScatter(send, recv, counts[0], t, o, c, as_stream(stream)), "ncclReduceScatter", c);
     return;
   }
-  size_t elem = elem_size(dtype);
+  const size_t elem = dtype_size(parse_dtype(dtype));
   Group g;
   size_t off = 0;
   for (int r = 0; r < nranks_; ++r) {
