@@ -79,6 +79,15 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
     return arrays
 
 
+def _timeout_us(deadline_ms: Optional[float]) -> int:
+    """A request's deadline for the batcher: microseconds from now, -1 for none."""
+    if deadline_ms is None:
+        return -1
+    if deadline_ms < 0:
+        raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
+    return int(deadline_ms * 1000)
+
+
 class Session:
     """An in-process inference session: one C++ batcher (scheduler thread) over one executor.
 
@@ -123,13 +132,8 @@ class Session:
     def _submit_ticket(self, inputs, deadline_ms, priority, notify, run_inline=False):
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"priority must be an int, got {priority!r}")
-        timeout_us = -1
-        if deadline_ms is not None:
-            if deadline_ms < 0:
-                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
-            timeout_us = int(deadline_ms * 1000)
         arrays = _convert_inputs(self._specs_in, inputs, "Session")
-        return self._batcher.submit(arrays, priority, timeout_us, notify, run_inline), inputs
+        return self._batcher.submit(arrays, priority, _timeout_us(deadline_ms), notify, run_inline), inputs
 
     def _result(self, outputs, inputs) -> Dict[str, Any]:
         template = next(iter(inputs.values()))
@@ -142,11 +146,7 @@ class Session:
         # the GIL and waits on the request's own condition variable; C++ checks shapes.
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, got {priority!r}")
-        timeout_us = -1
-        if deadline_ms is not None:
-            if deadline_ms < 0:
-                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
-            timeout_us = int(deadline_ms * 1000)
+        timeout_us = _timeout_us(deadline_ms)
         out = self._batcher.run_plain(inputs, priority, timeout_us)
         if out is None:  # torch tensors, other dtypes, no batch dim, bad inputs: convert (or explain) here
             arrays = _convert_inputs(self._specs_in, inputs, "Session")
