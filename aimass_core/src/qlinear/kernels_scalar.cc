@@ -45,10 +45,14 @@ void weight_only_int4(const WeightView& w, const float* x, int64_t ldx, int64_t 
   }
 }
 
-void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
+namespace {
+// Symmetric per-row quantization to [-qmax, qmax] with round half to even; a row holding
+// NaN/Inf gets scale NaN and zeros (the int8 and int16 activation formats differ only in qmax).
+template <typename T>
+void quant_rows_sym(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, T* qx, float* sx, float qmax) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
-    int8_t* q = qx + m * Kp;
+    T* q = qx + m * Kp;
     float amax = 0.f, poison = 0.f;
     for (int64_t k = 0; k < K; ++k) {
       amax = std::fmax(amax, std::fabs(xr[k]));
@@ -58,16 +62,18 @@ void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, i
       sx[m] = NAN;
       amax = 0.f;
     } else {
-      sx[m] = amax / 127.f;
+      sx[m] = amax / qmax;
     }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      float r = std::nearbyint(xr[k] * inv);
-      r = std::fmin(127.f, std::fmax(-127.f, r));
-      q[k] = static_cast<int8_t>(r);
-    }
+    const float inv = amax > 0.f ? qmax / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      q[k] = static_cast<T>(std::fmin(qmax, std::fmax(-qmax, std::nearbyint(xr[k] * inv))));
     for (int64_t k = K; k < Kp; ++k) q[k] = 0;
   }
+}
+}  // namespace
+
+void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
+  quant_rows_sym(x, ldx, M, K, Kp, qx, sx, 127.f);
 }
 
 void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
@@ -89,27 +95,7 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 }
 
 void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    int16_t* q = static_cast<int16_t*>(qa) + m * Kp;
-    float amax = 0.f, poison = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      amax = std::fmax(amax, std::fabs(xr[k]));
-      poison += xr[k] * 0.f;
-    }
-    if (poison != 0.f || std::isnan(poison)) {
-      sx[m] = NAN;
-      amax = 0.f;
-    } else {
-      sx[m] = amax / 32767.f;
-    }
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float r = std::fmin(32767.f, std::fmax(-32767.f, std::nearbyint(xr[k] * inv)));
-      q[k] = static_cast<int16_t>(r);
-    }
-    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
-  }
+  quant_rows_sym(x, ldx, M, K, Kp, static_cast<int16_t*>(qa), sx, 32767.f);
 }
 
 void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
