@@ -30,9 +30,9 @@ import numpy as np
 
 from . import cuda as _cuda
 from ._array import is_torch
-from ._cuda_array import describe, empty_like, is_cuda_array
+from ._cuda_array import describe, empty_like
 
-__all__ = ["is_cuda_array", "library_path"]
+__all__ = ["library_path"]
 
 _lock = threading.Lock()
 _state: dict = {"comm": None, "mpi": None, "failed": None}

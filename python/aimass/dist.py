@@ -41,6 +41,7 @@ import numpy as np
 
 from . import _C
 from ._array import as_numpy, is_torch
+from ._cuda_array import is_cuda_array
 
 _lock = threading.Lock()
 _comm: Optional[Any] = None  # aimass._C.Communicator
@@ -298,7 +299,7 @@ def allreduce_async_(t: Any, op: str = "average", name: Optional[str] = None, co
 
 def _on_device(t: Any) -> bool:
     """CUDA tensors (torch, cupy) take the NCCL path (aimass._dist_nccl)."""
-    return (is_torch(t) and t.is_cuda) or hasattr(t, "__cuda_array_interface__")
+    return is_cuda_array(t)
 
 
 def _device_timeout(timeout: Optional[float]) -> float:
