@@ -33,7 +33,7 @@ def best_of(fn, reps=15, warmup=3):
     return statistics.median(ts)
 
 
-def race(fns, rounds=6, block=10, warmup=2):
+def race(fns, rounds=10, block=10, warmup=2):
     """Best (min) time of each callable over `rounds` interleaved blocks: each block warms
     its contender's caches (`warmup` untimed calls; a 4096x4096 fp32 baseline streams 64 MiB
     and would otherwise flush the others' weights from L3) and then times `block` calls.

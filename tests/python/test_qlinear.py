@@ -316,8 +316,9 @@ def test_quantized_tensor_caches_its_packed_weight():
 
 @pytest.mark.parametrize("lvl", LEVELS)
 def test_odd_shapes_every_tile_and_tail(lvl, level):
-    """Tails in M, N and K for the tiled kernels (VNNI panels: 6-row x 64-column tiles over
-    16-column panels; int16 weight-only: 1x8 / 2x4 / 4x2 tiles), at 1 and 2 threads."""
+    """Tails in M, N and K for the tiled kernels (VNNI blocks: 6-row x 64-column dynamic
+    tiles and 1-3-row x 64-column int16 weight-only tiles; AVX2 int16 weight-only: 1x8 / 2x4 /
+    4x2 tiles), at 1 and 2 threads."""
     aimass.set_simd_level(lvl)
     n0 = aimass.num_threads()
     try:
@@ -379,7 +380,29 @@ def test_dynamic_panels_built_when_first_call_ran_at_a_capped_level(level):
     dref = dynamic_reference(x, q, scale, 0)
     for y in (a, b):
         np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
-    assert p.nbytes >= before + 48 * 256  # the VNNI panel copy (N rounded to 16 x Kp) is counted
+    # int8 per-channel weights get their VNNI blocks (N rounded to 64, x Kp) at packing
+    assert before >= 40 * 256 + 64 * 256
+    assert p.nbytes == before + 40 * 8  # the dynamic path adds only its column sums and corrections
+
+
+@pytest.mark.skipif(BEST != "avx512", reason="needs AVX-512 VNNI")
+def test_vnni_blocks_split_over_threads_match_the_reference(level):
+    """Column chunks of the VNNI block kernels fall on 64-column boundaries: a layer wide
+    enough to be split at batch 1 gives the same bits at 1 and 2 threads."""
+    n0 = aimass.num_threads()
+    try:
+        rng, w, qt, q, scale, deq = make((8, 1100, 100, 0), seed=12)
+        for m in (1, 3, 8):
+            x = rng.standard_normal((m, 100)).astype(np.float32)
+            out = {}
+            for threads in (1, 2):
+                aimass.set_num_threads(threads)
+                out[threads] = (compress.linear(x, qt, kernel="weight_only"), compress.linear(x, qt, kernel="dynamic_int8"))
+            np.testing.assert_array_equal(out[2][0], int16_reference(x, q, scale))
+            np.testing.assert_array_equal(out[1][0], out[2][0])
+            np.testing.assert_array_equal(out[1][1], out[2][1])
+    finally:
+        aimass.set_num_threads(n0)
 
 
 def test_int16_path_limits_to_k_65536():

@@ -340,15 +340,15 @@ inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][NP], co
 template <int MR, int NP>
 inline void panel_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
                        int64_t n1) {
-  const int64_t Kp = w.Kp, pstride = 16 * Kp;
-  const int8_t* wp = w.wvnni + (n / 16) * pstride;
+  const int64_t Kp = w.Kp;
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;  // n is a multiple of 64 (see kernels.h)
   __m512i acc[MR][NP];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
 #pragma GCC unroll 2
   for (int64_t k = 0; k < Kp; k += 4) {
     __m512i b[NP];
-    for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(wp + j * pstride + k * 16);
+    for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(wp + k * 64 + j * 64);
     for (int i = 0; i < MR; ++i) {
       int32_t a4;
       __builtin_memcpy(&a4, qx + i * Kp + k, 4);
@@ -363,12 +363,12 @@ inline void panel_tile(const WeightView& w, const int8_t* qx, const float* sx, f
 // reloads/stores every one each k step (measured 30 vs 24 ms at M = 256, N = K = 4096).
 inline void panel_tile_6x4(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
                            int64_t n1) {
-  const int64_t Kp = w.Kp, pstride = 16 * Kp;
-  const int8_t* wp = w.wvnni + (n / 16) * pstride;
+  const int64_t Kp = w.Kp;
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
   __m512i c00 = _mm512_setzero_si512(), c01 = _mm512_setzero_si512(), c02 = _mm512_setzero_si512(), c03 = _mm512_setzero_si512(), c10 = _mm512_setzero_si512(), c11 = _mm512_setzero_si512(), c12 = _mm512_setzero_si512(), c13 = _mm512_setzero_si512(), c20 = _mm512_setzero_si512(), c21 = _mm512_setzero_si512(), c22 = _mm512_setzero_si512(), c23 = _mm512_setzero_si512(), c30 = _mm512_setzero_si512(), c31 = _mm512_setzero_si512(), c32 = _mm512_setzero_si512(), c33 = _mm512_setzero_si512(), c40 = _mm512_setzero_si512(), c41 = _mm512_setzero_si512(), c42 = _mm512_setzero_si512(), c43 = _mm512_setzero_si512(), c50 = _mm512_setzero_si512(), c51 = _mm512_setzero_si512(), c52 = _mm512_setzero_si512(), c53 = _mm512_setzero_si512();
   for (int64_t k = 0; k < Kp; k += 4) {
-    const __m512i b0 = _mm512_loadu_si512(wp + k * 16), b1 = _mm512_loadu_si512(wp + pstride + k * 16);
-    const __m512i b2 = _mm512_loadu_si512(wp + 2 * pstride + k * 16), b3 = _mm512_loadu_si512(wp + 3 * pstride + k * 16);
+    const __m512i b0 = _mm512_loadu_si512(wp + k * 64), b1 = _mm512_loadu_si512(wp + k * 64 + 64);
+    const __m512i b2 = _mm512_loadu_si512(wp + k * 64 + 128), b3 = _mm512_loadu_si512(wp + k * 64 + 192);
     int32_t a0v; __builtin_memcpy(&a0v, qx + 0 * Kp + k, 4);
     const __m512i a0 = _mm512_set1_epi32(a0v);
     dpbusd(c00, a0, b0);
@@ -433,14 +433,9 @@ inline void panel_rows(const WeightView& w, const int8_t* qx, const float* sx, i
 
 void dynamic_panels(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
                     int64_t n0, int64_t n1) {
-  // 64 columns (4 panels, 256 KiB of weights at K = 4096) stay in L2 while every row sweeps them.
-  for (int64_t n = n0; n < n1; n += 64) {
-    const int64_t np = (n1 - n + 15) / 16;
-    if (np >= 4) panel_rows<4>(w, qx, sx, M, y, ldy, n, n1);
-    else if (np == 3) panel_rows<3>(w, qx, sx, M, y, ldy, n, n1);
-    else if (np == 2) panel_rows<2>(w, qx, sx, M, y, ldy, n, n1);
-    else panel_rows<1>(w, qx, sx, M, y, ldy, n, n1);
-  }
+  // 64 columns (one block, 256 KiB of weights at K = 4096) stay in L2 while every row
+  // sweeps them; the block is zero padded past N, so the last one is a full tile too.
+  for (int64_t n = n0; n < n1; n += 64) panel_rows<4>(w, qx, sx, M, y, ldy, n, n1);
 }
 
 // ---------------------------------------------------------------- weight-only int8, int16 activations (VNNI)
@@ -626,6 +621,133 @@ void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, 
     }
     for (; n < n1; ++n) wo16_tile_mx1(w, q + m * rs, sx + m, mr, y + m * ldy, ldy, n);
     m += mr;
+  }
+}
+
+// The same int16-activation kernel over the VNNI blocks (w.wvnni): MR rows x 64 columns,
+// the activations' 4-byte groups broadcast, 2 * 4 * MR int32 accumulators in registers
+// and no horizontal sums. The block is one sequential stream, so batch 1 runs at the
+// read roof of the weights (see kernels.h). Results equal wo16_out bit for bit.
+template <int MR>
+inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4], const __m512i (&hi)[MR][4],
+                                const float* sx, float* y, int64_t ldy, int64_t n, int64_t n1) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = n + 16 * j, left = n1 - c;
+    if (left <= 0) break;
+    const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i ws = _mm512_maskz_loadu_epi32(mk, w.wsum + c);
+    const __m512 sc = _mm512_maskz_loadu_ps(mk, w.scale + c);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[i]), sc);  // float(sx * scale[n]), as wo16_out
+      __m256 half[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i h64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(hi[i][j], 1) : _mm512_castsi512_si256(hi[i][j]));
+        const __m512i l64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(lo[i][j], 1) : _mm512_castsi512_si256(lo[i][j]));
+        const __m512i w64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(ws, 1) : _mm512_castsi512_si256(ws));
+        // dot = 256 * (hi - 128 * wsum) + lo, exact in int64
+        const __m512i dot = _mm512_add_epi64(_mm512_slli_epi64(_mm512_sub_epi64(h64, _mm512_slli_epi64(w64, 7)), 8), l64);
+        const __m512d fd = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(f, 1) : _mm512_castps512_ps256(f));
+        half[h] = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi64_pd(dot), fd));
+      }
+      const __m512 out = _mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1);
+      _mm512_mask_storeu_ps(y + i * ldy + c, mk, out);
+    }
+  }
+}
+
+// Named accumulators (generated for 1-3 rows): with arrays GCC keeps them on the stack
+// and reloads/stores each one every k step (measured 0.45 against 0.25 ms at batch 1).
+inline void wo16_panel_tile_1(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
+                              int64_t n1) {
+  const int64_t Kp = w.Kp;
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
+  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 4) {
+    const int8_t* b = wp + k * 64;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    int32_t av0, bv0;
+    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
+    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
+    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
+    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
+    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
+  }
+  const __m512i lo[1][4] = {{l00, l01, l02, l03}};
+  const __m512i hi[1][4] = {{h00, h01, h02, h03}};
+  wo16_panel_epilogue<1>(w, lo, hi, sx, y, ldy, n, n1);
+}
+
+inline void wo16_panel_tile_2(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
+                              int64_t n1) {
+  const int64_t Kp = w.Kp;
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
+  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512(), l10 = _mm512_setzero_si512(), l11 = _mm512_setzero_si512(), l12 = _mm512_setzero_si512(), l13 = _mm512_setzero_si512(), h10 = _mm512_setzero_si512(), h11 = _mm512_setzero_si512(), h12 = _mm512_setzero_si512(), h13 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 4) {
+    const int8_t* b = wp + k * 64;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    int32_t av0, bv0;
+    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
+    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
+    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
+    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
+    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
+    int32_t av1, bv1;
+    __builtin_memcpy(&av1, qa + 2 * Kp + k, 4);
+    __builtin_memcpy(&bv1, qa + 3 * Kp + k, 4);
+    const __m512i a1 = _mm512_set1_epi32(av1), c1 = _mm512_set1_epi32(bv1);
+    dpbusd(l10, a1, b0); dpbusd(h10, c1, b0); dpbusd(l11, a1, b1); dpbusd(h11, c1, b1);
+    dpbusd(l12, a1, b2); dpbusd(h12, c1, b2); dpbusd(l13, a1, b3); dpbusd(h13, c1, b3);
+  }
+  const __m512i lo[2][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}};
+  const __m512i hi[2][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}};
+  wo16_panel_epilogue<2>(w, lo, hi, sx, y, ldy, n, n1);
+}
+
+inline void wo16_panel_tile_3(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
+                              int64_t n1) {
+  const int64_t Kp = w.Kp;
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
+  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512(), l10 = _mm512_setzero_si512(), l11 = _mm512_setzero_si512(), l12 = _mm512_setzero_si512(), l13 = _mm512_setzero_si512(), h10 = _mm512_setzero_si512(), h11 = _mm512_setzero_si512(), h12 = _mm512_setzero_si512(), h13 = _mm512_setzero_si512(), l20 = _mm512_setzero_si512(), l21 = _mm512_setzero_si512(), l22 = _mm512_setzero_si512(), l23 = _mm512_setzero_si512(), h20 = _mm512_setzero_si512(), h21 = _mm512_setzero_si512(), h22 = _mm512_setzero_si512(), h23 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 4) {
+    const int8_t* b = wp + k * 64;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    int32_t av0, bv0;
+    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
+    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
+    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
+    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
+    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
+    int32_t av1, bv1;
+    __builtin_memcpy(&av1, qa + 2 * Kp + k, 4);
+    __builtin_memcpy(&bv1, qa + 3 * Kp + k, 4);
+    const __m512i a1 = _mm512_set1_epi32(av1), c1 = _mm512_set1_epi32(bv1);
+    dpbusd(l10, a1, b0); dpbusd(h10, c1, b0); dpbusd(l11, a1, b1); dpbusd(h11, c1, b1);
+    dpbusd(l12, a1, b2); dpbusd(h12, c1, b2); dpbusd(l13, a1, b3); dpbusd(h13, c1, b3);
+    int32_t av2, bv2;
+    __builtin_memcpy(&av2, qa + 4 * Kp + k, 4);
+    __builtin_memcpy(&bv2, qa + 5 * Kp + k, 4);
+    const __m512i a2 = _mm512_set1_epi32(av2), c2 = _mm512_set1_epi32(bv2);
+    dpbusd(l20, a2, b0); dpbusd(h20, c2, b0); dpbusd(l21, a2, b1); dpbusd(h21, c2, b1);
+    dpbusd(l22, a2, b2); dpbusd(h22, c2, b2); dpbusd(l23, a2, b3); dpbusd(h23, c2, b3);
+  }
+  const __m512i lo[3][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}, {l20, l21, l22, l23}};
+  const __m512i hi[3][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}, {h20, h21, h22, h23}};
+  wo16_panel_epilogue<3>(w, lo, hi, sx, y, ldy, n, n1);
+}
+
+void weight_only_int8_a16_panels(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y,
+                                 int64_t ldy, int64_t n0, int64_t n1) {
+  const uint8_t* q = static_cast<const uint8_t*>(qa);
+  const int64_t rs = 2 * w.Kp;
+  // Each 64-column block (256 KiB at K = 4096) stays in L2 while the row tiles sweep it.
+  for (int64_t n = n0; n < n1; n += 64) {
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3) wo16_panel_tile_3(w, q + m * rs, sx + m, y + m * ldy, ldy, n, n1);
+    if (M - m == 2) wo16_panel_tile_2(w, q + m * rs, sx + m, y + m * ldy, ldy, n, n1);
+    else if (M - m == 1) wo16_panel_tile_1(w, q + m * rs, sx + m, y + m * ldy, ldy, n, n1);
   }
 }
 
@@ -826,7 +948,7 @@ void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, 
 
 const KernelTable& avx512_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4,
-                             dynamic_panels, quant_rows16, weight_only_int8_a16, quant_rows16_int4,
+                             dynamic_panels, quant_rows16, weight_only_int8_a16, weight_only_int8_a16_panels, quant_rows16_int4,
                              weight_only_int4_a16};
   return t;
 }

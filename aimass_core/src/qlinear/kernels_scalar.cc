@@ -144,7 +144,7 @@ void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, 
 
 const KernelTable& scalar_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 1, 1, nullptr, nullptr,
-                             quant_rows16, weight_only_int8_a16, quant_rows16_int4, weight_only_int4_a16};
+                             quant_rows16, weight_only_int8_a16, nullptr, quant_rows16_int4, weight_only_int4_a16};
   return t;
 }
 

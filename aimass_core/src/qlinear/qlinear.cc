@@ -13,6 +13,7 @@
 #include "aimass/blas.h"
 #include "aimass/cpu_features.h"
 #include "aimass/error.h"
+#include "aimass/memory.h"
 #include "aimass/parallel.h"
 #include "qlinear/kernels.h"
 
@@ -58,7 +59,7 @@ struct PackedLinearImpl {
   mutable std::vector<int8_t> wq4;
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
-  mutable std::vector<int8_t> wvnni;
+  mutable AlignedBuffer wvnni;  // 64-byte (or huge-page) aligned VNNI blocks
   mutable WeightView dyn_view{};
 
   WeightView dynamic_view() const {
@@ -91,22 +92,31 @@ struct PackedLinearImpl {
       dyn_view.wq = wq;
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
-      // VNNI panels for the outer-product kernel (see kernels.h), built whenever the CPU
-      // has the level (a level capped now may be raised later: set_simd_level).
-      const CpuFeatures& f = cpu_features();
-      const bool cpu_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
-      if (view.per_channel && cpu_avx512 && detail::avx512_kernels().dynamic_panels) {
-        const int64_t np = (N + 15) / 16;
-        wvnni.assign(static_cast<size_t>(np * 16 * Kp), 0);
-        for (int64_t n = 0; n < N; ++n) {
-          int8_t* panel = wvnni.data() + (n / 16) * 16 * Kp + (n % 16) * 4;
-          const int8_t* src = wq + n * Kp;
-          for (int64_t k = 0; k < Kp; k += 4) std::memcpy(panel + k * 16, src + k, 4);
-        }
-        dyn_view.wvnni = wvnni.data();
-      }
+      // int4 per-channel: VNNI blocks of the unpacked weights (int8 has them from packing).
+      if (view.bits == 4 && view.per_channel && cpu_has_vnni_blocks()) dyn_view.wvnni = build_vnni_blocks(wq);
     });
     return dyn_view;
+  }
+
+  // The CPU can run the VNNI block kernels (built whenever it can, even if the level is
+  // capped now: it may be raised later with set_simd_level).
+  static bool cpu_has_vnni_blocks() {
+    const CpuFeatures& f = cpu_features();
+    return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && detail::avx512_kernels().dynamic_panels;
+  }
+
+  // wvnni from int8 rows wq [N, Kp] in the block layout of kernels.h.
+  const int8_t* build_vnni_blocks(const int8_t* wq) const {
+    const int64_t N = view.N, Kp = view.Kp, nb = (N + 63) / 64;
+    // Aligned: every kernel load is one whole cache line (malloc gives 16 bytes).
+    wvnni = AlignedBuffer(static_cast<size_t>(nb * 64 * Kp));
+    int8_t* base = static_cast<int8_t*>(wvnni.data());
+    for (int64_t n = 0; n < N; ++n) {
+      int8_t* col = base + (n / 64) * 64 * Kp + (n % 64) * 4;  // panel n%64/16, lane n%16
+      const int8_t* src = wq + n * Kp;
+      for (int64_t k = 0; k < Kp; k += 4) std::memcpy(col + k * 64, src + k, 4);
+    }
+    return base;
   }
 };
 
@@ -245,6 +255,8 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.w4 = impl->w4.empty() ? nullptr : impl->w4.data();
   v.scale = impl->scale.data();
   v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
+  // int8 per-channel: the VNNI blocks now, so the first batch-1 call does not pay for them.
+  if (bits == 8 && v.per_channel && PackedLinearImpl::cpu_has_vnni_blocks()) v.wvnni = impl->build_vnni_blocks(v.w8);
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -276,10 +288,12 @@ namespace {
 // worker's wake-up from the pool's condition variable (tens of microseconds on a VM) or
 // a preemption is a large part of that: 2 threads gave only 1.3x. Chunks claimed
 // dynamically let the caller start at once and the worker take what is left.
+// `align`: chunk bounds fall on multiples of it (the kernels' tile width).
 template <class Fn>
-void parallel_rows(int64_t N, int64_t Kp, int64_t M, const Fn& fn) {
+void parallel_rows(int64_t N, int64_t Kp, int64_t M, const Fn& fn, int64_t align = 8) {
   const int threads = num_threads();
-  const int64_t min_rows = std::max<int64_t>(8, (int64_t{1} << 16) / (Kp * std::max<int64_t>(M, 1)) / 8 * 8);
+  const int64_t min_rows =
+      std::max<int64_t>(align, (int64_t{1} << 16) / (Kp * std::max<int64_t>(M, 1)) / align * align);
   const int64_t max_chunks = std::max<int64_t>(1, N / min_rows);
   const int nchunks = static_cast<int>(threads <= 1 ? 1 : std::min<int64_t>(max_chunks, 8 * threads));
   if (nchunks <= 1) {
@@ -287,8 +301,8 @@ void parallel_rows(int64_t N, int64_t Kp, int64_t M, const Fn& fn) {
     return;
   }
   parallel_chunks(nchunks, [&](int c, int nc) {
-    // chunk bounds on multiples of 8 rows keep the 8-row tiles whole
-    const int64_t b = N * c / nc / 8 * 8, e = c + 1 == nc ? N : N * (c + 1) / nc / 8 * 8;
+    // chunk bounds on multiples of the tile keep the tiles whole
+    const int64_t b = N * c / nc / align * align, e = c + 1 == nc ? N : N * (c + 1) / nc / align * align;
     if (e > b) fn(b, e);
   });
 }
@@ -306,6 +320,12 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
     parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
       t.quant_rows16(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * 2 * v.Kp, sx.data() + b);
     });
+  }
+  if (t.weight_only_int8_a16_panels && v.wvnni) {
+    parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
+      t.weight_only_int8_a16_panels(v, qa.data(), sx.data(), M, y, v.N, b, e);
+    }, 64);
+    return;
   }
   parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
@@ -406,10 +426,10 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
     t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
   });
   if (t.dynamic_panels && v.wvnni) {
-    // Split N in 16-column panels: each thread reuses its weight panels over all rows.
-    const int64_t np = (v.N + 15) / 16;
-    parallel_for(0, np, 4, [&](int64_t b, int64_t e) {
-      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, b * 16, std::min(e * 16, v.N));
+    // Split N in 64-column blocks: each thread reuses its weight blocks over all rows.
+    const int64_t nb = (v.N + 63) / 64;
+    parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, b * 64, std::min(e * 64, v.N));
     });
     return;
   }

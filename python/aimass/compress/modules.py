@@ -40,6 +40,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.bias = None
         self._packed: Optional[PackedLinear] = None
+        self._fast = None
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, bits: int = 8, group_size: Optional[int] = None,
@@ -56,28 +57,46 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None  # new weights: prepack again on next forward
+        self._fast = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def packed(self) -> PackedLinear:
         if self._packed is None:
             self._packed = pack_linear(self.qweight.numpy(), self.qscale.numpy(), bits=self.bits,
                                        shape=(self.out_features, self.in_features), group_size=self.group_size)
+            self._fast = None
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise TypeError(f"QuantizedLinear runs on the CPU; x is on {x.device}")
-        p = self.packed()
+    def _fast_args(self):
+        # What every fast-path call passes to the binding, looked up once: a batch-1 call
+        # takes ~0.1-0.3 ms, and each nn.Module attribute lookup or .numpy() costs ~1 us.
+        # Keyed on the bias tensor and the options, so reassigning them is picked up.
         bias = self.bias
-        if (x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and (bias is None or bias.dtype == torch.float32)):
-            # Fast path (batch-1 calls take ~0.3 ms, so tens of microseconds of wrapper
-            # matter): zero-copy numpy views straight into the binding, which checks the rest.
-            xn = x.detach().contiguous().numpy()
-            b = bias.numpy() if bias is not None else None
-            y = _C.qlinear_linear(p._handle, xn.reshape(-1, self.in_features), b, self.kernel,
-                                  self.activation_precision)
+        key = (bias, self.kernel, self.activation_precision)
+        fast = self.__dict__.get("_fast")
+        if fast is None or fast[0] is not key[0] or fast[1:3] != key[1:]:
+            if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                                     or not bias.is_contiguous()):
+                return None
+            fast = key + (self.packed()._handle, bias.numpy() if bias is not None else None)
+            self._fast = fast
+        return fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:
+            raise TypeError(f"QuantizedLinear runs on the CPU; x is on {x.device}")
+        fast = self._fast_args()
+        if fast is not None and x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] == self.in_features:
+            # Fast path: zero-copy numpy views straight into the binding, which checks the rest.
+            if x.requires_grad:
+                x = x.detach()
+            if not x.is_contiguous():
+                x = x.contiguous()
+            if x.dim() == 2:
+                return torch.from_numpy(_C.qlinear_linear(fast[3], x.numpy(), fast[4], fast[1], fast[2]))
+            y = _C.qlinear_linear(fast[3], x.numpy().reshape(-1, self.in_features), fast[4], fast[1], fast[2])
             return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
+        p = self.packed()
         with torch.no_grad():
             y = linear(x.detach().contiguous(), p, self.bias, kernel=self.kernel,
                        activation_precision=self.activation_precision)
