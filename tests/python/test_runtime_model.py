@@ -144,6 +144,49 @@ def test_catdog_cnn_roundtrip(tmp_path):
     close_to_torch(outs[0], ref)
 
 
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_conv_strides_dilation_groups_all_levels(tmp_path, level):
+    """Conv im2col edge cases (padding runs, stride > 1, dilation, groups, 1x1, odd sizes,
+    pixel counts that are not a multiple of the 32-pixel panels) at each SIMD level, for
+    one sample (split inside the sample) and several (whole samples per thread)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2), nn.Tanh(),
+                        nn.Conv2d(8, 6, 1), nn.Conv2d(6, 5, (3, 2), stride=(1, 3), padding=(0, 1)),
+                        nn.MaxPool2d(2), nn.Flatten()).eval()
+    path = tmp_path / "m.aimass"
+    rt.export(net, (torch.randn(2, 3, 27, 21),), path)
+    prev, n0 = aimass.cpu_features()["simd"], aimass.num_threads()
+    try:
+        aimass.set_simd_level(level)
+        for threads in (1, 2):
+            aimass.set_num_threads(threads)
+            ex = rt._rt.Executor(rt.load(path)._m, 8)
+            for n in (1, 5):
+                x = torch.randn(n, 3, 27, 21)
+                with torch.no_grad():
+                    close_to_torch(ex.run([x.numpy()])[0], net(x))
+    finally:
+        aimass.set_simd_level(prev)
+        aimass.set_num_threads(n0)
+
+
+def test_max_pool_nan_and_inf_windows(tmp_path):
+    """2x2 max pooling keeps NaN wherever a window has one (as torch does) and +-inf
+    mixes give the max, not NaN."""
+    net = nn.Sequential(nn.MaxPool2d(2)).eval()
+    path = tmp_path / "m.aimass"
+    rt.export(net, (torch.randn(2, 2, 4, 6),), path)
+    x = torch.randn(3, 2, 4, 6)
+    x[0, 0, 0, 0] = float("nan")
+    x[0, 0, 1, 3] = float("nan")
+    x[1, 1, 2, 2], x[1, 1, 3, 3] = float("inf"), float("-inf")
+    x[2, 0, 2, 4] = float("-inf")
+    x[2, 0, 0, 0], x[2, 0, 0, 1] = float("nan"), float("inf")
+    ex = rt._rt.Executor(rt.load(path)._m, 4)
+    np.testing.assert_array_equal(ex.run([x.numpy()])[0], net(x).numpy())
+
+
 def test_residual_block_roundtrip(tmp_path):
     torch.manual_seed(0)
     net = ResidualBlock()

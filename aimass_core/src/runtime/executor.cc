@@ -229,7 +229,7 @@ void build(PlanImpl& p, const Model& m) {
       s.w = f32_param(m, n, "weight", ws, true);
       s.b = f32_param(m, n, "bias", {c.O}, false);
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
-      p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(c.C / c.G * c.KH * c.KW * c.OH * c.OW)));
+      p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
       out_row = {c.O, c.OH, c.OW};
     } else if (n.op == "max_pool2d" || n.op == "avg_pool2d") {
       need_inputs(1);

@@ -33,8 +33,10 @@ void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const fl
 struct Conv2dShape {
   int64_t C, H, W, O, KH, KW, SH, SW, PH, PW, DH, DW, G, OH, OW;
 };
-// One sample at a time through im2col + sgemm (1x1/stride-1 convs skip im2col).
-// `col` holds (C/G)*KH*KW*OH*OW floats.
+// One sample at a time: with AVX2 or AVX-512, im2col into the packed small-GEMM layout and
+// the packed kernel on the engine's pool; at the scalar level im2col + sgemm (1x1/stride-1
+// convs skip im2col). `col` holds conv2d_col_floats(s) floats.
+int64_t conv2d_col_floats(const Conv2dShape& s);
 void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, const float* bias, Act act, float* col,
             float* y);
 
