@@ -250,7 +250,8 @@ def test_latency_batch1(benchmark, model, impl):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (the machine is shared)")
-    ap.add_argument("--sweep-model", default="mlp784", choices=list(MODELS))
+    ap.add_argument("--sweep-model", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="models for the concurrency sweep (default: both MLPs)")
     ap.add_argument("--sweep-only", action="store_true", help="only the concurrency sweep")
     ap.add_argument("--rounds", type=int, default=3, help="alternating batched/unbatched rounds per level")
     ap.add_argument("--gc-freeze", action="store_true",
@@ -270,12 +271,15 @@ def main():
         latency_table(sec)
         packed_table(sec)
         cnn_table(sec)
-    exported(args.sweep_model)
+    for name in args.sweep_model:
+        exported(name)
     if args.gc_freeze:
         import gc
         gc.collect()
         gc.freeze()
-    sweep_table(args.sweep_model, sec * 2, rounds=args.rounds)
+    for name in args.sweep_model:
+        # the 4096-wide MLP streams 134 MB per batch-1 run (~4 ms): longer rounds for enough requests
+        sweep_table(name, sec * 2 if name == "mlp784" else sec * 4, rounds=args.rounds)
 
 
 if __name__ == "__main__":

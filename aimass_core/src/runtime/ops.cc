@@ -99,27 +99,14 @@ void activation(const float* x, int64_t n, Act act, float* y) {
 
 PackedLinear::PackedLinear(const float* weight, const float* bias, int64_t n, int64_t k) : N(n), K(k) {
   const int64_t P = packed::num_panels(N);
-  const size_t wbytes = static_cast<size_t>(std::max<int64_t>(P * K * packed::kPanel, 16)) * sizeof(float);
-  void* mem = nullptr;
-  AIMASS_CHECK(posix_memalign(&mem, 64, wbytes) == 0, Error, "cannot allocate ", wbytes,
-               " bytes for packed Linear weights");
-  w = static_cast<float*>(mem);
+  wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(P * K * packed::kPanel, 16)) * sizeof(float));
+  w = static_cast<float*>(wbuf.data());
   packed::pack(weight, N, K, w);
   if (bias) {
-    mem = nullptr;
-    const size_t bbytes = static_cast<size_t>(P * packed::kPanel) * sizeof(float);
-    if (posix_memalign(&mem, 64, bbytes) != 0) {
-      std::free(w);
-      throw Error(detail::concat("cannot allocate ", bbytes, " bytes for a packed bias"));
-    }
-    b = static_cast<float*>(mem);
-    std::memset(b, 0, bbytes);
+    bbuf = AlignedBuffer(static_cast<size_t>(P * packed::kPanel) * sizeof(float));  // zeroed
+    b = static_cast<float*>(bbuf.data());
     std::memcpy(b, bias, static_cast<size_t>(N) * sizeof(float));
   }
-}
-PackedLinear::~PackedLinear() {
-  std::free(w);
-  std::free(b);
 }
 int64_t PackedLinear::bytes() const {
   return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "aimass/memory.h"
+
 namespace aimass::runtime::ops {
 
 enum class Act : int { None = 0, Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
@@ -14,10 +16,10 @@ Act parse_act(const std::string& name);  // ValueError on unknown
 // (runtime/packed_gemm.h); 64-byte aligned, owned.
 struct PackedLinear {
   int64_t N = 0, K = 0;
+  AlignedBuffer wbuf, bbuf;  // huge-page aligned when large (aimass/memory.h)
   float* w = nullptr;  // num_panels(N) * K * kPanel
   float* b = nullptr;  // num_panels(N) * kPanel, zero-padded; null without bias
   PackedLinear(const float* weight, const float* bias, int64_t N, int64_t K);
-  ~PackedLinear();
   PackedLinear(const PackedLinear&) = delete;
   PackedLinear& operator=(const PackedLinear&) = delete;
   int64_t bytes() const;
