@@ -380,9 +380,31 @@ def test_dynamic_panels_built_when_first_call_ran_at_a_capped_level(level):
     dref = dynamic_reference(x, q, scale, 0)
     for y in (a, b):
         np.testing.assert_allclose(y, dref, rtol=0, atol=2e-5 * np.abs(dref).max())
-    # int8 per-channel weights get their VNNI blocks (N rounded to 64, x Kp) at packing
-    assert before >= 40 * 256 + 64 * 256
-    assert p.nbytes == before + 40 * 8  # the dynamic path adds only its column sums and corrections
+    # int8 per-channel weights on a VNNI CPU are packed as VNNI blocks only (N rounded to 64,
+    # x Kp, + N fp32 scales and int32 row sums); the AVX2 call rebuilt the int8 rows once, the
+    # dynamic path added its column sums and corrections
+    assert before == 64 * 256 + 40 * 8
+    assert p.nbytes == before + 40 * 256 + 40 * 8
+
+
+@pytest.mark.skipif(BEST != "avx512", reason="needs AVX-512 VNNI")
+def test_int8_rows_rebuilt_from_vnni_blocks_for_every_kernel(level):
+    """Kernels that read int8 rows (fp32 activations, dequant_sgemm, capped levels) get rows
+    rebuilt from the VNNI blocks, bit for bit the packed weights; K not a multiple of 4."""
+    rng, w, qt, q, scale, deq = make((8, 70, 131, 0), seed=13)
+    x = rng.standard_normal((3, 131)).astype(np.float32)
+    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+    p = qlin.packed(qt)
+    assert p.nbytes == 128 * 256 + 70 * 8  # blocks, scales and row sums only so far
+    y32 = compress.linear(x, p, kernel="weight_only", activation_precision="fp32")
+    np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    ys = compress.linear(x, p, kernel="dequant_sgemm")
+    np.testing.assert_allclose(ys, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    y16 = compress.linear(x, p, kernel="weight_only")
+    np.testing.assert_array_equal(y16, int16_reference(x, q, scale))
+    aimass.set_simd_level("avx2")
+    np.testing.assert_array_equal(compress.linear(x, p, kernel="weight_only"), y16)
+    assert p.nbytes == 128 * 256 + 70 * 8 + 70 * 256  # the rows, once
 
 
 @pytest.mark.skipif(BEST != "avx512", reason="needs AVX-512 VNNI")

@@ -50,7 +50,7 @@ constexpr int64_t kDynamicMaxKp = int64_t{1} << 20;
 
 struct PackedLinearImpl {
   WeightView view{};
-  std::vector<int8_t> w8;
+  mutable std::vector<int8_t> w8;  // empty while only the VNNI blocks are kept (see rows())
   std::vector<uint8_t> w4;
   std::vector<float> scale;
   std::vector<int32_t> wsum;  // bits 8: row sums of the int8 weights (int16-activation path)
@@ -59,13 +59,14 @@ struct PackedLinearImpl {
   mutable std::vector<int8_t> wq4;
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
-  mutable AlignedBuffer wvnni;  // 64-byte (or huge-page) aligned VNNI blocks
+  mutable AlignedBuffer wvnni;
+  mutable std::once_flag rows_once;  // 64-byte (or huge-page) aligned VNNI blocks
   mutable WeightView dyn_view{};
 
   WeightView dynamic_view() const {
     std::call_once(dyn_once, [this] {
       const int64_t N = view.N, Kp = view.Kp, G = view.G, ng = view.ng;
-      const int8_t* wq = w8.data();
+      const int8_t* wq = view.w8;  // null for int8 per-channel weights kept only as VNNI blocks
       if (view.bits == 4) {
         wq4.assign(static_cast<size_t>(N * Kp), 0);
         for (int64_t n = 0; n < N; ++n) {
@@ -82,7 +83,11 @@ struct PackedLinearImpl {
         float c = 0.f;
         for (int64_t g = 0; g < ng; ++g) {
           int32_t s = 0;
-          for (int64_t k = g * G; k < (g + 1) * G; ++k) s += wq[n * Kp + k];
+          if (wq) {
+            for (int64_t k = g * G; k < (g + 1) * G; ++k) s += wq[n * Kp + k];
+          } else {
+            s = wsum[n];  // per-channel int8: the one group is the whole row
+          }
           colsum[n * ng + g] = s;
           c += 128.f * static_cast<float>(s) * scale[n * ng + g];
         }
@@ -93,7 +98,7 @@ struct PackedLinearImpl {
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
       // int4 per-channel: VNNI blocks of the unpacked weights (int8 has them from packing).
-      if (view.bits == 4 && view.per_channel && cpu_has_vnni_blocks()) dyn_view.wvnni = build_vnni_blocks(wq);
+      if (view.bits == 4 && view.per_channel && cpu_has_vnni_blocks()) dyn_view.wvnni = build_vnni_blocks(wq, Kp);
     });
     return dyn_view;
   }
@@ -105,16 +110,37 @@ struct PackedLinearImpl {
     return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && detail::avx512_kernels().dynamic_panels;
   }
 
-  // wvnni from int8 rows wq [N, Kp] in the block layout of kernels.h.
-  const int8_t* build_vnni_blocks(const int8_t* wq) const {
-    const int64_t N = view.N, Kp = view.Kp, nb = (N + 63) / 64;
+  // The view with int8 rows w8 [N, Kp] (and wq) set. int8 per-channel weights on a VNNI CPU
+  // are kept only as VNNI blocks (the kernels picked at that level read nothing else); the
+  // rows are rebuilt from the blocks, once, when a kernel that reads rows runs (the
+  // fp32-activation variant, a capped SIMD level, dequant_sgemm).
+  WeightView rows() const {
+    if (view.bits != 8 || view.w8) return view;
+    std::call_once(rows_once, [this] {
+      const int64_t N = view.N, K = view.K, Kp = view.Kp;
+      w8.assign(static_cast<size_t>(N * Kp), 0);
+      const int8_t* base = view.wvnni;
+      for (int64_t n = 0; n < N; ++n) {
+        const int8_t* col = base + (n / 64) * 64 * Kp + (n % 64) * 4;
+        int8_t* dst = w8.data() + n * Kp;
+        for (int64_t k = 0; k < K; k += 4) std::memcpy(dst + k, col + k * 64, static_cast<size_t>(std::min<int64_t>(4, K - k)));
+      }
+    });
+    WeightView v = view;
+    v.w8 = v.wq = w8.data();
+    return v;
+  }
+
+  // wvnni from int8 rows wq [N, ld] (K valid columns) in the block layout of kernels.h.
+  const int8_t* build_vnni_blocks(const int8_t* wq, int64_t ld) const {
+    const int64_t N = view.N, K = view.K, Kp = view.Kp, nb = (N + 63) / 64;
     // Aligned: every kernel load is one whole cache line (malloc gives 16 bytes).
     wvnni = AlignedBuffer(static_cast<size_t>(nb * 64 * Kp));
     int8_t* base = static_cast<int8_t*>(wvnni.data());
     for (int64_t n = 0; n < N; ++n) {
       int8_t* col = base + (n / 64) * 64 * Kp + (n % 64) * 4;  // panel n%64/16, lane n%16
-      const int8_t* src = wq + n * Kp;
-      for (int64_t k = 0; k < Kp; k += 4) std::memcpy(col + k * 64, src + k, 4);
+      const int8_t* src = wq + n * ld;
+      for (int64_t k = 0; k < K; k += 4) std::memcpy(col + k * 64, src + k, static_cast<size_t>(std::min<int64_t>(4, K - k)));
     }
     return base;
   }
@@ -220,15 +246,19 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
     AIMASS_CHECK(std::isfinite(scale[i]) && scale[i] > 0.f, ValueError, "scale[", i, "]=", scale[i],
                  " must be finite and > 0 (symmetric quantization)");
   impl->scale.assign(scale, scale + ns);
+  // int8 per-channel on a VNNI CPU: only the VNNI blocks are kept (rows built on demand).
+  const bool blocks_only = bits == 8 && v.per_channel && PackedLinearImpl::cpu_has_vnni_blocks();
   if (bits == 8) {
     const int8_t* d = static_cast<const int8_t*>(data);
-    impl->w8.assign(static_cast<size_t>(N * v.Kp), 0);
     for (int64_t n = 0; n < N; ++n) {
       const int8_t* src = d + n * K;
       for (int64_t k = 0; k < K; ++k)
         AIMASS_CHECK(src[k] != -128, ValueError, "data[", n, ", ", k,
                      "] = -128 is outside the symmetric int8 range [-127, 127]");
-      std::memcpy(impl->w8.data() + n * v.Kp, src, static_cast<size_t>(K));
+    }
+    if (!blocks_only) {
+      impl->w8.assign(static_cast<size_t>(N * v.Kp), 0);
+      for (int64_t n = 0; n < N; ++n) std::memcpy(impl->w8.data() + n * v.Kp, d + n * K, static_cast<size_t>(K));
     }
     impl->wsum.assign(static_cast<size_t>(N), 0);
     for (int64_t n = 0; n < N; ++n) {
@@ -255,8 +285,7 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.w4 = impl->w4.empty() ? nullptr : impl->w4.data();
   v.scale = impl->scale.data();
   v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
-  // int8 per-channel: the VNNI blocks now, so the first batch-1 call does not pay for them.
-  if (bits == 8 && v.per_channel && PackedLinearImpl::cpu_has_vnni_blocks()) v.wvnni = impl->build_vnni_blocks(v.w8);
+  if (blocks_only) v.wvnni = impl->build_vnni_blocks(static_cast<const int8_t*>(data), K);
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -327,8 +356,9 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
     }, 64);
     return;
   }
+  const WeightView rv = p.rows();
   parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
-    t.weight_only_int8_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
+    t.weight_only_int8_a16(rv, qa.data(), sx.data(), M, y, v.N, b, e);
   });
 }
 
@@ -352,7 +382,7 @@ void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
-  const WeightView& v = p.view;
+  const WeightView v = p.rows();
   const KernelTable* t = &table_for(simd_level());
   const int chunk = v.bits == 8 ? t->wo_chunk_int8 : t->wo_chunk_int4;
   if (!v.per_channel && v.G % chunk != 0) t = &detail::scalar_kernels();
@@ -433,12 +463,14 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
     });
     return;
   }
+  WeightView rv = v;  // the row kernels read int8 rows (rebuilt once if only blocks are kept)
+  if (!rv.wq) rv.w8 = rv.wq = p.rows().w8;
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
-  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(v, qx.data(), sx.data(), M, y, v.N, b, e); });
+  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(rv, qx.data(), sx.data(), M, y, v.N, b, e); });
 }
 
 void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
-  const WeightView& v = p.view;
+  const WeightView v = p.rows();
   const int64_t panel = std::min(v.N, std::max<int64_t>(64, kSgemmScratch / v.K));
   std::vector<float> wbuf(static_cast<size_t>(panel * v.K));
   for (int64_t n0 = 0; n0 < v.N; n0 += panel) {
