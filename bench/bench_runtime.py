@@ -130,7 +130,7 @@ class CatDogCNN(nn.Module):
 
 
 def cnn_table(seconds):
-    print("## cat/dog CNN (conv via im2col + sgemm), median us, ratio vs torch eager")
+    print("## cat/dog CNN (conv: packed im2col + packed GEMM on the pool; sgemm at the scalar level), median us, ratio vs torch eager")
     torch.manual_seed(0)
     net = CatDogCNN().eval()
     path = os.path.join(_TMP, "cnn.aimass")
