@@ -91,3 +91,24 @@ def test_activation_precision_option():
     assert ((y16.double() - y32.double()).abs() <= bound).all()
     with pytest.raises(ValueError, match="activation_precision"):
         quantize_model(nn.Linear(64, 4), bits=8, activation_precision="int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed_first", [False, True])
+def test_half_and_bfloat16_modules_keep_fp32_scales(dtype, packed_first):
+    """model.half() / .to(torch.bfloat16) on a quantized model: the scales stay fp32 (no
+    rounding of the quantization grid), the bias follows the module, and it runs in x's
+    dtype whether or not it had been packed before the cast."""
+    torch.manual_seed(5)
+    model = quantize_model(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)), bits=8)
+    x = torch.randn(4, 64)
+    ref = model(x)
+    if packed_first:
+        model(x)
+    model = model.to(dtype)
+    assert model[0].qscale.dtype == torch.float32 and model[0].bias.dtype == dtype
+    y = model(x.to(dtype))
+    assert y.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    assert model.state_dict()["0.qscale"].dtype == torch.float32

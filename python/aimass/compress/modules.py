@@ -60,6 +60,16 @@ class QuantizedLinear(nn.Module):
         self._fast = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .to(dtype) would round the fp32 scales to the new dtype (and .numpy() has no
+        # bfloat16): the scales stay fp32 (moved like the rest), the bias follows the module.
+        scale = self.qscale
+        super()._apply(fn, *args, **kwargs)
+        self.qscale = scale.to(device=self.qscale.device)
+        self._packed = None
+        self._fast = None
+        return self
+
     def packed(self) -> PackedLinear:
         if self._packed is None:
             self._packed = pack_linear(self.qweight.numpy(), self.qscale.numpy(), bits=self.bits,
