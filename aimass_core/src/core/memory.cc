@@ -16,15 +16,15 @@ constexpr size_t kHugePage = size_t{2} << 20;
 
 AlignedBuffer::AlignedBuffer(size_t bytes) : n_(bytes) {
   if (bytes == 0) return;
+  // Not rounded up to whole huge pages: the tail past the last 2 MiB boundary gets 4 KiB
+  // pages, so a 2.1 MiB weight does not cost 4 MiB.
   const bool huge = bytes >= kHugePage;
-  const size_t align = huge ? kHugePage : 64;
-  const size_t rounded = (bytes + align - 1) / align * align;
   void* p = nullptr;
-  AIMASS_CHECK(posix_memalign(&p, align, rounded) == 0, Error, "cannot allocate ", bytes, " bytes");
+  AIMASS_CHECK(posix_memalign(&p, huge ? kHugePage : 64, bytes) == 0, Error, "cannot allocate ", bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: 4 KiB pages still work
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: 4 KiB pages still work
 #endif
-  std::memset(p, 0, rounded);
+  std::memset(p, 0, bytes);
   p_ = p;
 }
 

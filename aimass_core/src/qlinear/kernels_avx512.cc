@@ -641,11 +641,13 @@ inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4],
       const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[i]), sc);  // float(sx * scale[n]), as wo16_out
       __m256 half[2];
       for (int h = 0; h < 2; ++h) {
-        const __m512i h64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(hi[i][j], 1) : _mm512_castsi512_si256(hi[i][j]));
-        const __m512i l64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(lo[i][j], 1) : _mm512_castsi512_si256(lo[i][j]));
-        const __m512i w64 = _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(ws, 1) : _mm512_castsi512_si256(ws));
+        auto half8 = [h](__m512i v) {  // 8 int32 lanes (low or high half) widened to int64
+          return _mm512_cvtepi32_epi64(h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
+        };
+        const __m512i h64 = half8(hi[i][j]), l64 = half8(lo[i][j]), w64 = half8(ws);
         // dot = 256 * (hi - 128 * wsum) + lo, exact in int64
-        const __m512i dot = _mm512_add_epi64(_mm512_slli_epi64(_mm512_sub_epi64(h64, _mm512_slli_epi64(w64, 7)), 8), l64);
+        const __m512i dot =
+            _mm512_add_epi64(_mm512_slli_epi64(_mm512_sub_epi64(h64, _mm512_slli_epi64(w64, 7)), 8), l64);
         const __m512d fd = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(f, 1) : _mm512_castps512_ps256(f));
         half[h] = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi64_pd(dot), fd));
       }
@@ -655,88 +657,65 @@ inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4],
   }
 }
 
-// Named accumulators (generated for 1-3 rows): with arrays GCC keeps them on the stack
-// and reloads/stores each one every k step (measured 0.45 against 0.25 ms at batch 1).
+// Named accumulators (macros for 1-3 rows): with arrays GCC keeps them on the stack and
+// reloads/stores each one every k step (measured 0.45 against 0.25 ms at batch 1).
+#define AIMASS_Z4(p, r) \
+  __m512i p##r##0 = _mm512_setzero_si512(), p##r##1 = _mm512_setzero_si512(), p##r##2 = _mm512_setzero_si512(), \
+          p##r##3 = _mm512_setzero_si512()
+#define AIMASS_ACC(r) AIMASS_Z4(l, r); AIMASS_Z4(h, r)
+// Row r's lo/hi byte planes at k: 4 bytes of each broadcast, 8 vpdpbusd against the block.
+#define AIMASS_ROW(r)                                                                              \
+  {                                                                                                \
+    int32_t av, bv;                                                                                \
+    __builtin_memcpy(&av, qa + (2 * (r)) * Kp + k, 4);                                             \
+    __builtin_memcpy(&bv, qa + (2 * (r) + 1) * Kp + k, 4);                                         \
+    const __m512i a = _mm512_set1_epi32(av), c = _mm512_set1_epi32(bv);                            \
+    dpbusd(l##r##0, a, b0); dpbusd(h##r##0, c, b0); dpbusd(l##r##1, a, b1); dpbusd(h##r##1, c, b1); \
+    dpbusd(l##r##2, a, b2); dpbusd(h##r##2, c, b2); dpbusd(l##r##3, a, b3); dpbusd(h##r##3, c, b3); \
+  }
+#define AIMASS_BLOCK_LOOP(ROWS)                                                                   \
+  const int64_t Kp = w.Kp;                                                                        \
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;                                                \
+  for (int64_t k = 0; k < Kp; k += 4) {                                                           \
+    const int8_t* b = wp + k * 64;                                                                \
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);                    \
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);             \
+    ROWS                                                                                          \
+  }
+#define AIMASS_Q(p, r) {p##r##0, p##r##1, p##r##2, p##r##3}
+
 inline void wo16_panel_tile_1(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
                               int64_t n1) {
-  const int64_t Kp = w.Kp;
-  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
-  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Kp; k += 4) {
-    const int8_t* b = wp + k * 64;
-    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
-    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
-    int32_t av0, bv0;
-    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
-    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
-    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
-    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
-    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
-  }
-  const __m512i lo[1][4] = {{l00, l01, l02, l03}};
-  const __m512i hi[1][4] = {{h00, h01, h02, h03}};
+  AIMASS_ACC(0);
+  AIMASS_BLOCK_LOOP(AIMASS_ROW(0))
+  const __m512i lo[1][4] = {AIMASS_Q(l, 0)}, hi[1][4] = {AIMASS_Q(h, 0)};
   wo16_panel_epilogue<1>(w, lo, hi, sx, y, ldy, n, n1);
 }
 
 inline void wo16_panel_tile_2(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
                               int64_t n1) {
-  const int64_t Kp = w.Kp;
-  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
-  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512(), l10 = _mm512_setzero_si512(), l11 = _mm512_setzero_si512(), l12 = _mm512_setzero_si512(), l13 = _mm512_setzero_si512(), h10 = _mm512_setzero_si512(), h11 = _mm512_setzero_si512(), h12 = _mm512_setzero_si512(), h13 = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Kp; k += 4) {
-    const int8_t* b = wp + k * 64;
-    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
-    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
-    int32_t av0, bv0;
-    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
-    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
-    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
-    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
-    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
-    int32_t av1, bv1;
-    __builtin_memcpy(&av1, qa + 2 * Kp + k, 4);
-    __builtin_memcpy(&bv1, qa + 3 * Kp + k, 4);
-    const __m512i a1 = _mm512_set1_epi32(av1), c1 = _mm512_set1_epi32(bv1);
-    dpbusd(l10, a1, b0); dpbusd(h10, c1, b0); dpbusd(l11, a1, b1); dpbusd(h11, c1, b1);
-    dpbusd(l12, a1, b2); dpbusd(h12, c1, b2); dpbusd(l13, a1, b3); dpbusd(h13, c1, b3);
-  }
-  const __m512i lo[2][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}};
-  const __m512i hi[2][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}};
+  AIMASS_ACC(0);
+  AIMASS_ACC(1);
+  AIMASS_BLOCK_LOOP(AIMASS_ROW(0) AIMASS_ROW(1))
+  const __m512i lo[2][4] = {AIMASS_Q(l, 0), AIMASS_Q(l, 1)}, hi[2][4] = {AIMASS_Q(h, 0), AIMASS_Q(h, 1)};
   wo16_panel_epilogue<2>(w, lo, hi, sx, y, ldy, n, n1);
 }
 
 inline void wo16_panel_tile_3(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
                               int64_t n1) {
-  const int64_t Kp = w.Kp;
-  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
-  __m512i l00 = _mm512_setzero_si512(), l01 = _mm512_setzero_si512(), l02 = _mm512_setzero_si512(), l03 = _mm512_setzero_si512(), h00 = _mm512_setzero_si512(), h01 = _mm512_setzero_si512(), h02 = _mm512_setzero_si512(), h03 = _mm512_setzero_si512(), l10 = _mm512_setzero_si512(), l11 = _mm512_setzero_si512(), l12 = _mm512_setzero_si512(), l13 = _mm512_setzero_si512(), h10 = _mm512_setzero_si512(), h11 = _mm512_setzero_si512(), h12 = _mm512_setzero_si512(), h13 = _mm512_setzero_si512(), l20 = _mm512_setzero_si512(), l21 = _mm512_setzero_si512(), l22 = _mm512_setzero_si512(), l23 = _mm512_setzero_si512(), h20 = _mm512_setzero_si512(), h21 = _mm512_setzero_si512(), h22 = _mm512_setzero_si512(), h23 = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Kp; k += 4) {
-    const int8_t* b = wp + k * 64;
-    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
-    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
-    int32_t av0, bv0;
-    __builtin_memcpy(&av0, qa + 0 * Kp + k, 4);
-    __builtin_memcpy(&bv0, qa + 1 * Kp + k, 4);
-    const __m512i a0 = _mm512_set1_epi32(av0), c0 = _mm512_set1_epi32(bv0);
-    dpbusd(l00, a0, b0); dpbusd(h00, c0, b0); dpbusd(l01, a0, b1); dpbusd(h01, c0, b1);
-    dpbusd(l02, a0, b2); dpbusd(h02, c0, b2); dpbusd(l03, a0, b3); dpbusd(h03, c0, b3);
-    int32_t av1, bv1;
-    __builtin_memcpy(&av1, qa + 2 * Kp + k, 4);
-    __builtin_memcpy(&bv1, qa + 3 * Kp + k, 4);
-    const __m512i a1 = _mm512_set1_epi32(av1), c1 = _mm512_set1_epi32(bv1);
-    dpbusd(l10, a1, b0); dpbusd(h10, c1, b0); dpbusd(l11, a1, b1); dpbusd(h11, c1, b1);
-    dpbusd(l12, a1, b2); dpbusd(h12, c1, b2); dpbusd(l13, a1, b3); dpbusd(h13, c1, b3);
-    int32_t av2, bv2;
-    __builtin_memcpy(&av2, qa + 4 * Kp + k, 4);
-    __builtin_memcpy(&bv2, qa + 5 * Kp + k, 4);
-    const __m512i a2 = _mm512_set1_epi32(av2), c2 = _mm512_set1_epi32(bv2);
-    dpbusd(l20, a2, b0); dpbusd(h20, c2, b0); dpbusd(l21, a2, b1); dpbusd(h21, c2, b1);
-    dpbusd(l22, a2, b2); dpbusd(h22, c2, b2); dpbusd(l23, a2, b3); dpbusd(h23, c2, b3);
-  }
-  const __m512i lo[3][4] = {{l00, l01, l02, l03}, {l10, l11, l12, l13}, {l20, l21, l22, l23}};
-  const __m512i hi[3][4] = {{h00, h01, h02, h03}, {h10, h11, h12, h13}, {h20, h21, h22, h23}};
+  AIMASS_ACC(0);
+  AIMASS_ACC(1);
+  AIMASS_ACC(2);
+  AIMASS_BLOCK_LOOP(AIMASS_ROW(0) AIMASS_ROW(1) AIMASS_ROW(2))
+  const __m512i lo[3][4] = {AIMASS_Q(l, 0), AIMASS_Q(l, 1), AIMASS_Q(l, 2)};
+  const __m512i hi[3][4] = {AIMASS_Q(h, 0), AIMASS_Q(h, 1), AIMASS_Q(h, 2)};
   wo16_panel_epilogue<3>(w, lo, hi, sx, y, ldy, n, n1);
 }
+#undef AIMASS_Z4
+#undef AIMASS_ACC
+#undef AIMASS_ROW
+#undef AIMASS_BLOCK_LOOP
+#undef AIMASS_Q
 
 void weight_only_int8_a16_panels(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y,
                                  int64_t ldy, int64_t n0, int64_t n1) {

@@ -59,8 +59,8 @@ struct PackedLinearImpl {
   mutable std::vector<int8_t> wq4;
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
-  mutable AlignedBuffer wvnni;
-  mutable std::once_flag rows_once;  // 64-byte (or huge-page) aligned VNNI blocks
+  mutable AlignedBuffer wvnni;  // 64-byte (or huge-page) aligned VNNI blocks
+  mutable std::once_flag rows_once;
   mutable WeightView dyn_view{};
 
   WeightView dynamic_view() const {
@@ -98,7 +98,8 @@ struct PackedLinearImpl {
       dyn_view.colsum = colsum.data();
       dyn_view.corr = corr.data();
       // int4 per-channel: VNNI blocks of the unpacked weights (int8 has them from packing).
-      if (view.bits == 4 && view.per_channel && cpu_has_vnni_blocks()) dyn_view.wvnni = build_vnni_blocks(wq, Kp);
+      if (view.bits == 4 && view.per_channel && cpu_has_vnni_blocks())
+        dyn_view.wvnni = build_vnni_blocks(wq, Kp);
     });
     return dyn_view;
   }
@@ -107,7 +108,8 @@ struct PackedLinearImpl {
   // capped now: it may be raised later with set_simd_level).
   static bool cpu_has_vnni_blocks() {
     const CpuFeatures& f = cpu_features();
-    return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && detail::avx512_kernels().dynamic_panels;
+    return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni &&
+           detail::avx512_kernels().dynamic_panels != nullptr;
   }
 
   // The view with int8 rows w8 [N, Kp] (and wq) set. int8 per-channel weights on a VNNI CPU
@@ -123,7 +125,8 @@ struct PackedLinearImpl {
       for (int64_t n = 0; n < N; ++n) {
         const int8_t* col = base + (n / 64) * 64 * Kp + (n % 64) * 4;
         int8_t* dst = w8.data() + n * Kp;
-        for (int64_t k = 0; k < K; k += 4) std::memcpy(dst + k, col + k * 64, static_cast<size_t>(std::min<int64_t>(4, K - k)));
+        for (int64_t k = 0; k < K; k += 4)
+          std::memcpy(dst + k, col + k * 64, static_cast<size_t>(std::min<int64_t>(4, K - k)));
       }
     });
     WeightView v = view;
@@ -140,7 +143,8 @@ struct PackedLinearImpl {
     for (int64_t n = 0; n < N; ++n) {
       int8_t* col = base + (n / 64) * 64 * Kp + (n % 64) * 4;  // panel n%64/16, lane n%16
       const int8_t* src = wq + n * ld;
-      for (int64_t k = 0; k < K; k += 4) std::memcpy(col + k * 64, src + k, static_cast<size_t>(std::min<int64_t>(4, K - k)));
+      for (int64_t k = 0; k < K; k += 4)
+        std::memcpy(col + k * 64, src + k, static_cast<size_t>(std::min<int64_t>(4, K - k)));
     }
     return base;
   }
