@@ -317,8 +317,8 @@ def test_quantized_tensor_caches_its_packed_weight():
 @pytest.mark.parametrize("lvl", LEVELS)
 def test_odd_shapes_every_tile_and_tail(lvl, level):
     """Tails in M, N and K for the tiled kernels (VNNI blocks: 6-row x 64-column dynamic
-    tiles and 1-3-row x 64-column int16 weight-only tiles; AVX2 int16 weight-only: 1x8 / 2x4 /
-    4x2 tiles), at 1 and 2 threads."""
+    tiles and 1-3-row x 64-column int16 weight-only tiles; AVX2 int16 weight-only: 2-row and
+    1-row x 4-weight-row tiles), at 1 and 2 threads."""
     aimass.set_simd_level(lvl)
     n0 = aimass.num_threads()
     try:

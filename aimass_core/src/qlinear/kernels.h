@@ -129,9 +129,10 @@ struct KernelTable {
   // n0 must be a multiple of 64. Null where the level has none.
   DynamicFn dynamic_panels;
   QuantRows16Fn quant_rows16;
+  // Over the int8 rows w.w8; null at the AVX-512 level, which always has the blocks.
   WeightOnly16Fn weight_only_int8_a16;
-  // weight_only_int8_a16 over w.wvnni (same results bit for bit); n0 must be a multiple
-  // of 64. Null where the level has none.
+  // The same over w.wvnni (same results bit for bit); n0 must be a multiple of 64. Null
+  // where the level has none.
   WeightOnly16Fn weight_only_int8_a16_panels;
   // int4 weights, int16 activations (see int4_a16_row_bytes); null where the level has none.
   QuantRows16Fn quant_rows16_int4;

@@ -321,10 +321,10 @@ void dynamic(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, 
 // Outer-product tile: MR rows of qx (4 bytes broadcast per k step) x NP panels of 16
 // columns, all MR * NP int32 accumulators in registers; no horizontal sums, and the
 // epilogue (+128 column-sum correction, weight scale, row scale) is 16 columns at a time.
-template <int MR, int NP>
-inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][NP], const float* sx, float* y,
-                           int64_t ldy, int64_t n, int64_t n1) {
-  for (int j = 0; j < NP; ++j) {
+template <int MR>
+inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][4], const float* sx, float* y, int64_t ldy,
+                           int64_t n, int64_t n1) {
+  for (int j = 0; j < 4; ++j) {
     const int64_t c = n + 16 * j, left = n1 - c;
     if (left <= 0) break;
     const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
@@ -337,96 +337,81 @@ inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][NP], co
   }
 }
 
-template <int MR, int NP>
+// Row tails (1-5 rows): accumulators as arrays, fine at this size.
+template <int MR>
 inline void panel_tile(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
                        int64_t n1) {
   const int64_t Kp = w.Kp;
   const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;  // n is a multiple of 64 (see kernels.h)
-  __m512i acc[MR][NP];
+  __m512i acc[MR][4];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
 #pragma GCC unroll 2
   for (int64_t k = 0; k < Kp; k += 4) {
-    __m512i b[NP];
-    for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(wp + k * 64 + j * 64);
+    __m512i b[4];
+    for (int j = 0; j < 4; ++j) b[j] = _mm512_loadu_si512(wp + k * 64 + j * 64);
     for (int i = 0; i < MR; ++i) {
       int32_t a4;
       __builtin_memcpy(&a4, qx + i * Kp + k, 4);
       const __m512i a = _mm512_set1_epi32(a4);
-      for (int j = 0; j < NP; ++j) dpbusd(acc[i][j], a, b[j]);
+      for (int j = 0; j < 4; ++j) dpbusd(acc[i][j], a, b[j]);
     }
   }
-  panel_epilogue<MR, NP>(w, acc, sx, y, ldy, n, n1);
+  panel_epilogue<MR>(w, acc, sx, y, ldy, n, n1);
 }
 
-// The 6 x 4 tile with named accumulators: with arrays GCC keeps them on the stack and
-// reloads/stores every one each k step (measured 30 vs 24 ms at M = 256, N = K = 4096).
+// Named accumulators for the full tiles (macros shared by the dynamic 6-row tile and the
+// int16 weight-only 1-3-row tiles below): with arrays GCC keeps them on the stack and
+// reloads/stores each one every k step (6 x 4 at M = 256: 30 vs 24 ms; int16 1 x 4 at
+// batch 1: 0.45 vs 0.25 ms).
+#define AIMASS_Z4(p, r) \
+  __m512i p##r##0 = _mm512_setzero_si512(), p##r##1 = _mm512_setzero_si512(), p##r##2 = _mm512_setzero_si512(), \
+          p##r##3 = _mm512_setzero_si512()
+#define AIMASS_Q(p, r) {p##r##0, p##r##1, p##r##2, p##r##3}
+// The k loop over one block (64 columns, the 4 panels' vectors b0..b3 per 4 k); ROWS
+// issues each row's vpdpbusd.
+#define AIMASS_BLOCK_LOOP(ROWS)                                                                   \
+  const int64_t Kp = w.Kp;                                                                        \
+  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;                                                \
+  for (int64_t k = 0; k < Kp; k += 4) {                                                           \
+    const int8_t* b = wp + k * 64;                                                                \
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);                    \
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);             \
+    ROWS                                                                                          \
+  }
+// Dynamic row r: 4 bytes of qx broadcast, 4 vpdpbusd.
+#define AIMASS_DYN_ROW(r)                                                                       \
+  {                                                                                             \
+    int32_t av;                                                                                 \
+    __builtin_memcpy(&av, qx + (r) * Kp + k, 4);                                                \
+    const __m512i a = _mm512_set1_epi32(av);                                                    \
+    dpbusd(c##r##0, a, b0); dpbusd(c##r##1, a, b1); dpbusd(c##r##2, a, b2); dpbusd(c##r##3, a, b3); \
+  }
+
 inline void panel_tile_6x4(const WeightView& w, const int8_t* qx, const float* sx, float* y, int64_t ldy, int64_t n,
                            int64_t n1) {
-  const int64_t Kp = w.Kp;
-  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;
-  __m512i c00 = _mm512_setzero_si512(), c01 = _mm512_setzero_si512(), c02 = _mm512_setzero_si512(), c03 = _mm512_setzero_si512(), c10 = _mm512_setzero_si512(), c11 = _mm512_setzero_si512(), c12 = _mm512_setzero_si512(), c13 = _mm512_setzero_si512(), c20 = _mm512_setzero_si512(), c21 = _mm512_setzero_si512(), c22 = _mm512_setzero_si512(), c23 = _mm512_setzero_si512(), c30 = _mm512_setzero_si512(), c31 = _mm512_setzero_si512(), c32 = _mm512_setzero_si512(), c33 = _mm512_setzero_si512(), c40 = _mm512_setzero_si512(), c41 = _mm512_setzero_si512(), c42 = _mm512_setzero_si512(), c43 = _mm512_setzero_si512(), c50 = _mm512_setzero_si512(), c51 = _mm512_setzero_si512(), c52 = _mm512_setzero_si512(), c53 = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Kp; k += 4) {
-    const __m512i b0 = _mm512_loadu_si512(wp + k * 64), b1 = _mm512_loadu_si512(wp + k * 64 + 64);
-    const __m512i b2 = _mm512_loadu_si512(wp + k * 64 + 128), b3 = _mm512_loadu_si512(wp + k * 64 + 192);
-    int32_t a0v; __builtin_memcpy(&a0v, qx + 0 * Kp + k, 4);
-    const __m512i a0 = _mm512_set1_epi32(a0v);
-    dpbusd(c00, a0, b0);
-    dpbusd(c01, a0, b1);
-    dpbusd(c02, a0, b2);
-    dpbusd(c03, a0, b3);
-    int32_t a1v; __builtin_memcpy(&a1v, qx + 1 * Kp + k, 4);
-    const __m512i a1 = _mm512_set1_epi32(a1v);
-    dpbusd(c10, a1, b0);
-    dpbusd(c11, a1, b1);
-    dpbusd(c12, a1, b2);
-    dpbusd(c13, a1, b3);
-    int32_t a2v; __builtin_memcpy(&a2v, qx + 2 * Kp + k, 4);
-    const __m512i a2 = _mm512_set1_epi32(a2v);
-    dpbusd(c20, a2, b0);
-    dpbusd(c21, a2, b1);
-    dpbusd(c22, a2, b2);
-    dpbusd(c23, a2, b3);
-    int32_t a3v; __builtin_memcpy(&a3v, qx + 3 * Kp + k, 4);
-    const __m512i a3 = _mm512_set1_epi32(a3v);
-    dpbusd(c30, a3, b0);
-    dpbusd(c31, a3, b1);
-    dpbusd(c32, a3, b2);
-    dpbusd(c33, a3, b3);
-    int32_t a4v; __builtin_memcpy(&a4v, qx + 4 * Kp + k, 4);
-    const __m512i a4 = _mm512_set1_epi32(a4v);
-    dpbusd(c40, a4, b0);
-    dpbusd(c41, a4, b1);
-    dpbusd(c42, a4, b2);
-    dpbusd(c43, a4, b3);
-    int32_t a5v; __builtin_memcpy(&a5v, qx + 5 * Kp + k, 4);
-    const __m512i a5 = _mm512_set1_epi32(a5v);
-    dpbusd(c50, a5, b0);
-    dpbusd(c51, a5, b1);
-    dpbusd(c52, a5, b2);
-    dpbusd(c53, a5, b3);
-  }
-  const __m512i acc[6][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}, {c40, c41, c42, c43}, {c50, c51, c52, c53}};
-  panel_epilogue<6, 4>(w, acc, sx, y, ldy, n, n1);
+  AIMASS_Z4(c, 0); AIMASS_Z4(c, 1); AIMASS_Z4(c, 2); AIMASS_Z4(c, 3); AIMASS_Z4(c, 4); AIMASS_Z4(c, 5);
+  AIMASS_BLOCK_LOOP(AIMASS_DYN_ROW(0) AIMASS_DYN_ROW(1) AIMASS_DYN_ROW(2) AIMASS_DYN_ROW(3) AIMASS_DYN_ROW(4)
+                        AIMASS_DYN_ROW(5))
+  const __m512i acc[6][4] = {AIMASS_Q(c, 0), AIMASS_Q(c, 1), AIMASS_Q(c, 2),
+                             AIMASS_Q(c, 3), AIMASS_Q(c, 4), AIMASS_Q(c, 5)};
+  panel_epilogue<6>(w, acc, sx, y, ldy, n, n1);
 }
+#undef AIMASS_DYN_ROW
 
-template <int NP>
 inline void panel_rows(const WeightView& w, const int8_t* qx, const float* sx, int64_t M, float* y, int64_t ldy,
                        int64_t n, int64_t n1) {
   constexpr int MR = 6;  // 6 x 4 accumulators + 4 weight vectors + 1 broadcast = 29 zmm
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) {
-    if (NP == 4) panel_tile_6x4(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n, n1);
-    else panel_tile<MR, NP>(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n, n1);
-  }
+  for (; m + MR <= M; m += MR) panel_tile_6x4(w, qx + m * w.Kp, sx + m, y + m * ldy, ldy, n, n1);
   const int8_t* q = qx + m * w.Kp;
   float* yr = y + m * ldy;
   switch (M - m) {
-    case 5: panel_tile<5, NP>(w, q, sx + m, yr, ldy, n, n1); break;
-    case 4: panel_tile<4, NP>(w, q, sx + m, yr, ldy, n, n1); break;
-    case 3: panel_tile<3, NP>(w, q, sx + m, yr, ldy, n, n1); break;
-    case 2: panel_tile<2, NP>(w, q, sx + m, yr, ldy, n, n1); break;
-    case 1: panel_tile<1, NP>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 5: panel_tile<5>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 4: panel_tile<4>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 3: panel_tile<3>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 2: panel_tile<2>(w, q, sx + m, yr, ldy, n, n1); break;
+    case 1: panel_tile<1>(w, q, sx + m, yr, ldy, n, n1); break;
     default: break;
   }
 }
@@ -435,7 +420,7 @@ void dynamic_panels(const WeightView& w, const int8_t* qx, const float* sx, int6
                     int64_t n0, int64_t n1) {
   // 64 columns (one block, 256 KiB of weights at K = 4096) stay in L2 while every row
   // sweeps them; the block is zero padded past N, so the last one is a full tile too.
-  for (int64_t n = n0; n < n1; n += 64) panel_rows<4>(w, qx, sx, M, y, ldy, n, n1);
+  for (int64_t n = n0; n < n1; n += 64) panel_rows(w, qx, sx, M, y, ldy, n, n1);
 }
 
 // ---------------------------------------------------------------- weight-only int8, int16 activations (VNNI)
@@ -479,155 +464,12 @@ void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
   }
 }
 
-// Lane sums fit int32: |sum| <= 255 * 127 * Kp < 2^31 for Kp <= 65536 (checked by the driver).
-inline void wo16_out(const WeightView& w, int32_t lo, int32_t hi, float sxm, float* y, int64_t n) {
-  const int64_t dot = 256 * (static_cast<int64_t>(hi) - 128 * int64_t{w.wsum[n]}) + lo;
-  *y = static_cast<float>(static_cast<double>(dot) * static_cast<double>(sxm * w.scale[n]));
-}
-
-inline void wo16_store(const WeightView& w, __m512i lo, __m512i hi, float sxm, float* y, int64_t n) {
-  wo16_out(w, _mm512_reduce_add_epi32(lo), _mm512_reduce_add_epi32(hi), sxm, y, n);
-}
-
-// Lane sums of 8 accumulators at once (a transposing add tree: ~25 instructions instead
-// of 8 separate reductions of ~10); out[j] = sum of the 16 lanes of v[j].
-inline void reduce8(const __m512i (&v)[8], int32_t* out) {
-  __m256i a[8];
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_add_epi32(_mm512_castsi512_si256(v[j]), _mm512_extracti64x4_epi64(v[j], 1));
-  const __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
-  const __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
-  const __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);  // [0..3 | 0..3], [4..7 | 4..7]
-  const __m256i r = _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), r);
-}
-
-// The tiles are written out with named accumulators: with arrays GCC moves every
-// accumulator through another register (and the stack) on each step. Each weight load
-// also prefetches the same offset two tiles ahead into L2 (rows of one tile are separate
-// streams that the hardware prefetcher picks up late; measured ~20-30% at M = 1, K = 4096).
-// Prefetches past the last row are harmless (no fault, and never read).
-#define AIMASS_Z(v) __m512i v = _mm512_setzero_si512()
-#define AIMASS_W16(j) const __m512i w##j = _mm512_loadu_si512(wr + (j) * Kp + k); \
-  _mm_prefetch(reinterpret_cast<const char*>(wr + (j + 2 * NRT) * Kp + k), _MM_HINT_T1)
-
-// 1 row x 8 weight rows (16 accumulators).
-inline void wo16_tile_1x8(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
-  constexpr int64_t NRT = 8;
-  const int64_t Kp = w.Kp;
-  const int8_t* wr = w.w8 + n * Kp;
-  AIMASS_Z(l0); AIMASS_Z(l1); AIMASS_Z(l2); AIMASS_Z(l3); AIMASS_Z(l4); AIMASS_Z(l5); AIMASS_Z(l6); AIMASS_Z(l7);
-  AIMASS_Z(h0); AIMASS_Z(h1); AIMASS_Z(h2); AIMASS_Z(h3); AIMASS_Z(h4); AIMASS_Z(h5); AIMASS_Z(h6); AIMASS_Z(h7);
-  for (int64_t k = 0; k < Kp; k += 64) {
-    const __m512i a = _mm512_loadu_si512(qa + k), b = _mm512_loadu_si512(qa + Kp + k);
-    AIMASS_W16(0); dpbusd(l0, a, w0); dpbusd(h0, b, w0);
-    AIMASS_W16(1); dpbusd(l1, a, w1); dpbusd(h1, b, w1);
-    AIMASS_W16(2); dpbusd(l2, a, w2); dpbusd(h2, b, w2);
-    AIMASS_W16(3); dpbusd(l3, a, w3); dpbusd(h3, b, w3);
-    AIMASS_W16(4); dpbusd(l4, a, w4); dpbusd(h4, b, w4);
-    AIMASS_W16(5); dpbusd(l5, a, w5); dpbusd(h5, b, w5);
-    AIMASS_W16(6); dpbusd(l6, a, w6); dpbusd(h6, b, w6);
-    AIMASS_W16(7); dpbusd(l7, a, w7); dpbusd(h7, b, w7);
-  }
-  const __m512i L[8] = {l0, l1, l2, l3, l4, l5, l6, l7}, H[8] = {h0, h1, h2, h3, h4, h5, h6, h7};
-  int32_t lo[8], hi[8];
-  reduce8(L, lo);
-  reduce8(H, hi);
-  for (int j = 0; j < 8; ++j) wo16_out(w, lo[j], hi[j], sx[0], y + n + j, n + j);
-}
-
-// 2 rows x 4 weight rows.
-inline void wo16_tile_2x4(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
-  constexpr int64_t NRT = 4;
-  const int64_t Kp = w.Kp;
-  const int8_t* wr = w.w8 + n * Kp;
-  AIMASS_Z(l00); AIMASS_Z(l01); AIMASS_Z(l02); AIMASS_Z(l03); AIMASS_Z(l10); AIMASS_Z(l11); AIMASS_Z(l12); AIMASS_Z(l13);
-  AIMASS_Z(h00); AIMASS_Z(h01); AIMASS_Z(h02); AIMASS_Z(h03); AIMASS_Z(h10); AIMASS_Z(h11); AIMASS_Z(h12); AIMASS_Z(h13);
-  for (int64_t k = 0; k < Kp; k += 64) {
-    const __m512i a0 = _mm512_loadu_si512(qa + k), b0 = _mm512_loadu_si512(qa + Kp + k);
-    const __m512i a1 = _mm512_loadu_si512(qa + 2 * Kp + k), b1 = _mm512_loadu_si512(qa + 3 * Kp + k);
-    AIMASS_W16(0); dpbusd(l00, a0, w0); dpbusd(h00, b0, w0); dpbusd(l10, a1, w0); dpbusd(h10, b1, w0);
-    AIMASS_W16(1); dpbusd(l01, a0, w1); dpbusd(h01, b0, w1); dpbusd(l11, a1, w1); dpbusd(h11, b1, w1);
-    AIMASS_W16(2); dpbusd(l02, a0, w2); dpbusd(h02, b0, w2); dpbusd(l12, a1, w2); dpbusd(h12, b1, w2);
-    AIMASS_W16(3); dpbusd(l03, a0, w3); dpbusd(h03, b0, w3); dpbusd(l13, a1, w3); dpbusd(h13, b1, w3);
-  }
-  const __m512i L[8] = {l00, l01, l02, l03, l10, l11, l12, l13}, H[8] = {h00, h01, h02, h03, h10, h11, h12, h13};
-  int32_t lo[8], hi[8];
-  reduce8(L, lo);
-  reduce8(H, hi);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) wo16_out(w, lo[4 * i + j], hi[4 * i + j], sx[i], y + i * ldy + n + j, n + j);
-}
-
-// 4 rows x 2 weight rows.
-inline void wo16_tile_4x2(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
-  constexpr int64_t NRT = 2;
-  const int64_t Kp = w.Kp;
-  const int8_t* wr = w.w8 + n * Kp;
-  AIMASS_Z(l00); AIMASS_Z(l01); AIMASS_Z(l10); AIMASS_Z(l11); AIMASS_Z(l20); AIMASS_Z(l21); AIMASS_Z(l30); AIMASS_Z(l31);
-  AIMASS_Z(h00); AIMASS_Z(h01); AIMASS_Z(h10); AIMASS_Z(h11); AIMASS_Z(h20); AIMASS_Z(h21); AIMASS_Z(h30); AIMASS_Z(h31);
-  for (int64_t k = 0; k < Kp; k += 64) {
-    const __m512i a0 = _mm512_loadu_si512(qa + k), b0 = _mm512_loadu_si512(qa + Kp + k);
-    const __m512i a1 = _mm512_loadu_si512(qa + 2 * Kp + k), b1 = _mm512_loadu_si512(qa + 3 * Kp + k);
-    const __m512i a2 = _mm512_loadu_si512(qa + 4 * Kp + k), b2 = _mm512_loadu_si512(qa + 5 * Kp + k);
-    const __m512i a3 = _mm512_loadu_si512(qa + 6 * Kp + k), b3 = _mm512_loadu_si512(qa + 7 * Kp + k);
-    AIMASS_W16(0);
-    dpbusd(l00, a0, w0); dpbusd(h00, b0, w0); dpbusd(l10, a1, w0); dpbusd(h10, b1, w0);
-    dpbusd(l20, a2, w0); dpbusd(h20, b2, w0); dpbusd(l30, a3, w0); dpbusd(h30, b3, w0);
-    AIMASS_W16(1);
-    dpbusd(l01, a0, w1); dpbusd(h01, b0, w1); dpbusd(l11, a1, w1); dpbusd(h11, b1, w1);
-    dpbusd(l21, a2, w1); dpbusd(h21, b2, w1); dpbusd(l31, a3, w1); dpbusd(h31, b3, w1);
-  }
-  const __m512i L[8] = {l00, l01, l10, l11, l20, l21, l30, l31}, H[8] = {h00, h01, h10, h11, h20, h21, h30, h31};
-  int32_t lo[8], hi[8];
-  reduce8(L, lo);
-  reduce8(H, hi);
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 2; ++j) wo16_out(w, lo[2 * i + j], hi[2 * i + j], sx[i], y + i * ldy + n + j, n + j);
-}
-#undef AIMASS_Z
-#undef AIMASS_W16
-
-// Any rows x 1 weight row (column tails).
-inline void wo16_tile_mx1(const WeightView& w, const uint8_t* qa, const float* sx, int64_t M, float* y, int64_t ldy,
-                          int64_t n) {
-  const int64_t Kp = w.Kp;
-  const int8_t* wr = w.w8 + n * Kp;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* q = qa + m * 2 * Kp;
-    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-    for (int64_t k = 0; k < Kp; k += 64) {
-      const __m512i wv = _mm512_loadu_si512(wr + k);
-      dpbusd(lo, _mm512_loadu_si512(q + k), wv);
-      dpbusd(hi, _mm512_loadu_si512(q + Kp + k), wv);
-    }
-    wo16_store(w, lo, hi, sx[m], y + m * ldy + n, n);
-  }
-}
-
-void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
-                          int64_t n0, int64_t n1) {
-  const uint8_t* q = static_cast<const uint8_t*>(qa);
-  const int64_t rs = 2 * w.Kp;  // bytes per quantized row (two planes)
-  // Rows in tiles of 4, then 2, then 1; each tile sweeps the weight rows [n0, n1).
-  int64_t m = 0;
-  for (; m < M;) {
-    const int64_t mr = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-    const int64_t nr = mr == 4 ? 2 : mr == 2 ? 4 : 8;
-    int64_t n = n0;
-    for (; n + nr <= n1; n += nr) {
-      if (mr == 4) wo16_tile_4x2(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
-      else if (mr == 2) wo16_tile_2x4(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
-      else wo16_tile_1x8(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
-    }
-    for (; n < n1; ++n) wo16_tile_mx1(w, q + m * rs, sx + m, mr, y + m * ldy, ldy, n);
-    m += mr;
-  }
-}
-
-// The same int16-activation kernel over the VNNI blocks (w.wvnni): MR rows x 64 columns,
-// the activations' 4-byte groups broadcast, 2 * 4 * MR int32 accumulators in registers
-// and no horizontal sums. The block is one sequential stream, so batch 1 runs at the
-// read roof of the weights (see kernels.h). Results equal wo16_out bit for bit.
+// The int16-activation kernel over the VNNI blocks (w.wvnni; at this level int8 per-channel
+// weights are always packed so): MR rows x 64 columns, the activations' 4-byte groups
+// broadcast, 2 * 4 * MR int32 accumulators in registers and no horizontal sums. The block
+// is one sequential stream, so batch 1 runs at the read roof of the weights (see
+// kernels.h). Per-column sums fit int32: |sum| <= 255 * 127 * Kp < 2^31 for Kp <= 65536
+// (checked by the driver). Results equal the scalar reference bit for bit.
 template <int MR>
 inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4], const __m512i (&hi)[MR][4],
                                 const float* sx, float* y, int64_t ldy, int64_t n, int64_t n1) {
@@ -638,7 +480,7 @@ inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4],
     const __m512i ws = _mm512_maskz_loadu_epi32(mk, w.wsum + c);
     const __m512 sc = _mm512_maskz_loadu_ps(mk, w.scale + c);
     for (int i = 0; i < MR; ++i) {
-      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[i]), sc);  // float(sx * scale[n]), as wo16_out
+      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[i]), sc);  // float(sx * scale[n]), as the scalar reference
       __m256 half[2];
       for (int h = 0; h < 2; ++h) {
         auto half8 = [h](__m512i v) {  // 8 int32 lanes (low or high half) widened to int64
@@ -657,11 +499,7 @@ inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4],
   }
 }
 
-// Named accumulators (macros for 1-3 rows): with arrays GCC keeps them on the stack and
-// reloads/stores each one every k step (measured 0.45 against 0.25 ms at batch 1).
-#define AIMASS_Z4(p, r) \
-  __m512i p##r##0 = _mm512_setzero_si512(), p##r##1 = _mm512_setzero_si512(), p##r##2 = _mm512_setzero_si512(), \
-          p##r##3 = _mm512_setzero_si512()
+// int16 weight-only tiles of 1-3 rows over one block (macros above).
 #define AIMASS_ACC(r) AIMASS_Z4(l, r); AIMASS_Z4(h, r)
 // Row r's lo/hi byte planes at k: 4 bytes of each broadcast, 8 vpdpbusd against the block.
 #define AIMASS_ROW(r)                                                                              \
@@ -673,16 +511,6 @@ inline void wo16_panel_epilogue(const WeightView& w, const __m512i (&lo)[MR][4],
     dpbusd(l##r##0, a, b0); dpbusd(h##r##0, c, b0); dpbusd(l##r##1, a, b1); dpbusd(h##r##1, c, b1); \
     dpbusd(l##r##2, a, b2); dpbusd(h##r##2, c, b2); dpbusd(l##r##3, a, b3); dpbusd(h##r##3, c, b3); \
   }
-#define AIMASS_BLOCK_LOOP(ROWS)                                                                   \
-  const int64_t Kp = w.Kp;                                                                        \
-  const int8_t* wp = w.wvnni + (n / 64) * 64 * Kp;                                                \
-  for (int64_t k = 0; k < Kp; k += 4) {                                                           \
-    const int8_t* b = wp + k * 64;                                                                \
-    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);                    \
-    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);             \
-    ROWS                                                                                          \
-  }
-#define AIMASS_Q(p, r) {p##r##0, p##r##1, p##r##2, p##r##3}
 
 inline void wo16_panel_tile_1(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
                               int64_t n1) {
@@ -927,7 +755,7 @@ void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, 
 
 const KernelTable& avx512_kernels() {
   static const KernelTable t{weight_only_int8, weight_only_int4, quant_rows, dynamic, 16, 16, dynamic_int4,
-                             dynamic_panels, quant_rows16, weight_only_int8_a16, weight_only_int8_a16_panels, quant_rows16_int4,
+                             dynamic_panels, quant_rows16, nullptr, weight_only_int8_a16_panels, quant_rows16_int4,
                              weight_only_int4_a16};
   return t;
 }

@@ -360,6 +360,8 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
     }, 64);
     return;
   }
+  AIMASS_CHECK(t.weight_only_int8_a16 != nullptr, Error,
+               "internal: the int16 weight-only kernel of this SIMD level needs the VNNI blocks, which are missing");
   const WeightView rv = p.rows();
   parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.weight_only_int8_a16(rv, qa.data(), sx.data(), M, y, v.N, b, e);
