@@ -65,6 +65,7 @@ class Request {
   // cost the scheduler ~15 us each (every woken client preempted it on 2 cores), during
   // which the executor stood idle.
   bool blocking_ = false;
+  int64_t seq_ = 0;  // sequence length (dynamic-sequence models)
   std::shared_ptr<Request> wake_next_;  // guarded by mu_
   void pass_wake();                     // wakes wake_next_ (call with mu_ not held)
 };
@@ -101,11 +102,14 @@ class Batcher {
   // request finished. Otherwise it is queued as usual.
   std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                   int priority = 0, int64_t timeout_us = -1, bool notify = false,
-                                  bool run_inline = false);
+                                  bool run_inline = false, int64_t seq = 0);
   // Submits with run_inline and blocks until the request finished; rethrows its error.
   // The blocking path of Session.run (its callers are woken in a chain, see Request).
+  // seq: the request's sequence length for models with a dynamic sequence dim (buffers
+  // hold rows of that length; a batch only holds requests of one length), else 0.
   void run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority = 0,
-           int64_t timeout_us = -1);
+           int64_t timeout_us = -1, int64_t seq = 0);
+  bool dynamic_seq() const { return executor_->dynamic(); }
   // Ids of finished notify-requests, waiting at most timeout_us for the first one.
   std::vector<uint64_t> wait_completed(int64_t timeout_us);
   // Rejects new requests, runs every queued one, stops the scheduler. Idempotent.
@@ -118,7 +122,8 @@ class Batcher {
  private:
   void loop();
   std::shared_ptr<Request> enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                   int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking);
+                                   int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking,
+                                   int64_t seq);
   // Runs the batch on the executor (which the caller holds: busy_), frees it, then
   // finishes every request.
   void run_batch(std::vector<std::shared_ptr<Request>>& batch);

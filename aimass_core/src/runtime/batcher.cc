@@ -110,25 +110,30 @@ Batcher::~Batcher() {
 }
 
 std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                         int priority, int64_t timeout_us, bool notify, bool run_inline) {
-  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false);
+                                         int priority, int64_t timeout_us, bool notify, bool run_inline,
+                                         int64_t seq) {
+  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false, seq);
 }
 
 void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
-                  int64_t timeout_us) {
-  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true)->wait();
+                  int64_t timeout_us, int64_t seq) {
+  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true, seq)->wait();
 }
 
 std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                           int priority, int64_t timeout_us, bool notify, bool run_inline,
-                                          bool blocking) {
+                                          bool blocking, int64_t seq) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
   AIMASS_CHECK(outputs.size() == m.outputs().size(), ValueError, "submit: got ", outputs.size(),
                " output buffers, the model has ", m.outputs().size(), " outputs");
   AIMASS_CHECK(rows >= 1, ValueError, "submit: rows=", rows, " must be >= 1");
+  AIMASS_CHECK(executor_->dynamic() ? seq >= 1 : seq == 0, ValueError, "submit: seq=", seq,
+               executor_->dynamic() ? " must be >= 1 (the model has a dynamic sequence dim)"
+                                    : " must be 0 (the model has no dynamic sequence dim)");
   auto r = std::make_shared<Request>();
+  r->seq_ = seq;
   r->inputs_ = std::move(inputs);
   r->outputs_ = std::move(outputs);
   r->rows_ = rows;
@@ -247,6 +252,8 @@ void Batcher::loop() {
         }
         // An oversized request runs alone (the executor grows once for it).
         if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
+        // One batch runs one sequence length (models with a dynamic sequence dim).
+        if (!batch.empty() && top->seq_ != batch.front()->seq_) break;
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
         heap_rows_ -= heap_.back()->rows_;
@@ -300,9 +307,10 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
   for (size_t j = first; j < last; ++j) rows += batch[j]->rows_;
   std::exception_ptr err;
   try {
+    executor_->set_seq_len(batch[first]->seq_);
     executor_->reserve(rows);
     for (size_t i = 0; i < m.inputs().size(); ++i) {
-      const int64_t rb = m.inputs()[i].row_bytes();
+      const int64_t rb = executor_->input_row_bytes(static_cast<int>(i));
       auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
       int64_t off = 0;
       for (size_t j = first; j < last; ++j) {
@@ -312,7 +320,7 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
     }
     executor_->execute(rows);
     for (size_t i = 0; i < m.outputs().size(); ++i) {
-      const int64_t rb = m.outputs()[i].row_bytes();
+      const int64_t rb = executor_->output_row_bytes(static_cast<int>(i));
       const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
       int64_t off = 0;
       for (size_t j = first; j < last; ++j) {
