@@ -25,6 +25,7 @@ enum class MaskKind { None, Add, Bool, KeyPadding };
 class Sdpa : public ExtKernel {
  public:
   int64_t heads = 0;  // 0: head dims are leading row dims
+  bool packed = false;  // heads > 0 and one input [S, 3*H*D] holding q, k, v side by side
   int64_t hcount = 1;  // heads per batch row
   std::vector<int64_t> hdims;  // heads == 0: the leading row dims
   int64_t Sq = 0, Sk = 0, D = 0, Dv = 0;
@@ -37,8 +38,8 @@ class Sdpa : public ExtKernel {
 
   void run(int64_t rows, const std::vector<const void*>& in, void* out) override {
     const float* q = static_cast<const float*>(in[0]);
-    const float* k = static_cast<const float*>(in[1]);
-    const float* v = static_cast<const float*>(in[2]);
+    const float* k = packed ? q + heads * D : static_cast<const float*>(in[1]);
+    const float* v = packed ? q + 2 * heads * D : static_cast<const float*>(in[2]);
     float* o = static_cast<float*>(out);
     const float* mbase = mask_input >= 0 ? static_cast<const float*>(in[mask_input]) : mask_const;
     // Mask strides against [R, hdims.., Sq, Sk] (heads == 0) or [R, H, Sq, Sk].
@@ -57,8 +58,8 @@ class Sdpa : public ExtKernel {
         acc *= dd;
       }
     }
-    const int64_t lq = heads ? heads * D : D, lk = heads ? heads * D : D, lv = heads ? heads * Dv : Dv,
-                  lo = heads ? heads * Dv : Dv;
+    const int64_t lq = packed ? 3 * heads * D : heads ? heads * D : D, lk = packed ? lq : heads ? heads * D : D,
+                  lv = packed ? lq : heads ? heads * Dv : Dv, lo = heads ? heads * Dv : Dv;
     constexpr int64_t kBlock = 64;
     const int64_t qblocks = (Sq + kBlock - 1) / kBlock;
     const int64_t items = rows * hcount;
@@ -137,14 +138,26 @@ class Sdpa : public ExtKernel {
 
 std::unique_ptr<ExtKernel> build_sdpa(const Model& m, const Node& n, const std::vector<ExtValue>& in,
                                       ExtValue& out) {
-  AIMASS_CHECK(in.size() == 3 || in.size() == 4, ValueError, where(n),
-               " takes q, k, v and an optional mask input");
   for (const auto& v : in)
     AIMASS_CHECK(v.dtype == ValueType::Float32, TypeError, where(n), ": inputs must be float32");
   auto k = std::make_unique<Sdpa>();
   k->heads = attr_int(n, "heads", 0);
   k->causal = attr_int(n, "causal", 0) != 0;
-  const auto &q = in[0].row, &kk = in[1].row, &v = in[2].row;
+  k->packed = attr_int(n, "packed", 0) != 0;
+  const size_t nqkv = k->packed ? 1 : 3;
+  AIMASS_CHECK(in.size() == nqkv || in.size() == nqkv + 1, ValueError, where(n), " takes ",
+               k->packed ? "the packed qkv" : "q, k, v", " and an optional mask input");
+  AIMASS_CHECK(!k->packed || k->heads > 0, ValueError, where(n), ": packed qkv needs heads");
+  std::vector<int64_t> q = in[0].row, kk, v;
+  if (k->packed) {
+    AIMASS_CHECK(q.size() == 2 && q[1] % (3 * k->heads) == 0, ValueError, where(n), ": packed qkv row ",
+                 shape_str(q), " must be [S, 3*heads*dim]");
+    q[1] /= 3;
+    kk = v = q;
+  } else {
+    kk = in[1].row;
+    v = in[2].row;
+  }
   if (k->heads > 0) {
     AIMASS_CHECK(q.size() == 2 && kk.size() == 2 && v.size() == 2, ValueError, where(n),
                  ": with heads, q/k/v rows must be [S, heads*dim]");
@@ -178,16 +191,16 @@ std::unique_ptr<ExtKernel> build_sdpa(const Model& m, const Node& n, const std::
   }
   AIMASS_CHECK(k->D > 0 && k->Sk > 0, ValueError, where(n), ": empty attention");
   k->scale = static_cast<float>(has_attr(n, "scale") ? attr_num(n, "scale", 0) : 1.0 / std::sqrt(double(k->D)));
-  const std::string mk = attr_str(n, "mask_kind", in.size() == 4 || n.params.count("mask") ? "add" : "none");
+  const std::string mk = attr_str(n, "mask_kind", in.size() > nqkv || n.params.count("mask") ? "add" : "none");
   if (mk == "none") k->mask = MaskKind::None;
   else if (mk == "add") k->mask = MaskKind::Add;
   else if (mk == "bool") k->mask = MaskKind::Bool;
   else if (mk == "key_padding") k->mask = MaskKind::KeyPadding;
   else throw ValueError(detail::concat(where(n), ": mask_kind '", mk, "' must be none, add, bool or key_padding"));
   if (k->mask != MaskKind::None) {
-    if (in.size() == 4) {
-      k->mask_input = 3;
-      k->mask_full = in[3].row;
+    if (in.size() == nqkv + 1) {
+      k->mask_input = static_cast<int>(nqkv);
+      k->mask_full = in[nqkv].row;
       k->mask_full.insert(k->mask_full.begin(), -1);
     } else {
       k->mask_const = param_f32(m, n, "mask", {}, true, &k->mask_full);
@@ -195,7 +208,7 @@ std::unique_ptr<ExtKernel> build_sdpa(const Model& m, const Node& n, const std::
     }
     if (k->mask == MaskKind::KeyPadding) {
       AIMASS_CHECK(k->mask_full.size() == 2 && k->mask_full[1] == k->Sk, ValueError, where(n),
-                   ": key padding mask must be [batch, ", k->Sk, "], got row ", shape_str(in[3].row));
+                   ": key padding mask must be [batch, ", k->Sk, "], got ", shape_str(k->mask_full));
     } else {
       const size_t trank = (k->heads ? 2 : k->hdims.size() + 1) + 2;
       AIMASS_CHECK(k->mask_full.size() <= trank, ValueError, where(n), ": mask ", shape_str(k->mask_full),
@@ -212,7 +225,7 @@ std::unique_ptr<ExtKernel> build_sdpa(const Model& m, const Node& n, const std::
       }
     }
   } else {
-    AIMASS_CHECK(in.size() == 3, ValueError, where(n), ": a mask input needs mask_kind");
+    AIMASS_CHECK(in.size() == nqkv, ValueError, where(n), ": a mask input needs mask_kind");
   }
   return k;
 }
