@@ -55,6 +55,7 @@ struct Step {
   std::shared_ptr<QLinearWeights> q;
   std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
   std::shared_ptr<ExtKernel> ext;  // extension ops (runtime/ext_ops.h)
+  int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`)
   std::vector<int> ext_in;
 };
 
@@ -374,6 +375,21 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       out_row = p.values[s.in0].row;
       out_row.push_back(s.D);
     } else if (n.op == "add" || n.op == "sub" || n.op == "mul" || n.op == "div") {
+      // conv + residual (ResNet blocks): fused into the conv's epilogue when nothing else reads the conv
+      if (n.op == "add" && n.inputs.size() == 2 && n.params.empty() && !n.attrs.count("a_scalar") &&
+          !n.attrs.count("b_scalar") && !p.steps.empty()) {
+        Step& prev = p.steps.back();
+        const int a = input(0), b = input(1);
+        const int conv_in = prev.out == a ? a : prev.out == b ? b : -1;
+        const int other = conv_in == a ? b : a;
+        if (prev.kind == Kind::Conv2d && conv_in >= 0 && other != conv_in && prev.act == ops::Act::None &&
+            prev.res < 0 && uses[n.inputs[conv_in == a ? 0 : 1]] == 1 &&
+            p.values[other].dtype == ValueType::Float32 && p.values[other].row == p.values[conv_in].row) {
+          prev.res = other;
+          prev.out = new_value(p, out_name, ValueType::Float32, p.values[conv_in].row, conv_in);
+          continue;
+        }
+      }
       s.kind = Kind::Binary;
       s.binop = n.op == "add" ? ops::BinOp::Add : n.op == "sub" ? ops::BinOp::Sub
               : n.op == "mul" ? ops::BinOp::Mul : ops::BinOp::Div;
@@ -504,6 +520,7 @@ void assign_memory(PlanImpl& p) {
     for (int in : {st.in0, st.in1})
       if (in >= 0) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
     for (int in : st.ext_in) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
+    if (st.res >= 0) last[p.values[st.res].slot] = std::max(last[p.values[st.res].slot], i);
     int& d = def[p.values[st.out].slot];
     d = std::min(d, i);
   }
@@ -671,7 +688,14 @@ void Executor::execute(int64_t rows) {
         break;
       }
       case Kind::Conv2d:
-        ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+        if (s.res >= 0) {
+          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
+          ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
+          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+        } else {
+          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+        }
         break;
       case Kind::MaxPool: ops::max_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
       case Kind::AvgPool: ops::avg_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;

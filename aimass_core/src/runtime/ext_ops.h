@@ -61,6 +61,8 @@ std::string attr_str(const Node& n, const char* key, const std::string& def);
 const float* param_f32(const Model& m, const Node& n, const char* role, const std::vector<int64_t>& shape,
                        bool required, std::vector<int64_t>* shape_out = nullptr);
 int64_t numel(const std::vector<int64_t>& row, const Node& n);  // checked product
+// y = act(y + r) over n floats (conv + residual epilogue); ReLU keeps NaN as torch does.
+void residual_act(float* y, const float* r, int64_t n, int act);
 // Full-rank index of a per-row dim: `dim` counts the batch as 0 and may be negative.
 int64_t full_dim(const Node& n, int64_t dim, size_t row_rank, const char* what);
 }  // namespace ext

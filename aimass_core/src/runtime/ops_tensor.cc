@@ -105,6 +105,20 @@ int64_t full_dim(const Node& n, int64_t dim, size_t row_rank, const char* what) 
   return dim;
 }
 
+void residual_act(float* y, const float* r, int64_t n, int act) {
+  const bool relu = act == 1;  // ops::Act::Relu
+  parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+    if (relu) {
+      for (int64_t i = b; i < e; ++i) {
+        const float v = y[i] + r[i];
+        y[i] = (v > 0.f || v != v) ? v : 0.f;
+      }
+    } else {
+      for (int64_t i = b; i < e; ++i) y[i] += r[i];
+    }
+  });
+}
+
 }  // namespace ext
 
 namespace {
