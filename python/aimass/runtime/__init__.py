@@ -22,10 +22,11 @@ import numpy as np
 from .. import _C
 from .._array import as_numpy, float32_array, like
 from ._export import FORMAT_VERSION, SUPPORTED, UnsupportedOpError, export
+from ._onnx import SUPPORTED_ONNX, from_onnx
 
 _rt = _C.runtime
 
-__all__ = ["export", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
+__all__ = ["export", "from_onnx", "SUPPORTED_ONNX", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
 
 
 class Model:
