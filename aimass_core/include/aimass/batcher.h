@@ -137,6 +137,18 @@ class Batcher {
 
   std::shared_ptr<Executor> executor_;
   BatcherOptions opts_;
+  // Variable-length batching (models whose metadata names a padding mask input, see
+  // docs/runtime.md): requests of different sequence lengths share a batch padded to the
+  // longest; padded positions of the mask input get its pad value, of other inputs 0, and
+  // each request gets back its own length.
+  struct SeqLayout {
+    int dim = -1;              // the dynamic dim (-1: none)
+    int64_t outer = 1, inner = 1, elem = 4;
+    double pad = 0;
+  };
+  bool varlen_ = false;
+  std::vector<SeqLayout> in_layout_, out_layout_;
+  void init_varlen();
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::shared_ptr<Request>> heap_;

@@ -1,4 +1,5 @@
 #include "aimass/batcher.h"
+#include "runtime/json.h"
 
 #include <algorithm>
 #include <cstring>
@@ -94,12 +95,54 @@ Batcher::Batcher(std::shared_ptr<Executor> executor, BatcherOptions opts)
                " must be >= 0");
   AIMASS_CHECK(opts_.queue_capacity >= 1, ValueError, "queue_capacity=", opts_.queue_capacity, " must be >= 1");
   executor_->reserve(opts_.max_batch_size);
+  init_varlen();
   stats_.queue_us = make_hist(pow2_bounds(1, 24));
   stats_.compute_us = make_hist(pow2_bounds(1, 24));
   stats_.batch_rows = make_hist(pow2_bounds(1, 12));
   stats_.batch_requests = make_hist(pow2_bounds(1, 12));
   heap_.reserve(opts_.queue_capacity);
   thread_ = std::thread([this] { loop(); });
+}
+
+void Batcher::init_varlen() {
+  const Model& m = executor_->model();
+  auto it = m.metadata().find("aimass.padding");
+  if (it == m.metadata().end() || !executor_->dynamic()) return;
+  json::Value v = json::parse(it->second.data(), it->second.size(), "aimass.padding metadata");
+  const json::Value* mask = v.find("mask_input");
+  const json::Value* pad = v.find("mask_pad_value");
+  AIMASS_CHECK(v.is_object() && mask && mask->is_string(), ValueError, m.path(),
+               ": metadata 'aimass.padding' must be {\"mask_input\": name, \"mask_pad_value\": number}");
+  auto layout = [&](const TensorSpec& t) {
+    SeqLayout l;
+    l.elem = t.dtype == ValueType::Int64 ? 8 : 4;
+    for (size_t d = 1; d < t.shape.size(); ++d) {
+      if (t.shape[d] < 0) {
+        AIMASS_CHECK(l.dim < 0, ValueError, m.path(), ": '", t.name,
+                     "' has two dynamic dims; variable-length batching pads one");
+        l.dim = static_cast<int>(d);
+      } else if (l.dim < 0) {
+        l.outer *= t.shape[d];
+      } else {
+        l.inner *= t.shape[d];
+      }
+    }
+    return l;
+  };
+  bool found = false;
+  for (const auto& t : m.inputs()) {
+    in_layout_.push_back(layout(t));
+    if (t.name == mask->str) {
+      AIMASS_CHECK(in_layout_.back().dim >= 0, ValueError, m.path(), ": padding mask input '", t.name,
+                   "' has no dynamic sequence dim");
+      in_layout_.back().pad = pad && pad->is_number() ? pad->num : 0.0;
+      found = true;
+    }
+  }
+  AIMASS_CHECK(found, ValueError, m.path(), ": metadata 'aimass.padding' names mask input '", mask->str,
+               "', which the model does not take");
+  for (const auto& t : m.outputs()) out_layout_.push_back(layout(t));
+  varlen_ = true;
 }
 
 Batcher::~Batcher() {
@@ -252,8 +295,9 @@ void Batcher::loop() {
         }
         // An oversized request runs alone (the executor grows once for it).
         if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
-        // One batch runs one sequence length (models with a dynamic sequence dim).
-        if (!batch.empty() && top->seq_ != batch.front()->seq_) break;
+        // One batch runs one sequence length (models with a dynamic sequence dim), unless the
+        // model declares a padding mask (then shorter requests are padded to the longest).
+        if (!batch.empty() && top->seq_ != batch.front()->seq_ && !varlen_) break;
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
         heap_rows_ -= heap_.back()->rows_;
@@ -306,10 +350,64 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
   int64_t rows = 0;
   for (size_t j = first; j < last; ++j) rows += batch[j]->rows_;
   std::exception_ptr err;
+  int64_t seq = 0;
+  bool mixed = false;
+  for (size_t j = first; j < last; ++j) {
+    mixed = mixed || (j > first && batch[j]->seq_ != seq);
+    seq = std::max(seq, batch[j]->seq_);
+  }
   try {
-    executor_->set_seq_len(batch[first]->seq_);
+    executor_->set_seq_len(seq);
     executor_->reserve(rows);
-    for (size_t i = 0; i < m.inputs().size(); ++i) {
+    if (mixed) {  // pad each request to `seq` (varlen_ models only)
+      for (size_t i = 0; i < m.inputs().size(); ++i) {
+        auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
+        const int64_t rb = executor_->input_row_bytes(static_cast<int>(i));
+        const SeqLayout& l = in_layout_[i];
+        int64_t off = 0;
+        for (size_t j = first; j < last; ++j) {
+          const Request& r = *batch[j];
+          const auto* src = static_cast<const uint8_t*>(r.inputs_[i]);
+          if (l.dim < 0) {
+            std::memcpy(dst + off * rb, src, r.rows_ * rb);
+          } else {
+            const int64_t have = r.seq_ * l.inner * l.elem, want = seq * l.inner * l.elem;
+            for (int64_t o = 0; o < r.rows_ * l.outer; ++o) {
+              uint8_t* d = dst + off * rb + o * want;
+              std::memcpy(d, src + o * have, have);
+              const int64_t n = (want - have) / l.elem;
+              if (l.elem == 8) {
+                const auto pv = static_cast<int64_t>(l.pad);
+                for (int64_t k = 0; k < n; ++k) std::memcpy(d + have + 8 * k, &pv, 8);
+              } else {
+                const auto pv = static_cast<float>(l.pad);
+                for (int64_t k = 0; k < n; ++k) std::memcpy(d + have + 4 * k, &pv, 4);
+              }
+            }
+          }
+          off += r.rows_;
+        }
+      }
+      executor_->execute(rows);
+      for (size_t i = 0; i < m.outputs().size(); ++i) {
+        const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
+        const int64_t rb = executor_->output_row_bytes(static_cast<int>(i));
+        const SeqLayout& l = out_layout_[i];
+        int64_t off = 0;
+        for (size_t j = first; j < last; ++j) {
+          Request& r = *batch[j];
+          auto* dst = static_cast<uint8_t*>(r.outputs_[i]);
+          if (l.dim < 0) {
+            std::memcpy(dst, src + off * rb, r.rows_ * rb);
+          } else {
+            const int64_t have = r.seq_ * l.inner * l.elem, want = seq * l.inner * l.elem;
+            for (int64_t o = 0; o < r.rows_ * l.outer; ++o) std::memcpy(dst + o * have, src + off * rb + o * want, have);
+          }
+          off += r.rows_;
+        }
+      }
+    }
+    for (size_t i = 0; i < m.inputs().size() && !mixed; ++i) {
       const int64_t rb = executor_->input_row_bytes(static_cast<int>(i));
       auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
       int64_t off = 0;
@@ -318,8 +416,8 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
         off += batch[j]->rows_;
       }
     }
-    executor_->execute(rows);
-    for (size_t i = 0; i < m.outputs().size(); ++i) {
+    if (!mixed) executor_->execute(rows);
+    for (size_t i = 0; i < m.outputs().size() && !mixed; ++i) {
       const int64_t rb = executor_->output_row_bytes(static_cast<int>(i));
       const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
       int64_t off = 0;

@@ -438,7 +438,7 @@ class _Exporter(_ExtMixin):
 
 def export(module, example_inputs, path, quantize: Optional[str] = None, prune=None,
            input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
-           dynamic_seq=None) -> str:
+           dynamic_seq=None, padding: Optional[dict] = None) -> str:
     """Trace `module` with torch.fx on `example_inputs` and write an .aimass file to `path`.
 
     quantize: None (fp32), "int8" (per-channel symmetric Linear weights) or "int4" (symmetric,
@@ -453,6 +453,10 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     dynamic_seq: None (every dim but the batch is fixed), True (dim 1 of every input of rank >= 2
     is the sequence length) or a dict {input index or name: dim}; the signature then holds -1 there
     and the runtime plans each length it meets (docs/runtime.md).
+    padding: with dynamic_seq, {"mask_input": name, "pad_value": v} lets a Session batch requests of
+    different lengths: it pads each to the longest in the batch (the mask input with v, e.g. 0 for a
+    1/0 attention mask or 1 for a True-means-padding key mask; other inputs with 0) and returns each
+    request its own length. Only for models whose positions interact through that mask alone.
     The file is written atomically (temporary name, fsync, rename). Returns `path`."""
     import torch
     from safetensors.numpy import save_file
@@ -491,6 +495,15 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     }
     if quantize:
         metadata["aimass.quantize"] = quantize
+    if padding is not None:
+        if not isinstance(padding, dict) or set(padding) - {"mask_input", "pad_value"} or "mask_input" not in padding:
+            raise ValueError(f"export: padding must be {{'mask_input': name, 'pad_value': number}}, got {padding!r}")
+        spec = next((i for i in ex.inputs if i["name"] == padding["mask_input"]), None)
+        if spec is None or -1 not in spec["shape"][1:]:
+            raise ValueError(f"export: padding mask_input {padding['mask_input']!r} must name an input with the "
+                             "dynamic sequence dim (export with dynamic_seq)")
+        metadata["aimass.padding"] = json.dumps({"mask_input": padding["mask_input"],
+                                                 "mask_pad_value": float(padding.get("pad_value", 0))})
     if prune_report is not None:
         metadata["aimass.prune"] = json.dumps(prune_report, separators=(",", ":"))
     path = os.fspath(path)
