@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 
 
+def as_json(obj):
+    """`obj` as it reads back from JSON (tuples become lists)."""
+    import json
+    return json.loads(json.dumps(obj))
+
+
 def make_models(folder, n=3, seed=0):
     """`n` distinct tiny MLP .aimass files (exported from torch) in `folder`."""
     import torch
@@ -101,3 +107,59 @@ class PgCluster:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def exercise_api(reg, models):
+    """The registry's whole API on any backend: push, labels, promote, rollback, fetch, delete, gc,
+    generation, and pushes from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aimass
+    from aimass.registry import ConflictError, NotFoundError
+
+    g0 = reg.generation()
+    assert reg.list() == []
+    assert reg.push(models[0], "mnist", label="stable", metrics={"accuracy": 0.9}) == 1
+    g1 = reg.generation()
+    assert g1 > g0
+    assert reg.push(models[1], "mnist", label="canary", parent=1) == 2
+    assert reg.resolve("mnist").version == 1  # stable wins over newest
+    assert reg.resolve("mnist", label="canary").version == 2
+    assert reg.show("mnist", version=2).parent == 1
+    g2 = reg.generation()
+    assert reg.promote("mnist") == 2
+    assert reg.generation() > g2
+    assert reg.show("mnist").labels == ["canary", "stable"]
+    assert reg.push(models[2], "mnist", label="stable") == 3
+    assert reg.rollback("mnist") == 2
+    assert reg.rollback("mnist") == 1
+    hist = reg.label_history("mnist", "stable")
+    assert [(h["action"], h["version"]) for h in hist] == [("set", 1), ("set", 2), ("set", 3), ("rollback", 2),
+                                                           ("rollback", 1)]
+    listing = reg.list()
+    assert listing[0]["name"] == "mnist" and listing[0]["versions"] == [1, 2, 3]
+    assert listing[0]["labels"] == {"canary": 2, "stable": 1} and listing[0]["latest"] == 3
+    for v, p in zip((1, 2, 3), models):
+        local = reg.fetch("mnist", v)
+        assert open(local, "rb").read() == open(p, "rb").read()
+        assert as_json(aimass.runtime.load(local).signature) == reg.show("mnist", version=v).signature
+    try:
+        reg.delete("mnist", 2)
+        raise AssertionError("deleting a labelled version must fail")
+    except ConflictError:
+        pass
+    assert reg.delete("mnist", 3).version == 3
+    gc = reg.gc(grace_s=0)
+    assert len(gc["removed_blobs"]) == 1
+    try:
+        reg.fetch("mnist", 3)
+        raise AssertionError("fetching a deleted version must fail")
+    except NotFoundError:
+        pass
+    assert reg.check(deep=True) == []
+    # pushes from threads sharing one Registry get distinct versions
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: reg.push(models[i % len(models)], "threads"), range(8)))
+    assert sorted(got) == list(range(1, 9))
+    assert [v.version for v in reg.versions("threads")] == list(range(1, 9))
+    assert reg.push(models[0], "mnist") == 4  # 3 is never reused

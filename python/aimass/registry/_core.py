@@ -276,6 +276,11 @@ class Registry:
         if source is None:
             source = str(path.absolute())
 
+        if parent is not None:  # checked again in the transaction; here so a bad push stores nothing
+            with self._meta.read() as conn:
+                nxt = conn.execute(sa.select(M.models.c.next_version).where(M.models.c.name == name)).scalar() or 1
+            self._check_parent(name, parent, nxt)
+
         staged, sha, size = stage_copy(str(path), self._blobs.staging_dir())
         try:
             fault("staged")
@@ -295,9 +300,8 @@ class Registry:
                 mid = conn.execute(M.models.insert().values(name=name, created=now, next_version=1)
                                    ).inserted_primary_key[0]
             version = conn.execute(sa.select(M.models.c.next_version).where(M.models.c.id == mid)).scalar_one()
-            if parent is not None and parent >= version:
-                raise InvalidArgumentError(f"push: parent version {parent} of {name!r} does not exist "
-                                           f"(its newest version number so far is {version - 1})")
+            if parent is not None:
+                self._check_parent(name, parent, version)
             if not self._blobs.exists(sha):  # a gc with grace 0 ran between the upload and here
                 raise IntegrityError(f"push: the artifact {sha} vanished before it was recorded "
                                      "(a 'gc --grace 0' ran during the push); push again")
@@ -311,6 +315,12 @@ class Registry:
             fault("txn")
         fault("committed")
         return version
+
+    @staticmethod
+    def _check_parent(name: str, parent: int, next_version: int) -> None:
+        if parent >= next_version:
+            raise InvalidArgumentError(f"push: parent version {parent} of {name!r} does not exist "
+                                       f"(its newest version number so far is {next_version - 1})")
 
     def _set_label(self, conn, mid: int, label: str, version: Optional[int], action: str, now: float):
         cur = conn.execute(sa.select(M.labels.c.version).where(M.labels.c.model_id == mid,
