@@ -163,3 +163,98 @@ def exercise_api(reg, models):
     assert sorted(got) == list(range(1, 9))
     assert [v.version for v in reg.versions("threads")] == list(range(1, 9))
     assert reg.push(models[0], "mnist") == 4  # 3 is never reused
+
+
+FAULT_POINTS = ("copy", "staged", "upload", "rename", "blob", "txn", "committed")
+
+
+def _child_push(store, blobs, path, name, label, fault_point, go, out):
+    import os as _os
+    if fault_point:
+        _os.environ["AIMASS_REGISTRY_FAULT"] = fault_point
+    from aimass.registry import Registry
+    reg = Registry(store, blobs=blobs)
+    if go is not None:
+        go.wait(30)
+    got = []
+    for p in path if isinstance(path, list) else [path]:
+        got.append(reg.push(p, name, label=label))
+    if out is not None:
+        out.put(got)
+
+
+def fork_push(store, blobs, path, name, label=None, fault_point=None, go=None, out=None):
+    """A forked process (cheap: everything is imported already) that pushes `path` (or a list)."""
+    import multiprocessing as mp
+    p = mp.get_context("fork").Process(target=_child_push,
+                                       args=(store, blobs, path, name, label, fault_point, go, out))
+    p.start()
+    return p
+
+
+def assert_consistent(reg, name):
+    """Every visible version is whole: its blob is there and matches its sha256, labels point at
+    versions, numbers are distinct and growing. Returns the visible versions."""
+    assert reg.check(deep=True) == []
+    vs = [v.version for v in reg.versions(name)] if any(m["name"] == name for m in reg.list()) else []
+    assert vs == sorted(set(vs))
+    return vs
+
+
+def crash_trials(store, blobs, models, trials=20, seed=17):
+    """SIGKILL pushes at fault points and at random moments; after each the store is consistent and
+    usable, and at the end gc(grace 0) leaves exactly the referenced blobs and no temp files."""
+    import os as _os
+    import random
+    import signal
+    import time as _time
+
+    from aimass.registry import Registry
+
+    rng = random.Random(seed)
+    points = list(FAULT_POINTS)
+    rng.shuffle(points)
+    removed = 0
+    # how long a whole forked push takes here: random kills land anywhere in it (or just after)
+    t0 = _time.monotonic()
+    p = fork_push(store, blobs, models[0], "m")
+    p.join(60)
+    assert p.exitcode == 0
+    span = _time.monotonic() - t0
+    kills = {"before": 0, "after": 0}
+    for t in range(trials):
+        point = points[t] if t < len(points) else (rng.choice(points) if t % 2 else None)
+        with Registry(store, blobs=blobs) as reg:
+            before = assert_consistent(reg, "m")
+        label = rng.choice([None, "stable", "canary"])
+        p = fork_push(store, blobs, models[t % len(models)], "m", label=label, fault_point=point)
+        if point is None:  # a random moment in a push's life (tens of ms here)
+            _time.sleep(rng.uniform(0.0, 1.1 * span))
+            try:
+                _os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.join(60)
+        assert p.exitcode is not None, "a push hung"
+        if point not in (None, "upload") or (point == "upload" and blobs and "://" in blobs):
+            assert p.exitcode == -signal.SIGKILL, f"trial {t}: the push was not killed at {point!r} ({p.exitcode})"
+        with Registry(store, blobs=blobs) as reg:
+            after = assert_consistent(reg, "m")
+            if point is None:
+                kills["after" if len(after) > len(before) else "before"] += 1
+            if p.exitcode == -signal.SIGKILL:
+                if point == "committed":
+                    assert len(after) == len(before) + 1
+                elif point is not None:
+                    assert after == before, f"trial {t}: a push killed at {point!r} left a visible version"
+            new = reg.push(models[0], "m")  # the store is not left locked
+            assert new > max(after, default=0)
+            if t % 5 == 4:
+                removed += len(reg.gc(grace_s=0)["removed_blobs"])
+    with Registry(store, blobs=blobs) as reg:
+        reg.gc(grace_s=0)
+        assert_consistent(reg, "m")
+        referenced = {v.sha256 for v in reg.versions("m")}
+        assert {sha for sha, _, _ in reg._blobs.list_blobs()} == referenced
+        assert list(reg._blobs.list_temp()) == []
+    return kills
