@@ -1,5 +1,6 @@
 """Registry past one machine: metadata in a real PostgreSQL (started here from Debian's packages),
 blobs through fsspec (memory://, file://); the same API, concurrency and crash guarantees."""
+import os
 import sys
 
 import pytest
@@ -53,6 +54,7 @@ def test_memory_blob_tampering_is_detected_and_cache_is_reverified(tmp_path, mod
         sha = reg.show("m").sha256
         cached = reg.fetch("m", 1)
         assert cached.startswith(str(home / "cache"))
+        os.chmod(cached, 0o644)
         with open(cached, "r+b") as f:  # a corrupted cache entry is re-downloaded, not trusted
             f.write(b"junk")
         assert open(reg.fetch("m", 1), "rb").read() == open(models[0], "rb").read()
@@ -61,7 +63,6 @@ def test_memory_blob_tampering_is_detected_and_cache_is_reverified(tmp_path, mod
         data = bytearray(fs.cat_file(key))
         data[100] ^= 0xFF
         fs.pipe_file(key, bytes(data))
-        import os
         os.unlink(cached)
         with pytest.raises(IntegrityError, match="corrupt"):
             reg.fetch("m", 1)

@@ -104,6 +104,7 @@ class LocalBlobs:
         """Move a staged, fsynced file into place; after this returns the blob is durable."""
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         final = self.blob_dir / _check_hex(sha)
+        os.chmod(staged, 0o444)
         os.replace(staged, final)  # same content if it existed: content-addressed
         fault("rename")
         _fsync_dir(self.blob_dir)
@@ -220,6 +221,7 @@ class FsspecBlobs:
                                      f"expected {sha}; restore it from a backup or delete the version")
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
             os.replace(tmp, cached)
         finally:
             tmp.unlink(missing_ok=True)

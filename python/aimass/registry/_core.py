@@ -189,12 +189,17 @@ class Registry:
                               .order_by(M.versions.c.version)).all()
             ls = conn.execute(sa.select(M.labels.c.model_id, M.labels.c.label, M.labels.c.version)
                               .order_by(M.labels.c.label)).all()
+        vmap: Dict[int, List[int]] = {}
+        lmap: Dict[int, Dict[str, int]] = {}
+        for r in vs:
+            vmap.setdefault(r.model_id, []).append(r.version)
+        for r in ls:
+            lmap.setdefault(r.model_id, {})[r.label] = r.version
         out = []
         for m in ms:
-            vlist = [r.version for r in vs if r.model_id == m.id]
+            vlist = vmap.get(m.id, [])
             out.append({"name": m.name, "created": _iso(m.created), "versions": vlist,
-                        "latest": vlist[-1] if vlist else None,
-                        "labels": {r.label: r.version for r in ls if r.model_id == m.id}})
+                        "latest": vlist[-1] if vlist else None, "labels": lmap.get(m.id, {})})
         return out
 
     def versions(self, name: str) -> List[ModelVersion]:

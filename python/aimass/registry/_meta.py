@@ -9,6 +9,8 @@ unchanged knows nothing changed. Schema changes go through ``MIGRATIONS`` and th
 from __future__ import annotations
 
 import contextlib
+import os
+import weakref
 from typing import Callable, Dict
 
 import sqlalchemy as sa
@@ -116,6 +118,9 @@ class MetaStore:
             raise RegistryError(
                 f"registry store {self.display}: its database driver is not installed ({exc}); "
                 "for PostgreSQL: pip install 'psycopg[binary]'") from None
+        # a forked child (server workers, multiprocessing) must not use the parent's connections
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: ref() is not None and ref().engine.dispose(close=False))
         if self.backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
