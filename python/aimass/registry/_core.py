@@ -1,12 +1,8 @@
 """Registry: the public API over the metadata store (_meta) and the blob store (_blobs)."""
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import json
-import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -17,112 +13,20 @@ from .._home import aimass_home
 from . import _meta as M
 from ._blobs import fault, open_blobs, stage_copy
 from ._errors import ConflictError, IntegrityError, InvalidArgumentError, NotFoundError
+from ._location import resolve_store
+from ._values import ModelVersion, _iso, check_label, check_metrics, check_name, check_version
+
+__all__ = ["Registry", "ModelVersion", "DEFAULT_LABEL"]
 
 DEFAULT_LABEL = "stable"
 DEFAULT_GC_GRACE_S = 3600.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _iso(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelVersion:
-    """One stored version. `created` is ISO-8601 UTC; `path` is the blob's file path (a local store)
-    or URL (a remote one) - use Registry.fetch() for a verified local file."""
-    name: str
-    version: int
-    sha256: str
-    size: int
-    created: str
-    source: Optional[str]
-    metrics: Dict[str, Any]
-    parent: Optional[int]
-    signature: Dict[str, Any]
-    labels: List[str]
-    path: str
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_name(name, what: str = "model name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidArgumentError(
-            f"{what} {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit")
-    return name
-
-
-def check_label(label) -> str:
-    check_name(label, "label")
-    if label.isdigit():
-        raise InvalidArgumentError(f"label {label!r} is a number and would read as a version; pick a word")
-    return label
-
-
-def check_version(version, what: str = "version") -> int:
-    if isinstance(version, bool) or not isinstance(version, int):
-        if isinstance(version, str) and version.isdigit():
-            version = int(version)
-        else:
-            raise InvalidArgumentError(f"{what} must be a positive integer, got {version!r}")
-    if version < 1:
-        raise InvalidArgumentError(f"{what} must be a positive integer, got {version}")
-    return version
-
-
-def check_metrics(metrics) -> Dict[str, Any]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise InvalidArgumentError(f"metrics must be a dict of name -> number or string, got "
-                                   f"{type(metrics).__name__}")
-    out = {}
-    for k, v in metrics.items():
-        if not isinstance(k, str) or not k:
-            raise InvalidArgumentError(f"metrics keys must be non-empty strings, got {k!r}")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidArgumentError(f"metric {k!r} is {v}; only finite numbers can be stored")
-        if v is not None and not isinstance(v, (bool, int, float, str)):
-            raise InvalidArgumentError(f"metric {k!r} must be a number, string, bool or null, got "
-                                       f"{type(v).__name__}")
-        out[k] = v
-    return out
-
-
-def _resolve_store(store, blobs):
-    """(database URL, blob spec, default blob root, local staging root) for Registry(store, blobs)."""
-    if store is None:
-        store = os.environ.get("AIMASS_REGISTRY", "").strip() or str(aimass_home() / "registry")
-    if blobs is None:
-        blobs = os.environ.get("AIMASS_REGISTRY_BLOBS", "").strip() or None
-    if not isinstance(store, (str, os.PathLike)):
-        raise InvalidArgumentError(f"registry store must be a folder or database URL, got {type(store).__name__}")
-    store = os.fspath(store)
-    if store.startswith("file://"):
-        store = store[len("file://"):]
-    if "://" not in store:
-        root = Path(store).expanduser().absolute()
-        if root.exists() and not root.is_dir():
-            raise InvalidArgumentError(f"registry store {root} is a file, not a folder; give a folder or "
-                                       "a database URL (sqlite:///PATH, postgresql://...)")
-        root.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{root / 'registry.db'}", blobs, root, root
-    url = M.normalize_url(store)
-    if url.get_backend_name() == "sqlite":
-        db = Path(url.database).expanduser().absolute()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return url.set(database=str(db)), blobs, db.parent, db.parent
-    return url, blobs, None, aimass_home()
 
 
 class Registry:
     """A versioned model store. See the package docstring for the whole API."""
 
     def __init__(self, store: Union[str, os.PathLike, None] = None, blobs: Union[str, os.PathLike, None] = None):
-        url, blob_spec, default_root, local_root = _resolve_store(store, blobs)
+        url, blob_spec, default_root, local_root = resolve_store(store, blobs)
         cache = aimass_home() / "cache" / "blobs" / "sha256"
         self._blobs = open_blobs(blob_spec, default_root, cache, Path(local_root) / "tmp")
         self._meta = M.MetaStore(url if isinstance(url, str) else url.render_as_string(hide_password=False))
