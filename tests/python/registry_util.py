@@ -258,3 +258,24 @@ def crash_trials(store, blobs, models, trials=20, seed=17):
         assert {sha for sha, _, _ in reg._blobs.list_blobs()} == referenced
         assert list(reg._blobs.list_temp()) == []
     return kills
+
+
+def two_processes_push(store, blobs, models, n=5):
+    """Two forked processes released together push `n` versions each: all distinct, none lost."""
+    import multiprocessing as mp
+
+    from aimass.registry import Registry
+
+    ctx = mp.get_context("fork")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [fork_push(store, blobs, [models[i % len(models)] for i in range(n)], "m", go=go, out=out)
+             for _ in range(2)]
+    go.set()
+    got = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(a < b for g in got for a, b in zip(g, g[1:]))  # each process sees its versions grow
+    assert sorted(got[0] + got[1]) == list(range(1, 2 * n + 1))  # distinct, none lost
+    with Registry(store, blobs=blobs) as reg:
+        assert assert_consistent(reg, "m") == list(range(1, 2 * n + 1))

@@ -9,8 +9,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sqlalchemy")
 fsspec = pytest.importorskip("fsspec")
 from aimass.registry import IntegrityError, InvalidArgumentError, Registry  # noqa: E402
-from registry_util import PgCluster, crash_trials, exercise_api, make_models  # noqa: E402
-from test_registry_crash import two_processes_push  # noqa: E402
+from registry_util import PgCluster, crash_trials, exercise_api, make_models, two_processes_push  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 

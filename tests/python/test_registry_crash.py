@@ -7,8 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("sqlalchemy")
-from aimass.registry import Registry  # noqa: E402
-from registry_util import assert_consistent, crash_trials, fork_push, make_models  # noqa: E402
+from registry_util import crash_trials, make_models, two_processes_push  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork and SIGKILL")]
@@ -23,23 +22,6 @@ def models(tmp_path_factory):
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("AIMASS_REGISTRY_FAULT", raising=False)
-
-
-def two_processes_push(store, blobs, models, n=5):
-    import multiprocessing as mp
-    ctx = mp.get_context("fork")
-    go, out = ctx.Event(), ctx.Queue()
-    procs = [fork_push(store, blobs, [models[i % len(models)] for i in range(n)], "m", go=go, out=out)
-             for _ in range(2)]
-    go.set()
-    got = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert all(a < b for g in got for a, b in zip(g, g[1:]))  # each process sees its versions grow
-    assert sorted(got[0] + got[1]) == list(range(1, 2 * n + 1))  # distinct, none lost
-    with Registry(store, blobs=blobs) as reg:
-        assert assert_consistent(reg, "m") == list(range(1, 2 * n + 1))
 
 
 @pytest.mark.parametrize("blobs", ["local", "file"])
