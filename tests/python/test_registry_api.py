@@ -218,3 +218,28 @@ def test_model_version_fields(reg, models):
     assert d["signature"] == as_json(aimass.runtime.load(models[1]).signature)
     assert d["size"] == os.path.getsize(models[1]) and d["created"].endswith("Z")
     json.dumps(d)
+
+
+def test_database_failures_are_registry_errors(tmp_path, home, models):
+    bad = tmp_path / "junk"
+    bad.mkdir()
+    (bad / "registry.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="cannot be opened.*not a database"):
+        Registry(bad)
+    with Registry(tmp_path / "ok") as reg:
+        reg.push(models[0], "m")
+        (tmp_path / "ok" / "registry.db").chmod(0o644)
+        reg._meta.engine.dispose()
+        with open(tmp_path / "ok" / "registry.db", "r+b") as f:  # clobber the header under a live Registry
+            f.write(b"\x00" * 100)
+        with pytest.raises(RegistryError, match="failed"):
+            reg.list()
+
+
+def test_aimass_home_default(monkeypatch, tmp_path):
+    from aimass._home import aimass_home
+    monkeypatch.delenv("AIMASS_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert aimass_home() == tmp_path / ".aimass"
+    monkeypatch.setenv("AIMASS_HOME", "~/elsewhere")
+    assert aimass_home() == tmp_path / "elsewhere"

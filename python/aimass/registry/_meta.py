@@ -131,9 +131,16 @@ class MetaStore:
         return self.url.render_as_string(hide_password=True)
 
     @contextlib.contextmanager
+    def _database_errors(self, what: str):
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:  # server gone, disk full, file not a database, ...
+            raise RegistryError(f"registry store {self.display}: {what} failed: {_first_line(exc)}") from None
+
+    @contextlib.contextmanager
     def read(self):
         """A read transaction (a consistent snapshot on both backends)."""
-        with self.engine.connect() as conn:
+        with self._database_errors("reading"), self.engine.connect() as conn:
             if self.backend == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
@@ -142,7 +149,7 @@ class MetaStore:
     @contextlib.contextmanager
     def write(self):
         """A write transaction; writers are serialized, the generation counter moves."""
-        with self.engine.connect() as conn:
+        with self._database_errors("writing"), self.engine.connect() as conn:
             conn.execution_options(aimass_write=True)
             with conn.begin():
                 conn.execute(sa.update(counters).where(counters.c.name == "generation")
@@ -150,7 +157,7 @@ class MetaStore:
                 yield conn
 
     def generation(self) -> int:
-        with self.engine.connect() as conn:
+        with self._database_errors("reading"), self.engine.connect() as conn:
             return int(conn.execute(sa.select(counters.c.value)
                                     .where(counters.c.name == "generation")).scalar_one())
 
@@ -178,7 +185,7 @@ class MetaStore:
                         MIGRATIONS[found](conn)
                         found += 1
                         conn.execute(schema_info.update().values(version=found))
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DBAPIError as exc:
             raise RegistryError(f"registry store {self.display} cannot be opened: {_first_line(exc)}") from None
 
 
