@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 
 def as_json(obj):
     """`obj` as it reads back from JSON (tuples become lists)."""
@@ -35,6 +37,21 @@ def make_models(folder, n=3, seed=0):
         rt.export(net, (torch.randn(2, 8),), p, input_names=["x"])
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three distinct tiny .aimass models (import this fixture into a test module)."""
+    return make_models(tmp_path_factory.mktemp("models"), 3)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """AIMASS_HOME in the test's temp folder, no registry variables from the environment."""
+    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+    for var in ("AIMASS_REGISTRY", "AIMASS_REGISTRY_BLOBS", "AIMASS_REGISTRY_FAULT"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "home"
 
 
 def _free_port() -> int:

@@ -11,22 +11,9 @@ pytest.importorskip("sqlalchemy")
 import aimass  # noqa: E402
 from aimass.registry import (ConflictError, IntegrityError, InvalidArgumentError, ModelVersion,  # noqa: E402
                              NotFoundError, Registry, RegistryError)
-from registry_util import as_json, exercise_api, make_models  # noqa: E402
+from registry_util import as_json, exercise_api, home, models  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"), 3)
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("AIMASS_REGISTRY", raising=False)
-    monkeypatch.delenv("AIMASS_REGISTRY_BLOBS", raising=False)
-    return tmp_path / "home"
 
 
 @pytest.fixture

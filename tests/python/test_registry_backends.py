@@ -9,21 +9,9 @@ pytest.importorskip("torch")
 pytest.importorskip("sqlalchemy")
 fsspec = pytest.importorskip("fsspec")
 from aimass.registry import IntegrityError, InvalidArgumentError, Registry  # noqa: E402
-from registry_util import PgCluster, crash_trials, exercise_api, make_models, two_processes_push  # noqa: E402
+from registry_util import PgCluster, crash_trials, exercise_api, home, models, two_processes_push  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"), 3)
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("AIMASS_REGISTRY_BLOBS", raising=False)
-    return tmp_path / "home"
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sqlalchemy")
 from aimass.cli import main  # noqa: E402
-from registry_util import make_models  # noqa: E402
+from registry_util import home, models  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(120)
 SUBCOMMANDS = ["push", "list", "show", "label", "promote", "rollback", "history", "delete", "gc", "check"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"), 3)
-
-
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+def store(tmp_path, monkeypatch, home):
     monkeypatch.setenv("AIMASS_REGISTRY", str(tmp_path / "store"))
     return tmp_path / "store"
 

@@ -7,21 +7,10 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("sqlalchemy")
-from registry_util import crash_trials, make_models, two_processes_push  # noqa: E402
+from registry_util import crash_trials, home, models, two_processes_push  # noqa: E402,F401
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork and SIGKILL")]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"), 3)
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("AIMASS_REGISTRY_FAULT", raising=False)
 
 
 @pytest.mark.parametrize("blobs", ["local", "file"])

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
+from .._io import fsync_dir
 from ._errors import IntegrityError, InvalidArgumentError, RegistryError
 
 CHUNK = 1 << 20
@@ -27,14 +28,6 @@ def fault(point: str) -> None:
     if os.environ.get("AIMASS_REGISTRY_FAULT") == point:
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path) -> str:
@@ -107,7 +100,7 @@ class LocalBlobs:
         os.chmod(staged, 0o444)
         os.replace(staged, final)  # same content if it existed: content-addressed
         fault("rename")
-        _fsync_dir(self.blob_dir)
+        fsync_dir(self.blob_dir)
         os.utime(final)  # fresh mtime: gc's grace period protects it until the row is committed
 
     def exists(self, sha: str) -> bool:
@@ -197,7 +190,7 @@ class FsspecBlobs:
             self.fs.mv(tmp, self._key(sha))
             fault("rename")
             if self._local:
-                _fsync_dir(Path(self._key(sha)).parent)
+                fsync_dir(Path(self._key(sha)).parent)
         finally:
             Path(staged).unlink(missing_ok=True)
 
