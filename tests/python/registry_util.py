@@ -185,10 +185,9 @@ def exercise_api(reg, models):
 FAULT_POINTS = ("copy", "staged", "upload", "rename", "blob", "txn", "committed")
 
 
-def _child_push(store, blobs, path, name, label, fault_point, go, out):
+def _child_push(env, store, blobs, path, name, label, go, out):
     import os as _os
-    if fault_point:
-        _os.environ["AIMASS_REGISTRY_FAULT"] = fault_point
+    _os.environ.update(env)
     from aimass.registry import Registry
     reg = Registry(store, blobs=blobs)
     if go is not None:
@@ -200,11 +199,19 @@ def _child_push(store, blobs, path, name, label, fault_point, go, out):
         out.put(got)
 
 
-def fork_push(store, blobs, path, name, label=None, fault_point=None, go=None, out=None):
-    """A forked process (cheap: everything is imported already) that pushes `path` (or a list)."""
+def mp_context():
+    """Processes forked from a clean server process that has aimass.registry imported: cheap to
+    start, and never forked from the test process (whose thread pools a fork could catch mid-lock)."""
     import multiprocessing as mp
-    p = mp.get_context("fork").Process(target=_child_push,
-                                       args=(store, blobs, path, name, label, fault_point, go, out))
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["aimass.registry", "aimass.runtime", "registry_util"])
+    return ctx
+
+
+def fork_push(store, blobs, path, name, label=None, fault_point=None, go=None, out=None):
+    """A process that pushes `path` (or a list of paths), SIGKILLing itself at `fault_point`."""
+    env = {"AIMASS_HOME": os.environ["AIMASS_HOME"], "AIMASS_REGISTRY_FAULT": fault_point or ""}
+    p = mp_context().Process(target=_child_push, args=(env, store, blobs, path, name, label, go, out))
     p.start()
     return p
 
@@ -232,7 +239,7 @@ def crash_trials(store, blobs, models, trials=20, seed=17):
     points = list(FAULT_POINTS)
     rng.shuffle(points)
     removed = 0
-    # how long a whole forked push takes here: random kills land anywhere in it (or just after)
+    # how long a whole push in a new process takes here: random kills land anywhere in it (or just after)
     t0 = _time.monotonic()
     p = fork_push(store, blobs, models[0], "m")
     p.join(60)
@@ -278,12 +285,10 @@ def crash_trials(store, blobs, models, trials=20, seed=17):
 
 
 def two_processes_push(store, blobs, models, n=5):
-    """Two forked processes released together push `n` versions each: all distinct, none lost."""
-    import multiprocessing as mp
-
+    """Two processes released together push `n` versions each: all distinct, none lost."""
     from aimass.registry import Registry
 
-    ctx = mp.get_context("fork")
+    ctx = mp_context()
     go, out = ctx.Event(), ctx.Queue()
     procs = [fork_push(store, blobs, [models[i % len(models)] for i in range(n)], "m", go=go, out=out)
              for _ in range(2)]
