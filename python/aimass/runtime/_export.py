@@ -409,6 +409,8 @@ class _Exporter(_ExtMixin):
             elif node.op == "output":
                 self.collect_outputs(node.args[0], output_names)
         self.drop_dead_nodes()
+        self.fuse_attention()
+        self.drop_dead_nodes()
         return self
 
     def collect_outputs(self, out, output_names):
