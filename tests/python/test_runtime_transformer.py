@@ -1,6 +1,7 @@
 """Transformer encoders through the runtime: nn.TransformerEncoder(Layer) pre/post-norm with padding
 masks, nn.MultiheadAttention, F.scaled_dot_product_attention (mask, causal), a hand-written BERT
 block, a dynamic sequence length, the tensor ops they use, and int8/int4 Linear layers."""
+import json
 import math
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_bert_block_dynamic_length_in_one_session(tmp_path):
     path = check_session(tmp_path, enc, inputs, (11, 5, 23, 11), dynamic_seq=True)
     sig = rt.load(path).signature
     assert sig["inputs"][0]["shape"] == (-1, -1) and sig["outputs"][0]["shape"] == (-1, -1, 32)
+    ops = [n["op"] for n in json.loads(rt.load(path).metadata["aimass.graph"])["nodes"]]
+    # q @ k^T / sqrt(d) + mask -> softmax -> @ v, with the view/transpose head split and merge, is one node
+    assert ops.count("sdpa") == 2 and "permute" not in ops and "softmax" not in ops and "matmul" not in ops
 
 
 def test_static_length_rejects_other_lengths(tmp_path):
