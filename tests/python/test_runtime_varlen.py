@@ -17,7 +17,8 @@ def bert(tmp_path_factory):
     enc = zoo.bert_encoder(vocab=100, hidden=32, layers=2, heads=4, ffn=64, max_len=128).eval()
     path = tmp_path_factory.mktemp("varlen") / "bert.aimass"
     ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.long)
-    rt.export(enc, (ids, mask), path, dynamic_seq=True, padding={"mask_input": "attention_mask", "pad_value": 0})
+    rt.export(enc, (ids, mask), path, dynamic_seq=True,
+              padding={"mask_input": "attention_mask", "pad_value": 0, "max_waste": 1.0})
     return enc, path
 
 
@@ -88,7 +89,8 @@ def test_key_padding_mask_model(tmp_path):
             return self.e(x, src_key_padding_mask=kp)
     m = Enc().eval()
     x, kp = torch.randn(1, 6, 16), torch.zeros(1, 6, dtype=torch.bool)
-    rt.export(m, (x, kp), tmp_path / "k.aimass", dynamic_seq=True, padding={"mask_input": "kp", "pad_value": 1})
+    rt.export(m, (x, kp), tmp_path / "k.aimass", dynamic_seq=True,
+              padding={"mask_input": "kp", "pad_value": 1, "max_waste": 1.0})
     reqs = [{"x": np.random.default_rng(i).standard_normal((1, n, 16), np.float32), "kp": np.zeros((1, n), bool)}
             for i, n in enumerate((4, 11, 7))]
     with rt.Session(tmp_path / "k.aimass", max_batch_size=1) as alone:
@@ -97,3 +99,21 @@ def test_key_padding_mask_model(tmp_path):
         futs = [s.submit(r) for r in reqs]
         for f, r in zip(futs, refs):
             np.testing.assert_allclose(f.result(timeout=30)["output"], r, rtol=1e-5, atol=1e-5)
+
+
+def test_default_waste_bound_keeps_short_requests_apart(tmp_path):
+    torch.manual_seed(0)
+    enc = zoo.bert_encoder(vocab=100, hidden=32, layers=1, heads=4, ffn=64, max_len=128).eval()
+    ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    path = tmp_path / "w.aimass"
+    rt.export(enc, (ids, mask), path, dynamic_seq=True, padding={"mask_input": "attention_mask", "pad_value": 0})
+    blocker = {k: np.repeat(v, 64, axis=0) for k, v in request(128, 3).items()}
+    with rt.Session(path, max_batch_size=64, max_queue_delay_us=1000) as s:
+        busy = s.submit(blocker)
+        futs = [s.submit(request(16, 1)), s.submit(request(128, 2)), s.submit(request(120, 4))]
+        busy.result(timeout=30)
+        outs = [f.result(timeout=30)["output"] for f in futs]
+        hist = s.stats()["batch_requests"]
+    assert [o.shape[1] for o in outs] == [16, 128, 120]
+    # 16 never pads to 128 (87% waste); 128 and 120 may share a batch (3% waste)
+    assert sum(c for b, c in zip(hist["bounds"], hist["counts"]) if b >= 4) == 0

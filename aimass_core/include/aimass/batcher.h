@@ -147,6 +147,7 @@ class Batcher {
     double pad = 0;
   };
   bool varlen_ = false;
+  double max_waste_ = 0.25;  // largest fraction of padded positions a batch may hold
   std::vector<SeqLayout> in_layout_, out_layout_;
   void init_varlen();
   mutable std::mutex mu_;

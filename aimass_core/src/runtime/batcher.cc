@@ -111,6 +111,11 @@ void Batcher::init_varlen() {
   json::Value v = json::parse(it->second.data(), it->second.size(), "aimass.padding metadata");
   const json::Value* mask = v.find("mask_input");
   const json::Value* pad = v.find("mask_pad_value");
+  if (const json::Value* w = v.find("max_waste")) {
+    AIMASS_CHECK(w->is_number() && w->num >= 0 && w->num <= 1, ValueError, m.path(),
+                 ": aimass.padding max_waste must be a number in [0, 1]");
+    max_waste_ = w->num;
+  }
   AIMASS_CHECK(v.is_object() && mask && mask->is_string(), ValueError, m.path(),
                ": metadata 'aimass.padding' must be {\"mask_input\": name, \"mask_pad_value\": number}");
   auto layout = [&](const TensorSpec& t) {
@@ -281,7 +286,7 @@ void Batcher::loop() {
     if (heap_.empty() && closing_) break;
     batch.clear();
     expired.clear();
-    int64_t rows = 0;
+    int64_t rows = 0, batch_max_seq = 0, batch_tokens = 0;
     const auto take = [&] {
       const auto now = Clock::now();
       while (!heap_.empty()) {
@@ -298,9 +303,19 @@ void Batcher::loop() {
         // One batch runs one sequence length (models with a dynamic sequence dim), unless the
         // model declares a padding mask (then shorter requests are padded to the longest).
         if (!batch.empty() && top->seq_ != batch.front()->seq_ && !varlen_) break;
+        if (varlen_ && !batch.empty()) {
+          // Pad only while it wastes at most max_waste of the batch's positions (length buckets
+          // in effect): padding 16-token requests to 128 costs more than running them apart.
+          const int64_t longest = std::max(batch_max_seq, top->seq_);
+          const int64_t real = batch_tokens + top->rows_ * top->seq_;
+          const double total = static_cast<double>(longest) * static_cast<double>(rows + top->rows_);
+          if (total - static_cast<double>(real) > max_waste_ * total) break;
+        }
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
         heap_rows_ -= heap_.back()->rows_;
+        batch_max_seq = std::max(batch_max_seq, heap_.back()->seq_);
+        batch_tokens += heap_.back()->rows_ * heap_.back()->seq_;
         batch.push_back(std::move(heap_.back()));
         heap_.pop_back();
         if (rows >= opts_.max_batch_size) break;

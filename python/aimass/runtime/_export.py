@@ -458,7 +458,8 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     padding: with dynamic_seq, {"mask_input": name, "pad_value": v} lets a Session batch requests of
     different lengths: it pads each to the longest in the batch (the mask input with v, e.g. 0 for a
     1/0 attention mask or 1 for a True-means-padding key mask; other inputs with 0) and returns each
-    request its own length. Only for models whose positions interact through that mask alone.
+    request its own length; max_waste (default 0.25) caps the fraction of padded positions in a batch.
+    Only for models whose positions interact through that mask alone.
     The file is written atomically (temporary name, fsync, rename). Returns `path`."""
     import torch
     from safetensors.numpy import save_file
@@ -498,14 +499,17 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     if quantize:
         metadata["aimass.quantize"] = quantize
     if padding is not None:
-        if not isinstance(padding, dict) or set(padding) - {"mask_input", "pad_value"} or "mask_input" not in padding:
-            raise ValueError(f"export: padding must be {{'mask_input': name, 'pad_value': number}}, got {padding!r}")
+        if not isinstance(padding, dict) or set(padding) - {"mask_input", "pad_value", "max_waste"} or \
+                "mask_input" not in padding or not 0 <= float(padding.get("max_waste", 0.25)) <= 1:
+            raise ValueError("export: padding must be {'mask_input': name, 'pad_value': number, 'max_waste': "
+                             f"fraction in [0, 1]}}, got {padding!r}")
         spec = next((i for i in ex.inputs if i["name"] == padding["mask_input"]), None)
         if spec is None or -1 not in spec["shape"][1:]:
             raise ValueError(f"export: padding mask_input {padding['mask_input']!r} must name an input with the "
                              "dynamic sequence dim (export with dynamic_seq)")
         metadata["aimass.padding"] = json.dumps({"mask_input": padding["mask_input"],
-                                                 "mask_pad_value": float(padding.get("pad_value", 0))})
+                                                 "mask_pad_value": float(padding.get("pad_value", 0)),
+                                                 "max_waste": float(padding.get("max_waste", 0.25))})
     if prune_report is not None:
         metadata["aimass.prune"] = json.dumps(prune_report, separators=(",", ":"))
     path = os.fspath(path)
