@@ -100,22 +100,10 @@ class _Exporter(_ExtMixin):
         return self.value[node]
 
     def emit(self, node, op, inputs, params=None, attrs=None, out_dtype="float32"):
-        name = node.name
-        params_named = {}
-        for role, arr in (params or {}).items():
-            if arr is None:
-                continue
-            tname = f"{name}.{role}"
-            self.tensors[tname] = np.ascontiguousarray(arr)
-            params_named[role] = tname
         self.meta_shape(node)
-        entry = {"op": op, "name": name, "inputs": list(inputs), "outputs": [name],
-                 "params": params_named, "attrs": attrs or {}}
-        self.nodes.append(entry)
+        name = self.emit_raw(node.name, op, inputs, params, attrs, out_dtype)
         self.value[node] = name
-        self.producer[name] = entry
-        self.dtypes[name] = out_dtype
-        return entry
+        return self.producer[name]
 
     def alias(self, node, src):
         self.value[node] = self.value[src] if src in self.value else self.val(src, node)
