@@ -86,7 +86,7 @@ def _run(args) -> int:
     out = args.out or "aimass-bench"
     path = report.save(out)
     pngs = plot(report, out)
-    print_table(report, console=Console())
+    print_table(report)
     failed = {s: v["error"] for s, v in report.suites.items() if "error" in v}
     console.print(f"report: {path}; plots: {', '.join(os.path.basename(p) for p in pngs) or 'none'}")
     if args.tune:
