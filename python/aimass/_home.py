@@ -1,15 +1,15 @@
-"""Where aimass keeps its state: the one place that reads AIMASS_HOME.
+"""The one place aimass reads AIMASS_HOME: the folder of its per-user state (default ``~/.aimass``).
 
-The registry, tuning profile (``tuning.json``), tuning studies and demo output live
-under it. Default ``~/.aimass``."""
+The model registry keeps its default store in ``aimass_home() / "registry"`` and its cache of
+remote blobs in ``aimass_home() / "cache"``; ``aimass bench --tune`` writes ``tuning.json`` there. Nothing is created here; callers make what they use.
+"""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
-def aimass_home() -> str:
-    """The aimass home directory (``$AIMASS_HOME``, default ``~/.aimass``); not created here."""
-    home = os.environ.get("AIMASS_HOME")
-    if home is not None and not home.strip():
-        raise ValueError("AIMASS_HOME is set but empty: unset it or point it at a directory")
-    return os.path.abspath(os.path.expanduser(home or os.path.join("~", ".aimass")))
+def aimass_home() -> Path:
+    """The aimass state folder: ``$AIMASS_HOME`` if set (``~`` expanded), else ``~/.aimass``."""
+    value = os.environ.get("AIMASS_HOME", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".aimass"
