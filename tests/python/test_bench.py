@@ -188,3 +188,20 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "unknown suite 'nosuchsuite'" in r.stderr and "Traceback" not in r.stderr
     r = _aimass("bench", "compare", str(tmp_path / "missing.json"), str(tmp_path / "b.json"), home=tmp_path)
     assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_profile_sets_loader_and_session_defaults(tmp_path):
+    _tuning.write_profile({"loader_threads": 1, "loader_prefetch": 5, "session_max_batch_size": 4,
+                           "session_max_queue_delay_us": 77}, path=str(tmp_path / "tuning.json"))
+    code = """
+import inspect, numpy as np, torch, aimass.data as D, aimass.runtime as rt
+ds = D.write(%r, {"x": np.zeros((8, 3), np.float32)})
+ld = D.Loader(ds, 4)
+ld2 = D.Loader(ds, 4, num_threads=2, prefetch=3)  # explicit arguments beat the profile
+rt.export(torch.nn.Sequential(torch.nn.Linear(3, 2)), (torch.randn(2, 3),), %r)
+s = rt.Session(%r)
+print(ld.num_threads, ld.prefetch, ld2.num_threads, ld2.prefetch, s.max_batch_size, s.max_queue_delay_us)
+""" % (str(tmp_path / "ds"), str(tmp_path / "m.aimass"), str(tmp_path / "m.aimass"))
+    r = _python(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "5", "2", "3", "4", "77"]
