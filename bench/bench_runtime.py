@@ -261,12 +261,11 @@ def main():
                     )
     ap.add_argument("--families", action="store_true",
                     help="the model-family tables instead (BERT, ResNet-50, LSTM vs torch/onnxruntime; "
-                         "bench_runtime_families.py)")
+                         "aimass.bench.runtime_families)")
     args, rest = ap.parse_known_args()
     if args.families:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import bench_runtime_families
-        bench_runtime_families.main((["--quick"] if args.quick else []) + rest)
+        from aimass.bench.runtime_families import main as families_main
+        families_main((["--quick"] if args.quick else []) + rest)
         return
     if args.threads:
         aimass.set_num_threads(args.threads)
