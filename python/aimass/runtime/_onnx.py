@@ -53,7 +53,11 @@ class _Importer:
 
     # -- shapes from two runs
     def probe(self):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("from_onnx runs the graph once in onnxruntime to learn its shapes: "
+                              "pip install 'aimass[onnx]' (onnx, onnxruntime)") from exc
         m = self.onnx.ModelProto()
         m.CopyFrom(self.model)
         names = [o for n in m.graph.node for o in n.output if o]
@@ -466,7 +470,10 @@ def from_onnx(model, out_path) -> str:
     """Import an ONNX model (a path or an onnx.ModelProto, opset 13+) into an .aimass file at out_path.
     Dim 0 of every input is the batch; one symbolic (dim_param) non-batch dim becomes the dynamic
     sequence length. Raises UnsupportedOpError naming the node and op type it cannot map."""
-    import onnx
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError("from_onnx needs the onnx package: pip install 'aimass[onnx]'") from exc
     from safetensors.numpy import save_file
 
     from ._export import FORMAT_VERSION
