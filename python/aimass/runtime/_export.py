@@ -9,7 +9,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .._io import atomic_path
-from ._export_ext import UnsupportedOpError, _ExtMixin, _unsupported, propagate_shapes, trace
+from ._export_ext import UnsupportedOpError, _ExtMixin, _unsupported
+from ._export_fuse import _FuseMixin
+from ._export_modules import _ModuleMixin
+from ._export_trace import propagate_shapes, trace
 
 FORMAT_VERSION = 1
 
@@ -50,7 +53,7 @@ def _quantize_linear(w: np.ndarray, bits: int):
     return np.ascontiguousarray(qw.data), np.ascontiguousarray(qw.scale, dtype=np.float32), group
 
 
-class _Exporter(_ExtMixin):
+class _Exporter(_ExtMixin, _ModuleMixin, _FuseMixin):
     def __init__(self, module, example_inputs, quantize, dynamic_seq=None):
         import torch
         import torch.fx
