@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 import aimass  # noqa: E402
 import aimass.runtime as rt  # noqa: E402
+from aimass.bench._measure import race  # noqa: E402
 from aimass.runtime import zoo  # noqa: E402
 
 try:
@@ -57,16 +58,6 @@ def families(quick):
         "resnet50": (lambda: zoo.resnet50(), lambda b: (torch.randn(b, 3, 224, 224),), (1, 8), False, False),
         "lstm2x512": (LSTMNet, lambda b: (torch.randn(b, 64, 512),), (1,), True, False),
     }
-
-
-def median_s(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def bench_family(name, spec, threads, reps):
@@ -106,14 +97,16 @@ def bench_family(name, spec, threads, reps):
             feeds = dict(zip(names, arrays))
             with torch.no_grad():
                 ref = model(*xs).numpy()
-                res = {"torch": median_s(lambda: model(*xs), reps)}
+            fns = {"torch": lambda: model(*xs)}
             if so is not None:
-                res["ort"] = median_s(lambda: so.run(None, feeds), reps)
-            acc = {}
+                fns["ort"] = lambda: so.run(None, feeds)
             for k, e in exs.items():
-                res[k] = median_s(lambda e=e: e.run(arrays), reps)
-                got = e.run(arrays)[0]
-                acc[k] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+                fns[k] = lambda e=e: e.run(arrays)
+            # interleaved rounds: a burst of load on the shared machine hits every contender
+            with torch.no_grad():
+                res = {k: m.seconds for k, m in race(fns, rounds=reps, block=1, warmup=1).items()}
+            acc = {k: float(np.abs(e.run(arrays)[0] - ref).max() / max(np.abs(ref).max(), 1e-30))
+                   for k, e in exs.items()}
             rows.append((name, t, b, res, acc))
             base = res.get("ort", res["torch"])
             line = f"{name:10s} thr {t} batch {b}: torch {res['torch'] * 1e3:8.1f} ms"
