@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=_cmd_demo)
     from . import data as _data
     _data.add_cli(sub)
+    from .serve import cli as _serve_cli; _serve_cli.add_cli(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
