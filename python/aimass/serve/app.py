@@ -113,7 +113,9 @@ class Server:
         t0 = time.perf_counter()
         ctx = Ctx(self, model)
         status = 500
-        self.inflight += 1
+        counted = scope == "infer"      # SIGTERM drain waits for these
+        if counted:
+            self.inflight += 1
         try:
             if self.draining and scope == "infer":
                 raise ServeError(503, "server is draining (shutting down); retry on another replica")
@@ -132,7 +134,8 @@ class Server:
             log.exception("internal error")
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
         finally:
-            self.inflight -= 1
+            if counted:
+                self.inflight -= 1
             if ctx.lv is not None:
                 self.manager.release(ctx.lv)
             if protocol is not None and model is not None:
@@ -152,7 +155,7 @@ class Server:
                              "batches": s["batches"] if s else 0})
             models.append({"name": name, "default": st.default, "labels": st.labels, "versions": vers,
                            "state": "READY" if st.default is not None else "UNAVAILABLE", "reason": st.reason})
-        return {"ready": self.is_ready(), "draining": self.draining, "uptime_s": time.time() - self.started,
+        return {"ready": self.is_ready(), "draining": self.draining, "inflight": self.inflight, "uptime_s": time.time() - self.started,
                 "switches": self.manager.switches, "models": models, "errors": list(RECENT)[-20:],
                 **self.metrics.summary()}
 
