@@ -40,10 +40,11 @@
     const { g, w, h } = setup(canvas);
     const ymax = Math.max(1, ...values) * 1.1, n = Math.max(1, values.length), bw = (w - 50) / n;
     axes(g, w, h, ymax, "");
+    const step = Math.ceil(44 / bw);    // label every step-th bar so labels never overlap
     values.forEach((v, i) => {
       const bh = (h - 40) * v / ymax, x = 45 + i * bw;
       g.fillStyle = colors[i] || "#2b6cb0"; g.fillRect(x, 10 + (h - 40) - bh, Math.max(1, bw - 3), bh);
-      g.fillStyle = "#445"; g.save(); g.translate(x + bw / 2 - 4, h - 4); g.fillText(labels[i], -10, 0); g.restore();
+      if (i % step === 0) { g.fillStyle = "#445"; g.fillText(labels[i], x, h - 8); }
     });
   }
   function percentile(bounds, counts, q) {
@@ -88,7 +89,7 @@
     const codes = Object.keys(byCode).sort();
     barChart($("codes"), codes, codes.map(c => byCode[c]), codes.map(c => c === "200" ? "#1f8a4c" : "#c0392b"));
     const b = st.latency.bounds_s, cnt = st.latency.counts;
-    barChart($("latency"), b.map(x => x < 0.001 ? (x * 1e6) + "us" : (x * 1e3) + "ms").concat(["inf"]), cnt, []);
+    barChart($("latency"), b.map(x => x < 0.001 ? (x * 1e6) + "us" : x < 1 ? (x * 1e3) + "ms" : x + "s").concat(["inf"]), cnt, []);
     const p50 = percentile(b, cnt, 0.5), p99 = percentile(b, cnt, 0.99);
     $("pct").textContent = p50 === null ? "no successful requests yet" : "p50 <= " + ms(p50) + ", p99 <= " + ms(p99) + " (bucket bounds)";
     $("errors").textContent = st.errors.length ? st.errors.slice().reverse().map(e => JSON.stringify(e)).join("\n") : "none";
