@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import zlib
@@ -17,7 +16,8 @@ from starlette.routing import Route
 
 import aimass
 
-from . import kserve, tfserving
+from . import _json as _jsonlib, kserve, tfserving
+from ._json import FastJSONResponse
 from .auth import AuthError, TokenTable
 from .errors import RECENT, ServeError, log_error
 from .metrics import ServerMetrics
@@ -37,6 +37,9 @@ class ServeConfig:
     poll_interval_s: float = 1.0
     default_model: Optional[str] = None
     deadline_ms: Optional[float] = None      # default per-request deadline (none: wait)
+    # a lone request on a model whose batches take less than this (mean compute time) runs on the event
+    # loop's thread through Session.run (no thread hand-offs); 0 turns this off
+    inline_max_us: float = 1000.0
 
 
 class Server:
@@ -95,6 +98,10 @@ class Server:
         if deadline_ms is None:
             deadline_ms = self.config.deadline_ms
         try:
+            if self.inflight == 1 and self._cheap(lv):
+                # nothing else in flight: nothing to batch with, and the batcher runs an idle
+                # session's request inline, so this blocks the loop for one short compute only
+                return lv.session.run(inputs, deadline_ms=deadline_ms, priority=priority)
             return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority)
         except aimass.QueueFullError as exc:
             raise ServeError(503, f"model '{lv.name}' is overloaded (queue full): {exc}; retry later",
@@ -105,6 +112,13 @@ class Server:
             raise ServeError(503, f"model '{lv.name}' version {lv.version} was closed: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise ServeError(400, f"model '{lv.name}' rejected the inputs: {exc}") from None
+
+    def _cheap(self, lv) -> bool:
+        lv.calls += 1
+        if lv.calls & 255 == 1:      # re-read the batcher's compute histogram every 256 requests
+            h = lv.session.stats()["compute_us"]
+            lv.cheap = h["count"] > 0 and h["sum"] / h["count"] < self.config.inline_max_us
+        return lv.cheap
 
     async def guarded(self, request: Request, protocol: Optional[str], scope: str, model: Optional[str],
                       handler: Callable[["Ctx"], Awaitable[Response]]) -> Response:
@@ -182,8 +196,8 @@ def _version(request: Request) -> Optional[int]:
 
 def _json(body: bytes):
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _jsonlib.loads(body)
+    except _jsonlib.DecodeError as exc:
         raise ServeError(400, f"malformed JSON: {exc}") from None
 
 
@@ -240,7 +254,7 @@ def create_app(srv: Server) -> Starlette:
         body = _json(await srv.read_body(request))
         lv = ctx.acquire(_version(request), request.path_params.get("label"))
         inputs, fmt = tfserving.decode_predict(body, lv.signature)
-        return JSONResponse(tfserving.encode_predict(await srv.run(lv, inputs), fmt))
+        return FastJSONResponse(tfserving.encode_predict(await srv.run(lv, inputs), fmt))
 
     async def tf_status(request, ctx):
         st = M.models.get(ctx.model)
@@ -266,7 +280,7 @@ def create_app(srv: Server) -> Starlette:
             body = _json(await srv.read_body(request))
             lv = ctx.acquire()
             inputs = tfserving.decode_flask(body, lv.signature)
-            return JSONResponse(tfserving.encode_flask(await srv.run(lv, inputs)))
+            return FastJSONResponse(tfserving.encode_flask(await srv.run(lv, inputs)))
         return await srv.guarded(request, "predict", "infer", name, run)
 
     # -- admin (Triton repository extension)

@@ -7,12 +7,13 @@ Outputs come back binary when the request asks (``parameters.binary_data_output`
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from . import _json
+from ._json import FastJSONResponse
 from .errors import ServeError
 
 # Triton datatype <-> numpy
@@ -58,8 +59,8 @@ def split_body(body: bytes, header_len: Optional[str]) -> Tuple[dict, memoryview
     else:
         n = len(body)
     try:
-        req = json.loads(bytes(body[:n]) if n != len(body) else body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        req = _json.loads(bytes(body[:n]) if n != len(body) else body)
+    except _json.DecodeError as exc:
         raise ServeError(400, f"malformed JSON request: {exc}") from None
     if not isinstance(req, dict):
         raise ServeError(400, "the request must be a JSON object with an 'inputs' list")
@@ -160,14 +161,14 @@ def encode_response(req: dict, lv, outputs: Dict[str, Any]) -> Response:
             t["parameters"] = {"binary_data_size": len(b)}
             blobs.append(b)
         else:
-            t["data"] = arr.ravel().tolist()
+            t["data"] = arr.ravel()
         out_json.append(t)
     body = {"model_name": lv.name, "model_version": str(lv.version), "outputs": out_json}
     if "id" in req:
         body["id"] = req["id"]
     if not blobs:
-        return JSONResponse(body)
-    head = json.dumps(body, separators=(",", ":")).encode()
+        return FastJSONResponse(body)
+    head = _json.dumps(body)
     return Response(b"".join([head, *blobs]), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
 

@@ -33,6 +33,8 @@ class LoadedVersion:
     inflight: int = 0
     retired: bool = False
     closed: bool = False
+    calls: int = 0
+    cheap: bool = False
 
 
 @dataclass

@@ -12,6 +12,7 @@ _NP = {"float32": np.float32, "int64": np.int64}
 
 def coerce(name: str, value: Any, spec: dict) -> np.ndarray:
     """A JSON value as the input's array: numbers only, integers for integer inputs, the model's shape."""
+    want = spec["dtype"]
     try:
         a = np.asarray(value)
     except ValueError as exc:  # ragged nesting
@@ -19,7 +20,6 @@ def coerce(name: str, value: Any, spec: dict) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise ServeError(400, f"input '{name}': expected numbers, got {a.dtype.kind!r}-kind values "
                               f"(e.g. {str(a.ravel()[:1].tolist())[:40]})")
-    want = spec["dtype"]
     if want == "int64" and a.dtype.kind == "f":
         raise ServeError(400, f"input '{name}': the model takes int64, got floating-point values")
     shape = list(spec["shape"])
@@ -70,15 +70,16 @@ def decode_predict(req: Any, signature: dict) -> tuple:
 
 
 def encode_predict(outputs: Dict[str, Any], fmt: str) -> dict:
+    """numpy arrays stay arrays: the response writer (orjson) serializes them without .tolist()."""
     arrs = {k: np.asarray(v) for k, v in outputs.items()}
     if fmt == "row":
         if len(arrs) == 1:
-            return {"predictions": next(iter(arrs.values())).tolist()}
+            return {"predictions": next(iter(arrs.values()))}
         n = len(next(iter(arrs.values())))
-        return {"predictions": [{k: a[i].tolist() for k, a in arrs.items()} for i in range(n)]}
+        return {"predictions": [{k: a[i] for k, a in arrs.items()} for i in range(n)]}
     if len(arrs) == 1:
-        return {"outputs": next(iter(arrs.values())).tolist()}
-    return {"outputs": {k: a.tolist() for k, a in arrs.items()}}
+        return {"outputs": next(iter(arrs.values()))}
+    return {"outputs": arrs}
 
 
 def version_status(st) -> dict:
@@ -103,5 +104,5 @@ def decode_flask(req: Any, signature: dict) -> Dict[str, np.ndarray]:
 
 def encode_flask(outputs: Dict[str, Any]) -> dict:
     if len(outputs) == 1:
-        return {"output": np.asarray(next(iter(outputs.values()))).tolist()}
-    return {"output": {k: np.asarray(v).tolist() for k, v in outputs.items()}}
+        return {"output": np.asarray(next(iter(outputs.values())))}
+    return {"output": {k: np.asarray(v) for k, v in outputs.items()}}
