@@ -324,19 +324,21 @@ def create_app(srv: Server) -> Starlette:
 
     m = "/v2/models/{name}"
     mv = m + "/versions/{version}"
-    routes = [
-        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
-        Route(m, model_route(model_meta, protocol=None)), Route(mv, model_route(model_meta, protocol=None)),
-        Route(m + "/config", model_route(model_cfg, protocol=None)), Route(mv + "/config", model_route(model_cfg, protocol=None)),
-        Route(m + "/ready", model_route(model_ready, protocol=None)), Route(mv + "/ready", model_route(model_ready, protocol=None)),
+    routes = [   # the inference routes first: starlette tries routes in order
         Route(m + "/infer", model_route(infer), methods=["POST"]),
         Route(mv + "/infer", model_route(infer), methods=["POST"]),
+        Route("/predict", predict, methods=["POST"]),
         Route("/v1/models/{name}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
         Route("/v1/models/{name}/versions/{version}:predict", model_route(tf_predict, protocol="v1"),
               methods=["POST"]),
         Route("/v1/models/{name}/labels/{label}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
+        Route(m, model_route(model_meta, protocol=None)), Route(mv, model_route(model_meta, protocol=None)),
+        Route(m + "/config", model_route(model_cfg, protocol=None)),
+        Route(mv + "/config", model_route(model_cfg, protocol=None)),
+        Route(m + "/ready", model_route(model_ready, protocol=None)),
+        Route(mv + "/ready", model_route(model_ready, protocol=None)),
         Route("/v1/models/{name}", model_route(tf_status, protocol=None)),
-        Route("/predict", predict, methods=["POST"]),
         Route("/v2/repository/index", repo_index, methods=["GET", "POST"]),
         Route("/v2/repository/models/{name}/load", model_route(repo_load, "admin", None), methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", model_route(repo_unload, "admin", None), methods=["POST"]),
