@@ -112,17 +112,30 @@ async def _load(port, req, conc, count, seconds):
     return lat, errors, wall
 
 
-def load(port, req, conc, count, seconds, warmup=100):
+def cpu_seconds(pid):
+    """User + system CPU time of a process and its threads (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load(port, req, conc, count, seconds, warmup=100, pid=None):
     try:
         import uvloop
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
     runner(_load(port, req, conc, warmup, 30))
+    cpu0 = cpu_seconds(pid) if pid else None
     lat, errors, wall = runner(_load(port, req, conc, count, seconds))
+    cpu1 = cpu_seconds(pid) if pid else None
     a = np.array(lat) / 1e3
     return {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
-            "p99_us": float(np.percentile(a, 99))}
+            "p99_us": float(np.percentile(a, 99)),
+            "cpu_us": (cpu1 - cpu0) / max(1, len(lat)) * 1e6 if cpu0 is not None and cpu1 is not None else float("nan")}
 
 
 def session_p50(path, x, n=3000):
@@ -146,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
     ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,flask")
     args = ap.parse_args(argv)
@@ -191,51 +205,60 @@ def main(argv=None):
     def want(what):
         return args.only is None or what in args.only.split(",")
 
-    def sweep(label, port, req):
+    targets = []     # (label, port, request bytes, server pid)
+    procs = []
+    try:
+        if any(want(w) for w in ("predict", "v2json", "v2bin")):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
+                                     "--port", str(port), "--log-level", "warning", *args.serve_args.split()], env=env)
+            procs.append(proc)
+            wait_http(port, "/v2/health/ready", proc)
+            for what, label, req in (("predict", "aimass serve /predict", predict),
+                                     ("v2json", "aimass serve v2 JSON", v2_json),
+                                     ("v2bin", "aimass serve v2 binary", v2_bin)):
+                if want(what):
+                    targets.append((label, port, req, proc.pid))
+        if want("flask"):
+            port = free_port()
+            app = os.path.join(tmp, "flask_app.py")
+            with open(app, "w") as f:
+                f.write(FLASK_APP % (DIMS,))
+            proc = subprocess.Popen([sys.executable, app, os.path.join(tmp, "mlp.pt"), str(port)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_http(port, "/", proc)
+            targets.append(("Flask /predict (torch)", port, predict, proc.pid))
+        # every target in turn, `rounds` times per concurrency, so that all of them see the same machine
+        # load (this machine is shared); each figure is the median over the rounds
         for c in concs:
-            r = load(port, req, c, count, seconds)
-            results["runs"].setdefault(label, {})[c] = r
-            print(f"{label:28s} c={c:3d}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:9.1f} us  p99 {r['p99_us']:9.1f} us"
-                  f"  ({r['n']} requests, {r['errors']} errors)", flush=True)
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
-                             "--port", str(port), "--log-level", "warning", *args.serve_args.split()], env=env)
-    try:
-        wait_http(port, "/v2/health/ready", proc)
-        if want("predict"):
-            sweep("aimass serve /predict", port, predict)
-        if want("v2json"):
-            sweep("aimass serve v2 JSON", port, v2_json)
-        if want("v2bin"):
-            sweep("aimass serve v2 binary", port, v2_bin)
+            got = {}
+            for _ in range(args.rounds):
+                for label, port, req, pid in targets:
+                    got.setdefault(label, []).append(load(port, req, c, count // args.rounds, seconds / args.rounds,
+                                                          pid=pid))
+            for label, rs in got.items():
+                r = {k: float(np.median([x[k] for x in rs])) for k in rs[0]}
+                results["runs"].setdefault(label, {})[c] = r
+                print(f"{label:24s} c={c:3d}: {r['rps']:8.0f} req/s  p50 {r['p50_us']:8.1f} us  p99 "
+                      f"{r['p99_us']:8.1f} us  server CPU {r['cpu_us']:6.1f} us/req  ({int(r['n'])} req/round, "
+                      f"{int(r['errors'])} errors)", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
-    if not want("flask"):
-        return 0
-    port = free_port()
-    app = os.path.join(tmp, "flask_app.py")
-    with open(app, "w") as f:
-        f.write(FLASK_APP % (DIMS,))
-    proc = subprocess.Popen([sys.executable, app, os.path.join(tmp, "mlp.pt"), str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(port, "/", proc)
-        sweep("Flask /predict (torch)", port, predict)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
 
     runs = results["runs"]
-    print("\n| concurrency | aimass /predict req/s | Flask req/s | ratio | aimass p99 | Flask p99 |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for c in concs:
-        a, f = runs["aimass serve /predict"][c], runs["Flask /predict (torch)"][c]
-        print(f"| {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | {a['rps'] / f['rps']:.1f}x | {a['p99_us'] / 1e3:.2f} ms "
-              f"| {f['p99_us'] / 1e3:.2f} ms |")
+    if "aimass serve /predict" in runs and "Flask /predict (torch)" in runs:
+        print("\n| concurrency | aimass /predict req/s | Flask req/s | ratio | aimass p99 | Flask p99 | server CPU/req "
+              "aimass / Flask |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for c in concs:
+            a, f = runs["aimass serve /predict"][c], runs["Flask /predict (torch)"][c]
+            print(f"| {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | {a['rps'] / f['rps']:.1f}x | {a['p99_us'] / 1e3:.2f} ms "
+                  f"| {f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
     for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
-        if 1 in runs[label]:
+        if 1 in runs.get(label, {}):
             print(f"HTTP overhead at concurrency 1, {label}: p50 {runs[label][1]['p50_us']:.1f} us - Session.run "
                   f"{s50:.1f} us = {runs[label][1]['p50_us'] - s50:.1f} us")
     if args.json:
