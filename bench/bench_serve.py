@@ -25,19 +25,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = os.path.join(HERE, "..", "python")
 sys.path.insert(0, PY)
+sys.path.insert(0, HERE)
 DIMS = (784, 1024, 1024, 10)
 
 FLASK_APP = r'''
 import sys, torch
 from flask import Flask, jsonify, request
-from torch import nn
-dims = %r
-layers = []
-for i in range(len(dims) - 1):
-    layers.append(nn.Linear(dims[i], dims[i + 1]))
-    if i < len(dims) - 2:
-        layers.append(nn.ReLU())
-model = nn.Sequential(*layers).eval()
+sys.path.insert(0, %r)
+from bench_runtime import make_mlp
+model = make_mlp(%r)
 model.load_state_dict(torch.load(sys.argv[1]))
 app = Flask(__name__)
 
@@ -168,18 +164,12 @@ def main(argv=None):
     concs = [int(c) for c in args.concurrency.split(",")]
 
     import torch
-    from torch import nn
 
     import aimass.runtime as rt
     from aimass.registry import Registry
+    from bench_runtime import make_mlp
     tmp = tempfile.mkdtemp(prefix="aimass-bench-serve-")
-    torch.manual_seed(0)
-    layers = []
-    for i in range(len(DIMS) - 1):
-        layers.append(nn.Linear(DIMS[i], DIMS[i + 1]))
-        if i < len(DIMS) - 2:
-            layers.append(nn.ReLU())
-    net = nn.Sequential(*layers).eval()
+    net = make_mlp(DIMS)
     torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
     path = os.path.join(tmp, "mlp.aimass")
     rt.export(net, (torch.randn(2, DIMS[0]),), path, input_names=["x"])
@@ -223,7 +213,7 @@ def main(argv=None):
             port = free_port()
             app = os.path.join(tmp, "flask_app.py")
             with open(app, "w") as f:
-                f.write(FLASK_APP % (DIMS,))
+                f.write(FLASK_APP % (HERE, DIMS))
             proc = subprocess.Popen([sys.executable, app, os.path.join(tmp, "mlp.pt"), str(port)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(proc)
