@@ -79,6 +79,9 @@ def test_health_and_metadata(client):
     assert client.get("/v2/models/mlp/config").json()["input"][0] == {"name": "x", "data_type": "TYPE_FP32",
                                                                        "dims": [4]}
     assert client.get("/v2/models/nope").status_code == 404
+    r = client.get("/v3/nothing")
+    assert r.status_code == 404 and r.json()["error"] == "Not Found: GET /v3/nothing"
+    assert client.get("/v2/models/mlp/infer").status_code == 405
     assert client.get("/v2/models/mlp/versions/7").status_code == 404
 
 
@@ -176,6 +179,8 @@ def test_metrics_and_status(client):
         assert name in text, name
     assert 'code="200",model="mlp",protocol="v2",version="1"' in text
     assert 'code="400",model="mlp",protocol="v2",version="1"' in text
+    client.post("/v2/models/no-such-model/infer", json=v2_body())
+    assert 'code="404",model="_unknown"' in client.get("/metrics").text
     st = client.get("/api/status").json()
     assert st["ready"] and st["models"][0]["name"] == "mlp"
     assert {v["version"]: v["labels"] for v in st["models"][0]["versions"]} == {1: ["stable"], 2: ["canary"]}

@@ -169,3 +169,9 @@ def test_non_loopback_without_tokens_is_refused(tmp_path):
                         "0.0.0.0"], capture_output=True, text=True, timeout=60,
                        env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0 and "--insecure" in r.stderr
+    bad = tmp_path / "tokens.yml"
+    bad.write_text("tokens: [{sha256: not-a-hash}]")
+    r = subprocess.run([sys.executable, "-m", "aimass", "serve", "--store", str(tmp_path / "s"), "--tokens", str(bad)],
+                       capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "64-hex-digit sha256" in r.stderr and "Traceback" not in r.stderr

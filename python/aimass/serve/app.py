@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -153,8 +154,9 @@ class Server:
             if ctx.lv is not None:
                 self.manager.release(ctx.lv)
             if protocol is not None and model is not None:
-                self.metrics.observe(model, ctx.lv.version if ctx.lv else None, protocol, status,
-                                     time.perf_counter() - t0)
+                # names from URLs that are not loaded models share one label value (bounded series)
+                self.metrics.observe(model if model in self.manager.models else "_unknown",
+                                     ctx.lv.version if ctx.lv else None, protocol, status, time.perf_counter() - t0)
 
     def status(self) -> dict:
         """The dashboard's JSON."""
@@ -354,6 +356,10 @@ def create_app(srv: Server) -> Starlette:
         finally:
             await M.stop()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request, exc):   # unknown paths and methods answer JSON like every other error
+        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.server = srv
     return app

@@ -77,13 +77,18 @@ def _cmd_serve(args) -> int:
     from .auth import TokenTable
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stderr)
-    tokens = TokenTable.load(args.tokens) if args.tokens else None
+    try:
+        tokens = TokenTable.load(args.tokens) if args.tokens else None
+        registry = Registry(args.store)
+    except (ValueError, OSError, LookupError) as exc:   # bad tokens.yml, unreachable or invalid store
+        print(f"aimass serve: {exc}", file=sys.stderr)
+        return 2
     check_bind(args.host, tokens, args.insecure)
     cfg = ServeConfig(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
                       max_queue_delay_us=args.max_queue_delay_us, queue_capacity=args.queue_capacity,
                       num_threads=args.threads, poll_interval_s=args.poll_interval, default_model=args.default_model,
                       deadline_ms=args.deadline_ms)
-    srv = Server(Registry(args.store), cfg, tokens)
+    srv = Server(registry, cfg, tokens)
     server = make_uvicorn_server(create_app(srv), srv, args.host, args.port, args.drain_timeout)
     server.run()
     if not server.started:

@@ -45,8 +45,7 @@ class ServerMetrics:
             v = "" if version is None else str(version)
             ch = (self.requests.labels(model, v, protocol, str(code)),
                   self.latency.labels(model, v) if code == 200 else None)
-            if len(self._children) < 10_000:       # bounded: model names come from URLs
-                self._children[key] = ch
+            self._children[key] = ch
         ch[0].inc()
         if ch[1] is not None:
             ch[1].observe(seconds)
