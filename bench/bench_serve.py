@@ -118,6 +118,17 @@ def cpu_seconds(pid):
         return None
 
 
+def compute_totals(port):
+    """(sum seconds, count) of the server's aimass_compute_seconds histogram (all versions)."""
+    import re
+
+    import httpx
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    tot = [sum(float(v) for v in re.findall(rf"^aimass_compute_seconds_{k}{{[^}}]*}} (\S+)$", text, re.M))
+           for k in ("sum", "count")]
+    return tot[0], tot[1]
+
+
 def load(port, req, conc, count, seconds, warmup=100, pid=None):
     try:
         import uvloop
@@ -225,10 +236,21 @@ def main(argv=None):
             got = {}
             for _ in range(args.rounds):
                 for label, port, req, pid in targets:
-                    got.setdefault(label, []).append(load(port, req, c, count // args.rounds, seconds / args.rounds,
-                                                          pid=pid))
+                    aimass = label.startswith("aimass")
+                    before = compute_totals(port) if aimass else None
+                    r = load(port, req, c, count // args.rounds, seconds / args.rounds, pid=pid)
+                    if aimass:   # the server's own compute time per batch in this round (from its metrics)
+                        after = compute_totals(port)
+                        r["server_compute_us"] = (after[0] - before[0]) / max(1.0, after[1] - before[1]) * 1e6
+                    got.setdefault(label, []).append(r)
+            if c == 1 and targets and targets[0][0].startswith("aimass"):
+                # the floor of the HTTP stack itself (uvicorn + starlette + this client): a health check
+                live = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                got["aimass serve GET /v2/health/live"] = [load(targets[0][1], live, 1, count // args.rounds,
+                                                                seconds / args.rounds, pid=targets[0][3])
+                                                           for _ in range(args.rounds)]
             for label, rs in got.items():
-                r = {k: float(np.median([x[k] for x in rs])) for k in rs[0]}
+                r = {k: float(np.median([x.get(k, np.nan) for x in rs])) for k in rs[0]}
                 results["runs"].setdefault(label, {})[c] = r
                 print(f"{label:24s} c={c:3d}: {r['rps']:8.0f} req/s  p50 {r['p50_us']:8.1f} us  p99 "
                       f"{r['p99_us']:8.1f} us  server CPU {r['cpu_us']:6.1f} us/req  ({int(r['n'])} req/round, "
@@ -249,8 +271,10 @@ def main(argv=None):
                   f"| {f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
     for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
         if 1 in runs.get(label, {}):
-            print(f"HTTP overhead at concurrency 1, {label}: p50 {runs[label][1]['p50_us']:.1f} us - Session.run "
-                  f"{s50:.1f} us = {runs[label][1]['p50_us'] - s50:.1f} us")
+            r = runs[label][1]
+            print(f"HTTP overhead at concurrency 1, {label}: p50 {r['p50_us']:.1f} us - Session.run "
+                  f"{s50:.1f} us = {r['p50_us'] - s50:.1f} us (minus the server's own mean compute "
+                  f"{r['server_compute_us']:.1f} us: {r['p50_us'] - r['server_compute_us']:.1f} us)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -266,6 +290,8 @@ def plot(results, concs, out):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, runs in results["runs"].items():
         cs = [c for c in concs if c in runs]
+        if len(cs) < 2:
+            continue
         ax1.plot(cs, [runs[c]["rps"] for c in cs], marker="o", label=label)
         ax2.plot(cs, [runs[c]["p50_us"] / 1e3 for c in cs], marker="o", label=label + " p50")
         ax2.plot(cs, [runs[c]["p99_us"] / 1e3 for c in cs], marker="x", linestyle="--", color=ax2.lines[-1].get_color(),
