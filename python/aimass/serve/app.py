@@ -350,7 +350,11 @@ def create_app(srv: Server) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await M.start()
+        try:
+            await M.start()
+        except BaseException:
+            await M.stop()      # close whatever was loaded before the failure
+            raise
         try:
             yield
         finally:
