@@ -12,9 +12,11 @@ module converts arrays and wires futures. See docs/model-format.md.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import threading
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -88,6 +90,21 @@ def _timeout_us(deadline_ms: Optional[float]) -> int:
     return int(deadline_ms * 1000)
 
 
+# Sessions still open at interpreter exit are closed first (their scheduler and futures threads
+# joined): tearing one down mid-shutdown aborted the process ("terminate called without an active
+# exception", exit 134).
+_LIVE: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    for sess in list(_LIVE):
+        try:
+            sess.close()
+        except Exception:
+            pass
+
+
 class Session:
     """An in-process inference session: one C++ batcher (scheduler thread) over one executor.
 
@@ -113,6 +130,7 @@ class Session:
         self._lock = threading.Lock()
         self._dispatcher: Optional[threading.Thread] = None
         self._closed = False
+        _LIVE.add(self)
 
     # -- introspection
     @property
