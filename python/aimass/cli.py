@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     _registry_cli(sub)
     from .serve.cli import add_cli as _serve_cli
     _serve_cli(sub)
+    from .bench.cli import add_cli as _bench_cli
+    _bench_cli(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
