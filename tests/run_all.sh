@@ -21,6 +21,15 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
   fi
 fi
 
+# the registry's PostgreSQL tests start a throwaway cluster with Debian's initdb/pg_ctl
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "registry tests need PostgreSQL (they skip without it): sudo apt-get install postgresql" >&2
+  fi
+fi
+
 step "build and install aimass (with C++ tests)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
   -Ccmake.define.AIMASS_BUILD_TESTS=ON -Cbuild-dir=build/test .

@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=_cmd_demo)
     from .data.cli import add_cli as _data_cli
     _data_cli(sub)
+    from .registry.cli import add_cli as _registry_cli
+    _registry_cli(sub)
+    from .bench.cli import add_cli as _bench_cli
+    _bench_cli(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -134,12 +134,15 @@ class Loader:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = False,
-                 num_threads: Optional[int] = None, prefetch: int = 2,
+                 num_threads: Optional[int] = None, prefetch: Optional[int] = None,
                  transforms: Optional[Sequence[_Transform]] = None, output: str = "numpy",
                  pin_memory: bool = False, verify=True):
         if not isinstance(dataset, Dataset):
             raise TypeError(f"Loader: dataset must be an aimass.data.Dataset (aimass.data.open(dir)), "
                             f"got {type(dataset).__name__}")
+        if prefetch is None:  # the machine's tuning profile, else 2 batches ahead
+            from .. import _tuning
+            prefetch = _tuning.default("loader_prefetch", 2)
         for nm, v in (("batch_size", batch_size), ("prefetch", prefetch), ("seed", seed)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
                 raise TypeError(f"Loader: {nm} must be an int, got {v!r}")
@@ -156,9 +159,10 @@ class Loader:
             raise ValueError("Loader: give both rank and world_size, or neither (then aimass.dist decides)")
         if rank is None:
             rank, world_size = _default_rank_world()
-        if num_threads is None:
+        from .. import _tuning
+        if num_threads is None:  # the machine's tuning profile, else up to 4 engine threads
             from .. import num_threads as _nt
-            num_threads = max(1, min(4, _nt()))
+            num_threads = _tuning.default("loader_threads", max(1, min(4, _nt())))
         for nm, v in (("rank", rank), ("world_size", world_size), ("num_threads", num_threads)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
                 raise TypeError(f"Loader: {nm} must be an int, got {v!r}")
@@ -174,6 +178,7 @@ class Loader:
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.output = output
+        self.num_threads, self.prefetch = int(num_threads), int(prefetch)
         if verify not in (True, False, "once"):
             raise ValueError(f"Loader: verify must be True, False or 'once', got {verify!r}")
         verify_mode = 2 if verify == "once" else int(bool(verify))
