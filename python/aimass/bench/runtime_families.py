@@ -60,7 +60,7 @@ def families(quick):
     }
 
 
-def bench_family(name, spec, threads, reps):
+def bench_family(name, spec, threads, reps, log=print):
     make_model, make_inputs, batches, dyn, int8 = spec
     torch.manual_seed(0)
     model = make_model().eval()
@@ -79,7 +79,7 @@ def bench_family(name, spec, threads, reps):
                               dynamic_axes=dyn_axes)
             have_ort = True
         except Exception as exc:  # noqa: BLE001 - baseline optional
-            print(f"# {name}: onnx export failed ({exc}); onnxruntime skipped")
+            log(f"# {name}: onnx export failed ({exc}); onnxruntime skipped")
     rows = []
     for t in threads:
         aimass.set_num_threads(t)
@@ -116,8 +116,31 @@ def bench_family(name, spec, threads, reps):
                 line += (f" | aimass {k} {res[k] * 1e3:8.1f} ms (x{base / res[k]:4.2f} vs "
                          f"{'onnxruntime' if 'ort' in res else 'torch'}, x{res['torch'] / res[k]:4.2f} vs torch, "
                          f"max rel err {acc[k]:.1e})")
-            print(line, flush=True)
+            log(line)
     return rows
+
+
+def run(report, quick: bool = False, progress=None) -> None:
+    """The families into an aimass bench report (the runtime suite calls this): quick runs the BERT
+    mini at 1 thread; the full suite every family at 1 and 2 threads."""
+    fams = families(quick)
+    names = ["bert-mini"] if quick else ["bert-mini", "bert-base", "resnet50", "lstm2x512"]
+    threads = [1] if quick else [1, 2]
+    log = (lambda m: progress(f"runtime: {m}")) if progress else (lambda m: None)
+    old = (aimass.num_threads(), torch.get_num_threads())
+    try:
+        for name in names:
+            for _, t, b, res, acc in bench_family(name, fams[name], threads, 2 if quick else 5, log):
+                base = "onnxruntime" if "ort" in res else "torch eager"
+                for k in ("fp32", "int8"):
+                    if k in res:
+                        report.add("runtime", f"{name} batch {b}, {t} thread(s), {k}", res[k], "s",
+                                   higher_is_better=False, baseline=f"{base} fp32",
+                                   baseline_value=res.get("ort", res["torch"]), goal=1.0 if k == "fp32" else 2.0,
+                                   note=f"max rel err {acc[k]:.1e}; torch eager {res['torch'] * 1e3:.2f} ms")
+    finally:
+        aimass.set_num_threads(old[0])
+        torch.set_num_threads(old[1])
 
 
 def sweep_mixed(seconds, levels=(1, 4, 16)):
