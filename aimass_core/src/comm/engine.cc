@@ -144,31 +144,6 @@ void half_op(void* in, void* inout, int* len, MPI_Datatype*) {
   comm::reduce_half(K, O, static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout), static_cast<size_t>(*len));
 }
 
-// Waits for a non-blocking MPI request: yields the CPU while spinning (the
-// machine may be oversubscribed), sleeps after `spin_s`, and gives up after
-// `timeout_s` (a peer that stopped answering).
-void wait_mpi(MPI_Request* req, double spin_s, double timeout_s, const char* what) {
-  const auto start = Clock::now();
-  int flag = 0;
-  for (uint64_t iter = 0;; ++iter) {
-    check_mpi(MPI_Test(req, &flag, MPI_STATUS_IGNORE), what);
-    if (flag) return;
-    if ((iter & 63) == 0) {
-      const double waited = seconds_between(start, Clock::now());
-      if (waited > timeout_s) {
-        throw DistributedError(detail::concat(
-            "aimass.dist: ", what, " did not complete within ", timeout_s,
-            " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
-      }
-      if (waited > spin_s) {
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
-        continue;
-      }
-    }
-    sched_yield();
-  }
-}
-
 constexpr int64_t kMaxChunk = int64_t(1) << 30;  // MPI counts are int
 
 }  // namespace
@@ -251,13 +226,28 @@ bool CollectiveHandle::poll() const {
 void CollectiveHandle::wait() {
   if (on_wait_ && !poll()) on_wait_();
   std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait(lk, [&] { return done_; });
+  while (!done_) {
+    if (cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return done_; })) break;
+    if (!watchdog_) continue;
+    lk.unlock();
+    const std::string stalled = watchdog_();
+    lk.lock();
+    if (!stalled.empty() && !done_) {
+      buffers_in_use_ = true;  // the engine thread may still touch the request's memory
+      throw DistributedError(stalled);
+    }
+  }
   switch (error_kind_) {
     case ErrorKind::None: return;
     case ErrorKind::Closed: throw ClosedError(error_);
     case ErrorKind::Value: throw ValueError(error_);
     case ErrorKind::Distributed: throw DistributedError(error_);
   }
+}
+
+bool CollectiveHandle::buffers_in_use() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return buffers_in_use_;
 }
 
 void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
@@ -275,12 +265,38 @@ void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
 
 // Wakes the background thread: submissions, a caller blocking on a handle (flush), stop.
 // Shared with the handles, which may outlive the engine.
+// Also the engine's liveness, which the handles' watchdog reads.
 struct EngineWaker {
   std::mutex mu;
   std::condition_variable cv;
   uint64_t submitted = 0;
   bool flush = false;
   bool stop = false;
+  bool exited = false;  // the background thread left run() (under mu; exited_cv notified)
+  std::condition_variable exited_cv;
+  std::atomic<int64_t> beat{0};  // steady_clock ns: the thread's last sign of progress
+  std::atomic<double> timeout_s{60};
+  std::atomic<bool> stalled{false};
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  }
+  void pulse() { beat.store(now_ns(), std::memory_order_relaxed); }
+  // Every wait of the thread is bounded by the timeout and beats while it waits, so a
+  // beat older than 2 x timeout + 2 s means the thread is stuck where no deadline reaches.
+  std::string stall_message() {
+    const double t = timeout_s.load(std::memory_order_relaxed);
+    const double age = static_cast<double>(now_ns() - beat.load(std::memory_order_relaxed)) * 1e-9;
+    // generous: one MPI_Test may reduce a whole large buffer on a loaded machine
+    if (age <= 2 * t + 2.0) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!exited) return std::string();
+      return "aimass.dist: the collective engine stopped before this collective finished (internal error)";
+    }
+    stalled.store(true);
+    note_peer_failure();
+    return detail::concat("aimass.dist: the collective engine made no progress for ", age,
+                          " s (timeout ", t, " s): a peer rank has died or stopped calling aimass");
+  }
   void notify(bool* flag) {
     {
       std::lock_guard<std::mutex> lk(mu);
@@ -340,6 +356,17 @@ struct CollectiveEngine::Impl {
   std::unordered_map<std::string, TableEntry> table;
   uint64_t table_seq = 0;
   std::vector<uint8_t> fusion;
+  // Buffers handed to non-blocking MPI calls. After a timeout the request stays posted
+  // (MPI cannot cancel a collective), so they live as long as the Impl, which is then
+  // never freed (see ~CollectiveEngine).
+  std::vector<uint64_t> neg_bits;
+  Writer neg_w, neg_out;
+  int neg_len = 0, neg_out_len = 0;
+  std::vector<int> neg_lens, neg_displs, ag_counts, ag_displs;
+  std::vector<char> neg_all;
+  int64_t ag_mine = 0;
+  std::vector<int64_t> ag_rows;
+  bool posted_on_failure = false;  // a wait gave up with its MPI request still posted
   MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
   Clock::time_point stop_since;
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
@@ -395,10 +422,11 @@ struct CollectiveEngine::Impl {
         check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), mpi_type(wire), mpi_op(wire, op),
                                  comm->cross_comm(), &req),
                   "MPI_Iallreduce(cross-node)");
-        wait_mpi(&req, 1.0, opts.timeout_s, "cross-node allreduce");
+        wait_req(&req, 1.0, "cross-node allreduce");
       };
     }
     shm->set_timeout(opts.timeout_s);
+    shm->set_heartbeat(&waker->beat);
     shm->run(segs, count, wire, op, size, cross);
   }
 
@@ -414,6 +442,16 @@ struct CollectiveEngine::Impl {
     for (auto& row : half_ops)
       for (auto& op : row)
         if (op != MPI_OP_NULL) MPI_Op_free(&op);
+  }
+
+  // wait_mpi with the engine's deadline; the wait beats the engine's heartbeat.
+  void wait_req(MPI_Request* req, double spin_s, const char* what) {
+    try {
+      wait_mpi(req, spin_s, opts.timeout_s, what, &waker->beat);
+    } catch (...) {
+      posted_on_failure = true;
+      throw;
+    }
   }
 
   double timeout_of(const CollectiveRequest& r) const { return r.timeout_s > 0 ? r.timeout_s : opts.timeout_s; }
@@ -470,7 +508,9 @@ struct CollectiveEngine::Impl {
     try {
       auto last = Clock::now();
       while (true) {
+        waker->pulse();
         wait_for_work(last);
+        waker->pulse();
         last = Clock::now();
         if (cycle_once()) break;
       }
@@ -484,9 +524,17 @@ struct CollectiveEngine::Impl {
         broken = msg;
       }
       fail_all(CollectiveHandle::ErrorKind::Distributed, msg);
+      note_peer_failure();  // MPI_Finalize may now block: bound it
     }
-    std::lock_guard<std::mutex> lk(mu);
-    running = false;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      running = false;
+    }
+    {
+      std::lock_guard<std::mutex> lk(waker->mu);
+      waker->exited = true;
+    }
+    waker->exited_cv.notify_all();
   }
 
   void fail_all(CollectiveHandle::ErrorKind kind, const std::string& msg) {
@@ -537,7 +585,8 @@ struct CollectiveEngine::Impl {
     // so all ranks cut fused buffers identically even while a new one propagates.
     // word 2 does the same for the shared-memory size threshold.
     const size_t words = 3 + (cache.size() + 63) / 64;
-    std::vector<uint64_t> bits(words, 0);
+    std::vector<uint64_t>& bits = neg_bits;  // a member: a timed-out request may still write it
+    bits.assign(words, 0);
     bool need_full = table_nonempty;
     for (auto& kv : pending) {
       Pending& p = kv.second;
@@ -556,7 +605,7 @@ struct CollectiveEngine::Impl {
     MPI_Request req;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
               "MPI_Iallreduce(negotiation)");
-    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
 
     std::vector<std::string> ready;
     for (size_t i = 0; i < cache.size(); ++i) {
@@ -580,7 +629,9 @@ struct CollectiveEngine::Impl {
     }
     const auto now = Clock::now();
     std::unordered_set<std::string> in_ready(ready.begin(), ready.end());
-    Writer w;
+    // buffers posted to MPI are members: a timed-out request may still read/write them
+    Writer& w = neg_w;
+    w.buf.clear();
     uint32_t count = 0;
     for (auto& kv : pending) {
       if (kv.second.reported || in_ready.count(kv.first)) continue;
@@ -596,13 +647,17 @@ struct CollectiveEngine::Impl {
       w.f64(timeout_of(p.req));
       w.f64(seconds_between(p.submitted, now));
     }
-    int len = static_cast<int>(w.buf.size());
-    std::vector<int> lens(rank == 0 ? size : 0);
+    int& len = neg_len;
+    len = static_cast<int>(w.buf.size());
+    std::vector<int>& lens = neg_lens;
+    lens.assign(rank == 0 ? size : 0, 0);
     MPI_Request req;
     check_mpi(MPI_Igather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, 0, mpi, &req), "MPI_Igather(negotiation)");
-    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
-    std::vector<int> displs(rank == 0 ? size : 0);
-    std::vector<char> all;
+    wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
+    std::vector<int>& displs = neg_displs;
+    displs.assign(rank == 0 ? size : 0, 0);
+    std::vector<char>& all = neg_all;
+    all.clear();
     if (rank == 0) {
       int64_t total = 0;
       for (int r = 0; r < size; ++r) {
@@ -615,9 +670,10 @@ struct CollectiveEngine::Impl {
     check_mpi(MPI_Igatherv(w.buf.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, 0, mpi,
                            &req),
               "MPI_Igatherv(negotiation)");
-    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
 
-    Writer out;
+    Writer& out = neg_out;
+    out.buf.clear();
     if (rank == 0) {
       for (int r = 0; r < size; ++r) {
         Reader rd{all.data() + displs[r], all.data() + displs[r] + lens[r]};
@@ -678,12 +734,13 @@ struct CollectiveEngine::Impl {
         out.str(r.error);
       }
     }
-    int out_len = static_cast<int>(out.buf.size());
+    int& out_len = neg_out_len;
+    out_len = static_cast<int>(out.buf.size());
     check_mpi(MPI_Ibcast(&out_len, 1, MPI_INT, 0, mpi, &req), "MPI_Ibcast(negotiation)");
-    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
     out.buf.resize(static_cast<size_t>(out_len));
     check_mpi(MPI_Ibcast(out.buf.data(), out_len, MPI_CHAR, 0, mpi, &req), "MPI_Ibcast(negotiation)");
-    wait_mpi(&req, 2 * cycle_s + 1e-3, opts.timeout_s, "negotiation");
+    wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
 
     Reader rd{out.buf.data(), out.buf.data() + out.buf.size()};
     table_nonempty = rd.u32() != 0;
@@ -735,9 +792,28 @@ struct CollectiveEngine::Impl {
   }
 
   // -------------------------------------------------------------- execution
+  // The data phase of the ready collectives. They leave `pending` first, so when it
+  // fails every one of them still open is failed here (the caller is blocked on it).
   void execute(const std::vector<std::string>& ready, size_t threshold) {
     if (ready.empty()) return;
     std::vector<Pending> work;
+    try {
+      execute_work(ready, threshold, work);
+    } catch (const std::exception& e) {
+      const std::string msg = e.what();
+      for (auto& p : work) {
+        if (!p.handle || p.handle->poll()) continue;  // finished before the failure
+        if (posted_on_failure) {
+          std::lock_guard<std::mutex> lk(p.handle->mu_);
+          p.handle->buffers_in_use_ = true;
+        }
+        finish(p, CollectiveHandle::ErrorKind::Distributed, msg);
+      }
+      throw;
+    }
+  }
+
+  void execute_work(const std::vector<std::string>& ready, size_t threshold, std::vector<Pending>& work) {
     work.reserve(ready.size());
     for (auto& name : ready) {
       auto it = pending.find(name);
@@ -794,7 +870,7 @@ struct CollectiveEngine::Impl {
       MPI_Request req;
       check_mpi(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(data) + off * es, n, t, o, mpi, &req),
                 "MPI_Iallreduce");
-      wait_mpi(&req, 1.0, opts.timeout_s, "allreduce");
+      wait_req(&req, 1.0, "allreduce");
     }
   }
 
@@ -915,17 +991,19 @@ struct CollectiveEngine::Impl {
         for (int64_t off = 0; off < bytes; off += kMaxChunk) {
           const int n = static_cast<int>(std::min(kMaxChunk, bytes - off));
           check_mpi(MPI_Ibcast(static_cast<char*>(r.output) + off, n, MPI_BYTE, r.root, mpi, &req), "MPI_Ibcast");
-          wait_mpi(&req, 1.0, opts.timeout_s, "broadcast");
+          wait_req(&req, 1.0, "broadcast");
         }
         break;
       }
       case CollectiveKind::Allgather: {
         int64_t row = static_cast<int64_t>(es);
         for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
-        int64_t mine = r.shape.empty() ? 1 : r.shape[0];
-        std::vector<int64_t> rows(size);
+        int64_t& mine = ag_mine;  // members: a timed-out request may still use them
+        mine = r.shape.empty() ? 1 : r.shape[0];
+        std::vector<int64_t>& rows = ag_rows;
+        rows.assign(size, 0);
         check_mpi(MPI_Iallgather(&mine, 1, MPI_INT64_T, rows.data(), 1, MPI_INT64_T, mpi, &req), "MPI_Iallgather");
-        wait_mpi(&req, 1.0, opts.timeout_s, "allgather");
+        wait_req(&req, 1.0, "allgather");
         int64_t total_rows = 0;
         for (int64_t v : rows) total_rows += v;
         if (total_rows * row >= INT_MAX) {  // every rank sees the same totals: all fail alike
@@ -934,7 +1012,10 @@ struct CollectiveEngine::Impl {
                                 " bytes) exceeds 2 GiB; gather in pieces"));
           return;
         }
-        std::vector<int> counts(size), displs(size);
+        std::vector<int>& counts = ag_counts;
+        std::vector<int>& displs = ag_displs;
+        counts.assign(size, 0);
+        displs.assign(size, 0);
         int64_t acc = 0;
         for (int i = 0; i < size; ++i) {
           counts[i] = static_cast<int>(rows[i] * row);
@@ -947,14 +1028,15 @@ struct CollectiveEngine::Impl {
         check_mpi(MPI_Iallgatherv(r.input, counts[rank], MPI_BYTE, p.handle->result_.data(), counts.data(),
                                   displs.data(), MPI_BYTE, mpi, &req),
                   "MPI_Iallgatherv");
-        wait_mpi(&req, 1.0, opts.timeout_s, "allgather");
+        wait_req(&req, 1.0, "allgather");
         break;
       }
       case CollectiveKind::ReduceScatter: {
         const int64_t n0 = r.shape[0];
         int64_t row = 1;
         for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
-        std::vector<int> counts(size);
+        std::vector<int>& counts = ag_counts;
+        counts.assign(size, 0);
         for (int i = 0; i < size; ++i) counts[i] = static_cast<int>((n0 / size + (i < n0 % size ? 1 : 0)) * row);
         p.handle->result_shape_ = r.shape;
         p.handle->result_shape_[0] = counts[rank] / std::max<int64_t>(row, 1);
@@ -963,7 +1045,7 @@ struct CollectiveEngine::Impl {
         check_mpi(MPI_Ireduce_scatter(r.input, p.handle->result_.data(), counts.data(), mpi_type(r.dtype),
                                       mpi_op(r.dtype, r.op), mpi, &req),
                   "MPI_Ireduce_scatter");
-        wait_mpi(&req, 1.0, opts.timeout_s, "reduce_scatter");
+        wait_req(&req, 1.0, "reduce_scatter");
         CollectiveRequest view = r;
         view.shape = {counts[rank]};
         view.output = p.handle->result_.data();
@@ -983,6 +1065,8 @@ CollectiveEngine::CollectiveEngine(std::shared_ptr<Communicator> comm, EngineOpt
   AIMASS_CHECK(options.timeout_s > 0, ValueError, "timeout must be > 0 seconds, got ", options.timeout_s);
   AIMASS_CHECK(options.cycle_time_s > 0, ValueError, "cycle time must be > 0, got ", options.cycle_time_s);
   impl_ = std::make_unique<Impl>(comm_, options);
+  impl_->waker->timeout_s = options.timeout_s;
+  impl_->waker->pulse();
   impl_->running = true;
   impl_->thread = std::thread([this] { impl_->run(); });
 }
@@ -991,6 +1075,16 @@ CollectiveEngine::~CollectiveEngine() {
   if (impl_->thread.joinable()) {
     shutdown();
   }
+  if (impl_->posted_on_failure || impl_->thread.joinable()) {
+    // MPI requests are still posted on buffers the Impl owns (or its thread is stuck):
+    // leak it rather than let MPI write freed memory. Only after a peer failed.
+    impl_.release();
+  }
+}
+
+bool CollectiveEngine::broken() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return !impl_->broken.empty() || impl_->waker->stalled.load();
 }
 
 bool CollectiveEngine::shutdown() {
@@ -1002,7 +1096,24 @@ bool CollectiveEngine::shutdown() {
     }
   }
   impl_->waker->notify(&impl_->waker->stop);
-  if (impl_->thread.joinable()) impl_->thread.join();
+  if (impl_->thread.joinable()) {
+    // The thread gives up by itself within the timeout (every wait has the deadline); wait a
+    // second more, then leave a stuck thread behind instead of blocking the process's exit.
+    EngineWaker& w = *impl_->waker;
+    std::unique_lock<std::mutex> lk(w.mu);
+    const auto limit = std::chrono::duration<double>(impl_->opts.timeout_s + 2.0);
+    const bool exited = w.exited_cv.wait_for(lk, limit, [&] { return w.exited; });
+    lk.unlock();
+    if (exited) {
+      impl_->thread.join();
+    } else {
+      w.stalled = true;
+      impl_->thread.detach();
+      std::lock_guard<std::mutex> g(impl_->mu);
+      if (impl_->broken.empty()) impl_->broken = "the collective engine did not stop within the timeout";
+      return false;
+    }
+  }
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->clean_exit;
 }
@@ -1050,6 +1161,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
   handle->on_wait_ = [w = impl_->waker] { w->notify(&w->flush); };
+  handle->watchdog_ = [w = impl_->waker] { return w->stall_message(); };
   Impl::Pending p;
   p.sig = signature(r);
   p.handle = handle;
@@ -1057,6 +1169,9 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   {
     std::lock_guard<std::mutex> lk(impl_->mu);
     if (!impl_->broken.empty()) throw DistributedError("aimass.dist cannot run collectives any more: " + impl_->broken);
+    if (impl_->waker->stalled.load())
+      throw DistributedError("aimass.dist cannot run collectives any more: the engine stalled (a peer rank died "
+                             "or stopped)");
     if (impl_->stop_requested || !impl_->running) throw ClosedError("aimass.dist was shut down; call init() again");
     auto pz = impl_->poisoned.find(r.name);
     if (pz != impl_->poisoned.end()) {

@@ -25,8 +25,6 @@ namespace comm {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
@@ -251,6 +249,12 @@ void ShmAllreduce::slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) co
   *e = std::min(m, units * (j + 1) / lsize_ * unit);
 }
 
+void ShmAllreduce::pulse(Clock::time_point now) const {
+  if (heartbeat_)
+    heartbeat_->store(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count(),
+                      std::memory_order_relaxed);
+}
+
 void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
   Control* c = ctrl(j);
   std::atomic<uint64_t>& v = which == 0 ? c->staged : which == 1 ? c->reduced : c->gathered;
@@ -269,7 +273,9 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
         throw DistributedError(detail::concat("aimass.dist: shared-memory allreduce: local rank ", j,
                                               " gave up (see the error on that rank)"));
       }
-      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      const auto now = Clock::now();
+      pulse(now);
+      const double waited = std::chrono::duration<double>(now - start).count();
       if (waited > timeout_s_) {
         throw DistributedError(detail::concat(
             "aimass.dist: shared-memory allreduce: local rank ", j, " did not advance within ", timeout_s_,
@@ -392,6 +398,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   try {
     // software pipeline: stage c+1 while the peers reduce c; gather c-1 once its slices are surely done
     for (int64_t t = 0; t < nchunks + 2; ++t) {
+      if ((t & 15) == 0) pulse(Clock::now());
       if (t < nchunks) stage(t);
       if (t >= 1 && t - 1 < nchunks) reduce(t - 1);
       if (t >= 2) gather(t - 2);
