@@ -118,6 +118,8 @@ def run_job(batch, out_dir):
     return results, exited, log
 
 
+# a job takes about 5-10 s on a loaded 2-core machine; a hung one is cut off at about 2 minutes
+@pytest.mark.timeout(120 + 20 * len(jobs(trials())))
 def test_survivor_raises_within_deadline(tmp_path):
     all_trials = trials()
     failures, delays = [], []
