@@ -396,7 +396,9 @@ struct CollectiveEngine::Impl {
   // rank must agree, since the path changes which MPI calls are made.
   void shm_init() {
     int want = opts.shm ? 1 : 0;
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &want, 1, MPI_INT, MPI_MIN, mpi), "MPI_Allreduce(shm)");
+    MPI_Request req;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &want, 1, MPI_INT, MPI_MIN, mpi, &req), "MPI_Iallreduce(shm)");
+    wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
     if (!want) return;
     shm = std::make_unique<comm::ShmAllreduce>(*comm, opts.shm_chunk_bytes, opts.timeout_s);
     shm_ok = shm->available();
