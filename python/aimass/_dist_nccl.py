@@ -177,6 +177,7 @@ class _Work:
     """What dist.Handle waits on for a CUDA collective."""
 
     __slots__ = ("comm", "stream", "timeout", "done")
+    buffers_in_use = False  # a timed-out NCCL collective is aborted (ncclCommAbort), not left posted
 
     def __init__(self, comm, stream: int, timeout: float):
         self.comm, self.stream, self.timeout, self.done = comm, stream, timeout, False
