@@ -1,4 +1,4 @@
-// Bindings for the communicator and the collective engine (aimass.dist).
+// Bindings for the comm area: the communicator and the collective engine (aimass.dist).
 // Arrays arrive as numpy views (python/aimass/_array.py did the torch/DLPack
 // conversion, zero-copy); the Python layer keeps them alive until the handle
 // completes. Waiting releases the GIL.
@@ -34,7 +34,7 @@ py::dtype numpy_dtype(aimass::DType dt) {
 
 }  // namespace
 
-void bind_dist(py::module_& m) {
+void bind_comm(py::module_& m) {
   py::class_<aimass::Communicator, std::shared_ptr<aimass::Communicator>>(m, "Communicator")
       .def(py::init([](uintptr_t handle) {
              return std::make_shared<aimass::Communicator>(aimass::comm_from_handle(handle));
