@@ -224,6 +224,8 @@ class _Validator:
 
     def value(self, node, tp, key: str):
         import yaml
+        if tp is Any:
+            return yaml.safe_load(yaml.serialize(node))
         origin = typing.get_origin(tp)
         if origin is Union:
             args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -259,6 +261,11 @@ class _Validator:
         if not isinstance(node, yaml.ScalarNode):
             raise self.err(node, f"'{key}' must be {_type_name(tp)}, got {self._kind(node)}")
         v = yaml.safe_load(yaml.serialize(node))
+        if tp is float and isinstance(v, str) and node.style is None:
+            try:  # PyYAML (YAML 1.1) reads 1e-3 as text; YAML 1.2 and users mean a number
+                v = float(v)
+            except ValueError:
+                pass
         if tp is Any:
             return v
         ok = (isinstance(v, bool) if tp is bool else
