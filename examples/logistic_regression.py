@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--out", help="working folder (default: a temporary one)")
     ap.add_argument("--epochs", type=int, default=30)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest
     out = args.out or tempfile.mkdtemp(prefix="aimass-logreg-")
     os.makedirs(out, exist_ok=True)
     b, i = load_breast_cancer(), load_iris()

@@ -87,6 +87,7 @@ class PruneSection:
     sparsity: float = 0.5
     n: int = 2
     m: int = 4
+    finetune_epochs: int = 3      # masked fine-tuning after magnitude / n:m pruning (0: none)
 
 
 @dataclass

@@ -19,6 +19,48 @@ def _prune_name(p) -> str:
     return f"pruned-{p.n}of{p.m}" if p.method == "n:m" else f"pruned-{p.method}-{int(p.sparsity * 100)}"
 
 
+class _KeepMasks:
+    """Trainer callback: after every step, pruned weights are put back to zero."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def on_train_begin(self, trainer):
+        pass
+
+    def on_step_end(self, trainer, step, loss):
+        import torch
+        with torch.no_grad():
+            for w, m in self.masks:
+                w.mul_(m)
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        pass
+
+    def on_train_end(self, trainer):
+        pass
+
+
+def _prune_and_finetune(cfg, model, spec, p, log, progress):
+    """A pruned copy of `model`; magnitude and n:m pruning are followed by p.finetune_epochs of
+    training at a tenth of the learning rate with the pruned weights held at zero."""
+    import copy
+
+    from ..compress import prune_model
+    from ..train import pipeline
+    pruned = copy.deepcopy(model)
+    if p.method == "channel" or p.finetune_epochs == 0:
+        return pruned, 0
+    prune_model(pruned, p.method, p.sparsity, n=p.n, m=p.m)
+    masks = [(mod.weight, (mod.weight != 0).to(mod.weight.dtype)) for mod in pruned.modules()
+             if hasattr(mod, "weight") and mod.weight is not None and mod.weight.dim() >= 2]
+    ft_cfg = pipeline.config_with(cfg, train={"lr": cfg.train.lr * 0.1, "schedule": "none"})
+    pipeline.run(ft_cfg, out_dir=os.path.join(pipeline.run_dir(cfg), "pruned"), init_model=pruned,
+                 callbacks=[_KeepMasks(masks)], epochs=p.finetune_epochs, export=False, log=log, progress=progress)
+    pruned.eval()
+    return pruned, p.finetune_epochs
+
+
 def run(cfg, prune: bool = True, quantize: bool = True, distill: bool = True, log: Callable = print,
         quantize_bits=None, progress: Optional[bool] = None) -> Dict[str, str]:
     """Compress the model `aimass train` wrote for `cfg` as the config's compress: section says
@@ -41,11 +83,16 @@ def run(cfg, prune: bool = True, quantize: bool = True, distill: bool = True, lo
     c = cfg.compress
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if prune:
-            p = c.prune or PruneSection()
+    pipeline._barrier("compress.dir")
+    if prune:
+        p = c.prune or PruneSection()
+        pruned, ft = _prune_and_finetune(cfg, model, spec, p, log, progress)
+        if rank == 0:
             path = os.path.join(out_dir, _prune_name(p) + ".aimass")
-            out[_prune_name(p)] = runtime.export(model, example, path, prune=_prune_spec(p))
-            log(f"compress: {_prune_name(p)} -> {path}")
+            out[_prune_name(p)] = runtime.export(pruned, example, path, prune=_prune_spec(p))
+            log(f"compress: {_prune_name(p)}" + (f" + {ft} epochs of masked fine-tuning" if ft else "")
+                + f" -> {path}")
+    if rank == 0:
         if quantize:
             q = c.quantize or QuantizeSection()
             if q.group_size != 32:

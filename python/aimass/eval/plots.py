@@ -66,7 +66,7 @@ def tradeoff(rows: List[dict], path: str) -> str:
     top = max(lat) or 1.0
     for r, l in zip(rows, lat):
         ax.scatter(r["size_bytes"] / 1024, r["accuracy"], s=40 + 400 * l / top, alpha=0.6)
-        ax.annotate(f"{r['name']}\n{l:.3f} ms", (r["size_bytes"] / 1024, r["accuracy"]), fontsize=7,
+        ax.annotate(f"{r['name']}\n{l * 1e3:.1f} us", (r["size_bytes"] / 1024, r["accuracy"]), fontsize=7,
                     xytext=(5, 5), textcoords="offset points")
     ax.set_xlabel("model file size (KiB)")
     ax.set_ylabel("test accuracy")

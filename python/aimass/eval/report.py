@@ -33,13 +33,13 @@ def compare(models: Dict[str, str], x: np.ndarray, y: np.ndarray, class_names=No
 
 
 def table(rows: List[dict]) -> str:
-    """A plain-text table of the comparison."""
-    head = f"{'model':<16}{'size KiB':>10}{'accuracy':>10}{'F1 macro':>10}{'AUC':>8}{'p50 ms':>9}"
+    """A plain-text table of the comparison (latency: median Session.run per batch, microseconds)."""
+    head = f"{'model':<16}{'size KiB':>10}{'accuracy':>10}{'F1 macro':>10}{'AUC':>8}{'p50 us':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         auc = f"{r['roc_auc_ovr']:.4f}" if r.get("roc_auc_ovr") is not None else "-"
         lines.append(f"{r['name']:<16}{r['size_bytes'] / 1024:>10.1f}{r['accuracy']:>10.4f}{r['f1_macro']:>10.4f}"
-                     f"{auc:>8}{r['latency_p50_ms']:>9.3f}")
+                     f"{auc:>8}{r['latency_p50_ms'] * 1e3:>9.1f}")
     return "\n".join(lines)
 
 

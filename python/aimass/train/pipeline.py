@@ -221,8 +221,10 @@ def batch_fn(info: dict):
 
 
 def run(cfg, resume: bool = False, log: Callable = print, callbacks: Sequence = (), out_dir: Optional[str] = None,
-        progress: Optional[bool] = None, export: bool = True, teacher=None, model_cfg=None, epochs=None) -> dict:
-    """Train what `cfg` describes. Returns {history, valid, test, run_dir, model_path, aimass_path, spec}."""
+        progress: Optional[bool] = None, export: bool = True, teacher=None, model_cfg=None, epochs=None,
+        init_model=None) -> dict:
+    """Train what `cfg` describes (or go on training `init_model`, built from the same spec).
+    Returns {history, valid, test, run_dir, model_path, aimass_path, spec}."""
     import torch
     import torch.nn.functional as F
 
@@ -232,7 +234,7 @@ def run(cfg, resume: bool = False, log: Callable = print, callbacks: Sequence = 
     info = dataset_info(ds_path, cfg)
     spec = models.spec_from(model_cfg or cfg.model, info["shape"], info["classes"], info["input"], info["label"],
                             info["scale"], info["nhwc"])
-    model = models.build(spec)
+    model = init_model if init_model is not None else models.build(spec)
     ld = loaders(ds_path, info, cfg.train.batch_size, cfg.train.seed)
     opt = make_optimizer(cfg.train, model.parameters())
     n_epochs = epochs or cfg.train.epochs
