@@ -94,3 +94,31 @@ def test_the_installed_command_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     r = subprocess.run([sys.executable, "-m", "aimass", "info"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and '"version"' in r.stdout
+
+
+def test_train_compress_eval_export_from_the_command_line(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((150, 8)).astype(np.float32)  # 2:4 pruning needs inputs in fours
+    np.savez(tmp_path / "d.npz", x=x, label=(x[:, 0] + x[:, 1] > 0).astype(np.int64))
+    (tmp_path / "c.yml").write_text(GOOD + "model: {kind: mlp, hidden: [16]}\n"
+                                    "train: {epochs: 10, batch_size: 16, lr: 0.1, progress: false}\n"
+                                    "compress: {distill: {hidden: [4], epochs: 2}}\n")
+    cfg = str(tmp_path / "c.yml")
+    assert cli.main(["train", cfg]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test"]["accuracy"] > 0.7 and os.path.isfile(out["aimass"]) and os.path.isfile(out["metrics"])
+    assert cli.main(["train", cfg, "--resume"]) == 0  # finished: resuming changes nothing
+    assert json.loads(capsys.readouterr().out)["test"] == out["test"]
+    assert cli.main(["compress", cfg, "--quantize", "--prune"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert set(made) == {"int8", "int4", "pruned-2of4"}
+    assert cli.main(["eval", cfg]) == 0
+    text = capsys.readouterr().out
+    assert "int4" in text and "report.json" in text
+    rep = json.load(open(tmp_path / "runs" / "c" / "report" / "report.json"))
+    assert [m["name"] for m in rep["models"]] == ["fp32", "int4", "int8", "pruned-2of4"]
+    assert cli.main(["export", str(tmp_path / "runs" / "c"), str(tmp_path / "m.aimass"), "--quantize", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] > 0

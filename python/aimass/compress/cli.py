@@ -123,7 +123,9 @@ def _cmd_compress(args) -> int:
     from .. import config
     cfg = config.load(args.config)
     every = not (args.prune or args.quantize or args.distill)
-    out = run(cfg, prune=every or args.prune, quantize=every or args.quantize, distill=every or args.distill)
+    from ..train.cli import _err
+    out = run(cfg, prune=every or args.prune, quantize=every or args.quantize, distill=every or args.distill,
+              log=_err)
     if out:
         print(json.dumps(out, indent=2))
     return 0

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import sys
+
+
+def _err(*a):
+    """Progress lines go to stderr; stdout carries the JSON result."""
+    print(*a, file=sys.stderr)
 
 
 def _cmd_train(args) -> int:
@@ -12,7 +18,7 @@ def _cmd_train(args) -> int:
         cfg = pipeline.config_with(cfg, train={"epochs": args.epochs})
     if args.checkpoint_dir is not None:
         cfg = pipeline.config_with(cfg, train={"checkpoint_dir": args.checkpoint_dir})
-    r = pipeline.run(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    r = pipeline.run(cfg, resume=args.resume, progress=False if args.no_progress else None, log=_err)
     if r.get("model_path"):
         out = {k: r[k] for k in ("valid", "test") if k in r}
         out.update(run_dir=r["run_dir"], model=r["model_path"], aimass=r.get("aimass_path"),
@@ -25,7 +31,7 @@ def _cmd_tune(args) -> int:
     from .. import config
     from . import tune
     cfg = config.load(args.config)
-    r = tune.run(cfg, trials=args.trials, push=args.push, study_name=args.study)
+    r = tune.run(cfg, trials=args.trials, push=args.push, study_name=args.study, log=_err)
     if r is not None:
         print(json.dumps(r, indent=2))
     return 0
