@@ -2,7 +2,7 @@
 
 First (aimass.demo.catdog) a synthetic cat/dog image set is cleaned, written as
 records, split from a config.yml, loaded by the native Loader to train a torch MLP
-with aimass.dist's DistributedOptimizer (`mpirun -np N python -m aimass demo` runs
+with aimass.dist's DistributedOptimizer (`mpirun -np N python -m aimass demo --kernels` runs
 it data-parallel), exported fp32 and int8 and served through a batching Session.
 Then a Linear-sized weight is quantized to int8 and int4 and pruned 2:4, and the
 fused quantized linear is timed at batch 1 against fp32 GEMV through the same BLAS.
