@@ -1,5 +1,5 @@
 """A small CNN on an image folder: generate cat/dog pictures with Pillow, convert the folder
-to records, split, train, export to .aimass and serve it through runtime.Session.
+to records with `aimass data convert`, split, train, export to .aimass and serve it through runtime.Session.
 
 The pictures are synthetic (no download): "cat" images carry a warm disc, "dog" images a
 cool square, at random places and sizes on a noisy background.
@@ -9,6 +9,8 @@ cool square, at random places and sizes on a noisy background.
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -46,8 +48,12 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="aimass-cnn-")
     folder = os.path.join(out, "catdog")
     make_folder(folder, args.per_class)
-    # the folder -> records (uint8 [H, W, 3] images, int64 labels, class names in the metadata)
-    ds = data.from_image_folder(folder, os.path.join(out, "catdog.records"), size=(16, 16), overwrite=True)
+    # the folder -> records (uint8 [H, W, 3] images, int64 labels, class names in the metadata),
+    # with the same command a user types
+    records = os.path.join(out, "catdog.records")
+    subprocess.run([sys.executable, "-m", "aimass", "data", "convert", folder, records, "--size", "16", "16",
+                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    ds = data.open(records)
     splits = data.split(ds, config={"splitting": {"train": 70, "valid": 15, "test": 15}}, seed=0, stratify=True)
     tf = [data.Cast("image", "float32", 1 / 255)]
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ def build_parser() -> Parser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_command(sub, "info", "what this machine and build support", "aimass info", _cmd_info)
-    from .data import add_cli as data_cli
+    from .data.cli import add_cli as data_cli
     data_cli(sub)
     from .train.cli import add_cli as train_cli
     train_cli(sub)
