@@ -21,6 +21,25 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
   fi
 fi
 
+# the registry's PostgreSQL tests start a throwaway cluster with Debian's initdb/pg_ctl
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "registry tests need PostgreSQL (they skip without it): sudo apt-get install postgresql" >&2
+  fi
+fi
+
+# Debian's Chromium for the dashboard test (playwright's own browser download is not reachable)
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "could not install chromium: the dashboard test will skip" >&2
+  else
+    echo "no chromium and no root apt-get: the dashboard test will skip" >&2
+  fi
+fi
+
 step "build and install aimass (with C++ tests)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
   -Ccmake.define.AIMASS_BUILD_TESTS=ON -Cbuild-dir=build/test .

@@ -70,6 +70,10 @@ def build_parser() -> Parser:
     compress_cli(sub)
     from .demo import add_cli as demo_cli
     demo_cli(sub)
+    from .registry.cli import add_cli as registry_cli
+    registry_cli(sub)
+    from .serve.cli import add_cli as serve_cli
+    serve_cli(sub)
     return parser
 
 
