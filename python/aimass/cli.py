@@ -53,6 +53,15 @@ def _user_errors():
             IsADirectoryError, PermissionError, ConnectionError, aimass.CorruptDataError, aimass.DistributedError)
 
 
+_EXAMPLES = {
+    "data": "aimass data convert iris.csv data/iris --label species\n"
+            "aimass data split data/iris --ratios 70,15,15 --stratify",
+    "serve": "aimass serve --store ~/.aimass/registry --port 8000 --tokens tokens.yml\n"
+             "curl -H 'Authorization: Bearer $TOKEN' localhost:8000/v2/models/digits",
+    "serve-token": "aimass serve-token --name ci --scopes infer,metrics >> tokens.yml.txt",
+}
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="aimass", description="aimass: collect, train, compress, evaluate and serve models",
                     epilog="example:\n  aimass demo            # the whole pipeline on scikit-learn's digits\n"
@@ -74,6 +83,10 @@ def build_parser() -> Parser:
     registry_cli(sub)
     from .serve.cli import add_cli as serve_cli
     serve_cli(sub)
+    for name, p in sub.choices.items():  # an area that registered no example gets one here
+        if not (p.epilog or "").startswith("example") and name in _EXAMPLES:
+            p.epilog = "example:\n  " + _EXAMPLES[name].replace("\n", "\n  ")
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
