@@ -32,6 +32,12 @@ def test_demo_end_to_end(tmp_path):
     assert len(rep["history"]) == 30 and os.path.isfile(r["paths"]["metrics.jsonl"])
     assert os.path.isfile(os.path.join(r["paths"]["checkpoints"], "latest.json"))
     assert any("where everything is" in line for line in lines)
+    # registry: fp32 stable, int8 canary; the server answered both protocols alike and stopped cleanly
+    assert r["registry"]["versions"] == {"fp32": 1, "int8": 2} and r["registry"]["stable"] == 1
+    s = r["serve"]
+    assert s["kserve"] == s["tfserving"] and len(s["kserve"]) == 5
+    assert sum(a == b for a, b in zip(s["kserve"], s["labels"])) >= 4
+    assert any('protocol="v2"' in line for line in s["metrics_lines"]) and s["exit_code"] == 0
 
 
 def test_demo_command_quick(tmp_path):

@@ -4,9 +4,11 @@
 data (a few planted duplicates and bad labels are dropped, with a report), splits it
 70/15/15, trains an MLP with progress bars (data-parallel under ``mpirun -np 2``),
 prunes it 2:4, quantizes it int8 and int4, distills a smaller student, evaluates all
-of them side by side (accuracy, F1, ROC AUC, latency through runtime.Session) and
-prints a summary table and where the report is. Everything stays in --out
-(default AIMASS_HOME/demo).
+of them side by side (accuracy, F1, ROC AUC, latency through runtime.Session), pushes
+fp32 (label stable) and int8 (canary) to a registry, starts `aimass serve` on a free
+loopback port and asks it through the KServe v2 and TF-Serving routes with a token,
+reads its metrics, stops it, and prints a summary table and where the report is.
+Everything stays in --out (default AIMASS_HOME/demo).
 """
 from __future__ import annotations
 
@@ -122,16 +124,16 @@ def _run(out, quick, log, progress, t_start) -> dict:
         atomic_write_text(cfg_path, CONFIG.format(epochs=epochs, kfold=0 if quick else 3,
                                                   latency_batches=10 if quick else 50))
         summary["raw"] = _write_raw(os.path.join(out, "raw", "digits.npz"), seed=0)
-        for stale in ("run", "raw/digits.records"):  # a rerun starts from scratch, not from old checkpoints
+        for stale in ("run", "raw/digits.records", "registry"):  # a rerun starts from scratch, not from old checkpoints
             import shutil
             shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        say(f"[1/6] config: {cfg_path}  (data: scikit-learn digits, 1,797 8x8 images + "
+        say(f"[1/8] config: {cfg_path}  (data: scikit-learn digits, 1,797 8x8 images + "
             f"{summary['raw']['planted_duplicates']} planted duplicates + {summary['raw']['planted_bad_labels']} "
             f"bad labels)")
     pipeline._barrier("demo.config")
     cfg = config.load(cfg_path)
 
-    say("[2/6] convert + clean + split 70/15/15")
+    say("[2/8] convert + clean + split 70/15/15")
     ds_path = pipeline.prepare_data(cfg, log=say)
     info = pipeline.dataset_info(ds_path, cfg)
     from .. import data
@@ -140,23 +142,23 @@ def _run(out, quick, log, progress, t_start) -> dict:
     say(f"      {len(data.open(ds_path))} records kept -> train {counts['train']}, valid {counts['valid']}, "
         f"test {counts['test']}")
 
-    say(f"[3/6] train an MLP {info['shape']} -> {cfg.model.hidden} -> 10 for {epochs} epochs on {world} rank(s)")
+    say(f"[3/8] train an MLP {info['shape']} -> {cfg.model.hidden} -> 10 for {epochs} epochs on {world} rank(s)")
     r = pipeline.run(cfg, log=say, progress=progress)
     summary["train"] = {"valid": r.get("valid"), "test": r.get("test"), "epochs": len(r["history"]),
                         "samples_per_s": r["history"][-1]["samples_per_s"]}
 
-    say("[4/6] compress: prune 2:4, quantize int8 and int4, distill a student MLP [32]")
+    say("[4/8] compress: prune 2:4, quantize int8 and int4, distill a student MLP [32]")
     compressed = compress_cli.run(cfg, quantize_bits=[8, 4], log=say, progress=progress)
 
-    say("[5/6] evaluate side by side (test split" + ("" if quick else ", 3-fold cross-validation") + ")")
+    say("[5/8] evaluate side by side (test split" + ("" if quick else ", 3-fold cross-validation") + ")")
     models = {"fp32": os.path.join(r["run_dir"], "model.aimass")}
     for k in ("pruned-2of4", "int8", "int4", "distilled"):
         if k in compressed:
             models[k] = compressed[k]
     rep = eval_cli.run(cfg, models if rank == 0 else {"fp32": models["fp32"]},
                        out_dir=os.path.join(out, "report"), log=lambda *a: None)
-    if rank != 0:
-        pipeline._barrier("demo.done")
+    if rank != 0:  # rank 0 evaluates, pushes and serves meanwhile
+        pipeline._barrier("demo.done", timeout=900)
         return summary
     rows = rep["models"]
     summary["rows"] = [{k: row[k] for k in ("name", "size_bytes", "accuracy", "f1_macro", "roc_auc_ovr",
@@ -169,17 +171,27 @@ def _run(out, quick, log, progress, t_start) -> dict:
         kf = rep["kfold"]
         say(f"      {kf['k']}-fold cross-validation accuracy {kf['mean']:.4f} +- {kf['std']:.4f}")
 
-    say("[6/6] where everything is")
+    say("[6/8] push to the registry (fp32 labelled stable, int8 canary)")
+    from . import serving
+    summary["registry"] = serving.push(out, models, {row["name"]: {"accuracy": row["accuracy"],
+                                                                  "f1_macro": row["f1_macro"]} for row in rows},
+                                       cfg.registry.name, say)
+    say("[7/8] serve it: aimass serve on a free loopback port, requests with a token")
+    x_test, y_test = pipeline.split_arrays(ds_path, info, "test")
+    summary["serve"] = serving.serve_and_ask(out, cfg.registry.name, x_test, y_test, say)
+
+    say("[8/8] where everything is")
     rd = r["run_dir"]
     paths = {"config": cfg_path, "report.json": rep["path"],
              "figures": sorted(os.path.basename(p) for p in rep["figures"].values()),
              "metrics.jsonl": os.path.join(rd, "metrics.jsonl"), "checkpoints": rd,
-             "models": os.path.join(rd, "compressed")}
+             "models": os.path.join(rd, "compressed"), "registry": summary["registry"]["store"],
+             "serve log": os.path.join(out, "serve.log")}
     summary["paths"] = paths
     for k, v in paths.items():
         say(f"      {k:<14}{', '.join(v) if isinstance(v, list) else v}")
     summary["seconds"] = time.perf_counter() - t_start
     say(f"done in {summary['seconds']:.1f} s: fp32 test accuracy {summary['accuracy']['fp32']:.4f}, "
         f"int8 {summary['accuracy'].get('int8', float('nan')):.4f}")
-    pipeline._barrier("demo.done")
+    pipeline._barrier("demo.done", timeout=900)
     return summary

@@ -23,10 +23,11 @@ def _dist():
     return None
 
 
-def _barrier(name: str) -> None:
+def _barrier(name: str, timeout: Optional[float] = None) -> None:
+    """Every rank waits here (timeout: seconds, default aimass.dist's)."""
     d = _dist()
     if d is not None and d.size() > 1:
-        d.barrier(name=name)
+        d.barrier(timeout=timeout, name=name)
 
 
 def _rank() -> int:
@@ -112,7 +113,7 @@ def prepare_data(cfg, log: Callable = print) -> str:
             log(f"data: {src} -> {out} ({fmt})")
         label = cfg.data.label if cfg.data.label in data.open(out).fields else True
         data.split(data.open(out), config=cfg.splitting_dict(), seed=cfg.train.seed, stratify=label, save=True)
-    _barrier("pipeline.data")
+    _barrier("pipeline.data", timeout=3600)  # rank 0 may be converting a large set
     return out
 
 
