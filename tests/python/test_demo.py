@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 def test_demo_end_to_end(tmp_path):
     from aimass import demo
     lines = []
-    r = demo.run(out=str(tmp_path / "demo"), log=lines.append, progress=False)
+    r = demo.run(out=str(tmp_path / "demo"), quick=True, log=lines.append, progress=False)  # 8 epochs, no k-fold
     acc = r["accuracy"]
     assert acc["fp32"] >= 0.95  # the bar
     assert abs(acc["int8"] - acc["fp32"]) <= 0.01
@@ -25,11 +25,11 @@ def test_demo_end_to_end(tmp_path):
     assert r["raw"]["records"] == 1797 + 25
     n = sum(r["split"].values())
     assert n <= 1797 and abs(r["split"]["train"] - 0.7 * n) <= 1
-    assert r["kfold"]["k"] == 3 and r["kfold"]["mean"] > 0.9
+    assert r["kfold"] is None
     rep = json.load(open(r["report"]))
     for f in rep["figures"].values():
         assert open(f, "rb").read(4) == b"\x89PNG"
-    assert len(rep["history"]) == 30 and os.path.isfile(r["paths"]["metrics.jsonl"])
+    assert len(rep["history"]) == 8 and os.path.isfile(r["paths"]["metrics.jsonl"])
     assert os.path.isfile(os.path.join(r["paths"]["checkpoints"], "latest.json"))
     assert any("where everything is" in line for line in lines)
     # registry: fp32 stable, int8 canary; the server answered both protocols alike and stopped cleanly

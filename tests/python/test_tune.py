@@ -22,6 +22,7 @@ data_path: d.npz
 splitting: {train: 70, valid: 15, test: 15}
 model: {kind: mlp, hidden: [8]}
 train: {epochs: 3, progress: false}
+registry: {store: reg, name: tuned, label: stable}
 search:
   trials: 3
   params:
@@ -35,8 +36,11 @@ search:
     assert 0.001 <= r["best_params"]["lr"] <= 0.5 and r["best_params"]["hidden"] in ("[4]", "[16, 8]")
     assert 0 < r["best_value"] <= 1 and os.path.isfile(r["best_model"])
     assert open(r["history_png"], "rb").read(4) == b"\x89PNG"
-    r2 = tune.run(cfg, trials=2, log=lines.append)  # the same study, continued
+    r2 = tune.run(cfg, trials=2, push=True, log=lines.append)  # the same study, continued; best pushed
     assert r2["trials"] == 5 and r2["best_value"] >= r["best_value"]
+    from aimass.registry import Registry
+    v = Registry(str(tmp_path / "reg")).resolve("tuned", label="stable")
+    assert v.version == r2["registry"]["version"] == 1 and v.metrics["val_accuracy"] == r2["best_value"]
     assert sum(line.startswith("trial ") for line in lines) == 5, lines
 
 
