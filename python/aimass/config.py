@@ -364,7 +364,7 @@ def fetch(url: str, sha256: Optional[str] = None, cache_dir: Optional[str] = Non
     and a cached copy with that hash is reused without a download. Writes are atomic."""
     from aimass import CorruptDataError
 
-    from ._io import atomic_path
+    from ._io import atomic_path, sha256_file
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https", "file"):
         raise ValueError(f"data_url must be an http(s):// or file:// URL, got {url!r}")
@@ -373,7 +373,7 @@ def fetch(url: str, sha256: Optional[str] = None, cache_dir: Optional[str] = Non
     name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     dest = os.path.join(cache_dir, f"{key}-{name}")
-    if os.path.exists(dest) and (sha256 is None or _sha256_file(dest) == sha256.lower()):
+    if os.path.exists(dest) and (sha256 is None or sha256_file(dest) == sha256.lower()):
         return dest
     try:
         resp = urllib.request.urlopen(url, timeout=30)  # noqa: S310 - scheme checked above
@@ -397,10 +397,3 @@ def fetch(url: str, sha256: Optional[str] = None, cache_dir: Optional[str] = Non
             raise CorruptDataError(f"download of {url}: sha256 is {h.hexdigest()}, the config expects {sha256}")
     return dest
 
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

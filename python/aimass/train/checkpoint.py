@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .._io import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text, sha256_file
 
 MANIFEST = "latest.json"
 
@@ -49,14 +49,6 @@ def gather_objects(obj: Any, world: int) -> List[Any]:
         size = int(row[0])
         out.append(pickle.loads(row[1:].view(np.uint8)[:size].tobytes()))
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(checkpoint_dir: str, state: Dict[str, Any], step: int, keep: int = 2) -> str:
@@ -110,7 +102,7 @@ def load(checkpoint_dir_or_file: str) -> Dict[str, Any]:
         path = os.path.join(p, man["file"])
         if not os.path.isfile(path):
             raise CorruptDataError(f"{p}/{MANIFEST} names {man['file']}, which is missing")
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != man["sha256"]:
             raise CorruptDataError(f"checkpoint {path}: sha256 {got} does not match the manifest's "
                                    f"{man['sha256']}; the file is damaged")
