@@ -158,3 +158,15 @@ def test_trainer_errors(tmp_path):
         train.Trainer(m, opt, F.cross_entropy, bad, progress=False).fit()
     with pytest.raises(KeyError, match="no label field"):
         train.Trainer(m, opt, F.cross_entropy, [{"x": torch.zeros(2, 4)}], progress=False).fit()
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    ds = write_task(str(tmp_path))
+    tr, _ = make_trainer(ds, str(tmp_path / "tb"), epochs=2)
+    tr.fit()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    ev.Reload()
+    assert {"train_loss", "val_accuracy"} <= set(ev.Tags()["scalars"])
+    assert [e.step for e in ev.Scalars("val_accuracy")] == [1, 2]
