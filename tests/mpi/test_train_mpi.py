@@ -46,3 +46,28 @@ def test_resume_is_bitwise_exact_across_ranks(dist, tmp_path_factory):
         state = train.load_checkpoint(os.path.join(root, "a"))
         assert state["world_size"] == dist.size() and len(state["ranks"]) == dist.size()
     dist.barrier(name="train.done")
+
+
+@pytest.mark.timeout(180, method="thread")
+def test_aimass_train_command_under_mpirun(dist, tmp_path_factory, capsys):
+    import json
+
+    from aimass import cli
+    torch.set_num_threads(1)
+    root = _shared_dir(dist, tmp_path_factory, "cmd")
+    if dist.rank() == 0:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((200, 4)).astype(np.float32)
+        np.savez(os.path.join(root, "d.npz"), x=x, label=(x[:, 0] > 0).astype(np.int64))
+        with open(os.path.join(root, "c.yml"), "w") as f:
+            f.write("data_path: d.npz\nsplitting: {train: 70, valid: 15, test: 15}\n"
+                    "model: {kind: logreg}\ntrain: {epochs: 4, batch_size: 8, lr: 0.2, progress: false}\n")
+    dist.barrier(name="cmd.written")
+    assert cli.main(["train", os.path.join(root, "c.yml")]) == 0
+    out = capsys.readouterr().out
+    if dist.rank() == 0:  # rank 0 reports and writes; the others only train
+        r = json.loads(out)
+        assert r["test"]["accuracy"] > 0.8 and os.path.isfile(r["aimass"])
+        rows = [json.loads(line) for line in open(r["metrics"])]
+        assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    dist.barrier(name="cmd.checked")

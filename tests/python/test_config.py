@@ -123,3 +123,25 @@ def test_fetch_without_network_is_a_clear_error(tmp_path):
         config.fetch("http://127.0.0.1:9/data.csv", cache_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="http"):
         config.fetch("ftp://example/x", cache_dir=str(tmp_path))
+
+
+def test_download_true_fetches_data_url_before_converting(tmp_path, monkeypatch):
+    import numpy as np
+
+    from aimass.train import pipeline
+    monkeypatch.setenv("AIMASS_HOME", str(tmp_path / "home"))
+    src = tmp_path / "remote" / "d.npz"
+    src.parent.mkdir()
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    np.savez(src, x=x, label=(x[:, 0] > 20).astype(np.int64))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    (tmp_path / "c.yml").write_text(f"data_path: ./data\ndownload: true\ndata_url: {src.as_uri()}\nsha256: {digest}\n"
+                                    "splitting: {train: 70, valid: 15, test: 15}\n")
+    ds = pipeline.prepare_data(config.load(tmp_path / "c.yml"), log=lambda *a: None)
+    assert ds.startswith(str(tmp_path / "home" / "cache"))
+    from aimass import data
+    assert len(data.open(ds)) == 20 and len(data.open_split(ds, "train")) == 14
+    (tmp_path / "c2.yml").write_text("data_path: ./nothing-here\ndownload: true\n"
+                                     "splitting: {train: 70, valid: 15, test: 15}\n")
+    with pytest.raises(ValueError, match="data_url"):
+        pipeline.prepare_data(config.load(tmp_path / "c2.yml"))
