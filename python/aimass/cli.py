@@ -58,7 +58,7 @@ _EXAMPLES = {
             "aimass data split data/iris --ratios 70,15,15 --stratify",
     "serve": "aimass serve --store ~/.aimass/registry --port 8000 --tokens tokens.yml\n"
              "curl -H 'Authorization: Bearer $TOKEN' localhost:8000/v2/models/digits",
-    "serve-token": "aimass serve-token --name ci --scopes infer,metrics >> tokens.yml.txt",
+    "serve-token": "aimass serve-token --name ci --scopes infer,metrics   # the token, and its tokens.yml entry",
 }
 
 

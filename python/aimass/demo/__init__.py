@@ -17,7 +17,7 @@ def _cmd_demo(args) -> int:
 def add_cli(sub) -> None:
     from ..cli import add_command
     p = add_command(sub, "demo", "the whole pipeline on scikit-learn's digits: config, clean, split, train, "
-                    "prune, quantize, distill, evaluate, report",
+                    "prune, quantize, distill, evaluate, register, serve, report",
                     "aimass demo --out /tmp/demo\nmpirun -np 2 python3 -m aimass demo   # data-parallel training\n"
                     "aimass demo --kernels                  # quantized-kernel showcase", _cmd_demo)
     p.add_argument("--out", help="folder for everything it writes (default AIMASS_HOME/demo)")
