@@ -42,6 +42,10 @@ search:
     v = Registry(str(tmp_path / "reg")).resolve("tuned", label="stable")
     assert v.version == r2["registry"]["version"] == 1 and v.metrics["val_accuracy"] == r2["best_value"]
     assert sum(line.startswith("trial ") for line in lines) == 5, lines
+    import dataclasses
+    late = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, timeout_s=0.0))
+    r3 = tune.run(late, trials=3, log=lines.append)  # no new trial starts once the time is up
+    assert r3["trials"] == 5 and "timeout_s=0 reached after 0 trial(s)" in lines[-1]
 
 
 def test_tune_config_errors(tmp_path):

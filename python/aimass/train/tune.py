@@ -101,7 +101,13 @@ def run(cfg, trials: Optional[int] = None, push: bool = False, study_name: Optio
             direction=s.direction, sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     pipeline.prepare_data(cfg, log if rank == 0 else (lambda *a: None))
-    for _ in range(n_trials):
+    import time
+    t0 = time.monotonic()
+    for i in range(n_trials):
+        late = s.timeout_s is not None and time.monotonic() - t0 > s.timeout_s
+        if broadcast_object(late, world):  # rank 0's clock decides for every rank
+            log(f"search.timeout_s={s.timeout_s:g} reached after {i} trial(s) of {n_trials}")
+            break
         trial = study.ask() if rank == 0 else None
         params = {k: _suggest(trial, k, p) for k, p in s.params.items()} if rank == 0 else None
         number = trial.number if rank == 0 else None
