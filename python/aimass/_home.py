@@ -1,7 +1,7 @@
 """The one place aimass reads AIMASS_HOME: the folder of its per-user state (default ``~/.aimass``).
 
 The model registry keeps its default store in ``aimass_home() / "registry"`` and its cache of
-remote blobs in ``aimass_home() / "cache"``. Nothing is created here; callers make what they use.
+remote blobs in ``aimass_home() / "cache"``; ``aimass bench --tune`` writes ``tuning.json`` there. Nothing is created here; callers make what they use.
 """
 from __future__ import annotations
 

@@ -83,6 +83,8 @@ def build_parser() -> Parser:
     registry_cli(sub)
     from .serve.cli import add_cli as serve_cli
     serve_cli(sub)
+    from .bench.cli import add_cli as bench_cli
+    bench_cli(sub)
     for name, p in sub.choices.items():  # an area that registered no example gets one here
         if not (p.epilog or "").startswith("example") and name in _EXAMPLES:
             p.epilog = "example:\n  " + _EXAMPLES[name].replace("\n", "\n  ")

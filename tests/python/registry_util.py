@@ -227,7 +227,8 @@ def assert_consistent(reg, name):
 
 def crash_trials(store, blobs, models, trials=20, seed=17):
     """SIGKILL pushes at fault points and at random moments; after each the store is consistent and
-    usable, and at the end gc(grace 0) leaves exactly the referenced blobs and no temp files."""
+    usable, and gc(grace 0) removes what the killed pushes left, leaving exactly the referenced
+    blobs and no temp files. Returns how many random kills landed before/after the commit."""
     import os as _os
     import random
     import signal
@@ -238,7 +239,7 @@ def crash_trials(store, blobs, models, trials=20, seed=17):
     rng = random.Random(seed)
     points = list(FAULT_POINTS)
     rng.shuffle(points)
-    removed = 0
+    remote = bool(blobs) and "://" in blobs
     # how long a whole push in a new process takes here: random kills land anywhere in it (or just after)
     t0 = _time.monotonic()
     p = fork_push(store, blobs, models[0], "m")
@@ -246,37 +247,36 @@ def crash_trials(store, blobs, models, trials=20, seed=17):
     assert p.exitcode == 0
     span = _time.monotonic() - t0
     kills = {"before": 0, "after": 0}
-    for t in range(trials):
-        point = points[t] if t < len(points) else (rng.choice(points) if t % 2 else None)
-        with Registry(store, blobs=blobs) as reg:
+    removed_temp = 0
+    with Registry(store, blobs=blobs) as reg:  # the checker; the pushes run in other processes
+        for t in range(trials):
+            point = points[t] if t < len(points) else (rng.choice(points) if t % 2 else None)
             before = assert_consistent(reg, "m")
-        label = rng.choice([None, "stable", "canary"])
-        p = fork_push(store, blobs, models[t % len(models)], "m", label=label, fault_point=point)
-        if point is None:  # a random moment in a push's life (tens of ms here)
-            _time.sleep(rng.uniform(0.0, 1.1 * span))
-            try:
-                _os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.join(60)
-        assert p.exitcode is not None, "a push hung"
-        if point not in (None, "upload") or (point == "upload" and blobs and "://" in blobs):
-            assert p.exitcode == -signal.SIGKILL, f"trial {t}: the push was not killed at {point!r} ({p.exitcode})"
-        with Registry(store, blobs=blobs) as reg:
+            label = rng.choice([None, "stable", "canary"])
+            p = fork_push(store, blobs, models[t % len(models)], "m", label=label, fault_point=point)
+            if point is None:  # a random moment in a push's life
+                _time.sleep(rng.uniform(0.0, 1.1 * span))
+                try:
+                    _os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.join(60)
+            assert p.exitcode is not None, "a push hung"
+            if point is not None and (point != "upload" or remote):
+                assert p.exitcode == -signal.SIGKILL, f"trial {t}: the push was not killed at {point!r} ({p.exitcode})"
             after = assert_consistent(reg, "m")
             if point is None:
                 kills["after" if len(after) > len(before) else "before"] += 1
-            if p.exitcode == -signal.SIGKILL:
+            elif p.exitcode == -signal.SIGKILL:
                 if point == "committed":
                     assert len(after) == len(before) + 1
-                elif point is not None:
+                else:
                     assert after == before, f"trial {t}: a push killed at {point!r} left a visible version"
             new = reg.push(models[0], "m")  # the store is not left locked
             assert new > max(after, default=0)
-            if t % 5 == 4:
-                removed += len(reg.gc(grace_s=0)["removed_blobs"])
-    with Registry(store, blobs=blobs) as reg:
-        reg.gc(grace_s=0)
+            if t % 5 == 4 or t == trials - 1:
+                removed_temp += len(reg.gc(grace_s=0)["removed_temp"])
+        assert removed_temp > 0  # kills at 'copy' and 'staged' leave temp files; gc removed them
         assert_consistent(reg, "m")
         referenced = {v.sha256 for v in reg.versions("m")}
         assert {sha for sha, _, _ in reg._blobs.list_blobs()} == referenced

@@ -230,3 +230,26 @@ def test_aimass_home_default(monkeypatch, tmp_path):
     assert aimass_home() == tmp_path / ".aimass"
     monkeypatch.setenv("AIMASS_HOME", "~/elsewhere")
     assert aimass_home() == tmp_path / "elsewhere"
+
+
+def test_schema_migrations_run_once_in_order(reg, models, tmp_path, monkeypatch):
+    import sqlalchemy as sa
+    from aimass.registry import _meta
+    reg.push(models[0], "m")
+    ran = []
+
+    def to_2(conn):
+        ran.append(2)
+        conn.execute(sa.text("ALTER TABLE aimass_versions ADD COLUMN note TEXT"))
+
+    monkeypatch.setattr(_meta, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(_meta.MIGRATIONS, 1, to_2)
+    with Registry(tmp_path / "store") as r2:
+        assert r2.show("m").version == 1  # old rows read through the new schema
+    with Registry(tmp_path / "store"):
+        pass
+    assert ran == [2]
+    con = sqlite3.connect(tmp_path / "store" / "registry.db")
+    assert con.execute("SELECT version FROM aimass_schema").fetchone()[0] == 2
+    assert "note" in [r[1] for r in con.execute("PRAGMA table_info(aimass_versions)")]
+    con.close()

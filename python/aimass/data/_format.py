@@ -20,7 +20,7 @@ from .._array import as_numpy
 CorruptDataError = _C.CorruptDataError
 
 FORMAT_NAME = "aimass-records"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; version 1 datasets (no schema fingerprint in the shards) are still read
 INDEX_FILE = "index.json"
 
 builtins_open = builtins.open  # ``open`` below is the module's verb
@@ -114,7 +114,7 @@ def write(out_dir: str, arrays: Mapping[str, Any], shard_bytes: int = 64 << 20, 
             "splits": {},
             "metadata": metadata or {},
         }
-        atomic_write_text(os.path.join(tmp, INDEX_FILE), json.dumps(index, indent=1))
+        atomic_write_text(os.path.join(tmp, INDEX_FILE), _index_text(index))
         fsync_dir(tmp)
         old = None
         if os.path.exists(out_dir):
@@ -140,18 +140,11 @@ class Dataset:
     def __init__(self, path: str, indices: Optional[np.ndarray] = None, _reader=None, _index=None):
         self.path = os.path.abspath(os.fspath(path))
         if _reader is None:
-            _index = _read_index(self.path)
-            names = [s["file"] for s in _index["shards"]]
-            for nm in names:
-                if not os.path.isfile(os.path.join(self.path, nm)):
-                    raise CorruptDataError(f"shard {nm} listed in {self.path}/{INDEX_FILE} is missing")
-            spec = [(f["name"], f["dtype"], list(f["shape"])) for f in _index["schema"]]
-            _reader = _C.DataReader(spec, [os.path.join(self.path, nm) for nm in names], names)
-            counts = _reader.shard_records()
-            for s, c in zip(_index["shards"], counts):
-                if s["records"] != c:
-                    raise CorruptDataError(f"shard {s['file']}: index.json says {s['records']} records, "
-                                           f"the shard holds {c}; the dataset is damaged")
+            # the engine checks index.json (keys, types, counts, shard names) and opens every
+            # shard against it (records, bytes, schema fingerprint); Python keeps the document
+            ip, text = _index_bytes(self.path)
+            _reader = _C.DataReader.open(self.path, text, ip)
+            _index = _index_doc(ip, text)
         self._reader = _reader
         self._index = _index
         self.indices = None if indices is None else np.ascontiguousarray(indices, dtype=np.int64)
@@ -230,27 +223,51 @@ class Dataset:
         return f"Dataset({self.path!r}, {len(self)} records, {{{sch}}})"
 
 
-def _read_index(path: str) -> dict:
+def _index_bytes(path: str):
+    """(path of index.json, its bytes) for the dataset directory `path`."""
     ip = os.path.join(path, INDEX_FILE)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"dataset directory {path} does not exist")
     if not os.path.isfile(ip):
         raise FileNotFoundError(f"{path} has no {INDEX_FILE}: not an aimass dataset (write one with "
                                 "aimass.data.write)")
+    with builtins_open(ip, "rb") as f:
+        return ip, f.read()
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise CorruptDataError(f"a JSON object repeats the keys {dup}")
+    return dict(pairs)
+
+
+def _index_doc(ip: str, text: bytes) -> dict:
+    """index.json's document; `text` has already passed the engine's checks."""
     try:
-        with builtins_open(ip) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CorruptDataError(f"{ip} is not valid JSON ({exc}); the dataset is damaged") from None
-    if index.get("format") != FORMAT_NAME:
-        raise ValueError(f"{ip}: not an aimass dataset index (format={index.get('format')!r})")
-    if index.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{ip}: format version {index.get('version')} is not supported "
-                         f"(this aimass reads version {FORMAT_VERSION})")
-    for key in ("schema", "shards", "num_records"):
-        if key not in index:
-            raise CorruptDataError(f"{ip} lacks '{key}'; the dataset is damaged")
-    return index
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, CorruptDataError
+        raise CorruptDataError(f"{ip} cannot be read ({exc}); the dataset is damaged (restore index.json or "
+                               "rewrite the dataset)") from None
+    for key in ("metadata", "splits"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise CorruptDataError(f"{ip}: '{key}' must be a JSON object; the dataset is damaged")
+    return doc
+
+
+def _index_text(index: dict) -> str:
+    try:
+        return json.dumps(index, indent=1, allow_nan=False)
+    except ValueError:
+        raise ValueError("index.json: metadata must be plain JSON (no NaN or infinity values)") from None
+
+
+def _read_index(path: str) -> dict:
+    """index.json of the dataset directory `path`, checked by the engine."""
+    ip, text = _index_bytes(path)
+    _C.data_parse_index(text, ip)
+    return _index_doc(ip, text)
 
 
 def open(path: str) -> Dataset:  # noqa: A001 - the module's verb, like json.load
@@ -260,24 +277,50 @@ def open(path: str) -> Dataset:  # noqa: A001 - the module's verb, like json.loa
 
 
 # ---------------------------------------------------------------- inspect
+def _split_files(ds: "Dataset") -> Dict[str, str]:
+    """index.json's splits {name: file}, each a plain file name in the dataset directory."""
+    splits = ds._index.get("splits") or {}
+    if not isinstance(splits, dict) or not all(
+            isinstance(k, str) and isinstance(f, str) and f and os.path.basename(f) == f and not f.startswith(".")
+            for k, f in splits.items()):
+        raise CorruptDataError(f"{ds.path}/{INDEX_FILE}: 'splits' must map split names to file names in the "
+                               "dataset directory; the dataset is damaged (run aimass.data.split again)")
+    return splits
+
+
+def _load_split(ds: "Dataset", name: str, fname: str, mmap_mode=None) -> np.ndarray:
+    try:
+        idx = np.load(os.path.join(ds.path, fname), mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CorruptDataError(f"split {name!r} ({fname}) cannot be read ({exc}); run aimass.data.split again") \
+            from None
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise CorruptDataError(f"split {name!r} ({fname}) is not a 1-D integer index array; run aimass.data.split "
+                               "again")
+    return idx
+
+
 def inspect(path: str, verify: bool = True) -> dict:
     """Schema, counts, class balance and (verify) a check of every checksum."""
     ds = Dataset(path)
+    versions = sorted(set(ds._reader.shard_versions()))
     info = {"path": ds.path, "records": len(ds), "shards": len(ds.shards),
             "bytes": sum(s["bytes"] for s in ds.shards), "schema": ds.schema,
+            "format_version": ds._index["version"], "shard_versions": versions,
+            "schema_fingerprint": ds._reader.schema_fingerprint if 2 in versions else None,
             "splits": {}, "metadata": ds.metadata}
-    for k, f in ds._index.get("splits", {}).items():
-        info["splits"][k] = int(np.load(os.path.join(ds.path, f), mmap_mode="r").shape[0])
-    label = ds.metadata.get("label_field") or ("label" if "label" in ds.fields else None)
-    if label is not None:
+    for k, f in _split_files(ds).items():
+        info["splits"][k] = int(_load_split(ds, k, f, mmap_mode="r").shape[0])
+    meta = ds.metadata
+    label = meta.get("label_field") or "label"
+    if label in ds.fields:
         field = next(f for f in ds.schema if f["name"] == label)
         if field["shape"] in ([], [1]) and field["dtype"].startswith(("int", "uint")):
             vals, counts = np.unique(ds.column(label), return_counts=True)
-            classes = ds.metadata.get("classes")
+            classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
             info["class_balance"] = {
-                (classes[int(v)] if classes and 0 <= int(v) < len(classes) else str(int(v))): int(c)
+                (str(classes[int(v)]) if classes and 0 <= int(v) < len(classes) else str(int(v))): int(c)
                 for v, c in zip(vals, counts)}
     if verify:
         info["verified_records"] = ds.verify(sha256=True)
     return info
-

@@ -2,6 +2,8 @@
 resumable state, fused transforms, batches as zero-copy views."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import warnings
 from collections import deque
@@ -12,6 +14,27 @@ import numpy as np
 from .. import _C
 from ._format import Dataset
 from ._transforms import _Transform
+
+
+_I64_MAX = 2**63 - 1
+
+
+def _check_range(name: str, v, lo: int, hi: int) -> None:
+    if not lo <= v <= hi:
+        raise ValueError(f"Loader: {name} must be in [{lo}, {hi}], got {v}")
+
+
+def _dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 of what fixes a loader's samples: the index's schema and shards (names,
+    record counts, content hashes) and, for a subset, its record numbers."""
+    idx = ds._index
+    h = hashlib.sha256(json.dumps({"schema": idx["schema"],
+                                   "shards": [[s.get("file"), s.get("records"), s.get("sha256")]
+                                              for s in idx["shards"]]},
+                                  sort_keys=True).encode())
+    if ds.indices is not None:
+        h.update(ds.indices.tobytes())
+    return h.hexdigest()[:32]
 
 
 def _default_rank_world():
@@ -111,17 +134,22 @@ class Loader:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = False,
-                 num_threads: Optional[int] = None, prefetch: int = 2,
+                 num_threads: Optional[int] = None, prefetch: Optional[int] = None,
                  transforms: Optional[Sequence[_Transform]] = None, output: str = "numpy",
                  pin_memory: bool = False, verify=True):
         if not isinstance(dataset, Dataset):
             raise TypeError(f"Loader: dataset must be an aimass.data.Dataset (aimass.data.open(dir)), "
                             f"got {type(dataset).__name__}")
+        if prefetch is None:  # the machine's tuning profile, else 2 batches ahead
+            from .. import _tuning
+            prefetch = _tuning.default("loader_prefetch", 2)
         for nm, v in (("batch_size", batch_size), ("prefetch", prefetch), ("seed", seed)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
                 raise TypeError(f"Loader: {nm} must be an int, got {v!r}")
-        if seed < 0:
-            raise ValueError(f"Loader: seed must be >= 0, got {seed}")
+        # a batch_size beyond the samples gives one batch of them all (the engine caps its buffers)
+        _check_range("batch_size", batch_size, 1, _I64_MAX)
+        _check_range("prefetch", prefetch, 1, 1024)
+        _check_range("seed", seed, 0, 2**64 - 1)
         if output not in ("numpy", "torch", "cupy"):
             raise ValueError(f"Loader: output must be 'numpy', 'torch' or 'cupy', got {output!r}")
         if not isinstance(pin_memory, bool):
@@ -131,9 +159,16 @@ class Loader:
             raise ValueError("Loader: give both rank and world_size, or neither (then aimass.dist decides)")
         if rank is None:
             rank, world_size = _default_rank_world()
-        if num_threads is None:
+        from .. import _tuning
+        if num_threads is None:  # the machine's tuning profile, else up to 4 engine threads
             from .. import num_threads as _nt
-            num_threads = max(1, min(4, _nt()))
+            num_threads = _tuning.default("loader_threads", max(1, min(4, _nt())))
+        for nm, v in (("rank", rank), ("world_size", world_size), ("num_threads", num_threads)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"Loader: {nm} must be an int, got {v!r}")
+        _check_range("world_size", world_size, 1, 2**31 - 1)
+        _check_range("rank", rank, 0, world_size - 1)
+        _check_range("num_threads", num_threads, 1, 256)
         transforms = list(transforms or [])
         for t in transforms:
             if not isinstance(t, _Transform):
@@ -143,6 +178,7 @@ class Loader:
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.output = output
+        self.num_threads, self.prefetch = int(num_threads), int(prefetch)
         if verify not in (True, False, "once"):
             raise ValueError(f"Loader: verify must be True, False or 'once', got {verify!r}")
         verify_mode = 2 if verify == "once" else int(bool(verify))
@@ -166,6 +202,7 @@ class Loader:
         self._bf16 = [o[1] == "bfloat16" for o in self._outputs]
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already handed out
+        self._dataset_fp = None  # computed on the first state_dict()
         self._transforms = transforms  # keeps user C functions alive while workers call them
         self._torch = None
         if output == "torch":
@@ -190,24 +227,41 @@ class Loader:
         self._epoch, self._batch = int(epoch), 0
 
     def _fingerprint(self) -> dict:
-        return {"num_samples": self._core.num_samples, "batch_size": self.batch_size, "shuffle": self.shuffle,
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+        if self._dataset_fp is None:
+            self._dataset_fp = _dataset_fingerprint(self.dataset)
+        return {"dataset": self._dataset_fp, "num_samples": self._core.num_samples, "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "drop_last": self.drop_last}
 
     def state_dict(self) -> dict:
-        """Where this loader is: {epoch, batch (handed out this epoch), and its configuration}."""
+        """Where this loader is: {epoch, batch (handed out this epoch), and its configuration,
+        including a fingerprint of the dataset (its index and the records this loader draws from)}."""
         return {"epoch": self._epoch, "batch": self._batch, **self._fingerprint()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at `state`: the next batches are exactly those an uninterrupted run would give."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: state must be a dict from Loader.state_dict(), "
+                            f"got {type(state).__name__}")
         fp = self._fingerprint()
+        for k in ("epoch", "batch", *fp):
+            if k not in state:
+                raise ValueError(f"load_state_dict: state lacks {k!r}; pass a dict from Loader.state_dict() "
+                                 f"(it has {sorted(fp) + ['batch', 'epoch']})")
         for k, v in fp.items():
-            if k in state and state[k] != v:
-                raise ValueError(f"load_state_dict: state has {k}={state[k]!r} but this loader has {k}={v!r}; "
-                                 "resume needs the same dataset, batch size, seed and world")
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch <= len(self):
-            raise ValueError(f"load_state_dict: epoch {epoch} / batch {batch} out of range")
+            if state[k] != v:
+                what = ("comes from another dataset (its index, shards or subset differ from this loader's)"
+                        if k == "dataset" else f"has {k}={state[k]!r} but this loader has {k}={v!r}")
+                raise ValueError(f"load_state_dict: the state {what}; resume needs the same dataset, batch size, "
+                                 "seed and world")
+        epoch, batch = state["epoch"], state["batch"]
+        for k, v in (("epoch", epoch), ("batch", batch)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise ValueError(f"load_state_dict: state[{k!r}] must be an int, got {v!r}")
+        epoch, batch = int(epoch), int(batch)
+        if not 0 <= epoch < 2**63 or not 0 <= batch <= len(self):
+            raise ValueError(f"load_state_dict: epoch {epoch} / batch {batch} out of range "
+                             f"(epoch >= 0, batch in [0, {len(self)}])")
         self._epoch, self._batch = epoch, batch
 
     @property

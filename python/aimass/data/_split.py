@@ -1,14 +1,13 @@
 """Seeded (optionally stratified) train/valid/test splits stored as index files."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Mapping, Optional
 
 import numpy as np
 
 from .._io import atomic_path, atomic_write_text
-from ._format import INDEX_FILE, Dataset, _read_index
+from ._format import INDEX_FILE, CorruptDataError, Dataset, _index_text, _load_split, _read_index, _split_files
 
 
 class Splits:
@@ -113,7 +112,7 @@ def split(dataset=None, config="config.yml", seed: int = 0, stratify=None, save:
                 np.save(f, idx)
             index["splits"][k] = fname
         index["split_config"] = {"splitting": dict(parts), "seed": seed, "stratify": label}
-        atomic_write_text(os.path.join(ds.path, INDEX_FILE), json.dumps(index, indent=1))
+        atomic_write_text(os.path.join(ds.path, INDEX_FILE), _index_text(index))
         ds._index = index
     return Splits({k: ds.subset(v) for k, v in result.items()})
 
@@ -121,8 +120,12 @@ def split(dataset=None, config="config.yml", seed: int = 0, stratify=None, save:
 def open_split(path: str, name: str) -> Dataset:
     """The split `name` ('train', 'valid', ...) saved by split() for the dataset at `path`."""
     ds = Dataset(path)
-    splits = ds._index.get("splits", {})
+    splits = _split_files(ds)
     if name not in splits:
         raise KeyError(f"{path} has no split {name!r}; it has {sorted(splits)} (run aimass.data.split)")
-    return ds.subset(np.load(os.path.join(ds.path, splits[name]), allow_pickle=False))
+    idx = _load_split(ds, name, splits[name])
+    if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
+        raise CorruptDataError(f"split {name!r} ({splits[name]}) holds record numbers outside [0, {len(ds)}); "
+                               "run aimass.data.split again")
+    return ds.subset(idx)
 

@@ -6,6 +6,7 @@ with one ``CORRUPT: ...`` line; any other user error exits 2 with one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,6 +66,13 @@ def _cmd_convert(args) -> int:
     if not os.path.exists(args.src):
         raise FileNotFoundError(f"{args.src} does not exist")
     kw = _write_kwargs(args)
+    with contextlib.redirect_stdout(sys.stderr):  # clean()'s report goes to stderr; stdout is the JSON
+        ds = _convert(args, kind, kw)
+    print(json.dumps(_summary(ds), indent=2))
+    return 0
+
+
+def _convert(args, kind: str, kw: dict) -> Dataset:
     if kind == "csv":
         if not args.label:
             raise ValueError("converting a CSV needs --label COLUMN (the column that holds the class)")
@@ -77,8 +85,7 @@ def _cmd_convert(args) -> int:
         if any(s <= 0 for s in size):
             raise ValueError(f"--size must be two positive numbers H W, got {list(size)}")
         ds = from_image_folder(args.src, args.out, size=size, **kw)
-    print(json.dumps(_summary(ds), indent=2))
-    return 0
+    return ds
 
 
 # ---------------------------------------------------------------- clean

@@ -41,8 +41,20 @@ See docs/registry.md.
 """
 from __future__ import annotations
 
-from ._core import DEFAULT_LABEL, ModelVersion, Registry
+import importlib as _importlib
+
 from ._errors import ConflictError, IntegrityError, InvalidArgumentError, NotFoundError, RegistryError
+
+# imported on first use, so that `aimass <any command>` does not pay for SQLAlchemy
+_LAZY = {"Registry": "_core", "DEFAULT_LABEL": "_core", "ModelVersion": "_values"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Registry", "ModelVersion", "RegistryError", "NotFoundError", "ConflictError",
            "InvalidArgumentError", "IntegrityError", "DEFAULT_LABEL", "add_cli"]
