@@ -31,8 +31,8 @@ STATIC = Path(__file__).with_name("static")
 @dataclass
 class ServeConfig:
     max_body_bytes: int = 64 << 20
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 500
+    max_batch_size: Optional[int] = None      # None: the machine's tuning profile (aimass bench), else 32
+    max_queue_delay_us: Optional[int] = None  # None: the tuning profile, else 500
     queue_capacity: int = 1024
     num_threads: Optional[int] = None
     poll_interval_s: float = 1.0
@@ -230,7 +230,8 @@ def create_app(srv: Server) -> Starlette:
 
     async def model_cfg(request, ctx):
         lv = ctx.acquire(_version(request))
-        return JSONResponse(kserve.model_config(M.models[ctx.model], lv, srv.config.max_batch_size))
+        mbs = getattr(lv.session, "max_batch_size", None) or srv.config.max_batch_size or 0
+        return JSONResponse(kserve.model_config(M.models[ctx.model], lv, mbs))
 
     async def model_ready(request, ctx):
         try:
@@ -350,7 +351,11 @@ def create_app(srv: Server) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await M.start()
+        try:
+            await M.start()
+        except BaseException:
+            await M.stop()      # close whatever was loaded before the failure
+            raise
         try:
             yield
         finally:

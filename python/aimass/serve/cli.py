@@ -118,8 +118,10 @@ def add_cli(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--tokens", default=None, help="tokens.yml (sha256 of each token, scopes, models, rate, burst)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --tokens")
-    p.add_argument("--max-batch-size", type=int, default=32, help="rows per executed batch (default 32)")
-    p.add_argument("--max-queue-delay-us", type=int, default=500, help="batcher wait for more rows (default 500)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="rows per executed batch (default: the machine's tuning profile, else 32)")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="batcher wait for more rows (default: the tuning profile, else 500)")
     p.add_argument("--queue-capacity", type=int, default=1024, help="queued requests per model before 503")
     p.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: aimass's setting)")
     p.add_argument("--deadline-ms", type=float, default=None, help="default request deadline (504 when passed)")
