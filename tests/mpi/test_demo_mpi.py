@@ -2,7 +2,6 @@
 averaged); rank 0 compresses, evaluates and reports. Also the --kernels pipeline."""
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -10,11 +9,9 @@ pytest.importorskip("sklearn")
 
 
 @pytest.mark.timeout(300, method="thread")
-def test_demo_data_parallel(dist, tmp_path_factory):
+def test_demo_data_parallel(dist, shared_dir):
     from aimass import demo
-    p = str(tmp_path_factory.mktemp("demo")) if dist.rank() == 0 else ""
-    codes = np.frombuffer(p.encode().ljust(512), np.uint8).astype(np.int32)
-    out = bytes(dist.broadcast(codes, root=0, name="demo.dir").astype(np.uint8)).decode().strip()
+    out = shared_dir("demo")
     r = demo.run(out=out, quick=True, log=lambda *a: None, progress=False)
     assert r["ranks"] == dist.size()
     if dist.rank() == 0:

@@ -11,18 +11,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from _train_helpers import make_trainer, same_weights, write_task  # noqa: E402
 
 
-def _shared_dir(dist, tmp_path_factory, name):
-    """rank 0's temporary folder, on every rank (one machine; on several nodes use a shared path)."""
-    p = str(tmp_path_factory.mktemp(name)) if dist.rank() == 0 else ""
-    codes = np.frombuffer(p.encode().ljust(512), np.uint8).astype(np.int32)
-    return bytes(dist.broadcast(codes, root=0, name=f"dir.{name}").astype(np.uint8)).decode().strip()
-
-
 @pytest.mark.timeout(180, method="thread")
-def test_resume_is_bitwise_exact_across_ranks(dist, tmp_path_factory):
+def test_resume_is_bitwise_exact_across_ranks(dist, shared_dir):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    root = _shared_dir(dist, tmp_path_factory, "train")
+    root = shared_dir("train")
     if dist.rank() == 0:
         write_task(root, n=240)
     dist.barrier(name="train.written")
@@ -49,12 +42,12 @@ def test_resume_is_bitwise_exact_across_ranks(dist, tmp_path_factory):
 
 
 @pytest.mark.timeout(180, method="thread")
-def test_aimass_train_command_under_mpirun(dist, tmp_path_factory, capsys):
+def test_aimass_train_command_under_mpirun(dist, shared_dir, capsys):
     import json
 
     from aimass import cli
     torch.set_num_threads(1)
-    root = _shared_dir(dist, tmp_path_factory, "cmd")
+    root = shared_dir("cmd")
     if dist.rank() == 0:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((200, 4)).astype(np.float32)

@@ -10,12 +10,10 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.mark.timeout(240, method="thread")
-def test_tune_data_parallel(dist, tmp_path_factory, monkeypatch):
+def test_tune_data_parallel(dist, shared_dir, monkeypatch):
     from aimass import config
     from aimass.train import tune
-    p = str(tmp_path_factory.mktemp("tune")) if dist.rank() == 0 else ""
-    codes = np.frombuffer(p.encode().ljust(512), np.uint8).astype(np.int32)
-    root = bytes(dist.broadcast(codes, root=0, name="tune.dir").astype(np.uint8)).decode().strip()
+    root = shared_dir("tune")
     monkeypatch.setenv("AIMASS_HOME", os.path.join(root, "home"))
     torch.set_num_threads(1)
     if dist.rank() == 0:
