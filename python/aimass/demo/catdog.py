@@ -1,4 +1,4 @@
-"""The end-to-end part of `aimass demo`: data -> training -> compression -> serving.
+"""The first part of `aimass demo --kernels`: data -> training -> compression -> serving.
 
 It makes a small synthetic cat/dog image set (8x8x3 uint8; the classes differ in
 colour, with noise, duplicates and bad labels mixed in), cleans it, writes it as
@@ -28,7 +28,7 @@ def _images(n: int, rng: np.random.Generator):
 def run(n: int = 6000, epochs: int = 3, seed: int = 0, log=print) -> dict:
     import torch
 
-    from . import data, dist, runtime
+    from .. import data, dist, runtime
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

@@ -1,8 +1,8 @@
-"""`aimass demo`: the whole life of a small model, then a kernel showcase.
+"""`aimass demo --kernels`: a small synthetic pipeline, then a kernel showcase.
 
-First (aimass.pipeline_demo) a synthetic cat/dog image set is cleaned, written as
+First (aimass.demo.catdog) a synthetic cat/dog image set is cleaned, written as
 records, split from a config.yml, loaded by the native Loader to train a torch MLP
-with aimass.dist's DistributedOptimizer (`mpirun -np N python -m aimass demo` runs
+with aimass.dist's DistributedOptimizer (`mpirun -np N python -m aimass demo --kernels` runs
 it data-parallel), exported fp32 and int8 and served through a batching Session.
 Then a Linear-sized weight is quantized to int8 and int4 and pruned 2:4, and the
 fused quantized linear is timed at batch 1 against fp32 GEMV through the same BLAS.
@@ -59,8 +59,9 @@ def run(n: int = 4096, k: int = 4096, repeats: int = 20, seed: int = 0) -> dict:
 
 
 def main() -> int:
-    from . import dist, pipeline_demo
-    pipeline_demo.run()
+    from .. import dist
+    from . import catdog
+    catdog.run()
     if dist.rank() != 0:
         return 0
     r = run()
