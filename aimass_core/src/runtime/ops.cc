@@ -430,10 +430,11 @@ void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const floa
   });
 }
 
-void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y) {
+void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y,
+               const char* where) {
   for (int64_t i = 0; i < n; ++i)
-    AIMASS_CHECK(idx[i] >= 0 && idx[i] < V, ValueError, "embedding index ", idx[i], " at position ", i,
-                 " is outside [0, ", V, ")");
+    AIMASS_CHECK(idx[i] >= 0 && idx[i] < V, ValueError, where, ": index ", idx[i], " at flat position ", i,
+                 " is outside the valid range [0, ", V - 1, "] (num_embeddings=", V, ")");
   parallel_for(0, n, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) std::memcpy(y + i * D, table + idx[i] * D, D * sizeof(float));
   });
