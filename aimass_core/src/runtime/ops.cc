@@ -37,7 +37,10 @@ constexpr int64_t kElemGrain = 16384;
 
 template <Act A>
 inline float apply(float v) {
-  if constexpr (A == Act::Relu) return v > 0.f ? v : 0.f;
+  // torch's relu: NaN and +inf pass through, -0 stays -0 (v > 0 ? v : 0 would turn NaN into 0).
+  // The other activations propagate NaN by their formulas; at +-inf they give what torch's
+  // scalar reference gives (docs/numerics.md "NaN and infinities").
+  if constexpr (A == Act::Relu) return v < 0.f ? 0.f : v;
   if constexpr (A == Act::Gelu) return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
   if constexpr (A == Act::GeluTanh) {
     const float k = 0.7978845608028654f;
