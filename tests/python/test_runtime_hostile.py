@@ -221,3 +221,74 @@ def test_quantized_linear_attrs_checked(tmp_path):
                         data=bytes(16) + np.ones(4, np.float32).tobytes())
         with pytest.raises(ValueError, match=msg):
             rt.Session(p)
+
+
+# ---------------------------------------------------------------- messages (Session / export arguments)
+@pytest.fixture
+def linear_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "lin.aimass"
+    rt.export(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (torch.randn(2, 4),), path, input_names=["x"])
+    return path
+
+
+def test_scalar_and_wrong_shape_inputs_say_the_real_shape(linear_model):
+    with rt.Session(linear_model) as s:
+        with pytest.raises(ValueError, match=r"input 'x' has shape \[\] \(a scalar\); the model expects \[batch, 4\]"):
+            s.run({"x": np.float32(3.0)})
+        with pytest.raises(ValueError, match=r"input 'x' has shape \[5\]; the model expects \[batch, 4\] or one"):
+            s.run({"x": np.zeros(5, np.float32)})
+        with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 5\]"):
+            s.run({"x": np.zeros((2, 5), np.float32)})
+        with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 5\]"):
+            s.submit({"x": np.zeros((2, 5), np.float64)})
+        assert s.run({"x": np.zeros(4, np.float32)})["output"].shape == (1, 2)
+
+
+@pytest.mark.parametrize("call", ["run", "submit"])
+def test_deadline_and_priority_ranges(linear_model, call):
+    x = {"x": np.zeros((1, 4), np.float32)}
+    with rt.Session(linear_model) as s:
+        f = getattr(s, call)
+        for bad in (float("inf"), float("nan"), -1.0, 1e300):
+            with pytest.raises(ValueError, match=r"deadline_ms must be None \(no deadline\) or a finite number .*\[0, 1e\+12\]"):
+                f(x, deadline_ms=bad)
+        for bad in ("5", True, [1]):
+            with pytest.raises(TypeError, match="deadline_ms must be None"):
+                f(x, deadline_ms=bad)
+        for bad in (2 ** 70, 2 ** 31, -(2 ** 31) - 1):
+            with pytest.raises(ValueError, match=r"priority must be an int in \[-2147483648, 2147483647\]"):
+                f(x, priority=bad)
+        for bad in (1.5, True, "1", None):
+            with pytest.raises(TypeError, match=r"priority must be an int in \[-2147483648, 2147483647\]"):
+                f(x, priority=bad)
+        # in-range numpy integers and floats are fine
+        out = f(x, deadline_ms=np.float32(1e6), priority=np.int64(-3))
+        out = out.result() if call == "submit" else out
+        assert out["output"].shape == (1, 2)
+
+
+def test_session_argument_ranges(linear_model):
+    for kw, exc, msg in ((dict(max_batch_size=2 ** 70), ValueError, r"max_batch_size must be an int in \[1, 2147483647\]"),
+                         (dict(max_batch_size=0), ValueError, "max_batch_size"),
+                         (dict(max_batch_size=1.0), TypeError, "max_batch_size must be an int"),
+                         (dict(max_queue_delay_us=2 ** 63), ValueError, r"max_queue_delay_us must be an int in \[0, "),
+                         (dict(queue_capacity=2 ** 62), ValueError, r"queue_capacity must be an int in \[1, 16777216\]"),
+                         (dict(num_threads=2 ** 70), ValueError, r"num_threads must be an int in \[1, 4096\]"),
+                         (dict(num_threads="2"), TypeError, "num_threads")):
+        with pytest.raises(exc, match=msg):
+            rt.Session(linear_model, **kw)
+
+
+def test_export_argument_messages(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    p = tmp_path / "e.aimass"
+    with pytest.raises(TypeError, match="input_names must be a list of non-empty strings"):
+        rt.export(net, (torch.randn(2, 4),), p, input_names=[3])
+    with pytest.raises(TypeError, match="input_names must be a list of non-empty strings"):
+        rt.export(net, (torch.randn(2, 4),), p, input_names="xy")
+    with pytest.raises(TypeError, match="output_names must be a list of non-empty strings"):
+        rt.export(net, (torch.randn(2, 4),), p, output_names=[""])
+    with pytest.raises(TypeError, match="example input 0 has dtype torch.float64"):
+        rt.export(net, (torch.randn(2, 4, dtype=torch.float64),), p)

@@ -574,7 +574,8 @@ void Executor::reserve(int64_t rows) {
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(need, 64));
   void* mem = nullptr;
   AIMASS_CHECK(posix_memalign(&mem, 64, bytes) == 0, Error, "Executor: cannot allocate an arena of ", bytes,
-               " bytes for ", rows, " rows");
+               " bytes for ", rows, " rows (", plan_->total_row_bytes, " bytes per row); lower max_batch_size or "
+               "send smaller requests");
   std::free(plan_->arena);
   plan_->arena = mem;
   plan_->capacity = rows;

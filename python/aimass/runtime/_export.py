@@ -449,6 +449,17 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise TypeError("export: example_inputs must be a tensor or a tuple of tensors")
+    for i, x in enumerate(example_inputs):
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32):
+            raise TypeError(f"export: example input {i} has dtype {x.dtype}; .aimass inputs are float32 or int64 "
+                            "(float16/bfloat16/int32 examples are widened; convert others, e.g. x.float())")
+    for arg, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is None:
+            continue
+        if isinstance(names, (str, bytes)) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"export: {arg} must be a list of non-empty strings, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"export: {arg} has duplicate names: {list(names)}")
     if len({int(x.shape[0]) if x.dim() else -1 for x in example_inputs}) != 1 or example_inputs[0].dim() == 0:
         raise ValueError("export: every example input needs the same batch size in dimension 0")
     prune_report = None
