@@ -43,7 +43,7 @@ def _np(t) -> np.ndarray:
 
 
 def _quantize_linear(w: np.ndarray, bits: int):
-    """Symmetric weight quantization through aimass.compress (QUANT_FORMAT.md): int8 per output
+    """Symmetric weight quantization through aimass.compress (docs/quant_format.md): int8 per output
     channel, int4 in groups of 32 along K (per-channel when 32 does not divide K)."""
     from ..compress.qlinear import quantize_weight
 
