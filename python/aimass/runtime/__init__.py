@@ -138,8 +138,13 @@ class Session:
     queue_capacity: queued requests before submit/run raise aimass.QueueFullError; num_threads:
     the engine's CPU threads (aimass.set_num_threads; None keeps the current setting)."""
 
-    def __init__(self, path, max_batch_size: int = 32, max_queue_delay_us: int = 500,
+    def __init__(self, path, max_batch_size: Optional[int] = None, max_queue_delay_us: Optional[int] = None,
                  queue_capacity: int = 1024, num_threads: Optional[int] = None):
+        from .. import _tuning  # defaults: the machine's tuning profile, else 32 rows and 500 us
+        if max_batch_size is None:
+            max_batch_size = _tuning.default("session_max_batch_size", 32)
+        if max_queue_delay_us is None:
+            max_queue_delay_us = _tuning.default("session_max_queue_delay_us", 500)
         max_batch_size = _int_arg("max_batch_size", max_batch_size, *_INT_LIMITS["max_batch_size"], "Session: ")
         max_queue_delay_us = _int_arg("max_queue_delay_us", max_queue_delay_us, *_INT_LIMITS["max_queue_delay_us"],
                                       "Session: ")
@@ -149,6 +154,7 @@ class Session:
             import aimass
             aimass.set_num_threads(num_threads)
         self._model = Model(path)
+        self.max_batch_size, self.max_queue_delay_us = max_batch_size, max_queue_delay_us
         self._batcher = _rt.Batcher(self._model._m, max_batch_size, max_queue_delay_us, queue_capacity)
         self._specs_in = list(self._model._m.inputs)
         self._specs_out = list(self._model._m.outputs)
