@@ -181,7 +181,7 @@ struct ModelLoader {
         st.nbytes = st.numel() * 4;
       } else if (reinterpret_cast<uintptr_t>(ptr) % es != 0) {
         std::vector<float> f((st.nbytes + 3) / 4);
-        std::memcpy(f.data(), ptr, st.nbytes);
+        if (st.nbytes > 0) std::memcpy(f.data(), ptr, st.nbytes);
         m.owned_.push_back(std::move(f));
         st.data = m.owned_.back().data();
       } else {
