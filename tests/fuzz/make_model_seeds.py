@@ -11,14 +11,7 @@ import os
 import struct
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _out(target, name, data, kind="corpus"):
-    d = os.path.join(HERE, kind, target)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, name), "wb") as f:
-        f.write(data)
+from make_seeds import _out  # the data targets' writer (same folder layout)
 
 
 def _file(tensors, nodes, inputs, outputs, data=b""):
