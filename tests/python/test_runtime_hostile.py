@@ -168,6 +168,10 @@ def test_graph_references_and_cycles(tmp_path):
     ("max_pool2d", {"kernel_size": 9, "stride": 1, "padding": 0}, "larger than the padded input"),
     ("avg_pool2d", {"kernel_size": 2, "stride": 1, "padding": 2 ** 41}, "must be in"),
     ("avg_pool2d", {"kernel_size": 2, "stride": 1, "padding": [1, 2, 3]}, "must have 2 values"),
+    # fuzz_graph finding: padding 2^32 made every window lie outside the image (count overflowed)
+    ("avg_pool2d", {"kernel_size": 3, "stride": 2 ** 40, "padding": 2 ** 32, "count_include_pad": 0},
+     "must be at most half the window"),
+    ("max_pool2d", {"kernel_size": 2, "stride": 1, "padding": 2}, "must be at most half the window"),
     ("adaptive_avg_pool2d", {"output_size": [0, 1]}, "must be positive"),
     ("softmax", {"dim": 0}, "non-batch dimension"),
     ("softmax", {"dim": 9}, "non-batch dimension"),

@@ -303,6 +303,10 @@ void build(PlanImpl& p, const Model& m) {
       q.count_include_pad = attr_int(n, "count_include_pad", 1) != 0;
       q.OH = window_out(q.H, q.PH, q.DH, q.KH, q.SH, s.where + " (height)");
       q.OW = window_out(q.W, q.PW, q.DW, q.KW, q.SW, s.where + " (width)");
+      // torch's rule: padding at most half the (dilated) window, so every window overlaps the image
+      AIMASS_CHECK(2 * q.PH <= q.DH * (q.KH - 1) + 1 && 2 * q.PW <= q.DW * (q.KW - 1) + 1, ValueError, s.where,
+                   ": padding [", q.PH, ", ", q.PW, "] must be at most half the window [", q.DH * (q.KH - 1) + 1,
+                   ", ", q.DW * (q.KW - 1) + 1, "]");
       out_row = {q.C, q.OH, q.OW};
     } else if (n.op == "adaptive_avg_pool2d") {
       need_inputs(1);
