@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     _data_cli(sub)
     from .registry.cli import add_cli as _registry_cli
     _registry_cli(sub)
+    from .serve.cli import add_cli as _serve_cli
+    _serve_cli(sub)
     from .bench.cli import add_cli as _bench_cli
     _bench_cli(sub)
     args = parser.parse_args(argv)

@@ -385,3 +385,14 @@ def test_load_state_dict_checks_the_dataset_and_keys(tmp_path, ds):
     resumed = D.Loader(D.open(ds.path), 8, seed=3)  # the same dataset reopened: accepted
     resumed.load_state_dict(state)
     assert resumed.state_dict()["batch"] == 1
+
+
+def test_a_fifo_or_directory_in_a_shards_place(ds, capsys):
+    shard = os.path.join(ds.path, ds.shards[0]["file"])
+    os.remove(shard)
+    os.mkfifo(shard)  # opening it for reading would block forever
+    with pytest.raises(aimass.CorruptDataError, match="not a regular file"):
+        D.open(ds.path)
+    os.remove(shard)
+    os.mkdir(shard)
+    _inspect_fails(ds.path, capsys, match="not a regular file")

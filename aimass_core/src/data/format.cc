@@ -258,7 +258,8 @@ std::vector<ShardInfo> write_shards(const std::string& dir, const Schema& schema
 // Every number below comes from the file: each sum and product is checked (or
 // bounded by a comparison done first) so that no value wraps around 2^64.
 Shard::Shard(const std::string& path, const std::string& display_name) : name_(display_name) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  // O_NONBLOCK: a FIFO in a shard's place must fail below (not a regular file), not block
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   AIMASS_CHECK(fd >= 0, IOError, "cannot open shard ", path, ": ", errno_str());
   struct stat st;
   if (::fstat(fd, &st) != 0) {

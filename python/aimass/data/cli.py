@@ -15,8 +15,7 @@ from ._convert import clean, from_csv, from_image_folder, from_npy
 from ._format import CorruptDataError, Dataset, inspect
 from ._split import split
 
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-                ValueError, TypeError, KeyError, ImportError)
+_USER_ERRORS = (OSError, ValueError, TypeError, KeyError, ImportError)  # OSError: missing files, permissions
 
 
 def _run(fn, args) -> int:

@@ -12,12 +12,14 @@ module converts arrays and wires futures. See docs/model-format.md.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import math
 import numbers
 import operator
 import os
 import threading
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -25,10 +27,11 @@ import numpy as np
 from .. import _C
 from .._array import as_numpy, float32_array, like
 from ._export import FORMAT_VERSION, SUPPORTED, UnsupportedOpError, export
+from ._onnx import SUPPORTED_ONNX, from_onnx
 
 _rt = _C.runtime
 
-__all__ = ["export", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
+__all__ = ["export", "from_onnx", "SUPPORTED_ONNX", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
 
 
 class Model:
@@ -80,7 +83,7 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
             a = float32_array(x, what)
         else:
             a, dt = as_numpy(x, what)
-            if dt not in ("int64", "int32", "int16", "int8", "uint8"):
+            if dt not in ("int64", "int32", "int16", "int8", "uint8", "bool"):
                 raise TypeError(f"{where}: {what} must hold integer indices, got {dt}")
             a = np.ascontiguousarray(a, dtype=np.int64)
         if shape == row:  # a single example without the batch dimension
@@ -130,6 +133,21 @@ def _priority(priority) -> int:
     return _int_arg("priority", priority, *PRIORITY_RANGE)
 
 
+# Sessions still open at interpreter exit are closed first (their scheduler and futures threads
+# joined): tearing one down mid-shutdown aborted the process ("terminate called without an active
+# exception", exit 134).
+_LIVE: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    for sess in list(_LIVE):
+        try:
+            sess.close()
+        except Exception:
+            pass
+
+
 class Session:
     """An in-process inference session: one C++ batcher (scheduler thread) over one executor.
 
@@ -162,6 +180,7 @@ class Session:
         self._lock = threading.Lock()
         self._dispatcher: Optional[threading.Thread] = None
         self._closed = False
+        _LIVE.add(self)
 
     # -- introspection
     @property
@@ -207,6 +226,19 @@ class Session:
         """Queue a request; the Future resolves to the output dict, or to TimeoutError when
         its deadline passes before it runs. Raises aimass.QueueFullError / aimass.ClosedError at once."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        self._enqueue(inputs, deadline_ms, priority, fut)
+        return fut
+
+    async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
+                        priority: int = 0) -> Dict[str, Any]:
+        """Awaitable run(): the event loop is never blocked. The request's asyncio future is resolved
+        on its loop, one loop wake-up per finished batch (not per request, no concurrent Future)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._enqueue(inputs, deadline_ms, priority, fut)
+        return await fut
+
+    def _enqueue(self, inputs, deadline_ms, priority, fut) -> None:
         with self._lock:
             ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, True)
             self._pending[ticket.id] = (ticket, fut, inputs)
@@ -214,25 +246,43 @@ class Session:
                 self._dispatcher = threading.Thread(target=self._dispatch, name="aimass-runtime-futures",
                                                     daemon=True)
                 self._dispatcher.start()
-        fut.set_running_or_notify_cancel()
-        return fut
 
-    async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
-                        priority: int = 0) -> Dict[str, Any]:
-        """Awaitable run(): the event loop is never blocked."""
-        return await asyncio.wrap_future(self.submit(inputs, deadline_ms, priority))
+    @staticmethod
+    def _resolve_on_loop(done) -> None:
+        for fut, value, exc in done:
+            if fut.cancelled():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
 
     def _dispatch(self):
-        # Resolves futures as the scheduler reports finished requests (waits without the GIL).
+        # Resolves futures as the scheduler reports finished requests (waits without the GIL):
+        # concurrent futures directly, asyncio futures in one call_soon_threadsafe per loop and wake-up.
         while True:
             ids = self._batcher.wait_completed(100_000)
+            per_loop: Dict[Any, list] = {}
             for rid in ids:
                 with self._lock:
                     ticket, fut, inputs = self._pending.pop(rid)
+                value = exc = None
                 try:
-                    fut.set_result(self._result(ticket.result(), inputs))
-                except BaseException as exc:  # the request's own error (TimeoutError, ...)
-                    fut.set_exception(exc)
+                    value = self._result(ticket.result(), inputs)
+                except BaseException as e:  # the request's own error (TimeoutError, ...)
+                    exc = e
+                if isinstance(fut, concurrent.futures.Future):
+                    if exc is None:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(exc)
+                else:
+                    per_loop.setdefault(fut.get_loop(), []).append((fut, value, exc))
+            for loop, done in per_loop.items():
+                try:
+                    loop.call_soon_threadsafe(self._resolve_on_loop, done)
+                except RuntimeError:  # that loop is closed: nobody awaits these any more
+                    pass
             with self._lock:
                 if self._closed and not self._pending:
                     return
