@@ -103,14 +103,11 @@ int64_t set_packed_max_rows(int64_t rows);
 
 struct ExecutorOptions {
   int64_t max_batch_size = 32;  // arena capacity in rows; grows if a larger batch comes
-<<<<<<< HEAD
+  int64_t seq_len = 8;          // models with a dynamic sequence dim: the plan built (and checked) first
   // Cap on the bytes of any one buffer the plan allocates (the arena for a batch, the
   // conv scratch): a model from an untrusted source whose shapes ask for more fails with
   // ValueError at construction / reserve instead of exhausting memory. 0: no cap.
   int64_t max_memory_bytes = 0;
-=======
-  int64_t seq_len = 8;          // models with a dynamic sequence dim: the plan built (and checked) first
->>>>>>> main
 };
 
 // True when a signature entry of `m` has a dynamic dim after the batch dimension.

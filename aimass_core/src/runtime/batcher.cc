@@ -177,16 +177,13 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
   AIMASS_CHECK(outputs.size() == m.outputs().size(), ValueError, "submit: got ", outputs.size(),
                " output buffers, the model has ", m.outputs().size(), " outputs");
   AIMASS_CHECK(rows >= 1, ValueError, "submit: rows=", rows, " must be >= 1");
-<<<<<<< HEAD
   // enqueued + timeout must not overflow the clock's nanoseconds (aimass.runtime's deadline_ms <= 1e12)
   constexpr int64_t kMaxTimeoutUs = int64_t{1000000000000000};
   AIMASS_CHECK(timeout_us <= kMaxTimeoutUs, ValueError, "submit: timeout_us=", timeout_us, " must be < 0 (none) or in [0, ",
                kMaxTimeoutUs, "]");
-=======
   AIMASS_CHECK(executor_->dynamic() ? seq >= 1 : seq == 0, ValueError, "submit: seq=", seq,
                executor_->dynamic() ? " must be >= 1 (the model has a dynamic sequence dim)"
                                     : " must be 0 (the model has no dynamic sequence dim)");
->>>>>>> main
   auto r = std::make_shared<Request>();
   r->seq_ = seq;
   r->inputs_ = std::move(inputs);

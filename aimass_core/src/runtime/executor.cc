@@ -195,15 +195,12 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
 
 void assign_memory(PlanImpl& p);
 
-<<<<<<< HEAD
 // A buffer the plan is about to hold: ValueError when it passes max_memory_bytes.
 void check_memory(const PlanImpl& p, int64_t bytes, const std::string& what) {
   AIMASS_CHECK(p.max_memory <= 0 || bytes <= p.max_memory, ValueError, what, " needs ", bytes,
                " bytes, more than max_memory_bytes=", p.max_memory);
 }
 
-void build(PlanImpl& p, const Model& m) {
-=======
 // Per-row shape of a signature entry with its dynamic dims (-1 after the batch) set to `seq`.
 std::vector<int64_t> seq_row(const TensorSpec& t, int64_t seq) {
   std::vector<int64_t> row(t.shape.begin() + 1, t.shape.end());
@@ -233,7 +230,6 @@ void infer_reshape(std::vector<int64_t>& shape, const std::vector<int64_t>& in_r
 }
 
 void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
->>>>>>> main
   for (const auto& in : m.inputs()) {
     std::vector<int64_t> row = seq_row(in, seq);
     p.input_values.push_back(new_value(p, in.name, in.dtype, row));
@@ -368,13 +364,8 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       s.in0 = input(0);
       out_dt = p.values[s.in0].dtype;
       out_row = n.op == "identity" ? p.values[s.in0].row : attr_ints(n, "shape", 0);
-<<<<<<< HEAD
-      for (auto d : out_row)
-=======
       infer_reshape(out_row, p.values[s.in0].row, s.where);
-      int64_t numel = 1;
-      for (auto d : out_row) {
->>>>>>> main
+      for (auto d : out_row)
         AIMASS_CHECK(d > 0, ValueError, s.where, ": shape ", shape_str(out_row), " must be positive per-row dims");
       // overflow-checked: dims whose product wraps around 2^64 to the input's count are rejected
       const size_t numel = checked::product<ValueError>(out_row, s.where + ": shape " + shape_str(out_row));
@@ -641,6 +632,7 @@ struct Executor::Plans {
   std::map<int64_t, std::unique_ptr<PlanImpl>> by_seq;
   std::vector<int64_t> recent;  // most recent last
   WeightCache cache;
+  int64_t max_memory = 0;  // ExecutorOptions::max_memory_bytes, given to every plan
 };
 
 namespace {
@@ -652,18 +644,13 @@ Executor::Executor(std::shared_ptr<const Model> model, ExecutorOptions opts)
   AIMASS_CHECK(model_, ValueError, "Executor: model is null");
   AIMASS_CHECK(opts.max_batch_size >= 1, ValueError, "Executor: max_batch_size=", opts.max_batch_size,
                " must be >= 1");
-<<<<<<< HEAD
   AIMASS_CHECK(opts.max_memory_bytes >= 0, ValueError, "Executor: max_memory_bytes=", opts.max_memory_bytes,
                " must be >= 0 (0 = no cap)");
-  plan_->max_memory = opts.max_memory_bytes;
-  build(*plan_, *model_);
-  reserve(opts.max_batch_size);
-=======
+  plans_->max_memory = opts.max_memory_bytes;
   dynamic_ = has_dynamic_seq(*model_);
   AIMASS_CHECK(!dynamic_ || opts.seq_len >= 1, ValueError, "Executor: seq_len=", opts.seq_len, " must be >= 1");
   reserved_ = opts.max_batch_size;
   set_seq_len(dynamic_ ? opts.seq_len : 0);
->>>>>>> main
 }
 
 Executor::~Executor() = default;
@@ -676,6 +663,7 @@ void Executor::set_seq_len(int64_t seq) {
   auto it = ps.by_seq.find(seq);
   if (it == ps.by_seq.end()) {
     auto p = std::make_unique<PlanImpl>();
+    p->max_memory = ps.max_memory;
     try {
       build(*p, *model_, seq, ps.cache);
     } catch (const Error& e) {
@@ -828,11 +816,7 @@ void Executor::run(int64_t rows, const void* const* inputs, void* const* outputs
   reserve(rows);
   const Model& m = *model_;
   for (size_t i = 0; i < m.inputs().size(); ++i)
-<<<<<<< HEAD
-    std::memcpy(input_buffer(static_cast<int>(i)), inputs[i], rows * m.inputs()[i].row_bytes());  // <= arena
-=======
     std::memcpy(input_buffer(static_cast<int>(i)), inputs[i], rows * input_row_bytes(static_cast<int>(i)));
->>>>>>> main
   execute(rows);
   for (size_t i = 0; i < m.outputs().size(); ++i)
     std::memcpy(outputs[i], output_buffer(static_cast<int>(i)), rows * output_row_bytes(static_cast<int>(i)));

@@ -109,15 +109,14 @@ std::vector<TensorSpec> parse_specs(const json::Value* v, const char* which) {
     AIMASS_CHECK(!s.shape.empty() && s.shape[0] == -1, ValueError, "model signature: ", s.name,
                  " must have the batch dimension -1 first");
     for (size_t i = 1; i < s.shape.size(); ++i)
-<<<<<<< HEAD
-      AIMASS_CHECK(s.shape[i] > 0, ValueError, "model signature: ", s.name, " dimension ", i, " is ",
-                   s.shape[i], "; only the batch dimension may be dynamic");
-    checked_numel(s.shape, s.dtype == ValueType::Int64 ? 8 : 4, "model signature: " + s.name, true);
-=======
       AIMASS_CHECK(s.shape[i] > 0 || s.shape[i] == -1, ValueError, "model signature: ", s.name, " dimension ", i,
                    " is ", s.shape[i], "; dims are positive, or -1 for the batch (first) and the dynamic "
                    "sequence length");
->>>>>>> main
+    {  // dynamic dims (-1) count as 1 here; the executor checks each sequence length's plan
+      std::vector<int64_t> fixed(s.shape);
+      for (size_t i = 1; i < fixed.size(); ++i) fixed[i] = fixed[i] == -1 ? 1 : fixed[i];
+      checked_numel(fixed, s.dtype == ValueType::Int64 ? 8 : 4, "model signature: " + s.name, true);
+    }
     out.push_back(std::move(s));
   }
   return out;
