@@ -74,8 +74,13 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
         x = inputs[s["name"]]
         what = f"input '{s['name']}'"
         shape = tuple(as_numpy(x, what)[0].shape)  # as given: ascontiguousarray makes a scalar 1-D
-        row = tuple(s["shape"][1:])
-        if shape != row and (len(shape) != len(row) + 1 or shape[1:] != row):
+        row = tuple(s["shape"][1:])  # -1: a dynamic (sequence) dim, any size
+
+        def fits(got, want):
+            return len(got) == len(want) and all(w == -1 or g == w for g, w in zip(got, want))
+
+        single = fits(shape, row)
+        if not single and not (len(shape) == len(row) + 1 and fits(shape[1:], row)):
             given = f"[{', '.join(map(str, shape))}]" + (" (a scalar)" if not shape else "")
             raise ValueError(f"{where}: {what} has shape {given}; the model expects "
                              f"[batch, {', '.join(map(str, row))}] or one example [{', '.join(map(str, row))}]")
@@ -86,8 +91,8 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
             if dt not in ("int64", "int32", "int16", "int8", "uint8", "bool"):
                 raise TypeError(f"{where}: {what} must hold integer indices, got {dt}")
             a = np.ascontiguousarray(a, dtype=np.int64)
-        if shape == row:  # a single example without the batch dimension
-            a = a.reshape((1,) + row)
+        if single:  # a single example without the batch dimension
+            a = a.reshape((1,) + shape)
         arrays.append(np.ascontiguousarray(a))
     return arrays
 

@@ -469,9 +469,10 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise TypeError("export: example_inputs must be a tensor or a tuple of tensors")
     for i, x in enumerate(example_inputs):
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32):
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool):
             raise TypeError(f"export: example input {i} has dtype {x.dtype}; .aimass inputs are float32 or int64 "
-                            "(float16/bfloat16/int32 examples are widened; convert others, e.g. x.float())")
+                            "(float16/bfloat16/smaller int/bool examples are widened; convert others, e.g. x.float())")
     for arg, names in (("input_names", input_names), ("output_names", output_names)):
         if names is None:
             continue
