@@ -127,15 +127,21 @@ MPI_Datatype mpi_type(DType t) {
     case DType::F64: return MPI_DOUBLE;
     case DType::I32: return MPI_INT32_T;
     case DType::I64: return MPI_INT64_T;
+    case DType::I16: return MPI_INT16_T;
+    case DType::I8: return MPI_INT8_T;
+    case DType::U8: return MPI_UINT8_T;
+    case DType::Bool: return MPI_C_BOOL;
     case DType::F16:
     case DType::BF16: return MPI_UINT16_T;
-    default: throw TypeError(std::string("aimass.dist: unsupported dtype ") + dtype_name(t));
   }
+  throw TypeError(std::string("aimass.dist: unsupported dtype ") + dtype_name(t));
 }
 
-bool supported_dtype(DType t) {
-  return t == DType::F32 || t == DType::F64 || t == DType::I32 || t == DType::I64 || t == DType::F16 ||
-         t == DType::BF16;
+// Integer average: the sum divided by the world size, truncated toward zero.
+template <typename T>
+void divide_ints(void* data, int64_t n, int size) {
+  T* o = static_cast<T*>(data);
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / size);
 }
 
 // ---- user-defined MPI ops for 16-bit floats (reduced in fp32, rounded once)
@@ -179,6 +185,7 @@ const char* reduce_op_name(ReduceOp op) {
     case ReduceOp::Average: return "average";
     case ReduceOp::Min: return "min";
     case ReduceOp::Max: return "max";
+    case ReduceOp::Product: return "product";
   }
   return "?";
 }
@@ -188,7 +195,8 @@ ReduceOp parse_reduce_op(const std::string& name) {
   if (name == "average" || name == "avg" || name == "mean") return ReduceOp::Average;
   if (name == "min") return ReduceOp::Min;
   if (name == "max") return ReduceOp::Max;
-  throw ValueError("op must be one of 'sum', 'average', 'min', 'max'; got '" + name + "'");
+  if (name == "product" || name == "prod") return ReduceOp::Product;
+  throw ValueError("op must be one of 'sum', 'average', 'min', 'max', 'product'; got '" + name + "'");
 }
 
 const char* collective_kind_name(CollectiveKind kind) {
@@ -340,7 +348,8 @@ struct CollectiveEngine::Impl {
   std::unordered_map<std::string, TableEntry> table;
   uint64_t table_seq = 0;
   std::vector<uint8_t> fusion;
-  MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
+  MPI_Op half_ops[2][4] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
+                           {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
   Clock::time_point stop_since;
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
   size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
@@ -362,6 +371,8 @@ struct CollectiveEngine::Impl {
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Sum>, 1, &half_ops[1][0]), "MPI_Op_create");
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Min>, 1, &half_ops[1][1]), "MPI_Op_create");
     check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Max>, 1, &half_ops[1][2]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::F16, comm::ElemOp::Prod>, 1, &half_ops[0][3]), "MPI_Op_create");
+    check_mpi(MPI_Op_create(&half_op<comm::Half::BF16, comm::ElemOp::Prod>, 1, &half_ops[1][3]), "MPI_Op_create");
     shm_init();
   }
 
@@ -428,10 +439,12 @@ struct CollectiveEngine::Impl {
   }
 
   MPI_Op mpi_op(DType wire, ReduceOp op) {
-    const int o = op == ReduceOp::Min ? 1 : op == ReduceOp::Max ? 2 : 0;
+    const int o = op == ReduceOp::Min ? 1 : op == ReduceOp::Max ? 2 : op == ReduceOp::Product ? 3 : 0;
     if (wire == DType::F16) return half_ops[0][o];
     if (wire == DType::BF16) return half_ops[1][o];
-    return o == 0 ? MPI_SUM : o == 1 ? MPI_MIN : MPI_MAX;
+    if (wire == DType::Bool) return o == 1 || o == 3 ? MPI_LAND : MPI_LOR;
+    static const MPI_Op native[4] = {MPI_SUM, MPI_MIN, MPI_MAX, MPI_PROD};
+    return native[o];
   }
 
   // -------------------------------------------------------------- the loop
@@ -756,7 +769,7 @@ struct CollectiveEngine::Impl {
         run_single(work[i]);
         continue;
       }
-      const int opc = r.op == ReduceOp::Min ? 1 : r.op == ReduceOp::Max ? 2 : 0;
+      const int opc = r.op == ReduceOp::Min ? 1 : r.op == ReduceOp::Max ? 2 : r.op == ReduceOp::Product ? 3 : 0;
       auto key = std::make_tuple(r.dtype, r.wire, opc);
       auto k = std::find(keys.begin(), keys.end(), key);
       if (k == keys.end()) {
@@ -837,6 +850,9 @@ struct CollectiveEngine::Impl {
         for (int64_t i = 0; i < n; ++i) o[i] /= size;
         break;
       }
+      case DType::I16: divide_ints<int16_t>(r.output, n, size); break;
+      case DType::I8: divide_ints<int8_t>(r.output, n, size); break;
+      case DType::U8: divide_ints<uint8_t>(r.output, n, size); break;
       case DType::F16:
       case DType::BF16:
         comm::scale_half(r.dtype == DType::F16 ? comm::Half::F16 : comm::Half::BF16, static_cast<uint16_t*>(r.output),
@@ -1009,8 +1025,11 @@ bool CollectiveEngine::shutdown() {
 
 std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) {
   AIMASS_CHECK(!r.name.empty(), ValueError, "collective name must not be empty");
-  AIMASS_CHECK(supported_dtype(r.dtype), TypeError, collective_kind_name(r.kind), " '", r.name, "': dtype ",
-               dtype_name(r.dtype), " is not supported (float16, bfloat16, float32, float64, int32, int64)");
+  AIMASS_CHECK(!(r.dtype == DType::Bool && r.op == ReduceOp::Average &&
+                 (r.kind == CollectiveKind::Allreduce || r.kind == CollectiveKind::ReduceScatter)),
+               TypeError, collective_kind_name(r.kind), " '", r.name,
+               "': the average of bool tensors is not defined; use op 'sum' (logical or) or 'min' (logical and), "
+               "or convert to a number type first");
   for (int64_t d : r.shape) AIMASS_CHECK(d >= 0, ValueError, "'", r.name, "': negative dimension in shape");
   const int64_t n = numel_of(r.shape);
   if (r.kind != CollectiveKind::Barrier) {
