@@ -457,8 +457,21 @@ def wrap(result: np.ndarray, dtype: str, template: Any):
     return result
 
 
+class GroupHandle:
+    """Handles of a grouped collective; synchronize() returns the list of results."""
+    __slots__ = ("handles",)
+
+    def __init__(self, handles: List[Handle]):
+        self.handles = handles
+
+    def __repr__(self):
+        return f"<aimass.dist.GroupHandle of {len(self.handles)}>"
+
+
 def synchronize(handle: Handle):
     """Wait for `handle` (GIL released) and return its result; raises the collective's error."""
+    if isinstance(handle, GroupHandle):
+        return [synchronize(h) for h in handle.handles]
     if not isinstance(handle, Handle):
         raise TypeError(f"synchronize() takes a handle from an *_async call, got {type(handle).__name__}")
     if handle._done:
@@ -490,6 +503,8 @@ def synchronize(handle: Handle):
 
 def poll(handle: Handle) -> bool:
     """True when synchronize(handle) will return without waiting."""
+    if isinstance(handle, GroupHandle):
+        return all(poll(h) for h in handle.handles)
     if not isinstance(handle, Handle):
         raise TypeError(f"poll() takes a handle from an *_async call, got {type(handle).__name__}")
     return handle._done or handle._h.poll()
