@@ -180,6 +180,23 @@ def test_grouped_allreduce_all_forms(dist):
         dist.grouped_allreduce([])
 
 
+def test_grouped_allgather_and_reducescatter(dist):
+    n, r = dist.size(), dist.rank()
+    outs = dist.grouped_allgather([torch.full((1,), float(r)), torch.full((2, 2), r, dtype=torch.int8)])
+    assert outs[0].tolist() == [float(k) for k in range(n)] and outs[1].shape == (2 * n, 2)
+    outs = dist.grouped_reducescatter([torch.ones(n, 2), torch.ones(2 * n)], op=dist.Sum)
+    assert torch.equal(outs[0], torch.full((1, 2), float(n))) and torch.equal(outs[1], torch.full((2,), float(n)))
+    outs = dist.grouped_reducescatter([torch.ones(n)], compression=dist.Compression.fp16)
+    assert outs[0].dtype == torch.float32 and torch.equal(outs[0], torch.ones(1))
+    h = dist.grouped_allgather_async([torch.ones(1)])
+    assert dist.poll(h) in (True, False) and dist.synchronize(h)[0].shape == (n,)
+    with pytest.raises(NotImplementedError, match="alltoall\\(\\)"):
+        dist.alltoall_async(torch.ones(n))
+    with pytest.raises(NotImplementedError, match="sparse_as_dense"):
+        dist.sparse_allreduce_async(torch.ones(2))
+    assert issubclass(dist.HostsUpdatedInterrupt, Exception)
+
+
 def test_reducescatter_horovod_spelling(dist):
     n, r = dist.size(), dist.rank()
     x = torch.arange(2 * n, dtype=torch.float32).reshape(2 * n, 1) + r
