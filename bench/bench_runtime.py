@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 torch = pytest.importorskip("torch")
 import aimass  # noqa: E402
 import aimass.runtime as rt  # noqa: E402

@@ -3,6 +3,7 @@
 #include "aimass/cpu_features.h"
 #include "aimass/data.h"
 #include "aimass/dtype.h"
+#include <cstdio>
 #include <cstring>
 
 #include "common.h"
@@ -120,6 +121,13 @@ void bind_data(py::module_& m) {
         py::arg("dir"), py::arg("schema"), py::arg("columns"), py::arg("dim0s"), py::arg("n"), py::arg("shard_bytes"),
         py::arg("first_shard") = 0);
 
+  // Checks index.json's text (typed errors naming `what`); Python keeps the document.
+  m.def("data_parse_index", [](const py::bytes& index_text, const std::string& what) {
+    std::string text = index_text;
+    ad::Index idx = ad::parse_index(text.data(), text.size(), what);
+    return py::make_tuple(idx.version, idx.num_records);
+  }, py::arg("index_text"), py::arg("what"));
+
   py::class_<ad::Reader, std::shared_ptr<ad::Reader>>(m, "DataReader")
       .def(py::init([](const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& spec,
                        const std::vector<std::string>& paths, const std::vector<std::string>& names) {
@@ -128,6 +136,23 @@ void bind_data(py::module_& m) {
              return std::make_shared<ad::Reader>(s, paths, names);
            }),
            py::arg("schema"), py::arg("paths"), py::arg("names"))
+      // The dataset at `dir` as its index.json text describes it (parse_index + open_dataset).
+      .def_static("open", [](const std::string& dir, const py::bytes& index_text, const std::string& what) {
+             std::string text = index_text;
+             py::gil_scoped_release nogil_;
+             ad::Index idx = ad::parse_index(text.data(), text.size(), what);
+             return std::shared_ptr<ad::Reader>(ad::open_dataset(dir, idx, what));
+           }, py::arg("dir"), py::arg("index_text"), py::arg("what"))
+      .def_property_readonly("schema_fingerprint", [](const ad::Reader& r) {
+        char buf[24];
+        std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(ad::schema_fingerprint(r.schema())));
+        return std::string(buf);
+      })
+      .def("shard_versions", [](const ad::Reader& r) {
+        std::vector<uint32_t> v;
+        for (int64_t s = 0; s < r.num_shards(); ++s) v.push_back(r.shard(s).version());
+        return v;
+      })
       .def("__len__", &ad::Reader::size)
       .def_property_readonly("num_shards", &ad::Reader::num_shards)
       .def("shard_records", [](const ad::Reader& r) {

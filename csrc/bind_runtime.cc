@@ -200,9 +200,13 @@ void bind_runtime(py::module_& parent) {
              int64_t rows = check_inputs(b.model(), inputs, in);
              t->inputs = inputs;
              t->outputs = alloc_outputs(b.model(), rows, out);
-             {
-               // may run the request right here (run_inline): never hold the GIL for that
+             if (run_inline) {
+               // may run the request right here: never hold the GIL for that
                py::gil_scoped_release nogil;
+               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
+             } else {
+               // only enqueues (the scheduler thread never takes the GIL): keeping the GIL avoids a hand-off
+               // to another Python thread (e.g. the futures dispatcher) and the wait to get it back
                t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
              }
              return t;

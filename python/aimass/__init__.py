@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import importlib as _importlib
 
+from . import _tuning
+
+# The machine's tuning profile (aimass bench --tune) sets engine knobs that the environment
+# does not, before the engine reads its environment.
+_tuning.apply_env()
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - only when the build is missing or broken

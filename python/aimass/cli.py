@@ -33,8 +33,14 @@ def main(argv=None) -> int:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="quantize, prune and run a quantized linear; prints what it measured")
     p.set_defaults(func=_cmd_demo)
-    from . import data as _data
-    _data.add_cli(sub)
+    from .data.cli import add_cli as _data_cli
+    _data_cli(sub)
+    from .registry.cli import add_cli as _registry_cli
+    _registry_cli(sub)
+    from .serve.cli import add_cli as _serve_cli
+    _serve_cli(sub)
+    from .bench.cli import add_cli as _bench_cli
+    _bench_cli(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

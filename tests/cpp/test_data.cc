@@ -126,7 +126,7 @@ TEST(DataFormat, RoundTripAndCorruption) {
   // flip one payload byte of record 2 in shard 0
   {
     std::fstream f(paths[0], std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(16 + 2 * (16 + 56) + 12 + 5);
+    f.seekp(32 + 2 * (16 + 56) + 12 + 5);  // 32-byte version-2 header
     char c = 0x5a;
     f.write(&c, 1);
   }
@@ -141,7 +141,7 @@ TEST(DataFormat, RoundTripAndCorruption) {
     }
   }
   // truncate shard 1
-  ASSERT_EQ(0, truncate(paths[1].c_str(), 16 + 3 * 72 + 20));
+  ASSERT_EQ(0, truncate(paths[1].c_str(), 32 + 3 * 72 + 20));
   try {
     ad::Reader r(schema_xy(), paths, names);
     FAIL() << "no error";

@@ -28,7 +28,7 @@ def _all(loader):
 @pytest.mark.skipif(GPU, reason="a GPU is present: pinning really happens")
 def test_pin_memory_without_cuda_warns_once_and_loads_the_same(ds, monkeypatch):
     d, X, _ = ds
-    monkeypatch.setattr(D, "_pin_warned", False)
+    monkeypatch.setattr(D._loader, "_pin_warned", False)
     with pytest.warns(UserWarning, match="pin_memory=True but .*pageable"):
         pinned = D.Loader(d, 64, seed=4, pin_memory=True)
     assert pinned.pin_memory is False
@@ -101,7 +101,7 @@ def test_pinned_path_allocates_every_buffer_through_the_allocator(ds, monkeypatc
     """Stands in for cudaHostAlloc/cudaFreeHost: every batch buffer comes from the
     allocator the CUDA module would hand over, and goes back to it."""
     d, X, y = ds
-    monkeypatch.setattr(D, "_pinned_allocator", lambda: ((_addr(_counting_alloc), _addr(_counting_free)), ""))
+    monkeypatch.setattr(D._loader, "_pinned_allocator", lambda: ((_addr(_counting_alloc), _addr(_counting_free)), ""))
     _counts.update(alloc=0, free=0)
     loader = D.Loader(d, 64, seed=2, pin_memory=True, num_threads=2)
     assert loader.pin_memory is True
@@ -117,7 +117,7 @@ def test_pinned_path_allocates_every_buffer_through_the_allocator(ds, monkeypatc
     gc.collect()
     assert _counts["free"] == _counts["alloc"] and not _live
 
-    monkeypatch.setattr(D, "_pinned_allocator", lambda: ((_addr(_failing_alloc), _addr(_counting_free)), ""))
+    monkeypatch.setattr(D._loader, "_pinned_allocator", lambda: ((_addr(_failing_alloc), _addr(_counting_free)), ""))
     with pytest.raises(RuntimeError, match="pinned .*host memory"):
         next(iter(D.Loader(d, 64, pin_memory=True)))
 

@@ -211,3 +211,16 @@ def test_stats_histograms(mlp_path):
     assert st["queue_us"]["count"] == 5
     assert st["batch_rows"]["sum"] == 10
     assert st["inline_runs"] == 5  # an idle session runs a blocking request on the caller thread
+
+
+def test_process_exits_cleanly_with_an_open_session(mlp_path):
+    """A Session left open (futures thread running) is closed at exit instead of aborting the process."""
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np, aimass.runtime as rt\n"
+            f"s = rt.Session({str(mlp_path)!r})\n"
+            "print(s.submit({'x': np.ones((1, 32), np.float32)}).result()['output'].shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0 and "(1, 8)" in r.stdout, r.stderr

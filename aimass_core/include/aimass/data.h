@@ -62,8 +62,19 @@ struct Schema {
   int find(const std::string& name) const;  // -1 when absent
   bool all_fixed() const;
   int64_t fixed_record_bytes() const;  // payload size when all fields are fixed
-  void validate() const;               // throws ValueError on a bad schema
+  // Throws ValueError on a bad schema, including one whose per-record byte counts
+  // overflow (every size the methods above return is then known to fit in int64).
+  void validate() const;
 };
+
+// 64-bit FNV-1a over the schema's fields in order (name, dtype, shape; docs/format.md).
+// Version-2 shards store it in their header; the reader checks it against the
+// schema it is given, so an index.json whose fields were reordered, renamed or
+// retyped (even to fields of equal size) fails on open instead of reading garbage.
+uint64_t schema_fingerprint(const Schema& schema);
+
+// Shard format versions: kShardVersion is written; every version back to 1 is read.
+constexpr uint32_t kShardVersion = 2;
 
 // ---------------------------------------------------------------- writer
 // One column per schema field. Fixed fields: `data` holds n records back to back.
@@ -98,6 +109,10 @@ class Shard {
   Shard& operator=(const Shard&) = delete;
 
   uint64_t size() const { return n_; }
+  uint32_t version() const { return version_; }
+  // The schema fingerprint stored in a version-2 header (0 for version 1).
+  uint64_t fingerprint() const { return fingerprint_; }
+  uint64_t file_size() const { return file_size_; }
   // The payload of record i; checks framing and (if verify) both CRCs.
   const uint8_t* record(uint64_t i, uint64_t* len, bool verify) const;
   // The payload of record i with its framing checked (and, if verify_len, the length
@@ -124,13 +139,23 @@ class Shard {
   size_t file_size_ = 0;
   const uint8_t* offsets_ = nullptr;  // n_ little-endian u64
   uint64_t n_ = 0;
+  uint64_t header_bytes_ = 0;   // where the first record starts
+  uint64_t table_pos_ = 0;      // where the offset table starts (the end of the data)
+  uint32_t version_ = 0;
+  uint64_t fingerprint_ = 0;
+  [[noreturn]] void fail(const std::string& why);  // unmaps, throws CorruptDataError naming the file
+  void check_footer();
+  void check_offsets();
+  [[noreturn]] void footer_damaged(const std::string& why);
 };
 
 class Reader {
  public:
-  // shard_paths in dataset order; names are used in error messages.
+  // shard_paths in dataset order; names are used in error messages. Every shard
+  // must carry `schema`'s fingerprint (version-2 shards; version 1 has none), and
+  // every shard must be version 2 when require_fingerprint (index.json version 2).
   Reader(Schema schema, const std::vector<std::string>& shard_paths,
-         const std::vector<std::string>& shard_names);
+         const std::vector<std::string>& shard_names, bool require_fingerprint = false);
   const Schema& schema() const { return schema_; }
   int64_t size() const { return total_; }
   int64_t num_shards() const { return static_cast<int64_t>(shards_.size()); }
@@ -162,6 +187,30 @@ class Reader {
   std::vector<int64_t> starts_;  // global index of each shard's first record (+ total)
   int64_t total_ = 0;
 };
+
+// ---------------------------------------------------------------- index.json
+// A dataset directory's index.json as the engine reads it (docs/format.md). Python
+// keeps the rest of the document (metadata, splits) for itself.
+struct IndexShard {
+  std::string file;  // a plain file name inside the dataset directory
+  uint64_t records = 0;
+  uint64_t bytes = 0;
+};
+struct Index {
+  int64_t version = 0;
+  int64_t num_records = 0;
+  Schema schema;
+  std::vector<IndexShard> shards;
+};
+// Parses and checks index.json's text: format and version (ValueError), schema
+// (ValueError/TypeError as Schema::validate and parse_dtype), everything else
+// (JSON syntax, missing or mistyped keys, unsafe shard names, counts that do not add
+// up to num_records, numbers that are not exact integers): CorruptDataError naming
+// `what` (the index file's path).
+Index parse_index(const char* text, size_t len, const std::string& what);
+// Opens the dataset at `dir` as `index` describes it: every shard listed must exist
+// and hold the records and bytes the index says, and carry the schema's fingerprint.
+std::shared_ptr<Reader> open_dataset(const std::string& dir, const Index& index, const std::string& what);
 
 // ---------------------------------------------------------------- transforms
 // A fused per-field pipeline the loader workers run on each sample.

@@ -5,6 +5,10 @@
 
 #include "aimass/error.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace aimass {
 namespace {
 
@@ -16,7 +20,14 @@ CpuFeatures detect() {
   f.sse42 = __builtin_cpu_supports("sse4.2");
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
+#if defined(__clang__) && __clang_major__ < 16
+  {  // clang < 16 has no "f16c" for __builtin_cpu_supports (the fuzz build uses clang 14)
+    unsigned a, b, c, d;
+    f.f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+  }
+#else
   f.f16c = __builtin_cpu_supports("f16c");
+#endif
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "aimass/cpu_features.h"
+#include "aimass/checked.h"
 #include "aimass/data.h"
 #include "aimass/half.h"
 
@@ -216,7 +217,9 @@ void Loader::build_plan() {
           }
           if (t.kind == TransformKind::RandomCrop) {
             AIMASS_CHECK(!pl->crop, ValueError, "field '", fd.name, "': RandomCrop given twice");
-            AIMASS_CHECK(t.crop_h > 0 && t.crop_w > 0 && t.padding >= 0 && t.crop_h <= pl->H + 2 * t.padding &&
+            AIMASS_CHECK(t.padding >= 0 && t.padding <= (int64_t(1) << 30), ValueError, "RandomCrop: padding must be "
+                         "in [0, 2^30], got ", t.padding);
+            AIMASS_CHECK(t.crop_h > 0 && t.crop_w > 0 && t.crop_h <= pl->H + 2 * t.padding &&
                              t.crop_w <= pl->W + 2 * t.padding,
                          ValueError, "RandomCrop(", t.crop_h, "x", t.crop_w, ", padding=", t.padding,
                          ") does not fit field '", fd.name, "' of ", pl->H, "x", pl->W);
@@ -307,9 +310,9 @@ void Loader::build_plan() {
       }
     }
     FieldOut fo{fd.name, cur, shape};
-    int64_t elems = 1;
-    for (int64_t d : shape) elems *= d;
-    pl->out_bytes = elems * static_cast<int64_t>(dtype_size(cur));
+    const std::string what = detail::concat("Loader: field '", fd.name, "' output shape");
+    pl->out_bytes = checked::narrow<int64_t>(
+        checked::mul(checked::product(shape, what), dtype_size(cur), what + " bytes"), what + " bytes");
     outputs_.push_back(fo);
     plans_.push_back(pl);
   }
@@ -335,7 +338,8 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
                opt_.world_size, "), got ", opt_.rank);
   AIMASS_CHECK(opt_.num_threads >= 1 && opt_.num_threads <= 256, ValueError,
                "Loader: num_threads must be in [1, 256], got ", opt_.num_threads);
-  AIMASS_CHECK(opt_.prefetch >= 1, ValueError, "Loader: prefetch must be >= 1, got ", opt_.prefetch);
+  AIMASS_CHECK(opt_.prefetch >= 1 && opt_.prefetch <= 1024, ValueError, "Loader: prefetch must be in [1, 1024], got ",
+               opt_.prefetch);
   AIMASS_CHECK(!opt_.drop_last || samples_per_rank() >= opt_.batch_size, ValueError, "Loader: drop_last with ",
                num_samples(), " samples over ", opt_.world_size, " ranks leaves no full batch of ", opt_.batch_size);
   AIMASS_CHECK(opt_.verify >= 0 && opt_.verify <= 2, ValueError, "Loader: verify must be 0, 1 or 2");
@@ -352,12 +356,22 @@ Loader::Loader(std::shared_ptr<const Reader> reader, std::vector<int64_t> indice
   copy_covers_record_ = true;
   for (auto& pl : plans_)
     if (!pl->plain && pl->src_bytes > 64) copy_covers_record_ = false;
+  // A batch never holds more rows than a rank's share of the samples: a batch_size
+  // beyond it (even 2^63 - 1) gives one batch of every sample, as torch's DataLoader does.
+  const int64_t rows = std::min(opt_.batch_size, samples_per_rank());
   std::vector<size_t> sizes;
-  for (auto& p : plans_) sizes.push_back(static_cast<size_t>(p->out_bytes * opt_.batch_size));
+  for (auto& p : plans_) {
+    const std::string what = detail::concat("Loader: a batch of ", rows, " samples of field '",
+                                            reader_->schema().fields[static_cast<size_t>(p->src)].name, "'");
+    const int64_t bytes = checked::mul(p->out_bytes, rows, what + " (bytes)");
+    AIMASS_CHECK(bytes <= (int64_t(1) << 46), ValueError, what, " needs ", bytes,
+                 " bytes (over 64 TiB); lower batch_size");
+    sizes.push_back(static_cast<size_t>(bytes));
+  }
   AIMASS_CHECK((opt_.allocator.alloc == nullptr) == (opt_.allocator.free == nullptr), ValueError,
                "Loader: a host allocator needs both its alloc and free functions");
   pool_ = std::make_shared<BufferPool>(sizes, opt_.allocator);
-  window_ = static_cast<int64_t>(opt_.prefetch) * opt_.num_threads;
+  window_ = static_cast<int64_t>(opt_.prefetch) * opt_.num_threads;  // both bounded above: <= 2^18
   slots_.resize(static_cast<size_t>(window_));
   for (int t = 0; t < opt_.num_threads; ++t) threads_.emplace_back([this] { worker(); });
 }
@@ -385,7 +399,7 @@ int64_t Loader::samples_per_rank() const {
 }
 int64_t Loader::batches_per_epoch() const {
   int64_t s = samples_per_rank(), b = opt_.batch_size;
-  return opt_.drop_last ? s / b : (s + b - 1) / b;
+  return s / b + (!opt_.drop_last && s % b != 0 ? 1 : 0);  // no s + b - 1: b may be near 2^63
 }
 
 void Loader::start(uint64_t epoch, int64_t start_batch) {

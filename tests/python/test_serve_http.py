@@ -1,0 +1,313 @@
+"""aimass serve in-process (starlette TestClient / httpx ASGI): every status code, the three protocols,
+tokens and rate limits, admin, metrics and the dashboard's JSON."""
+import asyncio
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("starlette")
+import httpx  # noqa: E402
+
+with warnings.catch_warnings():   # starlette's note that it prefers httpx2
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient  # noqa: E402
+
+from aimass.serve import ServeConfig, Server, TokenTable, create_app, hash_token  # noqa: E402
+from aimass.serve.auth import TokenBucket  # noqa: E402
+from serve_util import export_mlp, make_store  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    reg, nets = make_store(tmp, versions=2, stable=1)
+    reg.set_label("mlp", "canary", 2)
+    return reg, nets
+
+
+def ref(nets, v, x=X):
+    with torch.no_grad():
+        return nets[v - 1](torch.from_numpy(x)).numpy()
+
+
+def v2_body(x=X, name="x", dt="FP32", **extra):
+    return {"inputs": [{"name": name, "datatype": dt, "shape": list(x.shape), "data": x.ravel().tolist()}], **extra}
+
+
+TOKENS = {"infer": "tok-infer", "mlp_only": "tok-other-model", "admin": "tok-admin", "metrics": "tok-metrics",
+          "slow": "tok-limited"}
+
+
+def token_table():
+    return TokenTable.from_dict({"tokens": [
+        {"name": "infer", "sha256": hash_token(TOKENS["infer"]), "scopes": ["infer"]},
+        {"name": "mlp_only", "sha256": hash_token(TOKENS["mlp_only"]), "scopes": ["infer"], "models": ["other"]},
+        {"name": "admin", "sha256": hash_token(TOKENS["admin"]), "scopes": ["admin", "infer"]},
+        {"name": "metrics", "sha256": hash_token(TOKENS["metrics"]), "scopes": ["metrics"]},
+        {"name": "slow", "sha256": hash_token(TOKENS["slow"]), "scopes": ["infer"], "rate": 0.001, "burst": 2},
+    ]})
+
+
+def bearer(who):
+    return {"Authorization": f"Bearer {TOKENS[who]}"}
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    reg, _ = store
+    srv = Server(reg, ServeConfig(poll_interval_s=0, max_body_bytes=64 << 10))
+    with TestClient(create_app(srv)) as c:
+        c.srv = srv
+        yield c
+
+
+def test_health_and_metadata(client):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    meta = client.get("/v2/models/mlp").json()
+    assert meta["versions"] == ["1", "2"]
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert client.get("/v2/models/mlp/versions/2/ready").json() == {"name": "mlp", "ready": True}
+    assert client.get("/v2/models/mlp/config").json()["input"][0] == {"name": "x", "data_type": "TYPE_FP32",
+                                                                       "dims": [4]}
+    assert client.get("/v2/models/nope").status_code == 404
+    r = client.get("/v3/nothing")
+    assert r.status_code == 404 and r.json()["error"] == "Not Found: GET /v3/nothing"
+    assert client.get("/v2/models/mlp/infer").status_code == 405
+    assert client.get("/v2/models/mlp/versions/7").status_code == 404
+
+
+def test_v2_json_infer_routes_versions(client, store):
+    _, nets = store
+    for path, v in (("/v2/models/mlp/infer", 1), ("/v2/models/mlp/versions/2/infer", 2)):
+        r = client.post(path, json=v2_body(id="abc"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == str(v) and body["id"] == "abc"
+        out = body["outputs"][0]
+        assert out["datatype"] == "FP32" and out["shape"] == [2, 3]
+        np.testing.assert_allclose(np.array(out["data"]).reshape(2, 3), ref(nets, v), rtol=1e-5, atol=1e-5)
+    nested = v2_body()
+    nested["inputs"][0]["data"] = X.tolist()   # nested lists are accepted too
+    assert client.post("/v2/models/mlp/infer", json=nested).status_code == 200
+
+
+def test_v2_binary_infer(client, store):
+    _, nets = store
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                                   "parameters": {"binary_data_size": X.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    r = client.post("/v2/models/mlp/infer", content=head + X.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
+    np.testing.assert_allclose(np.frombuffer(r.content[n:], np.float32).reshape(2, 3), ref(nets, 1), rtol=1e-5,
+                               atol=1e-5)
+    # a binary size that does not match the shape names the input
+    bad = head.replace(str(X.nbytes).encode(), b"16")
+    r = client.post("/v2/models/mlp/infer", content=bad + X.tobytes()[:16],
+                    headers={"Inference-Header-Content-Length": str(len(bad))})
+    assert r.status_code == 400 and "input 'x'" in r.json()["error"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    (v2_body(dt="FP64"), "input 'x': datatype 'FP64' does not match the model's FP32"),
+    (v2_body(x=np.zeros((2, 5), np.float32)), "input 'x': shape [2, 5] does not match"),
+    (v2_body(name="y"), "unknown input 'y'"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": ["a"] * 8}]}, "input 'x'"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1.0] * 7}]}, "holds 7 values"),
+    ({"inputs": []}, "non-empty 'inputs'"),
+    ([1, 2], "JSON object"),
+])
+def test_v2_bad_requests_are_400(client, body, needle):
+    r = client.post("/v2/models/mlp/infer", json=body)
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_malformed_json_and_body_limit(client):
+    r = client.post("/v2/models/mlp/infer", content=b"{not json")
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    r = client.post("/v1/models/mlp:predict", content=b"[1,")
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    r = client.post("/v2/models/mlp/infer", content=b" " * (65 << 10))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_tfserving_predict(client, store):
+    _, nets = store
+    r = client.post("/v1/models/mlp:predict", json={"instances": X.tolist()})
+    np.testing.assert_allclose(r.json()["predictions"], ref(nets, 1), rtol=1e-5, atol=1e-5)
+    r = client.post("/v1/models/mlp:predict", json={"instances": [{"x": row} for row in X.tolist()]})
+    np.testing.assert_allclose(r.json()["predictions"], ref(nets, 1), rtol=1e-5, atol=1e-5)
+    r = client.post("/v1/models/mlp/versions/2:predict", json={"inputs": {"x": X.tolist()}})
+    np.testing.assert_allclose(r.json()["outputs"], ref(nets, 2), rtol=1e-5, atol=1e-5)
+    r = client.post("/v1/models/mlp/labels/canary:predict", json={"inputs": X.tolist()})
+    np.testing.assert_allclose(r.json()["outputs"], ref(nets, 2), rtol=1e-5, atol=1e-5)
+    assert client.post("/v1/models/mlp/labels/nope:predict", json={"inputs": X.tolist()}).status_code == 404
+    r = client.post("/v1/models/mlp:predict", json={"instances": [[1, 2, 3]]})
+    assert r.status_code == 400 and "input 'x': shape [1, 3]" in r.json()["error"]
+    r = client.post("/v1/models/mlp:predict", json={"instances": [[1, 2, 3, 4]], "inputs": [[1, 2, 3, 4]]})
+    assert r.status_code == 400 and "exactly one" in r.json()["error"]
+    st = client.get("/v1/models/mlp").json()["model_version_status"]
+    assert [s["version"] for s in st] == ["1", "2"] and st[0]["state"] == "AVAILABLE"
+
+
+def test_flask_predict(client, store):
+    _, nets = store
+    r = client.post("/predict", json={"input": X[0].tolist()})
+    np.testing.assert_allclose(r.json()["output"], ref(nets, 1)[:1], rtol=1e-5, atol=1e-5)
+    r = client.post("/predict", json={"inputs": [1]})
+    assert r.status_code == 400 and '"input"' in r.json()["error"]
+
+
+def test_metrics_and_status(client):
+    client.post("/v2/models/mlp/infer", json=v2_body())
+    text = client.get("/metrics").text
+    for name in ("aimass_requests_total{", "aimass_request_latency_seconds_bucket{", "aimass_queue_seconds_bucket{",
+                 "aimass_compute_seconds_bucket{", "aimass_batch_size_bucket{", "aimass_model_loaded{",
+                 "aimass_runtime_requests_total{", "aimass_ready 1.0", 'aimass_model_ready{model="mlp"} 1.0'):
+        assert name in text, name
+    assert 'code="200",model="mlp",protocol="v2",version="1"' in text
+    assert 'code="400",model="mlp",protocol="v2",version="1"' in text
+    client.post("/v2/models/no-such-model/infer", json=v2_body())
+    assert 'code="404",model="_unknown"' in client.get("/metrics").text
+    st = client.get("/api/status").json()
+    assert st["ready"] and st["models"][0]["name"] == "mlp"
+    assert {v["version"]: v["labels"] for v in st["models"][0]["versions"]} == {1: ["stable"], 2: ["canary"]}
+    assert sum(st["latency"]["counts"]) >= 1 and any(e["status"] == 400 for e in st["errors"])
+
+
+def test_admin_repository(client):
+    idx = client.post("/v2/repository/index").json()
+    assert [(m["name"], m["version"], m["state"]) for m in idx] == [("mlp", "1", "READY"), ("mlp", "2", "READY")]
+    assert client.post("/v2/repository/models/mlp/unload").status_code == 200
+    assert client.get("/v2/models/mlp/ready").status_code == 400
+    r = client.post("/v2/models/mlp/infer", json=v2_body())
+    assert r.status_code == 503 and "not loaded" in r.json()["error"]
+    assert client.get("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
+    assert client.post("/v2/repository/models/mlp/load").status_code == 200
+    assert client.post("/v2/models/mlp/infer", json=v2_body()).status_code == 200
+    assert client.post("/v2/repository/models/ghost/load").status_code == 404
+
+
+def test_draining_is_503(client):
+    client.srv.draining = True
+    try:
+        assert client.get("/v2/health/ready").status_code == 503
+        r = client.post("/v2/models/mlp/infer", json=v2_body())
+        assert r.status_code == 503 and "draining" in r.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200
+    finally:
+        client.srv.draining = False
+
+
+def test_tokens_statuses(store):
+    reg, _ = store
+    srv = Server(reg, ServeConfig(poll_interval_s=0), tokens=token_table())
+    with TestClient(create_app(srv)) as c:
+        assert c.get("/v2/health/ready").status_code == 200          # health needs no token
+        assert c.post("/v2/models/mlp/infer", json=v2_body()).status_code == 401
+        r = c.post("/v2/models/mlp/infer", json=v2_body(), headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "unknown token" in r.json()["error"]
+        assert c.post("/v2/models/mlp/infer", json=v2_body(), headers=bearer("infer")).status_code == 200
+        r = c.post("/v2/models/mlp/infer", json=v2_body(), headers=bearer("mlp_only"))
+        assert r.status_code == 403 and "may not use model 'mlp'" in r.json()["error"]
+        r = c.post("/v2/repository/models/mlp/unload", headers=bearer("infer"))
+        assert r.status_code == 403 and "scope 'admin'" in r.json()["error"]
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=bearer("infer")).status_code == 403
+        assert c.get("/metrics", headers=bearer("metrics")).status_code == 200
+        assert c.get("/api/status", headers=bearer("admin")).status_code == 200
+        assert c.post("/v2/models/mlp/infer", json=v2_body(), headers=bearer("metrics")).status_code == 403
+        codes = [c.post("/predict", json={"input": [1, 2, 3, 4]}, headers=bearer("slow")) for _ in range(3)]
+        assert [r.status_code for r in codes] == [200, 200, 429]
+        assert int(codes[2].headers["Retry-After"]) >= 1 and "over its rate" in codes[2].json()["error"]
+
+
+def test_token_table_validation(tmp_path):
+    for doc, needle in (({"tokens": []}, "non-empty 'tokens'"),
+                        ({"tokens": [{"name": "a", "sha256": "plain-token"}]}, "64-hex-digit sha256"),
+                        ({"tokens": [{"sha256": "a" * 64, "scopes": ["root"]}]}, "scopes"),
+                        ({"tokens": [{"sha256": "a" * 64, "rate": -1}]}, "positive number"),
+                        ({"tokens": [{"sha256": "a" * 64, "token": "x"}]}, "unknown keys")):
+        with pytest.raises(ValueError, match=needle):
+            TokenTable.from_dict(doc)
+    p = tmp_path / "t.yml"
+    p.write_text("tokens: [")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        TokenTable.load(p)
+
+
+def test_token_bucket_refills():
+    b = TokenBucket(rate=10.0, burst=2.0, stamp=0.0)
+    assert b.take(0.0) == 0 and b.take(0.0) == 0
+    assert b.take(0.0) == pytest.approx(0.1)
+    assert b.take(0.1) == 0
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory):
+    from aimass.registry import Registry
+    tmp = tmp_path_factory.mktemp("slow")
+    export_mlp(tmp / "slow.aimass", seed=0, d_in=256, hidden=2048, d_out=4, layers=3)
+    reg = Registry(str(tmp / "store"))
+    reg.push(str(tmp / "slow.aimass"), "slow")
+    return reg
+
+
+def binary_infer(x):
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def run_with_blocker(reg, config, then):
+    """Start a big request on the slow model, wait until the executor runs it, then call `then(client)`."""
+    srv = Server(reg, config)
+
+    async def main():
+        await srv.manager.start()
+        try:
+            transport = httpx.ASGITransport(app=create_app(srv))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+                body, hdr = binary_infer(np.ones((1500, 256), np.float32))
+                blocker = asyncio.create_task(c.post("/v2/models/slow/infer", content=body, headers=hdr))
+                sess = srv.manager.current("slow").session
+                while not (sess.stats()["requests"]["submitted"] == 1 and sess.stats()["queue_depth"] == 0):
+                    await asyncio.sleep(0.001)
+                out = await then(c, sess)
+                assert (await blocker).status_code == 200
+                return out
+        finally:
+            await srv.manager.stop()
+    return asyncio.run(main())
+
+
+def test_queue_full_is_503(slow_store):
+    async def then(c, sess):
+        first = asyncio.create_task(c.post("/v1/models/slow:predict", json={"instances": [[0.0] * 256]}))
+        while sess.stats()["queue_depth"] < 1:
+            await asyncio.sleep(0.001)
+        r = await c.post("/v1/models/slow:predict", json={"instances": [[0.0] * 256]})
+        assert (await first).status_code == 200
+        return r
+    r = run_with_blocker(slow_store, ServeConfig(poll_interval_s=0, max_batch_size=1, queue_capacity=1), then)
+    assert r.status_code == 503 and "queue full" in r.json()["error"] and r.headers["Retry-After"] == "1"
+
+
+def test_deadline_is_504(slow_store):
+    async def then(c, sess):
+        body = v2_body(x=np.zeros((1, 256), np.float32), parameters={"timeout": 1000})   # 1 ms, in us
+        return await c.post("/v2/models/slow/infer", json=body)
+    r = run_with_blocker(slow_store, ServeConfig(poll_interval_s=0, max_batch_size=1), then)
+    assert r.status_code == 504 and "deadline" in r.json()["error"]
