@@ -115,30 +115,27 @@ def _cast_decompress(tensor, ctx):
     return tensor if ctx is None else tensor.to(ctx)
 
 
-class FP16Compressor(Compressor):
-    """Floats travel as float16 (float32 on the engine's path: converted by the engine, summed in fp32)."""
-    wire = "fp16"
+class _CastCompressor(Compressor):
+    """Floats travel as `target` (float32 on the engine's path: converted by the engine, summed in fp32)."""
+    target = ""
 
-    @staticmethod
-    def compress(tensor):
-        return _cast_compress(tensor, "float16")
+    @classmethod
+    def compress(cls, tensor):
+        return _cast_compress(tensor, cls.target)
 
     @staticmethod
     def decompress(tensor, ctx):
         return _cast_decompress(tensor, ctx)
 
 
-class BF16Compressor(Compressor):
+class FP16Compressor(_CastCompressor):
+    """Floats travel as float16."""
+    wire, target = "fp16", "float16"
+
+
+class BF16Compressor(_CastCompressor):
     """Floats travel as bfloat16 (aimass extra; float32 range, 8-bit mantissa)."""
-    wire = "bf16"
-
-    @staticmethod
-    def compress(tensor):
-        return _cast_compress(tensor, "bfloat16")
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return _cast_decompress(tensor, ctx)
+    wire, target = "bf16", "bfloat16"
 
 
 class Compression:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from typing import Optional
+
+from .._io import atomic_write_text
 
 _state = {"path": None, "events": None, "rank": 0, "t0": 0.0, "mark_cycles": False}
 _mu = threading.Lock()
@@ -97,16 +98,5 @@ def stop() -> Optional[str]:
         if _state.get("dropped"):
             ev.append({"name": "dropped_events", "ph": "M", "pid": _state["rank"],
                        "args": {"count": _state["dropped"]}})
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".timeline.", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(ev, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(ev, separators=(",", ":")))
     return path
