@@ -112,8 +112,8 @@ def _submit_allreduce(t, op: str, name, compressor, timeout, inplace, prescale, 
                                       "communicator (global_process_set)")
         from .. import _dist_nccl
         nm = _core.make_name("allreduce", name, ps)
-        work, out = _dist_nccl.allreduce(t, op, nm, wire.replace("float16", "fp16").replace("bfloat16", "bf16") or
-                                         None, _core.check_timeout(timeout) or _core.default_timeout(), inplace,
+        work, out = _dist_nccl.allreduce(t, op, nm, {"float16": "fp16", "bfloat16": "bf16"}.get(wire),
+                                         _core.check_timeout(timeout) or _core.default_timeout(), inplace,
                                          ps._mpi_comm, ps.size())
         return Handle(work, None, out, "", None, False, nm, fin, "allreduce")
     a, dt = _core.as_input(t, "allreduce tensor")
