@@ -2,7 +2,6 @@
 import json
 import os
 import tempfile
-import warnings
 
 import numpy as np
 import pytest

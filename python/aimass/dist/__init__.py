@@ -38,13 +38,13 @@ from ._ops import (  # noqa: F401
     ReduceOp, Sum,
 )
 from .collectives import (  # noqa: F401
-    GroupHandle, allgather, allgather_async, allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall,
-    alltoall_async, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_, grouped_allgather,
+    GroupHandle, allgather, allgather_async, allreduce, allreduce_, allreduce_async, allreduce_async_, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_, grouped_allgather,
     grouped_allgather_async, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
     grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async, join, reduce_scatter,
     reduce_scatter_async, reducescatter, reducescatter_async, sparse_allreduce_async,
 )
 from .elastic import HostsUpdatedInterrupt  # noqa: F401
+from ._alltoall import alltoall, alltoall_async  # noqa: F401
 from .timeline import start_timeline, stop_timeline  # noqa: F401
 from . import elastic  # noqa: F401
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import collectives as C
+from ._alltoall import _alltoall
 from ._core import synchronize
 
 
@@ -76,12 +77,12 @@ class ReduceScatter(torch.autograd.Function):
 class Alltoall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, splits, name, process_set):
-        out, received = C._alltoall(tensor, splits, name, process_set, None)
+        out, received = _alltoall(tensor, splits, name, process_set, None)
         ctx.ps, ctx.received = process_set, received
         ctx.mark_non_differentiable(received)
         return out, received
 
     @staticmethod
     def backward(ctx, grad, _unused):
-        g, _ = C._alltoall(grad.contiguous(), ctx.received, None, ctx.ps, None)
+        g, _ = _alltoall(grad.contiguous(), ctx.received, None, ctx.ps, None)
         return g, None, None, None
