@@ -259,7 +259,14 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="engine (+ BLAS panels) + torch threads (default: leave as is)"
                     )
-    args = ap.parse_args()
+    ap.add_argument("--families", action="store_true",
+                    help="the model-family tables instead (BERT, ResNet-50, LSTM vs torch/onnxruntime; "
+                         "aimass.bench.runtime_families)")
+    args, rest = ap.parse_known_args()
+    if args.families:
+        from aimass.bench.runtime_families import main as families_main
+        families_main((["--quick"] if args.quick else []) + rest)
+        return
     if args.threads:
         aimass.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from aimass.bench.serve import sweep  # noqa: E402
+from aimass.bench.serve import sweep
 
 FLASK = "Flask /predict (torch)"
 

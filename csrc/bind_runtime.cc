@@ -24,8 +24,11 @@ py::list specs(const std::vector<rt::TensorSpec>& v) {
   return out;
 }
 
-// Checks `arrays` against the model inputs and returns the common row count.
-int64_t check_arrays(const rt::Model& m, const std::vector<py::array>& arrays, std::vector<const void*>& ptrs) {
+// Checks `arrays` against the model inputs and returns the common row count; `seq` gets
+// the common length of the dynamic (-1) dims after the batch dim (0 when there are none).
+int64_t check_arrays(const rt::Model& m, const std::vector<py::array>& arrays, std::vector<const void*>& ptrs,
+                     int64_t& seq) {
+  seq = 0;
   AIMASS_CHECK(arrays.size() == m.inputs().size(), ValueError, "the model takes ", m.inputs().size(),
                " inputs, got ", arrays.size());
   int64_t rows = -1;
@@ -37,12 +40,19 @@ int64_t check_arrays(const rt::Model& m, const std::vector<py::array>& arrays, s
     else cdata<int64_t>(a, nm.c_str(), "int64");
     auto sh = shape_of(a);
     std::vector<int64_t> want(spec.shape.begin() + 1, spec.shape.end());
-    bool ok = sh.size() == spec.shape.size() && std::equal(want.begin(), want.end(), sh.begin() + 1);
+    bool ok = sh.size() == spec.shape.size();
+    for (size_t k = 0; ok && k < want.size(); ++k) ok = want[k] < 0 ? sh[k + 1] >= 1 : want[k] == sh[k + 1];
     if (!ok) {
       std::string got, exp = "[batch";
       for (size_t k = 0; k < sh.size(); ++k) got += (k ? ", " : "") + std::to_string(sh[k]);
-      for (auto d : want) exp += ", " + std::to_string(d);
+      for (auto d : want) exp += d < 0 ? std::string(", seq") : ", " + std::to_string(d);
       throw aimass::ValueError(nm + " has shape [" + got + "], the model expects " + exp + "]");
+    }
+    for (size_t k = 0; k < want.size(); ++k) {
+      if (want[k] >= 0) continue;
+      AIMASS_CHECK(seq == 0 || seq == sh[k + 1], ValueError, nm, " has sequence length ", sh[k + 1],
+                   " but an earlier dynamic dim has ", seq, "; every dynamic dim of one request must agree");
+      seq = sh[k + 1];
     }
     AIMASS_CHECK(sh[0] >= 1, ValueError, nm, " has no rows");
     AIMASS_CHECK(rows < 0 || rows == sh[0], ValueError, "all inputs need the same batch size; ", nm, " has ", sh[0],
@@ -53,11 +63,11 @@ int64_t check_arrays(const rt::Model& m, const std::vector<py::array>& arrays, s
   return rows;
 }
 
-int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<const void*>& ptrs) {
+int64_t check_inputs(const rt::Model& m, const py::list& arrays, std::vector<const void*>& ptrs, int64_t& seq) {
   std::vector<py::array> v;
   v.reserve(py::len(arrays));
   for (auto a : arrays) v.push_back(a.cast<py::array>());
-  return check_arrays(m, v, ptrs);
+  return check_arrays(m, v, ptrs, seq);
 }
 
 // The arrays of `inputs` (a dict name -> array) when each is already a C-contiguous
@@ -81,11 +91,19 @@ std::vector<py::array> plain_inputs(const rt::Model& m, py::handle inputs) {
   return out;
 }
 
-py::list alloc_outputs(const rt::Model& m, int64_t rows, std::vector<void*>& ptrs) {
+// Output shape for `rows` rows; dynamic dims after the batch are the request's length.
+std::vector<int64_t> out_shape(const rt::TensorSpec& o, int64_t rows, int64_t seq) {
+  std::vector<int64_t> sh = o.shape;
+  sh[0] = rows;
+  for (size_t k = 1; k < sh.size(); ++k)
+    if (sh[k] < 0) sh[k] = seq;
+  return sh;
+}
+
+py::list alloc_outputs(const rt::Model& m, int64_t rows, int64_t seq, std::vector<void*>& ptrs) {
   py::list outs;
   for (const auto& o : m.outputs()) {
-    std::vector<int64_t> sh = o.shape;
-    sh[0] = rows;
+    std::vector<int64_t> sh = out_shape(o, rows, seq);
     py::array a = o.dtype == rt::ValueType::Float32 ? py::array(empty<float>(sh)) : py::array(empty<int64_t>(sh));
     ptrs.push_back(a.mutable_data());
     outs.append(a);
@@ -151,11 +169,13 @@ void bind_runtime(py::module_& parent) {
              const rt::Model& mm = e.exec->model();
              std::vector<const void*> in;
              std::vector<void*> out;
-             int64_t rows = check_inputs(mm, inputs, in);
-             py::list outs = alloc_outputs(mm, rows, out);
+             int64_t seq = 0;
+             int64_t rows = check_inputs(mm, inputs, in, seq);
+             py::list outs = alloc_outputs(mm, rows, seq, out);
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lk(e.mu);
+               e.exec->set_seq_len(seq);
                e.exec->run(rows, in.data(), out.data());
              }
              return outs;
@@ -197,17 +217,18 @@ void bind_runtime(py::module_& parent) {
              auto t = std::make_shared<Ticket>();
              std::vector<const void*> in;
              std::vector<void*> out;
-             int64_t rows = check_inputs(b.model(), inputs, in);
+             int64_t seq = 0;
+             int64_t rows = check_inputs(b.model(), inputs, in, seq);
              t->inputs = inputs;
-             t->outputs = alloc_outputs(b.model(), rows, out);
+             t->outputs = alloc_outputs(b.model(), rows, seq, out);
              if (run_inline) {
                // may run the request right here: never hold the GIL for that
                py::gil_scoped_release nogil;
-               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
+               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline, seq);
              } else {
                // only enqueues (the scheduler thread never takes the GIL): keeping the GIL avoids a hand-off
                // to another Python thread (e.g. the futures dispatcher) and the wait to get it back
-               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline);
+               t->req = b.submit(std::move(in), std::move(out), rows, priority, timeout_us, notify, run_inline, seq);
              }
              return t;
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("notify") = false,
@@ -217,11 +238,12 @@ void bind_runtime(py::module_& parent) {
       .def("run", [](rt::Batcher& b, const py::list& inputs, int priority, int64_t timeout_us) {
              std::vector<const void*> in;
              std::vector<void*> out;
-             const int64_t rows = check_inputs(b.model(), inputs, in);
-             py::list outs = alloc_outputs(b.model(), rows, out);
+             int64_t seq = 0;
+             const int64_t rows = check_inputs(b.model(), inputs, in, seq);
+             py::list outs = alloc_outputs(b.model(), rows, seq, out);
              {
                py::gil_scoped_release nogil;
-               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us, seq);
              }
              return outs;
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
@@ -233,11 +255,11 @@ void bind_runtime(py::module_& parent) {
              if (arrays.empty()) return py::none();
              std::vector<const void*> in;
              std::vector<void*> out;
-             const int64_t rows = check_arrays(mm, arrays, in);
+             int64_t seq = 0;
+             const int64_t rows = check_arrays(mm, arrays, in, seq);
              py::dict result;
              for (const auto& o : mm.outputs()) {
-               std::vector<int64_t> sh = o.shape;
-               sh[0] = rows;
+               std::vector<int64_t> sh = out_shape(o, rows, seq);
                py::array a = o.dtype == rt::ValueType::Float32 ? py::array(empty<float>(sh))
                                                                : py::array(empty<int64_t>(sh));
                out.push_back(a.mutable_data());
@@ -245,7 +267,7 @@ void bind_runtime(py::module_& parent) {
              }
              {
                py::gil_scoped_release nogil;
-               b.run(std::move(in), std::move(out), rows, priority, timeout_us);
+               b.run(std::move(in), std::move(out), rows, priority, timeout_us, seq);
              }
              return std::move(result);
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)

@@ -65,6 +65,7 @@ class Request {
   // cost the scheduler ~15 us each (every woken client preempted it on 2 cores), during
   // which the executor stood idle.
   bool blocking_ = false;
+  int64_t seq_ = 0;  // sequence length (dynamic-sequence models)
   std::shared_ptr<Request> wake_next_;  // guarded by mu_
   void pass_wake();                     // wakes wake_next_ (call with mu_ not held)
 };
@@ -101,11 +102,14 @@ class Batcher {
   // request finished. Otherwise it is queued as usual.
   std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                   int priority = 0, int64_t timeout_us = -1, bool notify = false,
-                                  bool run_inline = false);
+                                  bool run_inline = false, int64_t seq = 0);
   // Submits with run_inline and blocks until the request finished; rethrows its error.
   // The blocking path of Session.run (its callers are woken in a chain, see Request).
+  // seq: the request's sequence length for models with a dynamic sequence dim (buffers
+  // hold rows of that length; a batch only holds requests of one length), else 0.
   void run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority = 0,
-           int64_t timeout_us = -1);
+           int64_t timeout_us = -1, int64_t seq = 0);
+  bool dynamic_seq() const { return executor_->dynamic(); }
   // Ids of finished notify-requests, waiting at most timeout_us for the first one.
   std::vector<uint64_t> wait_completed(int64_t timeout_us);
   // Rejects new requests, runs every queued one, stops the scheduler. Idempotent.
@@ -118,7 +122,8 @@ class Batcher {
  private:
   void loop();
   std::shared_ptr<Request> enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                   int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking);
+                                   int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking,
+                                   int64_t seq);
   // Runs the batch on the executor (which the caller holds: busy_), frees it, then
   // finishes every request.
   void run_batch(std::vector<std::shared_ptr<Request>>& batch);
@@ -132,6 +137,19 @@ class Batcher {
 
   std::shared_ptr<Executor> executor_;
   BatcherOptions opts_;
+  // Variable-length batching (models whose metadata names a padding mask input, see
+  // docs/runtime.md): requests of different sequence lengths share a batch padded to the
+  // longest; padded positions of the mask input get its pad value, of other inputs 0, and
+  // each request gets back its own length.
+  struct SeqLayout {
+    int dim = -1;              // the dynamic dim (-1: none)
+    int64_t outer = 1, inner = 1, elem = 4;
+    double pad = 0;
+  };
+  bool varlen_ = false;
+  double max_waste_ = 0.25;  // largest fraction of padded positions a batch may hold
+  std::vector<SeqLayout> in_layout_, out_layout_;
+  void init_varlen();
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::shared_ptr<Request>> heap_;

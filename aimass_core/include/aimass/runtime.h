@@ -20,7 +20,8 @@ constexpr int kFormatVersion = 1;
 enum class ValueType : int { Float32 = 0, Int64 = 1 };
 const char* value_type_name(ValueType t);
 
-// One graph input or output. shape[0] is -1: the batch dimension.
+// One graph input or output. shape[0] is -1: the batch dimension. A -1 after it is
+// the dynamic sequence length (one symbol shared by every input and output).
 struct TensorSpec {
   std::string name;
   ValueType dtype = ValueType::Float32;
@@ -95,7 +96,11 @@ int64_t set_packed_max_rows(int64_t rows);
 
 struct ExecutorOptions {
   int64_t max_batch_size = 32;  // arena capacity in rows; grows if a larger batch comes
+  int64_t seq_len = 8;          // models with a dynamic sequence dim: the plan built (and checked) first
 };
+
+// True when a signature entry of `m` has a dynamic dim after the batch dimension.
+bool has_dynamic_seq(const Model& m);
 
 struct PlanImpl;
 
@@ -125,9 +130,25 @@ class Executor {
   // Number of planned steps after fusion (for tests / introspection).
   int64_t num_steps() const;
 
+  // Models with a dynamic sequence dim: selects the plan for `seq` (built on first use,
+  // weights shared between plans; the last few plans are kept). Buffers of the previous
+  // length are invalid afterwards. Static models accept any value and ignore it.
+  void set_seq_len(int64_t seq);
+  int64_t seq_len() const { return seq_; }
+  bool dynamic() const { return dynamic_; }
+  // Bytes per row / per-row shape of input or output i under the current sequence length.
+  int64_t input_row_bytes(int i) const;
+  int64_t output_row_bytes(int i) const;
+  std::vector<int64_t> output_row_shape(int i) const;
+
  private:
+  struct Plans;
   std::shared_ptr<const Model> model_;
-  std::unique_ptr<PlanImpl> plan_;
+  std::unique_ptr<Plans> plans_;
+  PlanImpl* plan_ = nullptr;  // the current plan
+  bool dynamic_ = false;
+  int64_t seq_ = 0;
+  int64_t reserved_ = 0;
 };
 
 }  // namespace aimass::runtime

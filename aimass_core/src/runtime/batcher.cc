@@ -1,4 +1,5 @@
 #include "aimass/batcher.h"
+#include "runtime/json.h"
 
 #include <algorithm>
 #include <cstring>
@@ -94,12 +95,59 @@ Batcher::Batcher(std::shared_ptr<Executor> executor, BatcherOptions opts)
                " must be >= 0");
   AIMASS_CHECK(opts_.queue_capacity >= 1, ValueError, "queue_capacity=", opts_.queue_capacity, " must be >= 1");
   executor_->reserve(opts_.max_batch_size);
+  init_varlen();
   stats_.queue_us = make_hist(pow2_bounds(1, 24));
   stats_.compute_us = make_hist(pow2_bounds(1, 24));
   stats_.batch_rows = make_hist(pow2_bounds(1, 12));
   stats_.batch_requests = make_hist(pow2_bounds(1, 12));
   heap_.reserve(opts_.queue_capacity);
   thread_ = std::thread([this] { loop(); });
+}
+
+void Batcher::init_varlen() {
+  const Model& m = executor_->model();
+  auto it = m.metadata().find("aimass.padding");
+  if (it == m.metadata().end() || !executor_->dynamic()) return;
+  json::Value v = json::parse(it->second.data(), it->second.size(), "aimass.padding metadata");
+  const json::Value* mask = v.find("mask_input");
+  const json::Value* pad = v.find("mask_pad_value");
+  if (const json::Value* w = v.find("max_waste")) {
+    AIMASS_CHECK(w->is_number() && w->num >= 0 && w->num <= 1, ValueError, m.path(),
+                 ": aimass.padding max_waste must be a number in [0, 1]");
+    max_waste_ = w->num;
+  }
+  AIMASS_CHECK(v.is_object() && mask && mask->is_string(), ValueError, m.path(),
+               ": metadata 'aimass.padding' must be {\"mask_input\": name, \"mask_pad_value\": number}");
+  auto layout = [&](const TensorSpec& t) {
+    SeqLayout l;
+    l.elem = t.dtype == ValueType::Int64 ? 8 : 4;
+    for (size_t d = 1; d < t.shape.size(); ++d) {
+      if (t.shape[d] < 0) {
+        AIMASS_CHECK(l.dim < 0, ValueError, m.path(), ": '", t.name,
+                     "' has two dynamic dims; variable-length batching pads one");
+        l.dim = static_cast<int>(d);
+      } else if (l.dim < 0) {
+        l.outer *= t.shape[d];
+      } else {
+        l.inner *= t.shape[d];
+      }
+    }
+    return l;
+  };
+  bool found = false;
+  for (const auto& t : m.inputs()) {
+    in_layout_.push_back(layout(t));
+    if (t.name == mask->str) {
+      AIMASS_CHECK(in_layout_.back().dim >= 0, ValueError, m.path(), ": padding mask input '", t.name,
+                   "' has no dynamic sequence dim");
+      in_layout_.back().pad = pad && pad->is_number() ? pad->num : 0.0;
+      found = true;
+    }
+  }
+  AIMASS_CHECK(found, ValueError, m.path(), ": metadata 'aimass.padding' names mask input '", mask->str,
+               "', which the model does not take");
+  for (const auto& t : m.outputs()) out_layout_.push_back(layout(t));
+  varlen_ = true;
 }
 
 Batcher::~Batcher() {
@@ -110,25 +158,30 @@ Batcher::~Batcher() {
 }
 
 std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
-                                         int priority, int64_t timeout_us, bool notify, bool run_inline) {
-  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false);
+                                         int priority, int64_t timeout_us, bool notify, bool run_inline,
+                                         int64_t seq) {
+  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false, seq);
 }
 
 void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
-                  int64_t timeout_us) {
-  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true)->wait();
+                  int64_t timeout_us, int64_t seq) {
+  enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true, seq)->wait();
 }
 
 std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                           int priority, int64_t timeout_us, bool notify, bool run_inline,
-                                          bool blocking) {
+                                          bool blocking, int64_t seq) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
   AIMASS_CHECK(outputs.size() == m.outputs().size(), ValueError, "submit: got ", outputs.size(),
                " output buffers, the model has ", m.outputs().size(), " outputs");
   AIMASS_CHECK(rows >= 1, ValueError, "submit: rows=", rows, " must be >= 1");
+  AIMASS_CHECK(executor_->dynamic() ? seq >= 1 : seq == 0, ValueError, "submit: seq=", seq,
+               executor_->dynamic() ? " must be >= 1 (the model has a dynamic sequence dim)"
+                                    : " must be 0 (the model has no dynamic sequence dim)");
   auto r = std::make_shared<Request>();
+  r->seq_ = seq;
   r->inputs_ = std::move(inputs);
   r->outputs_ = std::move(outputs);
   r->rows_ = rows;
@@ -233,7 +286,7 @@ void Batcher::loop() {
     if (heap_.empty() && closing_) break;
     batch.clear();
     expired.clear();
-    int64_t rows = 0;
+    int64_t rows = 0, batch_max_seq = 0, batch_tokens = 0;
     const auto take = [&] {
       const auto now = Clock::now();
       while (!heap_.empty()) {
@@ -247,9 +300,22 @@ void Batcher::loop() {
         }
         // An oversized request runs alone (the executor grows once for it).
         if (!batch.empty() && rows + top->rows_ > opts_.max_batch_size) break;
+        // One batch runs one sequence length (models with a dynamic sequence dim), unless the
+        // model declares a padding mask (then shorter requests are padded to the longest).
+        if (!batch.empty() && top->seq_ != batch.front()->seq_ && !varlen_) break;
+        if (varlen_ && !batch.empty()) {
+          // Pad only while it wastes at most max_waste of the batch's positions (length buckets
+          // in effect): padding 16-token requests to 128 costs more than running them apart.
+          const int64_t longest = std::max(batch_max_seq, top->seq_);
+          const int64_t real = batch_tokens + top->rows_ * top->seq_;
+          const double total = static_cast<double>(longest) * static_cast<double>(rows + top->rows_);
+          if (total - static_cast<double>(real) > max_waste_ * total) break;
+        }
         std::pop_heap(heap_.begin(), heap_.end(), Later());
         rows += heap_.back()->rows_;
         heap_rows_ -= heap_.back()->rows_;
+        batch_max_seq = std::max(batch_max_seq, heap_.back()->seq_);
+        batch_tokens += heap_.back()->rows_ * heap_.back()->seq_;
         batch.push_back(std::move(heap_.back()));
         heap_.pop_back();
         if (rows >= opts_.max_batch_size) break;
@@ -299,10 +365,65 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
   int64_t rows = 0;
   for (size_t j = first; j < last; ++j) rows += batch[j]->rows_;
   std::exception_ptr err;
+  int64_t seq = 0;
+  bool mixed = false;
+  for (size_t j = first; j < last; ++j) {
+    mixed = mixed || (j > first && batch[j]->seq_ != seq);
+    seq = std::max(seq, batch[j]->seq_);
+  }
   try {
+    executor_->set_seq_len(seq);
     executor_->reserve(rows);
-    for (size_t i = 0; i < m.inputs().size(); ++i) {
-      const int64_t rb = m.inputs()[i].row_bytes();
+    if (mixed) {  // pad each request to `seq` (varlen_ models only)
+      for (size_t i = 0; i < m.inputs().size(); ++i) {
+        auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
+        const int64_t rb = executor_->input_row_bytes(static_cast<int>(i));
+        const SeqLayout& l = in_layout_[i];
+        int64_t off = 0;
+        for (size_t j = first; j < last; ++j) {
+          const Request& r = *batch[j];
+          const auto* src = static_cast<const uint8_t*>(r.inputs_[i]);
+          if (l.dim < 0) {
+            std::memcpy(dst + off * rb, src, r.rows_ * rb);
+          } else {
+            const int64_t have = r.seq_ * l.inner * l.elem, want = seq * l.inner * l.elem;
+            for (int64_t o = 0; o < r.rows_ * l.outer; ++o) {
+              uint8_t* d = dst + off * rb + o * want;
+              std::memcpy(d, src + o * have, have);
+              const int64_t n = (want - have) / l.elem;
+              if (l.elem == 8) {
+                const auto pv = static_cast<int64_t>(l.pad);
+                for (int64_t k = 0; k < n; ++k) std::memcpy(d + have + 8 * k, &pv, 8);
+              } else {
+                const auto pv = static_cast<float>(l.pad);
+                for (int64_t k = 0; k < n; ++k) std::memcpy(d + have + 4 * k, &pv, 4);
+              }
+            }
+          }
+          off += r.rows_;
+        }
+      }
+      executor_->execute(rows);
+      for (size_t i = 0; i < m.outputs().size(); ++i) {
+        const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
+        const int64_t rb = executor_->output_row_bytes(static_cast<int>(i));
+        const SeqLayout& l = out_layout_[i];
+        int64_t off = 0;
+        for (size_t j = first; j < last; ++j) {
+          Request& r = *batch[j];
+          auto* dst = static_cast<uint8_t*>(r.outputs_[i]);
+          if (l.dim < 0) {
+            std::memcpy(dst, src + off * rb, r.rows_ * rb);
+          } else {
+            const int64_t have = r.seq_ * l.inner * l.elem, want = seq * l.inner * l.elem;
+            for (int64_t o = 0; o < r.rows_ * l.outer; ++o) std::memcpy(dst + o * have, src + off * rb + o * want, have);
+          }
+          off += r.rows_;
+        }
+      }
+    }
+    for (size_t i = 0; i < m.inputs().size() && !mixed; ++i) {
+      const int64_t rb = executor_->input_row_bytes(static_cast<int>(i));
       auto* dst = static_cast<uint8_t*>(executor_->input_buffer(static_cast<int>(i)));
       int64_t off = 0;
       for (size_t j = first; j < last; ++j) {
@@ -310,9 +431,9 @@ std::exception_ptr Batcher::execute(std::vector<std::shared_ptr<Request>>& batch
         off += batch[j]->rows_;
       }
     }
-    executor_->execute(rows);
-    for (size_t i = 0; i < m.outputs().size(); ++i) {
-      const int64_t rb = m.outputs()[i].row_bytes();
+    if (!mixed) executor_->execute(rows);
+    for (size_t i = 0; i < m.outputs().size() && !mixed; ++i) {
+      const int64_t rb = executor_->output_row_bytes(static_cast<int>(i));
       const auto* src = static_cast<const uint8_t*>(executor_->output_buffer(static_cast<int>(i)));
       int64_t off = 0;
       for (size_t j = first; j < last; ++j) {

@@ -11,8 +11,10 @@
 #include <numeric>
 #include <set>
 
+#include "aimass/checked.h"
 #include "aimass/error.h"
 #include "aimass/runtime.h"
+#include "runtime/ext_ops.h"
 #include "runtime/ops.h"
 #include "runtime/qlinear_bridge.h"
 
@@ -21,7 +23,7 @@ namespace aimass::runtime {
 namespace {
 
 enum class Kind { Linear, QLinear, Conv2d, MaxPool, AvgPool, AdaptiveAvgPool, Alias, Activation, Softmax,
-                  LogSoftmax, LayerNorm, Embedding, Binary, ChannelAffine };
+                  LogSoftmax, LayerNorm, Embedding, Binary, ChannelAffine, Ext };
 
 struct ValueInfo {
   ValueType dtype = ValueType::Float32;
@@ -52,11 +54,15 @@ struct Step {
   bool a_batched = false, b_batched = false;
   std::shared_ptr<QLinearWeights> q;
   std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
+  std::shared_ptr<ExtKernel> ext;  // extension ops (runtime/ext_ops.h)
+  int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`)
+  std::vector<int> ext_in;
 };
 
 const char* kSupportedOps =
     "linear, conv2d, max_pool2d, avg_pool2d, adaptive_avg_pool2d, reshape, identity, activation, softmax, "
-    "log_softmax, layer_norm, embedding, add, sub, mul, div, channel_affine";
+    "log_softmax, layer_norm, embedding, add, sub, mul, div, channel_affine, matmul, permute, concat, slice, "
+    "reduce, where, compare, cast, positions, sdpa, lstm, gru";
 
 int64_t attr_int(const Node& n, const char* key, int64_t def, bool required = false) {
   auto it = n.attrs.find(key);
@@ -115,6 +121,7 @@ struct PlanImpl {
   int64_t capacity = 0;
   void* arena = nullptr;
   std::vector<float> col;  // im2col scratch, one sample
+  std::vector<const void*> ext_ptrs;
   ~PlanImpl() { std::free(arena); }
 
   uint8_t* ptr(int v) const {
@@ -143,9 +150,37 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
 
 void assign_memory(PlanImpl& p);
 
-void build(PlanImpl& p, const Model& m) {
+// Per-row shape of a signature entry with its dynamic dims (-1 after the batch) set to `seq`.
+std::vector<int64_t> seq_row(const TensorSpec& t, int64_t seq) {
+  std::vector<int64_t> row(t.shape.begin() + 1, t.shape.end());
+  for (auto& d : row)
+    if (d < 0) d = seq;
+  return row;
+}
+
+// A reshape target may hold one -1 (inferred from the input row, as in torch.view).
+void infer_reshape(std::vector<int64_t>& shape, const std::vector<int64_t>& in_row, const std::string& where) {
+  int infer = -1;
+  int64_t known = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == -1) {
+      AIMASS_CHECK(infer < 0, ValueError, where, ": shape ", shape_str(shape), " has more than one -1");
+      infer = static_cast<int>(i);
+    } else {
+      AIMASS_CHECK(shape[i] > 0, ValueError, where, ": shape ", shape_str(shape), " must be positive per-row dims");
+      known = checked::mul<ValueError>(known, shape[i], where + " shape");
+    }
+  }
+  if (infer < 0) return;
+  const auto total = static_cast<int64_t>(checked::product<ValueError>(in_row, where + " input row"));
+  AIMASS_CHECK(known > 0 && total % known == 0, ValueError, where, ": cannot reshape row ", shape_str(in_row),
+               " to ", shape_str(shape));
+  shape[infer] = total / known;
+}
+
+void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
   for (const auto& in : m.inputs()) {
-    std::vector<int64_t> row(in.shape.begin() + 1, in.shape.end());
+    std::vector<int64_t> row = seq_row(in, seq);
     p.input_values.push_back(new_value(p, in.name, in.dtype, row));
   }
   // Uses of each value, to know when an activation may be fused into its producer.
@@ -188,7 +223,9 @@ void build(PlanImpl& p, const Model& m) {
       s.N = wt.shape[0];
       if (n.attrs.count("bits")) {
         s.kind = Kind::QLinear;
-        s.q = pack_qlinear(m, n, s.K);
+        auto& slot = cache.items["qlinear:" + n.name];
+        if (!slot) slot = pack_qlinear(m, n, s.K);
+        s.q = std::static_pointer_cast<QLinearWeights>(slot);
         s.N = s.q->N;
       } else {
         s.kind = Kind::Linear;
@@ -198,7 +235,11 @@ void build(PlanImpl& p, const Model& m) {
       }
       s.b = f32_param(m, n, "bias", {s.N}, false);
       if (s.kind == Kind::Linear && packed_max_rows() > 0)
-        s.packed = std::make_shared<ops::PackedLinear>(s.w, s.b, s.N, s.K);
+      {
+        auto& slot = cache.items["packed:" + n.name];
+        if (!slot) slot = std::make_shared<ops::PackedLinear>(s.w, s.b, s.N, s.K);
+        s.packed = std::static_pointer_cast<ops::PackedLinear>(slot);
+      }
       out_row = row;
       out_row.back() = s.N;
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
@@ -265,6 +306,7 @@ void build(PlanImpl& p, const Model& m) {
       s.in0 = input(0);
       out_dt = p.values[s.in0].dtype;
       out_row = n.op == "identity" ? p.values[s.in0].row : attr_ints(n, "shape", 0);
+      infer_reshape(out_row, p.values[s.in0].row, s.where);
       int64_t numel = 1;
       for (auto d : out_row) {
         AIMASS_CHECK(d > 0, ValueError, s.where, ": shape ", shape_str(out_row), " must be positive per-row dims");
@@ -333,6 +375,21 @@ void build(PlanImpl& p, const Model& m) {
       out_row = p.values[s.in0].row;
       out_row.push_back(s.D);
     } else if (n.op == "add" || n.op == "sub" || n.op == "mul" || n.op == "div") {
+      // conv + residual (ResNet blocks): fused into the conv's epilogue when nothing else reads the conv
+      if (n.op == "add" && n.inputs.size() == 2 && n.params.empty() && !n.attrs.count("a_scalar") &&
+          !n.attrs.count("b_scalar") && !p.steps.empty()) {
+        Step& prev = p.steps.back();
+        const int a = input(0), b = input(1);
+        const int conv_in = prev.out == a ? a : prev.out == b ? b : -1;
+        const int other = conv_in == a ? b : a;
+        if (prev.kind == Kind::Conv2d && conv_in >= 0 && other != conv_in && prev.act == ops::Act::None &&
+            prev.res < 0 && uses[n.inputs[conv_in == a ? 0 : 1]] == 1 &&
+            p.values[other].dtype == ValueType::Float32 && p.values[other].row == p.values[conv_in].row) {
+          prev.res = other;
+          prev.out = new_value(p, out_name, ValueType::Float32, p.values[conv_in].row, conv_in);
+          continue;
+        }
+      }
       s.kind = Kind::Binary;
       s.binop = n.op == "add" ? ops::BinOp::Add : n.op == "sub" ? ops::BinOp::Sub
               : n.op == "mul" ? ops::BinOp::Mul : ops::BinOp::Div;
@@ -419,6 +476,17 @@ void build(PlanImpl& p, const Model& m) {
       s.w = f32_param(m, n, "scale", {row[0]}, true);
       s.b = f32_param(m, n, "shift", {row[0]}, true);
       out_row = row;
+    } else if (is_ext_op(n.op)) {
+      s.kind = Kind::Ext;
+      std::vector<ExtValue> ins;
+      for (size_t i = 0; i < n.inputs.size(); ++i) {
+        s.ext_in.push_back(input(i));
+        ins.push_back({p.values[s.ext_in.back()].dtype, p.values[s.ext_in.back()].row});
+      }
+      ExtValue ov;
+      s.ext = build_ext(m, n, ins, ov, cache);
+      out_dt = ov.dtype;
+      out_row = ov.row;
     } else {
       throw ValueError(detail::concat(m.path(), ": ", s.where, ": op '", n.op,
                                       "' is not supported by this runtime; supported ops: ", kSupportedOps));
@@ -430,7 +498,7 @@ void build(PlanImpl& p, const Model& m) {
     const auto& o = m.outputs()[i];
     int v = p.index.at(o.name);
     const ValueInfo& vi = p.values[v];
-    std::vector<int64_t> row(o.shape.begin() + 1, o.shape.end());
+    std::vector<int64_t> row = seq_row(o, seq);
     AIMASS_CHECK(vi.row == row && vi.dtype == o.dtype, ValueError, m.path(), ": signature output '", o.name,
                  "' declares row shape ", shape_str(row), " but the graph computes ", shape_str(vi.row));
     p.output_values.push_back(v);
@@ -451,6 +519,8 @@ void assign_memory(PlanImpl& p) {
     const Step& st = p.steps[i];
     for (int in : {st.in0, st.in1})
       if (in >= 0) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
+    for (int in : st.ext_in) last[p.values[in].slot] = std::max(last[p.values[in].slot], i);
+    if (st.res >= 0) last[p.values[st.res].slot] = std::max(last[p.values[st.res].slot], i);
     int& d = def[p.values[st.out].slot];
     d = std::min(d, i);
   }
@@ -489,16 +559,87 @@ void assign_memory(PlanImpl& p) {
 
 }  // namespace
 
+bool has_dynamic_seq(const Model& m) {
+  for (const auto* specs : {&m.inputs(), &m.outputs()})
+    for (const auto& t : *specs)
+      for (size_t i = 1; i < t.shape.size(); ++i)
+        if (t.shape[i] < 0) return true;
+  return false;
+}
+
+struct Executor::Plans {
+  std::map<int64_t, std::unique_ptr<PlanImpl>> by_seq;
+  std::vector<int64_t> recent;  // most recent last
+  WeightCache cache;
+};
+
+namespace {
+constexpr size_t kMaxPlans = 8;
+}
+
 Executor::Executor(std::shared_ptr<const Model> model, ExecutorOptions opts)
-    : model_(std::move(model)), plan_(std::make_unique<PlanImpl>()) {
+    : model_(std::move(model)), plans_(std::make_unique<Plans>()) {
   AIMASS_CHECK(model_, ValueError, "Executor: model is null");
   AIMASS_CHECK(opts.max_batch_size >= 1, ValueError, "Executor: max_batch_size=", opts.max_batch_size,
                " must be >= 1");
-  build(*plan_, *model_);
-  reserve(opts.max_batch_size);
+  dynamic_ = has_dynamic_seq(*model_);
+  AIMASS_CHECK(!dynamic_ || opts.seq_len >= 1, ValueError, "Executor: seq_len=", opts.seq_len, " must be >= 1");
+  reserved_ = opts.max_batch_size;
+  set_seq_len(dynamic_ ? opts.seq_len : 0);
 }
 
 Executor::~Executor() = default;
+
+void Executor::set_seq_len(int64_t seq) {
+  if (!dynamic_) seq = 0;
+  AIMASS_CHECK(!dynamic_ || seq >= 1, ValueError, "Executor: sequence length ", seq, " must be >= 1");
+  if (plan_ && seq == seq_) return;
+  Plans& ps = *plans_;
+  auto it = ps.by_seq.find(seq);
+  if (it == ps.by_seq.end()) {
+    auto p = std::make_unique<PlanImpl>();
+    try {
+      build(*p, *model_, seq, ps.cache);
+    } catch (const Error& e) {
+      if (!dynamic_) throw;
+      throw ValueError(detail::concat(e.what(), " (at sequence length ", seq, ")"));
+    }
+    if (ps.by_seq.size() >= kMaxPlans) {  // drop the least recently used plan
+      for (auto r = ps.recent.begin(); r != ps.recent.end(); ++r) {
+        auto victim = ps.by_seq.find(*r);
+        if (victim != ps.by_seq.end() && victim->second.get() != plan_) {
+          ps.by_seq.erase(victim);
+          ps.recent.erase(r);
+          break;
+        }
+      }
+    }
+    it = ps.by_seq.emplace(seq, std::move(p)).first;
+  }
+  ps.recent.erase(std::remove(ps.recent.begin(), ps.recent.end(), seq), ps.recent.end());
+  ps.recent.push_back(seq);
+  plan_ = it->second.get();
+  seq_ = seq;
+  reserve(reserved_);
+}
+
+int64_t Executor::input_row_bytes(int i) const {
+  AIMASS_CHECK(i >= 0 && i < static_cast<int>(plan_->input_values.size()), ValueError, "input index ", i,
+               " out of range");
+  return plan_->values[plan_->input_values[i]].row_bytes();
+}
+
+int64_t Executor::output_row_bytes(int i) const {
+  AIMASS_CHECK(i >= 0 && i < static_cast<int>(plan_->output_values.size()), ValueError, "output index ", i,
+               " out of range");
+  return plan_->values[plan_->output_values[i]].row_bytes();
+}
+
+std::vector<int64_t> Executor::output_row_shape(int i) const {
+  AIMASS_CHECK(i >= 0 && i < static_cast<int>(plan_->output_values.size()), ValueError, "output index ", i,
+               " out of range");
+  return plan_->values[plan_->output_values[i]].row;
+}
 
 int64_t Executor::capacity() const { return plan_->capacity; }
 int64_t Executor::arena_bytes() const { return plan_->total_row_bytes * plan_->capacity; }
@@ -506,6 +647,7 @@ int64_t Executor::num_steps() const { return static_cast<int64_t>(plan_->steps.s
 
 void Executor::reserve(int64_t rows) {
   AIMASS_CHECK(rows >= 1, ValueError, "Executor::reserve: rows=", rows, " must be >= 1");
+  reserved_ = std::max(reserved_, rows);
   if (rows <= plan_->capacity) return;
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(plan_->total_row_bytes * rows, 64));
   void* mem = nullptr;
@@ -546,7 +688,14 @@ void Executor::execute(int64_t rows) {
         break;
       }
       case Kind::Conv2d:
-        ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+        if (s.res >= 0) {
+          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
+          ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
+          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+        } else {
+          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+        }
         break;
       case Kind::MaxPool: ops::max_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
       case Kind::AvgPool: ops::avg_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
@@ -582,6 +731,13 @@ void Executor::execute(int64_t rows) {
       case Kind::ChannelAffine:
         ops::channel_affine(p.fptr(s.in0), rows, s.N, s.inner, s.w, s.b, p.fptr(s.out));
         break;
+      case Kind::Ext: {
+        std::vector<const void*>& in = p.ext_ptrs;
+        in.clear();
+        for (int v : s.ext_in) in.push_back(p.ptr(v));
+        s.ext->run(rows, in, p.ptr(s.out));
+        break;
+      }
     }
   }
 }
@@ -590,10 +746,10 @@ void Executor::run(int64_t rows, const void* const* inputs, void* const* outputs
   reserve(rows);
   const Model& m = *model_;
   for (size_t i = 0; i < m.inputs().size(); ++i)
-    std::memcpy(input_buffer(static_cast<int>(i)), inputs[i], rows * m.inputs()[i].row_bytes());
+    std::memcpy(input_buffer(static_cast<int>(i)), inputs[i], rows * input_row_bytes(static_cast<int>(i)));
   execute(rows);
   for (size_t i = 0; i < m.outputs().size(); ++i)
-    std::memcpy(outputs[i], output_buffer(static_cast<int>(i)), rows * m.outputs()[i].row_bytes());
+    std::memcpy(outputs[i], output_buffer(static_cast<int>(i)), rows * output_row_bytes(static_cast<int>(i)));
 }
 
 }  // namespace aimass::runtime

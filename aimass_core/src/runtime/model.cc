@@ -80,8 +80,9 @@ std::vector<TensorSpec> parse_specs(const json::Value* v, const char* which) {
     AIMASS_CHECK(!s.shape.empty() && s.shape[0] == -1, ValueError, "model signature: ", s.name,
                  " must have the batch dimension -1 first");
     for (size_t i = 1; i < s.shape.size(); ++i)
-      AIMASS_CHECK(s.shape[i] > 0, ValueError, "model signature: ", s.name, " dimension ", i, " is ",
-                   s.shape[i], "; only the batch dimension may be dynamic");
+      AIMASS_CHECK(s.shape[i] > 0 || s.shape[i] == -1, ValueError, "model signature: ", s.name, " dimension ", i,
+                   " is ", s.shape[i], "; dims are positive, or -1 for the batch (first) and the dynamic "
+                   "sequence length");
     out.push_back(std::move(s));
   }
   return out;

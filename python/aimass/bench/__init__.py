@@ -23,7 +23,7 @@ from ._measure import Measurement, measure, race
 from ._report import Figure, Report, plot, print_table
 from .compare import compare
 
-SUITES = ("compress", "data", "comm", "runtime")
+SUITES = ("compress", "data", "comm", "runtime", "serve")
 # which suite's measurement sets which tuning knob
 TUNED_BY = {"num_threads": "runtime", "simd": "runtime", "packed_max_rows": "runtime",
             "session_max_batch_size": "runtime", "session_max_queue_delay_us": "runtime",

@@ -235,6 +235,10 @@ def run(report: Report, quick: bool = False, progress=None) -> Dict[str, int]:
         knobs["num_threads"] = thread_sweep(report, tmp, quick)
         knobs["simd"] = simd_sweep(report, tmp, quick)
         knobs.update(batcher_grid(report, tmp, quick))
+        if progress:
+            progress("runtime: batcher grid done; model families next")
+        from . import runtime_families
+        runtime_families.run(report, quick, progress)
         return knobs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,11 @@ import numpy as np
 from .. import _C
 from .._array import as_numpy, float32_array, like
 from ._export import FORMAT_VERSION, SUPPORTED, UnsupportedOpError, export
+from ._onnx import SUPPORTED_ONNX, from_onnx
 
 _rt = _C.runtime
 
-__all__ = ["export", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
+__all__ = ["export", "from_onnx", "SUPPORTED_ONNX", "load", "Model", "Session", "UnsupportedOpError", "FORMAT_VERSION", "SUPPORTED"]
 
 
 class Model:
@@ -72,7 +73,7 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
             a = float32_array(x, f"input '{s['name']}'")
         else:
             a, dt = as_numpy(x, f"input '{s['name']}'")
-            if dt not in ("int64", "int32", "int16", "int8", "uint8"):
+            if dt not in ("int64", "int32", "int16", "int8", "uint8", "bool"):
                 raise TypeError(f"{where}: input '{s['name']}' must hold integer indices, got {dt}")
             a = np.ascontiguousarray(a, dtype=np.int64)
         if a.ndim == len(s["shape"]) - 1:  # a single example without the batch dimension

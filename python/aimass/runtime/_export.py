@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .._io import atomic_path
+from ._export_ext import UnsupportedOpError, _ExtMixin, _unsupported
+from ._export_fuse import _FuseMixin
+from ._export_modules import _ModuleMixin
+from ._export_trace import propagate_shapes, trace
 
 FORMAT_VERSION = 1
 
@@ -17,17 +21,13 @@ SUPPORTED = (
     "nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, "
     "nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.Identity, "
     "F.relu/gelu/silu/sigmoid/tanh/softmax/log_softmax/dropout/max_pool2d/avg_pool2d/adaptive_avg_pool2d, "
-    "torch.flatten/reshape, Tensor.view/reshape/flatten/contiguous/size, +, -, *, /"
+    "torch.flatten/reshape, Tensor.view/reshape/flatten/contiguous/size, +, -, *, /, "
+    "torch.matmul/bmm/@ between activations, transpose/permute/unsqueeze/squeeze, indexing with slices/ints/None, "
+    "torch.cat/stack, mean/sum/amax/amin over dims, torch.where/masked_fill, comparisons, ~, float()/long()/to(), "
+    "torch.arange(x.size(d)) positions, F.scaled_dot_product_attention, F.linear/layer_norm, "
+    "nn.MultiheadAttention, nn.TransformerEncoderLayer/TransformerEncoder (batch_first), "
+    "nn.LSTM/nn.GRU (batch_first, unidirectional)"
 )
-
-
-class UnsupportedOpError(ValueError):
-    """The module uses an operation the .aimass format cannot express."""
-
-
-def _unsupported(op: str, node) -> UnsupportedOpError:
-    return UnsupportedOpError(f"aimass.runtime.export: unsupported op {op} at node '{node.name}' "
-                              f"(fx target {node.target!r}); supported: {SUPPORTED}")
 
 
 def _pair(v) -> List[int]:
@@ -53,24 +53,25 @@ def _quantize_linear(w: np.ndarray, bits: int):
     return np.ascontiguousarray(qw.data), np.ascontiguousarray(qw.scale, dtype=np.float32), group
 
 
-class _Exporter:
-    def __init__(self, module, example_inputs, quantize):
+class _Exporter(_ExtMixin, _ModuleMixin, _FuseMixin):
+    def __init__(self, module, example_inputs, quantize, dynamic_seq=None):
         import torch
         import torch.fx
-        from torch.fx.passes.shape_prop import ShapeProp
 
         self.torch = torch
         self.quantize = quantize
         module = module.eval()
         try:
-            self.gm = torch.fx.symbolic_trace(module)
+            self.gm = trace(module, len(example_inputs))
         except Exception as exc:  # fx raises many kinds for data-dependent control flow
             raise UnsupportedOpError(f"aimass.runtime.export: torch.fx could not trace the module ({exc}); "
                                      "remove data-dependent control flow from forward()") from exc
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(*example_inputs)
+        self.shapes, self.dyn, self.seq_dims = propagate_shapes(self.gm, example_inputs, dynamic_seq)
         self.modules = dict(self.gm.named_modules())
         self.batch = int(example_inputs[0].shape[0])
+        self.expanded = set()  # fx nodes torch computes without the batch dim (positions): batched here
+        self.dtypes: Dict[str, str] = {}  # value name -> "float32" | "int64"
+        self.gm_const_dtype: Dict[Any, Any] = {}  # get_attr node -> torch dtype
         self.nodes: List[dict] = []
         self.tensors: Dict[str, np.ndarray] = {}
         self.value: Dict[Any, str] = {}     # fx node -> value name
@@ -82,10 +83,14 @@ class _Exporter:
 
     # -- helpers
     def meta_shape(self, node) -> List[int]:
-        tm = node.meta.get("tensor_meta")
-        if tm is None or not hasattr(tm, "shape"):
+        shape = self.shapes.get(node)
+        if shape is None:
             raise UnsupportedOpError(f"aimass.runtime.export: node '{node.name}' does not produce one tensor")
-        shape = [int(d) for d in tm.shape]
+        shape = list(shape)
+        if node in self.expanded or ((not shape or shape[0] != self.batch or self.is_bcast(node))
+                                     and any(i in self.expanded for i in node.all_input_nodes)):
+            self.expanded.add(node)
+            return [self.batch] + shape
         if not shape or shape[0] != self.batch:
             raise UnsupportedOpError(
                 f"aimass.runtime.export: node '{node.name}' has shape {shape}, which does not keep the batch "
@@ -97,29 +102,23 @@ class _Exporter:
             raise _unsupported(f"input {node.name} of {who.name} (not a tensor the runtime tracks)", who)
         return self.value[node]
 
-    def emit(self, node, op, inputs, params=None, attrs=None):
-        name = node.name
-        params_named = {}
-        for role, arr in (params or {}).items():
-            if arr is None:
-                continue
-            tname = f"{name}.{role}"
-            self.tensors[tname] = np.ascontiguousarray(arr)
-            params_named[role] = tname
+    def emit(self, node, op, inputs, params=None, attrs=None, out_dtype="float32"):
         self.meta_shape(node)
-        entry = {"op": op, "name": name, "inputs": list(inputs), "outputs": [name],
-                 "params": params_named, "attrs": attrs or {}}
-        self.nodes.append(entry)
+        name = self.emit_raw(node.name, op, inputs, params, attrs, out_dtype)
         self.value[node] = name
-        self.producer[name] = entry
-        return entry
+        return self.producer[name]
 
     def alias(self, node, src):
         self.value[node] = self.value[src] if src in self.value else self.val(src, node)
 
     def reshape(self, node, src):
         shape = self.meta_shape(node)
-        self.emit(node, "reshape", [self.val(src, node)], attrs={"shape": shape[1:]})
+        if src in self.expanded and node not in self.expanded:  # [S, D] -> [1, S, D]: already batched
+            self.alias(node, src)
+            return
+        name = self.val(src, node)
+        self.emit(node, "reshape", [name], attrs={"shape": self.row_target(node, shape)},
+                  out_dtype=self.dtypes.get(name, "float32"))
 
     def act(self, node, src, kind):
         self.emit(node, "activation", [self.val(src, node)], attrs={"kind": kind})
@@ -142,7 +141,7 @@ class _Exporter:
             elif x in self.const:
                 params[role] = self.const[x]
             elif isinstance(x, torch.fx.Node) and x in self.value:
-                ins.append(self.value[x])
+                ins.append(self.as_float(x, node))
             else:
                 raise _unsupported(f"{op} with operand {x!r}", node)
         if not ins:
@@ -277,6 +276,8 @@ class _Exporter:
             self.emit(node, "embedding", [self.val(src, node)], params={"weight": _np(mod.weight)})
         elif isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)):
             self.alias(node, src)
+        elif self.ext_call_module(node, mod):
+            pass
         else:
             raise _unsupported(f"module {type(mod).__module__}.{type(mod).__name__}", node)
 
@@ -335,6 +336,8 @@ class _Exporter:
         elif t is operator.getitem and isinstance(a[0], torch.fx.Node) and a[0].op in ("call_method", "call_function") \
                 and (a[0].target in ("size",) or a[0].target is getattr):
             pass  # x.size(0) / x.shape[0]: a shape query consumed by view/reshape
+        elif self.ext_call_function(node):
+            pass
         else:
             raise _unsupported(f"function {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}", node)
 
@@ -354,6 +357,8 @@ class _Exporter:
             self.softmax(node, a[0], a[1] if len(a) > 1 else kw.get("dim"), m == "log_softmax")
         elif m in ("add", "sub", "mul", "div"):
             self.binary(node, m, a[0], a[1] if len(a) > 1 else kw["other"])
+        elif self.ext_call_method(node):
+            pass
         else:
             raise _unsupported(f"method Tensor.{m}", node)
 
@@ -366,7 +371,7 @@ class _Exporter:
         for i, n in enumerate(placeholders):
             name = input_names[i] if input_names else str(n.target)
             tm = n.meta["tensor_meta"]
-            if tm.dtype in (torch.int64, torch.int32):
+            if tm.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
                 dt = "int64"
             elif tm.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 dt = "float32"
@@ -374,8 +379,9 @@ class _Exporter:
                 raise TypeError(f"aimass.runtime.export: input '{name}' has dtype {tm.dtype}; "
                                 "use float32 or int64 inputs")
             shape = self.meta_shape(n)
-            self.inputs.append({"name": name, "dtype": dt, "shape": [-1] + shape[1:]})
+            self.inputs.append({"name": name, "dtype": dt, "shape": self.signature_shape(n, shape)})
             self.value[n] = name
+            self.dtypes[name] = dt
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 continue
@@ -383,6 +389,7 @@ class _Exporter:
                 obj = self.gm
                 for part in node.target.split("."):
                     obj = getattr(obj, part)
+                self.gm_const_dtype[node] = obj.dtype
                 self.const[node] = _np(obj)
             elif node.op == "call_module":
                 self.call_module(node)
@@ -392,7 +399,9 @@ class _Exporter:
                 self.call_method(node)
             elif node.op == "output":
                 self.collect_outputs(node.args[0], output_names)
-        # graph outputs that are graph inputs or shared need a node of their own
+        self.drop_dead_nodes()
+        self.fuse_attention()
+        self.drop_dead_nodes()
         return self
 
     def collect_outputs(self, out, output_names):
@@ -416,11 +425,13 @@ class _Exporter:
             # Rename the producing value to the output name (or add an identity node).
             self.nodes.append({"op": "identity", "name": f"output.{name}", "inputs": [src], "outputs": [name],
                                "params": {}, "attrs": {}})
-            self.outputs.append({"name": name, "dtype": "float32", "shape": [-1] + shape[1:]})
+            self.outputs.append({"name": name, "dtype": self.dtypes.get(src, "float32"),
+                                 "shape": self.signature_shape(o, shape)})
 
 
 def export(module, example_inputs, path, quantize: Optional[str] = None, prune=None,
-           input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None) -> str:
+           input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
+           dynamic_seq=None, padding: Optional[dict] = None) -> str:
     """Trace `module` with torch.fx on `example_inputs` and write an .aimass file to `path`.
 
     quantize: None (fp32), "int8" (per-channel symmetric Linear weights) or "int4" (symmetric,
@@ -432,6 +443,14 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     "sparsity": s} removes output rows of hidden Linear layers and the next Linear's matching inputs
     (Linear -> elementwise ops -> Linear chains only; anything else raises ValueError). What was
     pruned is stored as the "aimass.prune" metadata entry (docs/runtime.md).
+    dynamic_seq: None (every dim but the batch is fixed), True (dim 1 of every input of rank >= 2
+    is the sequence length) or a dict {input index or name: dim}; the signature then holds -1 there
+    and the runtime plans each length it meets (docs/runtime.md).
+    padding: with dynamic_seq, {"mask_input": name, "pad_value": v} lets a Session batch requests of
+    different lengths: it pads each to the longest in the batch (the mask input with v, e.g. 0 for a
+    1/0 attention mask or 1 for a True-means-padding key mask; other inputs with 0) and returns each
+    request its own length; max_waste (default 0.25) caps the fraction of padded positions in a batch.
+    Only for models whose positions interact through that mask alone.
     The file is written atomically (temporary name, fsync, rename). Returns `path`."""
     import torch
     from safetensors.numpy import save_file
@@ -457,7 +476,7 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
         module, prune_report = pruned_copy(module, prune_spec)
     was_training = module.training
     try:
-        ex = _Exporter(module, example_inputs, quantize).run(input_names, output_names)
+        ex = _Exporter(module, example_inputs, quantize, dynamic_seq).run(input_names, output_names)
     finally:
         module.train(was_training)
     if quantize and not any(n["attrs"].get("bits") for n in ex.nodes):
@@ -470,6 +489,18 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     }
     if quantize:
         metadata["aimass.quantize"] = quantize
+    if padding is not None:
+        if not isinstance(padding, dict) or set(padding) - {"mask_input", "pad_value", "max_waste"} or \
+                "mask_input" not in padding or not 0 <= float(padding.get("max_waste", 0.25)) <= 1:
+            raise ValueError("export: padding must be {'mask_input': name, 'pad_value': number, 'max_waste': "
+                             f"fraction in [0, 1]}}, got {padding!r}")
+        spec = next((i for i in ex.inputs if i["name"] == padding["mask_input"]), None)
+        if spec is None or -1 not in spec["shape"][1:]:
+            raise ValueError(f"export: padding mask_input {padding['mask_input']!r} must name an input with the "
+                             "dynamic sequence dim (export with dynamic_seq)")
+        metadata["aimass.padding"] = json.dumps({"mask_input": padding["mask_input"],
+                                                 "mask_pad_value": float(padding.get("pad_value", 0)),
+                                                 "max_waste": float(padding.get("max_waste", 0.25))})
     if prune_report is not None:
         metadata["aimass.prune"] = json.dumps(prune_report, separators=(",", ":"))
     path = os.fspath(path)

@@ -1,0 +1,55 @@
+"""nn.LSTM / nn.GRU (1-2 layers, batch_first) through the runtime, with a dynamic sequence length."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import aimass.runtime as rt  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _rt_util import check_session  # noqa: E402
+
+
+class Head(nn.Module):
+    def __init__(self, cls, layers, bias=True):
+        super().__init__()
+        self.r = cls(8, 16, num_layers=layers, batch_first=True, bias=bias)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.r(x)
+        return out, self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_rnn_matches_torch_at_every_length(tmp_path, cls, layers):
+    torch.manual_seed(0)
+    check_session(tmp_path, Head(cls, layers), lambda n: (torch.randn(3, n, 8),), (9, 1, 20), dynamic_seq=True)
+
+
+def test_rnn_without_bias_and_bare_module(tmp_path):
+    torch.manual_seed(0)
+    check_session(tmp_path, Head(nn.GRU, 2, bias=False), lambda n: (torch.randn(2, n, 8),), (5,), name="nb")
+    lstm = nn.LSTM(8, 16, batch_first=True).eval()
+    rt.export(lstm, (torch.randn(2, 5, 8),), tmp_path / "bare.aimass", dynamic_seq=True)
+    x = torch.randn(2, 7, 8)
+    with rt.Session(tmp_path / "bare.aimass") as s:
+        got = s.run({"input_0": x.numpy()})["output"]
+    with torch.no_grad():
+        ref = lstm(x)[0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rnn_unsupported_configs(tmp_path):
+    class State(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r = nn.LSTM(8, 16, batch_first=True)
+
+        def forward(self, x):
+            out, (h, c) = self.r(x)
+            return h[0]
+    with pytest.raises(rt.UnsupportedOpError, match="only the first"):
+        rt.export(State(), (torch.randn(2, 5, 8),), tmp_path / "s.aimass")
+    with pytest.raises(rt.UnsupportedOpError, match="bidirectional"):
+        rt.export(nn.GRU(8, 16, batch_first=True, bidirectional=True), (torch.randn(2, 5, 8),), tmp_path / "b.aimass")
