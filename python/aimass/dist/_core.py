@@ -63,6 +63,8 @@ def _stop_engine(ps: ProcessSet) -> None:
         ps._comm.free()
         if ps._a2a is not None and not _mpi_finalized():
             ps._a2a.Free()
+    else:  # a peer died or stalled: MPI teardown of this set's communicators could block
+        ps._comm.abandon()
     ps._comm = ps._engine = ps._a2a = None
 
 
@@ -112,7 +114,7 @@ def init(comm: Any = None, process_sets: Optional[Iterable[ProcessSet]] = None, 
         _default_timeout = float(timeout if timeout is not None else os.environ.get("AIMASS_COMM_TIMEOUT", 60))
         if not _atexit_registered:
             # registered after mpi4py's own handler, so it runs before MPI_Finalize
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
             _atexit_registered = True
         env_tl = os.environ.get("HOROVOD_TIMELINE") or os.environ.get("AIMASS_TIMELINE")
         for ps in process_sets or ():
@@ -221,15 +223,27 @@ def shutdown() -> None:
             return
         _timeline.stop()
         if "aimass._dist_nccl" in sys.modules:
-            sys.modules["aimass._dist_nccl"].shutdown()
+            peer_failed = any(ps._engine is not None and ps._engine.broken for ps in _process_sets.values())
+            sys.modules["aimass._dist_nccl"].shutdown(peer_failed=peer_failed)
         for ps in list(_process_sets.values()):
             if ps is not global_process_set:
                 _stop_engine(ps)
                 ps.process_set_id = None
         _stop_engine(global_process_set)
-        _live.clear()  # every collective has finished or failed: no engine access to their arrays remains
+        for h in _live:  # a collective cut off mid-transfer: MPI may still write its arrays
+            if h._keep is not None and (not h._h.poll() or h._h.buffers_in_use):
+                _C._comm_park((h._keep, h._h))  # kept alive until the process exits
+        _live.clear()
         _process_sets.clear()
         global_process_set.process_set_id = None
+
+
+def _at_exit() -> None:
+    shutdown()
+    # After a peer failed, MPI_Finalize gets 2 s and the process then exits anyway (see
+    # docs/comm.md); with this status: 1 after an uncaught exception, else 0.
+    if _C._comm_peer_failed():
+        _C._comm_set_exit_code_on_hang(1 if getattr(sys, "last_value", None) is not None else 0)
 
 
 def set_fusion_threshold(nbytes: int) -> None:
@@ -331,6 +345,8 @@ def synchronize(handle: Handle):
     try:
         handle._h.wait()
     finally:
+        if handle._h.buffers_in_use:  # failed mid-transfer: MPI may still write these arrays
+            _C._comm_park((handle._keep, handle._h))  # kept alive until the process exits
         handle._keep = None
         _live.discard(handle)
         if handle._t0 is not None:
@@ -363,9 +379,11 @@ def poll(handle: Handle) -> bool:
 
 def make_name(kind: str, name: Optional[str], ps: ProcessSet = global_process_set) -> str:
     if name is None:
-        n = ps._counters.get(kind, 0)
-        ps._counters[kind] = n + 1
-        return f"{kind}.noname.{n}"
+        # one counter for every kind (per process set): an unnamed allreduce on one rank against an
+        # unnamed broadcast on another gets the same name, so it fails at once naming both calls
+        n = ps._counters.get("unnamed", 0)
+        ps._counters["unnamed"] = n + 1
+        return f"unnamed.{n}"
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     return name
