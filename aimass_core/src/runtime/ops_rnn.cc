@@ -1,7 +1,7 @@
 // Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, unidirectional, zero
 // initial state): per layer, the input projection of every timestep is one GEMM
-// (rows*S x gates*H), then each step adds h @ W_hh^T (one small GEMM) and applies
-// the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the
+// (rows*S x gates*H), then each step adds h @ W_hh^T (the packed small-M kernel) and
+// applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the
 // last layer's hidden state at every step, [S, H] per row (what nn.LSTM returns first).
 #include <algorithm>
 #include <cmath>
@@ -128,7 +128,7 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
     const float* w_hh = param_f32(m, n, ("w_hh_l" + s).c_str(), {GH, k->H}, true);
     const float* b_ih = param_f32(m, n, ("b_ih_l" + s).c_str(), {GH}, false);
     const float* b_hh = param_f32(m, n, ("b_hh_l" + s).c_str(), {GH}, false);
-    std::shared_ptr<void>& slot = cache.items[n.name + "/rnn_l" + s];
+    std::shared_ptr<void>& slot = cache.items["rnn:" + n.name + "/l" + s];
     if (!slot) {
       auto L = std::make_shared<RnnLayer>();
       const int64_t H = k->H, NP = k->NP;
