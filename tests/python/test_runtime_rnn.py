@@ -10,10 +10,10 @@ from _rt_util import check_session  # noqa: E402
 
 
 class Head(nn.Module):
-    def __init__(self, cls, layers, bias=True):
+    def __init__(self, cls, layers, bias=True, hidden=16):
         super().__init__()
-        self.r = cls(8, 16, num_layers=layers, batch_first=True, bias=bias)
-        self.fc = nn.Linear(16, 3)
+        self.r = cls(8, hidden, num_layers=layers, batch_first=True, bias=bias)
+        self.fc = nn.Linear(hidden, 3)
 
     def forward(self, x):
         out, _ = self.r(x)
@@ -25,6 +25,14 @@ class Head(nn.Module):
 def test_rnn_matches_torch_at_every_length(tmp_path, cls, layers):
     torch.manual_seed(0)
     check_session(tmp_path, Head(cls, layers), lambda n: (torch.randn(3, n, 8),), (9, 1, 20), dynamic_seq=True)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("hidden", [1, 7, 17, 300])
+def test_rnn_hidden_sizes_off_the_unit_groups(tmp_path, cls, hidden):
+    # the recurrent weights are packed in groups of 8 hidden units (threaded at 300): tails and padding
+    torch.manual_seed(1)
+    check_session(tmp_path, Head(cls, 2, hidden=hidden), lambda n: (torch.randn(2, n, 8),), (6,), name=f"h{hidden}")
 
 
 def test_rnn_without_bias_and_bare_module(tmp_path):

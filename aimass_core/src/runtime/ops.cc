@@ -15,6 +15,7 @@
 #include "aimass/runtime.h"
 #include "runtime/gemv.h"
 #include "runtime/packed_gemm.h"
+#include "runtime/vec_kernels.h"
 
 namespace aimass::runtime::ops {
 
@@ -52,19 +53,37 @@ inline float apply(float v) {
   return v;
 }
 
+// GELU (erf and tanh) runs through the vectorized table (vec_kernels.h); apply<> above
+// stays the scalar definition of the other activations.
+constexpr bool is_vec_act(Act A) { return A == Act::Gelu || A == Act::GeluTanh; }
+inline void vec_act(Act A, const float* x, int64_t n, float* y) {
+  const vec::Kernels& k = vec::kernels();
+  (A == Act::Gelu ? k.gelu : k.gelu_tanh)(x, n, y);
+}
+
 template <Act A>
 void bias_act_rows(float* y, int64_t c0, int64_t c1, int64_t channels, int64_t plane, const float* bias) {
   // rows are (outer, channel) pairs flattened: row r has channel r % channels
   for (int64_t r = c0; r < c1; ++r) {
     float* p = y + r * plane;
     const float b = bias ? bias[r % channels] : 0.f;
-    for (int64_t i = 0; i < plane; ++i) p[i] = apply<A>(p[i] + b);
+    if constexpr (is_vec_act(A)) {
+      if (bias)
+        for (int64_t i = 0; i < plane; ++i) p[i] += b;
+      vec_act(A, p, plane, p);
+    } else {
+      for (int64_t i = 0; i < plane; ++i) p[i] = apply<A>(p[i] + b);
+    }
   }
 }
 
 template <Act A>
 void act_range(const float* x, float* y, int64_t b, int64_t e) {
-  for (int64_t i = b; i < e; ++i) y[i] = apply<A>(x[i]);
+  if constexpr (is_vec_act(A)) {
+    vec_act(A, x + b, e - b, y + b);
+  } else {
+    for (int64_t i = b; i < e; ++i) y[i] = apply<A>(x[i]);
+  }
 }
 
 }  // namespace
@@ -131,6 +150,12 @@ void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, con
   parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float* p = y + r * N;
+      if (is_vec_act(act)) {
+        if (bias)
+          for (int64_t j = 0; j < N; ++j) p[j] += bias[j];
+        vec_act(act, p, N, p);
+        continue;
+      }
       switch (act) {
         case Act::None: for (int64_t j = 0; j < N; ++j) p[j] += bias[j]; break;
 #define AIMASS_LIN_CASE(A)                                                         \
@@ -394,49 +419,30 @@ void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_
 }
 
 void softmax(const float* x, int64_t outer, int64_t axis, int64_t inner, bool log, float* y) {
+  const vec::Kernels& k = vec::kernels();
   parallel_for(0, outer * inner, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(axis, 1)),
                [&](int64_t b, int64_t e) {
+                 std::vector<float> col;  // strided axis (inner > 1): gathered into a row
+                 if (inner > 1) col.resize(static_cast<size_t>(axis));
                  for (int64_t t = b; t < e; ++t) {
                    const int64_t o = t / inner, i = t % inner;
                    const float* src = x + o * axis * inner + i;
                    float* dst = y + o * axis * inner + i;
-                   float m = -std::numeric_limits<float>::infinity();
-                   for (int64_t a = 0; a < axis; ++a) m = std::max(m, src[a * inner]);
-                   double sum = 0;
-                   for (int64_t a = 0; a < axis; ++a) sum += std::exp(static_cast<double>(src[a * inner] - m));
-                   if (log) {
-                     const float lse = static_cast<float>(std::log(sum));
-                     for (int64_t a = 0; a < axis; ++a) dst[a * inner] = src[a * inner] - m - lse;
-                   } else {
-                     const double inv = 1.0 / sum;
-                     for (int64_t a = 0; a < axis; ++a)
-                       dst[a * inner] = static_cast<float>(std::exp(static_cast<double>(src[a * inner] - m)) * inv);
+                   if (inner == 1) {
+                     k.softmax_row(src, axis, log, dst);
+                     continue;
                    }
+                   for (int64_t a = 0; a < axis; ++a) col[a] = src[a * inner];
+                   k.softmax_row(col.data(), axis, log, col.data());
+                   for (int64_t a = 0; a < axis; ++a) dst[a * inner] = col[a];
                  }
                });
 }
 
 void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const float* b, double eps, float* y) {
+  const vec::Kernels& k = vec::kernels();
   parallel_for(0, R, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const float* src = x + r * D;
-      float* dst = y + r * D;
-      double mean = 0, var = 0;
-      for (int64_t i = 0; i < D; ++i) mean += src[i];
-      mean /= D;
-      for (int64_t i = 0; i < D; ++i) {
-        const double d = src[i] - mean;
-        var += d * d;
-      }
-      var /= D;
-      const double inv = 1.0 / std::sqrt(var + eps);
-      for (int64_t i = 0; i < D; ++i) {
-        float v = static_cast<float>((src[i] - mean) * inv);
-        if (w) v *= w[i];
-        if (b) v += b[i];
-        dst[i] = v;
-      }
-    }
+    for (int64_t r = rb; r < re; ++r) k.layer_norm_row(x + r * D, D, w, b, eps, y + r * D);
   });
 }
 

@@ -15,6 +15,7 @@
 #include "aimass/error.h"
 #include "aimass/parallel.h"
 #include "runtime/ext_ops.h"
+#include "runtime/vec_kernels.h"
 
 namespace aimass::runtime {
 namespace {
@@ -60,6 +61,7 @@ class Sdpa : public ExtKernel {
     }
     const int64_t lq = packed ? 3 * heads * D : heads ? heads * D : D, lk = packed ? lq : heads ? heads * D : D,
                   lv = packed ? lq : heads ? heads * Dv : Dv, lo = heads ? heads * Dv : Dv;
+    const vec::Kernels& vk = vec::kernels();
     constexpr int64_t kBlock = 64;
     const int64_t qblocks = (Sq + kBlock - 1) / kBlock;
     const int64_t items = rows * hcount;
@@ -120,15 +122,7 @@ class Sdpa : public ExtKernel {
           }
           if (causal)
             for (int64_t j = i + 1; j < Sk; ++j) s[j] = ninf;
-          float mx = ninf;
-          for (int64_t j = 0; j < Sk; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;
-          float sum = 0.f;
-          for (int64_t j = 0; j < Sk; ++j) {
-            s[j] = std::exp(s[j] - mx);
-            sum += s[j];
-          }
-          const float inv = 1.f / sum;
-          for (int64_t j = 0; j < Sk; ++j) s[j] *= inv;
+          vk.softmax_row(s, Sk, false, s);
         }
         sgemm(false, false, mrows, Dv, Sk, 1.f, S, Sk, vp, lv, 0.f, op + i0 * lo, lo);
       }

@@ -1,11 +1,12 @@
 // Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, unidirectional, zero
 // initial state): per layer, the input projection of every timestep is one GEMM
-// (rows*S x gates*H), then each step adds h @ W_hh^T (one small GEMM) and applies
-// the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the
+// (rows*S x gates*H), then each step adds h @ W_hh^T (the packed small-M kernel) and
+// applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the
 // last layer's hidden state at every step, [S, H] per row (what nn.LSTM returns first).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "aimass/blas.h"
@@ -13,84 +14,98 @@
 #include "aimass/error.h"
 #include "aimass/parallel.h"
 #include "runtime/ext_ops.h"
+#include "runtime/ops.h"
+#include "runtime/packed_gemm.h"
+#include "runtime/vec_kernels.h"
 
 namespace aimass::runtime {
 namespace {
 using namespace ext;
 
-inline float sigm(float v) { return 1.f / (1.f + std::exp(-v)); }
-
+// Gate-interleaved, packed recurrent weights (built once per plan): row n of W_hh /
+// W_ih (gate k, unit j) moves to column (j / kUnits) * kPanel + k * kUnits + j % kUnits, so
+// packed panel g holds every gate of hidden units [8g, 8g + 8) (vec_kernels.h). A step
+// is then, per chunk of unit groups, one packed small-M GEMM over those panels and
+// the fused gate/cell update of the same units: no full-width gate buffer pass, and
+// the chunks are independent within a step (threads split the hidden dim).
 struct RnnLayer {
-  const float *w_ih = nullptr, *w_hh = nullptr, *b_ih = nullptr, *b_hh = nullptr;
   int64_t in = 0;
+  std::vector<float> wih;       // [NP, in] permuted W_ih (zero rows as padding)
+  std::vector<float> bias_in;   // [NP] b_ih (+ b_hh for LSTM), permuted
+  std::shared_ptr<ops::PackedLinear> whh;  // packed permuted W_hh (+ b_hh for GRU)
 };
 
 class Rnn : public ExtKernel {
  public:
   bool gru = false;
   int64_t S = 0, H = 0, G = 4;  // gates
-  std::vector<RnnLayer> layers;
-  std::vector<float> gi, gh, h, c, mid, bsum;  // grown on first use, reused
+  int64_t groups = 0, NP = 0;   // unit groups, padded gate width (groups * kPanel)
+  std::vector<std::shared_ptr<const RnnLayer>> layers;  // shared by the plans (WeightCache)
+  std::vector<float> gi, gh, h0, h1, c, mid;  // grown on first use, reused
 
   void run(int64_t rows, const std::vector<const void*>& in, void* out) override {
-    const int64_t GH = G * H;
-    gi.resize(static_cast<size_t>(rows * S * GH));
-    gh.resize(static_cast<size_t>(rows * GH));
-    h.resize(static_cast<size_t>(rows * H));
+    const vec::Kernels& vk = vec::kernels();
+    gi.resize(static_cast<size_t>(rows * S * NP));
+    gh.resize(static_cast<size_t>(rows * NP));
+    h0.resize(static_cast<size_t>(rows * H));
+    h1.resize(static_cast<size_t>(rows * H));
     c.resize(static_cast<size_t>(rows * H));
     if (layers.size() > 1) mid.resize(static_cast<size_t>(rows * S * H));
     const float* x = static_cast<const float*>(in[0]);
     float* y = static_cast<float*>(out);
+    // Threads over unit groups where a step has enough work to pay a pool wake-up.
+    const int64_t step_macs = rows * NP * H;
+    const int nchunks = step_macs < (int64_t{1} << 17)
+                            ? 1
+                            : static_cast<int>(std::min<int64_t>(groups, 2 * static_cast<int64_t>(num_threads())));
     for (size_t l = 0; l < layers.size(); ++l) {
-      const RnnLayer& L = layers[l];
+      const RnnLayer& L = *layers[l];
       // layers alternate between mid and y so the last one lands in y
       float* dst = ((layers.size() - 1 - l) % 2 == 0) ? y : mid.data();
-      // input projection for all timesteps at once (+ b_ih, and b_hh for LSTM)
-      sgemm(false, true, rows * S, GH, L.in, 1.f, x, L.in, L.w_ih, L.in, 0.f, gi.data(), GH);
-      parallel_for(0, rows * S, std::max<int64_t>(1, 4096 / GH), [&](int64_t r0, int64_t r1) {
+      // input projection for all timesteps at once, in the permuted gate layout
+      sgemm(false, true, rows * S, NP, L.in, 1.f, x, L.in, L.wih.data(), L.in, 0.f, gi.data(), NP);
+      parallel_for(0, rows * S, std::max<int64_t>(1, 4096 / NP), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          float* g = gi.data() + r * GH;
-          for (int64_t j = 0; j < GH; ++j)
-            g[j] += (L.b_ih ? L.b_ih[j] : 0.f) + (!gru && L.b_hh ? L.b_hh[j] : 0.f);
+          float* g = gi.data() + r * NP;
+          for (int64_t j = 0; j < NP; ++j) g[j] += L.bias_in[j];
         }
       });
-      std::fill(h.begin(), h.end(), 0.f);
+      std::fill(h0.begin(), h0.end(), 0.f);
       std::fill(c.begin(), c.end(), 0.f);
+      float* hp = h0.data();
+      float* hn = h1.data();
+      const ops::PackedLinear& P = *L.whh;
       for (int64_t t = 0; t < S; ++t) {
-        sgemm(false, true, rows, GH, H, 1.f, h.data(), H, L.w_hh, H, 0.f, gh.data(), GH);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* a = gi.data() + (r * S + t) * GH;
-          const float* b = gh.data() + r * GH;
-          float* hr = h.data() + r * H;
-          float* cr = c.data() + r * H;
-          float* o = dst + (r * S + t) * H;
-          if (!gru) {
-            for (int64_t j = 0; j < H; ++j) {
-              const float ig = sigm(a[j] + b[j]), fg = sigm(a[H + j] + b[H + j]);
-              const float gg = std::tanh(a[2 * H + j] + b[2 * H + j]), og = sigm(a[3 * H + j] + b[3 * H + j]);
-              cr[j] = fg * cr[j] + ig * gg;
-              hr[j] = og * std::tanh(cr[j]);
-              o[j] = hr[j];
-            }
-          } else {
-            const float* bh = L.b_hh;
-            for (int64_t j = 0; j < H; ++j) {
-              const float rg = sigm(a[j] + b[j] + (bh ? bh[j] : 0.f));
-              const float zg = sigm(a[H + j] + b[H + j] + (bh ? bh[H + j] : 0.f));
-              const float ng = std::tanh(a[2 * H + j] + rg * (b[2 * H + j] + (bh ? bh[2 * H + j] : 0.f)));
-              hr[j] = (1.f - zg) * ng + zg * hr[j];
-              o[j] = hr[j];
-            }
+        auto chunk = [&](int64_t g0, int64_t g1) {
+          vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* a = gi.data() + (r * S + t) * NP;
+            const float* b = gh.data() + r * NP;
+            float* o = dst + (r * S + t) * H;
+            if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
+            else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
           }
-        }
+        };
+        if (nchunks <= 1) chunk(0, groups);
+        else
+          parallel_chunks(nchunks, [&](int ci, int nc) {
+            const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
+            if (g1 > g0) chunk(g0, g1);
+          });
+        std::swap(hp, hn);
       }
       x = dst;
     }
   }
 };
 
+// Row (gate k, unit j) of a [G*H, cols] matrix to its permuted row.
+inline int64_t perm_row(int64_t k, int64_t j) {
+  return (j / vec::kUnits) * packed::kPanel + k * vec::kUnits + j % vec::kUnits;
+}
+
 std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::vector<ExtValue>& in,
-                                     ExtValue& out) {
+                                     ExtValue& out, WeightCache& cache) {
   AIMASS_CHECK(in.size() == 1 && in[0].dtype == ValueType::Float32, ValueError, where(n),
                " takes one float32 input [batch, seq, features]");
   AIMASS_CHECK(in[0].row.size() == 2, ValueError, where(n), ": input row must be [seq, features], got ",
@@ -104,19 +119,38 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
   AIMASS_CHECK(k->H >= 1 && nl >= 1 && nl <= 64, ValueError, where(n), ": hidden_size ", k->H, " / num_layers ", nl,
                " out of range");
   const int64_t GH = checked::mul<ValueError>(k->G, k->H, where(n));
+  k->groups = (k->H + vec::kUnits - 1) / vec::kUnits;
+  k->NP = checked::mul<ValueError>(k->groups, packed::kPanel, where(n));
   int64_t feat = in[0].row[1];
   for (int64_t l = 0; l < nl; ++l) {
-    RnnLayer L;
     const std::string s = std::to_string(l);
-    L.in = feat;
-    L.w_ih = param_f32(m, n, ("w_ih_l" + s).c_str(), {GH, feat}, true);
-    L.w_hh = param_f32(m, n, ("w_hh_l" + s).c_str(), {GH, k->H}, true);
-    L.b_ih = param_f32(m, n, ("b_ih_l" + s).c_str(), {GH}, false);
-    L.b_hh = param_f32(m, n, ("b_hh_l" + s).c_str(), {GH}, false);
-    k->layers.push_back(L);
+    const float* w_ih = param_f32(m, n, ("w_ih_l" + s).c_str(), {GH, feat}, true);
+    const float* w_hh = param_f32(m, n, ("w_hh_l" + s).c_str(), {GH, k->H}, true);
+    const float* b_ih = param_f32(m, n, ("b_ih_l" + s).c_str(), {GH}, false);
+    const float* b_hh = param_f32(m, n, ("b_hh_l" + s).c_str(), {GH}, false);
+    std::shared_ptr<void>& slot = cache.items["rnn:" + n.name + "/l" + s];
+    if (!slot) {
+      auto L = std::make_shared<RnnLayer>();
+      const int64_t H = k->H, NP = k->NP;
+      L->in = feat;
+      L->wih.assign(static_cast<size_t>(NP * feat), 0.f);
+      L->bias_in.assign(static_cast<size_t>(NP), 0.f);
+      std::vector<float> whh(static_cast<size_t>(NP * H), 0.f), bhh(static_cast<size_t>(NP), 0.f);
+      for (int64_t g = 0; g < k->G; ++g)
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t src = g * H + j, dstr = perm_row(g, j);
+          std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, L->wih.begin() + dstr * feat);
+          std::copy(w_hh + src * H, w_hh + (src + 1) * H, whh.begin() + dstr * H);
+          L->bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);
+          bhh[dstr] = b_hh ? b_hh[src] : 0.f;
+        }
+      L->whh = std::make_shared<ops::PackedLinear>(whh.data(), k->gru && b_hh ? bhh.data() : nullptr, NP, H);
+      slot = L;
+    }
+    k->layers.push_back(std::static_pointer_cast<const RnnLayer>(slot));
     feat = k->H;
   }
-  checked::mul<ValueError>(k->S, GH, where(n));
+  checked::mul<ValueError>(k->S, k->NP, where(n));
   out.row = {k->S, k->H};
   return k;
 }
@@ -125,8 +159,8 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
 
 namespace ext {
 std::unique_ptr<ExtKernel> build_rnn_op(const Model& m, const Node& n, const std::vector<ExtValue>& in,
-                                        ExtValue& out, WeightCache&) {
-  if (n.op == "lstm" || n.op == "gru") return build_rnn(m, n, in, out);
+                                        ExtValue& out, WeightCache& cache) {
+  if (n.op == "lstm" || n.op == "gru") return build_rnn(m, n, in, out, cache);
   return nullptr;
 }
 }  // namespace ext
