@@ -173,3 +173,28 @@ def test_sparse_gradients_allgathered_or_densified(dist):
         want[9] += 1.0
         torch.testing.assert_close(delta, want)
         opt.remove_hooks()
+
+
+def test_scheduler_made_before_wrapping_still_averages(dist):
+    """torch's LR scheduler patches the optimizer's step() as an instance attribute; wrapping that
+    optimizer afterwards must still allreduce the gradients (the demo's pipeline builds it so)."""
+    m = make_model()
+    base = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    opt = dist.DistributedOptimizer(base, named_parameters=m.named_parameters())
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    for s in range(3):
+        x, y, gx, gy = local_batch(dist, s)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+        sched.step()
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(gx), gy).backward()  # the whole batch on one process
+        ref_opt.step()
+        ref_sched.step()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert base.param_groups[0]["lr"] == pytest.approx(0.0125)

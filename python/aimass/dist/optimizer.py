@@ -98,6 +98,11 @@ class DistributedOptimizer:
         names = self._names_for(opt_params, named_parameters)
 
         self.__dict__.update(optimizer.__dict__)  # the same param_groups, state, defaults and hooks
+        # An LR scheduler made before wrapping patched the wrapped optimizer's step as an instance
+        # attribute; copied here it would shadow step() and skip the gradient allreduces. step() calls
+        # it after synchronizing instead (it steps the same param_groups and state, and tells the
+        # scheduler that the optimizer stepped).
+        self._wrapped_step = self.__dict__.pop("step", None)
         self._opt = optimizer
         self._names = names
         self._compression = compression
@@ -283,6 +288,8 @@ class DistributedOptimizer:
                               "your code.")
             self.synchronize()
         self._synchronized = False
+        if self._wrapped_step is not None:
+            return self._wrapped_step(closure)
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
@@ -319,3 +326,8 @@ class DistributedOptimizer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def add_hooks(self) -> None:
+        """Attach the gradient hooks again after remove_hooks() (no-op while attached)."""
+        if not self._hooks:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]

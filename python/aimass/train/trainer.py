@@ -86,8 +86,12 @@ class Trainer:
         self.input_key, self.label_key, self.batch_fn = input_key, label_key, batch_fn
         self.keep_checkpoints = keep_checkpoints
         self._base_opt = optimizer._opt if isinstance(optimizer, dist.DistributedOptimizer) else optimizer
-        if self.world > 1 and not isinstance(optimizer, dist.DistributedOptimizer):
+        # a wrapper made here is this Trainer's: its gradient hooks live only while fit() runs, so a later
+        # Trainer on the same model (fine-tuning after pruning, distillation) never sees stale hooks fire
+        self._owns_dist_opt = self.world > 1 and not isinstance(optimizer, dist.DistributedOptimizer)
+        if self._owns_dist_opt:
             optimizer = dist.DistributedOptimizer(optimizer, model.named_parameters())
+            optimizer.remove_hooks()
         self.optimizer = optimizer
         self.step = 0
         self.epoch = 0
@@ -147,7 +151,7 @@ class Trainer:
     def _state(self, running) -> Dict[str, Any]:
         per_rank = _ckpt.gather_objects({"rng": _ckpt.rng_state(), "loader": self._loader_state(),
                                           "running": list(running)}, self.world)
-        return {"model": self.model.state_dict(), "optimizer": self._base_opt.state_dict(),
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "ranks": per_rank, "world_size": self.world, "epoch": self.epoch, "step": self.step,
                 "history": self.history}
@@ -175,7 +179,7 @@ class Trainer:
             raise ValueError(f"resume: the checkpoint in {self.checkpoint_dir} was written by {state['world_size']} "
                              f"rank(s); this job has {self.world}. Resume with the same mpirun -np")
         self.model.load_state_dict(state["model"])
-        self._base_opt.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # the wrapper keeps the optimizer it wraps in step
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][self.rank]
@@ -227,6 +231,15 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> List[dict]:
         """Train for the remaining epochs; returns the per-epoch metrics (also in self.history)."""
+        if not self._owns_dist_opt:
+            return self._fit(resume)
+        self.optimizer.add_hooks()
+        try:
+            return self._fit(resume)
+        finally:
+            self.optimizer.remove_hooks()
+
+    def _fit(self, resume: bool) -> List[dict]:
         import torch
         from tqdm.auto import tqdm
         running = (0.0, 0.0, 0.0, 0.0)  # loss sum, correct, samples, steps of the current epoch
