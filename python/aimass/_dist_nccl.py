@@ -60,10 +60,38 @@ def _error(msg: str):
     return DistributedError(msg)
 
 
+def _wait(req, timeout: float, what: str) -> None:
+    """Polls a non-blocking MPI request up to `timeout` seconds (a dead peer never hangs a rank)."""
+    start, sleep = time.monotonic(), 0.0
+    while not req.Test():
+        if time.monotonic() - start > timeout:
+            raise _error(f"{what}: not every rank took part within {timeout:g} s (a rank skipped it, called "
+                         "collectives in another order, or died)")
+        time.sleep(sleep)
+        sleep = min(1e-3, sleep + 1e-5)
+
+
+_TEXT = 512  # bytes of each rank's text in _gather_text
+
+
+def _gather_text(mpi, text: str, timeout: float, what: str) -> List[str]:
+    """Every rank's `text` (cut to 512 bytes), with the deadline of _wait."""
+    mine = np.zeros(_TEXT, np.uint8)
+    raw = text.encode()[:_TEXT]
+    mine[:len(raw)] = np.frombuffer(raw, np.uint8)
+    every = np.empty((mpi.Get_size(), _TEXT), np.uint8)
+    _wait(mpi.Iallgather(mine, every), timeout, what)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
+
+
+def _default_timeout() -> float:
+    return float(os.environ.get("AIMASS_COMM_TIMEOUT", 60))
+
+
 def _agree(mpi, ok: bool, why: str) -> None:
     """Every rank learns whether every rank is ready; a failure anywhere raises everywhere."""
-    reasons = mpi.allgather(None if ok else why)
-    bad = [f"rank {r}: {w}" for r, w in enumerate(reasons) if w is not None]
+    reasons = _gather_text(mpi, "" if ok else (why or "failed"), _default_timeout(), "starting NCCL")
+    bad = [f"rank {r}: {w}" for r, w in enumerate(reasons) if w]
     if bad:
         raise _error("the NCCL backend cannot start: " + "; ".join(bad))
 
@@ -89,8 +117,12 @@ def _communicator(device: int, mpi_comm: Any):
             ok, why = False, str(exc)
         try:
             _agree(mpi, ok, why)
-            uid = m.nccl_unique_id() if mpi.Get_rank() == 0 else None
-            uid = mpi.bcast(uid, root=0)
+            uid = np.frombuffer(m.nccl_unique_id(), np.uint8).copy() if mpi.Get_rank() == 0 else None
+            n = np.array([0 if uid is None else uid.size], np.int64)
+            _wait(mpi.Ibcast(n, root=0), _default_timeout(), "starting NCCL")
+            buf = uid if uid is not None else np.empty(int(n[0]), np.uint8)
+            _wait(mpi.Ibcast(buf, root=0), _default_timeout(), "starting NCCL")
+            uid = buf.tobytes()
             c = m.NcclComm(uid, mpi.Get_size(), mpi.Get_rank(), device)
         except BaseException:
             mpi.Free()
@@ -99,13 +131,17 @@ def _communicator(device: int, mpi_comm: Any):
         return c
 
 
-def shutdown() -> None:
+def shutdown(peer_failed: bool = False) -> None:
+    """Releases the NCCL communicator. peer_failed: a peer died or stalled (aimass.dist saw it), so
+    outstanding NCCL work may never finish: abort instead of ncclCommDestroy, which would wait for it."""
     with _lock:
         c, mpi = _state["comm"], _state["mpi"]
         _state.update(comm=None, mpi=None, failed=None)
     if c is not None:
+        if peer_failed:
+            c.abort()
         del c  # ncclCommDestroy (aborted communicators were already released)
-    if mpi is not None:
+    if mpi is not None and not peer_failed:
         try:
             mpi.Free()
         except Exception:  # MPI may already be finalising at exit
@@ -130,7 +166,8 @@ def _signature_check(mpi, desc: str, timeout: float) -> None:
         sleep = min(1e-3, sleep + 1e-5)
     if np.all(allsig == allsig[0]):
         return
-    every = mpi.allgather(desc)  # every rank saw the mismatch, so every rank takes this step
+    # every rank saw the mismatch, so every rank takes this step (still with the deadline)
+    every = _gather_text(mpi, desc, timeout, f"CUDA collective {desc}")
     lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(every))
     raise _error(f"CUDA collectives do not match across ranks ({lines}); call the same collectives with the same "
                  "shape, dtype and op in the same order on every rank")
@@ -140,6 +177,7 @@ class _Work:
     """What dist.Handle waits on for a CUDA collective."""
 
     __slots__ = ("comm", "stream", "timeout", "done")
+    buffers_in_use = False  # a timed-out NCCL collective is aborted (ncclCommAbort), not left posted
 
     def __init__(self, comm, stream: int, timeout: float):
         self.comm, self.stream, self.timeout, self.done = comm, stream, timeout, False

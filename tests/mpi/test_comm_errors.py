@@ -52,6 +52,24 @@ def test_name_skipped_by_a_rank_times_out_everywhere(dist):
 
 
 @pytest.mark.timeout(30)
+def test_unnamed_allreduce_against_unnamed_broadcast_fails_fast_naming_both(dist):
+    dist.barrier(name="unnamed.sync")
+    dist._counters.clear()  # every rank starts its unnamed calls from the same count
+    t0 = time.monotonic()
+    with pytest.raises(aimass.DistributedError) as ei:
+        if dist.rank() == 0:
+            dist.allreduce(np.ones(3, np.float32), timeout=20)
+        else:
+            dist.broadcast(np.ones(3, np.float32), root=0, timeout=20)
+    msg = str(ei.value)
+    assert "different arguments" in msg and "did not submit" not in msg
+    assert "rank 0: allreduce(dtype=float32, shape=[3]" in msg
+    assert all(f"rank {i}: broadcast(dtype=float32, shape=[3], root=0)" in msg for i in range(1, dist.size()))
+    assert time.monotonic() - t0 < 10  # seen at once, not after the 20 s timeout
+    np.testing.assert_array_equal(dist.allreduce(np.ones(2, np.float32), op="sum"), [dist.size()] * 2)
+
+
+@pytest.mark.timeout(30)
 def test_name_already_in_flight_is_rejected(dist):
     h = dist.allreduce_async(np.ones(2, np.float32), name="dup")
     with pytest.raises(ValueError, match="already in flight"):
@@ -135,5 +153,9 @@ def test_survivor_raises_when_a_peer_stops_answering(dist, mpi):
         assert time.monotonic() - t0 < 10
         with pytest.raises(aimass.DistributedError, match="cannot run collectives any more"):
             eng.submit("allreduce", np.ones(2, np.float32), np.empty(2, np.float32), "x", "float32", "sum", "", 0, 0)
-        assert eng.shutdown() is False
+        assert eng.broken
+        t0 = time.monotonic()
+        assert eng.shutdown() is False  # a failed engine stops at once: no second timeout
+        assert time.monotonic() - t0 < 1.0
+        comm.abandon()  # what dist.shutdown() does then: no MPI teardown on a communicator with a dead peer
     dist.barrier(timeout=20)  # the main engine is unaffected

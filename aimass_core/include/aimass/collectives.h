@@ -8,8 +8,10 @@
 // Mismatches never hang: the same name with different arguments on different
 // ranks, or a name that some ranks do not submit within its timeout, fails
 // that name on every rank with a DistributedError listing what each rank
-// submitted. A peer that stops answering fails everything after the engine
-// timeout.
+// submitted. A peer that stops answering (dead, stopped, or stuck) fails
+// every request, queued or in flight, after the engine timeout: every wait
+// (negotiation, data phase over MPI or shared memory, and the caller's wait on
+// its handle) has that deadline.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -52,7 +54,13 @@ class CollectiveHandle {
   enum class ErrorKind : int { None = 0, Distributed, Closed, Value };
   bool poll() const;
   // Blocks until done; throws the request's error (DistributedError, ClosedError, ValueError).
+  // Never blocks past the engine's deadline: when the engine thread makes no progress for
+  // twice its timeout plus 2 s, wait() throws DistributedError without completing the handle.
   void wait();
+  // True when the request failed while its data phase was still posted to MPI (a peer
+  // died or stalled mid-transfer): MPI may still write the input/output memory later,
+  // so the caller must keep it alive (aimass.dist parks it until the process exits).
+  bool buffers_in_use() const;
   // allgather / reduce_scatter result (valid after wait()).
   const std::vector<int64_t>& result_shape() const { return result_shape_; }
   uint8_t* result_data() { return result_.data(); }
@@ -64,11 +72,14 @@ class CollectiveHandle {
   // Set by the engine: tells it a caller blocks on this handle, so the burst of
   // submissions is over and the next cycle may start at once.
   std::function<void()> on_wait_;
+  // Set by the engine: returns a non-empty message when the engine stalled past its deadline.
+  std::function<std::string()> watchdog_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
   ErrorKind error_kind_ = ErrorKind::None;
   std::string error_;
+  bool buffers_in_use_ = false;
   DType dtype_ = DType::F32;
   std::vector<int64_t> result_shape_;
   std::vector<uint8_t> result_;
@@ -115,7 +126,12 @@ class CollectiveEngine {
   // Collective: waits (up to the timeout) until every rank asked to stop,
   // fails what is still pending with ClosedError and joins the thread.
   // Returns true when all ranks stopped together (the communicator may then be freed).
+  // Once the engine failed (a peer died or stalled) it returns false at once; it
+  // never blocks longer than the timeout plus a second (a stuck thread is detached).
   bool shutdown();
+  // The engine failed (a peer died or stalled): every later submit raises DistributedError.
+  // MPI requests may still be posted, so collective MPI teardown must be skipped.
+  bool broken() const;
 
   void set_fusion_threshold(size_t bytes);
   void set_cycle_time(double seconds);

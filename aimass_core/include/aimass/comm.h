@@ -4,6 +4,7 @@
 #pragma once
 #include <mpi.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace aimass {
@@ -28,6 +29,9 @@ class Communicator {
   // Frees the MPI communicators; safe to call twice. Called by the destructor
   // only while MPI is still initialised.
   void free();
+  // Forgets the MPI communicators without freeing them: after a peer died, requests may
+  // still be posted on them and tearing them down could block.
+  void abandon() { comm_ = local_comm_ = cross_comm_ = MPI_COMM_NULL; }
 
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -41,5 +45,19 @@ class Communicator {
 MPI_Comm comm_from_handle(uintptr_t handle);
 // Throws DistributedError with the MPI error string when rc != MPI_SUCCESS.
 void check_mpi(int rc, const char* what);
+// After a peer died or stalled, MPI_Finalize can block forever (Open MPI waits for every
+// process of the job). Once this was called, MPI_Finalize is given `grace_s` seconds and then
+// the process exits with `exit_code` (the last value passed to set_exit_code_on_hang).
+void note_peer_failure(double grace_s = 2.0);
+bool peer_failure_noted();
+void set_exit_code_on_hang(int exit_code);
+
+// Waits for a non-blocking MPI request with a deadline: polls MPI_Test, yields the CPU
+// while spinning (the machine may be oversubscribed), sleeps after `spin_s`, and throws
+// DistributedError after `timeout_s` (a peer that died or stopped answering). The
+// request stays posted then: its buffers must outlive the process's use of MPI.
+// `heartbeat` (optional) receives steady_clock nanoseconds while waiting.
+void wait_mpi(MPI_Request* req, double spin_s, double timeout_s, const char* what,
+              std::atomic<int64_t>* heartbeat = nullptr);
 
 }  // namespace aimass

@@ -1,6 +1,14 @@
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <type_traits>
 
 #include "aimass/comm.h"
@@ -14,6 +22,72 @@ void check_mpi(int rc, const char* what) {
   int len = 0;
   MPI_Error_string(rc, msg, &len);
   throw DistributedError(std::string(what) + " failed: " + std::string(msg, len));
+}
+
+namespace {
+std::atomic<bool> g_peer_failed{false};
+std::atomic<int> g_exit_code{1};
+std::atomic<double> g_grace_s{2.0};
+std::atomic<bool> g_finalize_hook{false};
+
+// MPI_Finalize deletes MPI_COMM_SELF's attributes first: the hook that bounds it.
+int on_finalize(MPI_Comm, int, void*, void*) {
+  if (g_peer_failed.load()) {
+    std::thread([] {
+      std::this_thread::sleep_for(std::chrono::duration<double>(g_grace_s.load()));
+      std::fflush(nullptr);
+      std::fprintf(stderr, "aimass.dist: MPI_Finalize blocked after a peer rank failed; exiting without it\n");
+      _exit(g_exit_code.load());
+    }).detach();
+  }
+  return MPI_SUCCESS;
+}
+}  // namespace
+
+void note_peer_failure(double grace_s) {
+  g_grace_s = grace_s;
+  g_peer_failed = true;
+  bool expected = false;
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (!inited || finalized || !g_finalize_hook.compare_exchange_strong(expected, true)) return;
+  int key = MPI_KEYVAL_INVALID;
+  if (MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &on_finalize, &key, nullptr) == MPI_SUCCESS)
+    MPI_Comm_set_attr(MPI_COMM_SELF, key, nullptr);
+}
+
+bool peer_failure_noted() { return g_peer_failed.load(); }
+
+void set_exit_code_on_hang(int exit_code) { g_exit_code = exit_code; }
+
+void wait_mpi(MPI_Request* req, double spin_s, double timeout_s, const char* what,
+              std::atomic<int64_t>* heartbeat) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  int flag = 0;
+  for (uint64_t iter = 0;; ++iter) {
+    check_mpi(MPI_Test(req, &flag, MPI_STATUS_IGNORE), what);
+    if (flag) return;
+    if ((iter & 63) == 0) {
+      const auto now = Clock::now();
+      if (heartbeat)
+        heartbeat->store(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count(),
+                         std::memory_order_relaxed);
+      const double waited = std::chrono::duration<double>(now - start).count();
+      if (waited > timeout_s) {
+        throw DistributedError(detail::concat(
+            "aimass.dist: ", what, " did not complete within ", timeout_s,
+            " s: a peer rank has died or stopped calling aimass (raise the timeout - dist.init(timeout=) or "
+            "AIMASS_COMM_TIMEOUT - if it is only slow)"));
+      }
+      if (waited > spin_s) {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+        continue;
+      }
+    }
+    sched_yield();
+  }
 }
 
 namespace {

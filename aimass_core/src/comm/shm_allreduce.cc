@@ -25,8 +25,6 @@ namespace comm {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
@@ -154,17 +152,24 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
     : lsize_(comm.local_size()), lrank_(comm.local_rank()), timeout_s_(timeout_s) {
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory counters need lock-free atomics");
   MPI_Comm world = comm.comm();
+  // Start-up collectives with the deadline too: a peer that dies during init() never hangs it.
+  // (After a set-up timeout the engine is not created; the small buffers posted then are locals.)
+  auto allreduce = [&](void* v, MPI_Datatype t, MPI_Op op, MPI_Comm c) {
+    MPI_Request req;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, v, 1, t, op, c, &req), "MPI_Iallreduce(shm)");
+    wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
+  };
   int ok = lsize_ > 1 ? 1 : 0;
   // slices are allreduced across nodes rank-by-rank: every node needs the same local size
   int lmin = lsize_, lmax = lsize_;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmin, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &lmax, 1, MPI_INT, MPI_MAX, world), "MPI_Allreduce(shm)");
+  allreduce(&lmin, MPI_INT, MPI_MIN, world);
+  allreduce(&lmax, MPI_INT, MPI_MAX, world);
   if (lmin != lmax) ok = 0;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, world), "MPI_Allreduce(shm)");
+  allreduce(&ok, MPI_INT, MPI_MIN, world);
   if (!ok) return;
   // every rank must cut chunks alike, whatever its environment says
   unsigned long long agreed = chunk_bytes;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &agreed, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, world), "MPI_Allreduce(shm)");
+  allreduce(&agreed, MPI_UNSIGNED_LONG_LONG, MPI_MIN, world);
   chunk_bytes = static_cast<size_t>(agreed);
   // Many ranks per node: smaller chunks keep the segment within kMaxSegmentBytes (container
   // /dev/shm is often 64 MiB; a segment that does not fit would silently disable the path).
@@ -199,13 +204,17 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
       msg.ok = 1;
     }
   }
-  int rc = MPI_Bcast(&msg, static_cast<int>(sizeof(msg)), MPI_BYTE, 0, comm.local_comm());
-  if (rc != MPI_SUCCESS) {
-    if (p != MAP_FAILED) {
+  try {
+    MPI_Request req;
+    check_mpi(MPI_Ibcast(&msg, static_cast<int>(sizeof(msg)), MPI_BYTE, 0, comm.local_comm(), &req),
+              "MPI_Ibcast(shm)");
+    wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
+  } catch (...) {
+    if (p != MAP_FAILED) {  // no segment is left behind
       munmap(p, bytes_);
       shm_unlink(msg.name);
     }
-    check_mpi(rc, "MPI_Bcast(shm)");
+    throw;
   }
   if (!creator && msg.ok) {
     const int fd = shm_open(msg.name, O_RDWR, 0600);
@@ -217,14 +226,20 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
     }
   }
   int mine = p != MAP_FAILED ? 1 : 0;
-  rc = MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, world);
-  // every local rank has mapped it (or given up): the name is no longer needed
-  const int rc2 = MPI_Barrier(comm.local_comm());
-  if (creator && msg.ok) shm_unlink(msg.name);
-  if (rc != MPI_SUCCESS || rc2 != MPI_SUCCESS || !mine) {  // e.g. /dev/shm too small somewhere: MPI only
+  try {
+    allreduce(&mine, MPI_INT, MPI_MIN, world);
+    // every local rank has mapped it (or given up): the name is no longer needed
+    MPI_Request req;
+    check_mpi(MPI_Ibarrier(comm.local_comm(), &req), "MPI_Ibarrier(shm)");
+    wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
+  } catch (...) {
+    if (creator && msg.ok) shm_unlink(msg.name);
     if (p != MAP_FAILED) munmap(p, bytes_);
-    check_mpi(rc, "MPI_Allreduce(shm)");
-    check_mpi(rc2, "MPI_Barrier(shm)");
+    throw;
+  }
+  if (creator && msg.ok) shm_unlink(msg.name);
+  if (!mine) {  // e.g. /dev/shm too small somewhere: MPI only
+    if (p != MAP_FAILED) munmap(p, bytes_);
     return;
   }
   base_ = static_cast<char*>(p);
@@ -251,6 +266,12 @@ void ShmAllreduce::slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) co
   *e = std::min(m, units * (j + 1) / lsize_ * unit);
 }
 
+void ShmAllreduce::pulse(Clock::time_point now) const {
+  if (heartbeat_)
+    heartbeat_->store(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count(),
+                      std::memory_order_relaxed);
+}
+
 void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
   Control* c = ctrl(j);
   std::atomic<uint64_t>& v = which == 0 ? c->staged : which == 1 ? c->reduced : c->gathered;
@@ -269,7 +290,9 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
         throw DistributedError(detail::concat("aimass.dist: shared-memory allreduce: local rank ", j,
                                               " gave up (see the error on that rank)"));
       }
-      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      const auto now = Clock::now();
+      pulse(now);
+      const double waited = std::chrono::duration<double>(now - start).count();
       if (waited > timeout_s_) {
         throw DistributedError(detail::concat(
             "aimass.dist: shared-memory allreduce: local rank ", j, " did not advance within ", timeout_s_,
@@ -392,6 +415,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   try {
     // software pipeline: stage c+1 while the peers reduce c; gather c-1 once its slices are surely done
     for (int64_t t = 0; t < nchunks + 2; ++t) {
+      if ((t & 15) == 0) pulse(Clock::now());
       if (t < nchunks) stage(t);
       if (t >= 1 && t - 1 < nchunks) reduce(t - 1);
       if (t >= 2) gather(t - 2);

@@ -22,6 +22,7 @@
 #include <mpi.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -46,6 +47,7 @@ struct ShmSegment {
 
 class ShmAllreduce {
  public:
+  using Clock = std::chrono::steady_clock;
   static constexpr int kDepth = 4;  // staging/result ring slots per rank
 
   // Collective over comm.comm() (every rank, every node). available() is false
@@ -63,6 +65,8 @@ class ShmAllreduce {
   bool available() const { return base_ != nullptr; }
   size_t chunk_bytes() const { return chunk_bytes_; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
+  // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
+  void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
 
   // Allreduces `count` elements of `dtype` (F32/F64/I32/I64/F16/BF16) spread over
   // `segs` (segments marked average are divided by `world_size`; op is then Sum).
@@ -83,11 +87,13 @@ class ShmAllreduce {
   char* staging(int j, uint64_t seq) const;
   char* result(uint64_t seq) const;
   void wait_counter(int j, int which, uint64_t target);
+  void pulse(Clock::time_point now) const;
   void slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) const;
 
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   double timeout_s_ = 60;
+  std::atomic<int64_t>* heartbeat_ = nullptr;
   char* base_ = nullptr;
   size_t bytes_ = 0;
   size_t ctrl_bytes_ = 0;

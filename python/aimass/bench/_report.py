@@ -23,7 +23,7 @@ class Figure:
     value: float
     unit: str                       # "s", "us", "GB/s", "samples/s", "req/s", ...
     higher_is_better: bool
-    spread: float = 0.0             # relative spread of the aimass value
+    spread: float = float("nan")    # relative spread of the aimass value (NaN: one window, none measured)
     stable: bool = True
     baseline: Optional[str] = None
     baseline_value: Optional[float] = None
@@ -60,7 +60,7 @@ class Report:
     quick: bool = False
 
     def add(self, suite: str, name: str, value: float, unit: str, *, higher_is_better: bool,
-            spread: float = 0.0, stable: bool = True, baseline: Optional[str] = None,
+            spread: float = float("nan"), stable: bool = True, baseline: Optional[str] = None,
             baseline_value: Optional[float] = None, baseline_spread: Optional[float] = None,
             roof: Optional[str] = None, roof_value: Optional[float] = None, goal: Optional[float] = None,
             goal_text: Optional[str] = None, note: str = "") -> Figure:
@@ -139,7 +139,7 @@ def table_rows(report: Report, suite: Optional[str] = None) -> List[List[str]]:
         if suite and f.suite != suite:
             continue
         rows.append([f.suite, f.name, fmt_value(f.value, f.unit) + ("" if f.stable else " (unsettled)"),
-                     f"{100 * f.spread:.1f}%", f.baseline or "-", fmt_value(f.baseline_value, f.unit),
+                     "-" if f.spread != f.spread else f"{100 * f.spread:.1f}%", f.baseline or "-", fmt_value(f.baseline_value, f.unit),
                      "-" if f.ratio is None else f"{f.ratio:.2f}x",
                      "-" if f.fraction_of_roof is None else f"{100 * f.fraction_of_roof:.0f}% of {f.roof}",
                      "-" if f.goal is None else f"{f.goal}: {'met' if f.goal_met else 'NOT met'}"])

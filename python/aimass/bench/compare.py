@@ -21,7 +21,7 @@ def compare(a: Report, b: Report, min_change: float = 0.03) -> Dict[str, list]:
         if not x.value or not y.value:
             continue
         change = y.value / x.value if x.higher_is_better else x.value / y.value
-        noise = max(x.spread or 0.0, y.spread or 0.0, min_change)
+        noise = max([v for v in (x.spread, y.spread) if v == v] + [min_change])
         verdict = "regression" if change < 1 - noise else ("improvement" if change > 1 + noise else "same")
         rows.append((key, fmt_value(x.value, x.unit), fmt_value(y.value, y.unit), change, noise, verdict))
         (regressions if verdict == "regression" else improvements if verdict == "improvement" else []).append(key)

@@ -39,7 +39,8 @@ def render(report: Report) -> str:
             base = "" if f.baseline is None else f"{f.baseline} {fmt_value(f.baseline_value, f.unit)}"
             val = fmt_value(f.value, f.unit) + ("" if f.stable else " (unsettled)")
             ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
-            lines.append(f"| {f.name} | {val} | {100 * f.spread:.0f}% | {base} | {ratio} | {roof} | {goal} |")
+            spread = "" if f.spread != f.spread else f"{100 * f.spread:.0f}%"
+            lines.append(f"| {f.name} | {val} | {spread} | {base} | {ratio} | {roof} | {goal} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

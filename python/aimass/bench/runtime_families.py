@@ -104,10 +104,12 @@ def bench_family(name, spec, threads, reps, log=print):
                 fns[k] = lambda e=e: e.run(arrays)
             # interleaved rounds: a burst of load on the shared machine hits every contender
             with torch.no_grad():
-                res = {k: m.seconds for k, m in race(fns, rounds=reps, block=1, warmup=1).items()}
+                meas = race(fns, rounds=reps, block=1, warmup=1)
+                res = {k: m.seconds for k, m in meas.items()}
+                spreads = {k: m.spread for k, m in meas.items()}
             acc = {k: float(np.abs(e.run(arrays)[0] - ref).max() / max(np.abs(ref).max(), 1e-30))
                    for k, e in exs.items()}
-            rows.append((name, t, b, res, acc))
+            rows.append((name, t, b, res, acc, spreads))
             base = res.get("ort", res["torch"])
             line = f"{name:10s} thr {t} batch {b}: torch {res['torch'] * 1e3:8.1f} ms"
             if "ort" in res:
@@ -130,13 +132,14 @@ def run(report, quick: bool = False, progress=None) -> None:
     old = (aimass.num_threads(), torch.get_num_threads())
     try:
         for name in names:
-            for _, t, b, res, acc in bench_family(name, fams[name], threads, 2 if quick else 5, log):
+            for _, t, b, res, acc, spreads in bench_family(name, fams[name], threads, 2 if quick else 5, log):
                 base = "onnxruntime" if "ort" in res else "torch eager"
                 for k in ("fp32", "int8"):
                     if k in res:
                         report.add("runtime", f"{name} batch {b}, {t} thread(s), {k}", res[k], "s",
-                                   higher_is_better=False, baseline=f"{base} fp32",
-                                   baseline_value=res.get("ort", res["torch"]), goal=1.0 if k == "fp32" else 2.0,
+                                   higher_is_better=False, baseline=f"{base} fp32", spread=spreads[k],
+                                   baseline_value=res.get("ort", res["torch"]),
+                                   baseline_spread=spreads.get("ort", spreads["torch"]), goal=1.0 if k == "fp32" else 2.0,
                                    note=f"max rel err {acc[k]:.1e}; torch eager {res['torch'] * 1e3:.2f} ms")
     finally:
         aimass.set_num_threads(old[0])

@@ -1,4 +1,4 @@
-// Bindings for the communicator and the collective engine (aimass.dist).
+// Bindings for the comm area: the communicator and the collective engine (aimass.dist).
 // Arrays arrive as numpy views (python/aimass/_array.py did the torch/DLPack
 // conversion, zero-copy); the Python layer keeps them alive until the handle
 // completes. Waiting releases the GIL.
@@ -34,7 +34,7 @@ py::dtype numpy_dtype(aimass::DType dt) {
 
 }  // namespace
 
-void bind_dist(py::module_& m) {
+void bind_comm(py::module_& m) {
   py::class_<aimass::Communicator, std::shared_ptr<aimass::Communicator>>(m, "Communicator")
       .def(py::init([](uintptr_t handle) {
              return std::make_shared<aimass::Communicator>(aimass::comm_from_handle(handle));
@@ -46,11 +46,13 @@ void bind_dist(py::module_& m) {
       .def_property_readonly("local_size", &aimass::Communicator::local_size)
       .def_property_readonly("cross_rank", &aimass::Communicator::cross_rank)
       .def_property_readonly("cross_size", &aimass::Communicator::cross_size)
-      .def("free", &aimass::Communicator::free, nogil());
+      .def("free", &aimass::Communicator::free, nogil())
+      .def("abandon", &aimass::Communicator::abandon);
 
   py::class_<aimass::CollectiveHandle, std::shared_ptr<aimass::CollectiveHandle>>(m, "CollectiveHandle")
       .def("poll", &aimass::CollectiveHandle::poll)
       .def("wait", &aimass::CollectiveHandle::wait, nogil())
+      .def_property_readonly("buffers_in_use", &aimass::CollectiveHandle::buffers_in_use)
       .def("result", [](std::shared_ptr<aimass::CollectiveHandle> h) {
         // a view of the engine-owned result; the array keeps the handle alive
         std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
@@ -107,6 +109,7 @@ void bind_dist(py::module_& m) {
           py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("dtype"),
           py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0)
       .def("shutdown", &aimass::CollectiveEngine::shutdown, nogil())
+      .def_property_readonly("broken", &aimass::CollectiveEngine::broken)
       .def_property(
           "fusion_threshold", [](const aimass::CollectiveEngine& e) { return e.options().fusion_threshold; },
           [](aimass::CollectiveEngine& e, long long v) {
@@ -133,6 +136,12 @@ void bind_dist(py::module_& m) {
         d["shm_allreduces"] = s.shm_allreduces;
         return d;
       });
+
+  // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of
+  // a collective cut off while posted to MPI (MPI may write them until the process exits).
+  m.def("_comm_peer_failed", &aimass::peer_failure_noted);
+  m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
+  m.def("_comm_park", [](py::object obj) { obj.inc_ref(); }, py::arg("obj"));
 
   // Kernels exposed for tests and benchmarks.
   m.def(

@@ -1,0 +1,197 @@
+// The collective engine's state (internal to the comm area). Its methods live by concern:
+// engine.cc (lifecycle, the background loop, the shared-memory glue), controller.cc
+// (negotiation and the response cache), fusion.cc (the data phase: fusion and unpacking),
+// mpi_transport.cc (MPI collectives); wire messages in message.h.
+#pragma once
+#include <mpi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "aimass/collectives.h"
+#include "aimass/comm.h"
+#include "aimass/comm_kernels.h"
+#include "aimass/error.h"
+#include "comm/message.h"
+#include "comm/mpi_transport.h"
+#include "comm/shm_allreduce.h"
+
+namespace aimass {
+
+using Clock = std::chrono::steady_clock;
+using comm::kMaxChunk;
+using comm::mpi_type;
+using comm::numel_of;
+using comm::Reader;
+using comm::signature;
+using comm::Writer;
+
+inline double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Wakes the background thread: submissions, a caller blocking on a handle (flush), stop.
+// Shared with the handles, which may outlive the engine.
+// Also the engine's liveness, which the handles' watchdog reads.
+struct EngineWaker {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t submitted = 0;
+  bool flush = false;
+  bool stop = false;
+  bool exited = false;  // the background thread left run() (under mu; exited_cv notified)
+  std::condition_variable exited_cv;
+  std::atomic<int64_t> beat{0};  // steady_clock ns: the thread's last sign of progress
+  std::atomic<double> timeout_s{60};
+  std::atomic<bool> stalled{false};
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  }
+  void pulse() { beat.store(now_ns(), std::memory_order_relaxed); }
+  // Every wait of the thread is bounded by the timeout and beats while it waits, so a
+  // beat older than 2 x timeout + 2 s means the thread is stuck where no deadline reaches.
+  std::string stall_message() {
+    const double t = timeout_s.load(std::memory_order_relaxed);
+    const double age = static_cast<double>(now_ns() - beat.load(std::memory_order_relaxed)) * 1e-9;
+    // generous: one MPI_Test may reduce a whole large buffer on a loaded machine
+    if (age <= 2 * t + 2.0) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!exited) return std::string();
+      return "aimass.dist: the collective engine stopped before this collective finished (internal error)";
+    }
+    stalled.store(true);
+    note_peer_failure();
+    return detail::concat("aimass.dist: the collective engine made no progress for ", age,
+                          " s (timeout ", t, " s): a peer rank has died or stopped calling aimass");
+  }
+  void notify(bool* flag) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      *flag = true;
+    }
+    cv.notify_one();
+  }
+};
+
+struct CollectiveEngine::Impl {
+  struct Pending {
+    CollectiveRequest req;
+    std::string sig;
+    std::shared_ptr<CollectiveHandle> handle;
+    Clock::time_point submitted;
+    bool reported = false;
+  };
+  struct CacheEntry {
+    std::string name;
+    std::string sig;
+  };
+  struct TableEntry {  // coordinator only
+    std::vector<std::string> sigs;  // per rank; empty = not submitted yet
+    int count = 0;
+    double timeout_s = 0;
+    Clock::time_point first_seen;
+    uint64_t seq = 0;
+  };
+  struct Response {
+    bool ok;
+    std::string name;
+    std::string error;
+  };
+
+  std::shared_ptr<Communicator> comm;
+  MPI_Comm mpi;
+  int rank, size;
+
+  // shared with callers
+  mutable std::mutex mu;
+  EngineOptions opts;
+  std::vector<Pending> incoming;
+  std::unordered_set<std::string> inflight;  // names submitted and not finished
+  std::unordered_map<std::string, std::pair<std::string, Clock::time_point>> poisoned;  // name -> error, when
+  std::string broken;  // set once the engine cannot run anything
+  bool stop_requested = false;
+  bool running = false;
+  bool clean_exit = false;
+  EngineStats st;
+
+  // background thread only
+  std::thread thread;
+  std::map<std::string, Pending> pending;  // by name
+  std::vector<CacheEntry> cache;
+  std::unordered_map<std::string, size_t> cache_index;
+  bool table_nonempty = false;
+  std::unordered_map<std::string, TableEntry> table;
+  uint64_t table_seq = 0;
+  std::vector<uint8_t> fusion;
+  // Buffers handed to non-blocking MPI calls. After a timeout the request stays posted
+  // (MPI cannot cancel a collective), so they live as long as the Impl, which is then
+  // never freed (see ~CollectiveEngine).
+  std::vector<uint64_t> neg_bits;
+  Writer neg_w, neg_out;
+  int neg_len = 0, neg_out_len = 0;
+  std::vector<int> neg_lens, neg_displs, ag_counts, ag_displs;
+  std::vector<char> neg_all;
+  int64_t ag_mine = 0;
+  std::vector<int64_t> ag_rows;
+  bool posted_on_failure = false;  // a wait gave up with its MPI request still posted
+  MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
+  Clock::time_point stop_since;
+  double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
+  size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle
+
+  std::shared_ptr<EngineWaker> waker = std::make_shared<EngineWaker>();
+  uint64_t submissions_seen = 0;  // background thread only
+
+  // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
+  std::unique_ptr<comm::ShmAllreduce> shm;
+  bool shm_ok = false;
+
+
+
+
+
+
+
+
+  double timeout_of(const CollectiveRequest& r) const { return r.timeout_s > 0 ? r.timeout_s : opts.timeout_s; }
+
+  Impl(std::shared_ptr<Communicator> c, EngineOptions o);
+  void shm_init();
+  bool use_shm(int64_t count, DType wire) const;
+  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op);
+  void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op);
+  ~Impl();
+  void wait_req(MPI_Request* req, double spin_s, const char* what);
+  void finish(Pending& p, CollectiveHandle::ErrorKind kind, const std::string& msg);
+  MPI_Op mpi_op(DType wire, ReduceOp op);
+  void wait_for_work(Clock::time_point last);
+  void run();
+  void fail_all(CollectiveHandle::ErrorKind kind, const std::string& msg);
+  bool cycle_once();
+  void full_round(std::vector<std::string>& ready);
+  std::string describe(const std::string& name, const TableEntry& e, const std::string& headline);
+  void execute(const std::vector<std::string>& ready, size_t threshold);
+  void execute_work(const std::vector<std::string>& ready, size_t threshold, std::vector<Pending>& work);
+  void allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op);
+  void unpack(Pending& p, const void* src);
+  void allreduce_batch(const std::vector<Pending*>& batch);
+  void run_single(Pending& p);
+};
+
+}  // namespace aimass

@@ -1,0 +1,122 @@
+// Names, options from the environment, and the caller's handle.
+#include <cstdlib>
+#include <string>
+
+#include "comm/engine_impl.h"
+
+namespace aimass {
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum: return "sum";
+    case ReduceOp::Average: return "average";
+    case ReduceOp::Min: return "min";
+    case ReduceOp::Max: return "max";
+  }
+  return "?";
+}
+
+ReduceOp parse_reduce_op(const std::string& name) {
+  if (name == "sum") return ReduceOp::Sum;
+  if (name == "average" || name == "avg" || name == "mean") return ReduceOp::Average;
+  if (name == "min") return ReduceOp::Min;
+  if (name == "max") return ReduceOp::Max;
+  throw ValueError("op must be one of 'sum', 'average', 'min', 'max'; got '" + name + "'");
+}
+
+const char* collective_kind_name(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::Allreduce: return "allreduce";
+    case CollectiveKind::Broadcast: return "broadcast";
+    case CollectiveKind::Allgather: return "allgather";
+    case CollectiveKind::ReduceScatter: return "reduce_scatter";
+    case CollectiveKind::Barrier: return "barrier";
+  }
+  return "?";
+}
+
+EngineOptions EngineOptions::from_env() {
+  EngineOptions o;
+  if (const char* v = std::getenv("AIMASS_COMM_TIMEOUT")) {
+    char* end = nullptr;
+    double t = std::strtod(v, &end);
+    AIMASS_CHECK(end != v && t > 0, ValueError, "AIMASS_COMM_TIMEOUT must be a positive number of seconds, got '", v,
+                 "'");
+    o.timeout_s = t;
+  }
+  if (const char* v = std::getenv("AIMASS_FUSION_THRESHOLD")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_FUSION_THRESHOLD must be a byte count >= 0, got '", v, "'");
+    o.fusion_threshold = static_cast<size_t>(b);
+  }
+  if (const char* v = std::getenv("AIMASS_CYCLE_TIME")) {
+    char* end = nullptr;
+    double ms = std::strtod(v, &end);
+    AIMASS_CHECK(end != v && ms > 0, ValueError, "AIMASS_CYCLE_TIME must be a positive number of milliseconds, got '",
+                 v, "'");
+    o.cycle_time_s = ms / 1000.0;
+  }
+  if (const char* v = std::getenv("AIMASS_SHM")) o.shm = std::string(v) != "0";
+  if (const char* v = std::getenv("AIMASS_SHM_MIN_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError, "AIMASS_SHM_MIN_BYTES must be a byte count >= 0, got '", v, "'");
+    o.shm_min_bytes = static_cast<size_t>(b);
+  }
+  if (const char* v = std::getenv("AIMASS_SHM_CHUNK_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 4096 && b <= (1ll << 30), ValueError,
+                 "AIMASS_SHM_CHUNK_BYTES must be a byte count in [4096, 2^30], got '", v, "'");
+    o.shm_chunk_bytes = static_cast<size_t>(b);
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------- handle
+
+bool CollectiveHandle::poll() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_;
+}
+
+void CollectiveHandle::wait() {
+  if (on_wait_ && !poll()) on_wait_();
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!done_) {
+    if (cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return done_; })) break;
+    if (!watchdog_) continue;
+    lk.unlock();
+    const std::string stalled = watchdog_();
+    lk.lock();
+    if (!stalled.empty() && !done_) {
+      buffers_in_use_ = true;  // the engine thread may still touch the request's memory
+      throw DistributedError(stalled);
+    }
+  }
+  switch (error_kind_) {
+    case ErrorKind::None: return;
+    case ErrorKind::Closed: throw ClosedError(error_);
+    case ErrorKind::Value: throw ValueError(error_);
+    case ErrorKind::Distributed: throw DistributedError(error_);
+  }
+}
+
+bool CollectiveHandle::buffers_in_use() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return buffers_in_use_;
+}
+
+void CollectiveHandle::finish(ErrorKind kind, const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (done_) return;
+    error_kind_ = kind;
+    error_ = message;
+    done_ = true;
+  }
+  cv_.notify_all();
+}
+
+}  // namespace aimass

@@ -1,0 +1,75 @@
+"""One wave of peer-failure trials (issue 16), launched by test_comm_peer_failure.py as
+`mpirun --enable-recovery -np 2K python comm_peer_failure_worker.py OUTDIR TRIALS_JSON`.
+
+Ranks 2k and 2k+1 form pair k (their own communicator) and run trial k: both loop
+allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not);
+after a random delay the victim (odd rank) sends itself SIGKILL or SIGSTOP, noting the
+moment first. The survivor records when and how its allreduce failed, times its
+shutdown, and exits. Not a test file: it only runs under mpirun."""
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+out_dir, trials = sys.argv[1], json.loads(sys.argv[2])
+world = MPI.COMM_WORLD
+pair, victim = world.Get_rank() // 2, world.Get_rank() % 2 == 1
+sub = world.Split(pair, world.Get_rank())
+t = trials[pair]
+if t["path"] == "mpi":
+    os.environ["AIMASS_SHM"] = "0"
+import aimass  # noqa: E402
+import aimass.dist as dist  # noqa: E402
+
+dist.init(comm=sub, timeout=t["timeout"])
+dist.set_fusion_threshold(64 << 20 if t["fused"] else 0)
+if t["path"] == "shm":
+    dist.set_shm_min_bytes(0)  # even 4 bytes take the shared-memory path
+parts = 4 if t["fused"] else 1
+n = max(1, t["bytes"] // 4 // parts)
+xs = [np.full(n, 1.0 + i, np.float32) for i in range(parts)]
+want = [2.0 * (1.0 + i) for i in range(parts)]
+path = os.path.join(out_dir, f"pair{pair}.{'victim' if victim else 'survivor'}.json")
+
+
+def step(i):
+    hs = [dist.allreduce_async(x, op="sum", name=f"t{i}.{j}") for j, x in enumerate(xs)]
+    for h, w in zip(hs, want):
+        r = dist.synchronize(h)
+        if r[0] != w or r[-1] != w:
+            raise AssertionError(f"wrong result {r[0]} != {w}")
+
+
+sub.Barrier()  # start together: setup (64 MiB arrays) takes longer than the timeout on a loaded machine
+for i in range(3):  # warm-up: the pair works before the failure
+    step(i)
+sub.Barrier()
+if victim:
+    def fail():
+        with open(path, "w") as f:
+            json.dump({"pid": os.getpid(), "t_signal": time.monotonic()}, f)
+        os.kill(os.getpid(), getattr(signal, t["signal"]))
+    threading.Timer(t["delay"], fail).start()
+record = {"pid": os.getpid(), "error": None}
+i = 3
+deadline = time.monotonic() + 60
+try:
+    while time.monotonic() < deadline:
+        step(i)
+        i += 1
+    record["error"] = "none within 60 s"
+except Exception as e:  # noqa: BLE001 - the type is what the test checks
+    record.update(t_error=time.monotonic(), error=type(e).__name__, message=str(e)[:300],
+                  is_distributed=isinstance(e, aimass.DistributedError), steps=i)
+t0 = time.monotonic()
+dist.shutdown()
+record["shutdown_s"] = time.monotonic() - t0
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(record, f)
+os.replace(tmp, path)
