@@ -41,3 +41,13 @@ def atomic_path(path: "str | os.PathLike") -> Iterator[str]:
 def atomic_write_text(path: "str | os.PathLike", text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def sha256_file(path: "str | os.PathLike") -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

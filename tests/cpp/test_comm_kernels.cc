@@ -119,7 +119,7 @@ TEST(CommKernels, ReduceHalfMatchesReferenceForEveryOp) {
       std::vector<uint16_t> ha(n), hb(n);
       aimass::comm::ref::f32_to_half(k, a.data(), ha.data(), n, 1.0f);
       aimass::comm::ref::f32_to_half(k, b.data(), hb.data(), n, 1.0f);
-      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max, ElemOp::Prod}) {
         std::vector<uint16_t> ref = hb;
         aimass::comm::ref::reduce_half(k, op, ha.data(), ref.data(), n);
         for (SimdLevel l : levels()) {
@@ -144,6 +144,19 @@ TEST(CommKernels, ReduceHalfSumsInFp32WithOneRounding) {
   EXPECT_EQ(aimass::f16_to_f32(io2), 2052.0f);  // 2051 -> nearest even 2052
 }
 
+TEST(CommKernels, ProductOfFloatsAndHalves) {
+  const float a[3] = {1.5f, -2.0f, 0.0f}, b[3] = {2.0f, 3.0f, 7.0f};
+  const float* srcs[2] = {a, b};
+  float out[3];
+  aimass::comm::reduce_f32(ElemOp::Prod, srcs, 2, out, 3);
+  EXPECT_EQ(out[0], 3.0f);
+  EXPECT_EQ(out[1], -6.0f);
+  EXPECT_EQ(out[2], 0.0f);
+  uint16_t h = aimass::f32_to_bf16(1.5f), io = aimass::f32_to_bf16(-4.0f);
+  aimass::comm::reduce_half(Half::BF16, ElemOp::Prod, &h, &io, 1);
+  EXPECT_EQ(aimass::bf16_to_f32(io), -6.0f);
+}
+
 TEST(CommKernels, ScaleHalf) {
   std::vector<uint16_t> v(5000);
   for (size_t i = 0; i < v.size(); ++i) v[i] = aimass::f32_to_bf16(static_cast<float>(i));
@@ -163,7 +176,7 @@ TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
       std::vector<const float*> ptrs;
       for (int j = 0; j < k; ++j) src.push_back(interesting_floats(n, 100 + j));
       for (auto& s : src) ptrs.push_back(s.data());
-      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+      for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max, ElemOp::Prod}) {
         std::vector<float> ref(n);
         aimass::comm::ref::reduce_f32(op, ptrs.data(), k, ref.data(), n);
         for (SimdLevel l : levels()) {

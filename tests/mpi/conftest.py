@@ -32,3 +32,16 @@ def pytest_runtest_setup(item):
         from mpi4py import MPI
         if MPI.COMM_WORLD.Get_size() not in m.args:
             pytest.skip(f"needs mpirun -np in {m.args}")
+
+
+@pytest.fixture
+def shared_dir(dist, tmp_path_factory):
+    """shared_dir(name): rank 0's fresh temporary folder, on every rank (one machine; on several
+    nodes it would have to be a shared file system path)."""
+    import numpy as np
+
+    def make(name: str) -> str:
+        p = str(tmp_path_factory.mktemp(name)) if dist.rank() == 0 else ""
+        codes = np.frombuffer(p.encode().ljust(512), np.uint8).astype(np.int32)
+        return bytes(dist.broadcast(codes, root=0, name=f"shared_dir.{name}").astype(np.uint8)).decode().strip()
+    return make

@@ -237,7 +237,7 @@ def test_dropped_handle_keeps_buffers_alive_until_done(dist):
         time.sleep(0.2)  # the others' handles are dropped while their collective is still pending
     dist.allreduce_async(np.ones(100_000, np.float32), name="dropped")  # handle discarded at once
     gc.collect()
-    live = [h for h in dist._live if h.name == "dropped"]
+    live = [h for h in dist._core._live if h.name == "dropped"]
     assert len(live) == 1
     dist.synchronize(live[0])
-    assert not any(h.name == "dropped" for h in dist._live)
+    assert not any(h.name == "dropped" for h in dist._core._live)

@@ -54,7 +54,7 @@ def test_name_skipped_by_a_rank_times_out_everywhere(dist):
 @pytest.mark.timeout(30)
 def test_unnamed_allreduce_against_unnamed_broadcast_fails_fast_naming_both(dist):
     dist.barrier(name="unnamed.sync")
-    dist._counters.clear()  # every rank starts its unnamed calls from the same count
+    dist._core.global_process_set._counters.clear()  # every rank starts its unnamed calls from the same count
     t0 = time.monotonic()
     with pytest.raises(aimass.DistributedError) as ei:
         if dist.rank() == 0:
@@ -81,13 +81,15 @@ def test_name_already_in_flight_is_rejected(dist):
 def test_bad_arguments_raise_typed_errors(dist):
     x = np.ones(3, np.float32)
     with pytest.raises(ValueError, match="op must be"):
-        dist.allreduce(x, op="prod")
+        dist.allreduce(x, op="median")
     with pytest.raises(ValueError, match="compression"):
         dist.allreduce(x, compression="int8")
     with pytest.raises(TypeError, match="applies to float32"):
         dist.allreduce(np.ones(3, np.int32), compression="fp16")
     with pytest.raises(TypeError, match="not supported"):
-        dist.allreduce(np.ones(3, np.uint8))
+        dist.allreduce(np.ones(3, np.complex64))
+    with pytest.raises(TypeError, match="average of bool"):
+        dist.allreduce(np.ones(3, np.bool_))
     with pytest.raises(ValueError, match="root"):
         dist.broadcast(x, root=dist.size())
     with pytest.raises(ValueError, match="timeout"):
@@ -106,7 +108,7 @@ def test_timeout_from_environment_and_reinit(dist):
     try:
         dist.shutdown()
         dist.init()
-        assert dist._engine.timeout == pytest.approx(0.7)
+        assert dist._core.global_process_set._engine.timeout == pytest.approx(0.7)
         if dist.rank() == 0:
             t0 = time.monotonic()
             with pytest.raises(aimass.DistributedError, match="timed out after 0.7"):
@@ -117,7 +119,7 @@ def test_timeout_from_environment_and_reinit(dist):
         del os.environ["AIMASS_COMM_TIMEOUT"]
         dist.shutdown()
         dist.init()
-    assert dist._engine.timeout == pytest.approx(60.0)
+    assert dist._core.global_process_set._engine.timeout == pytest.approx(60.0)
 
 
 @pytest.mark.timeout(30)

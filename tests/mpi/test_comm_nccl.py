@@ -5,6 +5,7 @@ collectives against numpy."""
 import os
 
 import numpy as np
+from aimass._cuda_array import is_cuda_array
 import pytest
 
 import aimass
@@ -58,9 +59,9 @@ def test_cuda_collective_without_gpu_fails_on_every_rank_then_host_path_works(di
 
 
 def test_fake_cuda_array_is_routed_to_nccl(dist):
-    assert dist._on_device(FakeCudaArray(3))
-    assert not dist._on_device(np.zeros(3))
-    assert not dist._on_device(torch.zeros(3))
+    assert is_cuda_array(FakeCudaArray(3))
+    assert not is_cuda_array(np.zeros(3))
+    assert not is_cuda_array(torch.zeros(3))
 
 
 gpu_per_rank = pytest.mark.skipif(
@@ -222,3 +223,21 @@ def test_nccl_signature_mismatch_raises_on_every_rank(host_nccl):
     # the path stays usable after a mismatch that every rank saw
     out = dist.allreduce(HostArray(np.ones(3)), op="sum", name="h.ok")
     np.testing.assert_array_equal(out.a, np.full(3, dist.size()))
+
+
+@gpu_per_rank
+def test_nccl_with_horovod_names(dist):
+    """CUDA tensors through the Horovod-style API: op constants (Product), Compression.bf16, root_rank,
+    prescale/postscale, process_set only global."""
+    dev = _dev(dist)
+    n, r = dist.size(), dist.rank()
+    p = dist.allreduce(torch.full((8,), 2.0, device=dev), op=dist.Product, name="nccl.hvd.prod")
+    assert torch.all(p == 2.0 ** n)
+    y = dist.allreduce(torch.full((64,), 0.5, device=dev), op=dist.Sum, compression=dist.Compression.bf16,
+                       name="nccl.hvd.bf16")
+    assert y.dtype == torch.float32 and torch.allclose(y, torch.full_like(y, 0.5 * n))
+    s = dist.allreduce(torch.full((4,), 2.0, device=dev), op=dist.Sum, prescale_factor=0.5, postscale_factor=3.0,
+                       name="nccl.hvd.scale")
+    assert torch.allclose(s, torch.full_like(s, 3.0 * n))
+    b = dist.broadcast(torch.full((3,), float(r), device=dev), root_rank=n - 1, name="nccl.hvd.bcast")
+    assert torch.all(b == n - 1)

@@ -68,9 +68,9 @@ def test_cli_info(capsys):
     assert "cpu_features" in capsys.readouterr().out
 
 
-def test_demo_runs_small_and_reports_sane_numbers():
-    from aimass import demo
-    r = demo.run(n=256, k=512, repeats=2)
+def test_kernels_demo_runs_small_and_reports_sane_numbers():
+    from aimass.demo import kernels
+    r = kernels.run(n=256, k=512, repeats=2)
     assert r["int8_linear_rel_err"] < 0.02  # int8 per-channel weight-only
     assert r["int4_g128_linear_rel_err"] < 0.2  # int4 symmetric, groups of 128
     assert r["pruned_2of4_kept"] == 0.5

@@ -1,6 +1,6 @@
 """Fused quantized linear: every kernel at every SIMD level against a numpy
 reference of dequant(W) @ x, plus bad inputs. The quantizer here is test-local
-(numpy, per QUANT_FORMAT.md) so the kernels are checked independently."""
+(numpy, per docs/quant_format.md) so the kernels are checked independently."""
 import numpy as np
 import pytest
 
@@ -16,7 +16,7 @@ MS = [1, 3, 8, 64, 257]
 
 
 class QT:
-    """Duck-typed QuantizedTensor (fields of QUANT_FORMAT.md)."""
+    """Duck-typed QuantizedTensor (fields of docs/quant_format.md)."""
 
     def __init__(self, data, scale, bits, group_size, shape, granularity, scheme="symmetric", axis=0,
                  zero_point=None):

@@ -61,3 +61,20 @@ def test_cuda_linear_matches_cpu(m):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         _linear_cuda.quantize_int8(bad)
+
+
+@pytest.mark.skipif(not aimass.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("m", [1, 5])
+def test_cuda_linear_nonfinite_row_is_nan(m):
+    """docs/qlinear.md: a row of x holding NaN or +-inf gives an all-NaN row, on the GPU too."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    rng = np.random.default_rng(1)
+    for k in (128, 130):  # the kernel's float4 loads, and its scalar path (K % 4 != 0)
+        qw = qlin.quantize_weight(rng.standard_normal((40, k)).astype(np.float32), bits=8)
+        x = torch.randn(m, k)
+        x[0, 3] = float("inf") if k == 128 else float("nan")
+        y = compress.linear(x.cuda(), qw).cpu()
+        assert torch.isnan(y[0]).all()
+        assert torch.isfinite(y[1:]).all()

@@ -25,7 +25,7 @@ def level():
 
 
 def pack_int4(q, scale, group_size):
-    """Canonical int4 layout (QUANT_FORMAT.md): element 2j in the low nibble of byte j."""
+    """Canonical int4 layout (docs/quant_format.md): element 2j in the low nibble of byte j."""
     n, k = q.shape
     flat = q.reshape(-1)
     if flat.size % 2:

@@ -26,11 +26,12 @@
 
 namespace aimass {
 
-enum class ReduceOp : int { Sum = 0, Average = 1, Min = 2, Max = 3 };
+// Bool tensors: Sum and Max are logical or, Min and Product logical and (as torch); Average is rejected.
+enum class ReduceOp : int { Sum = 0, Average = 1, Min = 2, Max = 3, Product = 4 };
 enum class CollectiveKind : int { Allreduce = 0, Broadcast = 1, Allgather = 2, ReduceScatter = 3, Barrier = 4 };
 
 const char* reduce_op_name(ReduceOp op);
-ReduceOp parse_reduce_op(const std::string& name);  // "sum", "average", "min", "max"
+ReduceOp parse_reduce_op(const std::string& name);  // "sum", "average", "min", "max", "product"
 const char* collective_kind_name(CollectiveKind kind);
 
 struct CollectiveRequest {

@@ -12,7 +12,8 @@ namespace comm {
 
 enum class Half : int { F16 = 0, BF16 = 1 };
 // What a reduction kernel computes per element (average is a sum divided afterwards).
-enum class ElemOp : int { Sum = 0, Min = 1, Max = 2 };
+// Prod has no SIMD path: the dispatchers run the scalar reference for it.
+enum class ElemOp : int { Sum = 0, Min = 1, Max = 2, Prod = 3 };
 
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);
 // out = round_to_half(in * scale)

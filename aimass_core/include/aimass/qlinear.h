@@ -1,6 +1,6 @@
 // Fused quantized linear: y[M, N] = x[M, K] @ dequant(W)[N, K]^T + bias[N]
 // (fp32 x, fp32 accumulate, fp32 y, all row-major and contiguous).
-// Weights come in the canonical layout of QUANT_FORMAT.md (symmetric only):
+// Weights come in the canonical layout of docs/quant_format.md (symmetric only):
 //   bits == 8: int8 [N, K];                      bits == 4: packed nibbles, flat row-major
 //   (element 2j low nibble of byte j, two's complement, values -7..7; [N, K/2] when K is even).
 //   group_size == 0: per-channel, scale [N];     group_size > 0: scale [N, K / group_size].

@@ -8,7 +8,7 @@
 
 namespace aimass::quant::cuda {
 
-// q[N, K] int8, scale[N] fp32 from w[N, K] fp32, per QUANT_FORMAT.md (fp32 division,
+// q[N, K] int8, scale[N] fp32 from w[N, K] fp32, per docs/quant_format.md (fp32 division,
 // round half to even, scale 1 for an all-zero row). Synchronises on `stream` to report
 // NaN/Inf in w as aimass::ValueError.
 void quantize_int8_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale, uintptr_t stream);

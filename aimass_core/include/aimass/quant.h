@@ -1,5 +1,5 @@
 // Weight quantization (int8 / int4; per tensor, channel or group; symmetric or
-// asymmetric) with the exact numerics of QUANT_FORMAT.md / docs/numerics.md.
+// asymmetric) with the exact numerics of docs/quant_format.md / docs/numerics.md.
 //
 // A tensor of any rank is described by its view [outer, channels, inner] around
 // the quantization axis. Channel c's element sequence is (o, i) row-major, and

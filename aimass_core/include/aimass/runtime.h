@@ -17,6 +17,13 @@ namespace aimass::runtime {
 
 constexpr int kFormatVersion = 1;
 
+// Limits on shapes from a model file (rejected at load, CorruptDataError/ValueError):
+// at most kMaxRank dims, each at most kMaxDim = 2^40, and the byte size of every tensor
+// and value row must fit in int64. They keep every shape computation of the loader and
+// the executor far from overflow while rejecting no model that fits in memory.
+constexpr size_t kMaxRank = 16;
+constexpr int64_t kMaxDim = int64_t{1} << 40;
+
 enum class ValueType : int { Float32 = 0, Int64 = 1 };
 const char* value_type_name(ValueType t);
 
@@ -97,6 +104,10 @@ int64_t set_packed_max_rows(int64_t rows);
 struct ExecutorOptions {
   int64_t max_batch_size = 32;  // arena capacity in rows; grows if a larger batch comes
   int64_t seq_len = 8;          // models with a dynamic sequence dim: the plan built (and checked) first
+  // Cap on the bytes of any one buffer the plan allocates (the arena for a batch, the
+  // conv scratch): a model from an untrusted source whose shapes ask for more fails with
+  // ValueError at construction / reserve instead of exhausting memory. 0: no cap.
+  int64_t max_memory_bytes = 0;
 };
 
 // True when a signature entry of `m` has a dynamic dim after the batch dimension.

@@ -8,7 +8,6 @@
 
 namespace aimass {
 
-using comm::supported_dtype;
 
 CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) : comm(std::move(c)), opts(o) {
   mpi = comm->comm();
@@ -227,8 +226,11 @@ bool CollectiveEngine::shutdown() {
 
 std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) {
   AIMASS_CHECK(!r.name.empty(), ValueError, "collective name must not be empty");
-  AIMASS_CHECK(supported_dtype(r.dtype), TypeError, collective_kind_name(r.kind), " '", r.name, "': dtype ",
-               dtype_name(r.dtype), " is not supported (float16, bfloat16, float32, float64, int32, int64)");
+  AIMASS_CHECK(!(r.dtype == DType::Bool && r.op == ReduceOp::Average &&
+                 (r.kind == CollectiveKind::Allreduce || r.kind == CollectiveKind::ReduceScatter)),
+               TypeError, collective_kind_name(r.kind), " '", r.name,
+               "': the average of bool tensors is not defined; use op 'sum' (logical or) or 'min' (logical and), "
+               "or convert to a number type first");
   for (int64_t d : r.shape) AIMASS_CHECK(d >= 0, ValueError, "'", r.name, "': negative dimension in shape");
   const int64_t n = numel_of(r.shape);
   if (r.kind != CollectiveKind::Barrier) {

@@ -150,7 +150,8 @@ struct CollectiveEngine::Impl {
   int64_t ag_mine = 0;
   std::vector<int64_t> ag_rows;
   bool posted_on_failure = false;  // a wait gave up with its MPI request still posted
-  MPI_Op half_ops[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}, {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
+  MPI_Op half_ops[2][4] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
+                           {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};
   Clock::time_point stop_since;
   double cycle_s = 0.001;  // snapshot of opts.cycle_time_s for this cycle
   size_t shm_min_agreed = SIZE_MAX;  // BAND of every rank's shm_min_bytes this cycle

@@ -4,6 +4,15 @@
 
 namespace aimass {
 
+namespace {
+// Integer average: the sum divided by the world size, truncated toward zero.
+template <typename T>
+void divide_ints(void* data, int64_t n, int size) {
+  T* o = static_cast<T*>(data);
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / size);
+}
+}  // namespace
+
 // -------------------------------------------------------------- execution
 // The data phase of the ready collectives. They leave `pending` first, so when it
 // fails every one of them still open is failed here (the caller is blocked on it).
@@ -45,7 +54,7 @@ void CollectiveEngine::Impl::execute_work(const std::vector<std::string>& ready,
       run_single(work[i]);
       continue;
     }
-    const int opc = r.op == ReduceOp::Min ? 1 : r.op == ReduceOp::Max ? 2 : 0;
+    const int opc = r.op == ReduceOp::Min ? 1 : r.op == ReduceOp::Max ? 2 : r.op == ReduceOp::Product ? 3 : 0;
     auto key = std::make_tuple(r.dtype, r.wire, opc);
     auto k = std::find(keys.begin(), keys.end(), key);
     if (k == keys.end()) {
@@ -169,6 +178,9 @@ void CollectiveEngine::Impl::unpack(Pending& p, const void* src) {
       for (int64_t i = 0; i < n; ++i) o[i] /= size;
       break;
     }
+    case DType::I16: divide_ints<int16_t>(r.output, n, size); break;
+    case DType::I8: divide_ints<int8_t>(r.output, n, size); break;
+    case DType::U8: divide_ints<uint8_t>(r.output, n, size); break;
     case DType::F16:
     case DType::BF16:
       comm::scale_half(r.dtype == DType::F16 ? comm::Half::F16 : comm::Half::BF16, static_cast<uint16_t*>(r.output),

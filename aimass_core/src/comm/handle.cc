@@ -12,6 +12,7 @@ const char* reduce_op_name(ReduceOp op) {
     case ReduceOp::Average: return "average";
     case ReduceOp::Min: return "min";
     case ReduceOp::Max: return "max";
+    case ReduceOp::Product: return "product";
   }
   return "?";
 }
@@ -21,7 +22,8 @@ ReduceOp parse_reduce_op(const std::string& name) {
   if (name == "average" || name == "avg" || name == "mean") return ReduceOp::Average;
   if (name == "min") return ReduceOp::Min;
   if (name == "max") return ReduceOp::Max;
-  throw ValueError("op must be one of 'sum', 'average', 'min', 'max'; got '" + name + "'");
+  if (name == "product" || name == "prod") return ReduceOp::Product;
+  throw ValueError("op must be one of 'sum', 'average', 'min', 'max', 'product'; got '" + name + "'");
 }
 
 const char* collective_kind_name(CollectiveKind kind) {

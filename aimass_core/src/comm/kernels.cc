@@ -17,6 +17,15 @@ inline uint16_t to_half(Half k, float f) { return k == Half::F16 ? f32_to_f16(f)
 // Same NaN-propagation as vminps/vmaxps (returns the second operand when either is NaN).
 inline float op_min(float a, float b) { return a < b ? a : b; }
 inline float op_max(float a, float b) { return a > b ? a : b; }
+inline float apply(ElemOp op, float v, float acc) {
+  switch (op) {
+    case ElemOp::Sum: return v + acc;
+    case ElemOp::Min: return op_min(v, acc);
+    case ElemOp::Max: return op_max(v, acc);
+    case ElemOp::Prod: return v * acc;
+  }
+  return acc;
+}
 }  // namespace
 
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n) {
@@ -28,8 +37,7 @@ void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scal
 void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const float a = to_f32(kind, in[i]), b = to_f32(kind, inout[i]);
-    const float r = op == ElemOp::Sum ? a + b : op == ElemOp::Min ? op_min(a, b) : op_max(a, b);
-    inout[i] = to_half(kind, r);
+    inout[i] = to_half(kind, apply(op, a, b));
   }
 }
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
@@ -37,7 +45,7 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     float acc = srcs[0][i];
     for (int j = 1; j < k; ++j) {
       const float v = srcs[j][i];
-      acc = op == ElemOp::Sum ? v + acc : op == ElemOp::Min ? op_min(v, acc) : op_max(v, acc);
+      acc = apply(op, v, acc);
     }
     if (scale != 1.0f) acc *= scale;
     dst[i] = acc;
@@ -72,6 +80,7 @@ void f32_to_half(Half kind, const float* in, uint16_t* out, size_t n, float scal
 }
 
 void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size_t n) {
+  if (op == ElemOp::Prod) return ref::reduce_half(kind, op, in, inout, n);
   switch (level()) {
     case SimdLevel::AVX512:
       return isa::reduce_half_avx512(static_cast<int>(kind), static_cast<int>(op), in, inout, n);
@@ -82,6 +91,7 @@ void reduce_half(Half kind, ElemOp op, const uint16_t* in, uint16_t* inout, size
 }
 
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
+  if (op == ElemOp::Prod) return ref::reduce_f32(op, srcs, k, dst, n, dst2, scale);
   switch (level()) {
     case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, scale);

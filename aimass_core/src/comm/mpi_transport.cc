@@ -15,15 +15,14 @@ MPI_Datatype mpi_type(DType t) {
     case DType::F64: return MPI_DOUBLE;
     case DType::I32: return MPI_INT32_T;
     case DType::I64: return MPI_INT64_T;
+    case DType::I16: return MPI_INT16_T;
+    case DType::I8: return MPI_INT8_T;
+    case DType::U8: return MPI_UINT8_T;
+    case DType::Bool: return MPI_C_BOOL;
     case DType::F16:
     case DType::BF16: return MPI_UINT16_T;
-    default: throw TypeError(std::string("aimass.dist: unsupported dtype ") + dtype_name(t));
   }
-}
-
-bool supported_dtype(DType t) {
-  return t == DType::F32 || t == DType::F64 || t == DType::I32 || t == DType::I64 || t == DType::F16 ||
-         t == DType::BF16;
+  throw TypeError(std::string("aimass.dist: unsupported dtype ") + dtype_name(t));
 }
 
 // ---- user-defined MPI ops for 16-bit floats (reduced in fp32, rounded once)
@@ -32,16 +31,18 @@ void half_op(void* in, void* inout, int* len, MPI_Datatype*) {
   comm::reduce_half(K, O, static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout), static_cast<size_t>(*len));
 }
 
-void create_half_ops(MPI_Op (&ops)[2][3]) {
+void create_half_ops(MPI_Op (&ops)[2][4]) {
   check_mpi(MPI_Op_create(&half_op<Half::F16, ElemOp::Sum>, 1, &ops[0][0]), "MPI_Op_create");
   check_mpi(MPI_Op_create(&half_op<Half::F16, ElemOp::Min>, 1, &ops[0][1]), "MPI_Op_create");
   check_mpi(MPI_Op_create(&half_op<Half::F16, ElemOp::Max>, 1, &ops[0][2]), "MPI_Op_create");
   check_mpi(MPI_Op_create(&half_op<Half::BF16, ElemOp::Sum>, 1, &ops[1][0]), "MPI_Op_create");
   check_mpi(MPI_Op_create(&half_op<Half::BF16, ElemOp::Min>, 1, &ops[1][1]), "MPI_Op_create");
   check_mpi(MPI_Op_create(&half_op<Half::BF16, ElemOp::Max>, 1, &ops[1][2]), "MPI_Op_create");
+  check_mpi(MPI_Op_create(&half_op<Half::F16, ElemOp::Prod>, 1, &ops[0][3]), "MPI_Op_create");
+  check_mpi(MPI_Op_create(&half_op<Half::BF16, ElemOp::Prod>, 1, &ops[1][3]), "MPI_Op_create");
 }
 
-void free_half_ops(MPI_Op (&ops)[2][3]) {
+void free_half_ops(MPI_Op (&ops)[2][4]) {
   for (auto& row : ops)
     for (auto& op : row)
       if (op != MPI_OP_NULL) MPI_Op_free(&op);
@@ -50,10 +51,12 @@ void free_half_ops(MPI_Op (&ops)[2][3]) {
 }  // namespace comm
 
 MPI_Op CollectiveEngine::Impl::mpi_op(DType wire, ReduceOp op) {
-  const int o = op == ReduceOp::Min ? 1 : op == ReduceOp::Max ? 2 : 0;
+  const int o = op == ReduceOp::Min ? 1 : op == ReduceOp::Max ? 2 : op == ReduceOp::Product ? 3 : 0;
   if (wire == DType::F16) return half_ops[0][o];
   if (wire == DType::BF16) return half_ops[1][o];
-  return o == 0 ? MPI_SUM : o == 1 ? MPI_MIN : MPI_MAX;
+  if (wire == DType::Bool) return o == 1 || o == 3 ? MPI_LAND : MPI_LOR;
+  static const MPI_Op native[4] = {MPI_SUM, MPI_MIN, MPI_MAX, MPI_PROD};
+  return native[o];
 }
 
 void CollectiveEngine::Impl::allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op) {

@@ -12,9 +12,8 @@ namespace aimass {
 namespace comm {
 
 MPI_Datatype mpi_type(DType t);
-bool supported_dtype(DType t);
-void create_half_ops(MPI_Op (&ops)[2][3]);
-void free_half_ops(MPI_Op (&ops)[2][3]);
+void create_half_ops(MPI_Op (&ops)[2][4]);  // [f16, bf16][sum, min, max, product]
+void free_half_ops(MPI_Op (&ops)[2][4]);
 
 constexpr int64_t kMaxChunk = int64_t(1) << 30;  // MPI counts are int
 

@@ -94,7 +94,8 @@ ncclRedOp_t to_nccl_op(const std::string& op) {
   if (op == "average") return ncclAvg;
   if (op == "min") return ncclMin;
   if (op == "max") return ncclMax;
-  throw ValueError("op must be one of sum, average, min, max, got " + op);
+  if (op == "product") return ncclProd;
+  throw ValueError("op must be one of sum, average, min, max, product, got " + op);
 }
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <new>
 #include <thread>
+#include <type_traits>
 
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
@@ -32,7 +33,8 @@ inline void cpu_relax() {
 }
 
 ElemOp elem_op(ReduceOp op) {
-  return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max : ElemOp::Sum;
+  return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max
+       : op == ReduceOp::Product ? ElemOp::Prod : ElemOp::Sum;
 }
 
 template <typename T>
@@ -46,6 +48,16 @@ void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, 
       for (size_t i = 0; i < n; ++i) dst[i] = s[i] < dst[i] ? s[i] : dst[i];
     } else if (op == ReduceOp::Max) {
       for (size_t i = 0; i < n; ++i) dst[i] = s[i] > dst[i] ? s[i] : dst[i];
+    } else if constexpr (std::is_integral_v<T>) {
+      // integers wrap around like MPI's and torch's (computed unsigned: no signed overflow);
+      // uint64_t so that 8/16-bit products do not promote to a signed int
+      const bool prod = op == ReduceOp::Product;
+      for (size_t i = 0; i < n; ++i) {
+        const uint64_t x = static_cast<uint64_t>(dst[i]), y = static_cast<uint64_t>(s[i]);
+        dst[i] = static_cast<T>(prod ? x * y : x + y);
+      }
+    } else if (op == ReduceOp::Product) {
+      for (size_t i = 0; i < n; ++i) dst[i] *= s[i];
     } else {
       for (size_t i = 0; i < n; ++i) dst[i] += s[i];
     }
@@ -79,10 +91,23 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
     case DType::F64: reduce_typed<double>(op, srcs, k, dst, n); break;
     case DType::I32: reduce_typed<int32_t>(op, srcs, k, dst, n); break;
     case DType::I64: reduce_typed<int64_t>(op, srcs, k, dst, n); break;
+    case DType::I16: reduce_typed<int16_t>(op, srcs, k, dst, n); break;
+    case DType::I8: reduce_typed<int8_t>(op, srcs, k, dst, n); break;
+    case DType::U8: reduce_typed<uint8_t>(op, srcs, k, dst, n); break;
+    case DType::Bool:  // values are 0/1: or = max, and = min
+      reduce_typed<uint8_t>(op == ReduceOp::Min || op == ReduceOp::Product ? ReduceOp::Min : ReduceOp::Max, srcs, k,
+                            dst, n);
+      break;
     case DType::F16:
     case DType::BF16: reduce_half_sources(dtype, op, srcs, k, dst, n); break;
     default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
   }
+}
+
+template <typename T>
+void divide_typed(char* data, size_t n, int world) {
+  T* o = reinterpret_cast<T*>(data);
+  for (size_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / world);
 }
 
 // The same arithmetic as the MPI path's average (sum, then divide by the world size).
@@ -109,6 +134,9 @@ void divide(DType dtype, char* data, size_t n, int world) {
       for (size_t i = 0; i < n; ++i) o[i] /= world;
       break;
     }
+    case DType::I16: divide_typed<int16_t>(data, n, world); break;
+    case DType::I8: divide_typed<int8_t>(data, n, world); break;
+    case DType::U8: divide_typed<uint8_t>(data, n, world); break;
     case DType::F16:
     case DType::BF16:
       scale_half(dtype == DType::F16 ? Half::F16 : Half::BF16, reinterpret_cast<uint16_t*>(data), n,

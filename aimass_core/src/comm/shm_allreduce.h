@@ -68,7 +68,7 @@ class ShmAllreduce {
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
 
-  // Allreduces `count` elements of `dtype` (F32/F64/I32/I64/F16/BF16) spread over
+  // Allreduces `count` elements of `dtype` (any DType; Bool: Sum/Max = or, Min/Product = and) spread over
   // `segs` (segments marked average are divided by `world_size`; op is then Sum).
   // cross_reduce (only with several nodes) allreduces one reduced slice in place
   // across nodes. Every local rank must call it with the same count/dtype/op.

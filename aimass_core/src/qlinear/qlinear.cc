@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -508,6 +509,24 @@ void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, flo
   }
 }
 
+// The contract of every path (docs/qlinear.md): a row of x holding NaN or +-inf gives an
+// all-NaN output row. The int16 / int8 activation paths cannot represent such a row (its
+// scale max|x_row| is not finite) and give NaN; the fp32 paths would give +-inf or NaN
+// depending on the weights. One rule for all, so the answer never depends on the kernel
+// chosen by batch size or CPU. The scan reads x once (M*K, vs the M*N*K of the product).
+void nan_rows_of_nonfinite_x(const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    uint32_t bad = 0;
+    for (int64_t k = 0; k < K; ++k) {  // exponent all ones: inf or NaN (vectorizes)
+      uint32_t u;
+      std::memcpy(&u, xr + k, 4);
+      bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad) std::fill(y + m * N, y + (m + 1) * N, std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
 }  // namespace
 
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y) {
@@ -547,6 +566,7 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
       for (int64_t n = 0; n < N; ++n) yr[n] += bias_or_null[n];
     }
   }
+  nan_rows_of_nonfinite_x(x, M, p.view.K, p.view.N, y);
 }
 
 }  // namespace aimass::quant

@@ -71,6 +71,7 @@ __global__ void linear_int8_kernel(const int8_t* __restrict__ q, const float* __
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     float acc = 0.f;
+    bool bad = false;
     if (vec) {
       const char4* w4 = reinterpret_cast<const char4*>(wr);
       const float4* x4 = reinterpret_cast<const float4*>(xr);
@@ -81,12 +82,18 @@ __global__ void linear_int8_kernel(const int8_t* __restrict__ q, const float* __
         acc = fmaf(static_cast<float>(wv.y), xv.y, acc);
         acc = fmaf(static_cast<float>(wv.z), xv.z, acc);
         acc = fmaf(static_cast<float>(wv.w), xv.w, acc);
+        bad |= !isfinite(xv.x) | !isfinite(xv.y) | !isfinite(xv.z) | !isfinite(xv.w);
       }
     } else {
-      for (int64_t k = lane; k < K; k += 32) acc = fmaf(static_cast<float>(wr[k]), xr[k], acc);
+      for (int64_t k = lane; k < K; k += 32) {
+        acc = fmaf(static_cast<float>(wr[k]), xr[k], acc);
+        bad |= !isfinite(xr[k]);
+      }
     }
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) y[m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.f);
+    // docs/qlinear.md: a row of x holding NaN or +-inf gives an all-NaN output row on every path
+    const bool row_bad = __any_sync(0xffffffffu, bad);
+    if (lane == 0) y[m * N + n] = row_bad ? __int_as_float(0x7fc00000) : acc * scale[n] + (bias ? bias[n] : 0.f);
   }
 }
 

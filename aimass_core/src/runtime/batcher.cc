@@ -91,8 +91,8 @@ Batcher::Batcher(std::shared_ptr<Executor> executor, BatcherOptions opts)
     : executor_(std::move(executor)), opts_(opts) {
   AIMASS_CHECK(executor_, ValueError, "Batcher: executor is null");
   AIMASS_CHECK(opts_.max_batch_size >= 1, ValueError, "max_batch_size=", opts_.max_batch_size, " must be >= 1");
-  AIMASS_CHECK(opts_.max_queue_delay_us >= 0, ValueError, "max_queue_delay_us=", opts_.max_queue_delay_us,
-               " must be >= 0");
+  AIMASS_CHECK(opts_.max_queue_delay_us >= 0 && opts_.max_queue_delay_us <= int64_t{1000000000000000}, ValueError,
+               "max_queue_delay_us=", opts_.max_queue_delay_us, " must be in [0, 1e15]");
   AIMASS_CHECK(opts_.queue_capacity >= 1, ValueError, "queue_capacity=", opts_.queue_capacity, " must be >= 1");
   executor_->reserve(opts_.max_batch_size);
   init_varlen();
@@ -177,6 +177,10 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
   AIMASS_CHECK(outputs.size() == m.outputs().size(), ValueError, "submit: got ", outputs.size(),
                " output buffers, the model has ", m.outputs().size(), " outputs");
   AIMASS_CHECK(rows >= 1, ValueError, "submit: rows=", rows, " must be >= 1");
+  // enqueued + timeout must not overflow the clock's nanoseconds (aimass.runtime's deadline_ms <= 1e12)
+  constexpr int64_t kMaxTimeoutUs = int64_t{1000000000000000};
+  AIMASS_CHECK(timeout_us <= kMaxTimeoutUs, ValueError, "submit: timeout_us=", timeout_us, " must be < 0 (none) or in [0, ",
+               kMaxTimeoutUs, "]");
   AIMASS_CHECK(executor_->dynamic() ? seq >= 1 : seq == 0, ValueError, "submit: seq=", seq,
                executor_->dynamic() ? " must be >= 1 (the model has a dynamic sequence dim)"
                                     : " must be 0 (the model has no dynamic sequence dim)");

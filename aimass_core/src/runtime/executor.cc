@@ -64,6 +64,16 @@ const char* kSupportedOps =
     "log_softmax, layer_norm, embedding, add, sub, mul, div, channel_affine, matmul, permute, concat, slice, "
     "reduce, where, compare, cast, positions, sdpa, lstm, gru";
 
+// An integer attribute from the graph JSON (a double there): an exact integer in
+// [-kMaxDim, kMaxDim], else ValueError naming the node (never a UB double -> int64 cast).
+int64_t attr_value(const Node& n, const char* key, double d) {
+  const std::string what = detail::concat("node '", n.name, "' (", n.op, "): attribute '", key, "'");
+  const int64_t v = checked::to_int64<ValueError>(d, what);
+  AIMASS_CHECK(v >= -kMaxDim && v <= kMaxDim, ValueError, what, " is ", v, "; it must be in [-", kMaxDim, ", ",
+               kMaxDim, "]");
+  return v;
+}
+
 int64_t attr_int(const Node& n, const char* key, int64_t def, bool required = false) {
   auto it = n.attrs.find(key);
   if (it == n.attrs.end()) {
@@ -71,14 +81,24 @@ int64_t attr_int(const Node& n, const char* key, int64_t def, bool required = fa
     return def;
   }
   AIMASS_CHECK(it->second.size() == 1, ValueError, "node '", n.name, "': attribute '", key, "' must be one number");
-  return static_cast<int64_t>(it->second[0]);
+  return attr_value(n, key, it->second[0]);
+}
+
+// A float attribute that must be one number (eps, a scalar operand).
+double attr_float(const Node& n, const char* key, double def) {
+  auto it = n.attrs.find(key);
+  if (it == n.attrs.end()) return def;
+  AIMASS_CHECK(it->second.size() == 1, ValueError, "node '", n.name, "': attribute '", key, "' must be one number");
+  return it->second[0];
 }
 
 std::vector<int64_t> attr_ints(const Node& n, const char* key, size_t len) {
   auto it = n.attrs.find(key);
   AIMASS_CHECK(it != n.attrs.end(), ValueError, "node '", n.name, "' (", n.op, ") lacks attribute '", key, "'");
+  AIMASS_CHECK(it->second.size() <= kMaxRank, ValueError, "node '", n.name, "': attribute '", key, "' has ",
+               it->second.size(), " values; at most ", kMaxRank);
   std::vector<int64_t> out;
-  for (double d : it->second) out.push_back(static_cast<int64_t>(d));
+  for (double d : it->second) out.push_back(attr_value(n, key, d));
   if (len && out.size() == 1) out.assign(len, out[0]);
   AIMASS_CHECK(!len || out.size() == len, ValueError, "node '", n.name, "': attribute '", key, "' must have ", len,
                " values");
@@ -108,6 +128,19 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o + "]";
 }
 
+// Output size of a conv/pool window along one dim, torch's formula, overflow-checked:
+// (in + 2 pad - dil (k - 1) - 1) / stride + 1; ValueError when the window does not fit.
+int64_t window_out(int64_t in, int64_t pad, int64_t dil, int64_t k, int64_t stride, const std::string& where) {
+  AIMASS_CHECK(k >= 1 && stride >= 1 && dil >= 1 && pad >= 0, ValueError, where,
+               ": kernel/stride/dilation must be >= 1 and padding >= 0 (kernel ", k, ", stride ", stride,
+               ", dilation ", dil, ", padding ", pad, ")");
+  const int64_t span = checked::add<ValueError>(checked::mul<ValueError>(dil, k - 1, where + ": dilation x kernel"),
+                                                int64_t{1}, where);
+  const int64_t padded = checked::add<ValueError>(in, checked::mul<ValueError>(pad, int64_t{2}, where), where);
+  AIMASS_CHECK(span <= padded, ValueError, where, ": window of ", span, " is larger than the padded input ", padded);
+  return (padded - span) / stride + 1;
+}
+
 }  // namespace
 
 struct PlanImpl {
@@ -119,6 +152,7 @@ struct PlanImpl {
   std::vector<int64_t> slot_prefix;     // bytes per row before the slot
   int64_t total_row_bytes = 0;
   int64_t capacity = 0;
+  int64_t max_memory = 0;  // ExecutorOptions::max_memory_bytes (0: no cap)
   void* arena = nullptr;
   std::vector<float> col;  // im2col scratch, one sample
   std::vector<const void*> ext_ptrs;
@@ -133,6 +167,17 @@ struct PlanImpl {
 namespace {
 
 int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<int64_t> row, int alias_of = -1) {
+  // Every value's row: at most kMaxRank dims, each in [1, kMaxDim], bytes fit in int64
+  // (so row_numel()/row_bytes() and the arena layout below never overflow).
+  AIMASS_CHECK(row.size() + 1 <= kMaxRank, ValueError, "value '", name, "' has ", row.size() + 1,
+               " dims; at most ", kMaxRank, " are supported");
+  for (size_t i = 0; i < row.size(); ++i)
+    AIMASS_CHECK(row[i] >= 1 && row[i] <= kMaxDim, ValueError, "value '", name, "' would have shape [batch, ",
+                 shape_str(row).substr(1), ": dim ", i + 1, " must be in [1, ", kMaxDim, "]");
+  const size_t bytes = checked::mul<ValueError>(checked::product<ValueError>(row, "value '" + name + "'"),
+                                                size_t{dt == ValueType::Int64 ? 8u : 4u}, "value '" + name + "' bytes");
+  AIMASS_CHECK(bytes <= (size_t{1} << 62), ValueError, "value '", name, "' needs ", bytes,
+               " bytes per row; too large");
   ValueInfo vi;
   vi.dtype = dt;
   vi.row = std::move(row);
@@ -140,7 +185,7 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
     vi.slot = p.values[alias_of].slot;
   } else {
     vi.slot = static_cast<int>(p.slot_row_bytes.size());
-    p.slot_row_bytes.push_back((vi.row_bytes() + 63) / 64 * 64);
+    p.slot_row_bytes.push_back(static_cast<int64_t>((bytes + 63) / 64 * 64));
   }
   p.values.push_back(std::move(vi));
   int id = static_cast<int>(p.values.size()) - 1;
@@ -149,6 +194,12 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
 }
 
 void assign_memory(PlanImpl& p);
+
+// A buffer the plan is about to hold: ValueError when it passes max_memory_bytes.
+void check_memory(const PlanImpl& p, int64_t bytes, const std::string& what) {
+  AIMASS_CHECK(p.max_memory <= 0 || bytes <= p.max_memory, ValueError, what, " needs ", bytes,
+               " bytes, more than max_memory_bytes=", p.max_memory);
+}
 
 // Per-row shape of a signature entry with its dynamic dims (-1 after the batch) set to `seq`.
 std::vector<int64_t> seq_row(const TensorSpec& t, int64_t seq) {
@@ -260,17 +311,23 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       auto st = attr_ints(n, "stride", 2), pd = attr_ints(n, "padding", 2), dl = attr_ints(n, "dilation", 2);
       c.SH = st[0]; c.SW = st[1]; c.PH = pd[0]; c.PW = pd[1]; c.DH = dl[0]; c.DW = dl[1];
       c.G = attr_int(n, "groups", 1);
-      AIMASS_CHECK(c.G >= 1 && c.C % c.G == 0 && c.O % c.G == 0 && ws[1] == c.C / c.G, ValueError, s.where,
-                   ": weight ", shape_str(ws), " and groups=", c.G, " do not fit ", c.C, " input channels");
-      AIMASS_CHECK(c.SH > 0 && c.SW > 0 && c.DH > 0 && c.DW > 0 && c.PH >= 0 && c.PW >= 0, ValueError, s.where,
-                   ": bad stride/padding/dilation");
-      c.OH = (c.H + 2 * c.PH - c.DH * (c.KH - 1) - 1) / c.SH + 1;
-      c.OW = (c.W + 2 * c.PW - c.DW * (c.KW - 1) - 1) / c.SW + 1;
-      AIMASS_CHECK(c.OH > 0 && c.OW > 0, ValueError, s.where, ": kernel larger than the padded input");
+      AIMASS_CHECK(c.G >= 1 && c.O >= 1 && c.C % c.G == 0 && c.O % c.G == 0 && ws[1] == c.C / c.G, ValueError,
+                   s.where, ": weight ", shape_str(ws), " and groups=", c.G, " do not fit ", c.C, " input channels");
+      c.OH = window_out(c.H, c.PH, c.DH, c.KH, c.SH, s.where + " (height)");
+      c.OW = window_out(c.W, c.PW, c.DW, c.KW, c.SW, s.where + " (width)");
       s.w = f32_param(m, n, "weight", ws, true);
       s.b = f32_param(m, n, "bias", {c.O}, false);
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
-      p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+      {
+        // im2col scratch (ops::conv2d_col_floats), overflow-checked and within the memory cap
+        const int64_t P = checked::mul<ValueError>(c.OH, c.OW, s.where + ": output pixels");
+        const int64_t Kc = checked::mul<ValueError>(c.C / c.G, checked::mul<ValueError>(c.KH, c.KW, s.where),
+                                                    s.where + ": taps");
+        const int64_t cells = checked::mul<ValueError>(checked::add<ValueError>(P, int64_t{32}, s.where), Kc,
+                                                       s.where + ": im2col scratch");
+        check_memory(p, checked::mul<ValueError>(cells, int64_t{4}, s.where), s.where + ": im2col scratch");
+        p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+      }
       out_row = {c.O, c.OH, c.OW};
     } else if (n.op == "max_pool2d" || n.op == "avg_pool2d") {
       need_inputs(1);
@@ -284,11 +341,12 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       std::vector<int64_t> dl = n.attrs.count("dilation") ? attr_ints(n, "dilation", 2) : std::vector<int64_t>{1, 1};
       q.KH = k[0]; q.KW = k[1]; q.SH = st[0]; q.SW = st[1]; q.PH = pd[0]; q.PW = pd[1]; q.DH = dl[0]; q.DW = dl[1];
       q.count_include_pad = attr_int(n, "count_include_pad", 1) != 0;
-      AIMASS_CHECK(q.KH > 0 && q.KW > 0 && q.SH > 0 && q.SW > 0 && q.PH >= 0 && q.PW >= 0 && q.DH > 0 && q.DW > 0,
-                   ValueError, s.where, ": bad kernel/stride/padding");
-      q.OH = (q.H + 2 * q.PH - q.DH * (q.KH - 1) - 1) / q.SH + 1;
-      q.OW = (q.W + 2 * q.PW - q.DW * (q.KW - 1) - 1) / q.SW + 1;
-      AIMASS_CHECK(q.OH > 0 && q.OW > 0, ValueError, s.where, ": window larger than the padded input");
+      q.OH = window_out(q.H, q.PH, q.DH, q.KH, q.SH, s.where + " (height)");
+      q.OW = window_out(q.W, q.PW, q.DW, q.KW, q.SW, s.where + " (width)");
+      // torch's rule: padding at most half the (dilated) window, so every window overlaps the image
+      AIMASS_CHECK(2 * q.PH <= q.DH * (q.KH - 1) + 1 && 2 * q.PW <= q.DW * (q.KW - 1) + 1, ValueError, s.where,
+                   ": padding [", q.PH, ", ", q.PW, "] must be at most half the window [", q.DH * (q.KH - 1) + 1,
+                   ", ", q.DW * (q.KW - 1) + 1, "]");
       out_row = {q.C, q.OH, q.OW};
     } else if (n.op == "adaptive_avg_pool2d") {
       need_inputs(1);
@@ -307,13 +365,12 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       out_dt = p.values[s.in0].dtype;
       out_row = n.op == "identity" ? p.values[s.in0].row : attr_ints(n, "shape", 0);
       infer_reshape(out_row, p.values[s.in0].row, s.where);
-      int64_t numel = 1;
-      for (auto d : out_row) {
+      for (auto d : out_row)
         AIMASS_CHECK(d > 0, ValueError, s.where, ": shape ", shape_str(out_row), " must be positive per-row dims");
-        numel *= d;
-      }
-      AIMASS_CHECK(numel == p.values[s.in0].row_numel(), ValueError, s.where, ": cannot reshape row ",
-                   shape_str(p.values[s.in0].row), " to ", shape_str(out_row));
+      // overflow-checked: dims whose product wraps around 2^64 to the input's count are rejected
+      const size_t numel = checked::product<ValueError>(out_row, s.where + ": shape " + shape_str(out_row));
+      AIMASS_CHECK(numel == static_cast<size_t>(p.values[s.in0].row_numel()), ValueError, s.where,
+                   ": cannot reshape row ", shape_str(p.values[s.in0].row), " to ", shape_str(out_row));
       alias = s.in0;
     } else if (n.op == "activation") {
       need_inputs(1);
@@ -355,8 +412,9 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
                    ValueError, s.where, ": normalized_shape ", shape_str(ns), " does not end the input row ",
                    shape_str(row));
       s.D = std::accumulate(ns.begin(), ns.end(), int64_t{1}, std::multiplies<>());
-      auto e = n.attrs.find("eps");
-      s.eps = e == n.attrs.end() ? 1e-5 : e->second.at(0);
+      s.eps = attr_float(n, "eps", 1e-5);
+      AIMASS_CHECK(std::isfinite(s.eps) && s.eps >= 0, ValueError, s.where, ": eps=", s.eps,
+                   " must be a finite number >= 0");
       s.w = f32_param(m, n, "weight", ns, false);
       s.b = f32_param(m, n, "bias", ns, false);
       out_row = row;
@@ -401,12 +459,15 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
         std::string sk = std::string(which) + "_scalar";
         if (n.attrs.count(sk)) {
           is_scalar = true;
-          scalar = static_cast<float>(n.attrs.at(sk).at(0));
+          scalar = static_cast<float>(attr_float(n, sk.c_str(), 0.0));
           return;
         }
         if (n.params.count(which)) {
           const StoredTensor& t = m.tensor(n.params.at(which));
           AIMASS_CHECK(t.dtype == "F32", TypeError, s.where, ": constant operand must be float");
+          for (auto d : t.shape)
+            AIMASS_CHECK(d >= 1, ValueError, s.where, ": constant operand '", n.params.at(which), "' has shape ",
+                         shape_str(t.shape), "; every dim must be >= 1");
           cst = static_cast<const float*>(t.data);
           full = t.shape;
           return;
@@ -549,7 +610,7 @@ void assign_memory(PlanImpl& p) {
   int64_t acc = 0;
   for (size_t b = 0; b < blocks.size(); ++b) {
     block_prefix[b] = acc;
-    acc += blocks[b].bytes;
+    acc = checked::add<ValueError>(acc, blocks[b].bytes, "the plan's bytes per batch row");
   }
   p.slot_prefix.assign(S, 0);
   for (int s = 0; s < S; ++s)
@@ -571,6 +632,7 @@ struct Executor::Plans {
   std::map<int64_t, std::unique_ptr<PlanImpl>> by_seq;
   std::vector<int64_t> recent;  // most recent last
   WeightCache cache;
+  int64_t max_memory = 0;  // ExecutorOptions::max_memory_bytes, given to every plan
 };
 
 namespace {
@@ -582,6 +644,9 @@ Executor::Executor(std::shared_ptr<const Model> model, ExecutorOptions opts)
   AIMASS_CHECK(model_, ValueError, "Executor: model is null");
   AIMASS_CHECK(opts.max_batch_size >= 1, ValueError, "Executor: max_batch_size=", opts.max_batch_size,
                " must be >= 1");
+  AIMASS_CHECK(opts.max_memory_bytes >= 0, ValueError, "Executor: max_memory_bytes=", opts.max_memory_bytes,
+               " must be >= 0 (0 = no cap)");
+  plans_->max_memory = opts.max_memory_bytes;
   dynamic_ = has_dynamic_seq(*model_);
   AIMASS_CHECK(!dynamic_ || opts.seq_len >= 1, ValueError, "Executor: seq_len=", opts.seq_len, " must be >= 1");
   reserved_ = opts.max_batch_size;
@@ -598,6 +663,7 @@ void Executor::set_seq_len(int64_t seq) {
   auto it = ps.by_seq.find(seq);
   if (it == ps.by_seq.end()) {
     auto p = std::make_unique<PlanImpl>();
+    p->max_memory = ps.max_memory;
     try {
       build(*p, *model_, seq, ps.cache);
     } catch (const Error& e) {
@@ -649,10 +715,14 @@ void Executor::reserve(int64_t rows) {
   AIMASS_CHECK(rows >= 1, ValueError, "Executor::reserve: rows=", rows, " must be >= 1");
   reserved_ = std::max(reserved_, rows);
   if (rows <= plan_->capacity) return;
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(plan_->total_row_bytes * rows, 64));
+  const int64_t need = checked::mul<ValueError>(plan_->total_row_bytes, rows,
+                                                detail::concat("Executor: the arena for ", rows, " rows"));
+  check_memory(*plan_, need, detail::concat("Executor: the arena for ", rows, " rows"));
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(need, 64));
   void* mem = nullptr;
   AIMASS_CHECK(posix_memalign(&mem, 64, bytes) == 0, Error, "Executor: cannot allocate an arena of ", bytes,
-               " bytes for ", rows, " rows");
+               " bytes for ", rows, " rows (", plan_->total_row_bytes, " bytes per row); lower max_batch_size or "
+               "send smaller requests");
   std::free(plan_->arena);
   plan_->arena = mem;
   plan_->capacity = rows;
@@ -719,7 +789,7 @@ void Executor::execute(int64_t rows) {
         break;
       case Kind::Embedding:
         ops::embedding(reinterpret_cast<const int64_t*>(p.ptr(s.in0)), rows * p.values[s.in0].row_numel(), s.w,
-                       s.V, s.D, p.fptr(s.out));
+                       s.V, s.D, p.fptr(s.out), s.where.c_str());
         break;
       case Kind::Binary: {
         s.out_shape[0] = rows;

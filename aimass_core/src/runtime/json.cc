@@ -160,6 +160,9 @@ struct Parser {
       v.kind = Value::Bool;
     } else if (lit("null")) {
       v.kind = Value::Null;
+    } else if (lit("-Infinity")) {  // before the number branch, which takes every '-'
+      v.kind = Value::Number;
+      v.num = -HUGE_VAL;
     } else if (c == '-' || (c >= '0' && c <= '9')) {
       const char* s = p;
       if (*p == '-') ++p;
@@ -177,9 +180,6 @@ struct Parser {
     } else if (lit("Infinity")) {
       v.kind = Value::Number;
       v.num = HUGE_VAL;
-    } else if (lit("-Infinity")) {
-      v.kind = Value::Number;
-      v.num = -HUGE_VAL;
     } else {
       fail("unexpected character");
     }

@@ -8,8 +8,10 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <set>
 
+#include "aimass/checked.h"
 #include "aimass/error.h"
 #include "aimass/half.h"
 #include "aimass/runtime.h"
@@ -19,6 +21,7 @@ namespace aimass::runtime {
 
 const char* value_type_name(ValueType t) { return t == ValueType::Int64 ? "int64" : "float32"; }
 
+// Both products were checked to fit (times the item size) when the file was loaded.
 int64_t TensorSpec::row_numel() const {
   int64_t n = 1;
   for (size_t i = 1; i < shape.size(); ++i) n *= shape[i];
@@ -33,6 +36,12 @@ int64_t StoredTensor::numel() const {
 
 namespace {
 
+std::string shape_text(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
 int64_t dtype_size(const std::string& dt) {
   if (dt == "F32" || dt == "I32" || dt == "U32") return 4;
   if (dt == "F16" || dt == "BF16" || dt == "I16" || dt == "U16") return 2;
@@ -41,15 +50,35 @@ int64_t dtype_size(const std::string& dt) {
   return 0;
 }
 
+// A JSON list of integers. Each number must be an exact integer in the int64 range
+// (a fraction, NaN, +-inf or a value >= 2^63 is CorruptDataError, never a UB cast).
 std::vector<int64_t> int_list(const json::Value& v, const std::string& what) {
   AIMASS_CHECK(v.is_array(), CorruptDataError, what, " must be a list of integers");
+  AIMASS_CHECK(v.arr.size() <= kMaxRank, CorruptDataError, what, " has ", v.arr.size(),
+               " entries; at most ", kMaxRank, " are supported");
   std::vector<int64_t> out;
-  for (const auto& e : v.arr) {
-    AIMASS_CHECK(e.is_number() && std::floor(e.num) == e.num, CorruptDataError, what,
-                 " must be a list of integers");
-    out.push_back(static_cast<int64_t>(e.num));
+  for (size_t i = 0; i < v.arr.size(); ++i) {
+    const auto& e = v.arr[i];
+    AIMASS_CHECK(e.is_number(), CorruptDataError, what, " must be a list of integers");
+    out.push_back(checked::to_int64<CorruptDataError>(e.num, detail::concat(what, " entry ", i)));
   }
   return out;
+}
+
+// A shape from the file: every dim in [0, kMaxDim] (or > 0 with `positive`), and the
+// element count times `item_bytes` fits in int64. Returns the element count.
+int64_t checked_numel(const std::vector<int64_t>& shape, int64_t item_bytes, const std::string& what,
+                      bool skip_first = false) {
+  for (size_t i = skip_first ? 1 : 0; i < shape.size(); ++i)
+    AIMASS_CHECK(shape[i] >= 0 && shape[i] <= kMaxDim, CorruptDataError, what, ": dim ", i, " is ", shape[i],
+                 "; dims must be in [0, ", kMaxDim, "]");
+  std::vector<int64_t> dims(shape.begin() + (skip_first && !shape.empty() ? 1 : 0), shape.end());
+  const size_t n = checked::product<CorruptDataError>(dims, what);
+  const size_t bytes = checked::mul<CorruptDataError>(n, static_cast<size_t>(item_bytes),
+                                                      what + " (element count x item size)");
+  AIMASS_CHECK(bytes <= static_cast<size_t>(std::numeric_limits<int64_t>::max()), CorruptDataError, what,
+               ": ", bytes, " bytes do not fit in int64");
+  return static_cast<int64_t>(n);
 }
 
 const std::string& get_string(const json::Value& obj, const char* key, const std::string& where) {
@@ -83,6 +112,11 @@ std::vector<TensorSpec> parse_specs(const json::Value* v, const char* which) {
       AIMASS_CHECK(s.shape[i] > 0 || s.shape[i] == -1, ValueError, "model signature: ", s.name, " dimension ", i,
                    " is ", s.shape[i], "; dims are positive, or -1 for the batch (first) and the dynamic "
                    "sequence length");
+    {  // dynamic dims (-1) count as 1 here; the executor checks each sequence length's plan
+      std::vector<int64_t> fixed(s.shape);
+      for (size_t i = 1; i < fixed.size(); ++i) fixed[i] = fixed[i] == -1 ? 1 : fixed[i];
+      checked_numel(fixed, s.dtype == ValueType::Int64 ? 8 : 4, "model signature: " + s.name, true);
+    }
     out.push_back(std::move(s));
   }
   return out;
@@ -119,20 +153,24 @@ struct ModelLoader {
       AIMASS_CHECK(dt && dt->is_string() && sh && off, CorruptDataError, m.path_, ": tensor '", name,
                    "' lacks dtype/shape/data_offsets");
       StoredTensor st;
+      const std::string tw = m.path_ + ": tensor '" + name + "'";
       st.dtype = dt->str;
-      st.shape = int_list(*sh, "shape of tensor " + name);
-      auto offs = int_list(*off, "data_offsets of tensor " + name);
+      st.shape = int_list(*sh, tw + " shape");
+      auto offs = int_list(*off, tw + " data_offsets");
       int64_t es = dtype_size(st.dtype);
-      AIMASS_CHECK(es > 0, CorruptDataError, m.path_, ": tensor '", name, "' has unknown dtype ", st.dtype);
-      AIMASS_CHECK(offs.size() == 2 && offs[0] >= 0 && offs[1] >= offs[0], CorruptDataError, m.path_,
-                   ": tensor '", name, "' has bad data_offsets");
-      for (auto d : st.shape) AIMASS_CHECK(d >= 0, CorruptDataError, m.path_, ": tensor '", name, "' has a negative dim");
-      AIMASS_CHECK(static_cast<uint64_t>(offs[1]) <= data_len, CorruptDataError, m.path_, ": tensor '", name,
-                   "' ends at byte ", offs[1], " of a data section of ", data_len,
+      AIMASS_CHECK(es > 0, CorruptDataError, tw, " has unknown dtype ", st.dtype);
+      AIMASS_CHECK(offs.size() == 2 && offs[0] >= 0 && offs[1] >= offs[0], CorruptDataError, tw,
+                   " has bad data_offsets (need [begin, end] with 0 <= begin <= end)");
+      AIMASS_CHECK(checked::range_fits(static_cast<uint64_t>(offs[0]), static_cast<uint64_t>(offs[1] - offs[0]),
+                                       data_len),
+                   CorruptDataError, tw, " ends at byte ", offs[1], " of a data section of ", data_len,
                    " bytes: the file is truncated");
+      // shape x item size, overflow-checked: a product that wraps around 2^64 to the stored
+      // byte count (e.g. [2**62, 4] F32 with 0 bytes) is rejected here, not used later.
+      const int64_t numel = checked_numel(st.shape, es, tw + " shape " + shape_text(st.shape));
       st.nbytes = offs[1] - offs[0];
-      AIMASS_CHECK(st.nbytes == st.numel() * es, CorruptDataError, m.path_, ": tensor '", name, "' holds ",
-                   st.nbytes, " bytes but its shape and dtype need ", st.numel() * es);
+      AIMASS_CHECK(st.nbytes == numel * es, CorruptDataError, tw, " holds ", st.nbytes,
+                   " bytes but its shape ", shape_text(st.shape), " and dtype ", st.dtype, " need ", numel * es);
       const char* ptr = data + offs[0];
       if (st.dtype == "F16" || st.dtype == "BF16") {
         // Kernels run in fp32: widen once at load (exact).
@@ -148,7 +186,7 @@ struct ModelLoader {
         st.nbytes = st.numel() * 4;
       } else if (reinterpret_cast<uintptr_t>(ptr) % es != 0) {
         std::vector<float> f((st.nbytes + 3) / 4);
-        std::memcpy(f.data(), ptr, st.nbytes);
+        if (st.nbytes > 0) std::memcpy(f.data(), ptr, st.nbytes);
         m.owned_.push_back(std::move(f));
         st.data = m.owned_.back().data();
       } else {

@@ -37,7 +37,10 @@ constexpr int64_t kElemGrain = 16384;
 
 template <Act A>
 inline float apply(float v) {
-  if constexpr (A == Act::Relu) return v > 0.f ? v : 0.f;
+  // torch's relu: NaN and +inf pass through, -0 stays -0 (v > 0 ? v : 0 would turn NaN into 0).
+  // The other activations propagate NaN by their formulas; at +-inf they give what torch's
+  // scalar reference gives (docs/numerics.md "NaN and infinities").
+  if constexpr (A == Act::Relu) return v < 0.f ? 0.f : v;
   if constexpr (A == Act::Gelu) return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
   if constexpr (A == Act::GeluTanh) {
     const float k = 0.7978845608028654f;
@@ -321,12 +324,16 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                      for (int64_t ow = 0; ow < s.OW; ++ow) {
                        float m = -std::numeric_limits<float>::infinity();
                        bool nan = false;
-                       for (int64_t kh = 0; kh < s.KH; ++kh) {
-                         const int64_t ih = oh * s.SH - s.PH + kh * s.DH;
-                         if (ih < 0 || ih >= s.H) continue;
-                         for (int64_t kw = 0; kw < s.KW; ++kw) {
-                           const int64_t iw = ow * s.SW - s.PW + kw * s.DW;
-                           if (iw < 0 || iw >= s.W) continue;
+                       // only the taps inside the image (a huge padded window costs no idle loop)
+                       const int64_t ih0 = oh * s.SH - s.PH, iw0 = ow * s.SW - s.PW;
+                       const int64_t kh0 = ih0 < 0 ? (-ih0 + s.DH - 1) / s.DH : 0;
+                       const int64_t kh1 = ih0 >= s.H ? 0 : std::min(s.KH, (s.H - 1 - ih0) / s.DH + 1);
+                       const int64_t kw0 = iw0 < 0 ? (-iw0 + s.DW - 1) / s.DW : 0;
+                       const int64_t kw1 = iw0 >= s.W ? 0 : std::min(s.KW, (s.W - 1 - iw0) / s.DW + 1);
+                       for (int64_t kh = kh0; kh < kh1; ++kh) {
+                         const int64_t ih = ih0 + kh * s.DH;
+                         for (int64_t kw = kw0; kw < kw1; ++kw) {
+                           const int64_t iw = iw0 + kw * s.DW;
                            const float v = src[ih * s.W + iw];
                            if (std::isnan(v)) nan = true;
                            m = v > m ? v : m;
@@ -350,14 +357,17 @@ void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                        // padding when count_include_pad, else only in-image taps.
                        const int64_t h0 = oh * s.SH - s.PH, w0 = ow * s.SW - s.PW;
                        const int64_t h1 = std::min(h0 + s.KH, s.H + s.PH), w1 = std::min(w0 + s.KW, s.W + s.PW);
-                       const int64_t padded = (h1 - h0) * (w1 - w0);
+                       // counts as float products: a huge padded window cannot overflow int64
+                       const float padded = static_cast<float>(h1 - h0) * static_cast<float>(w1 - w0);
                        const int64_t hs = std::max<int64_t>(h0, 0), ws = std::max<int64_t>(w0, 0);
                        const int64_t he = std::min(h1, s.H), we = std::min(w1, s.W);
                        float acc = 0.f;
                        for (int64_t ih = hs; ih < he; ++ih)
                          for (int64_t iw = ws; iw < we; ++iw) acc += src[ih * s.W + iw];
-                       const int64_t cnt = s.count_include_pad ? padded : (he - hs) * (we - ws);
-                       dst[oh * s.OW + ow] = acc / static_cast<float>(cnt > 0 ? cnt : 1);
+                       const float cnt = s.count_include_pad ? padded
+                                                             : static_cast<float>(std::max<int64_t>(he - hs, 0)) *
+                                                                   static_cast<float>(std::max<int64_t>(we - ws, 0));
+                       dst[oh * s.OW + ow] = acc / (cnt > 0.f ? cnt : 1.f);
                      }
                  }
                });
@@ -430,10 +440,11 @@ void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const floa
   });
 }
 
-void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y) {
+void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y,
+               const char* where) {
   for (int64_t i = 0; i < n; ++i)
-    AIMASS_CHECK(idx[i] >= 0 && idx[i] < V, ValueError, "embedding index ", idx[i], " at position ", i,
-                 " is outside [0, ", V, ")");
+    AIMASS_CHECK(idx[i] >= 0 && idx[i] < V, ValueError, where, ": index ", idx[i], " at flat position ", i,
+                 " is outside the valid range [0, ", V - 1, "] (num_embeddings=", V, ")");
   parallel_for(0, n, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) std::memcpy(y + i * D, table + idx[i] * D, D * sizeof(float));
   });

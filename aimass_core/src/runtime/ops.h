@@ -54,7 +54,9 @@ void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_
 void activation(const float* x, int64_t n, Act act, float* y);
 void softmax(const float* x, int64_t outer, int64_t axis, int64_t inner, bool log, float* y);
 void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const float* b, double eps, float* y);
-void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y);
+// Every index must be in [0, V): ValueError naming `where` (the node), the index and the range.
+void embedding(const int64_t* idx, int64_t n, const float* table, int64_t V, int64_t D, float* y,
+               const char* where = "embedding");
 void channel_affine(const float* x, int64_t outer, int64_t C, int64_t plane, const float* scale,
                     const float* shift, float* y);
 

@@ -37,7 +37,7 @@ void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const 
       }
       for (int64_t j = 0; j < nc; ++j) {
         float v = acc[j] + (bias_p ? bias_p[p * kPanel + j] : 0.f);
-        if (relu) v = v > 0.f ? v : 0.f;  // like the SIMD max(v, 0) and ops' ReLU: NaN -> 0
+        if (relu) v = v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN (like the SIMD max(0, v))
         y[m * N + n0 + j] = v;
       }
     }

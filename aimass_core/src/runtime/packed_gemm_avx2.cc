@@ -56,8 +56,10 @@ inline void tile(const float* x, int64_t K, const float* w, const float* b, int6
   for (int m = 0; m < MR; ++m) {
     __m256 v0 = _mm256_add_ps(a0[0][m], b0), v1 = _mm256_add_ps(a1[0][m], b1);
     if (relu) {
-      v0 = _mm256_max_ps(v0, zero);
-      v1 = _mm256_max_ps(v1, zero);
+      // max(0, v) returns its second operand when either is NaN: NaN stays NaN and -0
+      // stays -0, exactly torch's relu (v < 0 ? 0 : v); max(v, 0) would turn NaN into 0
+      v0 = _mm256_max_ps(zero, v0);
+      v1 = _mm256_max_ps(zero, v1);
     }
     if (ncols >= 16) {
       _mm256_storeu_ps(y + m * N, v0);

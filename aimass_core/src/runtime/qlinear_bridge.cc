@@ -1,5 +1,6 @@
 #include "runtime/qlinear_bridge.h"
 
+#include "aimass/checked.h"
 #include "aimass/error.h"
 #include "aimass/qlinear.h"
 
@@ -8,10 +9,19 @@ namespace aimass::runtime {
 std::shared_ptr<QLinearWeights> pack_qlinear(const Model& m, const Node& n, int64_t K) {
   const std::string where = "node '" + n.name + "' (quantized linear)";
   auto q = std::make_shared<QLinearWeights>();
-  q->bits = static_cast<int>(n.attrs.at("bits").at(0));
-  auto g = n.attrs.find("group_size");
-  q->group_size = g == n.attrs.end() ? 0 : static_cast<int64_t>(g->second.at(0));
-  AIMASS_CHECK(q->bits == 8 || q->bits == 4, ValueError, where, ": bits=", q->bits, " must be 8 or 4");
+  // attrs are JSON doubles: exact integers only (no UB cast of NaN / inf / 2^63)
+  auto int_attr = [&](const char* key, int64_t def) -> int64_t {
+    auto it = n.attrs.find(key);
+    if (it == n.attrs.end()) return def;
+    AIMASS_CHECK(it->second.size() == 1, ValueError, where, ": attribute '", key, "' must be one number");
+    return checked::to_int64<ValueError>(it->second[0], where + ": attribute '" + key + "'");
+  };
+  const int64_t bits = int_attr("bits", 0);
+  AIMASS_CHECK(bits == 8 || bits == 4, ValueError, where, ": bits=", bits, " must be 8 or 4");
+  q->bits = static_cast<int>(bits);
+  q->group_size = int_attr("group_size", 0);
+  AIMASS_CHECK(q->group_size >= 0 && q->group_size <= K, ValueError, where, ": group_size=", q->group_size,
+               " must be in [0, ", K, "] (0 = per output channel)");
   AIMASS_CHECK(n.params.count("weight") && n.params.count("weight_scale"), ValueError, where,
                " needs 'weight' and 'weight_scale' tensors");
   const StoredTensor& w = m.tensor(n.params.at("weight"));
@@ -21,7 +31,8 @@ std::shared_ptr<QLinearWeights> pack_qlinear(const Model& m, const Node& n, int6
   q->K = K;
   AIMASS_CHECK(w.dtype == (q->bits == 8 ? "I8" : "U8"), TypeError, where, ": weight dtype ", w.dtype,
                " does not match bits=", q->bits, " (int8 -> I8, int4 packed -> U8)");
-  const int64_t want_bytes = q->bits == 8 ? q->N * K : (q->N * K + 1) / 2;
+  const int64_t elems = checked::mul<CorruptDataError>(q->N, K, where + ": weight elements");
+  const int64_t want_bytes = q->bits == 8 ? elems : elems / 2 + (elems & 1);
   AIMASS_CHECK(w.nbytes == want_bytes, ValueError, where, ": weight holds ", w.nbytes, " bytes, [", q->N, ", ", K,
                "] at ", q->bits, " bits needs ", want_bytes);
   const int64_t want_scales = q->group_size > 0 ? q->N * (K / q->group_size) : q->N;

@@ -1,4 +1,4 @@
-// Quantized Linear layers of a model: the stored weights (QUANT_FORMAT.md layout)
+// Quantized Linear layers of a model: the stored weights (docs/quant_format.md layout)
 // prepacked once through the compress kernels (aimass/qlinear.h).
 #pragma once
 #include <cstdint>

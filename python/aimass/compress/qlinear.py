@@ -1,7 +1,7 @@
 """Fused quantized linear: ``y = x @ dequant(W).T + bias`` on the engine's kernels.
 
 Weights are symmetric int8 (per-channel, per-tensor or grouped) or symmetric int4
-(grouped or per-channel) in the layout of QUANT_FORMAT.md. They are prepacked
+(grouped or per-channel) in the layout of docs/quant_format.md. They are prepacked
 once into a C++ ``PackedLinear`` (cached on the quantized weight object, like
 FBGEMM's packed weights) and every call picks a kernel by shape:
 

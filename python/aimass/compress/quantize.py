@@ -1,5 +1,5 @@
 """Weight quantization: int8 / int4, per tensor / channel / group, symmetric or
-asymmetric. The numerics are defined in docs/numerics.md (and QUANT_FORMAT.md);
+asymmetric. The numerics are defined in docs/numerics.md (and docs/quant_format.md);
 the kernels are C++ (aimass._C.quant_*), this module validates and shapes.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _scale_shape(shape, granularity, axis, group_size) -> Tuple[int, ...]:
 
 
 class QuantizedTensor:
-    """A quantized array in the canonical layout of QUANT_FORMAT.md.
+    """A quantized array in the canonical layout of docs/quant_format.md.
 
     data: int8 (symmetric 8-bit) or uint8 (asymmetric 8-bit, any 4-bit: packed pairs);
     scale: float32 of shape [] / [C] / [C, K/G]; zero_point: int32 like scale, or None

@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import math
+import numbers
+import operator
 import os
 import threading
 import weakref
@@ -69,26 +72,70 @@ def _convert_inputs(specs, inputs: Mapping[str, Any], where: str) -> List[np.nda
     arrays = []
     for s in specs:
         x = inputs[s["name"]]
+        what = f"input '{s['name']}'"
+        shape = tuple(as_numpy(x, what)[0].shape)  # as given: ascontiguousarray makes a scalar 1-D
+        row = tuple(s["shape"][1:])  # -1: a dynamic (sequence) dim, any size
+
+        def fits(got, want):
+            return len(got) == len(want) and all(w == -1 or g == w for g, w in zip(got, want))
+
+        single = fits(shape, row)
+        if not single and not (len(shape) == len(row) + 1 and fits(shape[1:], row)):
+            given = f"[{', '.join(map(str, shape))}]" + (" (a scalar)" if not shape else "")
+            raise ValueError(f"{where}: {what} has shape {given}; the model expects "
+                             f"[batch, {', '.join(map(str, row))}] or one example [{', '.join(map(str, row))}]")
         if s["dtype"] == "float32":
-            a = float32_array(x, f"input '{s['name']}'")
+            a = float32_array(x, what)
         else:
-            a, dt = as_numpy(x, f"input '{s['name']}'")
+            a, dt = as_numpy(x, what)
             if dt not in ("int64", "int32", "int16", "int8", "uint8", "bool"):
-                raise TypeError(f"{where}: input '{s['name']}' must hold integer indices, got {dt}")
+                raise TypeError(f"{where}: {what} must hold integer indices, got {dt}")
             a = np.ascontiguousarray(a, dtype=np.int64)
-        if a.ndim == len(s["shape"]) - 1:  # a single example without the batch dimension
-            a = a[None]
+        if single:  # a single example without the batch dimension
+            a = a.reshape((1,) + shape)
         arrays.append(np.ascontiguousarray(a))
     return arrays
+
+
+# Longest deadline a request may carry (about 31.7 years): past it the batcher's clock
+# arithmetic would overflow. Priorities are C ints.
+MAX_DEADLINE_MS = 1e12
+PRIORITY_RANGE = (-(2 ** 31), 2 ** 31 - 1)
+_INT_LIMITS = {"max_batch_size": (1, 2 ** 31 - 1), "max_queue_delay_us": (0, int(MAX_DEADLINE_MS) * 1000),
+               "queue_capacity": (1, 2 ** 24), "num_threads": (1, 4096)}
 
 
 def _timeout_us(deadline_ms: Optional[float]) -> int:
     """A request's deadline for the batcher: microseconds from now, -1 for none."""
     if deadline_ms is None:
         return -1
-    if deadline_ms < 0:
-        raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
-    return int(deadline_ms * 1000)
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real):
+        raise TypeError(f"deadline_ms must be None (no deadline) or a number of milliseconds in "
+                        f"[0, {MAX_DEADLINE_MS:g}], got {type(deadline_ms).__name__} {deadline_ms!r}")
+    d = float(deadline_ms)
+    if not (math.isfinite(d) and 0 <= d <= MAX_DEADLINE_MS):
+        raise ValueError(f"deadline_ms must be None (no deadline) or a finite number of milliseconds in "
+                         f"[0, {MAX_DEADLINE_MS:g}], got {deadline_ms!r}")
+    return int(d * 1000)
+
+
+def _int_arg(name: str, v, lo: int, hi: int, where: str = "") -> int:
+    """v as a Python int in [lo, hi]: TypeError for a non-integer, ValueError out of range."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"{where}{name} must be an int in [{lo}, {hi}], got {type(v).__name__} {v!r}") from None
+    v = int(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"{where}{name} must be an int in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _priority(priority) -> int:
+    return _int_arg("priority", priority, *PRIORITY_RANGE)
 
 
 # Sessions still open at interpreter exit are closed first (their scheduler and futures threads
@@ -121,11 +168,12 @@ class Session:
             max_batch_size = _tuning.default("session_max_batch_size", 32)
         if max_queue_delay_us is None:
             max_queue_delay_us = _tuning.default("session_max_queue_delay_us", 500)
-        for name, v, lo in (("max_batch_size", max_batch_size, 1), ("max_queue_delay_us", max_queue_delay_us, 0),
-                            ("queue_capacity", queue_capacity, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"Session: {name} must be an int >= {lo}, got {v!r}")
+        max_batch_size = _int_arg("max_batch_size", max_batch_size, *_INT_LIMITS["max_batch_size"], "Session: ")
+        max_queue_delay_us = _int_arg("max_queue_delay_us", max_queue_delay_us, *_INT_LIMITS["max_queue_delay_us"],
+                                      "Session: ")
+        queue_capacity = _int_arg("queue_capacity", queue_capacity, *_INT_LIMITS["queue_capacity"], "Session: ")
         if num_threads is not None:
+            num_threads = _int_arg("num_threads", num_threads, *_INT_LIMITS["num_threads"], "Session: ")
             import aimass
             aimass.set_num_threads(num_threads)
         self._model = Model(path)
@@ -155,10 +203,10 @@ class Session:
 
     # -- requests
     def _submit_ticket(self, inputs, deadline_ms, priority, notify, run_inline=False):
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise TypeError(f"priority must be an int, got {priority!r}")
+        priority = _priority(priority)
+        timeout_us = _timeout_us(deadline_ms)
         arrays = _convert_inputs(self._specs_in, inputs, "Session")
-        return self._batcher.submit(arrays, priority, _timeout_us(deadline_ms), notify, run_inline), inputs
+        return self._batcher.submit(arrays, priority, timeout_us, notify, run_inline), inputs
 
     def _result(self, outputs, inputs) -> Dict[str, Any]:
         template = next(iter(inputs.values()))
@@ -169,8 +217,8 @@ class Session:
         The GIL is released while it waits. Outputs come back as the inputs' kind (numpy/torch)."""
         # Hot path: one C++ call enqueues (or runs inline on an idle session), releases
         # the GIL and waits on the request's own condition variable; C++ checks shapes.
-        if type(priority) is not int:
-            raise TypeError(f"priority must be an int, got {priority!r}")
+        if type(priority) is not int or not -2147483648 <= priority <= 2147483647:
+            priority = _priority(priority)  # raises TypeError / ValueError naming the range, or converts
         timeout_us = _timeout_us(deadline_ms)
         out = self._batcher.run_plain(inputs, priority, timeout_us)
         if out is None:  # torch tensors, other dtypes, no batch dim, bad inputs: convert (or explain) here

@@ -43,7 +43,7 @@ def _np(t) -> np.ndarray:
 
 
 def _quantize_linear(w: np.ndarray, bits: int):
-    """Symmetric weight quantization through aimass.compress (QUANT_FORMAT.md): int8 per output
+    """Symmetric weight quantization through aimass.compress (docs/quant_format.md): int8 per output
     channel, int4 in groups of 32 along K (per-channel when 32 does not divide K)."""
     from ..compress.qlinear import quantize_weight
 
@@ -468,6 +468,18 @@ def export(module, example_inputs, path, quantize: Optional[str] = None, prune=N
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise TypeError("export: example_inputs must be a tensor or a tuple of tensors")
+    for i, x in enumerate(example_inputs):
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool):
+            raise TypeError(f"export: example input {i} has dtype {x.dtype}; .aimass inputs are float32 or int64 "
+                            "(float16/bfloat16/smaller int/bool examples are widened; convert others, e.g. x.float())")
+    for arg, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is None:
+            continue
+        if isinstance(names, (str, bytes)) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"export: {arg} must be a list of non-empty strings, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"export: {arg} has duplicate names: {list(names)}")
     if len({int(x.shape[0]) if x.dim() else -1 for x in example_inputs}) != 1 or example_inputs[0].dim() == 0:
         raise ValueError("export: every example input needs the same batch size in dimension 0")
     prune_report = None
