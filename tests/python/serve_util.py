@@ -13,6 +13,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+# child processes import the aimass this test imported (in-tree build or installed wheel alike)
+import aimass as _aimass  # noqa: E402
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_aimass.__file__)))
+
 
 
 def export_mlp(path, seed: int, d_in: int = 4, hidden: int = 16, d_out: int = 3, layers: int = 1):
@@ -56,7 +60,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = dict(os.environ)
-        e["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + e.get("PYTHONPATH", "")
+        e["PYTHONPATH"] = PKG_ROOT + os.pathsep + e.get("PYTHONPATH", "")
         e.update(env or {})
         self.log = open(Path(str(store)).parent / f"serve_{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", str(store),

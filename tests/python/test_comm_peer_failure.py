@@ -78,8 +78,10 @@ def kill_quietly(pid):
 def run_job(batch, out_dir):
     """Runs one job; returns {pair: (survivor record, victim record)}."""
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(os.path.dirname(__file__), "..", "..", "python"),
-                                                    env.get("PYTHONPATH")) if p)
+    # the ranks import the aimass this test imported (in-tree build or installed wheel alike)
+    import aimass
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(aimass.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(mpirun_command(2 * len(batch), out_dir, batch), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     want = [os.path.join(out_dir, f"pair{k}.survivor.json") for k in range(len(batch))]

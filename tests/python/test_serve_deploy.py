@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from aimass.serve import TokenTable
-from serve_util import ROOT, make_store
+from serve_util import PKG_ROOT, ROOT, make_store
 
 DEPLOY = ROOT / "deploy"
 
@@ -129,6 +129,6 @@ def test_grafana_dashboard_uses_exported_metrics(exported_metrics):
 
 def test_cli_help_lists_the_options():
     out = subprocess.run([sys.executable, "-m", "aimass", "serve", "--help"], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"}).stdout
+                         cwd=ROOT, env={"PYTHONPATH": PKG_ROOT, "PATH": "/usr/bin:/bin"}).stdout
     for opt in ("--store", "--host", "--port", "--tokens", "--insecure"):
         assert opt in out

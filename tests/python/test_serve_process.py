@@ -16,7 +16,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from aimass.serve import hash_token  # noqa: E402
-from serve_util import ROOT, export_mlp, make_store, serve_process  # noqa: E402
+from serve_util import PKG_ROOT, export_mlp, make_store, serve_process  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,11 +167,11 @@ def test_sigterm_drains_inflight_then_exits_0(store):
 def test_non_loopback_without_tokens_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "aimass", "serve", "--store", str(tmp_path / "s"), "--host",
                         "0.0.0.0"], capture_output=True, text=True, timeout=60,
-                       env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
+                       env={"PYTHONPATH": PKG_ROOT, "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0 and "--insecure" in r.stderr
     bad = tmp_path / "tokens.yml"
     bad.write_text("tokens: [{sha256: not-a-hash}]")
     r = subprocess.run([sys.executable, "-m", "aimass", "serve", "--store", str(tmp_path / "s"), "--tokens", str(bad)],
                        capture_output=True, text=True, timeout=60,
-                       env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
+                       env={"PYTHONPATH": PKG_ROOT, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "64-hex-digit sha256" in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import sqlite3
+import time
 import weakref
 from typing import Callable, Dict
 
@@ -198,7 +201,18 @@ def _sqlite_connect(dbapi_conn, _record):
     # the driver's own transaction handling off: _sqlite_begin issues BEGIN / BEGIN IMMEDIATE
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # Switching a new database to WAL takes an exclusive lock, and SQLite can answer "database is
+    # locked" at once (no busy wait) when another process opens the same new store at that moment:
+    # retry for up to the connection timeout instead of failing the open.
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + 0.04 * random.random())
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
