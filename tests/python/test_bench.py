@@ -205,3 +205,16 @@ print(ld.num_threads, ld.prefetch, ld2.num_threads, ld2.prefetch, s.max_batch_si
     r = _python(code, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", "5", "2", "3", "4", "77"]
+
+
+def test_cli_readme_and_compare_options(tmp_path):
+    rep = _report()
+    path = rep.save(str(tmp_path / "r"))
+    readme = tmp_path / "R.md"
+    readme.write_text(f"x\n{BEGIN}\n{END}\n")
+    r = _aimass("bench", "readme", path, "--readme", str(readme), home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| latency |" in readme.read_text()
+    slow = _report(1.5).save(str(tmp_path / "s"))
+    r = _aimass("bench", "compare", path, slow, "--fail-on-regression", home=tmp_path)
+    assert r.returncode == 1 and "2 regression(s)" in r.stdout

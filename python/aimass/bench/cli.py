@@ -133,10 +133,12 @@ def _dispatch(args) -> int:
                                  help="smallest relative change flagged (default 0.03)")
                 sub.add_argument("--fail-on-regression", action="store_true", help="exit 1 on a regression")
                 sub.add_argument("--json", action="store_true")
-                return _cmd_compare(sub.parse_args(args.suites[1:] + (["--json"] if args.json else [])))
+                extra = (["--json"] if args.json else []) + (["--fail-on-regression"] if args.fail_on_regression
+                                                              else []) + ["--min-change", str(args.min_change)]
+                return _cmd_compare(sub.parse_args(args.suites[1:] + extra))
             sub.add_argument("report", help="a report.json written by aimass bench")
             sub.add_argument("--readme", default="README.md", help="the README to update (default ./README.md)")
-            return _cmd_readme(sub.parse_args(args.suites[1:]))
+            return _cmd_readme(sub.parse_args(args.suites[1:] + ["--readme", args.readme]))
         return _run(args)
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"aimass bench: {exc}", file=sys.stderr)
@@ -153,6 +155,10 @@ def add_cli(sub) -> None:
     p.add_argument("--tune", action="store_true", help="write the knobs the measurements chose to the tuning profile")
     p.add_argument("--show-tuning", action="store_true", help="print this machine's tuning profile and exit")
     p.add_argument("--json", action="store_true", help="JSON output (--show-tuning, compare)")
+    p.add_argument("--readme", default="README.md", help="readme: the README to update (default ./README.md)")
+    p.add_argument("--min-change", type=float, default=0.03,
+                   help="compare: smallest relative change flagged (default 0.03)")
+    p.add_argument("--fail-on-regression", action="store_true", help="compare: exit 1 on a regression")
     p.set_defaults(func=_dispatch)
 
 
