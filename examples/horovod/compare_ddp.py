@@ -8,9 +8,7 @@ alternating rounds (so load on the machine hits both alike); prints images/s per
 of each and their ratio (median over rounds).
 """
 import argparse
-import os
 import socket
-import sys
 import time
 
 import numpy as np
@@ -18,10 +16,10 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_synthetic_benchmark import MODELS  # noqa: E402
+# run as a script, its own folder is first on sys.path: the sibling example imports directly
+from pytorch_synthetic_benchmark import MODELS
 
-import aimass.dist as hvd  # noqa: E402
+import aimass.dist as hvd
 
 
 def free_port():

@@ -126,7 +126,6 @@ def write_profile(knobs: Dict[str, Any], evidence: Optional[Dict[str, str]] = No
     """Store `knobs` as this machine's profile (other machines' profiles in the file are kept),
     atomically. Returns the path."""
     import datetime
-    import tempfile
     from . import __version__
     knobs = validate_knobs(knobs)
     path = path or profile_path()
@@ -143,19 +142,9 @@ def write_profile(knobs: Dict[str, Any], evidence: Optional[Dict[str, str]] = No
     doc["profiles"][key] = {
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "aimass": __version__, "knobs": knobs, "evidence": dict(evidence or {})}
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tuning.", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ._io import atomic_write_text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True))
     return path
 
 

@@ -2,6 +2,7 @@
 (each rank calls the script's main() in this process, as `python script.py` would)."""
 import importlib.util
 import os
+import sys
 import tempfile
 
 import pytest
@@ -12,6 +13,9 @@ HERE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "horovod"
 
 
 def load(name):
+    """Imports an example as `python examples/horovod/NAME.py` would: its folder first on sys.path."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
     spec = importlib.util.spec_from_file_location(f"hvd_example_{name}", os.path.join(HERE, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

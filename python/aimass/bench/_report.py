@@ -6,10 +6,11 @@ import datetime
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
+
+from .._io import atomic_write_text
 
 REPORT_FORMAT = 1
 
@@ -112,12 +113,7 @@ class Report:
     def save(self, out_dir: str) -> str:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "report.json")
-        fd, tmp = tempfile.mkstemp(prefix=".report.", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
         return path
 
 

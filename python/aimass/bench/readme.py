@@ -5,9 +5,7 @@ The tables go between the markers ``<!-- aimass-bench:begin -->`` and
 ``<!-- aimass-bench:end -->``; everything else in the file is left as it is."""
 from __future__ import annotations
 
-import os
-import tempfile
-
+from .._io import atomic_write_text
 from ._report import Report, fmt_value
 
 BEGIN = "<!-- aimass-bench:begin -->"
@@ -54,7 +52,4 @@ def update_readme(report: Report, readme: str) -> None:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = head + BEGIN + "\n" + render(report) + END + tail
-    fd, tmp = tempfile.mkstemp(prefix=".readme.", dir=os.path.dirname(os.path.abspath(readme)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, readme)
+    atomic_write_text(readme, new)
