@@ -40,6 +40,17 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
+# Debian's wrk: the serve benchmark's load generator (tests/python/test_serve_bench.py checks it;
+# the benchmark falls back to its asyncio client without it)
+if ! command -v wrk >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } ||
+      echo "could not install wrk: the serve benchmark will use its asyncio client" >&2
+  else
+    echo "no wrk and no root apt-get: the serve benchmark will use its asyncio client" >&2
+  fi
+fi
+
 step "build and install aimass (with C++ tests)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
   -Ccmake.define.AIMASS_BUILD_TESTS=ON -Cbuild-dir=build/test .

@@ -196,22 +196,23 @@ def compute_totals(port: int):
                  for k in ("sum", "count"))
 
 
-def session_p50(path: str, x: np.ndarray, n: int = 3000):
-    from .. import runtime as rt
-    with rt.Session(path) as s:
-        for _ in range(300):
-            s.run({"x": x})
-        t = np.empty(n)
-        for i in range(n):
-            t0 = time.perf_counter_ns()
-            s.run({"x": x})
-            t[i] = time.perf_counter_ns() - t0
+def session_p50(sess, x: np.ndarray, n: int = 3000):
+    """p50 and p99 (us) of in-process Session.run on one row, after a warm-up."""
+    for _ in range(300):
+        sess.run({"x": x})
+    t = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        sess.run({"x": x})
+        t[i] = time.perf_counter_ns() - t0
     return float(np.percentile(t / 1e3, 50)), float(np.percentile(t / 1e3, 99))
 
 
 def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
           requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
-    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}."""
+    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}.
+    Session.run's p50 is measured in this process at the start and again in every concurrency-1 round
+    (next to the HTTP rounds, under the same machine load); the figure is the median of those."""
     import torch
     from .. import runtime as rt
     from ..registry import Registry
@@ -221,6 +222,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     wrk = wrk_path()
     tmp = tempfile.mkdtemp(prefix="aimass-bench-serve-")
     procs = []
+    sess = None
     try:
         net = make_mlp(MLP)
         torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
@@ -228,7 +230,10 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
         Registry(os.path.join(tmp, "store")).push(path, "mlp", label="stable")
         x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
-        s50, s99 = session_p50(path, x, 1000 if quick else 3000)
+        sess = rt.Session(path)
+        n_sess = 1000 if quick else 3000
+        s50, s99 = session_p50(sess, x, n_sess)
+        sess_p50s, sess_p99s = [s50], [s99]
         log(f"Session.run in-process, batch 1: p50 {s50:.1f} us, p99 {s99:.1f} us")
         predict = http_request("/predict", json.dumps({"input": x.tolist()}).encode(),
                                ["Content-Type: application/json"])
@@ -241,6 +246,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         v2_bin = http_request("/v2/models/mlp/infer", head + x.tobytes(),
                               ["Content-Type: application/octet-stream",
                                f"Inference-Header-Content-Length: {len(head)}"])
+        tf_row = http_request("/v1/models/mlp:predict", json.dumps({"instances": x.tolist()}).encode(),
+                              ["Content-Type: application/json"])
         results: dict = {"session_p50_us": s50, "session_p99_us": s99, "runs": {},
                          "generator": "wrk (one thread)" if wrk else "asyncio (this process)"}
         log(f"load generator: {results['generator']}")
@@ -252,7 +259,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
         targets = []
-        if any(want(w) for w in ("predict", "v2json", "v2bin")):
+        if any(want(w) for w in ("predict", "v2json", "v2bin", "tfserving")):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
                                      "--port", str(port), "--log-level", "warning", *serve_args], env=env)
@@ -260,7 +267,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
             wait_http(port, "/v2/health/ready", proc)
             for what, label, req in (("predict", "aimass serve /predict", predict),
                                      ("v2json", "aimass serve v2 JSON", v2_json),
-                                     ("v2bin", "aimass serve v2 binary", v2_bin)):
+                                     ("v2bin", "aimass serve v2 binary", v2_bin),
+                                     ("tfserving", "aimass serve TF-Serving :predict", tf_row)):
                 if want(what):
                     targets.append((label, port, req, proc.pid))
         if want("flask"):
@@ -276,6 +284,10 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         for c in concurrency:
             got: Dict[str, list] = {}
             for _ in range(rounds):
+                if c == 1 and targets and targets[0][0].startswith("aimass"):
+                    p50, p99 = session_p50(sess, x, n_sess // 2)
+                    sess_p50s.append(p50)
+                    sess_p99s.append(p99)
                 for label, port, req, pid in targets:
                     aimass = label.startswith("aimass")
                     before = compute_totals(port) if aimass else None
@@ -291,6 +303,11 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     load(targets[0][1], live, 1, count // rounds, seconds / rounds, pid=targets[0][3], wrk=wrk,
                          workdir=tmp)
                     for _ in range(rounds)]
+            if c == 1 and len(sess_p50s) > 1:
+                s50, s99 = float(np.median(sess_p50s)), float(np.median(sess_p99s))
+                results.update(session_p50_us=s50, session_p99_us=s99, session_p50_rounds_us=sess_p50s)
+                log(f"Session.run in-process, batch 1, median of {len(sess_p50s)} measurements beside the rounds: "
+                    f"p50 {s50:.1f} us (each: {', '.join(f'{v:.0f}' for v in sess_p50s)})")
             for label, rs in got.items():
                 r = {k: float(np.median([v.get(k, np.nan) for v in rs])) for k in rs[0]}
                 r["rps_spread"] = float((max(v["rps"] for v in rs) - min(v["rps"] for v in rs)) / max(r["rps"], 1e-9))
@@ -300,6 +317,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     f"{int(r['errors'])} errors)")
         return results
     finally:
+        if sess is not None:
+            sess.close()
         for proc in procs:
             proc.terminate()
             try:
@@ -327,7 +346,8 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
             report.add(SUITE, f"{label}, {c} connections, p99", r["p99_us"] * 1e-6, "s", higher_is_better=False,
                        baseline="Flask /predict (torch)" if f else None,
                        baseline_value=f["p99_us"] * 1e-6 if f else None)
-    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
+                  "aimass serve TF-Serving :predict"):
         if 1 in runs.get(label, {}):
             over = (runs[label][1]["p50_us"] - res["session_p50_us"]) * 1e-6
             report.add(SUITE, f"HTTP overhead per request ({label} p50 - Session.run p50), 1 connection", over, "s",

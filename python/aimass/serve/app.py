@@ -61,6 +61,9 @@ class Server:
         self.metrics = ServerMetrics(self.manager, self)
         self.draining = False
         self.inflight = 0
+        # open HTTP connections, when the ASGI server tells (cli.make_uvicorn_server): with one, no other
+        # request can be waiting unread, so a lone request runs inline without first yielding to the loop
+        self.open_connections: Optional[Callable[[], int]] = None
         self.started = time.time()
 
     def is_ready(self) -> bool:
@@ -80,7 +83,8 @@ class Server:
                 # thread hand-offs; the batcher runs an idle session's request on this thread) only if
                 # none arrived. Without this yield a loaded server ran every request inline, one by
                 # one, never batching (each saw itself alone while the others waited unread).
-                await asyncio.sleep(0)
+                if self.open_connections is None or self.open_connections() > 1:
+                    await asyncio.sleep(0)
                 if self.inflight == 1:
                     return lv.session.run(inputs, deadline_ms=deadline_ms, priority=priority)
             return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority)

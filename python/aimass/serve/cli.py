@@ -66,7 +66,9 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
     kw.setdefault("proxy_headers", False)
     cfg = uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
                          log_config=None, timeout_graceful_shutdown=drain_timeout_s, **kw)
-    return _Server(cfg)
+    server = _Server(cfg)
+    srv.open_connections = lambda: len(server.server_state.connections)
+    return server
 
 
 def _has(mod: str) -> bool:
