@@ -216,6 +216,9 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
     if (run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1) {
       busy_ = true;
       stats_.inline_runs++;
+      // The caller runs it and finds it done when submit returns: nobody needs it reported
+      // through wait_completed (that would only wake the futures thread for nothing).
+      r->notify_ = false;
     } else {
       run_inline = false;
       heap_.push_back(r);

@@ -86,7 +86,12 @@ class Server:
                 if self.open_connections is None or self.open_connections() > 1:
                     await asyncio.sleep(0)
                 if self.inflight == 1:
-                    return lv.session.run(inputs, deadline_ms=deadline_ms, priority=priority)
+                    # inline=True: the batcher runs it here only if it also sees no load (its last batch
+                    # held one request); otherwise it queues it and this awaits without blocking the
+                    # loop. (Session.run here blocked the loop through the batcher's gathering wait,
+                    # up to max_queue_delay_us, for requests that could not arrive meanwhile.)
+                    return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority,
+                                                      inline=True)
             return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority)
         except aimass.QueueFullError as exc:
             raise ServeError(503, f"model '{lv.name}' is overloaded (queue full): {exc}; retry later",
