@@ -312,6 +312,55 @@ void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, con
   epilogue(y, N, s.O, P, bias, act);
 }
 
+namespace {
+
+// Large pooling windows. The direct loops cost OH*OW*KH*KW, which a model file can make huge with a
+// few bytes of attributes (a 4000x4000 window over a 4000x4000 image); past kDirectPoolTaps taps both
+// pools run as two 1-D passes (each row's window columns, then the window's rows): OH*OW*KH + H*OW*KW.
+// Small windows keep the direct loops (and their exact summation order).
+constexpr int64_t kDirectPoolTaps = 16;
+
+// first valid tap and one past the last for a window starting at i0 with k taps of stride d in [0, n)
+inline void pool_taps(int64_t i0, int64_t k, int64_t d, int64_t n, int64_t* t0, int64_t* t1) {
+  *t0 = i0 < 0 ? (-i0 + d - 1) / d : 0;
+  *t1 = i0 >= n ? 0 : std::min(k, (n - 1 - i0) / d + 1);
+}
+
+// a max that keeps a NaN: v replaces m when larger or NaN; a NaN m is never replaced
+inline float max_keep_nan(float m, float v) { return ((v > m) | (v != v)) && (m == m) ? v : m; }
+
+void max_pool2d_separable(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  parallel_for(0, N * s.C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> rows(static_cast<size_t>(s.H * s.OW));  // max over each row's window taps
+    for (int64_t pc = b; pc < e; ++pc) {
+      const float* src = x + pc * s.H * s.W;
+      float* dst = y + pc * s.OH * s.OW;
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t iw0 = ow * s.SW - s.PW;
+        int64_t kw0, kw1;
+        pool_taps(iw0, s.KW, s.DW, s.W, &kw0, &kw1);
+        for (int64_t ih = 0; ih < s.H; ++ih) {
+          float m = lowest;
+          for (int64_t kw = kw0; kw < kw1; ++kw) m = max_keep_nan(m, src[ih * s.W + iw0 + kw * s.DW]);
+          rows[ih * s.OW + ow] = m;
+        }
+      }
+      for (int64_t oh = 0; oh < s.OH; ++oh) {
+        const int64_t ih0 = oh * s.SH - s.PH;
+        int64_t kh0, kh1;
+        pool_taps(ih0, s.KH, s.DH, s.H, &kh0, &kh1);
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          float m = lowest;
+          for (int64_t kh = kh0; kh < kh1; ++kh) m = max_keep_nan(m, rows[(ih0 + kh * s.DH) * s.OW + ow]);
+          dst[oh * s.OW + ow] = m;
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
 void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
   if (s.KH == 2 && s.KW == 2 && s.SH == 2 && s.SW == 2 && s.PH == 0 && s.PW == 0 && s.DH == 1 && s.DW == 1) {
     // The common 2x2/2 pool without padding: every window is inside the image, so a
@@ -338,6 +387,10 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                      }
                    }
                  });
+    return;
+  }
+  if (s.KH * s.KW > kDirectPoolTaps) {
+    max_pool2d_separable(x, N, s, y);
     return;
   }
   parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
@@ -370,7 +423,52 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                });
 }
 
+namespace {
+
+// the window sums as two 1-D passes (each row's window columns, then the window's rows): no
+// summed-area table, whose differences would lose a window's small values next to a huge one and
+// spread one NaN or inf over every later window
+void avg_pool2d_separable(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  parallel_for(0, N * s.C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> rows(static_cast<size_t>(s.H * s.OW));
+    for (int64_t pc = b; pc < e; ++pc) {
+      const float* src = x + pc * s.H * s.W;
+      float* dst = y + pc * s.OH * s.OW;
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t w0 = ow * s.SW - s.PW;
+        const int64_t ws = std::max<int64_t>(w0, 0), we = std::min(std::min(w0 + s.KW, s.W + s.PW), s.W);
+        for (int64_t ih = 0; ih < s.H; ++ih) {
+          float acc = 0.f;
+          for (int64_t iw = ws; iw < we; ++iw) acc += src[ih * s.W + iw];
+          rows[ih * s.OW + ow] = acc;
+        }
+      }
+      for (int64_t oh = 0; oh < s.OH; ++oh) {
+        const int64_t h0 = oh * s.SH - s.PH, h1 = std::min(h0 + s.KH, s.H + s.PH);
+        const int64_t hs = std::max<int64_t>(h0, 0), he = std::min(h1, s.H);
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          const int64_t w0 = ow * s.SW - s.PW, w1 = std::min(w0 + s.KW, s.W + s.PW);
+          const int64_t ws = std::max<int64_t>(w0, 0), we = std::min(w1, s.W);
+          float acc = 0.f;
+          for (int64_t ih = hs; ih < he; ++ih) acc += rows[ih * s.OW + ow];
+          const float padded = static_cast<float>(h1 - h0) * static_cast<float>(w1 - w0);
+          const float cnt = s.count_include_pad ? padded
+                                                : static_cast<float>(std::max<int64_t>(he - hs, 0)) *
+                                                      static_cast<float>(std::max<int64_t>(we - ws, 0));
+          dst[oh * s.OW + ow] = acc / (cnt > 0.f ? cnt : 1.f);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  if (s.KH * s.KW > kDirectPoolTaps) {
+    avg_pool2d_separable(x, N, s, y);
+    return;
+  }
   parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
                [&](int64_t b, int64_t e) {
                  for (int64_t pc = b; pc < e; ++pc) {
