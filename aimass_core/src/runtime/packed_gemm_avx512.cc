@@ -115,8 +115,10 @@ void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, con
   const int64_t mc = pick_mc(M, (q1 - q0) * kPanel);
   for (int64_t mb = 0; mb < M; mb += mc) {
     const int64_t me = mb + mc < M ? mb + mc : M;
-    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKc) {
-      const int64_t kc = K - k0 < kKc ? K - k0 : kKc;
+    // One row tile per panel (a GEMV-like batch): nothing reuses a K block, so no K blocking.
+    const int64_t kcb = me - mb <= kMr ? (K > 0 ? K : 1) : kKc;
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kcb) {
+      const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
       const bool first = k0 == 0, last = k0 + kc >= K;
       for (int64_t p = q0; p < q1; ++p) {
         const float* w = wp + p * K * kPanel;
