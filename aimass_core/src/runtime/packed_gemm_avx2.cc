@@ -11,6 +11,7 @@ namespace aimass::runtime::packed {
 
 namespace {
 
+struct TileArgs;
 using VT = vec::Avx2;
 
 inline __m256 epi_act(__m256 v, int act) {
@@ -105,65 +106,29 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 }
 
 // A 32-wide panel as two 16-wide halves (AVX2 has 16 registers: 6 rows x 2 halves would not fit).
-template <int MR>
-inline void tile_panel(const float* x, int64_t m, int64_t K, int64_t k0, int64_t kc, const float* w, const float* b,
-                       int64_t n0, int64_t ncols, bool first, bool last, const Epilogue& ep, float* y, int64_t N) {
-  const float* xm = x + m * K + k0;
-  const float* wk = w + k0 * kPanel;
-  const float* r = ep.res ? ep.res + m * ep.ldr + n0 : nullptr;
-  float* ym = y + m * N + n0;
-  tile<MR>(xm, K, kc, wk, b, ncols < 16 ? ncols : 16, first, last, ep, r, ym, N);
-  if (ncols > 16)
-    tile<MR>(xm, K, kc, wk + 16, b ? b + 16 : nullptr, ncols - 16, first, last, ep, r ? r + 16 : nullptr, ym + 16,
-             N);
+template <int R>
+inline void tile_at(const TileArgs& a, int64_t m) {
+  const Epilogue& ep = *a.ep;
+  const float* xm = a.x + m * a.K + a.k0;
+  const float* wk = a.w + a.k0 * kPanel;
+  const float* r = ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr;
+  float* ym = a.y + m * a.N + a.n0;
+  tile<R>(xm, a.K, a.kc, wk, a.b, a.ncols < 16 ? a.ncols : 16, a.first, a.last, ep, r, ym, a.N);
+  if (a.ncols > 16)
+    tile<R>(xm, a.K, a.kc, wk + 16, a.b ? a.b + 16 : nullptr, a.ncols - 16, a.first, a.last, ep,
+            r ? r + 16 : nullptr, ym + 16, a.N);
 }
 
 }  // namespace
+}  // namespace aimass::runtime::packed
+
+#include "runtime/packed_gemm_blocked.h"
+
+namespace aimass::runtime::packed {
 
 void panels_ex_avx2(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                     int64_t p1, int64_t N, const Epilogue& ep, float* y) {
-  for (int64_t q0 = p0; q0 < p1; q0 += kNb) {
-  const int64_t q1 = q0 + kNb < p1 ? q0 + kNb : p1;
-  const int64_t mc = pick_mc(M, (q1 - q0) * kPanel);
-  for (int64_t mb = 0; mb < M; mb += mc) {
-    const int64_t me = mb + mc < M ? mb + mc : M;
-    // One row tile per panel (a GEMV-like batch): nothing reuses a K block, so no K blocking.
-    const int64_t kcb = me - mb <= 6 ? (K > 0 ? K : 1) : kKc;
-    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kcb) {
-      const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
-      const bool first = k0 == 0, last = k0 + kc >= K;
-      for (int64_t p = q0; p < q1; ++p) {
-        const float* w = wp + p * K * kPanel;
-        const float* b = bias_p ? bias_p + p * kPanel : nullptr;
-        const int64_t n0 = p * kPanel, ncols = N - n0 < kPanel ? N - n0 : kPanel;
-        // The next panel's weight block (same K block) is pulled into L2 a slice per row
-        // tile, so its first tile does not wait on memory.
-        const float* nxt = p + 1 < q1 ? wp + (p + 1) * K * kPanel + k0 * kPanel : nullptr;
-        const int64_t nxt_lines = nxt ? kc * 2 : 0;
-        const int64_t per_tile = (nxt_lines * 6 + (me - mb) - 1) / ((me - mb) > 0 ? (me - mb) : 1);
-        int64_t pf = 0;
-        auto prefetch = [&]() {
-          for (int64_t e = pf + per_tile < nxt_lines ? pf + per_tile : nxt_lines; pf < e; ++pf)
-            _mm_prefetch(reinterpret_cast<const char*>(nxt + pf * 16), _MM_HINT_T1);
-        };
-        int64_t m = mb;
-        for (; m + 6 <= me; m += 6) {
-          prefetch();
-          tile_panel<6>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N);
-        }
-        switch (me - m) {
-          case 5: tile_panel<5>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          case 4: tile_panel<4>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          case 3: tile_panel<3>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          case 2: tile_panel<2>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          case 1: tile_panel<1>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          default: break;
-        }
-      }
-      if (K == 0) break;
-    }
-  }
-  }
+  blocked_panels<6>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
 }  // namespace aimass::runtime::packed

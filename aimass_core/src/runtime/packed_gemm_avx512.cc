@@ -11,6 +11,7 @@ namespace aimass::runtime::packed {
 
 namespace {
 
+struct TileArgs;
 using VT = vec::Avx512;
 // Rows per register tile: 12 x 32 outputs = 24 of the 32 zmm registers accumulate, so each
 // panel row loaded from L1 feeds 24 FMAs.
@@ -99,59 +100,23 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
   }
 }
 
-template <int MR>
-inline void tile_at(const float* x, int64_t m, int64_t K, int64_t k0, int64_t kc, const float* w, const float* b,
-                    int64_t n0, int64_t ncols, bool first, bool last, const Epilogue& ep, float* y, int64_t N) {
-  tile<MR>(x + m * K + k0, K, kc, w + k0 * kPanel, b, ncols, first, last, ep,
-           ep.res ? ep.res + m * ep.ldr + n0 : nullptr, y + m * N + n0, N);
+template <int R>
+inline void tile_at(const TileArgs& a, int64_t m) {
+  const Epilogue& ep = *a.ep;
+  tile<R>(a.x + m * a.K + a.k0, a.K, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols, a.first, a.last, ep,
+          ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr, a.y + m * a.N + a.n0, a.N);
 }
 
 }  // namespace
+}  // namespace aimass::runtime::packed
+
+#include "runtime/packed_gemm_blocked.h"
+
+namespace aimass::runtime::packed {
 
 void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                       int64_t p1, int64_t N, const Epilogue& ep, float* y) {
-  for (int64_t q0 = p0; q0 < p1; q0 += kNb) {
-  const int64_t q1 = q0 + kNb < p1 ? q0 + kNb : p1;
-  const int64_t mc = pick_mc(M, (q1 - q0) * kPanel);
-  for (int64_t mb = 0; mb < M; mb += mc) {
-    const int64_t me = mb + mc < M ? mb + mc : M;
-    // One row tile per panel (a GEMV-like batch): nothing reuses a K block, so no K blocking.
-    const int64_t kcb = me - mb <= kMr ? (K > 0 ? K : 1) : kKc;
-    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kcb) {
-      const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
-      const bool first = k0 == 0, last = k0 + kc >= K;
-      for (int64_t p = q0; p < q1; ++p) {
-        const float* w = wp + p * K * kPanel;
-        const float* b = bias_p ? bias_p + p * kPanel : nullptr;
-        const int64_t n0 = p * kPanel, ncols = N - n0 < kPanel ? N - n0 : kPanel;
-        // The next panel's weight block (same K block) is pulled into L2 a slice per row
-        // tile, so its first tile does not wait on memory.
-        const float* nxt = p + 1 < q1 ? wp + (p + 1) * K * kPanel + k0 * kPanel : nullptr;
-        const int64_t nxt_lines = nxt ? kc * 2 : 0;
-        const int64_t per_tile = (nxt_lines * kMr + (me - mb) - 1) / ((me - mb) > 0 ? (me - mb) : 1);
-        int64_t pf = 0;
-        auto prefetch = [&]() {
-          for (int64_t e = pf + per_tile < nxt_lines ? pf + per_tile : nxt_lines; pf < e; ++pf)
-            _mm_prefetch(reinterpret_cast<const char*>(nxt + pf * 16), _MM_HINT_T1);
-        };
-        int64_t m = mb;
-        for (; m + kMr <= me; m += kMr) {
-          prefetch();
-          tile_at<kMr>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N);
-        }
-        switch (me - m) {
-#define AIMASS_TAIL(R) \
-  case R: tile_at<R>(x, m, K, k0, kc, w, b, n0, ncols, first, last, ep, y, N); break;
-          AIMASS_TAIL(11) AIMASS_TAIL(10) AIMASS_TAIL(9) AIMASS_TAIL(8) AIMASS_TAIL(7) AIMASS_TAIL(6)
-          AIMASS_TAIL(5) AIMASS_TAIL(4) AIMASS_TAIL(3) AIMASS_TAIL(2) AIMASS_TAIL(1)
-#undef AIMASS_TAIL
-          default: break;
-        }
-      }
-      if (K == 0) break;
-    }
-  }
-  }
+  blocked_panels<kMr>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
 }  // namespace aimass::runtime::packed
