@@ -97,9 +97,12 @@ struct EngineOptions {
   // smaller ones use MPI_Allreduce.
   bool shm = true;
   size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
-  size_t shm_chunk_bytes = 512u << 10;
+  size_t shm_chunk_bytes = 1u << 20;  // the segment's slot: the largest chunk
+  // Per-size algorithm table over the built-in one (comm/algorithms.h; docs/comm.md), e.g.
+  // "allreduce=0:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm". Every rank must give the same.
+  std::string algorithms;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
-  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.
+  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES, AIMASS_COMM_ALGOS.
   static EngineOptions from_env();
 };
 
@@ -140,6 +143,8 @@ class CollectiveEngine {
   void set_shm_min_bytes(size_t bytes);
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
+  // The algorithm table in use (canonical text; every rank's is the same).
+  std::string algorithms() const;
   EngineOptions options() const;
   EngineStats stats() const;
   const Communicator& communicator() const { return *comm_; }

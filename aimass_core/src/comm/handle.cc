@@ -73,6 +73,7 @@ EngineOptions EngineOptions::from_env() {
                  "AIMASS_SHM_CHUNK_BYTES must be a byte count in [4096, 2^30], got '", v, "'");
     o.shm_chunk_bytes = static_cast<size_t>(b);
   }
+  if (const char* v = std::getenv("AIMASS_COMM_ALGOS")) o.algorithms = v;
   return o;
 }
 

@@ -32,11 +32,14 @@ inline void cpu_relax() {
 #endif
 }
 
+}  // namespace
+
 ElemOp elem_op(ReduceOp op) {
   return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max
        : op == ReduceOp::Product ? ElemOp::Prod : ElemOp::Sum;
 }
 
+namespace {
 template <typename T>
 void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
   T* dst = reinterpret_cast<T*>(dst_bytes);
@@ -83,6 +86,8 @@ void reduce_half_sources(DType dtype, ReduceOp op, const char* const* srcs, int 
   }
 }
 
+}  // namespace
+
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
   switch (dtype) {
     case DType::F32:
@@ -104,11 +109,14 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
   }
 }
 
+namespace {
 template <typename T>
 void divide_typed(char* data, size_t n, int world) {
   T* o = reinterpret_cast<T*>(data);
   for (size_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / world);
 }
+
+}  // namespace
 
 // The same arithmetic as the MPI path's average (sum, then divide by the world size).
 void divide(DType dtype, char* data, size_t n, int world) {
@@ -146,6 +154,7 @@ void divide(DType dtype, char* data, size_t n, int world) {
   }
 }
 
+namespace {
 uint64_t segment_counter = 0;
 constexpr size_t kMaxSegmentBytes = 32u << 20;
 constexpr size_t kMinChunkBytes = 64u << 10;
@@ -315,7 +324,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
     if (v.load(std::memory_order_acquire) >= target) return;
     if ((iter & 63) == 0) {
       if (c->aborted.load(std::memory_order_acquire)) {
-        throw DistributedError(detail::concat("aimass.dist: shared-memory allreduce: local rank ", j,
+        throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j,
                                               " gave up (see the error on that rank)"));
       }
       const auto now = Clock::now();
@@ -323,7 +332,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
       const double waited = std::chrono::duration<double>(now - start).count();
       if (waited > timeout_s_) {
         throw DistributedError(detail::concat(
-            "aimass.dist: shared-memory allreduce: local rank ", j, " did not advance within ", timeout_s_,
+            "aimass.dist: shared-memory collective: local rank ", j, " did not advance within ", timeout_s_,
             " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
       }
       if (waited > 0.05) std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -337,7 +346,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   if (count <= 0) return;
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
-  const int64_t chunk = static_cast<int64_t>(chunk_bytes_ / es);
+  const int64_t chunk = static_cast<int64_t>(this->chunk() / es);
   const int64_t nchunks = (count + chunk - 1) / chunk;
   const uint64_t base_seq = seq_;
 

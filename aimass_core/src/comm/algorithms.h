@@ -1,0 +1,54 @@
+// The per-size algorithm table of the collective engine (internal to the comm area).
+//
+// Text form (AIMASS_COMM_ALGOS, the tuning profile's `comm_algos`, `aimass bench --tune`):
+//     allreduce=0:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm;allgather=0:shm;reduce_scatter=0:shm
+// Per collective, rows `min_bytes:algorithm` sorted by min_bytes; a message of b bytes takes the
+// row with the largest min_bytes <= b. Algorithms: `mpi` (Open MPI's collective) or `shm` (the
+// node's shared-memory segment) with an optional chunk size `@bytes` (clamped to the segment's
+// slot, AIMASS_SHM_CHUNK_BYTES). Sizes take k/m/g suffixes (powers of 1024). Collectives not
+// named keep their default rows. Allgather's size is the whole gathered result.
+// The shared-memory algorithms apply on one node (allreduce also across nodes: hierarchical).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace aimass {
+namespace comm {
+
+enum class AlgoKind : int { Allreduce = 0, Broadcast = 1, Allgather = 2, ReduceScatter = 3 };
+constexpr int kAlgoKinds = 4;
+
+struct AlgoChoice {
+  bool shm = false;
+  uint64_t chunk = 0;  // shm chunk bytes (0: the segment's slot size)
+};
+
+class AlgoTable {
+ public:
+  struct Row {
+    uint64_t min_bytes = 0;
+    AlgoChoice choice;
+  };
+  // The built-in table (measured on the development machine; see docs/comm.md).
+  static AlgoTable defaults();
+  // Parses the text form over the defaults; ValueError naming the bad part.
+  static AlgoTable parse(const std::string& text);
+  AlgoChoice pick(AlgoKind kind, uint64_t bytes) const;
+  // Canonical text (every collective, sorted rows): equal tables give equal strings.
+  std::string str() const;
+  // Largest shm chunk any row asks for (0 if none).
+  uint64_t max_chunk() const;
+  static constexpr const char* kDefaultText =
+      "allreduce=0:shm;broadcast=0:shm;allgather=0:shm;reduce_scatter=0:shm";
+
+ private:
+  static AlgoTable parse_over(AlgoTable base, const std::string& text);
+  std::vector<Row> rows_[kAlgoKinds];
+};
+
+const char* algo_kind_name(AlgoKind k);
+uint64_t fnv1a64(const std::string& s);
+
+}  // namespace comm
+}  // namespace aimass
