@@ -36,8 +36,14 @@ struct Segment {
   char* mem;
 };
 
-// Runs body(shm, rank) on L threads; fails the test with the first rank's error.
+// Runs body(shm, rank) on L threads, staged and then in single-copy mode (process_vm_readv
+// on this process); fails the test with the first rank's error.
+void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body);
 void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
+  if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, false, body);
+  if (!std::getenv("ONLY_STAGED")) on_ranks_mode(L, true, body);
+}
+void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
   std::vector<std::string> errors(L);
   std::vector<std::thread> threads;
@@ -45,6 +51,10 @@ void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
     threads.emplace_back([&, r] {
       try {
         ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
+        if (cma) {
+          shm.allow_cma_for_tests();
+          shm.use_cma(true);
+        }
         body(shm, r);
       } catch (const std::exception& e) {
         errors[r] = e.what();
@@ -52,7 +62,7 @@ void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
     });
   }
   for (auto& t : threads) t.join();
-  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << (cma ? " (single copy)" : " (staged)");
 }
 
 int32_t val(int rank, int64_t i, int salt) { return static_cast<int32_t>((i * 31 + rank * 17 + salt) % 97) - 48; }
@@ -70,6 +80,7 @@ TEST(CommShmCollectives, BroadcastFromEveryRootAtChunkEdges) {
           if (salt % 3 == 1) shm.set_chunk(4096);  // a chunk smaller than the slot
           shm.broadcast(buf.data(), bytes, root);
           shm.set_chunk(0);
+          ASSERT_EQ(buf.size(), static_cast<size_t>(bytes));
           for (int64_t i = 0; i < bytes; ++i)
             ASSERT_EQ(buf[i], static_cast<uint8_t>(val(root, i, salt))) << "L " << L << " root " << root << " i " << i;
         }
@@ -87,7 +98,7 @@ TEST(CommShmCollectives, AllgatherUnevenRowsInterleavedWithAllreduce) {
         const int64_t mine = r == 1 ? 0 : base + r * 3;  // rank 1 contributes nothing
         std::vector<uint8_t> in(static_cast<size_t>(mine * row));
         for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<uint8_t>(val(r, static_cast<int64_t>(i), salt));
-        std::vector<int64_t> rows = shm.exchange(mine);
+        std::vector<int64_t> rows = shm.exchange(mine, in.data());
         ASSERT_EQ(static_cast<int>(rows.size()), L);
         int64_t total = 0;
         for (int j = 0; j < L; ++j) {
@@ -164,15 +175,47 @@ TEST(CommShmCollectives, PeerThatNeverComesFailsEveryCollective) {
                aimass::DistributedError);
 }
 
+TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {
+  for (int L : {2, 3, 4}) {
+    on_ranks(L, [&](ShmAllreduce& shm, int r) {
+      for (int64_t n : {int64_t(1), int64_t(17), int64_t(4096), int64_t(70001)}) {
+        for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max}) {
+          std::vector<double> a(static_cast<size_t>(n)), outb(static_cast<size_t>(n / 2 + 1), -1);
+          for (int64_t i = 0; i < n; ++i) a[i] = val(r, i, static_cast<int>(n));
+          // two segments: the first in place, the second out of place (half of it)
+          const int64_t n1 = n / 2, n2 = n - n1;
+          std::vector<double> in2(a.begin() + n1, a.end());
+          std::vector<ShmSegment> segs = {
+              {reinterpret_cast<const char*>(a.data()), reinterpret_cast<char*>(a.data()), n1, false},
+              {reinterpret_cast<const char*>(in2.data()), reinterpret_cast<char*>(outb.data()), n2, true}};
+          shm.run(segs, n, DType::F64, op, L, nullptr);
+          for (int64_t i = 0; i < n; ++i) {
+            double want = val(0, i, static_cast<int>(n));
+            for (int j = 1; j < L; ++j) {
+              const double v = val(j, i, static_cast<int>(n));
+              want = op == ReduceOp::Min ? std::min(want, v) : op == ReduceOp::Max ? std::max(want, v) : want + v;
+            }
+            const double got = i < n1 ? a[i] : outb[i - n1];
+            if (i >= n1) want /= L;
+            ASSERT_DOUBLE_EQ(got, want) << "L " << L << " n " << n << " i " << i;
+          }
+        }
+      }
+    });
+  }
+}
+
 TEST(CommAlgoTable, ParsePickAndCanonicalText) {
-  AlgoTable t = AlgoTable::parse("allreduce=0:mpi, 64k:shm@256k ,8m:shm@1m;broadcast=0:mpi,16k:shm");
+  AlgoTable t = AlgoTable::parse("allreduce=0:mpi, 64k:shm@256k ,8m:cma@1m;broadcast=0:mpi,16k:shm");
   EXPECT_FALSE(t.pick(AlgoKind::Allreduce, 100).shm);
   EXPECT_TRUE(t.pick(AlgoKind::Allreduce, 64 << 10).shm);
   EXPECT_EQ(t.pick(AlgoKind::Allreduce, 64 << 10).chunk, 256u << 10);
   EXPECT_EQ(t.pick(AlgoKind::Allreduce, 100 << 20).chunk, 1u << 20);
+  EXPECT_TRUE(t.pick(AlgoKind::Allreduce, 100 << 20).cma);
+  EXPECT_FALSE(t.pick(AlgoKind::Allreduce, 64 << 10).cma);
   EXPECT_FALSE(t.pick(AlgoKind::Broadcast, 16383).shm);
   EXPECT_TRUE(t.pick(AlgoKind::Broadcast, 16384).shm);
-  EXPECT_NE(t.str().find("allreduce=0:mpi,64k:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm"), std::string::npos)
+  EXPECT_NE(t.str().find("allreduce=0:mpi,64k:shm@256k,8m:cma@1m;broadcast=0:mpi,16k:shm"), std::string::npos)
       << t.str();
   EXPECT_EQ(AlgoTable::parse(t.str()).str(), t.str());  // the canonical text round-trips
   EXPECT_EQ(AlgoTable::parse("").str(), AlgoTable::defaults().str());

@@ -108,12 +108,13 @@ AlgoTable AlgoTable::parse_over(AlgoTable t, const std::string& text) {
       if (at != std::string::npos) {
         r.choice.chunk = parse_bytes(algo.substr(at + 1), part);
         algo = trim(algo.substr(0, at));
-        AIMASS_CHECK(algo == "shm" && r.choice.chunk >= 4096 && r.choice.chunk <= (1ull << 30), ValueError,
-                     "AIMASS_COMM_ALGOS: '", cell, "': a chunk size (@bytes, 4k..1g) applies to shm only");
+        AIMASS_CHECK((algo == "shm" || algo == "cma") && r.choice.chunk >= 4096 && r.choice.chunk <= (1ull << 30), ValueError,
+                     "AIMASS_COMM_ALGOS: '", cell, "': a chunk size (@bytes, 4k..1g) applies to shm and cma only");
       }
-      AIMASS_CHECK(algo == "mpi" || algo == "shm", ValueError, "AIMASS_COMM_ALGOS: unknown algorithm '", algo,
-                   "' in '", part, "' (mpi or shm)");
-      r.choice.shm = algo == "shm";
+      AIMASS_CHECK(algo == "mpi" || algo == "shm" || algo == "cma", ValueError, "AIMASS_COMM_ALGOS: unknown algorithm '",
+                   algo, "' in '", part, "' (mpi, shm or cma)");
+      r.choice.shm = algo != "mpi";
+      r.choice.cma = algo == "cma";
       for (const Row& o : rows)
         AIMASS_CHECK(o.min_bytes != r.min_bytes, ValueError, "AIMASS_COMM_ALGOS: two rows for ", r.min_bytes,
                      " bytes in '", part, "'");
@@ -144,7 +145,7 @@ std::string AlgoTable::str() const {
     os << kNames[k] << "=";
     for (size_t i = 0; i < rows_[k].size(); ++i) {
       const Row& r = rows_[k][i];
-      os << (i ? "," : "") << bytes_str(r.min_bytes) << ":" << (r.choice.shm ? "shm" : "mpi");
+      os << (i ? "," : "") << bytes_str(r.min_bytes) << ":" << (r.choice.cma ? "cma" : r.choice.shm ? "shm" : "mpi");
       if (r.choice.chunk) os << "@" << bytes_str(r.choice.chunk);
     }
   }

@@ -3,8 +3,10 @@
 // Text form (AIMASS_COMM_ALGOS, the tuning profile's `comm_algos`, `aimass bench --tune`):
 //     allreduce=0:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm;allgather=0:shm;reduce_scatter=0:shm
 // Per collective, rows `min_bytes:algorithm` sorted by min_bytes; a message of b bytes takes the
-// row with the largest min_bytes <= b. Algorithms: `mpi` (Open MPI's collective) or `shm` (the
-// node's shared-memory segment) with an optional chunk size `@bytes` (clamped to the segment's
+// row with the largest min_bytes <= b. Algorithms: `mpi` (Open MPI's collective), `shm` (staged
+// through the node's shared-memory segment, pipelined in chunks) or `cma` (single copy: each rank
+// reads its peers' buffers with process_vm_readv, reducing in L2-sized chunks; `shm` where the
+// kernel does not allow it), with an optional chunk size `@bytes` (clamped to the segment's
 // slot, AIMASS_SHM_CHUNK_BYTES). Sizes take k/m/g suffixes (powers of 1024). Collectives not
 // named keep their default rows. Allgather's size is the whole gathered result.
 // The shared-memory algorithms apply on one node (allreduce also across nodes: hierarchical).
@@ -20,8 +22,9 @@ enum class AlgoKind : int { Allreduce = 0, Broadcast = 1, Allgather = 2, ReduceS
 constexpr int kAlgoKinds = 4;
 
 struct AlgoChoice {
-  bool shm = false;
-  uint64_t chunk = 0;  // shm chunk bytes (0: the segment's slot size)
+  bool shm = false;    // shared memory (staged or single-copy) instead of MPI
+  bool cma = false;    // single-copy: peers read each other's buffers (process_vm_readv)
+  uint64_t chunk = 0;  // chunk bytes (0: the segment's slot size)
 };
 
 class AlgoTable {

@@ -68,7 +68,7 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
       wait_req(&req, 1.0, "cross-node allreduce");
     };
   }
-  shm_prepare(algos.pick(comm::AlgoKind::Allreduce, static_cast<uint64_t>(count) * dtype_size(wire)).chunk);
+  shm_prepare(algos.pick(comm::AlgoKind::Allreduce, static_cast<uint64_t>(count) * dtype_size(wire)));
   shm->run(segs, count, wire, op, size, cross);
 }
 

@@ -168,11 +168,12 @@ struct CollectiveEngine::Impl {
   bool shm_for(comm::AlgoKind kind, uint64_t bytes) {
     if (!shm_ok || comm->cross_size() != 1) return false;
     const comm::AlgoChoice c = algos.pick(kind, bytes);
-    if (c.shm) shm_prepare(c.chunk);
+    if (c.shm) shm_prepare(c);
     return c.shm;
   }
-  void shm_prepare(uint64_t chunk) {  // the deadline, the heartbeat and the chunk of the next shm call
-    shm->set_chunk(chunk);
+  void shm_prepare(const comm::AlgoChoice& c) {  // the deadline, heartbeat, chunk and copy mode of the next call
+    shm->set_chunk(c.chunk);
+    shm->use_cma(c.cma);
     shm->set_timeout(opts.timeout_s);
     shm->set_heartbeat(&waker->beat);
   }

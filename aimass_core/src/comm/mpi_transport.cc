@@ -101,8 +101,8 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
       std::vector<int64_t>& rows = ag_rows;
       const bool one_node = shm_ok && comm->cross_size() == 1;
       if (one_node) {  // the row counts through shared memory: no MPI round
-        shm_prepare(0);
-        rows = shm->exchange(mine);
+        shm_prepare(algos.pick(comm::AlgoKind::Allgather, 0));
+        rows = shm->exchange(mine, r.input);
       } else {
         rows.assign(size, 0);
         check_mpi(MPI_Iallgather(&mine, 1, MPI_INT64_T, rows.data(), 1, MPI_INT64_T, mpi, &req), "MPI_Iallgather");

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <new>
 #include <thread>
 #include <type_traits>
@@ -183,6 +185,7 @@ ShmAllreduce::ShmAllreduce(int local_rank, int local_size, void* memory, size_t 
   ctrl_bytes_ = ctrl_bytes(lsize_);
   bytes_ = segment_bytes(lsize_, chunk_bytes);
   base_ = static_cast<char*>(memory);
+  ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
 }
 
 ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s)
@@ -281,6 +284,20 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   }
   base_ = static_cast<char*>(p);
   owned_ = true;
+  // Single-copy mode needs process_vm_readv on the peers (same user, no ptrace restriction):
+  // each rank reads every local peer's probe word; every rank of every node must manage.
+  ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
+  probe_ = 0x5eed0000u + static_cast<uint64_t>(lrank_);
+  ctrl(lrank_)->addr.store(reinterpret_cast<uint64_t>(&probe_), std::memory_order_release);
+  MPI_Request req;
+  check_mpi(MPI_Ibarrier(comm.local_comm(), &req), "MPI_Ibarrier(shm)");
+  wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
+  const char* env = std::getenv("AIMASS_SHM_CMA");
+  int cma = env && std::string(env) == "0" ? 0 : 1;
+  for (int j = 0; j < lsize_ && cma; ++j)
+    if (j != lrank_ && !probe_cma(j)) cma = 0;
+  allreduce(&cma, MPI_INT, MPI_MIN, world);  // also: every probe is done before addr is reused
+  cma_ok_ = cma != 0;
 }
 
 ShmAllreduce::~ShmAllreduce() {
@@ -344,6 +361,15 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   if (count <= 0) return;
+  // single copy on one node, while the segments' address table fits one staging slot
+  if (cma_on_ && !cross_reduce && segs.size() * 2 * sizeof(uint64_t) <= chunk_bytes_) {
+    try {
+      return run_cma(segs, count, dtype, op, world_size);
+    } catch (...) {
+      ctrl(lrank_)->aborted.store(1, std::memory_order_release);
+      throw;
+    }
+  }
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
   const int64_t chunk = static_cast<int64_t>(this->chunk() / es);

@@ -79,6 +79,13 @@ class ShmAllreduce {
     cut_ = bytes == 0 ? chunk_bytes_ : std::min(chunk_bytes_, std::max<size_t>(4096, bytes / 4096 * 4096));
   }
   size_t chunk() const { return cut_ ? cut_ : chunk_bytes_; }
+  // Single-copy mode for the next collectives (every local rank alike): peers read each other's
+  // buffers with process_vm_readv (cross-memory attach) instead of staging through the segment.
+  // Only where cma_available(); the MPI constructor probes it on every rank (AIMASS_SHM_CMA=0: off).
+  void use_cma(bool on) { cma_on_ = on && cma_ok_; }
+  bool cma_available() const { return cma_ok_; }
+  // Tests (threads as ranks of one process): allow single-copy mode.
+  void allow_cma_for_tests() { cma_ok_ = true; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -94,8 +101,9 @@ class ShmAllreduce {
   // Every local rank calls them with matching arguments, like MPI's.
   // Broadcast of `bytes` bytes from local rank `root` into every rank's `data` (the root's is the source).
   void broadcast(void* data, int64_t bytes, int root);
-  // Every local rank posts `value`; returns every local rank's, in local rank order.
-  std::vector<int64_t> exchange(int64_t value);
+  // Every local rank posts `value` (and the address of `buffer`, read by a single-copy allgather);
+  // returns every local rank's value, in local rank order.
+  std::vector<int64_t> exchange(int64_t value, const void* buffer = nullptr);
   // Allgather: local rank j contributes rows[j] rows of row_bytes bytes (rows from exchange());
   // `out` receives them all in rank order (sum of rows x row_bytes bytes).
   void allgather(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
@@ -111,7 +119,17 @@ class ShmAllreduce {
     std::atomic<uint64_t> gathered;  // last chunk sequence whose results this rank copied out
     std::atomic<uint64_t> aborted;   // nonzero: this rank gave up (peers fail at once)
     std::atomic<uint64_t> info;      // a small value posted to the peers (allgather: rows)
+    std::atomic<uint64_t> addr;      // single-copy mode: the address of the buffer peers read
+    std::atomic<int64_t> pid;        // this rank's process id (process_vm_readv)
   };
+  // ---- single-copy mode (shm_cma.cc)
+  void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
+  void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size);
+  void broadcast_cma(void* data, int64_t bytes, int root);
+  void allgather_cma(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
+  void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
+                          bool average, int world_size);
+  bool probe_cma(int j);  // reads local rank j's probe word
   // Ops other than allreduce keep the counters' meaning: staged >= s: this rank's staging slot for
   // s is written; reduced >= s: it read every staging slot up to s (and wrote its reduced slice);
   // gathered >= s: it read every result slot up to s.
@@ -130,6 +148,10 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
+  bool cma_ok_ = false, cma_on_ = false;
+  std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
+  uint64_t probe_ = 0;     // read by the peers' start-up probe
+  uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)
   double timeout_s_ = 60;
   std::atomic<int64_t>* heartbeat_ = nullptr;
   char* base_ = nullptr;

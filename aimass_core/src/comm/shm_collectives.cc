@@ -50,6 +50,7 @@ void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
   AIMASS_CHECK(root >= 0 && root < lsize_, DistributedError, "aimass.dist: shared-memory broadcast root ", root,
                " is not a local rank (internal error)");
   if (bytes <= 0 || lsize_ == 1) return;
+  if (cma_on_) return guarded([&] { broadcast_cma(data, bytes, root); });
   guarded([&] {
     const int64_t chunk = static_cast<int64_t>(this->chunk());
     const int64_t nchunks = (bytes + chunk - 1) / chunk;
@@ -75,17 +76,19 @@ void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
   });
 }
 
-std::vector<int64_t> ShmAllreduce::exchange(int64_t value) {
+std::vector<int64_t> ShmAllreduce::exchange(int64_t value, const void* buffer) {
   std::vector<int64_t> all(lsize_);
   guarded([&] {
     const uint64_t base = seq_, h = base + 1;
     // every peer finished the previous collective (so read the previous `info`) before it is rewritten
     wait_peers(1, base);
     ctrl(lrank_)->info.store(static_cast<uint64_t>(value), std::memory_order_relaxed);
+    ctrl(lrank_)->addr.store(reinterpret_cast<uint64_t>(buffer), std::memory_order_relaxed);
     mark(h, true, false, false);
     wait_peers(0, h);
     for (int j = 0; j < lsize_; ++j) all[j] = static_cast<int64_t>(ctrl(j)->info.load(std::memory_order_relaxed));
     seq_ = h;
+    exchange_seq_ = h;
     mark(h, true, true, true);
   });
   return all;
@@ -95,6 +98,7 @@ void ShmAllreduce::allgather(const void* in, const std::vector<int64_t>& rows, i
   const int L = lsize_, me = lrank_;
   AIMASS_CHECK(static_cast<int>(rows.size()) == L, DistributedError,
                "aimass.dist: shared-memory allgather needs one row count per local rank (internal error)");
+  if (cma_on_ && exchange_seq_ == seq_) return guarded([&] { allgather_cma(in, rows, row_bytes, out); });
   guarded([&] {
     std::vector<int64_t> off(L + 1, 0);
     int64_t most = 0;
@@ -144,6 +148,7 @@ void ShmAllreduce::reduce_scatter(const void* in, const std::vector<int64_t>& co
   const int L = lsize_, me = lrank_;
   AIMASS_CHECK(static_cast<int>(counts.size()) == L, DistributedError,
                "aimass.dist: shared-memory reduce_scatter needs one count per local rank (internal error)");
+  if (cma_on_) return guarded([&] { reduce_scatter_cma(in, counts, out, dtype, op, average, world_size); });
   guarded([&] {
     const size_t es = dtype_size(dtype);
     // per step, a piece of `e` elements of every block: L pieces fill one staging slot;
