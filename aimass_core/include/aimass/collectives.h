@@ -83,7 +83,15 @@ class CollectiveHandle {
   bool buffers_in_use_ = false;
   DType dtype_ = DType::F32;
   std::vector<int64_t> result_shape_;
-  std::vector<uint8_t> result_;
+  // not zero-filled: every byte is written by the collective (a large gather skips one pass)
+  struct NoInit : std::allocator<uint8_t> {
+    template <typename U>
+    struct rebind {
+      using other = NoInit;
+    };
+    void construct(uint8_t* p) noexcept { ::new (static_cast<void*>(p)) uint8_t; }
+  };
+  std::vector<uint8_t, NoInit> result_;
 };
 
 struct EngineOptions {
