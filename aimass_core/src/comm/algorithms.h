@@ -42,8 +42,10 @@ class AlgoTable {
   std::string str() const;
   // Largest shm chunk any row asks for (0 if none).
   uint64_t max_chunk() const;
+  // Measured on the 2-core development VM, 2 ranks (loaded: see docs/comm.md); `aimass bench --tune`
+  // writes a table measured on the machine at hand (the tuning profile's comm_algos).
   static constexpr const char* kDefaultText =
-      "allreduce=0:shm;broadcast=0:shm;allgather=0:shm;reduce_scatter=0:shm";
+      "allreduce=0:shm;broadcast=0:mpi,2m:shm;allgather=0:cma,1m:shm;reduce_scatter=0:shm";
 
  private:
   static AlgoTable parse_over(AlgoTable base, const std::string& text);
