@@ -105,7 +105,7 @@ struct EngineOptions {
   // smaller ones use MPI_Allreduce.
   bool shm = true;
   size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
-  size_t shm_chunk_bytes = 1u << 20;  // the segment's slot: the largest chunk
+  size_t shm_chunk_bytes = 512u << 10;  // the segment's slot: the largest chunk (table chunks are clamped to it)
   // Per-size algorithm table over the built-in one (comm/algorithms.h; docs/comm.md), e.g.
   // "allreduce=0:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm". Every rank must give the same.
   std::string algorithms;
