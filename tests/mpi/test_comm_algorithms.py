@@ -189,9 +189,11 @@ def test_bad_or_different_tables_are_refused(dist):
 
 @pytest.mark.nprocs(4)
 @pytest.mark.timeout(120)
-def test_simulated_nodes_every_kind(dist):
-    """2 nodes x 2 ranks: allreduce takes the hierarchical path (shm in node, MPI across), the others MPI."""
-    restart(dist, AIMASS_RANKS_PER_NODE=2, AIMASS_SHM_CHUNK_BYTES=CHUNK,
+@pytest.mark.parametrize("cma", ["1", "0"])
+def test_simulated_nodes_every_kind(dist, cma):
+    """2 nodes x 2 ranks: allreduce takes the hierarchical path (in-node reduce of each slice, single-copy or
+    staged chunk by chunk, the slice allreduced across nodes over MPI, copied out), the others MPI."""
+    restart(dist, AIMASS_RANKS_PER_NODE=2, AIMASS_SHM_CHUNK_BYTES=CHUNK, AIMASS_SHM_CMA=cma,
             AIMASS_COMM_ALGOS="allreduce=0:cma;broadcast=0:cma;allgather=0:cma;reduce_scatter=0:cma")
     try:
         dist.set_shm_min_bytes(0)

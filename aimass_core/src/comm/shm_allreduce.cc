@@ -361,10 +361,11 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   if (count <= 0) return;
-  // single copy on one node, while the segments' address table fits one staging slot
-  if (cma_on_ && !cross_reduce && segs.size() * 2 * sizeof(uint64_t) <= chunk_bytes_) {
+  // single copy while the segments' address table fits one staging slot; across nodes whenever
+  // possible: one cross-node allreduce per slice instead of one per chunk (fewer waits on the network)
+  if ((cma_on_ || (cross_reduce && cma_ok_)) && segs.size() * 2 * sizeof(uint64_t) <= chunk_bytes_) {
     try {
-      return run_cma(segs, count, dtype, op, world_size);
+      return run_cma(segs, count, dtype, op, world_size, cross_reduce);
     } catch (...) {
       ctrl(lrank_)->aborted.store(1, std::memory_order_release);
       throw;

@@ -124,7 +124,8 @@ class ShmAllreduce {
   };
   // ---- single-copy mode (shm_cma.cc)
   void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
-  void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size);
+  void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size,
+               const std::function<void(void*, int64_t)>& cross_reduce);
   void broadcast_cma(void* data, int64_t bytes, int root);
   void allgather_cma(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
   void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
@@ -150,6 +151,7 @@ class ShmAllreduce {
   size_t cut_ = 0;  // set_chunk()
   bool cma_ok_ = false, cma_on_ = false;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
+  std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
   uint64_t probe_ = 0;     // read by the peers' start-up probe
   uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)
   double timeout_s_ = 60;

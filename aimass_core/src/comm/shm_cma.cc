@@ -81,7 +81,7 @@ void ShmAllreduce::cma_read(int j, iovec* local, iovec* remote, size_t n) {
 }
 
 void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
-                           int world_size) {
+                           int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
   const uint64_t base = seq_, h = base + 1;
@@ -147,13 +147,34 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       for (int j = 0, k = 1; j < L; ++j)
         if (j != me) srcs[k++] = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es + (x - lo) * es;
       char* out = sg.out + at * es;
+      const bool avg = sg.average && !cross_reduce;  // across nodes: averaged after the cross-node sum
       if (dtype == DType::F32) {
         reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(out),
-                   static_cast<size_t>(n), nullptr, sg.average ? inv : 1.0f);
+                   static_cast<size_t>(n), nullptr, avg ? inv : 1.0f);
       } else {
         reduce_sources(dtype, op, srcs.data(), L, out, static_cast<size_t>(n));
-        if (sg.average) divide(dtype, out, static_cast<size_t>(n), world_size);
+        if (avg) divide(dtype, out, static_cast<size_t>(n), world_size);
       }
+    });
+  }
+  if (cross_reduce && e > b) {
+    // the node's sum of my slice, allreduced with the same slice of the other nodes in one call
+    size_t parts = 0;
+    pieces(b, e, [&](size_t, int64_t, int64_t, int64_t) { ++parts; });
+    if (parts == 1) {
+      pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) { cross_reduce(segs[g].out + at * es, n); });
+    } else {
+      xbuf_.resize(static_cast<size_t>(e - b) * es);
+      pieces(b, e, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        std::memcpy(xbuf_.data() + (x - b) * es, segs[g].out + at * es, static_cast<size_t>(n) * es);
+      });
+      cross_reduce(xbuf_.data(), e - b);
+      pieces(b, e, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        std::memcpy(segs[g].out + at * es, xbuf_.data() + (x - b) * es, static_cast<size_t>(n) * es);
+      });
+    }
+    pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
+      if (segs[g].average) divide(dtype, segs[g].out + at * es, static_cast<size_t>(n), world_size);
     });
   }
   mark(h, false, true, false);  // my slice is final, and I read every peer's input
