@@ -14,6 +14,7 @@
 #include "aimass/error.h"
 #include "comm/algorithms.h"
 #include "comm/shm_allreduce.h"
+#include "shm_test_segment.h"
 
 namespace {
 
@@ -26,14 +27,8 @@ using aimass::comm::ShmSegment;
 
 constexpr size_t kChunk = 8192;
 
-struct Segment {
-  explicit Segment(int L) : bytes(ShmAllreduce::segment_bytes(L, kChunk)) {
-    mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-    std::memset(mem, 0, bytes);
-  }
-  ~Segment() { std::free(mem); }
-  size_t bytes;
-  char* mem;
+struct Segment : ShmTestSegment {
+  explicit Segment(int L) : ShmTestSegment(L, kChunk) {}
 };
 
 // Runs body(shm, rank) on L threads, staged and then in single-copy mode (process_vm_readv

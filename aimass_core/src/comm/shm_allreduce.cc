@@ -156,6 +156,17 @@ void divide(DType dtype, char* data, size_t n, int world) {
   }
 }
 
+void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
+                 int world) {
+  if (dtype == DType::F32) {
+    reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n, nullptr,
+               average ? 1.0f / static_cast<float>(world) : 1.0f);
+    return;
+  }
+  reduce_sources(dtype, op, srcs, k, dst, n);
+  if (average) divide(dtype, dst, n, world);
+}
+
 namespace {
 uint64_t segment_counter = 0;
 constexpr size_t kMaxSegmentBytes = 32u << 20;

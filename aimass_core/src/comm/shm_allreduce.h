@@ -43,6 +43,10 @@ ElemOp elem_op(ReduceOp op);
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n);
 // The MPI path's average: divide by the world size (integers truncate).
 void divide(DType dtype, char* data, size_t n, int world);
+// reduce_sources, then the average when asked (folded into the SIMD pass for fp32). dst may be
+// srcs[0] (in place), never another source.
+void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
+                 int world);
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the

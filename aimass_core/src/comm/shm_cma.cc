@@ -124,7 +124,6 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
-  const float inv = 1.0f / static_cast<float>(world_size);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
   for (int64_t lo = b; lo < e; lo += step) {
     pulse(Clock::now());
@@ -146,15 +145,9 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       srcs[0] = sg.in + at * es;
       for (int j = 0, k = 1; j < L; ++j)
         if (j != me) srcs[k++] = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es + (x - lo) * es;
-      char* out = sg.out + at * es;
-      const bool avg = sg.average && !cross_reduce;  // across nodes: averaged after the cross-node sum
-      if (dtype == DType::F32) {
-        reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(out),
-                   static_cast<size_t>(n), nullptr, avg ? inv : 1.0f);
-      } else {
-        reduce_sources(dtype, op, srcs.data(), L, out, static_cast<size_t>(n));
-        if (avg) divide(dtype, out, static_cast<size_t>(n), world_size);
-      }
+      // across nodes the average comes after the cross-node sum
+      reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average && !cross_reduce,
+                  world_size);
     });
   }
   if (cross_reduce && e > b) {
@@ -282,14 +275,7 @@ void ShmAllreduce::reduce_scatter_cma(const void* in, const std::vector<int64_t>
       cma_read(j, &l, &r, 1);
       srcs[k++] = dst;
     }
-    char* dst = out + lo * es;
-    if (dtype == DType::F32) {
-      reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(dst),
-                 static_cast<size_t>(n), nullptr, average ? 1.0f / static_cast<float>(world_size) : 1.0f);
-    } else {
-      reduce_sources(dtype, op, srcs.data(), L, dst, static_cast<size_t>(n));
-      if (average) divide(dtype, dst, static_cast<size_t>(n), world_size);
-    }
+    reduce_into(dtype, op, srcs.data(), L, out + lo * es, static_cast<size_t>(n), average, world_size);
   }
   mark(h, false, true, false);
   wait_peers(1, h);  // every peer read its block of my input

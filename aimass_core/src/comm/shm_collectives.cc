@@ -184,14 +184,7 @@ void ShmAllreduce::reduce_scatter(const void* in, const std::vector<int64_t>& co
         wait_peers(0, s);
         for (int j = 0; j < L; ++j)
           srcs[j] = j == me ? src + (displ[me] + t * e) * es : staging(j, s) + me * e * es;
-        char* dst = out + t * e * es;
-        if (dtype == DType::F32) {
-          reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(dst),
-                     static_cast<size_t>(n), nullptr, average ? 1.0f / static_cast<float>(world_size) : 1.0f);
-        } else {
-          reduce_sources(dtype, op, srcs.data(), L, dst, static_cast<size_t>(n));
-          if (average) divide(dtype, dst, static_cast<size_t>(n), world_size);
-        }
+        reduce_into(dtype, op, srcs.data(), L, out + t * e * es, static_cast<size_t>(n), average, world_size);
       }
       mark(s, false, true, true);
     };
