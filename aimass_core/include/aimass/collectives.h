@@ -83,14 +83,19 @@ class CollectiveHandle {
   bool buffers_in_use_ = false;
   DType dtype_ = DType::F32;
   std::vector<int64_t> result_shape_;
-  // not zero-filled: every byte is written by the collective (a large gather skips one pass)
+  // Not zero-filled (every byte is written by the collective), and large blocks are recycled
+  // (result_block_*: a gather of tens of MiB into fresh pages costs more page faults than copying).
   struct NoInit : std::allocator<uint8_t> {
     template <typename U>
     struct rebind {
       using other = NoInit;
     };
     void construct(uint8_t* p) noexcept { ::new (static_cast<void*>(p)) uint8_t; }
+    uint8_t* allocate(size_t n) { return static_cast<uint8_t*>(result_block_get(n)); }
+    void deallocate(uint8_t* p, size_t n) noexcept { result_block_put(p, n); }
   };
+  static void* result_block_get(size_t n);
+  static void result_block_put(void* p, size_t n) noexcept;
   std::vector<uint8_t, NoInit> result_;
 };
 
