@@ -215,3 +215,21 @@ def test_simulated_nodes_every_kind(dist, cma):
         np.testing.assert_array_equal(out, np.array_split(np.sum(rs_in, 0), n)[r])
     finally:
         restart(dist)
+
+
+@pytest.mark.timeout(60)
+def test_large_results_recycled_only_after_release(dist):
+    """Result blocks of 1 MiB and more are recycled once their array is gone, never while it lives."""
+    n, r = dist.size(), dist.rank()
+    rows = (1 << 20) // (4 * 64) + 7  # every part just over 1 MiB
+    parts = [[np.full((rows, 64), k * 10 + i, np.float32) for i in range(n)] for k in range(3)]
+    a = dist.allgather(parts[0][r], name="alg.pool.0")
+    b = dist.allgather(parts[1][r], name="alg.pool.1")
+    np.testing.assert_array_equal(a, np.concatenate(parts[0]))  # alive: not reused by b
+    np.testing.assert_array_equal(b, np.concatenate(parts[1]))
+    del a
+    c = dist.allgather(parts[2][r], name="alg.pool.2")  # may take a's block
+    np.testing.assert_array_equal(c, np.concatenate(parts[2]))
+    np.testing.assert_array_equal(b, np.concatenate(parts[1]))
+    rs = dist.reduce_scatter(np.ones((n * rows, 64), np.float32), op="sum", name="alg.pool.rs")
+    np.testing.assert_array_equal(rs, np.full((rows, 64), n, np.float32))
