@@ -345,13 +345,12 @@ void window_reduce(const float* v, int64_t n, int64_t d, int64_t K, const std::v
                    Op op, float* pre, float* suf, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < std::min(d, n); ++r) {
     const int64_t cnt = (n - r + d - 1) / d;
-    for (int64_t t = 0; t < cnt; ++t) {
-      const int64_t i = r + t * d;
-      pre[i] = t % K == 0 ? v[i] : op(pre[i - d], v[i]);
-    }
-    for (int64_t t = cnt - 1; t >= 0; --t) {
-      const int64_t i = r + t * d;
-      suf[i] = (t % K == K - 1 || t == cnt - 1) ? v[i] : op(v[i], suf[i + d]);
+    for (int64_t t0 = 0; t0 < cnt; t0 += K) {  // block [t0, t1) of this residue class
+      const int64_t t1 = std::min(t0 + K, cnt), i0 = r + t0 * d, i1 = r + (t1 - 1) * d;
+      pre[i0] = v[i0];
+      for (int64_t i = i0 + d; i <= i1; i += d) pre[i] = op(pre[i - d], v[i]);
+      suf[i1] = v[i1];
+      for (int64_t i = i1 - d; i >= i0; i -= d) suf[i] = op(v[i], suf[i + d]);
     }
   }
   for (size_t j = 0; j < win.size(); ++j) {
