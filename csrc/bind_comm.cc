@@ -123,6 +123,7 @@ void bind_comm(py::module_& m) {
           "shm_min_bytes", [](const aimass::CollectiveEngine& e) { return e.options().shm_min_bytes; },
           [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
       .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
+      .def_property_readonly("algorithms", &aimass::CollectiveEngine::algorithms)
       .def_property_readonly("timeout", [](const aimass::CollectiveEngine& e) { return e.options().timeout_s; })
       .def("stats", [](const aimass::CollectiveEngine& e) {
         auto s = e.stats();

@@ -23,10 +23,23 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import warnings
 from typing import Any, Dict, Optional
 
 FORMAT = 1
+
+_ALGO_ROW = r"\s*\d+[kmgKMG]?\s*:\s*(mpi|shm|cma)(@\d+[kmgKMG]?)?\s*"
+_ALGO_PART = re.compile(r"\s*(allreduce|broadcast|allgather|reduce_scatter)\s*=" + _ALGO_ROW + "(," + _ALGO_ROW + ")*")
+
+
+def valid_comm_algos(text: str) -> bool:
+    """The form of AIMASS_COMM_ALGOS (the engine checks the rest at init): `kind=bytes:algo[@chunk],...;...`
+    with a row for 0 bytes per kind."""
+    parts = [p for p in text.split(";") if p.strip()]
+    return all(_ALGO_PART.fullmatch(p) and any(c.split(":")[0].strip() == "0" for c in p.split("=", 1)[1].split(","))
+               for p in parts)
+
 
 # knob -> (environment variable, type, check, meaning)
 ENV_KNOBS = {
@@ -37,6 +50,8 @@ ENV_KNOBS = {
     "shm_chunk_bytes": ("AIMASS_SHM_CHUNK_BYTES", int, lambda v: 4096 <= v <= (1 << 30),
                         "shared-memory allreduce chunk bytes"),
     "shm_min_bytes": ("AIMASS_SHM_MIN_BYTES", int, lambda v: v >= 0, "smallest allreduce on the shm path"),
+    "comm_algos": ("AIMASS_COMM_ALGOS", str, valid_comm_algos,
+                   "per-size collective algorithm table (docs/comm.md), e.g. 'allreduce=0:shm,16m:cma'"),
     "spin_us": ("AIMASS_SPIN_US", int, lambda v: 0 <= v <= 100_000, "pool worker polling before sleep, us"),
     "packed_max_rows": ("AIMASS_PACKED_MAX_ROWS", int, lambda v: v >= 0,
                         "largest batch on the packed small-batch fp32 kernel"),

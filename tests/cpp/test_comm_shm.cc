@@ -13,6 +13,7 @@
 
 #include "aimass/error.h"
 #include "comm/shm_allreduce.h"
+#include "shm_test_segment.h"
 
 namespace {
 
@@ -23,14 +24,8 @@ using aimass::comm::ShmSegment;
 
 constexpr size_t kChunk = 4096;
 
-struct Segment {  // 128-byte aligned, zero-filled shared memory for L "ranks"
-  explicit Segment(int L) : bytes(ShmAllreduce::segment_bytes(L, kChunk)) {
-    mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-    std::memset(mem, 0, bytes);
-  }
-  ~Segment() { std::free(mem); }
-  size_t bytes;
-  char* mem;
+struct Segment : ShmTestSegment {
+  explicit Segment(int L) : ShmTestSegment(L, kChunk) {}
 };
 
 float value(int rank, size_t i) { return static_cast<float>((static_cast<int>(i * 7 + rank * 13) % 41) - 20); }

@@ -2,7 +2,8 @@
 `mpirun --enable-recovery -np 2K python comm_peer_failure_worker.py OUTDIR TRIALS_JSON`.
 
 Ranks 2k and 2k+1 form pair k (their own communicator) and run trial k: both loop
-allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not);
+allreduces of the trial's size on the trial's path (shared memory staged or single-copy, or MPI;
+fused or not);
 after a random delay the victim (odd rank) sends itself SIGKILL or SIGSTOP, noting the
 moment first. The survivor records when and how its allreduce failed, times its
 shutdown, and exits. Not a test file: it only runs under mpirun."""
@@ -23,12 +24,14 @@ sub = world.Split(pair, world.Get_rank())
 t = trials[pair]
 if t["path"] == "mpi":
     os.environ["AIMASS_SHM"] = "0"
+elif t["path"] == "cma":  # single copy: the peers read each other's buffers (process_vm_readv)
+    os.environ["AIMASS_COMM_ALGOS"] = "allreduce=0:cma"
 import aimass  # noqa: E402
 import aimass.dist as dist  # noqa: E402
 
 dist.init(comm=sub, timeout=t["timeout"])
 dist.set_fusion_threshold(64 << 20 if t["fused"] else 0)
-if t["path"] == "shm":
+if t["path"] in ("shm", "cma"):
     dist.set_shm_min_bytes(0)  # even 4 bytes take the shared-memory path
 parts = 4 if t["fused"] else 1
 n = max(1, t["bytes"] // 4 // parts)

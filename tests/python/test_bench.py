@@ -218,3 +218,17 @@ def test_cli_readme_and_compare_options(tmp_path):
     slow = _report(1.5).save(str(tmp_path / "s"))
     r = _aimass("bench", "compare", path, slow, "--fail-on-regression", home=tmp_path)
     assert r.returncode == 1 and "2 regression(s)" in r.stdout
+
+
+def test_comm_algorithm_table_is_a_knob(tmp_path):
+    """`aimass bench --tune` stores the per-size algorithm table as comm_algos; it reaches the engine as
+    AIMASS_COMM_ALGOS (the engine parses it at init); malformed tables never enter a profile."""
+    p = str(tmp_path / "tuning.json")
+    table = "allreduce=0:shm,16m:cma@1m;broadcast=0:mpi,2m:shm"
+    _tuning.write_profile({"comm_algos": table}, path=p)
+    r = _python("import os, aimass; print(os.environ.get('AIMASS_COMM_ALGOS'))", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == table
+    for bad in ("allreduce=4k:shm", "allreduce=0:nccl", "gather=0:shm", "allreduce=0:mpi@1m,"):
+        with pytest.raises(ValueError, match="bad value"):
+            _tuning.write_profile({"comm_algos": bad}, path=p)

@@ -52,7 +52,7 @@ def trials():
     big_timeout = float(os.environ.get("AIMASS_PEER_FAILURE_TIMEOUT_64M", max(timeout, 3.0)))
     rng = random.Random(int(os.environ.get("AIMASS_PEER_FAILURE_SEED", "16")))
     out = []
-    for size, path, fused in itertools.product(SIZES, ("shm", "mpi"), (False, True)):
+    for size, path, fused in itertools.product(SIZES, ("shm", "cma", "mpi"), (False, True)):
         for k in range(n):
             out.append({"bytes": size, "path": path, "fused": fused,
                         "timeout": big_timeout if size >= 64 << 20 else timeout,

@@ -83,7 +83,20 @@ class CollectiveHandle {
   bool buffers_in_use_ = false;
   DType dtype_ = DType::F32;
   std::vector<int64_t> result_shape_;
-  std::vector<uint8_t> result_;
+  // Not zero-filled (every byte is written by the collective), and large blocks are recycled
+  // (result_block_*: a gather of tens of MiB into fresh pages costs more page faults than copying).
+  struct NoInit : std::allocator<uint8_t> {
+    template <typename U>
+    struct rebind {
+      using other = NoInit;
+    };
+    void construct(uint8_t* p) noexcept { ::new (static_cast<void*>(p)) uint8_t; }
+    uint8_t* allocate(size_t n) { return static_cast<uint8_t*>(result_block_get(n)); }
+    void deallocate(uint8_t* p, size_t n) noexcept { result_block_put(p, n); }
+  };
+  static void* result_block_get(size_t n);
+  static void result_block_put(void* p, size_t n) noexcept;
+  std::vector<uint8_t, NoInit> result_;
 };
 
 struct EngineOptions {
@@ -97,9 +110,12 @@ struct EngineOptions {
   // smaller ones use MPI_Allreduce.
   bool shm = true;
   size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
-  size_t shm_chunk_bytes = 512u << 10;
+  size_t shm_chunk_bytes = 512u << 10;  // the segment's slot: the largest chunk (table chunks are clamped to it)
+  // Per-size algorithm table over the built-in one (comm/algorithms.h; docs/comm.md), e.g.
+  // "allreduce=0:shm@256k,8m:shm@1m;broadcast=0:mpi,16k:shm". Every rank must give the same.
+  std::string algorithms;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
-  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.
+  // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES, AIMASS_COMM_ALGOS.
   static EngineOptions from_env();
 };
 
@@ -140,6 +156,8 @@ class CollectiveEngine {
   void set_shm_min_bytes(size_t bytes);
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
+  // The algorithm table in use (canonical text; every rank's is the same).
+  std::string algorithms() const;
   EngineOptions options() const;
   EngineStats stats() const;
   const Communicator& communicator() const { return *comm_; }

@@ -20,8 +20,23 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
 // Collective over the communicator (runs before the thread starts): every
 // rank must agree, since the path changes which MPI calls are made.
 void CollectiveEngine::Impl::shm_init() {
+  // every rank must choose algorithms alike: the tables must be equal (compared by hash)
+  std::string bad;
+  try {
+    algos = comm::AlgoTable::parse(opts.algorithms);
+  } catch (const std::exception& e) {
+    bad = e.what();
+  }
+  const uint64_t h = bad.empty() ? comm::fnv1a64(algos.str()) : 0;
+  uint64_t agree[2] = {h, ~h};  // MIN of h and of ~h: every rank's h is equal iff agree == {h, ~h}
   int want = opts.shm ? 1 : 0;
   MPI_Request req;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, agree, 2, MPI_UINT64_T, MPI_MIN, mpi, &req), "MPI_Iallreduce(algorithms)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  if (!bad.empty()) throw ValueError(bad);
+  if (agree[0] != h || agree[1] != ~h)
+    throw ValueError("aimass.dist.init(): AIMASS_COMM_ALGOS (or the tuning profile's comm_algos) differs between "
+                     "ranks; every rank must use the same algorithm table");
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &want, 1, MPI_INT, MPI_MIN, mpi, &req), "MPI_Iallreduce(shm)");
   wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
   if (!want) return;
@@ -32,7 +47,8 @@ void CollectiveEngine::Impl::shm_init() {
 
 bool CollectiveEngine::Impl::use_shm(int64_t count, DType wire) const {
   if (!shm_ok) return false;
-  return static_cast<uint64_t>(count) * dtype_size(wire) >= shm_min_agreed;
+  const uint64_t bytes = static_cast<uint64_t>(count) * dtype_size(wire);
+  return bytes >= shm_min_agreed && algos.pick(comm::AlgoKind::Allreduce, bytes).shm;
 }
 
 // Allreduce of the concatenation of segs through the node's shared memory; with
@@ -44,16 +60,19 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
   }
   std::function<void(void*, int64_t)> cross;
   if (comm->cross_size() > 1) {
-    cross = [&](void* data, int64_t n) {
-      MPI_Request req;
-      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), mpi_type(wire), mpi_op(wire, op),
-                               comm->cross_comm(), &req),
-                "MPI_Iallreduce(cross-node)");
-      wait_req(&req, 1.0, "cross-node allreduce");
+    cross = [&](void* data, int64_t n) {  // a whole slice in single-copy mode: MPI counts are int
+      const size_t es = dtype_size(wire);
+      for (int64_t off = 0; off < n; off += kMaxChunk) {
+        MPI_Request req;
+        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(data) + off * es,
+                                 static_cast<int>(std::min(kMaxChunk, n - off)), mpi_type(wire), mpi_op(wire, op),
+                                 comm->cross_comm(), &req),
+                  "MPI_Iallreduce(cross-node)");
+        wait_req(&req, 1.0, "cross-node allreduce");
+      }
     };
   }
-  shm->set_timeout(opts.timeout_s);
-  shm->set_heartbeat(&waker->beat);
+  shm_prepare(algos.pick(comm::AlgoKind::Allreduce, static_cast<uint64_t>(count) * dtype_size(wire)));
   shm->run(segs, count, wire, op, size, cross);
 }
 
@@ -322,6 +341,8 @@ void CollectiveEngine::set_shm_min_bytes(size_t bytes) {
 }
 
 bool CollectiveEngine::shm_available() const { return impl_->shm_ok; }
+
+std::string CollectiveEngine::algorithms() const { return impl_->algos.str(); }
 
 EngineOptions CollectiveEngine::options() const {
   std::lock_guard<std::mutex> lk(impl_->mu);

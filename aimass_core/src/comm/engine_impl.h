@@ -28,6 +28,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/algorithms.h"
 #include "comm/message.h"
 #include "comm/mpi_transport.h"
 #include "comm/shm_allreduce.h"
@@ -162,6 +163,20 @@ struct CollectiveEngine::Impl {
   // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
   std::unique_ptr<comm::ShmAllreduce> shm;
   bool shm_ok = false;
+  comm::AlgoTable algos;  // agreed by every rank at start-up (shm_init)
+  // The shared-memory algorithm for a non-allreduce collective of `bytes` bytes on one node.
+  bool shm_for(comm::AlgoKind kind, uint64_t bytes) {
+    if (!shm_ok || comm->cross_size() != 1) return false;
+    const comm::AlgoChoice c = algos.pick(kind, bytes);
+    if (c.shm) shm_prepare(c);
+    return c.shm;
+  }
+  void shm_prepare(const comm::AlgoChoice& c) {  // the deadline, heartbeat, chunk and copy mode of the next call
+    shm->set_chunk(c.chunk);
+    shm->use_cma(c.cma);
+    shm->set_timeout(opts.timeout_s);
+    shm->set_heartbeat(&waker->beat);
+  }
 
 
 

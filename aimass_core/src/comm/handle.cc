@@ -73,10 +73,52 @@ EngineOptions EngineOptions::from_env() {
                  "AIMASS_SHM_CHUNK_BYTES must be a byte count in [4096, 2^30], got '", v, "'");
     o.shm_chunk_bytes = static_cast<size_t>(b);
   }
+  if (const char* v = std::getenv("AIMASS_COMM_ALGOS")) o.algorithms = v;
   return o;
 }
 
 // ---------------------------------------------------------------- handle
+namespace {
+// Freed result blocks of at least kPoolMin bytes, kept for the next result of the same size
+// (at most kPoolBlocks and kPoolMaxBytes, newest first): repeated large allgathers reuse pages
+// already faulted in.
+constexpr size_t kPoolMin = 1u << 20, kPoolBlocks = 4, kPoolMaxBytes = size_t(512) << 20;
+std::mutex pool_mu;
+std::vector<std::pair<size_t, void*>> pool;
+}  // namespace
+
+void* CollectiveHandle::result_block_get(size_t n) {
+  if (n >= kPoolMin) {
+    std::lock_guard<std::mutex> lk(pool_mu);
+    for (size_t i = 0; i < pool.size(); ++i) {
+      if (pool[i].first == n) {
+        void* p = pool[i].second;
+        pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(i));
+        return p;
+      }
+    }
+  }
+  return ::operator new(n);
+}
+
+void CollectiveHandle::result_block_put(void* p, size_t n) noexcept {
+  std::vector<void*> drop;
+  if (n >= kPoolMin && n <= kPoolMaxBytes) {
+    std::lock_guard<std::mutex> lk(pool_mu);
+    pool.insert(pool.begin(), {n, p});
+    size_t total = 0;
+    for (auto& b : pool) total += b.first;
+    while (pool.size() > kPoolBlocks || total > kPoolMaxBytes) {
+      total -= pool.back().first;
+      drop.push_back(pool.back().second);
+      pool.pop_back();
+    }
+  } else {
+    drop.push_back(p);
+  }
+  for (void* q : drop) ::operator delete(q);
+}
+
 
 bool CollectiveHandle::poll() const {
   std::lock_guard<std::mutex> lk(mu_);

@@ -82,6 +82,10 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
     case CollectiveKind::Broadcast: {
       const int64_t bytes = numel_of(r.shape) * static_cast<int64_t>(es);
       if (rank == r.root && r.output != r.input && bytes > 0) std::memcpy(r.output, r.input, static_cast<size_t>(bytes));
+      if (shm_for(comm::AlgoKind::Broadcast, static_cast<uint64_t>(bytes))) {
+        shm->broadcast(r.output, bytes, r.root);  // one node: local ranks are the ranks
+        break;
+      }
       for (int64_t off = 0; off < bytes; off += kMaxChunk) {
         const int n = static_cast<int>(std::min(kMaxChunk, bytes - off));
         check_mpi(MPI_Ibcast(static_cast<char*>(r.output) + off, n, MPI_BYTE, r.root, mpi, &req), "MPI_Ibcast");
@@ -95,9 +99,15 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
       int64_t& mine = ag_mine;  // members: a timed-out request may still use them
       mine = r.shape.empty() ? 1 : r.shape[0];
       std::vector<int64_t>& rows = ag_rows;
-      rows.assign(size, 0);
-      check_mpi(MPI_Iallgather(&mine, 1, MPI_INT64_T, rows.data(), 1, MPI_INT64_T, mpi, &req), "MPI_Iallgather");
-      wait_req(&req, 1.0, "allgather");
+      const bool one_node = shm_ok && comm->cross_size() == 1;
+      if (one_node) {  // the row counts through shared memory: no MPI round
+        shm_prepare(algos.pick(comm::AlgoKind::Allgather, 0));
+        rows = shm->exchange(mine, r.input);
+      } else {
+        rows.assign(size, 0);
+        check_mpi(MPI_Iallgather(&mine, 1, MPI_INT64_T, rows.data(), 1, MPI_INT64_T, mpi, &req), "MPI_Iallgather");
+        wait_req(&req, 1.0, "allgather");
+      }
       int64_t total_rows = 0;
       for (int64_t v : rows) total_rows += v;
       if (total_rows * row >= INT_MAX) {  // every rank sees the same totals: all fail alike
@@ -119,6 +129,10 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
       p.handle->result_.resize(static_cast<size_t>(acc));
       p.handle->result_shape_ = r.shape.empty() ? std::vector<int64_t>{total_rows} : r.shape;
       p.handle->result_shape_[0] = total_rows;
+      if (one_node && shm_for(comm::AlgoKind::Allgather, static_cast<uint64_t>(acc))) {
+        shm->allgather(r.input, rows, row, reinterpret_cast<char*>(p.handle->result_.data()));
+        break;
+      }
       check_mpi(MPI_Iallgatherv(r.input, counts[rank], MPI_BYTE, p.handle->result_.data(), counts.data(),
                                 displs.data(), MPI_BYTE, mpi, &req),
                 "MPI_Iallgatherv");
@@ -136,6 +150,12 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
       p.handle->result_shape_[0] = counts[rank] / std::max<int64_t>(row, 1);
       if (row == 0) p.handle->result_shape_[0] = n0 / size + (rank < n0 % size ? 1 : 0);
       p.handle->result_.resize(static_cast<size_t>(counts[rank]) * es + 1);
+      if (shm_for(comm::AlgoKind::ReduceScatter, static_cast<uint64_t>(n0 * row) * es)) {
+        std::vector<int64_t> elems(counts.begin(), counts.end());
+        shm->reduce_scatter(r.input, elems, reinterpret_cast<char*>(p.handle->result_.data()), r.dtype, r.op,
+                            r.op == ReduceOp::Average, size);
+        break;
+      }
       check_mpi(MPI_Ireduce_scatter(r.input, p.handle->result_.data(), counts.data(), mpi_type(r.dtype),
                                     mpi_op(r.dtype, r.op), mpi, &req),
                 "MPI_Ireduce_scatter");

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <new>
 #include <thread>
 #include <type_traits>
@@ -32,11 +34,14 @@ inline void cpu_relax() {
 #endif
 }
 
+}  // namespace
+
 ElemOp elem_op(ReduceOp op) {
   return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max
        : op == ReduceOp::Product ? ElemOp::Prod : ElemOp::Sum;
 }
 
+namespace {
 template <typename T>
 void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
   T* dst = reinterpret_cast<T*>(dst_bytes);
@@ -83,6 +88,8 @@ void reduce_half_sources(DType dtype, ReduceOp op, const char* const* srcs, int 
   }
 }
 
+}  // namespace
+
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
   switch (dtype) {
     case DType::F32:
@@ -104,11 +111,14 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
   }
 }
 
+namespace {
 template <typename T>
 void divide_typed(char* data, size_t n, int world) {
   T* o = reinterpret_cast<T*>(data);
   for (size_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / world);
 }
+
+}  // namespace
 
 // The same arithmetic as the MPI path's average (sum, then divide by the world size).
 void divide(DType dtype, char* data, size_t n, int world) {
@@ -146,6 +156,18 @@ void divide(DType dtype, char* data, size_t n, int world) {
   }
 }
 
+void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
+                 int world) {
+  if (dtype == DType::F32) {
+    reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n, nullptr,
+               average ? 1.0f / static_cast<float>(world) : 1.0f);
+    return;
+  }
+  reduce_sources(dtype, op, srcs, k, dst, n);
+  if (average) divide(dtype, dst, n, world);
+}
+
+namespace {
 uint64_t segment_counter = 0;
 constexpr size_t kMaxSegmentBytes = 32u << 20;
 constexpr size_t kMinChunkBytes = 64u << 10;
@@ -174,6 +196,7 @@ ShmAllreduce::ShmAllreduce(int local_rank, int local_size, void* memory, size_t 
   ctrl_bytes_ = ctrl_bytes(lsize_);
   bytes_ = segment_bytes(lsize_, chunk_bytes);
   base_ = static_cast<char*>(memory);
+  ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
 }
 
 ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s)
@@ -272,6 +295,20 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   }
   base_ = static_cast<char*>(p);
   owned_ = true;
+  // Single-copy mode needs process_vm_readv on the peers (same user, no ptrace restriction):
+  // each rank reads every local peer's probe word; every rank of every node must manage.
+  ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
+  probe_ = 0x5eed0000u + static_cast<uint64_t>(lrank_);
+  ctrl(lrank_)->addr.store(reinterpret_cast<uint64_t>(&probe_), std::memory_order_release);
+  MPI_Request req;
+  check_mpi(MPI_Ibarrier(comm.local_comm(), &req), "MPI_Ibarrier(shm)");
+  wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
+  const char* env = std::getenv("AIMASS_SHM_CMA");
+  int cma = env && std::string(env) == "0" ? 0 : 1;
+  for (int j = 0; j < lsize_ && cma; ++j)
+    if (j != lrank_ && !probe_cma(j)) cma = 0;
+  allreduce(&cma, MPI_INT, MPI_MIN, world);  // also: every probe is done before addr is reused
+  cma_ok_ = cma != 0;
 }
 
 ShmAllreduce::~ShmAllreduce() {
@@ -315,7 +352,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
     if (v.load(std::memory_order_acquire) >= target) return;
     if ((iter & 63) == 0) {
       if (c->aborted.load(std::memory_order_acquire)) {
-        throw DistributedError(detail::concat("aimass.dist: shared-memory allreduce: local rank ", j,
+        throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j,
                                               " gave up (see the error on that rank)"));
       }
       const auto now = Clock::now();
@@ -323,7 +360,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
       const double waited = std::chrono::duration<double>(now - start).count();
       if (waited > timeout_s_) {
         throw DistributedError(detail::concat(
-            "aimass.dist: shared-memory allreduce: local rank ", j, " did not advance within ", timeout_s_,
+            "aimass.dist: shared-memory collective: local rank ", j, " did not advance within ", timeout_s_,
             " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
       }
       if (waited > 0.05) std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -335,9 +372,19 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   if (count <= 0) return;
+  // single copy while the segments' address table fits one staging slot; across nodes whenever
+  // possible: one cross-node allreduce per slice instead of one per chunk (fewer waits on the network)
+  if ((cma_on_ || (cross_reduce && cma_ok_)) && segs.size() * 2 * sizeof(uint64_t) <= chunk_bytes_) {
+    try {
+      return run_cma(segs, count, dtype, op, world_size, cross_reduce);
+    } catch (...) {
+      ctrl(lrank_)->aborted.store(1, std::memory_order_release);
+      throw;
+    }
+  }
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
-  const int64_t chunk = static_cast<int64_t>(chunk_bytes_ / es);
+  const int64_t chunk = static_cast<int64_t>(this->chunk() / es);
   const int64_t nchunks = (count + chunk - 1) / chunk;
   const uint64_t base_seq = seq_;
 

@@ -21,6 +21,7 @@
 #pragma once
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -30,10 +31,22 @@
 
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
+#include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
 
 namespace aimass {
 namespace comm {
+
+// Element-wise kernels shared by the shared-memory collectives (shm_allreduce.cc).
+ElemOp elem_op(ReduceOp op);
+// dst = op over the k sources (16-bit floats accumulate in fp32; Bool: sum/max = or, min/product = and).
+void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n);
+// The MPI path's average: divide by the world size (integers truncate).
+void divide(DType dtype, char* data, size_t n, int world);
+// reduce_sources, then the average when asked (folded into the SIMD pass for fp32). dst may be
+// srcs[0] (in place), never another source.
+void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
+                 int world);
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the
@@ -63,7 +76,20 @@ class ShmAllreduce {
   ShmAllreduce& operator=(const ShmAllreduce&) = delete;
 
   bool available() const { return base_ != nullptr; }
-  size_t chunk_bytes() const { return chunk_bytes_; }
+  size_t chunk_bytes() const { return chunk_bytes_; }  // the slot size: the largest chunk
+  // Chunk size of the next collectives (every local rank alike; 0 or more than a slot: a slot;
+  // rounded to whole 4 KiB pages). Smaller chunks keep a step's working set in the L2.
+  void set_chunk(size_t bytes) {
+    cut_ = bytes == 0 ? chunk_bytes_ : std::min(chunk_bytes_, std::max<size_t>(4096, bytes / 4096 * 4096));
+  }
+  size_t chunk() const { return cut_ ? cut_ : chunk_bytes_; }
+  // Single-copy mode for the next collectives (every local rank alike): peers read each other's
+  // buffers with process_vm_readv (cross-memory attach) instead of staging through the segment.
+  // Only where cma_available(); the MPI constructor probes it on every rank (AIMASS_SHM_CMA=0: off).
+  void use_cma(bool on) { cma_on_ = on && cma_ok_; }
+  bool cma_available() const { return cma_ok_; }
+  // Tests (threads as ranks of one process): allow single-copy mode.
+  void allow_cma_for_tests() { cma_ok_ = true; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -75,13 +101,47 @@ class ShmAllreduce {
   void run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
            int world_size, const std::function<void(void*, int64_t)>& cross_reduce);
 
+  // ---- the other collectives on one node (shm_collectives.cc); local ranks are the ranks then.
+  // Every local rank calls them with matching arguments, like MPI's.
+  // Broadcast of `bytes` bytes from local rank `root` into every rank's `data` (the root's is the source).
+  void broadcast(void* data, int64_t bytes, int root);
+  // Every local rank posts `value` (and the address of `buffer`, read by a single-copy allgather);
+  // returns every local rank's value, in local rank order.
+  std::vector<int64_t> exchange(int64_t value, const void* buffer = nullptr);
+  // Allgather: local rank j contributes rows[j] rows of row_bytes bytes (rows from exchange());
+  // `out` receives them all in rank order (sum of rows x row_bytes bytes).
+  void allgather(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
+  // Reduce-scatter: `in` holds the blocks of every rank back to back (counts[j] elements each);
+  // `out` receives the reduction of this rank's block (divided by world_size when average).
+  void reduce_scatter(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
+                      bool average, int world_size);
+
  private:
   struct alignas(128) Control {  // written by one local rank, read by all
     std::atomic<uint64_t> staged;    // last chunk sequence whose parts this rank staged
     std::atomic<uint64_t> reduced;   // last chunk sequence whose slice this rank reduced
     std::atomic<uint64_t> gathered;  // last chunk sequence whose results this rank copied out
     std::atomic<uint64_t> aborted;   // nonzero: this rank gave up (peers fail at once)
+    std::atomic<uint64_t> info;      // a small value posted to the peers (allgather: rows)
+    std::atomic<uint64_t> addr;      // single-copy mode: the address of the buffer peers read
+    std::atomic<int64_t> pid;        // this rank's process id (process_vm_readv)
   };
+  // ---- single-copy mode (shm_cma.cc)
+  void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
+  void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size,
+               const std::function<void(void*, int64_t)>& cross_reduce);
+  void broadcast_cma(void* data, int64_t bytes, int root);
+  void allgather_cma(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
+  void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
+                          bool average, int world_size);
+  bool probe_cma(int j);  // reads local rank j's probe word
+  // Ops other than allreduce keep the counters' meaning: staged >= s: this rank's staging slot for
+  // s is written; reduced >= s: it read every staging slot up to s (and wrote its reduced slice);
+  // gathered >= s: it read every result slot up to s.
+  void wait_peers(int which, uint64_t target);
+  void mark(uint64_t s, bool staged, bool reduced, bool gathered);
+  template <typename Fn>
+  void guarded(Fn&& fn);  // runs fn; on an exception marks this rank aborted (peers fail at once)
   static size_t ctrl_bytes(int local_size);
   Control* ctrl(int j) const { return reinterpret_cast<Control*>(base_) + j; }
   char* staging(int j, uint64_t seq) const;
@@ -92,6 +152,12 @@ class ShmAllreduce {
 
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
+  size_t cut_ = 0;  // set_chunk()
+  bool cma_ok_ = false, cma_on_ = false;
+  std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
+  std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
+  uint64_t probe_ = 0;     // read by the peers' start-up probe
+  uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)
   double timeout_s_ = 60;
   std::atomic<int64_t>* heartbeat_ = nullptr;
   char* base_ = nullptr;

@@ -28,7 +28,7 @@ SUITES = ("compress", "data", "comm", "runtime", "serve")
 TUNED_BY = {"num_threads": "runtime", "simd": "runtime", "packed_max_rows": "runtime",
             "session_max_batch_size": "runtime", "session_max_queue_delay_us": "runtime",
             "loader_threads": "data", "loader_prefetch": "data", "fusion_threshold": "comm",
-            "cycle_time_ms": "comm", "shm_min_bytes": "comm"}
+            "cycle_time_ms": "comm", "shm_min_bytes": "comm", "comm_algos": "comm"}
 
 
 def _suite(name: str):
@@ -38,10 +38,11 @@ def _suite(name: str):
 
 
 def run(suites: Iterable[str] = SUITES, quick: bool = False, progress: Optional[Callable[[str], None]] = None,
-        measure_machine: bool = True) -> Report:
+        measure_machine: bool = True, tune: bool = False) -> Report:
     """Run `suites` in order; returns the Report (machine, versions, figures, sweeps, and in
     ``report.tuning['knobs']`` the knobs the measurements chose). A suite that fails is
-    recorded in ``report.suites[name]['error']`` and the others still run."""
+    recorded in ``report.suites[name]['error']`` and the others still run. tune: suites that
+    need extra measurements to choose knobs run them (comm: every algorithm of the table)."""
     from ._report import SuiteTimer
     suites = list(suites)
     for s in suites:
@@ -56,7 +57,8 @@ def run(suites: Iterable[str] = SUITES, quick: bool = False, progress: Optional[
             progress(f"{s}: running")
         try:
             with SuiteTimer(report, s):
-                got = mod.run(report, quick=quick, progress=progress)
+                got = (mod.run(report, quick=quick, progress=progress, tune=True) if tune and s == "comm"
+                       else mod.run(report, quick=quick, progress=progress))
         except Exception as exc:  # noqa: BLE001 - one broken suite must not lose the others' figures
             if progress:
                 progress(f"{s}: FAILED ({type(exc).__name__}: {exc})")

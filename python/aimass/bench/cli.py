@@ -77,7 +77,7 @@ def _run(args) -> int:
             bar.write(msg) if not bar.disable else print(msg, file=sys.stderr, flush=True)
 
     try:
-        report = run(suites, quick=args.quick, progress=progress)
+        report = run(suites, quick=args.quick, progress=progress, tune=args.tune)
         bar.update(1 if started else 0)
     finally:
         bar.close()

@@ -72,7 +72,107 @@ class _Timer:
         return m
 
 
-def run_worker(quick: bool) -> Optional[dict]:
+KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
+ALGOS = ("mpi", "shm", "cma")
+
+
+def _gloo(comm):
+    """torch.distributed with the gloo backend on the same ranks (None when torch is missing or it cannot start)."""
+    try:
+        import torch
+        import torch.distributed as tdist
+    except ImportError:
+        return None
+    import socket
+    port = 0
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    try:
+        if not tdist.is_initialized():
+            tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
+                                     world_size=comm.Get_size())
+    except Exception:  # noqa: BLE001 - a baseline that cannot start is left out of the plot
+        return None
+    return torch, tdist
+
+
+def _collective_fns(kind: str, d, comm, MPI, nbytes: int, name: str):
+    """(aimass call, mpi4py call, busbw factor) for `kind` on nbytes of float32."""
+    n = comm.Get_size()
+    count = max(n, (nbytes // 4) // n * n)
+    x = np.ones(count, np.float32)
+    y = np.ones(count, np.float32)
+    if kind == "allreduce":
+        return (lambda: d.allreduce_(x, op="sum", name=name),
+                lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), 2 * (n - 1) / n, count)
+    if kind == "broadcast":
+        return lambda: d.broadcast_(x, 0, name=name), lambda: comm.Bcast(y, root=0), 1.0, count
+    if kind == "allgather":
+        part = np.ones(count // n, np.float32)
+        out = np.empty(count, np.float32)
+        return lambda: d.allgather(part, name=name), lambda: comm.Allgather(part, out), (n - 1) / n, count
+    out = np.empty(count // n, np.float32)
+    return (lambda: d.reduce_scatter(x, op="sum", name=name),
+            lambda: comm.Reduce_scatter_block(x, out, op=MPI.SUM), (n - 1) / n, count)
+
+
+def _restart(d, table: Optional[str]):
+    d.shutdown()
+    if table is None:
+        os.environ.pop("AIMASS_COMM_ALGOS", None)
+    else:
+        os.environ["AIMASS_COMM_ALGOS"] = table
+    d.init()
+
+
+def _size_label(b: int) -> str:
+    for unit, shift in (("g", 30), ("m", 20), ("k", 10)):
+        if b and b % (1 << shift) == 0:
+            return f"{b >> shift}{unit}"
+    return str(b)
+
+
+def tune_algorithms(d, comm, MPI, timer, report: Report, quick: bool) -> str:
+    """Times every algorithm (mpi, shm, cma) of every collective at a grid of sizes, each against mpi4py in
+    the same run; returns the algorithm table (AIMASS_COMM_ALGOS form) that picks the fastest per size."""
+    n = comm.Get_size()
+    grid = [4 << 10, 64 << 10, 1 << 20, 16 << 20] if quick else [1 << 10, 16 << 10, 256 << 10, 4 << 20, 64 << 20]
+    saved = os.environ.get("AIMASS_COMM_ALGOS")
+    parts = []
+    try:
+        for kind in KINDS:
+            secs = {a: [] for a in ALGOS}
+            ref = []
+            for algo in ALGOS:
+                _restart(d, f"{kind}=0:{algo}")
+                if kind == "allreduce":
+                    d.set_shm_min_bytes(0)
+                for nbytes in grid:
+                    fa, fb, fac, count = _collective_fns(kind, d, comm, MPI, nbytes, f"bench.tune.{kind}")
+                    secs[algo].append(timer(fa, count * 4).seconds)
+                    if algo == ALGOS[0]:
+                        ref.append(timer(fb, count * 4).seconds)
+            rows, last = [], None
+            for i, nbytes in enumerate(grid):
+                best = min(ALGOS, key=lambda a: secs[a][i])
+                if best != last:
+                    rows.append(f"{0 if not rows else _size_label(nbytes)}:{best}")
+                    last = best
+            parts.append(f"{kind}=" + ",".join(rows))
+            fac = {"allreduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(kind, (n - 1) / n)
+            series = {f"aimass {a}": [nb * fac / t / 1e9 for nb, t in zip(grid, secs[a])] for a in ALGOS}
+            series["mpi4py"] = [nb * fac / t / 1e9 for nb, t in zip(grid, ref)]
+            report.add_sweep(f"{kind}_algorithms_{n}ranks", grid, series, xlabel="bytes",
+                             ylabel="busbw GB/s (higher is better)", logx=True, logy=True)
+    finally:
+        _restart(d, saved)
+    return ";".join(parts)
+
+
+def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
     """Runs on every rank; returns the report part on rank 0."""
     from mpi4py import MPI
     import aimass.dist as d
@@ -86,7 +186,9 @@ def run_worker(quick: bool) -> Optional[dict]:
     fac_ar = 2 * (n - 1) / n
     xs = sizes(quick)
     series: Dict[str, List[Optional[float]]] = {"aimass": [], "aimass MPI path": [], "aimass shm path": [],
-                                                "aimass fp16 wire": [], "mpi4py Allreduce": []}
+                                                "aimass fp16 wire": [], "mpi4py Allreduce": [],
+                                                "torch.distributed gloo": []}
+    gloo = _gloo(comm)
     best_shm_min = None
     for nbytes in xs:
         count = max(1, nbytes // 4)
@@ -108,6 +210,12 @@ def run_worker(quick: bool) -> Optional[dict]:
         series["aimass shm path"].append(bw(m_shm) if m_shm else None)
         series["aimass fp16 wire"].append(bw(m_fp16))
         series["mpi4py Allreduce"].append(bw(m_ref))
+        if gloo is not None and nbytes <= (64 << 20):
+            torch, tdist = gloo
+            tx = torch.ones(count, dtype=torch.float32)
+            series["torch.distributed gloo"].append(bw(timer(lambda: tdist.all_reduce(tx), nbytes)))
+        else:
+            series["torch.distributed gloo"].append(None)
         if m_shm is not None and best_shm_min is None and m_shm.seconds < m_mpi.seconds:
             best_shm_min = nbytes
         goal = 2.0 if nbytes >= (16 << 20) else 1.0
@@ -187,7 +295,11 @@ def run_worker(quick: bool) -> Optional[dict]:
     knobs = {"fusion_threshold": int(th), "cycle_time_ms": float(c)}
     if best_shm_min is not None:
         knobs["shm_min_bytes"] = int(best_shm_min)
+    if tune:
+        knobs["comm_algos"] = tune_algorithms(d, comm, MPI, timer, report, quick)
     d.shutdown()
+    if gloo is not None:
+        gloo[1].destroy_process_group()
     if rank != 0:
         return None
     out = report.to_dict()
@@ -195,11 +307,12 @@ def run_worker(quick: bool) -> Optional[dict]:
     return out
 
 
-def run(report: Report, quick: bool = False, progress=None, np_: int = 2) -> Dict[str, object]:
+def run(report: Report, quick: bool = False, progress=None, np_: int = 2, tune: bool = False) -> Dict[str, object]:
     """From a plain process: start `mpirun -np np_` on the worker and fold its figures in.
-    Under mpirun, run directly (every rank must call this)."""
+    Under mpirun, run directly (every rank must call this). tune: also time every algorithm of
+    every collective and return the table that picks the fastest (the `comm_algos` knob)."""
     if under_mpirun():
-        part = run_worker(quick)
+        part = run_worker(quick, tune)
         if part is None:
             return {}
     else:
@@ -211,7 +324,8 @@ def run(report: Report, quick: bool = False, progress=None, np_: int = 2) -> Dic
         cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
-        cmd += [sys.executable, "-m", "aimass.bench.comm", "--out", out] + (["--quick"] if quick else [])
+        cmd += [sys.executable, "-m", "aimass.bench.comm", "--out", out] + (["--quick"] if quick else []) + \
+            (["--tune"] if tune else [])
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800 if not quick else 600)
@@ -232,8 +346,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="where rank 0 writes its report part (JSON)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="also time every algorithm per collective and size")
     a = ap.parse_args(argv)
-    part = run_worker(a.quick)
+    part = run_worker(a.quick, a.tune)
     if part is not None:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(part, f)

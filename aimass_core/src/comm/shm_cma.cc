@@ -1,0 +1,287 @@
+// Single-copy ("cma") mode of the shared-memory collectives (see shm_allreduce.h and
+// algorithms.h). Each local rank posts the addresses of its buffers (the control line's
+// `addr`, or for a fused allreduce an address table in its staging slot) and the peers read
+// them with process_vm_readv (Linux cross-memory attach, what Open MPI's smsc/cma does), so
+// every byte is copied once, by the rank that needs it, and no rank waits for a peer to be
+// scheduled to stage data (robust when ranks outnumber idle cores).
+//
+//   allreduce       reduce-scatter: each rank reads its slice of every peer's input in
+//                   L2-sized chunks into a private buffer and reduces them with its own input
+//                   into its output (SIMD; average folded in); allgather: each rank reads
+//                   every peer's reduced slice straight from that peer's output into its own.
+//   broadcast       the peers read the root's buffer.
+//   allgather       each rank reads every peer's input (addresses posted by exchange()).
+//   reduce_scatter  each rank reads its block of every peer's input and reduces it.
+//
+// A rank returns only when every peer has finished reading its buffers (counters with the
+// deadline). A dead peer makes process_vm_readv fail at once (ESRCH); a stopped one is caught by
+// the counter waits' deadline.
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "aimass/error.h"
+#include "comm/shm_allreduce.h"
+
+namespace aimass {
+namespace comm {
+
+namespace {
+constexpr size_t kMaxIov = 512;  // below IOV_MAX (1024)
+constexpr size_t kCmaChunk = 256u << 10;  // per peer: the pieces of one step stay in the L2
+
+void add_iov(std::vector<iovec>& l, std::vector<iovec>& r, char* local, uint64_t remote, size_t n) {
+  if (n == 0) return;
+  l.push_back({local, n});
+  r.push_back({reinterpret_cast<void*>(remote), n});
+}
+}  // namespace
+
+bool ShmAllreduce::probe_cma(int j) {
+  uint64_t got = 0;
+  iovec l{&got, sizeof(got)};
+  iovec r{reinterpret_cast<void*>(ctrl(j)->addr.load(std::memory_order_acquire)), sizeof(got)};
+  const ssize_t n = process_vm_readv(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), &l, 1, &r, 1, 0);
+  return n == static_cast<ssize_t>(sizeof(got)) && got == 0x5eed0000u + static_cast<uint64_t>(j);
+}
+
+// Copies the paired iovecs (local[i] and remote[i] have the same length) from local rank j.
+void ShmAllreduce::cma_read(int j, iovec* local, iovec* remote, size_t n) {
+  const pid_t pid = static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed));
+  size_t i = 0;
+  while (i < n) {
+    const size_t k = std::min(kMaxIov, n - i);
+    const ssize_t got = process_vm_readv(pid, local + i, k, remote + i, k, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      throw DistributedError(detail::concat(
+          "aimass.dist: shared-memory collective: reading local rank ", j, "'s memory failed (",
+          std::strerror(err), "): ", err == ESRCH ? "that rank has died" : "the peer process is gone or not readable"));
+    }
+    AIMASS_CHECK(got > 0, DistributedError, "aimass.dist: shared-memory collective: local rank ", j,
+                 " returned no data (internal error)");
+    size_t g = static_cast<size_t>(got);
+    while (g > 0 && i < n) {  // a partial read continues where it stopped
+      if (g >= local[i].iov_len) {
+        g -= local[i].iov_len;
+        ++i;
+      } else {
+        local[i].iov_base = static_cast<char*>(local[i].iov_base) + g;
+        local[i].iov_len -= g;
+        remote[i].iov_base = static_cast<char*>(remote[i].iov_base) + g;
+        remote[i].iov_len -= g;
+        g = 0;
+      }
+    }
+  }
+}
+
+void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
+                           int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  const uint64_t base = seq_, h = base + 1;
+  const size_t nseg = segs.size();
+  std::vector<int64_t> starts(nseg + 1, 0);
+  for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
+  AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
+  // post the address table: (in, out) per segment, in this rank's staging slot for h
+  if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
+  uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
+  for (size_t i = 0; i < nseg; ++i) {
+    table[2 * i] = reinterpret_cast<uint64_t>(segs[i].in);
+    table[2 * i + 1] = reinterpret_cast<uint64_t>(segs[i].out);
+  }
+  mark(h, true, false, false);
+  wait_peers(0, h);
+  auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
+  // fn(segment index, element offset inside it, element offset in the concatenation, n)
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
+    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
+    while (lo < hi && idx < nseg) {
+      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
+      if (n > 0) {
+        fn(idx, lo - starts[idx], lo, n);
+        lo += n;
+      }
+      ++idx;
+    }
+  };
+  // whole-line slices of the concatenation, one per local rank
+  auto slice_of = [&](int j, int64_t* b, int64_t* e) {
+    const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
+    const int64_t units = (count + unit - 1) / unit;
+    *b = std::min(count, units * j / L * unit);
+    *e = std::min(count, units * (j + 1) / L * unit);
+  };
+  int64_t b, e;
+  slice_of(me, &b, &e);
+  const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
+  tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
+  std::vector<iovec> lv, rv;
+  std::vector<const char*> srcs(L);
+  // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
+  for (int64_t lo = b; lo < e; lo += step) {
+    pulse(Clock::now());
+    const int64_t hi = std::min(e, lo + step);
+    for (int j = 0; j < L; ++j) {
+      if (j == me) continue;
+      const uint64_t* t = peer_table(j);
+      char* dst = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es;
+      lv.clear();
+      rv.clear();
+      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        add_iov(lv, rv, dst + (x - lo) * es, t[2 * g] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+      });
+      cma_read(j, lv.data(), rv.data(), lv.size());
+    }
+    pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+      const ShmSegment& sg = segs[g];
+      // the own input first: in place (in == out) the kernels then never overwrite a source unread
+      srcs[0] = sg.in + at * es;
+      for (int j = 0, k = 1; j < L; ++j)
+        if (j != me) srcs[k++] = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es + (x - lo) * es;
+      // across nodes the average comes after the cross-node sum
+      reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average && !cross_reduce,
+                  world_size);
+    });
+  }
+  if (cross_reduce && e > b) {
+    // the node's sum of my slice, allreduced with the same slice of the other nodes in one call
+    size_t parts = 0;
+    pieces(b, e, [&](size_t, int64_t, int64_t, int64_t) { ++parts; });
+    if (parts == 1) {
+      pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) { cross_reduce(segs[g].out + at * es, n); });
+    } else {
+      xbuf_.resize(static_cast<size_t>(e - b) * es);
+      pieces(b, e, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        std::memcpy(xbuf_.data() + (x - b) * es, segs[g].out + at * es, static_cast<size_t>(n) * es);
+      });
+      cross_reduce(xbuf_.data(), e - b);
+      pieces(b, e, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        std::memcpy(segs[g].out + at * es, xbuf_.data() + (x - b) * es, static_cast<size_t>(n) * es);
+      });
+    }
+    pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
+      if (segs[g].average) divide(dtype, segs[g].out + at * es, static_cast<size_t>(n), world_size);
+    });
+  }
+  mark(h, false, true, false);  // my slice is final, and I read every peer's input
+  // 2. allgather: every peer's reduced slice from its output into mine (after it read my input there)
+  for (int jj = 1; jj < L; ++jj) {
+    const int j = (me + jj) % L;
+    int64_t bj, ej;
+    slice_of(j, &bj, &ej);
+    if (ej <= bj) continue;
+    wait_counter(j, 1, h);
+    const uint64_t* t = peer_table(j);
+    for (int64_t lo = bj; lo < ej; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
+      pulse(Clock::now());
+      lv.clear();
+      rv.clear();
+      pieces(lo, std::min(ej, lo + 4 * step), [&](size_t g, int64_t at, int64_t, int64_t n) {
+        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
+                static_cast<size_t>(n) * es);
+      });
+      cma_read(j, lv.data(), rv.data(), lv.size());
+    }
+  }
+  mark(h, false, false, true);
+  wait_peers(2, h);  // every peer copied my slice out: my buffers may change again
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
+void ShmAllreduce::broadcast_cma(void* data, int64_t bytes, int root) {
+  const uint64_t base = seq_, h = base + 1;
+  char* p = static_cast<char*>(data);
+  if (lrank_ == root) {
+    wait_peers(1, base);  // every peer read the previous collective's address
+    ctrl(lrank_)->addr.store(reinterpret_cast<uint64_t>(data), std::memory_order_relaxed);
+    mark(h, true, false, false);
+    wait_peers(1, h);
+  } else {
+    wait_counter(root, 0, h);
+    const uint64_t src = ctrl(root)->addr.load(std::memory_order_relaxed);
+    const int64_t step = static_cast<int64_t>(std::max<size_t>(chunk(), 1u << 20));
+    for (int64_t off = 0; off < bytes; off += step) {
+      pulse(Clock::now());
+      iovec l{p + off, static_cast<size_t>(std::min(step, bytes - off))};
+      iovec r{reinterpret_cast<void*>(src + static_cast<uint64_t>(off)), l.iov_len};
+      cma_read(root, &l, &r, 1);
+    }
+  }
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
+void ShmAllreduce::allgather_cma(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out) {
+  const int L = lsize_, me = lrank_;
+  const uint64_t h = seq_;  // the exchange() step posted every rank's input address
+  int64_t at = 0;
+  const int64_t step = static_cast<int64_t>(std::max<size_t>(chunk(), 1u << 20));
+  for (int j = 0; j < L; ++j) {
+    const int64_t n = rows[j] * row_bytes;
+    if (j == me) {
+      if (n > 0) std::memcpy(out + at, in, static_cast<size_t>(n));
+    } else {
+      const uint64_t src = ctrl(j)->addr.load(std::memory_order_relaxed);
+      for (int64_t off = 0; off < n; off += step) {
+        pulse(Clock::now());
+        iovec l{out + at + off, static_cast<size_t>(std::min(step, n - off))};
+        iovec r{reinterpret_cast<void*>(src + static_cast<uint64_t>(off)), l.iov_len};
+        cma_read(j, &l, &r, 1);
+      }
+    }
+    at += n;
+  }
+  const uint64_t s = h + 1;
+  mark(s, true, true, false);
+  wait_peers(1, s);  // every peer read my input
+  seq_ = s;
+  mark(s, true, true, true);
+}
+
+void ShmAllreduce::reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype,
+                                      ReduceOp op, bool average, int world_size) {
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  const uint64_t base = seq_, h = base + 1;
+  wait_peers(1, base);
+  ctrl(me)->addr.store(reinterpret_cast<uint64_t>(in), std::memory_order_relaxed);
+  mark(h, true, false, false);
+  wait_peers(0, h);
+  int64_t start = 0;
+  for (int j = 0; j < me; ++j) start += counts[j];
+  const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
+  tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
+  std::vector<const char*> srcs(L);
+  const char* src = static_cast<const char*>(in);
+  for (int64_t lo = 0; lo < counts[me]; lo += step) {
+    pulse(Clock::now());
+    const int64_t n = std::min(step, counts[me] - lo);
+    srcs[0] = src + (start + lo) * es;
+    for (int j = 0, k = 1; j < L; ++j) {
+      if (j == me) continue;
+      char* dst = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es;
+      iovec l{dst, static_cast<size_t>(n) * es};
+      iovec r{reinterpret_cast<void*>(ctrl(j)->addr.load(std::memory_order_relaxed) +
+                                      static_cast<uint64_t>(start + lo) * es),
+              l.iov_len};
+      cma_read(j, &l, &r, 1);
+      srcs[k++] = dst;
+    }
+    reduce_into(dtype, op, srcs.data(), L, out + lo * es, static_cast<size_t>(n), average, world_size);
+  }
+  mark(h, false, true, false);
+  wait_peers(1, h);  // every peer read its block of my input
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
+}  // namespace comm
+}  // namespace aimass

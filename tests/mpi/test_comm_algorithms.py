@@ -1,0 +1,235 @@
+"""Every algorithm of the per-size table (AIMASS_COMM_ALGOS: mpi, shm staged through the segment, cma single
+copy) gives numpy's answer for allreduce, broadcast, allgather and reduce_scatter: odd sizes around the 64-byte
+slice unit and the (4 KiB) chunk, uneven and empty blocks, every dtype and op, fused batches, collectives of
+different kinds back to back (they share the segment's ring); tables that are bad or differ between ranks are
+refused at init; with AIMASS_RANKS_PER_NODE=2 (np 4: two simulated nodes of 2) the other collectives fall back to
+MPI and agree too."""
+import os
+
+import numpy as np
+import pytest
+
+CHUNK = 4096
+ALGOS = ["mpi", "shm", "cma"]
+KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
+NUMPY_DTYPES = ["float32", "float64", "int32", "int64", "int16", "int8", "uint8", "float16", "bool"]
+
+
+def restart(d, **env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        d.shutdown()
+        d.init()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module", params=ALGOS)
+def algo(request, dist):
+    table = ";".join(f"{k}=0:{request.param}" for k in KINDS)
+    restart(dist, AIMASS_COMM_ALGOS=table, AIMASS_SHM_CHUNK_BYTES=CHUNK)
+    dist.set_shm_min_bytes(0)
+    yield request.param
+    restart(dist)
+
+
+def data(seed, r, count, dtype):
+    rng = np.random.default_rng(seed * 1009 + r)
+    if dtype == "bool":
+        return rng.integers(0, 2, size=count).astype(bool)
+    lo, hi = (0, 4) if dtype == "uint8" else (-3, 4)  # products and sums stay exact in every dtype
+    return rng.integers(lo, hi, size=count).astype(dtype)
+
+
+def reference(stack, op, dtype):
+    if dtype == "bool":
+        return stack.any(0) if op in ("sum", "max") else stack.all(0)
+    s = stack.astype(np.float64)
+    if op == "sum":
+        ref = s.sum(0)
+    elif op == "average":
+        ref = s.sum(0) / len(stack)
+        if np.dtype(dtype).kind in "iu":
+            ref = np.trunc(ref)
+    elif op == "product":
+        ref = s.prod(0)
+    else:
+        ref = s.min(0) if op == "min" else s.max(0)
+    return ref.astype(dtype) if np.dtype(dtype).kind in "iu" else ref
+
+
+def check(out, ref, op, dtype):
+    if dtype in ("float16", "float32", "float64") and op == "average":
+        np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2e-3 if dtype == "float16" else 1e-6)
+    else:
+        np.testing.assert_array_equal(out.astype(np.float64), np.asarray(ref).astype(np.float64))
+
+
+def sizes(dtype, n):
+    es = np.dtype(dtype).itemsize
+    unit, per = 64 // es, CHUNK // es
+    return [1, unit - 1, n * unit + 1, per + 3, 3 * per + n + 5]
+
+
+@pytest.mark.timeout(120)
+def test_table_in_use(dist, algo):
+    assert f"broadcast=0:{algo}" in dist._require_engine().algorithms
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+def test_allreduce_every_dtype_and_op(dist, algo, dtype):
+    n, r = dist.size(), dist.rank()
+    ops = ["sum", "min", "max", "product"] + ([] if dtype == "bool" else ["average"])
+    for k, op in enumerate(ops):
+        for count in sizes(dtype, n):
+            inputs = [data(k * 100 + count, i, count, dtype) for i in range(n)]
+            out = dist.allreduce(inputs[r], op=op, name=f"alg.ar.{dtype}.{op}.{count}")
+            check(out, reference(np.stack(inputs), op, dtype), op, dtype)
+
+
+@pytest.mark.timeout(120)
+def test_fused_batch_of_odd_sizes_in_place(dist, algo):
+    n, r = dist.size(), dist.rank()
+    counts = [0, 1, 17, CHUNK // 4 + 1, 5, 3 * CHUNK + 7, 64]
+    ops = ["sum", "average", "sum", "average", "sum", "average", "sum"]
+    inputs = [[data(3000 + i, k, c, "float32") for k in range(n)] for i, c in enumerate(counts)]
+    mine = [x[r].copy() for x in inputs]
+    dist.set_cycle_time(20)
+    try:
+        hs = [dist.allreduce_async_(mine[i], op=ops[i], name=f"alg.fused.{i}") for i in range(len(counts))]
+        for h in hs:
+            dist.synchronize(h)
+    finally:
+        dist.set_cycle_time(1)
+    for x, op, out in zip(inputs, ops, mine):
+        check(out, reference(np.stack(x), op, "float32"), op, "float32")
+
+
+@pytest.mark.timeout(120)
+def test_broadcast_every_root_odd_sizes(dist, algo):
+    n, r = dist.size(), dist.rank()
+    for root in range(n):
+        for count in (1, 63, 1025, 3 * CHUNK + 5, 40_001):
+            x = data(root * 7 + count, r, count, "int16")
+            want = data(root * 7 + count, root, count, "int16")
+            out = dist.broadcast(x, root_rank=root, name=f"alg.bc.{root}.{count}")
+            np.testing.assert_array_equal(out, want)
+            y = x.copy()
+            dist.broadcast_(y, root_rank=root, name=f"alg.bc_.{root}.{count}")
+            np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["float32", "int8", "float64"])
+def test_allgather_uneven_and_empty_rows(dist, algo, dtype):
+    n, r = dist.size(), dist.rank()
+    for base in (0, 1, 333, 2 * CHUNK + 1):
+        rows = [0 if i == 1 else base + 3 * i for i in range(n)]
+        parts = [data(base + i, i, rows[i] * 5, dtype).reshape(rows[i], 5) for i in range(n)]
+        out = dist.allgather(parts[r], name=f"alg.ag.{dtype}.{base}")
+        np.testing.assert_array_equal(out, np.concatenate(parts))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64", "float16", "uint8"])
+def test_reduce_scatter_ops_and_uneven_blocks(dist, algo, dtype):
+    n, r = dist.size(), dist.rank()
+    for k, op in enumerate(["sum", "average", "min", "max", "product"]):
+        for rows in (1, n, 2 * n + 1, 777):
+            inputs = [data(k * 50 + rows, i, rows * 7, dtype).reshape(rows, 7) for i in range(n)]
+            out = dist.reduce_scatter(inputs[r], op=op, name=f"alg.rs.{dtype}.{op}.{rows}")
+            ref = np.array_split(reference(np.stack(inputs), op, dtype), n)[r]
+            assert out.shape == ref.shape
+            check(out, ref, op, dtype)
+
+
+@pytest.mark.timeout(120)
+def test_mixed_kinds_back_to_back(dist, algo):
+    """Collectives of every kind in one burst share the segment's ring and sequence counters."""
+    n, r = dist.size(), dist.rank()
+    a = data(1, r, 5000, "float32")
+    b = data(2, r, 3 * CHUNK + 1, "float32")
+    dist.set_cycle_time(20)
+    try:
+        hs = [dist.allreduce_async(a, op="sum", name="alg.mix.ar"),
+              dist.broadcast_async(b, root_rank=n - 1, name="alg.mix.bc"),
+              dist.allgather_async(a[: r + 1], name="alg.mix.ag"),
+              dist.reduce_scatter_async(b[: 2 * n * 100].reshape(2 * n, 100), op="max", name="alg.mix.rs"),
+              dist.allreduce_async(b, op="min", name="alg.mix.ar2")]
+        outs = [dist.synchronize(h) for h in hs]
+    finally:
+        dist.set_cycle_time(1)
+    al = [data(1, i, 5000, "float32") for i in range(n)]
+    bl = [data(2, i, 3 * CHUNK + 1, "float32") for i in range(n)]
+    np.testing.assert_array_equal(outs[0], np.sum(al, 0))
+    np.testing.assert_array_equal(outs[1], bl[n - 1])
+    np.testing.assert_array_equal(outs[2], np.concatenate([al[i][: i + 1] for i in range(n)]))
+    np.testing.assert_array_equal(outs[3], np.array_split(np.max([x[: 2 * n * 100] for x in bl], 0).reshape(2 * n, 100), n)[r])
+    np.testing.assert_array_equal(outs[4], np.min(bl, 0))
+
+
+@pytest.mark.timeout(60)
+def test_bad_or_different_tables_are_refused(dist):
+    r = dist.rank()
+    with pytest.raises(ValueError, match="unknown algorithm 'nccl'"):
+        restart(dist, AIMASS_COMM_ALGOS="allreduce=0:nccl")
+    restart(dist)
+    # each rank names another table: every rank refuses the same way (no rank runs with a different one)
+    with pytest.raises(ValueError, match="differs between ranks"):
+        restart(dist, AIMASS_COMM_ALGOS=f"broadcast=0:mpi,{r + 1}k:shm")
+    restart(dist)
+    assert dist.allreduce(np.ones(3, np.float32), op="sum", name="alg.after").tolist() == [dist.size()] * 3
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cma", ["1", "0"])
+def test_simulated_nodes_every_kind(dist, cma):
+    """2 nodes x 2 ranks: allreduce takes the hierarchical path (in-node reduce of each slice, single-copy or
+    staged chunk by chunk, the slice allreduced across nodes over MPI, copied out), the others MPI."""
+    restart(dist, AIMASS_RANKS_PER_NODE=2, AIMASS_SHM_CHUNK_BYTES=CHUNK, AIMASS_SHM_CMA=cma,
+            AIMASS_COMM_ALGOS="allreduce=0:cma;broadcast=0:cma;allgather=0:cma;reduce_scatter=0:cma")
+    try:
+        dist.set_shm_min_bytes(0)
+        n, r = dist.size(), dist.rank()
+        assert dist.local_size() == 2 and dist.shm_available()
+        before = dist.stats()["shm_allreduces"]
+        for count in (1, 17, 1001, 3 * CHUNK // 4 + 5, 70_001):
+            inputs = [data(count, i, count, "float32") for i in range(n)]
+            for op in ("sum", "average", "max"):
+                out = dist.allreduce(inputs[r], op=op, name=f"alg.hier.{op}.{count}")
+                check(out, reference(np.stack(inputs), op, "float32"), op, "float32")
+            np.testing.assert_array_equal(dist.broadcast(inputs[r], root_rank=3, name=f"alg.hier.bc.{count}"),
+                                          inputs[3])
+            np.testing.assert_array_equal(dist.allgather(inputs[r][: r + count % 5], name=f"alg.hier.ag.{count}"),
+                                          np.concatenate([inputs[i][: i + count % 5] for i in range(n)]))
+        assert dist.stats()["shm_allreduces"] - before >= 15
+        rs_in = [data(9, i, 29 * 43, "int32").reshape(29, 43) for i in range(n)]
+        out = dist.reduce_scatter(rs_in[r], op="sum", name="alg.hier.rs")
+        np.testing.assert_array_equal(out, np.array_split(np.sum(rs_in, 0), n)[r])
+    finally:
+        restart(dist)
+
+
+@pytest.mark.timeout(60)
+def test_large_results_recycled_only_after_release(dist):
+    """Result blocks of 1 MiB and more are recycled once their array is gone, never while it lives."""
+    n, r = dist.size(), dist.rank()
+    rows = (1 << 20) // (4 * 64) + 7  # every part just over 1 MiB
+    parts = [[np.full((rows, 64), k * 10 + i, np.float32) for i in range(n)] for k in range(3)]
+    a = dist.allgather(parts[0][r], name="alg.pool.0")
+    b = dist.allgather(parts[1][r], name="alg.pool.1")
+    np.testing.assert_array_equal(a, np.concatenate(parts[0]))  # alive: not reused by b
+    np.testing.assert_array_equal(b, np.concatenate(parts[1]))
+    del a
+    c = dist.allgather(parts[2][r], name="alg.pool.2")  # may take a's block
+    np.testing.assert_array_equal(c, np.concatenate(parts[2]))
+    np.testing.assert_array_equal(b, np.concatenate(parts[1]))
+    rs = dist.reduce_scatter(np.ones((n * rows, 64), np.float32), op="sum", name="alg.pool.rs")
+    np.testing.assert_array_equal(rs, np.full((rows, 64), n, np.float32))
