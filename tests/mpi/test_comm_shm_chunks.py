@@ -26,6 +26,7 @@ def small_chunks(dist):
         dist.init()
         pytest.skip("no shared-memory segment (single rank per node or AIMASS_SHM=0)")
     dist.set_shm_min_bytes(0)
+    dist.set_ll_max_bytes(0)  # the engine's shared-memory path, not the caller-thread channel
     yield dist
     dist.shutdown()
     dist.init()

@@ -2,7 +2,8 @@
 `mpirun --enable-recovery -np 2K python comm_peer_failure_worker.py OUTDIR TRIALS_JSON`.
 
 Ranks 2k and 2k+1 form pair k (their own communicator) and run trial k: both loop
-allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not);
+allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not; "ll":
+blocking allreduces through the caller-thread low-latency channel);
 after a random delay the victim (odd rank) sends itself SIGKILL or SIGSTOP, noting the
 moment first. The survivor records when and how its allreduce failed, times its
 shutdown, and exits. Not a test file: it only runs under mpirun."""
@@ -38,6 +39,12 @@ path = os.path.join(out_dir, f"pair{pair}.{'victim' if victim else 'survivor'}.j
 
 
 def step(i):
+    if t["path"] == "ll":  # blocking calls: the caller-thread low-latency channel (docs/comm.md)
+        for j, (x, w) in enumerate(zip(xs, want)):
+            r = dist.allreduce(x, op="sum", name=f"t{i}.{j}")
+            if r[0] != w or r[-1] != w:
+                raise AssertionError(f"wrong result {r[0]} != {w}")
+        return
     hs = [dist.allreduce_async(x, op="sum", name=f"t{i}.{j}") for j, x in enumerate(xs)]
     for h, w in zip(hs, want):
         r = dist.synchronize(h)

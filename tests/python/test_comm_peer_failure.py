@@ -52,7 +52,10 @@ def trials():
     big_timeout = float(os.environ.get("AIMASS_PEER_FAILURE_TIMEOUT_64M", max(timeout, 3.0)))
     rng = random.Random(int(os.environ.get("AIMASS_PEER_FAILURE_SEED", "16")))
     out = []
-    for size, path, fused in itertools.product(SIZES, ("shm", "mpi"), (False, True)):
+    # "ll": blocking allreduces, which run in the caller's thread through the low-latency channel
+    cases = list(itertools.product(SIZES, ("shm", "mpi"), (False, True)))
+    cases += [(size, "ll", False) for size in SIZES if size <= 64 << 10]
+    for size, path, fused in cases:
         for k in range(n):
             out.append({"bytes": size, "path": path, "fused": fused,
                         "timeout": big_timeout if size >= 64 << 20 else timeout,

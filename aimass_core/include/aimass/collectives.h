@@ -48,6 +48,9 @@ struct CollectiveRequest {
   const void* input = nullptr;
   void* output = nullptr;
   double timeout_s = 0;  // <= 0: the engine's default
+  // The caller waits on the handle at once (a blocking call): a small collective on one node
+  // may then run in the caller's thread through the low-latency channel (comm/ll_shm.h).
+  bool blocking = false;
 };
 
 class CollectiveHandle {
@@ -98,8 +101,13 @@ struct EngineOptions {
   bool shm = true;
   size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
   size_t shm_chunk_bytes = 512u << 10;
+  // Low-latency channel: blocking collectives of at most ll_max_bytes (per rank) on one node run
+  // in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to the engine.
+  size_t ll_max_bytes = 64u << 10;
+  double ll_fallback_s = 0.05;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
   // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.
+  // AIMASS_LL_MAX_BYTES (0 disables the low-latency channel), AIMASS_LL_FALLBACK_MS.
   static EngineOptions from_env();
 };
 
@@ -111,6 +119,8 @@ struct EngineStats {
   uint64_t fused_tensors = 0;   // allreduce requests those calls carried
   uint64_t errors = 0;          // requests failed by negotiation
   uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
+  uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
+  uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
 };
 
 class CollectiveEngine {
@@ -138,6 +148,10 @@ class CollectiveEngine {
   void set_cycle_time(double seconds);
   // Size from which allreduces take the shared-memory path (SIZE_MAX: never).
   void set_shm_min_bytes(size_t bytes);
+  // Largest blocking collective (bytes per rank) for the caller-thread low-latency channel
+  // (0: never; at most the slot size fixed at start-up, ll_slot_bytes()).
+  void set_ll_max_bytes(size_t bytes);
+  size_t ll_slot_bytes() const;  // 0 when the channel does not exist (several nodes, AIMASS_LL_MAX_BYTES=0)
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
   EngineOptions options() const;

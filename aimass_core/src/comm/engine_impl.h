@@ -28,6 +28,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/ll_shm.h"
 #include "comm/message.h"
 #include "comm/mpi_transport.h"
 #include "comm/shm_allreduce.h"
@@ -162,6 +163,13 @@ struct CollectiveEngine::Impl {
   // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
   std::unique_ptr<comm::ShmAllreduce> shm;
   bool shm_ok = false;
+
+  // ---- low-latency path: blocking small collectives in the caller's thread (fast_path.cc)
+  std::unique_ptr<comm::LLChannel> ll;
+  std::mutex fast_mu;  // one caller thread in the channel at a time (others use the engine)
+  void ll_init();
+  void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
+  bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
 
 
 

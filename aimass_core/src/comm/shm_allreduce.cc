@@ -32,11 +32,14 @@ inline void cpu_relax() {
 #endif
 }
 
+}  // namespace
+
 ElemOp elem_op(ReduceOp op) {
   return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max
        : op == ReduceOp::Product ? ElemOp::Prod : ElemOp::Sum;
 }
 
+namespace {
 template <typename T>
 void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
   T* dst = reinterpret_cast<T*>(dst_bytes);
@@ -83,6 +86,8 @@ void reduce_half_sources(DType dtype, ReduceOp op, const char* const* srcs, int 
   }
 }
 
+}  // namespace
+
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
   switch (dtype) {
     case DType::F32:
@@ -104,11 +109,14 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
   }
 }
 
+namespace {
 template <typename T>
 void divide_typed(char* data, size_t n, int world) {
   T* o = reinterpret_cast<T*>(data);
   for (size_t i = 0; i < n; ++i) o[i] = static_cast<T>(o[i] / world);
 }
+
+}  // namespace
 
 // The same arithmetic as the MPI path's average (sum, then divide by the world size).
 void divide(DType dtype, char* data, size_t n, int world) {
@@ -146,6 +154,7 @@ void divide(DType dtype, char* data, size_t n, int world) {
   }
 }
 
+namespace {
 uint64_t segment_counter = 0;
 constexpr size_t kMaxSegmentBytes = 32u << 20;
 constexpr size_t kMinChunkBytes = 64u << 10;

@@ -30,10 +30,18 @@
 
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
+#include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
 
 namespace aimass {
 namespace comm {
+
+// Element-wise kernels shared by the shared-memory collectives (shm_allreduce.cc).
+ElemOp elem_op(ReduceOp op);
+// dst = op over the k sources (16-bit floats accumulate in fp32; Bool: sum/max = or, min/product = and).
+void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n);
+// The MPI path's average: divide by the world size (integers truncate).
+void divide(DType dtype, char* data, size_t n, int world);
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the
