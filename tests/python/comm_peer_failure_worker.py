@@ -2,8 +2,7 @@
 `mpirun --enable-recovery -np 2K python comm_peer_failure_worker.py OUTDIR TRIALS_JSON`.
 
 Ranks 2k and 2k+1 form pair k (their own communicator) and run trial k: both loop
-allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not; "ll":
-blocking allreduces through the caller-thread low-latency channel);
+allreduces of the trial's size on the trial's path (shared memory or MPI, fused or not);
 after a random delay the victim (odd rank) sends itself SIGKILL or SIGSTOP, noting the
 moment first. The survivor records when and how its allreduce failed, times its
 shutdown, and exits. Not a test file: it only runs under mpirun."""

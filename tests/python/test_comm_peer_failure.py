@@ -52,15 +52,14 @@ def trials():
     big_timeout = float(os.environ.get("AIMASS_PEER_FAILURE_TIMEOUT_64M", max(timeout, 3.0)))
     rng = random.Random(int(os.environ.get("AIMASS_PEER_FAILURE_SEED", "16")))
     out = []
-    # "ll": blocking allreduces, which run in the caller's thread through the low-latency channel
-    cases = list(itertools.product(SIZES, ("shm", "mpi"), (False, True)))
-    cases += [(size, "ll", False) for size in SIZES if size <= 64 << 10]
-    for size, path, fused in cases:
+    for size, path, fused in itertools.product(SIZES, ("shm", "mpi"), (False, True)):
         for k in range(n):
             out.append({"bytes": size, "path": path, "fused": fused,
                         "timeout": big_timeout if size >= 64 << 20 else timeout,
                         "signal": ("SIGKILL", "SIGSTOP")[k % 2] if n > 1 else rng.choice(("SIGKILL", "SIGSTOP")),
                         "delay": round(rng.uniform(0.0, 0.3), 4)})
+    # "ll": blocking allreduces, which take the caller-thread low-latency channel (docs/comm.md)
+    out += [dict(t, path="ll") for t in out if t["path"] == "shm" and not t["fused"] and t["bytes"] <= 64 << 10]
     return out
 
 
