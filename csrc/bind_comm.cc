@@ -54,6 +54,14 @@ py::dtype numpy_dtype(aimass::DType dt) {
   return py::dtype(dt == aimass::DType::BF16 ? std::string("uint16") : std::string(aimass::dtype_name(dt)));
 }
 
+// A view of the engine-owned allgather / reduce_scatter result; the array keeps the handle alive.
+py::array result_array(std::shared_ptr<aimass::CollectiveHandle> h) {
+  std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
+  auto* keep = new std::shared_ptr<aimass::CollectiveHandle>(h);
+  py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
+  return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
+}
+
 }  // namespace
 
 void bind_comm(py::module_& m) {
@@ -75,13 +83,7 @@ void bind_comm(py::module_& m) {
       .def("poll", &aimass::CollectiveHandle::poll)
       .def("wait", &aimass::CollectiveHandle::wait, nogil())
       .def_property_readonly("buffers_in_use", &aimass::CollectiveHandle::buffers_in_use)
-      .def("result", [](std::shared_ptr<aimass::CollectiveHandle> h) {
-        // a view of the engine-owned result; the array keeps the handle alive
-        std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
-        auto* keep = new std::shared_ptr<aimass::CollectiveHandle>(h);
-        py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
-        return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
-      });
+      .def("result", &result_array);
 
   py::class_<aimass::CollectiveEngine, std::shared_ptr<aimass::CollectiveEngine>>(m, "CollectiveEngine")
       .def(py::init([](std::shared_ptr<aimass::Communicator> comm, py::object fusion_threshold, py::object cycle_time_ms,
@@ -176,7 +178,7 @@ void bind_comm(py::module_& m) {
               py::gil_scoped_release rel;
               h->wait();  // rethrows the request's error
             }
-            if (kind >= 2) return py::cast(h);
+            if (kind >= 2) return result_array(h);
             return py::bool_(true);
           },
           py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("op"), py::arg("root"))

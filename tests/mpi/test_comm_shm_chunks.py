@@ -173,6 +173,7 @@ def two_rank_nodes(dist):
         del os.environ["AIMASS_RANKS_PER_NODE"]
         del os.environ["AIMASS_SHM_CHUNK_BYTES"]
     dist.set_shm_min_bytes(0)
+    dist.set_ll_max_bytes(0)  # the engine's hierarchical path, not the caller-thread channel
     yield dist
     dist.shutdown()
     dist.init()

@@ -103,7 +103,7 @@ struct EngineOptions {
   size_t shm_chunk_bytes = 512u << 10;
   // Low-latency channel: blocking collectives of at most ll_max_bytes (per rank) on one node run
   // in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to the engine.
-  size_t ll_max_bytes = 64u << 10;
+  size_t ll_max_bytes = 256u << 10;
   double ll_fallback_s = 0.05;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
   // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.

@@ -30,13 +30,13 @@ inline void cpu_relax() {
 
 uint64_t ll_segment_counter = 0;
 
-// Waits: spin first (a peer on another core answers in well under a microsecond, and a
-// caller's Python between two collectives takes microseconds), then yield (ranks may outnumber
-// cores: tests run -np 4 on 2), then sleep in short naps.
 constexpr double kBusyGraceS = 1e-3;
 
+// Waits: spin briefly (a peer on another core answers in well under a microsecond), then poll
+// with a yield between looks, as Open MPI's shared-memory transport does when oversubscribed
+// (the peer may share this core: tests run -np 4 on 2), then sleep in short naps.
 struct Backoff {
-  static constexpr double kSpinS = 100e-6, kYieldS = 2e-3;
+  static constexpr double kSpinS = 50e-6, kYieldS = 2e-3;
   uint32_t iter = 0;
   void pause(double waited_s) {
     ++iter;

@@ -357,9 +357,9 @@ def allgather(tensor: Any, name: Optional[str] = None, process_set=global_proces
     """Concatenate every rank's `tensor` along dimension 0 (in rank order). Dimension 0 may differ by rank;
     the other dimensions and the dtype must match. Differentiable for torch tensors."""
     if type(tensor) is np.ndarray and timeout is None and process_set is global_process_set:  # lean lane
-        h = _fast.run(_fast.ALLGATHER, tensor.reshape(1) if tensor.ndim == 0 else tensor, None, name, "sum")
-        if h is not None:
-            return h.result()
+        got = _fast.run(_fast.ALLGATHER, tensor.reshape(1) if tensor.ndim == 0 else tensor, None, name, "sum")
+        if got is not None:
+            return got
     if _wants_grad(tensor):
         return _autograd().Allgather.apply(tensor, name, _core._resolve_set(process_set))
     return synchronize(_allgather_handle(tensor, name, process_set, timeout, True))
@@ -418,9 +418,9 @@ def reduce_scatter(t: Any, op: Any = "average", name: Optional[str] = None, time
     """Reduce `t` over all ranks and return this rank's block of dimension 0 (blocks as numpy.array_split:
     the first N % size ranks get one row more)."""
     if type(t) is np.ndarray and timeout is None and process_set is global_process_set and t.ndim:  # lean lane
-        h = _fast.run(_fast.REDUCE_SCATTER, t, None, name, op)
-        if h is not None:
-            return h.result()
+        got = _fast.run(_fast.REDUCE_SCATTER, t, None, name, op)
+        if got is not None:
+            return got
     return synchronize(_reduce_scatter_handle(t, op, name, process_set, timeout, blocking=True))
 
 
