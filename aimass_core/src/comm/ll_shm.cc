@@ -32,15 +32,17 @@ uint64_t ll_segment_counter = 0;
 
 constexpr double kBusyGraceS = 1e-3;
 
-// Waits: spin briefly (a peer on another core answers in well under a microsecond), then poll
-// with a yield between looks, as Open MPI's shared-memory transport does when oversubscribed
-// (the peer may share this core: tests run -np 4 on 2), then sleep in short naps.
+// Waits: spin briefly (a peer on another core answers in well under a microsecond; no spinning
+// when a peer last ran on this very CPU), then poll with a yield between looks, as Open MPI's
+// shared-memory transport does when oversubscribed (tests run -np 4 on 2 cores), then sleep in
+// short naps.
 struct Backoff {
-  static constexpr double kSpinS = 50e-6, kYieldS = 2e-3;
+  static constexpr double kSpinS = 20e-6, kYieldS = 2e-3;
   uint32_t iter = 0;
+  bool spin = true;  // false when a peer last ran on this CPU: spinning would only keep it off
   void pause(double waited_s) {
     ++iter;
-    if (waited_s < kSpinS) {
+    if (spin && waited_s < kSpinS) {
       cpu_relax();
     } else if (waited_s < kYieldS) {
       sched_yield();
@@ -198,6 +200,12 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
   }
   attempt_ = a;
+  {
+    const int64_t cpu = sched_getcpu();
+    me->cpu.store(cpu, std::memory_order_relaxed);
+    for (int j = 0; j < size_; ++j)
+      if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) backoff.spin = false;
+  }
 
   // ---- wait until complete or aborted
   double busy_since = -1;

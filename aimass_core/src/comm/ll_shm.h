@@ -85,6 +85,7 @@ class LLChannel {
   struct alignas(128) Control {          // one line per rank
     std::atomic<uint64_t> reading;       // attempt + 1 whose slots this rank reads (0: none)
     std::atomic<uint64_t> busy;          // requests in this rank's engine
+    std::atomic<int64_t> cpu;            // the CPU this rank last arrived from (sched_getcpu)
   };
   struct alignas(128) Header {
     uint64_t attempt;
