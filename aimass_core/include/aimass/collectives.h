@@ -94,6 +94,11 @@ struct EngineOptions {
   double cycle_time_s = 0.001;         // negotiation period
   double timeout_s = 60;               // default per-request stall timeout, and dead-peer timeout
   size_t cache_capacity = 4096;        // response-cache entries (one bit each in the steady-state vector)
+  // Low-latency channel (comm/ll_shm.h): blocking collectives of at most ll_max_bytes per rank on
+  // one node run in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to
+  // the engine. from_env reads AIMASS_LL_MAX_BYTES and AIMASS_LL_FALLBACK_MS (milliseconds).
+  size_t ll_max_bytes = 256u << 10;
+  double ll_fallback_s = 0.05;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
   // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);
@@ -101,13 +106,8 @@ struct EngineOptions {
   bool shm = true;
   size_t shm_min_bytes = 4u << 10;  // measured: below ~4 KiB both paths cost the same
   size_t shm_chunk_bytes = 512u << 10;
-  // Low-latency channel: blocking collectives of at most ll_max_bytes (per rank) on one node run
-  // in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to the engine.
-  size_t ll_max_bytes = 256u << 10;
-  double ll_fallback_s = 0.05;
   // Reads AIMASS_COMM_TIMEOUT (s), AIMASS_FUSION_THRESHOLD (bytes), AIMASS_CYCLE_TIME (ms),
   // AIMASS_SHM (0 disables), AIMASS_SHM_MIN_BYTES, AIMASS_SHM_CHUNK_BYTES.
-  // AIMASS_LL_MAX_BYTES (0 disables the low-latency channel), AIMASS_LL_FALLBACK_MS.
   static EngineOptions from_env();
 };
 
