@@ -8,6 +8,8 @@
 #include "aimass/dtype.h"
 #include "common.h"
 
+#include <optional>
+
 namespace aimass_bind {
 
 namespace {
@@ -27,9 +29,37 @@ void check_array(const py::array& a, aimass::DType dt, const char* what) {
                a.itemsize(), " but dtype ", aimass::dtype_name(dt), " needs ", aimass::dtype_size(dt));
 }
 
+// The engine dtype of a numpy array, from its kind and item size (no string round trip).
+std::optional<aimass::DType> fast_dtype(const py::array& a) {
+  const py::dtype d = a.dtype();
+  const char k = d.kind();
+  const auto n = d.itemsize();
+  if (k == 'f') return n == 4 ? aimass::DType::F32 : n == 8 ? aimass::DType::F64 : n == 2 ? aimass::DType::F16
+                                                                                            : std::optional<aimass::DType>();
+  if (k == 'i') {
+    switch (n) {
+      case 1: return aimass::DType::I8;
+      case 2: return aimass::DType::I16;
+      case 4: return aimass::DType::I32;
+      case 8: return aimass::DType::I64;
+    }
+  }
+  if (k == 'u' && n == 1) return aimass::DType::U8;
+  if (k == 'b' && n == 1) return aimass::DType::Bool;
+  return std::nullopt;
+}
+
 py::dtype numpy_dtype(aimass::DType dt) {
   // bfloat16 travels as uint16 bits; the Python layer re-labels it
   return py::dtype(dt == aimass::DType::BF16 ? std::string("uint16") : std::string(aimass::dtype_name(dt)));
+}
+
+// A view of the engine-owned allgather / reduce_scatter result; the array keeps the handle alive.
+py::array result_array(std::shared_ptr<aimass::CollectiveHandle> h) {
+  std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
+  auto* keep = new std::shared_ptr<aimass::CollectiveHandle>(h);
+  py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
+  return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
 }
 
 }  // namespace
@@ -53,13 +83,7 @@ void bind_comm(py::module_& m) {
       .def("poll", &aimass::CollectiveHandle::poll)
       .def("wait", &aimass::CollectiveHandle::wait, nogil())
       .def_property_readonly("buffers_in_use", &aimass::CollectiveHandle::buffers_in_use)
-      .def("result", [](std::shared_ptr<aimass::CollectiveHandle> h) {
-        // a view of the engine-owned result; the array keeps the handle alive
-        std::vector<py::ssize_t> shape(h->result_shape().begin(), h->result_shape().end());
-        auto* keep = new std::shared_ptr<aimass::CollectiveHandle>(h);
-        py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
-        return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
-      });
+      .def("result", &result_array);
 
   py::class_<aimass::CollectiveEngine, std::shared_ptr<aimass::CollectiveEngine>>(m, "CollectiveEngine")
       .def(py::init([](std::shared_ptr<aimass::Communicator> comm, py::object fusion_threshold, py::object cycle_time_ms,
@@ -81,7 +105,7 @@ void bind_comm(py::module_& m) {
           "submit",
           [](aimass::CollectiveEngine& e, const std::string& kind, py::object input, py::object output,
              const std::string& name, const std::string& dtype, const std::string& op, const std::string& wire,
-             int root, double timeout) {
+             int root, double timeout, bool blocking) {
             aimass::CollectiveRequest r;
             r.kind = parse_kind(kind);
             r.name = name;
@@ -90,6 +114,7 @@ void bind_comm(py::module_& m) {
             r.op = aimass::parse_reduce_op(op);
             r.root = root;
             r.timeout_s = timeout;
+            r.blocking = blocking;
             if (!input.is_none()) {
               py::array a = input.cast<py::array>();
               check_array(a, r.dtype, "input");
@@ -107,7 +132,56 @@ void bind_comm(py::module_& m) {
             return e.submit(std::move(r));
           },
           py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("dtype"),
-          py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0)
+          py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0,
+          py::arg("blocking") = false)
+      .def(
+          "run_blocking",
+          // The lean lane of the blocking numpy collectives (python/aimass/dist/_fast.py): submits
+          // with blocking=true (one node, small: the caller-thread fast path) and waits. Returns None
+          // when the arrays do not qualify (dtype, layout): the caller then takes the full path,
+          // which reports what is wrong. kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter.
+          [](aimass::CollectiveEngine& e, int kind, const py::array& input, const py::object& output,
+             const std::string& name, const std::string& op, int root) -> py::object {
+            const auto dt = fast_dtype(input);
+            if (!dt || !(input.flags() & py::array::c_style) || kind < 0 || kind > 3) return py::none();
+            aimass::CollectiveRequest r;
+            r.kind = static_cast<aimass::CollectiveKind>(kind);
+            r.name = name;
+            r.dtype = r.wire = *dt;
+            r.op = aimass::parse_reduce_op(op);
+            r.root = root;
+            r.blocking = true;
+            r.shape = shape_of(input);
+            r.input = input.data();
+            if (!output.is_none()) {
+              const auto& out = static_cast<const py::array&>(output);
+              if (!(out.flags() & py::array::c_style) || !out.writeable() || !out.dtype().is(input.dtype()) ||
+                  shape_of(out) != r.shape)
+                return py::none();
+              r.output = const_cast<void*>(out.data());
+            }
+            std::shared_ptr<aimass::CollectiveHandle> h;
+            bool failed = false;
+            {
+              py::gil_scoped_release rel;
+              try {
+                h = e.submit(std::move(r));
+                h->wait();
+              } catch (...) {
+                failed = true;
+                if (!h || !h->buffers_in_use()) throw;
+              }
+            }
+            if (failed) {  // cut off mid-transfer: MPI may still write these arrays until the process exits
+              input.inc_ref();
+              output.inc_ref();
+              py::gil_scoped_release rel;
+              h->wait();  // rethrows the request's error
+            }
+            if (kind >= 2) return result_array(h);
+            return py::bool_(true);
+          },
+          py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("op"), py::arg("root"))
       .def("shutdown", &aimass::CollectiveEngine::shutdown, nogil())
       .def_property_readonly("broken", &aimass::CollectiveEngine::broken)
       .def_property(
@@ -124,6 +198,10 @@ void bind_comm(py::module_& m) {
           [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
       .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
       .def_property_readonly("algorithms", &aimass::CollectiveEngine::algorithms)
+      .def_property(
+          "ll_max_bytes", [](const aimass::CollectiveEngine& e) { return e.options().ll_max_bytes; },
+          [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_ll_max_bytes(static_cast<size_t>(v)); })
+      .def_property_readonly("ll_slot_bytes", &aimass::CollectiveEngine::ll_slot_bytes)
       .def_property_readonly("timeout", [](const aimass::CollectiveEngine& e) { return e.options().timeout_s; })
       .def("stats", [](const aimass::CollectiveEngine& e) {
         auto s = e.stats();
@@ -135,6 +213,8 @@ void bind_comm(py::module_& m) {
         d["fused_tensors"] = s.fused_tensors;
         d["errors"] = s.errors;
         d["shm_allreduces"] = s.shm_allreduces;
+        d["ll_collectives"] = s.ll_collectives;
+        d["ll_fallbacks"] = s.ll_fallbacks;
         return d;
       });
 

@@ -8,7 +8,10 @@ def shm_always(dist):
     if not dist.shm_available():
         pytest.skip("no shared-memory segment (single rank per node or AIMASS_SHM=0)")
     dist.set_shm_min_bytes(0)
+    ll = dist._require_engine().ll_max_bytes
+    dist.set_ll_max_bytes(0)  # the engine's shared-memory path, not the caller-thread channel
     yield dist
+    dist.set_ll_max_bytes(ll)
     dist.set_shm_min_bytes(4 << 10)
 
 

@@ -26,6 +26,7 @@ def small_chunks(dist):
         dist.init()
         pytest.skip("no shared-memory segment (single rank per node or AIMASS_SHM=0)")
     dist.set_shm_min_bytes(0)
+    dist.set_ll_max_bytes(0)  # the engine's shared-memory path, not the caller-thread channel
     yield dist
     dist.shutdown()
     dist.init()
@@ -172,6 +173,7 @@ def two_rank_nodes(dist):
         del os.environ["AIMASS_RANKS_PER_NODE"]
         del os.environ["AIMASS_SHM_CHUNK_BYTES"]
     dist.set_shm_min_bytes(0)
+    dist.set_ll_max_bytes(0)  # the engine's hierarchical path, not the caller-thread channel
     yield dist
     dist.shutdown()
     dist.init()

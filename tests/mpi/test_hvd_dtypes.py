@@ -32,17 +32,21 @@ def reference(dtype, op, size):
     return np.prod(wide, axis=0).astype(dtype)
 
 
-@pytest.mark.parametrize("path", ["mpi", "shm"])
+@pytest.mark.parametrize("path", ["mpi", "shm", "ll"])
 @pytest.mark.parametrize("dtype", SMALL)
 @pytest.mark.parametrize("op", ["sum", "average", "min", "max", "product"])
 def test_allreduce_small_types(dist, dtype, op, path):
     if dtype == "bool" and op == "average":
         pytest.skip("average of bool is rejected (tested below)")
+    ll = dist._require_engine().ll_max_bytes
     dist.set_shm_min_bytes(0 if path == "shm" else None)
+    if path != "ll":  # "ll": the caller-thread low-latency channel (when the job is on one node)
+        dist.set_ll_max_bytes(0)
     try:
         got = dist.allreduce(contribution(dtype, dist.rank()), op=op, name=f"small.{path}.{dtype}.{op}")
     finally:
         dist.set_shm_min_bytes(4096)
+        dist.set_ll_max_bytes(ll)
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, reference(dtype, op, dist.size()))
 

@@ -58,6 +58,8 @@ def trials():
                         "timeout": big_timeout if size >= 64 << 20 else timeout,
                         "signal": ("SIGKILL", "SIGSTOP")[k % 2] if n > 1 else rng.choice(("SIGKILL", "SIGSTOP")),
                         "delay": round(rng.uniform(0.0, 0.3), 4)})
+    # "ll": blocking allreduces, which take the caller-thread low-latency channel (docs/comm.md)
+    out += [dict(t, path="ll") for t in out if t["path"] == "shm" and not t["fused"] and t["bytes"] <= 64 << 10]
     return out
 
 

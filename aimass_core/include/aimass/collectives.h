@@ -48,6 +48,9 @@ struct CollectiveRequest {
   const void* input = nullptr;
   void* output = nullptr;
   double timeout_s = 0;  // <= 0: the engine's default
+  // The caller waits on the handle at once (a blocking call): a small collective on one node
+  // may then run in the caller's thread through the low-latency channel (comm/ll_shm.h).
+  bool blocking = false;
 };
 
 class CollectiveHandle {
@@ -104,6 +107,11 @@ struct EngineOptions {
   double cycle_time_s = 0.001;         // negotiation period
   double timeout_s = 60;               // default per-request stall timeout, and dead-peer timeout
   size_t cache_capacity = 4096;        // response-cache entries (one bit each in the steady-state vector)
+  // Low-latency channel (comm/ll_shm.h): blocking collectives of at most ll_max_bytes per rank on
+  // one node run in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to
+  // the engine. from_env reads AIMASS_LL_MAX_BYTES and AIMASS_LL_FALLBACK_MS (milliseconds).
+  size_t ll_max_bytes = 256u << 10;
+  double ll_fallback_s = 0.05;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
   // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);
@@ -127,6 +135,8 @@ struct EngineStats {
   uint64_t fused_tensors = 0;   // allreduce requests those calls carried
   uint64_t errors = 0;          // requests failed by negotiation
   uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
+  uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
+  uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
 };
 
 class CollectiveEngine {
@@ -154,6 +164,10 @@ class CollectiveEngine {
   void set_cycle_time(double seconds);
   // Size from which allreduces take the shared-memory path (SIZE_MAX: never).
   void set_shm_min_bytes(size_t bytes);
+  // Largest blocking collective (bytes per rank) for the caller-thread low-latency channel
+  // (0: never; at most the slot size fixed at start-up, ll_slot_bytes()).
+  void set_ll_max_bytes(size_t bytes);
+  size_t ll_slot_bytes() const;  // 0 when the channel does not exist (several nodes, AIMASS_LL_MAX_BYTES=0)
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
   // The algorithm table in use (canonical text; every rank's is the same).

@@ -28,6 +28,7 @@ bool CollectiveEngine::Impl::cycle_once() {
       auto pz = poisoned.find(name);
       if (pz != poisoned.end()) {  // failed on the other ranks while this one was queued
         inflight.erase(name);
+        ll_publish_busy();
         ++st.errors;
         p.handle->finish(CollectiveHandle::ErrorKind::Distributed, pz->second.first);
         poisoned.erase(pz);
@@ -70,7 +71,10 @@ bool CollectiveEngine::Impl::cycle_once() {
   MPI_Request req;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
             "MPI_Iallreduce(negotiation)");
-  wait_req(&req, 2 * cycle_s + 1e-3, "negotiation");
+  // An idle rank (the steady state of a job whose small collectives take the caller-thread
+  // fast path) naps between polls instead of spinning: its round only paces the others.
+  const bool idle = pending.empty() && !table_nonempty && !want_stop;
+  wait_req(&req, idle ? 20e-6 : 2 * cycle_s + 1e-3, "negotiation");
 
   std::vector<std::string> ready;
   for (size_t i = 0; i < cache.size(); ++i) {

@@ -15,6 +15,7 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   size = comm->size();
   comm::create_half_ops(half_ops);
   shm_init();
+  ll_init();
 }
 
 // Collective over the communicator (runs before the thread starts): every
@@ -102,6 +103,7 @@ void CollectiveEngine::Impl::finish(Pending& p, CollectiveHandle::ErrorKind kind
   {
     std::lock_guard<std::mutex> lk(mu);
     inflight.erase(p.req.name);
+    ll_publish_busy();
     if (kind == CollectiveHandle::ErrorKind::Distributed) ++st.errors;
   }
   p.handle->finish(kind, msg);
@@ -288,6 +290,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   }
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
+  if (r.blocking && impl_->try_fast(r, *handle)) return handle;  // done in this thread (fast_path.cc)
   handle->on_wait_ = [w = impl_->waker] { w->notify(&w->flush); };
   handle->watchdog_ = [w = impl_->waker] { return w->stall_message(); };
   Impl::Pending p;
@@ -310,6 +313,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
     }
     AIMASS_CHECK(impl_->inflight.insert(r.name).second, ValueError, "a collective named '", r.name,
                  "' is already in flight on this rank; synchronize it first or use another name");
+    impl_->ll_publish_busy();
     p.req = std::move(r);
     impl_->incoming.push_back(std::move(p));
   }

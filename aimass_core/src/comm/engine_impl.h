@@ -29,6 +29,7 @@
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/algorithms.h"
+#include "comm/ll_shm.h"
 #include "comm/message.h"
 #include "comm/mpi_transport.h"
 #include "comm/shm_allreduce.h"
@@ -177,6 +178,13 @@ struct CollectiveEngine::Impl {
     shm->set_timeout(opts.timeout_s);
     shm->set_heartbeat(&waker->beat);
   }
+
+  // ---- low-latency path: blocking small collectives in the caller's thread (fast_path.cc)
+  std::unique_ptr<comm::LLChannel> ll;
+  std::mutex fast_mu;  // one caller thread in the channel at a time (others use the engine)
+  void ll_init();
+  void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
+  bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
 
 
 

@@ -60,6 +60,7 @@ EngineOptions EngineOptions::from_env() {
     o.cycle_time_s = ms / 1000.0;
   }
   if (const char* v = std::getenv("AIMASS_SHM")) o.shm = std::string(v) != "0";
+  comm::ll_options_from_env(o);
   if (const char* v = std::getenv("AIMASS_SHM_MIN_BYTES")) {
     char* end = nullptr;
     long long b = std::strtoll(v, &end, 10);

@@ -197,12 +197,14 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
         bw = lambda m: nbytes / m.seconds * fac_ar / 1e9  # noqa: E731
         m_auto = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar"), nbytes)
         d.set_shm_min_bytes(None)
+        d.set_ll_max_bytes(0)  # the engine's own paths (blocking calls would take the low-latency channel)
         m_mpi = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.mpi"), nbytes)
         m_shm = None
         if d.shm_available():
             d.set_shm_min_bytes(0)
             m_shm = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.shm"), nbytes)
         d.set_shm_min_bytes(default_min)
+        d.set_ll_max_bytes(eng.ll_slot_bytes)
         m_fp16 = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.fp16", compression="fp16"), nbytes)
         m_ref = timer(lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
         series["aimass"].append(bw(m_auto))
@@ -228,6 +230,8 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
                        goal=0.5, goal_text=">= 0.5x mpi4py (at most 2x its latency)")
     report.add_sweep(f"allreduce_busbw_{n}ranks", xs, series, xlabel="bytes", ylabel="busbw GB/s (higher is better)",
                      logx=True, logy=True)
+    from .comm_small import small_curves  # 8 B .. 256 KiB, all four collectives (the low-latency channel)
+    small_curves(d, comm, MPI, timer, report, quick)
     # the other collectives at a few sizes
     other = [4 << 10, 1 << 20, 16 << 20] if quick else [8, 4 << 10, 256 << 10, 4 << 20, 64 << 20]
     for kind in ("broadcast", "allgather", "reduce_scatter"):

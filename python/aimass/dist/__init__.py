@@ -30,7 +30,7 @@ from ._core import (  # noqa: F401
     cross_size, cuda_built, ddl_built, default_timeout, global_process_set, gloo_built, gloo_enabled, init,
     is_homogeneous, is_initialized, local_rank, local_size, mpi_built, mpi_enabled, mpi_threads_supported,
     nccl_built, poll, rank, remove_process_set, rocm_built, set_cycle_time, set_fusion_threshold,
-    set_shm_min_bytes, shm_available, shutdown, size, stats, synchronize,
+    set_ll_max_bytes, set_shm_min_bytes, shm_available, shutdown, size, stats, synchronize,
 )
 from ._core import _require, _require_engine  # noqa: F401  (aimass.bench reads engine settings)
 from ._ops import (  # noqa: F401

@@ -270,6 +270,17 @@ def set_shm_min_bytes(nbytes: Optional[int]) -> None:
     _require_engine().shm_min_bytes = nbytes
 
 
+def set_ll_max_bytes(nbytes: Optional[int]) -> None:
+    """Blocking collectives of at most `nbytes` per rank run in the caller's thread through the node's
+    low-latency channel when every rank is idle (None or 0: never; capped by the channel's slot, fixed at
+    init() by AIMASS_LL_MAX_BYTES, default 256 KiB). See docs/comm.md."""
+    if nbytes is None:
+        nbytes = 0
+    elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_ll_max_bytes: nbytes must be an int >= 0 or None, got {nbytes!r}")
+    _require_engine().ll_max_bytes = nbytes
+
+
 def shm_available() -> bool:
     """True when this job reduces through a shared-memory segment on each node."""
     return bool(_require_engine().shm_available)

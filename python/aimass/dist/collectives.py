@@ -17,7 +17,7 @@ import numpy as np
 
 from .._array import is_torch
 from .._cuda_array import is_cuda_array
-from . import _core
+from . import _core, _fast
 from ._core import GroupHandle, Handle, global_process_set, synchronize
 from ._ops import Average, check_compression, check_op, resolve_op
 
@@ -69,7 +69,7 @@ def _scale(x, f: float, inplace: bool):
 # ------------------------------------------------------------------ allreduce
 
 def _submit_allreduce(t, op: str, name, compressor, timeout, inplace, prescale, postscale, process_set,
-                      legacy_compression=False) -> Handle:
+                      legacy_compression=False, blocking=False) -> Handle:
     ps = _core._resolve_set(process_set)
     eng = ps._engine_checked()
     prescale = _check_factor(prescale, "prescale_factor")
@@ -126,7 +126,7 @@ def _submit_allreduce(t, op: str, name, compressor, timeout, inplace, prescale, 
         a = _core.contiguous(a)
         out = np.empty_like(a)
         keep, result = (t, a, out), out
-    h = eng.submit("allreduce", a, out, nm, dt, op, wire, 0, _core.check_timeout(timeout))
+    h = eng.submit("allreduce", a, out, nm, dt, op, wire, 0, _core.check_timeout(timeout), blocking)
     return Handle(h, keep, result, dt, t, False, nm, fin, "allreduce")
 
 
@@ -153,13 +153,16 @@ def allreduce_async_(tensor: Any, average: Any = None, name: Optional[str] = Non
                              timeout, inplace=True)
 
 
-def _allreduce_handle(tensor, average, name, op, prescale, postscale, process_set, compression, timeout, inplace):
+def _allreduce_handle(tensor, average, name, op, prescale, postscale, process_set, compression, timeout, inplace,
+                      blocking=False):
+    """blocking: the caller synchronizes at once (a small collective may then run in its thread)."""
     opname = resolve_op(op, average)
     legacy = compression is None or isinstance(compression, str)
     c = check_compression(compression)
     if _is_none_compressor(c):
         c = _Plain
-    return _submit_allreduce(tensor, opname, name, c, timeout, inplace, prescale, postscale, process_set, legacy)
+    return _submit_allreduce(tensor, opname, name, c, timeout, inplace, prescale, postscale, process_set, legacy,
+                             blocking)
 
 
 class _Plain:
@@ -174,19 +177,29 @@ def allreduce(tensor: Any, average: Any = None, name: Optional[str] = None, comp
     return a new tensor of its kind. `compression`: Compression.fp16/.bf16 sends float32 as 16-bit floats
     (summed in fp32 per step). prescale_factor multiplies the input before the reduction, postscale_factor
     the result after it (after the division by size() of Average). Differentiable for torch tensors."""
+    if (type(tensor) is np.ndarray and average is None and compression is None and timeout is None  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0 and process_set is global_process_set
+            and tensor.flags.c_contiguous):
+        out = np.empty_like(tensor)
+        if _fast.run(_fast.ALLREDUCE, tensor, out, name, op) is not None:
+            return out
     if _wants_grad(tensor):
         return _autograd().Allreduce.apply(tensor, resolve_op(op, average), name, compression, prescale_factor,
                                            postscale_factor, process_set)
-    return synchronize(allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
-                                       compression=compression, timeout=timeout))
+    return synchronize(_allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
+                                         compression, timeout, False, True))
 
 
 def allreduce_(tensor: Any, average: Any = None, name: Optional[str] = None, op: Any = None,
                prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set=global_process_set, *,
                compression: Any = None, timeout: Optional[float] = None):
     """In-place allreduce of `tensor`; returns it."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
-                                        compression=compression, timeout=timeout))
+    if (type(tensor) is np.ndarray and average is None and compression is None and timeout is None  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0 and process_set is global_process_set
+            and _fast.run(_fast.ALLREDUCE, tensor, tensor, name, op) is not None):
+        return tensor
+    return synchronize(_allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
+                                         compression, timeout, True, True))
 
 
 # ------------------------------------------------------------------ grouped allreduce
@@ -247,7 +260,7 @@ def _root(root_rank, root, ps) -> int:
     return int(r)
 
 
-def _broadcast_handle(t, root_rank, name, process_set, root, timeout, inplace) -> Handle:
+def _broadcast_handle(t, root_rank, name, process_set, root, timeout, inplace, blocking=False) -> Handle:
     ps = _core._resolve_set(process_set)
     eng = ps._engine_checked()
     r = _root(root_rank, root, ps)
@@ -269,7 +282,7 @@ def _broadcast_handle(t, root_rank, name, process_set, root, timeout, inplace) -
         a = _core.contiguous(a)
         out = np.empty_like(a)
         keep, result = (t, a, out), out
-    h = eng.submit("broadcast", a, out, nm, dt, "sum", "", r, _core.check_timeout(timeout))
+    h = eng.submit("broadcast", a, out, nm, dt, "sum", "", r, _core.check_timeout(timeout), blocking)
     return Handle(h, keep, result, dt, t, False, nm, None, "broadcast")
 
 
@@ -291,22 +304,35 @@ def broadcast(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] 
               process_set=global_process_set, *, root: Optional[int] = None, timeout: Optional[float] = None):
     """Return root_rank's `tensor` on every rank (a new tensor); every rank passes the same shape and dtype.
     Differentiable for torch tensors (the root gets the sum of the gradients, the others zeros)."""
+    if (type(tensor) is np.ndarray and timeout is None and process_set is global_process_set  # lean lane
+            and tensor.flags.c_contiguous and (r := _fast.broadcast_root(root_rank, root)) is not None):
+        out = np.empty_like(tensor)
+        if _fast.run(_fast.BROADCAST, tensor, out, name, "sum", r) is not None:
+            return out
     if _wants_grad(tensor):
         ps = _core._resolve_set(process_set)
         return _autograd().Broadcast.apply(tensor, _root(root_rank, root, ps), name, ps)
-    return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, False))
+    return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, False, True))
 
 
 def broadcast_(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] = None,
                process_set=global_process_set, *, root: Optional[int] = None, timeout: Optional[float] = None):
     """Overwrite `tensor` with root_rank's values, in place; returns it."""
-    return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, True))
+    if (type(tensor) is np.ndarray and timeout is None and process_set is global_process_set  # lean lane
+            and (r := _fast.broadcast_root(root_rank, root)) is not None
+            and _fast.run(_fast.BROADCAST, tensor, tensor, name, "sum", r) is not None):
+        return tensor
+    return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, True, True))
 
 
 # ------------------------------------------------------------------ allgather
 
 def allgather_async(tensor: Any, name: Optional[str] = None, process_set=global_process_set, *,
                     timeout: Optional[float] = None) -> Handle:
+    return _allgather_handle(tensor, name, process_set, timeout)
+
+
+def _allgather_handle(tensor, name, process_set, timeout, blocking=False) -> Handle:
     ps = _core._resolve_set(process_set)
     eng = ps._engine_checked()
     if is_cuda_array(tensor):
@@ -322,7 +348,7 @@ def allgather_async(tensor: Any, name: Optional[str] = None, process_set=global_
         a = a.reshape(1)
     a = _core.contiguous(a)
     nm = _core.make_name("allgather", name, ps)
-    h = eng.submit("allgather", a, None, nm, dt, "sum", "", 0, _core.check_timeout(timeout))
+    h = eng.submit("allgather", a, None, nm, dt, "sum", "", 0, _core.check_timeout(timeout), blocking)
     return Handle(h, (tensor, a), None, dt, tensor, True, nm, None, "allgather")
 
 
@@ -330,9 +356,13 @@ def allgather(tensor: Any, name: Optional[str] = None, process_set=global_proces
               timeout: Optional[float] = None):
     """Concatenate every rank's `tensor` along dimension 0 (in rank order). Dimension 0 may differ by rank;
     the other dimensions and the dtype must match. Differentiable for torch tensors."""
+    if type(tensor) is np.ndarray and timeout is None and process_set is global_process_set:  # lean lane
+        got = _fast.run(_fast.ALLGATHER, tensor.reshape(1) if tensor.ndim == 0 else tensor, None, name, "sum")
+        if got is not None:
+            return got
     if _wants_grad(tensor):
         return _autograd().Allgather.apply(tensor, name, _core._resolve_set(process_set))
-    return synchronize(allgather_async(tensor, name, process_set, timeout=timeout))
+    return synchronize(_allgather_handle(tensor, name, process_set, timeout, True))
 
 
 def grouped_allgather_async(tensors: Sequence[Any], name: Optional[str] = None, process_set=global_process_set, *,
@@ -352,7 +382,7 @@ def grouped_allgather(tensors: Sequence[Any], name: Optional[str] = None, proces
 
 # ------------------------------------------------------------------ reduce-scatter
 
-def _reduce_scatter_handle(t, op, name, process_set, timeout, prescale=1.0, postscale=1.0) -> Handle:
+def _reduce_scatter_handle(t, op, name, process_set, timeout, prescale=1.0, postscale=1.0, blocking=False) -> Handle:
     ps = _core._resolve_set(process_set)
     eng = ps._engine_checked()
     op = check_op(op)
@@ -374,7 +404,7 @@ def _reduce_scatter_handle(t, op, name, process_set, timeout, prescale=1.0, post
         raise ValueError("reduce_scatter: the tensor needs at least one dimension (it is split along dimension 0)")
     a = _core.contiguous(a)
     nm = _core.make_name("reduce_scatter", name, ps)
-    h = eng.submit("reduce_scatter", a, None, nm, dt, op, "", 0, _core.check_timeout(timeout))
+    h = eng.submit("reduce_scatter", a, None, nm, dt, op, "", 0, _core.check_timeout(timeout), blocking)
     return Handle(h, (t, a), None, dt, t, True, nm, fin, "reduce_scatter")
 
 
@@ -387,7 +417,11 @@ def reduce_scatter(t: Any, op: Any = "average", name: Optional[str] = None, time
                    process_set=global_process_set):
     """Reduce `t` over all ranks and return this rank's block of dimension 0 (blocks as numpy.array_split:
     the first N % size ranks get one row more)."""
-    return synchronize(reduce_scatter_async(t, op, name, timeout, process_set))
+    if type(t) is np.ndarray and timeout is None and process_set is global_process_set and t.ndim:  # lean lane
+        got = _fast.run(_fast.REDUCE_SCATTER, t, None, name, op)
+        if got is not None:
+            return got
+    return synchronize(_reduce_scatter_handle(t, op, name, process_set, timeout, blocking=True))
 
 
 def reducescatter_async(tensor: Any, name: Optional[str] = None, op: Any = Average, process_set=global_process_set,
@@ -407,8 +441,8 @@ def reducescatter(tensor: Any, name: Optional[str] = None, compression: Any = No
         out = _autograd().ReduceScatter.apply(t, check_op(op), name, _core._resolve_set(process_set),
                                               prescale_factor, postscale_factor)
     else:
-        out = synchronize(reducescatter_async(t, name, op, process_set, prescale_factor, postscale_factor,
-                                              timeout=timeout))
+        out = synchronize(_reduce_scatter_handle(t, op, name, process_set, timeout, prescale_factor,
+                                                 postscale_factor, blocking=True))
     return out if _is_none_compressor(c) else c.decompress(out, ctx)
 
 
@@ -444,7 +478,7 @@ def barrier(process_set=global_process_set, *, timeout: Optional[float] = None, 
     ps = _core._resolve_set(process_set)
     eng = ps._engine_checked()
     nm = _core.make_name("barrier", name, ps)
-    h = eng.submit("barrier", None, None, nm, "float32", "sum", "", 0, _core.check_timeout(timeout))
+    h = eng.submit("barrier", None, None, nm, "float32", "sum", "", 0, _core.check_timeout(timeout), True)
     synchronize(Handle(h, None, None, "float32", None, False, nm, None, "barrier"))
 
 

@@ -1,0 +1,275 @@
+// Low-latency shared-memory channel (see ll_shm.h).
+#include "comm/ll_shm.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "aimass/error.h"
+
+namespace aimass {
+namespace comm {
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+uint64_t ll_segment_counter = 0;
+
+constexpr double kBusyGraceS = 1e-3;
+
+// Waits: spin briefly (a peer on another core answers in well under a microsecond; no spinning
+// when a peer last ran on this very CPU), then poll with a yield between looks, as Open MPI's
+// shared-memory transport does when oversubscribed (tests run -np 4 on 2 cores), then sleep in
+// short naps.
+struct Backoff {
+  static constexpr double kSpinS = 20e-6, kYieldS = 2e-3;
+  uint32_t iter = 0;
+  bool spin = true;  // false when a peer last ran on this CPU: spinning would only keep it off
+  void pause(double waited_s) {
+    ++iter;
+    if (spin && waited_s < kSpinS) {
+      cpu_relax();
+    } else if (waited_s < kYieldS) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+};
+
+}  // namespace
+
+size_t LLChannel::segment_bytes(int size, size_t slot_bytes) {
+  const size_t slot = (slot_bytes + 127) / 128 * 128;
+  return kHeadBytes + 128 * static_cast<size_t>(size) + static_cast<size_t>(size) * 2 * (128 + slot);
+}
+
+void LLChannel::attach(void* memory, size_t slot_bytes) {
+  base_ = static_cast<char*>(memory);
+  slot_bytes_ = (slot_bytes + 127) / 128 * 128;
+  full_ = (uint64_t(1) << size_) - 1;
+}
+
+LLChannel::LLChannel(int rank, int size, void* memory, size_t slot_bytes) : rank_(rank), size_(size) {
+  AIMASS_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, ValueError, "LLChannel: rank ", rank,
+               " of ", size, " is out of range (at most ", kMaxRanks, " ranks)");
+  AIMASS_CHECK(memory != nullptr && reinterpret_cast<uintptr_t>(memory) % 128 == 0, ValueError,
+               "LLChannel: memory must be non-null and 128-byte aligned");
+  attach(memory, slot_bytes);
+}
+
+LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout_s)
+    : rank_(comm.rank()), size_(comm.size()) {
+  static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory words need lock-free atomics");
+  MPI_Comm world = comm.comm();
+  auto allreduce_min = [&](void* v, MPI_Datatype t) {
+    MPI_Request req;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, v, 1, t, MPI_MIN, world, &req), "MPI_Iallreduce(ll)");
+    wait_mpi(&req, 1.0, timeout_s, "low-latency channel set-up");
+  };
+  int ok = (comm.cross_size() == 1 && comm.local_size() == size_ && size_ > 1 && size_ <= kMaxRanks &&
+            slot_bytes > 0)
+               ? 1
+               : 0;
+  allreduce_min(&ok, MPI_INT);
+  if (!ok) return;
+  unsigned long long agreed = slot_bytes;  // every rank must lay the segment out alike
+  allreduce_min(&agreed, MPI_UNSIGNED_LONG_LONG);
+  slot_bytes = static_cast<size_t>(agreed);
+  const size_t bytes = segment_bytes(size_, slot_bytes);
+
+  struct {
+    int ok;
+    char name[60];
+  } msg{};
+  const bool creator = rank_ == 0;
+  void* p = MAP_FAILED;
+  if (creator) {
+    std::snprintf(msg.name, sizeof(msg.name), "/aimass-ll-%d-%llu-%llx", static_cast<int>(getpid()),
+                  static_cast<unsigned long long>(ll_segment_counter++),
+                  static_cast<unsigned long long>(Clock::now().time_since_epoch().count()));
+    const int fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0) {
+      // fallocate reserves the pages now: a full /dev/shm fails here, not with SIGBUS later
+      if (ftruncate(fd, static_cast<off_t>(bytes)) == 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) == 0)
+        p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+      close(fd);
+      if (p == MAP_FAILED) shm_unlink(msg.name);
+    }
+    msg.ok = p != MAP_FAILED ? 1 : 0;  // the pages are zero: step 0, nobody reading, no engine busy
+  }
+  auto cleanup = [&] {
+    if (creator && msg.ok) shm_unlink(msg.name);
+    if (p != MAP_FAILED) munmap(p, bytes);
+  };
+  try {
+    MPI_Request req;
+    check_mpi(MPI_Ibcast(&msg, static_cast<int>(sizeof(msg)), MPI_BYTE, 0, world, &req), "MPI_Ibcast(ll)");
+    wait_mpi(&req, 1.0, timeout_s, "low-latency channel set-up");
+    if (!creator && msg.ok) {
+      const int fd = shm_open(msg.name, O_RDWR, 0600);
+      if (fd >= 0) {
+        struct stat sb;
+        if (fstat(fd, &sb) == 0 && static_cast<size_t>(sb.st_size) == bytes)
+          p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+        close(fd);
+      }
+    }
+    int mine = p != MAP_FAILED ? 1 : 0;
+    allreduce_min(&mine, MPI_INT);  // after this every rank has mapped it (or given up)
+    if (creator && msg.ok) shm_unlink(msg.name);
+    if (!mine) {
+      if (p != MAP_FAILED) munmap(p, bytes);
+      return;
+    }
+  } catch (...) {
+    cleanup();
+    throw;
+  }
+  attach(p, slot_bytes);
+  map_bytes_ = bytes;
+  owned_ = true;
+}
+
+LLChannel::~LLChannel() {
+  if (base_ && owned_) munmap(base_, map_bytes_);
+}
+
+LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows,
+                                      double fallback_s) {
+  AIMASS_CHECK(bytes <= slot_bytes_, ValueError, "LLChannel: ", bytes, " bytes exceed the slot (", slot_bytes_,
+               ")");
+  std::atomic<uint64_t>& st = step();
+  Control* me = ctl(rank_);
+  const uint64_t bit = uint64_t(1) << rank_;
+  const auto start = Clock::now();
+  Backoff backoff;
+  double waited = 0;
+  auto tick = [&] {  // the clock is read every 16 pauses only
+    if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+    backoff.pause(waited);
+  };
+
+  // ---- arrive
+  uint64_t w = st.load(std::memory_order_seq_cst);
+  uint64_t a = 0;
+  uint64_t written = UINT64_MAX;  // the attempt whose slot holds our payload
+  while (true) {
+    a = closed(w) ? (w >> 16) + 1 : (w >> 16);
+    const uint64_t next = closed(w) ? (a << 16) | bit : (w | bit);
+    if (written != a) {
+      me->reading.store(a + 1, std::memory_order_seq_cst);  // (announces us to writers of attempt a + 2)
+      if (a >= 2) {  // a peer may still read its slot of attempt a - 2 (same parity as ours now)
+        for (int j = 0; j < size_; ++j) {
+          if (j == rank_) continue;
+          while (ctl(j)->reading.load(std::memory_order_seq_cst) == a - 1) {
+            tick();
+            if (waited > fallback_s) {
+              me->reading.store(0, std::memory_order_seq_cst);
+              return Result::Fallback;  // nothing posted: the engine runs it (and its deadline)
+            }
+          }
+        }
+      }
+      Header* h = slot(rank_, a);
+      h->attempt = a;
+      h->hash = hash;
+      h->bytes = bytes;
+      h->rows = rows;
+      if (bytes) std::memcpy(h->data(), data, bytes);
+      written = a;
+    }
+    if (closed(w)) {  // record how the attempt we leave behind ended, for members that missed it
+      outcome(w >> 16).store(((w >> 16) << 1) | ((w & kAborted) ? 1 : 0), std::memory_order_seq_cst);
+    }
+    if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
+  }
+  attempt_ = a;
+  {
+    const int64_t cpu = sched_getcpu();
+    me->cpu.store(cpu, std::memory_order_relaxed);
+    for (int j = 0; j < size_; ++j)
+      if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) backoff.spin = false;
+  }
+
+  // ---- wait until complete or aborted
+  double busy_since = -1;
+  while (true) {
+    w = st.load(std::memory_order_seq_cst);
+    if ((w >> 16) != a) {  // it closed and the next attempt started before we looked
+      const uint64_t o = outcome(a).load(std::memory_order_seq_cst);
+      if ((o >> 1) != a) {  // cannot happen: at most a few attempts pass while a member waits
+        me->reading.store(0, std::memory_order_seq_cst);
+        throw DistributedError("aimass.dist: low-latency channel lost an attempt's outcome (internal error)");
+      }
+      if (o & 1) {
+        me->reading.store(0, std::memory_order_seq_cst);
+        return Result::Fallback;
+      }
+      break;  // complete
+    }
+    if (w & kAborted) {
+      me->reading.store(0, std::memory_order_seq_cst);
+      return Result::Fallback;
+    }
+    const uint64_t mask = w & kMaskBits;
+    if (mask == full_) break;
+    bool abort = false, busy = false;
+    for (int j = 0; j < size_ && !abort; ++j) {
+      if (j == rank_) continue;
+      if (mask & (uint64_t(1) << j)) {
+        if (slot(j, a)->hash != hash) abort = true;
+      } else if (ctl(j)->busy.load(std::memory_order_seq_cst) != 0) {
+        busy = true;
+      }
+    }
+    // A missing peer whose engine stays busy for the grace period waits there (maybe for this
+    // very collective, or for something this rank has not sent yet): go to the engine too. A
+    // shorter spell is a peer still finishing its previous engine collective.
+    if (!busy) {
+      busy_since = -1;
+    } else if (busy_since < 0) {
+      busy_since = waited;
+    } else if (waited - busy_since > kBusyGraceS) {
+      abort = true;
+    }
+    if (waited > fallback_s) abort = true;
+    if (abort) {
+      // fails only when w changed (someone arrived or aborted): look again
+      if (st.compare_exchange_strong(w, w | kAborted, std::memory_order_seq_cst)) {
+        me->reading.store(0, std::memory_order_seq_cst);
+        return Result::Fallback;
+      }
+      continue;
+    }
+    tick();
+  }
+  // complete: every rank sees the same slots, so every rank decides alike
+  for (int j = 0; j < size_; ++j) {
+    if (slot(j, a)->hash != hash) {
+      me->reading.store(0, std::memory_order_seq_cst);
+      return Result::Fallback;
+    }
+  }
+  return Result::Complete;
+}
+
+void LLChannel::done() { ctl(rank_)->reading.store(0, std::memory_order_seq_cst); }
+
+}  // namespace comm
+}  // namespace aimass

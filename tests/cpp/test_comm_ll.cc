@@ -1,0 +1,156 @@
+// The low-latency channel's agreement protocol with threads as ranks (one process, no MPI):
+// payloads arrive intact, every collective ends alike on every rank (complete everywhere or
+// fallen back everywhere) even when ranks disagree, and missing or busy peers make the
+// others fall back instead of waiting.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aimass/error.h"
+#include "comm/ll_shm.h"
+
+namespace {
+
+using aimass::comm::LLChannel;
+using Result = LLChannel::Result;
+
+constexpr size_t kSlot = 256;
+
+struct Segment {  // 128-byte aligned, zero-filled memory shared by L thread "ranks"
+  explicit Segment(int L) : bytes(LLChannel::segment_bytes(L, kSlot)) {
+    mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+    std::memset(mem, 0, bytes);
+  }
+  ~Segment() { std::free(mem); }
+  size_t bytes;
+  char* mem;
+};
+
+int64_t payload_value(int rank, int op, int i) { return static_cast<int64_t>(op) * 1000003 + rank * 1009 + i; }
+
+// L ranks run `ops` exchanges; rank (op % L) posts a different hash for ops where disagree(op).
+// A rank that falls back marks itself busy and waits until every rank fell back on that op,
+// as the engine's negotiation would (a rank that completed instead would leave it waiting).
+// Returns outcome[rank][op]; checks the payloads of completed exchanges.
+std::vector<std::vector<Result>> run(int L, int ops, bool (*disagree)(int), std::vector<std::string>& errors) {
+  Segment seg(L);
+  std::vector<std::vector<Result>> outcome(L, std::vector<Result>(ops, Result::Fallback));
+  errors.assign(L, "");
+  std::vector<std::atomic<int>> fell(static_cast<size_t>(ops));
+  for (auto& f : fell) f.store(0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LLChannel ch(r, L, seg.mem, kSlot);
+        for (int op = 0; op < ops; ++op) {
+          const int n = 1 + (op * 7 + r) % 16;  // rows differ by rank (an allgather)
+          std::vector<int64_t> mine(static_cast<size_t>(n));
+          for (int i = 0; i < n; ++i) mine[static_cast<size_t>(i)] = payload_value(r, op, i);
+          const uint64_t hash = disagree(op) && op % L == r ? 0xbad0000u + op : static_cast<uint64_t>(op);
+          outcome[r][op] = ch.exchange(hash, mine.data(), mine.size() * 8, n, 10.0);
+          if (outcome[r][op] != Result::Complete) {  // "the engine": every rank runs op there
+            ch.set_busy(1);  // as the engine does while a request is in flight
+            fell[static_cast<size_t>(op)].fetch_add(1);
+            const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+            while (fell[static_cast<size_t>(op)].load() < L) {
+              if (std::chrono::steady_clock::now() > limit) {
+                errors[r] = "op " + std::to_string(op) + ": not every rank fell back";
+                return;
+              }
+              std::this_thread::yield();
+            }
+            ch.set_busy(0);
+            continue;
+          }
+          for (int j = 0; j < L; ++j) {
+            const int nj = 1 + (op * 7 + j) % 16;
+            if (ch.rows(j) != nj || ch.bytes(j) != static_cast<size_t>(nj) * 8) {
+              errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " has the wrong size";
+              return;
+            }
+            for (int i = 0; i < nj; ++i) {
+              int64_t v;
+              std::memcpy(&v, ch.payload(j) + i * 8, 8);
+              if (v != payload_value(j, op, i)) {
+                errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " payload differs";
+                return;
+              }
+            }
+          }
+          ch.done();
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return outcome;
+}
+
+bool never(int) { return false; }
+bool often(int op) { return (op * 2654435761u) % 7 == 0; }
+
+TEST(CommLL, EveryExchangeCompletesWithIntactPayloads) {
+  for (int L : {2, 3, 4}) {
+    std::vector<std::string> errors;
+    auto out = run(L, 1000, never, errors);
+    for (int r = 0; r < L; ++r) {
+      EXPECT_EQ(errors[r], "") << "L=" << L << " rank " << r;
+      for (int op = 0; op < 1000; ++op) ASSERT_EQ(out[r][op], Result::Complete) << "L=" << L << " op " << op;
+    }
+  }
+}
+
+TEST(CommLL, DisagreementEndsAlikeOnEveryRank) {
+  for (int L : {2, 3, 4}) {
+    std::vector<std::string> errors;
+    auto out = run(L, 1000, often, errors);
+    int complete = 0;
+    for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "L=" << L << " rank " << r;
+    for (int op = 0; op < 1000; ++op) {
+      for (int r = 1; r < L; ++r) ASSERT_EQ(out[r][op], out[0][op]) << "L=" << L << " op " << op;
+      if (often(op)) EXPECT_EQ(out[0][op], Result::Fallback) << "L=" << L << " op " << op;
+      complete += out[0][op] == Result::Complete;
+    }
+    EXPECT_GT(complete, 0) << "L=" << L;
+  }
+}
+
+TEST(CommLL, MissingPeerFallsBackAfterTheWindow) {
+  Segment seg(2);
+  LLChannel a(0, 2, seg.mem, kSlot), b(1, 2, seg.mem, kSlot);
+  int64_t v = 7;
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(a.exchange(1, &v, 8, 1, 0.05), Result::Fallback);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(s, 0.04);
+  EXPECT_LT(s, 2.0);
+  // the late rank finds the attempt aborted, starts its own and falls back too
+  EXPECT_EQ(b.exchange(1, &v, 8, 1, 0.05), Result::Fallback);
+  // then both meet again
+  std::thread t([&] { EXPECT_EQ(b.exchange(2, &v, 8, 1, 10.0), Result::Complete); b.done(); });
+  EXPECT_EQ(a.exchange(2, &v, 8, 1, 10.0), Result::Complete);
+  a.done();
+  t.join();
+}
+
+TEST(CommLL, BusyPeerMakesTheOthersFallBackWithinTheGrace) {
+  Segment seg(2);
+  LLChannel a(0, 2, seg.mem, kSlot), b(1, 2, seg.mem, kSlot);
+  b.set_busy(1);  // rank 1 runs something through its engine and does not come
+  int64_t v = 7;
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(a.exchange(1, &v, 8, 1, 30.0), Result::Fallback);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  EXPECT_THROW(a.exchange(1, &v, kSlot + 1, 1, 1.0), aimass::ValueError);
+}
+
+}  // namespace

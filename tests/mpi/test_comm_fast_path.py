@@ -1,0 +1,209 @@
+"""The caller-thread fast path: blocking small collectives through the low-latency shared-memory
+channel (docs/comm.md). Results must equal the engine's path bit for bit; anything irregular
+(mismatched arguments, async work queued on some rank, threads, slow peers) must fall back to
+the engine and keep its guarantees (a mismatch raises DistributedError, never hangs)."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
+OPS = ["sum", "average", "min", "max", "product"]
+
+
+@pytest.fixture
+def ll(dist):
+    eng = dist._require_engine()
+    if not eng.ll_slot_bytes:
+        pytest.skip("no low-latency channel (ranks on several nodes, or AIMASS_LL_MAX_BYTES=0)")
+    yield dist
+    dist.set_ll_max_bytes(eng.ll_slot_bytes)
+
+
+def data(seed, rank, count, dtype):
+    rng = np.random.default_rng(seed * 101 + rank)
+    if dtype == "bool":
+        return rng.integers(0, 2, count).astype(bool)
+    if dtype in ("float32", "float64", "float16"):
+        return rng.integers(-8, 9, count).astype(dtype) / 4  # exact in every float type
+    lo, hi = (0, 4) if dtype == "uint8" else (-3, 4)
+    return rng.integers(lo, hi, count).astype(dtype)
+
+
+def engine_result(d, fn):
+    d.set_ll_max_bytes(0)
+    try:
+        return fn()
+    finally:
+        d.set_ll_max_bytes(d._require_engine().ll_slot_bytes)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allreduce_matches_engine_path(ll, dtype):
+    d = ll
+    r = d.rank()
+    for op in OPS:
+        if dtype == "bool" and op == "average":
+            continue
+        for count in (1, 3, 17, 255, 1001):
+            x = data(count + OPS.index(op), r, count, dtype)
+            before = d.stats()["ll_collectives"]
+            got = d.allreduce(x, op=op, name=f"ll.{dtype}.{op}.{count}")
+            fast = d.stats()["ll_collectives"] - before
+            want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"eng.{dtype}.{op}.{count}"))
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            inplace = x.copy()
+            assert d.allreduce_(inplace, op=op, name=f"ll_.{dtype}.{op}.{count}") is inplace
+            np.testing.assert_array_equal(inplace, want)
+            # every rank got the same bits (the channel reduces in rank order on every rank)
+            everyone = d.allgather(got.reshape(1, -1).view(np.uint8), name=f"llcheck.{dtype}.{op}.{count}")
+            assert (everyone == everyone[:1]).all()
+            assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
+
+
+@pytest.mark.timeout(60)
+def test_steady_state_takes_the_fast_path(ll):
+    d = ll
+    n = d.size()
+    x = np.ones(2, np.float32)
+    before = d.stats()
+    for i in range(200):
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name="ll.steady"), np.full(2, n, np.float32))
+    after = d.stats()
+    # the odd attempt may fall back (a rank descheduled past the fallback window); most do not
+    assert after["ll_collectives"] - before["ll_collectives"] >= 100
+    assert after["ll_collectives"] - before["ll_collectives"] + after["ll_fallbacks"] - before["ll_fallbacks"] >= 200
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", ["float32", "int64", "float16", "bool"])
+def test_broadcast_allgather_reduce_scatter(ll, dtype):
+    d = ll
+    n, r = d.size(), d.rank()
+    for root in range(n):
+        x = data(root, r, 13, dtype).reshape(13, 1)
+        want = data(root, root, 13, dtype).reshape(13, 1)
+        np.testing.assert_array_equal(d.broadcast(x, root, name=f"ll.bc.{dtype}.{root}"), want)
+        y = x.copy()
+        d.broadcast_(y, root, name=f"ll.bc_.{dtype}.{root}")
+        np.testing.assert_array_equal(y, want)
+    # allgather: a different number of rows per rank, and a scalar
+    mine = data(5, r, (r + 1) * 3, dtype).reshape(r + 1, 3)
+    got = d.allgather(mine, name=f"ll.ag.{dtype}")
+    np.testing.assert_array_equal(got, np.concatenate([data(5, j, (j + 1) * 3, dtype).reshape(j + 1, 3)
+                                                       for j in range(n)]))
+    s = d.allgather(np.array(data(6, r, 1, dtype)[0]), name=f"ll.ag0.{dtype}")
+    np.testing.assert_array_equal(s, np.concatenate([data(6, j, 1, dtype) for j in range(n)]))
+    # reduce_scatter: a first dimension that does not divide by the world size
+    for op in ("sum", "max") if dtype == "bool" else ("sum", "average", "min"):
+        t = data(7, r, (2 * n + 1) * 2, dtype).reshape(2 * n + 1, 2)
+        got = d.reduce_scatter(t, op=op, name=f"ll.rs.{dtype}.{op}")
+        want = engine_result(d, lambda: d.reduce_scatter(t, op=op, name=f"eng.rs.{dtype}.{op}"))
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    d.barrier(name=f"ll.barrier.{dtype}")
+
+
+@pytest.mark.timeout(60)
+def test_mismatch_on_the_fast_path_raises(ll):
+    d = ll
+    r = d.rank()
+    cases = [
+        (np.ones(3 + (r == 0), np.float32), "sum"),  # shape
+        (np.ones(3, np.float32 if r else np.float64), "sum"),  # dtype
+        (np.ones(3, np.float32), "sum" if r else "max"),  # op
+    ]
+    for i, (x, op) in enumerate(cases):
+        t0 = time.monotonic()
+        with pytest.raises(d.DistributedError, match="different arguments"):
+            d.allreduce(x, op=op, name=f"ll.bad.{i}")
+        assert time.monotonic() - t0 < 20  # raised, not hung (the engine's timeout is 60 s)
+    with pytest.raises(d.DistributedError, match="different arguments"):
+        d.broadcast(np.ones(2, np.float32), r % 2, name="ll.bad.root")
+    # names that differ: each times out (the call's timeout) naming what every rank submitted
+    with pytest.raises(d.DistributedError, match="did not submit it"):
+        d.allreduce(np.ones(2, np.float32), name=f"ll.only.{r}", timeout=1.0)
+    # the channel still works afterwards
+    np.testing.assert_array_equal(d.allreduce(np.ones(2, np.float32), op="sum", name="ll.after"),
+                                  np.full(2, d.size(), np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_interleaves_with_async_ops_in_any_order(ll):
+    d = ll
+    n, r = d.size(), d.rank()
+    for k in range(10):
+        # rank 0 queues async work first, the others run the blocking call first
+        if r == 0:
+            h = d.allreduce_async(np.full(5, 1.0, np.float32), op="sum", name=f"ll.async.{k}")
+            a = d.allreduce(np.full(3, 2.0, np.float32), op="sum", name=f"ll.sync.{k}")
+            b = d.synchronize(h)
+        else:
+            a = d.allreduce(np.full(3, 2.0, np.float32), op="sum", name=f"ll.sync.{k}")
+            b = d.allreduce(np.full(5, 1.0, np.float32), op="sum", name=f"ll.async.{k}")
+        np.testing.assert_array_equal(a, np.full(3, 2.0 * n, np.float32))
+        np.testing.assert_array_equal(b, np.full(5, 1.0 * n, np.float32))
+    # fused async gradients in flight while blocking calls run on every rank
+    hs = [d.allreduce_async(np.full(7, float(i), np.float32), op="sum", name=f"ll.g.{i}") for i in range(8)]
+    m = d.allreduce(np.full(1, float(r), np.float64), op="max", name="ll.metric")
+    assert m[0] == n - 1
+    for i, h in enumerate(hs):
+        np.testing.assert_array_equal(d.synchronize(h), np.full(7, float(i) * n, np.float32))
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_threads(ll):
+    d = ll
+    n, r = d.size(), d.rank()
+    errors = []
+
+    def worker(tid):
+        try:
+            rng = np.random.default_rng(tid * 13 + r)
+            for i in range(40):
+                if rng.random() < 0.2:
+                    time.sleep(rng.random() * 1e-3)  # threads interleave differently on each rank
+                got = d.allreduce(np.full(4, float(tid + i), np.float32), op="sum", name=f"ll.t{tid}.{i}")
+                if not (got == (tid + i) * n).all():
+                    errors.append(f"thread {tid} step {i}: {got}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"thread {tid}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+@pytest.mark.timeout(60)
+def test_slow_peer_past_the_fallback_window(ll):
+    d = ll
+    n, r = d.size(), d.rank()
+    for k in range(3):
+        if r == n - 1:
+            time.sleep(0.12)  # longer than the 50 ms fallback window: the others go to the engine
+        got = d.allreduce(np.full(6, float(k), np.float32), op="sum", name=f"ll.slow.{k}")
+        np.testing.assert_array_equal(got, np.full(6, k * n, np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_sizes_around_the_slot(ll):
+    d = ll
+    n = d.size()
+    slot = d._require_engine().ll_slot_bytes
+    for nbytes in (slot - 4, slot, slot + 4, 3 * slot):  # the last two go to the engine
+        x = np.ones(nbytes // 4, np.float32)
+        got = d.allreduce(x, op="sum", name=f"ll.edge.{nbytes}")
+        assert got.shape == x.shape and (got == n).all()
+    d.set_ll_max_bytes(16)
+    x = np.ones(5, np.float32)  # 20 bytes: above the lowered limit
+    before = d.stats()["ll_collectives"]
+    assert (d.allreduce(x, op="sum", name="ll.limit") == n).all()
+    assert d.stats()["ll_collectives"] == before
+    with pytest.raises(ValueError, match="set_ll_max_bytes"):
+        d.set_ll_max_bytes(-1)
