@@ -16,6 +16,7 @@
 #include "aimass/runtime.h"
 #include "runtime/ext_ops.h"
 #include "runtime/ops.h"
+#include "runtime/ops_conv.h"
 #include "runtime/qlinear_bridge.h"
 
 namespace aimass::runtime {
@@ -55,6 +56,7 @@ struct Step {
   std::shared_ptr<QLinearWeights> q;
   std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
   std::shared_ptr<ExtKernel> ext;  // extension ops (runtime/ext_ops.h)
+  std::shared_ptr<conv::PackedConv> pconv;  // Conv2d (groups 1): weights packed for runtime/ops_conv.h
   int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`)
   std::vector<int> ext_in;
 };
@@ -318,7 +320,11 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       s.w = f32_param(m, n, "weight", ws, true);
       s.b = f32_param(m, n, "bias", {c.O}, false);
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
-      {
+      if (c.G == 1) {
+        auto& slot = cache.items["conv:" + n.name];
+        if (!slot) slot = std::make_shared<conv::PackedConv>(s.w, s.b, c);
+        s.pconv = std::static_pointer_cast<conv::PackedConv>(slot);
+      } else {
         // im2col scratch (ops::conv2d_col_floats), overflow-checked and within the memory cap
         const int64_t P = checked::mul<ValueError>(c.OH, c.OW, s.where + ": output pixels");
         const int64_t Kc = checked::mul<ValueError>(c.C / c.G, checked::mul<ValueError>(c.KH, c.KW, s.where),
@@ -758,7 +764,12 @@ void Executor::execute(int64_t rows) {
         break;
       }
       case Kind::Conv2d:
-        if (s.res >= 0) {
+        if (s.pconv) {
+          conv::run(*s.pconv, p.fptr(s.in0), rows, s.res >= 0 ? p.fptr(s.res) : nullptr, s.act == ops::Act::Relu,
+                    p.fptr(s.out));
+          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+        } else if (s.res >= 0) {
           ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
           ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
           if (s.act != ops::Act::None && s.act != ops::Act::Relu)
