@@ -115,9 +115,10 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
     return;
   }
   struct RunTab {
-    int64_t row[kMaxK];
-    int64_t col[kMaxK];
-    int8_t lo[kMaxK][2], hi[kMaxK][2];
+    int64_t row[kMaxK];  // input row offset per kh, -1 outside the image
+    int64_t col[kMaxK];  // first input column per kw (may be negative: padding)
+    __mmask16 m[kMaxK][2];     // in-bounds lanes of the run's two 16-column chunks per kw
+    int64_t lo[kMaxK][2], hi[kMaxK][2];
   };
   RunTab tab[kNR];
   for (int ri = 0; ri < runs.n; ++ri) {
@@ -137,12 +138,42 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       tb.col[w] = first;
       for (int ch = 0; ch < 2; ++ch) {
         const int64_t lo = i0 - 16 * ch, hi = i1 - 16 * ch;
-        tb.lo[w][ch] = static_cast<int8_t>(lo < 0 ? 0 : lo > 16 ? 16 : lo);
-        tb.hi[w][ch] = static_cast<int8_t>(hi < 0 ? 0 : hi > 16 ? 16 : hi);
+        tb.lo[w][ch] = lo < 0 ? 0 : lo > 16 ? 16 : lo;
+        tb.hi[w][ch] = hi < 0 ? 0 : hi > 16 ? 16 : hi;
+        tb.m[w][ch] = lanes(tb.lo[w][ch], tb.hi[w][ch]);
       }
     }
   }
-  for (int64_t t = 0; t < kc; ++t) {
+  auto next_tap = [&] {
+    if (++kw == s.KW) {
+      kw = 0;
+      if (++kh == s.KH) {
+        kh = 0;
+        ++c;
+      }
+    }
+  };
+  if (s.SW == 1) {
+    // the common case, loads and stores only: masked lanes read nothing and keep the zeros
+    for (int64_t t = 0; t < kc; ++t, next_tap()) {
+      float* d = dst + t * kNR;
+      _mm512_store_ps(d, zero);
+      _mm512_store_ps(d + 16, zero);
+      const float* plane_c = x + c * HW;
+      for (int ri = 0; ri < runs.n; ++ri) {
+        const RunTab& tb = tab[ri];
+        const int64_t row = tb.row[kh];
+        if (row < 0) continue;
+        const float* srow = plane_c + runs.r[ri].base + row + tb.col[kw];
+        float* dj = d + runs.r[ri].j;
+        const __mmask16 m0 = tb.m[kw][0], m1 = tb.m[kw][1];
+        _mm512_mask_storeu_ps(dj, m0, _mm512_maskz_loadu_ps(m0, srow));
+        if (m1) _mm512_mask_storeu_ps(dj + 16, m1, _mm512_maskz_loadu_ps(m1, srow + 16));
+      }
+    }
+    return;
+  }
+  for (int64_t t = 0; t < kc; ++t, next_tap()) {
     float* d = dst + t * kNR;
     _mm512_store_ps(d, zero);
     _mm512_store_ps(d + 16, zero);
@@ -155,14 +186,7 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       for (int ch = 0; ch < 2; ++ch) {
         const int64_t lo = tb.lo[kw][ch], hi = tb.hi[kw][ch];
         if (hi <= lo) continue;
-        _mm512_mask_storeu_ps(d + r.j + 16 * ch, lanes(lo, hi), load_strided(srow + 16 * ch * s.SW, s.SW, lo, hi));
-      }
-    }
-    if (++kw == s.KW) {
-      kw = 0;
-      if (++kh == s.KH) {
-        kh = 0;
-        ++c;
+        _mm512_mask_storeu_ps(d + r.j + 16 * ch, tb.m[kw][ch], load_strided(srow + 16 * ch * s.SW, s.SW, lo, hi));
       }
     }
   }
