@@ -123,10 +123,12 @@ int64_t env_int(const char* name, int64_t def, int64_t lo, int64_t hi) {
   return std::clamp<int64_t>(std::atoll(e), lo, hi);
 }
 
-float* aligned_scratch(size_t floats) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < floats + 16) buf.resize(floats + 16);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+// Per-thread scratch, grown on first use and reused (no page faults per call): slot 0 holds
+// the packed panels, slot 1 the accumulators of panels that cross a sample boundary.
+float* aligned_scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
 }
 
 }  // namespace
@@ -150,14 +152,29 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
   const int64_t items = groups * msplit;
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float* bp = aligned_scratch(static_cast<size_t>(ncp * KS * kNR));
-    alignas(64) float tmp[kMR * kNR], rtmp[kMR * kNR];
+    float* bp = aligned_scratch(0, static_cast<size_t>(ncp * KS * kNR));
+    alignas(64) float rtmp[kMR * kNR];
     PanelRuns runs[16];
+    int64_t colofs[16][kNR];  // output offset (sample, pixel) of each column of a crossing panel
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t g = it / msplit, mi = it % msplit;
       const int64_t pan0 = g * ncp, npan = std::min(ncp, NPt - pan0);
       const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit;
-      for (int64_t q = 0; q < npan; ++q) panel_runs(s, NPix, (pan0 + q) * kNR, runs[q]);
+      bool crossing[16];
+      for (int64_t q = 0; q < npan; ++q) {
+        const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
+        panel_runs(s, NPix, j0, runs[q]);
+        crossing[q] = j0 % P + nc > P;
+        for (int64_t j = 0, n = j0 / P, p = j0 % P; crossing[q] && j < nc; ++j) {
+          colofs[q][j] = n * OP + p;
+          if (++p == P) {
+            p = 0;
+            ++n;
+          }
+        }
+      }
+      // accumulators of the crossing panels, [panel][row block][kMR x kNR], kept over the K-slices
+      float* cbuf = aligned_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
       for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
         const int64_t kc = std::min(KS, Kc - k0);
         const bool acc = k0 > 0, last = k0 + kc == Kc;
@@ -168,27 +185,23 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
           const float* bias = last && pc.b ? pc.b + mb * kMR : nullptr;
           for (int64_t q = 0; q < npan; ++q) {
             const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
-            const int64_t n = j0 / P, p = j0 % P;
             const float* b = bp + q * kc * kNR;
-            if (p + nc <= P) {
-              const int64_t off = n * OP + mb * kMR * P + p;
+            if (!crossing[q]) {
+              const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
               tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr, last && relu);
               continue;
             }
-            // the panel crosses into the next sample(s): through a contiguous tile
-            auto offset = [&](int64_t j) {
-              const int64_t qq = j0 + j;
-              return (qq / P) * OP + mb * kMR * P + qq % P;
-            };
-            for (int64_t m = 0; m < mvalid; ++m)
-              for (int64_t j = 0; j < nc; ++j) {
-                const int64_t o = offset(j) + m * P;
-                if (acc) tmp[m * kNR + j] = y[o];
-                if (last && res) rtmp[m * kNR + j] = res[o];
-              }
-            tile(kc, a, b, tmp, kNR, mvalid, nc, acc, bias, last && res ? rtmp : nullptr, last && relu);
-            for (int64_t m = 0; m < mvalid; ++m)
-              for (int64_t j = 0; j < nc; ++j) y[offset(j) + m * P] = tmp[m * kNR + j];
+            // the panel crosses into the next sample(s): accumulate in a contiguous tile,
+            // scatter to the samples' rows after the last K-slice
+            float* cb = cbuf + (q * (mb1 - mb0) + (mb - mb0)) * kMR * kNR;
+            const int64_t row0 = mb * kMR * P;
+            if (last && res)
+              for (int64_t m = 0; m < mvalid; ++m)
+                for (int64_t j = 0; j < nc; ++j) rtmp[m * kNR + j] = res[colofs[q][j] + row0 + m * P];
+            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, last && res ? rtmp : nullptr, last && relu);
+            if (last)
+              for (int64_t m = 0; m < mvalid; ++m)
+                for (int64_t j = 0; j < nc; ++j) y[colofs[q][j] + row0 + m * P] = cb[m * kNR + j];
           }
         }
       }
