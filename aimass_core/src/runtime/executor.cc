@@ -320,19 +320,22 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       s.w = f32_param(m, n, "weight", ws, true);
       s.b = f32_param(m, n, "bias", {c.O}, false);
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
-      if (c.G == 1) {
-        auto& slot = cache.items["conv:" + n.name];
-        if (!slot) slot = std::make_shared<conv::PackedConv>(s.w, s.b, c);
-        s.pconv = std::static_pointer_cast<conv::PackedConv>(slot);
-      } else {
-        // im2col scratch (ops::conv2d_col_floats), overflow-checked and within the memory cap
+      {
+        // im2col scratch (ops::conv2d_col_floats; the grouped path), overflow-checked and within
+        // the memory cap; the checks also bound the packed kernel's pixel and tap counts
         const int64_t P = checked::mul<ValueError>(c.OH, c.OW, s.where + ": output pixels");
         const int64_t Kc = checked::mul<ValueError>(c.C / c.G, checked::mul<ValueError>(c.KH, c.KW, s.where),
                                                     s.where + ": taps");
         const int64_t cells = checked::mul<ValueError>(checked::add<ValueError>(P, int64_t{32}, s.where), Kc,
                                                        s.where + ": im2col scratch");
         check_memory(p, checked::mul<ValueError>(cells, int64_t{4}, s.where), s.where + ": im2col scratch");
-        p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+        if (c.G == 1) {
+          auto& slot = cache.items["conv:" + n.name];
+          if (!slot) slot = std::make_shared<conv::PackedConv>(s.w, s.b, c);
+          s.pconv = std::static_pointer_cast<conv::PackedConv>(slot);
+        } else {
+          p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+        }
       }
       out_row = {c.O, c.OH, c.OW};
     } else if (n.op == "max_pool2d" || n.op == "avg_pool2d") {

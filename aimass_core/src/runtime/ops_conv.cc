@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -117,12 +116,6 @@ using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, in
                         const float*, bool);
 using PackFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
 
-int64_t env_int(const char* name, int64_t def, int64_t lo, int64_t hi) {
-  const char* e = std::getenv(name);
-  if (!e || !*e) return def;
-  return std::clamp<int64_t>(std::atoll(e), lo, hi);
-}
-
 // Per-thread scratch, grown on first use and reused (no page faults per call): slot 0 holds
 // the packed panels, slot 1 the accumulators of panels that cross a sample boundary.
 float* aligned_scratch(int slot, size_t floats) {
@@ -134,8 +127,6 @@ float* aligned_scratch(int slot, size_t floats) {
 }  // namespace
 
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
-  static const int64_t kc_max = env_int("AIMASS_CONV_KC", kKC, 16, 4096);
-  static const int64_t ncp_max = env_int("AIMASS_CONV_NCP", 2, 1, 16);
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
   const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
@@ -143,9 +134,9 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
   const int64_t P = s.OH * s.OW, NPix = N * P, OP = s.O * P;
   const int64_t NPt = (NPix + kNR - 1) / kNR, Kc = pc.Kc, MB = pc.MB;
   // K-slices of (almost) equal size <= kc_max
-  const int64_t nks = (Kc + kc_max - 1) / kc_max, KS = (Kc + nks - 1) / nks;
+  const int64_t nks = (Kc + kKC - 1) / kKC, KS = (Kc + nks - 1) / nks;
   const int T = num_threads();
-  const int64_t ncp = std::min(ncp_max, NPt);
+  const int64_t ncp = std::min(kGroupPanels, NPt);
   const int64_t groups = (NPt + ncp - 1) / ncp;
   int64_t msplit = 1;
   if (T > 1 && groups < 4 * T) msplit = std::min(MB, (4 * T + groups - 1) / groups);
@@ -154,13 +145,13 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
   auto work = [&](int64_t i0, int64_t i1) {
     float* bp = aligned_scratch(0, static_cast<size_t>(ncp * KS * kNR));
     alignas(64) float rtmp[kMR * kNR];
-    PanelRuns runs[16];
-    int64_t colofs[16][kNR];  // output offset (sample, pixel) of each column of a crossing panel
+    PanelRuns runs[kGroupPanels];
+    int64_t colofs[kGroupPanels][kNR];  // output offset (sample, pixel) of each column of a crossing panel
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t g = it / msplit, mi = it % msplit;
       const int64_t pan0 = g * ncp, npan = std::min(ncp, NPt - pan0);
       const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit;
-      bool crossing[16];
+      bool crossing[kGroupPanels];
       for (int64_t q = 0; q < npan; ++q) {
         const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
         panel_runs(s, NPix, j0, runs[q]);
