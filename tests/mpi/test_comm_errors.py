@@ -143,7 +143,8 @@ def test_survivor_raises_when_a_peer_stops_answering(dist, mpi):
     from aimass import _C
     sub = mpi.Dup()
     comm = _C.Communicator(sub.handle)
-    eng = _C.CollectiveEngine(comm, None, None, 1.0)
+    engine_timeout = 3.0
+    eng = _C.CollectiveEngine(comm, None, None, engine_timeout)
     if dist.rank() == 1:
         assert eng.shutdown() is False  # rank 0 never agrees to stop: gives up after the timeout
     else:
@@ -158,6 +159,6 @@ def test_survivor_raises_when_a_peer_stops_answering(dist, mpi):
         assert eng.broken
         t0 = time.monotonic()
         assert eng.shutdown() is False  # a failed engine stops at once: no second timeout
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < engine_timeout / 2  # a behaviour bound (no second wait), not a speed goal
         comm.abandon()  # what dist.shutdown() does then: no MPI teardown on a communicator with a dead peer
     dist.barrier(timeout=20)  # the main engine is unaffected

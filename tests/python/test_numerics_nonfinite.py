@@ -155,6 +155,28 @@ def test_pool_specials_direct(tmp_path, level):
         same_specials(got, ref)
 
 
+@pytest.mark.parametrize("mod", [
+    nn.MaxPool2d(7, stride=1, padding=3), nn.MaxPool2d(5, stride=2, padding=2, dilation=2),
+    nn.MaxPool2d(6, stride=3, padding=3), nn.AvgPool2d(7, stride=1, padding=3),
+    nn.AvgPool2d(6, stride=2, padding=3, count_include_pad=False), nn.AvgPool2d(5, stride=3, padding=2),
+    nn.AvgPool2d(11), nn.AvgPool2d((2, 40), stride=(2, 3)),
+    nn.MaxPool2d((3, 33), stride=(1, 4), padding=(1, 16), dilation=(1, 2))],
+    ids=["max7", "max5d2", "max6s3", "avg7", "avg6nopad", "avg5s3", "avg11", "avg2x40", "max3x33d2"])
+def test_large_window_pools(tmp_path, mod):
+    # windows past 16 taps take the two-pass (rows, then columns) block path: same answers as torch,
+    # specials included (a NaN or inf reaches only the windows that hold it)
+    rng = np.random.default_rng(9)
+    w = 301 if max(mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,)) > 13 else 11
+    x = rng.standard_normal((3, 2, 13, w)).astype(np.float32)
+    got = run_model(tmp_path, mod, torch.randn(2, 2, 13, w), x)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, mod(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+    xs = sprinkle(x, 10, frac=0.02)
+    got = run_model(tmp_path, mod, torch.randn(2, 2, 13, w), xs)[0]
+    with torch.no_grad():
+        same_specials(got, mod(torch.from_numpy(xs)).numpy())
+
+
 class Softmaxes(nn.Module):
     def __init__(self, dim, log):
         super().__init__()

@@ -312,6 +312,130 @@ void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, con
   epilogue(y, N, s.O, P, bias, act);
 }
 
+namespace {
+
+// Large pooling windows. The direct loops cost OH*OW*KH*KW, which a model file can make huge with a
+// few bytes of attributes (a 2x1026 window sliding by 3 over a 131076-wide row took 34 s under the
+// fuzzer). Past kDirectPoolTaps taps both pools run as two 1-D passes (each row's window columns, then
+// the window's rows), each pass with van Herk / Gil-Werman blocks: O(image + output) whatever the
+// window. Small windows keep the direct loops (and their exact summation order).
+constexpr int64_t kDirectPoolTaps = 16;
+
+// first valid tap and one past the last for a window starting at i0 with k taps of stride d in [0, n)
+inline void pool_taps(int64_t i0, int64_t k, int64_t d, int64_t n, int64_t* t0, int64_t* t1) {
+  *t0 = i0 < 0 ? (-i0 + d - 1) / d : 0;
+  *t1 = i0 >= n ? 0 : std::min(k, (n - 1 - i0) / d + 1);
+}
+
+// a max that keeps a NaN (either side NaN gives NaN), as the direct loop does
+inline float max_keep_nan(float m, float v) { return (m != m) ? m : (((v > m) | (v != v)) ? v : m); }
+
+// One window of a 1-D pass: taps first, first + d, ..., last (original indices); first < 0: no tap.
+struct Window {
+  int64_t first, last;
+};
+
+// Windows over v[0..n) whose taps have stride d, at most K of them, each window either exactly K taps
+// or reaching the first or last tap of its residue class mod d (pool windows clipped by the image are).
+// Each residue class is cut into blocks of K taps with a prefix and a suffix reduction per block, so
+// a window is the suffix of one block plus the prefix of the next: exact membership (a NaN or inf
+// reaches only the windows holding it), no subtraction (no cancellation), two reads a window.
+template <class Op>
+void window_reduce(const float* v, int64_t n, int64_t d, int64_t K, const std::vector<Window>& win, float empty,
+                   Op op, float* pre, float* suf, float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < std::min(d, n); ++r) {
+    const int64_t cnt = (n - r + d - 1) / d;
+    for (int64_t t = 0; t < cnt; ++t) {
+      const int64_t i = r + t * d;
+      pre[i] = t % K == 0 ? v[i] : op(pre[i - d], v[i]);
+    }
+    for (int64_t t = cnt - 1; t >= 0; --t) {
+      const int64_t i = r + t * d;
+      suf[i] = (t % K == K - 1 || t == cnt - 1) ? v[i] : op(v[i], suf[i + d]);
+    }
+  }
+  for (size_t j = 0; j < win.size(); ++j) {
+    const Window w = win[j];
+    float res = empty;
+    if (w.first >= 0) {
+      const int64_t r = w.first % d, tf = (w.first - r) / d, tl = (w.last - r) / d;
+      if (tf / K != tl / K) {
+        res = op(suf[w.first], pre[w.last]);
+      } else if (tf % K == 0) {
+        res = pre[w.last];
+      } else if (tl % K == K - 1 || w.last + d >= n) {
+        res = suf[w.first];
+      } else {  // not a pool window shape (kept for safety): reduce directly
+        res = v[w.first];
+        for (int64_t i = w.first + d; i <= w.last; i += d) res = op(res, v[i]);
+      }
+    }
+    out[static_cast<int64_t>(j) * out_stride] = res;
+  }
+}
+
+// the windows of output positions 0..o along an axis of n taps
+std::vector<Window> pool_windows(int64_t o, int64_t n, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  std::vector<Window> w(static_cast<size_t>(o));
+  for (int64_t i = 0; i < o; ++i) {
+    const int64_t i0 = i * stride - pad;
+    int64_t t0, t1;
+    pool_taps(i0, k, dil, n, &t0, &t1);
+    w[i] = t1 > t0 ? Window{i0 + t0 * dil, i0 + (t1 - 1) * dil} : Window{-1, -1};
+  }
+  return w;
+}
+
+// Both large-window pools: rows pass into tmp[H][OW], then a column pass into y; `finish` turns a
+// column result into the output (the average's division).
+template <class Op, class Finish>
+void pool2d_two_pass(const float* x, int64_t N, const Pool2dShape& s, int64_t dh, int64_t dw, float empty, Op op,
+                     Finish finish, float* y) {
+  const std::vector<Window> wcols = pool_windows(s.OW, s.W, s.KW, s.SW, s.PW, dw);
+  const std::vector<Window> wrows = pool_windows(s.OH, s.H, s.KH, s.SH, s.PH, dh);
+  parallel_for(0, N * s.C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(static_cast<size_t>(s.H * s.OW));
+    std::vector<float> pre(static_cast<size_t>(std::max(s.H, s.W))), suf(pre.size()), col(static_cast<size_t>(s.H)),
+        red(static_cast<size_t>(s.OH));
+    for (int64_t pc = b; pc < e; ++pc) {
+      const float* src = x + pc * s.H * s.W;
+      float* dst = y + pc * s.OH * s.OW;
+      for (int64_t ih = 0; ih < s.H; ++ih)
+        window_reduce(src + ih * s.W, s.W, dw, s.KW, wcols, empty, op, pre.data(), suf.data(), tmp.data() + ih * s.OW, 1);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        for (int64_t ih = 0; ih < s.H; ++ih) col[ih] = tmp[ih * s.OW + ow];
+        window_reduce(col.data(), s.H, dh, s.KH, wrows, empty, op, pre.data(), suf.data(), red.data(), 1);
+        for (int64_t oh = 0; oh < s.OH; ++oh) dst[oh * s.OW + ow] = finish(red[oh], oh, ow);
+      }
+    }
+  });
+}
+
+void max_pool2d_two_pass(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  pool2d_two_pass(x, N, s, s.DH, s.DW, -std::numeric_limits<float>::infinity(), max_keep_nan,
+                  [](float v, int64_t, int64_t) { return v; }, y);
+}
+
+void avg_pool2d_two_pass(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  // torch semantics: the window clipped to the padded image counts padding when count_include_pad,
+  // else only in-image taps (as the direct loop)
+  auto count = [&](int64_t o, int64_t st, int64_t p, int64_t k, int64_t n, bool with_pad) {
+    const int64_t a = o * st - p, b = std::min(a + k, n + p);
+    return with_pad ? static_cast<float>(b - a)
+                    : static_cast<float>(std::max<int64_t>(std::min(b, n) - std::max<int64_t>(a, 0), 0));
+  };
+  pool2d_two_pass(
+      x, N, s, 1, 1, 0.f, [](float a, float b) { return a + b; },
+      [&](float v, int64_t oh, int64_t ow) {
+        const float cnt = count(oh, s.SH, s.PH, s.KH, s.H, s.count_include_pad) *
+                          count(ow, s.SW, s.PW, s.KW, s.W, s.count_include_pad);
+        return v / (cnt > 0.f ? cnt : 1.f);
+      },
+      y);
+}
+
+}  // namespace
+
 void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
   if (s.KH == 2 && s.KW == 2 && s.SH == 2 && s.SW == 2 && s.PH == 0 && s.PW == 0 && s.DH == 1 && s.DW == 1) {
     // The common 2x2/2 pool without padding: every window is inside the image, so a
@@ -338,6 +462,10 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                      }
                    }
                  });
+    return;
+  }
+  if (s.KH * s.KW > kDirectPoolTaps) {
+    max_pool2d_two_pass(x, N, s, y);
     return;
   }
   parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
@@ -370,7 +498,12 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                });
 }
 
+
 void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  if (s.KH * s.KW > kDirectPoolTaps) {
+    avg_pool2d_two_pass(x, N, s, y);
+    return;
+  }
   parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),
                [&](int64_t b, int64_t e) {
                  for (int64_t pc = b; pc < e; ++pc) {
