@@ -153,26 +153,6 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       }
     }
   };
-  if (s.SW == 1) {
-    // the common case, loads and stores only: masked lanes read nothing and keep the zeros
-    for (int64_t t = 0; t < kc; ++t, next_tap()) {
-      float* d = dst + t * kNR;
-      _mm512_store_ps(d, zero);
-      _mm512_store_ps(d + 16, zero);
-      const float* plane_c = x + c * HW;
-      for (int ri = 0; ri < runs.n; ++ri) {
-        const RunTab& tb = tab[ri];
-        const int64_t row = tb.row[kh];
-        if (row < 0) continue;
-        const float* srow = plane_c + runs.r[ri].base + row + tb.col[kw];
-        float* dj = d + runs.r[ri].j;
-        const __mmask16 m0 = tb.m[kw][0], m1 = tb.m[kw][1];
-        _mm512_mask_storeu_ps(dj, m0, _mm512_maskz_loadu_ps(m0, srow));
-        if (m1) _mm512_mask_storeu_ps(dj + 16, m1, _mm512_maskz_loadu_ps(m1, srow + 16));
-      }
-    }
-    return;
-  }
   for (int64_t t = 0; t < kc; ++t, next_tap()) {
     float* d = dst + t * kNR;
     _mm512_store_ps(d, zero);
@@ -183,10 +163,18 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       if (tb.row[kh] < 0) continue;  // zeros already
       const PanelRuns::Run& r = runs.r[ri];
       const float* srow = plane_c + r.base + tb.row[kh] + tb.col[kw];
+      float* dj = d + r.j;
+      if (s.SW == 1) {
+        // the common case, a masked load and store per chunk: masked lanes read nothing and keep the zeros
+        const __mmask16 m0 = tb.m[kw][0], m1 = tb.m[kw][1];
+        _mm512_mask_storeu_ps(dj, m0, _mm512_maskz_loadu_ps(m0, srow));
+        if (m1) _mm512_mask_storeu_ps(dj + 16, m1, _mm512_maskz_loadu_ps(m1, srow + 16));
+        continue;
+      }
       for (int ch = 0; ch < 2; ++ch) {
         const int64_t lo = tb.lo[kw][ch], hi = tb.hi[kw][ch];
         if (hi <= lo) continue;
-        _mm512_mask_storeu_ps(d + r.j + 16 * ch, tb.m[kw][ch], load_strided(srow + 16 * ch * s.SW, s.SW, lo, hi));
+        _mm512_mask_storeu_ps(dj + 16 * ch, tb.m[kw][ch], load_strided(srow + 16 * ch * s.SW, s.SW, lo, hi));
       }
     }
   }
