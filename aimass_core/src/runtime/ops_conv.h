@@ -8,7 +8,8 @@
 //
 // Blocking (docs/runtime.md "Convolution kernel"):
 // - A (weights): packed at load into row blocks of kMR = 8 output channels, laid out
-//   [O/kMR][Kc][kMR] (the last block zero-padded), BatchNorm already folded in by export.
+//   K-slice by K-slice, [slice][O/kMR][kc][kMR] (the last block zero-padded), BatchNorm
+//   already folded in by export: one slice's pass over the row blocks is one sequential stream.
 // - B (activations): packed per call, one panel of kNR = 32 output pixels at a time,
 //   [kc][kNR] for a K-slice of kc <= kKC taps (an implicit im2col that reads the input
 //   straight from NCHW, zero for out-of-image taps and past the last pixel): 32 KiB at
@@ -66,13 +67,19 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
                  float* dst);
 
+// Taps per K-slice: Kc split into (almost) equal slices of at most kKC.
+inline int64_t slice_taps(int64_t Kc) {
+  const int64_t n = (Kc + kKC - 1) / kKC;
+  return n > 0 ? (Kc + n - 1) / n : 1;
+}
+
 // The weights of one conv (groups == 1) packed for the tiles; built once per model and
 // shared by every plan of an executor (WeightCache).
 struct PackedConv {
   ops::Conv2dShape s{};
-  int64_t Kc = 0, MB = 0;  // taps, weight row blocks
+  int64_t Kc = 0, MB = 0, KS = 0;  // taps, weight row blocks, taps per K-slice
   AlignedBuffer wbuf, bbuf;
-  float* w = nullptr;  // [MB][Kc][kMR]
+  float* w = nullptr;  // per K-slice [k0, k0 + kc): [MB][kc][kMR] at w + k0 * MB * kMR
   float* b = nullptr;  // [MB * kMR] zero-padded bias, null without one
   PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s);
   PackedConv(const PackedConv&) = delete;
