@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
-    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,flask")
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -34,15 +34,21 @@ def main(argv=None) -> int:
                 rounds=args.rounds, serve_args=args.serve_args.split(),
                 only=args.only.split(",") if args.only else None, log=lambda m: print(m, flush=True))
     runs, s50 = res["runs"], res["session_p50_us"]
-    if "aimass serve /predict" in runs and FLASK in runs:
-        print("\n| concurrency | aimass /predict req/s | Flask req/s | ratio | aimass p99 | Flask p99 | server CPU/req "
-              "aimass / Flask |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for c in concs:
-            a, f = runs["aimass serve /predict"][c], runs[FLASK][c]
-            print(f"| {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | {a['rps'] / f['rps']:.1f}x | {a['p99_us'] / 1e3:.2f} ms "
-                  f"| {f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
-    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
+    print(f"\nload generator: {res.get('generator')}")
+    if FLASK in runs:
+        print("\n| target | concurrency | req/s | Flask req/s | ratio | p50 | p99 | Flask p99 | server CPU/req, "
+              "target / Flask |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label in [k for k in runs if k.startswith("aimass") and not k.endswith("/v2/health/live")]:
+            for c in concs:
+                if c not in runs[label] or c not in runs[FLASK]:
+                    continue
+                a, f = runs[label][c], runs[FLASK][c]
+                print(f"| {label[len('aimass serve '):]} | {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | "
+                      f"{a['rps'] / f['rps']:.1f}x | {a['p50_us'] / 1e3:.2f} ms | {a['p99_us'] / 1e3:.2f} ms | "
+                      f"{f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
+                  "aimass serve TF-Serving :predict"):
         if 1 in runs.get(label, {}):
             r = runs[label][1]
             print(f"HTTP overhead at concurrency 1, {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = "

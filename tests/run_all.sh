@@ -30,15 +30,21 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   fi
 fi
 
-# Debian's Chromium for the dashboard test (playwright's own browser download is not reachable)
-if ! command -v chromium >/dev/null; then
+# optional Debian packages: install when missing (root + apt-get), else say what will skip
+apt_optional() {  # apt_optional PACKAGE COMMAND WHAT-HAPPENS-WITHOUT-IT
+  command -v "$2" >/dev/null && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
-      echo "could not install chromium: the dashboard test will skip" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null; } ||
+      echo "could not install $1: $3" >&2
   else
-    echo "no chromium and no root apt-get: the dashboard test will skip" >&2
+    echo "no $2 and no root apt-get: $3" >&2
   fi
-fi
+}
+# Debian's Chromium for the dashboard test (playwright's own browser download is not reachable)
+apt_optional chromium chromium "the dashboard test will skip"
+# Debian's wrk: the serve benchmark's load generator (tests/python/test_serve_bench.py checks it;
+# the benchmark falls back to its asyncio client without it)
+apt_optional wrk wrk "the serve benchmark will use its asyncio client"
 
 step "build and install aimass (with C++ tests)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \

@@ -303,3 +303,74 @@ TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(P.w) % 64, 0u);
   EXPECT_EQ(P.b, nullptr);
 }
+
+// The blocked paths (K past kKc, N past a kNb block, M past one M block) and the fused
+// epilogues (ReLU / GELU erf / GELU tanh, then + residual) at every SIMD level against a
+// double reference, and the threaded ops::linear entry with a residual (packed and sgemm).
+TEST(RuntimePackedGemm, BlockedShapesAndFusedEpilogues) {
+  namespace pk = aimass::runtime::packed;
+  namespace ops = aimass::runtime::ops;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const auto& f = aimass::cpu_features();
+  struct Shape { int64_t M, N, K; };
+  for (Shape sh : {Shape{1, 33, 600}, Shape{13, 300, 257}, Shape{29, 70, 256}, Shape{600, 40, 255},
+                   Shape{100, 288, 513}}) {
+    const int64_t M = sh.M, N = sh.N, K = sh.K;
+    std::vector<float> x(M * K), w(N * K), bias(N), res(M * N), yb(M * N);
+    for (auto& v : x) v = d(rng);
+    for (auto& v : w) v = d(rng) / std::sqrt(float(K));
+    for (auto& v : bias) v = d(rng);
+    for (auto& v : res) v = d(rng);
+    ops::PackedLinear P(w.data(), bias.data(), N, K);
+    std::vector<double> acc(M * N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double r = bias[n];
+        for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
+        acc[m * N + n] = r;
+      }
+    for (int act : {pk::kEpiNone, pk::kEpiRelu, pk::kEpiGelu, pk::kEpiGeluTanh}) {
+      for (bool with_res : {false, true}) {
+        std::vector<double> ref(M * N);
+        for (int64_t i = 0; i < M * N; ++i) {
+          const double v = acc[i];
+          double a = v;
+          if (act == pk::kEpiRelu) a = v < 0 ? 0 : v;
+          if (act == pk::kEpiGelu) a = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+          if (act == pk::kEpiGeluTanh) a = 0.5 * v * (1 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+          ref[i] = a + (with_res ? res[i] : 0.0);
+        }
+        const pk::Epilogue ep{act, with_res ? res.data() : nullptr, N};
+        auto check = [&](const char* what) {
+          for (int64_t i = 0; i < M * N; ++i)
+            ASSERT_NEAR(yb[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
+                << what << " act=" << act << " res=" << with_res << " M=" << M << " N=" << N << " K=" << K
+                << " i=" << i;
+        };
+        const int64_t Pn = pk::num_panels(N);
+        std::fill(yb.begin(), yb.end(), -7.f);
+        pk::panels_ex_scalar(x.data(), M, K, P.w, P.b, 0, Pn, N, ep, yb.data());
+        check("scalar");
+        if (f.avx2 && f.fma) {
+          std::fill(yb.begin(), yb.end(), -7.f);
+          pk::panels_ex_avx2(x.data(), M, K, P.w, P.b, 0, Pn, N, ep, yb.data());
+          check("avx2");
+        }
+        if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) {
+          std::fill(yb.begin(), yb.end(), -7.f);
+          pk::panels_ex_avx512(x.data(), M, K, P.w, P.b, 0, Pn, N, ep, yb.data());
+          check("avx512");
+        }
+        if (act == pk::kEpiRelu) continue;  // ops::linear: the transformer's GELU / none + residual
+        const ops::Act oa = act == pk::kEpiNone ? ops::Act::None : act == pk::kEpiGelu ? ops::Act::Gelu
+                                                                                        : ops::Act::GeluTanh;
+        for (const ops::PackedLinear* pl : {static_cast<const ops::PackedLinear*>(&P), static_cast<const ops::PackedLinear*>(nullptr)}) {
+          std::fill(yb.begin(), yb.end(), -7.f);
+          ops::linear(x.data(), M, K, w.data(), N, bias.data(), oa, yb.data(), pl, with_res ? res.data() : nullptr);
+          check(pl ? "ops::linear packed" : "ops::linear sgemm");
+        }
+      }
+    }
+  }
+}

@@ -3,7 +3,7 @@
 // linear / conv / embedding / layer norm, int8 and packed-int4 quantized weights with
 // scales) and the signature x f32 [-1, 2, 6, 6], v f32 [-1, 8], ids i64 [-1, 3] ->
 // y f32 [-1, 8]. The input is the graph text; the target escapes it into the header,
-// loads the file, builds the plan (64 MiB cap) and runs 2 rows. Anything but an aimass
+// loads the file, builds the plan (8 MiB cap) and runs 2 rows. Anything but an aimass
 // error traps. The custom mutator rewrites a number to a boundary value or swaps an op
 // name (fuzz_model_util.h), else libFuzzer mutates the text.
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Fuzz target: an .aimass model file (safetensors: 8-byte little-endian header length,
 // JSON header with tensors and the graph / signature in __metadata__, then the data) as
-// aimass::runtime::Model::load reads it, then Executor plan build (64 MiB cap) and one
+// aimass::runtime::Model::load reads it, then Executor plan build (8 MiB cap) and one
 // execute of 2 rows. Anything but an aimass error traps (fuzz_model_util.h).
 //
 // The custom mutator keeps the framing valid: it rewrites one number of the header

@@ -173,6 +173,34 @@ def test_run_async(mlp_path):
         np.testing.assert_allclose(asyncio.run(main()), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_run_async_inline(slow_path):
+    """inline=True runs on the caller's thread on an idle session (result back without a loop wake-up);
+    after a batch of several requests it queues instead, and still resolves, without blocking the loop."""
+    x = rows(4, 1024)
+    with rt.Session(slow_path, max_batch_size=8, max_queue_delay_us=0) as sess:
+        ref = sess.run({"x": x})["output"]
+
+        async def main():
+            a = await sess.run_async({"x": x[:1]}, inline=True)
+            inline_after_one = sess.stats()["inline_runs"]
+            blocker = sess.submit({"x": rows(256, 1024, seed=1)})   # keeps the executor busy
+            wait_taken(sess)
+            # three queue behind it and run as one batch, so the next lone request sees load
+            outs = await asyncio.gather(*(sess.run_async({"x": x[i:i + 1]}) for i in range(3)))
+            blocker.result(timeout=30)
+            b = await sess.run_async({"x": x[3:4]}, inline=True)
+            return a, inline_after_one, outs, b
+
+        a, inline_after_one, outs, b = asyncio.run(main())
+        st = sess.stats()
+    np.testing.assert_allclose(a["output"], ref[:1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b["output"], ref[3:4], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([o["output"] for o in outs]), ref[:3], rtol=1e-4, atol=1e-5)
+    assert inline_after_one == 2          # the blocking run() above and the first inline=True
+    assert st["inline_runs"] == 2 and st["requests"]["ok"] == 7
+    assert st["batch_requests"]["count"] == 5     # run, a, the blocker, the three together, b
+
+
 def test_bad_request_does_not_fail_its_batch(tmp_path):
     net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)).eval()
     path = tmp_path / "emb.aimass"

@@ -143,6 +143,54 @@ def test_malformed_json_and_body_limit(client):
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
 
+def test_body_encodings_and_streamed_bodies(client, store):
+    """gzip/deflate bodies, their decompressed size limit, and chunked bodies (no Content-Length)."""
+    import zlib
+    _, nets = store
+    raw = json.dumps(v2_body()).encode()
+    gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+    for enc, body in (("gzip", gz.compress(raw) + gz.flush()), ("deflate", zlib.compress(raw))):
+        r = client.post("/v2/models/mlp/infer", content=body, headers={"Content-Encoding": enc})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(2, 3), ref(nets, 1),
+                                   rtol=1e-5, atol=1e-5)
+    r = client.post("/v2/models/mlp/infer", content=raw, headers={"Content-Encoding": "br"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]
+    r = client.post("/v2/models/mlp/infer", content=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "not valid gzip" in r.json()["error"]
+    bomb = zlib.compress(b" " * (200 << 10))        # small on the wire, over the 64 KiB limit unpacked
+    r = client.post("/v2/models/mlp/infer", content=bomb, headers={"Content-Encoding": "deflate"})
+    assert r.status_code == 413 and "decompressed" in r.json()["error"]
+
+    def chunks(data, n=1000):
+        for i in range(0, len(data), n):
+            yield data[i:i + n]
+    r = client.post("/v2/models/mlp/infer", content=chunks(raw))          # Transfer-Encoding: chunked
+    assert r.status_code == 200, r.text
+    r = client.post("/v2/models/mlp/infer", content=chunks(b" " * (65 << 10), 4096))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_inference_routes_through_starlette_too(client, store):
+    """The hot routes answer the same when Starlette routes them (the app behind hot.dispatch)."""
+    _, nets = store
+    app = client.app.app      # the Starlette app that hot.dispatch sits in front of
+    transport = httpx.ASGITransport(app=app)
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return (await c.post("/v1/models/mlp/versions/2:predict", json={"inputs": X.tolist()}),
+                    await c.post("/v2/models/mlp/infer", json=v2_body()),
+                    await c.post("/predict", json={"input": X.tolist()}),
+                    await c.post("/v2/models/mlp/versions/x/infer", json=v2_body()))
+    tf, v2, flask, bad = asyncio.run(go())
+    np.testing.assert_allclose(tf.json()["outputs"], ref(nets, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(v2.json()["outputs"][0]["data"]).reshape(2, 3), ref(nets, 1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flask.json()["output"], ref(nets, 1), rtol=1e-5, atol=1e-5)
+    assert bad.status_code == 400 and "version must be a positive integer" in bad.json()["error"]
+
+
 def test_tfserving_predict(client, store):
     _, nets = store
     r = client.post("/v1/models/mlp:predict", json={"instances": X.tolist()})

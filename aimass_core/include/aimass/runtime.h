@@ -94,8 +94,9 @@ class Model {
 };
 
 // Rows up to which fp32 Linear layers run the runtime's packed small-M kernel (weights
-// packed once at plan build, runtime/packed_gemm.h) instead of BLAS sgemm. Default 256
-// (measured: faster than sgemm at every batch size up to 256 in bench/bench_runtime.py);
+// packed once at plan build, runtime/packed_gemm.h) instead of BLAS sgemm. Default 4096
+// (measured: faster than sgemm up to 256 rows in bench/bench_runtime.py, and on par at the
+// 1024 rows of a BERT batch of 8 x 128 tokens, where its fused epilogues win besides);
 // AIMASS_PACKED_MAX_ROWS sets the initial value. 0 turns it off: executors built then pack
 // nothing. set_packed_max_rows returns the previous value.
 int64_t packed_max_rows();

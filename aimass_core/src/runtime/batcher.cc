@@ -216,6 +216,9 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
     if (run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1) {
       busy_ = true;
       stats_.inline_runs++;
+      // The caller runs it and finds it done when submit returns: nobody needs it reported
+      // through wait_completed (that would only wake the futures thread for nothing).
+      r->notify_ = false;
     } else {
       run_inline = false;
       heap_.push_back(r);
@@ -473,7 +476,10 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
   // Free the executor before waking the callers: a caller that comes straight back
   // must find it idle (and run inline when there is no load), not still "busy". One
   // lock for the whole batch's counters (the callers' submits contend for it).
-  bool any_notify = false;
+  // The scheduler sleeps until the queue has work (or closing) and the executor is free: wake it
+  // only then. After an inline run on an idle session there is nothing for it, and waking it
+  // anyway cost every such request a futex round trip and a context switch on the other core.
+  bool any_notify = false, wake_scheduler;
   {
     std::lock_guard<std::mutex> lk(mu_);
     busy_ = false;
@@ -482,8 +488,9 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
       count(errs[j] ? Outcome::Error : Outcome::Ok);
       any_notify |= batch[j]->notify_;
     }
+    wake_scheduler = !heap_.empty() || closing_;
   }
-  cv_.notify_all();
+  if (wake_scheduler) cv_.notify_all();
   // Blocking callers: set every outcome (last first, linking each to the next) and wake
   // only the first; each waiter wakes the next (Request::pass_wake). Others: wake directly.
   std::shared_ptr<Request> first_blocking;

@@ -57,7 +57,8 @@ struct Step {
   std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
   std::shared_ptr<ExtKernel> ext;  // extension ops (runtime/ext_ops.h)
   std::shared_ptr<conv::PackedConv> pconv;  // Conv2d (groups 1): weights packed for runtime/ops_conv.h
-  int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`)
+  int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`); Linear: added
+                 // after it (fused `x + linear(..)`)
   std::vector<int> ext_in;
 };
 
@@ -392,7 +393,8 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       if (!p.steps.empty()) {
         Step& prev = p.steps.back();
         if ((prev.kind == Kind::Linear || prev.kind == Kind::QLinear || prev.kind == Kind::Conv2d) &&
-            prev.out == s.in0 && prev.act == ops::Act::None && uses[n.inputs[0]] == 1) {
+            prev.out == s.in0 && prev.act == ops::Act::None && uses[n.inputs[0]] == 1 &&
+            !(prev.kind == Kind::Linear && prev.res >= 0)) {  // linear + residual: act(..) would precede the add
           prev.act = s.act;
           prev.out = new_value(p, out_name, ValueType::Float32, out_row, s.in0);
           continue;
@@ -449,7 +451,9 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
         const int a = input(0), b = input(1);
         const int conv_in = prev.out == a ? a : prev.out == b ? b : -1;
         const int other = conv_in == a ? b : a;
-        if (prev.kind == Kind::Conv2d && conv_in >= 0 && other != conv_in && prev.act == ops::Act::None &&
+        // (and Linear + residual, the transformer's x + proj(..): into the linear's epilogue)
+        if ((prev.kind == Kind::Conv2d || prev.kind == Kind::Linear) && conv_in >= 0 && other != conv_in &&
+            prev.act == ops::Act::None &&
             prev.res < 0 && uses[n.inputs[conv_in == a ? 0 : 1]] == 1 &&
             p.values[other].dtype == ValueType::Float32 && p.values[other].row == p.values[conv_in].row) {
           prev.res = other;
@@ -757,7 +761,8 @@ void Executor::execute(int64_t rows) {
     switch (s.kind) {
       case Kind::Linear: {
         const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
-        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out), s.packed.get());
+        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out), s.packed.get(),
+                    s.res >= 0 ? p.fptr(s.res) : nullptr);
         break;
       }
       case Kind::QLinear: {

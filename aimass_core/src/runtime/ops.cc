@@ -135,17 +135,23 @@ int64_t PackedLinear::bytes() const {
 }
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
-            const PackedLinear* packed) {
+            const PackedLinear* packed, const float* res) {
   if (packed && R <= runtime::packed_max_rows()) {
-    packed::linear(x, R, K, packed->w, packed->b, N, act == Act::Relu, y);
-    if (act == Act::None || act == Act::Relu) return;
+    // bias, ReLU / GELU and the residual run in the kernel's register epilogue
+    const int epi = act == Act::None ? packed::kEpiNone : act == Act::Relu ? packed::kEpiRelu
+                  : act == Act::Gelu ? packed::kEpiGelu : act == Act::GeluTanh ? packed::kEpiGeluTanh : -1;
+    if (epi >= 0) {
+      packed::linear(x, R, K, packed->w, packed->b, N, packed::Epilogue{epi, res, N}, y);
+      return;
+    }
+    packed::linear(x, R, K, packed->w, packed->b, N, false, y);
     bias = nullptr;  // already added; the activation follows below
   } else if (R <= gemv::kGemvMaxRows) {
     gemv::linear_small_m(x, R, K, w, N, y);
   } else {
     sgemm(false, true, R, N, K, 1.f, x, K, w, K, 0.f, y, N);
   }
-  if (!bias && act == Act::None) return;
+  if (!bias && act == Act::None && !res) return;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(N, 1));
   parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -154,22 +160,29 @@ void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, con
         if (bias)
           for (int64_t j = 0; j < N; ++j) p[j] += bias[j];
         vec_act(act, p, N, p);
-        continue;
-      }
-      switch (act) {
-        case Act::None: for (int64_t j = 0; j < N; ++j) p[j] += bias[j]; break;
+      } else {
+        switch (act) {
+          case Act::None:
+            if (bias)
+              for (int64_t j = 0; j < N; ++j) p[j] += bias[j];
+            break;
 #define AIMASS_LIN_CASE(A)                                                         \
   case A:                                                                          \
     if (bias) for (int64_t j = 0; j < N; ++j) p[j] = apply<A>(p[j] + bias[j]);     \
     else for (int64_t j = 0; j < N; ++j) p[j] = apply<A>(p[j]);                    \
     break;
-        AIMASS_LIN_CASE(Act::Relu)
-        AIMASS_LIN_CASE(Act::Gelu)
-        AIMASS_LIN_CASE(Act::GeluTanh)
-        AIMASS_LIN_CASE(Act::Silu)
-        AIMASS_LIN_CASE(Act::Sigmoid)
-        AIMASS_LIN_CASE(Act::Tanh)
+          AIMASS_LIN_CASE(Act::Relu)
+          AIMASS_LIN_CASE(Act::Gelu)
+          AIMASS_LIN_CASE(Act::GeluTanh)
+          AIMASS_LIN_CASE(Act::Silu)
+          AIMASS_LIN_CASE(Act::Sigmoid)
+          AIMASS_LIN_CASE(Act::Tanh)
 #undef AIMASS_LIN_CASE
+        }
+      }
+      if (res) {  // y = act(x W^T + b) + res, the packed epilogue's order
+        const float* q = res + r * N;
+        for (int64_t j = 0; j < N; ++j) p[j] += q[j];
       }
     }
   });
@@ -345,13 +358,12 @@ void window_reduce(const float* v, int64_t n, int64_t d, int64_t K, const std::v
                    Op op, float* pre, float* suf, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < std::min(d, n); ++r) {
     const int64_t cnt = (n - r + d - 1) / d;
-    for (int64_t t = 0; t < cnt; ++t) {
-      const int64_t i = r + t * d;
-      pre[i] = t % K == 0 ? v[i] : op(pre[i - d], v[i]);
-    }
-    for (int64_t t = cnt - 1; t >= 0; --t) {
-      const int64_t i = r + t * d;
-      suf[i] = (t % K == K - 1 || t == cnt - 1) ? v[i] : op(v[i], suf[i + d]);
+    for (int64_t t0 = 0; t0 < cnt; t0 += K) {  // block [t0, t1) of this residue class
+      const int64_t t1 = std::min(t0 + K, cnt), i0 = r + t0 * d, i1 = r + (t1 - 1) * d;
+      pre[i0] = v[i0];
+      for (int64_t i = i0 + d; i <= i1; i += d) pre[i] = op(pre[i - d], v[i]);
+      suf[i1] = v[i1];
+      for (int64_t i = i1 - d; i >= i0; i -= d) suf[i] = op(v[i], suf[i + d]);
     }
   }
   for (size_t j = 0; j < win.size(); ++j) {
@@ -658,7 +670,7 @@ void binary(BinOp op, const float* a, const std::vector<int64_t>& as, const floa
 namespace aimass::runtime {
 
 namespace {
-constexpr int64_t kPackedMaxRowsDefault = 256;
+constexpr int64_t kPackedMaxRowsDefault = 4096;
 std::atomic<int64_t> g_packed_max_rows{-1};  // -1: not read from the environment yet
 }
 

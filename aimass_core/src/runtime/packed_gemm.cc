@@ -1,6 +1,7 @@
 #include "runtime/packed_gemm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "aimass/cpu_features.h"
@@ -22,8 +23,22 @@ void pack(const float* w, int64_t N, int64_t K, float* wp) {
   }
 }
 
-void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
-                   int64_t p1, int64_t N, bool relu, float* y) {
+namespace {
+inline float epi_scalar(float v, int act) {
+  switch (act) {
+    case kEpiRelu: return v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN (like the SIMD max(0, v))
+    case kEpiGelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case kEpiGeluTanh: {
+      const float k = 0.7978845608028654f;
+      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+    default: return v;
+  }
+}
+}  // namespace
+
+void panels_ex_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                      int64_t p1, int64_t N, const Epilogue& e, float* y) {
   for (int64_t p = p0; p < p1; ++p) {
     const float* w = wp + p * K * kPanel;
     const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
@@ -36,18 +51,46 @@ void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const 
         for (int64_t j = 0; j < kPanel; ++j) acc[j] += wk[j] * xv;
       }
       for (int64_t j = 0; j < nc; ++j) {
-        float v = acc[j] + (bias_p ? bias_p[p * kPanel + j] : 0.f);
-        if (relu) v = v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN (like the SIMD max(0, v))
+        float v = epi_scalar(acc[j] + (bias_p ? bias_p[p * kPanel + j] : 0.f), e.act);
+        if (e.res) v += e.res[m * e.ldr + n0 + j];
         y[m * N + n0 + j] = v;
       }
     }
   }
 }
 
+void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                   int64_t p1, int64_t N, bool relu, float* y) {
+  panels_ex_scalar(x, M, K, wp, bias_p, p0, p1, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
+}
+void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                 int64_t p1, int64_t N, bool relu, float* y) {
+  panels_ex_avx2(x, M, K, wp, bias_p, p0, p1, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
+}
+void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                   int64_t p1, int64_t N, bool relu, float* y) {
+  panels_ex_avx512(x, M, K, wp, bias_p, p0, p1, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
+}
+
+int64_t pick_mc(int64_t M, int64_t ncols) {
+  // The y block (mc x ncols partial sums, re-read once per K block) stays within ~512 KB of
+  // L2, next to the x block (mc x kKc, as large at ncols = 256).
+  constexpr int64_t kL2Floats = (int64_t{512} << 10) / 4;
+  int64_t mc = kL2Floats / std::max<int64_t>(ncols, 1) / 24 * 24;
+  mc = std::max<int64_t>(mc, 48);
+  return mc >= M ? M : mc;
+}
+
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y) {
+  linear(x, M, K, wp, bias_p, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
+}
+
+void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
+            const Epilogue& ep, float* y) {
   const SimdLevel lvl = simd_level();
-  auto kernel = lvl >= SimdLevel::AVX512 ? panels_avx512 : lvl >= SimdLevel::AVX2 ? panels_avx2 : panels_scalar;
+  auto kernel = lvl >= SimdLevel::AVX512 ? panels_ex_avx512 : lvl >= SimdLevel::AVX2 ? panels_ex_avx2
+                                                                                       : panels_ex_scalar;
   const int64_t P = num_panels(N);
   // Chunks of >= ~256K multiply-adds amortize a pool wake-up; more chunks than threads
   // let the caller take over the work of a worker that the OS has not scheduled yet.
@@ -56,12 +99,12 @@ void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* 
   const int64_t max_chunks = (P + grain - 1) / grain;
   const int nchunks = static_cast<int>(std::min<int64_t>(max_chunks, 4 * static_cast<int64_t>(num_threads())));
   if (nchunks <= 1) {
-    kernel(x, M, K, wp, bias_p, 0, P, N, relu, y);
+    kernel(x, M, K, wp, bias_p, 0, P, N, ep, y);
     return;
   }
   parallel_chunks(nchunks, [&](int c, int nc) {
     const int64_t b = P * c / nc, e = P * (c + 1) / nc;
-    if (e > b) kernel(x, M, K, wp, bias_p, b, e, N, relu, y);
+    if (e > b) kernel(x, M, K, wp, bias_p, b, e, N, ep, y);
   });
 }
 

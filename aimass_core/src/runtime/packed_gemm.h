@@ -9,10 +9,17 @@
 // 8 (AVX-512) / 6 (AVX2) activation rows accumulate in registers: the panel is
 // read once per block of rows, not once per row.
 //
-// Every output is acc = sum_k w[n,k]*x[m,k] accumulated in k order, then + bias,
-// then ReLU; the scalar reference keeps that order (SIMD paths differ only by FMA
-// rounding). Raw pointers only: the SIMD translation units instantiate no std::
-// templates.
+// Blocking (GotoBLAS order): N blocks of kNb panels > M blocks (pick_mc) > K blocks of kKc >
+// panels > row tiles. A
+// panel's K block (kKc x 32 floats = 32 KB) stays in L1 while every row tile of the M block
+// reuses it; the x block (mc x kKc) stays in L2 across all panels; partial sums go
+// through y, whose M block stays in L2 across the K blocks.
+//
+// Every output is acc = sum_k w[n,k]*x[m,k] accumulated in k order, then the epilogue
+// (+ bias, activation, + residual), applied once per output in registers: the
+// scalar reference keeps that order (SIMD paths differ only by FMA rounding and
+// the vectorized GELU of vec_kernels.h). Raw pointers only: the SIMD translation
+// units instantiate no std:: templates.
 #pragma once
 #include <cstdint>
 
@@ -20,10 +27,30 @@ namespace aimass::runtime::packed {
 
 constexpr int64_t kPanel = 32;  // outputs per panel: two AVX-512 / four AVX2 registers
 
+constexpr int64_t kKc = 256;     // K block (see above)
+constexpr int64_t kNb = 8;       // panels per N block (256 outputs)
+
 inline int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
+// What runs on each output after its full K sum: v = act(acc + bias) (+ res[m * ldr + n]).
+// act: 0 none, 1 ReLU (torch's: NaN stays NaN), 2 GELU (erf), 3 GELU (tanh approximation).
+struct Epilogue {
+  int act = 0;
+  const float* res = nullptr;  // residual added after the activation (y = act(x W^T + b) + res)
+  int64_t ldr = 0;             // its row stride
+};
+enum : int { kEpiNone = 0, kEpiRelu = 1, kEpiGelu = 2, kEpiGeluTanh = 3 };
 
 // wp[num_panels(N) * K * kPanel] <- w[N, K] row-major; bp[num_panels(N) * kPanel] <- bias (or zeros).
 void pack(const float* w, int64_t N, int64_t K, float* wp);
+
+// Panels [p0, p1) for all M rows with the epilogue `e`; y is [M, N] row-major.
+void panels_ex_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                      int64_t p1, int64_t N, const Epilogue& e, float* y);
+void panels_ex_avx2(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                    int64_t p1, int64_t N, const Epilogue& e, float* y);
+void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                      int64_t p1, int64_t N, const Epilogue& e, float* y);
 
 // Panels [p0, p1) for all M rows; bias_p is the padded bias (nullable); y is [M, N] row-major.
 void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
@@ -36,5 +63,11 @@ void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, const 
 // Dispatches on simd_level() and splits the panels over the engine's thread pool.
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y);
+void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
+            const Epilogue& e, float* y);
+
+// Rows per M block for `ncols` outputs: the block's partial sums (mc x ncols floats) stay
+// within ~L2 (a multiple of 24, so 12-row and 6-row tiles divide it).
+int64_t pick_mc(int64_t M, int64_t ncols);
 
 }  // namespace aimass::runtime::packed

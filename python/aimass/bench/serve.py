@@ -3,13 +3,17 @@
 pattern), and Triton-style JSON against binary tensors; HTTP overhead per request is the
 server's p50 at one connection minus ``Session.run``'s p50 in-process.
 
-Loopback only, bounded in requests and time per point. One closed-loop load generator
-(asyncio, keep-alive connections, pre-built requests) runs in this process; each server in
-its own process. Targets are interleaved per round so all see the same machine load."""
+Loopback only, bounded in time (and, with the asyncio generator, in requests) per point. One
+closed-loop load generator drives every target with the same pre-built request over keep-alive
+connections: Debian's ``wrk`` (C, one thread) when it is installed, else an asyncio client in
+this process (its own Python cost per request then counts in every target's latency and, on a
+small machine, takes a core from the servers). Each server runs in its own process. Targets are
+interleaved per round so all see the same machine load."""
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import socket
@@ -43,6 +47,49 @@ def predict():
 
 app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
 '''
+
+
+# wrk sends the bench's pre-built request bytes as they are and prints one parseable line
+WRK_LUA = r'''
+local f = assert(io.open(os.getenv("AIMASS_WRK_REQUEST"), "rb"))
+local raw = f:read("*a")
+f:close()
+request = function() return raw end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("AIMASS_WRK %d %d %d %.1f %.1f\n", summary.requests, summary.duration,
+    e.status + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+'''
+
+
+def wrk_path() -> Optional[str]:
+    """Debian's wrk, unless AIMASS_BENCH_CLIENT=python asks for the asyncio generator."""
+    if os.environ.get("AIMASS_BENCH_CLIENT", "").lower() == "python":
+        return None
+    return shutil.which("wrk")
+
+
+def wrk_load(wrk: str, port: int, req: bytes, conc: int, seconds: float, workdir: str) -> dict:
+    """One wrk run (one thread, `conc` keep-alive connections, whole seconds): n, errors, rps, p50/p99 us."""
+    lua, body = os.path.join(workdir, "aimass_wrk.lua"), os.path.join(workdir, f"request-{port}-{hash(req)}.http")
+    if not os.path.exists(lua):
+        with open(lua, "w") as f:
+            f.write(WRK_LUA)
+    if not os.path.exists(body):
+        with open(body, "wb") as f:
+            f.write(req)
+    secs = max(1, math.ceil(seconds - 1e-9))
+    out = subprocess.run([wrk, "-t1", f"-c{conc}", f"-d{secs}s", "--timeout", "30s", "-s", lua,
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=secs + 60,
+                         env=dict(os.environ, AIMASS_WRK_REQUEST=body))
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("AIMASS_WRK ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+    n, dur_us, errors, p50, p99 = line.split()[1:]
+    n = int(n)
+    return {"n": n, "errors": int(errors), "rps": n / (int(dur_us) * 1e-6), "p50_us": float(p50),
+            "p99_us": float(p99) if n else float("nan")}
 
 
 def free_port() -> int:
@@ -116,7 +163,9 @@ def cpu_seconds(pid: int) -> Optional[float]:
 
 
 def load(port: int, req: bytes, conc: int, count: int, seconds: float, warmup: int = 100,
-         pid: Optional[int] = None) -> Dict[str, float]:
+         pid: Optional[int] = None, wrk: Optional[str] = None, workdir: Optional[str] = None) -> Dict[str, float]:
+    """One closed-loop point: wrk for `seconds` (rounded up to whole seconds) when given, else the asyncio
+    generator for at most `count` requests and `seconds`. Both after `warmup` requests."""
     try:
         import uvloop
         runner = uvloop.run
@@ -124,13 +173,17 @@ def load(port: int, req: bytes, conc: int, count: int, seconds: float, warmup: i
         runner = asyncio.run
     runner(_load(port, req, conc, warmup, 30))
     cpu0 = cpu_seconds(pid) if pid else None
-    lat, errors, wall = runner(_load(port, req, conc, count, seconds))
+    if wrk is not None:
+        r = wrk_load(wrk, port, req, conc, seconds, workdir or tempfile.gettempdir())
+    else:
+        lat, errors, wall = runner(_load(port, req, conc, count, seconds))
+        a = np.array(lat, dtype=np.float64) / 1e3 if lat else np.array([np.nan])
+        r = {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
+             "p99_us": float(np.percentile(a, 99))}
     cpu1 = cpu_seconds(pid) if pid else None
-    a = np.array(lat, dtype=np.float64) / 1e3 if lat else np.array([np.nan])
-    return {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
-            "p99_us": float(np.percentile(a, 99)),
-            "cpu_us": (cpu1 - cpu0) / max(1, len(lat)) * 1e6 if cpu0 is not None and cpu1 is not None
-            else float("nan")}
+    r["cpu_us"] = ((cpu1 - cpu0) / max(1, r["n"]) * 1e6 if cpu0 is not None and cpu1 is not None
+                   else float("nan"))
+    return r
 
 
 def compute_totals(port: int):
@@ -143,30 +196,33 @@ def compute_totals(port: int):
                  for k in ("sum", "count"))
 
 
-def session_p50(path: str, x: np.ndarray, n: int = 3000):
-    from .. import runtime as rt
-    with rt.Session(path) as s:
-        for _ in range(300):
-            s.run({"x": x})
-        t = np.empty(n)
-        for i in range(n):
-            t0 = time.perf_counter_ns()
-            s.run({"x": x})
-            t[i] = time.perf_counter_ns() - t0
+def session_p50(sess, x: np.ndarray, n: int = 3000):
+    """p50 and p99 (us) of in-process Session.run on one row, after a warm-up."""
+    for _ in range(300):
+        sess.run({"x": x})
+    t = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        sess.run({"x": x})
+        t[i] = time.perf_counter_ns() - t0
     return float(np.percentile(t / 1e3, 50)), float(np.percentile(t / 1e3, 99))
 
 
 def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
           requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
-    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}."""
+    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}.
+    Session.run's p50 is measured in this process at the start and again in every concurrency-1 round
+    (next to the HTTP rounds, under the same machine load); the figure is the median of those."""
     import torch
     from .. import runtime as rt
     from ..registry import Registry
     from .runtime import make_mlp
     seconds = seconds or (2.0 if quick else 4.0)
     count = requests or (2000 if quick else 20000)
+    wrk = wrk_path()
     tmp = tempfile.mkdtemp(prefix="aimass-bench-serve-")
     procs = []
+    sess = None
     try:
         net = make_mlp(MLP)
         torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
@@ -174,7 +230,10 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
         Registry(os.path.join(tmp, "store")).push(path, "mlp", label="stable")
         x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
-        s50, s99 = session_p50(path, x, 1000 if quick else 3000)
+        sess = rt.Session(path)
+        n_sess = 1000 if quick else 3000
+        s50, s99 = session_p50(sess, x, n_sess)
+        sess_p50s, sess_p99s = [s50], [s99]
         log(f"Session.run in-process, batch 1: p50 {s50:.1f} us, p99 {s99:.1f} us")
         predict = http_request("/predict", json.dumps({"input": x.tolist()}).encode(),
                                ["Content-Type: application/json"])
@@ -187,7 +246,11 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         v2_bin = http_request("/v2/models/mlp/infer", head + x.tobytes(),
                               ["Content-Type: application/octet-stream",
                                f"Inference-Header-Content-Length: {len(head)}"])
-        results: dict = {"session_p50_us": s50, "session_p99_us": s99, "runs": {}}
+        tf_row = http_request("/v1/models/mlp:predict", json.dumps({"instances": x.tolist()}).encode(),
+                              ["Content-Type: application/json"])
+        results: dict = {"session_p50_us": s50, "session_p99_us": s99, "runs": {},
+                         "generator": "wrk (one thread)" if wrk else "asyncio (this process)"}
+        log(f"load generator: {results['generator']}")
 
         def want(what):
             return only is None or what in only
@@ -196,7 +259,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
         targets = []
-        if any(want(w) for w in ("predict", "v2json", "v2bin")):
+        if any(want(w) for w in ("predict", "v2json", "v2bin", "tfserving")):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
                                      "--port", str(port), "--log-level", "warning", *serve_args], env=env)
@@ -204,7 +267,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
             wait_http(port, "/v2/health/ready", proc)
             for what, label, req in (("predict", "aimass serve /predict", predict),
                                      ("v2json", "aimass serve v2 JSON", v2_json),
-                                     ("v2bin", "aimass serve v2 binary", v2_bin)):
+                                     ("v2bin", "aimass serve v2 binary", v2_bin),
+                                     ("tfserving", "aimass serve TF-Serving :predict", tf_row)):
                 if want(what):
                     targets.append((label, port, req, proc.pid))
         if want("flask"):
@@ -220,10 +284,14 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         for c in concurrency:
             got: Dict[str, list] = {}
             for _ in range(rounds):
+                if c == 1 and targets and targets[0][0].startswith("aimass"):
+                    p50, p99 = session_p50(sess, x, n_sess // 2)
+                    sess_p50s.append(p50)
+                    sess_p99s.append(p99)
                 for label, port, req, pid in targets:
                     aimass = label.startswith("aimass")
                     before = compute_totals(port) if aimass else None
-                    r = load(port, req, c, count // rounds, seconds / rounds, pid=pid)
+                    r = load(port, req, c, count // rounds, seconds / rounds, pid=pid, wrk=wrk, workdir=tmp)
                     if aimass:  # the server's own compute time per batch in this round (from its metrics)
                         after = compute_totals(port)
                         r["server_compute_us"] = (after[0] - before[0]) / max(1.0, after[1] - before[1]) * 1e6
@@ -232,8 +300,14 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                 # the floor of the HTTP stack itself (uvicorn + starlette + this client): a health check
                 live = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                 got["aimass serve GET /v2/health/live"] = [
-                    load(targets[0][1], live, 1, count // rounds, seconds / rounds, pid=targets[0][3])
+                    load(targets[0][1], live, 1, count // rounds, seconds / rounds, pid=targets[0][3], wrk=wrk,
+                         workdir=tmp)
                     for _ in range(rounds)]
+            if c == 1 and len(sess_p50s) > 1:
+                s50, s99 = float(np.median(sess_p50s)), float(np.median(sess_p99s))
+                results.update(session_p50_us=s50, session_p99_us=s99, session_p50_rounds_us=sess_p50s)
+                log(f"Session.run in-process, batch 1, median of {len(sess_p50s)} measurements beside the rounds: "
+                    f"p50 {s50:.1f} us (each: {', '.join(f'{v:.0f}' for v in sess_p50s)})")
             for label, rs in got.items():
                 r = {k: float(np.median([v.get(k, np.nan) for v in rs])) for k in rs[0]}
                 r["rps_spread"] = float((max(v["rps"] for v in rs) - min(v["rps"] for v in rs)) / max(r["rps"], 1e-9))
@@ -243,6 +317,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     f"{int(r['errors'])} errors)")
         return results
     finally:
+        if sess is not None:
+            sess.close()
         for proc in procs:
             proc.terminate()
             try:
@@ -270,7 +346,8 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
             report.add(SUITE, f"{label}, {c} connections, p99", r["p99_us"] * 1e-6, "s", higher_is_better=False,
                        baseline="Flask /predict (torch)" if f else None,
                        baseline_value=f["p99_us"] * 1e-6 if f else None)
-    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary"):
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
+                  "aimass serve TF-Serving :predict"):
         if 1 in runs.get(label, {}):
             over = (runs[label][1]["p50_us"] - res["session_p50_us"]) * 1e-6
             report.add(SUITE, f"HTTP overhead per request ({label} p50 - Session.run p50), 1 connection", over, "s",

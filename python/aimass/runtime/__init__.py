@@ -236,16 +236,26 @@ class Session:
         return fut
 
     async def run_async(self, inputs: Mapping[str, Any], deadline_ms: Optional[float] = None,
-                        priority: int = 0) -> Dict[str, Any]:
+                        priority: int = 0, inline: bool = False) -> Dict[str, Any]:
         """Awaitable run(): the event loop is never blocked. The request's asyncio future is resolved
-        on its loop, one loop wake-up per finished batch (not per request, no concurrent Future)."""
+        on its loop, one loop wake-up per finished batch (not per request, no concurrent Future).
+        inline=True: when the session is idle and not under load (as run() decides), the request runs
+        on the calling thread before this returns (blocking the loop for that one compute, with no
+        thread hand-off); otherwise it is queued and awaited as usual, never blocking the loop."""
         fut = asyncio.get_running_loop().create_future()
-        self._enqueue(inputs, deadline_ms, priority, fut)
+        done = self._enqueue(inputs, deadline_ms, priority, fut, inline)
+        if done is not None:
+            ticket, inputs = done
+            return self._result(ticket.result(), inputs)
         return await fut
 
-    def _enqueue(self, inputs, deadline_ms, priority, fut) -> None:
+    def _enqueue(self, inputs, deadline_ms, priority, fut, run_inline: bool = False):
+        """Queue a request whose future the futures thread resolves; with run_inline, returns
+        (ticket, inputs) instead when the batcher ran it on this thread."""
         with self._lock:
-            ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, True)
+            ticket, inputs = self._submit_ticket(inputs, deadline_ms, priority, True, run_inline)
+            if run_inline and ticket.done():
+                return ticket, inputs
             self._pending[ticket.id] = (ticket, fut, inputs)
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(target=self._dispatch, name="aimass-runtime-futures",
@@ -270,7 +280,10 @@ class Session:
             per_loop: Dict[Any, list] = {}
             for rid in ids:
                 with self._lock:
-                    ticket, fut, inputs = self._pending.pop(rid)
+                    entry = self._pending.pop(rid, None)
+                if entry is None:   # run_async(inline=True) saw it finish first and returned its result
+                    continue
+                ticket, fut, inputs = entry
                 value = exc = None
                 try:
                     value = self._result(ticket.result(), inputs)

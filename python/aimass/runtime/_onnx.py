@@ -13,6 +13,7 @@ import numpy as np
 
 from .._io import atomic_path
 from ._export_ext import UnsupportedOpError
+from ._onnx_fuse import _OnnxFuseMixin
 from ._onnx_ops import _OnnxOpsMixin, _err
 
 _ACT = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -23,10 +24,11 @@ _SHAPE_OPS = ("Shape", "Constant", "ConstantOfShape", "Size")
 SUPPORTED_ONNX = ("MatMul, Gemm, Conv, Relu, Gelu, Sigmoid, Tanh, Softmax, LogSoftmax, LayerNormalization, "
                   "BatchNormalization, Add, Sub, Mul, Div, Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, "
                   "Gather, Slice, MaxPool, AveragePool, GlobalAveragePool, Identity, Dropout, Cast, Where, Equal, "
-                  "Less, Greater, Not, ReduceMean, ReduceSum, LSTM, GRU (+ shape arithmetic on constants)")
+                  "Less, Greater, Not, ReduceMean, ReduceSum, LSTM, GRU (+ shape arithmetic on constants); Erf in the GELU "
+                  "pattern x * 0.5 * (1 + erf(x / sqrt 2)); nn.MultiheadAttention as torch.onnx.export writes it")
 
 
-class _Importer(_OnnxOpsMixin):
+class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
     def __init__(self, model):
         import onnx
         from onnx import numpy_helper
@@ -49,6 +51,7 @@ class _Importer(_OnnxOpsMixin):
         self.bidir_y: Dict[str, str] = {}
         self.bidir_t: Dict[str, str] = {}
         self.shape_derived: set = set()  # computed from constants and input shapes only
+        self.skip: set = set()  # id() of nodes a matched pattern (_onnx_fuse) already mapped
 
     # -- shapes from two runs
     def probe(self):
@@ -182,6 +185,8 @@ class _Importer(_OnnxOpsMixin):
             self.dtypes[name] = dt
         self.producer = {o: n for n in self.model.graph.node for o in n.output if o}
         for node in self.model.graph.node:
+            if id(node) in self.skip:
+                continue
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if node.op_type in ("Shape", "Size") or all(i in self.const or i in self.shape_derived
                                                         for i in node.input if i):
@@ -241,7 +246,11 @@ class _Importer(_OnnxOpsMixin):
                 self.emit(node, "compare", [self.val(node, ins[0], True)], attrs={"kind": "ne", "b_scalar": 0.0})
             else:
                 self.emit(node, "cast", [src], attrs={"to": to}, dtype=to)
+        elif op == "Erf":
+            self.erf_gelu(node)
         elif op in ("MatMul", "Gemm"):
+            if op == "MatMul" and ins[0] in self.time_major and self.try_mha(node):
+                return
             self.matmul(node, at)
         elif op == "Conv":
             self.conv(node, at)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from starlette.responses import Response
 
 try:
     import orjson
@@ -37,9 +36,3 @@ def dumps(obj) -> bytes:
 DecodeError = (ValueError, UnicodeDecodeError) if orjson is None else (ValueError, UnicodeDecodeError,
                                                                         orjson.JSONDecodeError)
 
-
-class FastJSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content) -> bytes:
-        return dumps(content)

@@ -1,10 +1,11 @@
 """The ASGI app of ``aimass serve``: KServe v2, TF-Serving REST, /predict, admin, metrics, dashboard."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
@@ -17,8 +18,7 @@ from starlette.routing import Route
 
 import aimass
 
-from . import _json as _jsonlib, kserve, tfserving
-from ._json import FastJSONResponse
+from . import hot, kserve, tfserving
 from .auth import AuthError, TokenTable
 from .errors import RECENT, ServeError, log_error
 from .metrics import ServerMetrics
@@ -61,6 +61,9 @@ class Server:
         self.metrics = ServerMetrics(self.manager, self)
         self.draining = False
         self.inflight = 0
+        # open HTTP connections, when the ASGI server tells (cli.make_uvicorn_server): with one, no other
+        # request can be waiting unread, so a lone request runs inline without first yielding to the loop
+        self.open_connections: Optional[Callable[[], int]] = None
         self.started = time.time()
 
     def is_ready(self) -> bool:
@@ -70,39 +73,25 @@ class Server:
         if self.tokens is not None:
             self.tokens.authorize(request.headers.get("authorization"), scope, model)
 
-    async def read_body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > limit:
-            raise ServeError(413, f"request body of {cl} bytes is over the server's limit of {limit} bytes")
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise ServeError(413, f"request body is over the server's limit of {limit} bytes")
-            chunks.append(chunk)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        enc = request.headers.get("content-encoding")
-        if enc and enc != "identity":
-            if enc not in ("gzip", "deflate"):
-                raise ServeError(400, f"unsupported Content-Encoding {enc!r} (gzip, deflate or identity)")
-            d = zlib.decompressobj(31 if enc == "gzip" else 15)
-            try:
-                body = d.decompress(body, limit + 1)
-            except zlib.error as exc:
-                raise ServeError(400, f"body is not valid {enc}: {exc}") from None
-            if len(body) > limit or d.unconsumed_tail:
-                raise ServeError(413, f"decompressed body is over the server's limit of {limit} bytes")
-        return body
-
     async def run(self, lv, inputs, deadline_ms=None, priority=0):
         if deadline_ms is None:
             deadline_ms = self.config.deadline_ms
         try:
             if self.inflight == 1 and self._cheap(lv):
-                # nothing else in flight: nothing to batch with, and the batcher runs an idle
-                # session's request inline, so this blocks the loop for one short compute only
-                return lv.session.run(inputs, deadline_ms=deadline_ms, priority=priority)
+                # Alone so far. Requests whose bytes are already on their sockets have not been read
+                # yet: the loop reads them when this task yields. So yield once, and run inline (no
+                # thread hand-offs; the batcher runs an idle session's request on this thread) only if
+                # none arrived. Without this yield a loaded server ran every request inline, one by
+                # one, never batching (each saw itself alone while the others waited unread).
+                if self.open_connections is None or self.open_connections() > 1:
+                    await asyncio.sleep(0)
+                if self.inflight == 1:
+                    # inline=True: the batcher runs it here only if it also sees no load (its last batch
+                    # held one request); otherwise it queues it and this awaits without blocking the
+                    # loop. (Session.run here blocked the loop through the batcher's gathering wait,
+                    # up to max_queue_delay_us, for requests that could not arrive meanwhile.)
+                    return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority,
+                                                      inline=True)
             return await lv.session.run_async(inputs, deadline_ms=deadline_ms, priority=priority)
         except aimass.QueueFullError as exc:
             raise ServeError(503, f"model '{lv.name}' is overloaded (queue full): {exc}; retry later",
@@ -121,10 +110,43 @@ class Server:
             lv.cheap = h["count"] > 0 and h["sum"] / h["count"] < self.config.inline_max_us
         return lv.cheap
 
+    def context(self, model: Optional[str]) -> "Ctx":
+        return Ctx(self, model)
+
+    def default_model(self) -> str:
+        """The model of POST /predict: --default-model, else the first loaded one by name."""
+        if self.config.default_model:
+            return self.config.default_model
+        names = sorted(n for n, st in self.manager.models.items() if st.default is not None)
+        if not names:
+            raise ServeError(503, "no model is loaded")
+        return names[0]
+
+    def error_reply(self, exc, path: str, model: Optional[str], ctx: "Ctx"):
+        """(status, JSON body, extra headers) of a ServeError/AuthError, logged as one JSON line."""
+        log_error("request_failed", exc, status=exc.status, path=path, model=model,
+                  version=ctx.lv.version if ctx.lv else None)
+        headers = [(b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode())] if exc.retry_after else []
+        return exc.status, json.dumps({"error": str(exc)}).encode(), headers
+
+    def internal_error(self, exc, path: str, model: Optional[str]):
+        log_error("internal_error", exc, status=500, path=path, model=model)
+        log.exception("internal error")
+        return 500, json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"}).encode(), []
+
+    def finish(self, ctx: "Ctx", protocol: Optional[str], model: Optional[str], status: int, t0: float) -> None:
+        """Release the request's version and count it (protocol None: not an inference request)."""
+        if ctx.lv is not None:
+            self.manager.release(ctx.lv)
+        if protocol is not None and model is not None:
+            # names from URLs that are not loaded models share one label value (bounded series)
+            self.metrics.observe(model if model in self.manager.models else "_unknown",
+                                 ctx.lv.version if ctx.lv else None, protocol, status, time.perf_counter() - t0)
+
     async def guarded(self, request: Request, protocol: Optional[str], scope: str, model: Optional[str],
                       handler: Callable[["Ctx"], Awaitable[Response]]) -> Response:
-        """Auth, draining, error mapping, metrics and the version's hold around one request.
-        protocol: the label of aimass_requests_total (None: not an inference request, not counted)."""
+        """Auth, error mapping, metrics and the version's hold around one request of the Starlette routes
+        (the inference routes are in hot.py). protocol: the label of aimass_requests_total (None: not counted)."""
         t0 = time.perf_counter()
         ctx = Ctx(self, model)
         status = 500
@@ -132,31 +154,23 @@ class Server:
         if counted:
             self.inflight += 1
         try:
-            if self.draining and scope == "infer":
+            if self.draining and counted:
                 raise ServeError(503, "server is draining (shutting down); retry on another replica")
             self.authorize(request, scope, model)
             resp = await handler(ctx)
             status = resp.status_code
             return resp
         except (ServeError, AuthError) as exc:
-            status = exc.status
-            log_error("request_failed", exc, status=status, path=request.url.path, model=model,
-                      version=ctx.lv.version if ctx.lv else None)
-            headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if exc.retry_after else None
-            return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+            status, body, headers = self.error_reply(exc, request.url.path, model, ctx)
+            return Response(body, status_code=status, headers=dict((k.decode(), v.decode()) for k, v in headers),
+                            media_type="application/json")
         except Exception as exc:  # a bug: say so without leaking a traceback to the client
-            log_error("internal_error", exc, status=500, path=request.url.path, model=model)
-            log.exception("internal error")
-            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+            status, body, _ = self.internal_error(exc, request.url.path, model)
+            return Response(body, status_code=500, media_type="application/json")
         finally:
             if counted:
                 self.inflight -= 1
-            if ctx.lv is not None:
-                self.manager.release(ctx.lv)
-            if protocol is not None and model is not None:
-                # names from URLs that are not loaded models share one label value (bounded series)
-                self.metrics.observe(model if model in self.manager.models else "_unknown",
-                                     ctx.lv.version if ctx.lv else None, protocol, status, time.perf_counter() - t0)
+            self.finish(ctx, protocol, model, status, t0)
 
     def status(self) -> dict:
         """The dashboard's JSON."""
@@ -188,22 +202,11 @@ class Ctx:
 
 
 def _version(request: Request) -> Optional[int]:
-    v = request.path_params.get("version")
-    if v is None:
-        return None
-    if not v.isdigit():
-        raise ServeError(400, f"version must be a positive integer, got {v!r}")
-    return int(v)
+    return hot._version(request.path_params.get("version"))
 
 
-def _json(body: bytes):
-    try:
-        return _jsonlib.loads(body)
-    except _jsonlib.DecodeError as exc:
-        raise ServeError(400, f"malformed JSON: {exc}") from None
-
-
-def create_app(srv: Server) -> Starlette:
+def create_app(srv: Server):
+    """The ASGI app: hot.dispatch (inference routes) in front of the Starlette app (the rest)."""
     M = srv.manager
 
     # -- KServe v2
@@ -243,48 +246,12 @@ def create_app(srv: Server) -> Starlette:
         ok = srv.is_ready()
         return JSONResponse({"name": ctx.model, "ready": ok}, status_code=200 if ok else 400)
 
-    async def infer(request, ctx):
-        body = await srv.read_body(request)
-        req, binary = kserve.split_body(body, request.headers.get("inference-header-content-length"))
-        lv = ctx.acquire(_version(request))
-        inputs = kserve.decode_inputs(req, binary, lv.signature)
-        deadline, prio = kserve.request_options(req)
-        outputs = await srv.run(lv, inputs, deadline, prio)
-        return kserve.encode_response(req, lv, outputs)
-
-    # -- TF-Serving REST and /predict
-    async def tf_predict(request, ctx):
-        body = _json(await srv.read_body(request))
-        lv = ctx.acquire(_version(request), request.path_params.get("label"))
-        inputs, fmt = tfserving.decode_predict(body, lv.signature)
-        return FastJSONResponse(tfserving.encode_predict(await srv.run(lv, inputs), fmt))
-
+    # -- TF-Serving REST
     async def tf_status(request, ctx):
         st = M.models.get(ctx.model)
         if st is None:
             raise ServeError(404, f"unknown model '{ctx.model}'")
         return JSONResponse(tfserving.version_status(st))
-
-    def default_model() -> str:
-        if srv.config.default_model:
-            return srv.config.default_model
-        names = sorted(n for n, st in M.models.items() if st.default is not None)
-        if not names:
-            raise ServeError(503, "no model is loaded")
-        return names[0]
-
-    async def predict(request):
-        try:
-            name = default_model()
-        except ServeError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
-        async def run(ctx):
-            body = _json(await srv.read_body(request))
-            lv = ctx.acquire()
-            inputs = tfserving.decode_flask(body, lv.signature)
-            return FastJSONResponse(tfserving.encode_flask(await srv.run(lv, inputs)))
-        return await srv.guarded(request, "predict", "infer", name, run)
 
     # -- admin (Triton repository extension)
     async def repo_index(request):
@@ -327,14 +294,13 @@ def create_app(srv: Server) -> Starlette:
 
     m = "/v2/models/{name}"
     mv = m + "/versions/{version}"
-    routes = [   # the inference routes first: starlette tries routes in order
-        Route(m + "/infer", model_route(infer), methods=["POST"]),
-        Route(mv + "/infer", model_route(infer), methods=["POST"]),
-        Route("/predict", predict, methods=["POST"]),
-        Route("/v1/models/{name}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
-        Route("/v1/models/{name}/versions/{version}:predict", model_route(tf_predict, protocol="v1"),
-              methods=["POST"]),
-        Route("/v1/models/{name}/labels/{label}:predict", model_route(tf_predict, protocol="v1"), methods=["POST"]),
+    v2, v1, flask = hot.Endpoint(srv, "v2"), hot.Endpoint(srv, "v1"), hot.Endpoint(srv, "predict")
+    routes = [   # the inference routes: hot.dispatch answers their POSTs before Starlette; here for 405s
+        Route(m + "/infer", v2, methods=["POST"]), Route(mv + "/infer", v2, methods=["POST"]),
+        Route("/predict", flask, methods=["POST"]),
+        Route("/v1/models/{name}:predict", v1, methods=["POST"]),
+        Route("/v1/models/{name}/versions/{version}:predict", v1, methods=["POST"]),
+        Route("/v1/models/{name}/labels/{label}:predict", v1, methods=["POST"]),
         Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
         Route(m, model_route(model_meta, protocol=None)), Route(mv, model_route(model_meta, protocol=None)),
         Route(m + "/config", model_route(model_cfg, protocol=None)),
@@ -367,4 +333,4 @@ def create_app(srv: Server) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.server = srv
-    return app
+    return hot.dispatch(srv, app)

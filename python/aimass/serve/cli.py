@@ -60,10 +60,15 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
             self.should_exit = True
 
     loop = "uvloop" if _has("uvloop") else "asyncio"
-    http = "httptools" if _has("httptools") else "h11"
+    http = kw.pop("http", None) or ("httptools" if _has("httptools") else "h11")
+    # no access log and no X-Forwarded-For rewriting (proxy_headers): both cost every request, and
+    # the error log (one JSON line per failure) and the metrics already tell what happened
+    kw.setdefault("proxy_headers", False)
     cfg = uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
                          log_config=None, timeout_graceful_shutdown=drain_timeout_s, **kw)
-    return _Server(cfg)
+    server = _Server(cfg)
+    srv.open_connections = lambda: len(server.server_state.connections)
+    return server
 
 
 def _has(mod: str) -> bool:

@@ -7,13 +7,12 @@ Outputs come back binary when the request asks (``parameters.binary_data_output`
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from starlette.responses import Response
 
 from . import _json
-from ._json import FastJSONResponse
 from .errors import ServeError
 
 # Triton datatype <-> numpy
@@ -23,6 +22,7 @@ V2_TO_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": 
 SIG_TO_V2 = {"float32": "FP32", "int64": "INT64", "float16": "FP16", "int32": "INT32", "uint8": "UINT8",
              "int8": "INT8", "float64": "FP64", "bool": "BOOL"}
 NP_TO_V2 = {np.dtype(v): k for k, v in V2_TO_NP.items()}
+V2_DTYPE = {k: np.dtype(v) for k, v in V2_TO_NP.items()}
 
 
 def v2_dtype(sig_dtype: str) -> str:
@@ -101,8 +101,8 @@ def decode_inputs(req: dict, binary: memoryview, signature: dict) -> Dict[str, n
         if dt != want:
             raise ServeError(400, f"input '{name}': datatype {dt!r} does not match the model's {want}")
         shape = _check_shape(name, item.get("shape"), spec)
-        npdt = np.dtype(V2_TO_NP[want])
-        count = int(np.prod(shape))
+        npdt = V2_DTYPE[want]
+        count = math.prod(shape)
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ServeError(400, f"input '{name}': 'parameters' must be an object")
@@ -139,7 +139,9 @@ def decode_inputs(req: dict, binary: memoryview, signature: dict) -> Dict[str, n
     return out
 
 
-def encode_response(req: dict, lv, outputs: Dict[str, Any]) -> Response:
+def encode_response(req: dict, lv, outputs: Dict[str, Any]) -> Tuple[bytes, bytes, list]:
+    """(body, content type, extra headers) of the inference response: JSON, or the JSON header and the
+    binary outputs with Inference-Header-Content-Length."""
     params = req.get("parameters") or {}
     all_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     wanted = req.get("outputs")
@@ -166,11 +168,11 @@ def encode_response(req: dict, lv, outputs: Dict[str, Any]) -> Response:
     body = {"model_name": lv.name, "model_version": str(lv.version), "outputs": out_json}
     if "id" in req:
         body["id"] = req["id"]
-    if not blobs:
-        return FastJSONResponse(body)
     head = _json.dumps(body)
-    return Response(b"".join([head, *blobs]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+    if not blobs:
+        return head, b"application/json", []
+    return (b"".join([head, *blobs]), b"application/octet-stream",
+            [(b"inference-header-content-length", str(len(head)).encode())])
 
 
 def request_options(req: dict) -> Tuple[Optional[float], int]:

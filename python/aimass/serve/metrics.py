@@ -1,11 +1,12 @@
-"""Prometheus metrics: HTTP outcomes and latency measured once per request here; queue time, compute
+"""Prometheus metrics: HTTP outcomes and latency counted once per request here; queue time, compute
 time, batch sizes and the runtime's own request outcomes read from each Session.stats() at scrape
 time (the batcher already measures them, so nothing is timed twice)."""
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Dict, List
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 disable_created_metrics()   # the *_created series only double the output
@@ -26,54 +27,63 @@ def _buckets(h: dict, scale: float):
 
 
 class ServerMetrics:
+    """Per-request counts and the latency histogram are plain dict/list updates on the event loop's
+    thread (no prometheus-client child lookup, lock or bucket loop per request); the collector below
+    turns them into Prometheus families at scrape time, which also runs on that thread."""
+
     def __init__(self, manager, server_state):
         self.manager = manager
         self.state = server_state
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("aimass_requests", "HTTP inference requests by model, version, protocol and status "
-                                "code", ["model", "version", "protocol", "code"], registry=self.registry)
-        self.latency = Histogram("aimass_request_latency_seconds", "End-to-end server time of inference requests "
-                                 "(body read to response), successful ones", ["model", "version"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._counts: Dict[tuple, int] = {}         # (model, version, protocol, code) -> requests
+        self._latency: Dict[tuple, list] = {}       # (model, version) -> per-bucket counts + [sum]
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_SessionCollector(manager, server_state))
-        self._children: Dict[tuple, tuple] = {}
 
     def observe(self, model: str, version, protocol: str, code: int, seconds: float) -> None:
-        key = (model, version, protocol, code)
-        ch = self._children.get(key)
-        if ch is None:
-            v = "" if version is None else str(version)
-            ch = (self.requests.labels(model, v, protocol, str(code)),
-                  self.latency.labels(model, v) if code == 200 else None)
-            self._children[key] = ch
-        ch[0].inc()
-        if ch[1] is not None:
-            ch[1].observe(seconds)
+        v = "" if version is None else str(version)
+        key = (model, v, protocol, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if code == 200:
+            h = self._latency.get((model, v))
+            if h is None:
+                h = self._latency[(model, v)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+            h[bisect_left(LATENCY_BUCKETS, seconds)] += 1     # le: a value on a bound counts in it
+            h[-1] += seconds
 
     def summary(self) -> dict:
-        """Counts by (model, version, code) and the overall latency histogram, for the dashboard."""
-        reqs: List[dict] = []
-        lat_bounds = list(LATENCY_BUCKETS)
-        lat_counts = [0] * (len(lat_bounds) + 1)
-        lat_sum = 0.0
-        for fam in self.registry.collect():
-            if fam.name == "aimass_requests":
-                for s in fam.samples:
-                    if s.name.endswith("_total"):
-                        reqs.append({**s.labels, "count": int(s.value)})
-            elif fam.name == "aimass_request_latency_seconds":
-                per: Dict[tuple, List[float]] = {}
-                for s in fam.samples:
-                    if s.name.endswith("_bucket"):
-                        per.setdefault((s.labels["model"], s.labels["version"]), []).append(s.value)
-                    elif s.name.endswith("_sum"):
-                        lat_sum += s.value
-                for cum in per.values():
-                    prev = 0.0
-                    for i, c in enumerate(cum):
-                        lat_counts[i] += int(c - prev)
-                        prev = c
-        return {"requests": reqs, "latency": {"bounds_s": lat_bounds, "counts": lat_counts, "sum_s": lat_sum}}
+        """Counts by (model, version, protocol, code) and the overall latency histogram, for the dashboard."""
+        reqs: List[dict] = [{"model": m, "version": v, "protocol": p, "code": str(c), "count": n}
+                            for (m, v, p, c), n in sorted(self._counts.items(), key=lambda kv: str(kv[0]))]
+        counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        total = 0.0
+        for h in list(self._latency.values()):
+            for i, c in enumerate(h[:-1]):
+                counts[i] += c
+            total += h[-1]
+        return {"requests": reqs, "latency": {"bounds_s": list(LATENCY_BUCKETS), "counts": counts, "sum_s": total}}
+
+
+class _RequestCollector:
+    def __init__(self, metrics: ServerMetrics):
+        self.m = metrics
+
+    def collect(self):
+        reqs = CounterMetricFamily("aimass_requests", "HTTP inference requests by model, version, protocol and "
+                                   "status code", labels=["model", "version", "protocol", "code"])
+        for (m, v, p, c), n in list(self.m._counts.items()):
+            reqs.add_metric([m, v, p, str(c)], n)
+        lat = HistogramMetricFamily("aimass_request_latency_seconds", "End-to-end server time of inference "
+                                    "requests (body read to response), successful ones", labels=["model", "version"])
+        for (m, v), h in list(self.m._latency.items()):
+            acc, buckets = 0, []
+            for b, c in zip(LATENCY_BUCKETS, h):
+                acc += c
+                buckets.append((repr(b), acc))
+            buckets.append(("+Inf", acc + h[-2]))
+            lat.add_metric([m, v], buckets, h[-1])
+        yield reqs
+        yield lat
 
 
 class _SessionCollector:

@@ -1,0 +1,77 @@
+// The blocked loop nest of the packed GEMM (packed_gemm.h), shared by the AVX2 and AVX-512
+// translation units: each defines its register tile as
+//   template <int R> void tile_at(const TileArgs& a, int64_t m);   // rows [m, m + R)
+// and then includes this header, compiled for its own ISA (anonymous namespace: the two
+// instantiations never meet at link time).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "runtime/packed_gemm.h"
+
+namespace aimass::runtime::packed {
+namespace {
+
+// One panel's K block, for every row tile of an M block.
+struct TileArgs {
+  const float* x;
+  int64_t K, k0, kc;
+  const float* w;  // the panel (all of K)
+  const float* b;  // the panel's bias or null
+  int64_t n0, ncols;
+  bool first, last;
+  const Epilogue* ep;
+  float* y;
+  int64_t N;
+};
+
+// The last rows of an M block (rem < MR): the tile of exactly rem rows.
+template <int R>
+inline void tail_tiles(int64_t rem, const TileArgs& a, int64_t m) {
+  if constexpr (R > 0) {
+    if (rem == R)
+      tile_at<R>(a, m);
+    else
+      tail_tiles<R - 1>(rem, a, m);
+  }
+}
+
+// N blocks of kNb panels > M blocks (pick_mc) > K blocks of kKc > panels > row tiles of MR.
+template <int MR>
+void blocked_panels(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
+                    int64_t p1, int64_t N, const Epilogue& ep, float* y) {
+  for (int64_t q0 = p0; q0 < p1; q0 += kNb) {
+    const int64_t q1 = q0 + kNb < p1 ? q0 + kNb : p1;
+    const int64_t mc = pick_mc(M, (q1 - q0) * kPanel);
+    for (int64_t mb = 0; mb < M; mb += mc) {
+      const int64_t me = mb + mc < M ? mb + mc : M;
+      // One row tile per panel (a GEMV-like batch): nothing reuses a K block, so no K blocking.
+      const int64_t kcb = me - mb <= MR ? (K > 0 ? K : 1) : kKc;
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kcb) {
+        const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
+        for (int64_t p = q0; p < q1; ++p) {
+          const int64_t n0 = p * kPanel;
+          const TileArgs a{x, K, k0, kc, wp + p * K * kPanel, bias_p ? bias_p + p * kPanel : nullptr, n0,
+                           N - n0 < kPanel ? N - n0 : kPanel, k0 == 0, k0 + kc >= K, &ep, y, N};
+          // The next panel's weight block (same K block) is pulled into L2 a slice per row
+          // tile, so its first tile does not wait on memory.
+          const float* nxt = p + 1 < q1 ? wp + (p + 1) * K * kPanel + k0 * kPanel : nullptr;
+          const int64_t nxt_lines = nxt ? kc * 2 : 0;
+          const int64_t per_tile = (nxt_lines * MR + (me - mb) - 1) / (me - mb);
+          int64_t pf = 0, m = mb;
+          for (; m + MR <= me; m += MR) {
+            for (const int64_t e = pf + per_tile < nxt_lines ? pf + per_tile : nxt_lines; pf < e; ++pf)
+              _mm_prefetch(reinterpret_cast<const char*>(nxt + pf * 16), _MM_HINT_T1);
+            tile_at<MR>(a, m);
+          }
+          tail_tiles<MR - 1>(me - m, a, m);
+        }
+        if (K == 0) break;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace aimass::runtime::packed

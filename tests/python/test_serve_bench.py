@@ -1,0 +1,62 @@
+"""The serve benchmark's load generators (wrk and the asyncio fallback) against a tiny loopback
+HTTP/1.1 server: counts, errors and latencies come back parsed, and non-200 answers count as errors."""
+import http.server
+import shutil
+import threading
+
+import pytest
+
+from aimass.bench import serve as bs
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"     # keep-alive, as both servers of the bench answer
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(n)
+        status = 200 if self.path == "/ok" else 503
+        out = b'{"n": %d}' % len(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def port():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_asyncio_generator_counts_and_errors(port):
+    ok = bs.http_request("/ok", b'{"input": [1, 2]}', ["Content-Type: application/json"])
+    r = bs.load(port, ok, 2, 40, 10.0, warmup=5, wrk=None)
+    assert r["n"] == 40 and r["errors"] == 0 and r["rps"] > 0 and 0 < r["p50_us"] <= r["p99_us"]
+    bad = bs.http_request("/busy", b"{}")
+    r = bs.load(port, bad, 1, 10, 10.0, warmup=0, wrk=None)
+    assert r["n"] == 10 and r["errors"] == 10
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (tests/run_all.sh installs Debian's)")
+def test_wrk_generator_sends_the_prebuilt_request(port, tmp_path, monkeypatch):
+    monkeypatch.delenv("AIMASS_BENCH_CLIENT", raising=False)
+    assert bs.wrk_path() is not None
+    monkeypatch.setenv("AIMASS_BENCH_CLIENT", "python")
+    assert bs.wrk_path() is None      # the asyncio generator on request
+    ok = bs.http_request("/ok", b'{"input": [1, 2]}', ["Content-Type: application/json"])
+    r = bs.wrk_load(shutil.which("wrk"), port, ok, 2, 0.5, str(tmp_path))
+    assert r["n"] > 0 and r["errors"] == 0 and r["rps"] > 0 and 0 < r["p50_us"] <= r["p99_us"]
+    bad = bs.http_request("/busy", b"{}")
+    r = bs.wrk_load(shutil.which("wrk"), port, bad, 1, 0.5, str(tmp_path))
+    assert r["n"] > 0 and r["errors"] == r["n"]
