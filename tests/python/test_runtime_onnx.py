@@ -65,12 +65,14 @@ def test_bert_encoder_dynamic_length(tmp_path):
     assert rt.load(out).signature["inputs"][0]["shape"] == (-1, -1)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_rnn(tmp_path, cls):
+def test_rnn(tmp_path, cls, bidirectional):
+    # bidirectional: ONNX direction="bidirectional", Y [S, 2, B, H] -> Transpose -> Reshape [S, B, 2H]
     class R(nn.Module):
         def __init__(self):
             super().__init__()
-            self.r = cls(8, 16, 2, batch_first=True)
+            self.r = cls(8, 16, 2, batch_first=True, bidirectional=bidirectional)
 
         def forward(self, x):
             return self.r(x)[0]

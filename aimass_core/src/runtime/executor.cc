@@ -16,6 +16,7 @@
 #include "aimass/runtime.h"
 #include "runtime/ext_ops.h"
 #include "runtime/ops.h"
+#include "runtime/ops_conv.h"
 #include "runtime/qlinear_bridge.h"
 
 namespace aimass::runtime {
@@ -55,6 +56,7 @@ struct Step {
   std::shared_ptr<QLinearWeights> q;
   std::shared_ptr<ops::PackedLinear> packed;  // fp32 Linear weights in the small-M kernel's layout
   std::shared_ptr<ExtKernel> ext;  // extension ops (runtime/ext_ops.h)
+  std::shared_ptr<conv::PackedConv> pconv;  // Conv2d (groups 1): weights packed for runtime/ops_conv.h
   int res = -1;  // Conv2d: residual value added before the activation (fused `conv + x`); Linear: added
                  // after it (fused `x + linear(..)`)
   std::vector<int> ext_in;
@@ -320,14 +322,21 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
       s.b = f32_param(m, n, "bias", {c.O}, false);
       s.act = ops::parse_act(n.str_attrs.count("activation") ? n.str_attrs.at("activation") : "none");
       {
-        // im2col scratch (ops::conv2d_col_floats), overflow-checked and within the memory cap
+        // im2col scratch (ops::conv2d_col_floats; the grouped path), overflow-checked and within
+        // the memory cap; the checks also bound the packed kernel's pixel and tap counts
         const int64_t P = checked::mul<ValueError>(c.OH, c.OW, s.where + ": output pixels");
         const int64_t Kc = checked::mul<ValueError>(c.C / c.G, checked::mul<ValueError>(c.KH, c.KW, s.where),
                                                     s.where + ": taps");
         const int64_t cells = checked::mul<ValueError>(checked::add<ValueError>(P, int64_t{32}, s.where), Kc,
                                                        s.where + ": im2col scratch");
         check_memory(p, checked::mul<ValueError>(cells, int64_t{4}, s.where), s.where + ": im2col scratch");
-        p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+        if (c.G == 1) {
+          auto& slot = cache.items["conv:" + n.name];
+          if (!slot) slot = std::make_shared<conv::PackedConv>(s.w, s.b, c);
+          s.pconv = std::static_pointer_cast<conv::PackedConv>(slot);
+        } else {
+          p.col.resize(std::max<size_t>(p.col.size(), static_cast<size_t>(ops::conv2d_col_floats(c))));
+        }
       }
       out_row = {c.O, c.OH, c.OW};
     } else if (n.op == "max_pool2d" || n.op == "avg_pool2d") {
@@ -763,7 +772,12 @@ void Executor::execute(int64_t rows) {
         break;
       }
       case Kind::Conv2d:
-        if (s.res >= 0) {
+        if (s.pconv) {
+          conv::run(*s.pconv, p.fptr(s.in0), rows, s.res >= 0 ? p.fptr(s.res) : nullptr, s.act == ops::Act::Relu,
+                    p.fptr(s.out));
+          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+        } else if (s.res >= 0) {
           ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
           ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
           if (s.act != ops::Act::None && s.act != ops::Act::Relu)

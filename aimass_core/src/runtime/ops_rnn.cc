@@ -1,8 +1,10 @@
-// Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, unidirectional, zero
-// initial state): per layer, the input projection of every timestep is one GEMM
-// (rows*S x gates*H), then each step adds h @ W_hh^T (the packed small-M kernel) and
-// applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the
-// last layer's hidden state at every step, [S, H] per row (what nn.LSTM returns first).
+// Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, uni- or bidirectional,
+// zero initial state): per layer and direction, the input projection of every timestep
+// is one GEMM (rows*S x gates*H), then each step adds h @ W_hh^T (the packed small-M
+// kernel) and applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's
+// output is the last layer's hidden state at every step, [S, D*H] per row (what nn.LSTM
+// returns first; D = 2 when bidirectional: the forward state in [0, H), the reverse
+// one, which runs from the last step to the first, in [H, 2H)).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,8 +41,9 @@ class Rnn : public ExtKernel {
  public:
   bool gru = false;
   int64_t S = 0, H = 0, G = 4;  // gates
+  int64_t D = 1;                // directions
   int64_t groups = 0, NP = 0;   // unit groups, padded gate width (groups * kPanel)
-  std::vector<std::shared_ptr<const RnnLayer>> layers;  // shared by the plans (WeightCache)
+  std::vector<std::shared_ptr<const RnnLayer>> layers;  // [layer * D + direction], shared by the plans
   std::vector<float> gi, gh, h0, h1, c, mid;  // grown on first use, reused
 
   void run(int64_t rows, const std::vector<const void*>& in, void* out) override {
@@ -50,49 +53,54 @@ class Rnn : public ExtKernel {
     h0.resize(static_cast<size_t>(rows * H));
     h1.resize(static_cast<size_t>(rows * H));
     c.resize(static_cast<size_t>(rows * H));
-    if (layers.size() > 1) mid.resize(static_cast<size_t>(rows * S * H));
+    const int64_t nl = static_cast<int64_t>(layers.size()) / D, DH = D * H;
+    if (nl > 1) mid.resize(static_cast<size_t>(rows * S * DH));
     const float* x = static_cast<const float*>(in[0]);
     float* y = static_cast<float*>(out);
-    // Threads over unit groups where a step has enough work to pay a pool wake-up.
+    // Threads over unit groups where a step has enough work to pay a pool wake-up; one
+    // chunk per thread, so each keeps (mostly) the same slice of W_hh in its cache.
     const int64_t step_macs = rows * NP * H;
     const int nchunks = step_macs < (int64_t{1} << 17)
                             ? 1
-                            : static_cast<int>(std::min<int64_t>(groups, 2 * static_cast<int64_t>(num_threads())));
-    for (size_t l = 0; l < layers.size(); ++l) {
-      const RnnLayer& L = *layers[l];
+                            : static_cast<int>(std::min<int64_t>(groups, static_cast<int64_t>(num_threads())));
+    for (int64_t l = 0; l < nl; ++l) {
       // layers alternate between mid and y so the last one lands in y
-      float* dst = ((layers.size() - 1 - l) % 2 == 0) ? y : mid.data();
-      // input projection for all timesteps at once, in the permuted gate layout
-      sgemm(false, true, rows * S, NP, L.in, 1.f, x, L.in, L.wih.data(), L.in, 0.f, gi.data(), NP);
-      parallel_for(0, rows * S, std::max<int64_t>(1, 4096 / NP), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          float* g = gi.data() + r * NP;
-          for (int64_t j = 0; j < NP; ++j) g[j] += L.bias_in[j];
-        }
-      });
-      std::fill(h0.begin(), h0.end(), 0.f);
-      std::fill(c.begin(), c.end(), 0.f);
-      float* hp = h0.data();
-      float* hn = h1.data();
-      const ops::PackedLinear& P = *L.whh;
-      for (int64_t t = 0; t < S; ++t) {
-        auto chunk = [&](int64_t g0, int64_t g1) {
-          vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* a = gi.data() + (r * S + t) * NP;
-            const float* b = gh.data() + r * NP;
-            float* o = dst + (r * S + t) * H;
-            if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
-            else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
+      float* dst = ((nl - 1 - l) % 2 == 0) ? y : mid.data();
+      for (int64_t dir = 0; dir < D; ++dir) {
+        const RnnLayer& L = *layers[l * D + dir];
+        // input projection for all timesteps at once, in the permuted gate layout
+        sgemm(false, true, rows * S, NP, L.in, 1.f, x, L.in, L.wih.data(), L.in, 0.f, gi.data(), NP);
+        parallel_for(0, rows * S, std::max<int64_t>(1, 4096 / NP), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            float* g = gi.data() + r * NP;
+            for (int64_t j = 0; j < NP; ++j) g[j] += L.bias_in[j];
           }
-        };
-        if (nchunks <= 1) chunk(0, groups);
-        else
-          parallel_chunks(nchunks, [&](int ci, int nc) {
-            const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
-            if (g1 > g0) chunk(g0, g1);
-          });
-        std::swap(hp, hn);
+        });
+        std::fill(h0.begin(), h0.end(), 0.f);
+        std::fill(c.begin(), c.end(), 0.f);
+        float* hp = h0.data();
+        float* hn = h1.data();
+        const ops::PackedLinear& P = *L.whh;
+        for (int64_t step = 0; step < S; ++step) {
+          const int64_t t = dir == 0 ? step : S - 1 - step;
+          auto chunk = [&](int64_t g0, int64_t g1) {
+            vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* a = gi.data() + (r * S + t) * NP;
+              const float* b = gh.data() + r * NP;
+              float* o = dst + (r * S + t) * DH + dir * H;
+              if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
+              else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
+            }
+          };
+          if (nchunks <= 1) chunk(0, groups);
+          else
+            parallel_chunks(nchunks, [&](int ci, int nc) {
+              const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
+              if (g1 > g0) chunk(g0, g1);
+            });
+          std::swap(hp, hn);
+        }
       }
       x = dst;
     }
@@ -116,42 +124,47 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
   k->S = in[0].row[0];
   k->H = attr_int(n, "hidden_size", 0, true);
   const int64_t nl = attr_int(n, "num_layers", 1);
+  const int64_t bidir = attr_int(n, "bidirectional", 0);
   AIMASS_CHECK(k->H >= 1 && nl >= 1 && nl <= 64, ValueError, where(n), ": hidden_size ", k->H, " / num_layers ", nl,
                " out of range");
+  AIMASS_CHECK(bidir == 0 || bidir == 1, ValueError, where(n), ": bidirectional must be 0 or 1, got ", bidir);
+  k->D = bidir ? 2 : 1;
   const int64_t GH = checked::mul<ValueError>(k->G, k->H, where(n));
   k->groups = (k->H + vec::kUnits - 1) / vec::kUnits;
   k->NP = checked::mul<ValueError>(k->groups, packed::kPanel, where(n));
   int64_t feat = in[0].row[1];
   for (int64_t l = 0; l < nl; ++l) {
-    const std::string s = std::to_string(l);
-    const float* w_ih = param_f32(m, n, ("w_ih_l" + s).c_str(), {GH, feat}, true);
-    const float* w_hh = param_f32(m, n, ("w_hh_l" + s).c_str(), {GH, k->H}, true);
-    const float* b_ih = param_f32(m, n, ("b_ih_l" + s).c_str(), {GH}, false);
-    const float* b_hh = param_f32(m, n, ("b_hh_l" + s).c_str(), {GH}, false);
-    std::shared_ptr<void>& slot = cache.items["rnn:" + n.name + "/l" + s];
-    if (!slot) {
-      auto L = std::make_shared<RnnLayer>();
-      const int64_t H = k->H, NP = k->NP;
-      L->in = feat;
-      L->wih.assign(static_cast<size_t>(NP * feat), 0.f);
-      L->bias_in.assign(static_cast<size_t>(NP), 0.f);
-      std::vector<float> whh(static_cast<size_t>(NP * H), 0.f), bhh(static_cast<size_t>(NP), 0.f);
-      for (int64_t g = 0; g < k->G; ++g)
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t src = g * H + j, dstr = perm_row(g, j);
-          std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, L->wih.begin() + dstr * feat);
-          std::copy(w_hh + src * H, w_hh + (src + 1) * H, whh.begin() + dstr * H);
-          L->bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);
-          bhh[dstr] = b_hh ? b_hh[src] : 0.f;
-        }
-      L->whh = std::make_shared<ops::PackedLinear>(whh.data(), k->gru && b_hh ? bhh.data() : nullptr, NP, H);
-      slot = L;
+    for (int64_t dir = 0; dir < k->D; ++dir) {
+      const std::string s = std::to_string(l) + (dir ? "_reverse" : "");
+      const float* w_ih = param_f32(m, n, ("w_ih_l" + s).c_str(), {GH, feat}, true);
+      const float* w_hh = param_f32(m, n, ("w_hh_l" + s).c_str(), {GH, k->H}, true);
+      const float* b_ih = param_f32(m, n, ("b_ih_l" + s).c_str(), {GH}, false);
+      const float* b_hh = param_f32(m, n, ("b_hh_l" + s).c_str(), {GH}, false);
+      std::shared_ptr<void>& slot = cache.items["rnn:" + n.name + "/l" + s];
+      if (!slot) {
+        auto L = std::make_shared<RnnLayer>();
+        const int64_t H = k->H, NP = k->NP;
+        L->in = feat;
+        L->wih.assign(static_cast<size_t>(NP * feat), 0.f);
+        L->bias_in.assign(static_cast<size_t>(NP), 0.f);
+        std::vector<float> whh(static_cast<size_t>(NP * H), 0.f), bhh(static_cast<size_t>(NP), 0.f);
+        for (int64_t g = 0; g < k->G; ++g)
+          for (int64_t j = 0; j < H; ++j) {
+            const int64_t src = g * H + j, dstr = perm_row(g, j);
+            std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, L->wih.begin() + dstr * feat);
+            std::copy(w_hh + src * H, w_hh + (src + 1) * H, whh.begin() + dstr * H);
+            L->bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);
+            bhh[dstr] = b_hh ? b_hh[src] : 0.f;
+          }
+        L->whh = std::make_shared<ops::PackedLinear>(whh.data(), k->gru && b_hh ? bhh.data() : nullptr, NP, H);
+        slot = L;
+      }
+      k->layers.push_back(std::static_pointer_cast<const RnnLayer>(slot));
     }
-    k->layers.push_back(std::static_pointer_cast<const RnnLayer>(slot));
-    feat = k->H;
+    feat = checked::mul<ValueError>(k->D, k->H, where(n));
   }
   checked::mul<ValueError>(k->S, k->NP, where(n));
-  out.row = {k->S, k->H};
+  out.row = {k->S, k->D * k->H};
   return k;
 }
 

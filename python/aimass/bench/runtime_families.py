@@ -1,5 +1,5 @@
 """Runtime benchmarks of the model families: a BERT-base-shaped encoder (12 layers, hidden 768, 12
-heads, seq 128) at batch 1 and 8 and a 4-layer mini, ResNet-50 224x224 at batch 1 and 8, an LSTM
+heads, seq 128) at batch 1 and 8 and a 4-layer mini, ResNet-18/50 224x224 at batch 1 and 8, an LSTM
 2x512 at seq 64 batch 1 - each against torch eager and onnxruntime (graph optimizations on) on the
 same weights, fp32 and int8 (the encoders' Linear layers), 1 and 2 threads - and a concurrency sweep
 of the BERT mini through Session with mixed sequence lengths (padded batches vs batching off).
@@ -55,6 +55,7 @@ def families(quick):
         "bert-base": (lambda: zoo.bert_encoder(), tokens(128), (1, 8), True, True),
         "bert-mini": (lambda: zoo.bert_encoder(hidden=256, layers=4, heads=4, ffn=1024), tokens(128), (1, 8),
                       True, True),
+        "resnet18": (lambda: zoo.resnet18(), lambda b: (torch.randn(b, 3, 224, 224),), (1, 8), False, False),
         "resnet50": (lambda: zoo.resnet50(), lambda b: (torch.randn(b, 3, 224, 224),), (1, 8), False, False),
         "lstm2x512": (LSTMNet, lambda b: (torch.randn(b, 64, 512),), (1,), True, False),
     }
@@ -126,7 +127,7 @@ def run(report, quick: bool = False, progress=None) -> None:
     """The families into an aimass bench report (the runtime suite calls this): quick runs the BERT
     mini at 1 thread; the full suite every family at 1 and 2 threads."""
     fams = families(quick)
-    names = ["bert-mini"] if quick else ["bert-mini", "bert-base", "resnet50", "lstm2x512"]
+    names = ["bert-mini"] if quick else ["bert-mini", "bert-base", "resnet18", "resnet50", "lstm2x512"]
     threads = [1] if quick else [1, 2]
     log = (lambda m: progress(f"runtime: {m}")) if progress else (lambda m: None)
     old = (aimass.num_threads(), torch.get_num_threads())

@@ -26,7 +26,7 @@ SUPPORTED = (
     "torch.cat/stack, mean/sum/amax/amin over dims, torch.where/masked_fill, comparisons, ~, float()/long()/to(), "
     "torch.arange(x.size(d)) positions, F.scaled_dot_product_attention, F.linear/layer_norm, "
     "nn.MultiheadAttention, nn.TransformerEncoderLayer/TransformerEncoder (batch_first), "
-    "nn.LSTM/nn.GRU (batch_first, unidirectional)"
+    "nn.LSTM/nn.GRU (batch_first, uni- or bidirectional)"
 )
 
 

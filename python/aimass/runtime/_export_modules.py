@@ -41,20 +41,22 @@ class _ModuleMixin:
             self.set_value(node, x)
         elif isinstance(mod, (nn.LSTM, nn.GRU)):
             kind = "lstm" if isinstance(mod, nn.LSTM) else "gru"
-            if not mod.batch_first or mod.bidirectional or getattr(mod, "proj_size", 0):
-                raise _unsupported(f"{type(mod).__name__} with batch_first=False, bidirectional or proj_size", node)
+            if not mod.batch_first or getattr(mod, "proj_size", 0):
+                raise _unsupported(f"{type(mod).__name__} with batch_first=False or proj_size", node)
             if arg(1, "hx") is not None:
                 raise _unsupported(f"{type(mod).__name__} with an initial state", node)
             from ._export import _np
             params = {}
             for l in range(mod.num_layers):
-                for role in ("w_ih", "w_hh", "b_ih", "b_hh"):
-                    t = getattr(mod, f"{'weight' if role[0] == 'w' else 'bias'}_{role[2:]}_l{l}", None)
-                    if t is not None:
-                        params[f"{role}_l{l}"] = _np(t)
-            self.set_value(node, self.emit_raw(node.name, kind, [self.val(a[0], node)], params=params,
-                                               attrs={"hidden_size": int(mod.hidden_size),
-                                                      "num_layers": int(mod.num_layers)}))
+                for sfx in ("", "_reverse") if mod.bidirectional else ("",):
+                    for role in ("w_ih", "w_hh", "b_ih", "b_hh"):
+                        t = getattr(mod, f"{'weight' if role[0] == 'w' else 'bias'}_{role[2:]}_l{l}{sfx}", None)
+                        if t is not None:
+                            params[f"{role}_l{l}{sfx}"] = _np(t)
+            attrs = {"hidden_size": int(mod.hidden_size), "num_layers": int(mod.num_layers)}
+            if mod.bidirectional:
+                attrs["bidirectional"] = 1
+            self.set_value(node, self.emit_raw(node.name, kind, [self.val(a[0], node)], params=params, attrs=attrs))
         else:
             return False
         return True

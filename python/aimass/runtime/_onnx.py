@@ -47,6 +47,9 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
         self.value: Dict[str, str] = {}      # onnx name -> .aimass value
         self.dtypes: Dict[str, str] = {}
         self.time_major: Dict[str, str] = {}  # onnx name of a [S, B, ...] view -> batch-major .aimass value
+        # a bidirectional RNN's Y [S, 2, B, H] (and its [S, B, 2, H] transpose): the [B, S, 2H] value
+        self.bidir_y: Dict[str, str] = {}
+        self.bidir_t: Dict[str, str] = {}
         self.shape_derived: set = set()  # computed from constants and input shapes only
         self.skip: set = set()  # id() of nodes a matched pattern (_onnx_fuse) already mapped
 
@@ -134,7 +137,7 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
         """Value of a tensor that does not depend on the input data (initializer or shape arithmetic)."""
         if name in self.const:
             return self.const[name]
-        if name in self.value or name in self.time_major:
+        if name in self.value or name in self.time_major or name in self.bidir_y or name in self.bidir_t:
             return None
         if name in self.shape_derived and self.materialize(name) is not None:
             return None
@@ -285,8 +288,16 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
             inv = sc / np.sqrt(var + at.get("epsilon", 1e-5))
             self.emit(node, "channel_affine", [self.val(node, ins[0])], params={"scale": inv, "shift": b - mean * inv})
         elif op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-            if ins[0] in self.time_major:
-                if op == "Squeeze":  # LSTM's Y [S, 1, B, H] -> [S, B, H]: still the same rows
+            if ins[0] in self.bidir_t and op == "Reshape":
+                # [S, B, 2, H] -> [S, B, 2H] (torch's export of a bidirectional layer): the same rows
+                tgt = self.folded(ins[1])
+                h2 = self.shape(out)[-1] if self.shape(out) else None
+                if tgt is None or len(tgt) != 3 or int(tgt[-1]) not in (-1, h2):
+                    raise _err(node, "a reshape of a bidirectional RNN output other than [seq, batch, 2*hidden]")
+                self.time_major[out] = self.bidir_t[ins[0]]
+                return
+            if ins[0] in self.time_major or ins[0] in self.bidir_y or ins[0] in self.bidir_t:
+                if op == "Squeeze" and ins[0] in self.time_major:  # LSTM's Y [S, 1, B, H] -> [S, B, H]: still the same rows
                     self.time_major[out] = self.time_major[ins[0]]
                     return
                 raise _err(node, "a reshape of a time-major (sequence-first) value")
@@ -294,7 +305,11 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
             self.emit(node, "reshape", [src], attrs={"shape": self.row_target(node, out)}, dtype=self.dtypes[src])
         elif op == "Transpose":
             perm = list(at.get("perm", []))
-            if perm == [1, 0, 2] and ins[0] in self.time_major:
+            if perm == [0, 2, 1, 3] and ins[0] in self.bidir_y:
+                self.bidir_t[out] = self.bidir_y[ins[0]]
+            elif ins[0] in self.bidir_y or ins[0] in self.bidir_t:
+                raise _err(node, f"Transpose perm {perm} of a bidirectional RNN output")
+            elif perm == [1, 0, 2] and ins[0] in self.time_major:
                 self.value[out] = self.time_major[ins[0]]
             elif perm == [1, 0, 2]:
                 self.time_major[out] = self.val(node, ins[0])

@@ -134,8 +134,10 @@ class _OnnxOpsMixin:
 
     def rnn(self, node, at):
         ins, kind = list(node.input) + [""] * 8, node.op_type.lower()
-        if at.get("direction", b"forward") not in (b"forward", "forward") or at.get("layout", 0):
-            raise _err(node, "a bidirectional/reverse RNN or layout=1")
+        direction = at.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "bidirectional") or at.get("layout", 0):
+            raise _err(node, "a reverse-only RNN or layout=1")
         if ins[4] or ins[5] and (ins[5] not in self.shape_derived or np.any(self.r0[ins[5]])) or any(
                 o and o in {i for n in self.model.graph.node for i in n.input} for o in node.output[1:]):
             raise _err(node, "sequence_lens, an initial state or the Y_h/Y_c outputs")
@@ -143,16 +145,28 @@ class _OnnxOpsMixin:
             raise _err(node, "GRU with linear_before_reset=0 (torch's GRU has 1)")
         if ins[0] not in self.time_major:
             raise _err(node, "an RNN input that is not the transposed [batch, seq, features] value")
-        w, r = self.folded(ins[1])[0], self.folded(ins[2])[0]
-        b = self.folded(ins[3])[0] if ins[3] else None
+        w, r = self.folded(ins[1]), self.folded(ins[2])
+        b = self.folded(ins[3]) if ins[3] else None
+        if w is None or r is None or (ins[3] and b is None):
+            raise _err(node, "RNN weights computed from the input (they must be initializers)")
         h = int(at["hidden_size"])
         order = [0, 2, 3, 1] if kind == "lstm" else [1, 0, 2]  # ONNX iofc -> torch ifgo; zrh -> rzn
 
         def reorder(m):
             return np.concatenate([m[g * h:(g + 1) * h] for g in order])
-        params = {"w_ih_l0": reorder(w), "w_hh_l0": reorder(r)}
-        if b is not None:
-            params["b_ih_l0"], params["b_hh_l0"] = reorder(b[:len(b) // 2]), reorder(b[len(b) // 2:])
-        name = self.emit(node, kind, [self.time_major[ins[0]]], params=params,
-                         attrs={"hidden_size": h, "num_layers": 1}, out=f"{node.output[0]}.bm")
-        self.time_major[node.output[0]] = name
+        params = {}
+        ndir = 2 if direction == "bidirectional" else 1
+        for d, sfx in enumerate(("", "_reverse")[:ndir]):  # ONNX: direction 0 forward, 1 reverse
+            params[f"w_ih_l0{sfx}"], params[f"w_hh_l0{sfx}"] = reorder(w[d]), reorder(r[d])
+            if b is not None:
+                bd = b[d]
+                params[f"b_ih_l0{sfx}"], params[f"b_hh_l0{sfx}"] = reorder(bd[:len(bd) // 2]), reorder(bd[len(bd) // 2:])
+        attrs = {"hidden_size": h, "num_layers": 1}
+        if ndir == 2:
+            attrs["bidirectional"] = 1
+        name = self.emit(node, kind, [self.time_major[ins[0]]], params=params, attrs=attrs,
+                         out=f"{node.output[0]}.bm")
+        if ndir == 2:
+            self.bidir_y[node.output[0]] = name
+        else:
+            self.time_major[node.output[0]] = name

@@ -1,0 +1,216 @@
+// Convolution driver (ops_conv.h): weight packing, the implicit-im2col panel packing,
+// the work split over the engine's pool and the scalar reference tile.
+#include "runtime/ops_conv.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "aimass/cpu_features.h"
+#include "aimass/parallel.h"
+
+namespace aimass::runtime::conv {
+
+void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  for (int64_t m = 0; m < mvalid; ++m) {
+    float acc[kNR];
+    float* cr = c + m * ldc;
+    for (int64_t j = 0; j < kNR; ++j) acc[j] = accumulate && j < ncols ? cr[j] : 0.f;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float av = a[k * kMR + m];
+      const float* bk = b + k * kNR;
+      for (int64_t j = 0; j < kNR; ++j) acc[j] += av * bk[j];
+    }
+    for (int64_t j = 0; j < ncols; ++j) {
+      float v = acc[j];
+      if (bias) v += bias[m];
+      if (res) v += res[m * ldc + j];
+      if (relu) v = v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN
+      cr[j] = v;
+    }
+  }
+}
+
+void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
+  const int64_t P = s.OH * s.OW, CHW = s.C * s.H * s.W;
+  runs.nc = static_cast<int>(std::min(kNR, NPix - j0));
+  runs.pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  runs.n = 0;
+  for (int64_t j = 0, q = j0; j < runs.nc;) {
+    const int64_t n = q / P, p = q % P;
+    PanelRuns::Run r{n * CHW, p / s.OW, p % s.OW, 0, j};
+    r.len = runs.pointwise ? std::min(runs.nc - j, P - p) : std::min(runs.nc - j, s.OW - r.ow);
+    runs.r[runs.n++] = r;
+    j += r.len;
+    q += r.len;
+  }
+}
+
+void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
+                 float* dst) {
+  const int64_t HW = s.H * s.W;
+  // tap (c, kh, kw) of k0, advanced incrementally
+  int64_t c = k0 / (s.KH * s.KW), kh = (k0 / s.KW) % s.KH, kw = k0 % s.KW;
+  for (int64_t t = 0; t < kc; ++t) {
+    float* d = dst + t * kNR;
+    for (int ri = 0; ri < runs.n; ++ri) {
+      const PanelRuns::Run& r = runs.r[ri];
+      const float* plane = x + r.base + c * HW;
+      float* dj = d + r.j;
+      const int64_t L = r.len;
+      if (runs.pointwise) {
+        const float* src = plane + r.oh * s.OW + r.ow;
+        for (int64_t i = 0; i < L; ++i) dj[i] = src[i];
+        continue;
+      }
+      const int64_t ih = r.oh * s.SH - s.PH + kh * s.DH;
+      if (ih < 0 || ih >= s.H) {
+        for (int64_t i = 0; i < L; ++i) dj[i] = 0.f;
+        continue;
+      }
+      // iw = (ow + i) * SW + off, in bounds for i in [i0, i1)
+      const int64_t first = r.ow * s.SW - s.PW + kw * s.DW;
+      int64_t i0 = first >= 0 ? 0 : (-first + s.SW - 1) / s.SW;
+      int64_t i1 = first >= s.W ? 0 : (s.W - 1 - first) / s.SW + 1;
+      i0 = std::min(i0, L);
+      i1 = std::max(i0, std::min(i1, L));
+      const float* srow = plane + ih * s.W + first;
+      for (int64_t i = 0; i < i0; ++i) dj[i] = 0.f;
+      for (int64_t i = i0; i < i1; ++i) dj[i] = srow[i * s.SW];
+      for (int64_t i = i1; i < L; ++i) dj[i] = 0.f;
+    }
+    for (int64_t j = runs.nc; j < kNR; ++j) d[j] = 0.f;
+    if (++kw == s.KW) {
+      kw = 0;
+      if (++kh == s.KH) {
+        kh = 0;
+        ++c;
+      }
+    }
+  }
+}
+
+PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape) : s(shape) {
+  Kc = s.C / s.G * s.KH * s.KW;
+  MB = (s.O + kMR - 1) / kMR;
+  wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(MB * Kc * kMR, 16)) * sizeof(float));  // zeroed
+  w = static_cast<float*>(wbuf.data());
+  // weight [O, C, KH, KW]: row o holds its Kc taps in (c, kh, kw) order, as the panels do.
+  // Slice-major: every row block of one K-slice is contiguous, so a slice's pass over the
+  // row blocks streams one sequential run of memory (a large layer-4 weight read in 8 KiB
+  // pieces 147 KiB apart ran at a third of the speed).
+  KS = slice_taps(Kc);
+  for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
+    const int64_t kc = std::min(KS, Kc - k0);
+    for (int64_t o = 0; o < s.O; ++o) {
+      float* dst = w + k0 * MB * kMR + (o / kMR) * kc * kMR + o % kMR;
+      const float* src = weight + o * Kc + k0;
+      for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = src[k];
+    }
+  }
+  if (bias) {
+    bbuf = AlignedBuffer(static_cast<size_t>(MB * kMR) * sizeof(float));
+    b = static_cast<float*>(bbuf.data());
+    std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
+  }
+}
+
+namespace {
+
+using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
+                        const float*, bool);
+using PackFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
+
+// Per-thread scratch, grown on first use and reused (no page faults per call): slot 0 holds
+// the packed panels, slot 1 the accumulators of panels that cross a sample boundary.
+float* aligned_scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
+}
+
+}  // namespace
+
+void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  const ops::Conv2dShape& s = pc.s;
+  const SimdLevel lvl = simd_level();
+  const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
+  const PackFn pack = lvl >= SimdLevel::AVX512 ? pack_avx512 : pack_scalar;
+  const int64_t P = s.OH * s.OW, NPix = N * P, OP = s.O * P;
+  const int64_t NPt = (NPix + kNR - 1) / kNR, Kc = pc.Kc, MB = pc.MB;
+  // K-slices of (almost) equal size <= kc_max
+  const int64_t KS = pc.KS;
+  const int T = num_threads();
+  const int64_t ncp = std::min(kGroupPanels, NPt);
+  const int64_t groups = (NPt + ncp - 1) / ncp;
+  int64_t msplit = 1;
+  if (T > 1 && groups < 4 * T) msplit = std::min(MB, (4 * T + groups - 1) / groups);
+  const int64_t items = groups * msplit;
+
+  auto work = [&](int64_t i0, int64_t i1) {
+    float* bp = aligned_scratch(0, static_cast<size_t>(ncp * KS * kNR));
+    alignas(64) float rtmp[kMR * kNR];
+    PanelRuns runs[kGroupPanels];
+    int64_t colofs[kGroupPanels][kNR];  // output offset (sample, pixel) of each column of a crossing panel
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t g = it / msplit, mi = it % msplit;
+      const int64_t pan0 = g * ncp, npan = std::min(ncp, NPt - pan0);
+      const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit;
+      bool crossing[kGroupPanels];
+      for (int64_t q = 0; q < npan; ++q) {
+        const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
+        panel_runs(s, NPix, j0, runs[q]);
+        crossing[q] = j0 % P + nc > P;
+        for (int64_t j = 0, n = j0 / P, p = j0 % P; crossing[q] && j < nc; ++j) {
+          colofs[q][j] = n * OP + p;
+          if (++p == P) {
+            p = 0;
+            ++n;
+          }
+        }
+      }
+      // accumulators of the crossing panels, [panel][row block][kMR x kNR], kept over the K-slices
+      float* cbuf = aligned_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
+      for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
+        const int64_t kc = std::min(KS, Kc - k0);
+        const bool acc = k0 > 0, last = k0 + kc == Kc;
+        for (int64_t q = 0; q < npan; ++q) pack(x, s, runs[q], k0, kc, bp + q * kc * kNR);
+        for (int64_t mb = mb0; mb < mb1; ++mb) {
+          const float* a = pc.w + (k0 * MB + mb * kc) * kMR;
+          const int64_t mvalid = std::min(kMR, s.O - mb * kMR);
+          const float* bias = last && pc.b ? pc.b + mb * kMR : nullptr;
+          for (int64_t q = 0; q < npan; ++q) {
+            const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
+            const float* b = bp + q * kc * kNR;
+            if (!crossing[q]) {
+              const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
+              tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr, last && relu);
+              continue;
+            }
+            // the panel crosses into the next sample(s): accumulate in a contiguous tile,
+            // scatter to the samples' rows after the last K-slice
+            float* cb = cbuf + (q * (mb1 - mb0) + (mb - mb0)) * kMR * kNR;
+            const int64_t row0 = mb * kMR * P;
+            if (last && res)
+              for (int64_t m = 0; m < mvalid; ++m)
+                for (int64_t j = 0; j < nc; ++j) rtmp[m * kNR + j] = res[colofs[q][j] + row0 + m * P];
+            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, last && res ? rtmp : nullptr, last && relu);
+            if (last)
+              for (int64_t m = 0; m < mvalid; ++m)
+                for (int64_t j = 0; j < nc; ++j) y[colofs[q][j] + row0 + m * P] = cb[m * kNR + j];
+          }
+        }
+      }
+    }
+  };
+  if (T <= 1 || items <= 1) {
+    work(0, items);
+    return;
+  }
+  const int nchunks = static_cast<int>(std::min<int64_t>(items, 4 * static_cast<int64_t>(T)));
+  parallel_chunks(nchunks, [&](int c, int nc) { work(items * c / nc, items * (c + 1) / nc); });
+}
+
+}  // namespace aimass::runtime::conv

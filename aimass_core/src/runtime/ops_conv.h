@@ -1,0 +1,92 @@
+// Convolution as a GEMM over weights packed once at plan build (ResNet-style convs).
+//
+// Layout: activations stay NCHW (torch's layout, so every other op and the model's
+// inputs/outputs are unchanged). A conv is y[O, cols] = W[O, Kc] x B[Kc, cols] with
+// Kc = C/G * KH * KW taps (c, kh, kw) and cols = the output pixels (n, oh, ow) of the
+// WHOLE batch, so small late-layer images (7x7 = 49 pixels) fill the 32-column panels
+// across samples instead of padding each sample.
+//
+// Blocking (docs/runtime.md "Convolution kernel"):
+// - A (weights): packed at load into row blocks of kMR = 8 output channels, laid out
+//   K-slice by K-slice, [slice][O/kMR][kc][kMR] (the last block zero-padded), BatchNorm
+//   already folded in by export: one slice's pass over the row blocks is one sequential stream.
+// - B (activations): packed per call, one panel of kNR = 32 output pixels at a time,
+//   [kc][kNR] for a K-slice of kc <= kKC taps (an implicit im2col that reads the input
+//   straight from NCHW, zero for out-of-image taps and past the last pixel): 32 KiB at
+//   kc = 256, so the panel sits in L1 while every weight row block streams over it.
+// - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
+//   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
+//   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
+//   stores straight into NCHW rows (masked at the panel's tail; a panel that crosses
+//   into the next sample goes through a small gather/scatter tile).
+// - Threads: work items are (group of panels) x (range of weight row blocks); the row
+//   range is split only when there are too few panels to keep every thread busy.
+//
+// Each output is sum_k a[m,k] b[k,j] in k order, then + bias, + residual, then ReLU; the
+// scalar tile is the reference (the SIMD tiles differ by FMA rounding only). Raw
+// pointers only in the SIMD translation units.
+#pragma once
+#include <cstdint>
+
+#include "aimass/memory.h"
+#include "runtime/ops.h"
+
+namespace aimass::runtime::conv {
+
+constexpr int64_t kMR = 8;    // output channels per weight row block
+constexpr int64_t kNR = 32;   // output pixels per activation panel
+constexpr int64_t kKC = 256;  // taps per K-slice (B panel kKC x kNR floats = 32 KiB)
+constexpr int64_t kGroupPanels = 2;  // panels packed together: each weight block serves both from L1
+
+// C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
+// acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
+// then + bias[m] (nullable), + res[m * ldc + j] (nullable), max(0, .) when relu (NaN kept).
+// a: kc x kMR floats; b: kc x kNR floats, 64-byte aligned.
+void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu);
+void tile_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+               bool accumulate, const float* bias, const float* res, bool relu);
+void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu);
+
+// Implicit im2col of one panel: B[t][j] for t < kc, j < kNR = tap k0 + t (c, kh, kw) of output
+// pixel j0 + j (global over the batch; pixel q is sample q / P, oh, ow), 0 for out-of-image
+// taps and past the last pixel. The pixels come in runs along one output row of one
+// sample (for a 1x1 stride-1 unpadded conv: along the sample's whole plane).
+struct PanelRuns {
+  struct Run {
+    int64_t base;  // offset of the sample's input in x
+    int64_t oh, ow, len, j;
+  } r[kNR];
+  int n = 0, nc = 0;  // runs, valid columns
+  bool pointwise = false;
+};
+void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs);
+void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
+                 float* dst);
+void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
+                 float* dst);
+
+// Taps per K-slice: Kc split into (almost) equal slices of at most kKC.
+inline int64_t slice_taps(int64_t Kc) {
+  const int64_t n = (Kc + kKC - 1) / kKC;
+  return n > 0 ? (Kc + n - 1) / n : 1;
+}
+
+// The weights of one conv (groups == 1) packed for the tiles; built once per model and
+// shared by every plan of an executor (WeightCache).
+struct PackedConv {
+  ops::Conv2dShape s{};
+  int64_t Kc = 0, MB = 0, KS = 0;  // taps, weight row blocks, taps per K-slice
+  AlignedBuffer wbuf, bbuf;
+  float* w = nullptr;  // per K-slice [k0, k0 + kc): [MB][kc][kMR] at w + k0 * MB * kMR
+  float* b = nullptr;  // [MB * kMR] zero-padded bias, null without one
+  PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s);
+  PackedConv(const PackedConv&) = delete;
+  PackedConv& operator=(const PackedConv&) = delete;
+};
+
+// y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
+void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+
+}  // namespace aimass::runtime::conv

@@ -1,0 +1,183 @@
+// AVX-512 conv tile (ops_conv.h): kMR = 8 rows x kNR = 32 columns in 16 zmm accumulators.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "runtime/ops_conv.h"
+
+namespace aimass::runtime::conv {
+
+void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
+  __m512 c0[8], c1[8];
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(b + k * kNR), b1 = _mm512_load_ps(b + k * kNR + 16);
+    const float* ak = a + k * kMR;
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) {
+      const __m512 av = _mm512_set1_ps(ak[m]);
+      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
+      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+    }
+  }
+  const __mmask16 k0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
+  const __mmask16 k1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols > 16 ? __mmask16((1u << (ncols - 16)) - 1) : 0;
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) {
+    if (m >= mvalid) break;
+    float* cr = c + m * ldc;
+    __m512 v0 = c0[m], v1 = c1[m];
+    if (accumulate) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(k0, cr), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(k1, cr + 16), v1);
+    }
+    if (bias) {
+      const __m512 bv = _mm512_set1_ps(bias[m]);
+      v0 = _mm512_add_ps(v0, bv);
+      v1 = _mm512_add_ps(v1, bv);
+    }
+    if (res) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, res + m * ldc));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, res + m * ldc + 16));
+    }
+    if (relu) {  // max(0, v) returns v when v is NaN: torch keeps NaN
+      v0 = _mm512_max_ps(zero, v0);
+      v1 = _mm512_max_ps(zero, v1);
+    }
+    _mm512_mask_storeu_ps(cr, k0, v0);
+    _mm512_mask_storeu_ps(cr + 16, k1, v1);
+  }
+}
+
+namespace {
+
+// Lanes [lo, hi) of 16 (clipped).
+inline __mmask16 lanes(int64_t lo, int64_t hi) {
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > 16 ? 16 : hi;
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << (hi - lo)) - 1u) << lo);
+}
+
+// 16 outputs i = 0..15 of srow[i * SW] for the lanes [lo, hi) (0 <= lo < hi <= 16); the
+// other lanes are 0 and their addresses are never read.
+inline __m512 load_strided(const float* srow, int64_t SW, int64_t lo, int64_t hi) {
+  const __mmask16 in = lanes(lo, hi);
+  if (SW == 1) return _mm512_maskz_loadu_ps(in, srow);
+  if (SW == 2) {
+    // lane l reads element 2l of srow[0..32): the even bits of [2 lo, 2 hi)
+    const uint64_t m32 = (((uint64_t{1} << (2 * hi)) - 1) & ~((uint64_t{1} << (2 * lo)) - 1)) & 0x55555555u;
+    const __m512 a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m32), srow);
+    const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m32 >> 16), srow + 16);
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(a, idx, b);
+  }
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(SW)));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx, srow, 4);
+}
+
+}  // namespace
+
+void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
+                 float* dst) {
+  const int64_t HW = s.H * s.W;
+  int64_t c = k0 / (s.KH * s.KW), kh = (k0 / s.KW) % s.KH, kw = k0 % s.KW;
+  const __m512 zero = _mm512_setzero_ps();
+  if (runs.pointwise) {
+    for (int64_t t = 0; t < kc; ++t, ++c) {
+      float* d = dst + t * kNR;
+      _mm512_store_ps(d, zero);
+      _mm512_store_ps(d + 16, zero);
+      for (int ri = 0; ri < runs.n; ++ri) {
+        const PanelRuns::Run& r = runs.r[ri];
+        const float* src = x + r.base + c * HW + r.oh * s.OW + r.ow;
+        for (int64_t i = 0; i < r.len; i += 16) {
+          const __mmask16 m = lanes(0, r.len - i);
+          _mm512_mask_storeu_ps(d + r.j + i, m, _mm512_maskz_loadu_ps(m, src + i));
+        }
+      }
+    }
+    return;
+  }
+  // Per run, what depends on kh only (the input row, or -1 when outside the image) and
+  // on kw only (the column offset and the in-bounds lanes of its <= 2 chunks of 16), so
+  // the tap loop is loads and stores.
+  constexpr int kMaxK = 16;  // taps per dim handled by the tables; larger kernels take the scalar packer
+  if (s.KH > kMaxK || s.KW > kMaxK) {
+    pack_scalar(x, s, runs, k0, kc, dst);
+    return;
+  }
+  struct RunTab {
+    int64_t row[kMaxK];  // input row offset per kh, -1 outside the image
+    int64_t col[kMaxK];  // first input column per kw (may be negative: padding)
+    __mmask16 m[kMaxK][2];     // in-bounds lanes of the run's two 16-column chunks per kw
+    int64_t lo[kMaxK][2], hi[kMaxK][2];
+  };
+  RunTab tab[kNR];
+  for (int ri = 0; ri < runs.n; ++ri) {
+    const PanelRuns::Run& r = runs.r[ri];
+    RunTab& tb = tab[ri];
+    for (int64_t h = 0; h < s.KH; ++h) {
+      const int64_t ih = r.oh * s.SH - s.PH + h * s.DH;
+      tb.row[h] = (ih < 0 || ih >= s.H) ? -1 : ih * s.W;
+    }
+    for (int64_t w = 0; w < s.KW; ++w) {
+      const int64_t first = r.ow * s.SW - s.PW + w * s.DW;
+      int64_t i0 = first >= 0 ? 0 : (-first + s.SW - 1) / s.SW;
+      int64_t i1 = first >= s.W ? 0 : (s.W - 1 - first) / s.SW + 1;
+      i0 = i0 < r.len ? i0 : r.len;
+      i1 = i1 < r.len ? i1 : r.len;
+      if (i1 < i0) i1 = i0;
+      tb.col[w] = first;
+      for (int ch = 0; ch < 2; ++ch) {
+        const int64_t lo = i0 - 16 * ch, hi = i1 - 16 * ch;
+        tb.lo[w][ch] = lo < 0 ? 0 : lo > 16 ? 16 : lo;
+        tb.hi[w][ch] = hi < 0 ? 0 : hi > 16 ? 16 : hi;
+        tb.m[w][ch] = lanes(tb.lo[w][ch], tb.hi[w][ch]);
+      }
+    }
+  }
+  auto next_tap = [&] {
+    if (++kw == s.KW) {
+      kw = 0;
+      if (++kh == s.KH) {
+        kh = 0;
+        ++c;
+      }
+    }
+  };
+  for (int64_t t = 0; t < kc; ++t, next_tap()) {
+    float* d = dst + t * kNR;
+    _mm512_store_ps(d, zero);
+    _mm512_store_ps(d + 16, zero);
+    const float* plane_c = x + c * HW;
+    for (int ri = 0; ri < runs.n; ++ri) {
+      const RunTab& tb = tab[ri];
+      if (tb.row[kh] < 0) continue;  // zeros already
+      const PanelRuns::Run& r = runs.r[ri];
+      const float* srow = plane_c + r.base + tb.row[kh] + tb.col[kw];
+      float* dj = d + r.j;
+      if (s.SW == 1) {
+        // the common case, a masked load and store per chunk: masked lanes read nothing and keep the zeros
+        const __mmask16 m0 = tb.m[kw][0], m1 = tb.m[kw][1];
+        _mm512_mask_storeu_ps(dj, m0, _mm512_maskz_loadu_ps(m0, srow));
+        if (m1) _mm512_mask_storeu_ps(dj + 16, m1, _mm512_maskz_loadu_ps(m1, srow + 16));
+        continue;
+      }
+      for (int ch = 0; ch < 2; ++ch) {
+        const int64_t lo = tb.lo[kw][ch], hi = tb.hi[kw][ch];
+        if (hi <= lo) continue;
+        _mm512_mask_storeu_ps(dj + 16 * ch, tb.m[kw][ch], load_strided(srow + 16 * ch * s.SW, s.SW, lo, hi));
+      }
+    }
+  }
+}
+
+}  // namespace aimass::runtime::conv
