@@ -334,6 +334,11 @@ namespace {
 // window. Small windows keep the direct loops (and their exact summation order).
 constexpr int64_t kDirectPoolTaps = 16;
 
+// KH*KW past kDirectPoolTaps, without forming a product of two attacker-sized factors
+inline bool large_pool_window(const Pool2dShape& s) {
+  return s.KH > kDirectPoolTaps || s.KW > kDirectPoolTaps || s.KH * s.KW > kDirectPoolTaps;
+}
+
 // first valid tap and one past the last for a window starting at i0 with k taps of stride d in [0, n)
 inline void pool_taps(int64_t i0, int64_t k, int64_t d, int64_t n, int64_t* t0, int64_t* t1) {
   *t0 = i0 < 0 ? (-i0 + d - 1) / d : 0;
@@ -476,7 +481,7 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                  });
     return;
   }
-  if (s.KH * s.KW > kDirectPoolTaps) {
+  if (large_pool_window(s)) {
     max_pool2d_two_pass(x, N, s, y);
     return;
   }
@@ -512,7 +517,7 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
 
 
 void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
-  if (s.KH * s.KW > kDirectPoolTaps) {
+  if (large_pool_window(s)) {
     avg_pool2d_two_pass(x, N, s, y);
     return;
   }

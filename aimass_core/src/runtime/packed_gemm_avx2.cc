@@ -5,13 +5,13 @@
 #include <immintrin.h>
 
 #include "runtime/packed_gemm.h"
+#include "runtime/packed_gemm_tile_args.h"
 #include "runtime/vec_kernels_impl.h"
 
 namespace aimass::runtime::packed {
 
 namespace {
 
-struct TileArgs;
 using VT = vec::Avx2;
 
 inline __m256 epi_act(__m256 v, int act) {

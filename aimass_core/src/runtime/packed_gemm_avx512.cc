@@ -5,13 +5,13 @@
 #include <immintrin.h>
 
 #include "runtime/packed_gemm.h"
+#include "runtime/packed_gemm_tile_args.h"
 #include "runtime/vec_kernels_impl.h"
 
 namespace aimass::runtime::packed {
 
 namespace {
 
-struct TileArgs;
 using VT = vec::Avx512;
 // Rows per register tile: 12 x 32 outputs = 24 of the 32 zmm registers accumulate, so each
 // panel row loaded from L1 feeds 24 FMAs.

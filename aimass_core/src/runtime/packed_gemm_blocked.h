@@ -9,22 +9,11 @@
 #include <cstdint>
 
 #include "runtime/packed_gemm.h"
+#include "runtime/packed_gemm_tile_args.h"
 
 namespace aimass::runtime::packed {
 namespace {
 
-// One panel's K block, for every row tile of an M block.
-struct TileArgs {
-  const float* x;
-  int64_t K, k0, kc;
-  const float* w;  // the panel (all of K)
-  const float* b;  // the panel's bias or null
-  int64_t n0, ncols;
-  bool first, last;
-  const Epilogue* ep;
-  float* y;
-  int64_t N;
-};
 
 // The last rows of an M block (rem < MR): the tile of exactly rem rows.
 template <int R>
