@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "aimass/error.h"
+#include "comm/shm_segment.h"
 
 namespace aimass {
 namespace comm {
@@ -27,8 +28,6 @@ inline void cpu_relax() {
   _mm_pause();
 #endif
 }
-
-uint64_t ll_segment_counter = 0;
 
 constexpr double kBusyGraceS = 1e-3;
 
@@ -100,17 +99,7 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
   const bool creator = rank_ == 0;
   void* p = MAP_FAILED;
   if (creator) {
-    std::snprintf(msg.name, sizeof(msg.name), "/aimass-ll-%d-%llu-%llx", static_cast<int>(getpid()),
-                  static_cast<unsigned long long>(ll_segment_counter++),
-                  static_cast<unsigned long long>(Clock::now().time_since_epoch().count()));
-    const int fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd >= 0) {
-      // fallocate reserves the pages now: a full /dev/shm fails here, not with SIGBUS later
-      if (ftruncate(fd, static_cast<off_t>(bytes)) == 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) == 0)
-        p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-      close(fd);
-      if (p == MAP_FAILED) shm_unlink(msg.name);
-    }
+    p = create_shm_segment("aimass-ll", bytes, msg.name, sizeof(msg.name));
     msg.ok = p != MAP_FAILED ? 1 : 0;  // the pages are zero: step 0, nobody reading, no engine busy
   }
   auto cleanup = [&] {
@@ -121,15 +110,7 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
     MPI_Request req;
     check_mpi(MPI_Ibcast(&msg, static_cast<int>(sizeof(msg)), MPI_BYTE, 0, world, &req), "MPI_Ibcast(ll)");
     wait_mpi(&req, 1.0, timeout_s, "low-latency channel set-up");
-    if (!creator && msg.ok) {
-      const int fd = shm_open(msg.name, O_RDWR, 0600);
-      if (fd >= 0) {
-        struct stat sb;
-        if (fstat(fd, &sb) == 0 && static_cast<size_t>(sb.st_size) == bytes)
-          p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-        close(fd);
-      }
-    }
+    if (!creator && msg.ok) p = open_shm_segment(msg.name, bytes);
     int mine = p != MAP_FAILED ? 1 : 0;
     allreduce_min(&mine, MPI_INT);  // after this every rank has mapped it (or given up)
     if (creator && msg.ok) shm_unlink(msg.name);

@@ -22,6 +22,7 @@
 
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/shm_segment.h"
 
 namespace aimass {
 namespace comm {
@@ -168,7 +169,6 @@ void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char*
 }
 
 namespace {
-uint64_t segment_counter = 0;
 constexpr size_t kMaxSegmentBytes = 32u << 20;
 constexpr size_t kMinChunkBytes = 64u << 10;
 
@@ -238,18 +238,7 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   const bool creator = lrank_ == 0;
   void* p = MAP_FAILED;
   if (creator) {
-    std::snprintf(msg.name, sizeof(msg.name), "/aimass-%d-%llu-%llx", static_cast<int>(getpid()),
-                  static_cast<unsigned long long>(segment_counter++),
-                  static_cast<unsigned long long>(Clock::now().time_since_epoch().count()));
-    const int fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd >= 0) {
-      // fallocate reserves the pages now: a full /dev/shm fails here, not with SIGBUS later
-      if (ftruncate(fd, static_cast<off_t>(bytes_)) == 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes_)) == 0) {
-        p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-      }
-      close(fd);
-      if (p == MAP_FAILED) shm_unlink(msg.name);
-    }
+    p = create_shm_segment("aimass", bytes_, msg.name, sizeof(msg.name));
     if (p != MAP_FAILED) {
       for (int j = 0; j < lsize_; ++j) new (static_cast<char*>(p) + j * sizeof(Control)) Control{};
       msg.ok = 1;
@@ -267,15 +256,7 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
     }
     throw;
   }
-  if (!creator && msg.ok) {
-    const int fd = shm_open(msg.name, O_RDWR, 0600);
-    if (fd >= 0) {
-      struct stat sb;
-      if (fstat(fd, &sb) == 0 && static_cast<size_t>(sb.st_size) == bytes_)
-        p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-      close(fd);
-    }
-  }
+  if (!creator && msg.ok) p = open_shm_segment(msg.name, bytes_);
   int mine = p != MAP_FAILED ? 1 : 0;
   try {
     allreduce(&mine, MPI_INT, MPI_MIN, world);
