@@ -496,10 +496,9 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                        bool nan = false;
                        // only the taps inside the image (a huge padded window costs no idle loop)
                        const int64_t ih0 = oh * s.SH - s.PH, iw0 = ow * s.SW - s.PW;
-                       const int64_t kh0 = ih0 < 0 ? (-ih0 + s.DH - 1) / s.DH : 0;
-                       const int64_t kh1 = ih0 >= s.H ? 0 : std::min(s.KH, (s.H - 1 - ih0) / s.DH + 1);
-                       const int64_t kw0 = iw0 < 0 ? (-iw0 + s.DW - 1) / s.DW : 0;
-                       const int64_t kw1 = iw0 >= s.W ? 0 : std::min(s.KW, (s.W - 1 - iw0) / s.DW + 1);
+                       int64_t kh0, kh1, kw0, kw1;
+                       pool_taps(ih0, s.KH, s.DH, s.H, &kh0, &kh1);
+                       pool_taps(iw0, s.KW, s.DW, s.W, &kw0, &kw1);
                        for (int64_t kh = kh0; kh < kh1; ++kh) {
                          const int64_t ih = ih0 + kh * s.DH;
                          for (int64_t kw = kw0; kw < kw1; ++kw) {
