@@ -45,3 +45,21 @@ def shared_dir(dist, tmp_path_factory):
         codes = np.frombuffer(p.encode().ljust(512), np.uint8).astype(np.int32)
         return bytes(dist.broadcast(codes, root=0, name=f"shared_dir.{name}").astype(np.uint8)).decode().strip()
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A rank that stops on a failure (-x) would leave its peers blocked in their next
+    collective, and its own MPI_Finalize waiting on them, until the outer timeout: abort
+    the whole job at once so the run fails in seconds with every rank's log written."""
+    if exitstatus not in (0, 5):
+        import sys
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_size() > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            tr = session.config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:  # the summary is printed after this hook: print it first
+                tr.summary_failures()
+                tr.short_test_summary()
+                tr._tw.flush()
+            MPI.COMM_WORLD.Abort(1)

@@ -71,10 +71,17 @@ def test_unnamed_allreduce_against_unnamed_broadcast_fails_fast_naming_both(dist
 
 @pytest.mark.timeout(30)
 def test_name_already_in_flight_is_rejected(dist):
-    h = dist.allreduce_async(np.ones(2, np.float32), name="dup")
-    with pytest.raises(ValueError, match="already in flight"):
-        dist.allreduce_async(np.ones(2, np.float32), name="dup")
-    dist.synchronize(h)
+    # Rank 0 submits "dup" before any other rank does, so the collective cannot finish (and
+    # free its name) before the second submission: the other ranks join only after the barrier.
+    if dist.rank() == 0:
+        h = dist.allreduce_async(np.ones(2, np.float32), name="dup", op="sum")
+        with pytest.raises(ValueError, match="already in flight"):
+            dist.allreduce_async(np.ones(2, np.float32), name="dup")
+        dist.barrier(name="dup.checked")
+    else:
+        dist.barrier(name="dup.checked")
+        h = dist.allreduce_async(np.ones(2, np.float32), name="dup", op="sum")
+    np.testing.assert_array_equal(dist.synchronize(h), [dist.size()] * 2)
 
 
 @pytest.mark.timeout(30)
