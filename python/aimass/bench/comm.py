@@ -83,6 +83,10 @@ def _gloo(comm):
         import torch.distributed as tdist
     except ImportError:
         return None
+    # One intra-op thread per rank, as torchrun sets (OMP_NUM_THREADS=1 with several ranks per node):
+    # an OpenMP pool left spinning after a gloo call takes a core from the next measurement (with 2
+    # ranks on 2 cores it made the allreduce right after it 5x slower, whichever library ran it).
+    torch.set_num_threads(1)
     import socket
     port = 0
     if comm.Get_rank() == 0:
