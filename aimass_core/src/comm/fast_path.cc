@@ -81,24 +81,34 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
   }
   std::unique_lock<std::mutex> fl(fast_mu, std::try_to_lock);
   if (!fl.owns_lock()) return false;  // another thread of this rank is in the channel
+  double deadline;
   {
     std::lock_guard<std::mutex> lk(mu);
+    deadline = opts.timeout_s;
     // queued work first (and every error the engine path reports: broken, stopped, poisoned)
     if (nbytes > opts.ll_max_bytes || !inflight.empty() || !incoming.empty() || !broken.empty() ||
         waker->stalled.load() || stop_requested || !running || poisoned.count(r.name))
       return false;
   }
   const double fallback = opts.ll_fallback_s;
-  if (ll->exchange(comm::ll_signature_hash(r), post, post_bytes, rows, fallback) !=
+  // broadcast and allgather: peers read a large payload straight from our input (single copy)
+  const bool by_address = r.kind == CollectiveKind::Broadcast || r.kind == CollectiveKind::Allgather;
+  if (ll->exchange(comm::ll_signature_hash(r), post, post_bytes, rows, fallback, by_address) !=
       comm::LLChannel::Result::Complete) {
     std::lock_guard<std::mutex> lk(mu);
     ++st.ll_fallbacks;
     return false;
   }
-  struct Release {  // the peers may reuse our slot once we stop reading theirs
-    comm::LLChannel* c;
-    ~Release() { c->done(); }
-  } release{ll.get()};
+  struct Release {  // the peers may reuse our slot once we stop reading theirs, and our input
+    comm::LLChannel* c;  // once they stopped reading it (bounded: on the error path only)
+    double deadline;
+    bool armed = true;
+    ~Release() {
+      if (!armed) return;
+      c->done();
+      c->wait_readers(deadline);
+    }
+  } release{ll.get(), deadline};
   const int L = size;
   const ReduceOp op = r.op == ReduceOp::Average ? ReduceOp::Sum : r.op;
   const char* srcs[comm::LLChannel::kMaxRanks];
@@ -115,7 +125,7 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
         if (rank == r.root) {
           if (r.output != r.input) std::memcpy(r.output, r.input, nbytes);
         } else {
-          std::memcpy(r.output, ll->payload(r.root), nbytes);
+          ll->read(r.root, 0, r.output, nbytes);
         }
       }
       break;
@@ -131,8 +141,12 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
       }
       h.result_.resize(static_cast<size_t>(total_rows * row));
       size_t at = 0;
-      for (int j = 0; j < L; ++j) {
-        if (ll->bytes(j)) std::memcpy(h.result_.data() + at, ll->payload(j), ll->bytes(j));
+      for (int j = 0; j < L; ++j) {  // this rank's own rows straight from its input
+        if (j == rank) {
+          if (nbytes) std::memcpy(h.result_.data() + at, r.input, nbytes);
+        } else {
+          ll->read(j, 0, h.result_.data() + at, ll->bytes(j));
+        }
         at += ll->bytes(j);
       }
       h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{total_rows} : r.shape;
@@ -163,6 +177,12 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
     }
     case CollectiveKind::Barrier: break;
   }
+  release.armed = false;
+  ll->done();
+  if (!ll->wait_readers(deadline))  // our input must stay as it is until every peer has read it
+    throw DistributedError(detail::concat("aimass.dist: ", collective_kind_name(r.kind), " '", r.name,
+                                          "': a peer rank did not finish reading this rank's data within ", deadline,
+                                          " s: it has died or stopped (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
   {
     std::lock_guard<std::mutex> lk(mu);
     ++st.ll_collectives;

@@ -5,13 +5,17 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <new>
 #include <thread>
 
@@ -125,6 +129,25 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
   attach(p, slot_bytes);
   map_bytes_ = bytes;
   owned_ = true;
+  // Single copy needs process_vm_readv on every peer (same user, no ptrace restriction): each
+  // rank reads every peer's probe word; all must manage (AIMASS_SHM_CMA=0 turns it off).
+  probe_ = 0x11c0ffee0000ull + static_cast<uint64_t>(rank_);
+  ctl(rank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
+  ctl(rank_)->probe.store(reinterpret_cast<uint64_t>(&probe_), std::memory_order_seq_cst);
+  int posted = 1;
+  allreduce_min(&posted, MPI_INT);  // every rank published its probe
+  const char* env = std::getenv("AIMASS_SHM_CMA");
+  int cma = env && std::string(env) == "0" ? 0 : 1;
+  for (int j = 0; j < size_ && cma; ++j) {
+    if (j == rank_) continue;
+    uint64_t got = 0;
+    iovec l{&got, sizeof(got)};
+    iovec r{reinterpret_cast<void*>(ctl(j)->probe.load(std::memory_order_seq_cst)), sizeof(got)};
+    const ssize_t n = process_vm_readv(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, 1, &r, 1, 0);
+    if (n != static_cast<ssize_t>(sizeof(got)) || got != 0x11c0ffee0000ull + static_cast<uint64_t>(j)) cma = 0;
+  }
+  allreduce_min(&cma, MPI_INT);  // also: every probe is done
+  cma_ok_ = cma != 0;
 }
 
 LLChannel::~LLChannel() {
@@ -132,9 +155,10 @@ LLChannel::~LLChannel() {
 }
 
 LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows,
-                                      double fallback_s) {
+                                      double fallback_s, bool by_address) {
   AIMASS_CHECK(bytes <= slot_bytes_, ValueError, "LLChannel: ", bytes, " bytes exceed the slot (", slot_bytes_,
                ")");
+  by_address_ = by_address && cma_ok_ && bytes >= kCmaMin;
   std::atomic<uint64_t>& st = step();
   Control* me = ctl(rank_);
   const uint64_t bit = uint64_t(1) << rank_;
@@ -162,6 +186,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
             tick();
             if (waited > fallback_s) {
               me->reading.store(0, std::memory_order_seq_cst);
+              by_address_ = false;
               return Result::Fallback;  // nothing posted: the engine runs it (and its deadline)
             }
           }
@@ -172,7 +197,8 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       h->hash = hash;
       h->bytes = bytes;
       h->rows = rows;
-      if (bytes) std::memcpy(h->data(), data, bytes);
+      h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
+      if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
       written = a;
     }
     if (closed(w)) {  // record how the attempt we leave behind ended, for members that missed it
@@ -248,6 +274,51 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     }
   }
   return Result::Complete;
+}
+
+void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
+  const Header* h = slot(j, attempt_);
+  if (n == 0) return;
+  if (!h->addr) {
+    std::memcpy(dst, h->data() + offset, n);
+    return;
+  }
+  const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
+  char* to = static_cast<char*>(dst);
+  uint64_t from = h->addr + offset;
+  while (n > 0) {
+    iovec l{to, n};
+    iovec r{reinterpret_cast<void*>(from), n};
+    const ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      const int err = got < 0 ? errno : 0;
+      throw DistributedError(detail::concat("aimass.dist: low-latency collective: reading rank ", j,
+                                            "'s memory failed (", err ? std::strerror(err) : "no data", "): ",
+                                            err == ESRCH ? "that rank has died" : "the peer process is gone or not readable"));
+    }
+    to += got;
+    from += static_cast<uint64_t>(got);
+    n -= static_cast<size_t>(got);
+  }
+}
+
+bool LLChannel::wait_readers(double deadline_s) const {
+  if (!by_address_) return true;
+  const auto start = Clock::now();
+  Backoff backoff;
+  double waited = 0;
+  for (int j = 0; j < size_; ++j) {
+    if (j == rank_) continue;
+    while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
+      if ((backoff.iter & 15) == 0) {
+        waited = std::chrono::duration<double>(Clock::now() - start).count();
+        if (waited > deadline_s) return false;
+      }
+      backoff.pause(waited);
+    }
+  }
+  return true;
 }
 
 void LLChannel::done() { ctl(rank_)->reading.store(0, std::memory_order_seq_cst); }

@@ -27,6 +27,12 @@
 // submitted) and applies the full deadline. A late rank that finds the attempt aborted
 // starts a new one, sees its peers' engines busy and falls back too.
 //
+// Single copy (broadcast and allgather of kCmaMin bytes or more, where the kernel allows
+// process_vm_readv between the ranks): a rank posts the address of its input instead of copying
+// it into its slot, its peers read it from there straight into their outputs (read()), and the
+// rank returns only after every peer finished reading (wait_readers(), bounded by the deadline).
+// One copy instead of two, and no freshly written shared lines bouncing between cores.
+//
 // The segment is POSIX shared memory created by rank 0 and unlinked once every rank mapped
 // it; it exists only when every rank of the communicator is on one node.
 #pragma once
@@ -72,11 +78,24 @@ class LLChannel {
   void set_busy(uint64_t n) { ctl(rank_)->busy.store(n, std::memory_order_seq_cst); }
 
   enum class Result { Complete, Fallback };
+  static constexpr size_t kCmaMin = 16u << 10;
   // Posts this rank's slot (hash, `bytes` of payload from `data`, `rows`) and waits for the
   // attempt to complete or abort (see above); `fallback_s` bounds the wait. On Complete the
-  // caller reads the peers' slots (payload(), bytes(), rows()) and must call done().
-  Result exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows, double fallback_s);
-  const char* payload(int j) const { return slot(j, attempt_)->data(); }
+  // caller reads the peers' slots (read(), bytes(), rows()) and must call done().
+  // by_address: a payload of kCmaMin bytes or more stays in `data` (single copy, see above; the
+  // caller then calls wait_readers() after done() before it may change `data`).
+  Result exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows, double fallback_s,
+                  bool by_address = false);
+  // Copies bytes [offset, offset + n) of rank j's payload in the completed attempt to dst
+  // (from its slot, or from its process); DistributedError when that process is gone.
+  void read(int j, size_t offset, void* dst, size_t n) const;
+  // Rank j's payload in its slot; nullptr when it posted its address instead (use read()).
+  const char* payload(int j) const { return slot(j, attempt_)->addr ? nullptr : slot(j, attempt_)->data(); }
+  // After done(): when this rank posted by address, waits until no peer still reads it; false
+  // when one still did after deadline_s seconds (it died or stopped mid-read).
+  bool wait_readers(double deadline_s) const;
+  bool cma_available() const { return cma_ok_; }
+  void allow_cma_for_tests() { cma_ok_ = true; }  // threads as ranks: one process reads itself
   size_t bytes(int j) const { return slot(j, attempt_)->bytes; }
   int64_t rows(int j) const { return slot(j, attempt_)->rows; }
   void done();  // this rank finished reading the completed attempt's slots
@@ -86,12 +105,15 @@ class LLChannel {
     std::atomic<uint64_t> reading;       // attempt + 1 whose slots this rank reads (0: none)
     std::atomic<uint64_t> busy;          // requests in this rank's engine
     std::atomic<int64_t> cpu;            // the CPU this rank last arrived from (sched_getcpu)
+    std::atomic<int64_t> pid;            // this rank's process (single copy: process_vm_readv)
+    std::atomic<uint64_t> probe;         // the address of its probe word (start-up check)
   };
   struct alignas(128) Header {
     uint64_t attempt;
     uint64_t hash;
     uint64_t bytes;
     int64_t rows;
+    uint64_t addr;  // nonzero: the payload stays at this address in the writer's process
     char* data() { return reinterpret_cast<char*>(this) + 128; }
     const char* data() const { return reinterpret_cast<const char*>(this) + 128; }
   };
@@ -121,6 +143,9 @@ class LLChannel {
   size_t map_bytes_ = 0;
   bool owned_ = false;
   uint64_t attempt_ = 0;  // the attempt of the last exchange
+  bool by_address_ = false;  // the last exchange posted this rank's payload by address
+  bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
+  uint64_t probe_ = 0;       // read by the peers' start-up probe
 };
 
 }  // namespace comm
