@@ -4,6 +4,7 @@
 // others fall back instead of waiting.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -151,6 +152,84 @@ TEST(CommLL, BusyPeerMakesTheOthersFallBackWithinTheGrace) {
   EXPECT_EQ(a.exchange(1, &v, 8, 1, 30.0), Result::Fallback);
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
   EXPECT_THROW(a.exchange(1, &v, kSlot + 1, 1, 1.0), aimass::ValueError);
+}
+
+// Single copy (broadcast/allgather of 16 KiB or more): peers read the posted buffer itself, and
+// its owner may change it only after wait_readers(), which waits for every reader.
+TEST(CommLL, ByAddressPayloadsAreReadFromTheWritersBuffer) {
+  constexpr int L = 3;
+  constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;  // not a multiple of anything round
+  const size_t bytes = LLChannel::segment_bytes(L, kBig);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  std::vector<std::vector<unsigned char>> got(L, std::vector<unsigned char>(L * kBig));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      LLChannel ch(r, L, mem, kBig);
+      ch.allow_cma_for_tests();
+      for (int round = 0; round < 20; ++round) {
+        std::vector<unsigned char> mine(kBig);
+        for (size_t i = 0; i < kBig; ++i) mine[i] = static_cast<unsigned char>(i * 7 + r * 31 + round);
+        ASSERT_EQ(ch.exchange(42 + round, mine.data(), kBig, 1, 30.0, /*by_address=*/true), Result::Complete);
+        for (int j = 0; j < L; ++j) {
+          EXPECT_EQ(ch.payload(j), nullptr);  // nothing in the slots
+          EXPECT_EQ(ch.bytes(j), kBig);
+          ch.read(j, 0, got[r].data() + j * kBig, kBig);
+        }
+        ch.done();
+        ASSERT_TRUE(ch.wait_readers(30.0));
+        std::fill(mine.begin(), mine.end(), 0xee);  // safe now: every peer has its copy
+        for (int j = 0; j < L; ++j)
+          for (size_t i = 0; i < kBig; i += 997)
+            ASSERT_EQ(got[r][j * kBig + i], static_cast<unsigned char>(i * 7 + j * 31 + round)) << r << " " << j;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  // small payloads stay in the slots even when asked by address
+  {
+    std::memset(mem, 0, bytes);
+    LLChannel a(0, 2, mem, kBig), b(1, 2, mem, kBig);
+    a.allow_cma_for_tests();
+    b.allow_cma_for_tests();
+    int64_t v = 5, w = 6;
+    std::thread t([&] { EXPECT_EQ(b.exchange(1, &w, 8, 1, 10.0, true), Result::Complete); });
+    EXPECT_EQ(a.exchange(1, &v, 8, 1, 10.0, true), Result::Complete);
+    t.join();
+    ASSERT_NE(a.payload(1), nullptr);
+    int64_t x = 0;
+    a.read(1, 0, &x, 8);
+    EXPECT_EQ(x, 6);
+    a.done();
+    b.done();
+    EXPECT_TRUE(a.wait_readers(0.01));
+  }
+  std::free(mem);
+}
+
+TEST(CommLL, WaitReadersGivesUpOnAReaderThatNeverFinishes) {
+  constexpr size_t kBig = LLChannel::kCmaMin;
+  const size_t bytes = LLChannel::segment_bytes(2, kBig);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  {
+    LLChannel a(0, 2, mem, kBig), b(1, 2, mem, kBig);
+    a.allow_cma_for_tests();
+    b.allow_cma_for_tests();
+    std::vector<char> pa(kBig, 1), pb(kBig, 2);
+    std::thread t([&] { EXPECT_EQ(b.exchange(9, pb.data(), kBig, 1, 10.0, true), Result::Complete); });
+    EXPECT_EQ(a.exchange(9, pa.data(), kBig, 1, 10.0, true), Result::Complete);
+    t.join();
+    a.done();  // b "stopped" before done(): a must not return as if its buffer were free
+    auto t0 = std::chrono::steady_clock::now();
+    EXPECT_FALSE(a.wait_readers(0.05));
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+    b.done();
+    EXPECT_TRUE(a.wait_readers(1.0));
+    EXPECT_TRUE(b.wait_readers(1.0));
+  }
+  std::free(mem);
 }
 
 }  // namespace

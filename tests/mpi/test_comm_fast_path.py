@@ -207,3 +207,35 @@ def test_sizes_around_the_slot(ll):
     assert d.stats()["ll_collectives"] == before
     with pytest.raises(ValueError, match="set_ll_max_bytes"):
         d.set_ll_max_bytes(-1)
+
+
+@pytest.mark.timeout(60)
+def test_single_copy_broadcast_and_allgather(ll):
+    """Broadcast and allgather of 16 KiB or more: the peers read the posting rank's array itself, so
+    it must not return before they have; it overwrites its array at once to catch that."""
+    d = ll
+    n, r = d.size(), d.rank()
+    slot = d._require_engine().ll_slot_bytes
+    sizes = [b for b in ((16 << 10) - 8, 16 << 10, (16 << 10) + 12, 65536 + 36, slot - 8) if b <= slot]
+    for nbytes in sizes:
+        count = nbytes // 4
+        for root in range(n):
+            want = data(nbytes + root, root, count, "float32")
+            x = data(nbytes + root, r, count, "float32")
+            before = d.stats()["ll_collectives"]
+            d.broadcast_(x, root, name=f"ll.cma.bc.{nbytes}.{root}")
+            fast = d.stats()["ll_collectives"] - before
+            got = x.copy()
+            x[:] = -1  # the peers must have their copies already
+            np.testing.assert_array_equal(got, want)
+            out = d.broadcast(data(nbytes + root, r, count, "float32"), root, name=f"ll.cma.bco.{nbytes}.{root}")
+            np.testing.assert_array_equal(out, want)
+            assert fast in (0, 1)
+        # allgather: a different number of rows per rank (3 float32 per row)
+        rows = count // 3 + r
+        mine = data(nbytes, r, rows * 3, "float32").reshape(rows, 3)
+        got = d.allgather(mine, name=f"ll.cma.ag.{nbytes}")
+        mine[:] = -1
+        np.testing.assert_array_equal(got, np.concatenate(
+            [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
+    d.barrier(name="ll.cma.end")

@@ -74,6 +74,7 @@ LLChannel::LLChannel(int rank, int size, void* memory, size_t slot_bytes) : rank
   AIMASS_CHECK(memory != nullptr && reinterpret_cast<uintptr_t>(memory) % 128 == 0, ValueError,
                "LLChannel: memory must be non-null and 128-byte aligned");
   attach(memory, slot_bytes);
+  ctl(rank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);  // (allow_cma_for_tests)
 }
 
 LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout_s)
