@@ -216,7 +216,9 @@ def test_single_copy_broadcast_and_allgather(ll):
     d = ll
     n, r = d.size(), d.rank()
     slot = d._require_engine().ll_slot_bytes
+    # past the slot too: a single-copy payload is not staged in it
     sizes = [b for b in ((16 << 10) - 8, 16 << 10, (16 << 10) + 12, 65536 + 36, slot - 8) if b <= slot]
+    sizes += [slot + 20, (3 << 20) + 44]
     for nbytes in sizes:
         count = nbytes // 4
         for root in range(n):

@@ -157,9 +157,9 @@ LLChannel::~LLChannel() {
 
 LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows,
                                       double fallback_s, bool by_address) {
-  AIMASS_CHECK(bytes <= slot_bytes_, ValueError, "LLChannel: ", bytes, " bytes exceed the slot (", slot_bytes_,
-               ")");
   by_address_ = by_address && cma_ok_ && bytes >= kCmaMin;
+  AIMASS_CHECK(by_address_ || bytes <= slot_bytes_, ValueError, "LLChannel: ", bytes, " bytes exceed the slot (",
+               slot_bytes_, ")");
   std::atomic<uint64_t>& st = step();
   Control* me = ctl(rank_);
   const uint64_t bit = uint64_t(1) << rank_;
