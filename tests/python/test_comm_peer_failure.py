@@ -59,7 +59,11 @@ def trials():
                         "signal": ("SIGKILL", "SIGSTOP")[k % 2] if n > 1 else rng.choice(("SIGKILL", "SIGSTOP")),
                         "delay": round(rng.uniform(0.0, 0.3), 4)})
     # "ll": blocking allreduces, which take the caller-thread low-latency channel (docs/comm.md)
-    out += [dict(t, path="ll") for t in out if t["path"] == "shm" and not t["fused"] and t["bytes"] <= 64 << 10]
+    # "llag": blocking allgathers on that channel, single-copy from 16 KiB (peers read each other's
+    # arrays; a rank returns only once its peer finished reading)
+    base = [t for t in out if t["path"] == "shm" and not t["fused"]]
+    out += [dict(t, path="ll") for t in base if t["bytes"] <= 64 << 10]
+    out += [dict(t, path="llag") for t in base if t["bytes"] <= 4 << 20]
     return out
 
 
