@@ -35,7 +35,7 @@ namespace aimass::runtime::conv {
 
 constexpr int64_t kMR = 8;    // output channels per weight row block
 constexpr int64_t kNR = 32;   // output pixels per activation panel
-constexpr int64_t kKC = 256;  // taps per K-slice (B panel kKC x kNR floats = 32 KiB)
+constexpr int64_t kKC = 128;  // taps per K-slice (B panel kKC x kNR floats = 16 KiB)
 constexpr int64_t kGroupPanels = 2;  // panels packed together: each weight block serves both from L1
 
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
