@@ -12,8 +12,9 @@
 //   already folded in by export: one slice's pass over the row blocks is one sequential stream.
 // - B (activations): packed per call, one panel of kNR = 32 output pixels at a time,
 //   [kc][kNR] for a K-slice of kc <= kKC taps (an implicit im2col that reads the input
-//   straight from NCHW, zero for out-of-image taps and past the last pixel): 32 KiB at
-//   kc = 256, so the panel sits in L1 while every weight row block streams over it.
+//   straight from NCHW, zero for out-of-image taps and past the last pixel): 16 KiB at
+//   kc = 128, so a group's kGroupPanels panels sit in L1 (48 KiB on current Xeons)
+//   together while every weight row block streams over them.
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
 //   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
 //   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
