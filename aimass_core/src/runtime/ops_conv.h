@@ -12,9 +12,8 @@
 //   already folded in by export: one slice's pass over the row blocks is one sequential stream.
 // - B (activations): packed per call, one panel of kNR = 32 output pixels at a time,
 //   [kc][kNR] for a K-slice of kc <= kKC taps (an implicit im2col that reads the input
-//   straight from NCHW, zero for out-of-image taps and past the last pixel): 16 KiB at
-//   kc = 128, so a group's kGroupPanels panels sit in L1 (48 KiB on current Xeons)
-//   together while every weight row block streams over them.
+//   straight from NCHW, zero for out-of-image taps and past the last pixel): 32 KiB at
+//   kc = 256, so the panel sits in L1 while every weight row block streams over it.
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
 //   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
 //   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
@@ -36,7 +35,7 @@ namespace aimass::runtime::conv {
 
 constexpr int64_t kMR = 8;    // output channels per weight row block
 constexpr int64_t kNR = 32;   // output pixels per activation panel
-constexpr int64_t kKC = 128;  // taps per K-slice (B panel kKC x kNR floats = 16 KiB)
+constexpr int64_t kKC = 256;  // taps per K-slice (B panel kKC x kNR floats = 32 KiB)
 constexpr int64_t kGroupPanels = 2;  // panels packed together: each weight block serves both from L1
 
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
