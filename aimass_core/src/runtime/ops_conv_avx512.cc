@@ -2,6 +2,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "runtime/ops_conv.h"
@@ -57,6 +58,8 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
 
 namespace {
 
+constexpr int64_t kPrefetchTaps = 8;  // packer: how many taps (channels) ahead to prefetch
+
 // Lanes [lo, hi) of 16 (clipped).
 inline __mmask16 lanes(int64_t lo, int64_t hi) {
   lo = lo < 0 ? 0 : lo;
@@ -98,6 +101,11 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       for (int ri = 0; ri < runs.n; ++ri) {
         const PanelRuns::Run& r = runs.r[ri];
         const float* src = x + r.base + c * HW + r.oh * s.OW + r.ow;
+        if (c + kPrefetchTaps < s.C) {
+          // channels are HW apart: too many streams for the hardware prefetcher
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchTaps * HW), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchTaps * HW + r.len - 1), _MM_HINT_T0);
+        }
         for (int64_t i = 0; i < r.len; i += 16) {
           const __mmask16 m = lanes(0, r.len - i);
           _mm512_mask_storeu_ps(d + r.j + i, m, _mm512_maskz_loadu_ps(m, src + i));
@@ -144,6 +152,11 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       }
     }
   }
+  // prefetch: per run, the input columns its taps of one row read (kw = 0 .. KW-1), and how
+  // many channels ahead (~kPrefetchTaps taps)
+  const int64_t pf_ch = std::max<int64_t>(1, kPrefetchTaps / (s.KH * s.KW));
+  int64_t span[kNR];
+  for (int ri = 0; ri < runs.n; ++ri) span[ri] = (runs.r[ri].len - 1) * s.SW + (s.KW - 1) * s.DW + 1;
   auto next_tap = [&] {
     if (++kw == s.KW) {
       kw = 0;
@@ -158,11 +171,17 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
     _mm512_store_ps(d, zero);
     _mm512_store_ps(d + 16, zero);
     const float* plane_c = x + c * HW;
+    const bool pf = kw == 0 && c + pf_ch < s.C;
     for (int ri = 0; ri < runs.n; ++ri) {
       const RunTab& tb = tab[ri];
       if (tb.row[kh] < 0) continue;  // zeros already
       const PanelRuns::Run& r = runs.r[ri];
       const float* srow = plane_c + r.base + tb.row[kh] + tb.col[kw];
+      if (pf) {  // this row of a channel pf_ch ahead: the cache lines of the run's whole span
+        const float* p = srow + pf_ch * HW;
+        for (int64_t o = 0; o < span[ri]; o += 16) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + span[ri] - 1), _MM_HINT_T0);
+      }
       float* dj = d + r.j;
       if (s.SW == 1) {
         // the common case, a masked load and store per chunk: masked lanes read nothing and keep the zeros
