@@ -9,23 +9,12 @@
 
 namespace aimass::runtime::conv {
 
-void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
-                 bool accumulate, const float* bias, const float* res, bool relu) {
-  static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
-  __m512 c0[8], c1[8];
-#pragma GCC unroll 8
-  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * kNR), b1 = _mm512_load_ps(b + k * kNR + 16);
-    const float* ak = a + k * kMR;
-#pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
-      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
-    }
-  }
+namespace {
+
+// The tile's epilogue: (+ c when accumulating), + bias, + residual, ReLU, masked stores of the
+// mvalid x ncols tile.
+inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int64_t ldc, int64_t mvalid,
+                     int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu) {
   const __mmask16 k0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
   const __mmask16 k1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols > 16 ? __mmask16((1u << (ncols - 16)) - 1) : 0;
   const __m512 zero = _mm512_setzero_ps();
@@ -54,6 +43,52 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
     _mm512_mask_storeu_ps(cr, k0, v0);
     _mm512_mask_storeu_ps(cr + 16, k1, v1);
   }
+}
+
+// The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
+// in place: any ldb, unaligned, optionally prefetched kPf rows ahead).
+template <bool kPacked, bool kStream>
+inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, __m512 (&c0)[8], __m512 (&c1)[8]) {
+  constexpr int64_t kPf = 8;
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * (kPacked ? kNR : ldb);
+    if (kStream && k + kPf < kc) {
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb + kNR - 1), _MM_HINT_T0);
+    }
+    const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
+    const __m512 b1 = kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
+    const float* ak = a + k * kMR;
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) {
+      const __m512 av = _mm512_set1_ps(ak[m]);
+      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
+      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+    }
+  }
+}
+
+}  // namespace
+
+void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
+  __m512 c0[8], c1[8];
+  tile_core<true, false>(kc, a, b, kNR, c0, c1);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
+}
+
+void tile_ld_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream) {
+  __m512 c0[8], c1[8];
+  if (stream)
+    tile_core<false, true>(kc, a, b, ldb, c0, c1);
+  else
+    tile_core<false, false>(kc, a, b, ldb, c0, c1);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
 }
 
 namespace {
