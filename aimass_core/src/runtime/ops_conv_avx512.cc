@@ -50,6 +50,7 @@ inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int
 template <bool kPacked, bool kStream>
 inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, __m512 (&c0)[8], __m512 (&c1)[8]) {
   constexpr int64_t kPf = 8;
+  constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
 #pragma GCC unroll 2
@@ -62,6 +63,9 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
     const __m512 b1 = kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
     const float* ak = a + k * kMR;
+    // the weights stream sequentially through a K-slice's row blocks (slice-major packing);
+    // fetch a few lines ahead so a large layer's weights arrive from L3/DRAM in time
+    _mm_prefetch(reinterpret_cast<const char*>(ak + kPfA), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int m = 0; m < 8; ++m) {
       const __m512 av = _mm512_set1_ps(ak[m]);
