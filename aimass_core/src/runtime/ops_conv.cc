@@ -12,27 +12,6 @@
 
 namespace aimass::runtime::conv {
 
-void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
-                 bool accumulate, const float* bias, const float* res, bool relu) {
-  for (int64_t m = 0; m < mvalid; ++m) {
-    float acc[kNR];
-    float* cr = c + m * ldc;
-    for (int64_t j = 0; j < kNR; ++j) acc[j] = accumulate && j < ncols ? cr[j] : 0.f;
-    for (int64_t k = 0; k < kc; ++k) {
-      const float av = a[k * kMR + m];
-      const float* bk = b + k * kNR;
-      for (int64_t j = 0; j < kNR; ++j) acc[j] += av * bk[j];
-    }
-    for (int64_t j = 0; j < ncols; ++j) {
-      float v = acc[j];
-      if (bias) v += bias[m];
-      if (res) v += res[m * ldc + j];
-      if (relu) v = v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN
-      cr[j] = v;
-    }
-  }
-}
-
 void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
                     int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool) {
   for (int64_t m = 0; m < mvalid; ++m) {
@@ -52,6 +31,11 @@ void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, flo
       cr[j] = v;
     }
   }
+}
+
+void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  tile_ld_scalar(kc, a, b, kNR, c, ldc, mvalid, ncols, accumulate, bias, res, relu, false);
 }
 
 void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
