@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     res = sweep(quick=args.quick, concurrency=concs, seconds=args.seconds, requests=args.requests,
                 rounds=args.rounds, serve_args=args.serve_args.split(),
                 only=args.only.split(",") if args.only else None, log=lambda m: print(m, flush=True))
-    runs, s50 = res["runs"], res["session_p50_us"]
+    runs = res["runs"]
     print(f"\nload generator: {res.get('generator')}")
     if FLASK in runs:
         print("\n| target | concurrency | req/s | Flask req/s | ratio | p50 | p99 | Flask p99 | server CPU/req, "

@@ -11,12 +11,9 @@ small machine, takes a core from the servers). Each server runs in its own proce
 interleaved per round so all see the same machine load."""
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ._loadgen import free_port, http_request, load, wait_http, wrk_path
+from ._loadgen import cpu_seconds, wrk_load  # noqa: F401  (this module's names since before the split)
 from ._report import Report
 from .runtime import MLP
 
@@ -47,143 +46,6 @@ def predict():
 
 app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
 '''
-
-
-# wrk sends the bench's pre-built request bytes as they are and prints one parseable line
-WRK_LUA = r'''
-local f = assert(io.open(os.getenv("AIMASS_WRK_REQUEST"), "rb"))
-local raw = f:read("*a")
-f:close()
-request = function() return raw end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("AIMASS_WRK %d %d %d %.1f %.1f\n", summary.requests, summary.duration,
-    e.status + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-'''
-
-
-def wrk_path() -> Optional[str]:
-    """Debian's wrk, unless AIMASS_BENCH_CLIENT=python asks for the asyncio generator."""
-    if os.environ.get("AIMASS_BENCH_CLIENT", "").lower() == "python":
-        return None
-    return shutil.which("wrk")
-
-
-def wrk_load(wrk: str, port: int, req: bytes, conc: int, seconds: float, workdir: str) -> dict:
-    """One wrk run (one thread, `conc` keep-alive connections, whole seconds): n, errors, rps, p50/p99 us."""
-    lua, body = os.path.join(workdir, "aimass_wrk.lua"), os.path.join(workdir, f"request-{port}-{hash(req)}.http")
-    if not os.path.exists(lua):
-        with open(lua, "w") as f:
-            f.write(WRK_LUA)
-    if not os.path.exists(body):
-        with open(body, "wb") as f:
-            f.write(req)
-    secs = max(1, math.ceil(seconds - 1e-9))
-    out = subprocess.run([wrk, "-t1", f"-c{conc}", f"-d{secs}s", "--timeout", "30s", "-s", lua,
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=secs + 60,
-                         env=dict(os.environ, AIMASS_WRK_REQUEST=body))
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("AIMASS_WRK ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-    n, dur_us, errors, p50, p99 = line.split()[1:]
-    n = int(n)
-    return {"n": n, "errors": int(errors), "rps": n / (int(dur_us) * 1e-6), "p50_us": float(p50),
-            "p99_us": float(p99) if n else float("nan")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port: int, path: str, proc, timeout: float = 120) -> None:
-    import httpx
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server on port {port} did not come up in {timeout:.0f} s")
-
-
-def http_request(path: str, body: bytes, headers=()) -> bytes:
-    h = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", *headers]
-    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
-
-
-async def _one_conn(port, req, lat, errors, state, deadline):
-    reader = writer = None
-    while state["left"] > 0 and time.perf_counter() < deadline:
-        state["left"] -= 1
-        t0 = time.perf_counter_ns()
-        if writer is None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(req)
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        hdr = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-        if "content-length" in hdr:
-            await reader.readexactly(int(hdr["content-length"]))
-        else:
-            await reader.read()
-        lat.append(time.perf_counter_ns() - t0)
-        if lines[0].split()[1] != "200":
-            errors.append(lines[0])
-        if hdr.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0"):
-            writer.close()
-            reader = writer = None
-    if writer is not None:
-        writer.close()
-
-
-async def _load(port, req, conc, count, seconds):
-    lat: List[int] = []
-    errors: List[str] = []
-    state = {"left": count}
-    t0 = time.perf_counter()
-    await asyncio.gather(*[_one_conn(port, req, lat, errors, state, t0 + seconds) for _ in range(conc)])
-    return lat, errors, time.perf_counter() - t0
-
-
-def cpu_seconds(pid: int) -> Optional[float]:
-    """User + system CPU time of a process and its threads (Linux /proc), None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def load(port: int, req: bytes, conc: int, count: int, seconds: float, warmup: int = 100,
-         pid: Optional[int] = None, wrk: Optional[str] = None, workdir: Optional[str] = None) -> Dict[str, float]:
-    """One closed-loop point: wrk for `seconds` (rounded up to whole seconds) when given, else the asyncio
-    generator for at most `count` requests and `seconds`. Both after `warmup` requests."""
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    runner(_load(port, req, conc, warmup, 30))
-    cpu0 = cpu_seconds(pid) if pid else None
-    if wrk is not None:
-        r = wrk_load(wrk, port, req, conc, seconds, workdir or tempfile.gettempdir())
-    else:
-        lat, errors, wall = runner(_load(port, req, conc, count, seconds))
-        a = np.array(lat, dtype=np.float64) / 1e3 if lat else np.array([np.nan])
-        r = {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
-             "p99_us": float(np.percentile(a, 99))}
-    cpu1 = cpu_seconds(pid) if pid else None
-    r["cpu_us"] = ((cpu1 - cpu0) / max(1, r["n"]) * 1e6 if cpu0 is not None and cpu1 is not None
-                   else float("nan"))
-    return r
 
 
 def compute_totals(port: int):
@@ -212,7 +74,7 @@ def session_p50(sess, x: np.ndarray, n: int = 3000, gap_us: float = 0.0):
     return float(np.percentile(t / 1e3, 50)), float(np.percentile(t / 1e3, 99))
 
 
-# the HTTP-cost points at concurrency 1: (label, what for --only)
+# labels of the concurrency-1 HTTP-cost points (--only bare, tiny), and the pacing of Session.run
 BARE = "bare uvicorn ASGI app (no model)"
 TINY = "aimass serve v2 binary, tiny model"
 PACED_GAP_US = 200.0
