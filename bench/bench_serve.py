@@ -65,7 +65,7 @@ def print_overhead(res) -> None:
     bare = runs.get(BARE, {}).get(1)
     if bare:
         print(f"  floor: {BARE} (same uvicorn settings, same request bytes): {bare['p50_us']:.1f} us "
-              "= uvicorn + loopback TCP + wrk, no aimass code")
+              "= uvicorn + loopback TCP + the load generator, no aimass code")
     tiny = runs.get(TINY, {}).get(1)
     if tiny and "session_tiny_p50_us" in res:
         t50 = res["session_tiny_p50_us"]
