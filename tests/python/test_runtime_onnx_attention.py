@@ -108,10 +108,11 @@ def test_transformer_encoder(tmp_path, norm_first, act):
     assert sum(1 for _ in ops_in(out) if _ == "sdpa") == 1
 
 
-def test_attention_with_a_mask_is_reported_not_mismapped(tmp_path):
-    # an additive float mask inside the block looks like attention by structure; the check against
-    # onnxruntime's own values for the subgraph tells it is not plain attention
+def test_attention_with_a_stored_mask_is_mapped_and_checked(tmp_path):
+    # an additive float mask inside the block: mapped onto the fused attention's stored mask, after the
+    # check against onnxruntime's own values for the subgraph (a block it cannot map is reported:
+    # test_runtime_onnx_masked.py)
     m = MHA(torch.triu(torch.full((5, 5), -1e4), 1))
     p = export(tmp_path, m, torch.randn(2, 5, 32))
-    with pytest.raises(UnsupportedOpError, match="does not compute plain multi-head attention"):
-        rt.from_onnx(p, tmp_path / "m.aimass")
+    out = check(tmp_path, m, p, [torch.randn(1, 5, 32), torch.randn(3, 5, 32)])
+    assert "sdpa" in ops_in(out)
