@@ -91,21 +91,18 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
                     dt = {self.onnx.TensorProto.INT64: np.int64, self.onnx.TensorProto.INT32: np.int32,
                           self.onnx.TensorProto.BOOL: np.bool_}[et]
                     feeds[name] = np.ones(shape, dtype=dt)
-                    if et == self.onnx.TensorProto.BOOL and len(shape) > 1:
-                        # a mask: alternate along the last dim, so that a key padding mask (True = pad)
-                        # and an attention mask (True = attend) both leave keys in every row, and
-                        # the attention check sees the mask at work
+                    if et == self.onnx.TensorProto.BOOL and len(shape) > 1:  # a mask: alternate, so that
+                        # padding (True = pad) and attention (True = attend) masks both leave keys in every row
                         feeds[name] = np.broadcast_to(np.arange(shape[-1]) % 2 == 1, shape).copy()
                 else:
                     raise TypeError(f"from_onnx: input '{name}' has ONNX element type {et}; use float32 or int64")
             try:
                 out = dict(zip(names, sess.run(None, feeds)))
             except Exception as exc:  # onnxruntime's own error types; the file cannot run at this shape
-                dyn = f" and sequence length {seq}" if seq_params else ""
-                raise ValueError(f"from_onnx: onnxruntime cannot run this file at batch {batch}{dyn} ({exc}); an "
-                                 "export that traced a size into the graph (torch.onnx.export of "
-                                 "nn.MultiheadAttention with a key_padding_mask fixes the sequence length) "
-                                 "needs that dim static in the input shapes") from exc
+                raise ValueError(f"from_onnx: onnxruntime cannot run this file at batch {batch}" + (
+                    f" and sequence length {seq}" if seq_params else "") + f" ({exc}); an export that traced a "
+                    "size into the graph (torch.onnx.export of nn.MultiheadAttention with a key_padding_mask "
+                    "fixes the sequence length) needs that dim static in the input shapes") from exc
             out.update(feeds)
             runs.append(out)
         self.r0, self.r1 = runs
