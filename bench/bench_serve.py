@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from aimass.bench.serve import sweep
+from aimass.bench.serve import BARE, TINY, sweep
 
 FLASK = "Flask /predict (torch)"
 
@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
-    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask")
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,tiny,bare (the last two: "
+                    "concurrency 1 only)")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -33,13 +34,13 @@ def main(argv=None) -> int:
     res = sweep(quick=args.quick, concurrency=concs, seconds=args.seconds, requests=args.requests,
                 rounds=args.rounds, serve_args=args.serve_args.split(),
                 only=args.only.split(",") if args.only else None, log=lambda m: print(m, flush=True))
-    runs, s50 = res["runs"], res["session_p50_us"]
+    runs = res["runs"]
     print(f"\nload generator: {res.get('generator')}")
     if FLASK in runs:
         print("\n| target | concurrency | req/s | Flask req/s | ratio | p50 | p99 | Flask p99 | server CPU/req, "
               "target / Flask |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for label in [k for k in runs if k.startswith("aimass") and not k.endswith("/v2/health/live")]:
+        for label in [k for k in runs if k.startswith("aimass") and k != TINY and not k.endswith("/v2/health/live")]:
             for c in concs:
                 if c not in runs[label] or c not in runs[FLASK]:
                     continue
@@ -47,18 +48,41 @@ def main(argv=None) -> int:
                 print(f"| {label[len('aimass serve '):]} | {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | "
                       f"{a['rps'] / f['rps']:.1f}x | {a['p50_us'] / 1e3:.2f} ms | {a['p99_us'] / 1e3:.2f} ms | "
                       f"{f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
-    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
-                  "aimass serve TF-Serving :predict"):
-        if 1 in runs.get(label, {}):
-            r = runs[label][1]
-            print(f"HTTP overhead at concurrency 1, {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = "
-                  f"{r['p50_us'] - s50:.1f} us (server's own mean compute per batch {r['server_compute_us']:.1f} us)")
+    print_overhead(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     if args.plot:
         plot(res, concs, args.plot)
     return 0
+
+
+def print_overhead(res) -> None:
+    """HTTP overhead at concurrency 1 (serve p50 - Session.run p50, the issue's definition), and what it
+    is made of: the bare uvicorn floor, aimass on a tiny model, and Session.run paced like a server's."""
+    runs, s50 = res["runs"], res["session_p50_us"]
+    print("\nHTTP overhead at concurrency 1 (p50s, same run):")
+    bare = runs.get(BARE, {}).get(1)
+    if bare:
+        print(f"  floor: {BARE} (same uvicorn settings, same request bytes): {bare['p50_us']:.1f} us "
+              "= uvicorn + loopback TCP + the load generator, no aimass code")
+    tiny = runs.get(TINY, {}).get(1)
+    if tiny and "session_tiny_p50_us" in res:
+        t50 = res["session_tiny_p50_us"]
+        print(f"  {TINY} (784x10 linear): p50 {tiny['p50_us']:.1f} us - Session.run {t50:.1f} us = "
+              f"{tiny['p50_us'] - t50:.1f} us" + (f" ({tiny['p50_us'] - t50 - bare['p50_us']:+.1f} us over the floor)"
+                                                   if bare else ""))
+    paced = res.get("session_paced_p50_us")
+    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
+                  "aimass serve TF-Serving :predict"):
+        if 1 in runs.get(label, {}):
+            r = runs[label][1]
+            line = (f"  {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = {r['p50_us'] - s50:.1f} us "
+                    f"[goal < 150 us: {'met' if r['p50_us'] - s50 < 150 else 'NOT met'}]")
+            if paced:
+                line += (f"; - Session.run paced {res['paced_gap_us']:.0f} us apart ({paced:.1f} us) = "
+                         f"{r['p50_us'] - paced:.1f} us")
+            print(line + f" (server's mean compute per batch {r['server_compute_us']:.1f} us)")
 
 
 def plot(results, concs, out):

@@ -249,7 +249,10 @@ void bind_runtime(py::module_& parent) {
            }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
       // Session.run's hot path: a dict of plain numpy arrays in, a dict out (one call, no
       // Python-side conversion); None when the inputs need the Python layer's conversion.
-      .def("run_plain", [](rt::Batcher& b, py::handle inputs, int priority, int64_t timeout_us) -> py::object {
+      // inline_only (Session.run_async(inline=True)'s fast path): run it on this thread only if
+      // the batcher would run it inline (Batcher::try_run_inline), else None, nothing queued.
+      .def("run_plain", [](rt::Batcher& b, py::handle inputs, int priority, int64_t timeout_us,
+                           bool inline_only) -> py::object {
              const rt::Model& mm = b.model();
              std::vector<py::array> arrays = plain_inputs(mm, inputs);
              if (arrays.empty()) return py::none();
@@ -265,12 +268,17 @@ void bind_runtime(py::module_& parent) {
                out.push_back(a.mutable_data());
                result[py::str(o.name)] = std::move(a);
              }
+             bool ran = true;
              {
                py::gil_scoped_release nogil;
-               b.run(std::move(in), std::move(out), rows, priority, timeout_us, seq);
+               if (inline_only)
+                 ran = b.try_run_inline(std::move(in), std::move(out), rows, priority, timeout_us, seq);
+               else
+                 b.run(std::move(in), std::move(out), rows, priority, timeout_us, seq);
              }
+             if (!ran) return py::none();
              return std::move(result);
-           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
+           }, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1, py::arg("inline_only") = false)
       .def("wait_completed", &rt::Batcher::wait_completed, py::arg("timeout_us"), nogil())
       .def("close", &rt::Batcher::close, nogil())
       .def_property_readonly("closed", &rt::Batcher::closed)

@@ -177,6 +177,37 @@ TEST(RuntimeBatcher, BlockingRunFromManyThreads) {
   EXPECT_EQ(s.batch_rows.sum, double(threads * per + 1));
 }
 
+// try_run_inline runs a lone request on the caller's thread; under evident load (the last batch held
+// several requests) it declines without queueing or counting anything, and a closed batcher throws.
+TEST(RuntimeBatcher, TryRunInlineRunsOnlyWhenIdle) {
+  auto m = rt::Model::load(write_model("tryinline.aimass"));
+  auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
+  rt::Batcher b(ex, {8, 20000, 64});
+  std::vector<float> x{0.3f, -0.2f, 0.9f}, y(2, 0.f);
+  float ref[2];
+  reference(x.data(), 1, ref);
+  ASSERT_TRUE(b.try_run_inline({x.data()}, {y.data()}, 1));
+  EXPECT_NEAR(y[0], ref[0], 1e-6f);
+  EXPECT_NEAR(y[1], ref[1], 1e-6f);
+  auto s = b.stats();
+  EXPECT_EQ(s.submitted, 1u);
+  EXPECT_EQ(s.inline_runs, 1u);
+  // three requests queued together run as one batch (the scheduler waits up to 20 ms to gather them)
+  std::vector<std::vector<float>> ys(3, std::vector<float>(2));
+  std::vector<std::shared_ptr<rt::Request>> rs;
+  for (int i = 0; i < 3; ++i) rs.push_back(b.submit({x.data()}, {ys[i].data()}, 1));
+  for (auto& r : rs) r->wait();
+  s = b.stats();
+  ASSERT_EQ(s.batches, 2u) << "the three queued requests should have formed one batch";
+  std::vector<float> y2(2, -1.f);
+  EXPECT_FALSE(b.try_run_inline({x.data()}, {y2.data()}, 1));  // load: declined
+  EXPECT_EQ(y2[0], -1.f);
+  EXPECT_EQ(b.stats().submitted, s.submitted);
+  EXPECT_EQ(b.stats().inline_runs, 1u);
+  b.close();
+  EXPECT_THROW(b.try_run_inline({x.data()}, {y2.data()}, 1), aimass::ClosedError);
+}
+
 TEST(RuntimeBatcher, RejectsBadArguments) {
   auto m = rt::Model::load(write_model("args.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{2});

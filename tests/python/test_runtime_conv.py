@@ -1,7 +1,7 @@
 """The packed conv kernel (runtime/ops_conv.h) against torch at every SIMD level the CPU has: kernel
 sizes, strides, padding and dilation that exercise the implicit-im2col panels (runs across output
 rows and samples, taps outside the image), K-slices (> 256 taps), output channels off the 8-channel
-row blocks, the fused residual + ReLU epilogue, and 1 and 2 threads."""
+row blocks, the fused residual + ReLU epilogue, pointwise panels read in place, and 1 and 2 threads."""
 import numpy as np
 import pytest
 
@@ -57,6 +57,9 @@ CASES = [  # c, o, k, stride, pad, dil, H, W, residual
     (4, 8, 5, 3, 2, 1, 17, 40, False),     # stride 3 (gathered), a 40-wide row
     (6, 6, 3, 1, 0, 1, 3, 3, True),        # one output pixel per sample
     (8, 8, 1, 1, 0, 1, 40, 40, True),      # pointwise, P = 1600: runs of a whole panel
+    (300, 20, 1, 1, 0, 1, 9, 8, False),    # pointwise P = 72: full panels read in place over 2 K-slices, a packed tail
+    (24, 24, 1, 1, 0, 1, 8, 12, True),     # pointwise P = 96: in-place panels with the residual epilogue
+    (13, 13, 1, 1, 0, 1, 5, 7, True),      # pointwise P = 35: one in-place panel, a tail crossing samples
 ]
 
 

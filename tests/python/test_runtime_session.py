@@ -201,6 +201,35 @@ def test_run_async_inline(slow_path):
     assert st["batch_requests"]["count"] == 5     # run, a, the blocker, the three together, b
 
 
+def test_run_async_inline_kinds_and_errors(mlp_path):
+    """inline=True gives the same answers as run() for plain numpy inputs (the one-call fast path),
+    torch tensors and inputs that need converting (the ticket path), keeps the output kind, counts each
+    request once, and raises the same typed errors."""
+    x = rows(3)
+    with rt.Session(mlp_path) as sess:
+        ref = sess.run({"x": x})["output"]
+
+        async def main():
+            a = await sess.run_async({"x": x[:1]}, inline=True)
+            t = await sess.run_async({"x": torch.from_numpy(x[1:2])}, inline=True)
+            d = await sess.run_async({"x": x[2:3].astype(np.float16)}, inline=True, priority=np.int64(3))
+            with pytest.raises(ValueError, match="x"):
+                await sess.run_async({"x": rows(1, 31)}, inline=True)
+            with pytest.raises(TypeError, match="deadline_ms"):
+                await sess.run_async({"x": x[:1]}, inline=True, deadline_ms="soon")
+            with pytest.raises(ValueError, match="priority"):
+                await sess.run_async({"x": x[:1]}, inline=True, priority=2 ** 40)
+            return a, t, d
+
+        a, t, d = asyncio.run(main())
+        st = sess.stats()
+    assert isinstance(a["output"], np.ndarray) and isinstance(t["output"], torch.Tensor)
+    np.testing.assert_allclose(a["output"], ref[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(t["output"].numpy(), ref[1:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d["output"].astype(np.float32), ref[2:3], rtol=2e-2, atol=2e-2)
+    assert st["inline_runs"] == 4 and st["requests"]["ok"] == 4
+
+
 def test_bad_request_does_not_fail_its_batch(tmp_path):
     net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)).eval()
     path = tmp_path / "emb.aimass"

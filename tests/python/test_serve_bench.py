@@ -60,3 +60,51 @@ def test_wrk_generator_sends_the_prebuilt_request(port, tmp_path, monkeypatch):
     bad = bs.http_request("/busy", b"{}")
     r = bs.wrk_load(shutil.which("wrk"), port, bad, 1, 0.5, str(tmp_path))
     assert r["n"] > 0 and r["errors"] == r["n"]
+
+
+def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path):
+    """The bench's floor (a bare ASGI app under `aimass serve`'s uvicorn settings) answers POSTs with any
+    body, keeps the connection alive, and refuses a bad command line."""
+    import subprocess
+    import sys
+
+    import httpx
+    from aimass.bench import _bare_asgi
+    assert subprocess.run([sys.executable, "-m", "aimass.bench._bare_asgi", "x"], capture_output=True,
+                          timeout=60).returncode == 2
+    port = bs.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)])
+    try:
+        bs.wait_http(port, "/", proc, timeout=60)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            for body in (b"", b"x" * 100_000):
+                r = c.post("/v2/models/mlp/infer", content=body)
+                assert r.status_code == 200 and r.content == _bare_asgi.BODY
+                assert r.headers["content-type"] == "application/json"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_session_p50_paced_and_v2_binary_request(tmp_path):
+    """Session.run's p50 helper (back to back and paced) and the bench's pre-built v2 binary request."""
+    import json
+
+    import numpy as np
+    torch = pytest.importorskip("torch")
+    import aimass.runtime as rt
+    from aimass.bench.runtime import make_mlp
+    path = tmp_path / "tiny.aimass"
+    rt.export(make_mlp((8, 2)), (torch.randn(2, 8),), path, input_names=["x"])
+    x = np.ones((1, 8), np.float32)
+    with rt.Session(path) as sess:
+        for gap in (0.0, 50.0):
+            p50, p99 = bs.session_p50(sess, x, 50, gap_us=gap)
+            assert 0 < p50 <= p99
+    req = bs._v2_binary("tiny", x)
+    head, _, body = req.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v2/models/tiny/infer HTTP/1.1"
+    hlen = int(next(v for k, _, v in (ln.partition(": ") for ln in lines[1:]) if k == "Inference-Header-Content-Length"))
+    meta = json.loads(body[:hlen])
+    assert meta["inputs"][0]["parameters"]["binary_data_size"] == x.nbytes and body[hlen:] == x.tobytes()

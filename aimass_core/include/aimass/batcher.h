@@ -109,6 +109,13 @@ class Batcher {
   // hold rows of that length; a batch only holds requests of one length), else 0.
   void run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority = 0,
            int64_t timeout_us = -1, int64_t seq = 0);
+  // Runs the request on the calling thread if run_inline would (queue empty, executor idle,
+  // no evident load) and returns true once it finished (rethrowing its error); otherwise
+  // returns false at once, having queued and counted nothing (the caller then submits it).
+  // An event loop's fast path: a lone request runs without a hand-off, a loaded session
+  // never blocks the loop.
+  bool try_run_inline(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority = 0,
+                      int64_t timeout_us = -1, int64_t seq = 0);
   bool dynamic_seq() const { return executor_->dynamic(); }
   // Ids of finished notify-requests, waiting at most timeout_us for the first one.
   std::vector<uint64_t> wait_completed(int64_t timeout_us);
@@ -123,7 +130,7 @@ class Batcher {
   void loop();
   std::shared_ptr<Request> enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                    int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking,
-                                   int64_t seq);
+                                   int64_t seq, bool inline_only = false);
   // Runs the batch on the executor (which the caller holds: busy_), frees it, then
   // finishes every request.
   void run_batch(std::vector<std::shared_ptr<Request>>& batch);

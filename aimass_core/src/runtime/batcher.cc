@@ -168,9 +168,17 @@ void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, i
   enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true, seq)->wait();
 }
 
+bool Batcher::try_run_inline(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
+                             int64_t timeout_us, int64_t seq) {
+  auto r = enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true, seq, true);
+  if (!r) return false;
+  r->wait();  // done already; rethrows its error
+  return true;
+}
+
 std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                           int priority, int64_t timeout_us, bool notify, bool run_inline,
-                                          bool blocking, int64_t seq) {
+                                          bool blocking, int64_t seq, bool inline_only) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
@@ -204,6 +212,8 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
       stats_.rejected_closed++;
       throw ClosedError("submit: the session is closed; create a new Session to run more requests");
     }
+    const bool can_inline = run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1;
+    if (inline_only && !can_inline) return nullptr;  // the caller queues it another way
     if (static_cast<int64_t>(heap_.size()) >= opts_.queue_capacity) {
       stats_.rejected_full++;
       throw QueueFullError(detail::concat("submit: the request queue is full (queue_capacity=", opts_.queue_capacity,
@@ -213,7 +223,7 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
     stats_.submitted++;
     // Inline only without evident load: when the last batch held several requests,
     // others are about to come back, and queueing lets them share one batch.
-    if (run_inline && heap_.empty() && !busy_ && last_batch_requests_ <= 1) {
+    if (can_inline) {
       busy_ = true;
       stats_.inline_runs++;
       // The caller runs it and finds it done when submit returns: nobody needs it reported

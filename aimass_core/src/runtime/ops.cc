@@ -451,6 +451,56 @@ void avg_pool2d_two_pass(const float* x, int64_t N, const Pool2dShape& s, float*
       y);
 }
 
+// A max that keeps a NaN: v replaces m when larger or NaN, and a NaN m is never replaced
+// (both compares are false); branch-free, so the loops below vectorize.
+inline float max_nan(float m, float v) { return ((v > m) | (v != v)) ? v : m; }
+
+// Undilated small windows (ResNet's 3x3/2 pad 1): per output row, the max over the window's
+// in-image input rows (contiguous, vectorized over W) into a row padded with -inf on both
+// sides, then the max over each window's KW columns of that row (no bounds checks).
+void max_pool2d_rows(const float* x, int64_t N, const Pool2dShape& s, float* y) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  // right padding: the last window may reach past W + PW in ceil mode
+  const int64_t padr = std::max<int64_t>(0, (s.OW - 1) * s.SW + s.KW - s.PW - s.W);
+  const int64_t tw = s.PW + s.W + padr;
+  parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * (s.W + s.OW) * s.KH, 1)),
+               [&](int64_t b, int64_t e) {
+                 std::vector<float> tmp(static_cast<size_t>(tw), ninf);
+                 float* row = tmp.data() + s.PW;  // row[iw] for iw in [-PW, W + padr)
+                 for (int64_t pc = b; pc < e; ++pc) {
+                   const float* src = x + pc * s.H * s.W;
+                   float* dst = y + pc * s.OH * s.OW;
+                   for (int64_t oh = 0; oh < s.OH; ++oh) {
+                     const int64_t ih0 = oh * s.SH - s.PH;
+                     int64_t kh0, kh1;
+                     pool_taps(ih0, s.KH, 1, s.H, &kh0, &kh1);
+                     if (kh1 <= kh0) {
+                       for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = ninf;
+                     } else {
+                       const float* r0 = src + (ih0 + kh0) * s.W;
+                       for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = r0[iw];
+                       for (int64_t kh = kh0 + 1; kh < kh1; ++kh) {
+                         const float* r = src + (ih0 + kh) * s.W;
+                         for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = max_nan(row[iw], r[iw]);
+                       }
+                     }
+                     float* d = dst + oh * s.OW;
+                     const float* t = tmp.data();  // window ow covers t[ow * SW + kw], kw < KW
+                     if (s.KW == 3 && s.SW == 2) {
+                       for (int64_t ow = 0; ow < s.OW; ++ow)
+                         d[ow] = max_nan(max_nan(t[2 * ow], t[2 * ow + 1]), t[2 * ow + 2]);
+                     } else {
+                       for (int64_t ow = 0; ow < s.OW; ++ow) {
+                         float m = t[ow * s.SW];
+                         for (int64_t kw = 1; kw < s.KW; ++kw) m = max_nan(m, t[ow * s.SW + kw]);
+                         d[ow] = m;
+                       }
+                     }
+                   }
+                 }
+               });
+}
+
 }  // namespace
 
 void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
@@ -483,6 +533,10 @@ void max_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
   }
   if (large_pool_window(s)) {
     max_pool2d_two_pass(x, N, s, y);
+    return;
+  }
+  if (s.DH == 1 && s.DW == 1) {
+    max_pool2d_rows(x, N, s, y);
     return;
   }
   parallel_for(0, N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.OH * s.OW * s.KH * s.KW, 1)),

@@ -12,25 +12,30 @@
 
 namespace aimass::runtime::conv {
 
-void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
-                 bool accumulate, const float* bias, const float* res, bool relu) {
+void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool) {
   for (int64_t m = 0; m < mvalid; ++m) {
     float acc[kNR];
     float* cr = c + m * ldc;
     for (int64_t j = 0; j < kNR; ++j) acc[j] = accumulate && j < ncols ? cr[j] : 0.f;
     for (int64_t k = 0; k < kc; ++k) {
       const float av = a[k * kMR + m];
-      const float* bk = b + k * kNR;
-      for (int64_t j = 0; j < kNR; ++j) acc[j] += av * bk[j];
+      const float* bk = b + k * ldb;
+      for (int64_t j = 0; j < ncols; ++j) acc[j] += av * bk[j];
     }
     for (int64_t j = 0; j < ncols; ++j) {
       float v = acc[j];
       if (bias) v += bias[m];
       if (res) v += res[m * ldc + j];
-      if (relu) v = v < 0.f ? 0.f : v;  // torch's relu: NaN stays NaN
+      if (relu) v = v < 0.f ? 0.f : v;
       cr[j] = v;
     }
   }
+}
+
+void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  tile_ld_scalar(kc, a, b, kNR, c, ldc, mvalid, ncols, accumulate, bias, res, relu, false);
 }
 
 void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
@@ -122,6 +127,8 @@ namespace {
 using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
                         const float*, bool);
 using PackFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
+using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, bool,
+                          const float*, const float*, bool, bool);
 
 // Per-thread scratch, grown on first use and reused (no page faults per call): slot 0 holds
 // the packed panels, slot 1 the accumulators of panels that cross a sample boundary.
@@ -138,6 +145,9 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
   const SimdLevel lvl = simd_level();
   const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
   const PackFn pack = lvl >= SimdLevel::AVX512 ? pack_avx512 : pack_scalar;
+  // in-place pointwise panels: AVX-512 and the scalar reference (AVX2 packs)
+  const TileLdFn tile_ld = lvl >= SimdLevel::AVX512 ? tile_ld_avx512 : lvl < SimdLevel::AVX2 ? tile_ld_scalar : nullptr;
+  const int64_t HW = s.H * s.W, CHW = s.C * HW;
   const int64_t P = s.OH * s.OW, NPix = N * P, OP = s.O * P;
   const int64_t NPt = (NPix + kNR - 1) / kNR, Kc = pc.Kc, MB = pc.MB;
   // K-slices of (almost) equal size <= kc_max
@@ -158,11 +168,14 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
       const int64_t g = it / msplit, mi = it % msplit;
       const int64_t pan0 = g * ncp, npan = std::min(ncp, NPt - pan0);
       const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit;
-      bool crossing[kGroupPanels];
+      bool crossing[kGroupPanels], inplace[kGroupPanels];
+      const float* src[kGroupPanels];  // an in-place panel's first tap: x + n * CHW + p0
       for (int64_t q = 0; q < npan; ++q) {
         const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
         panel_runs(s, NPix, j0, runs[q]);
         crossing[q] = j0 % P + nc > P;
+        inplace[q] = tile_ld && runs[q].pointwise && !crossing[q] && nc == kNR;
+        src[q] = x + (j0 / P) * CHW + j0 % P;
         for (int64_t j = 0, n = j0 / P, p = j0 % P; crossing[q] && j < nc; ++j) {
           colofs[q][j] = n * OP + p;
           if (++p == P) {
@@ -176,7 +189,8 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
       for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
         const int64_t kc = std::min(KS, Kc - k0);
         const bool acc = k0 > 0, last = k0 + kc == Kc;
-        for (int64_t q = 0; q < npan; ++q) pack(x, s, runs[q], k0, kc, bp + q * kc * kNR);
+        for (int64_t q = 0; q < npan; ++q)
+          if (!inplace[q]) pack(x, s, runs[q], k0, kc, bp + q * kc * kNR);
         for (int64_t mb = mb0; mb < mb1; ++mb) {
           const float* a = pc.w + (k0 * MB + mb * kc) * kMR;
           const int64_t mvalid = std::min(kMR, s.O - mb * kMR);
@@ -184,6 +198,12 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
           for (int64_t q = 0; q < npan; ++q) {
             const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
             const float* b = bp + q * kc * kNR;
+            if (inplace[q]) {
+              const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
+              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr,
+                      last && relu, mb == mb0);
+              continue;
+            }
             if (!crossing[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
               tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr, last && relu);

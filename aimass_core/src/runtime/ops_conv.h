@@ -49,6 +49,16 @@ void tile_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc
 void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
                  bool accumulate, const float* bias, const float* res, bool relu);
 
+// The same tile with B read in place at b[k * ldb + j] (unaligned; ldb >= kNR): a stride-1
+// unpadded 1x1 conv's full panel inside one sample's plane is the input itself,
+// b = x + n*CHW + c0*HW + p0 with ldb = H*W, so it is not copied into a panel first. All kNR
+// columns of every row are read (the caller guarantees they exist); ncols limits the stores.
+// `stream`: prefetch the rows a few taps ahead (the first weight block to read this panel).
+void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream);
+void tile_ld_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream);
+
 // Implicit im2col of one panel: B[t][j] for t < kc, j < kNR = tap k0 + t (c, kh, kw) of output
 // pixel j0 + j (global over the batch; pixel q is sample q / P, oh, ow), 0 for out-of-image
 // taps and past the last pixel. The pixels come in runs along one output row of one

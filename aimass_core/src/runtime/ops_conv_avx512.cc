@@ -2,29 +2,19 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "runtime/ops_conv.h"
 
 namespace aimass::runtime::conv {
 
-void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
-                 bool accumulate, const float* bias, const float* res, bool relu) {
-  static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
-  __m512 c0[8], c1[8];
-#pragma GCC unroll 8
-  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * kNR), b1 = _mm512_load_ps(b + k * kNR + 16);
-    const float* ak = a + k * kMR;
-#pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
-      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
-    }
-  }
+namespace {
+
+// The tile's epilogue: (+ c when accumulating), + bias, + residual, ReLU, masked stores of the
+// mvalid x ncols tile.
+inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int64_t ldc, int64_t mvalid,
+                     int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu) {
   const __mmask16 k0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
   const __mmask16 k1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols > 16 ? __mmask16((1u << (ncols - 16)) - 1) : 0;
   const __m512 zero = _mm512_setzero_ps();
@@ -55,7 +45,59 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
   }
 }
 
+// The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
+// in place: any ldb, unaligned, optionally prefetched kPf rows ahead).
+template <bool kPacked, bool kStream>
+inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, __m512 (&c0)[8], __m512 (&c1)[8]) {
+  constexpr int64_t kPf = 8;
+  constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * (kPacked ? kNR : ldb);
+    if (kStream && k + kPf < kc) {
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb + kNR - 1), _MM_HINT_T0);
+    }
+    const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
+    const __m512 b1 = kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
+    const float* ak = a + k * kMR;
+    // the weights stream sequentially through a K-slice's row blocks (slice-major packing);
+    // fetch a few lines ahead so a large layer's weights arrive from L3/DRAM in time
+    _mm_prefetch(reinterpret_cast<const char*>(ak + kPfA), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) {
+      const __m512 av = _mm512_set1_ps(ak[m]);
+      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
+      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+    }
+  }
+}
+
+}  // namespace
+
+void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
+                 bool accumulate, const float* bias, const float* res, bool relu) {
+  static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
+  __m512 c0[8], c1[8];
+  tile_core<true, false>(kc, a, b, kNR, c0, c1);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
+}
+
+void tile_ld_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream) {
+  __m512 c0[8], c1[8];
+  if (stream)
+    tile_core<false, true>(kc, a, b, ldb, c0, c1);
+  else
+    tile_core<false, false>(kc, a, b, ldb, c0, c1);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
+}
+
 namespace {
+
+constexpr int64_t kPrefetchTaps = 8;  // packer: how many taps (channels) ahead to prefetch
 
 // Lanes [lo, hi) of 16 (clipped).
 inline __mmask16 lanes(int64_t lo, int64_t hi) {
@@ -98,6 +140,11 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       for (int ri = 0; ri < runs.n; ++ri) {
         const PanelRuns::Run& r = runs.r[ri];
         const float* src = x + r.base + c * HW + r.oh * s.OW + r.ow;
+        if (c + kPrefetchTaps < s.C) {
+          // channels are HW apart: too many streams for the hardware prefetcher
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchTaps * HW), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchTaps * HW + r.len - 1), _MM_HINT_T0);
+        }
         for (int64_t i = 0; i < r.len; i += 16) {
           const __mmask16 m = lanes(0, r.len - i);
           _mm512_mask_storeu_ps(d + r.j + i, m, _mm512_maskz_loadu_ps(m, src + i));
@@ -144,6 +191,11 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
       }
     }
   }
+  // prefetch: per run, the input columns its taps of one row read (kw = 0 .. KW-1), and how
+  // many channels ahead (~kPrefetchTaps taps)
+  const int64_t pf_ch = std::max<int64_t>(1, kPrefetchTaps / (s.KH * s.KW));
+  int64_t span[kNR];
+  for (int ri = 0; ri < runs.n; ++ri) span[ri] = (runs.r[ri].len - 1) * s.SW + (s.KW - 1) * s.DW + 1;
   auto next_tap = [&] {
     if (++kw == s.KW) {
       kw = 0;
@@ -158,11 +210,17 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
     _mm512_store_ps(d, zero);
     _mm512_store_ps(d + 16, zero);
     const float* plane_c = x + c * HW;
+    const bool pf = kw == 0 && c + pf_ch < s.C;
     for (int ri = 0; ri < runs.n; ++ri) {
       const RunTab& tb = tab[ri];
       if (tb.row[kh] < 0) continue;  // zeros already
       const PanelRuns::Run& r = runs.r[ri];
       const float* srow = plane_c + r.base + tb.row[kh] + tb.col[kw];
+      if (pf) {  // this row of a channel pf_ch ahead: the cache lines of the run's whole span
+        const float* p = srow + pf_ch * HW;
+        for (int64_t o = 0; o < span[ri]; o += 16) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + span[ri] - 1), _MM_HINT_T0);
+      }
       float* dj = d + r.j;
       if (s.SW == 1) {
         // the common case, a masked load and store per chunk: masked lanes read nothing and keep the zeros

@@ -11,12 +11,9 @@ small machine, takes a core from the servers). Each server runs in its own proce
 interleaved per round so all see the same machine load."""
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ._loadgen import free_port, http_request, load, wait_http, wrk_path
+from ._loadgen import cpu_seconds, wrk_load  # noqa: F401  (this module's names since before the split)
 from ._report import Report
 from .runtime import MLP
 
@@ -49,143 +48,6 @@ app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
 '''
 
 
-# wrk sends the bench's pre-built request bytes as they are and prints one parseable line
-WRK_LUA = r'''
-local f = assert(io.open(os.getenv("AIMASS_WRK_REQUEST"), "rb"))
-local raw = f:read("*a")
-f:close()
-request = function() return raw end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("AIMASS_WRK %d %d %d %.1f %.1f\n", summary.requests, summary.duration,
-    e.status + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-'''
-
-
-def wrk_path() -> Optional[str]:
-    """Debian's wrk, unless AIMASS_BENCH_CLIENT=python asks for the asyncio generator."""
-    if os.environ.get("AIMASS_BENCH_CLIENT", "").lower() == "python":
-        return None
-    return shutil.which("wrk")
-
-
-def wrk_load(wrk: str, port: int, req: bytes, conc: int, seconds: float, workdir: str) -> dict:
-    """One wrk run (one thread, `conc` keep-alive connections, whole seconds): n, errors, rps, p50/p99 us."""
-    lua, body = os.path.join(workdir, "aimass_wrk.lua"), os.path.join(workdir, f"request-{port}-{hash(req)}.http")
-    if not os.path.exists(lua):
-        with open(lua, "w") as f:
-            f.write(WRK_LUA)
-    if not os.path.exists(body):
-        with open(body, "wb") as f:
-            f.write(req)
-    secs = max(1, math.ceil(seconds - 1e-9))
-    out = subprocess.run([wrk, "-t1", f"-c{conc}", f"-d{secs}s", "--timeout", "30s", "-s", lua,
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=secs + 60,
-                         env=dict(os.environ, AIMASS_WRK_REQUEST=body))
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("AIMASS_WRK ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-    n, dur_us, errors, p50, p99 = line.split()[1:]
-    n = int(n)
-    return {"n": n, "errors": int(errors), "rps": n / (int(dur_us) * 1e-6), "p50_us": float(p50),
-            "p99_us": float(p99) if n else float("nan")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port: int, path: str, proc, timeout: float = 120) -> None:
-    import httpx
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server on port {port} did not come up in {timeout:.0f} s")
-
-
-def http_request(path: str, body: bytes, headers=()) -> bytes:
-    h = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", *headers]
-    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
-
-
-async def _one_conn(port, req, lat, errors, state, deadline):
-    reader = writer = None
-    while state["left"] > 0 and time.perf_counter() < deadline:
-        state["left"] -= 1
-        t0 = time.perf_counter_ns()
-        if writer is None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(req)
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        hdr = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-        if "content-length" in hdr:
-            await reader.readexactly(int(hdr["content-length"]))
-        else:
-            await reader.read()
-        lat.append(time.perf_counter_ns() - t0)
-        if lines[0].split()[1] != "200":
-            errors.append(lines[0])
-        if hdr.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0"):
-            writer.close()
-            reader = writer = None
-    if writer is not None:
-        writer.close()
-
-
-async def _load(port, req, conc, count, seconds):
-    lat: List[int] = []
-    errors: List[str] = []
-    state = {"left": count}
-    t0 = time.perf_counter()
-    await asyncio.gather(*[_one_conn(port, req, lat, errors, state, t0 + seconds) for _ in range(conc)])
-    return lat, errors, time.perf_counter() - t0
-
-
-def cpu_seconds(pid: int) -> Optional[float]:
-    """User + system CPU time of a process and its threads (Linux /proc), None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def load(port: int, req: bytes, conc: int, count: int, seconds: float, warmup: int = 100,
-         pid: Optional[int] = None, wrk: Optional[str] = None, workdir: Optional[str] = None) -> Dict[str, float]:
-    """One closed-loop point: wrk for `seconds` (rounded up to whole seconds) when given, else the asyncio
-    generator for at most `count` requests and `seconds`. Both after `warmup` requests."""
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    runner(_load(port, req, conc, warmup, 30))
-    cpu0 = cpu_seconds(pid) if pid else None
-    if wrk is not None:
-        r = wrk_load(wrk, port, req, conc, seconds, workdir or tempfile.gettempdir())
-    else:
-        lat, errors, wall = runner(_load(port, req, conc, count, seconds))
-        a = np.array(lat, dtype=np.float64) / 1e3 if lat else np.array([np.nan])
-        r = {"n": len(lat), "errors": len(errors), "rps": len(lat) / wall, "p50_us": float(np.percentile(a, 50)),
-             "p99_us": float(np.percentile(a, 99))}
-    cpu1 = cpu_seconds(pid) if pid else None
-    r["cpu_us"] = ((cpu1 - cpu0) / max(1, r["n"]) * 1e6 if cpu0 is not None and cpu1 is not None
-                   else float("nan"))
-    return r
-
-
 def compute_totals(port: int):
     """(sum seconds, count) of the server's aimass_compute_seconds histogram (all versions)."""
     import re
@@ -196,23 +58,46 @@ def compute_totals(port: int):
                  for k in ("sum", "count"))
 
 
-def session_p50(sess, x: np.ndarray, n: int = 3000):
-    """p50 and p99 (us) of in-process Session.run on one row, after a warm-up."""
+def session_p50(sess, x: np.ndarray, n: int = 3000, gap_us: float = 0.0):
+    """p50 and p99 (us) of in-process Session.run on one row, after a warm-up. gap_us > 0: the calls
+    are paced, the thread sleeping that long between them as a server idles between the requests of
+    one connection (the engine's idle threads then go to sleep and other processes use the caches)."""
     for _ in range(300):
         sess.run({"x": x})
     t = np.empty(n)
     for i in range(n):
+        if gap_us:
+            time.sleep(gap_us * 1e-6)
         t0 = time.perf_counter_ns()
         sess.run({"x": x})
         t[i] = time.perf_counter_ns() - t0
     return float(np.percentile(t / 1e3, 50)), float(np.percentile(t / 1e3, 99))
 
 
+# labels of the concurrency-1 HTTP-cost points (--only bare, tiny), and the pacing of Session.run
+BARE = "bare uvicorn ASGI app (no model)"
+TINY = "aimass serve v2 binary, tiny model"
+PACED_GAP_US = 200.0
+
+
+def _v2_binary(model: str, x: np.ndarray) -> bytes:
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return http_request(f"/v2/models/{model}/infer", head + x.tobytes(),
+                        ["Content-Type: application/octet-stream", f"Inference-Header-Content-Length: {len(head)}"])
+
+
 def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
           requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
-    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}}.
+    """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}} and,
+    with a concurrency-1 point, "session_tiny_p50_us" and "session_paced_p50_us".
     Session.run's p50 is measured in this process at the start and again in every concurrency-1 round
-    (next to the HTTP rounds, under the same machine load); the figure is the median of those."""
+    (next to the HTTP rounds, under the same machine load); the figure is the median of those. So are
+    Session.run on the tiny model (784x10 linear: a request costs the same bytes, the compute nearly
+    nothing) and Session.run on the MLP paced PACED_GAP_US apart. At concurrency 1 the same server
+    also answers v2 binary on the tiny model, and a bare uvicorn app (_bare_asgi, same settings) gives
+    the floor of server + client + loopback TCP with no aimass code at all."""
     import torch
     from .. import runtime as rt
     from ..registry import Registry
@@ -222,30 +107,32 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     wrk = wrk_path()
     tmp = tempfile.mkdtemp(prefix="aimass-bench-serve-")
     procs = []
-    sess = None
+    sess = sess_tiny = None
     try:
         net = make_mlp(MLP)
         torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
         path = os.path.join(tmp, "mlp.aimass")
         rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
-        Registry(os.path.join(tmp, "store")).push(path, "mlp", label="stable")
+        tiny_path = os.path.join(tmp, "tiny.aimass")
+        rt.export(make_mlp((MLP[0], MLP[-1])), (torch.randn(2, MLP[0]),), tiny_path, input_names=["x"])
+        reg = Registry(os.path.join(tmp, "store"))
+        reg.push(path, "mlp", label="stable")     # /predict's model: the first by name
+        reg.push(tiny_path, "tiny", label="stable")
         x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
         sess = rt.Session(path)
         n_sess = 1000 if quick else 3000
         s50, s99 = session_p50(sess, x, n_sess)
         sess_p50s, sess_p99s = [s50], [s99]
         log(f"Session.run in-process, batch 1: p50 {s50:.1f} us, p99 {s99:.1f} us")
+        sess_tiny = rt.Session(tiny_path)
+        tiny_p50s: List[float] = []
+        paced_p50s: List[float] = []
         predict = http_request("/predict", json.dumps({"input": x.tolist()}).encode(),
                                ["Content-Type: application/json"])
         v2_json = http_request("/v2/models/mlp/infer", json.dumps(
             {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, MLP[0]], "data": x.ravel().tolist()}]}
         ).encode(), ["Content-Type: application/json"])
-        head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, MLP[0]],
-                                       "parameters": {"binary_data_size": x.nbytes}}],
-                           "parameters": {"binary_data_output": True}}).encode()
-        v2_bin = http_request("/v2/models/mlp/infer", head + x.tobytes(),
-                              ["Content-Type: application/octet-stream",
-                               f"Inference-Header-Content-Length: {len(head)}"])
+        v2_bin = _v2_binary("mlp", x)
         tf_row = http_request("/v1/models/mlp:predict", json.dumps({"instances": x.tolist()}).encode(),
                               ["Content-Type: application/json"])
         results: dict = {"session_p50_us": s50, "session_p99_us": s99, "runs": {},
@@ -259,7 +146,8 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
         targets = []
-        if any(want(w) for w in ("predict", "v2json", "v2bin", "tfserving")):
+        floor = []      # the concurrency-1 HTTP-cost points
+        if any(want(w) for w in ("predict", "v2json", "v2bin", "tfserving", "tiny")):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
                                      "--port", str(port), "--log-level", "warning", *serve_args], env=env)
@@ -271,6 +159,14 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                                      ("tfserving", "aimass serve TF-Serving :predict", tf_row)):
                 if want(what):
                     targets.append((label, port, req, proc.pid))
+            if want("tiny"):
+                floor.append((TINY, port, _v2_binary("tiny", x), proc.pid))
+        if want("bare"):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)], env=env)
+            procs.append(proc)
+            wait_http(port, "/", proc)
+            floor.append((BARE, port, v2_bin, proc.pid))
         if want("flask"):
             port = free_port()
             app = os.path.join(tmp, "flask_app.py")
@@ -284,12 +180,14 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         for c in concurrency:
             got: Dict[str, list] = {}
             for _ in range(rounds):
-                if c == 1 and targets and targets[0][0].startswith("aimass"):
+                if c == 1:      # the baselines beside each round, under the same machine load
                     p50, p99 = session_p50(sess, x, n_sess // 2)
                     sess_p50s.append(p50)
                     sess_p99s.append(p99)
-                for label, port, req, pid in targets:
-                    aimass = label.startswith("aimass")
+                    tiny_p50s.append(session_p50(sess_tiny, x, n_sess // 2)[0])
+                    paced_p50s.append(session_p50(sess, x, n_sess // 4, gap_us=PACED_GAP_US)[0])
+                for label, port, req, pid in targets + (floor if c == 1 else []):
+                    aimass = label.startswith("aimass")   # (the bare app has no /metrics)
                     before = compute_totals(port) if aimass else None
                     r = load(port, req, c, count // rounds, seconds / rounds, pid=pid, wrk=wrk, workdir=tmp)
                     if aimass:  # the server's own compute time per batch in this round (from its metrics)
@@ -305,9 +203,13 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     for _ in range(rounds)]
             if c == 1 and len(sess_p50s) > 1:
                 s50, s99 = float(np.median(sess_p50s)), float(np.median(sess_p99s))
-                results.update(session_p50_us=s50, session_p99_us=s99, session_p50_rounds_us=sess_p50s)
+                results.update(session_p50_us=s50, session_p99_us=s99, session_p50_rounds_us=sess_p50s,
+                               session_tiny_p50_us=float(np.median(tiny_p50s)),
+                               session_paced_p50_us=float(np.median(paced_p50s)), paced_gap_us=PACED_GAP_US)
                 log(f"Session.run in-process, batch 1, median of {len(sess_p50s)} measurements beside the rounds: "
-                    f"p50 {s50:.1f} us (each: {', '.join(f'{v:.0f}' for v in sess_p50s)})")
+                    f"p50 {s50:.1f} us (each: {', '.join(f'{v:.0f}' for v in sess_p50s)}); paced "
+                    f"{PACED_GAP_US:.0f} us apart: {results['session_paced_p50_us']:.1f} us; tiny model: "
+                    f"{results['session_tiny_p50_us']:.1f} us")
             for label, rs in got.items():
                 r = {k: float(np.median([v.get(k, np.nan) for v in rs])) for k in rs[0]}
                 r["rps_spread"] = float((max(v["rps"] for v in rs) - min(v["rps"] for v in rs)) / max(r["rps"], 1e-9))
@@ -317,8 +219,9 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     f"{int(r['errors'])} errors)")
         return results
     finally:
-        if sess is not None:
-            sess.close()
+        for sess in (sess, sess_tiny):
+            if sess is not None:
+                sess.close()
         for proc in procs:
             proc.terminate()
             try:
@@ -335,7 +238,7 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
     runs = res["runs"]
     flask = runs.get("Flask /predict (torch)", {})
     for label, by_c in runs.items():
-        if label.startswith("Flask") or label.endswith("/v2/health/live"):
+        if label.startswith("Flask") or label.endswith("/v2/health/live") or label in (TINY, BARE):
             continue
         for c, r in by_c.items():
             f = flask.get(c)
@@ -353,6 +256,13 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
             report.add(SUITE, f"HTTP overhead per request ({label} p50 - Session.run p50), 1 connection", over, "s",
                        higher_is_better=False, goal_text="< 150 us", note="", baseline=None)
             report.figures[-1].goal_met = over < 150e-6
+    if 1 in runs.get(BARE, {}):
+        report.add(SUITE, f"HTTP floor: {BARE} p50, 1 connection", runs[BARE][1]["p50_us"] * 1e-6, "s",
+                   higher_is_better=False, note="uvicorn + loopback TCP + load generator, no aimass code")
+    if 1 in runs.get(TINY, {}) and "session_tiny_p50_us" in res:
+        report.add(SUITE, f"HTTP overhead per request ({TINY} p50 - its Session.run p50), 1 connection",
+                   (runs[TINY][1]["p50_us"] - res["session_tiny_p50_us"]) * 1e-6, "s", higher_is_better=False,
+                   note="the overhead without a 7 MB model sweeping the caches between requests")
     labels = [k for k in runs if len(runs[k]) > 1]
     report.add_sweep("serve_throughput", list(concs), {k: [runs[k].get(c, {}).get("rps") for c in concs]
                                                        for k in labels}, xlabel="concurrent connections",
