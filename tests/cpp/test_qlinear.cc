@@ -110,6 +110,60 @@ INSTANTIATE_TEST_SUITE_P(Shapes, QLinear,
                                            std::make_tuple(4, int64_t{21}, int64_t{99}, int64_t{0}),
                                            std::make_tuple(4, int64_t{16}, int64_t{96}, int64_t{32})));
 
+// linear(.., epi): the epilogue sees each output once, after the bias, on every path (the dynamic
+// VNNI path per block of columns, from the pool's threads; the others once on [0, N)), and the
+// result equals linear() followed by the same epilogue, bit for bit. A row with NaN x stays NaN.
+TEST(QLinearEpilogue, SameAsLinearThenEpilogueAtEveryLevel) {
+  const aimass::SimdLevel best = aimass::simd_level();
+  for (auto [bits, N, K, G] : {std::make_tuple(8, int64_t{200}, int64_t{96}, int64_t{0}),
+                               std::make_tuple(8, int64_t{70}, int64_t{256}, int64_t{64}),
+                               std::make_tuple(4, int64_t{33}, int64_t{128}, int64_t{0})}) {
+    const Weight w = make_weight(bits, N, K, G, 11);
+    auto packed = aimass::quant::pack_linear(bits, N, K, G, w.data.data(), w.scale.data());
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    std::vector<float> bias(static_cast<size_t>(N));
+    for (auto& b : bias) b = nd(rng);
+    for (int64_t M : {1, 7, 128}) {
+      std::vector<float> x(static_cast<size_t>(M * K)), res(static_cast<size_t>(M * N));
+      for (auto& v : x) v = nd(rng);
+      for (auto& v : res) v = nd(rng);
+      if (M > 1) x[K + 3] = std::nanf("");  // row 1 is NaN everywhere
+      auto epi_fn = [&](float* y, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = n0; n < n1; ++n) {
+            float& v = y[m * ldy + n];
+            v = (v < 0.f ? 0.25f * v : v) + res[m * N + n];
+          }
+      };
+      for (int lvl = 0; lvl <= static_cast<int>(best); ++lvl) {
+        aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
+        std::vector<float> want(static_cast<size_t>(M * N)), got(static_cast<size_t>(M * N), -7.f);
+        aimass::quant::linear(*packed, x.data(), M, bias.data(), want.data());
+        epi_fn(want.data(), M, N, 0, N);
+        std::vector<int> seen(static_cast<size_t>(M * N), 0);
+        const aimass::quant::LinearEpilogue epi = [&](float* y, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
+          ASSERT_EQ(rows, M);
+          ASSERT_EQ(ldy, N);
+          for (int64_t m = 0; m < rows; ++m)
+            for (int64_t n = n0; n < n1; ++n) ++seen[m * N + n];  // blocks never overlap
+          epi_fn(y, rows, ldy, n0, n1);
+        };
+        aimass::quant::linear(*packed, x.data(), M, bias.data(), got.data(), epi);
+        for (int64_t i = 0; i < M * N; ++i) {
+          ASSERT_EQ(seen[i], 1) << "level " << lvl << " M " << M << " i " << i;
+          if (M > 1 && i / N == 1) {
+            ASSERT_TRUE(std::isnan(got[i])) << "level " << lvl << " M " << M << " i " << i;
+          } else {
+            ASSERT_EQ(got[i], want[i]) << "level " << lvl << " bits " << bits << " M " << M << " i " << i;
+          }
+        }
+      }
+      aimass::set_simd_level(best);
+    }
+  }
+}
+
 TEST(QLinearArgs, BadArgumentsThrowTypedErrors) {
   std::vector<int8_t> d(16 * 64, 1);
   std::vector<float> s(16, 0.5f);

@@ -79,3 +79,19 @@ def test_rnn_unsupported_configs(tmp_path):
         rt.export(State(), (torch.randn(2, 5, 8),), tmp_path / "s.aimass")
     with pytest.raises(rt.UnsupportedOpError, match="batch_first=False"):
         rt.export(nn.GRU(8, 16, bidirectional=True), (torch.randn(2, 5, 8),), tmp_path / "b.aimass")
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_threaded_steps_match_torch(tmp_path, cls, threads):
+    # hidden 300: every step's unit groups are split over the threads (ops_rnn.cc), also with more
+    # threads than cores
+    import aimass
+    torch.manual_seed(2)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        check_session(tmp_path, Head(cls, 2, hidden=300), lambda n: (torch.randn(2, n, 8),), (5, 1),
+                      dynamic_seq=True, name=f"t{threads}")
+    finally:
+        aimass.set_num_threads(old)

@@ -9,6 +9,7 @@
 // quantized per row), or dequantize + BLAS sgemm.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 namespace aimass::quant {
@@ -71,6 +72,15 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
 // Same with an explicit kernel choice (Auto behaves as above).
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
             LinearKernel kernel, ActivationPrecision activations = ActivationPrecision::Int16);
+// The caller's epilogue (activation, residual, ...) on output columns [n0, n1) of all M rows
+// (row stride ldy), after the bias. The dynamic int8 VNNI path runs it on each block of
+// columns right after the GEMM wrote it (still in cache), from the pool's threads, so it
+// must be thread-safe and must not start parallel work itself; the other paths run it once
+// on [0, N) after linear().
+using LinearEpilogue = std::function<void(float* y, int64_t M, int64_t ldy, int64_t n0, int64_t n1)>;
+// y = epi(x @ dequant(W)^T + bias), the kernel chosen as in linear() (Auto, int16 activations).
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
+            const LinearEpilogue& epi);
 // The kernel linear() would use for M rows at the current SIMD level.
 LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M);
 // What linear() runs for M rows with these arguments: the kernel and the activation

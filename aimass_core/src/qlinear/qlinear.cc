@@ -442,7 +442,11 @@ void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const flo
   });
 }
 
-void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
+// Returns true when it also applied the bias and `epi` (the VNNI panels path: per block of 64
+// columns right after the GEMM, and no scan for non-finite rows - quant_rows gives such a row
+// sx = NaN, so its outputs are NaN already); false: the caller applies them.
+bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y, const float* bias = nullptr,
+                 const LinearEpilogue* epi = nullptr) {
   {
     const KernelTable& t = table_for(simd_level());
     const WeightView& pv = p.view;
@@ -450,8 +454,10 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
     // 0.31 ms vs 0.77 ms unpacked, N = K = 4096); per row it does more work than the
     // int8-copy kernel (M = 8: 2.5 vs 1.9 ms), so larger batches build the copy.
     if (pv.bits == 4 && t.dynamic_int4 && M < kInt4PackedDynamicMaxM && (pv.per_channel || pv.G % 128 == 0) &&
-        pv.Kp <= kDynamicMaxKp)
-      return run_dynamic_int4(p, t, x, M, y);
+        pv.Kp <= kDynamicMaxKp) {
+      run_dynamic_int4(p, t, x, M, y);
+      return false;
+    }
   }
   const WeightView v = p.dynamic_view();
   AIMASS_CHECK(dynamic_supported(v), ValueError, "kernel='dynamic_int8' needs per-channel weights or a group_size "
@@ -465,15 +471,25 @@ void run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y)
   if (t.dynamic_panels && v.wvnni) {
     // Split N in 64-column blocks: each thread reuses its weight blocks over all rows.
     const int64_t nb = (v.N + 63) / 64;
+    const bool fused = epi != nullptr;
     parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, b * 64, std::min(e * 64, v.N));
+      const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
+      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, n0, n1);
+      if (!fused) return;
+      if (bias)
+        for (int64_t m = 0; m < M; ++m) {
+          float* yr = y + m * v.N;
+          for (int64_t n = n0; n < n1; ++n) yr[n] += bias[n];
+        }
+      if (*epi) (*epi)(y, M, v.N, n0, n1);
     });
-    return;
+    return fused;
   }
   WeightView rv = v;  // the row kernels read int8 rows (rebuilt once if only blocks are kept)
   if (!rv.wq) rv.w8 = rv.wq = p.rows().w8;
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
   parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(rv, qx.data(), sx.data(), M, y, v.N, b, e); });
+  return false;
 }
 
 void run_dequant_sgemm(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
@@ -531,6 +547,25 @@ void nan_rows_of_nonfinite_x(const float* x, int64_t M, int64_t K, int64_t N, fl
 
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y) {
   linear(w, x, M, bias_or_null, y, LinearKernel::Auto);
+}
+
+void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
+            const LinearEpilogue& epi) {
+  AIMASS_CHECK(M >= 0, ValueError, "linear: M (rows of x) must be >= 0, got ", M);
+  if (M == 0) return;
+  AIMASS_CHECK(x != nullptr && y != nullptr, ValueError, "linear: x and y must not be null");
+  if (plan_linear(w, M).kernel == LinearKernel::DynamicInt8 && run_dynamic(w.impl(), x, M, y, bias_or_null, &epi))
+    return;
+  if (plan_linear(w, M).kernel == LinearKernel::DynamicInt8) {  // the other dynamic paths (already run)
+    const int64_t N = w.impl().view.N;
+    if (bias_or_null)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias_or_null[n];
+    nan_rows_of_nonfinite_x(x, M, w.impl().view.K, N, y);
+  } else {
+    linear(w, x, M, bias_or_null, y, LinearKernel::Auto);
+  }
+  if (epi) epi(y, M, w.impl().view.N, 0, w.impl().view.N);
 }
 
 LinearPlan plan_linear(const PackedLinear& w, int64_t M, LinearKernel kernel, ActivationPrecision activations) {

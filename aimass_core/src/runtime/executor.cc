@@ -394,7 +394,7 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
         Step& prev = p.steps.back();
         if ((prev.kind == Kind::Linear || prev.kind == Kind::QLinear || prev.kind == Kind::Conv2d) &&
             prev.out == s.in0 && prev.act == ops::Act::None && uses[n.inputs[0]] == 1 &&
-            !(prev.kind == Kind::Linear && prev.res >= 0)) {  // linear + residual: act(..) would precede the add
+            !(prev.kind != Kind::Conv2d && prev.res >= 0)) {  // linear + residual: act(..) would precede the add
           prev.act = s.act;
           prev.out = new_value(p, out_name, ValueType::Float32, out_row, s.in0);
           continue;
@@ -452,7 +452,8 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
         const int conv_in = prev.out == a ? a : prev.out == b ? b : -1;
         const int other = conv_in == a ? b : a;
         // (and Linear + residual, the transformer's x + proj(..): into the linear's epilogue)
-        if ((prev.kind == Kind::Conv2d || prev.kind == Kind::Linear) && conv_in >= 0 && other != conv_in &&
+        if ((prev.kind == Kind::Conv2d || prev.kind == Kind::Linear || prev.kind == Kind::QLinear) && conv_in >= 0 &&
+            other != conv_in &&
             prev.act == ops::Act::None &&
             prev.res < 0 && uses[n.inputs[conv_in == a ? 0 : 1]] == 1 &&
             p.values[other].dtype == ValueType::Float32 && p.values[other].row == p.values[conv_in].row) {
@@ -767,8 +768,7 @@ void Executor::execute(int64_t rows) {
       }
       case Kind::QLinear: {
         const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
-        run_qlinear(*s.q, p.fptr(s.in0), R, s.b, p.fptr(s.out));
-        if (s.act != ops::Act::None) ops::activation(p.fptr(s.out), R * s.N, s.act, p.fptr(s.out));
+        run_qlinear(*s.q, p.fptr(s.in0), R, s.b, p.fptr(s.out), s.act, s.res >= 0 ? p.fptr(s.res) : nullptr);
         break;
       }
       case Kind::Conv2d:

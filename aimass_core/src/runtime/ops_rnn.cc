@@ -1,7 +1,8 @@
 // Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, uni- or bidirectional,
 // zero initial state): per layer and direction, the input projection of every timestep
-// is one GEMM (rows*S x gates*H), then each step adds h @ W_hh^T (the packed small-M
-// kernel) and applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's
+// is one packed GEMM (rows*S x gates*H, the biases in its epilogue; OpenBLAS's sgemm spent as
+// long re-packing x as multiplying at seq 64), then each step adds h @ W_hh^T (the packed
+// small-M kernel) and applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's
 // output is the last layer's hidden state at every step, [S, D*H] per row (what nn.LSTM
 // returns first; D = 2 when bidirectional: the forward state in [0, H), the reverse
 // one, which runs from the last step to the first, in [H, 2H)).
@@ -11,7 +12,6 @@
 #include <memory>
 #include <vector>
 
-#include "aimass/blas.h"
 #include "aimass/checked.h"
 #include "aimass/error.h"
 #include "aimass/parallel.h"
@@ -32,8 +32,9 @@ using namespace ext;
 // the chunks are independent within a step (threads split the hidden dim).
 struct RnnLayer {
   int64_t in = 0;
-  std::vector<float> wih;       // [NP, in] permuted W_ih (zero rows as padding)
-  std::vector<float> bias_in;   // [NP] b_ih (+ b_hh for LSTM), permuted
+  // packed permuted W_ih (zero rows as padding) with b_ih (+ b_hh for LSTM) as its bias: the input
+  // projection of every timestep is one packed GEMM with the bias in its epilogue
+  std::shared_ptr<ops::PackedLinear> wih;
   std::shared_ptr<ops::PackedLinear> whh;  // packed permuted W_hh (+ b_hh for GRU)
 };
 
@@ -69,13 +70,7 @@ class Rnn : public ExtKernel {
       for (int64_t dir = 0; dir < D; ++dir) {
         const RnnLayer& L = *layers[l * D + dir];
         // input projection for all timesteps at once, in the permuted gate layout
-        sgemm(false, true, rows * S, NP, L.in, 1.f, x, L.in, L.wih.data(), L.in, 0.f, gi.data(), NP);
-        parallel_for(0, rows * S, std::max<int64_t>(1, 4096 / NP), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            float* g = gi.data() + r * NP;
-            for (int64_t j = 0; j < NP; ++j) g[j] += L.bias_in[j];
-          }
-        });
+        packed::linear(x, rows * S, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{}, gi.data());
         std::fill(h0.begin(), h0.end(), 0.f);
         std::fill(c.begin(), c.end(), 0.f);
         float* hp = h0.data();
@@ -145,17 +140,17 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
         auto L = std::make_shared<RnnLayer>();
         const int64_t H = k->H, NP = k->NP;
         L->in = feat;
-        L->wih.assign(static_cast<size_t>(NP * feat), 0.f);
-        L->bias_in.assign(static_cast<size_t>(NP), 0.f);
+        std::vector<float> wih(static_cast<size_t>(NP * feat), 0.f), bias_in(static_cast<size_t>(NP), 0.f);
         std::vector<float> whh(static_cast<size_t>(NP * H), 0.f), bhh(static_cast<size_t>(NP), 0.f);
         for (int64_t g = 0; g < k->G; ++g)
           for (int64_t j = 0; j < H; ++j) {
             const int64_t src = g * H + j, dstr = perm_row(g, j);
-            std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, L->wih.begin() + dstr * feat);
+            std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, wih.begin() + dstr * feat);
             std::copy(w_hh + src * H, w_hh + (src + 1) * H, whh.begin() + dstr * H);
-            L->bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);
+            bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);
             bhh[dstr] = b_hh ? b_hh[src] : 0.f;
           }
+        L->wih = std::make_shared<ops::PackedLinear>(wih.data(), bias_in.data(), NP, feat);
         L->whh = std::make_shared<ops::PackedLinear>(whh.data(), k->gru && b_hh ? bhh.data() : nullptr, NP, H);
         slot = L;
       }

@@ -3,6 +3,8 @@
 #include "aimass/checked.h"
 #include "aimass/error.h"
 #include "aimass/qlinear.h"
+#include "runtime/ext_ops.h"
+#include "runtime/vec_kernels.h"
 
 namespace aimass::runtime {
 
@@ -45,6 +47,39 @@ std::shared_ptr<QLinearWeights> pack_qlinear(const Model& m, const Node& n, int6
 
 void run_qlinear(const QLinearWeights& q, const float* x, int64_t M, const float* bias, float* y) {
   quant::linear(*static_cast<const quant::PackedLinear*>(q.packed.get()), x, M, bias, y);
+}
+
+void run_qlinear(const QLinearWeights& q, const float* x, int64_t M, const float* bias, float* y, ops::Act act,
+                 const float* res) {
+  const auto& w = *static_cast<const quant::PackedLinear*>(q.packed.get());
+  if (act == ops::Act::None && !res) {
+    quant::linear(w, x, M, bias, y);
+    return;
+  }
+  const int64_t N = w.out_features();
+  if (act != ops::Act::None && act != ops::Act::Relu && act != ops::Act::Gelu && act != ops::Act::GeluTanh) {
+    quant::linear(w, x, M, bias, y);
+    ops::activation(y, M * N, act, y);
+    if (res) ext::residual_act(y, res, M * N, 0);
+    return;
+  }
+  const vec::Kernels& vk = vec::kernels();
+  // Row pieces of one block of columns: act, then + res (the executor fuses one or the other).
+  const quant::LinearEpilogue epi = [&](float* yy, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < rows; ++m) {
+      float* r = yy + m * ldy + n0;
+      const int64_t n = n1 - n0;
+      if (act == ops::Act::Gelu) vk.gelu(r, n, r);
+      else if (act == ops::Act::GeluTanh) vk.gelu_tanh(r, n, r);
+      else if (act == ops::Act::Relu)
+        for (int64_t j = 0; j < n; ++j) r[j] = r[j] < 0.f ? 0.f : r[j];  // torch's relu (ops.cc)
+      if (res) {
+        const float* rr = res + m * ldy + n0;
+        for (int64_t j = 0; j < n; ++j) r[j] += rr[j];
+      }
+    }
+  };
+  quant::linear(w, x, M, bias, y, epi);
 }
 
 }  // namespace aimass::runtime

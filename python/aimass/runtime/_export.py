@@ -401,6 +401,7 @@ class _Exporter(_ExtMixin, _ModuleMixin, _FuseMixin):
                 self.collect_outputs(node.args[0], output_names)
         self.drop_dead_nodes()
         self.fuse_attention()
+        self.fuse_qkv()
         self.drop_dead_nodes()
         return self
 

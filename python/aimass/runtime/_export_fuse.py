@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+import numpy as np
+
 from ._export_ext import UnsupportedOpError
 
 
@@ -101,6 +103,47 @@ class _FuseMixin:
         if row is None or len(row) != 3:
             raise UnsupportedOpError(f"aimass.runtime.export: cannot fuse the head merge at {node['name']}")
         return row
+
+    def fuse_qkv(self):
+        """Self-attention whose q, k and v are three Linear layers of the same input (a BERT block
+        written by hand) -> one Linear [3E, in] feeding the fused attention's packed layout (sdpa
+        packed=1): the input is read (and, int8, quantized) once, one wider GEMM instead of three.
+        Per-output-channel weights, scales and biases concatenate exactly; int4 groups run along K,
+        so they concatenate too."""
+        by_out = {n["outputs"][0]: n for n in self.nodes}
+        uses: Dict[str, int] = {}
+        for n in self.nodes:
+            for i in n["inputs"]:
+                uses[i] = uses.get(i, 0) + 1
+        drop = set()
+        for n in self.nodes:
+            if n["op"] != "sdpa" or not n["attrs"].get("heads") or n["attrs"].get("packed") or len(n["inputs"]) < 3:
+                continue
+            lin = [by_out.get(x) for x in n["inputs"][:3]]
+            if any(li is None or li["op"] != "linear" or uses.get(li["outputs"][0]) != 1 for li in lin) or \
+                    len({li["inputs"][0] for li in lin}) != 1 or len({li["outputs"][0] for li in lin}) != 3 or \
+                    len({tuple(sorted(li["attrs"].items())) for li in lin}) != 1 or \
+                    len({tuple(sorted(k for k in li["params"] if k != "bias")) for li in lin}) != 1:
+                continue
+            ws = [self.tensors[li["params"]["weight"]] for li in lin]
+            if len({w.shape for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
+                continue
+            merged = {role: np.concatenate([self.tensors[li["params"][role]] for li in lin])
+                      for role in lin[0]["params"] if role != "bias"}
+            if any("bias" in li["params"] for li in lin):
+                rows = ws[0].shape[0]
+                merged["bias"] = np.concatenate([self.tensors[li["params"]["bias"]] if "bias" in li["params"]
+                                                 else np.zeros(rows, np.float32) for li in lin])
+            q = lin[0]
+            for role, arr in merged.items():
+                tname = f"{q['name']}.qkv.{role}"
+                self.tensors[tname] = np.ascontiguousarray(arr)
+                q["params"][role] = tname
+            drop.update(li["outputs"][0] for li in lin[1:])
+            n["inputs"] = [q["outputs"][0]] + n["inputs"][3:]
+            n["attrs"]["packed"] = 1
+        if drop:
+            self.nodes = [n for n in self.nodes if n["outputs"][0] not in drop]
 
     def drop_dead_nodes(self):
         """Removes nodes nothing reads (e.g. a transpose folded into matmul's trans_b)."""

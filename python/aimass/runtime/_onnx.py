@@ -23,8 +23,8 @@ _PASS = ("Identity", "Dropout")
 _SHAPE_OPS = ("Shape", "Constant", "ConstantOfShape", "Size")
 SUPPORTED_ONNX = ("MatMul, Gemm, Conv, Relu, Gelu, Sigmoid, Tanh, Softmax, LogSoftmax, LayerNormalization, "
                   "BatchNormalization, Add, Sub, Mul, Div, Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, "
-                  "Gather, Slice, MaxPool, AveragePool, GlobalAveragePool, Identity, Dropout, Cast, Where, Equal, "
-                  "Less, Greater, Not, ReduceMean, ReduceSum, LSTM, GRU (+ shape arithmetic on constants); Erf in the GELU "
+                  "Gather, Slice, Split, MaxPool, AveragePool, GlobalAveragePool, Identity, Dropout, Cast, Where, Equal, "
+                  "Less, Greater, Not, IsNaN, ReduceMean, ReduceSum, LSTM, GRU (+ shape arithmetic on constants); Erf in the GELU "
                   "pattern x * 0.5 * (1 + erf(x / sqrt 2)); nn.MultiheadAttention as torch.onnx.export writes it")
 
 
@@ -91,9 +91,18 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
                     dt = {self.onnx.TensorProto.INT64: np.int64, self.onnx.TensorProto.INT32: np.int32,
                           self.onnx.TensorProto.BOOL: np.bool_}[et]
                     feeds[name] = np.ones(shape, dtype=dt)
+                    if et == self.onnx.TensorProto.BOOL and len(shape) > 1:  # a mask: alternate, so that
+                        # padding (True = pad) and attention (True = attend) masks both leave keys in every row
+                        feeds[name] = np.broadcast_to(np.arange(shape[-1]) % 2 == 1, shape).copy()
                 else:
                     raise TypeError(f"from_onnx: input '{name}' has ONNX element type {et}; use float32 or int64")
-            out = dict(zip(names, sess.run(None, feeds)))
+            try:
+                out = dict(zip(names, sess.run(None, feeds)))
+            except Exception as exc:  # onnxruntime's own error types; the file cannot run at this shape
+                raise ValueError(f"from_onnx: onnxruntime cannot run this file at batch {batch}" + (
+                    f" and sequence length {seq}" if seq_params else "") + f" ({exc}); an export that traced a "
+                    "size into the graph (torch.onnx.export of nn.MultiheadAttention with a key_padding_mask "
+                    "fixes the sequence length) needs that dim static in the input shapes") from exc
             out.update(feeds)
             runs.append(out)
         self.r0, self.r1 = runs
@@ -166,6 +175,10 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
         rank = len(self.shape(node.output[0]))
         for role, name in roles:
             c = self.folded(name)
+            if c is None and name in self.shape_derived and name not in self.value:
+                a0, a1 = np.asarray(self.r0[name]), np.asarray(self.r1[name])
+                if a0.size and a1.size and (a0 == a0.flat[0]).all() and (a1 == a0.flat[0]).all():
+                    c = a0.reshape(-1)[:1].reshape(())  # ConstantOfShape(Shape(x)): one value everywhere
             if c is not None:
                 if c.ndim == 0 or c.size == 1 and c.ndim < rank:
                     attrs[f"{role}_scalar"] = float(c.reshape(-1)[0])
@@ -328,6 +341,11 @@ class _Importer(_OnnxOpsMixin, _OnnxFuseMixin):
             self.gather(node, at)
         elif op == "Slice":
             self.slice(node)
+        elif op == "Split":
+            self.split(node, at)
+        elif op == "IsNaN":  # x != x (F.scaled_dot_product_attention's export zeroes fully masked rows)
+            v = self.val(node, ins[0], True)
+            self.emit(node, "compare", [v, v], attrs={"kind": "ne"})
         elif op in ("ReduceMean", "ReduceSum"):
             axes = at.get("axes")
             if axes is None and len(ins) > 1 and ins[1]:

@@ -114,12 +114,20 @@ class _OnnxFuseMixin:
         if end is None:
             return False
         nodes = list(region.values())
-        # every value read inside comes from inside, from constants / shape arithmetic, or is x itself
+        # every value read inside comes from inside, from constants / shape arithmetic, or is x itself;
+        # the one exception is a mask added to the scores (key_padding_mask / attn_mask), traced below
         inside = {o for n in nodes for o in n.output}
+        mm_out = {n.output[0] for n in nodes if n.op_type == "MatMul"}
+        mask_add = [n for n in nodes if n.op_type == "Add" and len(n.input) == 2 and
+                    (n.input[0] in mm_out) != (n.input[1] in mm_out) and
+                    any(self.consumers(n.output[0])) and
+                    all(c.op_type == "Softmax" for c in self.consumers(n.output[0]))]
+        mask_in = self._other(mask_add[0], next(i for i in mask_add[0].input if i in mm_out)) \
+            if len(mask_add) == 1 else None
         for n in nodes:
             for i in n.input:
-                if i and i not in inside and i != node.input[0] and i not in self.shape_only() and \
-                        self.folded(i) is None:
+                if i and i not in inside and i != node.input[0] and i != mask_in and \
+                        i not in self.shape_only() and self.folded(i) is None:
                     return False
         for n in nodes:  # and nothing outside reads an intermediate value
             if n is not end and any(id(c) not in region and c.op_type not in ("Shape", "Size")
@@ -156,20 +164,84 @@ class _OnnxFuseMixin:
         x = np.transpose(np.asarray(self.r0[node.input[0]], np.float64), (1, 0, 2))  # [B, S, E]
         B, S, _ = x.shape
         D = E // H
+        mask = None
+        if mask_in is not None:
+            mask = self._mha_mask(mask_in, B, H, S)
+            if mask is None:
+                raise _err(node, "an attention block whose mask is neither a key padding mask input ([batch, seq], "
+                                 "bool or additive) nor an attn_mask stored in the model (both together, or a "
+                                 "per-row 3-D attn_mask, are not mapped)")
         qkv = x @ w_in.astype(np.float64) + b_in.reshape(-1)
         q, k, v = (qkv[..., i * E:(i + 1) * E].reshape(B, S, H, D).transpose(0, 2, 1, 3) for i in range(3))
         s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(D)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        a = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+        if mask is not None:
+            s = s + mask[0]
+        with np.errstate(invalid="ignore"):  # a row with every key masked is NaN, as in onnxruntime
+            p = np.exp(s - s.max(-1, keepdims=True))
+            a = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
         y = a @ w_out.T.astype(np.float64) + (0 if b_out is None else b_out)
         got = np.asarray(self.r0[end.output[0]], np.float64)
-        if got.shape != y.shape or not np.allclose(got, y, rtol=1e-3, atol=1e-4):
+        if got.shape != y.shape or not np.allclose(got, y, rtol=1e-3, atol=1e-4, equal_nan=True):
             raise _err(node, "an attention block (packed in-projection, softmax, out-projection) that does not "
-                             "compute plain multi-head attention (a mask or a different scale?)")
+                             "compute plain multi-head attention (a different scale or mask?)")
         src = self.time_major[node.input[0]]
         qkv_v = self.emit(node, "linear", [src], params={"weight": w_in.T, "bias": b_in.reshape(-1)},
                           out=f"{node.output[0]}.qkv")
-        att = self.emit(node, "sdpa", [qkv_v], attrs={"heads": int(H), "packed": 1}, out=f"{node.output[0]}.attn")
+        ins, params, attrs = [qkv_v], None, {"heads": int(H), "packed": 1}
+        if mask is not None:
+            _, kind, mv, chain = mask
+            attrs["mask_kind"] = kind
+            if isinstance(mv, np.ndarray):
+                params = {"mask": mv}
+            else:
+                ins.append(mv)
+            self.skip.update(id(n) for n in chain)
+        att = self.emit(node, "sdpa", ins, params=params, attrs=attrs, out=f"{node.output[0]}.attn")
         self.emit(end, "linear", [att], params={"weight": w_out, "bias": b_out})
         self.skip.update(region)
         return True
+
+    def _mha_mask(self, name, B, H, S):
+        """The value torch adds to an exported attention block's scores ([B*H, 1|S, S] after the head
+        fold): a constant (attn_mask) or a chain of layout ops (Reshape/Expand/Unsqueeze/Cast/Where on
+        constants/Not) from a batch-first value already mapped (key_padding_mask, or its -inf/0 float
+        form). Returns (the additive mask [B, H|1, S|1, S] for the check, mask_kind, the runtime value
+        or the constant, the chain nodes to skip) or None when it is neither."""
+        m0 = self.r0.get(name)
+        if m0 is None or np.ndim(m0) not in (2, 3, 4):
+            return None
+        m0 = np.asarray(m0, np.float64)
+        if m0.ndim == 3 and m0.shape[0] == B * H:
+            m0 = m0.reshape(B, H, *m0.shape[1:])
+        try:
+            full = np.broadcast_to(m0, (B, H, S, S))
+        except ValueError:
+            return None
+        const = self.folded(name)
+        if const is not None:  # an attn_mask of the model: [S, S] (or [1, S, S]) for every row
+            if full.shape != (B, H, S, S) or not (full == full[:1, :1]).all():
+                return None
+            return full, "add", np.ascontiguousarray(full[0, 0], np.float32), []
+        chain, cur = [], name
+        while cur not in self.value:
+            prod = self.producer.get(cur)
+            if prod is None or prod.op_type not in ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Where",
+                                                    "Not", "Identity"):
+                return None
+            data = [i for i in prod.input if i and i not in self.shape_only() and self.folded(i) is None]
+            if len(data) != 1 or prod.op_type == "Where" and data[0] != prod.input[0]:
+                return None
+            chain.append(prod)
+            cur = data[0]
+        src0 = np.asarray(self.r0[cur], np.float64)
+        if src0.shape != (B, S) or cur not in self.value:
+            return None
+        node = chain[-1] if chain else self.producer.get(name)
+        ninf = np.where(src0 != 0, -np.inf, 0.0)[:, None, None, :]
+        if np.isin(src0, (0.0, 1.0)).all() and np.array_equal(full, np.broadcast_to(ninf, full.shape)):
+            return ninf, "key_padding", self.val(node, cur, float_only=True), chain
+        if np.array_equal(full, np.broadcast_to(src0[:, None, None, :], full.shape)):
+            v = self.emit(node, "reshape", [self.val(node, cur, float_only=True)], attrs={"shape": [1, 1, -1]},
+                          out=f"{name}.mask")
+            return src0[:, None, None, :], "add", v, chain
+        return None

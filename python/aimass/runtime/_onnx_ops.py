@@ -132,6 +132,23 @@ class _OnnxOpsMixin:
             last = j == len(starts) - 1
             cur = self.emit(node, "slice", [cur], attrs=a, dtype=dt, out=None if last else f"{node.output[0]}.{j}")
 
+    def split(self, node, at):
+        """Split along a non-batch dim: one slice per output, the sizes read from the probe runs."""
+        rank = len(self.shape(node.input[0]))
+        axis = int(at.get("axis", 0)) % rank
+        if axis == 0 or any(axis in self.dyn(o) for o in node.output if o):
+            raise _err(node, "Split along the batch dimension or the sequence length")
+        src = self.val(node, node.input[0])
+        start = 0
+        for o in node.output:
+            size = self.shape(o)[axis]
+            if o:
+                v = self.emit(node, "slice", [src], attrs={"dim": axis, "start": start, "end": start + size},
+                              dtype=self.dtypes[src], out=o)
+                self.check_batched(node, o)
+                self.value[o] = v
+            start += size
+
     def rnn(self, node, at):
         ins, kind = list(node.input) + [""] * 8, node.op_type.lower()
         direction = at.get("direction", b"forward")
