@@ -44,6 +44,27 @@ def test_measure_flags_unsettled_and_stops(monkeypatch):
     assert not m.stable and m.windows == 6 and m.spread > 0.5
 
 
+def test_race_pauses_before_each_contender(monkeypatch):
+    """gap_s: every contender's block starts after an idle pause (another runtime's spinning pool
+    must not hold the cores), and the per-round minimum of each block is what is reported."""
+    clock = FakeClock()
+    monkeypatch.setattr(_measure.time, "perf_counter", clock)
+    events = []
+    monkeypatch.setattr(_measure.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    def make(name, cost):
+        def fn():
+            events.append(name)
+            clock.t += cost
+        return fn
+    r = _measure.race({"a": make("a", 0.002), "b": make("b", 0.001)}, rounds=2, block=2, warmup=1, gap_s=0.05)
+    assert events == [("sleep", 0.05), "a", "a", "a", ("sleep", 0.05), "b", "b", "b"] * 2
+    assert r["a"].seconds == pytest.approx(0.002) and r["b"].seconds == pytest.approx(0.001)
+    events.clear()
+    _measure.race({"a": make("a", 0.001)}, rounds=1, block=1, warmup=0)  # default: no pause
+    assert events == ["a"]
+
+
 def test_measure_rejects_bad_bounds():
     with pytest.raises(ValueError, match="bound"):
         _measure.measure(lambda: None, bound=0)

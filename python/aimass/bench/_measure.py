@@ -79,12 +79,17 @@ def measure(fn: Callable[[], object], *, window_s: float = 0.2, bound: float = 0
     return Measurement(med, spread, stable, len(values), calls, bound, values)
 
 
-def race(fns: dict, *, rounds: int = 5, block: int = 5, warmup: int = 2, bound: float = 0.10) -> dict:
+def race(fns: dict, *, rounds: int = 5, block: int = 5, warmup: int = 2, bound: float = 0.10,
+         gap_s: float = 0.0) -> dict:
     """Interleaved blocks: every contender sees the same machine over the rounds (a burst of load
-    hits both sides). Returns name -> Measurement of per-round medians (spread over rounds)."""
+    hits both sides). Returns name -> Measurement of per-round medians (spread over rounds).
+    gap_s: idle time before each contender's block, so that the previous contender's thread pool
+    (onnxruntime's and OpenMP's workers spin 10-20 ms after a call) no longer holds the cores."""
     per: dict = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if gap_s > 0:
+                time.sleep(gap_s)
             for _ in range(warmup):
                 fn()
             ts = []

@@ -103,9 +103,12 @@ def bench_family(name, spec, threads, reps, log=print):
                 fns["ort"] = lambda: so.run(None, feeds)
             for k, e in exs.items():
                 fns[k] = lambda e=e: e.run(arrays)
-            # interleaved rounds: a burst of load on the shared machine hits every contender
+            # interleaved rounds: a burst of load on the shared machine hits every contender. The
+            # 50 ms gap lets the previous contender's spinning pool go idle first: without it, at
+            # 2 threads whoever ran after onnxruntime found its workers still spinning on both
+            # cores (the LSTM read 12.6 ms against 7.0 ms with the gap, onnxruntime 6.6 ms).
             with torch.no_grad():
-                meas = race(fns, rounds=reps, block=1, warmup=1)
+                meas = race(fns, rounds=reps, block=1, warmup=1, gap_s=0.05)
                 res = {k: m.seconds for k, m in meas.items()}
                 spreads = {k: m.spread for k, m in meas.items()}
             acc = {k: float(np.abs(e.run(arrays)[0] - ref).max() / max(np.abs(ref).max(), 1e-30))
