@@ -89,9 +89,11 @@ for np in 2 3 4; do
   logs="build/mpi-logs/np$np"
   rm -rf "$logs" && mkdir -p "$logs"
   rc=0
-  # every rank runs the same tests into its own log; rank 0's is shown, all on failure
+  # every rank runs the same tests into its own log; rank 0's is shown, all on failure. A test
+  # still running after 45 s dumps every thread's stack into its rank's log (a peer's engine
+  # times out at 60 s and aborts the job), so a hang says where each rank was.
   timeout 1200 "${MPIRUN[@]}" -np "$np" bash -c \
-    'exec "$0" -m pytest tests/mpi -q -p no:cacheprovider -x > "$1/rank.${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-0}}.log" 2>&1' \
+    'exec "$0" -m pytest tests/mpi -q -p no:cacheprovider -x -o faulthandler_timeout=45 > "$1/rank.${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-0}}.log" 2>&1' \
     "$PY" "$logs" || rc=$?
   cat "$logs/rank.0.log" 2>/dev/null || true
   if [ "$rc" != 0 ]; then

@@ -73,6 +73,10 @@ def main(argv=None):
         print(f"torch DDP (gloo): {rb:.1f} img/s per rank (rounds: {', '.join(f'{x:.0f}' for x in b)})")
         print(f"ratio aimass/DDP: {ra / rb:.2f}")
     opt_a.remove_hooks()
+    # Every rank must be done with gloo before any tears it down (rank 0 also hosts the TCP
+    # store): a rank that destroys its group while a slower one is still finishing the last
+    # DDP allreduce can leave that one hanging (pytorch/pytorch#75097). Seen once at np 3.
+    tdist.barrier()
     tdist.destroy_process_group()
     return ra, rb
 
