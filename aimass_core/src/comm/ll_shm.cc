@@ -5,13 +5,11 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +18,7 @@
 #include <thread>
 
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/shm_segment.h"
 
 namespace aimass {
@@ -139,14 +138,10 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
   allreduce_min(&posted, MPI_INT);  // every rank published its probe
   const char* env = std::getenv("AIMASS_SHM_CMA");
   int cma = env && std::string(env) == "0" ? 0 : 1;
-  for (int j = 0; j < size_ && cma; ++j) {
-    if (j == rank_) continue;
-    uint64_t got = 0;
-    iovec l{&got, sizeof(got)};
-    iovec r{reinterpret_cast<void*>(ctl(j)->probe.load(std::memory_order_seq_cst)), sizeof(got)};
-    const ssize_t n = process_vm_readv(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, 1, &r, 1, 0);
-    if (n != static_cast<ssize_t>(sizeof(got)) || got != 0x11c0ffee0000ull + static_cast<uint64_t>(j)) cma = 0;
-  }
+  for (int j = 0; j < size_ && cma; ++j)
+    if (j != rank_ && !cma_probe(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)),
+                                 ctl(j)->probe.load(std::memory_order_seq_cst), 0x11c0ffee0000ull + static_cast<uint64_t>(j)))
+      cma = 0;
   allreduce_min(&cma, MPI_INT);  // also: every probe is done
   cma_ok_ = cma != 0;
 }
@@ -284,24 +279,10 @@ void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
     std::memcpy(dst, h->data() + offset, n);
     return;
   }
-  const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
-  char* to = static_cast<char*>(dst);
-  uint64_t from = h->addr + offset;
-  while (n > 0) {
-    iovec l{to, n};
-    iovec r{reinterpret_cast<void*>(from), n};
-    const ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) {
-      const int err = got < 0 ? errno : 0;
-      throw DistributedError(detail::concat("aimass.dist: low-latency collective: reading rank ", j,
-                                            "'s memory failed (", err ? std::strerror(err) : "no data", "): ",
-                                            err == ESRCH ? "that rank has died" : "the peer process is gone or not readable"));
-    }
-    to += got;
-    from += static_cast<uint64_t>(got);
-    n -= static_cast<size_t>(got);
-  }
+  iovec l{dst, n};
+  iovec r{reinterpret_cast<void*>(h->addr + offset), n};
+  cma_read(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
+           "rank", j);
 }
 
 bool LLChannel::wait_readers(double deadline_s) const {

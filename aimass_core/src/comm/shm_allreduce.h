@@ -142,6 +142,10 @@ class ShmAllreduce {
   void mark(uint64_t s, bool staged, bool reduced, bool gathered);
   template <typename Fn>
   void guarded(Fn&& fn);  // runs fn; on an exception marks this rank aborted (peers fail at once)
+  // Steps t = 0..nsteps-1 in two overlapping stages: stage(t) runs beside consume(t - 1), the
+  // heartbeat pulses every 16 steps, and at the end every counter moves to the last step's sequence.
+  template <typename Stage, typename Consume>
+  void pipeline(int64_t nsteps, Stage&& stage, Consume&& consume);
   static size_t ctrl_bytes(int local_size);
   Control* ctrl(int j) const { return reinterpret_cast<Control*>(base_) + j; }
   char* staging(int j, uint64_t seq) const;

@@ -20,17 +20,16 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/shm_allreduce.h"
 
 namespace aimass {
 namespace comm {
 
 namespace {
-constexpr size_t kMaxIov = 512;  // below IOV_MAX (1024)
 constexpr size_t kCmaChunk = 256u << 10;  // per peer: the pieces of one step stay in the L2
 
 void add_iov(std::vector<iovec>& l, std::vector<iovec>& r, char* local, uint64_t remote, size_t n) {
@@ -41,43 +40,13 @@ void add_iov(std::vector<iovec>& l, std::vector<iovec>& r, char* local, uint64_t
 }  // namespace
 
 bool ShmAllreduce::probe_cma(int j) {
-  uint64_t got = 0;
-  iovec l{&got, sizeof(got)};
-  iovec r{reinterpret_cast<void*>(ctrl(j)->addr.load(std::memory_order_acquire)), sizeof(got)};
-  const ssize_t n = process_vm_readv(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), &l, 1, &r, 1, 0);
-  return n == static_cast<ssize_t>(sizeof(got)) && got == 0x5eed0000u + static_cast<uint64_t>(j);
+  return cma_probe(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)),
+                   ctrl(j)->addr.load(std::memory_order_acquire), 0x5eed0000u + static_cast<uint64_t>(j));
 }
 
-// Copies the paired iovecs (local[i] and remote[i] have the same length) from local rank j.
 void ShmAllreduce::cma_read(int j, iovec* local, iovec* remote, size_t n) {
-  const pid_t pid = static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed));
-  size_t i = 0;
-  while (i < n) {
-    const size_t k = std::min(kMaxIov, n - i);
-    const ssize_t got = process_vm_readv(pid, local + i, k, remote + i, k, 0);
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      throw DistributedError(detail::concat(
-          "aimass.dist: shared-memory collective: reading local rank ", j, "'s memory failed (",
-          std::strerror(err), "): ", err == ESRCH ? "that rank has died" : "the peer process is gone or not readable"));
-    }
-    AIMASS_CHECK(got > 0, DistributedError, "aimass.dist: shared-memory collective: local rank ", j,
-                 " returned no data (internal error)");
-    size_t g = static_cast<size_t>(got);
-    while (g > 0 && i < n) {  // a partial read continues where it stopped
-      if (g >= local[i].iov_len) {
-        g -= local[i].iov_len;
-        ++i;
-      } else {
-        local[i].iov_base = static_cast<char*>(local[i].iov_base) + g;
-        local[i].iov_len -= g;
-        remote[i].iov_base = static_cast<char*>(remote[i].iov_base) + g;
-        remote[i].iov_len -= g;
-        g = 0;
-      }
-    }
-  }
+  comm::cma_read(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), local, remote, n,
+                 "shared-memory collective", "local rank", j);
 }
 
 void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,

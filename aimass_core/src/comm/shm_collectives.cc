@@ -46,6 +46,18 @@ void ShmAllreduce::guarded(Fn&& fn) {
   }
 }
 
+template <typename Stage, typename Consume>
+void ShmAllreduce::pipeline(int64_t nsteps, Stage&& stage, Consume&& consume) {
+  const uint64_t base = seq_;
+  for (int64_t t = 0; t <= nsteps; ++t) {
+    if ((t & 15) == 0) pulse(Clock::now());
+    if (t < nsteps) stage(t);
+    if (t >= 1) consume(t - 1);
+  }
+  seq_ = base + static_cast<uint64_t>(nsteps);
+  mark(seq_, true, true, true);
+}
+
 void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
   AIMASS_CHECK(root >= 0 && root < lsize_, DistributedError, "aimass.dist: shared-memory broadcast root ", root,
                " is not a local rank (internal error)");
@@ -133,13 +145,7 @@ void ShmAllreduce::allgather(const void* in, const std::vector<int64_t>& rows, i
       }
       mark(s, false, true, true);
     };
-    for (int64_t t = 0; t <= nsteps; ++t) {
-      if ((t & 15) == 0) pulse(Clock::now());
-      if (t < nsteps) stage(t);
-      if (t >= 1) gather(t - 1);
-    }
-    seq_ = base + static_cast<uint64_t>(nsteps);
-    mark(seq_, true, true, true);
+    pipeline(nsteps, stage, gather);
   });
 }
 
@@ -188,13 +194,7 @@ void ShmAllreduce::reduce_scatter(const void* in, const std::vector<int64_t>& co
       }
       mark(s, false, true, true);
     };
-    for (int64_t t = 0; t <= nsteps; ++t) {
-      if ((t & 15) == 0) pulse(Clock::now());
-      if (t < nsteps) stage(t);
-      if (t >= 1) reduce(t - 1);
-    }
-    seq_ = base + static_cast<uint64_t>(nsteps);
-    mark(seq_, true, true, true);
+    pipeline(nsteps, stage, reduce);
   });
 }
 
