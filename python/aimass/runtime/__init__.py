@@ -135,7 +135,9 @@ def _int_arg(name: str, v, lo: int, hi: int, where: str = "") -> int:
 
 
 def _priority(priority) -> int:
-    return _int_arg("priority", priority, *PRIORITY_RANGE)
+    if type(priority) is int and -2147483648 <= priority <= 2147483647:
+        return priority  # the hot paths' common case, without _int_arg's checks
+    return _int_arg("priority", priority, *PRIORITY_RANGE)  # raises TypeError / ValueError, or converts
 
 
 # Sessions still open at interpreter exit are closed first (their scheduler and futures threads
@@ -217,8 +219,7 @@ class Session:
         The GIL is released while it waits. Outputs come back as the inputs' kind (numpy/torch)."""
         # Hot path: one C++ call enqueues (or runs inline on an idle session), releases
         # the GIL and waits on the request's own condition variable; C++ checks shapes.
-        if type(priority) is not int or not -2147483648 <= priority <= 2147483647:
-            priority = _priority(priority)  # raises TypeError / ValueError naming the range, or converts
+        priority = _priority(priority)
         timeout_us = _timeout_us(deadline_ms)
         out = self._batcher.run_plain(inputs, priority, timeout_us)
         if out is None:  # torch tensors, other dtypes, no batch dim, bad inputs: convert (or explain) here
@@ -245,8 +246,7 @@ class Session:
         if inline:
             # plain numpy inputs: one C++ call that runs it here or declines, queueing nothing
             # (about 20 us less Python per request than the ticket path below, which converts)
-            if type(priority) is not int or not -2147483648 <= priority <= 2147483647:
-                priority = _priority(priority)
+            priority = _priority(priority)
             out = self._batcher.run_plain(inputs, priority, _timeout_us(deadline_ms), True)
             if out is not None:
                 return out
