@@ -345,8 +345,10 @@ inline void pool_taps(int64_t i0, int64_t k, int64_t d, int64_t n, int64_t* t0, 
   *t1 = i0 >= n ? 0 : std::min(k, (n - 1 - i0) / d + 1);
 }
 
-// a max that keeps a NaN (either side NaN gives NaN), as the direct loop does
-inline float max_keep_nan(float m, float v) { return (m != m) ? m : (((v > m) | (v != v)) ? v : m); }
+// A max that keeps a NaN (either side NaN gives NaN, as the direct loop does): v replaces m
+// when larger or NaN, and a NaN m is never replaced by a number (both compares are false);
+// branch-free, so the loops that use it vectorize.
+inline float max_keep_nan(float m, float v) { return ((v > m) | (v != v)) ? v : m; }
 
 // One window of a 1-D pass: taps first, first + d, ..., last (original indices); first < 0: no tap.
 struct Window {
@@ -451,10 +453,6 @@ void avg_pool2d_two_pass(const float* x, int64_t N, const Pool2dShape& s, float*
       y);
 }
 
-// A max that keeps a NaN: v replaces m when larger or NaN, and a NaN m is never replaced
-// (both compares are false); branch-free, so the loops below vectorize.
-inline float max_nan(float m, float v) { return ((v > m) | (v != v)) ? v : m; }
-
 // Undilated small windows (ResNet's 3x3/2 pad 1): per output row, the max over the window's
 // in-image input rows (contiguous, vectorized over W) into a row padded with -inf on both
 // sides, then the max over each window's KW columns of that row (no bounds checks).
@@ -481,18 +479,18 @@ void max_pool2d_rows(const float* x, int64_t N, const Pool2dShape& s, float* y) 
                        for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = r0[iw];
                        for (int64_t kh = kh0 + 1; kh < kh1; ++kh) {
                          const float* r = src + (ih0 + kh) * s.W;
-                         for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = max_nan(row[iw], r[iw]);
+                         for (int64_t iw = 0; iw < s.W; ++iw) row[iw] = max_keep_nan(row[iw], r[iw]);
                        }
                      }
                      float* d = dst + oh * s.OW;
                      const float* t = tmp.data();  // window ow covers t[ow * SW + kw], kw < KW
                      if (s.KW == 3 && s.SW == 2) {
                        for (int64_t ow = 0; ow < s.OW; ++ow)
-                         d[ow] = max_nan(max_nan(t[2 * ow], t[2 * ow + 1]), t[2 * ow + 2]);
+                         d[ow] = max_keep_nan(max_keep_nan(t[2 * ow], t[2 * ow + 1]), t[2 * ow + 2]);
                      } else {
                        for (int64_t ow = 0; ow < s.OW; ++ow) {
                          float m = t[ow * s.SW];
-                         for (int64_t kw = 1; kw < s.KW; ++kw) m = max_nan(m, t[ow * s.SW + kw]);
+                         for (int64_t kw = 1; kw < s.KW; ++kw) m = max_keep_nan(m, t[ow * s.SW + kw]);
                          d[ow] = m;
                        }
                      }
