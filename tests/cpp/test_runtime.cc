@@ -192,18 +192,32 @@ TEST(RuntimeBatcher, TryRunInlineRunsOnlyWhenIdle) {
   auto s = b.stats();
   EXPECT_EQ(s.submitted, 1u);
   EXPECT_EQ(s.inline_runs, 1u);
-  // three requests queued together run as one batch (the scheduler waits up to 20 ms to gather them)
-  std::vector<std::vector<float>> ys(3, std::vector<float>(2));
-  std::vector<std::shared_ptr<rt::Request>> rs;
-  for (int i = 0; i < 3; ++i) rs.push_back(b.submit({x.data()}, {ys[i].data()}, 1));
-  for (auto& r : rs) r->wait();
-  s = b.stats();
-  ASSERT_EQ(s.batches, 2u) << "the three queued requests should have formed one batch";
+  // Load: once a batch held several requests, try_run_inline declines. Requests queued in a
+  // burst form such a batch only if the scheduler has not already taken the first alone (it
+  // does not wait without evident load), so bursts repeat until one did; the decline itself
+  // is what is checked, never how the scheduler happened to split a burst.
+  bool declined = false;
+  for (int attempt = 0; attempt < 200 && !declined; ++attempt) {
+    std::vector<std::vector<float>> ys(3, std::vector<float>(2));
+    std::vector<std::shared_ptr<rt::Request>> rs;
+    for (int i = 0; i < 3; ++i) rs.push_back(b.submit({x.data()}, {ys[i].data()}, 1));
+    for (auto& r : rs) r->wait();
+    for (auto& yy : ys) ASSERT_NEAR(yy[0], ref[0], 1e-6f);
+    s = b.stats();
+    std::vector<float> y2(2, -1.f);
+    if (b.try_run_inline({x.data()}, {y2.data()}, 1)) {
+      EXPECT_NEAR(y2[0], ref[0], 1e-6f);  // the last batch held one request: ran inline
+      EXPECT_EQ(b.stats().inline_runs, s.inline_runs + 1);
+      continue;
+    }
+    declined = true;
+    EXPECT_EQ(y2[0], -1.f);  // declined: nothing ran, queued or counted
+    EXPECT_EQ(b.stats().submitted, s.submitted);
+    EXPECT_EQ(b.stats().inline_runs, s.inline_runs);
+    EXPECT_GT(b.stats().batch_requests.sum, double(b.stats().batch_requests.count));  // some batch held >1
+  }
+  ASSERT_TRUE(declined) << "no burst of three queued requests ever formed a multi-request batch";
   std::vector<float> y2(2, -1.f);
-  EXPECT_FALSE(b.try_run_inline({x.data()}, {y2.data()}, 1));  // load: declined
-  EXPECT_EQ(y2[0], -1.f);
-  EXPECT_EQ(b.stats().submitted, s.submitted);
-  EXPECT_EQ(b.stats().inline_runs, 1u);
   b.close();
   EXPECT_THROW(b.try_run_inline({x.data()}, {y2.data()}, 1), aimass::ClosedError);
 }
