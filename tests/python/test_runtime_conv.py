@@ -60,6 +60,11 @@ CASES = [  # c, o, k, stride, pad, dil, H, W, residual
     (300, 20, 1, 1, 0, 1, 9, 8, False),    # pointwise P = 72: full panels read in place over 2 K-slices, a packed tail
     (24, 24, 1, 1, 0, 1, 8, 12, True),     # pointwise P = 96: in-place panels with the residual epilogue
     (13, 13, 1, 1, 0, 1, 5, 7, True),      # pointwise P = 35: one in-place panel, a tail crossing samples
+    # Winograd F(2x2, 3x3) (stride-1 3x3, >= 16 channels): odd sizes clip the edge tiles
+    (16, 16, 3, 1, 1, 1, 9, 11, True),     # residual + ReLU through the output transform
+    (20, 17, 3, 1, 0, 1, 6, 7, False),     # no padding, O off the 8-row blocks
+    (136, 16, 3, 1, 2, 1, 5, 5, False),    # padding 2, C > 128: two K-slices
+    (16, 24, 3, 1, 1, 1, 12, 40, False),   # 20 tiles per tile row: two vector chunks per run
 ]
 
 
@@ -93,3 +98,30 @@ def test_conv_keeps_nan_and_inf_per_pixel(tmp_path, each_level):
         got = rt._rt.Executor(rt.load(path)._m, 3).run([x.numpy()])[0]
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
         close(np.nan_to_num(got), torch.from_numpy(np.nan_to_num(ref)))
+
+
+def test_winograd_conv_confines_nan_to_its_output_tiles(tmp_path):
+    # A Winograd conv (stride-1 3x3, >= 16 channels) mixes each 4x4 input patch into its whole 2x2
+    # output tile: a NaN input poisons every output whose window covers it (as torch) and at most
+    # the rest of those outputs' tiles; other pixels and samples stay finite and correct.
+    torch.manual_seed(2)
+    m = Block(16, 16, 3, 1, 1, 1, False).eval()
+    path = tmp_path / "w.aimass"
+    rt.export(m, (torch.randn(1, 16, 8, 8),), path)
+    x = torch.randn(3, 16, 8, 8)
+    x[1, 0, 3, 4] = float("nan")
+    with torch.no_grad():
+        ref = m(x).numpy()
+    tiles = np.zeros_like(ref, dtype=bool)
+    tiles[1, :, 2:6, 2:6] = True  # output tiles (1..2, 1..2): patches rows/cols 1..6 hold (3, 4)
+    old = aimass.num_threads()
+    try:
+        for t in (1, 2):
+            aimass.set_num_threads(t)
+            got = rt._rt.Executor(rt.load(path)._m, 3).run([x.numpy()])[0]
+            assert np.isnan(got[np.isnan(ref)]).all()
+            assert not np.isnan(got[~tiles]).any()
+            keep = ~tiles
+            close(got[keep], torch.from_numpy(ref[keep]))
+    finally:
+        aimass.set_num_threads(old)

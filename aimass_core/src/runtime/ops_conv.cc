@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "aimass/cpu_features.h"
+#include "aimass/error.h"
 #include "aimass/parallel.h"
 
 namespace aimass::runtime::conv {
@@ -97,16 +98,24 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
   }
 }
 
-PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape) : s(shape) {
+PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape, Wino wino) : s(shape) {
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
+  KS = slice_taps(Kc);
+  const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
+  if (use_u) pack_winograd(weight);
+  if (bias) {
+    bbuf = AlignedBuffer(static_cast<size_t>(MB * kMR) * sizeof(float));
+    b = static_cast<float*>(bbuf.data());
+    std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
+  }
+  if (use_u && wino == kAuto && wino_pays(s, 1)) return;  // every batch size runs Winograd
   wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(MB * Kc * kMR, 16)) * sizeof(float));  // zeroed
   w = static_cast<float*>(wbuf.data());
   // weight [O, C, KH, KW]: row o holds its Kc taps in (c, kh, kw) order, as the panels do.
   // Slice-major: every row block of one K-slice is contiguous, so a slice's pass over the
   // row blocks streams one sequential run of memory (a large layer-4 weight read in 8 KiB
   // pieces 147 KiB apart ran at a third of the speed).
-  KS = slice_taps(Kc);
   for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
     const int64_t kc = std::min(KS, Kc - k0);
     for (int64_t o = 0; o < s.O; ++o) {
@@ -114,11 +123,6 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
       const float* src = weight + o * Kc + k0;
       for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = src[k];
     }
-  }
-  if (bias) {
-    bbuf = AlignedBuffer(static_cast<size_t>(MB * kMR) * sizeof(float));
-    b = static_cast<float*>(bbuf.data());
-    std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
   }
 }
 
@@ -141,6 +145,14 @@ float* aligned_scratch(int slot, size_t floats) {
 }  // namespace
 
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  if (pc.u && (!pc.w || wino_pays(pc.s, N)))
+    run_winograd(pc, x, N, res, relu, y);
+  else
+    run_direct(pc, x, N, res, relu, y);
+}
+
+void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
   const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;

@@ -83,20 +83,70 @@ inline int64_t slice_taps(int64_t Kc) {
   return n > 0 ? (Kc + n - 1) / n : 1;
 }
 
+// ---- Winograd F(2x2, 3x3) for stride-1 undilated 3x3 convs (ops_conv_wino.cc) ----
+// Output tiles of 2x2 pixels (tile (th, tw) of sample n covers oh = 2th.., ow = 2tw..), the
+// tiles of the whole batch numbered n-major like the pixels. Per tile, the 4x4 input patch d
+// (rows 2th - PH .., columns 2tw - PW .., zero outside the image) becomes V = B^T d B, the
+// weights U = G g G^T (packed once), and for each of the 16 positions xi of the 4x4 transform
+// M[xi][o][tile] = sum_c U[xi][o][c] V[xi][c][tile] is a GEMM on the same 8 x 32 tiles as the
+// direct conv (panels of 32 tiles); then Y = A^T M A (2x2), + bias, + residual, ReLU. 16
+// products per tile instead of 36: 2.25x fewer multiply-adds. The transforms' coefficients are
+// 0, +-1 and +-1/2, so the result stays within a few ulps x sqrt(taps) of the direct sum (the
+// F(4x4, 3x3) variant loses ~2 more digits and is not used). A non-finite input reaches the
+// whole 2x2 output tile its patch feeds (the direct conv: only the windows that cover it);
+// AIMASS_WINOGRAD=0 turns the path off.
+constexpr int64_t kWinoKC = 128;  // channels per K-slice: the 16 V panels (16 x 128 x 32 floats) = 256 KiB
+constexpr int64_t kWinoRows = 256;  // output channels per work item: M (16 x 256 x 32 floats) = 512 KiB
+
+// Runs of one panel of tiles along one tile row of one sample (PanelRuns with oh/ow = th/tw).
+void wino_runs(const ops::Conv2dShape& s, int64_t NT, int64_t j0, PanelRuns& runs);
+// V[xi][t][j] (xi < 16, t < kc, j < kNR; at V + (xi * kc + t) * kNR) for channels [c0, c0 + kc)
+// of the panel's tiles, 0 past the last tile.
+void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
+                    float* V);
+void wino_in_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
+                    float* V);
+// Output rows [o0, o0 + mo) of the panel from M[xi][m][j] at M + (xi * ldm + m) * kNR (m < mo):
+// y = relu?(A^T M A + bias[o] (+ res)), NCHW, clipped at OH/OW.
+void wino_out_scalar(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+                     int64_t mo, const float* bias, const float* res, bool relu, float* y);
+void wino_out_avx512(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+                     int64_t mo, const float* bias, const float* res, bool relu, float* y);
+
+// Whether a conv of this shape may take the Winograd path at all, and (per call) whether it
+// should at batch N: fewer tile-panel products than the direct conv's pixel panels, counting
+// the transforms (a 7x7 plane at batch 1 fills half a 32-tile panel: direct).
+bool wino_enabled();  // AIMASS_WINOGRAD (read once) is not 0
+bool wino_eligible(const ops::Conv2dShape& s);
+bool wino_pays(const ops::Conv2dShape& s, int64_t N);
+
 // The weights of one conv (groups == 1) packed for the tiles; built once per model and
-// shared by every plan of an executor (WeightCache).
+// shared by every plan of an executor (WeightCache). `wino`: kAuto packs U when the shape is
+// eligible (and AIMASS_WINOGRAD is not 0) and the direct weights only when some batch size
+// runs direct (wino_pays(s, 1) false); kNoWino only the direct weights; kBoth both (tests).
 struct PackedConv {
+  enum Wino { kAuto, kNoWino, kBoth };
   ops::Conv2dShape s{};
   int64_t Kc = 0, MB = 0, KS = 0;  // taps, weight row blocks, taps per K-slice
-  AlignedBuffer wbuf, bbuf;
-  float* w = nullptr;  // per K-slice [k0, k0 + kc): [MB][kc][kMR] at w + k0 * MB * kMR
+  AlignedBuffer wbuf, bbuf, ubuf;
+  float* w = nullptr;  // per K-slice [k0, k0 + kc): [MB][kc][kMR] at w + k0 * MB * kMR; null: Winograd only
   float* b = nullptr;  // [MB * kMR] zero-padded bias, null without one
-  PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s);
+  // Winograd: per xi, per K-slice [c0, c0 + kc) of UKS channels: [MB][kc][kMR] at
+  // u + xi * MB * kMR * C + c0 * MB * kMR; null when not packed
+  float* u = nullptr;
+  int64_t UKS = 0;
+  PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s, Wino wino = kAuto);
   PackedConv(const PackedConv&) = delete;
   PackedConv& operator=(const PackedConv&) = delete;
+
+ private:
+  void pack_winograd(const float* weight);  // ops_conv_wino.cc
 };
 
 // y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// The two paths run() picks from (tests compare them).
+void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 
 }  // namespace aimass::runtime::conv

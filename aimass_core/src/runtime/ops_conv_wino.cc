@@ -1,0 +1,209 @@
+// Winograd F(2x2, 3x3) for stride-1 3x3 convs (ops_conv.h): the weight transform, the scalar
+// reference transforms, and the driver that runs the 16 GEMMs on the direct conv's tiles.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "aimass/cpu_features.h"
+#include "aimass/error.h"
+#include "aimass/parallel.h"
+#include "runtime/ops_conv.h"
+
+namespace aimass::runtime::conv {
+
+bool wino_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_WINOGRAD");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+bool wino_eligible(const ops::Conv2dShape& s) {
+  // tiny convs: the transforms would cost more than the products they save
+  return s.G == 1 && s.KH == 3 && s.KW == 3 && s.SH == 1 && s.SW == 1 && s.DH == 1 && s.DW == 1 && s.C >= 16 &&
+         s.O >= 16;
+}
+
+bool wino_pays(const ops::Conv2dShape& s, int64_t N) {
+  const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPix = N * s.OH * s.OW;
+  // products per 32-column panel: 16 (one per transform position) vs 9 taps; the transforms
+  // cost about a fifth more
+  const int64_t wino = 16 * ((NT + kNR - 1) / kNR) * 6, direct = 9 * ((NPix + kNR - 1) / kNR) * 5;
+  return wino < direct;
+}
+
+void PackedConv::pack_winograd(const float* weight) {
+  const int64_t C = s.C, ns = (C + kWinoKC - 1) / kWinoKC;
+  UKS = (C + ns - 1) / ns;
+  ubuf = AlignedBuffer(static_cast<size_t>(16 * MB * kMR * C) * sizeof(float));  // zeroed: padded rows
+  u = static_cast<float*>(ubuf.data());
+  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  for (int64_t o = 0; o < s.O; ++o)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* g = weight + (o * C + c) * 9;
+      double t[4][3];  // G g
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 3; ++k) t[i][k] = G[i][0] * g[k] + G[i][1] * g[3 + k] + G[i][2] * g[6 + k];
+      const int64_t c0 = c / UKS * UKS, kc = std::min(UKS, C - c0);
+      float* dst = u + c0 * MB * kMR + (o / kMR) * kc * kMR + (c - c0) * kMR + o % kMR;
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          dst[(4 * i + j) * MB * kMR * C] =
+              static_cast<float>(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
+    }
+}
+
+void wino_runs(const ops::Conv2dShape& s, int64_t NT, int64_t j0, PanelRuns& runs) {
+  const int64_t TW = (s.OW + 1) / 2, Tp = ((s.OH + 1) / 2) * TW, CHW = s.C * s.H * s.W;
+  runs.nc = static_cast<int>(std::min(kNR, NT - j0));
+  runs.pointwise = false;
+  runs.n = 0;
+  for (int64_t j = 0, q = j0; j < runs.nc;) {
+    const int64_t n = q / Tp, t = q % Tp;
+    PanelRuns::Run r{n * CHW, t / TW, t % TW, 0, j};
+    r.len = std::min(runs.nc - j, TW - r.ow);
+    runs.r[runs.n++] = r;
+    j += r.len;
+    q += r.len;
+  }
+}
+
+void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
+                    float* V) {
+  const int64_t HW = s.H * s.W;
+  for (int64_t t = 0; t < kc; ++t) {
+    for (int xi = 0; xi < 16; ++xi)
+      for (int64_t j = runs.nc; j < kNR; ++j) V[(xi * kc + t) * kNR + j] = 0.f;
+    for (int ri = 0; ri < runs.n; ++ri) {
+      const PanelRuns::Run& r = runs.r[ri];
+      const float* plane = x + r.base + (c0 + t) * HW;
+      for (int64_t i = 0; i < r.len; ++i) {
+        const int64_t ih0 = 2 * r.oh - s.PH, iw0 = 2 * (r.ow + i) - s.PW;
+        float d[4][4];
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b) {
+            const int64_t ih = ih0 + a, iw = iw0 + b;
+            d[a][b] = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W ? plane[ih * s.W + iw] : 0.f;
+          }
+        float e[4][4];  // B^T d
+        for (int b = 0; b < 4; ++b) {
+          e[0][b] = d[0][b] - d[2][b];
+          e[1][b] = d[1][b] + d[2][b];
+          e[2][b] = d[2][b] - d[1][b];
+          e[3][b] = d[1][b] - d[3][b];
+        }
+        float* vj = V + t * kNR + r.j + i;
+        const int64_t xs = kc * kNR;  // between transform positions
+        for (int a = 0; a < 4; ++a) {  // (B^T d) B
+          vj[(4 * a + 0) * xs] = e[a][0] - e[a][2];
+          vj[(4 * a + 1) * xs] = e[a][1] + e[a][2];
+          vj[(4 * a + 2) * xs] = e[a][2] - e[a][1];
+          vj[(4 * a + 3) * xs] = e[a][1] - e[a][3];
+        }
+      }
+    }
+  }
+}
+
+void wino_out_scalar(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+                     int64_t mo, const float* bias, const float* res, bool relu, float* y) {
+  const int64_t P = s.OH * s.OW, CHW = s.C * s.H * s.W;
+  for (int64_t m = 0; m < mo; ++m) {
+    const int64_t o = o0 + m;
+    for (int ri = 0; ri < runs.n; ++ri) {
+      const PanelRuns::Run& r = runs.r[ri];
+      const int64_t plane = (r.base / CHW) * s.O * P + o * P;
+      for (int64_t i = 0; i < r.len; ++i) {
+        float v[16];
+        for (int xi = 0; xi < 16; ++xi) v[xi] = M[(xi * ldm + m) * kNR + r.j + i];
+        float q[2][4];  // A^T m
+        for (int b = 0; b < 4; ++b) {
+          q[0][b] = v[b] + v[4 + b] + v[8 + b];
+          q[1][b] = v[4 + b] - v[8 + b] - v[12 + b];
+        }
+        for (int a = 0; a < 2; ++a) {
+          const int64_t oh = 2 * r.oh + a;
+          if (oh >= s.OH) break;
+          const float yy[2] = {q[a][0] + q[a][1] + q[a][2], q[a][1] - q[a][2] - q[a][3]};
+          for (int b = 0; b < 2; ++b) {
+            const int64_t ow = 2 * (r.ow + i) + b;
+            if (ow >= s.OW) break;
+            const int64_t off = plane + oh * s.OW + ow;
+            float val = yy[b];
+            if (bias) val += bias[o];
+            if (res) val += res[off];
+            if (relu) val = val < 0.f ? 0.f : val;
+            y[off] = val;
+          }
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
+                        const float*, bool);
+using InFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
+using OutFn = void (*)(const float*, int64_t, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t,
+                       const float*, const float*, bool, float*);
+
+// Per-thread scratch (slot 0: the V panels, slot 1: M), grown on first use and reused.
+float* wino_scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
+}
+
+}  // namespace
+
+void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  AIMASS_CHECK(pc.u, ValueError, "conv::run_winograd: the conv's Winograd weights were not packed");
+  const ops::Conv2dShape& s = pc.s;
+  const SimdLevel lvl = simd_level();
+  const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
+  const InFn win = lvl >= SimdLevel::AVX512 ? wino_in_avx512 : wino_in_scalar;
+  const OutFn wout = lvl >= SimdLevel::AVX512 ? wino_out_avx512 : wino_out_scalar;
+  const int64_t C = s.C, MB = pc.MB, UKS = pc.UKS;
+  const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPt = (NT + kNR - 1) / kNR;
+  // items: (tile panel) x (range of weight row blocks); the rows are split so M stays within
+  // kWinoRows rows, and further when there are too few panels to keep every thread busy
+  const int T = num_threads();
+  const int64_t maxb = kWinoRows / kMR;
+  int64_t msplit = (MB + maxb - 1) / maxb;
+  if (T > 1 && NPt * msplit < 4 * T) msplit = std::min(MB, std::max(msplit, (4 * T + NPt - 1) / NPt));
+  const int64_t items = NPt * msplit, rows_max = ((MB + msplit - 1) / msplit) * kMR;
+  const int64_t xs = MB * kMR * C;  // between the transform positions of u
+
+  auto work = [&](int64_t i0, int64_t i1) {
+    float* V = wino_scratch(0, static_cast<size_t>(16 * UKS * kNR));
+    float* Mb = wino_scratch(1, static_cast<size_t>(16 * rows_max * kNR));
+    PanelRuns runs;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t p = it / msplit, mi = it % msplit;
+      const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit, ldm = (mb1 - mb0) * kMR;
+      wino_runs(s, NT, p * kNR, runs);
+      for (int64_t c0 = 0; c0 < C; c0 += UKS) {
+        const int64_t kc = std::min(UKS, C - c0);
+        win(x, s, runs, c0, kc, V);
+        for (int xi = 0; xi < 16; ++xi)
+          for (int64_t mb = mb0; mb < mb1; ++mb)
+            tile(kc, pc.u + xi * xs + (c0 * MB + mb * kc) * kMR, V + xi * kc * kNR,
+                 Mb + (xi * ldm + (mb - mb0) * kMR) * kNR, kNR, kMR, kNR, c0 > 0, nullptr, nullptr, false);
+      }
+      wout(Mb, ldm, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
+    }
+  };
+  if (T <= 1 || items <= 1) {
+    work(0, items);
+    return;
+  }
+  const int nchunks = static_cast<int>(std::min<int64_t>(items, 4 * static_cast<int64_t>(T)));
+  parallel_chunks(nchunks, [&](int c, int nc) { work(items * c / nc, items * (c + 1) / nc); });
+}
+
+}  // namespace aimass::runtime::conv

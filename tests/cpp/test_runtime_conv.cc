@@ -1,0 +1,156 @@
+// The Winograd F(2x2, 3x3) conv path (runtime/ops_conv.h) against a double-precision direct
+// convolution and against the direct packed kernel, at every SIMD level this CPU runs and at 1
+// and 2 threads: odd output sizes (tiles clipped at the edge), padding 0-2, tile panels that
+// cross samples, K-slices (C > 128), output channels off the 8-row blocks, bias / residual /
+// ReLU epilogues, and the per-batch choice between the two paths.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "aimass/cpu_features.h"
+#include "aimass/error.h"
+#include "aimass/parallel.h"
+#include "runtime/ops_conv.h"
+
+namespace conv = aimass::runtime::conv;
+using aimass::SimdLevel;
+using aimass::runtime::ops::Conv2dShape;
+
+namespace {
+
+std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out;
+  const SimdLevel best = aimass::set_simd_level(SimdLevel::AVX512);
+  for (SimdLevel l : {SimdLevel::Scalar, SimdLevel::AVX2, SimdLevel::AVX512})
+    if (static_cast<int>(l) <= static_cast<int>(best)) out.push_back(l);
+  return out;
+}
+
+Conv2dShape shape3x3(int64_t C, int64_t H, int64_t W, int64_t O, int64_t pad) {
+  Conv2dShape s{C, H, W, O, 3, 3, 1, 1, pad, pad, 1, 1, 1, H + 2 * pad - 2, W + 2 * pad - 2};
+  return s;
+}
+
+// y = relu?(conv(x) + bias + res), in double
+std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector<float>& x, const std::vector<float>& w,
+                              const float* bias, const float* res, bool relu) {
+  std::vector<double> y(static_cast<size_t>(N * s.O * s.OH * s.OW));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < s.O; ++o)
+      for (int64_t oh = 0; oh < s.OH; ++oh)
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          double acc = 0;
+          for (int64_t c = 0; c < s.C; ++c)
+            for (int64_t kh = 0; kh < 3; ++kh)
+              for (int64_t kw = 0; kw < 3; ++kw) {
+                const int64_t ih = oh - s.PH + kh, iw = ow - s.PW + kw;
+                if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
+                acc += double(w[((o * s.C + c) * 3 + kh) * 3 + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
+              }
+          const size_t i = static_cast<size_t>(((n * s.O + o) * s.OH + oh) * s.OW + ow);
+          if (bias) acc += bias[o];
+          if (res) acc += res[i];
+          y[i] = relu ? std::max(acc, 0.0) : acc;
+        }
+  return y;
+}
+
+std::vector<float> randv(std::mt19937& rng, size_t n, float scale) {
+  std::uniform_real_distribution<float> d(-scale, scale);
+  std::vector<float> v(n);
+  for (auto& e : v) e = d(rng);
+  return v;
+}
+
+struct Case {
+  int64_t C, H, W, O, pad, N;
+  bool bias, res, relu;
+};
+
+}  // namespace
+
+TEST(RuntimeConvWinograd, MatchesDoubleReferenceAndDirectKernel) {
+  const Case cases[] = {
+      {16, 9, 9, 24, 1, 3, true, true, true},     // 5x5 tiles per sample, panels crossing samples
+      {20, 7, 11, 17, 1, 2, true, false, false},  // O off the 8-row blocks, odd sizes (edge tiles clipped)
+      {200, 6, 6, 16, 1, 1, false, true, true},   // C > 128: two K-slices
+      {16, 12, 40, 16, 2, 1, true, false, true},  // padding 2, runs of > 16 tiles (two vector chunks)
+      {24, 8, 8, 32, 0, 2, true, true, false},    // no padding
+      {16, 3, 3, 16, 0, 4, false, false, true},   // 1x1 output: one clipped tile per sample
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(7);
+  for (const Case& k : cases) {
+    const Conv2dShape s = shape3x3(k.C, k.H, k.W, k.O, k.pad);
+    ASSERT_TRUE(conv::wino_eligible(s));
+    const std::vector<float> x = randv(rng, static_cast<size_t>(k.N * k.C * k.H * k.W), 1.f);
+    const std::vector<float> w = randv(rng, static_cast<size_t>(k.O * k.C * 9), 1.f / std::sqrt(9.f * k.C));
+    const std::vector<float> b = randv(rng, static_cast<size_t>(k.O), 0.5f);
+    const size_t ny = static_cast<size_t>(k.N * k.O * s.OH * s.OW);
+    const std::vector<float> r = randv(rng, ny, 1.f);
+    const float* bias = k.bias ? b.data() : nullptr;
+    const float* res = k.res ? r.data() : nullptr;
+    const std::vector<double> want = reference(s, k.N, x, w, bias, res, k.relu);
+    double scale = 1e-30;
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+    conv::PackedConv pc(w.data(), bias, s, conv::PackedConv::kBoth);
+    ASSERT_NE(pc.u, nullptr);
+    ASSERT_NE(pc.w, nullptr);
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      for (int t : {1, 2}) {
+        aimass::set_num_threads(t);
+        std::vector<float> yw(ny, std::numeric_limits<float>::quiet_NaN()), yd(ny);
+        conv::run_winograd(pc, x.data(), k.N, res, k.relu, yw.data());
+        conv::run_direct(pc, x.data(), k.N, res, k.relu, yd.data());
+        for (size_t i = 0; i < ny; ++i) {
+          ASSERT_NEAR(yw[i], want[i], 2e-6 * scale)
+              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " level " << static_cast<int>(lv)
+              << " threads " << t << " i=" << i;
+          ASSERT_NEAR(yw[i], yd[i], 4e-6 * scale) << "winograd vs direct, i=" << i;
+        }
+      }
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
+  Conv2dShape s = shape3x3(64, 56, 56, 64, 1);
+  EXPECT_TRUE(conv::wino_eligible(s));
+  EXPECT_TRUE(conv::wino_pays(s, 1));
+  Conv2dShape strided = s;
+  strided.SH = strided.SW = 2;
+  EXPECT_FALSE(conv::wino_eligible(strided));
+  Conv2dShape dilated = s;
+  dilated.DH = 2;
+  EXPECT_FALSE(conv::wino_eligible(dilated));
+  EXPECT_FALSE(conv::wino_eligible(shape3x3(3, 56, 56, 64, 1)));  // too few channels to pay
+  // a 7x7 plane fills half a 32-tile panel at batch 1 (direct), four full panels at batch 8
+  const Conv2dShape late = shape3x3(512, 7, 7, 512, 1);
+  EXPECT_FALSE(conv::wino_pays(late, 1));
+  EXPECT_TRUE(conv::wino_pays(late, 8));
+  // kAuto keeps the direct weights only for shapes that run direct at some batch size
+  std::vector<float> w(static_cast<size_t>(16 * 16 * 9), 0.1f);
+  const Conv2dShape big = shape3x3(16, 20, 20, 16, 1), small = shape3x3(16, 3, 3, 16, 1);
+  conv::PackedConv a(w.data(), nullptr, big);
+  conv::PackedConv c(w.data(), nullptr, small);
+  conv::PackedConv d(w.data(), nullptr, big, conv::PackedConv::kNoWino);
+  if (conv::wino_enabled()) {
+    EXPECT_NE(a.u, nullptr);
+    EXPECT_EQ(a.w, nullptr);
+    EXPECT_NE(c.u, nullptr);
+    EXPECT_NE(c.w, nullptr);
+  }
+  EXPECT_EQ(d.u, nullptr);
+  EXPECT_NE(d.w, nullptr);
+  std::vector<float> x(static_cast<size_t>(16 * 20 * 20), 1.f), y(static_cast<size_t>(16 * 18 * 18));
+  if (!a.w) EXPECT_THROW(conv::run_direct(a, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
+  EXPECT_THROW(conv::run_winograd(d, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
+}
