@@ -98,19 +98,24 @@ inline int64_t slice_taps(int64_t Kc) {
 constexpr int64_t kWinoKC = 128;  // channels per K-slice: the 16 V panels (16 x 128 x 32 floats) = 256 KiB
 constexpr int64_t kWinoRows = 256;  // output channels per work item: M (16 x 256 x 32 floats) = 512 KiB
 
+// Floats between the transform positions of V (and M, wino_vstride(rows)): one cache line more
+// than the panel so the 16 positions a tile writes or reads do not all map to one L1 set
+// (a 4 KiB multiple apart they did: 16-way conflicts, the transforms ran ~3x slower).
+inline int64_t wino_vstride(int64_t kc) { return kc * kNR + 16; }
+
 // Runs of one panel of tiles along one tile row of one sample (PanelRuns with oh/ow = th/tw).
 void wino_runs(const ops::Conv2dShape& s, int64_t NT, int64_t j0, PanelRuns& runs);
-// V[xi][t][j] (xi < 16, t < kc, j < kNR; at V + (xi * kc + t) * kNR) for channels [c0, c0 + kc)
-// of the panel's tiles, 0 past the last tile.
+// V[xi][t][j] (xi < 16, t < kc, j < kNR; at V + xi * wino_vstride(kc) + t * kNR + j) for
+// channels [c0, c0 + kc) of the panel's tiles, 0 past the last tile.
 void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
                     float* V);
 void wino_in_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
                     float* V);
-// Output rows [o0, o0 + mo) of the panel from M[xi][m][j] at M + (xi * ldm + m) * kNR (m < mo):
+// Output rows [o0, o0 + mo) of the panel from M[xi][m][j] at M + xi * mxs + m * kNR + j (m < mo):
 // y = relu?(A^T M A + bias[o] (+ res)), NCHW, clipped at OH/OW.
-void wino_out_scalar(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+void wino_out_scalar(const float* M, int64_t mxs, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
                      int64_t mo, const float* bias, const float* res, bool relu, float* y);
-void wino_out_avx512(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+void wino_out_avx512(const float* M, int64_t mxs, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
                      int64_t mo, const float* bias, const float* res, bool relu, float* y);
 
 // Whether a conv of this shape may take the Winograd path at all, and (per call) whether it

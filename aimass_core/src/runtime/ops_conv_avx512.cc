@@ -245,6 +245,8 @@ namespace aimass::runtime::conv {
 
 namespace {
 
+constexpr int64_t kWinoPfCh = 2;  // input transform: how many channels ahead to prefetch
+
 // Lanes [lo, hi) of 16 for a load of 16 input columns starting at column cs of a W-wide row.
 inline __mmask16 in_row(int64_t cs, int64_t W) { return lanes(-cs, W - cs); }
 
@@ -252,10 +254,40 @@ inline __mmask16 in_row(int64_t cs, int64_t W) { return lanes(-cs, W - cs); }
 
 void wino_in_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
                     float* V) {
-  const int64_t HW = s.H * s.W, xs = kc * kNR;
+  const int64_t HW = s.H * s.W, xs = wino_vstride(kc);
   const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512 zero = _mm512_setzero_ps();
+  // Chunks of <= 16 tiles of one run, with what does not depend on the channel: the input rows
+  // of the patch (-1 outside the image), the first column and the in-image lanes of the four loads
+  struct Chunk {
+    int64_t base, row[4], cs, j;
+    __mmask16 m[4], st;
+    int64_t pf0, pf1;  // columns of the chunk's patch rows to prefetch
+  };
+  Chunk ch[kNR + 2];
+  int nch = 0;
+  for (int ri = 0; ri < runs.n; ++ri) {
+    const PanelRuns::Run& r = runs.r[ri];
+    for (int64_t i0 = 0; i0 < r.len; i0 += 16, ++nch) {
+      Chunk& c = ch[nch];
+      const int64_t L = std::min<int64_t>(16, r.len - i0);
+      c.base = r.base;
+      c.cs = 2 * (r.ow + i0) - s.PW;  // columns cs + 2i + b (b < 4) for lanes i < L: [0, 2L + 2) from cs
+      c.j = r.j + i0;
+      for (int a = 0; a < 4; ++a) {
+        const int64_t ih = 2 * r.oh - s.PH + a;
+        c.row[a] = ih < 0 || ih >= s.H ? -1 : ih * s.W;
+      }
+      c.m[0] = in_row(c.cs, s.W) & lanes(0, 2 * L + 2);
+      c.m[1] = in_row(c.cs + 16, s.W) & lanes(0, 2 * L + 2 - 16);
+      c.m[2] = in_row(c.cs + 2, s.W) & lanes(0, 2 * L);
+      c.m[3] = in_row(c.cs + 18, s.W) & lanes(0, 2 * L - 16);
+      c.st = lanes(0, L);
+      c.pf0 = std::max<int64_t>(0, c.cs);
+      c.pf1 = std::min<int64_t>(s.W - 1, c.cs + 2 * L + 1);
+    }
+  }
   for (int64_t t = 0; t < kc; ++t) {
     float* vt = V + t * kNR;
     if (runs.nc < kNR)
@@ -264,104 +296,108 @@ void wino_in_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& 
         _mm512_store_ps(vt + xi * xs + 16, zero);
       }
     const float* plane = x + (c0 + t) * HW;
-    for (int ri = 0; ri < runs.n; ++ri) {
-      const PanelRuns::Run& r = runs.r[ri];
-      const float* pl = plane + r.base;
-      if (c0 + t + 2 < s.C) {  // the patch rows two channels ahead
-        for (int a = 0; a < 4; ++a) {
-          const int64_t ih = 2 * r.oh - s.PH + a;
-          if (ih >= 0 && ih < s.H) {
-            const float* p = pl + 2 * HW + ih * s.W + std::max<int64_t>(0, 2 * r.ow - s.PW);
-            _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(p + 2 * r.len + 1), _MM_HINT_T0);
-          }
+    const bool pf = c0 + t + kWinoPfCh < s.C;
+    for (int ci = 0; ci < nch; ++ci) {
+      const Chunk& c = ch[ci];
+      const float* pl = plane + c.base;
+      __m512 d[4][4];
+      for (int a = 0; a < 4; ++a) {
+        if (c.row[a] < 0) {
+          d[a][0] = d[a][1] = d[a][2] = d[a][3] = zero;
+          continue;
         }
+        const float* row = pl + c.row[a];
+        if (pf) {  // this patch row a few channels ahead
+          _mm_prefetch(reinterpret_cast<const char*>(row + kWinoPfCh * HW + c.pf0), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + kWinoPfCh * HW + c.pf1), _MM_HINT_T0);
+        }
+        const __m512 l0 = _mm512_maskz_loadu_ps(c.m[0], row + c.cs);
+        const __m512 l1 = _mm512_maskz_loadu_ps(c.m[1], row + c.cs + 16);
+        const __m512 l2 = _mm512_maskz_loadu_ps(c.m[2], row + c.cs + 2);
+        const __m512 l3 = _mm512_maskz_loadu_ps(c.m[3], row + c.cs + 18);
+        d[a][0] = _mm512_permutex2var_ps(l0, ev, l1);
+        d[a][1] = _mm512_permutex2var_ps(l0, od, l1);
+        d[a][2] = _mm512_permutex2var_ps(l2, ev, l3);
+        d[a][3] = _mm512_permutex2var_ps(l2, od, l3);
       }
-      for (int64_t i0 = 0; i0 < r.len; i0 += 16) {
-        const int64_t L = std::min<int64_t>(16, r.len - i0);
-        const int64_t cs = 2 * (r.ow + i0) - s.PW;  // first input column of the chunk's patches
-        __m512 e[4][4];  // rows of B^T d, per patch column
-        __m512 d[4][4];
-        for (int a = 0; a < 4; ++a) {
-          const int64_t ih = 2 * r.oh - s.PH + a;
-          if (ih < 0 || ih >= s.H) {
-            d[a][0] = d[a][1] = d[a][2] = d[a][3] = zero;
-            continue;
-          }
-          const float* row = pl + ih * s.W;
-          // columns cs + 2i + b (b < 4) for lanes i < L: elements [0, 2L + 2) from cs
-          const __m512 l0 = _mm512_maskz_loadu_ps(in_row(cs, s.W) & lanes(0, 2 * L + 2), row + cs);
-          const __m512 l1 = _mm512_maskz_loadu_ps(in_row(cs + 16, s.W) & lanes(0, 2 * L + 2 - 16), row + cs + 16);
-          const __m512 l2 = _mm512_maskz_loadu_ps(in_row(cs + 2, s.W) & lanes(0, 2 * L), row + cs + 2);
-          const __m512 l3 = _mm512_maskz_loadu_ps(in_row(cs + 18, s.W) & lanes(0, 2 * L - 16), row + cs + 18);
-          d[a][0] = _mm512_permutex2var_ps(l0, ev, l1);
-          d[a][1] = _mm512_permutex2var_ps(l0, od, l1);
-          d[a][2] = _mm512_permutex2var_ps(l2, ev, l3);
-          d[a][3] = _mm512_permutex2var_ps(l2, od, l3);
-        }
-        for (int b = 0; b < 4; ++b) {
-          e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
-          e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
-          e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
-          e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
-        }
-        const __mmask16 st = lanes(0, L);
-        float* vj = vt + r.j + i0;
-        for (int a = 0; a < 4; ++a) {
-          _mm512_mask_storeu_ps(vj + (4 * a + 0) * xs, st, _mm512_sub_ps(e[a][0], e[a][2]));
-          _mm512_mask_storeu_ps(vj + (4 * a + 1) * xs, st, _mm512_add_ps(e[a][1], e[a][2]));
-          _mm512_mask_storeu_ps(vj + (4 * a + 2) * xs, st, _mm512_sub_ps(e[a][2], e[a][1]));
-          _mm512_mask_storeu_ps(vj + (4 * a + 3) * xs, st, _mm512_sub_ps(e[a][1], e[a][3]));
-        }
+      __m512 e[4][4];  // B^T d
+      for (int b = 0; b < 4; ++b) {
+        e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
+        e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
+        e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
+        e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
+      }
+      float* vj = vt + c.j;
+      for (int a = 0; a < 4; ++a) {  // (B^T d) B
+        _mm512_mask_storeu_ps(vj + (4 * a + 0) * xs, c.st, _mm512_sub_ps(e[a][0], e[a][2]));
+        _mm512_mask_storeu_ps(vj + (4 * a + 1) * xs, c.st, _mm512_add_ps(e[a][1], e[a][2]));
+        _mm512_mask_storeu_ps(vj + (4 * a + 2) * xs, c.st, _mm512_sub_ps(e[a][2], e[a][1]));
+        _mm512_mask_storeu_ps(vj + (4 * a + 3) * xs, c.st, _mm512_sub_ps(e[a][1], e[a][3]));
       }
     }
   }
 }
 
-void wino_out_avx512(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+void wino_out_avx512(const float* M, int64_t mxs, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
                      int64_t mo, const float* bias, const float* res, bool relu, float* y) {
   const int64_t P = s.OH * s.OW, CHW = s.C * s.H * s.W;
   // interleave two vectors of 16: (a0 b0 a1 b1 ...) lanes 0..7 and 8..15
   const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512 zero = _mm512_setzero_ps();
+  // Chunks of <= 16 tiles of one run: the output offset of their first pixel in channel 0 (-1 for
+  // a second row past OH), their first column in M and the stores' column masks
+  struct Chunk {
+    int64_t off[2], j;
+    __mmask16 k0, k1;
+  };
+  Chunk ch[kNR + 2];
+  int nch = 0;
+  for (int ri = 0; ri < runs.n; ++ri) {
+    const PanelRuns::Run& r = runs.r[ri];
+    for (int64_t i0 = 0; i0 < r.len; i0 += 16, ++nch) {
+      Chunk& c = ch[nch];
+      const int64_t L = std::min<int64_t>(16, r.len - i0);
+      const int64_t ow0 = 2 * (r.ow + i0), ncol = std::min<int64_t>(2 * L, s.OW - ow0);
+      for (int a = 0; a < 2; ++a) {
+        const int64_t oh = 2 * r.oh + a;
+        c.off[a] = oh < s.OH ? (r.base / CHW) * s.O * P + oh * s.OW + ow0 : -1;
+      }
+      c.j = r.j + i0;
+      c.k0 = lanes(0, ncol);
+      c.k1 = lanes(0, ncol - 16);
+    }
+  }
   for (int64_t m = 0; m < mo; ++m) {
     const int64_t o = o0 + m;
     const __m512 bv = _mm512_set1_ps(bias ? bias[o] : 0.f);
-    for (int ri = 0; ri < runs.n; ++ri) {
-      const PanelRuns::Run& r = runs.r[ri];
-      const int64_t plane = (r.base / CHW) * s.O * P + o * P;
-      for (int64_t i0 = 0; i0 < r.len; i0 += 16) {
-        const int64_t L = std::min<int64_t>(16, r.len - i0);
-        const float* mj = M + m * kNR + r.j + i0;
-        __m512 v[16];
-        for (int xi = 0; xi < 16; ++xi) v[xi] = _mm512_loadu_ps(mj + xi * ldm * kNR);
-        __m512 q[2][4];
-        for (int b = 0; b < 4; ++b) {
-          q[0][b] = _mm512_add_ps(_mm512_add_ps(v[b], v[4 + b]), v[8 + b]);
-          q[1][b] = _mm512_sub_ps(_mm512_sub_ps(v[4 + b], v[8 + b]), v[12 + b]);
+    for (int ci = 0; ci < nch; ++ci) {
+      const Chunk& c = ch[ci];
+      const float* mj = M + m * kNR + c.j;
+      __m512 v[16];
+      for (int xi = 0; xi < 16; ++xi) v[xi] = _mm512_loadu_ps(mj + xi * mxs);
+      __m512 q[2][4];  // A^T m
+      for (int b = 0; b < 4; ++b) {
+        q[0][b] = _mm512_add_ps(_mm512_add_ps(v[b], v[4 + b]), v[8 + b]);
+        q[1][b] = _mm512_sub_ps(_mm512_sub_ps(v[4 + b], v[8 + b]), v[12 + b]);
+      }
+      for (int a = 0; a < 2; ++a) {
+        if (c.off[a] < 0) break;
+        const __m512 y0 = _mm512_add_ps(_mm512_add_ps(q[a][0], q[a][1]), q[a][2]);
+        const __m512 y1 = _mm512_sub_ps(_mm512_sub_ps(q[a][1], q[a][2]), q[a][3]);
+        __m512 lo = _mm512_add_ps(_mm512_permutex2var_ps(y0, ilo, y1), bv);
+        __m512 hi = _mm512_add_ps(_mm512_permutex2var_ps(y0, ihi, y1), bv);
+        const int64_t off = c.off[a] + o * P;
+        if (res) {
+          lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(c.k0, res + off));
+          hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(c.k1, res + off + 16));
         }
-        const int64_t ow0 = 2 * (r.ow + i0), ncol = std::min<int64_t>(2 * L, s.OW - ow0);
-        const __mmask16 k0 = lanes(0, ncol), k1 = lanes(0, ncol - 16);
-        for (int a = 0; a < 2; ++a) {
-          const int64_t oh = 2 * r.oh + a;
-          if (oh >= s.OH) break;
-          const __m512 y0 = _mm512_add_ps(_mm512_add_ps(q[a][0], q[a][1]), q[a][2]);
-          const __m512 y1 = _mm512_sub_ps(_mm512_sub_ps(q[a][1], q[a][2]), q[a][3]);
-          __m512 lo = _mm512_add_ps(_mm512_permutex2var_ps(y0, ilo, y1), bv);
-          __m512 hi = _mm512_add_ps(_mm512_permutex2var_ps(y0, ihi, y1), bv);
-          const int64_t off = plane + oh * s.OW + ow0;
-          if (res) {
-            lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(k0, res + off));
-            hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(k1, res + off + 16));
-          }
-          if (relu) {  // NaN stays NaN
-            lo = _mm512_max_ps(zero, lo);
-            hi = _mm512_max_ps(zero, hi);
-          }
-          _mm512_mask_storeu_ps(y + off, k0, lo);
-          if (k1) _mm512_mask_storeu_ps(y + off + 16, k1, hi);
+        if (relu) {  // NaN stays NaN
+          lo = _mm512_max_ps(zero, lo);
+          hi = _mm512_max_ps(zero, hi);
         }
+        _mm512_mask_storeu_ps(y + off, c.k0, lo);
+        if (c.k1) _mm512_mask_storeu_ps(y + off + 16, c.k1, hi);
       }
     }
   }

@@ -76,7 +76,7 @@ void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& 
   const int64_t HW = s.H * s.W;
   for (int64_t t = 0; t < kc; ++t) {
     for (int xi = 0; xi < 16; ++xi)
-      for (int64_t j = runs.nc; j < kNR; ++j) V[(xi * kc + t) * kNR + j] = 0.f;
+      for (int64_t j = runs.nc; j < kNR; ++j) V[xi * wino_vstride(kc) + t * kNR + j] = 0.f;
     for (int ri = 0; ri < runs.n; ++ri) {
       const PanelRuns::Run& r = runs.r[ri];
       const float* plane = x + r.base + (c0 + t) * HW;
@@ -96,7 +96,7 @@ void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& 
           e[3][b] = d[1][b] - d[3][b];
         }
         float* vj = V + t * kNR + r.j + i;
-        const int64_t xs = kc * kNR;  // between transform positions
+        const int64_t xs = wino_vstride(kc);  // between transform positions
         for (int a = 0; a < 4; ++a) {  // (B^T d) B
           vj[(4 * a + 0) * xs] = e[a][0] - e[a][2];
           vj[(4 * a + 1) * xs] = e[a][1] + e[a][2];
@@ -108,7 +108,7 @@ void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& 
   }
 }
 
-void wino_out_scalar(const float* M, int64_t ldm, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
+void wino_out_scalar(const float* M, int64_t mxs, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t o0,
                      int64_t mo, const float* bias, const float* res, bool relu, float* y) {
   const int64_t P = s.OH * s.OW, CHW = s.C * s.H * s.W;
   for (int64_t m = 0; m < mo; ++m) {
@@ -118,7 +118,7 @@ void wino_out_scalar(const float* M, int64_t ldm, const ops::Conv2dShape& s, con
       const int64_t plane = (r.base / CHW) * s.O * P + o * P;
       for (int64_t i = 0; i < r.len; ++i) {
         float v[16];
-        for (int xi = 0; xi < 16; ++xi) v[xi] = M[(xi * ldm + m) * kNR + r.j + i];
+        for (int xi = 0; xi < 16; ++xi) v[xi] = M[xi * mxs + m * kNR + r.j + i];
         float q[2][4];  // A^T m
         for (int b = 0; b < 4; ++b) {
           q[0][b] = v[b] + v[4 + b] + v[8 + b];
@@ -180,22 +180,22 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float* V = wino_scratch(0, static_cast<size_t>(16 * UKS * kNR));
-    float* Mb = wino_scratch(1, static_cast<size_t>(16 * rows_max * kNR));
+    float* V = wino_scratch(0, static_cast<size_t>(16 * wino_vstride(UKS)));
+    float* Mb = wino_scratch(1, static_cast<size_t>(16 * wino_vstride(rows_max)));
     PanelRuns runs;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t p = it / msplit, mi = it % msplit;
-      const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit, ldm = (mb1 - mb0) * kMR;
+      const int64_t mb0 = MB * mi / msplit, mb1 = MB * (mi + 1) / msplit, mxs = wino_vstride((mb1 - mb0) * kMR);
       wino_runs(s, NT, p * kNR, runs);
       for (int64_t c0 = 0; c0 < C; c0 += UKS) {
         const int64_t kc = std::min(UKS, C - c0);
         win(x, s, runs, c0, kc, V);
         for (int xi = 0; xi < 16; ++xi)
           for (int64_t mb = mb0; mb < mb1; ++mb)
-            tile(kc, pc.u + xi * xs + (c0 * MB + mb * kc) * kMR, V + xi * kc * kNR,
-                 Mb + (xi * ldm + (mb - mb0) * kMR) * kNR, kNR, kMR, kNR, c0 > 0, nullptr, nullptr, false);
+            tile(kc, pc.u + xi * xs + (c0 * MB + mb * kc) * kMR, V + xi * wino_vstride(kc),
+                 Mb + xi * mxs + (mb - mb0) * kMR * kNR, kNR, kMR, kNR, c0 > 0, nullptr, nullptr, false);
       }
-      wout(Mb, ldm, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
+      wout(Mb, mxs, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
     }
   };
   if (T <= 1 || items <= 1) {
