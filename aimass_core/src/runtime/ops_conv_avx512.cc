@@ -184,6 +184,7 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
     int64_t col[kMaxK];  // first input column per kw (may be negative: padding)
     __mmask16 m[kMaxK][2];     // in-bounds lanes of the run's two 16-column chunks per kw
     int64_t lo[kMaxK][2], hi[kMaxK][2];
+    __mmask16 s2[kMaxK][2][2];  // stride 2: the masks of each chunk's two 16-float loads (load_strided)
   };
   RunTab tab[kNR];
   for (int ri = 0; ri < runs.n; ++ri) {
@@ -206,6 +207,10 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
         tb.lo[w][ch] = lo < 0 ? 0 : lo > 16 ? 16 : lo;
         tb.hi[w][ch] = hi < 0 ? 0 : hi > 16 ? 16 : hi;
         tb.m[w][ch] = lanes(tb.lo[w][ch], tb.hi[w][ch]);
+        const int64_t l = tb.lo[w][ch], h = tb.hi[w][ch];
+        const uint64_t m32 = h <= l ? 0 : (((uint64_t{1} << (2 * h)) - 1) & ~((uint64_t{1} << (2 * l)) - 1)) & 0x55555555u;
+        tb.s2[w][ch][0] = static_cast<__mmask16>(m32);
+        tb.s2[w][ch][1] = static_cast<__mmask16>(m32 >> 16);
       }
     }
   }
@@ -245,6 +250,17 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
         const __mmask16 m0 = tb.m[kw][0], m1 = tb.m[kw][1];
         _mm512_mask_storeu_ps(dj, m0, _mm512_maskz_loadu_ps(m0, srow));
         if (m1) _mm512_mask_storeu_ps(dj + 16, m1, _mm512_maskz_loadu_ps(m1, srow + 16));
+        continue;
+      }
+      if (s.SW == 2) {  // two masked loads and a permute per chunk, the masks from the table
+        const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        for (int ch = 0; ch < 2; ++ch) {
+          if (!tb.m[kw][ch]) continue;
+          const float* p = srow + 32 * ch;
+          const __m512 a = _mm512_maskz_loadu_ps(tb.s2[kw][ch][0], p);
+          const __m512 b = _mm512_maskz_loadu_ps(tb.s2[kw][ch][1], p + 16);
+          _mm512_mask_storeu_ps(dj + 16 * ch, tb.m[kw][ch], _mm512_permutex2var_ps(a, idx, b));
+        }
         continue;
       }
       for (int ch = 0; ch < 2; ++ch) {
