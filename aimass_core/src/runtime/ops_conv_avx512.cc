@@ -48,8 +48,9 @@ inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int
 }
 
 // The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
-// in place: any ldb, unaligned, optionally prefetched kPf rows ahead).
-template <bool kPacked, bool kStream>
+// in place: any ldb, unaligned, optionally prefetched kPf rows ahead). kHalf: columns 0..15 only
+// (a panel's tail of <= 16 pixels, e.g. 196 = 6 x 32 + 4 at 14x14, batch 1), c1 stays 0.
+template <bool kPacked, bool kStream, bool kHalf = false>
 inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, __m512 (&c0)[8], __m512 (&c1)[8]) {
   constexpr int64_t kPf = 32;  // rows ahead in the stream: ~8 cycles a row, DRAM ~100 ns away
   constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
@@ -63,7 +64,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
       _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb + kNR - 1), _MM_HINT_T0);
     }
     const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
-    const __m512 b1 = kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
+    const __m512 b1 = kHalf ? _mm512_setzero_ps() : kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
     const float* ak = a + k * kMR;
     // the weights stream sequentially through a K-slice's row blocks (slice-major packing);
     // fetch a few lines ahead so a large layer's weights arrive from L3/DRAM in time
@@ -72,7 +73,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     for (int m = 0; m < 8; ++m) {
       const __m512 av = _mm512_set1_ps(ak[m]);
       c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+      if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
     }
   }
 }
@@ -98,7 +99,10 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
   static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
   __m512 c0[8], c1[8];
   if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
-  tile_core<true, false>(kc, a, b, kNR, c0, c1);
+  if (ncols <= 16)
+    tile_core<true, false, true>(kc, a, b, kNR, c0, c1);
+  else
+    tile_core<true, false>(kc, a, b, kNR, c0, c1);
   epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
 }
 
