@@ -39,19 +39,23 @@ void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t l
   tile_ld_scalar(kc, a, b, kNR, c, ldc, mvalid, ncols, accumulate, bias, res, relu, false);
 }
 
-void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
-  const int64_t P = s.OH * s.OW, CHW = s.C * s.H * s.W;
-  runs.nc = static_cast<int>(std::min(kNR, NPix - j0));
-  runs.pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+void grid_runs(int64_t per_sample, int64_t row_len, int64_t CHW, int64_t total, int64_t j0, bool whole_plane,
+               PanelRuns& runs) {
+  runs.nc = static_cast<int>(std::min(kNR, total - j0));
   runs.n = 0;
   for (int64_t j = 0, q = j0; j < runs.nc;) {
-    const int64_t n = q / P, p = q % P;
-    PanelRuns::Run r{n * CHW, p / s.OW, p % s.OW, 0, j};
-    r.len = runs.pointwise ? std::min(runs.nc - j, P - p) : std::min(runs.nc - j, s.OW - r.ow);
+    const int64_t n = q / per_sample, p = q % per_sample;
+    PanelRuns::Run r{n * CHW, p / row_len, p % row_len, 0, j};
+    r.len = whole_plane ? std::min(runs.nc - j, per_sample - p) : std::min(runs.nc - j, row_len - r.ow);
     runs.r[runs.n++] = r;
     j += r.len;
     q += r.len;
   }
+}
+
+void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
+  runs.pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  grid_runs(s.OH * s.OW, s.OW, s.C * s.H * s.W, NPix, j0, runs.pointwise, runs);
 }
 
 void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
@@ -128,21 +132,17 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
 
 namespace {
 
-using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
-                        const float*, bool);
 using PackFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
 using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, bool,
                           const float*, const float*, bool, bool);
 
-// Per-thread scratch, grown on first use and reused (no page faults per call): slot 0 holds
-// the packed panels, slot 1 the accumulators of panels that cross a sample boundary.
+}  // namespace
+
 float* aligned_scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buf[2];
+  thread_local std::vector<float> buf[4];
   if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
 }
-
-}  // namespace
 
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   if (pc.u && (!pc.w || wino_pays(pc.s, N)))
@@ -237,12 +237,7 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
       }
     }
   };
-  if (T <= 1 || items <= 1) {
-    work(0, items);
-    return;
-  }
-  const int nchunks = static_cast<int>(std::min<int64_t>(items, 4 * static_cast<int64_t>(T)));
-  parallel_chunks(nchunks, [&](int c, int nc) { work(items * c / nc, items * (c + 1) / nc); });
+  run_items(items, work);
 }
 
 }  // namespace aimass::runtime::conv

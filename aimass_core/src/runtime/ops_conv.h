@@ -26,9 +26,11 @@
 // scalar tile is the reference (the SIMD tiles differ by FMA rounding only). Raw
 // pointers only in the SIMD translation units.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "aimass/memory.h"
+#include "aimass/parallel.h"
 #include "runtime/ops.h"
 
 namespace aimass::runtime::conv {
@@ -72,6 +74,38 @@ struct PanelRuns {
   bool pointwise = false;
 };
 void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs);
+// The runs of columns [j0, j0 + kNR) of `total` items numbered n-major over samples of `per_sample`
+// items in rows of `row_len` (runs break at rows, or only at samples when `whole_plane`); a run's
+// base is its sample's input offset n * CHW. panel_runs (pixels) and wino_runs (2x2 tiles) use it.
+void grid_runs(int64_t per_sample, int64_t row_len, int64_t CHW, int64_t total, int64_t j0, bool whole_plane,
+               PanelRuns& runs);
+
+// Calls fn(run, i0, L) for each chunk of <= 16 columns [i0, i0 + L) of each run.
+template <class Fn>
+inline void for_chunks(const PanelRuns& runs, Fn&& fn) {
+  for (int ri = 0; ri < runs.n; ++ri)
+    for (int64_t i0 = 0; i0 < runs.r[ri].len; i0 += 16)
+      fn(runs.r[ri], i0, runs.r[ri].len - i0 < 16 ? runs.r[ri].len - i0 : int64_t{16});
+}
+
+// Runs work(i0, i1) over items [0, items) in up to 4 chunks per thread of the engine's pool.
+template <class Work>
+inline void run_items(int64_t items, Work&& work) {
+  const int T = num_threads();
+  if (T <= 1 || items <= 1) {
+    work(int64_t{0}, items);
+    return;
+  }
+  const int nchunks = static_cast<int>(items < 4 * int64_t{T} ? items : 4 * int64_t{T});
+  parallel_chunks(nchunks, [&](int c, int nc) { work(items * c / nc, items * (c + 1) / nc); });
+}
+
+// Per-thread 64-byte-aligned scratch of `floats` floats in slot 0..3, grown on first use and
+// reused (no page faults per call).
+float* aligned_scratch(int slot, size_t floats);
+
+using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
+                        const float*, bool);
 void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
                  float* dst);
 void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,

@@ -305,27 +305,23 @@ void wino_in_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& 
   };
   Chunk ch[kNR + 2];
   int nch = 0;
-  for (int ri = 0; ri < runs.n; ++ri) {
-    const PanelRuns::Run& r = runs.r[ri];
-    for (int64_t i0 = 0; i0 < r.len; i0 += 16, ++nch) {
-      Chunk& c = ch[nch];
-      const int64_t L = std::min<int64_t>(16, r.len - i0);
-      c.base = r.base;
-      c.cs = 2 * (r.ow + i0) - s.PW;  // columns cs + 2i + b (b < 4) for lanes i < L: [0, 2L + 2) from cs
-      c.j = r.j + i0;
-      for (int a = 0; a < 4; ++a) {
-        const int64_t ih = 2 * r.oh - s.PH + a;
-        c.row[a] = ih < 0 || ih >= s.H ? -1 : ih * s.W;
-      }
-      c.m[0] = in_row(c.cs, s.W) & lanes(0, 2 * L + 2);
-      c.m[1] = in_row(c.cs + 16, s.W) & lanes(0, 2 * L + 2 - 16);
-      c.m[2] = in_row(c.cs + 2, s.W) & lanes(0, 2 * L);
-      c.m[3] = in_row(c.cs + 18, s.W) & lanes(0, 2 * L - 16);
-      c.st = lanes(0, L);
-      c.pf0 = std::max<int64_t>(0, c.cs);
-      c.pf1 = std::min<int64_t>(s.W - 1, c.cs + 2 * L + 1);
+  for_chunks(runs, [&](const PanelRuns::Run& r, int64_t i0, int64_t L) {
+    Chunk& c = ch[nch++];
+    c.base = r.base;
+    c.cs = 2 * (r.ow + i0) - s.PW;  // columns cs + 2i + b (b < 4) for lanes i < L: [0, 2L + 2) from cs
+    c.j = r.j + i0;
+    for (int a = 0; a < 4; ++a) {
+      const int64_t ih = 2 * r.oh - s.PH + a;
+      c.row[a] = ih < 0 || ih >= s.H ? -1 : ih * s.W;
     }
-  }
+    c.m[0] = in_row(c.cs, s.W) & lanes(0, 2 * L + 2);
+    c.m[1] = in_row(c.cs + 16, s.W) & lanes(0, 2 * L + 2 - 16);
+    c.m[2] = in_row(c.cs + 2, s.W) & lanes(0, 2 * L);
+    c.m[3] = in_row(c.cs + 18, s.W) & lanes(0, 2 * L - 16);
+    c.st = lanes(0, L);
+    c.pf0 = std::max<int64_t>(0, c.cs);
+    c.pf1 = std::min<int64_t>(s.W - 1, c.cs + 2 * L + 1);
+  });
   for (int64_t t = 0; t < kc; ++t) {
     float* vt = V + t * kNR;
     if (runs.nc < kNR)
@@ -391,21 +387,17 @@ void wino_out_avx512(const float* M, int64_t mxs, const ops::Conv2dShape& s, con
   };
   Chunk ch[kNR + 2];
   int nch = 0;
-  for (int ri = 0; ri < runs.n; ++ri) {
-    const PanelRuns::Run& r = runs.r[ri];
-    for (int64_t i0 = 0; i0 < r.len; i0 += 16, ++nch) {
-      Chunk& c = ch[nch];
-      const int64_t L = std::min<int64_t>(16, r.len - i0);
-      const int64_t ow0 = 2 * (r.ow + i0), ncol = std::min<int64_t>(2 * L, s.OW - ow0);
-      for (int a = 0; a < 2; ++a) {
-        const int64_t oh = 2 * r.oh + a;
-        c.off[a] = oh < s.OH ? (r.base / CHW) * s.O * P + oh * s.OW + ow0 : -1;
-      }
-      c.j = r.j + i0;
-      c.k0 = lanes(0, ncol);
-      c.k1 = lanes(0, ncol - 16);
+  for_chunks(runs, [&](const PanelRuns::Run& r, int64_t i0, int64_t L) {
+    Chunk& c = ch[nch++];
+    const int64_t ow0 = 2 * (r.ow + i0), ncol = std::min<int64_t>(2 * L, s.OW - ow0);
+    for (int a = 0; a < 2; ++a) {
+      const int64_t oh = 2 * r.oh + a;
+      c.off[a] = oh < s.OH ? (r.base / CHW) * s.O * P + oh * s.OW + ow0 : -1;
     }
-  }
+    c.j = r.j + i0;
+    c.k0 = lanes(0, ncol);
+    c.k1 = lanes(0, ncol - 16);
+  });
   for (int64_t m = 0; m < mo; ++m) {
     const int64_t o = o0 + m;
     const __m512 bv = _mm512_set1_ps(bias ? bias[o] : 0.f);

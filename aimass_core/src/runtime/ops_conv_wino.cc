@@ -57,18 +57,9 @@ void PackedConv::pack_winograd(const float* weight) {
 }
 
 void wino_runs(const ops::Conv2dShape& s, int64_t NT, int64_t j0, PanelRuns& runs) {
-  const int64_t TW = (s.OW + 1) / 2, Tp = ((s.OH + 1) / 2) * TW, CHW = s.C * s.H * s.W;
-  runs.nc = static_cast<int>(std::min(kNR, NT - j0));
+  const int64_t TW = (s.OW + 1) / 2;
   runs.pointwise = false;
-  runs.n = 0;
-  for (int64_t j = 0, q = j0; j < runs.nc;) {
-    const int64_t n = q / Tp, t = q % Tp;
-    PanelRuns::Run r{n * CHW, t / TW, t % TW, 0, j};
-    r.len = std::min(runs.nc - j, TW - r.ow);
-    runs.r[runs.n++] = r;
-    j += r.len;
-    q += r.len;
-  }
+  grid_runs(((s.OH + 1) / 2) * TW, TW, s.C * s.H * s.W, NT, j0, false, runs);
 }
 
 void wino_in_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t c0, int64_t kc,
@@ -146,18 +137,9 @@ void wino_out_scalar(const float* M, int64_t mxs, const ops::Conv2dShape& s, con
 
 namespace {
 
-using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
-                        const float*, bool);
 using InFn = void (*)(const float*, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t, float*);
 using OutFn = void (*)(const float*, int64_t, const ops::Conv2dShape&, const PanelRuns&, int64_t, int64_t,
                        const float*, const float*, bool, float*);
-
-// Per-thread scratch (slot 0: the V panels, slot 1: M), grown on first use and reused.
-float* wino_scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buf[2];
-  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
-}
 
 }  // namespace
 
@@ -180,8 +162,8 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float* V = wino_scratch(0, static_cast<size_t>(16 * wino_vstride(UKS)));
-    float* Mb = wino_scratch(1, static_cast<size_t>(16 * wino_vstride(rows_max)));
+    float* V = aligned_scratch(2, static_cast<size_t>(16 * wino_vstride(UKS)));  // the 16 V panels
+    float* Mb = aligned_scratch(3, static_cast<size_t>(16 * wino_vstride(rows_max)));  // M
     PanelRuns runs;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t p = it / msplit, mi = it % msplit;
@@ -198,12 +180,7 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
       wout(Mb, mxs, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
     }
   };
-  if (T <= 1 || items <= 1) {
-    work(0, items);
-    return;
-  }
-  const int nchunks = static_cast<int>(std::min<int64_t>(items, 4 * static_cast<int64_t>(T)));
-  parallel_chunks(nchunks, [&](int c, int nc) { work(items * c / nc, items * (c + 1) / nc); });
+  run_items(items, work);
 }
 
 }  // namespace aimass::runtime::conv
