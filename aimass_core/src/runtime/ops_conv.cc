@@ -105,7 +105,8 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape, Wino wino) : s(shape) {
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
-  KS = slice_taps(Kc);
+  const bool pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  KS = slice_taps(Kc, pointwise ? kKC : kKCPacked);  // pointwise panels are mostly read in place
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
   if (bias) {

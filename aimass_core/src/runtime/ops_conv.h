@@ -11,9 +11,10 @@
 //   K-slice by K-slice, [slice][O/kMR][kc][kMR] (the last block zero-padded), BatchNorm
 //   already folded in by export: one slice's pass over the row blocks is one sequential stream.
 // - B (activations): packed per call, one panel of kNR = 32 output pixels at a time,
-//   [kc][kNR] for a K-slice of kc <= kKC taps (an implicit im2col that reads the input
-//   straight from NCHW, zero for out-of-image taps and past the last pixel): 32 KiB at
-//   kc = 256, so the panel sits in L1 while every weight row block streams over it.
+//   [kc][kNR] for a K-slice of kc <= kKCPacked taps (an implicit im2col that reads the input
+//   straight from NCHW, zero for out-of-image taps and past the last pixel): 16 KiB at
+//   kc = 128, so a group of two panels sits in L1 while every weight row block streams over it
+//   (an in-place 1x1 panel: kc <= kKC = 256).
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
 //   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
 //   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
@@ -37,7 +38,11 @@ namespace aimass::runtime::conv {
 
 constexpr int64_t kMR = 8;    // output channels per weight row block
 constexpr int64_t kNR = 32;   // output pixels per activation panel
-constexpr int64_t kKC = 256;  // taps per K-slice (B panel kKC x kNR floats = 32 KiB)
+constexpr int64_t kKC = 256;  // taps per K-slice of an in-place 1x1 panel (kKC x kNR floats = 32 KiB)
+// taps per K-slice of a packed (im2col) panel: a group of two (2 x 16 KiB) and the weight block
+// (4 KiB) stay in a 32-48 KiB L1 (at 256 taps the group was 64 KiB; the 7x7/2 stem at batch 8 ran
+// 18.0-19.0 -> 16.9-17.7 ms CPU at 128, the 3x3/2 at 56x56 7.5-8.1 -> 7.1-7.6 ms)
+constexpr int64_t kKCPacked = 128;
 constexpr int64_t kGroupPanels = 2;  // panels packed together: each weight block serves both from L1
 
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
@@ -111,9 +116,9 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& runs, int64_t k0, int64_t kc,
                  float* dst);
 
-// Taps per K-slice: Kc split into (almost) equal slices of at most kKC.
-inline int64_t slice_taps(int64_t Kc) {
-  const int64_t n = (Kc + kKC - 1) / kKC;
+// Taps per K-slice: Kc split into (almost) equal slices of at most `most` (kKC or kKCPacked).
+inline int64_t slice_taps(int64_t Kc, int64_t most = kKC) {
+  const int64_t n = (Kc + most - 1) / most;
   return n > 0 ? (Kc + n - 1) / n : 1;
 }
 
