@@ -131,6 +131,41 @@ TEST(RuntimeVec, SoftmaxMatchesReferenceIncludingSpecials) {
   }
 }
 
+// softmax(x + add) in place: the fused attention's scores with an additive mask row.
+TEST(RuntimeVec, SoftmaxAddMatchesReferenceIncludingSpecials) {
+  std::mt19937 rng(7);
+  for (const vec::Kernels* k : levels()) {
+    const std::string lvl = aimass::simd_level_name(k->level);
+    for (int64_t n : kSizes) {
+      // plain, -inf mask entries, NaN score, +inf mask entry, every key masked
+      for (int variant = 0; variant < 5; ++variant) {
+        std::vector<float> x = randv(rng, n, -30.f, 30.f), add = randv(rng, n, -5.f, 5.f);
+        const int64_t at = n / 2;
+        if (variant == 1)
+          for (int64_t i = 0; i < n; i += 3) add[i] = -kInf;
+        if (variant == 2) x[at] = kNaN;
+        if (variant == 3) add[at] = kInf;
+        if (variant == 4) std::fill(add.begin(), add.end(), -kInf);
+        std::vector<float> want(x), got(x);
+        ref().softmax_add_row(want.data(), add.data(), n);
+        k->softmax_add_row(got.data(), add.data(), n);
+        const std::string what = lvl + " softmax_add n=" + std::to_string(n) + " variant " + std::to_string(variant);
+        expect_close(got, want, {}, what);
+        // the same as adding first and taking the softmax
+        std::vector<float> sum(x);
+        for (int64_t i = 0; i < n; ++i) sum[i] += add[i];
+        std::vector<float> two(n);
+        k->softmax_row(sum.data(), n, false, two.data());
+        expect_close(got, two, {}, what + " vs add + softmax");
+        if (variant >= 2)  // a NaN score, a +inf, or every key masked: the whole row is NaN, as in torch
+          for (float v : got) ASSERT_TRUE(std::isnan(v)) << what;
+        if (variant == 1 && n > 1)
+          for (int64_t i = 0; i < n; i += 3) ASSERT_EQ(got[i], 0.f) << what;
+      }
+    }
+  }
+}
+
 TEST(RuntimeVec, LayerNormMatchesReferenceIncludingSpecials) {
   std::mt19937 rng(3);
   for (const vec::Kernels* k : levels()) {

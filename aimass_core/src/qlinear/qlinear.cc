@@ -472,16 +472,27 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     // Split N in 64-column blocks: each thread reuses its weight blocks over all rows.
     const int64_t nb = (v.N + 63) / 64;
     const bool fused = epi != nullptr;
+    // Fused: the bias and `epi` run on each chunk of kEpiRows rows right after the GEMM wrote
+    // it, while it is in L1 (one pass over y instead of a GEMM pass, a bias pass and an epi
+    // pass over L2); the 64-column weight block stays in L2 across the chunks.
+    constexpr int64_t kEpiRows = 96;  // a multiple of the VNNI tile's 6 rows
     parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
-      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, n0, n1);
-      if (!fused) return;
-      if (bias)
-        for (int64_t m = 0; m < M; ++m) {
-          float* yr = y + m * v.N;
-          for (int64_t n = n0; n < n1; ++n) yr[n] += bias[n];
-        }
-      if (*epi) (*epi)(y, M, v.N, n0, n1);
+      if (!fused) {
+        t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, n0, n1);
+        return;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kEpiRows) {
+        const int64_t mr = std::min(kEpiRows, M - m0);
+        float* yc = y + m0 * v.N;
+        t.dynamic_panels(v, qx.data() + m0 * v.Kp, sx.data() + m0, mr, yc, v.N, n0, n1);
+        if (bias)
+          for (int64_t m = 0; m < mr; ++m) {
+            float* yr = yc + m * v.N;
+            for (int64_t n = n0; n < n1; ++n) yr[n] += bias[n];
+          }
+        if (*epi) (*epi)(yc, mr, v.N, n0, n1);
+      }
     });
     return fused;
   }

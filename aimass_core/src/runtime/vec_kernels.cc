@@ -44,6 +44,11 @@ void softmax_scalar(const float* src, int64_t n, bool log, float* dst) {
   }
 }
 
+void softmax_add_scalar(float* x, const float* add, int64_t n) {
+  for (int64_t a = 0; a < n; ++a) x[a] += add[a];
+  softmax_scalar(x, n, false, x);
+}
+
 void gelu_scalar(const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
@@ -88,8 +93,9 @@ void gru_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, in
   }
 }
 
-const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    gelu_scalar,          gelu_tanh_scalar,
-                         lstm_cells_scalar, gru_cells_scalar, packed::panels_scalar, SimdLevel::Scalar};
+const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    softmax_add_scalar,    gelu_scalar,
+                         gelu_tanh_scalar,  lstm_cells_scalar, gru_cells_scalar,      packed::panels_scalar,
+                         SimdLevel::Scalar};
 
 }  // namespace
 

@@ -34,6 +34,8 @@ struct Kernels {
   void (*layer_norm_row)(const float* x, int64_t D, const float* w, const float* b, double eps, float* y);
   // y[n] = softmax(x) or log_softmax(x) over a contiguous row; y may alias x.
   void (*softmax_row)(const float* x, int64_t n, bool log, float* y);
+  // x[n] = softmax(x + add) in place (add: an additive mask row, -inf masks).
+  void (*softmax_add_row)(float* x, const float* add, int64_t n);
   // y = x * Phi(x) (erf) and the tanh approximation, elementwise; y may alias x.
   void (*gelu)(const float* x, int64_t n, float* y);
   void (*gelu_tanh)(const float* x, int64_t n, float* y);

@@ -144,28 +144,32 @@ inline typename T::V vtanh(typename T::V v) {
   return T::select(T::lt(av, T::set1(0.625f)), p, T::xor_(t, T::sign(v)));
 }
 
-// 1 + erf(z) through erfc(|z|) = t exp(-z^2 + P(t)), t = 1 / (1 + |z|/2) (Chebyshev fit,
-// fractional error < 1.2e-7 everywhere): no cancellation in the negative tail.
+// gelu(x) = 0.5 x (1 + erf(z)), z = x / sqrt(2), erf by the odd/even rational approximation
+// z P(z^2) / Q(z^2) on z clamped to [-4, 4] (Eigen's and XLA's float erf; |erf error| < 5e-7
+// against the exact erf, checked on a 2e6-point grid of [-6, 6]). An absolute erf error e
+// moves gelu by 0.5 |x| e, inside the documented bound 1e-6 max(1, |x|) also in the far
+// negative tail, where the float reference itself cancels (1 + erf). No exp, one division:
+// about 2.5x the throughput of the erfc-exp form it replaced. NaN in, NaN out (selected:
+// the clamp would drop it); gelu(+inf) = +inf, gelu(-inf) = -inf * 0 = NaN, as torch's
+// scalar path.
 template <class T>
 inline typename T::V vgelu(typename T::V x) {
   using V = typename T::V;
-  // |z| capped at 1e4 (erfc underflows to 0 long before; keeps the reciprocal's argument finite:
-  // gelu(+inf) = +inf, gelu(-inf) = NaN as before, a NaN x still gives NaN through the last product)
-  const V z = T::mul(x, T::set1(0.70710678118654752f)), az = T::min(T::abs(z), T::set1(1e4f));
-  const V t = T::recip(T::fma(az, T::set1(0.5f), T::set1(1.f)));
-  V p = T::set1(0.17087277f);
-  p = T::fma(p, t, T::set1(-0.82215223f));
-  p = T::fma(p, t, T::set1(1.48851587f));
-  p = T::fma(p, t, T::set1(-1.13520398f));
-  p = T::fma(p, t, T::set1(0.27886807f));
-  p = T::fma(p, t, T::set1(-0.18628806f));
-  p = T::fma(p, t, T::set1(0.09678418f));
-  p = T::fma(p, t, T::set1(0.37409196f));
-  p = T::fma(p, t, T::set1(1.00002368f));
-  p = T::fma(p, t, T::set1(-1.26551223f));
-  const V erfc = T::mul(t, vexp<T>(T::fnma(az, az, p)));
-  const V one_plus_erf = T::select(T::ge(z, T::set1(0.f)), T::sub(T::set1(2.f), erfc), erfc);
-  return T::mul(T::mul(T::set1(0.5f), x), one_plus_erf);
+  const V z = T::min(T::max(T::mul(x, T::set1(0.70710678118654752f)), T::set1(-4.f)), T::set1(4.f));
+  const V z2 = T::mul(z, z);
+  V p = T::fma(z2, T::set1(-2.72614225801306e-10f), T::set1(2.77068142495902e-08f));
+  p = T::fma(z2, p, T::set1(-2.10102402082508e-06f));
+  p = T::fma(z2, p, T::set1(-5.69250639462346e-05f));
+  p = T::fma(z2, p, T::set1(-7.34990630326855e-04f));
+  p = T::fma(z2, p, T::set1(-2.95459980854025e-03f));
+  p = T::fma(z2, p, T::set1(-1.60960333262415e-02f));
+  V q = T::fma(z2, T::set1(-1.45660718464996e-05f), T::set1(-2.13374055278905e-04f));
+  q = T::fma(z2, q, T::set1(-1.68282697438203e-03f));
+  q = T::fma(z2, q, T::set1(-7.37332916720468e-03f));
+  q = T::fma(z2, q, T::set1(-1.42647390514189e-02f));
+  const V erf = T::div(T::mul(z, p), q);
+  const V hx = T::mul(T::set1(0.5f), x);
+  return T::select(T::unord(x), x, T::fma(hx, erf, hx));
 }
 
 // gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
@@ -199,16 +203,12 @@ void gelu_tanh_impl(const float* x, int64_t n, float* y) {
   map<T>(x, n, y, [](typename T::V v) { return vgelu_tanh<T>(v); });
 }
 
+// softmax / log_softmax of x with its row max m already known.
 template <class T>
-void softmax_impl(const float* x, int64_t n, bool log, float* y) {
+void softmax_body(const float* x, int64_t n, bool log, float* y, float m) {
   using V = typename T::V;
   constexpr float ninf = -__builtin_inff();
-  // Row max; a NaN is skipped here but still turns the row NaN below (exp(NaN - m)).
-  V vm = T::set1(ninf);
   int64_t i = 0;
-  for (; i + T::W <= n; i += T::W) vm = T::max(T::load(x + i), vm);
-  float m = T::hmax(vm);
-  for (int64_t j = i; j < n; ++j) m = x[j] > m ? x[j] : m;
   const V mv = T::set1(m);
   V acc = T::set1(0.f);
   for (i = 0; i + T::W <= n; i += T::W) {
@@ -234,6 +234,38 @@ void softmax_impl(const float* x, int64_t n, bool log, float* y) {
     const V inv = T::set1(1.f / sum);
     map<T>(y, n, y, [&](V v) { return T::mul(v, inv); });
   }
+}
+
+template <class T>
+void softmax_impl(const float* x, int64_t n, bool log, float* y) {
+  using V = typename T::V;
+  // Row max; a NaN is skipped here but still turns the row NaN below (exp(NaN - m)).
+  V vm = T::set1(-__builtin_inff());
+  int64_t i = 0;
+  for (; i + T::W <= n; i += T::W) vm = T::max(T::load(x + i), vm);
+  float m = T::hmax(vm);
+  for (int64_t j = i; j < n; ++j) m = x[j] > m ? x[j] : m;
+  softmax_body<T>(x, n, log, y, m);
+}
+
+// x = softmax(x + add) in place (the fused attention's scores and additive mask row): the
+// add is fused into the max pass.
+template <class T>
+void softmax_add_impl(float* x, const float* add, int64_t n) {
+  using V = typename T::V;
+  V vm = T::set1(-__builtin_inff());
+  int64_t i = 0;
+  for (; i + T::W <= n; i += T::W) {
+    const V v = T::add(T::load(x + i), T::load(add + i));
+    T::store(x + i, v);
+    vm = T::max(v, vm);
+  }
+  float m = T::hmax(vm);
+  for (int64_t j = i; j < n; ++j) {
+    x[j] += add[j];
+    m = x[j] > m ? x[j] : m;
+  }
+  softmax_body<T>(x, n, false, x, m);
 }
 
 // Recurrent cells, kUnits (8) units per group: one 8-wide vector per gate (AVX2 width;
