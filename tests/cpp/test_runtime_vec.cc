@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -161,6 +162,30 @@ TEST(RuntimeVec, SoftmaxAddMatchesReferenceIncludingSpecials) {
           for (float v : got) ASSERT_TRUE(std::isnan(v)) << what;
         if (variant == 1 && n > 1)
           for (int64_t i = 0; i < n; i += 3) ASSERT_EQ(got[i], 0.f) << what;
+      }
+    }
+  }
+}
+
+// The attention's key pack: a pure copy, so every level equals the reference bit for bit
+// (NaN payloads included), at edges of the 8 x 8 blocks and 32-key panels and a row stride.
+TEST(RuntimeVec, PackKeysEqualsReference) {
+  std::mt19937 rng(9);
+  for (const vec::Kernels* k : levels()) {
+    const std::string lvl = aimass::simd_level_name(k->level);
+    for (int64_t Sk : {1, 7, 8, 32, 45, 128}) {
+      for (int64_t D : {1, 5, 8, 64, 67}) {
+        const int64_t ldk = D + 3, P = (Sk + 31) / 32;
+        std::vector<float> src = randv(rng, Sk * ldk, -3.f, 3.f);
+        src[0] = kNaN;
+        std::vector<float> want(P * D * 32, -7.f), got(P * D * 32, -9.f);
+        ref().pack_keys(src.data(), ldk, Sk, D, want.data());
+        k->pack_keys(src.data(), ldk, Sk, D, got.data());
+        ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
+            << lvl << " Sk=" << Sk << " D=" << D;
+        for (int64_t j = 0; j < Sk; ++j)  // and it is the transpose
+          for (int64_t d = 0; d < D; ++d)
+            if (j + d > 0) ASSERT_EQ(want[(j / 32) * D * 32 + d * 32 + j % 32], src[j * ldk + d]);
       }
     }
   }

@@ -164,7 +164,7 @@ struct PlanImpl {
   std::vector<const void*> ext_ptrs;
   // AIMASS_PROFILE_STEPS=1: wall ns and calls per step, printed to stderr when the plan goes.
   bool profile = false;
-  std::vector<int64_t> prof_ns, prof_cpu_ns, prof_calls;  // wall, the calling thread's CPU time
+  std::vector<int64_t> prof_ns, prof_cpu_ns, prof_min_ns, prof_calls;  // wall, calling thread's CPU (sum, min)
   ~PlanImpl();
 
   uint8_t* ptr(int v) const {
@@ -200,10 +200,12 @@ PlanImpl::~PlanImpl() {
       const Step& s = steps[i];
       std::string shape;
       for (auto d : values[s.out].row) shape += (shape.empty() ? "" : "x") + std::to_string(d);
-      std::fprintf(stderr, "  %3zu %-14s %-44s out %-12s calls %6lld  wall %9.3f ms %5.1f%%  cpu %9.3f ms %5.1f%%\n",
+      std::fprintf(stderr,
+                   "  %3zu %-14s %-44s out %-12s calls %6lld  wall %9.3f ms %5.1f%%  cpu %9.3f ms %5.1f%%  "
+                   "min %8.3f ms\n",
                    i, kind_name(s.kind), s.where.c_str(), shape.c_str(), static_cast<long long>(prof_calls[i]),
                    prof_ns[i] * 1e-6, total ? 100.0 * prof_ns[i] / total : 0.0, prof_cpu_ns[i] * 1e-6,
-                   total_cpu ? 100.0 * prof_cpu_ns[i] / total_cpu : 0.0);
+                   total_cpu ? 100.0 * prof_cpu_ns[i] / total_cpu : 0.0, prof_min_ns[i] * 1e-6);
     }
   }
   std::free(arena);
@@ -805,6 +807,7 @@ void Executor::execute(int64_t rows) {
   if (p.profile && p.prof_ns.size() != p.steps.size()) {
     p.prof_ns.assign(p.steps.size(), 0);
     p.prof_cpu_ns.assign(p.steps.size(), 0);
+    p.prof_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
     p.prof_calls.assign(p.steps.size(), 0);
   }
   for (size_t si = 0; si < p.steps.size(); ++si) {
@@ -882,7 +885,9 @@ void Executor::execute(int64_t rows) {
     }
     if (p.profile) {
       p.prof_ns[si] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-      p.prof_cpu_ns[si] += thread_cpu_ns() - c0;
+      const int64_t c = thread_cpu_ns() - c0;
+      p.prof_cpu_ns[si] += c;
+      p.prof_min_ns[si] = std::min(p.prof_min_ns[si], c);
       ++p.prof_calls[si];
     }
   }

@@ -49,23 +49,6 @@ struct Scratch {
   }
 };
 
-// kt[panel][d][32] <- k[j][d] (row stride ldk), keys past Sk zero.
-void pack_keys(const float* k, int64_t ldk, int64_t Sk, int64_t D, float* kt) {
-  const int64_t P = packed::num_panels(Sk);
-  for (int64_t p = 0; p < P; ++p) {
-    float* dst = kt + p * D * packed::kPanel;
-    const int64_t j0 = p * packed::kPanel, nc = std::min(packed::kPanel, Sk - j0);
-    if (nc < packed::kPanel) std::fill(dst, dst + D * packed::kPanel, 0.f);
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {  // 16 x 32 blocks: reads and writes stay in a few lines
-      const int64_t d1 = std::min(D, d0 + 16);
-      for (int64_t j = 0; j < nc; ++j) {
-        const float* src = k + (j0 + j) * ldk;
-        for (int64_t d = d0; d < d1; ++d) dst[d * packed::kPanel + j] = src[d];
-      }
-    }
-  }
-}
-
 // vp[panel][j][32] <- v[j][panel * 32 ..] (row stride ldv), columns past Dv zero.
 void pack_values(const float* v, int64_t ldv, int64_t Sk, int64_t Dv, float* vp) {
   const int64_t P = packed::num_panels(Dv);
@@ -155,7 +138,7 @@ class Sdpa : public ExtKernel {
           op = o + item * Sq * Dv;
         }
         if (item != packed_item) {
-          pack_keys(kp, lk, Sk, D, kt);
+          vk.pack_keys(kp, lk, Sk, D, kt);
           pack_values(vp, lv, Sk, Dv, vpk);
           packed_item = item;
         }

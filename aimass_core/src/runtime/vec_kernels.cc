@@ -63,6 +63,17 @@ void gelu_tanh_scalar(const float* x, int64_t n, float* y) {
   }
 }
 
+void pack_keys_scalar(const float* k, int64_t ldk, int64_t Sk, int64_t D, float* kt) {
+  constexpr int64_t P32 = packed::kPanel;
+  for (int64_t p = 0; p * P32 < Sk; ++p) {
+    float* dst = kt + p * D * P32;
+    const int64_t j0 = p * P32, nc = std::min(P32, Sk - j0);
+    if (nc < P32) std::fill(dst, dst + D * P32, 0.f);
+    for (int64_t j = 0; j < nc; ++j)
+      for (int64_t d = 0; d < D; ++d) dst[d * P32 + j] = k[(j0 + j) * ldk + d];
+  }
+}
+
 inline float sigm(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 void lstm_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, int64_t H, float* c, float* h,
@@ -93,9 +104,9 @@ void gru_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, in
   }
 }
 
-const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    softmax_add_scalar,    gelu_scalar,
-                         gelu_tanh_scalar,  lstm_cells_scalar, gru_cells_scalar,      packed::panels_scalar,
-                         SimdLevel::Scalar};
+const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    softmax_add_scalar, gelu_scalar,
+                         gelu_tanh_scalar,  lstm_cells_scalar, gru_cells_scalar,   pack_keys_scalar,
+                         packed::panels_scalar, SimdLevel::Scalar};
 
 }  // namespace
 

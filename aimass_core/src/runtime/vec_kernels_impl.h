@@ -315,5 +315,53 @@ void gru_cells_v(const float* a, const float* b, int64_t g0, int64_t g1, int64_t
   }
 }
 
+// The fused attention's key pack (vec_kernels.h pack_keys): 8 x 8 blocks transposed in
+// registers (unpack, shuffle, 128-bit permute), the edges element by element as the
+// scalar reference. 256-bit code, shared by the AVX2 and AVX-512 tables.
+void pack_keys_v(const float* k, int64_t ldk, int64_t Sk, int64_t D, float* kt) {
+  constexpr int64_t P32 = packed::kPanel;
+  for (int64_t p = 0; p * P32 < Sk; ++p) {
+    float* dst = kt + p * D * P32;
+    const int64_t j0 = p * P32, nc = Sk - j0 < P32 ? Sk - j0 : P32;
+    if (nc < P32)
+      for (int64_t i = 0; i < D * P32; ++i) dst[i] = 0.f;
+    const int64_t nc8 = nc / 8 * 8, D8 = D / 8 * 8;
+    for (int64_t j = 0; j < nc8; j += 8) {
+      const float* src = k + (j0 + j) * ldk;
+      for (int64_t d = 0; d < D8; d += 8) {
+        __m256 r0 = _mm256_loadu_ps(src + d), r1 = _mm256_loadu_ps(src + ldk + d);
+        __m256 r2 = _mm256_loadu_ps(src + 2 * ldk + d), r3 = _mm256_loadu_ps(src + 3 * ldk + d);
+        __m256 r4 = _mm256_loadu_ps(src + 4 * ldk + d), r5 = _mm256_loadu_ps(src + 5 * ldk + d);
+        __m256 r6 = _mm256_loadu_ps(src + 6 * ldk + d), r7 = _mm256_loadu_ps(src + 7 * ldk + d);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        float* o = dst + d * P32 + j;  // row d of the panel, keys j..j+7
+        _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(o + P32, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(o + 2 * P32, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(o + 3 * P32, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(o + 4 * P32, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(o + 5 * P32, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(o + 6 * P32, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(o + 7 * P32, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+      for (int64_t jj = j; jj < j + 8; ++jj)  // d past the last block of 8
+        for (int64_t d = D8; d < D; ++d) dst[d * P32 + jj] = k[(j0 + jj) * ldk + d];
+    }
+    for (int64_t jj = nc8; jj < nc; ++jj)  // keys past the last block of 8
+      for (int64_t d = 0; d < D; ++d) dst[d * P32 + jj] = k[(j0 + jj) * ldk + d];
+  }
+}
+
 }  // namespace
 }  // namespace aimass::runtime::vec
