@@ -480,7 +480,13 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     const int64_t nb = (v.N + 63) / 64;
     const bool fused = epi != nullptr && *epi;
     constexpr int64_t kEpiRows = 96;  // a multiple of the VNNI tile's 6 rows
-    parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    // More chunks than threads (up to 4 each): a worker the OS has not scheduled yet holds
+    // only its first chunk, the others are taken by whoever is free (with one chunk per
+    // thread the caller did a late worker's half alone; BERT-mini has 4-16 blocks).
+    const int nchunks = static_cast<int>(std::min<int64_t>(nb, 4 * static_cast<int64_t>(num_threads())));
+    parallel_chunks(nchunks, [&](int c, int nc) {
+      const int64_t b = nb * c / nc, e = nb * (c + 1) / nc;
+      if (e <= b) return;
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
       if (!fused) {
         t.dynamic_panels(vb, qx.data(), sx.data(), M, y, v.N, n0, n1);

@@ -113,7 +113,12 @@ class Sdpa : public ExtKernel {
     const int64_t qb = (Sq + qblocks - 1) / qblocks;
     const int64_t kt_n = packed::num_panels(Sk) * D * packed::kPanel, vp_n = packed::num_panels(Dv) * Sk * packed::kPanel;
     const packed::Epilogue none{};
-    parallel_for(0, items * qblocks, 1, [&](int64_t t0, int64_t t1) {
+    // More chunks than threads (up to 4 each), contiguous so a chunk's blocks of one item share
+    // its packed K and V: a late worker holds only its first chunk.
+    const int64_t tasks = items * qblocks;
+    const int nchunks = static_cast<int>(std::min<int64_t>(tasks, 4 * nt));
+    parallel_chunks(nchunks, [&](int c, int nc) {
+      const int64_t t0 = tasks * c / nc, t1 = tasks * (c + 1) / nc;
       thread_local Scratch scratch;
       float* kt = scratch.get(kt_n + vp_n + qb * (D + Sk + Dv) + 64);
       float* vpk = kt + ((kt_n + 15) & ~int64_t{15});
