@@ -105,7 +105,8 @@ class Sdpa : public ExtKernel {
     // Query rows per block: the block's scores (<= kBlock x Sk) stay in L2 between the two
     // products. Blocks of equal size; more of them when there are fewer (batch row, head)
     // items than threads.
-    constexpr int64_t kBlock = 128;
+    // Long key sequences get shorter blocks: a block's scores stay within 4 MiB per thread.
+    const int64_t kBlock = std::max<int64_t>(12, std::min<int64_t>(128, (int64_t{1} << 20) / Sk));
     const int64_t items = rows * hcount;
     int64_t qblocks = (Sq + kBlock - 1) / kBlock;
     const int64_t nt = num_threads();

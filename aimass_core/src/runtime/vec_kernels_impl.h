@@ -122,6 +122,28 @@ inline typename T::V vexp(typename T::V x) {
   return T::select(T::unord(x), x, res);
 }
 
+// exp(x) for x <= 0 or NaN (softmax, after the row max is subtracted): equal to vexp where the
+// result is a normal float (x >= -87.3: one 2^n factor, exact like vexp's two), 0 below
+// (vexp's denormals there are < 1.2e-38 of a row sum >= 1). NaN in, NaN out: max(c, x)
+// returns x when x is NaN and the polynomial carries it.
+template <class T>
+inline typename T::V vexp_nonpos(typename T::V x) {
+  using V = typename T::V;
+  const V lo = T::set1(-87.3f);
+  const V xc = T::max(lo, x);
+  const V n = T::round(T::mul(xc, T::set1(1.44269504088896341f)));
+  V r = T::fnma(n, T::set1(0.693359375f), xc);
+  r = T::fnma(n, T::set1(-2.12194440e-4f), r);
+  V p = T::set1(1.9875691500e-4f);
+  p = T::fma(p, r, T::set1(1.3981999507e-3f));
+  p = T::fma(p, r, T::set1(8.3334519073e-3f));
+  p = T::fma(p, r, T::set1(4.1665795894e-2f));
+  p = T::fma(p, r, T::set1(1.6666665459e-1f));
+  p = T::fma(p, r, T::set1(5.0000001201e-1f));
+  p = T::fma(p, T::mul(r, r), T::add(r, T::set1(1.f)));
+  return T::select(T::lt(x, lo), T::set1(0.f), T::mul(p, T::pow2(n)));
+}
+
 template <class T>
 inline typename T::V vsigmoid(typename T::V v) {
   const auto one = T::set1(1.f);
@@ -212,7 +234,7 @@ void softmax_body(const float* x, int64_t n, bool log, float* y, float m) {
   const V mv = T::set1(m);
   V acc = T::set1(0.f);
   for (i = 0; i + T::W <= n; i += T::W) {
-    const V e = vexp<T>(T::sub(T::load(x + i), mv));
+    const V e = vexp_nonpos<T>(T::sub(T::load(x + i), mv));
     if (!log) T::store(y + i, e);
     acc = T::add(acc, e);
   }
@@ -221,7 +243,7 @@ void softmax_body(const float* x, int64_t n, bool log, float* y, float m) {
     float buf[T::W];
     for (int j = 0; j < T::W; ++j) buf[j] = i + j < n ? x[i + j] - m : ninf;
     // padding: exp(-inf) = 0, so it adds nothing (a NaN row stays NaN through its own lanes)
-    T::store(buf, vexp<T>(T::load(buf)));
+    T::store(buf, vexp_nonpos<T>(T::load(buf)));
     for (int64_t j = i; j < n; ++j) {
       if (!log) y[j] = buf[j - i];
       sum += buf[j - i];
