@@ -100,14 +100,12 @@ struct Avx512 {
 };
 #endif
 
-// exp(x), ~1-2 ulp (Cephes polynomial on [-ln2/2, ln2/2]); 2^n applied as two
-// factors so results run from the denormals (x >= -104, below: 0) to +inf (x > 88.72).
-// NaN in, NaN out (selected explicitly: the clamps would drop it).
+// exp(xc) = p * 2^n: n = round(xc / ln2) and the Cephes polynomial p on the reduced
+// argument in [-ln2/2, ln2/2] (~1-2 ulp). Shared by vexp and vexp_nonpos.
 template <class T>
-inline typename T::V vexp(typename T::V x) {
+inline typename T::V exp_mantissa(typename T::V xc, typename T::V& n) {
   using V = typename T::V;
-  const V xc = T::min(T::max(x, T::set1(-104.f)), T::set1(89.f));
-  const V n = T::round(T::mul(xc, T::set1(1.44269504088896341f)));
+  n = T::round(T::mul(xc, T::set1(1.44269504088896341f)));
   V r = T::fnma(n, T::set1(0.693359375f), xc);
   r = T::fnma(n, T::set1(-2.12194440e-4f), r);
   V p = T::set1(1.9875691500e-4f);
@@ -116,7 +114,17 @@ inline typename T::V vexp(typename T::V x) {
   p = T::fma(p, r, T::set1(4.1665795894e-2f));
   p = T::fma(p, r, T::set1(1.6666665459e-1f));
   p = T::fma(p, r, T::set1(5.0000001201e-1f));
-  p = T::fma(p, T::mul(r, r), T::add(r, T::set1(1.f)));
+  return T::fma(p, T::mul(r, r), T::add(r, T::set1(1.f)));
+}
+
+// exp(x), ~1-2 ulp; 2^n applied as two factors so results run from the denormals
+// (x >= -104, below: 0) to +inf (x > 88.72).
+// NaN in, NaN out (selected explicitly: the clamps would drop it).
+template <class T>
+inline typename T::V vexp(typename T::V x) {
+  using V = typename T::V;
+  V n;
+  const V p = exp_mantissa<T>(T::min(T::max(x, T::set1(-104.f)), T::set1(89.f)), n);
   const V n1 = T::round(T::mul(n, T::set1(0.5f)));  // |n1|, |n - n1| <= 76
   const V res = T::mul(T::mul(p, T::pow2(n1)), T::pow2(T::sub(n, n1)));
   return T::select(T::unord(x), x, res);
@@ -130,17 +138,8 @@ template <class T>
 inline typename T::V vexp_nonpos(typename T::V x) {
   using V = typename T::V;
   const V lo = T::set1(-87.3f);
-  const V xc = T::max(lo, x);
-  const V n = T::round(T::mul(xc, T::set1(1.44269504088896341f)));
-  V r = T::fnma(n, T::set1(0.693359375f), xc);
-  r = T::fnma(n, T::set1(-2.12194440e-4f), r);
-  V p = T::set1(1.9875691500e-4f);
-  p = T::fma(p, r, T::set1(1.3981999507e-3f));
-  p = T::fma(p, r, T::set1(8.3334519073e-3f));
-  p = T::fma(p, r, T::set1(4.1665795894e-2f));
-  p = T::fma(p, r, T::set1(1.6666665459e-1f));
-  p = T::fma(p, r, T::set1(5.0000001201e-1f));
-  p = T::fma(p, T::mul(r, r), T::add(r, T::set1(1.f)));
+  V n;
+  const V p = exp_mantissa<T>(T::max(lo, x), n);
   return T::select(T::lt(x, lo), T::set1(0.f), T::mul(p, T::pow2(n)));
 }
 
