@@ -2,9 +2,9 @@
 // the packed GEMM's panel layout (packed_gemm.h: K^T as [key panel][d][32], V as
 // [dv panel][key][32]); then per block of query rows: scores = (scale * Q) K^T, mask
 // (additive, boolean, key padding and/or causal), softmax, then P V, both products on the
-// packed register-tile kernels of the SIMD level (scalar reference included). At BERT's
-// shapes (128 x 128 scores, D = 64) BLAS sgemm, which re-packs both operands of every small
-// product, ran at about half the packed kernel's rate. Two layouts:
+// packed register-tile kernels of the SIMD level (scalar reference included), with the
+// block's scores in L1/L2 throughout. BLAS sgemm, used before, re-packed both operands of
+// each of these small products (BERT: 128 x 128 scores, D = 64) on every call. Two layouts:
 //   heads = 0: q [.., Sq, D], k [.., Sk, D], v [.., Sk, Dv] (torch F.scaled_dot_product_attention)
 //   heads = H: q [Sq, H*D], k [Sk, H*D], v [Sk, H*Dv], out [Sq, H*Dv] (nn.MultiheadAttention
 //              without the head split/merge copies).
@@ -12,8 +12,8 @@
 // masked gives NaN in the math path and is reported the same way here.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "aimass/cpu_features.h"
@@ -103,9 +103,9 @@ class Sdpa : public ExtKernel {
     const vec::Kernels& vk = vec::kernels();
     const PanelsFn panels = panels_kernel();
     // Query rows per block: the block's scores (<= kBlock x Sk) stay in L2 between the two
-    // products. Blocks of equal size; more of them when there are fewer (batch row, head)
-    // items than threads.
-    // Long key sequences get shorter blocks: a block's scores stay within 4 MiB per thread.
+    // products (long key sequences get shorter blocks: at most 4 MiB of scores per thread).
+    // Blocks of equal size; more of them when there are fewer (batch row, head) items than
+    // threads.
     const int64_t kBlock = std::max<int64_t>(12, std::min<int64_t>(128, (int64_t{1} << 20) / Sk));
     const int64_t items = rows * hcount;
     int64_t qblocks = (Sq + kBlock - 1) / kBlock;
