@@ -120,6 +120,58 @@ def test_v2_binary_infer(client, store):
     assert r.status_code == 400 and "input 'x'" in r.json()["error"]
 
 
+def test_v2_binary_header_reuse(client, store):
+    """Requests repeating a binary header skip its decoding (kserve.Plan): same answers and errors as the
+    full path, per version, for each output mode; bodies of the wrong size and requests with an id too."""
+    _, nets = store
+    srv = client.srv
+
+    def post(head, data, path="/v2/models/mlp/infer"):
+        return client.post(path, content=head + data, headers={"Inference-Header-Content-Length": str(len(head))})
+
+    def head_of(outputs=None, binary_out=True, **extra):
+        req = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                           "parameters": {"binary_data_size": X.nbytes}}], **extra}
+        if binary_out:
+            req["parameters"] = {"binary_data_output": True}
+        if outputs is not None:
+            req["outputs"] = outputs
+        return json.dumps(req).encode()
+
+    def result(r):
+        assert r.status_code == 200, r.text
+        n = r.headers.get("inference-header-content-length")
+        if n is None:
+            return np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3)
+        assert json.loads(r.content[:int(n)])["outputs"][0]["shape"] == [2, 3]
+        return np.frombuffer(r.content[int(n):], np.float32).reshape(2, 3)
+
+    heads = [head_of(), head_of(binary_out=False), head_of([{"name": "output", "parameters": {"binary_data": False}}],
+                                                            binary_out=True)]
+    for head in heads:
+        for k in range(3):                  # the first request caches the header, the next ones reuse it
+            x = (X * (k + 1)).astype(np.float32)
+            for v, path in ((1, "/v2/models/mlp/infer"), (2, "/v2/models/mlp/versions/2/infer")):
+                np.testing.assert_allclose(result(post(head, x.tobytes(), path)), ref(nets, v, x), rtol=1e-5,
+                                           atol=1e-5)
+    st = srv.manager.models["mlp"]
+    assert all(set(st.versions[v].plans) >= set(heads) for v in (1, 2))
+    r = post(heads[0], X.tobytes()[:-4])    # a cached header with a short binary section: the full path's 400
+    assert r.status_code == 400 and "binary section holds 28 bytes" in r.json()["error"], r.text
+    r = post(heads[0], X.tobytes(), "/v2/models/nope/infer")
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    r = post(heads[0], X.tobytes(), "/v2/models/mlp/versions/x/infer")
+    assert r.status_code == 400 and "version must be a positive integer" in r.json()["error"]
+    for _ in range(2):                      # a header that decodes but names an unknown output
+        r = post(head_of([{"name": "nope"}]), X.tobytes())
+        assert r.status_code == 400 and "unknown output 'nope'" in r.json()["error"], r.text
+    with_id = head_of(id="req-7")           # echoed, and not cached (every request would differ)
+    for _ in range(2):
+        r = post(with_id, X.tobytes())
+        assert json.loads(r.content[:int(r.headers["inference-header-content-length"])])["id"] == "req-7"
+    assert with_id not in st.versions[1].plans
+
+
 @pytest.mark.parametrize("body,needle", [
     (v2_body(dt="FP64"), "input 'x': datatype 'FP64' does not match the model's FP32"),
     (v2_body(x=np.zeros((2, 5), np.float32)), "input 'x': shape [2, 5] does not match"),
