@@ -201,14 +201,14 @@ class Plan:
             return None
         out = {}
         for name, dt, shape, n in self.inputs:
-            out[name] = np.frombuffer(body, dt, n // dt.itemsize, offset).reshape(shape)
+            out[name] = np.ndarray(shape, dt, body, offset)     # a read-only view, as np.frombuffer gives
             offset += n
         return out
 
     def encode(self, lv, outputs: Dict[str, Any]) -> Tuple[bytes, bytes, list]:
         """encode_response for this header, with the JSON part reused when every output is binary."""
-        arrs = [np.asarray(v) for v in outputs.values()]
-        key = tuple((a.shape, a.dtype) for a in arrs)
+        arrs = [v if type(v) is np.ndarray else np.asarray(v) for v in outputs.values()]
+        key = tuple([(a.shape, a.dtype) for a in arrs])
         hit = self.heads.get(key)
         if hit is None:     # new output shapes (or JSON outputs): the full encoder, then keep its header
             body, ctype, extra = encode_response(self.req, lv, outputs)
@@ -218,7 +218,9 @@ class Plan:
                     self.heads[key] = (body[:n], extra)
             return body, ctype, extra
         head, extra = hit
-        return b"".join([head, *(np.ascontiguousarray(a).tobytes() for a in arrs)]), b"application/octet-stream", extra
+        if len(arrs) == 1:
+            return head + arrs[0].tobytes(), b"application/octet-stream", extra    # tobytes: C order
+        return b"".join([head, *[a.tobytes() for a in arrs]]), b"application/octet-stream", extra
 
 
 def _wanted(req: dict, lv):
