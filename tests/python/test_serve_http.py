@@ -411,3 +411,49 @@ def test_deadline_is_504(slow_store):
         return await c.post("/v2/models/slow/infer", json=body)
     r = run_with_blocker(slow_store, ServeConfig(poll_interval_s=0, max_batch_size=1), then)
     assert r.status_code == 504 and "deadline" in r.json()["error"]
+
+
+def test_one_write_transport():
+    """uvicorn's status line + headers and the body leave in one writelines; a header block that nothing
+    follows (100 Continue, the start of a stream) is sent on the next loop step; close flushes first."""
+    from aimass.serve.cli import _OneWriteTransport, _one_write_protocol
+
+    class Fake:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, data):
+            self.calls.append(("write", bytes(data)))
+
+        def writelines(self, chunks):
+            self.calls.append(("writelines", [bytes(c) for c in chunks]))
+
+        def close(self):
+            self.calls.append(("close",))
+
+        def get_extra_info(self, name, default=None):
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+    async def run():
+        fake = Fake()
+        t = _OneWriteTransport(fake, asyncio.get_running_loop())
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        t.write(head)
+        assert fake.calls == []                 # held
+        t.write(b"{}")
+        assert fake.calls == [("writelines", [head, b"{}"])]
+        t.write(b"plain bytes")                 # not a header block: straight through
+        assert fake.calls[-1] == ("write", b"plain bytes")
+        cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+        t.write(cont)
+        await asyncio.sleep(0)                  # nothing followed in that step: sent on the next
+        await asyncio.sleep(0)
+        assert fake.calls[-1] == ("write", cont)
+        t.write(head)
+        t.close()
+        assert fake.calls[-2:] == [("write", head), ("close",)]
+        assert t.get_extra_info("peername") == ("127.0.0.1", 1)     # the rest is the transport's
+
+    asyncio.run(run())
+    import uvicorn.protocols.http.h11_impl as h11_impl
+    assert issubclass(_one_write_protocol(h11_impl.H11Protocol), h11_impl.H11Protocol)
