@@ -431,6 +431,9 @@ def test_one_write_transport():
         def close(self):
             self.calls.append(("close",))
 
+        def is_closing(self):
+            return False
+
         def get_extra_info(self, name, default=None):
             return ("127.0.0.1", 1) if name == "peername" else default
 

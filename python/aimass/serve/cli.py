@@ -108,7 +108,8 @@ class _OneWriteTransport:
         held = self._held
         if held is not None:
             self._held = None
-            self._t.write(held)
+            if not self._t.is_closing():    # the connection may have gone meanwhile
+                self._t.write(held)
 
     def close(self) -> None:
         self._flush()
