@@ -6,7 +6,8 @@ middleware, routing, Request or Response objects. ``dispatch`` sits in front of 
 and takes the POSTs to these paths; everything else (and these paths with other methods: 405) goes
 to Starlette, where the same endpoints are mounted as raw ASGI routes. On this server's batch-1 MLP,
 the Starlette path cost about 40 us of Python per request with warm caches and about 120 us right
-after a batch had streamed the weights through the core's caches (docs/serving.md).
+after a batch had streamed the weights through the core's caches (docs/serving.md). A v2 binary
+request whose header bytes repeat an earlier one's reuses its decoding (kserve.Plan).
 """
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ PLANS_PER_VERSION = 64      # distinct headers cached per loaded version (the ca
 class Plan:
     """A v2 binary request header that decoded and validated once against a version's signature (every
     input binary, no request id). A client sends the same header bytes for every request of one shape, so
-    the next such request skips JSON parsing and validation: its inputs are np.frombuffer views of the
+    the next such request skips JSON parsing and validation: its inputs are read-only views of the
     body, and its response header is reused while the output shapes stay the same (docs/serving.md)."""
 
     __slots__ = ("req", "inputs", "nbytes", "deadline", "prio", "heads")
