@@ -120,6 +120,58 @@ def test_v2_binary_infer(client, store):
     assert r.status_code == 400 and "input 'x'" in r.json()["error"]
 
 
+def test_v2_binary_header_reuse(client, store):
+    """Requests repeating a binary header skip its decoding (kserve.Plan): same answers and errors as the
+    full path, per version, for each output mode; bodies of the wrong size and requests with an id too."""
+    _, nets = store
+    srv = client.srv
+
+    def post(head, data, path="/v2/models/mlp/infer"):
+        return client.post(path, content=head + data, headers={"Inference-Header-Content-Length": str(len(head))})
+
+    def head_of(outputs=None, binary_out=True, **extra):
+        req = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                           "parameters": {"binary_data_size": X.nbytes}}], **extra}
+        if binary_out:
+            req["parameters"] = {"binary_data_output": True}
+        if outputs is not None:
+            req["outputs"] = outputs
+        return json.dumps(req).encode()
+
+    def result(r):
+        assert r.status_code == 200, r.text
+        n = r.headers.get("inference-header-content-length")
+        if n is None:
+            return np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3)
+        assert json.loads(r.content[:int(n)])["outputs"][0]["shape"] == [2, 3]
+        return np.frombuffer(r.content[int(n):], np.float32).reshape(2, 3)
+
+    heads = [head_of(), head_of(binary_out=False), head_of([{"name": "output", "parameters": {"binary_data": False}}],
+                                                            binary_out=True)]
+    for head in heads:
+        for k in range(3):                  # the first request caches the header, the next ones reuse it
+            x = (X * (k + 1)).astype(np.float32)
+            for v, path in ((1, "/v2/models/mlp/infer"), (2, "/v2/models/mlp/versions/2/infer")):
+                np.testing.assert_allclose(result(post(head, x.tobytes(), path)), ref(nets, v, x), rtol=1e-5,
+                                           atol=1e-5)
+    st = srv.manager.models["mlp"]
+    assert all(set(st.versions[v].plans) >= set(heads) for v in (1, 2))
+    r = post(heads[0], X.tobytes()[:-4])    # a cached header with a short binary section: the full path's 400
+    assert r.status_code == 400 and "binary section holds 28 bytes" in r.json()["error"], r.text
+    r = post(heads[0], X.tobytes(), "/v2/models/nope/infer")
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    r = post(heads[0], X.tobytes(), "/v2/models/mlp/versions/x/infer")
+    assert r.status_code == 400 and "version must be a positive integer" in r.json()["error"]
+    for _ in range(2):                      # a header that decodes but names an unknown output
+        r = post(head_of([{"name": "nope"}]), X.tobytes())
+        assert r.status_code == 400 and "unknown output 'nope'" in r.json()["error"], r.text
+    with_id = head_of(id="req-7")           # echoed, and not cached (every request would differ)
+    for _ in range(2):
+        r = post(with_id, X.tobytes())
+        assert json.loads(r.content[:int(r.headers["inference-header-content-length"])])["id"] == "req-7"
+    assert with_id not in st.versions[1].plans
+
+
 @pytest.mark.parametrize("body,needle", [
     (v2_body(dt="FP64"), "input 'x': datatype 'FP64' does not match the model's FP32"),
     (v2_body(x=np.zeros((2, 5), np.float32)), "input 'x': shape [2, 5] does not match"),
@@ -359,3 +411,52 @@ def test_deadline_is_504(slow_store):
         return await c.post("/v2/models/slow/infer", json=body)
     r = run_with_blocker(slow_store, ServeConfig(poll_interval_s=0, max_batch_size=1), then)
     assert r.status_code == 504 and "deadline" in r.json()["error"]
+
+
+def test_one_write_transport():
+    """uvicorn's status line + headers and the body leave in one writelines; a header block that nothing
+    follows (100 Continue, the start of a stream) is sent on the next loop step; close flushes first."""
+    from aimass.serve.cli import _OneWriteTransport, _one_write_protocol
+
+    class Fake:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, data):
+            self.calls.append(("write", bytes(data)))
+
+        def writelines(self, chunks):
+            self.calls.append(("writelines", [bytes(c) for c in chunks]))
+
+        def close(self):
+            self.calls.append(("close",))
+
+        def is_closing(self):
+            return False
+
+        def get_extra_info(self, name, default=None):
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+    async def run():
+        fake = Fake()
+        t = _OneWriteTransport(fake, asyncio.get_running_loop())
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        t.write(head)
+        assert fake.calls == []                 # held
+        t.write(b"{}")
+        assert fake.calls == [("writelines", [head, b"{}"])]
+        t.write(b"plain bytes")                 # not a header block: straight through
+        assert fake.calls[-1] == ("write", b"plain bytes")
+        cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+        t.write(cont)
+        await asyncio.sleep(0)                  # nothing followed in that step: sent on the next
+        await asyncio.sleep(0)
+        assert fake.calls[-1] == ("write", cont)
+        t.write(head)
+        t.close()
+        assert fake.calls[-2:] == [("write", head), ("close",)]
+        assert t.get_extra_info("peername") == ("127.0.0.1", 1)     # the rest is the transport's
+
+    asyncio.run(run())
+    import uvicorn.protocols.http.h11_impl as h11_impl
+    assert issubclass(_one_write_protocol(h11_impl.H11Protocol), h11_impl.H11Protocol)

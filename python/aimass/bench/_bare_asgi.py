@@ -1,5 +1,6 @@
 """The serve benchmark's floor: a bare ASGI app under exactly the uvicorn settings of ``aimass serve``
-(``serve.cli.make_uvicorn_server``: uvloop, httptools, no access log, no proxy headers). It reads the
+(``serve.cli.make_uvicorn_server``: uvloop, httptools, no access log, no proxy headers, one socket
+write per response). It reads the
 request body and answers a fixed small JSON body, with no model, routing, auth or metrics: its p50
 under the bench's load generator is what uvicorn, the kernel's loopback TCP and the client cost on
 this machine, the part of the HTTP overhead that no change inside aimass can remove.

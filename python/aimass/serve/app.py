@@ -200,6 +200,11 @@ class Ctx:
         self.lv = self.srv.manager.acquire(self.model, version, label)
         return self.lv
 
+    def release(self) -> None:
+        if self.lv is not None:
+            self.srv.manager.release(self.lv)
+            self.lv = None
+
 
 def _version(request: Request) -> Optional[int]:
     return hot._version(request.path_params.get("version"))

@@ -61,14 +61,77 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
 
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = kw.pop("http", None) or ("httptools" if _has("httptools") else "h11")
+    if isinstance(http, str):
+        from uvicorn.importer import import_from_string
+        from uvicorn.config import HTTP_PROTOCOLS
+        http = _one_write_protocol(import_from_string(HTTP_PROTOCOLS[http]))
     # no access log and no X-Forwarded-For rewriting (proxy_headers): both cost every request, and
-    # the error log (one JSON line per failure) and the metrics already tell what happened
+    # the error log (one JSON line per failure) and the metrics already tell what happened; no
+    # "server: uvicorn" header (it names the software and costs a header per response)
     kw.setdefault("proxy_headers", False)
+    kw.setdefault("server_header", False)
     cfg = uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
                          log_config=None, timeout_graceful_shutdown=drain_timeout_s, **kw)
     server = _Server(cfg)
     srv.open_connections = lambda: len(server.server_state.connections)
     return server
+
+
+class _OneWriteTransport:
+    """uvicorn writes a response's status line and headers, then its body, as two socket writes: two
+    send() calls, and two wake-ups of a client that waits for the whole response. This holds a header
+    block (a write that starts with the status line and ends with the blank line) until the next write,
+    and sends both with one writelines; a held block that nothing follows in the same loop step is sent
+    on the next one (a 100 Continue, a streamed response's first part). Everything else is the transport's."""
+
+    __slots__ = ("_t", "_held", "_loop")
+
+    def __init__(self, transport, loop):
+        self._t, self._held, self._loop = transport, None, loop
+
+    def write(self, data) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._t.writelines((held, data))
+        elif data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n":
+            self._held = data
+            self._loop.call_soon(self._flush)
+        else:
+            self._t.write(data)
+
+    def writelines(self, chunks) -> None:
+        self._flush()
+        self._t.writelines(chunks)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._t.is_closing():    # the connection may have gone meanwhile
+                self._t.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._t.write_eof()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def _one_write_protocol(base):
+    """uvicorn's HTTP protocol class `base`, writing each response with one socket write (_OneWriteTransport)."""
+
+    class OneWrite(base):
+        def connection_made(self, transport, *args):
+            super().connection_made(_OneWriteTransport(transport, asyncio.get_running_loop()), *args)
+
+    OneWrite.__name__ = OneWrite.__qualname__ = f"OneWrite{base.__name__}"
+    return OneWrite
 
 
 def _has(mod: str) -> bool:

@@ -26,6 +26,10 @@ def _buckets(h: dict, scale: float):
     return out
 
 
+def _label(version) -> str:
+    return "" if version is None else str(version)
+
+
 class ServerMetrics:
     """Per-request counts and the latency histogram are plain dict/list updates on the event loop's
     thread (no prometheus-client child lookup, lock or bucket loop per request); the collector below
@@ -41,19 +45,19 @@ class ServerMetrics:
         self.registry.register(_SessionCollector(manager, server_state))
 
     def observe(self, model: str, version, protocol: str, code: int, seconds: float) -> None:
-        v = "" if version is None else str(version)
-        key = (model, v, protocol, code)
+        """version: an int, or None (no version resolved); label values are made at scrape time."""
+        key = (model, version, protocol, code)
         self._counts[key] = self._counts.get(key, 0) + 1
         if code == 200:
-            h = self._latency.get((model, v))
+            h = self._latency.get((model, version))
             if h is None:
-                h = self._latency[(model, v)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+                h = self._latency[(model, version)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
             h[bisect_left(LATENCY_BUCKETS, seconds)] += 1     # le: a value on a bound counts in it
             h[-1] += seconds
 
     def summary(self) -> dict:
         """Counts by (model, version, protocol, code) and the overall latency histogram, for the dashboard."""
-        reqs: List[dict] = [{"model": m, "version": v, "protocol": p, "code": str(c), "count": n}
+        reqs: List[dict] = [{"model": m, "version": _label(v), "protocol": p, "code": str(c), "count": n}
                             for (m, v, p, c), n in sorted(self._counts.items(), key=lambda kv: str(kv[0]))]
         counts = [0] * (len(LATENCY_BUCKETS) + 1)
         total = 0.0
@@ -72,7 +76,7 @@ class _RequestCollector:
         reqs = CounterMetricFamily("aimass_requests", "HTTP inference requests by model, version, protocol and "
                                    "status code", labels=["model", "version", "protocol", "code"])
         for (m, v, p, c), n in list(self.m._counts.items()):
-            reqs.add_metric([m, v, p, str(c)], n)
+            reqs.add_metric([m, _label(v), p, str(c)], n)
         lat = HistogramMetricFamily("aimass_request_latency_seconds", "End-to-end server time of inference "
                                     "requests (body read to response), successful ones", labels=["model", "version"])
         for (m, v), h in list(self.m._latency.items()):
@@ -81,7 +85,7 @@ class _RequestCollector:
                 acc += c
                 buckets.append((repr(b), acc))
             buckets.append(("+Inf", acc + h[-2]))
-            lat.add_metric([m, v], buckets, h[-1])
+            lat.add_metric([m, _label(v)], buckets, h[-1])
         yield reqs
         yield lat
 

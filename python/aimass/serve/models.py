@@ -35,6 +35,7 @@ class LoadedVersion:
     closed: bool = False
     calls: int = 0
     cheap: bool = False
+    plans: dict = field(default_factory=dict)   # v2 binary request headers seen (kserve.Plan)
 
 
 @dataclass
