@@ -241,3 +241,43 @@ def test_single_copy_broadcast_and_allgather(ll):
         np.testing.assert_array_equal(got, np.concatenate(
             [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
     d.barrier(name="ll.cma.end")
+
+
+@pytest.mark.timeout(60)
+def test_lean_lane_takes_plain_calls_and_leaves_the_rest_to_the_full_path(ll):
+    """The blocking numpy calls go through one C call (_comm_lean): plain arguments run there, anything
+    else (views, read-only arrays, odd op/root spellings, bad values) takes the full path, which gives the
+    same results and the usual errors."""
+    d = ll
+    n, r = d.size(), d.rank()
+    x = np.arange(6, dtype=np.float32) + r
+    want = sum(np.arange(6, dtype=np.float32) + j for j in range(n))
+    before = d.stats()["ll_collectives"]
+    got = d.allreduce(x, op=d.Sum, name="lean.enum")  # a ReduceOp member, a new array
+    assert got is not x and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(x, np.arange(6, dtype=np.float32) + r)  # the input is untouched
+    np.testing.assert_array_equal(d.allreduce(x, name="lean.avg"), want / n)  # default op: average
+    assert d.stats()["ll_collectives"] == before + 2
+    # full path, same results: a strided view, a numpy integer root, root= spelled as keyword
+    np.testing.assert_array_equal(d.allreduce(np.repeat(x, 2)[::2], op="sum", name="lean.view"), want)
+    np.testing.assert_array_equal(d.broadcast(x, np.int64(n - 1), name="lean.np_root"),
+                                  np.arange(6, dtype=np.float32) + n - 1)
+    np.testing.assert_array_equal(d.broadcast(x, root=0, name="lean.kw_root"), np.arange(6, dtype=np.float32))
+    # errors come from the full path, on every rank alike
+    ro = x.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        d.allreduce_(ro, op="sum", name="lean.readonly")
+    with pytest.raises((ValueError, TypeError)):
+        d.allreduce(x, op="median", name="lean.badop")
+    with pytest.raises((ValueError, TypeError)):
+        d.broadcast(x, n, name="lean.badroot")
+    with pytest.raises((ValueError, TypeError)):
+        d.reduce_scatter(np.float32(1), name="lean.rs0d")
+    # results of every kind and layout still agree with the engine's
+    t = data(9, r, (2 * n + 1) * 3, "float32").reshape(2 * n + 1, 3)
+    np.testing.assert_array_equal(d.reduce_scatter(t, op="max", name="lean.rs"),
+                                  engine_result(d, lambda: d.reduce_scatter(t, op="max", name="eng.lean.rs")))
+    g = d.allgather(np.full((r % 2, 2), r, np.int16), name="lean.ag.empty_rows")  # some ranks give no rows
+    assert g.shape == (sum(j % 2 for j in range(n)), 2) and g.dtype == np.int16

@@ -354,8 +354,14 @@ EngineOptions CollectiveEngine::options() const {
 }
 
 EngineStats CollectiveEngine::stats() const {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  return impl_->st;
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    s = impl_->st;
+  }
+  s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
+  s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
+  return s;
 }
 
 }  // namespace aimass

@@ -185,6 +185,8 @@ struct CollectiveEngine::Impl {
   void ll_init();
   void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
+  bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
+  std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
 
 
 

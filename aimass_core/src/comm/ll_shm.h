@@ -40,6 +40,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
@@ -51,7 +52,8 @@ namespace comm {
 void ll_options_from_env(EngineOptions& o);
 // What must agree across ranks for the channel (name, kind, dtype, op, root, shape; an
 // allgather's first dimension is free), hashed (FNV-1a).
-uint64_t ll_signature_hash(const CollectiveRequest& r);
+uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceOp op, int root,
+                           std::string_view name, const int64_t* shape, int ndim);
 
 class LLChannel {
  public:
@@ -146,6 +148,8 @@ class LLChannel {
   bool by_address_ = false;  // the last exchange posted this rank's payload by address
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   uint64_t probe_ = 0;       // read by the peers' start-up probe
+  uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
+  bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)
 };
 
 }  // namespace comm

@@ -51,6 +51,8 @@ def _start_engine(ps: ProcessSet, mpi_comm, fusion_threshold=None, cycle_time_ms
         c.free()
         raise
     ps._mpi_comm, ps._comm, ps._engine = mpi_comm, c, e
+    if ps is global_process_set:  # the lean lane of the blocking numpy collectives (collectives.py)
+        _C._comm_lean_engine(e)
     ps._a2a = mpi_comm.Dup()  # alltoall runs as MPI_Ialltoallv on its own communicator
     ps._counters = {}
 
@@ -58,6 +60,8 @@ def _start_engine(ps: ProcessSet, mpi_comm, fusion_threshold=None, cycle_time_ms
 def _stop_engine(ps: ProcessSet) -> None:
     if ps._engine is None:
         return
+    if ps is global_process_set:
+        _C._comm_lean_engine(None)
     clean = ps._engine.shutdown()
     if clean:  # every rank of the set stopped together: freeing the communicators is safe
         ps._comm.free()
