@@ -315,25 +315,6 @@ void bind_comm(py::module_& m) {
           py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("dtype"),
           py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0,
           py::arg("blocking") = false)
-      .def(
-          "run_blocking",
-          // The lean lane of the blocking numpy collectives (python/aimass/dist/_fast.py): submits
-          // with blocking=true (one node, small: the caller-thread fast path) and waits. Returns None
-          // when the arrays do not qualify (dtype, layout): the caller then takes the full path,
-          // which reports what is wrong. kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter.
-          [](aimass::CollectiveEngine& e, int kind, const py::array& input, const py::object& output,
-             const std::string& name, const std::string& op, int root) -> py::object {
-            const auto dt = fast_dtype(input);
-            if (!dt || !(input.flags() & py::array::c_style) || kind < 0 || kind > 3) return py::none();
-            if (!output.is_none()) {
-              const auto& out = static_cast<const py::array&>(output);
-              if (!(out.flags() & py::array::c_style) || !out.writeable() || !out.dtype().is(input.dtype()) ||
-                  shape_of(out) != shape_of(input))
-                return py::none();
-            }
-            return submit_and_wait(e, kind, input, output, name, aimass::parse_reduce_op(op), root, *dt, true);
-          },
-          py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("op"), py::arg("root"))
       .def("shutdown", &aimass::CollectiveEngine::shutdown, nogil())
       .def_property_readonly("broken", &aimass::CollectiveEngine::broken)
       .def_property(

@@ -134,8 +134,8 @@ constexpr size_t kByAddressMaxBytes = size_t(4) << 20;
 
 bool CollectiveEngine::Impl::fast(FastCollective& c) {
   const size_t es = dtype_size(c.dtype);
-  int64_t n = 1;
-  for (int d = 0; d < c.ndim; ++d) n *= c.shape[d];
+  int64_t n = c.kind == CollectiveKind::Barrier ? 0 : 1;  // (a barrier has no data)
+  for (int d = 0; d < c.ndim && n; ++d) n *= c.shape[d];
   const size_t nbytes = static_cast<size_t>(n) * es;
   // Broadcast and allgather of kCmaMin bytes or more are single-copy where the kernel allows it
   // (peers read our input itself): the slot does not bound them, only kByAddressMaxBytes.
@@ -174,6 +174,24 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
     ll_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
+  try {
+    fast_data(c, nbytes, deadline);
+  } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (broken.empty()) broken = e.what();
+    }
+    fast_broke.store(true);
+    waker->notify(&waker->flush);
+    note_peer_failure();  // MPI_Finalize may now block: bound it
+    throw;
+  }
+  ll_collectives.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// The data phase of a completed attempt: every rank reads the same slots in rank order.
+void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double deadline) {
   struct Release {  // the peers may reuse our slot once we stop reading theirs, and our input
     comm::LLChannel* c;  // once they stopped reading it (bounded: on the error path only)
     double deadline;
@@ -184,6 +202,8 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
       c->wait_readers(deadline);
     }
   } release{ll.get(), deadline};
+  const size_t es = dtype_size(c.dtype);
+  const int64_t n = static_cast<int64_t>(nbytes / es);
   const int L = size;
   const ReduceOp op = c.op == ReduceOp::Average ? ReduceOp::Sum : c.op;
   const char* srcs[comm::LLChannel::kMaxRanks];
@@ -260,8 +280,6 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
     throw DistributedError(detail::concat("aimass.dist: ", collective_kind_name(c.kind), " '", c.name,
                                           "': a peer rank did not finish reading this rank's data within ", deadline,
                                           " s: it has died or stopped (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
-  ll_collectives.fetch_add(1, std::memory_order_relaxed);
-  return true;
 }
 
 void CollectiveEngine::set_ll_max_bytes(size_t bytes) {
