@@ -32,6 +32,7 @@ void check_array(const py::array& a, aimass::DType dt, const char* what) {
 // The engine dtype of a numpy array, from its kind and item size (no string round trip).
 std::optional<aimass::DType> fast_dtype(const py::array& a) {
   const py::dtype d = a.dtype();
+  if (d.byteorder() == '>') return std::nullopt;  // (big-endian data: the full path converts it)
   const char k = d.kind();
   const auto n = d.itemsize();
   if (k == 'f') return n == 4 ? aimass::DType::F32 : n == 8 ? aimass::DType::F64 : n == 2 ? aimass::DType::F16
@@ -152,7 +153,8 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (kind < 0 || kind > 3 || Py_TYPE(t) != api.PyArray_Type_) Py_RETURN_NONE;
     const auto* pa = py::detail::array_proxy(t);
     const bool inplace = args[2] == t;
-    if (!(pa->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) || (args[2] != Py_None && !inplace) ||
+    constexpr int kLayout = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    if ((pa->flags & kLayout) != kLayout || (args[2] != Py_None && !inplace) ||
         (inplace && !(pa->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_)))
       Py_RETURN_NONE;
     py::array a = py::reinterpret_borrow<py::array>(t);

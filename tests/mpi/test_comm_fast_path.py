@@ -266,6 +266,13 @@ def test_lean_lane_takes_plain_calls_and_leaves_the_rest_to_the_full_path(ll):
     np.testing.assert_array_equal(d.broadcast(x, np.int64(n - 1), name="lean.np_root"),
                                   np.arange(6, dtype=np.float32) + n - 1)
     np.testing.assert_array_equal(d.broadcast(x, root=0, name="lean.kw_root"), np.arange(6, dtype=np.float32))
+    # byte-swapped and unaligned arrays: the lane takes neither (a swapped one is refused, by every rank)
+    with pytest.raises(TypeError, match="byte order"):
+        d.allreduce(x.astype(x.dtype.newbyteorder()), op="sum", name="lean.swapped")
+    odd = np.zeros(x.nbytes + 1, np.uint8)[1:].view(np.float32)
+    odd[:] = x
+    assert not odd.flags.aligned
+    np.testing.assert_array_equal(d.allreduce(odd, op="sum", name="lean.unaligned"), want)
     # errors come from the full path, on every rank alike
     ro = x.copy()
     ro.flags.writeable = False

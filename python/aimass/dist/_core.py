@@ -418,6 +418,9 @@ def as_input(t: Any, what: str):
     a, dt = as_numpy(t, what)
     if dt not in DTYPES:
         raise TypeError(f"{what}: dtype {dt} is not supported; use one of {', '.join(DTYPES)}")
+    if not a.dtype.isnative:  # the engine reads the bytes in this machine's order
+        raise TypeError(f"{what}: dtype {a.dtype.str} is not in this machine's byte order; convert it first "
+                        f"(a.astype(a.dtype.newbyteorder('=')))")
     return a, dt
 
 
