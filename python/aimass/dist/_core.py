@@ -277,7 +277,7 @@ def set_shm_min_bytes(nbytes: Optional[int]) -> None:
 def set_ll_max_bytes(nbytes: Optional[int]) -> None:
     """Blocking collectives of at most `nbytes` per rank run in the caller's thread through the node's
     low-latency channel when every rank is idle (None or 0: never; capped by the channel's slot, fixed at
-    init() by AIMASS_LL_MAX_BYTES, default 256 KiB). See docs/comm.md."""
+    init() by AIMASS_LL_MAX_BYTES, default 1 MiB). See docs/comm.md."""
     if nbytes is None:
         nbytes = 0
     elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
