@@ -124,30 +124,35 @@ TEST(QLinearEpilogue, SameAsLinearThenEpilogueAtEveryLevel) {
     std::normal_distribution<float> nd;
     std::vector<float> bias(static_cast<size_t>(N));
     for (auto& b : bias) b = nd(rng);
-    for (int64_t M : {1, 7, 128}) {
+    for (int64_t M : {1, 7, 128, 301}) {
       std::vector<float> x(static_cast<size_t>(M * K)), res(static_cast<size_t>(M * N));
       for (auto& v : x) v = nd(rng);
       for (auto& v : res) v = nd(rng);
       if (M > 1) x[K + 3] = std::nanf("");  // row 1 is NaN everywhere
-      auto epi_fn = [&](float* y, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
+      // y: the first of `rows` rows, m0 rows into the output
+      auto epi_fn = [&](float* y, int64_t m0, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
         for (int64_t m = 0; m < rows; ++m)
           for (int64_t n = n0; n < n1; ++n) {
             float& v = y[m * ldy + n];
-            v = (v < 0.f ? 0.25f * v : v) + res[m * N + n];
+            v = (v < 0.f ? 0.25f * v : v) + res[(m0 + m) * N + n];
           }
       };
       for (int lvl = 0; lvl <= static_cast<int>(best); ++lvl) {
         aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
         std::vector<float> want(static_cast<size_t>(M * N)), got(static_cast<size_t>(M * N), -7.f);
         aimass::quant::linear(*packed, x.data(), M, bias.data(), want.data());
-        epi_fn(want.data(), M, N, 0, N);
+        epi_fn(want.data(), 0, M, N, 0, N);
         std::vector<int> seen(static_cast<size_t>(M * N), 0);
+        // The VNNI path calls it per block of columns and chunk of rows (y then points into
+        // the output); the others once on everything.
         const aimass::quant::LinearEpilogue epi = [&](float* y, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
-          ASSERT_EQ(rows, M);
           ASSERT_EQ(ldy, N);
+          const int64_t off = y - got.data();
+          ASSERT_TRUE(off >= 0 && off % N == 0 && off / N + rows <= M) << "rows " << rows << " at offset " << off;
+          const int64_t m0 = off / N;
           for (int64_t m = 0; m < rows; ++m)
-            for (int64_t n = n0; n < n1; ++n) ++seen[m * N + n];  // blocks never overlap
-          epi_fn(y, rows, ldy, n0, n1);
+            for (int64_t n = n0; n < n1; ++n) ++seen[(m0 + m) * N + n];  // blocks never overlap
+          epi_fn(y, m0, rows, ldy, n0, n1);
         };
         aimass::quant::linear(*packed, x.data(), M, bias.data(), got.data(), epi);
         for (int64_t i = 0; i < M * N; ++i) {

@@ -1,16 +1,20 @@
 // C++ tests of the runtime's extension ops on hand-written graphs: fused attention
-// (causal) against a naive reference at two sequence lengths of one executor,
+// (causal) against a naive reference at two sequence lengths of one executor, the
+// multi-head packed-qkv layout with an additive mask at every SIMD level and thread count,
 // matmul + permute, and shape errors naming the node.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "aimass/cpu_features.h"
 #include "aimass/error.h"
+#include "aimass/parallel.h"
 #include "aimass/runtime.h"
 
 namespace rt = aimass::runtime;
@@ -86,6 +90,94 @@ TEST(RuntimeExt, CausalAttentionAtTwoLengths) {
     ref_attention(q.data(), k.data(), v.data(), B, S, D, r.data());
     for (size_t i = 0; i < o.size(); ++i) ASSERT_NEAR(o[i], r[i], 1e-5) << "S=" << S << " i=" << i;
   }
+}
+
+// BERT's layout: one [S, 3*H*D] input holding q | k | v, H heads, an additive [B, 1, 1, S]
+// mask input (-inf masks a key). D = 40 and S = 150: partial key and value panels of the
+// packed kernels, two query blocks; 1, 2 and 8 threads (8 > B * H items: the queries are
+// split further), every SIMD level, against a double reference.
+TEST(RuntimeExt, PackedMultiHeadAttentionWithAdditiveMask) {
+  const int H = 3, D = 40, E = H * D;
+  const char* g =
+      R"({"nodes":[{"op":"sdpa","name":"att","inputs":["qkv","mask"],"outputs":["o"],)"
+      R"("attrs":{"heads":3,"packed":1,"mask_kind":"add"}}]})";
+  const char* sig = R"({"inputs":[{"name":"qkv","dtype":"float32","shape":[-1,-1,360]},)"
+                    R"({"name":"mask","dtype":"float32","shape":[-1,1,1,-1]}],)"
+                    R"("outputs":[{"name":"o","dtype":"float32","shape":[-1,-1,120]}]})";
+  auto m = rt::Model::load(write_graph("sdpa_packed.aimass", g, sig));
+  const aimass::SimdLevel best = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  for (int S : {150, 7}) {
+    for (int B : {1, 2}) {
+      std::vector<float> qkv(static_cast<size_t>(B) * S * 3 * E), mask(static_cast<size_t>(B) * S), want(B * S * E);
+      for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = std::sin(0.37f * i) + 0.1f * std::cos(1.3f * i);
+      for (int b = 0; b < B; ++b)
+        for (int j = 0; j < S; ++j)
+          mask[b * S + j] = j % 5 == 3 ? -std::numeric_limits<float>::infinity() : 0.05f * (j % 7);
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+          for (int i = 0; i < S; ++i) {
+            const float* q = &qkv[(b * S + i) * 3 * E + h * D];
+            std::vector<double> p(S);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < S; ++j) {
+              const float* k = &qkv[(b * S + j) * 3 * E + E + h * D];
+              double s = 0;
+              for (int d = 0; d < D; ++d) s += double(q[d]) * k[d];
+              p[j] = s / std::sqrt(double(D)) + mask[b * S + j];
+              mx = std::max(mx, p[j]);
+            }
+            for (int j = 0; j < S; ++j) sum += (p[j] = std::exp(p[j] - mx));
+            for (int d = 0; d < D; ++d) {
+              double acc = 0;
+              for (int j = 0; j < S; ++j) acc += p[j] / sum * qkv[(b * S + j) * 3 * E + 2 * E + h * D + d];
+              want[(b * S + i) * E + h * D + d] = static_cast<float>(acc);
+            }
+          }
+      for (int threads : {1, 2, 8}) {
+        aimass::set_num_threads(threads);
+        for (int lvl = 0; lvl <= static_cast<int>(best); ++lvl) {
+          aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
+          rt::Executor ex(m, {B, S});
+          std::vector<float> o(want.size(), -7.f);
+          const void* in[] = {qkv.data(), mask.data()};
+          void* out[] = {o.data()};
+          ex.run(B, in, out);
+          for (size_t i = 0; i < o.size(); ++i)
+            ASSERT_NEAR(o[i], want[i], 2e-5 * (1 + std::fabs(want[i])))
+                << "S=" << S << " B=" << B << " threads=" << threads << " level=" << lvl << " i=" << i;
+        }
+        aimass::set_simd_level(best);
+      }
+    }
+  }
+  aimass::set_num_threads(old_threads);
+}
+
+// AIMASS_PROFILE_STEPS=1: every plan times its steps and prints the table when it goes.
+TEST(RuntimeExt, StepProfilePrintsEachStepWhenThePlanGoes) {
+  auto m = rt::Model::load(write_graph("sdpa_prof.aimass", kSdpaGraph, kSdpaSig));
+  std::vector<float> q(2 * 5 * 4, 0.5f), o(q.size());
+  const void* in[] = {q.data(), q.data(), q.data()};
+  void* out[] = {o.data()};
+  ::setenv("AIMASS_PROFILE_STEPS", "1", 1);
+  ::testing::internal::CaptureStderr();
+  {
+    rt::Executor ex(m, {2, 5});
+    ex.run(2, in, out);
+    ex.run(1, in, out);
+  }
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  ::unsetenv("AIMASS_PROFILE_STEPS");
+  EXPECT_NE(err.find("aimass step profile (1 steps"), std::string::npos) << err;
+  EXPECT_NE(err.find("node 'att' (sdpa)"), std::string::npos) << err;
+  EXPECT_NE(err.find("calls      2"), std::string::npos) << err;
+  ::testing::internal::CaptureStderr();
+  {
+    rt::Executor ex(m, {2, 5});  // off again: nothing printed
+    ex.run(2, in, out);
+  }
+  EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
 }
 
 TEST(RuntimeExt, MatmulOfPermutedActivations) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -126,6 +127,65 @@ TEST(RuntimeVec, SoftmaxMatchesReferenceIncludingSpecials) {
           k->softmax_row(x.data(), n, log, x.data());  // in place (the fused attention's use)
           expect_close(x, want, {}, what + " in place");
         }
+      }
+    }
+  }
+}
+
+// softmax(x + add) in place: the fused attention's scores with an additive mask row.
+TEST(RuntimeVec, SoftmaxAddMatchesReferenceIncludingSpecials) {
+  std::mt19937 rng(7);
+  for (const vec::Kernels* k : levels()) {
+    const std::string lvl = aimass::simd_level_name(k->level);
+    for (int64_t n : kSizes) {
+      // plain, -inf mask entries, NaN score, +inf mask entry, every key masked
+      for (int variant = 0; variant < 5; ++variant) {
+        std::vector<float> x = randv(rng, n, -30.f, 30.f), add = randv(rng, n, -5.f, 5.f);
+        const int64_t at = n / 2;
+        if (variant == 1)
+          for (int64_t i = 0; i < n; i += 3) add[i] = -kInf;
+        if (variant == 2) x[at] = kNaN;
+        if (variant == 3) add[at] = kInf;
+        if (variant == 4) std::fill(add.begin(), add.end(), -kInf);
+        std::vector<float> want(x), got(x);
+        ref().softmax_add_row(want.data(), add.data(), n);
+        k->softmax_add_row(got.data(), add.data(), n);
+        const std::string what = lvl + " softmax_add n=" + std::to_string(n) + " variant " + std::to_string(variant);
+        expect_close(got, want, {}, what);
+        // the same as adding first and taking the softmax
+        std::vector<float> sum(x);
+        for (int64_t i = 0; i < n; ++i) sum[i] += add[i];
+        std::vector<float> two(n);
+        k->softmax_row(sum.data(), n, false, two.data());
+        expect_close(got, two, {}, what + " vs add + softmax");
+        if (variant >= 2)  // a NaN score, a +inf, or every key masked: the whole row is NaN, as in torch
+          for (float v : got) ASSERT_TRUE(std::isnan(v)) << what;
+        if (variant == 1 && n > 1)
+          for (int64_t i = 0; i < n; i += 3) ASSERT_EQ(got[i], 0.f) << what;
+      }
+    }
+  }
+}
+
+// The attention's key pack: a pure copy, so every level equals the reference bit for bit
+// (NaN payloads included), at edges of the 8 x 8 blocks and 32-key panels and a row stride.
+TEST(RuntimeVec, PackKeysEqualsReference) {
+  std::mt19937 rng(9);
+  for (const vec::Kernels* k : levels()) {
+    const std::string lvl = aimass::simd_level_name(k->level);
+    for (int64_t Sk : {1, 7, 8, 32, 45, 128}) {
+      for (int64_t D : {1, 5, 8, 64, 67}) {
+        const int64_t ldk = D + 3, P = (Sk + 31) / 32;
+        std::vector<float> src = randv(rng, Sk * ldk, -3.f, 3.f);
+        src[0] = kNaN;
+        std::vector<float> want(P * D * 32, -7.f), got(P * D * 32, -9.f);
+        ref().pack_keys(src.data(), ldk, Sk, D, want.data());
+        k->pack_keys(src.data(), ldk, Sk, D, got.data());
+        ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
+            << lvl << " Sk=" << Sk << " D=" << D;
+        for (int64_t j = 0; j < Sk; ++j)  // and it is the transpose
+          for (int64_t d = 0; d < D; ++d)
+            if (j + d > 0) ASSERT_EQ(want[(j / 32) * D * 32 + d * 32 + j % 32], src[j * ldk + d]);
       }
     }
   }

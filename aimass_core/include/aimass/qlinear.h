@@ -72,11 +72,12 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
 // Same with an explicit kernel choice (Auto behaves as above).
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
             LinearKernel kernel, ActivationPrecision activations = ActivationPrecision::Int16);
-// The caller's epilogue (activation, residual, ...) on output columns [n0, n1) of all M rows
-// (row stride ldy), after the bias. The dynamic int8 VNNI path runs it on each block of
-// columns right after the GEMM wrote it (still in cache), from the pool's threads, so it
-// must be thread-safe and must not start parallel work itself; the other paths run it once
-// on [0, N) after linear().
+// The caller's epilogue (activation, residual, ...) on output columns [n0, n1) of the M rows
+// starting at y (row stride ldy), after the bias. The dynamic int8 VNNI path runs it on each
+// block of columns and chunk of rows right after the GEMM wrote them (still in L1), so y may
+// point at a later row of the output (an element's row is (pointer - output) / ldy); it runs
+// from the pool's threads, so it must be thread-safe and must not start parallel work
+// itself. The other paths run it once on all rows and [0, N) after linear().
 using LinearEpilogue = std::function<void(float* y, int64_t M, int64_t ldy, int64_t n0, int64_t n1)>;
 // y = epi(x @ dequant(W)^T + bias), the kernel chosen as in linear() (Auto, int16 activations).
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,

@@ -44,6 +44,9 @@ struct WeightView {
   // wsum (bits 8, per-channel): [N] sum of each int8 weight row (the int16-activation
   // kernels remove the +128 offset of their high byte plane with it).
   const int32_t* wsum;
+  // bias [N] or null: the VNNI panels kernel (dynamic_panels) adds it in its register
+  // epilogue (y = dot * sx * scale + bias, the same operations and order as adding it after).
+  const float* bias = nullptr;
 };
 
 // Weight-only: y[m, n] for n in [n0, n1), all m < M. x rows have stride ldx and, for

@@ -330,6 +330,14 @@ inline void panel_epilogue(const WeightView& w, const __m512i (&acc)[MR][4], con
     const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
     const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, w.colsum + c), 7);
     const __m512 sc = _mm512_maskz_loadu_ps(mk, w.scale + c);
+    if (w.bias) {
+      const __m512 bv = _mm512_maskz_loadu_ps(mk, w.bias + c);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cs)), sc);
+        _mm512_mask_storeu_ps(y + i * ldy + c, mk, _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[i])), bv));
+      }
+      continue;
+    }
     for (int i = 0; i < MR; ++i) {
       const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cs)), sc);
       _mm512_mask_storeu_ps(y + i * ldy + c, mk, _mm512_mul_ps(v, _mm512_set1_ps(sx[i])));

@@ -442,9 +442,9 @@ void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const flo
   });
 }
 
-// Returns true when it also applied the bias and `epi` (the VNNI panels path: per block of 64
-// columns right after the GEMM, and no scan for non-finite rows - quant_rows gives such a row
-// sx = NaN, so its outputs are NaN already); false: the caller applies them.
+// Returns true when it also applied the bias and `epi` (if given) (the VNNI panels path: per
+// block of 64 columns right after the GEMM, and no scan for non-finite rows - quant_rows gives
+// such a row sx = NaN, so its outputs are NaN already); false: the caller applies them.
 bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y, const float* bias = nullptr,
                  const LinearEpilogue* epi = nullptr) {
   {
@@ -465,25 +465,41 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
   const KernelTable& t = table_for(simd_level());
   std::vector<int8_t> qx(static_cast<size_t>(M * v.Kp));
   std::vector<float> sx(static_cast<size_t>(M));
-  parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+  // >= 32K values per chunk (~10 us): a smaller split costs more in pool hand-offs than it
+  // saves (BERT-mini at batch 1: 128 rows of 256 run on the caller alone).
+  parallel_for(0, M, std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(v.K, 1)), [&](int64_t b, int64_t e) {
     t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
   });
   if (t.dynamic_panels && v.wvnni) {
-    // Split N in 64-column blocks: each thread reuses its weight blocks over all rows.
+    // Split N in 64-column blocks: each thread reuses its weight blocks over all rows. The
+    // kernel adds the bias in its register epilogue. `epi` runs on each chunk of kEpiRows rows
+    // right after the GEMM wrote it, while it is in L1 (one pass instead of a GEMM pass and an
+    // epilogue pass over L2); the 64-column weight block stays in L2 across the chunks.
+    WeightView vb = v;
+    vb.bias = bias;
     const int64_t nb = (v.N + 63) / 64;
-    const bool fused = epi != nullptr;
-    parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    const bool fused = epi != nullptr && *epi;
+    constexpr int64_t kEpiRows = 96;  // a multiple of the VNNI tile's 6 rows
+    // More chunks than threads (up to 4 each): a worker the OS has not scheduled yet holds
+    // only its first chunk, the others are taken by whoever is free (with one chunk per
+    // thread the caller did a late worker's half alone; BERT-mini has 4-16 blocks).
+    const int nchunks = static_cast<int>(std::min<int64_t>(nb, 4 * static_cast<int64_t>(num_threads())));
+    parallel_chunks(nchunks, [&](int c, int nc) {
+      const int64_t b = nb * c / nc, e = nb * (c + 1) / nc;
+      if (e <= b) return;
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
-      t.dynamic_panels(v, qx.data(), sx.data(), M, y, v.N, n0, n1);
-      if (!fused) return;
-      if (bias)
-        for (int64_t m = 0; m < M; ++m) {
-          float* yr = y + m * v.N;
-          for (int64_t n = n0; n < n1; ++n) yr[n] += bias[n];
-        }
-      if (*epi) (*epi)(y, M, v.N, n0, n1);
+      if (!fused) {
+        t.dynamic_panels(vb, qx.data(), sx.data(), M, y, v.N, n0, n1);
+        return;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kEpiRows) {
+        const int64_t mr = std::min(kEpiRows, M - m0);
+        float* yc = y + m0 * v.N;
+        t.dynamic_panels(vb, qx.data() + m0 * v.Kp, sx.data() + m0, mr, yc, v.N, n0, n1);
+        (*epi)(yc, mr, v.N, n0, n1);
+      }
     });
-    return fused;
+    return true;
   }
   WeightView rv = v;  // the row kernels read int8 rows (rebuilt once if only blocks are kept)
   if (!rv.wq) rv.w8 = rv.wq = p.rows().w8;
@@ -591,7 +607,9 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
       else if (p.view.bits == 8) run_weight_only_int16(p, x, M, y);
       else run_weight_only_int4_a16(p, x, M, y);
       break;
-    case LinearKernel::DynamicInt8: run_dynamic(p, x, M, y); break;
+    case LinearKernel::DynamicInt8:
+      if (run_dynamic(p, x, M, y, bias_or_null)) return;  // bias applied, non-finite rows NaN already
+      break;
     default: run_dequant_sgemm(p, x, M, y); break;
   }
   if (bias_or_null) {

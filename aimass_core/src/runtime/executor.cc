@@ -4,7 +4,10 @@
 // GEMM/conv before them, and every value gets a slot in one arena sized for
 // `capacity` rows. execute() only indexes into that arena.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <limits>
 #include <cstring>
 #include <map>
@@ -159,13 +162,54 @@ struct PlanImpl {
   void* arena = nullptr;
   std::vector<float> col;  // im2col scratch, one sample
   std::vector<const void*> ext_ptrs;
-  ~PlanImpl() { std::free(arena); }
+  // AIMASS_PROFILE_STEPS=1: wall ns and calls per step, printed to stderr when the plan goes.
+  bool profile = false;
+  std::vector<int64_t> prof_ns, prof_cpu_ns, prof_min_ns, prof_calls;  // wall, calling thread's CPU (sum, min)
+  ~PlanImpl();
 
   uint8_t* ptr(int v) const {
     return static_cast<uint8_t*>(arena) + slot_prefix[values[v].slot] * capacity;
   }
   float* fptr(int v) const { return reinterpret_cast<float*>(ptr(v)); }
 };
+
+namespace {
+int64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+const char* kind_name(Kind k) {
+  static const char* names[] = {"linear", "qlinear", "conv2d", "max_pool", "avg_pool", "adaptive_pool", "alias",
+                                "activation", "softmax", "log_softmax", "layer_norm", "embedding", "binary",
+                                "channel_affine", "ext"};
+  return names[static_cast<int>(k)];
+}
+}  // namespace
+
+PlanImpl::~PlanImpl() {
+  if (profile && !prof_calls.empty()) {
+    int64_t total = 0, total_cpu = 0;
+    for (auto v : prof_ns) total += v;
+    for (auto v : prof_cpu_ns) total_cpu += v;
+    std::fprintf(stderr, "aimass step profile (%zu steps, %.3f ms wall, %.3f ms CPU of the calling thread):\n",
+                 steps.size(), total * 1e-6, total_cpu * 1e-6);
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (!prof_calls[i]) continue;
+      const Step& s = steps[i];
+      std::string shape;
+      for (auto d : values[s.out].row) shape += (shape.empty() ? "" : "x") + std::to_string(d);
+      std::fprintf(stderr,
+                   "  %3zu %-14s %-44s out %-12s calls %6lld  wall %9.3f ms %5.1f%%  cpu %9.3f ms %5.1f%%  "
+                   "min %8.3f ms\n",
+                   i, kind_name(s.kind), s.where.c_str(), shape.c_str(), static_cast<long long>(prof_calls[i]),
+                   prof_ns[i] * 1e-6, total ? 100.0 * prof_ns[i] / total : 0.0, prof_cpu_ns[i] * 1e-6,
+                   total_cpu ? 100.0 * prof_cpu_ns[i] / total_cpu : 0.0, prof_min_ns[i] * 1e-6);
+    }
+  }
+  std::free(arena);
+}
 
 namespace {
 
@@ -678,6 +722,8 @@ void Executor::set_seq_len(int64_t seq) {
   if (it == ps.by_seq.end()) {
     auto p = std::make_unique<PlanImpl>();
     p->max_memory = ps.max_memory;
+    const char* prof = std::getenv("AIMASS_PROFILE_STEPS");
+    p->profile = prof && *prof && std::string(prof) != "0";
     try {
       build(*p, *model_, seq, ps.cache);
     } catch (const Error& e) {
@@ -758,7 +804,16 @@ void Executor::execute(int64_t rows) {
   PlanImpl& p = *plan_;
   AIMASS_CHECK(rows >= 1 && rows <= p.capacity, ValueError, "Executor::execute: rows=", rows, " must be in [1, ",
                p.capacity, "]; call reserve() first");
-  for (Step& s : p.steps) {
+  if (p.profile && p.prof_ns.size() != p.steps.size()) {
+    p.prof_ns.assign(p.steps.size(), 0);
+    p.prof_cpu_ns.assign(p.steps.size(), 0);
+    p.prof_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
+    p.prof_calls.assign(p.steps.size(), 0);
+  }
+  for (size_t si = 0; si < p.steps.size(); ++si) {
+    Step& s = p.steps[si];
+    const auto t0 = p.profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    const int64_t c0 = p.profile ? thread_cpu_ns() : 0;
     switch (s.kind) {
       case Kind::Linear: {
         const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
@@ -827,6 +882,13 @@ void Executor::execute(int64_t rows) {
         s.ext->run(rows, in, p.ptr(s.out));
         break;
       }
+    }
+    if (p.profile) {
+      p.prof_ns[si] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+      const int64_t c = thread_cpu_ns() - c0;
+      p.prof_cpu_ns[si] += c;
+      p.prof_min_ns[si] = std::min(p.prof_min_ns[si], c);
+      ++p.prof_calls[si];
     }
   }
 }

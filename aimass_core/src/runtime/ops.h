@@ -25,9 +25,11 @@ struct PackedLinear {
   int64_t bytes() const;
 };
 
-// y[R, N] = act(x[R, K] @ w[N, K]^T + bias) (+ res[R, N] when res is given). With `packed`
-// and R <= packed_max_rows() (aimass/runtime.h) the packed kernel runs (bias, ReLU/GELU and
-// the residual fused in its register epilogue; res needs act none/relu/gelu/gelu_tanh there).
+// y[R, N] = act(x[R, K] @ w[N, K]^T + bias) (+ res[R, N] when res is given). With `packed`,
+// R <= packed_max_rows() (aimass/runtime.h) and not linear_prefers_sgemm(R, K), the packed
+// kernel runs (bias, ReLU/GELU and the residual fused in its register epilogue); else OpenBLAS
+// sgemm on row ranges split over the pool, each range's epilogue right after its GEMM.
+bool linear_prefers_sgemm(int64_t R, int64_t K);
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed = nullptr, const float* res = nullptr);
 // Bias (per row of `channels`, each `plane` long) + activation over y in place.

@@ -1,6 +1,10 @@
-// Fused scaled-dot-product attention: per (batch row, head) and block of query
-// rows, scores = scale * Q K^T (BLAS sgemm), mask (additive, boolean, key padding
-// and/or causal), softmax, then P V (sgemm) straight into the output. Two layouts:
+// Fused scaled-dot-product attention: per (batch row, head), K and V are packed once into
+// the packed GEMM's panel layout (packed_gemm.h: K^T as [key panel][d][32], V as
+// [dv panel][key][32]); then per block of query rows: scores = (scale * Q) K^T, mask
+// (additive, boolean, key padding and/or causal), softmax, then P V, both products on the
+// packed register-tile kernels of the SIMD level (scalar reference included), with the
+// block's scores in L1/L2 throughout. BLAS sgemm, used before, re-packed both operands of
+// each of these small products (BERT: 128 x 128 scores, D = 64) on every call. Two layouts:
 //   heads = 0: q [.., Sq, D], k [.., Sk, D], v [.., Sk, Dv] (torch F.scaled_dot_product_attention)
 //   heads = H: q [Sq, H*D], k [Sk, H*D], v [Sk, H*Dv], out [Sq, H*Dv] (nn.MultiheadAttention
 //              without the head split/merge copies).
@@ -8,13 +12,15 @@
 // masked gives NaN in the math path and is reported the same way here.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
-#include "aimass/blas.h"
+#include "aimass/cpu_features.h"
 #include "aimass/error.h"
 #include "aimass/parallel.h"
 #include "runtime/ext_ops.h"
+#include "runtime/packed_gemm.h"
 #include "runtime/vec_kernels.h"
 
 namespace aimass::runtime {
@@ -22,6 +28,39 @@ namespace {
 using namespace ext;
 
 enum class MaskKind { None, Add, Bool, KeyPadding };
+
+using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
+                          const packed::Epilogue&, float*);
+
+PanelsFn panels_kernel() {
+  const SimdLevel lvl = simd_level();
+  return lvl >= SimdLevel::AVX512 ? packed::panels_ex_avx512
+         : lvl >= SimdLevel::AVX2 ? packed::panels_ex_avx2
+                                  : packed::panels_ex_scalar;
+}
+
+// Per-thread scratch, 64-byte aligned (the panel kernels use aligned loads of the panels).
+struct Scratch {
+  std::vector<float> buf;
+  float* get(int64_t n) {
+    if (static_cast<int64_t>(buf.size()) < n + 16) buf.resize(static_cast<size_t>(n + 16));
+    auto a = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<float*>((a + 63) & ~uintptr_t{63});
+  }
+};
+
+// vp[panel][j][32] <- v[j][panel * 32 ..] (row stride ldv), columns past Dv zero.
+void pack_values(const float* v, int64_t ldv, int64_t Sk, int64_t Dv, float* vp) {
+  const int64_t P = packed::num_panels(Dv);
+  for (int64_t p = 0; p < P; ++p) {
+    float* dst = vp + p * Sk * packed::kPanel;
+    const int64_t c0 = p * packed::kPanel, nc = std::min(packed::kPanel, Dv - c0);
+    for (int64_t j = 0; j < Sk; ++j) {
+      std::copy(v + j * ldv + c0, v + j * ldv + c0 + nc, dst + j * packed::kPanel);
+      if (nc < packed::kPanel) std::fill(dst + j * packed::kPanel + nc, dst + (j + 1) * packed::kPanel, 0.f);
+    }
+  }
+}
 
 class Sdpa : public ExtKernel {
  public:
@@ -62,16 +101,35 @@ class Sdpa : public ExtKernel {
     const int64_t lq = packed ? 3 * heads * D : heads ? heads * D : D, lk = packed ? lq : heads ? heads * D : D,
                   lv = packed ? lq : heads ? heads * Dv : Dv, lo = heads ? heads * Dv : Dv;
     const vec::Kernels& vk = vec::kernels();
-    constexpr int64_t kBlock = 64;
-    const int64_t qblocks = (Sq + kBlock - 1) / kBlock;
+    const PanelsFn panels = panels_kernel();
+    // Query rows per block: the block's scores (<= kBlock x Sk) stay in L2 between the two
+    // products (long key sequences get shorter blocks: at most 4 MiB of scores per thread).
+    // Blocks of equal size; more of them when there are fewer (batch row, head) items than
+    // threads.
+    const int64_t kBlock = std::max<int64_t>(12, std::min<int64_t>(128, (int64_t{1} << 20) / Sk));
     const int64_t items = rows * hcount;
-    parallel_for(0, items * qblocks, 1, [&](int64_t t0, int64_t t1) {
-      thread_local std::vector<float> sbuf;
-      sbuf.resize(static_cast<size_t>(std::min(Sq, kBlock) * Sk));
-      float* S = sbuf.data();
+    int64_t qblocks = (Sq + kBlock - 1) / kBlock;
+    const int64_t nt = num_threads();
+    if (items < nt) qblocks = std::max(qblocks, std::min((Sq + 23) / 24, (nt + items - 1) / items));
+    const int64_t qb = (Sq + qblocks - 1) / qblocks;
+    const int64_t kt_n = packed::num_panels(Sk) * D * packed::kPanel, vp_n = packed::num_panels(Dv) * Sk * packed::kPanel;
+    const packed::Epilogue none{};
+    // More chunks than threads (up to 4 each), contiguous so a chunk's blocks of one item share
+    // its packed K and V: a late worker holds only its first chunk.
+    const int64_t tasks = items * qblocks;
+    const int nchunks = static_cast<int>(std::min<int64_t>(tasks, 4 * nt));
+    parallel_chunks(nchunks, [&](int c, int nc) {
+      const int64_t t0 = tasks * c / nc, t1 = tasks * (c + 1) / nc;
+      thread_local Scratch scratch;
+      float* kt = scratch.get(kt_n + vp_n + qb * (D + Sk + Dv) + 64);
+      float* vpk = kt + ((kt_n + 15) & ~int64_t{15});
+      float* Q = vpk + ((vp_n + 15) & ~int64_t{15});
+      float* S = Q + ((qb * D + 15) & ~int64_t{15});
+      float* O = S + ((qb * Sk + 15) & ~int64_t{15});
+      int64_t packed_item = -1;  // K and V of this item are in kt / vpk
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t item = t / qblocks, i0 = (t % qblocks) * kBlock, i1 = std::min(Sq, i0 + kBlock);
-        const int64_t r = item / hcount, h = item % hcount, mrows = i1 - i0;
+        const int64_t item = t / qblocks, blk = t % qblocks;
+        const int64_t r = item / hcount, h = item % hcount;
         const float *qp, *kp, *vp;
         float* op;
         if (heads) {
@@ -85,7 +143,11 @@ class Sdpa : public ExtKernel {
           vp = v + item * Sk * Dv;
           op = o + item * Sq * Dv;
         }
-        sgemm(false, true, mrows, Sk, D, scale, qp + i0 * lq, lq, kp, lk, 0.f, S, Sk);
+        if (item != packed_item) {
+          vk.pack_keys(kp, lk, Sk, D, kt);
+          pack_values(vp, lv, Sk, Dv, vpk);
+          packed_item = item;
+        }
         const float* mrow0 = nullptr;
         int64_t ms_i = 0, ms_j = 0;
         if (mask == MaskKind::KeyPadding) {
@@ -107,8 +169,21 @@ class Sdpa : public ExtKernel {
           ms_j = mst[target.size() - 1];
         }
         const float ninf = -std::numeric_limits<float>::infinity();
+        const int64_t i0 = blk * qb, i1 = std::min(Sq, i0 + qb), mrows = i1 - i0;
+        if (mrows <= 0) continue;
+        for (int64_t i = i0; i < i1; ++i) {  // scale folded into the copy of q
+          const float* src = qp + i * lq;
+          float* dst = Q + (i - i0) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+        }
+        panels(Q, mrows, D, kt, nullptr, 0, packed::num_panels(Sk), Sk, none, S);
         for (int64_t i = i0; i < i1; ++i) {
           float* s = S + (i - i0) * Sk;
+          if (!causal && (mask == MaskKind::None || (mask == MaskKind::Add && ms_j == 1))) {
+            if (mask == MaskKind::Add) vk.softmax_add_row(s, mrow0 + i * ms_i, Sk);  // one pass fewer
+            else vk.softmax_row(s, Sk, false, s);
+            continue;
+          }
           if (mask == MaskKind::Add) {
             const float* mr = mrow0 + i * ms_i;
             for (int64_t j = 0; j < Sk; ++j) s[j] += mr[j * ms_j];
@@ -124,7 +199,10 @@ class Sdpa : public ExtKernel {
             for (int64_t j = i + 1; j < Sk; ++j) s[j] = ninf;
           vk.softmax_row(s, Sk, false, s);
         }
-        sgemm(false, false, mrows, Dv, Sk, 1.f, S, Sk, vp, lv, 0.f, op + i0 * lo, lo);
+        float* dst = lo == Dv ? op + i0 * lo : O;
+        panels(S, mrows, Sk, vpk, nullptr, 0, packed::num_panels(Dv), Dv, none, dst);
+        if (dst == O)
+          for (int64_t i = i0; i < i1; ++i) std::copy(O + (i - i0) * Dv, O + (i - i0 + 1) * Dv, op + i * lo);
       }
     });
   }

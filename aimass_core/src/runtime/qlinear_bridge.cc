@@ -64,7 +64,8 @@ void run_qlinear(const QLinearWeights& q, const float* x, int64_t M, const float
     return;
   }
   const vec::Kernels& vk = vec::kernels();
-  // Row pieces of one block of columns: act, then + res (the executor fuses one or the other).
+  // Row pieces of one block of columns (yy: a chunk of rows of y): act, then + res (the
+  // executor fuses one or the other).
   const quant::LinearEpilogue epi = [&](float* yy, int64_t rows, int64_t ldy, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < rows; ++m) {
       float* r = yy + m * ldy + n0;
@@ -74,7 +75,7 @@ void run_qlinear(const QLinearWeights& q, const float* x, int64_t M, const float
       else if (act == ops::Act::Relu)
         for (int64_t j = 0; j < n; ++j) r[j] = r[j] < 0.f ? 0.f : r[j];  // torch's relu (ops.cc)
       if (res) {
-        const float* rr = res + m * ldy + n0;
+        const float* rr = res + (r - y);  // same row and column of the residual
         for (int64_t j = 0; j < n; ++j) r[j] += rr[j];
       }
     }

@@ -44,6 +44,11 @@ void softmax_scalar(const float* src, int64_t n, bool log, float* dst) {
   }
 }
 
+void softmax_add_scalar(float* x, const float* add, int64_t n) {
+  for (int64_t a = 0; a < n; ++a) x[a] += add[a];
+  softmax_scalar(x, n, false, x);
+}
+
 void gelu_scalar(const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
@@ -55,6 +60,17 @@ void gelu_tanh_scalar(const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i], k = 0.7978845608028654f;
     y[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+  }
+}
+
+void pack_keys_scalar(const float* k, int64_t ldk, int64_t Sk, int64_t D, float* kt) {
+  constexpr int64_t P32 = packed::kPanel;
+  for (int64_t p = 0; p * P32 < Sk; ++p) {
+    float* dst = kt + p * D * P32;
+    const int64_t j0 = p * P32, nc = std::min(P32, Sk - j0);
+    if (nc < P32) std::fill(dst, dst + D * P32, 0.f);
+    for (int64_t j = 0; j < nc; ++j)
+      for (int64_t d = 0; d < D; ++d) dst[d * P32 + j] = k[(j0 + j) * ldk + d];
   }
 }
 
@@ -88,8 +104,9 @@ void gru_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, in
   }
 }
 
-const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    gelu_scalar,          gelu_tanh_scalar,
-                         lstm_cells_scalar, gru_cells_scalar, packed::panels_scalar, SimdLevel::Scalar};
+const Kernels kScalar = {layer_norm_scalar, softmax_scalar,    softmax_add_scalar, gelu_scalar,
+                         gelu_tanh_scalar,  lstm_cells_scalar, gru_cells_scalar,   pack_keys_scalar,
+                         packed::panels_scalar, SimdLevel::Scalar};
 
 }  // namespace
 

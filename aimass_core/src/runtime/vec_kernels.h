@@ -34,6 +34,8 @@ struct Kernels {
   void (*layer_norm_row)(const float* x, int64_t D, const float* w, const float* b, double eps, float* y);
   // y[n] = softmax(x) or log_softmax(x) over a contiguous row; y may alias x.
   void (*softmax_row)(const float* x, int64_t n, bool log, float* y);
+  // x[n] = softmax(x + add) in place (add: an additive mask row, -inf masks).
+  void (*softmax_add_row)(float* x, const float* add, int64_t n);
   // y = x * Phi(x) (erf) and the tanh approximation, elementwise; y may alias x.
   void (*gelu)(const float* x, int64_t n, float* y);
   void (*gelu_tanh)(const float* x, int64_t n, float* y);
@@ -44,6 +46,9 @@ struct Kernels {
   // GRU: b already holds b_hh; h_prev read, h_out and o written.
   void (*gru_cells)(const float* a, const float* b, int64_t g0, int64_t g1, int64_t H, const float* h_prev,
                     float* h_out, float* o);
+  // The fused attention's keys in the packed GEMM's panel layout: kt[panel][d][32] =
+  // k[panel * 32 + j][d] (k rows of stride ldk, Sk keys of D values; keys past Sk are 0).
+  void (*pack_keys)(const float* k, int64_t ldk, int64_t Sk, int64_t D, float* kt);
   // Packed small-M GEMM panels [p0, p1) (runtime/packed_gemm.h).
   void (*panels)(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
                  int64_t N, bool relu, float* y);

@@ -54,7 +54,8 @@ void layer_norm_avx2(const float* x, int64_t D, const float* w, const float* b, 
 
 }  // namespace
 
-const Kernels kAvx2 = {layer_norm_avx2,  softmax_impl<Avx2>, gelu_impl<Avx2>,     gelu_tanh_impl<Avx2>,
-                       lstm_cells_v,     gru_cells_v,        packed::panels_avx2, SimdLevel::AVX2};
+const Kernels kAvx2 = {layer_norm_avx2,      softmax_impl<Avx2>, softmax_add_impl<Avx2>, gelu_impl<Avx2>,
+                       gelu_tanh_impl<Avx2>, lstm_cells_v,       gru_cells_v,            pack_keys_v,
+                       packed::panels_avx2,  SimdLevel::AVX2};
 
 }  // namespace aimass::runtime::vec

@@ -51,7 +51,8 @@ void layer_norm_avx512(const float* x, int64_t D, const float* w, const float* b
 
 }  // namespace
 
-const Kernels kAvx512 = {layer_norm_avx512, softmax_impl<Avx512>, gelu_impl<Avx512>,     gelu_tanh_impl<Avx512>,
-                         lstm_cells_v,      gru_cells_v,          packed::panels_avx512, SimdLevel::AVX512};
+const Kernels kAvx512 = {layer_norm_avx512,      softmax_impl<Avx512>, softmax_add_impl<Avx512>, gelu_impl<Avx512>,
+                         gelu_tanh_impl<Avx512>, lstm_cells_v,         gru_cells_v,              pack_keys_v,
+                         packed::panels_avx512,  SimdLevel::AVX512};
 
 }  // namespace aimass::runtime::vec
