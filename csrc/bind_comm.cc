@@ -32,6 +32,7 @@ void check_array(const py::array& a, aimass::DType dt, const char* what) {
 // The engine dtype of a numpy array, from its kind and item size (no string round trip).
 std::optional<aimass::DType> fast_dtype(const py::array& a) {
   const py::dtype d = a.dtype();
+  if (d.byteorder() == '>') return std::nullopt;  // (big-endian data: the full path converts it)
   const char k = d.kind();
   const auto n = d.itemsize();
   if (k == 'f') return n == 4 ? aimass::DType::F32 : n == 8 ? aimass::DType::F64 : n == 2 ? aimass::DType::F16
@@ -61,6 +62,188 @@ py::array result_array(std::shared_ptr<aimass::CollectiveHandle> h) {
   py::capsule cap(keep, [](void* p) { delete static_cast<std::shared_ptr<aimass::CollectiveHandle>*>(p); });
   return py::array(numpy_dtype(h->dtype()), shape, h->result_data(), cap);
 }
+
+// Submits a blocking collective and waits with the GIL released (blocking: the engine may run it
+// in this thread first). Returns True, or the allgather / reduce_scatter result.
+py::object submit_and_wait(aimass::CollectiveEngine& e, int kind, const py::array& input, const py::object& output,
+                           std::string name, aimass::ReduceOp op, int root, aimass::DType dt, bool blocking) {
+  aimass::CollectiveRequest r;
+  r.kind = static_cast<aimass::CollectiveKind>(kind);
+  r.name = std::move(name);
+  r.dtype = r.wire = dt;
+  r.op = op;
+  r.root = root;
+  r.blocking = blocking;
+  r.shape = shape_of(input);
+  r.input = input.data();
+  if (!output.is_none()) r.output = const_cast<void*>(static_cast<const py::array&>(output).data());
+  std::shared_ptr<aimass::CollectiveHandle> h;
+  bool failed = false;
+  {
+    py::gil_scoped_release rel;
+    try {
+      h = e.submit(std::move(r));
+      h->wait();
+    } catch (...) {
+      failed = true;
+      if (!h || !h->buffers_in_use()) throw;
+    }
+  }
+  if (failed) {  // cut off mid-transfer: MPI may still write these arrays until the process exits
+    input.inc_ref();
+    output.inc_ref();
+    py::gil_scoped_release rel;
+    h->wait();  // rethrows the request's error
+  }
+  if (kind >= 2) return result_array(h);
+  return py::bool_(true);
+}
+
+// ------------------------------------------------------------------ the lean lane
+// _comm_lean(kind, tensor, out, name, op, root_rank, root): the blocking allreduce / broadcast /
+// allgather / reduce_scatter of a C-contiguous numpy array on the global process set, as one
+// METH_FASTCALL call (no pybind11 argument conversion, no handle, no allocation but the result
+// array): CollectiveEngine::run_fast in this thread with the GIL released, else (an aborted
+// attempt: its peers went to their engines) the engine, submitted and waited for here. Returns
+// the result (`tensor` itself when out is tensor), or None when the call does not qualify (no
+// engine, a timeline recording, not a numpy array, an unsupported dtype or layout, a name, op or
+// root that is not plain): the caller then takes the full path, which reports what is wrong.
+// kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter.
+std::weak_ptr<aimass::CollectiveEngine>* lean_engine() {  // the GIL guards it; never destroyed
+  static auto* e = new std::weak_ptr<aimass::CollectiveEngine>();
+  return e;
+}
+bool g_lean_paused = false;
+
+bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
+  if (o == Py_None) {
+    *out = def;
+    return true;
+  }
+  if (!PyUnicode_Check(o)) return false;  // (ReduceOp is a str enum: its text is the value)
+  Py_ssize_t n = 0;
+  const char* p = PyUnicode_AsUTF8AndSize(o, &n);
+  if (!p) {
+    PyErr_Clear();
+    return false;
+  }
+  const std::string_view v(p, static_cast<size_t>(n));
+  using aimass::ReduceOp;
+  if (v == "sum") *out = ReduceOp::Sum;
+  else if (v == "average" || v == "avg" || v == "mean") *out = ReduceOp::Average;
+  else if (v == "min") *out = ReduceOp::Min;
+  else if (v == "max") *out = ReduceOp::Max;
+  else if (v == "product" || v == "prod") *out = ReduceOp::Product;
+  else return false;
+  return true;
+}
+
+PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 7) {
+      PyErr_SetString(PyExc_TypeError, "_comm_lean(kind, tensor, out, name, op, root_rank, root) takes 7 arguments");
+      return nullptr;
+    }
+    std::shared_ptr<aimass::CollectiveEngine> eng = lean_engine()->lock();
+    if (!eng || g_lean_paused) Py_RETURN_NONE;
+    const long kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred()) return nullptr;
+    PyObject* t = args[1];
+    const auto& api = py::detail::npy_api::get();
+    if (kind < 0 || kind > 3 || Py_TYPE(t) != api.PyArray_Type_) Py_RETURN_NONE;
+    const auto* pa = py::detail::array_proxy(t);
+    const bool inplace = args[2] == t;
+    constexpr int kLayout = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    if ((pa->flags & kLayout) != kLayout || (args[2] != Py_None && !inplace) ||
+        (inplace && !(pa->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_)))
+      Py_RETURN_NONE;
+    py::array a = py::reinterpret_borrow<py::array>(t);
+    if (kind == 2 && pa->nd == 0) a = a.reshape(std::vector<py::ssize_t>{1});  // one row per rank
+    const auto dt = fast_dtype(a);
+    if (!dt || !PyUnicode_Check(args[3])) Py_RETURN_NONE;
+    Py_ssize_t name_len = 0;
+    const char* name = PyUnicode_AsUTF8AndSize(args[3], &name_len);
+    if (!name) {
+      PyErr_Clear();
+      Py_RETURN_NONE;
+    }
+    aimass::ReduceOp op = aimass::ReduceOp::Sum;
+    int root = 0;
+    const int size = eng->communicator().size();
+    if (kind == 0 || kind == 3) {
+      if (!lean_op(args[4], aimass::ReduceOp::Average, &op)) Py_RETURN_NONE;
+    } else if (kind == 1) {
+      PyObject* r = args[6] == Py_None ? args[5] : (args[5] == Py_None ? args[6] : nullptr);
+      if (!r || !PyLong_CheckExact(r)) Py_RETURN_NONE;
+      int overflow = 0;
+      const long v = PyLong_AsLongAndOverflow(r, &overflow);
+      if (overflow || v < 0 || v >= size) Py_RETURN_NONE;
+      root = static_cast<int>(v);
+    }
+    aimass::FastCollective c;
+    c.kind = static_cast<aimass::CollectiveKind>(kind);
+    c.op = op;
+    c.dtype = *dt;
+    c.root = root;
+    c.name = std::string_view(name, static_cast<size_t>(name_len));
+    const auto* pv = py::detail::array_proxy(a.ptr());  // (a 0-d allgather: the reshaped view)
+    c.ndim = pv->nd;
+    c.shape = reinterpret_cast<const int64_t*>(pv->dimensions);
+    static_assert(sizeof(*pv->dimensions) == sizeof(int64_t), "numpy dimensions are 64-bit here");
+    if (kind == 3 && c.ndim == 0) Py_RETURN_NONE;
+    c.input = pa->data;
+    // the result array: allreduce / broadcast as large as the input; allgather as if every rank
+    // had as many rows (else run_fast asks for other memory: `spill`); reduce_scatter this rank's block
+    py::object out;
+    std::vector<py::ssize_t> shape;
+    if (inplace) {
+      out = py::reinterpret_borrow<py::object>(t);
+    } else {
+      shape.assign(c.shape, c.shape + c.ndim);
+      if (kind == 2) shape[0] *= size;
+      if (kind == 3) shape[0] = shape[0] / size + (eng->communicator().rank() < shape[0] % size ? 1 : 0);
+      out = py::array(a.dtype(), shape);
+    }
+    auto* po = py::detail::array_proxy(out.ptr());
+    c.output = po->data;
+    c.capacity = static_cast<size_t>(static_cast<const py::array&>(out).nbytes());
+    std::vector<uint8_t> spill;
+    c.alloc = [](void* ctx, size_t bytes) -> void* {
+      auto* v = static_cast<std::vector<uint8_t>*>(ctx);
+      v->resize(bytes + 1);
+      return v->data();
+    };
+    c.alloc_ctx = &spill;
+    bool done;
+    {
+      py::gil_scoped_release rel;
+      done = eng->run_fast(c);
+    }
+    if (!done) {  // every rank of an aborted attempt submits to its engine: negotiation decides
+      py::object got = submit_and_wait(*eng, static_cast<int>(kind), a, kind <= 1 ? out : py::none(),
+                                       std::string(name, static_cast<size_t>(name_len)), op, root, *dt, false);
+      return (kind <= 1 ? out : got).release().ptr();
+    }
+    if (!spill.empty()) {  // an allgather of differing row counts
+      shape[0] = c.result_rows;
+      py::array r(a.dtype(), shape);
+      std::memcpy(r.mutable_data(), spill.data(), static_cast<size_t>(r.nbytes()));
+      return r.release().ptr();
+    }
+    return out.release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+    return nullptr;
+  } catch (...) {
+    py::detail::try_translate_exceptions();
+    return nullptr;
+  }
+}
+
+PyMethodDef lean_def = {"_comm_lean", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&lean_call)),
+                        METH_FASTCALL,
+                        "_comm_lean(kind, tensor, out, name, op, root_rank, root): the lean lane of the blocking "
+                        "numpy collectives (None: not handled, take the full path)"};
 
 }  // namespace
 
@@ -134,54 +317,6 @@ void bind_comm(py::module_& m) {
           py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("dtype"),
           py::arg("op") = "sum", py::arg("wire") = "", py::arg("root") = 0, py::arg("timeout") = 0.0,
           py::arg("blocking") = false)
-      .def(
-          "run_blocking",
-          // The lean lane of the blocking numpy collectives (python/aimass/dist/_fast.py): submits
-          // with blocking=true (one node, small: the caller-thread fast path) and waits. Returns None
-          // when the arrays do not qualify (dtype, layout): the caller then takes the full path,
-          // which reports what is wrong. kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter.
-          [](aimass::CollectiveEngine& e, int kind, const py::array& input, const py::object& output,
-             const std::string& name, const std::string& op, int root) -> py::object {
-            const auto dt = fast_dtype(input);
-            if (!dt || !(input.flags() & py::array::c_style) || kind < 0 || kind > 3) return py::none();
-            aimass::CollectiveRequest r;
-            r.kind = static_cast<aimass::CollectiveKind>(kind);
-            r.name = name;
-            r.dtype = r.wire = *dt;
-            r.op = aimass::parse_reduce_op(op);
-            r.root = root;
-            r.blocking = true;
-            r.shape = shape_of(input);
-            r.input = input.data();
-            if (!output.is_none()) {
-              const auto& out = static_cast<const py::array&>(output);
-              if (!(out.flags() & py::array::c_style) || !out.writeable() || !out.dtype().is(input.dtype()) ||
-                  shape_of(out) != r.shape)
-                return py::none();
-              r.output = const_cast<void*>(out.data());
-            }
-            std::shared_ptr<aimass::CollectiveHandle> h;
-            bool failed = false;
-            {
-              py::gil_scoped_release rel;
-              try {
-                h = e.submit(std::move(r));
-                h->wait();
-              } catch (...) {
-                failed = true;
-                if (!h || !h->buffers_in_use()) throw;
-              }
-            }
-            if (failed) {  // cut off mid-transfer: MPI may still write these arrays until the process exits
-              input.inc_ref();
-              output.inc_ref();
-              py::gil_scoped_release rel;
-              h->wait();  // rethrows the request's error
-            }
-            if (kind >= 2) return result_array(h);
-            return py::bool_(true);
-          },
-          py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("name"), py::arg("op"), py::arg("root"))
       .def("shutdown", &aimass::CollectiveEngine::shutdown, nogil())
       .def_property_readonly("broken", &aimass::CollectiveEngine::broken)
       .def_property(
@@ -220,6 +355,16 @@ void bind_comm(py::module_& m) {
 
   // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of
   // a collective cut off while posted to MPI (MPI may write them until the process exits).
+  m.add_object("_comm_lean", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&lean_def, nullptr, nullptr)));
+  m.def(
+      "_comm_lean_engine",
+      [](const py::object& e) {
+        *lean_engine() = e.is_none() ? std::weak_ptr<aimass::CollectiveEngine>()
+                                     : std::weak_ptr<aimass::CollectiveEngine>(
+                                           e.cast<std::shared_ptr<aimass::CollectiveEngine>>());
+      },
+      py::arg("engine"));
+  m.def("_comm_lean_pause", [](bool paused) { g_lean_paused = paused; }, py::arg("paused"));
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
   m.def("_comm_park", [](py::object obj) { obj.inc_ref(); }, py::arg("obj"));

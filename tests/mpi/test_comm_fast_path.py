@@ -241,3 +241,80 @@ def test_single_copy_broadcast_and_allgather(ll):
         np.testing.assert_array_equal(got, np.concatenate(
             [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
     d.barrier(name="ll.cma.end")
+
+
+@pytest.mark.timeout(60)
+def test_lean_lane_takes_plain_calls_and_leaves_the_rest_to_the_full_path(ll):
+    """The blocking numpy calls go through one C call (_comm_lean): plain arguments run there, anything
+    else (views, read-only arrays, odd op/root spellings, bad values) takes the full path, which gives the
+    same results and the usual errors."""
+    d = ll
+    n, r = d.size(), d.rank()
+    x = np.arange(6, dtype=np.float32) + r
+    want = sum(np.arange(6, dtype=np.float32) + j for j in range(n))
+    st = d.stats()
+    before = st["ll_collectives"] + st["ll_fallbacks"]
+    got = d.allreduce(x, op=d.Sum, name="lean.enum")  # a ReduceOp member, a new array
+    assert got is not x and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(x, np.arange(6, dtype=np.float32) + r)  # the input is untouched
+    np.testing.assert_array_equal(d.allreduce(x, name="lean.avg"), want / n)  # default op: average
+    st = d.stats()  # both went to the channel (a loaded machine may make an attempt fall back)
+    assert st["ll_collectives"] + st["ll_fallbacks"] == before + 2
+    # full path, same results: a strided view, a numpy integer root, root= spelled as keyword
+    np.testing.assert_array_equal(d.allreduce(np.repeat(x, 2)[::2], op="sum", name="lean.view"), want)
+    np.testing.assert_array_equal(d.broadcast(x, np.int64(n - 1), name="lean.np_root"),
+                                  np.arange(6, dtype=np.float32) + n - 1)
+    np.testing.assert_array_equal(d.broadcast(x, root=0, name="lean.kw_root"), np.arange(6, dtype=np.float32))
+    # byte-swapped and unaligned arrays: the lane takes neither (a swapped one is refused, by every rank)
+    with pytest.raises(TypeError, match="byte order"):
+        d.allreduce(x.astype(x.dtype.newbyteorder()), op="sum", name="lean.swapped")
+    odd = np.zeros(x.nbytes + 1, np.uint8)[1:].view(np.float32)
+    odd[:] = x
+    assert not odd.flags.aligned
+    np.testing.assert_array_equal(d.allreduce(odd, op="sum", name="lean.unaligned"), want)
+    # errors come from the full path, on every rank alike
+    ro = x.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        d.allreduce_(ro, op="sum", name="lean.readonly")
+    with pytest.raises((ValueError, TypeError)):
+        d.allreduce(x, op="median", name="lean.badop")
+    with pytest.raises((ValueError, TypeError)):
+        d.broadcast(x, n, name="lean.badroot")
+    with pytest.raises((ValueError, TypeError)):
+        d.reduce_scatter(np.float32(1), name="lean.rs0d")
+    # results of every kind and layout still agree with the engine's
+    t = data(9, r, (2 * n + 1) * 3, "float32").reshape(2 * n + 1, 3)
+    np.testing.assert_array_equal(d.reduce_scatter(t, op="max", name="lean.rs"),
+                                  engine_result(d, lambda: d.reduce_scatter(t, op="max", name="eng.lean.rs")))
+    g = d.allgather(np.full((r % 2, 2), r, np.int16), name="lean.ag.empty_rows")  # some ranks give no rows
+    assert g.shape == (sum(j % 2 for j in range(n)), 2) and g.dtype == np.int16
+
+
+@pytest.mark.timeout(60)
+def test_idle_engines_park_and_wake_for_a_peer(ll, mpi):
+    """With nothing queued anywhere the engines stop their negotiation rounds (parked), and a rank
+    whose engine gets work wakes the others' through the channel: an async collective submitted
+    by one rank while the others are still parked (and only later submit it) completes."""
+    d = ll
+    n, r = d.size(), d.rank()
+
+    def rounds_stop():  # the engines agree they are idle within a few cycles; then no more rounds
+        seen = [d.stats()["cycles"]]
+        for _ in range(100):
+            time.sleep(0.05)
+            seen.append(d.stats()["cycles"])
+            if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
+                return []
+        return seen
+
+    for k in range(3):
+        d.barrier(name=f"park.sync.{k}")
+        seen = rounds_stop()
+        assert not seen, f"the idle engine kept running negotiation rounds: {seen} {d.stats()}"
+        mpi.Barrier()  # (not through the engine) every rank saw the rounds stop
+        if r != k % n:
+            time.sleep(0.05)  # rank k % n submits first; the others' engines are parked meanwhile
+        h = d.allreduce_async(np.full(4, r + 1.0, np.float32), op="sum", name=f"park.wake.{k}")
+        np.testing.assert_array_equal(d.synchronize(h), np.full(4, n * (n + 1) / 2, np.float32))

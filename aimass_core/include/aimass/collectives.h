@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "aimass/comm.h"
@@ -110,7 +111,7 @@ struct EngineOptions {
   // Low-latency channel (comm/ll_shm.h): blocking collectives of at most ll_max_bytes per rank on
   // one node run in the caller's thread (0 disables); an attempt that waits ll_fallback_s goes to
   // the engine. from_env reads AIMASS_LL_MAX_BYTES and AIMASS_LL_FALLBACK_MS (milliseconds).
-  size_t ll_max_bytes = 256u << 10;
+  size_t ll_max_bytes = 1u << 20;  // measured: the channel beats the engine up to ~1 MiB (docs/comm.md)
   double ll_fallback_s = 0.05;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
@@ -139,6 +140,27 @@ struct EngineStats {
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
 };
 
+// A blocking collective on caller memory, described without allocation: the lean lane of the
+// Python bindings (CollectiveEngine::run_fast).
+struct FastCollective {
+  CollectiveKind kind = CollectiveKind::Allreduce;
+  ReduceOp op = ReduceOp::Sum;
+  DType dtype = DType::F32;
+  int root = 0;  // broadcast
+  std::string_view name;
+  const int64_t* shape = nullptr;
+  int ndim = 0;
+  const void* input = nullptr;
+  // allreduce / broadcast: the result (as large as the input; may alias it). allgather /
+  // reduce_scatter: memory for the result, `capacity` bytes; when the result has another size
+  // (ranks gathering different row counts) run_fast asks `alloc(alloc_ctx, bytes)` for it.
+  void* output = nullptr;
+  size_t capacity = 0;
+  void* (*alloc)(void* ctx, size_t bytes) = nullptr;
+  void* alloc_ctx = nullptr;
+  int64_t result_rows = 0;  // set by run_fast: dimension 0 of an allgather / reduce_scatter result
+};
+
 class CollectiveEngine {
  public:
   // Starts the background thread. Collective: every rank of `comm` constructs one.
@@ -156,6 +178,12 @@ class CollectiveEngine {
   // Once the engine failed (a peer died or stalled) it returns false at once; it
   // never blocks longer than the timeout plus a second (a stuck thread is detached).
   bool shutdown();
+  // The caller-thread fast path alone (comm/fast_path.cc): true when `c` ran in this thread
+  // through the low-latency channel. false: nothing ran, and the caller must submit the same
+  // collective (blocking = false: the channel was tried already) and wait, as its peers may have
+  // handed an aborted attempt to their engines. Arguments the engine would refuse give false too
+  // (submit() then raises). No allocation, no handle: a steady-state call costs the exchange.
+  bool run_fast(FastCollective& c);
   // The engine failed (a peer died or stalled): every later submit raises DistributedError.
   // MPI requests may still be posted, so collective MPI teardown must be skipped.
   bool broken() const;

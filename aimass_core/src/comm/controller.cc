@@ -65,16 +65,19 @@ bool CollectiveEngine::Impl::cycle_once() {
       need_full = true;
     }
   }
-  bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0);  // BAND: bit0 -> nobody needs a full round
+  // An idle rank (the steady state of a job whose small collectives take the caller-thread
+  // fast path) naps between polls instead of spinning: its round only paces the others.
+  const bool idle = pending.empty() && !table_nonempty && !want_stop;
+  // BAND: bit0 -> nobody needs a full round, bit1 -> every rank stops, bit2 -> every rank is idle
+  bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0) | (idle ? 4 : 0);
   bits[1] = threshold_local;
   bits[2] = shm_min_local;
   MPI_Request req;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
             "MPI_Iallreduce(negotiation)");
-  // An idle rank (the steady state of a job whose small collectives take the caller-thread
-  // fast path) naps between polls instead of spinning: its round only paces the others.
-  const bool idle = pending.empty() && !table_nonempty && !want_stop;
   wait_req(&req, idle ? 20e-6 : 2 * cycle_s + 1e-3, "negotiation");
+  ++rounds_done;
+  parked = ll != nullptr && (bits[0] & 4) != 0;  // the same on every rank
 
   std::vector<std::string> ready;
   for (size_t i = 0; i < cache.size(); ++i) {

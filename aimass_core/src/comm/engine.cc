@@ -111,7 +111,8 @@ void CollectiveEngine::Impl::finish(Pending& p, CollectiveHandle::ErrorKind kind
 
 // -------------------------------------------------------------- the loop
 // Sleeps until the next tick (cycle time after the last cycle began: idle ranks still
-// join every negotiation round in time) or until something is submitted. A submission
+// join every negotiation round in time) or until something is submitted (parked: until
+// some rank has work, below). A submission
 // starts a cycle once the caller has been quiet for kBurstGap (a burst such as a backward
 // pass's gradients is negotiated and fused together), at the latest one cycle time after
 // the first: a lone blocking allreduce no longer waits for the tick.
@@ -125,7 +126,25 @@ void CollectiveEngine::Impl::wait_for_work(Clock::time_point last) {
   EngineWaker& w = *waker;
   std::unique_lock<std::mutex> lk(w.mu);
   auto woken = [&] { return w.submitted != submissions_seen || w.flush || w.stop; };
-  if (w.cv.wait_until(lk, last + cycle, woken)) {
+  if (parked) {
+    // Every rank agreed in the last round that nobody had work: no rounds (no MPI, no thread
+    // spinning next to the callers' fast path) until some rank has some. The first to leave posts
+    // the round it runs in the low-latency segment; the others see it within a cycle time and
+    // join, so the rounds still match across ranks. Waits beat the heartbeat.
+    bool own = false;
+    while (!(own = woken()) && !ll->round_wanted(rounds_done)) {
+      w.cv.wait_for(lk, cycle);
+      w.pulse();
+    }
+    if (fast_broke.load()) return;  // run() leaves (announcing would start a round nobody finishes)
+    ll->want_round(rounds_done + 1);
+    if (!own) {
+      submissions_seen = w.submitted;
+      w.flush = w.stop = false;
+      return;
+    }
+  }
+  if (parked || w.cv.wait_until(lk, last + cycle, woken)) {
     const auto deadline = Clock::now() + cycle;
     uint64_t seen = w.submitted;
     while (!w.flush && !w.stop && Clock::now() < deadline) {
@@ -148,6 +167,10 @@ void CollectiveEngine::Impl::run() {
       waker->pulse();
       wait_for_work(last);
       waker->pulse();
+      if (fast_broke.load()) {
+        std::lock_guard<std::mutex> lk(mu);
+        throw DistributedError(broken);
+      }
       last = Clock::now();
       if (cycle_once()) break;
     }
@@ -354,8 +377,14 @@ EngineOptions CollectiveEngine::options() const {
 }
 
 EngineStats CollectiveEngine::stats() const {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  return impl_->st;
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    s = impl_->st;
+  }
+  s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
+  s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
+  return s;
 }
 
 }  // namespace aimass

@@ -160,6 +160,13 @@ struct CollectiveEngine::Impl {
 
   std::shared_ptr<EngineWaker> waker = std::make_shared<EngineWaker>();
   uint64_t submissions_seen = 0;  // background thread only
+  // Background thread only: negotiation rounds run, and whether every rank agreed in the last one
+  // that nobody had work (with the low-latency channel: the engines then park, see wait_for_work).
+  uint64_t rounds_done = 0;
+  bool parked = false;
+  // The caller-thread path found a peer dead or stopped (a failed read, a reader that never
+  // finished): `broken` holds its message and the background thread leaves at its next wait.
+  std::atomic<bool> fast_broke{false};
 
   // ---- shared-memory path (one segment per node; see comm/shm_allreduce.h)
   std::unique_ptr<comm::ShmAllreduce> shm;
@@ -185,6 +192,9 @@ struct CollectiveEngine::Impl {
   void ll_init();
   void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
+  bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
+  void fast_data(FastCollective& c, size_t nbytes, double deadline);
+  std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
 
 
 

@@ -4,6 +4,7 @@
 // that differ) aborts the attempt on every rank and the request goes through the engine's
 // negotiation, which reports mismatches and applies the deadlines.
 #include <cstdlib>
+#include <cstring>
 
 #include "comm/engine_impl.h"
 
@@ -30,27 +31,36 @@ void ll_options_from_env(EngineOptions& o) {
 }
 
 namespace {
-struct Fnv {
-  uint64_t h = 1469598103934665603ull;
-  void bytes(const void* p, size_t n) {
-    const unsigned char* c = static_cast<const unsigned char*>(p);
-    for (size_t i = 0; i < n; ++i) h = (h ^ c[i]) * 1099511628211ull;
+// Word-at-a-time mixing (the same binary on every rank, so every rank hashes alike): the name
+// costs a multiply per 8 bytes instead of one per byte.
+struct Mix {
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  void u64(uint64_t v) {
+    h ^= v;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 32;
   }
-  void i64(int64_t v) { bytes(&v, sizeof v); }
+  void bytes(const char* p, size_t n) {
+    for (; n >= 8; p += 8, n -= 8) {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      u64(v);
+    }
+    uint64_t v = 0;
+    std::memcpy(&v, p, n);
+    u64(v ^ (uint64_t(n) << 56));
+  }
 };
 }  // namespace
 
-uint64_t ll_signature_hash(const CollectiveRequest& r) {
-  Fnv f;
-  f.bytes(r.name.data(), r.name.size());
-  f.i64(-1);  // ends the name
-  f.i64(static_cast<int64_t>(r.kind));
-  f.i64(static_cast<int64_t>(r.dtype));
-  f.i64(static_cast<int64_t>(r.wire));
-  f.i64(static_cast<int64_t>(r.op));
-  f.i64(r.kind == CollectiveKind::Broadcast ? r.root : 0);
-  f.i64(static_cast<int64_t>(r.shape.size()));
-  for (size_t i = r.kind == CollectiveKind::Allgather ? 1 : 0; i < r.shape.size(); ++i) f.i64(r.shape[i]);
+uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceOp op, int root,
+                           std::string_view name, const int64_t* shape, int ndim) {
+  Mix f;
+  f.bytes(name.data(), name.size());  // (ends with the length: no name is a prefix of another's mix)
+  f.u64(static_cast<uint64_t>(kind) | static_cast<uint64_t>(dtype) << 8 | static_cast<uint64_t>(wire) << 16 |
+        static_cast<uint64_t>(op) << 24 | static_cast<uint64_t>(static_cast<uint32_t>(ndim)) << 32);
+  f.u64(kind == CollectiveKind::Broadcast ? static_cast<uint64_t>(root) : 0);
+  for (int i = kind == CollectiveKind::Allgather ? 1 : 0; i < ndim; ++i) f.u64(static_cast<uint64_t>(shape[i]));
   return f.h;
 }
 
@@ -62,6 +72,59 @@ void CollectiveEngine::Impl::ll_init() {
   if (!ll->available()) ll.reset();
 }
 
+// The handle path (CollectiveEngine::submit with blocking = true): the result of an allgather /
+// reduce_scatter goes to the handle.
+bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHandle& h) {
+  if (!ll || r.wire != r.dtype) return false;
+  FastCollective c;
+  c.kind = r.kind;
+  c.op = r.op;
+  c.dtype = r.dtype;
+  c.root = r.root;
+  c.name = r.name;
+  c.shape = r.shape.data();
+  c.ndim = static_cast<int>(r.shape.size());
+  c.input = r.input;
+  c.output = r.output;
+  if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
+    c.output = nullptr;
+    c.alloc = [](void* ctx, size_t bytes) -> void* {
+      auto* hh = static_cast<CollectiveHandle*>(ctx);
+      hh->result_.resize(bytes + 1);  // (+1: never a null pointer)
+      return hh->result_.data();
+    };
+    c.alloc_ctx = &h;
+  }
+  if (!fast(c)) return false;
+  if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
+    h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{c.result_rows} : r.shape;
+    h.result_shape_[0] = c.result_rows;
+  }
+  h.finish(CollectiveHandle::ErrorKind::None, "");
+  return true;
+}
+
+bool CollectiveEngine::run_fast(FastCollective& c) {
+  Impl& m = *impl_;
+  if (!m.ll || c.name.empty() || c.ndim < 0 || (c.ndim > 0 && c.shape == nullptr)) return false;
+  for (int d = 0; d < c.ndim; ++d)
+    if (c.shape[d] < 0) return false;
+  switch (c.kind) {  // what submit() refuses goes there, to be refused with its message
+    case CollectiveKind::Allreduce:
+    case CollectiveKind::ReduceScatter:
+      if (c.dtype == DType::Bool && c.op == ReduceOp::Average) return false;
+      if (c.kind == CollectiveKind::ReduceScatter && c.ndim == 0) return false;
+      break;
+    case CollectiveKind::Broadcast:
+      if (c.root < 0 || c.root >= m.size) return false;
+      c.op = ReduceOp::Sum;
+      break;
+    case CollectiveKind::Allgather:
+    case CollectiveKind::Barrier: c.op = ReduceOp::Sum; break;
+  }
+  return m.fast(c);
+}
+
 // The largest single-copy broadcast/allgather payload per rank the caller's thread runs (one
 // process_vm_readv per peer). Bigger ones go to the engine, whose single-copy paths read in
 // L2-sized chunks: measured here (2 ranks, loaded 2-core VM) the caller's thread won at 1 MiB
@@ -69,45 +132,66 @@ void CollectiveEngine::Impl::ll_init() {
 // against 1.0-1.2x); the 4 MiB boundary between them is not tuned.
 constexpr size_t kByAddressMaxBytes = size_t(4) << 20;
 
-bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHandle& h) {
-  if (!ll || r.wire != r.dtype) return false;
-  const size_t es = dtype_size(r.dtype);
-  const int64_t n = numel_of(r.shape);
+bool CollectiveEngine::Impl::fast(FastCollective& c) {
+  const size_t es = dtype_size(c.dtype);
+  int64_t n = c.kind == CollectiveKind::Barrier ? 0 : 1;  // (a barrier has no data)
+  for (int d = 0; d < c.ndim && n; ++d) n *= c.shape[d];
   const size_t nbytes = static_cast<size_t>(n) * es;
   // Broadcast and allgather of kCmaMin bytes or more are single-copy where the kernel allows it
   // (peers read our input itself): the slot does not bound them, only kByAddressMaxBytes.
-  const bool by_address = (r.kind == CollectiveKind::Broadcast || r.kind == CollectiveKind::Allgather) &&
+  const bool by_address = (c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&
                           ll->cma_available() && nbytes >= comm::LLChannel::kCmaMin;
   if (nbytes > (by_address ? kByAddressMaxBytes : ll->slot_bytes())) return false;
-  const void* post = r.input;
+  if (n > 0 && (c.input == nullptr ||
+                ((c.kind == CollectiveKind::Allreduce || c.kind == CollectiveKind::Broadcast) && c.output == nullptr)))
+    return false;
+  const void* post = c.input;
   size_t post_bytes = nbytes;
   int64_t rows = 0;
-  switch (r.kind) {
+  switch (c.kind) {
     case CollectiveKind::Broadcast:
-      if (rank != r.root) post_bytes = 0;
+      if (rank != c.root) post_bytes = 0;
       break;
-    case CollectiveKind::Allgather: rows = r.shape.empty() ? 1 : r.shape[0]; break;
+    case CollectiveKind::Allgather: rows = c.ndim == 0 ? 1 : c.shape[0]; break;
     case CollectiveKind::Barrier: post_bytes = 0; break;
     default: break;
   }
   std::unique_lock<std::mutex> fl(fast_mu, std::try_to_lock);
   if (!fl.owns_lock()) return false;  // another thread of this rank is in the channel
-  double deadline;
+  double deadline, fallback;
   {
     std::lock_guard<std::mutex> lk(mu);
     deadline = opts.timeout_s;
+    fallback = opts.ll_fallback_s;
     // queued work first (and every error the engine path reports: broken, stopped, poisoned)
-    if (opts.ll_max_bytes == 0 || (!by_address && nbytes > opts.ll_max_bytes) || !inflight.empty() || !incoming.empty() || !broken.empty() ||
-        waker->stalled.load() || stop_requested || !running || poisoned.count(r.name))
+    if (opts.ll_max_bytes == 0 || (!by_address && nbytes > opts.ll_max_bytes) || !inflight.empty() ||
+        !incoming.empty() || !broken.empty() || waker->stalled.load(std::memory_order_relaxed) || stop_requested ||
+        !running || (!poisoned.empty() && poisoned.count(std::string(c.name))))
       return false;
   }
-  const double fallback = opts.ll_fallback_s;
-  if (ll->exchange(comm::ll_signature_hash(r), post, post_bytes, rows, fallback, by_address) !=
-      comm::LLChannel::Result::Complete) {
-    std::lock_guard<std::mutex> lk(mu);
-    ++st.ll_fallbacks;
+  const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
+  if (ll->exchange(hash, post, post_bytes, rows, fallback, by_address) != comm::LLChannel::Result::Complete) {
+    ll_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
+  try {
+    fast_data(c, nbytes, deadline);
+  } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (broken.empty()) broken = e.what();
+    }
+    fast_broke.store(true);
+    waker->notify(&waker->flush);
+    note_peer_failure();  // MPI_Finalize may now block: bound it
+    throw;
+  }
+  ll_collectives.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// The data phase of a completed attempt: every rank reads the same slots in rank order.
+void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double deadline) {
   struct Release {  // the peers may reuse our slot once we stop reading theirs, and our input
     comm::LLChannel* c;  // once they stopped reading it (bounded: on the error path only)
     double deadline;
@@ -118,69 +202,73 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
       c->wait_readers(deadline);
     }
   } release{ll.get(), deadline};
+  const size_t es = dtype_size(c.dtype);
+  const int64_t n = static_cast<int64_t>(nbytes / es);
   const int L = size;
-  const ReduceOp op = r.op == ReduceOp::Average ? ReduceOp::Sum : r.op;
+  const ReduceOp op = c.op == ReduceOp::Average ? ReduceOp::Sum : c.op;
   const char* srcs[comm::LLChannel::kMaxRanks];
-  switch (r.kind) {
+  auto result = [&](size_t bytes) -> char* {  // allgather / reduce_scatter result memory
+    if (c.output && bytes == c.capacity) return static_cast<char*>(c.output);
+    AIMASS_CHECK(c.alloc != nullptr, DistributedError, "aimass.dist: ", collective_kind_name(c.kind), " '", c.name,
+                 "': the result needs ", bytes, " bytes, the caller gave ", c.capacity, " (internal error)");
+    return static_cast<char*>(c.alloc(c.alloc_ctx, bytes));
+  };
+  switch (c.kind) {
     case CollectiveKind::Allreduce:
       if (n > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j);  // rank order: the same bits on every rank
-        comm::reduce_sources(r.dtype, op, srcs, L, static_cast<char*>(r.output), static_cast<size_t>(n));
-        if (r.op == ReduceOp::Average) comm::divide(r.dtype, static_cast<char*>(r.output), static_cast<size_t>(n), L);
+        comm::reduce_sources(c.dtype, op, srcs, L, static_cast<char*>(c.output), static_cast<size_t>(n));
+        if (c.op == ReduceOp::Average) comm::divide(c.dtype, static_cast<char*>(c.output), static_cast<size_t>(n), L);
       }
       break;
     case CollectiveKind::Broadcast:
       if (nbytes > 0) {
-        if (rank == r.root) {
-          if (r.output != r.input) std::memcpy(r.output, r.input, nbytes);
+        if (rank == c.root) {
+          if (c.output != c.input) std::memcpy(c.output, c.input, nbytes);
         } else {
-          ll->read(r.root, 0, r.output, nbytes);
+          ll->read(c.root, 0, c.output, nbytes);
         }
       }
       break;
     case CollectiveKind::Allgather: {
       int64_t row = static_cast<int64_t>(es);
-      for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
+      for (int d = 1; d < c.ndim; ++d) row *= c.shape[d];
       int64_t total_rows = 0;
       for (int j = 0; j < L; ++j) {
         AIMASS_CHECK(static_cast<int64_t>(ll->bytes(j)) == ll->rows(j) * row, DistributedError,
-                     "aimass.dist: low-latency allgather '", r.name, "': rank ", j, " posted ", ll->bytes(j),
+                     "aimass.dist: low-latency allgather '", c.name, "': rank ", j, " posted ", ll->bytes(j),
                      " bytes for ", ll->rows(j), " rows (internal error)");
         total_rows += ll->rows(j);
       }
-      h.result_.resize(static_cast<size_t>(total_rows * row));
+      char* out = result(static_cast<size_t>(total_rows * row));
       size_t at = 0;
       for (int j = 0; j < L; ++j) {  // this rank's own rows straight from its input
         if (j == rank) {
-          if (nbytes) std::memcpy(h.result_.data() + at, r.input, nbytes);
+          if (nbytes) std::memcpy(out + at, c.input, nbytes);
         } else {
-          ll->read(j, 0, h.result_.data() + at, ll->bytes(j));
+          ll->read(j, 0, out + at, ll->bytes(j));
         }
         at += ll->bytes(j);
       }
-      h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{total_rows} : r.shape;
-      h.result_shape_[0] = total_rows;
+      c.result_rows = total_rows;
       break;
     }
     case CollectiveKind::ReduceScatter: {  // the engine's split: dimension 0 in near-equal blocks
-      const int64_t n0 = r.shape[0];
+      const int64_t n0 = c.shape[0];
       int64_t row = 1;
-      for (size_t d = 1; d < r.shape.size(); ++d) row *= r.shape[d];
+      for (int d = 1; d < c.ndim; ++d) row *= c.shape[d];
       int64_t off = 0, mine = 0;
       for (int i = 0; i <= rank; ++i) {
-        const int64_t c = (n0 / L + (i < n0 % L ? 1 : 0)) * row;
-        if (i < rank) off += c;
-        else mine = c;
+        const int64_t k = (n0 / L + (i < n0 % L ? 1 : 0)) * row;
+        if (i < rank) off += k;
+        else mine = k;
       }
-      h.result_shape_ = r.shape;
-      h.result_shape_[0] = row == 0 ? n0 / L + (rank < n0 % L ? 1 : 0) : mine / row;
-      h.result_.resize(static_cast<size_t>(mine) * es + 1);
+      c.result_rows = n0 / L + (rank < n0 % L ? 1 : 0);
+      char* out = result(static_cast<size_t>(mine) * es);
       if (mine > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j) + static_cast<size_t>(off) * es;
-        comm::reduce_sources(r.dtype, op, srcs, L, reinterpret_cast<char*>(h.result_.data()),
-                             static_cast<size_t>(mine));
-        if (r.op == ReduceOp::Average)
-          comm::divide(r.dtype, reinterpret_cast<char*>(h.result_.data()), static_cast<size_t>(mine), L);
+        comm::reduce_sources(c.dtype, op, srcs, L, out, static_cast<size_t>(mine));
+        if (c.op == ReduceOp::Average) comm::divide(c.dtype, out, static_cast<size_t>(mine), L);
       }
       break;
     }
@@ -189,15 +277,9 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
   release.armed = false;
   ll->done();
   if (!ll->wait_readers(deadline))  // our input must stay as it is until every peer has read it
-    throw DistributedError(detail::concat("aimass.dist: ", collective_kind_name(r.kind), " '", r.name,
+    throw DistributedError(detail::concat("aimass.dist: ", collective_kind_name(c.kind), " '", c.name,
                                           "': a peer rank did not finish reading this rank's data within ", deadline,
                                           " s: it has died or stopped (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    ++st.ll_collectives;
-  }
-  h.finish(CollectiveHandle::ErrorKind::None, "");
-  return true;
 }
 
 void CollectiveEngine::set_ll_max_bytes(size_t bytes) {

@@ -158,11 +158,13 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   std::atomic<uint64_t>& st = step();
   Control* me = ctl(rank_);
   const uint64_t bit = uint64_t(1) << rank_;
-  const auto start = Clock::now();
+  Clock::time_point start;  // read at the first pause: an exchange whose peers are there never reads the clock
   Backoff backoff;
+  backoff.spin = spin_;
   double waited = 0;
   auto tick = [&] {  // the clock is read every 16 pauses only
-    if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+    if (backoff.iter == 0) start = Clock::now();
+    else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
     backoff.pause(waited);
   };
 
@@ -203,11 +205,13 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
   }
   attempt_ = a;
-  {
-    const int64_t cpu = sched_getcpu();
-    me->cpu.store(cpu, std::memory_order_relaxed);
+  if ((++exchanges_ & 15) == 1) {  // every 16th exchange: whether a peer last arrived from our CPU
+    const int64_t cpu = sched_getcpu();   // (each look pulls the peers' lines, so not every time)
+    if (me->cpu.load(std::memory_order_relaxed) != cpu) me->cpu.store(cpu, std::memory_order_relaxed);
+    spin_ = true;
     for (int j = 0; j < size_; ++j)
-      if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) backoff.spin = false;
+      if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) spin_ = false;
+    backoff.spin = spin_;
   }
 
   // ---- wait until complete or aborted

@@ -40,6 +40,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
@@ -51,7 +52,8 @@ namespace comm {
 void ll_options_from_env(EngineOptions& o);
 // What must agree across ranks for the channel (name, kind, dtype, op, root, shape; an
 // allgather's first dimension is free), hashed (FNV-1a).
-uint64_t ll_signature_hash(const CollectiveRequest& r);
+uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceOp op, int root,
+                           std::string_view name, const int64_t* shape, int ndim);
 
 class LLChannel {
  public:
@@ -76,6 +78,14 @@ class LLChannel {
 
   // This rank's engine has n requests submitted and not finished (peers fall back while > 0).
   void set_busy(uint64_t n) { ctl(rank_)->busy.store(n, std::memory_order_seq_cst); }
+  // Parked engines (every rank agreed in negotiation round r that nobody had work): the rank that
+  // leaves first posts r + 1, its peers see it and join that round (see Impl::wait_for_work).
+  void want_round(uint64_t r) { ctl(rank_)->want_round.store(r, std::memory_order_seq_cst); }
+  bool round_wanted(uint64_t done) const {
+    for (int j = 0; j < size_; ++j)
+      if (j != rank_ && ctl(j)->want_round.load(std::memory_order_seq_cst) > done) return true;
+    return false;
+  }
 
   enum class Result { Complete, Fallback };
   static constexpr size_t kCmaMin = 16u << 10;
@@ -107,6 +117,7 @@ class LLChannel {
     std::atomic<int64_t> cpu;            // the CPU this rank last arrived from (sched_getcpu)
     std::atomic<int64_t> pid;            // this rank's process (single copy: process_vm_readv)
     std::atomic<uint64_t> probe;         // the address of its probe word (start-up check)
+    std::atomic<uint64_t> want_round;    // the negotiation round its parked engine left to run
   };
   struct alignas(128) Header {
     uint64_t attempt;
@@ -146,6 +157,8 @@ class LLChannel {
   bool by_address_ = false;  // the last exchange posted this rank's payload by address
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   uint64_t probe_ = 0;       // read by the peers' start-up probe
+  uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
+  bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)
 };
 
 }  // namespace comm

@@ -51,6 +51,8 @@ def _start_engine(ps: ProcessSet, mpi_comm, fusion_threshold=None, cycle_time_ms
         c.free()
         raise
     ps._mpi_comm, ps._comm, ps._engine = mpi_comm, c, e
+    if ps is global_process_set:  # the lean lane of the blocking numpy collectives (collectives.py)
+        _C._comm_lean_engine(e)
     ps._a2a = mpi_comm.Dup()  # alltoall runs as MPI_Ialltoallv on its own communicator
     ps._counters = {}
 
@@ -58,6 +60,8 @@ def _start_engine(ps: ProcessSet, mpi_comm, fusion_threshold=None, cycle_time_ms
 def _stop_engine(ps: ProcessSet) -> None:
     if ps._engine is None:
         return
+    if ps is global_process_set:
+        _C._comm_lean_engine(None)
     clean = ps._engine.shutdown()
     if clean:  # every rank of the set stopped together: freeing the communicators is safe
         ps._comm.free()
@@ -273,7 +277,7 @@ def set_shm_min_bytes(nbytes: Optional[int]) -> None:
 def set_ll_max_bytes(nbytes: Optional[int]) -> None:
     """Blocking collectives of at most `nbytes` per rank run in the caller's thread through the node's
     low-latency channel when every rank is idle (None or 0: never; capped by the channel's slot, fixed at
-    init() by AIMASS_LL_MAX_BYTES, default 256 KiB). See docs/comm.md."""
+    init() by AIMASS_LL_MAX_BYTES, default 1 MiB). See docs/comm.md."""
     if nbytes is None:
         nbytes = 0
     elif isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
@@ -414,6 +418,9 @@ def as_input(t: Any, what: str):
     a, dt = as_numpy(t, what)
     if dt not in DTYPES:
         raise TypeError(f"{what}: dtype {dt} is not supported; use one of {', '.join(DTYPES)}")
+    if not a.dtype.isnative:  # the engine reads the bytes in this machine's order
+        raise TypeError(f"{what}: dtype {a.dtype.str} is not in this machine's byte order; convert it first "
+                        f"(a.astype(a.dtype.newbyteorder('=')))")
     return a, dt
 
 

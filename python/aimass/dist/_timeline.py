@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Optional
 
+from .. import _C
 from .._io import atomic_write_text
 
 _state = {"path": None, "events": None, "rank": 0, "t0": 0.0, "mark_cycles": False}
@@ -47,6 +48,7 @@ def start(path: str, rank: int, mark_cycles: bool = False) -> None:
     with _mu:
         _state.update(path=path, events=[], rank=rank, t0=time.perf_counter(), mark_cycles=bool(mark_cycles),
                       dropped=0)
+        _C._comm_lean_pause(True)  # the lean lane records nothing: every call takes the full path
         ev = _state["events"]
         ev.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         for kind, tid in _TIDS.items():
@@ -95,6 +97,7 @@ def stop() -> Optional[str]:
         if ev is None:
             return None
         _state["events"] = None
+        _C._comm_lean_pause(False)
         if _state.get("dropped"):
             ev.append({"name": "dropped_events", "ph": "M", "pid": _state["rank"],
                        "args": {"count": _state["dropped"]}})

@@ -17,7 +17,8 @@ import numpy as np
 
 from .._array import is_torch
 from .._cuda_array import is_cuda_array
-from . import _core, _fast
+from .._C import _comm_lean as _lean
+from . import _core
 from ._core import GroupHandle, Handle, global_process_set, synchronize
 from ._ops import Average, check_compression, check_op, resolve_op
 
@@ -177,12 +178,10 @@ def allreduce(tensor: Any, average: Any = None, name: Optional[str] = None, comp
     return a new tensor of its kind. `compression`: Compression.fp16/.bf16 sends float32 as 16-bit floats
     (summed in fp32 per step). prescale_factor multiplies the input before the reduction, postscale_factor
     the result after it (after the division by size() of Average). Differentiable for torch tensors."""
-    if (type(tensor) is np.ndarray and average is None and compression is None and timeout is None  # lean lane
-            and prescale_factor == 1.0 and postscale_factor == 1.0 and process_set is global_process_set
-            and tensor.flags.c_contiguous):
-        out = np.empty_like(tensor)
-        if _fast.run(_fast.ALLREDUCE, tensor, out, name, op) is not None:
-            return out
+    if (average is None and compression is None and timeout is None and process_set is global_process_set  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0
+            and (out := _lean(0, tensor, None, name, op, None, None)) is not None):
+        return out
     if _wants_grad(tensor):
         return _autograd().Allreduce.apply(tensor, resolve_op(op, average), name, compression, prescale_factor,
                                            postscale_factor, process_set)
@@ -194,9 +193,9 @@ def allreduce_(tensor: Any, average: Any = None, name: Optional[str] = None, op:
                prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set=global_process_set, *,
                compression: Any = None, timeout: Optional[float] = None):
     """In-place allreduce of `tensor`; returns it."""
-    if (type(tensor) is np.ndarray and average is None and compression is None and timeout is None  # lean lane
-            and prescale_factor == 1.0 and postscale_factor == 1.0 and process_set is global_process_set
-            and _fast.run(_fast.ALLREDUCE, tensor, tensor, name, op) is not None):
+    if (average is None and compression is None and timeout is None and process_set is global_process_set  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0
+            and _lean(0, tensor, tensor, name, op, None, None) is not None):
         return tensor
     return synchronize(_allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
                                          compression, timeout, True, True))
@@ -304,11 +303,9 @@ def broadcast(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] 
               process_set=global_process_set, *, root: Optional[int] = None, timeout: Optional[float] = None):
     """Return root_rank's `tensor` on every rank (a new tensor); every rank passes the same shape and dtype.
     Differentiable for torch tensors (the root gets the sum of the gradients, the others zeros)."""
-    if (type(tensor) is np.ndarray and timeout is None and process_set is global_process_set  # lean lane
-            and tensor.flags.c_contiguous and (r := _fast.broadcast_root(root_rank, root)) is not None):
-        out = np.empty_like(tensor)
-        if _fast.run(_fast.BROADCAST, tensor, out, name, "sum", r) is not None:
-            return out
+    if (timeout is None and process_set is global_process_set  # lean lane
+            and (out := _lean(1, tensor, None, name, None, root_rank, root)) is not None):
+        return out
     if _wants_grad(tensor):
         ps = _core._resolve_set(process_set)
         return _autograd().Broadcast.apply(tensor, _root(root_rank, root, ps), name, ps)
@@ -318,9 +315,8 @@ def broadcast(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] 
 def broadcast_(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] = None,
                process_set=global_process_set, *, root: Optional[int] = None, timeout: Optional[float] = None):
     """Overwrite `tensor` with root_rank's values, in place; returns it."""
-    if (type(tensor) is np.ndarray and timeout is None and process_set is global_process_set  # lean lane
-            and (r := _fast.broadcast_root(root_rank, root)) is not None
-            and _fast.run(_fast.BROADCAST, tensor, tensor, name, "sum", r) is not None):
+    if (timeout is None and process_set is global_process_set  # lean lane
+            and _lean(1, tensor, tensor, name, None, root_rank, root) is not None):
         return tensor
     return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, True, True))
 
@@ -356,10 +352,9 @@ def allgather(tensor: Any, name: Optional[str] = None, process_set=global_proces
               timeout: Optional[float] = None):
     """Concatenate every rank's `tensor` along dimension 0 (in rank order). Dimension 0 may differ by rank;
     the other dimensions and the dtype must match. Differentiable for torch tensors."""
-    if type(tensor) is np.ndarray and timeout is None and process_set is global_process_set:  # lean lane
-        got = _fast.run(_fast.ALLGATHER, tensor.reshape(1) if tensor.ndim == 0 else tensor, None, name, "sum")
-        if got is not None:
-            return got
+    if (timeout is None and process_set is global_process_set  # lean lane
+            and (got := _lean(2, tensor, None, name, None, None, None)) is not None):
+        return got
     if _wants_grad(tensor):
         return _autograd().Allgather.apply(tensor, name, _core._resolve_set(process_set))
     return synchronize(_allgather_handle(tensor, name, process_set, timeout, True))
@@ -417,10 +412,9 @@ def reduce_scatter(t: Any, op: Any = "average", name: Optional[str] = None, time
                    process_set=global_process_set):
     """Reduce `t` over all ranks and return this rank's block of dimension 0 (blocks as numpy.array_split:
     the first N % size ranks get one row more)."""
-    if type(t) is np.ndarray and timeout is None and process_set is global_process_set and t.ndim:  # lean lane
-        got = _fast.run(_fast.REDUCE_SCATTER, t, None, name, op)
-        if got is not None:
-            return got
+    if (timeout is None and process_set is global_process_set  # lean lane
+            and (got := _lean(3, t, None, name, op, None, None)) is not None):
+        return got
     return synchronize(_reduce_scatter_handle(t, op, name, process_set, timeout, blocking=True))
 
 
