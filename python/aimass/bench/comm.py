@@ -1,7 +1,9 @@
 """Collectives suite (nccl-tests' conventions): busbw vs message size for allreduce per path
 (aimass's default choice, its MPI path, its shared-memory path, fp16-compressed) against
 mpi4py on the same Open MPI, the other collectives against their mpi4py counterparts, and
-the fusion threshold / cycle time against the step time of ResNet-50's 161 gradients.
+the fusion threshold / cycle time against the step time of ResNet-50's 161 gradients; started
+from a plain process, also the hierarchical allreduce of 4 ranks as 2 simulated nodes x 2
+against flat MPI (aimass.bench.comm_hier).
 
 busbw = bytes / time * factor: allreduce 2(n-1)/n, allgather and reduce_scatter (n-1)/n,
 broadcast 1 (nccl-tests' PERFORMANCE.md). Time is the slowest rank's.
@@ -348,6 +350,12 @@ def run(report: Report, quick: bool = False, progress=None, np_: int = 2, tune: 
     sub = Report.from_dict({k: v for k, v in part.items() if k != "knobs"})
     report.figures.extend(sub.figures)
     report.sweeps.update(sub.sweeps)
+    if not under_mpirun():
+        # two simulated nodes of 2 ranks: the hierarchical allreduce against flat MPI (its own mpirun -np 4)
+        from . import comm_hier
+        if progress:
+            progress("comm: hierarchical allreduce, 4 ranks as 2 simulated nodes x 2")
+        comm_hier.run(report, quick=quick)
     return part.get("knobs", {})
 
 

