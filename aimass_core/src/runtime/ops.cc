@@ -306,7 +306,7 @@ void conv2d(const float* x, int64_t N, const Conv2dShape& s, const float* w, con
     epilogue(y, N, s.O, P, bias, act);
     return;
   }
-  const bool direct = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  const bool direct = is_pointwise(s);
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x + n * s.C * s.H * s.W;
     float* yn = y + n * s.O * P;

@@ -38,6 +38,10 @@ void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const fl
 struct Conv2dShape {
   int64_t C, H, W, O, KH, KW, SH, SW, PH, PW, DH, DW, G, OH, OW;
 };
+// A 1x1, stride-1, unpadded conv: each sample's input is already its GEMM operand (no im2col).
+inline bool is_pointwise(const Conv2dShape& s) {
+  return s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+}
 // Grouped convs (groups > 1; the executor runs groups == 1 through runtime/ops_conv.h).
 // One sample at a time: with AVX2 or AVX-512, im2col into the packed small-GEMM layout and
 // the packed kernel on the engine's pool; at the scalar level im2col + sgemm (1x1/stride-1

@@ -54,7 +54,7 @@ void grid_runs(int64_t per_sample, int64_t row_len, int64_t CHW, int64_t total, 
 }
 
 void panel_runs(const ops::Conv2dShape& s, int64_t NPix, int64_t j0, PanelRuns& runs) {
-  runs.pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
+  runs.pointwise = ops::is_pointwise(s);
   grid_runs(s.OH * s.OW, s.OW, s.C * s.H * s.W, NPix, j0, runs.pointwise, runs);
 }
 
@@ -105,8 +105,7 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape, Wino wino) : s(shape) {
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
-  const bool pointwise = s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0;
-  KS = slice_taps(Kc, pointwise ? kKC : kKCPacked);  // pointwise panels are mostly read in place
+  KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
   if (bias) {
@@ -156,7 +155,7 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
-  const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
+  const TileFn tile = tile_for(lvl);
   const PackFn pack = lvl >= SimdLevel::AVX512 ? pack_avx512 : pack_scalar;
   // in-place pointwise panels: AVX-512 and the scalar reference (AVX2 packs)
   const TileLdFn tile_ld = lvl >= SimdLevel::AVX512 ? tile_ld_avx512 : lvl < SimdLevel::AVX2 ? tile_ld_scalar : nullptr;
@@ -165,18 +164,10 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   const int64_t NPt = (NPix + kNR - 1) / kNR, Kc = pc.Kc, MB = pc.MB;
   // K-slices of (almost) equal size <= kc_max
   const int64_t KS = pc.KS;
-  const int T = num_threads();
   const int64_t ncp = std::min(kGroupPanels, NPt);
   const int64_t groups = (NPt + ncp - 1) / ncp;
-  int64_t msplit = 1;
-  // Too few panel groups for the threads: split the weight rows too. Every item packs its
-  // group's input panels itself, so where the panels are packed (im2col) one split per thread
-  // (ResNet-18's 7x7 3x3 convs at batch 1, 2 threads: 4 per thread packed the same panels 8
-  // times, 14.6-14.9 -> 12.4-12.9 ms for the model); in-place pointwise panels cost no packing,
-  // and 4 items per thread balance better.
-  const bool packs = !(tile_ld && s.KH == 1 && s.KW == 1 && s.SH == 1 && s.SW == 1 && s.PH == 0 && s.PW == 0);
-  const int64_t per_thread = packs ? 1 : 4;
-  if (T > 1 && groups < per_thread * T) msplit = std::min(MB, (per_thread * T + groups - 1) / groups);
+  // every item packs its group's panels, except in-place pointwise ones
+  const int64_t msplit = row_splits(groups, MB, 1, !(tile_ld && ops::is_pointwise(s)));
   const int64_t items = groups * msplit;
 
   auto work = [&](int64_t i0, int64_t i1) {

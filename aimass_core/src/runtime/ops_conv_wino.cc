@@ -147,17 +147,16 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   AIMASS_CHECK(pc.u, ValueError, "conv::run_winograd: the conv's Winograd weights were not packed");
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
-  const TileFn tile = lvl >= SimdLevel::AVX512 ? tile_avx512 : lvl >= SimdLevel::AVX2 ? tile_avx2 : tile_scalar;
+  const TileFn tile = tile_for(lvl);
   const InFn win = lvl >= SimdLevel::AVX512 ? wino_in_avx512 : wino_in_scalar;
   const OutFn wout = lvl >= SimdLevel::AVX512 ? wino_out_avx512 : wino_out_scalar;
   const int64_t C = s.C, MB = pc.MB, UKS = pc.UKS;
   const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPt = (NT + kNR - 1) / kNR;
   // items: (tile panel) x (range of weight row blocks); the rows are split so M stays within
   // kWinoRows rows, and further when there are too few panels to keep every thread busy
-  const int T = num_threads();
+  // (every item transforms its panel's input itself)
   const int64_t maxb = kWinoRows / kMR;
-  int64_t msplit = (MB + maxb - 1) / maxb;
-  if (T > 1 && NPt * msplit < 4 * T) msplit = std::min(MB, std::max(msplit, (4 * T + NPt - 1) / NPt));
+  const int64_t msplit = row_splits(NPt, MB, (MB + maxb - 1) / maxb, true);
   const int64_t items = NPt * msplit, rows_max = ((MB + msplit - 1) / msplit) * kMR;
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
