@@ -127,15 +127,7 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
     PyErr_Clear();
     return false;
   }
-  const std::string_view v(p, static_cast<size_t>(n));
-  using aimass::ReduceOp;
-  if (v == "sum") *out = ReduceOp::Sum;
-  else if (v == "average" || v == "avg" || v == "mean") *out = ReduceOp::Average;
-  else if (v == "min") *out = ReduceOp::Min;
-  else if (v == "max") *out = ReduceOp::Max;
-  else if (v == "product" || v == "prod") *out = ReduceOp::Product;
-  else return false;
-  return true;
+  return aimass::try_parse_reduce_op(std::string_view(p, static_cast<size_t>(n)), out);
 }
 
 PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -353,8 +345,6 @@ void bind_comm(py::module_& m) {
         return d;
       });
 
-  // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of
-  // a collective cut off while posted to MPI (MPI may write them until the process exits).
   m.add_object("_comm_lean", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&lean_def, nullptr, nullptr)));
   m.def(
       "_comm_lean_engine",
@@ -367,6 +357,8 @@ void bind_comm(py::module_& m) {
   m.def("_comm_lean_pause", [](bool paused) { g_lean_paused = paused; }, py::arg("paused"));
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
+  // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of
+  // a collective cut off while posted to MPI (MPI may write them until the process exits).
   m.def("_comm_park", [](py::object obj) { obj.inc_ref(); }, py::arg("obj"));
 
   // Kernels exposed for tests and benchmarks.

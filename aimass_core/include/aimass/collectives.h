@@ -33,6 +33,7 @@ enum class CollectiveKind : int { Allreduce = 0, Broadcast = 1, Allgather = 2, R
 
 const char* reduce_op_name(ReduceOp op);
 ReduceOp parse_reduce_op(const std::string& name);  // "sum", "average", "min", "max", "product"
+bool try_parse_reduce_op(std::string_view name, ReduceOp* op);  // the same names; false (no throw) for others
 const char* collective_kind_name(CollectiveKind kind);
 
 struct CollectiveRequest {

@@ -17,12 +17,19 @@ const char* reduce_op_name(ReduceOp op) {
   return "?";
 }
 
+bool try_parse_reduce_op(std::string_view name, ReduceOp* op) {
+  if (name == "sum") *op = ReduceOp::Sum;
+  else if (name == "average" || name == "avg" || name == "mean") *op = ReduceOp::Average;
+  else if (name == "min") *op = ReduceOp::Min;
+  else if (name == "max") *op = ReduceOp::Max;
+  else if (name == "product" || name == "prod") *op = ReduceOp::Product;
+  else return false;
+  return true;
+}
+
 ReduceOp parse_reduce_op(const std::string& name) {
-  if (name == "sum") return ReduceOp::Sum;
-  if (name == "average" || name == "avg" || name == "mean") return ReduceOp::Average;
-  if (name == "min") return ReduceOp::Min;
-  if (name == "max") return ReduceOp::Max;
-  if (name == "product" || name == "prod") return ReduceOp::Product;
+  ReduceOp op;
+  if (try_parse_reduce_op(name, &op)) return op;
   throw ValueError("op must be one of 'sum', 'average', 'min', 'max', 'product'; got '" + name + "'");
 }
 
