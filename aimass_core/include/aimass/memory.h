@@ -28,4 +28,9 @@ class AlignedBuffer {
   size_t n_ = 0;
 };
 
+// This thread's 64-byte-aligned scratch of `floats` floats in slot 0..3, grown on first use
+// and reused (no allocation or page faults per call). A slot is valid until this thread asks
+// for the same slot again: kernels use it within one call and never nest.
+float* thread_scratch(int slot, size_t floats);
+
 }  // namespace aimass

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "aimass/error.h"
 #if defined(__linux__)
@@ -39,6 +40,12 @@ AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
     o.n_ = 0;
   }
   return *this;
+}
+
+float* thread_scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buf[4];
+  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
 }
 
 }  // namespace aimass

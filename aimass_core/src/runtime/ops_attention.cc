@@ -18,6 +18,7 @@
 
 #include "aimass/cpu_features.h"
 #include "aimass/error.h"
+#include "aimass/memory.h"
 #include "aimass/parallel.h"
 #include "runtime/ext_ops.h"
 #include "runtime/packed_gemm.h"
@@ -38,16 +39,6 @@ PanelsFn panels_kernel() {
          : lvl >= SimdLevel::AVX2 ? packed::panels_ex_avx2
                                   : packed::panels_ex_scalar;
 }
-
-// Per-thread scratch, 64-byte aligned (the panel kernels use aligned loads of the panels).
-struct Scratch {
-  std::vector<float> buf;
-  float* get(int64_t n) {
-    if (static_cast<int64_t>(buf.size()) < n + 16) buf.resize(static_cast<size_t>(n + 16));
-    auto a = reinterpret_cast<uintptr_t>(buf.data());
-    return reinterpret_cast<float*>((a + 63) & ~uintptr_t{63});
-  }
-};
 
 // vp[panel][j][32] <- v[j][panel * 32 ..] (row stride ldv), columns past Dv zero.
 void pack_values(const float* v, int64_t ldv, int64_t Sk, int64_t Dv, float* vp) {
@@ -120,8 +111,8 @@ class Sdpa : public ExtKernel {
     const int nchunks = static_cast<int>(std::min<int64_t>(tasks, 4 * nt));
     parallel_chunks(nchunks, [&](int c, int nc) {
       const int64_t t0 = tasks * c / nc, t1 = tasks * (c + 1) / nc;
-      thread_local Scratch scratch;
-      float* kt = scratch.get(kt_n + vp_n + qb * (D + Sk + Dv) + 64);
+      // 64-byte aligned: the panel kernels use aligned loads of the panels
+      float* kt = thread_scratch(0, static_cast<size_t>(kt_n + vp_n + qb * (D + Sk + Dv) + 64));
       float* vpk = kt + ((kt_n + 15) & ~int64_t{15});
       float* Q = vpk + ((vp_n + 15) & ~int64_t{15});
       float* S = Q + ((qb * D + 15) & ~int64_t{15});

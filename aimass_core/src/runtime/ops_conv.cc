@@ -138,12 +138,6 @@ using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, 
 
 }  // namespace
 
-float* aligned_scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buf[4];
-  if (buf[slot].size() < floats + 16) buf[slot].resize(floats + 16);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t{63});
-}
-
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   if (pc.u && (!pc.w || wino_pays(pc.s, N)))
     run_winograd(pc, x, N, res, relu, y);
@@ -171,7 +165,7 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   const int64_t items = groups * msplit;
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float* bp = aligned_scratch(0, static_cast<size_t>(ncp * KS * kNR));
+    float* bp = thread_scratch(0, static_cast<size_t>(ncp * KS * kNR));
     alignas(64) float rtmp[kMR * kNR];
     PanelRuns runs[kGroupPanels];
     int64_t colofs[kGroupPanels][kNR];  // output offset (sample, pixel) of each column of a crossing panel
@@ -196,7 +190,7 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
         }
       }
       // accumulators of the crossing panels, [panel][row block][kMR x kNR], kept over the K-slices
-      float* cbuf = aligned_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
+      float* cbuf = thread_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
       for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
         const int64_t kc = std::min(KS, Kc - k0);
         const bool acc = k0 > 0, last = k0 + kc == Kc;

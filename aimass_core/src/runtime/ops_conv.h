@@ -119,9 +119,6 @@ inline int64_t row_splits(int64_t groups, int64_t MB, int64_t min_split, bool pa
   return split < min_split ? min_split : split < MB ? split : MB;
 }
 
-// Per-thread 64-byte-aligned scratch of `floats` floats in slot 0..3, grown on first use and
-// reused (no page faults per call).
-float* aligned_scratch(int slot, size_t floats);
 
 using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool, const float*,
                         const float*, bool);

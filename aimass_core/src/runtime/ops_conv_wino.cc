@@ -161,8 +161,8 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
   auto work = [&](int64_t i0, int64_t i1) {
-    float* V = aligned_scratch(2, static_cast<size_t>(16 * wino_vstride(UKS)));  // the 16 V panels
-    float* Mb = aligned_scratch(3, static_cast<size_t>(16 * wino_vstride(rows_max)));  // M
+    float* V = thread_scratch(2, static_cast<size_t>(16 * wino_vstride(UKS)));  // the 16 V panels
+    float* Mb = thread_scratch(3, static_cast<size_t>(16 * wino_vstride(rows_max)));  // M
     PanelRuns runs;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t p = it / msplit, mi = it % msplit;
