@@ -16,7 +16,6 @@
 #include <limits>
 #include <vector>
 
-#include "aimass/cpu_features.h"
 #include "aimass/error.h"
 #include "aimass/memory.h"
 #include "aimass/parallel.h"
@@ -29,16 +28,6 @@ namespace {
 using namespace ext;
 
 enum class MaskKind { None, Add, Bool, KeyPadding };
-
-using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
-                          const packed::Epilogue&, float*);
-
-PanelsFn panels_kernel() {
-  const SimdLevel lvl = simd_level();
-  return lvl >= SimdLevel::AVX512 ? packed::panels_ex_avx512
-         : lvl >= SimdLevel::AVX2 ? packed::panels_ex_avx2
-                                  : packed::panels_ex_scalar;
-}
 
 // vp[panel][j][32] <- v[j][panel * 32 ..] (row stride ldv), columns past Dv zero.
 void pack_values(const float* v, int64_t ldv, int64_t Sk, int64_t Dv, float* vp) {
@@ -92,7 +81,7 @@ class Sdpa : public ExtKernel {
     const int64_t lq = packed ? 3 * heads * D : heads ? heads * D : D, lk = packed ? lq : heads ? heads * D : D,
                   lv = packed ? lq : heads ? heads * Dv : Dv, lo = heads ? heads * Dv : Dv;
     const vec::Kernels& vk = vec::kernels();
-    const PanelsFn panels = panels_kernel();
+    const packed::PanelsExFn panels = packed::panels_ex_kernel();
     // Query rows per block: the block's scores (<= kBlock x Sk) stay in L2 between the two
     // products (long key sequences get shorter blocks: at most 4 MiB of scores per thread).
     // Blocks of equal size; more of them when there are fewer (batch row, head) items than

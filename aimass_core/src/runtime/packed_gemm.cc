@@ -81,6 +81,11 @@ int64_t pick_mc(int64_t M, int64_t ncols) {
   return mc >= M ? M : mc;
 }
 
+PanelsExFn panels_ex_kernel() {
+  const SimdLevel lvl = simd_level();
+  return lvl >= SimdLevel::AVX512 ? panels_ex_avx512 : lvl >= SimdLevel::AVX2 ? panels_ex_avx2 : panels_ex_scalar;
+}
+
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y) {
   linear(x, M, K, wp, bias_p, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
@@ -88,9 +93,7 @@ void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* 
 
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
             const Epilogue& ep, float* y) {
-  const SimdLevel lvl = simd_level();
-  auto kernel = lvl >= SimdLevel::AVX512 ? panels_ex_avx512 : lvl >= SimdLevel::AVX2 ? panels_ex_avx2
-                                                                                       : panels_ex_scalar;
+  const PanelsExFn kernel = panels_ex_kernel();
   const int64_t P = num_panels(N);
   // Chunks of >= ~256K multiply-adds amortize a pool wake-up; more chunks than threads
   // let the caller take over the work of a worker that the OS has not scheduled yet.

@@ -51,6 +51,9 @@ void panels_ex_avx2(const float* x, int64_t M, int64_t K, const float* wp, const
                     int64_t p1, int64_t N, const Epilogue& e, float* y);
 void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                       int64_t p1, int64_t N, const Epilogue& e, float* y);
+using PanelsExFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
+                            const Epilogue&, float*);
+PanelsExFn panels_ex_kernel();  // the one of the engine's SIMD level
 
 // Panels [p0, p1) for all M rows; bias_p is the padded bias (nullable); y is [M, N] row-major.
 void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
