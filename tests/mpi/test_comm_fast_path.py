@@ -123,6 +123,7 @@ def test_mismatch_on_the_fast_path_raises(ll):
         assert time.monotonic() - t0 < 20  # raised, not hung (the engine's timeout is 60 s)
     with pytest.raises(d.DistributedError, match="different arguments"):
         d.broadcast(np.ones(2, np.float32), r % 2, name="ll.bad.root")
+        d.barrier(name="ll.bad.root.next")  # a rank whose eager broadcast went through learns of it here
     # names that differ: each times out (the call's timeout) naming what every rank submitted
     with pytest.raises(d.DistributedError, match="did not submit it"):
         d.allreduce(np.ones(2, np.float32), name=f"ll.only.{r}", timeout=1.0)

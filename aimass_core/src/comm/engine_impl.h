@@ -195,6 +195,14 @@ struct CollectiveEngine::Impl {
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
   void fast_data(FastCollective& c, size_t nbytes, double deadline);
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
+  // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
+  // other collective of this rank does first (one caller thread in the stream at a time).
+  std::mutex eager_mu;
+  // Only the thread that started the engine takes turns in the stream: broadcasts from other
+  // threads (which may interleave differently on each rank) keep the name-matched paths.
+  const std::thread::id eager_thread = std::this_thread::get_id();
+  bool eager_broadcast(FastCollective& c, size_t nbytes);
+  void eager_settle();
 
 
 

@@ -132,11 +132,59 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // against 1.0-1.2x); the 4 MiB boundary between them is not tuned.
 constexpr size_t kByAddressMaxBytes = size_t(4) << 20;
 
+void CollectiveEngine::Impl::eager_settle() {
+  if (!ll) return;
+  std::lock_guard<std::mutex> el(eager_mu);
+  if (ll->settled()) return;
+  double deadline;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    deadline = opts.timeout_s;
+  }
+  ll->settle(deadline);
+}
+
+// A blocking broadcast's turn in the eager stream (ll_shm.h): true when it completed there.
+bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
+  std::lock_guard<std::mutex> el(eager_mu);
+  double deadline, fallback;
+  bool post;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    deadline = opts.timeout_s;
+    fallback = opts.ll_fallback_s;
+    post = opts.ll_max_bytes != 0 && broken.empty() && !waker->stalled.load(std::memory_order_relaxed) &&
+           !stop_requested && running && (poisoned.empty() || !poisoned.count(std::string(c.name)));
+  }
+  ll->settle(deadline, comm::LLChannel::ring_lag());
+  comm::LLChannel::EagerSig sig;
+  sig.set(c.dtype, c.root, c.name, c.shape, c.ndim);
+  const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
+  comm::LLChannel::Eager got;
+  if (rank == c.root) {
+    got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), sig);
+    if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) std::memcpy(c.output, c.input, nbytes);
+  } else {
+    got = ll->eager_receive(hash, c.root, c.output, nbytes, sig, fallback);
+  }
+  if (got != comm::LLChannel::Eager::Done) return false;
+  ll_collectives.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 bool CollectiveEngine::Impl::fast(FastCollective& c) {
   const size_t es = dtype_size(c.dtype);
   int64_t n = c.kind == CollectiveKind::Barrier ? 0 : 1;  // (a barrier has no data)
   for (int d = 0; d < c.ndim && n; ++d) n *= c.shape[d];
   const size_t nbytes = static_cast<size_t>(n) * es;
+  // every blocking broadcast (of the engine's own thread) takes its turn in the eager stream,
+  // whatever its size (the stream stays aligned across ranks); other collectives first settle it
+  if (c.kind == CollectiveKind::Broadcast && (nbytes == 0 || c.output != nullptr) &&
+      std::this_thread::get_id() == eager_thread) {
+    if (eager_broadcast(c, nbytes)) return true;
+  } else {
+    eager_settle();
+  }
   // Broadcast and allgather of kCmaMin bytes or more are single-copy where the kernel allows it
   // (peers read our input itself): the slot does not bound them, only kByAddressMaxBytes.
   const bool by_address = (c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&

@@ -6,9 +6,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -25,45 +22,21 @@ namespace aimass {
 namespace comm {
 
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#endif
-}
-
 constexpr double kBusyGraceS = 1e-3;
-
-// Waits: spin briefly (a peer on another core answers in well under a microsecond; no spinning
-// when a peer last ran on this very CPU), then poll with a yield between looks, as Open MPI's
-// shared-memory transport does when oversubscribed (tests run -np 4 on 2 cores), then sleep in
-// short naps.
-struct Backoff {
-  static constexpr double kSpinS = 20e-6, kYieldS = 2e-3;
-  uint32_t iter = 0;
-  bool spin = true;  // false when a peer last ran on this CPU: spinning would only keep it off
-  void pause(double waited_s) {
-    ++iter;
-    if (spin && waited_s < kSpinS) {
-      cpu_relax();
-    } else if (waited_s < kYieldS) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
-    }
-  }
-};
-
+using ll_wait::Backoff;
+using ll_wait::cpu_relax;
 }  // namespace
 
 size_t LLChannel::segment_bytes(int size, size_t slot_bytes) {
   const size_t slot = (slot_bytes + 127) / 128 * 128;
-  return kHeadBytes + 128 * static_cast<size_t>(size) + static_cast<size_t>(size) * 2 * (128 + slot);
+  return kHeadBytes + 128 * static_cast<size_t>(size) + static_cast<size_t>(size) * 2 * (128 + slot) +
+         sizeof(EagerCtl) * static_cast<size_t>(size) + kRing * (sizeof(EagerEntry) + eager_bytes_for(slot_bytes));
 }
 
 void LLChannel::attach(void* memory, size_t slot_bytes) {
   base_ = static_cast<char*>(memory);
   slot_bytes_ = (slot_bytes + 127) / 128 * 128;
+  eager_bytes_ = eager_bytes_for(slot_bytes);
   full_ = (uint64_t(1) << size_) - 1;
 }
 

@@ -33,17 +33,43 @@
 // rank returns only after every peer finished reading (wait_readers(), bounded by the deadline).
 // One copy instead of two, and no freshly written shared lines bouncing between cores.
 //
+// Eager broadcast (ll_eager.cc): a blocking broadcast of at most eager_max() bytes does not wait
+// for its receivers, as MPI's eager protocol does not. The broadcasts of the channel form one
+// stream (every rank counts its blocking broadcasts); entry s of a two-entry ring holds the s-th:
+//   * the root writes signature hash, description and payload, then publishes the entry with a
+//     CAS of its state word (s, root, posted) and returns;
+//   * a receiver waits for entry s, checks the signature, copies the payload out. A signature
+//     that differs raises DistributedError on that receiver at once (naming both sides) and is
+//     posted in its control line, so every other rank raises it at its next collective;
+//   * a receiver that finds entry s still empty while the root's engine stays busy (the root runs
+//     this broadcast through its engine) or after the fallback window claims it instead (CAS to
+//     (s, claimer, normal)); a root that wants to post eagerly but finds the entry claimed, or that
+//     does not post eagerly (too large, channel off), takes the normal path (the channel's
+//     attempts, or the engine and its negotiation) with the claimers. A claim for another
+//     signature (a receiver that went to its engine for a broadcast its root ran there) is
+//     skipped: the stream stays aligned.
+// Every rank acknowledges each entry (its control line's `acked`), and every collective of a rank
+// first waits until every rank acknowledged the entries it took part in (settle(), bounded by the
+// deadline). So a root runs at most one broadcast ahead, the ring never overwrites an entry
+// someone still reads, and a mismatch is raised by every rank, at the latest by its next collective.
+//
 // The segment is POSIX shared memory created by rank 0 and unlinked once every rank mapped
 // it; it exists only when every rank of the communicator is on one node.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
+#include <thread>
+
+#include <sched.h>
 
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
+#include "aimass/dtype.h"
+#include <string>
 
 namespace aimass {
 namespace comm {
@@ -54,6 +80,34 @@ void ll_options_from_env(EngineOptions& o);
 // allgather's first dimension is free), hashed (FNV-1a).
 uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceOp op, int root,
                            std::string_view name, const int64_t* shape, int ndim);
+
+namespace ll_wait {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Waits: spin briefly (a peer on another core answers in well under a microsecond; no spinning
+// when a peer last ran on this very CPU), then poll with a yield between looks, as Open MPI's
+// shared-memory transport does when oversubscribed (tests run -np 4 on 2 cores), then sleep in
+// short naps.
+struct Backoff {
+  static constexpr double kSpinS = 20e-6, kYieldS = 2e-3;
+  uint32_t iter = 0;
+  bool spin = true;  // false when a peer last ran on this CPU: spinning would only keep it off
+  void pause(double waited_s) {
+    ++iter;
+    if (spin && waited_s < kSpinS) {
+      cpu_relax();
+    } else if (waited_s < kYieldS) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+};
+}  // namespace ll_wait
 
 class LLChannel {
  public:
@@ -110,6 +164,39 @@ class LLChannel {
   int64_t rows(int j) const { return slot(j, attempt_)->rows; }
   void done();  // this rank finished reading the completed attempt's slots
 
+  // ---- eager broadcast (ll_eager.cc; see above)
+  static constexpr size_t kEagerMax = 16u << 10;  // the largest eager payload (if the slot is as large)
+  static constexpr size_t kEagerDesc = 440;       // a mismatch message, NUL-terminated
+  // What a rank asked for (the mismatch message names it; formatted only then).
+  struct EagerSig {
+    int32_t dtype = 0;  // DType
+    int32_t ndim = 0;
+    int32_t root = 0;
+    uint32_t name_len = 0;
+    int64_t shape[8] = {};  // the first 8 dimensions
+    char name[192] = {};    // the first 192 bytes of the name
+    void set(DType dt, int r, std::string_view nm, const int64_t* sh, int nd);
+    std::string str() const;  // broadcast 'name' (float32[2, 3], root 0)
+  };
+  static_assert(sizeof(EagerSig) == 272, "EagerSig layout");
+  size_t eager_max() const { return eager_bytes_; }
+  enum class Eager { Done, Normal };  // Done: the broadcast is complete; Normal: take the normal path
+  // The root's side: post=true publishes `bytes` of `data` (<= eager_max()); post=false (or an entry
+  // already claimed by the receivers) returns Normal. DistributedError when another rank posted this
+  // entry as root (root mismatch).
+  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, const EagerSig& sig);
+  // A receiver's side: copies the root's payload into `out` (Done), or Normal (see above).
+  // DistributedError on a signature mismatch (desc: this rank's request, for the message).
+  Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, const EagerSig& sig, double fallback_s);
+  // Waits until every rank acknowledged the broadcasts this rank took part in but the last `lag`;
+  // DistributedError when one did not within deadline_s, or when one reported a mismatch in an
+  // entry this rank processed (once per mismatch). Every collective but a broadcast settles with
+  // lag 0; a broadcast with lag kRing - 1 (the ring's room: a root runs up to that far ahead).
+  void settle(double deadline_s, uint64_t lag = 0);
+  bool settled() const { return settled_ >= last_posted_ && reported_upto_ >= last_posted_; }
+  static constexpr uint64_t ring_lag() { return kRing - 1; }
+  uint64_t eager_posted() const { return eager_posted_; }
+
  private:
   struct alignas(128) Control {          // one line per rank
     std::atomic<uint64_t> reading;       // attempt + 1 whose slots this rank reads (0: none)
@@ -145,6 +232,39 @@ class LLChannel {
                                      (static_cast<size_t>(j) * 2 + attempt % 2) * (128 + slot_bytes_));
   }
   bool closed(uint64_t w) const { return (w & kAborted) || (w & kMaskBits) == full_; }
+  struct alignas(128) EagerCtl {  // one per rank: 640 bytes
+    std::atomic<uint64_t> acked;       // the last stream entry this rank processed (alone in its line)
+    char pad0[120];
+    std::atomic<uint64_t> bad;         // the last entry whose signature did not match this rank's (0: none)
+    std::atomic<uint64_t> claim_hash;  // the signature of this rank's last claim
+    char pad[48];
+    char desc[kEagerDesc];             // the mismatch message (valid while bad is the latest)
+  };
+  struct alignas(128) EagerEntry {  // header (512 bytes), then eager_bytes_ of payload
+    std::atomic<uint64_t> state;  // s << 8 | writer << 2 | kind (1 posted, 2 normal)
+    uint64_t hash;
+    uint64_t bytes;
+    int64_t root;
+    char pad[96];
+    EagerSig sig;  // the root's request
+    char pad2[112];
+    char* data() { return reinterpret_cast<char*>(this) + sizeof(EagerEntry); }
+  };
+  static_assert(sizeof(EagerCtl) == 640 && sizeof(EagerEntry) == 512, "eager lines");
+  static constexpr uint64_t kRing = 8;  // stream entries in the ring: a root runs at most kRing - 1 ahead
+  char* eager_base() const {
+    return base_ + kHeadBytes + 128 * static_cast<size_t>(size_) +
+           static_cast<size_t>(size_) * 2 * (128 + slot_bytes_);
+  }
+  EagerCtl* ectl(int j) const { return reinterpret_cast<EagerCtl*>(eager_base()) + j; }
+  EagerEntry* entry(uint64_t s) const {
+    return reinterpret_cast<EagerEntry*>(eager_base() + sizeof(EagerCtl) * static_cast<size_t>(size_) +
+                                         (s % kRing) * (sizeof(EagerEntry) + eager_bytes_));
+  }
+  static size_t eager_bytes_for(size_t slot_bytes) {
+    return std::min(kEagerMax, (slot_bytes + 127) / 128 * 128);
+  }
+  void eager_ack(uint64_t s);
   void attach(void* memory, size_t slot_bytes);
 
   int rank_ = 0, size_ = 1;
@@ -159,6 +279,13 @@ class LLChannel {
   uint64_t probe_ = 0;       // read by the peers' start-up probe
   uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
   bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)
+  size_t eager_bytes_ = 0;      // eager_max()
+  uint64_t eager_acked_ = 0;    // the last stream entry this rank processed (= its ectl acked)
+  uint64_t settled_ = 0;        // every rank acknowledged the entries up to this one
+  uint64_t reported_upto_ = 0;  // the peers' mismatches in entries up to this one were looked at
+  uint64_t reported_ = 0;       // the last entry whose mismatch this rank raised
+  uint64_t last_posted_ = 0;    // the last posted entry this rank processed (what settle() waits for)
+  uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
 
 }  // namespace comm

@@ -1,0 +1,205 @@
+// Eager broadcast through the low-latency segment (see "Eager broadcast" in ll_shm.h).
+#include <cstring>
+#include <string>
+
+#include "aimass/error.h"
+#include "comm/ll_shm.h"
+
+namespace aimass {
+namespace comm {
+
+namespace {
+constexpr uint64_t kPosted = 1, kNormal = 2;
+constexpr double kEagerBusyGraceS = 1e-3;  // as the attempts' grace for a peer busy in its engine
+
+inline uint64_t seq_of(uint64_t state) { return state >> 8; }
+inline int writer_of(uint64_t state) { return static_cast<int>((state >> 2) & 63); }
+inline uint64_t kind_of(uint64_t state) { return state & 3; }
+inline uint64_t make_state(uint64_t s, int writer, uint64_t kind) {
+  return s << 8 | static_cast<uint64_t>(writer) << 2 | kind;
+}
+
+std::string mismatch(int me, const std::string& mine, int other, const std::string& theirs, bool both_root) {
+  return std::string("aimass.dist: a blocking broadcast was called with different arguments: rank ") +
+         std::to_string(me) + ": " + mine +
+         (both_root ? " (as root)" : "") + "; rank " + std::to_string(other) + ": " + theirs +
+         " (as root). Every rank must call the same blocking broadcasts in the same order, with the same root, "
+         "shape and dtype";
+}
+
+void copy_desc(char* dst, const std::string& s) {
+  const size_t n = std::min(s.size(), LLChannel::kEagerDesc - 1);
+  std::memcpy(dst, s.data(), n);
+  dst[n] = '\0';
+}
+}  // namespace
+
+void LLChannel::EagerSig::set(DType dt, int r, std::string_view nm, const int64_t* sh, int nd) {
+  dtype = static_cast<int32_t>(dt);
+  root = r;
+  ndim = nd;
+  for (int i = 0; i < nd && i < 8; ++i) shape[i] = sh[i];
+  name_len = static_cast<uint32_t>(std::min(nm.size(), sizeof(name)));
+  std::memcpy(name, nm.data(), name_len);
+}
+
+std::string LLChannel::EagerSig::str() const {
+  std::string s = "broadcast '" + std::string(name, std::min<size_t>(name_len, sizeof(name))) + "' (" +
+                  dtype_name(static_cast<DType>(dtype)) + "[";
+  for (int i = 0; i < ndim && i < 8; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  if (ndim > 8) s += ", ...";
+  return s + "], root " + std::to_string(root) + ")";
+}
+
+void LLChannel::eager_ack(uint64_t s) {
+  eager_acked_ = s;
+  ectl(rank_)->acked.store(s, std::memory_order_seq_cst);
+}
+
+LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, const EagerSig& sig) {
+  post = post && bytes <= eager_bytes_;
+  while (true) {
+    const uint64_t s = eager_acked_ + 1;
+    EagerEntry* e = entry(s);
+    uint64_t st = e->state.load(std::memory_order_seq_cst);
+    if (seq_of(st) > s) {  // entry s was a claim, and the slot was reused since (claims are not waited for)
+      eager_ack(s);
+      continue;
+    }
+    if (seq_of(st) < s) {  // nobody has written entry s yet (the ring slot holds an older entry or nothing)
+      if (post) {
+        e->hash = hash;
+        e->bytes = bytes;
+        e->root = rank_;
+        e->sig = sig;
+        if (bytes) std::memcpy(e->data(), data, bytes);
+      } else {
+        ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
+      }
+      if (e->state.compare_exchange_strong(st, make_state(s, rank_, post ? kPosted : kNormal),
+                                           std::memory_order_seq_cst)) {
+        eager_ack(s);
+        if (post) {
+          ++eager_posted_;
+          last_posted_ = s;
+        }
+        return post ? Eager::Done : Eager::Normal;
+      }
+      // a receiver claimed it meanwhile: st now holds its claim
+      if (seq_of(st) != s) continue;
+    }
+    const int w = writer_of(st);
+    if (kind_of(st) == kPosted) {  // another rank posted this broadcast as its root
+      const std::string msg = mismatch(rank_, sig.str(), w, e->sig.str(), true);
+      EagerCtl* me = ectl(rank_);
+      copy_desc(me->desc, msg);
+      me->bad.store(s, std::memory_order_seq_cst);
+      eager_ack(s);
+      last_posted_ = s;
+      reported_ = s;  // raised here: not again when a peer reports the same entry
+      throw DistributedError(msg);
+    }
+    // claimed by receivers that went the normal way: join them when they went for this broadcast,
+    // else (a broadcast this rank ran through its engine, which they joined there) skip the entry
+    eager_ack(s);
+    if (ectl(w)->claim_hash.load(std::memory_order_seq_cst) == hash) return Eager::Normal;
+  }
+}
+
+LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, size_t bytes, const EagerSig& sig,
+                                          double fallback_s) {
+  const uint64_t s = eager_acked_ + 1;
+  EagerEntry* e = entry(s);
+  ll_wait::Backoff backoff;
+  backoff.spin = spin_;
+  Clock::time_point start;
+  double waited = 0, busy_since = -1;
+  while (true) {
+    uint64_t st = e->state.load(std::memory_order_seq_cst);
+    if (seq_of(st) >= s) {
+      if (seq_of(st) > s || kind_of(st) == kNormal) {  // (> s: a claim whose slot was reused since)
+        eager_ack(s);
+        return Eager::Normal;
+      }
+      if (e->hash == hash && e->bytes == bytes && e->root == root) {
+        if (bytes) std::memcpy(out, e->data(), bytes);
+        eager_ack(s);
+        ++eager_posted_;
+        last_posted_ = s;
+        return Eager::Done;
+      }
+      const std::string msg = mismatch(rank_, sig.str(), writer_of(st), e->sig.str(), false);
+      EagerCtl* me = ectl(rank_);
+      copy_desc(me->desc, msg);
+      me->bad.store(s, std::memory_order_seq_cst);
+      eager_ack(s);
+      last_posted_ = s;
+      reported_ = s;  // raised here: not again when a peer reports the same entry
+      throw DistributedError(msg);
+    }
+    // not posted yet: the root is late, or runs this broadcast through its engine (busy there)
+    if (backoff.iter == 0) start = Clock::now();
+    else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+    const bool busy = root >= 0 && root < size_ && ctl(root)->busy.load(std::memory_order_seq_cst) != 0;
+    if (!busy) busy_since = -1;
+    else if (busy_since < 0) busy_since = waited;
+    if ((busy && waited - busy_since > kEagerBusyGraceS) || waited > fallback_s) {
+      ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
+      if (e->state.compare_exchange_strong(st, make_state(s, rank_, kNormal), std::memory_order_seq_cst)) {
+        eager_ack(s);
+        return Eager::Normal;
+      }
+      continue;  // the root posted (or a peer claimed) meanwhile: look again
+    }
+    backoff.pause(waited);
+  }
+}
+
+void LLChannel::settle(double deadline_s, uint64_t lag) {
+  // posted entries only: a claim has no payload to read, and its claimers never wait for the
+  // root (which may not broadcast again for a long while) to acknowledge it
+  const uint64_t s = last_posted_;
+  const uint64_t target = std::min(s, eager_acked_ > lag ? eager_acked_ - lag : 0);
+  if (target > settled_) {
+    ll_wait::Backoff backoff;
+    backoff.spin = spin_;
+    Clock::time_point start;
+    double waited = 0;
+    uint64_t low = s;
+    for (int j = 0; j < size_; ++j) {
+      if (j == rank_) continue;
+      uint64_t a;
+      while ((a = ectl(j)->acked.load(std::memory_order_seq_cst)) < target) {
+        if (backoff.iter == 0) start = Clock::now();
+        else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+        if (waited > deadline_s) {
+          settled_ = s;  // reported once; the stream may be out of step from here on
+          throw DistributedError(
+              std::string("aimass.dist: rank ") + std::to_string(j) + " did not take part in this rank's blocking " +
+              "broadcast #" + std::to_string(target) + " within " + std::to_string(deadline_s) +
+              " s: it has died, stopped, or calls its blocking broadcasts in another order (raise "
+              "AIMASS_COMM_TIMEOUT if it is only slow)");
+        }
+        backoff.pause(waited);
+      }
+      low = std::min(low, a);
+    }
+    settled_ = std::max(settled_, low);
+  }
+  // the peers' mismatches in entries this rank processed (their bad words change only then)
+  if (reported_upto_ < s) {
+    const uint64_t from = reported_upto_;
+    reported_upto_ = std::min(s, settled_);  // entries every rank processed: their reports are in
+    for (int j = 0; j < size_; ++j) {
+      if (j == rank_) continue;
+      const uint64_t b = ectl(j)->bad.load(std::memory_order_seq_cst);
+      if (b > from && b > reported_ && b <= s) {
+        reported_ = b;
+        throw DistributedError(std::string(ectl(j)->desc));
+      }
+    }
+  }
+}
+
+}  // namespace comm
+}  // namespace aimass
