@@ -311,6 +311,7 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
       r.kind == CollectiveKind::Allgather) {
     r.op = ReduceOp::Sum;  // not part of these collectives' agreement
   }
+  impl_->eager_settle();  // this rank's eager broadcasts first (raises a mismatch a peer reported)
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
   if (r.blocking && impl_->try_fast(r, *handle)) return handle;  // done in this thread (fast_path.cc)
