@@ -157,15 +157,17 @@ bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
            !stop_requested && running && (poisoned.empty() || !poisoned.count(std::string(c.name)));
   }
   ll->settle(deadline, comm::LLChannel::ring_lag());
-  comm::LLChannel::EagerSig sig;
-  sig.set(c.dtype, c.root, c.name, c.shape, c.ndim);
+  auto fill = [](comm::LLChannel::EagerSig& sig, const void* ctx) {
+    const auto& f = *static_cast<const FastCollective*>(ctx);
+    sig.set(f.dtype, f.root, f.name, f.shape, f.ndim);
+  };
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
   comm::LLChannel::Eager got;
   if (rank == c.root) {
-    got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), sig);
+    got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), fill, &c);
     if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) std::memcpy(c.output, c.input, nbytes);
   } else {
-    got = ll->eager_receive(hash, c.root, c.output, nbytes, sig, fallback);
+    got = ll->eager_receive(hash, c.root, c.output, nbytes, fill, &c, fallback);
   }
   if (got != comm::LLChannel::Eager::Done) return false;
   ll_collectives.fetch_add(1, std::memory_order_relaxed);

@@ -35,6 +35,7 @@ void copy_desc(char* dst, const std::string& s) {
 }  // namespace
 
 void LLChannel::EagerSig::set(DType dt, int r, std::string_view nm, const int64_t* sh, int nd) {
+  *this = EagerSig();
   dtype = static_cast<int32_t>(dt);
   root = r;
   ndim = nd;
@@ -56,7 +57,7 @@ void LLChannel::eager_ack(uint64_t s) {
   ectl(rank_)->acked.store(s, std::memory_order_seq_cst);
 }
 
-LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, const EagerSig& sig) {
+LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx) {
   post = post && bytes <= eager_bytes_;
   while (true) {
     const uint64_t s = eager_acked_ + 1;
@@ -71,7 +72,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
         e->hash = hash;
         e->bytes = bytes;
         e->root = rank_;
-        e->sig = sig;
+        fill(e->sig, ctx);
         if (bytes) std::memcpy(e->data(), data, bytes);
       } else {
         ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
@@ -90,7 +91,9 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
     }
     const int w = writer_of(st);
     if (kind_of(st) == kPosted) {  // another rank posted this broadcast as its root
-      const std::string msg = mismatch(rank_, sig.str(), w, e->sig.str(), true);
+      EagerSig mine;
+      fill(mine, ctx);
+      const std::string msg = mismatch(rank_, mine.str(), w, e->sig.str(), true);
       EagerCtl* me = ectl(rank_);
       copy_desc(me->desc, msg);
       me->bad.store(s, std::memory_order_seq_cst);
@@ -106,8 +109,8 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
   }
 }
 
-LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, size_t bytes, const EagerSig& sig,
-                                          double fallback_s) {
+LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill,
+                                          const void* ctx, double fallback_s) {
   const uint64_t s = eager_acked_ + 1;
   EagerEntry* e = entry(s);
   ll_wait::Backoff backoff;
@@ -128,7 +131,9 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
         last_posted_ = s;
         return Eager::Done;
       }
-      const std::string msg = mismatch(rank_, sig.str(), writer_of(st), e->sig.str(), false);
+      EagerSig mine;
+      fill(mine, ctx);
+      const std::string msg = mismatch(rank_, mine.str(), writer_of(st), e->sig.str(), false);
       EagerCtl* me = ectl(rank_);
       copy_desc(me->desc, msg);
       me->bad.store(s, std::memory_order_seq_cst);

@@ -165,7 +165,7 @@ class LLChannel {
   void done();  // this rank finished reading the completed attempt's slots
 
   // ---- eager broadcast (ll_eager.cc; see above)
-  static constexpr size_t kEagerMax = 16u << 10;  // the largest eager payload (if the slot is as large)
+  static constexpr size_t kEagerMax = 64u << 10;  // the largest eager payload (if the slot is as large)
   static constexpr size_t kEagerDesc = 440;       // a mismatch message, NUL-terminated
   // What a rank asked for (the mismatch message names it; formatted only then).
   struct EagerSig {
@@ -184,10 +184,13 @@ class LLChannel {
   // The root's side: post=true publishes `bytes` of `data` (<= eager_max()); post=false (or an entry
   // already claimed by the receivers) returns Normal. DistributedError when another rank posted this
   // entry as root (root mismatch).
-  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, const EagerSig& sig);
+  // `fill(sig, ctx)` writes this rank's request into a signature record (only when one is needed).
+  using SigFill = void (*)(EagerSig& sig, const void* ctx);
+  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx);
   // A receiver's side: copies the root's payload into `out` (Done), or Normal (see above).
   // DistributedError on a signature mismatch (desc: this rank's request, for the message).
-  Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, const EagerSig& sig, double fallback_s);
+  Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill, const void* ctx,
+                      double fallback_s);
   // Waits until every rank acknowledged the broadcasts this rank took part in but the last `lag`;
   // DistributedError when one did not within deadline_s, or when one reported a mismatch in an
   // entry this rank processed (once per mismatch). Every collective but a broadcast settles with
