@@ -218,6 +218,10 @@ struct CollectiveEngine::Impl {
   bool use_shm(int64_t count, DType wire) const;
   void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op);
   void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op);
+  // The hierarchical allreduce's cross-node step of one slice (cross_node.cc); cross_buf receives
+  // the peer node's slice.
+  void cross_allreduce(void* data, int64_t n, DType wire, ReduceOp op);
+  std::vector<char> cross_buf;
   ~Impl();
   void wait_req(MPI_Request* req, double spin_s, const char* what);
   void finish(Pending& p, CollectiveHandle::ErrorKind kind, const std::string& msg);

@@ -1,0 +1,103 @@
+"""The hierarchical allreduce across simulated nodes (AIMASS_RANKS_PER_NODE=2): shared-memory
+reduce-scatter inside each node, each local rank's slice exchanged with the other node over MPI
+point-to-point (one exchange for small slices, reduce-scatter + allgather between the two nodes
+from 1 MiB slices), shared-memory allgather. Odd sizes, every dtype and op, results identical on
+every rank. With 3 ranks the node sizes differ and every rank takes MPI_Allreduce."""
+import os
+
+import numpy as np
+import pytest
+
+DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
+OPS = ["sum", "average", "min", "max", "product"]
+
+
+@pytest.fixture(scope="module")
+def nodes(dist):
+    os.environ["AIMASS_RANKS_PER_NODE"] = "2"
+    try:
+        dist.shutdown()
+        dist.init()
+    finally:
+        del os.environ["AIMASS_RANKS_PER_NODE"]
+    dist.set_shm_min_bytes(0)
+    yield dist
+    dist.shutdown()
+    dist.init()
+
+
+def rank_data(seed, r, count, dtype):
+    rng = np.random.default_rng(seed * 1000 + r)
+    if dtype == "bool":
+        return rng.integers(0, 2, count).astype(bool)
+    if dtype == "uint8":
+        return rng.integers(0, 3, count).astype(dtype)
+    x = rng.integers(-2, 3, count).astype(dtype)  # products and sums stay exact in every dtype
+    if np.dtype(dtype).kind == "f":
+        x[::7] = -0.0 if r % 2 else 0.0  # signed zeros: min / max must pick alike on every rank
+    return x
+
+
+def reference(inputs, op, dtype):
+    if dtype == "bool":
+        st = np.stack(inputs)
+        return st.all(0) if op in ("min", "product") else st.any(0)
+    st = np.stack([x.astype(np.float64) for x in inputs])
+    if op == "sum":
+        return st.sum(0)
+    if op == "product":
+        return st.prod(0)
+    if op == "average":
+        ref = st.sum(0) / len(inputs)
+        return np.trunc(ref) if np.dtype(dtype).kind in "iu" else ref
+    return st.min(0) if op == "min" else st.max(0)
+
+
+def same_on_every_rank(d, out, name):
+    b = np.ascontiguousarray(out).reshape(-1).view(np.uint8).reshape(1, -1)
+    everyone = d.allgather(b, name=name)
+    assert (everyone == everyone[:1]).all(), "ranks disagree on the result bits"
+
+
+@pytest.mark.timeout(120)
+def test_every_dtype_and_op_odd_sizes(nodes):
+    d = nodes
+    n, r = d.size(), d.rank()
+    if n % 2 == 0:
+        assert d.local_size() == 2 and d.cross_size() == n // 2
+    for k, dtype in enumerate(DTYPES):
+        for op in OPS:
+            if dtype == "bool" and op == "average":
+                continue
+            for count in (1, 3, 1001, 70001):
+                inputs = [rank_data(k * 100 + count, i, count, dtype) for i in range(n)]
+                out = d.allreduce(inputs[r], op=op, name=f"hier.{dtype}.{op}.{count}")
+                ref = reference(inputs, op, dtype)
+                if op == "average" and np.dtype(dtype).kind == "f":
+                    np.testing.assert_allclose(out.astype(np.float64), ref, rtol=1e-3 if dtype == "float16" else 1e-6)
+                else:
+                    np.testing.assert_array_equal(out.astype(np.float64) if dtype != "bool" else out, ref)
+                if count == 1001:
+                    same_on_every_rank(d, out, f"hier.same.{dtype}.{op}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype,op", [("float32", "sum"), ("float32", "min"), ("float32", "average"),
+                                      ("int8", "max"), ("float16", "sum"), ("int64", "product")])
+def test_large_slices_take_the_two_step_exchange(nodes, dtype, op):
+    d = nodes
+    n, r = d.size(), d.rank()
+    count = (5 << 20) // np.dtype(dtype).itemsize + 13  # 5 MiB + odd: >= 1 MiB slices per local rank
+    inputs = [rank_data(77, i, count, dtype) for i in range(n)]
+    before = d.stats()["shm_allreduces"]
+    out = d.allreduce(inputs[r], op=op, name=f"hier.big.{dtype}.{op}")
+    assert d.stats()["shm_allreduces"] - before == (1 if n % 2 == 0 else 0)  # hierarchical iff equal nodes
+    ref = reference(inputs, op, dtype)
+    if op == "average":
+        np.testing.assert_allclose(out.astype(np.float64), ref, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(out.astype(np.float64), ref)
+    same_on_every_rank(d, out[:4099], f"hier.big.same.{dtype}.{op}")
+    x = inputs[r].copy()
+    assert d.allreduce_(x, op=op, name=f"hier.big_.{dtype}.{op}") is x
+    np.testing.assert_array_equal(x, out)
