@@ -61,17 +61,7 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
   }
   std::function<void(void*, int64_t)> cross;
   if (comm->cross_size() > 1) {
-    cross = [&](void* data, int64_t n) {  // a whole slice in single-copy mode: MPI counts are int
-      const size_t es = dtype_size(wire);
-      for (int64_t off = 0; off < n; off += kMaxChunk) {
-        MPI_Request req;
-        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(data) + off * es,
-                                 static_cast<int>(std::min(kMaxChunk, n - off)), mpi_type(wire), mpi_op(wire, op),
-                                 comm->cross_comm(), &req),
-                  "MPI_Iallreduce(cross-node)");
-        wait_req(&req, 1.0, "cross-node allreduce");
-      }
-    };
+    cross = [&](void* data, int64_t n) { cross_allreduce(data, n, wire, op); };  // (cross_node.cc)
   }
   shm_prepare(algos.pick(comm::AlgoKind::Allreduce, static_cast<uint64_t>(count) * dtype_size(wire)));
   shm->run(segs, count, wire, op, size, cross);
