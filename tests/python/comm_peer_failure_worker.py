@@ -53,6 +53,13 @@ def step(i):
             if r.shape[0] != 2 * x.shape[0] or r[0] != w / 2 or r[-1] != w / 2:
                 raise AssertionError(f"wrong allgather result {r[0]}, {r[-1]} != {w / 2}")
         return
+    if t["path"] == "llbc":  # blocking broadcasts, roots alternating: eager on the channel
+        for j, x in enumerate(xs):
+            root = (i + j) % 2
+            r = dist.broadcast(x if sub.Get_rank() == root else np.zeros_like(x), root, name=f"t{i}.{j}")
+            if r[0] != x[0] or r[-1] != x[-1]:
+                raise AssertionError(f"wrong broadcast result {r[0]} != {x[0]}")
+        return
     hs = [dist.allreduce_async(x, op="sum", name=f"t{i}.{j}") for j, x in enumerate(xs)]
     for h, w in zip(hs, want):
         r = dist.synchronize(h)

@@ -64,6 +64,9 @@ def trials():
     base = [t for t in out if t["path"] == "shm" and not t["fused"]]
     out += [dict(t, path="ll") for t in base if t["bytes"] <= 64 << 10]
     out += [dict(t, path="llag") for t in base if t["bytes"] <= 4 << 20]
+    # "llbc": blocking broadcasts, eager (the root returns before its peer read the data; a dead or
+    # stopped peer fails the root's later call within the deadline)
+    out += [dict(t, path="llbc") for t in base if t["bytes"] <= 64 << 10]
     return out
 
 

@@ -203,6 +203,7 @@ struct CollectiveEngine::Impl {
   const std::thread::id eager_thread = std::this_thread::get_id();
   bool eager_broadcast(FastCollective& c, size_t nbytes);
   void eager_settle();
+  void eager_settle_or_break(double deadline, uint64_t lag);
 
 
 

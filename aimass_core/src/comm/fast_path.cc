@@ -132,6 +132,25 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // against 1.0-1.2x); the 4 MiB boundary between them is not tuned.
 constexpr size_t kByAddressMaxBytes = size_t(4) << 20;
 
+// A peer that never acknowledged an eager broadcast within the deadline has died or stopped: the
+// engine cannot go on either (as when the caller-thread path finds a peer gone, below).
+void CollectiveEngine::Impl::eager_settle_or_break(double deadline, uint64_t lag) {
+  try {
+    ll->settle(deadline, lag);
+  } catch (const DistributedError& e) {
+    if (ll->peer_lost()) {
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        if (broken.empty()) broken = e.what();
+      }
+      fast_broke.store(true);
+      waker->notify(&waker->flush);
+      note_peer_failure();  // MPI_Finalize may now block: bound it
+    }
+    throw;
+  }
+}
+
 void CollectiveEngine::Impl::eager_settle() {
   if (!ll) return;
   std::lock_guard<std::mutex> el(eager_mu);
@@ -141,7 +160,7 @@ void CollectiveEngine::Impl::eager_settle() {
     std::lock_guard<std::mutex> lk(mu);
     deadline = opts.timeout_s;
   }
-  ll->settle(deadline);
+  eager_settle_or_break(deadline, 0);
 }
 
 // A blocking broadcast's turn in the eager stream (ll_shm.h): true when it completed there.
@@ -156,7 +175,7 @@ bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
     post = opts.ll_max_bytes != 0 && broken.empty() && !waker->stalled.load(std::memory_order_relaxed) &&
            !stop_requested && running && (poisoned.empty() || !poisoned.count(std::string(c.name)));
   }
-  ll->settle(deadline, comm::LLChannel::ring_lag());
+  eager_settle_or_break(deadline, comm::LLChannel::ring_lag());
   auto fill = [](comm::LLChannel::EagerSig& sig, const void* ctx) {
     const auto& f = *static_cast<const FastCollective*>(ctx);
     sig.set(f.dtype, f.root, f.name, f.shape, f.ndim);

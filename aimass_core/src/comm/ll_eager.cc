@@ -179,6 +179,7 @@ void LLChannel::settle(double deadline_s, uint64_t lag) {
         else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
         if (waited > deadline_s) {
           settled_ = s;  // reported once; the stream may be out of step from here on
+          peer_lost_ = true;
           throw DistributedError(
               std::string("aimass.dist: rank ") + std::to_string(j) + " did not take part in this rank's blocking " +
               "broadcast #" + std::to_string(target) + " within " + std::to_string(deadline_s) +

@@ -198,6 +198,8 @@ class LLChannel {
   void settle(double deadline_s, uint64_t lag = 0);
   bool settled() const { return settled_ >= last_posted_ && reported_upto_ >= last_posted_; }
   static constexpr uint64_t ring_lag() { return kRing - 1; }
+  // settle() gave up on a peer that never acknowledged (dead or stopped): the engine is broken.
+  bool peer_lost() const { return peer_lost_; }
   uint64_t eager_posted() const { return eager_posted_; }
 
  private:
@@ -287,6 +289,7 @@ class LLChannel {
   uint64_t settled_ = 0;        // every rank acknowledged the entries up to this one
   uint64_t reported_upto_ = 0;  // the peers' mismatches in entries up to this one were looked at
   uint64_t reported_ = 0;       // the last entry whose mismatch this rank raised
+  bool peer_lost_ = false;
   uint64_t last_posted_ = 0;    // the last posted entry this rank processed (what settle() waits for)
   uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
