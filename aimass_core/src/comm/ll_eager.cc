@@ -1,4 +1,8 @@
 // Eager broadcast through the low-latency segment (see "Eager broadcast" in ll_shm.h).
+#include <signal.h>
+
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -31,6 +35,25 @@ void copy_desc(char* dst, const std::string& s) {
   const size_t n = std::min(s.size(), LLChannel::kEagerDesc - 1);
   std::memcpy(dst, s.data(), n);
   dst[n] = '\0';
+}
+// A peer process that has exited, is a zombie or is stopped (SIGSTOP, a debugger) will not
+// acknowledge anything: the engine is broken. A live one that only did not take part is a
+// program error, raised without breaking the engine.
+bool process_gone(int pid) {
+  if (pid <= 0) return false;
+  if (kill(pid, 0) != 0 && errno == ESRCH) return true;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  FILE* f = std::fopen(path, "r");
+  if (!f) return false;
+  char buf[512];
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = '\0';
+  const char* close = std::strrchr(buf, ')');  // "pid (comm) state ..."
+  if (!close || close[1] != ' ') return false;
+  const char st = close[2];
+  return st == 'T' || st == 't' || st == 'Z' || st == 'X';
 }
 }  // namespace
 
@@ -179,7 +202,7 @@ void LLChannel::settle(double deadline_s, uint64_t lag) {
         else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
         if (waited > deadline_s) {
           settled_ = s;  // reported once; the stream may be out of step from here on
-          peer_lost_ = true;
+          peer_lost_ = process_gone(static_cast<int>(ctl(j)->pid.load(std::memory_order_relaxed)));
           throw DistributedError(
               std::string("aimass.dist: rank ") + std::to_string(j) + " did not take part in this rank's blocking " +
               "broadcast #" + std::to_string(target) + " within " + std::to_string(deadline_s) +

@@ -198,7 +198,8 @@ class LLChannel {
   void settle(double deadline_s, uint64_t lag = 0);
   bool settled() const { return settled_ >= last_posted_ && reported_upto_ >= last_posted_; }
   static constexpr uint64_t ring_lag() { return kRing - 1; }
-  // settle() gave up on a peer that never acknowledged (dead or stopped): the engine is broken.
+  // settle() gave up on a peer that never acknowledged and whose process is gone or stopped: the
+  // engine is broken (a live peer that only did not take part is raised without breaking it).
   bool peer_lost() const { return peer_lost_; }
   uint64_t eager_posted() const { return eager_posted_; }
 
