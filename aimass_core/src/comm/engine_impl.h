@@ -204,6 +204,7 @@ struct CollectiveEngine::Impl {
   bool eager_broadcast(FastCollective& c, size_t nbytes);
   void eager_settle();
   void eager_settle_or_break(double deadline, uint64_t lag);
+  void fast_path_broke(const char* what);  // a peer found dead or stopped: the engine is broken
 
 
 

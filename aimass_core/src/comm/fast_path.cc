@@ -138,17 +138,21 @@ void CollectiveEngine::Impl::eager_settle_or_break(double deadline, uint64_t lag
   try {
     ll->settle(deadline, lag);
   } catch (const DistributedError& e) {
-    if (ll->peer_lost()) {
-      {
-        std::lock_guard<std::mutex> lk(mu);
-        if (broken.empty()) broken = e.what();
-      }
-      fast_broke.store(true);
-      waker->notify(&waker->flush);
-      note_peer_failure();  // MPI_Finalize may now block: bound it
-    }
+    if (ll->peer_lost()) fast_path_broke(e.what());
     throw;
   }
+}
+
+// The caller-thread path found a peer dead or stopped: later calls raise at once, the background
+// thread leaves at its next wait, and MPI_Finalize is bounded.
+void CollectiveEngine::Impl::fast_path_broke(const char* what) {
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (broken.empty()) broken = what;
+  }
+  fast_broke.store(true);
+  waker->notify(&waker->flush);
+  note_peer_failure();
 }
 
 void CollectiveEngine::Impl::eager_settle() {
@@ -246,13 +250,7 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
   try {
     fast_data(c, nbytes, deadline);
   } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      if (broken.empty()) broken = e.what();
-    }
-    fast_broke.store(true);
-    waker->notify(&waker->flush);
-    note_peer_failure();  // MPI_Finalize may now block: bound it
+    fast_path_broke(e.what());
     throw;
   }
   ll_collectives.fetch_add(1, std::memory_order_relaxed);

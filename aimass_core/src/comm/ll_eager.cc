@@ -75,6 +75,21 @@ std::string LLChannel::EagerSig::str() const {
   return s + "], root " + std::to_string(root) + ")";
 }
 
+// Entry s (written by rank `other`) does not match this rank's request: posted for every peer to
+// raise at its next collective, acknowledged, raised here.
+void LLChannel::mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx, bool as_root) {
+  EagerSig mine;
+  fill(mine, ctx);
+  const std::string msg = mismatch(rank_, mine.str(), other, e->sig.str(), as_root);
+  EagerCtl* me = ectl(rank_);
+  copy_desc(me->desc, msg);
+  me->bad.store(s, std::memory_order_seq_cst);
+  eager_ack(s);
+  last_posted_ = s;
+  reported_ = s;  // raised here: not again when a peer reports the same entry
+  throw DistributedError(msg);
+}
+
 void LLChannel::eager_ack(uint64_t s) {
   eager_acked_ = s;
   ectl(rank_)->acked.store(s, std::memory_order_seq_cst);
@@ -114,16 +129,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
     }
     const int w = writer_of(st);
     if (kind_of(st) == kPosted) {  // another rank posted this broadcast as its root
-      EagerSig mine;
-      fill(mine, ctx);
-      const std::string msg = mismatch(rank_, mine.str(), w, e->sig.str(), true);
-      EagerCtl* me = ectl(rank_);
-      copy_desc(me->desc, msg);
-      me->bad.store(s, std::memory_order_seq_cst);
-      eager_ack(s);
-      last_posted_ = s;
-      reported_ = s;  // raised here: not again when a peer reports the same entry
-      throw DistributedError(msg);
+      mismatch_at(s, w, e, fill, ctx, true);
     }
     // claimed by receivers that went the normal way: join them when they went for this broadcast,
     // else (a broadcast this rank ran through its engine, which they joined there) skip the entry
@@ -154,16 +160,7 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
         last_posted_ = s;
         return Eager::Done;
       }
-      EagerSig mine;
-      fill(mine, ctx);
-      const std::string msg = mismatch(rank_, mine.str(), writer_of(st), e->sig.str(), false);
-      EagerCtl* me = ectl(rank_);
-      copy_desc(me->desc, msg);
-      me->bad.store(s, std::memory_order_seq_cst);
-      eager_ack(s);
-      last_posted_ = s;
-      reported_ = s;  // raised here: not again when a peer reports the same entry
-      throw DistributedError(msg);
+      mismatch_at(s, writer_of(st), e, fill, ctx, false);
     }
     // not posted yet: the root is late, or runs this broadcast through its engine (busy there)
     if (backoff.iter == 0) start = Clock::now();

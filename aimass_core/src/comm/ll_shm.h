@@ -271,6 +271,8 @@ class LLChannel {
     return std::min(kEagerMax, (slot_bytes + 127) / 128 * 128);
   }
   void eager_ack(uint64_t s);
+  [[noreturn]] void mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx,
+                                bool as_root);
   void attach(void* memory, size_t slot_bytes);
 
   int rank_ = 0, size_ = 1;
