@@ -63,3 +63,38 @@ def pytest_sessionfinish(session, exitstatus):
                 tr.short_test_summary()
                 tr._tw.flush()
             MPI.COMM_WORLD.Abort(1)
+
+
+@pytest.fixture
+def in_threads(dist):
+    """in_threads(step, threads=3, steps=40): runs step(tid, i) for i in range(steps) on each of `threads`
+    threads, each sleeping up to 1 ms before some steps (seeded per rank and thread, so threads interleave
+    differently on each rank); step returns an error text or None. Fails with the first errors."""
+    import threading
+    import time
+
+    import numpy as np
+
+    def run(step, threads=3, steps=40):
+        errors = []
+
+        def worker(tid):
+            try:
+                rng = np.random.default_rng(tid * 13 + dist.rank())
+                for i in range(steps):
+                    if rng.random() < 0.2:
+                        time.sleep(rng.random() * 1e-3)
+                    err = step(tid, i)
+                    if err:
+                        errors.append(f"thread {tid} step {i}: {err}")
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"thread {tid}: {type(e).__name__}: {e}")
+
+        ts = [threading.Thread(target=worker, args=(tid,)) for tid in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors[:3]
+
+    return run

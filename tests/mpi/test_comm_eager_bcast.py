@@ -2,7 +2,6 @@
 and returns without waiting for its receivers; a mismatch still raises DistributedError on every
 rank (the receivers at once, the root at its next collective), and nothing hangs."""
 import os
-import threading
 import time
 
 import numpy as np
@@ -151,33 +150,18 @@ def test_receiver_that_never_comes_fails_the_root_within_the_deadline(dist):
 
 
 @pytest.mark.timeout(90)
-def test_broadcasts_from_threads_interleaving_differently_per_rank(ll):
+def test_broadcasts_from_threads_interleaving_differently_per_rank(ll, in_threads):
     """Only the thread that started aimass.dist posts eagerly; other threads' broadcasts keep the
     name-matched paths, so broadcasts that interleave differently on each rank still pair by name."""
     d = ll
     n, r = d.size(), d.rank()
-    errors = []
 
-    def worker(tid):
-        try:
-            rng = np.random.default_rng(tid * 7 + r)
-            for i in range(15):
-                if rng.random() < 0.3:
-                    time.sleep(rng.random() * 1e-3)
-                root = (tid + i) % n
-                got = d.broadcast(np.full(3, tid * 100 + i if r == root else -1, np.int32), root,
-                                  name=f"eb.t{tid}.{i}")
-                if not (got == tid * 100 + i).all():
-                    errors.append(f"thread {tid} step {i}: {got}")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"thread {tid}: {type(e).__name__}: {e}")
+    def step(tid, i):
+        root = (tid + i) % n
+        got = d.broadcast(np.full(3, tid * 100 + i if r == root else -1, np.int32), root, name=f"eb.t{tid}.{i}")
+        return None if (got == tid * 100 + i).all() else str(got)
 
-    threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    in_threads(step, steps=15)
     # and the main thread's eager stream is unaffected
     got = d.broadcast(np.full(2, 5 if r == 0 else 0, np.int16), 0, name="eb.t.after")
     np.testing.assert_array_equal(got, [5, 5])

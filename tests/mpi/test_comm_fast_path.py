@@ -2,7 +2,6 @@
 channel (docs/comm.md). Results must equal the engine's path bit for bit; anything irregular
 (mismatched arguments, async work queued on some rank, threads, slow peers) must fall back to
 the engine and keep its guarantees (a mismatch raises DistributedError, never hangs)."""
-import threading
 import time
 
 import numpy as np
@@ -156,29 +155,15 @@ def test_interleaves_with_async_ops_in_any_order(ll):
 
 
 @pytest.mark.timeout(90)
-def test_concurrent_threads(ll):
+def test_concurrent_threads(ll, in_threads):
     d = ll
-    n, r = d.size(), d.rank()
-    errors = []
+    n = d.size()
 
-    def worker(tid):
-        try:
-            rng = np.random.default_rng(tid * 13 + r)
-            for i in range(40):
-                if rng.random() < 0.2:
-                    time.sleep(rng.random() * 1e-3)  # threads interleave differently on each rank
-                got = d.allreduce(np.full(4, float(tid + i), np.float32), op="sum", name=f"ll.t{tid}.{i}")
-                if not (got == (tid + i) * n).all():
-                    errors.append(f"thread {tid} step {i}: {got}")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"thread {tid}: {type(e).__name__}: {e}")
+    def step(tid, i):
+        got = d.allreduce(np.full(4, float(tid + i), np.float32), op="sum", name=f"ll.t{tid}.{i}")
+        return None if (got == (tid + i) * n).all() else str(got)
 
-    threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    in_threads(step)
 
 
 @pytest.mark.timeout(60)
