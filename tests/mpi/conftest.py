@@ -98,3 +98,13 @@ def in_threads(dist):
         assert not errors, errors[:3]
 
     return run
+
+
+@pytest.fixture
+def ll(dist):
+    """dist with the caller-thread low-latency channel (one node); its size limit restored afterwards."""
+    eng = dist._require_engine()
+    if not eng.ll_slot_bytes:
+        pytest.skip("no low-latency channel (ranks on several nodes, or AIMASS_LL_MAX_BYTES=0)")
+    yield dist
+    dist.set_ll_max_bytes(eng.ll_slot_bytes)

@@ -10,14 +10,6 @@ import pytest
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
 
 
-@pytest.fixture
-def ll(dist):
-    eng = dist._require_engine()
-    if not eng.ll_slot_bytes:
-        pytest.skip("no low-latency channel (ranks on several nodes, or AIMASS_LL_MAX_BYTES=0)")
-    yield dist
-
-
 def payload(seed, count, dtype):
     rng = np.random.default_rng(seed)
     if dtype == "bool":

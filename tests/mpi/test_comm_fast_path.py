@@ -11,15 +11,6 @@ DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "i
 OPS = ["sum", "average", "min", "max", "product"]
 
 
-@pytest.fixture
-def ll(dist):
-    eng = dist._require_engine()
-    if not eng.ll_slot_bytes:
-        pytest.skip("no low-latency channel (ranks on several nodes, or AIMASS_LL_MAX_BYTES=0)")
-    yield dist
-    dist.set_ll_max_bytes(eng.ll_slot_bytes)
-
-
 def data(seed, rank, count, dtype):
     rng = np.random.default_rng(seed * 101 + rank)
     if dtype == "bool":
