@@ -233,3 +233,93 @@ TEST(CommLL, WaitReadersGivesUpOnAReaderThatNeverFinishes) {
 }
 
 }  // namespace
+
+// ---- eager broadcast (ll_eager.cc)
+namespace {
+void fill_sig(LLChannel::EagerSig& s, const void* ctx) {
+  const int64_t shape[1] = {*static_cast<const int64_t*>(ctx)};
+  s.set(aimass::DType::I64, 0, "eager.test", shape, 1);
+}
+}  // namespace
+
+// Rotating roots, far more broadcasts than the ring holds, receivers that lag: every payload
+// arrives intact and in order, and the roots never wait for more than the ring's room.
+TEST(LLEager, StreamOfBroadcastsFromRotatingRoots) {
+  constexpr int L = 3, kOps = 200;
+  Segment seg(L);
+  std::vector<std::string> errors(L);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LLChannel ch(r, L, seg.mem, kSlot);
+        for (int op = 0; op < kOps; ++op) {
+          const int root = op % L;
+          int64_t n = 1 + op % 20;
+          std::vector<int64_t> buf(static_cast<size_t>(n), -1);
+          if (r == root)
+            for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = payload_value(root, op, static_cast<int>(i));
+          if (r == 2 && op % 17 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // a lagging rank
+          ch.settle(10.0, LLChannel::ring_lag());
+          const uint64_t hash = 0x1000u + static_cast<uint64_t>(op);
+          const size_t bytes = static_cast<size_t>(n) * 8;
+          const auto got = r == root ? ch.eager_root(hash, buf.data(), bytes, true, fill_sig, &n)
+                                     : ch.eager_receive(hash, root, buf.data(), bytes, fill_sig, &n, 10.0);
+          if (got != LLChannel::Eager::Done) throw std::runtime_error("op " + std::to_string(op) + " not eager");
+          for (int64_t i = 0; i < n; ++i)
+            if (buf[static_cast<size_t>(i)] != payload_value(root, op, static_cast<int>(i)))
+              throw std::runtime_error("op " + std::to_string(op) + ": wrong payload");
+        }
+        ch.settle(10.0);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+// A receiver whose signature differs raises at once naming both sides; the root's broadcast went
+// through and its next settle raises the same message, once; the stream goes on.
+TEST(LLEager, MismatchRaisesOnTheReceiverAtOnceAndOnTheRootAtItsNextCollective) {
+  Segment seg(2);
+  LLChannel root(0, 2, seg.mem, kSlot), recv(1, 2, seg.mem, kSlot);
+  int64_t n2 = 2, n3 = 3;
+  int64_t data[3] = {7, 8, 9}, out[3] = {0, 0, 0};
+  ASSERT_EQ(root.eager_root(42, data, 16, true, fill_sig, &n2), LLChannel::Eager::Done);
+  try {
+    recv.eager_receive(43, 0, out, 24, fill_sig, &n3, 1.0);
+    FAIL() << "no mismatch raised";
+  } catch (const aimass::DistributedError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("different arguments"), std::string::npos) << m;
+    EXPECT_NE(m.find("int64[3]"), std::string::npos) << m;
+    EXPECT_NE(m.find("int64[2]"), std::string::npos) << m;
+  }
+  EXPECT_THROW(root.settle(1.0), aimass::DistributedError);
+  EXPECT_NO_THROW(root.settle(1.0));  // once
+  EXPECT_NO_THROW(recv.settle(1.0));  // the receiver raised it already
+  ASSERT_EQ(root.eager_root(44, data, 24, true, fill_sig, &n3), LLChannel::Eager::Done);
+  ASSERT_EQ(recv.eager_receive(44, 0, out, 24, fill_sig, &n3, 1.0), LLChannel::Eager::Done);
+  EXPECT_EQ(out[2], 9);
+}
+
+// A receiver whose root does not post within the fallback window claims the entry; the root then
+// joins it on the normal path (same signature) or skips the claimed entry (another signature);
+// a root that waits for a receiver that never comes raises within the deadline.
+TEST(LLEager, ClaimsAlignTheStreamAndSettleHonoursTheDeadline) {
+  Segment seg(2);
+  LLChannel root(0, 2, seg.mem, kSlot), recv(1, 2, seg.mem, kSlot);
+  int64_t n = 1, x = 5, y = 0;
+  EXPECT_EQ(recv.eager_receive(7, 0, &y, 8, fill_sig, &n, 0.01), LLChannel::Eager::Normal);  // claims entry 1
+  EXPECT_EQ(root.eager_root(7, &x, 8, true, fill_sig, &n), LLChannel::Eager::Normal);        // joins it
+  EXPECT_EQ(recv.eager_receive(8, 0, &y, 8, fill_sig, &n, 0.01), LLChannel::Eager::Normal);  // claims entry 2
+  EXPECT_EQ(root.eager_root(9, &x, 8, true, fill_sig, &n), LLChannel::Eager::Done);          // skips it, posts 3
+  EXPECT_EQ(recv.eager_receive(9, 0, &y, 8, fill_sig, &n, 1.0), LLChannel::Eager::Done);
+  EXPECT_EQ(y, 5);
+  ASSERT_EQ(root.eager_root(10, &x, 8, true, fill_sig, &n), LLChannel::Eager::Done);  // nobody receives it
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THROW(root.settle(0.2), aimass::DistributedError);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+}
