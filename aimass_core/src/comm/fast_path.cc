@@ -170,12 +170,11 @@ void CollectiveEngine::Impl::eager_settle() {
 // A blocking broadcast's turn in the eager stream (ll_shm.h): true when it completed there.
 bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
   std::lock_guard<std::mutex> el(eager_mu);
-  double deadline, fallback;
-  bool post;
-  {
+  // (the timeout and the fallback window are fixed at construction: no lock needed to read them)
+  const double deadline = opts.timeout_s, fallback = opts.ll_fallback_s;
+  bool post = false;
+  if (rank == c.root) {  // whether this root may post: only it needs the engine's state
     std::lock_guard<std::mutex> lk(mu);
-    deadline = opts.timeout_s;
-    fallback = opts.ll_fallback_s;
     post = opts.ll_max_bytes != 0 && broken.empty() && !waker->stalled.load(std::memory_order_relaxed) &&
            !stop_requested && running && (poisoned.empty() || !poisoned.count(std::string(c.name)));
   }
