@@ -154,3 +154,111 @@ TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
   if (!a.w) EXPECT_THROW(conv::run_direct(a, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
   EXPECT_THROW(conv::run_winograd(d, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
 }
+
+namespace {
+
+// y = relu?(conv(x) + bias + res) for any kernel, stride, padding and dilation (groups 1), in double
+std::vector<double> reference_any(const Conv2dShape& s, int64_t N, const std::vector<float>& x,
+                                  const std::vector<float>& w, const float* bias, const float* res, bool relu) {
+  std::vector<double> y(static_cast<size_t>(N * s.O * s.OH * s.OW));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < s.O; ++o)
+      for (int64_t oh = 0; oh < s.OH; ++oh)
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          double acc = 0;
+          for (int64_t c = 0; c < s.C; ++c)
+            for (int64_t kh = 0; kh < s.KH; ++kh)
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                const int64_t ih = oh * s.SH - s.PH + kh * s.DH, iw = ow * s.SW - s.PW + kw * s.DW;
+                if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
+                acc += double(w[((o * s.C + c) * s.KH + kh) * s.KW + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
+              }
+          const size_t i = static_cast<size_t>(((n * s.O + o) * s.OH + oh) * s.OW + ow);
+          if (bias) acc += bias[o];
+          if (res) acc += res[i];
+          y[i] = relu ? std::max(acc, 0.0) : acc;
+        }
+  return y;
+}
+
+Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad) {
+  return Conv2dShape{C, H, W, O, k, k, stride, stride, pad, pad, 1, 1, 1, (H + 2 * pad - k) / stride + 1,
+                     (W + 2 * pad - k) / stride + 1};
+}
+
+}  // namespace
+
+// The direct path's work split: long panel groups (one K-slice, planes >= kLongPlane, not reducing)
+// and the two-panel groups, in-place 1x1 panels, panels crossing samples, K-slices, odd sizes,
+// strides 1 and 2, the 7x7/2 stem, at every SIMD level and 1 and 2 threads, against double.
+TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
+  struct DCase {
+    int64_t C, H, W, O, k, stride, pad, N;
+    bool bias, res, relu, long_group;
+  };
+  const DCase cases[] = {
+      {16, 20, 20, 24, 1, 1, 0, 3, true, true, true, true},     // 1x1 expand: in place, 400 px (panels cross samples)
+      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane, O off the 8-row blocks, tail panel
+      {64, 17, 17, 8, 1, 1, 0, 2, true, true, false, false},    // reducing 1x1 (not long): 289 px
+      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices in place
+      {3, 37, 37, 10, 7, 2, 3, 2, true, false, true, true},     // the 7x7/2 stem, 147 taps in one slice
+      {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
+      {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)
+      {8, 9, 9, 8, 3, 1, 1, 5, true, true, true, false},        // small plane (81 px) at batch 5
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(11);
+  for (const DCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, k.stride, k.pad);
+    const std::vector<float> x = randv(rng, static_cast<size_t>(k.N * k.C * k.H * k.W), 1.f);
+    const int64_t taps = k.C * k.k * k.k;
+    const std::vector<float> w = randv(rng, static_cast<size_t>(k.O * taps), 1.f / std::sqrt(float(taps)));
+    const std::vector<float> b = randv(rng, static_cast<size_t>(k.O), 0.5f);
+    const size_t ny = static_cast<size_t>(k.N * k.O * s.OH * s.OW);
+    const std::vector<float> r = randv(rng, ny, 1.f);
+    const float* bias = k.bias ? b.data() : nullptr;
+    const float* res = k.res ? r.data() : nullptr;
+    const std::vector<double> want = reference_any(s, k.N, x, w, bias, res, k.relu);
+    double scale = 1e-30;
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+    conv::PackedConv pc(w.data(), bias, s, conv::PackedConv::kNoWino);
+    ASSERT_NE(pc.w, nullptr);
+    EXPECT_EQ(conv::long_group_ok(s, pc.Kc, pc.KS), k.long_group) << "C" << k.C << " k" << k.k << " O" << k.O;
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      for (int t : {1, 2}) {
+        aimass::set_num_threads(t);
+        std::vector<float> y(ny, std::numeric_limits<float>::quiet_NaN());
+        conv::run_direct(pc, x.data(), k.N, res, k.relu, y.data());
+        for (size_t i = 0; i < ny; ++i)
+          ASSERT_NEAR(y[i], want[i], 2e-6 * scale)
+              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << "/" << k.stride << " N"
+              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
+      }
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvDirect, GroupPanelsBounds) {
+  // short groups: two panels (or all of them when fewer)
+  EXPECT_EQ(conv::group_panels(100, 64, false, 1), conv::kGroupPanels);
+  EXPECT_EQ(conv::group_panels(1, 64, false, 1), 1);
+  EXPECT_EQ(conv::group_panels(1, 64, true, 2), 1);
+  for (int64_t npt : {1, 3, 7, 49, 98, 784})
+    for (int64_t kc : {1, 27, 64, 147, 256})
+      for (int64_t t : {1, 2, 4}) {
+        const int64_t g = conv::group_panels(npt, kc, true, t);
+        EXPECT_GE(g, std::min(conv::kGroupPanels, npt));
+        EXPECT_LE(g, std::min(conv::kMaxGroupPanels, npt));
+        // within the L2 budget, and two groups per thread, unless that is below the two-panel floor
+        if (g > conv::kGroupPanels) {
+          EXPECT_LE(g * kc * conv::kNR * int64_t(sizeof(float)), conv::kGroupBytes);
+          EXPECT_GE(npt / g, 2 * t);
+        }
+      }
+  // ResNet-50's 56x56 64 -> 256 1x1 at batch 1, one thread: 98 panels in long groups of 32
+  EXPECT_EQ(conv::group_panels(98, 64, true, 1), 32);
+}
