@@ -1,8 +1,9 @@
-// The Winograd F(2x2, 3x3) conv path (runtime/ops_conv.h) against a double-precision direct
-// convolution and against the direct packed kernel, at every SIMD level this CPU runs and at 1
-// and 2 threads: odd output sizes (tiles clipped at the edge), padding 0-2, tile panels that
-// cross samples, K-slices (C > 128), output channels off the 8-row blocks, bias / residual /
-// ReLU epilogues, and the per-batch choice between the two paths.
+// The conv paths (runtime/ops_conv.h) against a double-precision direct convolution, at every SIMD
+// level this CPU runs and at 1 and 2 threads. Winograd F(2x2, 3x3), also against the direct packed
+// kernel: odd output sizes (tiles clipped at the edge), padding 0-2, tile panels that cross
+// samples, K-slices (C > 128), output channels off the 8-row blocks, bias / residual / ReLU
+// epilogues, and the per-batch choice between the two paths. The direct path: long and two-panel
+// groups, in-place and packed 1x1 panels, strides 1 and 2, the 7x7/2 stem, K-slices.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -35,9 +36,9 @@ Conv2dShape shape3x3(int64_t C, int64_t H, int64_t W, int64_t O, int64_t pad) {
   return s;
 }
 
-// y = relu?(conv(x) + bias + res), in double
-std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector<float>& x, const std::vector<float>& w,
-                              const float* bias, const float* res, bool relu) {
+// y = relu?(conv(x) + bias + res) for any kernel, stride, padding and dilation (groups 1), in double
+std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector<float>& x,
+                              const std::vector<float>& w, const float* bias, const float* res, bool relu) {
   std::vector<double> y(static_cast<size_t>(N * s.O * s.OH * s.OW));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t o = 0; o < s.O; ++o)
@@ -45,11 +46,11 @@ std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector
         for (int64_t ow = 0; ow < s.OW; ++ow) {
           double acc = 0;
           for (int64_t c = 0; c < s.C; ++c)
-            for (int64_t kh = 0; kh < 3; ++kh)
-              for (int64_t kw = 0; kw < 3; ++kw) {
-                const int64_t ih = oh - s.PH + kh, iw = ow - s.PW + kw;
+            for (int64_t kh = 0; kh < s.KH; ++kh)
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                const int64_t ih = oh * s.SH - s.PH + kh * s.DH, iw = ow * s.SW - s.PW + kw * s.DW;
                 if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
-                acc += double(w[((o * s.C + c) * 3 + kh) * 3 + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
+                acc += double(w[((o * s.C + c) * s.KH + kh) * s.KW + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
               }
           const size_t i = static_cast<size_t>(((n * s.O + o) * s.OH + oh) * s.OW + ow);
           if (bias) acc += bias[o];
@@ -65,6 +66,31 @@ std::vector<float> randv(std::mt19937& rng, size_t n, float scale) {
   for (auto& e : v) e = d(rng);
   return v;
 }
+
+// Random input, weights (scaled by 1/sqrt(taps)), bias and residual for one conv, and the double
+// reference of relu?(conv(x) + bias + res) with its largest magnitude.
+struct ConvData {
+  std::vector<float> x, w, b, r;
+  const float* bias;
+  const float* res;
+  std::vector<double> want;
+  double scale = 1e-30;
+  size_t ny;
+  ConvData(std::mt19937& rng, const Conv2dShape& s, int64_t N, bool with_bias, bool with_res, bool relu) {
+    const int64_t taps = s.C * s.KH * s.KW;
+    x = randv(rng, static_cast<size_t>(N * s.C * s.H * s.W), 1.f);
+    w = randv(rng, static_cast<size_t>(s.O * taps), 1.f / std::sqrt(float(taps)));
+    b = randv(rng, static_cast<size_t>(s.O), 0.5f);
+    ny = static_cast<size_t>(N * s.O * s.OH * s.OW);
+    r = randv(rng, ny, 1.f);
+    bias = with_bias ? b.data() : nullptr;
+    res = with_res ? r.data() : nullptr;
+    want = reference(s, N, x, w, bias, res, relu);
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+  }
+  ConvData(const ConvData&) = delete;  // bias / res point into this object
+  ConvData& operator=(const ConvData&) = delete;
+};
 
 struct Case {
   int64_t C, H, W, O, pad, N;
@@ -88,17 +114,13 @@ TEST(RuntimeConvWinograd, MatchesDoubleReferenceAndDirectKernel) {
   for (const Case& k : cases) {
     const Conv2dShape s = shape3x3(k.C, k.H, k.W, k.O, k.pad);
     ASSERT_TRUE(conv::wino_eligible(s));
-    const std::vector<float> x = randv(rng, static_cast<size_t>(k.N * k.C * k.H * k.W), 1.f);
-    const std::vector<float> w = randv(rng, static_cast<size_t>(k.O * k.C * 9), 1.f / std::sqrt(9.f * k.C));
-    const std::vector<float> b = randv(rng, static_cast<size_t>(k.O), 0.5f);
-    const size_t ny = static_cast<size_t>(k.N * k.O * s.OH * s.OW);
-    const std::vector<float> r = randv(rng, ny, 1.f);
-    const float* bias = k.bias ? b.data() : nullptr;
-    const float* res = k.res ? r.data() : nullptr;
-    const std::vector<double> want = reference(s, k.N, x, w, bias, res, k.relu);
-    double scale = 1e-30;
-    for (double v : want) scale = std::max(scale, std::fabs(v));
-    conv::PackedConv pc(w.data(), bias, s, conv::PackedConv::kBoth);
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    const std::vector<float>& x = d.x;
+    const float* res = d.res;
+    const std::vector<double>& want = d.want;
+    const double scale = d.scale;
+    const size_t ny = d.ny;
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kBoth);
     ASSERT_NE(pc.u, nullptr);
     ASSERT_NE(pc.w, nullptr);
     for (SimdLevel lv : levels()) {
@@ -157,30 +179,6 @@ TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
 
 namespace {
 
-// y = relu?(conv(x) + bias + res) for any kernel, stride, padding and dilation (groups 1), in double
-std::vector<double> reference_any(const Conv2dShape& s, int64_t N, const std::vector<float>& x,
-                                  const std::vector<float>& w, const float* bias, const float* res, bool relu) {
-  std::vector<double> y(static_cast<size_t>(N * s.O * s.OH * s.OW));
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t o = 0; o < s.O; ++o)
-      for (int64_t oh = 0; oh < s.OH; ++oh)
-        for (int64_t ow = 0; ow < s.OW; ++ow) {
-          double acc = 0;
-          for (int64_t c = 0; c < s.C; ++c)
-            for (int64_t kh = 0; kh < s.KH; ++kh)
-              for (int64_t kw = 0; kw < s.KW; ++kw) {
-                const int64_t ih = oh * s.SH - s.PH + kh * s.DH, iw = ow * s.SW - s.PW + kw * s.DW;
-                if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
-                acc += double(w[((o * s.C + c) * s.KH + kh) * s.KW + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
-              }
-          const size_t i = static_cast<size_t>(((n * s.O + o) * s.OH + oh) * s.OW + ow);
-          if (bias) acc += bias[o];
-          if (res) acc += res[i];
-          y[i] = relu ? std::max(acc, 0.0) : acc;
-        }
-  return y;
-}
-
 Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad) {
   return Conv2dShape{C, H, W, O, k, k, stride, stride, pad, pad, 1, 1, 1, (H + 2 * pad - k) / stride + 1,
                      (W + 2 * pad - k) / stride + 1};
@@ -211,28 +209,18 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
   std::mt19937 rng(11);
   for (const DCase& k : cases) {
     const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, k.stride, k.pad);
-    const std::vector<float> x = randv(rng, static_cast<size_t>(k.N * k.C * k.H * k.W), 1.f);
-    const int64_t taps = k.C * k.k * k.k;
-    const std::vector<float> w = randv(rng, static_cast<size_t>(k.O * taps), 1.f / std::sqrt(float(taps)));
-    const std::vector<float> b = randv(rng, static_cast<size_t>(k.O), 0.5f);
-    const size_t ny = static_cast<size_t>(k.N * k.O * s.OH * s.OW);
-    const std::vector<float> r = randv(rng, ny, 1.f);
-    const float* bias = k.bias ? b.data() : nullptr;
-    const float* res = k.res ? r.data() : nullptr;
-    const std::vector<double> want = reference_any(s, k.N, x, w, bias, res, k.relu);
-    double scale = 1e-30;
-    for (double v : want) scale = std::max(scale, std::fabs(v));
-    conv::PackedConv pc(w.data(), bias, s, conv::PackedConv::kNoWino);
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
     ASSERT_NE(pc.w, nullptr);
     EXPECT_EQ(conv::long_group_ok(s, pc.Kc, pc.KS), k.long_group) << "C" << k.C << " k" << k.k << " O" << k.O;
     for (SimdLevel lv : levels()) {
       aimass::set_simd_level(lv);
       for (int t : {1, 2}) {
         aimass::set_num_threads(t);
-        std::vector<float> y(ny, std::numeric_limits<float>::quiet_NaN());
-        conv::run_direct(pc, x.data(), k.N, res, k.relu, y.data());
-        for (size_t i = 0; i < ny; ++i)
-          ASSERT_NEAR(y[i], want[i], 2e-6 * scale)
+        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
+        conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y.data());
+        for (size_t i = 0; i < d.ny; ++i)
+          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
               << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << "/" << k.stride << " N"
               << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
       }
