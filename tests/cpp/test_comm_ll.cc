@@ -248,34 +248,36 @@ TEST(LLEager, StreamOfBroadcastsFromRotatingRoots) {
   constexpr int L = 3, kOps = 200;
   Segment seg(L);
   std::vector<std::string> errors(L);
+  auto rank = [&](int r) {
+    LLChannel ch(r, L, seg.mem, kSlot);
+    for (int op = 0; op < kOps; ++op) {
+      const int root = op % L;
+      int64_t n = 1 + op % 20;
+      std::vector<int64_t> buf(static_cast<size_t>(n), -1);
+      if (r == root)
+        for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = payload_value(root, op, static_cast<int>(i));
+      if (r == 2 && op % 17 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // a lagging rank
+      ch.settle(10.0, LLChannel::ring_lag());
+      const uint64_t hash = 0x1000u + static_cast<uint64_t>(op);
+      const size_t bytes = static_cast<size_t>(n) * 8;
+      const auto got = r == root ? ch.eager_root(hash, buf.data(), bytes, true, fill_sig, &n)
+                                 : ch.eager_receive(hash, root, buf.data(), bytes, fill_sig, &n, 10.0);
+      if (got != LLChannel::Eager::Done) throw std::runtime_error("op " + std::to_string(op) + " not eager");
+      for (int64_t i = 0; i < n; ++i)
+        if (buf[static_cast<size_t>(i)] != payload_value(root, op, static_cast<int>(i)))
+          throw std::runtime_error("op " + std::to_string(op) + ": wrong payload");
+    }
+    ch.settle(10.0);
+  };
   std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
+  for (int r = 0; r < L; ++r)
     threads.emplace_back([&, r] {
       try {
-        LLChannel ch(r, L, seg.mem, kSlot);
-        for (int op = 0; op < kOps; ++op) {
-          const int root = op % L;
-          int64_t n = 1 + op % 20;
-          std::vector<int64_t> buf(static_cast<size_t>(n), -1);
-          if (r == root)
-            for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = payload_value(root, op, static_cast<int>(i));
-          if (r == 2 && op % 17 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // a lagging rank
-          ch.settle(10.0, LLChannel::ring_lag());
-          const uint64_t hash = 0x1000u + static_cast<uint64_t>(op);
-          const size_t bytes = static_cast<size_t>(n) * 8;
-          const auto got = r == root ? ch.eager_root(hash, buf.data(), bytes, true, fill_sig, &n)
-                                     : ch.eager_receive(hash, root, buf.data(), bytes, fill_sig, &n, 10.0);
-          if (got != LLChannel::Eager::Done) throw std::runtime_error("op " + std::to_string(op) + " not eager");
-          for (int64_t i = 0; i < n; ++i)
-            if (buf[static_cast<size_t>(i)] != payload_value(root, op, static_cast<int>(i)))
-              throw std::runtime_error("op " + std::to_string(op) + ": wrong payload");
-        }
-        ch.settle(10.0);
+        rank(r);
       } catch (const std::exception& e) {
         errors[r] = e.what();
       }
     });
-  }
   for (auto& t : threads) t.join();
   for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
 }
