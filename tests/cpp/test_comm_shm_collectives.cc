@@ -31,14 +31,24 @@ struct Segment : ShmTestSegment {
   explicit Segment(int L) : ShmTestSegment(L, kChunk) {}
 };
 
-// Runs body(shm, rank) on L threads, staged and then in single-copy mode (process_vm_readv
-// on this process); fails the test with the first rank's error.
-void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body);
+// Runs body(shm, rank) on L threads: staged, then in single-copy mode (process_vm_readv on this
+// process) pulling the reduced slices, pushing them (process_vm_writev), and pushing with the own
+// output streamed at every size; fails the test with the first rank's error.
+enum class Mode { Staged, CmaPull, CmaPush, CmaPushStream };
+void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body);
 void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
-  if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, false, body);
-  if (!std::getenv("ONLY_STAGED")) on_ranks_mode(L, true, body);
+  if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, Mode::Staged, body);
+  if (!std::getenv("ONLY_STAGED")) {
+    on_ranks_mode(L, Mode::CmaPull, body);
+    on_ranks_mode(L, Mode::CmaPush, body);
+    on_ranks_mode(L, Mode::CmaPushStream, body);
+  }
 }
-void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body) {
+const char* mode_name(Mode m) {
+  return m == Mode::Staged ? " (staged)" : m == Mode::CmaPull ? " (single copy, pull)"
+         : m == Mode::CmaPush ? " (single copy, push)" : " (single copy, push, streamed)";
+}
+void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
   std::vector<std::string> errors(L);
   std::vector<std::thread> threads;
@@ -46,9 +56,10 @@ void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)
     threads.emplace_back([&, r] {
       try {
         ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
-        if (cma) {
-          shm.allow_cma_for_tests();
+        if (mode != Mode::Staged) {
+          shm.allow_cma_for_tests(mode != Mode::CmaPull);
           shm.use_cma(true);
+          shm.set_stream_min(mode == Mode::CmaPushStream ? 0 : size_t(1) << 40);
         }
         body(shm, r);
       } catch (const std::exception& e) {
@@ -57,7 +68,7 @@ void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)
     });
   }
   for (auto& t : threads) t.join();
-  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << (cma ? " (single copy)" : " (staged)");
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << mode_name(mode);
 }
 
 int32_t val(int rank, int64_t i, int salt) { return static_cast<int32_t>((i * 31 + rank * 17 + salt) % 97) - 48; }

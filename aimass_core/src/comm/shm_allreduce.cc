@@ -22,6 +22,7 @@
 
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/shm_segment.h"
 
 namespace aimass {
@@ -288,8 +289,28 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   int cma = env && std::string(env) == "0" ? 0 : 1;
   for (int j = 0; j < lsize_ && cma; ++j)
     if (j != lrank_ && !probe_cma(j)) cma = 0;
-  allreduce(&cma, MPI_INT, MPI_MIN, world);  // also: every probe is done before addr is reused
-  cma_ok_ = cma != 0;
+  // push mode also writes the peers' memory: probed by writing each peer's probe word with the
+  // value it holds (AIMASS_SHM_CMA_PUSH=0: pull only)
+  const char* penv = std::getenv("AIMASS_SHM_CMA_PUSH");
+  int push = cma && !(penv && std::string(penv) == "0") ? 1 : 0;
+  for (int j = 0; j < lsize_ && push; ++j)
+    if (j != lrank_ &&
+        !cma_probe_write(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)),
+                         ctrl(j)->addr.load(std::memory_order_acquire), 0x5eed0000u + static_cast<uint64_t>(j)))
+      push = 0;
+  int flags[2] = {cma, push};
+  {  // also: every probe is done before addr is reused
+    MPI_Request r2;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 2, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
+    wait_mpi(&r2, 1.0, timeout_s, "shared-memory set-up");
+  }
+  cma_ok_ = flags[0] != 0;
+  push_ok_ = cma_ok_ && flags[1] != 0;
+}
+
+size_t ShmAllreduce::default_stream_min() {
+  const char* e = std::getenv("AIMASS_SHM_STREAM_MIN_BYTES");
+  return e && *e ? static_cast<size_t>(std::strtoull(e, nullptr, 10)) : static_cast<size_t>(8u << 20);
 }
 
 ShmAllreduce::~ShmAllreduce() {

@@ -88,8 +88,23 @@ class ShmAllreduce {
   // Only where cma_available(); the MPI constructor probes it on every rank (AIMASS_SHM_CMA=0: off).
   void use_cma(bool on) { cma_on_ = on && cma_ok_; }
   bool cma_available() const { return cma_ok_; }
-  // Tests (threads as ranks of one process): allow single-copy mode.
-  void allow_cma_for_tests() { cma_ok_ = true; }
+  // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
+  void allow_cma_for_tests(bool push = true) {
+    cma_ok_ = true;
+    push_ok_ = push;
+  }
+  // Whether the single-copy allreduce on one node pushes each reduced chunk into the peers' outputs
+  // (process_vm_writev) instead of every rank reading the peers' reduced slices afterwards: every
+  // byte of the inputs is read once and every byte of the outputs written once, by the rank that
+  // reduced it (the pull allgather reads each reduced slice back from memory a second time).
+  // Probed at start-up like cma_available(); AIMASS_SHM_CMA_PUSH=0: off.
+  bool cma_push_available() const { return push_ok_; }
+  // Push mode: results of this many bytes or more are reduced into an L2-resident buffer and streamed
+  // into the own output (non-temporal stores: no read-for-ownership of lines this rank does not read
+  // again); smaller ones are reduced into the output itself, which stays in the cache for the caller.
+  // Default 8 MiB (AIMASS_SHM_STREAM_MIN_BYTES).
+  void set_stream_min(size_t bytes) { stream_min_ = bytes; }
+  static size_t default_stream_min();
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -128,6 +143,7 @@ class ShmAllreduce {
   };
   // ---- single-copy mode (shm_cma.cc)
   void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
+  void cma_write(int j, struct iovec* local, struct iovec* remote, size_t n);
   void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size,
                const std::function<void(void*, int64_t)>& cross_reduce);
   void broadcast_cma(void* data, int64_t bytes, int root);
@@ -157,8 +173,10 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
-  bool cma_ok_ = false, cma_on_ = false;
+  size_t stream_min_ = default_stream_min();
+  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
+  std::vector<char> res_;  // single-copy push mode: one reduced chunk (L2-resident)
   std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
   uint64_t probe_ = 0;     // read by the peers' start-up probe
   uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)

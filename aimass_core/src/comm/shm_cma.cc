@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/cma.h"
 #include "comm/shm_allreduce.h"
@@ -47,6 +48,11 @@ bool ShmAllreduce::probe_cma(int j) {
 void ShmAllreduce::cma_read(int j, iovec* local, iovec* remote, size_t n) {
   comm::cma_read(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), local, remote, n,
                  "shared-memory collective", "local rank", j);
+}
+
+void ShmAllreduce::cma_write(int j, iovec* local, iovec* remote, size_t n) {
+  comm::cma_write(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), local, remote, n,
+                  "shared-memory collective", "local rank", j);
 }
 
 void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
@@ -91,6 +97,11 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   slice_of(me, &b, &e);
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
+  // push mode (one node): each reduced chunk goes straight into every peer's output; large results
+  // are reduced into an L2-resident buffer and streamed into the own output (no read-for-ownership)
+  const bool push = push_ok_ && !cross_reduce;
+  const bool stream = push && static_cast<size_t>(count) * es >= stream_min_;
+  if (stream) res_.resize(static_cast<size_t>(step) * es);
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
@@ -115,9 +126,30 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       for (int j = 0, k = 1; j < L; ++j)
         if (j != me) srcs[k++] = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es + (x - lo) * es;
       // across nodes the average comes after the cross-node sum
-      reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average && !cross_reduce,
-                  world_size);
+      char* dst = stream ? res_.data() + (x - lo) * es : sg.out + at * es;
+      reduce_into(dtype, op, srcs.data(), L, dst, static_cast<size_t>(n), sg.average && !cross_reduce, world_size);
+      if (stream) stream_copy(sg.out + at * es, dst, static_cast<size_t>(n) * es);
     });
+    if (!push) continue;
+    for (int jj = 1; jj < L; ++jj) {  // the reduced chunk, still in the L2, into every peer's output
+      const int j = (me + jj) % L;
+      const uint64_t* t = peer_table(j);
+      lv.clear();
+      rv.clear();
+      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        char* src = stream ? res_.data() + (x - lo) * es : segs[g].out + at * es;
+        add_iov(lv, rv, src, t[2 * g + 1] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+      });
+      cma_write(j, lv.data(), rv.data(), lv.size());
+    }
+  }
+  if (push) {
+    // every peer read my input and wrote its reduced slices into my output
+    mark(h, false, true, false);
+    wait_peers(1, h);
+    seq_ = h;
+    mark(h, true, true, true);
+    return;
   }
   if (cross_reduce && e > b) {
     // the node's sum of my slice, allreduced with the same slice of the other nodes in one call
