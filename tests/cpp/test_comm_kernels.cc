@@ -208,27 +208,3 @@ TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
   }
 }
 }  // namespace
-
-namespace {
-// The streaming copy at every level: every head misalignment, sizes around the vector widths and
-// the unrolled block, bytes outside the range untouched.
-TEST(CommKernels, StreamCopyEveryAlignmentAndSize) {
-  LevelGuard g;
-  std::vector<uint8_t> src(5000);
-  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 131 + 7);
-  for (SimdLevel l : levels()) {
-    aimass::set_simd_level(l);
-    for (size_t off : {0u, 1u, 7u, 31u, 32u, 33u, 63u}) {
-      for (size_t n : {0u, 1u, 31u, 32u, 63u, 64u, 65u, 127u, 128u, 255u, 256u, 257u, 1000u, 4097u}) {
-        std::vector<uint8_t> dst(4200 + 128, 0xAB);
-        // dst + off + 64 has every misalignment against 64 bytes; the source is offset differently
-        uint8_t* d = dst.data() + 64 - reinterpret_cast<uintptr_t>(dst.data()) % 64 + off;
-        aimass::comm::stream_copy(d, src.data() + 3, n);
-        ASSERT_EQ(std::memcmp(d, src.data() + 3, n), 0) << aimass::simd_level_name(l) << " off " << off << " n " << n;
-        for (uint8_t* p = dst.data(); p < d; ++p) ASSERT_EQ(*p, 0xAB) << "before the range";
-        for (uint8_t* p = d + n; p < dst.data() + dst.size(); ++p) ASSERT_EQ(*p, 0xAB) << "after the range";
-      }
-    }
-  }
-}
-}  // namespace

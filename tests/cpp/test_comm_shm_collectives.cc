@@ -32,21 +32,19 @@ struct Segment : ShmTestSegment {
 };
 
 // Runs body(shm, rank) on L threads: staged, then in single-copy mode (process_vm_readv on this
-// process) pulling the reduced slices, pushing them (process_vm_writev), and pushing with the own
-// output streamed at every size; fails the test with the first rank's error.
-enum class Mode { Staged, CmaPull, CmaPush, CmaPushStream };
+// process) pulling the reduced slices and pushing them (process_vm_writev); fails the test with the
+// first rank's error.
+enum class Mode { Staged, CmaPull, CmaPush };
 void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body);
 void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
   if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, Mode::Staged, body);
   if (!std::getenv("ONLY_STAGED")) {
     on_ranks_mode(L, Mode::CmaPull, body);
     on_ranks_mode(L, Mode::CmaPush, body);
-    on_ranks_mode(L, Mode::CmaPushStream, body);
   }
 }
 const char* mode_name(Mode m) {
-  return m == Mode::Staged ? " (staged)" : m == Mode::CmaPull ? " (single copy, pull)"
-         : m == Mode::CmaPush ? " (single copy, push)" : " (single copy, push, streamed)";
+  return m == Mode::Staged ? " (staged)" : m == Mode::CmaPull ? " (single copy, pull)" : " (single copy, push)";
 }
 void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
@@ -59,7 +57,6 @@ void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int
         if (mode != Mode::Staged) {
           shm.allow_cma_for_tests(mode != Mode::CmaPull);
           shm.use_cma(true);
-          shm.set_stream_min(mode == Mode::CmaPushStream ? 0 : size_t(1) << 40);
         }
         body(shm, r);
       } catch (const std::exception& e) {

@@ -29,13 +29,7 @@ void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 
-// dst[0, n) = src[0, n) with non-temporal (streaming) stores where the SIMD level has them, then a
-// store fence: for large results this rank writes and does not read again soon (no read-for-ownership
-// of the destination lines, the cache keeps the working set). The regions must not overlap.
-void stream_copy(void* dst, const void* src, size_t n);
-
 namespace ref {
-void stream_copy(void* dst, const void* src, size_t n);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);

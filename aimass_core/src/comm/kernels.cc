@@ -1,6 +1,5 @@
 // Scalar references and the run-time dispatch of the comm kernels.
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "aimass/comm_kernels.h"
@@ -53,9 +52,6 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     if (dst2) dst2[i] = acc;
   }
 }
-void stream_copy(void* dst, const void* src, size_t n) {
-  if (n) std::memcpy(dst, src, n);
-}
 }  // namespace ref
 
 namespace {
@@ -100,14 +96,6 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     default: return ref::reduce_f32(op, srcs, k, dst, n, dst2, scale);
-  }
-}
-
-void stream_copy(void* dst, const void* src, size_t n) {
-  switch (level()) {
-    case SimdLevel::AVX512: return isa::stream_copy_avx512(dst, src, n);
-    case SimdLevel::AVX2: return isa::stream_copy_avx2(dst, src, n);
-    default: return ref::stream_copy(dst, src, n);
   }
 }
 

@@ -2,8 +2,6 @@
 // helper from a shared header is compiled with these flags (ODR safety).
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 
 #include "comm/kernels_impl.h"
@@ -110,29 +108,6 @@ void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t
     dst[i] = acc;
     if (dst2) dst2[i] = acc;
   }
-}
-
-// Unaligned head and the tail through memcpy; 32-byte aligned streaming stores in between.
-void stream_copy_avx2(void* dst, const void* src, size_t n) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  const size_t head = std::min(n, static_cast<size_t>((32 - reinterpret_cast<uintptr_t>(d) % 32) % 32));
-  std::memcpy(d, s, head);
-  size_t i = head;
-  for (; i + 128 <= n; i += 128) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 64));
-    const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 96));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
-  }
-  for (; i + 32 <= n; i += 32)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-  std::memcpy(d + i, s + i, n - i);
-  _mm_sfence();
 }
 
 }  // namespace isa

@@ -1,10 +1,6 @@
 // AVX-512 comm kernels: 16 lanes, masked loads/stores for the tail.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-
 #include "comm/kernels_impl.h"
 
 namespace aimass {
@@ -103,28 +99,6 @@ void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size
     _mm512_mask_storeu_ps(dst + i, m, acc);
     if (dst2) _mm512_mask_storeu_ps(dst2 + i, m, acc);
   }
-}
-
-// Unaligned head and the tail through memcpy; 64-byte aligned streaming stores in between.
-void stream_copy_avx512(void* dst, const void* src, size_t n) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  const size_t head = std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
-  std::memcpy(d, s, head);
-  size_t i = head;
-  for (; i + 256 <= n; i += 256) {
-    const __m512i a = _mm512_loadu_si512(s + i);
-    const __m512i b = _mm512_loadu_si512(s + i + 64);
-    const __m512i c = _mm512_loadu_si512(s + i + 128);
-    const __m512i e = _mm512_loadu_si512(s + i + 192);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), a);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 64), b);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 128), c);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 192), e);
-  }
-  for (; i + 64 <= n; i += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
-  std::memcpy(d + i, s + i, n - i);
-  _mm_sfence();
 }
 
 }  // namespace isa

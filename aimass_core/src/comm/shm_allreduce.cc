@@ -308,11 +308,6 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   push_ok_ = cma_ok_ && flags[1] != 0;
 }
 
-size_t ShmAllreduce::default_stream_min() {
-  const char* e = std::getenv("AIMASS_SHM_STREAM_MIN_BYTES");
-  return e && *e ? static_cast<size_t>(std::strtoull(e, nullptr, 10)) : static_cast<size_t>(8u << 20);
-}
-
 ShmAllreduce::~ShmAllreduce() {
   if (base_ && owned_) munmap(base_, bytes_);
 }
@@ -373,6 +368,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
 void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
+  pushed_ = false;
   if (count <= 0) return;
   // single copy while the segments' address table fits one staging slot; across nodes whenever
   // possible: one cross-node allreduce per slice instead of one per chunk (fewer waits on the network)

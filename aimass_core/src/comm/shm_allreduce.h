@@ -99,12 +99,9 @@ class ShmAllreduce {
   // reduced it (the pull allgather reads each reduced slice back from memory a second time).
   // Probed at start-up like cma_available(); AIMASS_SHM_CMA_PUSH=0: off.
   bool cma_push_available() const { return push_ok_; }
-  // Push mode: results of this many bytes or more are reduced into an L2-resident buffer and streamed
-  // into the own output (non-temporal stores: no read-for-ownership of lines this rank does not read
-  // again); smaller ones are reduced into the output itself, which stays in the cache for the caller.
-  // Default 8 MiB (AIMASS_SHM_STREAM_MIN_BYTES).
-  void set_stream_min(size_t bytes) { stream_min_ = bytes; }
-  static size_t default_stream_min();
+  // Whether the last run() let the peers write this rank's outputs (push mode): after a failure
+  // a late peer may still write them, so the caller must not free or reuse them.
+  bool peers_write_outputs() const { return pushed_; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -173,10 +170,8 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
-  size_t stream_min_ = default_stream_min();
-  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false;
+  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
-  std::vector<char> res_;  // single-copy push mode: one reduced chunk (L2-resident)
   std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
   uint64_t probe_ = 0;     // read by the peers' start-up probe
   uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)

@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/cma.h"
 #include "comm/shm_allreduce.h"
@@ -97,11 +96,10 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   slice_of(me, &b, &e);
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
-  // push mode (one node): each reduced chunk goes straight into every peer's output; large results
-  // are reduced into an L2-resident buffer and streamed into the own output (no read-for-ownership)
+  // push mode (one node): each reduced chunk goes from the own output, still in the L2, straight
+  // into every peer's output
   const bool push = push_ok_ && !cross_reduce;
-  const bool stream = push && static_cast<size_t>(count) * es >= stream_min_;
-  if (stream) res_.resize(static_cast<size_t>(step) * es);
+  pushed_ = push;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
@@ -126,9 +124,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       for (int j = 0, k = 1; j < L; ++j)
         if (j != me) srcs[k++] = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es + (x - lo) * es;
       // across nodes the average comes after the cross-node sum
-      char* dst = stream ? res_.data() + (x - lo) * es : sg.out + at * es;
-      reduce_into(dtype, op, srcs.data(), L, dst, static_cast<size_t>(n), sg.average && !cross_reduce, world_size);
-      if (stream) stream_copy(sg.out + at * es, dst, static_cast<size_t>(n) * es);
+      reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average && !cross_reduce,
+                  world_size);
     });
     if (!push) continue;
     for (int jj = 1; jj < L; ++jj) {  // the reduced chunk, still in the L2, into every peer's output
@@ -137,8 +134,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       lv.clear();
       rv.clear();
       pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        char* src = stream ? res_.data() + (x - lo) * es : segs[g].out + at * es;
-        add_iov(lv, rv, src, t[2 * g + 1] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
+                static_cast<size_t>(n) * es);
       });
       cma_write(j, lv.data(), rv.data(), lv.size());
     }
