@@ -178,6 +178,22 @@ TEST(CommShmCollectives, PeerThatNeverComesFailsEveryCollective) {
                aimass::DistributedError);
 }
 
+// A single-copy allreduce whose peer never comes times out either way; only in push mode may a late
+// peer still write this rank's output afterwards, which the engine then keeps alive.
+TEST(CommShmCollectives, PushModeFailureSaysThePeersMayWriteTheOutput) {
+  for (bool push : {true, false}) {
+    Segment seg(2);
+    ShmAllreduce shm(0, 2, seg.mem, kChunk, 0.2);
+    shm.allow_cma_for_tests(push);
+    shm.use_cma(true);
+    std::vector<float> v(5000, 1.0f);
+    EXPECT_THROW(shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), 5000, false}},
+                         5000, DType::F32, ReduceOp::Sum, 2, nullptr),
+                 aimass::DistributedError);
+    EXPECT_EQ(shm.peers_write_outputs(), push);
+  }
+}
+
 TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {
   for (int L : {2, 3, 4}) {
     on_ranks(L, [&](ShmAllreduce& shm, int r) {

@@ -63,6 +63,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   std::vector<int64_t> starts(nseg + 1, 0);
   for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
+  // push mode (one node): from the moment the table is posted a peer may write the outputs
+  pushed_ = push_ok_ && !cross_reduce;
   // post the address table: (in, out) per segment, in this rank's staging slot for h
   if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
   uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
@@ -99,7 +101,6 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   // push mode (one node): each reduced chunk goes from the own output, still in the L2, straight
   // into every peer's output
   const bool push = push_ok_ && !cross_reduce;
-  pushed_ = push;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
