@@ -7,8 +7,10 @@
 //
 //   allreduce       reduce-scatter: each rank reads its slice of every peer's input in
 //                   L2-sized chunks into a private buffer and reduces them with its own input
-//                   into its output (SIMD; average folded in); allgather: each rank reads
-//                   every peer's reduced slice straight from that peer's output into its own.
+//                   into its output (SIMD; average folded in); on one node each reduced chunk is
+//                   then pushed, still in the L2, into every peer's output (process_vm_writev);
+//                   across nodes (or AIMASS_SHM_CMA_PUSH=0) the allgather pulls instead: each
+//                   rank reads every peer's reduced slice straight from that peer's output.
 //   broadcast       the peers read the root's buffer.
 //   allgather       each rank reads every peer's input (addresses posted by exchange()).
 //   reduce_scatter  each rank reads its block of every peer's input and reduces it.
