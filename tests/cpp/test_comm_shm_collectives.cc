@@ -31,14 +31,22 @@ struct Segment : ShmTestSegment {
   explicit Segment(int L) : ShmTestSegment(L, kChunk) {}
 };
 
-// Runs body(shm, rank) on L threads, staged and then in single-copy mode (process_vm_readv
-// on this process); fails the test with the first rank's error.
-void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body);
+// Runs body(shm, rank) on L threads: staged, then in single-copy mode (process_vm_readv on this
+// process) pulling the reduced slices and pushing them (process_vm_writev); fails the test with the
+// first rank's error.
+enum class Mode { Staged, CmaPull, CmaPush };
+void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body);
 void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
-  if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, false, body);
-  if (!std::getenv("ONLY_STAGED")) on_ranks_mode(L, true, body);
+  if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, Mode::Staged, body);
+  if (!std::getenv("ONLY_STAGED")) {
+    on_ranks_mode(L, Mode::CmaPull, body);
+    on_ranks_mode(L, Mode::CmaPush, body);
+  }
 }
-void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)>& body) {
+const char* mode_name(Mode m) {
+  return m == Mode::Staged ? " (staged)" : m == Mode::CmaPull ? " (single copy, pull)" : " (single copy, push)";
+}
+void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
   std::vector<std::string> errors(L);
   std::vector<std::thread> threads;
@@ -46,8 +54,8 @@ void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)
     threads.emplace_back([&, r] {
       try {
         ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
-        if (cma) {
-          shm.allow_cma_for_tests();
+        if (mode != Mode::Staged) {
+          shm.allow_cma_for_tests(mode != Mode::CmaPull);
           shm.use_cma(true);
         }
         body(shm, r);
@@ -57,7 +65,7 @@ void on_ranks_mode(int L, bool cma, const std::function<void(ShmAllreduce&, int)
     });
   }
   for (auto& t : threads) t.join();
-  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << (cma ? " (single copy)" : " (staged)");
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << mode_name(mode);
 }
 
 int32_t val(int rank, int64_t i, int salt) { return static_cast<int32_t>((i * 31 + rank * 17 + salt) % 97) - 48; }
@@ -168,6 +176,22 @@ TEST(CommShmCollectives, PeerThatNeverComesFailsEveryCollective) {
   EXPECT_THROW(shm3.reduce_scatter(buf.data(), {10000, 10000}, reinterpret_cast<char*>(out.data()), DType::F32,
                                    ReduceOp::Sum, false, 2),
                aimass::DistributedError);
+}
+
+// A single-copy allreduce whose peer never comes times out either way; only in push mode may a late
+// peer still write this rank's output afterwards, which the engine then keeps alive.
+TEST(CommShmCollectives, PushModeFailureSaysThePeersMayWriteTheOutput) {
+  for (bool push : {true, false}) {
+    Segment seg(2);
+    ShmAllreduce shm(0, 2, seg.mem, kChunk, 0.2);
+    shm.allow_cma_for_tests(push);
+    shm.use_cma(true);
+    std::vector<float> v(5000, 1.0f);
+    EXPECT_THROW(shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), 5000, false}},
+                         5000, DType::F32, ReduceOp::Sum, 2, nullptr),
+                 aimass::DistributedError);
+    EXPECT_EQ(shm.peers_write_outputs(), push);
+  }
 }
 
 TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {

@@ -11,6 +11,9 @@ import pytest
 
 CHUNK = 4096
 ALGOS = ["mpi", "shm", "cma"]
+# the single-copy allreduce pulling the reduced slices afterwards instead of pushing them into the peers'
+# outputs (AIMASS_SHM_CMA_PUSH=0)
+VARIANTS = {"cma-pull": {"AIMASS_SHM_CMA_PUSH": "0"}}
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
 NUMPY_DTYPES = ["float32", "float64", "int32", "int64", "int16", "int8", "uint8", "float16", "bool"]
 
@@ -29,12 +32,13 @@ def restart(d, **env):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="module", params=ALGOS)
+@pytest.fixture(scope="module", params=ALGOS + list(VARIANTS))
 def algo(request, dist):
-    table = ";".join(f"{k}=0:{request.param}" for k in KINDS)
-    restart(dist, AIMASS_COMM_ALGOS=table, AIMASS_SHM_CHUNK_BYTES=CHUNK)
+    base = request.param.split("-")[0]
+    table = ";".join(f"{k}=0:{base}" for k in KINDS)
+    restart(dist, AIMASS_COMM_ALGOS=table, AIMASS_SHM_CHUNK_BYTES=CHUNK, **VARIANTS.get(request.param, {}))
     dist.set_shm_min_bytes(0)
-    yield request.param
+    yield base
     restart(dist)
 
 

@@ -22,17 +22,30 @@ bool cma_probe(pid_t pid, uint64_t addr, uint64_t expected) {
   return n == static_cast<ssize_t>(sizeof(got)) && got == expected;
 }
 
-void cma_read(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer, int j) {
+bool cma_probe_write(pid_t pid, uint64_t addr, uint64_t value) {
+  uint64_t v = value;
+  iovec l{&v, sizeof(v)};
+  iovec r{reinterpret_cast<void*>(addr), sizeof(v)};
+  return process_vm_writev(pid, &l, 1, &r, 1, 0) == static_cast<ssize_t>(sizeof(v));
+}
+
+namespace {
+void transfer(bool write, pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer,
+              int j) {
   size_t i = 0;
   while (i < n) {
     const size_t k = std::min(kMaxIov, n - i);
-    const ssize_t got = process_vm_readv(pid, local + i, k, remote + i, k, 0);
+    const ssize_t got = write ? process_vm_writev(pid, local + i, k, remote + i, k, 0)
+                              : process_vm_readv(pid, local + i, k, remote + i, k, 0);
     if (got < 0) {
       if (errno == EINTR) continue;
       const int err = errno;
-      throw DistributedError(detail::concat("aimass.dist: ", what, ": reading ", peer, " ", j, "'s memory failed (",
+      throw DistributedError(detail::concat("aimass.dist: ", what, write ? ": writing " : ": reading ", peer, " ", j,
+                                            "'s memory failed (",
                                             std::strerror(err), "): ",
-                                            err == ESRCH ? "that rank has died" : "the peer process is gone or not readable"));
+                                            err == ESRCH ? "that rank has died"
+                                            : write ? "the peer process is gone or not writable"
+                                                    : "the peer process is gone or not readable"));
     }
     AIMASS_CHECK(got > 0, DistributedError, "aimass.dist: ", what, ": ", peer, " ", j,
                  " returned no data (internal error)");
@@ -50,6 +63,15 @@ void cma_read(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what
       }
     }
   }
+}
+}  // namespace
+
+void cma_read(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer, int j) {
+  transfer(false, pid, local, remote, n, what, peer, j);
+}
+
+void cma_write(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer, int j) {
+  transfer(true, pid, local, remote, n, what, peer, j);
 }
 
 }  // namespace comm

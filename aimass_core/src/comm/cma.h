@@ -19,6 +19,11 @@ bool cma_probe(pid_t pid, uint64_t addr, uint64_t expected);
 // continuing after partial reads and EINTR. On failure throws DistributedError
 // "aimass.dist: <what>: reading <peer> <j>'s memory failed (...)", saying when the peer died.
 void cma_read(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer, int j);
+// The same into process `pid`'s memory (process_vm_writev: remote[i] receives local[i]).
+void cma_write(pid_t pid, iovec* local, iovec* remote, size_t n, const char* what, const char* peer, int j);
+// Whether this rank may write process `pid`'s memory: writes `value` to the 8-byte word at `addr`
+// (a word that already holds `value`, so a successful probe changes nothing).
+bool cma_probe_write(pid_t pid, uint64_t addr, uint64_t value);
 
 }  // namespace comm
 }  // namespace aimass

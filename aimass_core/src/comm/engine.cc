@@ -64,7 +64,13 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
     cross = [&](void* data, int64_t n) { cross_allreduce(data, n, wire, op); };  // (cross_node.cc)
   }
   shm_prepare(algos.pick(comm::AlgoKind::Allreduce, static_cast<uint64_t>(count) * dtype_size(wire)));
-  shm->run(segs, count, wire, op, size, cross);
+  try {
+    shm->run(segs, count, wire, op, size, cross);
+  } catch (...) {
+    // a peer that is only late may still push its reduced slices into these outputs: park them
+    if (shm->peers_write_outputs()) posted_on_failure = true;
+    throw;
+  }
 }
 
 void CollectiveEngine::Impl::shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op) {

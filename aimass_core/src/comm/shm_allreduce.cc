@@ -22,6 +22,7 @@
 
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/shm_segment.h"
 
 namespace aimass {
@@ -288,8 +289,23 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   int cma = env && std::string(env) == "0" ? 0 : 1;
   for (int j = 0; j < lsize_ && cma; ++j)
     if (j != lrank_ && !probe_cma(j)) cma = 0;
-  allreduce(&cma, MPI_INT, MPI_MIN, world);  // also: every probe is done before addr is reused
-  cma_ok_ = cma != 0;
+  // push mode also writes the peers' memory: probed by writing each peer's probe word with the
+  // value it holds (AIMASS_SHM_CMA_PUSH=0: pull only)
+  const char* penv = std::getenv("AIMASS_SHM_CMA_PUSH");
+  int push = cma && !(penv && std::string(penv) == "0") ? 1 : 0;
+  for (int j = 0; j < lsize_ && push; ++j)
+    if (j != lrank_ &&
+        !cma_probe_write(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)),
+                         ctrl(j)->addr.load(std::memory_order_acquire), 0x5eed0000u + static_cast<uint64_t>(j)))
+      push = 0;
+  int flags[2] = {cma, push};
+  {  // also: every probe is done before addr is reused
+    MPI_Request r2;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 2, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
+    wait_mpi(&r2, 1.0, timeout_s, "shared-memory set-up");
+  }
+  cma_ok_ = flags[0] != 0;
+  push_ok_ = cma_ok_ && flags[1] != 0;
 }
 
 ShmAllreduce::~ShmAllreduce() {
@@ -352,6 +368,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
 void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
+  pushed_ = false;
   if (count <= 0) return;
   // single copy while the segments' address table fits one staging slot; across nodes whenever
   // possible: one cross-node allreduce per slice instead of one per chunk (fewer waits on the network)

@@ -88,8 +88,20 @@ class ShmAllreduce {
   // Only where cma_available(); the MPI constructor probes it on every rank (AIMASS_SHM_CMA=0: off).
   void use_cma(bool on) { cma_on_ = on && cma_ok_; }
   bool cma_available() const { return cma_ok_; }
-  // Tests (threads as ranks of one process): allow single-copy mode.
-  void allow_cma_for_tests() { cma_ok_ = true; }
+  // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
+  void allow_cma_for_tests(bool push = true) {
+    cma_ok_ = true;
+    push_ok_ = push;
+  }
+  // Whether the single-copy allreduce on one node pushes each reduced chunk into the peers' outputs
+  // (process_vm_writev) instead of every rank reading the peers' reduced slices afterwards: every
+  // byte of the inputs is read once and every byte of the outputs written once, by the rank that
+  // reduced it (the pull allgather reads each reduced slice back from memory a second time).
+  // Probed at start-up like cma_available(); AIMASS_SHM_CMA_PUSH=0: off.
+  bool cma_push_available() const { return push_ok_; }
+  // Whether the last run() let the peers write this rank's outputs (push mode): after a failure
+  // a late peer may still write them, so the caller must not free or reuse them.
+  bool peers_write_outputs() const { return pushed_; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -128,6 +140,7 @@ class ShmAllreduce {
   };
   // ---- single-copy mode (shm_cma.cc)
   void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
+  void cma_write(int j, struct iovec* local, struct iovec* remote, size_t n);
   void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size,
                const std::function<void(void*, int64_t)>& cross_reduce);
   void broadcast_cma(void* data, int64_t bytes, int root);
@@ -157,7 +170,7 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
-  bool cma_ok_ = false, cma_on_ = false;
+  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
   std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
   uint64_t probe_ = 0;     // read by the peers' start-up probe

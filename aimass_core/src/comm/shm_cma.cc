@@ -7,8 +7,10 @@
 //
 //   allreduce       reduce-scatter: each rank reads its slice of every peer's input in
 //                   L2-sized chunks into a private buffer and reduces them with its own input
-//                   into its output (SIMD; average folded in); allgather: each rank reads
-//                   every peer's reduced slice straight from that peer's output into its own.
+//                   into its output (SIMD; average folded in); on one node each reduced chunk is
+//                   then pushed, still in the L2, into every peer's output (process_vm_writev);
+//                   across nodes (or AIMASS_SHM_CMA_PUSH=0) the allgather pulls instead: each
+//                   rank reads every peer's reduced slice straight from that peer's output.
 //   broadcast       the peers read the root's buffer.
 //   allgather       each rank reads every peer's input (addresses posted by exchange()).
 //   reduce_scatter  each rank reads its block of every peer's input and reduces it.
@@ -49,6 +51,11 @@ void ShmAllreduce::cma_read(int j, iovec* local, iovec* remote, size_t n) {
                  "shared-memory collective", "local rank", j);
 }
 
+void ShmAllreduce::cma_write(int j, iovec* local, iovec* remote, size_t n) {
+  comm::cma_write(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), local, remote, n,
+                  "shared-memory collective", "local rank", j);
+}
+
 void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                            int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   const int L = lsize_, me = lrank_;
@@ -58,6 +65,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   std::vector<int64_t> starts(nseg + 1, 0);
   for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
+  // push mode (one node): from the moment the table is posted a peer may write the outputs
+  pushed_ = push_ok_ && !cross_reduce;
   // post the address table: (in, out) per segment, in this rank's staging slot for h
   if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
   uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
@@ -91,6 +100,9 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   slice_of(me, &b, &e);
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
+  // push mode (one node): each reduced chunk goes from the own output, still in the L2, straight
+  // into every peer's output
+  const bool push = push_ok_ && !cross_reduce;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
@@ -118,6 +130,26 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average && !cross_reduce,
                   world_size);
     });
+    if (!push) continue;
+    for (int jj = 1; jj < L; ++jj) {  // the reduced chunk, still in the L2, into every peer's output
+      const int j = (me + jj) % L;
+      const uint64_t* t = peer_table(j);
+      lv.clear();
+      rv.clear();
+      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
+                static_cast<size_t>(n) * es);
+      });
+      cma_write(j, lv.data(), rv.data(), lv.size());
+    }
+  }
+  if (push) {
+    // every peer read my input and wrote its reduced slices into my output
+    mark(h, false, true, false);
+    wait_peers(1, h);
+    seq_ = h;
+    mark(h, true, true, true);
+    return;
   }
   if (cross_reduce && e > b) {
     // the node's sum of my slice, allreduced with the same slice of the other nodes in one call

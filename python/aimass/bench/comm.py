@@ -137,6 +137,23 @@ def _size_label(b: int) -> str:
     return str(b)
 
 
+def _bucket_step(d, timer, report: Report, m_plain, total: int, n: int) -> None:
+    """The same 161 gradients as views into flat buckets (GradientBuckets, DDP's gradient_as_bucket_view):
+    one in-place allreduce per bucket, at DDP's 25 MiB buckets and as one bucket."""
+    try:
+        import torch
+    except ImportError:
+        return
+    params = [torch.nn.Parameter(torch.ones(s)) for s in resnet50_grad_shapes()]
+    for cap in (25 << 20, 128 << 20):
+        b = d.GradientBuckets(params, bucket_bytes=cap, name=f"bench.bucket.{cap >> 20}")
+        m = timer(lambda: b.allreduce(op="sum"), total)
+        report.add(SUITE, f"ResNet-50 161 gradients ({total / 2**20:.1f} MiB) as {len(b)} bucket views of <= "
+                   f"{cap >> 20} MiB, {n} ranks", m.seconds, "s", higher_is_better=False, spread=m.spread,
+                   baseline="161 x MPI_Allreduce", baseline_value=m_plain.seconds, baseline_spread=m_plain.spread,
+                   goal=1 / 0.6, goal_text="<= 0.6x per-tensor MPI")
+
+
 def tune_algorithms(d, comm, MPI, timer, report: Report, quick: bool) -> str:
     """Times every algorithm (mpi, shm, cma) of every collective at a grid of sizes, each against mpi4py in
     the same run; returns the algorithm table (AIMASS_COMM_ALGOS form) that picks the fastest per size."""
@@ -289,6 +306,7 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
                goal=1 / 0.6, goal_text="<= 0.6x per-tensor MPI")
     report.add_sweep(f"fusion_step_time_{n}ranks", thresholds, ser, xlabel="fusion threshold bytes",
                      ylabel="step ms (lower is better)", logx=True)
+    _bucket_step(d, timer, report, m_plain, total, n)
     knobs = {"fusion_threshold": int(th), "cycle_time_ms": float(c)}
     if best_shm_min is not None:
         knobs["shm_min_bytes"] = int(best_shm_min)

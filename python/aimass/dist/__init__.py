@@ -57,6 +57,9 @@ def __getattr__(name):
     if name in ("broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object"):
         from . import functions
         return getattr(functions, name)
+    if name == "GradientBuckets":
+        from .buckets import GradientBuckets
+        return GradientBuckets
     if name == "SyncBatchNorm":
         from .sync_batch_norm import SyncBatchNorm
         return SyncBatchNorm

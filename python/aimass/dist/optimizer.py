@@ -55,6 +55,10 @@ class DistributedOptimizer:
     (num_groups near-equal groups in parameter order, or a list of lists of parameters); each group is
     submitted together once all its gradients are ready. sparse_as_dense: densify sparse gradients (else
     they are allgathered, as in Horovod). process_set: the ranks that train together.
+    gradient_as_bucket_view: the gradients become views into flat buckets of at most bucket_bytes
+    (:class:`aimass.dist.GradientBuckets`, as DDP's option of that name); each bucket is allreduced in
+    place, in one call, as soon as backward produced all of its gradients, and zero_grad() zeroes the
+    buckets (keeping the views, whatever set_to_none says). Not with groups/num_groups.
 
     A parameter that gets no gradient on this rank in a step is reduced as zeros, so no rank waits for it."""
 
@@ -76,7 +80,7 @@ class DistributedOptimizer:
 
     def __init__(self, optimizer, named_parameters=None, compression=None, backward_passes_per_step=1,
                  op=Average, gradient_predivide_factor=1.0, num_groups=0, groups=None, sparse_as_dense=False,
-                 process_set=global_process_set):
+                 process_set=global_process_set, gradient_as_bucket_view=False, bucket_bytes=None):
         torch = _torch()
         ps = _core._resolve_set(process_set)
         ps._engine_checked()
@@ -119,6 +123,20 @@ class DistributedOptimizer:
         self._group_of = {}
         self._group_ready = {}
         self._set_groups(num_groups, groups)
+        self._buckets = None
+        if gradient_as_bucket_view:
+            if self._group_of:
+                raise ValueError("gradient_as_bucket_view=True reduces whole buckets: give no groups/num_groups")
+            from .buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
+            self._buckets = GradientBuckets(self._params, DEFAULT_BUCKET_BYTES if bucket_bytes is None
+                                            else bucket_bytes, name="grad.bucket", process_set=ps)
+            for i in range(len(self._buckets)):
+                key = tuple(self._buckets.members(i))
+                for p in key:
+                    self._group_of[p] = key
+                self._group_ready[key] = 0
+        elif bucket_bytes is not None:
+            raise ValueError("bucket_bytes applies with gradient_as_bucket_view=True")
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
         del torch
 
@@ -222,6 +240,16 @@ class DistributedOptimizer:
             self._submit_group(key)
 
     def _submit_group(self, key):
+        if self._buckets is not None:  # one in-place allreduce of the whole bucket
+            if self.op == "average":
+                pre, post = 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
+            else:
+                pre = post = 1.0
+            self._handles[key] = self._buckets.allreduce_async(
+                self.op, self._compression, buckets=[self._buckets.bucket_of(key[0])], prescale_factor=pre,
+                postscale_factor=post)
+            self._group_ready[key] = 0
+            return
         # one burst of submissions: negotiated in one engine cycle and fused together
         self._handles[key] = [self._allreduce(q, f"grad.group.{self._names[q]}") for q in key]
         self._group_ready[key] = 0
@@ -297,6 +325,9 @@ class DistributedOptimizer:
             raise RuntimeError("optimizer.zero_grad() was called after loss.backward() but before optimizer.step() "
                                "or optimizer.synchronize() (gradient allreduces are in flight); call step() or "
                                "synchronize() first")
+        if self._buckets is not None:  # the gradients stay views into the buckets
+            self._buckets.zero_()
+            return None
         return super().zero_grad(set_to_none=set_to_none)
 
     def load_state_dict(self, state_dict: Any) -> None:

@@ -1,0 +1,166 @@
+"""Gradients as views into flat buckets (DDP's ``gradient_as_bucket_view``).
+
+``GradientBuckets(params)`` packs the parameters' gradients into a few flat tensors
+("buckets", ``bucket_bytes`` each at most, one dtype and device per bucket) and points every
+``p.grad`` at its slice. Autograd then accumulates straight into the buckets, and one allreduce
+per bucket reduces every gradient in it: no per-tensor submission, negotiation or unpacking, and
+nothing is copied into or out of a fusion buffer (the engine reduces the bucket in place).
+
+    buckets = aimass.dist.GradientBuckets(model.parameters())
+    loss.backward()
+    buckets.allreduce()          # every gradient averaged over the ranks, in place
+    opt.step()
+    buckets.zero_()              # instead of opt.zero_grad(): keeps the views
+
+``DistributedOptimizer(opt, ..., gradient_as_bucket_view=True)`` does the same inside the
+optimizer: a bucket is submitted as soon as backward produced all of its gradients (the
+allreduce overlaps the rest of backward), and ``zero_grad()`` zeroes the buckets.
+
+Buckets are filled in reverse parameter order, as DDP does: backward produces the last layers'
+gradients first, so the first bucket is ready first. Every rank must build them from the same
+parameters in the same order (the bucket names and sizes are checked by the engine: a mismatch
+raises :class:`aimass.DistributedError`). If code replaces ``p.grad`` (``zero_grad(set_to_none=True)``,
+``p.grad = t``), :meth:`GradientBuckets.attach` copies the new gradient into the bucket and restores
+the view; :meth:`allreduce_async` calls it first.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from ._core import global_process_set, synchronize
+from ._ops import check_op
+
+DEFAULT_BUCKET_BYTES = 25 << 20  # DDP's bucket_cap_mb default
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("aimass.dist.GradientBuckets needs torch") from exc
+    return torch
+
+
+class GradientBuckets:
+    """Flat gradient buckets for `params` (an iterable of torch parameters; those without requires_grad are
+    skipped); bucket_bytes: the most bytes per bucket (a larger parameter gets a bucket of its own).
+    name: prefix of the buckets' collective names (unique per GradientBuckets object within a job)."""
+
+    def __init__(self, params: Iterable[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES, name: str = "grad.bucket",
+                 process_set=global_process_set):
+        torch = _torch()
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be an int >= 1, got {bucket_bytes!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        plist = []
+        seen = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"GradientBuckets takes torch parameters, got {type(p).__name__}")
+            if not p.requires_grad or id(p) in seen:
+                continue
+            if p.layout != torch.strided:
+                raise ValueError("GradientBuckets holds dense parameters only; leave sparse ones out")
+            seen.add(id(p))
+            plist.append(p)
+        if not plist:
+            raise ValueError("GradientBuckets got no parameter that requires a gradient")
+        self.name = name
+        self._ps = process_set
+        self.params: List[Any] = plist
+        # reverse order, grouped by (dtype, device), cut at bucket_bytes
+        open_: Dict[Tuple[Any, Any], List[Any]] = {}
+        sizes: Dict[Tuple[Any, Any], int] = {}
+        groups: List[List[Any]] = []
+        for p in reversed(plist):
+            key = (p.dtype, p.device)
+            nb = p.numel() * p.element_size()
+            cur = open_.get(key)
+            if cur is None or sizes[key] + nb > bucket_bytes:  # buckets in the order they are opened
+                cur = open_[key] = []
+                groups.append(cur)
+                sizes[key] = 0
+            cur.append(p)
+            sizes[key] += nb
+        self.buckets: List[Any] = []
+        self._members: List[List[Any]] = []
+        self._views: Dict[int, Any] = {}
+        self._bucket_of: Dict[int, int] = {}
+        for i, g in enumerate(groups):
+            total = sum(p.numel() for p in g)
+            flat = torch.zeros(total, dtype=g[0].dtype, device=g[0].device)
+            off = 0
+            for p in g:
+                n = p.numel()
+                view = flat[off:off + n].view(p.shape)
+                if p.grad is not None:
+                    view.copy_(p.grad.detach())
+                p.grad = view
+                self._views[id(p)] = view
+                self._bucket_of[id(p)] = i
+                off += n
+            self.buckets.append(flat)
+            self._members.append(g)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __repr__(self) -> str:
+        mib = sum(b.numel() * b.element_size() for b in self.buckets) / 2**20
+        return f"<aimass.dist.GradientBuckets {len(self.params)} parameters in {len(self)} buckets, {mib:.1f} MiB>"
+
+    def members(self, i: int) -> List[Any]:
+        """The parameters whose gradients live in bucket i (in bucket order)."""
+        return list(self._members[i])
+
+    def bucket_of(self, p: Any) -> int:
+        """The index of the bucket holding p's gradient (KeyError for a parameter not bucketed)."""
+        try:
+            return self._bucket_of[id(p)]
+        except KeyError:
+            raise KeyError("this parameter's gradient is not in these buckets") from None
+
+    def attach(self, params: Optional[Iterable[Any]] = None) -> None:
+        """Make every p.grad the view into its bucket again: a gradient that code replaced is copied in,
+        a missing one (set to None) is zeroed."""
+        for p in self.params if params is None else params:
+            view = self._views[id(p)]
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                if g.is_sparse:
+                    g = g.to_dense()
+                view.copy_(g.detach())
+            p.grad = view
+
+    def zero_(self) -> None:
+        """Zero every bucket (every gradient) and keep the views."""
+        self.attach()
+        for b in self.buckets:
+            b.zero_()
+
+    def allreduce_async(self, op: Any = "average", compression: Any = None, timeout: Optional[float] = None,
+                        buckets: Optional[Iterable[int]] = None, prescale_factor: float = 1.0,
+                        postscale_factor: float = 1.0) -> List[Any]:
+        """Start one in-place allreduce per bucket (all, or the given indices); returns their handles."""
+        from .collectives import allreduce_async_
+        opname = check_op(op)
+        idx = range(len(self.buckets)) if buckets is None else list(buckets)
+        hs = []
+        for i in idx:
+            self.attach(self._members[i])
+            hs.append(allreduce_async_(self.buckets[i], None, f"{self.name}.{i}", opname, prescale_factor,
+                                       postscale_factor, self._ps, compression=compression, timeout=timeout))
+        return hs
+
+    def allreduce(self, op: Any = "average", compression: Any = None, timeout: Optional[float] = None) -> None:
+        """Allreduce every bucket in place (every p.grad then holds the reduced gradient)."""
+        for h in self.allreduce_async(op, compression, timeout):
+            synchronize(h)
+

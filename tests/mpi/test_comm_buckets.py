@@ -1,0 +1,137 @@
+"""Gradients as views into flat buckets (GradientBuckets, DistributedOptimizer(gradient_as_bucket_view=True)):
+odd parameter sizes over several buckets and dtypes give the ranks' averaged gradients in place, views survive
+zeroing and replaced gradients, training matches the per-tensor optimizer, and a layout that differs between ranks
+raises instead of hanging."""
+import numpy as np
+import pytest
+
+import aimass
+
+torch = pytest.importorskip("torch")
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5), torch.nn.Tanh(),
+                            torch.nn.Linear(5, 3))
+    m[2].double()  # a float64 layer: buckets are per dtype
+    return m
+
+
+def forward(m, x):
+    h = m[1](m[0](x))
+    h = m[3](m[2](h.double())).float()
+    return m[4](h)
+
+
+def grads_of_rank(r, seed=0):
+    m = make_model(seed)
+    g = torch.Generator().manual_seed(500 + r)
+    x, y = torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)
+    torch.nn.functional.mse_loss(forward(m, x), y).backward()
+    return [p.grad.clone() for p in m.parameters()], x, y
+
+
+def test_buckets_average_odd_sizes_in_place(dist):
+    n, r = dist.size(), dist.rank()
+    m = make_model()
+    b = dist.GradientBuckets(m.parameters(), bucket_bytes=256, name="t.buckets.avg")
+    assert len(b) >= 4  # 256-byte buckets: several per dtype, larger parameters alone
+    assert {t.dtype for t in b.buckets} == {torch.float32, torch.float64}
+    params = list(m.parameters())
+    assert b.members(0)[0] is params[-1]  # reverse order: the last layer's gradients first
+    _, x, y = grads_of_rank(r)
+    torch.nn.functional.mse_loss(forward(m, x), y).backward()
+    for p in params:  # autograd accumulated into the views
+        i = b.bucket_of(p)
+        base = b.buckets[i].data_ptr()
+        assert base <= p.grad.data_ptr() < base + b.buckets[i].numel() * b.buckets[i].element_size()
+    b.allreduce()
+    every = [grads_of_rank(k)[0] for k in range(n)]
+    for j, p in enumerate(params):
+        want = sum(e[j] for e in every) / n
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-7)
+    b.zero_()
+    assert all(float(t.abs().sum()) == 0 for t in b.buckets)
+    assert all(p.grad.data_ptr() == b._views[id(p)].data_ptr() for p in params)
+
+
+def test_replaced_and_missing_gradients_are_copied_in(dist):
+    n, r = dist.size(), dist.rank()
+    m = make_model()
+    params = list(m.parameters())
+    b = dist.GradientBuckets(params, bucket_bytes=1000, name="t.buckets.repl")
+    m.zero_grad(set_to_none=True)  # torch's default drops the views
+    assert all(p.grad is None for p in params)
+    params[0].grad = torch.full_like(params[0], float(r + 1))  # replaced by user code
+    handles = b.allreduce_async(op="sum")
+    for h in handles:
+        dist.synchronize(h)
+    assert torch.all(params[0].grad == n * (n + 1) / 2)
+    assert all(float(p.grad.abs().sum()) == 0 for p in params[1:])  # missing gradients reduced as zeros
+    assert params[0].grad.data_ptr() == b._views[id(params[0])].data_ptr()
+
+
+def test_bucket_bf16_and_large_parameter_alone(dist):
+    n, r = dist.size(), dist.rank()
+    ps = [torch.nn.Parameter(torch.zeros(k, dtype=dt)) for k, dt in
+          ((3, torch.bfloat16), (70_001, torch.float32), (5, torch.bfloat16), (1, torch.float32), (17, torch.float32))]
+    b = dist.GradientBuckets(ps, bucket_bytes=4096, name="t.buckets.bf16")
+    assert b.members(b.bucket_of(ps[1])) == [ps[1]]
+    for k, p in enumerate(ps):
+        p.grad.fill_(float(r + k))
+    b.allreduce(op="sum")
+    for k, p in enumerate(ps):
+        assert torch.all(p.grad.float() == float(sum(j + k for j in range(n)))), k
+
+
+def test_bad_arguments():
+    from aimass.dist.buckets import GradientBuckets
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        GradientBuckets([p], bucket_bytes=0)
+    with pytest.raises(TypeError, match="torch parameters"):
+        GradientBuckets([np.zeros(3)])
+    with pytest.raises(ValueError, match="no parameter"):
+        GradientBuckets([torch.zeros(3)])  # requires_grad False
+    with pytest.raises(ValueError, match="name"):
+        GradientBuckets([p], name="")
+    b = GradientBuckets([p])
+    with pytest.raises(KeyError, match="not in these buckets"):
+        b.bucket_of(torch.nn.Parameter(torch.zeros(1)))
+
+
+def test_layout_differing_between_ranks_raises(dist):
+    r = dist.rank()
+    p = torch.nn.Parameter(torch.zeros(5 + (r == 0)))  # rank 0's bucket is one element longer
+    b = dist.GradientBuckets([p], name="t.buckets.mismatch")
+    with pytest.raises(aimass.DistributedError):
+        b.allreduce(timeout=5)
+
+
+def train(dist, bucketed, steps=3):
+    m = make_model(1)
+    opt = dist.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                    named_parameters=m.named_parameters(), gradient_as_bucket_view=bucketed,
+                                    bucket_bytes=300 if bucketed else None)
+    for s in range(steps):
+        g = torch.Generator().manual_seed(10 * s + dist.rank())
+        x, y = torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(forward(m, x), y).backward()
+        opt.step()
+    opt.remove_hooks()
+    return [p.detach().clone() for p in m.parameters()], opt
+
+
+def test_optimizer_bucket_view_matches_per_tensor(dist):
+    plain, _ = train(dist, False)
+    bucketed, opt = train(dist, True)
+    for a, b in zip(plain, bucketed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert opt._buckets is not None and len(opt._buckets) > 1
+    with pytest.raises(ValueError, match="no groups"):
+        dist.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), num_groups=2,
+                                  gradient_as_bucket_view=True)
+    with pytest.raises(ValueError, match="bucket_bytes applies"):
+        dist.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), bucket_bytes=100)
