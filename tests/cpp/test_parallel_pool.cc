@@ -97,3 +97,13 @@ TEST(ParallelPool, ConcurrentCallersEachGetEveryChunk) {
 }
 
 }  // namespace
+
+namespace {
+TEST(ParallelPool, WakeHintValidatesItsPollTime) {
+  aimass::set_num_threads(2);
+  expect_each_once(2);
+  EXPECT_THROW(aimass::wake_workers(-1), aimass::ValueError);
+  aimass::wake_workers(200000);  // capped, not an error
+  expect_each_once(2);
+}
+}  // namespace

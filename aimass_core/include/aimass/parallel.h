@@ -26,11 +26,12 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // chunks run concurrently where threads are free.
 void parallel_chunks(int nchunks, const std::function<void(int, int)>& fn);
 
-// A hint: sleeping workers start polling again (for AIMASS_SPIN_US) without a job, so that
-// a parallel_for issued soon after finds them awake. Call it before single-threaded work
-// that precedes parallel work (the runtime does at the start of a run) so that their
-// wake-up (tens of microseconds on a VM) overlaps it. No-op at 1 thread, before the pool
-// exists, or while another thread is using the pool.
-void wake_workers();
+// A hint: sleeping workers start polling again without a job, for max(AIMASS_SPIN_US,
+// poll_us) (poll_us >= 0, else ValueError; capped at 100000), so that a parallel_for issued within that time finds
+// them awake. Call it before single-threaded work that precedes parallel work (the runtime
+// does at the start of a run; the HTTP server when a request arrives) so that their wake-up
+// (tens of microseconds on a VM) overlaps it. No-op at 1 thread, before the pool exists, or
+// while another thread is using the pool.
+void wake_workers(int poll_us = 0);
 
 }  // namespace aimass

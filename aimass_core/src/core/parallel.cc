@@ -95,7 +95,8 @@ class Pool {
 
   // Parked workers start polling again (a wake-up without a job), so that the next job,
   // published within spin_time(), finds them awake.
-  void wake() {
+  void wake(std::chrono::microseconds poll) {
+    wake_poll_us_.store(poll.count());
     wake_seq_.fetch_add(1);
     notify_sleepers();
   }
@@ -158,22 +159,26 @@ class Pool {
   void loop() {
     uint64_t seen_gen = state_.load() >> 32;
     uint64_t seen_wake = wake_seq_.load();
+    std::chrono::microseconds poll = spin_time();
     for (;;) {
       auto news = [&] { return (state_.load() >> 32) != seen_gen || wake_seq_.load() != seen_wake || stop_.load(); };
-      if (!spin_until(news, spin_time())) {
+      if (!spin_until(news, poll)) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1);  // then re-check: pairs with notify_sleepers()
         cv_.wait(lk, news);
         sleepers_.fetch_sub(1);
       }
       if (stop_.load()) return;
-      seen_wake = wake_seq_.load();
+      const uint64_t wake = wake_seq_.load();
       const uint64_t gen = state_.load() >> 32;
       if (gen != seen_gen) {
         seen_gen = gen;
         drain(gen);
+        poll = spin_time();
+      } else if (wake != seen_wake) {  // a wake() without a job: poll as long as it asked
+        poll = std::max(spin_time(), std::chrono::microseconds(wake_poll_us_.load()));
       }
-      // else a wake() without a job: poll again for spin_time()
+      seen_wake = wake;
     }
   }
 
@@ -183,6 +188,7 @@ class Pool {
   std::atomic<const Fn*> fn_{nullptr};
   std::atomic<int> nchunks_{0};
   std::atomic<uint64_t> wake_seq_{0};
+  std::atomic<int64_t> wake_poll_us_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_parked_{false};
   std::atomic<bool> stop_{false};
@@ -233,11 +239,12 @@ void parallel_chunks(int nchunks, const std::function<void(int, int)>& fn) {
   g_pool->run(nchunks, fn);
 }
 
-void wake_workers() {
+void wake_workers(int poll_us) {
+  AIMASS_CHECK(poll_us >= 0, ValueError, "wake_workers: poll_us=", poll_us, " must be >= 0");
   if (threads_setting() == 1) return;
   std::unique_lock<std::mutex> lk(g_pool_mu, std::try_to_lock);
   if (!lk.owns_lock()) return;  // another thread is using the pool: its workers are awake
-  if (g_pool) g_pool->wake();
+  if (g_pool) g_pool->wake(std::chrono::microseconds(std::min(poll_us, 100000)));
 }
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
