@@ -43,7 +43,8 @@ def test_wake_hint_keeps_results_and_validates(tmp_path, threads):
         sess.close()
 
 
-def test_server_wakes_the_pool_on_each_inference_request(tmp_path, monkeypatch):
+@pytest.mark.parametrize("wake_min_us", [0.0, 1e9])
+def test_server_wakes_the_pool_for_models_worth_it(tmp_path, monkeypatch, wake_min_us):
     pytest.importorskip("starlette")
     import warnings
     with warnings.catch_warnings():   # starlette's note that it prefers httpx2
@@ -55,13 +56,21 @@ def test_server_wakes_the_pool_on_each_inference_request(tmp_path, monkeypatch):
     reg, nets = make_store(tmp_path, versions=1)
     calls = []
     monkeypatch.setattr(hot, "_wake", lambda us: calls.append(us))
-    srv = Server(reg, ServeConfig(poll_interval_s=0))
+    srv = Server(reg, ServeConfig(poll_interval_s=0, wake_min_us=wake_min_us))
     x = np.arange(4, dtype=np.float32).reshape(1, 4) / 4
     with TestClient(create_app(srv)) as c:
-        assert c.get("/v2/health/ready").status_code == 200 and calls == []   # not on other routes
-        r = c.post("/predict", json={"input": x[0].tolist()})
-        assert r.status_code == 200
-        with torch.no_grad():
-            np.testing.assert_allclose(r.json()["output"], nets[0](torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+        for i in range(4):
+            r = c.post("/predict", json={"input": x[0].tolist()})
+            assert r.status_code == 200
+            with torch.no_grad():
+                np.testing.assert_allclose(r.json()["output"], nets[0](torch.from_numpy(x)).numpy(), rtol=1e-5,
+                                           atol=1e-5)
+        n = len(calls)
+        assert c.get("/v2/health/ready").status_code == 200 and len(calls) == n   # not on other routes
         assert c.post("/v2/models/nope/infer", json={"inputs": []}).status_code in (400, 404)
-    assert calls == [hot.WAKE_POLL_US] * 2
+        assert len(calls) == n
+    if wake_min_us == 0:
+        # once the compute histogram has a batch (it is read on each of a model's first requests)
+        assert calls and set(calls) == {hot.WAKE_POLL_US} and srv.wake_poll_us == {"mlp": hot.WAKE_POLL_US}
+    else:
+        assert calls == [] and srv.wake_poll_us == {"mlp": 0}

@@ -21,11 +21,11 @@ from . import _json as _jsonlib, kserve, tfserving
 from .auth import AuthError
 from .errors import ServeError
 
-# How long the engine's parked threads poll for work after a request arrives (wake_workers): the
-# request's body read, parsing and decoding (tens to a few hundred microseconds of Python) then
-# overlap their wake-up, which otherwise came at the model's first parallel layer (about 60 us on
-# this VM, per request at one connection, where the threads park between requests).
-WAKE_POLL_US = 500
+# How long the engine's parked threads poll for work after a request arrives (wake_workers), for
+# models whose compute is worth it (ServeConfig.wake_min_us): the request's body read, parsing and
+# decoding then overlap their wake-up, which otherwise came at the model's first parallel layer
+# (about 60 us on this VM, per request at one connection, where the threads park between requests).
+WAKE_POLL_US = 200
 # the headers the hot routes read (names arrive lower-cased from the ASGI server)
 _WANT = frozenset((b"authorization", b"content-length", b"content-encoding", b"inference-header-content-length"))
 _JSON = b"application/json"
@@ -138,7 +138,6 @@ async def handle(srv, scope, receive, send, kind: str, name: Optional[str], vers
                  label: Optional[str]) -> None:
     """One inference request: auth, draining, body, the model, error mapping, metrics, the response."""
     t0 = time.perf_counter()
-    _wake(WAKE_POLL_US)
     hdr = {k: v for k, v in scope["headers"] if k in _WANT}
     if kind == "predict":
         try:
@@ -150,6 +149,9 @@ async def handle(srv, scope, receive, send, kind: str, name: Optional[str], vers
         fn, protocol = _tf_predict, "v1"
     else:
         fn, protocol = _v2_infer, "v2"
+    wake = srv.wake_poll_us.get(name)
+    if wake:
+        _wake(wake)
     ctx = srv.context(name)
     status = 500
     srv.inflight += 1           # SIGTERM drain waits for these
