@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <random>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -105,5 +107,45 @@ TEST(ParallelPool, WakeHintValidatesItsPollTime) {
   EXPECT_THROW(aimass::wake_workers(-1), aimass::ValueError);
   aimass::wake_workers(200000);  // capped, not an error
   expect_each_once(2);
+}
+}  // namespace
+
+namespace {
+// Random job sizes, back to back and spaced around the polling time, with wake hints and chunks
+// slow enough that the caller parks: every chunk of every job runs exactly once. (A version that
+// kept the chunk count outside the claimed word let a worker claim "chunk n" of a finished job
+// against the next job's larger count: a chunk ran twice, or the caller waited forever.)
+TEST(ParallelPool, RandomJobsRunEachChunkOnce) {
+  aimass::set_num_threads(2);
+  std::mt19937 rng(7);
+  for (int i = 0; i < 20000; ++i) {
+    const int n = 1 + static_cast<int>(rng() % 12);
+    const unsigned mode = rng() % 8;
+    if (mode == 0) aimass::wake_workers();
+    if (mode == 1) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 120));
+    const int busy_us = (rng() % 64 == 0) ? 120 : static_cast<int>(rng() % 3);
+    std::vector<int> hits(static_cast<size_t>(n), 0);
+    aimass::parallel_chunks(n, [&](int c, int nc) {
+      ASSERT_EQ(nc, n);
+      hits[static_cast<size_t>(c)] += 1;
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(busy_us);
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    });
+    for (int c = 0; c < n; ++c) ASSERT_EQ(hits[static_cast<size_t>(c)], 1) << "job " << i << " chunk " << c;
+  }
+}
+
+TEST(ParallelPool, MoreChunksThanOneJobHolds) {
+  aimass::set_num_threads(2);
+  const int n = (1 << 20) + 5;  // a job's chunk count has 20 bits: this takes two jobs
+  std::vector<uint8_t> hits(static_cast<size_t>(n), 0);
+  std::atomic<int> wrong_n{0};
+  aimass::parallel_chunks(n, [&](int c, int nc) {
+    if (nc != n) wrong_n++;
+    hits[static_cast<size_t>(c)]++;
+  });
+  EXPECT_EQ(wrong_n.load(), 0);
+  for (int c = 0; c < n; ++c) ASSERT_EQ(hits[static_cast<size_t>(c)], 1) << "chunk " << c;
 }
 }  // namespace
