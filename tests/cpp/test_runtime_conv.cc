@@ -1,8 +1,9 @@
-// The Winograd F(2x2, 3x3) conv path (runtime/ops_conv.h) against a double-precision direct
-// convolution and against the direct packed kernel, at every SIMD level this CPU runs and at 1
-// and 2 threads: odd output sizes (tiles clipped at the edge), padding 0-2, tile panels that
-// cross samples, K-slices (C > 128), output channels off the 8-row blocks, bias / residual /
-// ReLU epilogues, and the per-batch choice between the two paths.
+// The conv paths (runtime/ops_conv.h) against a double-precision direct convolution, at every SIMD
+// level this CPU runs and at 1 and 2 threads. Winograd F(2x2, 3x3), also against the direct packed
+// kernel: odd output sizes (tiles clipped at the edge), padding 0-2, tile panels that cross
+// samples, K-slices (C > 128), output channels off the 8-row blocks, bias / residual / ReLU
+// epilogues, and the per-batch choice between the two paths. The direct path: long and two-panel
+// groups, in-place and packed 1x1 panels, strides 1 and 2, the 7x7/2 stem, K-slices.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -35,9 +36,9 @@ Conv2dShape shape3x3(int64_t C, int64_t H, int64_t W, int64_t O, int64_t pad) {
   return s;
 }
 
-// y = relu?(conv(x) + bias + res), in double
-std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector<float>& x, const std::vector<float>& w,
-                              const float* bias, const float* res, bool relu) {
+// y = relu?(conv(x) + bias + res) for any kernel, stride, padding and dilation (groups 1), in double
+std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector<float>& x,
+                              const std::vector<float>& w, const float* bias, const float* res, bool relu) {
   std::vector<double> y(static_cast<size_t>(N * s.O * s.OH * s.OW));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t o = 0; o < s.O; ++o)
@@ -45,11 +46,11 @@ std::vector<double> reference(const Conv2dShape& s, int64_t N, const std::vector
         for (int64_t ow = 0; ow < s.OW; ++ow) {
           double acc = 0;
           for (int64_t c = 0; c < s.C; ++c)
-            for (int64_t kh = 0; kh < 3; ++kh)
-              for (int64_t kw = 0; kw < 3; ++kw) {
-                const int64_t ih = oh - s.PH + kh, iw = ow - s.PW + kw;
+            for (int64_t kh = 0; kh < s.KH; ++kh)
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                const int64_t ih = oh * s.SH - s.PH + kh * s.DH, iw = ow * s.SW - s.PW + kw * s.DW;
                 if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
-                acc += double(w[((o * s.C + c) * 3 + kh) * 3 + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
+                acc += double(w[((o * s.C + c) * s.KH + kh) * s.KW + kw]) * x[((n * s.C + c) * s.H + ih) * s.W + iw];
               }
           const size_t i = static_cast<size_t>(((n * s.O + o) * s.OH + oh) * s.OW + ow);
           if (bias) acc += bias[o];
@@ -65,6 +66,31 @@ std::vector<float> randv(std::mt19937& rng, size_t n, float scale) {
   for (auto& e : v) e = d(rng);
   return v;
 }
+
+// Random input, weights (scaled by 1/sqrt(taps)), bias and residual for one conv, and the double
+// reference of relu?(conv(x) + bias + res) with its largest magnitude.
+struct ConvData {
+  std::vector<float> x, w, b, r;
+  const float* bias;
+  const float* res;
+  std::vector<double> want;
+  double scale = 1e-30;
+  size_t ny;
+  ConvData(std::mt19937& rng, const Conv2dShape& s, int64_t N, bool with_bias, bool with_res, bool relu) {
+    const int64_t taps = s.C * s.KH * s.KW;
+    x = randv(rng, static_cast<size_t>(N * s.C * s.H * s.W), 1.f);
+    w = randv(rng, static_cast<size_t>(s.O * taps), 1.f / std::sqrt(float(taps)));
+    b = randv(rng, static_cast<size_t>(s.O), 0.5f);
+    ny = static_cast<size_t>(N * s.O * s.OH * s.OW);
+    r = randv(rng, ny, 1.f);
+    bias = with_bias ? b.data() : nullptr;
+    res = with_res ? r.data() : nullptr;
+    want = reference(s, N, x, w, bias, res, relu);
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+  }
+  ConvData(const ConvData&) = delete;  // bias / res point into this object
+  ConvData& operator=(const ConvData&) = delete;
+};
 
 struct Case {
   int64_t C, H, W, O, pad, N;
@@ -88,17 +114,13 @@ TEST(RuntimeConvWinograd, MatchesDoubleReferenceAndDirectKernel) {
   for (const Case& k : cases) {
     const Conv2dShape s = shape3x3(k.C, k.H, k.W, k.O, k.pad);
     ASSERT_TRUE(conv::wino_eligible(s));
-    const std::vector<float> x = randv(rng, static_cast<size_t>(k.N * k.C * k.H * k.W), 1.f);
-    const std::vector<float> w = randv(rng, static_cast<size_t>(k.O * k.C * 9), 1.f / std::sqrt(9.f * k.C));
-    const std::vector<float> b = randv(rng, static_cast<size_t>(k.O), 0.5f);
-    const size_t ny = static_cast<size_t>(k.N * k.O * s.OH * s.OW);
-    const std::vector<float> r = randv(rng, ny, 1.f);
-    const float* bias = k.bias ? b.data() : nullptr;
-    const float* res = k.res ? r.data() : nullptr;
-    const std::vector<double> want = reference(s, k.N, x, w, bias, res, k.relu);
-    double scale = 1e-30;
-    for (double v : want) scale = std::max(scale, std::fabs(v));
-    conv::PackedConv pc(w.data(), bias, s, conv::PackedConv::kBoth);
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    const std::vector<float>& x = d.x;
+    const float* res = d.res;
+    const std::vector<double>& want = d.want;
+    const double scale = d.scale;
+    const size_t ny = d.ny;
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kBoth);
     ASSERT_NE(pc.u, nullptr);
     ASSERT_NE(pc.w, nullptr);
     for (SimdLevel lv : levels()) {
@@ -153,4 +175,78 @@ TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
   std::vector<float> x(static_cast<size_t>(16 * 20 * 20), 1.f), y(static_cast<size_t>(16 * 18 * 18));
   if (!a.w) EXPECT_THROW(conv::run_direct(a, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
   EXPECT_THROW(conv::run_winograd(d, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
+}
+
+namespace {
+
+Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad) {
+  return Conv2dShape{C, H, W, O, k, k, stride, stride, pad, pad, 1, 1, 1, (H + 2 * pad - k) / stride + 1,
+                     (W + 2 * pad - k) / stride + 1};
+}
+
+}  // namespace
+
+// The direct path's work split: long panel groups (one K-slice, planes >= kLongPlane, not reducing)
+// and the two-panel groups, in-place 1x1 panels, panels crossing samples, K-slices, odd sizes,
+// strides 1 and 2, the 7x7/2 stem, at every SIMD level and 1 and 2 threads, against double.
+TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
+  struct DCase {
+    int64_t C, H, W, O, k, stride, pad, N;
+    bool bias, res, relu, long_group;
+  };
+  const DCase cases[] = {
+      {16, 20, 20, 24, 1, 1, 0, 3, true, true, true, true},     // 1x1 expand: in place, 400 px (panels cross samples)
+      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane, O off the 8-row blocks, tail panel
+      {64, 17, 17, 8, 1, 1, 0, 2, true, true, false, false},    // reducing 1x1 (not long): 289 px
+      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices in place
+      {3, 37, 37, 10, 7, 2, 3, 2, true, false, true, true},     // the 7x7/2 stem, 147 taps in one slice
+      {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
+      {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)
+      {8, 9, 9, 8, 3, 1, 1, 5, true, true, true, false},        // small plane (81 px) at batch 5
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(11);
+  for (const DCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, k.stride, k.pad);
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
+    ASSERT_NE(pc.w, nullptr);
+    EXPECT_EQ(conv::long_group_ok(s, pc.Kc, pc.KS), k.long_group) << "C" << k.C << " k" << k.k << " O" << k.O;
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      for (int t : {1, 2}) {
+        aimass::set_num_threads(t);
+        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
+        conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y.data());
+        for (size_t i = 0; i < d.ny; ++i)
+          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
+              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << "/" << k.stride << " N"
+              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
+      }
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvDirect, GroupPanelsBounds) {
+  // short groups: two panels (or all of them when fewer)
+  EXPECT_EQ(conv::group_panels(100, 64, false, 1), conv::kGroupPanels);
+  EXPECT_EQ(conv::group_panels(1, 64, false, 1), 1);
+  EXPECT_EQ(conv::group_panels(1, 64, true, 2), 1);
+  for (int64_t npt : {1, 3, 7, 49, 98, 784})
+    for (int64_t kc : {1, 27, 64, 147, 256})
+      for (int64_t t : {1, 2, 4}) {
+        const int64_t g = conv::group_panels(npt, kc, true, t);
+        EXPECT_GE(g, std::min(conv::kGroupPanels, npt));
+        EXPECT_LE(g, std::min(conv::kMaxGroupPanels, npt));
+        // within the L2 budget, and two groups per thread, unless that is below the two-panel floor
+        if (g > conv::kGroupPanels) {
+          EXPECT_LE(g * kc * conv::kNR * int64_t(sizeof(float)), conv::kGroupBytes);
+          EXPECT_GE(npt / g, 2 * t);
+        }
+      }
+  // ResNet-50's 56x56 64 -> 256 1x1 at batch 1, one thread: 98 panels in long groups of 32
+  EXPECT_EQ(conv::group_panels(98, 64, true, 1), 32);
 }

@@ -45,6 +45,36 @@ constexpr int64_t kKC = 256;  // taps per K-slice of an in-place 1x1 panel (kKC 
 // 18.0-19.0 -> 16.9-17.7 ms CPU at 128, the 3x3/2 at 56x56 7.5-8.1 -> 7.1-7.6 ms)
 constexpr int64_t kKCPacked = 128;
 constexpr int64_t kGroupPanels = 2;  // panels packed together: each weight block serves both from L1
+// Panels per work item. A conv with one K-slice and output planes of at least kLongPlane pixels,
+// unless it is a 1x1 with fewer than half as many output channels as taps (long_group_ok), takes
+// long groups: as many panels as fill kGroupBytes of L2 at kc taps (a packed
+// panel is kc x kNR floats in the thread's scratch; an in-place pointwise one lies in the input),
+// at most kMaxGroupPanels, while every thread still gets two groups. Each weight row block
+// (8 x kc floats) then stays in L1 over all the group's panels and writes its 8 output rows as runs
+// of up to 32 x 32 pixels, where two panels wrote 256-byte pieces scattered over every output
+// plane: at batch 8 the 56x56 1x1 convs wrote their outputs at half of onnxruntime's rate (ResNet-50
+// batch 8, a loaded machine, per-step min CPU of 6 runs: the 64 -> 256 downsample 11.8 -> 7.9 ms,
+// each 64 -> 256 conv3 + residual 10.8 -> 7.8 ms). Other convs keep kGroupPanels: with several
+// K-slices a long group's outputs are read back by every slice, small planes gain nothing (the
+// 14x14 and 7x7 layers and the stride-2 convs ran 2-10% slower with long groups), and a reducing
+// conv writes little (the 256 -> 64 1x1 at 56x56: 7.6-8.1 -> 8.4 ms).
+constexpr int64_t kMaxGroupPanels = 32;
+constexpr int64_t kGroupBytes = int64_t{512} << 10;
+constexpr int64_t kLongPlane = 8 * kNR;
+inline bool long_group_ok(const ops::Conv2dShape& s, int64_t Kc, int64_t KS) {
+  return Kc == KS && s.OH * s.OW >= kLongPlane && (!ops::is_pointwise(s) || 2 * s.O >= Kc);
+}
+inline int64_t group_panels(int64_t NPt, int64_t kc, bool long_ok, int64_t threads) {
+  int64_t g = kGroupPanels;
+  if (long_ok) {
+    g = kGroupBytes / ((kc > 0 ? kc : 1) * kNR * static_cast<int64_t>(sizeof(float)));
+    const int64_t per_thread = NPt / (2 * (threads < 1 ? 1 : threads));
+    g = g < per_thread ? g : per_thread;
+    g = g < kMaxGroupPanels ? g : kMaxGroupPanels;
+    g = g > kGroupPanels ? g : kGroupPanels;
+  }
+  return g < NPt ? g : NPt;
+}
 
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
 // acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
@@ -61,11 +91,14 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
 // unpadded 1x1 conv's full panel inside one sample's plane is the input itself,
 // b = x + n*CHW + c0*HW + p0 with ldb = H*W, so it is not copied into a panel first. All kNR
 // columns of every row are read (the caller guarantees they exist); ncols limits the stores.
-// `stream`: prefetch the rows a few taps ahead (the first weight block to read this panel).
+// `stream`: prefetch the rows a few taps ahead (the first weight block to read this panel);
+// `prefetch_c`: request the tile's output (and residual) lines before the k-loop.
 void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
-                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream);
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream,
+                    bool prefetch_c);
 void tile_ld_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
-                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream);
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream,
+                    bool prefetch_c);
 
 // Implicit im2col of one panel: B[t][j] for t < kc, j < kNR = tap k0 + t (c, kh, kw) of output
 // pixel j0 + j (global over the batch; pixel q is sample q / P, oh, ow), 0 for out-of-image
@@ -131,7 +164,12 @@ void pack_avx512(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
                  float* dst);
 
 // Taps per K-slice: Kc split into (almost) equal slices of at most `most` (kKC or kKCPacked).
+// A packed Kc up to kKCPackedOne stays one slice: the 7x7 stem's 147 taps in two slices of 74 wrote
+// its 3.2 MiB (batch 1) output, read it back and wrote it again; two panels of 147 taps (37 KiB)
+// and the weight block (4.6 KiB) still fit a 48 KiB L1.
+constexpr int64_t kKCPackedOne = 160;
 inline int64_t slice_taps(int64_t Kc, int64_t most = kKC) {
+  if (most == kKCPacked && Kc <= kKCPackedOne) return Kc > 0 ? Kc : 1;
   const int64_t n = (Kc + most - 1) / most;
   return n > 0 ? (Kc + n - 1) / n : 1;
 }

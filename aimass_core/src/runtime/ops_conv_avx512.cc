@@ -107,9 +107,10 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
 }
 
 void tile_ld_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t mvalid,
-                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream) {
+                    int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu, bool stream,
+                    bool prefetch_c) {
   __m512 c0[8], c1[8];
-  if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
+  if (prefetch_c && kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
   if (stream)
     tile_core<false, true>(kc, a, b, ldb, c0, c1);
   else
