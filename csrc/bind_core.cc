@@ -61,6 +61,9 @@ void bind_core(py::module_& m) {
   // The engine pool only: OpenBLAS stays single-threaded on its caller (blas.cc's policy; its
   // spinning workers made small sgemm calls take 40-60 ms on a busy 2-core machine).
   m.def("set_num_threads", [](int n) { aimass::set_num_threads(n); }, py::arg("n"));
+  // the GIL stays held: a few atomics, and a futex wake only when a worker is parked
+  m.def("wake_workers", [](int poll_us) { aimass::wake_workers(poll_us); }, py::arg("poll_us") = 0,
+        "Hint: parked engine threads poll for work for max(AIMASS_SPIN_US, poll_us) from now.");
 }
 
 }  // namespace aimass_bind

@@ -16,6 +16,7 @@
 
 #include "aimass/checked.h"
 #include "aimass/error.h"
+#include "aimass/parallel.h"
 #include "aimass/runtime.h"
 #include "runtime/ext_ops.h"
 #include "runtime/ops.h"
@@ -810,6 +811,9 @@ void Executor::execute(int64_t rows) {
     p.prof_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
     p.prof_calls.assign(p.steps.size(), 0);
   }
+  // Parked pool workers take tens of microseconds to wake on a VM: start them now, so their
+  // wake-up overlaps the steps before the first parallel one instead of delaying it.
+  aimass::wake_workers();
   for (size_t si = 0; si < p.steps.size(); ++si) {
     Step& s = p.steps[si];
     const auto t0 = p.profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};

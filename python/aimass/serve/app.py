@@ -41,6 +41,10 @@ class ServeConfig:
     # a lone request on a model whose batches take less than this (mean compute time) runs on the event
     # loop's thread through Session.run (no thread hand-offs); 0 turns this off
     inline_max_us: float = 1000.0
+    # a model whose batches take at least this (mean compute time) has the engine's parked threads
+    # woken when its request arrives (hot.WAKE_POLL_US), so their wake-up overlaps the request's
+    # parsing; a cheaper one (no parallel layer worth it) would only have them poll for nothing
+    wake_min_us: float = 50.0
 
 
 class Server:
@@ -64,6 +68,9 @@ class Server:
         # open HTTP connections, when the ASGI server tells (cli.make_uvicorn_server): with one, no other
         # request can be waiting unread, so a lone request runs inline without first yielding to the loop
         self.open_connections: Optional[Callable[[], int]] = None
+        # model name -> microseconds the engine threads poll after one of its requests arrives (0: not
+        # woken); kept by _cheap from the compute histogram, read by hot.handle before the body
+        self.wake_poll_us: dict = {}
         self.started = time.time()
 
     def is_ready(self) -> bool:
@@ -105,9 +112,11 @@ class Server:
 
     def _cheap(self, lv) -> bool:
         lv.calls += 1
-        if lv.calls & 255 == 1:      # re-read the batcher's compute histogram every 256 requests
+        if lv.calls & 255 == 1 or lv.calls < 8:   # re-read the compute histogram every 256 requests
             h = lv.session.stats()["compute_us"]
-            lv.cheap = h["count"] > 0 and h["sum"] / h["count"] < self.config.inline_max_us
+            mean = h["sum"] / h["count"] if h["count"] else 0.0
+            lv.cheap = h["count"] > 0 and mean < self.config.inline_max_us
+            self.wake_poll_us[lv.name] = hot.WAKE_POLL_US if h["count"] and mean >= self.config.wake_min_us else 0
         return lv.cheap
 
     def context(self, model: Optional[str]) -> "Ctx":

@@ -1,0 +1,76 @@
+"""The engine pool's wake-up hint (aimass._C.wake_workers) and its use by the HTTP server: a hint
+never changes results, bad poll times are typed errors, and every inference request sends one
+before its body is read (so the threads' wake-up overlaps the request's parsing). No timing."""
+import numpy as np
+import pytest
+
+import aimass
+from aimass import _C
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def threads():
+    old = aimass.num_threads()
+    yield
+    aimass.set_num_threads(old)
+
+
+def test_wake_hint_keeps_results_and_validates(tmp_path, threads):
+    from serve_util import export_mlp
+
+    import aimass.runtime as rt
+    path = tmp_path / "m.aimass"
+    export_mlp(path, seed=3, d_in=64, hidden=256, d_out=8, layers=3)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    aimass.set_num_threads(1)
+    _C.wake_workers()          # no pool at one thread: a no-op
+    sess = rt.Session(str(path), max_batch_size=4)
+    try:
+        want = sess.run({"x": x})
+        for n in (2, 3):
+            aimass.set_num_threads(n)
+            for hint in (None, 0, 300, 10 ** 6):   # capped, not an error
+                if hint is not None:
+                    _C.wake_workers(hint)
+                got = sess.run({"x": x})
+                for k in want:
+                    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="poll_us"):
+            _C.wake_workers(-5)
+    finally:
+        sess.close()
+
+
+@pytest.mark.parametrize("wake_min_us", [0.0, 1e9])
+def test_server_wakes_the_pool_for_models_worth_it(tmp_path, monkeypatch, wake_min_us):
+    pytest.importorskip("starlette")
+    import warnings
+    with warnings.catch_warnings():   # starlette's note that it prefers httpx2
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    from aimass.serve import ServeConfig, Server, create_app, hot
+    from serve_util import make_store
+    reg, nets = make_store(tmp_path, versions=1)
+    calls = []
+    monkeypatch.setattr(hot, "_wake", lambda us: calls.append(us))
+    srv = Server(reg, ServeConfig(poll_interval_s=0, wake_min_us=wake_min_us))
+    x = np.arange(4, dtype=np.float32).reshape(1, 4) / 4
+    with TestClient(create_app(srv)) as c:
+        for i in range(4):
+            r = c.post("/predict", json={"input": x[0].tolist()})
+            assert r.status_code == 200
+            with torch.no_grad():
+                np.testing.assert_allclose(r.json()["output"], nets[0](torch.from_numpy(x)).numpy(), rtol=1e-5,
+                                           atol=1e-5)
+        n = len(calls)
+        assert c.get("/v2/health/ready").status_code == 200 and len(calls) == n   # not on other routes
+        assert c.post("/v2/models/nope/infer", json={"inputs": []}).status_code in (400, 404)
+        assert len(calls) == n
+    if wake_min_us == 0:
+        # once the compute histogram has a batch (it is read on each of a model's first requests)
+        assert calls and set(calls) == {hot.WAKE_POLL_US} and srv.wake_poll_us == {"mlp": hot.WAKE_POLL_US}
+    else:
+        assert calls == [] and srv.wake_poll_us == {"mlp": 0}
