@@ -4,9 +4,15 @@
 // that errors reach the caller; no timing is asserted.
 #include <gtest/gtest.h>
 
+#ifdef __linux__
+#include <dirent.h>
+#include <sched.h>
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -149,3 +155,31 @@ TEST(ParallelPool, MoreChunksThanOneJobHolds) {
   for (int c = 0; c < n; ++c) ASSERT_EQ(hits[static_cast<size_t>(c)], 1) << "chunk " << c;
 }
 }  // namespace
+
+#ifdef __linux__
+// A worker that wakes on the caller's CPU steps off it by narrowing its affinity for a moment;
+// afterwards every thread of the process must have its original mask back (nothing pinned).
+TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
+  cpu_set_t before;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(before), &before), 0);
+  if (CPU_COUNT(&before) < 2) GTEST_SKIP() << "one CPU: workers never step off";
+  aimass::set_num_threads(2);
+  for (int i = 0; i < 40; ++i) {
+    // idle gaps park the worker; its wake-up often lands it on the caller's CPU
+    std::this_thread::sleep_for(std::chrono::microseconds(i % 2 ? 2000 : 200));
+    expect_each_once(2 + i % 3);
+  }
+  DIR* dir = opendir("/proc/self/task");
+  ASSERT_NE(dir, nullptr);
+  int threads = 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    cpu_set_t now;
+    ASSERT_EQ(sched_getaffinity(static_cast<pid_t>(std::atoi(e->d_name)), sizeof(now), &now), 0);
+    EXPECT_TRUE(CPU_EQUAL(&now, &before)) << "thread " << e->d_name << " left with a narrowed affinity";
+    ++threads;
+  }
+  closedir(dir);
+  EXPECT_GE(threads, 2);
+}
+#endif
