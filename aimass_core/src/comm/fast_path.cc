@@ -159,12 +159,7 @@ void CollectiveEngine::Impl::eager_settle() {
   if (!ll) return;
   std::lock_guard<std::mutex> el(eager_mu);
   if (ll->settled()) return;
-  double deadline;
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    deadline = opts.timeout_s;
-  }
-  eager_settle_or_break(deadline, 0);
+  eager_settle_or_break(opts.timeout_s, 0);  // (fixed at construction: no lock needed to read it)
 }
 
 // A blocking broadcast's turn in the eager stream (ll_shm.h): true when it completed there.

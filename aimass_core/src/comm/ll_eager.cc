@@ -144,8 +144,7 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
   EagerEntry* e = entry(s);
   ll_wait::Backoff backoff;
   backoff.spin = spin_;
-  Clock::time_point start;
-  double waited = 0, busy_since = -1;
+  double busy_since = -1;
   while (true) {
     uint64_t st = e->state.load(std::memory_order_seq_cst);
     if (seq_of(st) >= s) {
@@ -163,8 +162,7 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
       mismatch_at(s, writer_of(st), e, fill, ctx, false);
     }
     // not posted yet: the root is late, or runs this broadcast through its engine (busy there)
-    if (backoff.iter == 0) start = Clock::now();
-    else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+    const double waited = backoff.elapsed();
     const bool busy = root >= 0 && root < size_ && ctl(root)->busy.load(std::memory_order_seq_cst) != 0;
     if (!busy) busy_since = -1;
     else if (busy_since < 0) busy_since = waited;
@@ -188,15 +186,12 @@ void LLChannel::settle(double deadline_s, uint64_t lag) {
   if (target > settled_) {
     ll_wait::Backoff backoff;
     backoff.spin = spin_;
-    Clock::time_point start;
-    double waited = 0;
     uint64_t low = s;
     for (int j = 0; j < size_; ++j) {
       if (j == rank_) continue;
       uint64_t a;
       while ((a = ectl(j)->acked.load(std::memory_order_seq_cst)) < target) {
-        if (backoff.iter == 0) start = Clock::now();
-        else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
+        const double waited = backoff.elapsed();
         if (waited > deadline_s) {
           settled_ = s;  // reported once; the stream may be out of step from here on
           peer_lost_ = process_gone(static_cast<int>(ctl(j)->pid.load(std::memory_order_relaxed)));

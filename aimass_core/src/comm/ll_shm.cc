@@ -131,15 +131,10 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   std::atomic<uint64_t>& st = step();
   Control* me = ctl(rank_);
   const uint64_t bit = uint64_t(1) << rank_;
-  Clock::time_point start;  // read at the first pause: an exchange whose peers are there never reads the clock
-  Backoff backoff;
+  Backoff backoff;  // (an exchange whose peers are there never reads the clock)
   backoff.spin = spin_;
-  double waited = 0;
-  auto tick = [&] {  // the clock is read every 16 pauses only
-    if (backoff.iter == 0) start = Clock::now();
-    else if ((backoff.iter & 15) == 0) waited = std::chrono::duration<double>(Clock::now() - start).count();
-    backoff.pause(waited);
-  };
+  const double& waited = backoff.waited;
+  auto tick = [&] { backoff.pause(backoff.elapsed()); };
 
   // ---- arrive
   uint64_t w = st.load(std::memory_order_seq_cst);
@@ -264,16 +259,12 @@ void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
 
 bool LLChannel::wait_readers(double deadline_s) const {
   if (!by_address_) return true;
-  const auto start = Clock::now();
   Backoff backoff;
-  double waited = 0;
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
-      if ((backoff.iter & 15) == 0) {
-        waited = std::chrono::duration<double>(Clock::now() - start).count();
-        if (waited > deadline_s) return false;
-      }
+      const double waited = backoff.elapsed();
+      if (waited > deadline_s) return false;
       backoff.pause(waited);
     }
   }

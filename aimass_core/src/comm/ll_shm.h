@@ -35,7 +35,7 @@
 //
 // Eager broadcast (ll_eager.cc): a blocking broadcast of at most eager_max() bytes does not wait
 // for its receivers, as MPI's eager protocol does not. The broadcasts of the channel form one
-// stream (every rank counts its blocking broadcasts); entry s of a two-entry ring holds the s-th:
+// stream (every rank counts its blocking broadcasts); entry s of a kRing-entry ring holds the s-th:
 //   * the root writes signature hash, description and payload, then publishes the entry with a
 //     CAS of its state word (s, root, posted) and returns;
 //   * a receiver waits for entry s, checks the signature, copies the payload out. A signature
@@ -50,7 +50,8 @@
 //     skipped: the stream stays aligned.
 // Every rank acknowledges each entry (its control line's `acked`), and every collective of a rank
 // first waits until every rank acknowledged the entries it took part in (settle(), bounded by the
-// deadline). So a root runs at most one broadcast ahead, the ring never overwrites an entry
+// deadline; a broadcast waits only for those kRing - 1 entries back). So a root runs at most
+// kRing - 1 broadcasts ahead, the ring never overwrites an entry
 // someone still reads, and a mismatch is raised by every rank, at the latest by its next collective.
 //
 // The segment is POSIX shared memory created by rank 0 and unlinked once every rank mapped
@@ -61,6 +62,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <thread>
 
@@ -69,7 +71,6 @@
 #include "aimass/collectives.h"
 #include "aimass/comm.h"
 #include "aimass/dtype.h"
-#include <string>
 
 namespace aimass {
 namespace comm {
@@ -96,6 +97,15 @@ struct Backoff {
   static constexpr double kSpinS = 20e-6, kYieldS = 2e-3;
   uint32_t iter = 0;
   bool spin = true;  // false when a peer last ran on this CPU: spinning would only keep it off
+  double waited = 0;  // seconds this wait has lasted, as of the last elapsed()
+  std::chrono::steady_clock::time_point start;
+  // How long this wait has lasted. The clock is read at the first look (a wait that never pauses
+  // never reads it) and every 16th after, in between the last reading stands.
+  double elapsed() {
+    if (iter == 0) start = std::chrono::steady_clock::now();
+    else if ((iter & 15) == 0) waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return waited;
+  }
   void pause(double waited_s) {
     ++iter;
     if (spin && waited_s < kSpinS) {
