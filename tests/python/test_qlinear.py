@@ -440,3 +440,24 @@ def test_int16_path_limits_to_k_65536():
         if want == "int16":
             np.testing.assert_array_equal(y, int16_reference(x, q, scale))
         np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n,m", [(200, 700), (256, 1024), (64, 193)])
+def test_dynamic_rows_split_over_threads(n, m, level):
+    # few 64-column blocks and many rows: the dynamic int8 GEMM splits the rows over the threads
+    # too (qlinear.cc run_dynamic); every thread count gives the same bits, equal to the reference
+    rng, w, qt, q, scale, deq = make((8, n, 256, 0), seed=4)
+    x = rng.standard_normal((m, 256)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    n0 = aimass.num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            aimass.set_num_threads(t)
+            outs.append(compress.linear(x, qt, bias, kernel="dynamic_int8"))
+    finally:
+        aimass.set_num_threads(n0)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    ref = dynamic_reference(x, q, scale, 0) + bias
+    np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -483,17 +483,26 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     // More chunks than threads (up to 4 each): a worker the OS has not scheduled yet holds
     // only its first chunk, the others are taken by whoever is free (with one chunk per
     // thread the caller did a late worker's half alone; BERT-mini has 4-16 blocks).
-    const int nchunks = static_cast<int>(std::min<int64_t>(nb, 4 * static_cast<int64_t>(num_threads())));
-    parallel_chunks(nchunks, [&](int c, int nc) {
-      const int64_t b = nb * c / nc, e = nb * (c + 1) / nc;
-      if (e <= b) return;
+    // With fewer column blocks than that (N = 256: 4 blocks) and many rows, the rows split
+    // too, in parts of whole kEpiRows: BERT-mini's N = 256 layers at batch 8 (1024 rows) ran
+    // 4 chunks on 2 threads, and a worker that started late left the caller 3 of them (1.4x).
+    const int64_t want = 4 * static_cast<int64_t>(num_threads());
+    const int64_t ncol = std::min<int64_t>(nb, want);
+    const int64_t mparts = nb >= want ? 1 : std::max<int64_t>(1, std::min((want + nb - 1) / nb, M / kEpiRows));
+    const int nchunks = static_cast<int>(ncol * mparts);
+    parallel_chunks(nchunks, [&](int c, int) {
+      const int64_t cc = c / mparts, mp = c % mparts;
+      const int64_t b = nb * cc / ncol, e = nb * (cc + 1) / ncol;
+      const int64_t mb = (M * mp / mparts) / kEpiRows * kEpiRows,
+                    me = mp + 1 == mparts ? M : (M * (mp + 1) / mparts) / kEpiRows * kEpiRows;
+      if (e <= b || me <= mb) return;
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
       if (!fused) {
-        t.dynamic_panels(vb, qx.data(), sx.data(), M, y, v.N, n0, n1);
+        t.dynamic_panels(vb, qx.data() + mb * v.Kp, sx.data() + mb, me - mb, y + mb * v.N, v.N, n0, n1);
         return;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += kEpiRows) {
-        const int64_t mr = std::min(kEpiRows, M - m0);
+      for (int64_t m0 = mb; m0 < me; m0 += kEpiRows) {
+        const int64_t mr = std::min(kEpiRows, me - m0);
         float* yc = y + m0 * v.N;
         t.dynamic_panels(vb, qx.data() + m0 * v.Kp, sx.data() + m0, mr, yc, v.N, n0, n1);
         (*epi)(yc, mr, v.N, n0, n1);
