@@ -79,7 +79,15 @@ class Rnn : public ExtKernel {
           const int64_t t = dir == 0 ? step : S - 1 - step;
           const float* hp = (step & 1) ? h1.data() : h0.data();
           float* hn = (step & 1) ? h0.data() : h1.data();
-          vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
+          // Odd steps walk the panels last to first. A thread's W_hh slice is at least as large
+          // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
+          // in one direction evicts each panel just before the next step reads it again: in
+          // alternate directions the next step starts on the panels the last one left in L2.
+          if (step & 1) {
+            for (int64_t g = g1; g-- > g0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
+          } else {
+            vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const float* a = gi.data() + (r * S + t) * NP;
             const float* b = gh.data() + r * NP;
