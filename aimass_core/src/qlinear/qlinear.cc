@@ -486,9 +486,15 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     // With fewer column blocks than that (N = 256: 4 blocks) and many rows, the rows split
     // too, in parts of whole kEpiRows: BERT-mini's N = 256 layers at batch 8 (1024 rows) ran
     // 4 chunks on 2 threads, and a worker that started late left the caller 3 of them (1.4x).
+    // When the whole weight fits in L2 next to the rows (<= 512 KiB: N = 256 at K <= 2048), the
+    // split is by rows only: each thread quantized half of x and reads its part once, instead of
+    // every column block reading all of it (f2 of BERT-mini, K = 1024: 1 MiB of int8 rows).
     const int64_t want = 4 * static_cast<int64_t>(num_threads());
-    const int64_t ncol = std::min<int64_t>(nb, want);
-    const int64_t mparts = nb >= want ? 1 : std::max<int64_t>(1, std::min((want + nb - 1) / nb, M / kEpiRows));
+    const bool rows_only = nb < want && v.N * v.Kp <= (int64_t{512} << 10) && M >= 2 * kEpiRows;
+    const int64_t ncol = rows_only ? 1 : std::min<int64_t>(nb, want);
+    const int64_t mparts = rows_only ? std::min(want, M / kEpiRows)
+                           : nb >= want ? 1
+                                        : std::max<int64_t>(1, std::min((want + nb - 1) / nb, M / kEpiRows));
     const int nchunks = static_cast<int>(ncol * mparts);
     parallel_chunks(nchunks, [&](int c, int) {
       const int64_t cc = c / mparts, mp = c % mparts;
