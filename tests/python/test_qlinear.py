@@ -442,12 +442,13 @@ def test_int16_path_limits_to_k_65536():
         np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("n,m", [(200, 700), (256, 1024), (64, 193)])
-def test_dynamic_rows_split_over_threads(n, m, level):
+@pytest.mark.parametrize("n,m,k", [(200, 700, 256), (256, 1024, 256), (64, 193, 256), (192, 300, 4096)])
+def test_dynamic_rows_split_over_threads(n, m, k, level):
     # few 64-column blocks and many rows: the dynamic int8 GEMM splits the rows over the threads
-    # too (qlinear.cc run_dynamic); every thread count gives the same bits, equal to the reference
-    rng, w, qt, q, scale, deq = make((8, n, 256, 0), seed=4)
-    x = rng.standard_normal((m, 256)).astype(np.float32)
+    # too (qlinear.cc run_dynamic: by rows only while the weight fits in L2, else by both); every
+    # thread count gives the same bits, equal to the reference
+    rng, w, qt, q, scale, deq = make((8, n, k, 0), seed=4)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     n0 = aimass.num_threads()
     try:
