@@ -155,15 +155,24 @@ void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, i
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     int8_t* q = qx + m * Kp;
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
+    // two independent chains: one max / add chain (4-cycle latency per 16 values) bounded the pass
+    __m512 amax = zero, poison = zero, amax1 = zero, poison1 = zero;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 v = _mm512_loadu_ps(xr + k), v1 = _mm512_loadu_ps(xr + k + 16);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      amax1 = _mm512_max_ps(amax1, _mm512_abs_ps(v1));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+      poison1 = _mm512_add_ps(poison1, _mm512_mul_ps(v1, zero));
+    }
+    for (; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
       poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
     }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a = _mm512_reduce_max_ps(_mm512_max_ps(amax, amax1));
+    const float p = _mm512_reduce_add_ps(_mm512_add_ps(poison, poison1));
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;
@@ -443,15 +452,24 @@ void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
     const float* xr = x + m * ldx;
     uint8_t* plo = static_cast<uint8_t*>(qa) + m * 2 * Kp;
     uint8_t* phi = plo + Kp;
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
+    // two independent chains: one max / add chain (4-cycle latency per 16 values) bounded the pass
+    __m512 amax = zero, poison = zero, amax1 = zero, poison1 = zero;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 v = _mm512_loadu_ps(xr + k), v1 = _mm512_loadu_ps(xr + k + 16);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      amax1 = _mm512_max_ps(amax1, _mm512_abs_ps(v1));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+      poison1 = _mm512_add_ps(poison1, _mm512_mul_ps(v1, zero));
+    }
+    for (; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
       poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
     }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a = _mm512_reduce_max_ps(_mm512_max_ps(amax, amax1));
+    const float p = _mm512_reduce_add_ps(_mm512_add_ps(poison, poison1));
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;
@@ -645,15 +663,24 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     uint8_t* out = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
+    // two independent chains: one max / add chain (4-cycle latency per 16 values) bounded the pass
+    __m512 amax = zero, poison = zero, amax1 = zero, poison1 = zero;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 v = _mm512_loadu_ps(xr + k), v1 = _mm512_loadu_ps(xr + k + 16);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      amax1 = _mm512_max_ps(amax1, _mm512_abs_ps(v1));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+      poison1 = _mm512_add_ps(poison1, _mm512_mul_ps(v1, zero));
+    }
+    for (; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
       poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
     }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a = _mm512_reduce_max_ps(_mm512_max_ps(amax, amax1));
+    const float p = _mm512_reduce_add_ps(_mm512_add_ps(poison, poison1));
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;
