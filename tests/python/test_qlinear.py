@@ -462,3 +462,18 @@ def test_dynamic_rows_split_over_threads(n, m, k, level):
         np.testing.assert_array_equal(o, outs[0])
     ref = dynamic_reference(x, q, scale, 0) + bias
     np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("pos", [0, 17, 31, 40, 63, 64, 99])
+def test_dynamic_nonfinite_anywhere_in_the_row(pos, level):
+    # the row scan runs two chains of 32 values and a masked tail (K = 100): NaN / inf in any
+    # lane of any of them makes the row NaN; the other rows equal the reference
+    rng, w, qt, q, scale, deq = make((8, 24, 100, 0), seed=5)
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        xb = x.copy()
+        xb[1, pos] = bad
+        y = compress.linear(xb, qt, kernel="dynamic_int8")
+        assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all(), (pos, bad)
+        ref = dynamic_reference(x[[0, 2]], q, scale, 0)
+        np.testing.assert_allclose(y[[0, 2]], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
