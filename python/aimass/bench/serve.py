@@ -88,6 +88,26 @@ def _v2_binary(model: str, x: np.ndarray) -> bytes:
                         ["Content-Type: application/octet-stream", f"Inference-Header-Content-Length: {len(head)}"])
 
 
+def build_store(tmp: str):
+    """The bench's store under tmp/store: the MLP as 'mlp' (its torch weights in tmp/mlp.pt, for Flask)
+    and a 784x10 linear 'tiny', both at 'stable'. Returns (MLP file, tiny file, one input row)."""
+    import torch
+    from .. import runtime as rt
+    from ..registry import Registry
+    from .runtime import make_mlp
+    net = make_mlp(MLP)
+    torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
+    path = os.path.join(tmp, "mlp.aimass")
+    rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
+    tiny_path = os.path.join(tmp, "tiny.aimass")
+    rt.export(make_mlp((MLP[0], MLP[-1])), (torch.randn(2, MLP[0]),), tiny_path, input_names=["x"])
+    reg = Registry(os.path.join(tmp, "store"))
+    reg.push(path, "mlp", label="stable")     # /predict's model: the first by name
+    reg.push(tiny_path, "tiny", label="stable")
+    x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
+    return path, tiny_path, x
+
+
 def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
           requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
     """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}} and,
@@ -98,10 +118,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     nothing) and Session.run on the MLP paced PACED_GAP_US apart. At concurrency 1 the same server
     also answers v2 binary on the tiny model, and a bare uvicorn app (_bare_asgi, same settings) gives
     the floor of server + client + loopback TCP with no aimass code at all."""
-    import torch
     from .. import runtime as rt
-    from ..registry import Registry
-    from .runtime import make_mlp
     seconds = seconds or (2.0 if quick else 4.0)
     count = requests or (2000 if quick else 20000)
     wrk = wrk_path()
@@ -109,16 +126,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     procs = []
     sess = sess_tiny = None
     try:
-        net = make_mlp(MLP)
-        torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
-        path = os.path.join(tmp, "mlp.aimass")
-        rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
-        tiny_path = os.path.join(tmp, "tiny.aimass")
-        rt.export(make_mlp((MLP[0], MLP[-1])), (torch.randn(2, MLP[0]),), tiny_path, input_names=["x"])
-        reg = Registry(os.path.join(tmp, "store"))
-        reg.push(path, "mlp", label="stable")     # /predict's model: the first by name
-        reg.push(tiny_path, "tiny", label="stable")
-        x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
+        path, tiny_path, x = build_store(tmp)
         sess = rt.Session(path)
         n_sess = 1000 if quick else 3000
         s50, s99 = session_p50(sess, x, n_sess)
