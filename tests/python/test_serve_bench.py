@@ -62,9 +62,11 @@ def test_wrk_generator_sends_the_prebuilt_request(port, tmp_path, monkeypatch):
     assert r["n"] > 0 and r["errors"] == r["n"]
 
 
-def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path):
-    """The bench's floor (a bare ASGI app under `aimass serve`'s uvicorn settings) answers POSTs with any
-    body, keeps the connection alive, and refuses a bad command line."""
+@pytest.mark.parametrize("with_model", [False, True])
+def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path, with_model):
+    """The bench's floor (a bare ASGI app under `aimass serve`'s uvicorn settings, with or without a model
+    it runs per request) answers POSTs with any body, keeps the connection alive, and refuses a bad
+    command line."""
     import subprocess
     import sys
 
@@ -72,8 +74,15 @@ def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path):
     from aimass.bench import _bare_asgi
     assert subprocess.run([sys.executable, "-m", "aimass.bench._bare_asgi", "x"], capture_output=True,
                           timeout=60).returncode == 2
+    extra = []
+    if with_model:
+        torch = pytest.importorskip("torch")
+        import aimass.runtime as rt
+        from aimass.bench.runtime import make_mlp
+        rt.export(make_mlp((8, 2)), (torch.randn(2, 8),), tmp_path / "m.aimass", input_names=["x"])
+        extra = [str(tmp_path / "m.aimass")]
     port = bs.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)])
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port), *extra])
     try:
         bs.wait_http(port, "/", proc, timeout=60)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
@@ -136,3 +145,31 @@ def test_serve_stages_probes_a_real_server():
     assert st["write"] <= st["send"]
     with pytest.raises(ValueError, match="unknown targets"):
         serve_stages.run(("nope",), rounds=1, seconds=1.0)
+
+
+def test_bare_asgi_runs_the_model_once_per_request():
+    """With a model, the floor app calls Session.run once per request, after reading the whole body."""
+    import asyncio
+
+    from aimass.bench import _bare_asgi
+    calls, sent = [], []
+
+    class Sess:
+        def run(self, inputs):
+            calls.append(inputs)
+
+    msgs = [{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.request", "body": b"c"}]
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def send(m):
+        sent.append(m)
+    old = _bare_asgi.RUN
+    _bare_asgi.RUN = (Sess(), {"x": "row"})
+    try:
+        asyncio.run(_bare_asgi.app({"type": "http"}, receive, send))
+    finally:
+        _bare_asgi.RUN = old
+    assert calls == [{"x": "row"}] and not msgs
+    assert sent[0]["status"] == 200 and sent[1]["body"] == _bare_asgi.BODY
