@@ -1,6 +1,6 @@
 """Where a request's time goes inside ``aimass serve`` at concurrency 1: per-stage medians.
 
-    python -m aimass.bench.serve_stages [--targets v2bin,predict,tiny] [--rounds 2] [--seconds 3]
+    python -m aimass.bench.serve_stages [--targets v2bin,predict,v2json,tfserving,tiny] [--rounds 2] [--seconds 3]
 
 Each target gets its own ``aimass serve`` process on the bench's store (``serve.build_store``) with
 probes wrapped around uvicorn's and aimass's functions from outside (``time.perf_counter_ns``; the
@@ -41,7 +41,7 @@ import numpy as np
 STAGES = (("read", "recv", "handle"), ("body", "handle", "body"), ("decode", "body", "run0"),
           ("compute", "run0", "run1"), ("encode", "run1", "send0"), ("send", "send0", "write"),
           ("write", "write0", "write"), ("after", "write", "done"))
-TARGETS = ("v2bin", "predict", "tiny")
+TARGETS = ("v2bin", "predict", "v2json", "tfserving", "tiny")
 
 
 def stage_medians(records: List[dict]) -> Dict[str, float]:
@@ -152,9 +152,12 @@ def run(targets=("v2bin", "predict", "tiny"), rounds: int = 2, seconds: float = 
     tmp = tempfile.mkdtemp(prefix="aimass-serve-stages-")
     try:
         path, _, x = build_store(tmp)
+        js = ["Content-Type: application/json"]
         reqs = {"v2bin": _v2_binary("mlp", x), "tiny": _v2_binary("tiny", x),
-                "predict": http_request("/predict", json.dumps({"input": x.tolist()}).encode(),
-                                        ["Content-Type: application/json"])}
+                "predict": http_request("/predict", json.dumps({"input": x.tolist()}).encode(), js),
+                "v2json": http_request("/v2/models/mlp/infer", json.dumps({"inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}).encode(), js),
+                "tfserving": http_request("/v1/models/mlp:predict", json.dumps({"instances": x.tolist()}).encode(), js)}
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
         wrk = wrk_path()
@@ -193,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["--probe"]:
         return probe_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="v2bin,predict,tiny", help="comma-separated: v2bin, predict, tiny")
+    ap.add_argument("--targets", default="v2bin,predict,tiny", help="comma-separated: " + ", ".join(TARGETS))
     ap.add_argument("--rounds", type=int, default=2, help="rounds per target (medians reported)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds of load per round")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
