@@ -106,6 +106,7 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
   KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
+  phase = phase_ok(s) && phase_enabled();
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
   if (bias) {
@@ -149,6 +150,10 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
+  if (pc.phase && (lvl >= SimdLevel::AVX512 || lvl < SimdLevel::AVX2)) {  // AVX2 packs (no offset tile)
+    run_phase(pc, x, N, res, relu, y);
+    return;
+  }
   const TileFn tile = tile_for(lvl);
   const PackFn pack = lvl >= SimdLevel::AVX512 ? pack_avx512 : pack_scalar;
   // in-place pointwise panels: AVX-512 and the scalar reference (AVX2 packs)

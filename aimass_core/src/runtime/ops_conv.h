@@ -174,6 +174,28 @@ inline int64_t slice_taps(int64_t Kc, int64_t most = kKC) {
   return n > 0 ? (Kc + n - 1) / n : 1;
 }
 
+// ---- Stride-2 convs with few taps (the 7x7/2 stem, 147 taps): phase planes, no im2col ----
+// The input is split once per call into zero-padded column phases: xp[n][c][ph][r][j] = the input
+// at row r - PH, column 2j + ph - PW (0 outside the image), r < IHp = 2(OH - 1) + KH, j < Wh.
+// Tap (c, kh, kw) of output pixel (oh, ow) is then xp[n][c][kw & 1][2oh + kh][ow + (kw >> 1)]: for
+// 32 pixels along one output row, a contiguous run at a fixed offset per tap, so the tile reads its
+// B rows in place through an offset table instead of a packed panel (packing the stem's stride-2
+// taps, two loads and a permute per 16 values, took a quarter of its time).
+// Eligible: groups 1, stride 2x2, undilated, one K-slice of at most kKCPackedOne taps.
+bool phase_ok(const ops::Conv2dShape& s);
+bool phase_enabled();  // AIMASS_CONV_PHASE (read once) is not 0
+// Floats per phase row (>= OW + (KW - 1) / 2 + kNR: every tile's full 32-column read stays inside).
+inline int64_t phase_width(const ops::Conv2dShape& s) { return (s.OW + (s.KW - 1) / 2 + kNR + 15) / 16 * 16; }
+// One input row (W floats; null: outside the image) into its two phase rows of Wh floats.
+void phase_row_scalar(const float* src, int64_t W, int64_t PW, int64_t Wh, float* even, float* odd);
+void phase_row_avx512(const float* src, int64_t W, int64_t PW, int64_t Wh, float* even, float* odd);
+// The 8 x 32 tile (one K-slice, no accumulation) with B row k at b + off[k], columns [0, kNR) of
+// each row readable; stores columns [0, ncols) of rows [0, mvalid), + bias, + residual, ReLU.
+void tile_off_scalar(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
+                     int64_t mvalid, int64_t ncols, const float* bias, const float* res, bool relu);
+void tile_off_avx512(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
+                     int64_t mvalid, int64_t ncols, const float* bias, const float* res, bool relu);
+
 // ---- Winograd F(2x2, 3x3) for stride-1 undilated 3x3 convs (ops_conv_wino.cc) ----
 // Output tiles of 2x2 pixels (tile (th, tw) of sample n covers oh = 2th.., ow = 2tw..), the
 // tiles of the whole batch numbered n-major like the pixels. Per tile, the 4x4 input patch d
@@ -231,6 +253,7 @@ struct PackedConv {
   // u + xi * MB * kMR * C + c0 * MB * kMR; null when not packed
   float* u = nullptr;
   int64_t UKS = 0;
+  bool phase = false;  // phase_ok(s) and phase_enabled(): run_direct takes run_phase where it has the tile
   PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s, Wino wino = kAuto);
   PackedConv(const PackedConv&) = delete;
   PackedConv& operator=(const PackedConv&) = delete;
@@ -241,6 +264,9 @@ struct PackedConv {
 
 // y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// The phase-plane path of an eligible conv (run_direct takes it on AVX-512 and the scalar level
+// when PackedConv::phase is set; tests call it directly).
+void run_phase(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 // The two paths run() picks from (tests compare them).
 void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
