@@ -250,3 +250,85 @@ TEST(RuntimeConvDirect, GroupPanelsBounds) {
   // ResNet-50's 56x56 64 -> 256 1x1 at batch 1, one thread: 98 panels in long groups of 32
   EXPECT_EQ(conv::group_panels(98, 64, true, 1), 32);
 }
+
+// The phase-plane path of stride-2 convs (no im2col): the 7x7/2 stem and other kernels at odd sizes,
+// padding 0-3, output rows shorter and longer than a tile, K-slices, batch > 1, output channels off
+// the 8-row blocks, bias / residual / ReLU, against double and against the packed path (NaN too), at
+// the levels that take it (scalar, AVX-512) and 1 and 2 threads; and which shapes take it.
+TEST(RuntimeConvPhase, MatchesDoubleReferenceAndPackedPath) {
+  struct PCase {
+    int64_t C, H, W, O, k, pad, N;
+    bool bias, res, relu;
+  };
+  const PCase cases[] = {
+      {3, 37, 70, 10, 7, 3, 2, true, false, true},    // the stem: 35-pixel rows (a tile and a 3-pixel tail)
+      {3, 224, 224, 64, 7, 3, 1, true, false, true},  // ResNet's stem shape
+      {3, 29, 31, 9, 7, 2, 3, false, true, false},    // odd sizes, residual without bias
+      {5, 21, 67, 16, 5, 2, 1, true, true, true},     // 5x5/2: 34-pixel rows
+      {20, 33, 33, 16, 3, 1, 2, true, true, true},    // 3x3/2, 180 taps: two K-slices, 17-pixel rows
+      {4, 16, 66, 8, 2, 0, 3, true, false, false},    // 2x2/2 without padding, batch 3
+      {1, 9, 9, 3, 3, 0, 1, false, false, true},      // one channel, 4x4 output
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(23);
+  for (const PCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, 2, k.pad);
+    ASSERT_TRUE(conv::phase_ok(s));
+    ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      for (int t : {1, 2}) {
+        aimass::set_num_threads(t);
+        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
+        conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, y.data());
+        for (size_t i = 0; i < d.ny; ++i)
+          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
+              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << " pad " << k.pad << " N"
+              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
+      }
+    }
+    // a NaN input reaches exactly the outputs whose windows cover it, as on the packed path
+    d.x[d.x.size() / 2 + 1] = std::numeric_limits<float>::quiet_NaN();
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      std::vector<float> yp(d.ny), yd(d.ny);
+      conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, yp.data());
+      const bool saved = pc.phase;
+      pc.phase = false;
+      conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, yd.data());
+      pc.phase = saved;
+      size_t nans = 0;
+      for (size_t i = 0; i < d.ny; ++i) {
+        ASSERT_EQ(std::isnan(yp[i]), std::isnan(yd[i])) << "i=" << i << " level " << static_cast<int>(lv);
+        nans += std::isnan(yp[i]);
+        if (!std::isnan(yd[i])) ASSERT_NEAR(yp[i], yd[i], 2e-6 * d.scale);
+      }
+      EXPECT_GT(nans, 0u);
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvPhase, Eligibility) {
+  const Conv2dShape stem = shape_any(3, 224, 224, 64, 7, 2, 3);
+  EXPECT_TRUE(conv::phase_ok(stem));
+  EXPECT_TRUE(conv::phase_pays(stem));
+  EXPECT_TRUE(conv::phase_ok(shape_any(128, 56, 56, 128, 3, 2, 1)));
+  EXPECT_FALSE(conv::phase_pays(shape_any(128, 56, 56, 128, 3, 2, 1)));  // 9 K-slices, 28-pixel rows
+  EXPECT_FALSE(conv::phase_pays(shape_any(3, 40, 40, 64, 7, 2, 3)));     // 20-pixel rows
+  EXPECT_FALSE(conv::phase_ok(shape_any(64, 56, 56, 256, 1, 2, 0)));     // 1x1/2
+  EXPECT_FALSE(conv::phase_ok(shape_any(3, 64, 64, 8, 3, 1, 1)));        // stride 1
+  Conv2dShape dil = stem;
+  dil.DH = dil.DW = 2;
+  EXPECT_FALSE(conv::phase_ok(dil));
+  std::vector<float> w(static_cast<size_t>(8 * 3 * 9), 0.1f), x(3 * 64 * 64), y(8 * 64 * 64);
+  const Conv2dShape s1 = shape_any(3, 64, 64, 8, 3, 1, 1);
+  conv::PackedConv pc(w.data(), nullptr, s1, conv::PackedConv::kNoWino);
+  EXPECT_FALSE(pc.phase);
+  EXPECT_THROW(conv::run_phase(pc, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
+  conv::PackedConv ps(std::vector<float>(64 * 147, 0.1f).data(), nullptr, stem, conv::PackedConv::kNoWino);
+  EXPECT_EQ(ps.phase, conv::phase_enabled());
+}

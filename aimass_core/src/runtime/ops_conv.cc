@@ -106,7 +106,7 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
   KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
-  phase = phase_ok(s) && phase_enabled();
+  phase = phase_pays(s) && phase_enabled();
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
   if (bias) {

@@ -483,14 +483,15 @@ inline void tile_core_off(int64_t kc, const float* a, const float* b, const int3
 }  // namespace
 
 void tile_off_avx512(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
-                     int64_t mvalid, int64_t ncols, const float* bias, const float* res, bool relu) {
+                     int64_t mvalid, int64_t ncols, bool accumulate, const float* bias, const float* res,
+                     bool relu) {
   __m512 c0[8], c1[8];
   if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
   if (ncols <= 16)
     tile_core_off<true>(kc, a, b, off, c0, c1);
   else
     tile_core_off<false>(kc, a, b, off, c0, c1);
-  epilogue(c0, c1, c, ldc, mvalid, ncols, false, bias, res, relu);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
 }
 
 }  // namespace aimass::runtime::conv
