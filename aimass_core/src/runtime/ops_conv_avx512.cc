@@ -56,8 +56,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
   constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
+  auto step = [&](int64_t k) {
     const float* bk = b + k * (kPacked ? kNR : ldb);
     if (kStream && k + kPf < kc) {
       _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb), _MM_HINT_T0);
@@ -66,16 +65,23 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
     const __m512 b1 = kHalf ? _mm512_setzero_ps() : kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
     const float* ak = a + k * kMR;
-    // the weights stream sequentially through a K-slice's row blocks (slice-major packing);
-    // fetch a few lines ahead so a large layer's weights arrive from L3/DRAM in time
-    _mm_prefetch(reinterpret_cast<const char*>(ak + kPfA), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int m = 0; m < 8; ++m) {
       const __m512 av = _mm512_set1_ps(ak[m]);
       c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
       if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
     }
+  };
+  // the weights stream sequentially through a K-slice's row blocks (slice-major packing); fetch a
+  // few lines ahead so a large layer's weights arrive from L3/DRAM in time: one request per line
+  // (two taps of 8 floats), not per tap
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
   }
+  if (k < kc) step(k);
 }
 
 // The tile's output (and residual) lines, requested before its k-loop so their misses overlap the
