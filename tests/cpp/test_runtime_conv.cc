@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "aimass/cpu_features.h"
@@ -184,6 +185,23 @@ Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int
                      (W + 2 * pad - k) / stride + 1};
 }
 
+// run(y) at every SIMD level and 1 and 2 threads, each y (NaN-filled first) within 2e-6 of the
+// largest reference magnitude; `what` names the case in a failure.
+template <class Run>
+void expect_every_level(const ConvData& d, const std::string& what, Run run) {
+  for (SimdLevel lv : levels()) {
+    aimass::set_simd_level(lv);
+    for (int t : {1, 2}) {
+      aimass::set_num_threads(t);
+      std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
+      run(y.data());
+      for (size_t i = 0; i < d.ny; ++i)
+        ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
+            << what << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
+    }
+  }
+}
+
 }  // namespace
 
 // The direct path's work split: long panel groups (one K-slice, planes >= kLongPlane, not reducing)
@@ -213,18 +231,10 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
     conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
     ASSERT_NE(pc.w, nullptr);
     EXPECT_EQ(conv::long_group_ok(s, pc.Kc, pc.KS), k.long_group) << "C" << k.C << " k" << k.k << " O" << k.O;
-    for (SimdLevel lv : levels()) {
-      aimass::set_simd_level(lv);
-      for (int t : {1, 2}) {
-        aimass::set_num_threads(t);
-        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
-        conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y.data());
-        for (size_t i = 0; i < d.ny; ++i)
-          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
-              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << "/" << k.stride << " N"
-              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
-      }
-    }
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + "/" +
+                             std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y); });
   }
   aimass::set_simd_level(old);
   aimass::set_num_threads(old_threads);
@@ -277,18 +287,10 @@ TEST(RuntimeConvPhase, MatchesDoubleReferenceAndPackedPath) {
     ASSERT_TRUE(conv::phase_ok(s));
     ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
     conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
-    for (SimdLevel lv : levels()) {
-      aimass::set_simd_level(lv);
-      for (int t : {1, 2}) {
-        aimass::set_num_threads(t);
-        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
-        conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, y.data());
-        for (size_t i = 0; i < d.ny; ++i)
-          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
-              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << " pad " << k.pad << " N"
-              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
-      }
-    }
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + " pad " +
+                             std::to_string(k.pad) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, y); });
     // a NaN input reaches exactly the outputs whose windows cover it, as on the packed path
     d.x[d.x.size() / 2 + 1] = std::numeric_limits<float>::quiet_NaN();
     for (SimdLevel lv : levels()) {

@@ -24,13 +24,7 @@ void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, flo
       const float* bk = b + k * ldb;
       for (int64_t j = 0; j < ncols; ++j) acc[j] += av * bk[j];
     }
-    for (int64_t j = 0; j < ncols; ++j) {
-      float v = acc[j];
-      if (bias) v += bias[m];
-      if (res) v += res[m * ldc + j];
-      if (relu) v = v < 0.f ? 0.f : v;
-      cr[j] = v;
-    }
+    store_row_scalar(acc, ncols, bias ? bias + m : nullptr, res ? res + m * ldc : nullptr, relu, cr);
   }
 }
 

@@ -80,6 +80,18 @@ inline int64_t group_panels(int64_t NPt, int64_t kc, bool long_ok, int64_t threa
 // acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
 // then + bias[m] (nullable), + res[m * ldc + j] (nullable), max(0, .) when relu (NaN kept).
 // a: kc x kMR floats; b: kc x kNR floats, 64-byte aligned.
+// The scalar tiles' epilogue for one row: cr[j] = relu?(acc[j] + bias (+ res[j])), j < ncols
+// (bias / res nullable: bias points at the row's bias).
+inline void store_row_scalar(const float* acc, int64_t ncols, const float* bias, const float* res, bool relu,
+                             float* cr) {
+  for (int64_t j = 0; j < ncols; ++j) {
+    float v = acc[j];
+    if (bias) v += *bias;
+    if (res) v += res[j];
+    if (relu) v = v < 0.f ? 0.f : v;
+    cr[j] = v;
+  }
+}
 void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
                  bool accumulate, const float* bias, const float* res, bool relu);
 void tile_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,

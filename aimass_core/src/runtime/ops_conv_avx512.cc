@@ -47,6 +47,17 @@ inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int
   }
 }
 
+// One tap of the 8 x 32 product: c{0,1}[m] += a[m] * b{0,1} (kHalf: c0 only).
+template <bool kHalf>
+inline void fma_tap(const float* ak, __m512 b0, __m512 b1, __m512 (&c0)[8], __m512 (&c1)[8]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) {
+    const __m512 av = _mm512_set1_ps(ak[m]);
+    c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
+    if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+  }
+}
+
 // The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
 // in place: any ldb, unaligned, optionally prefetched kPf rows ahead). kHalf: columns 0..15 only
 // (a panel's tail of <= 16 pixels, e.g. 196 = 6 x 32 + 4 at 14x14, batch 1), c1 stays 0.
@@ -64,13 +75,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     }
     const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
     const __m512 b1 = kHalf ? _mm512_setzero_ps() : kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
-    const float* ak = a + k * kMR;
-#pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
-      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
-    }
+    fma_tap<kHalf>(a + k * kMR, b0, b1, c0, c1);
   };
   // the weights stream sequentially through a K-slice's row blocks (slice-major packing); fetch a
   // few lines ahead so a large layer's weights arrive from L3/DRAM in time: one request per line
@@ -477,13 +482,7 @@ inline void tile_core_off(int64_t kc, const float* a, const float* b, const int3
     const float* bk = b + off[k];
     const __m512 b0 = _mm512_loadu_ps(bk);
     const __m512 b1 = kHalf ? _mm512_setzero_ps() : _mm512_loadu_ps(bk + 16);
-    const float* ak = a + k * kMR;
-#pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
-      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
-    }
+    fma_tap<kHalf>(a + k * kMR, b0, b1, c0, c1);
   }
 }
 }  // namespace

@@ -57,14 +57,7 @@ void tile_off_scalar(int64_t kc, const float* a, const float* b, const int32_t* 
       const float* bk = b + off[k];
       for (int64_t j = 0; j < ncols; ++j) acc[j] += av * bk[j];
     }
-    float* cr = c + m * ldc;
-    for (int64_t j = 0; j < ncols; ++j) {
-      float v = acc[j];
-      if (bias) v += bias[m];
-      if (res) v += res[m * ldc + j];
-      if (relu) v = v < 0.f ? 0.f : v;
-      cr[j] = v;
-    }
+    store_row_scalar(acc, ncols, bias ? bias + m : nullptr, res ? res + m * ldc : nullptr, relu, c + m * ldc);
   }
 }
 
