@@ -205,7 +205,8 @@ void expect_every_level(const ConvData& d, const std::string& what, Run run) {
 }  // namespace
 
 // The direct path's work split: long panel groups (one K-slice, planes >= kLongPlane, not reducing)
-// and the two-panel groups, in-place 1x1 panels, panels crossing samples, K-slices, odd sizes,
+// and the two-panel groups, in-place 1x1 panels (and packed ones where the plane's rows are not
+// 64-byte multiples), panels crossing samples, K-slices, odd sizes,
 // strides 1 and 2, the 7x7/2 stem, at every SIMD level and 1 and 2 threads, against double.
 TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
   struct DCase {
@@ -214,9 +215,10 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
   };
   const DCase cases[] = {
       {16, 20, 20, 24, 1, 1, 0, 3, true, true, true, true},     // 1x1 expand: in place, 400 px (panels cross samples)
-      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane, O off the 8-row blocks, tail panel
+      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane (packed: not 64-byte rows), O off 8
       {64, 17, 17, 8, 1, 1, 0, 2, true, true, false, false},    // reducing 1x1 (not long): 289 px
-      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices in place
+      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices, packed (289-px plane)
+      {300, 16, 16, 16, 1, 1, 0, 1, true, true, true, false},   // two K-slices in place (256-px plane)
       {3, 37, 37, 10, 7, 2, 3, 2, true, false, true, true},     // the 7x7/2 stem, 147 taps in one slice
       {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
       {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)
