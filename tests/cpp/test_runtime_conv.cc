@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "aimass/cpu_features.h"
@@ -184,10 +185,28 @@ Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int
                      (W + 2 * pad - k) / stride + 1};
 }
 
+// run(y) at every SIMD level and 1 and 2 threads, each y (NaN-filled first) within 2e-6 of the
+// largest reference magnitude; `what` names the case in a failure.
+template <class Run>
+void expect_every_level(const ConvData& d, const std::string& what, Run run) {
+  for (SimdLevel lv : levels()) {
+    aimass::set_simd_level(lv);
+    for (int t : {1, 2}) {
+      aimass::set_num_threads(t);
+      std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
+      run(y.data());
+      for (size_t i = 0; i < d.ny; ++i)
+        ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
+            << what << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
+    }
+  }
+}
+
 }  // namespace
 
 // The direct path's work split: long panel groups (one K-slice, planes >= kLongPlane, not reducing)
-// and the two-panel groups, in-place 1x1 panels, panels crossing samples, K-slices, odd sizes,
+// and the two-panel groups, in-place 1x1 panels (and packed ones where the plane's rows are not
+// 64-byte multiples), panels crossing samples, K-slices, odd sizes,
 // strides 1 and 2, the 7x7/2 stem, at every SIMD level and 1 and 2 threads, against double.
 TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
   struct DCase {
@@ -196,9 +215,10 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
   };
   const DCase cases[] = {
       {16, 20, 20, 24, 1, 1, 0, 3, true, true, true, true},     // 1x1 expand: in place, 400 px (panels cross samples)
-      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane, O off the 8-row blocks, tail panel
+      {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane (packed: not 64-byte rows), O off 8
       {64, 17, 17, 8, 1, 1, 0, 2, true, true, false, false},    // reducing 1x1 (not long): 289 px
-      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices in place
+      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices, packed (289-px plane)
+      {300, 16, 16, 16, 1, 1, 0, 1, true, true, true, false},   // two K-slices in place (256-px plane)
       {3, 37, 37, 10, 7, 2, 3, 2, true, false, true, true},     // the 7x7/2 stem, 147 taps in one slice
       {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
       {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)
@@ -213,18 +233,10 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
     conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
     ASSERT_NE(pc.w, nullptr);
     EXPECT_EQ(conv::long_group_ok(s, pc.Kc, pc.KS), k.long_group) << "C" << k.C << " k" << k.k << " O" << k.O;
-    for (SimdLevel lv : levels()) {
-      aimass::set_simd_level(lv);
-      for (int t : {1, 2}) {
-        aimass::set_num_threads(t);
-        std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
-        conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y.data());
-        for (size_t i = 0; i < d.ny; ++i)
-          ASSERT_NEAR(y[i], d.want[i], 2e-6 * d.scale)
-              << "C" << k.C << " " << k.H << "x" << k.W << " O" << k.O << " k" << k.k << "/" << k.stride << " N"
-              << k.N << " level " << static_cast<int>(lv) << " threads " << t << " i=" << i;
-      }
-    }
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + "/" +
+                             std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y); });
   }
   aimass::set_simd_level(old);
   aimass::set_num_threads(old_threads);
@@ -249,4 +261,78 @@ TEST(RuntimeConvDirect, GroupPanelsBounds) {
       }
   // ResNet-50's 56x56 64 -> 256 1x1 at batch 1, one thread: 98 panels in long groups of 32
   EXPECT_EQ(conv::group_panels(98, 64, true, 1), 32);
+}
+
+// The phase-plane path of stride-2 convs (no im2col): the 7x7/2 stem and other kernels at odd sizes,
+// padding 0-3, output rows shorter and longer than a tile, K-slices, batch > 1, output channels off
+// the 8-row blocks, bias / residual / ReLU, against double and against the packed path (NaN too), at
+// the levels that take it (scalar, AVX-512) and 1 and 2 threads; and which shapes take it.
+TEST(RuntimeConvPhase, MatchesDoubleReferenceAndPackedPath) {
+  struct PCase {
+    int64_t C, H, W, O, k, pad, N;
+    bool bias, res, relu;
+  };
+  const PCase cases[] = {
+      {3, 37, 70, 10, 7, 3, 2, true, false, true},    // the stem: 35-pixel rows (a tile and a 3-pixel tail)
+      {3, 224, 224, 64, 7, 3, 1, true, false, true},  // ResNet's stem shape
+      {3, 29, 31, 9, 7, 2, 3, false, true, false},    // odd sizes, residual without bias
+      {5, 21, 67, 16, 5, 2, 1, true, true, true},     // 5x5/2: 34-pixel rows
+      {20, 33, 33, 16, 3, 1, 2, true, true, true},    // 3x3/2, 180 taps: two K-slices, 17-pixel rows
+      {4, 16, 66, 8, 2, 0, 3, true, false, false},    // 2x2/2 without padding, batch 3
+      {1, 9, 9, 3, 3, 0, 1, false, false, true},      // one channel, 4x4 output
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(23);
+  for (const PCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, 2, k.pad);
+    ASSERT_TRUE(conv::phase_ok(s));
+    ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kNoWino);
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + " pad " +
+                             std::to_string(k.pad) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, y); });
+    // a NaN input reaches exactly the outputs whose windows cover it, as on the packed path
+    d.x[d.x.size() / 2 + 1] = std::numeric_limits<float>::quiet_NaN();
+    for (SimdLevel lv : levels()) {
+      aimass::set_simd_level(lv);
+      std::vector<float> yp(d.ny), yd(d.ny);
+      conv::run_phase(pc, d.x.data(), k.N, d.res, k.relu, yp.data());
+      const bool saved = pc.phase;
+      pc.phase = false;
+      conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, yd.data());
+      pc.phase = saved;
+      size_t nans = 0;
+      for (size_t i = 0; i < d.ny; ++i) {
+        ASSERT_EQ(std::isnan(yp[i]), std::isnan(yd[i])) << "i=" << i << " level " << static_cast<int>(lv);
+        nans += std::isnan(yp[i]);
+        if (!std::isnan(yd[i])) ASSERT_NEAR(yp[i], yd[i], 2e-6 * d.scale);
+      }
+      EXPECT_GT(nans, 0u);
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvPhase, Eligibility) {
+  const Conv2dShape stem = shape_any(3, 224, 224, 64, 7, 2, 3);
+  EXPECT_TRUE(conv::phase_ok(stem));
+  EXPECT_TRUE(conv::phase_pays(stem));
+  EXPECT_TRUE(conv::phase_ok(shape_any(128, 56, 56, 128, 3, 2, 1)));
+  EXPECT_FALSE(conv::phase_pays(shape_any(128, 56, 56, 128, 3, 2, 1)));  // 9 K-slices, 28-pixel rows
+  EXPECT_FALSE(conv::phase_pays(shape_any(3, 40, 40, 64, 7, 2, 3)));     // 20-pixel rows
+  EXPECT_FALSE(conv::phase_ok(shape_any(64, 56, 56, 256, 1, 2, 0)));     // 1x1/2
+  EXPECT_FALSE(conv::phase_ok(shape_any(3, 64, 64, 8, 3, 1, 1)));        // stride 1
+  Conv2dShape dil = stem;
+  dil.DH = dil.DW = 2;
+  EXPECT_FALSE(conv::phase_ok(dil));
+  std::vector<float> w(static_cast<size_t>(8 * 3 * 9), 0.1f), x(3 * 64 * 64), y(8 * 64 * 64);
+  const Conv2dShape s1 = shape_any(3, 64, 64, 8, 3, 1, 1);
+  conv::PackedConv pc(w.data(), nullptr, s1, conv::PackedConv::kNoWino);
+  EXPECT_FALSE(pc.phase);
+  EXPECT_THROW(conv::run_phase(pc, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
+  conv::PackedConv ps(std::vector<float>(64 * 147, 0.1f).data(), nullptr, stem, conv::PackedConv::kNoWino);
+  EXPECT_EQ(ps.phase, conv::phase_enabled());
 }

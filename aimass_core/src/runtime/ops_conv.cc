@@ -24,13 +24,7 @@ void tile_ld_scalar(int64_t kc, const float* a, const float* b, int64_t ldb, flo
       const float* bk = b + k * ldb;
       for (int64_t j = 0; j < ncols; ++j) acc[j] += av * bk[j];
     }
-    for (int64_t j = 0; j < ncols; ++j) {
-      float v = acc[j];
-      if (bias) v += bias[m];
-      if (res) v += res[m * ldc + j];
-      if (relu) v = v < 0.f ? 0.f : v;
-      cr[j] = v;
-    }
+    store_row_scalar(acc, ncols, bias ? bias + m : nullptr, res ? res + m * ldc : nullptr, relu, cr);
   }
 }
 
@@ -106,6 +100,7 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
   KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
+  phase = phase_pays(s) && phase_enabled();
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
   if (bias) {
@@ -149,6 +144,10 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
   const ops::Conv2dShape& s = pc.s;
   const SimdLevel lvl = simd_level();
+  if (pc.phase && (lvl >= SimdLevel::AVX512 || lvl < SimdLevel::AVX2)) {  // AVX2 packs (no offset tile)
+    run_phase(pc, x, N, res, relu, y);
+    return;
+  }
   const TileFn tile = tile_for(lvl);
   const PackFn pack = lvl >= SimdLevel::AVX512 ? pack_avx512 : pack_scalar;
   // in-place pointwise panels: AVX-512 and the scalar reference (AVX2 packs)
@@ -158,14 +157,21 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   const int64_t NPt = (NPix + kNR - 1) / kNR, Kc = pc.Kc, MB = pc.MB;
   // K-slices of (almost) equal size <= kc_max
   const int64_t KS = pc.KS;
-  const bool pw_inplace = tile_ld && ops::is_pointwise(s);
+  // A plane of H*W floats not a multiple of 16 (64 bytes) puts most in-place rows across two cache
+  // lines; from 4 panels per plane up (14x14 at batch 1: 196 = 6 x 32 + 4) the 1x1 packs its panels
+  // (aligned copies) instead, and since those copies are cheap, splits the weight rows as an
+  // in-place conv would. ResNet-50's 1024 -> 256 at 14x14, batch 1, min of 150 calls on a loaded
+  // machine, onnxruntime / aimass: 1 thread 0.85-0.88 -> 0.89-0.92, 2 threads 0.73-0.77 -> 0.75-0.80;
+  // 256 -> 1024 0.90-0.93 -> 1.00. A 7x7 plane (two panels) ran slower at 2 threads and stays in place.
+  const bool pw_misaligned = ops::is_pointwise(s) && HW % 16 != 0 && HW >= 4 * kNR;
+  const bool pw_inplace = tile_ld && ops::is_pointwise(s) && !pw_misaligned;
   const int64_t ncp = group_panels(NPt, KS, long_group_ok(s, Kc, KS), num_threads());
   // a long group's output rows are sequential runs the hardware prefetcher follows: the in-place
   // tile's own output prefetch only adds requests (a batch-8 56x56 256 -> 64 1x1: 12.5 -> 11.7 ms, loaded machine)
   const bool long_group = ncp > kGroupPanels;
   const int64_t groups = (NPt + ncp - 1) / ncp;
   // every item packs its group's panels, except in-place pointwise ones
-  const int64_t msplit = row_splits(groups, MB, 1, !pw_inplace);
+  const int64_t msplit = row_splits(groups, MB, 1, !pw_inplace && !pw_misaligned);
   const int64_t items = groups * msplit;
 
   auto work = [&](int64_t i0, int64_t i1) {
@@ -183,7 +189,7 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
         const int64_t j0 = (pan0 + q) * kNR, nc = std::min(kNR, NPix - j0);
         panel_runs(s, NPix, j0, runs[q]);
         crossing[q] = j0 % P + nc > P;
-        inplace[q] = tile_ld && runs[q].pointwise && !crossing[q] && nc == kNR;
+        inplace[q] = pw_inplace && runs[q].pointwise && !crossing[q] && nc == kNR;
         src[q] = x + (j0 / P) * CHW + j0 % P;
         for (int64_t j = 0, n = j0 / P, p = j0 % P; crossing[q] && j < nc; ++j) {
           colofs[q][j] = n * OP + p;

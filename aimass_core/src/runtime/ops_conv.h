@@ -80,6 +80,18 @@ inline int64_t group_panels(int64_t NPt, int64_t kc, bool long_ok, int64_t threa
 // acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
 // then + bias[m] (nullable), + res[m * ldc + j] (nullable), max(0, .) when relu (NaN kept).
 // a: kc x kMR floats; b: kc x kNR floats, 64-byte aligned.
+// The scalar tiles' epilogue for one row: cr[j] = relu?(acc[j] + bias (+ res[j])), j < ncols
+// (bias / res nullable: bias points at the row's bias).
+inline void store_row_scalar(const float* acc, int64_t ncols, const float* bias, const float* res, bool relu,
+                             float* cr) {
+  for (int64_t j = 0; j < ncols; ++j) {
+    float v = acc[j];
+    if (bias) v += *bias;
+    if (res) v += res[j];
+    if (relu) v = v < 0.f ? 0.f : v;
+    cr[j] = v;
+  }
+}
 void tile_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
                  bool accumulate, const float* bias, const float* res, bool relu);
 void tile_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
@@ -174,6 +186,33 @@ inline int64_t slice_taps(int64_t Kc, int64_t most = kKC) {
   return n > 0 ? (Kc + n - 1) / n : 1;
 }
 
+// ---- Stride-2 convs: phase planes, no im2col (the 7x7/2 stem, the 3x3/2 convs) ----
+// The input is split once per call into zero-padded column phases: xp[n][c][ph][r][j] = the input
+// at row r - PH, column 2j + ph - PW (0 outside the image), r < IHp = 2(OH - 1) + KH, j < Wh.
+// Tap (c, kh, kw) of output pixel (oh, ow) is then xp[n][c][kw & 1][2oh + kh][ow + (kw >> 1)]: for
+// 32 pixels along one output row, a contiguous run at a fixed offset per tap, so the tile reads its
+// B rows in place through an offset table instead of a packed panel (packing the stem's stride-2
+// taps, two loads and a permute per 16 values, took a quarter of its time). A tile's columns past
+// the row's last pixel read the next phase row (never stored); the buffer ends with kNR floats of slack.
+// Eligible: groups 1, stride 2x2, undilated, not 1x1 (a 1x1/2 reads a quarter of the phases).
+// Taken (PackedConv::phase) where it pays: one K-slice (Kc <= kKCPackedOne) and output rows of at
+// least kNR pixels. A 3x3/2 at 56x56 -> 28x28 (128 channels, 9 K-slices) ran slower than packing
+// (1.72 -> 1.86 ms, batch 1, a loaded machine): its 28-pixel rows fill 7/8 of a tile, where packed
+// panels run along the whole plane, and the outputs are read back by every K-slice.
+bool phase_ok(const ops::Conv2dShape& s);
+bool phase_pays(const ops::Conv2dShape& s);
+bool phase_enabled();  // AIMASS_CONV_PHASE (read once) is not 0
+// Floats per phase row: OW + (KW - 1) / 2 columns, rounded up to 16.
+inline int64_t phase_width(const ops::Conv2dShape& s) { return (s.OW + (s.KW - 1) / 2 + 15) / 16 * 16; }
+// One input row (W floats; null: outside the image) into its two phase rows of Wh floats (a multiple of 16).
+void phase_row_scalar(const float* src, int64_t W, int64_t PW, int64_t Wh, float* even, float* odd);
+void phase_row_avx512(const float* src, int64_t W, int64_t PW, int64_t Wh, float* even, float* odd);
+// The 8 x 32 tile of tile_scalar with B row k at b + off[k] (columns [0, kNR) of each row readable).
+void tile_off_scalar(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
+                     int64_t mvalid, int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu);
+void tile_off_avx512(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
+                     int64_t mvalid, int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu);
+
 // ---- Winograd F(2x2, 3x3) for stride-1 undilated 3x3 convs (ops_conv_wino.cc) ----
 // Output tiles of 2x2 pixels (tile (th, tw) of sample n covers oh = 2th.., ow = 2tw..), the
 // tiles of the whole batch numbered n-major like the pixels. Per tile, the 4x4 input patch d
@@ -231,6 +270,7 @@ struct PackedConv {
   // u + xi * MB * kMR * C + c0 * MB * kMR; null when not packed
   float* u = nullptr;
   int64_t UKS = 0;
+  bool phase = false;  // phase_pays(s) and phase_enabled(): run_direct takes run_phase where it has the tile
   PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s, Wino wino = kAuto);
   PackedConv(const PackedConv&) = delete;
   PackedConv& operator=(const PackedConv&) = delete;
@@ -241,6 +281,9 @@ struct PackedConv {
 
 // y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// The phase-plane path of an eligible conv (run_direct takes it on AVX-512 and the scalar level
+// when PackedConv::phase is set; tests call it directly).
+void run_phase(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 // The two paths run() picks from (tests compare them).
 void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);

@@ -47,6 +47,17 @@ inline void epilogue(const __m512 (&c0)[8], const __m512 (&c1)[8], float* c, int
   }
 }
 
+// One tap of the 8 x 32 product: c{0,1}[m] += a[m] * b{0,1} (kHalf: c0 only).
+template <bool kHalf>
+inline void fma_tap(const float* ak, __m512 b0, __m512 b1, __m512 (&c0)[8], __m512 (&c1)[8]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) {
+    const __m512 av = _mm512_set1_ps(ak[m]);
+    c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
+    if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
+  }
+}
+
 // The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
 // in place: any ldb, unaligned, optionally prefetched kPf rows ahead). kHalf: columns 0..15 only
 // (a panel's tail of <= 16 pixels, e.g. 196 = 6 x 32 + 4 at 14x14, batch 1), c1 stays 0.
@@ -56,8 +67,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
   constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
+  auto step = [&](int64_t k) {
     const float* bk = b + k * (kPacked ? kNR : ldb);
     if (kStream && k + kPf < kc) {
       _mm_prefetch(reinterpret_cast<const char*>(bk + kPf * ldb), _MM_HINT_T0);
@@ -65,17 +75,18 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     }
     const __m512 b0 = kPacked ? _mm512_load_ps(bk) : _mm512_loadu_ps(bk);
     const __m512 b1 = kHalf ? _mm512_setzero_ps() : kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
-    const float* ak = a + k * kMR;
-    // the weights stream sequentially through a K-slice's row blocks (slice-major packing);
-    // fetch a few lines ahead so a large layer's weights arrive from L3/DRAM in time
-    _mm_prefetch(reinterpret_cast<const char*>(ak + kPfA), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
-      c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
-      if (!kHalf) c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
-    }
+    fma_tap<kHalf>(a + k * kMR, b0, b1, c0, c1);
+  };
+  // the weights stream sequentially through a K-slice's row blocks (slice-major packing); fetch a
+  // few lines ahead so a large layer's weights arrive from L3/DRAM in time: one request per line
+  // (two taps of 8 floats), not per tap
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
   }
+  if (k < kc) step(k);
 }
 
 // The tile's output (and residual) lines, requested before its k-loop so their misses overlap the
@@ -432,6 +443,60 @@ void wino_out_avx512(const float* M, int64_t mxs, const ops::Conv2dShape& s, con
       }
     }
   }
+}
+
+}  // namespace aimass::runtime::conv
+
+// ---- the phase-plane path's kernels (ops_conv.h) ----
+namespace aimass::runtime::conv {
+
+void phase_row_avx512(const float* src, int64_t W, int64_t PW, int64_t Wh, float* even, float* odd) {
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t j = 0; j < Wh; j += 16) {  // Wh is a multiple of 16
+    if (!src) {
+      _mm512_storeu_ps(even + j, _mm512_setzero_ps());
+      _mm512_storeu_ps(odd + j, _mm512_setzero_ps());
+      continue;
+    }
+    // input columns [base, base + 32): the in-image ones, lanes [lo, hi)
+    const int64_t base = 2 * j - PW;
+    const int64_t lo = std::max<int64_t>(0, -base), hi = std::min<int64_t>(32, W - base);
+    uint64_t m = 0;
+    if (hi > lo) m = ((hi >= 64 ? ~uint64_t{0} : (uint64_t{1} << hi) - 1)) & ~((uint64_t{1} << lo) - 1);
+    const __m512 a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), src + base);
+    const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), src + base + 16);
+    _mm512_storeu_ps(even + j, _mm512_permutex2var_ps(a, ev, b));
+    _mm512_storeu_ps(odd + j, _mm512_permutex2var_ps(a, od, b));
+  }
+}
+
+namespace {
+template <bool kHalf>
+inline void tile_core_off(int64_t kc, const float* a, const float* b, const int32_t* off, __m512 (&c0)[8],
+                          __m512 (&c1)[8]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + off[k];
+    const __m512 b0 = _mm512_loadu_ps(bk);
+    const __m512 b1 = kHalf ? _mm512_setzero_ps() : _mm512_loadu_ps(bk + 16);
+    fma_tap<kHalf>(a + k * kMR, b0, b1, c0, c1);
+  }
+}
+}  // namespace
+
+void tile_off_avx512(int64_t kc, const float* a, const float* b, const int32_t* off, float* c, int64_t ldc,
+                     int64_t mvalid, int64_t ncols, bool accumulate, const float* bias, const float* res,
+                     bool relu) {
+  __m512 c0[8], c1[8];
+  if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
+  if (ncols <= 16)
+    tile_core_off<true>(kc, a, b, off, c0, c1);
+  else
+    tile_core_off<false>(kc, a, b, off, c0, c1);
+  epilogue(c0, c1, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
 }
 
 }  // namespace aimass::runtime::conv
