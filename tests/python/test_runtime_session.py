@@ -183,7 +183,9 @@ def test_run_async_inline(slow_path):
         async def main():
             a = await sess.run_async({"x": x[:1]}, inline=True)
             inline_after_one = sess.stats()["inline_runs"]
-            blocker = sess.submit({"x": rows(256, 1024, seed=1)})   # keeps the executor busy
+            # keeps the executor busy long enough (hundreds of ms on a loaded 2-core machine) that the
+            # three below queue behind it together; 256 rows let a loaded CI box split them
+            blocker = sess.submit({"x": rows(2048, 1024, seed=1)})
             wait_taken(sess)
             # three queue behind it and run as one batch, so the next lone request sees load
             outs = await asyncio.gather(*(sess.run_async({"x": x[i:i + 1]}) for i in range(3)))
