@@ -76,6 +76,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   mark(h, true, false, false);
   wait_peers(0, h);
+  if (pushed_ && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
   auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
@@ -193,6 +194,96 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   mark(h, false, false, true);
   wait_peers(2, h);  // every peer copied my slice out: my buffers may change again
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
+// Push mode with pieces handed out dynamically: a piece (L2-sized, whole cache lines) of the
+// concatenation goes to whichever rank claims it first with a fetch_add on the shared claim counter;
+// the claimer reads that piece of every peer's input, reduces it, and writes the result into every
+// rank's output. A rank that is descheduled, or slower, leaves its share to the others instead of
+// holding every rank at the final wait (the fixed slices of run_cma). In place is safe: one rank
+// reads and writes a piece, all its inputs before any output. Every rank reduces in rank order, so
+// the bits do not depend on who claimed a piece (with two ranks the own input comes first: a + b is
+// b + a bit for bit). The counter only grows: every rank knows where this collective's claims start
+// (claim_base_), and a rank claims only after every peer posted this collective's table, i.e. after
+// every peer's last, failed claim of the previous one (each rank makes exactly one).
+void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts,
+                                 int64_t count, DType dtype, ReduceOp op, int world_size, uint64_t h) {
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  const size_t nseg = segs.size();
+  auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
+    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
+    while (lo < hi && idx < nseg) {
+      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
+      if (n > 0) {
+        fn(idx, lo - starts[idx], lo, n);
+        lo += n;
+      }
+      ++idx;
+    }
+  };
+  // whole cache lines per piece (chunk() is a multiple of 4 KiB)
+  const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
+  const int64_t npieces = (count + step - 1) / step;
+  const size_t slot = static_cast<size_t>(step) * es;
+  tmp_.resize(static_cast<size_t>(L) * slot);
+  char* res = tmp_.data() + static_cast<size_t>(me) * slot;  // own slot: the reduced piece (L > 2)
+  // in place into the own output when the own input is the first source in rank order
+  const bool own_first = L == 2 || me == 0;
+  std::atomic<uint64_t>& claims = ctrl(0)->claims;
+  const uint64_t base = claim_base_;
+  claim_base_ = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
+  std::vector<iovec> lv, rv;
+  std::vector<const char*> srcs(L);
+  for (;;) {
+    const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
+    if (k >= npieces) break;
+    pulse(Clock::now());
+    const int64_t lo = k * step, hi = std::min(count, lo + step);
+    for (int j = 0; j < L; ++j) {
+      if (j == me) continue;
+      const uint64_t* t = peer_table(j);
+      char* dst = tmp_.data() + static_cast<size_t>(j) * slot;
+      lv.clear();
+      rv.clear();
+      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+        add_iov(lv, rv, dst + (x - lo) * es, t[2 * g] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+      });
+      cma_read(j, lv.data(), rv.data(), lv.size());
+    }
+    pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+      const ShmSegment& sg = segs[g];
+      const size_t off = static_cast<size_t>(x - lo) * es;
+      if (own_first) {  // the own input first: in place the kernels never overwrite a source unread
+        srcs[0] = sg.in + at * es;
+        for (int j = 0, i = 1; j < L; ++j)
+          if (j != me) srcs[i++] = tmp_.data() + static_cast<size_t>(j) * slot + off;
+        reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average, world_size);
+      } else {
+        for (int j = 0; j < L; ++j) srcs[j] = j == me ? sg.in + at * es : tmp_.data() + static_cast<size_t>(j) * slot + off;
+        reduce_into(dtype, op, srcs.data(), L, res + off, static_cast<size_t>(n), sg.average, world_size);
+        std::memcpy(sg.out + at * es, res + off, static_cast<size_t>(n) * es);
+      }
+    });
+    for (int jj = 1; jj < L; ++jj) {  // the reduced piece, still in the L2, into every peer's output
+      const int j = (me + jj) % L;
+      const uint64_t* t = peer_table(j);
+      lv.clear();
+      rv.clear();
+      pieces(lo, hi, [&](size_t g, int64_t at, int64_t, int64_t n) {
+        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
+                static_cast<size_t>(n) * es);
+      });
+      cma_write(j, lv.data(), rv.data(), lv.size());
+    }
+  }
+  // every piece is claimed; once every peer finished its claims, every output is complete (and
+  // every input read)
+  mark(h, false, true, false);
+  wait_peers(1, h);
   seq_ = h;
   mark(h, true, true, true);
 }
