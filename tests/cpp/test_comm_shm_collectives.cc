@@ -200,6 +200,47 @@ TEST(CommShmCollectives, PushModeFailureSaysThePeersMayWriteTheOutput) {
   }
 }
 
+// Broadcasts of many pieces from every root between allreduces: the claimed-piece broadcast shares
+// local rank 0's claim counter with the allreduce (as a receiver), so the counters' bases must stay
+// in step across collectives of both kinds.
+TEST(CommShmCollectives, ManyPieceBroadcastsBetweenAllreduces) {
+  for (int L : {2, 3, 4}) {
+    on_ranks(L, [&](ShmAllreduce& shm, int r) {
+      int salt = 0;
+      for (int64_t bytes : {int64_t(40 * 8192 + 13), int64_t(8192), int64_t(3 * 8192 + 4096 + 1)}) {
+        for (int root = L - 1; root >= 0; --root, ++salt) {
+          std::vector<uint8_t> buf(static_cast<size_t>(bytes));
+          for (int64_t i = 0; i < bytes; ++i) buf[i] = static_cast<uint8_t>(r == root ? val(root, i, salt) : 0xEE);
+          shm.broadcast(buf.data(), bytes, root);
+          for (int64_t i = 0; i < bytes; ++i)
+            ASSERT_EQ(buf[i], static_cast<uint8_t>(val(root, i, salt))) << "L " << L << " root " << root << " i " << i;
+          std::vector<float> v(30001, static_cast<float>(r + 1));
+          shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), 30001, false}},
+                  30001, DType::F32, ReduceOp::Sum, L, nullptr);
+          ASSERT_EQ(v[0], static_cast<float>(L * (L + 1) / 2));
+          ASSERT_EQ(v[30000], static_cast<float>(L * (L + 1) / 2));
+        }
+      }
+    });
+  }
+}
+
+// A receiver of a claimed-piece broadcast whose root never comes times out, and says that the root
+// may still write its buffer (the engine then keeps it alive); the root alone times out too.
+TEST(CommShmCollectives, BroadcastWithoutItsRootTimesOutAndSaysTheRootMayWrite) {
+  for (bool steal : {true, false}) {
+    for (int me : {0, 1}) {
+      Segment seg(2);
+      ShmAllreduce shm(me, 2, seg.mem, kChunk, 0.2);
+      shm.allow_cma_for_tests(true, steal);
+      shm.use_cma(true);
+      std::vector<uint8_t> buf(100000, 1);
+      EXPECT_THROW(shm.broadcast(buf.data(), 100000, 1), aimass::DistributedError);
+      EXPECT_EQ(shm.peers_write_outputs(), steal && me == 0) << "steal " << steal << " rank " << me;
+    }
+  }
+}
+
 TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {
   for (int L : {2, 3, 4}) {
     on_ranks(L, [&](ShmAllreduce& shm, int r) {

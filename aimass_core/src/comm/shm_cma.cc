@@ -11,7 +11,9 @@
 //                   then pushed, still in the L2, into every peer's output (process_vm_writev);
 //                   across nodes (or AIMASS_SHM_CMA_PUSH=0) the allgather pulls instead: each
 //                   rank reads every peer's reduced slice straight from that peer's output.
-//   broadcast       the peers read the root's buffer.
+//   broadcast       the peers read the root's buffer; with claimed pieces (push allowed) the root
+//                   also writes the pieces of each receiver's copy that the receiver has not
+//                   taken yet.
 //   allgather       each rank reads every peer's input (addresses posted by exchange()).
 //   reduce_scatter  each rank reads its block of every peer's input and reduces it.
 //
@@ -207,7 +209,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
 // the bits do not depend on who claimed a piece (with two ranks the own input comes first: a + b is
 // b + a bit for bit). The counter only grows: every rank knows where this collective's claims start
 // (claim_base_), and a rank claims only after every peer posted this collective's table, i.e. after
-// every peer's last, failed claim of the previous one (each rank makes exactly one).
+// every peer's last, failed claim of the previous collective (each claiming rank makes exactly one).
 void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts,
                                  int64_t count, DType dtype, ReduceOp op, int world_size, uint64_t h) {
   const int L = lsize_, me = lrank_;
@@ -234,8 +236,9 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   // in place into the own output when the own input is the first source in rank order
   const bool own_first = L == 2 || me == 0;
   std::atomic<uint64_t>& claims = ctrl(0)->claims;
-  const uint64_t base = claim_base_;
-  claim_base_ = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
+  claim_base_.resize(static_cast<size_t>(L), 0);
+  const uint64_t base = claim_base_[0];
+  claim_base_[0] = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   for (;;) {
@@ -288,7 +291,72 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   mark(h, true, true, true);
 }
 
+// Broadcast with claimed pieces: receiver j's copy is cut into chunk-sized pieces handed out by j's claim
+// counter; j pulls pieces from the root's buffer (process_vm_readv) while the root pushes the pieces
+// nobody claimed yet into j's buffer (process_vm_writev), so two cores copy instead of one and a
+// descheduled side leaves its share to the other. The root visits the receivers round-robin.
+void ShmAllreduce::broadcast_cma_steal(void* data, int64_t bytes, int root) {
+  const int L = lsize_, me = lrank_;
+  const uint64_t base = seq_, h = base + 1;
+  char* p = static_cast<char*>(data);
+  const int64_t step = static_cast<int64_t>(chunk());  // whole pages
+  const int64_t npieces = (bytes + step - 1) / step;
+  claim_base_.resize(static_cast<size_t>(L), 0);
+  std::vector<uint64_t> first(static_cast<size_t>(L));
+  for (int j = 0; j < L; ++j) {  // every counter: the receiver and the root claim (one failed claim each)
+    first[j] = claim_base_[j];
+    if (j != root) claim_base_[j] += static_cast<uint64_t>(npieces) + 2;
+  }
+  wait_peers(1, base);  // every peer read the previous collective's address
+  ctrl(me)->addr.store(reinterpret_cast<uint64_t>(data), std::memory_order_relaxed);
+  pushed_ = me != root;  // once posted, a receiver's buffer may be written by the root
+  mark(h, true, false, false);
+  // every rank posted: each finished the previous collective (its last claims included)
+  wait_peers(0, h);
+  auto piece = [&](int64_t k, iovec* l, iovec* r, uint64_t remote) {
+    const int64_t off = k * step;
+    *l = {p + off, static_cast<size_t>(std::min(step, bytes - off))};
+    *r = {reinterpret_cast<void*>(remote + static_cast<uint64_t>(off)), l->iov_len};
+  };
+  if (me == root) {
+    std::vector<char> open(static_cast<size_t>(L), 1);
+    open[me] = 0;
+    for (int left = L - 1; left > 0;) {
+      for (int j = 0; j < L; ++j) {
+        if (!open[j]) continue;
+        const int64_t k = static_cast<int64_t>(ctrl(j)->claims.fetch_add(1, std::memory_order_relaxed) - first[j]);
+        if (k >= npieces) {
+          open[j] = 0;
+          --left;
+          continue;
+        }
+        pulse(Clock::now());
+        iovec l, r;
+        piece(k, &l, &r, ctrl(j)->addr.load(std::memory_order_relaxed));
+        cma_write(j, &l, &r, 1);
+      }
+    }
+    mark(h, false, false, true);  // every piece the root took is in its receiver's buffer
+    wait_peers(1, h);             // every receiver finished reading the root's buffer
+  } else {
+    const uint64_t src = ctrl(root)->addr.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t k = static_cast<int64_t>(ctrl(me)->claims.fetch_add(1, std::memory_order_relaxed) - first[me]);
+      if (k >= npieces) break;
+      pulse(Clock::now());
+      iovec l, r;
+      piece(k, &l, &r, src);
+      cma_read(root, &l, &r, 1);
+    }
+    mark(h, false, true, false);  // done reading the root's buffer
+    wait_counter(root, 2, h);     // the root's pieces are in this buffer
+  }
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
 void ShmAllreduce::broadcast_cma(void* data, int64_t bytes, int root) {
+  if (steal_ok_) return broadcast_cma_steal(data, bytes, root);
   const uint64_t base = seq_, h = base + 1;
   char* p = static_cast<char*>(data);
   if (lrank_ == root) {
