@@ -66,3 +66,17 @@ def test_kernels_demo_pipeline_learns_and_serves_the_same_answers():
     assert abs(r["int8_acc"] - r["fp32_acc"]) <= 0.03
     assert r["train_samples_per_s"] > 0 and r["fp32_p50_us"] > 0
     assert any(line.startswith("serve int8") for line in lines)
+
+
+def test_kernels_showcase_reports_errors_bandwidth_and_speedups():
+    from aimass.demo import kernels
+    r = kernels.run(n=256, k=512, repeats=2, seed=3)
+    assert r["shape"] == [256, 512]
+    # int8 per-channel is close to fp32; int4 groups are coarser but still a usable linear
+    assert r["int8_linear_rel_err"] < 0.02 < r["int4_g128_linear_rel_err"] < 0.3
+    assert r["pruned_2of4_kept"] == pytest.approx(0.5)
+    for name in ("fp32", "int8", "int4"):
+        assert r[f"{name}_weight_gbps"] > 0
+    # the bandwidth figures are the timings restated: weight bytes over the same best time
+    assert r["int8_weight_gbps"] == pytest.approx(256 * 512 / (r["int8_linear_ms"] * 1e-3) / 1e9, rel=1e-6)
+    assert r["int4_weight_gbps"] == pytest.approx(256 * 256 / (r["int4_linear_ms"] * 1e-3) / 1e9, rel=1e-6)
