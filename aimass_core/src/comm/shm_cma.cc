@@ -36,10 +36,38 @@ namespace comm {
 namespace {
 constexpr size_t kCmaChunk = 256u << 10;  // per peer: the pieces of one step stay in the L2
 
+// fn(segment index, element offset inside it, element offset in the concatenation, n) for every
+// part of [lo, hi) of the concatenation of segments starting at starts[i] (starts.back(): the total)
+template <typename Fn>
+void for_pieces(const std::vector<int64_t>& starts, int64_t lo, int64_t hi, Fn&& fn) {
+  const size_t nseg = starts.size() - 1;
+  size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
+  while (lo < hi && idx < nseg) {
+    const int64_t n = std::min(hi, starts[idx + 1]) - lo;
+    if (n > 0) {
+      fn(idx, lo - starts[idx], lo, n);
+      lo += n;
+    }
+    ++idx;
+  }
+}
+
 void add_iov(std::vector<iovec>& l, std::vector<iovec>& r, char* local, uint64_t remote, size_t n) {
   if (n == 0) return;
   l.push_back({local, n});
   r.push_back({reinterpret_cast<void*>(remote), n});
+}
+
+// The iovecs of [lo, hi) of the concatenation: the remote side from column col of a peer's address
+// table (0: inputs, 1: outputs), the local side at local(segment, offset in it, offset in the concatenation).
+template <typename Local>
+void piece_iov(std::vector<iovec>& lv, std::vector<iovec>& rv, const std::vector<int64_t>& starts, const uint64_t* t,
+               int col, int64_t lo, int64_t hi, size_t es, Local&& local) {
+  lv.clear();
+  rv.clear();
+  for_pieces(starts, lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+    add_iov(lv, rv, local(g, at, x), t[2 * g + col] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+  });
 }
 }  // namespace
 
@@ -81,17 +109,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   if (pushed_ && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
-  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
-    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
-    while (lo < hi && idx < nseg) {
-      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
-      if (n > 0) {
-        fn(idx, lo - starts[idx], lo, n);
-        lo += n;
-      }
-      ++idx;
-    }
-  };
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
   // whole-line slices of the concatenation, one per local rank
   auto slice_of = [&](int j, int64_t* b, int64_t* e) {
     const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
@@ -116,11 +134,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       if (j == me) continue;
       const uint64_t* t = peer_table(j);
       char* dst = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es;
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        add_iov(lv, rv, dst + (x - lo) * es, t[2 * g] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 0, lo, hi, es, [&](size_t, int64_t, int64_t x) { return dst + (x - lo) * es; });
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
     pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
@@ -137,12 +151,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     for (int jj = 1; jj < L; ++jj) {  // the reduced chunk, still in the L2, into every peer's output
       const int j = (me + jj) % L;
       const uint64_t* t = peer_table(j);
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
-                static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 1, lo, hi, es, [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
       cma_write(j, lv.data(), rv.data(), lv.size());
     }
   }
@@ -185,12 +194,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     const uint64_t* t = peer_table(j);
     for (int64_t lo = bj; lo < ej; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
       pulse(Clock::now());
-      lv.clear();
-      rv.clear();
-      pieces(lo, std::min(ej, lo + 4 * step), [&](size_t g, int64_t at, int64_t, int64_t n) {
-        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
-                static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 1, lo, std::min(ej, lo + 4 * step), es,
+                [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
   }
@@ -214,19 +219,8 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
                                  int64_t count, DType dtype, ReduceOp op, int world_size, uint64_t h) {
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
-  const size_t nseg = segs.size();
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
-  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
-    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
-    while (lo < hi && idx < nseg) {
-      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
-      if (n > 0) {
-        fn(idx, lo - starts[idx], lo, n);
-        lo += n;
-      }
-      ++idx;
-    }
-  };
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
   // whole cache lines per piece (chunk() is a multiple of 4 KiB)
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
   const int64_t npieces = (count + step - 1) / step;
@@ -250,11 +244,7 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
       if (j == me) continue;
       const uint64_t* t = peer_table(j);
       char* dst = tmp_.data() + static_cast<size_t>(j) * slot;
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        add_iov(lv, rv, dst + (x - lo) * es, t[2 * g] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 0, lo, hi, es, [&](size_t, int64_t, int64_t x) { return dst + (x - lo) * es; });
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
     pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
@@ -274,12 +264,7 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
     for (int jj = 1; jj < L; ++jj) {  // the reduced piece, still in the L2, into every peer's output
       const int j = (me + jj) % L;
       const uint64_t* t = peer_table(j);
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t, int64_t n) {
-        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
-                static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 1, lo, hi, es, [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
       cma_write(j, lv.data(), rv.data(), lv.size());
     }
   }
