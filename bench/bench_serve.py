@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from aimass.bench.serve import BARE, TINY, sweep
+from aimass.bench.serve import BARE, BARE_MODEL, TINY, sweep
 
 FLASK = "Flask /predict (torch)"
 
@@ -66,6 +66,11 @@ def print_overhead(res) -> None:
     if bare:
         print(f"  floor: {BARE} (same uvicorn settings, same request bytes): {bare['p50_us']:.1f} us "
               "= uvicorn + loopback TCP + the load generator, no aimass code")
+    bm = runs.get(BARE_MODEL, {}).get(1)
+    if bm:
+        print(f"  floor with the model: {BARE_MODEL}: p50 {bm['p50_us']:.1f} us - Session.run {s50:.1f} us = "
+              f"{bm['p50_us'] - s50:.1f} us = uvicorn + loopback TCP + the load generator after each request's "
+              "compute swept the caches, no aimass serve code")
     tiny = runs.get(TINY, {}).get(1)
     if tiny and "session_tiny_p50_us" in res:
         t50 = res["session_tiny_p50_us"]
@@ -82,6 +87,8 @@ def print_overhead(res) -> None:
             if paced:
                 line += (f"; - Session.run paced {res['paced_gap_us']:.0f} us apart ({paced:.1f} us) = "
                          f"{r['p50_us'] - paced:.1f} us")
+            if bm:
+                line += f"; - the floor with the model = {r['p50_us'] - bm['p50_us']:.1f} us of aimass serve's own"
             print(line + f" (server's mean compute per batch {r['server_compute_us']:.1f} us)")
 
 

@@ -62,9 +62,11 @@ def test_wrk_generator_sends_the_prebuilt_request(port, tmp_path, monkeypatch):
     assert r["n"] > 0 and r["errors"] == r["n"]
 
 
-def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path):
-    """The bench's floor (a bare ASGI app under `aimass serve`'s uvicorn settings) answers POSTs with any
-    body, keeps the connection alive, and refuses a bad command line."""
+@pytest.mark.parametrize("with_model", [False, True])
+def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path, with_model):
+    """The bench's floor (a bare ASGI app under `aimass serve`'s uvicorn settings, with or without a model
+    it runs per request) answers POSTs with any body, keeps the connection alive, and refuses a bad
+    command line."""
     import subprocess
     import sys
 
@@ -72,8 +74,15 @@ def test_bare_asgi_floor_server_answers_under_serve_settings(tmp_path):
     from aimass.bench import _bare_asgi
     assert subprocess.run([sys.executable, "-m", "aimass.bench._bare_asgi", "x"], capture_output=True,
                           timeout=60).returncode == 2
+    extra = []
+    if with_model:
+        torch = pytest.importorskip("torch")
+        import aimass.runtime as rt
+        from aimass.bench.runtime import make_mlp
+        rt.export(make_mlp((8, 2)), (torch.randn(2, 8),), tmp_path / "m.aimass", input_names=["x"])
+        extra = [str(tmp_path / "m.aimass")]
     port = bs.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)])
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port), *extra])
     try:
         bs.wait_http(port, "/", proc, timeout=60)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
@@ -108,3 +117,59 @@ def test_session_p50_paced_and_v2_binary_request(tmp_path):
     hlen = int(next(v for k, _, v in (ln.partition(": ") for ln in lines[1:]) if k == "Inference-Header-Content-Length"))
     meta = json.loads(body[:hlen])
     assert meta["inputs"][0]["parameters"]["binary_data_size"] == x.nbytes and body[hlen:] == x.tobytes()
+
+
+def test_stage_medians_from_probe_records():
+    from aimass.bench.serve_stages import stage_medians
+    recs = [{"recv": 0 + t, "handle": 10_000 + t, "body": 13_000 + t, "run0": 15_000 + t, "run1": 115_000 + t,
+             "send0": 120_000 + t, "write0": 125_000 + t, "write": 135_000 + t, "done": 140_000 + t}
+            for t in (0, 200_000, 400_000)]
+    st = stage_medians(recs)
+    assert st == {"read": 10.0, "body": 3.0, "decode": 2.0, "compute": 100.0, "encode": 5.0, "send": 15.0,
+                  "write": 10.0, "after": 5.0, "turnaround": 65.0, "requests": 3.0}
+    # a request without a model call (an error answered early) has no compute stage but still counts
+    st = stage_medians([{"recv": 0, "handle": 1000, "send0": 2000, "write0": 2500, "write": 3000, "done": 4000}])
+    assert "compute" not in st and st["read"] == 1.0 and st["send"] == 1.0 and st["requests"] == 1.0
+
+
+def test_serve_stages_probes_a_real_server():
+    """The stage probe wraps a real `aimass serve` process: every stage of a v2 binary request comes back,
+    and they add up to no more than the client's p50 (the turnaround aside)."""
+    pytest.importorskip("torch")
+    from aimass.bench import serve_stages
+    res = serve_stages.run(("tiny",), rounds=1, seconds=1.0, log=lambda m: None)
+    st = res["tiny"]
+    assert st["errors"] == 0 and st["requests"] > 100
+    assert all(st[k] > 0 for k in ("read", "body", "decode", "compute", "encode", "send", "write", "after",
+                                   "turnaround"))
+    assert st["write"] <= st["send"]
+    with pytest.raises(ValueError, match="unknown targets"):
+        serve_stages.run(("nope",), rounds=1, seconds=1.0)
+
+
+def test_bare_asgi_runs_the_model_once_per_request():
+    """With a model, the floor app calls Session.run once per request, after reading the whole body."""
+    import asyncio
+
+    from aimass.bench import _bare_asgi
+    calls, sent = [], []
+
+    class Sess:
+        def run(self, inputs):
+            calls.append(inputs)
+
+    msgs = [{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.request", "body": b"c"}]
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def send(m):
+        sent.append(m)
+    old = _bare_asgi.RUN
+    _bare_asgi.RUN = (Sess(), {"x": "row"})
+    try:
+        asyncio.run(_bare_asgi.app({"type": "http"}, receive, send))
+    finally:
+        _bare_asgi.RUN = old
+    assert calls == [{"x": "row"}] and not msgs
+    assert sent[0]["status"] == 200 and sent[1]["body"] == _bare_asgi.BODY

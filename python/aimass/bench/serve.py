@@ -76,6 +76,7 @@ def session_p50(sess, x: np.ndarray, n: int = 3000, gap_us: float = 0.0):
 
 # labels of the concurrency-1 HTTP-cost points (--only bare, tiny), and the pacing of Session.run
 BARE = "bare uvicorn ASGI app (no model)"
+BARE_MODEL = "bare uvicorn ASGI app + Session.run (no aimass serve code)"
 TINY = "aimass serve v2 binary, tiny model"
 PACED_GAP_US = 200.0
 
@@ -88,6 +89,26 @@ def _v2_binary(model: str, x: np.ndarray) -> bytes:
                         ["Content-Type: application/octet-stream", f"Inference-Header-Content-Length: {len(head)}"])
 
 
+def build_store(tmp: str):
+    """The bench's store under tmp/store: the MLP as 'mlp' (its torch weights in tmp/mlp.pt, for Flask)
+    and a 784x10 linear 'tiny', both at 'stable'. Returns (MLP file, tiny file, one input row)."""
+    import torch
+    from .. import runtime as rt
+    from ..registry import Registry
+    from .runtime import make_mlp
+    net = make_mlp(MLP)
+    torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
+    path = os.path.join(tmp, "mlp.aimass")
+    rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
+    tiny_path = os.path.join(tmp, "tiny.aimass")
+    rt.export(make_mlp((MLP[0], MLP[-1])), (torch.randn(2, MLP[0]),), tiny_path, input_names=["x"])
+    reg = Registry(os.path.join(tmp, "store"))
+    reg.push(path, "mlp", label="stable")     # /predict's model: the first by name
+    reg.push(tiny_path, "tiny", label="stable")
+    x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
+    return path, tiny_path, x
+
+
 def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[float] = None,
           requests: Optional[int] = None, rounds: int = 3, serve_args=(), only=None, log=print) -> dict:
     """Run the sweep; returns {"session_p50_us", "session_p99_us", "runs": {label: {conc: figures}}} and,
@@ -97,11 +118,9 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     Session.run on the tiny model (784x10 linear: a request costs the same bytes, the compute nearly
     nothing) and Session.run on the MLP paced PACED_GAP_US apart. At concurrency 1 the same server
     also answers v2 binary on the tiny model, and a bare uvicorn app (_bare_asgi, same settings) gives
-    the floor of server + client + loopback TCP with no aimass code at all."""
-    import torch
+    the floor of server + client + loopback TCP with no aimass code at all; the same app calling
+    Session.run on the MLP per request gives that floor with the model's compute in between."""
     from .. import runtime as rt
-    from ..registry import Registry
-    from .runtime import make_mlp
     seconds = seconds or (2.0 if quick else 4.0)
     count = requests or (2000 if quick else 20000)
     wrk = wrk_path()
@@ -109,16 +128,7 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     procs = []
     sess = sess_tiny = None
     try:
-        net = make_mlp(MLP)
-        torch.save(net.state_dict(), os.path.join(tmp, "mlp.pt"))
-        path = os.path.join(tmp, "mlp.aimass")
-        rt.export(net, (torch.randn(2, MLP[0]),), path, input_names=["x"])
-        tiny_path = os.path.join(tmp, "tiny.aimass")
-        rt.export(make_mlp((MLP[0], MLP[-1])), (torch.randn(2, MLP[0]),), tiny_path, input_names=["x"])
-        reg = Registry(os.path.join(tmp, "store"))
-        reg.push(path, "mlp", label="stable")     # /predict's model: the first by name
-        reg.push(tiny_path, "tiny", label="stable")
-        x = np.random.default_rng(0).standard_normal((1, MLP[0])).astype(np.float32)
+        path, tiny_path, x = build_store(tmp)
         sess = rt.Session(path)
         n_sess = 1000 if quick else 3000
         s50, s99 = session_p50(sess, x, n_sess)
@@ -167,6 +177,11 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
             procs.append(proc)
             wait_http(port, "/", proc)
             floor.append((BARE, port, v2_bin, proc.pid))
+            port = free_port()      # the same app calling Session.run on the MLP before answering
+            proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port), path], env=env)
+            procs.append(proc)
+            wait_http(port, "/", proc)
+            floor.append((BARE_MODEL, port, v2_bin, proc.pid))
         if want("flask"):
             port = free_port()
             app = os.path.join(tmp, "flask_app.py")
@@ -238,7 +253,7 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
     runs = res["runs"]
     flask = runs.get("Flask /predict (torch)", {})
     for label, by_c in runs.items():
-        if label.startswith("Flask") or label.endswith("/v2/health/live") or label in (TINY, BARE):
+        if label.startswith("Flask") or label.endswith("/v2/health/live") or label in (TINY, BARE, BARE_MODEL):
             continue
         for c, r in by_c.items():
             f = flask.get(c)
@@ -259,6 +274,10 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
     if 1 in runs.get(BARE, {}):
         report.add(SUITE, f"HTTP floor: {BARE} p50, 1 connection", runs[BARE][1]["p50_us"] * 1e-6, "s",
                    higher_is_better=False, note="uvicorn + loopback TCP + load generator, no aimass code")
+    if 1 in runs.get(BARE_MODEL, {}):
+        report.add(SUITE, f"HTTP floor with the model: {BARE_MODEL} p50 - Session.run p50, 1 connection",
+                   (runs[BARE_MODEL][1]["p50_us"] - res["session_p50_us"]) * 1e-6, "s", higher_is_better=False,
+                   note="uvicorn + loopback TCP + load generator after each request's compute swept the caches")
     if 1 in runs.get(TINY, {}) and "session_tiny_p50_us" in res:
         report.add(SUITE, f"HTTP overhead per request ({TINY} p50 - its Session.run p50), 1 connection",
                    (runs[TINY][1]["p50_us"] - res["session_tiny_p50_us"]) * 1e-6, "s", higher_is_better=False,
