@@ -195,3 +195,91 @@ TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
   EXPECT_GE(threads, 2);
 }
 #endif
+
+namespace {
+// parallel_steps: every (step, chunk) runs exactly once, and no chunk of step s starts before
+// every chunk of step s - 1 has finished (each chunk checks that the previous step's chunks all
+// wrote their marks, and that no chunk of a later step has written yet).
+void expect_steps_in_order(int64_t nsteps, int nchunks, bool slow_workers) {
+  const auto me = std::this_thread::get_id();
+  std::vector<std::atomic<int>> hits(static_cast<size_t>(nsteps * nchunks));
+  std::vector<std::atomic<int64_t>> last_step(static_cast<size_t>(nchunks));
+  for (auto& l : last_step) l.store(-1);
+  std::atomic<int> bad{0};
+  aimass::parallel_steps(nsteps, nchunks, [&](int64_t s, int c, int n) {
+    if (n != nchunks) bad++;
+    for (int o = 0; o < nchunks; ++o) {  // every chunk has finished step s - 1, none is past s
+      const int64_t ls = last_step[static_cast<size_t>(o)].load();
+      if (ls < s - 1 || ls > s) bad++;
+    }
+    if (slow_workers && std::this_thread::get_id() != me && s % 7 == 3)
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
+    hits[static_cast<size_t>(s * nchunks + c)]++;
+    last_step[static_cast<size_t>(c)].store(s);
+  });
+  EXPECT_EQ(bad.load(), 0) << nsteps << " steps x " << nchunks << " chunks";
+  for (int64_t i = 0; i < nsteps * nchunks; ++i) ASSERT_EQ(hits[static_cast<size_t>(i)].load(), 1) << "item " << i;
+}
+
+TEST(ParallelPool, StepsRunInOrderAndEachChunkOnce) {
+  for (int threads : {1, 2, 3}) {
+    aimass::set_num_threads(threads);
+    for (int nchunks : {1, 2, 3, 5})
+      for (int64_t nsteps : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{64}}) expect_steps_in_order(nsteps, nchunks, false);
+    expect_steps_in_order(40, 2, true);  // a worker that falls behind: the caller takes its chunks
+    // spaced past the polling time: the workers are parked when the job starts
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    expect_steps_in_order(200, 2, false);
+  }
+  aimass::set_num_threads(2);
+  EXPECT_THROW(aimass::parallel_steps(-1, 2, [](int64_t, int, int) {}), aimass::ValueError);
+  EXPECT_THROW(aimass::parallel_steps(4, 0, [](int64_t, int, int) {}), aimass::ValueError);
+}
+
+TEST(ParallelPool, StepsStopAtTheFirstErrorAndNestInsideAJob) {
+  aimass::set_num_threads(2);
+  std::atomic<int64_t> max_step{-1};
+  bool threw = false;
+  try {
+    aimass::parallel_steps(100, 2, [&](int64_t s, int c, int) {
+      int64_t m = max_step.load();
+      while (s > m && !max_step.compare_exchange_weak(m, s)) {
+      }
+      if (s == 10 && c == 1) throw aimass::ValueError("step 10");
+    });
+  } catch (const aimass::ValueError& e) {
+    threw = std::string(e.what()).find("step 10") != std::string::npos;
+  }
+  EXPECT_TRUE(threw);
+  EXPECT_LE(max_step.load(), 10);  // step 11 cannot start: step 10 never completed
+  expect_steps_in_order(16, 2, false);  // usable after an error
+  // inside a pool task it runs serially on that thread, in order
+  std::atomic<int> bad{0};
+  aimass::parallel_chunks(2, [&](int, int) {
+    int64_t expect = 0;
+    aimass::parallel_steps(5, 3, [&](int64_t s, int c, int) {
+      if (s * 3 + c != expect++) bad++;
+    });
+    if (expect != 15) bad++;
+  });
+  EXPECT_EQ(bad.load(), 0);
+}
+
+// Several threads using the engine at once: whoever does not get the pool runs its steps alone.
+TEST(ParallelPool, ConcurrentStepCallers) {
+  aimass::set_num_threads(2);
+  std::atomic<int> bad{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; ++t)
+    callers.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        std::vector<int> hits(static_cast<size_t>(30 * 2), 0);
+        aimass::parallel_steps(30, 2, [&](int64_t s, int c, int) { hits[static_cast<size_t>(s * 2 + c)] += 1; });
+        for (int h : hits)
+          if (h != 1) bad++;
+      }
+    });
+  for (auto& th : callers) th.join();
+  EXPECT_EQ(bad.load(), 0);
+}
+}  // namespace

@@ -440,3 +440,40 @@ def test_int16_path_limits_to_k_65536():
         if want == "int16":
             np.testing.assert_array_equal(y, int16_reference(x, q, scale))
         np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n,m,k", [(200, 700, 256), (256, 1024, 256), (64, 193, 256), (192, 300, 4096)])
+def test_dynamic_rows_split_over_threads(n, m, k, level):
+    # few 64-column blocks and many rows: the dynamic int8 GEMM splits the rows over the threads
+    # too (qlinear.cc run_dynamic: by rows only while the weight fits in L2, else by both); every
+    # thread count gives the same bits, equal to the reference
+    rng, w, qt, q, scale, deq = make((8, n, k, 0), seed=4)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    n0 = aimass.num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            aimass.set_num_threads(t)
+            outs.append(compress.linear(x, qt, bias, kernel="dynamic_int8"))
+    finally:
+        aimass.set_num_threads(n0)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    ref = dynamic_reference(x, q, scale, 0) + bias
+    np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("pos", [0, 17, 31, 40, 63, 64, 99])
+def test_dynamic_nonfinite_anywhere_in_the_row(pos, level):
+    # the row scan runs two chains of 32 values and a masked tail (K = 100): NaN / inf in any
+    # lane of any of them makes the row NaN; the other rows equal the reference
+    rng, w, qt, q, scale, deq = make((8, 24, 100, 0), seed=5)
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        xb = x.copy()
+        xb[1, pos] = bad
+        y = compress.linear(xb, qt, kernel="dynamic_int8")
+        assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all(), (pos, bad)
+        ref = dynamic_reference(x[[0, 2]], q, scale, 0)
+        np.testing.assert_allclose(y[[0, 2]], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -56,3 +56,40 @@ def test_quantized_mlp_matches_compress_kernels(tmp_path, quantize, bits, rows):
 def test_quantize_needs_a_linear(tmp_path):
     with pytest.raises(ValueError, match="no nn.Linear"):
         rt.export(nn.Sequential(nn.ReLU()), (torch.randn(2, 4),), tmp_path / "q.aimass", quantize="int8")
+
+
+def test_int8_residual_block_at_large_batch_same_at_every_thread_count(tmp_path):
+    # Linear + residual add (fused into the dynamic int8 GEMM's epilogue) at 8 x 128 rows and
+    # N = 256 (4 column blocks): the rows split over the threads too; 1, 2 and 3 threads agree
+    import aimass
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(256, 256)
+            self.b = nn.Linear(256, 1024)
+            self.c = nn.Linear(1024, 256)
+
+        def forward(self, x):
+            h = x + self.a(x)
+            return h + self.c(torch.nn.functional.gelu(self.b(h)))
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    path = tmp_path / "res.aimass"
+    rt.export(net, (torch.randn(2, 128, 256),), path, quantize="int8", input_names=["x"])
+    x = np.random.default_rng(1).standard_normal((8, 128, 256)).astype(np.float32)
+    n0 = aimass.num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            aimass.set_num_threads(t)
+            with rt.Session(path) as s:
+                outs.append(s.run({"x": x})["output"])
+    finally:
+        aimass.set_num_threads(n0)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    with torch.no_grad():
+        fp = net(torch.from_numpy(x)).numpy()
+    assert np.abs(outs[0] - fp).max() <= 0.05 * np.abs(fp).max()

@@ -95,3 +95,29 @@ def test_threaded_steps_match_torch(tmp_path, cls, threads):
                       dynamic_seq=True, name=f"t{threads}")
     finally:
         aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, threads):
+    # hidden 263 (33 unit groups, the last one 7 wide): at 2 threads the whole time loop of each
+    # layer and direction is one parallel_steps job (ops_rnn.cc); batch 1 and 4, forward and reverse
+    import aimass
+    torch.manual_seed(3)
+    rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=True).eval()
+    path = tmp_path / "bi263.aimass"
+    rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        with rt.Session(path) as s:
+            for b, n in ((1, 11), (4, 3)):
+                x = torch.randn(b, n, 24)
+                got = s.run({"input_0": x.numpy()})["output"]
+                with torch.no_grad():
+                    ref = rnn(x)[0].numpy()
+                assert got.shape == (b, n, 526)
+                np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        aimass.set_num_threads(old)

@@ -26,6 +26,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // chunks run concurrently where threads are free.
 void parallel_chunks(int nchunks, const std::function<void(int, int)>& fn);
 
+// A sequence of dependent parallel steps in one pool job: fn(step, chunk, nchunks) for every
+// step in [0, nsteps) and chunk in [0, nchunks), where the chunks of one step run concurrently
+// and none of step s starts before every chunk of step s - 1 has finished (what a recurrent
+// layer's time loop needs). The threads step through together behind a shared counter instead
+// of a pool hand-off per step. Each thread keeps to its own chunk index (its slice of the data
+// stays in its cache) and takes over another's chunk of a step only once its own is done and
+// that chunk is still unclaimed; a chunk is claimed only when its step may start, so a late or
+// descheduled worker never holds up a step it has not begun: the caller runs whatever nobody
+// else took (all of it, alone, when no worker shows up). nsteps >= 0, nchunks >= 1 (else
+// ValueError). The first exception thrown by fn stops further claims and is rethrown on the
+// caller once the running chunks have finished.
+void parallel_steps(int64_t nsteps, int nchunks, const std::function<void(int64_t, int, int)>& fn);
+
 // A hint: sleeping workers start polling again without a job, for max(AIMASS_SPIN_US,
 // poll_us) (poll_us >= 0, else ValueError; capped at 100000), so that a parallel_for issued within that time finds
 // them awake. Call it before single-threaded work that precedes parallel work (the runtime

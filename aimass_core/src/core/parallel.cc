@@ -280,6 +280,81 @@ void parallel_chunks(int nchunks, const std::function<void(int, int)>& fn) {
   }
 }
 
+void parallel_steps(int64_t nsteps, int nchunks, const std::function<void(int64_t, int, int)>& fn) {
+  AIMASS_CHECK(nsteps >= 0 && nchunks >= 1, ValueError, "parallel_steps: nsteps=", nsteps, " nchunks=", nchunks,
+               " (need nsteps >= 0, nchunks >= 1)");
+  if (nsteps == 0) return;
+  const int nthreads = std::min(nchunks, threads_setting());
+  if (nthreads <= 1 || t_in_pool_task) {
+    for (int64_t s = 0; s < nsteps; ++s)
+      for (int c = 0; c < nchunks; ++c) fn(s, c, nchunks);
+    return;
+  }
+  struct alignas(64) Claim {
+    std::atomic<int64_t> next{0};  // the next step of this chunk to claim
+  };
+  std::vector<Claim> claims(static_cast<size_t>(nchunks));
+  alignas(64) std::atomic<int64_t> done{0};  // chunks finished, over all steps
+  std::atomic<bool> failed{false};
+  // Claims chunk c of its next step if that step may start; runs it; false when it could not.
+  auto try_run = [&](int c) {
+    int64_t s = claims[static_cast<size_t>(c)].next.load(std::memory_order_acquire);
+    if (s >= nsteps || done.load(std::memory_order_acquire) < s * nchunks) return false;
+    if (!claims[static_cast<size_t>(c)].next.compare_exchange_strong(s, s + 1)) return false;
+    try {
+      fn(s, c, nchunks);
+    } catch (...) {
+      // the step never completes: the others stop at their next look, and the pool rethrows
+      // the first error on the caller
+      failed.store(true);
+      throw;
+    }
+    done.fetch_add(1);
+    return true;
+  };
+  parallel_chunks(nthreads, [&](int p, int np) {
+    // participant p owns chunks p, p + np, ...; others' chunks only once its own step is done
+    int64_t waited = 0;
+    auto last_check = std::chrono::steady_clock::now();
+    for (;;) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      bool ran = false, left = false;
+      int64_t own = nsteps;  // the earliest step of its own chunks not yet claimed
+      for (int c = p; c < nchunks; c += np) {
+        ran |= try_run(c);
+        own = std::min(own, claims[static_cast<size_t>(c)].next.load(std::memory_order_relaxed));
+      }
+      left = own < nsteps;
+      if (!ran)
+        for (int c = 0; c < nchunks; ++c) {
+          if (c % np == p) continue;
+          const int64_t sc = claims[static_cast<size_t>(c)].next.load(std::memory_order_relaxed);
+          if (sc >= nsteps) continue;
+          left = true;
+          // only a step whose own chunks it has claimed: right after a step completes, its
+          // owner (which finished it) is about to claim its chunk of the next one
+          if (sc < own && try_run(c)) {
+            ran = true;
+            break;  // back to its own chunks first
+          }
+        }
+      if (!left) return;  // every chunk of every step claimed (the others finish theirs)
+      if (ran) {
+        waited = 0;
+        continue;
+      }
+      // waiting for the previous step: poll, and yield the core once that has taken long
+      // (the thread it waits for may be descheduled on a loaded machine)
+      cpu_relax();
+      if ((++waited & 63) == 0) {
+        const auto now = std::chrono::steady_clock::now();
+        if (waited == 64) last_check = now;
+        else if (now - last_check > std::chrono::microseconds(200)) sched_yield();
+      }
+    }
+  });
+}
+
 void wake_workers(int poll_us) {
   AIMASS_CHECK(poll_us >= 0, ValueError, "wake_workers: poll_us=", poll_us, " must be >= 0");
   if (threads_setting() == 1) return;

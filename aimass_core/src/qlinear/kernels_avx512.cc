@@ -148,22 +148,38 @@ void weight_only_int4(const WeightView& w, const float* x, int64_t ldx, int64_t 
 }
 
 // ---------------------------------------------------------------- activation quantization
-void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
+// One row's max|x| (a) and NaN/inf probe (p = sum of x * 0: nonzero or NaN iff some value is
+// not finite), in two independent chains: one max / add chain (4-cycle latency per 16 values)
+// bounded the pass.
+inline void scan_row(const float* xr, int64_t K, float& a, float& p) {
   const __m512 zero = _mm512_setzero_ps();
+  __m512 amax = zero, poison = zero, amax1 = zero, poison1 = zero;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 v = _mm512_loadu_ps(xr + k), v1 = _mm512_loadu_ps(xr + k + 16);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    amax1 = _mm512_max_ps(amax1, _mm512_abs_ps(v1));
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+    poison1 = _mm512_add_ps(poison1, _mm512_mul_ps(v1, zero));
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+  }
+  a = _mm512_reduce_max_ps(_mm512_max_ps(amax, amax1));
+  p = _mm512_reduce_add_ps(_mm512_add_ps(poison, poison1));
+}
+
+void quant_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* sx) {
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   const __m128i offset = _mm_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     int8_t* q = qx + m * Kp;
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
-    }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a, p;
+    scan_row(xr, K, a, p);
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;
@@ -436,22 +452,14 @@ void dynamic_panels(const WeightView& w, const int8_t* qx, const float* sx, int6
 // each a vpdpbusd operand against the s8 weight rows (exact int32, no saturation);
 // dot = 256 * (acc_hi - 128 * wsum[n]) + acc_lo. One 64-byte weight load feeds 2 * MR vpdpbusd.
 void quant_rows16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
-  const __m512 zero = _mm512_setzero_ps();
   const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767);
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     uint8_t* plo = static_cast<uint8_t*>(qa) + m * 2 * Kp;
     uint8_t* phi = plo + Kp;
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
-    }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a, p;
+    scan_row(xr, K, a, p);
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;
@@ -640,20 +648,12 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
 // row and block (int32 arithmetic wraps, and the final dot fits); the group's int32 lanes
 // are converted once and FMA'd with its scale.
 void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
-  const __m512 zero = _mm512_setzero_ps();
   const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     uint8_t* out = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
-    __m512 amax = zero, poison = zero;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
-    }
-    float a = _mm512_reduce_max_ps(amax);
-    const float p = _mm512_reduce_add_ps(poison);
+    float a, p;
+    scan_row(xr, K, a, p);
     if (p != 0.f || p != p) {
       sx[m] = __builtin_nanf("");
       a = 0.f;

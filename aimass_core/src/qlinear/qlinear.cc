@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -463,12 +464,15 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
   AIMASS_CHECK(dynamic_supported(v), ValueError, "kernel='dynamic_int8' needs per-channel weights or a group_size "
                "that is a multiple of 64 (got ", v.G, ") and K <= ", kDynamicMaxKp, "; use kernel='auto'");
   const KernelTable& t = table_for(simd_level());
-  std::vector<int8_t> qx(static_cast<size_t>(M * v.Kp));
-  std::vector<float> sx(static_cast<size_t>(M));
+  // quant_rows writes every byte of every row (zeros past K): no zero fill (1 MiB at BERT-mini's f2, batch 8)
+  const std::unique_ptr<int8_t[]> qx_buf(new int8_t[static_cast<size_t>(M * v.Kp)]);
+  const std::unique_ptr<float[]> sx_buf(new float[static_cast<size_t>(M)]);
+  int8_t* const qxp = qx_buf.get();
+  float* const sxp = sx_buf.get();
   // >= 32K values per chunk (~10 us): a smaller split costs more in pool hand-offs than it
   // saves (BERT-mini at batch 1: 128 rows of 256 run on the caller alone).
   parallel_for(0, M, std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(v.K, 1)), [&](int64_t b, int64_t e) {
-    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qx.data() + b * v.Kp, sx.data() + b);
+    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qxp + b * v.Kp, sxp + b);
   });
   if (t.dynamic_panels && v.wvnni) {
     // Split N in 64-column blocks: each thread reuses its weight blocks over all rows. The
@@ -483,19 +487,34 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     // More chunks than threads (up to 4 each): a worker the OS has not scheduled yet holds
     // only its first chunk, the others are taken by whoever is free (with one chunk per
     // thread the caller did a late worker's half alone; BERT-mini has 4-16 blocks).
-    const int nchunks = static_cast<int>(std::min<int64_t>(nb, 4 * static_cast<int64_t>(num_threads())));
-    parallel_chunks(nchunks, [&](int c, int nc) {
-      const int64_t b = nb * c / nc, e = nb * (c + 1) / nc;
-      if (e <= b) return;
+    // With fewer column blocks than that (N = 256: 4 blocks) and many rows, the rows split
+    // too, in parts of whole kEpiRows: BERT-mini's N = 256 layers at batch 8 (1024 rows) ran
+    // 4 chunks on 2 threads, and a worker that started late left the caller 3 of them (1.4x).
+    // When the whole weight fits in L2 next to the rows (<= 512 KiB: N = 256 at K <= 2048), the
+    // split is by rows only: each thread quantized half of x and reads its part once, instead of
+    // every column block reading all of it (f2 of BERT-mini, K = 1024: 1 MiB of int8 rows).
+    const int64_t want = 4 * static_cast<int64_t>(num_threads());
+    const bool rows_only = nb < want && v.N * v.Kp <= (int64_t{512} << 10) && M >= 2 * kEpiRows;
+    const int64_t ncol = rows_only ? 1 : std::min<int64_t>(nb, want);
+    const int64_t mparts = rows_only ? std::min(want, M / kEpiRows)
+                           : nb >= want ? 1
+                                        : std::max<int64_t>(1, std::min((want + nb - 1) / nb, M / kEpiRows));
+    const int nchunks = static_cast<int>(ncol * mparts);
+    parallel_chunks(nchunks, [&](int c, int) {
+      const int64_t cc = c / mparts, mp = c % mparts;
+      const int64_t b = nb * cc / ncol, e = nb * (cc + 1) / ncol;
+      const int64_t mb = (M * mp / mparts) / kEpiRows * kEpiRows,
+                    me = mp + 1 == mparts ? M : (M * (mp + 1) / mparts) / kEpiRows * kEpiRows;
+      if (e <= b || me <= mb) return;
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
       if (!fused) {
-        t.dynamic_panels(vb, qx.data(), sx.data(), M, y, v.N, n0, n1);
+        t.dynamic_panels(vb, qxp + mb * v.Kp, sxp + mb, me - mb, y + mb * v.N, v.N, n0, n1);
         return;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += kEpiRows) {
-        const int64_t mr = std::min(kEpiRows, M - m0);
+      for (int64_t m0 = mb; m0 < me; m0 += kEpiRows) {
+        const int64_t mr = std::min(kEpiRows, me - m0);
         float* yc = y + m0 * v.N;
-        t.dynamic_panels(vb, qx.data() + m0 * v.Kp, sx.data() + m0, mr, yc, v.N, n0, n1);
+        t.dynamic_panels(vb, qxp + m0 * v.Kp, sxp + m0, mr, yc, v.N, n0, n1);
         (*epi)(yc, mr, v.N, n0, n1);
       }
     });
@@ -504,7 +523,7 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
   WeightView rv = v;  // the row kernels read int8 rows (rebuilt once if only blocks are kept)
   if (!rv.wq) rv.w8 = rv.wq = p.rows().w8;
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
-  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(rv, qx.data(), sx.data(), M, y, v.N, b, e); });
+  parallel_for(0, v.N, grain, [&](int64_t b, int64_t e) { t.dynamic(rv, qxp, sxp, M, y, v.N, b, e); });
   return false;
 }
 

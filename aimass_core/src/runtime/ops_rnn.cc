@@ -73,28 +73,38 @@ class Rnn : public ExtKernel {
         packed::linear(x, rows * S, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{}, gi.data());
         std::fill(h0.begin(), h0.end(), 0.f);
         std::fill(c.begin(), c.end(), 0.f);
-        float* hp = h0.data();
-        float* hn = h1.data();
         const ops::PackedLinear& P = *L.whh;
-        for (int64_t step = 0; step < S; ++step) {
+        // step `step` reads h from h0 when even, h1 when odd, and writes the other
+        auto chunk = [&](int64_t step, int64_t g0, int64_t g1) {
           const int64_t t = dir == 0 ? step : S - 1 - step;
-          auto chunk = [&](int64_t g0, int64_t g1) {
+          const float* hp = (step & 1) ? h1.data() : h0.data();
+          float* hn = (step & 1) ? h0.data() : h1.data();
+          // Odd steps walk the panels last to first. A thread's W_hh slice is at least as large
+          // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
+          // in one direction evicts each panel just before the next step reads it again: in
+          // alternate directions the next step starts on the panels the last one left in L2.
+          if (step & 1) {
+            for (int64_t g = g1; g-- > g0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
+          } else {
             vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
-            for (int64_t r = 0; r < rows; ++r) {
-              const float* a = gi.data() + (r * S + t) * NP;
-              const float* b = gh.data() + r * NP;
-              float* o = dst + (r * S + t) * DH + dir * H;
-              if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
-              else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
-            }
-          };
-          if (nchunks <= 1) chunk(0, groups);
-          else
-            parallel_chunks(nchunks, [&](int ci, int nc) {
-              const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
-              if (g1 > g0) chunk(g0, g1);
-            });
-          std::swap(hp, hn);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* a = gi.data() + (r * S + t) * NP;
+            const float* b = gh.data() + r * NP;
+            float* o = dst + (r * S + t) * DH + dir * H;
+            if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
+            else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
+          }
+        };
+        if (nchunks <= 1) {
+          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups);
+        } else {
+          // the whole time loop is one pool job: the threads step through it together (a
+          // shared counter per step instead of a pool hand-off), each on its own unit groups
+          parallel_steps(S, nchunks, [&](int64_t step, int ci, int nc) {
+            const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
+            if (g1 > g0) chunk(step, g0, g1);
+          });
         }
       }
       x = dst;
