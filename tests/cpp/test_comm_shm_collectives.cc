@@ -4,11 +4,13 @@
 // sizes, empty blocks, a per-call chunk smaller than the slot; and the algorithm table parser.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "aimass/error.h"
@@ -34,17 +36,21 @@ struct Segment : ShmTestSegment {
 // Runs body(shm, rank) on L threads: staged, then in single-copy mode (process_vm_readv on this
 // process) pulling the reduced slices and pushing them (process_vm_writev); fails the test with the
 // first rank's error.
-enum class Mode { Staged, CmaPull, CmaPush };
+enum class Mode { Staged, CmaPull, CmaPush, CmaPushFixed };
 void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body);
 void on_ranks(int L, const std::function<void(ShmAllreduce&, int)>& body) {
   if (!std::getenv("ONLY_CMA")) on_ranks_mode(L, Mode::Staged, body);
   if (!std::getenv("ONLY_STAGED")) {
     on_ranks_mode(L, Mode::CmaPull, body);
     on_ranks_mode(L, Mode::CmaPush, body);
+    on_ranks_mode(L, Mode::CmaPushFixed, body);
   }
 }
 const char* mode_name(Mode m) {
-  return m == Mode::Staged ? " (staged)" : m == Mode::CmaPull ? " (single copy, pull)" : " (single copy, push)";
+  return m == Mode::Staged    ? " (staged)"
+         : m == Mode::CmaPull ? " (single copy, pull)"
+         : m == Mode::CmaPush ? " (single copy, push, claimed pieces)"
+                              : " (single copy, push, fixed slices)";
 }
 void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
@@ -55,7 +61,7 @@ void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int
       try {
         ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
         if (mode != Mode::Staged) {
-          shm.allow_cma_for_tests(mode != Mode::CmaPull);
+          shm.allow_cma_for_tests(mode != Mode::CmaPull, mode == Mode::CmaPush);
           shm.use_cma(true);
         }
         body(shm, r);
@@ -194,6 +200,47 @@ TEST(CommShmCollectives, PushModeFailureSaysThePeersMayWriteTheOutput) {
   }
 }
 
+// Broadcasts of many pieces from every root between allreduces: the claimed-piece broadcast shares
+// local rank 0's claim counter with the allreduce (as a receiver), so the counters' bases must stay
+// in step across collectives of both kinds.
+TEST(CommShmCollectives, ManyPieceBroadcastsBetweenAllreduces) {
+  for (int L : {2, 3, 4}) {
+    on_ranks(L, [&](ShmAllreduce& shm, int r) {
+      int salt = 0;
+      for (int64_t bytes : {int64_t(40 * 8192 + 13), int64_t(8192), int64_t(3 * 8192 + 4096 + 1)}) {
+        for (int root = L - 1; root >= 0; --root, ++salt) {
+          std::vector<uint8_t> buf(static_cast<size_t>(bytes));
+          for (int64_t i = 0; i < bytes; ++i) buf[i] = static_cast<uint8_t>(r == root ? val(root, i, salt) : 0xEE);
+          shm.broadcast(buf.data(), bytes, root);
+          for (int64_t i = 0; i < bytes; ++i)
+            ASSERT_EQ(buf[i], static_cast<uint8_t>(val(root, i, salt))) << "L " << L << " root " << root << " i " << i;
+          std::vector<float> v(30001, static_cast<float>(r + 1));
+          shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), 30001, false}},
+                  30001, DType::F32, ReduceOp::Sum, L, nullptr);
+          ASSERT_EQ(v[0], static_cast<float>(L * (L + 1) / 2));
+          ASSERT_EQ(v[30000], static_cast<float>(L * (L + 1) / 2));
+        }
+      }
+    });
+  }
+}
+
+// A receiver of a claimed-piece broadcast whose root never comes times out, and says that the root
+// may still write its buffer (the engine then keeps it alive); the root alone times out too.
+TEST(CommShmCollectives, BroadcastWithoutItsRootTimesOutAndSaysTheRootMayWrite) {
+  for (bool steal : {true, false}) {
+    for (int me : {0, 1}) {
+      Segment seg(2);
+      ShmAllreduce shm(me, 2, seg.mem, kChunk, 0.2);
+      shm.allow_cma_for_tests(true, steal);
+      shm.use_cma(true);
+      std::vector<uint8_t> buf(100000, 1);
+      EXPECT_THROW(shm.broadcast(buf.data(), 100000, 1), aimass::DistributedError);
+      EXPECT_EQ(shm.peers_write_outputs(), steal && me == 0) << "steal " << steal << " rank " << me;
+    }
+  }
+}
+
 TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {
   for (int L : {2, 3, 4}) {
     on_ranks(L, [&](ShmAllreduce& shm, int r) {
@@ -221,6 +268,78 @@ TEST(CommShmCollectives, AllreduceFusedInPlaceAndOutOfPlaceBothModes) {
         }
       }
     });
+  }
+}
+
+// Every dtype and op of the single-copy allreduce, odd counts over many pieces, fused segments
+// (in place and out of place) and a repeated run (the claim counter carries over): every rank
+// holds the same bits, those of the kernel reducing the inputs in rank order, whichever rank
+// reduced a piece (floats with non-associative values: the order shows in the bits); fixed slices
+// and the pull mode give every rank the same bits.
+template <typename T>
+void check_every_rank_same_bits(int L, DType dtype, ReduceOp op, bool average, Mode mode) {
+  const std::vector<int64_t> counts = {1, 63, 2049, 9 * 2048 + 37, 5};
+  std::vector<std::vector<std::vector<T>>> got(L);  // [rank][call]
+  auto input = [&](int r, size_t c, int64_t i) {
+    const int v = val(r, i, static_cast<int>(c));
+    if constexpr (std::is_floating_point_v<T>) return static_cast<T>(v) * static_cast<T>(0.1);
+    else if constexpr (std::is_same_v<T, uint16_t>)  // 16-bit float bits: 1 +- small
+      return static_cast<T>((dtype == DType::F16 ? 0x3c00 : 0x3f80) + (v & 0x3f));
+    else if (dtype == DType::Bool) return static_cast<T>(v % 3 == 0);
+    else return static_cast<T>(v);
+  };
+  on_ranks_mode(L, mode, [&](ShmAllreduce& shm, int r) {
+    for (size_t c = 0; c < counts.size(); ++c) {
+      const int64_t n = counts[c], n1 = n / 3;
+      std::vector<T> a(static_cast<size_t>(n)), out2(static_cast<size_t>(n - n1));
+      for (int64_t i = 0; i < n; ++i) a[i] = input(r, c, i);
+      std::vector<T> in2(a.begin() + n1, a.end());
+      shm.run({{reinterpret_cast<const char*>(a.data()), reinterpret_cast<char*>(a.data()), n1, average},
+               {reinterpret_cast<const char*>(in2.data()), reinterpret_cast<char*>(out2.data()), n - n1, average}},
+              n, dtype, op, L, nullptr);
+      std::copy(out2.begin(), out2.end(), a.begin() + n1);
+      got[r].push_back(a);
+    }
+  });
+  for (size_t c = 0; c < counts.size(); ++c) {
+    const int64_t n = counts[c];
+    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
+    std::vector<const char*> srcs(L);
+    for (int r = 0; r < L; ++r) {
+      for (int64_t i = 0; i < n; ++i) ins[r][i] = input(r, c, i);
+      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
+    }
+    std::vector<T> want(static_cast<size_t>(n));
+    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
+                              average, L);
+    // fixed slices reduce the own input first (rank j's slice: in_j + the others): the same bits on
+    // every rank, but the rank-order bits only with claimed pieces
+    const T* ref = mode == Mode::CmaPush ? want.data() : got[0][c].data();
+    for (int r = 0; r < L; ++r)
+      ASSERT_EQ(std::memcmp(got[r][c].data(), ref, static_cast<size_t>(n) * sizeof(T)), 0)
+          << "L " << L << " rank " << r << " n " << n << mode_name(mode);
+  }
+}
+
+TEST(CommShmCollectives, SingleCopyAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
+  for (int L : {2, 3, 4}) {
+    for (Mode mode : {Mode::CmaPush, Mode::CmaPushFixed, Mode::CmaPull}) {
+      for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max, ReduceOp::Product}) {
+        check_every_rank_same_bits<float>(L, DType::F32, op, false, mode);
+        check_every_rank_same_bits<double>(L, DType::F64, op, false, mode);
+        check_every_rank_same_bits<uint16_t>(L, DType::F16, op, false, mode);
+        check_every_rank_same_bits<uint16_t>(L, DType::BF16, op, false, mode);
+        check_every_rank_same_bits<int8_t>(L, DType::I8, op, false, mode);
+        check_every_rank_same_bits<uint8_t>(L, DType::U8, op, false, mode);
+        check_every_rank_same_bits<int16_t>(L, DType::I16, op, false, mode);
+        check_every_rank_same_bits<int32_t>(L, DType::I32, op, false, mode);
+        check_every_rank_same_bits<int64_t>(L, DType::I64, op, false, mode);
+        check_every_rank_same_bits<uint8_t>(L, DType::Bool, op, false, mode);
+      }
+      check_every_rank_same_bits<float>(L, DType::F32, ReduceOp::Sum, true, mode);
+      check_every_rank_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, mode);
+      check_every_rank_same_bits<int32_t>(L, DType::I32, ReduceOp::Sum, true, mode);
+    }
   }
 }
 

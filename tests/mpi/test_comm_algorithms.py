@@ -12,8 +12,9 @@ import pytest
 CHUNK = 4096
 ALGOS = ["mpi", "shm", "cma"]
 # the single-copy allreduce pulling the reduced slices afterwards instead of pushing them into the peers'
-# outputs (AIMASS_SHM_CMA_PUSH=0)
-VARIANTS = {"cma-pull": {"AIMASS_SHM_CMA_PUSH": "0"}}
+# outputs (AIMASS_SHM_CMA_PUSH=0), and pushing with one fixed slice per rank instead of claimed pieces (and the
+# single-copy broadcast's receivers pulling alone: AIMASS_SHM_CMA_STEAL=0)
+VARIANTS = {"cma-pull": {"AIMASS_SHM_CMA_PUSH": "0"}, "cma-fixed": {"AIMASS_SHM_CMA_STEAL": "0"}}
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
 NUMPY_DTYPES = ["float32", "float64", "int32", "int64", "int16", "int8", "uint8", "float16", "bool"]
 
@@ -176,6 +177,40 @@ def test_mixed_kinds_back_to_back(dist, algo):
     np.testing.assert_array_equal(outs[2], np.concatenate([al[i][: i + 1] for i in range(n)]))
     np.testing.assert_array_equal(outs[3], np.array_split(np.max([x[: 2 * n * 100] for x in bl], 0).reshape(2 * n, 100), n)[r])
     np.testing.assert_array_equal(outs[4], np.min(bl, 0))
+
+
+@pytest.mark.timeout(120)
+def test_engine_data_phase_every_kind_odd_sizes(dist, algo):
+    """Blocking calls up to 1 MiB take the caller-thread channel; with it off every call runs the table's
+    algorithm in the engine: many chunks (claimed pieces of the single-copy allreduce and broadcast), every
+    dtype, in place and not, every root, uneven rows."""
+    n, r = dist.size(), dist.rank()
+    eng = dist._require_engine()
+    dist.set_ll_max_bytes(0)
+    shm_before = dist.stats()["shm_allreduces"]
+    try:
+        for dtype in NUMPY_DTYPES:
+            per = CHUNK // np.dtype(dtype).itemsize
+            for k, op in enumerate(["sum", "max", "min", "product"] + ([] if dtype == "bool" else ["average"])):
+                count = 9 * per + 2 * n + 1 + k
+                inputs = [data(k * 7 + count, i, count, dtype) for i in range(n)]
+                ref = reference(np.stack(inputs), op, dtype)
+                check(dist.allreduce(inputs[r], op=op, name=f"alg.eng.ar.{dtype}.{op}"), ref, op, dtype)
+                y = inputs[r].copy()
+                dist.allreduce_(y, op=op, name=f"alg.eng.ar_.{dtype}.{op}")
+                check(y, ref, op, dtype)
+        for root in range(n):
+            for count in (7 * CHUNK + 3, 40_001):
+                want = data(root * 11 + count, root, count, "uint8")
+                y = data(root * 11 + count, r, count, "uint8")
+                dist.broadcast_(y, root_rank=root, name=f"alg.eng.bc.{root}.{count}")
+                np.testing.assert_array_equal(y, want)
+        rows = [5 * CHUNK + 3 * i + (0 if i != 1 else 1) for i in range(n)]
+        parts = [data(77 + i, i, rows[i] * 3, "int16").reshape(rows[i], 3) for i in range(n)]
+        np.testing.assert_array_equal(dist.allgather(parts[r], name="alg.eng.ag"), np.concatenate(parts))
+        assert (dist.stats()["shm_allreduces"] > shm_before) == (algo != "mpi")
+    finally:
+        dist.set_ll_max_bytes(eng.ll_slot_bytes)
 
 
 @pytest.mark.timeout(60)

@@ -45,7 +45,7 @@ class AlgoTable {
   // Measured on the 2-core development VM, 2 ranks (loaded: see docs/comm.md); `aimass bench --tune`
   // writes a table measured on the machine at hand (the tuning profile's comm_algos).
   static constexpr const char* kDefaultText =
-      "allreduce=0:shm,64k:cma;broadcast=0:mpi,1m:cma;allgather=0:shm;reduce_scatter=0:shm";
+      "allreduce=0:shm,64k:cma;broadcast=0:mpi,1m:cma;allgather=0:shm,1m:cma;reduce_scatter=0:shm";
 
  private:
   static AlgoTable parse_over(AlgoTable base, const std::string& text);

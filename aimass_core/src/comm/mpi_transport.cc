@@ -83,7 +83,13 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
       const int64_t bytes = numel_of(r.shape) * static_cast<int64_t>(es);
       if (rank == r.root && r.output != r.input && bytes > 0) std::memcpy(r.output, r.input, static_cast<size_t>(bytes));
       if (shm_for(comm::AlgoKind::Broadcast, static_cast<uint64_t>(bytes))) {
-        shm->broadcast(r.output, bytes, r.root);  // one node: local ranks are the ranks
+        try {
+          shm->broadcast(r.output, bytes, r.root);  // one node: local ranks are the ranks
+        } catch (...) {
+          // a root that is only late may still push its pieces into this output: park it
+          if (shm->peers_write_outputs()) posted_on_failure = true;
+          throw;
+        }
         break;
       }
       for (int64_t off = 0; off < bytes; off += kMaxChunk) {

@@ -298,14 +298,19 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
         !cma_probe_write(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)),
                          ctrl(j)->addr.load(std::memory_order_acquire), 0x5eed0000u + static_cast<uint64_t>(j)))
       push = 0;
-  int flags[2] = {cma, push};
+  // the pieces of a push allreduce go to whichever rank claims them first (AIMASS_SHM_CMA_STEAL=0:
+  // one fixed slice per rank)
+  const char* senv = std::getenv("AIMASS_SHM_CMA_STEAL");
+  const int steal = push && !(senv && std::string(senv) == "0") ? 1 : 0;
+  int flags[3] = {cma, push, steal};
   {  // also: every probe is done before addr is reused
     MPI_Request r2;
-    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 2, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 3, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
     wait_mpi(&r2, 1.0, timeout_s, "shared-memory set-up");
   }
   cma_ok_ = flags[0] != 0;
   push_ok_ = cma_ok_ && flags[1] != 0;
+  steal_ok_ = push_ok_ && flags[2] != 0;
 }
 
 ShmAllreduce::~ShmAllreduce() {

@@ -89,9 +89,10 @@ class ShmAllreduce {
   void use_cma(bool on) { cma_on_ = on && cma_ok_; }
   bool cma_available() const { return cma_ok_; }
   // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
-  void allow_cma_for_tests(bool push = true) {
+  void allow_cma_for_tests(bool push = true, bool steal = true) {
     cma_ok_ = true;
     push_ok_ = push;
+    steal_ok_ = push && steal;
   }
   // Whether the single-copy allreduce on one node pushes each reduced chunk into the peers' outputs
   // (process_vm_writev) instead of every rank reading the peers' reduced slices afterwards: every
@@ -99,9 +100,14 @@ class ShmAllreduce {
   // reduced it (the pull allgather reads each reduced slice back from memory a second time).
   // Probed at start-up like cma_available(); AIMASS_SHM_CMA_PUSH=0: off.
   bool cma_push_available() const { return push_ok_; }
-  // Whether the last run() let the peers write this rank's outputs (push mode): after a failure
+  // Whether the last run() or broadcast() let the peers write this rank's outputs (push mode): after a failure
   // a late peer may still write them, so the caller must not free or reuse them.
   bool peers_write_outputs() const { return pushed_; }
+  // Whether the push mode hands out its pieces dynamically (a shared claim counter: a rank that is
+  // descheduled or slower leaves its pieces to the others) instead of one fixed slice per rank, and
+  // the single-copy broadcast's root pushes the pieces of each receiver's copy that the receiver has
+  // not pulled yet. On every rank alike; AIMASS_SHM_CMA_STEAL=0: fixed slices, receivers pull alone.
+  bool cma_steal_available() const { return steal_ok_; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -137,13 +143,20 @@ class ShmAllreduce {
     std::atomic<uint64_t> info;      // a small value posted to the peers (allgather: rows)
     std::atomic<uint64_t> addr;      // single-copy mode: the address of the buffer peers read
     std::atomic<int64_t> pid;        // this rank's process id (process_vm_readv)
+    // claim counter (fetch_add; own cache line: the claims do not disturb the counters' line):
+    // local rank 0's hands out the pieces of the push allreduce, a broadcast receiver's the pieces
+    // of its copy (taken by the receiver pulling and the root pushing)
+    alignas(64) std::atomic<uint64_t> claims;
   };
   // ---- single-copy mode (shm_cma.cc)
   void cma_read(int j, struct iovec* local, struct iovec* remote, size_t n);
   void cma_write(int j, struct iovec* local, struct iovec* remote, size_t n);
   void run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op, int world_size,
                const std::function<void(void*, int64_t)>& cross_reduce);
+  void run_cma_steal(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts, int64_t count,
+                     DType dtype, ReduceOp op, int world_size, uint64_t h);
   void broadcast_cma(void* data, int64_t bytes, int root);
+  void broadcast_cma_steal(void* data, int64_t bytes, int root);
   void allgather_cma(const void* in, const std::vector<int64_t>& rows, int64_t row_bytes, char* out);
   void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
                           bool average, int world_size);
@@ -170,7 +183,10 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
-  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false;
+  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false;
+  // per local rank: its claim counter's value when the next collective using it starts (every rank
+  // tracks every counter alike; each claiming rank overshoots once per collective)
+  std::vector<uint64_t> claim_base_;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
   std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
   uint64_t probe_ = 0;     // read by the peers' start-up probe

@@ -11,7 +11,9 @@
 //                   then pushed, still in the L2, into every peer's output (process_vm_writev);
 //                   across nodes (or AIMASS_SHM_CMA_PUSH=0) the allgather pulls instead: each
 //                   rank reads every peer's reduced slice straight from that peer's output.
-//   broadcast       the peers read the root's buffer.
+//   broadcast       the peers read the root's buffer; with claimed pieces (push allowed) the root
+//                   also writes the pieces of each receiver's copy that the receiver has not
+//                   taken yet.
 //   allgather       each rank reads every peer's input (addresses posted by exchange()).
 //   reduce_scatter  each rank reads its block of every peer's input and reduces it.
 //
@@ -34,10 +36,38 @@ namespace comm {
 namespace {
 constexpr size_t kCmaChunk = 256u << 10;  // per peer: the pieces of one step stay in the L2
 
+// fn(segment index, element offset inside it, element offset in the concatenation, n) for every
+// part of [lo, hi) of the concatenation of segments starting at starts[i] (starts.back(): the total)
+template <typename Fn>
+void for_pieces(const std::vector<int64_t>& starts, int64_t lo, int64_t hi, Fn&& fn) {
+  const size_t nseg = starts.size() - 1;
+  size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
+  while (lo < hi && idx < nseg) {
+    const int64_t n = std::min(hi, starts[idx + 1]) - lo;
+    if (n > 0) {
+      fn(idx, lo - starts[idx], lo, n);
+      lo += n;
+    }
+    ++idx;
+  }
+}
+
 void add_iov(std::vector<iovec>& l, std::vector<iovec>& r, char* local, uint64_t remote, size_t n) {
   if (n == 0) return;
   l.push_back({local, n});
   r.push_back({reinterpret_cast<void*>(remote), n});
+}
+
+// The iovecs of [lo, hi) of the concatenation: the remote side from column col of a peer's address
+// table (0: inputs, 1: outputs), the local side at local(segment, offset in it, offset in the concatenation).
+template <typename Local>
+void piece_iov(std::vector<iovec>& lv, std::vector<iovec>& rv, const std::vector<int64_t>& starts, const uint64_t* t,
+               int col, int64_t lo, int64_t hi, size_t es, Local&& local) {
+  lv.clear();
+  rv.clear();
+  for_pieces(starts, lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+    add_iov(lv, rv, local(g, at, x), t[2 * g + col] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
+  });
 }
 }  // namespace
 
@@ -76,19 +106,10 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   mark(h, true, false, false);
   wait_peers(0, h);
+  if (pushed_ && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
-  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) {
-    size_t idx = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin()) - 1;
-    while (lo < hi && idx < nseg) {
-      const int64_t n = std::min(hi, starts[idx + 1]) - lo;
-      if (n > 0) {
-        fn(idx, lo - starts[idx], lo, n);
-        lo += n;
-      }
-      ++idx;
-    }
-  };
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
   // whole-line slices of the concatenation, one per local rank
   auto slice_of = [&](int j, int64_t* b, int64_t* e) {
     const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
@@ -113,11 +134,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       if (j == me) continue;
       const uint64_t* t = peer_table(j);
       char* dst = tmp_.data() + static_cast<size_t>(j) * static_cast<size_t>(step) * es;
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        add_iov(lv, rv, dst + (x - lo) * es, t[2 * g] + static_cast<uint64_t>(at) * es, static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 0, lo, hi, es, [&](size_t, int64_t, int64_t x) { return dst + (x - lo) * es; });
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
     pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
@@ -134,12 +151,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     for (int jj = 1; jj < L; ++jj) {  // the reduced chunk, still in the L2, into every peer's output
       const int j = (me + jj) % L;
       const uint64_t* t = peer_table(j);
-      lv.clear();
-      rv.clear();
-      pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
-        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
-                static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 1, lo, hi, es, [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
       cma_write(j, lv.data(), rv.data(), lv.size());
     }
   }
@@ -182,12 +194,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     const uint64_t* t = peer_table(j);
     for (int64_t lo = bj; lo < ej; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
       pulse(Clock::now());
-      lv.clear();
-      rv.clear();
-      pieces(lo, std::min(ej, lo + 4 * step), [&](size_t g, int64_t at, int64_t, int64_t n) {
-        add_iov(lv, rv, segs[g].out + at * es, t[2 * g + 1] + static_cast<uint64_t>(at) * es,
-                static_cast<size_t>(n) * es);
-      });
+      piece_iov(lv, rv, starts, t, 1, lo, std::min(ej, lo + 4 * step), es,
+                [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
   }
@@ -197,7 +205,143 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   mark(h, true, true, true);
 }
 
+// Push mode with pieces handed out dynamically: a piece (L2-sized, whole cache lines) of the
+// concatenation goes to whichever rank claims it first with a fetch_add on the shared claim counter;
+// the claimer reads that piece of every peer's input, reduces it, and writes the result into every
+// rank's output. A rank that is descheduled, or slower, leaves its share to the others instead of
+// holding every rank at the final wait (the fixed slices of run_cma). In place is safe: one rank
+// reads and writes a piece, all its inputs before any output. Every rank reduces in rank order, so
+// the bits do not depend on who claimed a piece (with two ranks the own input comes first: a + b is
+// b + a bit for bit). The counter only grows: every rank knows where this collective's claims start
+// (claim_base_), and a rank claims only after every peer posted this collective's table, i.e. after
+// every peer's last, failed claim of the previous collective (each claiming rank makes exactly one).
+void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts,
+                                 int64_t count, DType dtype, ReduceOp op, int world_size, uint64_t h) {
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
+  auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
+  // whole cache lines per piece (chunk() is a multiple of 4 KiB)
+  const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
+  const int64_t npieces = (count + step - 1) / step;
+  const size_t slot = static_cast<size_t>(step) * es;
+  tmp_.resize(static_cast<size_t>(L) * slot);
+  char* res = tmp_.data() + static_cast<size_t>(me) * slot;  // own slot: the reduced piece (L > 2)
+  // in place into the own output when the own input is the first source in rank order
+  const bool own_first = L == 2 || me == 0;
+  std::atomic<uint64_t>& claims = ctrl(0)->claims;
+  claim_base_.resize(static_cast<size_t>(L), 0);
+  const uint64_t base = claim_base_[0];
+  claim_base_[0] = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
+  std::vector<iovec> lv, rv;
+  std::vector<const char*> srcs(L);
+  for (;;) {
+    const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
+    if (k >= npieces) break;
+    pulse(Clock::now());
+    const int64_t lo = k * step, hi = std::min(count, lo + step);
+    for (int j = 0; j < L; ++j) {
+      if (j == me) continue;
+      const uint64_t* t = peer_table(j);
+      char* dst = tmp_.data() + static_cast<size_t>(j) * slot;
+      piece_iov(lv, rv, starts, t, 0, lo, hi, es, [&](size_t, int64_t, int64_t x) { return dst + (x - lo) * es; });
+      cma_read(j, lv.data(), rv.data(), lv.size());
+    }
+    pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+      const ShmSegment& sg = segs[g];
+      const size_t off = static_cast<size_t>(x - lo) * es;
+      if (own_first) {  // the own input first: in place the kernels never overwrite a source unread
+        srcs[0] = sg.in + at * es;
+        for (int j = 0, i = 1; j < L; ++j)
+          if (j != me) srcs[i++] = tmp_.data() + static_cast<size_t>(j) * slot + off;
+        reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average, world_size);
+      } else {
+        for (int j = 0; j < L; ++j) srcs[j] = j == me ? sg.in + at * es : tmp_.data() + static_cast<size_t>(j) * slot + off;
+        reduce_into(dtype, op, srcs.data(), L, res + off, static_cast<size_t>(n), sg.average, world_size);
+        std::memcpy(sg.out + at * es, res + off, static_cast<size_t>(n) * es);
+      }
+    });
+    for (int jj = 1; jj < L; ++jj) {  // the reduced piece, still in the L2, into every peer's output
+      const int j = (me + jj) % L;
+      const uint64_t* t = peer_table(j);
+      piece_iov(lv, rv, starts, t, 1, lo, hi, es, [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
+      cma_write(j, lv.data(), rv.data(), lv.size());
+    }
+  }
+  // every piece is claimed; once every peer finished its claims, every output is complete (and
+  // every input read)
+  mark(h, false, true, false);
+  wait_peers(1, h);
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
+// Broadcast with claimed pieces: receiver j's copy is cut into chunk-sized pieces handed out by j's claim
+// counter; j pulls pieces from the root's buffer (process_vm_readv) while the root pushes the pieces
+// nobody claimed yet into j's buffer (process_vm_writev), so two cores copy instead of one and a
+// descheduled side leaves its share to the other. The root visits the receivers round-robin.
+void ShmAllreduce::broadcast_cma_steal(void* data, int64_t bytes, int root) {
+  const int L = lsize_, me = lrank_;
+  const uint64_t base = seq_, h = base + 1;
+  char* p = static_cast<char*>(data);
+  const int64_t step = static_cast<int64_t>(chunk());  // whole pages
+  const int64_t npieces = (bytes + step - 1) / step;
+  claim_base_.resize(static_cast<size_t>(L), 0);
+  std::vector<uint64_t> first(static_cast<size_t>(L));
+  for (int j = 0; j < L; ++j) {  // every counter: the receiver and the root claim (one failed claim each)
+    first[j] = claim_base_[j];
+    if (j != root) claim_base_[j] += static_cast<uint64_t>(npieces) + 2;
+  }
+  wait_peers(1, base);  // every peer read the previous collective's address
+  ctrl(me)->addr.store(reinterpret_cast<uint64_t>(data), std::memory_order_relaxed);
+  pushed_ = me != root;  // once posted, a receiver's buffer may be written by the root
+  mark(h, true, false, false);
+  // every rank posted: each finished the previous collective (its last claims included)
+  wait_peers(0, h);
+  auto piece = [&](int64_t k, iovec* l, iovec* r, uint64_t remote) {
+    const int64_t off = k * step;
+    *l = {p + off, static_cast<size_t>(std::min(step, bytes - off))};
+    *r = {reinterpret_cast<void*>(remote + static_cast<uint64_t>(off)), l->iov_len};
+  };
+  if (me == root) {
+    std::vector<char> open(static_cast<size_t>(L), 1);
+    open[me] = 0;
+    for (int left = L - 1; left > 0;) {
+      for (int j = 0; j < L; ++j) {
+        if (!open[j]) continue;
+        const int64_t k = static_cast<int64_t>(ctrl(j)->claims.fetch_add(1, std::memory_order_relaxed) - first[j]);
+        if (k >= npieces) {
+          open[j] = 0;
+          --left;
+          continue;
+        }
+        pulse(Clock::now());
+        iovec l, r;
+        piece(k, &l, &r, ctrl(j)->addr.load(std::memory_order_relaxed));
+        cma_write(j, &l, &r, 1);
+      }
+    }
+    mark(h, false, false, true);  // every piece the root took is in its receiver's buffer
+    wait_peers(1, h);             // every receiver finished reading the root's buffer
+  } else {
+    const uint64_t src = ctrl(root)->addr.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t k = static_cast<int64_t>(ctrl(me)->claims.fetch_add(1, std::memory_order_relaxed) - first[me]);
+      if (k >= npieces) break;
+      pulse(Clock::now());
+      iovec l, r;
+      piece(k, &l, &r, src);
+      cma_read(root, &l, &r, 1);
+    }
+    mark(h, false, true, false);  // done reading the root's buffer
+    wait_counter(root, 2, h);     // the root's pieces are in this buffer
+  }
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
 void ShmAllreduce::broadcast_cma(void* data, int64_t bytes, int root) {
+  if (steal_ok_) return broadcast_cma_steal(data, bytes, root);
   const uint64_t base = seq_, h = base + 1;
   char* p = static_cast<char*>(data);
   if (lrank_ == root) {

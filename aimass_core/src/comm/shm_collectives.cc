@@ -4,7 +4,7 @@
 // staging slot s % kDepth, and a slot is only rewritten once every peer has read it.
 //
 //   broadcast       the root copies chunk c into its staging slot; every other rank copies
-//                   it out (the root runs up to kDepth chunks ahead).
+//                   it out (the root runs up to kDepth chunks ahead). Single copy: see shm_cma.cc.
 //   exchange        one step posts a value per rank (its control line's `info`): allgather's
 //                   row counts, without an MPI round.
 //   allgather       each rank stages chunk c of its own rows while copying the peers'
@@ -61,6 +61,7 @@ void ShmAllreduce::pipeline(int64_t nsteps, Stage&& stage, Consume&& consume) {
 void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
   AIMASS_CHECK(root >= 0 && root < lsize_, DistributedError, "aimass.dist: shared-memory broadcast root ", root,
                " is not a local rank (internal error)");
+  pushed_ = false;
   if (bytes <= 0 || lsize_ == 1) return;
   if (cma_on_) return guarded([&] { broadcast_cma(data, bytes, root); });
   guarded([&] {

@@ -306,6 +306,9 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
                goal=1 / 0.6, goal_text="<= 0.6x per-tensor MPI")
     report.add_sweep(f"fusion_step_time_{n}ranks", thresholds, ser, xlabel="fusion threshold bytes",
                      ylabel="step ms (lower is better)", logx=True)
+    # the bucket views with the knobs the fused step found best (the sweep left its last pair set)
+    d.set_fusion_threshold(th)
+    d.set_cycle_time(c)
     _bucket_step(d, timer, report, m_plain, total, n)
     knobs = {"fusion_threshold": int(th), "cycle_time_ms": float(c)}
     if best_shm_min is not None:
