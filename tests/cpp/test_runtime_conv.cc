@@ -185,13 +185,13 @@ Conv2dShape shape_any(int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int
                      (W + 2 * pad - k) / stride + 1};
 }
 
-// run(y) at every SIMD level and 1 and 2 threads, each y (NaN-filled first) within 2e-6 of the
+// run(y) at every SIMD level and 1, 2 and 3 threads, each y (NaN-filled first) within 2e-6 of the
 // largest reference magnitude; `what` names the case in a failure.
 template <class Run>
 void expect_every_level(const ConvData& d, const std::string& what, Run run) {
   for (SimdLevel lv : levels()) {
     aimass::set_simd_level(lv);
-    for (int t : {1, 2}) {
+    for (int t : {1, 2, 3}) {
       aimass::set_num_threads(t);
       std::vector<float> y(d.ny, std::numeric_limits<float>::quiet_NaN());
       run(y.data());
@@ -217,8 +217,11 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
       {16, 20, 20, 24, 1, 1, 0, 3, true, true, true, true},     // 1x1 expand: in place, 400 px (panels cross samples)
       {16, 23, 19, 9, 1, 1, 0, 2, true, false, true, true},     // odd plane (packed: not 64-byte rows), O off 8
       {64, 17, 17, 8, 1, 1, 0, 2, true, true, false, false},    // reducing 1x1 (not long): 289 px
-      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: two K-slices, packed (289-px plane)
-      {300, 16, 16, 16, 1, 1, 0, 1, true, true, true, false},   // two K-slices in place (256-px plane)
+      {300, 17, 17, 16, 1, 1, 0, 1, false, true, true, false},  // C > 256: three K-slices, packed (289-px plane)
+      {300, 16, 16, 16, 1, 1, 0, 1, true, true, true, false},   // three K-slices in place (256-px plane)
+      {200, 16, 16, 24, 1, 1, 0, 1, true, true, true, false},   // 128 < C <= 256: two slices of 100 in place
+      {136, 20, 20, 13, 1, 1, 0, 3, false, true, true, false},  // two slices of 68, panels crossing samples
+      {256, 14, 14, 40, 1, 1, 0, 2, true, true, true, false},   // ResNet-50's 14x14 (packed), two slices of 128
       {3, 37, 37, 10, 7, 2, 3, 2, true, false, true, true},     // the 7x7/2 stem, 147 taps in one slice
       {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
       {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)

@@ -14,7 +14,7 @@
 //   [kc][kNR] for a K-slice of kc <= kKCPacked taps (an implicit im2col that reads the input
 //   straight from NCHW, zero for out-of-image taps and past the last pixel): 16 KiB at
 //   kc = 128, so a group of two panels sits in L1 while every weight row block streams over it
-//   (an in-place 1x1 panel: kc <= kKC = 256).
+//   (an in-place 1x1 panel too: kc <= kKC = 128).
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
 //   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
 //   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
@@ -39,7 +39,14 @@ namespace aimass::runtime::conv {
 
 constexpr int64_t kMR = 8;    // output channels per weight row block
 constexpr int64_t kNR = 32;   // output pixels per activation panel
-constexpr int64_t kKC = 256;  // taps per K-slice of an in-place 1x1 panel (kKC x kNR floats = 32 KiB)
+// Taps per K-slice of a 1x1 panel (read in place, or packed at 14x14). At 256 a group of two
+// in-place panels (64 KiB; at 56x56 their rows, 12544 bytes apart, map to half of L1's sets) left L1
+// and was read back from L2 by every weight row block; at 128 the group stays. ResNet-50 batch 1,
+// same-run model mins on a lightly loaded machine, 256 -> 128: 2 threads 30.25 -> 29.83 and
+// 31.34 -> 30.79 ms, 1 thread 54.70 -> 53.39 ms; batch 8 within noise (2 threads 219.7 -> 221.6,
+// 1 thread 421.2 -> 420.3 ms). The 256 -> 128 at 56x56 (two slices now: no long groups) went
+// 0.80 -> 0.65 ms at 2 threads, the 14x14 / 7x7 expanding 1x1s 3-6%.
+constexpr int64_t kKC = 128;
 // taps per K-slice of a packed (im2col) panel: a group of two (2 x 16 KiB) and the weight block
 // (4 KiB) stay in a 32-48 KiB L1 (at 256 taps the group was 64 KiB; the 7x7/2 stem at batch 8 ran
 // 18.0-19.0 -> 16.9-17.7 ms CPU at 128, the 3x3/2 at 56x56 7.5-8.1 -> 7.1-7.6 ms)
