@@ -42,10 +42,10 @@ constexpr int64_t kNR = 32;   // output pixels per activation panel
 // Taps per K-slice of a 1x1 panel (read in place, or packed at 14x14). At 256 a group of two
 // in-place panels (64 KiB; at 56x56 their rows, 12544 bytes apart, map to half of L1's sets) left L1
 // and was read back from L2 by every weight row block; at 128 the group stays. ResNet-50 batch 1,
-// same-run model mins on a lightly loaded machine, 256 -> 128: 2 threads 30.25 -> 29.83 and
-// 31.34 -> 30.79 ms, 1 thread 54.70 -> 53.39 ms; batch 8 within noise (2 threads 219.7 -> 221.6,
-// 1 thread 421.2 -> 420.3 ms). The 256 -> 128 at 56x56 (two slices now: no long groups) went
-// 0.80 -> 0.65 ms at 2 threads, the 14x14 / 7x7 expanding 1x1s 3-6%.
+// same-run model A/B mins on a lightly loaded machine, 256 -> 128: 2 threads 30.25 -> 29.83,
+// 31.34 -> 30.79, 30.58 -> 30.16, 31.48 -> 31.58 ms, 1 thread 54.70 -> 53.39, 51.77 -> 51.09 ms
+// (0-2%, the edge of the noise); batch 8 within noise (2 threads 219.7 -> 221.6, 210.6 -> 208.7
+// ms). The 256 -> 128 at 56x56 (two slices now: no long groups) went 0.80 -> 0.65 ms at 2 threads.
 constexpr int64_t kKC = 128;
 // taps per K-slice of a packed (im2col) panel: a group of two (2 x 16 KiB) and the weight block
 // (4 KiB) stay in a 32-48 KiB L1 (at 256 taps the group was 64 KiB; the 7x7/2 stem at batch 8 ran
