@@ -12,6 +12,15 @@
 
 namespace aimass {
 
+// The spin-wait hint (x86 PAUSE) for every polling loop: the pool's workers and the
+// shared-memory transports. It lets the sibling hyperthread run and saves power while a
+// peer's write is on its way.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 int num_threads();
 // n >= 1; takes effect at the next parallel_for.
 void set_num_threads(int n);

@@ -69,6 +69,7 @@
 #include <sched.h>
 
 #include "aimass/collectives.h"
+#include "aimass/parallel.h"
 #include "aimass/comm.h"
 #include "aimass/dtype.h"
 
@@ -83,11 +84,7 @@ uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceO
                            std::string_view name, const int64_t* shape, int ndim);
 
 namespace ll_wait {
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
+using aimass::cpu_relax;
 
 // Waits: spin briefly (a peer on another core answers in well under a microsecond; no spinning
 // when a peer last ran on this very CPU), then poll with a yield between looks, as Open MPI's

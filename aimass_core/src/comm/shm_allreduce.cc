@@ -1,14 +1,12 @@
 // Chunked, pipelined intra-node allreduce through shared memory (see shm_allreduce.h).
 #include "comm/shm_allreduce.h"
+#include "aimass/parallel.h"
 
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <chrono>
@@ -27,16 +25,6 @@
 
 namespace aimass {
 namespace comm {
-
-namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#endif
-}
-
-}  // namespace
 
 ElemOp elem_op(ReduceOp op) {
   return op == ReduceOp::Min ? ElemOp::Min : op == ReduceOp::Max ? ElemOp::Max

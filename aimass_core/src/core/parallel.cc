@@ -48,12 +48,6 @@ std::chrono::microseconds spin_time() {
   return t;
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 // Polls ready() until it is true or `limit` has passed; returns ready().
 template <class Ready>
 bool spin_until(const Ready& ready, std::chrono::microseconds limit) {
