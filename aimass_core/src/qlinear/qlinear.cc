@@ -518,9 +518,7 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
       }
       for (int spins = 0; q_done.load(std::memory_order_acquire) < nqb; ++spins) {
         if (spins >= 4096) std::this_thread::yield();  // its holder may be descheduled (loaded machine)
-#if defined(__x86_64__) || defined(__i386__)
-        else __builtin_ia32_pause();
-#endif
+        else cpu_relax();
       }
       const int64_t cc = c / mparts, mp = c % mparts;
       const int64_t b = nb * cc / ncol, e = nb * (cc + 1) / ncol;
