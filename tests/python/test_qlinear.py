@@ -442,7 +442,8 @@ def test_int16_path_limits_to_k_65536():
         np.testing.assert_allclose(y, ref, rtol=0, atol=int16_bound(x, deq).max() + 1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("n,m,k", [(200, 700, 256), (256, 1024, 256), (64, 193, 256), (192, 300, 4096)])
+@pytest.mark.parametrize("n,m,k", [(200, 700, 256), (256, 1024, 256), (64, 193, 256), (192, 300, 4096),
+                                   (256, 128, 256), (256, 128, 1024), (256, 150, 256), (128, 97, 512)])
 def test_dynamic_rows_split_over_threads(n, m, k, level):
     # few 64-column blocks and many rows: the dynamic int8 GEMM splits the rows over the threads
     # too (qlinear.cc run_dynamic: by rows only while the weight fits in L2, else by both); every
@@ -462,6 +463,33 @@ def test_dynamic_rows_split_over_threads(n, m, k, level):
         np.testing.assert_array_equal(o, outs[0])
     ref = dynamic_reference(x, q, scale, 0) + bias
     np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("m,k", [(128, 256), (16, 2048), (150, 1024)])
+def test_dynamic_quantization_in_the_gemm_job_keeps_nonfinite_rows_nan(m, k, level):
+    # the activation rows are quantized in blocks claimed by the GEMM's own chunks (qlinear.cc
+    # run_dynamic); a NaN or inf row in any block still gives an all-NaN output row, at every
+    # thread count, and the other rows keep the same bits
+    rng, w, qt, q, scale, deq = make((8, 256, k, 0), seed=5)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bad = sorted({0, m // 3, m - 1})
+    x[bad[0], 3] = np.nan
+    x[bad[1], k - 1] = np.inf
+    x[bad[2], k // 2] = -np.inf
+    n0 = aimass.num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            aimass.set_num_threads(t)
+            outs.append(compress.linear(x, qt, kernel="dynamic_int8"))
+    finally:
+        aimass.set_num_threads(n0)
+    good = np.setdiff1d(np.arange(m), bad)
+    for o in outs:
+        assert np.isnan(o[bad]).all()
+        np.testing.assert_array_equal(o[good], outs[0][good])
+    ref = dynamic_reference(x[good], q, scale, 0)
+    np.testing.assert_allclose(outs[0][good], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("pos", [0, 17, 31, 40, 63, 64, 99])

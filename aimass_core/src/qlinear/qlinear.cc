@@ -4,12 +4,14 @@
 #include "aimass/qlinear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "aimass/blas.h"
@@ -469,11 +471,6 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
   const std::unique_ptr<float[]> sx_buf(new float[static_cast<size_t>(M)]);
   int8_t* const qxp = qx_buf.get();
   float* const sxp = sx_buf.get();
-  // >= 32K values per chunk (~10 us): a smaller split costs more in pool hand-offs than it
-  // saves (BERT-mini at batch 1: 128 rows of 256 run on the caller alone).
-  parallel_for(0, M, std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(v.K, 1)), [&](int64_t b, int64_t e) {
-    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qxp + b * v.Kp, sxp + b);
-  });
   if (t.dynamic_panels && v.wvnni) {
     // Split N in 64-column blocks: each thread reuses its weight blocks over all rows. The
     // kernel adds the bias in its register epilogue. `epi` runs on each chunk of kEpiRows rows
@@ -491,20 +488,42 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     // too, in parts of whole kEpiRows: BERT-mini's N = 256 layers at batch 8 (1024 rows) ran
     // 4 chunks on 2 threads, and a worker that started late left the caller 3 of them (1.4x).
     // When the whole weight fits in L2 next to the rows (<= 512 KiB: N = 256 at K <= 2048), the
-    // split is by rows only: each thread quantized half of x and reads its part once, instead of
+    // split is by rows only: each thread reads its part of the quantized rows once, instead of
     // every column block reading all of it (f2 of BERT-mini, K = 1024: 1 MiB of int8 rows).
+    // Below 2 x kEpiRows rows (BERT-mini at batch 1: 128 rows; its N = 256 layers have 4 blocks)
+    // the rows split in parts of whole 6-row VNNI tiles, at least kMinPartRows each.
     const int64_t want = 4 * static_cast<int64_t>(num_threads());
     const bool rows_only = nb < want && v.N * v.Kp <= (int64_t{512} << 10) && M >= 2 * kEpiRows;
+    const int64_t row_grain = M >= 2 * kEpiRows ? kEpiRows : 6;
+    constexpr int64_t kMinPartRows = 48;
+    const int64_t max_parts = M >= 2 * kEpiRows ? M / kEpiRows : std::max<int64_t>(1, M / kMinPartRows);
     const int64_t ncol = rows_only ? 1 : std::min<int64_t>(nb, want);
-    const int64_t mparts = rows_only ? std::min(want, M / kEpiRows)
+    const int64_t mparts = rows_only ? std::min(want, max_parts)
                            : nb >= want ? 1
-                                        : std::max<int64_t>(1, std::min((want + nb - 1) / nb, M / kEpiRows));
+                                        : std::max<int64_t>(1, std::min((want + nb - 1) / nb, max_parts));
     const int nchunks = static_cast<int>(ncol * mparts);
+    // The activation quantization runs in the same pool job as the GEMM: every chunk first
+    // claims blocks of rows to quantize until none is left, then waits for the blocks others
+    // claimed (a claimed block is being quantized by a running thread, so the wait ends). One
+    // hand-off per layer instead of two, and the quantization uses both threads even when it
+    // is short (128 rows of 256: it ran on the caller alone, as one chunk of a parallel_for).
+    const int64_t qrows = std::max<int64_t>(4, (int64_t{1} << 13) / std::max<int64_t>(v.K, 1));
+    const int64_t nqb = (M + qrows - 1) / qrows;
+    std::atomic<int64_t> q_next{0}, q_done{0};
     parallel_chunks(nchunks, [&](int c, int) {
+      for (int64_t i; (i = q_next.fetch_add(1, std::memory_order_relaxed)) < nqb;) {
+        const int64_t b = i * qrows, e = std::min(M, b + qrows);
+        t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qxp + b * v.Kp, sxp + b);
+        q_done.fetch_add(1, std::memory_order_release);
+      }
+      for (int spins = 0; q_done.load(std::memory_order_acquire) < nqb; ++spins) {
+        if (spins >= 4096) std::this_thread::yield();  // its holder may be descheduled (loaded machine)
+        else cpu_relax();
+      }
       const int64_t cc = c / mparts, mp = c % mparts;
       const int64_t b = nb * cc / ncol, e = nb * (cc + 1) / ncol;
-      const int64_t mb = (M * mp / mparts) / kEpiRows * kEpiRows,
-                    me = mp + 1 == mparts ? M : (M * (mp + 1) / mparts) / kEpiRows * kEpiRows;
+      const int64_t mb = (M * mp / mparts) / row_grain * row_grain,
+                    me = mp + 1 == mparts ? M : (M * (mp + 1) / mparts) / row_grain * row_grain;
       if (e <= b || me <= mb) return;
       const int64_t n0 = b * 64, n1 = std::min(e * 64, v.N);
       if (!fused) {
@@ -520,6 +539,10 @@ bool run_dynamic(const PackedLinearImpl& p, const float* x, int64_t M, float* y,
     });
     return true;
   }
+  // >= 32K values per chunk (~10 us): a smaller split costs more in pool hand-offs than it saves.
+  parallel_for(0, M, std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(v.K, 1)), [&](int64_t b, int64_t e) {
+    t.quant_rows(x + b * v.K, v.K, e - b, v.K, v.Kp, qxp + b * v.Kp, sxp + b);
+  });
   WeightView rv = v;  // the row kernels read int8 rows (rebuilt once if only blocks are kept)
   if (!rv.wq) rv.w8 = rv.wq = p.rows().w8;
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(256, (v.N / 32) / 4 * 4));
