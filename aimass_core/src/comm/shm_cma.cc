@@ -121,9 +121,9 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   slice_of(me, &b, &e);
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
-  // push mode (one node): each reduced chunk goes from the own output, still in the L2, straight
-  // into every peer's output
-  const bool push = push_ok_ && !cross_reduce;
+  // push mode (decided above, when the table was posted): each reduced chunk goes from the own
+  // output, still in the L2, straight into every peer's output
+  const bool push = pushed_;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
