@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from aimass.bench.serve import BARE, BARE_MODEL, TINY, sweep
+from aimass.bench.serve import BARE, BARE_MODEL, NATIVE, NATIVE_JSON, TINY, sweep
 
 FLASK = "Flask /predict (torch)"
 
@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
-    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,tiny,bare (the last two: "
-                    "concurrency 1 only)")
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,tiny,bare,native "
+                    "(the last three: concurrency 1 only)")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -77,6 +77,12 @@ def print_overhead(res) -> None:
         print(f"  {TINY} (784x10 linear): p50 {tiny['p50_us']:.1f} us - Session.run {t50:.1f} us = "
               f"{tiny['p50_us'] - t50:.1f} us" + (f" ({tiny['p50_us'] - t50 - bare['p50_us']:+.1f} us over the floor)"
                                                    if bare else ""))
+    for label in (NATIVE, NATIVE_JSON):
+        nat = runs.get(label, {}).get(1)
+        if nat:
+            print(f"  compiled floor: {label}: p50 {nat['p50_us']:.1f} us - Session.run {s50:.1f} us = "
+                  f"{nat['p50_us'] - s50:.1f} us = loopback TCP + the load generator + C++ HTTP parsing and the "
+                  "copies, after each request's compute swept the caches")
     paced = res.get("session_paced_p50_us")
     for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
                   "aimass serve TF-Serving :predict"):

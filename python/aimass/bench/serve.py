@@ -78,6 +78,8 @@ def session_p50(sess, x: np.ndarray, n: int = 3000, gap_us: float = 0.0):
 BARE = "bare uvicorn ASGI app (no model)"
 BARE_MODEL = "bare uvicorn ASGI app + Session.run (no aimass serve code)"
 TINY = "aimass serve v2 binary, tiny model"
+NATIVE = "native C++ front end + Batcher, v2 binary (no Python)"
+NATIVE_JSON = "native C++ front end + Batcher, /predict JSON (no Python)"
 PACED_GAP_US = 200.0
 
 
@@ -119,7 +121,9 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
     nothing) and Session.run on the MLP paced PACED_GAP_US apart. At concurrency 1 the same server
     also answers v2 binary on the tiny model, and a bare uvicorn app (_bare_asgi, same settings) gives
     the floor of server + client + loopback TCP with no aimass code at all; the same app calling
-    Session.run on the MLP per request gives that floor with the model's compute in between."""
+    Session.run on the MLP per request gives that floor with the model's compute in between; the native
+    floor (_native_floor: a C++ epoll HTTP server around the same Batcher, --only native) gives it with no
+    Python on the request path, for v2 binary and /predict JSON."""
     from .. import runtime as rt
     seconds = seconds or (2.0 if quick else 4.0)
     count = requests or (2000 if quick else 20000)
@@ -182,6 +186,14 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
             procs.append(proc)
             wait_http(port, "/", proc)
             floor.append((BARE_MODEL, port, v2_bin, proc.pid))
+        if want("native"):   # the compiled floor: the same model and request bytes, no Python per request
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._native_floor", str(port), path,
+                                     "--name", "mlp"], env=env)
+            procs.append(proc)
+            wait_http(port, "/", proc)
+            floor.append((NATIVE, port, v2_bin, proc.pid))
+            floor.append((NATIVE_JSON, port, predict, proc.pid))
         if want("flask"):
             port = free_port()
             app = os.path.join(tmp, "flask_app.py")
@@ -253,7 +265,8 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
     runs = res["runs"]
     flask = runs.get("Flask /predict (torch)", {})
     for label, by_c in runs.items():
-        if label.startswith("Flask") or label.endswith("/v2/health/live") or label in (TINY, BARE, BARE_MODEL):
+        if label.startswith("Flask") or label.endswith("/v2/health/live") or label in (TINY, BARE, BARE_MODEL, NATIVE,
+                                                                                     NATIVE_JSON):
             continue
         for c, r in by_c.items():
             f = flask.get(c)
@@ -278,6 +291,11 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
         report.add(SUITE, f"HTTP floor with the model: {BARE_MODEL} p50 - Session.run p50, 1 connection",
                    (runs[BARE_MODEL][1]["p50_us"] - res["session_p50_us"]) * 1e-6, "s", higher_is_better=False,
                    note="uvicorn + loopback TCP + load generator after each request's compute swept the caches")
+    for label in (NATIVE, NATIVE_JSON):
+        if 1 in runs.get(label, {}):
+            report.add(SUITE, f"HTTP floor, compiled: {label} p50 - Session.run p50, 1 connection",
+                       (runs[label][1]["p50_us"] - res["session_p50_us"]) * 1e-6, "s", higher_is_better=False,
+                       note="C++ epoll front end around the same Batcher: loopback TCP + load generator + parsing")
     if 1 in runs.get(TINY, {}) and "session_tiny_p50_us" in res:
         report.add(SUITE, f"HTTP overhead per request ({TINY} p50 - its Session.run p50), 1 connection",
                    (runs[TINY][1]["p50_us"] - res["session_tiny_p50_us"]) * 1e-6, "s", higher_is_better=False,

@@ -1,0 +1,83 @@
+// Native HTTP pieces for serving: an HTTP/1.1 request parser with limits, and the "native
+// floor" server, a compiled keep-alive front end around the runtime's Batcher with no Python
+// on the request path. The floor server measures what a compiled front end costs per request
+// at one connection (aimass.bench.serve, docs/serving.md "Where the time goes"); it answers
+// KServe v2 infer (JSON and binary tensors) and /predict for one model, without tokens,
+// metrics or label switches, which `aimass serve` keeps in Python.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace aimass::serve {
+
+struct HttpLimits {
+  size_t max_header_bytes = 16384;     // request line + headers; above: 431
+  size_t max_headers = 100;            // header lines; above: 431
+  int64_t max_body_bytes = 64 << 20;   // Content-Length above: 413
+};
+
+struct HttpHeader {
+  std::string_view name, value;  // views into the parsed buffer; value without surrounding spaces
+};
+
+struct HttpRequest {
+  std::string_view method, target, body;
+  int minor_version = 1;       // HTTP/1.<minor>
+  bool keep_alive = true;      // HTTP/1.1 unless "Connection: close"; HTTP/1.0 only with keep-alive
+  size_t consumed = 0;         // bytes of the buffer this request took (head + body)
+  std::vector<HttpHeader> headers;
+  // The value of the first header named `name` (case-insensitive); empty view when absent.
+  std::string_view header(std::string_view name) const;
+  bool has_header(std::string_view name) const;
+};
+
+enum class ParseStatus { Incomplete, Ok, Error };
+
+struct ParseResult {
+  ParseStatus status = ParseStatus::Incomplete;
+  int http_status = 0;   // with Error: 400, 413, 431, 501 or 505
+  std::string error;     // with Error: what was wrong, for the response body
+};
+
+// Parses one request from the start of data[0, len). Incomplete: more bytes are needed (the
+// head so far is within the limits). Ok: `out` holds views into data, out.consumed bytes.
+// Error: the request is malformed or over a limit; the connection should answer
+// http_status and close. Bodies need Content-Length (Transfer-Encoding: 501).
+ParseResult parse_request(const char* data, size_t len, const HttpLimits& limits, HttpRequest& out);
+
+struct FloorOptions {
+  std::string host = "127.0.0.1";
+  int port = 0;                      // 0: any free port (see FloorServer::port)
+  std::string model_name = "model";  // the {name} of /v2/models/{name}/infer
+  int64_t max_batch_size = 32;
+  int64_t max_queue_delay_us = 500;
+  int64_t queue_capacity = 1024;
+  int max_connections = 1024;        // more are accepted and closed at once
+  HttpLimits limits;
+};
+
+class FloorServer {
+ public:
+  // Loads the model (the runtime's checks) and binds + listens; throws IOError when it cannot.
+  FloorServer(const std::string& model_path, FloorOptions opts);
+  ~FloorServer();
+  FloorServer(const FloorServer&) = delete;
+  FloorServer& operator=(const FloorServer&) = delete;
+  int port() const;
+  // Runs the event loop on the calling thread until stop(). One thread: a request runs the
+  // model on it (inline in the batcher when idle), so this measures concurrency 1.
+  void serve();
+  // Makes serve() return (from any thread, or a signal handler's thread).
+  void stop();
+  uint64_t requests() const;  // responses sent, any status
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace aimass::serve

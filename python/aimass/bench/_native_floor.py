@@ -1,0 +1,44 @@
+"""The serve benchmark's compiled floor: a C++ HTTP/1.1 keep-alive server (one epoll thread,
+``aimass_core/src/serve/``) that answers ``POST /v2/models/{name}/infer`` (JSON and binary tensors)
+and ``/predict`` by running the model through the runtime's Batcher, with no Python on the request
+path. Its p50 at one connection minus ``Session.run``'s is what a compiled front end costs per
+request: kernel loopback, the load generator, HTTP parsing and the copy in and out, after each
+request's compute has swept the caches (docs/serving.md, "Where the time goes"). It has no tokens,
+metrics, label switches or batching across connections: it is a measuring tool, not a server.
+
+    python -m aimass.bench._native_floor PORT MODEL.aimass [--name NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aimass.bench._native_floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("port", type=int)
+    p.add_argument("model")
+    p.add_argument("--name", default="mlp", help="the {name} of /v2/models/{name}/infer (default: mlp)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--max-body-mb", type=float, default=64.0)
+    a = p.parse_args(argv)
+    from .. import _C
+    srv = _C.NativeFloorServer(a.model, host=a.host, port=a.port, model_name=a.name,
+                               max_body_bytes=int(a.max_body_mb * (1 << 20)))
+    # serve() releases the GIL and blocks; it runs on a thread so that this one takes SIGTERM/SIGINT
+    t = threading.Thread(target=srv.serve, name="native-floor", daemon=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    t.start()
+    while not stop.is_set() and t.is_alive():
+        stop.wait(0.2)
+    srv.stop()
+    t.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
