@@ -221,3 +221,25 @@ def test_bad_options_are_typed_errors(model, tmp_path):
         _C.NativeFloorServer(model, host="not-an-address")
     with pytest.raises(OSError):
         _C.NativeFloorServer(str(tmp_path / "missing.aimass"))
+
+
+def test_predict_fast_reader_and_general_reader_agree(server, model):
+    """/predict bodies that the fast number reader takes ({"input": nested numbers}) and those it leaves
+    to the general JSON reader (other keys, spacing, a number alone) give the same answers; bad numbers
+    are a 400 either way."""
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    ref = _ref(model, x)
+    vals = ", ".join(repr(float(v)) for v in x.ravel())
+    for body in (json.dumps({"input": x.tolist()}), ' {\n "input" : [ %s ] } ' % vals,
+                 json.dumps({"extra": 1, "input": x.ravel().tolist()}), json.dumps({"input": x.tolist(), "z": None})):
+        (st, _, out), = _exchange(server.port, bs.http_request("/predict", body.encode()))[0]
+        assert st == 200, out
+        np.testing.assert_allclose(np.array(json.loads(out)["output"]), ref, rtol=1e-5, atol=1e-6)
+    for body, words in (('{"input": [1, 2, 3, 4, 5, 6, 7, inf]}', "malformed JSON"),
+                        ('{"input": [1, 2, 3, 4, 5, 6, 7, 0x1]}', "malformed JSON"),
+                        ('{"input": [1, 2, 3, 4, 5, 6, 7, "8"]}', "only numbers"),
+                        ('{"input": [1, 2, 3, 4, 5, 6, 7, 8,]}', "malformed JSON"),
+                        ('{"input": [1, 2, 3, 4, 5, 6, 7, 8]', "malformed JSON"),
+                        ('{"inputs": [1, 2, 3, 4, 5, 6, 7, 8]}', "'input'")):
+        (st, _, out), = _exchange(server.port, bs.http_request("/predict", body.encode()))[0]
+        assert st == 400 and words in json.loads(out)["error"], (body, out)

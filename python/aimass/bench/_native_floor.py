@@ -6,7 +6,7 @@ request: kernel loopback, the load generator, HTTP parsing and the copy in and o
 request's compute has swept the caches (docs/serving.md, "Where the time goes"). It has no tokens,
 metrics, label switches or batching across connections: it is a measuring tool, not a server.
 
-    python -m aimass.bench._native_floor PORT MODEL.aimass [--name NAME]
+    python -m aimass.bench._native_floor PORT MODEL.aimass [--name NAME] [--threads N]
 """
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="mlp", help="the {name} of /v2/models/{name}/infer (default: mlp)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--max-body-mb", type=float, default=64.0)
+    p.add_argument("--threads", type=int, default=None, help="the engine's CPU threads (default: all cores)")
     a = p.parse_args(argv)
     from .. import _C
+    if a.threads is not None:
+        _C.set_num_threads(a.threads)
     srv = _C.NativeFloorServer(a.model, host=a.host, port=a.port, model_name=a.name,
                                max_body_bytes=int(a.max_body_mb * (1 << 20)))
     # serve() releases the GIL and blocks; it runs on a thread so that this one takes SIGTERM/SIGINT
