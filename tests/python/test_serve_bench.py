@@ -173,3 +173,17 @@ def test_bare_asgi_runs_the_model_once_per_request():
         _bare_asgi.RUN = old
     assert calls == [{"x": "row"}] and not msgs
     assert sent[0]["status"] == 200 and sent[1]["body"] == _bare_asgi.BODY
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (tests/run_all.sh installs Debian's)")
+def test_sweep_measures_the_native_floor(monkeypatch):
+    """--only native: the compiled floor answers the bench's own v2 binary and /predict requests through
+    wrk with no errors, at concurrency 1 only, beside the Session.run baseline of the same run."""
+    pytest.importorskip("torch")
+    monkeypatch.delenv("AIMASS_BENCH_CLIENT", raising=False)
+    res = bs.sweep(quick=True, concurrency=(1,), seconds=1, rounds=1, only=["native"], log=lambda m: None)
+    assert set(res["runs"]) == {bs.NATIVE, bs.NATIVE_JSON}
+    for label in (bs.NATIVE, bs.NATIVE_JSON):
+        r = res["runs"][label][1]
+        assert r["n"] > 0 and r["errors"] == 0 and 0 < r["p50_us"] <= r["p99_us"]
+    assert res["session_p50_us"] > 0 and len(res["session_p50_rounds_us"]) == 2
