@@ -1,6 +1,7 @@
 // HTTP/1.1 request parser of the native serve path (aimass/serve.h).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -107,6 +108,41 @@ TEST(ServeHttp, RandomBytesNeverCrash) {
     } else if (p.status == ParseStatus::Error) {
       EXPECT_TRUE(p.http_status == 400 || p.http_status == 413 || p.http_status == 431 || p.http_status == 501 ||
                   p.http_status == 505);
+    }
+  }
+}
+
+TEST(ServeJsonNumbers, ReadsRectangularNumberBodies) {
+  std::vector<double> v;
+  std::vector<int64_t> shape;
+  std::string b = "{ \"input\" : [[1, -2.5e1], [0.125, 3]] }";
+  ASSERT_TRUE(read_number_body(b.data(), b.size(), "input", v, shape));
+  EXPECT_EQ(shape, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(v, (std::vector<double>{1, -25, 0.125, 3}));
+  for (const char* bad : {"{\"input\": []}", "{\"input\": [[1], [2, 3]]}", "{\"input\": [1, [2]]}",
+                          "{\"input\": [01]}", "{\"input\": [1.]}", "{\"input\": [nan]}", "{\"input\": [1e999]}",
+                          "{\"input\": [1]} x", "{\"inputs\": [1]}", "{\"input\": [1], \"b\": 1}", "{\"input\": 1}"}) {
+    EXPECT_FALSE(read_number_body(bad, std::strlen(bad), "input", v, shape)) << bad;
+    EXPECT_TRUE(v.empty() && shape.empty()) << bad;
+  }
+}
+
+TEST(ServeJsonNumbers, RandomBytesNeverCrash) {
+  std::mt19937 rng(11);
+  const std::string seed = "{\"input\": [[0.5, -1e-3, 2], [3, 4.25, 5E+2]]}";
+  std::vector<double> v;
+  std::vector<int64_t> shape;
+  for (int t = 0; t < 20000; ++t) {
+    std::string s = seed;
+    for (int e = 0, n = 1 + static_cast<int>(rng() % 6); e < n; ++e) {
+      size_t at = rng() % (s.size() + 1);
+      if (rng() % 2 && at < s.size()) s[at] = "[],0123456789.eE+- x\"{}"[rng() % 23];
+      else s.insert(at, 1, static_cast<char>(rng()));
+    }
+    if (read_number_body(s.data(), s.size(), "input", v, shape)) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      EXPECT_EQ(n, static_cast<int64_t>(v.size())) << s;
     }
   }
 }

@@ -15,7 +15,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <charconv>
 #include <cstring>
 #include <unordered_map>
 
@@ -91,67 +90,6 @@ void flatten(const json::Value& v, std::vector<double>& out, const std::string& 
     throw HttpError{400, what + ": 'data' must hold only numbers (nested lists allowed)"};
   }
 }
-
-// The fast path of /predict: a body that is exactly {"input": <nested arrays of numbers>} is read
-// straight into `out` (std::from_chars, no document tree: the tree of the general reader costs
-// about 100 bytes and an allocation per number). Anything else returns false, and the caller
-// parses the body with the general reader, which also words the error.
-class NumberArrayReader {
- public:
-  NumberArrayReader(const char* p, const char* end) : p_(p), end_(end) {}
-  bool predict_body(std::vector<double>& out) {
-    ws();
-    if (!eat('{')) return false;
-    ws();
-    static constexpr char kKey[] = "\"input\"";
-    if (static_cast<size_t>(end_ - p_) < sizeof kKey - 1 || std::memcmp(p_, kKey, sizeof kKey - 1) != 0) return false;
-    p_ += sizeof kKey - 1;
-    ws();
-    if (!eat(':')) return false;
-    ws();
-    if (!array(out, 0)) return false;
-    ws();
-    if (!eat('}')) return false;
-    ws();
-    return p_ == end_;
-  }
-
- private:
-  const char* p_;
-  const char* end_;
-  void ws() {
-    while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
-  }
-  bool eat(char c) {
-    if (p_ < end_ && *p_ == c) {
-      ++p_;
-      return true;
-    }
-    return false;
-  }
-  bool array(std::vector<double>& out, int depth) {
-    if (depth > 32 || !eat('[')) return false;
-    ws();
-    if (eat(']')) return true;
-    for (;;) {
-      if (p_ < end_ && *p_ == '[') {
-        if (!array(out, depth + 1)) return false;
-      } else {
-        // JSON numbers only: from_chars also takes "inf"/"nan" and hex forms, which JSON does not
-        if (p_ >= end_ || !(*p_ == '-' || (*p_ >= '0' && *p_ <= '9'))) return false;
-        double v;
-        auto r = std::from_chars(p_, end_, v);
-        if (r.ec != std::errc()) return false;
-        p_ = r.ptr;
-        out.push_back(v);
-      }
-      ws();
-      if (eat(']')) return true;
-      if (!eat(',')) return false;
-      ws();
-    }
-  }
-};
 
 const char* v2_type(rt::ValueType t) { return t == rt::ValueType::Int64 ? "INT64" : "FP32"; }
 
@@ -362,8 +300,9 @@ struct FloorServer::Impl {
     if (model->inputs().size() != 1) throw HttpError{400, "/predict serves single-input models"};
     const auto& s = model->inputs()[0];
     std::vector<double> nums;
+    std::vector<int64_t> shape;
     nums.reserve(static_cast<size_t>(s.row_numel()));
-    if (!NumberArrayReader(req.body.data(), req.body.data() + req.body.size()).predict_body(nums)) {
+    if (!read_number_body(req.body.data(), req.body.size(), "input", nums, shape)) {
       nums.clear();
       json::Value root;
       try {
