@@ -10,6 +10,29 @@ namespace aimass_bind {
 
 namespace sv = aimass::serve;
 
+namespace {
+// float32 array of `shape` from doubles; None when a value is out of float range (numpy makes it
+// inf with a warning: the general path keeps that behaviour).
+py::object float_array(const std::vector<double>& values, const std::vector<int64_t>& shape) {
+  for (double v : values)
+    if (std::fabs(v) > static_cast<double>(std::numeric_limits<float>::max())) return py::none();
+  py::array_t<float> out(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  float* dst = out.mutable_data();
+  for (size_t i = 0; i < values.size(); ++i) dst[i] = static_cast<float>(values[i]);
+  return std::move(out);
+}
+
+// A str from UTF-8 bytes, or None when they are not valid UTF-8 (orjson then words the error).
+py::object utf8(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), nullptr);
+  if (!o) {
+    PyErr_Clear();
+    return py::none();
+  }
+  return py::reinterpret_steal<py::object>(o);
+}
+}  // namespace
+
 void bind_serve(py::module_& m) {
   // {"<key>": nested numbers} -> a float32 array of the nesting's shape, or None for any other body
   // (aimass.serve.hot then parses it with orjson, which also words the errors).
@@ -25,13 +48,36 @@ void bind_serve(py::module_& m) {
       ok = sv::read_number_body(data, static_cast<size_t>(len), key, values, shape);
     }
     if (!ok) return py::none();
-    for (double v : values)  // out of float range: numpy makes it inf with a warning; leave that to it
-      if (std::fabs(v) > static_cast<double>(std::numeric_limits<float>::max())) return py::none();
-    py::array_t<float> out(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-    float* dst = out.mutable_data();
-    for (size_t i = 0; i < values.size(); ++i) dst[i] = static_cast<float>(values[i]);
-    return std::move(out);
+    return float_array(values, shape);
   }, py::arg("body"), py::arg("key"));
+  // A KServe v2 JSON body of FP32 tensors only ({"inputs": [{name, datatype, shape, data}]}) ->
+  // [{"name", "datatype", "shape": [int], "data": float32 array}], or None for any other body.
+  m.def("json_v2_inputs", [](py::bytes body) -> py::object {
+    char* data = nullptr;
+    Py_ssize_t len = 0;
+    if (PyBytes_AsStringAndSize(body.ptr(), &data, &len) != 0) throw py::error_already_set();
+    std::vector<sv::V2JsonInput> ins;
+    bool ok;
+    {
+      py::gil_scoped_release nogil;
+      ok = sv::read_v2_json_inputs(data, static_cast<size_t>(len), ins);
+    }
+    if (!ok) return py::none();
+    py::list out;
+    for (const auto& in : ins) {
+      py::object name = utf8(in.name), arr = float_array(in.values, in.data_shape);
+      if (name.is_none() || arr.is_none()) return py::none();
+      py::dict d;
+      d["name"] = name;
+      d["datatype"] = in.datatype;
+      py::list shape;
+      for (int64_t v : in.shape) shape.append(py::int_(v));
+      d["shape"] = shape;
+      d["data"] = arr;
+      out.append(d);
+    }
+    return std::move(out);
+  }, py::arg("body"));
   py::class_<sv::FloorServer>(m, "NativeFloorServer")
       .def(py::init([](const std::string& path, const std::string& host, int port, const std::string& model_name,
                        int64_t max_batch_size, int64_t max_queue_delay_us, int64_t max_body_bytes,

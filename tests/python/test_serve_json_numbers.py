@@ -51,6 +51,43 @@ def test_declines_everything_else(body):
     assert _C.json_number_body(body, "input") is None
 
 
+def _v2(inputs):
+    return json.dumps({"inputs": inputs}, ensure_ascii=False).encode()
+
+
+def test_v2_inputs_match_the_json_path():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((2, 3)), rng.standard_normal(5).astype(np.float32)
+    body = _v2([{"name": "a", "datatype": "FP32", "shape": [2, 3], "data": a.tolist()},
+                {"data": b.tolist(), "shape": [1, 5], "datatype": "FP32", "name": "b\u00e9"}])
+    got = _C.json_v2_inputs(body)
+    ref = json.loads(body)["inputs"]
+    assert [(g["name"], g["datatype"], g["shape"]) for g in got] == [(r["name"], r["datatype"], r["shape"]) for r in ref]
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g["data"], np.asarray(r["data"], dtype=np.float32))
+        assert g["data"].dtype == np.float32
+
+
+@pytest.mark.parametrize("body", [
+    _v2([]), _v2([{"name": "x", "datatype": "INT64", "shape": [1], "data": [1]}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {}}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [1]}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [1.0], "data": [1]}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [1], "data": [[1], 2]}]),
+    _v2([{"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}]),
+    _v2([{"name": "a\"b", "datatype": "FP32", "shape": [1], "data": [1]}]),
+    b'{"inputs": [{"name": "x", "name": "y", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+    b'{"inputs": [{"name": "\xff", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "id": "7"}',
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": []}',
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]',
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [01], "data": [1]}]}',
+])
+def test_v2_declines_everything_else(body):
+    assert _C.json_v2_inputs(body) is None
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_fast_and_general_predict_bodies_answer_the_same(tmp_path):
     """/predict and TF-Serving rows through the app: a numeric body (native reader) and the same body with an
@@ -75,5 +112,12 @@ def test_fast_and_general_predict_bodies_answer_the_same(tmp_path):
         a = c.post("/v1/models/m:predict", content=json.dumps({"instances": x.tolist()}))
         b = c.post("/v1/models/m:predict", content=json.dumps({"instances": [{"x": r} for r in x.tolist()]}))
         assert a.status_code == 200 and b.status_code == 200 and a.json() == b.json()
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 8], "data": x.tolist()}]}
+        a = c.post("/v2/models/m/infer", content=json.dumps(body))                 # native reader
+        b = c.post("/v2/models/m/infer", content=json.dumps({**body, "id": "r1"}))   # orjson path
+        assert a.status_code == 200 and b.status_code == 200 and b.json()["id"] == "r1"
+        assert a.json()["outputs"] == b.json()["outputs"]
+        body["inputs"][0]["shape"] = [2, 7]
+        assert "input 'x'" in c.post("/v2/models/m/infer", content=json.dumps(body)).json()["error"]
         assert c.post("/predict", content=b'{"input": [[1, 2]]}').status_code == 400     # shape, general message
         assert "shape" in c.post("/v1/models/m:predict", content=b'{"instances": [[1, 2]]}').json()["error"]

@@ -60,6 +60,20 @@ ParseResult parse_request(const char* data, size_t len, const HttpLimits& limits
 bool read_number_body(const char* data, size_t len, std::string_view key, std::vector<double>& values,
                       std::vector<int64_t>& shape);
 
+// One tensor of a KServe v2 JSON request read by read_v2_json_inputs.
+struct V2JsonInput {
+  std::string name, datatype;
+  std::vector<int64_t> shape;       // the "shape" field
+  std::vector<double> values;       // "data", flattened
+  std::vector<int64_t> data_shape;  // the nesting of "data"
+};
+
+// Reads a KServe v2 JSON body that is exactly {"inputs": [{"name", "datatype": "FP32", "shape",
+// "data"}, ...]} (keys in any order, each once; names without escapes; shape of integers up to 15
+// digits, >= 0; data as in read_number_body). Returns false for anything else (other keys such as
+// "outputs", "parameters" or "id", other datatypes, binary inputs), which then take the general path.
+bool read_v2_json_inputs(const char* data, size_t len, std::vector<V2JsonInput>& out);
+
 struct FloorOptions {
   std::string host = "127.0.0.1";
   int port = 0;                      // 0: any free port (see FloorServer::port)

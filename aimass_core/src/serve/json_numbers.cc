@@ -60,6 +60,37 @@ struct Reader {
     values.push_back(v);
     return true;
   }
+  // A string without escapes or control characters (anything else: the general path).
+  bool string(std::string& out) {
+    if (!eat('"')) return false;
+    const char* s = p;
+    while (p < end && *p != '"') {
+      if (*p == '\\' || static_cast<unsigned char>(*p) < 0x20) return false;
+      ++p;
+    }
+    if (p >= end) return false;
+    out.assign(s, p);
+    ++p;
+    return true;
+  }
+  // [int, ...] of non-negative integers of at most 15 digits (empty allowed: a scalar's shape).
+  bool int_list(std::vector<int64_t>& out) {
+    if (!eat('[')) return false;
+    ws();
+    if (eat(']')) return true;
+    for (;;) {
+      const char* s = p;
+      while (p < end && *p >= '0' && *p <= '9') ++p;
+      if (p == s || p - s > 15 || (*s == '0' && p - s > 1)) return false;
+      int64_t v = 0;
+      for (const char* q = s; q < p; ++q) v = v * 10 + (*q - '0');
+      out.push_back(v);
+      ws();
+      if (eat(']')) return true;
+      if (!eat(',')) return false;
+      ws();
+    }
+  }
   // One array at nesting depth d (1 for the outermost).
   bool array(size_t d) {
     if (d > kMaxDepth || !eat('[')) return false;
@@ -108,7 +139,73 @@ bool read_body(const char* data, size_t len, std::string_view key, std::vector<d
   return r.p == r.end && shape.size() == r.leaf_depth;
 }
 
+// {"name", "datatype", "shape", "data"} of one v2 input, each key once, in any order.
+bool read_v2_input(Reader& r, V2JsonInput& in) {
+  if (!r.eat('{')) return false;
+  r.ws();
+  bool got[4] = {false, false, false, false};
+  for (;;) {
+    std::string key;
+    if (!r.string(key)) return false;
+    r.ws();
+    if (!r.eat(':')) return false;
+    r.ws();
+    int k = key == "name" ? 0 : key == "datatype" ? 1 : key == "shape" ? 2 : key == "data" ? 3 : -1;
+    if (k < 0 || got[k]) return false;
+    got[k] = true;
+    bool ok = k == 0 ? r.string(in.name) : k == 1 ? r.string(in.datatype) : k == 2 ? r.int_list(in.shape) : false;
+    if (k == 3) {
+      // a fresh reader state per tensor: its own values, nesting and leaf depth
+      Reader d{r.p, r.end, in.values, in.data_shape};
+      ok = d.array(1) && in.data_shape.size() == d.leaf_depth;
+      r.p = d.p;
+    }
+    if (!ok) return false;
+    r.ws();
+    if (r.eat('}')) break;
+    if (!r.eat(',')) return false;
+    r.ws();
+  }
+  return got[0] && got[1] && got[2] && got[3] && in.datatype == "FP32";
+}
+
+bool read_v2(const char* data, size_t len, std::vector<V2JsonInput>& out) {
+  std::vector<double> unused_v;
+  std::vector<int64_t> unused_s;
+  Reader r{data, data + len, unused_v, unused_s};
+  r.ws();
+  if (!r.eat('{')) return false;
+  r.ws();
+  std::string key;
+  if (!r.string(key) || key != "inputs") return false;
+  r.ws();
+  if (!r.eat(':')) return false;
+  r.ws();
+  if (!r.eat('[')) return false;
+  r.ws();
+  for (;;) {
+    if (out.size() >= 64) return false;
+    out.emplace_back();
+    if (!read_v2_input(r, out.back())) return false;
+    r.ws();
+    if (r.eat(']')) break;
+    if (!r.eat(',')) return false;
+    r.ws();
+  }
+  r.ws();
+  if (!r.eat('}')) return false;
+  r.ws();
+  return r.p == r.end;
+}
+
 }  // namespace
+
+bool read_v2_json_inputs(const char* data, size_t len, std::vector<V2JsonInput>& out) {
+  out.clear();
+  if (read_v2(data, len, out)) return true;
+  out.clear();
+  return false;
+}
 
 bool read_number_body(const char* data, size_t len, std::string_view key, std::vector<double>& values,
                       std::vector<int64_t>& shape) {
