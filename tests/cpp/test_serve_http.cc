@@ -146,3 +146,36 @@ TEST(ServeJsonNumbers, RandomBytesNeverCrash) {
     }
   }
 }
+
+TEST(ServeJsonNumbers, V2InputsAndMutations) {
+  std::vector<V2JsonInput> in;
+  const std::string seed =
+      "{\"inputs\": [{\"name\": \"x\", \"datatype\": \"FP32\", \"shape\": [2, 2], \"data\": [[1, 2], [3, 4.5]]},"
+      " {\"data\": [7], \"shape\": [1], \"datatype\": \"FP32\", \"name\": \"y\"}]}";
+  ASSERT_TRUE(read_v2_json_inputs(seed.data(), seed.size(), in));
+  ASSERT_EQ(in.size(), 2u);
+  EXPECT_EQ(in[0].name, "x");
+  EXPECT_EQ(in[0].shape, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(in[0].values, (std::vector<double>{1, 2, 3, 4.5}));
+  EXPECT_EQ(in[1].name, "y");
+  EXPECT_EQ(in[1].data_shape, (std::vector<int64_t>{1}));
+  std::mt19937 rng(13);
+  for (int t = 0; t < 20000; ++t) {
+    std::string s = seed;
+    for (int e = 0, n = 1 + static_cast<int>(rng() % 6); e < n; ++e) {
+      size_t at = rng() % (s.size() + 1);
+      if (rng() % 2 && at < s.size()) s[at] = "[]{},:0123456789.eE+- x\"\\"[rng() % 25];
+      else s.insert(at, 1, static_cast<char>(rng()));
+    }
+    if (read_v2_json_inputs(s.data(), s.size(), in)) {
+      for (const auto& i : in) {
+        int64_t n = 1;
+        for (int64_t d : i.data_shape) n *= d;
+        EXPECT_EQ(n, static_cast<int64_t>(i.values.size())) << s;
+        EXPECT_EQ(i.datatype, "FP32");
+      }
+    } else {
+      EXPECT_TRUE(in.empty());
+    }
+  }
+}
