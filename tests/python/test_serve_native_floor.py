@@ -29,9 +29,12 @@ def model(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    srv = _C.NativeFloorServer(model, model_name="m", max_body_bytes=4096, max_header_bytes=1024)
+@pytest.fixture(scope="module", params=[True, False], ids=["inline", "queued"])
+def server(model, request):
+    """The floor server as the bench runs it (a lone request inline), and with every request queued in the
+    batcher and answered through the completion thread (the path of several connections at once)."""
+    srv = _C.NativeFloorServer(model, model_name="m", max_body_bytes=4096, max_header_bytes=1024,
+                               run_inline=request.param)
     t = threading.Thread(target=srv.serve, daemon=True)
     t.start()
     yield srv
@@ -243,3 +246,36 @@ def test_predict_fast_reader_and_general_reader_agree(server, model):
                         ('{"inputs": [1, 2, 3, 4, 5, 6, 7, 8]}', "'input'")):
         (st, _, out), = _exchange(server.port, bs.http_request("/predict", body.encode()))[0]
         assert st == 400 and words in json.loads(out)["error"], (body, out)
+
+
+def test_concurrent_connections_are_batched_and_each_gets_its_own_answer(server, model, request):
+    """Requests from many connections at once go through the batcher's queue (not one by one inline),
+    and every connection gets the answer to its own rows, in order, over several rounds."""
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(24)]
+    refs = _ref(model, np.concatenate(xs))
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=20) for _ in xs]
+    try:
+        for _ in range(4):
+            for s, x in zip(socks, xs):        # every connection sends before any answer is read
+                s.sendall(_v2bin(x) * 2)       # two pipelined requests per connection
+            for i, s in enumerate(socks):
+                buf = b""
+                for _ in range(2):
+                    while b"\r\n\r\n" not in buf:
+                        buf += s.recv(65536)
+                    head, _, rest = buf.partition(b"\r\n\r\n")
+                    hdr = dict(ln.split(": ", 1) for ln in head.decode().split("\r\n")[1:])
+                    n = int(hdr["content-length"])
+                    while len(rest) < n:
+                        rest += s.recv(65536)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    k = int(hdr["inference-header-content-length"])
+                    np.testing.assert_allclose(np.frombuffer(rest[k:n], np.float32), refs[i], rtol=1e-5, atol=1e-6)
+                    buf = rest[n:]
+                assert buf == b""
+    finally:
+        for s in socks:
+            s.close()
+    if request.node.callspec.id.startswith("queued"):
+        assert server.inline_runs == 0     # every answer above came back through the completion thread

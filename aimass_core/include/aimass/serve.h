@@ -2,8 +2,8 @@
 // floor" server, a compiled keep-alive front end around the runtime's Batcher with no Python
 // on the request path. The floor server measures what a compiled front end costs per request
 // at one connection (aimass.bench.serve, docs/serving.md "Where the time goes"); it answers
-// KServe v2 infer (JSON and binary tensors) and /predict for one model, without tokens,
-// metrics or label switches, which `aimass serve` keeps in Python.
+// KServe v2 infer (JSON and binary tensors) and /predict for one model, batching across
+// connections, without tokens, metrics or label switches, which `aimass serve` keeps in Python.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -82,6 +82,7 @@ struct FloorOptions {
   int64_t max_queue_delay_us = 500;
   int64_t queue_capacity = 1024;
   int max_connections = 1024;        // more are accepted and closed at once
+  bool run_inline = true;            // false: every request goes through the batcher's queue
   HttpLimits limits;
 };
 
@@ -93,12 +94,15 @@ class FloorServer {
   FloorServer(const FloorServer&) = delete;
   FloorServer& operator=(const FloorServer&) = delete;
   int port() const;
-  // Runs the event loop on the calling thread until stop(). One thread: a request runs the
-  // model on it (inline in the batcher when idle), so this measures concurrency 1.
+  // Runs the event loop on the calling thread until stop(). A lone request runs the model on
+  // this thread (inline in the batcher when idle); when several are at hand they are queued and
+  // batched, and a completion thread hands the answers back to the loop (a connection's next
+  // request waits for its previous answer).
   void serve();
   // Makes serve() return (from any thread, or a signal handler's thread).
   void stop();
   uint64_t requests() const;  // responses sent, any status
+  uint64_t inline_runs() const;  // requests run on the loop's thread (the rest were queued)
 
  private:
   struct Impl;

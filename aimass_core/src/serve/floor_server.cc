@@ -16,6 +16,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <unordered_map>
 
 #include "aimass/batcher.h"
@@ -95,12 +98,37 @@ const char* v2_type(rt::ValueType t) { return t == rt::ValueType::Int64 ? "INT64
 
 }  // namespace
 
+// One decoded inference request: its inputs (owned, or views into the connection's buffer until it
+// goes asynchronous), rows, and how to encode the answer from the outputs.
+struct Job {
+  std::vector<const void*> ptrs;
+  std::vector<std::vector<char>> owned;
+  std::vector<std::vector<char>> outs;
+  int64_t rows = 0;
+  std::function<void(std::vector<std::vector<char>>&, std::string&, std::string&, std::string&)> encode;
+  std::shared_ptr<rt::Request> req;  // when queued in the batcher
+  int fd = -1;
+  uint64_t conn_id = 0;
+  bool keep_alive = true;
+};
+
 struct FloorServer::Impl {
   FloorOptions opts;
   std::shared_ptr<rt::Model> model;
   std::shared_ptr<rt::Executor> exec;
   std::unique_ptr<rt::Batcher> batcher;
-  int listen_fd = -1, epoll_fd = -1, event_fd = -1, port = 0;
+  int listen_fd = -1, epoll_fd = -1, event_fd = -1, done_fd = -1, port = 0;
+  uint64_t next_conn_id = 0;
+  // A request may run inline (on the loop's thread) only when it is the one thing to do: a single
+  // ready connection and nothing queued. Otherwise several requests are at hand, and running them
+  // inline one after another would never batch them.
+  bool allow_inline = true;
+  // Requests the batcher queued (not run inline): the completer thread reports their ids through
+  // done_fd, and the loop answers them, so the loop never blocks while other connections wait.
+  std::unordered_map<uint64_t, std::unique_ptr<Job>> pending;  // loop thread only
+  std::mutex done_mu;
+  std::vector<uint64_t> done_ids;  // guarded by done_mu
+  std::thread completer;
   std::atomic<bool> stopping{false};
   std::atomic<uint64_t> responses{0};
 
@@ -109,27 +137,21 @@ struct FloorServer::Impl {
     size_t out_off = 0;
     bool close_after = false;  // close once `out` is sent
     bool peer_closed = false;
+    bool busy = false;         // a request of this connection is in the batcher: later ones wait
+    uint64_t id = 0;
   };
   std::unordered_map<int, Conn> conns;
 
   ~Impl() {
     for (auto& kv : conns) ::close(kv.first);
-    for (int fd : {listen_fd, epoll_fd, event_fd})
+    for (int fd : {listen_fd, epoll_fd, event_fd, done_fd})
       if (fd >= 0) ::close(fd);
   }
 
   // ---------------------------------------------------------------- the model
-  // Runs `rows` rows: inputs[i] holds rows * row_bytes of model input i. Returns the outputs.
-  std::vector<std::vector<char>> run(const std::vector<const void*>& inputs, int64_t rows) {
-    std::vector<std::vector<char>> outs(model->outputs().size());
-    std::vector<void*> optr;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      outs[i].resize(static_cast<size_t>(rows * model->outputs()[i].row_bytes()));
-      optr.push_back(outs[i].data());
-    }
+  [[noreturn]] static void rethrow_as_http(std::exception_ptr e) {
     try {
-      aimass::wake_workers();  // their wake-up overlaps the copy into the arena
-      if (!batcher->try_run_inline(inputs, optr, rows)) batcher->run(inputs, optr, rows);
+      std::rethrow_exception(e);
     } catch (const QueueFullError& e) {
       throw HttpError{503, std::string("model queue is full: ") + e.what()};
     } catch (const TimeoutError& e) {
@@ -139,7 +161,34 @@ struct FloorServer::Impl {
     } catch (const ValueError& e) {
       throw HttpError{400, std::string("the model rejected the inputs: ") + e.what()};
     }
-    return outs;
+  }
+
+  // Runs the job inline when the batcher is idle (true: job.outs hold the answer), else copies its
+  // inputs out of the connection's buffer and queues it with a completion notice (false).
+  bool start(Job& job) {
+    job.outs.assign(model->outputs().size(), {});
+    std::vector<void*> optr;
+    for (size_t i = 0; i < job.outs.size(); ++i) {
+      job.outs[i].resize(static_cast<size_t>(job.rows * model->outputs()[i].row_bytes()));
+      optr.push_back(job.outs[i].data());
+    }
+    try {
+      aimass::wake_workers();  // their wake-up overlaps the copy into the arena
+      if (allow_inline && opts.run_inline && batcher->try_run_inline(job.ptrs, optr, job.rows)) return true;
+      std::vector<std::vector<char>> copies(job.ptrs.size());
+      for (size_t k = 0; k < job.ptrs.size(); ++k) {
+        const char* p = static_cast<const char*>(job.ptrs[k]);
+        copies[k].assign(p, p + job.rows * model->inputs()[k].row_bytes());
+      }
+      job.owned = std::move(copies);
+      for (size_t k = 0; k < job.ptrs.size(); ++k) job.ptrs[k] = job.owned[k].data();
+      job.req = batcher->submit(job.ptrs, optr, job.rows, 0, -1, /*notify=*/true);
+      return false;
+    } catch (const HttpError&) {
+      throw;
+    } catch (const std::exception&) {
+      rethrow_as_http(std::current_exception());
+    }
   }
 
   // Numbers from JSON into the bytes of one input (FP32 or INT64).
@@ -172,7 +221,7 @@ struct FloorServer::Impl {
   }
 
   // ---------------------------------------------------------------- KServe v2 infer
-  void v2_infer(const HttpRequest& req, std::string& body, std::string& ctype, std::string& extra) {
+  void v2_infer(const HttpRequest& req, Job& job) {
     std::string_view hlen = req.header("inference-header-content-length");
     size_t json_len = req.body.size();
     bool binary_req = req.has_header("inference-header-content-length");
@@ -261,7 +310,11 @@ struct FloorServer::Impl {
     bool binary_out = false;
     if (const json::Value* p = root.find("parameters"); p && p->is_object())
       if (const json::Value* b = p->find("binary_data_output"); b && b->kind == json::Value::Bool) binary_out = b->b;
-    auto outs = run(ptrs, rows);
+    job.ptrs = ptrs;
+    job.owned = std::move(owned);  // the vectors' buffers (and so ptrs) stay where they are
+    job.rows = rows;
+    job.encode = [this, rows, binary_out](std::vector<std::vector<char>>& outs, std::string& body, std::string& ctype,
+                                          std::string& extra) {
     std::string head = "{\"model_name\":\"";
     json_escape(head, opts.model_name);
     head += "\",\"model_version\":\"1\",\"outputs\":[";
@@ -293,10 +346,11 @@ struct FloorServer::Impl {
     body = std::move(head);
     for (const auto& o : outs) body.append(o.data(), o.size());
     ctype = "application/octet-stream";
+    };
   }
 
   // ---------------------------------------------------------------- Flask-style /predict
-  void predict(const HttpRequest& req, std::string& body, std::string& ctype) {
+  void predict(const HttpRequest& req, Job& job) {
     if (model->inputs().size() != 1) throw HttpError{400, "/predict serves single-input models"};
     const auto& s = model->inputs()[0];
     std::vector<double> nums;
@@ -321,7 +375,11 @@ struct FloorServer::Impl {
     int64_t rows = static_cast<int64_t>(nums.size()) / per;
     std::vector<char> buf;
     from_numbers(nums, s, buf, "input '" + s.name + "'");
-    auto outs = run({buf.data()}, rows);
+    job.ptrs = {buf.data()};
+    job.owned.push_back(std::move(buf));
+    job.rows = rows;
+    job.encode = [this, rows](std::vector<std::vector<char>>& outs, std::string& body, std::string& ctype,
+                              std::string&) {
     const auto& o = model->outputs()[0];
     body = "{\"output\":[";
     int64_t on = o.row_numel();
@@ -333,6 +391,7 @@ struct FloorServer::Impl {
     }
     body += "]}";
     ctype = "application/json";
+    };
   }
 
   // ---------------------------------------------------------------- routing + responses
@@ -363,15 +422,27 @@ struct FloorServer::Impl {
     respond(c, status, "application/json", "", body, keep_alive);
   }
 
-  void handle(Conn& c, const HttpRequest& req) {
+  void handle(int c_fd, Conn& c, const HttpRequest& req) {
     std::string_view path = req.target.substr(0, req.target.find('?'));
     std::string body, ctype, extra;
     try {
       std::string v2 = "/v2/models/" + opts.model_name + "/infer";
       if (path == v2 || path == "/predict") {
         if (req.method != "POST") throw HttpError{405, "use POST"};
-        if (path == "/predict") predict(req, body, ctype);
-        else v2_infer(req, body, ctype, extra);
+        auto job = std::make_unique<Job>();
+        if (path == "/predict") predict(req, *job);
+        else v2_infer(req, *job);
+        if (start(*job)) {
+          job->encode(job->outs, body, ctype, extra);
+        } else {  // queued: answered by on_done; this connection's next requests wait for it
+          job->fd = c_fd;
+          job->conn_id = c.id;
+          job->keep_alive = req.keep_alive;
+          c.busy = true;
+          uint64_t id = job->req->id();
+          pending[id] = std::move(job);
+          return;
+        }
       } else if (path == "/v2/health/live" || path == "/v2/health/ready" || path == "/") {
         body = "{}";
         ctype = "application/json";
@@ -387,8 +458,8 @@ struct FloorServer::Impl {
   }
 
   // Answers every complete request buffered on `c` (pipelining: in order, one write for all).
-  void process(Conn& c) {
-    while (!c.close_after && c.out.size() < (1u << 20)) {
+  void process(int fd, Conn& c) {
+    while (!c.close_after && !c.busy && c.out.size() < (1u << 20)) {
       HttpRequest req;
       ParseResult pr = parse_request(c.in.data(), c.in.size(), opts.limits, req);
       if (pr.status == ParseStatus::Incomplete) break;
@@ -397,7 +468,7 @@ struct FloorServer::Impl {
         c.in.clear();
         break;
       }
-      handle(c, req);
+      handle(fd, c, req);
       c.in.erase(0, req.consumed);
     }
   }
@@ -462,11 +533,16 @@ struct FloorServer::Impl {
         break;
       }
     }
+    pump(fd, c);
+  }
+
+  // Answers what is buffered on the connection and sends it, as long as that makes progress.
+  void pump(int fd, Conn& c) {
     for (;;) {
       size_t before = c.in.size();
-      if (c.out_off == 0) process(c);  // not while an earlier response is still half sent
+      if (c.out_off == 0) process(fd, c);  // not while an earlier response is still half sent
       if (c.out.empty()) {
-        if (c.peer_closed || c.close_after) drop(fd);
+        if ((c.peer_closed && !c.busy) || c.close_after) drop(fd);
         return;
       }
       if (!flush(fd, c)) return;
@@ -494,7 +570,51 @@ struct FloorServer::Impl {
         ::close(c);
         continue;
       }
-      conns[c];
+      conns[c].id = ++next_conn_id;
+    }
+  }
+
+  // Answers the queued requests the completer reported finished.
+  void on_done() {
+    uint64_t n;
+    ssize_t r = ::read(done_fd, &n, sizeof n);
+    (void)r;
+    std::vector<uint64_t> ids;
+    {
+      std::lock_guard<std::mutex> lk(done_mu);
+      ids.swap(done_ids);
+    }
+    for (uint64_t id : ids) {
+      auto it = pending.find(id);
+      if (it == pending.end()) continue;
+      std::unique_ptr<Job> job = std::move(it->second);
+      pending.erase(it);
+      auto ct = conns.find(job->fd);
+      if (ct == conns.end() || ct->second.id != job->conn_id) continue;  // the client went away
+      Conn& c = ct->second;
+      c.busy = false;
+      std::string body, ctype, extra;
+      try {
+        job->req->rethrow();
+        job->encode(job->outs, body, ctype, extra);
+        respond(c, 200, ctype, extra, body, job->keep_alive);
+      } catch (const HttpError& e) {
+        error(c, e.status, e.message, job->keep_alive);
+      } catch (const Error&) {
+        try {
+          rethrow_as_http(std::current_exception());
+        } catch (const HttpError& e) {
+          error(c, e.status, e.message, job->keep_alive);
+        } catch (const std::exception& e) {
+          error(c, 500, std::string("internal error: ") + e.what(), false);
+        }
+      } catch (const std::exception& e) {
+        error(c, 500, std::string("internal error: ") + e.what(), false);
+      }
+      if (c.out_off == 0) {  // not behind a half-sent response: send now (and take the next ones)
+        if (!flush(job->fd, c)) continue;
+      }
+      pump(job->fd, c);
     }
   }
 };
@@ -536,21 +656,39 @@ FloorServer::FloorServer(const std::string& model_path, FloorOptions opts) : imp
                                             : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
   s.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
   s.event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  AIMASS_CHECK(s.epoll_fd >= 0 && s.event_fd >= 0, IOError, "FloorServer: epoll/eventfd: ", std::strerror(errno));
-  for (int fd : {s.listen_fd, s.event_fd}) {
+  s.done_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  AIMASS_CHECK(s.epoll_fd >= 0 && s.event_fd >= 0 && s.done_fd >= 0, IOError, "FloorServer: epoll/eventfd: ", std::strerror(errno));
+  for (int fd : {s.listen_fd, s.event_fd, s.done_fd}) {
     epoll_event e{};
     e.events = EPOLLIN;
     e.data.fd = fd;
     ::epoll_ctl(s.epoll_fd, EPOLL_CTL_ADD, fd, &e);
   }
+  s.completer = std::thread([&s] {
+    while (!s.stopping.load()) {
+      std::vector<uint64_t> ids = s.batcher->wait_completed(20000);
+      if (ids.empty()) continue;
+      {
+        std::lock_guard<std::mutex> lk(s.done_mu);
+        s.done_ids.insert(s.done_ids.end(), ids.begin(), ids.end());
+      }
+      uint64_t one = 1;
+      ssize_t w = ::write(s.done_fd, &one, sizeof one);
+      (void)w;
+    }
+  });
 }
 
 FloorServer::~FloorServer() {
-  if (impl_ && impl_->batcher) impl_->batcher->close();
+  impl_->stopping.store(true);
+  if (impl_->completer.joinable()) impl_->completer.join();
+  // runs what is still queued: its buffers are the pending jobs', freed with impl_ after this
+  impl_->batcher->close();
 }
 
 int FloorServer::port() const { return impl_->port; }
 uint64_t FloorServer::requests() const { return impl_->responses.load(); }
+uint64_t FloorServer::inline_runs() const { return impl_->batcher->stats().inline_runs; }
 
 void FloorServer::stop() {
   impl_->stopping.store(true);
@@ -568,9 +706,11 @@ void FloorServer::serve() {
       if (errno == EINTR) continue;
       throw IOError(std::string("FloorServer: epoll_wait: ") + std::strerror(errno));
     }
+    s.allow_inline = n == 1 && s.pending.empty();
     for (int i = 0; i < n && !s.stopping.load(); ++i) {
       int fd = evs[i].data.fd;
       if (fd == s.listen_fd) s.accept_all();
+      else if (fd == s.done_fd) s.on_done();
       else if (fd != s.event_fd) s.on_conn(fd, evs[i].events);
     }
   }

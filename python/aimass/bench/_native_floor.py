@@ -3,8 +3,10 @@
 and ``/predict`` by running the model through the runtime's Batcher, with no Python on the request
 path. Its p50 at one connection minus ``Session.run``'s is what a compiled front end costs per
 request: kernel loopback, the load generator, HTTP parsing and the copy in and out, after each
-request's compute has swept the caches (docs/serving.md, "Where the time goes"). It has no tokens,
-metrics, label switches or batching across connections: it is a measuring tool, not a server.
+request's compute has swept the caches (docs/serving.md, "Where the time goes"). A lone request runs
+inline on the loop's thread; when several are at hand they are queued and batched, and a completion
+thread hands the answers back to the loop. It has no tokens, metrics or label switches: it is a
+measuring tool, not a server.
 
     python -m aimass.bench._native_floor PORT MODEL.aimass [--name NAME] [--threads N]
 """
