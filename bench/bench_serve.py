@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
-    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,tiny,bare,native "
-                    "(the last three: concurrency 1 only)")
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,"
+                    "tiny,bare,native (the last three: concurrency 1 only)")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)

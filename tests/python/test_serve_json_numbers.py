@@ -62,7 +62,8 @@ def test_v2_inputs_match_the_json_path():
                 {"data": b.tolist(), "shape": [1, 5], "datatype": "FP32", "name": "b\u00e9"}])
     got = _C.json_v2_inputs(body)
     ref = json.loads(body)["inputs"]
-    assert [(g["name"], g["datatype"], g["shape"]) for g in got] == [(r["name"], r["datatype"], r["shape"]) for r in ref]
+    assert [(g["name"], g["datatype"], g["shape"]) for g in got] == \
+        [(r["name"], r["datatype"], r["shape"]) for r in ref]
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g["data"], np.asarray(r["data"], dtype=np.float32))
         assert g["data"].dtype == np.float32

@@ -107,7 +107,8 @@ def test_answers_with_the_models_results(server, model):
     req = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 8], "data": x.tolist()}]}).encode()
     (st, _, body), = _exchange(server.port, bs.http_request("/v2/models/m/infer", req))[0]
     assert st == 200
-    np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0]["data"]).reshape(3, 3), ref, rtol=1e-5, atol=1e-6)
+    got = np.array(json.loads(body)["outputs"][0]["data"]).reshape(3, 3)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     req = json.dumps({"input": x.tolist()}).encode()
     (st, _, body), = _exchange(server.port, bs.http_request("/predict", req))[0]
     assert st == 200
