@@ -152,11 +152,12 @@ async def _tf_predict(srv, ctx, hdr, body, version, label):
 
 async def _flask_predict(srv, ctx, hdr, body, version, label):
     x = _numbers(body, "input")            # {"input": nested numbers} read natively, else None
+    req = _json(body) if x is None else None   # (a malformed body is a 400 before the model is looked up)
     lv = ctx.acquire()
     if x is not None and _float_input(lv):
         inputs = tfserving.decode_flask({"input": x}, lv.signature)
     else:
-        inputs = tfserving.decode_flask(_json(body), lv.signature)
+        inputs = tfserving.decode_flask(req if req is not None else _json(body), lv.signature)
     return _jsonlib.dumps(tfserving.encode_flask(await srv.run(lv, inputs))), _JSON, []
 
 
