@@ -217,21 +217,66 @@ def test_single_copy_broadcast_and_allgather(ll):
         mine[:] = -1
         np.testing.assert_array_equal(got, np.concatenate(
             [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
-    # allgather runs in the caller's thread up to 16 MiB per rank (broadcast only to 4 MiB), and
-    # goes through the engine past that: both sides of the bound, uneven rows
-    for nbytes in ((9 << 20) + 44, (16 << 20) - 12, (16 << 20) + 24):
+    # allgather runs in the caller's thread up to 64 MiB per rank (broadcast only to 4 MiB), and
+    # goes through the engine past that: both sides of the bound, uneven rows (cheap data: whole
+    # rows of a value per rank and row, so that every rank can build the reference)
+    def rows_of(j, rows):
+        return (np.arange(rows, dtype=np.float32)[:, None] % 1021 + np.float32(j * 2048)
+                + np.arange(3, dtype=np.float32) / 4)
+    for nbytes in ((9 << 20) + 44, (64 << 20) - 12, (64 << 20) + 24):
         count = nbytes // 4
-        rows = count // 3 + r
-        mine = data(nbytes, r, rows * 3, "float32").reshape(rows, 3)
+        mine = rows_of(r, count // 3 + r)
         before = d.stats()["ll_collectives"]
         got = d.allgather(mine, name=f"ll.cma.agbig.{nbytes}")
         fast = d.stats()["ll_collectives"] - before
         mine[:] = -1
-        np.testing.assert_array_equal(got, np.concatenate(
-            [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
+        at = 0
+        for j in range(n):
+            k = count // 3 + j
+            np.testing.assert_array_equal(got[at:at + k], rows_of(j, k))
+            at += k
+        assert at == got.shape[0]
         # the row-count skew puts the last rank's payload past the bound on the largest size
         assert fast in (0, 1)
+        del got
     d.barrier(name="ll.cma.end")
+
+
+@pytest.mark.timeout(120)
+def test_gather_results_in_recycled_blocks_stay_valid(ll):
+    """Blocking allgather / reduce_scatter results of 1 MiB or more live in recycled result blocks
+    (huge pages from 4 MiB): a block goes back only when its array and every view of it are gone,
+    so a later gather of the same size never writes into a result still held."""
+    d = ll
+    n, r = d.size(), d.rank()
+    for nbytes in ((1 << 20) + 64, (5 << 20) + 4096):
+        count = nbytes // 4 // n * n
+        held, views, rss = {}, {}, []
+        for it in range(6):  # more than the pool keeps
+            part = np.full(count // n, it * 16 + r, np.float32)
+            got = d.allgather(part, name=f"ll.pool.ag.{nbytes}")
+            assert got.flags.c_contiguous and got.flags.writeable and got.shape == (count,)
+            if it % 2:
+                views[it] = got[count // 2:]  # only a view keeps the block
+                del got
+            else:
+                held[it] = got
+            x = np.full(count, it + r, np.float32)
+            rss.append(d.reduce_scatter(x, op="sum", name=f"ll.pool.rs.{nbytes}"))
+        for it, got in held.items():
+            np.testing.assert_array_equal(got, np.repeat(np.arange(n, dtype=np.float32) + it * 16, count // n))
+        for it, v in views.items():
+            want = np.repeat(np.arange(n, dtype=np.float32) + it * 16, count // n)[count // 2:]
+            np.testing.assert_array_equal(v, want)
+        for it, rs in enumerate(rss):
+            np.testing.assert_array_equal(rs, np.full(count // n, n * it + n * (n - 1) / 2, np.float32))
+        # a held result is the caller's own memory: writing it disturbs no later gather
+        held[0][:] = 7
+        again = d.allgather(np.full(count // n, r, np.float32), name=f"ll.pool.ag.{nbytes}")
+        np.testing.assert_array_equal(again, np.repeat(np.arange(n, dtype=np.float32), count // n))
+        np.testing.assert_array_equal(held[0], 7)
+        del held, views, rss, again
+    d.barrier(name="ll.pool.end")
 
 
 @pytest.mark.timeout(60)

@@ -4,7 +4,9 @@ point-to-point (one exchange for small slices, reduce-scatter + allgather betwee
 from 1 MiB slices), shared-memory allgather. Odd sizes, every dtype and op, results identical on
 every rank. With 3 ranks the node sizes differ and every rank takes MPI_Allreduce."""
 import os
+import time
 
+import aimass
 import numpy as np
 import pytest
 
@@ -101,3 +103,53 @@ def test_large_slices_take_the_two_step_exchange(nodes, dtype, op):
     x = inputs[r].copy()
     assert d.allreduce_(x, op=op, name=f"hier.big_.{dtype}.{op}") is x
     np.testing.assert_array_equal(x, out)
+
+
+@pytest.mark.timeout(120)
+def test_back_to_back_calls_with_async_work_between(nodes):
+    """The steady state across nodes: blocking allreduces back to back (each usually negotiated in
+    one round now that the engine's tick counts from the end of its last cycle), with async
+    submissions and a rank that sleeps past several ticks between them; odd sizes, every op."""
+    d = nodes
+    n, r = d.size(), d.rank()
+    for it in range(12):
+        op = OPS[it % len(OPS)]
+        dtype = ("float32", "int32", "float64", "int8")[it % 4]
+        count = (1 << 18) + 2 * it + 1 if it % 3 else 4097 + it
+        inputs = [rank_data(500 + it, i, count, dtype) for i in range(n)]
+        h = d.allreduce_async(inputs[r][:257], op="sum", name=f"hier.b2b.async.{it}")
+        out = d.allreduce(inputs[r], op=op, name=f"hier.b2b.{dtype}.{op}.{count}")
+        ref = reference(inputs, op, dtype)
+        if op == "average" and np.dtype(dtype).kind == "f":
+            np.testing.assert_allclose(out.astype(np.float64), ref, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(out.astype(np.float64), ref)
+        np.testing.assert_array_equal(d.synchronize(h).astype(np.float64),
+                                      reference([x[:257] for x in inputs], "sum", dtype))
+        if it % 4 == r % 4:
+            time.sleep(0.004)  # several cycle times: the peers' engines tick meanwhile
+    same_on_every_rank(d, out, "hier.b2b.same")
+
+
+@pytest.mark.timeout(60)
+def test_mismatch_and_skipped_name_raise_across_nodes(nodes):
+    """Across simulated nodes the negotiation still reports what each rank submitted: a shape
+    mismatch raises on every rank, a name one rank never submits times out there (its peers' idle
+    engines keep joining the rounds), and the engine works afterwards."""
+    d = nodes
+    n, r = d.size(), d.rank()
+    with pytest.raises(aimass.DistributedError) as ei:
+        d.allreduce(np.ones(3 + r, np.float32), name="hier.mm.shape", timeout=5)
+    assert "hier.mm.shape" in str(ei.value) and "different arguments" in str(ei.value)
+    t0 = time.monotonic()
+    if r == 0:
+        with pytest.raises(aimass.DistributedError) as ei:
+            d.allreduce(np.ones((1 << 18) + 3, np.float32), name="hier.skipped", timeout=1.0)
+        msg = str(ei.value)
+        assert "timed out" in msg and all(f"rank {i}: did not submit it" in msg for i in range(1, n))
+        assert time.monotonic() - t0 < 10
+    else:
+        time.sleep(1.5)  # idle: only the engine's ticks take part in rank 0's rounds
+    d.barrier(name="hier.mm.barrier")
+    x = np.ones((1 << 18) + 5, np.float32)
+    np.testing.assert_array_equal(d.allreduce(x, op="sum", name="hier.after.mm"), np.full(x.size, n, np.float32))

@@ -99,9 +99,16 @@ class CollectiveHandle {
     uint8_t* allocate(size_t n) { return static_cast<uint8_t*>(result_block_get(n)); }
     void deallocate(uint8_t* p, size_t n) noexcept { result_block_put(p, n); }
   };
+  std::vector<uint8_t, NoInit> result_;
+
+ public:
+  // Result memory of n bytes, not zero-filled: a recycled block of exactly n bytes when one was
+  // put back (blocks of 1 MiB or more, at most 4 and 512 MiB kept), else fresh. Also the lean
+  // lane's allgather / reduce_scatter results (csrc/bind_comm.cc), so that a repeated blocking
+  // gather reuses pages already faulted in, as the engine's results do. put: give it back (the
+  // same n).
   static void* result_block_get(size_t n);
   static void result_block_put(void* p, size_t n) noexcept;
-  std::vector<uint8_t, NoInit> result_;
 };
 
 struct EngineOptions {

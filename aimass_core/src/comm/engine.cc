@@ -16,6 +16,7 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   comm::create_half_ops(half_ops);
   shm_init();
   ll_init();
+  tick_from_end = comm->cross_size() > 1;
 }
 
 // Collective over the communicator (runs before the thread starts): every
@@ -107,8 +108,8 @@ void CollectiveEngine::Impl::finish(Pending& p, CollectiveHandle::ErrorKind kind
 
 // -------------------------------------------------------------- the loop
 // Sleeps until the next tick (cycle time after the last cycle began: idle ranks still
-// join every negotiation round in time) or until something is submitted (parked: until
-// some rank has work, below). A submission
+// join every negotiation round in time; with several nodes after it ended: tick_from_end) or until
+// something is submitted (parked: until some rank has work, below). A submission
 // starts a cycle once the caller has been quiet for kBurstGap (a burst such as a backward
 // pass's gradients is negotiated and fused together), at the latest one cycle time after
 // the first: a lone blocking allreduce no longer waits for the tick.
@@ -169,6 +170,7 @@ void CollectiveEngine::Impl::run() {
       }
       last = Clock::now();
       if (cycle_once()) break;
+      if (tick_from_end) last = Clock::now();
     }
     fail_all(CollectiveHandle::ErrorKind::Closed, "aimass.dist was shut down before this collective ran");
     std::lock_guard<std::mutex> lk(mu);

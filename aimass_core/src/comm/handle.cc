@@ -1,5 +1,8 @@
 // Names, options from the environment, and the caller's handle.
+#include <sys/mman.h>
+
 #include <cstdlib>
+#include <new>
 #include <string>
 
 #include "comm/engine_impl.h"
@@ -93,6 +96,25 @@ namespace {
 constexpr size_t kPoolMin = 1u << 20, kPoolBlocks = 4, kPoolMaxBytes = size_t(512) << 20;
 std::mutex pool_mu;
 std::vector<std::pair<size_t, void*>> pool;
+
+// Blocks of 4 MiB or more sit on 2 MiB boundaries and ask for transparent huge pages (numpy does
+// the same for its arrays from 4 MiB): process_vm_readv pins the pages it copies one by one, and
+// with 4 KiB pages that walk cost more than the copy. Measured (2 ranks, loaded VM, median of
+// 50): a 16 MiB gather into 4 KiB-page blocks 5.0 ms against 2.9 ms into fresh numpy arrays.
+constexpr size_t kHugeMin = size_t(4) << 20, kHugeAlign = size_t(2) << 20;
+void* block_alloc(size_t n) {
+  if (n < kHugeMin) return ::operator new(n);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHugeAlign, (n + kHugeAlign - 1) / kHugeAlign * kHugeAlign) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, (n + kHugeAlign - 1) / kHugeAlign * kHugeAlign, MADV_HUGEPAGE);  // (advice: failure is harmless)
+#endif
+  return p;
+}
+void block_free(void* p, size_t n) noexcept {
+  if (n < kHugeMin) ::operator delete(p);
+  else std::free(p);
+}
 }  // namespace
 
 void* CollectiveHandle::result_block_get(size_t n) {
@@ -106,11 +128,11 @@ void* CollectiveHandle::result_block_get(size_t n) {
       }
     }
   }
-  return ::operator new(n);
+  return block_alloc(n);
 }
 
 void CollectiveHandle::result_block_put(void* p, size_t n) noexcept {
-  std::vector<void*> drop;
+  std::vector<std::pair<size_t, void*>> drop;
   if (n >= kPoolMin && n <= kPoolMaxBytes) {
     std::lock_guard<std::mutex> lk(pool_mu);
     pool.insert(pool.begin(), {n, p});
@@ -118,13 +140,13 @@ void CollectiveHandle::result_block_put(void* p, size_t n) noexcept {
     for (auto& b : pool) total += b.first;
     while (pool.size() > kPoolBlocks || total > kPoolMaxBytes) {
       total -= pool.back().first;
-      drop.push_back(pool.back().second);
+      drop.push_back(pool.back());
       pool.pop_back();
     }
   } else {
-    drop.push_back(p);
+    drop.emplace_back(n, p);
   }
-  for (void* q : drop) ::operator delete(q);
+  for (auto& b : drop) block_free(b.second, b.first);
 }
 
 
