@@ -206,10 +206,15 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return v->data();
     };
     c.alloc_ctx = &spill;
-    bool done;
-    {
+    bool done = false;
+    try {
       py::gil_scoped_release rel;
       done = eng->run_fast(c);
+    } catch (...) {  // (the GIL is held again here)
+      // cut off mid single-copy allreduce: a late peer may still write the result until the
+      // process exits
+      if (c.peers_may_write) out.inc_ref();
+      throw;
     }
     if (!done) {  // every rank of an aborted attempt submits to its engine: negotiation decides
       py::object got = submit_and_wait(*eng, static_cast<int>(kind), a, kind <= 1 ? out : py::none(),

@@ -173,7 +173,7 @@ def test_sizes_around_the_slot(ll):
     d = ll
     n = d.size()
     slot = d._require_engine().ll_slot_bytes
-    for nbytes in (slot - 4, slot, slot + 4, 3 * slot):  # the last two go to the engine
+    for nbytes in (slot - 4, slot, slot + 4, 3 * slot):  # the last two: single copy (or the engine)
         x = np.ones(nbytes // 4, np.float32)
         got = d.allreduce(x, op="sum", name=f"ll.edge.{nbytes}")
         assert got.shape == x.shape and (got == n).all()
@@ -232,6 +232,56 @@ def test_single_copy_broadcast_and_allgather(ll):
         # the row-count skew puts the last rank's payload past the bound on the largest size
         assert fast in (0, 1)
     d.barrier(name="ll.cma.end")
+
+
+@pytest.mark.timeout(120)
+def test_single_copy_allreduce_every_dtype_and_op(ll):
+    """Allreduces of more than 256 KiB run in the caller's thread as a claimed-piece push (each piece read
+    from every rank's input, reduced in rank order and written into every rank's output): the engine's
+    bits, the same on every rank, in place and out of place, at odd sizes (pieces of 16 KiB to 256 KiB)."""
+    d = ll
+    r = d.rank()
+    slot = d._require_engine().ll_slot_bytes
+    for dtype in DTYPES:
+        es = np.dtype(dtype).itemsize
+        for op in OPS:
+            if dtype == "bool" and op == "average":
+                continue
+            for nbytes in ((256 << 10) + es, slot + es, slot + (256 << 10) + 7 * es):
+                count = nbytes // es
+                tag = f"{dtype}.{op}.{count}"
+                x = data(count + OPS.index(op), r, count, dtype)
+                before = d.stats()["ll_collectives"]
+                got = d.allreduce(x, op=op, name=f"push.{tag}")
+                fast = d.stats()["ll_collectives"] - before
+                want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"push.eng.{tag}"))
+                np.testing.assert_array_equal(x, data(count + OPS.index(op), r, count, dtype))  # input intact
+                assert got.dtype == want.dtype and got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+                inplace = x.copy()
+                assert d.allreduce_(inplace, op=op, name=f"push_.{tag}") is inplace
+                np.testing.assert_array_equal(inplace, want)
+                everyone = d.allgather(np.frombuffer(got.tobytes(), np.uint8).reshape(1, -1),
+                                       name=f"push.check.{tag}")
+                assert (everyone == everyone[:1]).all()
+                assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
+    # large and odd, through the handle path too (torch-style blocking submit), then a shape
+    # mismatch past the slot: raised by the engine's negotiation on every rank, never hung
+    n = d.size()
+    x = np.full((16 << 20) // 4 + 9, 1.5, np.float32)
+    np.testing.assert_array_equal(d.allreduce(x, op="sum", name="push.big"), np.full(x.size, 1.5 * n, np.float32))
+    before = d.stats()["ll_collectives"]
+    got = d.allreduce(x, op="max", name="push.big.handle", timeout=30.0)  # (timeout=: the handle path)
+    assert d.stats()["ll_collectives"] - before in (0, 1)
+    np.testing.assert_array_equal(got, x)
+    h = d.allreduce_async(x, op="min", name="push.big.async")  # async: the engine
+    np.testing.assert_array_equal(d.synchronize(h), x)
+    t0 = time.monotonic()
+    with pytest.raises(d.DistributedError, match="different arguments"):
+        d.allreduce(np.ones(slot // 4 + 5 + (r == 0), np.float32), op="sum", name="push.bad")
+    assert time.monotonic() - t0 < 20
+    np.testing.assert_array_equal(d.allreduce(np.ones(slot // 4 + 5, np.float32), op="sum", name="push.after"),
+                                  np.full(slot // 4 + 5, n, np.float32))
 
 
 @pytest.mark.timeout(60)
