@@ -156,7 +156,9 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     const uint64_t next = closed(w) ? (a << 16) | bit : (w | bit);
     if (written != a) {
       me->reading.store(a + 1, std::memory_order_seq_cst);  // (announces us to writers of attempt a + 2)
-      if (a >= 2) {  // a peer may still read its slot of attempt a - 2 (same parity as ours now)
+      // a peer may still read its slot of attempt a - 2 (same parity as ours now), unless a - 1
+      // completed: every peer arrived in it, so it had left a - 2 (and reading was set to a)
+      if (a >= 2 && !(completed_ != UINT64_MAX && completed_ + 1 == a)) {
         for (int j = 0; j < size_; ++j) {
           if (j == rank_) continue;
           while (ctl(j)->reading.load(std::memory_order_seq_cst) == a - 1) {
@@ -247,6 +249,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     tick();
   }
   // complete: every rank sees the same slots, so every rank decides alike
+  completed_ = a;
   for (int j = 0; j < size_; ++j) {
     if (slot(j, a)->hash != hash) {
       me->reading.store(0, std::memory_order_seq_cst);

@@ -236,18 +236,23 @@ class LLChannel {
   uint64_t eager_posted() const { return eager_posted_; }
 
  private:
-  struct alignas(128) Control {          // one line per rank
-    std::atomic<uint64_t> reading;       // attempt + 1 whose slots this rank reads (0: none)
+  struct alignas(128) Control {          // two lines per rank
+    // first line: what the peers look at while they wait for this rank
     std::atomic<uint64_t> busy;          // requests in this rank's engine
     std::atomic<int64_t> cpu;            // the CPU this rank last arrived from (sched_getcpu)
     std::atomic<int64_t> pid;            // this rank's process (single copy: process_vm_readv)
     std::atomic<uint64_t> probe;         // the address of its probe word (start-up check)
     std::atomic<uint64_t> want_round;    // the negotiation round its parked engine left to run
-    // rank 0's: the claim counter of the single-copy allreduce (a line of its own; it only grows:
-    // every rank tracks where each allreduce's claims start, push_base_)
-    alignas(64) std::atomic<uint64_t> claims;
+    // second line: written by this rank at every arrival and done(); the peers read it only when they
+    // reuse a slot without having seen the attempt before complete, or wait for a single-copy reader,
+    // so a peer that polls `busy` above does not make every arrival's store a cache-line transfer
+    alignas(64) std::atomic<uint64_t> reading;  // attempt + 1 whose slots this rank reads (0: none)
+    // rank 0's: the claim counter of the single-copy allreduce (it only grows: every rank tracks
+    // where each allreduce's claims start, push_base_)
+    std::atomic<uint64_t> claims;
   };
   static_assert(sizeof(Control) == 128, "one 128-byte control line per rank (segment_bytes)");
+  static constexpr size_t kInline = 16;  // payloads up to this size live in the header's first line
   struct alignas(128) Header {
     uint64_t attempt;
     uint64_t hash;
@@ -255,9 +260,14 @@ class LLChannel {
     int64_t rows;
     uint64_t addr;  // nonzero: the payload stays at this address in the writer's process
     uint64_t out;   // a single-copy allreduce: the writer's output
-    char* data() { return reinterpret_cast<char*>(this) + 128; }
-    const char* data() const { return reinterpret_cast<const char*>(this) + 128; }
+    // a payload of at most kInline bytes (an 8-byte allreduce): in the same line as the hash, so a
+    // peer fetches one line instead of two
+    alignas(16) char small[kInline];
+    // (bytes must be set first)
+    char* data() { return bytes <= kInline ? small : reinterpret_cast<char*>(this) + 128; }
+    const char* data() const { return bytes <= kInline ? small : reinterpret_cast<const char*>(this) + 128; }
   };
+  static_assert(offsetof(Header, small) + kInline == 64, "the small payload shares the header's first line");
   // Outcomes of recent attempts (attempt << 1 | aborted), written by whoever starts the next
   // attempt before it does: a member that missed its attempt's closed state reads it here.
   static constexpr int kOutcomes = 64;
@@ -320,6 +330,9 @@ class LLChannel {
   bool owned_ = false;
   uint64_t attempt_ = 0;  // the attempt of the last exchange
   bool by_address_ = false;  // the last exchange posted this rank's payload by address
+  // the last attempt this rank saw complete (every rank arrived in it, so none still reads the
+  // attempt before it: the next attempt reuses its slots without looking; UINT64_MAX: none)
+  uint64_t completed_ = UINT64_MAX;
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
