@@ -285,6 +285,45 @@ def test_single_copy_allreduce_every_dtype_and_op(ll):
 
 
 @pytest.mark.timeout(60)
+def test_allreduce_entries_take_plain_calls_and_pass_the_rest(ll):
+    """allreduce / allreduce_ are vectorcall objects: the tensor with name= and op= (by position or
+    keyword) enter the lean lane directly; any other argument goes to the Python function, unchanged."""
+    import inspect
+    d = ll
+    n, r = d.size(), d.rank()
+    for f in (d.allreduce, d.allreduce_):
+        assert inspect.signature(f) == inspect.signature(f.__wrapped__) and f.__doc__ == f.__wrapped__.__doc__
+    x = np.arange(5, dtype=np.float32) + r
+    total = sum(np.arange(5, dtype=np.float32) + j for j in range(n))
+    st = d.stats()
+    before = st["ll_collectives"] + st["ll_fallbacks"]
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.kw", op="sum"), total)
+    np.testing.assert_array_equal(d.allreduce(x, None, "ent.pos", None, "sum"), total)  # (compression 4th)
+    y = x.copy()
+    assert d.allreduce_(y, None, "ent.pos_", "sum", 1.0, 1.0, d.global_process_set) is y
+    np.testing.assert_array_equal(y, total)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.avg"), total / n)  # op left out: average
+    st = d.stats()
+    assert st["ll_collectives"] + st["ll_fallbacks"] == before + 4  # every one took the channel
+    # non-default arguments: the Python function (same results, same errors)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.pre", op="sum", prescale_factor=2.0), 2 * total)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.post", op="sum", postscale_factor=0.5), total / 2)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.to", op="sum", timeout=30.0), total)
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(d.allreduce(x, name="ent.avgarg", average=False), total)
+    np.testing.assert_array_equal(d.allreduce_(x.copy(), name="ent.int", op="sum", prescale_factor=1), total)
+    with pytest.raises(TypeError):
+        d.allreduce(x, name="ent.bogus", bogus=1)
+    with pytest.raises(TypeError):
+        d.allreduce_(x, None, "ent.dup", name="ent.dup")  # name given by position and by keyword
+    with pytest.raises(TypeError):
+        d.allreduce()
+    with pytest.raises(TypeError):
+        d.allreduce(x, None, "ent.many", None, "sum", 1.0, 1.0, d.global_process_set, "extra")
+    np.testing.assert_array_equal(d.allreduce(tensor=x, name="ent.tkw", op="sum"), total)
+
+
+@pytest.mark.timeout(60)
 def test_lean_lane_takes_plain_calls_and_leaves_the_rest_to_the_full_path(ll):
     """The blocking numpy calls go through one C call (_comm_lean): plain arguments run there, anything
     else (views, read-only arrays, odd op/root spellings, bad values) takes the full path, which gives the
