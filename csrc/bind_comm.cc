@@ -10,6 +10,8 @@
 
 #include <optional>
 
+#include <structmember.h>
+
 namespace aimass_bind {
 
 namespace {
@@ -229,10 +231,15 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return v->data();
     };
     c.alloc_ctx = &spill;
-    bool done;
-    {
+    bool done = false;
+    try {
       py::gil_scoped_release rel;
       done = eng->run_fast(c);
+    } catch (...) {  // (the GIL is held again here)
+      // cut off mid single-copy allreduce: a late peer may still write the result until the
+      // process exits
+      if (c.peers_may_write) out.inc_ref();
+      throw;
     }
     if (!done) {  // every rank of an aborted attempt submits to its engine: negotiation decides
       py::object got = submit_and_wait(*eng, static_cast<int>(kind), a, kind <= 1 ? out : py::none(),
@@ -259,6 +266,168 @@ PyMethodDef lean_def = {"_comm_lean", reinterpret_cast<PyCFunction>(reinterpret_
                         METH_FASTCALL,
                         "_comm_lean(kind, tensor, out, name, op, root_rank, root): the lean lane of the blocking "
                         "numpy collectives (None: not handled, take the full path)"};
+
+// ------------------------------------------------------------------ lean entries
+// A module-level collective (aimass.dist.allreduce / allreduce_) as a vectorcall object: a call with
+// plain arguments (the tensor, name=, op=; every other parameter absent or at its default) goes to
+// lean_call with no Python frame in between (the wrapper's frame and keyword binding cost about as
+// much as the C call itself; an 8-byte allreduce is ~1 us in all); anything else, or a call the lane
+// does not take, is passed unchanged to the Python function, which stays the reference (its
+// signature and docstring are copied onto the object by functools.update_wrapper).
+enum ParamRole : uint8_t { kTensor, kName, kOp, kMustBeNone, kMustBeOne, kMustBeSet, kOther };
+
+struct LeanEntry {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyObject* dict;      // __dict__ (functools.update_wrapper writes __doc__, __wrapped__, ...)
+  PyObject* fallback;  // the Python function
+  PyObject* names;     // tuple of every parameter name, positional ones first (interned)
+  PyObject* global_set;  // process_set's default
+  int kind;
+  bool inplace;
+  Py_ssize_t npos;     // positional parameters
+  std::vector<uint8_t>* roles;  // per name
+};
+
+ParamRole role_of(const char* n) {
+  const std::string_view v(n);
+  if (v == "tensor") return kTensor;
+  if (v == "name") return kName;
+  if (v == "op") return kOp;
+  if (v == "average" || v == "compression" || v == "timeout") return kMustBeNone;
+  if (v == "prescale_factor" || v == "postscale_factor") return kMustBeOne;
+  if (v == "process_set") return kMustBeSet;
+  return kOther;
+}
+
+PyObject* lean_entry_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<LeanEntry*>(self_);
+  const Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+  PyObject *tensor = nullptr, *name = Py_None, *op = Py_None;
+  bool plain = n >= 1 && n <= self->npos;
+  auto take = [&](uint8_t role, PyObject* v) {
+    switch (role) {
+      case kTensor: tensor = v; break;
+      case kName: name = v; break;
+      case kOp: op = v; break;
+      case kMustBeNone: plain = plain && v == Py_None; break;
+      case kMustBeOne: plain = plain && PyFloat_CheckExact(v) && PyFloat_AS_DOUBLE(v) == 1.0; break;
+      case kMustBeSet: plain = plain && v == self->global_set; break;
+      default: plain = false;
+    }
+  };
+  for (Py_ssize_t i = 0; plain && i < n; ++i) take((*self->roles)[static_cast<size_t>(i)], args[i]);
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t k = 0; plain && k < nkw; ++k) {
+    PyObject* key = PyTuple_GET_ITEM(kwnames, k);
+    const Py_ssize_t total = PyTuple_GET_SIZE(self->names);
+    Py_ssize_t at = -1;
+    for (Py_ssize_t i = 0; i < total && at < 0; ++i)  // keyword names are interned: identity first
+      if (PyTuple_GET_ITEM(self->names, i) == key) at = i;
+    for (Py_ssize_t i = 0; i < total && at < 0; ++i) {
+      const int eq = PyUnicode_Compare(PyTuple_GET_ITEM(self->names, i), key);
+      if (eq == 0) at = i;
+      if (eq == -1 && PyErr_Occurred()) PyErr_Clear();
+    }
+    // unknown, or also given by position: the Python function raises the usual TypeError
+    if (at < 0 || at < n) plain = false;
+    else take((*self->roles)[static_cast<size_t>(at)], args[n + k]);
+  }
+  if (plain && tensor != nullptr) {
+    PyObject* argv[7] = {nullptr, tensor, self->inplace ? tensor : Py_None, name, op, Py_None, Py_None};
+    PyObject* kind = PyLong_FromLong(self->kind);
+    if (!kind) return nullptr;
+    argv[0] = kind;
+    PyObject* got = lean_call(nullptr, argv, 7);
+    Py_DECREF(kind);
+    if (got != Py_None) return got;  // the result (allreduce_: the tensor itself), or an error
+    Py_DECREF(got);
+  }
+  return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+void lean_entry_dealloc(PyObject* self_) {
+  auto* self = reinterpret_cast<LeanEntry*>(self_);
+  PyObject_GC_UnTrack(self_);
+  Py_CLEAR(self->dict);
+  Py_CLEAR(self->fallback);
+  Py_CLEAR(self->names);
+  Py_CLEAR(self->global_set);
+  delete self->roles;
+  PyTypeObject* tp = Py_TYPE(self_);
+  tp->tp_free(self_);
+  Py_DECREF(tp);
+}
+
+int lean_entry_traverse(PyObject* self_, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<LeanEntry*>(self_);
+  Py_VISIT(self->dict);
+  Py_VISIT(self->fallback);
+  Py_VISIT(self->names);
+  Py_VISIT(self->global_set);
+  Py_VISIT(Py_TYPE(self_));
+  return 0;
+}
+
+int lean_entry_clear(PyObject* self_) {
+  auto* self = reinterpret_cast<LeanEntry*>(self_);
+  Py_CLEAR(self->dict);
+  Py_CLEAR(self->fallback);
+  Py_CLEAR(self->names);
+  Py_CLEAR(self->global_set);
+  return 0;
+}
+
+PyTypeObject* lean_entry_type() {
+  static PyTypeObject* t = [] {
+    static PyMemberDef members[] = {
+        {"__vectorcalloffset__", T_PYSSIZET, offsetof(LeanEntry, vectorcall), READONLY, nullptr},
+        {"__dictoffset__", T_PYSSIZET, offsetof(LeanEntry, dict), READONLY, nullptr},
+        {nullptr, 0, 0, 0, nullptr}};
+    static PyGetSetDef getset[] = {{"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, nullptr, nullptr},
+                                   {nullptr, nullptr, nullptr, nullptr, nullptr}};
+    static PyType_Slot slots[] = {{Py_tp_getset, getset},{Py_tp_dealloc, reinterpret_cast<void*>(&lean_entry_dealloc)},
+                                  {Py_tp_traverse, reinterpret_cast<void*>(&lean_entry_traverse)},
+                                  {Py_tp_clear, reinterpret_cast<void*>(&lean_entry_clear)},
+                                  {Py_tp_call, reinterpret_cast<void*>(&PyVectorcall_Call)},
+                                  {Py_tp_members, members},
+                                  {0, nullptr}};
+    static PyType_Spec spec = {"aimass._C.LeanCollective", sizeof(LeanEntry), 0,
+                               Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL, slots};
+    return reinterpret_cast<PyTypeObject*>(PyType_FromSpec(&spec));
+  }();
+  if (!t) throw py::error_already_set();
+  return t;
+}
+
+py::object make_lean_entry(int kind, bool inplace, py::function fallback, py::tuple positional, py::tuple keyword_only,
+                           py::object global_set) {
+  AIMASS_CHECK(kind == 0, ValueError, "_comm_lean_entry: only allreduce (kind 0) has an entry");
+  PyTypeObject* tp = lean_entry_type();
+  auto* self = PyObject_GC_New(LeanEntry, tp);
+  if (!self) throw py::error_already_set();
+  Py_INCREF(tp);  // (instances of heap types own a reference to their type)
+  self->vectorcall = &lean_entry_call;
+  self->dict = nullptr;
+  self->fallback = fallback.inc_ref().ptr();
+  self->global_set = global_set.inc_ref().ptr();
+  self->kind = kind;
+  self->inplace = inplace;
+  self->npos = static_cast<Py_ssize_t>(positional.size());
+  self->roles = new std::vector<uint8_t>();
+  py::list all;
+  for (auto seq : {positional, keyword_only}) {
+    for (auto nm : seq) {
+      PyObject* s = py::str(nm).release().ptr();
+      PyUnicode_InternInPlace(&s);
+      self->roles->push_back(role_of(PyUnicode_AsUTF8(s)));
+      all.append(py::reinterpret_steal<py::object>(s));
+    }
+  }
+  self->names = py::tuple(all).release().ptr();
+  PyObject_GC_Track(reinterpret_cast<PyObject*>(self));
+  return py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(self));
+}
 
 }  // namespace
 
@@ -377,6 +546,8 @@ void bind_comm(py::module_& m) {
                                            e.cast<std::shared_ptr<aimass::CollectiveEngine>>());
       },
       py::arg("engine"));
+  m.def("_comm_lean_entry", &make_lean_entry, py::arg("kind"), py::arg("inplace"), py::arg("fallback"),
+        py::arg("positional"), py::arg("keyword_only"), py::arg("global_set"));
   m.def("_comm_lean_pause", [](bool paused) { g_lean_paused = paused; }, py::arg("paused"));
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));

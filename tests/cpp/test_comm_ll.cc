@@ -11,10 +11,13 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "aimass/error.h"
 #include "comm/ll_shm.h"
+#include "comm/shm_allreduce.h"
 
 namespace {
 
@@ -228,6 +231,138 @@ TEST(CommLL, WaitReadersGivesUpOnAReaderThatNeverFinishes) {
     b.done();
     EXPECT_TRUE(a.wait_readers(1.0));
     EXPECT_TRUE(b.wait_readers(1.0));
+  }
+  std::free(mem);
+}
+
+// ---- single-copy allreduce (ll_push.cc)
+using aimass::DType;
+using aimass::ReduceOp;
+
+template <typename T>
+T push_input(DType dtype, int r, int call, int64_t i) {
+  const int v = static_cast<int>((i * 31 + r * 17 + call * 7) % 97) - 48;
+  if constexpr (std::is_floating_point_v<T>) return static_cast<T>(v) * static_cast<T>(0.1);
+  else if constexpr (std::is_same_v<T, uint16_t>)  // 16-bit float bits: 1 +- small
+    return static_cast<T>((dtype == DType::F16 ? 0x3c00 : 0x3f80) + (v & 0x3f));
+  else if (dtype == DType::Bool) return static_cast<T>(v % 3 == 0);
+  else return static_cast<T>(v);
+}
+
+// L thread ranks run single-copy allreduces of odd sizes (less than a piece, a piece and one more
+// element, several pieces and a tail), in place and out of place alternately, with a slot
+// exchange in between (the claim counter's bases must stay in step across both); every rank must
+// hold the rank-order reduction's exact bits.
+template <typename T>
+void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false) {
+  // (pieces shrink below 4 per rank: these sizes cut 16, 32 and 96 KiB pieces at 2 ranks)
+  const int64_t step = static_cast<int64_t>(LLChannel::kPushPiece / sizeof(T));
+  std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, step + 1, 3 * step + 37};
+  if (full_pieces) counts.push_back(4 * L * step + 3 * step / 2 + 11);  // whole kPushPiece pieces and a tail
+  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  std::vector<std::vector<std::vector<T>>> got(L);  // [rank][call]
+  std::vector<std::string> errors(L);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LLChannel ch(r, L, mem, kSlot);
+        ch.allow_cma_for_tests();
+        for (size_t c = 0; c < counts.size(); ++c) {
+          const int64_t n = counts[c];
+          std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n), T(0x5a));
+          for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+          const bool inplace = (c + static_cast<size_t>(L)) % 2 == 0;
+          T* o = inplace ? in.data() : out.data();
+          if (ch.exchange(100 + c, in.data(), static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) !=
+              Result::Complete)
+            throw std::runtime_error("exchange fell back");
+          ch.push_allreduce(dtype, op, average, in.data(), o, n);
+          ch.done();
+          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+          got[r].push_back(std::vector<T>(o, o + n));
+          int64_t small = r;  // a slot exchange between two single-copy allreduces
+          if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
+          ch.done();
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::free(mem);
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  for (size_t c = 0; c < counts.size(); ++c) {
+    const int64_t n = counts[c];
+    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
+    std::vector<const char*> srcs(L);
+    for (int r = 0; r < L; ++r) {
+      for (int64_t i = 0; i < n; ++i) ins[r][i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
+    }
+    std::vector<T> want(static_cast<size_t>(n));
+    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
+                              average, L);
+    for (int r = 0; r < L; ++r)
+      ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
+          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype);
+  }
+}
+
+TEST(CommLL, PushAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
+  for (int L : {2, 3, 4}) {
+    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max, ReduceOp::Product}) {
+      push_same_bits<float>(L, DType::F32, op, false);
+      push_same_bits<double>(L, DType::F64, op, false);
+      push_same_bits<uint16_t>(L, DType::F16, op, false);
+      push_same_bits<uint16_t>(L, DType::BF16, op, false);
+      push_same_bits<int8_t>(L, DType::I8, op, false);
+      push_same_bits<uint8_t>(L, DType::U8, op, false);
+      push_same_bits<int16_t>(L, DType::I16, op, false);
+      push_same_bits<int32_t>(L, DType::I32, op, false);
+      push_same_bits<int64_t>(L, DType::I64, op, false);
+      push_same_bits<uint8_t>(L, DType::Bool, op, false);
+    }
+    push_same_bits<float>(L, DType::F32, ReduceOp::Sum, true, true);
+    push_same_bits<double>(L, DType::F64, ReduceOp::Max, false, true);
+    push_same_bits<double>(L, DType::F64, ReduceOp::Sum, true);
+    push_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true);
+    push_same_bits<int32_t>(L, DType::I32, ReduceOp::Sum, true);
+  }
+}
+
+// A peer that arrived but never runs its claims (stopped): the other rank claims every piece
+// itself, and its wait for the peer gives up at the deadline instead of hanging.
+TEST(CommLL, PushAllreduceWithAStoppedPeerEndsAtTheDeadline) {
+  const int64_t n = static_cast<int64_t>(2 * LLChannel::kPushPiece / 4) + 3;
+  const size_t bytes = LLChannel::segment_bytes(2, kSlot);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  {
+    LLChannel a(0, 2, mem, kSlot), b(1, 2, mem, kSlot);
+    a.allow_cma_for_tests();
+    b.allow_cma_for_tests();
+    std::vector<float> xa(static_cast<size_t>(n), 1.0f), xb(static_cast<size_t>(n), 2.0f);
+    std::thread t([&] {
+      EXPECT_EQ(b.exchange(5, xb.data(), xb.size() * 4, 0, 10.0, true, xb.data()), Result::Complete);
+    });
+    ASSERT_EQ(a.exchange(5, xa.data(), xa.size() * 4, 0, 10.0, true, xa.data()), Result::Complete);
+    t.join();
+    a.push_allreduce(DType::F32, ReduceOp::Sum, false, xa.data(), xa.data(), n);  // b never claims
+    a.done();
+    EXPECT_FALSE(a.wait_readers(0.05));
+    for (int64_t i = 0; i < n; i += 1001) {
+      ASSERT_EQ(xa[i], 3.0f);
+      ASSERT_EQ(xb[i], 3.0f);  // a pushed every piece into b's output
+    }
+    b.push_allreduce(DType::F32, ReduceOp::Sum, false, xb.data(), xb.data(), n);  // only its failed claim
+    b.done();
+    EXPECT_TRUE(a.wait_readers(1.0));
+    EXPECT_TRUE(b.wait_readers(1.0));
+    EXPECT_EQ(xb[n - 1], 3.0f);
   }
   std::free(mem);
 }

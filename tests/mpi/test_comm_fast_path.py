@@ -173,7 +173,7 @@ def test_sizes_around_the_slot(ll):
     d = ll
     n = d.size()
     slot = d._require_engine().ll_slot_bytes
-    for nbytes in (slot - 4, slot, slot + 4, 3 * slot):  # the last two go to the engine
+    for nbytes in (slot - 4, slot, slot + 4, 3 * slot):  # the last two: single copy (or the engine)
         x = np.ones(nbytes // 4, np.float32)
         got = d.allreduce(x, op="sum", name=f"ll.edge.{nbytes}")
         assert got.shape == x.shape and (got == n).all()
@@ -277,6 +277,95 @@ def test_gather_results_in_recycled_blocks_stay_valid(ll):
         np.testing.assert_array_equal(held[0], 7)
         del held, views, rss, again
     d.barrier(name="ll.pool.end")
+
+
+@pytest.mark.timeout(120)
+def test_single_copy_allreduce_every_dtype_and_op(ll):
+    """Allreduces of more than 256 KiB run in the caller's thread as a claimed-piece push (each piece read
+    from every rank's input, reduced in rank order and written into every rank's output): the engine's
+    bits, the same on every rank, in place and out of place, at odd sizes (pieces of 16 KiB to 256 KiB)."""
+    d = ll
+    r = d.rank()
+    slot = d._require_engine().ll_slot_bytes
+    for dtype in DTYPES:
+        es = np.dtype(dtype).itemsize
+        for op in OPS:
+            if dtype == "bool" and op == "average":
+                continue
+            for nbytes in ((256 << 10) + es, slot + es, slot + (256 << 10) + 7 * es):
+                count = nbytes // es
+                tag = f"{dtype}.{op}.{count}"
+                x = data(count + OPS.index(op), r, count, dtype)
+                before = d.stats()["ll_collectives"]
+                got = d.allreduce(x, op=op, name=f"push.{tag}")
+                fast = d.stats()["ll_collectives"] - before
+                want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"push.eng.{tag}"))
+                np.testing.assert_array_equal(x, data(count + OPS.index(op), r, count, dtype))  # input intact
+                assert got.dtype == want.dtype and got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+                inplace = x.copy()
+                assert d.allreduce_(inplace, op=op, name=f"push_.{tag}") is inplace
+                np.testing.assert_array_equal(inplace, want)
+                everyone = d.allgather(np.frombuffer(got.tobytes(), np.uint8).reshape(1, -1),
+                                       name=f"push.check.{tag}")
+                assert (everyone == everyone[:1]).all()
+                assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
+    # large and odd, through the handle path too (torch-style blocking submit), then a shape
+    # mismatch past the slot: raised by the engine's negotiation on every rank, never hung
+    n = d.size()
+    x = np.full((16 << 20) // 4 + 9, 1.5, np.float32)
+    np.testing.assert_array_equal(d.allreduce(x, op="sum", name="push.big"), np.full(x.size, 1.5 * n, np.float32))
+    before = d.stats()["ll_collectives"]
+    got = d.allreduce(x, op="max", name="push.big.handle", timeout=30.0)  # (timeout=: the handle path)
+    assert d.stats()["ll_collectives"] - before in (0, 1)
+    np.testing.assert_array_equal(got, x)
+    h = d.allreduce_async(x, op="min", name="push.big.async")  # async: the engine
+    np.testing.assert_array_equal(d.synchronize(h), x)
+    t0 = time.monotonic()
+    with pytest.raises(d.DistributedError, match="different arguments"):
+        d.allreduce(np.ones(slot // 4 + 5 + (r == 0), np.float32), op="sum", name="push.bad")
+    assert time.monotonic() - t0 < 20
+    np.testing.assert_array_equal(d.allreduce(np.ones(slot // 4 + 5, np.float32), op="sum", name="push.after"),
+                                  np.full(slot // 4 + 5, n, np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_allreduce_entries_take_plain_calls_and_pass_the_rest(ll):
+    """allreduce / allreduce_ are vectorcall objects: the tensor with name= and op= (by position or
+    keyword) enter the lean lane directly; any other argument goes to the Python function, unchanged."""
+    import inspect
+    d = ll
+    n, r = d.size(), d.rank()
+    for f in (d.allreduce, d.allreduce_):
+        assert inspect.signature(f) == inspect.signature(f.__wrapped__) and f.__doc__ == f.__wrapped__.__doc__
+    x = np.arange(5, dtype=np.float32) + r
+    total = sum(np.arange(5, dtype=np.float32) + j for j in range(n))
+    st = d.stats()
+    before = st["ll_collectives"] + st["ll_fallbacks"]
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.kw", op="sum"), total)
+    np.testing.assert_array_equal(d.allreduce(x, None, "ent.pos", None, "sum"), total)  # (compression 4th)
+    y = x.copy()
+    assert d.allreduce_(y, None, "ent.pos_", "sum", 1.0, 1.0, d.global_process_set) is y
+    np.testing.assert_array_equal(y, total)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.avg"), total / n)  # op left out: average
+    st = d.stats()
+    assert st["ll_collectives"] + st["ll_fallbacks"] == before + 4  # every one took the channel
+    # non-default arguments: the Python function (same results, same errors)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.pre", op="sum", prescale_factor=2.0), 2 * total)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.post", op="sum", postscale_factor=0.5), total / 2)
+    np.testing.assert_array_equal(d.allreduce(x, name="ent.to", op="sum", timeout=30.0), total)
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(d.allreduce(x, name="ent.avgarg", average=False), total)
+    np.testing.assert_array_equal(d.allreduce_(x.copy(), name="ent.int", op="sum", prescale_factor=1), total)
+    with pytest.raises(TypeError):
+        d.allreduce(x, name="ent.bogus", bogus=1)
+    with pytest.raises(TypeError):
+        d.allreduce_(x, None, "ent.dup", name="ent.dup")  # name given by position and by keyword
+    with pytest.raises(TypeError):
+        d.allreduce()
+    with pytest.raises(TypeError):
+        d.allreduce(x, None, "ent.many", None, "sum", 1.0, 1.0, d.global_process_set, "extra")
+    np.testing.assert_array_equal(d.allreduce(tensor=x, name="ent.tkw", op="sum"), total)
 
 
 @pytest.mark.timeout(60)

@@ -58,11 +58,13 @@ def trials():
                         "timeout": big_timeout if size >= 64 << 20 else timeout,
                         "signal": ("SIGKILL", "SIGSTOP")[k % 2] if n > 1 else rng.choice(("SIGKILL", "SIGSTOP")),
                         "delay": round(rng.uniform(0.0, 0.3), 4)})
-    # "ll": blocking allreduces, which take the caller-thread low-latency channel (docs/comm.md)
+    # "ll": blocking allreduces, which take the caller-thread low-latency channel (docs/comm.md):
+    # through its slots up to 256 KiB, as a single-copy push (peers write each other's outputs)
+    # above, so every size
     # "llag": blocking allgathers on that channel, single-copy from 16 KiB (peers read each other's
     # arrays; a rank returns only once its peer finished reading)
     base = [t for t in out if t["path"] == "shm" and not t["fused"]]
-    out += [dict(t, path="ll") for t in base if t["bytes"] <= 64 << 10]
+    out += [dict(t, path="ll") for t in base]
     out += [dict(t, path="llag") for t in base if t["bytes"] <= 4 << 20]
     # "llbc": blocking broadcasts, eager (the root returns before its peer read the data; a dead or
     # stopped peer fails the root's later call within the deadline)

@@ -121,6 +121,12 @@ struct EngineOptions {
   // the engine. from_env reads AIMASS_LL_MAX_BYTES and AIMASS_LL_FALLBACK_MS (milliseconds).
   size_t ll_max_bytes = 1u << 20;  // measured: the channel beats the engine up to ~1 MiB (docs/comm.md)
   double ll_fallback_s = 0.05;
+  // Blocking allreduces above the channel's slot and up to ll_push_max_bytes run in the caller's
+  // thread too, single copy (comm/ll_push.cc: claimed pieces read from the peers' inputs,
+  // reduced in the L2 and pushed into every rank's output) where the kernel lets the ranks read
+  // and write each other's memory; larger ones (or 0: all) go to the engine. Agreed across ranks
+  // at start-up (the smallest wins). AIMASS_LL_PUSH_MAX_BYTES.
+  size_t ll_push_max_bytes = size_t(1) << 30;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
   // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);
@@ -167,6 +173,9 @@ struct FastCollective {
   void* (*alloc)(void* ctx, size_t bytes) = nullptr;
   void* alloc_ctx = nullptr;
   int64_t result_rows = 0;  // set by run_fast: dimension 0 of an allgather / reduce_scatter result
+  // set by run_fast when it threw after the peers were allowed to write `output` (a single-copy
+  // allreduce): a peer that is only late may still write it, so the caller must keep it alive
+  bool peers_may_write = false;
 };
 
 class CollectiveEngine {

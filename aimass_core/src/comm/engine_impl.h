@@ -193,7 +193,8 @@ struct CollectiveEngine::Impl {
   void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
-  void fast_data(FastCollective& c, size_t nbytes, double deadline);
+  void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push);
+  size_t ll_push_max = 0;  // the agreed single-copy allreduce bound (0: off; fixed after ll_init)
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).

@@ -28,6 +28,14 @@ void ll_options_from_env(EngineOptions& o) {
                  "AIMASS_LL_FALLBACK_MS must be a number of milliseconds in (0, 60000], got '", v, "'");
     o.ll_fallback_s = ms / 1000.0;
   }
+  if (const char* v = std::getenv("AIMASS_LL_PUSH_MAX_BYTES")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && b >= 0, ValueError,
+                 "AIMASS_LL_PUSH_MAX_BYTES must be a byte count >= 0 (0: allreduces above the low-latency slot go "
+                 "to the engine), got '", v, "'");
+    o.ll_push_max_bytes = static_cast<size_t>(b);
+  }
 }
 
 namespace {
@@ -69,7 +77,17 @@ uint64_t ll_signature_hash(CollectiveKind kind, DType dtype, DType wire, ReduceO
 void CollectiveEngine::Impl::ll_init() {
   // collective even when disabled here: LLChannel's constructor agrees across ranks
   ll = std::make_unique<comm::LLChannel>(*comm, opts.ll_max_bytes, opts.timeout_s);
-  if (!ll->available()) ll.reset();
+  if (!ll->available()) {
+    ll.reset();
+    return;
+  }
+  // every rank must take the single-copy allreduce for the same sizes: the smallest bound wins
+  unsigned long long push_max = ll->push_available() ? opts.ll_push_max_bytes : 0;
+  MPI_Request req;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &push_max, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, mpi, &req),
+            "MPI_Iallreduce(ll push)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  ll_push_max = static_cast<size_t>(push_max);
 }
 
 // The handle path (CollectiveEngine::submit with blocking = true): the result of an allgather /
@@ -95,7 +113,19 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
     };
     c.alloc_ctx = &h;
   }
-  if (!fast(c)) return false;
+  try {
+    if (!fast(c)) return false;
+  } catch (const DistributedError& e) {
+    if (!c.peers_may_write) throw;
+    // a late peer may still write the output: the handle reports the error and keeps the
+    // caller's arrays alive (buffers_in_use), as after an engine data phase cut off mid-push
+    {
+      std::lock_guard<std::mutex> lk(h.mu_);
+      h.buffers_in_use_ = true;
+    }
+    h.finish(CollectiveHandle::ErrorKind::Distributed, e.what());
+    return true;
+  }
   if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
     h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{c.result_rows} : r.shape;
     h.result_shape_[0] = c.result_rows;
@@ -139,6 +169,9 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms).
 constexpr size_t kByAddressMaxBroadcastBytes = size_t(4) << 20;
 constexpr size_t kByAddressMaxAllgatherBytes = size_t(64) << 20;
+// Allreduces of more than this many bytes take the single-copy push (up to ll_push_max) even when
+// the slot would hold them (see fast()).
+constexpr size_t kPushMinBytes = size_t(256) << 10;
 
 // A peer that never acknowledged an eager broadcast within the deadline has died or stopped: the
 // engine cannot go on either (as when the caller-thread path finds a peer gone, below).
@@ -214,10 +247,18 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
   }
   // Broadcast and allgather of kCmaMin bytes or more are single-copy where the kernel allows it
   // (peers read our input itself): the slot does not bound them, only kByAddressMax*Bytes.
-  const bool by_address = (c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&
-                          ll->cma_available() && nbytes >= comm::LLChannel::kCmaMin;
-  const size_t by_address_max =
-      c.kind == CollectiveKind::Allgather ? kByAddressMaxAllgatherBytes : kByAddressMaxBroadcastBytes;
+  // Allreduces larger than the slot too, up to ll_push_max (agreed): the claimed-piece push
+  // (LLChannel::push_allreduce). Every rank decides alike (agreed bounds, the same size).
+  // From kPushMinBytes the push beats the slot even though the slot holds it (measured, 2 ranks:
+  // 512 KiB 0.08-0.09 ms against 0.26 ms through the slot, 1 MiB 0.15-0.18 against 0.54; below,
+  // with both ranks on their own cores, the slot won: 256 KiB 0.038 against 0.049 ms).
+  const bool push = c.kind == CollectiveKind::Allreduce && nbytes > std::min(ll->slot_bytes(), kPushMinBytes) &&
+                    nbytes >= comm::LLChannel::kCmaMin && nbytes <= ll_push_max;
+  const bool by_address = push || ((c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&
+                                   ll->cma_available() && nbytes >= comm::LLChannel::kCmaMin);
+  const size_t by_address_max = push ? ll_push_max
+                                : c.kind == CollectiveKind::Allgather ? kByAddressMaxAllgatherBytes
+                                                                      : kByAddressMaxBroadcastBytes;
   if (nbytes > (by_address ? by_address_max : ll->slot_bytes())) return false;
   if (n > 0 && (c.input == nullptr ||
                 ((c.kind == CollectiveKind::Allreduce || c.kind == CollectiveKind::Broadcast) && c.output == nullptr)))
@@ -247,12 +288,14 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
       return false;
   }
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
-  if (ll->exchange(hash, post, post_bytes, rows, fallback, by_address) != comm::LLChannel::Result::Complete) {
+  if (ll->exchange(hash, post, post_bytes, rows, fallback, by_address, push ? c.output : nullptr) !=
+      comm::LLChannel::Result::Complete) {
     ll_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
+  c.peers_may_write = push;  // from now on the peers write this rank's output
   try {
-    fast_data(c, nbytes, deadline);
+    fast_data(c, nbytes, deadline, push);
   } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
     fast_path_broke(e.what());
     throw;
@@ -262,7 +305,7 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
 }
 
 // The data phase of a completed attempt: every rank reads the same slots in rank order.
-void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double deadline) {
+void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double deadline, bool push) {
   struct Release {  // the peers may reuse our slot once we stop reading theirs, and our input
     comm::LLChannel* c;  // once they stopped reading it (bounded: on the error path only)
     double deadline;
@@ -286,7 +329,9 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
   };
   switch (c.kind) {
     case CollectiveKind::Allreduce:
-      if (n > 0) {
+      if (push) {
+        ll->push_allreduce(c.dtype, op, c.op == ReduceOp::Average, c.input, c.output, n);
+      } else if (n > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j);  // rank order: the same bits on every rank
         comm::reduce_sources(c.dtype, op, srcs, L, static_cast<char*>(c.output), static_cast<size_t>(n));
         if (c.op == ReduceOp::Average) comm::divide(c.dtype, static_cast<char*>(c.output), static_cast<size_t>(n), L);

@@ -115,8 +115,19 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
     if (j != rank_ && !cma_probe(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)),
                                  ctl(j)->probe.load(std::memory_order_seq_cst), 0x11c0ffee0000ull + static_cast<uint64_t>(j)))
       cma = 0;
-  allreduce_min(&cma, MPI_INT);  // also: every probe is done
+  allreduce_min(&cma, MPI_INT);  // also: every read probe is done
   cma_ok_ = cma != 0;
+  // the single-copy allreduce also writes the peers' memory: each rank writes every peer's probe
+  // word with the value it holds (AIMASS_SHM_CMA_PUSH=0: off)
+  const char* penv = std::getenv("AIMASS_SHM_CMA_PUSH");
+  int push = cma_ok_ && !(penv && std::string(penv) == "0") ? 1 : 0;
+  for (int j = 0; j < size_ && push; ++j)
+    if (j != rank_ && !cma_probe_write(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)),
+                                       ctl(j)->probe.load(std::memory_order_seq_cst),
+                                       0x11c0ffee0000ull + static_cast<uint64_t>(j)))
+      push = 0;
+  allreduce_min(&push, MPI_INT);  // also: every write probe is done
+  push_ok_ = push != 0;
 }
 
 LLChannel::~LLChannel() {
@@ -124,7 +135,7 @@ LLChannel::~LLChannel() {
 }
 
 LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows,
-                                      double fallback_s, bool by_address) {
+                                      double fallback_s, bool by_address, void* out) {
   by_address_ = by_address && cma_ok_ && bytes >= kCmaMin;
   AIMASS_CHECK(by_address_ || bytes <= slot_bytes_, ValueError, "LLChannel: ", bytes, " bytes exceed the slot (",
                slot_bytes_, ")");
@@ -145,7 +156,9 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     const uint64_t next = closed(w) ? (a << 16) | bit : (w | bit);
     if (written != a) {
       me->reading.store(a + 1, std::memory_order_seq_cst);  // (announces us to writers of attempt a + 2)
-      if (a >= 2) {  // a peer may still read its slot of attempt a - 2 (same parity as ours now)
+      // a peer may still read its slot of attempt a - 2 (same parity as ours now), unless a - 1
+      // completed: every peer arrived in it, so it had left a - 2 (and reading was set to a)
+      if (a >= 2 && !(completed_ != UINT64_MAX && completed_ + 1 == a)) {
         for (int j = 0; j < size_; ++j) {
           if (j == rank_) continue;
           while (ctl(j)->reading.load(std::memory_order_seq_cst) == a - 1) {
@@ -164,6 +177,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       h->bytes = bytes;
       h->rows = rows;
       h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
+      h->out = reinterpret_cast<uint64_t>(out);
       if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
       written = a;
     }
@@ -235,6 +249,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     tick();
   }
   // complete: every rank sees the same slots, so every rank decides alike
+  completed_ = a;
   for (int j = 0; j < size_; ++j) {
     if (slot(j, a)->hash != hash) {
       me->reading.store(0, std::memory_order_seq_cst);

@@ -65,6 +65,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include <sched.h>
 
@@ -155,8 +156,9 @@ class LLChannel {
   // caller reads the peers' slots (read(), bytes(), rows()) and must call done().
   // by_address: a payload of kCmaMin bytes or more stays in `data` (single copy, see above; the
   // caller then calls wait_readers() after done() before it may change `data`).
+  // out: a single-copy allreduce's output (posted beside the input; see push_allreduce()).
   Result exchange(uint64_t hash, const void* data, size_t bytes, int64_t rows, double fallback_s,
-                  bool by_address = false);
+                  bool by_address = false, void* out = nullptr);
   // Copies bytes [offset, offset + n) of rank j's payload in the completed attempt to dst
   // (from its slot, or from its process); DistributedError when that process is gone.
   void read(int j, size_t offset, void* dst, size_t n) const;
@@ -166,7 +168,30 @@ class LLChannel {
   // when one still did after deadline_s seconds (it died or stopped mid-read).
   bool wait_readers(double deadline_s) const;
   bool cma_available() const { return cma_ok_; }
-  void allow_cma_for_tests() { cma_ok_ = true; }  // threads as ranks: one process reads itself
+  // Whether every rank may also write every other's memory (process_vm_writev; probed at start-up,
+  // AIMASS_SHM_CMA_PUSH=0: off): the single-copy allreduce below needs it.
+  bool push_available() const { return push_ok_; }
+  void allow_cma_for_tests() { cma_ok_ = push_ok_ = true; }  // threads as ranks: one process reads itself
+
+  // ---- single-copy allreduce (ll_push.cc), after an exchange() that posted `in` by address and
+  // `out` beside it: the buffer is cut into kPushPiece pieces handed out by a claim counter in the
+  // segment; whichever rank claims a piece reads it from every peer's input (process_vm_readv, into
+  // an L2-sized buffer), reduces it in rank order (the same bits whoever claimed it) and writes it
+  // into its own output and every peer's (process_vm_writev), so every input byte is read once and
+  // every output byte written once, by one core, and a descheduled rank leaves its pieces to the
+  // others. In place is safe (a piece's inputs are all read before its outputs are written, by the
+  // one rank that claimed it). Then done() and wait_readers(): a rank returns once every peer
+  // finished its claims, i.e. wrote its pieces into this rank's output and read this rank's input.
+  // DistributedError when a peer's process is gone; a stopped one is caught by wait_readers().
+  static constexpr size_t kPushPiece = 256u << 10;
+  // The piece size for `bytes` over L ranks (the same on every rank): kPushPiece (L2-resident
+  // steps), smaller for buffers of fewer than 4 pieces per rank so every rank gets some (whole
+  // 4 KiB pages: whole lines of every element size; at least 16 KiB: a syscall per piece).
+  static size_t push_piece_bytes(size_t bytes, int L) {
+    const size_t want = (bytes / (4 * static_cast<size_t>(L)) + 4095) / 4096 * 4096;
+    return std::min(kPushPiece, std::max<size_t>(16u << 10, want));
+  }
+  void push_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count);
   size_t bytes(int j) const { return slot(j, attempt_)->bytes; }
   int64_t rows(int j) const { return slot(j, attempt_)->rows; }
   void done();  // this rank finished reading the completed attempt's slots
@@ -211,23 +236,38 @@ class LLChannel {
   uint64_t eager_posted() const { return eager_posted_; }
 
  private:
-  struct alignas(128) Control {          // one line per rank
-    std::atomic<uint64_t> reading;       // attempt + 1 whose slots this rank reads (0: none)
+  struct alignas(128) Control {          // two lines per rank
+    // first line: what the peers look at while they wait for this rank
     std::atomic<uint64_t> busy;          // requests in this rank's engine
     std::atomic<int64_t> cpu;            // the CPU this rank last arrived from (sched_getcpu)
     std::atomic<int64_t> pid;            // this rank's process (single copy: process_vm_readv)
     std::atomic<uint64_t> probe;         // the address of its probe word (start-up check)
     std::atomic<uint64_t> want_round;    // the negotiation round its parked engine left to run
+    // second line: written by this rank at every arrival and done(); the peers read it only when they
+    // reuse a slot without having seen the attempt before complete, or wait for a single-copy reader,
+    // so a peer that polls `busy` above does not make every arrival's store a cache-line transfer
+    alignas(64) std::atomic<uint64_t> reading;  // attempt + 1 whose slots this rank reads (0: none)
+    // rank 0's: the claim counter of the single-copy allreduce (it only grows: every rank tracks
+    // where each allreduce's claims start, push_base_)
+    std::atomic<uint64_t> claims;
   };
+  static_assert(sizeof(Control) == 128, "one 128-byte control line per rank (segment_bytes)");
+  static constexpr size_t kInline = 16;  // payloads up to this size live in the header's first line
   struct alignas(128) Header {
     uint64_t attempt;
     uint64_t hash;
     uint64_t bytes;
     int64_t rows;
     uint64_t addr;  // nonzero: the payload stays at this address in the writer's process
-    char* data() { return reinterpret_cast<char*>(this) + 128; }
-    const char* data() const { return reinterpret_cast<const char*>(this) + 128; }
+    uint64_t out;   // a single-copy allreduce: the writer's output
+    // a payload of at most kInline bytes (an 8-byte allreduce): in the same line as the hash, so a
+    // peer fetches one line instead of two
+    alignas(16) char small[kInline];
+    // (bytes must be set first)
+    char* data() { return bytes <= kInline ? small : reinterpret_cast<char*>(this) + 128; }
+    const char* data() const { return bytes <= kInline ? small : reinterpret_cast<const char*>(this) + 128; }
   };
+  static_assert(offsetof(Header, small) + kInline == 64, "the small payload shares the header's first line");
   // Outcomes of recent attempts (attempt << 1 | aborted), written by whoever starts the next
   // attempt before it does: a member that missed its attempt's closed state reads it here.
   static constexpr int kOutcomes = 64;
@@ -290,7 +330,13 @@ class LLChannel {
   bool owned_ = false;
   uint64_t attempt_ = 0;  // the attempt of the last exchange
   bool by_address_ = false;  // the last exchange posted this rank's payload by address
+  // the last attempt this rank saw complete (every rank arrived in it, so none still reads the
+  // attempt before it: the next attempt reuses its slots without looking; UINT64_MAX: none)
+  uint64_t completed_ = UINT64_MAX;
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
+  bool push_ok_ = false;     // ... and write it
+  uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
+  std::vector<char> push_tmp_;  // the peers' pieces of one claimed piece (L2-resident)
   uint64_t probe_ = 0;       // read by the peers' start-up probe
   uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
   bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)

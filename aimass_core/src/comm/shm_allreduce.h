@@ -161,6 +161,7 @@ class ShmAllreduce {
   void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
                           bool average, int world_size);
   bool probe_cma(int j);  // reads local rank j's probe word
+  void finish_cma(uint64_t h, int which);  // the closing barrier of a single-copy collective
   // Ops other than allreduce keep the counters' meaning: staged >= s: this rank's staging slot for
   // s is written; reduced >= s: it read every staging slot up to s (and wrote its reduced slice);
   // gathered >= s: it read every result slot up to s.

@@ -86,6 +86,17 @@ void ShmAllreduce::cma_write(int j, iovec* local, iovec* remote, size_t n) {
                   "shared-memory collective", "local rank", j);
 }
 
+// The end of a single-copy collective at sequence h: this rank marks counter `which` (1: it read
+// what it needed of the peers' inputs and wrote its pieces; 2: it copied every reduced slice out),
+// waits until every peer marked it too (then no peer touches this rank's buffers any more, so they
+// may change once this returns), and moves every counter to h.
+void ShmAllreduce::finish_cma(uint64_t h, int which) {
+  mark(h, false, which == 1, which == 2);
+  wait_peers(which, h);
+  seq_ = h;
+  mark(h, true, true, true);
+}
+
 void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                            int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
   const int L = lsize_, me = lrank_;
@@ -157,10 +168,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   if (push) {
     // every peer read my input and wrote its reduced slices into my output
-    mark(h, false, true, false);
-    wait_peers(1, h);
-    seq_ = h;
-    mark(h, true, true, true);
+    finish_cma(h, 1);
     return;
   }
   if (cross_reduce && e > b) {
@@ -199,10 +207,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       cma_read(j, lv.data(), rv.data(), lv.size());
     }
   }
-  mark(h, false, false, true);
-  wait_peers(2, h);  // every peer copied my slice out: my buffers may change again
-  seq_ = h;
-  mark(h, true, true, true);
+  finish_cma(h, 2);  // every peer copied my slice out: my buffers may change again
 }
 
 // Push mode with pieces handed out dynamically: a piece (L2-sized, whole cache lines) of the
@@ -270,10 +275,7 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   }
   // every piece is claimed; once every peer finished its claims, every output is complete (and
   // every input read)
-  mark(h, false, true, false);
-  wait_peers(1, h);
-  seq_ = h;
-  mark(h, true, true, true);
+  finish_cma(h, 1);
 }
 
 // Broadcast with claimed pieces: receiver j's copy is cut into chunk-sized pieces handed out by j's claim
@@ -384,11 +386,7 @@ void ShmAllreduce::allgather_cma(const void* in, const std::vector<int64_t>& row
     }
     at += n;
   }
-  const uint64_t s = h + 1;
-  mark(s, true, true, false);
-  wait_peers(1, s);  // every peer read my input
-  seq_ = s;
-  mark(s, true, true, true);
+  finish_cma(h + 1, 1);  // every peer read my input
 }
 
 void ShmAllreduce::reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype,
@@ -422,10 +420,7 @@ void ShmAllreduce::reduce_scatter_cma(const void* in, const std::vector<int64_t>
     }
     reduce_into(dtype, op, srcs.data(), L, out + lo * es, static_cast<size_t>(n), average, world_size);
   }
-  mark(h, false, true, false);
-  wait_peers(1, h);  // every peer read its block of my input
-  seq_ = h;
-  mark(h, true, true, true);
+  finish_cma(h, 1);  // every peer read its block of my input
 }
 
 }  // namespace comm

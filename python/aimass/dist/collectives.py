@@ -502,3 +502,23 @@ def sparse_allreduce_async(*args, **kwargs):
     raise NotImplementedError("sparse_allreduce_async is not supported by aimass.dist: DistributedOptimizer "
                               "reduces sparse gradients itself (or pass sparse_as_dense=True); for your own "
                               "sparse tensors allgather indices and values; see docs/horovod.md")
+
+
+def _install_lean_entries() -> None:
+    """allreduce and allreduce_ become vectorcall objects (aimass._C): a call with plain arguments (the
+    tensor, name=, op=) enters the lean lane with no Python frame in between, everything else is passed
+    to the functions above unchanged (their signature and docstring are copied onto the objects)."""
+    import functools
+    import inspect
+
+    from .._C import _comm_lean_entry
+    g = globals()
+    for fname, inplace in (("allreduce", False), ("allreduce_", True)):
+        f = g[fname]
+        params = inspect.signature(f).parameters.values()
+        pos = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+        kwo = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+        g[fname] = functools.update_wrapper(_comm_lean_entry(0, inplace, f, pos, kwo, global_process_set), f)
+
+
+_install_lean_entries()
