@@ -108,6 +108,8 @@ TEST(RuntimeConvWinograd, MatchesDoubleReferenceAndDirectKernel) {
       {16, 12, 40, 16, 2, 1, true, false, true},  // padding 2, runs of > 16 tiles (two vector chunks)
       {24, 8, 8, 32, 0, 2, true, true, false},    // no padding
       {16, 3, 3, 16, 0, 4, false, false, true},   // 1x1 output: one clipped tile per sample
+      {136, 7, 7, 20, 1, 1, true, true, true},    // 16 tiles: one half-width panel, two K-slices
+      {24, 7, 7, 16, 1, 3, true, false, true},    // 48 tiles: a full panel, then a half one across samples
   };
   const SimdLevel old = aimass::simd_level();
   const int old_threads = aimass::num_threads();
@@ -155,10 +157,13 @@ TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
   dilated.DH = 2;
   EXPECT_FALSE(conv::wino_eligible(dilated));
   EXPECT_FALSE(conv::wino_eligible(shape3x3(3, 56, 56, 64, 1)));  // too few channels to pay
-  // a 7x7 plane fills half a 32-tile panel at batch 1 (direct), four full panels at batch 8
+  // a 7x7 plane is 16 tiles at batch 1, one half-width panel (direct: a full and a 17-column panel),
+  // four full panels at batch 8
   const Conv2dShape late = shape3x3(512, 7, 7, 512, 1);
-  EXPECT_FALSE(conv::wino_pays(late, 1));
+  EXPECT_TRUE(conv::wino_pays(late, 1));
   EXPECT_TRUE(conv::wino_pays(late, 8));
+  // a 3x3 plane: one clipped tile against 9 pixels, both a half panel (16 vs 9 products: direct)
+  EXPECT_FALSE(conv::wino_pays(shape3x3(64, 3, 3, 64, 1), 1));
   // kAuto keeps the direct weights only for shapes that run direct at some batch size
   std::vector<float> w(static_cast<size_t>(16 * 16 * 9), 0.1f);
   const Conv2dShape big = shape3x3(16, 20, 20, 16, 1), small = shape3x3(16, 3, 3, 16, 1);

@@ -27,11 +27,20 @@ bool wino_eligible(const ops::Conv2dShape& s) {
          s.O >= 16;
 }
 
+namespace {
+// Cost of `cols` columns in half panels: a panel's tail of <= 16 columns runs the half-width tile.
+inline int64_t half_panels(int64_t cols) {
+  const int64_t rem = cols % kNR;
+  return 2 * (cols / kNR) + (rem == 0 ? 0 : rem <= kNR / 2 ? 1 : 2);
+}
+}  // namespace
+
 bool wino_pays(const ops::Conv2dShape& s, int64_t N) {
   const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPix = N * s.OH * s.OW;
-  // products per 32-column panel: 16 (one per transform position) vs 9 taps; the transforms
-  // cost about a fifth more
-  const int64_t wino = 16 * ((NT + kNR - 1) / kNR) * 6, direct = 9 * ((NPix + kNR - 1) / kNR) * 5;
+  // products per panel: 16 (one per transform position) vs 9 taps; the transforms cost about a
+  // fifth more. A 7x7 plane at batch 1 is 16 tiles, one half-width panel, against 49 pixels in a
+  // full and a 17-column panel direct.
+  const int64_t wino = 16 * half_panels(NT) * 6, direct = 9 * half_panels(NPix) * 5;
   return wino < direct;
 }
 
@@ -173,8 +182,10 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
         win(x, s, runs, c0, kc, V);
         for (int xi = 0; xi < 16; ++xi)
           for (int64_t mb = mb0; mb < mb1; ++mb)
+            // runs.nc columns: a panel of <= 16 tiles takes the half-width tile (M's other columns
+            // are never read)
             tile(kc, pc.u + xi * xs + (c0 * MB + mb * kc) * kMR, V + xi * wino_vstride(kc),
-                 Mb + xi * mxs + (mb - mb0) * kMR * kNR, kNR, kMR, kNR, c0 > 0, nullptr, nullptr, false);
+                 Mb + xi * mxs + (mb - mb0) * kMR * kNR, kNR, kMR, runs.nc, c0 > 0, nullptr, nullptr, false);
       }
       wout(Mb, mxs, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
     }
