@@ -21,6 +21,16 @@ bool wino_enabled() {
   return on;
 }
 
+namespace {
+bool wino_fine_split() {  // AIMASS_WINO_SPLIT=0 (read once): one row split per thread (A/B runs)
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_WINO_SPLIT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+}  // namespace
+
 bool wino_eligible(const ops::Conv2dShape& s) {
   // tiny convs: the transforms would cost more than the products they save
   return s.G == 1 && s.KH == 3 && s.KW == 3 && s.SH == 1 && s.SW == 1 && s.DH == 1 && s.DW == 1 && s.C >= 16 &&
@@ -162,10 +172,16 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   const int64_t C = s.C, MB = pc.MB, UKS = pc.UKS;
   const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPt = (NT + kNR - 1) / kNR;
   // items: (tile panel) x (range of weight row blocks); the rows are split so M stays within
-  // kWinoRows rows, and further when there are too few panels to keep every thread busy
-  // (every item transforms its panel's input itself)
+  // kWinoRows rows, and further when there are too few panels to keep every thread busy (every
+  // item transforms its panel's input itself: one split per thread). A full panel and a partial
+  // tail are unequal work: a 14x14 plane at batch 1 is a 32-tile and a 17-tile panel (~1 and ~0.5
+  // tiles per product), which two items gave two threads as 1 and 0.5; such panels get two items
+  // per thread (each thread ~0.75, plus one more input transform).
   const int64_t maxb = kWinoRows / kMR;
-  const int64_t msplit = row_splits(NPt, MB, (MB + maxb - 1) / maxb, true);
+  int64_t msplit = row_splits(NPt, MB, (MB + maxb - 1) / maxb, true);
+  const int64_t T = num_threads();
+  if (wino_fine_split() && T > 1 && NPt > 1 && NT % kNR != 0 && NPt * msplit < 2 * T)
+    msplit = std::min(MB, (2 * T + NPt - 1) / NPt);
   const int64_t items = NPt * msplit, rows_max = ((MB + msplit - 1) / msplit) * kMR;
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
