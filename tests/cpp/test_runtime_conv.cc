@@ -235,6 +235,7 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
       {20, 13, 13, 19, 3, 2, 1, 1, true, true, true, false},    // 3x3/2 to 7x7: 49 = 32 + 17 px, two K-slices
       {8, 5, 5, 12, 3, 1, 1, 2, false, true, true, false},      // 50 = 32 + 18 px across samples
       {40, 13, 13, 24, 1, 2, 0, 1, true, false, true, false},   // 1x1/2 to 7x7 (packed): a 17-column tail
+      {40, 28, 28, 24, 3, 2, 1, 1, true, true, true, false},    // 3x3/2 to 14x14: few groups, rows split again
   };
   const SimdLevel old = aimass::simd_level();
   const int old_threads = aimass::num_threads();
