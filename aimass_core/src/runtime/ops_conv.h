@@ -23,10 +23,10 @@
 // - Threads: work items are (group of panels) x (range of weight row blocks); the row
 //   range is split only when there are too few panels to keep every thread busy.
 //
-// - AVX-512 tile widths: a panel's tail of <= 16 columns runs a half tile (8 zmm accumulators), one of
-//   17..20 columns the half tile plus one ymm accumulator (8 rows in lanes) per extra column
-//   (AIMASS_CONV_TAIL=0: the full tile), so a 7x7 plane at batch 1 (49 = 32 + 17 pixels) and a 14x14
-//   plane's 49 Winograd tiles cost about 1.5 tiles instead of 2.
+// - AVX-512 tile widths: a panel's tail of <= 8 columns runs 8 ymm accumulators, one of 9..16 a half
+//   tile (8 zmm), one of 17..20 columns the half tile plus one ymm accumulator (8 rows in lanes) per
+//   extra column (AIMASS_CONV_TAIL=0: the half and full tiles only), so a 7x7 plane at batch 1
+//   (49 = 32 + 17 pixels) and a 14x14 plane's 49 Winograd tiles cost about 1.5 tiles instead of 2.
 // Each output is sum_k a[m,k] b[k,j] in k order, then + bias, + residual, then ReLU; the
 // scalar tile is the reference (the SIMD tiles differ by FMA rounding only). Raw
 // pointers only in the SIMD translation units.

@@ -14,7 +14,7 @@ namespace aimass::runtime::conv {
 namespace {
 
 constexpr int64_t kPrefetchOutTaps = 16;
-// AIMASS_CONV_TAIL=0 (read once) runs 17..20-column tails on the full tile (A/B runs)
+// AIMASS_CONV_TAIL=0 (read once): <= 8-column tails on the half tile, 17..20 on the full one (A/B runs)
 inline bool tail_enabled() {
   static const bool on = [] { const char* e = std::getenv("AIMASS_CONV_TAIL"); return !(e && std::strcmp(e, "0") == 0); }();
   return on;
@@ -170,6 +170,44 @@ inline void tile_tail(int64_t kc, const float* a, const float* b, float* c, int6
   epilogue_tail<R>(e, c, ldc, mvalid, accumulate, bias, res, relu);
 }
 
+// A packed panel's tail of <= 8 columns as 8 ymm accumulators: 8 ymm FMAs per tap where the half tile
+// issues 8 zmm (a core with two 256-bit FMA pipes runs them in half the time). 196 = 6 x 32 + 4: a 14x14
+// plane at batch 1, a 28x28 plane's Winograd tiles; 392 = 12 x 32 + 8: a 7x7 plane at batch 8.
+inline void tile_quarter(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid,
+                         int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu) {
+  constexpr int64_t kPfA = 512;  // as tile_core: floats ahead in the weight stream
+  __m256 q[8];
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) q[m] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) {
+    const __m256 bk = _mm256_load_ps(b + k * kNR);
+    const float* ak = a + k * kMR;
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) q[m] = _mm256_fmadd_ps(_mm256_set1_ps(ak[m]), bk, q[m]);
+  };
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
+  }
+  if (k < kc) step(k);
+  // the epilogue of `epilogue` on 8 columns
+  const __mmask8 km = static_cast<__mmask8>((1u << ncols) - 1);
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) {
+    if (m >= mvalid) break;
+    float* cr = c + m * ldc;
+    __m256 v = q[m];
+    if (accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(km, cr), v);
+    if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[m]));
+    if (res) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(km, res + m * ldc));
+    if (relu) v = _mm256_max_ps(zero, v);  // v when NaN
+    _mm256_mask_storeu_ps(cr, km, v);
+  }
+}
+
 }  // namespace
 
 void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
@@ -177,6 +215,7 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
   static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
   __m512 c0[8], c1[8];
   if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
+  if (ncols <= 8 && tail_enabled()) return tile_quarter(kc, a, b, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
   if (ncols > 16 && ncols <= 16 + kTailMax && tail_enabled()) {
     switch (ncols - 16) {
       case 1: return tile_tail<1>(kc, a, b, c, ldc, mvalid, accumulate, bias, res, relu);
