@@ -90,7 +90,8 @@ inline int64_t group_panels(int64_t NPt, int64_t kc, bool long_ok, int64_t threa
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
 // acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
 // then + bias[m] (nullable), + res[m * ldc + j] (nullable), max(0, .) when relu (NaN kept).
-// a: kc x kMR floats; b: kc x kNR floats, 64-byte aligned.
+// a: kc x kMR floats, 32-byte aligned (a tail tile loads a tap's 8 weights as one ymm); b: kc x kNR floats,
+// 64-byte aligned.
 // The scalar tiles' epilogue for one row: cr[j] = relu?(acc[j] + bias (+ res[j])), j < ncols
 // (bias / res nullable: bias points at the row's bias).
 inline void store_row_scalar(const float* acc, int64_t ncols, const float* bias, const float* res, bool relu,
