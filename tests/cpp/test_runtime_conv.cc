@@ -108,6 +108,9 @@ TEST(RuntimeConvWinograd, MatchesDoubleReferenceAndDirectKernel) {
       {16, 12, 40, 16, 2, 1, true, false, true},  // padding 2, runs of > 16 tiles (two vector chunks)
       {24, 8, 8, 32, 0, 2, true, true, false},    // no padding
       {16, 3, 3, 16, 0, 4, false, false, true},   // 1x1 output: one clipped tile per sample
+      {136, 7, 7, 20, 1, 1, true, true, true},    // 16 tiles: one half-width panel, two K-slices
+      {24, 7, 7, 16, 1, 3, true, false, true},    // 48 tiles: a full panel, then a half one across samples
+      {144, 14, 14, 20, 1, 1, true, true, true},  // 49 tiles: a full panel and a 17-column tail, two K-slices
   };
   const SimdLevel old = aimass::simd_level();
   const int old_threads = aimass::num_threads();
@@ -155,10 +158,13 @@ TEST(RuntimeConvWinograd, EligibilityAndPerBatchChoice) {
   dilated.DH = 2;
   EXPECT_FALSE(conv::wino_eligible(dilated));
   EXPECT_FALSE(conv::wino_eligible(shape3x3(3, 56, 56, 64, 1)));  // too few channels to pay
-  // a 7x7 plane fills half a 32-tile panel at batch 1 (direct), four full panels at batch 8
+  // a 7x7 plane is 16 tiles at batch 1, one half-width panel (direct: a full and a 17-column panel),
+  // four full panels at batch 8
   const Conv2dShape late = shape3x3(512, 7, 7, 512, 1);
-  EXPECT_FALSE(conv::wino_pays(late, 1));
+  EXPECT_TRUE(conv::wino_pays(late, 1));
   EXPECT_TRUE(conv::wino_pays(late, 8));
+  // a 3x3 plane: one clipped tile against 9 pixels, both a half panel (16 vs 9 products: direct)
+  EXPECT_FALSE(conv::wino_pays(shape3x3(64, 3, 3, 64, 1), 1));
   // kAuto keeps the direct weights only for shapes that run direct at some batch size
   std::vector<float> w(static_cast<size_t>(16 * 16 * 9), 0.1f);
   const Conv2dShape big = shape3x3(16, 20, 20, 16, 1), small = shape3x3(16, 3, 3, 16, 1);
@@ -226,6 +232,10 @@ TEST(RuntimeConvDirect, LongAndShortPanelGroupsMatchDoubleReference) {
       {20, 33, 33, 16, 3, 2, 1, 2, true, true, true, false},    // 3x3/2, 180 taps: two K-slices
       {16, 34, 34, 32, 1, 2, 0, 2, false, false, false, true},  // 1x1/2 (packed, strided)
       {8, 9, 9, 8, 3, 1, 1, 5, true, true, true, false},        // small plane (81 px) at batch 5
+      {20, 13, 13, 19, 3, 2, 1, 1, true, true, true, false},    // 3x3/2 to 7x7: 49 = 32 + 17 px, two K-slices
+      {8, 5, 5, 12, 3, 1, 1, 2, false, true, true, false},      // 50 = 32 + 18 px across samples
+      {40, 13, 13, 24, 1, 2, 0, 1, true, false, true, false},   // 1x1/2 to 7x7 (packed): a 17-column tail
+      {40, 28, 28, 24, 3, 2, 1, 1, true, true, true, false},    // 3x3/2 to 14x14: few groups, rows split again
   };
   const SimdLevel old = aimass::simd_level();
   const int old_threads = aimass::num_threads();
@@ -338,4 +348,57 @@ TEST(RuntimeConvPhase, Eligibility) {
   EXPECT_THROW(conv::run_phase(pc, x.data(), 1, nullptr, false, y.data()), aimass::ValueError);
   conv::PackedConv ps(std::vector<float>(64 * 147, 0.1f).data(), nullptr, stem, conv::PackedConv::kNoWino);
   EXPECT_EQ(ps.phase, conv::phase_enabled());
+}
+
+// The 8 x 32 tiles of every level against the scalar tile at every column count (the AVX-512 tile
+// runs <= 16 columns as a half tile and 17..20 as the half tile plus per-column ymm accumulators),
+// every row count, with and without accumulation, bias, residual and ReLU; a NaN in B reaches only
+// its own column (rows keep it through ReLU).
+TEST(RuntimeConvTile, EveryLevelMatchesScalarAtEveryWidth) {
+  const SimdLevel best = aimass::set_simd_level(SimdLevel::AVX512);
+  aimass::set_simd_level(best);
+  std::mt19937 rng(13);
+  const int64_t ldc = 37;
+  for (int64_t kc : {1, 2, 7, 64, 129}) {
+    aimass::AlignedBuffer abuf(static_cast<size_t>(kc * conv::kMR) * sizeof(float)),
+        bbuf(static_cast<size_t>(kc * conv::kNR) * sizeof(float));
+    float* a = static_cast<float*>(abuf.data());
+    float* b = static_cast<float*>(bbuf.data());
+    const std::vector<float> av = randv(rng, static_cast<size_t>(kc * conv::kMR), 1.f),
+                             bv = randv(rng, static_cast<size_t>(kc * conv::kNR), 1.f);
+    std::copy(av.begin(), av.end(), a);
+    std::copy(bv.begin(), bv.end(), b);
+    b[(kc / 2) * conv::kNR + 17] = std::numeric_limits<float>::quiet_NaN();  // column 17
+    const std::vector<float> bias = randv(rng, 8, 1.f), res = randv(rng, 8 * ldc, 1.f),
+                             c0 = randv(rng, 8 * ldc, 1.f);
+    for (int64_t ncols = 1; ncols <= conv::kNR; ++ncols)
+      for (int64_t mvalid : {1, 5, 8})
+        for (int flags = 0; flags < 16; ++flags) {
+          const bool acc = flags & 1, relu = flags & 8;
+          const float* bp = flags & 2 ? bias.data() : nullptr;
+          const float* rp = flags & 4 ? res.data() : nullptr;
+          std::vector<float> want = c0;
+          conv::tile_scalar(kc, a, b, want.data(), ldc, mvalid, ncols, acc, bp, rp, relu);
+          for (SimdLevel lv : {SimdLevel::AVX2, SimdLevel::AVX512}) {
+            if (static_cast<int>(lv) > static_cast<int>(best)) continue;
+            std::vector<float> got = c0;
+            conv::tile_for(lv)(kc, a, b, got.data(), ldc, mvalid, ncols, acc, bp, rp, relu);
+            for (int64_t m = 0; m < 8; ++m)
+              for (int64_t j = 0; j < ldc; ++j) {
+                const size_t i = static_cast<size_t>(m * ldc + j);
+                if (m >= mvalid || j >= ncols) {
+                  ASSERT_EQ(got[i], c0[i]) << "outside the tile: m " << m << " j " << j << " ncols " << ncols;
+                } else if (std::isnan(want[i])) {
+                  ASSERT_TRUE(std::isnan(got[i])) << "m " << m << " j " << j;
+                  ASSERT_EQ(j, 17);
+                } else {
+                  ASSERT_NEAR(got[i], want[i], 1e-5 * (std::sqrt(double(kc)) + std::fabs(want[i])))
+                      << "level " << static_cast<int>(lv) << " kc " << kc << " ncols " << ncols << " mvalid "
+                      << mvalid << " flags " << flags << " m " << m << " j " << j;
+                }
+              }
+          }
+        }
+  }
+  aimass::set_simd_level(best);
 }

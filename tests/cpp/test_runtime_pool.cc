@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "aimass/cpu_features.h"
+#include "aimass/parallel.h"
+#include "runtime/ops.h"
 #include "runtime/ops_pool.h"
 
 namespace pool = aimass::runtime::ops::pool;
@@ -57,4 +59,55 @@ TEST(RuntimeMaxPoolRows, EveryLevelMatchesScalar) {
   const float u3[3 + pool::kRowSlack] = {1.f, 2.f, nan};
   pool::hmax3s2_scalar(u3, 1, &d);
   EXPECT_TRUE(std::isnan(d));
+}
+
+// Adaptive average pooling (ops.h): the global pool (one contiguous plane per channel, summed in 8
+// partial sums) and general windows, at odd sizes, batch > 1 and 1-3 threads, against a double
+// reference; a NaN reaches only its own channel's windows.
+TEST(RuntimeAdaptiveAvgPool, MatchesDoubleReference) {
+  struct Case {
+    int64_t N, C, H, W, OH, OW;
+  };
+  const Case cases[] = {{1, 2048, 7, 7, 1, 1}, {3, 5, 1, 1, 1, 1}, {2, 7, 9, 13, 1, 1}, {2, 3, 10, 9, 3, 4},
+                        {1, 4, 5, 23, 2, 5},    {2, 3, 7, 7, 7, 7}};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.5f, 1.f);
+  const int old_threads = aimass::num_threads();
+  for (const Case& k : cases) {
+    std::vector<float> x(static_cast<size_t>(k.N * k.C * k.H * k.W));
+    for (auto& v : x) v = nd(rng);
+    const size_t nan_at = static_cast<size_t>(rng() % x.size());
+    x[nan_at] = std::numeric_limits<float>::quiet_NaN();
+    const int64_t nan_plane = static_cast<int64_t>(nan_at) / (k.H * k.W);
+    const int64_t nan_h = static_cast<int64_t>(nan_at) / k.W % k.H, nan_w = static_cast<int64_t>(nan_at) % k.W;
+    for (int t : {1, 2, 3}) {
+      aimass::set_num_threads(t);
+      std::vector<float> y(static_cast<size_t>(k.N * k.C * k.OH * k.OW), -1.f);
+      aimass::runtime::ops::adaptive_avg_pool2d(x.data(), k.N, k.C, k.H, k.W, k.OH, k.OW, y.data());
+      for (int64_t pc = 0; pc < k.N * k.C; ++pc)
+        for (int64_t oh = 0; oh < k.OH; ++oh)
+          for (int64_t ow = 0; ow < k.OW; ++ow) {
+            const int64_t hs = oh * k.H / k.OH, he = ((oh + 1) * k.H + k.OH - 1) / k.OH;
+            const int64_t ws = ow * k.W / k.OW, we = ((ow + 1) * k.W + k.OW - 1) / k.OW;
+            double acc = 0, mag = 0;
+            for (int64_t h = hs; h < he; ++h)
+              for (int64_t w = ws; w < we; ++w) {
+                const float v = x[static_cast<size_t>((pc * k.H + h) * k.W + w)];
+                if (!std::isnan(v)) mag += std::fabs(v);
+                acc += v;
+              }
+            const double cnt = static_cast<double>((he - hs) * (we - ws));
+            const float got = y[static_cast<size_t>((pc * k.OH + oh) * k.OW + ow)];
+            const bool has_nan = pc == nan_plane && nan_h >= hs && nan_h < he && nan_w >= ws && nan_w < we;
+            if (has_nan) {
+              EXPECT_TRUE(std::isnan(got)) << "plane " << pc << " window " << oh << "," << ow;
+            } else {
+              ASSERT_NEAR(got, acc / cnt, 2e-6 * (mag / cnt + 1e-30) + 1e-7)
+                  << "N" << k.N << " C" << k.C << " " << k.H << "x" << k.W << " -> " << k.OH << "x" << k.OW
+                  << " threads " << t << " plane " << pc;
+            }
+          }
+    }
+  }
+  aimass::set_num_threads(old_threads);
 }

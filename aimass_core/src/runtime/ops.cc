@@ -626,8 +626,29 @@ void avg_pool2d(const float* x, int64_t N, const Pool2dShape& s, float* y) {
                });
 }
 
+namespace {
+// sum of n contiguous floats in 8 interleaved partial sums (lane l adds elements l, l + 8, ...), then
+// the tail and the lanes in order: one add chain of n/8 instead of n (the global pool of ResNet-50's
+// 2048 x 7 x 7 ran latency-bound, 0.07 ms at batch 1 and 0.5 ms at batch 8 against onnxruntime's 0.01
+// and 0.08), and the compiler keeps the 8 lanes in vector registers of the baseline ISA.
+inline float sum_contig(const float* v, int64_t n) {
+  float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) a[l] += v[i + l];
+  for (int l = 0; i < n; ++i, ++l) a[l] += v[i];
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+}  // namespace
+
 void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                          float* y) {
+  if (OH == 1 && OW == 1) {  // global pool: the plane is one contiguous run
+    parallel_for(0, N * C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(H * W, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t pc = b; pc < e; ++pc) y[pc] = sum_contig(x + pc * H * W, H * W) / static_cast<float>(H * W);
+    });
+    return;
+  }
   parallel_for(0, N * C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(H * W, 1)), [&](int64_t b, int64_t e) {
     for (int64_t pc = b; pc < e; ++pc) {
       const float* src = x + pc * H * W;
@@ -637,8 +658,7 @@ void adaptive_avg_pool2d(const float* x, int64_t N, int64_t C, int64_t H, int64_
         for (int64_t ow = 0; ow < OW; ++ow) {
           const int64_t ws = (ow * W) / OW, we = ((ow + 1) * W + OW - 1) / OW;
           float acc = 0.f;
-          for (int64_t ih = hs; ih < he; ++ih)
-            for (int64_t iw = ws; iw < we; ++iw) acc += src[ih * W + iw];
+          for (int64_t ih = hs; ih < he; ++ih) acc += sum_contig(src + ih * W + ws, we - ws);
           dst[oh * OW + ow] = acc / static_cast<float>((he - hs) * (we - ws));
         }
       }

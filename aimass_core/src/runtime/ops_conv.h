@@ -23,6 +23,10 @@
 // - Threads: work items are (group of panels) x (range of weight row blocks); the row
 //   range is split only when there are too few panels to keep every thread busy.
 //
+// - AVX-512 tile widths: a panel's tail of <= 8 columns runs 8 ymm accumulators, one of 9..16 a half
+//   tile (8 zmm), one of 17..20 columns the half tile plus one ymm accumulator (8 rows in lanes) per
+//   extra column (AIMASS_CONV_TAIL=0: the half and full tiles only), so a 7x7 plane at batch 1
+//   (49 = 32 + 17 pixels) and a 14x14 plane's 49 Winograd tiles cost about 1.5 tiles instead of 2.
 // Each output is sum_k a[m,k] b[k,j] in k order, then + bias, + residual, then ReLU; the
 // scalar tile is the reference (the SIMD tiles differ by FMA rounding only). Raw
 // pointers only in the SIMD translation units.
@@ -86,7 +90,8 @@ inline int64_t group_panels(int64_t NPt, int64_t kc, bool long_ok, int64_t threa
 // C tile: rows m < mvalid at c + m * ldc, columns [0, ncols) (ncols <= kNR).
 // acc = (accumulate ? c : 0) + sum_{k < kc} a[k * kMR + m] * b[k * kNR + j];
 // then + bias[m] (nullable), + res[m * ldc + j] (nullable), max(0, .) when relu (NaN kept).
-// a: kc x kMR floats; b: kc x kNR floats, 64-byte aligned.
+// a: kc x kMR floats, 32-byte aligned (a tail tile loads a tap's 8 weights as one ymm); b: kc x kNR floats,
+// 64-byte aligned.
 // The scalar tiles' epilogue for one row: cr[j] = relu?(acc[j] + bias (+ res[j])), j < ncols
 // (bias / res nullable: bias points at the row's bias).
 inline void store_row_scalar(const float* acc, int64_t ncols, const float* bias, const float* res, bool relu,

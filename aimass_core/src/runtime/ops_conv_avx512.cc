@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "runtime/ops_conv.h"
 
@@ -11,7 +13,12 @@ namespace aimass::runtime::conv {
 
 namespace {
 
-constexpr int64_t kPrefetchOutTaps = 16;  // a tile this long hides its output lines' misses
+constexpr int64_t kPrefetchOutTaps = 16;
+// AIMASS_CONV_TAIL=0 (read once): <= 8-column tails on the half tile, 17..20 on the full one (A/B runs)
+inline bool tail_enabled() {
+  static const bool on = [] { const char* e = std::getenv("AIMASS_CONV_TAIL"); return !(e && std::strcmp(e, "0") == 0); }();
+  return on;
+}  // a tile this long hides its output lines' misses
 
 // The tile's epilogue: (+ c when accumulating), + bias, + residual, ReLU, masked stores of the
 // mvalid x ncols tile.
@@ -103,6 +110,104 @@ inline void prefetch_out(const float* c, int64_t ldc, int64_t mvalid, int64_t nc
   }
 }
 
+// A packed panel's tail of 16 + R columns (R <= kTailMax): columns 0..15 as the half tile, columns
+// 16..16+R-1 as R ymm accumulators with the 8 rows in lanes (the tap's 8 weights are one ymm, each
+// extra column's B value a broadcast). 8 zmm + R ymm FMAs per tap instead of the full tile's 16 zmm:
+// a 7x7 plane at batch 1 is 49 = 32 + 17 pixels, and a 14x14 plane's 49 Winograd tiles the same.
+constexpr int kTailMax = 4;
+
+template <int R>
+inline void tile_core_tail(int64_t kc, const float* a, const float* b, __m512 (&c0)[8], __m256 (&e)[R]) {
+  constexpr int64_t kPfA = 512;  // as tile_core: floats ahead in the weight stream
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) c0[m] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) e[i] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) {
+    const float* bk = b + k * kNR;
+    const __m512 b0 = _mm512_load_ps(bk);
+    const __m256 ar = _mm256_load_ps(a + k * kMR);  // the packed weights are 32-byte aligned per tap
+    fma_tap<true>(a + k * kMR, b0, b0, c0, c0);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) e[i] = _mm256_fmadd_ps(ar, _mm256_broadcast_ss(bk + 16 + i), e[i]);
+  };
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
+  }
+  if (k < kc) step(k);
+}
+
+// The extra columns' epilogue, in the order of `epilogue`: (c +) sum, + bias, + residual, ReLU.
+template <int R>
+inline void epilogue_tail(const __m256 (&e)[R], float* c, int64_t ldc, int64_t mvalid, bool accumulate,
+                          const float* bias, const float* res, bool relu) {
+  alignas(32) float t[R][8];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) _mm256_store_ps(t[i], e[i]);
+  for (int64_t m = 0; m < mvalid; ++m) {
+    float* cr = c + m * ldc + 16;
+    for (int i = 0; i < R; ++i) {
+      float v = t[i][m];
+      if (accumulate) v = cr[i] + v;
+      if (bias) v += bias[m];
+      if (res) v += res[m * ldc + 16 + i];
+      if (relu) v = v < 0.f ? 0.f : v;  // NaN kept (the compare is false)
+      cr[i] = v;
+    }
+  }
+}
+
+template <int R>
+inline void tile_tail(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid,
+                      bool accumulate, const float* bias, const float* res, bool relu) {
+  __m512 c0[8];
+  __m256 e[R];
+  tile_core_tail<R>(kc, a, b, c0, e);
+  epilogue(c0, c0, c, ldc, mvalid, 16, accumulate, bias, res, relu);
+  epilogue_tail<R>(e, c, ldc, mvalid, accumulate, bias, res, relu);
+}
+
+// A packed panel's tail of <= 8 columns as 8 ymm accumulators: 8 ymm FMAs per tap where the half tile
+// issues 8 zmm (a core with two 256-bit FMA pipes runs them in half the time). 196 = 6 x 32 + 4: a 14x14
+// plane at batch 1, a 28x28 plane's Winograd tiles; 392 = 12 x 32 + 8: a 7x7 plane at batch 8.
+inline void tile_quarter(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid,
+                         int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu) {
+  constexpr int64_t kPfA = 512;  // as tile_core: floats ahead in the weight stream
+  __m256 q[8];
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) q[m] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) {
+    const __m256 bk = _mm256_load_ps(b + k * kNR);
+    const float* ak = a + k * kMR;
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) q[m] = _mm256_fmadd_ps(_mm256_set1_ps(ak[m]), bk, q[m]);
+  };
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
+  }
+  if (k < kc) step(k);
+  // the epilogue of `epilogue` on 8 columns
+  const __mmask8 km = static_cast<__mmask8>((1u << ncols) - 1);
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) {
+    if (m >= mvalid) break;
+    float* cr = c + m * ldc;
+    __m256 v = q[m];
+    if (accumulate) v = _mm256_add_ps(_mm256_maskz_loadu_ps(km, cr), v);
+    if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[m]));
+    if (res) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(km, res + m * ldc));
+    if (relu) v = _mm256_max_ps(zero, v);  // v when NaN
+    _mm256_mask_storeu_ps(cr, km, v);
+  }
+}
+
 }  // namespace
 
 void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid, int64_t ncols,
@@ -110,6 +215,15 @@ void tile_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t l
   static_assert(kMR == 8 && kNR == 32, "the tile is written for 8 x 32");
   __m512 c0[8], c1[8];
   if (kc >= kPrefetchOutTaps) prefetch_out(c, ldc, mvalid, ncols, res);
+  if (ncols <= 8 && tail_enabled()) return tile_quarter(kc, a, b, c, ldc, mvalid, ncols, accumulate, bias, res, relu);
+  if (ncols > 16 && ncols <= 16 + kTailMax && tail_enabled()) {
+    switch (ncols - 16) {
+      case 1: return tile_tail<1>(kc, a, b, c, ldc, mvalid, accumulate, bias, res, relu);
+      case 2: return tile_tail<2>(kc, a, b, c, ldc, mvalid, accumulate, bias, res, relu);
+      case 3: return tile_tail<3>(kc, a, b, c, ldc, mvalid, accumulate, bias, res, relu);
+      default: return tile_tail<4>(kc, a, b, c, ldc, mvalid, accumulate, bias, res, relu);
+    }
+  }
   if (ncols <= 16)
     tile_core<true, false, true>(kc, a, b, kNR, c0, c1);
   else

@@ -21,17 +21,36 @@ bool wino_enabled() {
   return on;
 }
 
+namespace {
+bool wino_fine_split() {  // AIMASS_WINO_SPLIT=0 (read once): one row split per thread (A/B runs)
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_WINO_SPLIT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+}  // namespace
+
 bool wino_eligible(const ops::Conv2dShape& s) {
   // tiny convs: the transforms would cost more than the products they save
   return s.G == 1 && s.KH == 3 && s.KW == 3 && s.SH == 1 && s.SW == 1 && s.DH == 1 && s.DW == 1 && s.C >= 16 &&
          s.O >= 16;
 }
 
+namespace {
+// Cost of `cols` columns in half panels: a panel's tail of <= 16 columns runs the half-width tile.
+inline int64_t half_panels(int64_t cols) {
+  const int64_t rem = cols % kNR;
+  return 2 * (cols / kNR) + (rem == 0 ? 0 : rem <= kNR / 2 ? 1 : 2);
+}
+}  // namespace
+
 bool wino_pays(const ops::Conv2dShape& s, int64_t N) {
   const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPix = N * s.OH * s.OW;
-  // products per 32-column panel: 16 (one per transform position) vs 9 taps; the transforms
-  // cost about a fifth more
-  const int64_t wino = 16 * ((NT + kNR - 1) / kNR) * 6, direct = 9 * ((NPix + kNR - 1) / kNR) * 5;
+  // products per panel: 16 (one per transform position) vs 9 taps; the transforms cost about a
+  // fifth more. A 7x7 plane at batch 1 is 16 tiles, one half-width panel, against 49 pixels in a
+  // full and a 17-column panel direct.
+  const int64_t wino = 16 * half_panels(NT) * 6, direct = 9 * half_panels(NPix) * 5;
   return wino < direct;
 }
 
@@ -153,10 +172,16 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
   const int64_t C = s.C, MB = pc.MB, UKS = pc.UKS;
   const int64_t NT = N * ((s.OH + 1) / 2) * ((s.OW + 1) / 2), NPt = (NT + kNR - 1) / kNR;
   // items: (tile panel) x (range of weight row blocks); the rows are split so M stays within
-  // kWinoRows rows, and further when there are too few panels to keep every thread busy
-  // (every item transforms its panel's input itself)
+  // kWinoRows rows, and further when there are too few panels to keep every thread busy (every
+  // item transforms its panel's input itself: one split per thread). A full panel and a partial
+  // tail are unequal work: a 14x14 plane at batch 1 is a 32-tile and a 17-tile panel (~1 and ~0.5
+  // tiles per product), which two items gave two threads as 1 and 0.5; such panels get two items
+  // per thread (each thread ~0.75, plus one more input transform).
   const int64_t maxb = kWinoRows / kMR;
-  const int64_t msplit = row_splits(NPt, MB, (MB + maxb - 1) / maxb, true);
+  int64_t msplit = row_splits(NPt, MB, (MB + maxb - 1) / maxb, true);
+  const int64_t T = num_threads();
+  if (wino_fine_split() && T > 1 && NPt > 1 && NT % kNR != 0 && NPt * msplit < 2 * T)
+    msplit = std::min(MB, (2 * T + NPt - 1) / NPt);
   const int64_t items = NPt * msplit, rows_max = ((MB + msplit - 1) / msplit) * kMR;
   const int64_t xs = MB * kMR * C;  // between the transform positions of u
 
@@ -173,8 +198,10 @@ void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* 
         win(x, s, runs, c0, kc, V);
         for (int xi = 0; xi < 16; ++xi)
           for (int64_t mb = mb0; mb < mb1; ++mb)
+            // runs.nc columns: a panel of <= 16 tiles takes the half-width tile (M's other columns
+            // are never read)
             tile(kc, pc.u + xi * xs + (c0 * MB + mb * kc) * kMR, V + xi * wino_vstride(kc),
-                 Mb + xi * mxs + (mb - mb0) * kMR * kNR, kNR, kMR, kNR, c0 > 0, nullptr, nullptr, false);
+                 Mb + xi * mxs + (mb - mb0) * kMR * kNR, kNR, kMR, runs.nc, c0 > 0, nullptr, nullptr, false);
       }
       wout(Mb, mxs, s, runs, mb0 * kMR, std::min(mb1 * kMR, s.O) - mb0 * kMR, pc.b, res, relu, y);
     }
