@@ -108,6 +108,7 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
     b = static_cast<float*>(bbuf.data());
     std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
   }
+  if (wino == kBoth ? ops::is_pointwise(s) && s.G == 1 : cl_enabled() && cl_pays(s, 1)) pack_cl(weight);
   if (use_u && wino == kAuto && wino_pays(s, 1)) return;  // every batch size runs Winograd
   wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(MB * Kc * kMR, 16)) * sizeof(float));  // zeroed
   w = static_cast<float*>(wbuf.data());
@@ -146,6 +147,10 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   const SimdLevel lvl = simd_level();
   if (pc.phase && (lvl >= SimdLevel::AVX512 || lvl < SimdLevel::AVX2)) {  // AVX2 packs (no offset tile)
     run_phase(pc, x, N, res, relu, y);
+    return;
+  }
+  if (pc.wcl && lvl >= SimdLevel::AVX512 && cl_pays(s, N)) {
+    run_cl(pc, x, N, res, relu, y);
     return;
   }
   const TileFn tile = tile_for(lvl);

@@ -1,0 +1,91 @@
+// The CL path of pointwise convs on small planes (ops_conv.h): when it pays, and the work split.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "aimass/cpu_features.h"
+#include "aimass/error.h"
+#include "aimass/memory.h"
+#include "aimass/parallel.h"
+#include "runtime/ops_conv.h"
+
+namespace aimass::runtime::conv {
+
+namespace {
+// AIMASS_CONV_CL: 0 off, 2 every pointwise conv with >= kCLRows outputs (tests, A/B), else cl_pays' rule
+int cl_mode() {
+  static const int mode = [] {
+    const char* e = std::getenv("AIMASS_CONV_CL");
+    return e && *e ? std::atoi(e) : 1;
+  }();
+  return mode;
+}
+}  // namespace
+
+bool cl_enabled() { return cl_mode() != 0; }
+
+bool cl_pays(const ops::Conv2dShape& s, int64_t N) {
+  if (!cl_enabled() || !ops::is_pointwise(s) || s.G != 1 || s.O < kCLRows || N < 1) return false;
+  if (cl_mode() == 2) return true;
+  // lanes the pixel panels fill: full 32-column panels, a tail of <= 16 in a half tile
+  const int64_t NPix = N * s.OH * s.OW, tail = NPix % kNR;
+  const int64_t cols = NPix / kNR * kNR + (tail == 0 ? 0 : tail <= 16 ? 16 : kNR);
+  // every CL tile re-reads its sample's taps (and the block's weights) from L2: only while the
+  // whole input fits there beside them
+  const int64_t in_bytes = N * s.C * s.H * s.W * static_cast<int64_t>(sizeof(float));
+  if (in_bytes > (int64_t{1} << 20)) return false;
+  // Where the panels waste a sixteenth of their lanes or more (ResNet-50's 7x7 at batch 1: 49 of
+  // 64), or the conv reduces (O <= C / 2: the panels' K-slices read and write the small output
+  // again per slice; 14x14 1024 -> 256 at batch 1). ResNet-50 batch 1, 1 thread, min of 45 calls,
+  // loaded machine, panels -> CL (onnxruntime): 7x7 2048 -> 512 1.195 -> 1.00 ms (0.97-0.99),
+  // 512 -> 2048 1.20 -> 1.08 (1.02), 14x14 1024 -> 256 1.01 -> 0.93 (0.91), 1024 -> 512 1.96 ->
+  // 1.86 (1.81). Slower with CL: the expanding 14x14 256 -> 1024 (1.01 -> 1.07) and 28x28 convs.
+  return 16 * NPix < 15 * cols || 2 * s.O <= s.C;
+}
+
+void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
+                    int64_t P, int64_t ov, const float* resb, bool relu) {
+  for (int64_t m = 0; m < ov; ++m)
+    for (int64_t j = 0; j < R; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < Kc; ++k) acc += wb[k * kCLRows + m] * xb[k * HW + j];
+      float v = bias ? acc + bias[m] : acc;
+      if (resb) v += resb[m * P + j];
+      yb[m * P + j] = relu ? (v < 0.f ? 0.f : v) : v;  // NaN kept
+    }
+}
+
+void PackedConv::pack_cl(const float* weight) {
+  const int64_t CB = (s.O + kCLRows - 1) / kCLRows;
+  clbuf = AlignedBuffer(static_cast<size_t>(CB * Kc * kCLRows) * sizeof(float));  // zeroed
+  wcl = static_cast<float*>(clbuf.data());
+  for (int64_t o = 0; o < s.O; ++o) {
+    float* dst = wcl + (o / kCLRows) * Kc * kCLRows + o % kCLRows;
+    const float* src = weight + o * Kc;
+    for (int64_t k = 0; k < Kc; ++k) dst[k * kCLRows] = src[k];
+  }
+}
+
+void run_cl(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  AIMASS_CHECK(pc.wcl, ValueError, "conv::run_cl: the conv's CL weights were not packed");
+  const ops::Conv2dShape& s = pc.s;
+  const auto tile = simd_level() >= SimdLevel::AVX512 ? tile_cl_avx512 : tile_cl_scalar;
+  const int64_t P = s.OH * s.OW, HW = s.H * s.W, CHW = s.C * HW, OP = s.O * P, Kc = pc.Kc;
+  const int64_t nt = (P + kCLPix - 1) / kCLPix;          // pixel tiles per sample, (almost) equal
+  const int64_t CB = (s.O + kCLRows - 1) / kCLRows;      // 32-channel blocks
+  const int64_t per_cb = N * nt;
+  // channel-block-major: consecutive items share the block's weights (32 x Kc floats, in L2)
+  run_items(CB * per_cb, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t cb = it / per_cb, n = (it % per_cb) / nt, t = it % nt;
+      const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
+      const int64_t co0 = cb * kCLRows, ov = std::min(kCLRows, s.O - co0);
+      const int64_t yo = n * OP + co0 * P + p0;
+      tile(pc.wcl + cb * Kc * kCLRows, Kc, pc.b ? pc.b + co0 : nullptr, x + n * CHW + p0, HW, p1 - p0, y + yo, P, ov,
+           res ? res + yo : nullptr, relu);
+    }
+  });
+}
+
+}  // namespace aimass::runtime::conv
