@@ -432,3 +432,53 @@ TEST(RuntimeConvCL, Eligibility) {
                      conv::PackedConv::kNoWino);
   EXPECT_EQ(a.wcl, nullptr);
 }
+
+// Strided 1x1 convs run as pointwise convs on the subsampled input: the row copy at every width
+// 1..40 and strides 2-3 against the scalar one (nothing past the last tap is read: the row ends
+// at the buffer's end), and the whole conv against double at every level and 1-3 threads: odd
+// input sizes (the last column and row not read), stride 3, a 7x7 output (CL at batch 1 when
+// AVX-512), batch > 1, K-slices, residual + ReLU.
+TEST(RuntimeConvDecimate, RowCopyAndConvMatchReference) {
+  std::mt19937 rng(3);
+  for (int64_t SW : {2, 3})
+    for (int64_t OW = 1; OW <= 40; ++OW) {
+      const int64_t W = (OW - 1) * SW + 1;
+      std::vector<float> src = randv(rng, static_cast<size_t>(W), 1.f);  // exactly the taps' span
+      std::vector<float> a(static_cast<size_t>(OW), -7.f), b(static_cast<size_t>(OW), -7.f);
+      conv::decimate_row_scalar(src.data(), SW, OW, a.data());
+      if (aimass::cpu_features().avx512f && aimass::cpu_features().avx512bw)
+        conv::decimate_row_avx512(src.data(), SW, OW, b.data());
+      else
+        b = a;
+      for (int64_t j = 0; j < OW; ++j) {
+        ASSERT_EQ(a[j], src[j * SW]) << "SW " << SW << " OW " << OW;
+        ASSERT_EQ(b[j], src[j * SW]) << "SW " << SW << " OW " << OW;
+      }
+    }
+  struct SCase {
+    int64_t C, H, W, O, stride, N;
+    bool bias, res, relu;
+  };
+  const SCase cases[] = {
+      {24, 15, 17, 40, 2, 2, true, true, true},    // odd sizes: 8 x 9 output, last row/column unread
+      {40, 14, 14, 64, 2, 1, true, true, true},    // 7x7 output at batch 1 (CL on AVX-512)
+      {300, 9, 10, 24, 3, 3, false, true, false},  // stride 3, three K-slices, batch 3
+      {16, 34, 34, 32, 2, 2, true, false, true},   // 17x17 output, panels crossing samples
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  for (const SCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, 1, k.stride, 0);
+    ASSERT_TRUE(conv::decimate_ok(s));
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kAuto);
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " /" + std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run(pc, d.x.data(), k.N, d.res, k.relu, y); });
+  }
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 1, 1, 0)));  // stride 1: pointwise already
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 1, 2, 1)));  // padded
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 3, 2, 1)));  // 3x3
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}

@@ -99,7 +99,8 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape, Wino wino) : s(shape) {
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
-  KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
+  // pointwise panels are mostly read in place; a strided 1x1 runs as one on its subsampled input
+  KS = slice_taps(Kc, ops::is_pointwise(s) || decimate_ok(s) ? kKC : kKCPacked);
   phase = phase_pays(s) && phase_enabled();
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
@@ -108,7 +109,10 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
     b = static_cast<float*>(bbuf.data());
     std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
   }
-  if (wino == kBoth ? ops::is_pointwise(s) && s.G == 1 : cl_enabled() && cl_pays(s, 1)) pack_cl(weight);
+  {
+    const ops::Conv2dShape sv = decimate_ok(s) ? pointwise_view(s) : s;
+    if (wino == kBoth ? ops::is_pointwise(sv) && s.G == 1 : cl_pays(sv, 1)) pack_cl(weight);
+  }
   if (use_u && wino == kAuto && wino_pays(s, 1)) return;  // every batch size runs Winograd
   wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(MB * Kc * kMR, 16)) * sizeof(float));  // zeroed
   w = static_cast<float*>(wbuf.data());
@@ -134,6 +138,9 @@ using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, 
 
 }  // namespace
 
+static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res,
+                         bool relu, float* y);
+
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   if (pc.u && (!pc.w || wino_pays(pc.s, N)))
     run_winograd(pc, x, N, res, relu, y);
@@ -143,14 +150,26 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
 
 void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
-  const ops::Conv2dShape& s = pc.s;
+  if (decimate_ok(pc.s) && decimate_enabled()) {  // a strided 1x1: run as a pointwise conv on the subsampled input
+    const ops::Conv2dShape sv = pointwise_view(pc.s);
+    float* xd = thread_scratch(2, static_cast<size_t>(N * sv.C * sv.H * sv.W));
+    decimate(x, pc.s, N, xd);
+    direct_shape(pc, sv, xd, N, res, relu, y);
+    return;
+  }
+  direct_shape(pc, pc.s, x, N, res, relu, y);
+}
+
+// run_direct on shape s: pc.s, or the pointwise view of a strided 1x1 (same taps, same packing)
+static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res,
+                         bool relu, float* y) {
   const SimdLevel lvl = simd_level();
   if (pc.phase && (lvl >= SimdLevel::AVX512 || lvl < SimdLevel::AVX2)) {  // AVX2 packs (no offset tile)
     run_phase(pc, x, N, res, relu, y);
     return;
   }
   if (pc.wcl && lvl >= SimdLevel::AVX512 && cl_pays(s, N)) {
-    run_cl(pc, x, N, res, relu, y);
+    cl_shape(pc, s, x, N, res, relu, y);
     return;
   }
   const TileFn tile = tile_for(lvl);

@@ -288,6 +288,25 @@ void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float*
 void tile_cl_avx512(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
                     int64_t P, int64_t ov, const float* resb, bool relu);
 
+struct PackedConv;
+
+// ---- Strided 1x1 convs (ResNet's downsample 1x1/2) run as pointwise convs ----
+// The taps a 1x1/s conv reads are every s-th column of every s-th row: copied once per call into
+// a [N][C][OH][OW] buffer (the caller's thread_scratch slot 2), the conv is the pointwise conv of
+// pointwise_view(s) on it: in-place panels or the CL tile instead of packing strided panels per
+// K-slice (and again per weight-row split). Same taps, same weight packing (KS as a pointwise
+// conv's). AIMASS_CONV_DECIMATE=0 turns it off.
+bool decimate_ok(const ops::Conv2dShape& s);  // groups 1, 1x1, unpadded, a stride > 1
+bool decimate_enabled();                      // AIMASS_CONV_DECIMATE (read once) is not 0
+ops::Conv2dShape pointwise_view(const ops::Conv2dShape& s);  // C x OH x OW in, stride 1
+// dst[j] = src[j * SW], j < OW
+void decimate_row_scalar(const float* src, int64_t SW, int64_t OW, float* dst);
+void decimate_row_avx512(const float* src, int64_t SW, int64_t OW, float* dst);
+void decimate(const float* x, const ops::Conv2dShape& s, int64_t N, float* xd);
+// run_cl on shape s (pc.s or its pointwise view)
+void cl_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res, bool relu,
+              float* y);
+
 // The weights of one conv (groups == 1) packed for the tiles; built once per model and
 // shared by every plan of an executor (WeightCache). `wino`: kAuto packs U when the shape is
 // eligible (and AIMASS_WINOGRAD is not 0) and the direct weights only when some batch size

@@ -56,6 +56,36 @@ void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float*
     }
 }
 
+bool decimate_ok(const ops::Conv2dShape& s) {
+  return s.G == 1 && s.KH == 1 && s.KW == 1 && s.PH == 0 && s.PW == 0 && (s.SH > 1 || s.SW > 1) && s.OH > 0 &&
+         s.OW > 0;
+}
+
+bool decimate_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_CONV_DECIMATE");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+ops::Conv2dShape pointwise_view(const ops::Conv2dShape& s) {
+  return ops::Conv2dShape{s.C, s.OH, s.OW, s.O, 1, 1, 1, 1, 0, 0, 1, 1, 1, s.OH, s.OW};
+}
+
+void decimate_row_scalar(const float* src, int64_t SW, int64_t OW, float* dst) {
+  for (int64_t j = 0; j < OW; ++j) dst[j] = src[j * SW];
+}
+
+void decimate(const float* x, const ops::Conv2dShape& s, int64_t N, float* xd) {
+  const auto row = simd_level() >= SimdLevel::AVX512 ? decimate_row_avx512 : decimate_row_scalar;
+  const int64_t HW = s.H * s.W, OHW = s.OH * s.OW;
+  run_items(N * s.C, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t oh = 0; oh < s.OH; ++oh) row(x + i * HW + oh * s.SH * s.W, s.SW, s.OW, xd + i * OHW + oh * s.OW);
+  });
+}
+
 void PackedConv::pack_cl(const float* weight) {
   const int64_t CB = (s.O + kCLRows - 1) / kCLRows;
   clbuf = AlignedBuffer(static_cast<size_t>(CB * Kc * kCLRows) * sizeof(float));  // zeroed
@@ -68,8 +98,13 @@ void PackedConv::pack_cl(const float* weight) {
 }
 
 void run_cl(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
+  AIMASS_CHECK(ops::is_pointwise(pc.s), ValueError, "conv::run_cl: a 1x1 stride-1 unpadded conv only");
+  cl_shape(pc, pc.s, x, N, res, relu, y);
+}
+
+void cl_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res, bool relu,
+              float* y) {
   AIMASS_CHECK(pc.wcl, ValueError, "conv::run_cl: the conv's CL weights were not packed");
-  const ops::Conv2dShape& s = pc.s;
   const auto tile = simd_level() >= SimdLevel::AVX512 ? tile_cl_avx512 : tile_cl_scalar;
   const int64_t P = s.OH * s.OW, HW = s.H * s.W, CHW = s.C * HW, OP = s.O * P, Kc = pc.Kc;
   const int64_t nt = (P + kCLPix - 1) / kCLPix;          // pixel tiles per sample, (almost) equal

@@ -73,4 +73,24 @@ void tile_cl_avx512(const float* wb, int64_t Kc, const float* bias, const float*
   }
 }
 
+void decimate_row_avx512(const float* src, int64_t SW, int64_t OW, float* dst) {
+  if (SW != 2) {
+    decimate_row_scalar(src, SW, OW, dst);
+    return;
+  }
+  // 16 outputs from 32 inputs: two masked loads (elements < 2 OW - 1 only: nothing past the last
+  // tap is read) and one permute
+  const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const int64_t n_in = 2 * OW - 1;
+  for (int64_t j = 0; j < OW; j += 16) {
+    const int64_t e = 2 * j, left = n_in - e;  // input elements readable from src + e
+    const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
+    const __m512 a = _mm512_maskz_loadu_ps(m0, src + e), b = _mm512_maskz_loadu_ps(m1, src + e + 16);
+    const int64_t nout = OW - j < 16 ? OW - j : 16;
+    const __mmask16 mo = nout >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nout) - 1);
+    _mm512_mask_storeu_ps(dst + j, mo, _mm512_permutex2var_ps(a, idx, b));
+  }
+}
+
 }  // namespace aimass::runtime::conv
