@@ -36,12 +36,13 @@ bool cl_pays(const ops::Conv2dShape& s, int64_t N) {
   const int64_t in_bytes = N * s.C * s.H * s.W * static_cast<int64_t>(sizeof(float));
   if (in_bytes > (int64_t{1} << 20)) return false;
   // Where the panels waste a sixteenth of their lanes or more (ResNet-50's 7x7 at batch 1: 49 of
-  // 64), or the conv reduces (O <= C / 2: the panels' K-slices read and write the small output
-  // again per slice; 14x14 1024 -> 256 at batch 1). ResNet-50 batch 1, 1 thread, min of 45 calls,
-  // loaded machine, panels -> CL (onnxruntime): 7x7 2048 -> 512 1.195 -> 1.00 ms (0.97-0.99),
-  // 512 -> 2048 1.20 -> 1.08 (1.02), 14x14 1024 -> 256 1.01 -> 0.93 (0.91), 1024 -> 512 1.96 ->
-  // 1.86 (1.81). Slower with CL: the expanding 14x14 256 -> 1024 (1.01 -> 1.07) and 28x28 convs.
-  return 16 * NPix < 15 * cols || 2 * s.O <= s.C;
+  // 64), the conv reduces (O <= C / 2: the panels' K-slices read and write the output again per
+  // slice), or the plane is small (<= 256 pixels: 14x14 at batch 1, whose last panel fills 4 of 16
+  // lanes). ResNet-50 batch 1, 1 thread, min of 45 calls, loaded machine, panels -> CL
+  // (onnxruntime's min): 7x7 2048 -> 512 1.20 -> 1.00 ms (0.97-0.99), 512 -> 2048 1.20 -> 1.05
+  // (1.02), 14x14 1024 -> 256 1.01 -> 0.90 (0.91), 256 -> 1024 1.00 -> 0.98 (0.93), 1024 -> 512
+  // 1.96 -> 1.80 (1.81). Slower with CL: 28x28 and 56x56 planes (128 -> 512 at 28x28: 0.94 -> 1.02).
+  return 16 * NPix < 15 * cols || 2 * s.O <= s.C || NPix <= 256;
 }
 
 void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
