@@ -485,3 +485,41 @@ TEST(RuntimeConvDecimate, RowCopyAndConvMatchReference) {
   aimass::set_simd_level(old);
   aimass::set_num_threads(old_threads);
 }
+
+// The residual may be the output buffer itself (the executor's residual-in-place blocks): every path
+// run() picks reads each residual value before writing that output, also across K-slices (the
+// direct path adds it at the first slice), crossing panels, row splits and threads.
+TEST(RuntimeConvResidualInPlace, EveryPathMatchesDoubleReference) {
+  struct RCase {
+    int64_t C, H, W, O, k, stride, pad, N;
+    conv::PackedConv::Wino wino;
+  };
+  const RCase cases[] = {
+      {300, 16, 16, 16, 1, 1, 0, 1, conv::PackedConv::kNoWino},  // three K-slices, in-place panels
+      {256, 14, 14, 40, 1, 1, 0, 2, conv::PackedConv::kNoWino},  // packed 14x14, two slices
+      {136, 20, 20, 13, 1, 1, 0, 3, conv::PackedConv::kNoWino},  // two slices, panels crossing samples
+      {300, 9, 10, 24, 1, 2, 0, 3, conv::PackedConv::kAuto},     // strided 1x1 (subsampled), three slices
+      {40, 7, 7, 64, 1, 1, 0, 1, conv::PackedConv::kAuto},       // CL at batch 1 on AVX-512
+      {20, 13, 11, 24, 3, 1, 1, 2, conv::PackedConv::kNoWino},   // 3x3 packed, two K-slices
+      {20, 13, 11, 24, 3, 1, 1, 2, conv::PackedConv::kAuto},     // 3x3 Winograd
+      {20, 33, 33, 16, 3, 2, 1, 2, conv::PackedConv::kNoWino},   // 3x3/2, two K-slices
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(17);
+  for (const RCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, k.stride, k.pad);
+    const ConvData d(rng, s, k.N, true, true, true);
+    conv::PackedConv pc(d.w.data(), d.bias, s, k.wino);
+    if (!conv::residual_in_place_ok(pc)) continue;  // the executor keeps such a residual apart
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + "/" +
+                             std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) {
+      std::copy(d.r.begin(), d.r.end(), y);
+      conv::run(pc, d.x.data(), k.N, y, true, y);
+    });
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}

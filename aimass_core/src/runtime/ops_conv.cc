@@ -141,6 +141,8 @@ using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, 
 static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res,
                          bool relu, float* y);
 
+bool residual_in_place_ok(const PackedConv& pc) { return !pc.phase || pc.KS >= pc.Kc; }
+
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   if (pc.u && (!pc.w || wino_pays(pc.s, N)))
     run_winograd(pc, x, N, res, relu, y);
@@ -227,7 +229,9 @@ static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const 
       float* cbuf = thread_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
       for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
         const int64_t kc = std::min(KS, Kc - k0);
-        const bool acc = k0 > 0, last = k0 + kc == Kc;
+        // the residual joins at the first K-slice (each output read before it is first written, so
+        // res may be y itself: residual_in_place_ok), bias and ReLU at the last
+        const bool acc = k0 > 0, last = k0 + kc == Kc, first = k0 == 0;
         for (int64_t q = 0; q < npan; ++q)
           if (!inplace[q]) pack(x, s, runs[q], k0, kc, bp + q * kc * kNR);
         for (int64_t mb = mb0; mb < mb1; ++mb) {
@@ -239,23 +243,23 @@ static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const 
             const float* b = bp + q * kc * kNR;
             if (inplace[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
-              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr,
+              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, first && res ? res + off : nullptr,
                       last && relu, mb == mb0, !long_group);
               continue;
             }
             if (!crossing[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
-              tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr, last && relu);
+              tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, first && res ? res + off : nullptr, last && relu);
               continue;
             }
             // the panel crosses into the next sample(s): accumulate in a contiguous tile,
             // scatter to the samples' rows after the last K-slice
             float* cb = cbuf + (q * (mb1 - mb0) + (mb - mb0)) * kMR * kNR;
             const int64_t row0 = mb * kMR * P;
-            if (last && res)
+            if (first && res)
               for (int64_t m = 0; m < mvalid; ++m)
                 for (int64_t j = 0; j < nc; ++j) rtmp[m * kNR + j] = res[colofs[q][j] + row0 + m * P];
-            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, last && res ? rtmp : nullptr, last && relu);
+            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, first && res ? rtmp : nullptr, last && relu);
             if (last)
               for (int64_t m = 0; m < mvalid; ++m)
                 for (int64_t j = 0; j < nc; ++j) y[colofs[q][j] + row0 + m * P] = cb[m * kNR + j];

@@ -337,7 +337,15 @@ struct PackedConv {
 };
 
 // y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
+// With several K-slices the direct path adds the residual at the first slice (the sum's order is
+// then res + slices + bias: FMA-level differences only).
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// Whether run() may be given res == y (the executor then writes a residual conv's output over its
+// residual, where nothing reads the residual later: a ResNet block's shortcut, saving the output's
+// line reads, 10% of a batch-8 56x56 1x1): every path reads each residual value before any write
+// to that output position (direct: at the first K-slice; Winograd and CL: in the one epilogue;
+// the phase path adds it at its last K-slice, so only with one slice).
+bool residual_in_place_ok(const PackedConv& pc);
 // The phase-plane path of an eligible conv (run_direct takes it on AVX-512 and the scalar level
 // when PackedConv::phase is set; tests call it directly).
 void run_phase(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
