@@ -420,9 +420,11 @@ TEST(RuntimeConvCL, Eligibility) {
   const Conv2dShape e14 = shape_any(256, 14, 14, 1024, 1, 1, 0);  // expanding 14x14: CL at batch 1 only
   const Conv2dShape e28 = shape_any(128, 28, 28, 512, 1, 1, 0);   // expanding 28x28: panels
   const Conv2dShape r14 = shape_any(1024, 14, 14, 256, 1, 1, 0);  // reducing 14x14: CL
-  const Conv2dShape r28 = shape_any(512, 28, 28, 256, 1, 1, 0);   // input past L2: panels
+  const Conv2dShape r28 = shape_any(512, 28, 28, 256, 1, 1, 0);   // 28x28 reducing: panels
   EXPECT_TRUE(conv::cl_pays(r7, 1));
-  EXPECT_FALSE(conv::cl_pays(r7, 8));  // 3.2 MiB of input
+  EXPECT_TRUE(conv::cl_pays(r7, 8));    // 7x7 planes at any batch with the input within 8 MiB
+  EXPECT_FALSE(conv::cl_pays(r7, 64));  // 25 MiB of input
+  EXPECT_TRUE(conv::cl_pays(r14, 8));   // reducing 14x14
   EXPECT_TRUE(conv::cl_pays(e14, 1));
   EXPECT_FALSE(conv::cl_pays(e14, 2));
   EXPECT_FALSE(conv::cl_pays(e28, 1));

@@ -29,20 +29,23 @@ bool cl_pays(const ops::Conv2dShape& s, int64_t N) {
   if (!cl_enabled() || !ops::is_pointwise(s) || s.G != 1 || s.O < kCLRows || N < 1) return false;
   if (cl_mode() == 2) return true;
   // lanes the pixel panels fill: full 32-column panels, a tail of <= 16 in a half tile
-  const int64_t NPix = N * s.OH * s.OW, tail = NPix % kNR;
+  const int64_t P = s.OH * s.OW, NPix = N * P, tail = NPix % kNR;
   const int64_t cols = NPix / kNR * kNR + (tail == 0 ? 0 : tail <= 16 ? 16 : kNR);
-  // every CL tile re-reads its sample's taps (and the block's weights) from L2: only while the
-  // whole input fits there beside them
+  // every CL tile re-reads its sample's taps from L2 (or L3): the input's size bounds the path
   const int64_t in_bytes = N * s.C * s.H * s.W * static_cast<int64_t>(sizeof(float));
-  if (in_bytes > (int64_t{1} << 20)) return false;
-  // Where the panels waste a sixteenth of their lanes or more (ResNet-50's 7x7 at batch 1: 49 of
-  // 64), the conv reduces (O <= C / 2: the panels' K-slices read and write the output again per
-  // slice), or the plane is small (<= 256 pixels: 14x14 at batch 1, whose last panel fills 4 of 16
-  // lanes). ResNet-50 batch 1, 1 thread, min of 45 calls, loaded machine, panels -> CL
-  // (onnxruntime's min): 7x7 2048 -> 512 1.20 -> 1.00 ms (0.97-0.99), 512 -> 2048 1.20 -> 1.05
-  // (1.02), 14x14 1024 -> 256 1.01 -> 0.90 (0.91), 256 -> 1024 1.00 -> 0.98 (0.93), 1024 -> 512
-  // 1.96 -> 1.80 (1.81). Slower with CL: 28x28 and 56x56 planes (128 -> 512 at 28x28: 0.94 -> 1.02).
-  return 16 * NPix < 15 * cols || 2 * s.O <= s.C || NPix <= 256;
+  if (in_bytes > (int64_t{8} << 20)) return false;
+  // ResNet-50, 1 thread, min of 45 calls (batch 8: 6), loaded machine, panels -> CL (onnxruntime's min):
+  // - planes of <= 64 pixels at any batch (7x7: 49 of 64 lanes at batch 1): 2048 -> 512 1.20 -> 1.00 ms
+  //   (0.97-0.99), 512 -> 2048 1.20 -> 1.05 (1.02); batch 8 7.9 -> 7.6-7.9 (7.56), 8.3 -> 7.95 (7.70);
+  // - reducing convs (O <= C / 2: the panels' K-slices read and write the output per slice) on
+  //   planes <= 256 pixels: 14x14 1024 -> 256 1.01 -> 0.90 (0.91), batch 8 8.6 -> 7.7-8.1 (7.3);
+  //   1024 -> 512 1.96 -> 1.80 (1.81);
+  // - <= 256 pixels in all (14x14 at batch 1, whose last panel fills 4 of 16 lanes): 256 -> 1024
+  //   1.00 -> 0.98 (0.93), same at batch 8 (panels kept);
+  // - panels wasting a sixteenth of their lanes, the input within 1 MiB.
+  // Slower with CL: 28x28 and 56x56 planes (28x28 128 -> 512: 0.94 -> 1.02; 512 -> 256 batch 8: 15.6 -> 20.9).
+  if (P <= 64 || (P <= 256 && 2 * s.O <= s.C) || NPix <= 256) return true;
+  return 16 * NPix < 15 * cols && in_bytes <= (int64_t{1} << 20);
 }
 
 void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
