@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -193,7 +194,9 @@ static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const 
   const bool pw_inplace = tile_ld && ops::is_pointwise(s) && !pw_misaligned;
   const int64_t ncp = group_panels(NPt, KS, long_group_ok(s, Kc, KS), num_threads());
   // a long group's output rows are sequential runs the hardware prefetcher follows: the in-place
-  // tile's own output prefetch only adds requests (a batch-8 56x56 256 -> 64 1x1: 12.5 -> 11.7 ms, loaded machine)
+  // tile's own output prefetch only adds requests (a batch-8 56x56 256 -> 64 1x1: 12.5 -> 11.7 ms, loaded machine),
+  // unless it reads a residual: then its lines are requested too (batch 8, 1 thread, per-step min, loaded:
+  // 56x56 64 -> 256 + residual 9.7-9.9 -> 8.1 ms, 28x28 128 -> 512 + residual 8.4-8.8 -> 7.6; onnxruntime 8.0-8.1)
   const bool long_group = ncp > kGroupPanels;
   const int64_t groups = (NPt + ncp - 1) / ncp;
   // every item packs its group's panels, except in-place pointwise ones
@@ -244,7 +247,7 @@ static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const 
             if (inplace[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
               tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, first && res ? res + off : nullptr,
-                      last && relu, mb == mb0, !long_group);
+                      last && relu, mb == mb0, !long_group || res);
               continue;
             }
             if (!crossing[q]) {
