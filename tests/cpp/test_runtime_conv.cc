@@ -407,7 +407,8 @@ TEST(RuntimeConvCL, NonFinitePlacement) {
             if (n == nan_n && p == nan_p)
               EXPECT_TRUE(std::isnan(v)) << "level " << int(lv) << " o=" << o;
             else
-              EXPECT_TRUE(std::isfinite(v) && v >= 0.f) << "level " << int(lv) << " n=" << n << " o=" << o << " p=" << p;
+              EXPECT_TRUE(std::isfinite(v) && v >= 0.f)
+                  << "level " << int(lv) << " n=" << n << " o=" << o << " p=" << p;
           }
     }
   }

@@ -246,8 +246,8 @@ static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const 
             const float* b = bp + q * kc * kNR;
             if (inplace[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
-              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, first && res ? res + off : nullptr,
-                      last && relu, mb == mb0, !long_group || res);
+              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias,
+                      first && res ? res + off : nullptr, last && relu, mb == mb0, !long_group || res);
               continue;
             }
             if (!crossing[q]) {
