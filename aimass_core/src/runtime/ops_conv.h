@@ -16,9 +16,9 @@
 //   kc = 128, so a group of two panels sits in L1 while every weight row block streams over it
 //   (an in-place 1x1 panel too: kc <= kKC = 128).
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
-//   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
-//   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
-//   stores straight into NCHW rows (masked at the panel's tail; a panel that crosses
+//   4x16 sub-tiles), k-loop over the slice; the epilogue of the first K-slice adds the
+//   fused residual (`conv + x` of a ResNet block; res may be y: residual_in_place_ok), that
+//   of the last the bias and ReLU, in registers, storing straight into NCHW rows (masked at the panel's tail; a panel that crosses
 //   into the next sample goes through a small gather/scatter tile).
 // - Threads: work items are (group of panels) x (range of weight row blocks); the row
 //   range is split only when there are too few panels to keep every thread busy.
