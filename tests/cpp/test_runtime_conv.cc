@@ -402,3 +402,190 @@ TEST(RuntimeConvTile, EveryLevelMatchesScalarAtEveryWidth) {
   }
   aimass::set_simd_level(best);
 }
+
+// The CL path of pointwise convs (output channels in the lanes, ops_conv.h): against double at every
+// SIMD level (the scalar tile below AVX-512) and 1-3 threads: odd channel counts, output channels off
+// the 32-channel blocks, planes of 1 to 143 pixels (tiles of 1..12), batch > 1, bias / residual /
+// ReLU; run_direct takes it where cl_pays; the residual may be the output itself.
+TEST(RuntimeConvCL, MatchesDoubleReference) {
+  struct CCase {
+    int64_t C, H, W, O, N;
+    bool bias, res, relu;
+  };
+  const CCase cases[] = {
+      {64, 7, 7, 32, 1, true, true, true},      // ResNet-50's 7x7 at batch 1: tiles of 10, 10, 10, 10, 9
+      {40, 5, 3, 72, 3, true, false, true},     // 15-px plane (tiles of 7, 8), O = 2 x 32 + 8
+      {301, 11, 13, 33, 2, false, true, true},  // odd C past a K-slice, 143 px, O = 32 + 1
+      {17, 1, 1, 64, 5, true, true, false},     // one pixel per sample (R = 1)
+      {96, 12, 1, 40, 2, true, true, true},     // a full 12-pixel tile
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(21);
+  for (const CCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, 1, 1, 0);
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kBoth);
+    ASSERT_NE(pc.wcl, nullptr);
+    ASSERT_NE(pc.w, nullptr);
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run_cl(pc, d.x.data(), k.N, d.res, k.relu, y); });
+    // run_direct: CL where it pays, else the panels; both within tolerance
+    expect_every_level(d, what + " direct", [&](float* y) { conv::run_direct(pc, d.x.data(), k.N, d.res, k.relu, y); });
+    if (k.res) {  // the residual is the output buffer (the executor's in-place add)
+      expect_every_level(d, what + " res=y", [&](float* y) {
+        std::copy(d.r.begin(), d.r.end(), y);
+        conv::run_cl(pc, d.x.data(), k.N, y, k.relu, y);
+      });
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+// A NaN input reaches every output channel of its pixel and no other pixel (ReLU keeps NaN, as torch does).
+TEST(RuntimeConvCL, NonFinitePlacement) {
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  const Conv2dShape s = shape_any(48, 7, 7, 64, 1, 1, 0);
+  const int64_t N = 2, P = 49;
+  std::mt19937 rng(5);
+  std::vector<float> x = randv(rng, static_cast<size_t>(N * s.C * P), 1.f);
+  std::vector<float> w = randv(rng, static_cast<size_t>(s.O * s.C), 0.2f);
+  std::vector<float> b = randv(rng, static_cast<size_t>(s.O), 0.5f);
+  const int64_t nan_n = 1, nan_c = 30, nan_p = 23;
+  x[static_cast<size_t>((nan_n * s.C + nan_c) * P + nan_p)] = std::numeric_limits<float>::quiet_NaN();
+  conv::PackedConv pc(w.data(), b.data(), s, conv::PackedConv::kBoth);
+  for (SimdLevel lv : levels()) {
+    aimass::set_simd_level(lv);
+    for (int t : {1, 2}) {
+      aimass::set_num_threads(t);
+      std::vector<float> y(static_cast<size_t>(N * s.O * P), 0.f);
+      conv::run_cl(pc, x.data(), N, nullptr, true, y.data());
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t o = 0; o < s.O; ++o)
+          for (int64_t p = 0; p < P; ++p) {
+            const float v = y[static_cast<size_t>((n * s.O + o) * P + p)];
+            if (n == nan_n && p == nan_p)
+              EXPECT_TRUE(std::isnan(v)) << "level " << int(lv) << " o=" << o;
+            else
+              EXPECT_TRUE(std::isfinite(v) && v >= 0.f)
+                  << "level " << int(lv) << " n=" << n << " o=" << o << " p=" << p;
+          }
+    }
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+TEST(RuntimeConvCL, Eligibility) {
+  const Conv2dShape r7 = shape_any(2048, 7, 7, 512, 1, 1, 0);     // 7x7, 49 px at batch 1: 49 of 64 lanes
+  const Conv2dShape e14 = shape_any(256, 14, 14, 1024, 1, 1, 0);  // expanding 14x14: CL at batch 1 only
+  const Conv2dShape e28 = shape_any(128, 28, 28, 512, 1, 1, 0);   // expanding 28x28: panels
+  const Conv2dShape r14 = shape_any(1024, 14, 14, 256, 1, 1, 0);  // reducing 14x14: CL
+  const Conv2dShape r28 = shape_any(512, 28, 28, 256, 1, 1, 0);   // 28x28 reducing: panels
+  EXPECT_TRUE(conv::cl_pays(r7, 1));
+  EXPECT_TRUE(conv::cl_pays(r7, 8));    // 7x7 planes at any batch with the input within 8 MiB
+  EXPECT_FALSE(conv::cl_pays(r7, 64));  // 25 MiB of input
+  EXPECT_TRUE(conv::cl_pays(r14, 8));   // reducing 14x14
+  EXPECT_TRUE(conv::cl_pays(e14, 1));
+  EXPECT_FALSE(conv::cl_pays(e14, 2));
+  EXPECT_FALSE(conv::cl_pays(e28, 1));
+  EXPECT_TRUE(conv::cl_pays(r14, 1));
+  EXPECT_FALSE(conv::cl_pays(r28, 1));
+  EXPECT_FALSE(conv::cl_pays(shape_any(64, 7, 7, 16, 1, 1, 0), 1));   // fewer than 32 outputs
+  EXPECT_FALSE(conv::cl_pays(shape_any(64, 14, 14, 64, 1, 2, 0), 1)); // stride 2: not pointwise
+  EXPECT_FALSE(conv::cl_pays(shape_any(64, 7, 7, 64, 3, 1, 1), 1));
+  conv::PackedConv a(std::vector<float>(64 * 64 * 9).data(), nullptr, shape_any(64, 7, 7, 64, 3, 1, 1),
+                     conv::PackedConv::kNoWino);
+  EXPECT_EQ(a.wcl, nullptr);
+}
+
+// Strided 1x1 convs run as pointwise convs on the subsampled input: the row copy at every width
+// 1..40 and strides 2-3 against the scalar one (nothing past the last tap is read: the row ends
+// at the buffer's end), and the whole conv against double at every level and 1-3 threads: odd
+// input sizes (the last column and row not read), stride 3, a 7x7 output (CL at batch 1 when
+// AVX-512), batch > 1, K-slices, residual + ReLU.
+TEST(RuntimeConvDecimate, RowCopyAndConvMatchReference) {
+  std::mt19937 rng(3);
+  for (int64_t SW : {2, 3})
+    for (int64_t OW = 1; OW <= 40; ++OW) {
+      const int64_t W = (OW - 1) * SW + 1;
+      std::vector<float> src = randv(rng, static_cast<size_t>(W), 1.f);  // exactly the taps' span
+      std::vector<float> a(static_cast<size_t>(OW), -7.f), b(static_cast<size_t>(OW), -7.f);
+      conv::decimate_row_scalar(src.data(), SW, OW, a.data());
+      if (aimass::cpu_features().avx512f && aimass::cpu_features().avx512bw)
+        conv::decimate_row_avx512(src.data(), SW, OW, b.data());
+      else
+        b = a;
+      for (int64_t j = 0; j < OW; ++j) {
+        ASSERT_EQ(a[j], src[j * SW]) << "SW " << SW << " OW " << OW;
+        ASSERT_EQ(b[j], src[j * SW]) << "SW " << SW << " OW " << OW;
+      }
+    }
+  struct SCase {
+    int64_t C, H, W, O, stride, N;
+    bool bias, res, relu;
+  };
+  const SCase cases[] = {
+      {24, 15, 17, 40, 2, 2, true, true, true},    // odd sizes: 8 x 9 output, last row/column unread
+      {40, 14, 14, 64, 2, 1, true, true, true},    // 7x7 output at batch 1 (CL on AVX-512)
+      {300, 9, 10, 24, 3, 3, false, true, false},  // stride 3, three K-slices, batch 3
+      {16, 34, 34, 32, 2, 2, true, false, true},   // 17x17 output, panels crossing samples
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  for (const SCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, 1, k.stride, 0);
+    ASSERT_TRUE(conv::decimate_ok(s));
+    const ConvData d(rng, s, k.N, k.bias, k.res, k.relu);
+    conv::PackedConv pc(d.w.data(), d.bias, s, conv::PackedConv::kAuto);
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " /" + std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) { conv::run(pc, d.x.data(), k.N, d.res, k.relu, y); });
+  }
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 1, 1, 0)));  // stride 1: pointwise already
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 1, 2, 1)));  // padded
+  EXPECT_FALSE(conv::decimate_ok(shape_any(16, 9, 9, 16, 3, 2, 1)));  // 3x3
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}
+
+// The residual may be the output buffer itself (the executor's residual-in-place blocks): every path
+// run() picks reads each residual value before writing that output, also across K-slices (the
+// direct path adds it at the first slice), crossing panels, row splits and threads.
+TEST(RuntimeConvResidualInPlace, EveryPathMatchesDoubleReference) {
+  struct RCase {
+    int64_t C, H, W, O, k, stride, pad, N;
+    conv::PackedConv::Wino wino;
+  };
+  const RCase cases[] = {
+      {300, 16, 16, 16, 1, 1, 0, 1, conv::PackedConv::kNoWino},  // three K-slices, in-place panels
+      {256, 14, 14, 40, 1, 1, 0, 2, conv::PackedConv::kNoWino},  // packed 14x14, two slices
+      {136, 20, 20, 13, 1, 1, 0, 3, conv::PackedConv::kNoWino},  // two slices, panels crossing samples
+      {300, 9, 10, 24, 1, 2, 0, 3, conv::PackedConv::kAuto},     // strided 1x1 (subsampled), three slices
+      {40, 7, 7, 64, 1, 1, 0, 1, conv::PackedConv::kAuto},       // CL at batch 1 on AVX-512
+      {20, 13, 11, 24, 3, 1, 1, 2, conv::PackedConv::kNoWino},   // 3x3 packed, two K-slices
+      {20, 13, 11, 24, 3, 1, 1, 2, conv::PackedConv::kAuto},     // 3x3 Winograd
+      {20, 33, 33, 16, 3, 2, 1, 2, conv::PackedConv::kNoWino},   // 3x3/2, two K-slices
+  };
+  const SimdLevel old = aimass::simd_level();
+  const int old_threads = aimass::num_threads();
+  std::mt19937 rng(17);
+  for (const RCase& k : cases) {
+    const Conv2dShape s = shape_any(k.C, k.H, k.W, k.O, k.k, k.stride, k.pad);
+    const ConvData d(rng, s, k.N, true, true, true);
+    conv::PackedConv pc(d.w.data(), d.bias, s, k.wino);
+    if (!conv::residual_in_place_ok(pc)) continue;  // the executor keeps such a residual apart
+    const std::string what = "C" + std::to_string(k.C) + " " + std::to_string(k.H) + "x" + std::to_string(k.W) +
+                             " O" + std::to_string(k.O) + " k" + std::to_string(k.k) + "/" +
+                             std::to_string(k.stride) + " N" + std::to_string(k.N);
+    expect_every_level(d, what, [&](float* y) {
+      std::copy(d.r.begin(), d.r.end(), y);
+      conv::run(pc, d.x.data(), k.N, y, true, y);
+    });
+  }
+  aimass::set_simd_level(old);
+  aimass::set_num_threads(old_threads);
+}

@@ -626,10 +626,18 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
   assign_memory(p);
 }
 
+bool res_in_place_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_RES_IN_PLACE");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
 // Liveness-based arena layout: a slot whose last reader ran may be reused by a
 // slot defined later (best fit among free blocks). Graph outputs live to the
 // end; a step's output never shares memory with its own inputs, because a
-// block frees only after the last step that reads it.
+// block frees only after the last step that reads it, except a conv's residual (below).
 void assign_memory(PlanImpl& p) {
   const int S = static_cast<int>(p.slot_row_bytes.size());
   constexpr int kEnd = std::numeric_limits<int>::max();
@@ -655,7 +663,21 @@ void assign_memory(PlanImpl& p) {
   for (int s : order) {
     const int64_t need = p.slot_row_bytes[s];
     int best = -1;
-    for (int b = 0; b < static_cast<int>(blocks.size()); ++b)
+    // A conv's output may take its residual's block when this conv is the residual's last reader
+    // and reads it in place (conv::residual_in_place_ok; not when the residual is also its input):
+    // one 4-byte stream per output instead of two (AIMASS_RES_IN_PLACE=0 turns it off).
+    if (res_in_place_enabled() && def[s] >= 0 && def[s] < static_cast<int>(p.steps.size())) {
+      const Step& st = p.steps[def[s]];
+      if (st.kind == Kind::Conv2d && st.pconv && st.res >= 0 && p.values[st.out].slot == s &&
+          conv::residual_in_place_ok(*st.pconv)) {
+        const int r = p.values[st.res].slot;
+        const int b = block_of[r];
+        if (r != s && r != p.values[st.in0].slot && last[r] == def[s] && b >= 0 && blocks[b].busy_until == def[s] &&
+            blocks[b].bytes >= need)
+          best = b;
+      }
+    }
+    for (int b = 0; best < 0 && b < static_cast<int>(blocks.size()); ++b)
       if (blocks[b].busy_until < def[s] && blocks[b].bytes >= need && (best < 0 || blocks[b].bytes < blocks[best].bytes))
         best = b;
     if (best < 0) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -99,7 +100,8 @@ void pack_scalar(const float* x, const ops::Conv2dShape& s, const PanelRuns& run
 PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& shape, Wino wino) : s(shape) {
   Kc = s.C / s.G * s.KH * s.KW;
   MB = (s.O + kMR - 1) / kMR;
-  KS = slice_taps(Kc, ops::is_pointwise(s) ? kKC : kKCPacked);  // pointwise panels are mostly read in place
+  // pointwise panels are mostly read in place; a strided 1x1 runs as one on its subsampled input
+  KS = slice_taps(Kc, ops::is_pointwise(s) || decimate_ok(s) ? kKC : kKCPacked);
   phase = phase_pays(s) && phase_enabled();
   const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
   if (use_u) pack_winograd(weight);
@@ -107,6 +109,10 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
     bbuf = AlignedBuffer(static_cast<size_t>(MB * kMR) * sizeof(float));
     b = static_cast<float*>(bbuf.data());
     std::memcpy(b, bias, static_cast<size_t>(s.O) * sizeof(float));
+  }
+  {
+    const ops::Conv2dShape sv = decimate_ok(s) ? pointwise_view(s) : s;
+    if (wino == kBoth ? ops::is_pointwise(sv) && s.G == 1 : cl_pays(sv, 1)) pack_cl(weight);
   }
   if (use_u && wino == kAuto && wino_pays(s, 1)) return;  // every batch size runs Winograd
   wbuf = AlignedBuffer(static_cast<size_t>(std::max<int64_t>(MB * Kc * kMR, 16)) * sizeof(float));  // zeroed
@@ -133,6 +139,11 @@ using TileLdFn = void (*)(int64_t, const float*, const float*, int64_t, float*, 
 
 }  // namespace
 
+static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res,
+                         bool relu, float* y);
+
+bool residual_in_place_ok(const PackedConv& pc) { return !pc.phase || pc.KS >= pc.Kc; }
+
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   if (pc.u && (!pc.w || wino_pays(pc.s, N)))
     run_winograd(pc, x, N, res, relu, y);
@@ -142,10 +153,26 @@ void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool
 
 void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y) {
   AIMASS_CHECK(pc.w, ValueError, "conv::run_direct: the conv's direct weights were not packed");
-  const ops::Conv2dShape& s = pc.s;
+  if (decimate_ok(pc.s) && decimate_enabled()) {  // a strided 1x1: run as a pointwise conv on the subsampled input
+    const ops::Conv2dShape sv = pointwise_view(pc.s);
+    float* xd = thread_scratch(2, static_cast<size_t>(N * sv.C * sv.H * sv.W));
+    decimate(x, pc.s, N, xd);
+    direct_shape(pc, sv, xd, N, res, relu, y);
+    return;
+  }
+  direct_shape(pc, pc.s, x, N, res, relu, y);
+}
+
+// run_direct on shape s: pc.s, or the pointwise view of a strided 1x1 (same taps, same packing)
+static void direct_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res,
+                         bool relu, float* y) {
   const SimdLevel lvl = simd_level();
   if (pc.phase && (lvl >= SimdLevel::AVX512 || lvl < SimdLevel::AVX2)) {  // AVX2 packs (no offset tile)
     run_phase(pc, x, N, res, relu, y);
+    return;
+  }
+  if (pc.wcl && lvl >= SimdLevel::AVX512 && cl_pays(s, N)) {
+    cl_shape(pc, s, x, N, res, relu, y);
     return;
   }
   const TileFn tile = tile_for(lvl);
@@ -167,7 +194,9 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
   const bool pw_inplace = tile_ld && ops::is_pointwise(s) && !pw_misaligned;
   const int64_t ncp = group_panels(NPt, KS, long_group_ok(s, Kc, KS), num_threads());
   // a long group's output rows are sequential runs the hardware prefetcher follows: the in-place
-  // tile's own output prefetch only adds requests (a batch-8 56x56 256 -> 64 1x1: 12.5 -> 11.7 ms, loaded machine)
+  // tile's own output prefetch only adds requests (a batch-8 56x56 256 -> 64 1x1: 12.5 -> 11.7 ms, loaded machine),
+  // unless it reads a residual: then its lines are requested too (batch 8, 1 thread, per-step min, loaded:
+  // 56x56 64 -> 256 + residual 9.7-9.9 -> 8.1 ms, 28x28 128 -> 512 + residual 8.4-8.8 -> 7.6; onnxruntime 8.0-8.1)
   const bool long_group = ncp > kGroupPanels;
   const int64_t groups = (NPt + ncp - 1) / ncp;
   // every item packs its group's panels, except in-place pointwise ones
@@ -209,7 +238,9 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
       float* cbuf = thread_scratch(1, static_cast<size_t>(npan * (mb1 - mb0) * kMR * kNR));
       for (int64_t k0 = 0; k0 < Kc; k0 += KS) {
         const int64_t kc = std::min(KS, Kc - k0);
-        const bool acc = k0 > 0, last = k0 + kc == Kc;
+        // the residual joins at the first K-slice (each output read before it is first written, so
+        // res may be y itself: residual_in_place_ok), bias and ReLU at the last
+        const bool acc = k0 > 0, last = k0 + kc == Kc, first = k0 == 0;
         for (int64_t q = 0; q < npan; ++q)
           if (!inplace[q]) pack(x, s, runs[q], k0, kc, bp + q * kc * kNR);
         for (int64_t mb = mb0; mb < mb1; ++mb) {
@@ -221,23 +252,23 @@ void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* re
             const float* b = bp + q * kc * kNR;
             if (inplace[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
-              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr,
-                      last && relu, mb == mb0, !long_group);
+              tile_ld(kc, a, src[q] + k0 * HW, HW, y + off, P, mvalid, nc, acc, bias,
+                      first && res ? res + off : nullptr, last && relu, mb == mb0, !long_group || res);
               continue;
             }
             if (!crossing[q]) {
               const int64_t off = (j0 / P) * OP + mb * kMR * P + j0 % P;
-              tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, last && res ? res + off : nullptr, last && relu);
+              tile(kc, a, b, y + off, P, mvalid, nc, acc, bias, first && res ? res + off : nullptr, last && relu);
               continue;
             }
             // the panel crosses into the next sample(s): accumulate in a contiguous tile,
             // scatter to the samples' rows after the last K-slice
             float* cb = cbuf + (q * (mb1 - mb0) + (mb - mb0)) * kMR * kNR;
             const int64_t row0 = mb * kMR * P;
-            if (last && res)
+            if (first && res)
               for (int64_t m = 0; m < mvalid; ++m)
                 for (int64_t j = 0; j < nc; ++j) rtmp[m * kNR + j] = res[colofs[q][j] + row0 + m * P];
-            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, last && res ? rtmp : nullptr, last && relu);
+            tile(kc, a, b, cb, kNR, mvalid, nc, acc, bias, first && res ? rtmp : nullptr, last && relu);
             if (last)
               for (int64_t m = 0; m < mvalid; ++m)
                 for (int64_t j = 0; j < nc; ++j) y[colofs[q][j] + row0 + m * P] = cb[m * kNR + j];

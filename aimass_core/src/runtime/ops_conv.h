@@ -16,9 +16,9 @@
 //   kc = 128, so a group of two panels sits in L1 while every weight row block streams over it
 //   (an in-place 1x1 panel too: kc <= kKC = 128).
 // - Micro-kernel: kMR x kNR accumulators in registers (AVX-512: 16 zmm; AVX2: four
-//   4x16 sub-tiles), k-loop over the slice; the epilogue of the last K-slice adds the
-//   bias, the fused residual (`conv + x` of a ResNet block) and ReLU in registers and
-//   stores straight into NCHW rows (masked at the panel's tail; a panel that crosses
+//   4x16 sub-tiles), k-loop over the slice; the epilogue of the first K-slice adds the
+//   fused residual (`conv + x` of a ResNet block; res may be y: residual_in_place_ok), that
+//   of the last the bias and ReLU, in registers, storing straight into NCHW rows (masked at the panel's tail; a panel that crosses
 //   into the next sample goes through a small gather/scatter tile).
 // - Threads: work items are (group of panels) x (range of weight row blocks); the row
 //   range is split only when there are too few panels to keep every thread busy.
@@ -267,6 +267,51 @@ bool wino_enabled();  // AIMASS_WINOGRAD (read once) is not 0
 bool wino_eligible(const ops::Conv2dShape& s);
 bool wino_pays(const ops::Conv2dShape& s, int64_t N);
 
+// ---- 1x1 convs on small planes: output channels in the vector lanes (ops_conv_cl.cc) ----
+// A pixel panel puts 32 output pixels in the lanes: a 7x7 plane at batch 1 (49 pixels) fills
+// 49 of 64 columns, a 14x14 one (196) 196 of 208, and each K-slice's partial sums go through the
+// output. The CL tile turns the product around: R <= kCLPix pixels of one sample (one broadcast
+// each) times kCLRows = 32 output channels (two zmm, read from four of the direct path's 8-row
+// weight blocks), 2R accumulators summed over ALL taps in registers, so every lane is used
+// whatever the plane size, and the output is written once, transposed in the epilogue (+ bias,
+// + residual, ReLU, in that order). Pixels of a sample are split into tiles of (almost) equal
+// size. The weights are packed a second time for it, [O / 32][Kc][32] (one aligned stream; the
+// direct blocks, read as 4 x 8 floats and joined, cost 8% of the layer). AVX-512 (AVX2 keeps the
+// panel path; the scalar tile is the reference); AIMASS_CONV_CL=0 turns it off.
+constexpr int64_t kCLRows = 32;  // output channels per CL tile: 4 weight row blocks
+constexpr int64_t kCLPix = 12;   // pixels per CL tile at most: 24 zmm accumulators
+bool cl_enabled();  // AIMASS_CONV_CL (read once) is not 0
+// A pointwise conv with at least kCLRows output channels, at batch N, where the pixel panels
+// waste lanes (see cl_pays in ops_conv_cl.cc).
+bool cl_pays(const ops::Conv2dShape& s, int64_t N);
+// y rows [co0, co0 + ov) (ov <= kCLRows) of pixels [p0, p0 + R) of one sample (R <= kCLPix):
+// xb = x + n * C * H * W + p0 (pixel j of tap k at xb[k * HW + j]), yb = y + n * O * P + co0 * P + p0
+// (row m at yb[m * P]), resb likewise or null; wb = the block's weights, tap k's 32 channels at
+// wb + k * kCLRows (64-byte aligned); bias (nullable) the block's first channel's.
+void tile_cl_scalar(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
+                    int64_t P, int64_t ov, const float* resb, bool relu);
+void tile_cl_avx512(const float* wb, int64_t Kc, const float* bias, const float* xb, int64_t HW, int64_t R, float* yb,
+                    int64_t P, int64_t ov, const float* resb, bool relu);
+
+struct PackedConv;
+
+// ---- Strided 1x1 convs (ResNet's downsample 1x1/2) run as pointwise convs ----
+// The taps a 1x1/s conv reads are every s-th column of every s-th row: copied once per call into
+// a [N][C][OH][OW] buffer (the caller's thread_scratch slot 2), the conv is the pointwise conv of
+// pointwise_view(s) on it: in-place panels or the CL tile instead of packing strided panels per
+// K-slice (and again per weight-row split). Same taps, same weight packing (KS as a pointwise
+// conv's). AIMASS_CONV_DECIMATE=0 turns it off.
+bool decimate_ok(const ops::Conv2dShape& s);  // groups 1, 1x1, unpadded, a stride > 1
+bool decimate_enabled();                      // AIMASS_CONV_DECIMATE (read once) is not 0
+ops::Conv2dShape pointwise_view(const ops::Conv2dShape& s);  // C x OH x OW in, stride 1
+// dst[j] = src[j * SW], j < OW
+void decimate_row_scalar(const float* src, int64_t SW, int64_t OW, float* dst);
+void decimate_row_avx512(const float* src, int64_t SW, int64_t OW, float* dst);
+void decimate(const float* x, const ops::Conv2dShape& s, int64_t N, float* xd);
+// run_cl on shape s (pc.s or its pointwise view)
+void cl_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, int64_t N, const float* res, bool relu,
+              float* y);
+
 // The weights of one conv (groups == 1) packed for the tiles; built once per model and
 // shared by every plan of an executor (WeightCache). `wino`: kAuto packs U when the shape is
 // eligible (and AIMASS_WINOGRAD is not 0) and the direct weights only when some batch size
@@ -283,21 +328,37 @@ struct PackedConv {
   float* u = nullptr;
   int64_t UKS = 0;
   bool phase = false;  // phase_pays(s) and phase_enabled(): run_direct takes run_phase where it has the tile
+  // CL tile weights [O / kCLRows][Kc][kCLRows] (channels past O zero), packed where cl_pays at batch 1
+  // (or kBoth); null otherwise. A second copy beside w: other batch sizes may run the pixel panels.
+  AlignedBuffer clbuf;
+  float* wcl = nullptr;
   PackedConv(const float* weight, const float* bias, const ops::Conv2dShape& s, Wino wino = kAuto);
   PackedConv(const PackedConv&) = delete;
   PackedConv& operator=(const PackedConv&) = delete;
 
  private:
   void pack_winograd(const float* weight);  // ops_conv_wino.cc
+  void pack_cl(const float* weight);         // ops_conv_cl.cc
 };
 
 // y[N, O, OH, OW] = relu?(conv(x[N, C, H, W]) + bias (+ res[N, O, OH, OW])), NCHW.
+// With several K-slices the direct path adds the residual at the first slice (the sum's order is
+// then res + slices + bias: FMA-level differences only).
 void run(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// Whether run() may be given res == y (the executor then writes a residual conv's output over its
+// residual, where nothing reads the residual later: a ResNet block's shortcut, saving the output's
+// line reads, 10% of a batch-8 56x56 1x1): every path reads each residual value before any write
+// to that output position (direct: at the first K-slice; Winograd and CL: in the one epilogue;
+// the phase path adds it at its last K-slice, so only with one slice).
+bool residual_in_place_ok(const PackedConv& pc);
 // The phase-plane path of an eligible conv (run_direct takes it on AVX-512 and the scalar level
 // when PackedConv::phase is set; tests call it directly).
 void run_phase(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 // The two paths run() picks from (tests compare them).
 void run_direct(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 void run_winograd(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
+// The CL path of a pointwise conv with wcl packed (run_direct takes it on AVX-512 when cl_pays;
+// tests call it directly, at the scalar level too).
+void run_cl(const PackedConv& pc, const float* x, int64_t N, const float* res, bool relu, float* y);
 
 }  // namespace aimass::runtime::conv
