@@ -1,6 +1,7 @@
-// Core bindings: exception types, CPU features, thread settings.
+// Core bindings: exception types, CPU features, thread settings, host buffers.
 #include "aimass/blas.h"
 #include "aimass/cpu_features.h"
+#include "aimass/memory.h"
 #include "aimass/parallel.h"
 #include "common.h"
 
@@ -64,6 +65,19 @@ void bind_core(py::module_& m) {
   // the GIL stays held: a few atomics, and a futex wake only when a worker is parked
   m.def("wake_workers", [](int poll_us) { aimass::wake_workers(poll_us); }, py::arg("poll_us") = 0,
         "Hint: parked engine threads poll for work for max(AIMASS_SPIN_US, poll_us) from now.");
+  // Zeroed host memory that the kernel may back with 2 MiB pages (aimass/memory.h), as bytes through
+  // the buffer protocol: torch.frombuffer / np.frombuffer wrap it without a copy and keep it alive.
+  py::class_<aimass::AlignedBuffer>(m, "HostBuffer", py::buffer_protocol())
+      .def(py::init([](int64_t nbytes) {
+             if (nbytes <= 0) throw py::value_error("HostBuffer: nbytes must be positive, got " + std::to_string(nbytes));
+             return std::make_unique<aimass::AlignedBuffer>(static_cast<size_t>(nbytes));
+           }),
+           py::arg("nbytes"))
+      .def("__len__", &aimass::AlignedBuffer::size)
+      .def_buffer([](aimass::AlignedBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {py::ssize_t{1}});
+      });
 }
 
 }  // namespace aimass_bind

@@ -85,6 +85,37 @@ def test_bucket_bf16_and_large_parameter_alone(dist):
         assert torch.all(p.grad.float() == float(sum(j + k for j in range(n)))), k
 
 
+def test_large_buckets_in_huge_page_memory(dist):
+    """Host buckets of 2 MiB or more live in _C.HostBuffer memory (2 MiB-aligned, advised as huge pages, so
+    the single-copy path's page walks are few); smaller ones and gradients' values behave as before: odd
+    sizes, two dtypes, zeroing and a replaced gradient, the buffer kept alive by the bucket alone."""
+    import gc
+    from aimass.dist.buckets import HUGE_BUCKET_BYTES
+    n, r = dist.size(), dist.rank()
+    big = HUGE_BUCKET_BYTES // 4 + 12_345  # float32 elements: past the bound, not a whole page
+    ps = [torch.nn.Parameter(torch.zeros(k, dtype=dt)) for k, dt in
+          ((big, torch.float32), (7, torch.float32), (HUGE_BUCKET_BYTES // 2 + 3, torch.bfloat16), (11, torch.float64))]
+    b = dist.GradientBuckets(ps, bucket_bytes=64 << 20, name="t.buckets.huge")
+    gc.collect()
+    for t in b.buckets:
+        huge = t.numel() * t.element_size() >= HUGE_BUCKET_BYTES
+        assert (t.data_ptr() % HUGE_BUCKET_BYTES == 0) == huge, (t.dtype, t.numel())
+        assert float(t.abs().sum()) == 0
+    for k, p in enumerate(ps):
+        p.grad.copy_(torch.arange(p.numel(), dtype=torch.float64).remainder(97).to(p.dtype) + (r + k))
+    b.allreduce(op="sum")
+    for k, p in enumerate(ps):
+        want = (torch.arange(p.numel(), dtype=torch.float64).remainder(97) * n + sum(j + k for j in range(n)))
+        torch.testing.assert_close(p.grad.double(), want.to(p.dtype).double(), rtol=0, atol=0)
+    b.zero_()
+    ps[0].grad = torch.full_like(ps[0], float(r + 1))  # replaced: copied back into the bucket
+    for h in b.allreduce_async(op="sum"):
+        dist.synchronize(h)
+    assert torch.all(ps[0].grad == n * (n + 1) / 2)
+    assert ps[0].grad.data_ptr() == b._views[id(ps[0])].data_ptr()
+    assert b.buckets[b.bucket_of(ps[0])].data_ptr() % HUGE_BUCKET_BYTES == 0
+
+
 def test_bad_arguments():
     from aimass.dist.buckets import GradientBuckets
     p = torch.nn.Parameter(torch.zeros(3))
