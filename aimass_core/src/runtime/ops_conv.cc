@@ -103,7 +103,8 @@ PackedConv::PackedConv(const float* weight, const float* bias, const ops::Conv2d
   // pointwise panels are mostly read in place; a strided 1x1 runs as one on its subsampled input
   KS = slice_taps(Kc, ops::is_pointwise(s) || decimate_ok(s) ? kKC : kKCPacked);
   phase = phase_pays(s) && phase_enabled();
-  const bool use_u = wino == kBoth || (wino == kAuto && wino_enabled() && wino_eligible(s));
+  // kBoth packs U only for shapes Winograd can run (a 1x1 under kBoth gets its direct and CL weights)
+  const bool use_u = wino_eligible(s) && (wino == kBoth || (wino == kAuto && wino_enabled()));
   if (use_u) pack_winograd(weight);
   if (bias) {
     bbuf = AlignedBuffer(static_cast<size_t>(MB * kMR) * sizeof(float));

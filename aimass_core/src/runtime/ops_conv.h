@@ -315,7 +315,8 @@ void cl_shape(const PackedConv& pc, const ops::Conv2dShape& s, const float* x, i
 // The weights of one conv (groups == 1) packed for the tiles; built once per model and
 // shared by every plan of an executor (WeightCache). `wino`: kAuto packs U when the shape is
 // eligible (and AIMASS_WINOGRAD is not 0) and the direct weights only when some batch size
-// runs direct (wino_pays(s, 1) false); kNoWino only the direct weights; kBoth both (tests).
+// runs direct (wino_pays(s, 1) false); kNoWino only the direct weights; kBoth every layout the
+// shape can run: U where wino_eligible, the direct weights, the CL weights for pointwise (tests).
 struct PackedConv {
   enum Wino { kAuto, kNoWino, kBoth };
   ops::Conv2dShape s{};
