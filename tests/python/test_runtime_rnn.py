@@ -121,3 +121,31 @@ def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, thre
                 np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     finally:
         aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_single_row_step_kernels_agree(tmp_path, monkeypatch, cls, threads):
+    # batch 1 runs the single-row step kernel (AIMASS_RNN_GEMV=1, the default; 0 the blocked panels
+    # kernel): both equal torch, the walk in both directions, hidden 263 (K % 4 != 0 and a 7-wide
+    # last group), two layers, biases (GRU's b_hh goes through the kernel's bias)
+    import aimass
+    torch.manual_seed(5)
+    rnn = cls(24, 263, num_layers=2, batch_first=True, bidirectional=True).eval()
+    path = tmp_path / "walk.aimass"
+    rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+    x = torch.randn(1, 9, 24)
+    with torch.no_grad():
+        ref = rnn(x)[0].numpy()
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        with rt.Session(path) as s:
+            outs = {}
+            for mode in ("0", "1"):
+                monkeypatch.setenv("AIMASS_RNN_GEMV", mode)
+                outs[mode] = s.run({"input_0": x.numpy()})["output"]
+                np.testing.assert_allclose(outs[mode], ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
+    finally:
+        aimass.set_num_threads(old)

@@ -8,6 +8,7 @@
 // one, which runs from the last step to the first, in [H, 2H)).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -64,6 +65,13 @@ class Rnn : public ExtKernel {
     const int nchunks = step_macs < (int64_t{1} << 17)
                             ? 1
                             : static_cast<int>(std::min<int64_t>(groups, static_cast<int64_t>(num_threads())));
+    // Batch 1 runs the single-row kernel (packed_gemm.h): 3% less time a run than the blocked
+    // panels kernel at LSTM 2x512, which splits K in blocks (partial sums through y) and took one
+    // call per panel on the reversed steps. AIMASS_RNN_GEMV=0 restores that kernel (an A/B
+    // switch, read per run so a bench can compare both in one process).
+    int mode = 1;
+    if (const char* e = std::getenv("AIMASS_RNN_GEMV")) mode = std::atoi(e);
+    const packed::GemvWalkFn walk = rows == 1 && mode > 0 ? packed::gemv_walk_kernel() : nullptr;
     for (int64_t l = 0; l < nl; ++l) {
       // layers alternate between mid and y so the last one lands in y
       float* dst = ((nl - 1 - l) % 2 == 0) ? y : mid.data();
@@ -83,7 +91,10 @@ class Rnn : public ExtKernel {
           // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
           // in one direction evicts each panel just before the next step reads it again: in
           // alternate directions the next step starts on the panels the last one left in L2.
-          if (step & 1) {
+          if (walk) {
+            // one row: the single-row kernel (no K blocks, one call per step)
+            walk(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data());
+          } else if (step & 1) {
             for (int64_t g = g1; g-- > g0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
           } else {
             vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
