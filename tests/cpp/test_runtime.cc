@@ -333,8 +333,8 @@ TEST(RuntimePackedGemm, AllPathsMatchReferenceAndSgemm) {
 }
 
 // The single-row walk (an RNN step at batch 1): every SIMD level against a double reference over
-// panels [p0, p1) in both directions, K tails (K % 4, K % 2), with and without bias; the
-// columns outside [p0, p1) stay untouched.
+// panels [p0, p1) in both directions (four-panel groups and the panels left over), K tails, with and
+// without bias; the columns outside [p0, p1) stay untouched.
 TEST(RuntimePackedGemm, GemvWalkMatchesReferenceBothDirections) {
   namespace pk = aimass::runtime::packed;
   std::mt19937 rng(11);
@@ -345,7 +345,7 @@ TEST(RuntimePackedGemm, GemvWalkMatchesReferenceBothDirections) {
   if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) fns.push_back({"avx512", pk::gemv_walk_avx512});
   fns.push_back({"dispatched", pk::gemv_walk_kernel()});
   for (int64_t K : {1, 2, 3, 5, 8, 263, 512}) {
-    for (int64_t N : {7, 32, 100}) {
+    for (int64_t N : {7, 32, 100, 300}) {  // 300: groups of four panels and a tail of two
       const int64_t Pn = pk::num_panels(N), NP = Pn * pk::kPanel;
       std::vector<float> x(K), w(N * K), bias(N);
       for (auto& v : x) v = d(rng);
