@@ -332,6 +332,53 @@ TEST(RuntimePackedGemm, AllPathsMatchReferenceAndSgemm) {
   }
 }
 
+// The single-row walk (an RNN step at batch 1): every SIMD level against a double reference over
+// panels [p0, p1) in both directions (four-panel groups and the panels left over), K tails, with and
+// without bias; the columns outside [p0, p1) stay untouched.
+TEST(RuntimePackedGemm, GemvWalkMatchesReferenceBothDirections) {
+  namespace pk = aimass::runtime::packed;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const auto& f = aimass::cpu_features();
+  std::vector<std::pair<const char*, pk::GemvWalkFn>> fns = {{"scalar", pk::gemv_walk_scalar}};
+  if (f.avx2 && f.fma) fns.push_back({"avx2", pk::gemv_walk_avx2});
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) fns.push_back({"avx512", pk::gemv_walk_avx512});
+  fns.push_back({"dispatched", pk::gemv_walk_kernel()});
+  for (int64_t K : {1, 2, 3, 5, 8, 263, 512}) {
+    for (int64_t N : {7, 32, 100, 300}) {  // 300: groups of four panels and a tail of two
+      const int64_t Pn = pk::num_panels(N), NP = Pn * pk::kPanel;
+      std::vector<float> x(K), w(N * K), bias(N);
+      for (auto& v : x) v = d(rng);
+      for (auto& v : w) v = d(rng);
+      for (auto& v : bias) v = d(rng);
+      for (int with_bias = 0; with_bias < 2; ++with_bias) {
+        aimass::runtime::ops::PackedLinear P(w.data(), with_bias ? bias.data() : nullptr, N, K);
+        const float* bp = with_bias ? P.b : nullptr;
+        for (const auto& [name, fn] : fns)
+          for (int64_t p0 = 0; p0 < Pn; ++p0)
+            for (int64_t p1 : {p0 + 1, Pn}) {
+              for (bool reverse : {false, true}) {
+                std::vector<float> y(NP, -7.f);
+                fn(x.data(), K, P.w, bp, p0, p1, reverse, y.data());
+                for (int64_t n = 0; n < NP; ++n) {
+                  if (n < p0 * pk::kPanel || n >= p1 * pk::kPanel) {
+                    ASSERT_EQ(y[n], -7.f) << name << " wrote outside its panels, n=" << n;
+                    continue;
+                  }
+                  double r = n < N && with_bias ? bias[n] : 0.0;
+                  if (n < N)
+                    for (int64_t k = 0; k < K; ++k) r += double(x[k]) * w[n * K + k];
+                  ASSERT_NEAR(y[n], r, 1e-5 * std::sqrt(double(K)) + 1e-6)
+                      << name << " K=" << K << " N=" << N << " n=" << n << " p0=" << p0 << " p1=" << p1
+                      << " reverse=" << reverse << " bias=" << with_bias;
+                }
+              }
+            }
+      }
+    }
+  }
+}
+
 TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
   namespace pk = aimass::runtime::packed;
   const int64_t N = 35, K = 3;

@@ -121,3 +121,80 @@ def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, thre
                 np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     finally:
         aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_single_row_step_kernels_agree(tmp_path, monkeypatch, cls, threads):
+    # batch 1 runs the single-row step kernel (AIMASS_RNN_GEMV=1, the default; 0 the blocked panels
+    # kernel): both equal torch, the walk in both directions, hidden 263 (K % 4 != 0 and a 7-wide
+    # last group), two layers, biases (GRU's b_hh goes through the kernel's bias)
+    import aimass
+    torch.manual_seed(5)
+    rnn = cls(24, 263, num_layers=2, batch_first=True, bidirectional=True).eval()
+    path = tmp_path / "walk.aimass"
+    rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+    x = torch.randn(1, 9, 24)
+    with torch.no_grad():
+        ref = rnn(x)[0].numpy()
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        with rt.Session(path) as s:
+            outs = {}
+            for mode in ("0", "1"):
+                monkeypatch.setenv("AIMASS_RNN_GEMV", mode)
+                outs[mode] = s.run({"input_0": x.numpy()})["output"]
+                np.testing.assert_allclose(outs[mode], ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
+    finally:
+        aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_first_step_skips_the_zero_state_product(tmp_path, monkeypatch, cls, threads):
+    # step 0 reads h = 0, so h @ W_hh^T is 0 (GRU: b_hh) and is not computed (AIMASS_RNN_SKIP0=0
+    # computes it): equal results at batch 1 and 4, hidden 263, bidirectional (the reverse
+    # direction's first step is the last timestep)
+    import aimass
+    torch.manual_seed(6)
+    rnn = cls(24, 263, num_layers=2, batch_first=True, bidirectional=True).eval()
+    path = tmp_path / "skip0.aimass"
+    rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        with rt.Session(path) as s:
+            for b, n in ((1, 7), (4, 3)):
+                x = torch.randn(b, n, 24)
+                with torch.no_grad():
+                    ref = rnn(x)[0].numpy()
+                outs = []
+                for flag in ("1", "0"):
+                    monkeypatch.setenv("AIMASS_RNN_SKIP0", flag)
+                    outs.append(s.run({"input_0": x.numpy()})["output"])
+                    np.testing.assert_allclose(outs[-1], ref, rtol=1e-4, atol=1e-5)
+                np.testing.assert_array_equal(outs[0], outs[1])
+    finally:
+        aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_nonfinite_recurrent_weight_still_poisons_the_first_step(tmp_path, cls):
+    # 0 * inf is NaN: with an inf in W_hh torch's first step is already NaN, so the zero-state
+    # shortcut must not apply (ops_rnn.cc checks W_hh once at plan build)
+    torch.manual_seed(7)
+    rnn = cls(8, 16, batch_first=True).eval()
+    with torch.no_grad():
+        rnn.weight_hh_l0[3, 5] = float("inf")
+    path = tmp_path / "inf.aimass"
+    rt.export(rnn, (torch.randn(2, 4, 8),), path, dynamic_seq=True)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        ref = rnn(x)[0].numpy()
+    with rt.Session(path) as s:
+        got = s.run({"input_0": x.numpy()})["output"]
+    assert np.isnan(ref[0, 0]).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)  # NaN where torch has NaN

@@ -8,6 +8,7 @@
 // one, which runs from the last step to the first, in [H, 2H)).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -36,6 +37,7 @@ struct RnnLayer {
   // projection of every timestep is one packed GEMM with the bias in its epilogue
   std::shared_ptr<ops::PackedLinear> wih;
   std::shared_ptr<ops::PackedLinear> whh;  // packed permuted W_hh (+ b_hh for GRU)
+  bool whh_finite = false;  // no inf/NaN in W_hh: the first step's h @ W_hh^T (h = 0) is exactly 0
 };
 
 class Rnn : public ExtKernel {
@@ -64,6 +66,15 @@ class Rnn : public ExtKernel {
     const int nchunks = step_macs < (int64_t{1} << 17)
                             ? 1
                             : static_cast<int>(std::min<int64_t>(groups, static_cast<int64_t>(num_threads())));
+    // Batch 1 runs the single-row kernel (packed_gemm.h): 5-7% less CPU time a run than the
+    // blocked panels kernel at LSTM 2x512 (1 thread, AMD EPYC), which splits K in blocks (partial
+    // sums through y), streams one panel at a time and took one call per panel on reversed steps. AIMASS_RNN_GEMV=0 restores that kernel (an A/B
+    // switch, read per run so a bench can compare both in one process).
+    int mode = 1;
+    if (const char* e = std::getenv("AIMASS_RNN_GEMV")) mode = std::atoi(e);
+    bool skip0 = true;  // AIMASS_RNN_SKIP0=0: multiply the first step's zero state too (A/B)
+    if (const char* e = std::getenv("AIMASS_RNN_SKIP0")) skip0 = std::atoi(e) != 0;
+    const packed::GemvWalkFn walk = rows == 1 && mode > 0 ? packed::gemv_walk_kernel() : nullptr;
     for (int64_t l = 0; l < nl; ++l) {
       // layers alternate between mid and y so the last one lands in y
       float* dst = ((nl - 1 - l) % 2 == 0) ? y : mid.data();
@@ -83,7 +94,18 @@ class Rnn : public ExtKernel {
           // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
           // in one direction evicts each panel just before the next step reads it again: in
           // alternate directions the next step starts on the panels the last one left in L2.
-          if (step & 1) {
+          if (step == 0 && L.whh_finite && skip0) {
+            // h = 0: the product is 0 (+ GRU's b_hh), skip a full read of W_hh (1/S of the steps)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t g = g0; g < g1; ++g) {
+                float* z = gh.data() + r * NP + g * packed::kPanel;
+                if (P.b) std::copy(P.b + g * packed::kPanel, P.b + (g + 1) * packed::kPanel, z);
+                else std::fill(z, z + packed::kPanel, 0.f);
+              }
+          } else if (walk) {
+            // one row: the single-row kernel (no K blocks, one call per step)
+            walk(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data());
+          } else if (step & 1) {
             for (int64_t g = g1; g-- > g0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
           } else {
             vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
@@ -161,6 +183,7 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
             bhh[dstr] = b_hh ? b_hh[src] : 0.f;
           }
         L->wih = std::make_shared<ops::PackedLinear>(wih.data(), bias_in.data(), NP, feat);
+        L->whh_finite = std::all_of(w_hh, w_hh + GH * H, [](float v) { return std::isfinite(v); });
         L->whh = std::make_shared<ops::PackedLinear>(whh.data(), k->gru && b_hh ? bhh.data() : nullptr, NP, H);
         slot = L;
       }

@@ -81,6 +81,24 @@ int64_t pick_mc(int64_t M, int64_t ncols) {
   return mc >= M ? M : mc;
 }
 
+void gemv_walk_scalar(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                      bool reverse, float* y) {
+  for (int64_t i = p0; i < p1; ++i) {
+    const int64_t g = reverse ? p0 + p1 - 1 - i : i;
+    const float* w = wp + g * K * kPanel;
+    for (int64_t n = 0; n < kPanel; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += w[k * kPanel + n] * x[k];
+      y[g * kPanel + n] = acc + (bias_p ? bias_p[g * kPanel + n] : 0.f);
+    }
+  }
+}
+
+GemvWalkFn gemv_walk_kernel() {
+  const SimdLevel lvl = simd_level();
+  return lvl >= SimdLevel::AVX512 ? gemv_walk_avx512 : lvl >= SimdLevel::AVX2 ? gemv_walk_avx2 : gemv_walk_scalar;
+}
+
 PanelsExFn panels_ex_kernel() {
   const SimdLevel lvl = simd_level();
   return lvl >= SimdLevel::AVX512 ? panels_ex_avx512 : lvl >= SimdLevel::AVX2 ? panels_ex_avx2 : panels_ex_scalar;

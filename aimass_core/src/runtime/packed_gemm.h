@@ -63,6 +63,18 @@ void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, const fl
 void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                    int64_t p1, int64_t N, bool relu, float* y);
 
+// One row (M = 1) over panels [p0, p1), walked last to first when `reverse`, over the whole K
+// at once (a recurrent step at batch 1: one call a step, no partial sums through y).
+// y[n] = sum_k w[n,k] x[k] (+ bias[n]) for the panels' columns; y has the padded width.
+void gemv_walk_scalar(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                      bool reverse, float* y);
+void gemv_walk_avx2(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                    bool reverse, float* y);
+void gemv_walk_avx512(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                      bool reverse, float* y);
+using GemvWalkFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, bool, float*);
+GemvWalkFn gemv_walk_kernel();  // the one of the engine's SIMD level
+
 // Dispatches on simd_level() and splits the panels over the engine's thread pool.
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y);

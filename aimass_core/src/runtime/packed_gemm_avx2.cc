@@ -131,4 +131,35 @@ void panels_ex_avx2(const float* x, int64_t M, int64_t K, const float* wp, const
   blocked_panels<6>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
+// See packed_gemm.h. Two sets of four accumulators over consecutive k.
+void gemv_walk_avx2(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                    bool reverse, float* y) {
+  const int64_t PS = K * kPanel;
+  for (int64_t i = p0; i < p1; ++i) {
+    const int64_t g = reverse ? p0 + p1 - 1 - i : i;
+    const float* w = wp + g * PS;
+    __m256 a[2][4];
+    for (int u = 0; u < 2; ++u)
+      for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        const __m256 xb = _mm256_set1_ps(x[k + u]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) a[u][j] = _mm256_fmadd_ps(_mm256_load_ps(w + (k + u) * kPanel + 8 * j), xb, a[u][j]);
+      }
+    }
+    for (; k < K; ++k) {
+      const __m256 xb = _mm256_set1_ps(x[k]);
+      for (int j = 0; j < 4; ++j) a[0][j] = _mm256_fmadd_ps(_mm256_load_ps(w + k * kPanel + 8 * j), xb, a[0][j]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      __m256 v = _mm256_add_ps(a[0][j], a[1][j]);
+      if (bias_p) v = _mm256_add_ps(v, _mm256_load_ps(bias_p + g * kPanel + 8 * j));
+      _mm256_storeu_ps(y + g * kPanel + 8 * j, v);
+    }
+  }
+}
+
 }  // namespace aimass::runtime::packed
