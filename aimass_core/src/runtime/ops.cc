@@ -142,7 +142,14 @@ int64_t PackedLinear::bytes() const {
   return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));
 }
 
-bool linear_prefers_sgemm(int64_t R, int64_t K) { return R >= kSgemmMinRows && K >= kSgemmMinK; }
+bool linear_prefers_sgemm(int64_t R, int64_t K) {
+  // AIMASS_SGEMM_MIN_ROWS overrides the row threshold (A/B runs of packed vs sgemm).
+  static const int64_t min_rows = [] {
+    const char* e = std::getenv("AIMASS_SGEMM_MIN_ROWS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : kSgemmMinRows;
+  }();
+  return R >= min_rows && K >= kSgemmMinK;
+}
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed, const float* res) {

@@ -69,6 +69,16 @@ void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* 
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
             const Epilogue& e, float* y);
 
+// K block of the row-tiles-outer order (packed_gemm_blocked.h): K is cut into equal blocks of
+// at most this many (768 -> 2 x 384).
+constexpr int64_t kKcRows = 384;
+
+// Whether the AVX-512 kernel runs row tiles outer (x tile in L1, panels streamed from L2)
+// rather than panels outer: with more than one row tile and x rows that do not alias L1 sets
+// (a row stride of K floats with K % 512 == 0 puts >= 6 of 12 rows in one 8-way set: measured
+// slower at K = 3072 and 1024). AIMASS_PACKED_ROWS_OUTER=0 keeps panels outer (A/B runs).
+bool row_tiles_outer(int64_t M, int64_t K, int mr);
+
 // Rows per M block for `ncols` outputs: the block's partial sums (mc x ncols floats) stay
 // within ~L2 (a multiple of 24, so 12-row and 6-row tiles divide it).
 int64_t pick_mc(int64_t M, int64_t ncols);
