@@ -150,9 +150,11 @@ bool linear_prefers_sgemm(int64_t R, int64_t K) {
     return e ? std::max<int64_t>(0, std::atoll(e)) : kSgemmMinRows;
   }();
   // Where the packed kernel runs row tiles outer on x in place (K = 768) it beat sgemm at 1024
-  // rows too (BERT-base batch 8, one core: q 32.6 vs 34.4 ms, f1 44.0 vs 47.3); at K = 3072
-  // (x tile copied, K % 512 == 0) the two were level (48.0 vs 47.1-48.3 ms): sgemm stays.
-  return R >= min_rows && K >= kSgemmMinK && !(K % 512 != 0 && packed::linear_rows_outer(R, K));
+  // rows too on one thread (BERT-base batch 8: q 32.6 vs 34.4 ms, f1 44.0 vs 47.3); at K = 3072
+  // (x tile copied, K % 512 == 0) the two were level (48.0 vs 47.1-48.3 ms): sgemm stays. At 2
+  // threads (panels split, against sgemm's row split) it is not measured on a quiet machine yet.
+  return R >= min_rows && K >= kSgemmMinK &&
+         !(K % 512 != 0 && num_threads() == 1 && packed::linear_rows_outer(R, K));
 }
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
