@@ -407,7 +407,7 @@ TEST(RuntimePackedGemm, BlockedShapesAndFusedEpilogues) {
   const auto& f = aimass::cpu_features();
   struct Shape { int64_t M, N, K; };
   for (Shape sh : {Shape{1, 33, 600}, Shape{13, 300, 257}, Shape{29, 70, 256}, Shape{600, 40, 255},
-                   Shape{100, 288, 513}}) {
+                   Shape{100, 288, 513}, Shape{37, 520, 800}, Shape{29, 100, 1024}}) {
     const int64_t M = sh.M, N = sh.N, K = sh.K;
     std::vector<float> x(M * K), w(N * K), bias(N), res(M * N), yb(M * N);
     for (auto& v : x) v = d(rng);

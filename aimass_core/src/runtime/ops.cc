@@ -37,9 +37,10 @@ namespace {
 // Grain sizes: enough work per chunk that the pool's wake-up cost is amortized.
 constexpr int64_t kElemGrain = 16384;
 // fp32 Linear layers with at least this many rows and inputs run OpenBLAS sgemm (then the
-// epilogue) rather than the packed kernel: at BERT-base's shapes with 1024 rows (batch 8 x 128
-// tokens, K = 768 / 3072) sgemm's larger blocking measured 145-150 GFLOP/s against the packed
-// kernel's 124-137 on one AVX-512 core, the whole encoder 9 % faster with the epilogue as a
+// epilogue) rather than the packed kernel, unless the packed kernel runs row tiles outer at
+// K % 512 != 0 (linear_prefers_sgemm). Measured with the panels-outer kernel: at BERT-base's
+// shapes with 1024 rows (batch 8 x 128 tokens, K = 768 / 3072) sgemm's larger blocking measured
+// 145-150 GFLOP/s against the packed kernel's 124-137 on one AVX-512 core, the whole encoder 9 % faster with the epilogue as a
 // separate pass; at K = 256 (BERT-mini) or 128 rows the packed kernel was ahead (10-20 %).
 constexpr int64_t kSgemmMinRows = 512;
 constexpr int64_t kSgemmMinK = 512;
@@ -142,7 +143,19 @@ int64_t PackedLinear::bytes() const {
   return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));
 }
 
-bool linear_prefers_sgemm(int64_t R, int64_t K) { return R >= kSgemmMinRows && K >= kSgemmMinK; }
+bool linear_prefers_sgemm(int64_t R, int64_t K) {
+  // AIMASS_SGEMM_MIN_ROWS overrides the row threshold (A/B runs of packed vs sgemm).
+  static const int64_t min_rows = [] {
+    const char* e = std::getenv("AIMASS_SGEMM_MIN_ROWS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : kSgemmMinRows;
+  }();
+  // Where the packed kernel runs row tiles outer on x in place (K = 768) it beat sgemm at 1024
+  // rows too on one thread (BERT-base batch 8: q 32.6 vs 34.4 ms, f1 44.0 vs 47.3); at K = 3072
+  // (x tile copied, K % 512 == 0) the two were level (48.0 vs 47.1-48.3 ms): sgemm stays. At 2
+  // threads (panels split, against sgemm's row split) it is not measured on a quiet machine yet.
+  return R >= min_rows && K >= kSgemmMinK &&
+         !(K % 512 != 0 && num_threads() == 1 && packed::linear_rows_outer(R, K));
+}
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed, const float* res) {

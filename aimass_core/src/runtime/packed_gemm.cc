@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "aimass/cpu_features.h"
@@ -70,6 +71,28 @@ void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, const fl
 void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                    int64_t p1, int64_t N, bool relu, float* y) {
   panels_ex_avx512(x, M, K, wp, bias_p, p0, p1, N, Epilogue{relu ? kEpiRelu : kEpiNone}, y);
+}
+
+namespace {
+bool alias_copy_on() {  // AIMASS_PACKED_ALIAS_COPY=0: K % 512 == 0 stays panels outer (A/B runs)
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_PACKED_ALIAS_COPY");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+}  // namespace
+
+bool row_tiles_outer(int64_t M, int64_t K, int mr) {
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_PACKED_ROWS_OUTER");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on && mr == 12 && M > mr && K > 0 && (K % 512 != 0 || alias_copy_on());
+}
+
+bool linear_rows_outer(int64_t M, int64_t K) {
+  return row_tiles_outer(M, K, simd_level() >= SimdLevel::AVX512 ? 12 : 6);
 }
 
 int64_t pick_mc(int64_t M, int64_t ncols) {

@@ -15,6 +15,9 @@
 // reuses it; the x block (mc x kKc) stays in L2 across all panels; partial sums go
 // through y, whose M block stays in L2 across the K blocks.
 //
+// On AVX-512 with more than one row tile the order is row tiles outer instead (x tile in L1,
+// the N block's panels streamed from L2; row_tiles_outer below).
+//
 // Every output is acc = sum_k w[n,k]*x[m,k] accumulated in k order, then the epilogue
 // (+ bias, activation, + residual), applied once per output in registers: the
 // scalar reference keeps that order (SIMD paths differ only by FMA rounding and
@@ -80,6 +83,18 @@ void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* 
             float* y);
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
             const Epilogue& e, float* y);
+
+// K block of the row-tiles-outer order (packed_gemm_blocked.h): K is cut into equal blocks of
+// at most this many (768 -> 2 x 384).
+constexpr int64_t kKcRows = 384;
+
+// Whether the AVX-512 kernel runs row tiles outer (x tile in L1, panels streamed from L2)
+// rather than panels outer: with more than one row tile. Rows K floats apart with K % 512 == 0
+// put >= 6 of 12 rows in one 8-way L1 set (measured slower there in place), so the x tile is
+// then copied to a padded buffer first (AIMASS_PACKED_ALIAS_COPY=0: panels outer instead).
+// AIMASS_PACKED_ROWS_OUTER=0 keeps panels outer everywhere (the old kernel, for A/B runs).
+bool row_tiles_outer(int64_t M, int64_t K, int mr);
+bool linear_rows_outer(int64_t M, int64_t K);  // the same for the kernel linear() dispatches to
 
 // Rows per M block for `ncols` outputs: the block's partial sums (mc x ncols floats) stay
 // within ~L2 (a multiple of 24, so 12-row and 6-row tiles divide it).

@@ -109,13 +109,14 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 template <int R>
 inline void tile_at(const TileArgs& a, int64_t m) {
   const Epilogue& ep = *a.ep;
-  const float* xm = a.x + m * a.K + a.k0;
+  const float* xm = a.xt ? a.xt : a.x + m * a.K + a.k0;
+  const int64_t ldx = a.xt ? a.ldt : a.K;
   const float* wk = a.w + a.k0 * kPanel;
   const float* r = ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr;
   float* ym = a.y + m * a.N + a.n0;
-  tile<R>(xm, a.K, a.kc, wk, a.b, a.ncols < 16 ? a.ncols : 16, a.first, a.last, ep, r, ym, a.N);
+  tile<R>(xm, ldx, a.kc, wk, a.b, a.ncols < 16 ? a.ncols : 16, a.first, a.last, ep, r, ym, a.N);
   if (a.ncols > 16)
-    tile<R>(xm, a.K, a.kc, wk + 16, a.b ? a.b + 16 : nullptr, a.ncols - 16, a.first, a.last, ep,
+    tile<R>(xm, ldx, a.kc, wk + 16, a.b ? a.b + 16 : nullptr, a.ncols - 16, a.first, a.last, ep,
             r ? r + 16 : nullptr, ym + 16, a.N);
 }
 

@@ -103,7 +103,8 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 template <int R>
 inline void tile_at(const TileArgs& a, int64_t m) {
   const Epilogue& ep = *a.ep;
-  tile<R>(a.x + m * a.K + a.k0, a.K, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols, a.first, a.last, ep,
+  tile<R>(a.xt ? a.xt : a.x + m * a.K + a.k0, a.xt ? a.ldt : a.K, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols,
+          a.first, a.last, ep,
           ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr, a.y + m * a.N + a.n0, a.N);
 }
 

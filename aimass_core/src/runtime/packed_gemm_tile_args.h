@@ -20,6 +20,9 @@ struct TileArgs {
   const Epilogue* ep;
   float* y;
   int64_t N;
+  // When set: this row tile's x block (rows from the tile's m, k from k0) copied with row stride ldt.
+  const float* xt = nullptr;
+  int64_t ldt = 0;
 };
 
 }  // namespace
