@@ -65,13 +65,27 @@ inline void fma_tap(const float* ak, __m512 b0, __m512 b1, __m512 (&c0)[8], __m5
   }
 }
 
+// step(k) for k in [0, kc), two taps per iteration: the weights stream sequentially through a
+// K-slice's row blocks (slice-major packing), so one line is requested kPfA floats (2 KiB) ahead per
+// two taps of 8 floats, not per tap, and a large layer's weights arrive from L3/DRAM in time.
+template <class Step>
+inline void for_taps(int64_t kc, const float* a, Step&& step) {
+  constexpr int64_t kPfA = 512;
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
+    step(k);
+    step(k + 1);
+  }
+  if (k < kc) step(k);
+}
+
 // The 8 x 32 product over kc taps: B row k at b + k * ldb (a packed panel: ldb = kNR, aligned;
 // in place: any ldb, unaligned, optionally prefetched kPf rows ahead). kHalf: columns 0..15 only
 // (a panel's tail of <= 16 pixels, e.g. 196 = 6 x 32 + 4 at 14x14, batch 1), c1 stays 0.
 template <bool kPacked, bool kStream, bool kHalf = false>
 inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, __m512 (&c0)[8], __m512 (&c1)[8]) {
   constexpr int64_t kPf = 32;  // rows ahead in the stream: ~8 cycles a row, DRAM ~100 ns away
-  constexpr int64_t kPfA = 512;  // floats (2 KiB) ahead in the weight stream
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
   auto step = [&](int64_t k) {
@@ -84,16 +98,7 @@ inline void tile_core(int64_t kc, const float* a, const float* b, int64_t ldb, _
     const __m512 b1 = kHalf ? _mm512_setzero_ps() : kPacked ? _mm512_load_ps(bk + 16) : _mm512_loadu_ps(bk + 16);
     fma_tap<kHalf>(a + k * kMR, b0, b1, c0, c1);
   };
-  // the weights stream sequentially through a K-slice's row blocks (slice-major packing); fetch a
-  // few lines ahead so a large layer's weights arrive from L3/DRAM in time: one request per line
-  // (two taps of 8 floats), not per tap
-  int64_t k = 0;
-  for (; k + 2 <= kc; k += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
-    step(k);
-    step(k + 1);
-  }
-  if (k < kc) step(k);
+  for_taps(kc, a, step);
 }
 
 // The tile's output (and residual) lines, requested before its k-loop so their misses overlap the
@@ -118,7 +123,6 @@ constexpr int kTailMax = 4;
 
 template <int R>
 inline void tile_core_tail(int64_t kc, const float* a, const float* b, __m512 (&c0)[8], __m256 (&e)[R]) {
-  constexpr int64_t kPfA = 512;  // as tile_core: floats ahead in the weight stream
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) c0[m] = _mm512_setzero_ps();
 #pragma GCC unroll 4
@@ -131,13 +135,7 @@ inline void tile_core_tail(int64_t kc, const float* a, const float* b, __m512 (&
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) e[i] = _mm256_fmadd_ps(ar, _mm256_broadcast_ss(bk + 16 + i), e[i]);
   };
-  int64_t k = 0;
-  for (; k + 2 <= kc; k += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
-    step(k);
-    step(k + 1);
-  }
-  if (k < kc) step(k);
+  for_taps(kc, a, step);
 }
 
 // The extra columns' epilogue, in the order of `epilogue`: (c +) sum, + bias, + residual, ReLU.
@@ -175,7 +173,6 @@ inline void tile_tail(int64_t kc, const float* a, const float* b, float* c, int6
 // plane at batch 1, a 28x28 plane's Winograd tiles; 392 = 12 x 32 + 8: a 7x7 plane at batch 8.
 inline void tile_quarter(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mvalid,
                          int64_t ncols, bool accumulate, const float* bias, const float* res, bool relu) {
-  constexpr int64_t kPfA = 512;  // as tile_core: floats ahead in the weight stream
   __m256 q[8];
 #pragma GCC unroll 8
   for (int m = 0; m < 8; ++m) q[m] = _mm256_setzero_ps();
@@ -185,13 +182,7 @@ inline void tile_quarter(int64_t kc, const float* a, const float* b, float* c, i
 #pragma GCC unroll 8
     for (int m = 0; m < 8; ++m) q[m] = _mm256_fmadd_ps(_mm256_set1_ps(ak[m]), bk, q[m]);
   };
-  int64_t k = 0;
-  for (; k + 2 <= kc; k += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(a + k * kMR + kPfA), _MM_HINT_T0);
-    step(k);
-    step(k + 1);
-  }
-  if (k < kc) step(k);
+  for_taps(kc, a, step);
   // the epilogue of `epilogue` on 8 columns
   const __mmask8 km = static_cast<__mmask8>((1u << ncols) - 1);
   const __m256 zero = _mm256_setzero_ps();
