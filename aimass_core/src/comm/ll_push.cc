@@ -29,9 +29,6 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
   char* tmp = push_tmp_.data();
   const char* src = static_cast<const char*>(in);
   char* dst = static_cast<char*>(out);
-  // in place into the own output when the own input comes first in rank order (with two ranks
-  // a op b is b op a bit for bit), else into the own tmp slot, then copied
-  const bool own_first = L == 2 || me == 0;
   pid_t pid[kMaxRanks];
   uint64_t rin[kMaxRanks], rout[kMaxRanks];
   for (int j = 0; j < L; ++j) {
@@ -59,17 +56,9 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
       iovec r{reinterpret_cast<void*>(rin[j] + off), nb};
       cma_read(pid[j], &l, &r, 1, "single-copy allreduce", "rank", j);
     }
-    if (own_first) {  // in place the kernels never overwrite a source unread: the own input is srcs[0]
-      srcs[0] = src + off;
-      for (int j = 0, i = 1; j < L; ++j)
-        if (j != me) srcs[i++] = tmp + static_cast<size_t>(j) * piece;
-      reduce_into(dtype, op, srcs, L, dst + off, n, average, L);
-    } else {
-      for (int j = 0; j < L; ++j) srcs[j] = j == me ? src + off : tmp + static_cast<size_t>(j) * piece;
-      char* res = tmp + static_cast<size_t>(me) * piece;
-      reduce_into(dtype, op, srcs, L, res, n, average, L);
-      std::memcpy(dst + off, res, nb);
-    }
+    // in rank order, into the own output (or through the own tmp slot): the same bits on every rank
+    reduce_rank_order(dtype, op, me, L, src + off, [&](int j) { return tmp + static_cast<size_t>(j) * piece; },
+                      dst + off, n, average, L, tmp + static_cast<size_t>(me) * piece, srcs);
     for (int jj = 1; jj < L; ++jj) {  // the reduced piece, still in the L2, into every peer's output
       const int j = (me + jj) % L;
       iovec l{dst + off, nb};

@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -47,6 +48,26 @@ void divide(DType dtype, char* data, size_t n, int world);
 // srcs[0] (in place), never another source.
 void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
                  int world);
+// One piece of a claimed-piece push (shm_cma.cc run_cma_steal, ll_push.cc): dst = the L ranks'
+// inputs reduced in rank order, so the bits do not depend on which rank claimed the piece. `own` is
+// rank me's input, peer(j) rank j's (read into a scratch buffer). When the own input comes first in
+// rank order (me == 0, or L == 2: a op b is b op a bit for bit) the result goes straight into dst,
+// which may be `own` (in place: the kernels never overwrite a source unread); else through `res`
+// (n elements of scratch), then copied. srcs: room for L pointers.
+template <class Peer>
+inline void reduce_rank_order(DType dtype, ReduceOp op, int me, int L, const char* own, Peer&& peer, char* dst,
+                              size_t n, bool average, int world, char* res, const char** srcs) {
+  if (L == 2 || me == 0) {
+    srcs[0] = own;
+    for (int j = 0, i = 1; j < L; ++j)
+      if (j != me) srcs[i++] = peer(j);
+    reduce_into(dtype, op, srcs, L, dst, n, average, world);
+  } else {
+    for (int j = 0; j < L; ++j) srcs[j] = j == me ? own : peer(j);
+    reduce_into(dtype, op, srcs, L, res, n, average, world);
+    std::memcpy(dst, res, n * dtype_size(dtype));
+  }
+}
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the

@@ -232,8 +232,6 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   const size_t slot = static_cast<size_t>(step) * es;
   tmp_.resize(static_cast<size_t>(L) * slot);
   char* res = tmp_.data() + static_cast<size_t>(me) * slot;  // own slot: the reduced piece (L > 2)
-  // in place into the own output when the own input is the first source in rank order
-  const bool own_first = L == 2 || me == 0;
   std::atomic<uint64_t>& claims = ctrl(0)->claims;
   claim_base_.resize(static_cast<size_t>(L), 0);
   const uint64_t base = claim_base_[0];
@@ -255,16 +253,9 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
     pieces(lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
       const ShmSegment& sg = segs[g];
       const size_t off = static_cast<size_t>(x - lo) * es;
-      if (own_first) {  // the own input first: in place the kernels never overwrite a source unread
-        srcs[0] = sg.in + at * es;
-        for (int j = 0, i = 1; j < L; ++j)
-          if (j != me) srcs[i++] = tmp_.data() + static_cast<size_t>(j) * slot + off;
-        reduce_into(dtype, op, srcs.data(), L, sg.out + at * es, static_cast<size_t>(n), sg.average, world_size);
-      } else {
-        for (int j = 0; j < L; ++j) srcs[j] = j == me ? sg.in + at * es : tmp_.data() + static_cast<size_t>(j) * slot + off;
-        reduce_into(dtype, op, srcs.data(), L, res + off, static_cast<size_t>(n), sg.average, world_size);
-        std::memcpy(sg.out + at * es, res + off, static_cast<size_t>(n) * es);
-      }
+      reduce_rank_order(dtype, op, me, L, sg.in + at * es,
+                        [&](int j) { return tmp_.data() + static_cast<size_t>(j) * slot + off; }, sg.out + at * es,
+                        static_cast<size_t>(n), sg.average, world_size, res + off, srcs.data());
     });
     for (int jj = 1; jj < L; ++jj) {  // the reduced piece, still in the L2, into every peer's output
       const int j = (me + jj) % L;
