@@ -55,21 +55,16 @@ void blocked_rows_outer(const float* x, int64_t M, int64_t K, const float* wp, c
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < kc; ++k) xbuf[r * ldt + k] = x[(m + r) * K + k0 + k];
         };
-        int64_t m = mb;
-        for (; m + MR <= me; m += MR) {
-          if (alias) copy_x(m, MR);
+        for (int64_t m = mb; m < me; m += MR) {  // full tiles of MR rows, then the last rows' tile
+          const int64_t rows = me - m < MR ? me - m : MR;
+          if (alias) copy_x(m, rows);
           for (int64_t p = q0; p < q1; ++p) {
             TileArgs a = args(p);
             if (alias) a.xt = xbuf, a.ldt = ldt;
-            tile_at<MR>(a, m);
-          }
-        }
-        if (m < me) {
-          if (alias) copy_x(m, me - m);
-          for (int64_t p = q0; p < q1; ++p) {
-            TileArgs a = args(p);
-            if (alias) a.xt = xbuf, a.ldt = ldt;
-            tail_tiles<MR - 1>(me - m, a, m);
+            if (rows == MR)
+              tile_at<MR>(a, m);
+            else
+              tail_tiles<MR - 1>(rows, a, m);
           }
         }
       }
