@@ -40,8 +40,9 @@ constexpr int64_t kElemGrain = 16384;
 // epilogue) rather than the packed kernel, unless the packed kernel runs row tiles outer at
 // K % 512 != 0 (linear_prefers_sgemm). Measured with the panels-outer kernel: at BERT-base's
 // shapes with 1024 rows (batch 8 x 128 tokens, K = 768 / 3072) sgemm's larger blocking measured
-// 145-150 GFLOP/s against the packed kernel's 124-137 on one AVX-512 core, the whole encoder 9 % faster with the epilogue as a
-// separate pass; at K = 256 (BERT-mini) or 128 rows the packed kernel was ahead (10-20 %).
+// 145-150 GFLOP/s against the packed kernel's 124-137 on one AVX-512 core, the whole encoder 9 %
+// faster with the epilogue as a separate pass; at K = 256 (BERT-mini) or 128 rows the packed
+// kernel was ahead (10-20 %).
 constexpr int64_t kSgemmMinRows = 512;
 constexpr int64_t kSgemmMinK = 512;
 
