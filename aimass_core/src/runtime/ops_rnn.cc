@@ -68,8 +68,9 @@ class Rnn : public ExtKernel {
                             : static_cast<int>(std::min<int64_t>(groups, static_cast<int64_t>(num_threads())));
     // Batch 1 runs the single-row kernel (packed_gemm.h): 5-7% less CPU time a run than the
     // blocked panels kernel at LSTM 2x512 (1 thread, AMD EPYC), which splits K in blocks (partial
-    // sums through y), streams one panel at a time and took one call per panel on reversed steps. AIMASS_RNN_GEMV=0 restores that kernel (an A/B
-    // switch, read per run so a bench can compare both in one process).
+    // sums through y), streams one panel at a time and took one call per panel on reversed steps.
+    // AIMASS_RNN_GEMV=0 restores that kernel (an A/B switch, read per run so a bench can compare
+    // both in one process).
     int mode = 1;
     if (const char* e = std::getenv("AIMASS_RNN_GEMV")) mode = std::atoi(e);
     bool skip0 = true;  // AIMASS_RNN_SKIP0=0: multiply the first step's zero state too (A/B)
