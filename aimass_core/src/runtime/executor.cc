@@ -22,6 +22,7 @@
 #include "runtime/ops.h"
 #include "runtime/ops_conv.h"
 #include "runtime/qlinear_bridge.h"
+#include "env_switch.h"
 
 namespace aimass::runtime {
 
@@ -627,10 +628,7 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
 }
 
 bool res_in_place_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_RES_IN_PLACE");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_RES_IN_PLACE");
   return on;
 }
 

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "runtime/ops_conv.h"
+#include "env_switch.h"
 
 namespace aimass::runtime::conv {
 
@@ -16,7 +17,7 @@ namespace {
 constexpr int64_t kPrefetchOutTaps = 16;
 // AIMASS_CONV_TAIL=0 (read once): <= 8-column tails on the half tile, 17..20 on the full one (A/B runs)
 inline bool tail_enabled() {
-  static const bool on = [] { const char* e = std::getenv("AIMASS_CONV_TAIL"); return !(e && std::strcmp(e, "0") == 0); }();
+  static const bool on = env_switch_on("AIMASS_CONV_TAIL");
   return on;
 }  // a tile this long hides its output lines' misses
 

@@ -9,6 +9,7 @@
 #include "aimass/memory.h"
 #include "aimass/parallel.h"
 #include "runtime/ops_conv.h"
+#include "env_switch.h"
 
 namespace aimass::runtime::conv {
 
@@ -66,10 +67,7 @@ bool decimate_ok(const ops::Conv2dShape& s) {
 }
 
 bool decimate_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_CONV_DECIMATE");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_CONV_DECIMATE");
   return on;
 }
 

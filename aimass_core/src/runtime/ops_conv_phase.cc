@@ -11,6 +11,7 @@
 #include "aimass/memory.h"
 #include "aimass/parallel.h"
 #include "runtime/ops_conv.h"
+#include "env_switch.h"
 
 namespace aimass::runtime::conv {
 
@@ -31,10 +32,7 @@ bool phase_pays(const ops::Conv2dShape& s) {
 }
 
 bool phase_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_CONV_PHASE");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_CONV_PHASE");
   return on;
 }
 

@@ -10,23 +10,18 @@
 #include "aimass/error.h"
 #include "aimass/parallel.h"
 #include "runtime/ops_conv.h"
+#include "env_switch.h"
 
 namespace aimass::runtime::conv {
 
 bool wino_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_WINOGRAD");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_WINOGRAD");
   return on;
 }
 
 namespace {
 bool wino_fine_split() {  // AIMASS_WINO_SPLIT=0 (read once): one row split per thread (A/B runs)
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_WINO_SPLIT");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_WINO_SPLIT");
   return on;
 }
 }  // namespace

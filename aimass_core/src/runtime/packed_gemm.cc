@@ -7,6 +7,7 @@
 
 #include "aimass/cpu_features.h"
 #include "aimass/parallel.h"
+#include "env_switch.h"
 
 namespace aimass::runtime::packed {
 
@@ -75,19 +76,13 @@ void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, const 
 
 namespace {
 bool alias_copy_on() {  // AIMASS_PACKED_ALIAS_COPY=0: K % 512 == 0 stays panels outer (A/B runs)
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_PACKED_ALIAS_COPY");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_PACKED_ALIAS_COPY");
   return on;
 }
 }  // namespace
 
 bool row_tiles_outer(int64_t M, int64_t K, int mr) {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_PACKED_ROWS_OUTER");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_PACKED_ROWS_OUTER");
   return on && mr == 12 && M > mr && K > 0 && (K % 512 != 0 || alias_copy_on());
 }
 
