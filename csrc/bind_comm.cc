@@ -378,8 +378,14 @@ int lean_entry_clear(PyObject* self_) {
   return 0;
 }
 
+// Pickled by reference, as a Python function is: __name__ (copied from the function) is looked up in
+// __module__ on load, which holds this object.
+PyObject* lean_entry_reduce(PyObject* self, PyObject*) { return PyObject_GetAttrString(self, "__name__"); }
+
 PyTypeObject* lean_entry_type() {
   static PyTypeObject* t = [] {
+    static PyMethodDef methods[] = {{"__reduce__", &lean_entry_reduce, METH_NOARGS, nullptr},
+                                    {nullptr, nullptr, 0, nullptr}};
     static PyMemberDef members[] = {
         {"__vectorcalloffset__", T_PYSSIZET, offsetof(LeanEntry, vectorcall), READONLY, nullptr},
         {"__dictoffset__", T_PYSSIZET, offsetof(LeanEntry, dict), READONLY, nullptr},
@@ -391,6 +397,7 @@ PyTypeObject* lean_entry_type() {
                                   {Py_tp_clear, reinterpret_cast<void*>(&lean_entry_clear)},
                                   {Py_tp_call, reinterpret_cast<void*>(&PyVectorcall_Call)},
                                   {Py_tp_members, members},
+                                  {Py_tp_methods, methods},
                                   {0, nullptr}};
     static PyType_Spec spec = {"aimass._C.LeanCollective", sizeof(LeanEntry), 0,
                                Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL, slots};

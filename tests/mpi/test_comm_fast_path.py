@@ -333,11 +333,15 @@ def test_single_copy_allreduce_every_dtype_and_op(ll):
 def test_allreduce_entries_take_plain_calls_and_pass_the_rest(ll):
     """allreduce / allreduce_ are vectorcall objects: the tensor with name= and op= (by position or
     keyword) enter the lean lane directly; any other argument goes to the Python function, unchanged."""
+    import copy
     import inspect
+    import pickle
     d = ll
     n, r = d.size(), d.rank()
     for f in (d.allreduce, d.allreduce_):
         assert inspect.signature(f) == inspect.signature(f.__wrapped__) and f.__doc__ == f.__wrapped__.__doc__
+        # pickled by reference, as the functions they replace were (multiprocessing, partials)
+        assert pickle.loads(pickle.dumps(f)) is f and copy.deepcopy(f) is f
     x = np.arange(5, dtype=np.float32) + r
     total = sum(np.arange(5, dtype=np.float32) + j for j in range(n))
     st = d.stats()
