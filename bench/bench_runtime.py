@@ -29,7 +29,9 @@ except ImportError:  # optional baseline
     ort = None
 
 MODELS = {"mlp784": (784, 1024, 1024, 10), "mlp4096": (4096, 4096, 4096, 10)}
-_TMP = tempfile.mkdtemp(prefix="aimass-bench-")
+# exported models (up to 1.5 GB for the families): removed when the process exits
+_TMPDIR = tempfile.TemporaryDirectory(prefix="aimass-bench-")
+_TMP = _TMPDIR.name
 
 
 def make_mlp(dims):

@@ -1,6 +1,7 @@
 """Horovod's torch API names (docs/horovod.md table): each behaves as in horovod.torch."""
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -294,6 +295,9 @@ def test_timeline_is_chrome_trace_json(dist):
     assert ("SUBMIT", "i") in names and ("allreduce tl.ar", "X") in names and ("broadcast tl.bc", "X") in names
     assert any(e["ph"] == "C" and "cycles" in e["args"] for e in ev)
     assert all(e.get("dur", 0) >= 0 for e in ev)
+    dist.barrier()
+    if dist.rank() == 0:
+        shutil.rmtree(base)
 
 
 def test_elastic_raises_with_a_pointer(dist):

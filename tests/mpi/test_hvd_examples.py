@@ -2,6 +2,7 @@
 (each rank calls the script's main() in this process, as `python script.py` would)."""
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 
@@ -74,6 +75,9 @@ def test_checkpoint_resume_equals_uninterrupted_run(dist):
     assert start == 0
     for p, q in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    dist.barrier()
+    if dist.rank() == 0:
+        shutil.rmtree(base)
 
 
 @pytest.mark.timeout(60)

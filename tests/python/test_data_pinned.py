@@ -124,14 +124,13 @@ def test_pinned_path_allocates_every_buffer_through_the_allocator(ds, monkeypatc
 
 # ------------------------------------------------------------- GPU
 @pytest.mark.skipif(not GPU, reason="no CUDA device (aimass.cuda.is_available() is False)")
-def test_pinned_buffers_are_page_locked_and_copy_async():
+def test_pinned_buffers_are_page_locked_and_copy_async(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
-    import tempfile
     rng = np.random.default_rng(1)
     X = rng.integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    d = D.write(tempfile.mkdtemp() + "/ds", {"x": X, "label": np.arange(500)})
+    d = D.write(str(tmp_path / "ds"), {"x": X, "label": np.arange(500)})
     m = aimass.cuda.module()
     before = m.data_pinned_bytes_in_use()
     loader = D.Loader(d, 100, shuffle=False, pin_memory=True, output="torch")
@@ -148,12 +147,11 @@ def test_pinned_buffers_are_page_locked_and_copy_async():
 
 
 @pytest.mark.skipif(not GPU, reason="no CUDA device (aimass.cuda.is_available() is False)")
-def test_cupy_output_matches_numpy():
+def test_cupy_output_matches_numpy(tmp_path):
     cp = pytest.importorskip("cupy")
-    import tempfile
     rng = np.random.default_rng(2)
     X = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
-    d = D.write(tempfile.mkdtemp() + "/ds", {"x": X, "label": np.arange(300)})
+    d = D.write(str(tmp_path / "ds"), {"x": X, "label": np.arange(300)})
     tf = [D.Cast("x"), D.Normalize("x", [0.5] * 3, [0.25] * 3)]
     ref = _all(D.Loader(d, 64, seed=1, transforms=tf))
     for epoch in range(2):  # the second epoch reuses buffers whose copies must have finished

@@ -31,7 +31,9 @@ try:
 except ImportError:  # optional baseline
     ort = None
 
-_TMP = tempfile.mkdtemp(prefix="aimass-bench-fam-")
+# exported models (up to 1.5 GB for the families): removed when the process exits
+_TMPDIR = tempfile.TemporaryDirectory(prefix="aimass-bench-fam-")
+_TMP = _TMPDIR.name
 warnings.filterwarnings("ignore")
 
 
