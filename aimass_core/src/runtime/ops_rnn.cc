@@ -47,7 +47,7 @@ class Rnn : public ExtKernel {
   int64_t D = 1;                // directions
   int64_t groups = 0, NP = 0;   // unit groups, padded gate width (groups * kPanel)
   std::vector<std::shared_ptr<const RnnLayer>> layers;  // [layer * D + direction], shared by the plans
-  std::vector<float> gi, gh, h0, h1, c, mid;  // grown on first use, reused
+  std::vector<float> gi, gi2, gh, h0, h1, c, mid;  // grown on first use, reused
 
   void run(int64_t rows, const std::vector<const void*>& in, void* out) override {
     const vec::Kernels& vk = vec::kernels();
@@ -76,18 +76,41 @@ class Rnn : public ExtKernel {
     bool skip0 = true;  // AIMASS_RNN_SKIP0=0: multiply the first step's zero state too (A/B)
     if (const char* e = std::getenv("AIMASS_RNN_SKIP0")) skip0 = std::atoi(e) != 0;
     const packed::GemvWalkFn walk = rows == 1 && mode > 0 ? packed::gemv_walk_kernel() : nullptr;
+    // Stacked, one direction, batch 1: the next layer's input projection runs inside this layer's
+    // steps (packed_gemm.h gemv_walk_gemm: the FMA-bound GEMM fills the L3-bound walk's idle FMA
+    // units). Rows come in blocks of kR = kWalkRows: once step s >= kR has begun, block s / kR - 1
+    // is complete, and its V panels are spread over the kR steps s % kR = 0..kR-1 (each thread takes
+    // its share of the step's panels). The last block and any tail rows run as a GEMM after the
+    // loop. AIMASS_RNN_FUSE=0: the projection as one GEMM per layer (A/B).
+    constexpr int64_t kR = packed::kWalkRows;
+    bool fuse = true;
+    if (const char* e = std::getenv("AIMASS_RNN_FUSE")) fuse = std::atoi(e) != 0;
+    const packed::GemvWalkGemmFn walk_gemm =
+        walk && fuse && D == 1 && nl > 1 && S >= 2 * kR ? packed::gemv_walk_gemm_kernel() : nullptr;
+    if (walk_gemm) gi2.resize(static_cast<size_t>(S * NP));
+    float* gcur = gi.data();   // this layer's input projection
+    float* gnext = gi2.data(); // the next layer's, filled during this layer's steps
+    int64_t pre = 0;           // rows of gcur that the previous layer's steps already computed
     for (int64_t l = 0; l < nl; ++l) {
       // layers alternate between mid and y so the last one lands in y
       float* dst = ((nl - 1 - l) % 2 == 0) ? y : mid.data();
+      int64_t next_pre = 0;
       for (int64_t dir = 0; dir < D; ++dir) {
         const RnnLayer& L = *layers[l * D + dir];
         // input projection for all timesteps at once, in the permuted gate layout
-        packed::linear(x, rows * S, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{}, gi.data());
+        if (pre < rows * S)
+          packed::linear(x + pre * L.in, rows * S - pre, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{},
+                         gcur + pre * NP);
+        // the next layer's projection rides along this layer's steps (D == 1 here)
+        const RnnLayer* Ln = walk_gemm && l + 1 < nl ? layers[static_cast<size_t>(l + 1)].get() : nullptr;
+        const int64_t fused_steps = Ln ? S / kR * kR : 0;  // steps s in [kR, fused_steps) carry a V share
+        next_pre = Ln ? fused_steps - kR : 0;  // blocks 0 .. fused_steps / kR - 2
         std::fill(h0.begin(), h0.end(), 0.f);
         std::fill(c.begin(), c.end(), 0.f);
         const ops::PackedLinear& P = *L.whh;
         // step `step` reads h from h0 when even, h1 when odd, and writes the other
-        auto chunk = [&](int64_t step, int64_t g0, int64_t g1) {
+        // ci of nc: this chunk's share of the step's V panels
+        auto chunk = [&](int64_t step, int64_t g0, int64_t g1, int ci, int nc) {
           const int64_t t = dir == 0 ? step : S - 1 - step;
           const float* hp = (step & 1) ? h1.data() : h0.data();
           float* hn = (step & 1) ? h0.data() : h1.data();
@@ -103,6 +126,13 @@ class Rnn : public ExtKernel {
                 if (P.b) std::copy(P.b + g * packed::kPanel, P.b + (g + 1) * packed::kPanel, z);
                 else std::fill(z, z + packed::kPanel, 0.f);
               }
+          } else if (Ln && step >= kR && step < fused_steps) {
+            const int64_t blk = step / kR - 1, j = step % kR;
+            const int64_t qa = groups * j / kR, qb = groups * (j + 1) / kR;
+            const int64_t q0 = qa + (qb - qa) * ci / nc, q1 = qa + (qb - qa) * (ci + 1) / nc;
+            // the next layer's input is this layer's output: rows blk*kR.. of dst, H wide (= Ln->in)
+            walk_gemm(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data(), dst + blk * kR * H, Ln->wih->w,
+                      Ln->wih->b, q0, q1, gnext + blk * kR * NP, NP);
           } else if (walk) {
             // one row: the single-row kernel (no K blocks, one call per step)
             walk(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data());
@@ -112,7 +142,7 @@ class Rnn : public ExtKernel {
             vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
           }
           for (int64_t r = 0; r < rows; ++r) {
-            const float* a = gi.data() + (r * S + t) * NP;
+            const float* a = gcur + (r * S + t) * NP;
             const float* b = gh.data() + r * NP;
             float* o = dst + (r * S + t) * DH + dir * H;
             if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
@@ -120,17 +150,19 @@ class Rnn : public ExtKernel {
           }
         };
         if (nchunks <= 1) {
-          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups);
+          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups, 0, 1);
         } else {
           // the whole time loop is one pool job: the threads step through it together (a
           // shared counter per step instead of a pool hand-off), each on its own unit groups
           parallel_steps(S, nchunks, [&](int64_t step, int ci, int nc) {
             const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
-            if (g1 > g0) chunk(step, g0, g1);
+            if (g1 > g0) chunk(step, g0, g1, ci, nc);
           });
         }
       }
       x = dst;
+      if (next_pre > 0) std::swap(gcur, gnext);
+      pre = next_pre;
     }
   }
 };
