@@ -398,15 +398,17 @@ TEST(RuntimePackedGemm, GemvWalkGemmMatchesWalkAndReference) {
     fns.push_back({"avx512", pk::gemv_walk_gemm_avx512, pk::gemv_walk_avx512});
   if (pk::gemv_walk_gemm_kernel()) fns.push_back({"dispatched", pk::gemv_walk_gemm_kernel(), pk::gemv_walk_kernel()});
   constexpr int R = pk::kWalkRows;
-  for (int64_t K : {1, 3, 8, 263, 512}) {
+  // (K, Kv): the V depth equal to W's, longer, shorter
+  const std::pair<int64_t, int64_t> depths[] = {{1, 1}, {3, 8}, {8, 3}, {263, 263}, {263, 24}, {24, 263}, {512, 512}};
+  for (const auto& [K, Kv] : depths) {
     for (int64_t N : {7, 100, 300}) {  // 1, 4 and 10 panels
       const int64_t Pn = pk::num_panels(N), NP = Pn * pk::kPanel;
-      std::vector<float> x(K), w(N * K), bias(N), v(N * K), vb(N), xr(R * K);
+      std::vector<float> x(K), w(N * K), bias(N), v(N * Kv), vb(N), xr(R * Kv);
       for (auto* vec : {&x, &w, &bias, &v, &vb, &xr})
         for (auto& e : *vec) e = d(rng);
       for (int with_bias = 0; with_bias < 2; ++with_bias) {
         aimass::runtime::ops::PackedLinear P(w.data(), with_bias ? bias.data() : nullptr, N, K);
-        aimass::runtime::ops::PackedLinear V(v.data(), with_bias ? vb.data() : nullptr, N, K);
+        aimass::runtime::ops::PackedLinear V(v.data(), with_bias ? vb.data() : nullptr, N, Kv);
         const float* bp = with_bias ? P.b : nullptr;
         const float* bq = with_bias ? V.b : nullptr;
         for (const Fn& fn : fns)
@@ -416,8 +418,8 @@ TEST(RuntimePackedGemm, GemvWalkGemmMatchesWalkAndReference) {
                 for (bool reverse : {false, true}) {
                   std::vector<float> y(NP, -7.f), yw(NP, -7.f), out(R * (NP + 5), -9.f);
                   const int64_t ldo = NP + 5;
-                  fn.fused(x.data(), K, P.w, bp, p0, Pn, reverse, y.data(), xr.data(), V.w, bq, q0, q1, out.data(),
-                           ldo);
+                  fn.fused(x.data(), K, P.w, bp, p0, Pn, reverse, y.data(), xr.data(), Kv, V.w, bq, q0, q1,
+                           out.data(), ldo);
                   fn.walk(x.data(), K, P.w, bp, p0, Pn, reverse, yw.data());
                   for (int64_t n = 0; n < NP; ++n)
                     ASSERT_EQ(y[n], yw[n]) << fn.name << " K=" << K << " N=" << N << " n=" << n << " p0=" << p0;
@@ -430,10 +432,10 @@ TEST(RuntimePackedGemm, GemvWalkGemmMatchesWalkAndReference) {
                       }
                       double ref = n < N && with_bias ? vb[n] : 0.0;
                       if (n < N)
-                        for (int64_t k = 0; k < K; ++k) ref += double(xr[r * K + k]) * v[n * K + k];
-                      ASSERT_NEAR(got, ref, 1e-5 * std::sqrt(double(K)) + 1e-6)
-                          << fn.name << " K=" << K << " N=" << N << " r=" << r << " n=" << n << " q0=" << q0
-                          << " q1=" << q1 << " reverse=" << reverse << " bias=" << with_bias;
+                        for (int64_t k = 0; k < Kv; ++k) ref += double(xr[r * Kv + k]) * v[n * Kv + k];
+                      ASSERT_NEAR(got, ref, 1e-5 * std::sqrt(double(Kv)) + 1e-6)
+                          << fn.name << " K=" << K << " Kv=" << Kv << " N=" << N << " r=" << r << " n=" << n
+                          << " q0=" << q0 << " q1=" << q1 << " reverse=" << reverse << " bias=" << with_bias;
                     }
                 }
       }

@@ -202,19 +202,20 @@ def test_nonfinite_recurrent_weight_still_poisons_the_first_step(tmp_path, cls):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_next_layer_projection_inside_the_steps(tmp_path, monkeypatch, cls, threads):
-    # batch 1, one direction, stacked: the next layer's input projection runs inside this layer's
-    # steps in blocks of 8 rows (AIMASS_RNN_FUSE=1, the default; 0 runs it as one GEMM). Sequence
-    # lengths below, at and past two blocks (no fusion, one block, tail rows), hidden 263 (33 unit
-    # groups: uneven V shares per step and per thread), 2 and 3 layers, input width != hidden
+def test_projection_rides_along_the_steps(tmp_path, monkeypatch, cls, threads):
+    # batch 1: the input projection of the rows ahead runs inside the steps in blocks of 8 rows
+    # (AIMASS_RNN_FUSE=1, the default; 0 runs it as one GEMM up front). Sequence lengths below, at
+    # and past two blocks (no fusion, one block riding along, tail rows), hidden 263 (33 unit
+    # groups: uneven V shares per step and per thread), input width 24 != hidden, 1-3 layers, both
+    # directions (the reverse one's blocks start from the last row)
     import aimass
     torch.manual_seed(8)
     old = aimass.num_threads()
     aimass.set_num_threads(threads)
     try:
-        for layers in (2, 3):
-            rnn = cls(24, 263, num_layers=layers, batch_first=True).eval()
-            path = tmp_path / f"fuse{layers}.aimass"
+        for layers, bidir in ((1, False), (2, False), (3, False), (2, True)):
+            rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
+            path = tmp_path / f"fuse{layers}{int(bidir)}.aimass"
             rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
             with rt.Session(path) as s:
                 for n in (15, 16, 17, 23, 40):
@@ -233,9 +234,9 @@ def test_next_layer_projection_inside_the_steps(tmp_path, monkeypatch, cls, thre
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_nonfinite_next_layer_input_weight_inside_the_steps(tmp_path, monkeypatch, cls, bad):
-    # a NaN / inf in layer 1's W_ih reaches the fused projection: NaN where torch has NaN (a NaN
-    # spreads over every unit through W_hh; an inf saturates its gate), with and without the fusion
+def test_nonfinite_input_weight_in_the_riding_projection(tmp_path, monkeypatch, cls, bad):
+    # a NaN / inf in layer 1's W_ih reaches the projection inside the steps: NaN where torch has NaN
+    # (a NaN spreads over every unit through W_hh; an inf saturates its gate), with and without it
     torch.manual_seed(9)
     rnn = cls(8, 40, num_layers=2, batch_first=True).eval()
     with torch.no_grad():
