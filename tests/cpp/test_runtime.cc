@@ -379,6 +379,70 @@ TEST(RuntimePackedGemm, GemvWalkMatchesReferenceBothDirections) {
   }
 }
 
+// The walk with a second matrix's 8-row GEMM riding along (the next RNN layer's input projection
+// inside a batch-1 step): the W outputs are bit for bit gemv_walk's at the same level, the V tile
+// matches a double reference over panels [q0, q1) (fewer, as many or more V panels than groups of
+// four W panels), nothing outside either range is written. Scalar always; AVX-512 where it runs.
+TEST(RuntimePackedGemm, GemvWalkGemmMatchesWalkAndReference) {
+  namespace pk = aimass::runtime::packed;
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const auto& f = aimass::cpu_features();
+  struct Fn {
+    const char* name;
+    pk::GemvWalkGemmFn fused;
+    pk::GemvWalkFn walk;
+  };
+  std::vector<Fn> fns = {{"scalar", pk::gemv_walk_gemm_scalar, pk::gemv_walk_scalar}};
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq)
+    fns.push_back({"avx512", pk::gemv_walk_gemm_avx512, pk::gemv_walk_avx512});
+  if (pk::gemv_walk_gemm_kernel()) fns.push_back({"dispatched", pk::gemv_walk_gemm_kernel(), pk::gemv_walk_kernel()});
+  constexpr int R = pk::kWalkRows;
+  // (K, Kv): the V depth equal to W's, longer, shorter
+  const std::pair<int64_t, int64_t> depths[] = {{1, 1}, {3, 8}, {8, 3}, {263, 263}, {263, 24}, {24, 263}, {512, 512}};
+  for (const auto& [K, Kv] : depths) {
+    for (int64_t N : {7, 100, 300}) {  // 1, 4 and 10 panels
+      const int64_t Pn = pk::num_panels(N), NP = Pn * pk::kPanel;
+      std::vector<float> x(K), w(N * K), bias(N), v(N * Kv), vb(N), xr(R * Kv);
+      for (auto* vec : {&x, &w, &bias, &v, &vb, &xr})
+        for (auto& e : *vec) e = d(rng);
+      for (int with_bias = 0; with_bias < 2; ++with_bias) {
+        aimass::runtime::ops::PackedLinear P(w.data(), with_bias ? bias.data() : nullptr, N, K);
+        aimass::runtime::ops::PackedLinear V(v.data(), with_bias ? vb.data() : nullptr, N, Kv);
+        const float* bp = with_bias ? P.b : nullptr;
+        const float* bq = with_bias ? V.b : nullptr;
+        for (const Fn& fn : fns)
+          for (int64_t p0 : {int64_t{0}, Pn / 2})
+            for (int64_t q0 = 0; q0 < Pn; q0 += 3)
+              for (int64_t q1 : {q0, q0 + 1, Pn})
+                for (bool reverse : {false, true}) {
+                  std::vector<float> y(NP, -7.f), yw(NP, -7.f), out(R * (NP + 5), -9.f);
+                  const int64_t ldo = NP + 5;
+                  fn.fused(x.data(), K, P.w, bp, p0, Pn, reverse, y.data(), xr.data(), Kv, V.w, bq, q0, q1,
+                           out.data(), ldo);
+                  fn.walk(x.data(), K, P.w, bp, p0, Pn, reverse, yw.data());
+                  for (int64_t n = 0; n < NP; ++n)
+                    ASSERT_EQ(y[n], yw[n]) << fn.name << " K=" << K << " N=" << N << " n=" << n << " p0=" << p0;
+                  for (int r = 0; r < R; ++r)
+                    for (int64_t n = 0; n < ldo; ++n) {
+                      const float got = out[r * ldo + n];
+                      if (n < q0 * pk::kPanel || n >= q1 * pk::kPanel) {
+                        ASSERT_EQ(got, -9.f) << fn.name << " wrote outside its V panels, r=" << r << " n=" << n;
+                        continue;
+                      }
+                      double ref = n < N && with_bias ? vb[n] : 0.0;
+                      if (n < N)
+                        for (int64_t k = 0; k < Kv; ++k) ref += double(xr[r * Kv + k]) * v[n * Kv + k];
+                      ASSERT_NEAR(got, ref, 1e-5 * std::sqrt(double(Kv)) + 1e-6)
+                          << fn.name << " K=" << K << " Kv=" << Kv << " N=" << N << " r=" << r << " n=" << n
+                          << " q0=" << q0 << " q1=" << q1 << " reverse=" << reverse << " bias=" << with_bias;
+                    }
+                }
+      }
+    }
+  }
+}
+
 TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
   namespace pk = aimass::runtime::packed;
   const int64_t N = 35, K = 3;

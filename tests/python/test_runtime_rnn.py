@@ -198,3 +198,58 @@ def test_nonfinite_recurrent_weight_still_poisons_the_first_step(tmp_path, cls):
     assert np.isnan(ref[0, 0]).any()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)  # NaN where torch has NaN
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_projection_rides_along_the_steps(tmp_path, monkeypatch, cls, threads):
+    # batch 1: the input projection of the rows ahead runs inside the steps in blocks of 8 rows
+    # (AIMASS_RNN_FUSE=1, the default; 0 runs it as one GEMM up front). Sequence lengths below, at
+    # and past two blocks (no fusion, one block riding along, tail rows), hidden 263 (33 unit
+    # groups: uneven V shares per step and per thread), input width 24 != hidden, 1-3 layers, both
+    # directions (the reverse one's blocks start from the last row)
+    import aimass
+    torch.manual_seed(8)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        for layers, bidir in ((1, False), (2, False), (3, False), (2, True)):
+            rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
+            path = tmp_path / f"fuse{layers}{int(bidir)}.aimass"
+            rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+            with rt.Session(path) as s:
+                for n in (15, 16, 17, 23, 40):
+                    x = torch.randn(1, n, 24)
+                    with torch.no_grad():
+                        ref = rnn(x)[0].numpy()
+                    outs = {}
+                    for flag in ("1", "0"):
+                        monkeypatch.setenv("AIMASS_RNN_FUSE", flag)
+                        outs[flag] = s.run({"input_0": x.numpy()})["output"]
+                        np.testing.assert_allclose(outs[flag], ref, rtol=1e-4, atol=1e-5)
+                    np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
+    finally:
+        aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_nonfinite_input_weight_in_the_riding_projection(tmp_path, monkeypatch, cls, bad):
+    # a NaN / inf in layer 1's W_ih reaches the projection inside the steps: NaN where torch has NaN
+    # (a NaN spreads over every unit through W_hh; an inf saturates its gate), with and without it
+    torch.manual_seed(9)
+    rnn = cls(8, 40, num_layers=2, batch_first=True).eval()
+    with torch.no_grad():
+        rnn.weight_ih_l1[5, 7] = bad
+    path = tmp_path / "bad1.aimass"
+    rt.export(rnn, (torch.randn(2, 4, 8),), path, dynamic_seq=True)
+    x = torch.randn(1, 20, 8)
+    with torch.no_grad():
+        ref = rnn(x)[0].numpy()
+    assert np.isnan(ref).any() == (bad != bad)
+    with rt.Session(path) as s:
+        for flag in ("1", "0"):
+            monkeypatch.setenv("AIMASS_RNN_FUSE", flag)
+            got = s.run({"input_0": x.numpy()})["output"]
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)

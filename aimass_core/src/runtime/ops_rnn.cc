@@ -1,9 +1,9 @@
 // Recurrent layers (nn.LSTM / nn.GRU semantics, batch_first, uni- or bidirectional,
 // zero initial state): per layer and direction, the input projection of every timestep
 // is one packed GEMM (rows*S x gates*H, the biases in its epilogue; OpenBLAS's sgemm spent as
-// long re-packing x as multiplying at seq 64), then each step adds h @ W_hh^T (the packed
-// small-M kernel) and applies the gates (torch order: LSTM i, f, g, o; GRU r, z, n). The op's
-// output is the last layer's hidden state at every step, [S, D*H] per row (what nn.LSTM
+// long re-packing x as multiplying at seq 64; at batch 1 most of it rides along the steps, see
+// run()), then each step adds h @ W_hh^T (the packed small-M kernel) and applies the gates
+// (torch order: LSTM i, f, g, o; GRU r, z, n). The op's output is the last layer's hidden state at every step, [S, D*H] per row (what nn.LSTM
 // returns first; D = 2 when bidirectional: the forward state in [0, H), the reverse
 // one, which runs from the last step to the first, in [H, 2H)).
 #include <algorithm>
@@ -76,21 +76,62 @@ class Rnn : public ExtKernel {
     bool skip0 = true;  // AIMASS_RNN_SKIP0=0: multiply the first step's zero state too (A/B)
     if (const char* e = std::getenv("AIMASS_RNN_SKIP0")) skip0 = std::atoi(e) != 0;
     const packed::GemvWalkFn walk = rows == 1 && mode > 0 ? packed::gemv_walk_kernel() : nullptr;
+    // Batch 1: a layer's input projection of the rows still ahead rides along its steps
+    // (packed_gemm.h gemv_walk_gemm: the FMA-bound GEMM fills the L3-bound walk's idle FMA units).
+    // In step order (the reverse direction runs from the last row), rows come in blocks of kR: block
+    // 0 and the rows past the last full block are one GEMM up front; the V panels of block b >= 1
+    // are spread over the kR steps before it, [(b - 1) kR, b kR), each thread taking its share of a
+    // step's panels. LSTM 2x512 seq 64 (AMD EPYC, whole op): 8.6 -> 7.5 ms at 1 thread, 4.2 -> 3.7 ms
+    // at 2. AIMASS_RNN_FUSE=0: the whole projection up front (A/B).
+    constexpr int64_t kR = packed::kWalkRows;
+    bool fuse = true;
+    if (const char* e = std::getenv("AIMASS_RNN_FUSE")) fuse = std::atoi(e) != 0;
+    const packed::GemvWalkGemmFn walk_gemm = walk && fuse ? packed::gemv_walk_gemm_kernel() : nullptr;
+    const int64_t nblk = walk_gemm && S >= 2 * kR ? S / kR : 0;  // full blocks, when two or more
     for (int64_t l = 0; l < nl; ++l) {
       // layers alternate between mid and y so the last one lands in y
       float* dst = ((nl - 1 - l) % 2 == 0) ? y : mid.data();
       for (int64_t dir = 0; dir < D; ++dir) {
         const RnnLayer& L = *layers[l * D + dir];
-        // input projection for all timesteps at once, in the permuted gate layout
-        packed::linear(x, rows * S, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{}, gi.data());
+        // input projection for all timesteps at once (or the rows that do not ride along), in the
+        // permuted gate layout
+        auto project = [&](int64_t r0, int64_t r1) {
+          if (r1 > r0)
+            packed::linear(x + r0 * L.in, r1 - r0, L.in, L.wih->w, L.wih->b, NP, packed::Epilogue{},
+                           gi.data() + r0 * NP);
+        };
+        // first row of block b in step order (rows == 1 when nblk > 0)
+        auto block_row = [&](int64_t b) { return dir == 0 ? b * kR : S - (b + 1) * kR; };
+        if (nblk == 0) {
+          project(0, rows * S);
+        } else if (dir == 0) {
+          project(0, kR);
+          project(nblk * kR, S);
+        } else {
+          project(0, S - nblk * kR);
+          project(S - kR, S);
+        }
         std::fill(h0.begin(), h0.end(), 0.f);
         std::fill(c.begin(), c.end(), 0.f);
         const ops::PackedLinear& P = *L.whh;
         // step `step` reads h from h0 when even, h1 when odd, and writes the other
-        auto chunk = [&](int64_t step, int64_t g0, int64_t g1) {
+        // ci of nc: this chunk's share of the step's V panels
+        auto chunk = [&](int64_t step, int64_t g0, int64_t g1, int ci, int nc) {
           const int64_t t = dir == 0 ? step : S - 1 - step;
           const float* hp = (step & 1) ? h1.data() : h0.data();
           float* hn = (step & 1) ? h0.data() : h1.data();
+          // block step / kR + 1's V panels of this step, this chunk's share
+          int64_t q0 = 0, q1 = 0, vr = 0;
+          if (step < (nblk - 1) * kR) {
+            const int64_t j = step % kR, qa = groups * j / kR, qb = groups * (j + 1) / kR;
+            q0 = qa + (qb - qa) * ci / nc;
+            q1 = qa + (qb - qa) * (ci + 1) / nc;
+            vr = block_row(step / kR + 1);
+          }
+          auto walk_with_v = [&](int64_t p1) {
+            walk_gemm(hp, H, P.w, P.b, g0, p1, (step & 1) != 0, gh.data(), x + vr * L.in, L.in, L.wih->w,
+                      L.wih->b, q0, q1, gi.data() + vr * NP, NP);
+          };
           // Odd steps walk the panels last to first. A thread's W_hh slice is at least as large
           // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
           // in one direction evicts each panel just before the next step reads it again: in
@@ -103,6 +144,9 @@ class Rnn : public ExtKernel {
                 if (P.b) std::copy(P.b + g * packed::kPanel, P.b + (g + 1) * packed::kPanel, z);
                 else std::fill(z, z + packed::kPanel, 0.f);
               }
+            if (q1 > q0) walk_with_v(g0);  // no W panels: the V share alone
+          } else if (q1 > q0) {
+            walk_with_v(g1);
           } else if (walk) {
             // one row: the single-row kernel (no K blocks, one call per step)
             walk(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data());
@@ -120,13 +164,13 @@ class Rnn : public ExtKernel {
           }
         };
         if (nchunks <= 1) {
-          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups);
+          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups, 0, 1);
         } else {
           // the whole time loop is one pool job: the threads step through it together (a
           // shared counter per step instead of a pool hand-off), each on its own unit groups
           parallel_steps(S, nchunks, [&](int64_t step, int ci, int nc) {
             const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
-            if (g1 > g0) chunk(step, g0, g1);
+            if (g1 > g0) chunk(step, g0, g1, ci, nc);
           });
         }
       }

@@ -112,6 +112,25 @@ void gemv_walk_scalar(const float* x, int64_t K, const float* wp, const float* b
   }
 }
 
+void gemv_walk_gemm_scalar(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                           bool reverse, float* y, const float* xr, int64_t Kv, const float* vp, const float* bq,
+                           int64_t q0, int64_t q1, float* out, int64_t ldo) {
+  gemv_walk_scalar(x, K, wp, bias_p, p0, p1, reverse, y);
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* v = vp + q * Kv * kPanel;
+    for (int r = 0; r < kWalkRows; ++r)
+      for (int64_t n = 0; n < kPanel; ++n) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < Kv; ++k) acc += v[k * kPanel + n] * xr[r * Kv + k];
+        out[r * ldo + q * kPanel + n] = acc + (bq ? bq[q * kPanel + n] : 0.f);
+      }
+  }
+}
+
+GemvWalkGemmFn gemv_walk_gemm_kernel() {
+  return simd_level() >= SimdLevel::AVX512 ? gemv_walk_gemm_avx512 : nullptr;
+}
+
 GemvWalkFn gemv_walk_kernel() {
   const SimdLevel lvl = simd_level();
   return lvl >= SimdLevel::AVX512 ? gemv_walk_avx512 : lvl >= SimdLevel::AVX2 ? gemv_walk_avx2 : gemv_walk_scalar;

@@ -78,6 +78,25 @@ void gemv_walk_avx512(const float* x, int64_t K, const float* wp, const float* b
 using GemvWalkFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, bool, float*);
 GemvWalkFn gemv_walk_kernel();  // the one of the engine's SIMD level
 
+// gemv_walk over W panels [p0, p1), and in the same k loop kWalkRows rows xr (row stride Kv)
+// times panels [q0, q1) of a second packed matrix V[Nv, Kv]: out[r * ldo + n] = sum_k v[n,k]
+// xr[r,k] (+ bq[n]) for the columns of those panels. One V panel rides along each group of four
+// W panels walked (any V panels left over run after the walk). A recurrent step at batch 1 is
+// bound by the L3 stream of W while its FMA units idle; the layer's input projection of rows
+// still ahead (an FMA-bound GEMM) fills them (ops_rnn.cc: LSTM 2x512 at batch 1, -13% a run on
+// AMD EPYC). W's sums are gemv_walk's, bit for bit.
+constexpr int kWalkRows = 8;
+void gemv_walk_gemm_scalar(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                           bool reverse, float* y, const float* xr, int64_t Kv, const float* vp, const float* bq,
+                           int64_t q0, int64_t q1, float* out, int64_t ldo);
+void gemv_walk_gemm_avx512(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                           bool reverse, float* y, const float* xr, int64_t Kv, const float* vp, const float* bq,
+                           int64_t q0, int64_t q1, float* out, int64_t ldo);
+using GemvWalkGemmFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, bool, float*,
+                                const float*, int64_t, const float*, const float*, int64_t, int64_t, float*, int64_t);
+// The AVX-512 kernel, or null below AVX-512 (the caller then runs the walk and the GEMM apart).
+GemvWalkGemmFn gemv_walk_gemm_kernel();
+
 // Dispatches on simd_level() and splits the panels over the engine's thread pool.
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y);

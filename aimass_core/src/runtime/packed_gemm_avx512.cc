@@ -158,7 +158,91 @@ void walk_n(const float* x, int64_t K, const float* wp, const float* bias_p, con
     _mm512_storeu_ps(y + col, v);
   }
 }
+// kWalkRows rows of xr times V's panel row k into the 8 x 32 tile c.
+inline void v_row(const float* v, const float* xr, int64_t Kv, int64_t k, __m512 (&c)[kWalkRows][2]) {
+  const __m512 v0 = _mm512_load_ps(v + k * kPanel), v1 = _mm512_load_ps(v + k * kPanel + 16);
+#pragma GCC unroll 8
+  for (int r = 0; r < kWalkRows; ++r) {
+    const __m512 xrb = _mm512_set1_ps(xr[r * Kv + k]);
+    c[r][0] = _mm512_fmadd_ps(v0, xrb, c[r][0]);
+    c[r][1] = _mm512_fmadd_ps(v1, xrb, c[r][1]);
+  }
+}
+
+void store_v_tile(const __m512 (&c)[kWalkRows][2], const float* bq, int64_t q, float* out, int64_t ldo) {
+  for (int r = 0; r < kWalkRows; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m512 t = c[r][h];
+      const int64_t col = q * kPanel + h * 16;
+      if (bq) t = _mm512_add_ps(t, _mm512_load_ps(bq + col));
+      _mm512_storeu_ps(out + r * ldo + col, t);
+    }
+}
+
+// walk_n<4, 1> over the W panels g[0..3] and, in the same k loop, the kWalkRows x 32 tile of
+// V panel q (16 more accumulators: 24 of 32 zmm). The W sums are walk_n<4, 1>'s, in its order;
+// where K != Kv the longer one finishes alone.
+void walk4_gemm(const float* x, int64_t K, const float* wp, const float* bias_p, const int64_t* g, float* y,
+                const float* xr, int64_t Kv, const float* vp, const float* bq, int64_t q, float* out, int64_t ldo) {
+  const int64_t PS = K * kPanel;
+  const float* w[4];
+  for (int s = 0; s < 4; ++s) w[s] = wp + g[s] * PS;
+  const float* v = vp + q * Kv * kPanel;
+  __m512 a[8], c[kWalkRows][2];
+  for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
+  for (int r = 0; r < kWalkRows; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+  auto w_row = [&](int64_t k) {
+    const __m512 xb = _mm512_set1_ps(x[k]);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      a[2 * s] = _mm512_fmadd_ps(_mm512_load_ps(w[s] + k * kPanel), xb, a[2 * s]);
+      a[2 * s + 1] = _mm512_fmadd_ps(_mm512_load_ps(w[s] + k * kPanel + 16), xb, a[2 * s + 1]);
+    }
+  };
+  const int64_t Kc = K < Kv ? K : Kv;
+  int64_t k = 0;
+  for (; k < Kc; ++k) {
+    w_row(k);
+    v_row(v, xr, Kv, k, c);
+  }
+  for (int64_t kw = k; kw < K; ++kw) w_row(kw);
+  for (int64_t kv = k; kv < Kv; ++kv) v_row(v, xr, Kv, kv, c);
+  for (int s = 0; s < 4; ++s)
+    for (int h = 0; h < 2; ++h) {
+      __m512 t = a[2 * s + h];
+      const int64_t col = g[s] * kPanel + h * 16;
+      if (bias_p) t = _mm512_add_ps(t, _mm512_load_ps(bias_p + col));
+      _mm512_storeu_ps(y + col, t);
+    }
+  store_v_tile(c, bq, q, out, ldo);
+}
+
+// The V tile alone (V panels that found no group of four W panels to ride along).
+void gemm_rows(const float* xr, int64_t Kv, const float* vp, const float* bq, int64_t q, float* out, int64_t ldo) {
+  const float* v = vp + q * Kv * kPanel;
+  __m512 c[kWalkRows][2];
+  for (int r = 0; r < kWalkRows; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kv; ++k) v_row(v, xr, Kv, k, c);
+  store_v_tile(c, bq, q, out, ldo);
+}
 }  // namespace
+
+// See packed_gemm.h: gemv_walk_avx512's groups, a V panel with each group of four.
+void gemv_walk_gemm_avx512(const float* x, int64_t K, const float* wp, const float* bias_p, int64_t p0, int64_t p1,
+                           bool reverse, float* y, const float* xr, int64_t Kv, const float* vp, const float* bq,
+                           int64_t q0, int64_t q1, float* out, int64_t ldo) {
+  int64_t i = p0, q = q0;
+  for (; i < p1;) {
+    int64_t g[4];
+    const int ns = p1 - i >= 4 ? 4 : 1;
+    for (int s = 0; s < ns; ++s) g[s] = reverse ? p0 + p1 - 1 - (i + s) : i + s;
+    if (ns == 4 && q < q1) walk4_gemm(x, K, wp, bias_p, g, y, xr, Kv, vp, bq, q++, out, ldo);
+    else if (ns == 4) walk_n<4, 1>(x, K, wp, bias_p, g, y);
+    else walk_n<1, 4>(x, K, wp, bias_p, g, y);
+    i += ns;
+  }
+  for (; q < q1; ++q) gemm_rows(xr, Kv, vp, bq, q, out, ldo);
+}
 
 // See packed_gemm.h. Four panels at a time, in walk order: four weight streams instead of one
 // kept more of an L3-bound step in flight (LSTM 2x512 batch 1 on AMD EPYC with 1 MiB L2: 2-3%
