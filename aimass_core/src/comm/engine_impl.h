@@ -55,6 +55,10 @@ struct EngineWaker {
   std::mutex mu;
   std::condition_variable cv;
   uint64_t submitted = 0;
+  // The thread is collecting a burst of submissions: it looks again every burst gap by itself, so
+  // a submission does not wake it (waking it for each of a backward pass's 161 gradients cost a
+  // context switch per submission on a loaded 2-core machine).
+  bool gathering = false;
   bool flush = false;
   bool stop = false;
   bool exited = false;  // the background thread left run() (under mu; exited_cv notified)
