@@ -150,6 +150,22 @@ def test_fusion_threshold_is_respected(dist):
         dist.set_fusion_threshold(64 << 20)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compressed_fused_batches_grow_the_fusion_buffer(dist, compression):
+    """Compressed batches go through the engine's fusion buffer (huge pages from 2 MiB, grown in whole
+    huge pages): a small batch, then larger ones with odd sizes past 2 and 6 MiB of wire bytes, then a
+    small one again in the grown buffer; small integers are exact in both 16-bit formats."""
+    n, r = dist.size(), dist.rank()
+    for step, sizes in enumerate(([5, 1001], [(1 << 20) + 3, 7, 333], [(3 << 20) + 1, (1 << 18) + 5], [9, 4099])):
+        xs = [(np.arange(k) % 5 + r).astype(np.float32) for k in sizes]
+        hs = [dist.allreduce_async_(x, op="sum", name=f"cfb.{compression}.{i}", compression=compression)
+              for i, x in enumerate(xs)]
+        for k, x, h in zip(sizes, xs, hs):
+            dist.synchronize(h)
+            np.testing.assert_array_equal(x, ((np.arange(k) % 5) * n + n * (n - 1) // 2).astype(np.float32))
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("compression,rtol", [("fp16", 2e-3), ("bf16", 1.6e-2)])
 def test_compression_close_to_fp32_reference(dist, compression, rtol):
