@@ -1,6 +1,7 @@
 // The shared-memory allreduce protocol with threads as local ranks (one process,
 // no MPI): results against a plain reference at chunk edges, fused segments, the
-// staging ring wrapping around, and a peer that never shows up.
+// staging ring wrapping around, a peer that never shows up, and the futex waits (a sleeping rank
+// woken by its peer's counter or abort) against the yield loop.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -111,6 +112,132 @@ TEST(CommShm, PeerThatNeverComesRaisesAfterTheTimeout) {
                         10000, DType::F32, ReduceOp::Sum, 2, nullptr),
                aimass::DistributedError);
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count(), 5.0);
+}
+
+// Sets environment variables for the life of the object (the wait policy is read when a
+// ShmAllreduce is constructed).
+struct ScopedEnv {
+  std::vector<std::string> names;
+  ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> kv) {
+    for (auto& p : kv) {
+      names.emplace_back(p.first);
+      if (p.second) ::setenv(p.first, p.second, 1);
+      else ::unsetenv(p.first);
+    }
+  }
+  ~ScopedEnv() {
+    for (auto& n : names) ::unsetenv(n.c_str());
+  }
+};
+
+// Every rank's outputs (as bits) of `calls` allreduces of random fp32 data at the given sizes on L
+// threads, staged (single_copy false) or single-copy (push mode, claimed pieces).
+std::vector<std::vector<uint32_t>> bits_of_runs(int L, const std::vector<int64_t>& sizes, ReduceOp op,
+                                                bool single_copy) {
+  Segment seg(L);
+  std::vector<std::vector<uint32_t>> out(L);
+  std::vector<std::string> errors(L);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+        if (single_copy) shm.allow_cma_for_tests();
+        shm.use_cma(single_copy);
+        uint64_t state = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(r + 1);
+        for (int64_t n : sizes) {
+          std::vector<float> v(static_cast<size_t>(n));
+          for (float& x : v) {  // seeded, rank-dependent, not exactly summable: the order shows in the bits
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            x = static_cast<float>(static_cast<int64_t>(state >> 40) - (1 << 23)) * 1e-3f;
+          }
+          shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), n, false}}, n,
+                  DType::F32, op, L, nullptr);
+          const size_t at = out[r].size();
+          out[r].resize(at + v.size());
+          std::memcpy(out[r].data() + at, v.data(), v.size() * sizeof(float));
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+  return out;
+}
+
+// The futex waits (sleeping right after the spin: every wait that is not answered at once goes to
+// the kernel) give the bits of the yield loop, staged and single-copy, at 2, 3 and 4 ranks and odd
+// sizes, and every rank holds the same bits.
+TEST(CommShm, FutexWaitsGiveTheYieldLoopsBits) {
+  const std::vector<int64_t> sizes = {1, 17, 1023, 4097, 3 * 4096 + 5, 40000 + 3};
+  for (int L : {2, 3, 4}) {
+    for (bool single_copy : {false, true}) {
+      std::vector<std::vector<uint32_t>> futex, yield;
+      {
+        ScopedEnv env({{"AIMASS_SHM_WAIT", nullptr}, {"AIMASS_SHM_YIELD_US", "0"}});
+        futex = bits_of_runs(L, sizes, ReduceOp::Sum, single_copy);
+      }
+      {
+        ScopedEnv env({{"AIMASS_SHM_WAIT", "yield"}, {"AIMASS_SHM_YIELD_US", nullptr}});
+        yield = bits_of_runs(L, sizes, ReduceOp::Sum, single_copy);
+      }
+      ASSERT_EQ(futex.size(), static_cast<size_t>(L));
+      for (int r = 0; r < L; ++r) {
+        EXPECT_EQ(futex[r], yield[r]) << L << " ranks, rank " << r << (single_copy ? " single-copy" : " staged");
+        EXPECT_EQ(futex[r], futex[0]) << L << " ranks: rank " << r << " disagrees with rank 0";
+      }
+    }
+  }
+}
+
+// A rank asleep on a peer's counter (futex) fails with that peer when it gives up, long before its
+// own deadline: the aborting rank wakes it. Single-copy pull mode, 2 ranks: rank 1 posts an input
+// address that rank 0's slice cannot be read from (rank 1 itself reads only its own slice), so rank
+// 0's process_vm_readv fails and it aborts, while rank 1 (timeout 60 s) waits for rank 0's reduced slice.
+TEST(CommShm, SleepingRankFailsWithAPeerThatGivesUp) {
+  ScopedEnv env({{"AIMASS_SHM_WAIT", nullptr}, {"AIMASS_SHM_YIELD_US", "0"}});
+  Segment seg(2);
+  constexpr int64_t n = 8192;  // rank 0's slice: [0, 4096), rank 1's: [4096, 8192)
+  std::vector<std::string> errors(2);
+  std::vector<double> took(2);
+  std::vector<std::thread> threads;
+  // (outlive both threads: a peer may read them after their own rank failed)
+  std::vector<std::vector<float>> ins(2, std::vector<float>(n, 1.0f)), outs(2, std::vector<float>(n, 0.0f));
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      std::vector<float>& in = ins[r];
+      std::vector<float>& out = outs[r];
+      std::vector<ShmSegment> segs;
+      // two segments on both ranks (the peers' address tables are read with the own segment layout)
+      const char* first =
+          r == 0 ? reinterpret_cast<const char*>(in.data()) : reinterpret_cast<const char*>(uintptr_t{64});
+      segs.push_back({first, reinterpret_cast<char*>(out.data()), n / 2, false});
+      segs.push_back({reinterpret_cast<const char*>(in.data() + n / 2), reinterpret_cast<char*>(out.data() + n / 2),
+                      n / 2, false});
+      const auto t0 = std::chrono::steady_clock::now();
+      try {
+        ShmAllreduce shm(r, 2, seg.mem, kChunk, 60.0);
+        shm.allow_cma_for_tests(/*push=*/false);
+        shm.use_cma(true);
+        shm.run(segs, n, DType::F32, ReduceOp::Sum, 2, nullptr);
+      } catch (const aimass::DistributedError& e) {
+        errors[r] = e.what();
+      }
+      took[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_NE(errors[0].find("reading local rank 1's memory failed"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[1].find("local rank 0 gave up"), std::string::npos) << errors[1];
+  EXPECT_LT(took[1], 30.0) << "rank 1 waited for its own deadline instead of failing with its peer";
+}
+
+TEST(CommShm, BadYieldEnvironmentRaisesValueError) {
+  ScopedEnv env({{"AIMASS_SHM_YIELD_US", "soon"}});
+  Segment seg(2);
+  EXPECT_THROW(ShmAllreduce(0, 2, seg.mem, kChunk, 1.0), aimass::ValueError);
 }
 
 }  // namespace

@@ -102,6 +102,28 @@ def test_async_in_different_order_per_rank_is_fused(dist):
 
 
 @pytest.mark.timeout(60)
+def test_async_burst_completes_by_poll_alone_with_exact_results(dist):
+    """A gradient-like burst (odd sizes from 1 element to over 1 MiB, three dtypes, in place) submitted
+    without waking the engine per submission: it must still run without a synchronize() (which flushes),
+    seen through poll() alone, for several steps (the response-cache steady state), with exact results."""
+    n, r = dist.size(), dist.rank()
+    rng = np.random.default_rng(12)
+    sizes = [int(s) for s in rng.integers(1, 5000, 40)] + [(1 << 18) + 3, 333333, 7]
+    dtypes = [("float32", "float64", "int32")[i % 3] for i in range(len(sizes))]
+    for step in range(3):
+        xs = [np.arange(k, dtype=dt) % 97 + (r + step) for k, dt in zip(sizes, dtypes)]
+        hs = [dist.allreduce_async_(x, op="sum", name=f"burst.{i}") for i, x in enumerate(xs)]
+        deadline = time.monotonic() + 30
+        while not all(dist.poll(h) for h in hs):
+            assert time.monotonic() < deadline, "an async burst did not finish without synchronize()"
+            time.sleep(0.001)
+        for k, dt, x, h in zip(sizes, dtypes, xs, hs):
+            dist.synchronize(h)
+            want = (np.arange(k, dtype=np.int64) % 97) * n + n * step + n * (n - 1) // 2
+            np.testing.assert_array_equal(x, want.astype(dt))
+
+
+@pytest.mark.timeout(60)
 def test_steady_state_uses_the_response_cache(dist):
     n = dist.size()
     for step in range(3):
@@ -126,6 +148,22 @@ def test_fusion_threshold_is_respected(dist):
         assert after["fused_buffers"] - before["fused_buffers"] == 6
     finally:
         dist.set_fusion_threshold(64 << 20)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compressed_fused_batches_grow_the_fusion_buffer(dist, compression):
+    """Compressed batches go through the engine's fusion buffer (huge pages from 2 MiB, grown in whole
+    huge pages): a small batch, then larger ones with odd sizes past 2 and 6 MiB of wire bytes, then a
+    small one again in the grown buffer; small integers are exact in both 16-bit formats."""
+    n, r = dist.size(), dist.rank()
+    for step, sizes in enumerate(([5, 1001], [(1 << 20) + 3, 7, 333], [(3 << 20) + 1, (1 << 18) + 5], [9, 4099])):
+        xs = [(np.arange(k) % 5 + r).astype(np.float32) for k in sizes]
+        hs = [dist.allreduce_async_(x, op="sum", name=f"cfb.{compression}.{i}", compression=compression)
+              for i, x in enumerate(xs)]
+        for k, x, h in zip(sizes, xs, hs):
+            dist.synchronize(h)
+            np.testing.assert_array_equal(x, ((np.arange(k) % 5) * n + n * (n - 1) // 2).astype(np.float32))
 
 
 @pytest.mark.timeout(30)

@@ -156,3 +156,51 @@ def test_mismatch_and_skipped_name_raise_across_nodes(nodes):
     d.barrier(name="hier.mm.barrier")
     x = np.ones((1 << 18) + 5, np.float32)
     np.testing.assert_array_equal(d.allreduce(x, op="sum", name="hier.after.mm"), np.full(x.size, n, np.float32))
+
+
+@pytest.mark.timeout(120)
+def test_futex_waits_give_the_yield_loops_bits(dist):
+    """The shared-memory waits sleep on a futex (AIMASS_SHM_YIELD_US=0: right after the spin) or
+    yield (AIMASS_SHM_WAIT=yield, the old loop): the same reduction order, so the same bits, across
+    simulated nodes (np 4: 2 x 2) and on one node; odd sizes, random floats, sum and average."""
+    n, r = dist.size(), dist.rank()
+    rng = np.random.default_rng(900 + r)
+    counts = (1, 4099, (1 << 18) + 7, 1000003)
+    xs = [rng.standard_normal(c).astype(np.float32) for c in counts]
+    got = {}
+    for mode in ("futex", "yield"):
+        env = {"AIMASS_RANKS_PER_NODE": "2" if n % 2 == 0 else None,
+               "AIMASS_SHM_WAIT": "yield" if mode == "yield" else None,
+               "AIMASS_SHM_YIELD_US": "0" if mode == "futex" else None}
+        saved = {k: os.environ.get(k) for k in env}
+        try:
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            dist.shutdown()
+            dist.init()
+            dist.set_shm_min_bytes(0)
+            outs = []
+            for i, x in enumerate(xs):
+                for op in ("sum", "average"):
+                    outs.append(dist.allreduce(x, op=op, name=f"hier.wait.{i}.{op}"))
+                    y = x.copy()
+                    hs = [dist.allreduce_async_(y[:len(y) // 2], op=op, name=f"hier.wait.a.{i}.{op}"),
+                          dist.allreduce_async_(y[len(y) // 2:], op=op, name=f"hier.wait.b.{i}.{op}")]
+                    for h in hs:
+                        dist.synchronize(h)
+                    outs.append(y)
+            got[mode] = outs
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            dist.shutdown()
+            dist.init()
+    for a, b in zip(got["futex"], got["yield"]):
+        assert a.tobytes() == b.tobytes()
+    same_on_every_rank(dist, got["futex"][-1], "hier.wait.same")

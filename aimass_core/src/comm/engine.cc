@@ -144,11 +144,13 @@ void CollectiveEngine::Impl::wait_for_work(Clock::time_point last) {
   if (parked || w.cv.wait_until(lk, last + cycle, woken)) {
     const auto deadline = Clock::now() + cycle;
     uint64_t seen = w.submitted;
+    w.gathering = true;  // submissions do not notify: the loop looks every gap
     while (!w.flush && !w.stop && Clock::now() < deadline) {
-      w.cv.wait_for(lk, kBurstGap, [&] { return w.submitted != seen || w.flush || w.stop; });
+      w.cv.wait_for(lk, kBurstGap, [&] { return w.flush || w.stop; });
       if (w.submitted == seen) break;  // quiet for a gap: the burst is over
       seen = w.submitted;
     }
+    w.gathering = false;
   }
   submissions_seen = w.submitted;
   w.flush = w.stop = false;  // one early cycle each (Impl::stop_requested keeps the stop state)
@@ -341,11 +343,13 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
   }
   {
     EngineWaker& w = *impl_->waker;
+    bool wake;
     {
       std::lock_guard<std::mutex> lk(w.mu);
       ++w.submitted;
+      wake = !w.gathering;
     }
-    w.cv.notify_one();
+    if (wake) w.cv.notify_one();
   }
   return handle;
 }

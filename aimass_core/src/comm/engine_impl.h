@@ -28,6 +28,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "aimass/memory.h"
 #include "comm/algorithms.h"
 #include "comm/ll_shm.h"
 #include "comm/message.h"
@@ -55,6 +56,10 @@ struct EngineWaker {
   std::mutex mu;
   std::condition_variable cv;
   uint64_t submitted = 0;
+  // The thread is collecting a burst of submissions: it looks again every burst gap by itself, so
+  // a submission does not wake it (waking it for each of a backward pass's 161 gradients cost a
+  // context switch per submission on a loaded 2-core machine).
+  bool gathering = false;
   bool flush = false;
   bool stop = false;
   bool exited = false;  // the background thread left run() (under mu; exited_cv notified)
@@ -140,7 +145,15 @@ struct CollectiveEngine::Impl {
   bool table_nonempty = false;
   std::unordered_map<std::string, TableEntry> table;
   uint64_t table_seq = 0;
-  std::vector<uint8_t> fusion;
+  // The fusion buffer (compressed or MPI-path batches): huge pages from 2 MiB (AlignedBuffer), since
+  // the single-copy path's process_vm_readv / _writev walk a peer's buffer page by page and a
+  // 4 KiB-page buffer costs about twice as much there. Grown in whole huge pages, never shrunk.
+  AlignedBuffer fusion;
+  char* fusion_bytes(size_t need) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (fusion.size() < need) fusion = AlignedBuffer((need + kHuge - 1) / kHuge * kHuge);
+    return static_cast<char*>(fusion.data());
+  }
   // Buffers handed to non-blocking MPI calls. After a timeout the request stays posted
   // (MPI cannot cancel a collective), so they live as long as the Impl, which is then
   // never freed (see ~CollectiveEngine).

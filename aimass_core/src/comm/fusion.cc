@@ -117,23 +117,23 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
     for (Pending* p : batch) finish(*p, CollectiveHandle::ErrorKind::None, "");
     return;
   }
-  if (fusion.size() < static_cast<size_t>(total) * es) fusion.resize(static_cast<size_t>(total) * es);
+  char* buf = fusion_bytes(static_cast<size_t>(total) * es);
   int64_t off = 0;
   for (Pending* p : batch) {
     const int64_t n = numel_of(p->req.shape);
     if (wire != dtype) {
       comm::f32_to_half(wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16,
                         static_cast<const float*>(p->req.input),
-                        reinterpret_cast<uint16_t*>(fusion.data() + off * es), static_cast<size_t>(n));
+                        reinterpret_cast<uint16_t*>(buf + off * es), static_cast<size_t>(n));
     } else if (n > 0) {
-      std::memcpy(fusion.data() + off * es, p->req.input, static_cast<size_t>(n) * es);
+      std::memcpy(buf + off * es, p->req.input, static_cast<size_t>(n) * es);
     }
     off += n;
   }
-  if (total > 0) allreduce_inplace(fusion.data(), total, wire, op);
+  if (total > 0) allreduce_inplace(buf, total, wire, op);
   off = 0;
   for (Pending* p : batch) {
-    unpack(*p, fusion.data() + off * es);
+    unpack(*p, buf + off * es);
     off += numel_of(p->req.shape);
     finish(*p, CollectiveHandle::ErrorKind::None, "");
   }

@@ -5,8 +5,13 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <linux/futex.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+#include <climits>
+#include <ctime>
 
 #include <algorithm>
 #include <chrono>
@@ -186,11 +191,13 @@ ShmAllreduce::ShmAllreduce(int local_rank, int local_size, void* memory, size_t 
   bytes_ = segment_bytes(lsize_, chunk_bytes);
   base_ = static_cast<char*>(memory);
   ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
+  set_wait_policy();
 }
 
 ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double timeout_s)
     : lsize_(comm.local_size()), lrank_(comm.local_rank()), timeout_s_(timeout_s) {
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory counters need lock-free atomics");
+  set_wait_policy();  // (every rank reads the same environment: a bad value raises everywhere, before any MPI call)
   MPI_Comm world = comm.comm();
   // Start-up collectives with the deadline too: a peer that dies during init() never hangs it.
   // (After a set-up timeout the engine is not created; the small buffers posted then are locals.)
@@ -327,6 +334,74 @@ void ShmAllreduce::pulse(Clock::time_point now) const {
                       std::memory_order_relaxed);
 }
 
+namespace {
+// A futex on a 64-bit counter: the kernel compares and sleeps on its low 32-bit word (a counter
+// that moved differs there: it only grows, by far less than 2^32 per wait). Not FUTEX_PRIVATE:
+// the counters live in shared memory mapped by several processes.
+uint32_t* futex_word(std::atomic<uint64_t>& v) {
+  static_assert(sizeof(std::atomic<uint64_t>) == 8, "counters are plain 64-bit words");
+  return reinterpret_cast<uint32_t*>(&v) + (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 1 : 0);
+}
+void futex_sleep(std::atomic<uint64_t>& v, uint32_t seen, long ns) {
+  timespec ts{static_cast<time_t>(ns / 1000000000L), ns % 1000000000L};
+  syscall(SYS_futex, futex_word(v), FUTEX_WAIT, seen, &ts, nullptr, 0);  // EAGAIN / ETIMEDOUT / EINTR: look again
+}
+void futex_wake_all(std::atomic<uint64_t>& v) {
+  syscall(SYS_futex, futex_word(v), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+// The longest sleep between looks at the peer's abort flag and the deadline (the heartbeat beats
+// at least this often). An aborting peer wakes the sleepers at once; a dead one is caught here.
+constexpr long kFutexSliceNs = 2000000;  // 2 ms
+}  // namespace
+
+// AIMASS_SHM_WAIT=yield restores the yield-and-nap loop. Past the spin a waiter yields for
+// yield_s_ before it sleeps: 0 when the machine's ranks outnumber the CPUs this process may run on
+// (a yield there mostly hands the core to another waiting rank: 4 ranks on 2 cores spent 31% of
+// their samples switching out of sched_yield in a 1 MiB hierarchical allreduce), else 50 us (a
+// peer on its own core usually answers within that, and a wake-up costs more). The machine's ranks:
+// the launcher's count where it says (simulated nodes, AIMASS_RANKS_PER_NODE, share one machine),
+// else the node's. AIMASS_SHM_YIELD_US overrides it.
+void ShmAllreduce::set_wait_policy() {
+  const char* w = std::getenv("AIMASS_SHM_WAIT");
+  futex_on_ = !(w && std::string(w) == "yield");
+  cpu_set_t set;
+  int cpus = 0;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
+  long ranks = lsize_;
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+    if (const char* v = std::getenv(name)) {
+      const long k = std::strtol(v, nullptr, 10);
+      if (k > ranks) ranks = k;
+      break;
+    }
+  }
+  yield_s_ = cpus > 0 && ranks > cpus ? 0.0 : 50e-6;
+  if (const char* y = std::getenv("AIMASS_SHM_YIELD_US")) {
+    char* end = nullptr;
+    const double us = std::strtod(y, &end);
+    AIMASS_CHECK(end != y && us >= 0 && us <= 1e6, ValueError,
+                 "AIMASS_SHM_YIELD_US must be a number of microseconds in [0, 1e6], got '", y, "'");
+    yield_s_ = us * 1e-6;
+  }
+}
+
+void ShmAllreduce::publish(std::atomic<uint64_t>& counter, uint64_t s) {
+  // seq_cst store, then the waiters load: a waiter either sees s before it sleeps, or is counted
+  // here (it registers, seq_cst, before it reads the counter)
+  counter.store(s, std::memory_order_seq_cst);
+  if (ctrl(lrank_)->waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(counter);
+}
+
+void ShmAllreduce::abort_here() {
+  Control* c = ctrl(lrank_);
+  c->aborted.store(1, std::memory_order_seq_cst);
+  if (c->waiters.load(std::memory_order_seq_cst) != 0) {
+    futex_wake_all(c->staged);
+    futex_wake_all(c->reduced);
+    futex_wake_all(c->gathered);
+  }
+}
+
 void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
   Control* c = ctrl(j);
   std::atomic<uint64_t>& v = which == 0 ? c->staged : which == 1 ? c->reduced : c->gathered;
@@ -336,24 +411,37 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
     if (v.load(std::memory_order_acquire) >= target) return;
   }
   const auto start = Clock::now();
+  auto check = [&](Clock::time_point now) {  // the peer gave up, or the deadline passed
+    if (c->aborted.load(std::memory_order_acquire)) {
+      throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j,
+                                            " gave up (see the error on that rank)"));
+    }
+    pulse(now);
+    const double waited = std::chrono::duration<double>(now - start).count();
+    if (waited > timeout_s_) {
+      throw DistributedError(detail::concat(
+          "aimass.dist: shared-memory collective: local rank ", j, " did not advance within ", timeout_s_,
+          " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
+    }
+    return waited;
+  };
   for (uint64_t iter = 1;; ++iter) {
+    if (futex_on_ && (yield_s_ <= 0 || std::chrono::duration<double>(Clock::now() - start).count() > yield_s_)) {
+      // sleep until rank j moves the counter (publish wakes us) or a slice passes
+      c->waiters.fetch_add(1, std::memory_order_seq_cst);
+      const uint64_t seen = v.load(std::memory_order_seq_cst);
+      if (seen < target && !c->aborted.load(std::memory_order_seq_cst))
+        futex_sleep(v, static_cast<uint32_t>(seen), kFutexSliceNs);
+      c->waiters.fetch_sub(1, std::memory_order_seq_cst);
+      if (v.load(std::memory_order_acquire) >= target) return;
+      check(Clock::now());
+      continue;
+    }
     // ranks may outnumber cores (tests run -np 4 on 2): let the peer run
     sched_yield();
     if (v.load(std::memory_order_acquire) >= target) return;
     if ((iter & 63) == 0) {
-      if (c->aborted.load(std::memory_order_acquire)) {
-        throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j,
-                                              " gave up (see the error on that rank)"));
-      }
-      const auto now = Clock::now();
-      pulse(now);
-      const double waited = std::chrono::duration<double>(now - start).count();
-      if (waited > timeout_s_) {
-        throw DistributedError(detail::concat(
-            "aimass.dist: shared-memory collective: local rank ", j, " did not advance within ", timeout_s_,
-            " s: a peer rank has died or stopped calling aimass (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
-      }
-      if (waited > 0.05) std::this_thread::sleep_for(std::chrono::microseconds(50));
+      if (check(Clock::now()) > 0.05) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
 }
@@ -369,7 +457,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     try {
       return run_cma(segs, count, dtype, op, world_size, cross_reduce);
     } catch (...) {
-      ctrl(lrank_)->aborted.store(1, std::memory_order_release);
+      abort_here();
       throw;
     }
   }
@@ -416,7 +504,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     };
     pieces(off, off + b, copy_in);
     pieces(off + e, off + m, copy_in);
-    ctrl(me)->staged.store(s, std::memory_order_release);
+    publish(ctrl(me)->staged, s);
   };
 
   auto reduce = [&](int64_t c) {
@@ -457,7 +545,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
         std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
       });
     }
-    ctrl(me)->reduced.store(s, std::memory_order_release);
+    publish(ctrl(me)->reduced, s);
   };
 
   auto gather = [&](int64_t c) {
@@ -475,7 +563,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
         std::memcpy(g.out + at * es, res + (x - off) * es, static_cast<size_t>(n) * es);
       });
     }
-    ctrl(me)->gathered.store(s, std::memory_order_release);
+    publish(ctrl(me)->gathered, s);
   };
 
   try {
@@ -487,7 +575,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
       if (t >= 2) gather(t - 2);
     }
   } catch (...) {
-    ctrl(me)->aborted.store(1, std::memory_order_release);
+    abort_here();
     throw;
   }
   seq_ = base_seq + static_cast<uint64_t>(nchunks);

@@ -10,7 +10,8 @@
 //   3. copies every rank's reduced slice from the result slot into its output.
 // The steps of consecutive chunks are software-pipelined (stage c+1, reduce c,
 // gather c-1) and synchronised with per-rank sequence counters in the segment
-// (acquire/release atomics; spin, then yield, since ranks may share cores), not
+// (acquire/release atomics; spin, then sleep on the counter with a futex, since ranks may share
+// cores: a waiting rank then takes no CPU time from the rank it waits for), not
 // with MPI barriers. DRAM traffic per rank approaches one read of the input and
 // one write of the output. A peer that stops advancing raises DistributedError
 // after the timeout instead of hanging.
@@ -164,6 +165,9 @@ class ShmAllreduce {
     std::atomic<uint64_t> info;      // a small value posted to the peers (allgather: rows)
     std::atomic<uint64_t> addr;      // single-copy mode: the address of the buffer peers read
     std::atomic<int64_t> pid;        // this rank's process id (process_vm_readv)
+    // peers asleep on one of this rank's counters (futex on the counter's low word): a rank that
+    // moves a counter wakes them only when this is nonzero, so the common case costs no syscall
+    std::atomic<uint32_t> waiters;
     // claim counter (fetch_add; own cache line: the claims do not disturb the counters' line):
     // local rank 0's hands out the pieces of the push allreduce, a broadcast receiver's the pieces
     // of its copy (taken by the receiver pulling and the root pushing)
@@ -199,6 +203,11 @@ class ShmAllreduce {
   char* staging(int j, uint64_t seq) const;
   char* result(uint64_t seq) const;
   void wait_counter(int j, int which, uint64_t target);
+  // Moves this rank's counter to s and wakes the peers asleep on it (wait_counter).
+  void publish(std::atomic<uint64_t>& counter, uint64_t s);
+  // Marks this rank aborted and wakes every peer asleep on its counters (they fail at once).
+  void abort_here();
+  void set_wait_policy();  // futex_on_ / yield_s_ from the environment and the CPU count
   void pulse(Clock::time_point now) const;
   void slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) const;
 
@@ -214,6 +223,10 @@ class ShmAllreduce {
   uint64_t probe_ = 0;     // read by the peers' start-up probe
   uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)
   double timeout_s_ = 60;
+  // Waits past the spin: yield for yield_s_, then sleep on the counter (futex) until the peer moves
+  // it (AIMASS_SHM_WAIT=yield: the old yield-and-nap loop).
+  bool futex_on_ = true;
+  double yield_s_ = 0;
   std::atomic<int64_t>* heartbeat_ = nullptr;
   char* base_ = nullptr;
   size_t bytes_ = 0;

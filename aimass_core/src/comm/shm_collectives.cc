@@ -29,9 +29,9 @@ void ShmAllreduce::wait_peers(int which, uint64_t target) {
 
 void ShmAllreduce::mark(uint64_t s, bool staged, bool reduced, bool gathered) {
   Control* c = ctrl(lrank_);
-  if (staged) c->staged.store(s, std::memory_order_release);
-  if (reduced) c->reduced.store(s, std::memory_order_release);
-  if (gathered) c->gathered.store(s, std::memory_order_release);
+  if (staged) publish(c->staged, s);
+  if (reduced) publish(c->reduced, s);
+  if (gathered) publish(c->gathered, s);
 }
 
 template <typename Fn>
@@ -41,7 +41,7 @@ void ShmAllreduce::guarded(Fn&& fn) {
   try {
     fn();
   } catch (...) {
-    ctrl(lrank_)->aborted.store(1, std::memory_order_release);
+    abort_here();
     throw;
   }
 }
