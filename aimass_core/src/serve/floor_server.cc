@@ -27,6 +27,7 @@
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
 #include "runtime/json.h"
+#include "serve/wire.h"
 
 namespace aimass::serve {
 namespace rt = aimass::runtime;
@@ -39,37 +40,8 @@ struct HttpError {
   std::string message;
 };
 
-const char* reason(int status) {
-  switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 413: return "Content Too Large";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Error";
-  }
-}
-
-void json_escape(std::string& out, std::string_view s) {
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c >= 0x7f) {  // keep the body ASCII whatever bytes a request held
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-}
+using wire::json_escape;
+using wire::reason;
 
 void append_number(std::string& out, double v) {
   if (std::isnan(v)) {
@@ -397,20 +369,7 @@ struct FloorServer::Impl {
   // ---------------------------------------------------------------- routing + responses
   void respond(Conn& c, int status, std::string_view ctype, std::string_view extra, std::string_view body,
                bool keep_alive) {
-    std::string& o = c.out;
-    o += "HTTP/1.1 ";
-    o += std::to_string(status);
-    o += ' ';
-    o += reason(status);
-    o += "\r\ncontent-type: ";
-    o += ctype;
-    o += "\r\ncontent-length: ";
-    o += std::to_string(body.size());
-    o += "\r\n";
-    o += extra;
-    if (!keep_alive) o += "connection: close\r\n";
-    o += "\r\n";
-    o += body;
+    wire::respond(c.out, status, ctype, extra, body, keep_alive);
     if (!keep_alive) c.close_after = true;
     responses.fetch_add(1, std::memory_order_relaxed);
   }
