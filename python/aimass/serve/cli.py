@@ -44,7 +44,7 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
         def handle_exit(self, sig, frame):
             if sig == signal.SIGTERM and not srv.draining:
                 srv.draining = True   # /v2/health/ready -> 503 from now on
-                log.info('{"event": "drain", "inflight": %d}', srv.total_inflight())
+                log.info('{"event": "drain", "inflight": %d}', _inflight(srv))
                 asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
                 return
             if sig == signal.SIGTERM:
@@ -53,10 +53,10 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
 
         async def _drain(self):
             end = time.monotonic() + drain_timeout_s
-            while srv.total_inflight() > 0 and time.monotonic() < end:
+            while _inflight(srv) > 0 and time.monotonic() < end:
                 await asyncio.sleep(0.01)
-            if srv.total_inflight():
-                log.warning('{"event": "drain_timeout", "inflight": %d}', srv.total_inflight())
+            if _inflight(srv):
+                log.warning('{"event": "drain_timeout", "inflight": %d}', _inflight(srv))
             self.should_exit = True
 
     loop = "uvloop" if _has("uvloop") else "asyncio"
@@ -75,6 +75,12 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
     server = _Server(cfg)
     srv.open_connections = lambda: len(server.server_state.connections)
     return server
+
+
+def _inflight(srv) -> int:
+    """In-flight inference requests: Server.total_inflight() (the native front end's too), else .inflight."""
+    total = getattr(srv, "total_inflight", None)
+    return total() if total is not None else srv.inflight
 
 
 class _OneWriteTransport:
