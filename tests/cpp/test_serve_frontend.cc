@@ -320,3 +320,36 @@ TEST(ServeFrontend, ConcurrentConnectionsBatchThroughTheQueue) {
   f.stop();
   loop.join();
 }
+
+TEST(ServeFrontend, BatcherErrorsAreAnsweredNativelyWithPythonsWords) {
+  FakeUpstream up;
+  Served sv;
+  FrontendOptions o;
+  o.upstream_port = up.port;
+  o.deadline_us = 0;  // --deadline-ms 0: every request's deadline has passed when it would run
+  Frontend f(o, {0.001});
+  f.set_routes(sv.routes(1));
+  std::thread loop([&] { f.serve(); });
+  int s = connect_to(f.port());
+  std::string buf;
+  send_all(s, post("/predict", R"({"input": [1, 2, 3]})"));
+  std::string r = read_response(s, buf);
+  EXPECT_EQ(r.find("HTTP/1.1 504"), 0u) << r;
+  EXPECT_NE(r.find("{\"error\": \"deadline passed before model 'm' ran the request: "), std::string::npos) << r;
+  sv.batcher->close();  // a closed Session still routed: 503 naming the version
+  send_all(s, post("/v2/models/m/infer", R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]})"));
+  r = read_response(s, buf);
+  EXPECT_EQ(r.find("HTTP/1.1 503"), 0u) << r;
+  EXPECT_NE(r.find("{\"error\": \"model 'm' version 3 was closed: "), std::string::npos) << r;
+  ::close(s);
+  auto errs = f.take_errors();
+  ASSERT_EQ(errs.size(), 2u);
+  EXPECT_EQ(errs[0].status, 504);
+  EXPECT_EQ(errs[0].type, "TimeoutError");
+  EXPECT_EQ(errs[1].type, "ClosedError");
+  EXPECT_EQ(errs[1].path, "/v2/models/m/infer");
+  EXPECT_EQ(up.requests.load(), 0);  // none reached the app: it must not run them again
+  EXPECT_EQ(f.inflight(), 0);
+  f.stop();
+  loop.join();
+}
