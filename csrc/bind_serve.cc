@@ -134,7 +134,8 @@ void bind_serve(py::module_& m) {
         f.set_routes(std::move(r));
       }, py::arg("models"), py::arg("predict_model"))
       .def("version_busy", &sv::Frontend::version_busy)
-      // tokens: [(name, sha256 digest bytes, has infer scope, models list or None, rate or 0, burst)]
+      // tokens: [(name, sha256 digest bytes, has infer scope, models list or None, rate or 0, burst,
+      //          auth.py's scope error, auth.py's model error up to the model name)]
       .def("set_tokens", [](sv::Frontend& f, const py::list& tokens, bool enabled) {
         std::vector<sv::TokenEntry> out;
         for (py::handle h : tokens) {
@@ -147,6 +148,8 @@ void bind_serve(py::module_& m) {
           if (!e.all_models) e.models = t[3].cast<std::vector<std::string>>();
           e.rate = t[4].cast<double>();
           e.burst = t[5].cast<double>();
+          e.scope_error = t[6].cast<std::string>();
+          e.model_error_prefix = t[7].cast<std::string>();
           out.push_back(std::move(e));
         }
         f.set_tokens(std::move(out), enabled);
@@ -160,7 +163,9 @@ void bind_serve(py::module_& m) {
       .def("counts", [](const sv::Frontend& f) {
         py::list out;
         for (const auto& c : f.counts())
-          out.append(py::make_tuple(py::make_tuple(c.model, c.version, c.protocol, c.code), c.n));
+          out.append(py::make_tuple(py::make_tuple(c.model, c.version < 0 ? py::object(py::none())
+                                                                         : py::object(py::int_(c.version)),
+                                                   c.protocol, c.code), c.n));
         return out;
       })
       // [((model, version), [per-bucket counts..., overflow], sum_s)]
@@ -176,7 +181,7 @@ void bind_serve(py::module_& m) {
           d["status"] = e.status;
           d["path"] = e.path;
           d["model"] = e.model;
-          d["version"] = e.version;
+          d["version"] = e.version < 0 ? py::object(py::none()) : py::object(py::int_(e.version));
           d["error"] = e.message;
           d["type"] = e.type;
           out.append(d);

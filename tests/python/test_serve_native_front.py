@@ -85,6 +85,15 @@ HOT = [  # (path, body, headers): successful requests the front end answers itse
     ("/predict", b'{"input": [1e-7, 0.5, -3, 12345678.9]}', {}),
 ]
 
+REFUSED = [  # (path, body, headers, token): 401/403 that the front end answers itself in auth.py's words
+    ("/v2/models/mlp/infer", v2_json(), {}, None),                             # 401 missing
+    ("/v2/models/mlp/infer", v2_json(), {"Authorization": "Bearer nope"}, None),   # 401 unknown
+    ("/v2/models/mlp/infer", v2_json(), {"Authorization": "Basic abc"}, None),     # 401 malformed
+    ("/v2/models/mlp/infer", v2_json(), {"Authorization": "Bearer"}, None),        # 401 malformed
+    ("/predict", b"not even JSON", {}, "other"),                               # 403 model, before the body
+    ("/v1/models/mlp:predict", v2_json(), {}, "metrics"),                      # 403 scope
+]
+
 FORWARDED = [  # (method, path, body, headers, token): everything else, Python's answer either way
     ("POST", "/v2/models/mlp/infer", v2_json(X.astype(np.float64)).replace(b"FP32", b"INT64"), {}, "infer"),
     ("POST", "/v2/models/ghost/infer", v2_json(), {}, "infer"),
@@ -95,11 +104,7 @@ FORWARDED = [  # (method, path, body, headers, token): everything else, Python's
     ("POST", "/predict", b'{"input": [1, 2, 3]}', {}, "infer"),
     ("POST", "/predict", b'{"input": [[1, 2, 3, 4], [1, 2]]}', {}, "infer"),
     ("POST", "/v2/models/mlp/infer", v2_json(id="req-1"), {}, "infer"),        # an id: Python echoes it
-    ("POST", "/v2/models/mlp/infer", v2_json(), {}, None),                     # 401 missing
-    ("POST", "/v2/models/mlp/infer", v2_json(), {"Authorization": "Bearer nope"}, None),   # 401 unknown
-    ("POST", "/v2/models/mlp/infer", v2_json(), {"Authorization": "Basic abc"}, None),     # 401 malformed
-    ("POST", "/v2/models/mlp/infer", v2_json(), {}, "other"),                  # 403 model
-    ("POST", "/v2/models/mlp/infer", v2_json(), {}, "metrics"),                # 403 scope
+    ("GET", "/v2/models/mlp/infer", b"", {}, None),                            # 405 before the token
     ("GET", "/v2/models/mlp/infer", b"", {}, "infer"),                         # 405
     ("GET", "/nowhere", b"", {}, "infer"),                                     # 404
     ("GET", "/v2/health/ready", b"", {}, None),
@@ -138,6 +143,22 @@ def test_everything_else_gets_pythons_answer(servers, case):
     assert a.headers.get("retry-after") == b.headers.get("retry-after")
     if a.status_code != 200:
         assert native_answers(nat) == before
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=lambda c: f"{c[0]} {c[3]} {c[2]}")
+def test_auth_refusals_are_native_in_pythons_words(servers, case):
+    py, nat, nets = servers
+    path, body, hdr, who = case
+    h = {**hdr, **(auth(who) if who else {})}
+    before = native_answers(nat)
+    a = httpx.post(py.url + path, content=body, headers=h)
+    b = httpx.post(nat.url + path, content=body, headers=h)
+    assert a.status_code == b.status_code and a.status_code in (401, 403), (a.text, b.text)
+    assert a.content == b.content, (a.content, b.content)
+    assert native_answers(nat) == before + 1
+    st = httpx.get(nat.url + "/api/status", headers=auth("admin")).json()
+    assert any(e["status"] == a.status_code and e["type"] == "AuthError" and e["error"] == a.json()["error"]
+               for e in st["errors"])
 
 
 def test_rate_limit_is_shared_and_429s(servers):

@@ -160,6 +160,9 @@ struct TokenEntry {
   bool all_models = true;
   std::vector<std::string> models;
   double rate = 0, burst = 0;      // rate 0: no bucket
+  // auth.py's 403 messages for this token, made by Python so that they are its words exactly:
+  // "token '<name>' lacks scope 'infer' (has [...])" and "token '<name>' may not use model '" (+ model + "'")
+  std::string scope_error, model_error_prefix;
 };
 
 struct FrontendOptions {
@@ -186,7 +189,8 @@ struct FrontendLatency {
   std::vector<uint64_t> counts;  // per bucket of latency_bounds() (le), then the overflow bucket
   double sum_s = 0;
 };
-// One error the front end answered itself (503 queue full / closed, 504), for Python's error log.
+// One error the front end answered itself (401/403 with tokens, 503 queue full / closed, 504), for
+// Python's error log. version -1: none was resolved (an auth failure).
 struct FrontendError {
   int status = 0;
   std::string path, model, message, type;

@@ -120,6 +120,44 @@ void orjson_escape(std::string& out, std::string_view s) {
   }
 }
 
+// A JSON string's contents as Python's json.dumps writes them (ensure_ascii): \" \\ \n \r \t \b \f,
+// other control characters and every non-ASCII code point as \uXXXX (surrogate pairs above U+FFFF).
+void py_json_escape(std::string& out, std::string_view s) {
+  auto u = [&](unsigned v) {
+    char b[8];
+    std::snprintf(b, sizeof b, "\\u%04x", v);
+    out += b;
+  };
+  for (size_t i = 0; i < s.size(); ++i) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        case '\b': out += "\\b"; break;
+        case '\f': out += "\\f"; break;
+        default:
+          if (c < 0x20) u(c);
+          else out += static_cast<char>(c);
+      }
+      continue;
+    }
+    int n = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : 1;
+    unsigned cp = c & (n == 3 ? 0x07 : n == 2 ? 0x0f : 0x1f);
+    for (int k = 0; k < n && i + 1 < s.size(); ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[++i]) & 0x3f);
+    if (cp >= 0x10000) {
+      cp -= 0x10000;
+      u(0xd800 + (cp >> 10));
+      u(0xdc00 + (cp & 0x3ff));
+    } else {
+      u(cp);
+    }
+  }
+}
+
 const char* v2_type(rt::ValueType t) { return t == rt::ValueType::Int64 ? "INT64" : "FP32"; }
 
 // The model's tensors have no dynamic dimension after the batch: the native decoders check shapes
@@ -485,31 +523,60 @@ struct Frontend::Impl {
   }
 
   // ---------------------------------------------------------------- tokens
-  // true: the bearer is a known token with the infer scope that may use `model` (the bucket is
-  // taken later, once the request decoded). Anything else is Python's to answer (401/403).
-  bool authorized(const HttpRequest& req, const std::string& model, std::string& digest) {
+  // auth.py's TokenTable.authorize for the infer scope, without the bucket (taken once the request
+  // decoded): 0 when allowed (digest set), else 401/403 with auth.py's message in `msg`, or -1 for a
+  // header that Python must read itself (non-ASCII: it decodes latin-1 and hashes UTF-8).
+  int authorize(const HttpRequest& req, const std::string& model, std::string& digest, std::string& msg) {
     std::lock_guard<std::mutex> lk(tok_mu);
-    if (!tokens_on) return true;
+    if (!tokens_on) return 0;
     std::string_view h = req.header("authorization");
-    if (h.empty()) return false;
+    if (h.empty()) {
+      msg = "missing token: send 'Authorization: Bearer <token>'";
+      return 401;
+    }
     for (unsigned char c : h)
-      if (c >= 0x80) return false;  // Python decodes latin-1 and hashes UTF-8: leave it to Python
+      if (c >= 0x80) return -1;
     size_t sp = h.find(' ');
-    if (sp == std::string_view::npos) return false;
-    std::string_view kind = h.substr(0, sp), value = h.substr(sp + 1);
-    if (kind.size() != 6) return false;
-    for (size_t i = 0; i < 6; ++i)
-      if (std::tolower(static_cast<unsigned char>(kind[i])) != "bearer"[i]) return false;
+    std::string_view kind = h.substr(0, sp), value = sp == std::string_view::npos ? "" : h.substr(sp + 1);
+    bool bearer = kind.size() == 6;
+    for (size_t i = 0; bearer && i < 6; ++i)
+      bearer = std::tolower(static_cast<unsigned char>(kind[i])) == "bearer"[i];
     while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
     while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
-    if (value.empty()) return false;
+    if (!bearer || value.empty()) {
+      msg = "malformed Authorization header: expected 'Bearer <token>'";
+      return 401;
+    }
     digest = sha256(value);
     auto it = tokens.find(digest);
-    if (it == tokens.end() || !it->second.infer) return false;
+    if (it == tokens.end()) {
+      msg = "unknown token";
+      return 401;
+    }
+    if (!it->second.infer) {
+      msg = it->second.scope_error;
+      return 403;
+    }
     if (!it->second.all_models &&
-        std::find(it->second.models.begin(), it->second.models.end(), model) == it->second.models.end())
-      return false;
-    return true;
+        std::find(it->second.models.begin(), it->second.models.end(), model) == it->second.models.end()) {
+      msg = it->second.model_error_prefix + model + "'";
+      return 403;
+    }
+    return 0;
+  }
+
+  // The answer to a request refused before it ran (auth), counted and logged like Python's.
+  void refuse(Conn& c, const HttpRequest& req, int proto, const std::string& model, std::string_view path, int status,
+              const std::string& msg) {
+    std::string b = "{\"error\": \"";
+    py_json_escape(b, msg);
+    b += "\"}";
+    wire::respond(c.out, status, "application/json", "", b, req.keep_alive);
+    if (!req.keep_alive) c.close_after = true;
+    answers.fetch_add(1, std::memory_order_relaxed);
+    count(model, -1, proto, status, 0);
+    std::lock_guard<std::mutex> lk(m_mu);
+    if (errors.size() < 1000) errors.push_back({status, std::string(path), model, msg, "AuthError", -1});
   }
 
   double take_locked(const std::string& digest) {
@@ -1005,8 +1072,13 @@ struct Frontend::Impl {
     std::shared_ptr<RouteVersion> rv = vit->second;
     const rt::Model& m = rv->batcher->model();
     if (!static_specs(m)) return false;
-    std::string digest;
-    if (!authorized(req, t.model, digest)) return false;
+    std::string digest, why;
+    int denied = authorize(req, t.model, digest, why);
+    if (denied < 0) return false;
+    if (denied > 0) {  // 401/403 as Python words them, before the body is looked at (its order)
+      refuse(c, req, t.proto, t.model, path, denied, why);
+      return true;
+    }
     auto job = std::make_unique<FJob>();
     job->t0 = Clock::now();
     job->proto = t.proto;
