@@ -171,7 +171,8 @@ void bind_serve(py::module_& m) {
       // [((model, version), [per-bucket counts..., overflow], sum_s)]
       .def("latency", [](const sv::Frontend& f) {
         py::list out;
-        for (const auto& l : f.latency()) out.append(py::make_tuple(py::make_tuple(l.model, l.version), l.counts, l.sum_s));
+        for (const auto& l : f.latency())
+          out.append(py::make_tuple(py::make_tuple(l.model, l.version), l.counts, l.sum_s));
         return out;
       })
       .def("take_errors", [](sv::Frontend& f) {

@@ -284,7 +284,8 @@ TEST(ServeFrontend, UnreachableUpstreamIs502AndRetirementWaitsForTheLoop) {
 
 TEST(ServeFrontend, FloatLayoutIsOrjsons) {
   std::string s;
-  for (float v : {1.0f, 0.1f, 1e-7f, 1.5e-7f, 123456789.0f, 1e16f, -0.0f, 1e-5f, 0.00015f, 1e15f, 1e12f, 1e13f, 3.4e38f}) {
+  for (float v :
+       {1.0f, 0.1f, 1e-7f, 1.5e-7f, 123456789.0f, 1e16f, -0.0f, 1e-5f, 0.00015f, 1e15f, 1e12f, 1e13f, 3.4e38f}) {
     append_f32_json(s, v);
     s += ',';
   }
@@ -337,7 +338,8 @@ TEST(ServeFrontend, BatcherErrorsAreAnsweredNativelyWithPythonsWords) {
   EXPECT_EQ(r.find("HTTP/1.1 504"), 0u) << r;
   EXPECT_NE(r.find("{\"error\": \"deadline passed before model 'm' ran the request: "), std::string::npos) << r;
   sv.batcher->close();  // a closed Session still routed: 503 naming the version
-  send_all(s, post("/v2/models/m/infer", R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]})"));
+  send_all(s,
+           post("/v2/models/m/infer", R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]})"));
   r = read_response(s, buf);
   EXPECT_EQ(r.find("HTTP/1.1 503"), 0u) << r;
   EXPECT_NE(r.find("{\"error\": \"model 'm' version 3 was closed: "), std::string::npos) << r;

@@ -110,7 +110,7 @@ void orjson_escape(std::string& out, std::string_view s) {
       case '\f': out += "\\f"; break;
       default:
         if (c < 0x20) {
-          char b[8];
+          char b[16];
           std::snprintf(b, sizeof b, "\\u%04x", c);
           out += b;
         } else {
@@ -124,7 +124,7 @@ void orjson_escape(std::string& out, std::string_view s) {
 // other control characters and every non-ASCII code point as \uXXXX (surrogate pairs above U+FFFF).
 void py_json_escape(std::string& out, std::string_view s) {
   auto u = [&](unsigned v) {
-    char b[8];
+    char b[16];
     std::snprintf(b, sizeof b, "\\u%04x", v);
     out += b;
   };
@@ -457,7 +457,8 @@ struct Frontend::Impl {
   std::atomic<uint64_t> epoch{0};          // bumped by each set_routes
   std::atomic<uint64_t> seen_epoch{0};     // the epoch the loop read at the top of its last turn
   mutable std::mutex keys_mu;
-  std::unordered_map<int64_t, std::pair<std::shared_ptr<RouteVersion>, uint64_t>> dropped;  // key -> (slot, epoch dropped)
+  // key -> (slot, the epoch it was dropped at)
+  std::unordered_map<int64_t, std::pair<std::shared_ptr<RouteVersion>, uint64_t>> dropped;
   std::unordered_map<int64_t, std::shared_ptr<RouteVersion>> live;
 
   // tokens
@@ -476,7 +477,7 @@ struct Frontend::Impl {
   std::map<std::pair<std::string, int64_t>, std::vector<double>> lat;  // counts..., sum
   std::vector<FrontendError> errors;
 
-  std::unordered_map<uint64_t, std::unique_ptr<FJob>> pending;  // queued jobs by batcher id... keyed by job id
+  std::unordered_map<uint64_t, std::unique_ptr<FJob>> pending;  // queued jobs by job id (the on_done hook reports it)
 
   struct Conn {
     int fd = -1;
@@ -718,7 +719,8 @@ struct Frontend::Impl {
     for (auto& in : ins) {
       size_t k = 0;
       while (k < specs.size() && specs[k].name != in.name) ++k;
-      if (k == specs.size() || ptrs[k] || specs[k].dtype != rt::ValueType::Float32 || in.datatype != "FP32") return false;
+      if (k == specs.size() || ptrs[k] || specs[k].dtype != rt::ValueType::Float32 || in.datatype != "FP32")
+        return false;
       int64_t r;
       if (!input_shape_ok(specs[k], in.shape, r) || (rows >= 0 && r != rows)) return false;
       if (static_cast<int64_t>(in.values.size()) != r * specs[k].row_numel()) return false;
@@ -851,8 +853,8 @@ struct Frontend::Impl {
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICHOST;
-    if (::getaddrinfo(opts.upstream_host.c_str(), std::to_string(opts.upstream_port).c_str(), &hints, &res) != 0 || !res)
-      return false;
+    std::string port = std::to_string(opts.upstream_port);
+    if (::getaddrinfo(opts.upstream_host.c_str(), port.c_str(), &hints, &res) != 0 || !res) return false;
     int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     // loopback: a blocking connect completes at once (or is refused at once)
     bool ok = fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0;
@@ -1336,7 +1338,8 @@ struct Frontend::Impl {
   // Closes connections with nothing in progress for longer than the idle timeout.
   void sweep_idle() {
     if (opts.idle_timeout_s <= 0) return;
-    auto limit = Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.idle_timeout_s));
+    auto limit =
+        Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.idle_timeout_s));
     std::vector<int> idle;
     for (auto& kv : conns) {
       Conn& c = *kv.second;
@@ -1380,7 +1383,8 @@ Frontend::Frontend(FrontendOptions opts, std::vector<double> latency_bounds) : i
   s.listen_fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   int one = 1;
   if (s.listen_fd >= 0) ::setsockopt(s.listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  bool ok = s.listen_fd >= 0 && ::bind(s.listen_fd, res->ai_addr, res->ai_addrlen) == 0 && ::listen(s.listen_fd, 1024) == 0;
+  bool ok = s.listen_fd >= 0 && ::bind(s.listen_fd, res->ai_addr, res->ai_addrlen) == 0 &&
+            ::listen(s.listen_fd, 1024) == 0;
   int err = errno;
   ::freeaddrinfo(res);
   AIMASS_CHECK(ok, IOError, "Frontend: cannot listen on ", opts.host, ":", opts.port, ": ", std::strerror(err));
