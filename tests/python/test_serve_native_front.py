@@ -268,3 +268,40 @@ def test_float_layout_matches_orjson():
                                        np.inf, -np.inf, np.nan]),
                            (rng.standard_normal(20_000) * 10.0 ** rng.integers(-8, 9, 20_000)).astype(np.float32)])
     assert _C.f32_json(vals) == orjson.dumps(vals, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def test_mutated_hot_requests_get_pythons_status_and_bytes(servers):
+    """Differential: 150 randomly mutated hot requests (bytes of the JSON bodies and binary headers
+    replaced, cut or repeated; the binary header length moved) get the same status and body from both
+    modes, so the front end never accepts what Python refuses nor words an answer differently."""
+    py, nat, nets = servers
+    rng = np.random.default_rng(3)
+    alphabet = np.frombuffer(b'0123456789.,[]{}":eE-+ xtrufalsn', dtype=np.uint8)
+    seeds = [(p, b, h) for p, b, h in HOT]
+    for i in range(150):
+        path, body, hdr = seeds[i % len(seeds)]
+        b = bytearray(body)
+        hdr = dict(hdr)
+        head_len = int(hdr.get("Inference-Header-Content-Length", len(b)))
+        for _ in range(int(rng.integers(1, 4))):
+            kind = int(rng.integers(0, 4))
+            at = int(rng.integers(0, max(1, head_len)))
+            if kind == 0:
+                b[at] = int(rng.choice(alphabet))
+            elif kind == 1:
+                n = int(rng.integers(1, 6))
+                del b[at:at + n]
+                head_len -= min(n, head_len - at)
+            elif kind == 2:
+                n = int(rng.integers(1, 6))
+                b[at:at] = b[at:at + n]
+                head_len += len(b[at:at + n]) if at + n <= head_len else 0
+            elif "Inference-Header-Content-Length" in hdr:
+                head_len += int(rng.integers(-3, 4))
+        if "Inference-Header-Content-Length" in hdr:
+            hdr["Inference-Header-Content-Length"] = str(head_len)
+        h = {**hdr, **auth("infer")}
+        a = httpx.post(py.url + path, content=bytes(b), headers=h)
+        r = httpx.post(nat.url + path, content=bytes(b), headers=h)
+        assert a.status_code == r.status_code, (i, path, bytes(b)[:200], a.text[:200], r.text[:200])
+        assert a.content == r.content, (i, path, bytes(b)[:200], a.content[:200], r.content[:200])
