@@ -1373,26 +1373,7 @@ Frontend::Frontend(FrontendOptions opts, std::vector<double> latency_bounds) : i
                "Frontend: limits must be max_body_bytes >= 0 and max_header_bytes >= 64");
   s.opts = opts;
   s.bounds = std::move(latency_bounds);
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
-  std::string host = opts.host == "localhost" ? "127.0.0.1" : opts.host;
-  int rc = ::getaddrinfo(host.c_str(), std::to_string(opts.port).c_str(), &hints, &res);
-  AIMASS_CHECK(rc == 0 && res, ValueError, "Frontend: host '", opts.host, "' is not a numeric address");
-  s.listen_fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  int one = 1;
-  if (s.listen_fd >= 0) ::setsockopt(s.listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  bool ok = s.listen_fd >= 0 && ::bind(s.listen_fd, res->ai_addr, res->ai_addrlen) == 0 &&
-            ::listen(s.listen_fd, 1024) == 0;
-  int err = errno;
-  ::freeaddrinfo(res);
-  AIMASS_CHECK(ok, IOError, "Frontend: cannot listen on ", opts.host, ":", opts.port, ": ", std::strerror(err));
-  sockaddr_storage addr{};
-  socklen_t alen = sizeof addr;
-  ::getsockname(s.listen_fd, reinterpret_cast<sockaddr*>(&addr), &alen);
-  s.port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
-                                            : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  s.listen_fd = wire::listen_on(opts.host, opts.port, 1024, "Frontend", s.port);
   s.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
   s.event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   s.done->fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

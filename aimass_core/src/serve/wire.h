@@ -42,6 +42,11 @@ inline void json_escape(std::string& out, std::string_view s) {
   }
 }
 
+// A non-blocking listening socket on host:port (port 0: any free one, written to bound_port);
+// ValueError for a host that is not a numeric address, IOError when it cannot listen. `who`
+// names the caller in the messages.
+int listen_on(const std::string& host, int port, int backlog, const char* who, int& bound_port);
+
 // Status line, content type and length, extra header lines (each ending in CRLF), the body.
 inline void respond(std::string& o, int status, std::string_view ctype, std::string_view extra, std::string_view body,
                     bool keep_alive) {
