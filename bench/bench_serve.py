@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from aimass.bench.serve import BARE, BARE_MODEL, NATIVE, NATIVE_JSON, TINY, sweep
+from aimass.bench.serve import BARE, BARE_MODEL, NATIVE, NATIVE_JSON, NATIVE_SERVE, TINY, sweep
 
 FLASK = "Flask /predict (torch)"
 
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
     ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,"
+                    "native-predict,native-v2json,native-v2bin,native-tfserving (aimass serve --http native),"
                     "tiny,bare,native (the last three: concurrency 1 only)")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
@@ -85,7 +86,8 @@ def print_overhead(res) -> None:
                   "copies, after each request's compute swept the caches")
     paced = res.get("session_paced_p50_us")
     for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
-                  "aimass serve TF-Serving :predict"):
+                  "aimass serve TF-Serving :predict", NATIVE_SERVE + " /predict", NATIVE_SERVE + " v2 JSON",
+                  NATIVE_SERVE + " v2 binary", NATIVE_SERVE + " TF-Serving :predict"):
         if 1 in runs.get(label, {}):
             r = runs[label][1]
             line = (f"  {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = {r['p50_us'] - s50:.1f} us "

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "aimass/batcher.h"
 #include "aimass/serve.h"
 #include "common.h"
 
@@ -78,6 +79,116 @@ void bind_serve(py::module_& m) {
     }
     return std::move(out);
   }, py::arg("body"));
+  // float32 values as orjson writes a numpy float32 array (the native front end's number layout)
+  m.def("f32_json", [](py::array_t<float, py::array::c_style | py::array::forcecast> a) {
+    std::string out = "[";
+    const float* p = a.data();
+    for (py::ssize_t i = 0; i < a.size(); ++i) {
+      if (i) out += ',';
+      sv::append_f32_json(out, p[i]);
+    }
+    out += ']';
+    return py::bytes(out);
+  });
+  m.def("native_frontend_available", &sv::frontend_available);
+  // aimass serve --http native: the public socket (aimass.serve.native drives it)
+  py::class_<sv::Frontend>(m, "NativeFrontend")
+      .def(py::init([](const std::string& host, int port, int upstream_port, int max_connections, double idle_timeout_s,
+                       int64_t deadline_us, int64_t max_body_bytes, std::vector<double> bounds) {
+             sv::FrontendOptions o;
+             o.host = host;
+             o.port = port;
+             o.upstream_port = upstream_port;
+             o.max_connections = max_connections;
+             o.idle_timeout_s = idle_timeout_s;
+             o.deadline_us = deadline_us;
+             o.limits.max_body_bytes = max_body_bytes;
+             return new sv::Frontend(o, std::move(bounds));
+           }),
+           py::arg("host"), py::arg("port"), py::arg("upstream_port"), py::arg("max_connections") = 1024,
+           py::arg("idle_timeout_s") = 5.0, py::arg("deadline_us") = -1, py::arg("max_body_bytes") = int64_t{64} << 20,
+           py::arg("latency_bounds") = std::vector<double>{})
+      .def_property_readonly("port", &sv::Frontend::port)
+      .def("serve", &sv::Frontend::serve, nogil())
+      .def("stop", &sv::Frontend::stop)
+      // models: [(name, default version or -1, [(key, version, Batcher)], {label: version})]
+      .def("set_routes", [](sv::Frontend& f, const py::list& models, const std::string& predict_model) {
+        auto r = std::make_shared<sv::Routes>();
+        r->predict_model = predict_model;
+        for (py::handle h : models) {
+          auto t = h.cast<py::tuple>();
+          sv::RouteModel rm;
+          rm.name = t[0].cast<std::string>();
+          rm.default_version = t[1].cast<int64_t>();
+          for (py::handle vh : t[2].cast<py::list>()) {
+            auto vt = vh.cast<py::tuple>();
+            auto rv = std::make_shared<sv::RouteVersion>();
+            rv->key = vt[0].cast<int64_t>();
+            rv->version = vt[1].cast<int64_t>();
+            rv->batcher = vt[2].cast<std::shared_ptr<aimass::runtime::Batcher>>();
+            rm.versions[rv->version] = rv;
+          }
+          for (auto kv : t[3].cast<py::dict>()) rm.labels[kv.first.cast<std::string>()] = kv.second.cast<int64_t>();
+          r->models[rm.name] = std::move(rm);
+        }
+        f.set_routes(std::move(r));
+      }, py::arg("models"), py::arg("predict_model"))
+      .def("version_busy", &sv::Frontend::version_busy)
+      // tokens: [(name, sha256 digest bytes, has infer scope, models list or None, rate or 0, burst,
+      //          auth.py's scope error, auth.py's model error up to the model name)]
+      .def("set_tokens", [](sv::Frontend& f, const py::list& tokens, bool enabled) {
+        std::vector<sv::TokenEntry> out;
+        for (py::handle h : tokens) {
+          auto t = h.cast<py::tuple>();
+          sv::TokenEntry e;
+          e.name = t[0].cast<std::string>();
+          e.digest = t[1].cast<std::string>();
+          e.infer = t[2].cast<bool>();
+          e.all_models = t[3].is_none();
+          if (!e.all_models) e.models = t[3].cast<std::vector<std::string>>();
+          e.rate = t[4].cast<double>();
+          e.burst = t[5].cast<double>();
+          e.scope_error = t[6].cast<std::string>();
+          e.model_error_prefix = t[7].cast<std::string>();
+          out.push_back(std::move(e));
+        }
+        f.set_tokens(std::move(out), enabled);
+      }, py::arg("tokens"), py::arg("enabled"))
+      .def("take_token", [](sv::Frontend& f, py::bytes d) { return f.take_token(std::string(d)); })
+      .def("set_draining", &sv::Frontend::set_draining)
+      .def_property_readonly("inflight", &sv::Frontend::inflight)
+      .def_property_readonly("native_answers", &sv::Frontend::native_answers)
+      .def_property_readonly("forwarded", &sv::Frontend::forwarded)
+      // [((model, version, protocol, code), n)]
+      .def("counts", [](const sv::Frontend& f) {
+        py::list out;
+        for (const auto& c : f.counts())
+          out.append(py::make_tuple(py::make_tuple(c.model, c.version < 0 ? py::object(py::none())
+                                                                         : py::object(py::int_(c.version)),
+                                                   c.protocol, c.code), c.n));
+        return out;
+      })
+      // [((model, version), [per-bucket counts..., overflow], sum_s)]
+      .def("latency", [](const sv::Frontend& f) {
+        py::list out;
+        for (const auto& l : f.latency())
+          out.append(py::make_tuple(py::make_tuple(l.model, l.version), l.counts, l.sum_s));
+        return out;
+      })
+      .def("take_errors", [](sv::Frontend& f) {
+        py::list out;
+        for (const auto& e : f.take_errors()) {
+          py::dict d;
+          d["status"] = e.status;
+          d["path"] = e.path;
+          d["model"] = e.model;
+          d["version"] = e.version < 0 ? py::object(py::none()) : py::object(py::int_(e.version));
+          d["error"] = e.message;
+          d["type"] = e.type;
+          out.append(d);
+        }
+        return out;
+      });
   py::class_<sv::FloorServer>(m, "NativeFloorServer")
       .def(py::init([](const std::string& path, const std::string& host, int port, const std::string& model_name,
                        int64_t max_batch_size, int64_t max_queue_delay_us, int64_t max_body_bytes,

@@ -46,6 +46,17 @@ apt_optional chromium chromium "the dashboard test will skip"
 # the benchmark falls back to its asyncio client without it)
 apt_optional wrk wrk "the serve benchmark will use its asyncio client"
 
+# OpenSSL's libcrypto headers: `aimass serve --http native` (the C++ front end) hashes tokens with it;
+# without them the build compiles the front end out and its tests skip
+if [ ! -f /usr/include/openssl/sha.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev >/dev/null; } ||
+      echo "could not install libssl-dev: aimass serve --http native will be compiled out" >&2
+  else
+    echo "no libssl-dev and no root apt-get: aimass serve --http native will be compiled out" >&2
+  fi
+fi
+
 step "build and install aimass (with C++ tests)"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
   -Ccmake.define.AIMASS_BUILD_TESTS=ON -Cbuild-dir=build/test .

@@ -187,3 +187,20 @@ def test_sweep_measures_the_native_floor(monkeypatch):
         r = res["runs"][label][1]
         assert r["n"] > 0 and r["errors"] == 0 and 0 < r["p50_us"] <= r["p99_us"]
     assert res["session_p50_us"] > 0 and len(res["session_p50_rounds_us"]) == 2
+
+
+def test_sweep_measures_serve_http_native(monkeypatch):
+    """--only native-*: `aimass serve --http native` answers the bench's v2 binary, v2 JSON, /predict and
+    TF-Serving requests through the load generator with no errors, labelled apart from the uvicorn mode."""
+    pytest.importorskip("torch")
+    from aimass import _C
+    if not (hasattr(_C, "NativeFrontend") and _C.native_frontend_available()):
+        pytest.skip("the native front end was compiled out (no OpenSSL libcrypto at build time)")
+    monkeypatch.delenv("AIMASS_BENCH_CLIENT", raising=False)
+    only = ["native-v2bin", "native-v2json", "native-predict", "native-tfserving"]
+    res = bs.sweep(quick=True, concurrency=(1,), seconds=1, rounds=1, only=only, log=lambda m: None)
+    want = {bs.NATIVE_SERVE + s for s in (" v2 binary", " v2 JSON", " /predict", " TF-Serving :predict")}
+    assert set(res["runs"]) >= want
+    for label in want:
+        r = res["runs"][label][1]
+        assert r["n"] > 0 and r["errors"] == 0 and 0 < r["p50_us"] <= r["p99_us"]

@@ -132,7 +132,7 @@ def test_pipelined_requests_answered_in_order_on_one_connection(server, model):
     (b"GARBAGE\r\n\r\n", 400, "request line"),
     (b"\x16\x03\x01\x00\xa5\x01\x00", 400, "control character"),                 # a TLS hello
     (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/1"),
-    (b"POST /predict HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", 413, "over the limit"),
+    (b"POST /predict HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", 413, "over the server's limit"),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * 2000 + b"\r\n\r\n", 431, "head"),
     (b"POST /predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "Content-Length"),
     (b"POST /predict HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400, "conflicting"),

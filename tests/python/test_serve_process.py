@@ -1,5 +1,7 @@
 """aimass serve as a real process on 127.0.0.1: stock tritonclient.http (JSON and binary tensors),
-a live label switch and a rollback under continuous load with zero failed requests, SIGTERM drain."""
+a live label switch and a rollback under continuous load with zero failed requests, SIGTERM drain.
+Each runs with --http uvicorn and --http native (the C++ front end, which forwards what it does not
+answer to the same app)."""
 import json
 import socket
 import subprocess
@@ -15,18 +17,29 @@ httpclient = pytest.importorskip("tritonclient.http")
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
+from aimass import _C  # noqa: E402
 from aimass.serve import hash_token  # noqa: E402
 from serve_util import PKG_ROOT, export_mlp, make_store, serve_process  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
 X = (np.arange(8, dtype=np.float32).reshape(2, 4) - 4) / 4
-AUTH = {"Authorization": "Bearer test-token"}
+AUTH = {"Authorization": "Bearer test-token"}   # passed as dict(AUTH): tritonclient adds headers to the dict it gets
 
 
 def ref(net, x=X):
     with torch.no_grad():
         return net(torch.from_numpy(x)).numpy()
+
+
+NATIVE = hasattr(_C, "NativeFrontend") and _C.native_frontend_available()
+
+
+@pytest.fixture(params=["uvicorn", "native"])
+def http(request):
+    if request.param == "native" and not NATIVE:
+        pytest.skip("the native front end was compiled out (no OpenSSL libcrypto at build time)")
+    return ("--http", request.param)
 
 
 @pytest.fixture()
@@ -35,47 +48,47 @@ def store(tmp_path):
     return tmp_path, reg, nets
 
 
-def test_tritonclient_json_and_binary(store):
+def test_tritonclient_json_and_binary(store, http):
     tmp, reg, nets = store
     tokens = tmp / "tokens.yml"
     tokens.write_text(yaml.safe_dump({"tokens": [{"name": "t", "sha256": hash_token("test-token"),
                                                   "scopes": ["infer", "admin"]}]}))
-    with serve_process(tmp / "store", "--tokens", str(tokens)) as srv:
+    with serve_process(tmp / "store", "--tokens", str(tokens), *http) as srv:
         c = httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
         assert c.is_server_live() and c.is_server_ready()
-        assert c.is_model_ready("mlp", headers=AUTH)
-        meta = c.get_model_metadata("mlp", headers=AUTH)
+        assert c.is_model_ready("mlp", headers=dict(AUTH))
+        meta = c.get_model_metadata("mlp", headers=dict(AUTH))
         assert meta["inputs"][0]["datatype"] == "FP32"
         for binary_in in (False, True):
             for binary_out in (False, True):
                 inp = httpclient.InferInput("x", list(X.shape), "FP32")
                 inp.set_data_from_numpy(X, binary_data=binary_in)
                 out = httpclient.InferRequestedOutput("output", binary_data=binary_out)
-                res = c.infer("mlp", [inp], outputs=[out], headers=AUTH)
+                res = c.infer("mlp", [inp], outputs=[out], headers=dict(AUTH))
                 np.testing.assert_allclose(res.as_numpy("output"), ref(nets[0]), rtol=1e-5, atol=1e-5)
-        res = c.infer("mlp", [inp], headers=AUTH, model_version="1")   # no outputs named: all binary
+        res = c.infer("mlp", [inp], headers=dict(AUTH), model_version="1")   # no outputs named: all binary
         np.testing.assert_allclose(res.as_numpy("output"), ref(nets[0]), rtol=1e-5, atol=1e-5)
         with pytest.raises(Exception, match="401|token"):
             c.infer("mlp", [inp])
         bad = httpclient.InferInput("x", [2, 4], "INT64")
         bad.set_data_from_numpy(np.zeros((2, 4), np.int64))
         with pytest.raises(Exception, match="input 'x': datatype 'INT64'"):
-            c.infer("mlp", [bad], headers=AUTH)
-        idx = c.get_model_repository_index(headers=AUTH)
+            c.infer("mlp", [bad], headers=dict(AUTH))
+        idx = c.get_model_repository_index(headers=dict(AUTH))
         assert idx[0]["name"] == "mlp" and idx[0]["state"] == "READY"
-        c.unload_model("mlp", headers=AUTH)
-        assert not c.is_model_ready("mlp", headers=AUTH)
-        c.load_model("mlp", headers=AUTH)
-        assert c.is_model_ready("mlp", headers=AUTH)
+        c.unload_model("mlp", headers=dict(AUTH))
+        assert not c.is_model_ready("mlp", headers=dict(AUTH))
+        c.load_model("mlp", headers=dict(AUTH))
+        assert c.is_model_ready("mlp", headers=dict(AUTH))
         c.close()
         assert srv.stop() == 0
 
 
-def test_label_switch_and_rollback_under_load(store):
+def test_label_switch_and_rollback_under_load(store, http):
     tmp, reg, nets = store
     nets.append(export_mlp(tmp / "v2.aimass", seed=2))
     want = {"1": ref(nets[0]), "2": ref(nets[1])}
-    with serve_process(tmp / "store", "--poll-interval", "0.05") as srv:
+    with serve_process(tmp / "store", "--poll-interval", "0.05", *http) as srv:
         stop = threading.Event()
         seen, failures = [], []
 
@@ -128,9 +141,9 @@ def test_label_switch_and_rollback_under_load(store):
         assert srv.stop() == 0
 
 
-def test_sigterm_drains_inflight_then_exits_0(store):
+def test_sigterm_drains_inflight_then_exits_0(store, http):
     tmp, reg, nets = store
-    with serve_process(tmp / "store") as srv:
+    with serve_process(tmp / "store", *http) as srv:
         head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
                                        "parameters": {"binary_data_size": X.nbytes}}],
                            "parameters": {"binary_data_output": True}}).encode()

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -67,6 +68,7 @@ class Request {
   bool blocking_ = false;
   int64_t seq_ = 0;  // sequence length (dynamic-sequence models)
   std::shared_ptr<Request> wake_next_;  // guarded by mu_
+  std::function<void(uint64_t)> on_done_;  // submit_then's hook, called by finish()
   void pass_wake();                     // wakes wake_next_ (call with mu_ not held)
 };
 
@@ -103,6 +105,11 @@ class Batcher {
   std::shared_ptr<Request> submit(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                   int priority = 0, int64_t timeout_us = -1, bool notify = false,
                                   bool run_inline = false, int64_t seq = 0);
+  // submit() whose end (any outcome) calls on_done(id) on the finishing thread, after the
+  // request is done: a completion hook for an event loop (aimass::serve::Frontend) that, unlike
+  // notify, does not share wait_completed() with another consumer (a Session's futures thread).
+  std::shared_ptr<Request> submit_then(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
+                                       int priority, int64_t timeout_us, std::function<void(uint64_t)> on_done);
   // Submits with run_inline and blocks until the request finished; rethrows its error.
   // The blocking path of Session.run (its callers are woken in a chain, see Request).
   // seq: the request's sequence length for models with a dynamic sequence dim (buffers
@@ -130,7 +137,8 @@ class Batcher {
   void loop();
   std::shared_ptr<Request> enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                    int priority, int64_t timeout_us, bool notify, bool run_inline, bool blocking,
-                                   int64_t seq, bool inline_only = false);
+                                   int64_t seq, bool inline_only = false,
+                                   std::function<void(uint64_t)>* on_done = nullptr);
   // Runs the batch on the executor (which the caller holds: busy_), frees it, then
   // finishes every request.
   void run_batch(std::vector<std::shared_ptr<Request>>& batch);

@@ -7,6 +7,8 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -48,6 +50,10 @@ struct ParseResult {
 // Error: the request is malformed or over a limit; the connection should answer
 // http_status and close. Bodies need Content-Length (Transfer-Encoding: 501).
 ParseResult parse_request(const char* data, size_t len, const HttpLimits& limits, HttpRequest& out);
+
+// Length of the request head (request line + headers + the empty line) at the start of data, or
+// 0 while it is incomplete. The front end uses it to tell a request whose body is still arriving.
+size_t request_head_length(const char* data, size_t len);
 
 // Reads a body that is exactly {"<key>": <nested arrays of JSON numbers>} (any JSON whitespace):
 // the numbers in order into `values` (as doubles, correctly rounded) and the nesting's extents
@@ -108,5 +114,132 @@ class FloorServer {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+}  // namespace aimass::serve
+
+namespace aimass::runtime {
+class Batcher;
+}
+
+namespace aimass::serve {
+
+// ---------------------------------------------------------------- `aimass serve --http native`
+// The public socket of `aimass serve --http native` (docs/serving.md, "The native front end").
+// Python keeps the control plane (loading, label switches, admin, /metrics, the dashboard) in its
+// uvicorn app on a private loopback port; this front end answers the successful hot requests
+// (KServe v2 infer binary/JSON, TF-Serving row :predict, /predict) through each version's Batcher,
+// and forwards every other request byte for byte to uvicorn over one upstream keep-alive connection
+// per client connection, relaying the answers in order. Anything it does not decode exactly as the
+// Python path would (an error of any kind, gzip, chunked, other keys) is forwarded, so every error
+// status and message stays Python's.
+
+// One loaded version as Python pushes it. `key` is Python's handle for it (retirement checks).
+struct RouteVersion {
+  int64_t key = 0;
+  int64_t version = 0;
+  std::shared_ptr<runtime::Batcher> batcher;
+  std::atomic<int64_t> inflight{0};  // native requests holding it
+};
+
+struct RouteModel {
+  std::string name;
+  int64_t default_version = -1;  // -1: none (not loaded): forwarded
+  std::map<int64_t, std::shared_ptr<RouteVersion>> versions;
+  std::map<std::string, int64_t> labels;
+};
+
+struct Routes {
+  std::map<std::string, RouteModel> models;
+  std::string predict_model;  // the model of /predict ("" : forwarded)
+};
+
+struct TokenEntry {
+  std::string name;
+  std::string digest;              // 32 bytes: sha256 of the token
+  bool infer = false;              // has the infer scope
+  bool all_models = true;
+  std::vector<std::string> models;
+  double rate = 0, burst = 0;      // rate 0: no bucket
+  // auth.py's 403 messages for this token, made by Python so that they are its words exactly:
+  // "token '<name>' lacks scope 'infer' (has [...])" and "token '<name>' may not use model '" (+ model + "'")
+  std::string scope_error, model_error_prefix;
+};
+
+struct FrontendOptions {
+  std::string host = "127.0.0.1";
+  int port = 0;
+  std::string upstream_host = "127.0.0.1";
+  int upstream_port = 0;              // uvicorn's private port
+  int max_connections = 1024;         // more are accepted and closed at once
+  double idle_timeout_s = 5.0;        // a connection with no request in progress for this long is closed
+  int64_t deadline_us = -1;           // default request deadline (--deadline-ms), -1: none
+  HttpLimits limits;
+};
+
+// Counts of native answers, merged into /metrics by Python at scrape time.
+struct FrontendCount {
+  std::string model, protocol;
+  int64_t version = 0;
+  int code = 0;
+  uint64_t n = 0;
+};
+struct FrontendLatency {
+  std::string model;
+  int64_t version = 0;
+  std::vector<uint64_t> counts;  // per bucket of latency_bounds() (le), then the overflow bucket
+  double sum_s = 0;
+};
+// One error the front end answered itself (401/403 with tokens, 503 queue full / closed, 504), for
+// Python's error log. version -1: none was resolved (an auth failure).
+struct FrontendError {
+  int status = 0;
+  std::string path, model, message, type;
+  int64_t version = 0;
+};
+
+class Frontend {
+ public:
+  // Binds + listens on host:port (IOError when it cannot). latency_bounds: the upper bounds (s) of
+  // the request latency histogram (ServerMetrics' buckets).
+  Frontend(FrontendOptions opts, std::vector<double> latency_bounds);
+  ~Frontend();
+  Frontend(const Frontend&) = delete;
+  Frontend& operator=(const Frontend&) = delete;
+  int port() const;
+  // Runs the event loop on the calling thread until stop().
+  void serve();
+  void stop();
+  // Replaces the routing table (one atomic swap); in-flight requests keep the versions they hold.
+  void set_routes(std::shared_ptr<const Routes> routes);
+  // true while the version `key` may still be used by a native request: it is routed, or a request
+  // that may hold it has not finished. Python closes a retired Session only when this is false.
+  bool version_busy(int64_t key) const;
+  // The token table (empty: no tokens, every request allowed). Buckets live here, shared with
+  // Python's TokenTable through take_token.
+  void set_tokens(std::vector<TokenEntry> tokens, bool enabled);
+  // Takes one request from the bucket of the token with this digest: 0 when allowed, else the
+  // seconds to wait (auth.py's TokenBucket.take).
+  double take_token(const std::string& digest);
+  // SIGTERM: new hot requests are forwarded (Python answers 503 "draining"); requests whose head
+  // arrived before keep running natively.
+  void set_draining(bool on);
+  int64_t inflight() const;  // native requests started and not answered (bodies still arriving included)
+  std::vector<FrontendCount> counts() const;
+  std::vector<FrontendLatency> latency() const;
+  std::vector<FrontendError> take_errors();
+  uint64_t native_answers() const;
+  uint64_t forwarded() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// false when the front end was compiled out (no OpenSSL libcrypto at build time).
+bool frontend_available();
+
+// Writes a float32 as orjson does (ryu's shortest digits and layout; NaN/inf as null), so native
+// JSON answers are byte for byte the Python path's.
+void append_f32_json(std::string& out, float v);
 
 }  // namespace aimass::serve

@@ -163,6 +163,13 @@ std::shared_ptr<Request> Batcher::submit(std::vector<const void*> inputs, std::v
   return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, notify, run_inline, false, seq);
 }
 
+std::shared_ptr<Request> Batcher::submit_then(std::vector<const void*> inputs, std::vector<void*> outputs,
+                                              int64_t rows, int priority, int64_t timeout_us,
+                                              std::function<void(uint64_t)> on_done) {
+  return enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, false, false, 0, false,
+                 &on_done);
+}
+
 void Batcher::run(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows, int priority,
                   int64_t timeout_us, int64_t seq) {
   enqueue(std::move(inputs), std::move(outputs), rows, priority, timeout_us, false, true, true, seq)->wait();
@@ -178,7 +185,8 @@ bool Batcher::try_run_inline(std::vector<const void*> inputs, std::vector<void*>
 
 std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::vector<void*> outputs, int64_t rows,
                                           int priority, int64_t timeout_us, bool notify, bool run_inline,
-                                          bool blocking, int64_t seq, bool inline_only) {
+                                          bool blocking, int64_t seq, bool inline_only,
+                                          std::function<void(uint64_t)>* on_done) {
   const Model& m = executor_->model();
   AIMASS_CHECK(inputs.size() == m.inputs().size(), ValueError, "submit: got ", inputs.size(),
                " inputs, the model takes ", m.inputs().size());
@@ -200,6 +208,7 @@ std::shared_ptr<Request> Batcher::enqueue(std::vector<const void*> inputs, std::
   r->priority_ = priority;
   r->notify_ = notify;
   r->blocking_ = blocking;
+  if (on_done) r->on_done_ = std::move(*on_done);
   r->enqueued_ = Clock::now();
   if (timeout_us >= 0) {
     r->has_deadline_ = true;
@@ -285,6 +294,7 @@ void Batcher::finish(Request& r, Outcome o, std::exception_ptr err) {
     count(o);
   }
   publish(r, o, std::move(err));
+  if (r.on_done_) r.on_done_(r.id_);
   if (r.notify_) {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -516,6 +526,8 @@ void Batcher::run_batch(std::vector<std::shared_ptr<Request>>& batch) {
   if (first_blocking) first_blocking->cv_.notify_all();
   for (size_t j = 0; j < batch.size(); ++j)
     if (!batch[j]->blocking_) publish(*batch[j], errs[j] ? Outcome::Error : Outcome::Ok, errs[j]);
+  for (const auto& r : batch)  // submit_then's hooks, after every outcome is set
+    if (r->on_done_) r->on_done_(r->id_);
   if (any_notify) {  // futures: report after every outcome is set
     {
       std::lock_guard<std::mutex> lk(mu_);

@@ -27,6 +27,7 @@
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
 #include "runtime/json.h"
+#include "serve/wire.h"
 
 namespace aimass::serve {
 namespace rt = aimass::runtime;
@@ -39,37 +40,8 @@ struct HttpError {
   std::string message;
 };
 
-const char* reason(int status) {
-  switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 413: return "Content Too Large";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Error";
-  }
-}
-
-void json_escape(std::string& out, std::string_view s) {
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c >= 0x7f) {  // keep the body ASCII whatever bytes a request held
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-}
+using wire::json_escape;
+using wire::reason;
 
 void append_number(std::string& out, double v) {
   if (std::isnan(v)) {
@@ -397,20 +369,7 @@ struct FloorServer::Impl {
   // ---------------------------------------------------------------- routing + responses
   void respond(Conn& c, int status, std::string_view ctype, std::string_view extra, std::string_view body,
                bool keep_alive) {
-    std::string& o = c.out;
-    o += "HTTP/1.1 ";
-    o += std::to_string(status);
-    o += ' ';
-    o += reason(status);
-    o += "\r\ncontent-type: ";
-    o += ctype;
-    o += "\r\ncontent-length: ";
-    o += std::to_string(body.size());
-    o += "\r\n";
-    o += extra;
-    if (!keep_alive) o += "connection: close\r\n";
-    o += "\r\n";
-    o += body;
+    wire::respond(c.out, status, ctype, extra, body, keep_alive);
     if (!keep_alive) c.close_after = true;
     responses.fetch_add(1, std::memory_order_relaxed);
   }
@@ -636,24 +595,7 @@ FloorServer::FloorServer(const std::string& model_path, FloorOptions opts) : imp
   s.exec = std::make_shared<rt::Executor>(s.model, eo);
   s.batcher = std::make_unique<rt::Batcher>(s.exec, rt::BatcherOptions{opts.max_batch_size, opts.max_queue_delay_us,
                                                                        opts.queue_capacity});
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
-  int rc = ::getaddrinfo(opts.host.c_str(), std::to_string(opts.port).c_str(), &hints, &res);
-  AIMASS_CHECK(rc == 0 && res, ValueError, "FloorServer: host '", opts.host, "' is not a numeric address");
-  s.listen_fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  int one = 1;
-  if (s.listen_fd >= 0) ::setsockopt(s.listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  bool ok = s.listen_fd >= 0 && ::bind(s.listen_fd, res->ai_addr, res->ai_addrlen) == 0 && ::listen(s.listen_fd, 512) == 0;
-  int err = errno;
-  ::freeaddrinfo(res);
-  AIMASS_CHECK(ok, IOError, "FloorServer: cannot listen on ", opts.host, ":", opts.port, ": ", std::strerror(err));
-  sockaddr_storage addr{};
-  socklen_t alen = sizeof addr;
-  ::getsockname(s.listen_fd, reinterpret_cast<sockaddr*>(&addr), &alen);
-  s.port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
-                                            : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  s.listen_fd = wire::listen_on(opts.host, opts.port, 512, "FloorServer", s.port);
   s.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
   s.event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   s.done_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -74,6 +74,13 @@ bool HttpRequest::has_header(std::string_view name) const {
   return false;
 }
 
+size_t request_head_length(const char* data, size_t len) {
+  size_t skip = 0;
+  while (skip < len && (data[skip] == '\r' || data[skip] == '\n') && skip < 4) ++skip;
+  size_t end = head_end(data + skip, len - skip);
+  return end == std::string_view::npos ? 0 : skip + end;
+}
+
 ParseResult parse_request(const char* data, size_t len, const HttpLimits& limits, HttpRequest& out) {
   // RFC 9112 2.2: ignore empty lines before the request line (left over after a previous body)
   size_t skip = 0;
@@ -155,7 +162,7 @@ ParseResult parse_request(const char* data, size_t len, const HttpLimits& limits
     }
   }
   if (content_length > limits.max_body_bytes)
-    return fail(413, "request body of " + std::to_string(content_length) + " bytes is over the limit of " +
+    return fail(413, "request body of " + std::to_string(content_length) + " bytes is over the server's limit of " +
                          std::to_string(limits.max_body_bytes) + " bytes");
   size_t body_len = content_length < 0 ? 0 : static_cast<size_t>(content_length);
   if (n - end < body_len) return {};  // the body is still arriving

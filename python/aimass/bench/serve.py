@@ -80,6 +80,7 @@ BARE_MODEL = "bare uvicorn ASGI app + Session.run (no aimass serve code)"
 TINY = "aimass serve v2 binary, tiny model"
 NATIVE = "native C++ front end + Batcher, v2 binary (no Python)"
 NATIVE_JSON = "native C++ front end + Batcher, /predict JSON (no Python)"
+NATIVE_SERVE = "aimass serve --http native"   # the server mode: C++ front end, uvicorn behind it
 PACED_GAP_US = 200.0
 
 
@@ -175,6 +176,20 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
                     targets.append((label, port, req, proc.pid))
             if want("tiny"):
                 floor.append((TINY, port, _v2_binary("tiny", x), proc.pid))
+        if any(want(w) for w in ("native-predict", "native-v2json", "native-v2bin", "native-tfserving")):
+            # aimass serve --http native: the C++ front end answers these, uvicorn stays behind it
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
+                                     "--port", str(port), "--log-level", "warning", "--http", "native", *serve_args],
+                                    env=env)
+            procs.append(proc)
+            wait_http(port, "/v2/health/ready", proc)
+            for what, label, req in (("native-predict", NATIVE_SERVE + " /predict", predict),
+                                     ("native-v2json", NATIVE_SERVE + " v2 JSON", v2_json),
+                                     ("native-v2bin", NATIVE_SERVE + " v2 binary", v2_bin),
+                                     ("native-tfserving", NATIVE_SERVE + " TF-Serving :predict", tf_row)):
+                if want(what):
+                    targets.append((label, port, req, proc.pid))
         if want("bare"):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)], env=env)
@@ -278,7 +293,8 @@ def run(report: Report, quick: bool = False, progress=None) -> dict:
                        baseline="Flask /predict (torch)" if f else None,
                        baseline_value=f["p99_us"] * 1e-6 if f else None)
     for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
-                  "aimass serve TF-Serving :predict"):
+                  "aimass serve TF-Serving :predict", NATIVE_SERVE + " /predict", NATIVE_SERVE + " v2 JSON",
+                  NATIVE_SERVE + " v2 binary", NATIVE_SERVE + " TF-Serving :predict"):
         if 1 in runs.get(label, {}):
             over = (runs[label][1]["p50_us"] - res["session_p50_us"]) * 1e-6
             report.add(SUITE, f"HTTP overhead per request ({label} p50 - Session.run p50), 1 connection", over, "s",

@@ -63,7 +63,8 @@ class Server:
                                queue_capacity=c.queue_capacity, num_threads=c.num_threads)
         self.manager = ModelManager(registry, session_factory, c.poll_interval_s)
         self.metrics = ServerMetrics(self.manager, self)
-        self.draining = False
+        self.native = None          # aimass.serve.native.NativeFront with --http native
+        self._draining = False
         self.inflight = 0
         # open HTTP connections, when the ASGI server tells (cli.make_uvicorn_server): with one, no other
         # request can be waiting unread, so a lone request runs inline without first yielding to the loop
@@ -72,6 +73,20 @@ class Server:
         # woken); kept by _cheap from the compute histogram, read by hot.handle before the body
         self.wake_poll_us: dict = {}
         self.started = time.time()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, on: bool) -> None:
+        self._draining = on
+        if self.native is not None:
+            self.native.set_draining(on)   # new hot requests reach Python, which answers 503
+
+    def total_inflight(self) -> int:
+        """Inference requests in flight here and in the native front end (SIGTERM drain waits for both)."""
+        return self.inflight + (self.native.inflight if self.native is not None else 0)
 
     def is_ready(self) -> bool:
         return self.manager.ready and not self.draining
@@ -194,8 +209,12 @@ class Server:
                              "batches": s["batches"] if s else 0})
             models.append({"name": name, "default": st.default, "labels": st.labels, "versions": vers,
                            "state": "READY" if st.default is not None else "UNAVAILABLE", "reason": st.reason})
-        return {"ready": self.is_ready(), "draining": self.draining, "inflight": self.inflight, "uptime_s": time.time() - self.started,
+        if self.native is not None:
+            self.native.drain_errors()
+        return {"ready": self.is_ready(), "draining": self.draining, "inflight": self.total_inflight(), "uptime_s": time.time() - self.started,
                 "switches": self.manager.switches, "models": models, "errors": list(RECENT)[-20:],
+                **({"native": {"answers": self.native.f.native_answers, "forwarded": self.native.f.forwarded}}
+                   if self.native is not None else {}),
                 **self.metrics.summary()}
 
 
@@ -339,6 +358,8 @@ def create_app(srv: Server):
         try:
             yield
         finally:
+            if srv.native is not None:
+                await asyncio.to_thread(srv.native.stop)   # no native request starts after this
             await M.stop()
 
     async def http_error(request, exc):   # unknown paths and methods answer JSON like every other error

@@ -44,7 +44,7 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
         def handle_exit(self, sig, frame):
             if sig == signal.SIGTERM and not srv.draining:
                 srv.draining = True   # /v2/health/ready -> 503 from now on
-                log.info('{"event": "drain", "inflight": %d}', srv.inflight)
+                log.info('{"event": "drain", "inflight": %d}', _inflight(srv))
                 asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
                 return
             if sig == signal.SIGTERM:
@@ -53,10 +53,10 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
 
         async def _drain(self):
             end = time.monotonic() + drain_timeout_s
-            while srv.inflight > 0 and time.monotonic() < end:
+            while _inflight(srv) > 0 and time.monotonic() < end:
                 await asyncio.sleep(0.01)
-            if srv.inflight:
-                log.warning('{"event": "drain_timeout", "inflight": %d}', srv.inflight)
+            if _inflight(srv):
+                log.warning('{"event": "drain_timeout", "inflight": %d}', _inflight(srv))
             self.should_exit = True
 
     loop = "uvloop" if _has("uvloop") else "asyncio"
@@ -75,6 +75,12 @@ def make_uvicorn_server(app, srv, host: str, port: int, drain_timeout_s: float =
     server = _Server(cfg)
     srv.open_connections = lambda: len(server.server_state.connections)
     return server
+
+
+def _inflight(srv) -> int:
+    """In-flight inference requests: Server.total_inflight() (the native front end's too), else .inflight."""
+    total = getattr(srv, "total_inflight", None)
+    return total() if total is not None else srv.inflight
 
 
 class _OneWriteTransport:
@@ -157,8 +163,43 @@ def _cmd_serve(args) -> int:
                       num_threads=args.threads, poll_interval_s=args.poll_interval, default_model=args.default_model,
                       deadline_ms=args.deadline_ms)
     srv = Server(registry, cfg, tokens)
+    if args.http == "native":
+        return _serve_native(args, srv, create_app)
     server = make_uvicorn_server(create_app(srv), srv, args.host, args.port, args.drain_timeout)
     server.run()
+    if not server.started:
+        return 1
+    return 0
+
+
+def _serve_native(args, srv, create_app) -> int:
+    """--http native: the C++ front end on --host/--port, uvicorn on a private loopback port behind it."""
+    import socket
+
+    from .native import NativeFront, unavailable
+
+    why = unavailable()
+    if why:
+        print(f"aimass serve: --http native: {why}", file=sys.stderr)
+        return 2
+    private = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    private.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    private.bind(("127.0.0.1", 0))
+    private.listen(2048)     # connections the front end opens before uvicorn runs wait in the backlog
+    try:
+        front = NativeFront(srv, args.host, args.port, private.getsockname()[1], args.max_connections,
+                            args.idle_timeout)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"aimass serve: {exc}", file=sys.stderr)
+        return 1
+    # the front end keeps its upstream connections open: uvicorn must not time them out under it
+    server = make_uvicorn_server(create_app(srv), srv, "127.0.0.1", 0, args.drain_timeout,
+                                 timeout_keep_alive=24 * 3600)
+    front.start()
+    try:
+        server.run(sockets=[private])
+    finally:
+        front.stop()
     if not server.started:
         return 1
     return 0
@@ -197,6 +238,13 @@ def add_cli(sub) -> None:
     p.add_argument("--default-model", default=None, help="model of POST /predict (default: first by name)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MiB; 413)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: longest wait for in-flight requests")
+    p.add_argument("--http", default="uvicorn", choices=["uvicorn", "native"],
+                   help="uvicorn: the ASGI app answers every request; native: a C++ front end answers successful "
+                   "inference requests and forwards the rest to the app (docs/serving.md)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="--http native: open client connections before new ones are closed (default 1024)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="--http native: seconds a connection may sit with no request in progress (default 5)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
     t = sub.add_parser("serve-token", help="make a random API token and print its tokens.yml entry")

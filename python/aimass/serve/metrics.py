@@ -41,6 +41,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._counts: Dict[tuple, int] = {}         # (model, version, protocol, code) -> requests
         self._latency: Dict[tuple, list] = {}       # (model, version) -> per-bucket counts + [sum]
+        self.native = None      # aimass.serve.native.NativeFront: its own counts, added at scrape time
         self.registry.register(_RequestCollector(self))
         self.registry.register(_SessionCollector(manager, server_state))
 
@@ -55,13 +56,29 @@ class ServerMetrics:
             h[bisect_left(LATENCY_BUCKETS, seconds)] += 1     # le: a value on a bound counts in it
             h[-1] += seconds
 
+    def merged(self):
+        """(counts, latency) as _counts and _latency, with the native front end's added."""
+        counts, latency = dict(self._counts), {k: list(v) for k, v in list(self._latency.items())}
+        if self.native is not None:
+            for key, n in self.native.counts():
+                counts[key] = counts.get(key, 0) + n
+            for key, buckets, total in self.native.latency():
+                h = latency.get(key)
+                if h is None:
+                    h = latency[key] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+                for i, c in enumerate(buckets):
+                    h[i] += c
+                h[-1] += total
+        return counts, latency
+
     def summary(self) -> dict:
         """Counts by (model, version, protocol, code) and the overall latency histogram, for the dashboard."""
+        all_counts, all_latency = self.merged()
         reqs: List[dict] = [{"model": m, "version": _label(v), "protocol": p, "code": str(c), "count": n}
-                            for (m, v, p, c), n in sorted(self._counts.items(), key=lambda kv: str(kv[0]))]
+                            for (m, v, p, c), n in sorted(all_counts.items(), key=lambda kv: str(kv[0]))]
         counts = [0] * (len(LATENCY_BUCKETS) + 1)
         total = 0.0
-        for h in list(self._latency.values()):
+        for h in list(all_latency.values()):
             for i, c in enumerate(h[:-1]):
                 counts[i] += c
             total += h[-1]
@@ -75,11 +92,12 @@ class _RequestCollector:
     def collect(self):
         reqs = CounterMetricFamily("aimass_requests", "HTTP inference requests by model, version, protocol and "
                                    "status code", labels=["model", "version", "protocol", "code"])
-        for (m, v, p, c), n in list(self.m._counts.items()):
+        all_counts, all_latency = self.m.merged()
+        for (m, v, p, c), n in all_counts.items():
             reqs.add_metric([m, _label(v), p, str(c)], n)
         lat = HistogramMetricFamily("aimass_request_latency_seconds", "End-to-end server time of inference "
                                     "requests (body read to response), successful ones", labels=["model", "version"])
-        for (m, v), h in list(self.m._latency.items()):
+        for (m, v), h in all_latency.items():
             acc, buckets = 0, []
             for b, c in zip(LATENCY_BUCKETS, h):
                 acc += c

@@ -62,6 +62,11 @@ class ModelManager:
         self._closing: List[asyncio.Future] = []
         self.ready = False
         self.switches = 0
+        # --http native (aimass.serve.native): called after every change of the loaded versions, so the
+        # front end routes by the new table; and native_busy(lv) says whether a native request may
+        # still hold a retired version, whose Session then closes a little later
+        self.on_change = None
+        self.native_busy = None
 
     # -- life cycle
     async def start(self) -> None:
@@ -80,6 +85,7 @@ class ModelManager:
                 await self._poller
             except (asyncio.CancelledError, Exception):
                 pass
+        self.native_busy = None     # the front end has stopped before this (native.NativeFront.stop)
         for st in self.models.values():
             for lv in list(st.versions.values()):
                 self._retire(lv)
@@ -149,8 +155,10 @@ class ModelManager:
                 await self._sync_model(st, entry)
             for name in [n for n in self.models if n not in seen and (only is None or n == only)]:
                 st = self.models.pop(name)       # deleted from the store
+                self._changed()
                 for lv in st.versions.values():
                     self._retire(lv)
+            self._changed()
 
     async def _sync_model(self, st: ModelState, entry: dict) -> None:
         labels = {k: int(v) for k, v in (entry.get("labels") or {}).items()}
@@ -186,6 +194,7 @@ class ModelManager:
         st.versions, st.default = keep, default
         st.labels = {k: v for k, v in labels.items() if v in keep}
         st.reason = "; ".join(failed)
+        self._changed()
         for lv in old:
             self._retire(lv)
 
@@ -214,9 +223,15 @@ class ModelManager:
             if st is None:
                 raise ServeError(404, f"unknown model '{name}'")
             st.unloaded, st.reason = True, "unloaded by the repository API"
-            for lv in st.versions.values():
-                self._retire(lv)
+            old = list(st.versions.values())
             st.versions, st.default, st.labels = {}, None, {}
+            self._changed()
+            for lv in old:
+                self._retire(lv)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- retiring
     def _retire(self, lv: LoadedVersion) -> None:
@@ -226,9 +241,25 @@ class ModelManager:
         if lv.inflight == 0:
             self._close(lv)
 
+    def _retry_close(self, lv: LoadedVersion) -> None:
+        lv.__dict__["_close_pending"] = False
+        if lv.inflight == 0:
+            self._close(lv)
+
     def _close(self, lv: LoadedVersion) -> None:
         if lv.closed:
             return
+        if self.native_busy is not None and self.native_busy(lv):
+            # a request of the native front end may still hold it: look again shortly
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                if not lv.__dict__.get("_close_pending"):
+                    lv.__dict__["_close_pending"] = True
+                    loop.call_later(0.005, self._retry_close, lv)
+                return
         lv.closed = True
         log.info('{"event": "close", "model": "%s", "version": %d}', lv.name, lv.version)
         try:
@@ -239,3 +270,4 @@ class ModelManager:
         fut = loop.run_in_executor(None, lv.session.close)
         self._closing.append(fut)
         fut.add_done_callback(lambda f: self._closing.remove(f))
+
