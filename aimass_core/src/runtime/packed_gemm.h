@@ -78,7 +78,8 @@ void gemv_walk_avx512(const float* x, int64_t K, const float* wp, const float* b
 using GemvWalkFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, bool, float*);
 GemvWalkFn gemv_walk_kernel();  // the one of the engine's SIMD level
 
-// Dispatches on simd_level() and splits the panels over the engine's thread pool.
+// Dispatches on simd_level() and splits the panels (or, where row_split(), the row tiles) over
+// the engine's thread pool.
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y);
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
