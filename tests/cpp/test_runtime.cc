@@ -268,6 +268,7 @@ TEST(RuntimeGemv, ScalarAndAvx2MatchReference) {
 #include "aimass/blas.h"
 #include "runtime/ops.h"
 #include "runtime/packed_gemm.h"
+#include "aimass/parallel.h"
 
 // The packed small-M kernel at odd shapes (tails in M, N and K): scalar reference,
 // AVX2, AVX-512 and the dispatched + threaded entry against a double reference and sgemm.
@@ -463,6 +464,51 @@ TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
 // The blocked paths (K past kKc, N past a kNb block, M past one M block) and the fused
 // epilogues (ReLU / GELU erf / GELU tanh, then + residual) at every SIMD level against a
 // double reference, and the threaded ops::linear entry with a residual (packed and sgemm).
+// Many rows on 2+ threads split into row tiles over every panel (packed::row_split at AVX-512,
+// panels otherwise): each chunk's rows, residual rows and outputs offset together. Every thread
+// count against a double reference (the chunks change the K blocking of a lone panel, so the
+// sums agree to rounding, not bits).
+TEST(RuntimePackedGemm, ThreadSplitsMatchReference) {
+  namespace pk = aimass::runtime::packed;
+  namespace ops = aimass::runtime::ops;
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const int old_threads = aimass::num_threads();
+  struct Shape { int64_t M, N, K; };
+  for (Shape sh : {Shape{613, 100, 520}, Shape{530, 70, 1024}, Shape{1024, 40, 768}, Shape{700, 33, 300}}) {
+    const int64_t M = sh.M, N = sh.N, K = sh.K;
+    std::vector<float> x(M * K), w(N * K), bias(N), res(M * N), y(M * N);
+    for (auto& v : x) v = d(rng);
+    for (auto& v : w) v = d(rng) / std::sqrt(float(K));
+    for (auto& v : bias) v = d(rng);
+    for (auto& v : res) v = d(rng);
+    ops::PackedLinear P(w.data(), bias.data(), N, K);
+    std::vector<double> ref(M * N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double r = bias[n];
+        for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
+        ref[m * N + n] = 0.5 * r * (1 + std::erf(r / std::sqrt(2.0))) + res[m * N + n];
+      }
+    const pk::Epilogue ep{pk::kEpiGelu, res.data(), N};
+    for (int t : {1, 2, 3}) {
+      aimass::set_num_threads(t);
+      std::fill(y.begin(), y.end(), -7.f);
+      pk::linear(x.data(), M, K, P.w, P.b, N, ep, y.data());
+      for (int64_t i = 0; i < M * N; ++i)
+        ASSERT_NEAR(y[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
+            << "packed::linear threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+      // ops::linear: packed or sgemm (K % 512 == 0), GELU then the residual in its epilogue
+      std::fill(y.begin(), y.end(), -7.f);
+      ops::linear(x.data(), M, K, w.data(), N, bias.data(), ops::Act::Gelu, y.data(), &P, res.data());
+      for (int64_t i = 0; i < M * N; ++i)
+        ASSERT_NEAR(y[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
+            << "ops::linear threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+    }
+  }
+  aimass::set_num_threads(old_threads);
+}
+
 TEST(RuntimePackedGemm, BlockedShapesAndFusedEpilogues) {
   namespace pk = aimass::runtime::packed;
   namespace ops = aimass::runtime::ops;

@@ -90,6 +90,14 @@ bool linear_rows_outer(int64_t M, int64_t K) {
   return row_tiles_outer(M, K, simd_level() >= SimdLevel::AVX512 ? 12 : 6);
 }
 
+bool row_split(int64_t M, int64_t K) {
+  static const bool on = [] {
+    const char* e = std::getenv("AIMASS_PACKED_ROW_SPLIT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on && M >= kRowSplitMinRows && K >= kRowSplitMinK && linear_rows_outer(M, K);
+}
+
 int64_t pick_mc(int64_t M, int64_t ncols) {
   // The y block (mc x ncols partial sums, re-read once per K block) stays within ~512 KB of
   // L2, next to the x block (mc x kKc, as large at ncols = 256).
@@ -150,6 +158,21 @@ void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* 
             const Epilogue& ep, float* y) {
   const PanelsExFn kernel = panels_ex_kernel();
   const int64_t P = num_panels(N);
+  const int64_t nt = num_threads();
+  if (nt > 1 && row_split(M, K)) {
+    // Each chunk takes whole 12-row tiles over every panel (sgemm's split): the panel split
+    // left every chunk an N block of 8 panels and a lone one (72 / 8 chunks = 9 panels).
+    const int64_t tiles = (M + 11) / 12;
+    const int nchunks = static_cast<int>(std::min<int64_t>(tiles, 4 * nt));
+    parallel_chunks(nchunks, [&](int c, int nc) {
+      const int64_t r0 = std::min(M, tiles * c / nc * 12), r1 = std::min(M, tiles * (c + 1) / nc * 12);
+      if (r1 <= r0) return;
+      Epilogue e = ep;
+      if (e.res) e.res += r0 * e.ldr;
+      kernel(x + r0 * K, r1 - r0, K, wp, bias_p, 0, P, N, e, y + r0 * N);
+    });
+    return;
+  }
   // Chunks of >= ~256K multiply-adds amortize a pool wake-up; more chunks than threads
   // let the caller take over the work of a worker that the OS has not scheduled yet.
   const int64_t per_panel = std::max<int64_t>(1, M * K * kPanel);

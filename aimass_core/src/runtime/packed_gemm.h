@@ -97,7 +97,8 @@ using GemvWalkGemmFn = void (*)(const float*, int64_t, const float*, const float
 // The AVX-512 kernel, or null below AVX-512 (the caller then runs the walk and the GEMM apart).
 GemvWalkGemmFn gemv_walk_gemm_kernel();
 
-// Dispatches on simd_level() and splits the panels over the engine's thread pool.
+// Dispatches on simd_level() and splits the panels (or, where row_split(), the row tiles) over
+// the engine's thread pool.
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N, bool relu,
             float* y);
 void linear(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t N,
@@ -114,6 +115,14 @@ constexpr int64_t kKcRows = 384;
 // AIMASS_PACKED_ROWS_OUTER=0 keeps panels outer everywhere (the old kernel, for A/B runs).
 bool row_tiles_outer(int64_t M, int64_t K, int mr);
 bool linear_rows_outer(int64_t M, int64_t K);  // the same for the kernel linear() dispatches to
+
+// Whether linear() on 2+ threads splits rows (whole row tiles over every panel) rather than
+// panels: at row tiles outer with >= kRowSplitMinRows rows and K >= kRowSplitMinK. Measured at
+// BERT-base batch 8 (1024 rows, K = 768, 2 threads, CPU time per call on a loaded 2-vCPU EPYC VM):
+// q+k+v 37.8 -> 36.6 ms, f1 51.2 -> 48.3 ms. AIMASS_PACKED_ROW_SPLIT=0 splits panels (A/B runs).
+constexpr int64_t kRowSplitMinRows = 512;
+constexpr int64_t kRowSplitMinK = 512;
+bool row_split(int64_t M, int64_t K);
 
 // Rows per M block for `ncols` outputs: the block's partial sums (mc x ncols floats) stay
 // within ~L2 (a multiple of 24, so 12-row and 6-row tiles divide it).
