@@ -186,7 +186,7 @@ def test_sizes_around_the_slot(ll):
         d.set_ll_max_bytes(-1)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_single_copy_broadcast_and_allgather(ll):
     """Broadcast and allgather of 16 KiB or more: the peers read the posting rank's array itself, so
     it must not return before they have; it overwrites its array at once to catch that."""
@@ -217,13 +217,13 @@ def test_single_copy_broadcast_and_allgather(ll):
         mine[:] = -1
         np.testing.assert_array_equal(got, np.concatenate(
             [data(nbytes, j, (count // 3 + j) * 3, "float32").reshape(-1, 3) for j in range(n)]))
-    # allgather runs in the caller's thread up to 64 MiB per rank (broadcast only to 4 MiB), and
-    # goes through the engine past that: both sides of the bound, uneven rows (cheap data: whole
-    # rows of a value per rank and row, so that every rank can build the reference)
+    # allgather runs in the caller's thread up to 1 GiB per rank (broadcast only to 4 MiB; past 64 MiB
+    # per rank since the caller's thread beat the engine there too): large and uneven rows (cheap data:
+    # whole rows of a value per rank and row, so that every rank can build the reference)
     def rows_of(j, rows):
         return (np.arange(rows, dtype=np.float32)[:, None] % 1021 + np.float32(j * 2048)
                 + np.arange(3, dtype=np.float32) / 4)
-    for nbytes in ((9 << 20) + 44, (64 << 20) - 12, (64 << 20) + 24):
+    for nbytes in ((9 << 20) + 44, (64 << 20) - 12, (64 << 20) + 24, (96 << 20) + 36):
         count = nbytes // 4
         mine = rows_of(r, count // 3 + r)
         before = d.stats()["ll_collectives"]
@@ -236,8 +236,7 @@ def test_single_copy_broadcast_and_allgather(ll):
             np.testing.assert_array_equal(got[at:at + k], rows_of(j, k))
             at += k
         assert at == got.shape[0]
-        # the row-count skew puts the last rank's payload past the bound on the largest size
-        assert fast in (0, 1)
+        assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
         del got
     d.barrier(name="ll.cma.end")
 

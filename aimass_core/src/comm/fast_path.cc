@@ -166,9 +166,11 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // result array cost more in page faults than the engine's recycled blocks saved; since the lean
 // lane's results come from the same recycled blocks (huge pages from 4 MiB, bind_comm.cc), the
 // caller's thread won there too (2 ranks, loaded VM, same run: 64 MiB gathered 23 ms against 42 ms
-// through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms).
+// through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms). Past 64 MiB per rank as well
+// (loaded, same run, median of 5 rounds: 256 MiB gathered 81 ms against 130 ms through the engine and
+// 93 ms for mpi4py, 512 MiB 143 / 257 / 147 ms): up to 1 GiB per rank, as the allreduce.
 constexpr size_t kByAddressMaxBroadcastBytes = size_t(4) << 20;
-constexpr size_t kByAddressMaxAllgatherBytes = size_t(64) << 20;
+constexpr size_t kByAddressMaxAllgatherBytes = size_t(1) << 30;
 // Allreduces of more than this many bytes take the single-copy push (up to ll_push_max) even when
 // the slot would hold them (see fast()).
 constexpr size_t kPushMinBytes = size_t(256) << 10;
