@@ -301,7 +301,7 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
     return false;
   }
   // from now on the peers write this rank's output (the push; the staged allreduce writes its own)
-  c.peers_may_write = push && !ll->agree_staged(nbytes);
+  c.peers_may_write = push && !ll->agree_staged();
   try {
     fast_data(c, nbytes, deadline, push);
   } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either

@@ -97,8 +97,7 @@ int64_t LLChannel::stage_vote(size_t bytes) const {
   return st <= pu ? kVoteStaged : kVotePush;
 }
 
-bool LLChannel::agree_staged(size_t bytes) {
-  (void)bytes;
+bool LLChannel::agree_staged() {
   bool never = false, always = false, push = false;
   for (int j = 0; j < size_; ++j) {
     const int64_t v = rows(j);

@@ -40,8 +40,7 @@ size_t LLChannel::stage_offset(int size, size_t slot_bytes) {
 // slice per rank and step, so a step's staged, reduced and gathered data stay in the 1 MiB L2 of a
 // core), smaller with many ranks so the area ((size + 1) x 4 chunks) stays within 16 MiB.
 size_t LLChannel::stage_chunk(int size) {
-  size_t c = size_t(512) << 10;
-  if (const char* v = std::getenv("AIMASS_LL_STAGE_CHUNK")) c = static_cast<size_t>(std::atoll(v));  // (experiment)
+  const size_t c = size_t(512) << 10;
   const size_t cap = (size_t(16) << 20) / (static_cast<size_t>(size + 1) * ShmAllreduce::kDepth);
   return std::max<size_t>(64u << 10, std::min(c, cap) / 4096 * 4096);
 }

@@ -220,7 +220,7 @@ class LLChannel {
   // any rank prefers it, and every kExplore-th call the other one, so a preference can change.
   // AIMASS_LL_STAGED=0 / 1 (on any rank): always push / always staged; unset or "auto": as above.
   int64_t stage_vote(size_t bytes) const;
-  bool agree_staged(size_t bytes);  // after a completed exchange; also what large_allreduce() runs
+  bool agree_staged();  // after a completed exchange; also what large_allreduce() runs
   bool staged_now() const { return staged_now_; }
   // The allreduce agree_staged() chose, timed for the vote.
   void large_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
