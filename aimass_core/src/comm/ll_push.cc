@@ -71,7 +71,8 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
 
 void LLChannel::stage_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
                                 double deadline_s) {
-  AIMASS_CHECK(stage_ != nullptr, DistributedError, "aimass.dist: staged allreduce without a staging area (internal error)");
+  AIMASS_CHECK(stage_ != nullptr, DistributedError,
+               "aimass.dist: staged allreduce without a staging area (internal error)");
   stage_->set_timeout(deadline_s);
   const std::vector<ShmSegment> segs{{static_cast<const char*>(in), static_cast<char*>(out), count, average}};
   stage_->run(segs, count, dtype, op, size_, {});
@@ -85,6 +86,7 @@ int size_class(size_t bytes, int classes) {
 }
 // votes posted as the exchange's `rows`
 constexpr int64_t kVoteStaged = 0, kVotePush = 1, kVoteNever = 2, kVoteAlways = 3;
+constexpr double kStageMargin = 1.25;
 }  // namespace
 
 int64_t LLChannel::stage_vote(size_t bytes) const {
@@ -94,7 +96,9 @@ int64_t LLChannel::stage_vote(size_t bytes) const {
   const double st = secs_per_byte_[1][c], pu = secs_per_byte_[0][c];
   if (st == 0) return kVoteStaged;  // not timed yet: staged first, then the push (below)
   if (pu == 0) return kVotePush;
-  return st <= pu ? kVoteStaged : kVotePush;
+  // staged only when clearly faster: a choice rests on few timings on a noisy machine, the way not
+  // chosen is timed again only when explored, and a stalled staged run costs more than a slow push
+  return st * kStageMargin < pu ? kVoteStaged : kVotePush;
 }
 
 bool LLChannel::agree_staged() {

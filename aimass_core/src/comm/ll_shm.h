@@ -215,10 +215,11 @@ class LLChannel {
   // oversubscribed by other jobs, the push won (staged 1.6-2.0 against 4.5-6.8): the staged
   // pipeline waits for every peer at every chunk, and a descheduled peer stalls it, while the push
   // lets whichever rank runs claim the pieces. So each rank times both per size class (powers of 2)
-  // and posts the one it prefers in the exchange (stage_vote(), as `rows`); agree_staged() combines
-  // the votes of the completed attempt (the same slots on every rank, so the same decision): push when
-  // any rank prefers it, and every kExplore-th call the other one, so a preference can change.
-  // AIMASS_LL_STAGED=0 / 1 (on any rank): always push / always staged; unset or "auto": as above.
+  // and posts the one it prefers (staged when 1.25x faster) in the exchange (stage_vote(), as
+  // `rows`); agree_staged() combines the votes of the completed attempt (the same slots on every
+  // rank, so the same decision): push when any rank prefers it, and every kExplore-th call the other
+  // one, so a preference can change. AIMASS_LL_STAGED=0 / 1 (any rank's 0 wins): always push /
+  // always staged; unset or "auto": as above. (The environment is read at start-up.)
   int64_t stage_vote(size_t bytes) const;
   bool agree_staged();  // after a completed exchange; also what large_allreduce() runs
   bool staged_now() const { return staged_now_; }
