@@ -253,8 +253,9 @@ T push_input(DType dtype, int r, int call, int64_t i) {
 // element, several pieces and a tail), in place and out of place alternately, with a slot
 // exchange in between (the claim counter's bases must stay in step across both); every rank must
 // hold the rank-order reduction's exact bits.
+// staged: the staged allreduce (LLChannel::stage_allreduce) instead of the push, after the same exchange.
 template <typename T>
-void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false) {
+void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false, bool staged = false) {
   // (pieces shrink below 4 per rank: these sizes cut 16, 32 and 96 KiB pieces at 2 ranks)
   const int64_t step = static_cast<int64_t>(LLChannel::kPushPiece / sizeof(T));
   std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, step + 1, 3 * step + 37};
@@ -279,7 +280,8 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
           if (ch.exchange(100 + c, in.data(), static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) !=
               Result::Complete)
             throw std::runtime_error("exchange fell back");
-          ch.push_allreduce(dtype, op, average, in.data(), o, n);
+          if (staged) ch.stage_allreduce(dtype, op, average, in.data(), o, n, 30.0);
+          else ch.push_allreduce(dtype, op, average, in.data(), o, n);
           ch.done();
           if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
           got[r].push_back(std::vector<T>(o, o + n));
@@ -308,7 +310,8 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
                               average, L);
     for (int r = 0; r < L; ++r)
       ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
-          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype);
+          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype)
+          << (staged ? " staged" : " push");
   }
 }
 
@@ -332,6 +335,62 @@ TEST(CommLL, PushAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
     push_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true);
     push_same_bits<int32_t>(L, DType::I32, ReduceOp::Sum, true);
   }
+}
+
+// The staged allreduce at 2-4 thread ranks: every dtype and op, odd sizes (less than a chunk, a
+// chunk's worth of pieces and one more element, many chunks around the staging rings and a tail), in
+// place and out of place, between slot exchanges: the rank-order reduction's exact bits on every rank.
+TEST(CommLL, StagedAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
+  for (int L : {2, 3, 4}) {
+    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max, ReduceOp::Product}) {
+      push_same_bits<float>(L, DType::F32, op, false, false, true);
+      push_same_bits<double>(L, DType::F64, op, false, false, true);
+      push_same_bits<uint16_t>(L, DType::F16, op, false, false, true);
+      push_same_bits<uint16_t>(L, DType::BF16, op, false, false, true);
+      push_same_bits<int8_t>(L, DType::I8, op, false, false, true);
+      push_same_bits<uint8_t>(L, DType::U8, op, false, false, true);
+      push_same_bits<int16_t>(L, DType::I16, op, false, false, true);
+      push_same_bits<int32_t>(L, DType::I32, op, false, false, true);
+      push_same_bits<int64_t>(L, DType::I64, op, false, false, true);
+      push_same_bits<uint8_t>(L, DType::Bool, op, false, false, true);
+    }
+    push_same_bits<float>(L, DType::F32, ReduceOp::Sum, true, true, true);
+    push_same_bits<double>(L, DType::F64, ReduceOp::Max, false, true, true);
+    push_same_bits<double>(L, DType::F64, ReduceOp::Sum, true, false, true);
+    push_same_bits<uint16_t>(L, DType::F16, ReduceOp::Sum, true, true, true);
+    push_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, false, true);
+    push_same_bits<int32_t>(L, DType::I32, ReduceOp::Sum, true, false, true);
+  }
+}
+
+// A peer that arrived but never stages (stopped): the other rank's staged allreduce raises
+// DistributedError at the deadline instead of hanging.
+TEST(CommLL, StagedAllreduceWithAStoppedPeerRaisesAtTheDeadline) {
+  const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece / 4) + 3;
+  const size_t bytes = LLChannel::segment_bytes(2, kSlot);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  {
+    LLChannel a(0, 2, mem, kSlot), b(1, 2, mem, kSlot);
+    a.allow_cma_for_tests();  // (the exchange posts the buffers by address, as the engine's does)
+    b.allow_cma_for_tests();
+    std::vector<float> xa(static_cast<size_t>(n), 1.0f), xb(static_cast<size_t>(n), 2.0f);
+    std::thread t([&] {
+      EXPECT_EQ(b.exchange(5, xb.data(), xb.size() * 4, 0, 10.0, true, xb.data()), Result::Complete);
+    });
+    const Result got = a.exchange(5, xa.data(), xa.size() * 4, 0, 10.0, true, xa.data());
+    t.join();
+    ASSERT_EQ(got, Result::Complete);
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_THROW(a.stage_allreduce(DType::F32, ReduceOp::Sum, false, xa.data(), xa.data(), n, 0.2),
+                 aimass::DistributedError);  // b never stages
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_GE(took, 0.2);  // it waited for the deadline (a behaviour bound, not a speed goal)
+    EXPECT_EQ(xb[0], 2.0f);  // nobody wrote b's buffer
+    a.done();
+    b.done();
+  }
+  std::free(mem);
 }
 
 // A peer that arrived but never runs its claims (stopped): the other rank claims every piece

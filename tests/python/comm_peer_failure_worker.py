@@ -26,6 +26,8 @@ if t["path"] == "mpi":
     os.environ["AIMASS_SHM"] = "0"
 elif t["path"] == "cma":  # single copy: the peers read each other's buffers (process_vm_readv)
     os.environ["AIMASS_COMM_ALGOS"] = "allreduce=0:cma"
+elif t["path"] == "llst":  # the caller-thread allreduce forced staged (shared-memory rings, no push)
+    os.environ["AIMASS_LL_STAGED"] = "1"
 import aimass  # noqa: E402
 import aimass.dist as dist  # noqa: E402
 
@@ -41,7 +43,7 @@ path = os.path.join(out_dir, f"pair{pair}.{'victim' if victim else 'survivor'}.j
 
 
 def step(i):
-    if t["path"] == "ll":  # blocking calls: the caller-thread low-latency channel (docs/comm.md)
+    if t["path"] in ("ll", "llst"):  # blocking calls: the caller-thread low-latency channel (docs/comm.md)
         for j, (x, w) in enumerate(zip(xs, want)):
             r = dist.allreduce(x, op="sum", name=f"t{i}.{j}")
             if r[0] != w or r[-1] != w:

@@ -65,6 +65,9 @@ def trials():
     # arrays; a rank returns only once its peer finished reading)
     base = [t for t in out if t["path"] == "shm" and not t["fused"]]
     out += [dict(t, path="ll") for t in base]
+    # "llst": the same blocking allreduces forced staged (AIMASS_LL_STAGED=1; above 256 KiB the channel
+    # otherwise picks staged or the push per call): a stopped or dead peer stops its counters
+    out += [dict(t, path="llst") for t in base if t["bytes"] >= 4 << 20]
     out += [dict(t, path="llag") for t in base if t["bytes"] <= 4 << 20]
     # "llbc": blocking broadcasts, eager (the root returns before its peer read the data; a dead or
     # stopped peer fails the root's later call within the deadline)

@@ -82,7 +82,7 @@ void CollectiveEngine::Impl::ll_init() {
     return;
   }
   // every rank must take the single-copy allreduce for the same sizes: the smallest bound wins
-  unsigned long long push_max = ll->push_available() ? opts.ll_push_max_bytes : 0;
+  unsigned long long push_max = ll->large_available() ? opts.ll_push_max_bytes : 0;
   MPI_Request req;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &push_max, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, mpi, &req),
             "MPI_Iallreduce(ll push)");
@@ -166,9 +166,11 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // result array cost more in page faults than the engine's recycled blocks saved; since the lean
 // lane's results come from the same recycled blocks (huge pages from 4 MiB, bind_comm.cc), the
 // caller's thread won there too (2 ranks, loaded VM, same run: 64 MiB gathered 23 ms against 42 ms
-// through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms).
+// through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms). Past 64 MiB per rank as well
+// (loaded, same run, median of 5 rounds: 256 MiB gathered 81 ms against 130 ms through the engine and
+// 93 ms for mpi4py, 512 MiB 143 / 257 / 147 ms): up to 1 GiB per rank, as the allreduce.
 constexpr size_t kByAddressMaxBroadcastBytes = size_t(4) << 20;
-constexpr size_t kByAddressMaxAllgatherBytes = size_t(64) << 20;
+constexpr size_t kByAddressMaxAllgatherBytes = size_t(1) << 30;
 // Allreduces of more than this many bytes take the single-copy push (up to ll_push_max) even when
 // the slot would hold them (see fast()).
 constexpr size_t kPushMinBytes = size_t(256) << 10;
@@ -254,12 +256,13 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
   // with both ranks on their own cores, the slot won: 256 KiB 0.038 against 0.049 ms).
   const bool push = c.kind == CollectiveKind::Allreduce && nbytes > std::min(ll->slot_bytes(), kPushMinBytes) &&
                     nbytes >= comm::LLChannel::kCmaMin && nbytes <= ll_push_max;
-  const bool by_address = push || ((c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&
-                                   ll->cma_available() && nbytes >= comm::LLChannel::kCmaMin);
-  const size_t by_address_max = push ? ll_push_max
-                                : c.kind == CollectiveKind::Allgather ? kByAddressMaxAllgatherBytes
-                                                                      : kByAddressMaxBroadcastBytes;
-  if (nbytes > (by_address ? by_address_max : ll->slot_bytes())) return false;
+  // (without the push, i.e. without process_vm_writev, large allreduces are all staged: nothing by address)
+  const bool by_address = (push && ll->push_available()) ||
+                          ((c.kind == CollectiveKind::Broadcast || c.kind == CollectiveKind::Allgather) &&
+                           ll->cma_available() && nbytes >= comm::LLChannel::kCmaMin);
+  const size_t by_address_max = c.kind == CollectiveKind::Allgather ? kByAddressMaxAllgatherBytes
+                                                                    : kByAddressMaxBroadcastBytes;
+  if (nbytes > (push ? ll_push_max : by_address ? by_address_max : ll->slot_bytes())) return false;
   if (n > 0 && (c.input == nullptr ||
                 ((c.kind == CollectiveKind::Allreduce || c.kind == CollectiveKind::Broadcast) && c.output == nullptr)))
     return false;
@@ -272,6 +275,9 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
       break;
     case CollectiveKind::Allgather: rows = c.ndim == 0 ? 1 : c.shape[0]; break;
     case CollectiveKind::Barrier: post_bytes = 0; break;
+    case CollectiveKind::Allreduce:
+      if (push && !by_address) post_bytes = 0;  // staged: the peers never read this rank's buffers
+      break;
     default: break;
   }
   std::unique_lock<std::mutex> fl(fast_mu, std::try_to_lock);
@@ -282,18 +288,20 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
     deadline = opts.timeout_s;
     fallback = opts.ll_fallback_s;
     // queued work first (and every error the engine path reports: broken, stopped, poisoned)
-    if (opts.ll_max_bytes == 0 || (!by_address && nbytes > opts.ll_max_bytes) || !inflight.empty() ||
+    if (opts.ll_max_bytes == 0 || (!by_address && !push && nbytes > opts.ll_max_bytes) || !inflight.empty() ||
         !incoming.empty() || !broken.empty() || waker->stalled.load(std::memory_order_relaxed) || stop_requested ||
         !running || (!poisoned.empty() && poisoned.count(std::string(c.name))))
       return false;
   }
+  if (push) rows = ll->stage_vote(nbytes);  // staged or push (ll_shm.h; under fast_mu: the timings are its)
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
   if (ll->exchange(hash, post, post_bytes, rows, fallback, by_address, push ? c.output : nullptr) !=
       comm::LLChannel::Result::Complete) {
     ll_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  c.peers_may_write = push;  // from now on the peers write this rank's output
+  // from now on the peers write this rank's output (the push; the staged allreduce writes its own)
+  c.peers_may_write = push && !ll->agree_staged();
   try {
     fast_data(c, nbytes, deadline, push);
   } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
@@ -329,8 +337,8 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
   };
   switch (c.kind) {
     case CollectiveKind::Allreduce:
-      if (push) {
-        ll->push_allreduce(c.dtype, op, c.op == ReduceOp::Average, c.input, c.output, n);
+      if (push) {  // staged or the push, as agree_staged() chose (see ll_shm.h)
+        ll->large_allreduce(c.dtype, op, c.op == ReduceOp::Average, c.input, c.output, n, deadline);
       } else if (n > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j);  // rank order: the same bits on every rank
         comm::reduce_sources(c.dtype, op, srcs, L, static_cast<char*>(c.output), static_cast<size_t>(n));

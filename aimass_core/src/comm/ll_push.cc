@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "aimass/error.h"
 #include "comm/cma.h"
@@ -66,6 +67,76 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
       cma_write(pid[j], &l, &r, 1, "single-copy allreduce", "rank", j);
     }
   }
+}
+
+void LLChannel::stage_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
+                                double deadline_s) {
+  AIMASS_CHECK(stage_ != nullptr, DistributedError,
+               "aimass.dist: staged allreduce without a staging area (internal error)");
+  stage_->set_timeout(deadline_s);
+  const std::vector<ShmSegment> segs{{static_cast<const char*>(in), static_cast<char*>(out), count, average}};
+  stage_->run(segs, count, dtype, op, size_, {});
+}
+
+namespace {
+int size_class(size_t bytes, int classes) {
+  int c = 0;
+  while (c + 1 < classes && (bytes >> (c + 1)) != 0) ++c;
+  return c;
+}
+// votes posted as the exchange's `rows`
+constexpr int64_t kVoteStaged = 0, kVotePush = 1, kVoteNever = 2, kVoteAlways = 3;
+constexpr double kStageMargin = 1.25;
+}  // namespace
+
+int64_t LLChannel::stage_vote(size_t bytes) const {
+  if (!stage_ || staged_env_ == 0) return kVoteNever;
+  if (staged_env_ == 1 || !push_ok_) return kVoteAlways;
+  const int c = size_class(bytes, kClasses);
+  const double st = secs_per_byte_[1][c], pu = secs_per_byte_[0][c];
+  if (st == 0) return kVoteStaged;  // not timed yet: staged first, then the push (below)
+  if (pu == 0) return kVotePush;
+  // staged only when clearly faster: a choice rests on few timings on a noisy machine, the way not
+  // chosen is timed again only when explored, and a stalled staged run costs more than a slow push
+  return st * kStageMargin < pu ? kVoteStaged : kVotePush;
+}
+
+bool LLChannel::agree_staged() {
+  bool never = false, always = false, push = false;
+  for (int j = 0; j < size_; ++j) {
+    const int64_t v = rows(j);
+    never |= v == kVoteNever;
+    always |= v == kVoteAlways;
+    push |= v == kVotePush;
+  }
+  const uint64_t k = large_calls_++;
+  if (never) staged_now_ = false;
+  else if (always) staged_now_ = true;
+  else staged_now_ = (k % kExplore == kExplore - 1) ? push : !push;  // (explore: the way not preferred)
+  // Staged, no peer reads this rank's buffers (they read its staged copies in the segment): nothing
+  // to wait for after the run, neither on success nor after a failure (a dead peer never clears its
+  // reading word, so that wait would add a second deadline to the staged run's own).
+  if (staged_now_) by_address_ = false;
+  return staged_now_;
+}
+
+void LLChannel::large_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
+                                double deadline_s) {
+  timing_ = Clock::now();
+  timed_bytes_ = static_cast<size_t>(count) * dtype_size(dtype);
+  if (staged_now_) stage_allreduce(dtype, op, average, in, out, count, deadline_s);
+  else push_allreduce(dtype, op, average, in, out, count);
+}
+
+// The time counts to the end of the closing wait (wait_readers()): the push's last claim comes well
+// before its peers finished theirs, the staged run ends when this rank gathered its last chunk.
+void LLChannel::note_large_allreduce() const {
+  if (timed_bytes_ == 0) return;
+  const double spb =
+      std::chrono::duration<double>(Clock::now() - timing_).count() / static_cast<double>(timed_bytes_);
+  double& avg = secs_per_byte_[staged_now_ ? 1 : 0][size_class(timed_bytes_, kClasses)];
+  avg = avg == 0 ? spb : 0.75 * avg + 0.25 * spb;
+  timed_bytes_ = 0;
 }
 
 }  // namespace comm

@@ -16,6 +16,7 @@
 
 #include "aimass/error.h"
 #include "comm/cma.h"
+#include "comm/shm_allreduce.h"
 #include "comm/shm_segment.h"
 
 namespace aimass {
@@ -27,10 +28,25 @@ using ll_wait::Backoff;
 using ll_wait::cpu_relax;
 }  // namespace
 
-size_t LLChannel::segment_bytes(int size, size_t slot_bytes) {
+size_t LLChannel::stage_offset(int size, size_t slot_bytes) {
   const size_t slot = (slot_bytes + 127) / 128 * 128;
-  return kHeadBytes + 128 * static_cast<size_t>(size) + static_cast<size_t>(size) * 2 * (128 + slot) +
-         sizeof(EagerCtl) * static_cast<size_t>(size) + kRing * (sizeof(EagerEntry) + eager_bytes_for(slot_bytes));
+  const size_t end = kHeadBytes + 128 * static_cast<size_t>(size) + static_cast<size_t>(size) * 2 * (128 + slot) +
+                     sizeof(EagerCtl) * static_cast<size_t>(size) +
+                     kRing * (sizeof(EagerEntry) + eager_bytes_for(slot_bytes));
+  return (end + 4095) / 4096 * 4096;
+}
+
+// The staged allreduce's chunk (every rank's slices of it together): 512 KiB at 2 ranks (a 256 KiB
+// slice per rank and step, so a step's staged, reduced and gathered data stay in the 1 MiB L2 of a
+// core), smaller with many ranks so the area ((size + 1) x 4 chunks) stays within 16 MiB.
+size_t LLChannel::stage_chunk(int size) {
+  const size_t c = size_t(512) << 10;
+  const size_t cap = (size_t(16) << 20) / (static_cast<size_t>(size + 1) * ShmAllreduce::kDepth);
+  return std::max<size_t>(64u << 10, std::min(c, cap) / 4096 * 4096);
+}
+
+size_t LLChannel::segment_bytes(int size, size_t slot_bytes) {
+  return stage_offset(size, slot_bytes) + ShmAllreduce::segment_bytes(size, stage_chunk(size));
 }
 
 void LLChannel::attach(void* memory, size_t slot_bytes) {
@@ -38,6 +54,14 @@ void LLChannel::attach(void* memory, size_t slot_bytes) {
   slot_bytes_ = (slot_bytes + 127) / 128 * 128;
   eager_bytes_ = eager_bytes_for(slot_bytes);
   full_ = (uint64_t(1) << size_) - 1;
+  if (const char* v = std::getenv("AIMASS_LL_STAGED")) {
+    const std::string e(v);
+    AIMASS_CHECK(e == "0" || e == "1" || e == "auto", ValueError, "AIMASS_LL_STAGED must be 0, 1 or auto, got '", e,
+                 "'");
+    staged_env_ = e == "auto" ? -1 : e == "1" ? 1 : 0;
+  }
+  stage_ = std::make_unique<ShmAllreduce>(rank_, size_, base_ + stage_offset(size_, slot_bytes), stage_chunk(size_),
+                                          60.0);
 }
 
 LLChannel::LLChannel(int rank, int size, void* memory, size_t slot_bytes) : rank_(rank), size_(size) {
@@ -131,6 +155,7 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
 }
 
 LLChannel::~LLChannel() {
+  stage_.reset();
   if (base_ && owned_) munmap(base_, map_bytes_);
 }
 
@@ -273,16 +298,23 @@ void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
 }
 
 bool LLChannel::wait_readers(double deadline_s) const {
-  if (!by_address_) return true;
+  if (!by_address_) {
+    note_large_allreduce();  // (a staged allreduce without the push posts nothing by address)
+    return true;
+  }
   Backoff backoff;
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
       const double waited = backoff.elapsed();
-      if (waited > deadline_s) return false;
+      if (waited > deadline_s) {
+        timed_bytes_ = 0;
+        return false;
+      }
       backoff.pause(waited);
     }
   }
+  note_large_allreduce();  // (the staged-or-push choice: ll_push.cc)
   return true;
 }
 

@@ -62,6 +62,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -76,6 +77,8 @@
 
 namespace aimass {
 namespace comm {
+
+class ShmAllreduce;  // comm/shm_allreduce.h: the staged allreduce's pipeline
 
 // Reads AIMASS_LL_MAX_BYTES (bytes per rank, 0 disables) and AIMASS_LL_FALLBACK_MS into o.
 void ll_options_from_env(EngineOptions& o);
@@ -192,6 +195,37 @@ class LLChannel {
     return std::min(kPushPiece, std::max<size_t>(16u << 10, want));
   }
   void push_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count);
+
+  // ---- staged allreduce (ll_push.cc), after an exchange() like the push's: the same reduce-scatter +
+  // allgather as the engine's shared-memory path (ShmAllreduce, staging rings in this segment, chunks
+  // that stay in the caches, each rank reducing its slice of every chunk), run from the caller's thread.
+  // Why beside the push: process_vm_readv/_writev walk the peers' pages one 4 KiB page at a time
+  // (measured here: 7-12 GB/s on 4 KiB pages, 22-25 GB/s on huge pages, 40+ GB/s for memcpy from
+  // the L3), and torch tensors and numpy arrays under 4 MiB have 4 KiB pages; staging copies with
+  // plain loads and stores, which do not care. A peer that stops advancing or died raises
+  // DistributedError at deadline_s (peers may not write this rank's output: each rank writes its own).
+  void stage_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
+                       double deadline_s);
+  bool stage_available() const { return stage_ != nullptr; }
+  // Whether allreduces above the slot may run here at all: the push (peers' memory writable) or the
+  // staged allreduce (not turned off). Without the push every large allreduce is staged.
+  bool large_available() const { return push_ok_ || (stage_ != nullptr && staged_env_ != 0); }
+  // Staged or push, chosen per call. Measured here (2 ranks, same run, busbw GB/s): quiet, staged won
+  // (2 MiB 21.8 against 9.0 for the push, 16 MiB torch tensors 7.8 against 4.6); with the 2 cores
+  // oversubscribed by other jobs, the push won (staged 1.6-2.0 against 4.5-6.8): the staged
+  // pipeline waits for every peer at every chunk, and a descheduled peer stalls it, while the push
+  // lets whichever rank runs claim the pieces. So each rank times both per size class (powers of 2)
+  // and posts the one it prefers (staged when 1.25x faster) in the exchange (stage_vote(), as
+  // `rows`); agree_staged() combines the votes of the completed attempt (the same slots on every
+  // rank, so the same decision): push when any rank prefers it, and every kExplore-th call the other
+  // one, so a preference can change. AIMASS_LL_STAGED=0 / 1 (any rank's 0 wins): always push /
+  // always staged; unset or "auto": as above. (The environment is read at start-up.)
+  int64_t stage_vote(size_t bytes) const;
+  bool agree_staged();  // after a completed exchange; also what large_allreduce() runs
+  bool staged_now() const { return staged_now_; }
+  // The allreduce agree_staged() chose, timed for the vote.
+  void large_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
+                       double deadline_s);
   size_t bytes(int j) const { return slot(j, attempt_)->bytes; }
   int64_t rows(int j) const { return slot(j, attempt_)->rows; }
   void done();  // this rank finished reading the completed attempt's slots
@@ -321,6 +355,9 @@ class LLChannel {
   [[noreturn]] void mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx,
                                 bool as_root);
   void attach(void* memory, size_t slot_bytes);
+  // The staging area (ShmAllreduce's control lines and rings) follows the eager ring, page-aligned.
+  static size_t stage_offset(int size, size_t slot_bytes);
+  static size_t stage_chunk(int size);
 
   int rank_ = 0, size_ = 1;
   uint64_t full_ = 0;
@@ -337,6 +374,18 @@ class LLChannel {
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
   std::vector<char> push_tmp_;  // the peers' pieces of one claimed piece (L2-resident)
+  std::unique_ptr<ShmAllreduce> stage_;  // the staged allreduce, on the segment's staging area
+  // ---- the staged-or-push choice (ll_push.cc)
+  static constexpr int kClasses = 48;        // size classes: floor(log2(bytes))
+  static constexpr uint64_t kExplore = 32;   // every kExplore-th large allreduce tries the other way
+  // [staged][class]: moving average (0: not timed yet); mutable: the closing wait_readers() records it
+  mutable double secs_per_byte_[2][kClasses] = {};
+  Clock::time_point timing_{};               // when the timed large allreduce started
+  mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
+  void note_large_allreduce() const;
+  uint64_t large_calls_ = 0;                 // completed large allreduces (the same count on every rank)
+  bool staged_now_ = false;
+  int staged_env_ = -1;                      // AIMASS_LL_STAGED: 0 never, 1 always, -1 auto
   uint64_t probe_ = 0;       // read by the peers' start-up probe
   uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
   bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)
