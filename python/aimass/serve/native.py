@@ -17,6 +17,7 @@ import threading
 from typing import Optional
 
 from .. import _C
+from .auth import AuthError
 from .errors import ServeError, log_error
 from .metrics import LATENCY_BUCKETS
 
@@ -44,16 +45,6 @@ class _SharedBucket:
 
     def take(self, now=None) -> float:
         return self._f.take_token(self._digest)
-
-
-_ERROR_TYPES: dict = {}
-
-
-def _error(type_name: str, message: str) -> Exception:
-    cls = _ERROR_TYPES.get(type_name)
-    if cls is None:
-        cls = _ERROR_TYPES[type_name] = type(type_name, (Exception,), {})
-    return cls(message)
 
 
 class NativeFront:
@@ -138,8 +129,12 @@ class NativeFront:
         return self.f.latency()
 
     def drain_errors(self) -> None:
+        # as the exception types the app logs for the same failures (AuthError for its 401/403/429,
+        # ServeError for the batcher's 503/504), so the error log reads the same in both modes; the front
+        # end's own type (QueueFullError, ...) only picked the words
         for e in self.f.take_errors():
-            log_error("request_failed", _error(e["type"], e["error"]), status=e["status"], path=e["path"],
+            cls = AuthError if e["type"] == "AuthError" else ServeError
+            log_error("request_failed", cls(e["status"], e["error"]), status=e["status"], path=e["path"],
                       model=e["model"], version=e["version"])
 
     # -- life cycle
