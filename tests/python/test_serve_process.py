@@ -225,3 +225,17 @@ def test_http_fallback_when_the_front_end_is_compiled_out(monkeypatch, caplog, c
     assert cli.resolve_http("uvicorn") == "uvicorn" and not caplog.records
     monkeypatch.setattr(native, "unavailable", lambda: None)
     assert cli.resolve_http(None) == "native" and cli.default_http() == "native"
+
+
+def test_native_binds_a_host_name_by_its_address():
+    """The front end binds numeric addresses only: --host NAME binds the name's first address (uvicorn
+    takes names too), an address or localhost goes as given, an unknown name is an OSError."""
+    import ipaddress
+    import socket as sk
+
+    from aimass.serve.cli import numeric_host
+    for h in ("127.0.0.1", "::1", "0.0.0.0", "localhost"):
+        assert numeric_host(h) == h
+    ipaddress.ip_address(numeric_host(sk.gethostname()))
+    with pytest.raises(OSError):
+        numeric_host("no-such-host.invalid")

@@ -198,18 +198,38 @@ def resolve_http(asked):
     return "uvicorn"
 
 
+def numeric_host(host: str) -> str:
+    """--host as the front end binds it: it takes numeric addresses (and localhost) only, where uvicorn
+    also takes a name; a name binds its first address, as uvicorn's resolver would order them.
+    Raises OSError (socket.gaierror) for a name that does not resolve."""
+    import socket
+    if host == "localhost":
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+
+
 def _serve_native(args, srv, create_app) -> int:
     """--http native: the C++ front end on --host/--port, uvicorn on a private loopback port behind it."""
     import socket
 
     from .native import NativeFront
 
+    try:
+        host = numeric_host(args.host)
+    except OSError as exc:
+        print(f"aimass serve: cannot resolve --host {args.host}: {exc}", file=sys.stderr)
+        return 1
     private = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     private.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     private.bind(("127.0.0.1", 0))
     private.listen(2048)     # connections the front end opens before uvicorn runs wait in the backlog
     try:
-        front = NativeFront(srv, args.host, args.port, private.getsockname()[1], args.max_connections,
+        front = NativeFront(srv, host, args.port, private.getsockname()[1], args.max_connections,
                             args.idle_timeout)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"aimass serve: {exc}", file=sys.stderr)
