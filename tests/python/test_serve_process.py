@@ -202,6 +202,7 @@ def test_default_mode_is_native_where_built(tmp_path):
         if NATIVE:
             assert st["native"]["answers"] >= 1
             assert "http_fallback" not in srv.output()
+            assert f'"event": "native_http", "url": "{srv.url}"' in srv.output()   # where clients connect
         else:
             assert "native" not in st
             assert '"event": "http_fallback"' in srv.output() and "libcrypto" in srv.output()

@@ -12,6 +12,7 @@ unchanged, so every error keeps its Python status and message.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 from typing import Optional
@@ -59,6 +60,7 @@ class NativeFront:
                                    c.max_body_bytes, list(LATENCY_BUCKETS))
         self.srv = srv
         self.port = self.f.port
+        self.host, self.upstream_port = host, upstream_port
         self._keys = itertools.count(1)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -147,7 +149,10 @@ class NativeFront:
                 self.drain_errors()
         self._errors_thread = threading.Thread(target=errors, name="aimass-native-errors", daemon=True)
         self._errors_thread.start()
-        log.info('{"event": "native_http", "port": %d}', self.port)
+        # the address clients use (uvicorn, on a private port behind it, prints no "running on" line)
+        url = f"http://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+        log.info(json.dumps({"event": "native_http", "url": url, "port": self.port,
+                             "upstream_port": self.upstream_port}))
 
     def stop(self) -> None:
         """Stops the loop (no request starts natively any more); idempotent."""
