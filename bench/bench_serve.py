@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from aimass.bench.serve import BARE, BARE_MODEL, NATIVE, NATIVE_JSON, NATIVE_SERVE, TINY, sweep
+from aimass.bench.serve import (BARE, BARE_MODEL, NATIVE, NATIVE_JSON, NATIVE_SERVE, PROTOCOLS, TINY, UVICORN_SERVE,
+                                default_label, sweep)
 
 FLASK = "Flask /predict (torch)"
 
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="most requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (median reported)")
     ap.add_argument("--serve-args", default="", help="extra `aimass serve` options, e.g. '--threads 1'")
-    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving,flask,"
+    ap.add_argument("--only", default=None, help="comma-separated subset: predict,v2json,v2bin,tfserving "
+                    "(aimass serve --http uvicorn),flask,"
                     "native-predict,native-v2json,native-v2bin,native-tfserving (aimass serve --http native),"
                     "tiny,bare,native (the last three: concurrency 1 only)")
     ap.add_argument("--plot", default=None, help="write a latency plot (PNG) here")
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
                 rounds=args.rounds, serve_args=args.serve_args.split(),
                 only=args.only.split(",") if args.only else None, log=lambda m: print(m, flush=True))
     runs = res["runs"]
-    print(f"\nload generator: {res.get('generator')}")
+    print(f"\nload generator: {res.get('generator')}; aimass serve's default on this build: {default_label()}")
     if FLASK in runs:
         print("\n| target | concurrency | req/s | Flask req/s | ratio | p50 | p99 | Flask p99 | server CPU/req, "
               "target / Flask |")
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
                 if c not in runs[label] or c not in runs[FLASK]:
                     continue
                 a, f = runs[label][c], runs[FLASK][c]
-                print(f"| {label[len('aimass serve '):]} | {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | "
+                print(f"| {label.replace('aimass serve --http ', '')} | {c} | {a['rps']:,.0f} | {f['rps']:,.0f} | "
                       f"{a['rps'] / f['rps']:.1f}x | {a['p50_us'] / 1e3:.2f} ms | {a['p99_us'] / 1e3:.2f} ms | "
                       f"{f['p99_us'] / 1e3:.2f} ms | {a['cpu_us']:.0f} / {f['cpu_us']:.0f} us |")
     print_overhead(res)
@@ -85,12 +87,11 @@ def print_overhead(res) -> None:
                   f"{nat['p50_us'] - s50:.1f} us = loopback TCP + the load generator + C++ HTTP parsing and the "
                   "copies, after each request's compute swept the caches")
     paced = res.get("session_paced_p50_us")
-    for label in ("aimass serve /predict", "aimass serve v2 JSON", "aimass serve v2 binary",
-                  "aimass serve TF-Serving :predict", NATIVE_SERVE + " /predict", NATIVE_SERVE + " v2 JSON",
-                  NATIVE_SERVE + " v2 binary", NATIVE_SERVE + " TF-Serving :predict"):
+    default = default_label()
+    for label in [mode + p for mode in (UVICORN_SERVE, NATIVE_SERVE) for p in PROTOCOLS]:
         if 1 in runs.get(label, {}):
             r = runs[label][1]
-            line = (f"  {label}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = {r['p50_us'] - s50:.1f} us "
+            line = (f"  {label}{' (the default)' if label.startswith(default) else ''}: p50 {r['p50_us']:.1f} us - Session.run {s50:.1f} us = {r['p50_us'] - s50:.1f} us "
                     f"[goal < 150 us: {'met' if r['p50_us'] - s50 < 150 else 'NOT met'}]")
             if paced:
                 line += (f"; - Session.run paced {res['paced_gap_us']:.0f} us apart ({paced:.1f} us) = "

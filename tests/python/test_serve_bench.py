@@ -197,10 +197,29 @@ def test_sweep_measures_serve_http_native(monkeypatch):
     if not (hasattr(_C, "NativeFrontend") and _C.native_frontend_available()):
         pytest.skip("the native front end was compiled out (no OpenSSL libcrypto at build time)")
     monkeypatch.delenv("AIMASS_BENCH_CLIENT", raising=False)
-    only = ["native-v2bin", "native-v2json", "native-predict", "native-tfserving"]
+    only = ["native-v2bin", "native-v2json", "native-predict", "native-tfserving", "v2bin"]
     res = bs.sweep(quick=True, concurrency=(1,), seconds=1, rounds=1, only=only, log=lambda m: None)
     want = {bs.NATIVE_SERVE + s for s in (" v2 binary", " v2 JSON", " /predict", " TF-Serving :predict")}
-    assert set(res["runs"]) >= want
+    # the uvicorn mode runs with --http uvicorn named, whatever the default: its labels say so
+    want |= {bs.UVICORN_SERVE + " v2 binary", bs.UVICORN_SERVE + " GET /v2/health/live"}
+    assert set(res["runs"]) == want
     for label in want:
         r = res["runs"][label][1]
         assert r["n"] > 0 and r["errors"] == 0 and 0 < r["p50_us"] <= r["p99_us"]
+
+
+def test_report_marks_the_default_mode(monkeypatch):
+    """The overhead figures name the mode in their label, and the default mode's carry the note."""
+    from aimass.bench._report import Report
+    fig = {"rps": 1000.0, "rps_spread": 0.0, "p50_us": 200.0, "p99_us": 400.0}
+    runs = {mode + p: {1: fig} for mode in (bs.UVICORN_SERVE, bs.NATIVE_SERVE) for p in bs.PROTOCOLS}
+    monkeypatch.setattr(bs, "sweep", lambda **kw: {"runs": runs, "session_p50_us": 100.0})
+    for mode in ("native", "uvicorn"):
+        monkeypatch.setattr("aimass.serve.cli.default_http", lambda m=mode: m)
+        rep = Report()
+        bs.run(rep, quick=True)
+        over = [f for f in rep.figures if f.name.startswith("HTTP overhead per request")]
+        assert len(over) == 8 and all(f.goal_met for f in over)
+        marked = {f.name for f in over if f.note == "aimass serve's default mode"}
+        assert marked == {f.name for f in over if f"--http {mode} " in f.name}
+        assert len(marked) == 4

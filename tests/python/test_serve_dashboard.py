@@ -11,19 +11,26 @@ pytest.importorskip("torch")
 sync_api = pytest.importorskip("playwright.sync_api")
 from serve_util import make_store, serve_process  # noqa: E402
 
+from aimass import _C  # noqa: E402
+
 pytestmark = pytest.mark.timeout(180)
 
 CHROMIUM = os.environ.get("AIMASS_CHROMIUM", "/usr/bin/chromium")
 
 
-def test_dashboard_in_chromium(tmp_path):
+@pytest.mark.parametrize("http", ["uvicorn", "native"])
+def test_dashboard_in_chromium(tmp_path, http):
+    if http == "native" and not (hasattr(_C, "NativeFrontend") and _C.native_frontend_available()):
+        pytest.skip("the native front end was compiled out (no OpenSSL libcrypto at build time)")
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM}: tests/run_all.sh installs Debian's 'chromium' package "
                     "(needs root and apt); set AIMASS_CHROMIUM to another binary")
     reg, _ = make_store(tmp_path, versions=2)
     reg.set_label("mlp", "canary", 2)
     x = np.ones((1, 4), np.float32).tolist()
-    with serve_process(tmp_path / "store") as srv:
+    # the page's own requests go through the front end too (forwarded to the app), the traffic below is
+    # answered natively: its counts and latency must reach the plots all the same
+    with serve_process(tmp_path / "store", "--http", http) as srv:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -50,7 +57,7 @@ def test_dashboard_in_chromium(tmp_path):
             assert "stable" in table and "canary" in table and "(default)" in table
             assert "non-empty 'inputs'" in page.inner_text("#errors")
             assert "p50" in page.inner_text("#pct")
-            shot = tmp_path / "dashboard.png"
+            shot = tmp_path / f"dashboard_{http}.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
         assert shot.stat().st_size > 10_000

@@ -130,5 +130,6 @@ def test_grafana_dashboard_uses_exported_metrics(exported_metrics):
 def test_cli_help_lists_the_options():
     out = subprocess.run([sys.executable, "-m", "aimass", "serve", "--help"], capture_output=True, text=True, timeout=60,
                          cwd=ROOT, env={"PYTHONPATH": PKG_ROOT, "PATH": "/usr/bin:/bin"}).stdout
-    for opt in ("--store", "--host", "--port", "--tokens", "--insecure"):
+    for opt in ("--store", "--host", "--port", "--tokens", "--insecure", "--http {native,uvicorn}"):
         assert opt in out
+    assert "--http native, the default" in " ".join(out.split())

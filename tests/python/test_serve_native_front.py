@@ -305,3 +305,53 @@ def test_mutated_hot_requests_get_pythons_status_and_bytes(servers):
         r = httpx.post(nat.url + path, content=bytes(b), headers=h)
         assert a.status_code == r.status_code, (i, path, bytes(b)[:200], a.text[:200], r.text[:200])
         assert a.content == r.content, (i, path, bytes(b)[:200], a.content[:200], r.content[:200])
+
+
+def test_queue_full_is_503_with_retry_after_and_pythons_body(tmp_path):
+    """--queue-capacity 1 and requests that each keep the model busy for a while: a burst overflows the
+    queue. The front end answers the 503 itself (counted in its answers) with uvicorn's Retry-After and
+    body bytes; the other requests of the burst succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aimass.registry import Registry
+    from serve_util import export_mlp
+    reg = Registry(str(tmp_path / "store"))
+    export_mlp(tmp_path / "big.aimass", seed=3, hidden=512, layers=4)
+    reg.push(str(tmp_path / "big.aimass"), "big", label="stable")
+    x = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+    body = json.dumps({"instances": x.tolist()}).encode()
+    want = (b'{"error": "model \'big\' is overloaded (queue full): submit: the request queue is full '
+            b'(queue_capacity=1); retry later or raise queue_capacity; retry later"}')
+    args = ("--queue-capacity", "1", "--max-batch-size", "1", "--log-level", "warning")
+    logged = []
+    with serve_process(tmp_path / "store", *args) as py, serve_process(tmp_path / "store", *args, "--http",
+                                                                        "native") as nat:
+        for srv in (py, nat):
+            before = httpx.get(srv.url + "/api/status").json().get("native", {}).get("answers", 0)
+            sent, full = 0, []
+
+            def one(_):
+                return httpx.post(srv.url + "/v1/models/big:predict", content=body, timeout=60)
+
+            with ThreadPoolExecutor(16) as pool:
+                for _ in range(10):              # bounded: a burst of 16 overflows a 1-deep queue at once
+                    rs = list(pool.map(one, range(16)))
+                    sent += len(rs)
+                    assert {r.status_code for r in rs} <= {200, 503}
+                    full += [r for r in rs if r.status_code == 503]
+                    if full:
+                        break
+            assert full, f"no 503 in {sent} requests"
+            for r in full:
+                assert r.headers["retry-after"] == "1"
+                assert r.headers["content-type"] == "application/json"
+                assert r.content == want
+            if srv is nat:                       # every request of the bursts, 503s included, was native
+                assert httpx.get(nat.url + "/api/status").json()["native"]["answers"] - before == sent
+            assert srv.stop() == 0
+            # one JSON error line per 503, the same in both modes but for the time stamp
+            lines = [json.loads(x) for x in srv.output().splitlines() if '"request_failed"' in x]
+            assert len(lines) == len(full)
+            logged.append({k: v for k, v in lines[0].items() if k != "ts"})
+    assert logged[0] == logged[1]
+    assert logged[0]["status"] == 503 and logged[0]["model"] == "big" and logged[0]["version"] == 1

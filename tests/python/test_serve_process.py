@@ -188,3 +188,55 @@ def test_non_loopback_without_tokens_is_refused(tmp_path):
                        capture_output=True, text=True, timeout=60,
                        env={"PYTHONPATH": PKG_ROOT, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "64-hex-digit sha256" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_mode_is_native_where_built(tmp_path):
+    """No --http: the native front end where this build has it (it then answers the hot requests),
+    else uvicorn alone with a logged reason."""
+    _, nets = make_store(tmp_path, versions=1)
+    with serve_process(tmp_path / "store") as srv:
+        r = httpx.post(srv.url + "/predict", json={"input": X.tolist()})
+        assert r.status_code == 200
+        np.testing.assert_allclose(np.asarray(r.json()["output"], np.float32), ref(nets[0]), rtol=1e-5, atol=1e-6)
+        st = httpx.get(srv.url + "/api/status").json()
+        if NATIVE:
+            assert st["native"]["answers"] >= 1
+            assert "http_fallback" not in srv.output()
+            assert f'"event": "native_http", "url": "{srv.url}"' in srv.output()   # where clients connect
+        else:
+            assert "native" not in st
+            assert '"event": "http_fallback"' in srv.output() and "libcrypto" in srv.output()
+        assert srv.stop() == 0
+
+
+def test_http_fallback_when_the_front_end_is_compiled_out(monkeypatch, caplog, capsys):
+    """Where the front end cannot run: no --http falls back to uvicorn with the reason logged; a named
+    --http native is refused with the reason; --http uvicorn is taken as asked."""
+    from aimass.serve import cli, native
+    why = "the native front end was compiled out: test"
+    monkeypatch.setattr(native, "unavailable", lambda: why)
+    with caplog.at_level("WARNING", logger="aimass.serve"):
+        assert cli.resolve_http(None) == "uvicorn"
+    rec = json.loads(caplog.records[-1].getMessage())
+    assert rec["event"] == "http_fallback" and rec["http"] == "uvicorn" and rec["reason"] == why
+    assert cli.default_http() == "uvicorn"
+    caplog.clear()
+    assert cli.resolve_http("native") is None
+    assert f"--http native: {why}" in capsys.readouterr().err
+    assert cli.resolve_http("uvicorn") == "uvicorn" and not caplog.records
+    monkeypatch.setattr(native, "unavailable", lambda: None)
+    assert cli.resolve_http(None) == "native" and cli.default_http() == "native"
+
+
+def test_native_binds_a_host_name_by_its_address():
+    """The front end binds numeric addresses only: --host NAME binds the name's first address (uvicorn
+    takes names too), an address or localhost goes as given, an unknown name is an OSError."""
+    import ipaddress
+    import socket as sk
+
+    from aimass.serve.cli import numeric_host
+    for h in ("127.0.0.1", "::1", "0.0.0.0", "localhost"):
+        assert numeric_host(h) == h
+    ipaddress.ip_address(numeric_host(sk.gethostname()))
+    with pytest.raises(OSError):
+        numeric_host("no-such-host.invalid")

@@ -2,7 +2,8 @@
 
     python -m aimass.bench.serve_stages [--targets v2bin,predict,v2json,tfserving,tiny] [--rounds 2] [--seconds 3]
 
-Each target gets its own ``aimass serve`` process on the bench's store (``serve.build_store``) with
+Each target gets its own ``aimass serve --http uvicorn`` process (the probes are in the Python app,
+which the native front end's requests skip) on the bench's store (``serve.build_store``) with
 probes wrapped around uvicorn's and aimass's functions from outside (``time.perf_counter_ns``; the
 served code is not changed), driven by the bench's load generator (``wrk`` when installed) at one
 connection. Stages, per request:
@@ -170,7 +171,7 @@ def run(targets=("v2bin", "predict", "tiny"), rounds: int = 2, seconds: float = 
                     port, out = free_port(), os.path.join(tmp, f"stages-{t}.json")
                     proc = subprocess.Popen([sys.executable, "-m", "aimass.bench.serve_stages", "--probe", "--store",
                                              os.path.join(tmp, "store"), "--port", str(port), "--log-level", "warning",
-                                             *serve_args], env=dict(env, AIMASS_STAGES_OUT=out))
+                                             "--http", "uvicorn", *serve_args], env=dict(env, AIMASS_STAGES_OUT=out))
                     try:
                         wait_http(port, "/v2/health/ready", proc)
                         r = load(port, reqs[t], 1, 100000, seconds, pid=proc.pid, wrk=wrk, workdir=tmp)

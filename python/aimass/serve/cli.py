@@ -1,4 +1,5 @@
-"""``aimass serve``: the HTTP server on uvicorn, with SIGTERM drain; ``aimass serve-token``."""
+"""``aimass serve``: the HTTP server (the native C++ front end with uvicorn behind it by default, or uvicorn
+alone), with SIGTERM drain; ``aimass serve-token``."""
 from __future__ import annotations
 
 import argparse
@@ -162,8 +163,11 @@ def _cmd_serve(args) -> int:
                       max_queue_delay_us=args.max_queue_delay_us, queue_capacity=args.queue_capacity,
                       num_threads=args.threads, poll_interval_s=args.poll_interval, default_model=args.default_model,
                       deadline_ms=args.deadline_ms)
+    http = resolve_http(args.http)
+    if http is None:
+        return 2
     srv = Server(registry, cfg, tokens)
-    if args.http == "native":
+    if http == "native":
         return _serve_native(args, srv, create_app)
     server = make_uvicorn_server(create_app(srv), srv, args.host, args.port, args.drain_timeout)
     server.run()
@@ -172,22 +176,60 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def default_http() -> str:
+    """The --http mode `aimass serve` runs when none is named: native where this build has the front end
+    (it needs OpenSSL's libcrypto at build time), else uvicorn."""
+    from .native import unavailable
+    return "uvicorn" if unavailable() else "native"
+
+
+def resolve_http(asked):
+    """The --http mode to run (None: refused, reason printed). Unnamed: native, falling back to uvicorn with
+    a logged reason when the front end was compiled out; --http native named where it cannot run is an error."""
+    from .native import unavailable
+    why = unavailable() if asked in (None, "native") else None
+    if why is None:
+        return asked or "native"
+    if asked == "native":
+        print(f"aimass serve: --http native: {why}", file=sys.stderr)
+        return None
+    log.warning(json.dumps({"event": "http_fallback", "http": "uvicorn",
+                            "message": "the native front end cannot run, serving with uvicorn alone", "reason": why}))
+    return "uvicorn"
+
+
+def numeric_host(host: str) -> str:
+    """--host as the front end binds it: it takes numeric addresses (and localhost) only, where uvicorn
+    also takes a name; a name binds its first address, as uvicorn's resolver would order them.
+    Raises OSError (socket.gaierror) for a name that does not resolve."""
+    import socket
+    if host == "localhost":
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+
+
 def _serve_native(args, srv, create_app) -> int:
     """--http native: the C++ front end on --host/--port, uvicorn on a private loopback port behind it."""
     import socket
 
-    from .native import NativeFront, unavailable
+    from .native import NativeFront
 
-    why = unavailable()
-    if why:
-        print(f"aimass serve: --http native: {why}", file=sys.stderr)
-        return 2
+    try:
+        host = numeric_host(args.host)
+    except OSError as exc:
+        print(f"aimass serve: cannot resolve --host {args.host}: {exc}", file=sys.stderr)
+        return 1
     private = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     private.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     private.bind(("127.0.0.1", 0))
     private.listen(2048)     # connections the front end opens before uvicorn runs wait in the backlog
     try:
-        front = NativeFront(srv, args.host, args.port, private.getsockname()[1], args.max_connections,
+        front = NativeFront(srv, host, args.port, private.getsockname()[1], args.max_connections,
                             args.idle_timeout)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"aimass serve: {exc}", file=sys.stderr)
@@ -221,7 +263,9 @@ def _cmd_token(args) -> int:
 def add_cli(sub) -> None:
     p = sub.add_parser("serve", help="serve the store's models over HTTP (KServe v2, TF-Serving REST, /predict)",
                        description="Serve every model of the store at its 'stable' label (else newest) plus its "
-                       "labelled versions; label changes in the store take effect live. See docs/serving.md.")
+                       "labelled versions; label changes in the store take effect live. Inference requests are answered by a "
+                       "C++ front end with the Python app behind it (--http native, the default where it is built), or "
+                       "by the app alone (--http uvicorn). See docs/serving.md.")
     p.add_argument("--store", default=None, help="registry store: a folder or database URL (default: AIMASS_HOME)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -238,9 +282,10 @@ def add_cli(sub) -> None:
     p.add_argument("--default-model", default=None, help="model of POST /predict (default: first by name)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MiB; 413)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: longest wait for in-flight requests")
-    p.add_argument("--http", default="uvicorn", choices=["uvicorn", "native"],
-                   help="uvicorn: the ASGI app answers every request; native: a C++ front end answers successful "
-                   "inference requests and forwards the rest to the app (docs/serving.md)")
+    p.add_argument("--http", default=None, choices=["native", "uvicorn"],
+                   help="native (the default where aimass was built with OpenSSL's libcrypto, else uvicorn with a "
+                   "logged reason): a C++ front end answers inference requests and auth refusals and forwards the "
+                   "rest to the app behind it; uvicorn: the ASGI app answers every request (docs/serving.md)")
     p.add_argument("--max-connections", type=int, default=1024,
                    help="--http native: open client connections before new ones are closed (default 1024)")
     p.add_argument("--idle-timeout", type=float, default=5.0,

@@ -12,11 +12,13 @@ unchanged, so every error keeps its Python status and message.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 from typing import Optional
 
 from .. import _C
+from .auth import AuthError
 from .errors import ServeError, log_error
 from .metrics import LATENCY_BUCKETS
 
@@ -46,16 +48,6 @@ class _SharedBucket:
         return self._f.take_token(self._digest)
 
 
-_ERROR_TYPES: dict = {}
-
-
-def _error(type_name: str, message: str) -> Exception:
-    cls = _ERROR_TYPES.get(type_name)
-    if cls is None:
-        cls = _ERROR_TYPES[type_name] = type(type_name, (Exception,), {})
-    return cls(message)
-
-
 class NativeFront:
     def __init__(self, srv, host: str, port: int, upstream_port: int, max_connections: int = 1024,
                  idle_timeout_s: float = 5.0):
@@ -68,6 +60,7 @@ class NativeFront:
                                    c.max_body_bytes, list(LATENCY_BUCKETS))
         self.srv = srv
         self.port = self.f.port
+        self.host, self.upstream_port = host, upstream_port
         self._keys = itertools.count(1)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -138,8 +131,12 @@ class NativeFront:
         return self.f.latency()
 
     def drain_errors(self) -> None:
+        # as the exception types the app logs for the same failures (AuthError for its 401/403/429,
+        # ServeError for the batcher's 503/504), so the error log reads the same in both modes; the front
+        # end's own type (QueueFullError, ...) only picked the words
         for e in self.f.take_errors():
-            log_error("request_failed", _error(e["type"], e["error"]), status=e["status"], path=e["path"],
+            cls = AuthError if e["type"] == "AuthError" else ServeError
+            log_error("request_failed", cls(e["status"], e["error"]), status=e["status"], path=e["path"],
                       model=e["model"], version=e["version"])
 
     # -- life cycle
@@ -152,7 +149,10 @@ class NativeFront:
                 self.drain_errors()
         self._errors_thread = threading.Thread(target=errors, name="aimass-native-errors", daemon=True)
         self._errors_thread.start()
-        log.info('{"event": "native_http", "port": %d}', self.port)
+        # the address clients use (uvicorn, on a private port behind it, prints no "running on" line)
+        url = f"http://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+        log.info(json.dumps({"event": "native_http", "url": url, "port": self.port,
+                             "upstream_port": self.upstream_port}))
 
     def stop(self) -> None:
         """Stops the loop (no request starts natively any more); idempotent."""
