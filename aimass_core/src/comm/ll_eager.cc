@@ -7,6 +7,7 @@
 #include <string>
 
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/ll_shm.h"
 
 namespace aimass {
@@ -95,8 +96,10 @@ void LLChannel::eager_ack(uint64_t s) {
   ectl(rank_)->acked.store(s, std::memory_order_seq_cst);
 }
 
-LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx) {
-  post = post && bytes <= eager_bytes_;
+LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill,
+                                       const void* ctx, bool by_address) {
+  by_address = by_address && cma_ok_ && bytes > 0 && data != nullptr;
+  post = post && (by_address || bytes <= eager_bytes_);
   while (true) {
     const uint64_t s = eager_acked_ + 1;
     EagerEntry* e = entry(s);
@@ -110,8 +113,13 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
         e->hash = hash;
         e->bytes = bytes;
         e->root = rank_;
-        fill(e->sig, ctx);
-        if (bytes) std::memcpy(e->data(), data, bytes);
+        e->addr.store(by_address ? reinterpret_cast<uint64_t>(data) : 0, std::memory_order_relaxed);
+        // the record is read only on a mismatch: rewritten only when another request last used it
+        if (e->sig_of != hash) {
+          fill(e->sig, ctx);
+          e->sig_of = hash;
+        }
+        if (bytes && !by_address) std::memcpy(e->data(), data, bytes);
       } else {
         ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
       }
@@ -121,6 +129,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
         if (post) {
           ++eager_posted_;
           last_posted_ = s;
+          if (by_address) posted_by_address_ = s;
         }
         return post ? Eager::Done : Eager::Normal;
       }
@@ -153,7 +162,30 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
         return Eager::Normal;
       }
       if (e->hash == hash && e->bytes == bytes && e->root == root) {
-        if (bytes) std::memcpy(out, e->data(), bytes);
+        const uint64_t addr = e->addr.load(std::memory_order_relaxed);  // (ordered by the state's load)
+        if (addr == 0) {
+          if (bytes) std::memcpy(out, e->data(), bytes);
+        } else {
+          // single copy from the root's buffer, which stays as it is until this rank acknowledges,
+          // unless the root gave up waiting (it found a receiver dead or stopped): then what was
+          // read may be stale, and this rank raises (seen after the read: a root that had not given
+          // up by then had not returned either)
+          try {
+            if (addr != kAbandoned) {
+              iovec l{out, bytes};
+              iovec r{reinterpret_cast<void*>(addr), bytes};
+              cma_read(static_cast<pid_t>(ctl(root)->pid.load(std::memory_order_relaxed)), &l, &r, 1,
+                       "blocking broadcast", "root rank", root);
+            }
+            AIMASS_CHECK(e->addr.load(std::memory_order_seq_cst) != kAbandoned, DistributedError,
+                         "aimass.dist: blocking broadcast: root rank ", root,
+                         " stopped waiting for this rank to read its data (it found a rank dead or stopped)");
+          } catch (const DistributedError&) {
+            peer_lost_ = true;  // the root is gone, or the job is broken: the engine cannot go on
+            eager_ack(s);
+            throw;
+          }
+        }
         eager_ack(s);
         ++eager_posted_;
         last_posted_ = s;
@@ -176,6 +208,14 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
     }
     backoff.pause(waited);
   }
+}
+
+void LLChannel::eager_abandon() {
+  if (posted_by_address_ == 0) return;
+  EagerEntry* e = entry(posted_by_address_);
+  if (seq_of(e->state.load(std::memory_order_seq_cst)) == posted_by_address_)
+    e->addr.store(kAbandoned, std::memory_order_seq_cst);
+  posted_by_address_ = 0;
 }
 
 void LLChannel::settle(double deadline_s, uint64_t lag) {

@@ -216,9 +216,16 @@ class LLChannel {
   // The root's side: post=true publishes `bytes` of `data` (<= eager_max()); post=false (or an entry
   // already claimed by the receivers) returns Normal. DistributedError when another rank posted this
   // entry as root (root mismatch).
+  // by_address (single copy, needs cma_available()): `data` itself is posted, any size; the receivers
+  // read it with process_vm_readv, and on Done the caller must wait for their acknowledgements
+  // (settle(deadline, 0)) before `data` may change, and call eager_abandon() if that wait fails.
   // `fill(sig, ctx)` writes this rank's request into a signature record (only when one is needed).
   using SigFill = void (*)(EagerSig& sig, const void* ctx);
-  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx);
+  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx,
+                   bool by_address = false);
+  // The root gave up waiting for the receivers of its last by-address entry: a late receiver that
+  // reads it after this raises instead of returning what the buffer holds by then.
+  void eager_abandon();
   // A receiver's side: copies the root's payload into `out` (Done), or Normal (see above).
   // DistributedError on a signature mismatch (desc: this rank's request, for the message).
   Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill, const void* ctx,
@@ -298,7 +305,10 @@ class LLChannel {
     uint64_t hash;
     uint64_t bytes;
     int64_t root;
-    char pad[96];
+    std::atomic<uint64_t> addr;  // posted by address: the payload in the root's process (0: in data();
+                                 // kAbandoned: the root stopped waiting for the readers)
+    uint64_t sig_of;             // the signature hash whose record `sig` holds (written only when it changes)
+    char pad[80];
     EagerSig sig;  // the root's request
     char pad2[112];
     char* data() { return reinterpret_cast<char*>(this) + sizeof(EagerEntry); }
@@ -317,6 +327,7 @@ class LLChannel {
   static size_t eager_bytes_for(size_t slot_bytes) {
     return std::min(kEagerMax, (slot_bytes + 127) / 128 * 128);
   }
+  static constexpr uint64_t kAbandoned = 1;  // (no payload address is 1)
   void eager_ack(uint64_t s);
   [[noreturn]] void mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx,
                                 bool as_root);
@@ -347,6 +358,7 @@ class LLChannel {
   uint64_t reported_ = 0;       // the last entry whose mismatch this rank raised
   bool peer_lost_ = false;
   uint64_t last_posted_ = 0;    // the last posted entry this rank processed (what settle() waits for)
+  uint64_t posted_by_address_ = 0;  // the last entry this rank posted by address (eager_abandon)
   uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
 
