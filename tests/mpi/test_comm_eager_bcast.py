@@ -170,14 +170,15 @@ def _restart(dist, **env):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("copy_max", [None, "0"])
-def test_single_copy_broadcasts_in_the_stream(dist, copy_max):
+@pytest.mark.parametrize("copy_max,push", [(None, None), ("0", None), (None, "0")])
+def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
     """Broadcasts above AIMASS_LL_EAGER_COPY_MAX_BYTES (default 4 KiB; "0": every non-empty one) are
     posted by address in the eager stream: the receivers read the root's array itself, the root returns
     once every receiver acknowledged. Every dtype, odd sizes on both sides of the bounds (the copy bound,
     the 64 KiB ring entry, the 4 MiB single-copy bound), every root, in place or not, back to back:
-    bit-exact."""
-    _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max)
+    bit-exact. From 256 KiB the root writes some pieces into the receivers' outputs itself, unless
+    AIMASS_SHM_CMA_PUSH=0 (then those go through the channel's exchange, as before)."""
+    _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push)
     try:
         d = dist
         if not d._require_engine().ll_slot_bytes:
@@ -212,7 +213,7 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max):
             d.broadcast_(x, root, name=f"sc.reuse.{k}")
             np.testing.assert_array_equal(x, np.full(40000, k, np.int32))
     finally:
-        _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=None)
+        _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=None, AIMASS_SHM_CMA_PUSH=None)
 
 
 @pytest.mark.timeout(60)

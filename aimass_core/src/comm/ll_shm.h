@@ -226,6 +226,20 @@ class LLChannel {
   // The root gave up waiting for the receivers of its last by-address entry: a late receiver that
   // reads it after this raises instead of returning what the buffer holds by then.
   void eager_abandon();
+  // The root of a by-address entry of kHelpMin bytes or more (with push_available()), before it waits
+  // for the acknowledgements: instead of only waiting, it claims pieces of each receiver that posted
+  // its output and writes them there (process_vm_writev) while the receiver reads the others, so two
+  // cores copy instead of one. Returns within deadline_s; DistributedError when a receiver's process
+  // is gone (peer_lost()).
+  static constexpr size_t kHelpMin = 256u << 10;
+  static size_t help_piece_bytes(size_t bytes) {  // the same on every rank: 4-16 pieces, whole pages
+    const size_t want = (bytes / 8 + 4095) / 4096 * 4096;
+    return std::min<size_t>(256u << 10, std::max<size_t>(64u << 10, want));
+  }
+  void eager_serve(double deadline_s);
+  // The last eager_receive posted its output for the root to write (a failure may leave the root
+  // writing it after the call raised: the caller keeps it alive).
+  bool eager_output_posted() const { return eager_out_posted_; }
   // A receiver's side: copies the root's payload into `out` (Done), or Normal (see above).
   // DistributedError on a signature mismatch (desc: this rank's request, for the message).
   Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill, const void* ctx,
@@ -294,7 +308,14 @@ class LLChannel {
   bool closed(uint64_t w) const { return (w & kAborted) || (w & kMaskBits) == full_; }
   struct alignas(128) EagerCtl {  // one per rank: 640 bytes
     std::atomic<uint64_t> acked;       // the last stream entry this rank processed (alone in its line)
-    char pad0[120];
+    char pad0[56];
+    // a receiver's single-copy broadcast of kHelpMin bytes or more: the root, which would only wait,
+    // writes some of its pieces (see eager_serve)
+    std::atomic<uint64_t> help;        // entry s whose output is at help_out (0: none yet)
+    std::atomic<uint64_t> help_out;
+    std::atomic<uint64_t> claims;      // s << 24 | pieces claimed so far (by this rank or the root)
+    std::atomic<uint64_t> pushed;      // s << 24 | pieces the root finished writing
+    char pad1[32];
     std::atomic<uint64_t> bad;         // the last entry whose signature did not match this rank's (0: none)
     std::atomic<uint64_t> claim_hash;  // the signature of this rank's last claim
     char pad[48];
@@ -329,9 +350,13 @@ class LLChannel {
   }
   static constexpr uint64_t kAbandoned = 1;  // (no payload address is 1)
   void eager_ack(uint64_t s);
+  void receive_by_address(uint64_t s, int root, uint64_t addr, void* out, size_t bytes);
   [[noreturn]] void mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx,
                                 bool as_root);
   void attach(void* memory, size_t slot_bytes);
+  // Every 16th exchange or eager broadcast: posts this rank's CPU and sets spin_ (false when a peer last
+  // ran on the same CPU: a wait then yields at once instead of spinning it away from that peer).
+  void note_cpu();
 
   int rank_ = 0, size_ = 1;
   uint64_t full_ = 0;
@@ -359,6 +384,8 @@ class LLChannel {
   bool peer_lost_ = false;
   uint64_t last_posted_ = 0;    // the last posted entry this rank processed (what settle() waits for)
   uint64_t posted_by_address_ = 0;  // the last entry this rank posted by address (eager_abandon)
+  bool eager_out_posted_ = false;
+  double timeout_s_ = 60;          // the engine timeout (bounds a receiver's wait for the root's pieces)
   uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
 
