@@ -176,8 +176,9 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
     posted by address in the eager stream: the receivers read the root's array itself, the root returns
     once every receiver acknowledged. Every dtype, odd sizes on both sides of the bounds (the copy bound,
     the 64 KiB ring entry, the 4 MiB single-copy bound), every root, in place or not, back to back:
-    bit-exact. From 128 KiB the root writes some pieces into the receivers' outputs itself, unless
-    AIMASS_SHM_CMA_PUSH=0 (then those go through the channel's exchange, as before)."""
+    bit-exact. From 32 KiB the root writes some pieces into the receivers' outputs itself, unless
+    AIMASS_SHM_CMA_PUSH=0 (then a receiver reads them all, and from 128 KiB they go through the channel's
+    exchange, as before)."""
     _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push)
     try:
         d = dist
@@ -188,7 +189,8 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
         calls = 0
         for dtype in DTYPES:
             es = np.dtype(dtype).itemsize
-            counts = [1, 4095 // es, 4096 // es + 1, 16411 // es, (64 << 10) // es + 3, (128 << 10) // es + 1,
+            counts = [1, 4095 // es, 4096 // es + 1, 16411 // es, (32 << 10) // es + 1, (64 << 10) // es + 3,
+                      (128 << 10) // es + 1,
                       (1 << 20) // es + 5]
             if dtype in ("float32", "int8"):
                 counts += [(4 << 20) // es, (4 << 20) // es + 1]  # at the single-copy bound and past it

@@ -247,10 +247,10 @@ bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
   comm::LLChannel::Eager got;
   if (rank == c.root) {
-    // (from kHelpMin only when the root may write its pieces into the receivers' outputs: a lone
+    // (from 128 KiB only when the root may write its pieces into the receivers' outputs: a lone
     // reader measured slower here than the channel's exchange, 256 KiB-2 MiB: 0.82-0.84x of its speed)
     const bool by_address = nbytes > eager_copy_max && nbytes <= kByAddressMaxBroadcastBytes &&
-                            ll->cma_available() && (nbytes < comm::LLChannel::kHelpMin || ll->push_available());
+                            ll->cma_available() && (nbytes < (size_t(128) << 10) || ll->push_available());
     got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), fill, &c, by_address);
     if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) std::memcpy(c.output, c.input, nbytes);
     if (got == comm::LLChannel::Eager::Done && by_address) {

@@ -212,7 +212,7 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
 void LLChannel::receive_by_address(uint64_t s, int root, uint64_t addr, void* out, size_t bytes) {
   const pid_t pid = static_cast<pid_t>(ctl(root)->pid.load(std::memory_order_relaxed));
   eager_out_posted_ = false;
-  if (bytes < kHelpMin) {
+  if (bytes < kHelpMin || !push_ok_) {  // (push_ok_ is agreed: the root does not help either)
     iovec l{out, bytes};
     iovec r{reinterpret_cast<void*>(addr), bytes};
     cma_read(pid, &l, &r, 1, "blocking broadcast", "root rank", root);

@@ -231,9 +231,10 @@ class LLChannel {
   // its output and writes them there (process_vm_writev) while the receiver reads the others, so two
   // cores copy instead of one. Returns within deadline_s; DistributedError when a receiver's process
   // is gone (peer_lost()).
-  static constexpr size_t kHelpMin = 128u << 10;
-  static size_t help_piece_bytes(size_t bytes) {  // the same on every rank: 4-16 pieces, whole pages
-    const size_t want = (bytes / 8 + 4095) / 4096 * 4096;
+  static constexpr size_t kHelpMin = 32u << 10;
+  static size_t help_piece_bytes(size_t bytes) {  // the same on every rank: whole pages; below 128 KiB
+    if (bytes < (128u << 10)) return std::max<size_t>(16u << 10, (bytes / 2 + 4095) / 4096 * 4096);  // 2-3
+    const size_t want = (bytes / 8 + 4095) / 4096 * 4096;  // 4-16 pieces
     return std::min<size_t>(256u << 10, std::max<size_t>(32u << 10, want));
   }
   void eager_serve(double deadline_s);
