@@ -253,7 +253,9 @@ void LLChannel::receive_by_address(uint64_t s, int root, uint64_t addr, void* ou
 
 void LLChannel::eager_serve(double deadline_s) {
   const uint64_t s = posted_by_address_;
-  if (s == 0 || !push_ok_) return;
+  // (not when a peer last ran on this CPU: the two would take turns on one core, and the writes only
+  // add syscalls; the receiver then claims every piece itself)
+  if (s == 0 || !push_ok_ || !spin_) return;
   EagerEntry* e = entry(s);
   const size_t bytes = e->bytes;
   if (bytes < kHelpMin) return;
