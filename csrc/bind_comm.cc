@@ -268,13 +268,14 @@ PyMethodDef lean_def = {"_comm_lean", reinterpret_cast<PyCFunction>(reinterpret_
                         "numpy collectives (None: not handled, take the full path)"};
 
 // ------------------------------------------------------------------ lean entries
-// A module-level collective (aimass.dist.allreduce / allreduce_) as a vectorcall object: a call with
-// plain arguments (the tensor, name=, op=; every other parameter absent or at its default) goes to
+// A module-level collective (aimass.dist.allreduce / allreduce_ / broadcast / broadcast_) as a vectorcall
+// object: a call with plain arguments (the tensor, name=, op= or root_rank= / root=; every other
+// parameter absent or at its default) goes to
 // lean_call with no Python frame in between (the wrapper's frame and keyword binding cost about as
 // much as the C call itself; an 8-byte allreduce is ~1 us in all); anything else, or a call the lane
 // does not take, is passed unchanged to the Python function, which stays the reference (its
 // signature and docstring are copied onto the object by functools.update_wrapper).
-enum ParamRole : uint8_t { kTensor, kName, kOp, kMustBeNone, kMustBeOne, kMustBeSet, kOther };
+enum ParamRole : uint8_t { kTensor, kName, kOp, kRootRank, kRoot, kMustBeNone, kMustBeOne, kMustBeSet, kOther };
 
 struct LeanEntry {
   PyObject_HEAD
@@ -294,6 +295,8 @@ ParamRole role_of(const char* n) {
   if (v == "tensor") return kTensor;
   if (v == "name") return kName;
   if (v == "op") return kOp;
+  if (v == "root_rank") return kRootRank;
+  if (v == "root") return kRoot;
   if (v == "average" || v == "compression" || v == "timeout") return kMustBeNone;
   if (v == "prescale_factor" || v == "postscale_factor") return kMustBeOne;
   if (v == "process_set") return kMustBeSet;
@@ -303,13 +306,15 @@ ParamRole role_of(const char* n) {
 PyObject* lean_entry_call(PyObject* self_, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
   auto* self = reinterpret_cast<LeanEntry*>(self_);
   const Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-  PyObject *tensor = nullptr, *name = Py_None, *op = Py_None;
+  PyObject *tensor = nullptr, *name = Py_None, *op = Py_None, *root_rank = Py_None, *root = Py_None;
   bool plain = n >= 1 && n <= self->npos;
   auto take = [&](uint8_t role, PyObject* v) {
     switch (role) {
       case kTensor: tensor = v; break;
       case kName: name = v; break;
       case kOp: op = v; break;
+      case kRootRank: root_rank = v; break;
+      case kRoot: root = v; break;
       case kMustBeNone: plain = plain && v == Py_None; break;
       case kMustBeOne: plain = plain && PyFloat_CheckExact(v) && PyFloat_AS_DOUBLE(v) == 1.0; break;
       case kMustBeSet: plain = plain && v == self->global_set; break;
@@ -334,7 +339,7 @@ PyObject* lean_entry_call(PyObject* self_, PyObject* const* args, size_t nargsf,
     else take((*self->roles)[static_cast<size_t>(at)], args[n + k]);
   }
   if (plain && tensor != nullptr) {
-    PyObject* argv[7] = {nullptr, tensor, self->inplace ? tensor : Py_None, name, op, Py_None, Py_None};
+    PyObject* argv[7] = {nullptr, tensor, self->inplace ? tensor : Py_None, name, op, root_rank, root};
     PyObject* kind = PyLong_FromLong(self->kind);
     if (!kind) return nullptr;
     argv[0] = kind;
@@ -409,7 +414,8 @@ PyTypeObject* lean_entry_type() {
 
 py::object make_lean_entry(int kind, bool inplace, py::function fallback, py::tuple positional, py::tuple keyword_only,
                            py::object global_set) {
-  AIMASS_CHECK(kind == 0, ValueError, "_comm_lean_entry: only allreduce (kind 0) has an entry");
+  AIMASS_CHECK(kind == 0 || kind == 1, ValueError,
+               "_comm_lean_entry: only allreduce (kind 0) and broadcast (kind 1) have an entry");
   PyTypeObject* tp = lean_entry_type();
   auto* self = PyObject_GC_New(LeanEntry, tp);
   if (!self) throw py::error_already_set();

@@ -519,3 +519,58 @@ TEST(LLEager, ClaimsAlignTheStreamAndSettleHonoursTheDeadline) {
   EXPECT_THROW(root.settle(0.2), aimass::DistributedError);
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
 }
+
+// Single copy in the stream: roots post their buffers by address (any size), receivers read them, and
+// from kHelpMin the root writes pieces into the receivers' outputs while they read the rest (odd sizes:
+// a partial last piece). Rotating roots at 2-4 ranks; every receiver gets the root's bytes exactly, and
+// the root changes its buffer only after every receiver acknowledged.
+TEST(LLEager, ByAddressBroadcastsWithTheRootWritingPieces) {
+  for (int L = 2; L <= 4; ++L) {
+    Segment seg(L);
+    std::vector<std::string> errors(L);
+    const size_t sizes[] = {8, 4100, 65539, LLChannel::kHelpMin - 8, LLChannel::kHelpMin + 12345, (1u << 20) + 7};
+    auto rank = [&](int r) {
+      LLChannel ch(r, L, seg.mem, kSlot);
+      ch.allow_cma_for_tests();
+      int op = 0;
+      for (size_t bytes : sizes) {
+        for (int k = 0; k < 2 * L; ++k, ++op) {
+          const int root = (op + k) % L;
+          std::vector<uint8_t> buf(bytes, 0);
+          auto value = [&](size_t i) { return static_cast<uint8_t>((i * 131 + static_cast<size_t>(op) * 7 + 3) & 0xff); };
+          if (r == root)
+            for (size_t i = 0; i < bytes; ++i) buf[i] = value(i);
+          ch.settle(10.0, LLChannel::ring_lag());
+          int64_t n = static_cast<int64_t>(bytes);
+          const uint64_t hash = 0x5000u + static_cast<uint64_t>(op);
+          LLChannel::Eager got;
+          if (r == root) {
+            got = ch.eager_root(hash, buf.data(), bytes, true, fill_sig, &n, /*by_address=*/true);
+            ch.eager_serve(10.0);
+            ch.settle(10.0, 0);  // every receiver read it: the buffer may change now
+            std::fill(buf.begin(), buf.end(), uint8_t(0xee));
+          } else {
+            got = ch.eager_receive(hash, root, buf.data(), bytes, fill_sig, &n, 10.0);
+            for (size_t i = 0; i < bytes; ++i)
+              if (buf[i] != value(i))
+                throw std::runtime_error("op " + std::to_string(op) + " (" + std::to_string(bytes) +
+                                         " B): wrong byte at " + std::to_string(i));
+          }
+          if (got != LLChannel::Eager::Done) throw std::runtime_error("op " + std::to_string(op) + " not eager");
+        }
+      }
+      ch.settle(10.0);
+    };
+    std::vector<std::thread> threads;
+    for (int r = 0; r < L; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          rank(r);
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << L << " ranks, rank " << r;
+  }
+}

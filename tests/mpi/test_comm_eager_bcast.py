@@ -157,3 +157,107 @@ def test_broadcasts_from_threads_interleaving_differently_per_rank(ll, in_thread
     # and the main thread's eager stream is unaffected
     got = d.broadcast(np.full(2, 5 if r == 0 else 0, np.int16), 0, name="eb.t.after")
     np.testing.assert_array_equal(got, [5, 5])
+
+
+def _restart(dist, **env):
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    dist.shutdown()
+    dist.init()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("copy_max,push", [(None, None), ("0", None), (None, "0")])
+def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
+    """Broadcasts above AIMASS_LL_EAGER_COPY_MAX_BYTES (default 4 KiB; "0": every non-empty one) are
+    posted by address in the eager stream: the receivers read the root's array itself, the root returns
+    once every receiver acknowledged. Every dtype, odd sizes on both sides of the bounds (the copy bound,
+    the 64 KiB ring entry, the 4 MiB single-copy bound), every root, in place or not, back to back:
+    bit-exact. From 32 KiB the root writes some pieces into the receivers' outputs itself, unless
+    AIMASS_SHM_CMA_PUSH=0 (then a receiver reads them all, and from 128 KiB they go through the channel's
+    exchange, as before)."""
+    _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push)
+    try:
+        d = dist
+        if not d._require_engine().ll_slot_bytes:
+            pytest.skip("no low-latency channel")
+        n, r = d.size(), d.rank()
+        before = d.stats()["ll_collectives"]
+        calls = 0
+        for dtype in DTYPES:
+            es = np.dtype(dtype).itemsize
+            counts = [1, 4095 // es, 4096 // es + 1, 16411 // es, (32 << 10) // es + 1, (64 << 10) // es + 3,
+                      (128 << 10) // es + 1,
+                      (1 << 20) // es + 5]
+            if dtype in ("float32", "int8"):
+                counts += [(4 << 20) // es, (4 << 20) // es + 1]  # at the single-copy bound and past it
+            for count in counts:
+                for root in range(n):
+                    seed = (DTYPES.index(dtype) * 7919 + count) * 31 + root
+                    want = payload(seed, count, dtype)
+                    x = want.copy() if r == root else np.zeros(count, dtype)
+                    got = d.broadcast(x, root, name=f"sc.{dtype}.{count}.{root}")
+                    np.testing.assert_array_equal(got, want)
+                    if r == root:
+                        np.testing.assert_array_equal(x, want)  # the root's input is left alone
+                    assert d.broadcast_(x, root, name=f"sc_.{dtype}.{count}.{root}") is x
+                    np.testing.assert_array_equal(x, want)
+                    calls += 2
+        assert d.stats()["ll_collectives"] - before >= calls // 2
+        # the root changes its array right after each call returns: every receiver still got the old one
+        x = np.zeros(40000, np.int32)
+        for k in range(30):
+            root = k % n
+            if r == root:
+                x[:] = k
+            d.broadcast_(x, root, name=f"sc.reuse.{k}")
+            np.testing.assert_array_equal(x, np.full(40000, k, np.int32))
+    finally:
+        _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=None, AIMASS_SHM_CMA_PUSH=None)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["shape", "dtype", "root"])
+def test_single_copy_mismatch_raises_on_every_rank(ll, what):
+    """A root posting by address and a receiver asking for something else: the receiver raises at once
+    and reads nothing, the root raises in the same call or its next collective; nothing hangs."""
+    d = ll
+    n, r = d.size(), d.rank()
+    last = r == n - 1
+    count = 20000 + (7 if (what == "shape" and last) else 0)
+    dtype = np.float64 if (what == "dtype" and last) else np.float32
+    root = (n - 1 if what == "root" and last else 0)
+    t0 = time.monotonic()
+    with pytest.raises(d.DistributedError, match="different arguments"):
+        d.broadcast(np.ones(count, dtype), root, name=f"sc.mm.{what}")
+        d.barrier(name=f"sc.mm.{what}.next")
+    assert time.monotonic() - t0 < 20
+    for k in range(3):
+        want = np.arange(30000, dtype=np.int32) * (k + 1)
+        got = d.broadcast(want if r == 1 % n else np.zeros_like(want), 1 % n, name=f"sc.mm.{what}.after.{k}")
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.timeout(60)
+def test_single_copy_receiver_that_never_comes_fails_the_root_within_the_deadline(dist):
+    """A root posting by address waits for its receivers in the call itself, no longer than the deadline."""
+    _restart(dist, AIMASS_COMM_TIMEOUT="1.0")
+    try:
+        if not dist._require_engine().ll_slot_bytes:
+            pytest.skip("no low-latency channel")
+        r = dist.rank()
+        t0 = time.monotonic()
+        if r == 0:
+            with pytest.raises(dist.DistributedError, match="did not take part|timed out"):
+                dist.broadcast(np.ones(50000, np.float32), 0, name="sc.lost")
+        else:
+            with pytest.raises(dist.DistributedError):
+                dist.allreduce(np.ones(2, np.float32), op="sum", name="sc.lost.next")
+        assert time.monotonic() - t0 < 20
+    finally:
+        _restart(dist, AIMASS_COMM_TIMEOUT=None)
+    np.testing.assert_array_equal(dist.allreduce(np.ones(2, np.float32), op="sum", name="sc.lost.after"),
+                                  np.full(2, dist.size(), np.float32))

@@ -438,6 +438,52 @@ def test_allreduce_entries_take_plain_calls_and_pass_the_rest(ll):
 
 
 @pytest.mark.timeout(60)
+def test_broadcast_entries_take_plain_calls_and_pass_the_rest(ll):
+    """broadcast / broadcast_ are vectorcall objects too: the tensor with root_rank (or root=) and name=,
+    by position or keyword, enter the lean lane directly; anything else goes to the Python function."""
+    import copy
+    import inspect
+    import pickle
+    d = ll
+    n, r = d.size(), d.rank()
+    for f in (d.broadcast, d.broadcast_):
+        assert inspect.signature(f) == inspect.signature(f.__wrapped__) and f.__doc__ == f.__wrapped__.__doc__
+        assert pickle.loads(pickle.dumps(f)) is f and copy.deepcopy(f) is f
+    root = n - 1  # not rank 0
+    want = np.arange(7, dtype=np.int16) * 3 - 5
+    mine = want.copy() if r == root else np.zeros(7, np.int16)
+    st = d.stats()
+    before = st["ll_collectives"] + st["ll_fallbacks"]
+    np.testing.assert_array_equal(d.broadcast(mine, root, name="bent.pos"), want)
+    np.testing.assert_array_equal(d.broadcast(mine, root_rank=root, name="bent.kw"), want)
+    np.testing.assert_array_equal(d.broadcast(mine, name="bent.root", root=root), want)
+    y = mine.copy()
+    assert d.broadcast_(y, root, "bent.pos_", d.global_process_set) is y
+    np.testing.assert_array_equal(y, want)
+    st = d.stats()
+    assert st["ll_collectives"] + st["ll_fallbacks"] == before + 4  # every one took the channel
+    # the rest: the Python function (same results, the usual errors)
+    np.testing.assert_array_equal(d.broadcast(mine, root, name="bent.to", timeout=30.0), want)
+    np.testing.assert_array_equal(d.broadcast(tensor=mine, root_rank=root, name="bent.tkw"), want)
+    np.testing.assert_array_equal(d.broadcast(mine[::-1].copy()[::-1], root, name="bent.view"), want)
+    with pytest.raises(TypeError):
+        d.broadcast(mine, root, name="bent.bogus", bogus=1)
+    with pytest.raises(TypeError):
+        d.broadcast_(mine, root, "bent.dup", name="bent.dup")
+    with pytest.raises(TypeError):
+        d.broadcast()
+    np.testing.assert_array_equal(d.broadcast(mine, root, name="bent.both", root=root), want)  # agreeing
+    with pytest.raises(ValueError, match="disagree"):
+        d.broadcast(mine, root, name="bent.two", root=(root + 1) % n)
+    np.testing.assert_array_equal(d.broadcast(mine, name="bent.none"), np.zeros(7, np.int16))  # root 0's
+    with pytest.raises(ValueError, match="root must be a rank"):
+        d.broadcast(mine, n + 3, name="bent.range")  # refused alike on every rank
+    with pytest.raises(ValueError, match="root must be a rank"):
+        d.broadcast_(mine, True, name="bent.bool")
+    np.testing.assert_array_equal(d.broadcast(mine, root, name="bent.after"), want)
+
+
+@pytest.mark.timeout(60)
 def test_lean_lane_takes_plain_calls_and_leaves_the_rest_to_the_full_path(ll):
     """The blocking numpy calls go through one C call (_comm_lean): plain arguments run there, anything
     else (views, read-only arrays, odd op/root spellings, bad values) takes the full path, which gives the

@@ -208,6 +208,9 @@ struct CollectiveEngine::Impl {
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
   void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push);
   size_t ll_push_max = 0;  // the agreed single-copy allreduce bound (0: off; fixed after ll_init)
+  // blocking broadcasts larger than this are posted by address in the eager stream (the root's
+  // choice alone: receivers follow the entry; AIMASS_LL_EAGER_COPY_MAX_BYTES, fixed after ll_init)
+  size_t eager_copy_max = 0;
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "aimass/error.h"
+#include "comm/cma.h"
 #include "comm/ll_shm.h"
 
 namespace aimass {
@@ -95,8 +96,11 @@ void LLChannel::eager_ack(uint64_t s) {
   ectl(rank_)->acked.store(s, std::memory_order_seq_cst);
 }
 
-LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx) {
-  post = post && bytes <= eager_bytes_;
+LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill,
+                                       const void* ctx, bool by_address) {
+  note_cpu();  // (the stream's waits yield at once when a peer shares this CPU, as the exchanges' do)
+  by_address = by_address && cma_ok_ && bytes > 0 && data != nullptr;
+  post = post && (by_address || bytes <= eager_bytes_);
   while (true) {
     const uint64_t s = eager_acked_ + 1;
     EagerEntry* e = entry(s);
@@ -110,8 +114,13 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
         e->hash = hash;
         e->bytes = bytes;
         e->root = rank_;
-        fill(e->sig, ctx);
-        if (bytes) std::memcpy(e->data(), data, bytes);
+        e->addr.store(by_address ? reinterpret_cast<uint64_t>(data) : 0, std::memory_order_relaxed);
+        // the record is read only on a mismatch: rewritten only when another request last used it
+        if (e->sig_of != hash) {
+          fill(e->sig, ctx);
+          e->sig_of = hash;
+        }
+        if (bytes && !by_address) std::memcpy(e->data(), data, bytes);
       } else {
         ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
       }
@@ -121,6 +130,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
         if (post) {
           ++eager_posted_;
           last_posted_ = s;
+          if (by_address) posted_by_address_ = s;
         }
         return post ? Eager::Done : Eager::Normal;
       }
@@ -140,6 +150,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
 
 LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill,
                                           const void* ctx, double fallback_s) {
+  note_cpu();
   const uint64_t s = eager_acked_ + 1;
   EagerEntry* e = entry(s);
   ll_wait::Backoff backoff;
@@ -153,7 +164,25 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
         return Eager::Normal;
       }
       if (e->hash == hash && e->bytes == bytes && e->root == root) {
-        if (bytes) std::memcpy(out, e->data(), bytes);
+        const uint64_t addr = e->addr.load(std::memory_order_relaxed);  // (ordered by the state's load)
+        if (addr == 0) {
+          if (bytes) std::memcpy(out, e->data(), bytes);
+        } else {
+          // single copy from the root's buffer, which stays as it is until this rank acknowledges,
+          // unless the root gave up waiting (it found a receiver dead or stopped): then what was
+          // read may be stale, and this rank raises (seen after the read: a root that had not given
+          // up by then had not returned either)
+          try {
+            if (addr != kAbandoned) receive_by_address(s, root, addr, out, bytes);
+            AIMASS_CHECK(e->addr.load(std::memory_order_seq_cst) != kAbandoned, DistributedError,
+                         "aimass.dist: blocking broadcast: root rank ", root,
+                         " stopped waiting for this rank to read its data (it found a rank dead or stopped)");
+          } catch (const DistributedError&) {
+            peer_lost_ = true;  // the root is gone, or the job is broken: the engine cannot go on
+            eager_ack(s);
+            throw;
+          }
+        }
         eager_ack(s);
         ++eager_posted_;
         last_posted_ = s;
@@ -176,6 +205,109 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
     }
     backoff.pause(waited);
   }
+}
+
+// A by-address entry's payload into `out`: one read, or (kHelpMin bytes or more) pieces claimed one
+// at a time, the root writing the ones it claims (eager_serve); returns once every piece is in.
+void LLChannel::receive_by_address(uint64_t s, int root, uint64_t addr, void* out, size_t bytes) {
+  const pid_t pid = static_cast<pid_t>(ctl(root)->pid.load(std::memory_order_relaxed));
+  eager_out_posted_ = false;
+  if (bytes < kHelpMin || !push_ok_) {  // (push_ok_ is agreed: the root does not help either)
+    iovec l{out, bytes};
+    iovec r{reinterpret_cast<void*>(addr), bytes};
+    cma_read(pid, &l, &r, 1, "blocking broadcast", "root rank", root);
+    return;
+  }
+  const size_t piece = help_piece_bytes(bytes);
+  const uint64_t pieces = (bytes + piece - 1) / piece;
+  EagerCtl* me = ectl(rank_);
+  me->help_out.store(reinterpret_cast<uint64_t>(out), std::memory_order_relaxed);
+  me->claims.store(s << 24, std::memory_order_relaxed);
+  me->pushed.store(s << 24, std::memory_order_relaxed);
+  me->help.store(s, std::memory_order_seq_cst);  // (publishes the three above)
+  eager_out_posted_ = true;
+  uint64_t mine = 0;
+  uint64_t w = me->claims.load(std::memory_order_seq_cst);
+  while ((w & 0xffffff) < pieces) {  // (only this entry's claims: the tag is ours until we acknowledge)
+    if (!me->claims.compare_exchange_weak(w, w + 1, std::memory_order_seq_cst)) continue;
+    const size_t off = static_cast<size_t>(w & 0xffffff) * piece, n = std::min(piece, bytes - off);
+    iovec l{static_cast<char*>(out) + off, n};
+    iovec r{reinterpret_cast<void*>(addr + off), n};
+    cma_read(pid, &l, &r, 1, "blocking broadcast", "root rank", root);
+    ++mine;
+    w = me->claims.load(std::memory_order_seq_cst);
+  }
+  // the root's pieces: it claimed them before we ran out, so it is writing them now
+  ll_wait::Backoff backoff;
+  backoff.spin = spin_;
+  while ((me->pushed.load(std::memory_order_seq_cst) & 0xffffff) < pieces - mine) {
+    const double waited = backoff.elapsed();
+    if (waited > timeout_s_ || (backoff.iter % 4096 == 4095 && process_gone(static_cast<int>(pid))))
+      throw DistributedError(detail::concat("aimass.dist: blocking broadcast: root rank ", root,
+                                            " did not finish writing its part of the data within ", timeout_s_,
+                                            " s: it has died or stopped (raise AIMASS_COMM_TIMEOUT if it is only slow)"));
+    backoff.pause(waited);
+  }
+  eager_out_posted_ = false;  // nobody writes it any more
+}
+
+void LLChannel::eager_serve(double deadline_s) {
+  const uint64_t s = posted_by_address_;
+  // (not when a peer last ran on this CPU: the two would take turns on one core, and the writes only
+  // add syscalls; the receiver then claims every piece itself)
+  if (s == 0 || !push_ok_ || !spin_) return;
+  EagerEntry* e = entry(s);
+  const size_t bytes = e->bytes;
+  if (bytes < kHelpMin) return;
+  const char* data = reinterpret_cast<const char*>(e->addr.load(std::memory_order_relaxed));
+  const size_t piece = help_piece_bytes(bytes);
+  const uint64_t pieces = (bytes + piece - 1) / piece;
+  ll_wait::Backoff backoff;
+  backoff.spin = spin_;
+  while (true) {
+    bool waiting = false;  // a receiver neither acknowledged nor posted its output yet
+    for (int j = 0; j < size_; ++j) {
+      if (j == rank_) continue;
+      EagerCtl* p = ectl(j);
+      if (p->acked.load(std::memory_order_seq_cst) >= s) continue;
+      if (p->help.load(std::memory_order_seq_cst) != s) {
+        waiting = true;
+        continue;
+      }
+      const uint64_t out = p->help_out.load(std::memory_order_relaxed);
+      const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
+      uint64_t w = p->claims.load(std::memory_order_seq_cst);
+      // the tag: a receiver that finished this entry may already have posted the next one
+      while ((w >> 24) == s && (w & 0xffffff) < pieces) {
+        if (!p->claims.compare_exchange_weak(w, w + 1, std::memory_order_seq_cst)) continue;
+        // claimed (from the back would keep the receiver's reads sequential; the front is simpler
+        // and the pieces are whole pages either way)
+        const size_t off = static_cast<size_t>(w & 0xffffff) * piece, n = std::min(piece, bytes - off);
+        iovec l{const_cast<char*>(data) + off, n};
+        iovec r{reinterpret_cast<void*>(out + off), n};
+        try {
+          cma_write(pid, &l, &r, 1, "blocking broadcast", "rank", j);
+        } catch (const DistributedError&) {
+          peer_lost_ = true;
+          throw;
+        }
+        p->pushed.fetch_add(1, std::memory_order_seq_cst);
+        w = p->claims.load(std::memory_order_seq_cst);
+      }
+    }
+    if (!waiting) return;  // settle() waits for the acknowledgements
+    const double waited = backoff.elapsed();
+    if (waited > deadline_s) return;  // (settle() reports it)
+    backoff.pause(waited);
+  }
+}
+
+void LLChannel::eager_abandon() {
+  if (posted_by_address_ == 0) return;
+  EagerEntry* e = entry(posted_by_address_);
+  if (seq_of(e->state.load(std::memory_order_seq_cst)) == posted_by_address_)
+    e->addr.store(kAbandoned, std::memory_order_seq_cst);
+  posted_by_address_ = 0;
 }
 
 void LLChannel::settle(double deadline_s, uint64_t lag) {

@@ -74,7 +74,7 @@ LLChannel::LLChannel(int rank, int size, void* memory, size_t slot_bytes) : rank
 }
 
 LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout_s)
-    : rank_(comm.rank()), size_(comm.size()) {
+    : rank_(comm.rank()), size_(comm.size()), timeout_s_(timeout_s) {
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory words need lock-free atomics");
   MPI_Comm world = comm.comm();
   auto allreduce_min = [&](void* v, MPI_Datatype t) {
@@ -212,14 +212,8 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
   }
   attempt_ = a;
-  if ((++exchanges_ & 15) == 1) {  // every 16th exchange: whether a peer last arrived from our CPU
-    const int64_t cpu = sched_getcpu();   // (each look pulls the peers' lines, so not every time)
-    if (me->cpu.load(std::memory_order_relaxed) != cpu) me->cpu.store(cpu, std::memory_order_relaxed);
-    spin_ = true;
-    for (int j = 0; j < size_; ++j)
-      if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) spin_ = false;
-    backoff.spin = spin_;
-  }
+  note_cpu();
+  backoff.spin = spin_;
 
   // ---- wait until complete or aborted
   double busy_since = -1;
@@ -316,6 +310,16 @@ bool LLChannel::wait_readers(double deadline_s) const {
   }
   note_large_allreduce();  // (the staged-or-push choice: ll_push.cc)
   return true;
+}
+
+void LLChannel::note_cpu() {
+  if ((++exchanges_ & 15) != 1) return;  // every 16th call: whether a peer last arrived from our CPU
+  const int64_t cpu = sched_getcpu();    // (each look pulls the peers' lines, so not every time)
+  Control* me = ctl(rank_);
+  if (me->cpu.load(std::memory_order_relaxed) != cpu) me->cpu.store(cpu, std::memory_order_relaxed);
+  spin_ = true;
+  for (int j = 0; j < size_; ++j)
+    if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) spin_ = false;
 }
 
 void LLChannel::done() { ctl(rank_)->reading.store(0, std::memory_order_seq_cst); }

@@ -250,9 +250,33 @@ class LLChannel {
   // The root's side: post=true publishes `bytes` of `data` (<= eager_max()); post=false (or an entry
   // already claimed by the receivers) returns Normal. DistributedError when another rank posted this
   // entry as root (root mismatch).
+  // by_address (single copy, needs cma_available()): `data` itself is posted, any size; the receivers
+  // read it with process_vm_readv, and on Done the caller must wait for their acknowledgements
+  // (settle(deadline, 0)) before `data` may change, and call eager_abandon() if that wait fails.
   // `fill(sig, ctx)` writes this rank's request into a signature record (only when one is needed).
   using SigFill = void (*)(EagerSig& sig, const void* ctx);
-  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx);
+  Eager eager_root(uint64_t hash, const void* data, size_t bytes, bool post, SigFill fill, const void* ctx,
+                   bool by_address = false);
+  // The root gave up waiting for the receivers of its last by-address entry: a late receiver that
+  // reads it after this raises instead of returning what the buffer holds by then.
+  void eager_abandon();
+  // The root of a by-address entry of kHelpMin bytes or more (with push_available()), before it waits
+  // for the acknowledgements: instead of only waiting, it claims pieces of each receiver that posted
+  // its output and writes them there (process_vm_writev) while the receiver reads the others, so two
+  // cores copy instead of one. Returns within deadline_s; DistributedError when a receiver's process
+  // is gone (peer_lost()).
+  static constexpr size_t kHelpMin = 32u << 10;
+  static size_t help_piece_bytes(size_t bytes) {  // the same on every rank: whole pages; below 128 KiB
+    if (bytes < (128u << 10)) return std::max<size_t>(16u << 10, (bytes / 2 + 4095) / 4096 * 4096);  // 2-3
+    // 4-16 pieces; 64 KiB at least from 256 KiB (2 ranks, loaded: 256 KiB in 4 pieces 15.0-15.1 us in two
+    // runs, in 8 of 32 KiB 16-20 us; mpi4py 21-26 us)
+    const size_t want = (bytes / 8 + 4095) / 4096 * 4096;
+    return std::min<size_t>(256u << 10, std::max<size_t>(bytes < (256u << 10) ? 32u << 10 : 64u << 10, want));
+  }
+  void eager_serve(double deadline_s);
+  // The last eager_receive posted its output for the root to write (a failure may leave the root
+  // writing it after the call raised: the caller keeps it alive).
+  bool eager_output_posted() const { return eager_out_posted_; }
   // A receiver's side: copies the root's payload into `out` (Done), or Normal (see above).
   // DistributedError on a signature mismatch (desc: this rank's request, for the message).
   Eager eager_receive(uint64_t hash, int root, void* out, size_t bytes, SigFill fill, const void* ctx,
@@ -321,7 +345,14 @@ class LLChannel {
   bool closed(uint64_t w) const { return (w & kAborted) || (w & kMaskBits) == full_; }
   struct alignas(128) EagerCtl {  // one per rank: 640 bytes
     std::atomic<uint64_t> acked;       // the last stream entry this rank processed (alone in its line)
-    char pad0[120];
+    char pad0[56];
+    // a receiver's single-copy broadcast of kHelpMin bytes or more: the root, which would only wait,
+    // writes some of its pieces (see eager_serve)
+    std::atomic<uint64_t> help;        // entry s whose output is at help_out (0: none yet)
+    std::atomic<uint64_t> help_out;
+    std::atomic<uint64_t> claims;      // s << 24 | pieces claimed so far (by this rank or the root)
+    std::atomic<uint64_t> pushed;      // s << 24 | pieces the root finished writing
+    char pad1[32];
     std::atomic<uint64_t> bad;         // the last entry whose signature did not match this rank's (0: none)
     std::atomic<uint64_t> claim_hash;  // the signature of this rank's last claim
     char pad[48];
@@ -332,7 +363,10 @@ class LLChannel {
     uint64_t hash;
     uint64_t bytes;
     int64_t root;
-    char pad[96];
+    std::atomic<uint64_t> addr;  // posted by address: the payload in the root's process (0: in data();
+                                 // kAbandoned: the root stopped waiting for the readers)
+    uint64_t sig_of;             // the signature hash whose record `sig` holds (written only when it changes)
+    char pad[80];
     EagerSig sig;  // the root's request
     char pad2[112];
     char* data() { return reinterpret_cast<char*>(this) + sizeof(EagerEntry); }
@@ -351,13 +385,18 @@ class LLChannel {
   static size_t eager_bytes_for(size_t slot_bytes) {
     return std::min(kEagerMax, (slot_bytes + 127) / 128 * 128);
   }
+  static constexpr uint64_t kAbandoned = 1;  // (no payload address is 1)
   void eager_ack(uint64_t s);
+  void receive_by_address(uint64_t s, int root, uint64_t addr, void* out, size_t bytes);
   [[noreturn]] void mismatch_at(uint64_t s, int other, const EagerEntry* e, SigFill fill, const void* ctx,
                                 bool as_root);
   void attach(void* memory, size_t slot_bytes);
   // The staging area (ShmAllreduce's control lines and rings) follows the eager ring, page-aligned.
   static size_t stage_offset(int size, size_t slot_bytes);
   static size_t stage_chunk(int size);
+  // Every 16th exchange or eager broadcast: posts this rank's CPU and sets spin_ (false when a peer last
+  // ran on the same CPU: a wait then yields at once instead of spinning it away from that peer).
+  void note_cpu();
 
   int rank_ = 0, size_ = 1;
   uint64_t full_ = 0;
@@ -396,6 +435,9 @@ class LLChannel {
   uint64_t reported_ = 0;       // the last entry whose mismatch this rank raised
   bool peer_lost_ = false;
   uint64_t last_posted_ = 0;    // the last posted entry this rank processed (what settle() waits for)
+  uint64_t posted_by_address_ = 0;  // the last entry this rank posted by address (eager_abandon)
+  bool eager_out_posted_ = false;
+  double timeout_s_ = 60;          // the engine timeout (bounds a receiver's wait for the root's pieces)
   uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
 

@@ -506,20 +506,22 @@ def sparse_allreduce_async(*args, **kwargs):
 
 
 def _install_lean_entries() -> None:
-    """allreduce and allreduce_ become vectorcall objects (aimass._C): a call with plain arguments (the
-    tensor, name=, op=) enters the lean lane with no Python frame in between, everything else is passed
-    to the functions above unchanged (their signature and docstring are copied onto the objects)."""
+    """allreduce, allreduce_, broadcast and broadcast_ become vectorcall objects (aimass._C): a call with
+    plain arguments (the tensor, name=, op= / root_rank=) enters the lean lane with no Python frame in
+    between, everything else is passed to the functions above unchanged (their signature and docstring
+    are copied onto the objects)."""
     import functools
     import inspect
 
     from .._C import _comm_lean_entry
     g = globals()
-    for fname, inplace in (("allreduce", False), ("allreduce_", True)):
+    for fname, kind, inplace in (("allreduce", 0, False), ("allreduce_", 0, True), ("broadcast", 1, False),
+                                 ("broadcast_", 1, True)):
         f = g[fname]
         params = inspect.signature(f).parameters.values()
         pos = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
         kwo = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
-        g[fname] = functools.update_wrapper(_comm_lean_entry(0, inplace, f, pos, kwo, global_process_set), f)
+        g[fname] = functools.update_wrapper(_comm_lean_entry(kind, inplace, f, pos, kwo, global_process_set), f)
 
 
 _install_lean_entries()
