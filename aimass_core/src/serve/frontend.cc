@@ -97,32 +97,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A JSON string's contents as orjson writes them (UTF-8 kept, control characters escaped).
-void orjson_escape(std::string& out, std::string_view s) {
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (c < 0x20) {
-          char b[16];
-          std::snprintf(b, sizeof b, "\\u%04x", c);
-          out += b;
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-}
-
-// A JSON string's contents as Python's json.dumps writes them (ensure_ascii): \" \\ \n \r \t \b \f,
-// other control characters and every non-ASCII code point as \uXXXX (surrogate pairs above U+FFFF).
-void py_json_escape(std::string& out, std::string_view s) {
+// A JSON string's contents: \" \\ \n \r \t \b \f and other control characters as \u00XX; non-ASCII
+// bytes kept as UTF-8, as orjson writes them, or (ascii_only) every non-ASCII code point as \uXXXX
+// with surrogate pairs above U+FFFF, as Python's json.dumps writes them (ensure_ascii).
+void json_escape(std::string& out, std::string_view s, bool ascii_only) {
   auto u = [&](unsigned v) {
     char b[16];
     std::snprintf(b, sizeof b, "\\u%04x", v);
@@ -130,7 +108,7 @@ void py_json_escape(std::string& out, std::string_view s) {
   };
   for (size_t i = 0; i < s.size(); ++i) {
     unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
+    if (c < 0x80 || !ascii_only) {
       switch (c) {
         case '"': out += "\\\""; break;
         case '\\': out += "\\\\"; break;
@@ -570,7 +548,7 @@ struct Frontend::Impl {
   void refuse(Conn& c, const HttpRequest& req, int proto, const std::string& model, std::string_view path, int status,
               const std::string& msg) {
     std::string b = "{\"error\": \"";
-    py_json_escape(b, msg);
+    json_escape(b, msg, true);
     b += "\"}";
     wire::respond(c.out, status, "application/json", "", b, req.keep_alive);
     if (!req.keep_alive) c.close_after = true;
@@ -761,14 +739,14 @@ struct Frontend::Impl {
     const auto& os = m.outputs();
     if (job.proto == kV2) {
       std::string head = "{\"model_name\":\"";
-      orjson_escape(head, job.model);
+      json_escape(head, job.model, false);
       head += "\",\"model_version\":\"" + std::to_string(job.rv->version) + "\",\"outputs\":[";
       bool any_bin = false;
       for (size_t j = 0; j < job.v2_outs.size(); ++j) {
         auto [i, bin] = job.v2_outs[j];
         if (j) head += ',';
         head += "{\"name\":\"";
-        orjson_escape(head, os[i].name);
+        json_escape(head, os[i].name, false);
         head += "\",\"datatype\":\"";
         head += v2_type(os[i].dtype);
         head += "\",\"shape\":[" + std::to_string(job.rows);
