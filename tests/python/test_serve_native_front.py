@@ -24,7 +24,12 @@ pytestmark = [pytest.mark.timeout(180),
                                  reason="the native front end was compiled out (no OpenSSL libcrypto at build time)")]
 
 X = (np.arange(8, dtype=np.float32).reshape(2, 4) - 3.3) / 7
-TOK = {"infer": "tok-infer", "other": "tok-other", "metrics": "tok-metrics", "slow": "tok-slow", "admin": "tok-admin"}
+TOK = {"infer": "tok-infer", "other": "tok-other", "metrics": "tok-metrics", "slow": "tok-slow", "admin": "tok-admin",
+       "odd": "tok-odd"}
+# a token name the 403 message quotes, with a quote, a tab, accents and a code point past U+FFFF: json.dumps
+# escapes each (\uXXXX, a surrogate pair for the emoji), and the front end must write the same bytes
+ODD_NAME = 'm\u00e9trique "q"\t\u00fc\U0001F600'
+
 
 
 def auth(who):
@@ -42,7 +47,9 @@ def servers(tmp_path_factory):
         {"name": "other", "sha256": hash_token(TOK["other"]), "scopes": ["infer"], "models": ["other"]},
         {"name": "metrics", "sha256": hash_token(TOK["metrics"]), "scopes": ["metrics"]},
         {"name": "slow", "sha256": hash_token(TOK["slow"]), "scopes": ["infer"], "rate": 0.001, "burst": 2},
-        {"name": "admin", "sha256": hash_token(TOK["admin"]), "scopes": ["admin", "infer"]}]}))
+        {"name": "admin", "sha256": hash_token(TOK["admin"]), "scopes": ["admin", "infer"]},
+        {"name": ODD_NAME, "sha256": hash_token(TOK["odd"]), "scopes": ["metrics"]}]}, allow_unicode=True),
+        encoding="utf-8")
     args = ("--tokens", str(tokens), "--max-body-mb", "0.0625")
     with serve_process(tmp / "store", *args) as py, serve_process(tmp / "store", *args, "--http", "native") as nat:
         yield py, nat, nets
@@ -92,6 +99,7 @@ REFUSED = [  # (path, body, headers, token): 401/403 that the front end answers 
     ("/v2/models/mlp/infer", v2_json(), {"Authorization": "Bearer"}, None),        # 401 malformed
     ("/predict", b"not even JSON", {}, "other"),                               # 403 model, before the body
     ("/v1/models/mlp:predict", v2_json(), {}, "metrics"),                      # 403 scope
+    ("/v2/models/mlp/infer", v2_json(), {}, "odd"),                            # 403 scope, escaped name
 ]
 
 FORWARDED = [  # (method, path, body, headers, token): everything else, Python's answer either way
