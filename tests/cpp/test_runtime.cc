@@ -46,7 +46,7 @@ std::string write_model(const std::string& name, const std::string& version = "1
   bytes.append(reinterpret_cast<const char*>(kW), sizeof(kW));
   bytes.append(reinterpret_cast<const char*>(kB), sizeof(kB));
   if (truncate_to) bytes.resize(truncate_to);
-  std::string path = ::testing::TempDir() + name;
+  std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_" + name;
   std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
   return path;
 }
@@ -269,6 +269,7 @@ TEST(RuntimeGemv, ScalarAndAvx2MatchReference) {
 #include "runtime/ops.h"
 #include "runtime/packed_gemm.h"
 #include "aimass/parallel.h"
+#include <unistd.h>
 
 // The packed small-M kernel at odd shapes (tails in M, N and K): scalar reference,
 // AVX2, AVX-512 and the dispatched + threaded entry against a double reference and sgemm.

@@ -16,6 +16,7 @@
 #include "aimass/error.h"
 #include "aimass/parallel.h"
 #include "aimass/runtime.h"
+#include <unistd.h>
 
 namespace rt = aimass::runtime;
 
@@ -36,7 +37,7 @@ std::string write_graph(const std::string& name, const std::string& graph, const
   uint64_t n = header.size();
   std::memcpy(&bytes[0], &n, 8);
   bytes += header;
-  std::string path = ::testing::TempDir() + name;
+  std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_" + name;
   std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
   return path;
 }

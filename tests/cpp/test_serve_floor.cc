@@ -45,7 +45,7 @@ std::string write_model() {
   bytes += header;
   bytes.append(reinterpret_cast<const char*>(kW), sizeof(kW));
   bytes.append(reinterpret_cast<const char*>(kB), sizeof(kB));
-  std::string path = ::testing::TempDir() + "serve_floor.aimass";
+  std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_serve_floor.aimass";
   std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
   return path;
 }
