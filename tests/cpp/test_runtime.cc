@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "aimass/batcher.h"
+#include "tiny_linear_model.h"
 #include "aimass/error.h"
 #include "aimass/runtime.h"
 #include "runtime/json.h"
@@ -20,36 +21,9 @@ namespace rt = aimass::runtime;
 
 namespace {
 
-// y = relu(x @ W^T + b), x [B, 3], W [2, 3]
-const float kW[6] = {1, -2, 0.5f, 0, 1, -1};
-const float kB[2] = {0.25f, -0.5f};
-
-std::string write_model(const std::string& name, const std::string& version = "1",
-                        const std::string& weight_ref = "fc.weight", size_t truncate_to = 0) {
-  std::string graph =
-      R"({\"nodes\":[{\"op\":\"linear\",\"name\":\"fc\",\"inputs\":[\"x\"],\"outputs\":[\"h\"],)"
-      R"(\"params\":{\"weight\":\")" + weight_ref + R"(\",\"bias\":\"fc.bias\"},\"attrs\":{}},)"
-      R"({\"op\":\"activation\",\"name\":\"act\",\"inputs\":[\"h\"],\"outputs\":[\"y\"],\"attrs\":{\"kind\":\"relu\"}}]})";
-  std::string sig =
-      R"({\"inputs\":[{\"name\":\"x\",\"dtype\":\"float32\",\"shape\":[-1,3]}],)"
-      R"(\"outputs\":[{\"name\":\"y\",\"dtype\":\"float32\",\"shape\":[-1,2]}]})";
-  std::string header = R"({"fc.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
-                       R"("fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[24,32]},)"
-                       R"("__metadata__":{"aimass.format_version":")" + version +
-                       R"(","aimass.producer":"test","aimass.graph":")" + graph + R"(","aimass.signature":")" +
-                       sig + R"("}})";
-  while (header.size() % 8) header += ' ';
-  std::string bytes(8, '\0');
-  uint64_t n = header.size();
-  std::memcpy(&bytes[0], &n, 8);
-  bytes += header;
-  bytes.append(reinterpret_cast<const char*>(kW), sizeof(kW));
-  bytes.append(reinterpret_cast<const char*>(kB), sizeof(kB));
-  if (truncate_to) bytes.resize(truncate_to);
-  std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_" + name;
-  std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
-  return path;
-}
+using aimass_test::kB;
+using aimass_test::kW;
+using aimass_test::write_linear_model;
 
 void reference(const float* x, int64_t rows, float* y) {
   for (int64_t r = 0; r < rows; ++r)
@@ -75,7 +49,7 @@ TEST(RuntimeJson, ParsesAndRejects) {
 }
 
 TEST(RuntimeModel, LoadsAndRuns) {
-  auto m = rt::Model::load(write_model("ok.aimass"));
+  auto m = rt::Model::load(write_linear_model("ok.aimass"));
   EXPECT_EQ(m->format_version(), 1);
   ASSERT_EQ(m->inputs().size(), 1u);
   EXPECT_EQ(m->inputs()[0].row_numel(), 3);
@@ -93,16 +67,16 @@ TEST(RuntimeModel, LoadsAndRuns) {
 
 TEST(RuntimeModel, BadFiles) {
   EXPECT_THROW(rt::Model::load(::testing::TempDir() + "does_not_exist.aimass"), aimass::IOError);
-  EXPECT_THROW(rt::Model::load(write_model("trunc.aimass", "1", "fc.weight", 100)), aimass::CorruptDataError);
-  EXPECT_THROW(rt::Model::load(write_model("trunc4.aimass", "1", "fc.weight", 4)), aimass::CorruptDataError);
+  EXPECT_THROW(rt::Model::load(write_linear_model("trunc.aimass", "1", "fc.weight", 100)), aimass::CorruptDataError);
+  EXPECT_THROW(rt::Model::load(write_linear_model("trunc4.aimass", "1", "fc.weight", 4)), aimass::CorruptDataError);
   try {
-    rt::Model::load(write_model("v9.aimass", "9"));
+    rt::Model::load(write_linear_model("v9.aimass", "9"));
     FAIL() << "newer version accepted";
   } catch (const aimass::ValueError& e) {
     EXPECT_NE(std::string(e.what()).find("upgrade aimass"), std::string::npos);
   }
   try {
-    rt::Model::load(write_model("missing.aimass", "1", "fc.nothing"));
+    rt::Model::load(write_linear_model("missing.aimass", "1", "fc.nothing"));
     FAIL() << "missing tensor accepted";
   } catch (const aimass::ValueError& e) {
     EXPECT_NE(std::string(e.what()).find("fc.nothing"), std::string::npos);
@@ -110,7 +84,7 @@ TEST(RuntimeModel, BadFiles) {
 }
 
 TEST(RuntimeBatcher, ScattersRowsAndCountsOutcomes) {
-  auto m = rt::Model::load(write_model("batch.aimass"));
+  auto m = rt::Model::load(write_linear_model("batch.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
   rt::Batcher b(ex, {8, 1000, 64});
   const int n = 40;
@@ -141,7 +115,7 @@ TEST(RuntimeBatcher, ScattersRowsAndCountsOutcomes) {
 // Batcher::run from many threads: batches form, every blocking caller is woken (chain wake)
 // with its own rows, mixed with submit() requests.
 TEST(RuntimeBatcher, BlockingRunFromManyThreads) {
-  auto m = rt::Model::load(write_model("run.aimass"));
+  auto m = rt::Model::load(write_linear_model("run.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
   rt::Batcher b(ex, {8, 300, 256});
   const int threads = 8, per = 60;
@@ -180,7 +154,7 @@ TEST(RuntimeBatcher, BlockingRunFromManyThreads) {
 // try_run_inline runs a lone request on the caller's thread; under evident load (the last batch held
 // several requests) it declines without queueing or counting anything, and a closed batcher throws.
 TEST(RuntimeBatcher, TryRunInlineRunsOnlyWhenIdle) {
-  auto m = rt::Model::load(write_model("tryinline.aimass"));
+  auto m = rt::Model::load(write_linear_model("tryinline.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{8});
   rt::Batcher b(ex, {8, 20000, 64});
   std::vector<float> x{0.3f, -0.2f, 0.9f}, y(2, 0.f);
@@ -223,7 +197,7 @@ TEST(RuntimeBatcher, TryRunInlineRunsOnlyWhenIdle) {
 }
 
 TEST(RuntimeBatcher, RejectsBadArguments) {
-  auto m = rt::Model::load(write_model("args.aimass"));
+  auto m = rt::Model::load(write_linear_model("args.aimass"));
   auto ex = std::make_shared<rt::Executor>(m, rt::ExecutorOptions{2});
   EXPECT_THROW(rt::Batcher(ex, {0, 0, 1}), aimass::ValueError);
   rt::Batcher b(ex, {2, 0, 1});

@@ -20,38 +20,14 @@
 #include "aimass/batcher.h"
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
+#include "tiny_linear_model.h"
 
 using namespace aimass::serve;
 namespace rt = aimass::runtime;
 
 namespace {
 
-const float kW[6] = {1, -2, 0.5f, 0, 1, -1};
-const float kB[2] = {0.25f, -0.5f};
-
-std::string write_model() {
-  std::string graph =
-      R"({\"nodes\":[{\"op\":\"linear\",\"name\":\"fc\",\"inputs\":[\"x\"],\"outputs\":[\"h\"],)"
-      R"(\"params\":{\"weight\":\"fc.weight\",\"bias\":\"fc.bias\"},\"attrs\":{}},)"
-      R"({\"op\":\"activation\",\"name\":\"act\",\"inputs\":[\"h\"],\"outputs\":[\"y\"],\"attrs\":{\"kind\":\"relu\"}}]})";
-  std::string sig =
-      R"({\"inputs\":[{\"name\":\"x\",\"dtype\":\"float32\",\"shape\":[-1,3]}],)"
-      R"(\"outputs\":[{\"name\":\"y\",\"dtype\":\"float32\",\"shape\":[-1,2]}]})";
-  std::string header = R"({"fc.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
-                       R"("fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[24,32]},)"
-                       R"("__metadata__":{"aimass.format_version":"1","aimass.producer":"test","aimass.graph":")" +
-                       graph + R"(","aimass.signature":")" + sig + R"("}})";
-  while (header.size() % 8) header += ' ';
-  std::string bytes(8, '\0');
-  uint64_t n = header.size();
-  std::memcpy(&bytes[0], &n, 8);
-  bytes += header;
-  bytes.append(reinterpret_cast<const char*>(kW), sizeof(kW));
-  bytes.append(reinterpret_cast<const char*>(kB), sizeof(kB));
-  std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_serve_frontend.aimass";
-  std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
-  return path;
-}
+std::string write_model() { return aimass_test::write_linear_model("serve_frontend.aimass"); }
 
 int listen_any(int& port) {
   int s = ::socket(AF_INET, SOCK_STREAM, 0);
