@@ -172,35 +172,25 @@ def sweep(quick: bool = False, concurrency=(1, 4, 16, 64), seconds: Optional[flo
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
         targets = []
         floor = []      # the concurrency-1 HTTP-cost points
-        if any(want(w) for w in ("predict", "v2json", "v2bin", "tfserving", "tiny")):
+        protocols = (("predict", " /predict", predict), ("v2json", " v2 JSON", v2_json),
+                     ("v2bin", " v2 binary", v2_bin), ("tfserving", " TF-Serving :predict", tf_row))
+        # aimass serve in both modes; under --http native the C++ front end answers these and uvicorn
+        # stays behind it. The tiny model's floor point is taken from the uvicorn server.
+        for http, key, serve_label, extra in (("uvicorn", "", UVICORN_SERVE, ("tiny",)),
+                                               ("native", "native-", NATIVE_SERVE, ())):
+            if not any(want(w) for w in (*(key + k for k, _, _ in protocols), *extra)):
+                continue
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
-                                     "--port", str(port), "--log-level", "warning", "--http", "uvicorn", *serve_args],
+                                     "--port", str(port), "--log-level", "warning", "--http", http, *serve_args],
                                     env=env)
             procs.append(proc)
             wait_http(port, "/v2/health/ready", proc)
-            for what, label, req in (("predict", UVICORN_SERVE + " /predict", predict),
-                                     ("v2json", UVICORN_SERVE + " v2 JSON", v2_json),
-                                     ("v2bin", UVICORN_SERVE + " v2 binary", v2_bin),
-                                     ("tfserving", UVICORN_SERVE + " TF-Serving :predict", tf_row)):
-                if want(what):
-                    targets.append((label, port, req, proc.pid))
-            if want("tiny"):
+            for what, suffix, req in protocols:
+                if want(key + what):
+                    targets.append((serve_label + suffix, port, req, proc.pid))
+            if "tiny" in extra and want("tiny"):
                 floor.append((TINY, port, _v2_binary("tiny", x), proc.pid))
-        if any(want(w) for w in ("native-predict", "native-v2json", "native-v2bin", "native-tfserving")):
-            # aimass serve --http native: the C++ front end answers these, uvicorn stays behind it
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "aimass", "serve", "--store", os.path.join(tmp, "store"),
-                                     "--port", str(port), "--log-level", "warning", "--http", "native", *serve_args],
-                                    env=env)
-            procs.append(proc)
-            wait_http(port, "/v2/health/ready", proc)
-            for what, label, req in (("native-predict", NATIVE_SERVE + " /predict", predict),
-                                     ("native-v2json", NATIVE_SERVE + " v2 JSON", v2_json),
-                                     ("native-v2bin", NATIVE_SERVE + " v2 binary", v2_bin),
-                                     ("native-tfserving", NATIVE_SERVE + " TF-Serving :predict", tf_row)):
-                if want(what):
-                    targets.append((label, port, req, proc.pid))
         if want("bare"):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "aimass.bench._bare_asgi", str(port)], env=env)
