@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 #include "aimass/cpu_features.h"
@@ -91,10 +90,7 @@ bool linear_rows_outer(int64_t M, int64_t K) {
 }
 
 bool row_split(int64_t M, int64_t K) {
-  static const bool on = [] {
-    const char* e = std::getenv("AIMASS_PACKED_ROW_SPLIT");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = env_switch_on("AIMASS_PACKED_ROW_SPLIT");
   return on && M >= kRowSplitMinRows && K >= kRowSplitMinK && linear_rows_outer(M, K);
 }
 
