@@ -204,3 +204,81 @@ def test_futex_waits_give_the_yield_loops_bits(dist):
     for a, b in zip(got["futex"], got["yield"]):
         assert a.tobytes() == b.tobytes()
     same_on_every_rank(dist, got["futex"][-1], "hier.wait.same")
+
+
+def _restart(dist, env):
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dist.shutdown()
+        dist.init()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.timeout(180)
+def test_pushed_slices_give_the_pulled_bits(dist):
+    """Across nodes each rank writes its finished slice into its local peers' outputs (the push,
+    default) instead of each rank reading the peers' slices (AIMASS_HIER_PUSH=0): the same bits,
+    in place and not, single tensors at odd sizes and fused async batches (several segments), every op;
+    np 3 (nodes of 2 and 1) takes MPI both ways."""
+    n, r = dist.size(), dist.rank()
+    rng = np.random.default_rng(4242 + r)
+    counts = (1, 3, 1001, 70001, (1 << 18) + 7, (3 << 20) // 4 + 13)
+    cases = []
+    for i, c in enumerate(counts):
+        dtype = ("float32", "float16", "int32", "float64", "int8", "float32")[i]
+        x = (rng.standard_normal(c) * 3).astype(dtype) if np.dtype(dtype).kind == "f" else \
+            rng.integers(-2, 3, c).astype(dtype)
+        cases.append(x)
+    got = {}
+    for mode in ("1", "0"):
+        _restart(dist, {"AIMASS_RANKS_PER_NODE": "2" if n % 2 == 0 else None, "AIMASS_HIER_PUSH": mode})
+        try:
+            dist.set_shm_min_bytes(0)
+            before = dist.stats()["shm_allreduces"]
+            outs = []
+            for i, x in enumerate(cases):
+                for op in OPS:
+                    outs.append(dist.allreduce(x, op=op, name=f"hier.push.{i}.{op}"))
+                    y = x.copy()
+                    assert dist.allreduce_(y, op=op, name=f"hier.push_.{i}.{op}") is y
+                    np.testing.assert_array_equal(y, outs[-1])
+                # a fused batch: three tensors of odd sizes in one buffer (several segments)
+                parts = [x[:len(x) // 3 + 1].copy(), x[len(x) // 3 + 1:].copy(), x[:5].copy()]
+                hs = [dist.allreduce_async_(p, op="sum", name=f"hier.push.f{i}.{k}") for k, p in enumerate(parts)]
+                for h in hs:
+                    dist.synchronize(h)
+                outs.extend(parts)
+            if n % 2 == 0:
+                assert dist.stats()["shm_allreduces"] > before
+            got[mode] = outs
+        finally:
+            _restart(dist, {})
+    for k, (a, b) in enumerate(zip(got["1"], got["0"])):
+        assert a.tobytes() == b.tobytes(), f"case {k}: push and pull differ"
+    # against a float64 reference (sums of the ranks' inputs)
+    for i, x in enumerate(cases):
+        allx = dist.allgather(x.reshape(1, -1), name=f"hier.push.ref.{i}")
+        ref = allx.astype(np.float64).sum(0)
+        tol = 5e-2 if x.dtype == np.float16 else 1e-5
+        # (outs per case: one per op, "sum" first, then the three fused parts)
+        np.testing.assert_allclose(got["1"][i * (len(OPS) + 3)].astype(np.float64), ref, rtol=tol, atol=tol)
+    same_on_every_rank(dist, got["1"][-4], "hier.push.same")
+
+
+@pytest.mark.timeout(60)
+def test_bad_hier_push_setting_raises_value_error(dist):
+    with pytest.raises(ValueError, match="AIMASS_HIER_PUSH must be 1"):
+        _restart(dist, {"AIMASS_RANKS_PER_NODE": "2" if dist.size() % 2 == 0 else None, "AIMASS_HIER_PUSH": "yes"})
+    _restart(dist, {})
+    x = np.ones(4099, np.float32)
+    np.testing.assert_array_equal(dist.allreduce(x, op="sum", name="hier.push.after"), np.full(x.size, dist.size(), np.float32))
