@@ -7,6 +7,7 @@
 #include <cstring>
 #include <thread>
 
+#include "comm/cpu_share.h"
 #include "comm/engine_impl.h"
 
 namespace aimass {
@@ -110,8 +111,7 @@ void CollectiveEngine::Impl::ll_init() {
   // scheduled, while a copy into the ring lets it return at once (measured, 3 ranks on 2 cores,
   // same run: 8-64 KiB 0.5-1.8 us copied against 12-20 us read from the root, mpi4py 16-24 us), so
   // every broadcast the ring holds is copied there.
-  const unsigned cpus = std::thread::hardware_concurrency();
-  eager_copy_max = cpus != 0 && static_cast<unsigned>(comm->local_size()) > cpus ? ll->eager_max() : kEagerCopyMaxBytes;
+  eager_copy_max = comm::cpu_share(comm->local_size()).oversubscribed() ? ll->eager_max() : kEagerCopyMaxBytes;
   if (const char* v = std::getenv("AIMASS_LL_EAGER_COPY_MAX_BYTES")) eager_copy_max = std::strtoull(v, nullptr, 10);
 }
 

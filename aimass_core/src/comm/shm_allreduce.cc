@@ -1,5 +1,6 @@
 // Chunked, pipelined intra-node allreduce through shared memory (see shm_allreduce.h).
 #include "comm/shm_allreduce.h"
+#include "comm/cpu_share.h"
 #include "aimass/parallel.h"
 
 #include <fcntl.h>
@@ -363,27 +364,16 @@ constexpr long kFutexSliceNs = 2000000;  // 2 ms
 }  // namespace
 
 // AIMASS_SHM_WAIT=yield restores the yield-and-nap loop. Past the spin a waiter yields for
-// yield_s_ before it sleeps: 0 when the machine's ranks outnumber the CPUs this process may run on
-// (a yield there mostly hands the core to another waiting rank: 4 ranks on 2 cores spent 31% of
+// yield_s_ before it sleeps: 0 when the machine's ranks outnumber its CPUs (comm::cpu_share: a
+// yield there mostly hands the core to another waiting rank: 4 ranks on 2 cores spent 31% of
 // their samples switching out of sched_yield in a 1 MiB hierarchical allreduce), else 50 us (a
-// peer on its own core usually answers within that, and a wake-up costs more). The machine's ranks:
-// the launcher's count where it says (simulated nodes, AIMASS_RANKS_PER_NODE, share one machine),
-// else the node's. AIMASS_SHM_YIELD_US overrides it.
+// peer on its own core usually answers within that, and a wake-up costs more; also under
+// `mpirun --bind-to core`, where this process's affinity mask holds one CPU). AIMASS_SHM_YIELD_US
+// overrides it.
 void ShmAllreduce::set_wait_policy() {
   const char* w = std::getenv("AIMASS_SHM_WAIT");
   futex_on_ = !(w && std::string(w) == "yield");
-  cpu_set_t set;
-  int cpus = 0;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
-  long ranks = lsize_;
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
-    if (const char* v = std::getenv(name)) {
-      const long k = std::strtol(v, nullptr, 10);
-      if (k > ranks) ranks = k;
-      break;
-    }
-  }
-  yield_s_ = cpus > 0 && ranks > cpus ? 0.0 : 50e-6;
+  yield_s_ = cpu_share(lsize_).oversubscribed() ? 0.0 : 50e-6;
   if (const char* y = std::getenv("AIMASS_SHM_YIELD_US")) {
     char* end = nullptr;
     const double us = std::strtod(y, &end);
