@@ -199,12 +199,6 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
     : lsize_(comm.local_size()), lrank_(comm.local_rank()), timeout_s_(timeout_s) {
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory counters need lock-free atomics");
   set_wait_policy();  // (every rank reads the same environment: a bad value raises everywhere, before any MPI call)
-  if (const char* v = std::getenv("AIMASS_HIER_PUSH")) {  // (agreed below: the smallest wins)
-    AIMASS_CHECK(std::string(v) == "0" || std::string(v) == "1", ValueError,
-                 "AIMASS_HIER_PUSH must be 1 (across nodes each rank pushes its finished slice into its local peers' "
-                 "outputs) or 0 (each rank pulls the peers' slices), got '", v, "'");
-    hier_push_ = std::string(v) == "1";
-  }
   MPI_Comm world = comm.comm();
   // Start-up collectives with the deadline too: a peer that dies during init() never hangs it.
   // (After a set-up timeout the engine is not created; the small buffers posted then are locals.)
@@ -304,17 +298,15 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   // one fixed slice per rank)
   const char* senv = std::getenv("AIMASS_SHM_CMA_STEAL");
   const int steal = push && !(senv && std::string(senv) == "0") ? 1 : 0;
-  // across nodes, finished slices are pushed into the peers' outputs (AIMASS_HIER_PUSH=0: pulled)
-  int flags[4] = {cma, push, steal, hier_push_ ? 1 : 0};
+  int flags[3] = {cma, push, steal};
   {  // also: every probe is done before addr is reused
     MPI_Request r2;
-    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 4, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 3, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
     wait_mpi(&r2, 1.0, timeout_s, "shared-memory set-up");
   }
   cma_ok_ = flags[0] != 0;
   push_ok_ = cma_ok_ && flags[1] != 0;
   steal_ok_ = push_ok_ && flags[2] != 0;
-  hier_push_ = flags[3] != 0;
 }
 
 ShmAllreduce::~ShmAllreduce() {

@@ -130,10 +130,6 @@ class ShmAllreduce {
   // the single-copy broadcast's root pushes the pieces of each receiver's copy that the receiver has
   // not pulled yet. On every rank alike; AIMASS_SHM_CMA_STEAL=0: fixed slices, receivers pull alone.
   bool cma_steal_available() const { return steal_ok_; }
-  // Across nodes with push available: each rank writes its finished slice into the peers' outputs
-  // (one wait at the end) instead of each rank pulling the peers' slices (two waits). Every local
-  // rank alike (AIMASS_HIER_PUSH=0: pull; read at construction).
-  void set_hier_push(bool on) { hier_push_ = on; }
   void set_timeout(double seconds) { timeout_s_ = seconds; }
   // Receives steady_clock nanoseconds as the run makes progress or waits (the engine's watchdog).
   void set_heartbeat(std::atomic<int64_t>* beat) { heartbeat_ = beat; }
@@ -218,7 +214,7 @@ class ShmAllreduce {
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
-  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false, hier_push_ = true;
+  bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false;
   // per local rank: its claim counter's value when the next collective using it starts (every rank
   // tracks every counter alike; each claiming rank overshoots once per collective)
   std::vector<uint64_t> claim_base_;

@@ -106,9 +106,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   std::vector<int64_t> starts(nseg + 1, 0);
   for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
-  // push mode: from the moment the table is posted a peer may write the outputs (across nodes
-  // with hier_push_: each rank writes its finished slice into the peers' outputs, below)
-  pushed_ = push_ok_ && (!cross_reduce || hier_push_);
+  // push mode (one node): from the moment the table is posted a peer may write the outputs
+  pushed_ = push_ok_ && !cross_reduce;
   // post the address table: (in, out) per segment, in this rank's staging slot for h
   if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
   uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
@@ -118,7 +117,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   mark(h, true, false, false);
   wait_peers(0, h);
-  if (pushed_ && steal_ok_ && !cross_reduce) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
+  if (pushed_ && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
   auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
@@ -135,7 +134,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
   // push mode (decided above, when the table was posted): each reduced chunk goes from the own
   // output, still in the L2, straight into every peer's output
-  const bool push = pushed_ && !cross_reduce;
+  const bool push = pushed_;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
@@ -191,24 +190,6 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
       if (segs[g].average) divide(dtype, segs[g].out + at * es, static_cast<size_t>(n), world_size);
     });
-  }
-  if (pushed_) {
-    // Across nodes, push: my final slice into every peer's output. The peers never read their own
-    // inputs there (that part of every input was read by this rank alone, above), so no wait for
-    // them first; then one wait until every peer pushed its slice here (pull: a wait for each
-    // peer's slice, then one more until every peer copied mine).
-    for (int jj = 1; jj < L && e > b; ++jj) {
-      const int j = (me + jj) % L;
-      const uint64_t* t = peer_table(j);
-      for (int64_t lo = b; lo < e; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
-        pulse(Clock::now());
-        piece_iov(lv, rv, starts, t, 1, lo, std::min(e, lo + 4 * step), es,
-                  [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
-        cma_write(j, lv.data(), rv.data(), lv.size());
-      }
-    }
-    finish_cma(h, 1);
-    return;
   }
   mark(h, false, true, false);  // my slice is final, and I read every peer's input
   // 2. allgather: every peer's reduced slice from its output into mine (after it read my input there)
