@@ -107,7 +107,7 @@ void CollectiveEngine::Impl::ll_init() {
   wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
   ll_push_max = static_cast<size_t>(push_max);
   // (validated by ll_options_from_env; the root alone decides, so no agreement is needed)
-  // More ranks on the node than CPUs: a root that waits for its receivers waits for them to be
+  // More ranks on the machine than CPUs (comm::cpu_share): a root that waits for its receivers waits for them to be
   // scheduled, while a copy into the ring lets it return at once (measured, 3 ranks on 2 cores,
   // same run: 8-64 KiB 0.5-1.8 us copied against 12-20 us read from the root, mpi4py 16-24 us), so
   // every broadcast the ring holds is copied there.
