@@ -1,4 +1,4 @@
-"""Per-call spread of one model at batch 1 (default: BERT mini at 2 threads), aimass against onnxruntime,
+"""Per-call spread of one model family (default: BERT mini at 2 threads, batch 1), aimass against onnxruntime,
 with the engine's run-long polling off and on (aimass/parallel.h RunScope) in the same process.
 
 Each round runs every contender once after a gap (default 50 ms, so every pool has gone idle, as a
@@ -7,7 +7,8 @@ medians to onnxruntime, and for the aimass calls, from /proc: the CPU time and c
 other threads (the pool's workers) and of the caller, and how often the caller and a worker ended the
 call on the same CPU. Timings on a shared machine are noisy: compare the contenders of one run only.
 
-    python bench/bench_pool_calls.py [--rounds 60] [--threads 2] [--gap-ms 50] [--run-spin-us 0 5000]
+    python bench/bench_pool_calls.py [--family bert-mini] [--batch 1] [--rounds 60] [--threads 2] [--gap-ms 50]
+                                     [--run-spin-us 0 5000]
 """
 import argparse
 import ctypes
@@ -21,7 +22,7 @@ import torch
 import aimass
 import aimass.runtime as rt
 from aimass import _C
-from aimass.runtime import zoo
+from aimass.bench.runtime_families import families
 
 try:
     import onnxruntime as ort
@@ -58,31 +59,32 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gap-ms", type=float, default=50.0)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--family", default="bert-mini", choices=sorted(families(False)))
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--run-spin-us", type=int, nargs="+", default=[0, _C.run_spin_us()],
                     help="aimass contenders: AIMASS_RUN_SPIN_US values (0 = workers park between ops)")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1 or args.gap_ms < 0 or args.seq < 1:
-        ap.error("--rounds, --threads, --seq must be >= 1 and --gap-ms >= 0")
+    if args.rounds < 1 or args.threads < 1 or args.gap_ms < 0 or args.batch < 1:
+        ap.error("--rounds, --threads, --batch must be >= 1 and --gap-ms >= 0")
 
+    make_model, make_inputs, _, dyn, _ = families(False)[args.family]
     torch.manual_seed(0)
-    model = zoo.bert_encoder(hidden=256, layers=4, heads=4, ffn=1024).eval()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 30522, (1, args.seq), generator=g)
-    mask = torch.ones(1, args.seq, dtype=torch.long)
-    names = ["input_ids", "attention_mask"]
+    model = make_model().eval()
+    xs = make_inputs(args.batch)
+    names = ["input_ids", "attention_mask"] if len(xs) == 2 else ["x"]
     aimass.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    arrays = [ids.numpy(), mask.numpy()]
+    arrays = [x.numpy() for x in xs]
     default_spin = _C.run_spin_us()
     with tempfile.TemporaryDirectory(prefix="aimass-pool-calls-") as tmp:
-        path = rt.export(model, (ids, mask), os.path.join(tmp, "mini.aimass"), dynamic_seq=True, input_names=names)
-        ex = rt._rt.Executor(rt.load(path)._m, 1)
+        path = rt.export(model, make_inputs(2), os.path.join(tmp, "m.aimass"), dynamic_seq=True if dyn else None,
+                         input_names=names)
+        ex = rt._rt.Executor(rt.load(path)._m, args.batch)
         fns = {}
         if ort is not None:
-            onnx_path = os.path.join(tmp, "mini.onnx")
-            torch.onnx.export(model, (ids, mask), onnx_path, dynamo=False, opset_version=20, input_names=names,
-                              dynamic_axes={n: {0: "b", 1: "s"} for n in names})
+            onnx_path = os.path.join(tmp, "m.onnx")
+            torch.onnx.export(model, make_inputs(2), onnx_path, dynamo=False, opset_version=20, input_names=names,
+                              dynamic_axes={n: ({0: "b", 1: "s"} if dyn else {0: "b"}) for n in names})
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = args.threads
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -91,9 +93,15 @@ def main(argv=None):
             fns["onnxruntime"] = (None, lambda: so.run(None, feeds))
         for us in args.run_spin_us:
             fns[f"aimass run_spin_us={us}"] = (us, lambda: ex.run(arrays))
-        for _, fn in fns.values():
-            for _ in range(5):
+        with torch.no_grad():
+            ref = model(*xs).numpy()
+        for k, (us, fn) in fns.items():
+            for _ in range(3):
                 fn()
+            if us is not None:
+                _C.set_run_spin_us(us)
+                err = np.abs(ex.run(arrays)[0] - ref).max() / max(np.abs(ref).max(), 1e-30)
+                assert err < 1e-3, f"{k}: max rel err {err:.1e} against torch"
         keys = list(fns)
         times = {k: [] for k in keys}
         stats = {k: [] for k in keys if fns[k][0] is not None}
@@ -124,13 +132,13 @@ def main(argv=None):
                     ))
         finally:
             _C.set_run_spin_us(default_spin)
-    print(f"# BERT mini (4 layers, hidden 256), seq {args.seq}, batch 1, {args.threads} threads, "
+    print(f"# {args.family}, batch {args.batch}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds, {args.gap_ms:g} ms gap before each call; load average "
           f"{os.getloadavg()[0]:.2f}")
     base = np.median(times["onnxruntime"]) if "onnxruntime" in times else None
     for k in keys:
         p = np.percentile(times[k], [10, 50, 90])
-        line = f"{k:26s} p10/p50/p90 {p[0]:6.2f} / {p[1]:6.2f} / {p[2]:6.2f} ms"
+        line = f"{k:24s} p10/p50/p90 {p[0]:6.2f} / {p[1]:6.2f} / {p[2]:6.2f} ms"
         if base is not None and k != "onnxruntime":
             line += f"  ortx{base / p[1]:5.2f}"
         if k in stats and stats[k]:
