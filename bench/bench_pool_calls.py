@@ -66,6 +66,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or args.gap_ms < 0 or args.batch < 1:
         ap.error("--rounds, --threads, --batch must be >= 1 and --gap-ms >= 0")
+    if any(not 0 <= us <= 1000000 for us in args.run_spin_us):
+        ap.error("--run-spin-us values must be in [0, 1000000]")
 
     make_model, make_inputs, _, dyn, _ = families(False)[args.family]
     torch.manual_seed(0)
