@@ -65,6 +65,10 @@ void bind_core(py::module_& m) {
   // the GIL stays held: a few atomics, and a futex wake only when a worker is parked
   m.def("wake_workers", [](int poll_us) { aimass::wake_workers(poll_us); }, py::arg("poll_us") = 0,
         "Hint: parked engine threads poll for work for max(AIMASS_SPIN_US, poll_us) from now.");
+  // A/B switch for benches and tests (aimass/parallel.h RunScope); not part of the public Python API
+  m.def("set_run_spin_us", [](int us) { aimass::set_run_spin_us(us); }, py::arg("us"),
+        "How long idle engine threads poll for the next job while a runtime run is in progress (0: off).");
+  m.def("run_spin_us", &aimass::run_spin_us);
   // Zeroed host memory that the kernel may back with 2 MiB pages (aimass/memory.h), as bytes through
   // the buffer protocol: torch.frombuffer / np.frombuffer wrap it without a copy and keep it alive.
   py::class_<aimass::AlignedBuffer>(m, "HostBuffer", py::buffer_protocol())

@@ -196,6 +196,115 @@ TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
 }
 #endif
 
+// A run scope (what Executor::execute holds) keeps idle workers polling between jobs, stepping off
+// the caller's CPU and yielding now and then. The results must not depend on it nor on where
+// the threads run: a float sum split into fixed chunks is bitwise the serial one with the scope
+// on or off, nested, spaced by serial gaps longer than AIMASS_SPIN_US, and while the caller
+// hops between CPUs (its affinity set to one CPU, then another, then restored).
+namespace {
+// a gap after a round of calls, past the polling time, so the next round starts with workers parked
+int call_gap_us(int spin) { return spin + 200; }
+
+std::vector<float> chunk_sums(const std::vector<float>& x, int nchunks) {
+  std::vector<float> out(static_cast<size_t>(nchunks));
+  aimass::parallel_chunks(nchunks, [&](int c, int n) {
+    const size_t b = x.size() * c / n, e = x.size() * (c + 1) / n;
+    float acc = 0.f;
+    for (size_t i = b; i < e; ++i) acc += x[i] * 1.0001f;
+    out[static_cast<size_t>(c)] = acc;
+  });
+  return out;
+}
+}  // namespace
+
+TEST(ParallelPool, RunScopeResultsDoNotDependOnPollingOrPlacement) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> x(50000);
+  for (auto& v : x) v = u(rng);
+  aimass::set_num_threads(1);
+  const std::vector<float> ref3 = chunk_sums(x, 3), ref8 = chunk_sums(x, 8);
+  const int old_spin = aimass::run_spin_us();
+#ifdef __linux__
+  cpu_set_t mask;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &mask)) cpus.push_back(c);
+#endif
+  for (int threads : {2, 3}) {
+    aimass::set_num_threads(threads);
+    for (int spin : {0, 300, 5000}) {
+      aimass::set_run_spin_us(spin);
+      for (int call = 0; call < 6; ++call) {
+        aimass::RunScope run;
+        for (int op = 0; op < 12; ++op) {
+          run.step();
+          if (op % 4 == 3) {  // a serial op longer than AIMASS_SPIN_US: workers park without the scope
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(120);
+            while (std::chrono::steady_clock::now() < until) aimass::cpu_relax();
+          }
+#ifdef __linux__
+          if (op == 5 && cpus.size() >= 2) {  // the caller migrates mid-run (the scheduler's doing, in life)
+            cpu_set_t one;
+            CPU_ZERO(&one);
+            CPU_SET(cpus[static_cast<size_t>(call) % cpus.size()], &one);
+            ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+          }
+          if (op == 9) ASSERT_EQ(sched_setaffinity(0, sizeof(mask), &mask), 0);
+#endif
+          if (op == 7) {
+            aimass::RunScope nested;  // nests
+            nested.step();
+            ASSERT_EQ(chunk_sums(x, 8), ref8) << threads << " threads, spin " << spin;
+          }
+          ASSERT_EQ(chunk_sums(x, 3), ref3) << threads << " threads, spin " << spin << " op " << op;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(call_gap_us(spin)));
+    }
+  }
+  aimass::set_run_spin_us(old_spin);
+  aimass::set_num_threads(2);
+}
+
+TEST(ParallelPool, RunScopesFromConcurrentThreadsAndAtOneThread) {
+  aimass::set_num_threads(1);
+  {
+    aimass::RunScope run;  // no pool, one thread: a no-op
+    run.step();
+    expect_each_once(5);
+  }
+  aimass::set_num_threads(2);
+  std::atomic<int> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 3; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        aimass::RunScope run;  // a Session's executors run in several threads at once
+        run.step();
+        std::vector<std::atomic<int>> hits(4);
+        aimass::parallel_chunks(4, [&](int c, int) { hits[static_cast<size_t>(c)]++; });
+        for (auto& h : hits) bad += h.load() != 1;
+        if ((i + t) % 50 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
+      }
+    });
+  for (auto& th : ts) th.join();
+  EXPECT_EQ(bad.load(), 0);
+}
+
+TEST(ParallelPool, RunSpinTimeValidatesItsValue) {
+  const int old = aimass::run_spin_us();
+  EXPECT_THROW(aimass::set_run_spin_us(-1), aimass::ValueError);
+  EXPECT_THROW(aimass::set_run_spin_us(1000001), aimass::ValueError);
+  EXPECT_EQ(aimass::run_spin_us(), old);  // a refused value changes nothing
+  aimass::set_run_spin_us(0);
+  EXPECT_EQ(aimass::run_spin_us(), 0);
+  aimass::set_run_spin_us(1000000);
+  EXPECT_EQ(aimass::run_spin_us(), 1000000);
+  aimass::set_run_spin_us(old);
+}
+
 namespace {
 // parallel_steps: every (step, chunk) runs exactly once, and no chunk of step s starts before
 // every chunk of step s - 1 has finished (each chunk checks that the previous step's chunks all

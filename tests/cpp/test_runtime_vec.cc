@@ -227,7 +227,7 @@ TEST(RuntimeVec, RecurrentCellsMatchReference) {
   for (const vec::Kernels* k : levels()) {
     const std::string lvl = aimass::simd_level_name(k->level);
     for (int64_t H : kSizes) {
-      const int64_t groups = (H + vec::kUnits - 1) / vec::kUnits, NP = groups * pk::kPanel;
+      const int64_t groups = (H + vec::kUnits - 1) / vec::kUnits, NP = groups * pk::kPanel;  // LSTM's; GRU uses 3/4
       for (int variant = 0; variant < 2; ++variant) {
         std::vector<float> a = randv(rng, NP, -6.f, 6.f), b = randv(rng, NP, -6.f, 6.f);
         const std::vector<float> c0 = randv(rng, H, -3.f, 3.f), hp = randv(rng, H, -1.f, 1.f);

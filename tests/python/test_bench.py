@@ -253,3 +253,21 @@ def test_comm_algorithm_table_is_a_knob(tmp_path):
     for bad in ("allreduce=4k:shm", "allreduce=0:nccl", "gather=0:shm", "allreduce=0:mpi@1m,"):
         with pytest.raises(ValueError, match="bad value"):
             _tuning.write_profile({"comm_algos": bad}, path=p)
+
+
+def test_pool_calls_bench_runs_and_rejects_bad_options():
+    """bench/bench_pool_calls.py (per-call spread with the run scope's polling off and on): one tiny run
+    prints a row per contender; bad options exit 2."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "bench", "bench_pool_calls.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]))
+    for bad in (["--rounds", "0"], ["--run-spin-us", "-1"], ["--family", "nope"]):
+        r = subprocess.run([sys.executable, script, *bad], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (bad, r.stderr)
+    r = subprocess.run([sys.executable, script, "--family", "lstm2x512", "--rounds", "2", "--gap-ms", "0",
+                        "--threads", "2", "--run-spin-us", "0", "300"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if "p10/p50/p90" in l]
+    assert any(l.startswith("aimass run_spin_us=0 ") for l in rows)
+    assert any(l.startswith("aimass run_spin_us=300 ") for l in rows)

@@ -253,3 +253,29 @@ def test_nonfinite_input_weight_in_the_riding_projection(tmp_path, monkeypatch, 
             got = s.run({"input_0": x.numpy()})["output"]
             np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("hidden", [200, 300, 520])
+def test_gru_three_gate_panels_split_at_whole_panels(tmp_path, hidden, threads):
+    # GRU's 3 gates take 24 columns a group of 8 units, 4 groups to 3 panels (ops_rnn.cc): hidden 200
+    # (25 groups: 7 blocks, the last one group), 300 (38: the last block 2 groups and half a panel),
+    # 520 (65 groups, 49 panels: the fused input projection at batch 1 splits them over its steps).
+    # Threads split at whole blocks; batch 1 (the single-row walk) and batch 3, both directions, 2 layers.
+    import aimass
+    torch.manual_seed(hidden)
+    rnn = nn.GRU(16, hidden, num_layers=2, batch_first=True, bidirectional=True).eval()
+    path = tmp_path / f"gru{hidden}.aimass"
+    rt.export(rnn, (torch.randn(2, 5, 16),), path, dynamic_seq=True)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        with rt.Session(path) as s:
+            for b, n in ((1, 19), (3, 4)):
+                x = torch.randn(b, n, 16)
+                got = s.run({"input_0": x.numpy()})["output"]
+                with torch.no_grad():
+                    ref = rnn(x)[0].numpy()
+                np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        aimass.set_num_threads(old)

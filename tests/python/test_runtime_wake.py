@@ -74,3 +74,39 @@ def test_server_wakes_the_pool_for_models_worth_it(tmp_path, monkeypatch, wake_m
         assert calls and set(calls) == {hot.WAKE_POLL_US} and srv.wake_poll_us == {"mlp": hot.WAKE_POLL_US}
     else:
         assert calls == [] and srv.wake_poll_us == {"mlp": 0}
+
+
+@pytest.mark.parametrize("threads_n", [2, 3])
+def test_run_long_polling_keeps_bert_results(tmp_path, threads, threads_n):
+    """Workers polling through a run (RunScope, AIMASS_RUN_SPIN_US) or parking between its ops give
+    the same bits, and both match torch within rtol 1e-4; bad values are typed errors."""
+    import aimass.runtime as rt
+    from aimass.runtime import zoo
+    torch.manual_seed(0)
+    enc = zoo.bert_encoder(vocab=100, hidden=64, layers=2, heads=4, ffn=128, max_len=64).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (1, 40), generator=g)
+    mask = torch.ones(1, 40, dtype=torch.long)
+    mask[0, 31:] = 0
+    path = rt.export(enc, (ids, mask), str(tmp_path / "bert.aimass"), dynamic_seq=True,
+                     input_names=["input_ids", "attention_mask"])
+    with torch.no_grad():
+        want = enc(ids, mask).numpy()
+    old = _C.run_spin_us()
+    aimass.set_num_threads(threads_n)
+    ex = rt._rt.Executor(rt.load(path)._m, 1)
+    try:
+        got = {}
+        for spin in (0, 200, 5000, 0):
+            _C.set_run_spin_us(spin)
+            got.setdefault(spin, []).append(ex.run([ids.numpy(), mask.numpy()])[0].copy())
+        for outs in got.values():
+            for o in outs:
+                np.testing.assert_array_equal(o, got[0][0])
+        np.testing.assert_allclose(got[0][0], want, rtol=1e-4, atol=1e-5)
+        for bad in (-1, 10 ** 6 + 1):
+            with pytest.raises(ValueError, match="set_run_spin_us"):
+                _C.set_run_spin_us(bad)
+        assert _C.run_spin_us() == 0
+    finally:
+        _C.set_run_spin_us(old)

@@ -56,4 +56,28 @@ void parallel_steps(int64_t nsteps, int nchunks, const std::function<void(int64_
 // while another thread is using the pool.
 void wake_workers(int poll_us = 0);
 
+// Brackets one inference run (the runtime's Executor::execute): it wakes parked workers
+// (wake_workers()), and while any RunScope is alive idle workers keep polling between jobs for up
+// to run_spin_us() with no job, instead of parking after AIMASS_SPIN_US, as onnxruntime's workers
+// spin through a run. A parked worker costs a futex wake-up per parallel op, and the scheduler
+// may place the woken worker on the caller's CPU. step() (a few ns) publishes the caller's CPU
+// between ops, so that a polling worker that finds itself there moves off it (its affinity
+// mask is restored at once: nothing stays pinned). No-op at 1 thread. Nests; any thread.
+class RunScope {
+ public:
+  RunScope();
+  ~RunScope();
+  RunScope(const RunScope&) = delete;
+  RunScope& operator=(const RunScope&) = delete;
+  void step();
+
+ private:
+  bool active_;
+};
+
+// How long an idle worker polls for the next job while a run is in progress (default 5000 us,
+// AIMASS_RUN_SPIN_US); 0 turns run-long polling off. us in [0, 1000000], else ValueError.
+void set_run_spin_us(int us);
+int run_spin_us();
+
 }  // namespace aimass

@@ -48,6 +48,27 @@ std::chrono::microseconds spin_time() {
   return t;
 }
 
+// While a run is in progress (RunScope: the runtime's Executor::execute), an idle worker keeps
+// polling between the run's jobs for up to this long instead of parking after spin_time(). A
+// batch-1 BERT mini run (4 ms at 2 threads) has gaps of single-threaded ops longer than 50 us
+// between its parallel ones: its worker parked and was woken 2-11 times per run, and each wake-up
+// could land it on the caller's CPU (onnxruntime's workers spin through a run and never park).
+// Bounded, so a run that stops issuing parallel work (a long serial op, a hung caller) lets its
+// workers park. AIMASS_RUN_SPIN_US (read once; set_run_spin_us changes it) sets it; 0 turns it off.
+std::atomic<int64_t>& run_spin_us_ref() {
+  static std::atomic<int64_t> us{[] {
+    const char* env = std::getenv("AIMASS_RUN_SPIN_US");
+    const int64_t v = env ? std::atoll(env) : 5000;
+    return std::min<int64_t>(std::max<int64_t>(v, 0), 1000000);
+  }()};
+  return us;
+}
+std::atomic<int> g_runs_active{0};  // RunScopes alive, in every thread
+// Where the pool's caller last was: stored at every job, wake-up and run step (RunScope::step),
+// read by polling workers to step off it. Global, not the pool's: a run step may store it while
+// another thread replaces the pool.
+std::atomic<int> g_caller_cpu{-1};
+
 // Polls ready() until it is true or `limit` has passed; returns ready().
 template <class Ready>
 bool spin_until(const Ready& ready, std::chrono::microseconds limit) {
@@ -97,7 +118,7 @@ class Pool {
   // Parked workers start polling again (a wake-up without a job), so that the next job,
   // published within max(spin_time(), poll), finds them awake.
   void wake(std::chrono::microseconds poll) {
-    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
+    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
     wake_poll_us_.store(poll.count());
     wake_seq_.fetch_add(1);
     notify_sleepers();
@@ -105,7 +126,7 @@ class Pool {
 
   // 1 <= nchunks <= kMaxChunks
   void run(int nchunks, const Fn& fn) {
-    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
+    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
     fn_.store(&fn, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
@@ -137,7 +158,7 @@ class Pool {
   // at once), then the original mask is restored, so nothing stays pinned.
   void step_off_caller_cpu() {
 #ifdef __linux__
-    const int cc = caller_cpu_.load(std::memory_order_relaxed);
+    const int cc = g_caller_cpu.load(std::memory_order_relaxed);
     if (cc < 0 || cc >= CPU_SETSIZE || sched_getcpu() != cc) return;
     cpu_set_t mask;
     if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return;
@@ -183,13 +204,39 @@ class Pool {
     t_in_pool_task = prev;
   }
 
+  // Polls for news for `poll`, and on while a run is in progress, until run_spin_us has passed
+  // with no news. While polling it steps off the caller's CPU whenever it finds itself there (the
+  // caller publishes its CPU at every job and run step), not only when a job arrives: a polling
+  // worker that shares the caller's CPU takes half of the caller's time for the serial ops.
+  template <class News>
+  bool poll_for_news(const News& news, std::chrono::microseconds poll) {
+    if (news()) return true;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0;; ++i) {
+      if (news()) return true;
+      cpu_relax();
+      if ((i & 63) != 63) continue;
+      const auto now = std::chrono::steady_clock::now();
+      if (now - start < poll) continue;
+      if (g_runs_active.load(std::memory_order_relaxed) == 0) return news();
+      const int64_t run_us = run_spin_us_ref().load(std::memory_order_relaxed);
+      if (now - start >= poll + std::chrono::microseconds(run_us)) return news();
+      if ((i & 255) == 255) step_off_caller_cpu();
+      // The caller publishes its CPU only between ops: moved onto this CPU during one, it waits
+      // behind this poll for a whole time slice (milliseconds). A yield now and then hands the CPU
+      // back to whichever thread shares it (the caller, or another process on a loaded machine);
+      // alone on its CPU, a yield is a 1 us syscall every ~40 us of polling.
+      if ((i & 2047) == 2047) sched_yield();
+    }
+  }
+
   void loop() {
     uint64_t seen_gen = generation(state_.load());
     uint64_t seen_wake = wake_seq_.load();
     std::chrono::microseconds poll = spin_time();
     for (;;) {
       auto news = [&] { return generation(state_.load()) != seen_gen || wake_seq_.load() != seen_wake || stop_.load(); };
-      if (!spin_until(news, poll)) {
+      if (!poll_for_news(news, poll)) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1);  // then re-check: pairs with notify_sleepers()
         cv_.wait(lk, news);
@@ -218,7 +265,6 @@ class Pool {
   std::atomic<int64_t> wake_poll_us_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_parked_{false};
-  std::atomic<int> caller_cpu_{-1};  // where the last run()/wake() was called
   std::atomic<bool> stop_{false};
   std::mutex mu_, err_mu_;
   std::condition_variable cv_, done_cv_;
@@ -355,6 +401,27 @@ void wake_workers(int poll_us) {
   std::unique_lock<std::mutex> lk(g_pool_mu, std::try_to_lock);
   if (!lk.owns_lock()) return;  // another thread is using the pool: its workers are awake
   if (g_pool) g_pool->wake(std::chrono::microseconds(std::min(poll_us, 100000)));
+}
+
+void set_run_spin_us(int us) {
+  AIMASS_CHECK(us >= 0 && us <= 1000000, ValueError, "set_run_spin_us: us=", us, " must be in [0, 1000000]");
+  run_spin_us_ref().store(us);
+}
+
+int run_spin_us() { return static_cast<int>(run_spin_us_ref().load()); }
+
+RunScope::RunScope() : active_(threads_setting() > 1) {
+  if (!active_) return;
+  g_runs_active.fetch_add(1);
+  wake_workers();
+}
+
+RunScope::~RunScope() {
+  if (active_) g_runs_active.fetch_sub(1);
+}
+
+void RunScope::step() {
+  if (active_) g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
 }
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain,

@@ -831,11 +831,13 @@ void Executor::execute(int64_t rows) {
     p.prof_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
     p.prof_calls.assign(p.steps.size(), 0);
   }
-  // Parked pool workers take tens of microseconds to wake on a VM: start them now, so their
-  // wake-up overlaps the steps before the first parallel one instead of delaying it.
-  aimass::wake_workers();
+  // Parked pool workers take tens of microseconds to wake on a VM: the scope starts them now, so
+  // their wake-up overlaps the steps before the first parallel one, and keeps them polling between
+  // this run's parallel steps instead of parking in each serial gap (aimass/parallel.h).
+  aimass::RunScope run_scope;
   for (size_t si = 0; si < p.steps.size(); ++si) {
     Step& s = p.steps[si];
+    run_scope.step();
     const auto t0 = p.profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     const int64_t c0 = p.profile ? thread_cpu_ns() : 0;
     switch (s.kind) {

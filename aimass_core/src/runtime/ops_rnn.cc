@@ -26,11 +26,13 @@ namespace {
 using namespace ext;
 
 // Gate-interleaved, packed recurrent weights (built once per plan): row n of W_hh /
-// W_ih (gate k, unit j) moves to column (j / kUnits) * kPanel + k * kUnits + j % kUnits, so
-// packed panel g holds every gate of hidden units [8g, 8g + 8) (vec_kernels.h). A step
-// is then, per chunk of unit groups, one packed small-M GEMM over those panels and
-// the fused gate/cell update of the same units: no full-width gate buffer pass, and
-// the chunks are independent within a step (threads split the hidden dim).
+// W_ih (gate k, unit j) moves to column (j / kUnits) * G kUnits + k * kUnits + j % kUnits
+// (vec_kernels.h): LSTM's packed panel g holds every gate of hidden units [8g, 8g + 8); GRU's 3
+// panels 3b..3b+2 hold every gate of units [32b, 32b + 32) (4 groups of 24 columns: GRU in
+// LSTM's 4-gate panels read a quarter of zero padding in W_hh every step; 1 thread at GRU 512
+// was 0.93x onnxruntime). A step is then, per chunk of such blocks, one packed small-M GEMM
+// over their panels and the fused gate/cell update of the same units: no full-width gate
+// buffer pass, and the chunks are independent within a step (threads split the hidden dim).
 struct RnnLayer {
   int64_t in = 0;
   // packed permuted W_ih (zero rows as padding) with b_ih (+ b_hh for LSTM) as its bias: the input
@@ -45,7 +47,13 @@ class Rnn : public ExtKernel {
   bool gru = false;
   int64_t S = 0, H = 0, G = 4;  // gates
   int64_t D = 1;                // directions
-  int64_t groups = 0, NP = 0;   // unit groups, padded gate width (groups * kPanel)
+  int64_t groups = 0, NP = 0;   // unit groups, padded gate width (npanels * kPanel)
+  int64_t npanels = 0;          // packed panels: ceil(groups * G kUnits / kPanel)
+  int64_t block = 1;            // unit groups per whole panels (LSTM 1 group = 1 panel, GRU 4 = 3)
+  int64_t blocks() const { return (groups + block - 1) / block; }
+  // unit groups and panels of blocks [b0, b1)
+  int64_t group_of(int64_t b) const { return std::min(b * block, groups); }
+  int64_t panel_of(int64_t b) const { return std::min(b * block * G * vec::kUnits / packed::kPanel, npanels); }
   std::vector<std::shared_ptr<const RnnLayer>> layers;  // [layer * D + direction], shared by the plans
   std::vector<float> gi, gh, h0, h1, c, mid;  // grown on first use, reused
 
@@ -65,7 +73,7 @@ class Rnn : public ExtKernel {
     const int64_t step_macs = rows * NP * H;
     const int nchunks = step_macs < (int64_t{1} << 17)
                             ? 1
-                            : static_cast<int>(std::min<int64_t>(groups, static_cast<int64_t>(num_threads())));
+                            : static_cast<int>(std::min<int64_t>(blocks(), static_cast<int64_t>(num_threads())));
     // Batch 1 runs the single-row kernel (packed_gemm.h): 5-7% less CPU time a run than the
     // blocked panels kernel at LSTM 2x512 (1 thread, AMD EPYC), which splits K in blocks (partial
     // sums through y), streams one panel at a time and took one call per panel on reversed steps.
@@ -115,21 +123,22 @@ class Rnn : public ExtKernel {
         std::fill(c.begin(), c.end(), 0.f);
         const ops::PackedLinear& P = *L.whh;
         // step `step` reads h from h0 when even, h1 when odd, and writes the other
-        // ci of nc: this chunk's share of the step's V panels
-        auto chunk = [&](int64_t step, int64_t g0, int64_t g1, int ci, int nc) {
+        // ci of nc: this chunk's share of the step's V panels; [b0, b1): its blocks of units
+        auto chunk = [&](int64_t step, int64_t b0, int64_t b1, int ci, int nc) {
+          const int64_t g0 = group_of(b0), g1 = group_of(b1), p0 = panel_of(b0), p1 = panel_of(b1);
           const int64_t t = dir == 0 ? step : S - 1 - step;
           const float* hp = (step & 1) ? h1.data() : h0.data();
           float* hn = (step & 1) ? h0.data() : h1.data();
           // block step / kR + 1's V panels of this step, this chunk's share
           int64_t q0 = 0, q1 = 0, vr = 0;
           if (step < (nblk - 1) * kR) {
-            const int64_t j = step % kR, qa = groups * j / kR, qb = groups * (j + 1) / kR;
+            const int64_t j = step % kR, qa = npanels * j / kR, qb = npanels * (j + 1) / kR;
             q0 = qa + (qb - qa) * ci / nc;
             q1 = qa + (qb - qa) * (ci + 1) / nc;
             vr = block_row(step / kR + 1);
           }
-          auto walk_with_v = [&](int64_t p1) {
-            walk_gemm(hp, H, P.w, P.b, g0, p1, (step & 1) != 0, gh.data(), x + vr * L.in, L.in, L.wih->w,
+          auto walk_with_v = [&](int64_t pe) {
+            walk_gemm(hp, H, P.w, P.b, p0, pe, (step & 1) != 0, gh.data(), x + vr * L.in, L.in, L.wih->w,
                       L.wih->b, q0, q1, gi.data() + vr * NP, NP);
           };
           // Odd steps walk the panels last to first. A thread's W_hh slice is at least as large
@@ -139,21 +148,21 @@ class Rnn : public ExtKernel {
           if (step == 0 && L.whh_finite && skip0) {
             // h = 0: the product is 0 (+ GRU's b_hh), skip a full read of W_hh (1/S of the steps)
             for (int64_t r = 0; r < rows; ++r)
-              for (int64_t g = g0; g < g1; ++g) {
+              for (int64_t g = p0; g < p1; ++g) {
                 float* z = gh.data() + r * NP + g * packed::kPanel;
                 if (P.b) std::copy(P.b + g * packed::kPanel, P.b + (g + 1) * packed::kPanel, z);
                 else std::fill(z, z + packed::kPanel, 0.f);
               }
-            if (q1 > q0) walk_with_v(g0);  // no W panels: the V share alone
+            if (q1 > q0) walk_with_v(p0);  // no W panels: the V share alone
           } else if (q1 > q0) {
-            walk_with_v(g1);
+            walk_with_v(p1);
           } else if (walk) {
             // one row: the single-row kernel (no K blocks, one call per step)
-            walk(hp, H, P.w, P.b, g0, g1, (step & 1) != 0, gh.data());
+            walk(hp, H, P.w, P.b, p0, p1, (step & 1) != 0, gh.data());
           } else if (step & 1) {
-            for (int64_t g = g1; g-- > g0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
+            for (int64_t g = p1; g-- > p0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
           } else {
-            vk.panels(hp, rows, H, P.w, P.b, g0, g1, NP, false, gh.data());
+            vk.panels(hp, rows, H, P.w, P.b, p0, p1, NP, false, gh.data());
           }
           for (int64_t r = 0; r < rows; ++r) {
             const float* a = gi.data() + (r * S + t) * NP;
@@ -164,13 +173,13 @@ class Rnn : public ExtKernel {
           }
         };
         if (nchunks <= 1) {
-          for (int64_t step = 0; step < S; ++step) chunk(step, 0, groups, 0, 1);
+          for (int64_t step = 0; step < S; ++step) chunk(step, 0, blocks(), 0, 1);
         } else {
           // the whole time loop is one pool job: the threads step through it together (a
           // shared counter per step instead of a pool hand-off), each on its own unit groups
           parallel_steps(S, nchunks, [&](int64_t step, int ci, int nc) {
-            const int64_t g0 = groups * ci / nc, g1 = groups * (ci + 1) / nc;
-            if (g1 > g0) chunk(step, g0, g1, ci, nc);
+            const int64_t b0 = blocks() * ci / nc, b1 = blocks() * (ci + 1) / nc;
+            if (b1 > b0) chunk(step, b0, b1, ci, nc);
           });
         }
       }
@@ -179,9 +188,9 @@ class Rnn : public ExtKernel {
   }
 };
 
-// Row (gate k, unit j) of a [G*H, cols] matrix to its permuted row.
-inline int64_t perm_row(int64_t k, int64_t j) {
-  return (j / vec::kUnits) * packed::kPanel + k * vec::kUnits + j % vec::kUnits;
+// Row (gate k of G, unit j) of a [G*H, cols] matrix to its permuted row.
+inline int64_t perm_row(int64_t G, int64_t k, int64_t j) {
+  return (j / vec::kUnits) * G * vec::kUnits + k * vec::kUnits + j % vec::kUnits;
 }
 
 std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::vector<ExtValue>& in,
@@ -203,7 +212,10 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
   k->D = bidir ? 2 : 1;
   const int64_t GH = checked::mul<ValueError>(k->G, k->H, where(n));
   k->groups = (k->H + vec::kUnits - 1) / vec::kUnits;
-  k->NP = checked::mul<ValueError>(k->groups, packed::kPanel, where(n));
+  // LSTM: 4 gates x 8 units fill a panel; GRU: 4 groups of 3 gates x 8 units fill 3 panels
+  k->block = k->gru ? packed::kPanel / vec::kUnits : 1;
+  k->npanels = (checked::mul<ValueError>(k->groups, k->G * vec::kUnits, where(n)) + packed::kPanel - 1) / packed::kPanel;
+  k->NP = checked::mul<ValueError>(k->npanels, packed::kPanel, where(n));
   int64_t feat = in[0].row[1];
   for (int64_t l = 0; l < nl; ++l) {
     for (int64_t dir = 0; dir < k->D; ++dir) {
@@ -221,7 +233,7 @@ std::unique_ptr<ExtKernel> build_rnn(const Model& m, const Node& n, const std::v
         std::vector<float> whh(static_cast<size_t>(NP * H), 0.f), bhh(static_cast<size_t>(NP), 0.f);
         for (int64_t g = 0; g < k->G; ++g)
           for (int64_t j = 0; j < H; ++j) {
-            const int64_t src = g * H + j, dstr = perm_row(g, j);
+            const int64_t src = g * H + j, dstr = perm_row(k->G, g, j);
             std::copy(w_ih + src * feat, w_ih + (src + 1) * feat, wih.begin() + dstr * feat);
             std::copy(w_hh + src * H, w_hh + (src + 1) * H, whh.begin() + dstr * H);
             bias_in[dstr] = (b_ih ? b_ih[src] : 0.f) + (!k->gru && b_hh ? b_hh[src] : 0.f);

@@ -94,7 +94,7 @@ void lstm_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, i
 void gru_cells_scalar(const float* a, const float* b, int64_t g0, int64_t g1, int64_t H, const float* hp, float* h,
                       float* o) {
   for (int64_t g = g0; g < g1; ++g) {
-    const int64_t base = g * packed::kPanel;
+    const int64_t base = g * kGruGroup;
     for (int64_t u = 0; u < kUnits && g * kUnits + u < H; ++u) {
       const int64_t j = g * kUnits + u, q = base + u;
       const float rg = sigm(a[q] + b[q]), zg = sigm(a[q + kUnits] + b[q + kUnits]);

@@ -24,10 +24,12 @@
 
 namespace aimass::runtime::vec {
 
-// Recurrent gate layout: hidden units in groups of kUnits; group g owns packed GEMM
-// panel g (kPanel = 32 outputs), gate k of unit g*kUnits+u at column g*32 + k*kUnits + u
-// (LSTM gates i, f, g, o; GRU r, z, n; GRU's last 8 columns are zero padding).
+// Recurrent gate layout: hidden units in groups of kUnits, gate k of unit g*kUnits+u at column
+// g*G*kUnits + k*kUnits + u. LSTM (G = 4 gates i, f, g, o): group g owns packed GEMM panel g
+// (kPanel = 32 outputs). GRU (G = 3 gates r, z, n): groups of 24 columns, 4 groups to 3 panels,
+// no padding but in the last panel.
 constexpr int64_t kUnits = 8;
+constexpr int64_t kGruGroup = 3 * kUnits;  // GRU columns per unit group
 
 struct Kernels {
   // y[D] = (x - mean) / sqrt(var + eps) * w + b (w, b nullable); y may alias x.

@@ -325,7 +325,7 @@ void gru_cells_v(const float* a, const float* b, int64_t g0, int64_t g1, int64_t
                  float* o) {
   using T = Avx2;
   for (int64_t g = g0; g < g1; ++g) {
-    const int64_t q = g * packed::kPanel, j = g * kUnits, nu = H - j < kUnits ? H - j : kUnits;
+    const int64_t q = g * kGruGroup, j = g * kUnits, nu = H - j < kUnits ? H - j : kUnits;
     const __m256 rg = vsigmoid<T>(_mm256_add_ps(_mm256_loadu_ps(a + q), _mm256_loadu_ps(b + q)));
     const __m256 zg = vsigmoid<T>(_mm256_add_ps(_mm256_loadu_ps(a + q + 8), _mm256_loadu_ps(b + q + 8)));
     const __m256 ng = vtanh<T>(_mm256_fmadd_ps(rg, _mm256_loadu_ps(b + q + 16), _mm256_loadu_ps(a + q + 16)));
