@@ -20,6 +20,7 @@
 #include "aimass/batcher.h"
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
+#include "serve/wire.h"
 #include "tiny_linear_model.h"
 
 using namespace aimass::serve;
@@ -330,4 +331,34 @@ TEST(ServeFrontend, BatcherErrorsAreAnsweredNativelyWithPythonsWords) {
   EXPECT_EQ(f.inflight(), 0);
   f.stop();
   loop.join();
+}
+
+// The one JSON string escaper (serve/wire.h): json.dumps's bytes (ensure_ascii) for the {"error": ...}
+// bodies and orjson's for the hot answers, as Python 3.11 json.dumps(s)[1:-1] and orjson.dumps(s)[1:-1]
+// write them; bytes that are not UTF-8 become U+FFFD and the body stays valid JSON.
+TEST(ServeFrontend, JsonEscapeWritesPythonsBytes) {
+  struct Case {
+    std::string in, ascii, utf8;
+  };
+  const Case cases[] = {
+      {"plain", "plain", "plain"},
+      {"q\"b\\s", "q\\\"b\\\\s", "q\\\"b\\\\s"},
+      {std::string("c\n\r\t\b\f\0\x1f\x7f", 9), "c\\n\\r\\t\\b\\f\\u0000\\u001f\\u007f",
+       "c\\n\\r\\t\\b\\f\\u0000\\u001f\x7f"},
+      {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "caf\\u00e9 \\u20ac \\ud83d\\ude00",
+       "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"},
+      // a stray continuation byte, a lead cut short by a quote, an overlong '/', a surrogate, past U+10FFFF
+      {"a\x80" "b\xc3\"\xc0\xaf\xed\xa0\x80\xf4\x90\x80\x80",
+       "a\\ufffdb\\ufffd\\\"\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd",
+       "a\xef\xbf\xbd" "b\xef\xbf\xbd\\\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"
+       "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+      {"\xf0\x9f\x98", "\\ufffd\\ufffd\\ufffd", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},  // cut short at the end
+  };
+  for (const auto& c : cases) {
+    std::string a, u;
+    wire::json_escape(a, c.in, true);
+    wire::json_escape(u, c.in, false);
+    EXPECT_EQ(a, c.ascii) << c.in;
+    EXPECT_EQ(u, c.utf8) << c.in;
+  }
 }
