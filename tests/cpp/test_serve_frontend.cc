@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "aimass/batcher.h"
+#include "aimass/error.h"
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
 #include "serve/wire.h"
@@ -361,4 +362,39 @@ TEST(ServeFrontend, JsonEscapeWritesPythonsBytes) {
     EXPECT_EQ(a, c.ascii) << c.in;
     EXPECT_EQ(u, c.utf8) << c.in;
   }
+}
+
+// A front end with no upstream needs both local hooks (else a typed error); run_inline false answers
+// through the batcher's queue with the same bytes as inline.
+TEST(ServeFrontend, NoUpstreamNeedsItsHooksAndQueuedRunsAnswerTheSame) {
+  FrontendOptions bad;
+  bad.upstream_port = 0;
+  EXPECT_THROW(Frontend(bad, {}), aimass::ValueError);
+  bad.local_other = [](const HttpRequest&, std::string_view, LocalAnswer& a) { a.status = 404; };
+  EXPECT_THROW(Frontend(bad, {}), aimass::ValueError);  // local_decode missing too
+  FakeUpstream up;
+  Served sv;
+  std::string answers[2];
+  uint64_t inline_after_queued = 0;
+  for (int inl = 0; inl < 2; ++inl) {
+    FrontendOptions o;
+    o.upstream_port = up.port;
+    o.run_inline = inl == 1;
+    Frontend f(o, {});
+    f.set_routes(sv.routes(1));
+    std::thread loop([&] { f.serve(); });
+    int s = connect_to(f.port());
+    send_all(s, post("/predict", R"({"input": [[0, 0, 0], [1, 0, 0]]})") +
+                    post("/v1/models/m:predict", R"({"instances": [[0.5, 0.25, 1]]})"));
+    std::string buf;
+    answers[inl] = read_response(s, buf);
+    answers[inl] += read_response(s, buf);
+    ::close(s);
+    f.stop();
+    loop.join();
+    if (inl == 0) inline_after_queued = sv.batcher->stats().inline_runs;
+  }
+  EXPECT_NE(answers[0].find("{\"output\":[[0.25,0.0],[1.25,0.0]]}"), std::string::npos) << answers[0];
+  EXPECT_EQ(answers[0], answers[1]);
+  EXPECT_EQ(inline_after_queued, 0u);  // the queued front end ran nothing on its loop's thread
 }
