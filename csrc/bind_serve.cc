@@ -135,7 +135,8 @@ void bind_serve(py::module_& m) {
       }, py::arg("models"), py::arg("predict_model"))
       .def("version_busy", &sv::Frontend::version_busy)
       // tokens: [(name, sha256 digest bytes, has infer scope, models list or None, rate or 0, burst,
-      //          auth.py's scope error, auth.py's model error up to the model name)]
+      //          auth.py's scope error, auth.py's model error up to the model name, optionally its 429
+      //          message)]
       .def("set_tokens", [](sv::Frontend& f, const py::list& tokens, bool enabled) {
         std::vector<sv::TokenEntry> out;
         for (py::handle h : tokens) {
@@ -150,6 +151,7 @@ void bind_serve(py::module_& m) {
           e.burst = t[5].cast<double>();
           e.scope_error = t[6].cast<std::string>();
           e.model_error_prefix = t[7].cast<std::string>();
+          if (t.size() > 8) e.rate_error = t[8].cast<std::string>();
           out.push_back(std::move(e));
         }
         f.set_tokens(std::move(out), enabled);

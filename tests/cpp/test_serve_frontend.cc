@@ -18,8 +18,10 @@
 #include <vector>
 
 #include "aimass/batcher.h"
+#include "aimass/error.h"
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
+#include "serve/wire.h"
 #include "tiny_linear_model.h"
 
 using namespace aimass::serve;
@@ -330,4 +332,69 @@ TEST(ServeFrontend, BatcherErrorsAreAnsweredNativelyWithPythonsWords) {
   EXPECT_EQ(f.inflight(), 0);
   f.stop();
   loop.join();
+}
+
+// The one JSON string escaper (serve/wire.h): json.dumps's bytes (ensure_ascii) for the {"error": ...}
+// bodies and orjson's for the hot answers, as Python 3.11 json.dumps(s)[1:-1] and orjson.dumps(s)[1:-1]
+// write them; bytes that are not UTF-8 become U+FFFD and the body stays valid JSON.
+TEST(ServeFrontend, JsonEscapeWritesPythonsBytes) {
+  struct Case {
+    std::string in, ascii, utf8;
+  };
+  const Case cases[] = {
+      {"plain", "plain", "plain"},
+      {"q\"b\\s", "q\\\"b\\\\s", "q\\\"b\\\\s"},
+      {std::string("c\n\r\t\b\f\0\x1f\x7f", 9), "c\\n\\r\\t\\b\\f\\u0000\\u001f\\u007f",
+       "c\\n\\r\\t\\b\\f\\u0000\\u001f\x7f"},
+      {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "caf\\u00e9 \\u20ac \\ud83d\\ude00",
+       "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"},
+      // a stray continuation byte, a lead cut short by a quote, an overlong '/', a surrogate, past U+10FFFF
+      {"a\x80" "b\xc3\"\xc0\xaf\xed\xa0\x80\xf4\x90\x80\x80",
+       "a\\ufffdb\\ufffd\\\"\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd",
+       "a\xef\xbf\xbd" "b\xef\xbf\xbd\\\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"
+       "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+      {"\xf0\x9f\x98", "\\ufffd\\ufffd\\ufffd", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},  // cut short at the end
+  };
+  for (const auto& c : cases) {
+    std::string a, u;
+    wire::json_escape(a, c.in, true);
+    wire::json_escape(u, c.in, false);
+    EXPECT_EQ(a, c.ascii) << c.in;
+    EXPECT_EQ(u, c.utf8) << c.in;
+  }
+}
+
+// A front end with no upstream needs both local hooks (else a typed error); run_inline false answers
+// through the batcher's queue with the same bytes as inline.
+TEST(ServeFrontend, NoUpstreamNeedsItsHooksAndQueuedRunsAnswerTheSame) {
+  FrontendOptions bad;
+  bad.upstream_port = 0;
+  EXPECT_THROW(Frontend(bad, {}), aimass::ValueError);
+  bad.local_other = [](const HttpRequest&, std::string_view, LocalAnswer& a) { a.status = 404; };
+  EXPECT_THROW(Frontend(bad, {}), aimass::ValueError);  // local_decode missing too
+  FakeUpstream up;
+  Served sv;
+  std::string answers[2];
+  uint64_t inline_after_queued = 0;
+  for (int inl = 0; inl < 2; ++inl) {
+    FrontendOptions o;
+    o.upstream_port = up.port;
+    o.run_inline = inl == 1;
+    Frontend f(o, {});
+    f.set_routes(sv.routes(1));
+    std::thread loop([&] { f.serve(); });
+    int s = connect_to(f.port());
+    send_all(s, post("/predict", R"({"input": [[0, 0, 0], [1, 0, 0]]})") +
+                    post("/v1/models/m:predict", R"({"instances": [[0.5, 0.25, 1]]})"));
+    std::string buf;
+    answers[inl] = read_response(s, buf);
+    answers[inl] += read_response(s, buf);
+    ::close(s);
+    f.stop();
+    loop.join();
+    if (inl == 0) inline_after_queued = sv.batcher->stats().inline_runs;
+  }
+  EXPECT_NE(answers[0].find("{\"output\":[[0.25,0.0],[1.25,0.0]]}"), std::string::npos) << answers[0];
+  EXPECT_EQ(answers[0], answers[1]);
+  EXPECT_EQ(inline_after_queued, 0u);  // the queued front end ran nothing on its loop's thread
 }

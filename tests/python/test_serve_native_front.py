@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.timeout(180),
 
 X = (np.arange(8, dtype=np.float32).reshape(2, 4) - 3.3) / 7
 TOK = {"infer": "tok-infer", "other": "tok-other", "metrics": "tok-metrics", "slow": "tok-slow", "admin": "tok-admin",
-       "odd": "tok-odd"}
+       "odd": "tok-odd", "oddrate": "tok-oddrate"}
 # a token name the 403 message quotes, with a quote, a tab, accents and a code point past U+FFFF: json.dumps
 # escapes each (\uXXXX, a surrogate pair for the emoji), and the front end must write the same bytes
 ODD_NAME = 'm\u00e9trique "q"\t\u00fc\U0001F600'
@@ -48,7 +48,10 @@ def servers(tmp_path_factory):
         {"name": "metrics", "sha256": hash_token(TOK["metrics"]), "scopes": ["metrics"]},
         {"name": "slow", "sha256": hash_token(TOK["slow"]), "scopes": ["infer"], "rate": 0.001, "burst": 2},
         {"name": "admin", "sha256": hash_token(TOK["admin"]), "scopes": ["admin", "infer"]},
-        {"name": ODD_NAME, "sha256": hash_token(TOK["odd"]), "scopes": ["metrics"]}]}, allow_unicode=True),
+        {"name": ODD_NAME, "sha256": hash_token(TOK["odd"]), "scopes": ["metrics"]},
+        # json.dumps writes DEL as \u007f (orjson keeps it): the 429 below quotes this name
+        {"name": ODD_NAME + "\x7f", "sha256": hash_token(TOK["oddrate"]), "scopes": ["infer"], "rate": 1e-6,
+         "burst": 1}]}, allow_unicode=True),
         encoding="utf-8")
     args = ("--tokens", str(tokens), "--max-body-mb", "0.0625")
     with serve_process(tmp / "store", *args) as py, serve_process(tmp / "store", *args, "--http", "native") as nat:
@@ -178,6 +181,25 @@ def test_rate_limit_is_shared_and_429s(servers):
     # the same bucket limits the routes Python answers
     r = httpx.post(nat.url + "/v2/models/mlp/infer", content=v2_json(id="x"), headers=auth("slow"))
     assert r.status_code == 429
+
+
+def test_over_rate_is_a_native_429_in_pythons_bytes(servers):
+    """Over its token's rate, a hot request gets auth.py's 429 from the front end itself: the same body bytes
+    (a token name with a quote, a tab, accents, an emoji and a DEL) and Retry-After, logged as its AuthError."""
+    py, nat, nets = servers
+    body = json.dumps({"input": X[0].tolist()}).encode()
+    a = [httpx.post(py.url + "/predict", content=body, headers=auth("oddrate")) for _ in range(2)]
+    before = native_answers(nat)
+    b = [httpx.post(nat.url + "/predict", content=body, headers=auth("oddrate")) for _ in range(2)]
+    assert [r.status_code for r in a] == [r.status_code for r in b] == [200, 429], (a[1].text, b[1].text)
+    assert a[1].content == b[1].content, (a[1].content, b[1].content)
+    assert b"\\u007f" in b[1].content and b"\\ud83d\\ude00" in b[1].content
+    # str(max(1, int(wait + 0.999))) with wait = 1e6 s less the time since the take: equal within a second
+    assert abs(int(a[1].headers["retry-after"]) - int(b[1].headers["retry-after"])) <= 1
+    assert native_answers(nat) == before + 2
+    st = httpx.get(nat.url + "/api/status", headers=auth("admin")).json()
+    assert any(e["status"] == 429 and e["type"] == "AuthError" and e["error"] == a[1].json()["error"]
+               for e in st["errors"])
 
 
 def test_pipelined_requests_answer_in_order(servers):

@@ -1,9 +1,8 @@
-// Native HTTP pieces for serving: an HTTP/1.1 request parser with limits, and the "native
-// floor" server, a compiled keep-alive front end around the runtime's Batcher with no Python
-// on the request path. The floor server measures what a compiled front end costs per request
-// at one connection (aimass.bench.serve, docs/serving.md "Where the time goes"); it answers
-// KServe v2 infer (JSON and binary tensors) and /predict for one model, batching across
-// connections, without tokens, metrics or label switches, which `aimass serve` keeps in Python.
+// Native HTTP pieces for serving: an HTTP/1.1 request parser with limits, the native front end of
+// `aimass serve` (Frontend, below), and the bench's "native floor" server, a thin configuration of that
+// front end with no upstream: one model, no tokens, metrics or label switches, its errors worded here.
+// Its p50 at one connection, minus Session.run's, is what the compiled front end costs per request
+// (aimass.bench.serve, docs/serving.md "Where the time goes").
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -100,10 +99,10 @@ class FloorServer {
   FloorServer(const FloorServer&) = delete;
   FloorServer& operator=(const FloorServer&) = delete;
   int port() const;
-  // Runs the event loop on the calling thread until stop(). A lone request runs the model on
-  // this thread (inline in the batcher when idle); when several are at hand they are queued and
-  // batched, and a completion thread hands the answers back to the loop (a connection's next
-  // request waits for its previous answer).
+  // Runs the front end's event loop on the calling thread until stop(). A lone request runs the
+  // model on this thread (inline in the batcher when idle); when several are at hand they are queued
+  // and batched, and the batcher's completion hook hands the answers back to the loop (a
+  // connection's next request waits for its previous answer).
   void serve();
   // Makes serve() return (from any thread, or a signal handler's thread).
   void stop();
@@ -119,6 +118,7 @@ class FloorServer {
 
 namespace aimass::runtime {
 class Batcher;
+class Model;
 }
 
 namespace aimass::serve {
@@ -160,9 +160,20 @@ struct TokenEntry {
   bool all_models = true;
   std::vector<std::string> models;
   double rate = 0, burst = 0;      // rate 0: no bucket
-  // auth.py's 403 messages for this token, made by Python so that they are its words exactly:
-  // "token '<name>' lacks scope 'infer' (has [...])" and "token '<name>' may not use model '" (+ model + "'")
-  std::string scope_error, model_error_prefix;
+  // auth.py's 403 and 429 messages for this token, made by Python so that they are its words exactly:
+  // "token '<name>' lacks scope 'infer' (has [...])", "token '<name>' may not use model '" (+ model + "'")
+  // and "token '<name>' is over its rate of <rate:g> requests/s (burst <burst:g>)"
+  std::string scope_error, model_error_prefix, rate_error;
+};
+
+// What a front end with no upstream (FrontendOptions::upstream_port 0) does with a request it would
+// have forwarded; the floor server's words (floor_server.cc).
+struct LocalAnswer {
+  int status = 0;  // 0 (local_decode only): run `inputs`; else answer this status
+  std::string text;  // status 200: the JSON body; else the error's words ({"error": text})
+  std::vector<std::vector<char>> inputs;  // one buffer per model input, `rows` rows each
+  int64_t rows = 0;
+  bool binary_out = false;  // KServe v2: every output as binary tensor data
 };
 
 struct FrontendOptions {
@@ -173,7 +184,13 @@ struct FrontendOptions {
   int max_connections = 1024;         // more are accepted and closed at once
   double idle_timeout_s = 5.0;        // a connection with no request in progress for this long is closed
   int64_t deadline_us = -1;           // default request deadline (--deadline-ms), -1: none
+  bool run_inline = true;             // false: every native request goes through the batcher's queue
   HttpLimits limits;
+  // No upstream (upstream_port 0): both must be set. local_decode reads a routed POST that the hot
+  // readers left (key: nullptr for KServe v2, else "instances" or "input"); local_other answers any
+  // other request. Neither may keep a reference to `req` past the call.
+  std::function<void(const HttpRequest& req, const runtime::Model& m, const char* key, LocalAnswer& out)> local_decode;
+  std::function<void(const HttpRequest& req, std::string_view path, LocalAnswer& out)> local_other;
 };
 
 // Counts of native answers, merged into /metrics by Python at scrape time.
@@ -229,6 +246,7 @@ class Frontend {
   std::vector<FrontendError> take_errors();
   uint64_t native_answers() const;
   uint64_t forwarded() const;
+  uint64_t replies() const;  // responses written here, any status (native answers, refusals, errors, 502s)
 
  private:
   struct Impl;

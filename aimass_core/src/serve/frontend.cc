@@ -97,44 +97,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A JSON string's contents: \" \\ \n \r \t \b \f and other control characters as \u00XX; non-ASCII
-// bytes kept as UTF-8, as orjson writes them, or (ascii_only) every non-ASCII code point as \uXXXX
-// with surrogate pairs above U+FFFF, as Python's json.dumps writes them (ensure_ascii).
-void json_escape(std::string& out, std::string_view s, bool ascii_only) {
-  auto u = [&](unsigned v) {
-    char b[16];
-    std::snprintf(b, sizeof b, "\\u%04x", v);
-    out += b;
-  };
-  for (size_t i = 0; i < s.size(); ++i) {
-    unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80 || !ascii_only) {
-      switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
-        case '\b': out += "\\b"; break;
-        case '\f': out += "\\f"; break;
-        default:
-          if (c < 0x20) u(c);
-          else out += static_cast<char>(c);
-      }
-      continue;
-    }
-    int n = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : 1;
-    unsigned cp = c & (n == 3 ? 0x07 : n == 2 ? 0x0f : 0x1f);
-    for (int k = 0; k < n && i + 1 < s.size(); ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[++i]) & 0x3f);
-    if (cp >= 0x10000) {
-      cp -= 0x10000;
-      u(0xd800 + (cp >> 10));
-      u(0xdc00 + (cp & 0x3ff));
-    } else {
-      u(cp);
-    }
-  }
-}
+using wire::json_escape;
 
 const char* v2_type(rt::ValueType t) { return t == rt::ValueType::Int64 ? "INT64" : "FP32"; }
 
@@ -428,7 +391,8 @@ struct Frontend::Impl {
   bool allow_inline = true;
   std::atomic<bool> stopping{false}, draining{false}, loop_done{false};
   std::atomic<int64_t> inflight_n{0}, held{0};
-  std::atomic<uint64_t> answers{0}, forwards{0};
+  std::atomic<uint64_t> answers{0}, forwards{0}, replies{0};
+  bool local() const { return opts.upstream_port == 0; }  // no upstream: opts.local_* answer what it would take
 
   // routes: written by Python's thread, read by the loop (one atomic shared_ptr swap)
   std::shared_ptr<const Routes> routes = std::make_shared<Routes>();
@@ -546,13 +510,14 @@ struct Frontend::Impl {
 
   // The answer to a request refused before it ran (auth), counted and logged like Python's.
   void refuse(Conn& c, const HttpRequest& req, int proto, const std::string& model, std::string_view path, int status,
-              const std::string& msg) {
+              const std::string& msg, std::string_view extra = "") {
     std::string b = "{\"error\": \"";
     json_escape(b, msg, true);
     b += "\"}";
-    wire::respond(c.out, status, "application/json", "", b, req.keep_alive);
+    wire::respond(c.out, status, "application/json", extra, b, req.keep_alive);
     if (!req.keep_alive) c.close_after = true;
     answers.fetch_add(1, std::memory_order_relaxed);
+    replies.fetch_add(1, std::memory_order_relaxed);
     count(model, -1, proto, status, 0);
     std::lock_guard<std::mutex> lk(m_mu);
     if (errors.size() < 1000) errors.push_back({status, std::string(path), model, msg, "AuthError", -1});
@@ -572,10 +537,17 @@ struct Frontend::Impl {
     return (1.0 - b.level) / b.rate;
   }
 
-  bool take(const std::string& digest) {
+  // One request from the token's bucket: 0 when allowed, else the seconds to wait and auth.py's 429
+  // message in `msg`.
+  double take(const std::string& digest, std::string& msg) {
     std::lock_guard<std::mutex> lk(tok_mu);
-    if (!tokens_on) return true;
-    return take_locked(digest) == 0;
+    if (!tokens_on) return 0;
+    double wait = take_locked(digest);
+    if (wait > 0) {
+      auto it = tokens.find(digest);
+      if (it != tokens.end()) msg = it->second.rate_error;
+    }
+    return wait;
   }
 
   // ---------------------------------------------------------------- decoding (false: Python's)
@@ -733,6 +705,37 @@ struct Frontend::Impl {
     return true;
   }
 
+  // No upstream: opts.local_decode reads what the hot readers left into `job` (true), or its error is
+  // answered (false).
+  bool local_decode(Conn& c, const HttpRequest& req, const rt::Model& m, const char* key, FJob& job) {
+    LocalAnswer la;
+    try {
+      opts.local_decode(req, m, key, la);
+    } catch (const std::exception& e) {
+      la = {};
+      la.status = 500;
+      la.text = std::string("internal error: ") + e.what();
+    }
+    if (la.status == 0 && (la.inputs.size() != m.inputs().size() || la.rows < 1)) {
+      la.status = 500;
+      la.text = "internal error: the local decoder gave no inputs";
+    }
+    if (la.status != 0) {
+      error_reply(c, la.status, la.text, req.keep_alive && la.status != 500);
+      return false;
+    }
+    int proto = job.proto;
+    Clock::time_point t0 = job.t0;
+    job = FJob{};  // what the hot readers left half filled
+    job.proto = proto;
+    job.t0 = t0;
+    job.owned = std::move(la.inputs);
+    for (const auto& in : job.owned) job.ptrs.push_back(in.data());
+    job.rows = la.rows;
+    for (size_t i = 0; i < m.outputs().size(); ++i) job.v2_outs.push_back({i, la.binary_out});
+    return true;
+  }
+
   // ---------------------------------------------------------------- encoding (hot.py's bytes)
   void encode(FJob& job, std::string& body, std::string& ctype, std::string& extra) {
     const rt::Model& m = job.rv->batcher->model();
@@ -819,10 +822,34 @@ struct Frontend::Impl {
 
   void error_reply(Conn& c, int status, const std::string& msg, bool keep_alive, const char* extra = "") {
     std::string body = "{\"error\": \"";
-    wire::json_escape(body, msg);
+    json_escape(body, msg, true);
     body += "\"}";
     wire::respond(c.out, status, "application/json", extra, body, keep_alive);
     if (!keep_alive) c.close_after = true;
+    replies.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // A request a front end with no upstream would have forwarded: opts.local_other's answer.
+  void answer_local(Conn& c, const HttpRequest& req) {
+    LocalAnswer la;
+    try {
+      opts.local_other(req, req.target.substr(0, req.target.find('?')), la);
+    } catch (const std::exception& e) {
+      la = {};
+      la.status = 500;
+      la.text = std::string("internal error: ") + e.what();
+    }
+    if (req.method == "HEAD") {  // no body may follow (a pipelined client would read it as the next answer)
+      wire::respond(c.out, la.status, "application/json", "", "", req.keep_alive);
+      if (!req.keep_alive) c.close_after = true;
+      replies.fetch_add(1, std::memory_order_relaxed);
+    } else if (la.status == 200) {
+      wire::respond(c.out, 200, "application/json", "", la.text, req.keep_alive);
+      if (!req.keep_alive) c.close_after = true;
+      replies.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      error_reply(c, la.status, la.text, req.keep_alive && la.status != 500);
+    }
   }
 
   bool connect_upstream(Conn& c) {
@@ -982,7 +1009,7 @@ struct Frontend::Impl {
       }
       c.continued = false;
       if (pr.status == ParseStatus::Error) {
-        if (pr.http_status == 501) {  // Transfer-Encoding: uvicorn frames it; byte for byte from here on
+        if (pr.http_status == 501 && !local()) {  // Transfer-Encoding: uvicorn frames it; byte for byte from here on
           if (!connect_upstream(c)) {
             error_reply(c, 502, "the server's upstream is not reachable", false);
             c.in.clear();
@@ -1001,7 +1028,9 @@ struct Frontend::Impl {
       }
       bool queued = false;
       if (!handle(c, req, pre_drain, queued)) {
-        if (!forward(c, std::string_view(c.in.data(), req.consumed), req.method == "HEAD")) {
+        if (local()) {
+          answer_local(c, req);
+        } else if (!forward(c, std::string_view(c.in.data(), req.consumed), req.method == "HEAD")) {
           error_reply(c, 502, "the server's upstream is not reachable", false);
           c.in.clear();
           break;
@@ -1019,7 +1048,8 @@ struct Frontend::Impl {
     std::string_view path = req.target.substr(0, req.target.find('?'));
     for (unsigned char ch : path)
       if (ch == '%' || ch >= 0x80) return false;
-    if (!req.header("content-encoding").empty() && req.header("content-encoding") != "identity") return false;
+    // what the hot readers take as Python would (else Python's, or with no upstream opts.local_decode's)
+    bool plain = req.header("content-encoding").empty() || req.header("content-encoding") == "identity";
     // Python keeps the last of repeated headers, this parser the first: leave repeats to Python
     int seen[3] = {0, 0, 0};
     for (const auto& h : req.headers) {
@@ -1029,8 +1059,9 @@ struct Frontend::Impl {
             std::equal(h.name.begin(), h.name.end(), kRead[i],
                        [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; }) &&
             ++seen[i] > 1)
-          return false;
+          plain = false;
     }
+    if (!plain && !local()) return false;
     Target t;
     if (!route(path, t)) return false;
     std::shared_ptr<const Routes> r = std::atomic_load(&routes);
@@ -1051,7 +1082,8 @@ struct Frontend::Impl {
     if (vit == rm.versions.end() || !vit->second || !vit->second->batcher) return false;
     std::shared_ptr<RouteVersion> rv = vit->second;
     const rt::Model& m = rv->batcher->model();
-    if (!static_specs(m)) return false;
+    plain = plain && static_specs(m);
+    if (!plain && !local()) return false;
     std::string digest, why;
     int denied = authorize(req, t.model, digest, why);
     if (denied < 0) return false;
@@ -1062,11 +1094,25 @@ struct Frontend::Impl {
     auto job = std::make_unique<FJob>();
     job->t0 = Clock::now();
     job->proto = t.proto;
-    bool ok = t.proto == kV2 ? (req.has_header("inference-header-content-length") ? v2_binary(req, m, *job)
-                                                                                  : v2_json(req, m, *job))
-                             : number_body(req, m, t.proto == kV1 ? "instances" : "input", *job);
+    const char* key = t.proto == kV2 ? nullptr : t.proto == kV1 ? "instances" : "input";
+    bool ok = plain && (t.proto == kV2 ? (req.has_header("inference-header-content-length") ? v2_binary(req, m, *job)
+                                                                                            : v2_json(req, m, *job))
+                                       : number_body(req, m, key, *job));
+    if (!ok && local()) {
+      if (!local_decode(c, req, m, key, *job)) return true;  // answered with its error
+      ok = true;
+    }
     if (!ok) return false;
-    if (!take(digest)) return false;  // over its rate: Python answers 429 from the same bucket
+    // The bucket is taken once the body decoded: a request that goes to Python is charged there, once.
+    // Over its rate: auth.py's 429 from the bucket Python shares; Python checks the rate before the
+    // body, so a body it would refuse gets the same 429 there.
+    if (double wait = take(digest, why); wait > 0) {
+      if (why.empty()) return false;  // no words from Python for it: its answer
+      char ra[340];  // Retry-After as auth.py writes it: str(max(1, int(wait + 0.999)))
+      std::snprintf(ra, sizeof ra, "retry-after: %.0f\r\n", std::max(1.0, std::floor(wait + 0.999)));
+      refuse(c, req, t.proto, t.model, path, 429, why, ra);
+      return true;
+    }
     job->rv = rv;
     job->routes = r;
     job->model = t.model;
@@ -1083,7 +1129,7 @@ struct Frontend::Impl {
     }
     try {
       aimass::wake_workers();  // their wake-up overlaps the copy into the arena
-      if (allow_inline && rv->batcher->try_run_inline(job->ptrs, optr, job->rows, 0, opts.deadline_us)) {
+      if (allow_inline && opts.run_inline && rv->batcher->try_run_inline(job->ptrs, optr, job->rows, 0, opts.deadline_us)) {
         finish(c, *job, nullptr);
         return true;
       }
@@ -1144,7 +1190,7 @@ struct Frontend::Impl {
         msg = "model '" + name + "' rejected the inputs: " + e.what();
       }
       std::string b = "{\"error\": \"";
-      wire::json_escape(b, msg);
+      json_escape(b, msg, true);
       b += "\"}";
       wire::respond(c.out, status, "application/json", extra, b, job.keep_alive);
       std::lock_guard<std::mutex> lk(m_mu);
@@ -1155,6 +1201,7 @@ struct Frontend::Impl {
     }
     if (!job.keep_alive) c.close_after = true;
     answers.fetch_add(1, std::memory_order_relaxed);
+    replies.fetch_add(1, std::memory_order_relaxed);
     count(name, job.rv->version, job.proto, status,
           std::chrono::duration<double>(Clock::now() - job.t0).count());
     job.rv->inflight.fetch_sub(1);
@@ -1344,8 +1391,9 @@ Frontend::Frontend(FrontendOptions opts, std::vector<double> latency_bounds) : i
 #endif
   Impl& s = *impl_;
   AIMASS_CHECK(opts.port >= 0 && opts.port <= 65535, ValueError, "Frontend: port=", opts.port, " not in [0, 65535]");
-  AIMASS_CHECK(opts.upstream_port > 0 && opts.upstream_port <= 65535, ValueError, "Frontend: upstream_port=",
-               opts.upstream_port, " not in [1, 65535]");
+  bool local = opts.upstream_port == 0 && opts.local_decode && opts.local_other;
+  AIMASS_CHECK(local || (opts.upstream_port > 0 && opts.upstream_port <= 65535), ValueError,
+               "Frontend: upstream_port=", opts.upstream_port, " not in [1, 65535]");
   AIMASS_CHECK(opts.max_connections >= 1, ValueError, "Frontend: max_connections must be >= 1");
   AIMASS_CHECK(opts.limits.max_body_bytes >= 0 && opts.limits.max_header_bytes >= 64, ValueError,
                "Frontend: limits must be max_body_bytes >= 0 and max_header_bytes >= 64");
@@ -1445,6 +1493,7 @@ void Frontend::set_draining(bool on) { impl_->draining.store(on); }
 int64_t Frontend::inflight() const { return impl_->inflight_n.load() + impl_->held.load(); }
 uint64_t Frontend::native_answers() const { return impl_->answers.load(); }
 uint64_t Frontend::forwarded() const { return impl_->forwards.load(); }
+uint64_t Frontend::replies() const { return impl_->replies.load(); }
 
 std::vector<FrontendCount> Frontend::counts() const {
   std::lock_guard<std::mutex> lk(impl_->m_mu);

@@ -1,6 +1,5 @@
-// Pieces of an HTTP/1.1 answer shared by the floor server and the front end.
+// Pieces of an HTTP/1.1 answer: the front end's (and so the floor server's) escaper, status line and socket.
 #pragma once
-#include <cstdio>
 #include <string>
 #include <string_view>
 
@@ -11,9 +10,12 @@ inline const char* reason(int status) {
     case 100: return "Continue";
     case 200: return "OK";
     case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 413: return "Content Too Large";
+    case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
     case 501: return "Not Implemented";
@@ -25,22 +27,13 @@ inline const char* reason(int status) {
   }
 }
 
-// A JSON string's contents, ASCII only: what json.dumps (ensure_ascii) writes for ASCII input;
-// other bytes as \u00XX.
-inline void json_escape(std::string& out, std::string_view s) {
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c >= 0x7f) {  // keep the body ASCII whatever bytes a request held
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-}
+// A JSON string's contents, laid out as the Python serve path writes them: \" \\ \n \r \t \b \f, other
+// control characters as \u00XX (lowercase hex). ascii_only false: everything else as it is, non-ASCII
+// kept as UTF-8 (orjson's layout, the hot answers). ascii_only true: DEL and every non-ASCII code point
+// as \uXXXX, surrogate pairs above U+FFFF (json.dumps with ensure_ascii, the {"error": ...} bodies).
+// Bytes that are not well-formed UTF-8, which no Python str holds, become U+FFFD one byte at a time,
+// so the body stays valid JSON whatever bytes a request or a model file carried.
+void json_escape(std::string& out, std::string_view s, bool ascii_only);
 
 // A non-blocking listening socket on host:port (port 0: any free one, written to bound_port);
 // ValueError for a host that is not a numeric address, IOError when it cannot listen. `who`

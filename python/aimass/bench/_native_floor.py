@@ -1,12 +1,13 @@
-"""The serve benchmark's compiled floor: a C++ HTTP/1.1 keep-alive server (one epoll thread,
-``aimass_core/src/serve/``) that answers ``POST /v2/models/{name}/infer`` (JSON and binary tensors)
-and ``/predict`` by running the model through the runtime's Batcher, with no Python on the request
-path. Its p50 at one connection minus ``Session.run``'s is what a compiled front end costs per
-request: kernel loopback, the load generator, HTTP parsing and the copy in and out, after each
-request's compute has swept the caches (docs/serving.md, "Where the time goes"). A lone request runs
-inline on the loop's thread; when several are at hand they are queued and batched, and a completion
-thread hands the answers back to the loop. It has no tokens, metrics or label switches: it is a
-measuring tool, not a server.
+"""The serve benchmark's compiled floor: the native front end of ``aimass serve --http native``
+(``aimass_core/src/serve/frontend.cc``: one epoll thread) with no upstream, answering
+``POST /v2/models/{name}/infer`` (JSON and binary tensors) and ``/predict`` by running the model
+through the runtime's Batcher, with no Python on the request path (``floor_server.cc`` words what the
+hot readers leave). Its p50 at one connection minus ``Session.run``'s is what the compiled front end
+costs per request: kernel loopback, the load generator, HTTP parsing and the copy in and out, after
+each request's compute has swept the caches (docs/serving.md, "Where the time goes"). A lone request
+runs inline on the loop's thread; when several are at hand they are queued and batched, and the
+batcher's completion hook hands the answers back to the loop. It has no tokens, metrics or label
+switches: it is a measuring tool, not a server.
 
     python -m aimass.bench._native_floor PORT MODEL.aimass [--name NAME] [--threads N]
 """

@@ -109,11 +109,12 @@ class NativeFront:
             if tok.bucket is not None:
                 rate, burst = float(tok.bucket.rate), float(tok.bucket.burst)
                 tok.bucket = _SharedBucket(self.f, digest, rate, burst)
-            # auth.py's 403 messages, made here so that the front end answers in its words exactly
+            # auth.py's 403 and 429 messages, made here so that the front end answers in its words exactly
             entries.append((tok.name, digest, "infer" in tok.scopes,
                             None if tok.models is None else sorted(tok.models), rate, burst,
                             f"token '{tok.name}' lacks scope 'infer' (has {sorted(tok.scopes)})",
-                            f"token '{tok.name}' may not use model '"))
+                            f"token '{tok.name}' may not use model '",
+                            f"token '{tok.name}' is over its rate of {rate:g} requests/s (burst {burst:g})"))
         self.f.set_tokens(entries, True)
 
     def set_draining(self, on: bool) -> None:
