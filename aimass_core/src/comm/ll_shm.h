@@ -220,7 +220,8 @@ class LLChannel {
   // rank, so the same decision): push when any rank prefers it, and every kExplore-th call the other
   // one, so a preference can change. AIMASS_LL_STAGED=0 / 1 (any rank's 0 wins): always push /
   // always staged; unset or "auto": as above. (The environment is read at start-up.)
-  int64_t stage_vote(size_t bytes) const;
+  // out: this rank's output; where it sits within its cache line rides along (stage_lead()).
+  int64_t stage_vote(size_t bytes, const void* out = nullptr) const;
   bool agree_staged();  // after a completed exchange; also what large_allreduce() runs
   bool staged_now() const { return staged_now_; }
   // The allreduce agree_staged() chose, timed for the vote.
@@ -422,6 +423,8 @@ class LLChannel {
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;
+  int64_t vote(size_t bytes) const;          // stage_vote()'s low byte
+  int64_t stage_lead(size_t es) const;       // the staged run's lead, from the attempt's votes
   uint64_t large_calls_ = 0;                 // completed large allreduces (the same count on every rank)
   bool staged_now_ = false;
   int staged_env_ = -1;                      // AIMASS_LL_STAGED: 0 never, 1 always, -1 auto
