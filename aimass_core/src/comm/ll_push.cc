@@ -27,9 +27,12 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
   const size_t piece = push_piece_bytes(static_cast<size_t>(count) * es, L);  // bytes per peer in push_tmp_
   const int64_t step = static_cast<int64_t>(piece / es);
   const int64_t npieces = (count + step - 1) / step;
-  if (push_tmp_.size() < static_cast<size_t>(L) * piece) push_tmp_.resize(static_cast<size_t>(L) * piece);
-  char* tmp = push_tmp_.data();
+  if (push_tmp_.size() < static_cast<size_t>(L) * piece + 128) push_tmp_.resize(static_cast<size_t>(L) * piece + 128);
   const char* src = static_cast<const char*>(in);
+  // the peers' pieces at the same offset within their 64-byte lines as this rank's input, so the reduce
+  // kernel, which starts each output on a whole line, loads whole lines from both
+  const uintptr_t t0 = (reinterpret_cast<uintptr_t>(push_tmp_.data()) + 63) / 64 * 64;
+  char* tmp = reinterpret_cast<char*>(t0 + reinterpret_cast<uintptr_t>(src) % 64);
   char* dst = static_cast<char*>(out);
   pid_t pid[kMaxRanks];
   uint64_t rin[kMaxRanks], rout[kMaxRanks];
