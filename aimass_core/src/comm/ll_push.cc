@@ -16,7 +16,6 @@
 #include "comm/cma.h"
 #include "comm/ll_shm.h"
 #include "comm/shm_allreduce.h"
-#include "runtime/env_switch.h"
 
 namespace aimass {
 namespace comm {
@@ -113,9 +112,8 @@ constexpr double kStageMargin = 1.25;
 }  // namespace
 
 int64_t LLChannel::stage_vote(size_t bytes, const void* out) const {
-  static const bool align = runtime::env_switch_on("AIMASS_LL_STAGE_ALIGN");
   const int64_t where =
-      align && out ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 + 1) << kAlignShift : 0;
+      stage_align_ && out ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 + 1) << kAlignShift : 0;
   return where | vote(bytes);
 }
 
