@@ -1,6 +1,7 @@
 // comm kernels: every SIMD level available on this CPU against the scalar reference.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -200,6 +201,67 @@ TEST(CommKernels, ReduceF32OverSourcesMatchesReference) {
               ASSERT_TRUE(std::isnan(got[i]));
             } else {
               ASSERT_EQ(std::memcmp(&ref[i], &got[i], 4), 0) << aimass::simd_level_name(l) << " k=" << k << " i=" << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+namespace {
+// The SIMD kernels first reduce the elements up to dst's next line (or half line) boundary, then go on
+// with whole-line stores: outputs and sources at any 4-byte offset within their lines (numpy's arrays
+// start 16 bytes in), sources at dst's offset or at another, in place, a second destination elsewhere,
+// sizes shorter and longer than the head: the reference's exact bits at every level.
+TEST(CommKernels, ReduceF32WithADestinationInsideALineMatchesReference) {
+  LevelGuard g;
+  for (size_t off : {4u, 16u, 32u, 44u, 60u}) {
+    for (size_t src_off : {off, size_t(0), size_t(8)}) {
+      for (size_t n : {1u, 5u, 11u, 12u, 13u, 16u, 17u, 29u, 64u, 65u, 200u, 1001u}) {
+        for (int k : {1, 2, 3}) {
+          // 64-byte aligned blocks; element i of every array sits at its offset + 4i
+          const size_t words = n + 32;
+          std::vector<std::vector<float>> blocks(k + 3, std::vector<float>(words + 16));
+          auto at = [&](std::vector<float>& b, size_t byte_off) {
+            const uintptr_t a = (reinterpret_cast<uintptr_t>(b.data()) + 63) / 64 * 64;
+            return reinterpret_cast<float*>(a + byte_off);
+          };
+          std::vector<const float*> ptrs;
+          for (int j = 0; j < k; ++j) {
+            float* p = at(blocks[j], j == 0 ? off : src_off);
+            const std::vector<float> v = interesting_floats(n, 300 + j);
+            std::copy(v.begin(), v.end(), p);
+            ptrs.push_back(p);
+          }
+          for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max}) {
+            for (float scale : {1.0f, 0.25f}) {
+              std::vector<float> ref(n);
+              aimass::comm::ref::reduce_f32(op, ptrs.data(), k, ref.data(), n, nullptr, scale);
+              for (SimdLevel l : levels()) {
+                aimass::set_simd_level(l);
+                float* dst = at(blocks[k], off);
+                float* dst2 = at(blocks[k + 1], 20);
+                aimass::comm::reduce_f32(op, ptrs.data(), k, dst, n, dst2, scale);
+                // in place: dst is the first source (a copy of it, at the same offset)
+                float* own = at(blocks[k + 2], off);
+                std::copy(ptrs[0], ptrs[0] + n, own);
+                std::vector<const float*> in_place(ptrs);
+                in_place[0] = own;
+                aimass::comm::reduce_f32(op, in_place.data(), k, own, n, nullptr, scale);
+                for (size_t i = 0; i < n; ++i) {
+                  if (std::isnan(ref[i])) {
+                    ASSERT_TRUE(std::isnan(dst[i]) && std::isnan(dst2[i]) && std::isnan(own[i]));
+                    continue;
+                  }
+                  ASSERT_EQ(std::memcmp(&ref[i], &dst[i], 4), 0)
+                      << aimass::simd_level_name(l) << " off " << off << " src_off " << src_off << " n " << n
+                      << " k " << k << " i " << i;
+                  ASSERT_EQ(std::memcmp(&ref[i], &dst2[i], 4), 0) << "second destination, i " << i;
+                  ASSERT_EQ(std::memcmp(&ref[i], &own[i], 4), 0) << "in place, i " << i;
+                }
+              }
             }
           }
         }

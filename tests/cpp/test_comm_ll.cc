@@ -13,6 +13,7 @@
 #include <thread>
 #include <stdexcept>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 #include "aimass/error.h"
@@ -361,6 +362,84 @@ TEST(CommLL, StagedAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
     push_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, false, true);
     push_same_bits<int32_t>(L, DType::I32, ReduceOp::Sum, true, false, true);
   }
+}
+
+// The staged allreduce where every rank's buffers start `offs[r]` bytes past a 64-byte line, each rank
+// posting stage_vote(bytes, out) as the engine does: equal offsets (numpy's 16 bytes; the chunks are cut on
+// the buffers' lines) and unequal ones (cut from element 0); odd sizes around the shortened first chunk and
+// the ring wrap, in place and out of place: the rank-order reduction's exact bits on every rank.
+template <typename T>
+void staged_offsets_same_bits(DType dtype, ReduceOp op, bool average, const std::vector<size_t>& offs) {
+  const int L = static_cast<int>(offs.size());
+  const int64_t C = static_cast<int64_t>((512u << 10) / sizeof(T));  // the staging chunk up to 4 ranks
+  const int64_t lead = static_cast<int64_t>(offs[0] / sizeof(T));
+  const std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, C - lead - 1,
+                                       C - lead + 1, 4 * C + 3};
+  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  std::vector<std::vector<std::vector<T>>> got(L);
+  std::vector<std::string> errors(L);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LLChannel ch(r, L, mem, kSlot);
+        ch.allow_cma_for_tests();
+        for (size_t c = 0; c < counts.size(); ++c) {
+          const int64_t n = counts[c];
+          const size_t room = (static_cast<size_t>(n) * sizeof(T) + offs[r] + 63) / 64 * 64;
+          std::unique_ptr<char, decltype(&std::free)> a(static_cast<char*>(std::aligned_alloc(64, room)), &std::free),
+              b(static_cast<char*>(std::aligned_alloc(64, room)), &std::free);
+          T* in = reinterpret_cast<T*>(a.get() + offs[r]);
+          for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+          T* o = c % 2 == 0 ? in : reinterpret_cast<T*>(b.get() + offs[r]);
+          const size_t nb = static_cast<size_t>(n) * sizeof(T);
+          if (ch.exchange(300 + c, in, nb, ch.stage_vote(nb, o), 30.0, true, o) != Result::Complete)
+            throw std::runtime_error("exchange fell back");
+          ch.stage_allreduce(dtype, op, average, in, o, n, 30.0);
+          ch.done();
+          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+          got[r].push_back(std::vector<T>(o, o + n));
+          int64_t small = r;
+          if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
+          ch.done();
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::free(mem);
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  for (size_t c = 0; c < counts.size(); ++c) {
+    const int64_t n = counts[c];
+    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
+    std::vector<const char*> srcs(L);
+    for (int r = 0; r < L; ++r) {
+      for (int64_t i = 0; i < n; ++i) ins[r][i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
+    }
+    std::vector<T> want(static_cast<size_t>(n));
+    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
+                              average, L);
+    for (int r = 0; r < L; ++r)
+      ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
+          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype) << " offset "
+          << offs[r];
+  }
+}
+
+TEST(CommLL, StagedAllreduceOnBuffersPastALineSameBitsOnEveryRank) {
+  staged_offsets_same_bits<float>(DType::F32, ReduceOp::Sum, false, {16, 16});
+  staged_offsets_same_bits<float>(DType::F32, ReduceOp::Sum, true, {48, 48, 48});
+  staged_offsets_same_bits<float>(DType::F32, ReduceOp::Max, false, {16, 32});  // unequal: no lead
+  staged_offsets_same_bits<double>(DType::F64, ReduceOp::Min, false, {8, 8, 8, 8});
+  staged_offsets_same_bits<uint16_t>(DType::F16, ReduceOp::Sum, true, {16, 16});
+  staged_offsets_same_bits<uint16_t>(DType::BF16, ReduceOp::Sum, false, {2, 2, 2});
+  staged_offsets_same_bits<int8_t>(DType::I8, ReduceOp::Sum, false, {17, 17});
+  staged_offsets_same_bits<int32_t>(DType::I32, ReduceOp::Product, false, {16, 16, 16, 16});
 }
 
 // A peer that arrived but never stages (stopped): the other rank's staged allreduce raises

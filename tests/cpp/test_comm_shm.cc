@@ -4,6 +4,7 @@
 // woken by its peer's counter or abort) against the yield loop.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -90,6 +91,84 @@ TEST(CommShm, TwoRanksChunkEdgesAndRingWrap) {
 TEST(CommShm, ThreeAndFourRanksFusedSegments) {
   run_ranks(3, kEdgeSizes, ReduceOp::Sum, 4);
   run_ranks(4, kEdgeSizes, ReduceOp::Average, 3);
+}
+
+// Staged runs with a lead (ShmAllreduce::run's last argument): every rank's buffers start `lead`
+// elements past a 64-byte line, so the chunks are cut on the buffers' lines. Odd sizes around the
+// shortened first chunk and the ring wrap, fused segments, in place and out of place, average; a
+// lead of a whole chunk or more, or negative, cuts from element 0. Exact against the plain reference.
+void run_ranks_with_lead(int L, int64_t lead, ReduceOp op, int parts, bool inplace) {
+  const int64_t C = static_cast<int64_t>(kChunk / sizeof(float));
+  const int64_t l = lead > 0 && lead < C ? lead : 0;
+  const std::vector<int64_t> sizes = {1, 3, C - l - 1, C - l, C - l + 1, 2 * C + 7, 5 * C - l + 3, 9 * C + 11};
+  Segment seg(L);
+  std::vector<std::string> errors(L);
+  // [rank]: one 64-byte aligned block per size, the data `lead` floats in (or at 4 for a clamped lead)
+  const int64_t at = lead > 0 && lead < C ? lead : 4;
+  std::vector<std::vector<float*>> in(L), out(L);
+  std::vector<std::vector<void*>> blocks;
+  for (int r = 0; r < L; ++r)
+    for (int64_t n : sizes) {
+      const size_t bytes = (static_cast<size_t>(n + at) * sizeof(float) + 63) / 64 * 64;
+      float* a = static_cast<float*>(std::aligned_alloc(64, bytes));
+      float* b = static_cast<float*>(std::aligned_alloc(64, bytes));
+      blocks.push_back({a, b});
+      for (int64_t i = 0; i < n; ++i) a[at + i] = value(r, static_cast<size_t>(i));
+      in[r].push_back(a + at);
+      out[r].push_back(inplace ? a + at : b + at);
+    }
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+        for (size_t c = 0; c < sizes.size(); ++c) {
+          const int64_t n = sizes[c];
+          std::vector<ShmSegment> segs;
+          int64_t done = 0;
+          for (int p = 0; p < parts; ++p) {
+            const int64_t len = p + 1 == parts ? n - done : std::min<int64_t>(n - done, n / (parts + 1) + 5 * p);
+            segs.push_back({reinterpret_cast<const char*>(in[r][c] + done), reinterpret_cast<char*>(out[r][c] + done),
+                            len, op == ReduceOp::Average});
+            done += len;
+          }
+          shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr, lead);
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  for (size_t c = 0; c < sizes.size(); ++c) {
+    for (int64_t i = 0; i < sizes[c]; ++i) {
+      float want = value(0, static_cast<size_t>(i));
+      for (int r = 1; r < L; ++r) {
+        const float v = value(r, static_cast<size_t>(i));
+        want = op == ReduceOp::Min ? std::min(want, v) : op == ReduceOp::Max ? std::max(want, v) : want + v;
+      }
+      if (op == ReduceOp::Average) want *= 1.0f / static_cast<float>(L);
+      for (int r = 0; r < L; ++r)
+        ASSERT_EQ(out[r][c][i], want) << "L " << L << " lead " << lead << " rank " << r << " element " << i << " of "
+                                      << sizes[c];
+    }
+  }
+  for (auto& b : blocks) {
+    std::free(b[0]);
+    std::free(b[1]);
+  }
+}
+
+TEST(CommShm, StagedRunWithALeadCutsOnTheBuffersLines) {
+  for (int64_t lead : {1, 4, 15}) {
+    run_ranks_with_lead(2, lead, ReduceOp::Sum, 1, true);
+    run_ranks_with_lead(2, lead, ReduceOp::Average, 1, false);
+    run_ranks_with_lead(3, lead, ReduceOp::Max, 3, false);
+    run_ranks_with_lead(4, lead, ReduceOp::Sum, 2, true);
+  }
+  run_ranks_with_lead(2, static_cast<int64_t>(kChunk / sizeof(float)), ReduceOp::Sum, 1, true);  // clamped to 0
+  run_ranks_with_lead(3, -3, ReduceOp::Min, 1, false);
 }
 
 TEST(CommShm, PeerThatNeverComesRaisesAfterTheTimeout) {

@@ -394,6 +394,49 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
         d.init()
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["staged", "push", "staged-unaligned"])
+def test_large_allreduce_of_arrays_inside_a_cache_line(ll, mode):
+    """numpy's large arrays start 16 bytes into a page: the staged allreduce then cuts its chunks on the
+    arrays' 64-byte lines (every rank posts where its output starts in its line; "staged-unaligned":
+    AIMASS_LL_STAGE_ALIGN=0 on rank 0 only, so the ranks' posts differ and nobody shifts), and the reduce
+    kernels start their stores on dst's next line. Views at element offsets equal on every rank and
+    different per rank, sizes around the shortened first chunk, several dtypes, in place and out of
+    place: the engine's bits, the same on every rank."""
+    import os
+    d = ll
+    r, n = d.rank(), d.size()
+    os.environ["AIMASS_LL_STAGED"] = "0" if mode == "push" else "1"
+    if mode == "staged-unaligned" and r == 0:
+        os.environ["AIMASS_LL_STAGE_ALIGN"] = "0"
+    try:
+        d.shutdown()
+        d.init()
+        for dtype, op in (("float32", "sum"), ("float32", "average"), ("float16", "sum"), ("float64", "max"),
+                          ("int8", "sum"), ("int32", "min")):
+            es = np.dtype(dtype).itemsize
+            chunk = (512 << 10) // es
+            # elements past the buffer's start: the same on every rank, and (4 + rank) different per rank
+            for s, shift in ((1, 1), (3, 3), (4, 4 + r), (15, 15)):
+                for count in (chunk - s - 1, chunk - s + 1, 3 * chunk + 5 * s + 7):
+                    tag = f"{mode}.{dtype}.{op}.{s}.{count}"
+                    base = data(count + shift, r, count + shift + 16, dtype)
+                    x = base[shift:shift + count]
+                    want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"al.eng.{tag}"))
+                    got = d.allreduce(x, op=op, name=f"al.{tag}")
+                    np.testing.assert_array_equal(got, want)
+                    y = base.copy()[shift:shift + count]
+                    assert d.allreduce_(y, op=op, name=f"al_.{tag}") is y
+                    np.testing.assert_array_equal(y, want)
+                    everyone = d.allgather(np.frombuffer(y.tobytes(), np.uint8).reshape(1, -1), name=f"al.chk.{tag}")
+                    assert (everyone == everyone[:1]).all()
+    finally:
+        del os.environ["AIMASS_LL_STAGED"]
+        os.environ.pop("AIMASS_LL_STAGE_ALIGN", None)
+        d.shutdown()
+        d.init()
+
+
 @pytest.mark.timeout(60)
 def test_allreduce_entries_take_plain_calls_and_pass_the_rest(ll):
     """allreduce / allreduce_ are vectorcall objects: the tensor with name= and op= (by position or

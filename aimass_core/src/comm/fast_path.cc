@@ -338,7 +338,7 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
         !running || (!poisoned.empty() && poisoned.count(std::string(c.name))))
       return false;
   }
-  if (push) rows = ll->stage_vote(nbytes);  // staged or push (ll_shm.h; under fast_mu: the timings are its)
+  if (push) rows = ll->stage_vote(nbytes, c.output);  // staged or push (ll_shm.h; under fast_mu: the timings are its)
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, c.root, c.name, c.shape, c.ndim);
   if (ll->exchange(hash, post, post_bytes, rows, fallback, by_address, push ? c.output : nullptr) !=
       comm::LLChannel::Result::Complete) {

@@ -2,6 +2,7 @@
 // helper from a shared header is compiled with these flags (ODR safety).
 #include <immintrin.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "comm/kernels_impl.h"
@@ -90,15 +91,7 @@ void reduce_half_avx2(int kind, int op, const uint16_t* in, uint16_t* inout, siz
 void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
   const bool scaled = scale != 1.0f;
   const __m256 s = _mm256_set1_ps(scale);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 acc = _mm256_loadu_ps(srcs[0] + i);
-    for (int j = 1; j < k; ++j) acc = apply(op, _mm256_loadu_ps(srcs[j] + i), acc);
-    if (scaled) acc = _mm256_mul_ps(acc, s);
-    _mm256_storeu_ps(dst + i, acc);
-    if (dst2) _mm256_storeu_ps(dst2 + i, acc);
-  }
-  for (; i < n; ++i) {  // plain scalar tail: no shared inline helpers in this TU
+  auto one = [&](size_t i) {  // plain scalar: no shared inline helpers in this TU
     float acc = srcs[0][i];
     for (int j = 1; j < k; ++j) {
       const float v = srcs[j][i];
@@ -107,7 +100,21 @@ void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t
     if (scaled) acc *= scale;
     dst[i] = acc;
     if (dst2) dst2[i] = acc;
+  };
+  size_t i = 0;
+  // A dst that starts inside a 32-byte half line: the elements up to the next one first, so no vector store
+  // below straddles two lines (nor a load of a source at the same offset). The same arithmetic per element.
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 31;
+  if (mis != 0 && mis % 4 == 0 && n > 8)
+    for (; i < (32 - mis) / 4; ++i) one(i);
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, _mm256_loadu_ps(srcs[j] + i), acc);
+    if (scaled) acc = _mm256_mul_ps(acc, s);
+    _mm256_storeu_ps(dst + i, acc);
+    if (dst2) _mm256_storeu_ps(dst2 + i, acc);
   }
+  for (; i < n; ++i) one(i);
 }
 
 }  // namespace isa

@@ -1,6 +1,8 @@
 // AVX-512 comm kernels: 16 lanes, masked loads/stores for the tail.
 #include <immintrin.h>
 
+#include <cstdint>
+
 #include "comm/kernels_impl.h"
 
 namespace aimass {
@@ -70,7 +72,22 @@ void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, s
 void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size_t n, float* dst2, float scale) {
   const bool scaled = scale != 1.0f;
   const __m512 s = _mm512_set1_ps(scale);
+  auto masked = [&](size_t i, __mmask16 m) {
+    __m512 acc = _mm512_maskz_loadu_ps(m, srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, _mm512_maskz_loadu_ps(m, srcs[j] + i), acc);
+    if (scaled) acc = _mm512_mul_ps(acc, s);
+    _mm512_mask_storeu_ps(dst + i, m, acc);
+    if (dst2) _mm512_mask_storeu_ps(dst2 + i, m, acc);
+  };
   size_t i = 0;
+  // A dst that starts inside a 64-byte line: the elements up to the next line first, so the full-width
+  // stores below (and the loads of sources at the same offset in their lines, as numpy's arrays, 16 bytes
+  // into a page, usually are) never straddle two lines. Each element's arithmetic is the same either way.
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 63;
+  if (mis != 0 && mis % 4 == 0 && n > 16) {
+    i = (64 - mis) / 4;
+    masked(0, static_cast<__mmask16>((1u << i) - 1));
+  }
   if (k == 2 && !scaled) {  // the common case (two ranks per node), unrolled: memory-bound, keep loads in flight
     const float* a = srcs[0];
     const float* b = srcs[1];
@@ -91,14 +108,7 @@ void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size
       }
     }
   }
-  for (; i < n; i += 16) {
-    __mmask16 m = tail_mask(n - i);
-    __m512 acc = _mm512_maskz_loadu_ps(m, srcs[0] + i);
-    for (int j = 1; j < k; ++j) acc = apply(op, _mm512_maskz_loadu_ps(m, srcs[j] + i), acc);
-    if (scaled) acc = _mm512_mul_ps(acc, s);
-    _mm512_mask_storeu_ps(dst + i, m, acc);
-    if (dst2) _mm512_mask_storeu_ps(dst2 + i, m, acc);
-  }
+  for (; i < n; i += 16) masked(i, tail_mask(n - i));
 }
 
 }  // namespace isa

@@ -26,9 +26,12 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
   const size_t piece = push_piece_bytes(static_cast<size_t>(count) * es, L);  // bytes per peer in push_tmp_
   const int64_t step = static_cast<int64_t>(piece / es);
   const int64_t npieces = (count + step - 1) / step;
-  if (push_tmp_.size() < static_cast<size_t>(L) * piece) push_tmp_.resize(static_cast<size_t>(L) * piece);
-  char* tmp = push_tmp_.data();
+  if (push_tmp_.size() < static_cast<size_t>(L) * piece + 128) push_tmp_.resize(static_cast<size_t>(L) * piece + 128);
   const char* src = static_cast<const char*>(in);
+  // the peers' pieces at the same offset within their 64-byte lines as this rank's input, so the reduce
+  // kernel, which starts each output on a whole line, loads whole lines from both
+  const uintptr_t t0 = (reinterpret_cast<uintptr_t>(push_tmp_.data()) + 63) / 64 * 64;
+  char* tmp = reinterpret_cast<char*>(t0 + reinterpret_cast<uintptr_t>(src) % 64);
   char* dst = static_cast<char*>(out);
   pid_t pid[kMaxRanks];
   uint64_t rin[kMaxRanks], rout[kMaxRanks];
@@ -75,7 +78,26 @@ void LLChannel::stage_allreduce(DType dtype, ReduceOp op, bool average, const vo
                "aimass.dist: staged allreduce without a staging area (internal error)");
   stage_->set_timeout(deadline_s);
   const std::vector<ShmSegment> segs{{static_cast<const char*>(in), static_cast<char*>(out), count, average}};
-  stage_->run(segs, count, dtype, op, size_, {});
+  stage_->run(segs, count, dtype, op, size_, {}, stage_lead(dtype_size(dtype)));
+}
+
+namespace {
+// The exchange's `rows` of a large allreduce: the vote in the low byte, and in the next byte where the
+// rank's output starts within its 64-byte line, plus 1 (0: not posted; AIMASS_LL_STAGE_ALIGN=0).
+constexpr int64_t kVoteMask = 0xff;
+constexpr int kAlignShift = 8;
+}  // namespace
+
+// The staged run's lead (ShmAllreduce::run): when every rank's output starts at the same offset within
+// a 64-byte line (numpy's large arrays start 16 bytes into a page on every rank), that offset in
+// elements; else 0. From the completed attempt's slots: the same on every rank.
+int64_t LLChannel::stage_lead(size_t es) const {
+  const int64_t code = (rows(0) >> kAlignShift) & 0xff;
+  for (int j = 1; j < size_; ++j)
+    if (((rows(j) >> kAlignShift) & 0xff) != code) return 0;
+  if (code == 0) return 0;
+  const size_t off = static_cast<size_t>(code - 1);
+  return off % es == 0 ? static_cast<int64_t>(off / es) : 0;
 }
 
 namespace {
@@ -89,7 +111,13 @@ constexpr int64_t kVoteStaged = 0, kVotePush = 1, kVoteNever = 2, kVoteAlways = 
 constexpr double kStageMargin = 1.25;
 }  // namespace
 
-int64_t LLChannel::stage_vote(size_t bytes) const {
+int64_t LLChannel::stage_vote(size_t bytes, const void* out) const {
+  const int64_t where =
+      stage_align_ && out ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 + 1) << kAlignShift : 0;
+  return where | vote(bytes);
+}
+
+int64_t LLChannel::vote(size_t bytes) const {
   if (!stage_ || staged_env_ == 0) return kVoteNever;
   if (staged_env_ == 1 || !push_ok_) return kVoteAlways;
   const int c = size_class(bytes, kClasses);
@@ -104,7 +132,7 @@ int64_t LLChannel::stage_vote(size_t bytes) const {
 bool LLChannel::agree_staged() {
   bool never = false, always = false, push = false;
   for (int j = 0; j < size_; ++j) {
-    const int64_t v = rows(j);
+    const int64_t v = rows(j) & kVoteMask;
     never |= v == kVoteNever;
     always |= v == kVoteAlways;
     push |= v == kVotePush;

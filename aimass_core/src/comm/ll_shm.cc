@@ -18,6 +18,7 @@
 #include "comm/cma.h"
 #include "comm/shm_allreduce.h"
 #include "comm/shm_segment.h"
+#include "runtime/env_switch.h"
 
 namespace aimass {
 namespace comm {
@@ -60,6 +61,7 @@ void LLChannel::attach(void* memory, size_t slot_bytes) {
                  "'");
     staged_env_ = e == "auto" ? -1 : e == "1" ? 1 : 0;
   }
+  stage_align_ = runtime::env_switch_on("AIMASS_LL_STAGE_ALIGN");
   stage_ = std::make_unique<ShmAllreduce>(rank_, size_, base_ + stage_offset(size_, slot_bytes), stage_chunk(size_),
                                           60.0);
 }

@@ -219,8 +219,11 @@ class LLChannel {
   // `rows`); agree_staged() combines the votes of the completed attempt (the same slots on every
   // rank, so the same decision): push when any rank prefers it, and every kExplore-th call the other
   // one, so a preference can change. AIMASS_LL_STAGED=0 / 1 (any rank's 0 wins): always push /
-  // always staged; unset or "auto": as above. (The environment is read at start-up.)
-  int64_t stage_vote(size_t bytes) const;
+  // always staged; unset or "auto": as above. AIMASS_LL_STAGE_ALIGN=0: the staged run's chunks are cut
+  // from element 0 whatever the buffers' offsets in their lines (see stage_lead()). (The environment is
+  // read at start-up.)
+  // out: this rank's output; where it sits within its cache line rides along (stage_lead()).
+  int64_t stage_vote(size_t bytes, const void* out = nullptr) const;
   bool agree_staged();  // after a completed exchange; also what large_allreduce() runs
   bool staged_now() const { return staged_now_; }
   // The allreduce agree_staged() chose, timed for the vote.
@@ -422,9 +425,12 @@ class LLChannel {
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;
+  int64_t vote(size_t bytes) const;          // stage_vote()'s low byte
+  int64_t stage_lead(size_t es) const;       // the staged run's lead, from the attempt's votes
   uint64_t large_calls_ = 0;                 // completed large allreduces (the same count on every rank)
   bool staged_now_ = false;
   int staged_env_ = -1;                      // AIMASS_LL_STAGED: 0 never, 1 always, -1 auto
+  bool stage_align_ = true;                  // AIMASS_LL_STAGE_ALIGN (not 0): post the output's line offset
   uint64_t probe_ = 0;       // read by the peers' start-up probe
   uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
   bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)

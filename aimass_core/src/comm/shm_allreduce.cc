@@ -437,7 +437,7 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
 }
 
 void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
-                       int world_size, const std::function<void(void*, int64_t)>& cross_reduce) {
+                       int world_size, const std::function<void(void*, int64_t)>& cross_reduce, int64_t lead) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   pushed_ = false;
   if (count <= 0) return;
@@ -454,7 +454,14 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   const int L = lsize_, me = lrank_;
   const size_t es = dtype_size(dtype);
   const int64_t chunk = static_cast<int64_t>(this->chunk() / es);
-  const int64_t nchunks = (count + chunk - 1) / chunk;
+  // Chunk c covers the elements [c * chunk - lead, (c + 1) * chunk - lead) (clipped to the buffer): with
+  // the lead the caller gives (where every rank's buffer sits that many elements past a 64-byte line)
+  // chunk and slice bounds fall on whole lines of the buffers, and staging and result slots hold each
+  // element at the same offset within its line as the buffers do, so no vector load or store of the
+  // kernels straddles two lines (numpy's arrays start 16 bytes into a page: measured 1.37-1.67 ms
+  // against 1.11-1.13 ms for 16 MiB fp32 at 2 thread ranks).
+  if (lead < 0 || lead >= chunk) lead = 0;
+  const int64_t nchunks = (count + lead + chunk - 1) / chunk;
   const uint64_t base_seq = seq_;
 
   std::vector<int64_t> starts(segs.size() + 1, 0);
@@ -474,23 +481,33 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     }
   };
   std::vector<const char*> srcs(L);
-  auto bounds = [&](int64_t c, int64_t* off, int64_t* m) {
-    *off = c * chunk;
-    *m = std::min(chunk, count - *off);
+  // off, m: the chunk's first element and element count; d: elements of the chunk's first line before the
+  // buffer (lead for chunk 0, else 0). Slot positions count from off - d.
+  auto bounds = [&](int64_t c, int64_t* off, int64_t* m, int64_t* d) {
+    const int64_t vs = c * chunk - lead;
+    *off = std::max<int64_t>(0, vs);
+    *m = std::min(count, vs + chunk) - *off;
+    *d = *off - vs;
+  };
+  // slice() of rank j over the chunk counted from off - d, as offsets from off
+  auto cut = [&](int j, int64_t m, int64_t d, int64_t* b, int64_t* e) {
+    slice(j, m + d, es, b, e);
+    *b = std::max<int64_t>(0, *b - d);
+    *e = std::max<int64_t>(0, *e - d);
   };
 
   auto stage = [&](int64_t c) {
     const uint64_t s = base_seq + c + 1;
-    int64_t off, m, b, e;
-    bounds(c, &off, &m);
-    slice(me, m, es, &b, &e);
+    int64_t off, m, d, b, e;
+    bounds(c, &off, &m, &d);
+    cut(me, m, d, &b, &e);
     if (s > static_cast<uint64_t>(kDepth)) {  // peers finished reading this ring slot
       for (int j = 0; j < L; ++j)
         if (j != me) wait_counter(j, 1, s - kDepth);
     }
     char* dst = staging(me, s);
     auto copy_in = [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-      std::memcpy(dst + (x - off) * es, g.in + at * es, static_cast<size_t>(n) * es);
+      std::memcpy(dst + (x - off + d) * es, g.in + at * es, static_cast<size_t>(n) * es);
     };
     pieces(off, off + b, copy_in);
     pieces(off + e, off + m, copy_in);
@@ -499,9 +516,9 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
 
   auto reduce = [&](int64_t c) {
     const uint64_t s = base_seq + c + 1;
-    int64_t off, m, b, e;
-    bounds(c, &off, &m);
-    slice(me, m, es, &b, &e);
+    int64_t off, m, d, b, e;
+    bounds(c, &off, &m, &d);
+    cut(me, m, d, &b, &e);
     for (int j = 0; j < L; ++j)
       if (j != me) wait_counter(j, 0, s);
     if (s > static_cast<uint64_t>(kDepth)) {  // every rank copied out what this result slot held before
@@ -513,8 +530,8 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     // gather below copies only the peers' slices. Across nodes the slice first goes over MPI.
     const bool direct = !cross_reduce;
     pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-      for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off) * es;
-      char* r = res + (x - off) * es;
+      for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off + d) * es;
+      char* r = res + (x - off + d) * es;
       if (direct && dtype == DType::F32) {
         reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
                    static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
@@ -528,9 +545,9 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
       }
     });
     if (!direct && e > b) {
-      cross_reduce(res + b * es, e - b);
+      cross_reduce(res + (b + d) * es, e - b);
       pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-        char* r = res + (x - off) * es;
+        char* r = res + (x - off + d) * es;
         if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
         std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
       });
@@ -540,17 +557,17 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
 
   auto gather = [&](int64_t c) {
     const uint64_t s = base_seq + c + 1;
-    int64_t off, m;
-    bounds(c, &off, &m);
+    int64_t off, m, d;
+    bounds(c, &off, &m, &d);
     const char* res = result(s);
     for (int jj = 1; jj < L; ++jj) {  // the own slice was written by the reduce pass
       const int j = (me + jj) % L;
       int64_t b, e;
-      slice(j, m, es, &b, &e);
+      cut(j, m, d, &b, &e);
       if (e <= b) continue;
       wait_counter(j, 1, s);
       pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-        std::memcpy(g.out + at * es, res + (x - off) * es, static_cast<size_t>(n) * es);
+        std::memcpy(g.out + at * es, res + (x - off + d) * es, static_cast<size_t>(n) * es);
       });
     }
     publish(ctrl(me)->gathered, s);

@@ -137,9 +137,11 @@ class ShmAllreduce {
   // Allreduces `count` elements of `dtype` (any DType; Bool: Sum/Max = or, Min/Product = and) spread over
   // `segs` (segments marked average are divided by `world_size`; op is then Sum).
   // cross_reduce (only with several nodes) allreduces one reduced slice in place
-  // across nodes. Every local rank must call it with the same count/dtype/op.
+  // across nodes. Every local rank must call it with the same count/dtype/op (and lead).
+  // lead (staged mode): the buffers start this many elements past a 64-byte line on every rank; the
+  // chunks are then cut on whole lines of the buffers (0, or not below the chunk: cut from element 0).
   void run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
-           int world_size, const std::function<void(void*, int64_t)>& cross_reduce);
+           int world_size, const std::function<void(void*, int64_t)>& cross_reduce, int64_t lead = 0);
 
   // ---- the other collectives on one node (shm_collectives.cc); local ranks are the ranks then.
   // Every local rank calls them with matching arguments, like MPI's.
