@@ -152,3 +152,52 @@ def test_mismatch_through_the_lean_lane_raises_on_every_rank(dist, lean_only):
     x = np.ones(5, np.float32)
     np.testing.assert_array_equal(dist.synchronize(dist.allreduce_async_(x, name="lean.after", op="sum")),
                                   [dist.size()] * 5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int64", "int8", "bool"])
+def test_torch_cpu_tensors_take_the_lean_lane(dist, mpi, lean_only, dtype):
+    torch = pytest.importorskip("torch")
+    r, n = dist.rank(), dist.size()
+    op = "max" if dtype == "bool" else "sum"
+    shapes = [(), (5,), (33, 7), (4099,)]
+    ins = [rank_input(50 + i, r, s, dtype) for i, s in enumerate(shapes)]
+    ts = [torch.from_numpy(x.copy()) for x in ins]
+    grads = [torch.from_numpy(x.copy()).requires_grad_(True) if dtype.startswith("float") else None for x in ins]
+    hs = [dist.allreduce_async_(t, name=f"lean.torch.{dtype}.{i}", op=op, compression=dist.Compression.none)
+          for i, t in enumerate(ts)]
+    ts2 = [torch.from_numpy(x.copy()) for x in ins]  # (not ts: those are being reduced in place)
+    hs2 = [dist.allreduce_async(t, name=f"lean.torch2.{dtype}.{i}", op=op) for i, t in enumerate(ts2)]
+    for i, s in enumerate(shapes):
+        ref = reference([rank_input(50 + i, k, s, dtype) for k in range(n)], op, dtype)
+        got = dist.synchronize(hs[i])
+        assert got is ts[i]
+        got2 = dist.synchronize(hs2[i])
+        assert isinstance(got2, torch.Tensor) and got2.dtype == ts[i].dtype and tuple(got2.shape) == s
+        np.testing.assert_array_equal(ts2[i].numpy(), ins[i])  # the input is left alone
+        np.testing.assert_array_equal(got.numpy(), ref)
+        np.testing.assert_array_equal(got2.numpy(), ref)
+        assert all(b == mpi.allgather(got.numpy().tobytes())[0] for b in mpi.allgather(got.numpy().tobytes()))
+        if grads[i] is not None:  # a leaf that requires grad: allreduced through a detached view
+            out = dist.synchronize(dist.allreduce_async_(grads[i], name=f"lean.leaf.{dtype}.{i}", op=op))
+            np.testing.assert_array_equal(out.detach().numpy(), ref)
+
+
+def test_torch_tensors_the_lean_lane_declines(dist, monkeypatch):
+    torch = pytest.importorskip("torch")
+    seen = []
+    general = collectives._allreduce_handle
+
+    def spy(*a, **k):
+        seen.append(1)
+        return general(*a, **k)
+    monkeypatch.setattr(collectives, "_allreduce_handle", spy)
+    n = dist.size()
+    bf = torch.ones(6, dtype=torch.bfloat16)
+    got = dist.synchronize(dist.allreduce_async_(bf, name="decl.torch.bf16", op="sum"))
+    assert got.dtype == torch.bfloat16 and got.float().tolist() == [float(n)] * 6
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dist.allreduce_async_(torch.ones(4, 6).t(), name="decl.torch.t", op="sum")
+    got = dist.synchronize(dist.allreduce_async_(torch.ones(6), name="decl.torch.fp16", op="sum",
+                                                 compression=dist.Compression.fp16))
+    np.testing.assert_allclose(got.numpy(), [n] * 6)
+    assert len(seen) == 3
