@@ -104,8 +104,11 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
     shm->run(segs, count, wire, op, size, cross);
     if (voted && bytes > 0) {
       const double spb = seconds_between(t0, Clock::now()) / static_cast<double>(bytes);
+      // the first run of a way pays for cold pages and caches: the second replaces it
       double& avg = ar_spb[staged ? 1 : 0][cls];
-      avg = avg == 0 ? spb : 0.75 * avg + 0.25 * spb;
+      int& runs = ar_timed[staged ? 1 : 0][cls];
+      avg = runs < 2 ? spb : 0.75 * avg + 0.25 * spb;
+      ++runs;
     }
   } catch (...) {
     // a peer that is only late may still push its reduced slices into these outputs: park them
@@ -120,8 +123,8 @@ int CollectiveEngine::Impl::vote_class(uint64_t bytes) {
   return c;
 }
 
-// Bit c: this rank prefers the staged allreduce for size class c. Untimed ways are tried first
-// (staged, then single-copy); then staged only when clearly faster, as the low-latency channel's
+// Bit c: this rank prefers the staged allreduce for size class c. Ways timed less than twice are
+// tried first (staged, then single-copy); then staged only when clearly faster, as the low-latency channel's
 // vote (ll_push.cc): it waits at every chunk for a rank that is descheduled, where the single-copy
 // push hands that rank's pieces to the others. Measured (2 ranks, ResNet-50's 161 gradients fused,
 // loaded VM, ranks at real-time priority): staged 12.4 ms against 17.2 ms single-copy while both ranks
@@ -129,8 +132,7 @@ int CollectiveEngine::Impl::vote_class(uint64_t bytes) {
 uint64_t CollectiveEngine::Impl::vote_bits() const {
   uint64_t v = 0;
   for (int c = 0; c < kVoteClasses; ++c) {
-    const double st = ar_spb[1][c], pu = ar_spb[0][c];
-    if (st == 0 || (pu != 0 && st * 1.25 < pu)) v |= uint64_t(1) << c;
+    if (ar_timed[1][c] < 2 || (ar_timed[0][c] >= 2 && ar_spb[1][c] * 1.25 < ar_spb[0][c])) v |= uint64_t(1) << c;
   }
   return v;
 }

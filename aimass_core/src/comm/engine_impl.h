@@ -191,6 +191,7 @@ struct CollectiveEngine::Impl {
   static constexpr int kVoteClasses = 8;
   static constexpr uint64_t kVoteExplore = 32;
   double ar_spb[2][kVoteClasses] = {};  // seconds per byte, moving average: [0] single-copy, [1] staged
+  int ar_timed[2][kVoteClasses] = {};   // runs timed
   uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
   uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
   static int vote_class(uint64_t bytes);
