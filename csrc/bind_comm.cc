@@ -545,6 +545,8 @@ void bind_comm(py::module_& m) {
         d["fused_tensors"] = s.fused_tensors;
         d["errors"] = s.errors;
         d["shm_allreduces"] = s.shm_allreduces;
+        d["shm_voted"] = s.shm_voted;
+        d["shm_voted_staged"] = s.shm_voted_staged;
         d["ll_collectives"] = s.ll_collectives;
         d["ll_fallbacks"] = s.ll_fallbacks;
         return d;

@@ -150,6 +150,8 @@ struct EngineStats {
   uint64_t fused_tensors = 0;   // allreduce requests those calls carried
   uint64_t errors = 0;          // requests failed by negotiation
   uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
+  uint64_t shm_voted = 0;       // of those, staged or single-copy as the ranks' timing vote chose
+  uint64_t shm_voted_staged = 0;  // of those, staged through the segment
   uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
 };

@@ -49,8 +49,8 @@ bool CollectiveEngine::Impl::cycle_once() {
   // ---- bit vector: word 0 = control, then one bit per cache entry
   // word 1 carries the fusion threshold: BAND gives every rank the same value,
   // so all ranks cut fused buffers identically even while a new one propagates.
-  // word 2 does the same for the shared-memory size threshold.
-  const size_t words = 3 + (cache.size() + 63) / 64;
+  // word 2 does the same for the shared-memory size threshold, word 3 for the staged / single-copy vote.
+  const size_t words = 4 + (cache.size() + 63) / 64;
   std::vector<uint64_t>& bits = neg_bits;  // a member: a timed-out request may still write it
   bits.assign(words, 0);
   bool need_full = table_nonempty;
@@ -60,7 +60,7 @@ bool CollectiveEngine::Impl::cycle_once() {
     if (seconds_between(p.submitted, now) > timeout_of(p.req)) need_full = true;
     auto it = cache_index.find(p.req.name);
     if (it != cache_index.end() && cache[it->second].sig == p.sig) {
-      bits[3 + it->second / 64] |= uint64_t(1) << (it->second % 64);
+      bits[4 + it->second / 64] |= uint64_t(1) << (it->second % 64);
     } else {
       need_full = true;
     }
@@ -72,6 +72,7 @@ bool CollectiveEngine::Impl::cycle_once() {
   bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0) | (idle ? 4 : 0);
   bits[1] = threshold_local;
   bits[2] = shm_min_local;
+  bits[3] = ar_vote ? vote_bits() : 0;  // BAND: staged where every rank prefers it (vote_bits)
   MPI_Request req;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
             "MPI_Iallreduce(negotiation)");
@@ -81,7 +82,7 @@ bool CollectiveEngine::Impl::cycle_once() {
 
   std::vector<std::string> ready;
   for (size_t i = 0; i < cache.size(); ++i) {
-    if (bits[3 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
+    if (bits[4 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
   }
   {
     std::lock_guard<std::mutex> lk(mu);
@@ -89,6 +90,7 @@ bool CollectiveEngine::Impl::cycle_once() {
   }
   if (!(bits[0] & 1)) full_round(ready);
   shm_min_agreed = static_cast<size_t>(bits[2]);
+  ar_votes_agreed = bits[3];
   execute(ready, static_cast<size_t>(bits[1]));
   return (bits[0] & 2) != 0;  // every rank asked to stop
 }

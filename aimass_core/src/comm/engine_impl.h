@@ -185,6 +185,17 @@ struct CollectiveEngine::Impl {
   std::unique_ptr<comm::ShmAllreduce> shm;
   bool shm_ok = false;
   comm::AlgoTable algos;  // agreed by every rank at start-up (shm_init)
+  // Allreduces on one node: staged or single-copy by timing (vote_bits, engine.cc). On (agreed at
+  // start-up) when every rank of the machine has a CPU and no table names allreduce.
+  bool ar_vote = false;
+  static constexpr int kVoteClasses = 8;
+  static constexpr uint64_t kVoteExplore = 32;
+  double ar_spb[2][kVoteClasses] = {};  // seconds per byte, moving average: [0] single-copy, [1] staged
+  int ar_timed[2][kVoteClasses] = {};   // runs timed
+  uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
+  uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
+  static int vote_class(uint64_t bytes);
+  uint64_t vote_bits() const;
   // The shared-memory algorithm for a non-allreduce collective of `bytes` bytes on one node.
   bool shm_for(comm::AlgoKind kind, uint64_t bytes) {
     if (!shm_ok || comm->cross_size() != 1) return false;

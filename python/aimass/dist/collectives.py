@@ -137,11 +137,62 @@ def _is_none_compressor(c) -> bool:
     return c is NoneCompressor or isinstance(c, NoneCompressor)
 
 
+# numpy dtypes the lean lane takes, by their (native-order) dtype object; bfloat16 has no numpy dtype
+_LEAN_DTYPES = {np.dtype(n): n for n in _core.DTYPES if n != "bfloat16"}
+_LEAN_TORCH_DTYPES: dict = {}  # torch dtype -> name (filled on first use; bfloat16 left to the full path)
+
+
+def _lean_array(t):
+    """(numpy view, dtype name) of a plain C-contiguous host array or CPU torch tensor, else None."""
+    if type(t) is np.ndarray:
+        dt = _LEAN_DTYPES.get(t.dtype)
+        return (t, dt) if dt is not None and t.flags.c_contiguous else None
+    if not is_torch(t) or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    if not _LEAN_TORCH_DTYPES:
+        torch = _torch()
+        _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES if n != "bfloat16"})
+    dt = _LEAN_TORCH_DTYPES.get(t.dtype)
+    if dt is None:
+        return None
+    return (t.detach() if t.requires_grad else t).numpy(), dt
+
+
+def _lean_async(t, name, op, inplace: bool, compression) -> Optional[Handle]:
+    """The async allreduce of a numpy array or CPU torch tensor on the global set with no scaling,
+    compression or timeout, without the general path's compression / scaling / conversion steps (they
+    cost about 6 us of the 9 us a submission took: 1 ms of ResNet-50's 161-gradient step). None when
+    the call does not qualify (the full path then runs and reports what is wrong): no engine, no
+    name, another dtype, device or layout. The engine sees exactly what the full path would submit."""
+    eng = global_process_set._engine
+    if eng is None or type(name) is not str or not name:
+        return None
+    if compression is not None and not _is_none_compressor(compression):
+        return None
+    got = _lean_array(t)
+    if got is None:
+        return None
+    a, dt = got
+    if inplace and not a.flags.writeable:
+        return None
+    opname = "average" if op is None else check_op(op)
+    if inplace:
+        h = eng.submit("allreduce", a, a, name, dt, opname, "", 0, 0.0, False)
+        return Handle(h, (t, a), t, dt, t, False, name, None, "allreduce")
+    out = np.empty_like(a)
+    h = eng.submit("allreduce", a, out, name, dt, opname, "", 0, 0.0, False)
+    return Handle(h, (t, a, out), out, dt, t, False, name, None, "allreduce")
+
+
 def allreduce_async(tensor: Any, average: Any = None, name: Optional[str] = None, op: Any = None,
                     prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                     process_set=global_process_set, *, compression: Any = None, timeout: Optional[float] = None
                     ) -> Handle:
     """Start an allreduce of `tensor` into a new tensor; returns a handle for synchronize()/poll()."""
+    if (average is None and timeout is None and process_set is global_process_set  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0
+            and (h := _lean_async(tensor, name, op, False, compression)) is not None):
+        return h
     return _allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set, compression,
                              timeout, inplace=False)
 
@@ -151,6 +202,10 @@ def allreduce_async_(tensor: Any, average: Any = None, name: Optional[str] = Non
                      process_set=global_process_set, *, compression: Any = None, timeout: Optional[float] = None
                      ) -> Handle:
     """Start an in-place allreduce of `tensor` (C-contiguous, writable); synchronize() returns it."""
+    if (average is None and timeout is None and process_set is global_process_set  # lean lane
+            and prescale_factor == 1.0 and postscale_factor == 1.0
+            and (h := _lean_async(tensor, name, op, True, compression)) is not None):
+        return h
     return _allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set, compression,
                              timeout, inplace=True)
 
