@@ -1,7 +1,8 @@
 // "More ranks than CPUs on this machine": the one decision behind the shared-memory waits
 // (ShmAllreduce::set_wait_policy: whether a waiter yields before it sleeps) and the eager broadcast
 // bound (fast_path.cc: whether a root copies every broadcast the ring holds instead of waiting for
-// its receivers). Internal to the comm area.
+// its receivers) and the engine's timed staged/single-copy vote (engine.cc shm_init: off when
+// oversubscribed). Internal to the comm area.
 #pragma once
 #include <cstdlib>
 #include <initializer_list>

@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <sys/prctl.h>
 
+#include "comm/cpu_share.h"
 #include "comm/engine_impl.h"
 
 namespace aimass {
@@ -25,15 +26,8 @@ void CollectiveEngine::Impl::shm_init() {
   // Allreduces on one node pick staged or single-copy by timing (vote_bits) when every rank of the
   // machine has a CPU and no table names allreduce. Agreed (MIN) so every rank runs the same protocol.
   {
-    long ranks = comm->local_size();
-    for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {  // simulated nodes share a machine
-      if (const char* v = std::getenv(name)) {
-        ranks = std::max(ranks, std::strtol(v, nullptr, 10));
-        break;
-      }
-    }
-    const unsigned cpus = std::thread::hardware_concurrency();
-    int vote = cpus > 0 && ranks <= static_cast<long>(cpus) && opts.algorithms.find("allreduce") == std::string::npos
+    const comm::CpuShare share = comm::cpu_share(comm->local_size());  // (cpu_share.h: the one such decision)
+    int vote = share.cpus > 0 && !share.oversubscribed() && opts.algorithms.find("allreduce") == std::string::npos
                    ? 1
                    : 0;
     MPI_Request req;
