@@ -255,6 +255,28 @@ T push_input(DType dtype, int r, int call, int64_t i) {
 // exchange in between (the claim counter's bases must stay in step across both); every rank must
 // hold the rank-order reduction's exact bits.
 // staged: the staged allreduce (LLChannel::stage_allreduce) instead of the push, after the same exchange.
+// Every rank's result of call c (got[rank][c], counts[c] elements of push_input) equals the rank-order
+// reference reduce_into, bit for bit; what names the variant in a failure.
+template <typename T>
+void expect_reference_bits(int L, DType dtype, ReduceOp op, bool average, const std::vector<int64_t>& counts,
+                           const std::vector<std::vector<std::vector<T>>>& got, const std::string& what) {
+  for (size_t c = 0; c < counts.size(); ++c) {
+    const int64_t n = counts[c];
+    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
+    std::vector<const char*> srcs(L);
+    for (int r = 0; r < L; ++r) {
+      for (int64_t i = 0; i < n; ++i) ins[r][i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
+    }
+    std::vector<T> want(static_cast<size_t>(n));
+    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
+                              average, L);
+    for (int r = 0; r < L; ++r)
+      ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
+          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype) << " " << what;
+  }
+}
+
 template <typename T>
 void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false, bool staged = false) {
   // (pieces shrink below 4 per rank: these sizes cut 16, 32 and 96 KiB pieces at 2 ranks)
@@ -298,22 +320,7 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
   for (auto& t : threads) t.join();
   std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
-  for (size_t c = 0; c < counts.size(); ++c) {
-    const int64_t n = counts[c];
-    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
-    std::vector<const char*> srcs(L);
-    for (int r = 0; r < L; ++r) {
-      for (int64_t i = 0; i < n; ++i) ins[r][i] = push_input<T>(dtype, r, static_cast<int>(c), i);
-      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
-    }
-    std::vector<T> want(static_cast<size_t>(n));
-    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
-                              average, L);
-    for (int r = 0; r < L; ++r)
-      ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
-          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype)
-          << (staged ? " staged" : " push");
-  }
+  expect_reference_bits<T>(L, dtype, op, average, counts, got, staged ? "staged" : "push");
 }
 
 TEST(CommLL, PushAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
@@ -413,22 +420,9 @@ void staged_offsets_same_bits(DType dtype, ReduceOp op, bool average, const std:
   for (auto& t : threads) t.join();
   std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
-  for (size_t c = 0; c < counts.size(); ++c) {
-    const int64_t n = counts[c];
-    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
-    std::vector<const char*> srcs(L);
-    for (int r = 0; r < L; ++r) {
-      for (int64_t i = 0; i < n; ++i) ins[r][i] = push_input<T>(dtype, r, static_cast<int>(c), i);
-      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
-    }
-    std::vector<T> want(static_cast<size_t>(n));
-    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
-                              average, L);
-    for (int r = 0; r < L; ++r)
-      ASSERT_EQ(std::memcmp(got[r][c].data(), want.data(), static_cast<size_t>(n) * sizeof(T)), 0)
-          << "L " << L << " rank " << r << " n " << n << " dtype " << aimass::dtype_name(dtype) << " offset "
-          << offs[r];
-  }
+  std::string offsets = "offsets";
+  for (size_t o : offs) offsets += " " + std::to_string(o);
+  expect_reference_bits<T>(L, dtype, op, average, counts, got, offsets);
 }
 
 TEST(CommLL, StagedAllreduceOnBuffersPastALineSameBitsOnEveryRank) {
