@@ -5,9 +5,12 @@ different kinds back to back (they share the segment's ring); tables that are ba
 refused at init; with AIMASS_RANKS_PER_NODE=2 (np 4: two simulated nodes of 2) the other collectives fall back to
 MPI and agree too."""
 import os
+import sys
 
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _reduce_reference import reference  # noqa: E402
 
 CHUNK = 4096
 ALGOS = ["mpi", "shm", "cma"]
@@ -49,23 +52,6 @@ def data(seed, r, count, dtype):
         return rng.integers(0, 2, size=count).astype(bool)
     lo, hi = (0, 4) if dtype == "uint8" else (-3, 4)  # products and sums stay exact in every dtype
     return rng.integers(lo, hi, size=count).astype(dtype)
-
-
-def reference(stack, op, dtype):
-    if dtype == "bool":
-        return stack.any(0) if op in ("sum", "max") else stack.all(0)
-    s = stack.astype(np.float64)
-    if op == "sum":
-        ref = s.sum(0)
-    elif op == "average":
-        ref = s.sum(0) / len(stack)
-        if np.dtype(dtype).kind in "iu":
-            ref = np.trunc(ref)
-    elif op == "product":
-        ref = s.prod(0)
-    else:
-        ref = s.min(0) if op == "min" else s.max(0)
-    return ref.astype(dtype) if np.dtype(dtype).kind in "iu" else ref
 
 
 def check(out, ref, op, dtype):

@@ -1,11 +1,16 @@
 """The lean lane of allreduce_async / allreduce_async_ (numpy arrays, every other argument at its
 default): results, identical bits on every rank, and the same errors as the general path (run under
 mpirun -np 2, 3, 4)."""
+import os
+import sys
+
 import numpy as np
 import pytest
 
 import aimass
 from aimass.dist import collectives
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _reduce_reference import reference  # noqa: E402
 
 # sizes around cache lines, pieces and pages, a 0-d array and an empty one
 SHAPES = [(), (0,), (1,), (7,), (15, 3), (1023,), (4097,), (3, 5, 7), (65537,), (262147,)]
@@ -18,23 +23,6 @@ def rank_input(seed, r, shape, dtype):
         return rng.integers(0, 2, size=shape).astype(bool)
     # small integers: sums exact in every dtype (fp16 included), products avoided below
     return rng.integers(-3 if np.dtype(dtype).kind != "u" else 0, 4, size=shape).astype(dtype)
-
-
-def reference(ins, op, dtype):
-    if dtype == "bool":
-        return np.logical_or.reduce(ins) if op in ("sum", "max") else np.logical_and.reduce(ins)
-    st = np.stack([x.astype(np.float64) for x in ins])
-    if op == "sum":
-        ref = st.sum(0)
-    elif op == "average":
-        ref = st.sum(0) / len(ins)
-        if np.dtype(dtype).kind in "iu":
-            ref = np.trunc(ref)
-    elif op == "min":
-        ref = st.min(0)
-    else:
-        ref = st.max(0)
-    return ref.astype(dtype) if np.dtype(dtype).kind in "iu" else ref
 
 
 @pytest.fixture
