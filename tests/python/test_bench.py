@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import aimass
 from aimass import _tuning
 from aimass.bench import _measure, compare
 from aimass.bench._report import Report
@@ -260,7 +261,9 @@ def test_pool_calls_bench_runs_and_rejects_bad_options():
     prints a row per contender; bad options exit 2."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "bench", "bench_pool_calls.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]))
+    # the script imports the aimass this test imported (the in-tree build, or the installed package in CI)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(aimass.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     for bad in (["--rounds", "0"], ["--run-spin-us", "-1"], ["--family", "nope"]):
         r = subprocess.run([sys.executable, script, *bad], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (bad, r.stderr)
