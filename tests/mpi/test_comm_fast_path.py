@@ -29,6 +29,26 @@ def engine_result(d, fn):
         d.set_ll_max_bytes(d._require_engine().ll_slot_bytes)
 
 
+def check_against_engine(d, x, op, tag, inplace=None):
+    """One blocking allreduce of x against the engine path's: the same bits out of place (input left
+    intact) and in place (`inplace`, a copy of x unless given, e.g. a view at another offset), the same
+    on every rank, and at most one fast-path collective (0 when a slow peer made the attempt fall back)."""
+    x0 = x.copy()
+    before = d.stats()["ll_collectives"]
+    got = d.allreduce(x, op=op, name=tag)
+    fast = d.stats()["ll_collectives"] - before
+    want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"eng.{tag}"))
+    np.testing.assert_array_equal(x, x0)  # input intact
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    inplace = x.copy() if inplace is None else inplace
+    assert d.allreduce_(inplace, op=op, name=f"ip.{tag}") is inplace
+    np.testing.assert_array_equal(inplace, want)
+    everyone = d.allgather(np.frombuffer(got.tobytes(), np.uint8).reshape(1, -1), name=f"chk.{tag}")
+    assert (everyone == everyone[:1]).all()
+    assert fast in (0, 1)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_allreduce_matches_engine_path(ll, dtype):
@@ -293,22 +313,8 @@ def test_single_copy_allreduce_every_dtype_and_op(ll):
                 continue
             for nbytes in ((256 << 10) + es, slot + es, slot + (256 << 10) + 7 * es):
                 count = nbytes // es
-                tag = f"{dtype}.{op}.{count}"
                 x = data(count + OPS.index(op), r, count, dtype)
-                before = d.stats()["ll_collectives"]
-                got = d.allreduce(x, op=op, name=f"push.{tag}")
-                fast = d.stats()["ll_collectives"] - before
-                want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"push.eng.{tag}"))
-                np.testing.assert_array_equal(x, data(count + OPS.index(op), r, count, dtype))  # input intact
-                assert got.dtype == want.dtype and got.shape == want.shape
-                np.testing.assert_array_equal(got, want)
-                inplace = x.copy()
-                assert d.allreduce_(inplace, op=op, name=f"push_.{tag}") is inplace
-                np.testing.assert_array_equal(inplace, want)
-                everyone = d.allgather(np.frombuffer(got.tobytes(), np.uint8).reshape(1, -1),
-                                       name=f"push.check.{tag}")
-                assert (everyone == everyone[:1]).all()
-                assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
+                check_against_engine(d, x, op, f"push.{dtype}.{op}.{count}")
     # large and odd, through the handle path too (torch-style blocking submit), then a shape
     # mismatch past the slot: raised by the engine's negotiation on every rank, never hung
     n = d.size()
@@ -355,22 +361,8 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
                     continue
                 for nbytes in ((256 << 10) + es, (512 << 10) * 3 + 5 * es, slot + (512 << 10) + 7 * es):
                     count = nbytes // es
-                    tag = f"{dtype}.{op}.{count}"
                     x = data(count + OPS.index(op), r, count, dtype)
-                    before = d.stats()["ll_collectives"]
-                    got = d.allreduce(x, op=op, name=f"st.{tag}")
-                    fast = d.stats()["ll_collectives"] - before
-                    want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"st.eng.{tag}"))
-                    np.testing.assert_array_equal(x, data(count + OPS.index(op), r, count, dtype))  # input intact
-                    assert got.dtype == want.dtype and got.shape == want.shape
-                    np.testing.assert_array_equal(got, want)
-                    inplace = x.copy()
-                    assert d.allreduce_(inplace, op=op, name=f"st_.{tag}") is inplace
-                    np.testing.assert_array_equal(inplace, want)
-                    everyone = d.allgather(np.frombuffer(got.tobytes(), np.uint8).reshape(1, -1),
-                                           name=f"st.check.{tag}")
-                    assert (everyone == everyone[:1]).all()
-                    assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
+                    check_against_engine(d, x, op, f"st.{dtype}.{op}.{count}")
         # many calls of one size: the timed choice explores both ways; every result exact
         x = np.arange((3 << 20) // 4 + 3, dtype=np.float32) % 1024
         before = d.stats()["ll_collectives"]
@@ -419,17 +411,9 @@ def test_large_allreduce_of_arrays_inside_a_cache_line(ll, mode):
             # elements past the buffer's start: the same on every rank, and (4 + rank) different per rank
             for s, shift in ((1, 1), (3, 3), (4, 4 + r), (15, 15)):
                 for count in (chunk - s - 1, chunk - s + 1, 3 * chunk + 5 * s + 7):
-                    tag = f"{mode}.{dtype}.{op}.{s}.{count}"
                     base = data(count + shift, r, count + shift + 16, dtype)
-                    x = base[shift:shift + count]
-                    want = engine_result(d, lambda: d.allreduce(x, op=op, name=f"al.eng.{tag}"))
-                    got = d.allreduce(x, op=op, name=f"al.{tag}")
-                    np.testing.assert_array_equal(got, want)
-                    y = base.copy()[shift:shift + count]
-                    assert d.allreduce_(y, op=op, name=f"al_.{tag}") is y
-                    np.testing.assert_array_equal(y, want)
-                    everyone = d.allgather(np.frombuffer(y.tobytes(), np.uint8).reshape(1, -1), name=f"al.chk.{tag}")
-                    assert (everyone == everyone[:1]).all()
+                    check_against_engine(d, base[shift:shift + count], op, f"al.{mode}.{dtype}.{op}.{s}.{count}",
+                                         inplace=base.copy()[shift:shift + count])
     finally:
         del os.environ["AIMASS_LL_STAGED"]
         os.environ.pop("AIMASS_LL_STAGE_ALIGN", None)
