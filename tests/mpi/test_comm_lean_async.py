@@ -75,7 +75,9 @@ def test_results_equal_the_general_path_bit_for_bit(dist, mpi):
         assert a.tobytes() == b.tobytes()
 
 
-def test_calls_the_lean_lane_declines_take_the_general_path(dist, monkeypatch):
+@pytest.fixture
+def general_path_calls(monkeypatch):
+    """A list that grows by one for every call the general (non-lean) allreduce path takes."""
     seen = []
     general = collectives._allreduce_handle
 
@@ -83,6 +85,11 @@ def test_calls_the_lean_lane_declines_take_the_general_path(dist, monkeypatch):
         seen.append(1)
         return general(*a, **k)
     monkeypatch.setattr(collectives, "_allreduce_handle", spy)
+    return seen
+
+
+def test_calls_the_lean_lane_declines_take_the_general_path(dist, general_path_calls):
+    seen = general_path_calls
     x = np.ones(6, np.float32)
     n = dist.size()
     # unnamed, scaled, a timeout, compression, a strided view: the general path
@@ -170,15 +177,9 @@ def test_torch_cpu_tensors_take_the_lean_lane(dist, mpi, lean_only, dtype):
             np.testing.assert_array_equal(out.detach().numpy(), ref)
 
 
-def test_torch_tensors_the_lean_lane_declines(dist, monkeypatch):
+def test_torch_tensors_the_lean_lane_declines(dist, general_path_calls):
     torch = pytest.importorskip("torch")
-    seen = []
-    general = collectives._allreduce_handle
-
-    def spy(*a, **k):
-        seen.append(1)
-        return general(*a, **k)
-    monkeypatch.setattr(collectives, "_allreduce_handle", spy)
+    seen = general_path_calls
     n = dist.size()
     bf = torch.ones(6, dtype=torch.bfloat16)
     got = dist.synchronize(dist.allreduce_async_(bf, name="decl.torch.bf16", op="sum"))
