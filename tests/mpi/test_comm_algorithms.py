@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import restart  # noqa: E402
 from _reduce_reference import reference  # noqa: E402
 
 CHUNK = 4096
@@ -20,20 +21,6 @@ ALGOS = ["mpi", "shm", "cma"]
 VARIANTS = {"cma-pull": {"AIMASS_SHM_CMA_PUSH": "0"}, "cma-fixed": {"AIMASS_SHM_CMA_STEAL": "0"}}
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter")
 NUMPY_DTYPES = ["float32", "float64", "int32", "int64", "int16", "int8", "uint8", "float16", "bool"]
-
-
-def restart(d, **env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        d.shutdown()
-        d.init()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module", params=ALGOS + list(VARIANTS))

@@ -2,10 +2,13 @@
 and returns without waiting for its receivers; a mismatch still raises DistributedError on every
 rank (the receivers at once, the root at its next collective), and nothing hangs."""
 import os
+import sys
 import time
 
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import engine_env  # noqa: E402
 
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
 
@@ -117,10 +120,7 @@ def test_interleaves_with_async_allreduces(ll):
 def test_receiver_that_never_comes_fails_the_root_within_the_deadline(dist):
     """The root's broadcast returns at once; its next collective waits for the receivers no longer
     than the deadline and then raises, naming the rank; the receivers' own calls time out too."""
-    os.environ["AIMASS_COMM_TIMEOUT"] = "1.0"
-    try:
-        dist.shutdown()
-        dist.init()
+    with engine_env(dist, AIMASS_COMM_TIMEOUT="1.0"):
         if not dist._require_engine().ll_slot_bytes:
             pytest.skip("no low-latency channel")
         r = dist.rank()
@@ -133,10 +133,6 @@ def test_receiver_that_never_comes_fails_the_root_within_the_deadline(dist):
             with pytest.raises(dist.DistributedError):
                 dist.allreduce(np.ones(2, np.float32), op="sum", name="eb.lost.next")
         assert time.monotonic() - t0 < 20
-    finally:
-        del os.environ["AIMASS_COMM_TIMEOUT"]
-        dist.shutdown()
-        dist.init()
     np.testing.assert_array_equal(dist.allreduce(np.ones(2, np.float32), op="sum", name="eb.lost.after"),
                                   np.full(2, dist.size(), np.float32))
 
@@ -159,16 +155,6 @@ def test_broadcasts_from_threads_interleaving_differently_per_rank(ll, in_thread
     np.testing.assert_array_equal(got, [5, 5])
 
 
-def _restart(dist, **env):
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    dist.shutdown()
-    dist.init()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("copy_max,push", [(None, None), ("0", None), (None, "0")])
 def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
@@ -179,9 +165,7 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
     bit-exact. From 32 KiB the root writes some pieces into the receivers' outputs itself, unless
     AIMASS_SHM_CMA_PUSH=0 (then a receiver reads them all, and from 128 KiB they go through the channel's
     exchange, as before)."""
-    _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push)
-    try:
-        d = dist
+    with engine_env(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push) as d:
         if not d._require_engine().ll_slot_bytes:
             pytest.skip("no low-latency channel")
         n, r = d.size(), d.rank()
@@ -215,8 +199,6 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
                 x[:] = k
             d.broadcast_(x, root, name=f"sc.reuse.{k}")
             np.testing.assert_array_equal(x, np.full(40000, k, np.int32))
-    finally:
-        _restart(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=None, AIMASS_SHM_CMA_PUSH=None)
 
 
 @pytest.mark.timeout(60)
@@ -244,8 +226,7 @@ def test_single_copy_mismatch_raises_on_every_rank(ll, what):
 @pytest.mark.timeout(60)
 def test_single_copy_receiver_that_never_comes_fails_the_root_within_the_deadline(dist):
     """A root posting by address waits for its receivers in the call itself, no longer than the deadline."""
-    _restart(dist, AIMASS_COMM_TIMEOUT="1.0")
-    try:
+    with engine_env(dist, AIMASS_COMM_TIMEOUT="1.0"):
         if not dist._require_engine().ll_slot_bytes:
             pytest.skip("no low-latency channel")
         r = dist.rank()
@@ -257,7 +238,5 @@ def test_single_copy_receiver_that_never_comes_fails_the_root_within_the_deadlin
             with pytest.raises(dist.DistributedError):
                 dist.allreduce(np.ones(2, np.float32), op="sum", name="sc.lost.next")
         assert time.monotonic() - t0 < 20
-    finally:
-        _restart(dist, AIMASS_COMM_TIMEOUT=None)
     np.testing.assert_array_equal(dist.allreduce(np.ones(2, np.float32), op="sum", name="sc.lost.after"),
                                   np.full(2, dist.size(), np.float32))

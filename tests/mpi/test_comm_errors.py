@@ -1,9 +1,12 @@
 """Mismatches and stalls raise aimass.DistributedError on every rank instead of hanging."""
 import os
+import sys
 import time
 
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import engine_env  # noqa: E402
 
 import aimass
 
@@ -111,10 +114,7 @@ def test_bad_arguments_raise_typed_errors(dist):
 
 @pytest.mark.timeout(60)
 def test_timeout_from_environment_and_reinit(dist):
-    os.environ["AIMASS_COMM_TIMEOUT"] = "0.7"
-    try:
-        dist.shutdown()
-        dist.init()
+    with engine_env(dist, AIMASS_COMM_TIMEOUT="0.7"):
         assert dist._core.global_process_set._engine.timeout == pytest.approx(0.7)
         if dist.rank() == 0:
             t0 = time.monotonic()
@@ -122,10 +122,6 @@ def test_timeout_from_environment_and_reinit(dist):
                 dist.allreduce(np.ones(1, np.float32), name="env.timeout")
             assert time.monotonic() - t0 < 5
         dist.barrier(timeout=10)
-    finally:
-        del os.environ["AIMASS_COMM_TIMEOUT"]
-        dist.shutdown()
-        dist.init()
     assert dist._core.global_process_set._engine.timeout == pytest.approx(60.0)
 
 

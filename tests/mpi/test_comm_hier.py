@@ -4,11 +4,14 @@ point-to-point (one exchange for small slices, reduce-scatter + allgather betwee
 from 1 MiB slices), shared-memory allgather. Odd sizes, every dtype and op, results identical on
 every rank. With 3 ranks the node sizes differ and every rank takes MPI_Allreduce."""
 import os
+import sys
 import time
 
 import aimass
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import engine_env, restart  # noqa: E402
 
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
 OPS = ["sum", "average", "min", "max", "product"]
@@ -16,12 +19,7 @@ OPS = ["sum", "average", "min", "max", "product"]
 
 @pytest.fixture(scope="module")
 def nodes(dist):
-    os.environ["AIMASS_RANKS_PER_NODE"] = "2"
-    try:
-        dist.shutdown()
-        dist.init()
-    finally:
-        del os.environ["AIMASS_RANKS_PER_NODE"]
+    restart(dist, AIMASS_RANKS_PER_NODE=2)
     dist.set_shm_min_bytes(0)
     yield dist
     dist.shutdown()
@@ -172,15 +170,7 @@ def test_futex_waits_give_the_yield_loops_bits(dist):
         env = {"AIMASS_RANKS_PER_NODE": "2" if n % 2 == 0 else None,
                "AIMASS_SHM_WAIT": "yield" if mode == "yield" else None,
                "AIMASS_SHM_YIELD_US": "0" if mode == "futex" else None}
-        saved = {k: os.environ.get(k) for k in env}
-        try:
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            dist.shutdown()
-            dist.init()
+        with engine_env(dist, **env):
             dist.set_shm_min_bytes(0)
             outs = []
             for i, x in enumerate(xs):
@@ -193,14 +183,6 @@ def test_futex_waits_give_the_yield_loops_bits(dist):
                         dist.synchronize(h)
                     outs.append(y)
             got[mode] = outs
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            dist.shutdown()
-            dist.init()
     for a, b in zip(got["futex"], got["yield"]):
         assert a.tobytes() == b.tobytes()
     same_on_every_rank(dist, got["futex"][-1], "hier.wait.same")

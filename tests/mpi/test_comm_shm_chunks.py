@@ -4,9 +4,12 @@ many tensors fused into one pass, against numpy references.
 
 The engine is restarted with 4 KiB chunks so small arrays span many chunks (fast tests)."""
 import os
+import sys
 
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import restart  # noqa: E402
 
 CHUNK = 4096
 DTYPES = ["float16", "float32", "float64", "int32", "int64"]
@@ -15,12 +18,7 @@ OPS = ["sum", "average", "min", "max"]
 
 @pytest.fixture(scope="module")
 def small_chunks(dist):
-    os.environ["AIMASS_SHM_CHUNK_BYTES"] = str(CHUNK)
-    try:
-        dist.shutdown()
-        dist.init()
-    finally:
-        del os.environ["AIMASS_SHM_CHUNK_BYTES"]
+    restart(dist, AIMASS_SHM_CHUNK_BYTES=CHUNK)
     if not dist.shm_available():
         dist.shutdown()
         dist.init()
@@ -164,14 +162,7 @@ def two_rank_nodes(dist):
     """Groups of 2 ranks act as separate nodes (AIMASS_RANKS_PER_NODE): with 4 ranks, slices reduced in
     shared memory are allreduced across the 2 'nodes' over MPI; with 3 the node sizes differ, so every
     rank falls back to MPI_Allreduce."""
-    os.environ["AIMASS_RANKS_PER_NODE"] = "2"
-    os.environ["AIMASS_SHM_CHUNK_BYTES"] = str(CHUNK)
-    try:
-        dist.shutdown()
-        dist.init()
-    finally:
-        del os.environ["AIMASS_RANKS_PER_NODE"]
-        del os.environ["AIMASS_SHM_CHUNK_BYTES"]
+    restart(dist, AIMASS_RANKS_PER_NODE=2, AIMASS_SHM_CHUNK_BYTES=CHUNK)
     dist.set_shm_min_bytes(0)
     dist.set_ll_max_bytes(0)  # the engine's hierarchical path, not the caller-thread channel
     yield dist
