@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "aimass/serve.h"
+#include "loopback_client.h"
 #include "tiny_linear_model.h"
 
 using namespace aimass::serve;
@@ -48,19 +49,8 @@ std::string v2bin(const std::vector<float>& x) {
          "\r\nInference-Header-Content-Length: " + std::to_string(head.size()) + "\r\n\r\n" + body;
 }
 
-int connect_to(int port) {
-  int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  timeval tv{20, 0};
-  ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  return s;
-}
-
-void send_all(int s, const std::string& d) { ::send(s, d.data(), d.size(), MSG_NOSIGNAL); }
+using aimass_test::connect_to;
+using aimass_test::send_all;
 
 // Reads one response: status and the binary output floats (empty for JSON bodies).
 bool read_response(int s, std::string& buf, int& status, std::vector<float>& out) {

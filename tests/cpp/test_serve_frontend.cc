@@ -22,6 +22,7 @@
 #include "aimass/runtime.h"
 #include "aimass/serve.h"
 #include "serve/wire.h"
+#include "loopback_client.h"
 #include "tiny_linear_model.h"
 
 using namespace aimass::serve;
@@ -44,19 +45,8 @@ int listen_any(int& port) {
   return s;
 }
 
-int connect_to(int port) {
-  int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  timeval tv{20, 0};
-  ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  return s;
-}
-
-void send_all(int s, const std::string& d) { ::send(s, d.data(), d.size(), MSG_NOSIGNAL); }
+using aimass_test::connect_to;
+using aimass_test::send_all;
 
 // The fake app: answers each request on a connection in order. /chunked: a chunked body; /close: an
 // answer with "connection: close", then closes; HEAD: a head that announces 5 bytes; else a JSON body
