@@ -68,7 +68,8 @@ bool CollectiveEngine::Impl::use_shm(int64_t count, DType wire) const {
 
 // Allreduce of the concatenation of segs through the node's shared memory; with
 // several nodes each reduced slice is allreduced across nodes over MPI.
-void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op) {
+void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment> segs, int64_t count, DType wire,
+                                                    ReduceOp op) {
   {
     std::lock_guard<std::mutex> lk(mu);
     ++st.shm_allreduces;
@@ -91,6 +92,17 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
     std::lock_guard<std::mutex> lk(mu);
     ++st.shm_voted;
     if (staged) ++st.shm_voted_staged;
+  }
+  // Staged on one node: each tensor sits in the staging layout at the line offset every rank agreed in
+  // this cycle (line_offset_code, controller.cc). The single-copy path reads the tensors where they are
+  // (it ignores the pads; ShmAllreduce::run stages a batch whose address table outgrows a slot); across
+  // nodes the slices go over MPI as laid out, so they stay packed.
+  if (!cross && ar_line_offset >= 0 && segs.size() > 1) {
+    comm::shm_line_pads(segs, dtype_size(wire), ar_line_offset);
+    if (!(c.cma && shm->cma_available()) || segs.size() * 2 * sizeof(uint64_t) > shm->chunk_bytes()) {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_staged_lined;
+    }
   }
   shm_prepare(c);
   const auto t0 = Clock::now();

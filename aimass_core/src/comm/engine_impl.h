@@ -193,6 +193,9 @@ struct CollectiveEngine::Impl {
   double ar_spb[2][kVoteClasses] = {};  // seconds per byte, moving average: [0] single-copy, [1] staged
   int ar_timed[2][kVoteClasses] = {};   // runs timed
   uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
+  // This cycle's agreed line offset of the staged layout (line_offset_code; -1: none, segments packed).
+  int ar_line_offset = -1;
+  uint64_t line_offset_code() const;
   uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
   static int vote_class(uint64_t bytes);
   uint64_t vote_bits() const;
@@ -255,7 +258,7 @@ struct CollectiveEngine::Impl {
   Impl(std::shared_ptr<Communicator> c, EngineOptions o);
   void shm_init();
   bool use_shm(int64_t count, DType wire) const;
-  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op);
+  void shm_allreduce_segments(std::vector<comm::ShmSegment> segs, int64_t count, DType wire, ReduceOp op);
   void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op);
   // The hierarchical allreduce's cross-node step of one slice (cross_node.cc); cross_buf receives
   // the peer node's slice.

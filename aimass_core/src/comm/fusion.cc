@@ -113,7 +113,7 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
       segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
                       numel_of(p->req.shape), p->req.op == ReduceOp::Average});
     }
-    shm_allreduce_segments(segs, total, wire, op);
+    shm_allreduce_segments(std::move(segs), total, wire, op);
     for (Pending* p : batch) finish(*p, CollectiveHandle::ErrorKind::None, "");
     return;
   }
