@@ -110,11 +110,8 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
     shm->run(segs, count, wire, op, size, cross);
     if (voted && bytes > 0) {
       const double spb = seconds_between(t0, Clock::now()) / static_cast<double>(bytes);
-      // the first run of a way pays for cold pages and caches: the second replaces it
-      double& avg = ar_spb[staged ? 1 : 0][cls];
-      int& runs = ar_timed[staged ? 1 : 0][cls];
-      avg = runs < 2 ? spb : 0.75 * avg + 0.25 * spb;
-      ++runs;
+      // the first run of a way pays for cold pages and caches: the second replaces it (ar_timings{2})
+      ar_timings.note(staged ? ar_timings.kStaged : ar_timings.kSingleCopy, cls, spb);
     }
   } catch (...) {
     // a peer that is only late may still push its reduced slices into these outputs: park them
@@ -137,9 +134,8 @@ int CollectiveEngine::Impl::vote_class(uint64_t bytes) {
 // ran, but 56-62 ms against 16-17 ms while the machine's other load took CPU time from them.
 uint64_t CollectiveEngine::Impl::vote_bits() const {
   uint64_t v = 0;
-  for (int c = 0; c < kVoteClasses; ++c) {
-    if (ar_timed[1][c] < 2 || (ar_timed[0][c] >= 2 && ar_spb[1][c] * 1.25 < ar_spb[0][c])) v |= uint64_t(1) << c;
-  }
+  for (int c = 0; c < kVoteClasses; ++c)
+    if (ar_timings.prefers_staged(c, kVoteMargin)) v |= uint64_t(1) << c;
   return v;
 }
 

@@ -34,6 +34,7 @@
 #include "comm/message.h"
 #include "comm/mpi_transport.h"
 #include "comm/shm_allreduce.h"
+#include "comm/way_timings.h"
 
 namespace aimass {
 
@@ -190,8 +191,9 @@ struct CollectiveEngine::Impl {
   bool ar_vote = false;
   static constexpr int kVoteClasses = 8;
   static constexpr uint64_t kVoteExplore = 32;
-  double ar_spb[2][kVoteClasses] = {};  // seconds per byte, moving average: [0] single-copy, [1] staged
-  int ar_timed[2][kVoteClasses] = {};   // runs timed
+  static constexpr double kVoteMargin = 1.25;  // staged only where every rank finds it this much faster
+  // seconds per byte per way and size class (way_timings.h); each way's first two runs replace the average
+  comm::WayTimings<kVoteClasses> ar_timings{2};
   uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
   // This cycle's agreed line offset of the staged layout (line_offset_code; -1: none, segments packed).
   int ar_line_offset = -1;
