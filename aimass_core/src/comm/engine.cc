@@ -132,6 +132,10 @@ int CollectiveEngine::Impl::vote_class(uint64_t bytes) {
 // push hands that rank's pieces to the others. Measured (2 ranks, ResNet-50's 161 gradients fused,
 // loaded VM, ranks at real-time priority): staged 12.4 ms against 17.2 ms single-copy while both ranks
 // ran, but 56-62 ms against 16-17 ms while the machine's other load took CPU time from them.
+// The margin is 1.1 (the channel's vote keeps 1.25): under contention staged loses by 3-4x, far past
+// any margin, while on a quiet machine (session 13, normal scheduling) staged forced took the step in
+// 0.64x per-tensor MPI's time and single-copy forced in 0.74x, yet the vote at 1.25 chose single-copy
+// (0.72x): staged was only ~1.17x faster per byte.
 uint64_t CollectiveEngine::Impl::vote_bits() const {
   uint64_t v = 0;
   for (int c = 0; c < kVoteClasses; ++c)

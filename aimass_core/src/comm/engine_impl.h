@@ -191,7 +191,7 @@ struct CollectiveEngine::Impl {
   bool ar_vote = false;
   static constexpr int kVoteClasses = 8;
   static constexpr uint64_t kVoteExplore = 32;
-  static constexpr double kVoteMargin = 1.25;  // staged only where every rank finds it this much faster
+  static constexpr double kVoteMargin = 1.1;  // staged only where every rank finds it this much faster (vote_bits)
   // seconds per byte per way and size class (way_timings.h); each way's first two runs replace the average
   comm::WayTimings<kVoteClasses> ar_timings{2};
   uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
