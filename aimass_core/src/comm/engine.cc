@@ -18,6 +18,9 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   shm_init();
   ll_init();
   tick_from_end = comm->cross_size() > 1;
+  // each rank runs a caller and this engine thread: more of them than CPUs (2 ranks on 2 cores)
+  const comm::CpuShare share = comm::cpu_share(comm->local_size());
+  finish_at_end = share.cpus > 0 && 2 * share.ranks > share.cpus;
 }
 
 // Collective over the communicator (runs before the thread starts): every

@@ -281,6 +281,14 @@ struct CollectiveEngine::Impl {
   void allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op);
   void unpack(Pending& p, const void* src);
   void allreduce_batch(const std::vector<Pending*>& batch);
+  // A data phase's allreduces that completed, finished (handles released) only at the end of the phase
+  // when finish_at_end: on a rank whose caller and engine thread share a core, a caller woken after the
+  // first fused batch ran its synchronize() calls beside the next batch's data phase, taking CPU time
+  // from it (and a staged run's peers wait for this rank at every chunk). Background thread only.
+  bool finish_at_end = false;
+  std::vector<Pending*> finished_ok;
+  void done_ok(Pending& p);
+  void flush_finished();
   void run_single(Pending& p);
 };
 
