@@ -547,6 +547,7 @@ void bind_comm(py::module_& m) {
         d["shm_allreduces"] = s.shm_allreduces;
         d["shm_voted"] = s.shm_voted;
         d["shm_voted_staged"] = s.shm_voted_staged;
+        d["shm_staged_lined"] = s.shm_staged_lined;
         d["ll_collectives"] = s.ll_collectives;
         d["ll_fallbacks"] = s.ll_fallbacks;
         return d;

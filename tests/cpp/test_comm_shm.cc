@@ -32,8 +32,9 @@ struct Segment : ShmTestSegment {
 
 float value(int rank, size_t i) { return static_cast<float>((static_cast<int>(i * 7 + rank * 13) % 41) - 20); }
 
-// Runs `calls` allreduces of the given sizes on L threads; each call fuses `parts` segments.
-void run_ranks(int L, const std::vector<int64_t>& sizes, ReduceOp op, int parts) {
+// Runs `calls` allreduces of the given sizes on L threads; each call fuses `parts` segments, laid out
+// at `line_offset` bytes into a line of the staging layout (shm_line_pads; -1: packed).
+void run_ranks(int L, const std::vector<int64_t>& sizes, ReduceOp op, int parts, int line_offset = -1) {
   Segment seg(L);
   std::vector<std::vector<std::vector<float>>> data(L);  // [rank][call]
   for (int r = 0; r < L; ++r)
@@ -59,6 +60,7 @@ void run_ranks(int L, const std::vector<int64_t>& sizes, ReduceOp op, int parts)
                             len, op == ReduceOp::Average});
             at += len;
           }
+          aimass::comm::shm_line_pads(segs, sizeof(float), line_offset);
           shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr);
         }
       } catch (const std::exception& e) {
@@ -91,6 +93,40 @@ TEST(CommShm, TwoRanksChunkEdgesAndRingWrap) {
 TEST(CommShm, ThreeAndFourRanksFusedSegments) {
   run_ranks(3, kEdgeSizes, ReduceOp::Sum, 4);
   run_ranks(4, kEdgeSizes, ReduceOp::Average, 3);
+}
+
+// Fused segments with holes in the staging layout (ShmSegment::pad): many uneven segments, so that
+// holes fall on chunk, slice and ring-slot edges; exact against the reference like the packed runs.
+TEST(CommShm, FusedSegmentsAtALineOffset) {
+  for (int off : {0, 16, 48, 60}) {
+    run_ranks(2, kEdgeSizes, ReduceOp::Sum, 7, off);
+    run_ranks(2, kEdgeSizes, ReduceOp::Average, 5, off);
+    run_ranks(3, kEdgeSizes, ReduceOp::Max, 6, off);
+  }
+  run_ranks(4, kEdgeSizes, ReduceOp::Sum, 9, 16);
+  run_ranks(2, kEdgeSizes, ReduceOp::Sum, 7, 6);  // not a multiple of the element size: packed
+}
+
+TEST(CommShm, LinePadsPutEverySegmentAtTheOffset) {
+  std::vector<ShmSegment> segs;
+  for (int64_t n : {1, 15, 16, 17, 100, 0, 4099}) segs.push_back({nullptr, nullptr, n});
+  for (size_t es : {size_t(1), size_t(2), size_t(4), size_t(8)}) {
+    for (int off : {0, 8, 16, 56}) {
+      aimass::comm::shm_line_pads(segs, es, off);
+      int64_t at = 0;
+      for (const ShmSegment& g : segs) {
+        EXPECT_GE(g.pad, 0);
+        EXPECT_LT(g.pad, static_cast<int64_t>(64 / es));  // less than a line
+        at += g.pad;
+        EXPECT_EQ(static_cast<size_t>(at) * es % 64, static_cast<size_t>(off)) << "es " << es << " offset " << off;
+        at += g.count;
+      }
+    }
+  }
+  for (int off : {-1, 3, 64}) {  // not a usable offset for 4-byte elements: packed
+    aimass::comm::shm_line_pads(segs, 4, off);
+    for (const ShmSegment& g : segs) EXPECT_EQ(g.pad, 0) << off;
+  }
 }
 
 // Staged runs with a lead (ShmAllreduce::run's last argument): every rank's buffers start `lead`

@@ -152,6 +152,7 @@ struct EngineStats {
   uint64_t shm_allreduces = 0;  // buffers reduced through the shared-memory path
   uint64_t shm_voted = 0;       // of those, staged or single-copy as the ranks' timing vote chose
   uint64_t shm_voted_staged = 0;  // of those, staged through the segment
+  uint64_t shm_staged_lined = 0;  // staged fused batches laid out at the ranks' agreed line offset
   uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
 };

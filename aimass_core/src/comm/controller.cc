@@ -49,8 +49,10 @@ bool CollectiveEngine::Impl::cycle_once() {
   // ---- bit vector: word 0 = control, then one bit per cache entry
   // word 1 carries the fusion threshold: BAND gives every rank the same value,
   // so all ranks cut fused buffers identically even while a new one propagates.
-  // word 2 does the same for the shared-memory size threshold, word 3 for the staged / single-copy vote.
-  const size_t words = 4 + (cache.size() + 63) / 64;
+  // word 2 does the same for the shared-memory size threshold, word 3 for the staged / single-copy vote,
+  // words 4 and 5 agree the staged layout's line offset (line_offset_code).
+  constexpr size_t kCtl = 6;
+  const size_t words = kCtl + (cache.size() + 63) / 64;
   std::vector<uint64_t>& bits = neg_bits;  // a member: a timed-out request may still write it
   bits.assign(words, 0);
   bool need_full = table_nonempty;
@@ -60,7 +62,7 @@ bool CollectiveEngine::Impl::cycle_once() {
     if (seconds_between(p.submitted, now) > timeout_of(p.req)) need_full = true;
     auto it = cache_index.find(p.req.name);
     if (it != cache_index.end() && cache[it->second].sig == p.sig) {
-      bits[4 + it->second / 64] |= uint64_t(1) << (it->second % 64);
+      bits[kCtl + it->second / 64] |= uint64_t(1) << (it->second % 64);
     } else {
       need_full = true;
     }
@@ -73,6 +75,11 @@ bool CollectiveEngine::Impl::cycle_once() {
   bits[1] = threshold_local;
   bits[2] = shm_min_local;
   bits[3] = ar_vote ? vote_bits() : 0;  // BAND: staged where every rank prefers it (vote_bits)
+  // BAND of a code and of its complement: every rank posted the same code iff the results are each
+  // other's complement (a bit where two ranks differ is 0 in both)
+  const uint64_t line_code = line_offset_code();
+  bits[4] = line_code;
+  bits[5] = ~line_code;
   MPI_Request req;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, bits.data(), static_cast<int>(words), MPI_UINT64_T, MPI_BAND, mpi, &req),
             "MPI_Iallreduce(negotiation)");
@@ -82,7 +89,7 @@ bool CollectiveEngine::Impl::cycle_once() {
 
   std::vector<std::string> ready;
   for (size_t i = 0; i < cache.size(); ++i) {
-    if (bits[4 + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
+    if (bits[kCtl + i / 64] & (uint64_t(1) << (i % 64))) ready.push_back(cache[i].name);
   }
   {
     std::lock_guard<std::mutex> lk(mu);
@@ -91,8 +98,31 @@ bool CollectiveEngine::Impl::cycle_once() {
   if (!(bits[0] & 1)) full_round(ready);
   shm_min_agreed = static_cast<size_t>(bits[2]);
   ar_votes_agreed = bits[3];
+  ar_line_offset = bits[4] == ~bits[5] && bits[4] != 0 ? static_cast<int>(bits[4] - 1) : -1;
   execute(ready, static_cast<size_t>(bits[1]));
   return (bits[0] & 2) != 0;  // every rank asked to stop
+}
+
+// Where this rank's largest pending allreduce (no compression) starts within its 64-byte line, plus 1;
+// 0 when it has none. When every rank posts the same code, the staged data phase of this cycle lays its
+// fused segments out at that line offset (shm_line_pads): numpy's large arrays start 16 bytes into a
+// page on every rank, and with the segments packed from element 0 one of the reduce kernel's two loads
+// straddled two lines throughout. Measured (2 ranks, ResNet-50's 161 gradients, staged forced, loaded
+// VM, alternate steps in one process): data phase 25.5 / 21.8 ms (min, per rank) and 38.7 / 38.2 ms
+// (median) with numpy's arrays, against 22.0 / 17.3 and 34.1 / 30.7 ms with every array on a line.
+uint64_t CollectiveEngine::Impl::line_offset_code() const {
+  const Pending* big = nullptr;
+  size_t big_bytes = 0;
+  for (auto& kv : pending) {
+    const CollectiveRequest& r = kv.second.req;
+    if (r.kind != CollectiveKind::Allreduce || r.wire != r.dtype || r.output == nullptr) continue;
+    const size_t b = static_cast<size_t>(numel_of(r.shape)) * dtype_size(r.dtype);
+    if (big == nullptr || b > big_bytes) {
+      big = &kv.second;
+      big_bytes = b;
+    }
+  }
+  return big ? static_cast<uint64_t>(reinterpret_cast<uintptr_t>(big->req.output) % 64) + 1 : 0;
 }
 
 // -------------------------------------------------------------- coordinator round

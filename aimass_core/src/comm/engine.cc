@@ -18,6 +18,9 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   shm_init();
   ll_init();
   tick_from_end = comm->cross_size() > 1;
+  // each rank runs a caller and this engine thread: more of them than CPUs (2 ranks on 2 cores)
+  const comm::CpuShare share = comm::cpu_share(comm->local_size());
+  finish_at_end = share.cpus > 0 && 2 * share.ranks > share.cpus;
 }
 
 // Collective over the communicator (runs before the thread starts): every
@@ -68,7 +71,8 @@ bool CollectiveEngine::Impl::use_shm(int64_t count, DType wire) const {
 
 // Allreduce of the concatenation of segs through the node's shared memory; with
 // several nodes each reduced slice is allreduced across nodes over MPI.
-void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op) {
+void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment> segs, int64_t count, DType wire,
+                                                    ReduceOp op) {
   {
     std::lock_guard<std::mutex> lk(mu);
     ++st.shm_allreduces;
@@ -92,17 +96,25 @@ void CollectiveEngine::Impl::shm_allreduce_segments(const std::vector<comm::ShmS
     ++st.shm_voted;
     if (staged) ++st.shm_voted_staged;
   }
+  // Staged on one node: each tensor sits in the staging layout at the line offset every rank agreed in
+  // this cycle (line_offset_code, controller.cc). The single-copy path reads the tensors where they are
+  // (it ignores the pads; ShmAllreduce::run stages a batch whose address table outgrows a slot); across
+  // nodes the slices go over MPI as laid out, so they stay packed.
+  if (!cross && ar_line_offset >= 0 && segs.size() > 1) {
+    comm::shm_line_pads(segs, dtype_size(wire), ar_line_offset);
+    if (!(c.cma && shm->cma_available()) || segs.size() * 2 * sizeof(uint64_t) > shm->chunk_bytes()) {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_staged_lined;
+    }
+  }
   shm_prepare(c);
   const auto t0 = Clock::now();
   try {
     shm->run(segs, count, wire, op, size, cross);
     if (voted && bytes > 0) {
       const double spb = seconds_between(t0, Clock::now()) / static_cast<double>(bytes);
-      // the first run of a way pays for cold pages and caches: the second replaces it
-      double& avg = ar_spb[staged ? 1 : 0][cls];
-      int& runs = ar_timed[staged ? 1 : 0][cls];
-      avg = runs < 2 ? spb : 0.75 * avg + 0.25 * spb;
-      ++runs;
+      // the first run of a way pays for cold pages and caches: the second replaces it (ar_timings{2})
+      ar_timings.note(staged ? ar_timings.kStaged : ar_timings.kSingleCopy, cls, spb);
     }
   } catch (...) {
     // a peer that is only late may still push its reduced slices into these outputs: park them
@@ -123,11 +135,14 @@ int CollectiveEngine::Impl::vote_class(uint64_t bytes) {
 // push hands that rank's pieces to the others. Measured (2 ranks, ResNet-50's 161 gradients fused,
 // loaded VM, ranks at real-time priority): staged 12.4 ms against 17.2 ms single-copy while both ranks
 // ran, but 56-62 ms against 16-17 ms while the machine's other load took CPU time from them.
+// The margin is 1.1 (the channel's vote keeps 1.25): under contention staged loses by 3-4x, far past
+// any margin, while on a quiet machine (session 13, normal scheduling) staged forced took the step in
+// 0.64x per-tensor MPI's time and single-copy forced in 0.74x, yet the vote at 1.25 chose single-copy
+// (0.72x): staged was only ~1.17x faster per byte.
 uint64_t CollectiveEngine::Impl::vote_bits() const {
   uint64_t v = 0;
-  for (int c = 0; c < kVoteClasses; ++c) {
-    if (ar_timed[1][c] < 2 || (ar_timed[0][c] >= 2 && ar_spb[1][c] * 1.25 < ar_spb[0][c])) v |= uint64_t(1) << c;
-  }
+  for (int c = 0; c < kVoteClasses; ++c)
+    if (ar_timings.prefers_staged(c, kVoteMargin)) v |= uint64_t(1) << c;
   return v;
 }
 

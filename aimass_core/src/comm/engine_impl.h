@@ -34,6 +34,7 @@
 #include "comm/message.h"
 #include "comm/mpi_transport.h"
 #include "comm/shm_allreduce.h"
+#include "comm/way_timings.h"
 
 namespace aimass {
 
@@ -190,9 +191,13 @@ struct CollectiveEngine::Impl {
   bool ar_vote = false;
   static constexpr int kVoteClasses = 8;
   static constexpr uint64_t kVoteExplore = 32;
-  double ar_spb[2][kVoteClasses] = {};  // seconds per byte, moving average: [0] single-copy, [1] staged
-  int ar_timed[2][kVoteClasses] = {};   // runs timed
+  static constexpr double kVoteMargin = 1.1;  // staged only where every rank finds it this much faster (vote_bits)
+  // seconds per byte per way and size class (way_timings.h); each way's first two runs replace the average
+  comm::WayTimings<kVoteClasses> ar_timings{2};
   uint64_t ar_votes_agreed = 0;  // this cycle's BAND of every rank's vote_bits()
+  // This cycle's agreed line offset of the staged layout (line_offset_code; -1: none, segments packed).
+  int ar_line_offset = -1;
+  uint64_t line_offset_code() const;
   uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
   static int vote_class(uint64_t bytes);
   uint64_t vote_bits() const;
@@ -255,7 +260,7 @@ struct CollectiveEngine::Impl {
   Impl(std::shared_ptr<Communicator> c, EngineOptions o);
   void shm_init();
   bool use_shm(int64_t count, DType wire) const;
-  void shm_allreduce_segments(const std::vector<comm::ShmSegment>& segs, int64_t count, DType wire, ReduceOp op);
+  void shm_allreduce_segments(std::vector<comm::ShmSegment> segs, int64_t count, DType wire, ReduceOp op);
   void shm_allreduce(void* data, int64_t count, DType wire, ReduceOp op);
   // The hierarchical allreduce's cross-node step of one slice (cross_node.cc); cross_buf receives
   // the peer node's slice.
@@ -276,6 +281,14 @@ struct CollectiveEngine::Impl {
   void allreduce_inplace(void* data, int64_t count, DType wire, ReduceOp op);
   void unpack(Pending& p, const void* src);
   void allreduce_batch(const std::vector<Pending*>& batch);
+  // A data phase's allreduces that completed, finished (handles released) only at the end of the phase
+  // when finish_at_end: on a rank whose caller and engine thread share a core, a caller woken after the
+  // first fused batch ran its synchronize() calls beside the next batch's data phase, taking CPU time
+  // from it (and a staged run's peers wait for this rank at every chunk). Background thread only.
+  bool finish_at_end = false;
+  std::vector<Pending*> finished_ok;
+  void done_ok(Pending& p);
+  void flush_finished();
   void run_single(Pending& p);
 };
 

@@ -19,9 +19,12 @@ void divide_ints(void* data, int64_t n, int size) {
 void CollectiveEngine::Impl::execute(const std::vector<std::string>& ready, size_t threshold) {
   if (ready.empty()) return;
   std::vector<Pending> work;
+  finished_ok.clear();
   try {
     execute_work(ready, threshold, work);
+    flush_finished();
   } catch (const std::exception& e) {
+    flush_finished();  // batches that completed before the failure completed
     const std::string msg = e.what();
     for (auto& p : work) {
       if (!p.handle || p.handle->poll()) continue;  // finished before the failure
@@ -82,6 +85,16 @@ void CollectiveEngine::Impl::execute_work(const std::vector<std::string>& ready,
   }
 }
 
+void CollectiveEngine::Impl::done_ok(Pending& p) {
+  if (finish_at_end) finished_ok.push_back(&p);
+  else finish(p, CollectiveHandle::ErrorKind::None, "");
+}
+
+void CollectiveEngine::Impl::flush_finished() {
+  for (Pending* p : finished_ok) finish(*p, CollectiveHandle::ErrorKind::None, "");
+  finished_ok.clear();
+}
+
 void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch) {
   const DType wire = batch[0]->req.wire, dtype = batch[0]->req.dtype;
   const ReduceOp op = batch[0]->req.op;
@@ -99,7 +112,7 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
       std::memcpy(p.req.output, p.req.input, static_cast<size_t>(n) * es);
     if (n > 0) allreduce_inplace(p.req.output, n, wire, op);
     unpack(p, p.req.output);
-    finish(p, CollectiveHandle::ErrorKind::None, "");
+    done_ok(p);
     return;
   }
   int64_t total = 0;
@@ -113,8 +126,8 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
       segs.push_back({static_cast<const char*>(p->req.input), static_cast<char*>(p->req.output),
                       numel_of(p->req.shape), p->req.op == ReduceOp::Average});
     }
-    shm_allreduce_segments(segs, total, wire, op);
-    for (Pending* p : batch) finish(*p, CollectiveHandle::ErrorKind::None, "");
+    shm_allreduce_segments(std::move(segs), total, wire, op);
+    for (Pending* p : batch) done_ok(*p);
     return;
   }
   char* buf = fusion_bytes(static_cast<size_t>(total) * es);
@@ -135,7 +148,7 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
   for (Pending* p : batch) {
     unpack(*p, buf + off * es);
     off += numel_of(p->req.shape);
-    finish(*p, CollectiveHandle::ErrorKind::None, "");
+    done_ok(*p);
   }
 }
 

@@ -120,13 +120,10 @@ int64_t LLChannel::stage_vote(size_t bytes, const void* out) const {
 int64_t LLChannel::vote(size_t bytes) const {
   if (!stage_ || staged_env_ == 0) return kVoteNever;
   if (staged_env_ == 1 || !push_ok_) return kVoteAlways;
-  const int c = size_class(bytes, kClasses);
-  const double st = secs_per_byte_[1][c], pu = secs_per_byte_[0][c];
-  if (st == 0) return kVoteStaged;  // not timed yet: staged first, then the push (below)
-  if (pu == 0) return kVotePush;
-  // staged only when clearly faster: a choice rests on few timings on a noisy machine, the way not
-  // chosen is timed again only when explored, and a stalled staged run costs more than a slow push
-  return st * kStageMargin < pu ? kVoteStaged : kVotePush;
+  // not timed yet: staged first, then the push; then staged only when clearly faster: a choice rests on
+  // few timings on a noisy machine, the way not chosen is timed again only when explored, and a stalled
+  // staged run costs more than a slow push
+  return timings_.prefers_staged(size_class(bytes, kClasses), kStageMargin) ? kVoteStaged : kVotePush;
 }
 
 bool LLChannel::agree_staged() {
@@ -162,8 +159,7 @@ void LLChannel::note_large_allreduce() const {
   if (timed_bytes_ == 0) return;
   const double spb =
       std::chrono::duration<double>(Clock::now() - timing_).count() / static_cast<double>(timed_bytes_);
-  double& avg = secs_per_byte_[staged_now_ ? 1 : 0][size_class(timed_bytes_, kClasses)];
-  avg = avg == 0 ? spb : 0.75 * avg + 0.25 * spb;
+  timings_.note(staged_now_ ? timings_.kStaged : timings_.kSingleCopy, size_class(timed_bytes_, kClasses), spb);
   timed_bytes_ = 0;
 }
 

@@ -74,6 +74,7 @@
 #include "aimass/parallel.h"
 #include "aimass/comm.h"
 #include "aimass/dtype.h"
+#include "comm/way_timings.h"
 
 namespace aimass {
 namespace comm {
@@ -420,8 +421,8 @@ class LLChannel {
   // ---- the staged-or-push choice (ll_push.cc)
   static constexpr int kClasses = 48;        // size classes: floor(log2(bytes))
   static constexpr uint64_t kExplore = 32;   // every kExplore-th large allreduce tries the other way
-  // [staged][class]: moving average (0: not timed yet); mutable: the closing wait_readers() records it
-  mutable double secs_per_byte_[2][kClasses] = {};
+  // seconds per byte per way and class (way_timings.h); mutable: the closing wait_readers() records it
+  mutable WayTimings<kClasses> timings_{1};
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;

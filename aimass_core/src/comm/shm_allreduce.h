@@ -73,12 +73,25 @@ inline void reduce_rank_order(DType dtype, ReduceOp op, int me, int L, const cha
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the
 // result is divided by the world size (as the MPI path does after the sum).
+// pad (staged mode only; the single-copy path ignores it): elements of the staging layout left
+// empty before this segment, so that the segment sits in the staging slots at the same offset within
+// a 64-byte line as its buffers (see shm_line_pads). Every local rank must pass the same pads.
 struct ShmSegment {
   const char* in;
   char* out;
   int64_t count;
   bool average = false;
+  int64_t pad = 0;
 };
+
+// Pads for the segments of a fused staged allreduce (ShmSegment::pad) that put each segment at
+// `line_offset` bytes into a 64-byte line of the staging layout, so that a segment whose buffers start
+// that far into a line (numpy's large arrays: 16 bytes, torch's: 64) is read and written by the reduce
+// kernel on whole lines, as the low-latency channel's lead does for one buffer. line_offset must be the
+// same on every local rank (the engine agrees it in its negotiation round); the actual addresses only
+// decide how much it helps, never the layout. A line_offset that is not a multiple of the element size,
+// or negative, leaves the segments packed (pads 0).
+void shm_line_pads(std::vector<ShmSegment>& segs, size_t elem_bytes, int line_offset);
 
 class ShmAllreduce {
  public:
