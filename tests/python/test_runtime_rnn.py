@@ -102,7 +102,7 @@ def test_threaded_steps_match_torch(tmp_path, cls, threads):
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
 def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, threads):
     # hidden 263 (33 unit groups, the last one 7 wide): at 2 threads the whole time loop of each
-    # layer and direction is one parallel_steps job (ops_rnn.cc); batch 1 and 4, forward and reverse
+    # layer and direction is one pool job (ops_rnn.cc run_threaded); batch 1 and 4, forward and reverse
     import aimass
     torch.manual_seed(3)
     rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=True).eval()

@@ -116,7 +116,8 @@ class Rnn : public ExtKernel {
         const float* hr = me.h.data() + r * H;
         std::copy(hr + j0, hr + j1, hs.data() + ((step + 1) * rows + r) * H + j0);
         std::copy(me.o.data() + r * H + j0, me.o.data() + r * H + j1, ob + r * ostr + j0);
-        if (!gru) std::copy(me.c.data() + r * H + j0, me.c.data() + r * H + j1, cs.data() + ((step + 1) * rows + r) * H + j0);
+        if (!gru)
+          std::copy(me.c.data() + r * H + j0, me.c.data() + r * H + j1, cs.data() + ((step + 1) * rows + r) * H + j0);
       }
       int64_t q0, q1, vr;
       v_share(step, ci, nc, q0, q1, vr);
@@ -165,7 +166,7 @@ class Rnn : public ExtKernel {
           cpu_relax();
           if ((spins & 15) != 15) continue;
           const auto now = clk::now();
-          if ((spins & 1023) == 1023 && now - since > std::chrono::microseconds(200)) sched_yield();
+          if (waiting && (spins & 1023) == 1023 && now - since > std::chrono::microseconds(200)) sched_yield();
           if (!waiting) {
             waiting = true;
             since = now;
