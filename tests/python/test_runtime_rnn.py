@@ -102,7 +102,7 @@ def test_threaded_steps_match_torch(tmp_path, cls, threads):
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
 def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, threads):
     # hidden 263 (33 unit groups, the last one 7 wide): at 2 threads the whole time loop of each
-    # layer and direction is one parallel_steps job (ops_rnn.cc); batch 1 and 4, forward and reverse
+    # layer and direction is one pool job (ops_rnn.cc run_threaded); batch 1 and 4, forward and reverse
     import aimass
     torch.manual_seed(3)
     rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=True).eval()
@@ -277,5 +277,39 @@ def test_gru_three_gate_panels_split_at_whole_panels(tmp_path, hidden, threads):
                 with torch.no_grad():
                     ref = rnn(x)[0].numpy()
                 np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        aimass.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_late_chunks_run_twice_with_the_same_bits(tmp_path, monkeypatch, cls, threads):
+    # threaded time loop (ops_rnn.cc run_threaded): a thread that waits on a chunk running elsewhere
+    # runs it itself after AIMASS_RNN_TAKEOVER_US (0: at once, so chunks often run twice and race to
+    # commit; -1: never, a plain barrier per step). Every setting gives the same bits, and torch's
+    # result: batch 1 (the projection riding along, its rows committed with the chunk) and 3,
+    # hidden 263 (uneven chunks), 2 layers and a bidirectional one, lengths around the 8-row blocks
+    import aimass
+    torch.manual_seed(13)
+    old = aimass.num_threads()
+    aimass.set_num_threads(threads)
+    try:
+        for layers, bidir in ((2, False), (1, True)):
+            rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
+            path = tmp_path / f"late{layers}{int(bidir)}.aimass"
+            rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+            with rt.Session(path) as s:
+                for b, n in ((1, 17), (1, 40), (3, 9)):
+                    x = torch.randn(b, n, 24)
+                    with torch.no_grad():
+                        ref = rnn(x)[0].numpy()
+                    outs = {}
+                    for us in ("-1", "0", "30"):
+                        monkeypatch.setenv("AIMASS_RNN_TAKEOVER_US", us)
+                        for _ in range(3):  # races differ from run to run
+                            got = s.run({"input_0": x.numpy()})["output"]
+                            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+                            outs.setdefault(us, got)
+                            np.testing.assert_array_equal(got, outs["-1"])
     finally:
         aimass.set_num_threads(old)

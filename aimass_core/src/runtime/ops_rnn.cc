@@ -7,10 +7,13 @@
 // returns first; D = 2 when bidirectional: the forward state in [0, H), the reverse
 // one, which runs from the last step to the first, in [H, 2H)).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <sched.h>
 #include <vector>
 
 #include "aimass/checked.h"
@@ -55,15 +58,135 @@ class Rnn : public ExtKernel {
   int64_t group_of(int64_t b) const { return std::min(b * block, groups); }
   int64_t panel_of(int64_t b) const { return std::min(b * block * G * vec::kUnits / packed::kPanel, npanels); }
   std::vector<std::shared_ptr<const RnnLayer>> layers;  // [layer * D + direction], shared by the plans
-  std::vector<float> gi, gh, h0, h1, c, mid;  // grown on first use, reused
+  std::vector<float> gi, gh, c, mid;  // grown on first use, reused
+  std::vector<float> hs, cs;           // h (and, threaded, c) after each step: (S + 1) x rows x H
+  struct Scratch {                     // a thread's own outputs of a chunk in the threaded loop
+    std::vector<float> gh, c, h, o, v;
+  };
+  std::vector<Scratch> priv;
+
+  // The time loop of one layer and direction on the pool: nc chunks a step (each its units of
+  // every step, so that a thread keeps the same slice of W_hh in its cache), one participant per
+  // thread, own chunk first. A chunk computes into its thread's scratch and is committed (copied
+  // to hs / cs / the output / gi) by the first run of it that finishes: its inputs (hs[step],
+  // cs[step], gi's rows) are written once and never again, so a chunk can run twice. That lets a
+  // thread that waits on a chunk whose runner is late (descheduled: milliseconds on a loaded
+  // machine, where a barrier per step then stalled both) run it itself, and go on alone until the
+  // other thread is back. A chunk nobody has claimed is simply taken, as before.
+  template <class OutOf, class VShare, class Chunk>
+  void run_threaded(int64_t rows, int nc, int64_t ostr, const OutOf& out_of, const VShare& v_share,
+                    const Chunk& chunk) {
+    using clk = std::chrono::steady_clock;
+    constexpr int64_t kR = packed::kWalkRows;
+    const int np = std::min(nc, num_threads());
+    if (static_cast<int>(priv.size()) < np) priv.resize(static_cast<size_t>(np));
+    for (Scratch& sc : priv) {
+      sc.gh.resize(static_cast<size_t>(rows * NP));
+      sc.c.resize(static_cast<size_t>(rows * H));
+      sc.h.resize(static_cast<size_t>(rows * H));
+      sc.o.resize(static_cast<size_t>(rows * H));
+      sc.v.resize(static_cast<size_t>(kR * NP));
+    }
+    std::fill(cs.begin(), cs.begin() + rows * H, 0.f);
+    const size_t n = static_cast<size_t>(S) * static_cast<size_t>(nc);
+    std::unique_ptr<std::atomic<int>[]> claimed(new std::atomic<int>[n]()), owner(new std::atomic<int>[n]()),
+        done(new std::atomic<int>[n]());
+    std::atomic<bool> failed{false};
+    // AIMASS_RNN_TAKEOVER_US (read per run): a fixed wait before a late chunk runs here too, 0 as
+    // soon as one is seen running elsewhere (every chunk then often runs twice: tests), negative
+    // never (the old barrier's behaviour, for A/B runs); unset: 3x the thread's own chunk time + 30 us
+    int64_t fixed_us = -2;
+    if (const char* e = std::getenv("AIMASS_RNN_TAKEOVER_US")) fixed_us = std::max<int64_t>(std::atoll(e), -1);
+    // runs chunk ci of `step` into `me`; commits it unless another run of it did first
+    auto run_chunk = [&](int64_t step, int ci, Scratch& me) {
+      const int64_t b0 = blocks() * ci / nc, b1 = blocks() * (ci + 1) / nc;
+      const int64_t j0 = std::min(group_of(b0) * vec::kUnits, H), j1 = std::min(group_of(b1) * vec::kUnits, H);
+      const size_t i = static_cast<size_t>(step * nc + ci);
+      if (b1 > b0) {
+        if (!gru)
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy(cs.data() + (step * rows + r) * H + j0, cs.data() + (step * rows + r) * H + j1,
+                      me.c.data() + r * H + j0);
+        chunk(step, b0, b1, ci, nc, me.gh.data(), me.c.data(), me.h.data(), me.o.data(), H, me.v.data());
+      }
+      int e = 0;
+      if (!owner[i].compare_exchange_strong(e, 1)) return;
+      float* ob = out_of(step);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* hr = me.h.data() + r * H;
+        std::copy(hr + j0, hr + j1, hs.data() + ((step + 1) * rows + r) * H + j0);
+        std::copy(me.o.data() + r * H + j0, me.o.data() + r * H + j1, ob + r * ostr + j0);
+        if (!gru)
+          std::copy(me.c.data() + r * H + j0, me.c.data() + r * H + j1, cs.data() + ((step + 1) * rows + r) * H + j0);
+      }
+      int64_t q0, q1, vr;
+      v_share(step, ci, nc, q0, q1, vr);
+      for (int64_t r = 0; q1 > q0 && r < kR; ++r)
+        std::copy(me.v.data() + r * NP + q0 * packed::kPanel, me.v.data() + r * NP + q1 * packed::kPanel,
+                  gi.data() + (vr + r) * NP + q0 * packed::kPanel);
+      done[i].store(1, std::memory_order_release);
+    };
+    auto guarded = [&](int64_t step, int ci, Scratch& me) {
+      try {
+        run_chunk(step, ci, me);
+      } catch (...) {
+        failed.store(true);  // the others stop at their next look; the pool rethrows on the caller
+        throw;
+      }
+    };
+    parallel_chunks(np, [&](int p, int) {
+      Scratch& me = priv[static_cast<size_t>(p)];
+      clk::duration own = std::chrono::microseconds(20);  // this thread's last chunk time
+      for (int64_t step = 0; step < S; ++step) {
+        bool waiting = false;
+        clk::time_point since{};
+        for (int64_t spins = 0;; ++spins) {
+          if (failed.load(std::memory_order_relaxed)) return;
+          bool all = true, ran = false;
+          for (int k = 0; k < nc; ++k) {
+            const int ci = (p + k) % nc;  // its own chunk first, then any not yet claimed
+            const size_t i = static_cast<size_t>(step * nc + ci);
+            if (done[i].load(std::memory_order_acquire)) continue;
+            all = false;
+            int e = 0;
+            if (claimed[i].load(std::memory_order_relaxed) == 0 && claimed[i].compare_exchange_strong(e, 1)) {
+              const auto t0 = clk::now();
+              guarded(step, ci, me);
+              own = clk::now() - t0;
+              ran = true;
+            }
+          }
+          if (all) break;
+          if (ran) {
+            waiting = false;
+            continue;
+          }
+          // the rest of the step runs on other threads: poll; past a few of its own chunk
+          // times, the runner is taken to be descheduled and its chunks run here too
+          cpu_relax();
+          if ((spins & 15) != 15) continue;
+          const auto now = clk::now();
+          if (waiting && (spins & 1023) == 1023 && now - since > std::chrono::microseconds(200)) sched_yield();
+          if (!waiting) {
+            waiting = true;
+            since = now;
+          } else if (fixed_us != -1 && now - since > (fixed_us >= 0 ? std::chrono::microseconds(fixed_us)
+                                                                    : 3 * own + std::chrono::microseconds(30))) {
+            for (int ci = 0; ci < nc; ++ci)
+              if (!done[static_cast<size_t>(step * nc + ci)].load(std::memory_order_acquire)) guarded(step, ci, me);
+            waiting = false;
+          }
+        }
+      }
+    });
+  }
 
   void run(int64_t rows, const std::vector<const void*>& in, void* out) override {
     const vec::Kernels& vk = vec::kernels();
     gi.resize(static_cast<size_t>(rows * S * NP));
     gh.resize(static_cast<size_t>(rows * NP));
-    h0.resize(static_cast<size_t>(rows * H));
-    h1.resize(static_cast<size_t>(rows * H));
     c.resize(static_cast<size_t>(rows * H));
+    hs.resize(static_cast<size_t>((S + 1) * rows * H));
     const int64_t nl = static_cast<int64_t>(layers.size()) / D, DH = D * H;
     if (nl > 1) mid.resize(static_cast<size_t>(rows * S * DH));
     const float* x = static_cast<const float*>(in[0]);
@@ -119,27 +242,34 @@ class Rnn : public ExtKernel {
           project(0, S - nblk * kR);
           project(S - kR, S);
         }
-        std::fill(h0.begin(), h0.end(), 0.f);
         std::fill(c.begin(), c.end(), 0.f);
+        std::fill(hs.begin(), hs.begin() + rows * H, 0.f);  // h before step 0
         const ops::PackedLinear& P = *L.whh;
-        // step `step` reads h from h0 when even, h1 when odd, and writes the other
-        // ci of nc: this chunk's share of the step's V panels; [b0, b1): its blocks of units
-        auto chunk = [&](int64_t step, int64_t b0, int64_t b1, int ci, int nc) {
-          const int64_t g0 = group_of(b0), g1 = group_of(b1), p0 = panel_of(b0), p1 = panel_of(b1);
-          const int64_t t = dir == 0 ? step : S - 1 - step;
-          const float* hp = (step & 1) ? h1.data() : h0.data();
-          float* hn = (step & 1) ? h0.data() : h1.data();
-          // block step / kR + 1's V panels of this step, this chunk's share
-          int64_t q0 = 0, q1 = 0, vr = 0;
+        // Step `step` reads h from hs[step] and writes hs[step + 1] (one slot per step: a step's
+        // inputs are never overwritten, see the threaded loop below).
+        // ci of nc: this chunk's share of the step's V panels [q0, q1), for the rows from vr
+        auto v_share = [&](int64_t step, int ci, int nc, int64_t& q0, int64_t& q1, int64_t& vr) {
+          q0 = q1 = vr = 0;
           if (step < (nblk - 1) * kR) {
             const int64_t j = step % kR, qa = npanels * j / kR, qb = npanels * (j + 1) / kR;
             q0 = qa + (qb - qa) * ci / nc;
             q1 = qa + (qb - qa) * (ci + 1) / nc;
             vr = block_row(step / kR + 1);
           }
+        };
+        // One chunk of a step: units of blocks [b0, b1). Outputs: the gate sums ghb (rows x NP),
+        // the cell state cb (rows x H, updated in place), h into hn (rows x H), the layer output
+        // into ob (row stride ostr) and the V rows into vb (kR x NP, row vr first).
+        auto chunk = [&](int64_t step, int64_t b0, int64_t b1, int ci, int nc, float* ghb, float* cb, float* hn,
+                         float* ob, int64_t ostr, float* vb) {
+          const int64_t g0 = group_of(b0), g1 = group_of(b1), p0 = panel_of(b0), p1 = panel_of(b1);
+          const int64_t t = dir == 0 ? step : S - 1 - step;
+          const float* hp = hs.data() + step * rows * H;
+          int64_t q0, q1, vr;
+          v_share(step, ci, nc, q0, q1, vr);
           auto walk_with_v = [&](int64_t pe) {
-            walk_gemm(hp, H, P.w, P.b, p0, pe, (step & 1) != 0, gh.data(), x + vr * L.in, L.in, L.wih->w,
-                      L.wih->b, q0, q1, gi.data() + vr * NP, NP);
+            walk_gemm(hp, H, P.w, P.b, p0, pe, (step & 1) != 0, ghb, x + vr * L.in, L.in, L.wih->w, L.wih->b, q0, q1,
+                      vb, NP);
           };
           // Odd steps walk the panels last to first. A thread's W_hh slice is at least as large
           // as its L2 at LSTM 2x512 (4 MiB a layer, 2 MiB a thread at 2 threads), and a sweep
@@ -149,7 +279,7 @@ class Rnn : public ExtKernel {
             // h = 0: the product is 0 (+ GRU's b_hh), skip a full read of W_hh (1/S of the steps)
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t g = p0; g < p1; ++g) {
-                float* z = gh.data() + r * NP + g * packed::kPanel;
+                float* z = ghb + r * NP + g * packed::kPanel;
                 if (P.b) std::copy(P.b + g * packed::kPanel, P.b + (g + 1) * packed::kPanel, z);
                 else std::fill(z, z + packed::kPanel, 0.f);
               }
@@ -158,29 +288,31 @@ class Rnn : public ExtKernel {
             walk_with_v(p1);
           } else if (walk) {
             // one row: the single-row kernel (no K blocks, one call per step)
-            walk(hp, H, P.w, P.b, p0, p1, (step & 1) != 0, gh.data());
+            walk(hp, H, P.w, P.b, p0, p1, (step & 1) != 0, ghb);
           } else if (step & 1) {
-            for (int64_t g = p1; g-- > p0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, gh.data());
+            for (int64_t g = p1; g-- > p0;) vk.panels(hp, rows, H, P.w, P.b, g, g + 1, NP, false, ghb);
           } else {
-            vk.panels(hp, rows, H, P.w, P.b, p0, p1, NP, false, gh.data());
+            vk.panels(hp, rows, H, P.w, P.b, p0, p1, NP, false, ghb);
           }
           for (int64_t r = 0; r < rows; ++r) {
             const float* a = gi.data() + (r * S + t) * NP;
-            const float* b = gh.data() + r * NP;
-            float* o = dst + (r * S + t) * DH + dir * H;
+            const float* b = ghb + r * NP;
+            float* o = ob + r * ostr;
             if (gru) vk.gru_cells(a, b, g0, g1, H, hp + r * H, hn + r * H, o);
-            else vk.lstm_cells(a, b, g0, g1, H, c.data() + r * H, hn + r * H, o);
+            else vk.lstm_cells(a, b, g0, g1, H, cb + r * H, hn + r * H, o);
           }
         };
+        auto out_of = [&](int64_t step) { return dst + (dir == 0 ? step : S - 1 - step) * DH + dir * H; };
+        if (nchunks > 1) cs.resize(static_cast<size_t>((S + 1) * rows * H));
         if (nchunks <= 1) {
-          for (int64_t step = 0; step < S; ++step) chunk(step, 0, blocks(), 0, 1);
+          for (int64_t step = 0; step < S; ++step) {
+            int64_t q0, q1, vr;
+            v_share(step, 0, 1, q0, q1, vr);
+            chunk(step, 0, blocks(), 0, 1, gh.data(), c.data(), hs.data() + (step + 1) * rows * H, out_of(step),
+                  S * DH, gi.data() + vr * NP);
+          }
         } else {
-          // the whole time loop is one pool job: the threads step through it together (a
-          // shared counter per step instead of a pool hand-off), each on its own unit groups
-          parallel_steps(S, nchunks, [&](int64_t step, int ci, int nc) {
-            const int64_t b0 = blocks() * ci / nc, b1 = blocks() * (ci + 1) / nc;
-            if (b1 > b0) chunk(step, b0, b1, ci, nc);
-          });
+          run_threaded(rows, nchunks, S * DH, out_of, v_share, chunk);
         }
       }
       x = dst;
