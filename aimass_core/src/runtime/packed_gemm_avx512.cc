@@ -103,7 +103,7 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 template <int R>
 inline void tile_at(const TileArgs& a, int64_t m) {
   const Epilogue& ep = *a.ep;
-  tile<R>(a.xt ? a.xt : a.x + m * a.K + a.k0, a.xt ? a.ldt : a.K, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols,
+  tile<R>(a.xt ? a.xt : a.x + m * a.ldx + a.k0, a.xt ? a.ldt : a.ldx, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols,
           a.first, a.last, ep,
           ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr, a.y + m * a.N + a.n0, a.N);
 }
@@ -115,9 +115,13 @@ inline void tile_at(const TileArgs& a, int64_t m) {
 
 namespace aimass::runtime::packed {
 
+void panels_ex_ld_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                         int64_t p0, int64_t p1, int64_t N, const Epilogue& ep, float* y) {
+  blocked_panels<kMr>(x, ldx, M, K, wp, bias_p, p0, p1, N, ep, y);
+}
 void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                       int64_t p1, int64_t N, const Epilogue& ep, float* y) {
-  blocked_panels<kMr>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
+  blocked_panels<kMr>(x, K, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
 namespace {
