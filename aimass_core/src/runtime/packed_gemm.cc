@@ -174,6 +174,7 @@ float* thread_buffer(int64_t floats) {
   thread_local Buf b;
   if (b.n < floats) {
     std::free(b.p);
+    b.p = nullptr, b.n = 0;  // a failed allocation leaves an empty buffer, not a stale size
     const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
     b.p = static_cast<float*>(std::aligned_alloc(64, bytes));
     if (!b.p) throw std::bad_alloc();
