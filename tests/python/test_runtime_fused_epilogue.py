@@ -56,3 +56,30 @@ def test_fused_residual_and_gelu_match_torch(tmp_path, packed_rows):
         assert steps == len(graph) - 4
     finally:
         _rt.set_packed_max_rows(prev)
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ffn_at_k_multiple_of_512_matches_torch(tmp_path, simd, threads):
+    """The FFN-down Linear at K = 1024 (K % 512 == 0: the packed GEMM pads x's rows once per call
+    at AVX-512) with its residual: one row tile, several, and 600 rows (>= 512 rows, which ran on
+    sgemm before the padding), at every SIMD level and 1-2 threads, equal to torch."""
+    import aimass
+
+    old = (aimass.cpu_features()["simd"], aimass.num_threads())
+    try:
+        level = aimass.set_simd_level(simd)
+        aimass.set_num_threads(threads)
+        m = Block(d=96, ffn=1024).eval()
+        path = rt.export(m, (torch.randn(2, 3, 96),), str(tmp_path / "f.aimass"), input_names=["x"])
+        ex = _rt.Executor(rt.load(path)._m, 200)
+        for b in (4, 13, 200):  # 12, 39, 600 rows
+            x = torch.randn(b, 3, 96)
+            with torch.no_grad():
+                ref = m(x).numpy()
+            got = ex.run([x.numpy()])[0]
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                       err_msg=f"simd={level} threads={threads} rows={3 * b}")
+    finally:
+        aimass.set_simd_level(old[0])
+        aimass.set_num_threads(old[1])

@@ -155,7 +155,11 @@ bool linear_prefers_sgemm(int64_t R, int64_t K) {
   // (x tile copied, K % 512 == 0) the two were level (48.0 vs 47.1-48.3 ms): sgemm stays. At 2
   // threads with rows split (packed::row_split), CPU time per call on a loaded VM: q+k+v 36.6 vs
   // sgemm 38.1 ms, o 12.3 vs 13.5, f1 48.3 vs 51.8; the whole encoder 1876 vs 1915 ms.
-  return R >= min_rows && K >= kSgemmMinK && !(K % 512 != 0 && packed::linear_rows_outer(R, K));
+  // Since linear() pads x once per call where K % 512 == 0 (packed::pads_x), K = 3072 runs in
+  // place too: 1024 x 768 x 3072 at 47.3 vs sgemm 48.1 ms (one core, loaded VM), its residual
+  // in the register epilogue.
+  const bool in_place = packed::linear_rows_outer(R, K) && (K % 512 != 0 || packed::pads_x(R, K));
+  return R >= min_rows && K >= kSgemmMinK && !in_place;
 }
 
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,

@@ -58,6 +58,18 @@ using PanelsExFn = void (*)(const float*, int64_t, int64_t, const float*, const 
                             const Epilogue&, float*);
 PanelsExFn panels_ex_kernel();  // the one of the engine's SIMD level
 
+// The same with x's row stride ldx >= K (panels_ex_* are these at ldx = K). linear() runs them on
+// a copy of x padded to ldx = K + kPadX where K % 512 == 0 (see padded_x).
+void panels_ex_ld_scalar(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                         int64_t p0, int64_t p1, int64_t N, const Epilogue& e, float* y);
+void panels_ex_ld_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                       int64_t p0, int64_t p1, int64_t N, const Epilogue& e, float* y);
+void panels_ex_ld_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                         int64_t p0, int64_t p1, int64_t N, const Epilogue& e, float* y);
+using PanelsExLdFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t, int64_t,
+                              int64_t, const Epilogue&, float*);
+PanelsExLdFn panels_ex_ld_kernel();
+
 // Panels [p0, p1) for all M rows; bias_p is the padded bias (nullable); y is [M, N] row-major.
 void panels_scalar(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                    int64_t p1, int64_t N, bool relu, float* y);
@@ -115,6 +127,13 @@ constexpr int64_t kKcRows = 384;
 // AIMASS_PACKED_ROWS_OUTER=0 keeps panels outer everywhere (the old kernel, for A/B runs).
 bool row_tiles_outer(int64_t M, int64_t K, int mr);
 bool linear_rows_outer(int64_t M, int64_t K);  // the same for the kernel linear() dispatches to
+
+// Whether linear() copies x once per call to rows K + kPadX floats apart (a thread-local buffer
+// of the caller, grown on demand) and runs the kernel on it in place: where it runs row tiles
+// outer and K % 512 == 0 (rows K floats apart would share one L1 set). AIMASS_PACKED_PAD_X=0
+// leaves x in place (the kernel then copies each tile's x block per N block, as before).
+constexpr int64_t kPadX = 16;
+bool pads_x(int64_t M, int64_t K);
 
 // Whether linear() on 2+ threads splits rows (whole row tiles over every panel) rather than
 // panels: at row tiles outer with >= kRowSplitMinRows rows and K >= kRowSplitMinK. Measured at

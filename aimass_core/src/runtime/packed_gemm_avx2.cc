@@ -109,8 +109,8 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 template <int R>
 inline void tile_at(const TileArgs& a, int64_t m) {
   const Epilogue& ep = *a.ep;
-  const float* xm = a.xt ? a.xt : a.x + m * a.K + a.k0;
-  const int64_t ldx = a.xt ? a.ldt : a.K;
+  const float* xm = a.xt ? a.xt : a.x + m * a.ldx + a.k0;
+  const int64_t ldx = a.xt ? a.ldt : a.ldx;
   const float* wk = a.w + a.k0 * kPanel;
   const float* r = ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr;
   float* ym = a.y + m * a.N + a.n0;
@@ -127,9 +127,13 @@ inline void tile_at(const TileArgs& a, int64_t m) {
 
 namespace aimass::runtime::packed {
 
+void panels_ex_ld_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                       int64_t p0, int64_t p1, int64_t N, const Epilogue& ep, float* y) {
+  blocked_panels<6>(x, ldx, M, K, wp, bias_p, p0, p1, N, ep, y);
+}
 void panels_ex_avx2(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                     int64_t p1, int64_t N, const Epilogue& ep, float* y) {
-  blocked_panels<6>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
+  blocked_panels<6>(x, K, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
 // See packed_gemm.h. Two sets of four accumulators over consecutive k.

@@ -51,6 +51,10 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
     }
   }
   int64_t k = 0;
+  // Four k steps a trip (MLAS's SGEMM unrolls its k loop by 4 too): the loop's pointer reload and
+  // branch are amortized; 12 x 32 tiles at BERT-base's shapes +2-2.5 % (cold weights, one core,
+  // 5 alternating runs on a loaded VM). Same FMAs in the same order: the bits do not change.
+#pragma GCC unroll 4
   for (; k + KU <= kc; k += KU) {
 #pragma GCC unroll 4
     for (int u = 0; u < KU; ++u) {
@@ -103,7 +107,7 @@ inline void tile(const float* x, int64_t ldx, int64_t kc, const float* w, const 
 template <int R>
 inline void tile_at(const TileArgs& a, int64_t m) {
   const Epilogue& ep = *a.ep;
-  tile<R>(a.xt ? a.xt : a.x + m * a.K + a.k0, a.xt ? a.ldt : a.K, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols,
+  tile<R>(a.xt ? a.xt : a.x + m * a.ldx + a.k0, a.xt ? a.ldt : a.ldx, a.kc, a.w + a.k0 * kPanel, a.b, a.ncols,
           a.first, a.last, ep,
           ep.res ? ep.res + m * ep.ldr + a.n0 : nullptr, a.y + m * a.N + a.n0, a.N);
 }
@@ -115,9 +119,13 @@ inline void tile_at(const TileArgs& a, int64_t m) {
 
 namespace aimass::runtime::packed {
 
+void panels_ex_ld_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias_p,
+                         int64_t p0, int64_t p1, int64_t N, const Epilogue& ep, float* y) {
+  blocked_panels<kMr>(x, ldx, M, K, wp, bias_p, p0, p1, N, ep, y);
+}
 void panels_ex_avx512(const float* x, int64_t M, int64_t K, const float* wp, const float* bias_p, int64_t p0,
                       int64_t p1, int64_t N, const Epilogue& ep, float* y) {
-  blocked_panels<kMr>(x, M, K, wp, bias_p, p0, p1, N, ep, y);
+  blocked_panels<kMr>(x, K, M, K, wp, bias_p, p0, p1, N, ep, y);
 }
 
 namespace {

@@ -12,6 +12,7 @@ namespace {
 // One panel's K block, for every row tile of an M block.
 struct TileArgs {
   const float* x;
+  int64_t ldx;  // x's row stride (K, or more where linear() padded x: see panels_ex_ld)
   int64_t K, k0, kc;
   const float* w;  // the panel (all of K)
   const float* b;  // the panel's bias or null
