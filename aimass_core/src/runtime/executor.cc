@@ -694,8 +694,12 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
     p.output_values.push_back(v);
   }
   // AIMASS_ROW_CHAINS=0 (read when a plan is built): every step runs on its own (A/B runs)
-  if (env_switch_on("AIMASS_ROW_CHAINS")) build_row_chains(p);
-  else p.chain_end.assign(p.steps.size(), -1), p.chain_tok.assign(p.steps.size(), 0);
+  if (env_switch_on("AIMASS_ROW_CHAINS")) {
+    build_row_chains(p);
+  } else {
+    p.chain_end.assign(p.steps.size(), -1);
+    p.chain_tok.assign(p.steps.size(), 0);
+  }
   assign_memory(p);
 }
 
