@@ -609,3 +609,48 @@ TEST(RuntimePackedGemm, BlockedShapesAndFusedEpilogues) {
     }
   }
 }
+
+// Row ranges of ops::linear_row_splits (the executor's row chains run a Linear's rows apart on
+// different threads) give every output bit of one call over all rows, at every SIMD level: tiles
+// of 1-3 rows sum k in interleaved sets, so the ranges must not create such a tile where the
+// whole-range tiling has none. Single and several K blocks, GELU and a residual in the epilogue.
+TEST(RuntimePackedGemm, RowSplitsKeepEveryBit) {
+  namespace ops = aimass::runtime::ops;
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  const aimass::SimdLevel old_level = aimass::simd_level();
+  for (aimass::SimdLevel lvl : {aimass::SimdLevel::Scalar, aimass::SimdLevel::AVX2, aimass::SimdLevel::AVX512}) {
+    if (aimass::set_simd_level(lvl) != lvl) continue;  // not on this CPU
+    for (int64_t K : {200, 1024}) {
+      const int64_t N = 70, Tmax = 1030;
+      std::vector<float> x(Tmax * K), w(N * K), bias(N), res(Tmax * N), whole(Tmax * N), parts(Tmax * N);
+      for (auto& v : x) v = d(rng);
+      for (auto& v : w) v = d(rng) / std::sqrt(float(K));
+      for (auto& v : bias) v = d(rng);
+      for (auto& v : res) v = d(rng);
+      ops::PackedLinear P(w.data(), bias.data(), N, K);
+      for (int64_t T : {48, 128, 130, 131, 160, 161, 200, 255, 1024, 1030}) {
+        ops::linear_rows(x.data(), T, K, N, ops::Act::Gelu, whole.data(), P, res.data());
+        for (int n : {2, 3, 4}) {
+          if (T < 2 * n * 12) continue;
+          const std::vector<int64_t> b = ops::linear_row_splits(T, n);
+          ASSERT_EQ(b.size(), static_cast<size_t>(n) + 1);
+          ASSERT_EQ(b.front(), 0);
+          ASSERT_EQ(b.back(), T);
+          std::fill(parts.begin(), parts.end(), -7.f);
+          for (int c = 0; c < n; ++c) {
+            ASSERT_LT(b[c], b[c + 1]) << "T=" << T << " n=" << n << " c=" << c;
+            // even within a tile of rows either way
+            EXPECT_LE(std::llabs(b[c + 1] - T * (c + 1) / n), 12) << "T=" << T << " n=" << n << " c=" << c;
+            ops::linear_rows(x.data() + b[c] * K, b[c + 1] - b[c], K, N, ops::Act::Gelu, parts.data() + b[c] * N, P,
+                             res.data() + b[c] * N);
+          }
+          for (int64_t i = 0; i < T * N; ++i)
+            ASSERT_EQ(std::memcmp(&parts[i], &whole[i], 4), 0)
+                << aimass::simd_level_name(lvl) << " K=" << K << " T=" << T << " n=" << n << " row " << i / N;
+        }
+      }
+    }
+  }
+  aimass::set_simd_level(old_level);
+}

@@ -164,9 +164,15 @@ struct PlanImpl {
   void* arena = nullptr;
   std::vector<float> col;  // im2col scratch, one sample
   std::vector<const void*> ext_ptrs;
+  // Row chains (build_row_chains): chain_end[i] is the last step of the planned chain that holds
+  // step i (-1: none); chain_tok[i] the rows of its [T, F] operands per batch row.
+  std::vector<int> chain_end;
+  std::vector<int64_t> chain_tok;
   // AIMASS_PROFILE_STEPS=1: wall ns and calls per step, printed to stderr when the plan goes.
   bool profile = false;
-  std::vector<int64_t> prof_ns, prof_cpu_ns, prof_min_ns, prof_calls;  // wall, calling thread's CPU (sum, min)
+  std::vector<int> prof_chain_last;  // the last step of a row chain timed as step i (-1: none)
+  // wall (sum, fastest call), calling thread's CPU (sum, fastest call), calls
+  std::vector<int64_t> prof_ns, prof_wall_min_ns, prof_cpu_ns, prof_min_ns, prof_calls;
   ~PlanImpl();
 
   uint8_t* ptr(int v) const {
@@ -204,10 +210,13 @@ PlanImpl::~PlanImpl() {
       for (auto d : values[s.out].row) shape += (shape.empty() ? "" : "x") + std::to_string(d);
       std::fprintf(stderr,
                    "  %3zu %-14s %-44s out %-12s calls %6lld  wall %9.3f ms %5.1f%%  cpu %9.3f ms %5.1f%%  "
-                   "min %8.3f ms\n",
+                   "min %8.3f ms  wall min %8.3f ms%s\n",
                    i, kind_name(s.kind), s.where.c_str(), shape.c_str(), static_cast<long long>(prof_calls[i]),
                    prof_ns[i] * 1e-6, total ? 100.0 * prof_ns[i] / total : 0.0, prof_cpu_ns[i] * 1e-6,
-                   total_cpu ? 100.0 * prof_cpu_ns[i] / total_cpu : 0.0, prof_min_ns[i] * 1e-6);
+                   total_cpu ? 100.0 * prof_cpu_ns[i] / total_cpu : 0.0, prof_min_ns[i] * 1e-6,
+                   prof_wall_min_ns[i] * 1e-6,
+                   prof_chain_last[i] >= 0 ? detail::concat("  (row chain to step ", prof_chain_last[i], ")").c_str()
+                                           : "");
     }
   }
   std::free(arena);
@@ -243,6 +252,66 @@ int new_value(PlanImpl& p, const std::string& name, ValueType dt, std::vector<in
 }
 
 void assign_memory(PlanImpl& p);
+
+// Row chains. At batch 1 a transformer layer is a string of small steps (BERT mini: the out
+// projection + residual, LayerNorm, FFN up + GELU, FFN down + residual, LayerNorm, the next
+// layer's q/k/v: 0.1-0.45 ms each at 2 threads), and each split its work over the pool on its own:
+// a fork and a join per step, and each step's threads read rows the other thread wrote (a panel
+// split writes every row's columns from both). Every one of these steps computes output row t from
+// row t of its inputs only, so a chain of them runs as one pool job instead: each chunk takes a
+// range of rows through all of the chain's steps, its rows staying in its core's cache, with no
+// join in between. Only packed fp32 Linear layers (their epilogue in registers) and LayerNorm
+// join a chain; attention, which mixes rows, ends it.
+//
+// Rows of the [T, F] operands per batch row of a step that works row by row; 0 for any other step.
+int64_t row_local_tokens(const PlanImpl& p, const Step& s) {
+  if (s.kind == Kind::Linear) {
+    if (!s.packed || ops::packed_epilogue(s.act) < 0 || s.K <= 0) return 0;
+    const int64_t n = p.values[s.in0].row_numel();
+    if (n % s.K != 0) return 0;
+    const int64_t tok = n / s.K;
+    if (p.values[s.out].row_numel() != tok * s.N) return 0;
+    if (s.res >= 0 && p.values[s.res].row_numel() != tok * s.N) return 0;
+    return tok;
+  }
+  if (s.kind == Kind::LayerNorm) {
+    const int64_t n = p.values[s.in0].row_numel();
+    return s.D > 0 && n % s.D == 0 ? n / s.D : 0;
+  }
+  return 0;
+}
+
+// Every chunk of a chain streams all of the chain's weights: chains stop at this many bytes of
+// packed weights, so that they stay in L3 for both cores (BERT mini's layer: 3 MiB; BERT-base's
+// are 27 MiB a layer and keep the panel split, which reads each weight once).
+constexpr int64_t kChainMaxWeightBytes = int64_t{8} << 20;
+
+void build_row_chains(PlanImpl& p) {
+  const int n = static_cast<int>(p.steps.size());
+  p.chain_end.assign(n, -1);
+  p.chain_tok.assign(n, 0);
+  for (int i = 0; i < n;) {
+    const int64_t tok = row_local_tokens(p, p.steps[i]);
+    if (tok == 0) {
+      ++i;
+      continue;
+    }
+    int j = i;
+    int64_t w = p.steps[i].packed ? p.steps[i].packed->bytes() : 0;
+    while (j + 1 < n && row_local_tokens(p, p.steps[j + 1]) == tok) {
+      const int64_t wn = p.steps[j + 1].packed ? p.steps[j + 1].packed->bytes() : 0;
+      if (w + wn > kChainMaxWeightBytes) break;
+      w += wn;
+      ++j;
+    }
+    if (j > i)
+      for (int k = i; k <= j; ++k) {
+        p.chain_end[k] = j;
+        p.chain_tok[k] = tok;
+      }
+    i = j + 1;
+  }
+}
 
 // A buffer the plan is about to hold: ValueError when it passes max_memory_bytes.
 void check_memory(const PlanImpl& p, int64_t bytes, const std::string& what) {
@@ -624,6 +693,13 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
                  "' declares row shape ", shape_str(row), " but the graph computes ", shape_str(vi.row));
     p.output_values.push_back(v);
   }
+  // AIMASS_ROW_CHAINS=0 (read when a plan is built): every step runs on its own (A/B runs)
+  if (env_switch_on("AIMASS_ROW_CHAINS")) {
+    build_row_chains(p);
+  } else {
+    p.chain_end.assign(p.steps.size(), -1);
+    p.chain_tok.assign(p.steps.size(), 0);
+  }
   assign_memory(p);
 }
 
@@ -649,6 +725,16 @@ void assign_memory(PlanImpl& p) {
     if (st.res >= 0) last[p.values[st.res].slot] = std::max(last[p.values[st.res].slot], i);
     int& d = def[p.values[st.out].slot];
     d = std::min(d, i);
+  }
+  // Inside a row chain the threads are at different steps at once (each on its own rows): every
+  // block that a chain step reads or writes stays busy to the chain's end, so no value written in
+  // the chain shares memory with another that the chain reads or writes.
+  for (int i = 0; i < static_cast<int>(p.chain_end.size()); ++i) {
+    const int e = p.chain_end[i];
+    if (e < 0) continue;
+    const Step& st = p.steps[i];
+    for (int v : {st.in0, st.in1, st.res, st.out})
+      if (v >= 0) last[p.values[v].slot] = std::max(last[p.values[v].slot], e);
   }
   for (int v : p.output_values) last[p.values[v].slot] = kEnd;
   std::vector<int> order;
@@ -821,6 +907,125 @@ const void* Executor::output_buffer(int i) const {
   return plan_->ptr(plan_->output_values[i]);
 }
 
+namespace {
+
+// One step over `rows` batch rows (its kernels split their work over the pool).
+void run_step(PlanImpl& p, Step& s, int64_t rows) {
+  switch (s.kind) {
+    case Kind::Linear: {
+      const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
+      ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out), s.packed.get(),
+                  s.res >= 0 ? p.fptr(s.res) : nullptr);
+      break;
+    }
+    case Kind::QLinear: {
+      const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
+      run_qlinear(*s.q, p.fptr(s.in0), R, s.b, p.fptr(s.out), s.act, s.res >= 0 ? p.fptr(s.res) : nullptr);
+      break;
+    }
+    case Kind::Conv2d:
+      if (s.pconv) {
+        conv::run(*s.pconv, p.fptr(s.in0), rows, s.res >= 0 ? p.fptr(s.res) : nullptr, s.act == ops::Act::Relu,
+                  p.fptr(s.out));
+        if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+          ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+      } else if (s.res >= 0) {
+        ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
+        ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
+        if (s.act != ops::Act::None && s.act != ops::Act::Relu)
+          ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
+      } else {
+        ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
+      }
+      break;
+    case Kind::MaxPool: ops::max_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
+    case Kind::AvgPool: ops::avg_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
+    case Kind::AdaptiveAvgPool:
+      ops::adaptive_avg_pool2d(p.fptr(s.in0), rows, s.pool.C, s.pool.H, s.pool.W, s.pool.OH, s.pool.OW,
+                               p.fptr(s.out));
+      break;
+    case Kind::Alias: break;  // shares its input's slot
+    case Kind::Activation:
+      ops::activation(p.fptr(s.in0), rows * p.values[s.in0].row_numel(), s.act, p.fptr(s.out));
+      break;
+    case Kind::Softmax:
+    case Kind::LogSoftmax: {
+      const int64_t outer = rows * p.values[s.in0].row_numel() / (s.axis * s.inner);
+      ops::softmax(p.fptr(s.in0), outer, s.axis, s.inner, s.kind == Kind::LogSoftmax, p.fptr(s.out));
+      break;
+    }
+    case Kind::LayerNorm:
+      ops::layer_norm(p.fptr(s.in0), rows * p.values[s.in0].row_numel() / s.D, s.D, s.w, s.b, s.eps,
+                      p.fptr(s.out));
+      break;
+    case Kind::Embedding:
+      ops::embedding(reinterpret_cast<const int64_t*>(p.ptr(s.in0)), rows * p.values[s.in0].row_numel(), s.w,
+                     s.V, s.D, p.fptr(s.out), s.where.c_str());
+      break;
+    case Kind::Binary: {
+      s.out_shape[0] = rows;
+      const float* a = s.a_is_scalar ? &s.a_scalar : s.a_const ? s.a_const : p.fptr(s.in0);
+      const float* b = s.b_is_scalar ? &s.b_scalar : s.b_const ? s.b_const : p.fptr(s.in1);
+      ops::binary(s.binop, a, s.a_strides, b, s.b_strides, s.out_shape, p.fptr(s.out));
+      break;
+    }
+    case Kind::ChannelAffine:
+      ops::channel_affine(p.fptr(s.in0), rows, s.N, s.inner, s.w, s.b, p.fptr(s.out));
+      break;
+    case Kind::Ext: {
+      std::vector<const void*>& in = p.ext_ptrs;
+      in.clear();
+      for (int v : s.ext_in) in.push_back(p.ptr(v));
+      s.ext->run(rows, in, p.ptr(s.out));
+      break;
+    }
+  }
+}
+
+// Rows per chunk of a row chain, at least: each chunk streams the chain's weights (a 64-row chunk
+// still reuses every weight panel over 5 row tiles).
+constexpr int64_t kChainMinRows = 64;
+
+// The steps [first, last] of a row chain over T rows of its operands, as one pool job: each chunk
+// takes a range of rows (ops::linear_row_splits: the same bits as one thread) through every step
+// in order.
+void run_chain(PlanImpl& p, int first, int last, int64_t T, int nchunks) {
+  const std::vector<int64_t> b = ops::linear_row_splits(T, nchunks);
+  parallel_chunks(nchunks, [&](int c, int) {
+    const int64_t r0 = b[c], r1 = b[c + 1];
+    if (r1 <= r0) return;
+    for (int k = first; k <= last; ++k) {
+      const Step& s = p.steps[k];
+      if (s.kind == Kind::Linear) {
+        ops::linear_rows(p.fptr(s.in0) + r0 * s.K, r1 - r0, s.K, s.N, s.act, p.fptr(s.out) + r0 * s.N, *s.packed,
+                         s.res >= 0 ? p.fptr(s.res) + r0 * s.N : nullptr);
+      } else {  // LayerNorm (row_local_tokens); nested in a pool job, it runs on this thread
+        ops::layer_norm(p.fptr(s.in0) + r0 * s.D, r1 - r0, s.D, s.w, s.b, s.eps, p.fptr(s.out) + r0 * s.D);
+      }
+    }
+  });
+}
+
+// The last step of the row chain to run from step `si` at this batch (si itself when none): the
+// steps of its planned chain from si on while each can run by rows here (a Linear that takes
+// sgemm at this many rows ends it), and only with 2+ chunks of kChainMinRows rows.
+int chain_from(const PlanImpl& p, int si, int64_t rows, int nt, int& nchunks, int64_t& T) {
+  const int e = p.chain_end[si];
+  if (e <= si || nt < 2) return si;
+  T = rows * p.chain_tok[si];
+  nchunks = static_cast<int>(std::min<int64_t>(T / kChainMinRows, nt));
+  if (nchunks < 2) return si;
+  int j = si;
+  while (j <= e) {
+    const Step& s = p.steps[j];
+    if (s.kind == Kind::Linear && !ops::linear_rows_ok(T, s.K, s.act, s.packed.get())) break;
+    ++j;
+  }
+  return j - 1 > si ? j - 1 : si;
+}
+
+}  // namespace
+
 void Executor::execute(int64_t rows) {
   PlanImpl& p = *plan_;
   AIMASS_CHECK(rows >= 1 && rows <= p.capacity, ValueError, "Executor::execute: rows=", rows, " must be in [1, ",
@@ -829,93 +1034,36 @@ void Executor::execute(int64_t rows) {
     p.prof_ns.assign(p.steps.size(), 0);
     p.prof_cpu_ns.assign(p.steps.size(), 0);
     p.prof_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
+    p.prof_wall_min_ns.assign(p.steps.size(), std::numeric_limits<int64_t>::max());
     p.prof_calls.assign(p.steps.size(), 0);
+    p.prof_chain_last.assign(p.steps.size(), -1);
   }
   // Parked pool workers take tens of microseconds to wake on a VM: the scope starts them now, so
   // their wake-up overlaps the steps before the first parallel one, and keeps them polling between
   // this run's parallel steps instead of parking in each serial gap (aimass/parallel.h).
   aimass::RunScope run_scope;
-  for (size_t si = 0; si < p.steps.size(); ++si) {
-    Step& s = p.steps[si];
+  const int nt = num_threads();
+  const int nsteps = static_cast<int>(p.steps.size());
+  for (int si = 0; si < nsteps; ++si) {
     run_scope.step();
     const auto t0 = p.profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     const int64_t c0 = p.profile ? thread_cpu_ns() : 0;
-    switch (s.kind) {
-      case Kind::Linear: {
-        const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
-        ops::linear(p.fptr(s.in0), R, s.K, s.w, s.N, s.b, s.act, p.fptr(s.out), s.packed.get(),
-                    s.res >= 0 ? p.fptr(s.res) : nullptr);
-        break;
-      }
-      case Kind::QLinear: {
-        const int64_t R = rows * (p.values[s.in0].row_numel() / s.K);
-        run_qlinear(*s.q, p.fptr(s.in0), R, s.b, p.fptr(s.out), s.act, s.res >= 0 ? p.fptr(s.res) : nullptr);
-        break;
-      }
-      case Kind::Conv2d:
-        if (s.pconv) {
-          conv::run(*s.pconv, p.fptr(s.in0), rows, s.res >= 0 ? p.fptr(s.res) : nullptr, s.act == ops::Act::Relu,
-                    p.fptr(s.out));
-          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
-            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
-        } else if (s.res >= 0) {
-          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, ops::Act::None, p.col.data(), p.fptr(s.out));
-          ext::residual_act(p.fptr(s.out), p.fptr(s.res), rows * p.values[s.out].row_numel(), static_cast<int>(s.act));
-          if (s.act != ops::Act::None && s.act != ops::Act::Relu)
-            ops::activation(p.fptr(s.out), rows * p.values[s.out].row_numel(), s.act, p.fptr(s.out));
-        } else {
-          ops::conv2d(p.fptr(s.in0), rows, s.conv, s.w, s.b, s.act, p.col.data(), p.fptr(s.out));
-        }
-        break;
-      case Kind::MaxPool: ops::max_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
-      case Kind::AvgPool: ops::avg_pool2d(p.fptr(s.in0), rows, s.pool, p.fptr(s.out)); break;
-      case Kind::AdaptiveAvgPool:
-        ops::adaptive_avg_pool2d(p.fptr(s.in0), rows, s.pool.C, s.pool.H, s.pool.W, s.pool.OH, s.pool.OW,
-                                 p.fptr(s.out));
-        break;
-      case Kind::Alias: break;  // shares its input's slot
-      case Kind::Activation:
-        ops::activation(p.fptr(s.in0), rows * p.values[s.in0].row_numel(), s.act, p.fptr(s.out));
-        break;
-      case Kind::Softmax:
-      case Kind::LogSoftmax: {
-        const int64_t outer = rows * p.values[s.in0].row_numel() / (s.axis * s.inner);
-        ops::softmax(p.fptr(s.in0), outer, s.axis, s.inner, s.kind == Kind::LogSoftmax, p.fptr(s.out));
-        break;
-      }
-      case Kind::LayerNorm:
-        ops::layer_norm(p.fptr(s.in0), rows * p.values[s.in0].row_numel() / s.D, s.D, s.w, s.b, s.eps,
-                        p.fptr(s.out));
-        break;
-      case Kind::Embedding:
-        ops::embedding(reinterpret_cast<const int64_t*>(p.ptr(s.in0)), rows * p.values[s.in0].row_numel(), s.w,
-                       s.V, s.D, p.fptr(s.out), s.where.c_str());
-        break;
-      case Kind::Binary: {
-        s.out_shape[0] = rows;
-        const float* a = s.a_is_scalar ? &s.a_scalar : s.a_const ? s.a_const : p.fptr(s.in0);
-        const float* b = s.b_is_scalar ? &s.b_scalar : s.b_const ? s.b_const : p.fptr(s.in1);
-        ops::binary(s.binop, a, s.a_strides, b, s.b_strides, s.out_shape, p.fptr(s.out));
-        break;
-      }
-      case Kind::ChannelAffine:
-        ops::channel_affine(p.fptr(s.in0), rows, s.N, s.inner, s.w, s.b, p.fptr(s.out));
-        break;
-      case Kind::Ext: {
-        std::vector<const void*>& in = p.ext_ptrs;
-        in.clear();
-        for (int v : s.ext_in) in.push_back(p.ptr(v));
-        s.ext->run(rows, in, p.ptr(s.out));
-        break;
-      }
-    }
-    if (p.profile) {
-      p.prof_ns[si] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    int nchunks = 1;
+    int64_t T = 0;
+    const int last = chain_from(p, si, rows, nt, nchunks, T);
+    if (last > si) run_chain(p, si, last, T, nchunks);
+    else run_step(p, p.steps[si], rows);
+    if (p.profile) {  // a chain's time goes to its first step
+      const int64_t w = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+      p.prof_ns[si] += w;
+      p.prof_wall_min_ns[si] = std::min(p.prof_wall_min_ns[si], w);
       const int64_t c = thread_cpu_ns() - c0;
       p.prof_cpu_ns[si] += c;
       p.prof_min_ns[si] = std::min(p.prof_min_ns[si], c);
       ++p.prof_calls[si];
+      if (last > si) p.prof_chain_last[si] = last;
     }
+    si = last;
   }
 }
 

@@ -144,6 +144,59 @@ int64_t PackedLinear::bytes() const {
   return packed::num_panels(N) * packed::kPanel * (K + (b ? 1 : 0)) * static_cast<int64_t>(sizeof(float));
 }
 
+int packed_epilogue(Act act) {
+  return act == Act::None ? packed::kEpiNone : act == Act::Relu ? packed::kEpiRelu
+       : act == Act::Gelu ? packed::kEpiGelu : act == Act::GeluTanh ? packed::kEpiGeluTanh : -1;
+}
+
+bool linear_rows_ok(int64_t R, int64_t K, Act act, const PackedLinear* packed) {
+  return packed && packed_epilogue(act) >= 0 && R <= runtime::packed_max_rows() && !linear_prefers_sgemm(R, K);
+}
+
+void linear_rows(const float* x, int64_t R, int64_t K, int64_t N, Act act, float* y, const PackedLinear& packed,
+                 const float* res) {
+  // One kernel call over every panel: N blocks of 8 panels share each x tile (packed_gemm.h)
+  packed::panels_ex_kernel()(x, R, K, packed.w, packed.b, 0, packed::num_panels(N), N,
+                             packed::Epilogue{packed_epilogue(act), res, N}, y);
+}
+
+namespace {
+// Rows of the packed kernel's register tile at this SIMD level (packed_gemm_avx512.cc kMr: 12;
+// AVX2: 6; the scalar reference runs row by row).
+int64_t packed_tile_rows() {
+  const SimdLevel lvl = simd_level();
+  return lvl >= SimdLevel::AVX512 ? 12 : lvl >= SimdLevel::AVX2 ? 6 : 1;
+}
+}  // namespace
+
+std::vector<int64_t> linear_row_splits(int64_t T, int nchunks) {
+  std::vector<int64_t> b(static_cast<size_t>(nchunks) + 1, 0);
+  b[nchunks] = T;
+  const int64_t mr = packed_tile_rows();
+  // A tile of 1-3 rows sums k in 2-4 interleaved sets (its FMA latency would bound one chain), a
+  // tile of 4+ rows in one, as a whole tile does: a range may end in a tile of 0 or 4+ rows only, and
+  // where the whole range ends in a 1-3 row tile (T % mr), the last range starts on a tile
+  // boundary so that it ends in that same tile. Then every row is summed as on one thread.
+  auto small = [&](int64_t rows) { const int64_t t = rows % mr; return t >= 1 && t <= 3; };
+  const bool tail_small = small(T);
+  bool ok = true;
+  for (int c = 1; c < nchunks && ok; ++c) {
+    const int64_t ideal = T * c / nchunks;
+    ok = false;
+    for (int64_t d = 0; d <= mr && !ok; ++d)
+      for (int64_t r : {ideal - d, ideal + d}) {
+        if (r <= b[c - 1] || r >= T || small(r - b[c - 1])) continue;
+        if (c == nchunks - 1 && (tail_small ? r % mr != 0 : small(T - r))) continue;
+        b[c] = r;
+        ok = true;
+        break;
+      }
+  }
+  if (!ok)  // whole tiles: the one-thread tiling exactly
+    for (int c = 1; c < nchunks; ++c) b[c] = std::min(T, (T / mr * c / nchunks) * mr);
+  return b;
+}
+
 bool linear_prefers_sgemm(int64_t R, int64_t K) {
   // AIMASS_SGEMM_MIN_ROWS overrides the row threshold (A/B runs of packed vs sgemm).
   static const int64_t min_rows = [] {
@@ -201,8 +254,7 @@ void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, con
   const bool epilogue = bias || act != Act::None || res;
   if (packed && R <= runtime::packed_max_rows() && !linear_prefers_sgemm(R, K)) {
     // bias, ReLU / GELU and the residual run in the kernel's register epilogue
-    const int epi = act == Act::None ? packed::kEpiNone : act == Act::Relu ? packed::kEpiRelu
-                  : act == Act::Gelu ? packed::kEpiGelu : act == Act::GeluTanh ? packed::kEpiGeluTanh : -1;
+    const int epi = packed_epilogue(act);
     if (epi >= 0) {
       packed::linear(x, R, K, packed->w, packed->b, N, packed::Epilogue{epi, res, N}, y);
       return;

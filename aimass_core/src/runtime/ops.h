@@ -32,6 +32,18 @@ struct PackedLinear {
 bool linear_prefers_sgemm(int64_t R, int64_t K);
 void linear(const float* x, int64_t R, int64_t K, const float* w, int64_t N, const float* bias, Act act, float* y,
             const PackedLinear* packed = nullptr, const float* res = nullptr);
+// The packed kernel's register epilogue for `act` (packed_gemm.h kEpi*), -1 where it has none.
+int packed_epilogue(Act act);
+// Whether linear() runs the packed kernel with every epilogue in registers at R rows; then
+// linear_rows(), the same arithmetic on the calling thread only, may run any row range of it
+// (the executor's row chains split the rows over the pool themselves).
+bool linear_rows_ok(int64_t R, int64_t K, Act act, const PackedLinear* packed);
+void linear_rows(const float* x, int64_t R, int64_t K, int64_t N, Act act, float* y, const PackedLinear& packed,
+                 const float* res);
+// Boundaries b[0] = 0 < b[1] .. < b[nchunks] = T of row ranges, as even as may be, that
+// linear_rows() can run apart and still give every output bit of one call over all T rows
+// (T >= 2 * nchunks * 12).
+std::vector<int64_t> linear_row_splits(int64_t T, int nchunks);
 // Bias (per row of `channels`, each `plane` long) + activation over y in place.
 void epilogue(float* y, int64_t outer, int64_t channels, int64_t plane, const float* bias, Act act);
 
