@@ -29,7 +29,16 @@ void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 
+// The same for fp64: dst[i] = (op over srcs[j][i], in source order) / divisor, also to dst2 (one pass
+// writes the result and its copy: the staged allreduce's result slot and output). The same bits as the
+// plain loops it replaced (sum/product left to right, min/max keep the earlier value on ties and NaN
+// comparisons) and as the MPI path's average (divided, not multiplied by a reciprocal). Prod: scalar.
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2 = nullptr,
+                double divisor = 1.0);
+
 namespace ref {
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2 = nullptr,
+                double divisor = 1.0);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);

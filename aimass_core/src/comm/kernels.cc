@@ -52,6 +52,24 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     if (dst2) dst2[i] = acc;
   }
 }
+// fp64: the loops of shm_allreduce.cc's reduce_typed<double> and divide() in one pass.
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  for (size_t i = 0; i < n; ++i) {
+    double acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const double v = srcs[j][i];
+      switch (op) {
+        case ElemOp::Sum: acc += v; break;
+        case ElemOp::Min: acc = v < acc ? v : acc; break;
+        case ElemOp::Max: acc = v > acc ? v : acc; break;
+        case ElemOp::Prod: acc *= v; break;
+      }
+    }
+    if (divisor != 1.0) acc /= divisor;
+    dst[i] = acc;
+    if (dst2) dst2[i] = acc;
+  }
+}
 }  // namespace ref
 
 namespace {
@@ -96,6 +114,16 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     default: return ref::reduce_f32(op, srcs, k, dst, n, dst2, scale);
+  }
+}
+
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  if (op == ElemOp::Prod) return ref::reduce_f64(op, srcs, k, dst, n, dst2, divisor);
+  switch (level()) {
+    case SimdLevel::AVX512:
+      return isa::reduce_f64_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
+    case SimdLevel::AVX2: return isa::reduce_f64_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
+    default: return ref::reduce_f64(op, srcs, k, dst, n, dst2, divisor);
   }
 }
 

@@ -117,6 +117,37 @@ void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t
   for (; i < n; ++i) one(i);
 }
 
+// fp64, as reduce_f32_avx2 (head up to dst's next half line, then 4 lanes); the scalar loops' operand order.
+void reduce_f64_avx2(int op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  const bool divided = divisor != 1.0;
+  const __m256d dv = _mm256_set1_pd(divisor);
+  auto one = [&](size_t i) {
+    double acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const double v = srcs[j][i];
+      acc = op == 0 ? acc + v : op == 1 ? (v < acc ? v : acc) : (v > acc ? v : acc);
+    }
+    if (divided) acc /= divisor;
+    dst[i] = acc;
+    if (dst2) dst2[i] = acc;
+  };
+  size_t i = 0;
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 31;
+  if (mis != 0 && mis % 8 == 0 && n > 4)
+    for (; i < (32 - mis) / 8; ++i) one(i);
+  for (; i + 4 <= n; i += 4) {
+    __m256d acc = _mm256_loadu_pd(srcs[0] + i);
+    for (int j = 1; j < k; ++j) {
+      const __m256d v = _mm256_loadu_pd(srcs[j] + i);
+      acc = op == 0 ? _mm256_add_pd(acc, v) : op == 1 ? _mm256_min_pd(v, acc) : _mm256_max_pd(v, acc);
+    }
+    if (divided) acc = _mm256_div_pd(acc, dv);
+    _mm256_storeu_pd(dst + i, acc);
+    if (dst2) _mm256_storeu_pd(dst2 + i, acc);
+  }
+  for (; i < n; ++i) one(i);
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -91,7 +91,9 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
     case DType::F32:
       reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n);
       break;
-    case DType::F64: reduce_typed<double>(op, srcs, k, dst, n); break;
+    case DType::F64:
+      reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs), k, reinterpret_cast<double*>(dst), n);
+      break;
     case DType::I32: reduce_typed<int32_t>(op, srcs, k, dst, n); break;
     case DType::I64: reduce_typed<int64_t>(op, srcs, k, dst, n); break;
     case DType::I16: reduce_typed<int16_t>(op, srcs, k, dst, n); break;
@@ -157,6 +159,11 @@ void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char*
   if (dtype == DType::F32) {
     reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n, nullptr,
                average ? 1.0f / static_cast<float>(world) : 1.0f);
+    return;
+  }
+  if (dtype == DType::F64) {  // the average divides, as divide() does: folded into the pass
+    reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs), k, reinterpret_cast<double*>(dst), n,
+               nullptr, average ? static_cast<double>(world) : 1.0);
     return;
   }
   reduce_sources(dtype, op, srcs, k, dst, n);
@@ -536,6 +543,12 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
         reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
                    static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
                    g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
+        return;
+      }
+      if (direct && dtype == DType::F64) {  // the same, with the average's division
+        reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs.data()), L, reinterpret_cast<double*>(r),
+                   static_cast<size_t>(n), reinterpret_cast<double*>(g.out + at * es),
+                   g.average ? static_cast<double>(world_size) : 1.0);
         return;
       }
       reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));
