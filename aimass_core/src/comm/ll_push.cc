@@ -162,9 +162,11 @@ void LLChannel::note_large_allreduce() const {
   if (timed_bytes_ == 0) return;
   const double spb =
       std::chrono::duration<double>(Clock::now() - timing_).count() / static_cast<double>(timed_bytes_);
-  double& avg = secs_per_byte_[staged_now_ ? 1 : 0][size_class(timed_bytes_, kClasses)];
-  avg = avg == 0 ? spb : 0.75 * avg + 0.25 * spb;
+  const int way = staged_now_ ? 1 : 0, c = size_class(timed_bytes_, kClasses);
   timed_bytes_ = 0;
+  if (runs_[way][c] < 2 && runs_[way][c]++ == 0) return;  // a cold run (see runs_)
+  double& avg = secs_per_byte_[way][c];
+  avg = avg == 0 ? spb : 0.75 * avg + 0.25 * spb;
 }
 
 }  // namespace comm

@@ -422,6 +422,11 @@ class LLChannel {
   static constexpr uint64_t kExplore = 32;   // every kExplore-th large allreduce tries the other way
   // [staged][class]: moving average (0: not timed yet); mutable: the closing wait_readers() records it
   mutable double secs_per_byte_[2][kClasses] = {};
+  // [staged][class]: runs so far, up to 2. The first run of each way in a class is not timed: it pays for
+  // cold pages (the staged run faults in the staging area's pages, ~1 ms at 16 MiB here; the push its
+  // scratch), and the moving average would carry that into the vote for many calls, since the way not
+  // chosen is timed again only every kExplore-th call.
+  mutable uint8_t runs_[2][kClasses] = {};
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;
