@@ -111,6 +111,32 @@ void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size
   for (; i < n; i += 16) masked(i, tail_mask(n - i));
 }
 
+// 16-bit floats over k sources (see comm_kernels.h): widen, op(running, source) in fp32, round once; an
+// average rounds the sum, widens, scales and rounds again. The head runs up to dst's next line.
+void reduce_half_sources_avx512(int kind, int op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                                uint16_t* dst2, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m512 s = _mm512_set1_ps(scale);
+  auto block = [&](size_t i, __mmask16 m) {
+    __m512 acc = load16(kind, srcs[0] + i, m);
+    for (int j = 1; j < k; ++j) acc = apply(op, acc, load16(kind, srcs[j] + i, m));
+    if (scaled) {  // the sum's own rounding first, as the separate pass had it
+      store16(kind, dst + i, acc, m);
+      acc = _mm512_mul_ps(load16(kind, dst + i, m), s);
+    }
+    store16(kind, dst + i, acc, m);
+    if (dst2) store16(kind, dst2 + i, acc, m);
+  };
+  size_t i = 0;
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 63;
+  if (mis != 0 && mis % 2 == 0 && n > 32) {
+    const size_t h = (64 - mis) / 2;  // up to 31 elements: two masked blocks
+    for (; i < h; i += 16) block(i, tail_mask(h - i));
+    i = h;
+  }
+  for (; i < n; i += 16) block(i, tail_mask(n - i));
+}
+
 // fp64, as reduce_f32_avx512 (the head up to dst's next line, whole-line stores, masked tail). The operand
 // order is the scalar loops': acc + v, v < acc ? v : acc (vminpd(v, acc)), and the average divides.
 void reduce_f64_avx512(int op, const double* const* srcs, int k, double* dst, size_t n, double* dst2,
