@@ -132,7 +132,7 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
   return aimass::try_parse_reduce_op(std::string_view(p, static_cast<size_t>(n)), out);
 }
 
-// An allgather / reduce_scatter result in a recycled result block (CollectiveHandle::result_block_get:
+// A blocking collective's result (allreduce, broadcast, allgather, reduce_scatter) in a recycled result block (CollectiveHandle::result_block_get:
 // huge pages from 4 MiB) once it is 1 MiB or more: a fresh array past glibc's mmap threshold (32 MiB)
 // is faulted in page by page on every call, while mpi4py's Allgather writes into the caller's array.
 // The block goes back to the pool when the array (and every view of it) is freed. Measured (2 ranks,
@@ -219,7 +219,7 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       shape.assign(c.shape, c.shape + c.ndim);
       if (kind == 2) shape[0] *= size;
       if (kind == 3) shape[0] = shape[0] / size + (eng->communicator().rank() < shape[0] % size ? 1 : 0);
-      out = kind >= 2 ? pooled_array(a.dtype(), shape) : py::array(a.dtype(), shape);
+      out = pooled_array(a.dtype(), shape);  // (every kind: a fresh 64 MiB result faulted in 64 MiB of pages a call)
     }
     auto* po = py::detail::array_proxy(out.ptr());
     c.output = po->data;
@@ -565,6 +565,12 @@ void bind_comm(py::module_& m) {
   m.def("_comm_lean_entry", &make_lean_entry, py::arg("kind"), py::arg("inplace"), py::arg("fallback"),
         py::arg("positional"), py::arg("keyword_only"), py::arg("global_set"));
   m.def("_comm_lean_pause", [](bool paused) { g_lean_paused = paused; }, py::arg("paused"));
+  // An empty array for an out-of-place result on the general path (torch tensors): the lean lane's
+  // recycled blocks from 1 MiB (a fresh 64 MiB result array costs 64 MiB of page faults per call).
+  m.def(
+      "_comm_result_array",
+      [](const py::dtype& dt, const std::vector<py::ssize_t>& shape) { return pooled_array(dt, shape); },
+      py::arg("dtype"), py::arg("shape"));
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
   // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "aimass/comm_kernels.h"
@@ -261,6 +262,164 @@ TEST(CommKernels, ReduceF32WithADestinationInsideALineMatchesReference) {
                   ASSERT_EQ(std::memcmp(&ref[i], &dst2[i], 4), 0) << "second destination, i " << i;
                   ASSERT_EQ(std::memcmp(&ref[i], &own[i], 4), 0) << "in place, i " << i;
                 }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+namespace {
+std::vector<double> interesting_doubles(size_t n, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<double> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (i % 3 == 0) {  // ordinary magnitudes, where rounding matters
+      v[i] = std::ldexp(static_cast<double>(rng() % 2000000001) / 1e9 - 1.0, static_cast<int>(rng() % 80) - 40);
+    } else {
+      const uint64_t bits = rng();
+      std::memcpy(&v[i], &bits, 8);
+    }
+  }
+  const double specials[] = {0.0, -0.0, INFINITY, -INFINITY, NAN, 1e308, -1e308, 5e-324, 1.0, 3.0};
+  for (size_t i = 0; i < sizeof(specials) / sizeof(double) && i < n; ++i) v[i] = specials[i];
+  return v;
+}
+
+// fp64 (the staged allreduce's result slot and output in one pass): the plain loops it replaced
+// (dst = src0; dst op= src_j in order; min/max as `s < d ? s : d`; the average divided by the rank
+// count) give the reference's exact bits; every level gives them too, with dst and a second destination
+// at any 8-byte offset within their lines, sources at dst's offset or another, in place, any k.
+TEST(CommKernels, ReduceF64MatchesTheScalarLoopsAtEveryOffset) {
+  LevelGuard g;
+  for (size_t off : {0u, 8u, 16u, 40u, 56u}) {
+    for (size_t src_off : {off, size_t(0), size_t(24)}) {
+      for (size_t n : {0u, 1u, 3u, 7u, 8u, 9u, 31u, 32u, 33u, 100u, 517u}) {
+        for (int k : {1, 2, 3, 4}) {
+          std::vector<std::vector<double>> blocks(k + 3, std::vector<double>(n + 24));
+          auto at = [&](std::vector<double>& b, size_t byte_off) {
+            const uintptr_t a = (reinterpret_cast<uintptr_t>(b.data()) + 63) / 64 * 64;
+            return reinterpret_cast<double*>(a + byte_off);
+          };
+          std::vector<const double*> ptrs;
+          for (int j = 0; j < k; ++j) {
+            double* p = at(blocks[j], j == 0 ? off : src_off);
+            const std::vector<double> v = interesting_doubles(n, 500 + j + static_cast<uint32_t>(n));
+            std::copy(v.begin(), v.end(), p);
+            ptrs.push_back(p);
+          }
+          for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max, ElemOp::Prod}) {
+            for (double divisor : {1.0, 3.0}) {
+              if (divisor != 1.0 && op != ElemOp::Sum) continue;
+              std::vector<double> loops(n);  // the loops of reduce_typed<double> and divide()
+              std::copy(ptrs[0], ptrs[0] + n, loops.begin());
+              for (int j = 1; j < k; ++j)
+                for (size_t i = 0; i < n; ++i) {
+                  const double s = ptrs[j][i];
+                  double& d = loops[i];
+                  d = op == ElemOp::Min ? (s < d ? s : d) : op == ElemOp::Max ? (s > d ? s : d)
+                      : op == ElemOp::Prod ? d * s : d + s;
+                }
+              if (divisor != 1.0)
+                for (double& d : loops) d /= 3;
+              std::vector<double> ref(n);
+              aimass::comm::ref::reduce_f64(op, ptrs.data(), k, ref.data(), n, nullptr, divisor);
+              for (size_t i = 0; i < n; ++i) {
+                if (std::isnan(loops[i])) {
+                  ASSERT_TRUE(std::isnan(ref[i]));
+                  continue;
+                }
+                ASSERT_EQ(std::memcmp(&loops[i], &ref[i], 8), 0) << "ref, i " << i;
+              }
+              for (SimdLevel l : levels()) {
+                aimass::set_simd_level(l);
+                double* dst = at(blocks[k], off);
+                double* dst2 = at(blocks[k + 1], 48);
+                aimass::comm::reduce_f64(op, ptrs.data(), k, dst, n, dst2, divisor);
+                double* own = at(blocks[k + 2], off);  // in place: dst is (a copy of) the first source
+                std::copy(ptrs[0], ptrs[0] + n, own);
+                std::vector<const double*> in_place(ptrs);
+                in_place[0] = own;
+                aimass::comm::reduce_f64(op, in_place.data(), k, own, n, nullptr, divisor);
+                for (size_t i = 0; i < n; ++i) {
+                  if (std::isnan(ref[i])) {
+                    ASSERT_TRUE(std::isnan(dst[i]) && std::isnan(dst2[i]) && std::isnan(own[i]));
+                    continue;
+                  }
+                  ASSERT_EQ(std::memcmp(&ref[i], &dst[i], 8), 0)
+                      << aimass::simd_level_name(l) << " off " << off << " src_off " << src_off << " n " << n
+                      << " k " << k << " i " << i;
+                  ASSERT_EQ(std::memcmp(&ref[i], &dst2[i], 8), 0) << "second destination, i " << i;
+                  ASSERT_EQ(std::memcmp(&ref[i], &own[i], 8), 0) << "in place, i " << i;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+namespace {
+// 16-bit floats over k sources in one pass (the staged allreduce's result slot and output at once, an
+// average's scale folded in): the composition it replaced (widen each source, reduce_f32 over {source,
+// running}, round once; for an average scale_half() of the rounded sum) gives the reference's bits, and
+// every level gives them too, with dst and dst2 at any 2-byte offset within their lines, in place, any k.
+TEST(CommKernels, ReduceHalfSourcesMatchesTheComposedPasses) {
+  LevelGuard g;
+  for (Half kind : {Half::F16, Half::BF16}) {
+    for (size_t off : {0u, 2u, 16u, 62u}) {
+      for (size_t n : {0u, 1u, 7u, 15u, 16u, 17u, 31u, 33u, 64u, 100u, 1037u}) {
+        for (int k : {1, 2, 3, 5}) {
+          std::vector<std::vector<uint16_t>> blocks(k + 3, std::vector<uint16_t>(n + 64));
+          auto at = [&](std::vector<uint16_t>& b, size_t byte_off) {
+            const uintptr_t a = (reinterpret_cast<uintptr_t>(b.data()) + 63) / 64 * 64;
+            return reinterpret_cast<uint16_t*>(a + byte_off);
+          };
+          std::vector<const uint16_t*> ptrs;
+          for (int j = 0; j < k; ++j) {
+            uint16_t* p = at(blocks[j], j == 1 ? 6 : off);
+            const std::vector<float> f = interesting_floats(n, 700 + j + static_cast<uint32_t>(n));
+            aimass::comm::ref::f32_to_half(kind, f.data(), p, n, 1.0f);
+            ptrs.push_back(p);
+          }
+          for (ElemOp op : {ElemOp::Sum, ElemOp::Min, ElemOp::Max, ElemOp::Prod}) {
+            for (float scale : {1.0f, 0.5f, 1.0f / 3}) {
+              if (scale != 1.0f && op != ElemOp::Sum) continue;
+              aimass::set_simd_level(SimdLevel::Scalar);  // the composed passes, at the reference level
+              std::vector<float> acc(n), tmp(n);
+              std::vector<uint16_t> composed(n);
+              aimass::comm::half_to_f32(kind, ptrs[0], acc.data(), n);
+              for (int j = 1; j < k; ++j) {
+                aimass::comm::half_to_f32(kind, ptrs[j], tmp.data(), n);
+                const float* two[2] = {tmp.data(), acc.data()};
+                aimass::comm::reduce_f32(op, two, 2, acc.data(), n);
+              }
+              aimass::comm::f32_to_half(kind, acc.data(), composed.data(), n);
+              if (scale != 1.0f) aimass::comm::scale_half(kind, composed.data(), n, scale);
+              std::vector<uint16_t> ref(n);
+              aimass::comm::ref::reduce_half_sources(kind, op, ptrs.data(), k, ref.data(), n, nullptr, scale);
+              expect_same_half(kind, composed, ref, "reference against the composed passes");
+              for (SimdLevel l : levels()) {
+                aimass::set_simd_level(l);
+                uint16_t* dst = at(blocks[k], off);
+                uint16_t* dst2 = at(blocks[k + 1], 34);
+                aimass::comm::reduce_half_sources(kind, op, ptrs.data(), k, dst, n, dst2, scale);
+                uint16_t* own = at(blocks[k + 2], off);  // in place: dst is (a copy of) the first source
+                std::copy(ptrs[0], ptrs[0] + n, own);
+                std::vector<const uint16_t*> in_place(ptrs);
+                in_place[0] = own;
+                aimass::comm::reduce_half_sources(kind, op, in_place.data(), k, own, n, nullptr, scale);
+                const std::string what = std::string(aimass::simd_level_name(l)) + " off " + std::to_string(off) +
+                                         " n " + std::to_string(n) + " k " + std::to_string(k);
+                expect_same_half(kind, ref, std::vector<uint16_t>(dst, dst + n), what.c_str());
+                expect_same_half(kind, ref, std::vector<uint16_t>(dst2, dst2 + n), "second destination");
+                expect_same_half(kind, ref, std::vector<uint16_t>(own, own + n), "in place");
               }
             }
           }

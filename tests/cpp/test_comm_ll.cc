@@ -436,6 +436,55 @@ TEST(CommLL, StagedAllreduceOnBuffersPastALineSameBitsOnEveryRank) {
   staged_offsets_same_bits<int32_t>(DType::I32, ReduceOp::Product, false, {16, 16, 16, 16});
 }
 
+// The staged-or-push choice of large allreduces (AIMASS_LL_STAGED unset): each way's first run in a size
+// class is cold (the staged run faults in the staging area, the push its scratch) and is not timed, so
+// the first calls of a class run staged, staged, push, push, whatever the timings say; only then do the
+// timings choose. Every rank takes the same way (the votes of one attempt) and gets the rank-order bits.
+TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
+  const int L = 2;
+  const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece) + 5;
+  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
+  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  std::memset(mem, 0, bytes);
+  const int calls = 6;
+  std::vector<std::vector<int>> ways(L);
+  std::vector<std::vector<std::vector<float>>> got(L);
+  std::vector<std::string> errors(L);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < L; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LLChannel ch(r, L, mem, kSlot);
+        ch.allow_cma_for_tests();
+        std::vector<float> x(static_cast<size_t>(n));
+        for (int c = 0; c < calls; ++c) {
+          for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = push_input<float>(DType::F32, r, c, i);
+          const size_t nb = static_cast<size_t>(n) * 4;
+          if (ch.exchange(900 + c, x.data(), nb, ch.stage_vote(nb, x.data()), 30.0, true, x.data()) !=
+              Result::Complete)
+            throw std::runtime_error("exchange fell back");
+          ways[r].push_back(ch.agree_staged() ? 1 : 0);
+          ch.large_allreduce(DType::F32, ReduceOp::Sum, false, x.data(), x.data(), n, 30.0);
+          ch.done();
+          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+          got[r].push_back(x);
+        }
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::free(mem);
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  EXPECT_EQ(ways[0], ways[1]);
+  ASSERT_EQ(ways[0].size(), static_cast<size_t>(calls));
+  EXPECT_EQ(std::vector<int>(ways[0].begin(), ways[0].begin() + 4), (std::vector<int>{1, 1, 0, 0}))
+      << "staged, staged, push, push before the timings choose";
+  expect_reference_bits<float>(L, DType::F32, ReduceOp::Sum, false, std::vector<int64_t>(calls, n), got,
+                               "large allreduce");
+}
+
 // A peer that arrived but never stages (stopped): the other rank's staged allreduce raises
 // DistributedError at the deadline instead of hanging.
 TEST(CommLL, StagedAllreduceWithAStoppedPeerRaisesAtTheDeadline) {

@@ -299,6 +299,51 @@ def test_gather_results_in_recycled_blocks_stay_valid(ll):
 
 
 @pytest.mark.timeout(120)
+def test_out_of_place_allreduce_results_in_recycled_blocks(ll):
+    """Out-of-place allreduce and broadcast results of 1 MiB or more (numpy through the lean lane, torch
+    through the general path) live in the recycled result blocks as gather results do: a result released
+    gives its block to the next result of its size (no fresh pages to fault in), and a held one is never
+    written by a later call."""
+    d = ll
+    n, r = d.size(), d.rank()
+    torch = pytest.importorskip("torch")
+    for nbytes in ((1 << 20) + 64, (5 << 20) + 4096):
+        count = nbytes // 4
+        for kind in ("numpy", "torch"):
+            def call(it):
+                x = np.full(count, it + r, np.float32) + np.arange(count, dtype=np.float32) % 5
+                t = x if kind == "numpy" else torch.from_numpy(x.copy())
+                got = d.allreduce(t, op="sum", name=f"ll.pool.ar.{kind}.{nbytes}")
+                assert (x == (np.full(count, it + r, np.float32) + np.arange(count, dtype=np.float32) % 5)).all()
+                return got
+            def want(it):
+                return np.float32(n * it + n * (n - 1) / 2) + n * (np.arange(count, dtype=np.float32) % 5)
+            def addr(a):
+                return a.ctypes.data if kind == "numpy" else a.data_ptr()
+            held = {it: call(it) for it in range(3)}
+            got = call(3)
+            np.testing.assert_array_equal(np.asarray(got), want(3))
+            released = addr(got)
+            del got
+            again = call(4)
+            assert addr(again) == released, "the released result's block was not reused"
+            np.testing.assert_array_equal(np.asarray(again), want(4))
+            for it, h in held.items():  # held results were never written by the later calls
+                assert addr(h) != released
+                np.testing.assert_array_equal(np.asarray(h), want(it))
+            del held, again
+        b = d.broadcast(np.full(count, r, np.float32), root_rank=0, name=f"ll.pool.bc.{nbytes}")
+        np.testing.assert_array_equal(b, np.zeros(count, np.float32))
+        released = b.ctypes.data
+        del b
+        b = d.broadcast(np.full(count, r + 1, np.float32), root_rank=n - 1, name=f"ll.pool.bc.{nbytes}")
+        assert b.ctypes.data == released
+        np.testing.assert_array_equal(b, np.full(count, n, np.float32))
+        del b
+    d.barrier(name="ll.pool.ar.end")
+
+
+@pytest.mark.timeout(120)
 def test_single_copy_allreduce_every_dtype_and_op(ll):
     """Allreduces of more than 256 KiB run in the caller's thread as a claimed-piece push (each piece read
     from every rank's input, reduced in rank order and written into every rank's output): the engine's

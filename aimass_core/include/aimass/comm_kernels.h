@@ -29,7 +29,26 @@ void scale_half(Half kind, uint16_t* inout, size_t n, float scale);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 
+// The same for fp64: dst[i] = (op over srcs[j][i], in source order) / divisor, also to dst2 (one pass
+// writes the result and its copy: the staged allreduce's result slot and output). The same bits as the
+// plain loops it replaced (sum/product left to right, min/max keep the earlier value on ties and NaN
+// comparisons) and as the MPI path's average (divided, not multiplied by a reciprocal). Prod: scalar.
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2 = nullptr,
+                double divisor = 1.0);
+
+// 16-bit floats over k sources, as the staged allreduce reduces them: every source widened to fp32 and
+// accumulated left to right (running = op(running, source): min/max keep the running value only when it
+// is strictly smaller/larger), rounded once; with scale != 1 (an average) the rounded sum is then widened,
+// scaled and rounded again, as scale_half() does after the sum. Also stored to dst2 (the output beside
+// the result slot). dst/dst2 may alias srcs[0]. Prod: scalar.
+void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                         uint16_t* dst2 = nullptr, float scale = 1.0f);
+
 namespace ref {
+void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                         uint16_t* dst2 = nullptr, float scale = 1.0f);
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2 = nullptr,
+                double divisor = 1.0);
 void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n, float* dst2 = nullptr,
                 float scale = 1.0f);
 void half_to_f32(Half kind, const uint16_t* in, float* out, size_t n);

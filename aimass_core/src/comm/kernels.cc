@@ -52,7 +52,47 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     if (dst2) dst2[i] = acc;
   }
 }
+void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                         uint16_t* dst2, float scale) {
+  for (size_t i = 0; i < n; ++i) {
+    float acc = to_f32(kind, srcs[0][i]);
+    for (int j = 1; j < k; ++j) acc = apply(op, acc, to_f32(kind, srcs[j][i]));  // op(running, source)
+    uint16_t h = to_half(kind, acc);
+    if (scale != 1.0f) h = to_half(kind, to_f32(kind, h) * scale);
+    dst[i] = h;
+    if (dst2) dst2[i] = h;
+  }
+}
+
+// fp64: the loops of shm_allreduce.cc's reduce_typed<double> and divide() in one pass.
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  for (size_t i = 0; i < n; ++i) {
+    double acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const double v = srcs[j][i];
+      switch (op) {
+        case ElemOp::Sum: acc += v; break;
+        case ElemOp::Min: acc = v < acc ? v : acc; break;
+        case ElemOp::Max: acc = v > acc ? v : acc; break;
+        case ElemOp::Prod: acc *= v; break;
+      }
+    }
+    if (divisor != 1.0) acc /= divisor;
+    dst[i] = acc;
+    if (dst2) dst2[i] = acc;
+  }
+}
 }  // namespace ref
+
+namespace isa {
+void ref_reduce_half_sources(int kind, int op, const uint16_t* const* srcs, int k, size_t from, size_t n,
+                             uint16_t* dst, uint16_t* dst2, float scale) {
+  std::vector<const uint16_t*> at(static_cast<size_t>(k));
+  for (int j = 0; j < k; ++j) at[static_cast<size_t>(j)] = srcs[j] + from;
+  ref::reduce_half_sources(static_cast<Half>(kind), static_cast<ElemOp>(op), at.data(), k, dst + from, n - from,
+                           dst2 ? dst2 + from : nullptr, scale);
+}
+}  // namespace isa
 
 namespace {
 // AVX2 paths need F16C for fp16 (every AVX2 CPU we dispatch to has it; checked anyway).
@@ -96,6 +136,29 @@ void reduce_f32(ElemOp op, const float* const* srcs, int k, float* dst, size_t n
     case SimdLevel::AVX512: return isa::reduce_f32_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     case SimdLevel::AVX2: return isa::reduce_f32_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, scale);
     default: return ref::reduce_f32(op, srcs, k, dst, n, dst2, scale);
+  }
+}
+
+void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                         uint16_t* dst2, float scale) {
+  if (op == ElemOp::Prod) return ref::reduce_half_sources(kind, op, srcs, k, dst, n, dst2, scale);
+  switch (level()) {
+    case SimdLevel::AVX512:
+      return isa::reduce_half_sources_avx512(static_cast<int>(kind), static_cast<int>(op), srcs, k, dst, n, dst2,
+                                             scale);
+    case SimdLevel::AVX2:
+      return isa::reduce_half_sources_avx2(static_cast<int>(kind), static_cast<int>(op), srcs, k, dst, n, dst2, scale);
+    default: return ref::reduce_half_sources(kind, op, srcs, k, dst, n, dst2, scale);
+  }
+}
+
+void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  if (op == ElemOp::Prod) return ref::reduce_f64(op, srcs, k, dst, n, dst2, divisor);
+  switch (level()) {
+    case SimdLevel::AVX512:
+      return isa::reduce_f64_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
+    case SimdLevel::AVX2: return isa::reduce_f64_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
+    default: return ref::reduce_f64(op, srcs, k, dst, n, dst2, divisor);
   }
 }
 

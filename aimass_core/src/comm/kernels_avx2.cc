@@ -117,6 +117,74 @@ void reduce_f32_avx2(int op, const float* const* srcs, int k, float* dst, size_t
   for (; i < n; ++i) one(i);
 }
 
+// 16-bit floats over k sources, as reduce_half_sources_avx512 (8 lanes; the tail through padded blocks).
+void reduce_half_sources_avx2(int kind, int op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                              uint16_t* dst2, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m256 s = _mm256_set1_ps(scale);
+  auto block = [&](const uint16_t* const* src, size_t i, uint16_t* out) {  // 8 elements at src[j] + i
+    __m256 acc = load8(kind, src[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply(op, acc, load8(kind, src[j] + i));
+    __m128i h = round8(kind, acc);
+    if (scaled) {
+      alignas(16) uint16_t t[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), h);
+      h = round8(kind, _mm256_mul_ps(load8(kind, t), s));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), h);
+  };
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    block(srcs, i, dst + i);
+    if (dst2) std::memcpy(dst2 + i, dst + i, 16);
+  }
+  if (i < n && k > 16) {  // (more sources than the padded blocks hold: the reference, same bits)
+    ref_reduce_half_sources(kind, op, srcs, k, i, n, dst, dst2, scale);
+  } else if (i < n) {
+    uint16_t pad[16][8] = {};
+    const uint16_t* ps[16];
+    for (int j = 0; j < k; ++j) {
+      std::memcpy(pad[j], srcs[j] + i, (n - i) * 2);
+      ps[j] = pad[j];
+    }
+    uint16_t out[8];
+    block(ps, 0, out);
+    std::memcpy(dst + i, out, (n - i) * 2);
+    if (dst2) std::memcpy(dst2 + i, out, (n - i) * 2);
+  }
+}
+
+// fp64, as reduce_f32_avx2 (head up to dst's next half line, then 4 lanes); the scalar loops' operand order.
+void reduce_f64_avx2(int op, const double* const* srcs, int k, double* dst, size_t n, double* dst2, double divisor) {
+  const bool divided = divisor != 1.0;
+  const __m256d dv = _mm256_set1_pd(divisor);
+  auto one = [&](size_t i) {
+    double acc = srcs[0][i];
+    for (int j = 1; j < k; ++j) {
+      const double v = srcs[j][i];
+      acc = op == 0 ? acc + v : op == 1 ? (v < acc ? v : acc) : (v > acc ? v : acc);
+    }
+    if (divided) acc /= divisor;
+    dst[i] = acc;
+    if (dst2) dst2[i] = acc;
+  };
+  size_t i = 0;
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 31;
+  if (mis != 0 && mis % 8 == 0 && n > 4)
+    for (; i < (32 - mis) / 8; ++i) one(i);
+  for (; i + 4 <= n; i += 4) {
+    __m256d acc = _mm256_loadu_pd(srcs[0] + i);
+    for (int j = 1; j < k; ++j) {
+      const __m256d v = _mm256_loadu_pd(srcs[j] + i);
+      acc = op == 0 ? _mm256_add_pd(acc, v) : op == 1 ? _mm256_min_pd(v, acc) : _mm256_max_pd(v, acc);
+    }
+    if (divided) acc = _mm256_div_pd(acc, dv);
+    _mm256_storeu_pd(dst + i, acc);
+    if (dst2) _mm256_storeu_pd(dst2 + i, acc);
+  }
+  for (; i < n; ++i) one(i);
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -111,6 +111,77 @@ void reduce_f32_avx512(int op, const float* const* srcs, int k, float* dst, size
   for (; i < n; i += 16) masked(i, tail_mask(n - i));
 }
 
+// 16-bit floats over k sources (see comm_kernels.h): widen, op(running, source) in fp32, round once; an
+// average rounds the sum, widens, scales and rounds again. The head runs up to dst's next line.
+void reduce_half_sources_avx512(int kind, int op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
+                                uint16_t* dst2, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m512 s = _mm512_set1_ps(scale);
+  auto block = [&](size_t i, __mmask16 m) {
+    __m512 acc = load16(kind, srcs[0] + i, m);
+    for (int j = 1; j < k; ++j) acc = apply(op, acc, load16(kind, srcs[j] + i, m));
+    if (scaled) {  // the sum's own rounding first, as the separate pass had it
+      store16(kind, dst + i, acc, m);
+      acc = _mm512_mul_ps(load16(kind, dst + i, m), s);
+    }
+    store16(kind, dst + i, acc, m);
+    if (dst2) store16(kind, dst2 + i, acc, m);
+  };
+  size_t i = 0;
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 63;
+  if (mis != 0 && mis % 2 == 0 && n > 32) {
+    const size_t h = (64 - mis) / 2;  // up to 31 elements: two masked blocks
+    for (; i < h; i += 16) block(i, tail_mask(h - i));
+    i = h;
+  }
+  for (; i < n; i += 16) block(i, tail_mask(n - i));
+}
+
+// fp64, as reduce_f32_avx512 (the head up to dst's next line, whole-line stores, masked tail). The operand
+// order is the scalar loops': acc + v, v < acc ? v : acc (vminpd(v, acc)), and the average divides.
+void reduce_f64_avx512(int op, const double* const* srcs, int k, double* dst, size_t n, double* dst2,
+                       double divisor) {
+  const bool divided = divisor != 1.0;
+  const __m512d dv = _mm512_set1_pd(divisor);
+  auto apply_pd = [op](__m512d v, __m512d acc) {
+    return op == 0 ? _mm512_add_pd(acc, v) : op == 1 ? _mm512_min_pd(v, acc) : _mm512_max_pd(v, acc);
+  };
+  auto masked = [&](size_t i, __mmask8 m) {
+    __m512d acc = _mm512_maskz_loadu_pd(m, srcs[0] + i);
+    for (int j = 1; j < k; ++j) acc = apply_pd(_mm512_maskz_loadu_pd(m, srcs[j] + i), acc);
+    if (divided) acc = _mm512_div_pd(acc, dv);
+    _mm512_mask_storeu_pd(dst + i, m, acc);
+    if (dst2) _mm512_mask_storeu_pd(dst2 + i, m, acc);
+  };
+  size_t i = 0;
+  const size_t mis = reinterpret_cast<uintptr_t>(dst) & 63;
+  if (mis != 0 && mis % 8 == 0 && n > 8) {
+    i = (64 - mis) / 8;
+    masked(0, static_cast<__mmask8>((1u << i) - 1));
+  }
+  if (k == 2 && !divided) {  // two ranks per node: memory-bound, keep loads in flight
+    const double* a = srcs[0];
+    const double* b = srcs[1];
+    for (; i + 32 <= n; i += 32) {
+      __m512d r0 = apply_pd(_mm512_loadu_pd(b + i), _mm512_loadu_pd(a + i));
+      __m512d r1 = apply_pd(_mm512_loadu_pd(b + i + 8), _mm512_loadu_pd(a + i + 8));
+      __m512d r2 = apply_pd(_mm512_loadu_pd(b + i + 16), _mm512_loadu_pd(a + i + 16));
+      __m512d r3 = apply_pd(_mm512_loadu_pd(b + i + 24), _mm512_loadu_pd(a + i + 24));
+      _mm512_storeu_pd(dst + i, r0);
+      _mm512_storeu_pd(dst + i + 8, r1);
+      _mm512_storeu_pd(dst + i + 16, r2);
+      _mm512_storeu_pd(dst + i + 24, r3);
+      if (dst2) {
+        _mm512_storeu_pd(dst2 + i, r0);
+        _mm512_storeu_pd(dst2 + i + 8, r1);
+        _mm512_storeu_pd(dst2 + i + 16, r2);
+        _mm512_storeu_pd(dst2 + i + 24, r3);
+      }
+    }
+  }
+  for (; i < n; i += 8) masked(i, n - i >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (n - i)) - 1));
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -421,8 +421,12 @@ class LLChannel {
   // ---- the staged-or-push choice (ll_push.cc)
   static constexpr int kClasses = 48;        // size classes: floor(log2(bytes))
   static constexpr uint64_t kExplore = 32;   // every kExplore-th large allreduce tries the other way
-  // seconds per byte per way and class (way_timings.h); mutable: the closing wait_readers() records it
-  mutable WayTimings<kClasses> timings_{1};
+  // seconds per byte per way and class (way_timings.h); mutable: the closing wait_readers() records it.
+  // Two warm runs: the first run of each way in a class pays for cold pages (the staged run faults in
+  // the staging area's pages, ~1 ms at 16 MiB here; the push its scratch) and is replaced by the
+  // second; kept in the average, it would sway the vote for many calls, since the way not chosen is
+  // timed again only every kExplore-th call.
+  mutable WayTimings<kClasses> timings_{2};
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;

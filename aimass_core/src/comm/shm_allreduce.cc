@@ -65,25 +65,6 @@ void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, 
   }
 }
 
-// 16-bit floats: all sources accumulate in fp32 and round once (more exact than
-// the pairwise rounding of the MPI path).
-void reduce_half_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
-  constexpr size_t kBlock = 2048;
-  float acc[kBlock], tmp[kBlock];
-  const Half h = dtype == DType::F16 ? Half::F16 : Half::BF16;
-  const ElemOp eop = elem_op(op);
-  for (size_t i = 0; i < n; i += kBlock) {
-    const size_t m = std::min(kBlock, n - i);
-    half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[0]) + i, acc, m);
-    for (int j = 1; j < k; ++j) {
-      half_to_f32(h, reinterpret_cast<const uint16_t*>(srcs[j]) + i, tmp, m);
-      const float* two[2] = {tmp, acc};
-      reduce_f32(eop, two, 2, acc, m);
-    }
-    f32_to_half(h, acc, reinterpret_cast<uint16_t*>(dst) + i, m);
-  }
-}
-
 }  // namespace
 
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
@@ -91,7 +72,9 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
     case DType::F32:
       reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n);
       break;
-    case DType::F64: reduce_typed<double>(op, srcs, k, dst, n); break;
+    case DType::F64:
+      reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs), k, reinterpret_cast<double*>(dst), n);
+      break;
     case DType::I32: reduce_typed<int32_t>(op, srcs, k, dst, n); break;
     case DType::I64: reduce_typed<int64_t>(op, srcs, k, dst, n); break;
     case DType::I16: reduce_typed<int16_t>(op, srcs, k, dst, n); break;
@@ -102,7 +85,10 @@ void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, ch
                             dst, n);
       break;
     case DType::F16:
-    case DType::BF16: reduce_half_sources(dtype, op, srcs, k, dst, n); break;
+    case DType::BF16:  // all sources accumulate in fp32 and round once (more exact than the MPI path's pairs)
+      reduce_half_sources(dtype == DType::F16 ? Half::F16 : Half::BF16, elem_op(op),
+                          reinterpret_cast<const uint16_t* const*>(srcs), k, reinterpret_cast<uint16_t*>(dst), n);
+      break;
     default: throw DistributedError("aimass.dist: shared-memory path got an unsupported dtype (internal error)");
   }
 }
@@ -157,6 +143,17 @@ void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char*
   if (dtype == DType::F32) {
     reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n, nullptr,
                average ? 1.0f / static_cast<float>(world) : 1.0f);
+    return;
+  }
+  if (dtype == DType::F64) {  // the average divides, as divide() does: folded into the pass
+    reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs), k, reinterpret_cast<double*>(dst), n,
+               nullptr, average ? static_cast<double>(world) : 1.0);
+    return;
+  }
+  if (dtype == DType::F16 || dtype == DType::BF16) {  // the average's second rounding in the same pass
+    reduce_half_sources(dtype == DType::F16 ? Half::F16 : Half::BF16, elem_op(op),
+                        reinterpret_cast<const uint16_t* const*>(srcs), k, reinterpret_cast<uint16_t*>(dst), n,
+                        nullptr, average ? 1.0f / static_cast<float>(world) : 1.0f);
     return;
   }
   reduce_sources(dtype, op, srcs, k, dst, n);
@@ -556,6 +553,19 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
         reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
                    static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
                    g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
+        return;
+      }
+      if (direct && dtype == DType::F64) {  // the same, with the average's division
+        reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs.data()), L, reinterpret_cast<double*>(r),
+                   static_cast<size_t>(n), reinterpret_cast<double*>(g.out + at * es),
+                   g.average ? static_cast<double>(world_size) : 1.0);
+        return;
+      }
+      if (direct && (dtype == DType::F16 || dtype == DType::BF16)) {
+        reduce_half_sources(dtype == DType::F16 ? Half::F16 : Half::BF16, elem_op(op),
+                            reinterpret_cast<const uint16_t* const*>(srcs.data()), L, reinterpret_cast<uint16_t*>(r),
+                            static_cast<size_t>(n), reinterpret_cast<uint16_t*>(g.out + at * es),
+                            g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
         return;
       }
       reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));

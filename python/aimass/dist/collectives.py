@@ -18,6 +18,7 @@ import numpy as np
 from .._array import is_torch
 from .._cuda_array import is_cuda_array
 from .._C import _comm_lean as _lean
+from .._C import _comm_result_array
 from . import _core
 from ._core import GroupHandle, Handle, global_process_set, synchronize
 from ._ops import Average, check_compression, check_op, resolve_op
@@ -126,7 +127,7 @@ def _submit_allreduce(t, op: str, name, compressor, timeout, inplace, prescale, 
         out, keep, result = a, (t, a), t
     else:
         a = _core.contiguous(a)
-        out = np.empty_like(a)
+        out = _comm_result_array(a.dtype, a.shape)  # (recycled from 1 MiB, as the lean lane's results)
         keep, result = (t, a, out), out
     h = eng.submit("allreduce", a, out, nm, dt, op, wire, 0, _core.check_timeout(timeout), blocking)
     return Handle(h, keep, result, dt, t, False, nm, fin, "allreduce")
