@@ -2,10 +2,14 @@
 channel (docs/comm.md). Results must equal the engine's path bit for bit; anything irregular
 (mismatched arguments, async work queued on some rank, threads, slow peers) must fall back to
 the engine and keep its guarantees (a mismatch raises DistributedError, never hangs)."""
+import os
+import sys
 import time
 
 import numpy as np
 import pytest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import engine_env  # noqa: E402
 
 DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
 OPS = ["sum", "average", "min", "max", "product"]
@@ -388,16 +392,9 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
     engine's bits, the same on every rank, in place and out of place, at odd sizes around the staging
     chunk; a shape mismatch past the slot raises on every rank. "nocma": peers may not write each other's
     memory (AIMASS_SHM_CMA_PUSH=0, as under a ptrace restriction): every large allreduce is staged."""
-    import os
-    d = ll
-    r, n = d.rank(), d.size()
+    r, n = ll.rank(), ll.size()
     env = {"mixed": ("1" if r % 2 == 0 else "0"), "nocma": "auto"}.get(staged, staged)
-    os.environ["AIMASS_LL_STAGED"] = env
-    if staged == "nocma":
-        os.environ["AIMASS_SHM_CMA_PUSH"] = "0"
-    try:
-        d.shutdown()
-        d.init()
+    with engine_env(ll, AIMASS_LL_STAGED=env, AIMASS_SHM_CMA_PUSH="0" if staged == "nocma" else None) as d:
         slot = d._require_engine().ll_slot_bytes
         for dtype in DTYPES:
             es = np.dtype(dtype).itemsize
@@ -424,11 +421,6 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
         assert time.monotonic() - t0 < 20
         np.testing.assert_array_equal(d.allreduce(np.ones(slot // 4 + 5, np.float32), op="sum", name="st.after"),
                                       np.full(slot // 4 + 5, n, np.float32))
-    finally:
-        del os.environ["AIMASS_LL_STAGED"]
-        os.environ.pop("AIMASS_SHM_CMA_PUSH", None)
-        d.shutdown()
-        d.init()
 
 
 @pytest.mark.timeout(240)
@@ -440,15 +432,9 @@ def test_large_allreduce_of_arrays_inside_a_cache_line(ll, mode):
     kernels start their stores on dst's next line. Views at element offsets equal on every rank and
     different per rank, sizes around the shortened first chunk, several dtypes, in place and out of
     place: the engine's bits, the same on every rank."""
-    import os
-    d = ll
-    r, n = d.rank(), d.size()
-    os.environ["AIMASS_LL_STAGED"] = "0" if mode == "push" else "1"
-    if mode == "staged-unaligned" and r == 0:
-        os.environ["AIMASS_LL_STAGE_ALIGN"] = "0"
-    try:
-        d.shutdown()
-        d.init()
+    r = ll.rank()
+    with engine_env(ll, AIMASS_LL_STAGED="0" if mode == "push" else "1",
+                    AIMASS_LL_STAGE_ALIGN="0" if mode == "staged-unaligned" and r == 0 else None) as d:
         for dtype, op in (("float32", "sum"), ("float32", "average"), ("float16", "sum"), ("float64", "max"),
                           ("int8", "sum"), ("int32", "min")):
             es = np.dtype(dtype).itemsize
@@ -459,11 +445,6 @@ def test_large_allreduce_of_arrays_inside_a_cache_line(ll, mode):
                     base = data(count + shift, r, count + shift + 16, dtype)
                     check_against_engine(d, base[shift:shift + count], op, f"al.{mode}.{dtype}.{op}.{s}.{count}",
                                          inplace=base.copy()[shift:shift + count])
-    finally:
-        del os.environ["AIMASS_LL_STAGED"]
-        os.environ.pop("AIMASS_LL_STAGE_ALIGN", None)
-        d.shutdown()
-        d.init()
 
 
 @pytest.mark.timeout(60)
