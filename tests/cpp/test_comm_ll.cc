@@ -19,6 +19,7 @@
 #include "aimass/error.h"
 #include "comm/ll_shm.h"
 #include "comm/shm_allreduce.h"
+#include "rank_threads.h"
 
 namespace {
 
@@ -49,54 +50,46 @@ std::vector<std::vector<Result>> run(int L, int ops, bool (*disagree)(int), std:
   errors.assign(L, "");
   std::vector<std::atomic<int>> fell(static_cast<size_t>(ops));
   for (auto& f : fell) f.store(0);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        LLChannel ch(r, L, seg.mem, kSlot);
-        for (int op = 0; op < ops; ++op) {
-          const int n = 1 + (op * 7 + r) % 16;  // rows differ by rank (an allgather)
-          std::vector<int64_t> mine(static_cast<size_t>(n));
-          for (int i = 0; i < n; ++i) mine[static_cast<size_t>(i)] = payload_value(r, op, i);
-          const uint64_t hash = disagree(op) && op % L == r ? 0xbad0000u + op : static_cast<uint64_t>(op);
-          outcome[r][op] = ch.exchange(hash, mine.data(), mine.size() * 8, n, 10.0);
-          if (outcome[r][op] != Result::Complete) {  // "the engine": every rank runs op there
-            ch.set_busy(1);  // as the engine does while a request is in flight
-            fell[static_cast<size_t>(op)].fetch_add(1);
-            const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-            while (fell[static_cast<size_t>(op)].load() < L) {
-              if (std::chrono::steady_clock::now() > limit) {
-                errors[r] = "op " + std::to_string(op) + ": not every rank fell back";
-                return;
-              }
-              std::this_thread::yield();
-            }
-            ch.set_busy(0);
-            continue;
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, seg.mem, kSlot);
+    for (int op = 0; op < ops; ++op) {
+      const int n = 1 + (op * 7 + r) % 16;  // rows differ by rank (an allgather)
+      std::vector<int64_t> mine(static_cast<size_t>(n));
+      for (int i = 0; i < n; ++i) mine[static_cast<size_t>(i)] = payload_value(r, op, i);
+      const uint64_t hash = disagree(op) && op % L == r ? 0xbad0000u + op : static_cast<uint64_t>(op);
+      outcome[r][op] = ch.exchange(hash, mine.data(), mine.size() * 8, n, 10.0);
+      if (outcome[r][op] != Result::Complete) {  // "the engine": every rank runs op there
+        ch.set_busy(1);  // as the engine does while a request is in flight
+        fell[static_cast<size_t>(op)].fetch_add(1);
+        const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (fell[static_cast<size_t>(op)].load() < L) {
+          if (std::chrono::steady_clock::now() > limit) {
+            errors[r] = "op " + std::to_string(op) + ": not every rank fell back";
+            return;
           }
-          for (int j = 0; j < L; ++j) {
-            const int nj = 1 + (op * 7 + j) % 16;
-            if (ch.rows(j) != nj || ch.bytes(j) != static_cast<size_t>(nj) * 8) {
-              errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " has the wrong size";
-              return;
-            }
-            for (int i = 0; i < nj; ++i) {
-              int64_t v;
-              std::memcpy(&v, ch.payload(j) + i * 8, 8);
-              if (v != payload_value(j, op, i)) {
-                errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " payload differs";
-                return;
-              }
-            }
-          }
-          ch.done();
+          std::this_thread::yield();
         }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
+        ch.set_busy(0);
+        continue;
       }
-    });
-  }
-  for (auto& t : threads) t.join();
+      for (int j = 0; j < L; ++j) {
+        const int nj = 1 + (op * 7 + j) % 16;
+        if (ch.rows(j) != nj || ch.bytes(j) != static_cast<size_t>(nj) * 8) {
+          errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " has the wrong size";
+          return;
+        }
+        for (int i = 0; i < nj; ++i) {
+          int64_t v;
+          std::memcpy(&v, ch.payload(j) + i * 8, 8);
+          if (v != payload_value(j, op, i)) {
+            errors[r] = "op " + std::to_string(op) + ": rank " + std::to_string(j) + " payload differs";
+            return;
+          }
+        }
+      }
+      ch.done();
+    }
+  });
   return outcome;
 }
 
@@ -288,36 +281,28 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
   std::memset(mem, 0, bytes);
   std::vector<std::vector<std::vector<T>>> got(L);  // [rank][call]
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        LLChannel ch(r, L, mem, kSlot);
-        ch.allow_cma_for_tests();
-        for (size_t c = 0; c < counts.size(); ++c) {
-          const int64_t n = counts[c];
-          std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n), T(0x5a));
-          for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
-          const bool inplace = (c + static_cast<size_t>(L)) % 2 == 0;
-          T* o = inplace ? in.data() : out.data();
-          if (ch.exchange(100 + c, in.data(), static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) !=
-              Result::Complete)
-            throw std::runtime_error("exchange fell back");
-          if (staged) ch.stage_allreduce(dtype, op, average, in.data(), o, n, 30.0);
-          else ch.push_allreduce(dtype, op, average, in.data(), o, n);
-          ch.done();
-          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
-          got[r].push_back(std::vector<T>(o, o + n));
-          int64_t small = r;  // a slot exchange between two single-copy allreduces
-          if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
-          ch.done();
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, mem, kSlot);
+    ch.allow_cma_for_tests();
+    for (size_t c = 0; c < counts.size(); ++c) {
+      const int64_t n = counts[c];
+      std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n), T(0x5a));
+      for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+      const bool inplace = (c + static_cast<size_t>(L)) % 2 == 0;
+      T* o = inplace ? in.data() : out.data();
+      if (ch.exchange(100 + c, in.data(), static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) !=
+          Result::Complete)
+        throw std::runtime_error("exchange fell back");
+      if (staged) ch.stage_allreduce(dtype, op, average, in.data(), o, n, 30.0);
+      else ch.push_allreduce(dtype, op, average, in.data(), o, n);
+      ch.done();
+      if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+      got[r].push_back(std::vector<T>(o, o + n));
+      int64_t small = r;  // a slot exchange between two single-copy allreduces
+      if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
+      ch.done();
+    }
+  });
   std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   expect_reference_bits<T>(L, dtype, op, average, counts, got, staged ? "staged" : "push");
@@ -387,37 +372,29 @@ void staged_offsets_same_bits(DType dtype, ReduceOp op, bool average, const std:
   std::memset(mem, 0, bytes);
   std::vector<std::vector<std::vector<T>>> got(L);
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        LLChannel ch(r, L, mem, kSlot);
-        ch.allow_cma_for_tests();
-        for (size_t c = 0; c < counts.size(); ++c) {
-          const int64_t n = counts[c];
-          const size_t room = (static_cast<size_t>(n) * sizeof(T) + offs[r] + 63) / 64 * 64;
-          std::unique_ptr<char, decltype(&std::free)> a(static_cast<char*>(std::aligned_alloc(64, room)), &std::free),
-              b(static_cast<char*>(std::aligned_alloc(64, room)), &std::free);
-          T* in = reinterpret_cast<T*>(a.get() + offs[r]);
-          for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
-          T* o = c % 2 == 0 ? in : reinterpret_cast<T*>(b.get() + offs[r]);
-          const size_t nb = static_cast<size_t>(n) * sizeof(T);
-          if (ch.exchange(300 + c, in, nb, ch.stage_vote(nb, o), 30.0, true, o) != Result::Complete)
-            throw std::runtime_error("exchange fell back");
-          ch.stage_allreduce(dtype, op, average, in, o, n, 30.0);
-          ch.done();
-          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
-          got[r].push_back(std::vector<T>(o, o + n));
-          int64_t small = r;
-          if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
-          ch.done();
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, mem, kSlot);
+    ch.allow_cma_for_tests();
+    for (size_t c = 0; c < counts.size(); ++c) {
+      const int64_t n = counts[c];
+      const size_t room = (static_cast<size_t>(n) * sizeof(T) + offs[r] + 63) / 64 * 64;
+      std::unique_ptr<char, decltype(&std::free)> a(static_cast<char*>(std::aligned_alloc(64, room)), &std::free),
+          b(static_cast<char*>(std::aligned_alloc(64, room)), &std::free);
+      T* in = reinterpret_cast<T*>(a.get() + offs[r]);
+      for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
+      T* o = c % 2 == 0 ? in : reinterpret_cast<T*>(b.get() + offs[r]);
+      const size_t nb = static_cast<size_t>(n) * sizeof(T);
+      if (ch.exchange(300 + c, in, nb, ch.stage_vote(nb, o), 30.0, true, o) != Result::Complete)
+        throw std::runtime_error("exchange fell back");
+      ch.stage_allreduce(dtype, op, average, in, o, n, 30.0);
+      ch.done();
+      if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+      got[r].push_back(std::vector<T>(o, o + n));
+      int64_t small = r;
+      if (ch.exchange(7, &small, 8, 1, 30.0) != Result::Complete) throw std::runtime_error("slot fell back");
+      ch.done();
+    }
+  });
   std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   std::string offsets = "offsets";
@@ -450,31 +427,23 @@ TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
   std::vector<std::vector<int>> ways(L);
   std::vector<std::vector<std::vector<float>>> got(L);
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        LLChannel ch(r, L, mem, kSlot);
-        ch.allow_cma_for_tests();
-        std::vector<float> x(static_cast<size_t>(n));
-        for (int c = 0; c < calls; ++c) {
-          for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = push_input<float>(DType::F32, r, c, i);
-          const size_t nb = static_cast<size_t>(n) * 4;
-          if (ch.exchange(900 + c, x.data(), nb, ch.stage_vote(nb, x.data()), 30.0, true, x.data()) !=
-              Result::Complete)
-            throw std::runtime_error("exchange fell back");
-          ways[r].push_back(ch.agree_staged() ? 1 : 0);
-          ch.large_allreduce(DType::F32, ReduceOp::Sum, false, x.data(), x.data(), n, 30.0);
-          ch.done();
-          if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
-          got[r].push_back(x);
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, mem, kSlot);
+    ch.allow_cma_for_tests();
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int c = 0; c < calls; ++c) {
+      for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = push_input<float>(DType::F32, r, c, i);
+      const size_t nb = static_cast<size_t>(n) * 4;
+      if (ch.exchange(900 + c, x.data(), nb, ch.stage_vote(nb, x.data()), 30.0, true, x.data()) !=
+          Result::Complete)
+        throw std::runtime_error("exchange fell back");
+      ways[r].push_back(ch.agree_staged() ? 1 : 0);
+      ch.large_allreduce(DType::F32, ReduceOp::Sum, false, x.data(), x.data(), n, 30.0);
+      ch.done();
+      if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+      got[r].push_back(x);
+    }
+  });
   std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   EXPECT_EQ(ways[0], ways[1]);

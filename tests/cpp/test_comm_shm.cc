@@ -15,6 +15,7 @@
 
 #include "aimass/error.h"
 #include "comm/shm_allreduce.h"
+#include "rank_threads.h"
 #include "shm_test_segment.h"
 
 namespace {
@@ -44,31 +45,23 @@ void run_ranks(int L, const std::vector<int64_t>& sizes, ReduceOp op, int parts,
       data[r].push_back(v);
     }
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
-        for (size_t c = 0; c < sizes.size(); ++c) {
-          std::vector<float>& v = data[r][c];
-          std::vector<ShmSegment> segs;  // split the array into `parts` uneven pieces (in place)
-          const int64_t n = sizes[c];
-          int64_t at = 0;
-          for (int p = 0; p < parts; ++p) {
-            const int64_t len = p + 1 == parts ? n - at : std::min<int64_t>(n - at, (n / (parts + 1)) + 3 * p);
-            segs.push_back({reinterpret_cast<const char*>(v.data() + at), reinterpret_cast<char*>(v.data() + at),
-                            len, op == ReduceOp::Average});
-            at += len;
-          }
-          aimass::comm::shm_line_pads(segs, sizeof(float), line_offset);
-          shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr);
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
+  run_rank_threads(L, errors, [&](int r) {
+    ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+    for (size_t c = 0; c < sizes.size(); ++c) {
+      std::vector<float>& v = data[r][c];
+      std::vector<ShmSegment> segs;  // split the array into `parts` uneven pieces (in place)
+      const int64_t n = sizes[c];
+      int64_t at = 0;
+      for (int p = 0; p < parts; ++p) {
+        const int64_t len = p + 1 == parts ? n - at : std::min<int64_t>(n - at, (n / (parts + 1)) + 3 * p);
+        segs.push_back({reinterpret_cast<const char*>(v.data() + at), reinterpret_cast<char*>(v.data() + at),
+                        len, op == ReduceOp::Average});
+        at += len;
       }
-    });
-  }
-  for (auto& t : threads) t.join();
+      aimass::comm::shm_line_pads(segs, sizeof(float), line_offset);
+      shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr);
+    }
+  });
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   for (size_t c = 0; c < sizes.size(); ++c) {
     for (size_t i = 0; i < static_cast<size_t>(sizes[c]); ++i) {
@@ -153,29 +146,21 @@ void run_ranks_with_lead(int L, int64_t lead, ReduceOp op, int parts, bool inpla
       in[r].push_back(a + at);
       out[r].push_back(inplace ? a + at : b + at);
     }
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
-        for (size_t c = 0; c < sizes.size(); ++c) {
-          const int64_t n = sizes[c];
-          std::vector<ShmSegment> segs;
-          int64_t done = 0;
-          for (int p = 0; p < parts; ++p) {
-            const int64_t len = p + 1 == parts ? n - done : std::min<int64_t>(n - done, n / (parts + 1) + 5 * p);
-            segs.push_back({reinterpret_cast<const char*>(in[r][c] + done), reinterpret_cast<char*>(out[r][c] + done),
-                            len, op == ReduceOp::Average});
-            done += len;
-          }
-          shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr, lead);
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
+  run_rank_threads(L, errors, [&](int r) {
+    ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+    for (size_t c = 0; c < sizes.size(); ++c) {
+      const int64_t n = sizes[c];
+      std::vector<ShmSegment> segs;
+      int64_t done = 0;
+      for (int p = 0; p < parts; ++p) {
+        const int64_t len = p + 1 == parts ? n - done : std::min<int64_t>(n - done, n / (parts + 1) + 5 * p);
+        segs.push_back({reinterpret_cast<const char*>(in[r][c] + done), reinterpret_cast<char*>(out[r][c] + done),
+                        len, op == ReduceOp::Average});
+        done += len;
       }
-    });
-  }
-  for (auto& t : threads) t.join();
+      shm.run(segs, n, DType::F32, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr, lead);
+    }
+  });
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   for (size_t c = 0; c < sizes.size(); ++c) {
     for (int64_t i = 0; i < sizes[c]; ++i) {
@@ -228,24 +213,16 @@ void run_f64_ranks(int L, int64_t lead, ReduceOp op, bool inplace) {
       double* a = line(in[r].back()) + at;
       for (int64_t i = 0; i < n; ++i) a[i] = val(r, i);
     }
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
-        for (size_t c = 0; c < sizes.size(); ++c) {
-          double* a = line(in[r][c]) + at;
-          double* b = inplace ? a : line(out[r][c]) + at;
-          std::vector<ShmSegment> segs{{reinterpret_cast<const char*>(a), reinterpret_cast<char*>(b), sizes[c],
-                                        op == ReduceOp::Average}};
-          shm.run(segs, sizes[c], DType::F64, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr, lead);
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, [&](int r) {
+    ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+    for (size_t c = 0; c < sizes.size(); ++c) {
+      double* a = line(in[r][c]) + at;
+      double* b = inplace ? a : line(out[r][c]) + at;
+      std::vector<ShmSegment> segs{{reinterpret_cast<const char*>(a), reinterpret_cast<char*>(b), sizes[c],
+                                    op == ReduceOp::Average}};
+      shm.run(segs, sizes[c], DType::F64, op == ReduceOp::Average ? ReduceOp::Sum : op, L, nullptr, lead);
+    }
+  });
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   for (size_t c = 0; c < sizes.size(); ++c) {
     for (int64_t i = 0; i < sizes[c]; ++i) {
@@ -319,32 +296,24 @@ std::vector<std::vector<uint32_t>> bits_of_runs(int L, const std::vector<int64_t
   Segment seg(L);
   std::vector<std::vector<uint32_t>> out(L);
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
-        if (single_copy) shm.allow_cma_for_tests();
-        shm.use_cma(single_copy);
-        uint64_t state = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(r + 1);
-        for (int64_t n : sizes) {
-          std::vector<float> v(static_cast<size_t>(n));
-          for (float& x : v) {  // seeded, rank-dependent, not exactly summable: the order shows in the bits
-            state = state * 6364136223846793005ull + 1442695040888963407ull;
-            x = static_cast<float>(static_cast<int64_t>(state >> 40) - (1 << 23)) * 1e-3f;
-          }
-          shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), n, false}}, n,
-                  DType::F32, op, L, nullptr);
-          const size_t at = out[r].size();
-          out[r].resize(at + v.size());
-          std::memcpy(out[r].data() + at, v.data(), v.size() * sizeof(float));
-        }
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
+  run_rank_threads(L, errors, [&](int r) {
+    ShmAllreduce shm(r, L, seg.mem, kChunk, 10.0);
+    if (single_copy) shm.allow_cma_for_tests();
+    shm.use_cma(single_copy);
+    uint64_t state = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(r + 1);
+    for (int64_t n : sizes) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) {  // seeded, rank-dependent, not exactly summable: the order shows in the bits
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        x = static_cast<float>(static_cast<int64_t>(state >> 40) - (1 << 23)) * 1e-3f;
       }
-    });
-  }
-  for (auto& t : threads) t.join();
+      shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), n, false}}, n,
+              DType::F32, op, L, nullptr);
+      const size_t at = out[r].size();
+      out[r].resize(at + v.size());
+      std::memcpy(out[r].data() + at, v.data(), v.size() * sizeof(float));
+    }
+  });
   for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
   return out;
 }

@@ -16,6 +16,7 @@
 #include "aimass/error.h"
 #include "comm/algorithms.h"
 #include "comm/shm_allreduce.h"
+#include "rank_threads.h"
 #include "shm_test_segment.h"
 
 namespace {
@@ -55,22 +56,14 @@ const char* mode_name(Mode m) {
 void on_ranks_mode(int L, Mode mode, const std::function<void(ShmAllreduce&, int)>& body) {
   Segment seg(L);
   std::vector<std::string> errors(L);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
-        if (mode != Mode::Staged) {
-          shm.allow_cma_for_tests(mode != Mode::CmaPull, mode == Mode::CmaPush);
-          shm.use_cma(true);
-        }
-        body(shm, r);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, [&](int r) {
+    ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
+    if (mode != Mode::Staged) {
+      shm.allow_cma_for_tests(mode != Mode::CmaPull, mode == Mode::CmaPush);
+      shm.use_cma(true);
+    }
+    body(shm, r);
+  });
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r << mode_name(mode);
 }
 
