@@ -554,16 +554,7 @@ TEST(LLEager, StreamOfBroadcastsFromRotatingRoots) {
     }
     ch.settle(10.0);
   };
-  std::vector<std::thread> threads;
-  for (int r = 0; r < L; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        rank(r);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_rank_threads(L, errors, rank);
   for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
 }
 
@@ -652,16 +643,7 @@ TEST(LLEager, ByAddressBroadcastsWithTheRootWritingPieces) {
       }
       ch.settle(10.0);
     };
-    std::vector<std::thread> threads;
-    for (int r = 0; r < L; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          rank(r);
-        } catch (const std::exception& e) {
-          errors[r] = e.what();
-        }
-      });
-    for (auto& t : threads) t.join();
+    run_rank_threads(L, errors, rank);
     for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << L << " ranks, rank " << r;
   }
 }
