@@ -132,12 +132,13 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
   return aimass::try_parse_reduce_op(std::string_view(p, static_cast<size_t>(n)), out);
 }
 
-// A blocking collective's result (allreduce, broadcast, allgather, reduce_scatter) in a recycled result block (CollectiveHandle::result_block_get:
-// huge pages from 4 MiB) once it is 1 MiB or more: a fresh array past glibc's mmap threshold (32 MiB)
-// is faulted in page by page on every call, while mpi4py's Allgather writes into the caller's array.
-// The block goes back to the pool when the array (and every view of it) is freed. Measured (2 ranks,
-// loaded VM, median of 24, same run): a 64 MiB gather through the caller's thread 23 ms into pooled
-// blocks against 47 ms into fresh arrays, mpi4py 32 ms.
+// A blocking collective's result (allreduce, broadcast, allgather, reduce_scatter) in a recycled
+// result block (CollectiveHandle::result_block_get: huge pages from 4 MiB) once it is 1 MiB or more:
+// a fresh array past glibc's mmap threshold (32 MiB) is faulted in page by page on every call, while
+// mpi4py's Allgather writes into the caller's array. The block goes back to the pool when the array
+// (and every view of it) is freed. Measured (2 ranks, loaded VM, median of 24, same run): a 64 MiB
+// gather through the caller's thread 23 ms into pooled blocks against 47 ms into fresh arrays,
+// mpi4py 32 ms.
 py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shape) {
   size_t n = static_cast<size_t>(dt.itemsize());
   for (py::ssize_t d : shape) n *= static_cast<size_t>(d);
