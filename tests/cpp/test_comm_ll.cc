@@ -28,8 +28,8 @@ using Result = LLChannel::Result;
 
 constexpr size_t kSlot = 256;
 
-struct Segment {  // 128-byte aligned, zero-filled memory shared by L thread "ranks"
-  explicit Segment(int L) : bytes(LLChannel::segment_bytes(L, kSlot)) {
+struct Segment {  // page-aligned, zero-filled memory shared by L thread "ranks", slots of `slot` bytes
+  explicit Segment(int L, size_t slot = kSlot) : bytes(LLChannel::segment_bytes(L, slot)) {
     mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
     std::memset(mem, 0, bytes);
   }
@@ -156,14 +156,12 @@ TEST(CommLL, BusyPeerMakesTheOthersFallBackWithinTheGrace) {
 TEST(CommLL, ByAddressPayloadsAreReadFromTheWritersBuffer) {
   constexpr int L = 3;
   constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;  // not a multiple of anything round
-  const size_t bytes = LLChannel::segment_bytes(L, kBig);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(L, kBig);
   std::vector<std::vector<unsigned char>> got(L, std::vector<unsigned char>(L * kBig));
   std::vector<std::thread> threads;
   for (int r = 0; r < L; ++r) {
     threads.emplace_back([&, r] {
-      LLChannel ch(r, L, mem, kBig);
+      LLChannel ch(r, L, seg.mem, kBig);
       ch.allow_cma_for_tests();
       for (int round = 0; round < 20; ++round) {
         std::vector<unsigned char> mine(kBig);
@@ -186,8 +184,8 @@ TEST(CommLL, ByAddressPayloadsAreReadFromTheWritersBuffer) {
   for (auto& t : threads) t.join();
   // small payloads stay in the slots even when asked by address
   {
-    std::memset(mem, 0, bytes);
-    LLChannel a(0, 2, mem, kBig), b(1, 2, mem, kBig);
+    std::memset(seg.mem, 0, seg.bytes);
+    LLChannel a(0, 2, seg.mem, kBig), b(1, 2, seg.mem, kBig);
     a.allow_cma_for_tests();
     b.allow_cma_for_tests();
     int64_t v = 5, w = 6;
@@ -202,16 +200,13 @@ TEST(CommLL, ByAddressPayloadsAreReadFromTheWritersBuffer) {
     b.done();
     EXPECT_TRUE(a.wait_readers(0.01));
   }
-  std::free(mem);
 }
 
 TEST(CommLL, WaitReadersGivesUpOnAReaderThatNeverFinishes) {
   constexpr size_t kBig = LLChannel::kCmaMin;
-  const size_t bytes = LLChannel::segment_bytes(2, kBig);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(2, kBig);
   {
-    LLChannel a(0, 2, mem, kBig), b(1, 2, mem, kBig);
+    LLChannel a(0, 2, seg.mem, kBig), b(1, 2, seg.mem, kBig);
     a.allow_cma_for_tests();
     b.allow_cma_for_tests();
     std::vector<char> pa(kBig, 1), pb(kBig, 2);
@@ -226,7 +221,6 @@ TEST(CommLL, WaitReadersGivesUpOnAReaderThatNeverFinishes) {
     EXPECT_TRUE(a.wait_readers(1.0));
     EXPECT_TRUE(b.wait_readers(1.0));
   }
-  std::free(mem);
 }
 
 // ---- single-copy allreduce (ll_push.cc)
@@ -276,13 +270,11 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
   const int64_t step = static_cast<int64_t>(LLChannel::kPushPiece / sizeof(T));
   std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, step + 1, 3 * step + 37};
   if (full_pieces) counts.push_back(4 * L * step + 3 * step / 2 + 11);  // whole kPushPiece pieces and a tail
-  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(L);
   std::vector<std::vector<std::vector<T>>> got(L);  // [rank][call]
   std::vector<std::string> errors(L);
   run_rank_threads(L, errors, [&](int r) {
-    LLChannel ch(r, L, mem, kSlot);
+    LLChannel ch(r, L, seg.mem, kSlot);
     ch.allow_cma_for_tests();
     for (size_t c = 0; c < counts.size(); ++c) {
       const int64_t n = counts[c];
@@ -303,7 +295,6 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
       ch.done();
     }
   });
-  std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   expect_reference_bits<T>(L, dtype, op, average, counts, got, staged ? "staged" : "push");
 }
@@ -367,13 +358,11 @@ void staged_offsets_same_bits(DType dtype, ReduceOp op, bool average, const std:
   const int64_t lead = static_cast<int64_t>(offs[0] / sizeof(T));
   const std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, C - lead - 1,
                                        C - lead + 1, 4 * C + 3};
-  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(L);
   std::vector<std::vector<std::vector<T>>> got(L);
   std::vector<std::string> errors(L);
   run_rank_threads(L, errors, [&](int r) {
-    LLChannel ch(r, L, mem, kSlot);
+    LLChannel ch(r, L, seg.mem, kSlot);
     ch.allow_cma_for_tests();
     for (size_t c = 0; c < counts.size(); ++c) {
       const int64_t n = counts[c];
@@ -395,7 +384,6 @@ void staged_offsets_same_bits(DType dtype, ReduceOp op, bool average, const std:
       ch.done();
     }
   });
-  std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   std::string offsets = "offsets";
   for (size_t o : offs) offsets += " " + std::to_string(o);
@@ -420,15 +408,13 @@ TEST(CommLL, StagedAllreduceOnBuffersPastALineSameBitsOnEveryRank) {
 TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
   const int L = 2;
   const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece) + 5;
-  const size_t bytes = LLChannel::segment_bytes(L, kSlot);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(L);
   const int calls = 6;
   std::vector<std::vector<int>> ways(L);
   std::vector<std::vector<std::vector<float>>> got(L);
   std::vector<std::string> errors(L);
   run_rank_threads(L, errors, [&](int r) {
-    LLChannel ch(r, L, mem, kSlot);
+    LLChannel ch(r, L, seg.mem, kSlot);
     ch.allow_cma_for_tests();
     std::vector<float> x(static_cast<size_t>(n));
     for (int c = 0; c < calls; ++c) {
@@ -444,7 +430,6 @@ TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
       got[r].push_back(x);
     }
   });
-  std::free(mem);
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   EXPECT_EQ(ways[0], ways[1]);
   ASSERT_EQ(ways[0].size(), static_cast<size_t>(calls));
@@ -458,11 +443,9 @@ TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
 // DistributedError at the deadline instead of hanging.
 TEST(CommLL, StagedAllreduceWithAStoppedPeerRaisesAtTheDeadline) {
   const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece / 4) + 3;
-  const size_t bytes = LLChannel::segment_bytes(2, kSlot);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(2);
   {
-    LLChannel a(0, 2, mem, kSlot), b(1, 2, mem, kSlot);
+    LLChannel a(0, 2, seg.mem, kSlot), b(1, 2, seg.mem, kSlot);
     a.allow_cma_for_tests();  // (the exchange posts the buffers by address, as the engine's does)
     b.allow_cma_for_tests();
     std::vector<float> xa(static_cast<size_t>(n), 1.0f), xb(static_cast<size_t>(n), 2.0f);
@@ -481,18 +464,15 @@ TEST(CommLL, StagedAllreduceWithAStoppedPeerRaisesAtTheDeadline) {
     a.done();
     b.done();
   }
-  std::free(mem);
 }
 
 // A peer that arrived but never runs its claims (stopped): the other rank claims every piece
 // itself, and its wait for the peer gives up at the deadline instead of hanging.
 TEST(CommLL, PushAllreduceWithAStoppedPeerEndsAtTheDeadline) {
   const int64_t n = static_cast<int64_t>(2 * LLChannel::kPushPiece / 4) + 3;
-  const size_t bytes = LLChannel::segment_bytes(2, kSlot);
-  char* mem = static_cast<char*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-  std::memset(mem, 0, bytes);
+  Segment seg(2);
   {
-    LLChannel a(0, 2, mem, kSlot), b(1, 2, mem, kSlot);
+    LLChannel a(0, 2, seg.mem, kSlot), b(1, 2, seg.mem, kSlot);
     a.allow_cma_for_tests();
     b.allow_cma_for_tests();
     std::vector<float> xa(static_cast<size_t>(n), 1.0f), xb(static_cast<size_t>(n), 2.0f);
@@ -514,7 +494,6 @@ TEST(CommLL, PushAllreduceWithAStoppedPeerEndsAtTheDeadline) {
     EXPECT_TRUE(b.wait_readers(1.0));
     EXPECT_EQ(xb[n - 1], 3.0f);
   }
-  std::free(mem);
 }
 
 }  // namespace
