@@ -436,6 +436,32 @@ TEST(RuntimePackedGemm, PackLayoutIsPanelMajorAndZeroPadded) {
   EXPECT_EQ(P.b, nullptr);
 }
 
+namespace {
+
+// GELU(x w^T + bias) + res in double (w is N x K): the reference of the packed GEMM's fused epilogue.
+std::vector<double> gelu_residual_reference(const std::vector<float>& x, const std::vector<float>& w,
+                                            const std::vector<float>& bias, const std::vector<float>& res,
+                                            int64_t M, int64_t N, int64_t K) {
+  std::vector<double> ref(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double r = bias[n];
+      for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
+      ref[m * N + n] = 0.5 * r * (1 + std::erf(r / std::sqrt(2.0))) + res[m * N + n];
+    }
+  return ref;
+}
+
+// y within float rounding of the double reference (the threads' chunks change the K blocking).
+void expect_near_reference(const std::vector<float>& y, const std::vector<double>& ref, const char* what, int t,
+                           int64_t M, int64_t N, int64_t K) {
+  for (int64_t i = 0; i < M * N; ++i)
+    ASSERT_NEAR(y[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
+        << what << " threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+}
+
+}  // namespace
+
 // The blocked paths (K past kKc, N past a kNb block, M past one M block) and the fused
 // epilogues (ReLU / GELU erf / GELU tanh, then + residual) at every SIMD level against a
 // double reference, and the threaded ops::linear entry with a residual (packed and sgemm).
@@ -458,27 +484,17 @@ TEST(RuntimePackedGemm, ThreadSplitsMatchReference) {
     for (auto& v : bias) v = d(rng);
     for (auto& v : res) v = d(rng);
     ops::PackedLinear P(w.data(), bias.data(), N, K);
-    std::vector<double> ref(M * N);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        double r = bias[n];
-        for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
-        ref[m * N + n] = 0.5 * r * (1 + std::erf(r / std::sqrt(2.0))) + res[m * N + n];
-      }
+    const std::vector<double> ref = gelu_residual_reference(x, w, bias, res, M, N, K);
     const pk::Epilogue ep{pk::kEpiGelu, res.data(), N};
     for (int t : {1, 2, 3}) {
       aimass::set_num_threads(t);
       std::fill(y.begin(), y.end(), -7.f);
       pk::linear(x.data(), M, K, P.w, P.b, N, ep, y.data());
-      for (int64_t i = 0; i < M * N; ++i)
-        ASSERT_NEAR(y[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
-            << "packed::linear threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+      expect_near_reference(y, ref, "packed::linear", t, M, N, K);
       // ops::linear: packed or sgemm (K % 512 == 0), GELU then the residual in its epilogue
       std::fill(y.begin(), y.end(), -7.f);
       ops::linear(x.data(), M, K, w.data(), N, bias.data(), ops::Act::Gelu, y.data(), &P, res.data());
-      for (int64_t i = 0; i < M * N; ++i)
-        ASSERT_NEAR(y[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
-            << "ops::linear threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+      expect_near_reference(y, ref, "ops::linear", t, M, N, K);
     }
   }
   aimass::set_num_threads(old_threads);
@@ -522,21 +538,13 @@ TEST(RuntimePackedGemm, PaddedRowsMatchInPlaceBitForBit) {
     same_bits(pk::panels_ex_scalar, pk::panels_ex_ld_scalar, "scalar");
     if (f.avx2 && f.fma) same_bits(pk::panels_ex_avx2, pk::panels_ex_ld_avx2, "avx2");
     if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) same_bits(pk::panels_ex_avx512, pk::panels_ex_ld_avx512, "avx512");
-    std::vector<double> ref(M * N);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        double r = bias[n];
-        for (int64_t k = 0; k < K; ++k) r += double(x[m * K + k]) * w[n * K + k];
-        ref[m * N + n] = 0.5 * r * (1 + std::erf(r / std::sqrt(2.0))) + res[m * N + n];
-      }
+    const std::vector<double> ref = gelu_residual_reference(x, w, bias, res, M, N, K);
     const int old_threads = aimass::num_threads();
     for (int t : {1, 2, 3}) {
       aimass::set_num_threads(t);
       std::fill(ya.begin(), ya.end(), -7.f);
       pk::linear(x.data(), M, K, P.w, P.b, N, ep, ya.data());
-      for (int64_t i = 0; i < M * N; ++i)
-        ASSERT_NEAR(ya[i], ref[i], 2e-5 * (1 + std::fabs(ref[i])))
-            << "packed::linear threads=" << t << " M=" << M << " N=" << N << " K=" << K << " i=" << i;
+      expect_near_reference(ya, ref, "packed::linear", t, M, N, K);
     }
     aimass::set_num_threads(old_threads);
   }
