@@ -9,6 +9,15 @@ from torch import nn  # noqa: E402
 from _rt_util import check_session  # noqa: E402
 
 
+@pytest.fixture
+def set_threads():
+    """set_threads(n): aimass's thread count for the rest of the test, restored after it."""
+    import aimass
+    old = aimass.num_threads()
+    yield aimass.set_num_threads
+    aimass.set_num_threads(old)
+
+
 class Head(nn.Module):
     def __init__(self, cls, layers, bias=True, hidden=16):
         super().__init__()
@@ -83,53 +92,42 @@ def test_rnn_unsupported_configs(tmp_path):
 
 @pytest.mark.parametrize("threads", [2, 3, 5])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_threaded_steps_match_torch(tmp_path, cls, threads):
+def test_threaded_steps_match_torch(tmp_path, cls, threads, set_threads):
     # hidden 300: every step's unit groups are split over the threads (ops_rnn.cc), also with more
     # threads than cores
-    import aimass
     torch.manual_seed(2)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        check_session(tmp_path, Head(cls, 2, hidden=300), lambda n: (torch.randn(2, n, 8),), (5, 1),
-                      dynamic_seq=True, name=f"t{threads}")
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    check_session(tmp_path, Head(cls, 2, hidden=300), lambda n: (torch.randn(2, n, 8),), (5, 1),
+                  dynamic_seq=True, name=f"t{threads}")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, threads):
+def test_threaded_time_loop_bidirectional_odd_hidden(tmp_path, cls, layers, threads, set_threads):
     # hidden 263 (33 unit groups, the last one 7 wide): at 2 threads the whole time loop of each
     # layer and direction is one pool job (ops_rnn.cc run_threaded); batch 1 and 4, forward and reverse
-    import aimass
     torch.manual_seed(3)
     rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=True).eval()
     path = tmp_path / "bi263.aimass"
     rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        with rt.Session(path) as s:
-            for b, n in ((1, 11), (4, 3)):
-                x = torch.randn(b, n, 24)
-                got = s.run({"input_0": x.numpy()})["output"]
-                with torch.no_grad():
-                    ref = rnn(x)[0].numpy()
-                assert got.shape == (b, n, 526)
-                np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    with rt.Session(path) as s:
+        for b, n in ((1, 11), (4, 3)):
+            x = torch.randn(b, n, 24)
+            got = s.run({"input_0": x.numpy()})["output"]
+            with torch.no_grad():
+                ref = rnn(x)[0].numpy()
+            assert got.shape == (b, n, 526)
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_single_row_step_kernels_agree(tmp_path, monkeypatch, cls, threads):
+def test_single_row_step_kernels_agree(tmp_path, monkeypatch, cls, threads, set_threads):
     # batch 1 runs the single-row step kernel (AIMASS_RNN_GEMV=1, the default; 0 the blocked panels
     # kernel): both equal torch, the walk in both directions, hidden 263 (K % 4 != 0 and a 7-wide
     # last group), two layers, biases (GRU's b_hh goes through the kernel's bias)
-    import aimass
     torch.manual_seed(5)
     rnn = cls(24, 263, num_layers=2, batch_first=True, bidirectional=True).eval()
     path = tmp_path / "walk.aimass"
@@ -137,47 +135,38 @@ def test_single_row_step_kernels_agree(tmp_path, monkeypatch, cls, threads):
     x = torch.randn(1, 9, 24)
     with torch.no_grad():
         ref = rnn(x)[0].numpy()
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        with rt.Session(path) as s:
-            outs = {}
-            for mode in ("0", "1"):
-                monkeypatch.setenv("AIMASS_RNN_GEMV", mode)
-                outs[mode] = s.run({"input_0": x.numpy()})["output"]
-                np.testing.assert_allclose(outs[mode], ref, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    with rt.Session(path) as s:
+        outs = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("AIMASS_RNN_GEMV", mode)
+            outs[mode] = s.run({"input_0": x.numpy()})["output"]
+            np.testing.assert_allclose(outs[mode], ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_first_step_skips_the_zero_state_product(tmp_path, monkeypatch, cls, threads):
+def test_first_step_skips_the_zero_state_product(tmp_path, monkeypatch, cls, threads, set_threads):
     # step 0 reads h = 0, so h @ W_hh^T is 0 (GRU: b_hh) and is not computed (AIMASS_RNN_SKIP0=0
     # computes it): equal results at batch 1 and 4, hidden 263, bidirectional (the reverse
     # direction's first step is the last timestep)
-    import aimass
     torch.manual_seed(6)
     rnn = cls(24, 263, num_layers=2, batch_first=True, bidirectional=True).eval()
     path = tmp_path / "skip0.aimass"
     rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        with rt.Session(path) as s:
-            for b, n in ((1, 7), (4, 3)):
-                x = torch.randn(b, n, 24)
-                with torch.no_grad():
-                    ref = rnn(x)[0].numpy()
-                outs = []
-                for flag in ("1", "0"):
-                    monkeypatch.setenv("AIMASS_RNN_SKIP0", flag)
-                    outs.append(s.run({"input_0": x.numpy()})["output"])
-                    np.testing.assert_allclose(outs[-1], ref, rtol=1e-4, atol=1e-5)
-                np.testing.assert_array_equal(outs[0], outs[1])
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    with rt.Session(path) as s:
+        for b, n in ((1, 7), (4, 3)):
+            x = torch.randn(b, n, 24)
+            with torch.no_grad():
+                ref = rnn(x)[0].numpy()
+            outs = []
+            for flag in ("1", "0"):
+                monkeypatch.setenv("AIMASS_RNN_SKIP0", flag)
+                outs.append(s.run({"input_0": x.numpy()})["output"])
+                np.testing.assert_allclose(outs[-1], ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
@@ -202,34 +191,29 @@ def test_nonfinite_recurrent_weight_still_poisons_the_first_step(tmp_path, cls):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_projection_rides_along_the_steps(tmp_path, monkeypatch, cls, threads):
+def test_projection_rides_along_the_steps(tmp_path, monkeypatch, cls, threads, set_threads):
     # batch 1: the input projection of the rows ahead runs inside the steps in blocks of 8 rows
     # (AIMASS_RNN_FUSE=1, the default; 0 runs it as one GEMM up front). Sequence lengths below, at
     # and past two blocks (no fusion, one block riding along, tail rows), hidden 263 (33 unit
     # groups: uneven V shares per step and per thread), input width 24 != hidden, 1-3 layers, both
     # directions (the reverse one's blocks start from the last row)
-    import aimass
     torch.manual_seed(8)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        for layers, bidir in ((1, False), (2, False), (3, False), (2, True)):
-            rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
-            path = tmp_path / f"fuse{layers}{int(bidir)}.aimass"
-            rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
-            with rt.Session(path) as s:
-                for n in (15, 16, 17, 23, 40):
-                    x = torch.randn(1, n, 24)
-                    with torch.no_grad():
-                        ref = rnn(x)[0].numpy()
-                    outs = {}
-                    for flag in ("1", "0"):
-                        monkeypatch.setenv("AIMASS_RNN_FUSE", flag)
-                        outs[flag] = s.run({"input_0": x.numpy()})["output"]
-                        np.testing.assert_allclose(outs[flag], ref, rtol=1e-4, atol=1e-5)
-                    np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    for layers, bidir in ((1, False), (2, False), (3, False), (2, True)):
+        rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
+        path = tmp_path / f"fuse{layers}{int(bidir)}.aimass"
+        rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+        with rt.Session(path) as s:
+            for n in (15, 16, 17, 23, 40):
+                x = torch.randn(1, n, 24)
+                with torch.no_grad():
+                    ref = rnn(x)[0].numpy()
+                outs = {}
+                for flag in ("1", "0"):
+                    monkeypatch.setenv("AIMASS_RNN_FUSE", flag)
+                    outs[flag] = s.run({"input_0": x.numpy()})["output"]
+                    np.testing.assert_allclose(outs[flag], ref, rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(outs["1"], outs["0"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -257,59 +241,49 @@ def test_nonfinite_input_weight_in_the_riding_projection(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("hidden", [200, 300, 520])
-def test_gru_three_gate_panels_split_at_whole_panels(tmp_path, hidden, threads):
+def test_gru_three_gate_panels_split_at_whole_panels(tmp_path, hidden, threads, set_threads):
     # GRU's 3 gates take 24 columns a group of 8 units, 4 groups to 3 panels (ops_rnn.cc): hidden 200
     # (25 groups: 7 blocks, the last one group), 300 (38: the last block 2 groups and half a panel),
     # 520 (65 groups, 49 panels: the fused input projection at batch 1 splits them over its steps).
     # Threads split at whole blocks; batch 1 (the single-row walk) and batch 3, both directions, 2 layers.
-    import aimass
     torch.manual_seed(hidden)
     rnn = nn.GRU(16, hidden, num_layers=2, batch_first=True, bidirectional=True).eval()
     path = tmp_path / f"gru{hidden}.aimass"
     rt.export(rnn, (torch.randn(2, 5, 16),), path, dynamic_seq=True)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        with rt.Session(path) as s:
-            for b, n in ((1, 19), (3, 4)):
-                x = torch.randn(b, n, 16)
-                got = s.run({"input_0": x.numpy()})["output"]
-                with torch.no_grad():
-                    ref = rnn(x)[0].numpy()
-                np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    with rt.Session(path) as s:
+        for b, n in ((1, 19), (3, 4)):
+            x = torch.randn(b, n, 16)
+            got = s.run({"input_0": x.numpy()})["output"]
+            with torch.no_grad():
+                ref = rnn(x)[0].numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_late_chunks_run_twice_with_the_same_bits(tmp_path, monkeypatch, cls, threads):
+def test_late_chunks_run_twice_with_the_same_bits(tmp_path, monkeypatch, cls, threads, set_threads):
     # threaded time loop (ops_rnn.cc run_threaded): a thread that waits on a chunk running elsewhere
     # runs it itself after AIMASS_RNN_TAKEOVER_US (0: at once, so chunks often run twice and race to
     # commit; -1: never, a plain barrier per step). Every setting gives the same bits, and torch's
     # result: batch 1 (the projection riding along, its rows committed with the chunk) and 3,
     # hidden 263 (uneven chunks), 2 layers and a bidirectional one, lengths around the 8-row blocks
-    import aimass
     torch.manual_seed(13)
-    old = aimass.num_threads()
-    aimass.set_num_threads(threads)
-    try:
-        for layers, bidir in ((2, False), (1, True)):
-            rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
-            path = tmp_path / f"late{layers}{int(bidir)}.aimass"
-            rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
-            with rt.Session(path) as s:
-                for b, n in ((1, 17), (1, 40), (3, 9)):
-                    x = torch.randn(b, n, 24)
-                    with torch.no_grad():
-                        ref = rnn(x)[0].numpy()
-                    outs = {}
-                    for us in ("-1", "0", "30"):
-                        monkeypatch.setenv("AIMASS_RNN_TAKEOVER_US", us)
-                        for _ in range(3):  # races differ from run to run
-                            got = s.run({"input_0": x.numpy()})["output"]
-                            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-                            outs.setdefault(us, got)
-                            np.testing.assert_array_equal(got, outs["-1"])
-    finally:
-        aimass.set_num_threads(old)
+    set_threads(threads)
+    for layers, bidir in ((2, False), (1, True)):
+        rnn = cls(24, 263, num_layers=layers, batch_first=True, bidirectional=bidir).eval()
+        path = tmp_path / f"late{layers}{int(bidir)}.aimass"
+        rt.export(rnn, (torch.randn(2, 5, 24),), path, dynamic_seq=True)
+        with rt.Session(path) as s:
+            for b, n in ((1, 17), (1, 40), (3, 9)):
+                x = torch.randn(b, n, 24)
+                with torch.no_grad():
+                    ref = rnn(x)[0].numpy()
+                outs = {}
+                for us in ("-1", "0", "30"):
+                    monkeypatch.setenv("AIMASS_RNN_TAKEOVER_US", us)
+                    for _ in range(3):  # races differ from run to run
+                        got = s.run({"input_0": x.numpy()})["output"]
+                        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+                        outs.setdefault(us, got)
+                        np.testing.assert_array_equal(got, outs["-1"])
