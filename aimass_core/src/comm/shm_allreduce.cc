@@ -139,25 +139,26 @@ void divide(DType dtype, char* data, size_t n, int world) {
 }
 
 void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
-                 int world) {
+                 int world, char* dst2) {
   if (dtype == DType::F32) {
-    reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n, nullptr,
-               average ? 1.0f / static_cast<float>(world) : 1.0f);
+    reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs), k, reinterpret_cast<float*>(dst), n,
+               reinterpret_cast<float*>(dst2), average ? 1.0f / static_cast<float>(world) : 1.0f);
     return;
   }
   if (dtype == DType::F64) {  // the average divides, as divide() does: folded into the pass
     reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs), k, reinterpret_cast<double*>(dst), n,
-               nullptr, average ? static_cast<double>(world) : 1.0);
+               reinterpret_cast<double*>(dst2), average ? static_cast<double>(world) : 1.0);
     return;
   }
   if (dtype == DType::F16 || dtype == DType::BF16) {  // the average's second rounding in the same pass
     reduce_half_sources(dtype == DType::F16 ? Half::F16 : Half::BF16, elem_op(op),
                         reinterpret_cast<const uint16_t* const*>(srcs), k, reinterpret_cast<uint16_t*>(dst), n,
-                        nullptr, average ? 1.0f / static_cast<float>(world) : 1.0f);
+                        reinterpret_cast<uint16_t*>(dst2), average ? 1.0f / static_cast<float>(world) : 1.0f);
     return;
   }
   reduce_sources(dtype, op, srcs, k, dst, n);
   if (average) divide(dtype, dst, n, world);
+  if (dst2) std::memcpy(dst2, dst, n * dtype_size(dtype));
 }
 
 namespace {
@@ -549,30 +550,10 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
       for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off + d) * es;
       char* r = res + (x - off + d) * es;
-      if (direct && dtype == DType::F32) {
-        reduce_f32(elem_op(op), reinterpret_cast<const float* const*>(srcs.data()), L, reinterpret_cast<float*>(r),
-                   static_cast<size_t>(n), reinterpret_cast<float*>(g.out + at * es),
-                   g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
-        return;
-      }
-      if (direct && dtype == DType::F64) {  // the same, with the average's division
-        reduce_f64(elem_op(op), reinterpret_cast<const double* const*>(srcs.data()), L, reinterpret_cast<double*>(r),
-                   static_cast<size_t>(n), reinterpret_cast<double*>(g.out + at * es),
-                   g.average ? static_cast<double>(world_size) : 1.0);
-        return;
-      }
-      if (direct && (dtype == DType::F16 || dtype == DType::BF16)) {
-        reduce_half_sources(dtype == DType::F16 ? Half::F16 : Half::BF16, elem_op(op),
-                            reinterpret_cast<const uint16_t* const*>(srcs.data()), L, reinterpret_cast<uint16_t*>(r),
-                            static_cast<size_t>(n), reinterpret_cast<uint16_t*>(g.out + at * es),
-                            g.average ? 1.0f / static_cast<float>(world_size) : 1.0f);
-        return;
-      }
-      reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));
-      if (direct) {
-        if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
-        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
-      }
+      if (direct)  // the result slot and the output in one pass, the average folded in
+        reduce_into(dtype, op, srcs.data(), L, r, static_cast<size_t>(n), g.average, world_size, g.out + at * es);
+      else
+        reduce_sources(dtype, op, srcs.data(), L, r, static_cast<size_t>(n));
     });
     if (!direct && e > b) {
       cross_reduce(res + (b + d) * es, e - b);

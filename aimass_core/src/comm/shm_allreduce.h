@@ -45,10 +45,12 @@ ElemOp elem_op(ReduceOp op);
 void reduce_sources(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n);
 // The MPI path's average: divide by the world size (integers truncate).
 void divide(DType dtype, char* data, size_t n, int world);
-// reduce_sources, then the average when asked (folded into the SIMD pass for fp32). dst may be
-// srcs[0] (in place), never another source.
+// reduce_sources, then the average when asked, into dst and, when dst2 is given, into dst2 too (the
+// staged allreduce's result slot and output). fp32, fp64 and fp16/bf16 fold the average and the second
+// store into the SIMD pass; other dtypes divide, then copy. dst may be srcs[0] (in place), never
+// another source.
 void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char* dst, size_t n, bool average,
-                 int world);
+                 int world, char* dst2 = nullptr);
 // One piece of a claimed-piece push (shm_cma.cc run_cma_steal, ll_push.cc): dst = the L ranks'
 // inputs reduced in rank order, so the bits do not depend on which rank claimed the piece. `own` is
 // rank me's input, peer(j) rank j's (read into a scratch buffer). When the own input comes first in
