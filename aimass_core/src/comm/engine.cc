@@ -100,14 +100,13 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   // this cycle (line_offset_code, controller.cc). The single-copy path reads the tensors where they are
   // (it ignores the pads; ShmAllreduce::run stages a batch whose address table outgrows a slot); across
   // nodes the slices go over MPI as laid out, so they stay packed.
-  if (!cross && ar_line_offset >= 0 && segs.size() > 1) {
-    comm::shm_line_pads(segs, dtype_size(wire), ar_line_offset);
-    if (!(c.cma && shm->cma_available()) || segs.size() * 2 * sizeof(uint64_t) > shm->chunk_bytes()) {
-      std::lock_guard<std::mutex> lk(mu);
-      ++st.shm_staged_lined;
-    }
-  }
+  const bool lined = !cross && ar_line_offset >= 0 && segs.size() > 1;
+  if (lined) comm::shm_line_pads(segs, dtype_size(wire), ar_line_offset);
   shm_prepare(c);
+  if (lined && shm->stages(segs.size(), false)) {
+    std::lock_guard<std::mutex> lk(mu);
+    ++st.shm_staged_lined;
+  }
   const auto t0 = Clock::now();
   try {
     shm->run(segs, count, wire, op, size, cross);

@@ -451,9 +451,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   pushed_ = false;
   if (count <= 0) return;
-  // single copy while the segments' address table fits one staging slot; across nodes whenever
-  // possible: one cross-node allreduce per slice instead of one per chunk (fewer waits on the network)
-  if ((cma_on_ || (cross_reduce && cma_ok_)) && segs.size() * 2 * sizeof(uint64_t) <= chunk_bytes_) {
+  if (!stages(segs.size(), static_cast<bool>(cross_reduce))) {
     try {
       return run_cma(segs, count, dtype, op, world_size, cross_reduce);
     } catch (...) {

@@ -125,6 +125,12 @@ class ShmAllreduce {
   // Only where cma_available(); the MPI constructor probes it on every rank (AIMASS_SHM_CMA=0: off).
   void use_cma(bool on) { cma_on_ = on && cma_ok_; }
   bool cma_available() const { return cma_ok_; }
+  // Whether run() stages n segments through the segment rather than copying once: single copy while
+  // the segments' address table fits one staging slot; across nodes whenever possible (one cross-node
+  // allreduce per slice instead of one per chunk: fewer waits on the network).
+  bool stages(size_t nsegs, bool cross) const {
+    return !((cma_on_ || (cross && cma_ok_)) && nsegs * 2 * sizeof(uint64_t) <= chunk_bytes_);
+  }
   // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
   void allow_cma_for_tests(bool push = true, bool steal = true) {
     cma_ok_ = true;
