@@ -286,10 +286,9 @@ int64_t row_local_tokens(const PlanImpl& p, const Step& s) {
 // are 27 MiB a layer and keep the panel split, which reads each weight once).
 constexpr int64_t kChainMaxWeightBytes = int64_t{8} << 20;
 
+// Marks the planned chains in chain_end / chain_tok (sized by build, no chain anywhere).
 void build_row_chains(PlanImpl& p) {
   const int n = static_cast<int>(p.steps.size());
-  p.chain_end.assign(n, -1);
-  p.chain_tok.assign(n, 0);
   for (int i = 0; i < n;) {
     const int64_t tok = row_local_tokens(p, p.steps[i]);
     if (tok == 0) {
@@ -693,13 +692,10 @@ void build(PlanImpl& p, const Model& m, int64_t seq, WeightCache& cache) {
                  "' declares row shape ", shape_str(row), " but the graph computes ", shape_str(vi.row));
     p.output_values.push_back(v);
   }
+  p.chain_end.assign(p.steps.size(), -1);
+  p.chain_tok.assign(p.steps.size(), 0);
   // AIMASS_ROW_CHAINS=0 (read when a plan is built): every step runs on its own (A/B runs)
-  if (env_switch_on("AIMASS_ROW_CHAINS")) {
-    build_row_chains(p);
-  } else {
-    p.chain_end.assign(p.steps.size(), -1);
-    p.chain_tok.assign(p.steps.size(), 0);
-  }
+  if (env_switch_on("AIMASS_ROW_CHAINS")) build_row_chains(p);
   assign_memory(p);
 }
 
