@@ -44,6 +44,10 @@ struct WeightView {
   // wsum (bits 8, per-channel): [N] sum of each int8 weight row (the int16-activation
   // kernels remove the +128 offset of their high byte plane with it).
   const int32_t* wsum;
+  // w4p (bits 4, groups of 128k elements or per-channel, Kp <= 65536, built where the CPU
+  // has AVX2): the int4 weights again, as column panels for the int16-activation kernels
+  // of the AVX2 and AVX-512 levels (layout: int4_panel_* below).
+  const uint8_t* w4p = nullptr;
   // bias [N] or null: the VNNI panels kernel (dynamic_panels) adds it in its register
   // epilogue (y = dot * sx * scale + bias, the same operations and order as adding it after).
   const float* bias = nullptr;
@@ -84,16 +88,32 @@ using WeightOnly16Fn = void (*)(const WeightView& w, const void* qa, const float
 
 // int16 activations for the weight-only int4 kernels (groups a multiple of 128 or
 // per-channel, Kp <= 65536). quant_rows16_int4 quantizes x exactly as QuantRows16Fn (same
-// q and sx) into rows of kInt4A16RowBytes(Kp) bytes in its level's layout: int16 q [Kp]
-// (scalar), or per 128-block 320 bytes (AVX-512 VNNI and AVX2): the low bytes (q & 0xFF) and then
-// the high bytes (q >> 8, signed) in the nibble order of the block (64 bytes for the low
-// nibbles: element 32t + d at byte 4d + t; 64 for the high nibbles: element 32t + 16 + d),
-// then 16 int32 lane corrections -8 * sum of q over lane d (the kernels multiply both
-// planes with the stored nibbles u = w + 8: dot(q, u) - 8 * sum(q) = dot(q, w)). The kernel computes, per group g and lane l (the elements k of the
-// group with k % 16 == l), the exact int32 dot d[g][l] = sum q[k] * w[k], then
-// f[l] = fma(float(d[g][l]), scale[n, g], f[l]) over g in order, and
-// y = lane_sum16(f) * sx[m]: every level gives bit-identical results.
+// q and sx) into rows of int4_a16_row_bytes(Kp) bytes in its level's layout: int16 q [Kp]
+// (scalar), or (AVX2, AVX-512 VNNI) the low bytes lo[k] = q & 0xFF [Kp], the high bytes
+// hi[k] = q >> 8 (signed) [Kp], then one int32 per 128-chunk c: -8 * sum of q over the
+// chunk (the kernels multiply both planes with the stored nibbles u = w + 8:
+// dot(q, u) - 8 * sum(q) = dot(q, w)). Every level computes, per 128-chunk c of k (in
+// order; chunk c lies in group g(c) = 128c / G, or 0 when per-channel), the exact int32 dot
+// d[c] = sum q[k] * w[k] (|d| < 2^25), then f = fma(float(d[c]), scale[n, g(c)], f) and
+// y = f * sx[m]: every level gives bit-identical results.
 inline int64_t int4_a16_row_bytes(int64_t Kp) { return 3 * Kp; }
+
+// The panel layout of w4p. Columns in blocks of 64 (N rounded up; padding decodes to 0 with
+// scale 0); a block is one sequential stream of Kp / 128 chunks of kInt4PanelChunkBytes:
+// 16 steps of 8 k, each 4 panels of 16 columns x 4 bytes (one 64-byte line per panel:
+// byte t of column j holds u[k + t] in its low and u[k + 4 + t] in its high nibble,
+// u = w + 8), then the 64 columns' fp32 scales for the chunk's group. One AND and one
+// shift give two vpdpbusd operands of 16 columns x 4 k, each meeting a broadcast 4-byte
+// group of x's byte planes: the accumulators are columns, so no horizontal sums, and a
+// chunk's int32 -> fp32 conversion and scale FMA are shared by 16 columns.
+constexpr int64_t kInt4PanelStepBytes = 256;
+constexpr int64_t kInt4PanelChunkBytes = 16 * kInt4PanelStepBytes + 64 * 4;
+inline int64_t int4_panel_block_bytes(int64_t Kp) { return Kp / 128 * kInt4PanelChunkBytes; }
+// Byte of the panel block holding element k of column j (0..63) and its nibble shift.
+inline int64_t int4_panel_byte(int64_t j, int64_t k) {
+  return (k >> 7) * kInt4PanelChunkBytes + ((k & 127) >> 3) * kInt4PanelStepBytes + j * 4 + (k & 3);
+}
+inline int int4_panel_shift(int64_t k) { return (k & 4) ? 4 : 0; }
 // Fixed-order sum of 16 lanes (a tree), shared by every level so results match bit for bit.
 static inline float lane_sum16(const float* v) {
   float a[8], b[4];

@@ -4,6 +4,8 @@
 // pair sum is at most 2*127*127 = 32258 and int16 never saturates).
 #include <immintrin.h>
 
+#include <algorithm>
+
 // GCC 12 flags its own _mm512_undefined_* helpers inside the reduce intrinsics.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -374,89 +376,99 @@ void weight_only_int8_a16(const WeightView& w, const void* qa, const float* sx, 
 }
 
 // ---------------------------------------------------------------- weight-only int4, int16 activations
-// The AVX-512 layout (kernels.h) with vpdpbusd emulated exactly: vpmaddubsw (u8 x s8 pair
-// sums <= 2 * 255 * 15 for the low plane, 2 * 15 * 128 for the high plane; two of them
-// added stay < 2^15) then vpmaddwd with ones gives each dword's 4-byte dot, lanes 0-7 and 8-15 in
-// two registers. Same lanes, same order: the same bits as the scalar reference.
+// The AVX-512 kernel's column panels (kernels.h: int4_panel_*) and x layout, a 64-byte
+// panel line as two registers of 8 columns. vpdpbusd is emulated exactly: vpmaddubsw pair
+// sums (low plane u8 x u <= 2 * 255 * 15, u x high plane s8 <= 2 * 15 * 128; the two nibble
+// halves added stay < 2^15), then vpmaddwd with 1 for the low plane and 256 for the high
+// plane into one int32 accumulator per 8 columns (a chunk's dot stays below 2^26). Same
+// integers, same chunk order: the scalar reference's bits.
 void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
+  const __m256i byte = _mm256_set1_epi16(0xFF), ones = _mm256_set1_epi16(1);
   for (int64_t m = 0; m < M; ++m) {
     uint8_t* row = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
-    // int16 q into the row's last 2 * Kp bytes, then blocks rewritten in place from the
-    // front: block b's output ends at 320 (b + 1) <= Kp + 256 (b + 1), where block b + 1's
-    // input starts (its own input is copied out first).
+    // the corrections go to [2Kp, ...) once q (which lies there too) is read
+    int32_t corr[65536 / 128];
+    // int16 q into the row's last 2 * Kp bytes ([Kp, 3Kp)); the planes are written from the
+    // front, each 32-element step reading q before the hi plane ([Kp, 2Kp)) overwrites it:
+    // plane bytes [Kp + k, Kp + k + 32) lie below q's bytes [Kp + 2k, ...) of later steps.
+    const int16_t* q = reinterpret_cast<const int16_t*>(row + Kp);
     quant_rows16(x + m * ldx, ldx, 1, K, Kp, row + Kp, sx + m);
-    for (int64_t b = 0; b < Kp / 128; ++b) {
-      int16_t blk[128];
-      __builtin_memcpy(blk, row + Kp + 256 * b, sizeof(blk));
-      int4_a16_block(blk, row + 320 * b);
-    }
-  }
-}
-
-template <int MR, int NR>
-inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
-  const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 f[MR][NR][2];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) f[i][j][0] = f[i][j][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.ngk; ++g) {
-    __m256i al[MR][NR][2], ah[MR][NR][2], cs[MR][2];
-    for (int i = 0; i < MR; ++i)
-      for (int h = 0; h < 2; ++h) {
-        cs[i][h] = _mm256_setzero_si256();
-        for (int j = 0; j < NR; ++j) al[i][j][h] = ah[i][j][h] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < Kp; k0 += 128) {
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + 128; k += 32) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k + 16));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones)));
+        // packus / packs work per 128-bit lane: permute the quadwords back to k order
+        const __m256i l = _mm256_permute4x64_epi64(
+            _mm256_packus_epi16(_mm256_and_si256(a, byte), _mm256_and_si256(b, byte)), 0xD8);
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi16(_mm256_srai_epi16(a, 8), _mm256_srai_epi16(b, 8)), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k), l);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + Kp + k), h);
       }
-    for (int64_t k = g * w.Gk; k < (g + 1) * w.Gk; k += 128) {
-      const uint8_t* blk = qa + (k / 128) * 320;
-      for (int i = 0; i < MR; ++i)
-        for (int h = 0; h < 2; ++h)
-          cs[i][h] = _mm256_add_epi32(cs[i][h],
-                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + i * rs + 256 + 32 * h)));
-      for (int j = 0; j < NR; ++j)
-        for (int h = 0; h < 2; ++h) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w4 + (n + j) * wrs + k / 2 + 32 * h));
-          const __m256i u0 = _mm256_and_si256(v, low4), u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          for (int i = 0; i < MR; ++i) {
-            const uint8_t* a = blk + i * rs + 32 * h;
-            const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-            const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 64));
-            const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 128));
-            const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 192));
-            const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(l0, u0), _mm256_maddubs_epi16(l1, u1));
-            const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(u0, h0), _mm256_maddubs_epi16(u1, h1));
-            al[i][j][h] = _mm256_add_epi32(al[i][j][h], _mm256_madd_epi16(pl, ones));
-            ah[i][j][h] = _mm256_add_epi32(ah[i][j][h], _mm256_madd_epi16(ph, ones));
-          }
-        }
+      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      const __m128i u = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      corr[k0 / 128] = -8 * _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
     }
-    for (int j = 0; j < NR; ++j) {
-      const __m256 s = _mm256_set1_ps(w.scale[(n + j) * w.ng + g]);
-      for (int i = 0; i < MR; ++i)
-        for (int h = 0; h < 2; ++h) {
-          const __m256i d =
-              _mm256_add_epi32(_mm256_slli_epi32(ah[i][j][h], 8), _mm256_add_epi32(al[i][j][h], cs[i][h]));
-          f[i][j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, f[i][j][h]);
-        }
-    }
+    __builtin_memcpy(row + 2 * Kp, corr, static_cast<size_t>(Kp / 128) * 4);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      alignas(32) float lanes[16];
-      _mm256_store_ps(lanes, f[i][j][0]);
-      _mm256_store_ps(lanes + 8, f[i][j][1]);
-      y[i * ldy + n + j] = lane_sum16(lanes) * sx[i];
-    }
 }
 
+inline __m256i bcast4(const uint8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// One x row, NP panels from P0 (2 registers of 8 columns each) of the 64-column block.
+template <int P0, int NP>
+inline void wo4a16_panels(const WeightView& w, const uint8_t* qa, float sx, float* y, int64_t n, const uint8_t* blk) {
+  const int64_t Kp = w.Kp;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  __m256 f[2 * NP];
+  for (int r = 0; r < 2 * NP; ++r) f[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < Kp / 128; ++c) {
+    const uint8_t* ch = blk + c * kInt4PanelChunkBytes;
+    __m256i acc[2 * NP];
+    const __m256i c0 = _mm256_set1_epi32(reinterpret_cast<const int32_t*>(qa + 2 * Kp)[c]);
+    for (int r = 0; r < 2 * NP; ++r) acc[r] = c0;
+    for (int s = 0; s < 16; ++s) {
+      const uint8_t* q = qa + 128 * c + 8 * s;
+      const __m256i bl0 = bcast4(q), bl1 = bcast4(q + 4), bh0 = bcast4(q + Kp), bh1 = bcast4(q + Kp + 4);
+      const uint8_t* ws = ch + s * kInt4PanelStepBytes + 64 * P0;
+      for (int r = 0; r < 2 * NP; ++r) {
+        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(ws + 32 * r));
+        const __m256i u0 = _mm256_and_si256(v, low4), u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(bl0, u0), _mm256_maddubs_epi16(bl1, u1));
+        const __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(u0, bh0), _mm256_maddubs_epi16(u1, bh1));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, c256)));
+      }
+    }
+    const float* sc = reinterpret_cast<const float*>(ch + 16 * kInt4PanelStepBytes) + 16 * P0;
+    for (int r = 0; r < 2 * NP; ++r)
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_load_ps(sc + 8 * r), f[r]);
+  }
+  const __m256 sv = _mm256_set1_ps(sx);
+  for (int r = 0; r < 2 * NP; ++r) {
+    const int64_t col = n + 16 * P0 + 8 * r, left = w.N - col;
+    if (left <= 0) break;
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_mul_ps(f[r], sv));
+    for (int64_t e = 0; e < std::min<int64_t>(8, left); ++e) y[col + e] = out[e];
+  }
+}
+
+// n0 is a multiple of 64 (the driver splits on blocks); n1 is one or N.
 void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
                           int64_t n0, int64_t n1) {
   const uint8_t* q = static_cast<const uint8_t*>(qa);
-  const int64_t rs = int4_a16_row_bytes(w.Kp);
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) wo4a16_tile<1, 2>(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
-    for (; n < n1; ++n) wo4a16_tile<1, 1>(w, q + m * rs, sx + m, y + m * ldy, ldy, n);
+  const int64_t rs = int4_a16_row_bytes(w.Kp), bb = int4_panel_block_bytes(w.Kp);
+  for (int64_t n = n0; n < n1; n += 64) {
+    const uint8_t* blk = w.w4p + (n / 64) * bb;
+    for (int64_t m = 0; m < M; ++m) {
+      wo4a16_panels<0, 2>(w, q + m * rs, sx[m], y + m * ldy, n, blk);
+      if (n + 32 < w.N) wo4a16_panels<2, 2>(w, q + m * rs, sx[m], y + m * ldy, n, blk);
+    }
   }
 }
 

@@ -641,17 +641,21 @@ void dynamic_int4(const WeightView& w, const int8_t* qxp, const int32_t* qsum, c
 }
 
 // ---------------------------------------------------------------- weight-only int4, int16 activations (VNNI)
-// Layout and arithmetic: kernels.h (quant_rows16_int4). Per 128-block and weight row, one
-// 64-byte load gives the low and high nibbles u = w + 8 (AND / shift, once for all x rows);
-// both byte planes meet u directly (low plane u8 x u as s8, u x high plane s8), and the
-// +8 * sum(q) this adds is removed by the per-lane corrections -8 * sum(q). 4 vpdpbusd per
-// row and block (int32 arithmetic wraps, and the final dot fits); the group's int32 lanes
-// are converted once and FMA'd with its scale.
+// Layouts and arithmetic: kernels.h (quant_rows16_int4, int4_panel_*). The weights are
+// read as column panels: per 8 k and 16 columns one 64-byte line gives, with one AND and
+// one shift + AND, the nibbles u = w + 8 of k..k+3 and k+4..k+7 as the 4-byte dwords of 16
+// column lanes. x's byte planes are broadcast 4 bytes at a time: the low plane as u8 x u,
+// u x the high plane as s8 (4 vpdpbusd per 128 weights, the floor of this instruction
+// mix). The accumulators are 16 columns each, so a chunk of 128 k ends with one shift,
+// two adds (the +8 correction rides in the accumulator's start value), one conversion and
+// one FMA per 16 columns, instead of per weight row; no horizontal sums. A 64-column
+// block is one sequential stream (the scales inline), and the whole weight one stream.
 void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, void* qa, float* sx) {
-  const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
+  const __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     uint8_t* out = static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp);
+    int32_t* corr = reinterpret_cast<int32_t*>(out + 2 * Kp);
     float a, p;
     scan_row(xr, K, a, p);
     if (p != 0.f || p != p) {
@@ -661,102 +665,114 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
       sx[m] = a / 32767.f;
     }
     const __m512 inv = _mm512_set1_ps(a > 0.f ? 32767.f / a : 0.f);
-    for (int64_t k0 = 0; k0 < Kp; k0 += 128, out += 320) {
-      __m512i r[8];
+    for (int64_t k0 = 0; k0 < Kp; k0 += 128) {
+      __m512i sum = _mm512_setzero_si512();
       for (int v = 0; v < 8; ++v) {
         const int64_t k = k0 + 16 * v, left = K - k;
         const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF)
                                         : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
-        r[v] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), inv));  // nearest even
-        r[v] = _mm512_min_epi32(_mm512_max_epi32(r[v], lo), hi);
+        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), inv));  // nearest even
+        r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+        sum = _mm512_add_epi32(sum, r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(r));  // q & 0xFF
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + Kp + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)));
       }
-      // Vector v holds elements 16v + d in lane d; nibble vector 0 wants element 32t + d
-      // (= vector 2t) at byte t of lane d, nibble vector 1 element 32t + 16 + d (vector 2t + 1).
-      __m512i hsum = _mm512_setzero_si512();
-      for (int half = 0; half < 2; ++half) {
-        __m512i pl = _mm512_setzero_si512(), ph = _mm512_setzero_si512();
-        for (int t = 0; t < 4; ++t) {
-          const __m512i q = r[2 * t + half], qh = _mm512_srai_epi32(q, 8);
-          pl = _mm512_or_si512(pl, _mm512_slli_epi32(_mm512_and_si512(q, byte), 8 * t));
-          ph = _mm512_or_si512(ph, _mm512_slli_epi32(_mm512_and_si512(qh, byte), 8 * t));
-          hsum = _mm512_add_epi32(hsum, q);
-        }
-        _mm512_storeu_si512(out + 64 * half, pl);
-        _mm512_storeu_si512(out + 128 + 64 * half, ph);
-      }
-      _mm512_storeu_si512(out + 256, _mm512_mullo_epi32(hsum, _mm512_set1_epi32(-8)));
+      corr[k0 / 128] = -8 * _mm512_reduce_add_epi32(sum);
     }
   }
 }
 
-template <int MR, int NR>
-inline void wo4a16_tile(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n) {
-  const int64_t rs = int4_a16_row_bytes(w.Kp), wrs = w.Kp / 2;
+inline __m512i bcast4(const uint8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// MR x rows, panels [P0, P0 + NP) of the 64-column block at `blk` (columns n..n+63 of y),
+// for every chunk of k. 1 x 4 panels or 2 x 2: 8 int32 and 4 fp32 accumulators plus the
+// broadcasts stay in the 32 registers.
+template <int MR, int P0, int NP>
+inline void wo4a16_panels(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
+                          const uint8_t* blk) {
+  const int64_t rs = int4_a16_row_bytes(w.Kp), Kp = w.Kp;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 f[MR][NR];
+  __m512 f[MR][NP];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) f[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < w.ngk; ++g) {
-    __m512i al[MR][NR], ah[MR][NR], cs[MR];
+    for (int p = 0; p < NP; ++p) f[i][p] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < Kp / 128; ++c) {
+    const uint8_t* ch = blk + c * kInt4PanelChunkBytes;
+    __m512i al[MR][NP], ah[MR][NP];
     for (int i = 0; i < MR; ++i) {
-      cs[i] = _mm512_setzero_si512();
-      for (int j = 0; j < NR; ++j) al[i][j] = ah[i][j] = _mm512_setzero_si512();
-    }
-    for (int64_t k = g * w.Gk; k < (g + 1) * w.Gk; k += 128) {
-      const uint8_t* blk = qa + (k / 128) * 320;
-      __m512i l0[MR], l1[MR], h0[MR], h1[MR];
-      for (int i = 0; i < MR; ++i) {
-        l0[i] = _mm512_loadu_si512(blk + i * rs);
-        l1[i] = _mm512_loadu_si512(blk + i * rs + 64);
-        h0[i] = _mm512_loadu_si512(blk + i * rs + 128);
-        h1[i] = _mm512_loadu_si512(blk + i * rs + 192);
-        cs[i] = _mm512_add_epi32(cs[i], _mm512_loadu_si512(blk + i * rs + 256));
+      const __m512i c0 = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(qa + i * rs + 2 * Kp)[c]);
+      for (int p = 0; p < NP; ++p) {
+        al[i][p] = c0;
+        ah[i][p] = _mm512_setzero_si512();
       }
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* wp = w.w4 + (n + j) * wrs + k / 2;
-        const __m512i v = _mm512_loadu_si512(wp);
-        // the same offset of the tile after next: rows of a tile are separate streams
-        _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * NR * wrs), _MM_HINT_T1);
+    }
+    const uint8_t* xl = qa + 128 * c;
+    for (int s = 0; s < 16; ++s) {
+      __m512i bl0[MR], bl1[MR], bh0[MR], bh1[MR];
+      for (int i = 0; i < MR; ++i) {
+        const uint8_t* q = xl + i * rs + 8 * s;
+        bl0[i] = bcast4(q);
+        bl1[i] = bcast4(q + 4);
+        bh0[i] = bcast4(q + Kp);
+        bh1[i] = bcast4(q + Kp + 4);
+      }
+      const uint8_t* ws = ch + s * kInt4PanelStepBytes + 64 * P0;
+      for (int p = 0; p < NP; ++p) {
+        const __m512i v = _mm512_load_si512(ws + 64 * p);
         const __m512i u0 = _mm512_and_si512(v, low4), u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int i = 0; i < MR; ++i) {
-          dpbusd(al[i][j], l0[i], u0);
-          dpbusd(al[i][j], l1[i], u1);
-          dpbusd(ah[i][j], u0, h0[i]);
-          dpbusd(ah[i][j], u1, h1[i]);
+          dpbusd(al[i][p], bl0[i], u0);
+          dpbusd(al[i][p], bl1[i], u1);
+          dpbusd(ah[i][p], u0, bh0[i]);
+          dpbusd(ah[i][p], u1, bh1[i]);
         }
       }
     }
-    for (int j = 0; j < NR; ++j) {
-      const __m512 s = _mm512_set1_ps(w.scale[(n + j) * w.ng + g]);
+    const float* sc = reinterpret_cast<const float*>(ch + 16 * kInt4PanelStepBytes) + 16 * P0;
+    for (int p = 0; p < NP; ++p) {
+      const __m512 s = _mm512_load_ps(sc + 16 * p);
       for (int i = 0; i < MR; ++i) {
-        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(ah[i][j], 8), _mm512_add_epi32(al[i][j], cs[i]));
-        f[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i][j]);
+        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(ah[i][p], 8), al[i][p]);
+        f[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i][p]);
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, f[i][j]);
-      y[i * ldy + n + j] = lane_sum16(lanes) * sx[i];
+  for (int i = 0; i < MR; ++i) {
+    const __m512 sv = _mm512_set1_ps(sx[i]);
+    for (int p = 0; p < NP; ++p) {
+      const int64_t col = n + 16 * (P0 + p), left = w.N - col;
+      if (left <= 0) break;
+      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      _mm512_mask_storeu_ps(y + i * ldy + col, mk, _mm512_mul_ps(f[i][p], sv));
     }
+  }
 }
 
-template <int NR>
-inline void wo4a16_rows(const WeightView& w, const uint8_t* qa, const float* sx, int64_t M, float* y, int64_t ldy,
-                        int64_t n) {
-  const int64_t rs = int4_a16_row_bytes(w.Kp);
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2) wo4a16_tile<2, NR>(w, qa + m * rs, sx + m, y + m * ldy, ldy, n);
-  if (m < M) wo4a16_tile<1, NR>(w, qa + m * rs, sx + m, y + m * ldy, ldy, n);
+template <int MR>
+inline void wo4a16_block(const WeightView& w, const uint8_t* qa, const float* sx, float* y, int64_t ldy, int64_t n,
+                         const uint8_t* blk) {
+  if (MR == 1) {
+    wo4a16_panels<1, 0, 4>(w, qa, sx, y, ldy, n, blk);
+  } else {
+    wo4a16_panels<MR, 0, 2>(w, qa, sx, y, ldy, n, blk);
+    if (n + 32 < w.N) wo4a16_panels<MR, 2, 2>(w, qa, sx, y, ldy, n, blk);
+  }
 }
 
+// n0 is a multiple of 64 (the driver splits on blocks); n1 is one or N.
 void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
                           int64_t n0, int64_t n1) {
   const uint8_t* q = static_cast<const uint8_t*>(qa);
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) wo4a16_rows<4>(w, q, sx, M, y, ldy, n);
-  for (; n < n1; ++n) wo4a16_rows<1>(w, q, sx, M, y, ldy, n);
+  const int64_t rs = int4_a16_row_bytes(w.Kp), bb = int4_panel_block_bytes(w.Kp);
+  for (int64_t n = n0; n < n1; n += 64) {
+    const uint8_t* blk = w.w4p + (n / 64) * bb;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) wo4a16_block<2>(w, q + m * rs, sx + m, y + m * ldy, ldy, n, blk);
+    if (m < M) wo4a16_block<1>(w, q + m * rs, sx + m, y + m * ldy, ldy, n, blk);
+  }
 }
 
 }  // namespace

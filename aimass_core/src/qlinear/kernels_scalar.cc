@@ -118,8 +118,8 @@ void quant_rows16_int4(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
     quant_rows16(x + m * ldx, ldx, 1, K, Kp, static_cast<uint8_t*>(qa) + m * int4_a16_row_bytes(Kp), sx + m);
 }
 
-// The reference of the int4 int16-activation kernels (kernels.h): lane-wise exact int32
-// dots per group, fp32 fma with the group scale in group order, fixed lane tree.
+// The reference of the int4 int16-activation kernels (kernels.h): an exact int32 dot per
+// 128-chunk of k, then fp32 fma with the chunk's group scale, chunks in order.
 void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, int64_t M, float* y, int64_t ldy,
                           int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -127,15 +127,14 @@ void weight_only_int4_a16(const WeightView& w, const void* qa, const float* sx, 
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* q =
           reinterpret_cast<const int16_t*>(static_cast<const uint8_t*>(qa) + m * int4_a16_row_bytes(w.Kp));
-      float f[16] = {};
-      for (int64_t g = 0; g < w.ngk; ++g) {
-        int32_t d[16] = {};
-        const int64_t k1 = std::min((g + 1) * w.Gk, w.K);
-        for (int64_t k = g * w.Gk; k < k1; ++k) d[k & 15] += static_cast<int32_t>(q[k]) * int4_get(wr, k);
-        const float s = w.scale[n * w.ng + g];
-        for (int l = 0; l < 16; ++l) f[l] = std::fma(static_cast<float>(d[l]), s, f[l]);
+      float f = 0.f;
+      for (int64_t c = 0; c < w.Kp / 128; ++c) {
+        int32_t d = 0;
+        const int64_t k1 = std::min(128 * (c + 1), w.K);
+        for (int64_t k = 128 * c; k < k1; ++k) d += static_cast<int32_t>(q[k]) * int4_get(wr, k);
+        f = std::fma(static_cast<float>(d), w.scale[n * w.ng + (w.per_channel ? 0 : 128 * c / w.G)], f);
       }
-      y[m * ldy + n] = lane_sum16(f) * sx[m];
+      y[m * ldy + n] = f * sx[m];
     }
   }
 }

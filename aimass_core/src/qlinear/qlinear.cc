@@ -64,6 +64,7 @@ struct PackedLinearImpl {
   mutable std::vector<int32_t> colsum;
   mutable std::vector<float> corr;
   mutable AlignedBuffer wvnni;  // 64-byte (or huge-page) aligned VNNI blocks
+  AlignedBuffer w4p;            // int4 column panels (kernels.h), see build_int4_panels
   mutable std::once_flag rows_once;
   mutable WeightView dyn_view{};
 
@@ -138,6 +139,38 @@ struct PackedLinearImpl {
     return v;
   }
 
+  // w4p from the block-ordered nibbles w4 and the scales, where the AVX2 / AVX-512
+  // int16-activation kernels can read it (kernels.h: int4_panel_*). Built at pack time
+  // (not on first use) so a first call costs what the others do.
+  void build_int4_panels() {
+    const int64_t N = view.N, K = view.K, Kp = view.Kp, nb = (N + 63) / 64;
+    const int64_t bb = detail::int4_panel_block_bytes(Kp);
+    w4p = AlignedBuffer(static_cast<size_t>(nb * bb));
+    uint8_t* base = static_cast<uint8_t*>(w4p.data());
+    std::memset(base, 0x88, w4p.size());  // nibbles u = 8 (w = 0); scales overwritten below
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* blk = base + b * bb;
+      for (int64_t c = 0; c < Kp / 128; ++c) {
+        float* sc = reinterpret_cast<float*>(blk + c * detail::kInt4PanelChunkBytes + 16 * detail::kInt4PanelStepBytes);
+        const int64_t g = view.per_channel ? 0 : c * 128 / view.G;
+        for (int64_t j = 0; j < 64; ++j) {
+          const int64_t n = b * 64 + j;
+          sc[j] = n < N ? scale[n * view.ng + g] : 0.f;
+        }
+      }
+      for (int64_t j = 0; j < 64 && b * 64 + j < N; ++j) {
+        const uint8_t* row = w4.data() + (b * 64 + j) * (Kp / 2);
+        for (int64_t k = 0; k < K; ++k) {
+          uint8_t& d = blk[detail::int4_panel_byte(j, k)];
+          const int sh = detail::int4_panel_shift(k);
+          const int u = (row[detail::int4_byte(k)] >> detail::int4_shift(k)) & 15;
+          d = static_cast<uint8_t>((d & ~(0xF << sh)) | (u << sh));
+        }
+      }
+    }
+    view.w4p = base;
+  }
+
   // wvnni from int8 rows wq [N, ld] (K valid columns) in the block layout of kernels.h.
   const int8_t* build_vnni_blocks(const int8_t* wq, int64_t ld) const {
     const int64_t N = view.N, K = view.K, Kp = view.Kp, nb = (N + 63) / 64;
@@ -163,7 +196,7 @@ int64_t PackedLinear::group_size() const { return impl_->view.per_channel ? 0 : 
 int64_t PackedLinear::nbytes() const {
   return static_cast<int64_t>(impl_->w8.size() + impl_->w4.size() + impl_->scale.size() * 4 + impl_->wsum.size() * 4 +
                               impl_->wq4.size() + impl_->colsum.size() * 4 + impl_->corr.size() * 4 +
-                              impl_->wvnni.size());
+                              impl_->wvnni.size() + impl_->w4p.size());
 }
 
 const char* linear_kernel_name(LinearKernel k) {
@@ -225,7 +258,9 @@ constexpr int64_t kInt16MaxKp = int64_t{1} << 16;
 bool int16_supported(const WeightView& v) {
   if (v.Kp > kInt16MaxKp) return false;
   if (v.bits == 8) return v.per_channel;
-  return (v.per_channel || v.G % 128 == 0) && table_for(simd_level()).weight_only_int4_a16 != nullptr;
+  // the AVX2 / AVX-512 kernels read the panels (always built where those levels can run)
+  return (v.per_channel || v.G % 128 == 0) && table_for(simd_level()).weight_only_int4_a16 != nullptr &&
+         (simd_level() == SimdLevel::Scalar || v.w4p != nullptr);
 }
 
 bool dynamic_supported(const WeightView& v) {
@@ -294,6 +329,9 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.scale = impl->scale.data();
   v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
   if (blocks_only) v.wvnni = impl->build_vnni_blocks(static_cast<const int8_t*>(data), K);
+  if (bits == 4 && (v.per_channel || v.G % 128 == 0) && v.Kp <= kInt16MaxKp && cpu_features().avx2 &&
+      cpu_features().fma)
+    impl->build_int4_panels();
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -386,9 +424,10 @@ void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t
       t.quant_rows16_int4(x + b * v.K, v.K, e - b, v.K, v.Kp, qa.data() + b * rb, sx.data() + b);
     });
   }
+  // the SIMD kernels work on 64-column blocks of the panels
   parallel_rows(v.N, v.Kp, M, [&](int64_t b, int64_t e) {
     t.weight_only_int4_a16(v, qa.data(), sx.data(), M, y, v.N, b, e);
-  });
+  }, simd_level() == SimdLevel::Scalar ? 8 : 64);
 }
 
 void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
