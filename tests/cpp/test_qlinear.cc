@@ -10,6 +10,7 @@
 
 #include "aimass/cpu_features.h"
 #include "aimass/error.h"
+#include "aimass/parallel.h"
 #include "aimass/qlinear.h"
 
 namespace {
@@ -109,6 +110,62 @@ INSTANTIATE_TEST_SUITE_P(Shapes, QLinear,
                                            std::make_tuple(4, int64_t{33}, int64_t{384}, int64_t{128}),
                                            std::make_tuple(4, int64_t{21}, int64_t{99}, int64_t{0}),
                                            std::make_tuple(4, int64_t{16}, int64_t{96}, int64_t{32})));
+
+// int4 weight-only with int16 activations: the AVX2 / AVX-512 kernels read the weights as
+// 64-column panels (kernels.h); N tails inside a block, in its second half and across
+// thread chunks, K padded to 128, groups of 128 / 256 / per-channel, 1-5 rows (the 2-row
+// tile and its 1-row tail), 1 and 2 threads: every level gives the scalar reference's bits,
+// and x of integers (q == x, sx == 1) with power-of-two scales give the exact dot.
+TEST(QLinearInt4Int16, PanelsMatchScalarBitsAndExactDots) {
+  const aimass::SimdLevel best = aimass::simd_level();
+  const int threads0 = aimass::num_threads();
+  for (auto [N, K, G] : {std::make_tuple(int64_t{131}, int64_t{1000}, int64_t{0}),
+                         std::make_tuple(int64_t{97}, int64_t{384}, int64_t{128}),
+                         std::make_tuple(int64_t{65}, int64_t{512}, int64_t{256}),
+                         std::make_tuple(int64_t{1}, int64_t{128}, int64_t{128}),
+                         std::make_tuple(int64_t{200}, int64_t{640}, int64_t{128})}) {
+    Weight w = make_weight(4, N, K, G, static_cast<uint32_t>(N + K));
+    std::mt19937 rng(static_cast<uint32_t>(N * K));
+    for (auto& s : w.scale) s = std::ldexp(1.f, -static_cast<int>(rng() % 4) - 1);  // 2^-1 .. 2^-4
+    auto packed = aimass::quant::pack_linear(4, N, K, G, w.data.data(), w.scale.data());
+    std::vector<float> deq(static_cast<size_t>(N * K));
+    aimass::quant::dequantize_linear_weight(4, N, K, G, w.data.data(), w.scale.data(), deq.data());
+    for (int64_t M : {1, 2, 3, 5}) {
+      std::vector<float> xi(static_cast<size_t>(M * K)), xg(xi.size());
+      std::uniform_int_distribution<int> id(-100, 100);  // |y| < 2^19 in steps of 2^-4
+      std::normal_distribution<float> nd;
+      for (auto& v : xi) v = static_cast<float>(id(rng));
+      for (int64_t m = 0; m < M; ++m) xi[m * K + rng() % K] = (m % 2) ? -32767.f : 32767.f;  // q == x
+      for (auto& v : xg) v = nd(rng);
+      for (int which = 0; which < 2; ++which) {
+        const std::vector<float>& x = which == 0 ? xi : xg;
+        std::vector<float> want;
+        for (int lvl = 0; lvl <= static_cast<int>(best); ++lvl) {
+          aimass::set_simd_level(static_cast<aimass::SimdLevel>(lvl));
+          for (int th : {1, 2}) {
+            aimass::set_num_threads(th);
+            ASSERT_STREQ(aimass::quant::plan_linear(*packed, M, LinearKernel::WeightOnly).activations, "int16");
+            std::vector<float> y(static_cast<size_t>(M * N), -1.f);
+            aimass::quant::linear(*packed, x.data(), M, nullptr, y.data(), LinearKernel::WeightOnly);
+            if (want.empty()) want = y;
+            for (int64_t i = 0; i < M * N; ++i)
+              ASSERT_EQ(y[i], want[i]) << "level " << lvl << " threads " << th << " N " << N << " K " << K << " G "
+                                       << G << " M " << M << " i " << i;
+          }
+        }
+        if (which == 0)  // every step exact: the double model of sum_k x * deq
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              double s = 0;
+              for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[m * K + k]) * deq[n * K + k];
+              ASSERT_EQ(static_cast<double>(want[m * N + n]), s) << "N " << N << " K " << K << " m " << m << " n " << n;
+            }
+      }
+    }
+  }
+  aimass::set_simd_level(best);
+  aimass::set_num_threads(threads0);
+}
 
 // linear(.., epi): the epilogue sees each output once, after the bias, on every path (the dynamic
 // VNNI path per block of columns, from the pool's threads; the others once on [0, N)), and the
