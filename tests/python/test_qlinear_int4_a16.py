@@ -76,7 +76,10 @@ def test_integer_group_dots_are_exact(lvl, g, level):
     np.testing.assert_array_equal(compress.linear(x, p, kernel="weight_only"), ref.astype(np.float32))
 
 
-@pytest.mark.parametrize("n,k,g", [(45, 384, 128), (21, 99, 0), (40, 512, 256), (67, 1000, 0), (9, 128, 128)])
+# N tails inside a 64-column panel block, in its second half (97, 131) and across thread
+# chunks (193), K padded to 128 (99, 200, 1000)
+@pytest.mark.parametrize("n,k,g", [(45, 384, 128), (21, 99, 0), (40, 512, 256), (67, 1000, 0), (9, 128, 128),
+                                   (131, 1000, 0), (97, 384, 128), (1, 200, 0), (193, 256, 128)])
 def test_levels_bit_identical_and_within_bound(n, k, g, level):
     """Gaussian rows, tails in M (2-row tiles), N (4-row tiles) and K (padding to 128), at 1
     and 2 threads: every level with the kernel gives the scalar reference's bits, and all
@@ -156,3 +159,29 @@ def test_largest_rows_exact(level):
         assert (np.abs(outs[-1] - ref) <= int16_bound(x, deq) + 1e-6 * np.abs(ref).max()).all(), lvl
     for y in outs[1:]:
         np.testing.assert_array_equal(y, outs[0])
+
+
+def test_quantized_linear_module_matches_scalar_reference(level):
+    """The nn.Module path (QuantizedLinear, bias, 3-D x, odd N, per-channel K = 1000 and
+    group 128): at every level the bits of the scalar reference plus the bias, within the
+    int16 bound of the fp32 dequantized layer."""
+    torch = pytest.importorskip("torch")
+    from aimass.compress import QuantizedLinear
+    torch.manual_seed(0)
+    for n, k, g in ((131, 1000, None), (67, 384, 128)):
+        lin = torch.nn.Linear(k, n)
+        qm = QuantizedLinear.from_linear(lin, bits=4, group_size=g)
+        x = torch.randn(2, 3, k)
+        outs = {}
+        for lvl in A16_LEVELS:
+            aimass.set_simd_level(lvl)
+            assert qm.packed().plan(2) == ("weight_only", "int16")
+            with torch.no_grad():
+                outs[lvl] = qm(x[:, :1]).numpy()  # 2 rows: the weight_only int16 path at every level
+        for lvl, y in outs.items():
+            np.testing.assert_array_equal(y, outs["scalar"], err_msg=lvl)
+        deq = compress.dequantize_weight(qm.packed()).astype(np.float64)
+        x2 = x[:, :1].reshape(2, k).numpy()
+        ref = x2.astype(np.float64) @ deq.T + lin.bias.detach().numpy()
+        bound = int16_bound(x2, deq) + 1e-5 * np.abs(ref).max()
+        assert (np.abs(outs["scalar"].reshape(2, n) - ref) <= bound).all()
