@@ -185,3 +185,27 @@ def test_quantized_linear_module_matches_scalar_reference(level):
         ref = x2.astype(np.float64) @ deq.T + lin.bias.detach().numpy()
         bound = int16_bound(x2, deq) + 1e-5 * np.abs(ref).max()
         assert (np.abs(outs["scalar"].reshape(2, n) - ref) <= bound).all()
+
+
+@pytest.mark.skipif(BEST == "scalar", reason="the panels are built where the CPU has AVX2")
+def test_panels_only_until_a_block_kernel_runs(level):
+    """int4 weights grouped by 128k (or per-channel) are kept only as 64-column panels (N
+    rounded up to 64; per 128-chunk 4096 bytes of nibbles + 64 fp32 scales) beside the
+    N x ng scales; the first call of a kernel that reads the nibble blocks (fp32
+    activations, dynamic_int8, the scalar level) rebuilds them once (N x Kp / 2 bytes),
+    and every result is the same before and after."""
+    n, k = 70, 256
+    rng, q, scale, deq, p = make(n, k, 128, seed=9)
+    assert p.nbytes == 2 * (k // 128) * (4096 + 256) + n * 2 * 4
+    before = p.nbytes
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y16 = compress.linear(x, p, kernel="weight_only")
+    assert p.nbytes == before  # the int16 path reads the panels only
+    y32 = compress.linear(x, p, kernel="weight_only", activation_precision="fp32")
+    assert p.nbytes == before + n * k // 2
+    ref = x.astype(np.float64) @ deq.T
+    np.testing.assert_allclose(y32, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(compress.linear(x, p, kernel="weight_only"), y16)
+    aimass.set_simd_level("scalar")
+    np.testing.assert_array_equal(compress.linear(x, p, kernel="weight_only"), y16)
+    assert p.nbytes == before + n * k // 2  # rebuilt once

@@ -55,7 +55,9 @@ constexpr int64_t kDynamicMaxKp = int64_t{1} << 20;
 struct PackedLinearImpl {
   WeightView view{};
   mutable std::vector<int8_t> w8;  // empty while only the VNNI blocks are kept (see rows())
-  std::vector<uint8_t> w4;
+  // int4 in 128-element nibble blocks (kernels.h); empty while only the panels w4p are kept
+  // (rebuilt from them on first use of a kernel that reads blocks, see rows())
+  mutable std::vector<uint8_t> w4;
   std::vector<float> scale;
   std::vector<int32_t> wsum;  // bits 8: row sums of the int8 weights (int16-activation path)
   // Built on first use of the dynamic path (int4 weights unpacked to int8, column sums).
@@ -73,9 +75,10 @@ struct PackedLinearImpl {
       const int64_t N = view.N, Kp = view.Kp, G = view.G, ng = view.ng;
       const int8_t* wq = view.w8;  // null for int8 per-channel weights kept only as VNNI blocks
       if (view.bits == 4) {
+        const uint8_t* w4b = rows().w4;  // the blocks, rebuilt if only the panels are kept
         wq4.assign(static_cast<size_t>(N * Kp), 0);
         for (int64_t n = 0; n < N; ++n) {
-          const uint8_t* row = w4.data() + n * (Kp / 2);
+          const uint8_t* row = w4b + n * (Kp / 2);
           for (int64_t k = 0; k < view.K; ++k) {
             wq4[n * Kp + k] = static_cast<int8_t>(detail::int4_get(row, k));
           }
@@ -122,7 +125,8 @@ struct PackedLinearImpl {
   // rows are rebuilt from the blocks, once, when a kernel that reads rows runs (the
   // fp32-activation variant, a capped SIMD level, dequant_sgemm).
   WeightView rows() const {
-    if (view.bits != 8 || view.w8) return view;
+    if (view.bits == 4) return int4_blocks();
+    if (view.w8) return view;
     std::call_once(rows_once, [this] {
       const int64_t N = view.N, K = view.K, Kp = view.Kp;
       w8.assign(static_cast<size_t>(N * Kp), 0);
@@ -169,6 +173,31 @@ struct PackedLinearImpl {
       }
     }
     view.w4p = base;
+  }
+
+  // The view with the int4 blocks w4 set: where the CPU has AVX2 the weights are kept
+  // only as panels w4p (the int16-activation kernels read nothing else) and the blocks are
+  // rebuilt from them, once, when a kernel that reads blocks runs (fp32 activations,
+  // dynamic_int8, dequant_sgemm, the scalar level).
+  WeightView int4_blocks() const {
+    if (view.w4) return view;
+    std::call_once(rows_once, [this] {
+      const int64_t N = view.N, K = view.K, Kp = view.Kp, bb = detail::int4_panel_block_bytes(Kp);
+      w4.assign(static_cast<size_t>(N * Kp / 2), 0x88);  // padding decodes to 0
+      for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* blk = view.w4p + (n / 64) * bb;
+        uint8_t* row = w4.data() + n * (Kp / 2);
+        for (int64_t k = 0; k < K; ++k) {
+          const int u = (blk[detail::int4_panel_byte(n % 64, k)] >> detail::int4_panel_shift(k)) & 15;
+          uint8_t& b = row[detail::int4_byte(k)];
+          const int sh = detail::int4_shift(k);
+          b = static_cast<uint8_t>((b & ~(0xF << sh)) | (u << sh));
+        }
+      }
+    });
+    WeightView v = view;
+    v.w4 = w4.data();
+    return v;
   }
 
   // wvnni from int8 rows wq [N, ld] (K valid columns) in the block layout of kernels.h.
@@ -330,8 +359,12 @@ std::shared_ptr<PackedLinear> pack_linear(int bits, int64_t N, int64_t K, int64_
   v.wsum = impl->wsum.empty() ? nullptr : impl->wsum.data();
   if (blocks_only) v.wvnni = impl->build_vnni_blocks(static_cast<const int8_t*>(data), K);
   if (bits == 4 && (v.per_channel || v.G % 128 == 0) && v.Kp <= kInt16MaxKp && cpu_features().avx2 &&
-      cpu_features().fma)
+      cpu_features().fma) {
     impl->build_int4_panels();
+    // panels only (the blocks are rebuilt on demand, see int4_blocks)
+    std::vector<uint8_t>().swap(impl->w4);
+    v.w4 = nullptr;
+  }
   return std::make_shared<PackedLinear>(std::move(impl));
 }
 
@@ -412,7 +445,8 @@ void run_weight_only_int16(const PackedLinearImpl& p, const float* x, int64_t M,
 
 // Weight-only int4 with int16 activations (layout: kernels.h, quant_rows16_int4).
 void run_weight_only_int4_a16(const PackedLinearImpl& p, const float* x, int64_t M, float* y) {
-  const WeightView& v = p.view;
+  // the SIMD kernels read the panels; the scalar reference reads the nibble blocks
+  const WeightView v = simd_level() == SimdLevel::Scalar ? p.rows() : p.view;
   const KernelTable& t = table_for(simd_level());
   const int64_t rb = detail::int4_a16_row_bytes(v.Kp);
   std::vector<uint8_t> qa(static_cast<size_t>(M * rb));
@@ -455,7 +489,7 @@ void run_weight_only(const PackedLinearImpl& p, const float* x, int64_t M, float
 // int4 weights on a level with a packed-int4 dynamic kernel: quantize x with the level's
 // kernel, then reorder each 128-block to the nibble order and sum each group.
 void run_dynamic_int4(const PackedLinearImpl& p, const KernelTable& t, const float* x, int64_t M, float* y) {
-  const WeightView& v = p.view;
+  const WeightView v = p.rows();  // the nibble blocks
   std::vector<int8_t> qx(static_cast<size_t>(M * v.Kp)), qxp(static_cast<size_t>(M * v.Kp));
   std::vector<float> sx(static_cast<size_t>(M));
   std::vector<int32_t> qsum(static_cast<size_t>(M * v.ngk));
