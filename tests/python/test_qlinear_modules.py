@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from aimass.compress import QuantizedLinear, quantize_model  # noqa: E402
+from aimass.compress import QuantizedLinear, dequantize_weight, quantize_model  # noqa: E402
 
 
 def mlp(seed=0):
@@ -112,3 +112,30 @@ def test_half_and_bfloat16_modules_keep_fp32_scales(dtype, packed_first):
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
     assert model.state_dict()["0.qscale"].dtype == torch.float32
+
+
+def test_fast_path_follows_bias_and_option_changes():
+    """forward's cached binding arguments follow a reassigned bias buffer, a bias set to None,
+    a bias assigned as an nn.Parameter, and changed kernel / activation_precision."""
+    torch.manual_seed(3)
+    q = QuantizedLinear.from_linear(nn.Linear(256, 67), bits=4, group_size=128)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        y0 = q(x)
+        nobias = q(x) - q.bias
+        q.bias = torch.full((67,), 2.0)
+        torch.testing.assert_close(q(x), nobias + 2.0)
+        q.bias = None
+        torch.testing.assert_close(q(x), nobias)
+        q.bias = nn.Parameter(torch.full((67,), -1.0), requires_grad=False)
+        torch.testing.assert_close(q(x), nobias - 1.0)
+        q.bias = None
+        q.activation_precision = "fp32"
+        y32 = q(x)
+        q.activation_precision = "int16"
+        q.kernel = "dynamic_int8"
+        y8 = q(x)
+    exact = torch.from_numpy(x.numpy().astype(np.float64) @ dequantize_weight(q.packed()).T)
+    assert (y32.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+    assert (y8.double() - exact).abs().max() < 2e-2 * exact.abs().max()
+    assert not torch.equal(y32, y8) and not torch.equal(y0, nobias)

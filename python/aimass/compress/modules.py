@@ -80,8 +80,11 @@ class QuantizedLinear(nn.Module):
     def _fast_args(self):
         # What every fast-path call passes to the binding, looked up once: a batch-1 call
         # takes ~0.1-0.3 ms, and each nn.Module attribute lookup or .numpy() costs ~1 us.
-        # Keyed on the bias tensor and the options, so reassigning them is picked up.
-        bias = self.bias
+        # Keyed on the bias tensor and the options, so reassigning them is picked up. The bias
+        # buffer is read from the dict: nn.Module.__getattr__ costs ~1-3 us, 2-6% of a 2048 x
+        # 2048 int4 call (a bias assigned as something else, or None, is found as before).
+        buffers = self.__dict__["_buffers"]
+        bias = buffers["bias"] if "bias" in buffers else self.bias
         key = (bias, self.kernel, self.activation_precision)
         fast = self.__dict__.get("_fast")
         if fast is None or fast[0] is not key[0] or fast[1:3] != key[1:]:
@@ -96,7 +99,7 @@ class QuantizedLinear(nn.Module):
         if not x.is_cpu:
             raise TypeError(f"QuantizedLinear runs on the CPU; x is on {x.device}")
         fast = self._fast_args()
-        if fast is not None and x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] == self.in_features:
+        if fast is not None and x.dtype is torch.float32 and x.dim() >= 1 and x.shape[-1] == self.in_features:
             # Fast path: zero-copy numpy views straight into the binding, which checks the rest.
             if x.requires_grad:
                 x = x.detach()
