@@ -209,3 +209,20 @@ def test_panels_only_until_a_block_kernel_runs(level):
     aimass.set_simd_level("scalar")
     np.testing.assert_array_equal(compress.linear(x, p, kernel="weight_only"), y16)
     assert p.nbytes == before + n * k // 2  # rebuilt once
+
+
+@pytest.mark.parametrize("lvl", [lv for lv in LEVELS if lv != "scalar"])
+def test_auto_keeps_int16_weight_only_below_8_rows(lvl, level):
+    """kernel='auto' on int4 weights of whole 128-blocks with int16 activations runs the
+    panels kernel up to 7 rows (as int8 weights do) and dynamic_int8 from 8; with fp32
+    activations, or groups that are not whole blocks, dynamic_int8 from 4 rows."""
+    aimass.set_simd_level(lvl)
+    for g in (128, 0):
+        p = make(70, 256, g, 0)[4]
+        for m in range(1, 8):
+            assert p.plan(m) == ("weight_only", "int16"), (g, m)
+        assert p.plan(8) == ("dynamic_int8", "int8")
+        assert p.plan(3, activation_precision="fp32") == ("weight_only", "fp32")
+        assert p.plan(4, activation_precision="fp32") == ("dynamic_int8", "int8")
+    p64 = make(70, 256, 64, 0)[4]
+    assert p64.plan(3) == ("weight_only", "fp32") and p64.plan(4) == ("dynamic_int8", "int8")

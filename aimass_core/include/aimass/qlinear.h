@@ -82,7 +82,8 @@ using LinearEpilogue = std::function<void(float* y, int64_t M, int64_t ldy, int6
 // y = epi(x @ dequant(W)^T + bias), the kernel chosen as in linear() (Auto, int16 activations).
 void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_or_null, float* y,
             const LinearEpilogue& epi);
-// The kernel linear() would use for M rows at the current SIMD level.
+// The kernel linear() would use for M rows at the current SIMD level (with the default int16
+// activations; plan_linear() takes the activation precision into account).
 LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M);
 // What linear() runs for M rows with these arguments: the kernel and the activation
 // format it uses ("fp32", "int16" or "int8").

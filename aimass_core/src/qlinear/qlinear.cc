@@ -40,8 +40,17 @@ using detail::WeightView;
 //  * int4 weight-only approaches fp32 speed by M ~ 32, so it is never used there.
 //  * dequantize + sgemm never wins while a SIMD kernel exists (it pays a full dequant).
 //  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
+//  * int4 weights on the int16 panels (groups of 128k or per-channel, int16 activations):
+//    since the panel kernel (2026-12-05) weight-only is as fast as dynamic_int8 or faster up
+//    to M = 7 (interleaved, loaded machine, medians, 1 thread, us; M = 1, 2, 4, 6, 7):
+//      2048 x 2048  wo 43 122 199 490 466   dyn 72 138 246 500 471
+//      4096 x 4096  wo 248 541 1088 2005 1825  dyn 413 730 1324 1759 2939
+//    and its activation error is ~258x smaller, so they keep weight-only up to M = 7 as int8
+//    does. With fp32 activations (or groups that are not whole 128-blocks) the int4
+//    weight-only kernel is ~3x slower and the old threshold stays.
 constexpr int64_t kDynamicMinMInt8 = 8;
 constexpr int64_t kDynamicMinMInt4 = 4;
+constexpr int64_t kDynamicMinMInt4A16 = 8;
 constexpr int64_t kScalarSgemmMinM = 4;
 // Below this many rows the dynamic path reads int4 weights packed (see run_dynamic).
 constexpr int64_t kInt4PackedDynamicMaxM = 8;
@@ -380,12 +389,22 @@ void dequantize_linear_weight(int bits, int64_t N, int64_t K, int64_t group_size
     }
 }
 
-LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
+namespace {
+
+LinearKernel choose_kernel(const PackedLinear& w, int64_t M, ActivationPrecision activations) {
   const WeightView& v = w.impl().view;
   const SimdLevel level = simd_level();
   if (level == SimdLevel::Scalar) return M >= kScalarSgemmMinM ? LinearKernel::DequantSgemm : LinearKernel::WeightOnly;
-  if (M < (v.bits == 8 ? kDynamicMinMInt8 : kDynamicMinMInt4)) return LinearKernel::WeightOnly;
+  int64_t min_dynamic = v.bits == 8 ? kDynamicMinMInt8 : kDynamicMinMInt4;
+  if (v.bits == 4 && activations == ActivationPrecision::Int16 && int16_supported(v)) min_dynamic = kDynamicMinMInt4A16;
+  if (M < min_dynamic) return LinearKernel::WeightOnly;
   return dynamic_supported(v) ? LinearKernel::DynamicInt8 : LinearKernel::DequantSgemm;
+}
+
+}  // namespace
+
+LinearKernel choose_linear_kernel(const PackedLinear& w, int64_t M) {
+  return choose_kernel(w, M, ActivationPrecision::Int16);
 }
 
 namespace {
@@ -700,7 +719,7 @@ void linear(const PackedLinear& w, const float* x, int64_t M, const float* bias_
 }
 
 LinearPlan plan_linear(const PackedLinear& w, int64_t M, LinearKernel kernel, ActivationPrecision activations) {
-  if (kernel == LinearKernel::Auto) kernel = choose_linear_kernel(w, M);
+  if (kernel == LinearKernel::Auto) kernel = choose_kernel(w, M, activations);
   switch (kernel) {
     case LinearKernel::WeightOnly:
       return {kernel, activations == ActivationPrecision::Int16 && int16_supported(w.impl().view) ? "int16" : "fp32"};
