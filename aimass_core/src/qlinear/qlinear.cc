@@ -41,8 +41,8 @@ using detail::WeightView;
 //  * dequantize + sgemm never wins while a SIMD kernel exists (it pays a full dequant).
 //  * at the scalar level weight-only loses to dequantize + sgemm from M ~ 4.
 //  * int4 weights on the int16 panels (groups of 128k or per-channel, int16 activations):
-//    since the panel kernel (2026-12-05) weight-only is as fast as dynamic_int8 or faster up
-//    to M = 7 (interleaved, loaded machine, medians, 1 thread, us; M = 1, 2, 4, 6, 7):
+//    since the panel kernel (2026-12-05) weight-only is faster than dynamic_int8 up to M = 7
+//    but at one point (interleaved, loaded machine, medians, 1 thread, us; M = 1, 2, 4, 6, 7):
 //      2048 x 2048  wo 43 122 199 490 466   dyn 72 138 246 500 471
 //      4096 x 4096  wo 248 541 1088 2005 1825  dyn 413 730 1324 1759 2939
 //    and its activation error is ~258x smaller, so they keep weight-only up to M = 7 as int8
