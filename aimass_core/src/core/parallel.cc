@@ -1,6 +1,10 @@
 #include "aimass/parallel.h"
 
 #include <sched.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -102,8 +106,8 @@ class Pool {
   static constexpr int kMaxChunks = static_cast<int>(kCountMask);  // per job
   static constexpr uint64_t kGenMask = (uint64_t{1} << (64 - 2 * kCountBits)) - 1;
 
-  explicit Pool(int nworkers) {
-    for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this] { loop(); });
+  explicit Pool(int nworkers) : parked_(static_cast<size_t>(nworkers)) {
+    for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this, i] { loop(parked_[static_cast<size_t>(i)]); });
   }
   ~Pool() {
     {
@@ -118,22 +122,24 @@ class Pool {
   // Parked workers start polling again (a wake-up without a job), so that the next job,
   // published within max(spin_time(), poll), finds them awake.
   void wake(std::chrono::microseconds poll) {
-    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+    const int cpu = sched_getcpu();
+    g_caller_cpu.store(cpu, std::memory_order_relaxed);
     wake_poll_us_.store(poll.count());
     wake_seq_.fetch_add(1);
-    notify_sleepers();
+    notify_sleepers(cpu);
   }
 
   // 1 <= nchunks <= kMaxChunks
   void run(int nchunks, const Fn& fn) {
-    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+    const int cpu = sched_getcpu();
+    g_caller_cpu.store(cpu, std::memory_order_relaxed);
     fn_.store(&fn, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t gen = (generation(state_.load()) + 1) & kGenMask;
     // seq_cst: publishes the fields above
     state_.store(gen << (2 * kCountBits) | static_cast<uint64_t>(nchunks) << kCountBits);
-    notify_sleepers();
+    notify_sleepers(cpu);
     drain(gen);
     if (!spin_until([&] { return done_.load() == nchunks; }, spin_time() + std::chrono::microseconds(50))) {
       // a worker holds a chunk and is slow (descheduled?): sleep until it finishes
@@ -169,11 +175,49 @@ class Pool {
 #endif
   }
 
-  void notify_sleepers() {
+  void notify_sleepers(int caller_cpu) {
     if (sleepers_.load() > 0) {
-      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait holds mu_
+      {
+        std::lock_guard<std::mutex> lk(mu_);  // a worker between its check and its wait holds mu_
+        for (auto& p : parked_) steer_off(p, caller_cpu);
+      }
       cv_.notify_all();
     }
+  }
+
+  // What a parked worker needs for its wake-up to land off the caller's CPU. Every field is
+  // guarded by mu_: the worker sets `parked` (and its mask) before it waits and restores the mask
+  // as it returns from the wait, still holding mu_, so a narrowed mask never outlives the wait.
+  struct Parked {
+    bool parked = false;
+    bool narrowed = false;  // the waker excluded a CPU from its affinity
+#ifdef __linux__
+    pid_t tid = 0;
+    cpu_set_t mask{};  // its own affinity, taken as it parked
+#endif
+  };
+
+  // The scheduler places a woken thread on the waker's CPU whenever it judges that cheaper than
+  // an idle one (wake-affine; on this Firecracker VM's kernel also its vCPU packing), and there
+  // the worker waits behind a caller that runs back-to-back jobs until the caller's time slice
+  // ends: measured 1.5-5 ms after an idle gap of 1-200 ms, in which every job ran on the caller
+  // alone (int8 2048x2048 batch 1 at 2 threads: 1-thread latency for the first ~30 calls).
+  // step_off_caller_cpu() fixes it only once the worker runs, i.e. after that wait. So the waker
+  // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel then
+  // picks an allowed CPU), and the worker restores its mask as it leaves the wait. One syscall
+  // per parked worker, only on a wake-up after idle; skipped where the mask has one CPU (a
+  // process or an MPI rank bound to a core) or does not hold the caller's CPU.
+  static void steer_off(Parked& p, int caller_cpu) {
+#ifdef __linux__
+    if (!p.parked || p.narrowed || caller_cpu < 0 || caller_cpu >= CPU_SETSIZE) return;
+    if (CPU_COUNT(&p.mask) < 2 || !CPU_ISSET(caller_cpu, &p.mask)) return;
+    cpu_set_t others = p.mask;
+    CPU_CLR(caller_cpu, &others);
+    if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) p.narrowed = true;
+#else
+    (void)p;
+    (void)caller_cpu;
+#endif
   }
 
   // Claims and runs chunks of job `gen` until none is left or a newer job replaced it.
@@ -230,17 +274,31 @@ class Pool {
     }
   }
 
-  void loop() {
+  void loop(Parked& me) {
+#ifdef __linux__
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      me.tid = static_cast<pid_t>(syscall(SYS_gettid));
+    }
+#endif
     uint64_t seen_gen = generation(state_.load());
     uint64_t seen_wake = wake_seq_.load();
     std::chrono::microseconds poll = spin_time();
+    bool restore = false;  // its mask was narrowed for the wake-up: restore it after this round
     for (;;) {
       auto news = [&] { return generation(state_.load()) != seen_gen || wake_seq_.load() != seen_wake || stop_.load(); };
       if (!poll_for_news(news, poll)) {
         std::unique_lock<std::mutex> lk(mu_);
+#ifdef __linux__
+        // parked only with a mask to restore: the waker narrows it (steer_off) before the wake-up
+        me.parked = sched_getaffinity(0, sizeof(me.mask), &me.mask) == 0;
+#endif
         sleepers_.fetch_add(1);  // then re-check: pairs with notify_sleepers()
         cv_.wait(lk, news);
         sleepers_.fetch_sub(1);
+        me.parked = false;  // the waker narrows parked workers only: `narrowed` is this thread's now
+        restore = me.narrowed;
+        me.narrowed = false;
       }
       if (stop_.load()) return;
       step_off_caller_cpu();
@@ -248,15 +306,26 @@ class Pool {
       const uint64_t gen = generation(state_.load());
       if (gen != seen_gen) {
         seen_gen = gen;
-        drain(gen);
+        drain(gen);  // first: the mask's syscall must not delay the job that woke it
         poll = spin_time();
       } else if (wake != seen_wake) {  // a wake() without a job: poll as long as it asked
         poll = std::max(spin_time(), std::chrono::microseconds(wake_poll_us_.load()));
       }
       seen_wake = wake;
+      if (restore) restore_mask(me);
+      restore = false;
     }
   }
 
+  static void restore_mask(Parked& me) {
+#ifdef __linux__
+    sched_setaffinity(0, sizeof(me.mask), &me.mask);
+#else
+    (void)me;
+#endif
+  }
+
+  std::vector<Parked> parked_;  // one per worker, guarded by mu_
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 40 | chunk count << 20 | next chunk
   alignas(64) std::atomic<int> done_{0};         // chunks finished in the current job
