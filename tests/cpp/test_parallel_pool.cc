@@ -207,6 +207,7 @@ TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
 // a worker's chunk to look at; a worker that was still polling when the job came (not parked: a
 // loaded machine) runs with its full mask, so the narrowed wake-up must show in some rounds, not
 // all. The caller is pinned to one CPU for the rounds (then restored) so that "its CPU" is fixed.
+// With set_wake_steering(false) no worker runs a chunk narrowed.
 TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
   cpu_set_t before;
   ASSERT_EQ(sched_getaffinity(0, sizeof(before), &before), 0);
@@ -216,7 +217,10 @@ TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
   cpu_set_t one;
   CPU_ZERO(&one);
   CPU_SET(caller_cpu, &one);
-  for (int threads : {2, 3}) {
+  for (int threads : {2, 3, -2}) {  // -2: 2 threads with the steering off (the A/B switch)
+    const bool steer = threads > 0;
+    threads = std::abs(threads);
+    aimass::set_wake_steering(steer);
     aimass::set_num_threads(threads);
     expect_each_once(threads);  // creates the pool (its workers start with the process's mask)
     ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
@@ -245,7 +249,11 @@ TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
       on_caller_cpu += narrowed.load() > 0 && cpu_hit.load() > 0;  // narrowed yet on the caller's CPU
     }
     ASSERT_EQ(sched_setaffinity(0, sizeof(before), &before), 0);
-    EXPECT_GT(narrowed_rounds, 0) << threads << " threads: no parked worker was woken off the caller's CPU";
+    aimass::set_wake_steering(true);
+    if (steer)
+      EXPECT_GT(narrowed_rounds, 0) << threads << " threads: no parked worker was woken off the caller's CPU";
+    else  // a step-off narrows the mask only around a migration, never across a chunk
+      EXPECT_EQ(narrowed_rounds, 0) << "the steering is off, yet a worker ran a chunk narrowed";
     EXPECT_EQ(on_caller_cpu, 0);
     int seen = 0;
     const std::string left = narrowed_threads(before, &seen);

@@ -67,6 +67,13 @@ std::atomic<int64_t>& run_spin_us_ref() {
   }()};
   return us;
 }
+std::atomic<bool>& wake_steering_ref() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("AIMASS_WAKE_STEER");
+    return !(env && std::atoi(env) == 0);
+  }()};
+  return on;
+}
 std::atomic<int> g_runs_active{0};  // RunScopes alive, in every thread
 // Where the pool's caller last was: stored at every job, wake-up and run step (RunScope::step),
 // read by polling workers to step off it. Global, not the pool's: a run step may store it while
@@ -179,7 +186,8 @@ class Pool {
     if (sleepers_.load() > 0) {
       {
         std::lock_guard<std::mutex> lk(mu_);  // a worker between its check and its wait holds mu_
-        for (auto& p : parked_) steer_off(p, caller_cpu);
+        if (wake_steering_ref().load(std::memory_order_relaxed))
+          for (auto& p : parked_) steer_off(p, caller_cpu);
       }
       cv_.notify_all();
     }
@@ -206,7 +214,8 @@ class Pool {
   // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel then
   // picks an allowed CPU), and the worker restores its mask as it leaves the wait. One syscall
   // per parked worker, only on a wake-up after idle; skipped where the mask has one CPU (a
-  // process or an MPI rank bound to a core) or does not hold the caller's CPU.
+  // process or an MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
+  // (set_wake_steering) turns it off for A/B runs.
   static void steer_off(Parked& p, int caller_cpu) {
 #ifdef __linux__
     if (!p.parked || p.narrowed || caller_cpu < 0 || caller_cpu >= CPU_SETSIZE) return;
@@ -471,6 +480,10 @@ void wake_workers(int poll_us) {
   if (!lk.owns_lock()) return;  // another thread is using the pool: its workers are awake
   if (g_pool) g_pool->wake(std::chrono::microseconds(std::min(poll_us, 100000)));
 }
+
+void set_wake_steering(bool on) { wake_steering_ref().store(on); }
+
+bool wake_steering() { return wake_steering_ref().load(); }
 
 void set_run_spin_us(int us) {
   AIMASS_CHECK(us >= 0 && us <= 1000000, ValueError, "set_run_spin_us: us=", us, " must be in [0, 1000000]");
