@@ -156,6 +156,7 @@ class Pool {
       caller_parked_.store(false);
     }
     fn_.store(nullptr, std::memory_order_relaxed);
+    restore_narrowed();
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -193,15 +194,18 @@ class Pool {
     }
   }
 
-  // What a parked worker needs for its wake-up to land off the caller's CPU. Every field is
-  // guarded by mu_: the worker sets `parked` (and its mask) before it waits and restores the mask
-  // as it returns from the wait, still holding mu_, so a narrowed mask never outlives the wait.
+  // What a parked worker needs for its wake-up to land off the caller's CPU. `parked` is guarded by
+  // mu_ (set before the worker waits, cleared as it returns from the wait); `mask` (its own
+  // affinity, taken as it parks) by the worker's `mask_mu`, so that the caller can restore it
+  // without mu_ (a worker returning from its wait needs mu_: holding it would put the worker back
+  // to sleep on the mutex, and its second wake-up could land anywhere).
   struct Parked {
     bool parked = false;
-    bool narrowed = false;  // the waker excluded a CPU from its affinity
+    std::atomic<bool> narrowed{false};  // the waker excluded its CPU; whoever clears it restores the mask
 #ifdef __linux__
     pid_t tid = 0;
-    cpu_set_t mask{};  // its own affinity, taken as it parked
+    std::mutex mask_mu;
+    cpu_set_t mask{};
 #endif
   };
 
@@ -211,22 +215,47 @@ class Pool {
   // ends: measured 1.5-5 ms after an idle gap of 1-200 ms, in which every job ran on the caller
   // alone (int8 2048x2048 batch 1 at 2 threads: 1-thread latency for the first ~30 calls).
   // step_off_caller_cpu() fixes it only once the worker runs, i.e. after that wait. So the waker
-  // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel then
-  // picks an allowed CPU), and the worker restores its mask as it leaves the wait. One syscall
-  // per parked worker, only on a wake-up after idle; skipped where the mask has one CPU (a
-  // process or an MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
-  // (set_wake_steering) turns it off for A/B runs.
-  static void steer_off(Parked& p, int caller_cpu) {
+  // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel picks the
+  // woken thread's CPU then, among the allowed ones). The mask is restored right after: by the
+  // worker once it has run the job that woke it, or by the caller at the end of that job
+  // (restore_narrowed), whichever comes first, so a worker that cannot get its one allowed CPU
+  // (another process, a real-time task) is not held there. One or two syscalls per parked
+  // worker, only on a wake-up after idle; skipped where the mask has one CPU (a process or an
+  // MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
+  // (set_wake_steering) turns it off for A/B runs. Called with mu_ held.
+  void steer_off(Parked& p, int caller_cpu) {
 #ifdef __linux__
-    if (!p.parked || p.narrowed || caller_cpu < 0 || caller_cpu >= CPU_SETSIZE) return;
+    if (!p.parked || p.narrowed.load() || caller_cpu < 0 || caller_cpu >= CPU_SETSIZE) return;
+    std::lock_guard<std::mutex> lk(p.mask_mu);
     if (CPU_COUNT(&p.mask) < 2 || !CPU_ISSET(caller_cpu, &p.mask)) return;
     cpu_set_t others = p.mask;
     CPU_CLR(caller_cpu, &others);
-    if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) p.narrowed = true;
+    if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) {
+      p.narrowed.store(true);
+      narrowed_.fetch_add(1);
+    }
 #else
     (void)p;
     (void)caller_cpu;
 #endif
+  }
+
+  // Gives a narrowed worker its mask back unless someone already did; tid 0 is the calling thread.
+  void restore_mask(Parked& p, bool own) {
+    if (!p.narrowed.load(std::memory_order_relaxed) || !p.narrowed.exchange(false)) return;
+    narrowed_.fetch_sub(1);
+#ifdef __linux__
+    std::lock_guard<std::mutex> lk(p.mask_mu);
+    sched_setaffinity(own ? 0 : p.tid, sizeof(p.mask), &p.mask);
+#else
+    (void)own;
+#endif
+  }
+
+  // The caller, at the end of a job: workers narrowed for its wake-up get their masks back now.
+  void restore_narrowed() {
+    if (narrowed_.load(std::memory_order_relaxed) == 0) return;
+    for (auto& p : parked_) restore_mask(p, false);
   }
 
   // Claims and runs chunks of job `gen` until none is left or a newer job replaced it.
@@ -293,21 +322,21 @@ class Pool {
     uint64_t seen_gen = generation(state_.load());
     uint64_t seen_wake = wake_seq_.load();
     std::chrono::microseconds poll = spin_time();
-    bool restore = false;  // its mask was narrowed for the wake-up: restore it after this round
     for (;;) {
       auto news = [&] { return generation(state_.load()) != seen_gen || wake_seq_.load() != seen_wake || stop_.load(); };
       if (!poll_for_news(news, poll)) {
         std::unique_lock<std::mutex> lk(mu_);
 #ifdef __linux__
-        // parked only with a mask to restore: the waker narrows it (steer_off) before the wake-up
-        me.parked = sched_getaffinity(0, sizeof(me.mask), &me.mask) == 0;
+        {
+          // parked only with a mask to restore: the waker narrows it (steer_off) before the wake-up
+          std::lock_guard<std::mutex> mk(me.mask_mu);
+          me.parked = sched_getaffinity(0, sizeof(me.mask), &me.mask) == 0;
+        }
 #endif
         sleepers_.fetch_add(1);  // then re-check: pairs with notify_sleepers()
         cv_.wait(lk, news);
         sleepers_.fetch_sub(1);
-        me.parked = false;  // the waker narrows parked workers only: `narrowed` is this thread's now
-        restore = me.narrowed;
-        me.narrowed = false;
+        me.parked = false;
       }
       if (stop_.load()) return;
       step_off_caller_cpu();
@@ -321,20 +350,12 @@ class Pool {
         poll = std::max(spin_time(), std::chrono::microseconds(wake_poll_us_.load()));
       }
       seen_wake = wake;
-      if (restore) restore_mask(me);
-      restore = false;
+      restore_mask(me, true);  // narrowed for this wake-up: its mask back before it polls or parks
     }
   }
 
-  static void restore_mask(Parked& me) {
-#ifdef __linux__
-    sched_setaffinity(0, sizeof(me.mask), &me.mask);
-#else
-    (void)me;
-#endif
-  }
-
-  std::vector<Parked> parked_;  // one per worker, guarded by mu_
+  std::vector<Parked> parked_;  // one per worker
+  std::atomic<int> narrowed_{0};  // workers whose mask steer_off narrowed and nobody restored yet
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 40 | chunk count << 20 | next chunk
   alignas(64) std::atomic<int> done_{0};         // chunks finished in the current job
