@@ -1,12 +1,14 @@
 """Latency after an idle gap: what a service with sparse traffic sees, call by call.
 
-Each round sleeps `gap` ms before every contender (in a rotating order, the same treatment for each),
-then times `calls` calls back to back: call 0 is the one that finds the threads parked and the
+Each round sleeps `gap` ms before every contender (in a rotating order, the same treatment for each;
+gap 0: 20 untimed calls instead, so that the previous contender's spinning threads are gone), then
+times `calls` calls back to back: call 0 is the one that finds the threads parked and the
 caches of a machine that did other things meanwhile, calls 1-4 the warm-up, calls 5+ steady state.
 Contenders: aimass int8 linear (aimass.compress, N x N) against torch dynamic int8 (FBGEMM) and torch
 fp32 nn.Linear; with --model, BERT mini through aimass.runtime.Session (the batcher's inline run)
 against onnxruntime when it is installed. At the end it prints the process's CPU use over an idle
-stretch (an idle service must sit near 0%). Timings on a shared machine are noisy: compare contenders of one run only, and builds by
+stretch (an idle service must sit near 0%). Timings on a shared machine are noisy: compare
+contenders of one run only (--steer 0 1 puts both pool settings in the same rounds), and builds by
 running this script against each (PYTHONPATH) in alternation.
 
     python bench/bench_pool_gaps.py [--threads 1 2] [--batch 1 16 256] [--gaps 0 1 10 50 200 1000]
@@ -84,6 +86,9 @@ def run_gaps(fns, gaps, rounds, calls):
                 fn = fns[k]
                 if g > 0:
                     time.sleep(g / 1e3)
+                else:  # back to back: past the previous contender's spinning threads first
+                    for _ in range(20):
+                        fn()
                 ts = []
                 for _ in range(calls):
                     t0 = pc()

@@ -5,7 +5,8 @@
 // the pool, runs serially on the caller: it never deadlocks and never
 // oversubscribes the cores. Idle workers poll for the next job for up to 50 us
 // (AIMASS_SPIN_US) before sleeping, so back-to-back small jobs skip the wake-up latency;
-// handing a job to a polling worker takes no lock.
+// handing a job to a polling worker takes no lock. A sleeping worker is woken off the caller's
+// CPU (set_wake_steering below), so that after an idle gap it does not queue behind the caller.
 #pragma once
 #include <cstdint>
 #include <functional>
