@@ -217,6 +217,15 @@ TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
   cpu_set_t one;
   CPU_ZERO(&one);
   CPU_SET(caller_cpu, &one);
+  // an ASSERT below returns early: the caller's mask and the switch are put back whatever happens
+  struct Restore {
+    cpu_set_t mask;
+    bool steer;
+    ~Restore() {
+      sched_setaffinity(0, sizeof(mask), &mask);
+      aimass::set_wake_steering(steer);
+    }
+  } restore{before, aimass::wake_steering()};
   for (int threads : {2, 3, -2}) {  // -2: 2 threads with the steering off (the A/B switch)
     const bool steer = threads > 0;
     threads = std::abs(threads);
@@ -249,7 +258,7 @@ TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
       on_caller_cpu += narrowed.load() > 0 && cpu_hit.load() > 0;  // narrowed yet on the caller's CPU
     }
     ASSERT_EQ(sched_setaffinity(0, sizeof(before), &before), 0);
-    aimass::set_wake_steering(true);
+    aimass::set_wake_steering(restore.steer);
     if (steer)
       EXPECT_GT(narrowed_rounds, 0) << threads << " threads: no parked worker was woken off the caller's CPU";
     else  // a step-off narrows the mask only around a migration, never across a chunk
