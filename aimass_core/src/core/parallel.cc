@@ -217,9 +217,9 @@ class Pool {
   // step_off_caller_cpu() fixes it only once the worker runs, i.e. after that wait. So the waker
   // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel picks the
   // woken thread's CPU then, among the allowed ones). The mask is restored right after: by the
-  // worker once it has run the job that woke it, or by the caller at the end of that job
-  // (restore_narrowed), whichever comes first, so a worker that cannot get its one allowed CPU
-  // (another process, a real-time task) is not held there. One or two syscalls per parked
+  // worker once it has run the job that woke it, or by the caller at the end of that job (after a
+  // wake() hint, of its next job: restore_narrowed), whichever comes first, so a worker that cannot
+  // get its one allowed CPU (another process, a real-time task) is not held there. One or two syscalls per parked
   // worker, only on a wake-up after idle; skipped where the mask has one CPU (a process or an
   // MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
   // (set_wake_steering) turns it off for A/B runs. Called with mu_ held.
