@@ -217,8 +217,8 @@ class Pool {
   // step_off_caller_cpu() fixes it only once the worker runs, i.e. after that wait. So the waker
   // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel picks the
   // woken thread's CPU then, among the allowed ones). The mask is restored right after: by the
-  // worker once it has run the job that woke it, or by the caller at the end of that job (after a
-  // wake() hint, of its next job: restore_narrowed), whichever comes first, so a worker that cannot
+  // worker once it has run the job that woke it, or by the caller at the end of a job that ends
+  // over 2 ms after the wake-up (restore_narrowed), whichever comes first, so a worker that cannot
   // get its one allowed CPU (another process, a real-time task) is not held there. One or two syscalls per parked
   // worker, only on a wake-up after idle; skipped where the mask has one CPU (a process or an
   // MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
@@ -231,6 +231,7 @@ class Pool {
     cpu_set_t others = p.mask;
     CPU_CLR(caller_cpu, &others);
     if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) {
+      steered_at_ns_.store(now_ns(), std::memory_order_relaxed);
       p.narrowed.store(true);
       narrowed_.fetch_add(1);
     }
@@ -252,10 +253,20 @@ class Pool {
 #endif
   }
 
-  // The caller, at the end of a job: workers narrowed for its wake-up get their masks back now.
+  // The caller, at the end of a job: workers narrowed for a wake-up over 2 ms ago and still not
+  // running get their masks back now. Not sooner: a worker restores its own mask as soon as it runs
+  // (50-100 us after the wake-up on this VM), and a restore by the caller is a syscall on every
+  // short call that follows an idle gap (isolated Session.run calls 200 us apart read a few per
+  // cent slower with it).
   void restore_narrowed() {
     if (narrowed_.load(std::memory_order_relaxed) == 0) return;
+    if (now_ns() - steered_at_ns_.load(std::memory_order_relaxed) < 2000000) return;
     for (auto& p : parked_) restore_mask(p, false);
+  }
+
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
   }
 
   // Claims and runs chunks of job `gen` until none is left or a newer job replaced it.
@@ -356,6 +367,7 @@ class Pool {
 
   std::vector<Parked> parked_;  // one per worker
   std::atomic<int> narrowed_{0};  // workers whose mask steer_off narrowed and nobody restored yet
+  std::atomic<int64_t> steered_at_ns_{0};  // steady_clock time of the last narrowing
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 40 | chunk count << 20 | next chunk
   alignas(64) std::atomic<int> done_{0};         // chunks finished in the current job
