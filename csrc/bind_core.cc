@@ -69,6 +69,10 @@ void bind_core(py::module_& m) {
   m.def("set_run_spin_us", [](int us) { aimass::set_run_spin_us(us); }, py::arg("us"),
         "How long idle engine threads poll for the next job while a runtime run is in progress (0: off).");
   m.def("run_spin_us", &aimass::run_spin_us);
+  // A/B switch for benches (aimass/parallel.h set_wake_steering); not part of the public Python API
+  m.def("set_wake_steering", [](bool on) { aimass::set_wake_steering(on); }, py::arg("on"),
+        "Whether a parked engine thread's wake-up is steered off the caller's CPU (AIMASS_WAKE_STEER).");
+  m.def("wake_steering", &aimass::wake_steering);
   // Zeroed host memory that the kernel may back with 2 MiB pages (aimass/memory.h), as bytes through
   // the buffer protocol: torch.frombuffer / np.frombuffer wrap it without a copy and keep it alive.
   py::class_<aimass::AlignedBuffer>(m, "HostBuffer", py::buffer_protocol())

@@ -158,6 +158,34 @@ TEST(ParallelPool, MoreChunksThanOneJobHolds) {
 }  // namespace
 
 #ifdef __linux__
+// The threads of this process whose affinity differs from `before`, looked up until none does: a
+// worker may be inside a step-off or not yet past its post-wake-up restore (the caller can finish
+// a job's chunks alone and return before a worker even took its turn; a worker queued behind other
+// processes on its one allowed CPU gets its mask back from the caller's next job that ends over
+// 2 ms after the wake-up, so each look runs a small job); a thread left pinned never passes.
+// `threads` gets the number of threads seen.
+std::string narrowed_threads(const cpu_set_t& before, int* threads) {
+  std::string narrowed;
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    if (attempt > 0) expect_each_once(2);
+    narrowed.clear();
+    *threads = 0;
+    DIR* dir = opendir("/proc/self/task");
+    if (!dir) return "(no /proc/self/task)";
+    while (dirent* e = readdir(dir)) {
+      if (e->d_name[0] == '.') continue;
+      cpu_set_t now;
+      if (sched_getaffinity(static_cast<pid_t>(std::atoi(e->d_name)), sizeof(now), &now) != 0) continue;
+      if (!CPU_EQUAL(&now, &before)) narrowed += std::string(" ") + e->d_name;
+      ++*threads;
+    }
+    closedir(dir);
+    if (narrowed.empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return narrowed;
+}
+
 // A worker that wakes on the caller's CPU steps off it by narrowing its affinity for a moment;
 // afterwards every thread of the process must have its original mask back (nothing pinned).
 TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
@@ -170,29 +198,80 @@ TEST(ParallelPool, SteppingOffTheCallersCpuLeavesNoThreadPinned) {
     std::this_thread::sleep_for(std::chrono::microseconds(i % 2 ? 2000 : 200));
     expect_each_once(2 + i % 3);
   }
-  // A worker may be inside its step-off (mask narrowed for a few microseconds) right now: the
-  // caller can finish a job's chunks alone and return before a worker even took its turn. So
-  // look again until every mask is back; a thread left pinned never passes.
-  std::string narrowed;
   int threads = 0;
-  for (int attempt = 0; attempt < 200; ++attempt) {
-    narrowed.clear();
-    threads = 0;
-    DIR* dir = opendir("/proc/self/task");
-    ASSERT_NE(dir, nullptr);
-    while (dirent* e = readdir(dir)) {
-      if (e->d_name[0] == '.') continue;
-      cpu_set_t now;
-      if (sched_getaffinity(static_cast<pid_t>(std::atoi(e->d_name)), sizeof(now), &now) != 0) continue;
-      if (!CPU_EQUAL(&now, &before)) narrowed += std::string(" ") + e->d_name;
-      ++threads;
-    }
-    closedir(dir);
-    if (narrowed.empty()) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const std::string narrowed = narrowed_threads(before, &threads);
   EXPECT_TRUE(narrowed.empty()) << "threads left with a narrowed affinity:" << narrowed;
   EXPECT_GE(threads, 2);
+}
+
+// A parked worker is woken with the caller's CPU excluded from its affinity (so that the scheduler
+// cannot queue it behind the caller), runs the job that woke it so, and gets its own mask back
+// afterwards. The caller holds its chunk until a worker has run the other one, so every round has
+// a worker's chunk to look at; a worker that was still polling when the job came (not parked: a
+// loaded machine) runs with its full mask, so the narrowed wake-up must show in some rounds, not
+// all. The caller is pinned to one CPU for the rounds (then restored) so that "its CPU" is fixed.
+// With set_wake_steering(false) no worker runs a chunk narrowed.
+TEST(ParallelPool, ParkedWorkerWakesOffTheCallersCpuAndGetsItsMaskBack) {
+  cpu_set_t before;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(before), &before), 0);
+  if (CPU_COUNT(&before) < 2) GTEST_SKIP() << "one CPU: nowhere else to wake a worker";
+  int caller_cpu = 0;
+  while (!CPU_ISSET(caller_cpu, &before)) ++caller_cpu;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(caller_cpu, &one);
+  // an ASSERT below returns early: the caller's mask and the switch are put back whatever happens
+  struct Restore {
+    cpu_set_t mask;
+    bool steer;
+    ~Restore() {
+      sched_setaffinity(0, sizeof(mask), &mask);
+      aimass::set_wake_steering(steer);
+    }
+  } restore{before, aimass::wake_steering()};
+  for (int threads : {2, 3, -2}) {  // -2: 2 threads with the steering off (the A/B switch)
+    const bool steer = threads > 0;
+    threads = std::abs(threads);
+    aimass::set_wake_steering(steer);
+    aimass::set_num_threads(threads);
+    expect_each_once(threads);  // creates the pool (its workers start with the process's mask)
+    ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+    const auto me = std::this_thread::get_id();
+    int narrowed_rounds = 0, on_caller_cpu = 0;
+    for (int round = 0; round < 12; ++round) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // far past the polling: parked
+      std::atomic<bool> worker_ran{false};
+      std::atomic<int> narrowed{0}, cpu_hit{0};
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(threads));
+      aimass::parallel_chunks(threads, [&](int c, int) {
+        hits[static_cast<size_t>(c)]++;
+        if (std::this_thread::get_id() == me) {
+          // hold the caller's chunk until a worker has run one (bounded: never a hang)
+          for (int i = 0; i < 20000 && !worker_ran.load(); ++i) std::this_thread::sleep_for(std::chrono::microseconds(500));
+          return;
+        }
+        cpu_set_t now;
+        if (sched_getaffinity(0, sizeof(now), &now) == 0 && !CPU_ISSET(caller_cpu, &now)) narrowed++;
+        if (sched_getcpu() == caller_cpu) cpu_hit++;
+        worker_ran = true;
+      });
+      ASSERT_TRUE(worker_ran.load()) << "no worker ran a chunk in 10 s";
+      for (int c = 0; c < threads; ++c) ASSERT_EQ(hits[static_cast<size_t>(c)].load(), 1);
+      narrowed_rounds += narrowed.load() > 0;
+      on_caller_cpu += narrowed.load() > 0 && cpu_hit.load() > 0;  // narrowed yet on the caller's CPU
+    }
+    ASSERT_EQ(sched_setaffinity(0, sizeof(before), &before), 0);
+    aimass::set_wake_steering(restore.steer);
+    if (steer)
+      EXPECT_GT(narrowed_rounds, 0) << threads << " threads: no parked worker was woken off the caller's CPU";
+    else  // a step-off narrows the mask only around a migration, never across a chunk
+      EXPECT_EQ(narrowed_rounds, 0) << "the steering is off, yet a worker ran a chunk narrowed";
+    EXPECT_EQ(on_caller_cpu, 0);
+    int seen = 0;
+    const std::string left = narrowed_threads(before, &seen);
+    EXPECT_TRUE(left.empty()) << "threads left with a narrowed affinity:" << left;
+    EXPECT_GE(seen, threads);
+  }
 }
 #endif
 

@@ -110,3 +110,79 @@ def test_run_long_polling_keeps_bert_results(tmp_path, threads, threads_n):
         assert _C.run_spin_us() == 0
     finally:
         _C.set_run_spin_us(old)
+
+
+def _narrowed_threads(want, poke):
+    """Threads of this process whose affinity differs from `want`, looked up until none does (a worker
+    restores its mask right after the job it was woken for, which may end after the caller returned;
+    one queued behind other processes gets it back from the caller's next job that ends over 2 ms
+    after the wake-up, so each look first runs `poke`, a small parallel call)."""
+    import os
+    import time
+    left = []
+    for i in range(200):
+        if i:
+            poke()
+        left = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                if os.sched_getaffinity(int(tid)) != want:
+                    left.append(tid)
+            except OSError:
+                pass  # a thread that ended meanwhile
+        if not left:
+            break
+        time.sleep(0.005)
+    return left
+
+
+@pytest.mark.parametrize("threads_n", [2, 3])
+def test_wake_steering_keeps_results_and_pins_nothing(tmp_path, threads, threads_n):
+    """Parked workers woken with the caller's CPU excluded from their affinity (aimass/parallel.h
+    set_wake_steering, AIMASS_WAKE_STEER) or not: after idle gaps that park them, BERT mini-like runs
+    and an int8 linear give the same bits either way (and match torch), and every thread ends with
+    the process's mask."""
+    import os
+    import time
+
+    import aimass.runtime as rt
+    from aimass.compress import quantize_model
+    from aimass.runtime import zoo
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no sched_getaffinity")
+    mask = os.sched_getaffinity(0)
+    torch.manual_seed(0)
+    enc = zoo.bert_encoder(vocab=100, hidden=64, layers=2, heads=4, ffn=128, max_len=64).eval()
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+    attn = torch.ones(1, 40, dtype=torch.long)
+    path = rt.export(enc, (ids, attn), str(tmp_path / "bert.aimass"), dynamic_seq=True,
+                     input_names=["input_ids", "attention_mask"])
+    q8 = quantize_model(torch.nn.Linear(512, 1024), bits=8)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = enc(ids, attn).numpy()
+        want_q = q8(x).numpy()
+    aimass.set_num_threads(threads_n)
+    sess = rt.Session(path, max_batch_size=2)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": attn.numpy()}
+    old = _C.wake_steering()
+    try:
+        got, got_q = {}, {}
+        for steer in (True, False, True):
+            _C.set_wake_steering(steer)
+            assert _C.wake_steering() is steer
+            for _ in range(3):
+                time.sleep(0.005)  # past the workers' polling: each run starts with them parked
+                got.setdefault(steer, []).append(next(iter(sess.run(feeds).values())).copy())
+                with torch.no_grad():
+                    got_q.setdefault(steer, []).append(q8(x).numpy().copy())
+        for outs, ref in ((got, got[True][0]), (got_q, got_q[True][0])):
+            for o in (o for v in outs.values() for o in v):
+                np.testing.assert_array_equal(o, ref)
+        np.testing.assert_allclose(got[True][0], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got_q[True][0], want_q, rtol=0, atol=0)
+    finally:
+        _C.set_wake_steering(old)
+        sess.close()
+    with torch.no_grad():
+        assert _narrowed_threads(mask, lambda: q8(x)) == []

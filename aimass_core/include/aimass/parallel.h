@@ -5,7 +5,8 @@
 // the pool, runs serially on the caller: it never deadlocks and never
 // oversubscribes the cores. Idle workers poll for the next job for up to 50 us
 // (AIMASS_SPIN_US) before sleeping, so back-to-back small jobs skip the wake-up latency;
-// handing a job to a polling worker takes no lock.
+// handing a job to a polling worker takes no lock. A sleeping worker is woken off the caller's
+// CPU (set_wake_steering below), so that after an idle gap it does not queue behind the caller.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -74,6 +75,16 @@ class RunScope {
  private:
   bool active_;
 };
+
+// Whether a parked worker's wake-up is steered off the caller's CPU (default on; AIMASS_WAKE_STEER=0
+// turns it off, read once). The scheduler often queues a woken worker on its waker's CPU, behind a
+// caller that keeps it busy until its time slice ends (1.5-5 ms on the 2-vCPU VM): after an idle
+// gap, 2 threads ran at 1 thread's speed for that long. Steered, the waker excludes its own CPU
+// from each parked worker's affinity before the wake-up, and the worker restores its mask right
+// after the job it woke for (one syscall each, only on a wake-up after idle; nothing stays
+// pinned). No-op where the process may use one CPU only. set_wake_steering is for A/B runs.
+void set_wake_steering(bool on);
+bool wake_steering();
 
 // How long an idle worker polls for the next job while a run is in progress (default 5000 us,
 // AIMASS_RUN_SPIN_US); 0 turns run-long polling off. us in [0, 1000000], else ValueError.

@@ -1,6 +1,10 @@
 #include "aimass/parallel.h"
 
 #include <sched.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -63,6 +67,13 @@ std::atomic<int64_t>& run_spin_us_ref() {
   }()};
   return us;
 }
+std::atomic<bool>& wake_steering_ref() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("AIMASS_WAKE_STEER");
+    return !(env && std::atoi(env) == 0);
+  }()};
+  return on;
+}
 std::atomic<int> g_runs_active{0};  // RunScopes alive, in every thread
 // Where the pool's caller last was: stored at every job, wake-up and run step (RunScope::step),
 // read by polling workers to step off it. Global, not the pool's: a run step may store it while
@@ -102,8 +113,8 @@ class Pool {
   static constexpr int kMaxChunks = static_cast<int>(kCountMask);  // per job
   static constexpr uint64_t kGenMask = (uint64_t{1} << (64 - 2 * kCountBits)) - 1;
 
-  explicit Pool(int nworkers) {
-    for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this] { loop(); });
+  explicit Pool(int nworkers) : parked_(static_cast<size_t>(nworkers)) {
+    for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this, i] { loop(parked_[static_cast<size_t>(i)]); });
   }
   ~Pool() {
     {
@@ -118,22 +129,24 @@ class Pool {
   // Parked workers start polling again (a wake-up without a job), so that the next job,
   // published within max(spin_time(), poll), finds them awake.
   void wake(std::chrono::microseconds poll) {
-    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+    const int cpu = sched_getcpu();
+    g_caller_cpu.store(cpu, std::memory_order_relaxed);
     wake_poll_us_.store(poll.count());
     wake_seq_.fetch_add(1);
-    notify_sleepers();
+    notify_sleepers(cpu);
   }
 
   // 1 <= nchunks <= kMaxChunks
   void run(int nchunks, const Fn& fn) {
-    g_caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+    const int cpu = sched_getcpu();
+    g_caller_cpu.store(cpu, std::memory_order_relaxed);
     fn_.store(&fn, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t gen = (generation(state_.load()) + 1) & kGenMask;
     // seq_cst: publishes the fields above
     state_.store(gen << (2 * kCountBits) | static_cast<uint64_t>(nchunks) << kCountBits);
-    notify_sleepers();
+    notify_sleepers(cpu);
     drain(gen);
     if (!spin_until([&] { return done_.load() == nchunks; }, spin_time() + std::chrono::microseconds(50))) {
       // a worker holds a chunk and is slow (descheduled?): sleep until it finishes
@@ -143,6 +156,7 @@ class Pool {
       caller_parked_.store(false);
     }
     fn_.store(nullptr, std::memory_order_relaxed);
+    restore_narrowed();
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -169,11 +183,90 @@ class Pool {
 #endif
   }
 
-  void notify_sleepers() {
+  void notify_sleepers(int caller_cpu) {
     if (sleepers_.load() > 0) {
-      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait holds mu_
+      {
+        std::lock_guard<std::mutex> lk(mu_);  // a worker between its check and its wait holds mu_
+        if (wake_steering_ref().load(std::memory_order_relaxed))
+          for (auto& p : parked_) steer_off(p, caller_cpu);
+      }
       cv_.notify_all();
     }
+  }
+
+  // What a parked worker needs for its wake-up to land off the caller's CPU. `parked` is guarded by
+  // mu_ (set before the worker waits, cleared as it returns from the wait); `mask` (its own
+  // affinity, taken as it parks) by the worker's `mask_mu`, so that the caller can restore it
+  // without mu_ (a worker returning from its wait needs mu_: holding it would put the worker back
+  // to sleep on the mutex, and its second wake-up could land anywhere).
+  struct Parked {
+    bool parked = false;
+    std::atomic<bool> narrowed{false};  // the waker excluded its CPU; whoever clears it restores the mask
+#ifdef __linux__
+    pid_t tid = 0;
+    std::mutex mask_mu;
+    cpu_set_t mask{};
+#endif
+  };
+
+  // The scheduler places a woken thread on the waker's CPU whenever it judges that cheaper than
+  // an idle one (wake-affine; on this Firecracker VM's kernel also its vCPU packing), and there
+  // the worker waits behind a caller that runs back-to-back jobs until the caller's time slice
+  // ends: measured 1.5-5 ms after an idle gap of 1-200 ms, in which every job ran on the caller
+  // alone (int8 2048x2048 batch 1 at 2 threads: 1-thread latency for the first ~30 calls).
+  // step_off_caller_cpu() fixes it only once the worker runs, i.e. after that wait. So the waker
+  // excludes its own CPU from a parked worker's affinity before the wake-up (the kernel picks the
+  // woken thread's CPU then, among the allowed ones). The mask is restored right after: by the
+  // worker once it has run the job that woke it, or by the caller at the end of a job that ends
+  // over 2 ms after the wake-up (restore_narrowed), whichever comes first, so a worker that cannot
+  // get its one allowed CPU (another process, a real-time task) is not held there. One or two syscalls per parked
+  // worker, only on a wake-up after idle; skipped where the mask has one CPU (a process or an
+  // MPI rank bound to a core) or does not hold the caller's CPU. AIMASS_WAKE_STEER=0
+  // (set_wake_steering) turns it off for A/B runs. Called with mu_ held.
+  void steer_off(Parked& p, int caller_cpu) {
+#ifdef __linux__
+    if (!p.parked || p.narrowed.load() || caller_cpu < 0 || caller_cpu >= CPU_SETSIZE) return;
+    std::lock_guard<std::mutex> lk(p.mask_mu);
+    if (CPU_COUNT(&p.mask) < 2 || !CPU_ISSET(caller_cpu, &p.mask)) return;
+    cpu_set_t others = p.mask;
+    CPU_CLR(caller_cpu, &others);
+    if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) {
+      steered_at_ns_.store(now_ns(), std::memory_order_relaxed);
+      p.narrowed.store(true);
+      narrowed_.fetch_add(1);
+    }
+#else
+    (void)p;
+    (void)caller_cpu;
+#endif
+  }
+
+  // Gives a narrowed worker its mask back unless someone already did; tid 0 is the calling thread.
+  void restore_mask(Parked& p, bool own) {
+    if (!p.narrowed.load(std::memory_order_relaxed) || !p.narrowed.exchange(false)) return;
+    narrowed_.fetch_sub(1);
+#ifdef __linux__
+    std::lock_guard<std::mutex> lk(p.mask_mu);
+    sched_setaffinity(own ? 0 : p.tid, sizeof(p.mask), &p.mask);
+#else
+    (void)own;
+#endif
+  }
+
+  // The caller, at the end of a job: workers narrowed for a wake-up over 2 ms ago and still not
+  // running get their masks back now. Not sooner: a worker restores its own mask as soon as it runs
+  // (50-100 us after the wake-up on this VM), and a restore by the caller is a syscall on every
+  // short call that follows an idle gap (isolated Session.run calls 200 us apart read a few per
+  // cent slower with it).
+  void restore_narrowed() {
+    if (narrowed_.load(std::memory_order_relaxed) == 0) return;
+    if (now_ns() - steered_at_ns_.load(std::memory_order_relaxed) < 2000000) return;
+    for (auto& p : parked_) restore_mask(p, false);
+  }
+
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
   }
 
   // Claims and runs chunks of job `gen` until none is left or a newer job replaced it.
@@ -230,7 +323,13 @@ class Pool {
     }
   }
 
-  void loop() {
+  void loop(Parked& me) {
+#ifdef __linux__
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      me.tid = static_cast<pid_t>(syscall(SYS_gettid));
+    }
+#endif
     uint64_t seen_gen = generation(state_.load());
     uint64_t seen_wake = wake_seq_.load();
     std::chrono::microseconds poll = spin_time();
@@ -238,9 +337,17 @@ class Pool {
       auto news = [&] { return generation(state_.load()) != seen_gen || wake_seq_.load() != seen_wake || stop_.load(); };
       if (!poll_for_news(news, poll)) {
         std::unique_lock<std::mutex> lk(mu_);
+#ifdef __linux__
+        {
+          // parked only with a mask to restore: the waker narrows it (steer_off) before the wake-up
+          std::lock_guard<std::mutex> mk(me.mask_mu);
+          me.parked = sched_getaffinity(0, sizeof(me.mask), &me.mask) == 0;
+        }
+#endif
         sleepers_.fetch_add(1);  // then re-check: pairs with notify_sleepers()
         cv_.wait(lk, news);
         sleepers_.fetch_sub(1);
+        me.parked = false;
       }
       if (stop_.load()) return;
       step_off_caller_cpu();
@@ -248,15 +355,19 @@ class Pool {
       const uint64_t gen = generation(state_.load());
       if (gen != seen_gen) {
         seen_gen = gen;
-        drain(gen);
+        drain(gen);  // first: the mask's syscall must not delay the job that woke it
         poll = spin_time();
       } else if (wake != seen_wake) {  // a wake() without a job: poll as long as it asked
         poll = std::max(spin_time(), std::chrono::microseconds(wake_poll_us_.load()));
       }
       seen_wake = wake;
+      restore_mask(me, true);  // narrowed for this wake-up: its mask back before it polls or parks
     }
   }
 
+  std::vector<Parked> parked_;  // one per worker
+  std::atomic<int> narrowed_{0};  // workers whose mask steer_off narrowed and nobody restored yet
+  std::atomic<int64_t> steered_at_ns_{0};  // steady_clock time of the last narrowing
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 40 | chunk count << 20 | next chunk
   alignas(64) std::atomic<int> done_{0};         // chunks finished in the current job
@@ -402,6 +513,10 @@ void wake_workers(int poll_us) {
   if (!lk.owns_lock()) return;  // another thread is using the pool: its workers are awake
   if (g_pool) g_pool->wake(std::chrono::microseconds(std::min(poll_us, 100000)));
 }
+
+void set_wake_steering(bool on) { wake_steering_ref().store(on); }
+
+bool wake_steering() { return wake_steering_ref().load(); }
 
 void set_run_spin_us(int us) {
   AIMASS_CHECK(us >= 0 && us <= 1000000, ValueError, "set_run_spin_us: us=", us, " must be in [0, 1000000]");

@@ -72,9 +72,15 @@ def bench_linear(report: Report, n: int, quick: bool) -> None:
             x = torch.randn(b, n)
             rounds = 3 if quick else 5
             block = max(1, min(10, 64 // b))
+            # Every contender's block starts after the same 50 ms idle gap, as a service's sporadic
+            # calls find the machine: without it the contenders interleave call by call and torch's
+            # OpenMP workers, spinning after each call, hold the cores that the next contender's
+            # threads need (b256 2t read 0.58x FBGEMM). The gap parks every pool; two warm-up calls
+            # (for each contender) bring the threads back: aimass's worker, its wake-up steered
+            # off the caller's CPU, joins within ~0.1 ms (docs/runtime.md, "after an idle gap").
             with torch.no_grad():
                 r = race({"int8": lambda: q8(x), "int4": lambda: q4(x), "fp32": lambda: fp32(x),
-                          "fbgemm": lambda: tdyn(x)}, rounds=rounds, block=block, warmup=1)
+                          "fbgemm": lambda: tdyn(x)}, rounds=rounds, block=block, warmup=2, gap_s=0.05)
             for label, k in (("aimass int8", "int8"), ("aimass int4 g128", "int4"), ("torch fp32", "fp32"),
                              ("torch dynamic int8 (FBGEMM)", "fbgemm")):
                 series[label].append(r[k].seconds * 1e3)
