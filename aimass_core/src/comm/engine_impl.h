@@ -257,18 +257,19 @@ struct CollectiveEngine::Impl {
     std::unique_ptr<comm::LLChannel> ch;  // the node's channel (agreement, addresses, phase words)
     MPI_Comm xc = MPI_COMM_NULL;          // a duplicate of the cross communicator (headers and slices)
     bool pair = false;                    // local rank 0: takes part in the cross-node agreement
-    bool leader = false;                  // ... on cross rank 0: decides it
     std::mutex call_mu;                   // one caller thread on the path at a time
-    // the pair's agreement state (the leader shares it with its engine thread, which answers a
-    // follower that gave up waiting while this rank's caller is elsewhere; see hier_fast.cc)
+    // the pair's agreement state, shared with the engine thread (which answers a peer that gave up
+    // waiting while this rank's caller is elsewhere; see hier_fast.cc)
     std::mutex mu;
     uint64_t calls = 0;       // eligible blocking allreduces so far: the id of the pair's attempts
-    uint64_t resolved = 0;    // leader: attempts answered so far (in order)
-    bool attempting = false;  // leader: the caller waits for the follower's header now
-    uint64_t hdr_id = 0, hdr_hash = 0, hdr_ok = 0;  // leader: the follower's unanswered header
-    uint64_t giveup_id = 0;   // leader: the follower gave up waiting for this attempt's answer ...
-    bool giveup_waited = false;  // ... after waiting the window (not: its node fell back)
-    int timeouts = 0;         // leader: attempts in a row settled by a window that passed in vain
+    struct Posted {
+      uint64_t type, hash;
+      bool ok;
+    };
+    std::map<uint64_t, Posted> peer;  // what the peer posted for ids this rank has not settled yet
+    uint64_t giveup = 0;      // the last id the peer gave up waiting for
+    uint64_t cancelled = 0;   // the last id this rank's engine answered CANCEL for
+    int timeouts = 0;         // attempts in a row settled by a window that passed in vain
     std::atomic<bool> off{false};  // the path is off for good on this rank (see kHierMaxTimeouts)
     std::vector<char> tmp, xbuf;  // the caller's scratch: the peers' pieces, the cross step's receive
   };
@@ -278,8 +279,10 @@ struct CollectiveEngine::Impl {
   // A blocking allreduce in the caller's thread: true when done here, false when it goes to the engine.
   bool hier_allreduce(FastCollective& c);
   bool hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback, double deadline);
+  void hier_pump(Hier& h, uint64_t keep_from);
+  void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
   void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);
-  void hier_engine_answer();  // the leader's engine thread, every cycle
+  void hier_engine_answer();  // local rank 0's engine thread, every cycle
 
 
 

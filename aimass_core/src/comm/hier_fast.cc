@@ -12,22 +12,25 @@
 //      past the fallback window, busy in its engine, or with another signature). A rank whose
 //      engine has queued work arrives with a spoiled hash, so its node falls back at once;
 //   2. local rank 0 of each node settles the call with its counterpart on the other node over MPI
-//      point-to-point (a duplicate of the cross communicator). The follower (cross rank 1) sends
-//      HDR(id, hash, local outcome) and waits for the leader's answer for that id; the leader waits
-//      for HDR(id) up to the fallback window and answers GO when both nodes completed with the same
-//      signature, else CANCEL. A leader that waited in vain answers CANCEL(id) ahead of the header
-//      (and drops it when it comes); a follower that waited in vain sends GIVEUP(id) and waits on,
-//      and the leader's engine thread answers CANCEL(id) for it when the leader's caller has not
-//      reached that id (under a mutex with the caller, so every id gets exactly one answer). Both
-//      sides of the pair therefore take the same outcome, and both nodes' local ranks take it from
-//      their local rank 0 (its word in the channel): every rank takes the same path;
+//      point-to-point (a duplicate of the cross communicator), both sides alike: each sends
+//      HDR(id, hash, local outcome) when it arrives and waits for the peer's message for that id;
+//      both then hold the same two headers and take the same outcome: GO when both nodes completed
+//      with the same signature, else CANCEL. A side whose node fell back sends its header and goes
+//      on without waiting (the outcome can only be CANCEL). A side that waited past the fallback
+//      window sends GIVEUP(id) and waits on (bounded by the engine timeout): the peer's engine
+//      thread answers CANCEL(id) when the peer's caller has not reached that id (it runs that call
+//      through the engine, or is late), and the peer's caller then falls back for that id without
+//      sending a header (a mutex between the peer's caller and its engine thread: each id gets a
+//      header or a CANCEL, never both). The later of the two finds the other's header waiting: one
+//      message's latency, not a request and an answer. Both nodes' local ranks take the outcome
+//      from their local rank 0 (its word in the channel): every rank takes the same path;
 //   3. GO: the data phase below; CANCEL: every rank submits the request to the engine, whose
 //      negotiation matches names, raises mismatches and applies the deadlines.
-// Waits past the decision (the follower's for its answer, the local ranks' for local rank 0's word,
-// the data phase's) are bounded by the engine timeout and raise DistributedError (a dead or stopped
+// Waits past the decision (a side's for the peer's header after the window, the local ranks' for
+// local rank 0's word, the data phase's) are bounded by the engine timeout and raise DistributedError (a dead or stopped
 // peer; the engine is then broken). Ids that drifted apart (a rank that called a collective its
 // peers never called) make every later attempt wait out the window; after kHierMaxTimeouts such
-// attempts in a row the leader turns the path off (CANCEL with the off flag), and so does every rank
+// attempts in a row a side turns the path off (its CANCELs carry the off flag), and so does every rank
 // that hears of it: the engine takes every call from then on, as before this path existed.
 //
 // Data phase (L local ranks): each local rank reduces its slice (whole lines, as the engine's
@@ -46,7 +49,7 @@ namespace {
 constexpr int kHdrTag = 0x41c6;   // agreement messages on the duplicate cross communicator
 constexpr int kDataTag = 0x41c7;  // the cross step's slices
 constexpr int kHierMaxTimeouts = 3;
-enum : uint64_t { kHdr = 1, kGiveUp = 2, kGo = 3, kCancel = 4 };
+enum : uint64_t { kHdr = 1, kGiveUp = 2, kCancel = 4 };
 struct Msg {
   uint64_t type, id, hash, flag;  // flag: HDR: the node completed its local attempt; CANCEL: path off
 };
@@ -82,7 +85,6 @@ void CollectiveEngine::Impl::hier_init() {
     return;
   }
   h->pair = comm->local_rank() == 0;
-  h->leader = h->pair && comm->cross_rank() == 0;
   hier = std::move(h);
 }
 
@@ -100,7 +102,7 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   std::lock_guard<std::mutex> cl(h.call_mu);
   comm::LLChannel& ch = *h.ch;
   if (h.off.load()) {
-    if (h.pair) ch.signal(kWordOff);  // (turned off by the leader's engine thread: the node hears it now)
+    if (h.pair) ch.signal(kWordOff);  // (turned off by the engine thread: the node hears it now)
     return false;
   }
   double deadline, fallback;
@@ -160,129 +162,92 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   return true;
 }
 
-// Local rank 0's agreement with its counterpart on the other node (see the top of the file).
+// Local rank 0's agreement with its counterpart on the other node (see the top of the file). Both
+// sides run the same protocol; h.mu is held for the whole attempt (the engine thread's answers skip
+// while it is taken).
 bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback,
                                             double deadline) {
-  const int peer = 1 - comm->cross_rank();
-  auto send = [&](uint64_t type, uint64_t id, uint64_t hsh, uint64_t flag) {
-    Msg m{type, id, hsh, flag};
-    MPI_Request req;
-    check_mpi(MPI_Isend(&m, sizeof m, MPI_BYTE, peer, kHdrTag, h.xc, &req), "MPI_Isend(hierarchical agreement)");
-    wait_mpi(&req, 1e-3, deadline, "hierarchical allreduce (agreement message)", &waker->beat);
-  };
-  auto receive = [&](Msg& m) {  // one message from the peer, if one is there
-    int flag = 0;
-    check_mpi(MPI_Iprobe(peer, kHdrTag, h.xc, &flag, MPI_STATUS_IGNORE), "MPI_Iprobe(hierarchical agreement)");
-    if (!flag) return false;
-    check_mpi(MPI_Recv(&m, sizeof m, MPI_BYTE, peer, kHdrTag, h.xc, MPI_STATUS_IGNORE),
-              "MPI_Recv(hierarchical agreement)");
-    return true;
-  };
-  comm::ll_wait::Backoff backoff;
-  if (!h.leader) {
-    const uint64_t id = ++h.calls;
-    send(kHdr, id, hash, local_ok ? 1 : 0);
-    if (!local_ok) {  // the answer can only be CANCEL: it is drained at the next attempt
-      send(kGiveUp, id, 0, 0);  // (flag 0: this rank did not wait)
-      return false;
-    }
-    bool gave_up = false;
-    Msg m{};
-    while (true) {
-      while (receive(m)) {
-        if (m.type == kCancel && m.flag) h.off = true;  // the leader makes no more attempts
-        if (m.id < id && !h.off) continue;  // an answer to an attempt this rank did not wait for
-        return m.id == id && m.type == kGo;
-      }
-      const double waited = backoff.elapsed();
-      if (!gave_up && waited > fallback) {
-        send(kGiveUp, id, 0, 1);  // the leader's engine answers when its caller is elsewhere
-        gave_up = true;
-      }
-      if (waited > deadline)
-        throw DistributedError(detail::concat(
-            "aimass.dist: hierarchical allreduce: the other node's rank did not answer within ", deadline,
-            " s: a peer rank has died or stopped calling aimass"));
-      backoff.pause(waited);
-    }
-  }
-  // the leader
   std::lock_guard<std::mutex> lk(h.mu);
   const uint64_t id = ++h.calls;
-  auto pump = [&] {
-    Msg m{};
-    while (receive(m)) {
-      if (m.id <= h.resolved) continue;  // answered already (ahead of the header)
-      if (m.type == kHdr) {
-        h.hdr_id = m.id;
-        h.hdr_hash = m.hash;
-        h.hdr_ok = m.flag;
-      } else if (m.type == kGiveUp) {
-        h.giveup_id = m.id;
-        h.giveup_waited = m.flag != 0;
-      }
-    }
-  };
-  pump();
-  if (h.resolved >= id) return false;  // the engine thread answered CANCEL for it already
-  auto answer = [&](bool go, bool timed_out) {
-    h.timeouts = timed_out ? h.timeouts + 1 : go ? 0 : h.timeouts;
-    if (h.timeouts >= kHierMaxTimeouts) h.off = true;
-    send(go ? kGo : kCancel, id, 0, h.off.load() ? 1 : 0);
-    h.resolved = id;
-    return go;
-  };
-  if (!local_ok) return answer(false, false);
-  h.attempting = true;
+  hier_pump(h, id);
+  if (h.cancelled >= id) {  // this rank's engine answered CANCEL for it already (the peer waited in vain)
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+    return false;
+  }
+  hier_send(h, kHdr, id, hash, local_ok ? 1 : 0);
+  if (!local_ok) {  // the outcome is CANCEL whatever the peer posted; its caller reads our header
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+    return false;
+  }
+  comm::ll_wait::Backoff backoff;
+  bool gave_up = false;
   while (true) {
-    pump();
-    if (h.hdr_id == id) {
-      h.attempting = false;
-      return answer(h.hdr_ok != 0 && h.hdr_hash == hash, false);
+    auto it = h.peer.find(id);
+    if (it != h.peer.end()) {
+      const Hier::Posted p = it->second;
+      h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+      const bool go = p.type == kHdr && p.ok && p.hash == hash;
+      // a window that passed in vain (the peer's engine answered for a caller that did not come)
+      h.timeouts = go ? 0 : gave_up && p.type == kCancel ? h.timeouts + 1 : h.timeouts;
+      if (h.timeouts >= kHierMaxTimeouts) h.off = true;
+      return go;
     }
     const double waited = backoff.elapsed();
-    if (waited > fallback) {
-      h.attempting = false;
-      return answer(false, true);
+    if (!gave_up && waited > fallback) {
+      hier_send(h, kGiveUp, id, 0, 0);  // the peer's engine answers when its caller is elsewhere
+      gave_up = true;
     }
+    if (waited > deadline)
+      throw DistributedError(detail::concat(
+          "aimass.dist: hierarchical allreduce: the other node's rank did not answer within ", deadline,
+          " s: a peer rank has died or stopped calling aimass"));
     backoff.pause(waited);
+    hier_pump(h, id);
   }
 }
 
-// The leader's engine thread, once per cycle: a follower that gave up waiting for the answer to an
-// attempt this rank's caller has not reached (it runs that call through the engine, or another
-// call) gets CANCEL, and this rank's own attempt with that id will fall back without waiting.
-void CollectiveEngine::Impl::hier_engine_answer() {
-  Hier& h = *hier;
-  std::unique_lock<std::mutex> lk(h.mu, std::try_to_lock);
-  if (!lk.owns_lock() || h.attempting) return;
+// Under h.mu: the agreement messages the peer sent so far, for ids from keep_from on, into h.peer /
+// h.giveup (older ones were settled already; a message with the off flag turns the path off here too).
+void CollectiveEngine::Impl::hier_pump(Hier& h, uint64_t keep_from) {
   const int peer = 1 - comm->cross_rank();
   Msg m{};
   int flag = 0;
   while (true) {
     check_mpi(MPI_Iprobe(peer, kHdrTag, h.xc, &flag, MPI_STATUS_IGNORE), "MPI_Iprobe(hierarchical agreement)");
-    if (!flag) break;
+    if (!flag) return;
     check_mpi(MPI_Recv(&m, sizeof m, MPI_BYTE, peer, kHdrTag, h.xc, MPI_STATUS_IGNORE),
               "MPI_Recv(hierarchical agreement)");
-    if (m.id <= h.resolved) continue;
-    if (m.type == kHdr) {
-      h.hdr_id = m.id;
-      h.hdr_hash = m.hash;
-      h.hdr_ok = m.flag;
-    } else if (m.type == kGiveUp) {
-      h.giveup_id = m.id;
-      h.giveup_waited = m.flag != 0;
+    if (m.type == kCancel && m.flag) h.off = true;
+    if (m.id < keep_from) continue;
+    if (m.type == kGiveUp) {
+      h.giveup = std::max(h.giveup, m.id);
+    } else {
+      h.peer[m.id] = Hier::Posted{m.type, m.hash, m.flag != 0};
     }
   }
-  if (h.giveup_id > h.resolved && h.giveup_id > h.calls) {
-    // a window passed in vain (the follower waited): counts toward turning the path off, as the
-    // leader's own attempts that wait in vain do (ids that drifted apart cost a window per call)
-    if (h.giveup_waited && ++h.timeouts >= kHierMaxTimeouts) h.off = true;
-    Msg c{kCancel, h.giveup_id, 0, h.off.load() ? 1u : 0u};
-    MPI_Request req;
-    check_mpi(MPI_Isend(&c, sizeof c, MPI_BYTE, peer, kHdrTag, h.xc, &req), "MPI_Isend(hierarchical agreement)");
-    wait_req(&req, 1e-3, "hierarchical allreduce (agreement message)");
-    h.resolved = h.giveup_id;
+}
+
+void CollectiveEngine::Impl::hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag) {
+  Msg m{type, id, hash, flag};
+  MPI_Request req;
+  check_mpi(MPI_Isend(&m, sizeof m, MPI_BYTE, 1 - comm->cross_rank(), kHdrTag, h.xc, &req),
+            "MPI_Isend(hierarchical agreement)");
+  wait_mpi(&req, 1e-3, opts.timeout_s, "hierarchical allreduce (agreement message)", &waker->beat);
+}
+
+// The engine thread of local rank 0, once per cycle: a peer that gave up waiting for this rank's
+// header of an attempt this rank's caller has not reached (it runs that call through the engine, or
+// another call) gets CANCEL for it, and this rank's own attempt with that id falls back without
+// waiting. Both count toward turning the path off (ids that drifted apart cost a window per call).
+void CollectiveEngine::Impl::hier_engine_answer() {
+  Hier& h = *hier;
+  std::unique_lock<std::mutex> lk(h.mu, std::try_to_lock);
+  if (!lk.owns_lock()) return;  // the caller is in an attempt: it answers
+  hier_pump(h, h.calls + 1);
+  if (h.giveup > h.calls && h.giveup > h.cancelled) {
+    if (++h.timeouts >= kHierMaxTimeouts) h.off = true;
+    hier_send(h, kCancel, h.giveup, 0, h.off.load() ? 1 : 0);
+    h.cancelled = h.giveup;
   }
 }
 
