@@ -170,8 +170,8 @@ bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t hash, bool local_o
   std::lock_guard<std::mutex> lk(h.mu);
   const uint64_t id = ++h.calls;
   hier_pump(h, id);
-  if (h.cancelled >= id) {  // this rank's engine answered CANCEL for it already (the peer waited in vain)
-    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+  if (h.cancelled >= id || h.off.load()) {  // this rank's engine answered CANCEL for it already (the peer
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));  // waited in vain), or the peer turned the path off
     return false;
   }
   hier_send(h, kHdr, id, hash, local_ok ? 1 : 0);
