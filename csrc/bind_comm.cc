@@ -551,6 +551,8 @@ void bind_comm(py::module_& m) {
         d["shm_staged_lined"] = s.shm_staged_lined;
         d["ll_collectives"] = s.ll_collectives;
         d["ll_fallbacks"] = s.ll_fallbacks;
+        d["hier_collectives"] = s.hier_collectives;
+        d["hier_fallbacks"] = s.hier_fallbacks;
         return d;
       });
 

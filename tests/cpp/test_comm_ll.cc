@@ -626,3 +626,39 @@ TEST(LLEager, ByAddressBroadcastsWithTheRootWritingPieces) {
     for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << L << " ranks, rank " << r;
   }
 }
+
+// The caller-thread hierarchical allreduce's helpers (hier_fast.cc): after a by-address exchange that
+// posted an output beside the input, a peer's output is read with read_output(); phase words posted
+// with signal() are seen by wait_signal() once they reach the value waited for, and a word that never
+// gets there raises DistributedError at the deadline instead of hanging.
+TEST(CommLL, PhaseWordsAndPeersOutputs) {
+  constexpr int L = 3;
+  constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;
+  Segment seg(L, kSlot);
+  std::vector<std::string> errors;
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, seg.mem, kSlot);
+    ch.allow_cma_for_tests();
+    std::vector<unsigned char> in(kBig), out(kBig), got(kBig);
+    for (int round = 0; round < 10; ++round) {
+      for (size_t i = 0; i < kBig; ++i) in[i] = static_cast<unsigned char>(i * 5 + r + round);
+      ASSERT_EQ(ch.exchange(7 + round, in.data(), kBig, 0, 30.0, true, out.data()), Result::Complete);
+      const uint64_t base = (ch.attempt() + 1) * 8;
+      for (size_t i = 0; i < kBig; ++i) out[i] = static_cast<unsigned char>(i * 3 + r * 17 + round);
+      ch.signal(base + 3);  // my output is final
+      for (int j = 0; j < L; ++j) {
+        if (j == r) continue;
+        EXPECT_GE(ch.wait_signal(j, base + 3, 30.0, "test"), base + 3);
+        ch.read_output(j, 1000, got.data(), kBig - 1000);
+        for (size_t i = 0; i < kBig - 1000; i += 331)
+          ASSERT_EQ(got[i], static_cast<unsigned char>((i + 1000) * 3 + j * 17 + round)) << r << " " << j;
+      }
+      ch.done();
+      ASSERT_TRUE(ch.wait_readers(30.0));
+    }
+    // a word below the one waited for: the wait gives up at its deadline
+    const uint64_t never = (ch.attempt() + 100) * 8;
+    EXPECT_THROW(ch.wait_signal((r + 1) % L, never, 0.05, "test"), aimass::DistributedError);
+  });
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+}

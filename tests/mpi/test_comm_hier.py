@@ -92,8 +92,9 @@ def test_large_slices_take_the_two_step_exchange(nodes, dtype, op):
     before = d.stats()
     out = d.allreduce(inputs[r], op=op, name=f"hier.big.{dtype}.{op}")
     st = d.stats()
-    # hierarchical iff equal nodes; with one node (np 2) the caller-thread single-copy push may take it
-    took = st["shm_allreduces"] - before["shm_allreduces"] + st["ll_collectives"] - before["ll_collectives"]
+    # hierarchical iff equal nodes (the engine's, or the caller thread's: hier_collectives); with one node
+    # (np 2) the caller-thread single-copy push may take it
+    took = sum(st[k] - before[k] for k in ("shm_allreduces", "ll_collectives", "hier_collectives"))
     assert took == (1 if n % 2 == 0 else 0)
     ref = reference(inputs, op, dtype)
     if op == "average":
@@ -186,3 +187,131 @@ def test_futex_waits_give_the_yield_loops_bits(dist):
     for a, b in zip(got["futex"], got["yield"]):
         assert a.tobytes() == b.tobytes()
     same_on_every_rank(dist, got["futex"][-1], "hier.wait.same")
+
+
+# ---- the caller-thread hierarchical allreduce (comm/hier_fast.cc): blocking allreduces of 16 KiB or
+# more across the two simulated nodes run in the caller's thread, with the engine as fallback
+
+HIER_CASES = [("float32", "sum", 4097), ("float32", "average", 70001), ("float32", "min", (1 << 18) + 7),
+              ("float64", "sum", 300007), ("float16", "max", 9001), ("int32", "product", 20011),
+              ("float32", "sum", 1000003), ("int8", "sum", 65537)]
+
+
+@pytest.fixture
+def two_nodes(dist):
+    """4 ranks as 2 simulated nodes x 2, restarted for this test (the module's `nodes` engine does not
+    outlive the tests that restart the engine under other settings)."""
+    with engine_env(dist, AIMASS_RANKS_PER_NODE=2):
+        assert dist.local_size() == 2 and dist.cross_size() == 2
+        dist.set_shm_min_bytes(0)
+        yield dist
+
+
+def random_input(seed, r, count, dtype):
+    rng = np.random.default_rng(seed * 1000 + r)
+    if np.dtype(dtype).kind == "f":
+        x = rng.standard_normal(count).astype(dtype)
+        x[::11] = -0.0 if r % 2 else 0.0
+        return x
+    return rng.integers(-2, 3, count).astype(dtype)
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(180)
+def test_caller_thread_path_gives_the_engine_paths_bits(dist):
+    """Random floats, odd sizes from 16 KiB (one slice under 1 MiB: one exchange; over: the two-step
+    exchange), every op: the caller-thread path gives the same bits as the engine's hierarchical path
+    (AIMASS_HIER_CALLER=0), on every rank, in and out of place, and it did run."""
+    r = dist.rank()
+    got = {}
+    for mode in ("caller", "engine"):
+        with engine_env(dist, AIMASS_RANKS_PER_NODE=2, AIMASS_HIER_CALLER="0" if mode == "engine" else None):
+            assert dist.local_size() == 2 and dist.cross_size() == 2
+            before = dist.stats()
+            outs = []
+            for k, (dtype, op, count) in enumerate(HIER_CASES):
+                x = random_input(k, r, count, dtype)
+                outs.append(dist.allreduce(x, op=op, name=f"hier.fast.{k}"))
+                y = x.copy()
+                assert dist.allreduce_(y, op=op, name=f"hier.fast_.{k}") is y
+                outs.append(y)
+            st = dist.stats()
+            ran = st["hier_collectives"] - before["hier_collectives"]
+            if mode == "engine":
+                assert ran == 0
+            else:  # a window that passes while a rank is descheduled sends a call to the engine: most run here
+                assert ran >= len(HIER_CASES), st
+            got[mode] = outs
+            same_on_every_rank(dist, outs[-2], f"hier.fast.same.{mode}")
+    for k, (a, b) in enumerate(zip(got["caller"], got["engine"])):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), HIER_CASES[k // 2]
+    for k, (dtype, op, count) in enumerate(HIER_CASES):  # and the reduction itself
+        ref = reference([random_input(k, i, count, dtype) for i in range(dist.size())], op, dtype)
+        np.testing.assert_allclose(got["caller"][2 * k].astype(np.float64), ref,
+                                   rtol=1e-2 if dtype == "float16" else 1e-5, atol=1e-2 if dtype == "float16" else 1e-5)
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(120)
+def test_caller_thread_path_mismatch_raises_on_every_rank(two_nodes):
+    """A signature that differs (one rank's shape; one node's dtype; each node its own name) sends the
+    call to the engine on every rank, whose negotiation raises; the path works afterwards."""
+    d = two_nodes
+    r = d.rank()
+    with pytest.raises(aimass.DistributedError) as ei:
+        d.allreduce(np.ones(8192 + (r == 3), np.float32), name="hier.fmm.shape", timeout=5)
+    assert "hier.fmm.shape" in str(ei.value) and "different arguments" in str(ei.value)
+    with pytest.raises(aimass.DistributedError) as ei:  # both nodes agree inside, not with each other
+        d.allreduce(np.ones(8192, np.float32 if r < 2 else np.float64), name="hier.fmm.dtype", timeout=5)
+    assert "different arguments" in str(ei.value)
+    with pytest.raises(aimass.DistributedError) as ei:
+        d.allreduce(np.ones(8192, np.float32), name=f"hier.fmm.node{r // 2}", timeout=1.0)
+    assert "timed out" in str(ei.value) and "did not submit it" in str(ei.value)
+    d.barrier(name="hier.fmm.barrier")
+    before = d.stats()["hier_collectives"]
+    for it in range(4):
+        x = np.full(70001, r + it, np.float32)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name=f"hier.fmm.after.{it}"),
+                                      np.full(70001, sum(i + it for i in range(4)), np.float32))
+    assert d.stats()["hier_collectives"] > before  # the ranks' attempts stayed in step
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(120)
+def test_caller_thread_path_late_ranks_and_async_peers(two_nodes):
+    """Each rank in turn arrives past the fallback window (50 ms), and each in turn runs the call as an
+    async submission while its peers block: every call completes with the right result (through the
+    engine where the window passed), and blocking calls afterwards run in the caller's thread again."""
+    d = two_nodes
+    r, n = d.rank(), d.size()
+    count = (1 << 18) + 3
+    expect = lambda it: np.full(count, sum(i * 10 + it for i in range(n)), np.float32)  # noqa: E731
+    for it in range(n):
+        x = np.full(count, r * 10 + it, np.float32)
+        if r == it:
+            time.sleep(0.2)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name=f"hier.late.{it}"), expect(it))
+        # a call everyone makes in time between the late ones
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name=f"hier.ontime.{it}"), expect(it))
+    d.barrier(name="hier.late.barrier0")
+    before = d.stats()["hier_collectives"]
+    for it in range(3):
+        x = np.full(count, r * 10 + it, np.float32)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name=f"hier.late.then.{it}"), expect(it))
+    assert d.stats()["hier_collectives"] > before  # late ranks leave the pair's ids in step
+    for it in range(n):
+        x = np.full(count, r * 10 + it, np.float32)
+        if r == it:
+            out = d.synchronize(d.allreduce_async(x, op="sum", name=f"hier.mixed.{it}"))
+        else:
+            out = d.allreduce(x, op="sum", name=f"hier.mixed.{it}")
+        np.testing.assert_array_equal(out, expect(it))
+    d.barrier(name="hier.late.barrier")
+    before = d.stats()["hier_collectives"]
+    for it in range(6):
+        x = np.full(count, r * 10 + it, np.float32)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name=f"hier.late.after.{it}"), expect(it))
+    # after the mixed calls the pair's ids may have drifted apart (then the path turns itself off after
+    # three windows in vain); either way every result above is right, and the counters are consistent
+    st = d.stats()
+    assert st["hier_collectives"] >= before and st["hier_fallbacks"] >= 1

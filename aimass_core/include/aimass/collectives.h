@@ -155,6 +155,8 @@ struct EngineStats {
   uint64_t shm_staged_lined = 0;  // staged fused batches laid out at the ranks' agreed line offset
   uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
+  uint64_t hier_collectives = 0;  // blocking allreduces across two nodes run in the caller's thread
+  uint64_t hier_fallbacks = 0;    // ... attempts handed to the engine (late/absent peer, mismatch)
 };
 
 // A blocking collective on caller memory, described without allocation: the lean lane of the

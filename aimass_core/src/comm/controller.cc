@@ -16,6 +16,7 @@ namespace aimass {
 
 // One negotiation round plus the collectives it makes ready. Returns true to stop.
 bool CollectiveEngine::Impl::cycle_once() {
+  if (hier && hier->pair) hier_engine_answer();  // (hier_fast.cc)
   bool want_stop;
   uint64_t threshold_local, shm_min_local;
   {

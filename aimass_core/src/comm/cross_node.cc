@@ -1,4 +1,5 @@
-// The cross-node step of the hierarchical allreduce (ShmAllreduce::run's cross_reduce): after the
+// The cross-node step of the hierarchical allreduce (ShmAllreduce::run's cross_reduce, and the
+// caller-thread path's, hier_fast.cc, through cross_pair_allreduce): after the
 // node's shared-memory reduce-scatter, each local rank allreduces its slice with the ranks of the
 // same local rank on the other nodes (the cross communicator), all local ranks in parallel, as
 // NCCL's and Horovod's hierarchical allreduce do.
@@ -36,7 +37,17 @@ void CollectiveEngine::Impl::cross_allreduce(void* data, int64_t n, DType wire, 
     }
     return;
   }
-  const int me = comm->cross_rank(), peer = 1 - me;
+  comm::cross_pair_allreduce(cc, kCrossTag, comm->cross_rank(), cross_buf, data, n, wire, op,
+                             [&](MPI_Request* req, const char* what) { wait_req(req, 1.0, what); });
+}
+
+namespace comm {
+
+void cross_pair_allreduce(MPI_Comm cc, int tag, int me, std::vector<char>& buf, void* data, int64_t n, DType wire,
+                          ReduceOp op, const std::function<void(MPI_Request*, const char*)>& wait) {
+  if (n <= 0) return;
+  const size_t es = dtype_size(wire);
+  const int peer = 1 - me;
   const bool exact_commutative = op == ReduceOp::Sum || op == ReduceOp::Product || op == ReduceOp::Average;
   const ReduceOp rop = op == ReduceOp::Average ? ReduceOp::Sum : op;
   char* mine = static_cast<char*>(data);
@@ -45,15 +56,15 @@ void CollectiveEngine::Impl::cross_allreduce(void* data, int64_t n, DType wire, 
     for (int64_t off = 0; off < std::max(rn, sn); off += kMaxMsgBytes) {
       MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
       if (off < rn)
-        check_mpi(MPI_Irecv(rbuf + off, static_cast<int>(std::min(kMaxMsgBytes, rn - off)), MPI_BYTE, peer, kCrossTag,
-                            cc, &reqs[0]),
+        check_mpi(MPI_Irecv(rbuf + off, static_cast<int>(std::min(kMaxMsgBytes, rn - off)), MPI_BYTE, peer, tag, cc,
+                            &reqs[0]),
                   "MPI_Irecv(cross-node)");
       if (off < sn)
-        check_mpi(MPI_Isend(sbuf + off, static_cast<int>(std::min(kMaxMsgBytes, sn - off)), MPI_BYTE, peer, kCrossTag,
-                            cc, &reqs[1]),
+        check_mpi(MPI_Isend(sbuf + off, static_cast<int>(std::min(kMaxMsgBytes, sn - off)), MPI_BYTE, peer, tag, cc,
+                            &reqs[1]),
                   "MPI_Isend(cross-node)");
-      if (reqs[0] != MPI_REQUEST_NULL) wait_req(&reqs[0], 1.0, "cross-node allreduce (receive)");
-      if (reqs[1] != MPI_REQUEST_NULL) wait_req(&reqs[1], 1.0, "cross-node allreduce (send)");
+      if (reqs[0] != MPI_REQUEST_NULL) wait(&reqs[0], "cross-node allreduce (receive)");
+      if (reqs[1] != MPI_REQUEST_NULL) wait(&reqs[1], "cross-node allreduce (send)");
     }
   };
   // [b, e) of the slice := cross rank 0's values op cross rank 1's (the same operand order on both
@@ -63,20 +74,20 @@ void CollectiveEngine::Impl::cross_allreduce(void* data, int64_t n, DType wire, 
     char* own = mine + b * static_cast<int64_t>(es);
     if (me == 0 || exact_commutative) {
       const char* srcs[2] = {own, theirs};
-      comm::reduce_into(wire, rop, srcs, 2, own, cnt, false, 1);
+      reduce_into(wire, rop, srcs, 2, own, cnt, false, 1);
     } else {
       const char* srcs[2] = {theirs, own};
-      comm::reduce_into(wire, rop, srcs, 2, theirs, cnt, false, 1);
+      reduce_into(wire, rop, srcs, 2, theirs, cnt, false, 1);
       std::memcpy(own, theirs, cnt * es);
     }
   };
   const int64_t bytes = n * static_cast<int64_t>(es);
-  // a member: after a timeout a receive stays posted into it (see posted_on_failure)
-  if (cross_buf.size() < static_cast<size_t>(bytes)) cross_buf.resize(static_cast<size_t>(bytes));
+  // (the caller's buffer: after a timeout a receive stays posted into it, so it must outlive the call)
+  if (buf.size() < static_cast<size_t>(bytes)) buf.resize(static_cast<size_t>(bytes));
   if (bytes < kHalvingMinBytes || n < 2) {
     // small slices: one exchange of the whole slice, both ranks reduce all of it (one round trip)
-    exchange(cross_buf.data(), bytes, mine, bytes);
-    reduce_part(0, n, cross_buf.data());
+    exchange(buf.data(), bytes, mine, bytes);
+    reduce_part(0, n, buf.data());
     return;
   }
   // large slices: reduce-scatter then allgather between the two ranks (each reduces half the
@@ -85,9 +96,10 @@ void CollectiveEngine::Impl::cross_allreduce(void* data, int64_t n, DType wire, 
   const int64_t b = me == 0 ? 0 : h, e = me == 0 ? h : n;            // the half this rank reduces
   const int64_t pb = me == 0 ? h : 0, pe = me == 0 ? n : h;          // the peer's half
   const int64_t esz = static_cast<int64_t>(es);
-  exchange(cross_buf.data(), (e - b) * esz, mine + pb * esz, (pe - pb) * esz);
-  reduce_part(b, e, cross_buf.data());
+  exchange(buf.data(), (e - b) * esz, mine + pb * esz, (pe - pb) * esz);
+  reduce_part(b, e, buf.data());
   exchange(mine + pb * esz, (pe - pb) * esz, mine + b * esz, (e - b) * esz);
 }
 
+}  // namespace comm
 }  // namespace aimass

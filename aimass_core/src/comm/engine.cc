@@ -17,6 +17,7 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   comm::create_half_ops(half_ops);
   shm_init();
   ll_init();
+  hier_init();  // (hier_fast.cc)
   tick_from_end = comm->cross_size() > 1;
   // each rank runs a caller and this engine thread: more of them than CPUs (2 ranks on 2 cores)
   const comm::CpuShare share = comm::cpu_share(comm->local_size());
@@ -154,6 +155,13 @@ CollectiveEngine::Impl::~Impl() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
+  if (hier) {
+    if (broken.empty()) {
+      MPI_Comm_free(&hier->xc);
+    } else {
+      hier->local->abandon();  // (as the engine's own communicators after a failure)
+    }
+  }
   comm::free_half_ops(half_ops);
 }
 
@@ -458,6 +466,8 @@ EngineStats CollectiveEngine::stats() const {
   }
   s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
+  s.hier_collectives = impl_->hier_collectives.load(std::memory_order_relaxed);
+  s.hier_fallbacks = impl_->hier_fallbacks.load(std::memory_order_relaxed);
   return s;
 }
 

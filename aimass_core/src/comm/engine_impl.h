@@ -38,6 +38,15 @@
 
 namespace aimass {
 
+namespace comm {
+// The two-node exchange of the hierarchical allreduce's cross step (cross_node.cc): data's n elements
+// allreduced with the other rank of the two-rank communicator cc (me: this rank's rank in it) by
+// point-to-point messages of `tag`; `buf` receives the peer's part (it must outlive a failed call:
+// a receive may stay posted into it); `wait` waits for one request with the caller's deadline.
+void cross_pair_allreduce(MPI_Comm cc, int tag, int me, std::vector<char>& buf, void* data, int64_t n, DType wire,
+                          ReduceOp op, const std::function<void(MPI_Request*, const char*)>& wait);
+}  // namespace comm
+
 using Clock = std::chrono::steady_clock;
 using comm::kMaxChunk;
 using comm::mpi_type;
@@ -219,7 +228,10 @@ struct CollectiveEngine::Impl {
   std::unique_ptr<comm::LLChannel> ll;
   std::mutex fast_mu;  // one caller thread in the channel at a time (others use the engine)
   void ll_init();
-  void ll_publish_busy() { if (ll) ll->set_busy(inflight.size()); }  // under mu, after inflight changes
+  void ll_publish_busy() {  // under mu, after inflight changes
+    if (ll) ll->set_busy(inflight.size());
+    if (hier) hier->ch->set_busy(inflight.size());
+  }
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
   void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push);
@@ -238,6 +250,39 @@ struct CollectiveEngine::Impl {
   void eager_settle();
   void eager_settle_or_break(double deadline, uint64_t lag);
   void fast_path_broke(const char* what);  // a peer found dead or stopped: the engine is broken
+
+  // ---- caller-thread hierarchical allreduce: blocking allreduces across two nodes (hier_fast.cc)
+  struct Hier {
+    std::unique_ptr<Communicator> local;  // this node's ranks
+    std::unique_ptr<comm::LLChannel> ch;  // the node's channel (agreement, addresses, phase words)
+    MPI_Comm xc = MPI_COMM_NULL;          // a duplicate of the cross communicator (headers and slices)
+    bool pair = false;                    // local rank 0: takes part in the cross-node agreement
+    std::mutex call_mu;                   // one caller thread on the path at a time
+    // the pair's agreement state, shared with the engine thread (which answers a peer that gave up
+    // waiting while this rank's caller is elsewhere; see hier_fast.cc)
+    std::mutex mu;
+    uint64_t calls = 0;       // eligible blocking allreduces so far: the id of the pair's attempts
+    struct Posted {
+      uint64_t type, hash;
+      bool ok;
+    };
+    std::map<uint64_t, Posted> peer;  // what the peer posted for ids this rank has not settled yet
+    uint64_t giveup = 0;      // the last id the peer gave up waiting for
+    uint64_t cancelled = 0;   // the last id this rank's engine answered CANCEL for
+    int timeouts = 0;         // attempts in a row settled by a window that passed in vain
+    std::atomic<bool> off{false};  // the path is off for good on this rank (see kHierMaxTimeouts)
+    std::vector<char> tmp, xbuf;  // the caller's scratch: the peers' pieces, the cross step's receive
+  };
+  std::unique_ptr<Hier> hier;
+  std::atomic<uint64_t> hier_collectives{0}, hier_fallbacks{0};
+  void hier_init();
+  // A blocking allreduce in the caller's thread: true when done here, false when it goes to the engine.
+  bool hier_allreduce(FastCollective& c);
+  bool hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback, double deadline);
+  void hier_pump(Hier& h, uint64_t keep_from);
+  void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
+  void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);
+  void hier_engine_answer();  // local rank 0's engine thread, every cycle
 
 
 

@@ -118,7 +118,7 @@ void CollectiveEngine::Impl::ll_init() {
 // The handle path (CollectiveEngine::submit with blocking = true): the result of an allgather /
 // reduce_scatter goes to the handle.
 bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHandle& h) {
-  if (!ll || r.wire != r.dtype) return false;
+  if ((!ll && !(hier && r.kind == CollectiveKind::Allreduce)) || r.wire != r.dtype) return false;
   FastCollective c;
   c.kind = r.kind;
   c.op = r.op;
@@ -139,7 +139,7 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
     c.alloc_ctx = &h;
   }
   try {
-    if (!fast(c)) return false;
+    if (!(ll ? fast(c) : hier_allreduce(c))) return false;
   } catch (const DistributedError& e) {
     if (!c.peers_may_write) throw;
     // a late peer may still write the output: the handle reports the error and keeps the
@@ -161,7 +161,7 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
 
 bool CollectiveEngine::run_fast(FastCollective& c) {
   Impl& m = *impl_;
-  if (!m.ll || c.name.empty() || c.ndim < 0 || (c.ndim > 0 && c.shape == nullptr)) return false;
+  if ((!m.ll && !m.hier) || c.name.empty() || c.ndim < 0 || (c.ndim > 0 && c.shape == nullptr)) return false;
   for (int d = 0; d < c.ndim; ++d)
     if (c.shape[d] < 0) return false;
   switch (c.kind) {  // what submit() refuses goes there, to be refused with its message
@@ -177,6 +177,7 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
     case CollectiveKind::Allgather:
     case CollectiveKind::Barrier: c.op = ReduceOp::Sum; break;
   }
+  if (!m.ll) return m.hier_allreduce(c);  // across two nodes (hier_fast.cc)
   return m.fast(c);
 }
 

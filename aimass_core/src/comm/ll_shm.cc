@@ -324,6 +324,29 @@ void LLChannel::note_cpu() {
     if (j != rank_ && ctl(j)->cpu.load(std::memory_order_relaxed) == cpu) spin_ = false;
 }
 
+void LLChannel::read_output(int j, size_t offset, void* dst, size_t n) const {
+  if (n == 0) return;
+  const Header* h = slot(j, attempt_);
+  iovec l{dst, n};
+  iovec r{reinterpret_cast<void*>(h->out + offset), n};
+  cma_read(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
+           "rank", j);
+}
+
+uint64_t LLChannel::wait_signal(int j, uint64_t v, double deadline_s, const char* what) const {
+  Backoff backoff;
+  backoff.spin = spin_;
+  while (true) {
+    const uint64_t got = ctl(j)->signal.load(std::memory_order_seq_cst);
+    if (got >= v) return got;
+    const double waited = backoff.elapsed();
+    if (waited > deadline_s)
+      throw DistributedError(detail::concat("aimass.dist: ", what, ": local rank ", j, " did not advance within ",
+                                            deadline_s, " s: a peer rank has died or stopped calling aimass"));
+    backoff.pause(waited);
+  }
+}
+
 void LLChannel::done() { ctl(rank_)->reading.store(0, std::memory_order_seq_cst); }
 
 }  // namespace comm

@@ -231,6 +231,15 @@ class LLChannel {
   void large_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
                        double deadline_s);
   size_t bytes(int j) const { return slot(j, attempt_)->bytes; }
+  // ---- for the caller-thread hierarchical allreduce (hier_fast.cc), after a completed exchange that
+  // posted the input by address and the output beside it
+  uint64_t attempt() const { return attempt_; }
+  // Copies bytes [offset, offset + n) of rank j's posted output to dst (process_vm_readv).
+  void read_output(int j, size_t offset, void* dst, size_t n) const;
+  // Posts v (larger than anything this rank posted before) in its control line; wait_signal waits
+  // until rank j's posted word is at least v and returns it, DistributedError after deadline_s.
+  void signal(uint64_t v) { ctl(rank_)->signal.store(v, std::memory_order_seq_cst); }
+  uint64_t wait_signal(int j, uint64_t v, double deadline_s, const char* what) const;
   int64_t rows(int j) const { return slot(j, attempt_)->rows; }
   void done();  // this rank finished reading the completed attempt's slots
 
@@ -312,6 +321,9 @@ class LLChannel {
     // rank 0's: the claim counter of the single-copy allreduce (it only grows: every rank tracks
     // where each allreduce's claims start, push_base_)
     std::atomic<uint64_t> claims;
+    // a monotonic word this rank posts for its peers (the caller-thread hierarchical allreduce's
+    // phases, hier_fast.cc: signal() / wait_signal())
+    std::atomic<uint64_t> signal;
   };
   static_assert(sizeof(Control) == 128, "one 128-byte control line per rank (segment_bytes)");
   static constexpr size_t kInline = 16;  // payloads up to this size live in the header's first line

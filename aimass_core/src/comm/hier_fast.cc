@@ -1,0 +1,327 @@
+// The caller-thread hierarchical allreduce: a blocking allreduce across two nodes runs in the
+// caller's thread (no engine wake-up, no negotiation round over every rank), with the engine as
+// fallback. Measured where a 1 MiB allreduce of 4 ranks as 2 x 2 went through the engine (normal
+// scheduling, see docs/comm.md): 10-15 us to wake the engine, 100-160 us in the negotiation round,
+// 5-15 us to wake the caller, of about 530 us in all.
+//
+// Agreement. Every rank counts its eligible calls (a blocking allreduce, no compression, of at least
+// LLChannel::kCmaMin bytes: decided from the arguments alone, so ranks that make the same calls count
+// alike). A call
+//   1. arrives in the node's channel (LLChannel::exchange: the input and output posted by address);
+//      the attempt completes on every local rank or aborts on every local rank (a local peer absent
+//      past the fallback window, busy in its engine, or with another signature). A rank whose
+//      engine has queued work arrives with a spoiled hash, so its node falls back at once;
+//   2. local rank 0 of each node settles the call with its counterpart on the other node over MPI
+//      point-to-point (a duplicate of the cross communicator), both sides alike: each sends
+//      HDR(id, hash, local outcome) when it arrives and waits for the peer's message for that id;
+//      both then hold the same two headers and take the same outcome: GO when both nodes completed
+//      with the same signature, else CANCEL. A side whose node fell back sends its header and goes
+//      on without waiting (the outcome can only be CANCEL). A side that waited past the fallback
+//      window sends GIVEUP(id) and waits on (bounded by the engine timeout): the peer's engine
+//      thread answers CANCEL(id) when the peer's caller has not reached that id (it runs that call
+//      through the engine, or is late), and the peer's caller then falls back for that id without
+//      sending a header (a mutex between the peer's caller and its engine thread: each id gets a
+//      header or a CANCEL, never both). The later of the two finds the other's header waiting: one
+//      message's latency, not a request and an answer. Both nodes' local ranks take the outcome
+//      from their local rank 0 (its word in the channel): every rank takes the same path;
+//   3. GO: the data phase below; CANCEL: every rank submits the request to the engine, whose
+//      negotiation matches names, raises mismatches and applies the deadlines.
+// Waits past the decision (a side's for the peer's header after the window, the local ranks' for
+// local rank 0's word, the data phase's) are bounded by the engine timeout and raise DistributedError (a dead or stopped
+// peer; the engine is then broken). Ids that drifted apart (a rank that called a collective its
+// peers never called) make every later attempt wait out the window; after kHierMaxTimeouts such
+// attempts in a row a side turns the path off (its CANCELs carry the off flag), and so does every rank
+// that hears of it: the engine takes every call from then on, as before this path existed.
+//
+// Data phase (L local ranks): each local rank reduces its slice (whole lines, as the engine's
+// ShmAllreduce::run_cma) from every local input (process_vm_readv of the peers', in 256 KiB pieces,
+// the own input first), allreduces it with the same slice of the other node (cross_pair_allreduce:
+// the same two-node exchange as the engine's), posts that it is final, copies the peers' final
+// slices out of their outputs, and returns once every local peer finished reading its buffers. The
+// operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
+// same as that path's.
+#include "comm/cma.h"
+#include "comm/engine_impl.h"
+
+namespace aimass {
+
+namespace {
+constexpr int kHdrTag = 0x41c6;   // agreement messages on the duplicate cross communicator
+constexpr int kDataTag = 0x41c7;  // the cross step's slices
+constexpr int kHierMaxTimeouts = 3;
+enum : uint64_t { kHdr = 1, kGiveUp = 2, kCancel = 4 };
+struct Msg {
+  uint64_t type, id, hash, flag;  // flag: HDR: the node completed its local attempt; CANCEL: path off
+};
+// Phase words in the node's channel, per local attempt a: local rank 0 posts base + kWordGo or
+// base + kWordCancel, every rank base + kWordFinal once its slice is final; kWordOff: the path is off.
+constexpr uint64_t kWordGo = 1, kWordCancel = 2, kWordFinal = 3;
+constexpr uint64_t kWordOff = UINT64_MAX;
+uint64_t word_base(uint64_t attempt) { return (attempt + 1) * 8; }
+}  // namespace
+
+void CollectiveEngine::Impl::hier_init() {
+  // Collective over the communicator: every rank must agree whether the path exists.
+  int ok = 1;
+  if (const char* v = std::getenv("AIMASS_HIER_CALLER")) ok = std::strcmp(v, "0") != 0;
+  if (comm->cross_size() != 2 || comm->local_size() < 2 || !shm_ok) ok = 0;
+  int sizes[2] = {comm->local_size(), -comm->local_size()};  // MIN of both: equal everywhere iff -min(-x) == min(x)
+  MPI_Request req;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, mpi, &req), "MPI_Iallreduce(hier)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, sizes, 2, MPI_INT, MPI_MIN, mpi, &req), "MPI_Iallreduce(hier sizes)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  if (!ok || sizes[0] != -sizes[1]) return;  // (every rank alike)
+  auto h = std::make_unique<Hier>();
+  h->local = std::make_unique<Communicator>(comm->local_comm());  // (the node's ranks: one node, cross_size 1)
+  h->ch = std::make_unique<comm::LLChannel>(*h->local, 4096, opts.timeout_s);
+  int mine = h->ch->available() && h->ch->cma_available() ? 1 : 0;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, &mine, 1, MPI_INT, MPI_MIN, mpi, &req), "MPI_Iallreduce(hier channel)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  check_mpi(MPI_Comm_dup(comm->cross_comm(), &h->xc), "MPI_Comm_dup(cross)");  // (collective on every cross comm)
+  MPI_Comm_set_errhandler(h->xc, MPI_ERRORS_RETURN);
+  if (!mine) {
+    MPI_Comm_free(&h->xc);
+    return;
+  }
+  h->pair = comm->local_rank() == 0;
+  hier = std::move(h);
+}
+
+bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
+  if (!hier || c.kind != CollectiveKind::Allreduce) return false;
+  Hier& h = *hier;
+  const size_t es = dtype_size(c.dtype);
+  int64_t n = 1;
+  for (int d = 0; d < c.ndim; ++d) n *= c.shape[d];
+  const size_t nbytes = static_cast<size_t>(n) * es;
+  // eligible: decided from the arguments alone (every rank making this call counts it)
+  if (nbytes < comm::LLChannel::kCmaMin || c.input == nullptr || c.output == nullptr ||
+      !algos.pick(comm::AlgoKind::Allreduce, nbytes).shm)  // (the agreed table: shm / cma rows only)
+    return false;
+  std::lock_guard<std::mutex> cl(h.call_mu);
+  comm::LLChannel& ch = *h.ch;
+  if (h.off.load()) {
+    if (h.pair) ch.signal(kWordOff);  // (turned off by the engine thread: the node hears it now)
+    return false;
+  }
+  double deadline, fallback;
+  bool veto;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    deadline = opts.timeout_s;
+    fallback = opts.ll_fallback_s;
+    if (!broken.empty() || waker->stalled.load(std::memory_order_relaxed) || stop_requested || !running)
+      return false;  // the engine path raises
+    if (nbytes < opts.shm_min_bytes) return false;  // (set alike on every rank: set_shm_min_bytes)
+    // queued work first (and a name that failed on the other ranks): this rank still takes part, with a
+    // spoiled hash, so that its peers fall back at once and the ids stay aligned
+    veto = !inflight.empty() || !incoming.empty() || (!poisoned.empty() && poisoned.count(std::string(c.name)));
+  }
+  if (!h.pair && ch.wait_signal(0, 0, 0, "") == kWordOff) {  // local rank 0 heard the path is off
+    h.off = true;
+    return false;
+  }
+  const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, 0, c.name, c.shape, c.ndim);
+  const bool local_ok = ch.exchange(veto ? ~hash : hash, c.input, nbytes, 0, fallback, true, c.output) ==
+                        comm::LLChannel::Result::Complete;
+  bool go = false;
+  try {
+    if (h.pair) {
+      go = hier_pair_step(h, hash, local_ok, fallback, deadline);
+      if (h.off.load()) {
+        ch.signal(kWordOff);  // (the node's other ranks: now, or before their next attempt)
+        go = false;
+      } else if (local_ok) {
+        ch.signal(word_base(ch.attempt()) + (go ? kWordGo : kWordCancel));
+      }
+    } else if (local_ok) {
+      const uint64_t w = ch.wait_signal(0, word_base(ch.attempt()) + kWordGo, deadline,
+                                        "hierarchical allreduce (the node's agreement)");
+      if (w == kWordOff) h.off = true;
+      go = w != kWordOff && w != word_base(ch.attempt()) + kWordCancel;
+    }
+  } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
+    if (local_ok) ch.done();
+    fast_path_broke(e.what());
+    throw;
+  }
+  if (!go) {
+    if (local_ok) ch.done();  // (nobody read anything)
+    hier_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  try {
+    hier_data(h, c, n, deadline);
+  } catch (const DistributedError& e) {
+    c.peers_may_write = true;  // a receive of the cross step may stay posted into the output
+    fast_path_broke(e.what());
+    throw;
+  }
+  hier_collectives.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// Local rank 0's agreement with its counterpart on the other node (see the top of the file). Both
+// sides run the same protocol; h.mu is held for the whole attempt (the engine thread's answers skip
+// while it is taken).
+bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback,
+                                            double deadline) {
+  std::lock_guard<std::mutex> lk(h.mu);
+  const uint64_t id = ++h.calls;
+  hier_pump(h, id);
+  if (h.cancelled >= id || h.off.load()) {  // this rank's engine answered CANCEL for it already (the peer
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));  // waited in vain), or the peer turned the path off
+    return false;
+  }
+  hier_send(h, kHdr, id, hash, local_ok ? 1 : 0);
+  if (!local_ok) {  // the outcome is CANCEL whatever the peer posted; its caller reads our header
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+    return false;
+  }
+  comm::ll_wait::Backoff backoff;
+  bool gave_up = false;
+  while (true) {
+    auto it = h.peer.find(id);
+    if (it != h.peer.end()) {
+      const Hier::Posted p = it->second;
+      h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+      const bool go = p.type == kHdr && p.ok && p.hash == hash;
+      // a window that passed in vain (the peer's engine answered for a caller that did not come)
+      h.timeouts = go ? 0 : gave_up && p.type == kCancel ? h.timeouts + 1 : h.timeouts;
+      if (h.timeouts >= kHierMaxTimeouts) h.off = true;
+      return go;
+    }
+    const double waited = backoff.elapsed();
+    if (!gave_up && waited > fallback) {
+      hier_send(h, kGiveUp, id, 0, 0);  // the peer's engine answers when its caller is elsewhere
+      gave_up = true;
+    }
+    if (waited > deadline)
+      throw DistributedError(detail::concat(
+          "aimass.dist: hierarchical allreduce: the other node's rank did not answer within ", deadline,
+          " s: a peer rank has died or stopped calling aimass"));
+    backoff.pause(waited);
+    hier_pump(h, id);
+  }
+}
+
+// Under h.mu: the agreement messages the peer sent so far, for ids from keep_from on, into h.peer /
+// h.giveup (older ones were settled already; a message with the off flag turns the path off here too).
+void CollectiveEngine::Impl::hier_pump(Hier& h, uint64_t keep_from) {
+  const int peer = 1 - comm->cross_rank();
+  Msg m{};
+  int flag = 0;
+  while (true) {
+    check_mpi(MPI_Iprobe(peer, kHdrTag, h.xc, &flag, MPI_STATUS_IGNORE), "MPI_Iprobe(hierarchical agreement)");
+    if (!flag) return;
+    check_mpi(MPI_Recv(&m, sizeof m, MPI_BYTE, peer, kHdrTag, h.xc, MPI_STATUS_IGNORE),
+              "MPI_Recv(hierarchical agreement)");
+    if (m.type == kCancel && m.flag) h.off = true;
+    if (m.id < keep_from) continue;
+    if (m.type == kGiveUp) {
+      h.giveup = std::max(h.giveup, m.id);
+    } else {
+      h.peer[m.id] = Hier::Posted{m.type, m.hash, m.flag != 0};
+    }
+  }
+}
+
+void CollectiveEngine::Impl::hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag) {
+  Msg m{type, id, hash, flag};
+  MPI_Request req;
+  check_mpi(MPI_Isend(&m, sizeof m, MPI_BYTE, 1 - comm->cross_rank(), kHdrTag, h.xc, &req),
+            "MPI_Isend(hierarchical agreement)");
+  wait_mpi(&req, 1e-3, opts.timeout_s, "hierarchical allreduce (agreement message)", &waker->beat);
+}
+
+// The engine thread of local rank 0, once per cycle: a peer that gave up waiting for this rank's
+// header of an attempt this rank's caller has not reached (it runs that call through the engine, or
+// another call) gets CANCEL for it, and this rank's own attempt with that id falls back without
+// waiting. Both count toward turning the path off (ids that drifted apart cost a window per call).
+void CollectiveEngine::Impl::hier_engine_answer() {
+  Hier& h = *hier;
+  std::unique_lock<std::mutex> lk(h.mu, std::try_to_lock);
+  if (!lk.owns_lock()) return;  // the caller is in an attempt: it answers
+  hier_pump(h, h.calls + 1);
+  if (h.giveup > h.calls && h.giveup > h.cancelled) {
+    if (++h.timeouts >= kHierMaxTimeouts) h.off = true;
+    hier_send(h, kCancel, h.giveup, 0, h.off.load() ? 1 : 0);
+    h.cancelled = h.giveup;
+  }
+}
+
+void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count, double deadline) {
+  comm::LLChannel& ch = *h.ch;
+  struct Release {  // the peers may reuse our slot once we stop reading theirs, and our buffers
+    comm::LLChannel* c;  // once they stopped reading them (bounded: on the error path only)
+    double deadline;
+    bool armed = true;
+    ~Release() {
+      if (!armed) return;
+      c->done();
+      c->wait_readers(deadline);
+    }
+  } release{&ch, deadline};
+  const int L = ch.size(), me = ch.rank();
+  const size_t es = dtype_size(c.dtype);
+  const bool average = c.op == ReduceOp::Average;
+  const ReduceOp op = average ? ReduceOp::Sum : c.op;
+  const uint64_t base = word_base(ch.attempt());
+  char* out = static_cast<char*>(c.output);
+  const char* in = static_cast<const char*>(c.input);
+  auto slice_of = [&](int j, int64_t* b, int64_t* e) {  // whole lines, as ShmAllreduce::run_cma
+    const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
+    const int64_t units = (count + unit - 1) / unit;
+    *b = std::min(count, units * j / L * unit);
+    *e = std::min(count, units * (j + 1) / L * unit);
+  };
+  int64_t b, e;
+  slice_of(me, &b, &e);
+  // 1. reduce-scatter: my slice of every local input, L2-sized pieces, the own input first
+  const int64_t step = static_cast<int64_t>((size_t(256) << 10) / es);
+  const size_t slot = static_cast<size_t>(step) * es;
+  if (h.tmp.size() < static_cast<size_t>(L) * slot) h.tmp.resize(static_cast<size_t>(L) * slot);
+  const char* srcs[comm::LLChannel::kMaxRanks];
+  for (int64_t lo = b; lo < e; lo += step) {
+    const int64_t hi = std::min(e, lo + step);
+    const size_t bytes = static_cast<size_t>(hi - lo) * es;
+    srcs[0] = in + lo * static_cast<int64_t>(es);
+    for (int j = 0, k = 1; j < L; ++j) {
+      if (j == me) continue;
+      char* dst = h.tmp.data() + static_cast<size_t>(j) * slot;
+      ch.read(j, static_cast<size_t>(lo) * es, dst, bytes);
+      srcs[k++] = dst;
+    }
+    comm::reduce_into(c.dtype, op, srcs, L, out + lo * static_cast<int64_t>(es), static_cast<size_t>(hi - lo), false,
+                      size);
+  }
+  // 2. the slice with the other node's same slice (deadline: the engine timeout; a posted receive into
+  // xbuf or the output outlives a failure, see hier_allreduce)
+  if (e > b) {
+    comm::cross_pair_allreduce(h.xc, kDataTag, comm->cross_rank(), h.xbuf, out + b * static_cast<int64_t>(es), e - b,
+                               c.dtype, c.op, [&](MPI_Request* req, const char* what) {
+                                 wait_mpi(req, 1.0, deadline, what, &waker->beat);
+                               });
+    if (average) comm::divide(c.dtype, out + b * static_cast<int64_t>(es), static_cast<size_t>(e - b), size);
+  }
+  ch.signal(base + kWordFinal);  // my slice is final, and I read every local input
+  // 3. allgather: every local peer's final slice from its output
+  for (int jj = 1; jj < L; ++jj) {
+    const int j = (me + jj) % L;
+    int64_t bj, ej;
+    slice_of(j, &bj, &ej);
+    if (ej <= bj) continue;
+    ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
+    ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
+                   static_cast<size_t>(ej - bj) * es);
+  }
+  release.armed = false;
+  ch.done();
+  if (!ch.wait_readers(deadline))
+    throw DistributedError(detail::concat("aimass.dist: hierarchical allreduce '", c.name,
+                                          "': a local peer did not finish reading this rank's buffers within ",
+                                          deadline, " s: a peer rank has died or stopped calling aimass"));
+}
+
+}  // namespace aimass
