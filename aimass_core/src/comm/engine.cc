@@ -85,7 +85,10 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   comm::AlgoChoice c = algos.pick(comm::AlgoKind::Allreduce, bytes);
   // staged or single-copy as every rank voted in this cycle's negotiation (vote_bits), the other way
   // every kVoteExplore-th run so that both timings stay current (ar_runs is alike on every rank)
-  const bool voted = ar_vote && !cross && c.shm && shm->cma_available();
+  // (a cycle of allreduces in shared host buffers on every rank: single copy, reduced in the peers' mappings)
+  const bool mapped = ar_cycle_mapped && !cross && c.shm && shm->maps_peers();
+  if (mapped) c.cma = true;
+  const bool voted = ar_vote && !cross && c.shm && shm->cma_available() && !mapped;
   const int cls = vote_class(bytes);
   bool staged = false;
   if (voted) {
@@ -110,6 +113,10 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   const auto t0 = Clock::now();
   try {
     shm->run(segs, count, wire, op, size, cross);
+    if (shm->last_run_mapped()) {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_mapped;
+    }
     if (voted && bytes > 0) {
       const double spb = seconds_between(t0, Clock::now()) / static_cast<double>(bytes);
       // the first run of a way pays for cold pages and caches: the second replaces it (ar_timings{2})
@@ -442,6 +449,8 @@ void CollectiveEngine::set_shm_min_bytes(size_t bytes) {
 }
 
 bool CollectiveEngine::shm_available() const { return impl_->shm_ok; }
+
+bool CollectiveEngine::shm_maps_peers() const { return impl_->shm_ok && impl_->shm->maps_peers(); }
 
 std::string CollectiveEngine::algorithms() const { return impl_->algos.str(); }
 

@@ -198,6 +198,10 @@ struct CollectiveEngine::Impl {
   // This cycle's agreed line offset of the staged layout (line_offset_code; -1: none, segments packed).
   int ar_line_offset = -1;
   uint64_t line_offset_code() const;
+  // This cycle's allreduces all live in the ranks' shared host buffers (every rank's pending ones, BAND in
+  // the round): they take the single-copy path, which reduces them in the peers' mappings, without the vote.
+  bool ar_cycle_mapped = false;
+  bool pending_all_mapped() const;
   uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
   static int vote_class(uint64_t bytes);
   uint64_t vote_bits() const;

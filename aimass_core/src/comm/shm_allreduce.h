@@ -35,6 +35,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
+#include "comm/host_regions.h"
 
 namespace aimass {
 namespace comm {
@@ -132,11 +133,21 @@ class ShmAllreduce {
     return !((cma_on_ || (cross && cma_ok_)) && nsegs * 2 * sizeof(uint64_t) <= chunk_bytes_);
   }
   // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
-  void allow_cma_for_tests(bool push = true, bool steal = true) {
+  void allow_cma_for_tests(bool push = true, bool steal = true, bool map = true) {
     cma_ok_ = true;
     push_ok_ = push;
     steal_ok_ = push && steal;
+    map_ok_ = steal_ok_ && map;
   }
+  // Whether the claimed-piece push may reduce buffers that live in the peers' shared host buffers
+  // (aimass/shared_host.h) with plain loads and stores, every peer's buffer mapped here once: each piece is
+  // read from every rank's input and written into every rank's output in one pass, no kernel copy. A peer
+  // whose buffers are not shared (or cannot be mapped) is read and written through the kernel as before;
+  // either way the same kernels in the same operand order, so the bits are the same. Probed at start-up
+  // (every rank maps every local peer's probe buffer; all agree); AIMASS_SHM_MAP=0: off.
+  bool maps_peers() const { return map_ok_; }
+  // Whether the last run() reduced every piece it claimed straight in the peers' mapped buffers.
+  bool last_run_mapped() const { return mapped_; }
   // Whether the single-copy allreduce on one node pushes each reduced chunk into the peers' outputs
   // (process_vm_writev) instead of every rank reading the peers' reduced slices afterwards: every
   // byte of the inputs is read once and every byte of the outputs written once, by the rank that
@@ -209,6 +220,15 @@ class ShmAllreduce {
   void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
                           bool average, int world_size);
   bool probe_cma(int j);  // reads local rank j's probe word
+  bool probe_map();       // maps every local peer's probe buffer (posted in its staging slot 0)
+  // The claimed-piece push with every peer's buffers mapped here (run_cma_steal when all of them are)
+  void run_mapped(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts, int64_t count,
+                  DType dtype, ReduceOp op, int world_size, uint64_t base,
+                  const std::vector<std::vector<const char*>>& ins, const std::vector<std::vector<char*>>& outs,
+                  uint64_t h);
+  // Whether a run of n segments posts where its buffers live (RegionRef per input and output) after its
+  // address table, in the same staging slot
+  bool refs_fit(size_t nseg) const { return nseg * (2 + 2 * kRegionRefWords) * sizeof(uint64_t) <= chunk_bytes_; }
   void finish_cma(uint64_t h, int which);  // the closing barrier of a single-copy collective
   // Ops other than allreduce keep the counters' meaning: staged >= s: this rank's staging slot for
   // s is written; reduced >= s: it read every staging slot up to s (and wrote its reduced slice);
@@ -238,6 +258,8 @@ class ShmAllreduce {
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
   bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false;
+  bool map_ok_ = false, mapped_ = false;
+  PeerRegions peer_maps_;  // the local peers' shared buffers mapped here (map_ok_)
   // per local rank: its claim counter's value when the next collective using it starts (every rank
   // tracks every counter alike; each claiming rank overshoots once per collective)
   std::vector<uint64_t> claim_base_;

@@ -28,6 +28,7 @@
 
 #include "aimass/error.h"
 #include "comm/cma.h"
+#include "comm/host_regions.h"
 #include "comm/shm_allreduce.h"
 
 namespace aimass {
@@ -35,6 +36,7 @@ namespace comm {
 
 namespace {
 constexpr size_t kCmaChunk = 256u << 10;  // per peer: the pieces of one step stay in the L2
+static_assert(sizeof(RegionRef) == kRegionRefWords * sizeof(uint64_t), "RegionRef is posted as words");
 
 // fn(segment index, element offset inside it, element offset in the concatenation, n) for every
 // part of [lo, hi) of the concatenation of segments starting at starts[i] (starts.back(): the total)
@@ -114,6 +116,16 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   for (size_t i = 0; i < nseg; ++i) {
     table[2 * i] = reinterpret_cast<uint64_t>(segs[i].in);
     table[2 * i + 1] = reinterpret_cast<uint64_t>(segs[i].out);
+  }
+  // after it, where each buffer lives when it is in one of this process's shared buffers (ino 0: not)
+  if (map_ok_ && pushed_ && steal_ok_ && refs_fit(nseg)) {
+    RegionRef* refs = reinterpret_cast<RegionRef*>(table + 2 * nseg);
+    const size_t es = dtype_size(dtype);
+    for (size_t i = 0; i < nseg; ++i) {
+      const size_t n = static_cast<size_t>(segs[i].count) * es;
+      find_shared_region(segs[i].in, n, &refs[2 * i]);
+      find_shared_region(segs[i].out, n, &refs[2 * i + 1]);
+    }
   }
   mark(h, true, false, false);
   wait_peers(0, h);
@@ -236,6 +248,26 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   claim_base_.resize(static_cast<size_t>(L), 0);
   const uint64_t base = claim_base_[0];
   claim_base_[0] = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
+  if (map_ok_ && refs_fit(segs.size())) {
+    // every peer's buffers mapped here: plain loads and stores (run_mapped); else the kernel copies below
+    const size_t nseg = segs.size();
+    std::vector<std::vector<const char*>> ins(static_cast<size_t>(L), std::vector<const char*>(nseg));
+    std::vector<std::vector<char*>> outs(static_cast<size_t>(L), std::vector<char*>(nseg));
+    bool all = true;
+    for (int j = 0; j < L && all; ++j) {
+      if (j == me) continue;
+      const uint64_t* t = peer_table(j);
+      const RegionRef* refs = reinterpret_cast<const RegionRef*>(t + 2 * nseg);
+      const pid_t pid = static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed));
+      for (size_t g = 0; g < nseg && all; ++g) {
+        const size_t n = static_cast<size_t>(segs[g].count) * es;
+        ins[j][g] = peer_maps_.translate(pid, refs[2 * g], t[2 * g], n);
+        outs[j][g] = peer_maps_.translate(pid, refs[2 * g + 1], t[2 * g + 1], n);
+        all = ins[j][g] != nullptr && outs[j][g] != nullptr;
+      }
+    }
+    if (all) return run_mapped(segs, starts, count, dtype, op, world_size, base, ins, outs, h);
+  }
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   for (;;) {
@@ -266,6 +298,57 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   }
   // every piece is claimed; once every peer finished its claims, every output is complete (and
   // every input read)
+  finish_cma(h, 1);
+}
+
+// run_cma_steal with every peer's buffers mapped into this process (shared host buffers, host_regions.h):
+// the claimed piece is reduced straight from every rank's input into every rank's output with loads and
+// stores. With two ranks one pass does it (reduce_into's second destination is the peer's output: each
+// piece is read once from each input and written once into each output, the fewest bytes an allreduce
+// between two private buffers can move); with more, the piece is reduced in rank order into the own output
+// (through `res` where the own input is not first) and copied from there, still in the L2, into each
+// peer's. The operands and kernels are run_cma_steal's, so are the bits. In place is safe as there: one
+// rank reads and writes a piece, and the kernels read every source of an element before writing it.
+void ShmAllreduce::run_mapped(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts,
+                              int64_t count, DType dtype, ReduceOp op, int world_size, uint64_t base,
+                              const std::vector<std::vector<const char*>>& ins,
+                              const std::vector<std::vector<char*>>& outs, uint64_t h) {
+  const int L = lsize_, me = lrank_;
+  const size_t es = dtype_size(dtype);
+  const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
+  const int64_t npieces = (count + step - 1) / step;
+  tmp_.resize(static_cast<size_t>(step) * es);
+  char* res = tmp_.data();
+  std::atomic<uint64_t>& claims = ctrl(0)->claims;
+  std::vector<const char*> srcs(L);
+  for (;;) {
+    const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
+    if (k >= npieces) break;
+    pulse(Clock::now());
+    const int64_t lo = k * step, hi = std::min(count, lo + step);
+    for_pieces(starts, lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
+      const ShmSegment& sg = segs[g];
+      const size_t o = static_cast<size_t>(at) * es, nb = static_cast<size_t>(n) * es;
+      if (L == 2) {  // the own input first, as reduce_rank_order does with two ranks
+        const int p = 1 - me;
+        srcs[0] = sg.in + o;
+        srcs[1] = ins[p][g] + o;
+        reduce_into(dtype, op, srcs.data(), 2, sg.out + o, static_cast<size_t>(n), sg.average, world_size,
+                    outs[p][g] + o);
+        return;
+      }
+      reduce_rank_order(dtype, op, me, L, sg.in + o, [&](int j) { return ins[j][g] + o; }, sg.out + o,
+                        static_cast<size_t>(n), sg.average, world_size, res + static_cast<size_t>(x - lo) * es,
+                        srcs.data());
+      for (int jj = 1; jj < L; ++jj) {
+        const int j = (me + jj) % L;
+        std::memcpy(outs[j][g] + o, sg.out + o, nb);
+      }
+    });
+  }
+  mapped_ = true;
+  // every piece is claimed; once every peer finished its claims (its stores are released with its mark),
+  // every output is complete and every input read
   finish_cma(h, 1);
 }
 

@@ -38,13 +38,26 @@ DEFAULT_BUCKET_BYTES = 25 << 20  # DDP's bucket_cap_mb default
 HUGE_BUCKET_BYTES = 2 << 20
 
 
-def _zeros(torch, count: int, dtype, device):
-    """A flat zeroed bucket: host memory from _C.HostBuffer when large, else torch's own."""
+def _zeros(torch, count: int, dtype, device, shared: bool = False):
+    """A flat zeroed bucket: host memory from _C.HostBuffer when large, else torch's own. shared: from
+    _C.SharedHostBuffer (a memfd the local peers map), which the engine reduces with loads and stores in
+    every rank's bucket; private huge pages when it cannot be had."""
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or nbytes < HUGE_BUCKET_BYTES:
         return torch.zeros(count, dtype=dtype, device=device)
     from .. import _C
+    if shared:
+        try:
+            return torch.frombuffer(_C.SharedHostBuffer(nbytes), dtype=dtype)
+        except OSError:  # no memfd here, or no memory for it: the kernel-copy path on private memory
+            pass
     return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype)  # shares and keeps the buffer
+
+
+def _engine_maps_peers(process_set) -> bool:
+    """Whether process_set's engine reduces shared host buffers in the local peers' mappings (agreed at init)."""
+    eng = getattr(process_set, "_engine", None)
+    return eng is not None and bool(getattr(eng, "shared_buffers", False))
 
 
 def _torch():
@@ -103,9 +116,12 @@ class GradientBuckets:
         self._members: List[List[Any]] = []
         self._views: Dict[int, Any] = {}
         self._bucket_of: Dict[int, int] = {}
+        # host buckets in shared memory when the engine can reduce them in every rank's mapping (every rank
+        # decides alike: the engine's probe at init is agreed); else private huge pages for the kernel copies
+        shared = _engine_maps_peers(process_set)
         for i, g in enumerate(groups):
             total = sum(p.numel() for p in g)
-            flat = _zeros(torch, total, g[0].dtype, g[0].device)
+            flat = _zeros(torch, total, g[0].dtype, g[0].device, shared)
             off = 0
             for p in g:
                 n = p.numel()
