@@ -9,6 +9,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <thread>
+
 #include <cstring>
 #include <memory>
 #include <string>
@@ -204,6 +210,75 @@ TEST(CommMapped, PeerMappingsTranslateCheckTheFileAndEvict) {
   EXPECT_LE(maps.mappings(), PeerRegions::kMaxMappings);
   maps.clear();
   EXPECT_EQ(maps.mappings(), 0u);
+}
+
+// A peer process that dies in the middle of an allreduce on mapped buffers: after one allreduce together
+// (this process then keeps the child's bucket mapped), the child posts its part of the next one and dies.
+// This process reduces every piece, writing into the dead child's bucket through its mapping (the memory
+// stays valid: no SIGBUS), and then fails with DistributedError saying the peer died, not at the deadline.
+TEST(CommMapped, PeerProcessDyingMidAllreduceRaisesAndItsMappingStaysValid) {
+  constexpr int64_t kCount = 300000;  // 1.2 MB: many pieces
+  const size_t seg_bytes = (ShmAllreduce::segment_bytes(2, kChunk) + 4095) / 4096 * 4096;
+  void* mem = mmap(nullptr, seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mem, MAP_FAILED);
+  auto old = signal(SIGCHLD, SIG_IGN);  // the dead child is reaped at once (as mpirun's daemon does)
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    {
+      ShmAllreduce shm(1, 2, mem, kChunk, 60.0);
+      shm.allow_cma_for_tests(true, true, true);
+      shm.use_cma(true);
+      SharedHostBuffer b(kCount * sizeof(float));
+      float* x = static_cast<float*>(b.data());
+      for (int64_t i = 0; i < kCount; ++i) x[i] = 2.0f;
+      shm.run({{reinterpret_cast<const char*>(x), reinterpret_cast<char*>(x), kCount, false}}, kCount, DType::F32,
+              ReduceOp::Sum, 2, nullptr);
+      const bool ok = shm.last_run_mapped() && x[0] == 3.0f && x[kCount - 1] == 3.0f;
+      if (!ok) _exit(3);
+      std::thread t([&] {  // the next allreduce: posts, then the process goes away under it
+        try {
+          shm.run({{reinterpret_cast<const char*>(x), reinterpret_cast<char*>(x), kCount, false}}, kCount,
+                  DType::F32, ReduceOp::Sum, 2, nullptr);
+        } catch (...) {
+        }
+      });
+      // once its address table is posted (its control line's first word, `staged`, reaches the second
+      // collective: the segment starts with one 128-byte control line per local rank)
+      const auto* staged = reinterpret_cast<const std::atomic<uint64_t>*>(static_cast<char*>(mem) + 128);
+      for (int i = 0; i < 30000 && staged->load() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      _exit(0);
+    }
+  }
+  std::string error;
+  bool first_ok = false, wrote_all = false;
+  {
+    ShmAllreduce shm(0, 2, mem, kChunk, 60.0);
+    shm.allow_cma_for_tests(true, true, true);
+    shm.use_cma(true);
+    SharedHostBuffer b(kCount * sizeof(float));
+    float* x = static_cast<float*>(b.data());
+    for (int64_t i = 0; i < kCount; ++i) x[i] = 1.0f;
+    shm.run({{reinterpret_cast<const char*>(x), reinterpret_cast<char*>(x), kCount, false}}, kCount, DType::F32,
+            ReduceOp::Sum, 2, nullptr);
+    first_ok = shm.last_run_mapped() && x[0] == 3.0f && x[kCount - 1] == 3.0f;
+    for (int i = 0; i < 30000 && !(kill(child, 0) != 0 && errno == ESRCH); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    for (int64_t i = 0; i < kCount; ++i) x[i] = 1.0f;
+    try {
+      shm.run({{reinterpret_cast<const char*>(x), reinterpret_cast<char*>(x), kCount, false}}, kCount, DType::F32,
+              ReduceOp::Sum, 2, nullptr);
+    } catch (const aimass::DistributedError& e) {
+      error = e.what();
+    }
+    // the child posted 3.0f (its reduced bucket) as the next input: every piece went through this rank
+    wrote_all = x[0] == 4.0f && x[kCount - 1] == 4.0f && shm.peers_write_outputs();
+  }
+  signal(SIGCHLD, old);
+  munmap(mem, seg_bytes);
+  EXPECT_TRUE(first_ok);
+  EXPECT_NE(error.find("died"), std::string::npos) << error;
+  EXPECT_TRUE(wrote_all);
 }
 
 }  // namespace

@@ -39,19 +39,19 @@ HUGE_BUCKET_BYTES = 2 << 20
 
 
 def _zeros(torch, count: int, dtype, device, shared: bool = False):
-    """A flat zeroed bucket: host memory from _C.HostBuffer when large, else torch's own. shared: from
-    _C.SharedHostBuffer (a memfd the local peers map), which the engine reduces with loads and stores in
-    every rank's bucket; private huge pages when it cannot be had."""
+    """A flat zeroed bucket and whether it is shared: host memory from _C.HostBuffer when large, else torch's
+    own. shared: from _C.SharedHostBuffer (a memfd the local peers map), which the engine reduces with loads
+    and stores in every rank's bucket; private huge pages when it cannot be had."""
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or nbytes < HUGE_BUCKET_BYTES:
-        return torch.zeros(count, dtype=dtype, device=device)
+        return torch.zeros(count, dtype=dtype, device=device), False
     from .. import _C
     if shared:
         try:
-            return torch.frombuffer(_C.SharedHostBuffer(nbytes), dtype=dtype)
+            return torch.frombuffer(_C.SharedHostBuffer(nbytes), dtype=dtype), True
         except OSError:  # no memfd here, or no memory for it: the kernel-copy path on private memory
             pass
-    return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype)  # shares and keeps the buffer
+    return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype), False  # shares and keeps the buffer
 
 
 def _engine_maps_peers(process_set) -> bool:
@@ -119,9 +119,11 @@ class GradientBuckets:
         # host buckets in shared memory when the engine can reduce them in every rank's mapping (every rank
         # decides alike: the engine's probe at init is agreed); else private huge pages for the kernel copies
         shared = _engine_maps_peers(process_set)
+        self.shared: List[bool] = []  # per bucket: in memory the local peers map (reduced in their mappings)
         for i, g in enumerate(groups):
             total = sum(p.numel() for p in g)
-            flat = _zeros(torch, total, g[0].dtype, g[0].device, shared)
+            flat, on_shared = _zeros(torch, total, g[0].dtype, g[0].device, shared)
+            self.shared.append(on_shared)
             off = 0
             for p in g:
                 n = p.numel()
