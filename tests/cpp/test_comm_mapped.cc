@@ -208,6 +208,15 @@ TEST(CommMapped, PeerMappingsTranslateCheckTheFileAndEvict) {
     EXPECT_EQ(*m, static_cast<char>(i));
   }
   EXPECT_LE(maps.mappings(), PeerRegions::kMaxMappings);
+  // mappings unused for kIdleRuns runs go (a freed peer buffer is not kept alive for ever); used ones stay
+  RegionRef keep;
+  ASSERT_TRUE(aimass::comm::find_shared_region(many.back()->data(), 1, &keep));
+  for (uint64_t i = 0; i <= PeerRegions::kIdleRuns; ++i) {
+    maps.next_run();
+    ASSERT_NE(maps.translate(me, keep, keep.base, 1), nullptr);
+  }
+  maps.next_run();
+  EXPECT_EQ(maps.mappings(), 1u);
   maps.clear();
   EXPECT_EQ(maps.mappings(), 0u);
 }

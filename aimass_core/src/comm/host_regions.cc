@@ -110,13 +110,7 @@ char* PeerRegions::translate(pid_t pid, const RegionRef& ref, uint64_t remote, s
       close(fd);
     }
     // make room: the least recently used mappings go (a peer's freed buffer lives on while mapped here)
-    while (!lru_.empty() && (maps_.size() >= kMaxMappings || bytes_ + m.bytes > kMaxBytes)) {
-      auto old = maps_.find(lru_.back());
-      if (old->second.p) munmap(old->second.p, old->second.bytes);
-      bytes_ -= old->second.bytes;
-      maps_.erase(old);
-      lru_.pop_back();
-    }
+    while (!lru_.empty() && (maps_.size() >= kMaxMappings || bytes_ + m.bytes > kMaxBytes)) drop_oldest();
     lru_.push_front(key);
     m.lru = lru_.begin();
     bytes_ += m.bytes;
@@ -124,8 +118,22 @@ char* PeerRegions::translate(pid_t pid, const RegionRef& ref, uint64_t remote, s
   } else if (it->second.lru != lru_.begin()) {
     lru_.splice(lru_.begin(), lru_, it->second.lru);
   }
+  it->second.used = run_;
   if (!it->second.p || it->second.bytes != ref.bytes) return nullptr;
   return it->second.p + (remote - ref.base);
+}
+
+void PeerRegions::drop_oldest() {
+  auto old = maps_.find(lru_.back());
+  if (old->second.p) munmap(old->second.p, old->second.bytes);
+  bytes_ -= old->second.bytes;
+  maps_.erase(old);
+  lru_.pop_back();
+}
+
+void PeerRegions::next_run() {
+  ++run_;
+  while (!lru_.empty() && maps_.find(lru_.back())->second.used + kIdleRuns < run_) drop_oldest();
 }
 
 void PeerRegions::clear() {

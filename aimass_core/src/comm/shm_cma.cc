@@ -249,6 +249,7 @@ void ShmAllreduce::run_cma_steal(const std::vector<ShmSegment>& segs, const std:
   const uint64_t base = claim_base_[0];
   claim_base_[0] = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
   if (map_ok_ && refs_fit(segs.size())) {
+    peer_maps_.next_run();
     // every peer's buffers mapped here: plain loads and stores (run_mapped); else the kernel copies below
     const size_t nseg = segs.size();
     std::vector<std::vector<const char*>> ins(static_cast<size_t>(L), std::vector<const char*>(nseg));
