@@ -42,9 +42,12 @@ constexpr size_t kChunk = 8192;  // 8 KiB pieces: the counts below span many
 int val(int rank, int64_t i, int salt) { return static_cast<int>((i * 31 + rank * 17 + salt) % 97) - 48; }
 
 // shared_ranks[r]: rank r's buffers in a shared host buffer (else a private vector)
+// chunk: the segment's slot (the pieces are min(chunk, 256 KiB)); the default 8 KiB makes many small
+// pieces, 512 KiB pieces of several of run_mapped's 32 KiB sub-blocks
 template <typename T>
-void check_mapped_same_bits(int L, DType dtype, ReduceOp op, bool average, const std::vector<bool>& shared_ranks) {
-  const std::vector<int64_t> counts = {1, 63, 2049, 9 * 2048 + 37, 5};
+void check_mapped_same_bits(int L, DType dtype, ReduceOp op, bool average, const std::vector<bool>& shared_ranks,
+                            size_t chunk = kChunk,
+                            const std::vector<int64_t>& counts = {1, 63, 2049, 9 * 2048 + 37, 5}) {
   std::vector<std::vector<std::vector<T>>> got(L);  // [rank][call]
   std::vector<std::vector<bool>> mapped(L);
   auto input = [&](int r, size_t c, int64_t i) {
@@ -54,10 +57,10 @@ void check_mapped_same_bits(int L, DType dtype, ReduceOp op, bool average, const
       return static_cast<T>((dtype == DType::F16 ? 0x3c00 : 0x3f80) + (v & 0x3f));
     else return static_cast<T>(v);
   };
-  ShmTestSegment seg(L, kChunk);
+  ShmTestSegment seg(L, chunk);
   std::vector<std::string> errors(L);
   run_rank_threads(L, errors, [&](int r) {
-    ShmAllreduce shm(r, L, seg.mem, kChunk, 20.0);
+    ShmAllreduce shm(r, L, seg.mem, chunk, 20.0);
     shm.allow_cma_for_tests(true, true, true);
     shm.use_cma(true);
     ASSERT_TRUE(shm.maps_peers());
@@ -127,6 +130,18 @@ TEST(CommMapped, EveryDtypeAndOpSameBitsAsTheRankOrderKernel) {
     check_mapped_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, all);
     check_mapped_same_bits<uint16_t>(L, DType::F16, ReduceOp::Sum, true, all);
     check_mapped_same_bits<int64_t>(L, DType::I64, ReduceOp::Sum, true, all);
+  }
+}
+
+TEST(CommMapped, LargePiecesInSubBlocksSameBits) {
+  // 256 KiB pieces of 32 KiB sub-blocks (each prefetching the next one's pages), odd tails, fused segments
+  const std::vector<int64_t> counts = {300007, 65536 + 17, 3 * 65536};
+  for (int L : {2, 3}) {
+    const std::vector<bool> all(L, true);
+    check_mapped_same_bits<float>(L, DType::F32, ReduceOp::Sum, false, all, 512u << 10, counts);
+    check_mapped_same_bits<float>(L, DType::F32, ReduceOp::Sum, true, all, 512u << 10, counts);
+    check_mapped_same_bits<double>(L, DType::F64, ReduceOp::Max, false, all, 512u << 10, counts);
+    check_mapped_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, all, 512u << 10, counts);
   }
 }
 
