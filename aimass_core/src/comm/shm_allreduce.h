@@ -73,6 +73,15 @@ inline void reduce_rank_order(DType dtype, ReduceOp op, int me, int L, const cha
   }
 }
 
+// One claimed piece of n elements reduced straight in the ranks' buffers, every one mapped into this process
+// (shared host buffers: ShmAllreduce::run_mapped, LLChannel::push_allreduce): ins[j] / outs[j] are rank j's
+// input / output of the piece (ins[me], outs[me] this rank's). The operands and kernels of reduce_rank_order,
+// so the same bits; with two ranks one pass writes both outputs, with more the own output is copied into
+// the peers'. In place is safe (every source of an element is read before it is written). res: n elements
+// of scratch; srcs: room for L pointers.
+void reduce_mapped_piece(DType dtype, ReduceOp op, int me, int L, const char* const* ins, char* const* outs, size_t n,
+                         bool average, int world, char* res, const char** srcs);
+
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the
 // result is divided by the world size (as the MPI path does after the sum).

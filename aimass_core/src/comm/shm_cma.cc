@@ -74,6 +74,39 @@ void piece_iov(std::vector<iovec>& lv, std::vector<iovec>& rv, const std::vector
 }
 }  // namespace
 
+// In sub-blocks, each preceded by a prefetch of the first line of every page of the next one in every
+// buffer: shared memory comes in 4 KiB pages here (shmem THP is off by default), and the hardware prefetchers
+// stop at each page boundary, so a plain pass streams at ~2/3 of the speed it has on huge pages (25 MiB
+// a + b -> c, one thread: 3.4-3.5 ms min on a memfd against 2.3-2.7 ms on THP memory, 2.3-2.5 ms on the memfd
+// with these prefetches). The elements are reduced exactly as in one call.
+void reduce_mapped_piece(DType dtype, ReduceOp op, int me, int L, const char* const* ins, char* const* outs, size_t n,
+                         bool average, int world, char* res, const char** srcs) {
+  const size_t es = dtype_size(dtype), sub = kMappedBlock / es;
+  auto pages_ahead = [&](size_t o, size_t nb) {
+    for (size_t q = 0; q < nb; q += 4096)
+      for (int j = 0; j < L; ++j) {
+        __builtin_prefetch(ins[j] + o + q, 0, 3);
+        __builtin_prefetch(outs[j] + o + q, 1, 3);
+      }
+  };
+  for (size_t s = 0; s < n; s += sub) {
+    const size_t m = std::min(sub, n - s), o = s * es, nb = m * es;
+    if (s + m < n) pages_ahead(o + nb, std::min(sub, n - s - m) * es);
+    if (L == 2) {  // the own input first, as reduce_rank_order does with two ranks; both outputs in the pass
+      srcs[0] = ins[me] + o;
+      srcs[1] = ins[1 - me] + o;
+      reduce_into(dtype, op, srcs, 2, outs[me] + o, m, average, world, outs[1 - me] + o);
+      continue;
+    }
+    reduce_rank_order(dtype, op, me, L, ins[me] + o, [&](int j) { return ins[j] + o; }, outs[me] + o, m, average,
+                      world, res + o, srcs);
+    for (int jj = 1; jj < L; ++jj) {
+      const int j = (me + jj) % L;
+      std::memcpy(outs[j] + o, outs[me] + o, nb);
+    }
+  }
+}
+
 bool ShmAllreduce::probe_cma(int j) {
   return cma_probe(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)),
                    ctrl(j)->addr.load(std::memory_order_acquire), 0x5eed0000u + static_cast<uint64_t>(j));
@@ -321,9 +354,9 @@ void ShmAllreduce::run_mapped(const std::vector<ShmSegment>& segs, const std::ve
   const int64_t npieces = (count + step - 1) / step;
   tmp_.resize(static_cast<size_t>(step) * es);
   char* res = tmp_.data();
-  const int64_t sub = static_cast<int64_t>(kMappedBlock / es);  // whole lines (see pages_ahead)
   std::atomic<uint64_t>& claims = ctrl(0)->claims;
-  std::vector<const char*> srcs(L);
+  std::vector<const char*> srcs(L), pin(L);
+  std::vector<char*> pout(L);
   for (;;) {
     const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
     if (k >= npieces) break;
@@ -331,42 +364,13 @@ void ShmAllreduce::run_mapped(const std::vector<ShmSegment>& segs, const std::ve
     const int64_t lo = k * step, hi = std::min(count, lo + step);
     for_pieces(starts, lo, hi, [&](size_t g, int64_t at, int64_t x, int64_t n) {
       const ShmSegment& sg = segs[g];
-      // In sub-blocks, each preceded by a prefetch of the first line of every page of the next one in every
-      // buffer: shared memory comes in 4 KiB pages here (shmem THP is off by default), and the hardware
-      // prefetchers stop at each page boundary, so a plain pass streams at ~2/3 of the speed it has on huge
-      // pages (25 MiB a + b -> c: 3.5-7.5 ms on a memfd against 2.7-3.0 ms on THP memory, 2.3-2.6 ms on the
-      // memfd with these prefetches). Elements are reduced exactly as in one call.
-      auto pages_ahead = [&](size_t o, size_t nb) {
-        for (size_t q = 0; q < nb; q += 4096) {
-          __builtin_prefetch(sg.in + o + q, 0, 3);
-          __builtin_prefetch(sg.out + o + q, 1, 3);
-          for (int j = 0; j < L; ++j) {
-            if (j == me) continue;
-            __builtin_prefetch(ins[j][g] + o + q, 0, 3);
-            __builtin_prefetch(outs[j][g] + o + q, 1, 3);
-          }
-        }
-      };
-      for (int64_t s = 0; s < n; s += sub) {
-        const int64_t m = std::min(sub, n - s);
-        const size_t o = static_cast<size_t>(at + s) * es, nb = static_cast<size_t>(m) * es;
-        if (s + m < n) pages_ahead(o + nb, static_cast<size_t>(std::min(sub, n - s - m)) * es);
-        if (L == 2) {  // the own input first, as reduce_rank_order does with two ranks
-          const int p = 1 - me;
-          srcs[0] = sg.in + o;
-          srcs[1] = ins[p][g] + o;
-          reduce_into(dtype, op, srcs.data(), 2, sg.out + o, static_cast<size_t>(m), sg.average, world_size,
-                      outs[p][g] + o);
-          continue;
-        }
-        reduce_rank_order(dtype, op, me, L, sg.in + o, [&](int j) { return ins[j][g] + o; }, sg.out + o,
-                          static_cast<size_t>(m), sg.average, world_size,
-                          res + static_cast<size_t>(x - lo + s) * es, srcs.data());
-        for (int jj = 1; jj < L; ++jj) {
-          const int j = (me + jj) % L;
-          std::memcpy(outs[j][g] + o, sg.out + o, nb);
-        }
+      const size_t o = static_cast<size_t>(at) * es;
+      for (int j = 0; j < L; ++j) {
+        pin[j] = (j == me ? sg.in : ins[j][g]) + o;
+        pout[j] = (j == me ? sg.out : outs[j][g]) + o;
       }
+      reduce_mapped_piece(dtype, op, me, L, pin.data(), pout.data(), static_cast<size_t>(n), sg.average, world_size,
+                          res + static_cast<size_t>(x - lo) * es, srcs.data());
     });
   }
   mapped_ = true;
