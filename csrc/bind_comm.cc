@@ -554,6 +554,7 @@ void bind_comm(py::module_& m) {
         d["shm_mapped"] = s.shm_mapped;
         d["ll_collectives"] = s.ll_collectives;
         d["ll_fallbacks"] = s.ll_fallbacks;
+        d["ll_mapped"] = s.ll_mapped;
         return d;
       });
 

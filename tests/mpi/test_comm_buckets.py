@@ -240,3 +240,35 @@ def test_optimizer_bucket_view_matches_per_tensor(dist):
                                   gradient_as_bucket_view=True)
     with pytest.raises(ValueError, match="bucket_bytes applies"):
         dist.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), bucket_bytes=100)
+
+
+def _blocking_bucket_run(dist, name):
+    r = dist.rank()
+    big = (2 << 20) // 4 + 1_001
+    ps = [torch.nn.Parameter(torch.zeros(k, dtype=dt)) for k, dt in ((big, torch.float32), (2 * big + 5, torch.bfloat16))]
+    b = dist.GradientBuckets(ps, bucket_bytes=64 << 20, name=name)
+    g = torch.Generator().manual_seed(77 + r)
+    for p in ps:
+        p.grad.copy_((torch.randn(p.numel(), generator=g, dtype=torch.float64) * 3).to(p.dtype))
+    st = dist.stats()
+    for i, t in enumerate(b.buckets):  # blocking, in place: the caller-thread channel's push where it runs
+        dist.allreduce_(t, op="average", name=f"{name}.{i}")
+    st2 = dist.stats()
+    return [p.grad.clone() for p in ps], list(b.shared), (st2["ll_mapped"] - st["ll_mapped"]) + (
+        st2["shm_mapped"] - st["shm_mapped"])
+
+
+def test_blocking_allreduce_of_shared_buckets_bit_exact(dist):
+    """A blocking allreduce_ of a bucket in shared memory (the caller-thread channel's push, or the engine when
+    the channel hands it over) reduces in the peers' mappings: the same bits as on private buckets."""
+    from _engine_env import engine_env
+    if not dist.shm_available() or not dist._require_engine().shared_buffers:
+        pytest.skip("the engine does not map the peers' shared buffers here")
+    new, shared, mapped = _blocking_bucket_run(dist, "t.blocking.shared")
+    assert shared == [True, True] and mapped >= 1, (shared, mapped)
+    with engine_env(dist, AIMASS_SHM_MAP="0"):
+        old, shared0, mapped0 = _blocking_bucket_run(dist, "t.blocking.private")
+        assert shared0 == [False, False] and mapped0 == 0
+    for a, b in zip(new, old):
+        ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        assert torch.equal(a.view(ints), b.view(ints))

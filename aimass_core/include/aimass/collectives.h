@@ -156,6 +156,7 @@ struct EngineStats {
   uint64_t shm_mapped = 0;      // single-copy allreduces reduced straight in the peers' mapped shared buffers
   uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
+  uint64_t ll_mapped = 0;       // of ll_collectives, allreduces pushed straight in the peers' mapped shared buffers
 };
 
 // A blocking collective on caller memory, described without allocation: the lean lane of the

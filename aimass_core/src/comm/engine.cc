@@ -466,6 +466,7 @@ EngineStats CollectiveEngine::stats() const {
     s = impl_->st;
   }
   s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
+  s.ll_mapped = impl_->ll_mapped.load(std::memory_order_relaxed);
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
   return s;
 }

@@ -232,6 +232,7 @@ struct CollectiveEngine::Impl {
   // choice alone: receivers follow the entry; AIMASS_LL_EAGER_COPY_MAX_BYTES, fixed after ll_init)
   size_t eager_copy_max = 0;
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
+  std::atomic<uint64_t> ll_mapped{0};
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).
   std::mutex eager_mu;
