@@ -22,6 +22,12 @@ parameters in the same order (the bucket names and sizes are checked by the engi
 raises :class:`aimass.DistributedError`). If code replaces ``p.grad`` (``zero_grad(set_to_none=True)``,
 ``p.grad = t``), :meth:`GradientBuckets.attach` copies the new gradient into the bucket and restores
 the view; :meth:`allreduce_async` calls it first.
+
+Host buckets of 2 MiB or more live in memory the node's other ranks map (``_C.SharedHostBuffer``, a sealed
+memfd) when the engine can reduce them there (``engine.shared_buffers``, agreed at ``init()``: build the
+buckets after it): every rank's bucket is then reduced with plain loads and stores in every other rank's
+mapping, with no kernel copy (docs/comm.md, "Gradients as bucket views"). ``GradientBuckets.shared`` says
+which buckets got there; the others are private huge-page memory as before.
 """
 from __future__ import annotations
 
