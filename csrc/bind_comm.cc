@@ -6,6 +6,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
+#include "aimass/shared_host.h"
 #include "common.h"
 
 #include <optional>
@@ -530,6 +531,7 @@ void bind_comm(py::module_& m) {
           "shm_min_bytes", [](const aimass::CollectiveEngine& e) { return e.options().shm_min_bytes; },
           [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
       .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
+      .def_property_readonly("shared_buffers", &aimass::CollectiveEngine::shm_maps_peers)
       .def_property_readonly("algorithms", &aimass::CollectiveEngine::algorithms)
       .def_property(
           "ll_max_bytes", [](const aimass::CollectiveEngine& e) { return e.options().ll_max_bytes; },
@@ -549,10 +551,12 @@ void bind_comm(py::module_& m) {
         d["shm_voted"] = s.shm_voted;
         d["shm_voted_staged"] = s.shm_voted_staged;
         d["shm_staged_lined"] = s.shm_staged_lined;
+        d["shm_mapped"] = s.shm_mapped;
         d["ll_collectives"] = s.ll_collectives;
         d["ll_fallbacks"] = s.ll_fallbacks;
         d["hier_collectives"] = s.hier_collectives;
         d["hier_fallbacks"] = s.hier_fallbacks;
+        d["ll_mapped"] = s.ll_mapped;
         return d;
       });
 
@@ -574,6 +578,20 @@ void bind_comm(py::module_& m) {
       "_comm_result_array",
       [](const py::dtype& dt, const std::vector<py::ssize_t>& shape) { return pooled_array(dt, shape); },
       py::arg("dtype"), py::arg("shape"));
+  // Host memory the local peers can map (a sealed memfd): gradient buckets that the shared-memory allreduce
+  // reduces with loads and stores in every rank's bucket (engine.shared_buffers says whether it does).
+  py::class_<aimass::SharedHostBuffer>(m, "SharedHostBuffer", py::buffer_protocol())
+      .def(py::init([](int64_t nbytes) {
+             if (nbytes <= 0)
+               throw py::value_error("SharedHostBuffer: nbytes must be positive, got " + std::to_string(nbytes));
+             return std::make_unique<aimass::SharedHostBuffer>(static_cast<size_t>(nbytes));
+           }),
+           py::arg("nbytes"))
+      .def("__len__", &aimass::SharedHostBuffer::size)
+      .def_buffer([](aimass::SharedHostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {py::ssize_t{1}});
+      });
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
   // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of

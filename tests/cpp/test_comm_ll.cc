@@ -9,14 +9,15 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <stdexcept>
 #include <type_traits>
-#include <memory>
 #include <vector>
 
 #include "aimass/error.h"
+#include "aimass/shared_host.h"
 #include "comm/ll_shm.h"
 #include "comm/shm_allreduce.h"
 #include "rank_threads.h"
@@ -264,8 +265,11 @@ void expect_reference_bits(int L, DType dtype, ReduceOp op, bool average, const 
   }
 }
 
+// mapped: every rank's buffers in a shared host buffer, which the peers map and reduce in with loads and
+// stores (LLChannel::set_maps_peers); the same bits as through the kernel
 template <typename T>
-void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false, bool staged = false) {
+void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pieces = false, bool staged = false,
+                    bool mapped = false) {
   // (pieces shrink below 4 per rank: these sizes cut 16, 32 and 96 KiB pieces at 2 ranks)
   const int64_t step = static_cast<int64_t>(LLChannel::kPushPiece / sizeof(T));
   std::vector<int64_t> counts = {static_cast<int64_t>(LLChannel::kCmaMin / sizeof(T)) + 5, step + 1, 3 * step + 37};
@@ -276,17 +280,27 @@ void push_same_bits(int L, DType dtype, ReduceOp op, bool average, bool full_pie
   run_rank_threads(L, errors, [&](int r) {
     LLChannel ch(r, L, seg.mem, kSlot);
     ch.allow_cma_for_tests();
+    ch.set_maps_peers(mapped);
     for (size_t c = 0; c < counts.size(); ++c) {
       const int64_t n = counts[c];
-      std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n), T(0x5a));
+      std::vector<T> priv(2 * static_cast<size_t>(n) + 16, T(0x5a));
+      std::unique_ptr<aimass::SharedHostBuffer> sb;
+      T* buf = priv.data();
+      if (mapped) {
+        sb = std::make_unique<aimass::SharedHostBuffer>(priv.size() * sizeof(T));
+        buf = static_cast<T*>(sb->data());
+        std::copy(priv.begin(), priv.end(), buf);
+      }
+      T* in = buf + 1;  // (not on a line)
+      T* out = in + n + 5;
       for (int64_t i = 0; i < n; ++i) in[i] = push_input<T>(dtype, r, static_cast<int>(c), i);
       const bool inplace = (c + static_cast<size_t>(L)) % 2 == 0;
-      T* o = inplace ? in.data() : out.data();
-      if (ch.exchange(100 + c, in.data(), static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) !=
-          Result::Complete)
+      T* o = inplace ? in : out;
+      if (ch.exchange(100 + c, in, static_cast<size_t>(n) * sizeof(T), 0, 30.0, true, o) != Result::Complete)
         throw std::runtime_error("exchange fell back");
-      if (staged) ch.stage_allreduce(dtype, op, average, in.data(), o, n, 30.0);
-      else ch.push_allreduce(dtype, op, average, in.data(), o, n);
+      if (staged) ch.stage_allreduce(dtype, op, average, in, o, n, 30.0);
+      else ch.push_allreduce(dtype, op, average, in, o, n);
+      if (!staged && ch.last_push_mapped() != mapped) throw std::runtime_error("the push did not map as expected");
       ch.done();
       if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
       got[r].push_back(std::vector<T>(o, o + n));
@@ -324,6 +338,22 @@ TEST(CommLL, PushAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
 // The staged allreduce at 2-4 thread ranks: every dtype and op, odd sizes (less than a chunk, a
 // chunk's worth of pieces and one more element, many chunks around the staging rings and a tail), in
 // place and out of place, between slot exchanges: the rank-order reduction's exact bits on every rank.
+TEST(CommLL, PushAllreduceInMappedSharedBuffersSameBits) {
+  for (int L : {2, 3, 4}) {
+    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max, ReduceOp::Product}) {
+      push_same_bits<float>(L, DType::F32, op, false, false, false, true);
+      push_same_bits<double>(L, DType::F64, op, false, false, false, true);
+      push_same_bits<uint16_t>(L, DType::F16, op, false, false, false, true);
+      push_same_bits<uint16_t>(L, DType::BF16, op, false, false, false, true);
+      push_same_bits<int32_t>(L, DType::I32, op, false, false, false, true);
+    }
+    push_same_bits<float>(L, DType::F32, ReduceOp::Sum, true, true, false, true);
+    push_same_bits<double>(L, DType::F64, ReduceOp::Sum, true, true, false, true);
+    push_same_bits<uint16_t>(L, DType::BF16, ReduceOp::Sum, true, true, false, true);
+    push_same_bits<uint16_t>(L, DType::F16, ReduceOp::Sum, true, true, false, true);
+  }
+}
+
 TEST(CommLL, StagedAllreduceEveryDtypeAndOpSameBitsOnEveryRank) {
   for (int L : {2, 3, 4}) {
     for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max, ReduceOp::Product}) {

@@ -24,7 +24,7 @@ sub = world.Split(pair, world.Get_rank())
 t = trials[pair]
 if t["path"] == "mpi":
     os.environ["AIMASS_SHM"] = "0"
-elif t["path"] == "cma":  # single copy: the peers read each other's buffers (process_vm_readv)
+elif t["path"] in ("cma", "map"):  # single copy: the peers read each other's buffers (process_vm_readv)
     os.environ["AIMASS_COMM_ALGOS"] = "allreduce=0:cma"
 elif t["path"] == "llst":  # the caller-thread allreduce forced staged (shared-memory rings, no push)
     os.environ["AIMASS_LL_STAGED"] = "1"
@@ -33,16 +33,36 @@ import aimass.dist as dist  # noqa: E402
 
 dist.init(comm=sub, timeout=t["timeout"])
 dist.set_fusion_threshold(64 << 20 if t["fused"] else 0)
-if t["path"] in ("shm", "cma"):
+if t["path"] in ("shm", "cma", "map"):
     dist.set_shm_min_bytes(0)  # even 4 bytes take the shared-memory path
 parts = 4 if t["fused"] else 1
 n = max(1, t["bytes"] // 4 // parts)
-xs = [np.full(n, 1.0 + i, np.float32) for i in range(parts)]
+# "map" / "llmap": the arrays in shared host buffers (as gradient buckets are), reduced in place in the
+# peers' mappings, through the engine / the caller-thread channel's push (docs/comm.md)
+mapped = t["path"] in ("map", "llmap")
+if mapped:
+    from aimass import _C
+    xs = [np.frombuffer(_C.SharedHostBuffer(n * 4), np.float32) for _ in range(parts)]
+else:
+    xs = [np.full(n, 1.0 + i, np.float32) for i in range(parts)]
 want = [2.0 * (1.0 + i) for i in range(parts)]
 path = os.path.join(out_dir, f"pair{pair}.{'victim' if victim else 'survivor'}.json")
 
 
 def step(i):
+    if mapped:  # in place: the inputs again, then one allreduce_ each (blocking: llmap)
+        for j, x in enumerate(xs):
+            x.fill(1.0 + j)
+        if t["path"] == "llmap":
+            for j, x in enumerate(xs):
+                dist.allreduce_(x, op="sum", name=f"t{i}.{j}")
+        else:
+            for h in [dist.allreduce_async_(x, op="sum", name=f"t{i}.{j}") for j, x in enumerate(xs)]:
+                dist.synchronize(h)
+        for x, w in zip(xs, want):
+            if x[0] != w or x[-1] != w:
+                raise AssertionError(f"wrong result {x[0]} != {w}")
+        return
     if t["path"] in ("ll", "llst"):  # blocking calls: the caller-thread low-latency channel (docs/comm.md)
         for j, (x, w) in enumerate(zip(xs, want)):
             r = dist.allreduce(x, op="sum", name=f"t{i}.{j}")
@@ -72,6 +92,9 @@ def step(i):
 sub.Barrier()  # start together: setup (64 MiB arrays) takes longer than the timeout on a loaded machine
 for i in range(3):  # warm-up: the pair works before the failure
     step(i)
+if mapped and dist._require_engine().shared_buffers:  # the warm-up reduced in the peer's mapping
+    st = dist.stats()
+    assert st["shm_mapped" if t["path"] == "map" else "ll_mapped"] > 0, st
 sub.Barrier()
 if victim:
     def fail():

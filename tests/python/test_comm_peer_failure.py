@@ -73,6 +73,11 @@ def trials():
     # stopped peer fails the root's later call within the deadline); above 4 KiB single-copy in the
     # same stream (the root waits in the call for its peer to read its array, bounded the same way)
     out += [dict(t, path="llbc") for t in base if t["bytes"] <= 4 << 20]
+    # "map" / "llmap": in-place allreduces of arrays in shared host buffers (gradient buckets' memory), which
+    # the survivor reduces in the victim's mapping (no syscall that would see it die): through the engine
+    # (fused or not) and blocking through the channel's push
+    out += [dict(t, path="map") for t in out if t["path"] == "cma" and t["bytes"] >= 4 << 20]
+    out += [dict(t, path="llmap") for t in base if t["bytes"] >= 4 << 20]
     return out
 
 

@@ -153,10 +153,12 @@ struct EngineStats {
   uint64_t shm_voted = 0;       // of those, staged or single-copy as the ranks' timing vote chose
   uint64_t shm_voted_staged = 0;  // of those, staged through the segment
   uint64_t shm_staged_lined = 0;  // staged fused batches laid out at the ranks' agreed line offset
+  uint64_t shm_mapped = 0;      // single-copy allreduces reduced straight in the peers' mapped shared buffers
   uint64_t ll_collectives = 0;  // blocking collectives run in the caller's thread (low-latency channel)
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
   uint64_t hier_collectives = 0;  // blocking allreduces across two nodes run in the caller's thread
   uint64_t hier_fallbacks = 0;    // ... attempts handed to the engine (late/absent peer, mismatch)
+  uint64_t ll_mapped = 0;       // of ll_collectives, allreduces pushed straight in the peers' mapped shared buffers
 };
 
 // A blocking collective on caller memory, described without allocation: the lean lane of the
@@ -220,6 +222,10 @@ class CollectiveEngine {
   size_t ll_slot_bytes() const;  // 0 when the channel does not exist (several nodes, AIMASS_LL_MAX_BYTES=0)
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
+  // Whether the shared-memory allreduce reduces buffers that live in shared host buffers
+  // (aimass/shared_host.h: aimass.dist's gradient buckets) with loads and stores in every local peer's
+  // mapping (every local rank could map the others' at init; the same on every rank).
+  bool shm_maps_peers() const;
   // The algorithm table in use (canonical text; every rank's is the same).
   std::string algorithms() const;
   EngineOptions options() const;

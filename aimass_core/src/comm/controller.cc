@@ -11,6 +11,7 @@
 // executes the same ready list in the same order, so the data collectives
 // always match.
 #include "comm/engine_impl.h"
+#include "comm/host_regions.h"
 
 namespace aimass {
 
@@ -71,8 +72,9 @@ bool CollectiveEngine::Impl::cycle_once() {
   // An idle rank (the steady state of a job whose small collectives take the caller-thread
   // fast path) naps between polls instead of spinning: its round only paces the others.
   const bool idle = pending.empty() && !table_nonempty && !want_stop;
-  // BAND: bit0 -> nobody needs a full round, bit1 -> every rank stops, bit2 -> every rank is idle
-  bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0) | (idle ? 4 : 0);
+  // BAND: bit0 -> nobody needs a full round, bit1 -> every rank stops, bit2 -> every rank is idle,
+  // bit3 -> every rank's pending allreduces live in shared host buffers (pending_all_mapped)
+  bits[0] = (need_full ? 0 : 1) | (want_stop ? 2 : 0) | (idle ? 4 : 0) | (pending_all_mapped() ? 8 : 0);
   bits[1] = threshold_local;
   bits[2] = shm_min_local;
   bits[3] = ar_vote ? vote_bits() : 0;  // BAND: staged where every rank prefers it (vote_bits)
@@ -99,6 +101,7 @@ bool CollectiveEngine::Impl::cycle_once() {
   if (!(bits[0] & 1)) full_round(ready);
   shm_min_agreed = static_cast<size_t>(bits[2]);
   ar_votes_agreed = bits[3];
+  ar_cycle_mapped = (bits[0] & 8) != 0;
   ar_line_offset = bits[4] == ~bits[5] && bits[4] != 0 ? static_cast<int>(bits[4] - 1) : -1;
   execute(ready, static_cast<size_t>(bits[1]));
   return (bits[0] & 2) != 0;  // every rank asked to stop
@@ -124,6 +127,28 @@ uint64_t CollectiveEngine::Impl::line_offset_code() const {
     }
   }
   return big ? static_cast<uint64_t>(reinterpret_cast<uintptr_t>(big->req.output) % 64) + 1 : 0;
+}
+
+// Whether this rank has pending allreduces and every one of them (input and output, uncompressed) lives in
+// a shared host buffer (aimass/shared_host.h: gradient buckets) while the segment maps the peers' ones. When
+// every rank says so, the cycle's allreduces skip the staged / single-copy vote: reduced in every rank's
+// mapping they move the fewest bytes with no kernel copy, and a staged run (the vote's, or its every-32nd
+// exploration) would stage them through the segment and wait at each chunk for a descheduled peer. Their
+// timings stay out of the vote, whose classes then keep describing the kernel-copy runs they decide.
+bool CollectiveEngine::Impl::pending_all_mapped() const {
+  if (!ar_vote || !shm_ok || !shm->maps_peers() || comm->cross_size() != 1) return false;
+  bool any = false;
+  comm::RegionRef ref;
+  for (auto& kv : pending) {
+    const CollectiveRequest& r = kv.second.req;
+    if (r.kind != CollectiveKind::Allreduce) continue;
+    const size_t b = static_cast<size_t>(numel_of(r.shape)) * dtype_size(r.dtype);
+    if (r.wire != r.dtype || r.output == nullptr || r.input == nullptr || !comm::find_shared_region(r.input, b, &ref) ||
+        !comm::find_shared_region(r.output, b, &ref))
+      return false;
+    any = true;
+  }
+  return any;
 }
 
 // -------------------------------------------------------------- coordinator round

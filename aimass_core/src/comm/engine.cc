@@ -86,7 +86,10 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   comm::AlgoChoice c = algos.pick(comm::AlgoKind::Allreduce, bytes);
   // staged or single-copy as every rank voted in this cycle's negotiation (vote_bits), the other way
   // every kVoteExplore-th run so that both timings stay current (ar_runs is alike on every rank)
-  const bool voted = ar_vote && !cross && c.shm && shm->cma_available();
+  // (a cycle of allreduces in shared host buffers on every rank: single copy, reduced in the peers' mappings)
+  const bool mapped = ar_cycle_mapped && !cross && c.shm && shm->maps_peers();
+  if (mapped) c.cma = true;
+  const bool voted = ar_vote && !cross && c.shm && shm->cma_available() && !mapped;
   const int cls = vote_class(bytes);
   bool staged = false;
   if (voted) {
@@ -111,6 +114,10 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   const auto t0 = Clock::now();
   try {
     shm->run(segs, count, wire, op, size, cross);
+    if (shm->last_run_mapped()) {
+      std::lock_guard<std::mutex> lk(mu);
+      ++st.shm_mapped;
+    }
     if (voted && bytes > 0) {
       const double spb = seconds_between(t0, Clock::now()) / static_cast<double>(bytes);
       // the first run of a way pays for cold pages and caches: the second replaces it (ar_timings{2})
@@ -451,6 +458,8 @@ void CollectiveEngine::set_shm_min_bytes(size_t bytes) {
 
 bool CollectiveEngine::shm_available() const { return impl_->shm_ok; }
 
+bool CollectiveEngine::shm_maps_peers() const { return impl_->shm_ok && impl_->shm->maps_peers(); }
+
 std::string CollectiveEngine::algorithms() const { return impl_->algos.str(); }
 
 EngineOptions CollectiveEngine::options() const {
@@ -465,6 +474,7 @@ EngineStats CollectiveEngine::stats() const {
     s = impl_->st;
   }
   s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
+  s.ll_mapped = impl_->ll_mapped.load(std::memory_order_relaxed);
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
   s.hier_collectives = impl_->hier_collectives.load(std::memory_order_relaxed);
   s.hier_fallbacks = impl_->hier_fallbacks.load(std::memory_order_relaxed);

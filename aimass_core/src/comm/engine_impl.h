@@ -207,6 +207,10 @@ struct CollectiveEngine::Impl {
   // This cycle's agreed line offset of the staged layout (line_offset_code; -1: none, segments packed).
   int ar_line_offset = -1;
   uint64_t line_offset_code() const;
+  // This cycle's allreduces all live in the ranks' shared host buffers (every rank's pending ones, BAND in
+  // the round): they take the single-copy path, which reduces them in the peers' mappings, without the vote.
+  bool ar_cycle_mapped = false;
+  bool pending_all_mapped() const;
   uint64_t ar_runs = 0;          // voted data phases so far (the same sequence on every rank)
   static int vote_class(uint64_t bytes);
   uint64_t vote_bits() const;
@@ -240,6 +244,7 @@ struct CollectiveEngine::Impl {
   // choice alone: receivers follow the entry; AIMASS_LL_EAGER_COPY_MAX_BYTES, fixed after ll_init)
   size_t eager_copy_max = 0;
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
+  std::atomic<uint64_t> ll_mapped{0};
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).
   std::mutex eager_mu;

@@ -106,6 +106,9 @@ void CollectiveEngine::Impl::ll_init() {
             "MPI_Iallreduce(ll push)");
   wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
   ll_push_max = static_cast<size_t>(push_max);
+  // the push reduces shared host buffers in the peers' mappings where the segment's probe found that every
+  // local rank maps every other's (agreed at shm_init, which runs first)
+  ll->set_maps_peers(shm_ok && shm->maps_peers());
   // (validated by ll_options_from_env; the root alone decides, so no agreement is needed)
   // More ranks on the machine than CPUs (comm::cpu_share): a root that waits for its receivers waits for them to be
   // scheduled, while a copy into the ring lets it return at once (measured, 3 ranks on 2 cores,
@@ -385,6 +388,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
     case CollectiveKind::Allreduce:
       if (push) {  // staged or the push, as agree_staged() chose (see ll_shm.h)
         ll->large_allreduce(c.dtype, op, c.op == ReduceOp::Average, c.input, c.output, n, deadline);
+        if (ll->last_push_mapped()) ll_mapped.fetch_add(1, std::memory_order_relaxed);
       } else if (n > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j);  // rank order: the same bits on every rank
         comm::reduce_sources(c.dtype, op, srcs, L, static_cast<char*>(c.output), static_cast<size_t>(n));

@@ -14,6 +14,7 @@
 
 #include "aimass/error.h"
 #include "comm/cma.h"
+#include "comm/host_regions.h"
 #include "comm/ll_shm.h"
 #include "comm/shm_allreduce.h"
 
@@ -49,6 +50,44 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
   const uint64_t base = push_base_;
   push_base_ = base + static_cast<uint64_t>(npieces) + static_cast<uint64_t>(L);
   const char* srcs[kMaxRanks];
+  // every peer's buffers in shared host buffers, mapped here: the pieces reduced with loads and stores in
+  // every rank's buffers (reduce_mapped_piece), no kernel copy; else through the kernel below. The same bits.
+  push_mapped_ = false;
+  if (map_ok_) {
+    const size_t nbytes = static_cast<size_t>(count) * es;
+    const char* mins[kMaxRanks];
+    char* mouts[kMaxRanks];
+    bool all = true;
+    peer_maps_.next_run();
+    for (int j = 0; j < L && all; ++j) {
+      if (j == me) {
+        mins[j] = src;
+        mouts[j] = dst;
+        continue;
+      }
+      const RegionRef* refs = reinterpret_cast<const RegionRef*>(slot(j, attempt_)->data());
+      mins[j] = peer_maps_.translate(pid[j], refs[0], rin[j], nbytes);
+      mouts[j] = peer_maps_.translate(pid[j], refs[1], rout[j], nbytes);
+      all = mins[j] != nullptr && mouts[j] != nullptr;
+    }
+    if (all) {
+      const char* pin[kMaxRanks];
+      char* pout[kMaxRanks];
+      for (;;) {
+        const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
+        if (k >= npieces) break;
+        const int64_t lo = k * step;
+        const size_t n = static_cast<size_t>(std::min(step, count - lo)), off = static_cast<size_t>(lo) * es;
+        for (int j = 0; j < L; ++j) {
+          pin[j] = mins[j] + off;
+          pout[j] = mouts[j] + off;
+        }
+        reduce_mapped_piece(dtype, op, me, L, pin, pout, n, average, L, tmp + static_cast<size_t>(me) * piece, srcs);
+      }
+      push_mapped_ = true;
+      return;
+    }
+  }
   for (;;) {
     const int64_t k = static_cast<int64_t>(claims.fetch_add(1, std::memory_order_relaxed) - base);
     if (k >= npieces) break;
@@ -114,6 +153,10 @@ constexpr double kStageMargin = 1.25;
 int64_t LLChannel::stage_vote(size_t bytes, const void* out) const {
   const int64_t where =
       stage_align_ && out ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 + 1) << kAlignShift : 0;
+  // an output in a shared host buffer that the peers map: the push, which reduces it in their mappings (a
+  // staged run would copy it through the segment and wait at each chunk for a descheduled peer)
+  RegionRef ref;
+  if (map_ok_ && out && staged_env_ != 1 && find_shared_region(out, bytes, &ref)) return where | kVotePush;
   return where | vote(bytes);
 }
 

@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -206,6 +208,13 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
       h->out = reinterpret_cast<uint64_t>(out);
       if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
+      // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
+      // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
+      if (map_ok_ && by_address_ && out != nullptr && bytes > kInline) {
+        RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
+        find_shared_region(data, bytes, &refs[0]);
+        find_shared_region(out, bytes, &refs[1]);
+      }
       written = a;
     }
     if (closed(w)) {  // record how the attempt we leave behind ended, for members that missed it
@@ -303,7 +312,11 @@ bool LLChannel::wait_readers(double deadline_s) const {
     if (j == rank_) continue;
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
       const double waited = backoff.elapsed();
-      if (waited > deadline_s) {
+      // past a millisecond, a peer whose process is gone fails the wait at once (it never clears its word;
+      // the mapped push makes no syscall that would see ESRCH): where the cma probe showed its pid valid here
+      const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
+      const bool gone = waited > 1e-3 && cma_ok_ && pid > 0 && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH;
+      if (waited > deadline_s || gone) {
         timed_bytes_ = 0;
         return false;
       }

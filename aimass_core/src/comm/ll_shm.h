@@ -74,6 +74,7 @@
 #include "aimass/parallel.h"
 #include "aimass/comm.h"
 #include "aimass/dtype.h"
+#include "comm/host_regions.h"
 #include "comm/way_timings.h"
 
 namespace aimass {
@@ -176,6 +177,12 @@ class LLChannel {
   // AIMASS_SHM_CMA_PUSH=0: off): the single-copy allreduce below needs it.
   bool push_available() const { return push_ok_; }
   void allow_cma_for_tests() { cma_ok_ = push_ok_ = true; }  // threads as ranks: one process reads itself
+  // Whether the single-copy allreduce reduces buffers that live in the peers' shared host buffers in this
+  // process's mappings of them (ShmAllreduce::maps_peers: the engine passes its agreed probe; every rank
+  // alike). Needs the push.
+  void set_maps_peers(bool on) { map_ok_ = on && push_ok_ && slot_bytes_ >= 2 * sizeof(RegionRef); }
+  // Whether the last push_allreduce reduced its pieces straight in every rank's mapped buffers.
+  bool last_push_mapped() const { return push_mapped_; }
 
   // ---- single-copy allreduce (ll_push.cc), after an exchange() that posted `in` by address and
   // `out` beside it: the buffer is cut into kPushPiece pieces handed out by a claim counter in the
@@ -428,6 +435,8 @@ class LLChannel {
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
+  bool map_ok_ = false, push_mapped_ = false;  // set_maps_peers(), last_push_mapped()
+  PeerRegions peer_maps_;   // the peers' shared host buffers mapped here (map_ok_)
   std::vector<char> push_tmp_;  // the peers' pieces of one claimed piece (L2-resident)
   std::unique_ptr<ShmAllreduce> stage_;  // the staged allreduce, on the segment's staging area
   // ---- the staged-or-push choice (ll_push.cc)

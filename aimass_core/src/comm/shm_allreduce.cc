@@ -11,7 +11,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <climits>
+#include <csignal>
 #include <ctime>
 
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <new>
 #include <thread>
@@ -26,6 +29,7 @@
 
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
+#include "aimass/shared_host.h"
 #include "comm/cma.h"
 #include "comm/shm_segment.h"
 
@@ -276,6 +280,21 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   ctrl(lrank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);
   probe_ = 0x5eed0000u + static_cast<uint64_t>(lrank_);
   ctrl(lrank_)->addr.store(reinterpret_cast<uint64_t>(&probe_), std::memory_order_release);
+  // a shared host buffer holding the same word, for the peers' map probe (probe_map); its RegionRef goes
+  // in this rank's staging slot 0 (unused until the first collective; ino 0 when there is none)
+  const char* menv = std::getenv("AIMASS_SHM_MAP");
+  const bool map_probe = !(menv && std::string(menv) == "0");
+  std::unique_ptr<SharedHostBuffer> probe_buf;
+  if (map_probe) {
+    try {
+      probe_buf = std::make_unique<SharedHostBuffer>(4096);
+      const uint64_t word = probe_;
+      std::memcpy(probe_buf->data(), &word, sizeof(word));
+      find_shared_region(probe_buf->data(), sizeof(word), reinterpret_cast<RegionRef*>(staging(lrank_, 0)));
+    } catch (const Error&) {
+      probe_buf.reset();  // no memfd here: the peers read ino 0 and everyone keeps the kernel copies
+    }
+  }
   MPI_Request req;
   check_mpi(MPI_Ibarrier(comm.local_comm(), &req), "MPI_Ibarrier(shm)");
   wait_mpi(&req, 1.0, timeout_s, "shared-memory set-up");
@@ -296,15 +315,35 @@ ShmAllreduce::ShmAllreduce(const Communicator& comm, size_t chunk_bytes, double 
   // one fixed slice per rank)
   const char* senv = std::getenv("AIMASS_SHM_CMA_STEAL");
   const int steal = push && !(senv && std::string(senv) == "0") ? 1 : 0;
-  int flags[3] = {cma, push, steal};
-  {  // also: every probe is done before addr is reused
+  // buffers in the peers' shared host buffers are reduced with loads and stores (run_mapped): every rank
+  // must map every local peer's probe buffer (posted above; AIMASS_SHM_MAP=0: off)
+  const int map = steal && map_probe && probe_map() ? 1 : 0;
+  int flags[4] = {cma, push, steal, map};
+  {  // also: every probe is done before addr is reused (and before the probe buffers go)
     MPI_Request r2;
-    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 3, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, flags, 4, MPI_INT, MPI_MIN, world, &r2), "MPI_Iallreduce(shm)");
     wait_mpi(&r2, 1.0, timeout_s, "shared-memory set-up");
   }
+  peer_maps_.clear();  // the probe buffers' mappings
   cma_ok_ = flags[0] != 0;
   push_ok_ = cma_ok_ && flags[1] != 0;
   steal_ok_ = push_ok_ && flags[2] != 0;
+  map_ok_ = steal_ok_ && flags[3] != 0;
+}
+
+// Every local peer posted a RegionRef of its probe buffer (one page whose first word is 0x5eed0000 + its
+// local rank) in its staging slot 0, ino 0 when it has none: maps each and reads the word.
+bool ShmAllreduce::probe_map() {
+  for (int j = 0; j < lsize_; ++j) {
+    if (j == lrank_) continue;
+    const RegionRef* ref = reinterpret_cast<const RegionRef*>(staging(j, 0));
+    const char* p = peer_maps_.translate(static_cast<pid_t>(ctrl(j)->pid.load(std::memory_order_relaxed)), *ref,
+                                         ref->base, sizeof(uint64_t));
+    uint64_t word = 0;
+    if (p) std::memcpy(&word, p, sizeof(word));
+    if (!p || word != 0x5eed0000u + static_cast<uint64_t>(j)) return false;
+  }
+  return true;
 }
 
 ShmAllreduce::~ShmAllreduce() {
@@ -399,10 +438,18 @@ void ShmAllreduce::wait_counter(int j, int which, uint64_t target) {
     if (v.load(std::memory_order_acquire) >= target) return;
   }
   const auto start = Clock::now();
-  auto check = [&](Clock::time_point now) {  // the peer gave up, or the deadline passed
+  auto check = [&](Clock::time_point now) {  // the peer gave up or died, or the deadline passed
     if (c->aborted.load(std::memory_order_acquire)) {
       throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j,
                                             " gave up (see the error on that rank)"));
+    }
+    // a peer that died leaves no abort flag: where the cma probe showed that its pid is valid here (same
+    // pid namespace), a gone process fails the wait at once, as process_vm_readv's ESRCH does, instead of
+    // at the deadline (the mapped path touches no peer through the kernel)
+    const pid_t pid = static_cast<pid_t>(c->pid.load(std::memory_order_relaxed));
+    if (cma_ok_ && pid > 0 && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH) {
+      throw DistributedError(detail::concat("aimass.dist: shared-memory collective: local rank ", j, " (pid ", pid,
+                                            ") died: a peer rank has died"));
     }
     pulse(now);
     const double waited = std::chrono::duration<double>(now - start).count();
@@ -450,6 +497,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce, int64_t lead) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
   pushed_ = false;
+  mapped_ = false;
   if (count <= 0) return;
   if (!stages(segs.size(), static_cast<bool>(cross_reduce))) {
     try {

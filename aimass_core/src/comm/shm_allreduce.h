@@ -35,6 +35,7 @@
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
+#include "comm/host_regions.h"
 
 namespace aimass {
 namespace comm {
@@ -71,6 +72,15 @@ inline void reduce_rank_order(DType dtype, ReduceOp op, int me, int L, const cha
     std::memcpy(dst, res, n * dtype_size(dtype));
   }
 }
+
+// One claimed piece of n elements reduced straight in the ranks' buffers, every one mapped into this process
+// (shared host buffers: ShmAllreduce::run_mapped, LLChannel::push_allreduce): ins[j] / outs[j] are rank j's
+// input / output of the piece (ins[me], outs[me] this rank's). The operands and kernels of reduce_rank_order,
+// so the same bits; with two ranks one pass writes both outputs, with more the own output is copied into
+// the peers'. In place is safe (every source of an element is read before it is written). res: n elements
+// of scratch; srcs: room for L pointers.
+void reduce_mapped_piece(DType dtype, ReduceOp op, int me, int L, const char* const* ins, char* const* outs, size_t n,
+                         bool average, int world, char* res, const char** srcs);
 
 // A run of elements of the virtual concatenation a fused buffer would hold:
 // read from `in`, the result written to `out` (in may equal out); average: the
@@ -132,11 +142,21 @@ class ShmAllreduce {
     return !((cma_on_ || (cross && cma_ok_)) && nsegs * 2 * sizeof(uint64_t) <= chunk_bytes_);
   }
   // Tests (threads as ranks of one process): allow single-copy mode (push: see below).
-  void allow_cma_for_tests(bool push = true, bool steal = true) {
+  void allow_cma_for_tests(bool push = true, bool steal = true, bool map = true) {
     cma_ok_ = true;
     push_ok_ = push;
     steal_ok_ = push && steal;
+    map_ok_ = steal_ok_ && map;
   }
+  // Whether the claimed-piece push may reduce buffers that live in the peers' shared host buffers
+  // (aimass/shared_host.h) with plain loads and stores, every peer's buffer mapped here once: each piece is
+  // read from every rank's input and written into every rank's output in one pass, no kernel copy. A peer
+  // whose buffers are not shared (or cannot be mapped) is read and written through the kernel as before;
+  // either way the same kernels in the same operand order, so the bits are the same. Probed at start-up
+  // (every rank maps every local peer's probe buffer; all agree); AIMASS_SHM_MAP=0: off.
+  bool maps_peers() const { return map_ok_; }
+  // Whether the last run() reduced every piece it claimed straight in the peers' mapped buffers.
+  bool last_run_mapped() const { return mapped_; }
   // Whether the single-copy allreduce on one node pushes each reduced chunk into the peers' outputs
   // (process_vm_writev) instead of every rank reading the peers' reduced slices afterwards: every
   // byte of the inputs is read once and every byte of the outputs written once, by the rank that
@@ -209,6 +229,15 @@ class ShmAllreduce {
   void reduce_scatter_cma(const void* in, const std::vector<int64_t>& counts, char* out, DType dtype, ReduceOp op,
                           bool average, int world_size);
   bool probe_cma(int j);  // reads local rank j's probe word
+  bool probe_map();       // maps every local peer's probe buffer (posted in its staging slot 0)
+  // The claimed-piece push with every peer's buffers mapped here (run_cma_steal when all of them are)
+  void run_mapped(const std::vector<ShmSegment>& segs, const std::vector<int64_t>& starts, int64_t count,
+                  DType dtype, ReduceOp op, int world_size, uint64_t base,
+                  const std::vector<std::vector<const char*>>& ins, const std::vector<std::vector<char*>>& outs,
+                  uint64_t h);
+  // Whether a run of n segments posts where its buffers live (RegionRef per input and output) after its
+  // address table, in the same staging slot
+  bool refs_fit(size_t nseg) const { return nseg * (2 + 2 * kRegionRefWords) * sizeof(uint64_t) <= chunk_bytes_; }
   void finish_cma(uint64_t h, int which);  // the closing barrier of a single-copy collective
   // Ops other than allreduce keep the counters' meaning: staged >= s: this rank's staging slot for
   // s is written; reduced >= s: it read every staging slot up to s (and wrote its reduced slice);
@@ -238,6 +267,8 @@ class ShmAllreduce {
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
   bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false;
+  bool map_ok_ = false, mapped_ = false;
+  PeerRegions peer_maps_;  // the local peers' shared buffers mapped here (map_ok_)
   // per local rank: its claim counter's value when the next collective using it starts (every rank
   // tracks every counter alike; each claiming rank overshoots once per collective)
   std::vector<uint64_t> claim_base_;

@@ -22,6 +22,12 @@ parameters in the same order (the bucket names and sizes are checked by the engi
 raises :class:`aimass.DistributedError`). If code replaces ``p.grad`` (``zero_grad(set_to_none=True)``,
 ``p.grad = t``), :meth:`GradientBuckets.attach` copies the new gradient into the bucket and restores
 the view; :meth:`allreduce_async` calls it first.
+
+Host buckets of 2 MiB or more live in memory the node's other ranks map (``_C.SharedHostBuffer``, a sealed
+memfd) when the engine can reduce them there (``engine.shared_buffers``, agreed at ``init()``: build the
+buckets after it): every rank's bucket is then reduced with plain loads and stores in every other rank's
+mapping, with no kernel copy (docs/comm.md, "Gradients as bucket views"). ``GradientBuckets.shared`` says
+which buckets got there; the others are private huge-page memory as before.
 """
 from __future__ import annotations
 
@@ -38,13 +44,26 @@ DEFAULT_BUCKET_BYTES = 25 << 20  # DDP's bucket_cap_mb default
 HUGE_BUCKET_BYTES = 2 << 20
 
 
-def _zeros(torch, count: int, dtype, device):
-    """A flat zeroed bucket: host memory from _C.HostBuffer when large, else torch's own."""
+def _zeros(torch, count: int, dtype, device, shared: bool = False):
+    """A flat zeroed bucket and whether it is shared: host memory from _C.HostBuffer when large, else torch's
+    own. shared: from _C.SharedHostBuffer (a memfd the local peers map), which the engine reduces with loads
+    and stores in every rank's bucket; private huge pages when it cannot be had."""
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or nbytes < HUGE_BUCKET_BYTES:
-        return torch.zeros(count, dtype=dtype, device=device)
+        return torch.zeros(count, dtype=dtype, device=device), False
     from .. import _C
-    return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype)  # shares and keeps the buffer
+    if shared:
+        try:
+            return torch.frombuffer(_C.SharedHostBuffer(nbytes), dtype=dtype), True
+        except OSError:  # no memfd here, or no memory for it: the kernel-copy path on private memory
+            pass
+    return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype), False  # shares and keeps the buffer
+
+
+def _engine_maps_peers(process_set) -> bool:
+    """Whether process_set's engine reduces shared host buffers in the local peers' mappings (agreed at init)."""
+    eng = getattr(process_set, "_engine", None)
+    return eng is not None and bool(getattr(eng, "shared_buffers", False))
 
 
 def _torch():
@@ -103,9 +122,14 @@ class GradientBuckets:
         self._members: List[List[Any]] = []
         self._views: Dict[int, Any] = {}
         self._bucket_of: Dict[int, int] = {}
+        # host buckets in shared memory when the engine can reduce them in every rank's mapping (every rank
+        # decides alike: the engine's probe at init is agreed); else private huge pages for the kernel copies
+        shared = _engine_maps_peers(process_set)
+        self.shared: List[bool] = []  # per bucket: in memory the local peers map (reduced in their mappings)
         for i, g in enumerate(groups):
             total = sum(p.numel() for p in g)
-            flat = _zeros(torch, total, g[0].dtype, g[0].device)
+            flat, on_shared = _zeros(torch, total, g[0].dtype, g[0].device, shared)
+            self.shared.append(on_shared)
             off = 0
             for p in g:
                 n = p.numel()
