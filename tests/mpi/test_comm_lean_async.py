@@ -108,7 +108,7 @@ def test_calls_the_lean_lane_declines_take_the_general_path(dist, general_path_c
     np.testing.assert_array_equal(outs[4], [n] * 6)
 
 
-def test_bad_input_raises_the_general_paths_typed_errors(dist):
+def test_bad_input_raises_the_general_paths_typed_errors(dist, mpi):
     x = np.ones(8, np.float32)
     with pytest.raises(ValueError, match="C-contiguous"):
         dist.allreduce_async_(np.ones(16, np.float32)[::2], name="bad.strided")
@@ -128,10 +128,20 @@ def test_bad_input_raises_the_general_paths_typed_errors(dist):
         dist.allreduce_async_(np.ones(4, ">f4"), name="bad.endian")
     with pytest.raises(TypeError, match="average of bool"):
         dist.allreduce_async_(np.ones(4, bool), name="bad.boolavg")
-    h = dist.allreduce_async_(x, name="bad.twice", op="sum")
-    with pytest.raises(ValueError, match="already in flight"):
-        dist.allreduce_async_(np.ones(8, np.float32), name="bad.twice", op="sum")
-    np.testing.assert_array_equal(dist.synchronize(h), [dist.size()] * 8)
+    # A second submission of a name still in flight raises. Each rank in turn submits first and
+    # tries the duplicate while its peers wait at a barrier, so the name is surely still in flight
+    # (submitted at once by every rank, it may complete before a descheduled rank's second call).
+    hs = []
+    for r in range(dist.size()):
+        if dist.rank() == r:
+            hs.append(dist.allreduce_async_(np.ones(8, np.float32), name=f"bad.twice.{r}", op="sum"))
+            with pytest.raises(ValueError, match="already in flight"):
+                dist.allreduce_async_(np.ones(8, np.float32), name=f"bad.twice.{r}", op="sum")
+        mpi.Barrier()
+        if dist.rank() != r:
+            hs.append(dist.allreduce_async_(np.ones(8, np.float32), name=f"bad.twice.{r}", op="sum"))
+    for h in hs:
+        np.testing.assert_array_equal(dist.synchronize(h), [dist.size()] * 8)
 
 
 @pytest.mark.timeout(60)
