@@ -22,8 +22,16 @@
 //      through the engine, or is late), and the peer's caller then falls back for that id without
 //      sending a header (a mutex between the peer's caller and its engine thread: each id gets a
 //      header or a CANCEL, never both). The later of the two finds the other's header waiting: one
-//      message's latency, not a request and an answer. Both nodes' local ranks take the outcome
-//      from their local rank 0 (its word in the channel): every rank takes the same path;
+//      message's latency, not a request and an answer. Local rank 0 checks for a CANCEL its engine
+//      answered (or the path turned off) before the node's exchange and then spoils it, holding the
+//      mutex from that check until its header is sent: a node whose local rank 0 sends HDR(ok) is a
+//      node whose exchange completed on every rank, and one whose local rank 0 answered CANCEL is one
+//      whose exchange failed on every rank. Each other local rank j settles the call the same way
+//      with local rank j of the other node (HDR(id, hash, outcome) both ways, the same two outcomes and
+//      signatures as local rank 0's, so the same decision; the id goes into the node's exchange, so
+//      the local ranks' ids are equal), without waiting for local rank 0's word; it takes that word
+//      only when its counterpart's header does not come (that node ran the call through the engine).
+//      Every rank takes the same path;
 //   3. GO: the data phase below; CANCEL: every rank submits the request to the engine, whose
 //      negotiation matches names, raises mismatches and applies the deadlines.
 // Waits past the decision (a side's for the peer's header after the window, the local ranks' for
