@@ -315,3 +315,37 @@ def test_caller_thread_path_late_ranks_and_async_peers(two_nodes):
     # three windows in vain); either way every result above is right, and the counters are consistent
     st = d.stats()
     assert st["hier_collectives"] >= before and st["hier_fallbacks"] >= 1
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(120)
+def test_caller_thread_path_every_pair_takes_the_same_path(two_nodes):
+    """Every cross-node pair settles a call with its own headers (local rank 1 does not wait for local
+    rank 0's word): one name called again and again in place, odd sizes, a different rank late past the
+    fallback window on some calls (those go to the engine on every rank), one node's ranks spoiled by
+    queued async work on another: every result is exact, and every rank counted the same calls on the
+    path and the same fallbacks (all ranks took the same path each time)."""
+    d = two_nodes
+    r, n = d.rank(), d.size()
+    before = d.stats()
+    for it in range(12):
+        count = 8192 + 1000 * it + 7
+        x = np.arange(count, dtype=np.int64) * (r + 1) + it
+        if it % 3 == 1:
+            time.sleep(0.15 if r == it % n else 0)
+        if it % 4 == 2 and r // 2 == 1:  # the second node has queued work: its exchange is spoiled
+            h = d.allreduce_async(np.full(5, r, np.float64), op="sum", name=f"hier.pairs.queued.{it}")
+        else:
+            h = None
+        assert d.allreduce_(x, op="sum", name="hier.pairs") is x
+        np.testing.assert_array_equal(x, np.arange(count, dtype=np.int64) * sum(range(1, n + 1)) + n * it)
+        if r // 2 == 0 and it % 4 == 2:  # the other node's async call, made here after the blocking one
+            h = d.allreduce_async(np.full(5, r, np.float64), op="sum", name=f"hier.pairs.queued.{it}")
+        if h is not None:
+            np.testing.assert_array_equal(d.synchronize(h), np.full(5, sum(range(n)), np.float64))
+    st = d.stats()
+    counts = np.array([[st["hier_collectives"] - before["hier_collectives"],
+                        st["hier_fallbacks"] - before["hier_fallbacks"]]], np.int64)
+    everyone = d.allgather(counts, name="hier.pairs.counts")
+    assert (everyone == everyone[:1]).all(), everyone
+    assert everyone[0, 0] >= 1, everyone  # (most calls run on the path; late ones and spoiled ones do not)

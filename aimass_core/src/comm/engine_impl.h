@@ -283,7 +283,8 @@ struct CollectiveEngine::Impl {
   void hier_init();
   // A blocking allreduce in the caller's thread: true when done here, false when it goes to the engine.
   bool hier_allreduce(FastCollective& c);
-  bool hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback, double deadline);
+  bool hier_pair_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double fallback, double deadline);
+  bool hier_peer_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double deadline);
   void hier_pump(Hier& h, uint64_t keep_from);
   void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
   void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);

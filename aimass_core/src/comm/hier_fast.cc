@@ -22,8 +22,16 @@
 //      through the engine, or is late), and the peer's caller then falls back for that id without
 //      sending a header (a mutex between the peer's caller and its engine thread: each id gets a
 //      header or a CANCEL, never both). The later of the two finds the other's header waiting: one
-//      message's latency, not a request and an answer. Both nodes' local ranks take the outcome
-//      from their local rank 0 (its word in the channel): every rank takes the same path;
+//      message's latency, not a request and an answer. Local rank 0 checks for a CANCEL its engine
+//      answered (or the path turned off) before the node's exchange and then spoils it, holding the
+//      mutex from that check until its header is sent: a node whose local rank 0 sends HDR(ok) is a
+//      node whose exchange completed on every rank, and one whose local rank 0 answered CANCEL is one
+//      whose exchange failed on every rank. Each other local rank j settles the call the same way
+//      with local rank j of the other node (HDR(id, hash, outcome) both ways, the same two outcomes and
+//      signatures as local rank 0's, so the same decision; the id goes into the node's exchange, so
+//      the local ranks' ids are equal), without waiting for local rank 0's word; it takes that word
+//      only when its counterpart's header does not come (that node ran the call through the engine).
+//      Every rank takes the same path;
 //   3. GO: the data phase below; CANCEL: every rank submits the request to the engine, whose
 //      negotiation matches names, raises mismatches and applies the deadlines.
 // Waits past the decision (a side's for the peer's header after the window, the local ranks' for
@@ -58,6 +66,8 @@ struct Msg {
 constexpr uint64_t kWordGo = 1, kWordCancel = 2, kWordFinal = 3;
 constexpr uint64_t kWordOff = UINT64_MAX;
 uint64_t word_base(uint64_t attempt) { return (attempt + 1) * 8; }
+// The node's exchange carries the attempt's id, so that its local ranks agree on it
+uint64_t hier_id_hash(uint64_t hash, uint64_t id) { return hash ^ (id * 0x9E3779B97F4A7C15ull); }
 }  // namespace
 
 void CollectiveEngine::Impl::hier_init() {
@@ -123,31 +133,54 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
     return false;
   }
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, 0, c.name, c.shape, c.ndim);
-  const bool local_ok = ch.exchange(veto ? ~hash : hash, c.input, nbytes, 0, fallback, true, c.output) ==
-                        comm::LLChannel::Result::Complete;
-  bool go = false;
+  // Every local rank numbers its attempts (the id of its pair's headers); the id goes into the node's
+  // exchange, so a completed exchange means every local rank holds the same id.
+  // A rank that vetoed (or local rank 0 with a dead id) spoils its hash; an exchange where every rank
+  // spoiled alike completes but counts as failed on every rank (each of them knows it spoiled).
+  bool completed = false, local_ok = false, go = false, post_off = false;
   try {
     if (h.pair) {
-      go = hier_pair_step(h, hash, local_ok, fallback, deadline);
-      if (h.off.load()) {
-        ch.signal(kWordOff);  // (the node's other ranks: now, or before their next attempt)
-        go = false;
-      } else if (local_ok) {
-        ch.signal(word_base(ch.attempt()) + (go ? kWordGo : kWordCancel));
+      // h.mu from before the exchange until the header is sent: the engine thread cannot CANCEL this id
+      // in between, so a node whose local rank 0 sends HDR(ok) is a node whose every rank does
+      std::unique_lock<std::mutex> lk(h.mu);
+      const uint64_t id = ++h.calls;
+      hier_pump(h, id);
+      // answered CANCEL for this id already (the peer waited in vain), or the path is off: the node's
+      // exchange fails (a spoiled hash), so its other ranks' headers say so too
+      const bool dead_id = h.cancelled >= id || h.off.load();
+      const uint64_t xh = hier_id_hash(hash, id);
+      // (dead id: a hash no other rank posts, so the exchange never completes)
+      completed = ch.exchange(dead_id ? ~xh ^ 1 : veto ? ~xh : xh, c.input, nbytes, 0, fallback, true, c.output) ==
+                  comm::LLChannel::Result::Complete;
+      local_ok = completed && !veto && !dead_id;
+      if (dead_id) {
+        h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+        post_off = h.off.load();
+      } else {
+        go = hier_pair_step(h, id, hash, local_ok, fallback, deadline);
+        post_off = h.off.load();  // (go, from both headers, stands for this id: the peer took it alike)
       }
-    } else if (local_ok) {
-      const uint64_t w = ch.wait_signal(0, word_base(ch.attempt()) + kWordGo, deadline,
-                                        "hierarchical allreduce (the node's agreement)");
-      if (w == kWordOff) h.off = true;
-      go = w != kWordOff && w != word_base(ch.attempt()) + kWordCancel;
+      lk.unlock();
+      if (local_ok && !(post_off && !go)) ch.signal(word_base(ch.attempt()) + (go ? kWordGo : kWordCancel));
+      if (post_off && !go) {
+        ch.signal(kWordOff);  // (the node's other ranks: now, or before their next attempt)
+        post_off = false;
+      }
+    } else {
+      const uint64_t id = ++h.calls;
+      const uint64_t xh = hier_id_hash(hash, id);
+      completed = ch.exchange(veto ? ~xh : xh, c.input, nbytes, 0, fallback, true, c.output) ==
+                  comm::LLChannel::Result::Complete;
+      local_ok = completed && !veto;
+      go = hier_peer_step(h, id, hash, local_ok, deadline);
     }
   } catch (const DistributedError& e) {  // a peer died or stopped: the engine cannot go on either
-    if (local_ok) ch.done();
+    if (completed) ch.done();
     fast_path_broke(e.what());
     throw;
   }
   if (!go) {
-    if (local_ok) ch.done();  // (nobody read anything)
+    if (completed) ch.done();  // (nobody read anything)
     hier_fallbacks.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -158,22 +191,16 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
     fast_path_broke(e.what());
     throw;
   }
+  if (post_off) ch.signal(kWordOff);  // (after the data phase: every local peer read our final word)
   hier_collectives.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
 // Local rank 0's agreement with its counterpart on the other node (see the top of the file). Both
-// sides run the same protocol; h.mu is held for the whole attempt (the engine thread's answers skip
-// while it is taken).
-bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t hash, bool local_ok, double fallback,
+// sides run the same protocol; the caller holds h.mu for the whole attempt (the engine thread's
+// answers skip while it is taken).
+bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double fallback,
                                             double deadline) {
-  std::lock_guard<std::mutex> lk(h.mu);
-  const uint64_t id = ++h.calls;
-  hier_pump(h, id);
-  if (h.cancelled >= id || h.off.load()) {  // this rank's engine answered CANCEL for it already (the peer
-    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));  // waited in vain), or the peer turned the path off
-    return false;
-  }
   hier_send(h, kHdr, id, hash, local_ok ? 1 : 0);
   if (!local_ok) {  // the outcome is CANCEL whatever the peer posted; its caller reads our header
     h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
@@ -206,7 +233,45 @@ bool CollectiveEngine::Impl::hier_pair_step(Hier& h, uint64_t hash, bool local_o
   }
 }
 
-// Under h.mu: the agreement messages the peer sent so far, for ids from keep_from on, into h.peer /
+// A node peer (local rank j > 0): settles the call with local rank j of the other node, both sides
+// alike: each sends HDR(id, hash, local outcome) and takes the outcome from both headers, as local
+// rank 0 does (the same two outcomes and signatures, so the same decision; see the top of the file).
+// The header of a counterpart that never comes (its node ran the call through the engine, or its
+// local rank 0 answered CANCEL for the id) is replaced by local rank 0's word for the attempt.
+bool CollectiveEngine::Impl::hier_peer_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double deadline) {
+  comm::LLChannel& ch = *h.ch;
+  hier_send(h, kHdr, id, hash, local_ok ? 1 : 0);
+  if (!local_ok) {  // CANCEL whatever the counterpart posted (local rank 0 takes it too)
+    hier_pump(h, id + 1);
+    h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+    return false;
+  }
+  const uint64_t base = word_base(ch.attempt());
+  comm::ll_wait::Backoff backoff;
+  while (true) {
+    hier_pump(h, id);
+    auto it = h.peer.find(id);
+    if (it != h.peer.end()) {
+      const Hier::Posted p = it->second;
+      h.peer.erase(h.peer.begin(), h.peer.upper_bound(id));
+      return p.type == kHdr && p.ok && p.hash == hash;
+    }
+    const uint64_t w = ch.wait_signal(0, 0, 0, "");
+    if (w == kWordOff) {
+      h.off = true;
+      return false;
+    }
+    if (w >= base + kWordGo) return w != base + kWordCancel;  // (Go, or already its slice's Final)
+    const double waited = backoff.elapsed();
+    if (waited > deadline)
+      throw DistributedError(detail::concat(
+          "aimass.dist: hierarchical allreduce (the node's agreement): neither the other node's rank nor local "
+          "rank 0 answered within ", deadline, " s: a peer rank has died or stopped calling aimass"));
+    backoff.pause(waited);
+  }
+}
+
+// Under h.mu (local rank 0): the agreement messages the peer sent so far, for ids from keep_from on, into h.peer /
 // h.giveup (older ones were settled already; a message with the off flag turns the path off here too).
 void CollectiveEngine::Impl::hier_pump(Hier& h, uint64_t keep_from) {
   const int peer = 1 - comm->cross_rank();
