@@ -592,6 +592,13 @@ void bind_comm(py::module_& m) {
         return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.size())}, {py::ssize_t{1}});
       });
+  // Whether [addr, addr + nbytes) lies in one of this process's shared host buffers (aimass.dist.is_shared).
+  m.def(
+      "_comm_in_shared_buffer",
+      [](uintptr_t addr, size_t nbytes) {
+        return aimass::in_shared_host_buffer(reinterpret_cast<const void*>(addr), nbytes);
+      },
+      py::arg("addr"), py::arg("nbytes"));
   m.def("_comm_peer_failed", &aimass::peer_failure_noted);
   m.def("_comm_set_exit_code_on_hang", &aimass::set_exit_code_on_hang, py::arg("code"));
   // Keeps `obj` alive for the rest of the process, through interpreter teardown: the arrays of

@@ -179,6 +179,19 @@ TEST(CommMapped, SharedHostBufferIsZeroedSealedAndRegistered) {
   EXPECT_THROW(SharedHostBuffer(0), aimass::ValueError);
 }
 
+// aimass.dist.is_shared's look-up: true inside a live buffer only (not past it, not after it is freed).
+TEST(CommMapped, InSharedHostBufferOnlyWhileTheBufferLives) {
+  auto b = std::make_unique<SharedHostBuffer>(5000);
+  const char* p = static_cast<const char*>(b->data());
+  EXPECT_TRUE(aimass::in_shared_host_buffer(p, 5000));
+  EXPECT_TRUE(aimass::in_shared_host_buffer(p + 4000, 1000));
+  EXPECT_FALSE(aimass::in_shared_host_buffer(p + 4096, 8192));  // runs past the mapping
+  int on_stack = 0;
+  EXPECT_FALSE(aimass::in_shared_host_buffer(&on_stack, sizeof(on_stack)));
+  b.reset();
+  EXPECT_FALSE(aimass::in_shared_host_buffer(p, 1));  // unregistered with the buffer
+}
+
 TEST(CommMapped, PeerMappingsTranslateCheckTheFileAndEvict) {
   const pid_t me = getpid();
   SharedHostBuffer b(3 * 4096);

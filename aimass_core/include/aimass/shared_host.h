@@ -31,4 +31,8 @@ class SharedHostBuffer {
   int fd_ = -1;
 };
 
+// Whether [p, p + bytes) lies inside one live SharedHostBuffer of this process (aimass.dist.is_shared: an
+// array there takes the mapped allreduce where the engine maps the peers' buffers).
+bool in_shared_host_buffer(const void* p, size_t bytes);
+
 }  // namespace aimass

@@ -68,6 +68,11 @@ SharedHostBuffer::~SharedHostBuffer() {
   close(fd_);  // the peers' mappings keep the pages until they unmap
 }
 
+bool in_shared_host_buffer(const void* p, size_t bytes) {
+  comm::RegionRef ref;
+  return comm::find_shared_region(p, bytes, &ref);
+}
+
 namespace comm {
 
 bool find_shared_region(const void* p, size_t n, RegionRef* ref) {

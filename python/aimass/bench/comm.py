@@ -191,6 +191,25 @@ def tune_algorithms(d, comm, MPI, timer, report: Report, quick: bool) -> str:
     return ";".join(parts)
 
 
+def _empty_rows(d, comm, MPI, timer, report: Report, n: int) -> None:
+    """In-place allreduce of arrays from aimass.dist.empty (node-shared memory where the engine maps the peers':
+    reduced in every rank's mapping, no kernel copy) against mpi4py Allreduce on ordinary arrays, same window."""
+    fac = 2 * (n - 1) / n
+    for nbytes in (16 << 20, 64 << 20):
+        count = nbytes // 4
+        x = d.empty(count, np.float32)
+        x.fill(1.0)
+        y = np.ones(count, np.float32)
+        where = "shared" if d.is_shared(x) else "ordinary memory: the engine does not map the peers' buffers here"
+        m_a = timer(lambda: d.allreduce_(x, op="sum", name="bench.ar.empty"), nbytes)
+        m_ref = timer(lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
+        report.add(SUITE, f"allreduce {nbytes >> 20} MiB on aimass.dist.empty memory ({where}) fp32 busbw, "
+                   f"{n} ranks", nbytes / m_a.seconds * fac / 1e9, "GB/s", higher_is_better=True, spread=m_a.spread,
+                   stable=m_a.stable, baseline="mpi4py Allreduce", baseline_value=nbytes / m_ref.seconds * fac / 1e9,
+                   baseline_spread=m_ref.spread, goal=2.0)
+        del x, y
+
+
 def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
     """Runs on every rank; returns the report part on rank 0."""
     from mpi4py import MPI
@@ -240,6 +259,7 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
             report.add(SUITE, f"allreduce 8 B latency, {n} ranks", m_auto.seconds, "s", higher_is_better=False,
                        spread=m_auto.spread, baseline="mpi4py Allreduce", baseline_value=m_ref.seconds,
                        goal=0.5, goal_text=">= 0.5x mpi4py (at most 2x its latency)")
+    _empty_rows(d, comm, MPI, timer, report, n)
     from .comm_small import small_curves  # 8 B .. 256 KiB, all four collectives (the low-latency channel)
     small_curves(d, comm, MPI, timer, report, quick)
     # the other collectives at a few sizes

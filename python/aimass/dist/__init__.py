@@ -22,6 +22,10 @@ ranks do not submit within ``timeout`` seconds (default 60, env ``AIMASS_COMM_TI
 raises :class:`aimass.DistributedError` (alias ``HorovodInternalError``) on the ranks
 that submitted it, listing what each rank submitted.
 
+``empty(shape, dtype)`` / ``zeros(...)`` allocate arrays (numpy, or torch for a torch dtype) in memory the
+node's other ranks map, where the engine reduces there (``engine.shared_buffers``): in-place allreduces of
+them skip the kernel copies; ``is_shared(x)`` says whether an array got it (else it is ordinary memory).
+
 Integer ``average`` divides the integer sum by the world size, truncating toward zero.
 Bool tensors: Sum and Max are logical or, Min and Product logical and.
 """
@@ -45,6 +49,7 @@ from .collectives import (  # noqa: F401
 )
 from .elastic import HostsUpdatedInterrupt  # noqa: F401
 from ._alltoall import alltoall, alltoall_async  # noqa: F401
+from ._memory import empty, is_shared, zeros  # noqa: F401
 from .timeline import start_timeline, stop_timeline  # noqa: F401
 from . import elastic  # noqa: F401
 

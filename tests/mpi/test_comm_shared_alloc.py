@@ -1,0 +1,192 @@
+"""aimass.dist.empty / zeros / is_shared: user arrays in node-shared memory (as MPI_Alloc_mem). Where the engine
+maps the local peers' shared buffers, in-place allreduces of such arrays are reduced in every rank's mapping
+(stats ll_mapped / shm_mapped) with the same bits as on ordinary arrays; elsewhere the arrays are ordinary
+memory. Typed errors for bad shapes and dtypes; the memory lives as long as any array or view of it."""
+import gc
+import hashlib
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _engine_env import engine_env  # noqa: E402
+
+DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
+# odd element counts: below and above the channel's slot size (256 KiB) and past 1 MiB
+COUNTS = [1, 7, 4_099, 70_001, 300_007]
+
+
+def maps(dist):
+    return dist.shm_available() and dist._require_engine().shared_buffers
+
+
+def rank_values(seed, r, count, dtype):
+    """Seeded per-rank values; floats that round when summed, so the operand order shows in the bits."""
+    rng = np.random.default_rng(seed * 7919 + r)
+    if dtype == "bool":
+        return rng.integers(0, 2, count).astype(bool)
+    if np.dtype(dtype).kind == "f":
+        return (rng.standard_normal(count) * 3).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -50), min(info.max, 50) + 1, count).astype(dtype)
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).tobytes()
+
+
+def test_errors(dist):
+    for bad in (-1, (3, -2)):
+        with pytest.raises(ValueError, match="negative"):
+            dist.empty(bad)
+    for bad in (2.5, (2, "a"), "abc", None, (True, 2)):
+        with pytest.raises(TypeError, match="shape"):
+            dist.zeros(bad)
+    for bad in ("complex64", np.uint32, object, "U3", ">f4"):
+        with pytest.raises(TypeError, match="dtype"):
+            dist.empty(4, bad)
+    with pytest.raises(TypeError, match="not a dtype"):
+        dist.empty(4, "no-such-dtype")
+    with pytest.raises(TypeError, match="bfloat16"):
+        dist.empty(4, "bfloat16")
+    with pytest.raises(ValueError, match="addressed"):
+        dist.empty((1 << 62, 8), np.int64)
+    with pytest.raises(TypeError, match="process_set"):
+        dist.empty(4, process_set="world")
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        dist.is_shared([1, 2])
+
+
+def test_shapes_dtypes_and_shared_flag(dist):
+    shared = maps(dist)
+    for dt in DTYPES:
+        for shape in (0, 5, (3, 0), (2, 3, 5), ()):
+            a = dist.zeros(shape, dt)
+            want = np.zeros(shape, dt)
+            assert a.shape == want.shape and a.dtype == want.dtype and a.flags.c_contiguous and a.flags.writeable
+            assert not a.any()
+            if a.size:
+                assert dist.is_shared(a) == shared, (dt, shape)
+            e = dist.empty(shape, dt)
+            assert e.shape == want.shape and e.dtype == want.dtype
+    assert not dist.is_shared(np.zeros(1000, np.float32))  # ordinary memory
+
+
+def test_lifetime_views_keep_the_buffer(dist):
+    if not maps(dist):
+        pytest.skip("the engine does not map the peers' shared buffers here: ordinary memory")
+    a = dist.empty((64, 1024), np.float32)
+    v = a[3:5]       # a view
+    w = a.reshape(-1)[::2]  # a strided view
+    a[:] = np.arange(a.size, dtype=np.float32).reshape(a.shape)
+    want_v, want_w = v.copy(), w.copy()
+    del a
+    gc.collect()
+    junk = [dist.empty(1 << 16, np.float32) for _ in range(4)]  # would reuse freed memory
+    for j in junk:
+        j.fill(-1)
+    assert np.array_equal(v, want_v) and np.array_equal(w, want_w)
+    assert dist.is_shared(v) and dist.is_shared(w)  # the registry still holds the buffer: it is alive
+    r, n = dist.rank(), dist.size()
+    v[:] = r + 1  # the view of a shared array is reduced in place, in the peers' mappings
+    dist.allreduce_(v, op="sum", name="t.salloc.view")
+    assert (v == n * (n + 1) / 2).all()
+    del v, w, junk
+    gc.collect()
+
+
+def _run(dist, alloc, dtype, count, op, seed, blocking, name):
+    x = alloc(count, dtype)
+    x[...] = rank_values(seed, dist.rank(), count, dtype)
+    if blocking:
+        dist.allreduce_(x, op=op, name=name)
+    else:
+        dist.synchronize(dist.allreduce_async_(x, op=op, name=name))
+    return x
+
+
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "async"])
+def test_allreduce_bit_exact_against_ordinary_arrays(dist, blocking):
+    """Every dtype, odd sizes, sum / max (average for floats): the shared arrays' results are the bits of the same
+    allreduce on ordinary numpy arrays, on every rank; the large ones took the mapped path."""
+    from mpi4py import MPI
+    shared = maps(dist)
+    mapped_before = dist.stats()
+    digests = []
+    for k, dt in enumerate(DTYPES):
+        for count in COUNTS:
+            for op in (("average", "sum", "max") if np.dtype(dt).kind == "f" else ("sum", "max")):
+                nm = f"t.salloc.{blocking}.{dt}.{count}.{op}"
+                got = _run(dist, dist.empty, dt, count, op, k * 31 + count, blocking, nm + ".shared")
+                ref = _run(dist, np.empty, dt, count, op, k * 31 + count, blocking, nm + ".plain")
+                assert dist.is_shared(got) == shared
+                assert bits(got) == bits(ref), (dt, count, op)
+                digests.append(hashlib.sha1(bits(got)).hexdigest())
+    st = dist.stats()
+    mapped = (st["ll_mapped"] - mapped_before["ll_mapped"]) + (st["shm_mapped"] - mapped_before["shm_mapped"])
+    if shared:
+        assert mapped >= 1, (mapped, st)
+    else:
+        assert mapped == 0
+    every = MPI.COMM_WORLD.allgather(digests)
+    assert all(e == every[0] for e in every)  # every rank holds the same bits
+
+
+def test_large_blocking_and_async_take_the_mapped_path(dist):
+    """2 MiB + odd: a blocking allreduce_ runs in the caller's thread (ll_mapped), an async one in the engine's
+    data phase (shm_mapped); both give the ranks' values summed."""
+    if not maps(dist):
+        pytest.skip("the engine does not map the peers' shared buffers here: ordinary memory")
+    n, r = dist.size(), dist.rank()
+    x = dist.empty((2 << 20) // 4 + 13, np.int32)
+    st = dist.stats()
+    x.fill(r + 1)
+    dist.allreduce_(x, op="sum", name="t.salloc.big.blocking")
+    assert (x == n * (n + 1) // 2).all()
+    st2 = dist.stats()
+    x.fill(r + 1)
+    dist.synchronize(dist.allreduce_async_(x, op="sum", name="t.salloc.big.async"))
+    assert (x == n * (n + 1) // 2).all()
+    st3 = dist.stats()
+    assert st2["ll_mapped"] + st2["shm_mapped"] > st["ll_mapped"] + st["shm_mapped"], (st, st2)
+    assert st3["shm_mapped"] > st2["shm_mapped"], (st2, st3)
+
+
+def test_ordinary_memory_where_the_engine_does_not_map(dist):
+    with engine_env(dist, AIMASS_SHM_MAP="0"):
+        assert not dist._require_engine().shared_buffers
+        a = dist.zeros(1 << 20, np.float32)
+        assert not dist.is_shared(a) and not a.any()
+        a.fill(dist.rank() + 1)
+        dist.allreduce_(a, op="sum", name="t.salloc.private")
+        assert (a == dist.size() * (dist.size() + 1) / 2).all()
+
+
+def test_torch_tensors(dist):
+    torch = pytest.importorskip("torch")
+    shared = maps(dist)
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool):
+        t = dist.zeros((3, 5), dt)
+        assert isinstance(t, torch.Tensor) and t.dtype == dt and t.shape == (3, 5) and not t.any()
+        assert dist.is_shared(t) == shared and dist.is_shared(t[1]) == shared
+    with pytest.raises(TypeError, match="dtype"):
+        dist.empty(4, torch.complex64)
+    count = 300_007  # past the channel's slots: the push
+    for k, dt in enumerate((torch.bfloat16, torch.float32)):
+        g = torch.Generator().manual_seed(500 + 10 * k + dist.rank())
+        vals = (torch.randn(count, generator=g, dtype=torch.float64) * 3).to(dt)
+        a, b = dist.empty(count, dt), torch.empty(count, dtype=dt)
+        a.copy_(vals)
+        b.copy_(vals)
+        view = a[1:]  # a view keeps the buffer when the tensor goes
+        del a
+        gc.collect()
+        dist.allreduce_(view, op="average", name=f"t.salloc.torch.{k}.shared")
+        dist.allreduce_(b[1:], op="average", name=f"t.salloc.torch.{k}.plain")
+        ints = torch.int16 if dt.itemsize == 2 else torch.int32
+        assert torch.equal(view.view(ints), b[1:].view(ints)), dt
+        assert dist.is_shared(view) == shared

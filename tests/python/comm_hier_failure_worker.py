@@ -1,0 +1,76 @@
+"""One dead-peer trial on the caller-thread hierarchical allreduce (comm/hier_fast.cc), launched by
+test_comm_peer_failure.py as `AIMASS_RANKS_PER_NODE=2 mpirun --enable-recovery -np 4 python
+comm_hier_failure_worker.py OUTDIR TRIAL_JSON`: 4 ranks as 2 simulated nodes x 2.
+
+Every rank loops blocking `allreduce_` calls of the trial's size (>= 16 KiB, so the caller-thread
+hierarchical path takes them); after a warm-up it records stats()["hier_collectives"] (the path was
+taken), then after a random delay the victim rank sends itself SIGKILL or SIGSTOP, noting the moment
+first. The survivors record when and how their allreduce failed, time their shutdown, and exit. Not a
+test file: it only runs under mpirun."""
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+out_dir, t = sys.argv[1], json.loads(sys.argv[2])
+world = MPI.COMM_WORLD
+rank = world.Get_rank()
+victim = rank == t["victim"]
+import aimass  # noqa: E402
+import aimass.dist as dist  # noqa: E402
+
+dist.init(timeout=t["timeout"])
+n = max(1, t["bytes"] // 4)
+x = np.empty(n, np.float32)
+want = float(sum(1 + r for r in range(world.Get_size())))
+path = os.path.join(out_dir, f"rank{rank}.{'victim' if victim else 'survivor'}.json")
+
+
+def step(i):
+    x.fill(1.0 + rank)
+    dist.allreduce_(x, op="sum", name=f"h{i}")
+    if x[0] != want or x[-1] != want:
+        raise AssertionError(f"wrong result {x[0]} != {want}")
+
+
+world.Barrier()
+for i in range(3):  # warm-up: the job works before the failure
+    step(i)
+st = dist.stats()
+record = {"pid": os.getpid(), "error": None, "local_size": dist.local_size(),
+          "hier_warmup": st["hier_collectives"], "fallbacks_warmup": st["hier_fallbacks"]}
+world.Barrier()
+if victim:
+    def fail():
+        with open(path, "w") as f:
+            json.dump(dict(record, t_signal=time.monotonic()), f)
+        os.kill(os.getpid(), getattr(signal, t["signal"]))
+    threading.Timer(t["delay"], fail).start()
+i = 3
+deadline = time.monotonic() + 60
+try:
+    while time.monotonic() < deadline:
+        step(i)
+        i += 1
+    record["error"] = "none within 60 s"
+except Exception as e:  # noqa: BLE001 - the type is what the test checks
+    record.update(t_error=time.monotonic(), error=type(e).__name__, message=str(e)[:300],
+                  is_distributed=isinstance(e, aimass.DistributedError), steps=i)
+if victim:  # only a signal that did not stop this rank gets here (it should not)
+    sys.exit(0)
+try:
+    record["hier_error"] = dist.stats()["hier_collectives"]
+except Exception as e:  # noqa: BLE001 - reported, not raised: the timing above is what counts
+    record["hier_error"] = f"stats() raised {type(e).__name__}: {e}"
+t0 = time.monotonic()
+dist.shutdown()
+record["shutdown_s"] = time.monotonic() - t0
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(record, f)
+os.replace(tmp, path)
