@@ -363,16 +363,7 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
 
 // The data phase of a completed attempt: every rank reads the same slots in rank order.
 void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double deadline, bool push) {
-  struct Release {  // the peers may reuse our slot once we stop reading theirs, and our input
-    comm::LLChannel* c;  // once they stopped reading it (bounded: on the error path only)
-    double deadline;
-    bool armed = true;
-    ~Release() {
-      if (!armed) return;
-      c->done();
-      c->wait_readers(deadline);
-    }
-  } release{ll.get(), deadline};
+  comm::ReaderRelease release(*ll, deadline);
   const size_t es = dtype_size(c.dtype);
   const int64_t n = static_cast<int64_t>(nbytes / es);
   const int L = size;
@@ -448,9 +439,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
     }
     case CollectiveKind::Barrier: break;
   }
-  release.armed = false;
-  ll->done();
-  if (!ll->wait_readers(deadline))  // our input must stay as it is until every peer has read it
+  if (!release.finish())  // our input must stay as it is until every peer has read it
     throw DistributedError(detail::concat("aimass.dist: ", collective_kind_name(c.kind), " '", c.name,
                                           "': a peer rank did not finish reading this rank's data within ", deadline,
                                           " s: it has died or stopped (raise AIMASS_COMM_TIMEOUT if it is only slow)"));

@@ -318,16 +318,7 @@ void CollectiveEngine::Impl::hier_engine_answer() {
 
 void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count, double deadline) {
   comm::LLChannel& ch = *h.ch;
-  struct Release {  // the peers may reuse our slot once we stop reading theirs, and our buffers
-    comm::LLChannel* c;  // once they stopped reading them (bounded: on the error path only)
-    double deadline;
-    bool armed = true;
-    ~Release() {
-      if (!armed) return;
-      c->done();
-      c->wait_readers(deadline);
-    }
-  } release{&ch, deadline};
+  comm::ReaderRelease release(ch, deadline);
   const int L = ch.size(), me = ch.rank();
   const size_t es = dtype_size(c.dtype);
   const bool average = c.op == ReduceOp::Average;
@@ -381,9 +372,7 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
     ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
                    static_cast<size_t>(ej - bj) * es);
   }
-  release.armed = false;
-  ch.done();
-  if (!ch.wait_readers(deadline))
+  if (!release.finish())
     throw DistributedError(detail::concat("aimass.dist: hierarchical allreduce '", c.name,
                                           "': a local peer did not finish reading this rank's buffers within ",
                                           deadline, " s: a peer rank has died or stopped calling aimass"));

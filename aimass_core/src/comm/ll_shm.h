@@ -473,5 +473,32 @@ class LLChannel {
   uint64_t eager_posted_ = 0;   // broadcasts this rank completed eagerly (root or receiver)
 };
 
+// The end of a caller-thread data phase on `ch`: done(), then wait until no peer still reads this
+// rank's slot and buffers (the peers may reuse our slot once we stop reading theirs, and our buffers
+// once they stopped reading them). finish() is the normal path and says whether every peer finished
+// within the deadline; a guard left armed (an exception on the way) does the same, bounded, on the
+// error path.
+class ReaderRelease {
+ public:
+  ReaderRelease(LLChannel& ch, double deadline_s) : ch_(ch), deadline_s_(deadline_s) {}
+  ReaderRelease(const ReaderRelease&) = delete;
+  ReaderRelease& operator=(const ReaderRelease&) = delete;
+  ~ReaderRelease() {
+    if (!armed_) return;
+    ch_.done();
+    ch_.wait_readers(deadline_s_);
+  }
+  bool finish() {
+    armed_ = false;
+    ch_.done();
+    return ch_.wait_readers(deadline_s_);
+  }
+
+ private:
+  LLChannel& ch_;
+  double deadline_s_;
+  bool armed_ = true;
+};
+
 }  // namespace comm
 }  // namespace aimass
