@@ -16,6 +16,7 @@
 #include "aimass/error.h"
 #include "comm/algorithms.h"
 #include "comm/shm_allreduce.h"
+#include "rank_order_reference.h"
 #include "rank_threads.h"
 #include "shm_test_segment.h"
 
@@ -296,15 +297,8 @@ void check_every_rank_same_bits(int L, DType dtype, ReduceOp op, bool average, M
   });
   for (size_t c = 0; c < counts.size(); ++c) {
     const int64_t n = counts[c];
-    std::vector<std::vector<T>> ins(L, std::vector<T>(static_cast<size_t>(n)));
-    std::vector<const char*> srcs(L);
-    for (int r = 0; r < L; ++r) {
-      for (int64_t i = 0; i < n; ++i) ins[r][i] = input(r, c, i);
-      srcs[r] = reinterpret_cast<const char*>(ins[r].data());
-    }
-    std::vector<T> want(static_cast<size_t>(n));
-    aimass::comm::reduce_into(dtype, op, srcs.data(), L, reinterpret_cast<char*>(want.data()), static_cast<size_t>(n),
-                              average, L);
+    const std::vector<T> want =
+        rank_order_reference<T>(L, dtype, op, average, n, [&](int r, int64_t i) { return input(r, c, i); });
     // fixed slices reduce the own input first (rank j's slice: in_j + the others): the same bits on
     // every rank, but the rank-order bits only with claimed pieces
     const T* ref = mode == Mode::CmaPush ? want.data() : got[0][c].data();
