@@ -220,6 +220,12 @@ void CollectiveEngine::Impl::park_init() {
   wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
   g_engine_epochs.store(static_cast<uint64_t>(v[1]));
   if (v[0] != 0) return;  // (every rank alike)
+  // Parked naps across nodes: a fifth of the fallback window (10 ms by default; local rank 0 answers a
+  // GIVEUP well within the window), at least the cycle time. A round only waits that long for a parked
+  // peer that has no work (a peer with work leaves at its submission); AIMASS_PARK_NAP_MS overrides.
+  double nap_s = std::min(0.01, opts.ll_fallback_s / 5);
+  if (const char* e = std::getenv("AIMASS_PARK_NAP_MS")) nap_s = std::max(0.0, std::atof(e)) * 1e-3;
+  park_nap = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(nap_s));
   // the other node's ranks: those of mpi that are not in this node's communicator
   MPI_Group all, mine;
   check_mpi(MPI_Comm_group(mpi, &all), "MPI_Comm_group");
@@ -306,7 +312,7 @@ void CollectiveEngine::Impl::wait_for_work(Clock::time_point last) {
         own = woken();
         break;
       }
-      w.cv.wait_for(lk, cycle);
+      w.cv.wait_for(lk, wake_comm != MPI_COMM_NULL ? std::max(cycle, park_nap) : cycle);
       w.pulse();
     }
     if (fast_broke.load()) return;  // run() leaves (announcing would start a round nobody finishes)

@@ -300,6 +300,7 @@ struct CollectiveEngine::Impl {
   std::vector<int> wake_peers;         // the ranks (of mpi) on the other node(s)
   uint64_t wake_epoch = 0;             // agreed at park_init: the same on every rank, new per engine
   uint64_t wake_out[2] = {0, 0};       // the send buffer (epoch, round)
+  Clock::duration park_nap{};          // a parked engine's nap across nodes (park_init; at least the cycle time)
   void park_init();
   comm::LLChannel* park_channel() const { return ll ? ll.get() : hier ? hier->ch.get() : nullptr; }
   bool park_round_wanted();     // the parked engine's look (without the waker's lock held)
