@@ -301,8 +301,8 @@ void CollectiveEngine::Impl::wait_for_work(Clock::time_point last) {
     // Every rank agreed in the last round that nobody had work: no rounds (no MPI, no thread
     // spinning next to the callers' fast path) until some rank has some. The first to leave posts
     // the round it runs in its node's low-latency segment (and, across nodes, sends it to the other
-    // node's ranks); the others see it within a nap (a cycle time; across nodes park_nap) and join, so the rounds still match
-    // across ranks. Waits beat the heartbeat.
+    // node's ranks); the others see it within a nap (a cycle time; across nodes park_nap) and join,
+    // so the rounds still match across ranks. Waits beat the heartbeat.
     bool own = false;
     while (!(own = woken())) {
       lk.unlock();  // (the look may make MPI calls: submitters must not wait for them)
