@@ -349,3 +349,72 @@ def test_caller_thread_path_every_pair_takes_the_same_path(two_nodes):
     everyone = d.allgather(counts, name="hier.pairs.counts")
     assert (everyone == everyone[:1]).all(), everyone
     assert everyone[0, 0] >= 1, everyone  # (most calls run on the path; late ones and spoiled ones do not)
+
+
+def wait_parked(d, limit_s=10.0):
+    """True once the engine ran no negotiation round over 0.1 s (it parked), False when it kept running
+    rounds for limit_s (it ticks every cycle time, 1 ms)."""
+    t_end = time.monotonic() + limit_s
+    while time.monotonic() < t_end:
+        c0 = d.stats()["cycles"]
+        time.sleep(0.1)
+        if d.stats()["cycles"] == c0:
+            return True
+    return False
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(180)
+def test_idle_engines_park_across_nodes(two_nodes, mpi):
+    """Across the two simulated nodes idle engines park as on one node (no negotiation round while no
+    rank has work), and a rank that gets work wakes the others (its node peer through the node's
+    channel, the other node by a wake message): async calls submitted by one rank at a time while the
+    others are parked complete with exact results, a mismatch still raises on every rank, the
+    caller-thread path still runs, and AIMASS_PARK_ACROSS_NODES=0 keeps the engines ticking. (Each rank
+    checks that its engine parked, then waits for the others at an mpi4py barrier, which does not touch
+    the engines: a submission before every rank looked would keep the others' engines busy.)"""
+    d = two_nodes
+
+    def all_parked():
+        ok = wait_parked(d)
+        mpi.Barrier()
+        assert ok
+    r, n = d.rank(), d.size()
+    for it in range(3):
+        x = np.full(70001, r + it, np.float32)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name="hier.park.warm"),
+                                      np.full(70001, sum(i + it for i in range(n)), np.float32))
+    all_parked()
+    # each rank in turn leaves the park first: the others are woken for its round
+    for it in range(n):
+        d.barrier(name=f"hier.park.b.{it}")
+        all_parked()
+        if r != it:
+            time.sleep(0.05)
+        x = np.arange(1001, dtype=np.int64) * (r + 1) + it
+        out = d.synchronize(d.allreduce_async(x, op="sum", name=f"hier.park.async.{it}"))
+        np.testing.assert_array_equal(out, np.arange(1001, dtype=np.int64) * sum(range(1, n + 1)) + n * it)
+    # a rank alone at work: the others' parked engines still join its rounds, so the name times out
+    # with every other rank listed (not a hang), and a mismatch raises everywhere
+    all_parked()
+    if r == n - 1:
+        with pytest.raises(aimass.DistributedError) as ei:
+            d.allreduce(np.ones(5, np.float32), name="hier.park.alone", timeout=1.0)
+        assert "timed out" in str(ei.value) and all(f"rank {i}: did not submit it" in str(ei.value)
+                                                    for i in range(n - 1))
+    d.barrier(name="hier.park.b.alone")
+    all_parked()
+    with pytest.raises(aimass.DistributedError) as ei:
+        d.allreduce(np.ones(3 + r, np.float32), name="hier.park.mm", timeout=5)
+    assert "different arguments" in str(ei.value)
+    before = d.stats()["hier_collectives"]
+    for it in range(3):
+        x = np.full(70001, r + it, np.float32)
+        np.testing.assert_array_equal(d.allreduce(x, op="sum", name="hier.park.after"),
+                                      np.full(70001, sum(i + it for i in range(n)), np.float32))
+    assert d.stats()["hier_collectives"] > before
+    with engine_env(d, AIMASS_PARK_ACROSS_NODES=0, AIMASS_RANKS_PER_NODE=2):
+        d.set_shm_min_bytes(0)
+        assert not wait_parked(d, limit_s=0.5)  # the old behaviour: a round every cycle time
+        out = d.allreduce(np.full(70001, r, np.float32), op="sum", name="hier.park.off")
+        np.testing.assert_array_equal(out, np.full(70001, sum(range(n)), np.float32))

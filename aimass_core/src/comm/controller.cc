@@ -88,7 +88,7 @@ bool CollectiveEngine::Impl::cycle_once() {
             "MPI_Iallreduce(negotiation)");
   wait_req(&req, idle ? 20e-6 : 2 * cycle_s + 1e-3, "negotiation");
   ++rounds_done;
-  parked = ll != nullptr && (bits[0] & 4) != 0;  // the same on every rank
+  parked = (ll != nullptr || wake_comm != MPI_COMM_NULL) && (bits[0] & 4) != 0;  // the same on every rank
 
   std::vector<std::string> ready;
   for (size_t i = 0; i < cache.size(); ++i) {

@@ -9,6 +9,11 @@
 
 namespace aimass {
 
+namespace {
+constexpr int kWakeTag = 0x41c8;
+std::atomic<uint64_t> g_engine_epochs{0};  // engines made in this process (the wake messages' epoch)
+}  // namespace
+
 
 CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) : comm(std::move(c)), opts(o) {
   mpi = comm->comm();
@@ -18,6 +23,7 @@ CollectiveEngine::Impl::Impl(std::shared_ptr<Communicator> c, EngineOptions o) :
   shm_init();
   ll_init();
   hier_init();  // (hier_fast.cc)
+  park_init();
   tick_from_end = comm->cross_size() > 1;
   // each rank runs a caller and this engine thread: more of them than CPUs (2 ranks on 2 cores)
   const comm::CpuShare share = comm::cpu_share(comm->local_size());
@@ -162,6 +168,14 @@ CollectiveEngine::Impl::~Impl() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
+  if (wake_comm != MPI_COMM_NULL && broken.empty()) {
+    uint64_t m[2];  // stale wakes (the peers' last leave): received, so none outlives the communicator
+    int flag = 1;
+    MPI_Status st;
+    while (MPI_Iprobe(MPI_ANY_SOURCE, kWakeTag, wake_comm, &flag, &st) == MPI_SUCCESS && flag)
+      MPI_Recv(m, 2, MPI_UINT64_T, st.MPI_SOURCE, kWakeTag, wake_comm, MPI_STATUS_IGNORE);
+    MPI_Comm_free(&wake_comm);  // (after a failure it is abandoned, as the engine's own communicators)
+  }
   if (hier) {
     if (broken.empty()) {
       MPI_Comm_free(&hier->xc);
@@ -192,6 +206,80 @@ void CollectiveEngine::Impl::finish(Pending& p, CollectiveHandle::ErrorKind kind
   p.handle->finish(kind, msg);
 }
 
+// -------------------------------------------------------------- parked engines across nodes
+// Collective over the communicator (before the thread starts). Only with the hierarchical path's node
+// channel (its existence is agreed on every rank); AIMASS_PARK_ACROSS_NODES=0 on any rank: the engines
+// tick every cycle as before. The epoch is agreed too (MAX), so a wake of an earlier engine whose
+// communicator's id MPI reuses is never taken for this one's.
+void CollectiveEngine::Impl::park_init() {
+  if (ll || !hier) return;
+  int64_t v[2] = {0, static_cast<int64_t>(g_engine_epochs.load() + 1)};
+  if (const char* e = std::getenv("AIMASS_PARK_ACROSS_NODES")) v[0] = std::strcmp(e, "0") == 0 ? 1 : 0;
+  MPI_Request req;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, v, 2, MPI_INT64_T, MPI_MAX, mpi, &req), "MPI_Iallreduce(park)");
+  wait_mpi(&req, 1.0, opts.timeout_s, "aimass.dist.init()");
+  g_engine_epochs.store(static_cast<uint64_t>(v[1]));
+  if (v[0] != 0) return;  // (every rank alike)
+  // Parked naps across nodes: a fifth of the fallback window (10 ms by default; local rank 0 answers a
+  // GIVEUP well within the window), at least the cycle time. A round only waits that long for a parked
+  // peer that has no work (a peer with work leaves at its submission); AIMASS_PARK_NAP_MS overrides.
+  double nap_s = std::min(0.01, opts.ll_fallback_s / 5);
+  if (const char* e = std::getenv("AIMASS_PARK_NAP_MS")) nap_s = std::max(0.0, std::atof(e)) * 1e-3;
+  park_nap = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(nap_s));
+  // the other node's ranks: those of mpi that are not in this node's communicator
+  MPI_Group all, mine;
+  check_mpi(MPI_Comm_group(mpi, &all), "MPI_Comm_group");
+  check_mpi(MPI_Comm_group(comm->local_comm(), &mine), "MPI_Comm_group(local)");
+  const int L = comm->local_size();
+  std::vector<int> lr(static_cast<size_t>(L)), wr(static_cast<size_t>(L));
+  for (int i = 0; i < L; ++i) lr[static_cast<size_t>(i)] = i;
+  check_mpi(MPI_Group_translate_ranks(mine, L, lr.data(), all, wr.data()), "MPI_Group_translate_ranks");
+  MPI_Group_free(&mine);
+  MPI_Group_free(&all);
+  std::vector<char> local(static_cast<size_t>(size), 0);
+  for (int r : wr)
+    if (r >= 0 && r < size) local[static_cast<size_t>(r)] = 1;
+  for (int r = 0; r < size; ++r)
+    if (!local[static_cast<size_t>(r)]) wake_peers.push_back(r);
+  check_mpi(MPI_Comm_dup(mpi, &wake_comm), "MPI_Comm_dup(wake)");
+  MPI_Comm_set_errhandler(wake_comm, MPI_ERRORS_RETURN);
+  wake_epoch = static_cast<uint64_t>(v[1]);
+}
+
+// Whether some rank left the park for a round past the last one run here: its node peer posted it in
+// the node's channel, or a rank of the other node sent a wake (every wake is received here, the stale
+// ones discarded). Local rank 0 of a hierarchical node also answers the other node's GIVEUP while parked,
+// within the fallback window (hier_fast.cc).
+bool CollectiveEngine::Impl::park_round_wanted() {
+  if (hier && hier->pair) hier_engine_answer();
+  bool wanted = park_channel()->round_wanted(rounds_done);
+  if (wake_comm == MPI_COMM_NULL) return wanted;
+  uint64_t m[2];
+  int flag = 0;
+  MPI_Status st;
+  while (true) {
+    check_mpi(MPI_Iprobe(MPI_ANY_SOURCE, kWakeTag, wake_comm, &flag, &st), "MPI_Iprobe(wake)");
+    if (!flag) return wanted;
+    check_mpi(MPI_Recv(m, 2, MPI_UINT64_T, st.MPI_SOURCE, kWakeTag, wake_comm, MPI_STATUS_IGNORE), "MPI_Recv(wake)");
+    if (m[0] == wake_epoch && m[1] > rounds_done) wanted = true;
+  }
+}
+
+// Leaving the park for round rounds_done + 1: posted in the node's channel; a rank that leaves for its own
+// work (a submission, a flush, stop) also sends it to the other node's ranks (small messages: they
+// complete at once, bounded by the engine timeout like every wait of this thread).
+void CollectiveEngine::Impl::park_leave(bool own) {
+  park_channel()->want_round(rounds_done + 1);
+  if (!own || wake_comm == MPI_COMM_NULL) return;
+  wake_out[0] = wake_epoch;
+  wake_out[1] = rounds_done + 1;
+  for (int r : wake_peers) {
+    MPI_Request req;
+    check_mpi(MPI_Isend(wake_out, 2, MPI_UINT64_T, r, kWakeTag, wake_comm, &req), "MPI_Isend(wake)");
+    wait_req(&req, 1e-3, "a wake message");
+  }
+}
+
 // -------------------------------------------------------------- the loop
 // Sleeps until the next tick (cycle time after the last cycle began: idle ranks still
 // join every negotiation round in time; with several nodes after it ended: tick_from_end) or until
@@ -212,15 +300,25 @@ void CollectiveEngine::Impl::wait_for_work(Clock::time_point last) {
   if (parked) {
     // Every rank agreed in the last round that nobody had work: no rounds (no MPI, no thread
     // spinning next to the callers' fast path) until some rank has some. The first to leave posts
-    // the round it runs in the low-latency segment; the others see it within a cycle time and
-    // join, so the rounds still match across ranks. Waits beat the heartbeat.
+    // the round it runs in its node's low-latency segment (and, across nodes, sends it to the other
+    // node's ranks); the others see it within a nap (a cycle time; across nodes park_nap) and join,
+    // so the rounds still match across ranks. Waits beat the heartbeat.
     bool own = false;
-    while (!(own = woken()) && !ll->round_wanted(rounds_done)) {
-      w.cv.wait_for(lk, cycle);
+    while (!(own = woken())) {
+      lk.unlock();  // (the look may make MPI calls: submitters must not wait for them)
+      const bool wanted = park_round_wanted();
+      lk.lock();
+      if (wanted) {
+        own = woken();
+        break;
+      }
+      w.cv.wait_for(lk, wake_comm != MPI_COMM_NULL ? std::max(cycle, park_nap) : cycle);
       w.pulse();
     }
     if (fast_broke.load()) return;  // run() leaves (announcing would start a round nobody finishes)
-    ll->want_round(rounds_done + 1);
+    lk.unlock();
+    park_leave(own);
+    lk.lock();
     if (!own) {
       submissions_seen = w.submitted;
       w.flush = w.stop = false;

@@ -288,7 +288,23 @@ struct CollectiveEngine::Impl {
   void hier_pump(Hier& h, uint64_t keep_from);
   void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
   void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);
-  void hier_engine_answer();  // local rank 0's engine thread, every cycle
+  void hier_engine_answer();  // local rank 0's engine thread, every cycle (and every nap while parked)
+
+  // ---- parked engines across nodes (engine.cc: park_init, wait_for_work). With the hierarchical
+  // path (two nodes, its node channel hier->ch) idle engines park as on one node: no rounds, no MPI
+  // traffic. A rank that leaves posts the round in its node's channel (its node peers see it) and sends
+  // WAKE(epoch, round) to every rank of the other node on wake_comm; a parked engine drains that
+  // communicator at each nap (MPI_Iprobe: local, no message) and joins a round past its last one; wakes
+  // for rounds already run, or from an earlier engine (another epoch), are discarded.
+  MPI_Comm wake_comm = MPI_COMM_NULL;  // a duplicate of mpi: wake messages only
+  std::vector<int> wake_peers;         // the ranks (of mpi) on the other node(s)
+  uint64_t wake_epoch = 0;             // agreed at park_init: the same on every rank, new per engine
+  uint64_t wake_out[2] = {0, 0};       // the send buffer (epoch, round)
+  Clock::duration park_nap{};          // a parked engine's nap across nodes (park_init; at least the cycle time)
+  void park_init();
+  comm::LLChannel* park_channel() const { return ll ? ll.get() : hier ? hier->ch.get() : nullptr; }
+  bool park_round_wanted();     // the parked engine's look (without the waker's lock held)
+  void park_leave(bool own);    // posts the round about to run (and sends the wakes when this rank's own)
 
 
 

@@ -346,7 +346,12 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
     for (int j = 0, k = 1; j < L; ++j) {
       if (j == me) continue;
       char* dst = h.tmp.data() + static_cast<size_t>(j) * slot;
-      ch.read(j, static_cast<size_t>(lo) * es, dst, bytes);
+      try {
+        ch.read(j, static_cast<size_t>(lo) * es, dst, bytes);
+      } catch (const DistributedError&) {  // its process is gone
+        release.lost(j);
+        throw;
+      }
       srcs[k++] = dst;
     }
     comm::reduce_into(c.dtype, op, srcs, L, out + lo * static_cast<int64_t>(es), static_cast<size_t>(hi - lo), false,
@@ -368,9 +373,18 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
     int64_t bj, ej;
     slice_of(j, &bj, &ej);
     if (ej <= bj) continue;
-    ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
-    ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
-                   static_cast<size_t>(ej - bj) * es);
+    try {
+      ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
+      ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
+                     static_cast<size_t>(ej - bj) * es);
+    } catch (const DistributedError&) {
+      // j did not advance for a whole deadline (stopped or dead) or its process is gone: the error path
+      // does not wait another deadline for j to finish reading this rank's buffers, as the one-node push
+      // gives up on a stopped reader after one (the output stays alive: peers_may_write; a j that
+      // resumes later finds its cross-node partner gone and raises too)
+      release.lost(j);
+      throw;
+    }
   }
   if (!release.finish())
     throw DistributedError(detail::concat("aimass.dist: hierarchical allreduce '", c.name,

@@ -302,14 +302,14 @@ void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
            "rank", j);
 }
 
-bool LLChannel::wait_readers(double deadline_s) const {
+bool LLChannel::wait_readers(double deadline_s, uint32_t lost) const {
   if (!by_address_) {
     note_large_allreduce();  // (a staged allreduce without the push posts nothing by address)
     return true;
   }
   Backoff backoff;
   for (int j = 0; j < size_; ++j) {
-    if (j == rank_) continue;
+    if (j == rank_ || (lost >> j & 1u)) continue;
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
       const double waited = backoff.elapsed();
       // past a millisecond, a peer whose process is gone fails the wait at once (it never clears its word;

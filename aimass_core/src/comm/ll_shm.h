@@ -170,8 +170,9 @@ class LLChannel {
   // Rank j's payload in its slot; nullptr when it posted its address instead (use read()).
   const char* payload(int j) const { return slot(j, attempt_)->addr ? nullptr : slot(j, attempt_)->data(); }
   // After done(): when this rank posted by address, waits until no peer still reads it; false
-  // when one still did after deadline_s seconds (it died or stopped mid-read).
-  bool wait_readers(double deadline_s) const;
+  // when one still did after deadline_s seconds (it died or stopped mid-read). Peers in `lost` (bit j:
+  // local rank j, known dead or stopped: a wait on it already ran out) are not waited for.
+  bool wait_readers(double deadline_s, uint32_t lost = 0) const;
   bool cma_available() const { return cma_ok_; }
   // Whether every rank may also write every other's memory (process_vm_writev; probed at start-up,
   // AIMASS_SHM_CMA_PUSH=0: off): the single-copy allreduce below needs it.
@@ -477,7 +478,8 @@ class LLChannel {
 // rank's slot and buffers (the peers may reuse our slot once we stop reading theirs, and our buffers
 // once they stopped reading them). finish() is the normal path and says whether every peer finished
 // within the deadline; a guard left armed (an exception on the way) does the same, bounded, on the
-// error path.
+// error path, except for the peers marked lost(): a wait on them already ran out (or their process is
+// gone), so the error leaves after one deadline, not two.
 class ReaderRelease {
  public:
   ReaderRelease(LLChannel& ch, double deadline_s) : ch_(ch), deadline_s_(deadline_s) {}
@@ -486,18 +488,20 @@ class ReaderRelease {
   ~ReaderRelease() {
     if (!armed_) return;
     ch_.done();
-    ch_.wait_readers(deadline_s_);
+    ch_.wait_readers(deadline_s_, lost_);
   }
   bool finish() {
     armed_ = false;
     ch_.done();
-    return ch_.wait_readers(deadline_s_);
+    return ch_.wait_readers(deadline_s_, lost_);
   }
+  void lost(int j) { lost_ |= uint32_t(1) << j; }  // local rank j is dead or stopped
 
  private:
   LLChannel& ch_;
   double deadline_s_;
   bool armed_ = true;
+  uint32_t lost_ = 0;
 };
 
 }  // namespace comm
