@@ -423,6 +423,34 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
                                       np.full(slot // 4 + 5, n, np.float32))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("staged,step_off", [("0", None), ("1", None), ("auto", None), ("0", "0")])
+def test_ranks_put_on_one_cpu_step_apart(ll, staged, step_off):
+    """Every rank is put on the same CPU (a moment's affinity of that CPU alone, then its whole mask
+    back: where the scheduler's packing leaves two ranks), then runs back-to-back large allreduces
+    (push, staged, as voted; AIMASS_LL_STEP_OFF=0: the step-off turned off): a rank that waits for a
+    peer on its own CPU steps off it. Every result exact, every rank ends with its whole mask, and
+    nobody steps off where the ranks outnumber the CPUs, or with the switch off."""
+    r, n = ll.rank(), ll.size()
+    mask = os.sched_getaffinity(0)
+    if len(mask) < 2:
+        pytest.skip("needs two usable CPUs")
+    with engine_env(ll, AIMASS_LL_STAGED=staged, AIMASS_LL_STEP_OFF=step_off) as d:
+        x = np.arange((2 << 20) // 4 + 5, dtype=np.float32) % 1024
+        before = d.stats()["ll_step_offs"]
+        d.barrier(name="colo.start")
+        os.sched_setaffinity(0, {min(mask)})
+        os.sched_setaffinity(0, mask)
+        for i in range(40):
+            y = x + np.float32(r + i)
+            d.allreduce_(y, op="sum", name="colo")
+            np.testing.assert_array_equal(y, x * n + np.float32(n * (n - 1) // 2 + n * i))
+        assert os.sched_getaffinity(0) == mask
+        steps = d.stats()["ll_step_offs"] - before
+        if step_off == "0" or n > (os.cpu_count() or 1):
+            assert steps == 0
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["staged", "push", "staged-unaligned"])
 def test_large_allreduce_of_arrays_inside_a_cache_line(ll, mode):
