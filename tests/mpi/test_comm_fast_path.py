@@ -407,14 +407,25 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
                     check_against_engine(d, x, op, f"st.{dtype}.{op}.{count}")
         # many calls of one size: the timed choice explores both ways; every result exact
         x = np.arange((3 << 20) // 4 + 3, dtype=np.float32) % 1024
-        before = d.stats()["ll_collectives"]
+        st0 = d.stats()
+        before = st0["ll_collectives"]
         for i in range(70):
             y = x + np.float32(r)
             d.allreduce_(y, op="sum", name="st.many")
             np.testing.assert_array_equal(y, x * n + np.float32(n * (n - 1) // 2))
         # (without the push these ran staged in the caller's thread, or fell back to the engine when a peer
         # was late; not all 70 fall back)
-        assert d.stats()["ll_collectives"] - before >= 1
+        st1 = d.stats()
+        assert st1["ll_collectives"] - before >= 1
+        staged_runs = st1["ll_staged"] - st0["ll_staged"]  # of the caller-thread runs, how many staged
+        if staged in ("1", "nocma"):
+            assert staged_runs == st1["ll_collectives"] - before
+        elif staged in ("0", "mixed"):  # (any rank's 0 wins)
+            assert staged_runs == 0
+        elif st1["ll_collectives"] - before >= 64:  # timed: the way not preferred runs every 32nd call
+            assert 0 < staged_runs < st1["ll_collectives"] - before
+        everyone = d.allgather(np.array([[staged_runs, st1["ll_collectives"] - before]], np.int64), name="st.cnt")
+        assert (everyone == everyone[:1]).all()  # every rank ran each call the same way
         t0 = time.monotonic()
         with pytest.raises(d.DistributedError, match="different arguments"):
             d.allreduce(np.ones(slot // 4 + 5 + (r == 0), np.float32), op="sum", name="st.bad")

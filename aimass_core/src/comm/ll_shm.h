@@ -481,7 +481,8 @@ class LLChannel {
   // the staging area's pages, ~1 ms at 16 MiB here; the push its scratch) and is replaced by the
   // second; kept in the average, it would sway the vote for many calls, since the way not chosen is
   // timed again only every kExplore-th call.
-  mutable WayTimings<kClasses> timings_{2};
+  // The median of the last 5 runs per way and class, not a moving average (see WayTimings).
+  mutable WayTimings<kClasses> timings_{2, 5};
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;
