@@ -281,11 +281,14 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     if (waited > fallback_s) abort = true;
     if (!abort && !looked) {
       looked = true;
-      for (int j = 0; j < size_; ++j)
-        if (j != rank_ && !(mask & (uint64_t(1) << j)) && step_off_from(j)) {
+      for (int j = 0; j < size_; ++j) {
+        if (j == rank_ || (mask & (uint64_t(1) << j))) continue;
+        if (step_off_from(j)) {
           backoff.spin = true;  // now on another CPU than that peer
           break;
         }
+        if (ctl(j)->cpu.load(std::memory_order_relaxed) == sched_getcpu()) backoff.spin = false;  // (stayed)
+      }
     }
     if (abort) {
       // fails only when w changed (someone arrived or aborted): look again
@@ -333,7 +336,8 @@ bool LLChannel::wait_readers(double deadline_s) const {
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
       if (!looked) {
         looked = true;
-        step_off_from(j);
+        // a peer still at it on this very CPU, which we could not leave: do not spin it away from there
+        if (!step_off_from(j) && ctl(j)->cpu.load(std::memory_order_relaxed) == sched_getcpu()) backoff.spin = false;
       }
       const double waited = backoff.elapsed();
       // past a millisecond, a peer whose process is gone fails the wait at once (it never clears its word;
