@@ -557,6 +557,8 @@ void bind_comm(py::module_& m) {
         d["hier_collectives"] = s.hier_collectives;
         d["hier_fallbacks"] = s.hier_fallbacks;
         d["ll_mapped"] = s.ll_mapped;
+        d["ll_staged"] = s.ll_staged;
+        d["ll_step_offs"] = s.ll_step_offs;
         return d;
       });
 

@@ -3,6 +3,7 @@
 // fallen back everywhere) even when ranks disagree, and missing or busy peers make the
 // others fall back instead of waiting.
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -518,6 +519,107 @@ TEST(CommLL, PushAllreduceWithAStoppedPeerEndsAtTheDeadline) {
     EXPECT_TRUE(b.wait_readers(1.0));
     EXPECT_EQ(xb[n - 1], 3.0f);
   }
+}
+
+namespace {
+// The first CPU this thread may use and its whole mask; false when it may use only one.
+bool two_cpus(cpu_set_t* mask, int* first) {
+  if (sched_getaffinity(0, sizeof(*mask), mask) != 0 || CPU_COUNT(mask) < 2) return false;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, mask)) {
+      *first = c;
+      return true;
+    }
+  return false;
+}
+// Puts the calling thread on `cpu` (a moment's affinity of that CPU alone), then gives it `mask` back.
+void move_to(int cpu, const cpu_set_t& mask) {
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  sched_setaffinity(0, sizeof(one), &one);
+  sched_setaffinity(0, sizeof(mask), &mask);
+}
+}  // namespace
+
+// LLChannel::step_off: the thread runs elsewhere while its mask excludes the CPU, and gets its whole
+// mask back; nothing to do for a thread that may use that CPU alone, or that runs on another.
+TEST(CommLL, StepOffLeavesTheCpuAndRestoresTheMask) {
+  cpu_set_t orig;
+  int c0 = -1;
+  if (!two_cpus(&orig, &c0)) GTEST_SKIP() << "needs two usable CPUs";
+  int got = -1;
+  for (int t = 0; t < 100 && got < 0; ++t) {  // (the balancer may move us between move_to and the look)
+    move_to(c0, orig);
+    got = LLChannel::step_off(c0);
+  }
+  ASSERT_GE(got, 0);
+  EXPECT_NE(got, c0);
+  EXPECT_TRUE(CPU_ISSET(got, &orig));
+  cpu_set_t now;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(now), &now), 0);
+  EXPECT_TRUE(CPU_EQUAL(&now, &orig));
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(c0, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  EXPECT_EQ(LLChannel::step_off(c0), -1);  // its only CPU: stays
+  ASSERT_EQ(sched_setaffinity(0, sizeof(orig), &orig), 0);
+  EXPECT_EQ(LLChannel::step_off(-1), -1);
+  EXPECT_GE(LLChannel::runnable_threads(), 1);  // this thread runs
+}
+
+// Two ranks on one CPU (rank 1 held there by its mask, rank 0 put there before each call and free to
+// move; rank 1 arrives late, so rank 0 waits): rank 0 steps off in its wait, the allreduces (push and
+// staged, as the vote picks) keep the rank-order bits, rank 0 ends with its whole mask, and rank 1,
+// which may use no other CPU, never steps.
+TEST(CommLL, RanksOnOneCpuStepApartWithTheSameBits) {
+  cpu_set_t orig;
+  int c0 = -1;
+  if (!two_cpus(&orig, &c0)) GTEST_SKIP() << "needs two usable CPUs";
+  const int L = 2, calls = 6;
+  const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece) + 5;
+  Segment seg(L);
+  std::vector<std::vector<std::vector<float>>> got(L);
+  std::vector<uint64_t> steps(L, 0);
+  std::vector<int> mask_back(L, 0);
+  std::vector<std::string> errors(L);
+  run_rank_threads(L, errors, [&](int r) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(c0, &one);
+    if (r == 1) sched_setaffinity(0, sizeof(one), &one);
+    else move_to(c0, orig);
+    LLChannel ch(r, L, seg.mem, kSlot);
+    ch.allow_cma_for_tests();
+    ch.set_step_off(true, /*idle_only=*/false);  // (the test machine may be busy)
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int c = 0; c < calls; ++c) {
+      for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = push_input<float>(DType::F32, r, c, i);
+      const size_t nb = static_cast<size_t>(n) * 4;
+      if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      else move_to(c0, orig);
+      if (ch.exchange(900 + c, x.data(), nb, ch.stage_vote(nb, x.data()), 30.0, true, x.data()) !=
+          Result::Complete)
+        throw std::runtime_error("exchange fell back");
+      ch.agree_staged();
+      ch.large_allreduce(DType::F32, ReduceOp::Sum, false, x.data(), x.data(), n, 30.0);
+      ch.done();
+      if (!ch.wait_readers(30.0)) throw std::runtime_error("a peer never finished");
+      got[r].push_back(x);
+    }
+    steps[r] = ch.step_offs();
+    cpu_set_t now;
+    sched_getaffinity(0, sizeof(now), &now);
+    mask_back[r] = CPU_EQUAL(&now, r == 1 ? &one : &orig) ? 1 : 0;
+    sched_setaffinity(0, sizeof(orig), &orig);
+  });
+  for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  EXPECT_GE(steps[0], 1u) << "rank 0 waited on its peer's CPU " << calls << " times";
+  EXPECT_EQ(steps[1], 0u);
+  EXPECT_EQ(mask_back, (std::vector<int>{1, 1}));
+  expect_reference_bits<float>(L, DType::F32, ReduceOp::Sum, false, std::vector<int64_t>(calls, n), got,
+                               "ranks on one CPU");
 }
 
 }  // namespace

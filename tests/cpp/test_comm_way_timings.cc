@@ -48,4 +48,29 @@ TEST(CommWayTimings, StagedOnlyWhenFasterByTheMargin) {
   EXPECT_TRUE(t.prefers_staged(0, 1.25));
 }
 
+// median_of: the median of the last runs, so one run that lost its CPU does not sway the choice.
+TEST(CommWayTimings, MedianOfTheLastRunsForgetsAnOutlier) {
+  Timings t(2, 5);
+  t.note(Timings::kStaged, 1, 8.0);  // cold
+  t.note(Timings::kStaged, 1, 2.0);  // the last warm run replaces it
+  EXPECT_EQ(t.secs_per_byte(Timings::kStaged, 1), 2.0);
+  t.note(Timings::kStaged, 1, 100.0);  // [2, 100]
+  EXPECT_EQ(t.secs_per_byte(Timings::kStaged, 1), 51.0);
+  t.note(Timings::kStaged, 1, 2.0);  // [2, 100, 2]
+  EXPECT_EQ(t.secs_per_byte(Timings::kStaged, 1), 2.0);
+  t.note(Timings::kSingleCopy, 1, 5.0);
+  t.note(Timings::kSingleCopy, 1, 5.0);
+  EXPECT_TRUE(t.prefers_staged(1, 1.25));  // 2 against 5 (the moving average would hold 26.5)
+  for (double v : {3.0, 3.0, 3.0}) t.note(Timings::kStaged, 1, v);  // the last 5: 100, 2, 3, 3, 3
+  EXPECT_EQ(t.secs_per_byte(Timings::kStaged, 1), 3.0);
+  for (double v : {9.0, 9.0, 9.0}) t.note(Timings::kStaged, 1, v);  // 3, 3, 9, 9, 9: staged slowed down
+  EXPECT_EQ(t.secs_per_byte(Timings::kStaged, 1), 9.0);
+  EXPECT_FALSE(t.prefers_staged(1, 1.25));
+  EXPECT_EQ(t.runs(Timings::kStaged, 1), 10);
+  Timings e(1, 0);  // median_of 0: the moving average, as before
+  e.note(Timings::kStaged, 0, 4.0);
+  e.note(Timings::kStaged, 0, 8.0);
+  EXPECT_EQ(e.secs_per_byte(Timings::kStaged, 0), 5.0);
+}
+
 }  // namespace

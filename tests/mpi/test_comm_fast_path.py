@@ -407,20 +407,59 @@ def test_staged_and_push_allreduce_every_dtype_and_op(ll, staged):
                     check_against_engine(d, x, op, f"st.{dtype}.{op}.{count}")
         # many calls of one size: the timed choice explores both ways; every result exact
         x = np.arange((3 << 20) // 4 + 3, dtype=np.float32) % 1024
-        before = d.stats()["ll_collectives"]
+        st0 = d.stats()
+        before = st0["ll_collectives"]
         for i in range(70):
             y = x + np.float32(r)
             d.allreduce_(y, op="sum", name="st.many")
             np.testing.assert_array_equal(y, x * n + np.float32(n * (n - 1) // 2))
         # (without the push these ran staged in the caller's thread, or fell back to the engine when a peer
         # was late; not all 70 fall back)
-        assert d.stats()["ll_collectives"] - before >= 1
+        st1 = d.stats()
+        assert st1["ll_collectives"] - before >= 1
+        staged_runs = st1["ll_staged"] - st0["ll_staged"]  # of the caller-thread runs, how many staged
+        if staged in ("1", "nocma"):
+            assert staged_runs == st1["ll_collectives"] - before
+        elif staged in ("0", "mixed"):  # (any rank's 0 wins)
+            assert staged_runs == 0
+        elif st1["ll_collectives"] - before >= 64:  # timed: the way not preferred runs every 32nd call
+            assert 0 < staged_runs < st1["ll_collectives"] - before
+        everyone = d.allgather(np.array([[staged_runs, st1["ll_collectives"] - before]], np.int64), name="st.cnt")
+        assert (everyone == everyone[:1]).all()  # every rank ran each call the same way
         t0 = time.monotonic()
         with pytest.raises(d.DistributedError, match="different arguments"):
             d.allreduce(np.ones(slot // 4 + 5 + (r == 0), np.float32), op="sum", name="st.bad")
         assert time.monotonic() - t0 < 20
         np.testing.assert_array_equal(d.allreduce(np.ones(slot // 4 + 5, np.float32), op="sum", name="st.after"),
                                       np.full(slot // 4 + 5, n, np.float32))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("staged,step_off", [("0", None), ("1", None), ("auto", None), ("0", "0")])
+def test_ranks_put_on_one_cpu_step_apart(ll, staged, step_off):
+    """Every rank is put on the same CPU (a moment's affinity of that CPU alone, then its whole mask
+    back: where the scheduler's packing leaves two ranks), then runs back-to-back large allreduces
+    (push, staged, as voted; AIMASS_LL_STEP_OFF=0: the step-off turned off): a rank that waits for a
+    peer on its own CPU steps off it. Every result exact, every rank ends with its whole mask, and
+    nobody steps off where the ranks outnumber the CPUs, or with the switch off."""
+    r, n = ll.rank(), ll.size()
+    mask = os.sched_getaffinity(0)
+    if len(mask) < 2:
+        pytest.skip("needs two usable CPUs")
+    with engine_env(ll, AIMASS_LL_STAGED=staged, AIMASS_LL_STEP_OFF=step_off) as d:
+        x = np.arange((2 << 20) // 4 + 5, dtype=np.float32) % 1024
+        before = d.stats()["ll_step_offs"]
+        d.barrier(name="colo.start")
+        os.sched_setaffinity(0, {min(mask)})
+        os.sched_setaffinity(0, mask)
+        for i in range(40):
+            y = x + np.float32(r + i)
+            d.allreduce_(y, op="sum", name="colo")
+            np.testing.assert_array_equal(y, x * n + np.float32(n * (n - 1) // 2 + n * i))
+        assert os.sched_getaffinity(0) == mask
+        steps = d.stats()["ll_step_offs"] - before
+        if step_off == "0" or n > (os.cpu_count() or 1):
+            assert steps == 0
 
 
 @pytest.mark.timeout(240)

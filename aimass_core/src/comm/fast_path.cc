@@ -380,6 +380,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
       if (push) {  // staged or the push, as agree_staged() chose (see ll_shm.h)
         ll->large_allreduce(c.dtype, op, c.op == ReduceOp::Average, c.input, c.output, n, deadline);
         if (ll->last_push_mapped()) ll_mapped.fetch_add(1, std::memory_order_relaxed);
+        if (!c.peers_may_write) ll_staged.fetch_add(1, std::memory_order_relaxed);
       } else if (n > 0) {
         for (int j = 0; j < L; ++j) srcs[j] = ll->payload(j);  // rank order: the same bits on every rank
         comm::reduce_sources(c.dtype, op, srcs, L, static_cast<char*>(c.output), static_cast<size_t>(n));

@@ -190,16 +190,25 @@ bool LLChannel::agree_staged() {
 
 void LLChannel::large_allreduce(DType dtype, ReduceOp op, bool average, const void* in, void* out, int64_t count,
                                 double deadline_s) {
-  timing_ = Clock::now();
+  // The timing starts when the attempt completed (its last arrival), not when this rank got here: a rank
+  // that was off its CPU while its peer claimed every piece (two ranks on one CPU, see step_off_from)
+  // comes here late and finds the work done, and would time the push at a fraction of what it cost.
+  const Clock::time_point now = Clock::now();
+  int64_t last = 0;
+  for (int j = 0; j < size_; ++j) last = std::max(last, slot(j, attempt_)->arrived_ns);
+  const Clock::time_point completed{std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(last))};
+  timing_ = std::min(now, completed);
   timed_bytes_ = static_cast<size_t>(count) * dtype_size(dtype);
   if (staged_now_) stage_allreduce(dtype, op, average, in, out, count, deadline_s);
   else push_allreduce(dtype, op, average, in, out, count);
 }
 
-// The time counts to the end of the closing wait (wait_readers()): the push's last claim comes well
-// before its peers finished theirs, the staged run ends when this rank gathered its last chunk.
+// The time counts from the attempt's completion (large_allreduce) to the end of the closing wait
+// (wait_readers()): the push's last claim comes well before its peers finished theirs, the staged run
+// ends when this rank gathered its last chunk.
 void LLChannel::note_large_allreduce() const {
   if (timed_bytes_ == 0) return;
+  post_cpu();  // where this rank is when it leaves: the next exchange's waiter compares it (step_off_from)
   const double spb =
       std::chrono::duration<double>(Clock::now() - timing_).count() / static_cast<double>(timed_bytes_);
   timings_.note(staged_now_ ? timings_.kStaged : timings_.kSingleCopy, size_class(timed_bytes_, kClasses), spb);

@@ -18,6 +18,7 @@
 
 #include "aimass/error.h"
 #include "comm/cma.h"
+#include "comm/cpu_share.h"
 #include "comm/shm_allreduce.h"
 #include "comm/shm_segment.h"
 #include "runtime/env_switch.h"
@@ -74,6 +75,7 @@ LLChannel::LLChannel(int rank, int size, void* memory, size_t slot_bytes) : rank
   AIMASS_CHECK(memory != nullptr && reinterpret_cast<uintptr_t>(memory) % 128 == 0, ValueError,
                "LLChannel: memory must be non-null and 128-byte aligned");
   attach(memory, slot_bytes);
+  post_cpu();  // (before it, the zero-filled word would read as CPU 0)
   ctl(rank_)->pid.store(static_cast<int64_t>(getpid()), std::memory_order_relaxed);  // (allow_cma_for_tests)
 }
 
@@ -130,6 +132,7 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
   attach(p, slot_bytes);
   map_bytes_ = bytes;
   owned_ = true;
+  post_cpu();  // (before it, the zero-filled word would read as CPU 0)
   // Single copy needs process_vm_readv on every peer (same user, no ptrace restriction): each
   // rank reads every peer's probe word; all must manage (AIMASS_SHM_CMA=0 turns it off).
   probe_ = 0x11c0ffee0000ull + static_cast<uint64_t>(rank_);
@@ -145,6 +148,9 @@ LLChannel::LLChannel(const Communicator& comm, size_t slot_bytes, double timeout
       cma = 0;
   allreduce_min(&cma, MPI_INT);  // also: every read probe is done
   cma_ok_ = cma != 0;
+  // two ranks that share a CPU step apart (step_off_from); never where the ranks outnumber the CPUs
+  step_off_ok_ = runtime::env_switch_on("AIMASS_LL_STEP_OFF") && std::thread::hardware_concurrency() >= 2 &&
+                 !cpu_share(comm.local_size()).oversubscribed();
   // the single-copy allreduce also writes the peers' memory: each rank writes every peer's probe
   // word with the value it holds (AIMASS_SHM_CMA_PUSH=0: off)
   const char* penv = std::getenv("AIMASS_SHM_CMA_PUSH");
@@ -207,6 +213,10 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       h->rows = rows;
       h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
       h->out = reinterpret_cast<uint64_t>(out);
+      if (out != nullptr) {  // a large allreduce: where the vote's timing starts, and this rank's CPU
+        h->arrived_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+        post_cpu();
+      }
       if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
       // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
       // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
@@ -228,6 +238,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
 
   // ---- wait until complete or aborted
   double busy_since = -1;
+  bool looked = out == nullptr;  // a large allreduce looks once whether a missing peer shares our CPU
   while (true) {
     w = st.load(std::memory_order_seq_cst);
     if ((w >> 16) != a) {  // it closed and the next attempt started before we looked
@@ -268,6 +279,17 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       abort = true;
     }
     if (waited > fallback_s) abort = true;
+    if (!abort && !looked) {
+      looked = true;
+      for (int j = 0; j < size_; ++j) {
+        if (j == rank_ || (mask & (uint64_t(1) << j))) continue;
+        if (step_off_from(j)) {
+          backoff.spin = true;  // now on another CPU than that peer
+          break;
+        }
+        if (ctl(j)->cpu.load(std::memory_order_relaxed) == sched_getcpu()) backoff.spin = false;  // (stayed)
+      }
+    }
     if (abort) {
       // fails only when w changed (someone arrived or aborted): look again
       if (st.compare_exchange_strong(w, w | kAborted, std::memory_order_seq_cst)) {
@@ -308,9 +330,15 @@ bool LLChannel::wait_readers(double deadline_s, uint32_t lost) const {
     return true;
   }
   Backoff backoff;
+  bool looked = timed_bytes_ == 0;  // a large allreduce looks once whether a peer still at it shares our CPU
   for (int j = 0; j < size_; ++j) {
     if (j == rank_ || (lost >> j & 1u)) continue;
     while (ctl(j)->reading.load(std::memory_order_seq_cst) == attempt_ + 1) {  // j reads attempt_'s slots
+      if (!looked) {
+        looked = true;
+        // a peer still at it on this very CPU, which we could not leave: do not spin it away from there
+        if (!step_off_from(j) && ctl(j)->cpu.load(std::memory_order_relaxed) == sched_getcpu()) backoff.spin = false;
+      }
       const double waited = backoff.elapsed();
       // past a millisecond, a peer whose process is gone fails the wait at once (it never clears its word;
       // the mapped push makes no syscall that would see ESRCH): where the cma probe showed its pid valid here
@@ -324,6 +352,57 @@ bool LLChannel::wait_readers(double deadline_s, uint32_t lost) const {
     }
   }
   note_large_allreduce();  // (the staged-or-push choice: ll_push.cc)
+  return true;
+}
+
+void LLChannel::post_cpu() const {
+  const int64_t cpu = sched_getcpu();
+  std::atomic<int64_t>& mine = ctl(rank_)->cpu;
+  if (mine.load(std::memory_order_relaxed) != cpu) mine.store(cpu, std::memory_order_relaxed);
+}
+
+int LLChannel::step_off(int cpu) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getcpu() != cpu) return -1;
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0 || CPU_COUNT(&mask) < 2 || !CPU_ISSET(cpu, &mask)) return -1;
+  cpu_set_t others = mask;
+  CPU_CLR(cpu, &others);
+  if (sched_setaffinity(0, sizeof(others), &others) != 0) return -1;  // (the kernel moves us off `cpu` here)
+  const int now = sched_getcpu();
+  sched_setaffinity(0, sizeof(mask), &mask);  // nothing stays pinned: the balancer may place us anew later
+  return now;
+}
+
+int LLChannel::runnable_threads() {
+  const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  char buf[128];
+  const ssize_t k = ::read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (k <= 0) return -1;
+  buf[k] = '\0';
+  const char* p = buf;  // "0.52 0.58 0.59 3/467 12345": the running count before the slash
+  for (int field = 0; field < 3 && p; ++field) {
+    p = std::strchr(p, ' ');
+    if (p) ++p;
+  }
+  if (!p) return -1;
+  char* end = nullptr;
+  const long v = std::strtol(p, &end, 10);
+  return end != p && *end == '/' && v >= 0 ? static_cast<int>(v) : -1;
+}
+
+bool LLChannel::step_off_from(int j) const {
+  if (!step_off_ok_) return false;
+  const int64_t cpu = ctl(j)->cpu.load(std::memory_order_relaxed);
+  if (cpu < 0 || cpu >= CPU_SETSIZE || cpu != sched_getcpu()) return false;
+  if (step_off_idle_only_) {  // (only once the peer is seen on our CPU: a file read, ~5 us)
+    const int busy = runnable_threads();
+    if (busy < 0 || busy > size_) return false;
+  }
+  if (step_off(static_cast<int>(cpu)) < 0) return false;
+  step_offs_.fetch_add(1, std::memory_order_relaxed);
+  post_cpu();
   return true;
 }
 

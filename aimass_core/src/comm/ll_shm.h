@@ -185,6 +185,31 @@ class LLChannel {
   // Whether the last push_allreduce reduced its pieces straight in every rank's mapped buffers.
   bool last_push_mapped() const { return push_mapped_; }
 
+  // ---- two ranks on one CPU (ll_shm.cc, step_off()). Measured on the 2-vCPU VM (kernel 6.18, EEVDF,
+  // kernel.sched_vcpu_pack): back-to-back 2 MiB allreduces found both ranks on one vCPU for whole runs
+  // of 2000 calls (sched_getcpu after every call) while the other vCPU ran nothing of ours; a waiter
+  // only yields, so the load balancer never moved either, and the push's claims went 8 : 0 to the rank
+  // that ran (0.46 ms a call against 0.19-0.21 with the ranks apart, same load). So a rank that waits
+  // for a peer which posted this very CPU steps off it (its affinity briefly excludes the CPU; the
+  // kernel migrates it at once; the mask is restored right away, nothing stays pinned). Only where the
+  // machine's CPUs are not outnumbered by its ranks (comm::cpu_share) and the thread may use another CPU;
+  // AIMASS_LL_STEP_OFF=0 (read at start-up) turns it off. step_offs(): how often it stepped off.
+  uint64_t step_offs() const { return step_offs_.load(std::memory_order_relaxed); }
+  // idle_only: step off only while no more threads are runnable on the machine than this channel's
+  // ranks (/proc/loadavg), i.e. while another CPU idles: on a CPU busy with another process a
+  // stepped-off rank would queue behind it for a slice, and its peer's closing wait with it (measured,
+  // load 6-13: the mean call took 1.1-2.8 ms against 0.5-1.3 without the step-off)
+  void set_step_off(bool on, bool idle_only = true) {
+    step_off_ok_ = on;
+    step_off_idle_only_ = idle_only;
+  }
+  // When the calling thread runs on `cpu` and may run elsewhere: moves it off (affinity without `cpu`,
+  // then the old mask again) and returns the CPU it ran on meanwhile; else -1.
+  static int step_off(int cpu);
+  // Threads runnable on the machine now, this one included (/proc/loadavg's fourth field); -1: unknown.
+  static int runnable_threads();
+  bool step_off_enabled() const { return step_off_ok_; }
+
   // ---- single-copy allreduce (ll_push.cc), after an exchange() that posted `in` by address and
   // `out` beside it: the buffer is cut into kPushPiece pieces handed out by a claim counter in the
   // segment; whichever rank claims a piece reads it from every peer's input (process_vm_readv, into
@@ -345,11 +370,15 @@ class LLChannel {
     // a payload of at most kInline bytes (an 8-byte allreduce): in the same line as the hash, so a
     // peer fetches one line instead of two
     alignas(16) char small[kInline];
+    // a large allreduce (out != 0): when the writer arrived (steady_clock ns), in the header's second line,
+    // which the payload never uses; the vote's timings start at the attempt's last arrival (large_allreduce)
+    alignas(64) int64_t arrived_ns;
     // (bytes must be set first)
     char* data() { return bytes <= kInline ? small : reinterpret_cast<char*>(this) + 128; }
     const char* data() const { return bytes <= kInline ? small : reinterpret_cast<const char*>(this) + 128; }
   };
   static_assert(offsetof(Header, small) + kInline == 64, "the small payload shares the header's first line");
+  static_assert(sizeof(Header) == 128, "one 128-byte header per slot");
   // Outcomes of recent attempts (attempt << 1 | aborted), written by whoever starts the next
   // attempt before it does: a member that missed its attempt's closed state reads it here.
   static constexpr int kOutcomes = 64;
@@ -421,6 +450,11 @@ class LLChannel {
   // Every 16th exchange or eager broadcast: posts this rank's CPU and sets spin_ (false when a peer last
   // ran on the same CPU: a wait then yields at once instead of spinning it away from that peer).
   void note_cpu();
+  // This rank's CPU, posted for the peers (a large allreduce posts it at every arrival and at its end).
+  void post_cpu() const;
+  // Rank j (a peer this rank waits for) posted the CPU this thread runs on: step off it (see above).
+  // Returns whether it did.
+  bool step_off_from(int j) const;
 
   int rank_ = 0, size_ = 1;
   uint64_t full_ = 0;
@@ -448,7 +482,8 @@ class LLChannel {
   // the staging area's pages, ~1 ms at 16 MiB here; the push its scratch) and is replaced by the
   // second; kept in the average, it would sway the vote for many calls, since the way not chosen is
   // timed again only every kExplore-th call.
-  mutable WayTimings<kClasses> timings_{2};
+  // The median of the last 5 runs per way and class, not a moving average (see WayTimings).
+  mutable WayTimings<kClasses> timings_{2, 5};
   Clock::time_point timing_{};               // when the timed large allreduce started
   mutable size_t timed_bytes_ = 0;           // its bytes (0: none being timed)
   void note_large_allreduce() const;
@@ -461,6 +496,9 @@ class LLChannel {
   uint64_t probe_ = 0;       // read by the peers' start-up probe
   uint64_t exchanges_ = 0;   // exchanges so far (the CPU check runs every 16th)
   bool spin_ = true;         // spin before yielding (no peer seen arriving from this CPU)
+  bool step_off_ok_ = false;  // AIMASS_LL_STEP_OFF and not oversubscribed (step_off_from)
+  bool step_off_idle_only_ = true;
+  mutable std::atomic<uint64_t> step_offs_{0};
   size_t eager_bytes_ = 0;      // eager_max()
   uint64_t eager_acked_ = 0;    // the last stream entry this rank processed (= its ectl acked)
   uint64_t settled_ = 0;        // every rank acknowledged the entries up to this one
