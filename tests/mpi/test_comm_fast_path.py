@@ -262,6 +262,20 @@ def test_single_copy_broadcast_and_allgather(ll):
         assert at == got.shape[0]
         assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
         del got
+    # the same number of rows everywhere (the result is a recycled block) and results past the
+    # last-level cache, whose own rows are copied with streaming stores: byte rows, so that a rank's
+    # rows start at an odd offset in the result and the copy has an unaligned head and tail
+    for nbytes in ((16 << 20) + 13, (40 << 20) + 1):
+        mine = np.frombuffer(np.random.default_rng(nbytes + r).bytes(nbytes), np.uint8)
+        before = d.stats()["ll_collectives"]
+        got = d.allgather(mine, name=f"ll.cma.agstream.{nbytes}")
+        fast = d.stats()["ll_collectives"] - before
+        assert got.shape == (n * nbytes,) and got.dtype == np.uint8
+        for j in range(n):
+            want = np.frombuffer(np.random.default_rng(nbytes + j).bytes(nbytes), np.uint8)
+            np.testing.assert_array_equal(got[j * nbytes:(j + 1) * nbytes], want)
+        assert fast in (0, 1)
+        del got
     d.barrier(name="ll.cma.end")
 
 

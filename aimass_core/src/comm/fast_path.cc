@@ -3,12 +3,15 @@
 // idle. Anything irregular (a peer busy in its engine, slow, stopped or dead; arguments
 // that differ) aborts the attempt on every rank and the request goes through the engine's
 // negotiation, which reports mismatches and applies the deadlines.
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include "comm/cpu_share.h"
 #include "comm/engine_impl.h"
+#include "aimass/comm_kernels.h"
 
 namespace aimass {
 
@@ -200,6 +203,30 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // 93 ms for mpi4py, 512 MiB 143 / 257 / 147 ms): up to 1 GiB per rank, as the allreduce.
 constexpr size_t kByAddressMaxBroadcastBytes = size_t(4) << 20;
 constexpr size_t kByAddressMaxAllgatherBytes = size_t(1) << 30;
+// An allgather whose result is at least as large as the last-level cache (and at least 16 MiB; 32 MiB
+// when sysfs does not say) copies this rank's own rows with streaming stores: the result cannot stay
+// cached anyway, and the stores skip reading each destination line first (a third of that copy's
+// memory traffic, while the peer's rows come in through the kernel at the same time). Measured (two
+// processes on this 2-core VM, memcpy / streaming copy of the own half + process_vm_readv of the
+// other, median of 25, same run): 32 MiB gathered 2.93 / 2.67 ms, 64 MiB 6.4 / 5.2 ms, 256 MiB
+// 24.6 / 19.5 ms; at 16 MiB even (1.08 / 1.12 ms), at 4 MiB the streaming copy lost (0.155 / 0.221 ms:
+// the plain copy's lines stay in the L3 for the next call).
+size_t stream_min_bytes() {
+  // (sysfs, not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc reads the CPU's total from cpuid, 320 MiB on
+  // this VM whose sysfs and lscpu say 32 MiB shared by its cores)
+  static const size_t v = [] {
+    size_t l3 = 0;
+    if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      unsigned long long k = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%llu%c", &k, &unit) >= 1)
+        l3 = static_cast<size_t>(k) << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+      std::fclose(f);
+    }
+    return l3 > 0 ? std::max(l3, size_t(16) << 20) : size_t(32) << 20;
+  }();
+  return v;
+}
 // Allreduces of more than this many bytes take the single-copy push (up to ll_push_max) even when
 // the slot would hold them (see fast()).
 constexpr size_t kPushMinBytes = size_t(256) << 10;
@@ -407,9 +434,11 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
       }
       char* out = result(static_cast<size_t>(total_rows * row));
       size_t at = 0;
+      const bool stream = static_cast<size_t>(total_rows * row) >= stream_min_bytes();
       for (int j = 0; j < L; ++j) {  // this rank's own rows straight from its input
         if (j == rank) {
-          if (nbytes) std::memcpy(out + at, c.input, nbytes);
+          if (nbytes && stream) comm::copy_streaming(out + at, c.input, nbytes);
+          else if (nbytes) std::memcpy(out + at, c.input, nbytes);
         } else {
           ll->read(j, 0, out + at, ll->bytes(j));
         }
