@@ -557,6 +557,7 @@ void bind_comm(py::module_& m) {
         d["hier_collectives"] = s.hier_collectives;
         d["hier_fallbacks"] = s.hier_fallbacks;
         d["ll_mapped"] = s.ll_mapped;
+        d["ll_gather_pushed"] = s.ll_gather_pushed;
         return d;
       });
 

@@ -475,6 +475,7 @@ EngineStats CollectiveEngine::stats() const {
   }
   s.ll_collectives = impl_->ll_collectives.load(std::memory_order_relaxed);
   s.ll_mapped = impl_->ll_mapped.load(std::memory_order_relaxed);
+  s.ll_gather_pushed = impl_->ll_gather_pushed.load(std::memory_order_relaxed);
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
   s.hier_collectives = impl_->hier_collectives.load(std::memory_order_relaxed);
   s.hier_fallbacks = impl_->hier_fallbacks.load(std::memory_order_relaxed);
