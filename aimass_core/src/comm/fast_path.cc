@@ -398,8 +398,9 @@ bool CollectiveEngine::Impl::fast(FastCollective& c) {
   }
   // pushed when every rank posted its result and the parts are equal: what every rank sees in the same
   // slots, so every rank decides alike (a rank on the handle path posts none: every rank pulls)
-  // (not this rank's size bound: a rank whose bound differs posts nothing, and every rank pulls)
-  bool gather_push = c.kind == CollectiveKind::Allgather && ll->push_available();
+  // (not this rank's size bound: a rank whose bound differs posts nothing, and every rank pulls; a rank
+  // that posted nothing itself pulls without looking at its peers' slots)
+  bool gather_push = gather_post;
   for (int j = 0; j < size && gather_push; ++j)
     gather_push = ll->posted_output(j) && ll->bytes(j) == ll->bytes(0) && ll->bytes(0) > 0;
   // from now on the peers write this rank's output (the push; the staged allreduce writes its own)
