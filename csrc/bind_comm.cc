@@ -559,6 +559,7 @@ void bind_comm(py::module_& m) {
         d["ll_mapped"] = s.ll_mapped;
         d["ll_staged"] = s.ll_staged;
         d["ll_step_offs"] = s.ll_step_offs;
+        d["ll_gather_pushed"] = s.ll_gather_pushed;
         return d;
       });
 

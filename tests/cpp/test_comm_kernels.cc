@@ -293,6 +293,31 @@ std::vector<double> interesting_doubles(size_t n, uint32_t seed) {
 // (dst = src0; dst op= src_j in order; min/max as `s < d ? s : d`; the average divided by the rank
 // count) give the reference's exact bits; every level gives them too, with dst and a second destination
 // at any 8-byte offset within their lines, sources at dst's offset or another, in place, any k.
+// The streaming copy (a large allgather's own rows) writes exactly the source bytes at every level,
+// whatever the destination's and source's offsets in their lines, and nothing past the end.
+TEST(CommKernels, CopyStreamingCopiesExactBytesAtEveryOffset) {
+  LevelGuard g;
+  std::mt19937 rng(7);
+  for (SimdLevel l : levels()) {
+    aimass::set_simd_level(l);
+    for (size_t dst_off : {0u, 1u, 31u, 32u, 63u}) {
+      for (size_t src_off : {0u, 5u, 64u}) {
+        for (size_t n : {0u, 1u, 31u, 63u, 64u, 127u, 128u, 255u, 256u, 257u, 1000u, 4096u, 70000u}) {
+          std::vector<uint8_t> src(n + 128), dst(n + 256, 0xA5);
+          for (auto& b : src) b = static_cast<uint8_t>(rng());
+          const uintptr_t base = (reinterpret_cast<uintptr_t>(dst.data()) + 63) / 64 * 64;
+          auto* d = reinterpret_cast<uint8_t*>(base) + dst_off;
+          const size_t before = static_cast<size_t>(d - dst.data());
+          aimass::comm::copy_streaming(d, src.data() + src_off, n);
+          ASSERT_EQ(0, std::memcmp(d, src.data() + src_off, n)) << "level " << static_cast<int>(l) << " n " << n;
+          for (size_t i = 0; i < before; ++i) ASSERT_EQ(dst[i], 0xA5) << "wrote before the destination";
+          for (size_t i = before + n; i < dst.size(); ++i) ASSERT_EQ(dst[i], 0xA5) << "wrote past the end";
+        }
+      }
+    }
+  }
+}
+
 TEST(CommKernels, ReduceF64MatchesTheScalarLoopsAtEveryOffset) {
   LevelGuard g;
   for (size_t off : {0u, 8u, 16u, 40u, 56u}) {

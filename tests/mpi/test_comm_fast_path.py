@@ -262,6 +262,20 @@ def test_single_copy_broadcast_and_allgather(ll):
         assert at == got.shape[0]
         assert fast in (0, 1)  # 1 unless a slow peer made the attempt fall back
         del got
+    # the same number of rows everywhere (the result is a recycled block) and results past the
+    # last-level cache, whose own rows are copied with streaming stores: byte rows, so that a rank's
+    # rows start at an odd offset in the result and the copy has an unaligned head and tail
+    for nbytes in ((16 << 20) + 13, (40 << 20) + 1):
+        mine = np.frombuffer(np.random.default_rng(nbytes + r).bytes(nbytes), np.uint8)
+        before = d.stats()["ll_collectives"]
+        got = d.allgather(mine, name=f"ll.cma.agstream.{nbytes}")
+        fast = d.stats()["ll_collectives"] - before
+        assert got.shape == (n * nbytes,) and got.dtype == np.uint8
+        for j in range(n):
+            want = np.frombuffer(np.random.default_rng(nbytes + j).bytes(nbytes), np.uint8)
+            np.testing.assert_array_equal(got[j * nbytes:(j + 1) * nbytes], want)
+        assert fast in (0, 1)
+        del got
     d.barrier(name="ll.cma.end")
 
 
@@ -650,3 +664,62 @@ def test_idle_engines_park_and_wake_for_a_peer(ll, mpi):
             time.sleep(0.05)  # rank k % n submits first; the others' engines are parked meanwhile
         h = d.allreduce_async(np.full(4, r + 1.0, np.float32), op="sum", name=f"park.wake.{k}")
         np.testing.assert_array_equal(d.synchronize(h), np.full(4, n * (n + 1) / 2, np.float32))
+
+
+@pytest.mark.timeout(180)
+def test_large_allgather_pushes_rows_into_every_result(ll):
+    """An allgather of equal parts whose result reaches AIMASS_LL_GATHER_PUSH_MIN_BYTES (128 MiB) is
+    pushed: each rank writes its rows into every rank's result (process_vm_writev) instead of every rank
+    reading the others'. The same bytes as the pull; it needs every rank to post its result, so a rank on
+    the handle path, a rank with another bound, or parts of different sizes make every rank pull."""
+    d = ll
+    n, r = d.size(), d.rank()
+
+    def part(nbytes, j):  # odd sizes: every rank's rows start at an odd offset in the result
+        return np.frombuffer(np.random.default_rng(nbytes + 7 * j).bytes(nbytes), np.uint8)
+
+    def gather(tag, nbytes, **kw):
+        mine = part(nbytes, r)
+        st = d.stats()
+        got = d.allgather(mine, name=tag, **kw)
+        st2 = d.stats()
+        assert got.shape == (n * nbytes,) and got.dtype == np.uint8
+        for j in range(n):
+            np.testing.assert_array_equal(got[j * nbytes:(j + 1) * nbytes], part(nbytes, j))
+        fast = st2["ll_collectives"] - st["ll_collectives"]
+        pushed = st2["ll_gather_pushed"] - st["ll_gather_pushed"]
+        # every rank counted the same path
+        seen = d.allgather(np.array([[fast, pushed]], np.int64), name=f"{tag}.seen")
+        assert (seen == seen[:1]).all(), seen
+        return fast, pushed
+
+    # the default bound: a 128 MiB result
+    per = (128 << 20) // n + 4099
+    fast, pushed = gather("ll.agpush.big", per)
+    assert fast in (0, 1) and pushed == fast  # (0: a slow peer made the attempt fall back)
+    # just below it: pulled
+    assert gather("ll.agpush.below", (128 << 20) // n - 4099)[1] == 0
+    # a rank on the handle path posts no result: every rank pulls
+    assert gather("ll.agpush.handle", per, timeout=60.0 if r == n - 1 else None)[1] == 0
+    with engine_env(d, AIMASS_LL_GATHER_PUSH_MIN_BYTES=1 << 20):
+        for nbytes in ((1 << 20) + 1, (3 << 20) + 12345):
+            fast, pushed = gather(f"ll.agpush.{nbytes}", nbytes)
+            assert fast in (0, 1) and pushed == fast
+        # parts of different sizes: pulled into a result of its own
+        rows = 70000 + 1000 * r
+        mine = np.full((rows, 4), r, np.float32)
+        st = d.stats()
+        got = d.allgather(mine, name="ll.agpush.uneven")
+        assert d.stats()["ll_gather_pushed"] == st["ll_gather_pushed"]
+        np.testing.assert_array_equal(got, np.concatenate([np.full((70000 + 1000 * j, 4), j, np.float32)
+                                                            for j in range(n)]))
+    # a rank whose bound differs posts nothing: every rank pulls, with the same bytes
+    with engine_env(d, AIMASS_LL_GATHER_PUSH_MIN_BYTES=(1 << 20) if r else (1 << 40)):
+        assert gather("ll.agpush.mixed", (2 << 20) + 5)[1] == 0
+    d.barrier(name="ll.agpush.end")
+
+
+def test_gather_push_bound_must_be_a_byte_count(dist):
+    with pytest.raises(ValueError, match="AIMASS_LL_GATHER_PUSH_MIN_BYTES"):
+        with engine_env(dist, AIMASS_LL_GATHER_PUSH_MIN_BYTES="lots"):
+            pass

@@ -28,6 +28,8 @@ elif t["path"] in ("cma", "map"):  # single copy: the peers read each other's bu
     os.environ["AIMASS_COMM_ALGOS"] = "allreduce=0:cma"
 elif t["path"] == "llst":  # the caller-thread allreduce forced staged (shared-memory rings, no push)
     os.environ["AIMASS_LL_STAGED"] = "1"
+elif t["path"] == "llagp":  # allgathers pushed at every size: each rank writes its rows into the peer's result
+    os.environ["AIMASS_LL_GATHER_PUSH_MIN_BYTES"] = "0"
 import aimass  # noqa: E402
 import aimass.dist as dist  # noqa: E402
 
@@ -69,7 +71,7 @@ def step(i):
             if r[0] != w or r[-1] != w:
                 raise AssertionError(f"wrong result {r[0]} != {w}")
         return
-    if t["path"] == "llag":  # blocking allgathers: single copy through the same channel
+    if t["path"] in ("llag", "llagp"):  # blocking allgathers: single copy through the same channel
         for j, (x, w) in enumerate(zip(xs, want)):
             r = dist.allgather(x, name=f"t{i}.{j}")
             if r.shape[0] != 2 * x.shape[0] or r[0] != w / 2 or r[-1] != w / 2:
@@ -95,6 +97,8 @@ for i in range(3):  # warm-up: the pair works before the failure
 if mapped and dist._require_engine().shared_buffers:  # the warm-up reduced in the peer's mapping
     st = dist.stats()
     assert st["shm_mapped" if t["path"] == "map" else "ll_mapped"] > 0, st
+if t["path"] == "llagp" and dist._require_engine().ll_slot_bytes and n * 4 >= 16 << 10:
+    assert dist.stats()["ll_gather_pushed"] > 0, dist.stats()  # the warm-up took the push
 sub.Barrier()
 if victim:
     def fail():

@@ -74,6 +74,10 @@ def trials():
     # otherwise picks staged or the push per call): a stopped or dead peer stops its counters
     out += [dict(t, path="llst") for t in base if t["bytes"] >= 4 << 20]
     out += [dict(t, path="llag") for t in base if t["bytes"] <= 4 << 20]
+    # "llagp": the same allgathers pushed (AIMASS_LL_GATHER_PUSH_MIN_BYTES=0; by default from a 128 MiB
+    # result): each rank writes its rows into its peer's result, which a rank returns only once its peer
+    # finished writing (a stopped peer may write it later: the survivor keeps that array alive)
+    out += [dict(t, path="llagp") for t in base if 64 << 10 <= t["bytes"] <= 4 << 20]
     # "llbc": blocking broadcasts, eager (the root returns before its peer read the data; a dead or
     # stopped peer fails the root's later call within the deadline); above 4 KiB single-copy in the
     # same stream (the root waits in the call for its peer to read its array, bounded the same way)

@@ -127,6 +127,10 @@ struct EngineOptions {
   // and write each other's memory; larger ones (or 0: all) go to the engine. Agreed across ranks
   // at start-up (the smallest wins). AIMASS_LL_PUSH_MAX_BYTES.
   size_t ll_push_max_bytes = size_t(1) << 30;
+  // Blocking allgathers of equal parts whose result is at least this large are pushed (each rank writes
+  // its rows into every rank's result) rather than pulled; a rank whose bound differs posts nothing and
+  // every rank pulls (comm/fast_path.cc). AIMASS_LL_GATHER_PUSH_MIN_BYTES.
+  size_t ll_gather_push_min_bytes = size_t(128) << 20;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
   // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);
@@ -161,6 +165,7 @@ struct EngineStats {
   uint64_t ll_mapped = 0;       // of ll_collectives, allreduces pushed straight in the peers' mapped shared buffers
   uint64_t ll_staged = 0;       // of ll_collectives, large allreduces run staged through the segment (not pushed)
   uint64_t ll_step_offs = 0;    // times a caller-thread wait stepped off a CPU that the awaited peer ran on
+  uint64_t ll_gather_pushed = 0;  // of ll_collectives, allgathers whose ranks wrote their rows into every result
 };
 
 // A blocking collective on caller memory, described without allocation: the lean lane of the

@@ -44,6 +44,12 @@ void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t
 void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
                          uint16_t* dst2 = nullptr, float scale = 1.0f);
 
+// dst[0, n) = src[0, n) with non-temporal stores (no read-for-ownership of dst's lines, which are not
+// kept in the caches): for copies into memory much larger than the last-level cache that nobody reads
+// before it is evicted anyway (a large allgather's own rows). Exact bytes at every SIMD level; the
+// scalar path is memcpy. dst and src must not overlap.
+void copy_streaming(void* dst, const void* src, size_t n);
+
 namespace ref {
 void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
                          uint16_t* dst2 = nullptr, float scale = 1.0f);

@@ -238,7 +238,9 @@ struct CollectiveEngine::Impl {
   }
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
-  void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push);
+  // push: a large allreduce (staged or the push); gather_push: an allgather whose ranks write their rows
+  // into every rank's posted result (see fast())
+  void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push, bool gather_push);
   size_t ll_push_max = 0;  // the agreed single-copy allreduce bound (0: off; fixed after ll_init)
   // blocking broadcasts larger than this are posted by address in the eager stream (the root's
   // choice alone: receivers follow the entry; AIMASS_LL_EAGER_COPY_MAX_BYTES, fixed after ll_init)
@@ -246,6 +248,7 @@ struct CollectiveEngine::Impl {
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
   std::atomic<uint64_t> ll_mapped{0};
   std::atomic<uint64_t> ll_staged{0};  // of ll_collectives, large allreduces run staged (the vote, or forced)
+  std::atomic<uint64_t> ll_gather_pushed{0};
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).
   std::mutex eager_mu;

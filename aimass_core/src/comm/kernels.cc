@@ -1,5 +1,6 @@
 // Scalar references and the run-time dispatch of the comm kernels.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "aimass/comm_kernels.h"
@@ -159,6 +160,14 @@ void reduce_f64(ElemOp op, const double* const* srcs, int k, double* dst, size_t
       return isa::reduce_f64_avx512(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
     case SimdLevel::AVX2: return isa::reduce_f64_avx2(static_cast<int>(op), srcs, k, dst, n, dst2, divisor);
     default: return ref::reduce_f64(op, srcs, k, dst, n, dst2, divisor);
+  }
+}
+
+void copy_streaming(void* dst, const void* src, size_t n) {
+  switch (simd_level()) {  // (no F16C needed: plain integer loads and stores)
+    case SimdLevel::AVX512: return isa::copy_streaming_avx512(dst, src, n);
+    case SimdLevel::AVX2: return isa::copy_streaming_avx2(dst, src, n);
+    default: std::memcpy(dst, src, n);
   }
 }
 

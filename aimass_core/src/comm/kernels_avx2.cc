@@ -185,6 +185,31 @@ void reduce_f64_avx2(int op, const double* const* srcs, int k, double* dst, size
   for (; i < n; ++i) one(i);
 }
 
+// Unaligned head with memcpy up to dst's next 32-byte boundary, then 4 vectors a step with streaming
+// stores (they need an aligned destination), the tail with memcpy; the sfence orders the streaming
+// stores before whatever the caller publishes next.
+void copy_streaming_avx2(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  // (no std::min: an inline template compiled with this file's ISA flags could be the one linked)
+  const size_t lead = static_cast<size_t>((0 - reinterpret_cast<uintptr_t>(d)) & 31);
+  const size_t head = lead < n ? lead : n;
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 128 <= n; i += 128) {
+    const auto* v = reinterpret_cast<const __m256i*>(s + i);
+    auto* w = reinterpret_cast<__m256i*>(d + i);
+    const __m256i a = _mm256_loadu_si256(v), b = _mm256_loadu_si256(v + 1);
+    const __m256i c = _mm256_loadu_si256(v + 2), e = _mm256_loadu_si256(v + 3);
+    _mm256_stream_si256(w, a);
+    _mm256_stream_si256(w + 1, b);
+    _mm256_stream_si256(w + 2, c);
+    _mm256_stream_si256(w + 3, e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+  _mm_sfence();
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "comm/kernels_impl.h"
 
@@ -180,6 +181,30 @@ void reduce_f64_avx512(int op, const double* const* srcs, int k, double* dst, si
     }
   }
   for (; i < n; i += 8) masked(i, n - i >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (n - i)) - 1));
+}
+
+// Unaligned head with memcpy up to dst's next 64-byte boundary, then 4 vectors a step with streaming
+// stores (they need an aligned destination), the tail with memcpy; the sfence orders the streaming
+// stores before whatever the caller publishes next.
+void copy_streaming_avx512(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  // (no std::min: an inline template compiled with this file's ISA flags could be the one linked)
+  const size_t lead = static_cast<size_t>((0 - reinterpret_cast<uintptr_t>(d)) & 63);
+  const size_t head = lead < n ? lead : n;
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 256 <= n; i += 256) {
+    const __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64);
+    const __m512i c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+    auto* w = reinterpret_cast<__m512i*>(d + i);
+    _mm512_stream_si512(w, a);
+    _mm512_stream_si512(w + 1, b);
+    _mm512_stream_si512(w + 2, c);
+    _mm512_stream_si512(w + 3, e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+  _mm_sfence();
 }
 
 }  // namespace isa

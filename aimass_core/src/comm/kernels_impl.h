@@ -27,6 +27,9 @@ void ref_reduce_half_sources(int kind, int op, const uint16_t* const* srcs, int 
 void half_to_f32_avx512(int kind, const uint16_t* in, float* out, size_t n);
 void f32_to_half_avx512(int kind, const float* in, uint16_t* out, size_t n, float scale);
 void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, size_t n);
+// dst = src (n bytes) with non-temporal stores, then an sfence (kernels.cc: copy_streaming)
+void copy_streaming_avx2(void* dst, const void* src, size_t n);
+void copy_streaming_avx512(void* dst, const void* src, size_t n);
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

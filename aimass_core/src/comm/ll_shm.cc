@@ -425,6 +425,15 @@ void LLChannel::read_output(int j, size_t offset, void* dst, size_t n) const {
            "rank", j);
 }
 
+void LLChannel::write_output(int j, size_t offset, const void* src, size_t n) const {
+  if (n == 0) return;
+  const Header* h = slot(j, attempt_);
+  iovec l{const_cast<void*>(src), n};
+  iovec r{reinterpret_cast<void*>(h->out + offset), n};
+  cma_write(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
+            "rank", j);
+}
+
 uint64_t LLChannel::wait_signal(int j, uint64_t v, double deadline_s, const char* what) const {
   Backoff backoff;
   backoff.spin = spin_;

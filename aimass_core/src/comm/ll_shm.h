@@ -269,6 +269,10 @@ class LLChannel {
   uint64_t attempt() const { return attempt_; }
   // Copies bytes [offset, offset + n) of rank j's posted output to dst (process_vm_readv).
   void read_output(int j, size_t offset, void* dst, size_t n) const;
+  // Whether rank j posted an output in the completed attempt; write_output copies src[0, n) to bytes
+  // [offset, offset + n) of it (process_vm_writev; DistributedError when that process is gone).
+  bool posted_output(int j) const { return slot(j, attempt_)->out != 0; }
+  void write_output(int j, size_t offset, const void* src, size_t n) const;
   // Posts v (larger than anything this rank posted before) in its control line; wait_signal waits
   // until rank j's posted word is at least v and returns it, DistributedError after deadline_s.
   void signal(uint64_t v) { ctl(rank_)->signal.store(v, std::memory_order_seq_cst); }

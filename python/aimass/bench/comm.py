@@ -262,8 +262,9 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
     _empty_rows(d, comm, MPI, timer, report, n)
     from .comm_small import small_curves  # 8 B .. 256 KiB, all four collectives (the low-latency channel)
     small_curves(d, comm, MPI, timer, report, quick)
-    # the other collectives at a few sizes
-    other = [4 << 10, 1 << 20, 16 << 20] if quick else [8, 4 << 10, 256 << 10, 4 << 20, 64 << 20]
+    # the other collectives: a few sizes with --quick; else from 512 KiB on at the allreduce's sizes, so that
+    # with the small-message curves (8 B .. 256 KiB) every collective has the whole curve, 8 B .. 256 MiB
+    other = [4 << 10, 1 << 20, 16 << 20] if quick else [b for b in xs if b >= 512 << 10]
     for kind in ("broadcast", "allgather", "reduce_scatter"):
         ser = {"aimass": [], "mpi4py": []}
         for nbytes in other:
