@@ -180,7 +180,7 @@ bool LLChannel::agree_staged() {
   const uint64_t k = large_calls_++;
   if (never) staged_now_ = false;
   else if (always) staged_now_ = true;
-  else staged_now_ = (k % kExplore == kExplore - 1) ? push : !push;  // (explore: the way not preferred)
+  else staged_now_ = (k % kExplore >= kExplore - kExploreBurst) ? push : !push;  // (explore: the way not preferred)
   // Staged, no peer reads this rank's buffers (they read its staged copies in the segment): nothing
   // to wait for after the run, neither on success nor after a failure (a dead peer never clears its
   // reading word, so that wait would add a second deadline to the staged run's own).
