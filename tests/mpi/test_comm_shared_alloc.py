@@ -156,6 +156,23 @@ def test_large_blocking_and_async_take_the_mapped_path(dist):
     assert st3["shm_mapped"] > st2["shm_mapped"], (st2, st3)
 
 
+def test_blocking_allreduces_of_shared_memory_are_never_explored_staged(dist):
+    """The caller-thread vote explores the way it did not choose 3 calls in a row every 32; an allreduce of
+    shared memory is never among them (a staged run would copy it through the segment): 70 blocking calls,
+    70 reduced in the peers' mappings, the ranks' values summed every time."""
+    if not maps(dist):
+        pytest.skip("the engine does not map the peers' shared buffers here: ordinary memory")
+    n, r = dist.size(), dist.rank()
+    x = dist.empty((2 << 20) // 4 + 13, np.int32)
+    st0 = dist.stats()
+    for i in range(70):
+        x.fill(r + i)
+        dist.allreduce_(x, op="sum", name="t.salloc.big.explore")
+        assert (x == n * (n - 1) // 2 + n * i).all()
+    st = dist.stats()
+    assert st["ll_mapped"] - st0["ll_mapped"] == 70 and st["ll_staged"] == st0["ll_staged"], (st0, st)
+
+
 def test_ordinary_memory_where_the_engine_does_not_map(dist):
     with engine_env(dist, AIMASS_SHM_MAP="0"):
         assert not dist._require_engine().shared_buffers

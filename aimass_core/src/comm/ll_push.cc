@@ -146,7 +146,8 @@ int size_class(size_t bytes, int classes) {
   return c;
 }
 // votes posted as the exchange's `rows`
-constexpr int64_t kVoteStaged = 0, kVotePush = 1, kVoteNever = 2, kVoteAlways = 3;
+// (kVoteMapped: push, and no exploration: the output lives in a shared host buffer that the peers map)
+constexpr int64_t kVoteStaged = 0, kVotePush = 1, kVoteNever = 2, kVoteAlways = 3, kVoteMapped = 4;
 constexpr double kStageMargin = 1.25;
 }  // namespace
 
@@ -156,7 +157,7 @@ int64_t LLChannel::stage_vote(size_t bytes, const void* out) const {
   // an output in a shared host buffer that the peers map: the push, which reduces it in their mappings (a
   // staged run would copy it through the segment and wait at each chunk for a descheduled peer)
   RegionRef ref;
-  if (map_ok_ && out && staged_env_ != 1 && find_shared_region(out, bytes, &ref)) return where | kVotePush;
+  if (map_ok_ && out && staged_env_ != 1 && find_shared_region(out, bytes, &ref)) return where | kVoteMapped;
   return where | vote(bytes);
 }
 
@@ -170,16 +171,18 @@ int64_t LLChannel::vote(size_t bytes) const {
 }
 
 bool LLChannel::agree_staged() {
-  bool never = false, always = false, push = false;
+  bool never = false, always = false, push = false, mapped = false;
   for (int j = 0; j < size_; ++j) {
     const int64_t v = rows(j) & kVoteMask;
     never |= v == kVoteNever;
     always |= v == kVoteAlways;
-    push |= v == kVotePush;
+    push |= v == kVotePush || v == kVoteMapped;
+    mapped |= v == kVoteMapped;
   }
   const uint64_t k = large_calls_++;
   if (never) staged_now_ = false;
   else if (always) staged_now_ = true;
+  else if (mapped) staged_now_ = false;  // never explored: a staged run would copy a mapped buffer through the segment
   else staged_now_ = (k % kExplore >= kExplore - kExploreBurst) ? push : !push;  // (explore: the way not preferred)
   // Staged, no peer reads this rank's buffers (they read its staged copies in the segment): nothing
   // to wait for after the run, neither on success nor after a failure (a dead peer never clears its
@@ -199,6 +202,7 @@ void LLChannel::large_allreduce(DType dtype, ReduceOp op, bool average, const vo
   const Clock::time_point completed{std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(last))};
   timing_ = std::min(now, completed);
   timed_bytes_ = static_cast<size_t>(count) * dtype_size(dtype);
+  push_mapped_ = false;  // (set by a push that reduced in the peers' mappings; a staged run never does)
   if (staged_now_) stage_allreduce(dtype, op, average, in, out, count, deadline_s);
   else push_allreduce(dtype, op, average, in, out, count);
 }
