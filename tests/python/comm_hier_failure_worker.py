@@ -9,13 +9,12 @@ first. The survivors record when and how their allreduce failed, time their shut
 test file: it only runs under mpirun."""
 import json
 import os
-import signal
 import sys
-import threading
-import time
 
 import numpy as np
 from mpi4py import MPI
+
+from _failure_trial import arm_victim, run_until_error, shut_down_and_write
 
 out_dir, t = sys.argv[1], json.loads(sys.argv[2])
 world = MPI.COMM_WORLD
@@ -46,31 +45,12 @@ record = {"pid": os.getpid(), "error": None, "local_size": dist.local_size(),
           "hier_warmup": st["hier_collectives"], "fallbacks_warmup": st["hier_fallbacks"]}
 world.Barrier()
 if victim:
-    def fail():
-        with open(path, "w") as f:
-            json.dump(dict(record, t_signal=time.monotonic()), f)
-        os.kill(os.getpid(), getattr(signal, t["signal"]))
-    threading.Timer(t["delay"], fail).start()
-i = 3
-deadline = time.monotonic() + 60
-try:
-    while time.monotonic() < deadline:
-        step(i)
-        i += 1
-    record["error"] = "none within 60 s"
-except Exception as e:  # noqa: BLE001 - the type is what the test checks
-    record.update(t_error=time.monotonic(), error=type(e).__name__, message=str(e)[:300],
-                  is_distributed=isinstance(e, aimass.DistributedError), steps=i)
+    arm_victim(path, record, t)
+run_until_error(step, record, aimass)
 if victim:  # only a signal that did not stop this rank gets here (it should not)
     sys.exit(0)
 try:
     record["hier_error"] = dist.stats()["hier_collectives"]
 except Exception as e:  # noqa: BLE001 - reported, not raised: the timing above is what counts
     record["hier_error"] = f"stats() raised {type(e).__name__}: {e}"
-t0 = time.monotonic()
-dist.shutdown()
-record["shutdown_s"] = time.monotonic() - t0
-tmp = path + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(record, f)
-os.replace(tmp, path)
+shut_down_and_write(dist, path, record)

@@ -9,13 +9,12 @@ moment first. The survivor records when and how its allreduce failed, times its
 shutdown, and exits. Not a test file: it only runs under mpirun."""
 import json
 import os
-import signal
 import sys
-import threading
-import time
 
 import numpy as np
 from mpi4py import MPI
+
+from _failure_trial import arm_victim, run_until_error, shut_down_and_write
 
 out_dir, trials = sys.argv[1], json.loads(sys.argv[2])
 world = MPI.COMM_WORLD
@@ -101,26 +100,7 @@ if t["path"] == "llagp" and dist._require_engine().ll_slot_bytes and n * 4 >= 16
     assert dist.stats()["ll_gather_pushed"] > 0, dist.stats()  # the warm-up took the push
 sub.Barrier()
 if victim:
-    def fail():
-        with open(path, "w") as f:
-            json.dump({"pid": os.getpid(), "t_signal": time.monotonic()}, f)
-        os.kill(os.getpid(), getattr(signal, t["signal"]))
-    threading.Timer(t["delay"], fail).start()
+    arm_victim(path, {"pid": os.getpid()}, t)
 record = {"pid": os.getpid(), "error": None}
-i = 3
-deadline = time.monotonic() + 60
-try:
-    while time.monotonic() < deadline:
-        step(i)
-        i += 1
-    record["error"] = "none within 60 s"
-except Exception as e:  # noqa: BLE001 - the type is what the test checks
-    record.update(t_error=time.monotonic(), error=type(e).__name__, message=str(e)[:300],
-                  is_distributed=isinstance(e, aimass.DistributedError), steps=i)
-t0 = time.monotonic()
-dist.shutdown()
-record["shutdown_s"] = time.monotonic() - t0
-tmp = path + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(record, f)
-os.replace(tmp, path)
+run_until_error(step, record, aimass)
+shut_down_and_write(dist, path, record)
