@@ -219,6 +219,44 @@ TEST(CommShmCollectives, ManyPieceBroadcastsBetweenAllreduces) {
   }
 }
 
+// Two ranks staged: each rank writes its reduced slice back into the peer's staging slot, over the copy
+// it read (the peer gathers it from its own slot). Integers (whose reduce overwrites its output with the
+// first source before it reads the others: the aliased output goes through a small buffer) and floats,
+// many chunks (the ring wraps), with broadcasts from both roots in between that stage into the same
+// slots: every value exact.
+TEST(CommShmCollectives, TwoRankStagedResultsInThePeersSlotAcrossCollectives) {
+  on_ranks_mode(2, Mode::Staged, [&](ShmAllreduce& shm, int r) {
+    const int64_t n = 9 * 2048 + 37;
+    for (int round = 0; round < 3; ++round) {
+      std::vector<int32_t> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) a[i] = val(r, i, round);
+      shm.run({{reinterpret_cast<const char*>(a.data()), reinterpret_cast<char*>(b.data()), n, false}}, n,
+              DType::I32, ReduceOp::Sum, 2, nullptr);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(b[i], val(0, i, round) + val(1, i, round)) << "int32 i " << i << " round " << round;
+      std::vector<int8_t> c(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(val(r, i, round + 7) % 11);
+      shm.run({{reinterpret_cast<const char*>(c.data()), reinterpret_cast<char*>(c.data()), n, false}}, n,
+              DType::I8, ReduceOp::Product, 2, nullptr);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(c[i], static_cast<int8_t>((val(0, i, round + 7) % 11) * (val(1, i, round + 7) % 11)))
+            << "int8 i " << i;
+      for (int root : {1, 0}) {
+        std::vector<uint8_t> buf(static_cast<size_t>(5 * 8192 + 3));
+        for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>(r == root ? val(root, i, 3) : 0xEE);
+        shm.broadcast(buf.data(), static_cast<int64_t>(buf.size()), root);
+        for (size_t i = 0; i < buf.size(); ++i) ASSERT_EQ(buf[i], static_cast<uint8_t>(val(root, i, 3)));
+      }
+      std::vector<float> v(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(val(r, i, round));
+      shm.run({{reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(v.data()), n, true}}, n,
+              DType::F32, ReduceOp::Sum, 2, nullptr);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(v[i], static_cast<float>(val(0, i, round) + val(1, i, round)) / 2.0f) << "f32 i " << i;
+    }
+  });
+}
+
 // A receiver of a claimed-piece broadcast whose root never comes times out, and says that the root
 // may still write its buffer (the engine then keeps it alive); the root alone times out too.
 TEST(CommShmCollectives, BroadcastWithoutItsRootTimesOutAndSaysTheRootMayWrite) {

@@ -43,7 +43,32 @@ ElemOp elem_op(ReduceOp op) {
 
 namespace {
 template <typename T>
+void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n);
+
+// dst may be one of the sources past the first (the staged run writes a slice back over a staged copy):
+// reduce_typed below overwrites dst with the first source before it reads the others, so here blocks go
+// through a small buffer instead (the same operations in the same order).
+template <typename T>
+bool reduce_typed_aliased(ReduceOp op, const char* const* srcs, int k, char* dst, size_t n) {
+  bool aliased = false;
+  for (int j = 1; j < k; ++j) aliased |= srcs[j] == dst;
+  if (!aliased) return false;
+  constexpr size_t kBlock = 1024;
+  T tmp[kBlock];
+  std::vector<const char*> at(static_cast<size_t>(k));
+  const size_t es = sizeof(T);
+  for (size_t i = 0; i < n; i += kBlock) {
+    const size_t m = std::min(kBlock, n - i);
+    for (int j = 0; j < k; ++j) at[j] = srcs[j] + i * es;
+    reduce_typed<T>(op, at.data(), k, reinterpret_cast<char*>(tmp), m);
+    std::memcpy(dst + i * es, tmp, m * es);
+  }
+  return true;
+}
+
+template <typename T>
 void reduce_typed(ReduceOp op, const char* const* srcs, int k, char* dst_bytes, size_t n) {
+  if (k > 1 && reduce_typed_aliased<T>(op, srcs, k, dst_bytes, n)) return;
   T* dst = reinterpret_cast<T*>(dst_bytes);
   const T* s0 = reinterpret_cast<const T*>(srcs[0]);
   if (static_cast<const void*>(s0) != static_cast<void*>(dst)) std::memcpy(dst, s0, n * sizeof(T));
@@ -560,13 +585,24 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     *e = std::max<int64_t>(0, *e - d);
   };
 
+  // Two ranks on one node: each rank's reduced slice goes back into the staging slot it read the peer's
+  // copy from (staging(peer, s)), and the peer gathers it from its own slot. The reducer has just read
+  // those lines, so the result costs no read-for-ownership of lines the peer last read, as the result
+  // ring's did, and the result ring stays cold. Only at two ranks: a slot then holds one result, which
+  // only its owner gathers before it writes the slot again (whatever the next collective); with more
+  // ranks the other collectives would have to wait for every gatherer before they stage. Across nodes
+  // the result ring is kept (cross_reduce rewrites the slice there before the gather).
+  const bool direct = !cross_reduce;
+  const bool in_slot = direct && L == 2;
+  auto result_of = [&](int j, uint64_t s) { return in_slot ? staging(1 - j, s) : result(s); };
+
   auto stage = [&](int64_t c) {
     const uint64_t s = base_seq + c + 1;
     int64_t off, m, d, b, e;
     bounds(c, &off, &m, &d);
     cut(me, m, d, &b, &e);
-    if (s > static_cast<uint64_t>(kDepth)) {  // peers finished reading this ring slot
-      for (int j = 0; j < L; ++j)
+    if (s > static_cast<uint64_t>(kDepth)) {  // peers finished reading this ring slot (in_slot: and writing
+      for (int j = 0; j < L; ++j)             // their slice into it; this rank gathered it)
         if (j != me) wait_counter(j, 1, s - kDepth);
     }
     char* dst = staging(me, s);
@@ -585,14 +621,13 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     cut(me, m, d, &b, &e);
     for (int j = 0; j < L; ++j)
       if (j != me) wait_counter(j, 0, s);
-    if (s > static_cast<uint64_t>(kDepth)) {  // every rank copied out what this result slot held before
+    if (!in_slot && s > static_cast<uint64_t>(kDepth)) {  // every rank copied out what this result slot held before
       for (int j = 0; j < L; ++j)
         if (j != me) wait_counter(j, 2, s - kDepth);
     }
-    char* res = result(s);
+    char* res = result_of(me, s);
     // On one node the reduce pass also writes the output (and folds in the average), so the
     // gather below copies only the peers' slices. Across nodes the slice first goes over MPI.
-    const bool direct = !cross_reduce;
     pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
       for (int j = 0; j < L; ++j) srcs[j] = j == me ? g.in + at * es : staging(j, s) + (x - off + d) * es;
       char* r = res + (x - off + d) * es;
@@ -616,9 +651,9 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     const uint64_t s = base_seq + c + 1;
     int64_t off, m, d;
     bounds(c, &off, &m, &d);
-    const char* res = result(s);
     for (int jj = 1; jj < L; ++jj) {  // the own slice was written by the reduce pass
       const int j = (me + jj) % L;
+      const char* res = result_of(j, s);
       int64_t b, e;
       cut(j, m, d, &b, &e);
       if (e <= b) continue;
