@@ -427,14 +427,14 @@ TEST(CommLL, StagedAllreduceOnBuffersPastALineSameBitsOnEveryRank) {
 }
 
 // The staged-or-push choice of large allreduces (AIMASS_LL_STAGED unset): each way's first run in a size
-// class is cold (the staged run faults in the staging area, the push its scratch) and is not timed, so
-// the first calls of a class run staged, staged, push, push, whatever the timings say; only then do the
-// timings choose. Every rank takes the same way (the votes of one attempt) and gets the rank-order bits.
+// class is cold (the staged run faults in the staging area, the push its scratch) and the first two are
+// not timed, so the first calls of a class run staged x3, push x3, whatever the timings say; only then do
+// the timings choose. Every rank takes the same way (the votes of one attempt) and gets the rank-order bits.
 TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
   const int L = 2;
   const int64_t n = static_cast<int64_t>(3 * LLChannel::kPushPiece) + 5;
   Segment seg(L);
-  const int calls = 6;
+  const int calls = 8;
   std::vector<std::vector<int>> ways(L);
   std::vector<std::vector<std::vector<float>>> got(L);
   std::vector<std::string> errors(L);
@@ -458,8 +458,8 @@ TEST(CommLL, LargeAllreduceTimesEachWayOnlyAfterItsColdRun) {
   for (int r = 0; r < L; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
   EXPECT_EQ(ways[0], ways[1]);
   ASSERT_EQ(ways[0].size(), static_cast<size_t>(calls));
-  EXPECT_EQ(std::vector<int>(ways[0].begin(), ways[0].begin() + 4), (std::vector<int>{1, 1, 0, 0}))
-      << "staged, staged, push, push before the timings choose";
+  EXPECT_EQ(std::vector<int>(ways[0].begin(), ways[0].begin() + 6), (std::vector<int>{1, 1, 1, 0, 0, 0}))
+      << "staged x3, push x3 before the timings choose";
   expect_reference_bits<float>(L, DType::F32, ReduceOp::Sum, false, std::vector<int64_t>(calls, n), got,
                                "large allreduce");
 }
