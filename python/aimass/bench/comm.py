@@ -63,11 +63,14 @@ class _Timer:
         self.comm, self.MPI, self.quick = comm, MPI, quick
 
     def __call__(self, fn, nbytes: int):
-        calls = int(max(2, min(200, (32 << 20) // max(nbytes, 1))))
+        # at least 4 calls a window: with 2 (16 MiB and up) one slow call moved a window's median, and a
+        # window could hold only the 3-call exploration of the large allreduce's way not chosen (every 32nd
+        # call); 8 warm-up calls: a size class's first 6 large allreduces time both ways before they choose
+        calls = int(max(4, min(200, (32 << 20) // max(nbytes, 1))))
         if self.quick:
-            calls = max(2, calls // 4)
+            calls = max(4, calls // 4)
         self.comm.Barrier()
-        m = measure(fn, calls_per_window=calls, warmup=2, max_windows=6 if self.quick else 10,
+        m = measure(fn, calls_per_window=calls, warmup=8, max_windows=6 if self.quick else 10,
                     bound=0.10 if self.quick else 0.05,
                     reduce_max=lambda v: self.comm.allreduce(v, op=self.MPI.MAX),
                     agree=lambda ok: bool(self.comm.allreduce(int(ok), op=self.MPI.MIN)))
