@@ -140,10 +140,17 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
 // (and every view of it) is freed. Measured (2 ranks, loaded VM, median of 24, same run): a 64 MiB
 // gather through the caller's thread 23 ms into pooled blocks against 47 ms into fresh arrays,
 // mpi4py 32 ms.
-py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shape) {
+// shared: an allgather result the peers write into (CollectiveEngine::ll_maps_peers): a shared block.
+py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shape, bool shared = false) {
   size_t n = static_cast<size_t>(dt.itemsize());
   for (py::ssize_t d : shape) n *= static_cast<size_t>(d);
   if (n < (size_t(1) << 20)) return py::array(dt, shape);
+  if (shared) {
+    if (void* p = aimass::CollectiveHandle::shared_result_block_get(n)) {
+      py::capsule cap(p, [](void* v) { aimass::CollectiveHandle::shared_result_block_put(v); });
+      return py::array(dt, shape, static_cast<char*>(p), cap);
+    }
+  }
   struct Block {
     void* p;
     size_t n;
@@ -221,7 +228,9 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       shape.assign(c.shape, c.shape + c.ndim);
       if (kind == 2) shape[0] *= size;
       if (kind == 3) shape[0] = shape[0] / size + (eng->communicator().rank() < shape[0] % size ? 1 : 0);
-      out = pooled_array(a.dtype(), shape);  // (every kind: a fresh 64 MiB result faulted in 64 MiB of pages a call)
+      // (every kind: a fresh 64 MiB result faulted in 64 MiB of pages a call; an allgather's in shared memory
+      // where the peers map it: they write their rows into it with plain stores)
+      out = pooled_array(a.dtype(), shape, kind == 2 && eng->ll_maps_peers());
     }
     auto* po = py::detail::array_proxy(out.ptr());
     c.output = po->data;
@@ -532,6 +541,7 @@ void bind_comm(py::module_& m) {
           [](aimass::CollectiveEngine& e, unsigned long long v) { e.set_shm_min_bytes(static_cast<size_t>(v)); })
       .def_property_readonly("shm_available", &aimass::CollectiveEngine::shm_available)
       .def_property_readonly("shared_buffers", &aimass::CollectiveEngine::shm_maps_peers)
+      .def_property_readonly("shared_gathers", &aimass::CollectiveEngine::ll_maps_peers)
       .def_property_readonly("algorithms", &aimass::CollectiveEngine::algorithms)
       .def_property(
           "ll_max_bytes", [](const aimass::CollectiveEngine& e) { return e.options().ll_max_bytes; },
@@ -560,6 +570,7 @@ void bind_comm(py::module_& m) {
         d["ll_staged"] = s.ll_staged;
         d["ll_step_offs"] = s.ll_step_offs;
         d["ll_gather_pushed"] = s.ll_gather_pushed;
+        d["ll_gather_mapped"] = s.ll_gather_mapped;
         return d;
       });
 

@@ -7,6 +7,7 @@
 // peer mapping cache: ranges, a reused descriptor, eviction.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -21,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "aimass/collectives.h"
 #include "aimass/error.h"
 #include "aimass/shared_host.h"
 #include "comm/host_regions.h"
@@ -184,6 +186,49 @@ TEST(CommMapped, InSharedHostBufferOnlyWhileTheBufferLives) {
   EXPECT_FALSE(aimass::in_shared_host_buffer(&on_stack, sizeof(on_stack)));
   b.reset();
   EXPECT_FALSE(aimass::in_shared_host_buffer(p, 1));  // unregistered with the buffer
+}
+
+// The lean lane's allgather results in shared memory (CollectiveHandle::shared_result_block_*): registered
+// (the peers find them), recycled by size class (nearby sizes reuse one block, so the peers map nothing
+// new), and private to a forked child (its writes stay its own, the parent's stay the parent's).
+TEST(CommMapped, SharedResultBlocksAreRecycledBySizeClassAndPrivateAfterFork) {
+  using aimass::CollectiveHandle;
+  const size_t n = (size_t(3) << 20) + 5;
+  void* a = CollectiveHandle::shared_result_block_get(n);
+  ASSERT_NE(a, nullptr);
+  EXPECT_TRUE(aimass::in_shared_host_buffer(a, n));
+  void* b = CollectiveHandle::shared_result_block_get(n);  // a is live: another block
+  ASSERT_NE(b, nullptr);
+  EXPECT_NE(a, b);
+  CollectiveHandle::shared_result_block_put(b);
+  void* c = CollectiveHandle::shared_result_block_get(n + 4000);  // the same class (4 MiB / 16 steps)
+  EXPECT_EQ(c, b);
+  std::memset(c, 0x5a, n);
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // the child: sees the block as it was, writes it, reports
+    const unsigned char* p = static_cast<const unsigned char*>(c);
+    const char ok = (p[0] == 0x5a && p[n - 1] == 0x5a) ? '1' : '0';
+    std::memset(c, 0x11, n);
+    if (write(fds[1], &ok, 1) != 1) _exit(2);
+    _exit(0);
+  }
+  close(fds[1]);
+  char got = 0;
+  ASSERT_EQ(read(fds[0], &got, 1), 1);
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_EQ(got, '1');
+  const unsigned char* p = static_cast<const unsigned char*>(c);
+  EXPECT_EQ(p[0], 0x5a);
+  EXPECT_EQ(p[n - 1], 0x5a);  // the child's writes did not reach the parent
+  EXPECT_TRUE(aimass::in_shared_host_buffer(c, n));  // and the parent's block is still shared
+  CollectiveHandle::shared_result_block_put(c);
+  CollectiveHandle::shared_result_block_put(a);
+  CollectiveHandle::shared_result_block_put(reinterpret_cast<void*>(0x1000));  // not a block: ignored
 }
 
 TEST(CommMapped, PeerMappingsTranslateCheckTheFileAndEvict) {

@@ -207,3 +207,75 @@ def test_torch_tensors(dist):
         ints = torch.int16 if dt.itemsize == 2 else torch.int32
         assert torch.equal(view.view(ints), b[1:].view(ints)), dt
         assert dist.is_shared(view) == shared
+
+
+def test_allgather_results_in_shared_memory_the_peers_write(dist):
+    """Blocking allgathers of 1 MiB results and more (numpy, equal parts) return arrays in shared memory where
+    the caller-thread channel maps the peers' (engine.shared_gathers): every rank writes its rows into every
+    result with plain stores (stats ll_gather_mapped), the results exact at odd sizes and 2-D rows, several
+    kept alive at once (a later gather never writes into an earlier result still in use), and unequal parts
+    still gathered (pulled). Elsewhere ordinary results, the same values."""
+    r, n = dist.rank(), dist.size()
+    eng = dist._require_engine()
+    shared = eng.shared_gathers
+    kept = []
+    st0 = dist.stats()
+    calls = mapped = 0
+    for i, (shape, dtype) in enumerate([((300_007,), "float32"), ((210_001, 3), "int16"), ((262_144,), "float64"),
+                                        ((300_007,), "float32"), ((1 << 20,), "uint8")]):
+        part = np.full(shape, r + 1, dtype) * (np.arange(shape[0]) % 97).reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
+        before = dist.stats()
+        got = dist.allgather(part, name=f"sg.{i}")
+        after = dist.stats()
+        calls += 1
+        # each call is written into by the peers, or fell back to the engine (a late peer: ranks may outnumber
+        # the cores), whose result is ordinary memory
+        was_mapped = after["ll_gather_mapped"] - before["ll_gather_mapped"]
+        assert was_mapped == 1 or not shared or after["ll_fallbacks"] > before["ll_fallbacks"], (before, after)
+        mapped += was_mapped
+        assert got.shape == (shape[0] * n,) + shape[1:] and got.dtype == np.dtype(dtype)
+        for j in range(n):
+            want = np.full(shape, j + 1, dtype) * (np.arange(shape[0]) % 97).reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
+            np.testing.assert_array_equal(got[j * shape[0]:(j + 1) * shape[0]], want)
+        assert dist.is_shared(got) == bool(was_mapped)
+        kept.append((got, got.copy()))
+    for got, snap in kept:  # nothing wrote into a result after it was returned
+        np.testing.assert_array_equal(got, snap)
+    st1 = dist.stats()
+    assert st1["ll_gather_mapped"] - st0["ll_gather_mapped"] == mapped
+    if not shared:
+        assert mapped == 0
+    elif dist.size() <= (os.cpu_count() or 1):
+        assert mapped >= 1, (st0, st1)  # (with a core each, the ranks rarely miss each other)
+    # unequal parts: pulled into an ordinary result of the right size
+    part = np.full(300_000 + 1000 * r, r, np.float32)
+    got = dist.allgather(part, name="sg.unequal")
+    want = np.concatenate([np.full(300_000 + 1000 * j, j, np.float32) for j in range(n)])
+    np.testing.assert_array_equal(got, want)
+    # many calls of one size reuse one block per rank: results stay exact
+    part = np.arange(400_000, dtype=np.float32) + r
+    for k in range(20):
+        got = dist.allgather(part, name="sg.many")
+        assert got[0] == 0 and got[400_000] == 1 and got[-1] == 399_999 + n - 1
+
+
+def test_a_forked_child_gets_private_copies_of_shared_gather_results(dist):
+    """After fork, an allgather result in shared memory is the child's own: the child sees the values from the
+    moment of the fork, and its writes do not reach the parent's array (nor the parent's the child's)."""
+    r, n = dist.rank(), dist.size()
+    got = dist.allgather(np.full(300_001, r, np.float32), name="sg.fork")
+    if not dist.is_shared(got):
+        pytest.skip("the engine does not map the local peers' memory here")
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no MPI, no aimass calls; reports and leaves at once
+        ok = got[0] == 0 and got[-1] == n - 1
+        got[:] = -5
+        os.write(wr, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(wr)
+    reply = os.read(rd, 1)
+    os.close(rd)
+    os.waitpid(pid, 0)
+    assert reply == b"1"
+    assert got[0] == 0 and got[-1] == n - 1 and not (got == -5).any()

@@ -109,6 +109,12 @@ class CollectiveHandle {
   // same n).
   static void* result_block_get(size_t n);
   static void result_block_put(void* p, size_t n) noexcept;
+  // The same in shared host buffers (aimass/shared_host.h) that the local peers map: the lean lane's
+  // allgather results, which the peers then write their rows into with plain stores (comm/fast_path.cc).
+  // nullptr when no shared memory could be made (the caller takes result_block_get). A forked child gets
+  // private copies of every such block (its writes stay its own, as with any other array).
+  static void* shared_result_block_get(size_t n);
+  static void shared_result_block_put(void* p) noexcept;
 };
 
 struct EngineOptions {
@@ -166,6 +172,7 @@ struct EngineStats {
   uint64_t ll_staged = 0;       // of ll_collectives, large allreduces run staged through the segment (not pushed)
   uint64_t ll_step_offs = 0;    // times a caller-thread wait stepped off a CPU that the awaited peer ran on
   uint64_t ll_gather_pushed = 0;  // of ll_collectives, allgathers whose ranks wrote their rows into every result
+  uint64_t ll_gather_mapped = 0;  // of those, allgathers that wrote every peer's result with plain stores (shared results)
 };
 
 // A blocking collective on caller memory, described without allocation: the lean lane of the
@@ -227,6 +234,9 @@ class CollectiveEngine {
   // (0: never; at most the slot size fixed at start-up, ll_slot_bytes()).
   void set_ll_max_bytes(size_t bytes);
   size_t ll_slot_bytes() const;  // 0 when the channel does not exist (several nodes, AIMASS_LL_MAX_BYTES=0)
+  // Whether the caller-thread channel writes into peers' results that live in shared host buffers with
+  // plain stores (its allgather: results from CollectiveHandle::shared_result_block_get); every rank alike.
+  bool ll_maps_peers() const;
   // Whether the shared-memory segment exists (every rank agreed at start-up).
   bool shm_available() const;
   // Whether the shared-memory allreduce reduces buffers that live in shared host buffers

@@ -576,6 +576,7 @@ EngineStats CollectiveEngine::stats() const {
   s.ll_staged = impl_->ll_staged.load(std::memory_order_relaxed);
   if (impl_->ll) s.ll_step_offs = impl_->ll->step_offs();
   s.ll_gather_pushed = impl_->ll_gather_pushed.load(std::memory_order_relaxed);
+  s.ll_gather_mapped = impl_->ll_gather_mapped.load(std::memory_order_relaxed);
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
   s.hier_collectives = impl_->hier_collectives.load(std::memory_order_relaxed);
   s.hier_fallbacks = impl_->hier_fallbacks.load(std::memory_order_relaxed);

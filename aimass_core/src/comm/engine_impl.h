@@ -248,7 +248,7 @@ struct CollectiveEngine::Impl {
   std::atomic<uint64_t> ll_collectives{0}, ll_fallbacks{0};  // (stats: counted without taking mu)
   std::atomic<uint64_t> ll_mapped{0};
   std::atomic<uint64_t> ll_staged{0};  // of ll_collectives, large allreduces run staged (the vote, or forced)
-  std::atomic<uint64_t> ll_gather_pushed{0};
+  std::atomic<uint64_t> ll_gather_pushed{0}, ll_gather_mapped{0};
   // Eager broadcasts (ll_shm.h): the stream's turn of a blocking broadcast, and the settling every
   // other collective of this rank does first (one caller thread in the stream at a time).
   std::mutex eager_mu;

@@ -1,10 +1,15 @@
 // Names, options from the environment, and the caller's handle.
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
 #include <new>
 #include <string>
 
+#include "aimass/shared_host.h"
 #include "comm/engine_impl.h"
 
 namespace aimass {
@@ -149,6 +154,94 @@ void CollectiveHandle::result_block_put(void* p, size_t n) noexcept {
   for (auto& b : drop) block_free(b.second, b.first);
 }
 
+namespace {
+// Shared result blocks: handed out (live) and freed ones kept for the next result of the same size
+// (newest first, at most kPoolBlocks and kPoolMaxBytes), as the private pool does; the peers keep their
+// mappings of a recycled block (comm/host_regions.h), so a repeated gather maps nothing.
+std::mutex shared_mu;
+std::map<void*, std::unique_ptr<SharedHostBuffer>>& shared_live() {
+  static auto* m = new std::map<void*, std::unique_ptr<SharedHostBuffer>>();  // (never destroyed: atexit order)
+  return *m;
+}
+std::vector<std::unique_ptr<SharedHostBuffer>>& shared_free() {
+  static auto* v = new std::vector<std::unique_ptr<SharedHostBuffer>>();
+  return *v;
+}
+// In a forked child every shared block becomes private memory with the same contents at the same
+// address: the child's arrays are its own again (MAP_SHARED would let parent and child see each other's
+// writes). Only async-signal-safe calls (mmap, memcpy, munmap) and no lock: the child has one thread.
+void privatize_shared_blocks_in_child() {
+  auto privatize = [](SharedHostBuffer& b) {
+    const size_t n = (b.size() + 4095) / 4096 * 4096;
+    void* tmp = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (tmp == MAP_FAILED) return;
+    std::memcpy(tmp, b.data(), n);
+    if (mmap(b.data(), n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED)
+      std::memcpy(b.data(), tmp, n);
+    munmap(tmp, n);
+  };
+  for (auto& kv : shared_live()) privatize(*kv.second);
+  for (auto& b : shared_free()) privatize(*b);
+}
+
+// Shared blocks come in size classes (n rounded up to a sixteenth of the next power of two, at most 1/16
+// more): gathers of nearby sizes reuse one block, so the peers do not map a new buffer for each size (a
+// mapping keeps the pages of a block its owner dropped until it has been idle for PeerRegions::kIdleRuns).
+size_t shared_block_class(size_t n) {
+  size_t p = 1;
+  while (p < n) p <<= 1;
+  const size_t step = std::max<size_t>(4096, p / 16);
+  return (n + step - 1) / step * step;
+}
+}  // namespace
+
+void* CollectiveHandle::shared_result_block_get(size_t n) {
+  static const bool hooked = [] { return pthread_atfork(nullptr, nullptr, &privatize_shared_blocks_in_child) == 0; }();
+  if (!hooked || n == 0) return nullptr;
+  n = shared_block_class(n);
+  std::unique_ptr<SharedHostBuffer> b;
+  {
+    std::lock_guard<std::mutex> lk(shared_mu);
+    auto& fr = shared_free();
+    for (size_t i = 0; i < fr.size(); ++i) {
+      if (fr[i]->size() == n) {
+        b = std::move(fr[i]);
+        fr.erase(fr.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
+    }
+  }
+  if (!b) {
+    try {
+      b = std::make_unique<SharedHostBuffer>(n);
+    } catch (const Error&) {  // no memfd, no memory: private memory instead
+      return nullptr;
+    }
+  }
+  void* p = b->data();
+  std::lock_guard<std::mutex> lk(shared_mu);
+  shared_live()[p] = std::move(b);
+  return p;
+}
+
+void CollectiveHandle::shared_result_block_put(void* p) noexcept {
+  std::vector<std::unique_ptr<SharedHostBuffer>> drop;
+  {
+    std::lock_guard<std::mutex> lk(shared_mu);
+    auto it = shared_live().find(p);
+    if (it == shared_live().end()) return;
+    auto& fr = shared_free();
+    fr.insert(fr.begin(), std::move(it->second));
+    shared_live().erase(it);
+    size_t total = 0;
+    for (auto& b : fr) total += b->size();
+    while (fr.size() > kPoolBlocks || total > kPoolMaxBytes) {
+      total -= fr.back()->size();
+      drop.push_back(std::move(fr.back()));
+      fr.pop_back();
+    }
+  }
+}
 
 bool CollectiveHandle::poll() const {
   std::lock_guard<std::mutex> lk(mu_);

@@ -1,5 +1,6 @@
 // Low-latency shared-memory channel (see ll_shm.h).
 #include "comm/ll_shm.h"
+#include "aimass/comm_kernels.h"
 
 #include <fcntl.h>
 #include <sched.h>
@@ -425,13 +426,22 @@ void LLChannel::read_output(int j, size_t offset, void* dst, size_t n) const {
            "rank", j);
 }
 
-void LLChannel::write_output(int j, size_t offset, const void* src, size_t n) const {
-  if (n == 0) return;
+bool LLChannel::write_output(int j, size_t offset, const void* src, size_t n, bool streaming) {
+  if (n == 0) return false;
   const Header* h = slot(j, attempt_);
+  const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
+  if (map_ok_ && slot_bytes_ >= 2 * sizeof(RegionRef)) {  // (exchange posted the output's region beside the input's)
+    const RegionRef* refs = reinterpret_cast<const RegionRef*>(h->data());
+    if (char* p = peer_maps_.translate(pid, refs[1], h->out + offset, n)) {
+      if (streaming) copy_streaming(p, src, n);
+      else std::memcpy(p, src, n);
+      return true;
+    }
+  }
   iovec l{const_cast<void*>(src), n};
   iovec r{reinterpret_cast<void*>(h->out + offset), n};
-  cma_write(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
-            "rank", j);
+  cma_write(pid, &l, &r, 1, "low-latency collective", "rank", j);
+  return false;
 }
 
 uint64_t LLChannel::wait_signal(int j, uint64_t v, double deadline_s, const char* what) const {

@@ -182,6 +182,7 @@ class LLChannel {
   // process's mappings of them (ShmAllreduce::maps_peers: the engine passes its agreed probe; every rank
   // alike). Needs the push.
   void set_maps_peers(bool on) { map_ok_ = on && push_ok_ && slot_bytes_ >= 2 * sizeof(RegionRef); }
+  bool maps_peers() const { return map_ok_; }
   // Whether the last push_allreduce reduced its pieces straight in every rank's mapped buffers.
   bool last_push_mapped() const { return push_mapped_; }
 
@@ -270,9 +271,13 @@ class LLChannel {
   // Copies bytes [offset, offset + n) of rank j's posted output to dst (process_vm_readv).
   void read_output(int j, size_t offset, void* dst, size_t n) const;
   // Whether rank j posted an output in the completed attempt; write_output copies src[0, n) to bytes
-  // [offset, offset + n) of it (process_vm_writev; DistributedError when that process is gone).
+  // [offset, offset + n) of it: with plain stores where that output lives in a shared host buffer this
+  // process maps (maps_peers(); returns true), else process_vm_writev (false; DistributedError when that
+  // process is gone; streaming: the plain stores are non-temporal). begin_output_writes() once per collective
+  // that writes outputs (the mappings' idle count).
   bool posted_output(int j) const { return slot(j, attempt_)->out != 0; }
-  void write_output(int j, size_t offset, const void* src, size_t n) const;
+  bool write_output(int j, size_t offset, const void* src, size_t n, bool streaming = false);
+  void begin_output_writes() { peer_maps_.next_run(); }
   // Posts v (larger than anything this rank posted before) in its control line; wait_signal waits
   // until rank j's posted word is at least v and returns it, DistributedError after deadline_s.
   void signal(uint64_t v) { ctl(rank_)->signal.store(v, std::memory_order_seq_cst); }
