@@ -169,7 +169,10 @@ std::vector<std::unique_ptr<SharedHostBuffer>>& shared_free() {
 }
 // In a forked child every shared block becomes private memory with the same contents at the same
 // address: the child's arrays are its own again (MAP_SHARED would let parent and child see each other's
-// writes). Only async-signal-safe calls (mmap, memcpy, munmap) and no lock: the child has one thread.
+// writes). The fork happens with shared_mu held (fork_prepare), so the lists are whole in the child;
+// only mmap, memcpy and munmap there.
+void fork_prepare() { shared_mu.lock(); }
+void fork_parent() { shared_mu.unlock(); }
 void privatize_shared_blocks_in_child() {
   auto privatize = [](SharedHostBuffer& b) {
     const size_t n = (b.size() + 4095) / 4096 * 4096;
@@ -182,6 +185,7 @@ void privatize_shared_blocks_in_child() {
   };
   for (auto& kv : shared_live()) privatize(*kv.second);
   for (auto& b : shared_free()) privatize(*b);
+  shared_mu.unlock();
 }
 
 // Shared blocks come in size classes (n rounded up to a sixteenth of the next power of two, at most 1/16
@@ -196,7 +200,7 @@ size_t shared_block_class(size_t n) {
 }  // namespace
 
 void* CollectiveHandle::shared_result_block_get(size_t n) {
-  static const bool hooked = [] { return pthread_atfork(nullptr, nullptr, &privatize_shared_blocks_in_child) == 0; }();
+  static const bool hooked = [] { return pthread_atfork(&fork_prepare, &fork_parent, &privatize_shared_blocks_in_child) == 0; }();
   if (!hooked || n == 0) return nullptr;
   n = shared_block_class(n);
   std::unique_ptr<SharedHostBuffer> b;
