@@ -45,7 +45,14 @@ class WayTimings {
       if (r.n < window_) {
         for (int i = 0; i < r.n; ++i) tmp[i] = r.v[(r.next - 1 - i + window_) % window_];
       }
-      std::sort(live, live + r.n);
+      // insertion sort of at most kMaxWindow values (std::sort's unrolled tail made GCC 12 warn of bounds)
+      const int m = std::min(r.n, kMaxWindow);
+      for (int i = 1; i < m; ++i) {
+        const double v = live[i];
+        int k = i;
+        for (; k > 0 && live[k - 1] > v; --k) live[k] = live[k - 1];
+        live[k] = v;
+      }
       avg = r.n % 2 ? live[r.n / 2] : 0.5 * (live[r.n / 2 - 1] + live[r.n / 2]);
     } else {
       avg = runs < warm_ ? secs_per_byte : 0.75 * avg + 0.25 * secs_per_byte;
