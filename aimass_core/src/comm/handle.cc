@@ -1,6 +1,7 @@
 // Names, options from the environment, and the caller's handle.
 #include <pthread.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -174,8 +175,9 @@ std::vector<std::unique_ptr<SharedHostBuffer>>& shared_free() {
 void fork_prepare() { shared_mu.lock(); }
 void fork_parent() { shared_mu.unlock(); }
 void privatize_shared_blocks_in_child() {
-  auto privatize = [](SharedHostBuffer& b) {
-    const size_t n = (b.size() + 4095) / 4096 * 4096;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096);
+  auto privatize = [page](SharedHostBuffer& b) {
+    const size_t n = (b.size() + page - 1) / page * page;  // (the whole pages the buffer maps)
     void* tmp = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (tmp == MAP_FAILED) return;
     std::memcpy(tmp, b.data(), n);
@@ -218,7 +220,7 @@ void* CollectiveHandle::shared_result_block_get(size_t n) {
   if (!b) {
     try {
       b = std::make_unique<SharedHostBuffer>(n);
-    } catch (const Error&) {  // no memfd, no memory: private memory instead
+    } catch (const std::exception&) {  // no memfd, no memory: private memory instead
       return nullptr;
     }
   }
