@@ -65,7 +65,7 @@ void LLChannel::push_allreduce(DType dtype, ReduceOp op, bool average, const voi
         mouts[j] = dst;
         continue;
       }
-      const RegionRef* refs = reinterpret_cast<const RegionRef*>(slot(j, attempt_)->data());
+      const RegionRef* refs = posted_regions(j);
       mins[j] = peer_maps_.translate(pid[j], refs[0], rin[j], nbytes);
       mouts[j] = peer_maps_.translate(pid[j], refs[1], rout[j], nbytes);
       all = mins[j] != nullptr && mouts[j] != nullptr;

@@ -430,9 +430,8 @@ bool LLChannel::write_output(int j, size_t offset, const void* src, size_t n, bo
   if (n == 0) return false;
   const Header* h = slot(j, attempt_);
   const pid_t pid = static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed));
-  if (map_ok_ && slot_bytes_ >= 2 * sizeof(RegionRef)) {  // (exchange posted the output's region beside the input's)
-    const RegionRef* refs = reinterpret_cast<const RegionRef*>(h->data());
-    if (char* p = peer_maps_.translate(pid, refs[1], h->out + offset, n)) {
+  if (map_ok_) {
+    if (char* p = peer_maps_.translate(pid, posted_regions(j)[1], h->out + offset, n)) {
       if (streaming) copy_streaming(p, src, n);
       else std::memcpy(p, src, n);
       return true;

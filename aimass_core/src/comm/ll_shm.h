@@ -404,6 +404,9 @@ class LLChannel {
     return reinterpret_cast<Header*>(base_ + kHeadBytes + 128 * static_cast<size_t>(size_) +
                                      (static_cast<size_t>(j) * 2 + attempt % 2) * (128 + slot_bytes_));
   }
+  // Rank j's shared-host regions posted in the completed attempt beside a by-address payload (exchange(),
+  // where map_ok_): [0] its input's, [1] its output's (ino 0: not in a shared host buffer).
+  const RegionRef* posted_regions(int j) const { return reinterpret_cast<const RegionRef*>(slot(j, attempt_)->data()); }
   bool closed(uint64_t w) const { return (w & kAborted) || (w & kMaskBits) == full_; }
   struct alignas(128) EagerCtl {  // one per rank: 640 bytes
     std::atomic<uint64_t> acked;       // the last stream entry this rank processed (alone in its line)
