@@ -10,7 +10,9 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <stdexcept>
@@ -47,7 +49,12 @@ int64_t payload_value(int rank, int op, int i) { return static_cast<int64_t>(op)
 // A rank that falls back marks itself busy and waits until every rank fell back on that op,
 // as the engine's negotiation would (a rank that completed instead would leave it waiting).
 // Returns outcome[rank][op]; checks the payloads of completed exchanges.
-std::vector<std::vector<Result>> run(int L, int ops, bool (*disagree)(int), std::vector<std::string>& errors) {
+// pause(r, op), when given, runs on rank r before its op-th exchange (late arrivals, preemption); window:
+// the exchanges' fallback window in seconds; the hook runs on the last rank between each post and arrival.
+using Pause = std::function<void(int, int)>;
+std::vector<std::vector<Result>> run(int L, int ops, bool (*disagree)(int), std::vector<std::string>& errors,
+                                     const Pause& pause = nullptr, double window = 10.0,
+                                     const std::function<void()>& last_rank_arrival_hook = nullptr) {
   Segment seg(L);
   std::vector<std::vector<Result>> outcome(L, std::vector<Result>(ops, Result::Fallback));
   errors.assign(L, "");
@@ -55,12 +62,14 @@ std::vector<std::vector<Result>> run(int L, int ops, bool (*disagree)(int), std:
   for (auto& f : fell) f.store(0);
   run_rank_threads(L, errors, [&](int r) {
     LLChannel ch(r, L, seg.mem, kSlot);
+    if (r == L - 1 && last_rank_arrival_hook) ch.set_arrival_hook_for_tests(last_rank_arrival_hook);
     for (int op = 0; op < ops; ++op) {
       const int n = 1 + (op * 7 + r) % 16;  // rows differ by rank (an allgather)
       std::vector<int64_t> mine(static_cast<size_t>(n));
       for (int i = 0; i < n; ++i) mine[static_cast<size_t>(i)] = payload_value(r, op, i);
       const uint64_t hash = disagree(op) && op % L == r ? 0xbad0000u + op : static_cast<uint64_t>(op);
-      outcome[r][op] = ch.exchange(hash, mine.data(), mine.size() * 8, n, 10.0);
+      if (pause) pause(r, op);
+      outcome[r][op] = ch.exchange(hash, mine.data(), mine.size() * 8, n, window);
       if (outcome[r][op] != Result::Complete) {  // "the engine": every rank runs op there
         ch.set_busy(1);  // as the engine does while a request is in flight
         fell[static_cast<size_t>(op)].fetch_add(1);
@@ -122,6 +131,49 @@ TEST(CommLL, DisagreementEndsAlikeOnEveryRank) {
       complete += out[0][op] == Result::Complete;
     }
     EXPECT_GT(complete, 0) << "L=" << L;
+  }
+}
+
+// Two ranks complete an attempt from the peer's posted slot and post their next one before they look at
+// the step word; three and more keep the step word alone. Late arrivals past a short window (aborted
+// attempts), preemption between a post and its arrival, and disagreements: every op still ends alike on
+// every rank with intact payloads (seeded, so a failure repeats). The last rank's stops between a post and
+// its arrival make the peer complete from the post and wait in its next exchange for that arrival, or give
+// up on it after the window and take its own next post back.
+TEST(CommLL, LateAndPreemptedRanksEndEveryAttemptAlike) {
+  for (int L : {2, 3}) {
+    std::vector<std::mt19937> rng;
+    for (int r = 0; r < L; ++r) rng.emplace_back(1234u + static_cast<unsigned>(r));
+    auto pause = [&](int r, int) {
+      const unsigned x = rng[static_cast<size_t>(r)]() % 1000;
+      if (x < 15) {
+        std::this_thread::sleep_for(std::chrono::microseconds(2500 + 20 * x));  // past the 2 ms window
+      } else if (x < 150) {
+        std::this_thread::yield();
+      } else if (x < 250) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(x % 40);
+        while (std::chrono::steady_clock::now() < until) {
+        }
+      }
+    };
+    // the last rank stops now and then between its post and its arrival, shorter and longer than the window
+    std::mt19937 hook_rng(99);
+    auto hook = [&] {
+      const unsigned x = hook_rng() % 100;
+      if (x < 3) std::this_thread::sleep_for(std::chrono::microseconds(x < 2 ? 400 : 3000));
+    };
+    std::vector<std::string> errors;
+    auto out = run(L, 3000, often, errors, pause, 0.002, hook);
+    int complete = 0, fallback = 0;
+    for (int r = 0; r < L; ++r) EXPECT_EQ(errors[r], "") << "L=" << L << " rank " << r;
+    for (int op = 0; op < 3000; ++op) {
+      for (int r = 1; r < L; ++r) ASSERT_EQ(out[r][op], out[0][op]) << "L=" << L << " op " << op;
+      if (often(op)) EXPECT_EQ(out[0][op], Result::Fallback) << "L=" << L << " op " << op;
+      complete += out[0][op] == Result::Complete;
+      fallback += out[0][op] == Result::Fallback && !often(op);
+    }
+    EXPECT_GT(complete, 1500) << "L=" << L;
+    EXPECT_GT(fallback, 0) << "L=" << L << ": no late arrival made an attempt fall back";
   }
 }
 

@@ -182,56 +182,100 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   backoff.spin = spin_;
   const double& waited = backoff.waited;
   auto tick = [&] { backoff.pause(backoff.elapsed()); };
+  // Two ranks (see "Two ranks" in ll_shm.h): a waiting rank completes from its peer's posted slot, and a
+  // rank whose last exchange completed posts its slot for the next attempt before it looks at the step.
+  const bool pair = size_ == 2;
+  const int peer = 1 - rank_;
+  const bool predict = pair && last_complete_;
+  last_complete_ = false;
 
   // ---- arrive
-  uint64_t w = st.load(std::memory_order_seq_cst);
-  uint64_t a = 0;
   uint64_t written = UINT64_MAX;  // the attempt whose slot holds our payload
-  while (true) {
-    a = closed(w) ? (w >> 16) + 1 : (w >> 16);
-    const uint64_t next = closed(w) ? (a << 16) | bit : (w | bit);
-    if (written != a) {
-      me->reading.store(a + 1, std::memory_order_seq_cst);  // (announces us to writers of attempt a + 2)
-      // a peer may still read its slot of attempt a - 2 (same parity as ours now), unless a - 1
-      // completed: every peer arrived in it, so it had left a - 2 (and reading was set to a)
-      if (a >= 2 && !(completed_ != UINT64_MAX && completed_ + 1 == a)) {
-        for (int j = 0; j < size_; ++j) {
-          if (j == rank_) continue;
-          while (ctl(j)->reading.load(std::memory_order_seq_cst) == a - 1) {
-            tick();
-            if (waited > fallback_s) {
-              me->reading.store(0, std::memory_order_seq_cst);
-              by_address_ = false;
-              return Result::Fallback;  // nothing posted: the engine runs it (and its deadline)
-            }
+  // Writes this rank's slot for attempt a (posted last); false when a peer still reads the slot's
+  // previous attempt after the fallback window (then nothing is posted: the engine runs it).
+  auto post = [&](uint64_t a) {
+    me->reading.store(a + 1, std::memory_order_seq_cst);  // (announces us to writers of attempt a + 2)
+    // a peer may still read its slot of attempt a - 2 (same parity as ours now), unless a - 1
+    // completed: every peer arrived in it, so it had left a - 2 (and reading was set to a)
+    if (a >= 2 && !(completed_ != UINT64_MAX && completed_ + 1 == a)) {
+      for (int j = 0; j < size_; ++j) {
+        if (j == rank_) continue;
+        while (ctl(j)->reading.load(std::memory_order_seq_cst) == a - 1) {
+          tick();
+          if (waited > fallback_s) {
+            me->reading.store(0, std::memory_order_seq_cst);
+            by_address_ = false;
+            return false;
           }
         }
       }
-      Header* h = slot(rank_, a);
-      h->attempt = a;
-      h->hash = hash;
-      h->bytes = bytes;
-      h->rows = rows;
-      h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
-      h->out = reinterpret_cast<uint64_t>(out);
-      if (out != nullptr) {  // a large allreduce: where the vote's timing starts, and this rank's CPU
-        h->arrived_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
-        post_cpu();
-      }
-      if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
-      // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
-      // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
-      if (map_ok_ && by_address_ && out != nullptr && bytes > kInline) {
-        RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
-        find_shared_region(data, bytes, &refs[0]);
-        find_shared_region(out, bytes, &refs[1]);
-      }
-      written = a;
     }
+    Header* h = slot(rank_, a);
+    h->hash = hash;
+    h->bytes = bytes;
+    h->rows = rows;
+    h->addr = by_address_ ? reinterpret_cast<uint64_t>(data) : 0;
+    h->out = reinterpret_cast<uint64_t>(out);
+    if (out != nullptr) {  // a large allreduce: where the vote's timing starts, and this rank's CPU
+      h->arrived_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+      post_cpu();
+    }
+    if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
+    // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
+    // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
+    if (map_ok_ && by_address_ && out != nullptr && bytes > kInline) {
+      RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
+      find_shared_region(data, bytes, &refs[0]);
+      find_shared_region(out, bytes, &refs[1]);
+    }
+    h->posted.store(a + 1, std::memory_order_release);  // last: a pair's waiting peer completes on it
+    written = a;
+    return true;
+  };
+  uint64_t w, a = 0;
+  if (predict) {
+    // The next attempt is most likely completed_ + 1, then closed complete or opened by the peer: post
+    // for it and swap the step without reading it first (one transfer of its line instead of two), while
+    // the peer's slot for it is on its way here.
+    a = completed_ + 1;
+    __builtin_prefetch(slot(peer, a), 0, 3);
+    if (!post(a)) return Result::Fallback;
+    w = (completed_ << 16) | full_;
+  } else {
+    w = st.load(std::memory_order_seq_cst);
+  }
+  while (true) {
+    if (pair && !closed(w) && completed_ != UINT64_MAX && (w >> 16) == completed_) {
+      // the peer's arrival in the attempt this rank completed from the peer's slot is still on its way
+      tick();
+      if (waited > fallback_s) {
+        if (written != UINT64_MAX) {
+          // take back the post: the peer completes attempt `written` from it only once the step closed
+          slot(rank_, written)->posted.store(0, std::memory_order_seq_cst);
+          if ((st.load(std::memory_order_seq_cst) >> 16) != completed_) {  // it closed meanwhile: go on
+            slot(rank_, written)->posted.store(written + 1, std::memory_order_release);
+            w = st.load(std::memory_order_seq_cst);
+            continue;
+          }
+        }
+        me->reading.store(0, std::memory_order_seq_cst);
+        by_address_ = false;
+        return Result::Fallback;  // the peer stopped between its post and its arrival: the engine decides
+      }
+      w = st.load(std::memory_order_seq_cst);
+      continue;
+    }
+    a = closed(w) ? (w >> 16) + 1 : (w >> 16);
+    const uint64_t next = closed(w) ? (a << 16) | bit : (w | bit);
+    if (written != a && !post(a)) return Result::Fallback;
     if (closed(w)) {  // record how the attempt we leave behind ended, for members that missed it
       outcome(w >> 16).store(((w >> 16) << 1) | ((w & kAborted) ? 1 : 0), std::memory_order_seq_cst);
     }
-    if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
+    if (arrival_hook_) arrival_hook_();
+    if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) {
+      w = next;
+      break;
+    }
   }
   attempt_ = a;
   note_cpu();
@@ -240,8 +284,13 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   // ---- wait until complete or aborted
   double busy_since = -1;
   bool looked = out == nullptr;  // a large allreduce looks once whether a missing peer shares our CPU
+  bool first = true;  // w is the step as this rank's arrival left it
   while (true) {
-    w = st.load(std::memory_order_seq_cst);
+    // a pair: the peer posted its slot for this attempt, so it arrives in it (it never leaves an
+    // attempt it posted for, and only this rank could abort it now, which it no longer will)
+    if (pair && slot(peer, a)->posted.load(std::memory_order_acquire) == a + 1) break;
+    if (!first) w = st.load(std::memory_order_seq_cst);
+    first = false;
     if ((w >> 16) != a) {  // it closed and the next attempt started before we looked
       const uint64_t o = outcome(a).load(std::memory_order_seq_cst);
       if ((o >> 1) != a) {  // cannot happen: at most a few attempts pass while a member waits
@@ -297,6 +346,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
         me->reading.store(0, std::memory_order_seq_cst);
         return Result::Fallback;
       }
+      first = true;  // (w now holds the step's value)
       continue;
     }
     tick();
@@ -309,6 +359,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       return Result::Fallback;
     }
   }
+  last_complete_ = true;
   return Result::Complete;
 }
 

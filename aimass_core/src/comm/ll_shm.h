@@ -27,6 +27,16 @@
 // submitted) and applies the full deadline. A late rank that finds the attempt aborted
 // starts a new one, sees its peers' engines busy and falls back too.
 //
+// Two ranks: a rank that posted its slot for an attempt always arrives in it (it never leaves an
+// attempt it posted for), and of two ranks only the one already waiting could abort it. So the waiting
+// rank completes as soon as the peer's slot shows the attempt (`posted`, written last: data and flag
+// arrive in one line), without waiting for the peer's arrival in the step word; a rank whose next
+// exchange finds the step still open at the attempt it completed that way waits for that arrival first
+// (and after the fallback window takes back what it posted and falls back). And a rank whose last
+// exchange completed posts its slot for the next attempt before it touches the step word, then swaps
+// the step expecting it closed (one transfer of the step's line instead of a read and then a swap).
+// The late rank's critical path is one cache-line transfer shorter on each side.
+//
 // Single copy (broadcast and allgather of kCmaMin bytes or more, where the kernel allows
 // process_vm_readv between the ranks): a rank posts the address of its input instead of copying
 // it into its slot, its peers read it from there straight into their outputs (read()), and the
@@ -62,6 +72,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -178,6 +189,9 @@ class LLChannel {
   // AIMASS_SHM_CMA_PUSH=0: off): the single-copy allreduce below needs it.
   bool push_available() const { return push_ok_; }
   void allow_cma_for_tests() { cma_ok_ = push_ok_ = true; }  // threads as ranks: one process reads itself
+  // Runs between this rank's post and its arrival in every exchange (a rank preempted right there: a
+  // pair's peer completes from the post meanwhile); tests only.
+  void set_arrival_hook_for_tests(std::function<void()> f) { arrival_hook_ = std::move(f); }
   // Whether the single-copy allreduce reduces buffers that live in the peers' shared host buffers in this
   // process's mappings of them (ShmAllreduce::maps_peers: the engine passes its agreed probe; every rank
   // alike). Needs the push.
@@ -370,7 +384,9 @@ class LLChannel {
   static_assert(sizeof(Control) == 128, "one 128-byte control line per rank (segment_bytes)");
   static constexpr size_t kInline = 16;  // payloads up to this size live in the header's first line
   struct alignas(128) Header {
-    uint64_t attempt;
+    // attempt + 1 once the slot holds this rank's request for that attempt: written last (release), so a
+    // pair's waiting peer that reads it also sees the rest (0: nothing posted yet)
+    std::atomic<uint64_t> posted;
     uint64_t hash;
     uint64_t bytes;
     int64_t rows;
@@ -479,6 +495,8 @@ class LLChannel {
   // the last attempt this rank saw complete (every rank arrived in it, so none still reads the
   // attempt before it: the next attempt reuses its slots without looking; UINT64_MAX: none)
   uint64_t completed_ = UINT64_MAX;
+  bool last_complete_ = false;
+  std::function<void()> arrival_hook_;  // set_arrival_hook_for_tests  // the last exchange completed (two ranks: the next one predicts its attempt)
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
