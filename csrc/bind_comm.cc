@@ -140,16 +140,18 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
 // (and every view of it) is freed. Measured (2 ranks, loaded VM, median of 24, same run): a 64 MiB
 // gather through the caller's thread 23 ms into pooled blocks against 47 ms into fresh arrays,
 // mpi4py 32 ms.
-// shared: an allgather result the peers write into (CollectiveEngine::ll_maps_peers): a shared block.
+// shared: an allgather result the peers write into (CollectiveEngine::ll_maps_peers): a shared block, from
+// 32 KiB (a block of a shared slab below 1 MiB); an ordinary array when none is to be had.
 py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shape, bool shared = false) {
   size_t n = static_cast<size_t>(dt.itemsize());
   for (py::ssize_t d : shape) n *= static_cast<size_t>(d);
-  if (n < (size_t(1) << 20)) return py::array(dt, shape);
+  if (n < (size_t(1) << 20) && !shared) return py::array(dt, shape);
   if (shared) {
     if (void* p = aimass::CollectiveHandle::shared_result_block_get(n)) {
       py::capsule cap(p, [](void* v) { aimass::CollectiveHandle::shared_result_block_put(v); });
       return py::array(dt, shape, static_cast<char*>(p), cap);
     }
+    if (n < (size_t(1) << 20)) return py::array(dt, shape);
   }
   struct Block {
     void* p;

@@ -231,6 +231,61 @@ TEST(CommMapped, SharedResultBlocksAreRecycledBySizeClassAndPrivateAfterFork) {
   CollectiveHandle::shared_result_block_put(reinterpret_cast<void*>(0x1000));  // not a block: ignored
 }
 
+// Results under 1 MiB (from 32 KiB): power-of-two blocks of shared 2 MiB slabs, one size per slab, so a
+// peer maps a slab once; blocks never overlap, freed ones are handed out again, the slabs stop at 32 MiB
+// (then nullptr: the caller takes private memory), and an empty slab serves whatever size comes next.
+TEST(CommMapped, SmallSharedResultsAreSlabBlocksUpToACap) {
+  using aimass::CollectiveHandle;
+  EXPECT_EQ(CollectiveHandle::shared_result_block_get(32767), nullptr);  // below the single-copy parts
+  std::vector<void*> live;
+  for (int i = 0; i < 8; ++i) {  // 40000 bytes: 64 KiB blocks, 32 to a slab
+    void* p = CollectiveHandle::shared_result_block_get(40000);
+    ASSERT_NE(p, nullptr);
+    EXPECT_TRUE(aimass::in_shared_host_buffer(p, 40000));
+    std::memset(p, i + 1, 40000);
+    live.push_back(p);
+  }
+  for (int i = 0; i < 8; ++i) {  // no block overlaps another
+    const unsigned char* q = static_cast<const unsigned char*>(live[i]);
+    EXPECT_EQ(q[0], i + 1);
+    EXPECT_EQ(q[39999], i + 1);
+    for (int j = 0; j < i; ++j) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(live[i]), b = reinterpret_cast<uintptr_t>(live[j]);
+      EXPECT_GE(a > b ? a - b : b - a, 65536u);
+    }
+  }
+  RegionRef r0, r1;  // one slab: one region for the peers to map
+  ASSERT_TRUE(aimass::comm::find_shared_region(live[0], 1, &r0));
+  ASSERT_TRUE(aimass::comm::find_shared_region(live[7], 1, &r1));
+  EXPECT_EQ(r0.ino, r1.ino);
+  CollectiveHandle::shared_result_block_put(live[3]);
+  EXPECT_EQ(CollectiveHandle::shared_result_block_get(65536), live[3]);  // the freed block again
+  // up to the cap: 32 MiB of slabs; then private memory
+  std::vector<void*> big;
+  for (int i = 0; i < 80; ++i) {
+    void* p = CollectiveHandle::shared_result_block_get(600000);  // 1 MiB blocks, 2 to a slab
+    if (!p) break;
+    big.push_back(p);
+  }
+  EXPECT_LT(big.size(), 64u);
+  EXPECT_GE(big.size(), 2u);
+  EXPECT_EQ(CollectiveHandle::shared_result_block_get(600000), nullptr);
+  for (void* p : big) CollectiveHandle::shared_result_block_put(p);
+  for (void* p : live) CollectiveHandle::shared_result_block_put(p);
+  // everything freed: the empty slabs serve other sizes (no new slab: the cap still holds)
+  std::vector<void*> small;
+  for (int i = 0; i < 64 * 16 + 1; ++i) {
+    void* p = CollectiveHandle::shared_result_block_get(32768);
+    if (!p) break;
+    small.push_back(p);
+  }
+  EXPECT_GE(small.size(), 64u * 14);  // the 32 KiB blocks of (nearly) every slab
+  EXPECT_LE(small.size(), 64u * 16);
+  EXPECT_EQ(CollectiveHandle::shared_result_block_get(40000), nullptr);
+  for (void* p : small) CollectiveHandle::shared_result_block_put(p);
+  EXPECT_NE(CollectiveHandle::shared_result_block_get(600000), nullptr);
+}
+
 TEST(CommMapped, PeerMappingsTranslateCheckTheFileAndEvict) {
   const pid_t me = getpid();
   SharedHostBuffer b(3 * 4096);

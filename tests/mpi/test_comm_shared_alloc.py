@@ -259,18 +259,73 @@ def test_allgather_results_in_shared_memory_the_peers_write(dist):
         assert got[0] == 0 and got[400_000] == 1 and got[-1] == 399_999 + n - 1
 
 
+def test_small_allgather_results_come_from_shared_slabs(dist):
+    """Results from 32 KiB to 1 MiB (single-copy parts) are blocks of shared slabs the peers map once: exact
+    at odd sizes, several dtypes and 2-D rows; kept alive past what the slabs hold (32 MiB), later results are
+    ordinary memory with the same values; every kept result stays untouched; freed blocks are used again."""
+    r, n = dist.rank(), dist.size()
+    shared = dist._require_engine().shared_gathers
+    rng = np.random.default_rng(7)  # the same sizes on every rank
+    cases = [((4099 + int(rng.integers(0, 60_000)),), dt) for dt in ("float32", "int16", "float64", "uint8")
+             for _ in range(3)] + [((8_191, 3), "float32"), ((16_385,), "float32")]
+    kept, mapped = [], 0
+
+    def want(shape, dtype, j, i):
+        base = (np.arange(shape[0]) % 89 + i).reshape((-1,) + (1,) * (len(shape) - 1))
+        return (np.broadcast_to(base, shape) * (j + 1)).astype(dtype)
+
+    def gather(shape, dtype, i, name):
+        nonlocal mapped
+        part = want(shape, dtype, r, i)
+        before = dist.stats()
+        got = dist.allgather(part, name=name)
+        after = dist.stats()
+        mapped += after["ll_gather_mapped"] - before["ll_gather_mapped"]
+        assert got.shape == (shape[0] * n,) + shape[1:] and got.dtype == np.dtype(dtype)
+        for j in range(n):
+            np.testing.assert_array_equal(got[j * shape[0]:(j + 1) * shape[0]], want(shape, dtype, j, i))
+        return got
+
+    for i, (shape, dtype) in enumerate(cases):
+        if shape[0] * np.dtype(dtype).itemsize * np.prod(shape[1:], dtype=int) < (16 << 10):
+            shape = ((16 << 10) // np.dtype(dtype).itemsize + 5,) + shape[1:]  # single-copy parts
+        got = gather(shape, dtype, i, f"sg.small.{i}")
+        kept.append((got, got.copy()))
+    # 90 results of 400 KiB kept alive: more than the slabs hold
+    for i in range(90):
+        got = gather((100_003 // n,), "float32", i, "sg.small.many")
+        kept.append((got, got.copy()))
+    flags = [dist.is_shared(g) for g, _ in kept]
+    for got, snap in kept:
+        np.testing.assert_array_equal(got, snap)
+    if shared and n <= (os.cpu_count() or 1):
+        assert mapped >= 1 and any(flags)
+        assert not all(flags[-90:])  # past the slabs: ordinary memory
+    if not shared:
+        assert mapped == 0 and not any(flags)
+    kept.clear()
+    # freed: the blocks serve new results again
+    m0 = mapped
+    for i in range(10):
+        got = gather((100_003 // n,), "float32", i, "sg.small.again")
+    if shared and n <= (os.cpu_count() or 1):
+        assert mapped > m0 and dist.is_shared(got)
+
+
 def test_a_forked_child_gets_private_copies_of_shared_gather_results(dist):
     """After fork, an allgather result in shared memory is the child's own: the child sees the values from the
     moment of the fork, and its writes do not reach the parent's array (nor the parent's the child's)."""
     r, n = dist.rank(), dist.size()
     got = dist.allgather(np.full(300_001, r, np.float32), name="sg.fork")
-    if not dist.is_shared(got):
+    small = dist.allgather(np.full(5_001, r, np.float64), name="sg.fork.small")  # a slab block
+    if not dist.is_shared(got) or not dist.is_shared(small):
         pytest.skip("the engine does not map the local peers' memory here")
     rd, wr = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no MPI, no aimass calls; reports and leaves at once
-        ok = got[0] == 0 and got[-1] == n - 1
+        ok = got[0] == 0 and got[-1] == n - 1 and small[0] == 0 and small[-1] == n - 1
         got[:] = -5
+        small[:] = -5
         os.write(wr, b"1" if ok else b"0")
         os._exit(0)
     os.close(wr)
@@ -279,3 +334,4 @@ def test_a_forked_child_gets_private_copies_of_shared_gather_results(dist):
     os.waitpid(pid, 0)
     assert reply == b"1"
     assert got[0] == 0 and got[-1] == n - 1 and not (got == -5).any()
+    assert small[0] == 0 and small[-1] == n - 1 and not (small == -5).any()

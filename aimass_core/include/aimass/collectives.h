@@ -111,8 +111,11 @@ class CollectiveHandle {
   static void result_block_put(void* p, size_t n) noexcept;
   // The same in shared host buffers (aimass/shared_host.h) that the local peers map: the lean lane's
   // allgather results, which the peers then write their rows into with plain stores (comm/fast_path.cc).
-  // nullptr when no shared memory could be made (the caller takes result_block_get). A forked child gets
-  // private copies of every such block (its writes stay its own, as with any other array).
+  // From 1 MiB a block of its own (recycled as above, by size class); from 32 KiB to 1 MiB a power-of-two
+  // block of a shared 2 MiB slab (at most 32 MiB of slabs per process, kept), so that the peers map a slab
+  // once. nullptr under 32 KiB, past the slabs, or when no shared memory could be made (the caller takes
+  // ordinary memory). A forked child gets private copies of every such block (its writes stay its own, as
+  // with any other array).
   static void* shared_result_block_get(size_t n);
   static void shared_result_block_put(void* p) noexcept;
 };
