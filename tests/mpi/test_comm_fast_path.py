@@ -729,3 +729,69 @@ def test_gather_push_bound_must_be_a_byte_count(dist):
     with pytest.raises(ValueError, match="AIMASS_LL_GATHER_PUSH_MIN_BYTES"):
         with engine_env(dist, AIMASS_LL_GATHER_PUSH_MIN_BYTES="lots"):
             pass
+
+
+@pytest.mark.timeout(120)
+def test_torch_tensors_take_the_lean_lane(ll):
+    """Blocking collectives of CPU torch tensors (no autograd) run in the caller's thread through their numpy
+    view, as numpy arrays do (stats ll_collectives), with torch results that own their memory and the engine's
+    values; in place they write the tensor itself. A tensor that needs autograd, a non-contiguous one and
+    bfloat16 take the general path, with the same values."""
+    torch = pytest.importorskip("torch")
+    d = ll
+    n, r = d.size(), d.rank()
+
+    def lean(fn):
+        before = d.stats()
+        got = fn()
+        after = d.stats()
+        # each call ran in the channel, or fell back to the engine (a late peer: ranks may outnumber the cores)
+        return got, after["ll_collectives"] - before["ll_collectives"] + after["ll_fallbacks"] - before["ll_fallbacks"]
+
+    fast = 0
+    for dtype in (torch.float32, torch.int64, torch.float16):
+        x = (torch.arange(1000) % 7 + r).to(dtype)
+        got, k = lean(lambda: d.allreduce(x, op="sum", name=f"tl.ar.{dtype}"))
+        fast += k
+        assert isinstance(got, torch.Tensor) and got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, ((torch.arange(1000) % 7) * n + n * (n - 1) // 2).to(dtype))
+        assert torch.equal(x, (torch.arange(1000) % 7 + r).to(dtype))  # input intact
+        y = x.clone()
+        out, k = lean(lambda: d.allreduce_(y, op="max", name=f"tl.ip.{dtype}"))
+        fast += k
+        assert out is y and torch.equal(y, (torch.arange(1000) % 7 + n - 1).to(dtype))
+    b = torch.full((33, 5), float(r))
+    got, k = lean(lambda: d.broadcast(b, root_rank=n - 1, name="tl.bc"))
+    fast += k
+    assert isinstance(got, torch.Tensor) and torch.equal(got, torch.full((33, 5), float(n - 1)))
+    out, k = lean(lambda: d.broadcast_(b, root_rank=0, name="tl.bc_"))
+    fast += k
+    assert out is b and torch.equal(b, torch.zeros(33, 5))
+    for rows in (3, 9000):  # slots, and single-copy parts into shared results
+        part = torch.full((rows, 2), r, dtype=torch.int32)
+        fell = d.stats()["ll_fallbacks"]
+        got, k = lean(lambda: d.allgather(part, name=f"tl.ag.{rows}"))
+        fast += k
+        assert isinstance(got, torch.Tensor) and got.shape == (rows * n, 2)
+        assert torch.equal(got, torch.arange(n, dtype=torch.int32).repeat_interleave(rows)[:, None].expand(-1, 2))
+        if rows > 3 and d._require_engine().shared_gathers and d.stats()["ll_fallbacks"] == fell:
+            assert d.is_shared(got)  # the lean lane's shared result (the general path pulls into ordinary memory)
+        del got
+    t = torch.arange(4 * n, dtype=torch.float64) + r
+    got, k = lean(lambda: d.reduce_scatter(t, op="sum", name="tl.rs"))
+    fast += k
+    assert isinstance(got, torch.Tensor)
+    assert torch.equal(got, (torch.arange(4 * n, dtype=torch.float64) * n + n * (n - 1) / 2)[4 * r:4 * r + 4])
+    assert fast == 11
+    # the general path: autograd, non-contiguous, bfloat16 (the same values)
+    g = torch.ones(6, requires_grad=True)
+    out = d.allreduce(g, op="sum", name="tl.grad")
+    assert out.requires_grad and torch.equal(out.detach(), torch.full((6,), float(n)))
+    nc = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    before = d.stats()["ll_collectives"]
+    got = d.allreduce(nc, op="sum", name="tl.nc")
+    assert torch.equal(got, nc * n)
+    bf = torch.ones(8, dtype=torch.bfloat16)
+    got = d.allreduce(bf, op="sum", name="tl.bf16")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.full((8,), float(n), dtype=torch.bfloat16))
+    d.barrier(name="tl.end")

@@ -159,6 +159,28 @@ def _lean_array(t):
     return (t.detach() if t.requires_grad else t).numpy(), dt
 
 
+def _lean_torch(kind: int, t, inplace: bool, name, op, root_rank, root):
+    """The lean lane for a CPU torch tensor (no autograd): its numpy view through the lane, a result as a
+    tensor that owns the result's memory (torch.from_numpy). None when it does not qualify or the lane
+    declines (the general path then runs). Through the general path a torch tensor's blocking 8-byte
+    allreduce took 19-27 us against the numpy array's 0.6-1.0 us (2 ranks, same run)."""
+    if not is_torch(t) or t.requires_grad or not t.is_cpu or not t.is_contiguous():
+        return None
+    if not _LEAN_TORCH_DTYPES:
+        torch = _torch()
+        _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES if n != "bfloat16"})
+    if t.dtype not in _LEAN_TORCH_DTYPES:
+        return None
+    try:
+        a = t.numpy()
+    except RuntimeError:  # (a tensor numpy cannot view)
+        return None
+    r = _lean(kind, a, a if inplace else None, name, op, root_rank, root)
+    if r is None:
+        return None
+    return t if inplace else _torch().from_numpy(r)
+
+
 def _lean_async(t, name, op, inplace: bool, compression) -> Optional[Handle]:
     """The async allreduce of a numpy array or CPU torch tensor on the global set with no scaling,
     compression or timeout, without the general path's compression / scaling / conversion steps (they
@@ -237,7 +259,8 @@ def allreduce(tensor: Any, average: Any = None, name: Optional[str] = None, comp
     the result after it (after the division by size() of Average). Differentiable for torch tensors."""
     if (average is None and compression is None and timeout is None and process_set is global_process_set  # lean lane
             and prescale_factor == 1.0 and postscale_factor == 1.0
-            and (out := _lean(0, tensor, None, name, op, None, None)) is not None):
+            and ((out := _lean(0, tensor, None, name, op, None, None)) is not None
+                 or (out := _lean_torch(0, tensor, False, name, op, None, None)) is not None)):
         return out
     if _wants_grad(tensor):
         return _autograd().Allreduce.apply(tensor, resolve_op(op, average), name, compression, prescale_factor,
@@ -252,7 +275,8 @@ def allreduce_(tensor: Any, average: Any = None, name: Optional[str] = None, op:
     """In-place allreduce of `tensor`; returns it."""
     if (average is None and compression is None and timeout is None and process_set is global_process_set  # lean lane
             and prescale_factor == 1.0 and postscale_factor == 1.0
-            and _lean(0, tensor, tensor, name, op, None, None) is not None):
+            and (_lean(0, tensor, tensor, name, op, None, None) is not None
+                 or _lean_torch(0, tensor, True, name, op, None, None) is not None)):
         return tensor
     return synchronize(_allreduce_handle(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
                                          compression, timeout, True, True))
@@ -361,7 +385,8 @@ def broadcast(tensor: Any, root_rank: Optional[int] = None, name: Optional[str] 
     """Return root_rank's `tensor` on every rank (a new tensor); every rank passes the same shape and dtype.
     Differentiable for torch tensors (the root gets the sum of the gradients, the others zeros)."""
     if (timeout is None and process_set is global_process_set  # lean lane
-            and (out := _lean(1, tensor, None, name, None, root_rank, root)) is not None):
+            and ((out := _lean(1, tensor, None, name, None, root_rank, root)) is not None
+                 or (out := _lean_torch(1, tensor, False, name, None, root_rank, root)) is not None)):
         return out
     if _wants_grad(tensor):
         ps = _core._resolve_set(process_set)
@@ -373,7 +398,8 @@ def broadcast_(tensor: Any, root_rank: Optional[int] = None, name: Optional[str]
                process_set=global_process_set, *, root: Optional[int] = None, timeout: Optional[float] = None):
     """Overwrite `tensor` with root_rank's values, in place; returns it."""
     if (timeout is None and process_set is global_process_set  # lean lane
-            and _lean(1, tensor, tensor, name, None, root_rank, root) is not None):
+            and (_lean(1, tensor, tensor, name, None, root_rank, root) is not None
+                 or _lean_torch(1, tensor, True, name, None, root_rank, root) is not None)):
         return tensor
     return synchronize(_broadcast_handle(tensor, root_rank, name, process_set, root, timeout, True, True))
 
@@ -410,7 +436,8 @@ def allgather(tensor: Any, name: Optional[str] = None, process_set=global_proces
     """Concatenate every rank's `tensor` along dimension 0 (in rank order). Dimension 0 may differ by rank;
     the other dimensions and the dtype must match. Differentiable for torch tensors."""
     if (timeout is None and process_set is global_process_set  # lean lane
-            and (got := _lean(2, tensor, None, name, None, None, None)) is not None):
+            and ((got := _lean(2, tensor, None, name, None, None, None)) is not None
+                 or (got := _lean_torch(2, tensor, False, name, None, None, None)) is not None)):
         return got
     if _wants_grad(tensor):
         return _autograd().Allgather.apply(tensor, name, _core._resolve_set(process_set))
@@ -470,7 +497,8 @@ def reduce_scatter(t: Any, op: Any = "average", name: Optional[str] = None, time
     """Reduce `t` over all ranks and return this rank's block of dimension 0 (blocks as numpy.array_split:
     the first N % size ranks get one row more)."""
     if (timeout is None and process_set is global_process_set  # lean lane
-            and (got := _lean(3, t, None, name, op, None, None)) is not None):
+            and ((got := _lean(3, t, None, name, op, None, None)) is not None
+                 or (got := _lean_torch(3, t, False, name, op, None, None)) is not None)):
         return got
     return synchronize(_reduce_scatter_handle(t, op, name, process_set, timeout, blocking=True))
 
