@@ -286,9 +286,11 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   bool looked = out == nullptr;  // a large allreduce looks once whether a missing peer shares our CPU
   bool first = true;  // w is the step as this rank's arrival left it
   while (true) {
-    // a pair: the peer posted its slot for this attempt, so it arrives in it (it never leaves an
-    // attempt it posted for, and only this rank could abort it now, which it no longer will)
-    if (pair && slot(peer, a)->posted.load(std::memory_order_acquire) == a + 1) break;
+    // a pair: the peer posted its slot for this attempt, so it arrives in it (it leaves an attempt it
+    // posted for only after taking the post back while the attempt was not yet open, and only this rank
+    // could abort it now, which it no longer will). (seq_cst: ordered after a take-back that preceded
+    // this attempt's opening; a plain load on x86.)
+    if (pair && slot(peer, a)->posted.load(std::memory_order_seq_cst) == a + 1) break;
     if (!first) w = st.load(std::memory_order_seq_cst);
     first = false;
     if ((w >> 16) != a) {  // it closed and the next attempt started before we looked
