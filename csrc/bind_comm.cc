@@ -231,8 +231,9 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (kind == 2) shape[0] *= size;
       if (kind == 3) shape[0] = shape[0] / size + (eng->communicator().rank() < shape[0] % size ? 1 : 0);
       // (every kind: a fresh 64 MiB result faulted in 64 MiB of pages a call; an allgather's in shared memory
-      // where the peers map it: they write their rows into it with plain stores)
-      out = pooled_array(a.dtype(), shape, kind == 2 && eng->ll_maps_peers());
+      // where the peers map it and the parts go by address, 16 KiB and more: they write their rows into it
+      // with plain stores; smaller parts are copied through the channel's slots into ordinary memory)
+      out = pooled_array(a.dtype(), shape, kind == 2 && eng->ll_maps_peers() && a.nbytes() >= (16 << 10));
     }
     auto* po = py::detail::array_proxy(out.ptr());
     c.output = po->data;
