@@ -145,14 +145,13 @@ bool lean_op(PyObject* o, aimass::ReduceOp def, aimass::ReduceOp* out) {
 py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shape, bool shared = false) {
   size_t n = static_cast<size_t>(dt.itemsize());
   for (py::ssize_t d : shape) n *= static_cast<size_t>(d);
-  if (n < (size_t(1) << 20) && !shared) return py::array(dt, shape);
   if (shared) {
     if (void* p = aimass::CollectiveHandle::shared_result_block_get(n)) {
       py::capsule cap(p, [](void* v) { aimass::CollectiveHandle::shared_result_block_put(v); });
       return py::array(dt, shape, static_cast<char*>(p), cap);
     }
-    if (n < (size_t(1) << 20)) return py::array(dt, shape);
   }
+  if (n < (size_t(1) << 20)) return py::array(dt, shape);
   struct Block {
     void* p;
     size_t n;

@@ -272,10 +272,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       outcome(w >> 16).store(((w >> 16) << 1) | ((w & kAborted) ? 1 : 0), std::memory_order_seq_cst);
     }
     if (arrival_hook_) arrival_hook_();
-    if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) {
-      w = next;
-      break;
-    }
+    if (st.compare_exchange_weak(w, next, std::memory_order_seq_cst)) break;
   }
   attempt_ = a;
   note_cpu();
@@ -284,15 +281,13 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
   // ---- wait until complete or aborted
   double busy_since = -1;
   bool looked = out == nullptr;  // a large allreduce looks once whether a missing peer shares our CPU
-  bool first = true;  // w is the step as this rank's arrival left it
   while (true) {
     // a pair: the peer posted its slot for this attempt, so it arrives in it (it leaves an attempt it
     // posted for only after taking the post back while the attempt was not yet open, and only this rank
     // could abort it now, which it no longer will). (seq_cst: ordered after a take-back that preceded
     // this attempt's opening; a plain load on x86.)
     if (pair && slot(peer, a)->posted.load(std::memory_order_seq_cst) == a + 1) break;
-    if (!first) w = st.load(std::memory_order_seq_cst);
-    first = false;
+    w = st.load(std::memory_order_seq_cst);
     if ((w >> 16) != a) {  // it closed and the next attempt started before we looked
       const uint64_t o = outcome(a).load(std::memory_order_seq_cst);
       if ((o >> 1) != a) {  // cannot happen: at most a few attempts pass while a member waits
@@ -348,7 +343,6 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
         me->reading.store(0, std::memory_order_seq_cst);
         return Result::Fallback;
       }
-      first = true;  // (w now holds the step's value)
       continue;
     }
     tick();

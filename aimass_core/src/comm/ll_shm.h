@@ -27,8 +27,9 @@
 // submitted) and applies the full deadline. A late rank that finds the attempt aborted
 // starts a new one, sees its peers' engines busy and falls back too.
 //
-// Two ranks: a rank that posted its slot for an attempt always arrives in it (it never leaves an
-// attempt it posted for), and of two ranks only the one already waiting could abort it. So the waiting
+// Two ranks: a rank that posted its slot for an attempt arrives in it (it leaves one only after taking
+// the post back while the attempt was not yet open), and of two ranks only the one already waiting could
+// abort it. So the waiting
 // rank completes as soon as the peer's slot shows the attempt (`posted`, written last: data and flag
 // arrive in one line), without waiting for the peer's arrival in the step word; a rank whose next
 // exchange finds the step still open at the attempt it completed that way waits for that arrival first
@@ -495,8 +496,8 @@ class LLChannel {
   // the last attempt this rank saw complete (every rank arrived in it, so none still reads the
   // attempt before it: the next attempt reuses its slots without looking; UINT64_MAX: none)
   uint64_t completed_ = UINT64_MAX;
-  bool last_complete_ = false;
-  std::function<void()> arrival_hook_;  // set_arrival_hook_for_tests  // the last exchange completed (two ranks: the next one predicts its attempt)
+  bool last_complete_ = false;  // the last exchange completed (two ranks: the next one predicts its attempt)
+  std::function<void()> arrival_hook_;  // set_arrival_hook_for_tests
   bool cma_ok_ = false;      // every rank can read every other's memory (probed at start-up)
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
