@@ -253,6 +253,40 @@ def test_caller_thread_path_gives_the_engine_paths_bits(dist):
 
 @pytest.mark.nprocs(4)
 @pytest.mark.timeout(120)
+def test_caller_thread_path_pushes_exactly_into_each_output(two_nodes):
+    """Each local rank writes its final slice into its node peers' outputs: outputs that are views at odd
+    element offsets inside larger arrays (the bytes around them stay as they were), outputs in node-shared
+    memory (`dist.empty`, written with plain stores), in and out of place, the same output again and again
+    with other sizes between; every result exact and the path taken."""
+    d = two_nodes
+    r, n = d.rank(), d.size()
+    before = d.stats()["hier_collectives"]
+    calls = 0
+    for it, count in enumerate((4099, 70001, (1 << 18) + 5, 4099, 300001)):
+        inputs = [random_input(50 + it, i, count, "int32") for i in range(n)]
+        ref = np.stack([x.astype(np.int64) for x in inputs]).sum(0)
+        # in place, in a view at an odd offset of a larger array: the bytes around it untouched
+        outer = np.full(count + 2 * 37, 7 + r, np.int32)
+        view = outer[37:37 + count]
+        view[:] = inputs[r]
+        assert d.allreduce_(view, op="sum", name=f"hier.push.view.{it}") is view
+        np.testing.assert_array_equal(view, ref)
+        assert (outer[:37] == 7 + r).all() and (outer[37 + count:] == 7 + r).all()
+        # in place in node-shared memory
+        shared = d.empty(count, np.int32)
+        shared[:] = inputs[r]
+        assert d.allreduce_(shared, op="sum", name=f"hier.push.shared.{it}") is shared
+        np.testing.assert_array_equal(shared, ref)
+        # out of place from a shared input (every rank's input is now the sum: max is the sum again)
+        out = d.allreduce(shared, op="max", name=f"hier.push.out.{it}")
+        np.testing.assert_array_equal(out, ref)
+        calls += 3
+    ran = d.stats()["hier_collectives"] - before
+    assert ran >= calls - 2, ran  # (a window that passes while a rank is descheduled sends a call to the engine)
+
+
+@pytest.mark.nprocs(4)
+@pytest.mark.timeout(120)
 def test_caller_thread_path_mismatch_raises_on_every_rank(two_nodes):
     """A signature that differs (one rank's shape; one node's dtype; each node its own name) sends the
     call to the engine on every rank, whose negotiation raises; the path works afterwards."""

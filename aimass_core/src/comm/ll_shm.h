@@ -571,6 +571,12 @@ class ReaderRelease {
     return ch_.wait_readers(deadline_s_, lost_);
   }
   void lost(int j) { lost_ |= uint32_t(1) << j; }  // local rank j is dead or stopped
+  // Where the collective's own words showed every peer done with this rank's buffers: this rank's
+  // done() without the wait.
+  void finish_unread() {
+    armed_ = false;
+    ch_.done();
+  }
 
  private:
   LLChannel& ch_;
