@@ -253,36 +253,45 @@ def test_caller_thread_path_gives_the_engine_paths_bits(dist):
 
 @pytest.mark.nprocs(4)
 @pytest.mark.timeout(120)
-def test_caller_thread_path_pushes_exactly_into_each_output(two_nodes):
-    """Each local rank writes its final slice into its node peers' outputs: outputs that are views at odd
-    element offsets inside larger arrays (the bytes around them stay as they were), outputs in node-shared
-    memory (`dist.empty`, written with plain stores), in and out of place, the same output again and again
-    with other sizes between; every result exact and the path taken."""
-    d = two_nodes
-    r, n = d.rank(), d.size()
-    before = d.stats()["hier_collectives"]
-    calls = 0
-    for it, count in enumerate((4099, 70001, (1 << 18) + 5, 4099, 300001)):
-        inputs = [random_input(50 + it, i, count, "int32") for i in range(n)]
-        ref = np.stack([x.astype(np.int64) for x in inputs]).sum(0)
-        # in place, in a view at an odd offset of a larger array: the bytes around it untouched
-        outer = np.full(count + 2 * 37, 7 + r, np.int32)
-        view = outer[37:37 + count]
-        view[:] = inputs[r]
-        assert d.allreduce_(view, op="sum", name=f"hier.push.view.{it}") is view
-        np.testing.assert_array_equal(view, ref)
-        assert (outer[:37] == 7 + r).all() and (outer[37 + count:] == 7 + r).all()
-        # in place in node-shared memory
-        shared = d.empty(count, np.int32)
-        shared[:] = inputs[r]
-        assert d.allreduce_(shared, op="sum", name=f"hier.push.shared.{it}") is shared
-        np.testing.assert_array_equal(shared, ref)
-        # out of place from a shared input (every rank's input is now the sum: max is the sum again)
-        out = d.allreduce(shared, op="max", name=f"hier.push.out.{it}")
-        np.testing.assert_array_equal(out, ref)
-        calls += 3
-    ran = d.stats()["hier_collectives"] - before
-    assert ran >= calls - 2, ran  # (a window that passes while a rank is descheduled sends a call to the engine)
+@pytest.mark.parametrize("path", ["caller", "engine"])
+@pytest.mark.parametrize("push", [True, False])
+def test_node_gather_writes_exactly_each_output(dist, path, push):
+    """The node's gather after the cross-node step: each local rank writes its final slice into its node
+    peers' outputs (or, with AIMASS_SHM_CMA_PUSH=0, each reads the peers' slices), in the caller's thread
+    and in the engine. Outputs that are views at odd element offsets inside larger arrays (the bytes
+    around them stay as they were), outputs in node-shared memory (`dist.empty`), in and out of place,
+    other sizes between; every result exact and the path taken."""
+    env = {"AIMASS_RANKS_PER_NODE": 2, "AIMASS_HIER_CALLER": "0" if path == "engine" else None,
+           "AIMASS_SHM_CMA_PUSH": None if push else "0"}
+    with engine_env(dist, **env) as d:
+        assert d.local_size() == 2 and d.cross_size() == 2
+        d.set_shm_min_bytes(0)
+        r, n = d.rank(), d.size()
+        key = "hier_collectives" if path == "caller" else "shm_allreduces"
+        before = d.stats()[key]
+        calls = 0
+        for it, count in enumerate((4099, 70001, (1 << 18) + 5, 4099, 300001)):
+            inputs = [random_input(50 + it, i, count, "int32") for i in range(n)]
+            ref = np.stack([x.astype(np.int64) for x in inputs]).sum(0)
+            # in place, in a view at an odd offset of a larger array: the bytes around it untouched
+            outer = np.full(count + 2 * 37, 7 + r, np.int32)
+            view = outer[37:37 + count]
+            view[:] = inputs[r]
+            assert d.allreduce_(view, op="sum", name=f"hier.gather.view.{it}") is view
+            np.testing.assert_array_equal(view, ref)
+            assert (outer[:37] == 7 + r).all() and (outer[37 + count:] == 7 + r).all()
+            # in place in node-shared memory
+            shared = d.empty(count, np.int32)
+            shared[:] = inputs[r]
+            assert d.allreduce_(shared, op="sum", name=f"hier.gather.shared.{it}") is shared
+            np.testing.assert_array_equal(shared, ref)
+            # out of place from a shared input (every rank's input is now the sum: max is the sum again)
+            out = d.allreduce(shared, op="max", name=f"hier.gather.out.{it}")
+            np.testing.assert_array_equal(out, ref)
+            calls += 3
+        ran = d.stats()[key] - before
+        # (the caller's path sends a call to the engine when a window passes while a rank is descheduled)
+        assert ran >= (calls - 2 if path == "caller" else calls), ran
 
 
 @pytest.mark.nprocs(4)

@@ -214,12 +214,16 @@ def hier_trials():
 
 # a job takes a few seconds; a hung one is cut off by launch() at about 2 minutes
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("path", ["caller", "engine"])
 @pytest.mark.parametrize("trial", hier_trials(), ids=lambda t: f"{t['signal']}-rank{t['victim']}")
-def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial):
+def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial, path):
+    """caller: the caller-thread path (hier_fast.cc); engine: the engine's (AIMASS_HIER_CALLER=0), whose
+    node gather writes the peers' outputs too."""
     cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--enable-recovery",
            "-np", "4", sys.executable, HIER_WORKER, str(tmp_path), json.dumps(trial)]
     ranks = [r for r in range(4) if r != trial["victim"]]
-    surv, victims, exited, log = launch(cmd, {"AIMASS_RANKS_PER_NODE": "2"}, str(tmp_path),
+    env = {"AIMASS_RANKS_PER_NODE": "2", **({"AIMASS_HIER_CALLER": "0"} if path == "engine" else {})}
+    surv, victims, exited, log = launch(cmd, env, str(tmp_path),
                                         [f"rank{r}" for r in ranks], [f"rank{trial['victim']}"], trial["timeout"])
     survivors = {r: surv[k] for k, r in enumerate(ranks)}
     victims = {trial["victim"]: v for v in victims.values()}
@@ -235,7 +239,7 @@ def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial):
             failures.append(f"rank {r} reported nothing (hung or crashed); log tail: {log[-800:]}")
             continue
         # the path was taken before the failure (not the engine's fallback)
-        if rec["local_size"] != 2 or rec["hier_warmup"] < 1:
+        if rec["local_size"] != 2 or (rec["hier_warmup"] < 1) == (path == "caller"):
             failures.append(f"rank {r}: the caller-thread hierarchical path was not taken in the warm-up "
                             f"(local_size {rec['local_size']}, hier_collectives {rec['hier_warmup']}, "
                             f"hier_fallbacks {rec['fallbacks_warmup']})")

@@ -46,7 +46,8 @@
 // the own input first), allreduces it with the same slice of the other node (cross_pair_allreduce:
 // the same two-node exchange as the engine's), writes it into every local peer's output, posts that
 // it did, and returns once every local peer posted the same (each then read this rank's input and
-// wrote its output: nothing reads this rank's buffers after that). The operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
+// wrote its output: nothing reads this rank's buffers after that; where the peers' memory is not
+// writable, each copies the peers' final slices out and waits until they copied its own). The operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
 // same as that path's.
 #include "comm/cma.h"
 #include "comm/engine_impl.h"
@@ -366,37 +367,61 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
                                });
     if (average) comm::divide(c.dtype, out + b * static_cast<int64_t>(es), static_cast<size_t>(e - b), size);
   }
-  // 3. allgather by push: my final slice into every local peer's output while it is in this core's
-  // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input and
-  // wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits for
-  // readers. (Pulling each peer's slice after its word and then waiting for the readers: 1 MiB 0.95-1.00x
-  // flat MPI, 256 KiB 0.87-0.89x, against 1.00-1.02x / 1.04-1.06x pushed; docs/comm.md, session 19.)
-  ch.begin_output_writes();
-  for (int jj = 1; jj < L && e > b; ++jj) {
-    const int j = (me + jj) % L;
-    try {
-      ch.write_output(j, static_cast<size_t>(b) * es, out + b * static_cast<int64_t>(es),
-                      static_cast<size_t>(e - b) * es);
-    } catch (const DistributedError&) {  // its process is gone
-      release.lost(j);
-      throw;
+  if (ch.push_available()) {
+    // 3. allgather by push: my final slice into every local peer's output while it is in this core's
+    // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input
+    // and wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits
+    // for readers. (Pulling each peer's slice after its word, then waiting for the readers: bench ratio
+    // to flat MPI 1 MiB 0.75-1.02, 4 MiB 0.90-1.18, against 1.01-1.64 / 1.03-1.78 pushed; docs/comm.md.)
+    ch.begin_output_writes();
+    for (int jj = 1; jj < L && e > b; ++jj) {
+      const int j = (me + jj) % L;
+      try {
+        ch.write_output(j, static_cast<size_t>(b) * es, out + b * static_cast<int64_t>(es),
+                        static_cast<size_t>(e - b) * es);
+      } catch (const DistributedError&) {  // its process is gone
+        release.lost(j);
+        throw;
+      }
     }
+    ch.signal(base + kWordFinal);  // my slice is in every local output, and I read every local input
+    for (int jj = 1; jj < L; ++jj) {
+      const int j = (me + jj) % L;
+      try {
+        ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
+      } catch (const DistributedError&) {  // (as below)
+        release.lost(j);
+        throw;
+      }
+    }
+    release.finish_unread();
+    return;
   }
-  ch.signal(base + kWordFinal);  // my slice is in every local output, and I read every local input
+  // 3'. without the push (peers' memory not writable: AIMASS_SHM_CMA_PUSH=0, a ptrace restriction):
+  // every local peer's final slice from its output, then wait until every peer read mine
+  ch.signal(base + kWordFinal);  // my slice is final, and I read every local input
   for (int jj = 1; jj < L; ++jj) {
     const int j = (me + jj) % L;
+    int64_t bj, ej;
+    slice_of(j, &bj, &ej);
+    if (ej <= bj) continue;
     try {
       ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
+      ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
+                     static_cast<size_t>(ej - bj) * es);
     } catch (const DistributedError&) {
-      // j did not advance for a whole deadline (stopped or dead): the error path does not wait another
-      // deadline for j to finish reading this rank's buffers, as the one-node push gives up on a
-      // stopped reader after one (the output stays alive: peers_may_write; a j that resumes later finds
-      // its cross-node partner gone and raises too)
+      // j did not advance for a whole deadline (stopped or dead) or its process is gone: the error path
+      // does not wait another deadline for j to finish reading this rank's buffers, as the one-node push
+      // gives up on a stopped reader after one (the output stays alive: peers_may_write; a j that
+      // resumes later finds its cross-node partner gone and raises too)
       release.lost(j);
       throw;
     }
   }
-  release.finish_unread();
+  if (!release.finish())
+    throw DistributedError(detail::concat("aimass.dist: hierarchical allreduce '", c.name,
+                                          "': a local peer did not finish reading this rank's buffers within ",
+                                          deadline, " s: a peer rank has died or stopped calling aimass"));
 }
 
 }  // namespace aimass

@@ -142,8 +142,10 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   std::vector<int64_t> starts(nseg + 1, 0);
   for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
-  // push mode (one node): from the moment the table is posted a peer may write the outputs
+  // push mode (one node): from the moment the table is posted a peer may write the outputs; across
+  // nodes a peer writes its final slice into them after its cross-node step (below)
   pushed_ = push_ok_ && !cross_reduce;
+  cross_pushed_ = push_ok_ && static_cast<bool>(cross_reduce);
   // post the address table: (in, out) per segment, in this rank's staging slot for h
   if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
   uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
@@ -236,6 +238,23 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
       if (segs[g].average) divide(dtype, segs[g].out + at * es, static_cast<size_t>(n), world_size);
     });
+  }
+  if (cross_pushed_) {
+    // 2. allgather by push: my final slice, still in this core's cache, into every peer's output (the
+    // caller-thread path's gather, hier_fast.cc); a peer's counter 1 then says it read my input and
+    // wrote my output
+    for (int jj = 1; jj < L && e > b; ++jj) {
+      const int j = (me + jj) % L;
+      const uint64_t* t = peer_table(j);
+      for (int64_t lo = b; lo < e; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
+        pulse(Clock::now());
+        piece_iov(lv, rv, starts, t, 1, lo, std::min(e, lo + 4 * step), es,
+                  [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
+        cma_write(j, lv.data(), rv.data(), lv.size());
+      }
+    }
+    finish_cma(h, 1);
+    return;
   }
   mark(h, false, true, false);  // my slice is final, and I read every peer's input
   // 2. allgather: every peer's reduced slice from its output into mine (after it read my input there)
