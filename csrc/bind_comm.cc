@@ -111,7 +111,8 @@ py::object submit_and_wait(aimass::CollectiveEngine& e, int kind, const py::arra
 // the result (`tensor` itself when out is tensor), or None when the call does not qualify (no
 // engine, a timeline recording, not a numpy array, an unsupported dtype or layout, a name, op or
 // root that is not plain): the caller then takes the full path, which reports what is wrong.
-// kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter.
+// kind: 0 allreduce, 1 broadcast, 2 allgather, 3 reduce_scatter. An 8th argument, True, says a uint16
+// array holds bfloat16 bits (numpy has no bfloat16: a torch bfloat16 tensor's view).
 std::weak_ptr<aimass::CollectiveEngine>* lean_engine() {  // the GIL guards it; never destroyed
   static auto* e = new std::weak_ptr<aimass::CollectiveEngine>();
   return e;
@@ -167,8 +168,9 @@ py::array pooled_array(const py::dtype& dt, const std::vector<py::ssize_t>& shap
 
 PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
-    if (nargs != 7) {
-      PyErr_SetString(PyExc_TypeError, "_comm_lean(kind, tensor, out, name, op, root_rank, root) takes 7 arguments");
+    if (nargs != 7 && nargs != 8) {
+      PyErr_SetString(PyExc_TypeError,
+                      "_comm_lean(kind, tensor, out, name, op, root_rank, root[, bfloat16]) takes 7 or 8 arguments");
       return nullptr;
     }
     std::shared_ptr<aimass::CollectiveEngine> eng = lean_engine()->lock();
@@ -186,7 +188,11 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       Py_RETURN_NONE;
     py::array a = py::reinterpret_borrow<py::array>(t);
     if (kind == 2 && pa->nd == 0) a = a.reshape(std::vector<py::ssize_t>{1});  // one row per rank
-    const auto dt = fast_dtype(a);
+    const bool bf16 = nargs == 8 && args[7] == Py_True;
+    const auto dt = bf16 ? (a.dtype().kind() == 'u' && a.dtype().itemsize() == 2 && a.dtype().byteorder() != '>'
+                                ? std::optional<aimass::DType>(aimass::DType::BF16)
+                                : std::nullopt)
+                         : fast_dtype(a);
     if (!dt || !PyUnicode_Check(args[3])) Py_RETURN_NONE;
     Py_ssize_t name_len = 0;
     const char* name = PyUnicode_AsUTF8AndSize(args[3], &name_len);
@@ -277,7 +283,7 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef lean_def = {"_comm_lean", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&lean_call)),
                         METH_FASTCALL,
-                        "_comm_lean(kind, tensor, out, name, op, root_rank, root): the lean lane of the blocking "
+                        "_comm_lean(kind, tensor, out, name, op, root_rank, root[, bfloat16]): the lean lane of the blocking "
                         "numpy collectives (None: not handled, take the full path)"};
 
 // ------------------------------------------------------------------ lean entries

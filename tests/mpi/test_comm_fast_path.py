@@ -735,8 +735,9 @@ def test_gather_push_bound_must_be_a_byte_count(dist):
 def test_torch_tensors_take_the_lean_lane(ll):
     """Blocking collectives of CPU torch tensors (no autograd) run in the caller's thread through their numpy
     view, as numpy arrays do (stats ll_collectives), with torch results that own their memory and the engine's
-    values; in place they write the tensor itself. A tensor that needs autograd, a non-contiguous one and
-    bfloat16 take the general path, with the same values."""
+    values; in place they write the tensor itself; bfloat16 as its bits (a uint16 view labelled bfloat16),
+    in the lane and in the async lean submission. A tensor that needs autograd and a non-contiguous one take
+    the general path, with the same values."""
     torch = pytest.importorskip("torch")
     d = ll
     n, r = d.size(), d.rank()
@@ -749,7 +750,7 @@ def test_torch_tensors_take_the_lean_lane(ll):
         return got, after["ll_collectives"] - before["ll_collectives"] + after["ll_fallbacks"] - before["ll_fallbacks"]
 
     fast = 0
-    for dtype in (torch.float32, torch.int64, torch.float16):
+    for dtype in (torch.float32, torch.int64, torch.float16, torch.bfloat16):
         x = (torch.arange(1000) % 7 + r).to(dtype)
         got, k = lean(lambda: d.allreduce(x, op="sum", name=f"tl.ar.{dtype}"))
         fast += k
@@ -782,8 +783,24 @@ def test_torch_tensors_take_the_lean_lane(ll):
     fast += k
     assert isinstance(got, torch.Tensor)
     assert torch.equal(got, (torch.arange(4 * n, dtype=torch.float64) * n + n * (n - 1) / 2)[4 * r:4 * r + 4])
-    assert fast == 11
-    # the general path: autograd, non-contiguous, bfloat16 (the same values)
+    bfp = torch.full((9000, 2), float(r), dtype=torch.bfloat16)  # bfloat16 rows by address
+    got, k = lean(lambda: d.allgather(bfp, name="tl.ag.bf16"))
+    fast += k
+    assert got.dtype == torch.bfloat16 and got.shape == (9000 * n, 2)
+    assert torch.equal(got, torch.arange(n, dtype=torch.bfloat16).repeat_interleave(9000)[:, None].expand(-1, 2))
+    bft = (torch.arange(4 * n) % 5 + r).to(torch.bfloat16)
+    got, k = lean(lambda: d.reduce_scatter(bft, op="sum", name="tl.rs.bf16"))
+    fast += k
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, ((torch.arange(4 * n) % 5) * n + n * (n - 1) // 2).to(torch.bfloat16)[4 * r:4 * r + 4])
+    assert fast == 15
+    # the async lean submission of bfloat16, out of place and in place
+    bfa = (torch.arange(3000) % 9 + r).to(torch.bfloat16)
+    want = ((torch.arange(3000) % 9) * n + n * (n - 1) // 2).to(torch.bfloat16)
+    got = d.synchronize(d.allreduce_async(bfa, op="sum", name="tl.async.bf16"))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert d.synchronize(d.allreduce_async_(bfa, op="sum", name="tl.async_.bf16")) is bfa and torch.equal(bfa, want)
+    # the general path: autograd, non-contiguous (the same values)
     g = torch.ones(6, requires_grad=True)
     out = d.allreduce(g, op="sum", name="tl.grad")
     assert out.requires_grad and torch.equal(out.detach(), torch.full((6,), float(n)))
@@ -791,7 +808,7 @@ def test_torch_tensors_take_the_lean_lane(ll):
     before = d.stats()["ll_collectives"]
     got = d.allreduce(nc, op="sum", name="tl.nc")
     assert torch.equal(got, nc * n)
-    bf = torch.ones(8, dtype=torch.bfloat16)
+    bf = torch.ones(8, 2, dtype=torch.bfloat16).t()  # non-contiguous bfloat16
     got = d.allreduce(bf, op="sum", name="tl.bf16")
-    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.full((8,), float(n), dtype=torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.full((2, 8), float(n), dtype=torch.bfloat16))
     d.barrier(name="tl.end")

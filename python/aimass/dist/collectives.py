@@ -140,25 +140,30 @@ def _is_none_compressor(c) -> bool:
 
 # numpy dtypes the lean lane takes, by their (native-order) dtype object; bfloat16 has no numpy dtype
 _LEAN_DTYPES = {np.dtype(n): n for n in _core.DTYPES if n != "bfloat16"}
-_LEAN_TORCH_DTYPES: dict = {}  # torch dtype -> name (filled on first use; bfloat16 left to the full path)
+_LEAN_TORCH_DTYPES: dict = {}  # torch dtype -> name (filled on first use)
 
 
 def _lean_torch_dtypes() -> dict:
     if not _LEAN_TORCH_DTYPES:
         torch = _torch()
-        _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES if n != "bfloat16"})
+        _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES})
     return _LEAN_TORCH_DTYPES
 
 
 def _torch_view(t):
-    """(numpy view, dtype name) of a contiguous CPU torch tensor of a dtype the lean lane takes, else None.
+    """(numpy view, dtype name) of a contiguous CPU torch tensor of a dtype the lean lane takes, else None;
+    a bfloat16 tensor's view holds its bits as uint16 (the name says what they are).
     (`is_cpu`: `device.type` builds a device object, 0.3 us a call.)"""
     if not t.is_cpu or not t.is_contiguous():
         return None
     dt = _lean_torch_dtypes().get(t.dtype)
     if dt is None:
         return None
-    return (t.detach() if t.requires_grad else t).numpy(), dt
+    if t.requires_grad:
+        t = t.detach()
+    if dt == "bfloat16":  # (as _array.as_numpy)
+        return t.view(_torch().int16).numpy().view(np.uint16), dt
+    return t.numpy(), dt
 
 
 def _lean_array(t):
@@ -182,7 +187,12 @@ def _lean_torch(kind: int, t, inplace: bool, name, op, root_rank, root):
         return None
     if got is None:
         return None
-    a = got[0]
+    a, dt = got
+    if dt == "bfloat16":  # (its uint16 view, labelled for the lane; the result's bits back as bfloat16)
+        r = _lean(kind, a, a if inplace else None, name, op, root_rank, root, True)
+        if r is None:
+            return None
+        return t if inplace else _torch().from_numpy(r.view(np.int16)).view(_torch().bfloat16)
     r = _lean(kind, a, a if inplace else None, name, op, root_rank, root)
     if r is None:
         return None
