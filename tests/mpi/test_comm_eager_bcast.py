@@ -164,7 +164,7 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
     the 64 KiB ring entry, the 4 MiB single-copy bound), every root, in place or not, back to back:
     bit-exact. From 32 KiB the root writes some pieces into the receivers' outputs itself, unless
     AIMASS_SHM_CMA_PUSH=0 (then a receiver reads them all, and from 128 KiB they go through the channel's
-    exchange, as before)."""
+    exchange, as before). Past 4 MiB too (the bound is 1 GiB): 5 MiB + odd sizes, taken by the stream."""
     with engine_env(dist, AIMASS_LL_EAGER_COPY_MAX_BYTES=copy_max, AIMASS_SHM_CMA_PUSH=push) as d:
         if not d._require_engine().ll_slot_bytes:
             pytest.skip("no low-latency channel")
@@ -177,7 +177,7 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
                       (128 << 10) // es + 1,
                       (1 << 20) // es + 5]
             if dtype in ("float32", "int8"):
-                counts += [(4 << 20) // es, (4 << 20) // es + 1]  # at the single-copy bound and past it
+                counts += [(4 << 20) // es, (4 << 20) // es + 1, (5 << 20) // es + 3]  # (the old 4 MiB bound)
             for count in counts:
                 for root in range(n):
                     seed = (DTYPES.index(dtype) * 7919 + count) * 31 + root
@@ -191,6 +191,18 @@ def test_single_copy_broadcasts_in_the_stream(dist, copy_max, push):
                     np.testing.assert_array_equal(x, want)
                     calls += 2
         assert d.stats()["ll_collectives"] - before >= calls // 2
+        # large ones run in the stream, not through the engine (a late peer may send some there)
+        big = np.arange((24 << 20) // 4 + 7, dtype=np.float32)
+        took = 0
+        for k in range(4):
+            root = k % n
+            x = big + k if r == root else np.zeros_like(big)
+            ll0 = d.stats()["ll_collectives"]
+            assert d.broadcast_(x, root, name=f"sc.big.{k}") is x
+            took += d.stats()["ll_collectives"] - ll0
+            np.testing.assert_array_equal(x, big + k)
+        if push is None:  # (without the push, broadcasts from 128 KiB go through the exchange or the engine)
+            assert took >= 1, took  # (with the 4 MiB bound: none)
         # the root changes its array right after each call returns: every receiver still got the old one
         x = np.zeros(40000, np.int32)
         for k in range(30):

@@ -196,11 +196,13 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
   return m.fast(c);
 }
 
-// The largest single-copy broadcast/allgather payload per rank the caller's thread runs (one
-// process_vm_readv per peer). Bigger ones go to the engine, whose single-copy paths read in
-// L2-sized chunks. Broadcast: measured here (2 ranks, loaded 2-core VM) the caller's thread won at
-// 1 MiB (0.96x/1.01x mpi4py against 0.28x/0.16x through the engine), the engine at 16 MiB (where
-// receivers and root now share the copying); the 4 MiB boundary is not tuned. Allgather: the
+// The largest single-copy broadcast/allgather payload per rank the caller's thread runs. Bigger ones
+// go to the engine, whose single-copy paths read in L2-sized chunks. Broadcast: measured here (2 ranks,
+// loaded 2-core VM) the caller's thread won at 1 MiB (0.96x/1.01x mpi4py against 0.28x/0.16x through
+// the engine), the engine at 16 MiB while only the receivers copied; since the root writes pieces too
+// (eager_serve), up to 1 GiB as the allgather (2 ranks, 12 alternating jobs, ms: 8 MiB 0.22-0.31
+// against 0.31-0.39 through the engine, 16 MiB 0.62-0.87 against 0.63-0.96, 32 / 128 MiB level; the
+// engine's 16 MiB also took 1.5-1.7 ms in 2 of 6 earlier jobs, mpi4py 1.2-1.3 ms). Allgather: the
 // caller's thread won at every size to 64 MiB gathered (quiet, 16 MiB: 1.0-1.1 ms against 2.6 ms
 // through the engine and 1.1-1.3 ms for mpi4py): every rank copies anyway, and the engine's
 // round trip and chunked reads only add to it. Up to 16 MiB per rank at first: past that a fresh
@@ -210,7 +212,7 @@ bool CollectiveEngine::run_fast(FastCollective& c) {
 // through the engine and 32 ms for mpi4py; 128 MiB 57 / 106 / 44 ms). Past 64 MiB per rank as well
 // (loaded, same run, median of 5 rounds: 256 MiB gathered 81 ms against 130 ms through the engine and
 // 93 ms for mpi4py, 512 MiB 143 / 257 / 147 ms): up to 1 GiB per rank, as the allreduce.
-constexpr size_t kByAddressMaxBroadcastBytes = size_t(4) << 20;
+constexpr size_t kByAddressMaxBroadcastBytes = size_t(1) << 30;
 constexpr size_t kByAddressMaxAllgatherBytes = size_t(1) << 30;
 // An allgather whose result is at least as large as the last-level cache (and at least 16 MiB; 32 MiB
 // when sysfs does not say) copies this rank's own rows with streaming stores: the result cannot stay
