@@ -47,7 +47,8 @@
 // the same two-node exchange as the engine's), writes it into every local peer's output, posts that
 // it did, and returns once every local peer posted the same (each then read this rank's input and
 // wrote its output: nothing reads this rank's buffers after that; where the peers' memory is not
-// writable, each copies the peers' final slices out and waits until they copied its own). The operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
+// writable, each copies the peers' final slices out and waits until they copied its own). The
+// operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
 // same as that path's.
 #include "comm/cma.h"
 #include "comm/engine_impl.h"

@@ -239,20 +239,23 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       if (segs[g].average) divide(dtype, segs[g].out + at * es, static_cast<size_t>(n), world_size);
     });
   }
+  // elements [lo, hi) of the concatenation from this rank's outputs into peer j's (write) or from j's
+  // into this rank's, a few MiB per call: the heartbeat keeps beating
+  auto copy_outputs = [&](int j, int64_t lo, int64_t hi, bool write) {
+    const uint64_t* t = peer_table(j);
+    for (int64_t at = lo; at < hi; at += 4 * step) {
+      pulse(Clock::now());
+      piece_iov(lv, rv, starts, t, 1, at, std::min(hi, at + 4 * step), es,
+                [&](size_t g, int64_t o, int64_t) { return segs[g].out + o * es; });
+      if (write) cma_write(j, lv.data(), rv.data(), lv.size());
+      else cma_read(j, lv.data(), rv.data(), lv.size());
+    }
+  };
   if (cross_pushed_) {
     // 2. allgather by push: my final slice, still in this core's cache, into every peer's output (the
     // caller-thread path's gather, hier_fast.cc); a peer's counter 1 then says it read my input and
     // wrote my output
-    for (int jj = 1; jj < L && e > b; ++jj) {
-      const int j = (me + jj) % L;
-      const uint64_t* t = peer_table(j);
-      for (int64_t lo = b; lo < e; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
-        pulse(Clock::now());
-        piece_iov(lv, rv, starts, t, 1, lo, std::min(e, lo + 4 * step), es,
-                  [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
-        cma_write(j, lv.data(), rv.data(), lv.size());
-      }
-    }
+    for (int jj = 1; jj < L && e > b; ++jj) copy_outputs((me + jj) % L, b, e, true);
     finish_cma(h, 1);
     return;
   }
@@ -264,13 +267,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     slice_of(j, &bj, &ej);
     if (ej <= bj) continue;
     wait_counter(j, 1, h);
-    const uint64_t* t = peer_table(j);
-    for (int64_t lo = bj; lo < ej; lo += 4 * step) {  // a few MiB per call: the heartbeat keeps beating
-      pulse(Clock::now());
-      piece_iov(lv, rv, starts, t, 1, lo, std::min(ej, lo + 4 * step), es,
-                [&](size_t g, int64_t at, int64_t) { return segs[g].out + at * es; });
-      cma_read(j, lv.data(), rv.data(), lv.size());
-    }
+    copy_outputs(j, bj, ej, false);
   }
   finish_cma(h, 2);  // every peer copied my slice out: my buffers may change again
 }
