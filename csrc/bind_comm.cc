@@ -33,11 +33,13 @@ void check_array(const py::array& a, aimass::DType dt, const char* what) {
 }
 
 // The engine dtype of a numpy array, from its kind and item size (no string round trip).
-std::optional<aimass::DType> fast_dtype(const py::array& a) {
+// bf16_bits: the array holds bfloat16 bits as uint16 (numpy_dtype's inverse for BF16)
+std::optional<aimass::DType> fast_dtype(const py::array& a, bool bf16_bits = false) {
   const py::dtype d = a.dtype();
   if (d.byteorder() == '>') return std::nullopt;  // (big-endian data: the full path converts it)
   const char k = d.kind();
   const auto n = d.itemsize();
+  if (bf16_bits) return k == 'u' && n == 2 ? std::optional<aimass::DType>(aimass::DType::BF16) : std::nullopt;
   if (k == 'f') return n == 4 ? aimass::DType::F32 : n == 8 ? aimass::DType::F64 : n == 2 ? aimass::DType::F16
                                                                                             : std::optional<aimass::DType>();
   if (k == 'i') {
@@ -188,11 +190,7 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       Py_RETURN_NONE;
     py::array a = py::reinterpret_borrow<py::array>(t);
     if (kind == 2 && pa->nd == 0) a = a.reshape(std::vector<py::ssize_t>{1});  // one row per rank
-    const bool bf16 = nargs == 8 && args[7] == Py_True;
-    const auto dt = bf16 ? (a.dtype().kind() == 'u' && a.dtype().itemsize() == 2 && a.dtype().byteorder() != '>'
-                                ? std::optional<aimass::DType>(aimass::DType::BF16)
-                                : std::nullopt)
-                         : fast_dtype(a);
+    const auto dt = fast_dtype(a, nargs == 8 && args[7] == Py_True);
     if (!dt || !PyUnicode_Check(args[3])) Py_RETURN_NONE;
     Py_ssize_t name_len = 0;
     const char* name = PyUnicode_AsUTF8AndSize(args[3], &name_len);

@@ -23,6 +23,11 @@ def is_torch(x: Any) -> bool:
     return t is not None and isinstance(x, t.Tensor)
 
 
+def bfloat16_bits(x) -> np.ndarray:
+    """A CPU torch bfloat16 tensor's bits as a uint16 numpy view (numpy has no bfloat16)."""
+    return x.view(_torch().int16).numpy().view(np.uint16)
+
+
 # dtype -> name: numpy's dtype.name runs Python code (about 2 us a call, a tenth of an async
 # allreduce's submission)
 _DTYPE_NAMES: dict = {}
@@ -48,7 +53,7 @@ def as_numpy(x: Any, name: str = "array") -> Tuple[np.ndarray, str]:
         if x.requires_grad:
             x = x.detach()
         if x.dtype == t.bfloat16:
-            return x.view(t.int16).numpy().view(np.uint16), "bfloat16"
+            return bfloat16_bits(x), "bfloat16"
         return x.numpy(), str(x.dtype).replace("torch.", "")
     if hasattr(x, "__dlpack__"):
         try:

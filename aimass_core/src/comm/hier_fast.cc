@@ -368,12 +368,15 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
                                });
     if (average) comm::divide(c.dtype, out + b * static_cast<int64_t>(es), static_cast<size_t>(e - b), size);
   }
-  if (ch.push_available()) {
-    // 3. allgather by push: my final slice into every local peer's output while it is in this core's
-    // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input
-    // and wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits
-    // for readers. (Pulling each peer's slice after its word, then waiting for the readers: bench ratio
-    // to flat MPI 1 MiB 0.75-1.02, 4 MiB 0.90-1.18, against 1.01-1.64 / 1.03-1.78 pushed; docs/comm.md.)
+  // 3. allgather. By push: my final slice into every local peer's output while it is in this core's
+  // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input and
+  // wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits for
+  // readers. (Pulling each peer's slice after its word, then waiting for the readers: bench ratio to
+  // flat MPI 1 MiB 0.75-1.02, 4 MiB 0.90-1.18, against 1.01-1.64 / 1.03-1.78 pushed; docs/comm.md.)
+  // Without the push (peers' memory not writable: AIMASS_SHM_CMA_PUSH=0, a ptrace restriction): every
+  // local peer's final slice from its output after its word, then wait until every peer read mine.
+  const bool push = ch.push_available();
+  if (push) {
     ch.begin_output_writes();
     for (int jj = 1; jj < L && e > b; ++jj) {
       const int j = (me + jj) % L;
@@ -385,31 +388,18 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
         throw;
       }
     }
-    ch.signal(base + kWordFinal);  // my slice is in every local output, and I read every local input
-    for (int jj = 1; jj < L; ++jj) {
-      const int j = (me + jj) % L;
-      try {
-        ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
-      } catch (const DistributedError&) {  // (as below)
-        release.lost(j);
-        throw;
-      }
-    }
-    release.finish_unread();
-    return;
   }
-  // 3'. without the push (peers' memory not writable: AIMASS_SHM_CMA_PUSH=0, a ptrace restriction):
-  // every local peer's final slice from its output, then wait until every peer read mine
-  ch.signal(base + kWordFinal);  // my slice is final, and I read every local input
+  ch.signal(base + kWordFinal);  // my slice is final (pushed: in every local output); I read every local input
   for (int jj = 1; jj < L; ++jj) {
     const int j = (me + jj) % L;
     int64_t bj, ej;
     slice_of(j, &bj, &ej);
-    if (ej <= bj) continue;
+    if (!push && ej <= bj) continue;  // (pushed: every peer's word, which also says it is done with mine)
     try {
       ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
-      ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
-                     static_cast<size_t>(ej - bj) * es);
+      if (!push)
+        ch.read_output(j, static_cast<size_t>(bj) * es, out + bj * static_cast<int64_t>(es),
+                       static_cast<size_t>(ej - bj) * es);
     } catch (const DistributedError&) {
       // j did not advance for a whole deadline (stopped or dead) or its process is gone: the error path
       // does not wait another deadline for j to finish reading this rank's buffers, as the one-node push
@@ -418,6 +408,10 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
       release.lost(j);
       throw;
     }
+  }
+  if (push) {
+    release.finish_unread();
+    return;
   }
   if (!release.finish())
     throw DistributedError(detail::concat("aimass.dist: hierarchical allreduce '", c.name,

@@ -521,7 +521,7 @@ void shm_line_pads(std::vector<ShmSegment>& segs, size_t elem_bytes, int line_of
 void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType dtype, ReduceOp op,
                        int world_size, const std::function<void(void*, int64_t)>& cross_reduce, int64_t lead) {
   AIMASS_CHECK(available(), DistributedError, "aimass.dist: shared-memory path used without a segment (internal error)");
-  pushed_ = cross_pushed_ = false;
+  pushed_ = false;
   mapped_ = false;
   if (count <= 0) return;
   if (!stages(segs.size(), static_cast<bool>(cross_reduce))) {

@@ -165,7 +165,7 @@ class ShmAllreduce {
   bool cma_push_available() const { return push_ok_; }
   // Whether the last run() or broadcast() let the peers write this rank's outputs (push mode): after a failure
   // a late peer may still write them, so the caller must not free or reuse them.
-  bool peers_write_outputs() const { return pushed_ || cross_pushed_; }
+  bool peers_write_outputs() const { return pushed_; }
   // Whether the push mode hands out its pieces dynamically (a shared claim counter: a rank that is
   // descheduled or slower leaves its pieces to the others) instead of one fixed slice per rank, and
   // the single-copy broadcast's root pushes the pieces of each receiver's copy that the receiver has
@@ -267,7 +267,6 @@ class ShmAllreduce {
   size_t chunk_bytes_ = 0;
   size_t cut_ = 0;  // set_chunk()
   bool cma_ok_ = false, cma_on_ = false, push_ok_ = false, pushed_ = false, steal_ok_ = false;
-  bool cross_pushed_ = false;  // the last run across nodes pushed its final slices (run_cma)
   bool map_ok_ = false, mapped_ = false;
   PeerRegions peer_maps_;  // the local peers' shared buffers mapped here (map_ok_)
   // per local rank: its claim counter's value when the next collective using it starts (every rank

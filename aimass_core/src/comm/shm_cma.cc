@@ -142,10 +142,11 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   std::vector<int64_t> starts(nseg + 1, 0);
   for (size_t i = 0; i < nseg; ++i) starts[i + 1] = starts[i] + segs[i].count;
   AIMASS_CHECK(starts.back() == count, DistributedError, "aimass.dist: segment sizes do not add up (internal error)");
-  // push mode (one node): from the moment the table is posted a peer may write the outputs; across
-  // nodes a peer writes its final slice into them after its cross-node step (below)
-  pushed_ = push_ok_ && !cross_reduce;
-  cross_pushed_ = push_ok_ && static_cast<bool>(cross_reduce);
+  // peers write the outputs (push_ok_): on one node from the moment the table is posted (push mode:
+  // each reduced piece goes straight into every output), across nodes each final slice after its
+  // cross-node step (below)
+  pushed_ = push_ok_;
+  const bool push = push_ok_ && !cross_reduce;
   // post the address table: (in, out) per segment, in this rank's staging slot for h
   if (h > static_cast<uint64_t>(kDepth)) wait_peers(1, h - kDepth);
   uint64_t* table = reinterpret_cast<uint64_t*>(staging(me, h));
@@ -154,7 +155,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     table[2 * i + 1] = reinterpret_cast<uint64_t>(segs[i].out);
   }
   // after it, where each buffer lives when it is in one of this process's shared buffers (ino 0: not)
-  if (map_ok_ && pushed_ && steal_ok_ && refs_fit(nseg)) {
+  if (map_ok_ && push && steal_ok_ && refs_fit(nseg)) {
     RegionRef* refs = reinterpret_cast<RegionRef*>(table + 2 * nseg);
     const size_t es = dtype_size(dtype);
     for (size_t i = 0; i < nseg; ++i) {
@@ -165,7 +166,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   }
   mark(h, true, false, false);
   wait_peers(0, h);
-  if (pushed_ && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
+  if (push && steal_ok_) return run_cma_steal(segs, starts, count, dtype, op, world_size, h);
   auto peer_table = [&](int j) { return reinterpret_cast<const uint64_t*>(staging(j, h)); };
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
   auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
@@ -182,7 +183,6 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   tmp_.resize(static_cast<size_t>(L) * static_cast<size_t>(step) * es);
   // push mode (decided above, when the table was posted): each reduced chunk goes from the own
   // output, still in the L2, straight into every peer's output
-  const bool push = pushed_;
   std::vector<iovec> lv, rv;
   std::vector<const char*> srcs(L);
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
@@ -251,7 +251,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       else cma_read(j, lv.data(), rv.data(), lv.size());
     }
   };
-  if (cross_pushed_) {
+  if (pushed_) {  // (across nodes: push mode returned above)
     // 2. allgather by push: my final slice, still in this core's cache, into every peer's output (the
     // caller-thread path's gather, hier_fast.cc); a peer's counter 1 then says it read my input and
     // wrote my output

@@ -61,7 +61,7 @@ void ShmAllreduce::pipeline(int64_t nsteps, Stage&& stage, Consume&& consume) {
 void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
   AIMASS_CHECK(root >= 0 && root < lsize_, DistributedError, "aimass.dist: shared-memory broadcast root ", root,
                " is not a local rank (internal error)");
-  pushed_ = cross_pushed_ = false;
+  pushed_ = false;
   if (bytes <= 0 || lsize_ == 1) return;
   if (cma_on_) return guarded([&] { broadcast_cma(data, bytes, root); });
   guarded([&] {

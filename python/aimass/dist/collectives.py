@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._array import is_torch
+from .._array import bfloat16_bits, is_torch
 from .._cuda_array import is_cuda_array
 from .._C import _comm_lean as _lean
 from .._C import _comm_result_array
@@ -161,9 +161,7 @@ def _torch_view(t):
         return None
     if t.requires_grad:
         t = t.detach()
-    if dt == "bfloat16":  # (as _array.as_numpy)
-        return t.view(_torch().int16).numpy().view(np.uint16), dt
-    return t.numpy(), dt
+    return (bfloat16_bits(t) if dt == "bfloat16" else t.numpy()), dt
 
 
 def _lean_array(t):
@@ -188,15 +186,13 @@ def _lean_torch(kind: int, t, inplace: bool, name, op, root_rank, root):
     if got is None:
         return None
     a, dt = got
-    if dt == "bfloat16":  # (its uint16 view, labelled for the lane; the result's bits back as bfloat16)
-        r = _lean(kind, a, a if inplace else None, name, op, root_rank, root, True)
-        if r is None:
-            return None
-        return t if inplace else _torch().from_numpy(r.view(np.int16)).view(_torch().bfloat16)
-    r = _lean(kind, a, a if inplace else None, name, op, root_rank, root)
+    bf16 = dt == "bfloat16"  # (its uint16 view, labelled for the lane; the result's bits back as bfloat16)
+    r = _lean(kind, a, a if inplace else None, name, op, root_rank, root, bf16)
     if r is None:
         return None
-    return t if inplace else _torch().from_numpy(r)
+    if inplace:
+        return t
+    return _torch().from_numpy(r.view(np.int16)).view(_torch().bfloat16) if bf16 else _torch().from_numpy(r)
 
 
 def _lean_async(t, name, op, inplace: bool, compression) -> Optional[Handle]:
