@@ -572,6 +572,7 @@ void bind_comm(py::module_& m) {
         d["ll_fallbacks"] = s.ll_fallbacks;
         d["hier_collectives"] = s.hier_collectives;
         d["hier_fallbacks"] = s.hier_fallbacks;
+        d["hier_staged"] = s.hier_staged;
         d["ll_mapped"] = s.ll_mapped;
         d["ll_staged"] = s.ll_staged;
         d["ll_step_offs"] = s.ll_step_offs;

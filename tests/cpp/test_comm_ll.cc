@@ -840,3 +840,51 @@ TEST(CommLL, PhaseWordsAndPeersOutputs) {
   });
   for (const auto& e : errors) EXPECT_EQ(e, "");
 }
+
+// The hierarchical allreduce's staging buffers (LLChannel::set_stage): posted beside a by-address payload
+// with an output, read by the peers in their mappings and through the kernel (the same bytes); none
+// posted after set_stage(nullptr), and a stage that is not in a shared host buffer posts none either.
+TEST(CommLL, StagingBuffersArePostedAndReadByPeers) {
+  constexpr int L = 3;
+  constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;
+  Segment seg(L, kSlot);
+  std::vector<std::string> errors;
+  run_rank_threads(L, errors, [&](int r) {
+    LLChannel ch(r, L, seg.mem, kSlot);
+    ch.allow_cma_for_tests();
+    aimass::SharedHostBuffer stage(kBig + 4096);
+    std::vector<unsigned char> in(kBig), out(kBig), got(kBig), priv(kBig);
+    for (int round = 0; round < 6; ++round) {
+      auto* st = static_cast<unsigned char*>(stage.data());
+      for (size_t i = 0; i < kBig; ++i) st[i] = static_cast<unsigned char>(i * 7 + r * 29 + round);
+      // rounds 0-1: the shared stage; 2: none; 3: private memory (not a shared host buffer); 4-5: shared again
+      ch.set_stage(round == 2 ? nullptr : round == 3 ? static_cast<void*>(priv.data()) : stage.data(), kBig);
+      ASSERT_EQ(ch.exchange(40 + round, in.data(), kBig, 0, 30.0, true, out.data()), Result::Complete);
+      const uint64_t base = (ch.attempt() + 1) * 8;
+      ch.signal(base + 1);
+      for (int j = 0; j < L; ++j) {
+        if (j == r) continue;
+        EXPECT_GE(ch.wait_signal(j, base + 1, 30.0, "test"), base + 1);
+        if (round == 2 || round == 3) {
+          EXPECT_EQ(ch.posted_stage(j).ino, 0u) << r << " " << j << " " << round;
+          EXPECT_EQ(ch.map_stage(j, 0, 16), nullptr);
+          continue;
+        }
+        ASSERT_NE(ch.posted_stage(j).ino, 0u) << r << " " << j << " " << round;
+        const char* p = ch.map_stage(j, 1000, kBig - 1000);
+        ASSERT_NE(p, nullptr);
+        ch.read_stage(j, 1000, got.data(), kBig - 1000);
+        EXPECT_EQ(std::memcmp(p, got.data(), kBig - 1000), 0);
+        for (size_t i = 0; i < kBig - 1000; i += 331)
+          ASSERT_EQ(got[i], static_cast<unsigned char>((i + 1000) * 7 + j * 29 + round)) << r << " " << j;
+        EXPECT_EQ(ch.map_stage(j, 4096, kBig + 4096), nullptr);  // past the buffer's end: no mapping
+      }
+      ch.signal(base + 4);  // done reading the peers' stages (they change them next round)
+      for (int j = 0; j < L; ++j)
+        if (j != r) ch.wait_signal(j, base + 4, 30.0, "test");
+      ch.done();
+      ASSERT_TRUE(ch.wait_readers(30.0));
+    }
+  });
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+}

@@ -253,24 +253,32 @@ def test_caller_thread_path_gives_the_engine_paths_bits(dist):
 
 @pytest.mark.nprocs(4)
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("path", ["caller", "engine"])
-@pytest.mark.parametrize("push", [True, False])
-def test_node_gather_writes_exactly_each_output(dist, path, push):
-    """The node's gather after the cross-node step: each local rank writes its final slice into its node
-    peers' outputs (or, with AIMASS_SHM_CMA_PUSH=0, each reads the peers' slices), in the caller's thread
-    and in the engine. Outputs that are views at odd element offsets inside larger arrays (the bytes
-    around them stay as they were), outputs in node-shared memory (`dist.empty`), in and out of place,
-    other sizes between; every result exact and the path taken."""
+@pytest.mark.parametrize("path,mode", [("caller", "staged"), ("caller", "staged-kernel"), ("caller", "push"),
+                                       ("caller", "pull"),
+                                       ("engine", "push"), ("engine", "pull")])
+def test_node_gather_writes_exactly_each_output(dist, path, mode):
+    """The node's steps around the cross-node step, in the caller's thread and in the engine: staged (the
+    caller's path up to 2 MiB: each rank copies the peers' parts of its input into its staging buffer,
+    reduces from the peers' staging buffers in its mappings of them and copies their final slices out of
+    them), pushed (each local rank writes its final slice into its node peers' outputs) or pulled
+    (AIMASS_SHM_CMA_PUSH=0: each reads the peers' slices). Outputs that are views at odd element offsets
+    inside larger arrays (the bytes around them stay as they were), outputs in node-shared memory
+    (`dist.empty`), in and out of place, other sizes between (1.2 MiB and 2.4 MiB: staged and not); every
+    result exact and the path taken. staged-kernel: the peers' staging buffers read through the kernel, as
+    where they cannot be mapped."""
     env = {"AIMASS_RANKS_PER_NODE": 2, "AIMASS_HIER_CALLER": "0" if path == "engine" else None,
-           "AIMASS_SHM_CMA_PUSH": None if push else "0"}
+           "AIMASS_SHM_CMA_PUSH": "0" if mode == "pull" else None,
+           "AIMASS_HIER_STAGE": None if mode.startswith("staged") else "0",
+           "AIMASS_HIER_STAGE_MAP": "0" if mode == "staged-kernel" else None}
     with engine_env(dist, **env) as d:
         assert d.local_size() == 2 and d.cross_size() == 2
         d.set_shm_min_bytes(0)
         r, n = d.rank(), d.size()
         key = "hier_collectives" if path == "caller" else "shm_allreduces"
-        before = d.stats()[key]
+        before, staged_before = d.stats()[key], d.stats()["hier_staged"]
+        staged = 0
         calls = 0
-        for it, count in enumerate((4099, 70001, (1 << 18) + 5, 4099, 300001)):
+        for it, count in enumerate((4099, 70001, (1 << 18) + 5, 4099, 300001, 600007)):
             inputs = [random_input(50 + it, i, count, "int32") for i in range(n)]
             ref = np.stack([x.astype(np.int64) for x in inputs]).sum(0)
             # in place, in a view at an odd offset of a larger array: the bytes around it untouched
@@ -289,9 +297,15 @@ def test_node_gather_writes_exactly_each_output(dist, path, push):
             out = d.allreduce(shared, op="max", name=f"hier.gather.out.{it}")
             np.testing.assert_array_equal(out, ref)
             calls += 3
+            staged += 3 if count * 4 <= 2 << 20 else 0
         ran = d.stats()[key] - before
         # (the caller's path sends a call to the engine when a window passes while a rank is descheduled)
         assert ran >= (calls - 2 if path == "caller" else calls), ran
+        ran_staged = d.stats()["hier_staged"] - staged_before
+        if mode.startswith("staged"):
+            assert staged - 2 <= ran_staged <= staged, (ran_staged, staged)
+        else:
+            assert ran_staged == 0
 
 
 @pytest.mark.nprocs(4)

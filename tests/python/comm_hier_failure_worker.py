@@ -42,7 +42,8 @@ for i in range(3):  # warm-up: the job works before the failure
     step(i)
 st = dist.stats()
 record = {"pid": os.getpid(), "error": None, "local_size": dist.local_size(),
-          "hier_warmup": st["hier_collectives"], "fallbacks_warmup": st["hier_fallbacks"]}
+          "hier_warmup": st["hier_collectives"], "fallbacks_warmup": st["hier_fallbacks"],
+          "staged_warmup": st["hier_staged"]}
 world.Barrier()
 if victim:
     arm_victim(path, record, t)

@@ -213,16 +213,27 @@ def hier_trials():
 
 
 # a job takes a few seconds; a hung one is cut off by launch() at about 2 minutes
+def hier_paths():
+    """Every trial on the caller's path (1 MiB: staged) and the engine's; a kill and a stop on the caller's
+    path with the staging off (the push into the peers' outputs)."""
+    trials = hier_trials()
+    out = [pytest.param(t, path, id=f"{t['signal']}-rank{t['victim']}-{path}")
+           for path in ("caller", "engine") for t in trials]
+    return out + [pytest.param(t, "caller-push", id=f"{t['signal']}-rank{t['victim']}-caller-push")
+                  for t in trials if (t["signal"], t["victim"]) in (("SIGKILL", 3), ("SIGSTOP", 1))]
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("path", ["caller", "engine"])
-@pytest.mark.parametrize("trial", hier_trials(), ids=lambda t: f"{t['signal']}-rank{t['victim']}")
+@pytest.mark.parametrize("trial,path", hier_paths())
 def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial, path):
-    """caller: the caller-thread path (hier_fast.cc); engine: the engine's (AIMASS_HIER_CALLER=0), whose
-    node gather writes the peers' outputs too."""
+    """caller: the caller-thread path (hier_fast.cc; 1 MiB goes through the staging buffers); caller-push:
+    the same with AIMASS_HIER_STAGE=0 (the node gather writes the peers' outputs); engine: the engine's
+    (AIMASS_HIER_CALLER=0), whose node gather writes the peers' outputs too."""
     cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--enable-recovery",
            "-np", "4", sys.executable, HIER_WORKER, str(tmp_path), json.dumps(trial)]
     ranks = [r for r in range(4) if r != trial["victim"]]
-    env = {"AIMASS_RANKS_PER_NODE": "2", **({"AIMASS_HIER_CALLER": "0"} if path == "engine" else {})}
+    env = {"AIMASS_RANKS_PER_NODE": "2", **({"AIMASS_HIER_CALLER": "0"} if path == "engine" else {}),
+           **({"AIMASS_HIER_STAGE": "0"} if path == "caller-push" else {})}
     surv, victims, exited, log = launch(cmd, env, str(tmp_path),
                                         [f"rank{r}" for r in ranks], [f"rank{trial['victim']}"], trial["timeout"])
     survivors = {r: surv[k] for k, r in enumerate(ranks)}
@@ -239,10 +250,12 @@ def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial, path):
             failures.append(f"rank {r} reported nothing (hung or crashed); log tail: {log[-800:]}")
             continue
         # the path was taken before the failure (not the engine's fallback)
-        if rec["local_size"] != 2 or (rec["hier_warmup"] < 1) == (path == "caller"):
+        if rec["local_size"] != 2 or (rec["hier_warmup"] < 1) == (path != "engine"):
             failures.append(f"rank {r}: the caller-thread hierarchical path was not taken in the warm-up "
                             f"(local_size {rec['local_size']}, hier_collectives {rec['hier_warmup']}, "
                             f"hier_fallbacks {rec['fallbacks_warmup']})")
+        elif (rec["staged_warmup"] >= 1) != (path == "caller"):  # (1 MiB: staged unless AIMASS_HIER_STAGE=0)
+            failures.append(f"rank {r}: hier_staged {rec['staged_warmup']} after the warm-up on the {path} path")
         if r == trial["victim"]:
             continue
         if not rec.get("is_distributed"):

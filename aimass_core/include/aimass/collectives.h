@@ -171,6 +171,7 @@ struct EngineStats {
   uint64_t ll_fallbacks = 0;    // low-latency attempts handed to the engine (busy/slow peer, mismatch)
   uint64_t hier_collectives = 0;  // blocking allreduces across two nodes run in the caller's thread
   uint64_t hier_fallbacks = 0;    // ... attempts handed to the engine (late/absent peer, mismatch)
+  uint64_t hier_staged = 0;       // ... of hier_collectives, those whose node steps went through staging buffers
   uint64_t ll_mapped = 0;       // of ll_collectives, allreduces pushed straight in the peers' mapped shared buffers
   uint64_t ll_staged = 0;       // of ll_collectives, large allreduces run staged through the segment (not pushed)
   uint64_t ll_step_offs = 0;    // times a caller-thread wait stepped off a CPU that the awaited peer ran on

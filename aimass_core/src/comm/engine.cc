@@ -580,6 +580,7 @@ EngineStats CollectiveEngine::stats() const {
   s.ll_fallbacks = impl_->ll_fallbacks.load(std::memory_order_relaxed);
   s.hier_collectives = impl_->hier_collectives.load(std::memory_order_relaxed);
   s.hier_fallbacks = impl_->hier_fallbacks.load(std::memory_order_relaxed);
+  s.hier_staged = impl_->hier_staged.load(std::memory_order_relaxed);
   return s;
 }
 

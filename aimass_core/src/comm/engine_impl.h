@@ -29,6 +29,7 @@
 #include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "aimass/memory.h"
+#include "aimass/shared_host.h"
 #include "comm/algorithms.h"
 #include "comm/ll_shm.h"
 #include "comm/message.h"
@@ -281,14 +282,24 @@ struct CollectiveEngine::Impl {
     int timeouts = 0;         // attempts in a row settled by a window that passed in vain
     std::atomic<bool> off{false};  // the path is off for good on this rank (see kHierMaxTimeouts)
     std::vector<char> tmp, xbuf;  // the caller's scratch: the peers' pieces, the cross step's receive
+    // this rank's staging buffer (hier_data's staged gathers; AIMASS_HIER_STAGE=0: none) and whether the
+    // attempt under way stages (every local rank posted one)
+    std::unique_ptr<SharedHostBuffer> stage;
+    bool stage_on = true, staged = false;
+    size_t stage_max = 0;  // bytes: staged up to this size (kHierStageMax, AIMASS_HIER_STAGE)
+    bool stage_map = true;  // read the peers' staging buffers in mappings (AIMASS_HIER_STAGE_MAP=0: through the kernel)
   };
   std::unique_ptr<Hier> hier;
-  std::atomic<uint64_t> hier_collectives{0}, hier_fallbacks{0};
+  std::atomic<uint64_t> hier_collectives{0}, hier_fallbacks{0}, hier_staged{0};
   void hier_init();
   // A blocking allreduce in the caller's thread: true when done here, false when it goes to the engine.
   bool hier_allreduce(FastCollective& c);
-  bool hier_pair_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double fallback, double deadline);
-  bool hier_peer_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double deadline);
+  // sent: runs once the header is sent (the staged copy-in, while the other node's header is on its way)
+  bool hier_pair_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double fallback, double deadline,
+                      const std::function<void()>& sent);
+  bool hier_peer_step(Hier& h, uint64_t id, uint64_t hash, bool local_ok, double deadline,
+                      const std::function<void()>& sent);
+  void hier_stage_in(Hier& h, const FastCollective& c, int64_t n);
   void hier_pump(Hier& h, uint64_t keep_from);
   void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
   void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);

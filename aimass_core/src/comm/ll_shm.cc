@@ -228,6 +228,10 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       find_shared_region(data, bytes, &refs[0]);
       find_shared_region(out, bytes, &refs[1]);
     }
+    if (by_address_ && out != nullptr && bytes > kInline && slot_bytes_ >= (kStageRef + 1) * sizeof(RegionRef)) {
+      RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
+      if (stage_p_ == nullptr || !find_shared_region(stage_p_, stage_n_, &refs[kStageRef])) refs[kStageRef] = RegionRef{};
+    }
     h->posted.store(a + 1, std::memory_order_release);  // last: a pair's waiting peer completes on it
     written = a;
     return true;
@@ -469,6 +473,21 @@ void LLChannel::read_output(int j, size_t offset, void* dst, size_t n) const {
   const Header* h = slot(j, attempt_);
   iovec l{dst, n};
   iovec r{reinterpret_cast<void*>(h->out + offset), n};
+  cma_read(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
+           "rank", j);
+}
+
+const char* LLChannel::map_stage(int j, size_t offset, size_t n) {
+  const RegionRef& ref = posted_stage(j);
+  if (ref.ino == 0) return nullptr;
+  return peer_maps_.translate(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), ref, ref.base + offset,
+                              n);
+}
+
+void LLChannel::read_stage(int j, size_t offset, void* dst, size_t n) const {
+  if (n == 0) return;
+  iovec l{dst, n};
+  iovec r{reinterpret_cast<void*>(posted_stage(j).base + offset), n};
   cma_read(static_cast<pid_t>(ctl(j)->pid.load(std::memory_order_relaxed)), &l, &r, 1, "low-latency collective",
            "rank", j);
 }

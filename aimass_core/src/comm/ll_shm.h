@@ -285,6 +285,20 @@ class LLChannel {
   uint64_t attempt() const { return attempt_; }
   // Copies bytes [offset, offset + n) of rank j's posted output to dst (process_vm_readv).
   void read_output(int j, size_t offset, void* dst, size_t n) const;
+  // The hierarchical allreduce's staging buffers: [p, p + n) inside a shared host buffer of this rank
+  // (aimass/shared_host.h; nullptr: none) is posted in every later exchange() that posts an input by
+  // address with an output, so that the node's peers read it in their mappings of it (plain loads: 3-4x
+  // the rate of process_vm_readv on 4 KiB pages) instead of reading this rank's own buffers.
+  void set_stage(const void* p, size_t n) {
+    stage_p_ = p;
+    stage_n_ = n;
+  }
+  // The staging buffer rank j posted in the completed attempt (ino 0: none; base: its address there).
+  const RegionRef& posted_stage(int j) const { return posted_regions(j)[kStageRef]; }
+  // Bytes [offset, offset + n) of it in this process's mapping (nullptr: it cannot be mapped here; then
+  // read_stage copies them through the kernel, DistributedError when that process is gone).
+  const char* map_stage(int j, size_t offset, size_t n);
+  void read_stage(int j, size_t offset, void* dst, size_t n) const;
   // Whether rank j posted an output in the completed attempt; write_output copies src[0, n) to bytes
   // [offset, offset + n) of it: with plain stores where that output lives in a shared host buffer this
   // process maps (maps_peers(); returns true), else process_vm_writev (false; DistributedError when that
@@ -423,7 +437,9 @@ class LLChannel {
   }
   // Rank j's shared-host regions posted in the completed attempt beside a by-address payload (exchange(),
   // where map_ok_): [0] its input's, [1] its output's (ino 0: not in a shared host buffer).
+  // [kStageRef]: its staging buffer (set_stage; posted whatever map_ok_, ino 0: none).
   const RegionRef* posted_regions(int j) const { return reinterpret_cast<const RegionRef*>(slot(j, attempt_)->data()); }
+  static constexpr int kStageRef = 2;
   bool closed(uint64_t w) const { return (w & kAborted) || (w & kMaskBits) == full_; }
   struct alignas(128) EagerCtl {  // one per rank: 640 bytes
     std::atomic<uint64_t> acked;       // the last stream entry this rank processed (alone in its line)
@@ -502,7 +518,9 @@ class LLChannel {
   bool push_ok_ = false;     // ... and write it
   uint64_t push_base_ = 0;   // the claim counter's value when the next single-copy allreduce starts
   bool map_ok_ = false, push_mapped_ = false;  // set_maps_peers(), last_push_mapped()
-  PeerRegions peer_maps_;   // the peers' shared host buffers mapped here (map_ok_)
+  PeerRegions peer_maps_;   // the peers' shared host buffers mapped here (map_ok_, their staging buffers)
+  const void* stage_p_ = nullptr;  // set_stage()
+  size_t stage_n_ = 0;
   std::vector<char> push_tmp_;  // the peers' pieces of one claimed piece (L2-resident)
   std::unique_ptr<ShmAllreduce> stage_;  // the staged allreduce, on the segment's staging area
   // ---- the staged-or-push choice (ll_push.cc)
