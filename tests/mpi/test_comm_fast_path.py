@@ -812,3 +812,61 @@ def test_torch_tensors_take_the_lean_lane(ll):
     got = d.allreduce(bf, op="sum", name="tl.bf16")
     assert got.dtype == torch.bfloat16 and torch.equal(got, torch.full((2, 8), float(n), dtype=torch.bfloat16))
     d.barrier(name="tl.end")
+
+
+@pytest.mark.timeout(120)
+def test_torch_inplace_takes_the_lane_without_a_numpy_view(ll, monkeypatch):
+    """In-place allreduce_ / broadcast_ of a CPU torch tensor run in C++ from the tensor's pointer, shape and
+    dtype (no numpy view: collectives._torch_view is never called once torch is registered): every dtype,
+    a 0-d tensor, a view at an offset inside a larger tensor (the elements around it untouched), sizes from
+    the slots to single copy, the default op (average); exact values. A misaligned tensor and a subclass
+    (Parameter) still give the right result through the other paths."""
+    torch = pytest.importorskip("torch")
+    import aimass.dist.collectives as C
+    d = ll
+    n, r = d.size(), d.rank()
+    C._lean_torch_dtypes()  # (registers torch with the lane, as the first torch call does)
+    views = []
+    real_view = C._torch_view
+    monkeypatch.setattr(C, "_torch_view", lambda t: views.append(t) or real_view(t))
+    before = d.stats()
+    calls = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+                  torch.int16, torch.int32, torch.int64, torch.bool):
+        for count in (1, 1000, 300001):
+            vals = [torch.arange(count) % 3 + k for k in range(n)]  # rank k's values
+            if dtype == torch.bool:  # max: any rank's True
+                x, op = vals[r] % 2 == 1, "max"
+                want = torch.stack([v % 2 == 1 for v in vals]).any(0)
+            else:
+                x, op = vals[r].to(dtype), "sum"
+                want = sum(vals).to(dtype)
+            assert d.allreduce_(x, op=op, name=f"tv.ar.{dtype}.{count}") is x
+            assert torch.equal(x, want), (dtype, count)
+            calls += 1
+    z = torch.tensor(float(r + 1))  # 0-d, the default op: the average
+    assert d.allreduce_(z, name="tv.0d") is z and z.item() == sum(range(1, n + 1)) / n
+    outer = torch.full((1000 + 2 * 37,), -5.0)
+    v = outer[37:1037]  # contiguous, at an offset in its storage
+    v.copy_(torch.arange(1000, dtype=torch.float32) + r)
+    assert d.allreduce_(v, op="sum", name="tv.view") is v
+    assert torch.equal(v, torch.arange(1000, dtype=torch.float32) * n + n * (n - 1) / 2)
+    assert (outer[:37] == -5).all() and (outer[1037:] == -5).all()
+    b = torch.full((33, 5), float(r), dtype=torch.bfloat16)
+    assert d.broadcast_(b, root_rank=n - 1, name="tv.bc") is b
+    assert torch.equal(b, torch.full((33, 5), float(n - 1), dtype=torch.bfloat16))
+    calls += 3
+    assert views == []  # none of them went through the numpy view
+    st = d.stats()
+    done = st["ll_collectives"] - before["ll_collectives"] + st["ll_fallbacks"] - before["ll_fallbacks"]
+    assert done >= calls, (done, calls)
+    # misaligned (a float32 view one byte into a byte buffer), a Parameter, autograd: the right values elsewhere
+    buf = bytearray(4 * 64 + 1)
+    mis = torch.frombuffer(buf, dtype=torch.float32, count=64, offset=1)
+    mis.fill_(r + 1.0)
+    assert d.allreduce_(mis, op="sum", name="tv.misaligned") is mis
+    assert torch.equal(mis, torch.full((64,), float(sum(range(1, n + 1)))))
+    p = torch.nn.Parameter(torch.full((8,), float(r)), requires_grad=False)
+    d.allreduce_(p, op="sum", name="tv.param")
+    assert torch.equal(p.data, torch.full((8,), float(n * (n - 1) // 2)))
+    d.barrier(name="tv.end")

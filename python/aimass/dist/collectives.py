@@ -18,6 +18,7 @@ import numpy as np
 from .._array import bfloat16_bits, is_torch
 from .._cuda_array import is_cuda_array
 from .._C import _comm_lean as _lean
+from .._C import _comm_lean_torch
 from .._C import _comm_result_array
 from . import _core
 from ._core import GroupHandle, Handle, global_process_set, synchronize
@@ -147,6 +148,9 @@ def _lean_torch_dtypes() -> dict:
     if not _LEAN_TORCH_DTYPES:
         torch = _torch()
         _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES})
+        # from now on the lane takes a CPU tensor's in-place allreduce_ / broadcast_ in C++ without its numpy
+        # view (8-byte allreduce_: 2.3-3.8 us through the view, numpy 0.35-0.6 us)
+        _comm_lean_torch(torch.Tensor, _LEAN_TORCH_DTYPES)
     return _LEAN_TORCH_DTYPES
 
 
