@@ -193,13 +193,14 @@ bool lean_args(PyObject* const* args, long kind, int size, aimass::FastCollectiv
   return true;
 }
 
-// ---- CPU torch tensors, in place (allreduce_ / broadcast_): registered by the Python layer once torch is
-// in use (_comm_lean_torch), so that no torch import happens here. The tensor's pointer, shape and dtype are
-// read through its attributes (~0.4 us) instead of building its numpy view (t.numpy(): 0.7 us, and 1.2 us
-// with the checks around it in Python); a call the lane runs gives the tensor back.
+// ---- CPU torch tensors: registered by the Python layer once torch is in use (_comm_lean_torch), so that no
+// torch import happens here. The tensor's pointer, shape and dtype are read through its attributes (~0.4 us)
+// instead of building its numpy view (t.numpy(): 0.7 us, and 1.2 us with the checks around it in Python);
+// in place the tensor comes back, else the result array as a tensor (_torch_result).
 struct LeanTorch {
   PyObject* tensor_type = nullptr;  // torch.Tensor (exact type: subclasses such as Parameter take the full path)
   PyObject* dtypes = nullptr;       // {torch dtype: aimass DType as int}
+  PyObject* result = nullptr;       // _torch_result(array, bfloat16) -> tensor
   PyObject *s_requires_grad, *s_is_cpu, *s_is_contiguous, *s_dtype, *s_data_ptr, *s_shape;
 };
 LeanTorch* lean_torch() {  // the GIL guards it; never destroyed
@@ -228,64 +229,43 @@ bool attr_true(PyObject* o, PyObject* s, bool call) {
   return yes;
 }
 
-// args[1] is a CPU torch tensor, args[2] the same (in place), kind 0 or 1: run it; Py_None when it does
-// not qualify (the Python layer then takes it: its numpy view, or the full path).
-PyObject* lean_torch_inplace(aimass::CollectiveEngine& eng, long kind, PyObject* const* args) {
+// A plain CPU torch tensor's pointer, shape and dtype for the lane (false: it does not qualify, the Python
+// layer then takes it).
+struct TorchInput {
+  void* data = nullptr;
+  int ndim = 0;
+  int64_t shape[32];
+  aimass::DType dt = aimass::DType::F32;
+};
+bool torch_input(PyObject* t, TorchInput* ti) {
   LeanTorch& lt = *lean_torch();
-  PyObject* t = args[1];
   if (attr_true(t, lt.s_requires_grad, false) || !attr_true(t, lt.s_is_cpu, false) ||
       !attr_true(t, lt.s_is_contiguous, true))
-    Py_RETURN_NONE;
+    return false;
   py::object dto = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, lt.s_dtype));
   PyObject* code = dto ? PyDict_GetItemWithError(lt.dtypes, dto.ptr()) : nullptr;  // (borrowed)
   py::object ptro = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, lt.s_data_ptr));
   py::object shp = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, lt.s_shape));
-  if (!code || !ptro || !shp || !PyTuple_Check(shp.ptr())) {
+  if (!code || !ptro || !shp || !PyTuple_Check(shp.ptr()) || PyTuple_GET_SIZE(shp.ptr()) > 32) {
     PyErr_Clear();
-    Py_RETURN_NONE;
+    return false;
   }
-  const auto dt = static_cast<aimass::DType>(PyLong_AsLong(code));
-  const size_t es = aimass::dtype_size(dt);
-  void* data = PyLong_AsVoidPtr(ptro.ptr());
-  if (PyErr_Occurred() || reinterpret_cast<uintptr_t>(data) % es != 0) {  // (numpy's view would not be aligned)
+  ti->dt = static_cast<aimass::DType>(PyLong_AsLong(code));
+  ti->data = PyLong_AsVoidPtr(ptro.ptr());
+  ti->ndim = static_cast<int>(PyTuple_GET_SIZE(shp.ptr()));
+  for (int i = 0; i < ti->ndim; ++i) ti->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shp.ptr(), i));
+  if (PyErr_Occurred()) {
     PyErr_Clear();
-    Py_RETURN_NONE;
+    return false;
   }
-  int64_t shape[32];
-  const Py_ssize_t nd = PyTuple_GET_SIZE(shp.ptr());
-  if (nd > 32) Py_RETURN_NONE;
-  size_t nbytes = es;
-  for (Py_ssize_t i = 0; i < nd; ++i) {
-    shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shp.ptr(), i));
-    if (shape[i] < 0) {
-      PyErr_Clear();
-      Py_RETURN_NONE;
-    }
-    nbytes *= static_cast<size_t>(shape[i]);
-  }
-  aimass::FastCollective c;
-  if (!lean_args(args, kind, eng.communicator().size(), &c)) Py_RETURN_NONE;
-  c.dtype = dt;
-  c.ndim = static_cast<int>(nd);
-  c.shape = shape;
-  c.input = data;
-  c.output = data;
-  c.capacity = nbytes;
-  bool done = false;
-  try {
-    py::gil_scoped_release rel;
-    done = eng.run_fast(c);
-  } catch (...) {
-    if (c.peers_may_write) Py_INCREF(t);  // (a late peer may still write it: as the numpy lane's output)
-    throw;
-  }
-  if (!done) {  // every rank of an aborted attempt submits to its engine: a numpy view onto the tensor
-    std::vector<py::ssize_t> sv(shape, shape + nd);
-    py::array a(numpy_dtype(dt), sv, data, py::reinterpret_borrow<py::object>(t));
-    submit_and_wait(eng, static_cast<int>(kind), a, a, std::string(c.name), c.op, c.root, dt, false);
-  }
-  Py_INCREF(t);
-  return t;
+  // (numpy's view of a misaligned tensor is not aligned: the numpy lane declines it too)
+  return reinterpret_cast<uintptr_t>(ti->data) % aimass::dtype_size(ti->dt) == 0;
+}
+
+// A result array as a torch tensor that owns its memory (the registered _torch_result: torch.from_numpy,
+// bfloat16 bits re-labelled).
+py::object torch_result(py::object arr, aimass::DType dt) {
+  return py::reinterpret_borrow<py::object>(lean_torch()->result)(arr, dt == aimass::DType::BF16);
 }
 
 PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -299,39 +279,56 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!eng || g_lean_paused) Py_RETURN_NONE;
     const long kind = PyLong_AsLong(args[0]);
     if (kind == -1 && PyErr_Occurred()) return nullptr;
-    PyObject* t = args[1];
-    const auto& api = py::detail::npy_api::get();
     if (kind < 0 || kind > 3) Py_RETURN_NONE;
-    if (Py_TYPE(t) != api.PyArray_Type_) {
-      if (kind <= 1 && args[2] == t && reinterpret_cast<PyObject*>(Py_TYPE(t)) == lean_torch()->tensor_type)
-        return lean_torch_inplace(*eng, kind, args);
-      Py_RETURN_NONE;
-    }
-    const auto* pa = py::detail::array_proxy(t);
+    PyObject* t = args[1];
     const bool inplace = args[2] == t;
-    constexpr int kLayout = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-    if ((pa->flags & kLayout) != kLayout || (args[2] != Py_None && !inplace) ||
-        (inplace && !(pa->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_)))
-      Py_RETURN_NONE;
-    py::array a = py::reinterpret_borrow<py::array>(t);
-    if (kind == 2 && pa->nd == 0) a = a.reshape(std::vector<py::ssize_t>{1});  // one row per rank
-    const auto dt = fast_dtype(a, nargs == 8 && args[7] == Py_True);
+    if (args[2] != Py_None && !inplace) Py_RETURN_NONE;
+    const auto& api = py::detail::npy_api::get();
     const int size = eng->communicator().size();
     aimass::FastCollective c;
-    if (!dt || !lean_args(args, kind, size, &c)) Py_RETURN_NONE;
-    c.dtype = *dt;
-    const auto* pv = py::detail::array_proxy(a.ptr());  // (a 0-d allgather: the reshaped view)
-    c.ndim = pv->nd;
-    c.shape = reinterpret_cast<const int64_t*>(pv->dimensions);
-    static_assert(sizeof(*pv->dimensions) == sizeof(int64_t), "numpy dimensions are 64-bit here");
+    py::array a;  // the input as a numpy array (a torch tensor's view only where the engine needs one)
+    py::dtype rdt;  // the result's numpy dtype
+    TorchInput ti;
+    const bool torch = Py_TYPE(t) != api.PyArray_Type_;
+    if (torch) {
+      if (reinterpret_cast<PyObject*>(Py_TYPE(t)) != lean_torch()->tensor_type || (inplace && kind > 1) ||
+          !torch_input(t, &ti))
+        Py_RETURN_NONE;
+      if (kind == 2 && ti.ndim == 0) ti.shape[ti.ndim++] = 1;  // one row per rank
+      c.dtype = ti.dt;
+      c.ndim = ti.ndim;
+      c.shape = ti.shape;
+      c.input = ti.data;
+      rdt = numpy_dtype(ti.dt);
+    } else {
+      const auto* pa = py::detail::array_proxy(t);
+      constexpr int kLayout = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+      if ((pa->flags & kLayout) != kLayout || (inplace && !(pa->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_)))
+        Py_RETURN_NONE;
+      a = py::reinterpret_borrow<py::array>(t);
+      if (kind == 2 && pa->nd == 0) a = a.reshape(std::vector<py::ssize_t>{1});  // one row per rank
+      const auto dt = fast_dtype(a, nargs == 8 && args[7] == Py_True);
+      if (!dt) Py_RETURN_NONE;
+      c.dtype = *dt;
+      const auto* pv = py::detail::array_proxy(a.ptr());  // (a 0-d allgather: the reshaped view)
+      c.ndim = pv->nd;
+      c.shape = reinterpret_cast<const int64_t*>(pv->dimensions);
+      static_assert(sizeof(*pv->dimensions) == sizeof(int64_t), "numpy dimensions are 64-bit here");
+      c.input = pa->data;
+      rdt = a.dtype();
+    }
+    if (!lean_args(args, kind, size, &c)) Py_RETURN_NONE;
     if (kind == 3 && c.ndim == 0) Py_RETURN_NONE;
-    c.input = pa->data;
+    size_t in_bytes = aimass::dtype_size(c.dtype);
+    for (int i = 0; i < c.ndim; ++i) in_bytes *= static_cast<size_t>(c.shape[i]);
     // the result array: allreduce / broadcast as large as the input; allgather as if every rank
     // had as many rows (else run_fast asks for other memory: `spill`); reduce_scatter this rank's block
     py::object out;
     std::vector<py::ssize_t> shape;
     if (inplace) {
       out = py::reinterpret_borrow<py::object>(t);
+      c.output = const_cast<void*>(c.input);
+      c.capacity = in_bytes;
     } else {
       shape.assign(c.shape, c.shape + c.ndim);
       if (kind == 2) shape[0] *= size;
@@ -339,11 +336,10 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       // (every kind: a fresh 64 MiB result faulted in 64 MiB of pages a call; an allgather's in shared memory
       // where the peers map it and the parts go by address, 16 KiB and more: they write their rows into it
       // with plain stores; smaller parts are copied through the channel's slots into ordinary memory)
-      out = pooled_array(a.dtype(), shape, kind == 2 && eng->ll_maps_peers() && a.nbytes() >= (16 << 10));
+      out = pooled_array(rdt, shape, kind == 2 && eng->ll_maps_peers() && in_bytes >= (16 << 10));
+      c.output = py::detail::array_proxy(out.ptr())->data;
+      c.capacity = static_cast<size_t>(static_cast<const py::array&>(out).nbytes());
     }
-    auto* po = py::detail::array_proxy(out.ptr());
-    c.output = po->data;
-    c.capacity = static_cast<size_t>(static_cast<const py::array&>(out).nbytes());
     std::vector<uint8_t> spill;
     c.alloc = [](void* ctx, size_t bytes) -> void* {
       auto* v = static_cast<std::vector<uint8_t>*>(ctx);
@@ -361,18 +357,24 @@ PyObject* lean_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (c.peers_may_write) out.inc_ref();
       throw;
     }
+    py::object result = out;
     if (!done) {  // every rank of an aborted attempt submits to its engine: negotiation decides
-      py::object got = submit_and_wait(*eng, static_cast<int>(kind), a, kind <= 1 ? out : py::none(),
-                                       std::string(c.name), c.op, c.root, *dt, false);
-      return (kind <= 1 ? out : got).release().ptr();
-    }
-    if (!spill.empty()) {  // an allgather of differing row counts
+      if (torch) {  // (a numpy view onto the tensor, which keeps it alive)
+        std::vector<py::ssize_t> sv(c.shape, c.shape + c.ndim);
+        a = py::array(rdt, sv, c.input, py::reinterpret_borrow<py::object>(t));
+      }
+      py::object o = kind <= 1 ? (inplace ? py::object(a) : out) : py::none();
+      py::object got = submit_and_wait(*eng, static_cast<int>(kind), a, o, std::string(c.name), c.op, c.root, c.dtype,
+                                       false);
+      if (kind > 1) result = got;
+    } else if (!spill.empty()) {  // an allgather of differing row counts
       shape[0] = c.result_rows;
-      py::array r(a.dtype(), shape);
+      py::array r(rdt, shape);
       std::memcpy(r.mutable_data(), spill.data(), static_cast<size_t>(r.nbytes()));
-      return r.release().ptr();
+      result = r;
     }
-    return out.release().ptr();
+    if (torch && !inplace) result = torch_result(result, c.dtype);
+    return result.release().ptr();
   } catch (py::error_already_set& e) {
     e.restore();
     return nullptr;
@@ -698,18 +700,20 @@ void bind_comm(py::module_& m) {
   m.def("_comm_lean_pause", [](bool paused) { g_lean_paused = paused; }, py::arg("paused"));
   m.def(
       "_comm_lean_torch",
-      [](py::object tensor_type, py::dict dtypes) {
+      [](py::object tensor_type, py::dict dtypes, py::function result) {
         LeanTorch& lt = *lean_torch();
         py::dict codes;  // torch dtype -> DType code
         for (auto kv : dtypes) codes[kv.first] = static_cast<int>(aimass::parse_dtype(py::str(kv.second)));
         Py_XDECREF(lt.dtypes);
         lt.dtypes = codes.release().ptr();
+        Py_XDECREF(lt.result);
+        lt.result = result.release().ptr();
         Py_XDECREF(lt.tensor_type);
         lt.tensor_type = tensor_type.release().ptr();
       },
-      py::arg("tensor_type"), py::arg("dtypes"),
-      "Registers torch.Tensor and {torch dtype: name} with the lean lane: in-place allreduce_ / broadcast_ of a "
-      "CPU tensor then run without its numpy view");
+      py::arg("tensor_type"), py::arg("dtypes"), py::arg("result"),
+      "Registers torch.Tensor, {torch dtype: name} and result(array, bfloat16) -> tensor with the lean lane: the "
+      "blocking collectives of a CPU tensor then run without its numpy view");
   // An empty array for an out-of-place result on the general path (torch tensors): the lean lane's
   // recycled blocks from 1 MiB (a fresh 64 MiB result array costs 64 MiB of page faults per call).
   m.def(

@@ -815,12 +815,14 @@ def test_torch_tensors_take_the_lean_lane(ll):
 
 
 @pytest.mark.timeout(120)
-def test_torch_inplace_takes_the_lane_without_a_numpy_view(ll, monkeypatch):
-    """In-place allreduce_ / broadcast_ of a CPU torch tensor run in C++ from the tensor's pointer, shape and
-    dtype (no numpy view: collectives._torch_view is never called once torch is registered): every dtype,
-    a 0-d tensor, a view at an offset inside a larger tensor (the elements around it untouched), sizes from
-    the slots to single copy, the default op (average); exact values. A misaligned tensor and a subclass
-    (Parameter) still give the right result through the other paths."""
+def test_torch_tensors_take_the_lane_without_a_numpy_view(ll, monkeypatch):
+    """Blocking collectives of a CPU torch tensor run in C++ from the tensor's pointer, shape and dtype (no
+    numpy view: collectives._torch_view is never called once torch is registered). In place (allreduce_,
+    broadcast_): every dtype, a 0-d tensor, a view at an offset inside a larger tensor (the elements around it
+    untouched), sizes from the slots to single copy, the default op (average). Out of place (allreduce,
+    broadcast, allgather, reduce_scatter): tensors of the input's dtype, bfloat16 included, that own their
+    memory. Exact values. A misaligned tensor and a subclass (Parameter) still give the right result through
+    the other paths."""
     torch = pytest.importorskip("torch")
     import aimass.dist.collectives as C
     d = ll
@@ -856,11 +858,31 @@ def test_torch_inplace_takes_the_lane_without_a_numpy_view(ll, monkeypatch):
     assert d.broadcast_(b, root_rank=n - 1, name="tv.bc") is b
     assert torch.equal(b, torch.full((33, 5), float(n - 1), dtype=torch.bfloat16))
     calls += 3
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):  # out of place
+        for count in (7, 300001):
+            x = (torch.arange(count) % 5 + r).to(dtype)
+            got = d.allreduce(x, op="sum", name=f"tv.oop.{dtype}.{count}")
+            assert type(got) is torch.Tensor and got.dtype == dtype and got.shape == x.shape
+            assert torch.equal(got, (torch.arange(count) % 5 * n + n * (n - 1) // 2).to(dtype))
+            assert torch.equal(x, (torch.arange(count) % 5 + r).to(dtype))  # the input intact
+            got = d.broadcast(x, root_rank=0, name=f"tv.oop.bc.{dtype}.{count}")
+            assert got.dtype == dtype and torch.equal(got, (torch.arange(count) % 5).to(dtype))
+            calls += 2
+        part = torch.full((3, 2), r, dtype=dtype)
+        got = d.allgather(part, name=f"tv.oop.ag.{dtype}")
+        assert got.dtype == dtype and torch.equal(got, torch.arange(n).repeat_interleave(3)[:, None].expand(-1, 2).to(dtype))
+        s0 = torch.tensor(float(r)).to(dtype)  # a 0-d part: one row per rank
+        got = d.allgather(s0, name=f"tv.oop.ag0.{dtype}")
+        assert got.shape == (n,) and torch.equal(got, torch.arange(n).to(dtype))
+        t = (torch.arange(4 * n) + r).to(dtype)
+        got = d.reduce_scatter(t, op="sum", name=f"tv.oop.rs.{dtype}")
+        assert got.dtype == dtype and torch.equal(got, (torch.arange(4 * n) * n + n * (n - 1) // 2).to(dtype)[4 * r:4 * r + 4])
+        calls += 3
     assert views == []  # none of them went through the numpy view
     st = d.stats()
     done = st["ll_collectives"] - before["ll_collectives"] + st["ll_fallbacks"] - before["ll_fallbacks"]
     assert done >= calls, (done, calls)
-    # misaligned (a float32 view one byte into a byte buffer), a Parameter, autograd: the right values elsewhere
+    # misaligned (a float32 view one byte into a byte buffer), a Parameter: the right values elsewhere
     buf = bytearray(4 * 64 + 1)
     mis = torch.frombuffer(buf, dtype=torch.float32, count=64, offset=1)
     mis.fill_(r + 1.0)

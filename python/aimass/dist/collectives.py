@@ -148,10 +148,16 @@ def _lean_torch_dtypes() -> dict:
     if not _LEAN_TORCH_DTYPES:
         torch = _torch()
         _LEAN_TORCH_DTYPES.update({getattr(torch, n): n for n in _core.DTYPES})
-        # from now on the lane takes a CPU tensor's in-place allreduce_ / broadcast_ in C++ without its numpy
-        # view (8-byte allreduce_: 2.3-3.8 us through the view, numpy 0.35-0.6 us)
-        _comm_lean_torch(torch.Tensor, _LEAN_TORCH_DTYPES)
+        # from now on the lane takes a CPU tensor's blocking collectives in C++ without its numpy view (8-byte
+        # allreduce_: 2.3-3.8 us through the view, numpy 0.35-0.6 us)
+        _comm_lean_torch(torch.Tensor, _LEAN_TORCH_DTYPES, _torch_result)
     return _LEAN_TORCH_DTYPES
+
+
+def _torch_result(r: np.ndarray, bf16: bool):
+    """A lane result as a tensor that owns its memory; bfloat16 from its uint16 bits."""
+    torch = _torch()
+    return torch.from_numpy(r.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(r)
 
 
 def _torch_view(t):
@@ -194,9 +200,7 @@ def _lean_torch(kind: int, t, inplace: bool, name, op, root_rank, root):
     r = _lean(kind, a, a if inplace else None, name, op, root_rank, root, bf16)
     if r is None:
         return None
-    if inplace:
-        return t
-    return _torch().from_numpy(r.view(np.int16)).view(_torch().bfloat16) if bf16 else _torch().from_numpy(r)
+    return t if inplace else _torch_result(r, bf16)
 
 
 def _lean_async(t, name, op, inplace: bool, compression) -> Optional[Handle]:
