@@ -809,14 +809,22 @@ TEST(LLEager, ByAddressBroadcastsWithTheRootWritingPieces) {
 // posted an output beside the input, a peer's output is read with read_output(); phase words posted
 // with signal() are seen by wait_signal() once they reach the value waited for, and a word that never
 // gets there raises DistributedError at the deadline instead of hanging.
-TEST(CommLL, PhaseWordsAndPeersOutputs) {
-  constexpr int L = 3;
-  constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;
+// L thread ranks, each with its channel over one segment, allowed to read and write the others' memory
+void run_cma_ranks(int L, const std::function<void(LLChannel&, int)>& body) {
   Segment seg(L, kSlot);
   std::vector<std::string> errors;
   run_rank_threads(L, errors, [&](int r) {
     LLChannel ch(r, L, seg.mem, kSlot);
     ch.allow_cma_for_tests();
+    body(ch, r);
+  });
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+}
+
+TEST(CommLL, PhaseWordsAndPeersOutputs) {
+  constexpr int L = 3;
+  constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;
+  run_cma_ranks(L, [&](LLChannel& ch, int r) {
     std::vector<unsigned char> in(kBig), out(kBig), got(kBig);
     for (int round = 0; round < 10; ++round) {
       for (size_t i = 0; i < kBig; ++i) in[i] = static_cast<unsigned char>(i * 5 + r + round);
@@ -838,7 +846,6 @@ TEST(CommLL, PhaseWordsAndPeersOutputs) {
     const uint64_t never = (ch.attempt() + 100) * 8;
     EXPECT_THROW(ch.wait_signal((r + 1) % L, never, 0.05, "test"), aimass::DistributedError);
   });
-  for (const auto& e : errors) EXPECT_EQ(e, "");
 }
 
 // The hierarchical allreduce's staging buffers (LLChannel::set_stage): posted beside a by-address payload
@@ -847,11 +854,7 @@ TEST(CommLL, PhaseWordsAndPeersOutputs) {
 TEST(CommLL, StagingBuffersArePostedAndReadByPeers) {
   constexpr int L = 3;
   constexpr size_t kBig = LLChannel::kCmaMin + 4 * 1000 + 12;
-  Segment seg(L, kSlot);
-  std::vector<std::string> errors;
-  run_rank_threads(L, errors, [&](int r) {
-    LLChannel ch(r, L, seg.mem, kSlot);
-    ch.allow_cma_for_tests();
+  run_cma_ranks(L, [&](LLChannel& ch, int r) {
     aimass::SharedHostBuffer stage(kBig + 4096);
     std::vector<unsigned char> in(kBig), out(kBig), got(kBig), priv(kBig);
     for (int round = 0; round < 6; ++round) {
@@ -886,5 +889,4 @@ TEST(CommLL, StagingBuffersArePostedAndReadByPeers) {
       ASSERT_TRUE(ch.wait_readers(30.0));
     }
   });
-  for (const auto& e : errors) EXPECT_EQ(e, "");
 }
