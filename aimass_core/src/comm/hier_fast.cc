@@ -42,13 +42,17 @@
 // that hears of it: the engine takes every call from then on, as before this path existed.
 //
 // Data phase (L local ranks): each local rank reduces its slice (whole lines, as the engine's
-// ShmAllreduce::run_cma) from every local input (process_vm_readv of the peers', in 256 KiB pieces,
-// the own input first), allreduces it with the same slice of the other node (cross_pair_allreduce:
-// the same two-node exchange as the engine's), writes it into every local peer's output, posts that
-// it did, and returns once every local peer posted the same (each then read this rank's input and
-// wrote its output: nothing reads this rank's buffers after that; where the peers' memory is not
-// writable, each copies the peers' final slices out and waits until they copied its own). The
-// operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
+// ShmAllreduce::run_cma) from every local input (the own input first, the peers' in 256 KiB pieces),
+// allreduces it with the same slice of the other node (cross_pair_allreduce: the same two-node
+// exchange as the engine's), and the node's ranks then gather the final slices. Up to kHierStageMax
+// bytes through staging buffers (every rank copies the peers' parts of its input into its own shared
+// buffer while its header is on its way; the peers reduce from their mappings of it, the final slices go
+// through the same buffers; nobody touches another rank's own memory); larger ones through the kernel:
+// the peers' inputs by process_vm_readv, then each rank writes its final slice into every local peer's
+// output, posts that it did, and returns once every local peer posted the same (each then read this
+// rank's input and wrote its output: nothing reads this rank's buffers after that; where the peers'
+// memory is not writable, each copies the peers' final slices out and waits until they copied its own).
+// The operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
 // same as that path's.
 #include "comm/cma.h"
 #include "comm/engine_impl.h"
@@ -460,14 +464,10 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
                                });
     if (average) comm::divide(c.dtype, out + b * static_cast<int64_t>(es), static_cast<size_t>(e - b), size);
   }
-  // 3. allgather. By push: my final slice into every local peer's output while it is in this core's
-  // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input and
-  // wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits for
-  // readers. (Pulling each peer's slice after its word, then waiting for the readers: bench ratio to
-  // flat MPI 1 MiB 0.75-1.02, 4 MiB 0.90-1.18, against 1.01-1.64 / 1.03-1.78 pushed; docs/comm.md.)
-  // Without the push (peers' memory not writable: AIMASS_SHM_CMA_PUSH=0, a ptrace restriction): every
-  // local peer's final slice from its output after its word, then wait until every peer read mine.
+  // 3. allgather. Staged: my final slice into my staging buffer, one word, and every peer's final slice
+  // from its staging buffer once its word is there
   if (staged) {
+    ch.begin_output_writes();  // (the mappings' idle count)
     if (e > b)
       std::memcpy(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), out + b * static_cast<int64_t>(es),
                   static_cast<size_t>(e - b) * es);
@@ -490,6 +490,13 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
     release.finish_unread();  // (nobody read this rank's buffers)
     return;
   }
+  // By push: my final slice into every local peer's output while it is in this core's
+  // cache (as the one-node single copy pushes), then one word: a peer's word says it read my input and
+  // wrote my output, so after the last wait no peer touches this rank's buffers and nobody waits for
+  // readers. (Pulling each peer's slice after its word, then waiting for the readers: bench ratio to
+  // flat MPI 1 MiB 0.75-1.02, 4 MiB 0.90-1.18, against 1.01-1.64 / 1.03-1.78 pushed; docs/comm.md.)
+  // Without the push (peers' memory not writable: AIMASS_SHM_CMA_PUSH=0, a ptrace restriction): every
+  // local peer's final slice from its output after its word, then wait until every peer read mine.
   const bool push = ch.push_available();
   if (push) {
     ch.begin_output_writes();
