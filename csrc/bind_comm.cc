@@ -201,7 +201,7 @@ struct LeanTorch {
   PyObject* tensor_type = nullptr;  // torch.Tensor (exact type: subclasses such as Parameter take the full path)
   PyObject* dtypes = nullptr;       // {torch dtype: aimass DType as int}
   PyObject* result = nullptr;       // _torch_result(array, bfloat16) -> tensor
-  PyObject *s_requires_grad, *s_is_cpu, *s_is_contiguous, *s_dtype, *s_data_ptr, *s_shape;
+  PyObject *s_requires_grad, *s_is_cpu, *s_is_contiguous, *s_is_neg, *s_dtype, *s_data_ptr, *s_shape;
 };
 LeanTorch* lean_torch() {  // the GIL guards it; never destroyed
   static auto* t = [] {
@@ -209,6 +209,7 @@ LeanTorch* lean_torch() {  // the GIL guards it; never destroyed
     v->s_requires_grad = PyUnicode_InternFromString("requires_grad");
     v->s_is_cpu = PyUnicode_InternFromString("is_cpu");
     v->s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    v->s_is_neg = PyUnicode_InternFromString("is_neg");
     v->s_dtype = PyUnicode_InternFromString("dtype");
     v->s_data_ptr = PyUnicode_InternFromString("data_ptr");
     v->s_shape = PyUnicode_InternFromString("shape");
@@ -239,8 +240,9 @@ struct TorchInput {
 };
 bool torch_input(PyObject* t, TorchInput* ti) {
   LeanTorch& lt = *lean_torch();
+  // (a negative view's memory holds the values negated: its numpy() refuses, and so does the lane)
   if (attr_true(t, lt.s_requires_grad, false) || !attr_true(t, lt.s_is_cpu, false) ||
-      !attr_true(t, lt.s_is_contiguous, true))
+      !attr_true(t, lt.s_is_contiguous, true) || attr_true(t, lt.s_is_neg, true))
     return false;
   py::object dto = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, lt.s_dtype));
   PyObject* code = dto ? PyDict_GetItemWithError(lt.dtypes, dto.ptr()) : nullptr;  // (borrowed)

@@ -52,6 +52,9 @@ def as_numpy(x: Any, name: str = "array") -> Tuple[np.ndarray, str]:
                             "(or use the CUDA entry points)")
         if x.requires_grad:
             x = x.detach()
+        if x.is_neg() or x.is_conj():  # (a lazy view: its memory does not hold its values)
+            raise TypeError(f"{name} is a torch tensor with its negative or conjugate bit set; call "
+                            ".resolve_neg() / .resolve_conj() first")
         if x.dtype == t.bfloat16:
             return bfloat16_bits(x), "bfloat16"
         return x.numpy(), str(x.dtype).replace("torch.", "")

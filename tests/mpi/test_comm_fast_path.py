@@ -822,7 +822,7 @@ def test_torch_tensors_take_the_lane_without_a_numpy_view(ll, monkeypatch):
     untouched), sizes from the slots to single copy, the default op (average). Out of place (allreduce,
     broadcast, allgather, reduce_scatter): tensors of the input's dtype, bfloat16 included, that own their
     memory. Exact values. A misaligned tensor and a subclass (Parameter) still give the right result through
-    the other paths."""
+    the other paths; a negative view raises TypeError saying to resolve it."""
     torch = pytest.importorskip("torch")
     import aimass.dist.collectives as C
     d = ll
@@ -891,4 +891,12 @@ def test_torch_tensors_take_the_lane_without_a_numpy_view(ll, monkeypatch):
     p = torch.nn.Parameter(torch.full((8,), float(r)), requires_grad=False)
     d.allreduce_(p, op="sum", name="tv.param")
     assert torch.equal(p.data, torch.full((8,), float(n * (n - 1) // 2)))
+    # a negative view (its memory holds the values negated): not taken by the lane; the general path says
+    # what to do, on every rank alike (nothing was submitted)
+    neg = torch._neg_view(torch.full((5,), float(r + 1)))
+    for f in (d.allreduce, d.allreduce_):
+        with pytest.raises(TypeError, match="resolve_neg"):
+            f(neg, op="sum", name="tv.neg")
+    got = d.allreduce(neg.resolve_neg(), op="sum", name="tv.neg.resolved")
+    assert torch.equal(got, torch.full((5,), -float(sum(range(1, n + 1)))))
     d.barrier(name="tv.end")
