@@ -475,3 +475,9 @@ def test_idle_engines_park_across_nodes(two_nodes, mpi):
         assert not wait_parked(d, limit_s=0.5)  # the old behaviour: a round every cycle time
         out = d.allreduce(np.full(70001, r, np.float32), op="sum", name="hier.park.off")
         np.testing.assert_array_equal(out, np.full(70001, sum(range(n)), np.float32))
+
+
+def test_stage_bound_must_be_a_byte_count(dist):
+    with pytest.raises(ValueError, match="AIMASS_HIER_STAGE"):
+        with engine_env(dist, AIMASS_HIER_STAGE="2m"):
+            pass

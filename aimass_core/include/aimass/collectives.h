@@ -140,6 +140,10 @@ struct EngineOptions {
   // its rows into every rank's result) rather than pulled; a rank whose bound differs posts nothing and
   // every rank pulls (comm/fast_path.cc). AIMASS_LL_GATHER_PUSH_MIN_BYTES.
   size_t ll_gather_push_min_bytes = size_t(128) << 20;
+  // The caller-thread hierarchical allreduce (two nodes) runs its node steps through staging buffers up to
+  // this many bytes (comm/hier_fast.cc; 0: never; a rank whose bound differs posts no buffer at the sizes
+  // between, and every rank then reads through the kernel). AIMASS_HIER_STAGE.
+  size_t hier_stage_max_bytes = size_t(2) << 20;
   // Hierarchical path: allreduces of at least shm_min_bytes go through a small shared-memory
   // segment on each node in chunks of shm_chunk_bytes (each local rank reduces its slice of a
   // chunk with SIMD straight from its own input; slices are allreduced across nodes with MPI);

@@ -286,7 +286,7 @@ struct CollectiveEngine::Impl {
     // attempt under way stages (every local rank posted one)
     std::unique_ptr<SharedHostBuffer> stage;
     bool stage_on = true, staged = false;
-    size_t stage_max = 0;  // bytes: staged up to this size (kHierStageMax, AIMASS_HIER_STAGE)
+    size_t stage_max = 0;  // bytes: staged up to this size (EngineOptions::hier_stage_max_bytes)
     bool stage_map = true;  // read the peers' staging buffers in mappings (AIMASS_HIER_STAGE_MAP=0: through the kernel)
   };
   std::unique_ptr<Hier> hier;

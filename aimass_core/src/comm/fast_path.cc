@@ -49,6 +49,14 @@ void ll_options_from_env(EngineOptions& o) {
                  "to the engine), got '", v, "'");
     o.ll_push_max_bytes = static_cast<size_t>(b);
   }
+  if (const char* v = std::getenv("AIMASS_HIER_STAGE")) {
+    char* end = nullptr;
+    long long b = std::strtoll(v, &end, 10);
+    AIMASS_CHECK(end != v && *end == '\0' && b >= 0, ValueError,
+                 "AIMASS_HIER_STAGE must be a byte count >= 0 (the largest hierarchical allreduce whose node steps go "
+                 "through staging buffers; 0: none), got '", v, "'");
+    o.hier_stage_max_bytes = static_cast<size_t>(b);
+  }
   if (const char* v = std::getenv("AIMASS_LL_GATHER_PUSH_MIN_BYTES")) {
     char* end = nullptr;
     long long b = std::strtoll(v, &end, 10);

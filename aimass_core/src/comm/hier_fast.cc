@@ -44,7 +44,7 @@
 // Data phase (L local ranks): each local rank reduces its slice (whole lines, as the engine's
 // ShmAllreduce::run_cma) from every local input (the own input first, the peers' in 256 KiB pieces),
 // allreduces it with the same slice of the other node (cross_pair_allreduce: the same two-node
-// exchange as the engine's), and the node's ranks then gather the final slices. Up to kHierStageMax
+// exchange as the engine's), and the node's ranks then gather the final slices. Up to hier_stage_max_bytes
 // bytes through staging buffers (every rank copies the peers' parts of its input into its own shared
 // buffer while its header is on its way; the peers reduce from their mappings of it, the final slices go
 // through the same buffers; nobody touches another rank's own memory); larger ones through the kernel:
@@ -82,13 +82,6 @@ void hier_slice(int64_t count, size_t es, int L, int j, int64_t* b, int64_t* e) 
   *b = std::min(count, units * j / L * unit);
   *e = std::min(count, units * (j + 1) / L * unit);
 }
-// Staged up to this many bytes by default (AIMASS_HIER_STAGE: another bound, 0: never): each rank keeps a
-// staging buffer as large as the largest such allreduce. Measured on the 2-vCPU VM (4 ranks as 2 x 2,
-// alternating blocks in one job, staged against the push): 256 KiB - 2 MiB 1.17-1.32x faster, 3 MiB
-// 0.89x, 4 - 16 MiB 0.74-0.77x (numpy's arrays from 4 MiB sit on huge pages, where process_vm_readv
-// runs at 22-25 GB/s; with 4 KiB pages 4 MiB was even, 8 / 16 MiB 0.94 / 0.86x: past the caches the
-// staging copies' extra memory traffic costs more than the kernel's page walk).
-constexpr size_t kHierStageMax = size_t(2) << 20;
 }  // namespace
 
 void CollectiveEngine::Impl::hier_init() {
@@ -116,12 +109,13 @@ void CollectiveEngine::Impl::hier_init() {
     return;
   }
   h->pair = comm->local_rank() == 0;
-  h->stage_max = kHierStageMax;
-  if (const char* v = std::getenv("AIMASS_HIER_STAGE")) {
-    char* end = nullptr;
-    const unsigned long long b = std::strtoull(v, &end, 10);
-    if (end != v && *end == '\0') h->stage_max = static_cast<size_t>(b);  // (anything else: the default)
-  }
+  // Staged up to opts.hier_stage_max_bytes (2 MiB by default, AIMASS_HIER_STAGE): each rank keeps a
+  // staging buffer as large as the largest such allreduce. Measured on the 2-vCPU VM (4 ranks as 2 x 2,
+  // alternating blocks in one job, staged against the push): 256 KiB - 2 MiB 1.17-1.32x faster, 3 MiB
+  // 0.89x, 4 - 16 MiB 0.74-0.77x (numpy's arrays from 4 MiB sit on huge pages, where process_vm_readv
+  // runs at 22-25 GB/s; with 4 KiB pages 4 MiB was even, 8 / 16 MiB 0.94 / 0.86x: past the caches the
+  // staging copies' extra memory traffic costs more than the kernel's page walk).
+  h->stage_max = opts.hier_stage_max_bytes;
   h->stage_on = h->stage_max > 0;
   if (const char* v = std::getenv("AIMASS_HIER_STAGE_MAP")) h->stage_map = std::strcmp(v, "0") != 0;  // (tests)
   hier = std::move(h);
