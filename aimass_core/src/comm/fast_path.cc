@@ -18,15 +18,23 @@ namespace aimass {
 
 namespace comm {
 
+namespace {
+// Environment variable `name` as a byte count (digits only) into *out; unset: *out stays. ValueError saying
+// what it must be (`rule`: the range and its meaning) when it is not one.
+void env_bytes(const char* name, size_t* out, const char* rule, long long max = (1ll << 50)) {
+  const char* v = std::getenv(name);
+  if (!v) return;
+  char* end = nullptr;
+  const long long b = std::strtoll(v, &end, 10);
+  AIMASS_CHECK(end != v && *end == '\0' && b >= 0 && b <= max, ValueError, name, " must be a byte count ", rule,
+               ", got '", v, "'");
+  *out = static_cast<size_t>(b);
+}
+}  // namespace
+
 void ll_options_from_env(EngineOptions& o) {
-  if (const char* v = std::getenv("AIMASS_LL_MAX_BYTES")) {
-    char* end = nullptr;
-    long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && b >= 0 && b <= (64ll << 20), ValueError,
-                 "AIMASS_LL_MAX_BYTES must be a byte count in [0, 64 MiB] (0 disables the low-latency channel), "
-                 "got '", v, "'");
-    o.ll_max_bytes = static_cast<size_t>(b);
-  }
+  env_bytes("AIMASS_LL_MAX_BYTES", &o.ll_max_bytes, "in [0, 64 MiB] (0 disables the low-latency channel)",
+            64ll << 20);
   if (const char* v = std::getenv("AIMASS_LL_FALLBACK_MS")) {
     char* end = nullptr;
     double ms = std::strtod(v, &end);
@@ -34,37 +42,16 @@ void ll_options_from_env(EngineOptions& o) {
                  "AIMASS_LL_FALLBACK_MS must be a number of milliseconds in (0, 60000], got '", v, "'");
     o.ll_fallback_s = ms / 1000.0;
   }
-  if (const char* v = std::getenv("AIMASS_LL_EAGER_COPY_MAX_BYTES")) {
-    char* end = nullptr;
-    long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && b >= 0, ValueError,
-                 "AIMASS_LL_EAGER_COPY_MAX_BYTES must be a byte count >= 0 (the largest blocking broadcast whose "
-                 "root copies it into the eager ring; larger ones are read from the root's buffer), got '", v, "'");
-  }
-  if (const char* v = std::getenv("AIMASS_LL_PUSH_MAX_BYTES")) {
-    char* end = nullptr;
-    long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && b >= 0, ValueError,
-                 "AIMASS_LL_PUSH_MAX_BYTES must be a byte count >= 0 (0: allreduces above the low-latency slot go "
-                 "to the engine), got '", v, "'");
-    o.ll_push_max_bytes = static_cast<size_t>(b);
-  }
-  if (const char* v = std::getenv("AIMASS_HIER_STAGE")) {
-    char* end = nullptr;
-    long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && *end == '\0' && b >= 0, ValueError,
-                 "AIMASS_HIER_STAGE must be a byte count >= 0 (the largest hierarchical allreduce whose node steps go "
-                 "through staging buffers; 0: none), got '", v, "'");
-    o.hier_stage_max_bytes = static_cast<size_t>(b);
-  }
-  if (const char* v = std::getenv("AIMASS_LL_GATHER_PUSH_MIN_BYTES")) {
-    char* end = nullptr;
-    long long b = std::strtoll(v, &end, 10);
-    AIMASS_CHECK(end != v && *end == '\0' && b >= 0, ValueError,
-                 "AIMASS_LL_GATHER_PUSH_MIN_BYTES must be a byte count >= 0 (the smallest blocking allgather result "
-                 "whose ranks write their rows into every rank's result), got '", v, "'");
-    o.ll_gather_push_min_bytes = static_cast<size_t>(b);
-  }
+  size_t eager_copy = 0;  // (checked here; the channel reads it)
+  env_bytes("AIMASS_LL_EAGER_COPY_MAX_BYTES", &eager_copy,
+            ">= 0 (the largest blocking broadcast whose root copies it into the eager ring; larger ones are read "
+            "from the root's buffer)");
+  env_bytes("AIMASS_LL_PUSH_MAX_BYTES", &o.ll_push_max_bytes,
+            ">= 0 (0: allreduces above the low-latency slot go to the engine)");
+  env_bytes("AIMASS_HIER_STAGE", &o.hier_stage_max_bytes,
+            ">= 0 (the largest hierarchical allreduce whose node steps go through staging buffers; 0: none)");
+  env_bytes("AIMASS_LL_GATHER_PUSH_MIN_BYTES", &o.ll_gather_push_min_bytes,
+            ">= 0 (the smallest blocking allgather result whose ranks write their rows into every rank's result)");
 }
 
 namespace {
