@@ -282,11 +282,10 @@ struct CollectiveEngine::Impl {
     int timeouts = 0;         // attempts in a row settled by a window that passed in vain
     std::atomic<bool> off{false};  // the path is off for good on this rank (see kHierMaxTimeouts)
     std::vector<char> tmp, xbuf;  // the caller's scratch: the peers' pieces, the cross step's receive
-    // this rank's staging buffer (hier_data's staged gathers; AIMASS_HIER_STAGE=0: none) and whether the
-    // attempt under way stages (every local rank posted one)
+    // this rank's staging buffer (hier_data's staged node steps), posted for allreduces of up to stage_max
+    // bytes (EngineOptions::hier_stage_max_bytes; 0: never, also once a buffer could not be had)
     std::unique_ptr<SharedHostBuffer> stage;
-    bool stage_on = true, staged = false;
-    size_t stage_max = 0;  // bytes: staged up to this size (EngineOptions::hier_stage_max_bytes)
+    size_t stage_max = 0;
     bool stage_map = true;  // read the peers' staging buffers in mappings (AIMASS_HIER_STAGE_MAP=0: through the kernel)
   };
   std::unique_ptr<Hier> hier;
@@ -302,7 +301,8 @@ struct CollectiveEngine::Impl {
   void hier_stage_in(Hier& h, const FastCollective& c, int64_t n);
   void hier_pump(Hier& h, uint64_t keep_from);
   void hier_send(Hier& h, uint64_t type, uint64_t id, uint64_t hash, uint64_t flag);
-  void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline);
+  // staged: every local rank posted a staging buffer in the completed exchange (and copied its input in)
+  void hier_data(Hier& h, FastCollective& c, int64_t n, double deadline, bool staged);
   void hier_engine_answer();  // local rank 0's engine thread, every cycle (and every nap while parked)
 
   // ---- parked engines across nodes (engine.cc: park_init, wait_for_work). With the hierarchical

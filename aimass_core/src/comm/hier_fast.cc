@@ -75,13 +75,6 @@ constexpr uint64_t kWordOff = UINT64_MAX;
 uint64_t word_base(uint64_t attempt) { return (attempt + 1) * 8; }
 // The node's exchange carries the attempt's id, so that its local ranks agree on it
 uint64_t hier_id_hash(uint64_t hash, uint64_t id) { return hash ^ (id * 0x9E3779B97F4A7C15ull); }
-// Local rank j's slice [*b, *e) of count elements over L ranks: whole lines, as ShmAllreduce::run_cma
-void hier_slice(int64_t count, size_t es, int L, int j, int64_t* b, int64_t* e) {
-  const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
-  const int64_t units = (count + unit - 1) / unit;
-  *b = std::min(count, units * j / L * unit);
-  *e = std::min(count, units * (j + 1) / L * unit);
-}
 }  // namespace
 
 void CollectiveEngine::Impl::hier_init() {
@@ -116,7 +109,6 @@ void CollectiveEngine::Impl::hier_init() {
   // runs at 22-25 GB/s; with 4 KiB pages 4 MiB was even, 8 / 16 MiB 0.94 / 0.86x: past the caches the
   // staging copies' extra memory traffic costs more than the kernel's page walk).
   h->stage_max = opts.hier_stage_max_bytes;
-  h->stage_on = h->stage_max > 0;
   if (const char* v = std::getenv("AIMASS_HIER_STAGE_MAP")) h->stage_map = std::strcmp(v, "0") != 0;  // (tests)
   hier = std::move(h);
 }
@@ -158,25 +150,24 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   const uint64_t hash = comm::ll_signature_hash(c.kind, c.dtype, c.dtype, c.op, 0, c.name, c.shape, c.ndim);
   // The staging buffer, posted in the exchange: grown to a power of two (at least 1 MiB) when too small;
   // none (every rank then pushes through the kernel) when off, too large, or not to be had
-  if (h.stage_on && nbytes <= h.stage_max && (!h.stage || h.stage->size() < nbytes)) {
+  if (nbytes <= h.stage_max && (!h.stage || h.stage->size() < nbytes)) {
     h.stage.reset();
     size_t want = size_t(1) << 20;
     while (want < nbytes) want <<= 1;
     try {
       h.stage = std::make_unique<SharedHostBuffer>(want);
     } catch (const IOError&) {  // (no memfd or no memory: this call and later ones push)
-      h.stage_on = false;
+      h.stage_max = 0;
     }
   }
-  const bool stage_posted = h.stage_on && h.stage && nbytes <= h.stage_max;
-  ch.set_stage(stage_posted ? h.stage->data() : nullptr, nbytes);
+  ch.set_stage(nbytes <= h.stage_max ? h.stage->data() : nullptr, nbytes);
   // the staged copy-in once the exchange completed and this rank sent its header: only where every local
   // rank posted a staging buffer (the same slots on every rank, so the same decision)
+  bool staged = false;
   auto stage_in = [&] {
-    h.staged = false;
     for (int j = 0; j < ch.size(); ++j)
       if (ch.posted_stage(j).ino == 0) return;
-    h.staged = true;
+    staged = true;
     hier_stage_in(h, c, n);
   };
   // Every local rank numbers its attempts (the id of its pair's headers); the id goes into the node's
@@ -184,7 +175,6 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   // A rank that vetoed (or local rank 0 with a dead id) spoils its hash; an exchange where every rank
   // spoiled alike completes but counts as failed on every rank (each of them knows it spoiled).
   bool completed = false, local_ok = false, go = false, post_off = false;
-  h.staged = false;
   try {
     if (h.pair) {
       // h.mu from before the exchange until the header is sent: the engine thread cannot CANCEL this id
@@ -232,7 +222,7 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
     return false;
   }
   try {
-    hier_data(h, c, n, deadline);
+    hier_data(h, c, n, deadline, staged);
   } catch (const DistributedError& e) {
     c.peers_may_write = true;  // a receive of the cross step may stay posted into the output
     fast_path_broke(e.what());
@@ -240,7 +230,7 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   }
   if (post_off) ch.signal(kWordOff);  // (after the data phase: every local peer read our final word)
   hier_collectives.fetch_add(1, std::memory_order_relaxed);
-  if (h.staged) hier_staged.fetch_add(1, std::memory_order_relaxed);
+  if (staged) hier_staged.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
@@ -379,7 +369,7 @@ void CollectiveEngine::Impl::hier_stage_in(Hier& h, const FastCollective& c, int
   for (int j = 0; j < L; ++j) {
     if (j == me) continue;
     int64_t b, e;
-    hier_slice(n, es, L, j, &b, &e);
+    comm::line_slice(n, es, L, j, &b, &e);
     if (e > b)
       std::memcpy(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), in + b * static_cast<int64_t>(es),
                   static_cast<size_t>(e - b) * es);
@@ -387,7 +377,7 @@ void CollectiveEngine::Impl::hier_stage_in(Hier& h, const FastCollective& c, int
   ch.signal(word_base(ch.attempt()) + kWordIn);
 }
 
-void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count, double deadline) {
+void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count, double deadline, bool staged) {
   comm::LLChannel& ch = *h.ch;
   comm::ReaderRelease release(ch, deadline);
   const int L = ch.size(), me = ch.rank();
@@ -397,10 +387,9 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
   const uint64_t base = word_base(ch.attempt());
   char* out = static_cast<char*>(c.output);
   const char* in = static_cast<const char*>(c.input);
-  auto slice_of = [&](int j, int64_t* b, int64_t* e) { hier_slice(count, es, L, j, b, e); };
+  auto slice_of = [&](int j, int64_t* b, int64_t* e) { comm::line_slice(count, es, L, j, b, e); };
   int64_t b, e;
   slice_of(me, &b, &e);
-  const bool staged = h.staged;
   // Staged (every local rank posted a staging buffer, and copied the peers' parts of its input into it
   // before it posted base + kWordIn, hier_stage_in): the peers' parts are read in this process's
   // mappings of their staging buffers (where one cannot be mapped, through the kernel), the final slice

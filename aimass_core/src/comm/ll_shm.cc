@@ -223,14 +223,16 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
     if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
     // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
     // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
-    if (map_ok_ && by_address_ && out != nullptr && bytes > kInline) {
+    // (and the hierarchical allreduce's staging buffer, set_stage, whatever map_ok_)
+    if (by_address_ && out != nullptr && bytes > kInline) {
       RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
-      find_shared_region(data, bytes, &refs[0]);
-      find_shared_region(out, bytes, &refs[1]);
-    }
-    if (by_address_ && out != nullptr && bytes > kInline && slot_bytes_ >= (kStageRef + 1) * sizeof(RegionRef)) {
-      RegionRef* refs = reinterpret_cast<RegionRef*>(h->data());
-      if (stage_p_ == nullptr || !find_shared_region(stage_p_, stage_n_, &refs[kStageRef])) refs[kStageRef] = RegionRef{};
+      if (map_ok_) {
+        find_shared_region(data, bytes, &refs[0]);
+        find_shared_region(out, bytes, &refs[1]);
+      }
+      if (slot_bytes_ >= (kStageRef + 1) * sizeof(RegionRef) &&
+          (stage_p_ == nullptr || !find_shared_region(stage_p_, stage_n_, &refs[kStageRef])))
+        refs[kStageRef] = RegionRef{};
     }
     h->posted.store(a + 1, std::memory_order_release);  // last: a pair's waiting peer completes on it
     written = a;

@@ -383,14 +383,6 @@ char* ShmAllreduce::result(uint64_t seq) const {
   return base_ + ctrl_bytes_ + (static_cast<size_t>(lsize_) * kDepth + seq % kDepth) * chunk_bytes_;
 }
 
-// Slices are whole 64-byte units (cache lines), so no two ranks write one line.
-void ShmAllreduce::slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) const {
-  const int64_t unit = 64 / static_cast<int64_t>(es);
-  const int64_t units = (m + unit - 1) / unit;
-  *b = std::min(m, units * j / lsize_ * unit);
-  *e = std::min(m, units * (j + 1) / lsize_ * unit);
-}
-
 void ShmAllreduce::pulse(Clock::time_point now) const {
   if (heartbeat_)
     heartbeat_->store(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count(),
@@ -580,7 +572,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
   };
   // slice() of rank j over the chunk counted from off - d, as offsets from off
   auto cut = [&](int j, int64_t m, int64_t d, int64_t* b, int64_t* e) {
-    slice(j, m + d, es, b, e);
+    line_slice(m + d, es, lsize_, j, b, e);
     *b = std::max<int64_t>(0, *b - d);
     *e = std::max<int64_t>(0, *e - d);
   };

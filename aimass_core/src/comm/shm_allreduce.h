@@ -105,6 +105,16 @@ struct ShmSegment {
 // or negative, leaves the segments packed (pads 0).
 void shm_line_pads(std::vector<ShmSegment>& segs, size_t elem_bytes, int line_offset);
 
+// Rank j's slice [*b, *e) of m elements of es bytes over L ranks: whole 64-byte units (cache lines), so no
+// two ranks write one line. Every path that splits a buffer among the local ranks (staged, single copy,
+// the caller-thread hierarchical allreduce) cuts it here, so they reduce the same elements alike.
+inline void line_slice(int64_t m, size_t es, int L, int j, int64_t* b, int64_t* e) {
+  const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
+  const int64_t units = (m + unit - 1) / unit;
+  *b = std::min(m, units * j / L * unit);
+  *e = std::min(m, units * (j + 1) / L * unit);
+}
+
 class ShmAllreduce {
  public:
   using Clock = std::chrono::steady_clock;
@@ -261,7 +271,6 @@ class ShmAllreduce {
   void abort_here();
   void set_wait_policy();  // futex_on_ / yield_s_ from the environment and the CPU count
   void pulse(Clock::time_point now) const;
-  void slice(int j, int64_t m, size_t es, int64_t* b, int64_t* e) const;
 
   int lsize_ = 1, lrank_ = 0;
   size_t chunk_bytes_ = 0;

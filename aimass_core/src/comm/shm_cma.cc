@@ -171,12 +171,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   // fn(segment index, element offset inside it, element offset in the concatenation, n)
   auto pieces = [&](int64_t lo, int64_t hi, auto&& fn) { for_pieces(starts, lo, hi, fn); };
   // whole-line slices of the concatenation, one per local rank
-  auto slice_of = [&](int j, int64_t* b, int64_t* e) {
-    const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
-    const int64_t units = (count + unit - 1) / unit;
-    *b = std::min(count, units * j / L * unit);
-    *e = std::min(count, units * (j + 1) / L * unit);
-  };
+  auto slice_of = [&](int j, int64_t* b, int64_t* e) { line_slice(count, es, L, j, b, e); };
   int64_t b, e;
   slice_of(me, &b, &e);
   const int64_t step = static_cast<int64_t>(std::min<size_t>(chunk(), kCmaChunk) / es);
