@@ -212,7 +212,6 @@ def hier_trials():
              "delay": round(rng.uniform(0.0, 0.3), 4)} for sig, victim in HIER_CASES]
 
 
-# a job takes a few seconds; a hung one is cut off by launch() at about 2 minutes
 def hier_paths():
     """Every trial on the caller's path (1 MiB: staged) and the engine's; a kill and a stop on the caller's
     path with the staging off (the push into the peers' outputs)."""
@@ -223,6 +222,7 @@ def hier_paths():
                   for t in trials if (t["signal"], t["victim"]) in (("SIGKILL", 3), ("SIGSTOP", 1))]
 
 
+# a job takes a few seconds; a hung one is cut off by launch() at about 2 minutes
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("trial,path", hier_paths())
 def test_hierarchical_survivors_raise_within_deadline(tmp_path, trial, path):
