@@ -309,6 +309,32 @@ def test_node_gather_writes_exactly_each_output(dist, path, mode):
 
 
 @pytest.mark.nprocs(4)
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("stage_map", ["1", "0"])
+def test_outgrown_staging_buffer_stays_readable_for_late_peers(dist, stage_map):
+    """A rank whose staging buffer is too small for a call replaces it at the start of that call, while a
+    local peer may still be copying the last call's final slice out of the old one (4 ranks on 2 cores: it
+    often is). The old buffer lives until the node's next exchange completes (every peer then left the
+    last call): freed at once, a peer reading it through the kernel (AIMASS_HIER_STAGE_MAP=0) got EFAULT
+    or zeros within a few trials. Each trial restarts the engine (a fresh 1 MiB buffer) and grows it to
+    2, 4 and 8 MiB; every result exact."""
+    env = {"AIMASS_RANKS_PER_NODE": 2, "AIMASS_HIER_STAGE": str(8 << 20), "AIMASS_HIER_STAGE_MAP": stage_map}
+    with engine_env(dist, **env) as d:
+        for trial in range(8):
+            if trial:
+                d.shutdown()
+                d.init()
+            d.set_shm_min_bytes(0)
+            r = d.rank()
+            before = d.stats()["hier_staged"]
+            for count in (70001, (1 << 18) + 5, (1 << 19) + 5, (1 << 20) + 5):
+                out = d.allreduce(np.full(count, r + 1, np.int32), op="sum", name=f"hier.grow.{count}")
+                assert (out == 10).all(), (trial, count, np.unique(out)[:4])
+            # (a call goes to the engine when a window passes while a rank is descheduled)
+            assert d.stats()["hier_staged"] - before >= 2
+
+
+@pytest.mark.nprocs(4)
 @pytest.mark.timeout(120)
 def test_caller_thread_path_mismatch_raises_on_every_rank(two_nodes):
     """A signature that differs (one rank's shape; one node's dtype; each node its own name) sends the

@@ -285,6 +285,9 @@ struct CollectiveEngine::Impl {
     // this rank's staging buffer (hier_data's staged node steps), posted for allreduces of up to stage_max
     // bytes (EngineOptions::hier_stage_max_bytes; 0: never, also once a buffer could not be had)
     std::unique_ptr<SharedHostBuffer> stage;
+    // staging buffers outgrown but perhaps still read by a local peer finishing the last call (through the
+    // kernel at their addresses): freed once an exchange completes, as every local peer then left that call
+    std::vector<std::unique_ptr<SharedHostBuffer>> retired;
     size_t stage_max = 0;
     bool stage_map = true;  // read the peers' staging buffers in mappings (AIMASS_HIER_STAGE_MAP=0: through the kernel)
   };

@@ -151,7 +151,7 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
   // The staging buffer, posted in the exchange: grown to a power of two (at least 1 MiB) when too small;
   // none (every rank then pushes through the kernel) when off, too large, or not to be had
   if (nbytes <= h.stage_max && (!h.stage || h.stage->size() < nbytes)) {
-    h.stage.reset();
+    if (h.stage) h.retired.push_back(std::move(h.stage));  // (a peer may still copy the last call's slice out)
     size_t want = size_t(1) << 20;
     while (want < nbytes) want <<= 1;
     try {
@@ -216,6 +216,8 @@ bool CollectiveEngine::Impl::hier_allreduce(FastCollective& c) {
     fast_path_broke(e.what());
     throw;
   }
+  // every local rank arrived in this attempt: none still reads a buffer this rank outgrew
+  if (completed) h.retired.clear();
   if (!go) {
     if (completed) ch.done();  // (nobody read anything)
     hier_fallbacks.fetch_add(1, std::memory_order_relaxed);
