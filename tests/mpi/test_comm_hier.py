@@ -319,6 +319,7 @@ def test_outgrown_staging_buffer_stays_readable_for_late_peers(dist, stage_map):
     or zeros within a few trials. Each trial restarts the engine (a fresh 1 MiB buffer) and grows it to
     2, 4 and 8 MiB; every result exact."""
     env = {"AIMASS_RANKS_PER_NODE": 2, "AIMASS_HIER_STAGE": str(8 << 20), "AIMASS_HIER_STAGE_MAP": stage_map}
+    staged = 0
     with engine_env(dist, **env) as d:
         for trial in range(8):
             if trial:
@@ -326,12 +327,12 @@ def test_outgrown_staging_buffer_stays_readable_for_late_peers(dist, stage_map):
                 d.init()
             d.set_shm_min_bytes(0)
             r = d.rank()
-            before = d.stats()["hier_staged"]
             for count in (70001, (1 << 18) + 5, (1 << 19) + 5, (1 << 20) + 5):
                 out = d.allreduce(np.full(count, r + 1, np.int32), op="sum", name=f"hier.grow.{count}")
                 assert (out == 10).all(), (trial, count, np.unique(out)[:4])
-            # (a call goes to the engine when a window passes while a rank is descheduled)
-            assert d.stats()["hier_staged"] - before >= 2
+            staged += d.stats()["hier_staged"]  # (a fresh count in each restart)
+    # (a call goes to the engine when a window passes while a rank is descheduled)
+    assert staged >= 16, staged
 
 
 @pytest.mark.nprocs(4)
