@@ -249,7 +249,9 @@ class CollectiveEngine {
   bool shm_available() const;
   // Whether the shared-memory allreduce reduces buffers that live in shared host buffers
   // (aimass/shared_host.h: aimass.dist's gradient buckets) with loads and stores in every local peer's
-  // mapping (every local rank could map the others' at init; the same on every rank).
+  // mapping (every local rank could map the others' at init; the same on every rank). False across nodes:
+  // the hierarchical paths read and write the node's peers through the kernel, where private memory
+  // (huge pages) moves faster than a shared buffer's 4 KiB pages.
   bool shm_maps_peers() const;
   // The algorithm table in use (canonical text; every rank's is the same).
   std::string algorithms() const;

@@ -6,8 +6,10 @@ agreed at ``init()``), ``empty(shape, dtype)`` returns an array backed by a ``_C
 sealed memfd the node's other ranks map): an in-place ``allreduce_`` / ``allreduce_async_`` of it, on
 every rank, is reduced with plain loads and stores in every rank's array (``stats()["ll_mapped"]`` for
 blocking calls in the caller's thread, ``stats()["shm_mapped"]`` through the engine), with no kernel copy.
-Elsewhere (before ``init()``, ``AIMASS_SHM_MAP=0``, no shared-memory segment, several nodes' cma probe
-failed, memfd unavailable) it returns ordinary memory, and ``is_shared(x)`` says which one an array got.
+Elsewhere (before ``init()``, ``AIMASS_SHM_MAP=0``, no shared-memory segment, a cma probe failed, memfd
+unavailable, several nodes: the hierarchical paths read the node's peers through the kernel, where private
+memory on huge pages moves faster than a shared buffer's 4 KiB pages) it returns ordinary memory, and
+``is_shared(x)`` says which one an array got.
 
 A numpy dtype gives a numpy array; a torch dtype (``torch.float32``, ``torch.bfloat16``, ...) a CPU
 tensor over the same memory (``torch.frombuffer``). The array (and every view of it, numpy or torch)
