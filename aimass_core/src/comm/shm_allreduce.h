@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "aimass/collectives.h"
+#include "aimass/memory.h"
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
@@ -282,7 +283,9 @@ class ShmAllreduce {
   // tracks every counter alike; each claiming rank overshoots once per collective)
   std::vector<uint64_t> claim_base_;
   std::vector<char> tmp_;  // single-copy mode: the peers' pieces of one chunk (L2-resident)
-  std::vector<char> xbuf_;  // single-copy mode across nodes: a slice spread over several tensors, contiguous
+  // single-copy mode across nodes: a slice spread over several tensors, contiguous (huge pages; a receive
+  // of a cross-node step that timed out may stay posted into it: the engine then never frees it)
+  AlignedBuffer xbuf_;
   uint64_t probe_ = 0;     // read by the peers' start-up probe
   uint64_t exchange_seq_ = 0;  // seq of the last exchange() (its addresses stay valid until the allgather)
   double timeout_s_ = 60;
