@@ -106,8 +106,13 @@ def test_explicit_groups_and_sum_op(dist):
     opt = dist.DistributedOptimizer(torch.optim.SGD(ps, lr=0.1), m.named_parameters(), op=dist.Sum,
                                     groups=[ps[:2], ps[2:]])
     x, y, _, _ = local_batch(dist, 0)
+    # this rank's gradients from a twin without hooks: the optimizer's in-place allreduces of p.grad start
+    # during backward(), so p.grad may already be (partly) reduced when it returns, as in Horovod (cloned
+    # there, one rank once summed the other's reduced values with its own local ones)
+    twin = make_model()
+    torch.nn.functional.mse_loss(twin(x), y).backward()
+    local = [q.grad.clone() for q in twin.parameters()]
     torch.nn.functional.mse_loss(m(x), y).backward()
-    local = [p.grad.clone() for p in ps]
     opt.synchronize()
     for p, lg in zip(ps, local):
         torch.testing.assert_close(p.grad, dist.allreduce(lg, op=dist.Sum), rtol=1e-6, atol=1e-7)
