@@ -369,12 +369,13 @@ def test_across_nodes_large_buffers_are_private(two_nodes):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "float16"])
 def test_fused_batches_across_nodes_exact(two_nodes, dtype):
     """Async allreduces fused by the engine across nodes: each local rank's slice of the batch spans several
-    tensors, so it is reduced into one contiguous buffer, exchanged with the other node in one go and copied
-    into the tensors. Odd sizes (1 element to 1.2 MiB), sums and averages in one batch, in place and out of
-    place; every result exact, the inputs of out-of-place calls untouched, the same bits on every rank."""
+    tensors: a tensor's share of 1 MiB or more takes its own cross-node step in place, the smaller ones are
+    reduced into one contiguous buffer, exchanged with the other node in one go and copied into their tensors.
+    Odd sizes (1 element to 2.8 MiB), sums and averages in one batch, in place and out of place; every result
+    exact, the inputs of out-of-place calls untouched, the same bits on every rank."""
     d = two_nodes
     n, r = d.size(), d.rank()
-    counts = (1, 4099, 70001, 3, 300007, 17, 131073, 5, 262147)
+    counts = (1, 4099, 70001, 3, 700001, 300007, 17, 131073, 5, 262147, 600011)
     before = d.stats()
     for rep in range(3):
         inputs = [[rank_data(900 + 10 * rep + k, i, c, dtype) for i in range(n)] for k, c in enumerate(counts)]
