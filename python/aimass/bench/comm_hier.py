@@ -1,7 +1,8 @@
 """Two simulated nodes: 4 ranks as 2 nodes x 2 ranks (``AIMASS_RANKS_PER_NODE=2``), aimass's
 hierarchical allreduce (shared-memory reduce inside each node, one rank per node and slice
 allreduces across nodes over MPI, shared-memory copy-out, docs/comm.md) against a flat
-``MPI_Allreduce`` over all 4 ranks (mpi4py, same Open MPI, same run), from 256 KiB (the goal: from 1 MiB up).
+``MPI_Allreduce`` over all 4 ranks (mpi4py, same Open MPI, same run), from 256 KiB (the goal: from 1 MiB up);
+and ResNet-50's training step (161 gradients fused, and as bucket views) against per-tensor flat MPI.
 
 On one machine the "network" between the simulated nodes is Open MPI's own shared-memory
 transport, so this measures the structure (fewer bytes through MPI, node-local reduction),
@@ -61,8 +62,43 @@ def run_worker(quick: bool) -> Optional[Dict[str, object]]:
     report.add_sweep(f"allreduce_hierarchical_busbw_{nodes}x{RANKS_PER_NODE}", xs,
                      {"aimass hierarchical": ours, "flat mpi4py Allreduce": flat}, xlabel="bytes",
                      ylabel="busbw GB/s (higher is better)", logx=True)
+    _training_step(d, comm, MPI, timer, report, n, nodes)
     d.shutdown()
     return report.to_dict() if comm.Get_rank() == 0 else None
+
+
+def _training_step(d, comm, MPI, timer, report: Report, n: int, nodes: int) -> None:
+    """ResNet-50's 161 gradients across the simulated nodes: fused by the engine (async, 64 MiB fusion
+    threshold) and, with torch, as 25 MiB bucket views, against 161 per-tensor flat MPI_Allreduce calls."""
+    from .comm import resnet50_grad_shapes
+    grads = [np.ones(s, np.float32) for s in resnet50_grad_shapes()]
+    total = sum(g.nbytes for g in grads)
+
+    def per_tensor():
+        for g in grads:
+            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+
+    def fused():
+        hs = [d.allreduce_async_(g, op="sum", name=f"bench.hier.fusion.{i}") for i, g in enumerate(grads)]
+        for h in hs:
+            d.synchronize(h)
+
+    d.set_fusion_threshold(64 << 20)
+    steps = [("fused", fused)]
+    try:
+        import torch
+        params = [torch.nn.Parameter(torch.ones(s)) for s in resnet50_grad_shapes()]
+        b = d.GradientBuckets(params, bucket_bytes=25 << 20, name="bench.hier.bucket")
+        steps.append((f"as {len(b)} bucket views of <= 25 MiB", lambda: b.allreduce(op="sum")))
+    except ImportError:
+        pass
+    m_plain = timer(per_tensor, total)
+    for label, fn in steps:
+        m = timer(fn, total)
+        report.add(SUITE, f"ResNet-50 161 gradients ({total / 2**20:.1f} MiB) {label}, {n} ranks as {nodes} "
+                   f"simulated nodes x {RANKS_PER_NODE}", m.seconds, "s", higher_is_better=False, spread=m.spread,
+                   baseline="161 x flat MPI_Allreduce", baseline_value=m_plain.seconds,
+                   baseline_spread=m_plain.spread, goal=1.0, goal_text="<= 1x per-tensor flat MPI")
 
 
 def run(report: Report, quick: bool = False) -> None:
