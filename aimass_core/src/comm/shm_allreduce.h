@@ -32,10 +32,10 @@
 #include <vector>
 
 #include "aimass/collectives.h"
-#include "aimass/memory.h"
 #include "aimass/comm.h"
 #include "aimass/comm_kernels.h"
 #include "aimass/dtype.h"
+#include "aimass/memory.h"
 #include "comm/host_regions.h"
 
 namespace aimass {

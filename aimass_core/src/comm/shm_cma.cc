@@ -246,8 +246,8 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     return;
   }
   if (cross_reduce && e > b) {
-    // the node's sum of my slice, allreduced with the same slice of the other nodes in one call
-    // (the same parts in the same order on both nodes: the batch and the slices are alike there)
+    // the node's sum of my slice, allreduced with the same slice of the other nodes: each large share in
+    // place, then the small ones in xbuf_ (the same steps in the same order on both nodes)
     int64_t in_buf = 0;
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
       if (xbuf && xbase[g] != INT64_MIN) in_buf += n;

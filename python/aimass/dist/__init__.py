@@ -24,7 +24,8 @@ that submitted it, listing what each rank submitted.
 
 ``empty(shape, dtype)`` / ``zeros(...)`` allocate arrays (numpy, or torch for a torch dtype) in memory the
 node's other ranks map, where the engine reduces there (``engine.shared_buffers``: one node; across nodes
-private memory moves faster): in-place allreduces of them skip the kernel copies; ``is_shared(x)`` says whether an array got it (else it is ordinary memory).
+private memory moves faster): in-place allreduces of them skip the kernel copies; ``is_shared(x)`` says
+whether an array got it (else it is ordinary memory).
 
 Integer ``average`` divides the integer sum by the world size, truncating toward zero.
 Bool tensors: Sum and Max are logical or, Min and Product logical and.
