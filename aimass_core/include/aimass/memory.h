@@ -28,6 +28,10 @@ class AlignedBuffer {
   size_t n_ = 0;
 };
 
+// b grown to at least `need` bytes in whole 2 MiB pages (huge pages throughout; never shrunk, and what it
+// held is not kept when it grows); returns its data.
+char* grow_huge(AlignedBuffer& b, size_t need);
+
 // This thread's 64-byte-aligned scratch of `floats` floats in slot 0..3, grown on first use
 // and reused (no allocation or page faults per call). A slot is valid until this thread asks
 // for the same slot again: kernels use it within one call and never nest.

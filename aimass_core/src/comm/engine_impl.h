@@ -160,11 +160,7 @@ struct CollectiveEngine::Impl {
   // the single-copy path's process_vm_readv / _writev walk a peer's buffer page by page and a
   // 4 KiB-page buffer costs about twice as much there. Grown in whole huge pages, never shrunk.
   AlignedBuffer fusion;
-  char* fusion_bytes(size_t need) {
-    constexpr size_t kHuge = size_t(2) << 20;
-    if (fusion.size() < need) fusion = AlignedBuffer((need + kHuge - 1) / kHuge * kHuge);
-    return static_cast<char*>(fusion.data());
-  }
+  char* fusion_bytes(size_t need) { return grow_huge(fusion, need); }
   // Buffers handed to non-blocking MPI calls. After a timeout the request stays posted
   // (MPI cannot cancel a collective), so they live as long as the Impl, which is then
   // never freed (see ~CollectiveEngine).

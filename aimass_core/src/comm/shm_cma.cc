@@ -196,10 +196,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
   char* xbuf = nullptr;
   std::vector<int64_t> xbase;  // per segment: its element `at` is xbuf element xbase[g] + at (INT64_MIN: not packed)
   if (packed > 1) {
-    constexpr size_t kHuge = size_t(2) << 20;
-    const size_t need = static_cast<size_t>(e - b) * es;
-    if (xbuf_.size() < need) xbuf_ = AlignedBuffer((need + kHuge - 1) / kHuge * kHuge);
-    xbuf = static_cast<char*>(xbuf_.data());
+    xbuf = grow_huge(xbuf_, static_cast<size_t>(e - b) * es);
     xbase.assign(nseg, INT64_MIN);
     int64_t cur = 0;
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
@@ -208,8 +205,9 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
       cur += n;
     });
   }
+  auto in_xbuf = [&](size_t g) { return xbuf && xbase[g] != INT64_MIN; };
   auto dst_of = [&](size_t g, int64_t at) {
-    return xbuf && xbase[g] != INT64_MIN ? xbuf + (xbase[g] + at) * static_cast<int64_t>(es) : segs[g].out + at * es;
+    return in_xbuf(g) ? xbuf + (xbase[g] + at) * static_cast<int64_t>(es) : segs[g].out + at * es;
   };
   // 1. reduce-scatter: my slice of every peer's input, chunk by chunk, into my output
   for (int64_t lo = b; lo < e; lo += step) {
@@ -250,14 +248,13 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     // place, then the small ones in xbuf_ (the same steps in the same order on both nodes)
     int64_t in_buf = 0;
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
-      if (xbuf && xbase[g] != INT64_MIN) in_buf += n;
+      if (in_xbuf(g)) in_buf += n;
       else cross_reduce(segs[g].out + at * es, n);
     });
     if (xbuf) {
       cross_reduce(xbuf, in_buf);
       pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
-        if (xbase[g] != INT64_MIN)
-          std::memcpy(segs[g].out + at * es, xbuf + (xbase[g] + at) * static_cast<int64_t>(es), static_cast<size_t>(n) * es);
+        if (in_xbuf(g)) std::memcpy(segs[g].out + at * es, dst_of(g, at), static_cast<size_t>(n) * es);
       });
     }
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {

@@ -31,6 +31,11 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : n_(bytes) {
 
 AlignedBuffer::~AlignedBuffer() { std::free(p_); }
 
+char* grow_huge(AlignedBuffer& b, size_t need) {
+  if (b.size() < need) b = AlignedBuffer((need + kHugePage - 1) / kHugePage * kHugePage);
+  return static_cast<char*>(b.data());
+}
+
 AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
   if (this != &o) {
     std::free(p_);

@@ -140,6 +140,23 @@ def _size_label(b: int) -> str:
     return str(b)
 
 
+def resnet50_steps(d, comm, MPI, name: str):
+    """ResNet-50's 161 gradients as numpy float32 arrays: (their bytes, the fused step: 161 async in-place
+    allreduces then their synchronize, the baseline: 161 per-tensor MPI_Allreduce calls)."""
+    grads = [np.ones(s, np.float32) for s in resnet50_grad_shapes()]
+
+    def fused():
+        hs = [d.allreduce_async_(g, op="sum", name=f"{name}.{i}") for i, g in enumerate(grads)]
+        for h in hs:
+            d.synchronize(h)
+
+    def per_tensor():
+        for g in grads:
+            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+
+    return sum(g.nbytes for g in grads), fused, per_tensor
+
+
 def _bucket_step(d, timer, report: Report, m_plain, total: int, n: int) -> None:
     """The same 161 gradients as views into flat buckets (GradientBuckets, DDP's gradient_as_bucket_view):
     one in-place allreduce per bucket, at DDP's 25 MiB buckets and as one bucket."""
@@ -298,18 +315,7 @@ def run_worker(quick: bool, tune: bool = False) -> Optional[dict]:
         report.add_sweep(f"{kind}_busbw_{n}ranks", other, ser, xlabel="bytes", ylabel="busbw GB/s", logx=True,
                          logy=True)
     # fusion: the 161 ResNet-50 gradients at once, fusion threshold x cycle time
-    grads = [np.ones(s, np.float32) for s in resnet50_grad_shapes()]
-
-    def fused():
-        hs = [d.allreduce_async_(g, op="sum", name=f"bench.fusion.{i}") for i, g in enumerate(grads)]
-        for h in hs:
-            d.synchronize(h)
-
-    def per_tensor():
-        for g in grads:
-            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
-
-    total = sum(g.nbytes for g in grads)
+    total, fused, per_tensor = resnet50_steps(d, comm, MPI, "bench.fusion")
     m_plain = timer(per_tensor, total)
     thresholds = [4 << 20, 64 << 20] if quick else [1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
     cycles = [1.0, 5.0] if quick else [0.5, 1.0, 2.5, 5.0]

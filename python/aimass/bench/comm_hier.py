@@ -70,19 +70,8 @@ def run_worker(quick: bool) -> Optional[Dict[str, object]]:
 def _training_step(d, comm, MPI, timer, report: Report, n: int, nodes: int) -> None:
     """ResNet-50's 161 gradients across the simulated nodes: fused by the engine (async, 64 MiB fusion
     threshold) and, with torch, as 25 MiB bucket views, against 161 per-tensor flat MPI_Allreduce calls."""
-    from .comm import resnet50_grad_shapes
-    grads = [np.ones(s, np.float32) for s in resnet50_grad_shapes()]
-    total = sum(g.nbytes for g in grads)
-
-    def per_tensor():
-        for g in grads:
-            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
-
-    def fused():
-        hs = [d.allreduce_async_(g, op="sum", name=f"bench.hier.fusion.{i}") for i, g in enumerate(grads)]
-        for h in hs:
-            d.synchronize(h)
-
+    from .comm import resnet50_grad_shapes, resnet50_steps
+    total, fused, per_tensor = resnet50_steps(d, comm, MPI, "bench.hier.fusion")
     d.set_fusion_threshold(64 << 20)
     steps = [("fused", fused)]
     try:

@@ -27,8 +27,8 @@ Host buckets of 2 MiB or more live in memory the node's other ranks map (``_C.Sh
 memfd) when the engine can reduce them there (``engine.shared_buffers``, agreed at ``init()``: build the
 buckets after it; one node only: across nodes the hierarchical paths go through the kernel, where private
 huge pages move 1.2-1.3x faster): every rank's bucket is then reduced with plain loads and stores in every
-other rank's mapping, with no kernel copy (docs/comm.md, "Gradients as bucket views"). ``GradientBuckets.shared`` says
-which buckets got there; the others are private huge-page memory as before.
+other rank's mapping, with no kernel copy (docs/comm.md, "Gradients as bucket views").
+``GradientBuckets.shared`` says which buckets got there; the others are private huge-page memory as before.
 """
 from __future__ import annotations
 
