@@ -66,6 +66,37 @@ def test_race_pauses_before_each_contender(monkeypatch):
     assert events == ["a"]
 
 
+def test_measure_pair_alternates_windows_so_both_see_the_same_machine(monkeypatch):
+    """A machine whose speed halves for a while (a VM's slow state): timed one after the other, a 1.5x
+    faster call read as slower; alternating windows give both the same states and keep the true 1.5x."""
+    clock = FakeClock()
+    monkeypatch.setattr(_measure.time, "perf_counter", clock)
+    calls = [0]
+    order = []
+
+    def slow_phase():  # the first 40 calls run 2x slower, the rest at full speed
+        return 2.0 if calls[0] < 40 else 1.0
+
+    def make(name, cost):
+        def fn():
+            if not order or order[-1] != name:
+                order.append(name)
+            calls[0] += 1
+            clock.t += cost * slow_phase()
+        return fn
+    fa, fb = make("a", 0.001), make("b", 0.0015)
+    # one after the other: fa lands in the slow phase, fb in the fast one (fa reads 1.33x slower)
+    seq_a = _measure.measure(fa, calls_per_window=10, bound=0.05, warmup=0, max_windows=3)
+    seq_b = _measure.measure(fb, calls_per_window=10, bound=0.05, warmup=0, max_windows=3)
+    assert seq_a.seconds > seq_b.seconds
+    calls[0] = 0
+    order.clear()
+    a, b = _measure.measure_pair(fa, fb, calls_per_window=10, bound=0.05, warmup=0, max_windows=8)
+    assert order[:4] == ["a", "b", "a", "b"]
+    assert a.stable and b.stable and b.seconds / a.seconds == pytest.approx(1.5)
+    assert a.windows == b.windows and a.calls == b.calls == 10 * a.windows
+
+
 def test_measure_rejects_bad_bounds():
     with pytest.raises(ValueError, match="bound"):
         _measure.measure(lambda: None, bound=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 
 @dataclass
@@ -49,34 +49,69 @@ def measure(fn: Callable[[], object], *, window_s: float = 0.2, bound: float = 0
             reduce_max: Optional[Callable[[float], float]] = None,
             agree: Optional[Callable[[bool], bool]] = None) -> Measurement:
     """Time `fn` until stable; see the module docstring."""
+    return _measure_windows([fn], window_s=window_s, bound=bound, stable_windows=stable_windows,
+                            max_windows=max_windows, warmup=warmup, calls_per_window=calls_per_window,
+                            reduce_max=reduce_max, agree=agree, rewarm=0)[0]
+
+
+def measure_pair(fa: Callable[[], object], fb: Callable[[], object], *, window_s: float = 0.2, bound: float = 0.05,
+                 stable_windows: int = 3, max_windows: int = 12, warmup: int = 2,
+                 calls_per_window: Optional[int] = None, reduce_max: Optional[Callable[[float], float]] = None,
+                 agree: Optional[Callable[[bool], bool]] = None) -> Tuple[Measurement, Measurement]:
+    """Time `fa` and its baseline `fb` in alternating windows (a, b, a, b, ...) until both are stable, so that
+    both see the same machine: on a 2-vCPU VM the same call's time flips between two levels (e.g. 0.6 and
+    1.2 us) for seconds at a time, and two measurements taken one after the other could land in different
+    levels and read as a 2x win or loss. One untimed call precedes each window (the switch's first call)."""
+    a, b = _measure_windows([fa, fb], window_s=window_s, bound=bound, stable_windows=stable_windows,
+                            max_windows=max_windows, warmup=warmup, calls_per_window=calls_per_window,
+                            reduce_max=reduce_max, agree=agree, rewarm=1)
+    return a, b
+
+
+def _measure_windows(fns: List[Callable[[], object]], *, window_s: float, bound: float, stable_windows: int,
+                     max_windows: int, warmup: int, calls_per_window: Optional[int],
+                     reduce_max: Optional[Callable[[float], float]], agree: Optional[Callable[[bool], bool]],
+                     rewarm: int) -> List[Measurement]:
+    """One window of each fn in turn, until every fn's last `stable_windows` agree within `bound`."""
     if not (0 < bound < 1):
         raise ValueError(f"bound must be in (0, 1), got {bound}")
     if stable_windows < 2 or max_windows < stable_windows:
         raise ValueError("need 2 <= stable_windows <= max_windows")
-    for _ in range(warmup):
-        fn()
-    values: List[float] = []
-    calls = 0
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    values: List[List[float]] = [[] for _ in fns]
+    calls = [0] * len(fns)
     stable = False
-    while len(values) < max_windows:
-        ts = _window(fn, calls_per_window, window_s)
-        calls += len(ts)
-        v = statistics.median(ts)
-        if reduce_max is not None:
-            v = reduce_max(v)
-        values.append(v)
-        if len(values) >= stable_windows:
-            last = values[-stable_windows:]
-            med = statistics.median(last)
-            stable = med > 0 and (max(last) - min(last)) / med <= bound
+
+    def settled(vals: List[float]) -> bool:
+        last = vals[-stable_windows:]
+        med = statistics.median(last)
+        return med > 0 and (max(last) - min(last)) / med <= bound
+
+    while len(values[0]) < max_windows:
+        for i, fn in enumerate(fns):
+            for _ in range(rewarm):
+                fn()
+            ts = _window(fn, calls_per_window, window_s)
+            calls[i] += len(ts)
+            v = statistics.median(ts)
+            if reduce_max is not None:
+                v = reduce_max(v)
+            values[i].append(v)
+        if len(values[0]) >= stable_windows:
+            stable = all(settled(v) for v in values)
             if agree is not None:
                 stable = agree(stable)
             if stable:
                 break
-    last = values[-stable_windows:] if len(values) >= stable_windows else values
-    med = statistics.median(last)
-    spread = (max(last) - min(last)) / med if med > 0 else 0.0
-    return Measurement(med, spread, stable, len(values), calls, bound, values)
+    out = []
+    for vals, n in zip(values, calls):
+        last = vals[-stable_windows:] if len(vals) >= stable_windows else vals
+        med = statistics.median(last)
+        spread = (max(last) - min(last)) / med if med > 0 else 0.0
+        out.append(Measurement(med, spread, spread <= bound, len(vals), n, bound, vals))
+    return out
 
 
 def race(fns: dict, *, rounds: int = 5, block: int = 5, warmup: int = 2, bound: float = 0.10,

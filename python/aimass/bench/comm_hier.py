@@ -49,8 +49,8 @@ def run_worker(quick: bool) -> Optional[Dict[str, object]]:
     for nbytes in sizes(quick):
         x = np.ones(nbytes // 4, np.float32)
         y = np.ones(nbytes // 4, np.float32)
-        ma = timer(lambda: d.allreduce_(x, op="sum", name="bench.hier"), nbytes)
-        mb = timer(lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
+        ma, mb = timer.pair(lambda: d.allreduce_(x, op="sum", name="bench.hier"),
+                            lambda: comm.Allreduce(MPI.IN_PLACE, y, op=MPI.SUM), nbytes)
         a_bw, b_bw = nbytes * fac / ma.seconds / 1e9, nbytes * fac / mb.seconds / 1e9
         xs.append(nbytes)
         ours.append(a_bw)
@@ -81,9 +81,8 @@ def _training_step(d, comm, MPI, timer, report: Report, n: int, nodes: int) -> N
         steps.append((f"as {len(b)} bucket views of <= 25 MiB", lambda: b.allreduce(op="sum")))
     except ImportError:
         pass
-    m_plain = timer(per_tensor, total)
     for label, fn in steps:
-        m = timer(fn, total)
+        m, m_plain = timer.pair(fn, per_tensor, total)
         report.add(SUITE, f"ResNet-50 161 gradients ({total / 2**20:.1f} MiB) {label}, {n} ranks as {nodes} "
                    f"simulated nodes x {RANKS_PER_NODE}", m.seconds, "s", higher_is_better=False, spread=m.spread,
                    baseline="161 x flat MPI_Allreduce", baseline_value=m_plain.seconds,

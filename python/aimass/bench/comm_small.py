@@ -48,7 +48,7 @@ def small_curves(d, comm, MPI, timer, report, quick: bool) -> Dict[str, Dict[str
         res: Dict[str, List[float]] = {"bytes": [], "aimass": [], "mpi4py": [], "aimass_s": [], "mpi4py_s": []}
         for nbytes in sizes(quick):
             fa, fb, fac, moved = _calls(kind, d, comm, MPI, nbytes)
-            ma, mb = timer(fa, moved), timer(fb, moved)
+            ma, mb = timer.pair(fa, fb, moved)
             a_bw, b_bw = moved * fac / ma.seconds / 1e9, moved * fac / mb.seconds / 1e9
             for k, v in (("bytes", moved), ("aimass", a_bw), ("mpi4py", b_bw), ("aimass_s", ma.seconds),
                          ("mpi4py_s", mb.seconds)):
