@@ -46,3 +46,22 @@ def test_train_distributed_under_mpirun(tmp_path):
     r = _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", sys.executable,
               "examples/train_distributed.py", "--epochs", "5"], tmp_path)
     assert r["ranks"] == 2 and r["valid_accuracy"] > 0.9 and r["max_weight_difference"] == 0.0
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
+def test_compare_ddp_under_mpirun(tmp_path):
+    """examples/horovod/compare_ddp.py as users run it: its own mpirun job (3 ranks, the odd count). Run
+    in-process by every rank of the MPI suite instead, after the suite's other tests, one rank twice hung
+    in torch's teardown of the gloo group and DDP at the script's return (np 3, CI); a job of its own ends
+    with its processes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), AIMASS_HOME=str(tmp_path / "home"),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    r = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "3",
+                        sys.executable, "examples/horovod/compare_ddp.py", "--model", "mlp", "--rounds", "1",
+                        "--steps", "1", "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=180,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert any(ln.startswith("model=mlp batch=4 ranks=3") for ln in lines), r.stdout
+    rates = [float(ln.split(":")[1].split()[0]) for ln in lines if ln.startswith(("aimass.dist:", "torch DDP"))]
+    assert len(rates) == 2 and all(x > 0 for x in rates), r.stdout
