@@ -13,12 +13,17 @@ pytest.importorskip("sklearn")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(args, tmp_path, timeout=300):
+def _exec(args, tmp_path, timeout=300):
+    """The script's stdout lines (it must exit 0)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), AIMASS_HOME=str(tmp_path / "home"),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return r.stdout.strip().splitlines()
+
+
+def _run(args, tmp_path, timeout=300):
+    return json.loads(_exec(args, tmp_path, timeout)[-1])
 
 
 def test_logistic_regression_binary_and_multiclass(tmp_path):
@@ -54,14 +59,9 @@ def test_compare_ddp_under_mpirun(tmp_path):
     in-process by every rank of the MPI suite instead, after the suite's other tests, one rank twice hung
     in torch's teardown of the gloo group and DDP at the script's return (np 3, CI); a job of its own ends
     with its processes."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), AIMASS_HOME=str(tmp_path / "home"),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    r = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "3",
-                        sys.executable, "examples/horovod/compare_ddp.py", "--model", "mlp", "--rounds", "1",
-                        "--steps", "1", "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=180,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert any(ln.startswith("model=mlp batch=4 ranks=3") for ln in lines), r.stdout
+    lines = _exec(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "3",
+                   sys.executable, "examples/horovod/compare_ddp.py", "--model", "mlp", "--rounds", "1", "--steps",
+                   "1", "--batch-size", "4"], tmp_path, timeout=180)
+    assert any(ln.startswith("model=mlp batch=4 ranks=3") for ln in lines), lines
     rates = [float(ln.split(":")[1].split()[0]) for ln in lines if ln.startswith(("aimass.dist:", "torch DDP"))]
-    assert len(rates) == 2 and all(x > 0 for x in rates), r.stdout
+    assert len(rates) == 2 and all(x > 0 for x in rates), lines

@@ -82,7 +82,6 @@ def _measure_windows(fns: List[Callable[[], object]], *, window_s: float, bound:
             fn()
     values: List[List[float]] = [[] for _ in fns]
     calls = [0] * len(fns)
-    stable = False
 
     def settled(vals: List[float]) -> bool:
         last = vals[-stable_windows:]
