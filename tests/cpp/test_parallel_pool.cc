@@ -162,12 +162,17 @@ TEST(ParallelPool, MoreChunksThanOneJobHolds) {
 // worker may be inside a step-off or not yet past its post-wake-up restore (the caller can finish
 // a job's chunks alone and return before a worker even took its turn; a worker queued behind other
 // processes on its one allowed CPU gets its mask back from the caller's next job that ends over
-// 2 ms after the wake-up, so each look runs a small job); a thread left pinned never passes.
-// `threads` gets the number of threads seen.
+// 2 ms after the wake-up, so each look after the first runs a small job, then waits 5 ms before it
+// looks: that job narrows the parked workers it wakes, and a look right after it (as before) caught
+// them before they ran on a loaded machine, every time: CI failed so); a thread left pinned never
+// passes. `threads` gets the number of threads seen.
 std::string narrowed_threads(const cpu_set_t& before, int* threads) {
   std::string narrowed;
   for (int attempt = 0; attempt < 200; ++attempt) {
-    if (attempt > 0) expect_each_once(2);
+    if (attempt > 0) {
+      expect_each_once(2);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
     narrowed.clear();
     *threads = 0;
     DIR* dir = opendir("/proc/self/task");
@@ -181,7 +186,6 @@ std::string narrowed_threads(const cpu_set_t& before, int* threads) {
     }
     closedir(dir);
     if (narrowed.empty()) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return narrowed;
 }
