@@ -202,6 +202,7 @@ class Pool {
   struct Parked {
     bool parked = false;
     std::atomic<bool> narrowed{false};  // the waker excluded its CPU; whoever clears it restores the mask
+    std::atomic<int64_t> steered_at_ns{0};  // steady_clock time of that narrowing (restore_narrowed)
 #ifdef __linux__
     pid_t tid = 0;
     std::mutex mask_mu;
@@ -231,7 +232,7 @@ class Pool {
     cpu_set_t others = p.mask;
     CPU_CLR(caller_cpu, &others);
     if (sched_setaffinity(p.tid, sizeof(others), &others) == 0) {
-      steered_at_ns_.store(now_ns(), std::memory_order_relaxed);
+      p.steered_at_ns.store(now_ns(), std::memory_order_relaxed);
       p.narrowed.store(true);
       narrowed_.fetch_add(1);
     }
@@ -260,8 +261,13 @@ class Pool {
   // cent slower with it).
   void restore_narrowed() {
     if (narrowed_.load(std::memory_order_relaxed) == 0) return;
-    if (now_ns() - steered_at_ns_.load(std::memory_order_relaxed) < 2000000) return;
-    for (auto& p : parked_) restore_mask(p, false);
+    // each worker by its own narrowing's age: one that cannot get its one allowed CPU gets its mask
+    // back even while the caller keeps steering the others
+    const int64_t now = now_ns();
+    for (auto& p : parked_)
+      if (p.narrowed.load(std::memory_order_acquire) &&  // (acquire: the time stored before the flag)
+          now - p.steered_at_ns.load(std::memory_order_relaxed) >= 2000000)
+        restore_mask(p, false);
   }
 
   static int64_t now_ns() {
@@ -367,7 +373,6 @@ class Pool {
 
   std::vector<Parked> parked_;  // one per worker
   std::atomic<int> narrowed_{0};  // workers whose mask steer_off narrowed and nobody restored yet
-  std::atomic<int64_t> steered_at_ns_{0};  // steady_clock time of the last narrowing
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 40 | chunk count << 20 | next chunk
   alignas(64) std::atomic<int> done_{0};         // chunks finished in the current job
