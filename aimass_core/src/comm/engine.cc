@@ -495,9 +495,10 @@ std::shared_ptr<CollectiveHandle> CollectiveEngine::submit(CollectiveRequest r) 
       r.kind == CollectiveKind::Allgather) {
     r.op = ReduceOp::Sum;  // not part of these collectives' agreement
   }
-  impl_->eager_settle();  // this rank's eager broadcasts first (raises a mismatch a peer reported)
   auto handle = std::make_shared<CollectiveHandle>();
   handle->dtype_ = r.dtype;
+  if (impl_->size == 1 && impl_->try_alone(r, *handle)) return handle;  // one rank (fast_path.cc)
+  impl_->eager_settle();  // this rank's eager broadcasts first (raises a mismatch a peer reported)
   if (r.blocking && impl_->try_fast(r, *handle)) return handle;  // done in this thread (fast_path.cc)
   handle->on_wait_ = [w = impl_->waker] { w->notify(&w->flush); };
   handle->watchdog_ = [w = impl_->waker] { return w->stall_message(); };

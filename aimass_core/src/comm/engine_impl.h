@@ -235,6 +235,12 @@ struct CollectiveEngine::Impl {
   }
   bool try_fast(const CollectiveRequest& r, CollectiveHandle& h);
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
+  // r as a FastCollective whose allgather / reduce_scatter result goes into h (try_fast, try_alone)
+  FastCollective fast_of(const CollectiveRequest& r, CollectiveHandle& h);
+  // One rank (size == 1): the collective done in the caller's thread, blocking or not (fast_path.cc).
+  // false: the engine is closed or broken, and submit() reports it as before.
+  bool try_alone(const CollectiveRequest& r, CollectiveHandle& h);
+  bool alone(FastCollective& c, DType wire);
   // push: a large allreduce (staged or the push); gather_push: an allgather whose ranks write their rows
   // into every rank's posted result (see fast())
   void fast_data(FastCollective& c, size_t nbytes, double deadline, bool push, bool gather_push);
