@@ -318,6 +318,36 @@ TEST(CommKernels, CopyStreamingCopiesExactBytesAtEveryOffset) {
   }
 }
 
+// copy_bytes (the engine's copies between its slots and the caller's arrays) writes exactly the source bytes
+// at every level and nothing outside the destination, both where it takes memcpy and where (dst 1-63 bytes
+// past src modulo 4 KiB, 4 KiB and more) it takes the vector loop: distances across that window's edges,
+// sizes across the 4 KiB threshold and the loops' tails.
+TEST(CommKernels, CopyBytesCopiesExactBytesAtEveryDistance) {
+  LevelGuard g;
+  std::mt19937 rng(11);
+  std::vector<uint8_t> src(80000 + 8192);
+  for (auto& b : src) b = static_cast<uint8_t>(rng());
+  // src page-aligned + 16 (numpy's large arrays); dst at src + 4096 * k + dist
+  const uintptr_t sbase = (reinterpret_cast<uintptr_t>(src.data()) + 4095) / 4096 * 4096 + 16;
+  const auto* s = reinterpret_cast<const uint8_t*>(sbase);
+  for (SimdLevel l : levels()) {
+    aimass::set_simd_level(l);
+    for (size_t dist : {0u, 1u, 4u, 8u, 16u, 24u, 32u, 48u, 63u, 64u, 65u, 4080u, 4095u}) {
+      for (size_t n : {0u, 100u, 4095u, 4096u, 4097u, 4096u + 127u, 4096u + 255u, 70000u}) {
+        std::vector<uint8_t> dst(n + 3 * 4096, 0xA5);
+        const uintptr_t page = (reinterpret_cast<uintptr_t>(dst.data()) + 4095) / 4096 * 4096;
+        auto* d = reinterpret_cast<uint8_t*>(page + ((sbase + dist - page) & 4095));
+        ASSERT_EQ((reinterpret_cast<uintptr_t>(d) - sbase) & 4095, dist);
+        const size_t before = static_cast<size_t>(d - dst.data());
+        aimass::comm::copy_bytes(d, s, n);
+        ASSERT_EQ(0, std::memcmp(d, s, n)) << "level " << static_cast<int>(l) << " dist " << dist << " n " << n;
+        for (size_t i = 0; i < before; ++i) ASSERT_EQ(dst[i], 0xA5) << "wrote before the destination";
+        for (size_t i = before + n; i < dst.size(); ++i) ASSERT_EQ(dst[i], 0xA5) << "wrote past the end";
+      }
+    }
+  }
+}
+
 TEST(CommKernels, ReduceF64MatchesTheScalarLoopsAtEveryOffset) {
   LevelGuard g;
   for (size_t off : {0u, 8u, 16u, 40u, 56u}) {

@@ -50,6 +50,15 @@ void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int 
 // scalar path is memcpy. dst and src must not overlap.
 void copy_streaming(void* dst, const void* src, size_t n);
 
+// dst[0, n) = src[0, n) (no overlap): memcpy, except where dst sits less than 64 bytes past src modulo 4 KiB
+// (dst - src mod 4096 in 1..63) and n >= 4 KiB: there glibc's `rep movsb` runs its slow microcoded path on
+// AMD Zen (measured on this Zen 4 VM, glibc 2.36, 256 KiB copies from DRAM into a cached slot: 3.3 GB/s at
+// a distance of 4 or 8 bytes, 8.4 at 16 or 24, 20-23 at 0, 32 or more; microsoft/STL#5658), and the
+// engine's copies out of its page-aligned slots into numpy's arrays (16 bytes into a page) sit at 16
+// every time. There a SIMD loop of plain loads and stores copies (17-21 GB/s at any distance); the
+// scalar path is memcpy.
+void copy_bytes(void* dst, const void* src, size_t n);
+
 namespace ref {
 void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,
                          uint16_t* dst2 = nullptr, float scale = 1.0f);

@@ -12,6 +12,7 @@
 // loaded 2-core VM (4 ranks as 2 x 2, 1 MiB allreduce: 512 KiB slices): the cross step took
 // 380-770 us through MPI_Iallreduce. More nodes: MPI_Iallreduce (MPI picks its algorithm).
 // Every wait honours the engine's deadline.
+#include "aimass/comm_kernels.h"
 #include "comm/engine_impl.h"
 
 namespace aimass {
@@ -78,7 +79,7 @@ void cross_pair_allreduce(MPI_Comm cc, int tag, int me, std::vector<char>& buf, 
     } else {
       const char* srcs[2] = {theirs, own};
       reduce_into(wire, rop, srcs, 2, theirs, cnt, false, 1);
-      std::memcpy(own, theirs, cnt * es);
+      comm::copy_bytes(own, theirs, cnt * es);
     }
   };
   const int64_t bytes = n * static_cast<int64_t>(es);

@@ -169,7 +169,7 @@ bool CollectiveEngine::Impl::alone(FastCollective& c, DType wire) {
     case CollectiveKind::ReduceScatter: {
       c.result_rows = c.ndim > 0 ? c.shape[0] : 1;  // (a 0-d allgather: one row per rank)
       void* out = c.output != nullptr && c.capacity >= bytes ? c.output : c.alloc(c.alloc_ctx, bytes);
-      if (bytes) std::memcpy(out, c.input, bytes);  // (average over one rank: the value itself)
+      if (bytes) comm::copy_bytes(out, c.input, bytes);  // (average over one rank: the value itself)
       return true;
     }
     case CollectiveKind::Allreduce:
@@ -353,7 +353,7 @@ bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
     const bool by_address = nbytes > eager_copy_max && nbytes <= kByAddressMaxBroadcastBytes &&
                             ll->cma_available() && (nbytes < (size_t(128) << 10) || ll->push_available());
     got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), fill, &c, by_address);
-    if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) std::memcpy(c.output, c.input, nbytes);
+    if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) comm::copy_bytes(c.output, c.input, nbytes);
     if (got == comm::LLChannel::Eager::Done && by_address) {
       try {  // the receivers read our input: it must not change before every one acknowledged
         ll->eager_serve(deadline);  // (meanwhile, write pieces of large ones into their outputs)
@@ -504,7 +504,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
     case CollectiveKind::Broadcast:
       if (nbytes > 0) {
         if (rank == c.root) {
-          if (c.output != c.input) std::memcpy(c.output, c.input, nbytes);
+          if (c.output != c.input) comm::copy_bytes(c.output, c.input, nbytes);
         } else {
           ll->read(c.root, 0, c.output, nbytes);
         }
@@ -537,7 +537,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
         for (size_t off = 0; off < nbytes; off += kGatherPushPiece) {
           const size_t k = std::min(kGatherPushPiece, nbytes - off);
           if (stream) comm::copy_streaming(out + at + off, in + off, k);
-          else std::memcpy(out + at + off, in + off, k);
+          else comm::copy_bytes(out + at + off, in + off, k);
           for (int jj = 1; jj < L; ++jj) mapped &= ll->write_output((rank + jj) % L, at + off, in + off, k, stream);
         }
         ll_gather_pushed.fetch_add(1, std::memory_order_relaxed);
@@ -549,7 +549,7 @@ void CollectiveEngine::Impl::fast_data(FastCollective& c, size_t nbytes, double 
       for (int j = 0; j < L; ++j) {  // this rank's own rows straight from its input
         if (j == rank) {
           if (nbytes && stream) comm::copy_streaming(out + at, c.input, nbytes);
-          else if (nbytes) std::memcpy(out + at, c.input, nbytes);
+          else if (nbytes) comm::copy_bytes(out + at, c.input, nbytes);
         } else {
           ll->read(j, 0, out + at, ll->bytes(j));
         }

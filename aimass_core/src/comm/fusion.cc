@@ -1,5 +1,6 @@
 // The data phase: ready collectives in negotiated order, allreduces fused up to the
 // threshold (through the shared-memory path or a fusion buffer and MPI), results unpacked.
+#include "aimass/comm_kernels.h"
 #include "comm/engine_impl.h"
 
 namespace aimass {
@@ -109,7 +110,7 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
     Pending& p = *batch[0];
     const int64_t n = numel_of(p.req.shape);
     if (p.req.output != p.req.input && n > 0)
-      std::memcpy(p.req.output, p.req.input, static_cast<size_t>(n) * es);
+      comm::copy_bytes(p.req.output, p.req.input, static_cast<size_t>(n) * es);
     if (n > 0) allreduce_inplace(p.req.output, n, wire, op);
     unpack(p, p.req.output);
     done_ok(p);
@@ -139,7 +140,7 @@ void CollectiveEngine::Impl::allreduce_batch(const std::vector<Pending*>& batch)
                         static_cast<const float*>(p->req.input),
                         reinterpret_cast<uint16_t*>(buf + off * es), static_cast<size_t>(n));
     } else if (n > 0) {
-      std::memcpy(buf + off * es, p->req.input, static_cast<size_t>(n) * es);
+      comm::copy_bytes(buf + off * es, p->req.input, static_cast<size_t>(n) * es);
     }
     off += n;
   }
@@ -167,7 +168,7 @@ void CollectiveEngine::Impl::unpack(Pending& p, const void* src) {
     }
     return;
   }
-  if (src != r.output) std::memcpy(r.output, src, static_cast<size_t>(n) * dtype_size(r.dtype));
+  if (src != r.output) comm::copy_bytes(r.output, src, static_cast<size_t>(n) * dtype_size(r.dtype));
   if (!avg) return;
   switch (r.dtype) {
     case DType::F32: {

@@ -54,6 +54,7 @@
 // memory is not writable, each copies the peers' final slices out and waits until they copied its own).
 // The operand order is the engine's hierarchical path's, so the bits are the same on every rank and the
 // same as that path's.
+#include "aimass/comm_kernels.h"
 #include "comm/cma.h"
 #include "comm/engine_impl.h"
 
@@ -373,7 +374,7 @@ void CollectiveEngine::Impl::hier_stage_in(Hier& h, const FastCollective& c, int
     int64_t b, e;
     comm::line_slice(n, es, L, j, &b, &e);
     if (e > b)
-      std::memcpy(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), in + b * static_cast<int64_t>(es),
+      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), in + b * static_cast<int64_t>(es),
                   static_cast<size_t>(e - b) * es);
   }
   ch.signal(word_base(ch.attempt()) + kWordIn);
@@ -454,7 +455,7 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
   if (staged) {
     ch.begin_output_writes();  // (the mappings' idle count)
     if (e > b)
-      std::memcpy(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), out + b * static_cast<int64_t>(es),
+      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), out + b * static_cast<int64_t>(es),
                   static_cast<size_t>(e - b) * es);
     ch.signal(base + kWordFinal);  // my slice is final in my staging buffer; I read every peer's staged input
     for (int jj = 1; jj < L; ++jj) {
@@ -465,7 +466,7 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
         ch.wait_signal(j, base + kWordFinal, deadline, "hierarchical allreduce (a local slice)");
         if (ej <= bj) continue;
         const size_t off = static_cast<size_t>(bj) * es, len = static_cast<size_t>(ej - bj) * es;
-        if (const char* p = h.stage_map ? ch.map_stage(j, off, len) : nullptr) std::memcpy(out + off, p, len);
+        if (const char* p = h.stage_map ? ch.map_stage(j, off, len) : nullptr) comm::copy_bytes(out + off, p, len);
         else ch.read_stage(j, off, out + off, len);
       } catch (const DistributedError&) {
         release.lost(j);

@@ -210,6 +210,25 @@ void copy_streaming_avx2(void* dst, const void* src, size_t n) {
   _mm_sfence();
 }
 
+// 4 vectors a step, unaligned loads and stores (copy_bytes takes it where rep movsb is slow); the tail
+// with memcpy (under 128 bytes: not rep movsb)
+void copy_vectors_avx2(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const auto* v = reinterpret_cast<const __m256i*>(s + i);
+    auto* w = reinterpret_cast<__m256i*>(d + i);
+    const __m256i a = _mm256_loadu_si256(v), b = _mm256_loadu_si256(v + 1);
+    const __m256i c = _mm256_loadu_si256(v + 2), e = _mm256_loadu_si256(v + 3);
+    _mm256_storeu_si256(w, a);
+    _mm256_storeu_si256(w + 1, b);
+    _mm256_storeu_si256(w + 2, c);
+    _mm256_storeu_si256(w + 3, e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

@@ -207,6 +207,23 @@ void copy_streaming_avx512(void* dst, const void* src, size_t n) {
   _mm_sfence();
 }
 
+// 4 vectors a step, unaligned loads and stores (copy_bytes takes it where rep movsb is slow); the tail
+// with memcpy (under 256 bytes: not rep movsb)
+void copy_vectors_avx512(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    const __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64);
+    const __m512i c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+    _mm512_storeu_si512(d + i, a);
+    _mm512_storeu_si512(d + i + 64, b);
+    _mm512_storeu_si512(d + i + 128, c);
+    _mm512_storeu_si512(d + i + 192, e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+}
+
 }  // namespace isa
 }  // namespace comm
 }  // namespace aimass

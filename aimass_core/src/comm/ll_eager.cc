@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/cma.h"
 #include "comm/ll_shm.h"
@@ -120,7 +121,7 @@ LLChannel::Eager LLChannel::eager_root(uint64_t hash, const void* data, size_t b
           fill(e->sig, ctx);
           e->sig_of = hash;
         }
-        if (bytes && !by_address) std::memcpy(e->data(), data, bytes);
+        if (bytes && !by_address) comm::copy_bytes(e->data(), data, bytes);
       } else {
         ectl(rank_)->claim_hash.store(hash, std::memory_order_seq_cst);
       }
@@ -166,7 +167,7 @@ LLChannel::Eager LLChannel::eager_receive(uint64_t hash, int root, void* out, si
       if (e->hash == hash && e->bytes == bytes && e->root == root) {
         const uint64_t addr = e->addr.load(std::memory_order_relaxed);  // (ordered by the state's load)
         if (addr == 0) {
-          if (bytes) std::memcpy(out, e->data(), bytes);
+          if (bytes) comm::copy_bytes(out, e->data(), bytes);
         } else {
           // single copy from the root's buffer, which stays as it is until this rank acknowledges,
           // unless the root gave up waiting (it found a receiver dead or stopped): then what was

@@ -220,7 +220,7 @@ LLChannel::Result LLChannel::exchange(uint64_t hash, const void* data, size_t by
       h->arrived_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
       post_cpu();
     }
-    if (bytes && !by_address_) std::memcpy(h->data(), data, bytes);
+    if (bytes && !by_address_) comm::copy_bytes(h->data(), data, bytes);
     // a single-copy allreduce: where its input and output live when in a shared host buffer (the unused
     // payload area; ino 0: not), so that the peers can reduce in their mappings (push_allreduce)
     // (and the hierarchical allreduce's staging buffer, set_stage, whatever map_ok_)
@@ -369,7 +369,7 @@ void LLChannel::read(int j, size_t offset, void* dst, size_t n) const {
   const Header* h = slot(j, attempt_);
   if (n == 0) return;
   if (!h->addr) {
-    std::memcpy(dst, h->data() + offset, n);
+    comm::copy_bytes(dst, h->data() + offset, n);
     return;
   }
   iovec l{dst, n};
@@ -501,7 +501,7 @@ bool LLChannel::write_output(int j, size_t offset, const void* src, size_t n, bo
   if (map_ok_) {
     if (char* p = peer_maps_.translate(pid, posted_regions(j)[1], h->out + offset, n)) {
       if (streaming) copy_streaming(p, src, n);
-      else std::memcpy(p, src, n);
+      else comm::copy_bytes(p, src, n);
       return true;
     }
   }

@@ -61,7 +61,7 @@ bool reduce_typed_aliased(ReduceOp op, const char* const* srcs, int k, char* dst
     const size_t m = std::min(kBlock, n - i);
     for (int j = 0; j < k; ++j) at[j] = srcs[j] + i * es;
     reduce_typed<T>(op, at.data(), k, reinterpret_cast<char*>(tmp), m);
-    std::memcpy(dst + i * es, tmp, m * es);
+    comm::copy_bytes(dst + i * es, tmp, m * es);
   }
   return true;
 }
@@ -187,7 +187,7 @@ void reduce_into(DType dtype, ReduceOp op, const char* const* srcs, int k, char*
   }
   reduce_sources(dtype, op, srcs, k, dst, n);
   if (average) divide(dtype, dst, n, world);
-  if (dst2) std::memcpy(dst2, dst, n * dtype_size(dtype));
+  if (dst2) comm::copy_bytes(dst2, dst, n * dtype_size(dtype));
 }
 
 namespace {
@@ -599,7 +599,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
     }
     char* dst = staging(me, s);
     auto copy_in = [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-      std::memcpy(dst + (x - off + d) * es, g.in + at * es, static_cast<size_t>(n) * es);
+      comm::copy_bytes(dst + (x - off + d) * es, g.in + at * es, static_cast<size_t>(n) * es);
     };
     pieces(off, off + b, copy_in);
     pieces(off + e, off + m, copy_in);
@@ -633,7 +633,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
       pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
         char* r = res + (x - off + d) * es;
         if (g.average) divide(dtype, r, static_cast<size_t>(n), world_size);
-        std::memcpy(g.out + at * es, r, static_cast<size_t>(n) * es);
+        comm::copy_bytes(g.out + at * es, r, static_cast<size_t>(n) * es);
       });
     }
     publish(ctrl(me)->reduced, s);
@@ -651,7 +651,7 @@ void ShmAllreduce::run(const std::vector<ShmSegment>& segs, int64_t count, DType
       if (e <= b) continue;
       wait_counter(j, 1, s);
       pieces(off + b, off + e, [&](const ShmSegment& g, int64_t at, int64_t x, int64_t n) {
-        std::memcpy(g.out + at * es, res + (x - off + d) * es, static_cast<size_t>(n) * es);
+        comm::copy_bytes(g.out + at * es, res + (x - off + d) * es, static_cast<size_t>(n) * es);
       });
     }
     publish(ctrl(me)->gathered, s);

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/cma.h"
 #include "comm/host_regions.h"
@@ -103,7 +104,7 @@ void reduce_mapped_piece(DType dtype, ReduceOp op, int me, int L, const char* co
                       world, res + o, srcs);
     for (int jj = 1; jj < L; ++jj) {
       const int j = (me + jj) % L;
-      std::memcpy(outs[j] + o, outs[me] + o, nb);
+      comm::copy_bytes(outs[j] + o, outs[me] + o, nb);
     }
   }
 }
@@ -254,7 +255,7 @@ void ShmAllreduce::run_cma(const std::vector<ShmSegment>& segs, int64_t count, D
     if (xbuf) {
       cross_reduce(xbuf, in_buf);
       pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
-        if (in_xbuf(g)) std::memcpy(segs[g].out + at * es, dst_of(g, at), static_cast<size_t>(n) * es);
+        if (in_xbuf(g)) comm::copy_bytes(segs[g].out + at * es, dst_of(g, at), static_cast<size_t>(n) * es);
       });
     }
     pieces(b, e, [&](size_t g, int64_t at, int64_t, int64_t n) {
@@ -513,7 +514,7 @@ void ShmAllreduce::allgather_cma(const void* in, const std::vector<int64_t>& row
   for (int j = 0; j < L; ++j) {
     const int64_t n = rows[j] * row_bytes;
     if (j == me) {
-      if (n > 0) std::memcpy(out + at, in, static_cast<size_t>(n));
+      if (n > 0) comm::copy_bytes(out + at, in, static_cast<size_t>(n));
     } else {
       const uint64_t src = ctrl(j)->addr.load(std::memory_order_relaxed);
       for (int64_t off = 0; off < n; off += step) {

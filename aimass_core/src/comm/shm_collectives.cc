@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "aimass/comm_kernels.h"
 #include "aimass/error.h"
 #include "comm/shm_allreduce.h"
 
@@ -76,11 +77,11 @@ void ShmAllreduce::broadcast(void* data, int64_t bytes, int root) {
       const int64_t off = c * chunk, n = std::min(chunk, bytes - off);
       if (is_root) {
         if (s > static_cast<uint64_t>(kDepth)) wait_peers(1, s - kDepth);  // every peer read the slot
-        std::memcpy(staging(lrank_, s), p + off, static_cast<size_t>(n));
+        comm::copy_bytes(staging(lrank_, s), p + off, static_cast<size_t>(n));
         mark(s, true, false, false);
       } else {
         wait_counter(root, 0, s);
-        std::memcpy(p + off, staging(root, s), static_cast<size_t>(n));
+        comm::copy_bytes(p + off, staging(root, s), static_cast<size_t>(n));
         mark(s, true, true, true);
       }
     }
@@ -129,8 +130,8 @@ void ShmAllreduce::allgather(const void* in, const std::vector<int64_t>& rows, i
       const int64_t lo = c * chunk, n = std::min(chunk, mine - lo);
       if (s > static_cast<uint64_t>(kDepth)) wait_peers(1, s - kDepth);
       if (n > 0) {
-        std::memcpy(staging(me, s), src + lo, static_cast<size_t>(n));
-        std::memcpy(out + off[me] + lo, src + lo, static_cast<size_t>(n));
+        comm::copy_bytes(staging(me, s), src + lo, static_cast<size_t>(n));
+        comm::copy_bytes(out + off[me] + lo, src + lo, static_cast<size_t>(n));
       }
       mark(s, true, false, false);
     };
@@ -142,7 +143,7 @@ void ShmAllreduce::allgather(const void* in, const std::vector<int64_t>& rows, i
         const int64_t n = std::min(chunk, rows[j] * row_bytes - lo);
         if (n <= 0) continue;
         wait_counter(j, 0, s);
-        std::memcpy(out + off[j] + lo, staging(j, s), static_cast<size_t>(n));
+        comm::copy_bytes(out + off[j] + lo, staging(j, s), static_cast<size_t>(n));
       }
       mark(s, false, true, true);
     };
@@ -180,7 +181,7 @@ void ShmAllreduce::reduce_scatter(const void* in, const std::vector<int64_t>& co
       for (int j = 0; j < L; ++j) {
         const int64_t n = piece(j, t);
         if (j == me || n == 0) continue;
-        std::memcpy(slot + j * e * es, src + (displ[j] + t * e) * es, static_cast<size_t>(n) * es);
+        comm::copy_bytes(slot + j * e * es, src + (displ[j] + t * e) * es, static_cast<size_t>(n) * es);
       }
       mark(s, true, false, false);
     };
