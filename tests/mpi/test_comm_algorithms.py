@@ -111,7 +111,7 @@ def test_fused_batch_at_line_offsets(dist, algo, agreed):
     dtypes = ["float32"] * 6 + ["float64"] * 2
     ops = ["sum", "average", "max", "sum", "average", "sum", "sum", "min"]
     lined = 0
-    for attempt in range(5):  # a round that splits the burst into single tensors lays nothing out: again
+    for attempt in range(5):  # (a round whose batches were split may lay out few: again until one is)
         inputs = [[data(5000 + 10 * attempt + i, k, c, dt) for k in range(n)]
                   for i, (c, dt) in enumerate(zip(counts, dtypes))]
         mine = []
@@ -134,6 +134,24 @@ def test_fused_batch_at_line_offsets(dist, algo, agreed):
             break
     # laid out only where the batches were staged and every rank posted the same offset
     assert (lined > 0) == (agreed and algo == "shm")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("offset", [16, 40])
+def test_single_tensor_at_a_line_offset(dist, algo, offset):
+    """One tensor a round (a large async allreduce on its own), 16 or 40 bytes into a line on every rank
+    (numpy's large arrays: 16): staged, it is laid out at that offset too (stats()['shm_staged_lined']), so
+    the reduce kernel reads whole lines and the copies out of the slots keep their distance; exact."""
+    n, r = dist.size(), dist.rank()
+    before = dist.stats()["shm_staged_lined"]
+    for i, (c, op) in enumerate([(5 * CHUNK + 7, "sum"), (2 * CHUNK + 1, "average"), (CHUNK // 2 + 3, "max")]):
+        inputs = [data(7000 + i, k, c, "float32") for k in range(n)]
+        x = at_line_offset(c, "float32", offset)
+        x[...] = inputs[r]
+        dist.synchronize(dist.allreduce_async_(x, op=op, name=f"alg.single.{offset}.{i}"))
+        check(x, reference(np.stack(inputs), op, "float32"), op, "float32")
+    lined = dist.stats()["shm_staged_lined"] - before
+    assert (lined > 0) == (algo == "shm")
 
 
 @pytest.mark.timeout(120)

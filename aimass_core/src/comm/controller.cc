@@ -109,11 +109,14 @@ bool CollectiveEngine::Impl::cycle_once() {
 
 // Where this rank's largest pending allreduce (no compression) starts within its 64-byte line, plus 1;
 // 0 when it has none. When every rank posts the same code, the staged data phase of this cycle lays its
-// fused segments out at that line offset (shm_line_pads): numpy's large arrays start 16 bytes into a
-// page on every rank, and with the segments packed from element 0 one of the reduce kernel's two loads
-// straddled two lines throughout. Measured (2 ranks, ResNet-50's 161 gradients, staged forced, loaded
-// VM, alternate steps in one process): data phase 25.5 / 21.8 ms (min, per rank) and 38.7 / 38.2 ms
-// (median) with numpy's arrays, against 22.0 / 17.3 and 34.1 / 30.7 ms with every array on a line.
+// segments (a fused batch's, or one tensor's) out at that line offset (shm_line_pads): numpy's large
+// arrays start 16 bytes into a page on every rank, and with the segments packed from element 0 one of the
+// reduce kernel's two loads straddled two lines throughout. Measured (2 ranks, ResNet-50's 161 gradients,
+// staged forced, loaded VM, alternate steps in one process): data phase 25.5 / 21.8 ms (min, per rank) and
+// 38.7 / 38.2 ms (median) with numpy's arrays, against 22.0 / 17.3 and 34.1 / 30.7 ms with every array on
+// a line. One tensor (session 23, async, staged forced, best of 7 x 100 calls, alternating jobs): 4 MiB
+// 0.245 / 0.232 / 0.360 ms laid out against 0.263 / 0.292 / 0.401 ms packed; 16 MiB 1.42 / 1.33 / 1.29
+// against 1.33 / 1.67 / 1.30 ms; 97.5 MiB 11.0 / 10.3 / 10.5 against 12.0 / 11.5 / 10.5 ms.
 uint64_t CollectiveEngine::Impl::line_offset_code() const {
   const Pending* big = nullptr;
   size_t big_bytes = 0;

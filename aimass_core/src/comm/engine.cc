@@ -110,7 +110,7 @@ void CollectiveEngine::Impl::shm_allreduce_segments(std::vector<comm::ShmSegment
   // this cycle (line_offset_code, controller.cc). The single-copy path reads the tensors where they are
   // (it ignores the pads; ShmAllreduce::run stages a batch whose address table outgrows a slot); across
   // nodes the slices go over MPI as laid out, so they stay packed.
-  const bool lined = !cross && ar_line_offset >= 0 && segs.size() > 1;
+  const bool lined = !cross && ar_line_offset >= 0;
   if (lined) comm::shm_line_pads(segs, dtype_size(wire), ar_line_offset);
   shm_prepare(c);
   if (lined && shm->stages(segs.size(), false)) {
