@@ -353,7 +353,8 @@ bool CollectiveEngine::Impl::eager_broadcast(FastCollective& c, size_t nbytes) {
     const bool by_address = nbytes > eager_copy_max && nbytes <= kByAddressMaxBroadcastBytes &&
                             ll->cma_available() && (nbytes < (size_t(128) << 10) || ll->push_available());
     got = ll->eager_root(hash, c.input, nbytes, post && (nbytes == 0 || c.input != nullptr), fill, &c, by_address);
-    if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input) comm::copy_bytes(c.output, c.input, nbytes);
+    if (got == comm::LLChannel::Eager::Done && nbytes && c.output != c.input)
+      comm::copy_bytes(c.output, c.input, nbytes);
     if (got == comm::LLChannel::Eager::Done && by_address) {
       try {  // the receivers read our input: it must not change before every one acknowledged
         ll->eager_serve(deadline);  // (meanwhile, write pieces of large ones into their outputs)

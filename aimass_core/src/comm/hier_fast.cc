@@ -374,8 +374,8 @@ void CollectiveEngine::Impl::hier_stage_in(Hier& h, const FastCollective& c, int
     int64_t b, e;
     comm::line_slice(n, es, L, j, &b, &e);
     if (e > b)
-      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), in + b * static_cast<int64_t>(es),
-                  static_cast<size_t>(e - b) * es);
+      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es),
+                       in + b * static_cast<int64_t>(es), static_cast<size_t>(e - b) * es);
   }
   ch.signal(word_base(ch.attempt()) + kWordIn);
 }
@@ -455,8 +455,8 @@ void CollectiveEngine::Impl::hier_data(Hier& h, FastCollective& c, int64_t count
   if (staged) {
     ch.begin_output_writes();  // (the mappings' idle count)
     if (e > b)
-      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es), out + b * static_cast<int64_t>(es),
-                  static_cast<size_t>(e - b) * es);
+      comm::copy_bytes(static_cast<char*>(h.stage->data()) + b * static_cast<int64_t>(es),
+                       out + b * static_cast<int64_t>(es), static_cast<size_t>(e - b) * es);
     ch.signal(base + kWordFinal);  // my slice is final in my staging buffer; I read every peer's staged input
     for (int jj = 1; jj < L; ++jj) {
       const int j = (me + jj) % L;

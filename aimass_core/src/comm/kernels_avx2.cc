@@ -185,6 +185,33 @@ void reduce_f64_avx2(int op, const double* const* srcs, int k, double* dst, size
   for (; i < n; ++i) one(i);
 }
 
+// dst[i, n) = src[i, n) in blocks of 4 vectors, unaligned loads, streaming (dst + i on a 32-byte line) or
+// plain stores; returns where the blocks end (the caller copies the tail). In an unnamed namespace: a
+// template with external linkage compiled with this file's ISA flags could be the one another file links.
+namespace {
+template <bool kStream>
+size_t copy_blocks_avx2(char* d, const char* s, size_t i, size_t n) {
+  for (; i + 128 <= n; i += 128) {
+    const auto* v = reinterpret_cast<const __m256i*>(s + i);
+    auto* w = reinterpret_cast<__m256i*>(d + i);
+    const __m256i a = _mm256_loadu_si256(v), b = _mm256_loadu_si256(v + 1);
+    const __m256i c = _mm256_loadu_si256(v + 2), e = _mm256_loadu_si256(v + 3);
+    if (kStream) {
+      _mm256_stream_si256(w, a);
+      _mm256_stream_si256(w + 1, b);
+      _mm256_stream_si256(w + 2, c);
+      _mm256_stream_si256(w + 3, e);
+    } else {
+      _mm256_storeu_si256(w, a);
+      _mm256_storeu_si256(w + 1, b);
+      _mm256_storeu_si256(w + 2, c);
+      _mm256_storeu_si256(w + 3, e);
+    }
+  }
+  return i;
+}
+}  // namespace
+
 // Unaligned head with memcpy up to dst's next 32-byte boundary, then 4 vectors a step with streaming
 // stores (they need an aligned destination), the tail with memcpy; the sfence orders the streaming
 // stores before whatever the caller publishes next.
@@ -195,17 +222,7 @@ void copy_streaming_avx2(void* dst, const void* src, size_t n) {
   const size_t lead = static_cast<size_t>((0 - reinterpret_cast<uintptr_t>(d)) & 31);
   const size_t head = lead < n ? lead : n;
   std::memcpy(d, s, head);
-  size_t i = head;
-  for (; i + 128 <= n; i += 128) {
-    const auto* v = reinterpret_cast<const __m256i*>(s + i);
-    auto* w = reinterpret_cast<__m256i*>(d + i);
-    const __m256i a = _mm256_loadu_si256(v), b = _mm256_loadu_si256(v + 1);
-    const __m256i c = _mm256_loadu_si256(v + 2), e = _mm256_loadu_si256(v + 3);
-    _mm256_stream_si256(w, a);
-    _mm256_stream_si256(w + 1, b);
-    _mm256_stream_si256(w + 2, c);
-    _mm256_stream_si256(w + 3, e);
-  }
+  const size_t i = copy_blocks_avx2<true>(d, s, head, n);
   std::memcpy(d + i, s + i, n - i);
   _mm_sfence();
 }
@@ -215,17 +232,7 @@ void copy_streaming_avx2(void* dst, const void* src, size_t n) {
 void copy_vectors_avx2(void* dst, const void* src, size_t n) {
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  size_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    const auto* v = reinterpret_cast<const __m256i*>(s + i);
-    auto* w = reinterpret_cast<__m256i*>(d + i);
-    const __m256i a = _mm256_loadu_si256(v), b = _mm256_loadu_si256(v + 1);
-    const __m256i c = _mm256_loadu_si256(v + 2), e = _mm256_loadu_si256(v + 3);
-    _mm256_storeu_si256(w, a);
-    _mm256_storeu_si256(w + 1, b);
-    _mm256_storeu_si256(w + 2, c);
-    _mm256_storeu_si256(w + 3, e);
-  }
+  const size_t i = copy_blocks_avx2<false>(d, s, 0, n);
   std::memcpy(d + i, s + i, n - i);
 }
 

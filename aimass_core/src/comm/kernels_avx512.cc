@@ -183,6 +183,32 @@ void reduce_f64_avx512(int op, const double* const* srcs, int k, double* dst, si
   for (; i < n; i += 8) masked(i, n - i >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (n - i)) - 1));
 }
 
+// dst[i, n) = src[i, n) in blocks of 4 vectors, unaligned loads, streaming (dst + i on a 64-byte line) or
+// plain stores; returns where the blocks end (the caller copies the tail). In an unnamed namespace: a
+// template with external linkage compiled with this file's ISA flags could be the one another file links.
+namespace {
+template <bool kStream>
+size_t copy_blocks_avx512(char* d, const char* s, size_t i, size_t n) {
+  for (; i + 256 <= n; i += 256) {
+    const __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64);
+    const __m512i c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+    if (kStream) {
+      auto* w = reinterpret_cast<__m512i*>(d + i);
+      _mm512_stream_si512(w, a);
+      _mm512_stream_si512(w + 1, b);
+      _mm512_stream_si512(w + 2, c);
+      _mm512_stream_si512(w + 3, e);
+    } else {
+      _mm512_storeu_si512(d + i, a);
+      _mm512_storeu_si512(d + i + 64, b);
+      _mm512_storeu_si512(d + i + 128, c);
+      _mm512_storeu_si512(d + i + 192, e);
+    }
+  }
+  return i;
+}
+}  // namespace
+
 // Unaligned head with memcpy up to dst's next 64-byte boundary, then 4 vectors a step with streaming
 // stores (they need an aligned destination), the tail with memcpy; the sfence orders the streaming
 // stores before whatever the caller publishes next.
@@ -193,16 +219,7 @@ void copy_streaming_avx512(void* dst, const void* src, size_t n) {
   const size_t lead = static_cast<size_t>((0 - reinterpret_cast<uintptr_t>(d)) & 63);
   const size_t head = lead < n ? lead : n;
   std::memcpy(d, s, head);
-  size_t i = head;
-  for (; i + 256 <= n; i += 256) {
-    const __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64);
-    const __m512i c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
-    auto* w = reinterpret_cast<__m512i*>(d + i);
-    _mm512_stream_si512(w, a);
-    _mm512_stream_si512(w + 1, b);
-    _mm512_stream_si512(w + 2, c);
-    _mm512_stream_si512(w + 3, e);
-  }
+  const size_t i = copy_blocks_avx512<true>(d, s, head, n);
   std::memcpy(d + i, s + i, n - i);
   _mm_sfence();
 }
@@ -212,15 +229,7 @@ void copy_streaming_avx512(void* dst, const void* src, size_t n) {
 void copy_vectors_avx512(void* dst, const void* src, size_t n) {
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  size_t i = 0;
-  for (; i + 256 <= n; i += 256) {
-    const __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64);
-    const __m512i c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
-    _mm512_storeu_si512(d + i, a);
-    _mm512_storeu_si512(d + i + 64, b);
-    _mm512_storeu_si512(d + i + 128, c);
-    _mm512_storeu_si512(d + i + 192, e);
-  }
+  const size_t i = copy_blocks_avx512<false>(d, s, 0, n);
   std::memcpy(d + i, s + i, n - i);
 }
 
