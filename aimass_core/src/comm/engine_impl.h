@@ -237,6 +237,7 @@ struct CollectiveEngine::Impl {
   bool fast(FastCollective& c);  // the caller-thread path itself (fast_path.cc)
   // r as a FastCollective whose allgather / reduce_scatter result goes into h (try_fast, try_alone)
   FastCollective fast_of(const CollectiveRequest& r, CollectiveHandle& h);
+  void finish_fast(const CollectiveRequest& r, const FastCollective& c, CollectiveHandle& h);
   // One rank (size == 1): the collective done in the caller's thread, blocking or not (fast_path.cc).
   // false: the engine is closed or broken, and submit() reports it as before.
   bool try_alone(const CollectiveRequest& r, CollectiveHandle& h);

@@ -150,6 +150,15 @@ FastCollective CollectiveEngine::Impl::fast_of(const CollectiveRequest& r, Colle
   return c;
 }
 
+// h done with c's result (an allgather / reduce_scatter's shape: c.result_rows in dimension 0)
+void CollectiveEngine::Impl::finish_fast(const CollectiveRequest& r, const FastCollective& c, CollectiveHandle& h) {
+  if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
+    h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{c.result_rows} : r.shape;
+    h.result_shape_[0] = c.result_rows;
+  }
+  h.finish(CollectiveHandle::ErrorKind::None, "");
+}
+
 // One rank: every collective's result is this rank's own data (allreduce: the input, rounded through
 // the wire type when compressed, as the engine's fused path does; broadcast: the root's, its own;
 // allgather / reduce_scatter: the input's rows, all of them). The engine's round trip for it cost 22-65 us
@@ -176,9 +185,15 @@ bool CollectiveEngine::Impl::alone(FastCollective& c, DType wire) {
     case CollectiveKind::Broadcast:
       if (wire != c.dtype) {  // compressed float32: the value as the wire carries it
         const comm::Half h = wire == DType::F16 ? comm::Half::F16 : comm::Half::BF16;
-        std::vector<uint16_t> tmp(static_cast<size_t>(n));
-        comm::f32_to_half(h, static_cast<const float*>(c.input), tmp.data(), tmp.size());
-        comm::half_to_f32(h, tmp.data(), static_cast<float*>(c.output), tmp.size());
+        constexpr size_t kBlock = 4096;  // (through a stack block, as scale_half: no temp as large as the tensor)
+        uint16_t tmp[kBlock];
+        const auto* in = static_cast<const float*>(c.input);
+        auto* out = static_cast<float*>(c.output);
+        for (size_t i = 0; i < static_cast<size_t>(n); i += kBlock) {
+          const size_t m = std::min(kBlock, static_cast<size_t>(n) - i);
+          comm::f32_to_half(h, in + i, tmp, m);
+          comm::half_to_f32(h, tmp, out + i, m);
+        }
       } else if (bytes && c.output != c.input) {
         std::memmove(c.output, c.input, bytes);
       }
@@ -190,11 +205,7 @@ bool CollectiveEngine::Impl::alone(FastCollective& c, DType wire) {
 bool CollectiveEngine::Impl::try_alone(const CollectiveRequest& r, CollectiveHandle& h) {
   FastCollective c = fast_of(r, h);
   if (!alone(c, r.wire)) return false;
-  if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
-    h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{c.result_rows} : r.shape;
-    h.result_shape_[0] = c.result_rows;
-  }
-  h.finish(CollectiveHandle::ErrorKind::None, "");
+  finish_fast(r, c, h);
   return true;
 }
 
@@ -214,11 +225,7 @@ bool CollectiveEngine::Impl::try_fast(const CollectiveRequest& r, CollectiveHand
     h.finish(CollectiveHandle::ErrorKind::Distributed, e.what());
     return true;
   }
-  if (r.kind == CollectiveKind::Allgather || r.kind == CollectiveKind::ReduceScatter) {
-    h.result_shape_ = r.shape.empty() ? std::vector<int64_t>{c.result_rows} : r.shape;
-    h.result_shape_[0] = c.result_rows;
-  }
-  h.finish(CollectiveHandle::ErrorKind::None, "");
+  finish_fast(r, c, h);
   return true;
 }
 

@@ -81,7 +81,8 @@ void CollectiveEngine::Impl::run_single(Pending& p) {
     case CollectiveKind::Barrier: break;  // negotiation itself synchronised every rank
     case CollectiveKind::Broadcast: {
       const int64_t bytes = numel_of(r.shape) * static_cast<int64_t>(es);
-      if (rank == r.root && r.output != r.input && bytes > 0) comm::copy_bytes(r.output, r.input, static_cast<size_t>(bytes));
+      if (rank == r.root && r.output != r.input && bytes > 0)
+        comm::copy_bytes(r.output, r.input, static_cast<size_t>(bytes));
       if (shm_for(comm::AlgoKind::Broadcast, static_cast<uint64_t>(bytes))) {
         try {
           shm->broadcast(r.output, bytes, r.root);  // one node: local ranks are the ranks
