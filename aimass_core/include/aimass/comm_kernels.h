@@ -6,6 +6,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace aimass {
 namespace comm {
@@ -56,8 +57,16 @@ void copy_streaming(void* dst, const void* src, size_t n);
 // a distance of 4 or 8 bytes, 8.4 at 16 or 24, 20-23 at 0, 32 or more; microsoft/STL#5658), and the
 // engine's copies out of its page-aligned slots into numpy's arrays (16 bytes into a page) sit at 16
 // every time. There a SIMD loop of plain loads and stores copies (17-21 GB/s at any distance); the
-// scalar path is memcpy.
-void copy_bytes(void* dst, const void* src, size_t n);
+// scalar path is memcpy. Inline: the small copies of the low-latency paths pay only the test.
+void copy_bytes_in_window(void* dst, const void* src, size_t n);  // (the SIMD dispatch)
+inline void copy_bytes(void* dst, const void* src, size_t n) {
+  const uintptr_t dist = (reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(src)) & 4095;
+  if (n < 4096 || dist == 0 || dist >= 64) {
+    std::memcpy(dst, src, n);
+  } else {
+    copy_bytes_in_window(dst, src, n);
+  }
+}
 
 namespace ref {
 void reduce_half_sources(Half kind, ElemOp op, const uint16_t* const* srcs, int k, uint16_t* dst, size_t n,

@@ -171,9 +171,7 @@ void copy_streaming(void* dst, const void* src, size_t n) {
   }
 }
 
-void copy_bytes(void* dst, const void* src, size_t n) {
-  const uintptr_t dist = (reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(src)) & 4095;
-  if (n < 4096 || dist == 0 || dist >= 64) return static_cast<void>(std::memcpy(dst, src, n));
+void copy_bytes_in_window(void* dst, const void* src, size_t n) {
   switch (simd_level()) {  // (plain integer loads and stores: AVX2 / AVX-512F)
     case SimdLevel::AVX512: return isa::copy_vectors_avx512(dst, src, n);
     case SimdLevel::AVX2: return isa::copy_vectors_avx2(dst, src, n);

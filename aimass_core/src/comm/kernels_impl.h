@@ -30,7 +30,7 @@ void reduce_half_avx512(int kind, int op, const uint16_t* in, uint16_t* inout, s
 // dst = src (n bytes) with non-temporal stores, then an sfence (kernels.cc: copy_streaming)
 void copy_streaming_avx2(void* dst, const void* src, size_t n);
 void copy_streaming_avx512(void* dst, const void* src, size_t n);
-// dst = src (n bytes) with plain unaligned loads and stores (kernels.cc: copy_bytes)
+// dst = src (n bytes) with plain unaligned loads and stores (kernels.cc: copy_bytes_in_window)
 void copy_vectors_avx2(void* dst, const void* src, size_t n);
 void copy_vectors_avx512(void* dst, const void* src, size_t n);
 }  // namespace isa
